@@ -1,0 +1,65 @@
+"""The ``edge-runtime`` command line.
+
+Each subcommand lives in its own module under ``edge_runtime.cli`` and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to a callable
+taking the parsed namespace and returning an exit code. Modules are imported
+lazily by name so that ``edge-runtime power`` never pays for onnxruntime or
+the export tool chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import EdgeRuntimeError
+
+__all__ = ["main", "COMMAND_MODULES"]
+
+# name of the module under edge_runtime.cli for each subcommand, in help order
+COMMAND_MODULES: tuple[str, ...] = (
+    "models",
+    "quantize",
+    "generate",
+    "power",
+    "bench",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-runtime",
+        description="Hybrid edge runtime: quantized ONNX SLMs on the device, escalation to a cloud bridge, measured energy.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except EdgeRuntimeError as err:
+        # one clear line, never a traceback as the only explanation
+        print(f"edge-runtime {args.command}: error: {err}", file=sys.stderr)
+        if args.verbose >= 2:
+            raise
+        return 1
+    except KeyboardInterrupt:
+        print(f"edge-runtime {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Settings machinery: one dataclass model feeds a TOML file, environment variables and CLI flags.
+
+A settings model is a tree of frozen dataclasses. Each leaf field carries its
+help text in ``metadata={"help": ...}``; the same text becomes the ``--flag``
+help. Precedence, lowest to highest: field default < TOML file < environment
+(``<PREFIX>_<SECTION>_<FIELD>``, upper case) < CLI flags (``--section-field``).
+
+The TOML file is read in exactly one place, :func:`load_settings`. Every bad
+value raises :class:`~edge_runtime.errors.ConfigError` naming the dotted field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+__all__ = ["setting", "load_settings", "add_settings_arguments", "settings_overrides_from_args", "settings_to_dict"]
+
+T = TypeVar("T")
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING, secret: bool = False) -> Any:
+    """A settings field with help text. ``secret`` fields are never printed by :func:`settings_to_dict`."""
+    meta = {"help": help, "secret": secret}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, field: str) -> Any:
+    """Convert a TOML/env/CLI value to the annotated type, or raise ConfigError naming ``field``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null") and type(None) in typing.get_args(tp)):
+            return None
+        errors = []
+        for arg in args:
+            try:
+                return _coerce(value, arg, field)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"cannot use {value!r}: {'; '.join(errors)}", field=field)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}", field=field)
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"expected a list, got {value!r}", field=field)
+        items = [_coerce(v, item_tp, f"{field}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"expected a table, got {value!r}", field=field)
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"expected true or false, got {value!r}", field=field)
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"expected an integer, got {value!r}", field=field)
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"expected an integer, got {value!r}", field=field) from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"expected a number, got {value!r}", field=field)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"expected a number, got {value!r}", field=field) from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"expected a string, got {value!r}", field=field)
+        return str(value)
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"expected a path, got {value!r}", field=field)
+        return Path(os.path.expanduser(str(value)))
+    if tp is Any:
+        return value
+    raise ConfigError(f"unsupported settings type {tp!r}", field=field)
+
+
+def _build(cls: type[T], layers: list[Mapping[str, Any]], prefix: str) -> T:
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for layer in layers:
+        for key in layer:
+            if key not in names:
+                dotted = f"{prefix}{key}"
+                raise ConfigError(f"unknown setting (known: {', '.join(sorted(names))})", field=dotted)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        dotted = f"{prefix}{f.name}"
+        if _is_section(tp):
+            sub_layers = []
+            for layer in layers:
+                if f.name in layer:
+                    sub = layer[f.name]
+                    if not isinstance(sub, Mapping):
+                        raise ConfigError("expected a table", field=dotted)
+                    sub_layers.append(sub)
+            kwargs[f.name] = _build(tp, sub_layers, dotted + ".")
+            continue
+        for layer in layers:
+            if f.name in layer:
+                kwargs[f.name] = _coerce(layer[f.name], tp, dotted)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err), field=prefix.rstrip(".") or None) from err
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def _env_layer(cls: type, env: Mapping[str, str], env_prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        name = f"{env_prefix}_{f.name.upper()}"
+        if _is_section(tp):
+            sub = _env_layer(tp, env, name)
+            if sub:
+                out[f.name] = sub
+        elif name in env:
+            out[f.name] = env[name]
+    return out
+
+
+def load_settings(
+    cls: type[T],
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    data: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    env_prefix: str = "EDGE_RUNTIME",
+    overrides: Mapping[str, Any] | None = None,
+) -> T:
+    """Build ``cls`` from defaults, a TOML file (or an already-parsed ``data`` mapping), env and overrides.
+
+    ``env=None`` reads ``os.environ``; pass ``{}`` to ignore the environment.
+    ``overrides`` is a nested mapping, e.g. from :func:`settings_overrides_from_args`.
+    """
+    layers: list[Mapping[str, Any]] = []
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            with path.open("rb") as fh:
+                layers.append(tomllib.load(fh))
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    if data is not None:
+        layers.append(data)
+    layers.append(_env_layer(cls, os.environ if env is None else env, env_prefix))
+    if overrides:
+        layers.append(overrides)
+    return _build(cls, layers, "")
+
+
+def _leaf_fields(cls: type, prefix: tuple[str, ...] = ()) -> typing.Iterator[tuple[tuple[str, ...], dataclasses.Field[Any], Any]]:
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            yield from _leaf_fields(tp, prefix + (f.name,))
+        else:
+            yield prefix + (f.name,), f, tp
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, sections: typing.Iterable[str] | None = None) -> None:
+    """Add ``--section-field`` flags for every leaf of ``cls`` (optionally only some sections).
+
+    Flags default to ``None`` so that only the ones given override file and env.
+    """
+    wanted = set(sections) if sections is not None else None
+    for path, f, tp in _leaf_fields(cls):
+        if wanted is not None and path[0] not in wanted:
+            continue
+        flag = "--" + "-".join(p.replace("_", "-") for p in path)
+        dest = "settings__" + "__".join(path)
+        help_text = f.metadata.get("help", "")
+        if tp is bool:
+            parser.add_argument(flag, dest=dest, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, dest=dest, default=None, metavar=path[-1].upper(), help=help_text)
+
+
+def settings_overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Collect the flags added by :func:`add_settings_arguments` into a nested override mapping."""
+    out: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if not key.startswith("settings__") or value is None:
+            continue
+        path = key[len("settings__"):].split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def settings_to_dict(obj: Any, *, redact: bool = True) -> dict[str, Any]:
+    """A JSON-able view of a settings object; secret fields are shown as ``"***"``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = settings_to_dict(value, redact=redact)
+        elif redact and f.metadata.get("secret") and value:
+            out[f.name] = "***"
+        elif isinstance(value, Path):
+            out[f.name] = str(value)
+        else:
+            out[f.name] = value
+    return out

@@ -1,0 +1,246 @@
+"""Value types of the generation engine: request parameters, per-token signals, results.
+
+These are plain dataclasses with no onnxruntime dependency, so the bridge,
+the hybrid runtime and the daemon can use them without loading a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import InvalidRequestError
+
+__all__ = [
+    "FinishReason",
+    "Message",
+    "SamplingParams",
+    "TopLogprob",
+    "TokenInfo",
+    "Usage",
+    "Timings",
+    "EnergyReport",
+    "GenerationResult",
+    "StreamChunk",
+    "validate_messages",
+    "ROLES",
+]
+
+FinishReason = Literal["stop", "eos", "length", "cancelled"]
+ROLES = ("system", "user", "assistant", "tool")
+
+# A chat message as apps send it: {"role": "user", "content": "..."}.
+Message = Mapping[str, Any]
+
+# Hard ceiling for max_new_tokens whatever the model: protects a long-lived process
+# from a request that asks for a billion tokens.
+MAX_NEW_TOKENS_LIMIT = 1 << 16
+
+
+def validate_messages(messages: Any, *, field_name: str = "messages") -> list[dict[str, str]]:
+    """Check a chat message list; return normalised copies. Errors name the offending field."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
+        raise InvalidRequestError("must be a list of {role, content} objects", field=field_name)
+    if not messages:
+        raise InvalidRequestError("must contain at least one message", field=field_name)
+    out = []
+    for i, msg in enumerate(messages):
+        where = f"{field_name}[{i}]"
+        if not isinstance(msg, Mapping):
+            raise InvalidRequestError("must be an object with role and content", field=where)
+        role = msg.get("role")
+        if role not in ROLES:
+            raise InvalidRequestError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})", field=f"{where}.role")
+        content = msg.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text parts
+            texts = [p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise InvalidRequestError("must be a string", field=f"{where}.content")
+        _check_text(content, f"{where}.content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _check_text(text: str, field_name: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # lone surrogates from a bad decoder
+        raise InvalidRequestError(f"is not valid UTF-8 ({err.reason} at {err.start})", field=field_name) from err
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to generate. ``temperature == 0`` means greedy; ``top_k == 0`` means no top-k cut."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0
+    # when the prompt does not fit, drop its oldest tokens instead of raising (opt-in)
+    truncate_prompt: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise InvalidRequestError("must be an integer", field="max_new_tokens")
+        if self.max_new_tokens <= 0:
+            raise InvalidRequestError(f"must be positive, got {self.max_new_tokens}", field="max_new_tokens")
+        if self.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
+            raise InvalidRequestError(f"must be at most {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}", field="max_new_tokens")
+        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"must be >= 0, got {self.temperature}", field="temperature")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError(f"must be in (0, 1], got {self.top_p}", field="top_p")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError(f"must be an integer >= 0, got {self.top_k}", field="top_k")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InvalidRequestError(f"must be an integer, got {self.seed!r}", field="seed")
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or not (0 <= self.top_logprobs <= 20):
+            raise InvalidRequestError(f"must be an integer in [0, 20], got {self.top_logprobs}", field="top_logprobs")
+        for i, s in enumerate(self.stop):
+            if not isinstance(s, str) or not s:
+                raise InvalidRequestError("stop strings must be non-empty strings", field=f"stop[{i}]")
+        if len(self.stop) > 16:
+            raise InvalidRequestError("at most 16 stop strings", field="stop")
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One alternative token, in OpenAI's ``top_logprobs`` shape."""
+
+    id: int
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"token": self.token, "logprob": self.logprob, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A generated token and the signals of the distribution it was drawn from.
+
+    ``logprob``: log-probability of the chosen token (natural log).
+    ``entropy``: entropy of the full next-token distribution, in nats.
+    ``margin``: top-1 minus top-2 probability (0..1).
+    """
+
+    id: int
+    text: str
+    logprob: float
+    entropy: float
+    margin: float
+    top_logprobs: tuple[TopLogprob, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "text": self.text, "logprob": self.logprob, "entropy": self.entropy, "margin": self.margin}
+        if self.top_logprobs is not None:
+            d["top_logprobs"] = [t.to_openai() for t in self.top_logprobs]
+        return d
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    # prompt tokens whose KV state was reused from a previous turn (not prefilled again)
+    cached_prompt_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Timings:
+    load_ms: float
+    prefill_ms: float
+    decode_ms: float
+    ttft_ms: float
+
+    def decode_tokens_per_s(self, completion_tokens: int) -> float:
+        # the first token comes out of prefill; decode covers the rest
+        steps = max(completion_tokens - 1, 0)
+        return steps / (self.decode_ms / 1000.0) if self.decode_ms > 0 and steps else 0.0
+
+
+@dataclass(frozen=True)
+class EnergyReport:
+    """Energy spent by one generation. ``estimated`` is True unless a hardware counter measured it."""
+
+    joules: float
+    source: str
+    estimated: bool
+    seconds: float
+    process_joules: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    tokens: list[TokenInfo]
+    usage: Usage
+    timings: Timings
+    energy: EnergyReport | None = None
+    # mean negative log-likelihood per prompt token under the model (natural log), when requested
+    prompt_nll: float | None = None
+    model: str = ""
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.timings.decode_tokens_per_s(self.usage.completion_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "tokens": [t.to_dict() for t in self.tokens],
+            "usage": {"prompt_tokens": self.usage.prompt_tokens, "completion_tokens": self.usage.completion_tokens,
+                      "cached_prompt_tokens": self.usage.cached_prompt_tokens},
+            "timings": {
+                "load_ms": round(self.timings.load_ms, 3),
+                "prefill_ms": round(self.timings.prefill_ms, 3),
+                "decode_ms": round(self.timings.decode_ms, 3),
+                "ttft_ms": round(self.timings.ttft_ms, 3),
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            },
+            "energy": self.energy.to_dict() if self.energy else None,
+            "prompt_nll": self.prompt_nll,
+            "model": self.model,
+        }
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One step of :meth:`Engine.stream`.
+
+    ``text`` is the newly completed text (possibly empty while a UTF-8 character
+    or a possible stop string is still pending); ``token`` the token generated at
+    this step. The last chunk has ``result`` set and no token.
+    """
+
+    text: str
+    token: TokenInfo | None = None
+    result: GenerationResult | None = field(default=None)

@@ -1,0 +1,154 @@
+"""The one exception tree of the project.
+
+Every error the runtime raises on purpose derives from :class:`EdgeRuntimeError`;
+foreign errors (onnxruntime, grpc, OS) are translated at the boundary with
+``raise ... from err`` so callers only ever need to catch our types::
+
+    EdgeRuntimeError
+     ├── ConfigError                 bad settings value (names the field)
+     ├── InvalidRequestError         bad generation/request parameter (names the field)
+     │    └── ContextLengthError     prompt + max_new_tokens exceed the context window
+     ├── BundleError                 a model bundle cannot be used
+     │    ├── BundleNotFoundError
+     │    ├── BundleVerificationError   a file's size or SHA-256 does not match (names the file)
+     │    └── UnsupportedModelError     architecture we cannot export/run
+     ├── ModelFetchError             default-model download/reassembly failed
+     ├── BuildError                  bundle build failed (nothing left at the output)
+     │    └── QualityGateError       quantized perplexity ratio above the limit
+     ├── EnergyError                 power/energy measurement problem
+     ├── EstimatorError              confidence estimator file unusable
+     ├── QueueFullError              bounded queue is full (carries retry_after_s)
+     └── CloudError                  escalation to the cloud bridge failed
+          ├── CloudAuthError         UNAUTHENTICATED / PERMISSION_DENIED
+          ├── CloudQuotaError        RESOURCE_EXHAUSTED (carries retry_after_s)
+          ├── CloudTimeoutError      deadline exceeded
+          ├── CloudUnavailableError  UNAVAILABLE or transport failure
+          └── CircuitOpenError       circuit breaker open: the cloud is skipped
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EdgeRuntimeError",
+    "ConfigError",
+    "InvalidRequestError",
+    "ContextLengthError",
+    "BundleError",
+    "BundleNotFoundError",
+    "BundleVerificationError",
+    "UnsupportedModelError",
+    "ModelFetchError",
+    "BuildError",
+    "QualityGateError",
+    "EnergyError",
+    "EstimatorError",
+    "QueueFullError",
+    "CloudError",
+    "CloudAuthError",
+    "CloudQuotaError",
+    "CloudTimeoutError",
+    "CloudUnavailableError",
+    "CircuitOpenError",
+]
+
+
+class EdgeRuntimeError(Exception):
+    """Base class of every error raised by edge_runtime, quantize and cloud_bridge."""
+
+
+class ConfigError(EdgeRuntimeError):
+    """A settings value is invalid; ``field`` names it (dotted path)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class InvalidRequestError(EdgeRuntimeError):
+    """A request parameter is invalid; ``field`` names it."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt plus ``max_new_tokens`` does not fit the model's context window."""
+
+
+class BundleError(EdgeRuntimeError):
+    """A model bundle cannot be loaded or used."""
+
+
+class BundleNotFoundError(BundleError):
+    pass
+
+
+class BundleVerificationError(BundleError):
+    """A bundle file is missing, has the wrong size or the wrong SHA-256; ``file`` names it."""
+
+    def __init__(self, message: str, *, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+class UnsupportedModelError(BundleError):
+    pass
+
+
+class ModelFetchError(EdgeRuntimeError):
+    pass
+
+
+class BuildError(EdgeRuntimeError):
+    pass
+
+
+class QualityGateError(BuildError):
+    pass
+
+
+class EnergyError(EdgeRuntimeError):
+    pass
+
+
+class EstimatorError(EdgeRuntimeError):
+    pass
+
+
+class QueueFullError(EdgeRuntimeError):
+    """A bounded queue refused work; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class CloudError(EdgeRuntimeError):
+    """Escalation to the cloud bridge failed. ``code`` is the gRPC status name when known."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CloudAuthError(CloudError):
+    pass
+
+
+class CloudQuotaError(CloudError):
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class CloudTimeoutError(CloudError):
+    pass
+
+
+class CloudUnavailableError(CloudError):
+    pass
+
+
+class CircuitOpenError(CloudError):
+    pass
