@@ -50,6 +50,7 @@ setup(
     entry_points={
         "console_scripts": [
             "edge-runtime=edge_runtime.cli:main",
+            "cloud-bridge=cloud_bridge.cli:main",
         ],
     },
     license="Apache-2.0",
