@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test venv demo bench clean
+.PHONY: test venv demo bench clean proto
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
+
+# regenerate edge_runtime/_proto from proto/ (tests/bridge/test_proto.py fails when it is stale)
+proto: $(STAMP)
+	$(PY) -m cloud_bridge.protogen
 
 clean:
 	rm -rf $(VENV) build *.egg-info

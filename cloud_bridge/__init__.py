@@ -1,0 +1,1 @@
+"""The cloud bridge: the gRPC service an edge device escalates to (``cloud-bridge serve``)."""
