@@ -18,12 +18,13 @@ foreign errors (onnxruntime, grpc, OS) are translated at the boundary with
      ├── EnergyError                 power/energy measurement problem
      ├── EstimatorError              confidence estimator file unusable
      ├── QueueFullError              bounded queue is full (carries retry_after_s)
-     └── CloudError                  escalation to the cloud bridge failed
-          ├── CloudAuthError         UNAUTHENTICATED / PERMISSION_DENIED
-          ├── CloudQuotaError        RESOURCE_EXHAUSTED (carries retry_after_s)
-          ├── CloudTimeoutError      deadline exceeded
-          ├── CloudUnavailableError  UNAVAILABLE or transport failure
-          └── CircuitOpenError       circuit breaker open: the cloud is skipped
+     ├── CloudError                  escalation to the cloud bridge failed
+     │    ├── CloudAuthError         UNAUTHENTICATED / PERMISSION_DENIED
+     │    ├── CloudQuotaError        RESOURCE_EXHAUSTED (carries retry_after_s)
+     │    ├── CloudTimeoutError      deadline exceeded
+     │    ├── CloudUnavailableError  UNAVAILABLE or transport failure
+     │    └── CircuitOpenError       circuit breaker open: the cloud is skipped
+     └── BackendError                a cloud-bridge backend (engine, upstream API) failed (carries the gRPC code)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "CloudTimeoutError",
     "CloudUnavailableError",
     "CircuitOpenError",
+    "BackendError",
 ]
 
 
@@ -152,3 +154,20 @@ class CloudUnavailableError(CloudError):
 
 class CircuitOpenError(CloudError):
     pass
+
+
+class BackendError(EdgeRuntimeError):
+    """A cloud-bridge backend (the engine or an upstream HTTP API) failed.
+
+    ``code`` is the gRPC status name the bridge answers with, ``retry_after_s`` the
+    upstream's retry delay when it gave one, ``reason`` a short machine-readable cause
+    (it goes into the status' google.rpc.ErrorInfo).
+    """
+
+    def __init__(
+        self, message: str, *, code: str = "UNAVAILABLE", retry_after_s: float | None = None, reason: str = "BACKEND_FAILED"
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s
+        self.reason = reason
