@@ -24,7 +24,8 @@ foreign errors (onnxruntime, grpc, OS) are translated at the boundary with
      │    ├── CloudTimeoutError      deadline exceeded
      │    ├── CloudUnavailableError  UNAVAILABLE or transport failure
      │    └── CircuitOpenError       circuit breaker open: the cloud is skipped
-     └── BackendError                a cloud-bridge backend (engine, upstream API) failed (carries the gRPC code)
+     ├── BackendError                a cloud-bridge backend (engine, upstream API) failed (carries the gRPC code)
+     └── TaskSuiteError              a task suite cannot be loaded (names the file line and field)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "CloudUnavailableError",
     "CircuitOpenError",
     "BackendError",
+    "TaskSuiteError",
 ]
 
 
@@ -171,3 +173,15 @@ class BackendError(EdgeRuntimeError):
         self.code = code
         self.retry_after_s = retry_after_s
         self.reason = reason
+
+
+class TaskSuiteError(EdgeRuntimeError):
+    """A task suite (built-in name or JSONL file) cannot be loaded.
+
+    ``line`` is the 1-based line of a JSONL file and ``field`` the offending key, when known.
+    """
+
+    def __init__(self, message: str, *, line: int | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+        self.field = field
