@@ -1,0 +1,165 @@
+"""Device tokens: made once, shown once, stored only as hashes, checked in constant time.
+
+A token is 256 random bits, so a plain SHA-256 is enough to store it (salting
+protects guessable secrets; these are not guessable). The device id comes from
+whichever stored hash matches, never from the request. The tokens file is TOML::
+
+    [devices]
+    "pi-kitchen" = "sha256:0f1e..."
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import tempfile
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from edge_runtime.errors import ConfigError
+
+__all__ = [
+    "TOKEN_PREFIX",
+    "new_token",
+    "hash_token",
+    "TokenStore",
+    "bearer_token",
+    "read_tokens_file",
+    "write_tokens_file",
+    "add_device_token",
+    "remove_device_token",
+    "validate_device_id",
+]
+
+TOKEN_PREFIX = "ebt_"  # "edge bridge token": recognisable in a leaked-secret scan
+_HASH_PREFIX = "sha256:"
+_DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_FILE_HEADER = "# cloud-bridge device tokens: only SHA-256 hashes. Managed by `cloud-bridge token add/remove`.\n"
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return _HASH_PREFIX + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def validate_device_id(device: str) -> str:
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        raise ConfigError(f"device id must be 1-64 letters, digits or ._- (got {device!r})", field="device")
+    return device
+
+
+def _digest(stored: str, where: str) -> bytes:
+    if not isinstance(stored, str) or not stored.startswith(_HASH_PREFIX):
+        raise ConfigError(f"expected 'sha256:<64 hex digits>' (never a token in clear), got {type(stored).__name__}", field=where)
+    try:
+        digest = bytes.fromhex(stored[len(_HASH_PREFIX):])
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise ConfigError("expected 'sha256:<64 hex digits>'", field=where)
+    return digest
+
+
+class TokenStore:
+    """Maps a presented token to its device id."""
+
+    def __init__(self, hashes: Mapping[str, str] | None = None) -> None:
+        self._entries: list[tuple[str, bytes]] = []
+        for device, stored in (hashes or {}).items():
+            validate_device_id(device)
+            self._entries.append((device, _digest(stored, f"auth.tokens.{device}")))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @classmethod
+    def from_sources(cls, inline: Mapping[str, str], tokens_file: Path | None) -> TokenStore:
+        hashes = dict(read_tokens_file(tokens_file)) if tokens_file is not None and tokens_file.exists() else {}
+        hashes.update(inline)
+        return cls(hashes)
+
+    def authenticate(self, token: str | None) -> str | None:
+        """The device whose token this is, or None. Time does not depend on which entry matches."""
+        if not token:
+            return None
+        presented = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        found = None
+        for device, digest in self._entries:
+            # no early exit: every entry is compared whatever matched before
+            if hmac.compare_digest(presented, digest):
+                found = device
+        return found
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` metadata entry, or None."""
+    for key, value in metadata or ():
+        if key.lower() != "authorization" or not isinstance(value, str):
+            continue
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+def read_tokens_file(path: Path) -> dict[str, str]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as err:
+        raise ConfigError(f"tokens file not found: {path}", field="auth.tokens_file") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}", field="auth.tokens_file") from err
+    devices = data.get("devices", {})
+    if not isinstance(devices, dict):
+        raise ConfigError(f"{path}: [devices] must be a table", field="auth.tokens_file")
+    for device, stored in devices.items():
+        validate_device_id(device)
+        _digest(stored, f"{path}: devices.{device}")
+    return dict(devices)
+
+
+def write_tokens_file(path: Path, hashes: Mapping[str, str]) -> None:
+    """Write atomically, readable by the owner only (the hashes are not secrets, but need not be public)."""
+    lines = [_FILE_HEADER, "[devices]\n"]
+    for device in sorted(hashes):
+        validate_device_id(device)  # ids are [A-Za-z0-9._-]: quoting them needs no escaping
+        _digest(hashes[device], f"devices.{device}")
+        lines.append(f'"{device}" = "{hashes[device]}"\n')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(lines)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def add_device_token(path: Path, device: str, *, replace: bool = False) -> str:
+    """Make a token for ``device``, store its hash in ``path`` and return the token (shown once)."""
+    validate_device_id(device)
+    hashes = read_tokens_file(path) if path.exists() else {}
+    if device in hashes and not replace:
+        raise ConfigError(f"device {device!r} already has a token (use --replace to issue a new one)", field="device")
+    token = new_token()
+    hashes[device] = hash_token(token)
+    write_tokens_file(path, hashes)
+    return token
+
+
+def remove_device_token(path: Path, device: str) -> None:
+    hashes = read_tokens_file(path)
+    if device not in hashes:
+        raise ConfigError(f"no token for device {device!r} in {path}", field="device")
+    del hashes[device]
+    write_tokens_file(path, hashes)

@@ -1,0 +1,290 @@
+"""The CloudBridge servicer: authenticate, validate, apply quotas, queue, generate, price, answer.
+
+Every call runs the same steps; anything that ends a call early is a
+:class:`~cloud_bridge._status.Reject` carrying the status to send, so the
+steps read top to bottom. The generation runs in the gRPC handler thread and
+watches a :class:`CancelToken` that fires when the call is cancelled or its
+deadline passes, so an abandoned call stops its backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from edge_runtime._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
+from edge_runtime.cloud import Escalation
+from edge_runtime.engine.types import SamplingParams, validate_messages
+from edge_runtime.errors import BackendError, InvalidRequestError, QueueFullError
+
+from ._admission import WorkerSlots
+from ._auth import TokenStore, bearer_token
+from ._quota import QuotaManager
+from ._settings import BridgeSettings, ModelSettings
+from ._status import Reject, bad_request, error_info, make_status, quota_failure, retry_info
+from .backends import Backend, BackendChunk, BackendRequest, BackendResult, CancelToken
+
+__all__ = ["BridgeService", "FINISH_REASONS"]
+
+log = logging.getLogger("cloud_bridge.access")
+content_log = logging.getLogger("cloud_bridge.content")
+
+FINISH_REASONS: dict[str, int] = {
+    "stop": bridge_pb2.FINISH_REASON_STOP,
+    "eos": bridge_pb2.FINISH_REASON_EOS,
+    "length": bridge_pb2.FINISH_REASON_LENGTH,
+    "cancelled": bridge_pb2.FINISH_REASON_CANCELLED,
+    "content_filter": bridge_pb2.FINISH_REASON_CONTENT_FILTER,
+}
+_MAX_REQUEST_ID = 128
+
+
+@dataclass
+class _Job:
+    device: str
+    alias: str
+    model: ModelSettings
+    backend: Backend
+    slots: WorkerSlots
+    request: BackendRequest
+    received_s: float
+    cancel: CancelToken
+    queue_ms: float = 0.0
+    started_s: float = 0.0
+    generate_ms: float = 0.0
+
+
+def _invalid(err: InvalidRequestError) -> Reject:
+    field = err.field or ""
+    message = str(err)
+    description = message[len(field) + 2:] if field and message.startswith(f"{field}: ") else message
+    return Reject(make_status(grpc.StatusCode.INVALID_ARGUMENT, message, bad_request(field, description)))
+
+
+class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
+    def __init__(
+        self,
+        settings: BridgeSettings,
+        backends: Mapping[str, Backend],
+        tokens: TokenStore,
+        quotas: QuotaManager,
+    ) -> None:
+        self.settings = settings
+        self.backends = dict(backends)
+        self.tokens = tokens
+        self.quotas = quotas
+        self.slots = {alias: WorkerSlots(settings.models[alias].workers, settings.models[alias].queue_size) for alias in self.backends}
+
+    # --- the steps -------------------------------------------------------------------------------------
+
+    def _authenticate(self, context: grpc.ServicerContext) -> str:
+        device = self.tokens.authenticate(bearer_token(context.invocation_metadata()))
+        if device is None:
+            # one message for missing and wrong tokens: nothing to learn from the difference
+            raise Reject(make_status(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid device token",
+                                     error_info("INVALID_TOKEN")))
+        return device
+
+    def _parse(self, request: bridge_pb2.GenerateRequest, device: str) -> tuple[str, BackendRequest]:
+        limits = self.settings.limits
+        try:
+            request_id = request.request_id or uuid.uuid4().hex
+            if len(request_id) > _MAX_REQUEST_ID or not request_id.isprintable():
+                raise InvalidRequestError(f"must be at most {_MAX_REQUEST_ID} printable characters", field="request_id")
+            alias = request.model or self.settings.default_model
+            if alias not in self.backends:
+                raise Reject(make_status(grpc.StatusCode.NOT_FOUND, f"no model alias {alias!r} (have: {', '.join(self.backends)})",
+                                         error_info("MODEL_NOT_FOUND", {"model": alias[:64]})))
+            model = self.settings.models[alias]
+            if len(request.messages) > limits.max_messages:
+                raise InvalidRequestError(f"at most {limits.max_messages} messages", field="messages")
+            messages = validate_messages([{"role": m.role, "content": m.content} for m in request.messages])
+            escalation = None
+            if request.HasField("escalation"):
+                e = request.escalation
+                p_correct = e.p_correct if e.HasField("p_correct") else None
+                if p_correct is not None and not 0.0 <= p_correct <= 1.0:
+                    raise InvalidRequestError(f"must be in [0, 1], got {p_correct}", field="escalation.p_correct")
+                escalation = Escalation(draft_answer=e.draft_answer, p_correct=p_correct, reason=e.reason, policy=e.policy,
+                                        local_model=e.local_model)
+            chars = sum(len(m["content"]) for m in messages) + (len(escalation.draft_answer) if escalation else 0)
+            if chars > limits.max_prompt_chars:
+                raise InvalidRequestError(f"the request has {chars} characters; at most {limits.max_prompt_chars} are accepted",
+                                          field="messages")
+            cap = min(limits.max_new_tokens, model.max_new_tokens or limits.max_new_tokens)
+            if request.HasField("max_new_tokens"):
+                max_new_tokens = request.max_new_tokens
+                if not 1 <= max_new_tokens <= cap:
+                    raise InvalidRequestError(f"must be in [1, {cap}], got {max_new_tokens}", field="max_new_tokens")
+            else:
+                max_new_tokens = min(limits.default_max_new_tokens, cap)
+            params = self._params(request.sampling, max_new_tokens)
+        except InvalidRequestError as err:
+            raise _invalid(err) from err
+        if escalation is not None and model.escalation_hint and escalation.draft_answer:
+            messages = _with_hint(messages, escalation)
+        return alias, BackendRequest(request_id, messages, params, escalation)
+
+    @staticmethod
+    def _params(s: bridge_pb2.SamplingParams, max_new_tokens: int) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_new_tokens=max_new_tokens,
+                temperature=s.temperature if s.HasField("temperature") else 0.0,
+                top_p=s.top_p if s.HasField("top_p") else 1.0,
+                top_k=s.top_k if s.HasField("top_k") else 0,
+                seed=s.seed if s.HasField("seed") else None,
+                stop=tuple(s.stop),
+            )
+        except InvalidRequestError as err:
+            field = err.field if err.field == "max_new_tokens" else f"sampling.{err.field}"
+            raise InvalidRequestError(str(err).split(": ", 1)[-1], field=field) from err
+
+    def _admit(self, device: str) -> None:
+        rejection = self.quotas.admit(device)
+        if rejection is not None:
+            raise Reject(make_status(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"quota {rejection.limit} exceeded for this device; retry in {rejection.retry_after_s:.2f} s",
+                retry_info(rejection.retry_after_s),
+                quota_failure(f"device:{device}", rejection.limit),
+                error_info("QUOTA_EXCEEDED", {"limit": rejection.limit}),
+            ))
+
+    def _prepare(self, request: bridge_pb2.GenerateRequest, context: grpc.ServicerContext) -> _Job:
+        received_s = time.monotonic()
+        device = self._authenticate(context)
+        alias, backend_request = self._parse(request, device)
+        self._admit(device)
+        remaining = context.time_remaining()
+        cancel = CancelToken(None if remaining is None else received_s + remaining)
+        # fires when the call ends for any reason: cancelled, deadline passed, or done
+        context.add_callback(cancel.cancel)
+        return _Job(device, alias, self.settings.models[alias], self.backends[alias], self.slots[alias], backend_request,
+                    received_s, cancel)
+
+    def _run(self, job: _Job, *, stream: bool) -> Iterator[BackendChunk]:
+        """The backend's chunks; the last one carries the result. Releases the worker slot however it ends."""
+        try:
+            if not job.slots.acquire(job.cancel):
+                raise Reject(make_status(grpc.StatusCode.CANCELLED, "call ended while waiting for a worker"))
+        except QueueFullError as err:
+            raise Reject(make_status(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {job.alias!r} is busy: {err}",
+                                     retry_info(err.retry_after_s), error_info("QUEUE_FULL", {"model_alias": job.alias}))) from err
+        started_s = job.started_s = time.monotonic()
+        job.queue_ms = (started_s - job.received_s) * 1000.0
+        try:
+            if stream:
+                yield from job.backend.stream(job.request, job.cancel)
+            else:
+                yield BackendChunk("", 0, job.backend.generate(job.request, job.cancel))
+        except InvalidRequestError as err:
+            raise _invalid(err) from err
+        except BackendError as err:
+            details = [error_info(err.reason, {"model_alias": job.alias, "backend": job.backend.kind})]
+            if err.retry_after_s is not None:
+                details.append(retry_info(err.retry_after_s))
+            code = getattr(grpc.StatusCode, err.code, grpc.StatusCode.UNAVAILABLE)
+            raise Reject(make_status(code, f"backend {job.alias!r} failed: {err}", *details)) from err
+        except Exception as err:  # a broken backend must cost one call, never the server
+            log.exception("%s backend %r crashed", job.request.request_id, job.alias)
+            raise Reject(make_status(grpc.StatusCode.UNAVAILABLE, f"backend {job.alias!r} failed: {type(err).__name__}",
+                                     error_info("BACKEND_CRASHED", {"model_alias": job.alias, "backend": job.backend.kind}))) from err
+        finally:
+            job.generate_ms = (time.monotonic() - started_s) * 1000.0
+            job.slots.release(job.generate_ms / 1000.0)
+
+    def _response(self, job: _Job, result: BackendResult) -> bridge_pb2.GenerateResponse:
+        now_s = time.monotonic()
+        total_ms = (now_s - job.received_s) * 1000.0
+        # a stream's final message is built while the backend's generator is still open
+        generate_ms = job.generate_ms or (now_s - job.started_s) * 1000.0
+        cost = job.model.cost_usd(result.prompt_tokens, result.completion_tokens)
+        self.quotas.charge_tokens(job.device, result.prompt_tokens + result.completion_tokens)
+        log.info("%s device=%s model=%s finish=%s prompt_tokens=%d completion_tokens=%d cost_usd=%.6f queue_ms=%.1f total_ms=%.1f",
+                 job.request.request_id, job.device, job.alias, result.finish_reason, result.prompt_tokens,
+                 result.completion_tokens, cost, job.queue_ms, total_ms)
+        if self.settings.server.log_content:
+            content_log.info("%s messages=%r answer=%r", job.request.request_id, job.request.messages, result.text)
+        return bridge_pb2.GenerateResponse(
+            request_id=job.request.request_id,
+            text=result.text,
+            finish_reason=FINISH_REASONS.get(result.finish_reason, bridge_pb2.FINISH_REASON_UNSPECIFIED),
+            usage=bridge_pb2.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+            cost_usd=cost,
+            model=result.model,
+            model_alias=job.alias,
+            timings=bridge_pb2.ServerTimings(queue_ms=job.queue_ms, ttft_ms=result.ttft_ms or 0.0, generate_ms=generate_ms,
+                                             total_ms=total_ms),
+        )
+
+    def _abort(self, context: grpc.ServicerContext, reject: Reject, request_id: str = "-") -> None:
+        log.info("%s status=%s %s", request_id, reject.status.code.name, reject.status.details)
+        context.abort_with_status(reject.status)
+
+    # --- the RPCs --------------------------------------------------------------------------------------
+
+    def Generate(self, request: bridge_pb2.GenerateRequest, context: grpc.ServicerContext) -> bridge_pb2.GenerateResponse:
+        try:
+            job = self._prepare(request, context)
+            result = None
+            for chunk in self._run(job, stream=False):
+                result = chunk.result
+            assert result is not None
+            return self._response(job, result)
+        except Reject as reject:
+            self._abort(context, reject, request.request_id or "-")
+            raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    def GenerateStream(self, request: bridge_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator[bridge_pb2.GenerateStreamResponse]:
+        try:
+            job = self._prepare(request, context)
+            for chunk in self._run(job, stream=True):
+                if chunk.text or chunk.token_count:
+                    yield bridge_pb2.GenerateStreamResponse(delta=bridge_pb2.TextDelta(text=chunk.text, token_count=chunk.token_count))
+                if chunk.result is not None:
+                    yield bridge_pb2.GenerateStreamResponse(final=self._response(job, chunk.result))
+                    return
+            raise Reject(make_status(grpc.StatusCode.UNAVAILABLE, f"backend {job.alias!r} ended its stream without a result",
+                                     error_info("BACKEND_CRASHED", {"model_alias": job.alias})))
+        except Reject as reject:
+            self._abort(context, reject, request.request_id or "-")
+
+    def ListModels(self, request: bridge_pb2.ListModelsRequest, context: grpc.ServicerContext) -> bridge_pb2.ListModelsResponse:
+        try:
+            self._authenticate(context)
+        except Reject as reject:
+            self._abort(context, reject)
+        limits = self.settings.limits
+        default = self.settings.default_model
+        return bridge_pb2.ListModelsResponse(models=[
+            bridge_pb2.ModelInfo(
+                alias=alias,
+                backend=backend.kind,
+                model=backend.model,
+                context_length=backend.context_length,
+                max_new_tokens_limit=min(limits.max_new_tokens, self.settings.models[alias].max_new_tokens or limits.max_new_tokens),
+                usd_per_million_input_tokens=self.settings.models[alias].usd_per_million_input_tokens,
+                usd_per_million_output_tokens=self.settings.models[alias].usd_per_million_output_tokens,
+                is_default=alias == default,
+            )
+            for alias, backend in self.backends.items()
+        ])
+
+
+def _with_hint(messages: list[dict[str, str]], escalation: Escalation) -> list[dict[str, str]]:
+    """Show the device's draft to the larger model as a system note, after any system prompt."""
+    confidence = f" (its estimated probability of being correct: {escalation.p_correct:.2f})" if escalation.p_correct is not None else ""
+    why = f" It was escalated because: {escalation.reason}." if escalation.reason else ""
+    note = {
+        "role": "system",
+        "content": f"A smaller on-device model drafted an answer{confidence}.{why} Draft:\n{escalation.draft_answer}\n"
+                   "Answer the user yourself; keep what is right in the draft and fix what is wrong.",
+    }
+    at = 1 if messages and messages[0]["role"] == "system" else 0
+    return [*messages[:at], note, *messages[at:]]

@@ -1,0 +1,297 @@
+"""The bridge's settings model: one tree feeds the TOML config file, ``CLOUD_BRIDGE_*`` env and flags.
+
+The model aliases are tables under ``[models.<alias>]``; each names its
+``backend`` and is parsed with that backend's settings class (the same
+machinery, so unknown keys and bad values name the dotted field). Example::
+
+    [server]
+    address = "0.0.0.0:50051"
+    tls_cert = "server.crt"
+    tls_key = "server.key"
+    client_ca = "devices-ca.crt"      # set it to require client certificates (mTLS)
+
+    [auth]
+    tokens_file = "bridge-tokens.toml"  # written by `cloud-bridge token add DEVICE`
+
+    [quota]
+    requests_per_minute = 60
+    tokens_per_minute = 50000
+
+    [models.coder]
+    backend = "onnx"
+    bundle = "/var/lib/cloud-bridge/qwen2.5-coder-0.5b"
+    workers = 1
+    queue_size = 8
+
+    [models.gpt]
+    backend = "openai"
+    base_url = "https://api.example.com/v1"
+    model = "gpt-4o-mini"
+    api_key_env = "OPENAI_API_KEY"
+    usd_per_million_input_tokens = 0.15
+    usd_per_million_output_tokens = 0.60
+
+Relative paths are relative to the config file's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.config import load_settings, setting
+from edge_runtime.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "ServerSettings",
+    "AuthSettings",
+    "QuotaSettings",
+    "LimitsSettings",
+    "ModelSettings",
+    "OnnxModelSettings",
+    "OpenAIModelSettings",
+    "EchoModelSettings",
+    "MODEL_SETTINGS",
+    "BridgeSettings",
+    "load_bridge_settings",
+]
+
+ENV_PREFIX = "CLOUD_BRIDGE"
+_ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    address: str = setting("127.0.0.1:50051", help="host:port to listen on (port 0 picks a free one)")
+    tls_cert: Path | None = setting(None, help="PEM certificate chain of the server")
+    tls_key: Path | None = setting(None, help="PEM private key of the server")
+    client_ca: Path | None = setting(None, help="PEM CA bundle for device certificates; when set, clients must present one (mTLS)")
+    max_message_bytes: int = setting(4 << 20, help="largest request or response message, in bytes")
+    max_concurrent_rpcs: int = setting(64, help="calls in progress beyond which gRPC itself answers RESOURCE_EXHAUSTED")
+    grace_period_s: float = setting(10.0, help="on shutdown, how long in-flight calls may take to finish")
+    log_content: bool = setting(False, help="log prompts and answers (off by default: they are the users' data)")
+
+    def validate(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key must be given together", field="server.tls_cert")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ConfigError("client certificates (mTLS) need TLS: set tls_cert and tls_key", field="server.client_ca")
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"must be at least 1024, got {self.max_message_bytes}", field="server.max_message_bytes")
+        if self.max_concurrent_rpcs < 1:
+            raise ConfigError(f"must be at least 1, got {self.max_concurrent_rpcs}", field="server.max_concurrent_rpcs")
+        if self.grace_period_s < 0:
+            raise ConfigError(f"must be >= 0, got {self.grace_period_s}", field="server.grace_period_s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthSettings:
+    tokens_file: Path | None = setting(
+        Path("bridge-tokens.toml"), help="TOML file of device token hashes, managed by `cloud-bridge token add/remove`"
+    )
+    tokens: dict[str, str] = setting(
+        factory=dict, help='inline device = "sha256:<hex>" token hashes (in addition to tokens_file)', secret=True
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuotaSettings:
+    requests_per_minute: float = setting(60.0, help="per device; 0 disables the request quota")
+    requests_burst: int | None = setting(None, help="requests a device may make at once (default: requests_per_minute)")
+    tokens_per_minute: float = setting(100_000.0, help="prompt + completion tokens per device; 0 disables the token quota")
+    tokens_burst: int | None = setting(None, help="tokens a device may use at once (default: tokens_per_minute)")
+
+    def validate(self) -> None:
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            if getattr(self, name) < 0:
+                raise ConfigError("must be >= 0", field=f"quota.{name}")
+        for name in ("requests_burst", "tokens_burst"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError("must be at least 1", field=f"quota.{name}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsSettings:
+    default_model: str = setting("", help="alias used when a request names none (default: the first alias)")
+    max_new_tokens: int = setting(2048, help="largest max_new_tokens a request may ask for")
+    default_max_new_tokens: int = setting(256, help="max_new_tokens when a request leaves it unset")
+    max_messages: int = setting(64, help="most chat messages in one request")
+    max_prompt_chars: int = setting(64_000, help="most characters over all message contents of one request")
+
+    def validate(self) -> None:
+        for name in ("max_new_tokens", "default_max_new_tokens", "max_messages", "max_prompt_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be at least 1", field=f"limits.{name}")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ConfigError("must not exceed limits.max_new_tokens", field="limits.default_max_new_tokens")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """What every model alias has, whatever its backend."""
+
+    backend: str = setting("", help="onnx | openai | echo")
+    workers: int = setting(1, help="generations run at once for this alias")
+    queue_size: int = setting(8, help="requests that may wait for a worker; beyond it the bridge answers RESOURCE_EXHAUSTED")
+    max_new_tokens: int | None = setting(None, help="cap for this alias below limits.max_new_tokens")
+    usd_per_million_input_tokens: float = setting(0.0, help="price of prompt tokens, USD per million")
+    usd_per_million_output_tokens: float = setting(0.0, help="price of completion tokens, USD per million")
+    escalation_hint: bool = setting(False, help="show the device's draft answer to the model as a system note")
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise ConfigError("must be at least 1", field="workers")
+        if self.queue_size < 0:
+            raise ConfigError("must be >= 0", field="queue_size")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError("must be at least 1", field="max_new_tokens")
+        if self.usd_per_million_input_tokens < 0 or self.usd_per_million_output_tokens < 0:
+            raise ConfigError("prices must be >= 0", field="usd_per_million_input_tokens")
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.usd_per_million_input_tokens + completion_tokens * self.usd_per_million_output_tokens) / 1e6
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnnxModelSettings(ModelSettings):
+    backend: str = setting("onnx", help="onnx: run a model bundle with this project's engine")
+    bundle: Path | None = setting(None, help="model bundle directory")
+    intra_op_threads: int | None = setting(None, help="onnxruntime threads per generation (default: the engine's choice)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bundle is None:
+            raise ConfigError("an onnx model needs a bundle directory", field="bundle")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenAIModelSettings(ModelSettings):
+    backend: str = setting("openai", help="openai: any OpenAI-compatible HTTP endpoint (vLLM, llama.cpp, Ollama, hosted APIs)")
+    base_url: str = setting("", help="endpoint root, e.g. https://api.example.com/v1 (POST {base_url}/chat/completions)")
+    model: str = setting("", help="the endpoint's model name")
+    api_key_env: str | None = setting(None, help="environment variable holding the API key (the key itself never goes in the file)")
+    timeout_s: float = setting(120.0, help="longest an upstream call may take (the device's deadline may cut it shorter)")
+    connect_timeout_s: float = setting(10.0, help="longest wait for the upstream connection")
+    workers: int = setting(8, help="upstream calls at once for this alias")
+    queue_size: int = setting(32, help="requests that may wait for a worker")
+
+    def validate(self) -> None:
+        super().validate()
+        if not re.match(r"^https?://[^/]+", self.base_url):
+            raise ConfigError(f"must be an http:// or https:// URL, got {self.base_url!r}", field="base_url")
+        if not self.model:
+            raise ConfigError("the endpoint's model name is required", field="model")
+        if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
+            raise ConfigError("timeouts must be > 0", field="timeout_s")
+
+    def api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
+        if not self.api_key_env:
+            return None
+        env = os.environ if environ is None else environ
+        key = env.get(self.api_key_env)
+        if not key:
+            raise ConfigError(f"environment variable {self.api_key_env} is not set", field="api_key_env")
+        return key
+
+
+@dataclass(frozen=True, kw_only=True)
+class EchoModelSettings(ModelSettings):
+    """A model-free backend for tests, demos and benchmarks: it answers with fixed or echoed words."""
+
+    backend: str = setting("echo", help="echo: answers with `reply` (or the last user message), one word per token")
+    model: str = setting("echo", help="name the backend reports as the answering model")
+    reply: str = setting("", help="fixed answer; empty echoes the last user message")
+    token_delay_ms: float = setting(0.0, help="pause before each generated token, to imitate a real model")
+    context_length: int = setting(4096, help="prompt + completion words the backend accepts")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.token_delay_ms < 0:
+            raise ConfigError("must be >= 0", field="token_delay_ms")
+
+
+# backend name -> its settings class
+MODEL_SETTINGS: dict[str, type[ModelSettings]] = {
+    "onnx": OnnxModelSettings,
+    "openai": OpenAIModelSettings,
+    "echo": EchoModelSettings,
+}
+
+
+def _parse_model(alias: str, table: Any) -> ModelSettings:
+    where = f"models.{alias}"
+    if isinstance(table, ModelSettings):
+        return table
+    if not _ALIAS_RE.match(alias):
+        raise ConfigError("alias must be 1-64 letters, digits or ._:-", field=where)
+    if not isinstance(table, Mapping):
+        raise ConfigError("expected a table", field=where)
+    backend = table.get("backend")
+    cls = MODEL_SETTINGS.get(backend) if isinstance(backend, str) else None
+    if cls is None:
+        raise ConfigError(f"unknown backend {backend!r} (known: {', '.join(MODEL_SETTINGS)})", field=f"{where}.backend")
+    try:
+        return load_settings(cls, data=table, env={})
+    except ConfigError as err:
+        raise ConfigError(str(err).split(": ", 1)[-1], field=f"{where}.{err.field}" if err.field else where) from err
+
+
+@dataclass(frozen=True, kw_only=True)
+class BridgeSettings:
+    server: ServerSettings = dataclasses.field(default_factory=ServerSettings)
+    auth: AuthSettings = dataclasses.field(default_factory=AuthSettings)
+    quota: QuotaSettings = dataclasses.field(default_factory=QuotaSettings)
+    limits: LimitsSettings = dataclasses.field(default_factory=LimitsSettings)
+    models: dict[str, Any] = setting(factory=dict, help="model aliases: [models.<alias>] tables, each with a backend")
+
+    def __post_init__(self) -> None:
+        # tables from the file become typed settings here, so every BridgeSettings holds parsed models
+        object.__setattr__(self, "models", {alias: _parse_model(alias, table) for alias, table in self.models.items()})
+
+    def validate(self) -> None:
+        self.server.validate()
+        self.quota.validate()
+        self.limits.validate()
+        if self.limits.default_model and self.limits.default_model not in self.models:
+            raise ConfigError(f"no such model alias (have: {', '.join(self.models) or 'none'})", field="limits.default_model")
+
+    @property
+    def default_model(self) -> str:
+        if self.limits.default_model:
+            return self.limits.default_model
+        return next(iter(self.models), "")
+
+
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    return None if path is None or path.is_absolute() else base / path
+
+
+def load_bridge_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    data: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> BridgeSettings:
+    """Load the bridge settings (the one place the config file is read); relative paths follow the file."""
+    settings = load_settings(BridgeSettings, config_file=config_file, data=data, env=env, env_prefix=ENV_PREFIX, overrides=overrides)
+    base = Path(config_file).resolve().parent if config_file is not None else Path.cwd()
+    server = dataclasses.replace(
+        settings.server,
+        tls_cert=_resolve(settings.server.tls_cert, base) or settings.server.tls_cert,
+        tls_key=_resolve(settings.server.tls_key, base) or settings.server.tls_key,
+        client_ca=_resolve(settings.server.client_ca, base) or settings.server.client_ca,
+    )
+    auth = dataclasses.replace(settings.auth, tokens_file=_resolve(settings.auth.tokens_file, base) or settings.auth.tokens_file)
+    models = {
+        alias: dataclasses.replace(m, bundle=_resolve(m.bundle, base) or m.bundle) if isinstance(m, OnnxModelSettings) else m
+        for alias, m in settings.models.items()
+    }
+    return dataclasses.replace(settings, server=server, auth=auth, models=models)

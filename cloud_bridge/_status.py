@@ -1,0 +1,48 @@
+"""gRPC statuses with google.rpc details: how the bridge says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+__all__ = ["DOMAIN", "Reject", "make_status", "bad_request", "retry_info", "error_info", "quota_failure"]
+
+DOMAIN = "edgecloud.v1"
+
+
+class Reject(Exception):
+    """Internal control flow: end the current call with ``status``. Never leaves the servicer."""
+
+    def __init__(self, status: grpc.Status) -> None:
+        super().__init__(status.details)
+        self.status = status
+
+
+def make_status(code: grpc.StatusCode, message: str, *details: Message) -> grpc.Status:
+    status = status_pb2.Status(code=code.value[0], message=message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    return rpc_status.to_status(status)
+
+
+def bad_request(field: str, description: str) -> error_details_pb2.BadRequest:
+    return error_details_pb2.BadRequest(field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)])
+
+
+def retry_info(delay_s: float) -> error_details_pb2.RetryInfo:
+    delay_s = max(0.0, delay_s)
+    seconds = int(delay_s)
+    return error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds, nanos=int((delay_s - seconds) * 1e9)))
+
+
+def error_info(reason: str, metadata: Mapping[str, str] | None = None) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata or {}))
+
+
+def quota_failure(subject: str, description: str) -> error_details_pb2.QuotaFailure:
+    return error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)])

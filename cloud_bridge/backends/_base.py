@@ -1,0 +1,116 @@
+"""The backend seam: what the bridge asks of a model, whatever runs it.
+
+A backend turns a validated :class:`BackendRequest` into a :class:`BackendResult`
+(or a stream of :class:`BackendChunk`), and must stop promptly once its
+:class:`CancelToken` fires: that is how a cancelled or expired gRPC call stops
+the generation behind it. Failures are raised as
+:class:`~edge_runtime.errors.BackendError` (with the gRPC code to answer) or
+:class:`~edge_runtime.errors.InvalidRequestError`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from edge_runtime.cloud import Escalation
+from edge_runtime.engine.types import SamplingParams
+
+__all__ = ["CancelToken", "BackendRequest", "BackendResult", "BackendChunk", "Backend"]
+
+
+class CancelToken:
+    """Set when the call behind a generation is cancelled, or once ``deadline_s`` (monotonic) passes.
+
+    Calling the token returns whether to stop, so it can be handed to the engine
+    as its ``cancel`` callable.
+    """
+
+    def __init__(self, deadline_s: float | None = None) -> None:
+        self.deadline_s = deadline_s
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def __call__(self) -> bool:
+        if self._event.is_set():
+            return True
+        if self.deadline_s is not None and time.monotonic() >= self.deadline_s:
+            self.cancel()
+            return True
+        return False
+
+    @property
+    def cancelled(self) -> bool:
+        return self()
+
+    def time_remaining_s(self) -> float | None:
+        return None if self.deadline_s is None else max(0.0, self.deadline_s - time.monotonic())
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep up to ``timeout_s`` (less if the deadline comes first); True if cancelled."""
+        remaining = self.time_remaining_s()
+        if remaining is not None:
+            timeout_s = min(timeout_s, remaining)
+        self._event.wait(max(0.0, timeout_s))
+        return self()
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on cancellation (at once if already cancelled), e.g. to close a socket."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+
+@dataclass(frozen=True)
+class BackendRequest:
+    request_id: str
+    messages: list[dict[str, str]]
+    params: SamplingParams
+    escalation: Escalation | None = None
+
+
+@dataclass(frozen=True)
+class BackendResult:
+    text: str
+    finish_reason: str  # stop | eos | length | cancelled | content_filter
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    ttft_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class BackendChunk:
+    text: str
+    token_count: int = 0
+    result: BackendResult | None = field(default=None)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    kind: str  # "onnx", "openai", "echo"
+    model: str  # the name reported as the answering model
+    context_length: int  # 0 when unknown
+
+    def generate(self, request: BackendRequest, cancel: CancelToken) -> BackendResult: ...
+
+    def stream(self, request: BackendRequest, cancel: CancelToken) -> Iterator[BackendChunk]:
+        """Text as it is made; the last chunk has ``result`` set."""
+        ...
+
+    def close(self) -> None: ...

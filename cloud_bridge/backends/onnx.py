@@ -1,0 +1,65 @@
+"""The ``onnx`` backend: a model bundle run by this project's engine, in the bridge's process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from edge_runtime.errors import BackendError, InvalidRequestError
+
+from .._settings import OnnxModelSettings
+from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken
+
+__all__ = ["OnnxBackend"]
+
+
+def _load_engine(settings: OnnxModelSettings) -> Any:
+    from edge_runtime.engine import Engine  # heavy (onnxruntime): only when an onnx alias is served
+
+    return Engine(settings.bundle, intra_op_threads=settings.intra_op_threads, max_sessions=settings.workers)
+
+
+class OnnxBackend:
+    kind = "onnx"
+
+    def __init__(self, settings: OnnxModelSettings, *, engine_factory: Callable[[OnnxModelSettings], Any] = _load_engine) -> None:
+        self.settings = settings
+        # the bridge's worker slots let at most `workers` requests in, and the engine gets as many sessions
+        self.engine = engine_factory(settings)
+        self.model = str(self.engine.model_name)
+        self.context_length = int(self.engine.context_length or 0)
+
+    def _result(self, result: Any) -> BackendResult:
+        return BackendResult(
+            text=result.text,
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.usage.prompt_tokens,
+            completion_tokens=result.usage.completion_tokens,
+            model=result.model or self.model,
+            ttft_ms=result.timings.ttft_ms,
+        )
+
+    def generate(self, request: BackendRequest, cancel: CancelToken) -> BackendResult:
+        try:
+            result = self.engine.generate(messages=request.messages, params=request.params, cancel=cancel)
+        except InvalidRequestError:  # ContextLengthError included: the caller's fault, not the engine's
+            raise
+        except Exception as err:
+            raise BackendError(f"engine failed: {type(err).__name__}: {err}", reason="ENGINE_FAILED") from err
+        return self._result(result)
+
+    def stream(self, request: BackendRequest, cancel: CancelToken) -> Iterator[BackendChunk]:
+        try:
+            for chunk in self.engine.stream(messages=request.messages, params=request.params, cancel=cancel):
+                if chunk.result is not None:
+                    yield BackendChunk(chunk.text, 1 if chunk.token is not None else 0, self._result(chunk.result))
+                    return
+                yield BackendChunk(chunk.text, 1 if chunk.token is not None else 0)
+        except InvalidRequestError:
+            raise
+        except Exception as err:
+            raise BackendError(f"engine failed: {type(err).__name__}: {err}", reason="ENGINE_FAILED") from err
+        raise BackendError("engine stream ended without a result", reason="ENGINE_FAILED")
+
+    def close(self) -> None:
+        self.engine.close()

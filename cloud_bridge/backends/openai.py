@@ -1,0 +1,331 @@
+"""The ``openai`` backend: any OpenAI-compatible ``/chat/completions`` endpoint.
+
+That is how the bridge reaches vLLM, llama.cpp's server, Ollama or a hosted
+API. It speaks HTTP with the standard library's ``http.client``: one blocking
+connection per call, which is what lets a cancelled gRPC call stop the upstream
+generation at once (shutting the socket down wakes the blocked read, and the
+upstream sees its client go away). No third-party HTTP stack is needed on the
+bridge, and none on the device.
+
+HTTP statuses become gRPC codes (:data:`HTTP_TO_GRPC`); a 429's Retry-After
+becomes the retry delay the device is told to honour.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from edge_runtime.errors import BackendError
+
+from .._settings import OpenAIModelSettings
+from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken
+
+__all__ = ["OpenAIBackend", "HTTP_TO_GRPC", "SSEParser"]
+
+# upstream HTTP status -> (gRPC code, ErrorInfo reason)
+HTTP_TO_GRPC: dict[int, tuple[str, str]] = {
+    400: ("INVALID_ARGUMENT", "UPSTREAM_BAD_REQUEST"),
+    401: ("INTERNAL", "UPSTREAM_AUTH_FAILED"),  # the bridge's API key, not the device's token
+    403: ("INTERNAL", "UPSTREAM_AUTH_FAILED"),
+    404: ("NOT_FOUND", "UPSTREAM_NOT_FOUND"),
+    408: ("DEADLINE_EXCEEDED", "UPSTREAM_TIMEOUT"),
+    409: ("ABORTED", "UPSTREAM_CONFLICT"),
+    413: ("INVALID_ARGUMENT", "UPSTREAM_TOO_LARGE"),
+    422: ("INVALID_ARGUMENT", "UPSTREAM_BAD_REQUEST"),
+    429: ("RESOURCE_EXHAUSTED", "UPSTREAM_RATE_LIMITED"),
+    500: ("UNAVAILABLE", "UPSTREAM_ERROR"),
+    501: ("UNIMPLEMENTED", "UPSTREAM_UNIMPLEMENTED"),
+    502: ("UNAVAILABLE", "UPSTREAM_ERROR"),
+    503: ("UNAVAILABLE", "UPSTREAM_UNAVAILABLE"),
+    504: ("UNAVAILABLE", "UPSTREAM_TIMEOUT"),
+}
+_FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter", "tool_calls": "stop", "function_call": "stop"}
+_MAX_ERROR_BODY = 64 * 1024
+_MAX_LINE = 1 << 20
+_DEFAULT_RETRY_AFTER_S = 1.0
+
+
+def _grpc_for_status(status: int) -> tuple[str, str]:
+    if status in HTTP_TO_GRPC:
+        return HTTP_TO_GRPC[status]
+    return ("UNAVAILABLE", "UPSTREAM_ERROR") if status >= 500 else ("INTERNAL", "UPSTREAM_UNEXPECTED_STATUS")
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare from LLM servers; fall back to the default
+
+
+class SSEParser:
+    """Server-sent events, line by line: ``feed(line)`` returns the event's data once a blank line ends it."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            if not self._data:
+                return None
+            data, self._data = "\n".join(self._data), []
+            return data
+        if line.startswith(":"):  # comment / keep-alive
+            return None
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None  # event:, id:, retry: carry nothing we use
+
+    def flush(self) -> str | None:
+        return self.feed("")
+
+
+class _Call:
+    """One HTTP exchange, torn down when the gRPC call is cancelled or the deadline passes."""
+
+    def __init__(self, backend: OpenAIBackend, cancel: CancelToken) -> None:
+        self.backend = backend
+        self.cancel = cancel
+        s = backend.settings
+        remaining = cancel.time_remaining_s()
+        budget_s = s.timeout_s if remaining is None else min(s.timeout_s, remaining)
+        self.deadline_s = time.monotonic() + budget_s
+        self.conn: http.client.HTTPConnection | None = None
+
+    def remaining_s(self) -> float:
+        return self.deadline_s - time.monotonic()
+
+    def _abort(self) -> None:
+        conn = self.conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in another thread; close() alone does not
+            except OSError:
+                pass
+
+    def _timeout_error(self) -> BackendError:
+        return BackendError(f"upstream did not answer within {self.backend.settings.timeout_s:g} s", code="DEADLINE_EXCEEDED",
+                            reason="UPSTREAM_TIMEOUT")
+
+    def open(self, body: bytes) -> http.client.HTTPResponse:
+        b = self.backend
+        if self.remaining_s() <= 0:
+            raise self._timeout_error()
+        connect_timeout = min(b.settings.connect_timeout_s, self.remaining_s())
+        if b.scheme == "https":
+            self.conn = http.client.HTTPSConnection(b.host, b.port, timeout=connect_timeout, context=b.ssl_context)
+        else:
+            self.conn = http.client.HTTPConnection(b.host, b.port, timeout=connect_timeout)
+        self.cancel.add_callback(self._abort)
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        if b.api_key:
+            headers["Authorization"] = f"Bearer {b.api_key}"
+        try:
+            self.conn.connect()
+            self.set_read_timeout()
+            self.conn.request("POST", b.path, body=body, headers=headers)
+            response = self.conn.getresponse()
+        except (TimeoutError, socket.timeout) as err:
+            raise self._timeout_error() from err
+        except (OSError, http.client.HTTPException) as err:
+            if self.cancel():
+                raise _Cancelled() from err
+            raise BackendError(f"cannot reach upstream {b.host}:{b.port}: {err}", reason="UPSTREAM_UNREACHABLE") from err
+        if response.status != 200:
+            raise self._status_error(response)
+        return response
+
+    def set_read_timeout(self) -> None:
+        if self.conn is not None and self.conn.sock is not None:
+            self.conn.sock.settimeout(max(0.001, self.remaining_s()))
+
+    def _status_error(self, response: http.client.HTTPResponse) -> BackendError:
+        code, reason = _grpc_for_status(response.status)
+        try:
+            raw = response.read(_MAX_ERROR_BODY)
+        except (OSError, http.client.HTTPException):
+            raw = b""
+        detail = ""
+        try:
+            err = json.loads(raw).get("error")
+            detail = err.get("message", "") if isinstance(err, dict) else str(err or "")
+        except (ValueError, AttributeError):
+            detail = raw[:200].decode("utf-8", "replace")
+        retry_after = _retry_after_s(response.getheader("Retry-After"))
+        if response.status == 429 and retry_after is None:
+            retry_after = _DEFAULT_RETRY_AFTER_S
+        message = f"upstream answered HTTP {response.status}" + (f": {detail}" if detail else "")
+        return BackendError(message, code=code, reason=reason, retry_after_s=retry_after)
+
+    def read_failed(self, err: BaseException) -> BaseException:
+        if self.cancel():
+            return _Cancelled()
+        if isinstance(err, (TimeoutError, socket.timeout)) or self.remaining_s() <= 0:
+            return self._timeout_error()
+        return BackendError(f"upstream connection failed: {err}", reason="UPSTREAM_CONNECTION_LOST")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+class _Cancelled(Exception):
+    """Internal: the call was cancelled while the upstream was talking."""
+
+
+def _bad_response(detail: str) -> BackendError:
+    return BackendError(f"upstream sent an unusable response: {detail}", reason="UPSTREAM_BAD_RESPONSE")
+
+
+class OpenAIBackend:
+    kind = "openai"
+
+    def __init__(self, settings: OpenAIModelSettings, *, environ: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.model = settings.model
+        self.context_length = 0
+        url = urllib.parse.urlsplit(settings.base_url)
+        self.scheme = url.scheme
+        self.host = url.hostname or ""
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.path = url.path.rstrip("/") + "/chat/completions"
+        self.ssl_context = ssl.create_default_context() if url.scheme == "https" else None
+        self.api_key = settings.api_key(environ)  # read once at start: a missing key fails `serve`, not a request
+
+    def _body(self, request: BackendRequest, *, stream: bool) -> bytes:
+        p = request.params
+        body: dict[str, Any] = {
+            "model": self.settings.model,
+            "messages": request.messages,
+            "max_tokens": p.max_new_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "stream": stream,
+        }
+        if p.seed is not None:
+            body["seed"] = p.seed
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if p.top_k:
+            body["top_k"] = p.top_k  # vLLM and llama.cpp honour it; only sent when asked for
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return json.dumps(body).encode("utf-8")
+
+    def generate(self, request: BackendRequest, cancel: CancelToken) -> BackendResult:
+        started = time.monotonic()
+        call = _Call(self, cancel)
+        try:
+            response = call.open(self._body(request, stream=False))
+            try:
+                raw = response.read()
+            except (OSError, http.client.HTTPException) as err:
+                raise call.read_failed(err) from err
+        except _Cancelled:
+            return BackendResult("", "cancelled", 0, 0, self.model)
+        finally:
+            call.close()
+        try:
+            data = json.loads(raw)
+            choice = data["choices"][0]
+            text = choice.get("message", {}).get("content") or ""
+            usage = data.get("usage") or {}
+            return BackendResult(
+                text=text,
+                finish_reason=_FINISH.get(choice.get("finish_reason") or "stop", "stop"),
+                prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                completion_tokens=int(usage.get("completion_tokens", 0)),
+                model=str(data.get("model") or self.model),
+                ttft_ms=(time.monotonic() - started) * 1000.0,
+            )
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+            raise _bad_response(f"{type(err).__name__}: {err}") from err
+
+    def stream(self, request: BackendRequest, cancel: CancelToken) -> Iterator[BackendChunk]:
+        started = time.monotonic()
+        call = _Call(self, cancel)
+        text: list[str] = []
+        deltas, finish, usage, model, ttft_ms = 0, None, None, self.model, None
+        done = False
+        try:
+            try:
+                response = call.open(self._body(request, stream=True))
+                parser = SSEParser()
+                while not done:
+                    if cancel():
+                        raise _Cancelled()
+                    if call.remaining_s() <= 0:
+                        raise call._timeout_error()
+                    call.set_read_timeout()
+                    try:
+                        raw = response.readline(_MAX_LINE)
+                    except (OSError, http.client.HTTPException, ValueError) as err:
+                        raise call.read_failed(err) from err
+                    data = parser.feed(raw.decode("utf-8", "replace")) if raw else parser.flush()
+                    if data is not None:
+                        if data.strip() == "[DONE]":
+                            done = True
+                            break
+                        piece, event_finish, event_usage, event_model = self._event(data)
+                        finish = event_finish or finish
+                        usage = event_usage or usage
+                        model = event_model or model
+                        if piece:
+                            deltas += 1
+                            text.append(piece)
+                            if ttft_ms is None:
+                                ttft_ms = (time.monotonic() - started) * 1000.0
+                            yield BackendChunk(piece, 1)
+                    if not raw:
+                        break
+            except _Cancelled:
+                finish = "cancelled"
+            if not done and finish is None:
+                if cancel():
+                    finish = "cancelled"
+                else:
+                    raise BackendError("upstream stream ended before it finished", reason="UPSTREAM_CONNECTION_LOST")
+        finally:
+            call.close()
+        prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else 0
+        # without a usage event, one content delta is one token: what OpenAI-compatible servers send
+        completion_tokens = int(usage.get("completion_tokens", deltas)) if usage else deltas
+        yield BackendChunk("", 0, BackendResult("".join(text), _FINISH.get(finish or "stop", finish or "stop"),
+                                                prompt_tokens, completion_tokens, model, ttft_ms))
+
+    @staticmethod
+    def _event(data: str) -> tuple[str, str | None, dict[str, Any] | None, str | None]:
+        try:
+            obj = json.loads(data)
+        except ValueError as err:
+            raise _bad_response(f"an event is not JSON: {data[:80]!r}") from err
+        if not isinstance(obj, dict):
+            raise _bad_response("an event is not a JSON object")
+        if "error" in obj:
+            err = obj["error"]
+            message = err.get("message", "") if isinstance(err, dict) else str(err)
+            raise BackendError(f"upstream failed mid-stream: {message}", reason="UPSTREAM_ERROR")
+        piece, finish = "", None
+        choices = obj.get("choices") or []
+        if choices and isinstance(choices[0], dict):
+            delta = choices[0].get("delta") or {}
+            piece = delta.get("content") or "" if isinstance(delta, dict) else ""
+            finish = choices[0].get("finish_reason")
+        usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else None
+        model = obj.get("model") if isinstance(obj.get("model"), str) else None
+        return piece, finish, usage, model
+
+    def close(self) -> None:
+        pass

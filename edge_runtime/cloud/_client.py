@@ -1,0 +1,318 @@
+"""The device's side of escalation: a CloudClient that never hangs and never hides a failure.
+
+Every call has a deadline (``timeout_s``, retries and backoff included).
+UNAVAILABLE and RESOURCE_EXHAUSTED are retried with exponential backoff and
+jitter, RESOURCE_EXHAUSTED after the delay the bridge asks for (RetryInfo);
+a retry that could not finish before the deadline is not started. A stream is
+retried only before its first text reached the caller. A circuit breaker skips
+the cloud (CircuitOpenError, at once) after repeated failures, so the runtime
+can answer locally and mark the answer as a fallback. Every failure is one of
+the CloudError subclasses of :mod:`edge_runtime.errors`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from .._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
+from ..engine.types import Message, SamplingParams
+from ..errors import CircuitOpenError, CloudError, CloudTimeoutError, CloudUnavailableError
+from ._channel import open_channel
+from ._circuit import CircuitBreaker
+from ._errors import CIRCUIT_CODES, RETRYABLE_CODES, status_details, translate_rpc_error
+from ._settings import CloudSettings
+from ._types import CloudChunk, CloudResult, Escalation, ModelInfo, ServerTimings
+
+__all__ = ["CloudClient", "SERVICE_NAME"]
+
+SERVICE_NAME = bridge_pb2.DESCRIPTOR.services_by_name["CloudBridge"].full_name
+
+_FINISH_NAMES = {
+    bridge_pb2.FINISH_REASON_STOP: "stop",
+    bridge_pb2.FINISH_REASON_EOS: "eos",
+    bridge_pb2.FINISH_REASON_LENGTH: "length",
+    bridge_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    bridge_pb2.FINISH_REASON_CONTENT_FILTER: "content_filter",
+}
+
+T = TypeVar("T")
+_CIRCUIT_CODE_NAMES = frozenset(code.name for code in CIRCUIT_CODES)
+
+
+def _request(
+    messages: Sequence[Message],
+    *,
+    model: str,
+    params: SamplingParams | None,
+    escalation: Escalation | None,
+    request_id: str,
+) -> bridge_pb2.GenerateRequest:
+    req = bridge_pb2.GenerateRequest(request_id=request_id, model=model)
+    for m in messages:
+        req.messages.add(role=str(m.get("role", "")), content=str(m.get("content", "")))
+    if params is not None:
+        req.max_new_tokens = params.max_new_tokens
+        req.sampling.temperature = params.temperature
+        req.sampling.top_p = params.top_p
+        req.sampling.top_k = params.top_k
+        if params.seed is not None:
+            req.sampling.seed = params.seed
+        req.sampling.stop.extend(params.stop)
+    if escalation is not None:
+        e = req.escalation
+        e.draft_answer, e.reason, e.policy, e.local_model = (
+            escalation.draft_answer, escalation.reason, escalation.policy, escalation.local_model)
+        if escalation.p_correct is not None:
+            e.p_correct = escalation.p_correct
+    return req
+
+
+def _result(resp: bridge_pb2.GenerateResponse, *, latency_ms: float, round_trip_ms: float, attempts: int) -> CloudResult:
+    t = resp.timings
+    return CloudResult(
+        text=resp.text,
+        finish_reason=_FINISH_NAMES.get(resp.finish_reason, ""),
+        prompt_tokens=resp.usage.prompt_tokens,
+        completion_tokens=resp.usage.completion_tokens,
+        cost_usd=resp.cost_usd,
+        model=resp.model,
+        model_alias=resp.model_alias,
+        request_id=resp.request_id,
+        server_timings=ServerTimings(queue_ms=t.queue_ms, ttft_ms=t.ttft_ms, generate_ms=t.generate_ms, total_ms=t.total_ms),
+        latency_ms=latency_ms,
+        round_trip_ms=round_trip_ms,
+        attempts=attempts,
+    )
+
+
+class CloudClient:
+    """A client of the cloud bridge. Thread-safe; close it (or use ``with``) to release the channel.
+
+    ``CloudClient(settings)`` or ``CloudClient(address=..., token=..., insecure=True, ...)``
+    (keywords are :class:`CloudSettings` fields). ``clock``, ``sleep`` and ``rng``
+    are seams for tests.
+    """
+
+    def __init__(
+        self,
+        settings: CloudSettings | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        **fields: Any,
+    ) -> None:
+        if settings is None:
+            settings = CloudSettings(**fields)
+        elif fields:
+            import dataclasses
+
+            settings = dataclasses.replace(settings, **fields)
+        self.settings = settings
+        self._token = settings.resolve_token()
+        self._channel = channel if channel is not None else open_channel(settings)
+        self._stub = bridge_pb2_grpc.CloudBridgeStub(self._channel)
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self.circuit = CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_cooldown_s, clock=clock)
+
+    # --- plumbing --------------------------------------------------------------------------------------
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self._token}")] if self._token else []
+
+    def _enter_circuit(self) -> None:
+        if not self.circuit.allow():
+            raise CircuitOpenError(
+                f"cloud skipped: {self.circuit.consecutive_failures} consecutive failures; next try in "
+                f"{self.circuit.retry_after_s():.1f} s", code="CIRCUIT_OPEN")
+
+    def _record(self, error: CloudError | None) -> None:
+        if error is None:
+            self.circuit.record_success()
+        elif error.code in _CIRCUIT_CODE_NAMES or isinstance(error, (CloudUnavailableError, CloudTimeoutError)):
+            self.circuit.record_failure()
+        else:  # a bad request or token says nothing about the bridge's health
+            self.circuit.record_neutral()
+
+    def _backoff_s(self, attempt: int) -> float:
+        s = self.settings
+        delay = min(s.backoff_max_s, s.backoff_initial_s * s.backoff_multiplier ** attempt)
+        return delay * (1.0 - s.jitter * self._rng.random())
+
+    def _retry_delay_s(self, err: grpc.RpcError, attempt: int, deadline_s: float) -> tuple[float | None, CloudError]:
+        """How long to wait before the next attempt, or None to give up; and the error to raise if giving up."""
+        details = status_details(err)
+        error = translate_rpc_error(err, details)
+        code = err.code() if isinstance(err, grpc.Call) else None
+        if code not in RETRYABLE_CODES or attempt + 1 >= self.settings.max_attempts:
+            return None, error
+        if details.retry_after_s is not None:
+            # the bridge said when; a little jitter keeps devices refused together from returning together
+            delay = details.retry_after_s * (1.0 + 0.1 * self.settings.jitter * self._rng.random())
+        else:
+            delay = self._backoff_s(attempt)
+        if self._clock() + delay >= deadline_s:
+            return None, error  # the retry could not finish in time: say so now instead of sleeping
+        return delay, error
+
+    def _deadline(self, timeout_s: float | None) -> tuple[float, float]:
+        start = self._clock()
+        return start, start + (self.settings.timeout_s if timeout_s is None else timeout_s)
+
+    def _unary(self, invoke: Callable[[float], T], timeout_s: float | None) -> tuple[T, float, float, int]:
+        """Run ``invoke(remaining_s)`` with retries; returns (response, latency_ms, round_trip_ms, attempts)."""
+        self._enter_circuit()
+        start, deadline_s = self._deadline(timeout_s)
+        attempt = 0
+        try:
+            while True:
+                remaining = deadline_s - self._clock()
+                if remaining <= 0:
+                    raise CloudTimeoutError(f"cloud bridge: no answer within {deadline_s - start:.2f} s", code="DEADLINE_EXCEEDED")
+                sent = self._clock()
+                try:
+                    response = invoke(remaining)
+                except grpc.RpcError as err:
+                    delay, error = self._retry_delay_s(err, attempt, deadline_s)
+                    if delay is None:
+                        raise error from err
+                    self._sleep(delay)
+                    attempt += 1
+                    continue
+                now = self._clock()
+                self._record(None)
+                return response, (now - start) * 1000.0, (now - sent) * 1000.0, attempt + 1
+        except CloudError as err:
+            self._record(err)
+            raise
+        except BaseException:
+            self.circuit.record_neutral()
+            raise
+
+    # --- the API ---------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        *,
+        params: SamplingParams | None = None,
+        model: str | None = None,
+        escalation: Escalation | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> CloudResult:
+        """One complete answer from the bridge. ``params=None`` takes the bridge's defaults."""
+        req = _request(messages, model=self.settings.model if model is None else model, params=params, escalation=escalation,
+                       request_id=request_id or uuid.uuid4().hex)
+        response, latency_ms, rtt_ms, attempts = self._unary(
+            lambda remaining: self._stub.Generate(req, timeout=remaining, metadata=self._metadata()), timeout_s)
+        return _result(response, latency_ms=latency_ms, round_trip_ms=rtt_ms, attempts=attempts)
+
+    def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        params: SamplingParams | None = None,
+        model: str | None = None,
+        escalation: Escalation | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[CloudChunk]:
+        """The answer as it is generated; the last chunk has ``result``. Closing the iterator cancels the call.
+
+        Nothing is sent before the first ``next()``; CircuitOpenError is raised there.
+        """
+        req = _request(messages, model=self.settings.model if model is None else model, params=params, escalation=escalation,
+                       request_id=request_id or uuid.uuid4().hex)
+        return self._stream(req, timeout_s)
+
+    def _stream(self, req: bridge_pb2.GenerateRequest, timeout_s: float | None) -> Iterator[CloudChunk]:
+        self._enter_circuit()
+        start, deadline_s = self._deadline(timeout_s)
+        attempt = 0
+        outcome: BaseException | None = None
+        finished = False
+        try:
+            while True:
+                remaining = deadline_s - self._clock()
+                if remaining <= 0:
+                    raise CloudTimeoutError(f"cloud bridge: no answer within {deadline_s - start:.2f} s", code="DEADLINE_EXCEEDED")
+                sent = self._clock()
+                call = self._stub.GenerateStream(req, timeout=remaining, metadata=self._metadata())
+                delivered = False
+                try:
+                    for message in call:
+                        if message.HasField("delta"):
+                            delivered = True
+                            yield CloudChunk(message.delta.text, message.delta.token_count)
+                        elif message.HasField("final"):
+                            now = self._clock()
+                            result = _result(message.final, latency_ms=(now - start) * 1000.0,
+                                             round_trip_ms=(now - sent) * 1000.0, attempts=attempt + 1)
+                            finished = True
+                            yield CloudChunk("", 0, result)
+                            return
+                    raise CloudUnavailableError("cloud bridge: the stream ended without a final message", code="DATA_LOSS")
+                except grpc.RpcError as err:
+                    delay, error = self._retry_delay_s(err, attempt, deadline_s)
+                    if delay is None or delivered:  # text already shown cannot be taken back: no retry
+                        raise error from err
+                    self._sleep(delay)
+                    attempt += 1
+                finally:
+                    call.cancel()  # no-op when the call is over; stops the bridge's generation when the caller left early
+        except GeneratorExit:
+            outcome = GeneratorExit()
+            raise
+        except CloudError as err:
+            outcome = err
+            raise
+        finally:
+            if finished:
+                self._record(None)
+            elif isinstance(outcome, CloudError):
+                self._record(outcome)
+            else:
+                self.circuit.record_neutral()
+
+    def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
+        response, *_ = self._unary(
+            lambda remaining: self._stub.ListModels(bridge_pb2.ListModelsRequest(), timeout=remaining, metadata=self._metadata()),
+            timeout_s)
+        return [
+            ModelInfo(alias=m.alias, backend=m.backend, model=m.model, context_length=m.context_length,
+                      max_new_tokens_limit=m.max_new_tokens_limit, usd_per_million_input_tokens=m.usd_per_million_input_tokens,
+                      usd_per_million_output_tokens=m.usd_per_million_output_tokens, is_default=m.is_default)
+            for m in response.models
+        ]
+
+    def check_health(self, *, timeout_s: float = 2.0, service: str = SERVICE_NAME) -> bool:
+        """True if the bridge answers its standard health check with SERVING. Does not touch the circuit."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CloudClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"CloudClient(address={self.settings.address!r}, circuit={self.circuit.state})"

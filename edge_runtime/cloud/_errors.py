@@ -1,0 +1,79 @@
+"""gRPC failures -> our CloudError subclasses, with the google.rpc details the bridge put in the status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+from ..errors import CloudAuthError, CloudError, CloudQuotaError, CloudTimeoutError, CloudUnavailableError
+
+__all__ = ["StatusDetails", "status_details", "translate_rpc_error", "RETRYABLE_CODES", "CIRCUIT_CODES"]
+
+# retried with backoff (RESOURCE_EXHAUSTED after the server's RetryInfo delay when it gives one)
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# failures that say the cloud cannot serve us now: they count towards opening the circuit.
+# A bad request or a bad token says nothing about the bridge's health and does not count.
+CIRCUIT_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.DATA_LOSS,
+})
+
+
+@dataclass(frozen=True)
+class StatusDetails:
+    retry_after_s: float | None = None
+    reason: str = ""
+    fields: tuple[str, ...] = field(default=())
+
+
+def status_details(err: grpc.RpcError) -> StatusDetails:
+    """The google.rpc details (RetryInfo, ErrorInfo, BadRequest) of a failed call, if it has any."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    try:
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    except (ValueError, AttributeError):  # no trailers, or a code/message mismatch: no usable details
+        status = None
+    if status is None:
+        return StatusDetails()
+    retry_after_s, reason, fields = None, "", []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            retry_after_s = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info_e = error_details_pb2.ErrorInfo()
+            detail.Unpack(info_e)
+            reason = info_e.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            info_b = error_details_pb2.BadRequest()
+            detail.Unpack(info_b)
+            fields += [v.field for v in info_b.field_violations]
+    return StatusDetails(retry_after_s, reason, tuple(fields))
+
+
+def translate_rpc_error(err: grpc.RpcError, details: StatusDetails | None = None) -> CloudError:
+    """The most specific CloudError for a failed call; ``code`` is the gRPC status name."""
+    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    text = err.details() if isinstance(err, grpc.Call) else str(err)
+    details = details if details is not None else status_details(err)
+    message = f"cloud bridge: {code.name}: {text}" + (f" [{details.reason}]" if details.reason else "")
+    name = code.name
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return CloudAuthError(message, code=name)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return CloudQuotaError(message, code=name, retry_after_s=details.retry_after_s)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CloudTimeoutError(message, code=name)
+    if code in CIRCUIT_CODES:
+        return CloudUnavailableError(message, code=name)
+    return CloudError(message, code=name)

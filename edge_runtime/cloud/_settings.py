@@ -1,0 +1,67 @@
+"""How a device reaches its bridge: a settings section (``[cloud]`` in the daemon's config) for the client."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import setting
+from ..errors import ConfigError
+
+__all__ = ["CloudSettings"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloudSettings:
+    address: str = setting("", help="bridge address host:port (empty: never escalate)")
+    model: str = setting("", help="model alias to ask the bridge for (empty: the bridge's default)")
+    token: str = setting("", help="device token; prefer token_file or the environment to writing it in a file", secret=True)
+    token_file: Path | None = setting(None, help="file holding the device token; must be readable by its owner only")
+    insecure: bool = setting(False, help="plaintext gRPC, only allowed to a bridge on a loopback address")
+    ca_file: Path | None = setting(None, help="PEM CA bundle that signed the bridge's certificate (default: system roots)")
+    cert_file: Path | None = setting(None, help="PEM client certificate, for a bridge that requires one (mTLS)")
+    key_file: Path | None = setting(None, help="PEM private key of cert_file")
+    server_name: str = setting("", help="name the bridge's certificate carries, when it differs from the address' host")
+    timeout_s: float = setting(30.0, help="deadline of one escalation, retries and backoff included")
+    max_attempts: int = setting(4, help="tries per call when the bridge is unavailable or over quota")
+    backoff_initial_s: float = setting(0.1, help="first retry delay; doubled (backoff_multiplier) after each failure")
+    backoff_multiplier: float = setting(2.0, help="growth of the retry delay")
+    backoff_max_s: float = setting(5.0, help="longest retry delay (the server's RetryInfo may ask for more)")
+    jitter: float = setting(0.5, help="fraction of each delay drawn at random (0: none, 1: full jitter)")
+    circuit_failure_threshold: int = setting(3, help="consecutive failed calls after which the cloud is skipped")
+    circuit_cooldown_s: float = setting(30.0, help="how long the cloud is skipped before one call tries it again")
+    max_message_bytes: int = setting(4 << 20, help="largest message sent or received, in bytes")
+
+    def validate(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("cert_file and key_file must be given together", field="cloud.cert_file")
+        if self.insecure and (self.ca_file or self.cert_file):
+            raise ConfigError("TLS files make no sense with insecure = true", field="cloud.insecure")
+        for name in ("timeout_s", "backoff_initial_s", "backoff_max_s", "circuit_cooldown_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError("must be > 0", field=f"cloud.{name}")
+        if self.backoff_multiplier < 1:
+            raise ConfigError("must be >= 1", field="cloud.backoff_multiplier")
+        if not 0 <= self.jitter <= 1:
+            raise ConfigError("must be in [0, 1]", field="cloud.jitter")
+        if self.max_attempts < 1 or self.circuit_failure_threshold < 1:
+            raise ConfigError("must be at least 1", field="cloud.max_attempts" if self.max_attempts < 1 else "cloud.circuit_failure_threshold")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def resolve_token(self) -> str:
+        """The device token, from ``token`` or ``token_file`` (which must not be group- or world-readable)."""
+        if self.token:
+            return self.token
+        if self.token_file is None:
+            return ""
+        try:
+            mode = os.stat(self.token_file).st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigError(f"{self.token_file} is readable by others: chmod 600 it", field="cloud.token_file")
+            return self.token_file.read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise ConfigError(f"cannot read {self.token_file}: {err.strerror}", field="cloud.token_file") from err

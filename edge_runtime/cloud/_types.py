@@ -1,0 +1,70 @@
+"""Value types of the cloud client: what an escalation carries and what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Escalation", "ServerTimings", "CloudResult", "CloudChunk", "ModelInfo"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Escalation:
+    """Why the device escalated and what it would have answered; the bridge may show it to the larger model."""
+
+    draft_answer: str = ""
+    p_correct: float | None = None
+    reason: str = ""
+    policy: str = ""
+    local_model: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerTimings:
+    """Where the bridge spent its time, in milliseconds."""
+
+    queue_ms: float = 0.0
+    ttft_ms: float = 0.0
+    generate_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloudResult:
+    text: str
+    finish_reason: str  # "stop", "eos", "length", "cancelled", "content_filter" or "" when unknown
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    model: str  # the model that actually answered
+    model_alias: str
+    request_id: str
+    server_timings: ServerTimings
+    latency_ms: float  # the whole call as the device saw it, retries and backoff included
+    round_trip_ms: float  # the successful attempt alone
+    attempts: int
+
+    @property
+    def network_ms(self) -> float:
+        """Time of the successful attempt not spent inside the bridge: network, TLS, (de)serialisation."""
+        return max(0.0, self.round_trip_ms - self.server_timings.total_ms)
+
+
+@dataclass(frozen=True)
+class CloudChunk:
+    """One step of :meth:`CloudClient.stream`: new text, or (last) the complete result."""
+
+    text: str
+    token_count: int = 0
+    result: CloudResult | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    alias: str
+    backend: str
+    model: str
+    context_length: int
+    max_new_tokens_limit: int
+    usd_per_million_input_tokens: float
+    usd_per_million_output_tokens: float
+    is_default: bool
