@@ -1,0 +1,342 @@
+"""The public meter: ``with meter.measure() as m: ...`` then ``m.joules``.
+
+An :class:`EnergyMeter` detects its source once (see ``_detect``) and shares one
+background sampler among all windows, so any number of threads can measure at
+the same time. Every :class:`Measurement` reports:
+
+* ``joules``: the whole device (or package, for RAPL) during the window;
+* ``process_joules``: this process's share, ``joules`` × this process's CPU time
+  / all busy CPU time in the window (0 when this process did not run);
+* ``source``: where the figure comes from (``rapl:package-0``, ``hwmon:amd_energy``,
+  ``battery:BAT0``, ``rpi-pmic``, or ``estimate:<profile>``), and ``estimated``,
+  True unless a hardware counter measured it;
+* ``warnings``: why the figure may be incomplete, in plain words.
+
+A source that yields nothing for a window (a sensor that vanished) falls back to
+the CPU-time estimate for that window, labelled and warned about: never a silent
+0 J, never a negative figure.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from ..engine.types import EnergyReport
+from ..errors import ConfigError, EnergyError
+from ._detect import Detection, detect
+from ._estimate import CpuClock, EstimateSource, PsutilCpuClock
+from ._profiles import DeviceProfile, custom_profile, get_profile
+from ._sampler import Sampler
+from ._settings import PowerSettings
+from ._source import PowerSource, SourceInfo
+
+__all__ = ["EnergyMeter", "Measurement"]
+
+log = logging.getLogger("edge_runtime.power")
+
+
+class Measurement:
+    """One window of energy. Use as a context manager (or call :meth:`stop`); the figures exist once it is closed."""
+
+    def __init__(self, meter: EnergyMeter, token: tuple[int, float] | None, t0: float,
+                 cpu0: tuple[float, float] | None) -> None:
+        self._meter = meter
+        self._token = token
+        self._t0 = t0
+        self._cpu0 = cpu0
+        self._lock = threading.Lock()
+        self._result: dict[str, Any] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> Measurement:
+        """Close the window (idempotent) and return self."""
+        with self._lock:
+            if self._result is None:
+                self._result = self._meter._finish(self._token, self._t0, self._cpu0)
+        return self
+
+    def __enter__(self) -> Measurement:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    def _get(self, name: str) -> Any:
+        if self._result is None:
+            raise EnergyError("the measurement window is still open: read its figures after the with-block or stop()")
+        return self._result[name]
+
+    # --- figures -------------------------------------------------------------------------------
+
+    @property
+    def joules(self) -> float:
+        """Energy of the whole device (RAPL: the package/platform) during the window, >= 0."""
+        return float(self._get("joules"))
+
+    @property
+    def seconds(self) -> float:
+        return float(self._get("seconds"))
+
+    @property
+    def avg_watts(self) -> float:
+        seconds = self.seconds
+        return self.joules / seconds if seconds > 0 else 0.0
+
+    @property
+    def source(self) -> str:
+        return str(self._get("source"))
+
+    @property
+    def estimated(self) -> bool:
+        return bool(self._get("estimated"))
+
+    @property
+    def domains(self) -> dict[str, float]:
+        """Joules per domain (e.g. ``package-0``, ``package-0/core``); sub-domains may be part of others."""
+        return dict(self._get("domains"))
+
+    @property
+    def process_joules(self) -> float | None:
+        """This process's share of :attr:`joules` by CPU time (None if CPU times were unavailable)."""
+        value = self._get("process_joules")
+        return None if value is None else float(value)
+
+    @property
+    def process_share(self) -> float | None:
+        value = self._get("process_share")
+        return None if value is None else float(value)
+
+    @property
+    def samples(self) -> int:
+        """Readings of the source inside the window (0 for the estimate)."""
+        return int(self._get("samples"))
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._get("warnings"))
+
+    def to_report(self) -> EnergyReport:
+        return EnergyReport(joules=self.joules, source=self.source, estimated=self.estimated, seconds=self.seconds,
+                            process_joules=self.process_joules)
+
+    def to_dict(self) -> dict[str, Any]:
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 6)
+
+        return {
+            "joules": r(self.joules),
+            "seconds": r(self.seconds),
+            "avg_watts": r(self.avg_watts),
+            "source": self.source,
+            "estimated": self.estimated,
+            "domains": {k: r(v) for k, v in self.domains.items()},
+            "process_joules": r(self.process_joules),
+            "process_share": r(self.process_share),
+            "samples": self.samples,
+            "warnings": self.warnings,
+        }
+
+    def __repr__(self) -> str:
+        if self._result is None:
+            return "<Measurement open>"
+        return f"<Measurement {self.joules:.3f} J in {self.seconds:.3f} s from {self.source}>"
+
+
+class EnergyMeter:
+    """Measures energy per window from the best source under ``sysfs_root``.
+
+    ``source``: ``"auto"`` (priority rapl > hwmon > rpi-pmic > battery > estimate),
+    a kind or label to insist on one (``EnergyError`` if it is not usable), or a
+    :class:`PowerSource` object (tests: :class:`ConstantPowerSource`).
+    ``profile``: the device profile for the estimate (a name or a :class:`DeviceProfile`).
+    """
+
+    def __init__(
+        self,
+        sysfs_root: str | os.PathLike[str] = "/",
+        source: str | PowerSource = "auto",
+        profile: str | DeviceProfile = "generic",
+        sample_interval_s: float = 0.2,
+        *,
+        cpu_clock: CpuClock | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if isinstance(sample_interval_s, bool) or not isinstance(sample_interval_s, (int, float)) \
+                or not math.isfinite(sample_interval_s) or not 0.001 <= sample_interval_s <= 3600:
+            raise ConfigError(f"must be between 0.001 and 3600 seconds, got {sample_interval_s!r}",
+                              field="sample_interval_s")
+        self.sysfs_root = os.fspath(sysfs_root)
+        prof = get_profile(profile) if isinstance(profile, str) else profile
+        if isinstance(source, PowerSource):
+            estimate = EstimateSource(prof)
+            self._detection = Detection(root=self.sysfs_root, candidates=[source], absent=[], estimate=estimate,
+                                        chosen=source)
+        else:
+            self._detection = detect(self.sysfs_root, source, prof)
+        self._estimate = self._detection.estimate
+        self._chosen = self._detection.chosen
+        self.sample_interval_s = float(sample_interval_s)
+        self._cpu_clock: CpuClock = cpu_clock or PsutilCpuClock()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._sampler: Sampler | None = None
+        self._closed = False
+        self.notes: list[str] = list(self._detection.notes)
+        # the one log line per problem (RAPL permission, battery on AC, estimate only)
+        for note in self.notes:
+            log.log(logging.INFO if self._chosen is self._estimate else logging.WARNING, "energy: %s", note)
+
+    @classmethod
+    def from_settings(cls, settings: PowerSettings, **kwargs: Any) -> EnergyMeter:
+        """A meter configured by the ``[power]`` settings section."""
+        profile = custom_profile(settings.profile, active_watts_per_core=settings.active_watts_per_core,
+                                 idle_watts=settings.idle_watts)
+        return cls(sysfs_root=settings.sysfs_root, source=settings.source, profile=profile,
+                   sample_interval_s=settings.sample_interval_ms / 1000.0, **kwargs)
+
+    # --- what it measures ------------------------------------------------------------------
+
+    @property
+    def source(self) -> str:
+        """The chosen source's label, e.g. ``rapl:package-0`` or ``estimate:generic``."""
+        return self._chosen.label
+
+    @property
+    def estimated(self) -> bool:
+        return self._chosen is self._estimate or bool(getattr(self._chosen, "estimated", False))
+
+    @property
+    def profile(self) -> DeviceProfile:
+        return self._estimate.profile
+
+    def describe(self) -> list[SourceInfo]:
+        """Every source kind in priority order, as found when this meter was created."""
+        return self._detection.infos()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # --- measuring -------------------------------------------------------------------------
+
+    def measure(self) -> Measurement:
+        """Open a window: ``with meter.measure() as m: ...``."""
+        return self.start()
+
+    def start(self) -> Measurement:
+        """Open a window and return it; call ``stop()`` on it (for code that cannot use ``with``)."""
+        if self._closed:
+            raise EnergyError("the energy meter is closed")
+        cpu0 = self._cpu_times()
+        sampler = self._get_sampler()
+        if sampler is not None:
+            token = sampler.open()
+            return Measurement(self, token, token[1], cpu0)
+        return Measurement(self, None, self._clock(), cpu0)
+
+    def poll(self) -> None:
+        """Read the source now, as the background thread does every ``sample_interval_s``."""
+        sampler = self._get_sampler()
+        if sampler is not None:
+            sampler.poll()
+
+    def close(self) -> None:
+        """Stop the background sampler. Open windows can still be stopped; new ones raise ``EnergyError``."""
+        with self._lock:
+            self._closed = True
+            sampler = self._sampler
+        if sampler is not None:
+            sampler.stop()
+
+    def __enter__(self) -> EnergyMeter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<EnergyMeter {self.source} root={self.sysfs_root!r}>"
+
+    # --- internals -------------------------------------------------------------------------
+
+    @property
+    def sampler_running(self) -> bool:
+        return self._sampler is not None and self._sampler.thread_alive
+
+    def _get_sampler(self) -> Sampler | None:
+        if not isinstance(self._chosen, PowerSource):
+            return None
+        with self._lock:
+            if self._sampler is None:
+                self._sampler = Sampler(self._chosen, self.sample_interval_s, clock=self._clock)
+            return self._sampler
+
+    def _cpu_times(self) -> tuple[float, float] | None:
+        try:
+            return self._cpu_clock.process_cpu_s(), self._cpu_clock.system_busy_cpu_s()
+        except Exception:  # psutil.Error, OSError: attribution is a bonus, the energy figure still stands
+            log.debug("cannot read CPU times", exc_info=True)
+            return None
+
+    def _finish(self, token: tuple[int, float] | None, t0: float, cpu0: tuple[float, float] | None) -> dict[str, Any]:
+        window = None
+        if token is not None and self._sampler is not None:
+            window = self._sampler.close(token)
+            t1 = window.t1
+        else:
+            t1 = self._clock()
+        cpu1 = self._cpu_times()
+        seconds = max(0.0, t1 - t0)
+        warnings = list(self.notes)
+        proc_s = busy_s = None
+        if cpu0 is not None and cpu1 is not None:
+            proc_s = max(0.0, cpu1[0] - cpu0[0])
+            # tick granularity can make this process's time exceed the system's: clamp
+            busy_s = max(proc_s, cpu1[1] - cpu0[1], 0.0)
+        else:
+            warnings.append("CPU times unavailable: no per-process share" +
+                            (" and the estimate counts idle power only" if window is None else ""))
+
+        source, estimated, domains, samples, joules = self._estimate.label, True, None, 0, 0.0
+        chosen = self._chosen
+        if window is not None and isinstance(chosen, PowerSource):
+            warnings.extend(window.warnings)
+            measured = [n for n in chosen.total_domains() if n in window.domains_j]
+            if measured:
+                source, estimated, samples = chosen.label, chosen.estimated, window.samples
+                domains = window.domains_j
+                joules = sum(window.domains_j[n] for n in measured)
+            else:
+                warnings.append(f"{chosen.label} gave no usable readings in this window; "
+                                f"reported the CPU-time estimate ({self._estimate.label}) instead")
+        if domains is None:
+            domains = self._estimate.energy_j(seconds, busy_s or 0.0)
+            joules = sum(domains.values())
+
+        share = None
+        if proc_s is not None and busy_s is not None:
+            share = proc_s / busy_s if busy_s > 0 else 0.0
+        return {
+            "joules": max(0.0, joules),
+            "seconds": seconds,
+            "source": source,
+            "estimated": estimated,
+            "domains": {k: max(0.0, v) for k, v in domains.items()},
+            "process_joules": None if share is None else max(0.0, joules) * share,
+            "process_share": share,
+            "samples": samples,
+            "warnings": list(dict.fromkeys(warnings)),
+        }

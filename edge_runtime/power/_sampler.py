@@ -1,0 +1,333 @@
+"""Background sampling, trapezoid integration and counter wrap tracking.
+
+One :class:`Sampler` per meter serves every open window: a single daemon thread,
+started on the first window and idle (no wake-ups) while no window is open,
+reads the source every ``interval_s``. Each domain keeps a :class:`DomainTrack`,
+a timeline of cumulative joules:
+
+* power readings (µW) are integrated with the trapezoid rule; between two
+  readings the power is taken as linear, so the energy up to any instant inside
+  a segment is exact for that line;
+* energy counters (µJ) add the difference between readings; a counter lower
+  than the previous reading has wrapped and gets ``max_range_uj`` added. Reading
+  often enough (the thread does) counts every wrap, where a single
+  start/end correction would miss all but one. A counter that goes backwards
+  with no known range is not trusted: that interval is dropped with a warning;
+* remaining-energy readings (a battery's ``energy_now``) add how much they fell.
+
+A window ``[t0, t1]`` reads the cumulative energy at both instants. Cheap
+sources are read afresh at both boundaries; expensive ones (a subprocess) use the
+timeline, extrapolating the last power reading past the newest sample. A window
+that saw fewer than two power readings is therefore power × time, and says so.
+Missing readings leave gaps that are not integrated, never negative joules.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import EnergyError
+from ._source import Energy, Power, PowerSource, Reading, Remaining, Unreadable
+
+__all__ = ["DomainTrack", "Sampler", "WindowEnergy"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Point:
+    t: float
+    e_j: float
+    p_w: float | None
+    # the segment ending here had no data (a read failure or a restart): nothing integrated
+    after_gap: bool = False
+
+
+class DomainTrack:
+    """Cumulative joules of one domain over time."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.kind: str | None = None  # "energy" | "power" | "remaining"
+        self.points: list[_Point] = []
+        self.times: list[float] = []
+        self.last_raw: float | None = None
+        self.failing_since: float | None = None
+        self.failure: str | None = None
+        self.events: list[tuple[float, str]] = []
+
+    # --- feeding ---------------------------------------------------------------------------
+
+    def add(self, t: float, reading: Reading) -> None:
+        if isinstance(reading, Unreadable):
+            if self.failing_since is None:
+                self.failing_since, self.failure = t, reading.reason
+                self.events.append((t, f"{self.name} unreadable ({reading.reason})"))
+            return
+        if self.points and t < self.times[-1]:
+            t = self.times[-1]
+        kind = "power" if isinstance(reading, Power) else "energy" if isinstance(reading, Energy) else "remaining"
+        if self.kind is not None and kind != self.kind:
+            self.last_raw = None  # the reading method changed: start a new segment
+        self.kind = kind
+        prev = self.points[-1] if self.points else None
+        e_prev = prev.e_j if prev else 0.0
+        failed_for = None if self.failing_since is None else t - self.failing_since
+
+        if isinstance(reading, Power):
+            p_w = abs(reading.uw) * 1e-6
+            if prev is None or prev.p_w is None or failed_for is not None:
+                if prev is not None and failed_for is not None:
+                    self.events.append((t, f"{self.name}: no readings for {failed_for:.2f} s; that time is not counted"))
+                self._append(_Point(t, e_prev, p_w, after_gap=prev is not None))
+            else:
+                self._append(_Point(t, e_prev + (prev.p_w + p_w) / 2.0 * (t - prev.t), p_w))
+        else:
+            raw = float(reading.uj)
+            delta_uj = 0.0
+            gap = self.last_raw is None and prev is not None
+            if self.last_raw is not None:
+                if isinstance(reading, Energy):
+                    delta_uj = raw - self.last_raw
+                    if delta_uj < 0 and reading.max_range_uj:
+                        delta_uj += reading.max_range_uj  # wrapped past max_energy_range_uj
+                    if delta_uj < 0:
+                        self.events.append((t, (
+                            f"{self.name}: counter went backwards ({self.last_raw:.0f} -> {raw:.0f} µJ) with no wrap "
+                            "range; that interval is not counted")))
+                        delta_uj = 0.0
+                        gap = True
+                else:
+                    delta_uj = self.last_raw - raw
+                    if delta_uj < 0:
+                        self.events.append((t, f"{self.name}: stored energy rose (charging); that interval is not counted"))
+                        delta_uj = 0.0
+                        gap = True
+            self.last_raw = raw
+            self._append(_Point(t, e_prev + delta_uj * 1e-6, None, after_gap=gap))
+        if failed_for is not None:
+            self.failing_since = self.failure = None
+
+    def _append(self, point: _Point) -> None:
+        self.points.append(point)
+        self.times.append(point.t)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def energy_at(self, t: float) -> float | None:
+        """Cumulative joules at ``t`` (interpolated; extrapolated with the last power past the newest reading)."""
+        pts = self.points
+        if not pts:
+            return None
+        if t <= pts[0].t:
+            return pts[0].e_j
+        i = bisect.bisect_right(self.times, t) - 1
+        if i >= len(pts) - 1:
+            last = pts[-1]
+            if self.kind == "power" and last.p_w is not None and self.failing_since is None:
+                return last.e_j + last.p_w * (t - last.t)
+            return last.e_j
+        a, b = pts[i], pts[i + 1]
+        span, tau = b.t - a.t, t - a.t
+        if b.after_gap or span <= 0:
+            return a.e_j
+        if a.p_w is not None and b.p_w is not None:
+            return a.e_j + a.p_w * tau + (b.p_w - a.p_w) * tau * tau / (2.0 * span)
+        return a.e_j + (b.e_j - a.e_j) * tau / span
+
+    def count_in(self, t0: float, t1: float) -> int:
+        return bisect.bisect_right(self.times, t1) - bisect.bisect_left(self.times, t0)
+
+    def covers(self, t0: float, t1: float) -> bool:
+        """Whether any reading describes part of ``[t0, t1]``."""
+        if self.count_in(t0, t1) > 0:
+            return True
+        return bool(self.points) and self.failing_since is None and self.times[0] <= t0
+
+    def prune(self, before: float) -> None:
+        """Forget readings older than ``before`` (keeping the one just before it, for interpolation)."""
+        i = bisect.bisect_right(self.times, before) - 1
+        if i > 0:
+            del self.points[:i]
+            del self.times[:i]
+        self.events = [e for e in self.events if e[0] >= before]
+
+
+@dataclass
+class WindowEnergy:
+    t0: float
+    t1: float
+    domains_j: dict[str, float]
+    missing: list[str]
+    samples: int
+    warnings: list[str] = field(default_factory=list)
+
+
+class Sampler:
+    """Shared sampling of one :class:`PowerSource` for any number of concurrent windows."""
+
+    def __init__(self, source: PowerSource, interval_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not interval_s > 0:
+            raise ValueError("interval_s must be > 0")
+        self.source = source
+        self.interval_s = interval_s
+        self._clock = clock
+        # _read_lock serialises source reads (so readings arrive in time order);
+        # _lock guards the tracks and the open windows and is never held during a read
+        self._read_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._tracks: dict[str, DomainTrack] = {}
+        self._open: dict[int, float] = {}
+        self._next_id = 0
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.reads = 0
+
+    # --- windows -------------------------------------------------------------------------------
+
+    def open(self) -> tuple[int, float]:
+        with self._read_lock:
+            with self._lock:
+                if self._stopped:
+                    raise EnergyError("the energy meter is closed")
+                idle = not self._open
+                if idle:
+                    # nothing was sampled while idle: start a fresh timeline
+                    self._tracks.clear()
+            if idle or not self.source.expensive:
+                t0 = self._sample_locked()
+            else:
+                t0 = self._clock()
+            with self._lock:
+                wid = self._next_id
+                self._next_id += 1
+                self._open[wid] = t0
+                if idle:
+                    self._wake.notify_all()
+        if self.source.needs_background:
+            self._ensure_thread()
+        return wid, t0
+
+    def close(self, token: tuple[int, float]) -> WindowEnergy:
+        wid, t0 = token
+        if not self.source.expensive:
+            with self._read_lock:
+                t1 = self._sample_locked()
+        else:
+            t1 = self._clock()
+        with self._lock:
+            result = self._window(t0, t1)
+            self._open.pop(wid, None)
+            if self._open:
+                oldest = min(self._open.values())
+                for track in self._tracks.values():
+                    track.prune(oldest)
+        return result
+
+    def poll(self) -> float:
+        """Read the source now (the background thread does this every ``interval_s``)."""
+        with self._read_lock:
+            return self._sample_locked()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._wake.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=max(5.0, 2 * self.interval_s))
+
+    @property
+    def thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _sample_locked(self) -> float:
+        """Read once and feed the tracks; caller holds ``_read_lock``."""
+        t_a = self._clock()
+        try:
+            readings = dict(self.source.read())
+        except Exception as err:  # a backend bug must not kill a generation; treat as unreadable
+            log.debug("%s: read failed", self.source.label, exc_info=True)
+            readings = {name: Unreadable(f"read failed: {err}") for name in (self._tracks or self.source.total_domains())}
+        t = (t_a + self._clock()) / 2.0
+        with self._lock:
+            self.reads += 1
+            for name, reading in readings.items():
+                track = self._tracks.get(name)
+                if track is None:
+                    track = self._tracks[name] = DomainTrack(name)
+                track.add(t, reading)
+        return t
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is not None or self._stopped:
+                return
+            self._thread = threading.Thread(target=self._run, name=f"edge-runtime-power-sampler[{self.source.label}]",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._open and not self._stopped:
+                    self._wake.wait()
+                if self._stopped:
+                    return
+                self._wake.wait(timeout=self.interval_s)
+                if self._stopped:
+                    return
+                if not self._open:
+                    continue
+            with self._read_lock:
+                with self._lock:
+                    if not self._open:
+                        continue
+                self._sample_locked()
+
+    def _window(self, t0: float, t1: float) -> WindowEnergy:
+        label = self.source.label
+        totals = set(self.source.total_domains())
+        domains_j: dict[str, float] = {}
+        warnings: list[str] = []
+        counts: list[int] = []
+        power_counts: list[int] = []
+        for name, track in self._tracks.items():
+            if not track.covers(t0, t1):
+                continue
+            e0, e1 = track.energy_at(t0), track.energy_at(t1)
+            if e0 is None or e1 is None:
+                continue
+            joules = max(0.0, e1 - e0)
+            domains_j[name] = joules
+            warnings.extend(f"{label}: {msg}" for t, msg in track.events if t0 <= t <= t1)
+            if track.failing_since is not None and track.failing_since <= t1:
+                warnings.append(f"{label}: {name} unreadable at the end of the window ({track.failure}); "
+                                "energy after its last good reading is missing")
+            if name in totals:
+                counts.append(track.count_in(t0, t1))
+                if track.kind == "power":
+                    power_counts.append(counts[-1])
+                if track.kind == "remaining" and joules == 0.0 and t1 > t0:
+                    warnings.append(f"{label}: the battery gauge did not move during this {t1 - t0:.2f} s window "
+                                    "(it updates every few seconds), so 0 J here means too short to see")
+        missing = sorted(n for n in totals if n not in domains_j)
+        for name in missing:
+            track = self._tracks.get(name)
+            why = f" ({track.failure})" if track is not None and track.failure else ""
+            warnings.append(f"{label}: no readings of {name} during the window{why}; it is left out")
+        samples = min(counts) if counts else 0
+        if power_counts and min(power_counts) < 2:
+            warnings.append(
+                f"{label}: only {min(power_counts)} power reading(s) inside this {1000 * (t1 - t0):.0f} ms window "
+                f"(sampling every {1000 * self.interval_s:.0f} ms): energy is power × time from the nearest reading")
+        return WindowEnergy(t0=t0, t1=t1, domains_j=domains_j, missing=missing, samples=samples,
+                            warnings=list(dict.fromkeys(warnings)))

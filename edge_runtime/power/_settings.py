@@ -1,0 +1,53 @@
+"""``[power]`` settings: which source, which device profile, how often to sample.
+
+Embedded as the ``power`` section of the daemon's settings; on its own it is
+loaded with ``env_prefix="EDGE_RUNTIME_POWER"`` so the environment variables are
+the same either way (``EDGE_RUNTIME_POWER_PROFILE=raspberry-pi-4``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..config import setting
+from ..errors import ConfigError
+from ._profiles import PROFILES
+
+__all__ = ["PowerSettings", "SourceName"]
+
+SourceName = Literal["auto", "rapl", "hwmon", "rpi-pmic", "battery", "estimate"]
+
+
+@dataclass(frozen=True)
+class PowerSettings:
+    source: SourceName = setting(
+        "auto", help="energy source: auto (rapl > hwmon > rpi-pmic > battery > estimate) or one of them")
+    profile: str = setting(
+        "generic", help=f"device profile for the CPU-time estimate: {', '.join(PROFILES)}")
+    sample_interval_ms: int = setting(
+        200, help="how often power sensors are read while a measurement is open, in ms")
+    active_watts_per_core: float | None = setting(
+        None, help="override the profile: watts drawn per busy CPU on top of idle")
+    idle_watts: float | None = setting(
+        None, help="override the profile: watts the whole device draws at idle")
+    sysfs_root: Path = setting(
+        Path("/"), help="filesystem root to read /sys from (a test tree, or / for the real device)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.profile not in PROFILES:
+            raise ConfigError(f"unknown device profile {self.profile!r} (known: {', '.join(PROFILES)})",
+                              field="power.profile")
+        if isinstance(self.sample_interval_ms, bool) or not isinstance(self.sample_interval_ms, int) \
+                or not 10 <= self.sample_interval_ms <= 60_000:
+            raise ConfigError(f"must be an integer between 10 and 60000, got {self.sample_interval_ms!r}",
+                              field="power.sample_interval_ms")
+        for name in ("active_watts_per_core", "idle_watts"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 <= value < 10_000):
+                raise ConfigError(f"must be a number of watts >= 0, got {value!r}", field=f"power.{name}")
