@@ -179,10 +179,20 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         started_s = job.started_s = time.monotonic()
         job.queue_ms = (started_s - job.received_s) * 1000.0
         try:
-            if stream:
-                yield from job.backend.stream(job.request, job.cancel)
-            else:
-                yield BackendChunk("", 0, job.backend.generate(job.request, job.cancel))
+            chunks = job.backend.stream(job.request, job.cancel) if stream else iter(
+                [BackendChunk("", 0, job.backend.generate(job.request, job.cancel))])
+            for chunk in chunks:
+                if chunk.result is not None and (job.cancel() or chunk.result.finish_reason == "cancelled"):
+                    # the caller is gone or out of time: a cut-off answer is no answer
+                    self.quotas.charge_tokens(job.device, chunk.result.prompt_tokens + chunk.result.completion_tokens)
+                    expired = job.cancel.deadline_s is not None and time.monotonic() >= job.cancel.deadline_s
+                    raise Reject(make_status(
+                        grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED,
+                        f"generation stopped after {chunk.result.completion_tokens} tokens: the call "
+                        f"{'ran out of time' if expired else 'was cancelled'}"))
+                yield chunk
+        except Reject:
+            raise
         except InvalidRequestError as err:
             raise _invalid(err) from err
         except BackendError as err:

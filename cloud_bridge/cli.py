@@ -1,0 +1,159 @@
+"""The ``cloud-bridge`` command line.
+
+    cloud-bridge serve --config bridge.toml [--insecure] [--server-address HOST:PORT ...]
+    cloud-bridge token add DEVICE --config bridge.toml [--replace]   # prints the token once
+    cloud-bridge token list --config bridge.toml
+    cloud-bridge token remove DEVICE --config bridge.toml
+    cloud-bridge config --config bridge.toml                          # effective settings, secrets hidden
+
+Settings come from the config file, ``CLOUD_BRIDGE_<SECTION>_<FIELD>``
+environment variables and ``--section-field`` flags, in that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from edge_runtime.config import add_settings_arguments, settings_overrides_from_args, settings_to_dict
+from edge_runtime.errors import ConfigError, EdgeRuntimeError
+
+from ._settings import BridgeSettings, load_bridge_settings
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("cloud_bridge")
+
+
+def _settings(args: argparse.Namespace) -> BridgeSettings:
+    return load_bridge_settings(args.config, overrides=settings_overrides_from_args(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._server import create_server
+
+    settings = _settings(args)
+    if not settings.models:
+        raise ConfigError("no model aliases: add a [models.<alias>] table with a backend", field="models")
+    server, port = create_server(settings, insecure=args.insecure)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.warning("%s: shutting down (grace %.0f s)", signal.Signals(signum).name, settings.server.grace_period_s)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server.start()
+    print(f"cloud-bridge: serving {', '.join(server.backends)} on port {port}", file=sys.stderr, flush=True)
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _tokens_file(args: argparse.Namespace) -> Any:
+    path = _settings(args).auth.tokens_file
+    if path is None:
+        raise ConfigError("no tokens file configured", field="auth.tokens_file")
+    return path
+
+
+def _token_add(args: argparse.Namespace) -> int:
+    from ._auth import add_device_token
+
+    path = _tokens_file(args)
+    token = add_device_token(path, args.device, replace=args.replace)
+    print(f"token for device {args.device!r} (shown once; only its SHA-256 is stored in {path}):", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from ._auth import read_tokens_file
+
+    path = _tokens_file(args)
+    for device in sorted(read_tokens_file(path) if path.exists() else {}):
+        print(device)
+    return 0
+
+
+def _token_remove(args: argparse.Namespace) -> int:
+    from ._auth import remove_device_token
+
+    remove_device_token(_tokens_file(args), args.device)
+    print(f"removed the token of device {args.device!r}", file=sys.stderr)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    data = settings_to_dict(settings)
+    data["models"] = {alias: settings_to_dict(m) for alias, m in settings.models.items()}
+    print(json.dumps(data, indent=2, default=str))
+    return 0
+
+
+def _add_config(parser: argparse.ArgumentParser, *, sections: Sequence[str]) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE", help="bridge config file (TOML)")
+    add_settings_arguments(parser, BridgeSettings, sections=sections)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cloud-bridge", description="The gRPC service edge devices escalate to.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser("serve", help="serve the model aliases of the config file")
+    _add_config(serve, sections=("server", "auth", "quota", "limits"))
+    serve.add_argument("--insecure", action="store_true",
+                       help="serve plaintext instead of TLS (refused unless the address is loopback or a Unix socket)")
+    serve.set_defaults(func=_serve)
+
+    token = sub.add_parser("token", help="manage device tokens (only their hashes are stored)")
+    token_sub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    add = token_sub.add_parser("add", help="make a token for a device and print it once")
+    add.add_argument("device", help="device id: 1-64 letters, digits or ._-")
+    add.add_argument("--replace", action="store_true", help="issue a new token for a device that has one (the old one stops working)")
+    _add_config(add, sections=("auth",))
+    add.set_defaults(func=_token_add)
+    listing = token_sub.add_parser("list", help="list the devices that have a token")
+    _add_config(listing, sections=("auth",))
+    listing.set_defaults(func=_token_list)
+    remove = token_sub.add_parser("remove", help="revoke a device's token")
+    remove.add_argument("device")
+    _add_config(remove, sections=("auth",))
+    remove.set_defaults(func=_token_remove)
+
+    config = sub.add_parser("config", help="print the effective settings (secrets hidden)")
+    _add_config(config, sections=("server", "auth", "quota", "limits"))
+    config.set_defaults(func=_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)  # serve logs its access lines at INFO by default
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except EdgeRuntimeError as err:
+        print(f"cloud-bridge {args.command}: error: {err}", file=sys.stderr)
+        if args.verbose >= 2:
+            raise
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Deadlines, cancellation, bounded queues, failing backends, shutdown: the bridge never hangs or crashes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from cloud_bridge.backends.echo import EchoBackend
+from edge_runtime._proto.edgecloud.v1 import bridge_pb2
+from edge_runtime.engine.types import SamplingParams
+from edge_runtime.errors import BackendError, CircuitOpenError, CloudTimeoutError, CloudUnavailableError
+
+from .conftest import TOKEN
+
+AUTH = [("authorization", f"Bearer {TOKEN}")]
+HI = [{"role": "user", "content": "hi"}]
+LONG_REPLY = " ".join(f"w{i}" for i in range(200))
+
+
+def slow(token_delay_ms: float, reply: str = LONG_REPLY, **extra):
+    return {"tiny": {"backend": "echo", "reply": reply, "token_delay_ms": token_delay_ms, **extra}}
+
+
+def _details(err: grpc.RpcError) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for detail in rpc_status.from_call(err).details:
+        for cls in (error_details_pb2.RetryInfo, error_details_pb2.ErrorInfo):
+            message = cls()
+            if detail.Unpack(message):
+                out[cls.__name__] = message
+    return out
+
+
+def test_deadline_exceeded_stops_the_backend_generation(start_bridge, make_client):
+    bridge = start_bridge(models=slow(20))  # 200 tokens x 20 ms = 4 s if nothing stopped it
+    client = make_client(bridge, max_attempts=1)
+    started = time.monotonic()
+    with pytest.raises(CloudTimeoutError):
+        client.generate(HI, timeout_s=0.3)
+    assert time.monotonic() - started < 1.0
+    (record,) = bridge.backend().wait_for_generations(1, timeout_s=3)
+    assert record.finish_reason == "cancelled"
+    assert record.completion_tokens < 40
+    assert record.ended_s - record.started_s < 1.0
+    assert bridge.server.service.slots["tiny"].running == 0
+
+
+def test_a_stream_the_caller_abandons_stops_the_backend_and_frees_its_worker(start_bridge, make_client):
+    bridge = start_bridge(models=slow(20))
+    stream = make_client(bridge).stream(HI)
+    assert next(stream).text == "w0"
+    stream.close()  # the app went away
+    (record,) = bridge.backend().wait_for_generations(1, timeout_s=3)
+    assert record.finish_reason in ("cancelled", "closed") and record.completion_tokens < 40
+    deadline = time.monotonic() + 2
+    while bridge.server.service.slots["tiny"].running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert bridge.server.service.slots["tiny"].running == 0
+    again = make_client(bridge).generate(HI, params=SamplingParams(max_new_tokens=3), timeout_s=10)  # the worker serves again
+    assert again.text == "w0 w1 w2"
+
+
+def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_delay(start_bridge, raw_stub):
+    bridge = start_bridge(models=slow(30, reply="a b c d e f g h i j", workers=1, queue_size=1))
+    stub = raw_stub(bridge)
+    request = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")])
+    running = stub.Generate.future(request, metadata=AUTH, timeout=10)
+    while bridge.server.service.slots["tiny"].running == 0:
+        time.sleep(0.005)
+    waiting = stub.Generate.future(request, metadata=AUTH, timeout=10)
+    while bridge.server.service.slots["tiny"].waiting == 0:
+        time.sleep(0.005)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request, metadata=AUTH, timeout=10)
+    assert time.monotonic() - started < 0.2  # refused, not queued without bound
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = _details(info.value)
+    assert details["ErrorInfo"].reason == "QUEUE_FULL"
+    assert details["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0
+    # the two admitted calls are both answered
+    assert running.result().text == waiting.result().text == "a b c d e f g h i j"
+
+
+def test_a_failing_backend_is_unavailable_with_details_and_the_server_keeps_serving(start_bridge, raw_stub, make_client):
+    broken = EchoBackend(fail_after_tokens=2, failure=BackendError("GPU fell off", reason="ENGINE_FAILED"))
+    crashing = EchoBackend(fail_after_tokens=0, failure=RuntimeError("segfault-ish"))
+    bridge = start_bridge(backends={"broken": broken, "crashing": crashing})
+    stub = raw_stub(bridge)
+    for alias, reason in (("broken", "ENGINE_FAILED"), ("crashing", "BACKEND_CRASHED")):
+        request = bridge_pb2.GenerateRequest(model=alias, messages=[bridge_pb2.ChatMessage(role="user", content="one two three")])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(request, metadata=AUTH, timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert _details(info.value)["ErrorInfo"].reason == reason
+        assert _details(info.value)["ErrorInfo"].metadata["model_alias"] == alias
+    # the server is fine and the broken aliases' workers are free again
+    assert make_client(bridge).generate(HI, model="tiny").text == "the answer is forty two"
+    assert all(slots.running == 0 for slots in bridge.server.service.slots.values())
+
+
+def test_server_stopped_mid_stream_gives_a_clean_failure_and_opens_the_circuit(start_bridge, make_client):
+    bridge = start_bridge(models=slow(20))
+    client = make_client(bridge, circuit_failure_threshold=1, circuit_cooldown_s=60)
+    stream = client.stream(HI)
+    assert next(stream).text == "w0"
+    threading.Thread(target=bridge.server.stop, args=(0,)).start()
+    with pytest.raises(CloudUnavailableError):
+        for _ in stream:
+            pass
+    assert client.circuit.state == "open"
+    started = time.monotonic()
+    with pytest.raises(CircuitOpenError):
+        client.generate(HI)
+    assert time.monotonic() - started < 0.05  # skipped without touching the network
+
+
+def test_graceful_shutdown_completes_in_flight_calls_and_refuses_new_ones(start_bridge, make_client):
+    bridge = start_bridge(models=slow(50, reply="one two three four five six seven eight"))  # ~0.4 s
+    results, errors = [], []
+
+    def call() -> None:
+        try:
+            results.append(make_client(bridge).generate(HI, timeout_s=10))
+        except Exception as err:  # recorded for the assertion below
+            errors.append(err)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    while bridge.server.service.slots["tiny"].running == 0:
+        time.sleep(0.005)
+    with grpc.insecure_channel(bridge.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        stopper = threading.Thread(target=bridge.server.stop, args=(5.0,))
+        stopper.start()
+        time.sleep(0.05)
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+        except grpc.RpcError:  # already refusing new calls: just as good
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(CloudUnavailableError):
+            make_client(bridge, max_attempts=1).generate(HI, timeout_s=2)
+    stopper.join(10)
+    caller.join(10)
+    assert errors == []
+    assert results[0].text == "one two three four five six seven eight" and results[0].finish_reason == "eos"
+    assert bridge.server.wait_for_termination(0)

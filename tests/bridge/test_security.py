@@ -1,0 +1,163 @@
+"""Tokens, TLS, mTLS, the plaintext rule and what the bridge logs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+
+import pytest
+
+from cloud_bridge import TokenStore, add_device_token, bearer_token, create_server, hash_token, remove_device_token
+from cloud_bridge._auth import read_tokens_file
+from edge_runtime.cloud import CloudClient, is_loopback_address
+from edge_runtime.errors import CloudAuthError, CloudUnavailableError, ConfigError
+
+from .conftest import OTHER_TOKEN, TOKEN, bridge_settings
+
+HI = [{"role": "user", "content": "what is the secret recipe"}]
+
+
+@pytest.mark.parametrize("token", ["", "ebt_wrong", TOKEN + "x", TOKEN[:-1]])
+def test_missing_or_wrong_token_is_unauthenticated(start_bridge, make_client, token):
+    bridge = start_bridge()
+    client = make_client(bridge, token=token)
+    with pytest.raises(CloudAuthError) as info:
+        client.generate(HI)
+    assert info.value.code == "UNAUTHENTICATED"
+    with pytest.raises(CloudAuthError):
+        client.list_models()
+    assert bridge.backend().generations == []
+    assert client.circuit.state == "closed"  # a bad token says nothing about the bridge's health
+
+
+def test_the_device_id_comes_from_the_token(start_bridge, make_client, caplog):
+    bridge = start_bridge()
+    caplog.set_level(logging.INFO, logger="cloud_bridge")
+    make_client(bridge, token=OTHER_TOKEN).generate(HI, request_id="from-b")
+    (line,) = [r.getMessage() for r in caplog.records if "from-b" in r.getMessage()]
+    assert "device=device-b" in line
+
+
+def test_metadata_parsing_needs_a_bearer_scheme():
+    assert bearer_token([("authorization", "Bearer abc")]) == "abc"
+    assert bearer_token([("Authorization", "bearer  abc ")]) == "abc"
+    assert bearer_token([("authorization", "Basic abc")]) is None
+    assert bearer_token([("x-token", "abc")]) is None
+    assert bearer_token(None) is None
+
+
+def test_token_store_matches_hashes_and_rejects_clear_text_entries():
+    store = TokenStore({"a": hash_token("ta"), "b": hash_token("tb")})
+    assert (store.authenticate("ta"), store.authenticate("tb"), store.authenticate("tc"), store.authenticate("")) == ("a", "b", None, None)
+    with pytest.raises(ConfigError):
+        TokenStore({"a": "ta"})  # a token in clear instead of its hash is refused, not silently used
+    with pytest.raises(ConfigError):
+        TokenStore({"bad id!": hash_token("x")})
+
+
+def test_tokens_file_keeps_only_hashes_readable_by_the_owner(tmp_path):
+    path = tmp_path / "tokens.toml"
+    token = add_device_token(path, "pi-kitchen")
+    assert token.startswith("ebt_") and len(token) > 40
+    text = path.read_text()
+    assert token not in text and hash_token(token) in text
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert TokenStore(read_tokens_file(path)).authenticate(token) == "pi-kitchen"
+    with pytest.raises(ConfigError):
+        add_device_token(path, "pi-kitchen")  # no silent replacement
+    second = add_device_token(path, "pi-kitchen", replace=True)
+    assert TokenStore(read_tokens_file(path)).authenticate(token) is None
+    assert TokenStore(read_tokens_file(path)).authenticate(second) == "pi-kitchen"
+    remove_device_token(path, "pi-kitchen")
+    assert read_tokens_file(path) == {}
+
+
+def test_tokens_and_prompts_are_not_logged_unless_content_logging_is_on(start_bridge, make_client, caplog):
+    caplog.set_level(logging.DEBUG)
+    bridge = start_bridge()
+    make_client(bridge).generate(HI)
+    with pytest.raises(CloudAuthError):
+        make_client(bridge, token="ebt_intruder").generate(HI)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "device=device-a" in logged  # the access log is there...
+    for secret in (TOKEN, "ebt_intruder", "secret recipe", "forty two"):
+        assert secret not in logged  # ...without tokens, prompts or answers
+
+    caplog.clear()
+    bridge = start_bridge(server={"log_content": True})
+    make_client(bridge).generate(HI)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "secret recipe" in logged and "forty two" in logged and TOKEN not in logged
+
+
+def test_tls_with_the_bridge_ca(start_bridge, make_client, certs):
+    bridge = start_bridge(insecure=False, server={"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key)})
+    assert bridge.server.secure
+    assert make_client(bridge, ca_file=certs.ca).generate(HI).text == "the answer is forty two"
+    # the name in the certificate is checked: "localhost" is in it, "elsewhere" is not
+    assert make_client(bridge, address=f"localhost:{bridge.port}", ca_file=certs.ca).generate(HI).completion_tokens == 5
+    with pytest.raises(CloudUnavailableError):
+        make_client(bridge, ca_file=certs.ca, server_name="elsewhere", max_attempts=1, timeout_s=3).generate(HI)
+    # without the CA (system roots only) the handshake fails
+    with pytest.raises(CloudUnavailableError):
+        make_client(bridge, insecure=False, max_attempts=1, timeout_s=3).generate(HI)
+    # and a plaintext client cannot talk to a TLS bridge
+    with pytest.raises(CloudUnavailableError):
+        make_client(bridge, max_attempts=1, timeout_s=3).generate(HI)
+
+
+def test_mtls_requires_a_client_certificate_from_the_trusted_ca(start_bridge, make_client, certs):
+    bridge = start_bridge(insecure=False, server={"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key),
+                                                  "client_ca": str(certs.ca)})
+    ok = make_client(bridge, ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key)
+    assert ok.generate(HI).text == "the answer is forty two"
+    for fields in ({}, {"cert_file": certs.rogue_cert, "key_file": certs.rogue_key}):
+        with pytest.raises(CloudUnavailableError):
+            make_client(bridge, ca_file=certs.ca, max_attempts=1, timeout_s=3, **fields).generate(HI)
+    # a certificate is not a token: mTLS adds to the token check, it does not replace it
+    with pytest.raises(CloudAuthError):
+        make_client(bridge, ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key, token="").generate(HI)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:0", "192.0.2.10:0", "[::]:0", "example.com:0"])
+def test_plaintext_is_refused_off_loopback(address):
+    with pytest.raises(ConfigError) as info:
+        create_server(bridge_settings(server={"address": address}), insecure=True)
+    assert "loopback" in str(info.value)
+
+
+def test_without_tls_files_the_server_needs_an_explicit_insecure():
+    with pytest.raises(ConfigError) as info:
+        create_server(bridge_settings())
+    assert "--insecure" in str(info.value)
+
+
+def test_the_client_refuses_plaintext_off_loopback():
+    with pytest.raises(ConfigError):
+        CloudClient(address="192.0.2.10:50051", token=TOKEN, insecure=True)
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [("127.0.0.1:1", True), ("127.8.9.1:1", True), ("[::1]:1", True), ("localhost:1", True), ("unix:/run/b.sock", True),
+     ("0.0.0.0:1", False), ("[::]:1", False), ("10.0.0.1:1", False), ("bridge.example.com:443", False)],
+)
+def test_loopback_addresses(address, loopback):
+    assert is_loopback_address(address) is loopback
+
+
+def test_a_client_token_file_must_be_private(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o644)
+    with pytest.raises(ConfigError) as info:
+        CloudClient(address="127.0.0.1:1", token_file=path, insecure=True)
+    assert "chmod 600" in str(info.value)
+    path.chmod(0o600)
+    client = CloudClient(address="127.0.0.1:1", token_file=path, insecure=True)
+    try:
+        assert client._metadata() == [("authorization", f"Bearer {TOKEN}")]
+        assert TOKEN not in repr(client)
+    finally:
+        client.close()

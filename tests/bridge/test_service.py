@@ -1,0 +1,155 @@
+"""Unary and streaming calls, model listing, health and request validation against a real bridge."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from cloud_bridge import SERVICE_NAME
+from edge_runtime._proto.edgecloud.v1 import bridge_pb2
+from edge_runtime.cloud import Escalation
+from edge_runtime.engine.types import SamplingParams
+from edge_runtime.errors import CloudError
+
+from .conftest import TOKEN
+
+AUTH = [("authorization", f"Bearer {TOKEN}")]
+PRICED = {"tiny": {"backend": "echo", "reply": "the answer is forty two", "model": "echo-7b",
+                   "usd_per_million_input_tokens": 1.0, "usd_per_million_output_tokens": 3.0}}
+
+
+def test_unary_call_returns_text_usage_cost_and_timings(start_bridge, make_client):
+    bridge = start_bridge(models=PRICED)
+    client = make_client(bridge)
+    result = client.generate([{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is six times seven"}],
+                             request_id="req-1")
+    assert result.text == "the answer is forty two"
+    assert result.finish_reason == "eos"
+    assert (result.prompt_tokens, result.completion_tokens) == (7, 5)  # the echo backend counts words
+    assert result.cost_usd == pytest.approx((7 * 1.0 + 5 * 3.0) / 1e6)
+    assert result.model == "echo-7b" and result.model_alias == "tiny" and result.request_id == "req-1"
+    assert result.attempts == 1
+    assert 0 < result.server_timings.total_ms <= result.round_trip_ms <= result.latency_ms
+
+
+def test_sampling_parameters_reach_the_backend_and_shape_the_answer(start_bridge, make_client):
+    bridge = start_bridge()
+    client = make_client(bridge)
+    result = client.generate([{"role": "user", "content": "q"}], params=SamplingParams(max_new_tokens=2, temperature=0.5, seed=3))
+    assert (result.text, result.finish_reason, result.completion_tokens) == ("the answer", "length", 2)
+    params = bridge.backend().generations[-1].request.params
+    assert (params.max_new_tokens, params.temperature, params.seed) == (2, 0.5, 3)
+    stopped = client.generate([{"role": "user", "content": "q"}], params=SamplingParams(stop=("forty",)))
+    assert (stopped.text, stopped.finish_reason) == ("the answer is ", "stop")
+
+
+def test_stream_deltas_add_up_to_the_final_response(start_bridge, make_client):
+    bridge = start_bridge(models=PRICED)
+    chunks = list(make_client(bridge).stream([{"role": "user", "content": "hi"}]))
+    *deltas, last = chunks
+    assert [c.text for c in deltas] == ["the", " answer", " is", " forty", " two"]
+    assert all(c.result is None for c in deltas) and last.result is not None
+    assert "".join(c.text for c in deltas) == last.result.text
+    assert sum(c.token_count for c in deltas) == last.result.completion_tokens == 5
+    assert last.result.cost_usd == pytest.approx((1 * 1.0 + 5 * 3.0) / 1e6)
+    assert last.result.server_timings.generate_ms > 0
+
+
+def test_escalation_context_reaches_the_backend_and_can_be_shown_to_the_model(start_bridge, make_client):
+    models = {"tiny": {"backend": "echo", "reply": "ok"}, "hinted": {"backend": "echo", "reply": "ok", "escalation_hint": True}}
+    bridge = start_bridge(models=models)
+    client = make_client(bridge)
+    escalation = Escalation(draft_answer="41", p_correct=0.25, reason="p_correct 0.25 < 0.7", policy="threshold", local_model="qwen")
+    client.generate([{"role": "user", "content": "6*7?"}], model="tiny", escalation=escalation)
+    record = bridge.backend("tiny").generations[-1]
+    assert record.request.escalation == escalation
+    assert record.request.messages == [{"role": "user", "content": "6*7?"}]  # no hint unless the alias asks for it
+
+    client.generate([{"role": "system", "content": "sys"}, {"role": "user", "content": "6*7?"}], model="hinted", escalation=escalation)
+    messages = bridge.backend("hinted").generations[-1].request.messages
+    assert [m["role"] for m in messages] == ["system", "system", "user"]
+    assert "41" in messages[1]["content"] and "0.25" in messages[1]["content"]
+
+
+def test_list_models_reports_aliases_prices_and_default(start_bridge, make_client):
+    models = {**PRICED, "other": {"backend": "echo", "max_new_tokens": 100}}
+    bridge = start_bridge(models=models, limits={"default_model": "other"})
+    listed = {m.alias: m for m in make_client(bridge).list_models()}
+    assert set(listed) == {"tiny", "other"}
+    assert listed["tiny"].usd_per_million_output_tokens == 3.0 and listed["tiny"].model == "echo-7b"
+    assert listed["other"].is_default and not listed["tiny"].is_default
+    assert listed["other"].max_new_tokens_limit == 100 and listed["tiny"].max_new_tokens_limit == 2048
+    # a request without a model goes to the default alias
+    assert make_client(bridge).generate([{"role": "user", "content": "x"}]).model_alias == "other"
+
+
+def test_health_service_reports_serving_without_a_token(start_bridge):
+    bridge = start_bridge()
+    with grpc.insecure_channel(bridge.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _request(**fields):
+    fields.setdefault("messages", [bridge_pb2.ChatMessage(role="user", content="hi")])
+    return bridge_pb2.GenerateRequest(**fields)
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [bridge_pb2.ChatMessage(role="wizard", content="hi")]}, "messages[0].role"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": -5}, "max_new_tokens"),
+        ({"max_new_tokens": 2049}, "max_new_tokens"),
+        ({"messages": [bridge_pb2.ChatMessage(role="user", content="x" * 64_001)]}, "messages"),
+        ({"messages": [bridge_pb2.ChatMessage(role="user", content="x")] * 65}, "messages"),
+        ({"sampling": bridge_pb2.SamplingParams(top_p=0.0)}, "sampling.top_p"),
+        ({"sampling": bridge_pb2.SamplingParams(temperature=-1.0)}, "sampling.temperature"),
+        ({"escalation": bridge_pb2.EscalationContext(p_correct=1.5)}, "escalation.p_correct"),
+        ({"request_id": "r" * 129}, "request_id"),
+    ],
+)
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_malformed_requests_are_invalid_argument_naming_the_field(start_bridge, raw_stub, request_fields, field, method):
+    bridge = start_bridge()
+    stub = raw_stub(bridge)
+    with pytest.raises(grpc.RpcError) as info:
+        if method == "Generate":
+            stub.Generate(_request(**request_fields), metadata=AUTH, timeout=5)
+        else:
+            list(stub.GenerateStream(_request(**request_fields), metadata=AUTH, timeout=5))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(info.value)
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad)
+    assert bad.field_violations[0].field == field
+    assert bridge.backend().generations == []  # rejected before any generation
+
+
+def test_prompt_over_the_context_window_is_invalid_argument(start_bridge, make_client):
+    bridge = start_bridge(models={"tiny": {"backend": "echo", "context_length": 10}})
+    with pytest.raises(CloudError) as info:
+        make_client(bridge).generate([{"role": "user", "content": "one two three"}], params=SamplingParams(max_new_tokens=8))
+    assert info.value.code == "INVALID_ARGUMENT" and "context" in str(info.value)
+
+
+def test_unknown_model_alias_is_not_found(start_bridge, make_client):
+    bridge = start_bridge()
+    with pytest.raises(CloudError) as info:
+        make_client(bridge).generate([{"role": "user", "content": "x"}], model="gpt-9")
+    assert info.value.code == "NOT_FOUND" and "MODEL_NOT_FOUND" in str(info.value)
+
+
+def test_a_message_above_the_transport_limit_is_refused_by_grpc(start_bridge, raw_stub):
+    bridge = start_bridge(server={"max_message_bytes": 4096})
+    with pytest.raises(grpc.RpcError) as info:
+        raw_stub(bridge).Generate(_request(messages=[bridge_pb2.ChatMessage(role="user", content="x" * 8000)]), metadata=AUTH, timeout=5)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert bridge.backend().generations == []
