@@ -1,0 +1,228 @@
+"""CloudClient: retries only what is retryable, backoff with jitter inside the deadline, the circuit breaker."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from cloud_bridge.backends import BackendChunk, BackendResult
+from cloud_bridge.backends.echo import EchoBackend
+from edge_runtime.cloud import CircuitBreaker, CloudClient, CloudSettings
+from edge_runtime.errors import (
+    CircuitOpenError,
+    CloudError,
+    CloudQuotaError,
+    CloudTimeoutError,
+    CloudUnavailableError,
+    ConfigError,
+)
+from edge_runtime.errors import BackendError
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+class FlakyBackend:
+    """Fails its first ``failures`` calls with ``error``, then answers; counts every call."""
+
+    kind = "flaky"
+    model = "flaky-1"
+    context_length = 0
+
+    def __init__(self, failures: int, error: Exception | None = None) -> None:
+        self.failures = failures
+        self.error = error or BackendError("upstream hiccup", code="UNAVAILABLE")
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def _next(self) -> None:
+        with self._lock:
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise self.error
+
+    def generate(self, request, cancel):
+        self._next()
+        return BackendResult("fine", "eos", 1, 1, self.model)
+
+    def stream(self, request, cancel):
+        self._next()
+        yield BackendChunk("fine", 1)
+        yield BackendChunk("", 0, BackendResult("fine", "eos", 1, 1, self.model))
+
+    def close(self) -> None:
+        pass
+
+
+class FakeTime:
+    """A clock that only moves when the client sleeps: backoff arithmetic without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_unavailable_is_retried_with_growing_jittered_backoff(start_bridge, make_client):
+    flaky = FlakyBackend(failures=3)
+    bridge = start_bridge(backends={"flaky": flaky}, models={})
+    fake = FakeTime()
+    client = make_client(bridge, max_attempts=5, backoff_initial_s=0.1, backoff_multiplier=2.0, jitter=0.5,
+                         clock=fake.clock, sleep=fake.sleep, rng=random.Random(7))
+    result = client.generate(HI)
+    assert result.text == "fine" and result.attempts == 4 and flaky.calls == 4
+    assert len(fake.sleeps) == 3
+    for attempt, slept in enumerate(fake.sleeps):
+        base = 0.1 * 2 ** attempt
+        assert base * 0.5 <= slept <= base  # exponential, with up to half drawn at random
+    assert len(set(fake.sleeps)) == 3
+
+
+def test_backoff_is_capped_and_jitter_spreads_devices():
+    client = CloudClient(address="127.0.0.1:1", insecure=True, backoff_initial_s=0.5, backoff_max_s=2.0, jitter=1.0,
+                         rng=random.Random(1))
+    try:
+        delays = [client._backoff_s(10) for _ in range(200)]
+    finally:
+        client.close()
+    assert max(delays) <= 2.0 and min(delays) >= 0.0
+    assert max(delays) - min(delays) > 1.0  # full jitter: devices refused together do not come back together
+
+
+def test_errors_that_are_not_retryable_are_raised_after_one_attempt(start_bridge, make_client):
+    flaky = FlakyBackend(failures=10, error=BackendError("upstream said no", code="INVALID_ARGUMENT"))
+    bridge = start_bridge(backends={"flaky": flaky}, models={})
+    client = make_client(bridge, max_attempts=5)
+    with pytest.raises(CloudError) as info:
+        client.generate(HI)
+    assert info.value.code == "INVALID_ARGUMENT" and flaky.calls == 1
+    assert type(info.value) is CloudError
+    assert client.circuit.consecutive_failures == 0
+
+
+def test_retries_stop_at_max_attempts(start_bridge, make_client):
+    flaky = FlakyBackend(failures=10)
+    bridge = start_bridge(backends={"flaky": flaky}, models={})
+    with pytest.raises(CloudUnavailableError):
+        make_client(bridge, max_attempts=3, backoff_initial_s=0.01).generate(HI)
+    assert flaky.calls == 3
+
+
+def test_retries_are_bounded_by_the_overall_deadline(start_bridge, make_client):
+    flaky = FlakyBackend(failures=1000)
+    bridge = start_bridge(backends={"flaky": flaky}, models={})
+    client = make_client(bridge, max_attempts=1000, backoff_initial_s=0.05, backoff_max_s=0.2, timeout_s=0.6)
+    started = time.monotonic()
+    with pytest.raises(CloudUnavailableError):
+        client.generate(HI)
+    elapsed = time.monotonic() - started
+    assert elapsed < 0.9  # no retry is started that could not finish in time (0.6 s + slack for a busy machine)
+    assert 2 < flaky.calls < 20
+
+
+def test_a_dead_bridge_fails_fast_and_then_the_circuit_skips_it(start_bridge, make_client):
+    bridge = start_bridge()
+    bridge.server.stop(0)
+    client = make_client(bridge, max_attempts=2, backoff_initial_s=0.01, circuit_failure_threshold=2, timeout_s=2)
+    for _ in range(2):
+        started = time.monotonic()
+        with pytest.raises(CloudUnavailableError):
+            client.generate(HI)
+        assert time.monotonic() - started < 1.0
+    assert client.circuit.state == "open"
+    with pytest.raises(CircuitOpenError) as info:
+        client.generate(HI)
+    assert "next try in" in str(info.value)
+    with pytest.raises(CircuitOpenError):
+        next(client.stream(HI))
+
+
+def test_half_open_lets_one_probe_through_and_success_closes_the_circuit(start_bridge, make_client):
+    flaky = FlakyBackend(failures=2)
+    bridge = start_bridge(backends={"flaky": flaky}, models={})
+    fake = FakeTime()
+    client = make_client(bridge, max_attempts=1, circuit_failure_threshold=2, circuit_cooldown_s=30,
+                         clock=fake.clock, sleep=fake.sleep)
+    for _ in range(2):
+        with pytest.raises(CloudUnavailableError):
+            client.generate(HI)
+    with pytest.raises(CircuitOpenError):
+        client.generate(HI)
+    assert flaky.calls == 2  # the open circuit did not call the bridge
+    fake.now += 30
+    assert client.generate(HI).text == "fine"  # the probe
+    assert client.circuit.state == "closed" and flaky.calls == 3
+
+
+def test_circuit_breaker_states():
+    fake = FakeTime()
+    breaker = CircuitBreaker(failure_threshold=2, cooldown_s=10, clock=fake.clock)
+    assert breaker.allow()
+    breaker.record_failure()
+    breaker.record_success()  # a success resets the count: failures must be consecutive
+    breaker.record_failure()
+    assert breaker.state == "closed" and breaker.allow()
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    assert breaker.retry_after_s() == pytest.approx(10)
+    fake.now += 10
+    assert breaker.allow() and breaker.state == "half_open"
+    assert not breaker.allow()  # one probe at a time
+    breaker.record_failure()  # the probe failed: open again for a full cool-down
+    assert breaker.state == "open" and not breaker.allow()
+    fake.now += 10
+    assert breaker.allow()
+    breaker.record_neutral()  # a probe that said nothing frees the probe slot
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state == "closed"
+
+
+def test_a_stream_is_retried_before_its_first_text_but_never_after(start_bridge, make_client):
+    flaky = FlakyBackend(failures=1)
+    bridge = start_bridge(backends={"flaky": flaky, "tiny": EchoBackend(fail_after_tokens=2)}, models={})
+    client = make_client(bridge, backoff_initial_s=0.01)
+    chunks = list(client.stream(HI, model="flaky"))
+    assert chunks[-1].result is not None and chunks[-1].result.attempts == 2 and flaky.calls == 2
+
+    echo = bridge.backend("tiny")
+    received = []
+    with pytest.raises(CloudUnavailableError):
+        for chunk in client.stream([{"role": "user", "content": "one two three four"}], model="tiny"):
+            received.append(chunk.text)
+    assert received == ["one", " two"]  # what was shown stays shown; nothing was repeated
+    assert len(echo.generations) == 1
+
+
+def test_quota_errors_carry_the_retry_delay_and_count_towards_the_circuit(start_bridge, make_client):
+    flaky = FlakyBackend(failures=10, error=BackendError("slow down", code="RESOURCE_EXHAUSTED", retry_after_s=30.0))
+    bridge = start_bridge(backends={"flaky": flaky}, models={})
+    client = make_client(bridge, timeout_s=1, circuit_failure_threshold=1)
+    with pytest.raises(CloudQuotaError) as info:
+        client.generate(HI)
+    assert info.value.retry_after_s == pytest.approx(30.0)
+    assert client.circuit.state == "open"
+
+
+def test_a_local_deadline_is_a_timeout_error(start_bridge, make_client):
+    bridge = start_bridge(models={"tiny": {"backend": "echo", "reply": "a b c d e f g h", "token_delay_ms": 100}})
+    with pytest.raises(CloudTimeoutError) as info:
+        list(make_client(bridge).stream(HI, timeout_s=0.2))
+    assert info.value.code == "DEADLINE_EXCEEDED"
+
+
+def test_client_settings_are_validated():
+    with pytest.raises(ConfigError):
+        CloudSettings(address="x:1", cert_file="c.pem")  # a certificate without its key
+    with pytest.raises(ConfigError):
+        CloudSettings(jitter=1.5)
+    with pytest.raises(ConfigError):
+        CloudSettings(timeout_s=0)

@@ -1,0 +1,275 @@
+"""The openai backend against an OpenAI-compatible HTTP server started in the test (stdlib http.server)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from cloud_bridge import OpenAIModelSettings
+from cloud_bridge.backends import BackendRequest, CancelToken
+from cloud_bridge.backends.openai import OpenAIBackend, SSEParser
+from edge_runtime.engine.types import SamplingParams
+from edge_runtime.errors import BackendError, CloudQuotaError, CloudUnavailableError, ConfigError
+
+Responder = Callable[[BaseHTTPRequestHandler, dict[str, Any]], None]
+
+
+class FakeOpenAI:
+    """Records requests; ``respond`` decides what each POST gets."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.respond: Responder = completion("hello")
+        self.disconnected = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                try:
+                    fake.respond(self, body)
+                except (BrokenPipeError, ConnectionResetError):
+                    fake.disconnected.set()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _send(handler: BaseHTTPRequestHandler, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+    raw = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(raw)))
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
+    handler.end_headers()
+    handler.wfile.write(raw)
+
+
+def completion(text: str, finish: str = "stop") -> Responder:
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        _send(handler, 200, {"id": "c1", "model": "upstream-model-2024", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 3}})
+    return respond
+
+
+def sse(events: list[str], *, delay_s: float = 0.0, done: bool = True) -> Responder:
+    """Stream raw SSE ``events`` (already formatted lines) with chunked transfer encoding."""
+
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        for event in events + (["data: [DONE]\n\n"] if done else []):
+            raw = event.encode()
+            handler.wfile.write(f"{len(raw):x}\r\n".encode() + raw + b"\r\n")
+            handler.wfile.flush()
+            if delay_s:
+                time.sleep(delay_s)
+        handler.wfile.write(b"0\r\n\r\n")
+    return respond
+
+
+def delta(text: str, finish: str | None = None) -> str:
+    return "data: " + json.dumps({"model": "upstream-model-2024", "choices": [{"index": 0, "delta": {"content": text},
+                                                                              "finish_reason": finish}]}) + "\n\n"
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    yield fake
+    fake.close()
+
+
+def make_backend(upstream: FakeOpenAI, **fields: Any) -> OpenAIBackend:
+    fields.setdefault("timeout_s", 5.0)
+    settings = OpenAIModelSettings(base_url=upstream.base_url, model="gpt-test", api_key_env="TEST_UPSTREAM_KEY", **fields)
+    return OpenAIBackend(settings, environ={"TEST_UPSTREAM_KEY": "sk-secret"})
+
+
+REQUEST = BackendRequest("r1", [{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=16, temperature=0.2, stop=("\n\n",), seed=5))
+
+
+def test_non_streaming_completion_and_what_is_sent(upstream):
+    result = make_backend(upstream).generate(REQUEST, CancelToken())
+    assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens) == ("hello", "stop", 11, 3)
+    assert result.model == "upstream-model-2024"
+    (sent,) = upstream.requests
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["headers"]["Authorization"] == "Bearer sk-secret"
+    assert sent["body"] == {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
+                            "temperature": pytest.approx(0.2), "top_p": 1.0, "stream": False, "seed": 5, "stop": ["\n\n"]}
+
+
+def test_sse_stream_with_comments_split_events_and_usage(upstream):
+    upstream.respond = sse([
+        ": keep-alive\n\n",
+        delta("Hel"),
+        "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": None}]})[:20],  # split ...
+        json.dumps({"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": None}]})[20:] + "\n\n",  # ... event
+        "event: message\r\ndata: " + json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}) + "\r\n\r\n",
+        "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}) + "\n\n",
+    ])
+    chunks = list(make_backend(upstream).stream(REQUEST, CancelToken()))
+    assert [c.text for c in chunks[:-1]] == ["Hel", "lo"]
+    result = chunks[-1].result
+    assert result is not None
+    assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens) == ("Hello", "length", 9, 2)
+    sent = upstream.requests[0]["body"]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+def test_sse_parser_joins_multi_line_data_and_ignores_other_fields():
+    parser = SSEParser()
+    assert [parser.feed(line) for line in ["id: 1", "data: a", "data:b", "retry: 10", ": note"]] == [None] * 5
+    assert parser.feed("") == "a\nb"
+    assert parser.feed("") is None
+
+
+def test_a_stream_without_usage_counts_deltas(upstream):
+    upstream.respond = sse([delta("a"), delta(" b"), delta(" c", "stop")])
+    result = list(make_backend(upstream).stream(REQUEST, CancelToken()))[-1].result
+    assert result is not None and (result.completion_tokens, result.finish_reason) == (3, "stop")
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "reason"),
+    [
+        (400, "INVALID_ARGUMENT", "UPSTREAM_BAD_REQUEST"),
+        (401, "INTERNAL", "UPSTREAM_AUTH_FAILED"),
+        (404, "NOT_FOUND", "UPSTREAM_NOT_FOUND"),
+        (429, "RESOURCE_EXHAUSTED", "UPSTREAM_RATE_LIMITED"),
+        (500, "UNAVAILABLE", "UPSTREAM_ERROR"),
+        (503, "UNAVAILABLE", "UPSTREAM_UNAVAILABLE"),
+        (418, "INTERNAL", "UPSTREAM_UNEXPECTED_STATUS"),
+    ],
+)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_http_errors_map_to_grpc_codes(upstream, status, code, reason, streaming):
+    upstream.respond = lambda handler, body: _send(handler, status, {"error": {"message": f"nope {status}", "type": "x"}},
+                                                   {"Retry-After": "7"} if status == 429 else None)
+    backend = make_backend(upstream)
+    with pytest.raises(BackendError) as info:
+        if streaming:
+            list(backend.stream(REQUEST, CancelToken()))
+        else:
+            backend.generate(REQUEST, CancelToken())
+    assert (info.value.code, info.value.reason) == (code, reason)
+    assert f"nope {status}" in str(info.value)
+    assert info.value.retry_after_s == (7.0 if status == 429 else None)
+
+
+def test_an_upstream_that_does_not_answer_in_time_is_a_deadline_error(upstream):
+    upstream.respond = lambda handler, body: time.sleep(1.0)
+    started = time.monotonic()
+    with pytest.raises(BackendError) as info:
+        make_backend(upstream, timeout_s=0.2).generate(REQUEST, CancelToken())
+    assert info.value.code == "DEADLINE_EXCEEDED" and time.monotonic() - started < 0.8
+
+
+def test_a_stream_that_stalls_hits_the_timeout(upstream):
+    upstream.respond = sse([delta("a"), delta("b")], delay_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(BackendError) as info:
+        list(make_backend(upstream, timeout_s=0.3).stream(REQUEST, CancelToken()))
+    assert info.value.code == "DEADLINE_EXCEEDED" and time.monotonic() - started < 0.9
+
+
+def test_cancelling_stops_the_upstream_stream_at_once(upstream):
+    upstream.respond = sse([delta(f"w{i} ") for i in range(100)], delay_s=0.05)
+    cancel = CancelToken()
+    stream = make_backend(upstream).stream(REQUEST, cancel)
+    assert next(stream).text == "w0 "
+    threading.Timer(0.1, cancel.cancel).start()
+    started = time.monotonic()
+    chunks = list(stream)
+    assert time.monotonic() - started < 0.5
+    assert chunks[-1].result is not None and chunks[-1].result.finish_reason == "cancelled"
+    assert len(chunks) < 20
+    assert upstream.disconnected.wait(3)  # the upstream saw its client go away
+
+
+def test_a_stream_cut_off_before_it_finished_is_unavailable(upstream):
+    upstream.respond = sse([delta("a")], done=False)
+    with pytest.raises(BackendError) as info:
+        list(make_backend(upstream).stream(REQUEST, CancelToken()))
+    assert info.value.reason == "UPSTREAM_CONNECTION_LOST"
+
+
+@pytest.mark.parametrize("payload", [b"not json", b'{"choices": []}'])
+def test_unusable_responses_are_unavailable(upstream, payload):
+    def respond(handler, body):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    upstream.respond = respond
+    with pytest.raises(BackendError) as info:
+        make_backend(upstream).generate(REQUEST, CancelToken())
+    assert (info.value.code, info.value.reason) == ("UNAVAILABLE", "UPSTREAM_BAD_RESPONSE")
+
+
+def test_an_unreachable_upstream_is_unavailable(upstream):
+    backend = make_backend(upstream)
+    upstream.close()
+    with pytest.raises(BackendError) as info:
+        backend.generate(REQUEST, CancelToken())
+    assert (info.value.code, info.value.reason) == ("UNAVAILABLE", "UPSTREAM_UNREACHABLE")
+
+
+def test_a_missing_api_key_fails_at_start_not_per_request(upstream):
+    settings = OpenAIModelSettings(base_url=upstream.base_url, model="m", api_key_env="NO_SUCH_VARIABLE_FOR_TESTS")
+    with pytest.raises(ConfigError) as info:
+        OpenAIBackend(settings, environ={})
+    assert "NO_SUCH_VARIABLE_FOR_TESTS" in str(info.value)
+
+
+def test_through_the_bridge_streaming_and_rate_limits(upstream, start_bridge, make_client, monkeypatch):
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-secret")
+    models = {"gpt": {"backend": "openai", "base_url": upstream.base_url, "model": "gpt-test", "api_key_env": "TEST_UPSTREAM_KEY",
+                      "usd_per_million_input_tokens": 2.0, "usd_per_million_output_tokens": 8.0}}
+    bridge = start_bridge(models=models)
+    client = make_client(bridge, max_attempts=1)
+    upstream.respond = sse([delta("Paris"), delta(".", "stop"),
+                            "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 2}}) + "\n\n"])
+    chunks = list(client.stream([{"role": "user", "content": "capital of France?"}]))
+    result = chunks[-1].result
+    assert [c.text for c in chunks[:-1]] == ["Paris", "."]
+    assert result.model == "upstream-model-2024" and result.model_alias == "gpt"
+    assert result.cost_usd == pytest.approx((20 * 2.0 + 2 * 8.0) / 1e6)
+
+    upstream.respond = lambda handler, body: _send(handler, 429, {"error": {"message": "slow down"}}, {"Retry-After": "12"})
+    with pytest.raises(CloudQuotaError) as info:
+        client.generate([{"role": "user", "content": "again"}])
+    assert info.value.retry_after_s == pytest.approx(12.0)
+
+    upstream.respond = lambda handler, body: _send(handler, 502, {"error": {"message": "bad gateway"}})
+    with pytest.raises(CloudUnavailableError) as unavailable:
+        client.generate([{"role": "user", "content": "again"}])
+    assert "UPSTREAM_ERROR" in str(unavailable.value)

@@ -1,0 +1,111 @@
+"""Per-device quotas: token buckets, RESOURCE_EXHAUSTED with RetryInfo, and a client that honours it."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from cloud_bridge import QuotaSettings
+from cloud_bridge._quota import QuotaManager, TokenBucket
+from edge_runtime._proto.edgecloud.v1 import bridge_pb2
+from edge_runtime.engine.types import SamplingParams
+from edge_runtime.errors import CloudQuotaError
+
+from .conftest import OTHER_TOKEN, TOKEN
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_refills_at_its_rate_up_to_capacity():
+    bucket = TokenBucket(rate_per_s=2.0, capacity=3.0, now_s=0.0)
+    assert bucket.seconds_until(3.0, 0.0) == 0.0
+    bucket.take(3.0, 0.0)
+    assert bucket.seconds_until(1.0, 0.0) == pytest.approx(0.5)
+    assert bucket.seconds_until(1.0, 0.25) == pytest.approx(0.25)
+    assert bucket.seconds_until(3.0, 100.0) == 0.0 and bucket.level == 3.0  # never above capacity
+
+
+def test_requests_per_minute_with_burst_and_per_device_buckets():
+    clock = FakeClock()
+    quotas = QuotaManager(QuotaSettings(requests_per_minute=30, requests_burst=2, tokens_per_minute=0), clock=clock)
+    assert quotas.admit("a") is None and quotas.admit("a") is None
+    rejection = quotas.admit("a")
+    assert rejection is not None and rejection.limit == "requests_per_minute"
+    assert rejection.retry_after_s == pytest.approx(2.0)  # 30/min = one every 2 s
+    assert quotas.admit("b") is None  # another device has its own bucket
+    clock.now += 2.0
+    assert quotas.admit("a") is None
+    assert quotas.admit("a") is not None  # a rejected request took nothing: exactly one came back
+
+
+def test_tokens_are_charged_after_the_answer_and_debt_is_waited_out():
+    clock = FakeClock()
+    quotas = QuotaManager(QuotaSettings(requests_per_minute=0, tokens_per_minute=600, tokens_burst=100), clock=clock)
+    assert quotas.admit("a") is None
+    quotas.charge_tokens("a", 130)  # one long answer: 30 tokens in debt
+    rejection = quotas.admit("a")
+    assert rejection is not None and rejection.limit == "tokens_per_minute"
+    assert rejection.retry_after_s == pytest.approx(3.0)  # 600/min = 10 tokens/s
+    clock.now += 3.01
+    assert quotas.admit("a") is None
+
+
+def test_over_quota_is_resource_exhausted_with_retry_info(start_bridge, raw_stub):
+    bridge = start_bridge(quota={"requests_per_minute": 6, "requests_burst": 1})
+    stub = raw_stub(bridge)
+    request = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")])
+    stub.Generate(request, metadata=[("authorization", f"Bearer {TOKEN}")], timeout=5)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request, metadata=[("authorization", f"Bearer {TOKEN}")], timeout=5)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = rpc_status.from_call(info.value).details
+    retry, failure = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
+    assert any(d.Unpack(retry) for d in details) and any(d.Unpack(failure) for d in details)
+    assert 9.0 < retry.retry_delay.ToTimedelta().total_seconds() <= 10.0  # 6/min = one every 10 s
+    assert failure.violations[0].subject == "device:device-a"
+    # the other device is not affected
+    stub.Generate(request, metadata=[("authorization", f"Bearer {OTHER_TOKEN}")], timeout=5)
+
+
+def test_the_client_waits_the_servers_retry_delay_when_its_deadline_allows(start_bridge, make_client):
+    bridge = start_bridge(quota={"requests_per_minute": 200, "requests_burst": 1})  # one every 0.3 s
+    client = make_client(bridge, timeout_s=5)
+    client.generate(HI)
+    started = time.monotonic()
+    result = client.generate(HI)
+    elapsed = time.monotonic() - started
+    assert result.attempts == 2
+    assert 0.25 < elapsed < 1.5  # waited the bridge's delay, not its own 0.1 s backoff
+
+
+def test_the_client_gives_up_at_once_when_the_retry_delay_outlasts_its_deadline(start_bridge, make_client):
+    bridge = start_bridge(quota={"requests_per_minute": 6, "requests_burst": 1})
+    client = make_client(bridge, timeout_s=2)
+    client.generate(HI)
+    started = time.monotonic()
+    with pytest.raises(CloudQuotaError) as info:
+        client.generate(HI)
+    assert time.monotonic() - started < 0.5  # no pointless sleep until the deadline
+    assert info.value.retry_after_s == pytest.approx(10.0, abs=0.5)
+
+
+def test_a_long_answer_exhausts_the_token_quota(start_bridge, make_client):
+    bridge = start_bridge(quota={"requests_per_minute": 0, "tokens_per_minute": 60, "tokens_burst": 4})
+    client = make_client(bridge, max_attempts=1)
+    assert client.generate(HI, params=SamplingParams(max_new_tokens=5)).completion_tokens == 5  # 1 + 5 tokens: in debt
+    with pytest.raises(CloudQuotaError) as info:
+        client.generate(HI)
+    assert "tokens_per_minute" in str(info.value)
+    assert info.value.retry_after_s == pytest.approx(2.0, abs=0.2)  # 2 tokens of debt at 1 token/s
