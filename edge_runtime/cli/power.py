@@ -133,7 +133,8 @@ def _format_measurement(m: Measurement) -> str:
         f"avg_watts       {m.avg_watts:.4f}",
     ]
     if m.process_joules is not None and m.process_share is not None:
-        lines.append(f"process_joules  {m.process_joules:.4f} ({100 * m.process_share:.1f}% of busy CPU time)")
+        lines.append(f"process_joules  {m.process_joules:.4f} ({100 * m.process_share:.1f}% of the device figure, "
+                     "by CPU time)")
     else:
         lines.append("process_joules  unavailable")
     lines.append("domains         " + ", ".join(f"{k} {v:.4f} J" for k, v in m.domains.items()))

@@ -5,8 +5,14 @@ together kept CPUs busy for ``busy`` CPU-seconds::
 
     joules = idle_watts * s + active_watts_per_core * busy
 
-This process's share, like for measured sources, is ``joules * process_cpu / busy``:
-its own CPU-seconds at the active power plus the same fraction of idle power.
+This process's share is its own CPU-seconds at the active power plus the part
+of idle power matching the share of the machine's CPU capacity it occupied::
+
+    process_joules = process_cpu * active_watts_per_core + idle_watts * process_cpu / n_cpus
+
+so a process that did nothing costs (almost) nothing, and one that kept every
+CPU busy carries all of the idle power. (Measured sources cannot split idle from
+active power, so there the share is ``process_cpu / busy``.)
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class CpuClock(Protocol):
     def process_cpu_s(self) -> float: ...
 
     def system_busy_cpu_s(self) -> float: ...
+
+    def cpu_count(self) -> int: ...
 
 
 class PsutilCpuClock:
@@ -55,6 +63,11 @@ class PsutilCpuClock:
         busy = t.user + t.nice + t.system if hasattr(t, "nice") else t.user + t.system
         return float(busy + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
 
+    def cpu_count(self) -> int:
+        import psutil
+
+        return int(psutil.cpu_count(logical=True) or 1)
+
 
 class EstimateSource:
     """CPU time × a device profile. Never presented as a measurement: ``estimated`` is always True."""
@@ -77,7 +90,14 @@ class EstimateSource:
         return self.info.label
 
     def energy_j(self, seconds: float, busy_cpu_s: float) -> dict[str, float]:
+        """Estimated device joules per domain: ``active`` (busy CPU time) and ``idle`` (wall time)."""
         return {
             "active": max(busy_cpu_s, 0.0) * self.profile.active_watts_per_core,
             "idle": max(seconds, 0.0) * self.profile.idle_watts,
         }
+
+    def process_j(self, seconds: float, process_cpu_s: float, n_cpus: int) -> float:
+        """This process's estimated joules (see the module docstring)."""
+        n = max(int(n_cpus), 1)
+        cpu = min(max(process_cpu_s, 0.0), n * max(seconds, 0.0))
+        return cpu * self.profile.active_watts_per_core + self.profile.idle_watts * cpu / n

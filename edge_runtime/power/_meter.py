@@ -5,8 +5,10 @@ background sampler among all windows, so any number of threads can measure at
 the same time. Every :class:`Measurement` reports:
 
 * ``joules``: the whole device (or package, for RAPL) during the window;
-* ``process_joules``: this process's share, ``joules`` × this process's CPU time
-  / all busy CPU time in the window (0 when this process did not run);
+* ``process_joules``: this process's share by CPU time: for a measured source
+  ``joules`` × this process's CPU time / all busy CPU time in the window; for the
+  estimate, its CPU time at the profile's active power plus its share of CPU
+  capacity times idle power (0 when this process did not run);
 * ``source``: where the figure comes from (``rapl:package-0``, ``hwmon:amd_energy``,
   ``battery:BAT0``, ``rpi-pmic``, or ``estimate:<profile>``), and ``estimated``,
   True unless a hardware counter measured it;
@@ -284,6 +286,12 @@ class EnergyMeter:
                 self._sampler = Sampler(self._chosen, self.sample_interval_s, clock=self._clock)
             return self._sampler
 
+    def _cpu_count(self) -> int:
+        try:
+            return max(1, int(self._cpu_clock.cpu_count()))
+        except Exception:
+            return os.cpu_count() or 1
+
     def _cpu_times(self) -> tuple[float, float] | None:
         try:
             return self._cpu_clock.process_cpu_s(), self._cpu_clock.system_busy_cpu_s()
@@ -322,20 +330,24 @@ class EnergyMeter:
             else:
                 warnings.append(f"{chosen.label} gave no usable readings in this window; "
                                 f"reported the CPU-time estimate ({self._estimate.label}) instead")
+        process_joules = share = None
         if domains is None:
             domains = self._estimate.energy_j(seconds, busy_s or 0.0)
             joules = sum(domains.values())
-
-        share = None
-        if proc_s is not None and busy_s is not None:
+            if proc_s is not None:
+                process_joules = self._estimate.process_j(seconds, proc_s, self._cpu_count())
+                share = process_joules / joules if joules > 0 else 0.0
+        elif proc_s is not None and busy_s is not None:
+            # measured: the counter cannot tell idle from active power, so split by CPU time
             share = proc_s / busy_s if busy_s > 0 else 0.0
+            process_joules = max(0.0, joules) * share
         return {
             "joules": max(0.0, joules),
             "seconds": seconds,
             "source": source,
             "estimated": estimated,
             "domains": {k: max(0.0, v) for k, v in domains.items()},
-            "process_joules": None if share is None else max(0.0, joules) * share,
+            "process_joules": process_joules,
             "process_share": share,
             "samples": samples,
             "warnings": list(dict.fromkeys(warnings)),

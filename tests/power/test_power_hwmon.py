@@ -1,0 +1,159 @@
+"""hwmon: energy counters (amd_energy), power rails integrated by trapezoid, INA3221, vanishing sensors."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from power_fakes import ManualClock, add_hwmon, write
+
+from edge_runtime.power import EnergyMeter, describe_sources
+
+Make = Callable[..., EnergyMeter]
+
+
+def _amd_energy(root: Path) -> Path:
+    # amd_energy: one counter per core (Ecore000...) and one per socket, all µJ
+    attrs: dict[str, object] = {}
+    for core in range(2):
+        attrs[f"energy{core + 1}_input"] = 1_000_000 * (core + 1)
+        attrs[f"energy{core + 1}_label"] = f"Ecore{core:03d}"
+    attrs["energy3_input"] = 40_000_000
+    attrs["energy3_label"] = "Esocket0"
+    add_hwmon(root, 0, "k10temp", {"temp1_input": 45000, "temp1_label": "Tctl"}, device="pci0000:00/0000:00:18.3")
+    return add_hwmon(root, 1, "amd_energy", attrs, device="platform/amd_energy.0")
+
+
+def test_amd_energy_counts_the_socket_not_the_cores_again(tmp_path: Path, make_meter: Make,
+                                                          clock: ManualClock) -> None:
+    chip = _amd_energy(tmp_path)
+    infos = describe_sources(tmp_path)
+    hw = [i for i in infos if i.kind == "hwmon"]
+    assert [i.label for i in hw] == ["hwmon:amd_energy"]  # k10temp has no energy or power sensor
+    assert {d.name: d.in_total for d in hw[0].domains} == {"Ecore000": False, "Ecore001": False, "Esocket0": True}
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(4)
+        write(chip / "energy1_input", 1_000_000 + 6_000_000)
+        write(chip / "energy2_input", 2_000_000 + 5_000_000)
+        write(chip / "energy3_input", 40_000_000 + 20_000_000)
+    assert m.source == "hwmon:amd_energy" and not m.estimated
+    assert m.joules == pytest.approx(20.0)
+    assert m.domains == pytest.approx({"Ecore000": 6.0, "Ecore001": 5.0, "Esocket0": 20.0})
+
+
+def test_power_rail_is_integrated_with_the_trapezoid_rule(tmp_path: Path, make_meter: Make,
+                                                           clock: ManualClock) -> None:
+    # ina2xx-style power monitor: power1_input in µW
+    chip = add_hwmon(tmp_path, 0, "ina226", {"power1_input": 2_000_000, "in1_input": 5000, "curr1_input": 400})
+    meter = make_meter(tmp_path)
+    assert meter.source == "hwmon:ina226"
+    with meter.measure() as m:
+        clock.advance(1)
+        write(chip / "power1_input", 4_000_000)
+        meter.poll()
+        clock.advance(1)
+    # (2 W + 4 W) / 2 × 1 s + 4 W × 1 s
+    assert m.joules == pytest.approx(7.0)
+    assert m.samples == 3
+    assert m.warnings == []
+
+
+def test_power_average_is_used_when_there_is_no_input(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    add_hwmon(tmp_path, 0, "some_pmbus", {"power1_average": 3_000_000, "power1_label": "pin"})
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(2)
+    assert m.joules == pytest.approx(6.0)
+    assert m.domains == pytest.approx({"pin": 6.0})
+
+
+def test_jetson_ina3221_uses_the_input_rail(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    # ina3221: bus voltage in mV, current in mA, no power files; VDD_IN is the module input
+    chip = add_hwmon(tmp_path, 1, "ina3221", {
+        "in1_label": "VDD_IN", "in1_input": 5000, "curr1_input": 1200,
+        "in2_label": "VDD_CPU_GPU_CV", "in2_input": 5000, "curr2_input": 400,
+        "in3_label": "VDD_SOC", "in3_input": 5000, "curr3_input": 300,
+    }, device="platform/bus@0/c240000.i2c/i2c-1/1-0040")
+    info = [i for i in describe_sources(tmp_path) if i.kind == "hwmon"][0]
+    assert info.label == "hwmon:ina3221"
+    assert [d.name for d in info.domains if d.in_total] == ["VDD_IN"]
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        write(chip / "curr1_input", 1600)
+        meter.poll()
+        clock.advance(1)
+    # VDD_IN: 6 W then 8 W -> 7 J + 8 J
+    assert m.joules == pytest.approx(15.0)
+    assert m.domains["VDD_CPU_GPU_CV"] == pytest.approx(4.0)
+
+
+def test_gpu_hwmon_is_listed_but_not_chosen(tmp_path: Path) -> None:
+    add_hwmon(tmp_path, 0, "amdgpu", {"power1_average": 15_000_000, "power1_label": "PPT"}, device="pci0000:00/gpu")
+    infos = describe_sources(tmp_path)
+    gpu = [i for i in infos if i.kind == "hwmon"][0]
+    assert gpu.present and not gpu.usable and "GPU" in (gpu.problem or "")
+    assert infos[-1].chosen and infos[-1].kind == "estimate"
+
+
+def test_counter_going_backwards_without_range_is_dropped(tmp_path: Path, make_meter: Make,
+                                                          clock: ManualClock) -> None:
+    chip = add_hwmon(tmp_path, 0, "amd_energy", {"energy1_input": 9_000_000, "energy1_label": "Esocket0"})
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        write(chip / "energy1_input", 1_000_000)  # driver reloaded: counter reset
+        meter.poll()
+        clock.advance(1)
+        write(chip / "energy1_input", 3_500_000)
+    assert m.joules == pytest.approx(2.5)
+    assert any("went backwards" in w for w in m.warnings)
+
+
+def test_sensor_that_disappears_mid_window(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    chip = add_hwmon(tmp_path, 0, "ina226", {"power1_input": 5_000_000})
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        meter.poll()
+        clock.advance(1)
+        shutil.rmtree(chip.resolve())  # the device was unbound
+        meter.poll()
+        clock.advance(1)
+    assert m.source == "hwmon:ina226"
+    assert m.joules == pytest.approx(5.0)  # the first second, the only one measured
+    assert any("unreadable" in w for w in m.warnings)
+
+
+def test_sensor_gone_for_the_whole_window_falls_back_to_the_estimate(tmp_path: Path, make_meter: Make,
+                                                                      clock: ManualClock) -> None:
+    chip = add_hwmon(tmp_path, 0, "ina226", {"power1_input": 5_000_000})
+    meter = make_meter(tmp_path)
+    shutil.rmtree(chip.resolve())
+    with meter.measure() as m:
+        clock.advance(2)
+    assert m.source == "estimate:generic" and m.estimated
+    assert m.joules > 0
+    assert any("gave no usable readings" in w for w in m.warnings)
+
+
+def test_garbage_power_value_is_a_gap(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    chip = add_hwmon(tmp_path, 0, "ina226", {"power1_input": 1_000_000})
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        meter.poll()
+        write(chip / "power1_input", "N/A")
+        clock.advance(1)
+        meter.poll()
+        write(chip / "power1_input", 1_000_000)
+        clock.advance(1)
+        meter.poll()
+        clock.advance(1)
+    # seconds 0-1 and 3-4 are measured; 1-3 is a gap that is reported, not guessed
+    assert m.joules == pytest.approx(2.0)
+    assert any("garbage" in w for w in m.warnings)
+    assert any("not counted" in w for w in m.warnings)

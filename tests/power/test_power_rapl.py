@@ -1,0 +1,251 @@
+"""RAPL: detection, totals without double counting, wraps (one and several), permission, garbage."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from power_fakes import (
+    RAPL_MAX_RANGE_UJ,
+    FakeCpuClock,
+    ManualClock,
+    add_hwmon,
+    add_rapl_zone,
+    call_unprivileged,
+    make_unreadable,
+    write,
+)
+
+from edge_runtime.errors import EnergyError
+from edge_runtime.power import EnergyMeter, describe_sources
+
+Make = Callable[..., EnergyMeter]
+
+
+def _laptop(root: Path) -> dict[str, Path]:
+    return {
+        "package-0": add_rapl_zone(root, "0", "package-0", 10_000_000),
+        "core": add_rapl_zone(root, "0:0", "core", 4_000_000),
+        "uncore": add_rapl_zone(root, "0:1", "uncore", 1_000_000),
+    }
+
+
+def test_detects_zones_and_labels_the_package(tmp_path: Path) -> None:
+    _laptop(tmp_path)
+    infos = describe_sources(tmp_path)
+    rapl = infos[0]
+    assert rapl.kind == "rapl" and rapl.present and rapl.usable and rapl.chosen
+    assert rapl.label == "rapl:package-0"
+    totals = {d.name: d.in_total for d in rapl.domains}
+    # core and uncore are inside the package: reported, never added
+    assert totals == {"package-0": True, "package-0/core": False, "package-0/uncore": False}
+    assert [i.kind for i in infos] == ["rapl", "hwmon", "rpi-pmic", "battery", "estimate"]
+    assert not infos[-1].chosen
+
+
+def test_window_reads_package_and_domains(tmp_path: Path, make_meter: Make, clock: ManualClock,
+                                          cpu: FakeCpuClock) -> None:
+    files = _laptop(tmp_path)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(2.0)
+        cpu.run(process_s=0.5, others_s=1.5)
+        write(files["package-0"], 10_000_000 + 30_000_000)  # +30 J
+        write(files["core"], 4_000_000 + 20_000_000)
+        write(files["uncore"], 1_000_000 + 2_500_000)
+    assert m.source == "rapl:package-0" and m.estimated is False
+    assert m.joules == pytest.approx(30.0)
+    assert m.seconds == pytest.approx(2.0)
+    assert m.avg_watts == pytest.approx(15.0)
+    assert m.domains == pytest.approx({"package-0": 30.0, "package-0/core": 20.0, "package-0/uncore": 2.5})
+    # a quarter of the busy CPU time was ours
+    assert m.process_joules == pytest.approx(7.5)
+    assert m.warnings == []
+    report = m.to_report()
+    assert (report.joules, report.source, report.estimated, report.seconds) == (m.joules, "rapl:package-0", False, m.seconds)
+    assert report.process_joules == pytest.approx(7.5)
+
+
+def test_one_wrap_is_corrected_with_max_energy_range(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", RAPL_MAX_RANGE_UJ - 5_000_000)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1.0)
+        write(pkg, 7_000_000)  # 5 J to the top, then 7 J after the wrap
+    assert m.joules == pytest.approx(12.0)
+
+
+def test_several_wraps_in_one_window_are_all_counted(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    step_uj = 200_000_000_000  # 200 kJ between readings: more than 3/4 of the range each time
+    value = 150_000_000_000
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", value)
+    meter = make_meter(tmp_path)
+    wraps = 0
+    with meter.measure() as m:
+        for _ in range(5):
+            clock.advance(1.0)
+            wraps += (value + step_uj) >= RAPL_MAX_RANGE_UJ
+            value = (value + step_uj) % RAPL_MAX_RANGE_UJ
+            write(pkg, value)
+            meter.poll()  # what the background thread does every interval
+    assert wraps >= 3
+    assert m.joules == pytest.approx(5 * 200_000.0)
+    # one correction on the start/end pair alone would be far off: the test can tell the difference
+    naive_j = ((value - 150_000_000_000) % RAPL_MAX_RANGE_UJ) / 1e6
+    assert abs(naive_j - m.joules) > 100_000
+
+
+def _wait_for_background_reads(meter: EnergyMeter, n: int) -> None:
+    import time
+
+    sampler = meter._sampler
+    assert sampler is not None
+    target = sampler.reads + n
+    deadline = time.monotonic() + 5
+    while sampler.reads < target:
+        assert time.monotonic() < deadline, "the background sampler did not read the counter"
+        time.sleep(0.005)
+
+
+def test_background_thread_tracks_wraps_without_polls(tmp_path: Path, make_meter: Make) -> None:
+    import time
+
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", RAPL_MAX_RANGE_UJ - 1_000_000)
+    meter = make_meter(tmp_path, sample_interval_s=0.01, clock=time.monotonic)
+    with meter.measure() as m:
+        assert meter.sampler_running
+        write(pkg, RAPL_MAX_RANGE_UJ - 500_000)  # +0.5 J
+        _wait_for_background_reads(meter, 2)
+        write(pkg, 250_000)  # +0.75 J across the wrap
+        _wait_for_background_reads(meter, 2)
+        write(pkg, 1_250_000)  # +1 J, read at the close
+    assert m.samples >= 4
+    assert m.joules == pytest.approx(2.25)
+
+
+def test_psys_covers_everything_when_readable(tmp_path: Path) -> None:
+    _laptop(tmp_path)
+    add_rapl_zone(tmp_path, "1", "psys", 50_000_000)
+    rapl = describe_sources(tmp_path)[0]
+    assert rapl.label == "rapl:psys"
+    assert [d.name for d in rapl.domains if d.in_total] == ["psys"]
+
+
+def test_dram_is_added_to_the_package(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", 0)
+    dram = add_rapl_zone(tmp_path, "0:0", "dram", 0)
+    meter = make_meter(tmp_path)
+    assert meter.source == "rapl:package-0+package-0/dram"
+    with meter.measure() as m:
+        clock.advance(1)
+        write(pkg, 9_000_000)
+        write(dram, 1_500_000)
+    assert m.joules == pytest.approx(10.5)
+
+
+def test_garbage_in_the_counter_mid_window_keeps_what_was_measured(tmp_path: Path, make_meter: Make,
+                                                                      clock: ManualClock) -> None:
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", 1_000_000)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        write(pkg, 4_000_000)
+        meter.poll()
+        clock.advance(1)
+        write(pkg, "\x00garbage\xff")
+    assert m.source == "rapl:package-0"
+    assert m.joules == pytest.approx(3.0)
+    assert any("garbage" in w for w in m.warnings)
+    assert any("energy after its last good reading is missing" in w for w in m.warnings)
+
+
+def test_counter_without_range_going_backwards_is_dropped_not_negative(tmp_path: Path, make_meter: Make,
+                                                                         clock: ManualClock) -> None:
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", 50_000_000, max_range_uj=None)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        write(pkg, 52_000_000)  # +2 J
+        meter.poll()
+        clock.advance(1)
+        write(pkg, 10_000_000)  # backwards, no range to explain it
+        meter.poll()
+        clock.advance(1)
+        write(pkg, 11_000_000)  # +1 J
+    assert m.joules == pytest.approx(3.0)
+    assert any("went backwards" in w for w in m.warnings)
+
+
+def test_zone_that_disappears_mid_window(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", 0)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        write(pkg, 6_000_000)
+        meter.poll()
+        clock.advance(1)
+        pkg.resolve().unlink()
+    assert m.joules == pytest.approx(6.0)
+    assert m.source == "rapl:package-0"
+    assert any("missing" in w for w in m.warnings)
+
+
+def _denied_tree(root: Path) -> None:
+    for path in _laptop(root).values():
+        make_unreadable(path)
+
+
+def test_permission_denied_warns_once_with_the_fix_and_uses_the_next_source(
+        tmp_path: Path, make_meter: Make, clock: ManualClock, caplog: pytest.LogCaptureFixture) -> None:
+    _denied_tree(tmp_path)
+    add_hwmon(tmp_path, 0, "amd_energy", {"energy1_input": 1_000_000, "energy1_label": "Esocket0"})
+    caplog.set_level(logging.WARNING, logger="edge_runtime.power")
+
+    def run() -> list[EnergyMeter | object]:
+        meter = make_meter(tmp_path)
+        out: list[object] = [meter]
+        for _ in range(2):
+            with meter.measure() as m:
+                clock.advance(1)
+            out.append(m)
+        return out
+
+    meter, m1, m2 = call_unprivileged(run)
+    assert isinstance(meter, EnergyMeter)
+    assert meter.source == "hwmon:amd_energy"
+    rapl = meter.describe()[0]
+    assert rapl.present and not rapl.usable and "permission denied" in (rapl.problem or "")
+    assert rapl.fix and "chmod a+r" in rapl.fix and "udev" in rapl.fix
+    for m in (m1, m2):
+        assert any("chmod a+r" in w and "using hwmon:amd_energy" in w for w in m.warnings)  # type: ignore[attr-defined]
+    logged = [r for r in caplog.records if "chmod a+r" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].levelno == logging.WARNING
+
+
+def test_permission_denied_with_nothing_else_is_an_estimate_never_zero(tmp_path: Path, make_meter: Make,
+                                                                         clock: ManualClock) -> None:
+    _denied_tree(tmp_path)
+
+    def run() -> object:
+        meter = make_meter(tmp_path)
+        with meter.measure() as m:
+            clock.advance(2)
+        return m
+
+    m = call_unprivileged(run)
+    assert m.source == "estimate:generic" and m.estimated  # type: ignore[attr-defined]
+    assert m.joules > 0  # type: ignore[attr-defined]
+    assert any("chmod a+r" in w for w in m.warnings)  # type: ignore[attr-defined]
+
+
+def test_insisting_on_denied_rapl_raises_with_the_fix(tmp_path: Path, make_meter: Make) -> None:
+    _denied_tree(tmp_path)
+    with pytest.raises(EnergyError, match="chmod a\\+r"):
+        call_unprivileged(make_meter, tmp_path, source="rapl")
+
+
+def test_insisting_on_absent_rapl_raises(tmp_path: Path, make_meter: Make) -> None:
+    with pytest.raises(EnergyError, match="not present"):
+        make_meter(tmp_path, source="rapl")
