@@ -1,0 +1,193 @@
+"""Read a short answer out of a model reply, however chatty.
+
+Small models rarely answer with the bare number or word they were asked for:
+"The answer is 42.", "37 + 48 = 85", "Paris is the capital of France." These
+functions find the answer a reader would take from such replies. Each returns
+``(value, None)`` or ``(None, reason)``; none of them raises on any string.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from decimal import Decimal, InvalidOperation
+
+__all__ = ["extract_number", "parse_number", "extract_yes_no", "text_candidates", "normalize_text"]
+
+# thousands separators only in groups of exactly three ("1,234" yes, "11,15" no)
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_ANSWER_IS = re.compile(r"\banswer\s*(?:is|:|=|would be)\s*:?\s*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]'\"][.!?])\s+|\n")
+_MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\uff0d": "-"})
+
+_SMALL = {
+    w: i
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen".split()
+    )
+}
+_TENS = {w: 10 * (i + 2) for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())}
+_NUMBER_WORD = re.compile(
+    r"\b(?:(" + "|".join(_TENS) + r")(?:[-\s](" + "|".join(list(_SMALL)[1:10]) + r"))?|(" + "|".join(_SMALL) + r"))\b",
+    re.IGNORECASE,
+)
+
+
+def parse_number(text: str) -> Decimal | None:
+    """Parse one number as written in an answer key or a reply ("1,234", "-3.5", "85")."""
+    t = text.strip().translate(_MINUS_SIGNS).replace(",", "")
+    try:
+        value = Decimal(t)
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
+
+
+def _numbers(text: str) -> list[str]:
+    return [m.group(0) for m in _NUMBER.finditer(text)]
+
+
+def _number_words(text: str) -> list[int]:
+    out = []
+    for m in _NUMBER_WORD.finditer(text):
+        tens, unit, small = m.group(1), m.group(2), m.group(3)
+        if tens:
+            out.append(_TENS[tens.lower()] + (_SMALL[unit.lower()] if unit else 0))
+        else:
+            out.append(_SMALL[small.lower()])
+    return out
+
+
+def extract_number(reply: str) -> tuple[str | None, str | None]:
+    """The number a reply gives as its answer.
+
+    In order: a LaTeX ``\\boxed{}``; the number after "answer is"/"answer:"; a
+    short first line holding a single number ("85.", "85 apples"); the first
+    number after the last "="; the last number in the reply; finally a number
+    word ("twelve", "twenty-one").
+    """
+    text = reply.translate(_MINUS_SIGNS)
+    boxed = _BOXED.findall(text)
+    if boxed:
+        nums = _numbers(boxed[-1])
+        if nums:
+            return nums[-1], None
+    answer_is = list(_ANSWER_IS.finditer(text))
+    if answer_is:
+        nums = _numbers(text[answer_is[-1].end():][:40])
+        if nums:
+            return nums[0], None
+    first = _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
+    nums = _numbers(first)
+    if len(nums) == 1 and len(first.split()) <= 4:  # "85.", "85 apples", "So, 85."
+        return nums[0], None
+    if "=" in text:
+        nums = _numbers(text[text.rfind("=") + 1:])
+        if nums:
+            return nums[0], None
+    nums = _numbers(text)
+    if nums:
+        return nums[-1], None
+    words = _number_words(text)
+    if words:
+        return str(words[-1]), None
+    return None, "no number in the reply"
+
+
+_YES = {"yes", "true", "correct"}
+_NO = {"no", "false", "incorrect"}
+_YES_NO_IS = re.compile(r"\banswer\s*(?:is|:)\s*:?\s*\W*(yes|no)\b", re.IGNORECASE)
+
+
+def extract_yes_no(reply: str) -> tuple[str | None, str | None]:
+    """``"yes"`` or ``"no"``: the first word if it is one, else "answer is yes/no", else the
+    only one of the two that occurs. "true"/"false" count only when neither word occurs."""
+    words = re.findall(r"[a-z]+", reply.lower())
+    if not words:
+        return None, "empty reply"
+    if words[0] in ("yes", "no"):
+        return words[0], None
+    m = _YES_NO_IS.search(reply)
+    if m:
+        return m.group(1).lower(), None
+    has = {w for w in words if w in ("yes", "no")}
+    if len(has) == 1:
+        return has.pop(), None
+    if has:
+        return None, "reply says both yes and no"
+    if words[0] in _YES or words[0] in _NO:
+        return ("yes" if words[0] in _YES else "no"), None
+    has_tf = {("yes" if w in _YES else "no") for w in words if w in ("true", "false")}
+    if len(has_tf) == 1:
+        return has_tf.pop(), None
+    return None, "no yes/no in the reply"
+
+
+_QUOTES = str.maketrans({c: " " for c in "\"'`\u2018\u2019\u201c\u201d\u00ab\u00bb*_#"})
+_ARTICLES = re.compile(r"^(?:the|a|an)\s+", re.IGNORECASE)
+
+
+def normalize_text(text: str, *, case_sensitive: bool = False) -> str:
+    """Fold accents, drop quotes/markdown/punctuation and a leading article, collapse spaces."""
+    t = unicodedata.normalize("NFKD", text)
+    t = "".join(c for c in t if not unicodedata.combining(c))
+    t = t.translate(_QUOTES)
+    t = re.sub(r"[^\w\s-]", " ", t)  # keep letters, digits, hyphens; "D.C." -> "D C"
+    t = " ".join(t.replace("_", " ").split()).strip(" -")
+    t = re.sub(r"(?<=\b\w) (?=\w\b)", "", t)  # re-join initials: "D C" -> "DC", "J K" -> "JK"
+    t = _ARTICLES.sub("", t)
+    return t if case_sensitive else t.casefold()
+
+
+_PREFIX = re.compile(
+    r"^\s*(?:(?:the\s+)?(?:final\s+|correct\s+|short\s+)?answer\s*(?:is|:|would be)|a\s*:|answer\s*-)\s*:?\s*",
+    re.IGNORECASE,
+)
+_COPULA = re.compile(r"\s(?:is|are|was|were|would be|will be)\s", re.IGNORECASE)
+_PREPOSITION = re.compile(r"\s(?:of|in|on|for|as|by|called|named)\s", re.IGNORECASE)
+# a period ends a clause unless it closes an initial ("J.K. Rowling", "D.C.")
+_CLAUSE_END = re.compile(r"\s*(?:[,;:()\[\]]|\s-\s|\s\u2014\s|(?<!\b[A-Z])\.(?:\s|$)|[!?])")
+
+
+def _clause(text: str) -> str:
+    """Text up to the first clause break (comma, colon, parenthesis, sentence end)."""
+    m = _CLAUSE_END.search(text)
+    return (text[: m.start()] if m else text).strip()
+
+
+def text_candidates(reply: str, *, max_words: int = 6) -> list[str]:
+    """Short phrases a reply could be giving as its answer, most likely first.
+
+    From the first sentence: the sentence itself (without "The answer is"), its
+    first clause, what follows its last "is/are/was", what precedes its first
+    "is", and what follows its last "of/in/for/..." ("Paris is the capital of
+    France" yields "Paris" and "France"). An "answer is X" anywhere comes first.
+    Phrases longer than ``max_words`` words are dropped.
+    """
+    text = reply.strip()
+    out: list[str] = []
+    for m in _ANSWER_IS.finditer(text):
+        out.append(_clause(text[m.end():]))
+    first = _SENTENCE_END.split(text, maxsplit=1)[0] if text else ""
+    first = _PREFIX.sub("", first.strip()).strip()
+    first_clause = _clause(first) or first
+    out += [first.rstrip(".!?"), first_clause]
+    parts = _COPULA.split(" " + first_clause + " ")
+    if len(parts) > 1:
+        out += [parts[-1].strip(), parts[0].strip()]
+    after = parts[-1] if len(parts) > 1 else first_clause
+    preps = _PREPOSITION.split(" " + after.strip() + " ")
+    if len(preps) > 1:
+        out.append(preps[-1].strip())
+    seen: set[str] = set()
+    result = []
+    for c in out:
+        c = c.strip().rstrip(".!?").strip()
+        key = normalize_text(c, case_sensitive=True)
+        if not key or key in seen or len(key.split()) > max_words:
+            continue
+        seen.add(key)
+        result.append(c)
+    return result

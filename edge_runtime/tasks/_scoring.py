@@ -1,0 +1,114 @@
+"""Scorers: exact match of the extracted answer against an item's accepted answers.
+
+A scorer is named by the item (``item.scorer``):
+
+``number``   numeric equality of the extracted number ("1,234" == "1234" == "1234.0")
+``yesno``    "yes" / "no" (also read from "Yes, 7 is prime." or "The answer is no.")
+``text``     a short phrase, case-insensitive, accents/punctuation/leading article ignored
+``text_cs``  the same, but letter case must match ("GARDEN", chemical symbols "Co")
+``exact``    the whole reply, stripped and case-folded, equals an answer
+
+:func:`score` never raises: an unparseable reply, or any failure inside a
+scorer, is a wrong answer with ``parse_error`` saying why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+
+from ._extract import extract_number, extract_yes_no, normalize_text, parse_number, text_candidates
+from ._types import Score, TaskItem
+
+__all__ = ["score", "score_text", "SCORERS", "check_answers"]
+
+
+_REL_TOL = Decimal("1e-9")  # decimals are exact; this only forgives "0.30000000001"-style float echoes
+
+
+def _score_number(reply: str, answers: Sequence[str]) -> Score:
+    raw, err = extract_number(reply)
+    if raw is None:
+        return Score(False, None, err)
+    value = parse_number(raw)
+    if value is None:  # pragma: no cover - the extraction regex only yields parseable numbers
+        return Score(False, raw, f"cannot read {raw!r} as a number")
+    for a in answers:
+        expected = parse_number(a)
+        if expected is not None and abs(value - expected) <= max(abs(expected), 1) * _REL_TOL:
+            return Score(True, raw, None)
+    return Score(False, raw, None)
+
+
+def _score_yes_no(reply: str, answers: Sequence[str]) -> Score:
+    got, err = extract_yes_no(reply)
+    if got is None:
+        return Score(False, None, err)
+    return Score(got in {a.strip().lower() for a in answers}, got, None)
+
+
+def _text_scorer(case_sensitive: bool) -> Callable[[str, Sequence[str]], Score]:
+    def scorer(reply: str, answers: Sequence[str]) -> Score:
+        candidates = text_candidates(reply)
+        if not candidates:
+            return Score(False, None, "no short answer in the reply" if reply.strip() else "empty reply")
+        accepted = {normalize_text(a, case_sensitive=case_sensitive) for a in answers}
+        for c in candidates:
+            if normalize_text(c, case_sensitive=case_sensitive) in accepted:
+                return Score(True, c, None)
+        return Score(False, candidates[0], None)
+
+    return scorer
+
+
+def _score_exact(reply: str, answers: Sequence[str]) -> Score:
+    got = reply.strip()
+    if not got:
+        return Score(False, None, "empty reply")
+    return Score(got.casefold() in {a.strip().casefold() for a in answers}, got, None)
+
+
+SCORERS: dict[str, Callable[[str, Sequence[str]], Score]] = {
+    "number": _score_number,
+    "yesno": _score_yes_no,
+    "text": _text_scorer(case_sensitive=False),
+    "text_cs": _text_scorer(case_sensitive=True),
+    "exact": _score_exact,
+}
+
+
+def check_answers(scorer: str, answers: Sequence[str]) -> str | None:
+    """Why ``answers`` cannot be scored by ``scorer`` (None when fine); used when loading suites."""
+    if scorer not in SCORERS:
+        return f"unknown scorer {scorer!r} (expected one of {', '.join(SCORERS)})"
+    if scorer == "number":
+        bad = [a for a in answers if parse_number(a) is None]
+        if bad:
+            return f"answer {bad[0]!r} is not a number"
+    if scorer == "yesno":
+        bad = [a for a in answers if a.strip().lower() not in ("yes", "no")]
+        if bad:
+            return f"answer {bad[0]!r} is not yes or no"
+    if scorer in ("text", "text_cs"):
+        bad = [a for a in answers if not normalize_text(a)]
+        if bad:
+            return f"answer {bad[0]!r} is empty after normalisation"
+    return None
+
+
+def score_text(scorer: str, answers: Sequence[str], reply: str) -> Score:
+    """Score ``reply`` against ``answers`` with the named scorer; never raises."""
+    fn = SCORERS.get(scorer)
+    if fn is None:
+        return Score(False, None, f"unknown scorer {scorer!r}")
+    if not isinstance(reply, str):
+        return Score(False, None, f"reply is {type(reply).__name__}, not text")
+    try:
+        return fn(reply, answers)
+    except Exception as err:  # a scorer bug must cost one item, not the whole evaluation run
+        return Score(False, None, f"scorer {scorer!r} failed: {type(err).__name__}: {err}")
+
+
+def score(item: TaskItem, text: str) -> Score:
+    """Score one reply to ``item``: exact match after extraction. Never raises."""
+    return score_text(item.scorer, item.answers, text)

@@ -1,0 +1,200 @@
+"""Named task suites (generated, deterministic) and user suites from JSONL files."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidRequestError, TaskSuiteError
+from . import _arithmetic, _facts, _sequences, _strings, _units, _word_problems, _yes_no
+from ._build import assign_splits, collect
+from ._scoring import check_answers
+from ._types import TaskItem
+
+__all__ = ["load_suite", "list_suites", "dump_suite", "summarize", "FAMILIES", "SPLITS", "SUITE_SEED"]
+
+# changing the seed (or a generator) changes the questions: bump the version with it
+SUITE_SEED = "edge-runtime-tasks-v1"
+SPLITS = ("dev", "test", "all")
+_FAMILY_MODULES = (_arithmetic, _word_problems, _units, _facts, _yes_no, _strings, _sequences)
+FAMILIES: tuple[str, ...] = tuple(m.FAMILY for m in _FAMILY_MODULES)
+# items per (family, difficulty, split) in the "demo" suite
+_DEMO_PER_LEVEL = 2
+
+_DESCRIPTIONS = {
+    "default": "every family, about 1,200 items, half dev and half test",
+    "demo": f"{_DEMO_PER_LEVEL} items per family and difficulty level and split (a quick end-to-end run)",
+    **{f: f"the {f} family of the default suite" for f in FAMILIES},
+}
+
+
+@functools.cache
+def _default_items() -> tuple[TaskItem, ...]:
+    items: list[TaskItem] = []
+    for mod in _FAMILY_MODULES:
+        rng = random.Random(f"{SUITE_SEED}:{mod.FAMILY}")
+        if hasattr(mod, "generate"):
+            drafts = mod.generate(rng)
+        else:
+            drafts = collect(rng, mod.QUOTAS, mod.make, family=mod.FAMILY)
+        items += assign_splits(mod.FAMILY, drafts)
+    return tuple(items)
+
+
+def _demo_items() -> list[TaskItem]:
+    taken: dict[tuple[str, int, str], int] = {}
+    out = []
+    for item in sorted(_default_items(), key=lambda i: i.id):
+        k = (item.family, int(item.features["difficulty"]), item.split)
+        if taken.get(k, 0) < _DEMO_PER_LEVEL:
+            taken[k] = taken.get(k, 0) + 1
+            out.append(item)
+    return out
+
+
+def _fresh(item: TaskItem) -> TaskItem:
+    # the cached items are shared: hand out copies whose dicts a caller may modify freely
+    return dataclasses.replace(item, messages=tuple(dict(m) for m in item.messages), features=dict(item.features))
+
+
+def list_suites() -> list[str]:
+    """Names :func:`load_suite` accepts besides a JSONL path: ``default``, ``demo`` and one per family."""
+    return list(_DESCRIPTIONS)
+
+
+def describe_suites() -> dict[str, str]:
+    return dict(_DESCRIPTIONS)
+
+
+def load_suite(name: str | os.PathLike[str] = "default", split: str = "dev") -> list[TaskItem]:
+    """Items of a built-in suite or of a JSONL file, for ``split`` ``"dev"``, ``"test"`` or ``"all"``.
+
+    Built-in suites are generated from a fixed seed: the same items, ids and
+    split on every machine. A JSONL file holds one item per line (see
+    :func:`dump_suite`); items without a ``split`` field are assigned one from
+    the hash of their id (half dev, half test).
+    """
+    if split not in SPLITS:
+        raise TaskSuiteError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})", field="split")
+    key = os.fspath(name)
+    if key in _DESCRIPTIONS and not isinstance(name, os.PathLike):
+        if key == "default":
+            items: Iterable[TaskItem] = _default_items()
+        elif key == "demo":
+            items = _demo_items()
+        else:
+            items = (i for i in _default_items() if i.family == key)
+        return [_fresh(i) for i in items if split == "all" or i.split == split]
+    path = Path(key)
+    if not path.is_file():
+        raise TaskSuiteError(
+            f"unknown suite {key!r}: not a built-in suite ({', '.join(_DESCRIPTIONS)}) and no such file"
+        )
+    return [i for i in _read_jsonl(path) if split == "all" or i.split == split]
+
+
+def dump_suite(items: Iterable[TaskItem], path: str | os.PathLike[str]) -> int:
+    """Write items as JSONL (the format :func:`load_suite` reads); returns the number written."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for item in items:
+            fh.write(json.dumps(item.to_dict(), ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def summarize(items: Iterable[TaskItem]) -> dict[str, dict[str, int]]:
+    """Item counts: family -> split -> count (plus ``"total"`` per family)."""
+    out: dict[str, dict[str, int]] = {}
+    for i in items:
+        row = out.setdefault(i.family, {"dev": 0, "test": 0, "total": 0})
+        row[i.split] = row.get(i.split, 0) + 1
+        row["total"] += 1
+    return out
+
+
+_ANSWER_TYPE = {"number": "number", "yesno": "yesno", "text": "text", "text_cs": "text", "exact": "text"}
+
+
+def _read_jsonl(path: Path) -> list[TaskItem]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise TaskSuiteError(f"{path}: cannot read the suite file: {err}") from err
+    items: list[TaskItem] = []
+    first_line: dict[str, int] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        item = _parse_line(path, lineno, line)
+        if item.id in first_line:
+            raise TaskSuiteError(
+                f"{path}, line {lineno}, field 'id': duplicate id {item.id!r} (first on line {first_line[item.id]})",
+                line=lineno, field="id",
+            )
+        first_line[item.id] = lineno
+        items.append(item)
+    if not items:
+        raise TaskSuiteError(f"{path}: the suite file holds no items")
+    return items
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> TaskItem:
+    def fail(field: str | None, message: str) -> TaskSuiteError:
+        where = f"{path}, line {lineno}" + (f", field {field!r}" if field else "")
+        return TaskSuiteError(f"{where}: {message}", line=lineno, field=field)
+
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise fail(None, f"not valid JSON ({err.msg} at column {err.colno})") from err
+    if not isinstance(obj, Mapping):
+        raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
+    for required in ("id", "family", "messages", "answers", "scorer"):
+        if required not in obj:
+            raise fail(required, "missing")
+    for text_field in ("id", "family", "scorer"):
+        if not isinstance(obj[text_field], str) or not obj[text_field].strip():
+            raise fail(text_field, "must be a non-empty string")
+    try:
+        from ..engine.types import validate_messages
+
+        messages = validate_messages(obj["messages"], field_name="messages")
+    except InvalidRequestError as err:
+        raise fail(err.field or "messages", str(err).split(": ", 1)[-1]) from err
+    answers = obj["answers"]
+    if isinstance(answers, (str, int, float)) and not isinstance(answers, bool):
+        answers = [answers]
+    if not isinstance(answers, Sequence) or isinstance(answers, str) or not answers:
+        raise fail("answers", "must be a non-empty list of strings")
+    if any(isinstance(a, bool) or not isinstance(a, (str, int, float)) for a in answers):
+        raise fail("answers", "must be a non-empty list of strings")
+    answers = [a if isinstance(a, str) else str(a) for a in answers]
+    problem = check_answers(obj["scorer"], answers)
+    if problem:
+        raise fail("scorer" if problem.startswith("unknown scorer") else "answers", problem)
+    features: Any = obj.get("features", {})
+    if not isinstance(features, Mapping):
+        raise fail("features", "must be an object")
+    features = {"answer_type": _ANSWER_TYPE[obj["scorer"]], **features}
+    split = obj.get("split") or ""
+    if split not in ("", "dev", "test"):
+        raise fail("split", f"must be 'dev' or 'test', got {split!r}")
+    if not split:
+        split = "dev" if hashlib.sha256(obj["id"].encode("utf-8")).digest()[0] % 2 == 0 else "test"
+    return TaskItem(
+        id=obj["id"],
+        family=obj["family"],
+        messages=tuple(messages),
+        answers=tuple(answers),
+        scorer=obj["scorer"],
+        features=features,
+        split=split,
+    )

@@ -1,0 +1,86 @@
+"""User suites from JSONL files: round trip, split assignment, and errors naming line and field."""
+
+import json
+
+import pytest
+
+from edge_runtime.errors import EdgeRuntimeError, TaskSuiteError
+from edge_runtime.tasks import dump_suite, load_suite, score
+
+GOOD = {"id": "q1", "family": "mine", "messages": [{"role": "user", "content": "2+2?"}], "answers": ["4"], "scorer": "number"}
+
+
+def write(tmp_path, *rows):
+    path = tmp_path / "suite.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_round_trip_of_the_default_suite(tmp_path):
+    items = load_suite("default", "all")
+    path = tmp_path / "default.jsonl"
+    assert dump_suite(items, path) == len(items)
+    again = load_suite(path, "all")
+    assert [i.to_dict() for i in again] == [i.to_dict() for i in items]
+    assert [i.id for i in load_suite(str(path), "test")] == [i.id for i in items if i.split == "test"]
+
+
+def test_minimal_items_get_a_stable_split_and_an_answer_type(tmp_path):
+    rows = [dict(GOOD, id=f"q{n}") for n in range(40)]
+    path = write(tmp_path, *rows, "")
+    items = load_suite(path, "all")
+    assert len(items) == 40
+    splits = [i.split for i in items]
+    assert 10 <= splits.count("dev") <= 30 and set(splits) == {"dev", "test"}
+    assert [i.split for i in load_suite(path, "all")] == splits
+    assert items[0].features == {"answer_type": "number"}
+    assert score(items[0], "It is 4.").correct
+
+
+def test_explicit_split_features_and_numeric_answers(tmp_path):
+    row = dict(GOOD, split="test", features={"difficulty": 2}, answers=[4])
+    items = load_suite(write(tmp_path, row), "test")
+    assert items[0].answers == ("4",) and items[0].features["difficulty"] == 2
+    assert load_suite(write(tmp_path, row), "dev") == []
+
+
+@pytest.mark.parametrize(
+    "row, line, field, message",
+    [
+        ("{not json", 2, None, "not valid JSON"),
+        ("[1, 2]", 2, None, "expected a JSON object"),
+        ({k: v for k, v in GOOD.items() if k != "answers"}, 2, "answers", "missing"),
+        (dict(GOOD, id=""), 2, "id", "non-empty string"),
+        (dict(GOOD, answers=[]), 2, "answers", "non-empty list"),
+        (dict(GOOD, answers=[["4"]]), 2, "answers", "non-empty list"),
+        (dict(GOOD, scorer="fuzzy"), 2, "scorer", "unknown scorer 'fuzzy'"),
+        (dict(GOOD, answers=["four"]), 2, "answers", "'four' is not a number"),
+        (dict(GOOD, scorer="yesno", answers=["maybe"]), 2, "answers", "not yes or no"),
+        (dict(GOOD, messages=[{"role": "robot", "content": "hi"}]), 2, "messages[0].role", "unknown role"),
+        (dict(GOOD, messages="2+2?"), 2, "messages", "must be a list"),
+        (dict(GOOD, features=[1]), 2, "features", "must be an object"),
+        (dict(GOOD, split="train"), 2, "split", "'dev' or 'test'"),
+        (dict(GOOD, id="q0"), 2, "id", "duplicate id 'q0' (first on line 1)"),
+    ],
+)
+def test_bad_lines_name_line_and_field(tmp_path, row, line, field, message):
+    path = write(tmp_path, dict(GOOD, id="q0"), row)
+    with pytest.raises(TaskSuiteError) as err:
+        load_suite(path, "all")
+    assert err.value.line == line and err.value.field == field
+    text = str(err.value)
+    assert message in text and f"line {line}" in text and str(path) in text
+    if field:
+        assert f"field '{field}'" in text
+    assert isinstance(err.value, EdgeRuntimeError)
+
+
+def test_empty_and_unreadable_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(TaskSuiteError, match="holds no items"):
+        load_suite(empty)
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(TaskSuiteError, match="cannot read"):
+        load_suite(binary)

@@ -1,0 +1,145 @@
+"""Scorers: answer extraction from chatty replies, exact comparison, never an exception."""
+
+import pytest
+
+from edge_runtime.tasks import Score, TaskItem, score, score_text
+
+
+@pytest.mark.parametrize(
+    "reply, answers, correct, extracted",
+    [
+        ("85", ["85"], True, "85"),
+        ("The answer is 85.", ["85"], True, "85"),
+        ("37 + 48 = 85", ["85"], True, "85"),
+        ("85. I added 37 and 48 to get it.", ["85"], True, "85"),
+        ("First 12 + 7 = 19. Then 19 - 5 = 14. So Maria has 14 apples.", ["14"], True, "14"),
+        ("So Maria has 14 apples left, since she had 12 and got 7 and gave 5", ["14"], False, "5"),
+        ("-28", ["-28"], True, "-28"),
+        ("26 − 54 = −28", ["-28"], True, "-28"),  # unicode minus
+        ("The result is 10,299.", ["10299"], True, "10,299"),
+        ("1,234,567", ["1234567"], True, "1,234,567"),
+        ("The total is 9.240", ["9.24"], True, "9.240"),
+        ("4.5 meters", ["4.5"], True, "4.5"),
+        ("\\boxed{77}", ["77"], True, "77"),
+        ("Answer: 3", ["3"], True, "3"),
+        ("There are twelve of them.", ["12"], True, "12"),
+        ("twenty-one", ["21"], True, "21"),
+        ("3, 7, 11, 15, 19", ["19"], True, "19"),  # echoes the sequence: the last number is the next term
+        ("The answer is 86.", ["85"], False, "86"),
+        ("85.5", ["85"], False, "85.5"),
+    ],
+)
+def test_number_scorer(reply, answers, correct, extracted):
+    s = score_text("number", answers, reply)
+    assert (s.correct, s.extracted, s.parse_error) == (correct, extracted, None)
+
+
+@pytest.mark.parametrize("reply", ["", "   ", "I don't know.", "It depends on the context."])
+def test_number_without_a_number_is_a_reported_parse_error(reply):
+    s = score_text("number", ["42"], reply)
+    assert s.correct is False and s.extracted is None
+    assert s.parse_error in ("no number in the reply",)
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("Yes", "yes"),
+        ("yes.", "yes"),
+        ("No, 91 = 7 × 13, so it is not prime.", "no"),
+        ("The answer is no.", "no"),
+        ("91 is not prime, so the answer is: No", "no"),
+        ("I believe yes, it is divisible.", "yes"),
+        ("True", "yes"),
+        ("That statement is false.", "no"),
+        ("**Yes**", "yes"),
+    ],
+)
+def test_yes_no_extraction(reply, expected):
+    s = score_text("yesno", ["yes"], reply)
+    assert s.extracted == expected and s.parse_error is None
+    assert s.correct is (expected == "yes")
+
+
+@pytest.mark.parametrize(
+    "reply, error",
+    [
+        ("", "empty reply"),
+        ("Maybe, it depends.", "no yes/no in the reply"),
+        ("It could be yes or it could be no.", "reply says both yes and no"),
+    ],
+)
+def test_yes_no_unparseable(reply, error):
+    assert score_text("yesno", ["no"], reply) == Score(False, None, error)
+
+
+@pytest.mark.parametrize(
+    "reply, answers, correct",
+    [
+        ("Paris", ["Paris"], True),
+        ("paris.", ["Paris"], True),
+        ("The capital of France is Paris.", ["Paris"], True),
+        ("Paris is the capital of France.", ["Paris"], True),
+        ("Paris is the capital of France.", ["France"], True),  # answering "Paris is the capital of which country?"
+        ("The capital of France is Lyon.", ["Paris"], False),
+        ("**Canberra**\n\nCanberra is the capital of Australia, not Sydney.", ["Canberra"], True),
+        ("The capital of Australia is Sydney.", ["Canberra"], False),
+        ("Brasilia", ["Brasília"], True),  # accents folded
+        ("Washington, D.C.", ["Washington, D.C.", "Washington"], True),
+        ("The capital is Washington D.C.", ["Washington, D.C."], True),
+        ("It was written by J.K. Rowling.", ["J. K. Rowling", "Rowling"], True),
+        ("The answer is: the Pacific Ocean", ["Pacific", "Pacific Ocean"], True),
+        ("Answer: Iron", ["iron"], True),
+        ("Fe is the symbol for iron.", ["iron"], True),
+        ("The first letter of the word 'orange' is 'o'.", ["o"], True),
+        ("The reversed word is \"enots\".", ["enots"], True),
+        ("e n o t s", ["enots"], True),
+        ("Mount Everest", ["Everest", "Mount Everest"], True),
+        ("Jupiter", ["Saturn"], False),
+    ],
+)
+def test_text_scorer(reply, answers, correct):
+    s = score_text("text", answers, reply)
+    assert s.correct is correct and s.parse_error is None and s.extracted
+
+
+def test_text_case_rules():
+    assert score_text("text_cs", ["Au"], "The chemical symbol for gold is Au.").correct
+    assert not score_text("text_cs", ["Au"], "AU").correct
+    assert not score_text("text_cs", ["Co"], "CO").correct  # carbon monoxide, not cobalt
+    assert score_text("text_cs", ["GARDEN"], "GARDEN").correct
+    assert not score_text("text_cs", ["GARDEN"], "Garden").correct
+    assert score_text("text", ["GARDEN"], "Garden").correct  # case-insensitive scorer
+
+
+def test_text_without_a_short_answer_is_a_parse_error():
+    rambling = "Many different things could all plausibly count here honestly speaking, really"
+    s = score_text("text", ["Paris"], rambling)
+    assert s == Score(False, None, "no short answer in the reply")
+    assert score_text("text", ["Paris"], "  ") == Score(False, None, "empty reply")
+
+
+def test_exact_scorer():
+    assert score_text("exact", ["Hello World"], "  hello world \n").correct
+    assert not score_text("exact", ["Hello World"], "hello world!").correct
+
+
+def test_score_never_raises():
+    item = TaskItem(id="x", family="f", messages=({"role": "user", "content": "q"},), answers=("1",), scorer="number")
+    assert score(item, None).parse_error == "reply is NoneType, not text"  # type: ignore[arg-type]
+    assert score(item, "\x00\udcff weird") .correct is False
+    bad = TaskItem(id="y", family="f", messages=item.messages, answers=("1",), scorer="nope")
+    assert score(bad, "1") == Score(False, None, "unknown scorer 'nope'")
+    huge = "9" * 5000
+    assert score(item, huge).correct is False
+
+
+def test_a_failing_scorer_costs_one_item(monkeypatch):
+    from edge_runtime.tasks import _scoring
+
+    def boom(reply, answers):
+        raise RuntimeError("bug")
+
+    monkeypatch.setitem(_scoring.SCORERS, "number", boom)
+    s = score_text("number", ["1"], "1")
+    assert s.correct is False and "RuntimeError: bug" in s.parse_error
