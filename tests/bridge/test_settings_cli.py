@@ -1,0 +1,144 @@
+"""The bridge's config file, environment and flags, and the cloud-bridge command line (serve and token)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cloud_bridge import EchoModelSettings, OnnxModelSettings, OpenAIModelSettings, load_bridge_settings
+from cloud_bridge.cli import main
+from edge_runtime.cloud import CloudClient
+from edge_runtime.errors import ConfigError
+
+CONFIG = """
+[server]
+address = "127.0.0.1:0"
+grace_period_s = 2
+
+[auth]
+tokens_file = "secrets/tokens.toml"
+
+[quota]
+requests_per_minute = 120
+
+[models.coder]
+backend = "onnx"
+bundle = "bundles/qwen"
+workers = 2
+
+[models.gpt]
+backend = "openai"
+base_url = "https://api.example.com/v1"
+model = "gpt-4o-mini"
+api_key_env = "OPENAI_API_KEY"
+usd_per_million_input_tokens = 0.15
+usd_per_million_output_tokens = 0.6
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bridge.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_file_env_and_overrides(tmp_path):
+    path = write(tmp_path, CONFIG)
+    settings = load_bridge_settings(path, env={"CLOUD_BRIDGE_QUOTA_REQUESTS_PER_MINUTE": "30"},
+                                    overrides={"server": {"address": "127.0.0.1:7000"}})
+    assert settings.server.address == "127.0.0.1:7000"  # flag beats file
+    assert settings.quota.requests_per_minute == 30.0  # env beats file
+    assert settings.auth.tokens_file == tmp_path / "secrets" / "tokens.toml"  # relative to the config file
+    coder, gpt = settings.models["coder"], settings.models["gpt"]
+    assert isinstance(coder, OnnxModelSettings) and coder.bundle == tmp_path / "bundles" / "qwen" and coder.workers == 2
+    assert isinstance(gpt, OpenAIModelSettings) and gpt.workers == 8  # the openai backend's own default
+    assert gpt.cost_usd(1_000_000, 500_000) == pytest.approx(0.15 + 0.3)
+    assert settings.default_model == "coder"
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ('[models.x]\nbackend = "gguf"\n', "models.x.backend"),
+        ('[models.x]\nbackend = "echo"\nreplly = "typo"\n', "models.x.replly"),
+        ('[models.x]\nbackend = "onnx"\n', "models.x.bundle"),
+        ('[models.x]\nbackend = "openai"\nbase_url = "ftp://x"\nmodel = "m"\n', "models.x.base_url"),
+        ('[models.x]\nbackend = "echo"\nworkers = 0\n', "models.x.workers"),
+        ('[limits]\ndefault_model = "nope"\n[models.x]\nbackend = "echo"\n', "limits.default_model"),
+        ('[server]\ntls_cert = "a.pem"\n', "server.tls_cert"),
+        ('[quota]\nrequests_per_minute = -1\n', "quota.requests_per_minute"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, extra, field):
+    with pytest.raises(ConfigError) as info:
+        load_bridge_settings(write(tmp_path, extra), env={})
+    assert info.value.field == field
+
+
+def test_models_given_as_objects_are_kept():
+    settings = load_bridge_settings(data={"models": {"e": EchoModelSettings(reply="x")}}, env={})
+    assert settings.models["e"].reply == "x"
+
+
+def test_token_add_prints_the_token_once_and_stores_its_hash(tmp_path, capsys):
+    path = write(tmp_path, CONFIG)
+    assert main(["token", "add", "pi-kitchen", "--config", str(path)]) == 0
+    out = capsys.readouterr()
+    token = out.out.strip()
+    assert token.startswith("ebt_") and "shown once" in out.err
+    stored = (tmp_path / "secrets" / "tokens.toml").read_text()
+    assert token not in stored and "pi-kitchen" in stored
+    assert main(["token", "add", "pi-kitchen", "--config", str(path)]) == 1  # already has one
+    assert "--replace" in capsys.readouterr().err
+    assert main(["token", "list", "--config", str(path)]) == 0
+    assert capsys.readouterr().out.split() == ["pi-kitchen"]
+    assert main(["token", "remove", "pi-kitchen", "--config", str(path)]) == 0
+    assert main(["token", "remove", "pi-kitchen", "--config", str(path)]) == 1
+
+
+def test_config_command_hides_secrets(tmp_path, capsys):
+    path = write(tmp_path, CONFIG + '\n[auth.tokens]\n"dev" = "sha256:' + "0" * 64 + '"\n')
+    assert main(["config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert '"tokens": "***"' in out and "0" * 64 not in out and '"backend": "openai"' in out
+
+
+def test_serve_refuses_plaintext_off_loopback(tmp_path, capsys):
+    path = write(tmp_path, '[models.e]\nbackend = "echo"\n')
+    assert main(["serve", "--config", str(path), "--insecure", "--server-address", "0.0.0.0:0"]) == 1
+    assert "loopback" in capsys.readouterr().err
+    assert main(["serve", "--config", str(path), "--server-address", "127.0.0.1:0"]) == 1
+    assert "--insecure" in capsys.readouterr().err
+
+
+def test_serve_answers_and_drains_on_sigterm(tmp_path):
+    path = write(tmp_path, '[server]\naddress = "127.0.0.1:0"\n[models.e]\nbackend = "echo"\nreply = "pong"\n')
+    token = subprocess.run([sys.executable, "-m", "cloud_bridge.cli", "token", "add", "dev2", "--config", str(path)],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    proc = subprocess.Popen([sys.executable, "-m", "cloud_bridge.cli", "serve", "--config", str(path), "--insecure"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        port = None
+        deadline = time.monotonic() + 30
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if "on port" in line:
+                port = int(line.rsplit(" ", 1)[-1])
+        assert port, "the bridge did not report its port"
+        with CloudClient(address=f"127.0.0.1:{port}", token=token, insecure=True, timeout_s=10) as client:
+            assert client.generate([{"role": "user", "content": "ping"}]).text == "pong"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        rest = proc.stderr.read()
+        assert token not in rest and "SIGTERM" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
