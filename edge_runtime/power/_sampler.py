@@ -1,8 +1,10 @@
 """Background sampling, trapezoid integration and counter wrap tracking.
 
 One :class:`Sampler` per meter serves every open window: a single daemon thread,
-started on the first window and idle (no wake-ups) while no window is open,
-reads the source every ``interval_s``. Each domain keeps a :class:`DomainTrack`,
+started on the first window, reads the source every ``interval_s`` while a
+window is open (and for ``linger_s`` after the last one closes, so that
+back-to-back requests continue one timeline); otherwise it sleeps without
+wake-ups. Each domain keeps a :class:`DomainTrack`,
 a timeline of cumulative joules:
 
 * power readings (µW) are integrated with the trapezoid rule; between two
@@ -171,7 +173,8 @@ class WindowEnergy:
 class Sampler:
     """Shared sampling of one :class:`PowerSource` for any number of concurrent windows."""
 
-    def __init__(self, source: PowerSource, interval_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, source: PowerSource, interval_s: float, *, clock: Callable[[], float] = time.monotonic,
+                 linger_s: float = 2.0) -> None:
         if not interval_s > 0:
             raise ValueError("interval_s must be > 0")
         self.source = source
@@ -188,6 +191,11 @@ class Sampler:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self.reads = 0
+        # keep sampling this long after the last window closes, so back-to-back requests
+        # find a fresh timeline instead of paying for a synchronous (maybe expensive) read
+        self._linger_s = linger_s
+        self._last_close_mono = float("-inf")
+        self._last_read_mono: float | None = None
 
     # --- windows -------------------------------------------------------------------------------
 
@@ -196,11 +204,12 @@ class Sampler:
             with self._lock:
                 if self._stopped:
                     raise EnergyError("the energy meter is closed")
-                idle = not self._open
-                if idle:
-                    # nothing was sampled while idle: start a fresh timeline
+                was_idle = not self._open
+                stale = self._last_read_mono is None or time.monotonic() - self._last_read_mono > 2 * self.interval_s
+                if was_idle and stale:
+                    # nothing was sampled for a while: start a fresh timeline
                     self._tracks.clear()
-            if idle or not self.source.expensive:
+            if (was_idle and stale) or not self.source.expensive:
                 t0 = self._sample_locked()
             else:
                 t0 = self._clock()
@@ -208,7 +217,7 @@ class Sampler:
                 wid = self._next_id
                 self._next_id += 1
                 self._open[wid] = t0
-                if idle:
+                if was_idle:
                     self._wake.notify_all()
         if self.source.needs_background:
             self._ensure_thread()
@@ -224,10 +233,11 @@ class Sampler:
         with self._lock:
             result = self._window(t0, t1)
             self._open.pop(wid, None)
-            if self._open:
-                oldest = min(self._open.values())
-                for track in self._tracks.values():
-                    track.prune(oldest)
+            if not self._open:
+                self._last_close_mono = time.monotonic()
+            oldest = min(self._open.values()) if self._open else t1
+            for track in self._tracks.values():
+                track.prune(oldest)
         return result
 
     def poll(self) -> float:
@@ -260,6 +270,7 @@ class Sampler:
         t = (t_a + self._clock()) / 2.0
         with self._lock:
             self.reads += 1
+            self._last_read_mono = time.monotonic()
             for name, reading in readings.items():
                 track = self._tracks.get(name)
                 if track is None:
@@ -275,21 +286,25 @@ class Sampler:
                                             daemon=True)
             self._thread.start()
 
+    def _busy(self) -> bool:
+        """Sampling is due: a window is open, or one closed less than ``linger_s`` ago."""
+        return bool(self._open) or time.monotonic() - self._last_close_mono < self._linger_s
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._open and not self._stopped:
+                while not self._stopped and not self._busy():
                     self._wake.wait()
                 if self._stopped:
                     return
                 self._wake.wait(timeout=self.interval_s)
                 if self._stopped:
                     return
-                if not self._open:
+                if not self._busy():
                     continue
             with self._read_lock:
                 with self._lock:
-                    if not self._open:
+                    if not self._busy():
                         continue
                 self._sample_locked()
 

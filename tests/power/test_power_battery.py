@@ -1,0 +1,127 @@
+"""Battery: discharging (power_now, current × voltage, energy_now fall), charging / on AC, plugged in mid-window."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from power_fakes import ManualClock, add_ac, add_battery, add_power_supply, add_rapl_zone, write
+
+from edge_runtime.power import EnergyMeter, describe_sources
+
+Make = Callable[..., EnergyMeter]
+
+
+def test_discharging_power_now(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    add_ac(tmp_path, online=False)
+    bat = add_battery(tmp_path, power_now=8_500_000, voltage_now=11_400_000, energy_now=40_000_000)
+    meter = make_meter(tmp_path)
+    assert meter.source == "battery:BAT0" and not meter.estimated
+    with meter.measure() as m:
+        clock.advance(1)
+        write(bat / "power_now", 9_500_000)
+        meter.poll()
+        clock.advance(1)
+    # (8.5 + 9.5) / 2 + 9.5
+    assert m.joules == pytest.approx(18.5)
+    assert m.estimated is False and m.warnings == []
+
+
+def test_current_times_voltage_and_negative_current(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    # some drivers report the discharge current as negative µA
+    add_battery(tmp_path, current_now=-1_000_000, voltage_now=11_400_000, charge_now=3_000_000)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(2)
+    assert m.joules == pytest.approx(22.8)
+
+
+def test_energy_now_fall_when_there_is_no_power_reading(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    bat = add_battery(tmp_path, energy_now=40_000_000)  # µWh
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(10)
+        write(bat / "energy_now", 40_000_000 - 25_000)  # 25 mWh = 90 J
+    assert m.source == "battery:BAT0"
+    assert m.joules == pytest.approx(90.0)
+
+
+def test_charge_now_fall_times_voltage(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    bat = add_battery(tmp_path, charge_now=3_000_000, voltage_now=10_000_000)  # µAh, µV
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(10)
+        write(bat / "charge_now", 3_000_000 - 1_000)  # 1 mAh at 10 V = 10 mWh = 36 J
+    assert m.joules == pytest.approx(36.0)
+
+
+def test_a_gauge_that_did_not_move_says_so(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    add_battery(tmp_path, energy_now=40_000_000)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(0.2)
+    assert m.joules == 0.0
+    assert any("did not move" in w for w in m.warnings)
+
+
+def test_charging_battery_is_not_a_measurement_and_is_skipped(tmp_path: Path, make_meter: Make,
+                                                             clock: ManualClock) -> None:
+    add_ac(tmp_path, online=True)
+    add_battery(tmp_path, status="Charging", power_now=25_000_000, energy_now=30_000_000)
+    infos = describe_sources(tmp_path)
+    bat = [i for i in infos if i.kind == "battery"][0]
+    assert bat.present and not bat.usable
+    assert "on AC power" in (bat.problem or "") and "not a measurement" in (bat.problem or "")
+    meter = make_meter(tmp_path)
+    assert meter.source == "estimate:generic"
+    with meter.measure() as m:
+        clock.advance(1)
+    assert m.estimated
+    assert any("battery:BAT0: on AC power (status: Charging)" in w for w in m.warnings)
+
+
+def test_full_battery_on_ac_falls_through_to_the_next_source(tmp_path: Path, make_meter: Make) -> None:
+    add_ac(tmp_path, online=True)
+    add_battery(tmp_path, status="Full", power_now=0, energy_now=50_000_000)
+    add_rapl_zone(tmp_path, "0", "package-0", 0)
+    meter = make_meter(tmp_path)
+    # rapl ranks first anyway; the battery on AC is described, not used
+    assert meter.source == "rapl:package-0"
+    assert not [i for i in meter.describe() if i.kind == "battery"][0].usable
+
+
+def test_plugged_in_during_the_window(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    ac = add_ac(tmp_path, online=False)
+    bat = add_battery(tmp_path, power_now=10_000_000)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        meter.poll()
+        write(ac / "online", 1)
+        write(bat / "status", "Charging")
+        clock.advance(1)
+        meter.poll()
+        clock.advance(1)
+    assert m.source == "battery:BAT0"
+    assert m.joules == pytest.approx(10.0)  # only the discharging second
+    assert any("on AC power" in w for w in m.warnings)
+
+
+def test_peripheral_batteries_are_ignored(tmp_path: Path) -> None:
+    add_power_supply(tmp_path, "hidpp_battery_0", {"type": "Battery", "scope": "Device", "status": "Discharging",
+                                                    "capacity": 80})
+    infos = describe_sources(tmp_path)
+    bat = [i for i in infos if i.kind == "battery"][0]
+    assert not bat.present
+
+
+def test_two_discharging_batteries_are_summed(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    add_battery(tmp_path, "BAT0", power_now=4_000_000)
+    add_battery(tmp_path, "BAT1", power_now=3_000_000)
+    meter = make_meter(tmp_path)
+    assert meter.source == "battery:BAT0+BAT1"
+    with meter.measure() as m:
+        clock.advance(1)
+    assert m.joules == pytest.approx(7.0)
+    assert m.domains == pytest.approx({"BAT0": 4.0, "BAT1": 3.0})
