@@ -9,7 +9,7 @@ the queue without ever reaching the backend.
 from __future__ import annotations
 
 import threading
-import time
+from collections import deque
 from collections.abc import Callable
 
 from edge_runtime.errors import QueueFullError
@@ -20,41 +20,48 @@ _POLL_S = 0.05  # how often a waiting request looks at its cancel flag
 
 
 class WorkerSlots:
-    def __init__(self, workers: int, queue_size: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, workers: int, queue_size: int) -> None:
         self.workers = workers
         self.queue_size = queue_size
-        self._clock = clock
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self.running = 0
-        self.waiting = 0
+        # first come, first served: a freed slot is handed to the oldest waiter, never to a newcomer
+        self._waiters: deque[threading.Event] = deque()
         # moving average of how long a slot is held, for the retry hint
         self._hold_s = 1.0
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     def acquire(self, cancelled: Callable[[], bool]) -> bool:
         """Wait for a slot. False if ``cancelled()`` became true first; QueueFullError if the queue is full."""
-        with self._cond:
-            if self.running < self.workers and self.waiting == 0:
+        with self._lock:
+            if self.running < self.workers and not self._waiters:
                 self.running += 1
                 return True
-            if self.waiting >= self.queue_size:
-                retry_after_s = max(0.1, self._hold_s * (self.waiting + 1) / self.workers)
+            if len(self._waiters) >= self.queue_size:
+                retry_after_s = max(0.1, self._hold_s * (len(self._waiters) + 1) / self.workers)
                 raise QueueFullError(
-                    f"{self.running} generations running and {self.waiting} waiting", retry_after_s=round(retry_after_s, 3)
+                    f"{self.running} generations running and {len(self._waiters)} waiting", retry_after_s=round(retry_after_s, 3)
                 )
-            self.waiting += 1
-            try:
-                while self.running >= self.workers:
-                    if cancelled():
+            granted = threading.Event()
+            self._waiters.append(granted)
+        while not granted.wait(_POLL_S):
+            if cancelled():
+                with self._lock:
+                    if not granted.is_set():
+                        self._waiters.remove(granted)
                         return False
-                    self._cond.wait(_POLL_S)
-                self.running += 1
-                return True
-            finally:
-                self.waiting -= 1
+                # the slot was handed over just now: keep it; the backend sees the cancellation at once
+                break
+        return True
 
     def release(self, held_s: float | None = None) -> None:
-        with self._cond:
-            self.running -= 1
+        with self._lock:
             if held_s is not None:
                 self._hold_s = 0.8 * self._hold_s + 0.2 * held_s
-            self._cond.notify()
+            if self._waiters:
+                self._waiters.popleft().set()  # the slot passes on; running stays the same
+            else:
+                self.running -= 1

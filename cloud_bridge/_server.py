@@ -10,8 +10,10 @@ finish within the grace period, then closes the backends.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from pathlib import Path
@@ -70,8 +72,6 @@ class BridgeServer:
         insecure: bool = False,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        import time
-
         self.settings = settings
         self.backends = dict(backends)
         s = settings.server
@@ -166,8 +166,6 @@ def create_server(
         if alias not in models:
             models[alias] = EchoModelSettings(model=backend.model) if backend.kind == "echo" else ModelSettings(backend=backend.kind)
     if models != settings.models:
-        import dataclasses
-
         settings = dataclasses.replace(settings, models=models)
     settings.validate()
     built: dict[str, Backend] = {}

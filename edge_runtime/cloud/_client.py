@@ -12,6 +12,7 @@ the CloudError subclasses of :mod:`edge_runtime.errors`.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 import uuid
@@ -112,8 +113,6 @@ class CloudClient:
         if settings is None:
             settings = CloudSettings(**fields)
         elif fields:
-            import dataclasses
-
             settings = dataclasses.replace(settings, **fields)
         self.settings = settings
         self._token = settings.resolve_token()

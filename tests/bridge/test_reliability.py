@@ -152,3 +152,38 @@ def test_graceful_shutdown_completes_in_flight_calls_and_refuses_new_ones(start_
     assert errors == []
     assert results[0].text == "one two three four five six seven eight" and results[0].finish_reason == "eos"
     assert bridge.server.wait_for_termination(0)
+
+
+def test_worker_slots_serve_waiters_first_come_first_served_and_drop_cancelled_ones():
+    from cloud_bridge._admission import WorkerSlots
+
+    slots = WorkerSlots(workers=1, queue_size=3)
+    assert slots.acquire(lambda: False)
+    order: list[int] = []
+    cancelled = threading.Event()
+
+    def wait(i: int, cancel=lambda: False) -> None:
+        if slots.acquire(cancel):
+            order.append(i)
+            slots.release()
+
+    threads = []
+    for i, cancel in ((1, lambda: False), (2, cancelled.is_set), (3, lambda: False)):
+        threads.append(threading.Thread(target=wait, args=(i, cancel)))
+        threads[-1].start()
+        while slots.waiting < i:
+            time.sleep(0.001)
+    from edge_runtime.errors import QueueFullError
+
+    with pytest.raises(QueueFullError) as info:
+        slots.acquire(lambda: False)
+    assert info.value.retry_after_s > 0
+    cancelled.set()  # waiter 2 gives up before its turn
+    while slots.waiting > 2:
+        time.sleep(0.001)
+    time.sleep(0.1)
+    assert slots.waiting == 2
+    slots.release()
+    for thread in threads:
+        thread.join(2)
+    assert order == [1, 3] and slots.running == 0 and slots.waiting == 0
