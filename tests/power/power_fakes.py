@@ -25,8 +25,11 @@ DATA = Path(__file__).parent / "data"
 
 
 def write(path: Path, value: object) -> Path:
+    """Replace the file's content atomically: a sysfs read never sees a half-written value, nor may ours."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{value}\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{value}\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -1,0 +1,180 @@
+"""The meter as the engine and the daemon use it: concurrent windows, one lazy sampler, close, settings."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from power_fakes import ManualClock, add_hwmon, add_rapl_zone, write
+
+from edge_runtime.config import load_settings
+from edge_runtime.engine.types import EnergyReport
+from edge_runtime.errors import ConfigError, EnergyError
+from edge_runtime.power import ConstantPowerSource, EnergyMeter, PowerSettings
+
+Make = Callable[..., EnergyMeter]
+
+
+def _sampler_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("edge-runtime-power-sampler")]
+
+
+def test_constant_test_source_is_exact_and_needs_no_thread(make_meter: Make, clock: ManualClock) -> None:
+    source = ConstantPowerSource(5.0)
+    meter = make_meter(source=source)
+    with meter.measure() as m:
+        clock.advance(3)
+    assert (m.joules, m.source, m.estimated) == (pytest.approx(15.0), "test:constant", False)
+    assert not meter.sampler_running
+    assert source.reads == 2  # start and end, nothing in between
+    est = make_meter(source=ConstantPowerSource(1.0, label="test:est", estimated=True))
+    with est.measure() as m2:
+        clock.advance(1)
+    assert m2.estimated and m2.source == "test:est"
+
+
+def test_figures_are_not_available_while_the_window_is_open(make_meter: Make) -> None:
+    meter = make_meter(source=ConstantPowerSource(1.0))
+    m = meter.measure()
+    assert not m.done
+    with pytest.raises(EnergyError, match="still open"):
+        _ = m.joules
+    m.stop()
+    assert m.done and m.stop() is m  # idempotent
+    assert isinstance(m.to_report(), EnergyReport)
+
+
+def test_start_stop_api_and_exceptions_inside_the_block(make_meter: Make, clock: ManualClock) -> None:
+    meter = make_meter(source=ConstantPowerSource(2.0))
+    with pytest.raises(RuntimeError):
+        with meter.measure() as m:
+            clock.advance(1)
+            raise RuntimeError("generation failed")
+    assert m.joules == pytest.approx(2.0)  # still closed and measured
+    win = meter.start()
+    clock.advance(0.5)
+    assert win.stop().joules == pytest.approx(1.0)
+
+
+def test_to_dict_has_the_documented_fields(make_meter: Make, clock: ManualClock) -> None:
+    meter = make_meter(source=ConstantPowerSource(2.0))
+    with meter.measure() as m:
+        clock.advance(1)
+    d = m.to_dict()
+    assert set(d) == {"joules", "seconds", "avg_watts", "source", "estimated", "domains", "process_joules",
+                      "process_share", "samples", "warnings"}
+    assert d["avg_watts"] == pytest.approx(2.0) and d["domains"] == {"constant": pytest.approx(2.0)}
+
+
+def test_concurrent_windows_share_one_lazily_started_sampler(tmp_path: Path) -> None:
+    chip = add_hwmon(tmp_path, 0, "ina226", {"power1_input": 4_000_000})
+    with EnergyMeter(tmp_path, sample_interval_s=0.01) as meter:
+        assert not meter.sampler_running and not _sampler_threads()  # lazy: nothing before the first window
+        results: list[object] = []
+        errors: list[BaseException] = []
+
+        def worker(i: int) -> None:
+            try:
+                for _ in range(5):
+                    with meter.measure() as m:
+                        time.sleep(0.005 * (1 + i % 3))
+                    results.append(m)
+            except BaseException as err:  # pragma: no cover - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        write(chip / "power1_input", 6_000_000)
+        for t in threads:
+            t.join()
+        assert not errors
+        assert len(results) == 40
+        assert len(_sampler_threads()) == 1  # one thread for all 40 windows
+        for m in results:
+            assert m.source == "hwmon:ina226" and m.warnings == []  # type: ignore[attr-defined]
+            # between 4 and 6 W whatever the interleaving
+            assert 4.0 * m.seconds - 1e-9 <= m.joules <= 6.0 * m.seconds + 1e-9  # type: ignore[attr-defined]
+    assert not meter.sampler_running
+
+
+def test_close_stops_the_sampler_and_refuses_new_windows(tmp_path: Path) -> None:
+    add_rapl_zone(tmp_path, "0", "package-0", 0)
+    meter = EnergyMeter(tmp_path, sample_interval_s=0.01)
+    open_window = meter.measure()
+    assert meter.sampler_running
+    meter.close()
+    assert not meter.sampler_running and meter.closed
+    assert open_window.stop().joules >= 0  # an open window can still be closed
+    with pytest.raises(EnergyError, match="closed"):
+        meter.measure()
+
+
+def test_sampler_sleeps_when_no_window_is_open(tmp_path: Path) -> None:
+    add_rapl_zone(tmp_path, "0", "package-0", 0)
+    with EnergyMeter(tmp_path, sample_interval_s=0.01) as meter:
+        assert meter._sampler is None
+        with meter.measure():
+            time.sleep(0.05)
+        sampler = meter._sampler
+        assert sampler is not None
+        sampler._linger_s = 0.0  # no grace period for this test
+        time.sleep(0.05)
+        reads = sampler.reads
+        time.sleep(0.1)
+        assert sampler.reads == reads
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ConfigError):
+        EnergyMeter(sample_interval_s=0)
+    with pytest.raises(ConfigError) as err:
+        EnergyMeter(source="nvml")
+    assert err.value.field == "power.source"
+    with pytest.raises(ValueError):
+        ConstantPowerSource(-1.0)
+
+
+def test_settings_drive_the_meter(tmp_path: Path, clock: ManualClock) -> None:
+    add_hwmon(tmp_path, 0, "ina226", {"power1_input": 1_000_000})
+    settings = load_settings(PowerSettings, env={}, overrides={
+        "sysfs_root": str(tmp_path), "source": "estimate", "profile": "raspberry-pi-4",
+        "sample_interval_ms": "50", "idle_watts": "1.5"})
+    assert settings.sample_interval_ms == 50 and settings.idle_watts == 1.5
+    with EnergyMeter.from_settings(settings, clock=clock) as meter:
+        assert meter.source == "estimate:custom"  # insisted on, though hwmon is there
+        assert meter.sample_interval_s == pytest.approx(0.05)
+        assert meter.profile.active_watts_per_core == 0.925 and meter.profile.idle_watts == 1.5
+    auto = load_settings(PowerSettings, env={"EDGE_RUNTIME_POWER_SYSFS_ROOT": str(tmp_path)},
+                         env_prefix="EDGE_RUNTIME_POWER")
+    with EnergyMeter.from_settings(auto) as meter:
+        assert meter.source == "hwmon:ina226"
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"source": "nvml"}, "source"),
+    ({"profile": "toaster"}, "power.profile"),
+    ({"sample_interval_ms": "0"}, "power.sample_interval_ms"),
+    ({"idle_watts": "-3"}, "power.idle_watts"),
+    ({"active_watts_per_core": "lots"}, "active_watts_per_core"),
+])
+def test_bad_settings_name_the_field(overrides: dict[str, str], field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(PowerSettings, env={}, overrides=overrides)
+    assert err.value.field == field
+
+
+def test_settings_embed_as_a_power_section() -> None:
+    from dataclasses import dataclass
+
+    from edge_runtime.config import setting
+
+    @dataclass(frozen=True)
+    class Daemon:
+        power: PowerSettings = setting(factory=PowerSettings, help="energy measurement")
+
+    s = load_settings(Daemon, env={"EDGE_RUNTIME_POWER_PROFILE": "laptop-x86"}, data={"power": {"idle_watts": 7}})
+    assert s.power.profile == "laptop-x86" and s.power.idle_watts == 7.0
