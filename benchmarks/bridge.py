@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -38,8 +38,10 @@ from edge_runtime.cloud import CloudClient  # noqa: E402
 from edge_runtime.engine.types import SamplingParams  # noqa: E402
 
 TOKEN = "ebt_benchmark-only-token"
-MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "Write a Python function that reverses a string."}]
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write a Python function that reverses a string."},
+]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,18 +51,23 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _settings(models: dict[str, Any], **server: Any) -> Any:
-    return load_bridge_settings(data={
-        "server": {"address": "127.0.0.1:0", "max_concurrent_rpcs": 64, **server},
-        "auth": {"tokens_file": None, "tokens": {"bench": hash_token(TOKEN)}},
-        "quota": {"requests_per_minute": 0, "tokens_per_minute": 0},
-        "models": models,
-    }, env={})
+    return load_bridge_settings(
+        data={
+            "server": {"address": "127.0.0.1:0", "max_concurrent_rpcs": 64, **server},
+            "auth": {"tokens_file": None, "tokens": {"bench": hash_token(TOKEN)}},
+            "quota": {"requests_per_minute": 0, "tokens_per_minute": 0},
+            "models": models,
+        },
+        env={},
+    )
 
 
 def added_latency(requests: int) -> dict[str, Any]:
     """Direct in-process backend calls vs. the same calls through the bridge on loopback."""
     reply = "def reverse(s): return s[::-1]"
-    backend = EchoBackend(load_bridge_settings(data={"models": {"e": {"backend": "echo", "reply": reply}}}, env={}).models["e"])
+    backend = EchoBackend(
+        load_bridge_settings(data={"models": {"e": {"backend": "echo", "reply": reply}}}, env={}).models["e"]
+    )
     params = SamplingParams(max_new_tokens=64)
     request = BackendRequest("bench", [dict(m) for m in MESSAGES], params)
     direct: list[float] = []
@@ -85,8 +92,10 @@ def added_latency(requests: int) -> dict[str, Any]:
         server.stop(0)
     return {
         "requests": requests,
-        "direct_p50_ms": percentile(direct, 50), "direct_p99_ms": percentile(direct, 99),
-        "grpc_p50_ms": percentile(via, 50), "grpc_p99_ms": percentile(via, 99),
+        "direct_p50_ms": percentile(direct, 50),
+        "direct_p99_ms": percentile(direct, 99),
+        "grpc_p50_ms": percentile(via, 50),
+        "grpc_p99_ms": percentile(via, 99),
         "added_p50_ms": percentile(via, 50) - percentile(direct, 50),
         "added_p99_ms": percentile(via, 99) - percentile(direct, 99),
         "target_added_p50_ms": 2.0,
@@ -101,64 +110,89 @@ def _model(bundle: str | None, token_delay_ms: float, workers: int) -> tuple[dic
             raise SystemExit(f"--bundle given but the engine cannot be imported: {err}") from err
         return {"backend": "onnx", "bundle": bundle, "workers": workers, "queue_size": 32}, f"onnx ({bundle})"
     reply = " ".join(f"tok{i}" for i in range(32))
-    return ({"backend": "echo", "reply": reply, "token_delay_ms": token_delay_ms, "workers": workers, "queue_size": 32},
-            f"echo stand-in ({token_delay_ms:g} ms/token; no engine bundle given)")
+    return (
+        {"backend": "echo", "reply": reply, "token_delay_ms": token_delay_ms, "workers": workers, "queue_size": 32},
+        f"echo stand-in ({token_delay_ms:g} ms/token; no engine bundle given)",
+    )
 
 
-def throughput(bundle: str | None, concurrency: list[int], per_client: int, token_delay_ms: float, workers: int,
-               max_new_tokens: int) -> dict[str, Any]:
+def _run_clients(port: int, clients: int, per_client: int, max_new_tokens: int) -> dict[str, Any]:
+    """``clients`` threads, each with its own CloudClient, making ``per_client`` requests one after another."""
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+    answered, tokens, retries = [0] * clients, [0] * clients, [0] * clients
+    failures: list[str] = []
+    latencies: list[float] = []
+
+    def work(index: int) -> None:
+        with CloudClient(
+            address=f"127.0.0.1:{port}",
+            token=TOKEN,
+            insecure=True,
+            timeout_s=300,
+            max_attempts=50,
+            circuit_failure_threshold=10_000,
+        ) as client:
+            barrier.wait()
+            for _ in range(per_client):
+                started = time.perf_counter()
+                try:
+                    result = client.generate(MESSAGES, params=SamplingParams(max_new_tokens=max_new_tokens))
+                except Exception as err:  # counted: the benchmark fails if any request is lost
+                    with lock:
+                        failures.append(f"{type(err).__name__}: {err}")
+                    continue
+                with lock:
+                    latencies.append((time.perf_counter() - started) * 1000.0)
+                answered[index] += 1
+                tokens[index] += result.completion_tokens
+                retries[index] += result.attempts - 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    sent = clients * per_client
+    return {
+        "clients": clients,
+        "sent": sent,
+        "answered": sum(answered),
+        "lost": sent - sum(answered),
+        "retried_after_queue_full": sum(retries),
+        "requests_per_s": sum(answered) / elapsed,
+        "completion_tokens_per_s": sum(tokens) / elapsed,
+        "latency_p50_ms": percentile(latencies, 50) if latencies else None,
+        "latency_p99_ms": percentile(latencies, 99) if latencies else None,
+        "failures": failures[:5],
+    }
+
+
+def throughput(
+    bundle: str | None,
+    concurrency: list[int],
+    per_client: int,
+    token_delay_ms: float,
+    workers: int,
+    max_new_tokens: int,
+) -> dict[str, Any]:
     model, description = _model(bundle, token_delay_ms, workers)
     server, port = create_server(_settings({"m": model}), insecure=True)
     server.start()
-    runs = []
     try:
-        for clients in concurrency:
-            answered = [0] * clients
-            tokens = [0] * clients
-            retries = [0] * clients
-            failures: list[str] = []
-            latencies: list[float] = []
-            lock = threading.Lock()
-            barrier = threading.Barrier(clients + 1)
-
-            def work(index: int) -> None:
-                with CloudClient(address=f"127.0.0.1:{port}", token=TOKEN, insecure=True, timeout_s=300,
-                                 max_attempts=50, circuit_failure_threshold=10_000) as client:
-                    barrier.wait()
-                    for _ in range(per_client):
-                        started = time.perf_counter()
-                        try:
-                            result = client.generate(MESSAGES, params=SamplingParams(max_new_tokens=max_new_tokens))
-                        except Exception as err:  # counted: the benchmark fails if any request is lost
-                            with lock:
-                                failures.append(f"{type(err).__name__}: {err}")
-                            continue
-                        with lock:
-                            latencies.append((time.perf_counter() - started) * 1000.0)
-                        answered[index] += 1
-                        tokens[index] += result.completion_tokens
-                        retries[index] += result.attempts - 1
-
-            threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
-            for thread in threads:
-                thread.start()
-            barrier.wait()
-            started = time.perf_counter()
-            for thread in threads:
-                thread.join()
-            elapsed = time.perf_counter() - started
-            sent = clients * per_client
-            runs.append({
-                "clients": clients, "sent": sent, "answered": sum(answered), "lost": sent - sum(answered),
-                "retried_after_queue_full": sum(retries),
-                "requests_per_s": sum(answered) / elapsed, "completion_tokens_per_s": sum(tokens) / elapsed,
-                "latency_p50_ms": percentile(latencies, 50) if latencies else None,
-                "latency_p99_ms": percentile(latencies, 99) if latencies else None,
-                "failures": failures[:5],
-            })
+        runs = [_run_clients(port, clients, per_client, max_new_tokens) for clients in concurrency]
     finally:
         server.stop(0)
-    return {"backend": description, "workers": workers, "max_new_tokens": max_new_tokens, "per_client": per_client, "runs": runs}
+    return {
+        "backend": description,
+        "workers": workers,
+        "max_new_tokens": max_new_tokens,
+        "per_client": per_client,
+        "runs": runs,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,16 +204,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="generations the bridge runs at once")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--token-delay-ms", type=float, default=5.0, help="echo stand-in: pause per token")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / f"bridge-{socket.gethostname()}.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / f"bridge-{socket.gethostname()}.json"
+    )
     args = parser.parse_args(argv)
 
     latency = added_latency(args.requests)
-    load = throughput(args.bundle, [int(c) for c in args.concurrency.split(",")], args.per_client, args.token_delay_ms,
-                      args.workers, args.max_new_tokens)
+    load = throughput(
+        args.bundle,
+        [int(c) for c in args.concurrency.split(",")],
+        args.per_client,
+        args.token_delay_ms,
+        args.workers,
+        args.max_new_tokens,
+    )
     report = {
-        "host": socket.gethostname(), "python": platform.python_version(), "machine": platform.machine(),
-        "cpus": __import__("os").cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "added_latency": latency, "throughput": load,
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "added_latency": latency,
+        "throughput": load,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -189,14 +235,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'direct backend call':<22}{latency['direct_p50_ms']:>10.3f}{latency['direct_p99_ms']:>10.3f}")
     print(f"  {'through the bridge':<22}{latency['grpc_p50_ms']:>10.3f}{latency['grpc_p99_ms']:>10.3f}")
     verdict = "meets" if latency["added_p50_ms"] <= latency["target_added_p50_ms"] else "MISSES"
-    print(f"  {'added':<22}{latency['added_p50_ms']:>10.3f}{latency['added_p99_ms']:>10.3f}   ({verdict} the 2 ms p50 target)")
+    print(
+        f"  {'added':<22}{latency['added_p50_ms']:>10.3f}{latency['added_p99_ms']:>10.3f}"
+        f"   ({verdict} the 2 ms p50 target)"
+    )
     print()
-    print(f"Throughput: {load['backend']}, {load['workers']} workers, {load['max_new_tokens']} new tokens, "
-          f"{load['per_client']} requests per client")
-    print(f"  {'clients':>8}{'sent':>7}{'answered':>10}{'lost':>6}{'retried':>9}{'req/s':>9}{'tok/s':>9}{'p50 ms':>10}{'p99 ms':>10}")
+    print(
+        f"Throughput: {load['backend']}, {load['workers']} workers, {load['max_new_tokens']} new tokens, "
+        f"{load['per_client']} requests per client"
+    )
+    print(
+        f"  {'clients':>8}{'sent':>7}{'answered':>10}{'lost':>6}{'retried':>9}"
+        f"{'req/s':>9}{'tok/s':>9}{'p50 ms':>10}{'p99 ms':>10}"
+    )
     for run in load["runs"]:
-        print(f"  {run['clients']:>8}{run['sent']:>7}{run['answered']:>10}{run['lost']:>6}{run['retried_after_queue_full']:>9}"
-              f"{run['requests_per_s']:>9.2f}{run['completion_tokens_per_s']:>9.1f}{run['latency_p50_ms']:>10.1f}{run['latency_p99_ms']:>10.1f}")
+        print(
+            f"  {run['clients']:>8}{run['sent']:>7}{run['answered']:>10}{run['lost']:>6}"
+            f"{run['retried_after_queue_full']:>9}"
+            f"{run['requests_per_s']:>9.2f}{run['completion_tokens_per_s']:>9.1f}"
+            f"{run['latency_p50_ms']:>10.1f}{run['latency_p99_ms']:>10.1f}"
+        )
     print(f"\nwrote {args.out}")
     lost = sum(run["lost"] for run in load["runs"])
     if lost:

@@ -43,7 +43,8 @@ class WorkerSlots:
             if len(self._waiters) >= self.queue_size:
                 retry_after_s = max(0.1, self._hold_s * (len(self._waiters) + 1) / self.workers)
                 raise QueueFullError(
-                    f"{self.running} generations running and {len(self._waiters)} waiting", retry_after_s=round(retry_after_s, 3)
+                    f"{self.running} generations running and {len(self._waiters)} waiting",
+                    retry_after_s=round(retry_after_s, 3),
                 )
             granted = threading.Event()
             self._waiters.append(granted)

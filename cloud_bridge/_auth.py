@@ -57,9 +57,11 @@ def validate_device_id(device: str) -> str:
 
 def _digest(stored: str, where: str) -> bytes:
     if not isinstance(stored, str) or not stored.startswith(_HASH_PREFIX):
-        raise ConfigError(f"expected 'sha256:<64 hex digits>' (never a token in clear), got {type(stored).__name__}", field=where)
+        raise ConfigError(
+            f"expected 'sha256:<64 hex digits>' (never a token in clear), got {type(stored).__name__}", field=where
+        )
     try:
-        digest = bytes.fromhex(stored[len(_HASH_PREFIX):])
+        digest = bytes.fromhex(stored[len(_HASH_PREFIX) :])
     except ValueError:
         digest = b""
     if len(digest) != 32:

@@ -57,10 +57,14 @@ class QuotaManager:
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
 
-    def _bucket(self, table: dict[str, TokenBucket], device: str, per_minute: float, burst: int | None, now_s: float) -> TokenBucket:
+    def _bucket(
+        self, table: dict[str, TokenBucket], device: str, per_minute: float, burst: int | None, now_s: float
+    ) -> TokenBucket:
         bucket = table.get(device)
         if bucket is None:
-            bucket = table[device] = TokenBucket(per_minute / 60.0, float(burst if burst is not None else per_minute), now_s)
+            bucket = table[device] = TokenBucket(
+                per_minute / 60.0, float(burst if burst is not None else per_minute), now_s
+            )
         return bucket
 
     def admit(self, device: str) -> QuotaRejection | None:

@@ -51,14 +51,21 @@ def _read(path: Path | None, what: str) -> bytes | None:
 def _credentials(server: ServerSettings, insecure: bool) -> grpc.ServerCredentials | None:
     if insecure:
         if not is_loopback_address(server.address):
-            raise ConfigError(f"plaintext (--insecure) is only allowed on a loopback address, not {server.address!r}",
-                              field="server.address")
+            raise ConfigError(
+                f"plaintext (--insecure) is only allowed on a loopback address, not {server.address!r}",
+                field="server.address",
+            )
         return None
     if server.tls_cert is None or server.tls_key is None:
-        raise ConfigError("TLS needs a certificate and key (or pass --insecure to serve plaintext on loopback)", field="server.tls_cert")
+        raise ConfigError(
+            "TLS needs a certificate and key (or pass --insecure to serve plaintext on loopback)",
+            field="server.tls_cert",
+        )
     cert, key = _read(server.tls_cert, "tls_cert"), _read(server.tls_key, "tls_key")
     client_ca = _read(server.client_ca, "client_ca")
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 class BridgeServer:
@@ -77,7 +84,9 @@ class BridgeServer:
         s = settings.server
         self.tokens = TokenStore.from_sources(settings.auth.tokens, settings.auth.tokens_file)
         if not len(self.tokens):
-            log.warning("no device tokens configured: every call will be refused (add one with `cloud-bridge token add DEVICE`)")
+            log.warning(
+                "no device tokens configured: every call will be refused (add one with `cloud-bridge token add DEVICE`)"
+            )
         self.quotas = QuotaManager(settings.quota, clock=clock or time.monotonic)
         self.service = BridgeService(settings, self.backends, self.tokens, self.quotas)
         self.health = health.HealthServicer()
@@ -109,9 +118,15 @@ class BridgeServer:
         self.grpc_server.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("cloud bridge listening on %s (port %d, %s) serving %s", self.settings.server.address, self.port,
-                 "TLS" + (" + client certificates" if self.settings.server.client_ca else "") if self.secure else "plaintext",
-                 ", ".join(self.backends) or "no models")
+        log.info(
+            "cloud bridge listening on %s (port %d, %s) serving %s",
+            self.settings.server.address,
+            self.port,
+            "TLS" + (" + client certificates" if self.settings.server.client_ca else "")
+            if self.secure
+            else "plaintext",
+            ", ".join(self.backends) or "no models",
+        )
 
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace_s``."""
@@ -137,7 +152,9 @@ class BridgeServer:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -164,7 +181,11 @@ def create_server(
     models: dict[str, ModelSettings] = dict(settings.models)
     for alias, backend in given.items():
         if alias not in models:
-            models[alias] = EchoModelSettings(model=backend.model) if backend.kind == "echo" else ModelSettings(backend=backend.kind)
+            models[alias] = (
+                EchoModelSettings(model=backend.model)
+                if backend.kind == "echo"
+                else ModelSettings(backend=backend.kind)
+            )
     if models != settings.models:
         settings = dataclasses.replace(settings, models=models)
     settings.validate()

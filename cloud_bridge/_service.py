@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 
@@ -34,7 +35,7 @@ __all__ = ["BridgeService", "FINISH_REASONS"]
 log = logging.getLogger("cloud_bridge.access")
 content_log = logging.getLogger("cloud_bridge.content")
 
-FINISH_REASONS: dict[str, int] = {
+FINISH_REASONS: dict[str, bridge_pb2.FinishReason.ValueType] = {
     "stop": bridge_pb2.FINISH_REASON_STOP,
     "eos": bridge_pb2.FINISH_REASON_EOS,
     "length": bridge_pb2.FINISH_REASON_LENGTH,
@@ -62,7 +63,7 @@ class _Job:
 def _invalid(err: InvalidRequestError) -> Reject:
     field = err.field or ""
     message = str(err)
-    description = message[len(field) + 2:] if field and message.startswith(f"{field}: ") else message
+    description = message[len(field) + 2 :] if field and message.startswith(f"{field}: ") else message
     return Reject(make_status(grpc.StatusCode.INVALID_ARGUMENT, message, bad_request(field, description)))
 
 
@@ -78,7 +79,10 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         self.backends = dict(backends)
         self.tokens = tokens
         self.quotas = quotas
-        self.slots = {alias: WorkerSlots(settings.models[alias].workers, settings.models[alias].queue_size) for alias in self.backends}
+        self.slots = {
+            alias: WorkerSlots(settings.models[alias].workers, settings.models[alias].queue_size)
+            for alias in self.backends
+        }
 
     # --- the steps -------------------------------------------------------------------------------------
 
@@ -86,8 +90,11 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         device = self.tokens.authenticate(bearer_token(context.invocation_metadata()))
         if device is None:
             # one message for missing and wrong tokens: nothing to learn from the difference
-            raise Reject(make_status(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid device token",
-                                     error_info("INVALID_TOKEN")))
+            raise Reject(
+                make_status(
+                    grpc.StatusCode.UNAUTHENTICATED, "missing or invalid device token", error_info("INVALID_TOKEN")
+                )
+            )
         return device
 
     def _parse(self, request: bridge_pb2.GenerateRequest, device: str) -> tuple[str, BackendRequest]:
@@ -98,8 +105,13 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                 raise InvalidRequestError(f"must be at most {_MAX_REQUEST_ID} printable characters", field="request_id")
             alias = request.model or self.settings.default_model
             if alias not in self.backends:
-                raise Reject(make_status(grpc.StatusCode.NOT_FOUND, f"no model alias {alias!r} (have: {', '.join(self.backends)})",
-                                         error_info("MODEL_NOT_FOUND", {"model": alias[:64]})))
+                raise Reject(
+                    make_status(
+                        grpc.StatusCode.NOT_FOUND,
+                        f"no model alias {alias!r} (have: {', '.join(self.backends)})",
+                        error_info("MODEL_NOT_FOUND", {"model": alias[:64]}),
+                    )
+                )
             model = self.settings.models[alias]
             if len(request.messages) > limits.max_messages:
                 raise InvalidRequestError(f"at most {limits.max_messages} messages", field="messages")
@@ -110,12 +122,19 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                 p_correct = e.p_correct if e.HasField("p_correct") else None
                 if p_correct is not None and not 0.0 <= p_correct <= 1.0:
                     raise InvalidRequestError(f"must be in [0, 1], got {p_correct}", field="escalation.p_correct")
-                escalation = Escalation(draft_answer=e.draft_answer, p_correct=p_correct, reason=e.reason, policy=e.policy,
-                                        local_model=e.local_model)
+                escalation = Escalation(
+                    draft_answer=e.draft_answer,
+                    p_correct=p_correct,
+                    reason=e.reason,
+                    policy=e.policy,
+                    local_model=e.local_model,
+                )
             chars = sum(len(m["content"]) for m in messages) + (len(escalation.draft_answer) if escalation else 0)
             if chars > limits.max_prompt_chars:
-                raise InvalidRequestError(f"the request has {chars} characters; at most {limits.max_prompt_chars} are accepted",
-                                          field="messages")
+                raise InvalidRequestError(
+                    f"the request has {chars} characters; at most {limits.max_prompt_chars} are accepted",
+                    field="messages",
+                )
             cap = min(limits.max_new_tokens, model.max_new_tokens or limits.max_new_tokens)
             if request.HasField("max_new_tokens"):
                 max_new_tokens = request.max_new_tokens
@@ -148,13 +167,15 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     def _admit(self, device: str) -> None:
         rejection = self.quotas.admit(device)
         if rejection is not None:
-            raise Reject(make_status(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"quota {rejection.limit} exceeded for this device; retry in {rejection.retry_after_s:.2f} s",
-                retry_info(rejection.retry_after_s),
-                quota_failure(f"device:{device}", rejection.limit),
-                error_info("QUOTA_EXCEEDED", {"limit": rejection.limit}),
-            ))
+            raise Reject(
+                make_status(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"quota {rejection.limit} exceeded for this device; retry in {rejection.retry_after_s:.2f} s",
+                    retry_info(rejection.retry_after_s),
+                    quota_failure(f"device:{device}", rejection.limit),
+                    error_info("QUOTA_EXCEEDED", {"limit": rejection.limit}),
+                )
+            )
 
     def _prepare(self, request: bridge_pb2.GenerateRequest, context: grpc.ServicerContext) -> _Job:
         received_s = time.monotonic()
@@ -165,8 +186,16 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         cancel = CancelToken(None if remaining is None else received_s + remaining)
         # fires when the call ends for any reason: cancelled, deadline passed, or done
         context.add_callback(cancel.cancel)
-        return _Job(device, alias, self.settings.models[alias], self.backends[alias], self.slots[alias], backend_request,
-                    received_s, cancel)
+        return _Job(
+            device,
+            alias,
+            self.settings.models[alias],
+            self.backends[alias],
+            self.slots[alias],
+            backend_request,
+            received_s,
+            cancel,
+        )
 
     def _run(self, job: _Job, *, stream: bool) -> Iterator[BackendChunk]:
         """The backend's chunks; the last one carries the result. Releases the worker slot however it ends."""
@@ -174,22 +203,34 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             if not job.slots.acquire(job.cancel):
                 raise Reject(make_status(grpc.StatusCode.CANCELLED, "call ended while waiting for a worker"))
         except QueueFullError as err:
-            raise Reject(make_status(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {job.alias!r} is busy: {err}",
-                                     retry_info(err.retry_after_s), error_info("QUEUE_FULL", {"model_alias": job.alias}))) from err
+            raise Reject(
+                make_status(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"model {job.alias!r} is busy: {err}",
+                    retry_info(err.retry_after_s),
+                    error_info("QUEUE_FULL", {"model_alias": job.alias}),
+                )
+            ) from err
         started_s = job.started_s = time.monotonic()
         job.queue_ms = (started_s - job.received_s) * 1000.0
         try:
-            chunks = job.backend.stream(job.request, job.cancel) if stream else iter(
-                [BackendChunk("", 0, job.backend.generate(job.request, job.cancel))])
+            chunks = (
+                job.backend.stream(job.request, job.cancel)
+                if stream
+                else iter([BackendChunk("", 0, job.backend.generate(job.request, job.cancel))])
+            )
             for chunk in chunks:
                 if chunk.result is not None and (job.cancel() or chunk.result.finish_reason == "cancelled"):
                     # the caller is gone or out of time: a cut-off answer is no answer
                     self.quotas.charge_tokens(job.device, chunk.result.prompt_tokens + chunk.result.completion_tokens)
                     expired = job.cancel.deadline_s is not None and time.monotonic() >= job.cancel.deadline_s
-                    raise Reject(make_status(
-                        grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED,
-                        f"generation stopped after {chunk.result.completion_tokens} tokens: the call "
-                        f"{'ran out of time' if expired else 'was cancelled'}"))
+                    raise Reject(
+                        make_status(
+                            grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED,
+                            f"generation stopped after {chunk.result.completion_tokens} tokens: the call "
+                            f"{'ran out of time' if expired else 'was cancelled'}",
+                        )
+                    )
                 yield chunk
         except Reject:
             raise
@@ -203,8 +244,13 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             raise Reject(make_status(code, f"backend {job.alias!r} failed: {err}", *details)) from err
         except Exception as err:  # a broken backend must cost one call, never the server
             log.exception("%s backend %r crashed", job.request.request_id, job.alias)
-            raise Reject(make_status(grpc.StatusCode.UNAVAILABLE, f"backend {job.alias!r} failed: {type(err).__name__}",
-                                     error_info("BACKEND_CRASHED", {"model_alias": job.alias, "backend": job.backend.kind}))) from err
+            raise Reject(
+                make_status(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"backend {job.alias!r} failed: {type(err).__name__}",
+                    error_info("BACKEND_CRASHED", {"model_alias": job.alias, "backend": job.backend.kind}),
+                )
+            ) from err
         finally:
             job.generate_ms = (time.monotonic() - started_s) * 1000.0
             job.slots.release(job.generate_ms / 1000.0)
@@ -216,9 +262,19 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         generate_ms = job.generate_ms or (now_s - job.started_s) * 1000.0
         cost = job.model.cost_usd(result.prompt_tokens, result.completion_tokens)
         self.quotas.charge_tokens(job.device, result.prompt_tokens + result.completion_tokens)
-        log.info("%s device=%s model=%s finish=%s prompt_tokens=%d completion_tokens=%d cost_usd=%.6f queue_ms=%.1f total_ms=%.1f",
-                 job.request.request_id, job.device, job.alias, result.finish_reason, result.prompt_tokens,
-                 result.completion_tokens, cost, job.queue_ms, total_ms)
+        log.info(
+            "%s device=%s model=%s finish=%s prompt_tokens=%d completion_tokens=%d cost_usd=%.6f "
+            "queue_ms=%.1f total_ms=%.1f",
+            job.request.request_id,
+            job.device,
+            job.alias,
+            result.finish_reason,
+            result.prompt_tokens,
+            result.completion_tokens,
+            cost,
+            job.queue_ms,
+            total_ms,
+        )
         if self.settings.server.log_content:
             content_log.info("%s messages=%r answer=%r", job.request.request_id, job.request.messages, result.text)
         return bridge_pb2.GenerateResponse(
@@ -229,17 +285,21 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             cost_usd=cost,
             model=result.model,
             model_alias=job.alias,
-            timings=bridge_pb2.ServerTimings(queue_ms=job.queue_ms, ttft_ms=result.ttft_ms or 0.0, generate_ms=generate_ms,
-                                             total_ms=total_ms),
+            timings=bridge_pb2.ServerTimings(
+                queue_ms=job.queue_ms, ttft_ms=result.ttft_ms or 0.0, generate_ms=generate_ms, total_ms=total_ms
+            ),
         )
 
-    def _abort(self, context: grpc.ServicerContext, reject: Reject, request_id: str = "-") -> None:
+    def _abort(self, context: grpc.ServicerContext, reject: Reject, request_id: str = "-") -> NoReturn:
         log.info("%s status=%s %s", request_id, reject.status.code.name, reject.status.details)
         context.abort_with_status(reject.status)
+        raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
 
     # --- the RPCs --------------------------------------------------------------------------------------
 
-    def Generate(self, request: bridge_pb2.GenerateRequest, context: grpc.ServicerContext) -> bridge_pb2.GenerateResponse:
+    def Generate(
+        self, request: bridge_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> bridge_pb2.GenerateResponse:
         try:
             job = self._prepare(request, context)
             result = None
@@ -249,52 +309,70 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             return self._response(job, result)
         except Reject as reject:
             self._abort(context, reject, request.request_id or "-")
-            raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
-    def GenerateStream(self, request: bridge_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator[bridge_pb2.GenerateStreamResponse]:
+    def GenerateStream(
+        self, request: bridge_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[bridge_pb2.GenerateStreamResponse]:
         try:
             job = self._prepare(request, context)
             for chunk in self._run(job, stream=True):
                 if chunk.text or chunk.token_count:
-                    yield bridge_pb2.GenerateStreamResponse(delta=bridge_pb2.TextDelta(text=chunk.text, token_count=chunk.token_count))
+                    yield bridge_pb2.GenerateStreamResponse(
+                        delta=bridge_pb2.TextDelta(text=chunk.text, token_count=chunk.token_count)
+                    )
                 if chunk.result is not None:
                     yield bridge_pb2.GenerateStreamResponse(final=self._response(job, chunk.result))
                     return
-            raise Reject(make_status(grpc.StatusCode.UNAVAILABLE, f"backend {job.alias!r} ended its stream without a result",
-                                     error_info("BACKEND_CRASHED", {"model_alias": job.alias})))
+            raise Reject(
+                make_status(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"backend {job.alias!r} ended its stream without a result",
+                    error_info("BACKEND_CRASHED", {"model_alias": job.alias}),
+                )
+            )
         except Reject as reject:
             self._abort(context, reject, request.request_id or "-")
 
-    def ListModels(self, request: bridge_pb2.ListModelsRequest, context: grpc.ServicerContext) -> bridge_pb2.ListModelsResponse:
+    def ListModels(
+        self, request: bridge_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> bridge_pb2.ListModelsResponse:
         try:
             self._authenticate(context)
         except Reject as reject:
             self._abort(context, reject)
         limits = self.settings.limits
         default = self.settings.default_model
-        return bridge_pb2.ListModelsResponse(models=[
-            bridge_pb2.ModelInfo(
-                alias=alias,
-                backend=backend.kind,
-                model=backend.model,
-                context_length=backend.context_length,
-                max_new_tokens_limit=min(limits.max_new_tokens, self.settings.models[alias].max_new_tokens or limits.max_new_tokens),
-                usd_per_million_input_tokens=self.settings.models[alias].usd_per_million_input_tokens,
-                usd_per_million_output_tokens=self.settings.models[alias].usd_per_million_output_tokens,
-                is_default=alias == default,
-            )
-            for alias, backend in self.backends.items()
-        ])
+        return bridge_pb2.ListModelsResponse(
+            models=[
+                bridge_pb2.ModelInfo(
+                    alias=alias,
+                    backend=backend.kind,
+                    model=backend.model,
+                    context_length=backend.context_length,
+                    max_new_tokens_limit=min(
+                        limits.max_new_tokens, self.settings.models[alias].max_new_tokens or limits.max_new_tokens
+                    ),
+                    usd_per_million_input_tokens=self.settings.models[alias].usd_per_million_input_tokens,
+                    usd_per_million_output_tokens=self.settings.models[alias].usd_per_million_output_tokens,
+                    is_default=alias == default,
+                )
+                for alias, backend in self.backends.items()
+            ]
+        )
 
 
 def _with_hint(messages: list[dict[str, str]], escalation: Escalation) -> list[dict[str, str]]:
     """Show the device's draft to the larger model as a system note, after any system prompt."""
-    confidence = f" (its estimated probability of being correct: {escalation.p_correct:.2f})" if escalation.p_correct is not None else ""
+    confidence = (
+        f" (its estimated probability of being correct: {escalation.p_correct:.2f})"
+        if escalation.p_correct is not None
+        else ""
+    )
     why = f" It was escalated because: {escalation.reason}." if escalation.reason else ""
     note = {
         "role": "system",
         "content": f"A smaller on-device model drafted an answer{confidence}.{why} Draft:\n{escalation.draft_answer}\n"
-                   "Answer the user yourself; keep what is right in the draft and fix what is wrong.",
+        "Answer the user yourself; keep what is right in the draft and fix what is wrong.",
     }
     at = 1 if messages and messages[0]["role"] == "system" else 0
     return [*messages[:at], note, *messages[at:]]

@@ -71,7 +71,9 @@ class ServerSettings:
     address: str = setting("127.0.0.1:50051", help="host:port to listen on (port 0 picks a free one)")
     tls_cert: Path | None = setting(None, help="PEM certificate chain of the server")
     tls_key: Path | None = setting(None, help="PEM private key of the server")
-    client_ca: Path | None = setting(None, help="PEM CA bundle for device certificates; when set, clients must present one (mTLS)")
+    client_ca: Path | None = setting(
+        None, help="PEM CA bundle for device certificates; when set, clients must present one (mTLS)"
+    )
     max_message_bytes: int = setting(4 << 20, help="largest request or response message, in bytes")
     max_concurrent_rpcs: int = setting(64, help="calls in progress beyond which gRPC itself answers RESOURCE_EXHAUSTED")
     grace_period_s: float = setting(10.0, help="on shutdown, how long in-flight calls may take to finish")
@@ -104,7 +106,9 @@ class AuthSettings:
 class QuotaSettings:
     requests_per_minute: float = setting(60.0, help="per device; 0 disables the request quota")
     requests_burst: int | None = setting(None, help="requests a device may make at once (default: requests_per_minute)")
-    tokens_per_minute: float = setting(100_000.0, help="prompt + completion tokens per device; 0 disables the token quota")
+    tokens_per_minute: float = setting(
+        100_000.0, help="prompt + completion tokens per device; 0 disables the token quota"
+    )
     tokens_burst: int | None = setting(None, help="tokens a device may use at once (default: tokens_per_minute)")
 
     def validate(self) -> None:
@@ -139,7 +143,9 @@ class ModelSettings:
 
     backend: str = setting("", help="onnx | openai | echo")
     workers: int = setting(1, help="generations run at once for this alias")
-    queue_size: int = setting(8, help="requests that may wait for a worker; beyond it the bridge answers RESOURCE_EXHAUSTED")
+    queue_size: int = setting(
+        8, help="requests that may wait for a worker; beyond it the bridge answers RESOURCE_EXHAUSTED"
+    )
     max_new_tokens: int | None = setting(None, help="cap for this alias below limits.max_new_tokens")
     usd_per_million_input_tokens: float = setting(0.0, help="price of prompt tokens, USD per million")
     usd_per_million_output_tokens: float = setting(0.0, help="price of completion tokens, USD per million")
@@ -156,14 +162,18 @@ class ModelSettings:
             raise ConfigError("prices must be >= 0", field="usd_per_million_input_tokens")
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.usd_per_million_input_tokens + completion_tokens * self.usd_per_million_output_tokens) / 1e6
+        return (
+            prompt_tokens * self.usd_per_million_input_tokens + completion_tokens * self.usd_per_million_output_tokens
+        ) / 1e6
 
 
 @dataclass(frozen=True, kw_only=True)
 class OnnxModelSettings(ModelSettings):
     backend: str = setting("onnx", help="onnx: run a model bundle with this project's engine")
     bundle: Path | None = setting(None, help="model bundle directory")
-    intra_op_threads: int | None = setting(None, help="onnxruntime threads per generation (default: the engine's choice)")
+    intra_op_threads: int | None = setting(
+        None, help="onnxruntime threads per generation (default: the engine's choice)"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -173,11 +183,19 @@ class OnnxModelSettings(ModelSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class OpenAIModelSettings(ModelSettings):
-    backend: str = setting("openai", help="openai: any OpenAI-compatible HTTP endpoint (vLLM, llama.cpp, Ollama, hosted APIs)")
-    base_url: str = setting("", help="endpoint root, e.g. https://api.example.com/v1 (POST {base_url}/chat/completions)")
+    backend: str = setting(
+        "openai", help="openai: any OpenAI-compatible HTTP endpoint (vLLM, llama.cpp, Ollama, hosted APIs)"
+    )
+    base_url: str = setting(
+        "", help="endpoint root, e.g. https://api.example.com/v1 (POST {base_url}/chat/completions)"
+    )
     model: str = setting("", help="the endpoint's model name")
-    api_key_env: str | None = setting(None, help="environment variable holding the API key (the key itself never goes in the file)")
-    timeout_s: float = setting(120.0, help="longest an upstream call may take (the device's deadline may cut it shorter)")
+    api_key_env: str | None = setting(
+        None, help="environment variable holding the API key (the key itself never goes in the file)"
+    )
+    timeout_s: float = setting(
+        120.0, help="longest an upstream call may take (the device's deadline may cut it shorter)"
+    )
     connect_timeout_s: float = setting(10.0, help="longest wait for the upstream connection")
     workers: int = setting(8, help="upstream calls at once for this alias")
     queue_size: int = setting(32, help="requests that may wait for a worker")
@@ -260,7 +278,9 @@ class BridgeSettings:
         self.quota.validate()
         self.limits.validate()
         if self.limits.default_model and self.limits.default_model not in self.models:
-            raise ConfigError(f"no such model alias (have: {', '.join(self.models) or 'none'})", field="limits.default_model")
+            raise ConfigError(
+                f"no such model alias (have: {', '.join(self.models) or 'none'})", field="limits.default_model"
+            )
 
     @property
     def default_model(self) -> str:
@@ -281,7 +301,9 @@ def load_bridge_settings(
     overrides: Mapping[str, Any] | None = None,
 ) -> BridgeSettings:
     """Load the bridge settings (the one place the config file is read); relative paths follow the file."""
-    settings = load_settings(BridgeSettings, config_file=config_file, data=data, env=env, env_prefix=ENV_PREFIX, overrides=overrides)
+    settings = load_settings(
+        BridgeSettings, config_file=config_file, data=data, env=env, env_prefix=ENV_PREFIX, overrides=overrides
+    )
     base = Path(config_file).resolve().parent if config_file is not None else Path.cwd()
     server = dataclasses.replace(
         settings.server,
@@ -289,9 +311,13 @@ def load_bridge_settings(
         tls_key=_resolve(settings.server.tls_key, base) or settings.server.tls_key,
         client_ca=_resolve(settings.server.client_ca, base) or settings.server.client_ca,
     )
-    auth = dataclasses.replace(settings.auth, tokens_file=_resolve(settings.auth.tokens_file, base) or settings.auth.tokens_file)
+    auth = dataclasses.replace(
+        settings.auth, tokens_file=_resolve(settings.auth.tokens_file, base) or settings.auth.tokens_file
+    )
     models = {
-        alias: dataclasses.replace(m, bundle=_resolve(m.bundle, base) or m.bundle) if isinstance(m, OnnxModelSettings) else m
+        alias: dataclasses.replace(m, bundle=_resolve(m.bundle, base) or m.bundle)
+        if isinstance(m, OnnxModelSettings)
+        else m
         for alias, m in settings.models.items()
     }
     return dataclasses.replace(settings, server=server, auth=auth, models=models)

@@ -31,13 +31,17 @@ def make_status(code: grpc.StatusCode, message: str, *details: Message) -> grpc.
 
 
 def bad_request(field: str, description: str) -> error_details_pb2.BadRequest:
-    return error_details_pb2.BadRequest(field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)])
+    return error_details_pb2.BadRequest(
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]
+    )
 
 
 def retry_info(delay_s: float) -> error_details_pb2.RetryInfo:
     delay_s = max(0.0, delay_s)
     seconds = int(delay_s)
-    return error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds, nanos=int((delay_s - seconds) * 1e9)))
+    return error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=seconds, nanos=int((delay_s - seconds) * 1e9))
+    )
 
 
 def error_info(reason: str, metadata: Mapping[str, str] | None = None) -> error_details_pb2.ErrorInfo:
@@ -45,4 +49,6 @@ def error_info(reason: str, metadata: Mapping[str, str] | None = None) -> error_
 
 
 def quota_failure(subject: str, description: str) -> error_details_pb2.QuotaFailure:
-    return error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)])
+    return error_details_pb2.QuotaFailure(
+        violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)]
+    )

@@ -114,15 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the model aliases of the config file")
     _add_config(serve, sections=("server", "auth", "quota", "limits"))
-    serve.add_argument("--insecure", action="store_true",
-                       help="serve plaintext instead of TLS (refused unless the address is loopback or a Unix socket)")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plaintext instead of TLS (refused unless the address is loopback or a Unix socket)",
+    )
     serve.set_defaults(func=_serve)
 
     token = sub.add_parser("token", help="manage device tokens (only their hashes are stored)")
     token_sub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     add = token_sub.add_parser("add", help="make a token for a device and print it once")
     add.add_argument("device", help="device id: 1-64 letters, digits or ._-")
-    add.add_argument("--replace", action="store_true", help="issue a new token for a device that has one (the old one stops working)")
+    add.add_argument(
+        "--replace", action="store_true", help="issue a new token for a device that has one (the old one stops working)"
+    )
     _add_config(add, sections=("auth",))
     add.set_defaults(func=_token_add)
     listing = token_sub.add_parser("list", help="list the devices that have a token")

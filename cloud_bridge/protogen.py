@@ -62,14 +62,23 @@ def generate(out_root: str | Path, *, proto_dir: str | Path = PROTO_DIR) -> list
         raise BuildError(f"protoc failed with exit code {code} (see its message above)")
     package_root = out_root / GENERATED_PACKAGE
     # every generated directory must be a regular package, or find_packages() leaves it out of the wheel
-    for directory in [package_root, *sorted(p for p in package_root.rglob("*") if p.is_dir() and p.name != "__pycache__")]:
+    for directory in [
+        package_root,
+        *sorted(p for p in package_root.rglob("*") if p.is_dir() and p.name != "__pycache__"),
+    ]:
         init = directory / "__init__.py"
         init.write_text(_PACKAGE_DOC if directory == package_root else "")
-    return sorted(p.relative_to(out_root) for p in package_root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return sorted(
+        p.relative_to(out_root) for p in package_root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
 
 
 def _files(root: Path) -> set[Path]:
-    return {p.relative_to(root) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".pyi")}
+    return {
+        p.relative_to(root)
+        for p in root.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".pyi")
+    }
 
 
 def compare_trees(expected: Path, actual: Path) -> list[str]:
@@ -78,7 +87,9 @@ def compare_trees(expected: Path, actual: Path) -> list[str]:
     want, have = _files(expected), _files(actual)
     problems += [f"missing: {p}" for p in sorted(want - have)]
     problems += [f"unexpected: {p}" for p in sorted(have - want)]
-    problems += [f"differs: {p}" for p in sorted(want & have) if not filecmp.cmp(expected / p, actual / p, shallow=False)]
+    problems += [
+        f"differs: {p}" for p in sorted(want & have) if not filecmp.cmp(expected / p, actual / p, shallow=False)
+    ]
     return problems
 
 

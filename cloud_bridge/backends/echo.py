@@ -68,7 +68,8 @@ class EchoBackend:
         params = request.params
         if prompt_tokens + params.max_new_tokens > self.context_length:
             raise ContextLengthError(
-                f"{prompt_tokens} prompt tokens + max_new_tokens {params.max_new_tokens} exceed the context of {self.context_length}",
+                f"{prompt_tokens} prompt tokens + max_new_tokens {params.max_new_tokens} "
+                f"exceed the context of {self.context_length}",
                 field="max_new_tokens",
             )
         words = _WORD_RE.findall(self._answer(request))
@@ -80,7 +81,7 @@ class EchoBackend:
                 if count >= params.max_new_tokens:
                     finish = "length"
                     break
-                if (cancel.wait(delay_s) if delay_s > 0 else cancel()):
+                if cancel.wait(delay_s) if delay_s > 0 else cancel():
                     finish = "cancelled"
                     break
                 if self.fail_after_tokens is not None and count >= self.fail_after_tokens:
@@ -88,7 +89,7 @@ class EchoBackend:
                 count += 1
                 stop_at = min((i for s in params.stop if (i := (text + word).find(s)) >= 0), default=-1)
                 if stop_at >= 0:
-                    piece = (text + word)[:stop_at][len(text):]
+                    piece = (text + word)[:stop_at][len(text) :]
                     text += piece
                     if ttft_ms is None:
                         ttft_ms = (time.monotonic() - started_s) * 1000.0

@@ -22,7 +22,9 @@ def _load_engine(settings: OnnxModelSettings) -> Any:
 class OnnxBackend:
     kind = "onnx"
 
-    def __init__(self, settings: OnnxModelSettings, *, engine_factory: Callable[[OnnxModelSettings], Any] = _load_engine) -> None:
+    def __init__(
+        self, settings: OnnxModelSettings, *, engine_factory: Callable[[OnnxModelSettings], Any] = _load_engine
+    ) -> None:
         self.settings = settings
         # the bridge's worker slots let at most `workers` requests in, and the engine gets as many sessions
         self.engine = engine_factory(settings)

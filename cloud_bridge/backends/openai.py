@@ -46,7 +46,13 @@ HTTP_TO_GRPC: dict[int, tuple[str, str]] = {
     503: ("UNAVAILABLE", "UPSTREAM_UNAVAILABLE"),
     504: ("UNAVAILABLE", "UPSTREAM_TIMEOUT"),
 }
-_FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter", "tool_calls": "stop", "function_call": "stop"}
+_FINISH = {
+    "stop": "stop",
+    "length": "length",
+    "content_filter": "content_filter",
+    "tool_calls": "stop",
+    "function_call": "stop",
+}
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_LINE = 1 << 20
 _DEFAULT_RETRY_AFTER_S = 1.0
@@ -116,8 +122,11 @@ class _Call:
                 pass
 
     def _timeout_error(self) -> BackendError:
-        return BackendError(f"upstream did not answer within {self.backend.settings.timeout_s:g} s", code="DEADLINE_EXCEEDED",
-                            reason="UPSTREAM_TIMEOUT")
+        return BackendError(
+            f"upstream did not answer within {self.backend.settings.timeout_s:g} s",
+            code="DEADLINE_EXCEEDED",
+            reason="UPSTREAM_TIMEOUT",
+        )
 
     def open(self, body: bytes) -> http.client.HTTPResponse:
         b = self.backend
@@ -137,12 +146,14 @@ class _Call:
             self.set_read_timeout()
             self.conn.request("POST", b.path, body=body, headers=headers)
             response = self.conn.getresponse()
-        except (TimeoutError, socket.timeout) as err:
+        except TimeoutError as err:
             raise self._timeout_error() from err
         except (OSError, http.client.HTTPException) as err:
             if self.cancel():
                 raise _Cancelled() from err
-            raise BackendError(f"cannot reach upstream {b.host}:{b.port}: {err}", reason="UPSTREAM_UNREACHABLE") from err
+            raise BackendError(
+                f"cannot reach upstream {b.host}:{b.port}: {err}", reason="UPSTREAM_UNREACHABLE"
+            ) from err
         if response.status != 200:
             raise self._status_error(response)
         return response
@@ -172,7 +183,7 @@ class _Call:
     def read_failed(self, err: BaseException) -> BaseException:
         if self.cancel():
             return _Cancelled()
-        if isinstance(err, (TimeoutError, socket.timeout)) or self.remaining_s() <= 0:
+        if isinstance(err, TimeoutError) or self.remaining_s() <= 0:
             return self._timeout_error()
         return BackendError(f"upstream connection failed: {err}", reason="UPSTREAM_CONNECTION_LOST")
 
@@ -302,8 +313,18 @@ class OpenAIBackend:
         prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else 0
         # without a usage event, one content delta is one token: what OpenAI-compatible servers send
         completion_tokens = int(usage.get("completion_tokens", deltas)) if usage else deltas
-        yield BackendChunk("", 0, BackendResult("".join(text), _FINISH.get(finish or "stop", finish or "stop"),
-                                                prompt_tokens, completion_tokens, model, ttft_ms))
+        yield BackendChunk(
+            "",
+            0,
+            BackendResult(
+                "".join(text),
+                _FINISH.get(finish or "stop", finish or "stop"),
+                prompt_tokens,
+                completion_tokens,
+                model,
+                ttft_ms,
+            ),
+        )
 
     @staticmethod
     def _event(data: str) -> tuple[str, str | None, dict[str, Any] | None, str | None]:
@@ -314,8 +335,8 @@ class OpenAIBackend:
         if not isinstance(obj, dict):
             raise _bad_response("an event is not a JSON object")
         if "error" in obj:
-            err = obj["error"]
-            message = err.get("message", "") if isinstance(err, dict) else str(err)
+            error = obj["error"]
+            message = error.get("message", "") if isinstance(error, dict) else str(error)
             raise BackendError(f"upstream failed mid-stream: {message}", reason="UPSTREAM_ERROR")
         piece, finish = "", None
         choices = obj.get("choices") or []

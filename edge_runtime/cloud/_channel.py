@@ -15,7 +15,7 @@ __all__ = ["is_loopback_address", "open_channel"]
 
 def _host(address: str) -> str:
     if address.startswith("["):  # [::1]:50051
-        return address[1:address.index("]")]
+        return address[1 : address.index("]")]
     host, sep, _port = address.rpartition(":")
     return host if sep else address
 
@@ -55,8 +55,11 @@ def open_channel(settings: CloudSettings) -> grpc.Channel:
     ]
     if settings.insecure:
         if not is_loopback_address(settings.address):
-            raise ConfigError(f"plaintext is only allowed to a loopback address, not {settings.address!r}: the token would "
-                              "cross the network in clear", field="cloud.insecure")
+            raise ConfigError(
+                f"plaintext is only allowed to a loopback address, not {settings.address!r}: the token would "
+                "cross the network in clear",
+                field="cloud.insecure",
+            )
         return grpc.insecure_channel(settings.address, options=options)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(settings.ca_file, "ca_file"),

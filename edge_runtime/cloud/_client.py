@@ -68,13 +68,19 @@ def _request(
     if escalation is not None:
         e = req.escalation
         e.draft_answer, e.reason, e.policy, e.local_model = (
-            escalation.draft_answer, escalation.reason, escalation.policy, escalation.local_model)
+            escalation.draft_answer,
+            escalation.reason,
+            escalation.policy,
+            escalation.local_model,
+        )
         if escalation.p_correct is not None:
             e.p_correct = escalation.p_correct
     return req
 
 
-def _result(resp: bridge_pb2.GenerateResponse, *, latency_ms: float, round_trip_ms: float, attempts: int) -> CloudResult:
+def _result(
+    resp: bridge_pb2.GenerateResponse, *, latency_ms: float, round_trip_ms: float, attempts: int
+) -> CloudResult:
     t = resp.timings
     return CloudResult(
         text=resp.text,
@@ -85,7 +91,9 @@ def _result(resp: bridge_pb2.GenerateResponse, *, latency_ms: float, round_trip_
         model=resp.model,
         model_alias=resp.model_alias,
         request_id=resp.request_id,
-        server_timings=ServerTimings(queue_ms=t.queue_ms, ttft_ms=t.ttft_ms, generate_ms=t.generate_ms, total_ms=t.total_ms),
+        server_timings=ServerTimings(
+            queue_ms=t.queue_ms, ttft_ms=t.ttft_ms, generate_ms=t.generate_ms, total_ms=t.total_ms
+        ),
         latency_ms=latency_ms,
         round_trip_ms=round_trip_ms,
         attempts=attempts,
@@ -132,7 +140,9 @@ class CloudClient:
         if not self.circuit.allow():
             raise CircuitOpenError(
                 f"cloud skipped: {self.circuit.consecutive_failures} consecutive failures; next try in "
-                f"{self.circuit.retry_after_s():.1f} s", code="CIRCUIT_OPEN")
+                f"{self.circuit.retry_after_s():.1f} s",
+                code="CIRCUIT_OPEN",
+            )
 
     def _record(self, error: CloudError | None) -> None:
         if error is None:
@@ -144,7 +154,7 @@ class CloudClient:
 
     def _backoff_s(self, attempt: int) -> float:
         s = self.settings
-        delay = min(s.backoff_max_s, s.backoff_initial_s * s.backoff_multiplier ** attempt)
+        delay = min(s.backoff_max_s, s.backoff_initial_s * s.backoff_multiplier**attempt)
         return delay * (1.0 - s.jitter * self._rng.random())
 
     def _retry_delay_s(self, err: grpc.RpcError, attempt: int, deadline_s: float) -> tuple[float | None, CloudError]:
@@ -176,7 +186,9 @@ class CloudClient:
             while True:
                 remaining = deadline_s - self._clock()
                 if remaining <= 0:
-                    raise CloudTimeoutError(f"cloud bridge: no answer within {deadline_s - start:.2f} s", code="DEADLINE_EXCEEDED")
+                    raise CloudTimeoutError(
+                        f"cloud bridge: no answer within {deadline_s - start:.2f} s", code="DEADLINE_EXCEEDED"
+                    )
                 sent = self._clock()
                 try:
                     response = invoke(remaining)
@@ -210,10 +222,16 @@ class CloudClient:
         request_id: str | None = None,
     ) -> CloudResult:
         """One complete answer from the bridge. ``params=None`` takes the bridge's defaults."""
-        req = _request(messages, model=self.settings.model if model is None else model, params=params, escalation=escalation,
-                       request_id=request_id or uuid.uuid4().hex)
+        req = _request(
+            messages,
+            model=self.settings.model if model is None else model,
+            params=params,
+            escalation=escalation,
+            request_id=request_id or uuid.uuid4().hex,
+        )
         response, latency_ms, rtt_ms, attempts = self._unary(
-            lambda remaining: self._stub.Generate(req, timeout=remaining, metadata=self._metadata()), timeout_s)
+            lambda remaining: self._stub.Generate(req, timeout=remaining, metadata=self._metadata()), timeout_s
+        )
         return _result(response, latency_ms=latency_ms, round_trip_ms=rtt_ms, attempts=attempts)
 
     def stream(
@@ -230,8 +248,13 @@ class CloudClient:
 
         Nothing is sent before the first ``next()``; CircuitOpenError is raised there.
         """
-        req = _request(messages, model=self.settings.model if model is None else model, params=params, escalation=escalation,
-                       request_id=request_id or uuid.uuid4().hex)
+        req = _request(
+            messages,
+            model=self.settings.model if model is None else model,
+            params=params,
+            escalation=escalation,
+            request_id=request_id or uuid.uuid4().hex,
+        )
         return self._stream(req, timeout_s)
 
     def _stream(self, req: bridge_pb2.GenerateRequest, timeout_s: float | None) -> Iterator[CloudChunk]:
@@ -244,7 +267,9 @@ class CloudClient:
             while True:
                 remaining = deadline_s - self._clock()
                 if remaining <= 0:
-                    raise CloudTimeoutError(f"cloud bridge: no answer within {deadline_s - start:.2f} s", code="DEADLINE_EXCEEDED")
+                    raise CloudTimeoutError(
+                        f"cloud bridge: no answer within {deadline_s - start:.2f} s", code="DEADLINE_EXCEEDED"
+                    )
                 sent = self._clock()
                 call = self._stub.GenerateStream(req, timeout=remaining, metadata=self._metadata())
                 delivered = False
@@ -255,12 +280,18 @@ class CloudClient:
                             yield CloudChunk(message.delta.text, message.delta.token_count)
                         elif message.HasField("final"):
                             now = self._clock()
-                            result = _result(message.final, latency_ms=(now - start) * 1000.0,
-                                             round_trip_ms=(now - sent) * 1000.0, attempts=attempt + 1)
+                            result = _result(
+                                message.final,
+                                latency_ms=(now - start) * 1000.0,
+                                round_trip_ms=(now - sent) * 1000.0,
+                                attempts=attempt + 1,
+                            )
                             finished = True
                             yield CloudChunk("", 0, result)
                             return
-                    raise CloudUnavailableError("cloud bridge: the stream ended without a final message", code="DATA_LOSS")
+                    raise CloudUnavailableError(
+                        "cloud bridge: the stream ended without a final message", code="DATA_LOSS"
+                    )
                 except grpc.RpcError as err:
                     delay, error = self._retry_delay_s(err, attempt, deadline_s)
                     if delay is None or delivered:  # text already shown cannot be taken back: no retry
@@ -268,7 +299,8 @@ class CloudClient:
                     self._sleep(delay)
                     attempt += 1
                 finally:
-                    call.cancel()  # no-op when the call is over; stops the bridge's generation when the caller left early
+                    # a no-op when the call is over; stops the bridge's generation when the caller left early
+                    call.cancel()
         except GeneratorExit:
             outcome = GeneratorExit()
             raise
@@ -285,12 +317,22 @@ class CloudClient:
 
     def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         response, *_ = self._unary(
-            lambda remaining: self._stub.ListModels(bridge_pb2.ListModelsRequest(), timeout=remaining, metadata=self._metadata()),
-            timeout_s)
+            lambda remaining: self._stub.ListModels(
+                bridge_pb2.ListModelsRequest(), timeout=remaining, metadata=self._metadata()
+            ),
+            timeout_s,
+        )
         return [
-            ModelInfo(alias=m.alias, backend=m.backend, model=m.model, context_length=m.context_length,
-                      max_new_tokens_limit=m.max_new_tokens_limit, usd_per_million_input_tokens=m.usd_per_million_input_tokens,
-                      usd_per_million_output_tokens=m.usd_per_million_output_tokens, is_default=m.is_default)
+            ModelInfo(
+                alias=m.alias,
+                backend=m.backend,
+                model=m.model,
+                context_length=m.context_length,
+                max_new_tokens_limit=m.max_new_tokens_limit,
+                usd_per_million_input_tokens=m.usd_per_million_input_tokens,
+                usd_per_million_output_tokens=m.usd_per_million_output_tokens,
+                is_default=m.is_default,
+            )
             for m in response.models
         ]
 
@@ -299,7 +341,9 @@ class CloudClient:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         try:
-            reply = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -17,10 +17,14 @@ __all__ = ["CloudSettings"]
 class CloudSettings:
     address: str = setting("", help="bridge address host:port (empty: never escalate)")
     model: str = setting("", help="model alias to ask the bridge for (empty: the bridge's default)")
-    token: str = setting("", help="device token; prefer token_file or the environment to writing it in a file", secret=True)
+    token: str = setting(
+        "", help="device token; prefer token_file or the environment to writing it in a file", secret=True
+    )
     token_file: Path | None = setting(None, help="file holding the device token; must be readable by its owner only")
     insecure: bool = setting(False, help="plaintext gRPC, only allowed to a bridge on a loopback address")
-    ca_file: Path | None = setting(None, help="PEM CA bundle that signed the bridge's certificate (default: system roots)")
+    ca_file: Path | None = setting(
+        None, help="PEM CA bundle that signed the bridge's certificate (default: system roots)"
+    )
     cert_file: Path | None = setting(None, help="PEM client certificate, for a bridge that requires one (mTLS)")
     key_file: Path | None = setting(None, help="PEM private key of cert_file")
     server_name: str = setting("", help="name the bridge's certificate carries, when it differs from the address' host")
@@ -47,7 +51,10 @@ class CloudSettings:
         if not 0 <= self.jitter <= 1:
             raise ConfigError("must be in [0, 1]", field="cloud.jitter")
         if self.max_attempts < 1 or self.circuit_failure_threshold < 1:
-            raise ConfigError("must be at least 1", field="cloud.max_attempts" if self.max_attempts < 1 else "cloud.circuit_failure_threshold")
+            raise ConfigError(
+                "must be at least 1",
+                field="cloud.max_attempts" if self.max_attempts < 1 else "cloud.circuit_failure_threshold",
+            )
 
     def __post_init__(self) -> None:
         self.validate()

@@ -52,7 +52,9 @@ def start_bridge() -> Iterator[Callable[..., Bridge]]:
     """``start_bridge(models=..., quota=..., backends=..., insecure=True)`` -> a started Bridge; stopped at teardown."""
     started: list[BridgeServer] = []
 
-    def start(*, backends: dict[str, Any] | None = None, insecure: bool = True, clock: Any = None, **sections: Any) -> Bridge:
+    def start(
+        *, backends: dict[str, Any] | None = None, insecure: bool = True, clock: Any = None, **sections: Any
+    ) -> Bridge:
         server, port = create_server(bridge_settings(**sections), backends=backends, insecure=insecure, clock=clock)
         started.append(server)
         server.start()
@@ -65,7 +67,7 @@ def start_bridge() -> Iterator[Callable[..., Bridge]]:
 
 @pytest.fixture
 def make_client() -> Iterator[Callable[..., CloudClient]]:
-    """``make_client(bridge, **CloudSettings fields)`` -> a CloudClient (plaintext, TOKEN by default); closed at teardown."""
+    """``make_client(bridge, **CloudSettings fields)`` -> a CloudClient (plaintext, TOKEN by default); closed later."""
     clients: list[CloudClient] = []
 
     def make(bridge: Bridge, **fields: Any) -> CloudClient:
@@ -118,7 +120,7 @@ def _cert(subject: str, key: Any, issuer: tuple[str, Any] | None, *, ca: bool = 
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     issuer_name, issuer_key = issuer if issuer else (subject, key)
     builder = (
         x509.CertificateBuilder()
@@ -132,7 +134,9 @@ def _cert(subject: str, key: Any, issuer: tuple[str, Any] | None, *, ca: bool = 
     )
     if server:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     elif not ca:
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
@@ -147,7 +151,9 @@ def _write(directory: Path, name: str, cert: Any, key: Any | None = None) -> tup
     if key is None:
         return cert_path, None
     key_path = directory / f"{name}.key"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -159,9 +165,15 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     rogue_ca = _cert("rogue-ca", rogue_ca_key, None, ca=True)
     server_key, client_key, rogue_key = _key(), _key(), _key()
     ca_path, _ = _write(directory, "ca", ca)
-    server_cert, server_key_path = _write(directory, "server", _cert("bridge", server_key, ("test-ca", ca_key), server=True), server_key)
-    client_cert, client_key_path = _write(directory, "client", _cert("device-a", client_key, ("test-ca", ca_key)), client_key)
-    rogue_cert, rogue_key_path = _write(directory, "rogue", _cert("device-x", rogue_key, ("rogue-ca", rogue_ca_key)), rogue_key)
+    server_cert, server_key_path = _write(
+        directory, "server", _cert("bridge", server_key, ("test-ca", ca_key), server=True), server_key
+    )
+    client_cert, client_key_path = _write(
+        directory, "client", _cert("device-a", client_key, ("test-ca", ca_key)), client_key
+    )
+    rogue_cert, rogue_key_path = _write(
+        directory, "rogue", _cert("device-x", rogue_key, ("rogue-ca", rogue_ca_key)), rogue_key
+    )
     assert server_key_path and client_key_path and rogue_key_path
     _ = rogue_ca
     return Certs(ca_path, server_cert, server_key_path, client_cert, client_key_path, rogue_cert, rogue_key_path)

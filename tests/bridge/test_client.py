@@ -12,6 +12,7 @@ from cloud_bridge.backends import BackendChunk, BackendResult
 from cloud_bridge.backends.echo import EchoBackend
 from edge_runtime.cloud import CircuitBreaker, CloudClient, CloudSettings
 from edge_runtime.errors import (
+    BackendError,
     CircuitOpenError,
     CloudError,
     CloudQuotaError,
@@ -19,7 +20,6 @@ from edge_runtime.errors import (
     CloudUnavailableError,
     ConfigError,
 )
-from edge_runtime.errors import BackendError
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -75,20 +75,29 @@ def test_unavailable_is_retried_with_growing_jittered_backoff(start_bridge, make
     flaky = FlakyBackend(failures=3)
     bridge = start_bridge(backends={"flaky": flaky}, models={})
     fake = FakeTime()
-    client = make_client(bridge, max_attempts=5, backoff_initial_s=0.1, backoff_multiplier=2.0, jitter=0.5,
-                         clock=fake.clock, sleep=fake.sleep, rng=random.Random(7))
+    client = make_client(
+        bridge,
+        max_attempts=5,
+        backoff_initial_s=0.1,
+        backoff_multiplier=2.0,
+        jitter=0.5,
+        clock=fake.clock,
+        sleep=fake.sleep,
+        rng=random.Random(7),
+    )
     result = client.generate(HI)
     assert result.text == "fine" and result.attempts == 4 and flaky.calls == 4
     assert len(fake.sleeps) == 3
     for attempt, slept in enumerate(fake.sleeps):
-        base = 0.1 * 2 ** attempt
+        base = 0.1 * 2**attempt
         assert base * 0.5 <= slept <= base  # exponential, with up to half drawn at random
     assert len(set(fake.sleeps)) == 3
 
 
 def test_backoff_is_capped_and_jitter_spreads_devices():
-    client = CloudClient(address="127.0.0.1:1", insecure=True, backoff_initial_s=0.5, backoff_max_s=2.0, jitter=1.0,
-                         rng=random.Random(1))
+    client = CloudClient(
+        address="127.0.0.1:1", insecure=True, backoff_initial_s=0.5, backoff_max_s=2.0, jitter=1.0, rng=random.Random(1)
+    )
     try:
         delays = [client._backoff_s(10) for _ in range(200)]
     finally:
@@ -149,8 +158,9 @@ def test_half_open_lets_one_probe_through_and_success_closes_the_circuit(start_b
     flaky = FlakyBackend(failures=2)
     bridge = start_bridge(backends={"flaky": flaky}, models={})
     fake = FakeTime()
-    client = make_client(bridge, max_attempts=1, circuit_failure_threshold=2, circuit_cooldown_s=30,
-                         clock=fake.clock, sleep=fake.sleep)
+    client = make_client(
+        bridge, max_attempts=1, circuit_failure_threshold=2, circuit_cooldown_s=30, clock=fake.clock, sleep=fake.sleep
+    )
     for _ in range(2):
         with pytest.raises(CloudUnavailableError):
             client.generate(HI)

@@ -17,7 +17,9 @@ def test_every_exported_name_exists():
 
 
 def test_the_client_and_bridge_import_without_onnxruntime_or_torch():
-    code = ("import sys, edge_runtime.cloud, cloud_bridge, cloud_bridge.cli; cloud_bridge.cli.build_parser();"
-            "print(','.join(m for m in ('onnxruntime', 'torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, edge_runtime.cloud, cloud_bridge, cloud_bridge.cli; cloud_bridge.cli.build_parser();"
+        "print(','.join(m for m in ('onnxruntime', 'torch', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -20,8 +20,15 @@ HI = [{"role": "user", "content": "hi"}]
 class StandInEngine:
     """Follows the documented Engine API: one token every ``delay_s``, honours ``cancel`` like the engine does."""
 
-    def __init__(self, bundle: Any, intra_op_threads: int | None = None, max_sessions: int = 1, *, delay_s: float = 0.0,
-                 fail: Exception | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Any,
+        intra_op_threads: int | None = None,
+        max_sessions: int = 1,
+        *,
+        delay_s: float = 0.0,
+        fail: Exception | None = None,
+    ) -> None:
         self.bundle, self.max_sessions = bundle, max_sessions
         self.model_name, self.context_length = "stand-in-0.5b", 64
         self.delay_s, self.fail = delay_s, fail
@@ -47,9 +54,15 @@ class StandInEngine:
             tokens.append(token)
             yield StreamChunk(piece, token)
         self.finished.append((finish, len(tokens)))
-        result = GenerationResult(text=text, token_ids=[t.id for t in tokens], finish_reason=finish, tokens=tokens,
-                                  usage=Usage(prompt_tokens=prompt, completion_tokens=len(tokens)),
-                                  timings=Timings(load_ms=0, prefill_ms=1, decode_ms=2, ttft_ms=1.5), model=self.model_name)
+        result = GenerationResult(
+            text=text,
+            token_ids=[t.id for t in tokens],
+            finish_reason=finish,
+            tokens=tokens,
+            usage=Usage(prompt_tokens=prompt, completion_tokens=len(tokens)),
+            timings=Timings(load_ms=0, prefill_ms=1, decode_ms=2, ttft_ms=1.5),
+            model=self.model_name,
+        )
         yield StreamChunk("", None, result)
 
     def generate(self, messages: Any, params: SamplingParams, cancel: Any) -> GenerationResult:
@@ -63,6 +76,7 @@ class StandInEngine:
 def stand_in(**kwargs: Any):
     def factory(settings: OnnxModelSettings) -> StandInEngine:
         return StandInEngine(settings.bundle, settings.intra_op_threads, settings.workers, **kwargs)
+
     return factory
 
 
@@ -72,7 +86,12 @@ def test_the_adapter_maps_results_streams_and_sessions(start_bridge, make_client
     bridge = start_bridge(backends={"coder": backend}, models={})
     client = make_client(bridge)
     result = client.generate(HI, params=SamplingParams(max_new_tokens=3))
-    assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens) == (" t0 t1 t2", "length", 1, 3)
+    assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens) == (
+        " t0 t1 t2",
+        "length",
+        1,
+        3,
+    )
     assert result.model == "stand-in-0.5b" and result.server_timings.ttft_ms == 1.5
     chunks = list(client.stream(HI, params=SamplingParams(max_new_tokens=2)))
     assert [(c.text, c.token_count) for c in chunks[:-1]] == [(" t0", 1), (" t1", 1)]
@@ -95,7 +114,9 @@ def test_a_deadline_stops_the_engine(start_bridge, make_client, tmp_path):
 
 def test_engine_errors_become_statuses(start_bridge, make_client, tmp_path):
     too_long = OnnxBackend(OnnxModelSettings(bundle=tmp_path), engine_factory=stand_in())
-    broken = OnnxBackend(OnnxModelSettings(bundle=tmp_path), engine_factory=stand_in(fail=RuntimeError("onnxruntime: bad alloc")))
+    broken = OnnxBackend(
+        OnnxModelSettings(bundle=tmp_path), engine_factory=stand_in(fail=RuntimeError("onnxruntime: bad alloc"))
+    )
     bridge = start_bridge(backends={"coder": too_long, "broken": broken}, models={})
     client = make_client(bridge, max_attempts=1)
     with pytest.raises(CloudError) as info:

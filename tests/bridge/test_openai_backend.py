@@ -70,9 +70,17 @@ def _send(handler: BaseHTTPRequestHandler, status: int, payload: Any, headers: d
 
 def completion(text: str, finish: str = "stop") -> Responder:
     def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
-        _send(handler, 200, {"id": "c1", "model": "upstream-model-2024", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": 11, "completion_tokens": 3}})
+        _send(
+            handler,
+            200,
+            {
+                "id": "c1",
+                "model": "upstream-model-2024",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 3},
+            },
+        )
+
     return respond
 
 
@@ -91,12 +99,21 @@ def sse(events: list[str], *, delay_s: float = 0.0, done: bool = True) -> Respon
             if delay_s:
                 time.sleep(delay_s)
         handler.wfile.write(b"0\r\n\r\n")
+
     return respond
 
 
 def delta(text: str, finish: str | None = None) -> str:
-    return "data: " + json.dumps({"model": "upstream-model-2024", "choices": [{"index": 0, "delta": {"content": text},
-                                                                              "finish_reason": finish}]}) + "\n\n"
+    return (
+        "data: "
+        + json.dumps(
+            {
+                "model": "upstream-model-2024",
+                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+            }
+        )
+        + "\n\n"
+    )
 
 
 @pytest.fixture
@@ -108,38 +125,70 @@ def upstream() -> Iterator[FakeOpenAI]:
 
 def make_backend(upstream: FakeOpenAI, **fields: Any) -> OpenAIBackend:
     fields.setdefault("timeout_s", 5.0)
-    settings = OpenAIModelSettings(base_url=upstream.base_url, model="gpt-test", api_key_env="TEST_UPSTREAM_KEY", **fields)
+    settings = OpenAIModelSettings(
+        base_url=upstream.base_url, model="gpt-test", api_key_env="TEST_UPSTREAM_KEY", **fields
+    )
     return OpenAIBackend(settings, environ={"TEST_UPSTREAM_KEY": "sk-secret"})
 
 
-REQUEST = BackendRequest("r1", [{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=16, temperature=0.2, stop=("\n\n",), seed=5))
+REQUEST = BackendRequest(
+    "r1",
+    [{"role": "user", "content": "hi"}],
+    SamplingParams(max_new_tokens=16, temperature=0.2, stop=("\n\n",), seed=5),
+)
 
 
 def test_non_streaming_completion_and_what_is_sent(upstream):
     result = make_backend(upstream).generate(REQUEST, CancelToken())
-    assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens) == ("hello", "stop", 11, 3)
+    assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens) == (
+        "hello",
+        "stop",
+        11,
+        3,
+    )
     assert result.model == "upstream-model-2024"
     (sent,) = upstream.requests
     assert sent["path"] == "/v1/chat/completions"
     assert sent["headers"]["Authorization"] == "Bearer sk-secret"
-    assert sent["body"] == {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
-                            "temperature": pytest.approx(0.2), "top_p": 1.0, "stream": False, "seed": 5, "stop": ["\n\n"]}
+    assert sent["body"] == {
+        "model": "gpt-test",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 16,
+        "temperature": pytest.approx(0.2),
+        "top_p": 1.0,
+        "stream": False,
+        "seed": 5,
+        "stop": ["\n\n"],
+    }
 
 
 def test_sse_stream_with_comments_split_events_and_usage(upstream):
-    upstream.respond = sse([
-        ": keep-alive\n\n",
-        delta("Hel"),
-        "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": None}]})[:20],  # split ...
-        json.dumps({"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": None}]})[20:] + "\n\n",  # ... event
-        "event: message\r\ndata: " + json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}) + "\r\n\r\n",
-        "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}) + "\n\n",
-    ])
+    upstream.respond = sse(
+        [
+            ": keep-alive\n\n",
+            delta("Hel"),
+            "data: "
+            + json.dumps({"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": None}]})[
+                :20
+            ],  # split ...
+            json.dumps({"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": None}]})[20:]
+            + "\n\n",  # ... event
+            "event: message\r\ndata: "
+            + json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+            + "\r\n\r\n",
+            "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}) + "\n\n",
+        ]
+    )
     chunks = list(make_backend(upstream).stream(REQUEST, CancelToken()))
     assert [c.text for c in chunks[:-1]] == ["Hel", "lo"]
     result = chunks[-1].result
     assert result is not None
-    assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens) == ("Hello", "length", 9, 2)
+    assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens) == (
+        "Hello",
+        "length",
+        9,
+        2,
+    )
     sent = upstream.requests[0]["body"]
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
 
@@ -171,8 +220,12 @@ def test_a_stream_without_usage_counts_deltas(upstream):
 )
 @pytest.mark.parametrize("streaming", [False, True])
 def test_http_errors_map_to_grpc_codes(upstream, status, code, reason, streaming):
-    upstream.respond = lambda handler, body: _send(handler, status, {"error": {"message": f"nope {status}", "type": "x"}},
-                                                   {"Retry-After": "7"} if status == 429 else None)
+    upstream.respond = lambda handler, body: _send(
+        handler,
+        status,
+        {"error": {"message": f"nope {status}", "type": "x"}},
+        {"Retry-After": "7"} if status == 429 else None,
+    )
     backend = make_backend(upstream)
     with pytest.raises(BackendError) as info:
         if streaming:
@@ -252,19 +305,34 @@ def test_a_missing_api_key_fails_at_start_not_per_request(upstream):
 
 def test_through_the_bridge_streaming_and_rate_limits(upstream, start_bridge, make_client, monkeypatch):
     monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-secret")
-    models = {"gpt": {"backend": "openai", "base_url": upstream.base_url, "model": "gpt-test", "api_key_env": "TEST_UPSTREAM_KEY",
-                      "usd_per_million_input_tokens": 2.0, "usd_per_million_output_tokens": 8.0}}
+    models = {
+        "gpt": {
+            "backend": "openai",
+            "base_url": upstream.base_url,
+            "model": "gpt-test",
+            "api_key_env": "TEST_UPSTREAM_KEY",
+            "usd_per_million_input_tokens": 2.0,
+            "usd_per_million_output_tokens": 8.0,
+        }
+    }
     bridge = start_bridge(models=models)
     client = make_client(bridge, max_attempts=1)
-    upstream.respond = sse([delta("Paris"), delta(".", "stop"),
-                            "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 2}}) + "\n\n"])
+    upstream.respond = sse(
+        [
+            delta("Paris"),
+            delta(".", "stop"),
+            "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 2}}) + "\n\n",
+        ]
+    )
     chunks = list(client.stream([{"role": "user", "content": "capital of France?"}]))
     result = chunks[-1].result
     assert [c.text for c in chunks[:-1]] == ["Paris", "."]
     assert result.model == "upstream-model-2024" and result.model_alias == "gpt"
     assert result.cost_usd == pytest.approx((20 * 2.0 + 2 * 8.0) / 1e6)
 
-    upstream.respond = lambda handler, body: _send(handler, 429, {"error": {"message": "slow down"}}, {"Retry-After": "12"})
+    upstream.respond = lambda handler, body: _send(
+        handler, 429, {"error": {"message": "slow down"}}, {"Retry-After": "12"}
+    )
     with pytest.raises(CloudQuotaError) as info:
         client.generate([{"role": "user", "content": "again"}])
     assert info.value.retry_after_s == pytest.approx(12.0)

@@ -1,4 +1,4 @@
-"""The checked-in generated code is exactly what the pinned generator makes of proto/; the contract has what devices need."""
+"""The checked-in generated code is what the pinned generator makes of proto/; the contract has what devices need."""
 
 from __future__ import annotations
 
@@ -52,7 +52,14 @@ def test_the_contract_carries_what_an_escalation_needs():
     methods = {m.name: m for m in service.methods}
     assert set(methods) == {"Generate", "GenerateStream", "ListModels"}
     assert methods["GenerateStream"].server_streaming and not methods["Generate"].server_streaming
-    assert _fields(bridge_pb2.GenerateRequest) == {"request_id", "messages", "model", "sampling", "max_new_tokens", "escalation"}
+    assert _fields(bridge_pb2.GenerateRequest) == {
+        "request_id",
+        "messages",
+        "model",
+        "sampling",
+        "max_new_tokens",
+        "escalation",
+    }
     assert _fields(bridge_pb2.EscalationContext) >= {"draft_answer", "p_correct", "reason"}
     assert _fields(bridge_pb2.GenerateResponse) >= {"text", "finish_reason", "usage", "cost_usd", "model", "timings"}
     assert _fields(bridge_pb2.Usage) == {"prompt_tokens", "completion_tokens"}

@@ -62,7 +62,9 @@ def test_a_stream_the_caller_abandons_stops_the_backend_and_frees_its_worker(sta
     while bridge.server.service.slots["tiny"].running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert bridge.server.service.slots["tiny"].running == 0
-    again = make_client(bridge).generate(HI, params=SamplingParams(max_new_tokens=3), timeout_s=10)  # the worker serves again
+    again = make_client(bridge).generate(
+        HI, params=SamplingParams(max_new_tokens=3), timeout_s=10
+    )  # the worker serves again
     assert again.text == "w0 w1 w2"
 
 
@@ -88,13 +90,17 @@ def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_delay(star
     assert running.result().text == waiting.result().text == "a b c d e f g h i j"
 
 
-def test_a_failing_backend_is_unavailable_with_details_and_the_server_keeps_serving(start_bridge, raw_stub, make_client):
+def test_a_failing_backend_is_unavailable_with_details_and_the_server_keeps_serving(
+    start_bridge, raw_stub, make_client
+):
     broken = EchoBackend(fail_after_tokens=2, failure=BackendError("GPU fell off", reason="ENGINE_FAILED"))
     crashing = EchoBackend(fail_after_tokens=0, failure=RuntimeError("segfault-ish"))
     bridge = start_bridge(backends={"broken": broken, "crashing": crashing})
     stub = raw_stub(bridge)
     for alias, reason in (("broken", "ENGINE_FAILED"), ("crashing", "BACKEND_CRASHED")):
-        request = bridge_pb2.GenerateRequest(model=alias, messages=[bridge_pb2.ChatMessage(role="user", content="one two three")])
+        request = bridge_pb2.GenerateRequest(
+            model=alias, messages=[bridge_pb2.ChatMessage(role="user", content="one two three")]
+        )
         with pytest.raises(grpc.RpcError) as info:
             stub.Generate(request, metadata=AUTH, timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -49,7 +49,12 @@ def test_metadata_parsing_needs_a_bearer_scheme():
 
 def test_token_store_matches_hashes_and_rejects_clear_text_entries():
     store = TokenStore({"a": hash_token("ta"), "b": hash_token("tb")})
-    assert (store.authenticate("ta"), store.authenticate("tb"), store.authenticate("tc"), store.authenticate("")) == ("a", "b", None, None)
+    assert (store.authenticate("ta"), store.authenticate("tb"), store.authenticate("tc"), store.authenticate("")) == (
+        "a",
+        "b",
+        None,
+        None,
+    )
     with pytest.raises(ConfigError):
         TokenStore({"a": "ta"})  # a token in clear instead of its hash is refused, not silently used
     with pytest.raises(ConfigError):
@@ -108,8 +113,10 @@ def test_tls_with_the_bridge_ca(start_bridge, make_client, certs):
 
 
 def test_mtls_requires_a_client_certificate_from_the_trusted_ca(start_bridge, make_client, certs):
-    bridge = start_bridge(insecure=False, server={"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key),
-                                                  "client_ca": str(certs.ca)})
+    bridge = start_bridge(
+        insecure=False,
+        server={"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key), "client_ca": str(certs.ca)},
+    )
     ok = make_client(bridge, ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key)
     assert ok.generate(HI).text == "the answer is forty two"
     for fields in ({}, {"cert_file": certs.rogue_cert, "key_file": certs.rogue_key}):
@@ -117,7 +124,9 @@ def test_mtls_requires_a_client_certificate_from_the_trusted_ca(start_bridge, ma
             make_client(bridge, ca_file=certs.ca, max_attempts=1, timeout_s=3, **fields).generate(HI)
     # a certificate is not a token: mTLS adds to the token check, it does not replace it
     with pytest.raises(CloudAuthError):
-        make_client(bridge, ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key, token="").generate(HI)
+        make_client(
+            bridge, ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key, token=""
+        ).generate(HI)
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0:0", "192.0.2.10:0", "[::]:0", "example.com:0"])
@@ -140,8 +149,17 @@ def test_the_client_refuses_plaintext_off_loopback():
 
 @pytest.mark.parametrize(
     ("address", "loopback"),
-    [("127.0.0.1:1", True), ("127.8.9.1:1", True), ("[::1]:1", True), ("localhost:1", True), ("unix:/run/b.sock", True),
-     ("0.0.0.0:1", False), ("[::]:1", False), ("10.0.0.1:1", False), ("bridge.example.com:443", False)],
+    [
+        ("127.0.0.1:1", True),
+        ("127.8.9.1:1", True),
+        ("[::1]:1", True),
+        ("localhost:1", True),
+        ("unix:/run/b.sock", True),
+        ("0.0.0.0:1", False),
+        ("[::]:1", False),
+        ("10.0.0.1:1", False),
+        ("bridge.example.com:443", False),
+    ],
 )
 def test_loopback_addresses(address, loopback):
     assert is_loopback_address(address) is loopback

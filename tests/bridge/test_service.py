@@ -17,15 +17,24 @@ from edge_runtime.errors import CloudError
 from .conftest import TOKEN
 
 AUTH = [("authorization", f"Bearer {TOKEN}")]
-PRICED = {"tiny": {"backend": "echo", "reply": "the answer is forty two", "model": "echo-7b",
-                   "usd_per_million_input_tokens": 1.0, "usd_per_million_output_tokens": 3.0}}
+PRICED = {
+    "tiny": {
+        "backend": "echo",
+        "reply": "the answer is forty two",
+        "model": "echo-7b",
+        "usd_per_million_input_tokens": 1.0,
+        "usd_per_million_output_tokens": 3.0,
+    }
+}
 
 
 def test_unary_call_returns_text_usage_cost_and_timings(start_bridge, make_client):
     bridge = start_bridge(models=PRICED)
     client = make_client(bridge)
-    result = client.generate([{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is six times seven"}],
-                             request_id="req-1")
+    result = client.generate(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is six times seven"}],
+        request_id="req-1",
+    )
     assert result.text == "the answer is forty two"
     assert result.finish_reason == "eos"
     assert (result.prompt_tokens, result.completion_tokens) == (7, 5)  # the echo backend counts words
@@ -38,7 +47,9 @@ def test_unary_call_returns_text_usage_cost_and_timings(start_bridge, make_clien
 def test_sampling_parameters_reach_the_backend_and_shape_the_answer(start_bridge, make_client):
     bridge = start_bridge()
     client = make_client(bridge)
-    result = client.generate([{"role": "user", "content": "q"}], params=SamplingParams(max_new_tokens=2, temperature=0.5, seed=3))
+    result = client.generate(
+        [{"role": "user", "content": "q"}], params=SamplingParams(max_new_tokens=2, temperature=0.5, seed=3)
+    )
     assert (result.text, result.finish_reason, result.completion_tokens) == ("the answer", "length", 2)
     params = bridge.backend().generations[-1].request.params
     assert (params.max_new_tokens, params.temperature, params.seed) == (2, 0.5, 3)
@@ -59,16 +70,25 @@ def test_stream_deltas_add_up_to_the_final_response(start_bridge, make_client):
 
 
 def test_escalation_context_reaches_the_backend_and_can_be_shown_to_the_model(start_bridge, make_client):
-    models = {"tiny": {"backend": "echo", "reply": "ok"}, "hinted": {"backend": "echo", "reply": "ok", "escalation_hint": True}}
+    models = {
+        "tiny": {"backend": "echo", "reply": "ok"},
+        "hinted": {"backend": "echo", "reply": "ok", "escalation_hint": True},
+    }
     bridge = start_bridge(models=models)
     client = make_client(bridge)
-    escalation = Escalation(draft_answer="41", p_correct=0.25, reason="p_correct 0.25 < 0.7", policy="threshold", local_model="qwen")
+    escalation = Escalation(
+        draft_answer="41", p_correct=0.25, reason="p_correct 0.25 < 0.7", policy="threshold", local_model="qwen"
+    )
     client.generate([{"role": "user", "content": "6*7?"}], model="tiny", escalation=escalation)
     record = bridge.backend("tiny").generations[-1]
     assert record.request.escalation == escalation
     assert record.request.messages == [{"role": "user", "content": "6*7?"}]  # no hint unless the alias asks for it
 
-    client.generate([{"role": "system", "content": "sys"}, {"role": "user", "content": "6*7?"}], model="hinted", escalation=escalation)
+    client.generate(
+        [{"role": "system", "content": "sys"}, {"role": "user", "content": "6*7?"}],
+        model="hinted",
+        escalation=escalation,
+    )
     messages = bridge.backend("hinted").generations[-1].request.messages
     assert [m["role"] for m in messages] == ["system", "system", "user"]
     assert "41" in messages[1]["content"] and "0.25" in messages[1]["content"]
@@ -117,7 +137,9 @@ def _request(**fields):
     ],
 )
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
-def test_malformed_requests_are_invalid_argument_naming_the_field(start_bridge, raw_stub, request_fields, field, method):
+def test_malformed_requests_are_invalid_argument_naming_the_field(
+    start_bridge, raw_stub, request_fields, field, method
+):
     bridge = start_bridge()
     stub = raw_stub(bridge)
     with pytest.raises(grpc.RpcError) as info:
@@ -136,7 +158,9 @@ def test_malformed_requests_are_invalid_argument_naming_the_field(start_bridge, 
 def test_prompt_over_the_context_window_is_invalid_argument(start_bridge, make_client):
     bridge = start_bridge(models={"tiny": {"backend": "echo", "context_length": 10}})
     with pytest.raises(CloudError) as info:
-        make_client(bridge).generate([{"role": "user", "content": "one two three"}], params=SamplingParams(max_new_tokens=8))
+        make_client(bridge).generate(
+            [{"role": "user", "content": "one two three"}], params=SamplingParams(max_new_tokens=8)
+        )
     assert info.value.code == "INVALID_ARGUMENT" and "context" in str(info.value)
 
 
@@ -150,6 +174,8 @@ def test_unknown_model_alias_is_not_found(start_bridge, make_client):
 def test_a_message_above_the_transport_limit_is_refused_by_grpc(start_bridge, raw_stub):
     bridge = start_bridge(server={"max_message_bytes": 4096})
     with pytest.raises(grpc.RpcError) as info:
-        raw_stub(bridge).Generate(_request(messages=[bridge_pb2.ChatMessage(role="user", content="x" * 8000)]), metadata=AUTH, timeout=5)
+        raw_stub(bridge).Generate(
+            _request(messages=[bridge_pb2.ChatMessage(role="user", content="x" * 8000)]), metadata=AUTH, timeout=5
+        )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert bridge.backend().generations == []

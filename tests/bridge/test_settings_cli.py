@@ -50,8 +50,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_config_file_env_and_overrides(tmp_path):
     path = write(tmp_path, CONFIG)
-    settings = load_bridge_settings(path, env={"CLOUD_BRIDGE_QUOTA_REQUESTS_PER_MINUTE": "30"},
-                                    overrides={"server": {"address": "127.0.0.1:7000"}})
+    settings = load_bridge_settings(
+        path, env={"CLOUD_BRIDGE_QUOTA_REQUESTS_PER_MINUTE": "30"}, overrides={"server": {"address": "127.0.0.1:7000"}}
+    )
     assert settings.server.address == "127.0.0.1:7000"  # flag beats file
     assert settings.quota.requests_per_minute == 30.0  # env beats file
     assert settings.auth.tokens_file == tmp_path / "secrets" / "tokens.toml"  # relative to the config file
@@ -72,7 +73,7 @@ def test_config_file_env_and_overrides(tmp_path):
         ('[models.x]\nbackend = "echo"\nworkers = 0\n', "models.x.workers"),
         ('[limits]\ndefault_model = "nope"\n[models.x]\nbackend = "echo"\n', "limits.default_model"),
         ('[server]\ntls_cert = "a.pem"\n', "server.tls_cert"),
-        ('[quota]\nrequests_per_minute = -1\n', "quota.requests_per_minute"),
+        ("[quota]\nrequests_per_minute = -1\n", "quota.requests_per_minute"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, extra, field):
@@ -119,10 +120,18 @@ def test_serve_refuses_plaintext_off_loopback(tmp_path, capsys):
 
 def test_serve_answers_and_drains_on_sigterm(tmp_path):
     path = write(tmp_path, '[server]\naddress = "127.0.0.1:0"\n[models.e]\nbackend = "echo"\nreply = "pong"\n')
-    token = subprocess.run([sys.executable, "-m", "cloud_bridge.cli", "token", "add", "dev2", "--config", str(path)],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    proc = subprocess.Popen([sys.executable, "-m", "cloud_bridge.cli", "serve", "--config", str(path), "--insecure"],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    token = subprocess.run(
+        [sys.executable, "-m", "cloud_bridge.cli", "token", "add", "dev2", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud_bridge.cli", "serve", "--config", str(path), "--insecure"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         port = None
         deadline = time.monotonic() + 30
