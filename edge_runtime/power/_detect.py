@@ -52,12 +52,17 @@ class Detection:
     def infos(self) -> list[SourceInfo]:
         """Every source kind in priority order (absent ones included), the chosen one flagged."""
         by_kind: dict[str, list[SourceInfo]] = {k: [] for k in SOURCE_PRIORITY}
+        given: list[SourceInfo] = []  # a source object handed to the meter (tests) comes first
         for src in self.candidates:
-            by_kind[src.kind].append(replace(src.info, chosen=src is self.chosen))
+            info = replace(src.info, chosen=src is self.chosen)
+            if src.kind in by_kind:
+                by_kind[src.kind].append(info)
+            else:
+                given.append(info)
         for info in self.absent:
             by_kind[info.kind].append(info)
         by_kind["estimate"].append(replace(self.estimate.info, chosen=self.chosen is self.estimate))
-        return [info for kind in SOURCE_PRIORITY for info in by_kind[kind]]
+        return given + [info for kind in SOURCE_PRIORITY for info in by_kind[kind]]
 
 
 def _describe_problem(info: SourceInfo) -> str:

@@ -98,7 +98,8 @@ def _chip_channels(chip: Path) -> list[_Channel]:
         indexes.setdefault(m.group(1), set()).add(int(m.group(2)))
     for n in sorted(indexes.get("energy", ())):
         if f"energy{n}_input" in files:
-            channels.append(_Channel(domain_for(f"energy{n}_label", f"energy{n}"), "energy", (files[f"energy{n}_input"],)))
+            channels.append(_Channel(domain_for(f"energy{n}_label", f"energy{n}"), "energy",
+                                     (files[f"energy{n}_input"],)))
     for n in sorted(indexes.get("power", ())):
         attr = f"power{n}_input" if f"power{n}_input" in files else f"power{n}_average"
         if attr in files:

@@ -28,9 +28,8 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..engine.types import EnergyReport
 from ..errors import ConfigError, EnergyError
 from ._detect import Detection, detect
 from ._estimate import CpuClock, EstimateSource, PsutilCpuClock
@@ -38,6 +37,9 @@ from ._profiles import DeviceProfile, custom_profile, get_profile
 from ._sampler import Sampler
 from ._settings import PowerSettings
 from ._source import PowerSource, SourceInfo
+
+if TYPE_CHECKING:
+    from ..engine.types import EnergyReport
 
 __all__ = ["EnergyMeter", "Measurement"]
 
@@ -131,6 +133,10 @@ class Measurement:
         return list(self._get("warnings"))
 
     def to_report(self) -> EnergyReport:
+        """The figure as the engine's ``GenerationResult.energy`` carries it."""
+        # imported here: edge_runtime.engine may load onnxruntime, which `edge-runtime power` never needs
+        from ..engine.types import EnergyReport
+
         return EnergyReport(joules=self.joules, source=self.source, estimated=self.estimated, seconds=self.seconds,
                             process_joules=self.process_joules)
 

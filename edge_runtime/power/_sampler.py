@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import EnergyError
-from ._source import Energy, Power, PowerSource, Reading, Remaining, Unreadable
+from ._source import Energy, Power, PowerSource, Reading, Unreadable
 
 __all__ = ["DomainTrack", "Sampler", "WindowEnergy"]
 
@@ -85,7 +85,8 @@ class DomainTrack:
             p_w = abs(reading.uw) * 1e-6
             if prev is None or prev.p_w is None or failed_for is not None:
                 if prev is not None and failed_for is not None:
-                    self.events.append((t, f"{self.name}: no readings for {failed_for:.2f} s; that time is not counted"))
+                    self.events.append(
+                        (t, f"{self.name}: no readings for {failed_for:.2f} s; that time is not counted"))
                 self._append(_Point(t, e_prev, p_w, after_gap=prev is not None))
             else:
                 self._append(_Point(t, e_prev + (prev.p_w + p_w) / 2.0 * (t - prev.t), p_w))
@@ -107,7 +108,8 @@ class DomainTrack:
                 else:
                     delta_uj = self.last_raw - raw
                     if delta_uj < 0:
-                        self.events.append((t, f"{self.name}: stored energy rose (charging); that interval is not counted"))
+                        self.events.append(
+                            (t, f"{self.name}: stored energy rose (charging); that interval is not counted"))
                         delta_uj = 0.0
                         gap = True
             self.last_raw = raw
@@ -266,7 +268,8 @@ class Sampler:
             readings = dict(self.source.read())
         except Exception as err:  # a backend bug must not kill a generation; treat as unreadable
             log.debug("%s: read failed", self.source.label, exc_info=True)
-            readings = {name: Unreadable(f"read failed: {err}") for name in (self._tracks or self.source.total_domains())}
+            names = list(self._tracks) or list(self.source.total_domains())
+            readings = {name: Unreadable(f"read failed: {err}") for name in names}
         t = (t_a + self._clock()) / 2.0
         with self._lock:
             self.reads += 1
@@ -331,6 +334,8 @@ class Sampler:
                 counts.append(track.count_in(t0, t1))
                 if track.kind == "power":
                     power_counts.append(counts[-1])
+                    if joules == 0.0 and t1 > t0:
+                        warnings.append(f"{label}: {name} read 0 W throughout the window")
                 if track.kind == "remaining" and joules == 0.0 and t1 > t0:
                     warnings.append(f"{label}: the battery gauge did not move during this {t1 - t0:.2f} s window "
                                     "(it updates every few seconds), so 0 J here means too short to see")

@@ -40,7 +40,8 @@ def _link(link: Path, target: Path) -> None:
 
 # --- RAPL -------------------------------------------------------------------------------------
 
-def add_rapl_zone(root: Path, zone: str, name: str, energy_uj: int, max_range_uj: int | None = RAPL_MAX_RANGE_UJ) -> Path:
+def add_rapl_zone(root: Path, zone: str, name: str, energy_uj: int,
+                  max_range_uj: int | None = RAPL_MAX_RANGE_UJ) -> Path:
     """``zone`` is ``"0"`` (a package) or ``"0:1"`` (a subzone); returns the ``energy_uj`` path."""
     base = root / "sys/devices/virtual/powercap/intel-rapl"
     ids = zone.split(":")

@@ -49,4 +49,5 @@ def test_public_return_types(tmp_path: Path) -> None:
     assert isinstance(m.domains, dict) and all(isinstance(v, float) for v in m.domains.values())
     assert m.process_joules is None or isinstance(m.process_joules, float)
     assert isinstance(m.to_report(), EnergyReport)
-    assert dataclasses.is_dataclass(power.PowerSettings) and power.PowerSettings.__dataclass_params__.frozen  # type: ignore[attr-defined]
+    assert dataclasses.is_dataclass(power.PowerSettings)
+    assert power.PowerSettings.__dataclass_params__.frozen  # type: ignore[attr-defined]

@@ -178,3 +178,29 @@ def test_settings_embed_as_a_power_section() -> None:
 
     s = load_settings(Daemon, env={"EDGE_RUNTIME_POWER_PROFILE": "laptop-x86"}, data={"power": {"idle_watts": 7}})
     assert s.power.profile == "laptop-x86" and s.power.idle_watts == 7.0
+
+
+def test_a_given_source_is_described_first(make_meter: Make) -> None:
+    meter = make_meter(source=ConstantPowerSource(1.0))
+    infos = meter.describe()
+    assert infos[0].label == "test:constant" and infos[0].chosen
+    assert infos[-1].kind == "estimate" and not infos[-1].chosen
+
+
+def test_a_total_rail_reading_zero_watts_is_flagged(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    add_hwmon(tmp_path, 0, "ina226", {"power1_input": 0})
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+    assert m.joules == 0.0 and m.source == "hwmon:ina226"
+    assert any("0 W throughout" in w for w in m.warnings)
+
+
+def test_power_package_import_does_not_load_the_engine_package() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, edge_runtime.cli.power, edge_runtime.power;"
+            "print(','.join(m for m in ('onnxruntime', 'numpy', 'psutil', 'edge_runtime.engine') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
