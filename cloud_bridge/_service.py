@@ -35,7 +35,7 @@ __all__ = ["BridgeService", "FINISH_REASONS"]
 log = logging.getLogger("cloud_bridge.access")
 content_log = logging.getLogger("cloud_bridge.content")
 
-FINISH_REASONS: dict[str, bridge_pb2.FinishReason.ValueType] = {
+FINISH_REASONS: dict[str, bridge_pb2.FinishReason] = {
     "stop": bridge_pb2.FINISH_REASON_STOP,
     "eos": bridge_pb2.FINISH_REASON_EOS,
     "length": bridge_pb2.FINISH_REASON_LENGTH,
