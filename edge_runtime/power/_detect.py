@@ -47,7 +47,14 @@ class Detection:
     absent: list[SourceInfo]
     estimate: EstimateSource
     chosen: PowerSource | EstimateSource
-    notes: list[str] = field(default_factory=list)
+    # present-but-unusable sources ranked above the chosen one (permission denied, on AC...)
+    problems: list[str] = field(default_factory=list)
+    # set when the estimate is used: says so, with the profile's figures
+    estimate_note: str | None = None
+
+    @property
+    def notes(self) -> list[str]:
+        return self.problems + ([self.estimate_note] if self.estimate_note else [])
 
     def infos(self) -> list[SourceInfo]:
         """Every source kind in priority order (absent ones included), the chosen one flagged."""
@@ -89,13 +96,13 @@ def detect(root: str | os.PathLike[str] = "/", source: str = "auto",
             absent.append(SourceInfo(kind=kind, label=kind, present=False, usable=False, problem=_ABSENT[kind]))
 
     chosen: PowerSource | EstimateSource | None = None
-    notes: list[str] = []
+    problems: list[str] = []
     if source == "auto":
         for cand in candidates:
             if cand.usable:
                 chosen = cand
                 break
-            notes.append(_describe_problem(cand.info))
+            problems.append(_describe_problem(cand.info))
         if chosen is None:
             chosen = estimate
     elif source == "estimate" or source == estimate.label:
@@ -110,17 +117,18 @@ def detect(root: str | os.PathLike[str] = "/", source: str = "auto",
             raise EnergyError(f"power source {source!r} is not present under {os.fspath(root)!r}: {why}")
         chosen = usable[0]
 
+    estimate_note = None
     if chosen is estimate:
-        notes.append(
+        estimate_note = (
             f"no readable power counter, so energy is ESTIMATED from CPU time with device profile "
             f"{prof.name!r} ({prof.active_watts_per_core:g} W per busy CPU + {prof.idle_watts:g} W idle); "
             "it is not a measurement"
             + ("" if candidates else f" (looked for: {', '.join(k for k in _DETECTORS)})")
         )
-    elif notes:
-        notes = [f"{n}; using {chosen.label}" for n in notes]
+    else:
+        problems = [f"{n}; using {chosen.label}" for n in problems]
     return Detection(root=os.fspath(root), candidates=candidates, absent=absent, estimate=estimate,
-                     chosen=chosen, notes=notes)
+                     chosen=chosen, problems=problems, estimate_note=estimate_note)
 
 
 def describe_sources(sysfs_root: str | os.PathLike[str] = "/", source: str = "auto",

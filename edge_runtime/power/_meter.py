@@ -26,6 +26,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ class Measurement:
         self._cpu0 = cpu0
         self._lock = threading.Lock()
         self._result: dict[str, Any] | None = None
+        self._finalizer: weakref.finalize | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -64,6 +66,8 @@ class Measurement:
         """Close the window (idempotent) and return self."""
         with self._lock:
             if self._result is None:
+                if self._finalizer is not None:
+                    self._finalizer.detach()
                 self._result = self._meter._finish(self._token, self._t0, self._cpu0)
         return self
 
@@ -203,9 +207,11 @@ class EnergyMeter:
         self._sampler: Sampler | None = None
         self._closed = False
         self.notes: list[str] = list(self._detection.notes)
-        # the one log line per problem (RAPL permission, battery on AC, estimate only)
-        for note in self.notes:
-            log.log(logging.INFO if self._chosen is self._estimate else logging.WARNING, "energy: %s", note)
+        # one log line per problem (RAPL permission denied, battery on AC), when the meter is made
+        for problem in self._detection.problems:
+            log.warning("energy: %s", problem)
+        if self._detection.estimate_note:
+            log.info("energy: %s", self._detection.estimate_note)
 
     @classmethod
     def from_settings(cls, settings: PowerSettings, **kwargs: Any) -> EnergyMeter:
@@ -252,7 +258,11 @@ class EnergyMeter:
         sampler = self._get_sampler()
         if sampler is not None:
             token = sampler.open()
-            return Measurement(self, token, token[1], cpu0)
+            m = Measurement(self, token, token[1], cpu0)
+            # a window that is dropped without stop() must not keep the sampler busy forever
+            m._finalizer = weakref.finalize(m, sampler.abandon, token[0])
+            m._finalizer.atexit = False
+            return m
         return Measurement(self, None, self._clock(), cpu0)
 
     def poll(self) -> None:

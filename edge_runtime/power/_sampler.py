@@ -198,6 +198,8 @@ class Sampler:
         self._linger_s = linger_s
         self._last_close_mono = float("-inf")
         self._last_read_mono: float | None = None
+        # windows whose Measurement was garbage-collected unclosed; appended from GC (no lock there)
+        self._abandoned: list[int] = []
 
     # --- windows -------------------------------------------------------------------------------
 
@@ -206,6 +208,7 @@ class Sampler:
             with self._lock:
                 if self._stopped:
                     raise EnergyError("the energy meter is closed")
+                self._drop_abandoned()
                 was_idle = not self._open
                 stale = self._last_read_mono is None or time.monotonic() - self._last_read_mono > 2 * self.interval_s
                 if was_idle and stale:
@@ -235,12 +238,27 @@ class Sampler:
         with self._lock:
             result = self._window(t0, t1)
             self._open.pop(wid, None)
+            self._drop_abandoned()
             if not self._open:
                 self._last_close_mono = time.monotonic()
             oldest = min(self._open.values()) if self._open else t1
             for track in self._tracks.values():
                 track.prune(oldest)
         return result
+
+    def abandon(self, wid: int) -> None:
+        """Forget a window nobody will close. Safe from a GC callback: no lock, one atomic append."""
+        self._abandoned.append(wid)
+
+    @property
+    def open_windows(self) -> int:
+        with self._lock:
+            self._drop_abandoned()
+            return len(self._open)
+
+    def _drop_abandoned(self) -> None:
+        while self._abandoned:
+            self._open.pop(self._abandoned.pop(), None)
 
     def poll(self) -> float:
         """Read the source now (the background thread does this every ``interval_s``)."""
@@ -290,7 +308,8 @@ class Sampler:
             self._thread.start()
 
     def _busy(self) -> bool:
-        """Sampling is due: a window is open, or one closed less than ``linger_s`` ago."""
+        """Sampling is due: a window is open, or one closed less than ``linger_s`` ago. Caller holds ``_lock``."""
+        self._drop_abandoned()
         return bool(self._open) or time.monotonic() - self._last_close_mono < self._linger_s
 
     def _run(self) -> None:

@@ -204,3 +204,19 @@ def test_power_package_import_does_not_load_the_engine_package() -> None:
             "print(','.join(m for m in ('onnxruntime', 'numpy', 'psutil', 'edge_runtime.engine') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_window_dropped_without_stop_does_not_keep_the_sampler_busy(tmp_path: Path, make_meter: Make) -> None:
+    import gc
+
+    add_rapl_zone(tmp_path, "0", "package-0", 0)
+    meter = make_meter(tmp_path)
+    kept = meter.start()
+    dropped = meter.start()
+    sampler = meter._sampler
+    assert sampler is not None and sampler.open_windows == 2
+    del dropped
+    gc.collect()
+    assert sampler.open_windows == 1
+    kept.stop()
+    assert sampler.open_windows == 0

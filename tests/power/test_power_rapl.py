@@ -225,9 +225,10 @@ def test_permission_denied_warns_once_with_the_fix_and_uses_the_next_source(
     assert len(logged) == 1 and logged[0].levelno == logging.WARNING
 
 
-def test_permission_denied_with_nothing_else_is_an_estimate_never_zero(tmp_path: Path, make_meter: Make,
-                                                                         clock: ManualClock) -> None:
+def test_permission_denied_with_nothing_else_is_an_estimate_never_zero(
+        tmp_path: Path, make_meter: Make, clock: ManualClock, caplog: pytest.LogCaptureFixture) -> None:
     _denied_tree(tmp_path)
+    caplog.set_level(logging.INFO, logger="edge_runtime.power")
 
     def run() -> object:
         meter = make_meter(tmp_path)
@@ -239,6 +240,8 @@ def test_permission_denied_with_nothing_else_is_an_estimate_never_zero(tmp_path:
     assert m.source == "estimate:generic" and m.estimated  # type: ignore[attr-defined]
     assert m.joules > 0  # type: ignore[attr-defined]
     assert any("chmod a+r" in w for w in m.warnings)  # type: ignore[attr-defined]
+    assert [r.levelno for r in caplog.records if "chmod a+r" in r.getMessage()] == [logging.WARNING]
+    assert [r.levelno for r in caplog.records if "ESTIMATED" in r.getMessage()] == [logging.INFO]
 
 
 def test_insisting_on_denied_rapl_raises_with_the_fix(tmp_path: Path, make_meter: Make) -> None:
