@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
 import tempfile
+import threading
+import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +41,8 @@ __all__ = [
 TOKEN_PREFIX = "ebt_"  # "edge bridge token": recognisable in a leaked-secret scan
 _HASH_PREFIX = "sha256:"
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+log = logging.getLogger("cloud_bridge.auth")
+
 _FILE_HEADER = "# cloud-bridge device tokens: only SHA-256 hashes. Managed by `cloud-bridge token add/remove`.\n"
 
 
@@ -70,25 +75,76 @@ def _digest(stored: str, where: str) -> bytes:
 
 
 class TokenStore:
-    """Maps a presented token to its device id."""
+    """Maps a presented token to its device id.
 
-    def __init__(self, hashes: Mapping[str, str] | None = None) -> None:
-        self._entries: list[tuple[str, bytes]] = []
-        for device, stored in (hashes or {}).items():
+    With a tokens file, the store re-reads it when it changes (looked at no more
+    than every ``reload_interval_s``), so ``cloud-bridge token add/remove`` takes
+    effect on a running bridge: a revoked token stops working without a restart.
+    A file that cannot be read keeps the last good entries (and says so in the log).
+    """
+
+    def __init__(
+        self,
+        hashes: Mapping[str, str] | None = None,
+        *,
+        tokens_file: Path | None = None,
+        reload_interval_s: float = 1.0,
+    ) -> None:
+        self._inline = dict(hashes or {})
+        self._tokens_file = tokens_file
+        self._reload_interval_s = reload_interval_s
+        self._lock = threading.Lock()
+        self._checked_s = time.monotonic()
+        self._file_stamp = self._stamp()
+        self._entries = self._build(read_tokens_file(tokens_file) if self._file_stamp is not None else {})
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        if self._tokens_file is None:
+            return None
+        try:
+            st = os.stat(self._tokens_file)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)  # token files are replaced whole: a new inode
+
+    def _build(self, from_file: Mapping[str, str]) -> list[tuple[str, bytes]]:
+        entries = []
+        for device, stored in {**from_file, **self._inline}.items():
             validate_device_id(device)
-            self._entries.append((device, _digest(stored, f"auth.tokens.{device}")))
+            entries.append((device, _digest(stored, f"auth.tokens.{device}")))
+        return entries
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @classmethod
-    def from_sources(cls, inline: Mapping[str, str], tokens_file: Path | None) -> TokenStore:
-        hashes = dict(read_tokens_file(tokens_file)) if tokens_file is not None and tokens_file.exists() else {}
-        hashes.update(inline)
-        return cls(hashes)
+    def from_sources(
+        cls, inline: Mapping[str, str], tokens_file: Path | None, *, reload_interval_s: float = 1.0
+    ) -> TokenStore:
+        return cls(inline, tokens_file=tokens_file, reload_interval_s=reload_interval_s)
+
+    def _maybe_reload(self) -> None:
+        if self._tokens_file is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked_s < self._reload_interval_s:
+                return
+            self._checked_s = now
+            stamp = self._stamp()
+            if stamp == self._file_stamp:
+                return
+            try:
+                entries = self._build(read_tokens_file(self._tokens_file) if stamp is not None else {})
+            except ConfigError as err:
+                log.error("keeping the previous device tokens: %s", err)
+                return
+            self._entries, self._file_stamp = entries, stamp
+            log.info("device tokens reloaded: %d devices", len(entries))
 
     def authenticate(self, token: str | None) -> str | None:
         """The device whose token this is, or None. Time does not depend on which entry matches."""
+        self._maybe_reload()
         if not token:
             return None
         presented = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()

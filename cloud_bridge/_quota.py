@@ -88,6 +88,16 @@ class QuotaManager:
                 requests.take(1.0, now_s)
             return None
 
+    def refund_request(self, device: str) -> None:
+        """Give back the request taken by :meth:`admit` when the bridge itself refused the call (queue full)."""
+        if self._settings.requests_per_minute <= 0:
+            return
+        with self._lock:
+            bucket = self._requests.get(device)
+            if bucket is not None:
+                bucket.take(-1.0, self._clock())
+                bucket.level = min(bucket.level, bucket.capacity)
+
     def charge_tokens(self, device: str, count: int) -> None:
         s = self._settings
         if s.tokens_per_minute <= 0 or count <= 0:

@@ -82,7 +82,9 @@ class BridgeServer:
         self.settings = settings
         self.backends = dict(backends)
         s = settings.server
-        self.tokens = TokenStore.from_sources(settings.auth.tokens, settings.auth.tokens_file)
+        self.tokens = TokenStore.from_sources(
+            settings.auth.tokens, settings.auth.tokens_file, reload_interval_s=settings.auth.reload_interval_s
+        )
         if not len(self.tokens):
             log.warning(
                 "no device tokens configured: every call will be refused (add one with `cloud-bridge token add DEVICE`)"

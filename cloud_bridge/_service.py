@@ -203,6 +203,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             if not job.slots.acquire(job.cancel):
                 raise Reject(make_status(grpc.StatusCode.CANCELLED, "call ended while waiting for a worker"))
         except QueueFullError as err:
+            self.quotas.refund_request(job.device)  # the bridge's capacity, not the device's quota, said no
             raise Reject(
                 make_status(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,

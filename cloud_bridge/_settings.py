@@ -100,6 +100,9 @@ class AuthSettings:
     tokens: dict[str, str] = setting(
         factory=dict, help='inline device = "sha256:<hex>" token hashes (in addition to tokens_file)', secret=True
     )
+    reload_interval_s: float = setting(
+        1.0, help="how often to look for changes to tokens_file (added and revoked tokens apply without a restart)"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

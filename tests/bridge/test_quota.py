@@ -109,3 +109,12 @@ def test_a_long_answer_exhausts_the_token_quota(start_bridge, make_client):
         client.generate(HI)
     assert "tokens_per_minute" in str(info.value)
     assert info.value.retry_after_s == pytest.approx(2.0, abs=0.2)  # 2 tokens of debt at 1 token/s
+
+
+def test_a_request_refused_for_a_full_queue_gets_its_quota_back():
+    clock = FakeClock()
+    quotas = QuotaManager(QuotaSettings(requests_per_minute=60, requests_burst=1, tokens_per_minute=0), clock=clock)
+    assert quotas.admit("a") is None
+    quotas.refund_request("a")
+    assert quotas.admit("a") is None  # the refunded request is available again
+    assert quotas.admit("a") is not None

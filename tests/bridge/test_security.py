@@ -179,3 +179,17 @@ def test_a_client_token_file_must_be_private(tmp_path):
         assert TOKEN not in repr(client)
     finally:
         client.close()
+
+
+def test_tokens_added_or_revoked_apply_to_a_running_bridge(start_bridge, make_client, tmp_path):
+    path = tmp_path / "tokens.toml"
+    first = add_device_token(path, "pi-1")
+    bridge = start_bridge(auth={"tokens": {}, "tokens_file": str(path), "reload_interval_s": 0.0})
+    assert make_client(bridge, token=first).generate(HI).text == "the answer is forty two"
+    second = add_device_token(path, "pi-2")
+    assert make_client(bridge, token=second).generate(HI).completion_tokens == 5  # no restart needed
+    remove_device_token(path, "pi-1")
+    with pytest.raises(CloudAuthError):
+        make_client(bridge, token=first).generate(HI)  # revoked at once
+    path.write_text("[devices]\nbroken = 1\n")  # a bad edit keeps the last good tokens
+    assert make_client(bridge, token=second).generate(HI).completion_tokens == 5
