@@ -109,7 +109,8 @@ def _format_sources(meter: EnergyMeter, infos: list[SourceInfo]) -> str:
     for info in infos:
         status = "CHOSEN" if info.chosen else "usable" if info.usable else "present, not usable" if info.present \
             else "absent"
-        lines.append(f"{'*' if info.chosen else ' '} {info.label:<28} {status}" + (f"  ({info.detail})" if info.detail else ""))
+        detail = f"  ({info.detail})" if info.detail else ""
+        lines.append(f"{'*' if info.chosen else ' '} {info.label:<28} {status}{detail}")
         if info.problem:
             lines.append(f"      {info.problem}")
         if info.fix:
