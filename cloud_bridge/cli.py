@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from edge_runtime.config import add_settings_arguments, settings_overrides_from_args, settings_to_dict
@@ -61,6 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _tokens_file(args: argparse.Namespace) -> Any:
+    if args.tokens_file:
+        return Path(args.tokens_file)
     path = _settings(args).auth.tokens_file
     if path is None:
         raise ConfigError("no tokens file configured", field="auth.tokens_file")
@@ -104,7 +107,10 @@ def _config(args: argparse.Namespace) -> int:
 
 def _add_config(parser: argparse.ArgumentParser, *, sections: Sequence[str]) -> None:
     parser.add_argument("--config", "-c", metavar="FILE", help="bridge config file (TOML)")
-    add_settings_arguments(parser, BridgeSettings, sections=sections)
+    if sections:
+        add_settings_arguments(parser, BridgeSettings, sections=sections)
+    else:  # the token commands need only to know where the tokens file is
+        parser.add_argument("--tokens-file", metavar="FILE", help="tokens file (default: the config's auth.tokens_file)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser("serve", help="serve the model aliases of the config file")
-    _add_config(serve, sections=("server", "auth", "quota", "limits"))
+    _add_config(serve, sections=("server", "quota", "limits"))
     serve.add_argument(
         "--insecure",
         action="store_true",
@@ -128,18 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--replace", action="store_true", help="issue a new token for a device that has one (the old one stops working)"
     )
-    _add_config(add, sections=("auth",))
+    _add_config(add, sections=())
     add.set_defaults(func=_token_add)
     listing = token_sub.add_parser("list", help="list the devices that have a token")
-    _add_config(listing, sections=("auth",))
+    _add_config(listing, sections=())
     listing.set_defaults(func=_token_list)
     remove = token_sub.add_parser("remove", help="revoke a device's token")
     remove.add_argument("device")
-    _add_config(remove, sections=("auth",))
+    _add_config(remove, sections=())
     remove.set_defaults(func=_token_remove)
 
     config = sub.add_parser("config", help="print the effective settings (secrets hidden)")
-    _add_config(config, sections=("server", "auth", "quota", "limits"))
+    _add_config(config, sections=("server", "quota", "limits"))
     config.set_defaults(func=_config)
     return parser
 

@@ -151,3 +151,10 @@ def test_serve_answers_and_drains_on_sigterm(tmp_path):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_token_commands_take_a_tokens_file_without_a_config(tmp_path, capsys):
+    path = tmp_path / "t.toml"
+    assert main(["token", "add", "edge-1", "--tokens-file", str(path)]) == 0
+    token = capsys.readouterr().out.strip()
+    assert token.startswith("ebt_") and token not in path.read_text()
