@@ -110,7 +110,9 @@ def _add_config(parser: argparse.ArgumentParser, *, sections: Sequence[str]) -> 
     if sections:
         add_settings_arguments(parser, BridgeSettings, sections=sections)
     else:  # the token commands need only to know where the tokens file is
-        parser.add_argument("--tokens-file", metavar="FILE", help="tokens file (default: the config's auth.tokens_file)")
+        parser.add_argument(
+            "--tokens-file", metavar="FILE", help="tokens file (default: the config's auth.tokens_file)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
