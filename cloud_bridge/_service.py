@@ -185,7 +185,8 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         remaining = context.time_remaining()
         cancel = CancelToken(None if remaining is None else received_s + remaining)
         # fires when the call ends for any reason: cancelled, deadline passed, or done
-        context.add_callback(cancel.cancel)
+        if not context.add_callback(cancel.cancel):  # the call already ended
+            cancel.cancel()
         return _Job(
             device,
             alias,
