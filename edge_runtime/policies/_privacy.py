@@ -1,0 +1,176 @@
+"""Privacy gate: a prompt that contains an email address, a phone number or a user pattern never leaves the device.
+
+The built-in patterns favour precision over recall where arithmetic would
+otherwise trip them: a bare run of digits ("5551234567", "Is 1234567 prime?")
+is not treated as a phone number; a phone number needs a ``+`` country code,
+the (555) 123-4567 / 555-123-4567 shapes, or a national number starting with
+0 written in groups ("020 7946 0958"). Card numbers must pass the Luhn check.
+Add a user regex for anything else. A decision never quotes the matched text
+(it would end up in logs); it names the pattern and the message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ._base import Decision, Policy, Reason, RequestContext, check_keys
+from ._registry import register_policy
+
+__all__ = ["Privacy", "BUILTIN_PATTERNS"]
+
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?!\w)")
+_PHONE = re.compile(
+    r"""(?<![\w+])(?:
+        \+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}   # +44 20 7946 0958, +1-555-123-4567
+      | \(\d{3}\)\s?\d{3}[\s.-]\d{4}                                         # (555) 123-4567
+      | \d{3}[.-]\d{3}[.-]\d{4}                                              # 555-123-4567, 555.123.4567
+      | 0\d{1,4}(?:[\s.-]\d{2,4}){2,4}                                       # 020 7946 0958, 06 12 34 56 78
+    )(?![\w])""",
+    re.VERBOSE,
+)
+_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+
+
+def _digits(s: str) -> str:
+    return "".join(c for c in s if c.isdigit())
+
+
+def _luhn(number: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(number)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _find_email(text: str) -> bool:
+    return _EMAIL.search(text) is not None
+
+
+def _find_phone(text: str) -> bool:
+    for m in _PHONE.finditer(text):
+        s = m.group(0)
+        n = len(_digits(s))
+        # national numbers need 9+ digits so that dates such as 01-02-2024 do not count
+        if (s.startswith("+") and 8 <= n <= 15) or (not s.startswith(("+", "0")) and n == 10) or (s.startswith("0") and 9 <= n <= 15):
+            return True
+    return False
+
+
+def _find_card(text: str) -> bool:
+    return any(13 <= len(d := _digits(m.group(0))) <= 19 and _luhn(d) for m in _CARD.finditer(text))
+
+
+#: name -> (detector, what it is, for the detail sentence)
+BUILTIN_PATTERNS: dict[str, tuple[Callable[[str], bool], str]] = {
+    "email": (_find_email, "an email address"),
+    "phone": (_find_phone, "a phone number"),
+    "credit_card": (_find_card, "a payment card number"),
+}
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@register_policy
+class Privacy(Policy):
+    """Never escalate a request whose messages match a sensitive pattern; say which one.
+
+    ``patterns``: built-in detectors to use (default: all of ``email``, ``phone``,
+    ``credit_card``); ``regexes``: extra ``name -> regular expression``; the
+    reason code is ``privacy_pattern:<name>``.
+    """
+
+    type_name = "privacy"
+    is_gate = True
+
+    def __init__(self, patterns: Sequence[str] | None = None, regexes: Mapping[str, str] | None = None) -> None:
+        names = list(BUILTIN_PATTERNS) if patterns is None else list(patterns)
+        for i, name in enumerate(names):
+            if name not in BUILTIN_PATTERNS:
+                raise ConfigError(f"unknown pattern {name!r} (built-in: {', '.join(BUILTIN_PATTERNS)}; "
+                                  "put your own under regexes)", field=f"policy.patterns[{i}]")
+        self.patterns = tuple(dict.fromkeys(names))
+        self.regexes: dict[str, str] = {}
+        self._detectors: list[tuple[str, Callable[[str], bool], str]] = [
+            (n, BUILTIN_PATTERNS[n][0], BUILTIN_PATTERNS[n][1]) for n in self.patterns
+        ]
+        for name, pattern in (regexes or {}).items():
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise ConfigError("regex names may use letters, digits, '_' and '-' only", field=f"policy.regexes.{name}")
+            if not isinstance(pattern, str) or not pattern:
+                raise ConfigError("must be a non-empty regular expression string", field=f"policy.regexes.{name}")
+            try:
+                compiled = re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"invalid regular expression: {err}", field=f"policy.regexes.{name}") from err
+            self.regexes[name] = pattern
+            self._detectors.append((name, lambda t, c=compiled: c.search(t) is not None, f"text matching '{name}'"))
+        if not self._detectors:
+            raise ConfigError("no patterns to look for", field="policy.patterns")
+
+    def find(self, texts: Iterable[str]) -> tuple[str, int, str] | None:
+        """(pattern name, message index, description) of the first match, or None."""
+        for i, text in enumerate(texts):
+            for name, detect, what in self._detectors:
+                if detect(text):
+                    return name, i, what
+        return None
+
+    def _decision(self, ctx: RequestContext) -> Decision | None:
+        hit = self.find(ctx.texts())
+        if hit is None:
+            return None
+        name, index, what = hit
+        return Decision("local_forced", Reason.PRIVACY_PREFIX + name,
+                        f"message {index} contains {what}; the request is kept on the device", policy=self.type_name)
+
+    def _before(self, ctx: RequestContext) -> Decision | None:
+        return self._decision(ctx)
+
+    def _admit(self, ctx: RequestContext) -> Decision | None:
+        return self._decision(ctx)
+
+    def _params(self) -> dict[str, Any]:
+        return {"patterns": list(self.patterns), "regexes": dict(self.regexes)}
+
+    def _describe(self) -> str:
+        return "privacy"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], *, where: str = "policy") -> Privacy:
+        check_keys(cfg, ("patterns", "regexes"), where)
+        patterns = cfg.get("patterns")
+        if patterns is not None and (isinstance(patterns, str) or not isinstance(patterns, Sequence)):
+            raise ConfigError("must be a list of pattern names", field=f"{where}.patterns")
+        regexes = cfg.get("regexes")
+        if regexes is not None and not isinstance(regexes, Mapping):
+            raise ConfigError("must be a table of name = regular expression", field=f"{where}.regexes")
+        try:
+            return cls(patterns, regexes)
+        except ConfigError as err:
+            raise ConfigError(str(err).split(": ", 1)[-1], field=(err.field or "").replace("policy", where, 1)) from None
+
+    # the scan is the slow part of a replay: done once per records and configuration
+    def _replay_veto(self, records: Any) -> tuple[np.ndarray, np.ndarray]:
+        def scan() -> tuple[np.ndarray, np.ndarray]:
+            texts = records.require("texts", "a privacy policy needs the prompts")
+            mask = np.zeros(records.n, dtype=bool)
+            reasons = np.full(records.n, "", dtype=object)
+            for i, msgs in enumerate(texts):
+                hit = self.find(msgs)
+                if hit is not None:
+                    mask[i] = True
+                    reasons[i] = Reason.PRIVACY_PREFIX + hit[0]
+            return mask, reasons
+
+        return records.cached(("privacy", repr(self.to_config())), scan)
+
+    def _replay_before(self, records: Any) -> tuple[np.ndarray, np.ndarray]:
+        mask, reasons = self._replay_veto(records)
+        return np.where(mask, 3, 0).astype(np.int8), reasons

@@ -1,0 +1,135 @@
+"""Budget gate: cap, reservation and settlement, period roll-over, concurrency."""
+
+import threading
+
+import pytest
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.policies import Always, Budget, Chain, Privacy, Reason, RequestContext, Threshold, policy_from_config
+
+
+class Clock:
+    def __init__(self, t=1_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def req(usd=0.25, text="What is 2+2?"):
+    return RequestContext.from_prompt(text, estimated_cloud_usd=usd)
+
+
+def test_escalations_stop_once_the_money_is_spent():
+    budget = Budget(1.0, clock=Clock())
+    policy = Chain([budget, Always()])
+    for _ in range(4):  # 4 x 0.25 fits exactly
+        c = req()
+        assert policy.before(c).action == "cloud"
+        policy.settle(c, 0.25)
+    assert budget.spent_usd() == pytest.approx(1.0) and budget.remaining_usd() == 0.0
+    d = policy.before(req())
+    assert (d.action, d.reason, d.policy) == ("local_forced", Reason.BUDGET_EXHAUSTED, "budget")
+    assert "$1.0000 of $1.00 per day" in d.detail and "until" in d.detail
+
+
+def test_a_request_that_would_overshoot_is_kept_local():
+    budget = Budget(1.0, clock=Clock())
+    policy = Chain([Threshold(0.5), budget])
+    c = req(0.9)
+    assert policy.after(c, 0.1).action == "cloud"
+    policy.settle(c, 0.9)
+    assert policy.before(req(0.05)).action == "continue"  # 0.05 still fits
+    d = policy.after(req(0.2), 0.1)  # 0.9 + 0.2 > 1.0
+    assert d.action == "local_forced" and "would cost about $0.2000" in d.detail
+    assert policy.after(req(0.2), 0.9).action == "local"  # not wanted anyway: plain local
+
+
+def test_settle_replaces_the_reservation_with_the_real_cost():
+    budget = Budget(1.0, clock=Clock())
+    policy = Chain([Always(), budget])
+    c = req(0.5)
+    policy.before(c)
+    assert budget.spent_usd() == pytest.approx(0.5)  # reserved
+    policy.settle(c, 0.1)
+    assert budget.spent_usd() == pytest.approx(0.1)
+    failed = req(0.5)
+    policy.before(failed)
+    policy.settle(failed, 0.0)  # the cloud call failed: nothing spent
+    assert budget.spent_usd() == pytest.approx(0.1)
+
+
+def test_a_later_gate_veto_releases_the_reservation():
+    budget = Budget(1.0, clock=Clock())
+    policy = Chain([Always(), budget, Privacy()])
+    d = policy.before(req(0.5, text="write to a@b.io"))
+    assert d.reason == "privacy_pattern:email"
+    assert budget.spent_usd() == 0.0
+
+
+def test_period_rolls_over():
+    clock = Clock(86400.0 * 10 + 5)
+    budget = Budget(0.5, period_s=3600, clock=clock)
+    policy = Chain([budget, Always()])
+    c = req(0.5)
+    assert policy.before(c).action == "cloud"
+    policy.settle(c, 0.5)
+    assert policy.before(req(0.5)).action == "local_forced"
+    clock.t += 3600  # next hour
+    assert budget.spent_usd() == 0.0
+    assert policy.before(req(0.5)).action == "cloud"
+
+
+def test_zero_budget_never_escalates():
+    policy = Chain([Budget(0.0, clock=Clock()), Always()])
+    assert policy.before(req(0.0)).action == "local_forced"
+
+
+def test_concurrent_requests_cannot_overshoot():
+    budget = Budget(1.0, clock=Clock())
+    policy = Chain([Always(), budget])
+    results = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(16)
+
+    def worker():
+        barrier.wait()
+        for _ in range(10):
+            d = policy.before(req(0.01))
+            with lock:
+                results.append(d.action)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("cloud") == 100 and results.count("local_forced") == 60
+    assert budget.spent_usd() == pytest.approx(1.0)
+
+
+def test_config_forms_and_round_trip():
+    assert policy_from_config({"type": "budget", "usd_per_day": 2.0}) == Budget(2.0, 86400)
+    assert policy_from_config({"type": "budget", "usd_per_hour": 0.1}).period_s == 3600
+    b = policy_from_config({"type": "budget", "usd": 5, "period_s": 604800})
+    assert b.to_config() == {"type": "budget", "usd": 5.0, "period_s": 604800.0}
+    assert policy_from_config(b.to_config()) == b
+    assert b.describe() == "budget($5/week)"
+
+
+@pytest.mark.parametrize(
+    "cfg, field",
+    [
+        ({"type": "budget"}, "policy.usd"),
+        ({"type": "budget", "usd": -1}, "policy.usd"),
+        ({"type": "budget", "usd": "1"}, "policy.usd"),
+        ({"type": "budget", "usd": 1, "usd_per_day": 1}, "policy.usd_per_day"),
+        ({"type": "budget", "usd_per_day": 1, "period_s": 60}, "policy.period_s"),
+        ({"type": "budget", "usd": 1, "period_s": 0}, "policy.period_s"),
+        ({"type": "budget", "usd_per_year": 1}, "policy.usd_per_year"),
+    ],
+)
+def test_config_errors(cfg, field):
+    with pytest.raises(ConfigError) as err:
+        policy_from_config(cfg)
+    assert err.value.field == field

@@ -1,0 +1,114 @@
+"""Privacy gate: what counts as sensitive, what does not, and that it is said without leaking."""
+
+import pytest
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.policies import Always, Chain, Privacy, RequestContext, Threshold, policy_from_config
+from edge_runtime.tasks import load_suite
+
+
+def ctx(text, **kw):
+    return RequestContext.from_prompt(text, **kw)
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("Write to jane.doe+work@mail.example.co.uk about it", "email"),
+        ("Email: bob@example.com", "email"),
+        ("Call me on +44 20 7946 0958 tomorrow", "phone"),
+        ("my number is +1-555-123-4567", "phone"),
+        ("+33612345678", "phone"),
+        ("Reach (555) 123-4567 after six", "phone"),
+        ("555-123-4567", "phone"),
+        ("555.123.4567", "phone"),
+        ("office: 020 7946 0958", "phone"),
+        ("portable 06 12 34 56 78", "phone"),
+        ("card 4111 1111 1111 1111 exp 12/29", "credit_card"),
+        ("4111-1111-1111-1111", "credit_card"),
+    ],
+)
+def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
+    d = Privacy().before(ctx(text))
+    assert (d.action, d.reason, d.policy) == ("local_forced", f"privacy_pattern:{pattern}", "privacy")
+    assert "message 0" in d.detail
+    # the detail names the pattern, never the data
+    for token in ("jane", "bob@", "7946", "555", "4111", "0612", "06 12"):
+        assert token not in d.detail
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "What is 1234 + 5678?",
+        "Is 1234567 a prime number?",
+        "What is 7,348 - 4,072?",
+        "Continue the pattern: 100, 200, 300, 400, ?",
+        "(12 - 34) × 5",
+        "The meeting is on 01-02-2024",
+        "Version 2.10.3 was released",
+        "4111 1111 1111 1112 is not a valid card",  # fails the Luhn check
+        "5551234567",  # a bare digit run is not taken for a phone number
+        "user at example dot com",
+    ],
+)
+def test_ordinary_prompts_pass(text):
+    assert Privacy().before(ctx(text)).action == "continue"
+
+
+def test_no_builtin_task_prompt_is_flagged():
+    p = Privacy()
+    flagged = [i.id for i in load_suite("default", "all") if p.find([i.prompt])]
+    assert flagged == []
+
+
+def test_every_message_is_checked_and_named():
+    c = RequestContext(messages=[{"role": "system", "content": "You help."},
+                                 {"role": "user", "content": "my mail is a@b.io"},
+                                 {"role": "assistant", "content": "ok"},
+                                 {"role": "user", "content": [{"type": "text", "text": "what is 2+2?"}]}])
+    d = Privacy().before(c)
+    assert d.reason == "privacy_pattern:email" and "message 1" in d.detail
+
+
+def test_user_regexes_and_pattern_selection():
+    p = Privacy(patterns=["email"], regexes={"employee_id": r"\bEMP-\d{6}\b"})
+    assert p.before(ctx("ticket for EMP-123456")).reason == "privacy_pattern:employee_id"
+    assert p.before(ctx("call +44 20 7946 0958")).action == "continue"  # phone not selected
+    assert Privacy(patterns=[], regexes={"x": "secret"}).before(ctx("a secret")).reason == "privacy_pattern:x"
+
+
+def test_gate_vetoes_escalations_wherever_it_is_listed():
+    private = ctx("my mail is a@b.io")
+    for chain in (Chain([Always(), Privacy()]), Chain([Privacy(), Always()])):
+        d = chain.before(private)
+        assert (d.action, d.reason) == ("local_forced", "privacy_pattern:email")
+    late = Chain([Threshold(0.5), Privacy()])
+    assert late.after(private, 0.1).action == "local_forced"
+    assert late.after(ctx("what is 2+2"), 0.1).action == "cloud"
+
+
+@pytest.mark.parametrize(
+    "cfg, field",
+    [
+        ({"type": "privacy", "patterns": ["ssn"]}, "policy.patterns[0]"),
+        ({"type": "privacy", "patterns": "email"}, "policy.patterns"),
+        ({"type": "privacy", "regexes": {"bad": "("}}, "policy.regexes.bad"),
+        ({"type": "privacy", "regexes": {"white space": "x"}}, "policy.regexes.white space"),
+        ({"type": "privacy", "regexes": ["x"]}, "policy.regexes"),
+        ({"type": "privacy", "patterns": []}, "policy.patterns"),
+        ({"type": "privacy", "pattern": ["email"]}, "policy.pattern"),
+    ],
+)
+def test_config_errors_name_the_field(cfg, field):
+    with pytest.raises(ConfigError) as err:
+        policy_from_config(cfg)
+    assert err.value.field == field
+
+
+def test_config_round_trip():
+    p = Privacy(patterns=["phone"], regexes={"project": r"Project\s+Falcon"})
+    cfg = p.to_config()
+    assert cfg == {"type": "privacy", "patterns": ["phone"], "regexes": {"project": r"Project\s+Falcon"}}
+    again = policy_from_config(cfg)
+    assert again == p and again.before(ctx("about Project  Falcon")).reason == "privacy_pattern:project"
