@@ -29,8 +29,13 @@ _SMALL = {
     )
 }
 _TENS = {w: 10 * (i + 2) for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())}
+# "Mars is the fourth planet": ordinals answer position questions
+_SMALL.update(
+    {w: i + 1 for i, w in enumerate("first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth".split())}
+)
 _NUMBER_WORD = re.compile(
-    r"\b(?:(" + "|".join(_TENS) + r")(?:[-\s](" + "|".join(list(_SMALL)[1:10]) + r"))?|(" + "|".join(_SMALL) + r"))\b",
+    r"\b(?:(" + "|".join(_TENS) + r")(?:[-\s](" + "|".join(list(_SMALL)[1:10]) + r"))?|("
+    + "|".join(sorted(_SMALL, key=len, reverse=True)) + r"))\b",
     re.IGNORECASE,
 )
 
@@ -145,7 +150,10 @@ _PREFIX = re.compile(
     r"^\s*(?:(?:the\s+)?(?:final\s+|correct\s+|short\s+)?answer\s*(?:is|:|would be)|a\s*:|answer\s*-)\s*:?\s*",
     re.IGNORECASE,
 )
-_COPULA = re.compile(r"\s(?:is|are|was|were|would be|will be)\s", re.IGNORECASE)
+# "X is Y" and "X wrote Y": the answer is on one side of the verb
+_COPULA = re.compile(
+    r"\s(?:is|are|was|were|would be|will be|wrote|painted|composed|invented|discovered|created)\s", re.IGNORECASE
+)
 _PREPOSITION = re.compile(r"\s(?:of|in|on|for|as|by|called|named)\s", re.IGNORECASE)
 # a period ends a clause unless it closes an initial ("J.K. Rowling", "D.C.")
 _CLAUSE_END = re.compile(r"\s*(?:[,;:()\[\]]|\s-\s|\s\u2014\s|(?<!\b[A-Z])\.(?:\s|$)|[!?])")

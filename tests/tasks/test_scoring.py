@@ -24,6 +24,8 @@ from edge_runtime.tasks import Score, TaskItem, score, score_text
         ("Answer: 3", ["3"], True, "3"),
         ("There are twelve of them.", ["12"], True, "12"),
         ("twenty-one", ["21"], True, "21"),
+        ("Mars is the fourth planet from the Sun.", ["4"], True, "4"),
+        ("Mars is the 4th planet from the Sun.", ["4"], True, "4"),
         ("3, 7, 11, 15, 19", ["19"], True, "19"),  # echoes the sequence: the last number is the next term
         ("The answer is 86.", ["85"], False, "86"),
         ("85.5", ["85"], False, "85.5"),
@@ -95,6 +97,9 @@ def test_yes_no_unparseable(reply, error):
         ("The reversed word is \"enots\".", ["enots"], True),
         ("e n o t s", ["enots"], True),
         ("Mount Everest", ["Everest", "Mount Everest"], True),
+        ("William Shakespeare wrote Hamlet.", ["William Shakespeare", "Shakespeare"], True),
+        ("Leonardo da Vinci painted the Mona Lisa.", ["Leonardo da Vinci"], True),
+        ("Kenya is located in Africa.", ["Africa"], True),
         ("Jupiter", ["Saturn"], False),
     ],
 )
