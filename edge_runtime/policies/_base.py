@@ -191,8 +191,8 @@ class Policy:
             d = p._after(ctx, p_correct)
             if d is not None and d.action != "continue":
                 return self._admit_all(ctx, d) if d.action == "cloud" else d
-        return Decision("local", Reason.DEFAULT_LOCAL, "no part of the policy asked for the cloud", policy=self.type_name,
-                        value=p_correct)
+        return Decision("local", Reason.DEFAULT_LOCAL, "no part of the policy asked for the cloud",
+                        policy=self.type_name, value=p_correct)
 
     def settle(self, ctx: RequestContext, usd: float) -> None:
         """Report what an escalation admitted for ``ctx`` really cost (0.0 if the cloud call failed)."""

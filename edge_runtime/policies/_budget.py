@@ -45,7 +45,8 @@ class Budget(Policy):
     def __init__(self, usd: float, period_s: float = 86400.0, *, clock: Callable[[], float] = time.time) -> None:
         if isinstance(usd, bool) or not isinstance(usd, (int, float)) or not math.isfinite(usd) or usd < 0:
             raise ConfigError(f"must be a non-negative amount, got {usd!r}", field="policy.usd")
-        if isinstance(period_s, bool) or not isinstance(period_s, (int, float)) or not math.isfinite(period_s) or period_s <= 0:
+        if (isinstance(period_s, bool) or not isinstance(period_s, (int, float)) or not math.isfinite(period_s)
+                or period_s <= 0):
             raise ConfigError(f"must be a positive number of seconds, got {period_s!r}", field="policy.period_s")
         self.usd = float(usd)
         self.period_s = float(period_s)

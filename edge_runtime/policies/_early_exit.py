@@ -76,7 +76,8 @@ class EarlyExit(Policy):
         if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
             raise ConfigError(f"must be an integer >= 1, got {min_tokens!r}", field="policy.min_tokens")
         if signal not in SIGNALS:
-            raise ConfigError(f"unknown signal {signal!r} (expected one of {', '.join(SIGNALS)})", field="policy.signal")
+            raise ConfigError(f"unknown signal {signal!r} (expected one of {', '.join(SIGNALS)})",
+                              field="policy.signal")
         if confidence_fn is not None and signal != "trajectory":
             raise ConfigError("confidence_fn is only used with signal 'trajectory'", field="policy.signal")
         self.bar = float(bar)
@@ -122,7 +123,8 @@ class EarlyExit(Policy):
         k = number(cfg, "min_tokens", where, lo=1, default=4, integer=True)
         signal = cfg.get("signal", "mean_prob")
         if signal not in SIGNALS:
-            raise ConfigError(f"unknown signal {signal!r} (expected one of {', '.join(SIGNALS)})", field=f"{where}.signal")
+            raise ConfigError(f"unknown signal {signal!r} (expected one of {', '.join(SIGNALS)})",
+                              field=f"{where}.signal")
         return cls(bar, k, signal)
 
     def _replay_during(self, records: Any) -> np.ndarray:
@@ -131,5 +133,6 @@ class EarlyExit(Policy):
             return np.full(records.n, -1, dtype=np.int64)
         cols = np.arange(conf.shape[1])
         with np.errstate(invalid="ignore"):
-            cond = (conf < self.bar) & (cols[None, :] < records.n_tokens[:, None]) & (cols[None, :] >= self.min_tokens - 1)
+            in_answer = cols[None, :] < records.n_tokens[:, None]
+            cond = (conf < self.bar) & in_answer & (cols[None, :] >= self.min_tokens - 1)
         return np.where(cond.any(axis=1), cond.argmax(axis=1), -1)

@@ -67,7 +67,8 @@ class PreRoute(Policy):
         elif scorer is None:
             self.scorer_config = "context"
         else:  # a Python callable has no config name; from_config rejects this form with a clear message
-            self.scorer_config = f"python:{getattr(scorer, '__module__', '?')}.{getattr(scorer, '__qualname__', repr(scorer))}"
+            module = getattr(scorer, "__module__", "?")
+            self.scorer_config = f"python:{module}.{getattr(scorer, '__qualname__', repr(scorer))}"
 
     def score(self, ctx: RequestContext) -> float | None:
         try:
@@ -115,7 +116,8 @@ class PreRoute(Policy):
         try:
             scorer = factory(**params)
         except TypeError as err:
-            raise ConfigError(f"bad parameters for pre-router {spec['type']!r}: {err}", field=f"{where}.scorer") from err
+            raise ConfigError(f"bad parameters for pre-router {spec['type']!r}: {err}",
+                              field=f"{where}.scorer") from err
         if spec["type"] == "context" and not params:
             return cls(bar, decide_local=decide_local)
         return cls(bar, scorer, decide_local=decide_local, scorer_config=spec["type"] if not params else dict(spec))

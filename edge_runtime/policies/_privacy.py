@@ -59,7 +59,13 @@ def _find_phone(text: str) -> bool:
         s = m.group(0)
         n = len(_digits(s))
         # national numbers need 9+ digits so that dates such as 01-02-2024 do not count
-        if (s.startswith("+") and 8 <= n <= 15) or (not s.startswith(("+", "0")) and n == 10) or (s.startswith("0") and 9 <= n <= 15):
+        if s.startswith("+"):
+            ok = 8 <= n <= 15
+        elif s.startswith("0"):
+            ok = 9 <= n <= 15
+        else:  # the North American shapes
+            ok = n == 10
+        if ok:
             return True
     return False
 
@@ -102,7 +108,8 @@ class Privacy(Policy):
         ]
         for name, pattern in (regexes or {}).items():
             if not isinstance(name, str) or not _NAME.match(name):
-                raise ConfigError("regex names may use letters, digits, '_' and '-' only", field=f"policy.regexes.{name}")
+                raise ConfigError("regex names may use letters, digits, '_' and '-' only",
+                                  field=f"policy.regexes.{name}")
             if not isinstance(pattern, str) or not pattern:
                 raise ConfigError("must be a non-empty regular expression string", field=f"policy.regexes.{name}")
             try:
@@ -154,7 +161,8 @@ class Privacy(Policy):
         try:
             return cls(patterns, regexes)
         except ConfigError as err:
-            raise ConfigError(str(err).split(": ", 1)[-1], field=(err.field or "").replace("policy", where, 1)) from None
+            raise ConfigError(str(err).split(": ", 1)[-1],
+                              field=(err.field or "").replace("policy", where, 1)) from None
 
     # the scan is the slow part of a replay: done once per records and configuration
     def _replay_veto(self, records: Any) -> tuple[np.ndarray, np.ndarray]:

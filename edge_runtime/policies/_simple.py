@@ -44,7 +44,8 @@ class Always(Policy):
     type_name = "always"
 
     def _before(self, ctx: RequestContext) -> Decision:
-        return Decision("cloud", Reason.ALWAYS, "policy 'always': every request goes to the cloud", policy=self.type_name)
+        return Decision("cloud", Reason.ALWAYS, "policy 'always': every request goes to the cloud",
+                        policy=self.type_name)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, where: str = "policy") -> Always:
@@ -67,9 +68,11 @@ class _ThresholdBase(Policy):
     def _after(self, ctx: RequestContext, p_correct: float) -> Decision:
         t = self.threshold
         if p_correct < t:
-            return Decision("cloud", Reason.BELOW_THRESHOLD, f"p_correct {p_correct:.3f} < {t:.3f}: escalating to the cloud",
+            return Decision("cloud", Reason.BELOW_THRESHOLD,
+                            f"p_correct {p_correct:.3f} < {t:.3f}: escalating to the cloud",
                             policy=self.type_name, value=p_correct, threshold=t)
-        return Decision("local", Reason.AT_OR_ABOVE_THRESHOLD, f"p_correct {p_correct:.3f} >= {t:.3f}: answered locally",
+        return Decision("local", Reason.AT_OR_ABOVE_THRESHOLD,
+                        f"p_correct {p_correct:.3f} >= {t:.3f}: answered locally",
                         policy=self.type_name, value=p_correct, threshold=t)
 
     def _replay_after(self, records: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +135,8 @@ class TargetRate(_ThresholdBase):
                  threshold: float | None = None) -> None:
         self.rate = _check_p(rate, "policy.rate")
         if (calibration is None) == (threshold is None):
-            raise ConfigError("give either calibration p_correct values or a threshold (not both)", field="policy.calibration")
+            raise ConfigError("give either calibration p_correct values or a threshold (not both)",
+                              field="policy.calibration")
         if calibration is not None:
             values = np.asarray(calibration, dtype=float)
             if values.ndim != 1 or len(values) == 0:
@@ -143,7 +147,8 @@ class TargetRate(_ThresholdBase):
             self.calibration_size = len(values)
             self.achieved_rate = float(np.mean(values < self.threshold))
         else:
-            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= math.nextafter(1.0, 2.0):
+            valid = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+            if not valid or not 0.0 <= threshold <= math.nextafter(1.0, 2.0):
                 raise ConfigError(f"must be in [0, 1], got {threshold!r}", field="policy.threshold")
             self.threshold = float(threshold)
             self.calibration_size = 0
@@ -157,8 +162,8 @@ class TargetRate(_ThresholdBase):
 
     def _after(self, ctx: RequestContext, p_correct: float) -> Decision:
         d = super()._after(ctx, p_correct)
-        return Decision(d.action, d.reason, f"{d.detail} (threshold set to escalate {self.rate:.0%} of calibration traffic)",
-                        policy=d.policy, value=d.value, threshold=d.threshold)
+        detail = f"{d.detail} (threshold set to escalate {self.rate:.0%} of calibration traffic)"
+        return Decision(d.action, d.reason, detail, policy=d.policy, value=d.value, threshold=d.threshold)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, where: str = "policy") -> TargetRate:
@@ -170,4 +175,5 @@ class TargetRate(_ThresholdBase):
         try:
             return cls(rate, cal, threshold=cfg.get("threshold"))
         except ConfigError as err:
-            raise ConfigError(str(err).split(": ", 1)[-1], field=(err.field or "").replace("policy", where, 1)) from None
+            raise ConfigError(str(err).split(": ", 1)[-1],
+                              field=(err.field or "").replace("policy", where, 1)) from None

@@ -31,7 +31,8 @@ _SMALL = {
 _TENS = {w: 10 * (i + 2) for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())}
 # "Mars is the fourth planet": ordinals answer position questions
 _SMALL.update(
-    {w: i + 1 for i, w in enumerate("first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth".split())}
+    {w: i + 1 for i, w in enumerate(
+        "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth".split())}
 )
 _NUMBER_WORD = re.compile(
     r"\b(?:(" + "|".join(_TENS) + r")(?:[-\s](" + "|".join(list(_SMALL)[1:10]) + r"))?|("

@@ -115,7 +115,8 @@ def generate(rng: random.Random) -> list[Draft]:
     for level, quota in sorted(QUOTAS.items()):
         candidates = levels.get(level, ())
         if len(candidates) < quota:
-            raise RuntimeError(f"{FAMILY}: the fact file has {len(candidates)} questions at level {level}, wanted {quota}")
+            raise RuntimeError(
+                f"{FAMILY}: the fact file has {len(candidates)} questions at level {level}, wanted {quota}")
         by_type: dict[str, list[Draft]] = {}
         for d in candidates:
             by_type.setdefault(d.features["subtype"], []).append(d)

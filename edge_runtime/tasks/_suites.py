@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..engine.types import validate_messages
 from ..errors import InvalidRequestError, TaskSuiteError
 from . import _arithmetic, _facts, _sequences, _strings, _units, _word_problems, _yes_no
 from ._build import assign_splits, collect
@@ -164,8 +165,6 @@ def _parse_line(path: Path, lineno: int, line: str) -> TaskItem:
         if not isinstance(obj[text_field], str) or not obj[text_field].strip():
             raise fail(text_field, "must be a non-empty string")
     try:
-        from ..engine.types import validate_messages
-
         messages = validate_messages(obj["messages"], field_name="messages")
     except InvalidRequestError as err:
         raise fail(err.field or "messages", str(err).split(": ", 1)[-1]) from err

@@ -152,7 +152,8 @@ def _workers(rng: random.Random) -> tuple[tuple, str, int, int]:
 _BY_LEVEL: dict[int, tuple[tuple[str, Maker], ...]] = {
     1: (("speed", _speed), ("share", _share), ("spend", _left_after_spending)),
     2: (("buy_give", lambda g: _buy_give(g, big=False)), ("age", _age)),
-    3: (("change", _change), ("garden", _garden), ("pages", _pages), ("buy_give_big", lambda g: _buy_give(g, big=True))),
+    3: (("change", _change), ("garden", _garden), ("pages", _pages),
+        ("buy_give_big", lambda g: _buy_give(g, big=True))),
     4: (("savings", _savings), ("temperature", _temperature), ("tickets", _tickets), ("discount", _discount)),
     5: (("bakery", _bakery), ("workers", _workers)),
 }

@@ -15,7 +15,8 @@ from edge_runtime.policies import (
 
 LOGPROBS = [-0.1, -0.2, -3.0, -0.1]
 MARGINS = [0.9, 0.5, 0.05, 0.8]
-TOKENS = [TokenInfo(id=i, text="x", logprob=lp, entropy=0.0, margin=m) for i, (lp, m) in enumerate(zip(LOGPROBS, MARGINS))]
+TOKENS = [TokenInfo(id=i, text="x", logprob=lp, entropy=0.0, margin=m)
+          for i, (lp, m) in enumerate(zip(LOGPROBS, MARGINS))]
 CTX = RequestContext.from_prompt("Tell me something")
 
 
@@ -128,7 +129,8 @@ def test_pre_router_registry_in_config():
         assert pr.before(RequestContext.from_prompt("a long question")).action == "cloud"
         assert pr.before(RequestContext.from_prompt("hi")).action == "continue"
         cfg = pr.to_config()
-        assert cfg == {"type": "pre_route", "bar": 0.5, "scorer": {"type": "test_length", "max_chars": 5}, "decide_local": False}
+        assert cfg == {"type": "pre_route", "bar": 0.5, "scorer": {"type": "test_length", "max_chars": 5},
+                       "decide_local": False}
         assert policy_from_config(cfg) == pr
         plain = policy_from_config({"type": "pre_route", "bar": 0.2})
         assert plain.to_config()["scorer"] == "context" and policy_from_config(plain.to_config()) == plain

@@ -8,7 +8,7 @@ import pytest
 
 from edge_runtime.engine.types import TokenInfo
 from edge_runtime.policies import (
-    Budget, Chain, EarlyExit, Reason, ReplayRecords, RequestContext, TargetRate, policy_from_config, replay,
+    Budget, Chain, Reason, ReplayRecords, RequestContext, TargetRate, policy_from_config, replay,
 )
 
 # six items: p_correct, local right?, cloud right?, cloud cost, full local energy/latency
@@ -147,7 +147,8 @@ CHAINS = [
     {"chain": [{"type": "threshold", "p": 0.6}, "privacy"]},
     {"chain": [{"type": "early_exit", "bar": 0.45, "min_tokens": 3}, {"type": "threshold", "p": 0.5}]},
     {"chain": ["privacy", {"type": "budget", "usd": 0.3, "period_s": 3600},
-               {"type": "early_exit", "bar": 0.3, "min_tokens": 2, "signal": "min_prob"}, {"type": "threshold", "p": 0.6}]},
+               {"type": "early_exit", "bar": 0.3, "min_tokens": 2, "signal": "min_prob"},
+               {"type": "threshold", "p": 0.6}]},
     {"chain": [{"type": "pre_route", "bar": 0.2}, {"type": "budget", "usd": 0.2, "period_s": 3600}, "privacy",
                {"type": "threshold", "p": 0.4}]},
     {"chain": [{"type": "budget", "usd": 0.1}, "always"]},

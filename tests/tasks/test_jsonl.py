@@ -7,7 +7,8 @@ import pytest
 from edge_runtime.errors import EdgeRuntimeError, TaskSuiteError
 from edge_runtime.tasks import dump_suite, load_suite, score
 
-GOOD = {"id": "q1", "family": "mine", "messages": [{"role": "user", "content": "2+2?"}], "answers": ["4"], "scorer": "number"}
+GOOD = {"id": "q1", "family": "mine", "messages": [{"role": "user", "content": "2+2?"}], "answers": ["4"],
+        "scorer": "number"}
 
 
 def write(tmp_path, *rows):

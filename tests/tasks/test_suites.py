@@ -71,7 +71,8 @@ def test_no_template_plus_values_in_both_splits():
 def test_signature_would_catch_a_rephrased_duplicate():
     # guard for the test above: two wordings of the same sum share a signature
     a, b = [i for i in by_family("arithmetic") if i.features["template"] == "add"][:2]
-    fake = type(a)(id="x", family=a.family, messages=({"role": "user", "content": f"Calculate {' + '.join(str(n) for n in numbers(a.prompt))}."},),
+    rephrased = f"Calculate {' + '.join(str(n) for n in numbers(a.prompt))}."
+    fake = type(a)(id="x", family=a.family, messages=({"role": "user", "content": rephrased},),
                    answers=a.answers, scorer=a.scorer, features=a.features)
     assert _signature(fake) == _signature(a) != _signature(b)
 
