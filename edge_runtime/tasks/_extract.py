@@ -51,6 +51,9 @@ def parse_number(text: str) -> Decimal | None:
     return value if value.is_finite() else None
 
 
+_LIST_MARKER = re.compile(r"^[ \t]*\d{1,2}[.)][ \t]+", re.MULTILINE)
+
+
 def _numbers(text: str) -> list[str]:
     return [m.group(0) for m in _NUMBER.finditer(text)]
 
@@ -75,6 +78,8 @@ def extract_number(reply: str) -> tuple[str | None, str | None]:
     word ("twelve", "twenty-one").
     """
     text = reply.translate(_MINUS_SIGNS)
+    if len(_LIST_MARKER.findall(text)) >= 2:  # "1. 20\n2. 20": list numbers are not answers
+        text = _LIST_MARKER.sub("", text)
     boxed = _BOXED.findall(text)
     if boxed:
         nums = _numbers(boxed[-1])
@@ -160,6 +165,11 @@ _PREPOSITION = re.compile(r"\s(?:of|in|on|for|as|by|called|named)\s", re.IGNOREC
 _CLAUSE_END = re.compile(r"\s*(?:[,;:()\[\]]|\s-\s|\s\u2014\s|(?<!\b[A-Z])\.(?:\s|$)|[!?])")
 
 
+# a phrase in double quotes, or in single quotes that are not apostrophes ("Earth's")
+_QUOTED = re.compile(r"\"([^\"]{1,60})\"|\u201c([^\u201d]{1,60})\u201d|(?<!\w)'([^']{1,60})'(?!\w)")
+_WRAPPERS = " \"'`*_\u2018\u2019\u201c\u201d"
+
+
 def _clause(text: str) -> str:
     """Text up to the first clause break (comma, colon, parenthesis, sentence end)."""
     m = _CLAUSE_END.search(text)
@@ -169,10 +179,12 @@ def _clause(text: str) -> str:
 def text_candidates(reply: str, *, max_words: int = 6) -> list[str]:
     """Short phrases a reply could be giving as its answer, most likely first.
 
-    From the first sentence: the sentence itself (without "The answer is"), its
-    first clause, what follows its last "is/are/was", what precedes its first
-    "is", and what follows its last "of/in/for/..." ("Paris is the capital of
-    France" yields "Paris" and "France"). An "answer is X" anywhere comes first.
+    In order: what follows "the answer is" anywhere; from the first sentence,
+    the one quoted phrase if there is exactly one ('The word "cup" comes
+    first'), what follows its last "is/are/was/wrote" ("The capital of France
+    is Paris"), its first clause ("Paris, France"), what precedes its first
+    "is/wrote" ("Paris is the capital of France"), what follows its last
+    "of/in/for/..." ("... the capital of France"), and the sentence itself.
     Phrases longer than ``max_words`` words are dropped.
     """
     text = reply.strip()
@@ -181,19 +193,25 @@ def text_candidates(reply: str, *, max_words: int = 6) -> list[str]:
         out.append(_clause(text[m.end():]))
     first = _SENTENCE_END.split(text, maxsplit=1)[0] if text else ""
     first = _PREFIX.sub("", first.strip()).strip()
+    quoted = [next(g for g in m.groups() if g) for m in _QUOTED.finditer(first)]
+    if len(quoted) == 1:
+        out.append(quoted[0])
     first_clause = _clause(first) or first
-    out += [first.rstrip(".!?"), first_clause]
     parts = _COPULA.split(" " + first_clause + " ")
+    after = parts[-1].strip() if len(parts) > 1 else first_clause
     if len(parts) > 1:
-        out += [parts[-1].strip(), parts[0].strip()]
-    after = parts[-1] if len(parts) > 1 else first_clause
-    preps = _PREPOSITION.split(" " + after.strip() + " ")
+        out.append(after)
+    out.append(first_clause)
+    if len(parts) > 1:
+        out.append(parts[0].strip())
+    preps = _PREPOSITION.split(" " + after + " ")
     if len(preps) > 1:
         out.append(preps[-1].strip())
+    out.append(first.rstrip(".!?"))
     seen: set[str] = set()
     result = []
     for c in out:
-        c = c.strip().rstrip(".!?").strip()
+        c = c.strip().rstrip(".!?").strip(_WRAPPERS).strip()
         key = normalize_text(c, case_sensitive=True)
         if not key or key in seen or len(key.split()) > max_words:
             continue

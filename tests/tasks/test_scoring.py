@@ -26,7 +26,10 @@ from edge_runtime.tasks import Score, TaskItem, score, score_text
         ("twenty-one", ["21"], True, "21"),
         ("Mars is the fourth planet from the Sun.", ["4"], True, "4"),
         ("Mars is the 4th planet from the Sun.", ["4"], True, "4"),
-        ("3, 7, 11, 15, 19", ["19"], True, "19"),  # echoes the sequence: the last number is the next term
+        ("3, 7, 11, 15, 19", ["19"], True, "19"),
+        ("1. 5 * 3 = 15\n2. 5 * 3 = 15\n", ["15"], True, "15"),  # list numbering is not the answer
+        ("1. 20\n2. 20\n3. 20", ["20"], True, "20"),
+        ("85.\nI added 37 and 48.", ["85"], True, "85"),  # echoes the sequence: the last number is the next term
         ("The answer is 86.", ["85"], False, "86"),
         ("85.5", ["85"], False, "85.5"),
     ],
@@ -101,11 +104,19 @@ def test_yes_no_unparseable(reply, error):
         ("Leonardo da Vinci painted the Mona Lisa.", ["Leonardo da Vinci"], True),
         ("Kenya is located in Africa.", ["Africa"], True),
         ("Jupiter", ["Saturn"], False),
+        ('The word "cup" comes first in alphabetical order.', ["cup"], True),
+        ('Of "cup" and "apple", "cup" comes first.', ["apple"], False),  # several quoted words: no guessing
     ],
 )
 def test_text_scorer(reply, answers, correct):
     s = score_text("text", answers, reply)
     assert s.correct is correct and s.parse_error is None and s.extracted
+
+
+def test_a_wrong_text_answer_reports_what_was_said():
+    s = score_text("text", ["krona"], "The currency of Sweden is the Euro.")
+    assert (s.correct, s.extracted, s.parse_error) == (False, "the Euro", None)
+    assert score_text("text", ["o"], 'The first letter of "owl" is "O".').extracted == "O"
 
 
 def test_text_case_rules():
