@@ -1,0 +1,203 @@
+"""Model bundles: a directory an edge device can load with onnxruntime and tokenizers alone.
+
+Layout::
+
+    BUNDLE/
+      manifest.json      schema version, architecture, sizes, tokens, chat template,
+                         quantization, source hash, SHA-256 + size of every file,
+                         quality report, tool versions
+      model.onnx         graph (weights in external data)
+      model.onnx.data    weights, 4 KiB-aligned so onnxruntime can map them
+      tokenizer.json     Hugging Face tokenizers format
+      stamp.json         size + mtime of the big files at build time (fast verification)
+
+Verification modes: ``full`` hashes every file; ``fast`` (the engine's default)
+hashes every file except those whose size and mtime still match the build
+stamp; ``none`` only checks that the files exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import BundleError, BundleNotFoundError, BundleVerificationError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "STAMP_NAME",
+    "SCHEMA_VERSION",
+    "Manifest",
+    "load_manifest",
+    "verify_bundle",
+    "sha256_file",
+    "write_stamp",
+    "VerifyMode",
+]
+
+MANIFEST_NAME = "manifest.json"
+STAMP_NAME = "stamp.json"
+SCHEMA_VERSION = 1
+VerifyMode = Literal["full", "fast", "none"]
+
+# files at least this large may skip hashing in fast mode when the build stamp matches
+_FAST_SKIP_MIN_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Typed view of ``manifest.json``; ``raw`` keeps every field."""
+
+    path: Path
+    raw: dict[str, Any]
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def name(self) -> str:
+        return str(self.raw.get("name", self.bundle_dir.name))
+
+    @property
+    def architecture(self) -> str:
+        return str(self.raw["architecture"])
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return dict(self.raw["model"])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.raw["model"]["context_length"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.raw["quantization"]["precision"])
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [int(t) for t in self.raw["tokens"]["eos_token_ids"]]
+
+    @property
+    def bos_token_id(self) -> int | None:
+        bos = self.raw["tokens"].get("bos_token_id")
+        return int(bos) if bos is not None else None
+
+    @property
+    def add_bos_token(self) -> bool:
+        return bool(self.raw["tokens"].get("add_bos_token", False))
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.raw.get("chat_template")
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return dict(self.raw["files"])
+
+    @property
+    def model_file(self) -> Path:
+        return self.bundle_dir / self.raw.get("model_file", "model.onnx")
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.bundle_dir / self.raw.get("tokenizer_file", "tokenizer.json")
+
+    @property
+    def io_schema(self) -> str:
+        return str(self.raw.get("io_schema", ""))
+
+    @property
+    def bundle_hash(self) -> str:
+        """A hash identifying the bundle's content (from the per-file hashes in the manifest)."""
+        h = hashlib.sha256()
+        for name in sorted(self.files):
+            h.update(name.encode())
+            h.update(str(self.files[name]["sha256"]).encode())
+        return h.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
+    """Read and sanity-check ``manifest.json`` (no hashing; see :func:`verify_bundle`)."""
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise BundleNotFoundError(f"bundle directory not found: {root}")
+    path = root / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise BundleNotFoundError(f"{root} is not a bundle: no {MANIFEST_NAME}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleVerificationError(f"{path} is not valid JSON: {err}", file=MANIFEST_NAME) from err
+    if not isinstance(raw, dict):
+        raise BundleVerificationError(f"{path}: expected a JSON object", file=MANIFEST_NAME)
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{path}: schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})")
+    for key in ("architecture", "model", "tokens", "quantization", "files"):
+        if key not in raw:
+            raise BundleVerificationError(f"{path}: missing field {key!r}", file=MANIFEST_NAME)
+    return Manifest(path=path, raw=raw)
+
+
+def write_stamp(bundle_dir: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Record size and mtime of the large files so fast verification can skip re-hashing them."""
+    stamp = {}
+    for name in files:
+        st = (bundle_dir / name).stat()
+        stamp[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": files[name]["sha256"]}
+    (bundle_dir / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
+
+
+def _read_stamp(bundle_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((bundle_dir / STAMP_NAME).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def verify_bundle(bundle_dir: str | os.PathLike[str], mode: VerifyMode = "full") -> Manifest:
+    """Check every file listed in the manifest; raise BundleVerificationError naming the first bad one."""
+    manifest = load_manifest(bundle_dir)
+    root = manifest.bundle_dir
+    stamp = _read_stamp(root) if mode == "fast" else {}
+    for name, info in sorted(manifest.files.items()):
+        path = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleVerificationError(f"manifest lists a file outside the bundle: {name}", file=name)
+        try:
+            st = path.stat()
+        except FileNotFoundError as err:
+            raise BundleVerificationError(f"{name}: missing from {root}", file=name) from err
+        if st.st_size != int(info["size"]):
+            raise BundleVerificationError(f"{name}: size {st.st_size} does not match the manifest ({info['size']})", file=name)
+        if mode == "none":
+            continue
+        s = stamp.get(name)
+        if (
+            mode == "fast"
+            and st.st_size >= _FAST_SKIP_MIN_BYTES
+            and isinstance(s, dict)
+            and s.get("size") == st.st_size
+            and s.get("mtime_ns") == st.st_mtime_ns
+            and s.get("sha256") == info["sha256"]
+        ):
+            continue
+        digest = sha256_file(path)
+        if digest != info["sha256"]:
+            raise BundleVerificationError(f"{name}: SHA-256 mismatch (file changed or damaged)", file=name)
+    return manifest

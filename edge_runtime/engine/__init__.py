@@ -1,0 +1,38 @@
+"""Generation engine: runs a model bundle with onnxruntime, token by token, with confidence signals.
+
+onnxruntime and tokenizers are imported when an Engine is created, not when
+this package is imported, so the value types stay cheap to use elsewhere.
+"""
+
+from .engine import Cancel, ChatSession, Engine, ScoreResult
+from .types import (
+    EnergyReport,
+    FinishReason,
+    GenerationResult,
+    Message,
+    SamplingParams,
+    StreamChunk,
+    Timings,
+    TokenInfo,
+    TopLogprob,
+    Usage,
+    validate_messages,
+)
+
+__all__ = [
+    "Engine",
+    "ChatSession",
+    "Cancel",
+    "ScoreResult",
+    "EnergyReport",
+    "FinishReason",
+    "GenerationResult",
+    "Message",
+    "SamplingParams",
+    "StreamChunk",
+    "Timings",
+    "TokenInfo",
+    "TopLogprob",
+    "Usage",
+    "validate_messages",
+]

@@ -1,0 +1,74 @@
+"""Next-token choice and the per-token confidence signals, in numpy.
+
+Signals are computed on the model's own distribution (temperature 1, no
+top-k/top-p cut), whatever the sampling settings, so that a confidence
+estimator sees the same features for greedy and sampled requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .types import SamplingParams
+
+__all__ = ["Signals", "distribution_signals", "choose_token", "log_softmax"]
+
+
+@dataclass(frozen=True)
+class Signals:
+    logprob: float  # of the chosen token
+    entropy: float  # nats
+    margin: float  # p(top1) - p(top2)
+    top_ids: np.ndarray | None  # top-k alternatives, best first
+    top_logprobs: np.ndarray | None
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64, copy=False) if logits.dtype != np.float32 else logits
+    m = x.max(axis=-1, keepdims=True)
+    shifted = x - m
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def distribution_signals(logits: np.ndarray, chosen: int, top_k: int = 0) -> Signals:
+    """logprob of ``chosen``, entropy and top-1/top-2 margin of softmax(logits); optional top-k list."""
+    m = float(logits.max())
+    shifted = logits - m
+    exp = np.exp(shifted)
+    z = float(exp.sum())
+    log_z = np.log(z)
+    # H = log Z - E[shifted]
+    entropy = log_z - float(np.dot(exp, shifted)) / z
+    k = max(top_k, 2)
+    top = np.argpartition(shifted, -k)[-k:]
+    top = top[np.argsort(-shifted[top], kind="stable")]
+    p1 = float(exp[top[0]]) / z
+    p2 = float(exp[top[1]]) / z
+    logprob = float(shifted[chosen]) - log_z
+    if top_k:
+        ids = top[:top_k]
+        return Signals(logprob, max(entropy, 0.0), p1 - p2, ids, shifted[ids].astype(np.float64) - log_z)
+    return Signals(logprob, max(entropy, 0.0), p1 - p2, None, None)
+
+
+def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None) -> int:
+    """Greedy when temperature is 0; otherwise temperature, then top-k, then top-p (nucleus) sampling."""
+    if params.temperature == 0 or rng is None:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / params.temperature
+    if params.top_k and params.top_k < scaled.shape[0]:
+        cand = np.argpartition(scaled, -params.top_k)[-params.top_k:]
+    else:
+        cand = np.arange(scaled.shape[0])
+    vals = scaled[cand]
+    order = np.argsort(-vals, kind="stable")
+    cand, vals = cand[order], vals[order]
+    probs = np.exp(vals - vals[0])
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        cum = np.cumsum(probs)
+        keep = int(np.searchsorted(cum, params.top_p) + 1)
+        cand, probs = cand[:keep], probs[:keep] / probs[:keep].sum()
+    return int(cand[rng.choice(len(cand), p=probs)])

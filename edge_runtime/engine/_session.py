@@ -1,0 +1,208 @@
+"""onnxruntime session and an in-place KV cache bound through IO binding.
+
+The bundle's graph (see ``quantize.graph``) uses GroupQueryAttention with the
+past and present KV tensors sharing one buffer of fixed capacity. Each
+:class:`KVCache` owns those buffers and an IO binding that binds every layer's
+buffer as both input and output once; a decode step then only rewrites four
+tiny input arrays in place (token id, position, total length, logits index)
+and runs. Nothing the size of the cache is copied per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Manifest
+from ..errors import BundleError, InvalidRequestError
+
+__all__ = ["OrtModel", "KVCache", "default_threads"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_IO_SCHEMAS = ("edge-runtime-gqa-v1",)
+
+
+def default_threads() -> int:
+    """Physical cores (hyper-threads share the FPU and only add contention for matmuls)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # psutil may not know on exotic platforms
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+class OrtModel:
+    """One inference session for a bundle; thread-safe (each KVCache has its own binding)."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        providers: Sequence[str | tuple[str, Mapping[str, Any]]] | None = None,
+        intra_op_threads: int | None = None,
+        session_config: Mapping[str, str] | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        if manifest.io_schema not in SUPPORTED_IO_SCHEMAS:
+            raise BundleError(f"bundle graph contract {manifest.io_schema!r} is not supported by this runtime (supported: {', '.join(SUPPORTED_IO_SCHEMAS)})")
+        self.manifest = manifest
+        m = manifest.model
+        self.num_layers = int(m["num_layers"])
+        self.num_kv_heads = int(m["num_kv_heads"])
+        self.head_dim = int(m["head_dim"])
+        self.vocab_size = int(m["vocab_size"])
+        self.context_length = int(m["context_length"])
+        self.threads = intra_op_threads or default_threads()
+        if self.threads < 1:
+            raise InvalidRequestError("must be >= 1", field="intra_op_threads")
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # the graph is already fused by the bundle builder; extended optimizations only add load time
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.log_severity_level = 3
+        for key, value in (session_config or {}).items():
+            so.add_session_config_entry(str(key), str(value))
+
+        available = ort.get_available_providers()
+        wanted = list(providers) if providers else ["CPUExecutionProvider"]
+        names = [p if isinstance(p, str) else p[0] for p in wanted]
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise InvalidRequestError(
+                f"execution provider(s) {', '.join(missing)} not available in this onnxruntime build (available: {', '.join(available)})",
+                field="providers",
+            )
+        try:
+            self.session = ort.InferenceSession(str(manifest.model_file), so, providers=wanted)
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BundleError(f"onnxruntime cannot load {manifest.model_file}: {err}") from err
+        self.providers = self.session.get_providers()
+        self._ort = ort
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self, capacity)
+
+
+class KVCache:
+    """Preallocated KV buffers for one sequence, bound once, grown by doubling when needed."""
+
+    def __init__(self, model: OrtModel, capacity: int) -> None:
+        self.model = model
+        self.capacity = 0
+        self.length = 0  # tokens whose keys/values are in the cache
+        self.tokens: list[int] = []  # those tokens, for prefix reuse across chat turns
+        self.lock = threading.Lock()
+        ort = model._ort
+        self._ort = ort
+        self.binding = model.session.io_binding()
+        self._buffers: list[np.ndarray] = []
+        self._values: list[Any] = []
+        self._allocate(max(16, min(capacity, model.context_length)))
+        # decode-step inputs, rewritten in place every step
+        self._step_ids = np.zeros((1, 1), np.int64)
+        self._step_seqlens = np.zeros((1,), np.int32)
+        self._step_total = np.zeros((), np.int32)
+        self._step_index = np.zeros((1,), np.int64)
+        self._step_logits = np.zeros((1, 1, model.vocab_size), np.float32)
+        self._step_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in
+                             (self._step_ids, self._step_seqlens, self._step_total, self._step_index, self._step_logits)]
+        self._step_bound = False
+
+    def _allocate(self, capacity: int) -> None:
+        m = self.model
+        old = self._buffers
+        buffers = []
+        for i in range(2 * m.num_layers):
+            buf = np.zeros((1, m.num_kv_heads, capacity, m.head_dim), np.float32)
+            if old:
+                buf[:, :, : self.length] = old[i][:, :, : self.length]
+            buffers.append(buf)
+        self._buffers = buffers
+        self._values = [self._ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
+        for layer in range(m.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                value = self._values[2 * layer + j]
+                self.binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
+                self.binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
+        self.capacity = capacity
+
+    def reserve(self, total_tokens: int) -> None:
+        """Make room for ``total_tokens`` (grows by doubling, never past the context window)."""
+        if total_tokens <= self.capacity:
+            return
+        limit = self.model.context_length
+        if total_tokens > limit:
+            raise InvalidRequestError(f"{total_tokens} tokens exceed the context window of {limit}", field="max_new_tokens")
+        new = self.capacity
+        while new < total_tokens:
+            new *= 2
+        self._allocate(min(new, limit))
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first ``length`` tokens (their slots are simply overwritten later)."""
+        self.length = min(self.length, length)
+        del self.tokens[self.length:]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers)
+
+    def prefill(self, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Append ``ids`` to the cache; return logits [N, vocab] for the last position (or all of them)."""
+        n = len(ids)
+        if n == 0:
+            raise InvalidRequestError("no tokens to process", field="prompt")
+        self.reserve(self.length + n)
+        total = self.length + n
+        b = self.binding
+        ids_arr = np.asarray(ids, dtype=np.int64).reshape(1, n)
+        index = np.arange(n, dtype=np.int64) if all_logits else np.array([n - 1], np.int64)
+        logits = np.empty((1, index.shape[0], self.model.vocab_size), np.float32)
+        b.bind_cpu_input("input_ids", ids_arr)
+        b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        b.bind_cpu_input("logits_index", index)
+        b.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
+        self._step_bound = False
+        self._run()
+        self.length = total
+        self.tokens.extend(int(t) for t in ids)
+        return logits[0]
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token; return the next-token logits [vocab] (a view, valid until the next step)."""
+        self.reserve(self.length + 1)
+        if not self._step_bound:
+            b = self.binding
+            names = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
+            for name, value in zip(names, self._step_values[:4]):
+                b.bind_ortvalue_input(name, value)
+            b.bind_ortvalue_output("logits", self._step_values[4])
+            self._step_bound = True
+        self._step_ids[0, 0] = token
+        self._step_seqlens[0] = self.length
+        self._step_total[...] = self.length + 1
+        self._run()
+        self.length += 1
+        self.tokens.append(int(token))
+        return self._step_logits[0, 0]
+
+    def _run(self) -> None:
+        try:
+            self.model.session.run_with_iobinding(self.binding)
+        except Exception as err:  # translate onnxruntime's errors at the boundary
+            from ..errors import EdgeRuntimeError
+
+            raise EdgeRuntimeError(f"onnxruntime failed while running the model: {err}") from err

@@ -1,0 +1,509 @@
+"""The embeddable generation engine.
+
+::
+
+    from edge_runtime.engine import Engine
+
+    engine = Engine("~/.cache/edge-runtime/bundles/smollm2-135m-instruct-int4")
+    result = engine.generate(messages=[{"role": "user", "content": "What is 2+2?"}], max_new_tokens=16)
+    result.text, result.finish_reason, result.tokens[0].logprob, result.energy
+
+    for chunk in engine.stream(prompt="Once upon a time", max_new_tokens=32, temperature=0.8, seed=1):
+        print(chunk.text, end="")
+
+A pool of ``max_sessions`` KV caches lets that many generations run at once
+(the onnxruntime session is shared). A pooled cache remembers the tokens it
+holds, so a request that starts like the previous one (same system prompt,
+same few-shot header) only prefills what differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Manifest, VerifyMode, verify_bundle
+from ..errors import ContextLengthError, InvalidRequestError
+from ._sampling import choose_token, distribution_signals, log_softmax
+from ._session import KVCache, OrtModel
+from ._template import ChatTemplate
+from ._text import IncrementalDecoder, StopMatcher
+from .types import (
+    GenerationResult,
+    Message,
+    SamplingParams,
+    StreamChunk,
+    Timings,
+    TokenInfo,
+    TopLogprob,
+    Usage,
+    _check_text,
+    validate_messages,
+)
+
+__all__ = ["Engine", "ChatSession", "Cancel", "ScoreResult"]
+
+log = logging.getLogger(__name__)
+
+# a threading.Event, or any zero-argument callable returning True when the caller wants to stop
+Cancel = threading.Event | Callable[[], bool] | None
+
+# long prompts are prefilled in chunks so a cancel request is seen between them
+_PREFILL_CHUNK = 512
+
+
+def _cancel_check(cancel: Cancel) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    if callable(cancel):
+        return cancel
+    raise InvalidRequestError("must be a threading.Event or a callable", field="cancel")
+
+
+class ScoreResult:
+    """Per-token log-probabilities of a text under the model."""
+
+    def __init__(self, token_ids: list[int], logprobs: np.ndarray, top1: np.ndarray) -> None:
+        self.token_ids = token_ids
+        self.logprobs = logprobs  # logprob of token i+1 given tokens <= i
+        self.top1 = top1  # the model's argmax prediction at each position
+
+    @property
+    def nll(self) -> float:
+        return float(-self.logprobs.mean()) if self.logprobs.size else 0.0
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll))
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of the GPT-2 byte-to-unicode map used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class Engine:
+    """Runs one model bundle. Thread-safe: up to ``max_sessions`` generations run concurrently."""
+
+    def __init__(
+        self,
+        bundle: str | os.PathLike[str],
+        *,
+        providers: Sequence[str | tuple[str, Mapping[str, Any]]] | None = None,
+        intra_op_threads: int | None = None,
+        verify: VerifyMode = "fast",
+        max_sessions: int = 1,
+        cache_tokens: int = 1024,
+        energy_meter: Any = "default",
+        session_config: Mapping[str, str] | None = None,
+    ) -> None:
+        t0 = time.perf_counter()
+        if max_sessions < 1:
+            raise InvalidRequestError("must be >= 1", field="max_sessions")
+        self.manifest: Manifest = verify_bundle(Path(bundle).expanduser(), verify)
+        from tokenizers import Tokenizer
+
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.manifest.tokenizer_file))
+        except Exception as err:  # tokenizers raises a bare Exception on bad files
+            from ..errors import BundleError
+
+            raise BundleError(f"cannot load {self.manifest.tokenizer_file}: {err}") from err
+        tokens = self.manifest.raw["tokens"]
+        self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
+        self.bos_token_id = self.manifest.bos_token_id
+        self.template = ChatTemplate(self.manifest.chat_template, bos_token=tokens.get("bos_token") or "", eos_token=tokens.get("eos_token") or "")
+        self.model = OrtModel(self.manifest, providers=providers, intra_op_threads=intra_op_threads, session_config=session_config)
+        self.context_length = self.model.context_length
+        self.max_sessions = max_sessions
+        self._cache_tokens = cache_tokens
+        self._pool: queue.LifoQueue[KVCache] = queue.LifoQueue()
+        self._created = 0
+        self._pool_lock = threading.Lock()
+        self._energy_meter = energy_meter
+        self._token_text: dict[int, str] = {}
+        self._byte_level = self._is_byte_level()
+        self._bytes_map = _byte_decoder() if self._byte_level else {}
+        self.load_ms = (time.perf_counter() - t0) * 1000.0
+        self._closed = False
+
+    # ---- properties -------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def precision(self) -> str:
+        return self.manifest.precision
+
+    @property
+    def bundle_hash(self) -> str:
+        return self.manifest.bundle_hash
+
+    def _is_byte_level(self) -> bool:
+        try:
+            decoder = json.loads(self.tokenizer.to_str()).get("decoder") or {}
+        except ValueError:
+            return False
+        kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", []) if isinstance(d, dict)]
+        return "ByteLevel" in kinds
+
+    # ---- text <-> tokens --------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        return self.template.render(validate_messages(messages), add_generation_prompt=add_generation_prompt)
+
+    def encode(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> list[int]:
+        """Token ids for a raw prompt (with BOS when the model wants one) or for chat messages (template decides)."""
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("give exactly one of prompt or messages", field="prompt")
+        if messages is not None:
+            text = self.render_chat(messages)
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("must be a string", field="prompt")
+        if not prompt:
+            raise InvalidRequestError("must not be empty", field="prompt")
+        _check_text(prompt, "prompt")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if self.manifest.add_bos_token and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def count_tokens(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> int:
+        return len(self.encode(prompt, messages=messages))
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_text[token_id] = text
+        return text
+
+    def token_bytes(self, token_id: int) -> list[int] | None:
+        """The exact UTF-8 bytes of a token (OpenAI's ``bytes`` field), when the vocabulary is byte-level."""
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            return None
+        if self._byte_level and all(ch in self._bytes_map for ch in piece):
+            return [self._bytes_map[ch] for ch in piece]
+        text = self.token_text(token_id)
+        return None if "\ufffd" in text else list(text.encode("utf-8"))
+
+    # ---- KV cache pool ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _cache(self) -> Iterator[KVCache]:
+        if self._closed:
+            from ..errors import EdgeRuntimeError
+
+            raise EdgeRuntimeError("engine is closed")
+        cache: KVCache | None = None
+        create = False
+        with self._pool_lock:
+            try:
+                cache = self._pool.get_nowait()
+            except queue.Empty:
+                if self._created < self.max_sessions:
+                    self._created += 1
+                    create = True
+        if cache is None:
+            # a new cache while under max_sessions, otherwise wait for one to come back
+            cache = self.model.new_cache(self._cache_tokens) if create else self._pool.get()
+        try:
+            yield cache
+        finally:
+            self._pool.put(cache)
+
+    def new_cache(self) -> KVCache:
+        """A KV cache outside the pool (a chat session keeps one for its whole life)."""
+        return self.model.new_cache(self._cache_tokens)
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def _params(self, params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+        if params is None:
+            try:
+                return SamplingParams(**overrides)
+            except TypeError as err:
+                raise InvalidRequestError(str(err), field="params") from err
+        if overrides:
+            return params.replace(**overrides)
+        return params
+
+    def _meter(self) -> Any:
+        if self._energy_meter == "default":
+            from ..power import default_meter
+
+            return default_meter()
+        return self._energy_meter
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        params: SamplingParams | None = None,
+        cancel: Cancel = None,
+        prompt_nll: bool = False,
+        **sampling: Any,
+    ) -> GenerationResult:
+        """Generate a completion; keyword arguments not named here are SamplingParams fields."""
+        result = None
+        for chunk in self.stream(prompt, messages=messages, params=params, cancel=cancel, prompt_nll=prompt_nll, **sampling):
+            if chunk.result is not None:
+                result = chunk.result
+        assert result is not None
+        return result
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        params: SamplingParams | None = None,
+        cancel: Cancel = None,
+        prompt_nll: bool = False,
+        **sampling: Any,
+    ) -> Iterator[StreamChunk]:
+        """Yield text as it is generated; the last chunk carries the full result.
+
+        Validation (parameters, messages, context window) happens before the
+        first chunk, so a bad request raises without spending any compute.
+        """
+        p = self._params(params, sampling)
+        ids = self.encode(prompt, messages=messages)
+        ids = self._fit_context(ids, p)
+        is_cancelled = _cancel_check(cancel)
+        return self._stream(ids, p, is_cancelled, prompt_nll)
+
+    def _stream(self, ids: list[int], p: SamplingParams, is_cancelled: Callable[[], bool], prompt_nll: bool) -> Iterator[StreamChunk]:
+        with self._cache() as cache:
+            yield from self.run(cache, ids, p, is_cancelled, prompt_nll=prompt_nll)
+
+    def _fit_context(self, ids: list[int], p: SamplingParams) -> list[int]:
+        limit = self.context_length
+        if len(ids) + p.max_new_tokens <= limit:
+            return ids
+        if p.max_new_tokens >= limit:
+            raise ContextLengthError(f"max_new_tokens {p.max_new_tokens} does not fit the context window of {limit} tokens", field="max_new_tokens")
+        if p.truncate_prompt:
+            return ids[len(ids) - (limit - p.max_new_tokens):]
+        raise ContextLengthError(
+            f"the prompt has {len(ids)} tokens and max_new_tokens is {p.max_new_tokens}: together they exceed "
+            f"the context window of {limit} tokens (shorten the prompt, lower max_new_tokens, or ask for truncation)",
+            field="messages",
+        )
+
+    def run(
+        self,
+        cache: KVCache,
+        ids: list[int],
+        p: SamplingParams,
+        is_cancelled: Callable[[], bool],
+        *,
+        prompt_nll: bool = False,
+    ) -> Iterator[StreamChunk]:
+        """The generation loop on a given cache (shared by the pool and chat sessions)."""
+        t_start = time.perf_counter()
+        meter = self._meter()
+        window = meter.start() if meter is not None else None
+        try:
+            # reuse the cached prefix; at least one token must be run to get next-token logits
+            common = 0
+            if not prompt_nll:
+                limit = min(len(cache.tokens), len(ids) - 1)
+                while common < limit and cache.tokens[common] == ids[common]:
+                    common += 1
+            cache.truncate(common)
+            todo = ids[common:]
+            nll_sum, nll_count = 0.0, 0
+            logits: np.ndarray | None = None
+            cancelled = False
+            for start in range(0, len(todo), _PREFILL_CHUNK):
+                if is_cancelled():
+                    cancelled = True
+                    break
+                chunk_ids = todo[start:start + _PREFILL_CHUNK]
+                out = cache.prefill(chunk_ids, all_logits=prompt_nll)
+                if prompt_nll:
+                    # position i predicts token i+1: the rest of this chunk, then the next chunk's first token
+                    targets = todo[start + 1:start + 1 + len(chunk_ids)]
+                    lp = log_softmax(out[: len(targets)])
+                    nll_sum -= float(lp[np.arange(len(targets)), targets].sum())
+                    nll_count += len(targets)
+                logits = out[-1]
+            t_prefill = time.perf_counter()
+            rng = np.random.default_rng(p.seed) if p.temperature > 0 else None
+            decoder = IncrementalDecoder(self.tokenizer)
+            stops = StopMatcher(p.stop)
+            generated: list[int] = []
+            infos: list[TokenInfo] = []
+            texts: list[str] = []
+            finish = "cancelled" if cancelled else "length"
+            t_first = t_prefill
+            prev: int | None = None
+            while not cancelled and len(generated) < p.max_new_tokens:
+                if prev is not None:
+                    if is_cancelled():
+                        finish = "cancelled"
+                        break
+                    logits = cache.step(prev)
+                assert logits is not None
+                tid = choose_token(logits, p, rng)
+                sig = distribution_signals(logits, tid, p.top_logprobs)
+                info = TokenInfo(
+                    id=tid, text=self.token_text(tid), logprob=sig.logprob, entropy=sig.entropy, margin=sig.margin,
+                    top_logprobs=None if sig.top_ids is None else tuple(
+                        TopLogprob(id=int(i), token=self.token_text(int(i)), logprob=float(lp), bytes=self.token_bytes(int(i)))
+                        for i, lp in zip(sig.top_ids, sig.top_logprobs)
+                    ),
+                )
+                if not generated:
+                    t_first = time.perf_counter()
+                generated.append(tid)
+                infos.append(info)
+                if tid in self.eos_token_ids:
+                    finish = "eos"
+                    yield StreamChunk("", info)
+                    break
+                safe, hit = stops.feed(decoder.push(tid))
+                texts.append(safe)
+                yield StreamChunk(safe, info)
+                if hit:
+                    finish = "stop"
+                    break
+                prev = tid
+            if finish != "stop":
+                tail, hit = stops.feed(decoder.flush())
+                tail += "" if hit else stops.flush()
+                if hit:
+                    finish = "stop"
+                if tail:
+                    texts.append(tail)
+                    yield StreamChunk(tail)
+            t_end = time.perf_counter()
+            energy = None
+            if window is not None:
+                window.stop()
+                energy = window.to_report()
+                window = None
+            result = GenerationResult(
+                text="".join(texts),
+                token_ids=generated,
+                finish_reason=finish,  # type: ignore[arg-type]
+                tokens=infos,
+                usage=Usage(prompt_tokens=len(ids), completion_tokens=len(generated), cached_prompt_tokens=common),
+                timings=Timings(
+                    load_ms=self.load_ms,
+                    prefill_ms=(t_prefill - t_start) * 1000.0,
+                    decode_ms=(t_end - t_first) * 1000.0 if generated else 0.0,
+                    ttft_ms=(t_first - t_start) * 1000.0,
+                ),
+                energy=energy,
+                prompt_nll=nll_sum / nll_count if nll_count else None,
+                model=self.model_name,
+            )
+            yield StreamChunk("", None, result)
+        finally:
+            if window is not None:
+                window.stop()
+
+    # ---- scoring ----------------------------------------------------------------------------
+
+    def score(self, text: str | None = None, *, token_ids: Sequence[int] | None = None, chunk: int = 256) -> ScoreResult:
+        """Log-probability of every token of a text given what precedes it (perplexity, quality checks)."""
+        ids = list(token_ids) if token_ids is not None else self.encode(text)
+        if len(ids) < 2:
+            raise InvalidRequestError("needs at least two tokens", field="text")
+        if len(ids) > self.context_length:
+            raise ContextLengthError(f"{len(ids)} tokens exceed the context window of {self.context_length}", field="text")
+        lps: list[np.ndarray] = []
+        top1: list[np.ndarray] = []
+        with self._cache() as cache:
+            cache.truncate(0)
+            for start in range(0, len(ids) - 1, chunk):
+                part = ids[start:start + chunk]
+                logits = cache.prefill(part, all_logits=True)
+                targets = ids[start + 1:start + 1 + len(part)]
+                lp = log_softmax(logits[: len(targets)])
+                lps.append(lp[np.arange(len(targets)), targets])
+                top1.append(np.argmax(logits[: len(targets)], axis=-1))
+            cache.truncate(0)
+        return ScoreResult(ids, np.concatenate(lps), np.concatenate(top1))
+
+    # ---- chat sessions ----------------------------------------------------------------------
+
+    def chat_session(self, system: str | None = None) -> ChatSession:
+        return ChatSession(self, system=system)
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                self._pool.get_nowait()
+            except queue.Empty:
+                break
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ChatSession:
+    """A conversation that keeps its KV cache between turns: a follow-up only prefills the new tokens."""
+
+    def __init__(self, engine: Engine, *, system: str | None = None) -> None:
+        self.engine = engine
+        self.messages: list[dict[str, str]] = []
+        if system:
+            self.messages.append({"role": "system", "content": system})
+        self._cache = engine.new_cache()
+        self._lock = threading.Lock()
+
+    def send(self, content: str, *, params: SamplingParams | None = None, cancel: Cancel = None, **sampling: Any) -> GenerationResult:
+        result = None
+        for chunk in self.stream(content, params=params, cancel=cancel, **sampling):
+            if chunk.result is not None:
+                result = chunk.result
+        assert result is not None
+        return result
+
+    def stream(self, content: str, *, params: SamplingParams | None = None, cancel: Cancel = None, **sampling: Any) -> Iterator[StreamChunk]:
+        engine = self.engine
+        p = engine._params(params, sampling)
+        messages = [*self.messages, {"role": "user", "content": content}]
+        ids = engine._fit_context(engine.encode(messages=messages), p)
+        is_cancelled = _cancel_check(cancel)
+
+        def run() -> Iterator[StreamChunk]:
+            with self._lock:
+                for chunk in engine.run(self._cache, ids, p, is_cancelled):
+                    if chunk.result is not None:
+                        self.messages = [*messages, {"role": "assistant", "content": chunk.result.text}]
+                    yield chunk
+
+        return run()

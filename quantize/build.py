@@ -1,0 +1,216 @@
+"""From a GGUF file, a Hugging Face directory or a known model name to a verified bundle.
+
+Steps: resolve the source (fetching a known model), load it with transformers,
+build the fused ONNX graph at the requested precision, write the bundle into a
+staging directory, measure quality against the fp32 PyTorch model on the text
+sample shipped in ``quantize/data``, verify, and only then rename the staging
+directory to the output. A quality ratio above ``max_ppl_ratio`` fails the
+build and keeps nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.bundle import SCHEMA_VERSION, verify_bundle
+from edge_runtime.errors import BuildError, QualityGateError
+from edge_runtime.models import KNOWN_MODELS, fetch_model
+
+from .graph import IO_SCHEMA, build_graph
+from .source import LoadedSource, load_source
+from .writer import check_free_space, hash_files, save_model_external, staging_dir, write_manifest
+
+__all__ = ["build_bundle", "BuildReport", "PRECISIONS", "QUALITY_SAMPLE", "Progress"]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8", "int4")
+QUALITY_SAMPLE = Path(__file__).with_name("data") / "quality_sample.txt"
+_BYTES_PER_PARAM = {"fp32": 4.0, "int8": 1.2, "int4": 0.75}
+
+# progress(step, done, total): step names the phase, done/total count its units
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    out: Path
+    manifest: dict[str, Any]
+
+    @property
+    def quality(self) -> dict[str, Any]:
+        return dict(self.manifest["quality"])
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(int(f["size"]) for f in self.manifest["files"].values())
+
+
+def _tool_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("edge-runtime", "onnx", "onnxruntime", "torch", "transformers", "gguf", "numpy", "tokenizers"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _resolve(source: str | os.PathLike[str], progress: Progress) -> tuple[Path, str | None]:
+    text = str(source)
+    if text in KNOWN_MODELS:
+        path = fetch_model(text, progress=lambda msg: progress(f"fetch: {msg}", 0, 1))
+        return path, text
+    return Path(text).expanduser(), None
+
+
+def _reference_logits(src: LoadedSource, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return src.model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def _quality(bundle_dir: Path, src: LoadedSource, precision: str, max_ppl_ratio: float) -> dict[str, Any]:
+    """Perplexity of fp32 (PyTorch) and of the built bundle on the shipped sample, and top-1 agreement."""
+    from edge_runtime.engine import Engine
+    from edge_runtime.engine._sampling import log_softmax
+
+    text = QUALITY_SAMPLE.read_text(encoding="utf-8")
+    ids = src.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = ids[: min(len(ids), src.spec.context_length)]
+    ref = _reference_logits(src, ids)
+    lp = log_softmax(ref[:-1])
+    ref_nll = float(-lp[np.arange(len(ids) - 1), ids[1:]].mean())
+    engine = Engine(bundle_dir, verify="none", energy_meter=None)
+    try:
+        scored = engine.score(token_ids=ids)
+    finally:
+        engine.close()
+    ppl_fp32 = float(np.exp(ref_nll))
+    ppl_q = scored.perplexity
+    agreement = float((scored.top1 == ref[:-1].argmax(-1)).mean())
+    return {
+        "sample": QUALITY_SAMPLE.name,
+        "sample_tokens": len(ids),
+        "ppl_fp32": round(ppl_fp32, 4),
+        "ppl_bundle": round(ppl_q, 4),
+        "ppl_ratio": round(ppl_q / ppl_fp32, 4),
+        "top1_agreement": round(agreement, 4),
+        "max_ppl_ratio": max_ppl_ratio,
+        "precision": precision,
+    }
+
+
+def build_bundle(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    precision: str = "int4",
+    block_size: int = 32,
+    max_ppl_ratio: float = 1.25,
+    force: bool = False,
+    accuracy_level: int = 4,
+    name: str | None = None,
+    progress: Progress | None = None,
+) -> BuildReport:
+    """Build and verify a bundle at ``out``; raise BuildError (nothing left at ``out``) on any failure."""
+    if precision not in PRECISIONS:
+        raise BuildError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise BuildError(f"--block-size must be a power of two >= 16, got {block_size}")
+    if max_ppl_ratio < 1.0:
+        raise BuildError(f"--max-ppl-ratio must be >= 1.0, got {max_ppl_ratio}")
+    out_path = Path(out).expanduser().absolute()
+    if out_path.exists() and not force:
+        raise BuildError(f"{out_path} already exists (use --force to replace it)")
+    say: Progress = progress or (lambda step, done, total: None)
+
+    path, known = _resolve(source, say)
+    say("load", 0, 1)
+    src = load_source(path)
+    say("load", 1, 1)
+    spec = src.spec
+    n_params = sum(p.numel() for p in src.model.parameters())
+    check_free_space(out_path.parent, int(n_params * _BYTES_PER_PARAM[precision] * 1.1) + (64 << 20))
+
+    with staging_dir(out_path, force=force) as tmp:
+        say("graph", 0, spec.num_layers)
+        model = build_graph(spec, src.weights, precision=precision, block_size=block_size, accuracy_level=accuracy_level,
+                            progress=lambda i: say("graph", i + 1, spec.num_layers))
+        say("write", 0, 1)
+        files = save_model_external(model, tmp)
+        del model
+        src.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        files.append("tokenizer.json")
+        tok = src.tokenizer
+        manifest: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "name": name or known or src.name,
+            "architecture": spec.architecture,
+            "io_schema": IO_SCHEMA,
+            "model_file": "model.onnx",
+            "tokenizer_file": "tokenizer.json",
+            "model": {
+                "num_layers": spec.num_layers,
+                "hidden_size": spec.hidden_size,
+                "intermediate_size": spec.intermediate_size,
+                "num_heads": spec.num_heads,
+                "num_kv_heads": spec.num_kv_heads,
+                "head_dim": spec.head_dim,
+                "vocab_size": spec.vocab_size,
+                "context_length": spec.context_length,
+                "rms_norm_eps": spec.rms_norm_eps,
+                "rope_theta": spec.rope_theta,
+                "tie_word_embeddings": spec.tie_word_embeddings,
+                "parameters": int(n_params),
+            },
+            "tokens": {
+                "bos_token_id": src.bos_token_id,
+                "bos_token": tok.convert_ids_to_tokens(src.bos_token_id) if src.bos_token_id is not None else None,
+                "eos_token_ids": src.eos_token_ids,
+                "eos_token": tok.convert_ids_to_tokens(src.eos_token_ids[0]) if src.eos_token_ids else None,
+                "pad_token_id": src.pad_token_id,
+                "add_bos_token": src.add_bos_token,
+            },
+            "chat_template": src.chat_template,
+            "quantization": {
+                "precision": precision,
+                "block_size": block_size if precision != "fp32" else None,
+                "accuracy_level": accuracy_level if precision != "fp32" else None,
+                "method": {
+                    "fp32": "none",
+                    "int8": "8-bit symmetric weight blocks along K; activations quantized per block at run time (MatMulNBits)",
+                    "int4": "4-bit asymmetric weight blocks along K (integer zero point, or a float offset where it halves the error); "
+                            "activations quantized per block at run time (MatMulNBits)",
+                }[precision],
+            },
+            "source": {"kind": src.kind, "file": path.name, "sha256": src.source_sha256, "known_model": known},
+            "tools": _tool_versions(),
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "files": hash_files(tmp, files),
+        }
+        write_manifest(tmp, manifest)
+        say("write", 1, 1)
+        say("quality", 0, 1)
+        manifest["quality"] = quality = _quality(tmp, src, precision, max_ppl_ratio)
+        say("quality", 1, 1)
+        if quality["ppl_ratio"] > max_ppl_ratio:
+            raise QualityGateError(
+                f"quantized perplexity {quality['ppl_bundle']:.3f} is {quality['ppl_ratio']:.3f}x the fp32 {quality['ppl_fp32']:.3f}, "
+                f"above --max-ppl-ratio {max_ppl_ratio}: nothing was kept"
+            )
+        write_manifest(tmp, manifest)
+        say("verify", 0, 1)
+        verify_bundle(tmp, "full")
+        say("verify", 1, 1)
+    return BuildReport(out=out_path, manifest=manifest)

@@ -1,0 +1,99 @@
+"""Write a bundle directory atomically: build in a temporary sibling, rename at the end.
+
+An interrupted or failed build never leaves a half bundle at the output path:
+everything is written to ``.<name>.tmp-*`` next to it (same filesystem, so the
+final ``rename`` is atomic) and removed on any failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import TensorProto
+
+from edge_runtime.bundle import MANIFEST_NAME, sha256_file, write_stamp
+from edge_runtime.errors import BuildError
+
+__all__ = ["staging_dir", "save_model_external", "hash_files", "write_manifest", "check_free_space"]
+
+_ALIGN = 4096  # page-aligned tensors let onnxruntime map the weights file instead of copying it
+_INLINE_MAX_BYTES = 1024
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out`` when the block succeeds."""
+    out = out.absolute()
+    if out.exists() and not force:
+        raise BuildError(f"{out} already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise BuildError(f"no space left on the device while writing {out}") from err
+        raise BuildError(f"cannot write {out}: {err.strerror or err}") from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_free_space(directory: Path, needed_bytes: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise BuildError(f"not enough disk space in {directory}: the build needs about {needed_bytes >> 20} MB, {free >> 20} MB free")
+
+
+def save_model_external(model: onnx.ModelProto, directory: Path, name: str = "model.onnx") -> list[str]:
+    """Save the graph with its large tensors in ``<name>.data`` at page-aligned offsets; return the file names."""
+    data_name = f"{name}.data"
+    offset = 0
+    with (directory / data_name).open("wb") as fh:
+        for tensor in model.graph.initializer:
+            if not tensor.HasField("raw_data") or len(tensor.raw_data) <= _INLINE_MAX_BYTES:
+                continue
+            pad = (-offset) % _ALIGN
+            if pad:
+                fh.write(b"\0" * pad)
+                offset += pad
+            raw = tensor.raw_data
+            fh.write(raw)
+            tensor.ClearField("raw_data")
+            tensor.data_location = TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
+    with (directory / name).open("wb") as fh:
+        fh.write(model.SerializeToString())
+    return [name, data_name]
+
+
+def hash_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """SHA-256 and size of each file, as the manifest lists them."""
+    return {name: {"sha256": sha256_file(directory / name), "size": (directory / name).stat().st_size} for name in sorted(names)}
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` and the fast-verification stamp for the files it lists."""
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_stamp(directory, manifest["files"])
