@@ -9,7 +9,7 @@ from ._build import Draft
 __all__ = ["FAMILY", "QUOTAS", "make"]
 
 FAMILY = "arithmetic"
-QUOTAS = {1: 48, 2: 48, 3: 48, 4: 48, 5: 48}
+QUOTAS = {1: 60, 2: 60, 3: 48, 4: 36, 5: 36}
 
 _PHRASINGS = (
     "What is {expr}? Answer with just the number.",

@@ -72,17 +72,20 @@ def collect(
 
 
 def assign_splits(family: str, drafts: Iterable[Draft]) -> list[TaskItem]:
-    """Turn drafts into items, half ``dev`` and half ``test`` within every difficulty level.
+    """Turn drafts into items, half ``dev`` and half ``test`` within every difficulty level
+    (and, for yes/no questions, within each answer).
 
-    Order within a level is by the hash of the key, so the assignment of a
+    Order within a group is by the hash of the key, so the assignment of a
     question does not depend on which other questions were drawn before it.
     """
-    by_level: dict[int, list[tuple[str, Draft]]] = {}
+    groups: dict[tuple[int, str], list[tuple[str, Draft]]] = {}
     for d in drafts:
-        by_level.setdefault(d.difficulty, []).append((key_digest(family, d.key), d))
+        stratum = d.answers[0] if d.scorer == "yesno" else ""
+        groups.setdefault((d.difficulty, stratum), []).append((key_digest(family, d.key), d))
     items: list[TaskItem] = []
-    for level in sorted(by_level):
-        for i, (digest, d) in enumerate(sorted(by_level[level], key=lambda t: t[0])):
+    i = 0  # runs on across groups: odd-sized groups give their extra item to dev and test in turn
+    for group in sorted(groups):
+        for digest, d in sorted(groups[group], key=lambda t: t[0]):
             features = {"difficulty": d.difficulty, **d.features, "template": str(d.key[0])}
             items.append(
                 TaskItem(
@@ -95,4 +98,5 @@ def assign_splits(family: str, drafts: Iterable[Draft]) -> list[TaskItem]:
                     split="dev" if i % 2 == 0 else "test",
                 )
             )
+            i += 1
     return items

@@ -13,7 +13,7 @@ from ._build import Draft
 __all__ = ["FAMILY", "QUOTAS", "generate", "load_facts", "pool"]
 
 FAMILY = "factual_qa"
-QUOTAS = {1: 40, 2: 56, 3: 56, 4: 44, 5: 20}
+QUOTAS = {1: 50, 2: 56, 3: 50, 4: 36, 5: 24}
 
 _ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
 _TEXT_SUFFIX = {

@@ -9,7 +9,7 @@ from ._build import Draft
 __all__ = ["FAMILY", "QUOTAS", "make"]
 
 FAMILY = "sequences"
-QUOTAS = {1: 20, 2: 24, 3: 24, 4: 24, 5: 20}
+QUOTAS = {1: 28, 2: 28, 3: 22, 4: 18, 5: 16}
 
 _PHRASINGS = (
     "What number comes next in the sequence {seq}, ...? Answer with just the number.",

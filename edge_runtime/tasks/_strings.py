@@ -14,7 +14,7 @@ from ._build import Draft
 __all__ = ["FAMILY", "QUOTAS", "make", "words"]
 
 FAMILY = "string_manipulation"
-QUOTAS = {1: 30, 2: 32, 3: 32, 4: 32, 5: 28}
+QUOTAS = {1: 38, 2: 38, 3: 30, 4: 24, 5: 24}
 _ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh")
 
 

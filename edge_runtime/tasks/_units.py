@@ -15,7 +15,7 @@ from ._build import Draft
 __all__ = ["FAMILY", "QUOTAS", "make"]
 
 FAMILY = "unit_conversion"
-QUOTAS = {1: 28, 2: 30, 3: 30, 4: 30, 5: 22}
+QUOTAS = {1: 36, 2: 36, 3: 28, 4: 20, 5: 20}
 
 _PHRASINGS = (
     "How many {dst} are in {v} {src}? Answer with just the number.",

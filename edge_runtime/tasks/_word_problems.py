@@ -10,7 +10,7 @@ from ._build import Draft
 __all__ = ["FAMILY", "QUOTAS", "make"]
 
 FAMILY = "word_problems"
-QUOTAS = {1: 24, 2: 30, 3: 30, 4: 30, 5: 24}
+QUOTAS = {1: 34, 2: 34, 3: 28, 4: 22, 5: 20}
 
 _NAMES = (
     ("Maria", "she"), ("Tom", "he"), ("Aisha", "she"), ("Ben", "he"), ("Lena", "she"), ("Omar", "he"),

@@ -1,7 +1,7 @@
 """Yes/no reasoning: primality, comparisons (with the 3.9-vs-3.11 trap), divisibility, checking a product.
 
-Each draft picks its truth value first (a fair coin), then values that make it
-true or false, so both answers are equally common at every difficulty level.
+Each draft picks its truth value first, then values that make it true or
+false; half the questions at every difficulty level are "yes".
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import random
 
-from ._build import Draft
+from ._build import Draft, collect
 
-__all__ = ["FAMILY", "QUOTAS", "make", "is_prime"]
+__all__ = ["FAMILY", "QUOTAS", "generate", "make", "is_prime"]
 
 FAMILY = "yes_no"
-QUOTAS = {1: 32, 2: 32, 3: 32, 4: 32, 5: 28}
+QUOTAS = {1: 40, 2: 40, 3: 30, 4: 24, 5: 22}
 _SUFFIX = " Answer yes or no."
 
 
@@ -126,6 +126,14 @@ _BY_LEVEL = {
 }
 
 
-def make(rng: random.Random, level: int) -> Draft:
-    truth = rng.random() < 0.5
+def make(rng: random.Random, level: int, truth: bool) -> Draft:
     return rng.choice(_BY_LEVEL[level])(rng, level, truth)
+
+
+def generate(rng: random.Random) -> list[Draft]:
+    """Exactly half "yes" and half "no" at every level: a model that always says one word scores 50%."""
+    out: list[Draft] = []
+    for truth in (True, False):
+        half = {level: quota // 2 + (quota % 2 if truth else 0) for level, quota in QUOTAS.items()}
+        out += collect(rng, half, lambda r, level: make(r, level, truth), family=FAMILY)
+    return out

@@ -97,7 +97,7 @@ def test_prompts_ask_for_a_short_answer():
 def test_yes_and_no_are_balanced():
     for split in ("dev", "test"):
         answers = [i.answers[0] for i in by_family("yes_no") if i.split == split]
-        assert 0.4 <= answers.count("yes") / len(answers) <= 0.6
+        assert 0.45 <= answers.count("yes") / len(answers) <= 0.55
 
 
 # --- determinism -----------------------------------------------------------------------------
