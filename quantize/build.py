@@ -26,7 +26,7 @@ from edge_runtime.errors import BuildError, QualityGateError
 from edge_runtime.models import KNOWN_MODELS, fetch_model
 
 from .graph import IO_SCHEMA, build_graph
-from .source import LoadedSource, load_source
+from .source import LoadedSource, check_source, load_source
 from .writer import check_free_space, hash_files, save_model_external, staging_dir, write_manifest
 
 __all__ = ["build_bundle", "BuildReport", "PRECISIONS", "QUALITY_SAMPLE", "Progress"]
@@ -136,6 +136,7 @@ def build_bundle(
     say: Progress = progress or (lambda step, done, total: None)
 
     path, known = _resolve(source, say)
+    check_source(path)
     say("load", 0, 1)
     src = load_source(path)
     say("load", 1, 1)

@@ -22,7 +22,7 @@ from edge_runtime.errors import BuildError, UnsupportedModelError
 
 from .graph import LayerWeights, ModelSpec, ModelWeights
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "LoadedSource", "load_source", "file_sha256"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "LoadedSource", "check_source", "load_source", "file_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,21 @@ def _gguf_architecture(path: Path) -> str:
     return str(field.contents()) if field is not None else "unknown"
 
 
-def load_source(source: str | os.PathLike[str]) -> LoadedSource:
-    """Load a GGUF file or a Hugging Face model directory with transformers (fp32)."""
+def check_source(source: str | os.PathLike[str]) -> Path:
+    """Fail fast, before any heavy loading: the source exists and looks like what it claims to be."""
     path = Path(source)
     if not path.exists():
         raise BuildError(f"source not found: {path}")
+    if path.is_file():
+        _check_gguf(path)
+    elif not (path / "config.json").is_file():
+        raise BuildError(f"{path} is neither a GGUF file nor a Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_source(source: str | os.PathLike[str]) -> LoadedSource:
+    """Load a GGUF file or a Hugging Face model directory with transformers (fp32)."""
+    path = check_source(source)
     try:
         import torch
         import transformers
@@ -109,15 +119,12 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         raise BuildError("building bundles needs the export extra: pip install 'edge-runtime[export]'") from err
 
     if path.is_file():
-        _check_gguf(path)
         arch = _gguf_architecture(path)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(f"architecture {arch!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
         kind, load_dir, kwargs = "gguf", str(path.parent), {"gguf_file": path.name}
         sha = file_sha256(path)
     else:
-        if not (path / "config.json").is_file():
-            raise BuildError(f"{path} is neither a GGUF file nor a Hugging Face model directory (no config.json)")
         cfg = json.loads((path / "config.json").read_text())
         arch = cfg.get("model_type", "unknown")
         if arch not in SUPPORTED_ARCHITECTURES:

@@ -21,6 +21,9 @@ __all__ = ["main", "COMMAND_MODULES"]
 
 # name of the module under edge_runtime.cli for each subcommand, in help order
 COMMAND_MODULES: tuple[str, ...] = (
+    "models",
+    "quantize",
+    "generate",
     "power",
 )
 

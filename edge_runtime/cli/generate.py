@@ -1,0 +1,121 @@
+"""``edge-runtime generate BUNDLE (--prompt TEXT | --chat TEXT | --input FILE.jsonl)``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+_SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "top_logprobs")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text with a bundle")
+    p.add_argument("bundle", help="bundle directory, or a known model name with a cached bundle")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="raw text, no chat template")
+    src.add_argument("--chat", help="one user message, wrapped in the bundle's chat template")
+    src.add_argument("--input", metavar="FILE.jsonl",
+                     help='JSON lines, each {"id": ..., "messages": [...]} or {"id": ..., "prompt": "..."}; one output line per input line')
+    p.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--top-logprobs", type=int, default=0, help="with --json: include this many alternatives per token")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    p.add_argument("--estimator", help="confidence estimator JSON (default: the built-in uncalibrated one)")
+    p.add_argument("--json", action="store_true", help="one JSON object per request instead of streamed text")
+    p.set_defaults(func=_run)
+
+
+def _result_json(result: Any, request_id: Any = None, confidence: Any = None) -> dict[str, Any]:
+    d = result.to_dict()
+    out: dict[str, Any] = {}
+    if request_id is not None:
+        out["id"] = request_id
+    out.update({
+        "text": d["text"],
+        "finish_reason": d["finish_reason"],
+        "tokens": [{k: t[k] for k in ("id", "text", "logprob", "entropy", "margin", *(("top_logprobs",) if "top_logprobs" in t else ()))}
+                   for t in d["tokens"]],
+        "usage": {"prompt_tokens": d["usage"]["prompt_tokens"], "completion_tokens": d["usage"]["completion_tokens"]},
+        "timings": d["timings"],
+        "energy": d["energy"],
+        "model": d["model"],
+    })
+    if confidence is not None:
+        out["confidence"] = confidence
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..engine import Engine, SamplingParams
+    from ..errors import EdgeRuntimeError, InvalidRequestError
+    from ..models import resolve_bundle
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop), top_logprobs=args.top_logprobs,
+    )
+    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
+    confidence = _load_estimator(args.estimator, engine)
+    try:
+        if args.input is None:
+            messages = [{"role": "user", "content": args.chat}] if args.chat is not None else None
+            prompt = args.prompt if args.chat is None else None
+            if args.json:
+                result = engine.generate(prompt, messages=messages, params=params, prompt_nll=confidence is not None)
+                print(json.dumps(_result_json(result, confidence=_confidence(confidence, result, messages, prompt)), ensure_ascii=False))
+            else:
+                for chunk in engine.stream(prompt, messages=messages, params=params):
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+            return 0
+        failures = 0
+        with open(args.input, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                request_id: Any = None
+                try:
+                    try:
+                        item = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise InvalidRequestError(f"line {lineno} is not valid JSON: {err.msg}", field="line") from err
+                    if not isinstance(item, dict):
+                        raise InvalidRequestError(f"line {lineno} must be a JSON object", field="line")
+                    request_id = item.get("id", lineno)
+                    if ("messages" in item) == ("prompt" in item):
+                        raise InvalidRequestError(f"line {lineno} needs exactly one of messages or prompt", field="messages")
+                    overrides = {k: (tuple(item[k]) if k == "stop" and isinstance(item[k], list) else item[k]) for k in _SAMPLING_KEYS if k in item}
+                    p = params.replace(**overrides) if overrides else params
+                    result = engine.generate(item.get("prompt"), messages=item.get("messages"), params=p, prompt_nll=confidence is not None)
+                    out = _result_json(result, request_id, _confidence(confidence, result, item.get("messages"), item.get("prompt")))
+                except EdgeRuntimeError as err:
+                    # one bad line must not stop the batch: report it in place, in order
+                    failures += 1
+                    out = {"id": request_id if request_id is not None else lineno,
+                           "error": {"message": str(err), "type": type(err).__name__, "param": getattr(err, "field", None)}}
+                print(json.dumps(out, ensure_ascii=False), flush=True)
+        return 1 if failures else 0
+    finally:
+        engine.close()
+
+
+def _load_estimator(path: str | None, engine: Any) -> Any:
+    """The confidence estimator, when the confidence package is available (issue: estimator)."""
+    try:
+        from ..confidence import load_estimator
+    except ImportError:
+        return None
+    return load_estimator(path, bundle_hash=engine.bundle_hash)
+
+
+def _confidence(estimator: Any, result: Any, messages: Any, prompt: Any) -> Any:
+    if estimator is None:
+        return None
+    return {"p_correct": round(float(estimator.p_correct(result, messages=messages, prompt=prompt)), 4), "estimator": estimator.name}

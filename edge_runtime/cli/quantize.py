@@ -1,0 +1,76 @@
+"""``edge-runtime quantize SOURCE --out DIR --precision {fp32,int8,int4}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="build a verified ONNX bundle from a GGUF file, a Hugging Face directory or a known model")
+    p.add_argument("source", help="known model name, GGUF file or Hugging Face model directory")
+    p.add_argument("--out", help="bundle directory to create (default for known models: <cache>/bundles/NAME-PRECISION)")
+    p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="int4", help="weight precision (default int4)")
+    p.add_argument("--block-size", type=int, default=32, help="quantization block size along the input dimension (default 32)")
+    p.add_argument("--max-ppl-ratio", type=float, default=1.25,
+                   help="fail (and keep nothing) if quantized perplexity / fp32 perplexity exceeds this (default 1.25)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--name", help="model name recorded in the manifest")
+    p.add_argument("--json", action="store_true", help="print the manifest's quality report and sizes as JSON")
+    p.set_defaults(func=_run)
+
+
+class _Progress:
+    """tqdm bars per build step, on a terminal only (tqdm comes with the export extra)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.step = None
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if step != self.step:
+            self.close()
+            self.step = step
+            self.bar = tqdm(total=total, desc=step, unit="layer" if step == "graph" else "step", file=sys.stderr, leave=False, disable=None)
+        assert self.bar is not None
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..errors import BuildError
+    from ..models import KNOWN_MODELS, default_bundle_dir
+
+    try:
+        from quantize import build_bundle
+    except ImportError as err:
+        raise BuildError(f"building bundles needs the export extra (pip install 'edge-runtime[export]'): {err}") from err
+    out = args.out
+    if out is None:
+        if args.source not in KNOWN_MODELS:
+            raise BuildError("--out is required unless SOURCE is a known model name")
+        out = default_bundle_dir(args.source, args.precision)
+    progress = _Progress()
+    try:
+        report = build_bundle(args.source, out, precision=args.precision, block_size=args.block_size,
+                              max_ppl_ratio=args.max_ppl_ratio, force=args.force, name=args.name, progress=progress)
+    finally:
+        progress.close()
+    q = report.quality
+    if args.json:
+        print(json.dumps({"bundle": str(report.out), "size_bytes": report.size_bytes, "quality": q}, indent=2))
+    else:
+        print(f"bundle: {report.out}")
+        print(f"size: {report.size_bytes / 1e6:.1f} MB")
+        print(f"quality on {q['sample']} ({q['sample_tokens']} tokens): perplexity fp32 {q['ppl_fp32']:.3f}, "
+              f"{q['precision']} {q['ppl_bundle']:.3f} (ratio {q['ppl_ratio']:.3f}, limit {q['max_ppl_ratio']}), "
+              f"top-1 agreement {q['top1_agreement']:.1%}")
+    return 0

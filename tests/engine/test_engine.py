@@ -1,0 +1,238 @@
+"""Engine correctness: greedy identity with transformers, streaming, stops, cancel, sampling, KV reuse, bad input."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from edge_runtime.engine import Engine, SamplingParams
+from edge_runtime.engine._text import IncrementalDecoder, StopMatcher
+from edge_runtime.errors import BundleVerificationError, ContextLengthError, InvalidRequestError
+
+PROMPTS = ["hello world", "what is the capital of france?", "one two three"]
+
+
+def _hf_greedy(model_dir, ids, n):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False)
+    return out[0][len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle):
+    e = Engine(tiny_bundle, energy_meter=None)
+    yield e
+    e.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_is_token_identical_to_transformers(tiny_bundles, tiny_model_dirs, arch):
+    engine = Engine(tiny_bundles(arch, "fp32"), energy_meter=None)
+    for prompt in PROMPTS:
+        ids = engine.encode(prompt)
+        ours = engine.generate(prompt, max_new_tokens=32).token_ids
+        assert ours == _hf_greedy(tiny_model_dirs(arch), ids, 32)[: len(ours)]
+        assert len(ours) == 32 or ours[-1] in engine.eos_token_ids
+    messages = [{"role": "user", "content": "what is 12 + 7?"}]
+    ids = engine.encode(messages=messages)
+    assert engine.generate(messages=messages, max_new_tokens=24).token_ids == _hf_greedy(tiny_model_dirs(arch), ids, 24)[:24]
+
+
+@pytest.mark.slow
+def test_smollm2_fp32_greedy_is_token_identical_to_transformers(smollm2_fp32, smollm2_gguf):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    engine = Engine(smollm2_fp32, energy_meter=None)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    for messages in (
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "Write a short poem about the sea."}],
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "How many legs does a spider have?"}],
+    ):
+        ids = engine.encode(messages=messages)
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=32, do_sample=False)
+        ref = out[0][len(ids):].tolist()
+        ours = engine.generate(messages=messages, max_new_tokens=32).token_ids
+        assert ours == ref
+
+
+def test_stream_yields_exactly_what_generate_returns(engine):
+    for params in (SamplingParams(max_new_tokens=40), SamplingParams(max_new_tokens=40, temperature=0.9, seed=3)):
+        full = engine.generate("hello world", params=params)
+        chunks = list(engine.stream("hello world", params=params))
+        assert chunks[-1].result is not None
+        assert [c.token.id for c in chunks if c.token is not None] == full.token_ids
+        assert "".join(c.text for c in chunks) == full.text == chunks[-1].result.text
+        assert full.text == engine.tokenizer.decode(full.token_ids, skip_special_tokens=True)
+
+
+def test_utf8_split_across_tokens_is_never_shown_broken(engine):
+    text = "héllo wörld ✓ 🙂 naïve — ok"
+    ids = engine.tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(ids) > len(text.split())  # the byte-level vocabulary splits the non-ASCII characters
+    dec = IncrementalDecoder(engine.tokenizer)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert any(p == "" for p in pieces)  # some tokens only carried part of a character
+
+
+def test_stop_string_ends_generation_and_is_never_streamed(engine):
+    full = engine.generate("one two three", max_new_tokens=48).text
+    assert len(full) > 12
+    stop = full[8:11]
+    streamed = list(engine.stream("one two three", max_new_tokens=48, stop=[stop]))
+    result = streamed[-1].result
+    assert result.finish_reason == "stop"
+    assert result.text == full[: full.index(stop)]
+    assert stop not in "".join(c.text for c in streamed)
+
+
+def test_stop_matcher_holds_back_a_partial_match():
+    m = StopMatcher(["</end>"])
+    assert m.feed("abc</") == ("abc", False)
+    assert m.feed("en") == ("", False)
+    assert m.feed("x more") == ("</enx more", False)
+    assert m.feed("done</end> tail") == ("done", True)
+
+
+def test_eos_length_and_counts(engine, monkeypatch):
+    first = engine.generate("hello world", max_new_tokens=5)
+    assert first.finish_reason == "length" and len(first.token_ids) == 5 == first.usage.completion_tokens
+    monkeypatch.setattr(engine, "eos_token_ids", frozenset({first.token_ids[2]}))
+    r = engine.generate("hello world", max_new_tokens=5)
+    assert r.finish_reason == "eos" and r.token_ids == first.token_ids[:3]
+
+
+def test_cancel_from_another_thread_returns_promptly(engine):
+    cancel = threading.Event()
+    seen = []
+    for chunk in engine.stream("hello world", max_new_tokens=200, cancel=cancel):
+        if chunk.token is not None:
+            seen.append(chunk.token.id)
+            if len(seen) == 3:
+                threading.Thread(target=cancel.set).start()
+        if chunk.result is not None:
+            result = chunk.result
+    assert result.finish_reason == "cancelled"
+    assert 3 <= len(result.token_ids) < 10
+    assert engine.generate("hello world", max_new_tokens=5, cancel=lambda: True).finish_reason == "cancelled"
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    a = engine.generate("hello world", max_new_tokens=24, temperature=1.0, seed=7)
+    b = engine.generate("hello world", max_new_tokens=24, temperature=1.0, seed=7)
+    c = engine.generate("hello world", max_new_tokens=24, temperature=1.0, seed=8)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+    top = engine.generate("hello world", max_new_tokens=12, temperature=1.0, top_k=1, seed=1)
+    assert top.token_ids == engine.generate("hello world", max_new_tokens=12).token_ids  # top_k=1 is greedy
+
+
+def test_signals_are_consistent(engine):
+    r = engine.generate("hello world", max_new_tokens=8, top_logprobs=3)
+    for t in r.tokens:
+        assert t.logprob <= 0 and t.entropy >= 0 and 0 <= t.margin <= 1
+        assert len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].id == t.id  # greedy picks the top-1
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+        probs = np.exp([x.logprob for x in t.top_logprobs])
+        assert t.margin == pytest.approx(probs[0] - probs[1], abs=1e-6)
+
+
+def test_multi_turn_reuses_the_cache_and_matches_a_fresh_prefill(tiny_bundle):
+    engine = Engine(tiny_bundle, energy_meter=None)
+    chat = engine.chat_session(system="be brief")
+    first = chat.send("hello world", max_new_tokens=10)
+    second = chat.send("one two three", max_new_tokens=12)
+    assert second.usage.cached_prompt_tokens > first.usage.prompt_tokens // 2
+    fresh = Engine(tiny_bundle, energy_meter=None)
+    history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"},
+               {"role": "assistant", "content": first.text}, {"role": "user", "content": "one two three"}]
+    again = fresh.generate(messages=history, max_new_tokens=12)
+    assert again.usage.cached_prompt_tokens == 0
+    assert again.token_ids == second.token_ids
+
+
+def test_prompt_nll_matches_scoring(engine):
+    r = engine.generate("the quick brown fox jumps over the lazy dog", max_new_tokens=2, prompt_nll=True)
+    s = engine.score("the quick brown fox jumps over the lazy dog")
+    assert r.prompt_nll == pytest.approx(s.nll, rel=1e-4)
+
+
+def test_context_window_is_checked_before_any_work(engine):
+    long_prompt = "one two three four " * 100
+    with pytest.raises(ContextLengthError, match="context window of 256"):
+        engine.generate(long_prompt, max_new_tokens=16)
+    r = engine.generate(long_prompt, max_new_tokens=16, truncate_prompt=True)
+    assert r.usage.prompt_tokens + 16 <= 256 and len(r.token_ids) == 16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "bad \udcff surrogate"}, "prompt"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"prompt": "hi", "max_new_tokens": -1}, "max_new_tokens"),
+        ({"prompt": "hi", "max_new_tokens": 10**9}, "max_new_tokens"),
+        ({"prompt": "hi", "temperature": -0.5}, "temperature"),
+        ({"prompt": "hi", "top_p": 0.0}, "top_p"),
+        ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+        ({"prompt": "hi", "top_k": -2}, "top_k"),
+    ],
+)
+def test_bad_input_names_the_field_and_the_engine_keeps_serving(engine, kwargs, field):
+    prompt = kwargs.pop("prompt", None)
+    with pytest.raises(InvalidRequestError) as info:
+        engine.generate(prompt, **kwargs)
+    assert info.value.field == field
+    assert engine.generate("hello world", max_new_tokens=3).finish_reason == "length"
+
+
+def test_bundle_failing_verification_is_refused(tiny_bundle, tmp_path):
+    bad = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bad)
+    (bad / "tokenizer.json").write_text("{}")
+    with pytest.raises(BundleVerificationError, match="tokenizer.json"):
+        Engine(bad)
+
+
+def test_concurrent_generations_give_the_sequential_results(tiny_bundle):
+    engine = Engine(tiny_bundle, max_sessions=2, energy_meter=None)
+    expected = {p: engine.generate(p, max_new_tokens=16).token_ids for p in PROMPTS}
+    results: dict[int, list[int]] = {}
+
+    def work(i: int) -> None:
+        results[i] = engine.generate(PROMPTS[i % 3], max_new_tokens=16).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(results[i] == expected[PROMPTS[i % 3]] for i in range(6))
+
+
+def test_energy_is_reported_with_its_label(tiny_bundle):
+    engine = Engine(tiny_bundle)  # default meter: no counters on CI machines, so an estimate
+    r = engine.generate("hello world", max_new_tokens=8)
+    assert r.energy is not None and r.energy.joules >= 0 and r.energy.seconds > 0
+    assert r.energy.estimated == r.energy.source.startswith("estimate")
+
+
+def test_unknown_provider_is_a_clear_error(tiny_bundle):
+    with pytest.raises(InvalidRequestError, match="NoSuchExecutionProvider"):
+        Engine(tiny_bundle, providers=["NoSuchExecutionProvider"])

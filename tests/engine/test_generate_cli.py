@@ -1,0 +1,58 @@
+"""`edge-runtime generate`: --prompt, --chat, --json fields, --input batches in order with per-line errors."""
+
+from __future__ import annotations
+
+import json
+
+from edge_runtime.cli import main
+
+
+def test_json_output_has_the_documented_fields(tiny_bundle, capsys):
+    assert main(["generate", str(tiny_bundle), "--prompt", "hello world", "--max-new-tokens", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"text", "finish_reason", "tokens", "usage", "timings", "energy"}
+    assert out["finish_reason"] == "length" and len(out["tokens"]) == 6
+    assert set(out["tokens"][0]) == {"id", "text", "logprob", "entropy", "margin"}
+    assert out["usage"]["completion_tokens"] == 6 and out["usage"]["prompt_tokens"] > 0
+    assert set(out["timings"]) >= {"load_ms", "prefill_ms", "decode_ms", "decode_tokens_per_s"}
+    assert out["energy"]["source"] and isinstance(out["energy"]["estimated"], bool)
+
+
+def test_chat_and_prompt_differ_by_the_template(tiny_bundle, capsys):
+    main(["generate", str(tiny_bundle), "--prompt", "hello", "--max-new-tokens", "3", "--json"])
+    raw = json.loads(capsys.readouterr().out)
+    main(["generate", str(tiny_bundle), "--chat", "hello", "--max-new-tokens", "3", "--json"])
+    chat = json.loads(capsys.readouterr().out)
+    assert chat["usage"]["prompt_tokens"] > raw["usage"]["prompt_tokens"] + 4
+
+
+def test_streamed_text_output(tiny_bundle, capsys):
+    assert main(["generate", str(tiny_bundle), "--prompt", "hello world", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_input_file_is_answered_in_order_with_errors_in_place(tiny_bundle, tmp_path, capsys):
+    lines = [
+        {"id": "a", "prompt": "hello world"},
+        "this is not json",
+        {"id": "c", "messages": [{"role": "robot", "content": "x"}]},
+        {"id": "d", "messages": [{"role": "user", "content": "one two"}], "max_new_tokens": 2},
+        {"id": "e", "prompt": "hi", "temperature": -1},
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    code = main(["generate", str(tiny_bundle), "--input", str(path), "--max-new-tokens", "4", "--json"])
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [o["id"] for o in out] == ["a", 2, "c", "d", "e"]
+    assert out[0]["finish_reason"] == "length" and len(out[0]["tokens"]) == 4
+    assert out[1]["error"]["param"] == "line"
+    assert out[2]["error"]["param"] == "messages[0].role"
+    assert len(out[3]["tokens"]) == 2
+    assert out[4]["error"]["param"] == "temperature"
+    assert code == 1  # some lines failed
+
+
+def test_missing_bundle_is_a_one_line_error(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not found" in err

@@ -1,0 +1,184 @@
+"""Bundle builder on tiny random models: every precision, manifest, verification, atomicity, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_runtime.bundle import load_manifest, verify_bundle
+from edge_runtime.cli import main
+from edge_runtime.errors import BuildError, BundleVerificationError, QualityGateError, UnsupportedModelError
+from quantize import build_bundle
+from quantize.quant import quantize_int4, quantize_int8
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_build_every_precision_writes_a_complete_manifest(tiny_bundles, tiny_model_dirs, arch, precision):
+    bundle = tiny_bundles(arch, precision)
+    manifest = verify_bundle(bundle, "full")
+    raw = manifest.raw
+    assert raw["schema_version"] == 1
+    assert raw["architecture"] == arch
+    assert raw["io_schema"] == "edge-runtime-gqa-v1"
+    model = raw["model"]
+    assert (model["num_layers"], model["num_heads"], model["num_kv_heads"], model["head_dim"]) == (2, 4, 2, 16)
+    assert model["vocab_size"] > 256 and model["context_length"] == 256
+    tokens = raw["tokens"]
+    assert tokens["eos_token_ids"] and isinstance(tokens["bos_token_id"], int)
+    assert "<|im_start|>" in raw["chat_template"]
+    q = raw["quantization"]
+    assert q["precision"] == precision
+    assert q["block_size"] == (None if precision == "fp32" else 32)
+    assert raw["source"]["kind"] == "hf" and len(raw["source"]["sha256"]) == 64
+    assert set(raw["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    for name, info in raw["files"].items():
+        assert (bundle / name).stat().st_size == info["size"] and len(info["sha256"]) == 64
+    quality = raw["quality"]
+    assert quality["ppl_fp32"] > 1 and quality["ppl_bundle"] > 1
+    assert quality["ppl_ratio"] == pytest.approx(quality["ppl_bundle"] / quality["ppl_fp32"], rel=1e-3)
+    assert 0.0 <= quality["top1_agreement"] <= 1.0
+    if precision == "fp32":
+        assert quality["ppl_ratio"] == pytest.approx(1.0, abs=1e-3) and quality["top1_agreement"] > 0.99
+    for tool in ("onnx", "onnxruntime", "torch", "transformers"):
+        assert tool in raw["tools"]
+
+
+def test_int4_bundle_is_smaller_than_int8_smaller_than_fp32(tiny_bundles):
+    sizes = {p: (tiny_bundles("llama", p) / "model.onnx.data").stat().st_size for p in ("fp32", "int8", "int4")}
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
+
+
+def test_verify_detects_a_flipped_byte(tiny_bundles, tmp_path, capsys):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundles("llama", "int4"), bundle)
+    assert main(["models", "verify", str(bundle)]) == 0
+    data = bundle / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    assert main(["models", "verify", str(bundle)]) == 1
+    err = capsys.readouterr().err
+    assert "model.onnx.data" in err and "SHA-256" in err
+    with pytest.raises(BundleVerificationError) as info:
+        verify_bundle(bundle, "full")
+    assert info.value.file == "model.onnx.data"
+
+
+def test_verify_reports_a_missing_file(tiny_bundles, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundles("llama", "fp32"), bundle)
+    (bundle / "tokenizer.json").unlink()
+    with pytest.raises(BundleVerificationError, match="tokenizer.json"):
+        verify_bundle(bundle, "fast")
+
+
+def test_fast_verification_still_hashes_small_files(tiny_bundles, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundles("llama", "fp32"), bundle)
+    tok = bundle / "tokenizer.json"
+    text = tok.read_text()
+    tok.write_text(text.replace('"<|im_end|>"', '"<|im_xnd|>"', 1))
+    with pytest.raises(BundleVerificationError):
+        verify_bundle(bundle, "fast")
+
+
+def test_failure_mid_build_leaves_nothing_at_the_output(tiny_model_dirs, tmp_path):
+    out = tmp_path / "bundle"
+
+    def explode(step: str, done: int, total: int) -> None:
+        if step == "quality":
+            raise RuntimeError("injected failure")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        build_bundle(tiny_model_dirs("llama"), out, precision="int4", progress=explode)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging directory left behind either
+
+
+def test_quality_gate_fails_the_build_and_keeps_nothing(tiny_model_dirs, tmp_path):
+    out = tmp_path / "bundle"
+    with pytest.raises(QualityGateError, match="max-ppl-ratio"):
+        build_bundle(tiny_model_dirs("llama"), out, precision="int4", block_size=128, max_ppl_ratio=1.0)
+    assert not out.exists()
+
+
+def test_existing_output_is_refused_unless_forced(tiny_bundles, tiny_model_dirs, tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(BuildError, match="already exists"):
+        build_bundle(tiny_model_dirs("llama"), out, precision="fp32")
+    assert (out / "keep.txt").read_text() == "mine"
+    build_bundle(tiny_model_dirs("llama"), out, precision="fp32", force=True)
+    assert not (out / "keep.txt").exists()
+    verify_bundle(out, "full")
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
+    src = tmp_path / "gpt2"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(UnsupportedModelError, match="llama.*qwen2"):
+        build_bundle(src, tmp_path / "out")
+    assert main(["quantize", str(src), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "gpt2" in err and "qwen2" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [None, b"not a gguf at all", b"GGUF\x03\x00"])
+def test_missing_or_damaged_gguf_is_a_one_line_error(tmp_path, capsys, content):
+    path = tmp_path / "model.gguf"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["quantize", str(path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.gguf" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_disk_space_is_reported_before_writing(tiny_model_dirs, tmp_path, monkeypatch):
+    import quantize.writer as writer
+
+    class Usage:
+        total, used, free = 10 << 30, 10 << 30, 1 << 20
+
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: Usage)
+    with pytest.raises(BuildError, match="disk space"):
+        build_bundle(tiny_model_dirs("llama"), tmp_path / "out", precision="fp32")
+    assert not (tmp_path / "out").exists()
+
+
+def test_int4_offsets_reproduce_a_q4_1_grid_exactly():
+    rng = np.random.default_rng(0)
+    n, k = 64, 128
+    d = rng.uniform(0.001, 0.01, (n, k // 32, 1))
+    m = -rng.uniform(0.0, 0.1, (n, k // 32, 1))
+    codes = rng.integers(0, 16, (n, k // 32, 32))
+    codes[..., 0], codes[..., 1] = 0, 15  # every block uses its whole grid, as Q4_1 blocks do
+    w = (m + d * codes).reshape(n, k).astype(np.float32)
+    q = quantize_int4(w, 32)
+    assert np.abs(q.dequantize() - w).max() < 1e-5
+
+
+def test_int8_blocks_keep_an_outlier_from_flattening_the_row():
+    w = np.random.default_rng(1).normal(0, 0.02, (8, 256)).astype(np.float32)
+    w[0, 5] = 3.0
+    q = quantize_int8(w, 32)
+    err = np.abs(q.dequantize() - w)
+    assert err[0, 64:].max() < 0.001  # blocks without the outlier keep their own fine scale
+    assert err.max() < 3.0 / 127
+
+
+def test_manifest_records_tokens_of_the_source(tiny_bundles, tiny_model_dirs):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dirs("qwen2"))
+    manifest = load_manifest(tiny_bundles("qwen2", "int4"))
+    assert tok.convert_tokens_to_ids("<|im_end|>") in manifest.eos_token_ids
+    assert manifest.add_bos_token is False

