@@ -99,4 +99,5 @@ def assign_splits(family: str, drafts: Iterable[Draft]) -> list[TaskItem]:
                 )
             )
             i += 1
-    return items
+    # ids are hashes: sorted by id, any prefix of a family (``--limit N``) is a fair sample of it
+    return sorted(items, key=lambda item: item.id)

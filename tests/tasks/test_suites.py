@@ -94,6 +94,15 @@ def test_prompts_ask_for_a_short_answer():
         assert i.messages == ({"role": "user", "content": i.prompt},)
 
 
+def test_a_prefix_of_a_family_is_a_fair_sample():
+    # the explorer's --limit takes the first items: they must not all be easy, or all "no"
+    for family in FAMILIES:
+        head = [i for i in ALL if i.family == family and i.split == "test"][:40]
+        assert len({i.features["difficulty"] for i in head}) == 5, family
+    head = [i.answers[0] for i in ALL if i.family == "yes_no" and i.split == "test"][:40]
+    assert 12 <= head.count("yes") <= 28
+
+
 def test_yes_and_no_are_balanced():
     for split in ("dev", "test"):
         answers = [i.answers[0] for i in by_family("yes_no") if i.split == split]
