@@ -21,6 +21,7 @@ BASE = [
     "psutil>=5.9",
     # small pure-Python libraries
     "jinja2>=3.1",  # sandboxed rendering of the bundle's chat template
+    "tqdm>=4.66",  # progress bars on long steps (calibration, exploration)
 ]
 
 EXPORT = [

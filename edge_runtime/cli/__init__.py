@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "models",
     "quantize",
     "generate",
+    "calibrate",
     "power",
 )
 

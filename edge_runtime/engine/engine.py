@@ -432,6 +432,14 @@ class Engine:
 
     # ---- scoring ----------------------------------------------------------------------------
 
+    def next_token_logprobs(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> np.ndarray:
+        """Log-probabilities of the token that would follow the prompt (one prefill, no decoding)."""
+        ids = self._fit_context(self.encode(prompt, messages=messages), SamplingParams(max_new_tokens=1))
+        with self._cache() as cache:
+            cache.truncate(0)
+            logits = cache.prefill(ids)[-1]
+        return log_softmax(logits)
+
     def score(self, text: str | None = None, *, token_ids: Sequence[int] | None = None, chunk: int = 256) -> ScoreResult:
         """Log-probability of every token of a text given what precedes it (perplexity, quality checks)."""
         ids = list(token_ids) if token_ids is not None else self.encode(text)

@@ -1,0 +1,178 @@
+"""``edge-runtime calibrate`` (fit a confidence estimator) and ``edge-runtime eval`` (measure it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+DEFAULT_FAMILY = "multi+knn"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("calibrate", help="run the SLM over a labelled split and fit a confidence estimator")
+    c.add_argument("--bundle", required=True, help="edge bundle (directory or cached name)")
+    c.add_argument("--suite", default="default", help="task suite name or JSONL file (default: default)")
+    c.add_argument("--split", default="dev", help="split to fit on (default: dev)")
+    c.add_argument("--out", required=True, help="estimator JSON to write")
+    c.add_argument("--family", default=DEFAULT_FAMILY,
+                   help=f"estimator family (default {DEFAULT_FAMILY}; see `eval --study`): heuristic, multi, span, selfcheck, knn, "
+                        "prompt, multi+knn, signal:<feature>")
+    c.add_argument("--limit", type=int, help="use only the first N items (quick runs)")
+    c.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    c.add_argument("--json", action="store_true", help="print the fit summary as JSON")
+    c.set_defaults(func=_calibrate)
+
+    e = sub.add_parser("eval", help="measure a confidence estimator (and routing to a cloud model) on a split")
+    e.add_argument("--bundle", required=True, help="edge bundle (directory or cached name)")
+    e.add_argument("--cloud-bundle", help="bundle standing in for the cloud model (run locally); enables routing metrics")
+    e.add_argument("--suite", default="default", help="task suite name or JSONL file (default: default)")
+    e.add_argument("--split", default="test", help="split to measure on (default: test)")
+    e.add_argument("--estimator", help="estimator JSON (default: the built-in uncalibrated one)")
+    e.add_argument("--study", action="store_true",
+                   help="fit every estimator family on the dev split and report them side by side on --split")
+    e.add_argument("--limit", type=int, help="use only the first N items of each split (quick runs)")
+    e.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(func=_eval)
+
+
+def _items(suite: str, split: str, limit: int | None) -> list[Any]:
+    from ..tasks import load_suite
+
+    items = load_suite(suite, split)
+    return items[:limit] if limit else items
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from ..confidence import estimator_scores, fit_estimator, make_dataset, save_estimator
+    from ..engine import Engine
+    from ..metrics import auroc, expected_calibration_error
+    from ..models import resolve_bundle
+    from ..runs import run_edge
+
+    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
+    items = _items(args.suite, args.split, args.limit)
+    records = run_edge(engine, items, selfcheck=args.family == "selfcheck", desc=f"{args.split} (edge)")
+    data = make_dataset(records, items)
+    estimator = fit_estimator(args.family, data, bundle_hash=engine.bundle_hash)
+    p = estimator_scores(estimator, data)
+    summary = {
+        "estimator": estimator.name, "out": args.out, "bundle": engine.model_name, "items": len(data),
+        "accuracy": round(float(data.labels.mean()), 4),
+        "dev_in_sample": {"auroc": round(auroc(p, data.labels), 4), "ece": round(expected_calibration_error(p, data.labels), 4)},
+    }
+    meta = getattr(estimator, "meta", None)
+    if isinstance(meta, dict):
+        meta.update({"suite": args.suite, "split": args.split, "dev_in_sample": summary["dev_in_sample"], "bundle_name": engine.model_name})
+    save_estimator(estimator, args.out)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"fitted {estimator.name} on {len(data)} {args.split} items (SLM accuracy {summary['accuracy']:.1%}); "
+              f"in-sample AUROC {summary['dev_in_sample']['auroc']:.3f}, ECE {summary['dev_in_sample']['ece']:.3f}; wrote {args.out}")
+    return 0
+
+
+def _cloud_records(args: argparse.Namespace, items: list[Any]) -> list[dict[str, Any]] | None:
+    if not args.cloud_bundle:
+        return None
+    from ..engine import Engine
+    from ..models import resolve_bundle
+    from ..runs import local_cloud_generate, run_cloud
+
+    cloud = Engine(resolve_bundle(args.cloud_bundle), intra_op_threads=args.threads, energy_meter=None)
+    return run_cloud(local_cloud_generate(cloud), f"local-{cloud.model_name}-{cloud.bundle_hash[:16]}", items, desc="cloud")
+
+
+def _report(scores: Any, data: Any, cloud: dict[str, bool] | None, families: list[str]) -> dict[str, Any]:
+    """Metrics overall and per task family for one confidence score."""
+    import numpy as np
+
+    from ..metrics import auroc, expected_calibration_error, routing_metrics
+
+    fams = np.array(families)
+    out: dict[str, Any] = {}
+    for fam in ["overall", *sorted(set(families))]:
+        mask = np.ones(len(fams), bool) if fam == "overall" else fams == fam
+        lc = data.labels[mask]
+        s = scores[mask]
+        if cloud is not None:
+            cc = np.array([cloud[r["item_id"]] for r, m in zip(data.records, mask) if m])
+            out[fam] = routing_metrics(s, lc, cc).to_dict()
+        else:
+            out[fam] = {"n": int(mask.sum()), "local_accuracy": float(lc.mean()), "auroc": auroc(s, lc),
+                        "ece": expected_calibration_error(s, lc) if ((s >= 0) & (s <= 1)).all() else None}
+    return out
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..confidence import FAMILIES, SINGLE_SIGNALS, estimator_scores, fit_estimator, load_estimator, make_dataset
+    from ..engine import Engine
+    from ..models import resolve_bundle
+    from ..runs import run_edge
+
+    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
+    items = _items(args.suite, args.split, args.limit)
+    records = run_edge(engine, items, selfcheck=args.study, desc=f"{args.split} (edge)")
+    data = make_dataset(records, items)
+    cloud_recs = _cloud_records(args, items)
+    cloud = None if cloud_recs is None else {r["item_id"]: bool(r.get("correct")) for r in cloud_recs}
+    families = [r["family"] for r in data.records]
+
+    reports: dict[str, Any] = {}
+    if args.study:
+        dev_items = _items(args.suite, "dev", args.limit)
+        dev = make_dataset(run_edge(engine, dev_items, selfcheck=True, desc="dev (edge)"), dev_items)
+        for name in SINGLE_SIGNALS:
+            # raw signal for AUROC/routing; the fitted 1-D curve gives a probability for ECE
+            raw = data.matrix([name])[:, 0]
+            rep = _report(raw, data, cloud, families)
+            fitted = estimator_scores(fit_estimator(f"signal:{name}", dev, bundle_hash=engine.bundle_hash), data)
+            from ..metrics import expected_calibration_error
+
+            rep["overall"]["ece"] = round(expected_calibration_error(fitted, data.labels), 6)
+            reports[f"signal:{name}"] = rep
+        for fam in FAMILIES:
+            est = fit_estimator(fam, dev, bundle_hash=engine.bundle_hash)
+            reports[fam] = _report(estimator_scores(est, data), data, cloud, families)
+    else:
+        est = load_estimator(args.estimator, bundle_hash=engine.bundle_hash)
+        if est.needs_engine:
+            scores = np.array([est.p_correct(s, engine=engine) for s in data.signals])
+        else:
+            scores = estimator_scores(est, data)
+        reports[est.name] = _report(scores, data, cloud, families)
+
+    out = {"bundle": engine.model_name, "suite": args.suite, "split": args.split, "items": len(data),
+           "cloud": args.cloud_bundle, "estimators": reports}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    _print_table(out)
+    return 0
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.1%}" if pct else f"{x:.3f}"
+
+
+def _print_table(out: dict[str, Any]) -> None:
+    w = sys.stdout.write
+    w(f"{out['bundle']} on {out['suite']}/{out['split']} ({out['items']} items)" + (f", cloud {out['cloud']}" if out["cloud"] else "") + "\n")
+    w(f"{'estimator':<22} {'AUROC':>6} {'ECE':>6} {'APGR':>6} {'CPT50':>6} {'CPT80':>6}\n")
+    for name, rep in out["estimators"].items():
+        o = rep["overall"]
+        cpt = o.get("cpt", {})
+        w(f"{name:<22} {_fmt(o.get('auroc')):>6} {_fmt(o.get('ece')):>6} {_fmt(o.get('apgr')):>6} "
+          f"{_fmt(cpt.get('50%'), True):>6} {_fmt(cpt.get('80%'), True):>6}\n")
+    first = next(iter(out["estimators"].values()))["overall"]
+    if "random" in first:
+        w(f"{'random routing':<22} {'':>6} {'':>6} {_fmt(first['random']['apgr']):>6} {_fmt(first['random']['cpt'].get('50%'), True):>6} "
+          f"{_fmt(first['random']['cpt'].get('80%'), True):>6}\n")
+        w(f"local accuracy {first['local_accuracy']:.1%}, cloud accuracy {first['cloud_accuracy']:.1%}\n")

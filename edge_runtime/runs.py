@@ -1,0 +1,175 @@
+"""Run task items through a model once and cache what happened, item by item.
+
+Calibration, evaluation and the design-space explorer all need the same thing:
+every item answered once on the edge (text, per-token signals, prompt
+perplexity, latency, energy, correctness) and once on the cloud side (text,
+tokens, cost, latency, correctness). Runs are appended to a JSON-lines file
+keyed by the model's identity and the generation settings, so a second run
+costs nothing and an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .cache import cache_dir
+from .confidence._selfcheck import selfcheck_messages, yes_probability
+from .engine.types import SamplingParams
+from .errors import CloudError, EdgeRuntimeError
+from .tasks import TaskItem, score
+
+__all__ = [
+    "RUN_SETTINGS", "RunCache", "run_edge", "run_cloud", "edge_record", "progress_bar", "local_cloud_generate",
+]
+
+log = logging.getLogger(__name__)
+
+# generation settings of suite runs: greedy and short, as an app asking for a short answer would
+RUN_SETTINGS = SamplingParams(max_new_tokens=64, temperature=0.0)
+
+def progress_bar(iterable: Iterable[Any], *, total: int | None = None, desc: str = "") -> Iterable[Any]:
+    """A tqdm bar on a terminal; plain iteration elsewhere (logs, CI)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, disable=None, leave=False)
+
+
+class RunCache:
+    """Append-only JSON lines of records keyed by item id, for one (model, settings) pair."""
+
+    def __init__(self, kind: str, model_key: str, settings: SamplingParams, root: Path | None = None) -> None:
+        settings_key = hashlib.sha256(json.dumps(_settings_dict(settings), sort_keys=True).encode()).hexdigest()[:12]
+        base = root if root is not None else cache_dir("runs")
+        base.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)[:80]
+        self.path = base / f"{kind}-{safe}-{settings_key}.jsonl"
+        self.records: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            with self.path.open(encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by an interruption: that item simply runs again
+                    if isinstance(rec, dict) and "item_id" in rec:
+                        self.records[rec["item_id"]] = rec
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records[record["item_id"]] = record
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _settings_dict(p: SamplingParams) -> dict[str, Any]:
+    return {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
+            "seed": p.seed, "stop": list(p.stop)}
+
+
+def edge_record(item: TaskItem, result: Any, wall_ms: float) -> dict[str, Any]:
+    """The cached form of one edge generation: everything estimators and the explorer replay from."""
+    s = score(item, result.text)
+    energy = result.energy
+    return {
+        "item_id": item.id,
+        "family": item.family,
+        "split": item.split,
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "token_ids": result.token_ids,
+        "token_texts": [t.text for t in result.tokens],
+        "logprobs": [round(t.logprob, 5) for t in result.tokens],
+        "entropies": [round(t.entropy, 5) for t in result.tokens],
+        "margins": [round(t.margin, 5) for t in result.tokens],
+        "prompt_tokens": result.usage.prompt_tokens,
+        "completion_tokens": result.usage.completion_tokens,
+        "prompt_nll": result.prompt_nll,
+        "prefill_ms": round(result.timings.prefill_ms, 3),
+        "decode_ms": round(result.timings.decode_ms, 3),
+        "ttft_ms": round(result.timings.ttft_ms, 3),
+        "latency_ms": round(wall_ms, 3),
+        "energy_j": energy.joules if energy else None,
+        "process_energy_j": energy.process_joules if energy else None,
+        "energy_source": energy.source if energy else None,
+        "energy_estimated": energy.estimated if energy else None,
+        "correct": s.correct,
+        "extracted": s.extracted,
+        "parse_error": s.parse_error,
+    }
+
+
+def run_edge(
+    engine: Any,
+    items: Sequence[TaskItem],
+    *,
+    settings: SamplingParams = RUN_SETTINGS,
+    root: Path | None = None,
+    selfcheck: bool = False,
+    desc: str = "edge",
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Answer every item on the edge engine (cached by bundle hash and item id); return records in item order."""
+    cache = RunCache("edge", f"{engine.model_name}-{engine.bundle_hash[:16]}", settings, root)
+    todo = [it for it in items if it.id not in cache.records or (selfcheck and "selfcheck_p_yes" not in cache.records[it.id])]
+    for item in progress_bar(todo, total=len(todo), desc=desc):
+        rec = cache.records.get(item.id)
+        if rec is None:
+            t0 = time.perf_counter()
+            result = engine.generate(messages=list(item.messages), params=settings, prompt_nll=True)
+            rec = edge_record(item, result, (time.perf_counter() - t0) * 1000.0)
+        if selfcheck:
+            p_yes = yes_probability(engine, selfcheck_messages(item.messages, rec["text"]))
+            rec = {**rec, "selfcheck_p_yes": round(p_yes, 6)}
+        cache.add(rec)
+        if on_record is not None:
+            on_record(rec)
+    return [cache.records[it.id] for it in items]
+
+
+def run_cloud(
+    generate: Callable[[TaskItem], dict[str, Any]],
+    model_key: str,
+    items: Sequence[TaskItem],
+    *,
+    settings: SamplingParams = RUN_SETTINGS,
+    root: Path | None = None,
+    desc: str = "cloud",
+) -> list[dict[str, Any]]:
+    """Answer every item through ``generate`` (a bridge call or a local engine), cached by model key and item id.
+
+    ``generate(item)`` returns ``text``, ``prompt_tokens``, ``completion_tokens``,
+    ``cost_usd``, ``latency_ms`` and ``model``. A cloud failure is recorded as such
+    (``error``) and retried on the next run rather than cached as an answer.
+    """
+    cache = RunCache("cloud", model_key, settings, root)
+    todo = [it for it in items if it.id not in cache.records or cache.records[it.id].get("error")]
+    for item in progress_bar(todo, total=len(todo), desc=desc):
+        try:
+            out = generate(item)
+        except (CloudError, EdgeRuntimeError) as err:
+            log.warning("cloud run of %s failed: %s", item.id, err)
+            cache.records[item.id] = {"item_id": item.id, "error": str(err)}
+            continue
+        s = score(item, out["text"])
+        cache.add({"item_id": item.id, "family": item.family, "split": item.split, **out,
+                   "correct": s.correct, "extracted": s.extracted, "parse_error": s.parse_error})
+    return [cache.records[it.id] for it in items]
+
+
+def local_cloud_generate(engine: Any, settings: SamplingParams = RUN_SETTINGS) -> Callable[[TaskItem], dict[str, Any]]:
+    """A ``run_cloud`` generator that runs the cloud stand-in bundle in-process (no bridge, no price)."""
+    def generate(item: TaskItem) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        r = engine.generate(messages=list(item.messages), params=settings)
+        return {"text": r.text, "prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
+                "cost_usd": 0.0, "latency_ms": round((time.perf_counter() - t0) * 1000.0, 3), "model": engine.model_name,
+                "finish_reason": r.finish_reason}
+
+    return generate
+

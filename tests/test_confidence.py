@@ -1,0 +1,160 @@
+"""Confidence estimator: features, fitting, estimator files, kNN prior, and the calibrate/eval commands end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from edge_runtime.cli import main
+from edge_runtime.confidence import (
+    HeuristicEstimator,
+    KnnEstimator,
+    KnnPrior,
+    LogisticEstimator,
+    Signals,
+    answer_span,
+    expected_answer_type,
+    feature_vector,
+    fit_logistic,
+    load_estimator,
+    save_estimator,
+)
+from edge_runtime.errors import EstimatorError
+
+
+def _signals(prompt: str, tokens: list[str], logprobs: list[float], finish: str = "eos") -> Signals:
+    n = len(tokens)
+    return Signals(prompt=prompt, text="".join(tokens[:-1] if finish == "eos" else tokens), token_texts=tokens,
+                   logprobs=logprobs, entropies=[0.5] * n, margins=[0.4] * n, finish_reason=finish, prompt_tokens=12, prompt_nll=2.5)
+
+
+def test_expected_answer_type_reads_the_prompt():
+    assert expected_answer_type("Is 17 a prime number? Answer yes or no.") == "yesno"
+    assert expected_answer_type("What is 37 + 48? Answer with just the number.") == "number"
+    assert expected_answer_type("How many legs does a spider have?") == "number"
+    assert expected_answer_type("What is the capital of France?") == "text"
+
+
+def test_answer_span_features_cover_only_the_answer_tokens():
+    s = _signals("What is 37 + 48? Give only the number.", ["The", " answer", " is", " 8", "5", ".", "<eos>"],
+                 [-0.1, -0.2, -0.1, -2.0, -1.0, -0.3, -0.05])
+    assert answer_span(s.text, "number") == (14, 16)
+    f = feature_vector(s)
+    assert f["ans_found"] == 1.0 and f["ans_tokens"] == 2.0
+    assert f["ans_lp_mean"] == pytest.approx(-1.5) and f["ans_lp_min"] == pytest.approx(-2.0)
+    assert f["lp_mean"] == pytest.approx(np.mean([-0.1, -0.2, -0.1, -2.0, -1.0, -0.3]))  # eos token excluded
+    assert f["eos_lp"] == pytest.approx(-0.05) and f["finish_eos"] == 1.0
+    assert f["prompt_numbers"] == 2 and f["prompt_max_digits"] == 2 and f["expects_number"] == 1.0
+
+
+def test_missing_answer_is_flagged_and_the_heuristic_is_lower():
+    good = _signals("Is 9 prime? Answer yes or no.", ["No", ".", "<eos>"], [-0.2, -0.3, -0.1])
+    bad = _signals("Is 9 prime? Answer yes or no.", ["I", " think", " so", "<eos>"], [-0.2, -0.3, -0.2, -0.1])
+    assert feature_vector(good)["ans_found"] == 1.0 and feature_vector(bad)["ans_found"] == 0.0
+    h = HeuristicEstimator()
+    assert h.p_correct(good) == pytest.approx(math.exp(-0.2))
+    assert 0 <= h.p_correct(bad) < h.p_correct(good)
+
+
+def test_logistic_fit_separates_and_round_trips():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 2))
+    y = (x[:, 0] - 0.5 * x[:, 1] + rng.normal(scale=0.5, size=400) > 0).astype(float)
+    model = fit_logistic(x, y, ("a", "b"))
+    assert model.coef[0] > 0 > model.coef[1]
+    p = model.predict(x)
+    assert ((p > 0.5) == (y > 0.5)).mean() > 0.8
+    again = type(model).from_dict(json.loads(json.dumps(model.to_dict())))
+    assert np.allclose(again.predict(x), p)
+
+
+class FakeEncoder:
+    """Deterministic 'embeddings': one axis per topic word."""
+
+    words = ("prime", "capital", "plus", "reverse")
+
+    def encode(self, texts):
+        out = np.array([[1.0 if w in t else 0.0 for w in self.words] + [0.1] for t in texts], dtype=np.float32)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_knn_prior_follows_similar_prompts_and_leaves_itself_out():
+    prompts = ["is 7 prime"] * 5 + ["capital of peru"] * 5
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 1], float)
+    enc = FakeEncoder()
+    knn = KnnPrior(enc.encode(prompts), labels, k=4, encoder=enc)
+    assert knn.prior("is 11 prime") > 0.6 > 0.4 > knn.prior("capital of chad")
+    knn5 = KnnPrior(knn.embeddings, labels, k=5, encoder=enc)
+    own = knn5.prior_from_embedding(knn5.embeddings[4], exclude=4)
+    assert own > knn5.prior_from_embedding(knn5.embeddings[4])  # its own 0 label no longer counts
+    back = KnnPrior.from_dict(json.loads(json.dumps(knn.to_dict())))
+    back._encoder = enc
+    assert back.prior("is 11 prime") == pytest.approx(knn.prior("is 11 prime"), abs=1e-3)
+
+
+def test_estimator_files_are_checked(tmp_path):
+    model = fit_logistic(np.array([[0.0], [1.0], [0.2], [0.9]]), np.array([0, 1, 0, 1.0]), ("lp_mean",))
+    est = LogisticEstimator("signal:lp_mean", model, bundle_hash="a" * 64)
+    path = tmp_path / "est.json"
+    save_estimator(est, path)
+    assert isinstance(load_estimator(path, bundle_hash="a" * 64), LogisticEstimator)
+    with pytest.raises(EstimatorError, match="calibrated for another bundle"):
+        load_estimator(path, bundle_hash="b" * 64)
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "schema_version": 99}))
+    with pytest.raises(EstimatorError, match="schema_version 99"):
+        load_estimator(path)
+    path.write_text(json.dumps({**raw, "kind": "oracle"}))
+    with pytest.raises(EstimatorError, match="unknown estimator kind"):
+        load_estimator(path)
+    path.write_text("{not json")
+    with pytest.raises(EstimatorError, match="not valid JSON"):
+        load_estimator(path)
+    with pytest.raises(EstimatorError, match="not found"):
+        load_estimator(tmp_path / "missing.json")
+    assert isinstance(load_estimator(None), HeuristicEstimator)
+
+
+def test_knn_estimator_decides_before_decoding():
+    enc = FakeEncoder()
+    knn = KnnPrior(enc.encode(["is 7 prime", "reverse abc"]), np.array([1.0, 0.0]), k=1, encoder=enc)
+    est = KnnEstimator(knn)
+    assert est.can_pre_route
+    assert est.pre_p_correct("is 13 prime") > est.pre_p_correct("reverse xyz")
+    with pytest.raises(EstimatorError, match="cannot decide from the prompt"):
+        HeuristicEstimator().pre_p_correct("anything")
+
+
+@pytest.fixture()
+def tiny_suite(tmp_path):
+    lines = []
+    for i in range(12):
+        for split in ("dev", "test"):
+            lines.append({"id": f"{split}-{i}", "family": "arith" if i % 2 else "words", "split": split,
+                          "messages": [{"role": "user", "content": f"what is {i} + {i + 1}? give only the number."}],
+                          "answers": [str(2 * i + 1)], "scorer": "number"})
+    path = tmp_path / "suite.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, capsys, monkeypatch):
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    edge, cloud = tiny_bundles("llama", "fp32"), tiny_bundles("qwen2", "fp32")
+    out = tmp_path / "estimator.json"
+    assert main(["calibrate", "--bundle", str(edge), "--suite", str(tiny_suite), "--out", str(out), "--family", "multi", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["items"] == 12 and out.exists()
+    assert json.loads(out.read_text())["bundle_hash"]
+    assert main(["eval", "--bundle", str(edge), "--cloud-bundle", str(cloud), "--suite", str(tiny_suite),
+                 "--estimator", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    overall = report["estimators"]["multi"]["overall"]
+    assert overall["n"] == 12 and set(overall) >= {"auroc", "ece", "apgr", "cpt", "random", "oracle"}
+    assert set(report["estimators"]["multi"]) == {"overall", "arith", "words"}
+    # the same estimator refuses another bundle
+    assert main(["eval", "--bundle", str(cloud), "--suite", str(tiny_suite), "--estimator", str(out)]) == 1
+    assert "another bundle" in capsys.readouterr().err
