@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "generate",
     "calibrate",
     "power",
+    "bench",
 )
 
 

@@ -1,0 +1,72 @@
+"""Runner for llama.cpp through llama-cpp-python (run by ``<cache>/peers/llamacpp-venv``).
+
+``run_llamacpp.py SPEC.json OUT.json``. The model is the original Q4_1 GGUF,
+with llama-cpp-python's defaults (memory-mapped weights) except the context,
+set to 1024 tokens like this engine's default KV cache. Every request starts
+from ``reset()`` (no reused prefix); the prompt pass is ``Llama.eval`` (timed
+alone), then the library's own ``generate`` loop samples greedily (temp 0) and
+each token is detokenized as an application streaming text would.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import main  # noqa: E402
+
+N_CTX = 1024
+
+
+class LlamaCppRuntime:
+    name = "llama-cpp-python"
+
+    def __init__(self) -> None:
+        self.prefill_s: float | None = None
+        self.extra: dict[str, Any] = {}
+        self.llm: Any = None
+
+    def import_runtime(self) -> dict[str, str]:
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        info = {"llama-cpp-python": llama_cpp.__version__}
+        try:
+            info["system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+        except Exception:  # only informative
+            pass
+        return info
+
+    def load(self, model: str, threads: int) -> None:
+        self.llm = self.llama_cpp.Llama(
+            model_path=model, n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
+
+    def unload(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+        self.llm = None
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> Iterator[int]:
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        self.prefill_s = time.perf_counter() - t0
+        produced = 0
+        # tokens=[] and reset=False: sample from the logits of the prompt pass just made
+        for token in llm.generate([], temp=0.0, reset=False):
+            llm.detokenize([token])
+            produced += 1
+            yield int(token)
+            if produced >= max_new_tokens:
+                break
+
+
+if __name__ == "__main__":
+    sys.exit(main(LlamaCppRuntime))

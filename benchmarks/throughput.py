@@ -1,0 +1,690 @@
+"""Throughput benchmark: this engine against llama.cpp and onnxruntime-genai, same machine, same threads.
+
+Measured in one run, each runtime in its own fresh subprocess (its own peak
+RSS; no other runtime's threads competing), with a warm-up and several
+repetitions whose median is reported (every raw repetition is kept):
+
+* model load time, time to first token, prefill tokens/s on a short (~20
+  token) and a long (~500 token) prompt, decode tokens/s over 128 greedy
+  tokens, peak RSS, and joules per generated token with the energy source's
+  label (``estimate:*`` is a CPU-time estimate, never a measurement);
+* for this engine on the int4 and int8 SmolLM2-135M bundles, for
+  onnxruntime-genai on an int4 model made by its own builder from the same
+  checkpoint, and for llama.cpp (llama-cpp-python) on the original Q4_1 GGUF.
+  Peers are set up on first use under ``<cache>/peers`` (see
+  ``benchmarks/peers/envs.py``); a peer that cannot be set up is skipped and
+  the results say why.
+
+It also measures memory bandwidth (a numpy copy) and reports the engine's
+share of the bandwidth ceiling: decode is memory bound, each step streams the
+weights once, so tok/s cannot exceed bandwidth / bytes read per step.
+
+    python benchmarks/throughput.py [--threads N] [--repetitions 5] [--peers llamacpp,genai|none]
+    edge-runtime bench throughput [same flags]
+
+Writes ``benchmarks/results/throughput-<host>.json`` and ``.md`` (the table
+for the README) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.peers import envs  # noqa: E402
+
+__all__ = [
+    "Target",
+    "run_benchmark",
+    "engine_targets",
+    "make_prompts",
+    "memory_bandwidth",
+    "decode_bytes_per_token",
+    "render_markdown",
+    "write_results",
+    "build_parser",
+    "run_from_args",
+    "main",
+    "SCHEMA_VERSION",
+]
+
+SCHEMA_VERSION = 1
+MODEL = "smollm2-135m-instruct"
+PEER_NAMES = ("llamacpp", "genai")
+RUNNERS = Path(__file__).resolve().parent / "peers"
+DECODE_TARGET = 1.0  # engine int4 decode tok/s / faster peer's
+DECODE_STRETCH = 1.2
+LOAD_TARGET_MS = 1000.0
+
+# Prompts are raw text (no chat template) so a greedy continuation runs the full
+# 128 tokens without an end-of-turn token; every runtime gets the same token ids.
+SHORT_TEXT = "Once upon a time, in a small village at the edge of a great forest, there lived a young baker named"
+LONG_TEXT = (
+    "The lighthouse stood on a rock a mile from the harbour, and for most of the year the only way to reach it "
+    "was a small boat that the keeper rowed himself. He had kept the light for twenty-two years. Every evening "
+    "he climbed the one hundred and eight steps, trimmed the wick, polished the lens and wound the clockwork "
+    "that turned it, and every morning he wrote in the log how the night had gone: the wind, the sea, the ships "
+    "that passed and the ones that did not. The town on the shore knew him mostly by his light. Children were "
+    "told that as long as it turned, nothing bad could come in from the sea. In the spring of the year this "
+    "story begins, the harbour board wrote to say that the light would be replaced by an automatic lamp run from "
+    "a battery and a small engine, and that a man would come out in the summer to fit it. The keeper read the "
+    "letter twice, folded it and put it in the drawer with the log books. He did not answer it. Instead he began "
+    "to write down everything he knew about the rock: where the currents ran at each state of the tide, which "
+    "gulls nested on which ledge, how the fog came in from the south-west on still mornings and lifted by noon, "
+    "how the big winter storms announced themselves a day ahead with a long, slow swell that made the boat lift "
+    "at its mooring even when the air was calm. He wrote about the sounds the tower made, the creak of the "
+    "stairs in the cold, the ring of the gallery rail when a gust caught it, the low hum of the lens turning in "
+    "its bath of mercury. He wrote about the ships, the fishing boats that came home late and the steamers that "
+    "kept well out, and the one night, years ago, when a schooner had come too close and he had fired the "
+    "rockets until she turned. By midsummer the notebook was full, and he started another. The engineer arrived "
+    "in August with two assistants and a crate of equipment. He was a young man, polite and quick, and he "
+    "admired the old clockwork as one admires something in a museum. The work took four days. On the last "
+    "evening the new lamp switched itself on at dusk, exactly on time, and turned without a sound. The keeper "
+    "watched it from the gallery until the engineer called him down to sign the papers. Then he gave the young "
+    "man the two notebooks and asked him to keep them with the light, for whoever came after. The engineer "
+    "looked through the pages for a long time. When he left the next morning, he took the notebooks with him, "
+    "and years later, when the automatic lamp failed on a winter night, it was one of those pages that told the "
+    "crew of the lifeboat where the current would carry a drifting boat."
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# host, bandwidth, model size
+
+
+def host_info(threads: int) -> dict[str, Any]:
+    import psutil
+
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "hostname": socket.gethostname(),
+        "cpu_model": cpu_model,
+        "machine": platform.machine(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cpus": psutil.cpu_count(logical=True),
+        "threads_used": threads,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        # older OpenBLAS needs these on some CPUs; they do not touch onnxruntime or llama.cpp kernels
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_"))},
+    }
+
+
+def load_snapshot(sample_s: float = 1.0) -> dict[str, Any]:
+    """System load, to say under what conditions the numbers were taken (other programs share the CPUs)."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["pid", "name", "cmdline"]) if p.pid != os.getpid()]
+    for proc in procs:
+        try:
+            proc.cpu_percent(None)  # the first call only starts the counter
+        except psutil.Error:
+            pass
+    psutil.cpu_percent(None)
+    time.sleep(sample_s)
+    total = psutil.cpu_percent(None)
+    busy = []
+    for proc in procs:
+        try:
+            pct = proc.cpu_percent(None)
+        except psutil.Error:
+            continue
+        if pct >= 10.0:
+            cmd = " ".join(proc.info.get("cmdline") or [proc.info.get("name") or "?"])
+            busy.append({"pid": proc.pid, "cpu_percent": round(pct, 1), "cmd": cmd[:160]})
+    return {
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "cpu_percent": total,
+        "sample_s": sample_s,
+        "busy_processes": busy,
+    }
+
+
+def memory_bandwidth(threads: int, size_mb: int = 256, repeats: int = 10) -> dict[str, Any]:
+    """Copy bandwidth with numpy, split over ``threads`` threads (numpy drops the GIL while copying).
+
+    Counted as in STREAM's Copy: bytes read plus bytes written per second.
+    """
+    import numpy as np
+
+    n = size_mb * 2**20 // 8
+    src = np.ones(n)
+    dst = np.zeros(n)  # zeros, then a first copy: pages are faulted in before timing
+    bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+
+    def part(lo: int, hi: int) -> None:
+        np.copyto(dst[lo:hi], src[lo:hi])
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        if threads == 1:
+            np.copyto(dst, src)
+        else:
+            workers = [threading.Thread(target=part, args=b) for b in bounds]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        return time.perf_counter() - t0
+
+    once()
+    rates = [2 * src.nbytes / once() / 1e9 for _ in range(repeats)]
+    return {
+        "method": f"numpy.copyto of {size_mb} MiB float64 arrays over {threads} thread(s); (read + write bytes) / s",
+        "threads": threads,
+        "gb_per_s": [round(r, 2) for r in rates],
+        "median_gb_per_s": round(statistics.median(rates), 2),
+        "best_gb_per_s": round(max(rates), 2),
+    }
+
+
+def decode_bytes_per_token(bundle: Path) -> dict[str, Any]:
+    """Bytes one decode step reads: every weight a step reads in full, at its width in memory after load.
+
+    From the ONNX graph: initializers consumed by MatMulNBits/MatMul/Gemm and
+    the small per-layer norms are read whole every step; tables that a step
+    only indexes (the embedding gather, rotary cos/sin caches) contribute a row,
+    counted as nothing. Initializers stored in fp16 and cast to fp32 by a Cast
+    node are counted at fp32, since onnxruntime folds that Cast once at load.
+    Without the ``onnx`` package, the weight file's size stands in.
+    """
+    model_file = bundle / "model.onnx"
+    data_files = sorted(bundle.glob("*.onnx.data")) + sorted(bundle.glob("*.onnx_data"))
+    file_bytes = sum(p.stat().st_size for p in data_files) + model_file.stat().st_size
+    try:
+        import onnx
+    except ImportError:
+        return {"bytes": file_bytes, "method": "weight file size (onnx not installed)", "file_bytes": file_bytes}
+    model = onnx.load(str(model_file), load_external_data=False)
+    graph = model.graph
+    sizes: dict[str, int] = {}
+    for init in graph.initializer:
+        length = next((int(e.value) for e in init.external_data if e.key == "length"), 0)
+        sizes[init.name] = length or len(init.raw_data)
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in sizes:
+                consumers.setdefault(name, []).append((node, i))
+    indexed_only = {"Gather", "GatherBlockQuantized", "GatherElements"}
+    elem = {onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.FLOAT: 4}
+    read = codes = 0
+    for name, size in sizes.items():
+        uses = consumers.get(name, [])
+        if not uses:
+            continue
+        if all(n.op_type in indexed_only for n, _ in uses):
+            continue
+        if all(n.op_type == "GroupQueryAttention" and i >= 7 for n, i in uses):  # cos/sin caches
+            continue
+        width = size
+        casts = [n for n, _ in uses if n.op_type == "Cast"]
+        if casts:
+            to = next((a.i for a in casts[0].attribute if a.name == "to"), None)
+            src_type = next(t.data_type for t in graph.initializer if t.name == name)
+            if to in elem and src_type in elem:
+                width = size * elem[to] // elem[src_type]
+        read += width
+        if any(n.op_type == "MatMulNBits" and i == 1 for n, i in uses):
+            codes += size
+    return {
+        "bytes": read,
+        "quantized_weight_codes_bytes": codes,
+        "file_bytes": file_bytes,
+        "method": "ONNX initializers a decode step reads whole (matmul weights with their scales and offsets, "
+                  "norms), fp16 tables cast at load counted at fp32; indexed tables (embedding gather, rotary "
+                  "caches) excluded",
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# prompts and targets
+
+
+def make_prompts(tokenizer_file: Path, bos_token_id: int | None, short_tokens: int, long_tokens: int) -> dict[str, list[int]]:
+    """The same prompt token ids for every runtime, exactly ``short_tokens`` and ``long_tokens`` long."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    lead = [bos_token_id] if bos_token_id is not None else []
+
+    def ids(text: str, n: int) -> list[int]:
+        body = tok.encode(text, add_special_tokens=False).ids
+        while len(lead) + len(body) < n:  # a tokenizer with long tokens: repeat the text
+            body += tok.encode(" " + text, add_special_tokens=False).ids
+        return (lead + body)[:n]
+
+    return {"short": ids(SHORT_TEXT, short_tokens), "long": ids(LONG_TEXT, long_tokens)}
+
+
+@dataclass
+class Target:
+    """One runtime + model to measure: a runner script run by a given Python."""
+
+    label: str
+    runtime: str
+    python: Path | None
+    runner: Path | None
+    model: Path | None
+    kind: str  # "engine" or "peer"
+    precision: str | None = None
+    reason: str | None = None  # set when the target was skipped
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def engine_targets(bundles: dict[str, Path] | None = None, *, build: bool = True, log: Callable[[str], None] = print) -> list[Target]:
+    """This engine on the given bundles (label -> directory), by default the int4 and int8 SmolLM2 bundles."""
+    from edge_runtime.bundle import verify_bundle
+    from edge_runtime.errors import EdgeRuntimeError
+    from edge_runtime.models import default_bundle_dir
+
+    if bundles is None:
+        bundles = {f"edge-runtime {p}": default_bundle_dir(MODEL, p) for p in ("int4", "int8")}
+    targets = []
+    for label, path in bundles.items():
+        target = Target(label, "edge-runtime", Path(sys.executable), RUNNERS / "run_engine.py", path, "engine")
+        try:
+            manifest = verify_bundle(path, "fast")
+        except EdgeRuntimeError as err:
+            manifest = None
+            precision = label.rsplit(" ", 1)[-1]
+            if build and path == default_bundle_dir(MODEL, precision):
+                log(f"building the {precision} bundle of {MODEL} into {path} (about a minute)")
+                try:
+                    from quantize import build_bundle
+
+                    build_bundle(MODEL, path, precision=precision, force=True)
+                    manifest = verify_bundle(path, "fast")
+                except Exception as build_err:  # the export extra may be missing on a device
+                    target.reason = f"bundle {path} missing and could not be built: {build_err}"
+            else:
+                target.reason = f"bundle {path} is not usable: {err}"
+        if manifest is not None:
+            target.precision = manifest.precision
+            target.details = {"bundle": str(path), "bundle_hash": manifest.bundle_hash}
+        targets.append(target)
+    return targets
+
+
+def peer_targets(names: Sequence[str], *, build: bool = True, log: Callable[[str], None] = print) -> list[Target]:
+    targets = []
+    for name in names:
+        peer = envs.setup_peer(name, build=build, log=log)
+        label = {"llamacpp": "llama.cpp Q4_1", "genai": "onnxruntime-genai int4"}.get(name, name)
+        runtime = {"llamacpp": "llama-cpp-python", "genai": "onnxruntime-genai"}.get(name, name)
+        targets.append(Target(label, runtime, peer.python, peer.runner, peer.model, "peer",
+                              precision="q4_1" if name == "llamacpp" else "int4",
+                              reason=peer.reason, details={"peer": name, "version": peer.version, **peer.details}))
+    return targets
+
+
+# --------------------------------------------------------------------------------------------------
+# running
+
+
+def _run_target(target: Target, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run one runner in a fresh process; its result document, or {"error": ...}."""
+    with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
+        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_file.write_text(json.dumps({**spec, "label": target.label, "model": str(target.model)}))
+        cmd = [str(target.python), str(target.runner), str(spec_file), str(out_file)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout_s:.0f} s"}
+        if out_file.is_file():
+            result = json.loads(out_file.read_text())
+        else:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-10:]
+            result = {"error": f"runner exited {proc.returncode} without a result: " + " | ".join(tail)}
+        if proc.returncode != 0 and "error" not in result:
+            result["error"] = f"runner exited {proc.returncode}"
+        return result
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over every repetition of every round (each round is a fresh process)."""
+    short = [r for doc in rounds for r in doc["repetitions"]["short"]]
+    long = [r for doc in rounds for r in doc["repetitions"]["long"]]
+    loads = [x for doc in rounds for x in doc["load_ms"]]
+    energy = [r["energy"] for r in short if r.get("energy")]
+    per_token = [(r["energy"], r["generated_tokens"]) for r in short if r.get("energy") and r["generated_tokens"]]
+    return {
+        "load_ms": _median(loads),
+        "first_load_ms": _median([doc["load_ms"][0] for doc in rounds]),
+        "import_ms": _median([doc["import_ms"] for doc in rounds]),
+        "ttft_short_ms": _median([r["ttft_ms"] for r in short]),
+        "ttft_long_ms": _median([r["ttft_ms"] for r in long]),
+        "prefill_short_tokens_per_s": _median([r["prefill_tokens_per_s"] for r in short]),
+        "prefill_long_tokens_per_s": _median([r["prefill_tokens_per_s"] for r in long]),
+        "decode_tokens_per_s": _median([r["decode_tokens_per_s"] for r in short]),
+        "generated_tokens": min((r["generated_tokens"] for r in short), default=0),
+        "peak_rss_mb": max(doc["peak_rss_mb"] for doc in rounds),
+        "joules_per_token": _median([e["joules"] / n for e, n in per_token]),
+        "process_joules_per_token": _median(
+            [e["process_joules"] / n for e, n in per_token if e.get("process_joules") is not None]
+        ),
+        "energy_source": ", ".join(sorted({e["source"] for e in energy})) or None,
+        "energy_estimated": any(e["estimated"] for e in energy) if energy else None,
+        "repetitions": len(short),
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def summarize(results: list[dict[str, Any]], bandwidth: dict[str, Any], bytes_per_token: dict[str, Any] | None) -> dict[str, Any]:
+    """Ratios of the engine's int4 figures to the peers', targets, and the share of the bandwidth ceiling."""
+    ok = [r for r in results if r["status"] == "ok"]
+    engine = next((r for r in ok if r["kind"] == "engine" and r.get("precision") == "int4"), None)
+    peers = [r for r in ok if r["kind"] == "peer"]
+    summary: dict[str, Any] = {"reference": engine["label"] if engine else None}
+    if engine is None:
+        summary["note"] = "no int4 engine result: no ratios"
+        return summary
+    em = engine["median"]
+    decode = em["decode_tokens_per_s"]
+    summary["decode_ratio_vs"] = {p["label"]: _ratio(decode, p["median"]["decode_tokens_per_s"]) for p in peers}
+    summary["prefill_long_ratio_vs"] = {
+        p["label"]: _ratio(em["prefill_long_tokens_per_s"], p["median"]["prefill_long_tokens_per_s"]) for p in peers
+    }
+    summary["ttft_short_ratio_vs"] = {  # < 1: the engine answers sooner
+        p["label"]: _ratio(em["ttft_short_ms"], p["median"]["ttft_short_ms"]) for p in peers
+    }
+    if peers:
+        fastest = max(peers, key=lambda p: p["median"]["decode_tokens_per_s"] or 0.0)
+        ratio = _ratio(decode, fastest["median"]["decode_tokens_per_s"])
+        summary["faster_peer"] = fastest["label"]
+        summary["decode_ratio_vs_faster_peer"] = ratio
+        summary["decode_target"] = {"target": DECODE_TARGET, "stretch": DECODE_STRETCH,
+                                    "met": ratio is not None and ratio >= DECODE_TARGET,
+                                    "stretch_met": ratio is not None and ratio >= DECODE_STRETCH}
+        peer_rss = [p["median"]["peak_rss_mb"] for p in peers]
+        summary["peak_rss"] = {"engine_mb": round(em["peak_rss_mb"], 1),
+                               "peers_mb": {p["label"]: round(p["median"]["peak_rss_mb"], 1) for p in peers},
+                               "target": "no higher than the peers'",
+                               "met": em["peak_rss_mb"] <= min(peer_rss)}
+    load = em["load_ms"]
+    summary["load"] = {"engine_ms": round(load, 1) if load else None, "target_ms": LOAD_TARGET_MS,
+                       "met": load is not None and load < LOAD_TARGET_MS}
+    if bytes_per_token and bytes_per_token.get("bytes"):
+        best = bandwidth["best_gb_per_s"] * 1e9
+        ceiling = best / bytes_per_token["bytes"]
+        summary["bandwidth_ceiling"] = {
+            "bandwidth_gb_per_s": bandwidth["best_gb_per_s"],
+            "bytes_per_token": bytes_per_token["bytes"],
+            "ceiling_tokens_per_s": round(ceiling, 1),
+            "engine_share": round(decode / ceiling, 3) if decode else None,
+            "codes_only_ceiling_tokens_per_s": round(best / bytes_per_token["quantized_weight_codes_bytes"], 1)
+            if bytes_per_token.get("quantized_weight_codes_bytes") else None,
+            "file_size_ceiling_tokens_per_s": round(best / bytes_per_token["file_bytes"], 1),
+        }
+    return summary
+
+
+def run_benchmark(
+    *,
+    threads: int | None = None,
+    repetitions: int = 5,
+    warmup: int = 1,
+    load_repetitions: int = 5,
+    rounds: int = 1,
+    decode_tokens: int = 128,
+    short_tokens: int = 20,
+    long_tokens: int = 500,
+    bundles: dict[str, Path] | None = None,
+    peers: Sequence[str] = PEER_NAMES,
+    setup_peers: bool = True,
+    build_bundles: bool = True,
+    bandwidth_mb: int = 256,
+    load_sample_s: float = 1.0,
+    timeout_s: float = 900.0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measure every target; return the results document (see ``write_results``)."""
+    from edge_runtime.engine._session import default_threads
+
+    threads = threads or default_threads()
+    started = dt.datetime.now(dt.timezone.utc)
+    log(f"load before: {os.getloadavg()}")
+    before = load_snapshot(load_sample_s)
+    targets = engine_targets(bundles, build=build_bundles, log=log) + peer_targets(peers, build=setup_peers, log=log)
+    reference = next((t for t in targets if t.kind == "engine" and t.reason is None), None)
+    if reference is None:
+        from edge_runtime.errors import BundleError
+
+        raise BundleError("no usable engine bundle to benchmark: " + "; ".join(f"{t.label}: {t.reason}" for t in targets))
+    manifest = json.loads((reference.model / "manifest.json").read_text())
+    prompts = make_prompts(reference.model / manifest.get("tokenizer_file", "tokenizer.json"),
+                           manifest.get("tokens", {}).get("bos_token_id"), short_tokens, long_tokens)
+    log(f"measuring memory bandwidth ({threads} threads)")
+    bandwidth = memory_bandwidth(threads, bandwidth_mb)
+    int4 = next((t for t in targets if t.kind == "engine" and t.precision == "int4" and t.reason is None), None)
+    bytes_per_token = decode_bytes_per_token(int4.model) if int4 else None
+
+    spec = {
+        "threads": threads, "prompts": prompts, "decode_tokens": decode_tokens, "repetitions": repetitions,
+        "warmup": warmup, "load_repetitions": load_repetitions, "repo_root": str(ROOT),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {t.label: [] for t in targets}
+    errors: dict[str, str] = {}
+    runnable = [t for t in targets if t.reason is None]
+    for rnd in range(rounds):
+        order = runnable if rnd % 2 == 0 else list(reversed(runnable))  # alternate, so drift hits all alike
+        for target in order:
+            if target.label in errors:
+                continue
+            log(f"round {rnd + 1}/{rounds}: {target.label}")
+            doc = _run_target(target, spec, timeout_s)
+            if "error" in doc:
+                errors[target.label] = doc["error"]
+                log(f"  failed: {doc['error']}")
+                continue
+            runs[target.label].append(doc)
+
+    results = []
+    for t in targets:
+        entry: dict[str, Any] = {"label": t.label, "runtime": t.runtime, "kind": t.kind, "precision": t.precision,
+                                 "model": str(t.model) if t.model else None, "details": t.details}
+        if t.reason is not None:
+            entry.update(status="skipped", reason=t.reason)
+        elif t.label in errors:
+            entry.update(status="failed", reason=errors[t.label], rounds=runs[t.label])
+        else:
+            docs = runs[t.label]
+            entry.update(status="ok", versions=docs[0]["versions"], median=_aggregate(docs), rounds=docs)
+        results.append(entry)
+    after = load_snapshot(load_sample_s)
+    return {
+        "benchmark": "throughput",
+        "schema_version": SCHEMA_VERSION,
+        "created_at": started.isoformat(timespec="seconds"),
+        "duration_s": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1),
+        "host": host_info(threads),
+        "load": {"before": before, "after": after},
+        "settings": {
+            "threads": threads, "repetitions": repetitions, "rounds": rounds, "warmup": warmup,
+            "load_repetitions": load_repetitions, "decode_tokens": decode_tokens,
+            "prompt_tokens": {k: len(v) for k, v in prompts.items()}, "sampling": "greedy",
+        },
+        "prompts": prompts,
+        "memory_bandwidth": bandwidth,
+        "decode_bytes_per_token": bytes_per_token,
+        "results": results,
+        "summary": summarize(results, bandwidth, bytes_per_token),
+        "definitions": {
+            "load_ms": "creating the model object in a process that has already imported the runtime",
+            "ttft_ms": "call to first generated token id in the caller's hands (prefill + first sampling)",
+            "prefill_tokens_per_s": "prompt tokens / time of the runtime's prompt pass",
+            "decode_tokens_per_s": "(n - 1) / (time of token n - time of token 1), n = decode_tokens greedy",
+            "peak_rss_mb": "ru_maxrss of the runtime's own process after load and all generations",
+            "joules_per_token": "energy window around the short-prompt generation / generated tokens; "
+                                "'process' = this process's share by CPU time",
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """The README table: one row per runtime, then the ratios and the conditions of the run."""
+    s = doc["settings"]
+    host = doc["host"]
+    pt = s["prompt_tokens"]
+    lines = [
+        f"Throughput on `{host['hostname']}` ({host['cpu_model']}, {host['physical_cores']} cores, "
+        f"{s['threads']} threads), {doc['created_at']}; median of {s['repetitions'] * s['rounds']} runs after "
+        f"{s['warmup']} warm-up, each runtime in its own process.",
+        "",
+        f"| runtime | model | load ms | TTFT ms ({pt['short']} tok) | prefill tok/s ({pt['short']}) | "
+        f"prefill tok/s ({pt['long']}) | decode tok/s ({s['decode_tokens']}) | peak RSS MB | mJ/token (process) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    sources = set()
+    for r in doc["results"]:
+        if r["status"] != "ok":
+            continue
+        m = r["median"]
+        model = {"engine": f"bundle {r['precision']}", "peer": r["details"].get("model_format", "")}[r["kind"]]
+        mj = m["process_joules_per_token"]
+        if m.get("energy_source"):
+            sources.add(m["energy_source"] + (" (estimate)" if m.get("energy_estimated") else ""))
+        lines.append(
+            f"| {r['label']} | {model} | {_fmt(m['load_ms'])} | {_fmt(m['ttft_short_ms'], 1)} | "
+            f"{_fmt(m['prefill_short_tokens_per_s'])} | {_fmt(m['prefill_long_tokens_per_s'])} | "
+            f"{_fmt(m['decode_tokens_per_s'], 1)} | {_fmt(m['peak_rss_mb'])} | "
+            f"{_fmt(mj * 1000 if mj is not None else None, 1)} |"
+        )
+    lines.append("")
+    for r in doc["results"]:
+        if r["status"] != "ok":
+            lines.append(f"- {r['label']}: {r['status']}: {r['reason']}")
+    summ = doc["summary"]
+    if summ.get("decode_ratio_vs"):
+        ratios = ", ".join(f"{k} {_fmt(v, 2)}×" for k, v in summ["decode_ratio_vs"].items())
+        tgt = summ["decode_target"]
+        lines.append(
+            f"- Decode, {summ['reference']} / peer: {ratios}; vs the faster peer ({summ['faster_peer']}) "
+            f"{_fmt(summ['decode_ratio_vs_faster_peer'], 2)}× (target ≥ {tgt['target']}: "
+            f"{'met' if tgt['met'] else 'not met'}; stretch {tgt['stretch']}: {'met' if tgt['stretch_met'] else 'not met'})."
+        )
+    bc = summ.get("bandwidth_ceiling")
+    if bc:
+        lines.append(
+            f"- Bandwidth ceiling: {bc['bandwidth_gb_per_s']} GB/s copy bandwidth / "
+            f"{bc['bytes_per_token'] / 1e6:.1f} MB read per decode step = {bc['ceiling_tokens_per_s']:.0f} tok/s; "
+            f"the engine's int4 decode reaches {_fmt((bc['engine_share'] or 0) * 100, 0)}% of it."
+        )
+    if "load" in summ:
+        ld = summ["load"]
+        lines.append(f"- Load: {_fmt(ld['engine_ms'])} ms (target < {ld['target_ms']:.0f} ms: "
+                     f"{'met' if ld['met'] else 'not met'}).")
+    if "peak_rss" in summ:
+        pr = summ["peak_rss"]
+        peers = ", ".join(f"{k} {_fmt(v)} MB" for k, v in pr["peers_mb"].items())
+        lines.append(f"- Peak RSS: engine {_fmt(pr['engine_mb'])} MB vs {peers} "
+                     f"({'no higher than the peers' if pr['met'] else 'higher than a peer'}).")
+    if sources:
+        label = ", ".join(sorted(sources))
+        what = (f"the process's share of the energy of a {pt['short']}-token prompt + {s['decode_tokens']}-token "
+                "generation, per generated token")
+        if any("estimate" in x for x in sources):
+            lines.append(f"- Energy: {label}: CPU time × a device profile's power, an estimate, not a measurement; "
+                         f"mJ/token is {what}.")
+        else:
+            lines.append(f"- Energy: {label}; mJ/token is {what}.")
+    la = doc["load"]["before"]["loadavg_1_5_15"]
+    lines.append(f"- Machine load when the run started: load average {la[0]}, {la[1]}, {la[2]}"
+                 f" ({len(doc['load']['before']['busy_processes'])} other busy processes).")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(doc: dict[str, Any], out_dir: Path, host: str | None = None) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    host = host or doc["host"]["hostname"]
+    json_path = out_dir / f"throughput-{host}.json"
+    md_path = out_dir / f"throughput-{host}.md"
+    json_path.write_text(json.dumps(doc, indent=1) + "\n")
+    md_path.write_text(render_markdown(doc))
+    return json_path, md_path
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edge_runtime.cli.bench import add_throughput_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_throughput_arguments(parser)
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run with parsed flags (``edge-runtime bench throughput`` lands here too); print the table."""
+    peers = [] if args.peers.strip().lower() == "none" else [p.strip() for p in args.peers.split(",") if p.strip()]
+    log: Callable[[str], None] = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    doc = run_benchmark(
+        threads=args.threads, repetitions=args.repetitions, warmup=args.warmup,
+        load_repetitions=args.load_repetitions, rounds=args.rounds, decode_tokens=args.decode_tokens,
+        short_tokens=args.short_tokens, long_tokens=args.long_tokens,
+        bundles=dict(args.bundle) if args.bundle else None, peers=peers,
+        setup_peers=not args.no_peer_setup, log=log,
+    )
+    json_path, md_path = write_results(doc, args.out_dir or ROOT / "benchmarks" / "results", args.host)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print()
+        print(render_markdown(doc))
+        print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_from_args(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""``edge-runtime bench``: benchmarks that ship with the source tree.
+
+    edge-runtime bench throughput [--threads N] [--repetitions R] [--peers llamacpp,genai|none] [--json]
+
+``throughput`` runs ``benchmarks/throughput.py`` (the same code as ``python
+benchmarks/throughput.py``): this engine on the int4 and int8 SmolLM2 bundles
+against llama.cpp and onnxruntime-genai on the same machine and threads. It
+needs a source checkout (an editable install); peers are set up under
+``<cache>/peers`` on first use (minutes; ``--no-peer-setup`` never builds).
+The flags are defined here, once, and the script reuses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, EdgeRuntimeError
+
+__all__ = ["register", "add_throughput_arguments"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _bundle_arg(value: str) -> tuple[str, Path]:
+    label, sep, path = value.partition("=")
+    if not sep or not label.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected LABEL=DIR, got {value!r}")
+    return label.strip(), Path(path).expanduser()
+
+
+def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
+    """The throughput benchmark's flags (shared by this command and ``benchmarks/throughput.py``)."""
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="intra-op threads for every runtime (default: physical cores)")
+    parser.add_argument("--repetitions", type=_positive_int, default=5, help="measured runs per prompt (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs of each prompt before measuring")
+    parser.add_argument("--load-repetitions", type=_positive_int, default=5,
+                        help="model loads per process (median reported)")
+    parser.add_argument("--rounds", type=_positive_int, default=1,
+                        help="fresh processes per runtime, run in alternating order")
+    parser.add_argument("--decode-tokens", type=_positive_int, default=128, help="greedy tokens for the decode figure")
+    parser.add_argument("--short-tokens", type=_positive_int, default=20, help="length of the short prompt")
+    parser.add_argument("--long-tokens", type=_positive_int, default=500, help="length of the long prompt")
+    parser.add_argument("--peers", default="llamacpp,genai",
+                        help="comma-separated peers to compare (llamacpp, genai), or 'none'")
+    parser.add_argument("--no-peer-setup", action="store_true",
+                        help="use peers only if already set up under <cache>/peers (never build)")
+    parser.add_argument("--bundle", type=_bundle_arg, action="append", metavar="LABEL=DIR",
+                        help="engine bundle(s) to measure instead of the SmolLM2 int4 and int8 bundles (repeatable)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where throughput-<host>.json/.md go (default: benchmarks/results in the checkout)")
+    parser.add_argument("--host", default=None, help="name in the results files (default: the hostname)")
+    parser.add_argument("--json", action="store_true", help="print the results document instead of the table")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="run a benchmark (throughput against llama.cpp and onnxruntime-genai)",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    benchmarks = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    benchmarks.required = True
+    throughput = benchmarks.add_parser(
+        "throughput",
+        help="load time, TTFT, prefill and decode tok/s, peak RSS, J/token vs peer runtimes",
+        description="Throughput of this engine against llama.cpp and onnxruntime-genai, same machine and threads; "
+                    "writes benchmarks/results/throughput-<host>.json and .md.",
+    )
+    add_throughput_arguments(throughput)
+    throughput.set_defaults(func=_run_throughput)
+
+
+def _throughput_module() -> Any:
+    """``benchmarks/throughput.py`` of the checkout this package was installed from (editable installs)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "throughput.py").is_file():
+        raise EdgeRuntimeError(
+            f"the throughput benchmark ships with the source tree, not with the package: no {root}/benchmarks/"
+            "throughput.py (install from a checkout with `pip install -e .`)"
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module("benchmarks.throughput")
+
+
+def _run_throughput(args: argparse.Namespace) -> int:
+    if args.peers.strip().lower() != "none":
+        unknown = {p.strip() for p in args.peers.split(",") if p.strip()} - {"llamacpp", "genai"}
+        if unknown:
+            raise ConfigError(f"unknown peer(s): {', '.join(sorted(unknown))} (known: llamacpp, genai, or none)",
+                              field="peers")
+    return int(_throughput_module().run_from_args(args))

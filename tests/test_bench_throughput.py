@@ -1,0 +1,117 @@
+"""The throughput benchmark's own code path, on the tiny bundle, this engine only (no peers are set up)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def throughput(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.throughput as module
+
+    return module
+
+
+def _ok_result(label: str, kind: str, precision: str, decode: float, rss: float, load: float = 500.0) -> dict:
+    median = {
+        "decode_tokens_per_s": decode, "prefill_long_tokens_per_s": 1000.0, "ttft_short_ms": 50.0,
+        "peak_rss_mb": rss, "load_ms": load,
+    }
+    return {"label": label, "kind": kind, "precision": precision, "status": "ok", "median": median}
+
+
+def test_engine_only_run_writes_the_results_schema(throughput, tiny_bundle: Path, tmp_path: Path) -> None:
+    doc = throughput.run_benchmark(
+        threads=1, repetitions=2, warmup=1, load_repetitions=2, decode_tokens=4, short_tokens=6, long_tokens=24,
+        bundles={"edge-runtime tiny": tiny_bundle}, peers=("no-such-peer",), setup_peers=False,
+        build_bundles=False, bandwidth_mb=8, load_sample_s=0.05, timeout_s=60, log=lambda _msg: None,
+    )
+    json_path, md_path = throughput.write_results(doc, tmp_path, host="test")
+    assert json_path.name == "throughput-test.json" and md_path.name == "throughput-test.md"
+    data = json.loads(json_path.read_text())
+
+    assert data["schema_version"] == throughput.SCHEMA_VERSION
+    host = data["host"]
+    assert host["threads_used"] == 1 and host["cpu_model"] and host["logical_cpus"] >= 1
+    assert data["settings"]["prompt_tokens"] == {"short": 6, "long": 24}
+    assert [len(data["prompts"]["short"]), len(data["prompts"]["long"])] == [6, 24]
+    assert data["memory_bandwidth"]["best_gb_per_s"] > 0
+    assert set(data["load"]["before"]) >= {"loadavg_1_5_15", "busy_processes"}
+
+    engine, peer = data["results"]
+    assert peer["status"] == "skipped" and "unknown peer" in peer["reason"]
+    assert engine["status"] == "ok", engine.get("reason")
+    assert engine["versions"]["edge-runtime"] and engine["versions"]["onnxruntime"]
+    (run,) = engine["rounds"]
+    assert run["threads"] == 1 and len(run["load_ms"]) == 2
+    assert run["peak_rss_mb"] > 10  # a real process that loaded onnxruntime
+    short, long = run["repetitions"]["short"], run["repetitions"]["long"]
+    assert len(short) == len(long) == 2
+    for rep in short:
+        assert rep["prompt_tokens"] == 6 and 1 <= rep["generated_tokens"] <= 4
+        assert 0 < rep["prefill_ms"] <= rep["ttft_ms"] <= rep["wall_ms"]
+        assert rep["energy"]["source"] and isinstance(rep["energy"]["estimated"], bool)
+        assert rep["extra"]["finish_reason"] in ("length", "eos")
+    assert all(rep["prompt_tokens"] == 24 and rep["generated_tokens"] == 1 for rep in long)
+    median = engine["median"]
+    assert median["repetitions"] == 2 and median["load_ms"] > 0 and median["prefill_long_tokens_per_s"] > 0
+    if min(rep["generated_tokens"] for rep in short) > 1:
+        assert median["decode_tokens_per_s"] > 0
+    # no int4 bundle among the targets: no ratios are invented
+    assert data["summary"]["reference"] is None
+
+    table = md_path.read_text()
+    assert "| edge-runtime tiny |" in table and "no-such-peer: skipped" in table
+
+
+def test_summary_ratios_targets_and_ceiling(throughput) -> None:
+    results = [
+        _ok_result("edge-runtime int4", "engine", "int4", decode=120.0, rss=300.0, load=400.0),
+        _ok_result("edge-runtime int8", "engine", "int8", decode=90.0, rss=350.0),
+        _ok_result("llama.cpp Q4_1", "peer", "q4_1", decode=80.0, rss=320.0),
+        _ok_result("onnxruntime-genai int4", "peer", "int4", decode=100.0, rss=290.0),
+        {"label": "other", "kind": "peer", "status": "skipped", "reason": "not set up"},
+    ]
+    bandwidth = {"best_gb_per_s": 25.0}
+    size = {"bytes": 100_000_000, "quantized_weight_codes_bytes": 50_000_000, "file_bytes": 90_000_000}
+    s = throughput.summarize(results, bandwidth, size)
+    assert s["reference"] == "edge-runtime int4"
+    assert s["decode_ratio_vs"] == {"llama.cpp Q4_1": 1.5, "onnxruntime-genai int4": 1.2}
+    assert s["faster_peer"] == "onnxruntime-genai int4" and s["decode_ratio_vs_faster_peer"] == 1.2
+    assert s["decode_target"]["met"] and s["decode_target"]["stretch_met"]
+    assert s["load"]["met"]
+    assert not s["peak_rss"]["met"]  # 300 MB is above genai's 290 MB
+    ceiling = s["bandwidth_ceiling"]
+    assert ceiling["ceiling_tokens_per_s"] == 250.0 and ceiling["engine_share"] == 0.48
+    assert ceiling["codes_only_ceiling_tokens_per_s"] == 500.0
+
+
+def test_prompts_have_exact_lengths_and_share_ids(throughput, tiny_bundle: Path) -> None:
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    bos = manifest["tokens"].get("bos_token_id")
+    prompts = throughput.make_prompts(tiny_bundle / "tokenizer.json", bos, 20, 500)
+    assert len(prompts["short"]) == 20 and len(prompts["long"]) == 500
+    if bos is not None:
+        assert prompts["short"][0] == bos == prompts["long"][0]
+
+
+def test_cli_bench_throughput_runs_the_script_code(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from edge_runtime.cli import main
+
+    calls = []
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.throughput as module
+
+    monkeypatch.setattr(module, "run_from_args", lambda args: calls.append(args) or 0)
+    assert main(["bench", "throughput", "--peers", "none", "--repetitions", "2", "--out-dir", str(tmp_path)]) == 0
+    (args,) = calls
+    assert args.peers == "none" and args.repetitions == 2 and args.out_dir == tmp_path
+    assert main(["bench", "throughput", "--peers", "llamacpp,bogus"]) == 1
+    assert "benchmarks.throughput" in sys.modules
