@@ -49,21 +49,21 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers import envs  # noqa: E402
+from benchmarks.peers import envs
 
 __all__ = [
+    "SCHEMA_VERSION",
     "Target",
-    "run_benchmark",
+    "build_parser",
+    "decode_bytes_per_token",
     "engine_targets",
+    "main",
     "make_prompts",
     "memory_bandwidth",
-    "decode_bytes_per_token",
     "render_markdown",
-    "write_results",
-    "build_parser",
+    "run_benchmark",
     "run_from_args",
-    "main",
-    "SCHEMA_VERSION",
+    "write_results",
 ]
 
 SCHEMA_VERSION = 1
@@ -76,7 +76,7 @@ LOAD_TARGET_MS = 1000.0
 
 # Prompts are raw text (no chat template) so a greedy continuation runs the full
 # 128 tokens without an end-of-turn token; every runtime gets the same token ids.
-SHORT_TEXT = "Once upon a time, in a small village at the edge of a great forest, there lived a young baker named"
+SHORT_TEXT = "Once upon a time, in a small village at the edge of a great forest, there lived a young baker who"
 LONG_TEXT = (
     "The lighthouse stood on a rock a mile from the harbour, and for most of the year the only way to reach it "
     "was a small boat that the keeper rowed himself. He had kept the light for twenty-two years. Every evening "
@@ -166,7 +166,7 @@ def load_snapshot(sample_s: float = 1.0) -> dict[str, Any]:
     }
 
 
-def memory_bandwidth(threads: int, size_mb: int = 256, repeats: int = 10) -> dict[str, Any]:
+def memory_bandwidth(threads: int, size_mb: int = 256, repeats: int = 20) -> dict[str, Any]:
     """Copy bandwidth with numpy, split over ``threads`` threads (numpy drops the GIL while copying).
 
     Counted as in STREAM's Copy: bytes read plus bytes written per second.
@@ -348,16 +348,39 @@ def peer_targets(names: Sequence[str], *, build: bool = True, log: Callable[[str
 # running
 
 
+def _cpu_busy_s() -> tuple[float, float]:
+    """Busy CPU seconds of the whole machine, and the time stolen by the hypervisor."""
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    return busy, getattr(t, "steal", 0.0)
+
+
 def _run_target(target: Target, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run one runner in a fresh process; its result document, or {"error": ...}."""
+    """Run one runner in a fresh process; its result document, or {"error": ...}.
+
+    The document gains ``conditions``: how much CPU other programs used while
+    it ran (machine busy time minus the runner's own), the sign of a noisy run.
+    """
+    import resource
+
+    import psutil
+
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_file.write_text(json.dumps({**spec, "label": target.label, "model": str(target.model)}))
         cmd = [str(target.python), str(target.runner), str(spec_file), str(out_file)]
+        busy0, steal0 = _cpu_busy_s()
+        child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout_s:.0f} s"}
+        wall = time.perf_counter() - t0
+        busy1, steal1 = _cpu_busy_s()
+        child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if out_file.is_file():
             result = json.loads(out_file.read_text())
         else:
@@ -365,6 +388,16 @@ def _run_target(target: Target, spec: dict[str, Any], timeout_s: float) -> dict[
             result = {"error": f"runner exited {proc.returncode} without a result: " + " | ".join(tail)}
         if proc.returncode != 0 and "error" not in result:
             result["error"] = f"runner exited {proc.returncode}"
+        own = (child1.ru_utime - child0.ru_utime) + (child1.ru_stime - child0.ru_stime)
+        other = max(0.0, (busy1 - busy0) - own)
+        capacity = wall * (psutil.cpu_count() or 1)
+        result["conditions"] = {
+            "wall_s": round(wall, 2),
+            "runner_cpu_s": round(own, 2),
+            "other_cpu_s": round(other, 2),
+            "other_cpu_share": round(other / capacity, 3) if capacity else None,
+            "steal_s": round(steal1 - steal0, 2),
+        }
         return result
 
 
@@ -398,7 +431,17 @@ def _aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "energy_source": ", ".join(sorted({e["source"] for e in energy})) or None,
         "energy_estimated": any(e["estimated"] for e in energy) if energy else None,
         "repetitions": len(short),
+        "other_cpu_share": max((doc.get("conditions", {}).get("other_cpu_share") or 0.0) for doc in rounds),
     }
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -436,6 +479,11 @@ def summarize(results: list[dict[str, Any]], bandwidth: dict[str, Any], bytes_pe
                                "peers_mb": {p["label"]: round(p["median"]["peak_rss_mb"], 1) for p in peers},
                                "target": "no higher than the peers'",
                                "met": em["peak_rss_mb"] <= min(peer_rss)}
+    first = engine.get("first_tokens") or []
+    # informational: greedy paths of differently quantized models part at the first close call
+    summary["greedy_agreement_with_reference"] = {
+        r["label"]: _common_prefix(first, r.get("first_tokens") or []) for r in ok if r is not engine
+    }
     load = em["load_ms"]
     summary["load"] = {"engine_ms": round(load, 1) if load else None, "target_ms": LOAD_TARGET_MS,
                        "met": load is not None and load < LOAD_TARGET_MS}
@@ -477,7 +525,7 @@ def run_benchmark(
     from edge_runtime.engine._session import default_threads
 
     threads = threads or default_threads()
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     log(f"load before: {os.getloadavg()}")
     before = load_snapshot(load_sample_s)
     targets = engine_targets(bundles, build=build_bundles, log=log) + peer_targets(peers, build=setup_peers, log=log)
@@ -491,6 +539,8 @@ def run_benchmark(
                            manifest.get("tokens", {}).get("bos_token_id"), short_tokens, long_tokens)
     log(f"measuring memory bandwidth ({threads} threads)")
     bandwidth = memory_bandwidth(threads, bandwidth_mb)
+    if threads > 1:
+        bandwidth["single_thread"] = memory_bandwidth(1, bandwidth_mb)
     int4 = next((t for t in targets if t.kind == "engine" and t.precision == "int4" and t.reason is None), None)
     bytes_per_token = decode_bytes_per_token(int4.model) if int4 else None
 
@@ -524,14 +574,15 @@ def run_benchmark(
             entry.update(status="failed", reason=errors[t.label], rounds=runs[t.label])
         else:
             docs = runs[t.label]
-            entry.update(status="ok", versions=docs[0]["versions"], median=_aggregate(docs), rounds=docs)
+            entry.update(status="ok", versions=docs[0]["versions"], median=_aggregate(docs),
+                         first_tokens=docs[0]["repetitions"]["short"][0]["first_tokens"], rounds=docs)
         results.append(entry)
     after = load_snapshot(load_sample_s)
     return {
         "benchmark": "throughput",
         "schema_version": SCHEMA_VERSION,
         "created_at": started.isoformat(timespec="seconds"),
-        "duration_s": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1),
+        "duration_s": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1),
         "host": host_info(threads),
         "load": {"before": before, "after": after},
         "settings": {
@@ -549,7 +600,7 @@ def run_benchmark(
             "ttft_ms": "call to first generated token id in the caller's hands (prefill + first sampling)",
             "prefill_tokens_per_s": "prompt tokens / time of the runtime's prompt pass",
             "decode_tokens_per_s": "(n - 1) / (time of token n - time of token 1), n = decode_tokens greedy",
-            "peak_rss_mb": "ru_maxrss of the runtime's own process after load and all generations",
+            "peak_rss_mb": "peak resident set (VmHWM) of the runtime's own process after load and all generations",
             "joules_per_token": "energy window around the short-prompt generation / generated tokens; "
                                 "'process' = this process's share by CPU time",
         },
@@ -572,12 +623,16 @@ def render_markdown(doc: dict[str, Any]) -> str:
     host = doc["host"]
     pt = s["prompt_tokens"]
     lines = [
-        f"Throughput on `{host['hostname']}` ({host['cpu_model']}, {host['physical_cores']} cores, "
-        f"{s['threads']} threads), {doc['created_at']}; median of {s['repetitions'] * s['rounds']} runs after "
-        f"{s['warmup']} warm-up, each runtime in its own process.",
+        (
+            f"Throughput on `{host['hostname']}` ({host['cpu_model']}, {host['physical_cores']} cores, "
+            f"{s['threads']} threads), {doc['created_at']}; median of {s['repetitions'] * s['rounds']} runs after "
+            f"{s['warmup']} warm-up, each runtime in its own process."
+        ),
         "",
-        f"| runtime | model | load ms | TTFT ms ({pt['short']} tok) | prefill tok/s ({pt['short']}) | "
-        f"prefill tok/s ({pt['long']}) | decode tok/s ({s['decode_tokens']}) | peak RSS MB | mJ/token (process) |",
+        (
+            f"| runtime | model | load ms | TTFT ms ({pt['short']} tok) | prefill tok/s ({pt['short']}) | "
+            f"prefill tok/s ({pt['long']}) | decode tok/s ({s['decode_tokens']}) | peak RSS MB | mJ/token (process) |"
+        ),
         "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     sources = set()
@@ -585,7 +640,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         if r["status"] != "ok":
             continue
         m = r["median"]
-        model = {"engine": f"bundle {r['precision']}", "peer": r["details"].get("model_format", "")}[r["kind"]]
+        model = {"engine": f"edge bundle {r['precision']} (MatMulNBits)",
+                 "peer": r["details"].get("model_format", "")}[r["kind"]]
         mj = m["process_joules_per_token"]
         if m.get("energy_source"):
             sources.add(m["energy_source"] + (" (estimate)" if m.get("energy_estimated") else ""))
@@ -611,9 +667,13 @@ def render_markdown(doc: dict[str, Any]) -> str:
     bc = summ.get("bandwidth_ceiling")
     if bc:
         lines.append(
-            f"- Bandwidth ceiling: {bc['bandwidth_gb_per_s']} GB/s copy bandwidth / "
-            f"{bc['bytes_per_token'] / 1e6:.1f} MB read per decode step = {bc['ceiling_tokens_per_s']:.0f} tok/s; "
-            f"the engine's int4 decode reaches {_fmt((bc['engine_share'] or 0) * 100, 0)}% of it."
+            f"- Bandwidth ceiling: {bc['bandwidth_gb_per_s']} GB/s (numpy copy, {s['threads']} threads, best of "
+            f"{len(doc['memory_bandwidth']['gb_per_s'])}) / {bc['bytes_per_token'] / 1e6:.1f} MB that one decode step "
+            f"reads = {bc['ceiling_tokens_per_s']:.0f} tok/s; the engine's int4 decode reaches "
+            f"{_fmt((bc['engine_share'] or 0) * 100, 0)}% of it. The bytes are the int4 bundle's matmul weights as "
+            "held in memory after load (4-bit codes, block scales and block offsets, the fp16 ones cast to fp32 by "
+            "onnxruntime); the 4-bit codes alone would allow "
+            f"{_fmt(bc['codes_only_ceiling_tokens_per_s'])} tok/s."
         )
     if "load" in summ:
         ld = summ["load"]
@@ -634,8 +694,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
         else:
             lines.append(f"- Energy: {label}; mJ/token is {what}.")
     la = doc["load"]["before"]["loadavg_1_5_15"]
-    lines.append(f"- Machine load when the run started: load average {la[0]}, {la[1]}, {la[2]}"
-                 f" ({len(doc['load']['before']['busy_processes'])} other busy processes).")
+    other = max((r["median"].get("other_cpu_share") or 0.0) for r in doc["results"] if r["status"] == "ok") \
+        if any(r["status"] == "ok" for r in doc["results"]) else 0.0
+    lines.append(f"- Conditions: load average {la[0]}, {la[1]}, {la[2]} when the run started; other programs used "
+                 f"at most {other * 100:.0f}% of the CPUs while a runtime was being measured"
+                 + (" (numbers may be low: the machine was shared)." if other > 0.05 else "."))
     return "\n".join(lines) + "\n"
 
 

@@ -27,8 +27,8 @@ What is timed, identically for each runtime (``time.perf_counter``):
 * ``joules``: an ``edge_runtime.power`` window around the whole generation;
   ``process_joules`` is this process's share (the figure that other programs'
   load on the machine does not inflate).
-* ``peak_rss_mb``: ``getrusage(RUSAGE_SELF).ru_maxrss`` after load and all
-  generations.
+* ``peak_rss_mb``: the process's peak resident set (``VmHWM``) after load
+  and all generations (file-backed pages of memory-mapped weights included).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["Runtime", "run", "main", "peak_rss_mb", "current_rss_mb"]
+__all__ = ["Runtime", "current_rss_mb", "main", "peak_rss_mb", "run"]
 
 
 class Runtime(Protocol):
@@ -71,7 +71,21 @@ class Runtime(Protocol):
 
 
 def peak_rss_mb() -> float:
-    # Linux reports ru_maxrss in KiB (macOS in bytes)
+    """This process's peak resident set, in MiB.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's
+    own address space. ``ru_maxrss`` would be wrong here: the kernel carries it
+    over fork and exec, so a runner started by a parent that once held 600 MB
+    would report 600 MB whatever it used itself.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    # macOS reports ru_maxrss in bytes, other systems in KiB
     scale = 1.0 if sys.platform == "darwin" else 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 

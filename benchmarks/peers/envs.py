@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edge_runtime.cache import cache_dir  # noqa: E402
+from edge_runtime.cache import cache_dir
 
-__all__ = ["Peer", "PEERS", "setup_peer", "setup_llamacpp", "setup_genai", "LLAMACPP_VERSION", "GENAI_VERSION"]
+__all__ = ["GENAI_VERSION", "LLAMACPP_VERSION", "PEERS", "Peer", "setup_genai", "setup_llamacpp", "setup_peer"]
 
 MODEL = "smollm2-135m-instruct"
 LLAMACPP_VERSION = "0.3.36"
@@ -201,13 +201,12 @@ def setup_genai(*, build: bool = True, log: Log = print) -> Peer:
         version = _probe(python, check)
         if version != GENAI_VERSION:
             raise SetupError(f"onnxruntime_genai {GENAI_VERSION} does not import in {venv}")
-    model_dir = out = peers_dir() / f"genai-{MODEL}-int4"
     if build:
         model_dir, options = _genai_model(python, log)
-    elif not (out / "genai_config.json").is_file():
-        raise SetupError(f"no genai model in {out} (building was not allowed)")
     else:
-        options = {}
+        model_dir, options = peers_dir() / f"genai-{MODEL}-int4", {}
+        if not (model_dir / "genai_config.json").is_file():
+            raise SetupError(f"no genai model in {model_dir} (building was not allowed)")
     peer.python, peer.version, peer.model = python, version, model_dir
     peer.details = {"venv": str(venv), "builder": options, "model_format": "ONNX int4 MatMulNBits (genai builder)"}
     return peer

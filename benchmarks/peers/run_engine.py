@@ -17,7 +17,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
 
-from _harness import main  # noqa: E402
+from _harness import main
 
 
 class EngineRuntime:
@@ -35,7 +35,7 @@ class EngineRuntime:
         import tokenizers
 
         import edge_runtime
-        import edge_runtime.engine  # noqa: F401
+        import edge_runtime.engine
 
         return {
             "edge-runtime": edge_runtime.__version__,

@@ -18,7 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import main  # noqa: E402
+from _harness import main
 
 N_CTX = 1024
 
@@ -36,10 +36,9 @@ class LlamaCppRuntime:
 
         self.llama_cpp = llama_cpp
         info = {"llama-cpp-python": llama_cpp.__version__}
-        try:
-            info["system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
-        except Exception:  # only informative
-            pass
+        system_info = getattr(llama_cpp, "llama_print_system_info", None)
+        if system_info is not None:  # which SIMD kernels the build has (informative)
+            info["system_info"] = system_info().decode(errors="replace").strip()
         return info
 
     def load(self, model: str, threads: int) -> None:
@@ -58,11 +57,9 @@ class LlamaCppRuntime:
         t0 = time.perf_counter()
         llm.eval(ids)
         self.prefill_s = time.perf_counter() - t0
-        produced = 0
         # tokens=[] and reset=False: sample from the logits of the prompt pass just made
-        for token in llm.generate([], temp=0.0, reset=False):
+        for produced, token in enumerate(llm.generate([], temp=0.0, reset=False), start=1):
             llm.detokenize([token])
-            produced += 1
             yield int(token)
             if produced >= max_new_tokens:
                 break

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import ConfigError, EdgeRuntimeError
 
-__all__ = ["register", "add_throughput_arguments"]
+__all__ = ["add_throughput_arguments", "register"]
 
 
 def _positive_int(text: str) -> int:
