@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import tomllib
 import types
@@ -72,6 +73,11 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         items = [_coerce(v, item_tp, f"{field}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
+        if isinstance(value, str):  # from the environment or a flag: JSON
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"expected a JSON object: {err.msg}", field=field) from None
         if not isinstance(value, Mapping):
             raise ConfigError(f"expected a table, got {value!r}", field=field)
         return dict(value)

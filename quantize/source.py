@@ -113,7 +113,6 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
     path = check_source(source)
     try:
         import torch
-        import transformers
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError as err:  # pragma: no cover - depends on the install
         raise BuildError("building bundles needs the export extra: pip install 'edge-runtime[export]'") from err

@@ -1,0 +1,95 @@
+"""The cost model: cloud money, device energy in money, and the network energy of an escalation.
+
+One documented settings section (``[cost]`` in the daemon's config, the same
+defaults in the explorer). Every default below is an *example* with where it
+came from; set your own.
+
+- Cloud price per million input / output tokens, per model: the bridge
+  computes the USD of every call from its own price table and reports it; this
+  table is used only when a run has no bridge behind it (the explorer's local
+  stand-in). Default example: USD 0.15 input / 0.60 output per million tokens,
+  the list price of OpenAI's gpt-4o-mini at its launch (July 2024), a typical
+  small hosted model; taken for this project on 2026-11-29.
+- Electricity: USD 0.30 per kWh, an example household tariff (2026-11-29).
+- Network energy of one escalation = bytes × J/KB + a per-request radio cost.
+  Source: Huang et al., "A Close Examination of Performance and Power
+  Characteristics of 4G LTE Networks", MobiSys 2012, whose power model gives
+  per-throughput power for Wi-Fi and LTE and a long high-power LTE "tail"
+  after each transfer (their abstract: LTE up to 23x less power efficient than
+  Wi-Fi, the tail a key contributor). The figures used here are approximate
+  values from that model as we recall it, not re-checked against the paper in
+  this repository: about 280/140 mW per Mbps up/down on Wi-Fi and 440/50 on
+  LTE, i.e. roughly 1.7 mJ/KB (Wi-Fi) and 2.0 mJ/KB (LTE) averaged over both
+  directions (1 mW/Mbps is 8 µJ per KB); an LTE tail of about 11.6 s at about
+  1 W, i.e. roughly 12 J per isolated escalation on cellular, against about
+  0.03 J on Wi-Fi. On cellular the radio tail dominates the device-side cost
+  of escalating. Measure your own device and set these values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .config import setting
+from .errors import ConfigError
+
+__all__ = ["CostSettings", "DEFAULT_PRICES", "NETWORKS", "price_usd", "device_energy_usd", "network_energy_j"]
+
+# USD per million tokens: {"input": ..., "output": ...}; "*" applies to any model not listed
+DEFAULT_PRICES: dict[str, dict[str, float]] = {"*": {"input": 0.15, "output": 0.60}}
+
+# (J per KB transferred, J per request for radio wake-up and tail)
+NETWORKS: dict[str, tuple[float, float]] = {"wifi": (0.0017, 0.03), "cellular": (0.0020, 12.0)}
+
+J_PER_KWH = 3.6e6
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostSettings:
+    electricity_usd_per_kwh: float = setting(0.30, help="electricity price in USD per kWh (example tariff)")
+    network: Literal["wifi", "cellular"] = setting("wifi", help="the device's uplink for escalations: wifi or cellular")
+    network_j_per_kb: float | None = setting(None, help="override the network's energy per KB transferred (J)")
+    network_j_per_request: float | None = setting(None, help="override the network's energy per escalation (radio wake-up and tail, J)")
+    prices: dict[str, Any] = setting(factory=lambda: {k: dict(v) for k, v in DEFAULT_PRICES.items()},
+                                     help="USD per million input/output tokens per model, for runs without a bridge")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.electricity_usd_per_kwh < 0:
+            raise ConfigError("must be >= 0", field="cost.electricity_usd_per_kwh")
+        for name in ("network_j_per_kb", "network_j_per_request"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError("must be >= 0", field=f"cost.{name}")
+        for model, price in self.prices.items():
+            if not isinstance(price, dict) or not {"input", "output"} <= set(price):
+                raise ConfigError("each model needs input and output prices per million tokens", field=f"cost.prices.{model}")
+            for kind in ("input", "output"):
+                if not isinstance(price[kind], (int, float)) or price[kind] < 0:
+                    raise ConfigError("must be a number >= 0", field=f"cost.prices.{model}.{kind}")
+
+    @property
+    def j_per_kb(self) -> float:
+        return self.network_j_per_kb if self.network_j_per_kb is not None else NETWORKS[self.network][0]
+
+    @property
+    def j_per_request(self) -> float:
+        return self.network_j_per_request if self.network_j_per_request is not None else NETWORKS[self.network][1]
+
+
+def price_usd(settings: CostSettings, model: str, prompt_tokens: int, completion_tokens: int) -> float:
+    """Cloud USD of one call from the price table (model name, else ``*``)."""
+    table = settings.prices.get(model) or settings.prices.get("*") or {"input": 0.0, "output": 0.0}
+    return (prompt_tokens * float(table["input"]) + completion_tokens * float(table["output"])) / 1e6
+
+
+def device_energy_usd(settings: CostSettings, joules: float) -> float:
+    return joules / J_PER_KWH * settings.electricity_usd_per_kwh
+
+
+def network_energy_j(settings: CostSettings, bytes_sent: int, bytes_received: int) -> float:
+    """Device energy of one escalation's transfer: bytes × J/KB plus the per-request radio cost."""
+    return (bytes_sent + bytes_received) / 1024.0 * settings.j_per_kb + settings.j_per_request

@@ -1,0 +1,377 @@
+"""One call that answers on the device or escalates to the cloud, with an account of what it cost.
+
+::
+
+    from edge_runtime.hybrid import HybridRuntime
+
+    runtime = HybridRuntime.from_config("edge-runtime.toml")
+    result = runtime.chat([{"role": "user", "content": "What is 17 * 23?"}], max_new_tokens=32)
+    result.text, result.route, result.reason, result.p_correct, result.cost, result.energy
+
+Routes: ``local`` (answered on the device), ``cloud`` (escalated and answered
+by the bridge), ``fallback`` (escalation was wanted but the cloud failed: the
+local answer comes back, never nothing), ``local_forced`` (the policy wanted
+the cloud but a gate — privacy, budget, no cloud configured — kept it local).
+
+The policy (``edge_runtime.policies``) is asked before decoding (pre-routing,
+privacy), after every token (early exit) and after the answer (threshold on
+``p_correct``). While the answer may still be withdrawn, :meth:`stream` holds
+local text back, so a caller never sees tokens that are then replaced by the
+cloud's answer unless it opts in with ``reveal_draft=True`` (it then gets a
+``withdraw`` chunk before the cloud's text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .confidence import Estimator, load_estimator, signals_from_result
+from .cost import CostSettings, device_energy_usd, network_energy_j
+from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
+from .errors import CloudError, InvalidRequestError
+from .policies import Decision, Policy, RequestContext, policy_from_config
+
+__all__ = ["HybridRuntime", "HybridResult", "HybridChunk", "Route", "MODEL_ALIASES"]
+
+log = logging.getLogger(__name__)
+
+Route = Literal["local", "cloud", "fallback", "local_forced"]
+# what a request may ask for: the policy decides, or it pins one side
+MODEL_ALIASES = ("auto", "local", "cloud")
+
+
+@dataclass(frozen=True)
+class HybridResult:
+    request_id: str
+    text: str
+    route: Route
+    reason: str  # machine-readable (edge_runtime.policies.Reason codes, plus cloud_error / requested_*)
+    detail: str
+    p_correct: float | None
+    threshold: float | None
+    policy: str
+    model: str  # the model that actually answered
+    finish_reason: str
+    draft: str | None  # the local answer, when the cloud answered instead
+    tokens: list[TokenInfo]  # local tokens of the returned answer (empty when the cloud answered)
+    usage: dict[str, dict[str, int]]
+    latency_ms: dict[str, float]
+    energy: dict[str, Any]
+    cost: dict[str, float]
+    cloud_error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tokens"] = [t.to_dict() for t in self.tokens]
+        return d
+
+
+@dataclass(frozen=True)
+class HybridChunk:
+    """One step of :meth:`HybridRuntime.stream`.
+
+    ``kind``: ``text`` (show it), ``withdraw`` (only with reveal_draft: forget
+    the local text shown so far, the cloud's answer follows), ``done`` (the
+    last chunk, with ``result``).
+    """
+
+    kind: Literal["text", "withdraw", "done"]
+    text: str = ""
+    token: TokenInfo | None = None
+    result: HybridResult | None = None
+
+
+class HybridRuntime:
+    """The embedding API: a local engine, a confidence estimator, a policy and (optionally) a cloud client."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        policy: Policy | Mapping[str, Any] | None = None,
+        estimator: Estimator | None = None,
+        cloud: Any = None,
+        cost: CostSettings | None = None,
+        default_max_new_tokens: int = 256,
+        cloud_timeout_s: float | None = None,
+    ) -> None:
+        self.engine = engine
+        self.policy: Policy = policy if isinstance(policy, Policy) else policy_from_config(policy or {"type": "threshold", "p": 0.5})
+        self.estimator: Estimator = estimator or load_estimator(None)
+        self.cloud = cloud
+        self.cost = cost or CostSettings()
+        self.default_max_new_tokens = default_max_new_tokens
+        self.cloud_timeout_s = cloud_timeout_s
+        self._wants_pre_route = any(p.type_name == "pre_route" for p in self.policy.parts())
+        self._lock = threading.Lock()
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: str | os.PathLike[str] | Mapping[str, Any] | Any = None, **engine_kwargs: Any) -> HybridRuntime:
+        """From a TOML path, a mapping in the same shape, or a loaded RuntimeSettings."""
+        from .settings import RuntimeSettings, load_runtime_settings
+
+        if isinstance(config, RuntimeSettings):
+            settings = config
+        elif isinstance(config, Mapping):
+            settings = load_runtime_settings(data=config)
+        else:
+            settings = load_runtime_settings(config)
+        return cls.from_settings(settings, **engine_kwargs)
+
+    @classmethod
+    def from_settings(cls, settings: Any, **engine_kwargs: Any) -> HybridRuntime:
+        from .models import resolve_bundle
+        from .power import EnergyMeter
+
+        e = settings.engine
+        meter = EnergyMeter.from_settings(settings.power)
+        engine = Engine(
+            resolve_bundle(e.bundle, precision=e.precision), providers=e.providers or None, intra_op_threads=e.threads,
+            max_sessions=e.max_sessions, cache_tokens=e.cache_tokens, energy_meter=meter, **engine_kwargs,
+        )
+        estimator = load_estimator(e.estimator, bundle_hash=engine.bundle_hash)
+        cloud = None
+        if settings.cloud.address:
+            from .cloud import CloudClient
+
+            cloud = CloudClient(settings.cloud)
+        return cls(engine, policy=settings.policy, estimator=estimator, cloud=cloud, cost=settings.cost,
+                   default_max_new_tokens=e.max_new_tokens, cloud_timeout_s=settings.cloud.timeout_s)
+
+    def close(self) -> None:
+        if self.cloud is not None:
+            self.cloud.close()
+        self.engine.close()
+
+    # ---- the call --------------------------------------------------------------------------
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str = "auto", params: SamplingParams | None = None,
+             cancel: Any = None, request_id: str | None = None, **sampling: Any) -> HybridResult:
+        result = None
+        for chunk in self.stream(messages, model=model, params=params, cancel=cancel, request_id=request_id, **sampling):
+            if chunk.result is not None:
+                result = chunk.result
+        assert result is not None
+        return result
+
+    def stream(self, messages: Sequence[Mapping[str, Any]], *, model: str = "auto", params: SamplingParams | None = None,
+               cancel: Any = None, request_id: str | None = None, reveal_draft: bool = False,
+               **sampling: Any) -> Iterator[HybridChunk]:
+        """Validate now (errors raise before any work), then answer as a stream of chunks."""
+        msgs = validate_messages(messages)
+        if model not in MODEL_ALIASES:
+            raise InvalidRequestError(f"unknown model {model!r} (expected one of {', '.join(MODEL_ALIASES)})", field="model")
+        if params is None:
+            sampling.setdefault("max_new_tokens", self.default_max_new_tokens)
+            try:
+                params = SamplingParams(**sampling)
+            except TypeError as err:
+                raise InvalidRequestError(str(err), field="params") from err
+        elif sampling:
+            params = params.replace(**sampling)
+        # the context check happens here too, before any compute
+        self.engine._fit_context(self.engine.encode(messages=msgs), params)
+        return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _estimate_cloud_usd(self, msgs: Sequence[Mapping[str, Any]], params: SamplingParams) -> float:
+        """What escalating this request would cost at most (a budget reserves it; the bridge bills the real figure)."""
+        from .cost import price_usd
+
+        prompt_tokens = sum(len(m["content"]) for m in msgs) // 3 + 8  # ~3 characters per token, generously
+        return price_usd(self.cost, self.cloud_model_hint, prompt_tokens, params.max_new_tokens)
+
+    @property
+    def cloud_model_hint(self) -> str:
+        return getattr(getattr(self.cloud, "settings", None), "model", "") or "*"
+
+    def _pre_route_score(self, prompt: str) -> float | None:
+        est = self.estimator
+        if est.can_pre_route:
+            return est.pre_p_correct(prompt)
+        knn = getattr(est, "knn", None)
+        return knn.prior(prompt) if knn is not None else None
+
+    def _p_correct(self, result: GenerationResult, msgs: Sequence[Mapping[str, Any]]) -> float:
+        signals = signals_from_result(result, messages=msgs)
+        return float(self.estimator.p_correct(signals, engine=self.engine, messages=msgs))
+
+    def _local_stream(self, msgs: list[dict[str, str]], params: SamplingParams, cancel: Any, stop: threading.Event,
+                      ) -> Iterator[Any]:
+        user_cancel = cancel.is_set if isinstance(cancel, threading.Event) else (cancel or (lambda: False))
+        return self.engine.stream(messages=msgs, params=params, cancel=lambda: stop.is_set() or bool(user_cancel()),
+                                  prompt_nll=self.estimator.needs_prompt_nll)
+
+    def _run(self, msgs: list[dict[str, str]], model: str, params: SamplingParams, cancel: Any, request_id: str,
+             reveal_draft: bool) -> Iterator[HybridChunk]:
+        t0 = time.perf_counter()
+        ctx = RequestContext(messages=msgs, request_id=request_id, estimated_cloud_usd=self._estimate_cloud_usd(msgs, params))
+        if self._wants_pre_route and model == "auto":
+            ctx = dataclasses.replace(ctx, pre_route_p_correct=self._pre_route_score(ctx.prompt_text))
+        if model == "local":
+            decision = Decision("local", "requested_local", "the request asked for the local model", policy="request")
+        elif model == "cloud":
+            decision = Decision("cloud", "requested_cloud", "the request asked for the cloud model", policy="request")
+        else:
+            decision = self.policy.before(ctx)
+
+        locals_: list[GenerationResult] = []  # every local run (an early exit, then maybe a full fallback answer)
+        held: list[HybridChunk] = []  # local text not shown yet
+        shown = False  # local text already on the caller's screen
+        early_exit = False
+        p_correct: float | None = None
+
+        # 1. decode locally unless escalating straight away
+        if decision.action != "cloud":
+            live = reveal_draft or decision.action in ("local", "local_forced")  # text that can no longer be withdrawn
+            watch = model == "auto" and decision.action == "continue"
+            stop = threading.Event()
+            tokens: list[TokenInfo] = []
+            for chunk in self._local_stream(msgs, params, cancel, stop):
+                if chunk.result is not None:
+                    locals_.append(chunk.result)
+                    break
+                out = HybridChunk("text", chunk.text, chunk.token)
+                if live:
+                    shown = shown or bool(chunk.text)
+                    yield out
+                else:
+                    held.append(out)
+                if watch and chunk.token is not None and not stop.is_set():
+                    tokens.append(chunk.token)
+                    d = self.policy.during(ctx, tokens)
+                    if d.action == "cloud":
+                        decision, early_exit = d, True
+                        p_correct = d.value
+                        stop.set()  # the engine ends the generation at its next step
+            if decision.action == "continue":
+                p_correct = self._p_correct(locals_[-1], msgs)
+                decision = self.policy.after(ctx, p_correct)
+            elif p_correct is None and not early_exit:
+                p_correct = self._p_correct(locals_[-1], msgs)
+
+        # 2. escalate, or release the local answer
+        cloud_result = None
+        cloud_error: str | None = None
+        route: Route
+        if decision.action == "cloud" and self.cloud is None:
+            route, decision = "local_forced", Decision("local_forced", "cloud_not_configured",
+                                                       "escalation wanted but no cloud bridge is configured",
+                                                       policy=decision.policy, value=decision.value, threshold=decision.threshold)
+        elif decision.action == "cloud":
+            try:
+                cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id, reveal_draft)
+                if reveal_draft and shown:
+                    yield HybridChunk("withdraw")
+                    shown = False
+                for c in cloud_chunks:
+                    yield c
+                route = "cloud"
+                self.policy.settle(ctx, cloud_result.cost_usd)
+            except CloudError as err:
+                self.policy.settle(ctx, 0.0)
+                cloud_error = f"{type(err).__name__}: {err}"
+                log.warning("escalation failed, answering locally: %s", cloud_error)
+                route = "fallback"
+        else:
+            route = "local" if decision.action == "local" else "local_forced"
+
+        if route != "cloud":
+            if not locals_ or early_exit:
+                # the local answer was skipped or cut short: produce a whole one now (nothing the user asked for is lost)
+                if shown:
+                    yield HybridChunk("withdraw")
+                held = []
+                for chunk in self._local_stream(msgs, params, cancel, threading.Event()):
+                    if chunk.result is not None:
+                        locals_.append(chunk.result)
+                        break
+                    yield HybridChunk("text", chunk.text, chunk.token)
+                if p_correct is None or early_exit:
+                    p_correct = self._p_correct(locals_[-1], msgs)
+            else:
+                yield from held
+        yield HybridChunk("done", result=self._result(msgs, request_id, route, decision, p_correct, locals_, cloud_result,
+                                                      cloud_error, early_exit, t0))
+
+    def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
+                   p_correct: float | None, decision: Decision, request_id: str, reveal_draft: bool) -> tuple[Any, list[HybridChunk]]:
+        """Call the bridge; return its result and the text chunks to show (all at once unless the caller opted in)."""
+        from .cloud import Escalation
+
+        draft = locals_[-1].text if locals_ else ""
+        escalation = Escalation(draft_answer=draft, p_correct=p_correct, reason=decision.reason, policy=self.policy.describe(),
+                                local_model=self.engine.model_name)
+        chunks: list[HybridChunk] = []
+        result = None
+        for c in self.cloud.stream(msgs, params=params, escalation=escalation, timeout_s=self.cloud_timeout_s, request_id=request_id):
+            if c.result is not None:
+                result = c.result
+            elif c.text:
+                chunks.append(HybridChunk("text", c.text))
+        if result is None:
+            raise CloudError("the bridge's stream ended without a result")
+        return result, chunks
+
+    def _result(self, msgs: list[dict[str, str]], request_id: str, route: Route, decision: Decision, p_correct: float | None,
+                locals_: list[GenerationResult], cloud: Any, cloud_error: str | None, early_exit: bool, t0: float) -> HybridResult:
+        final_local = locals_[-1] if locals_ else None
+        local_j = sum(r.energy.joules for r in locals_ if r.energy is not None)
+        energies = [r.energy for r in locals_ if r.energy is not None]
+        net_j = 0.0
+        if cloud is not None or cloud_error is not None:
+            # request: the messages and the draft plus ~256 bytes of framing; response: the answer plus ~128
+            out_bytes = 256 + len(json.dumps(msgs).encode()) + (len(final_local.text.encode()) if final_local else 0)
+            in_bytes = 128 + (len(cloud.text.encode()) if cloud is not None else 0)
+            net_j = network_energy_j(self.cost, out_bytes, in_bytes)
+        energy: dict[str, Any] = {
+            "joules": round(local_j, 6),
+            "source": energies[0].source if energies else "none",
+            "estimated": any(e.estimated for e in energies) if energies else True,
+            "process_joules": round(sum(e.process_joules or 0.0 for e in energies), 6) if energies else None,
+            "seconds": round(sum(e.seconds for e in energies), 6),
+            "network_joules": round(net_j, 6),
+            "network_estimated": True,
+        }
+        cloud_usd = float(cloud.cost_usd) if cloud is not None else 0.0
+        device_usd = device_energy_usd(self.cost, local_j + net_j)
+        cost = {"cloud_usd": cloud_usd, "device_energy_usd": device_usd, "network_energy_j": round(net_j, 6),
+                "total_usd": cloud_usd + device_usd}
+        usage = {
+            "local": {"prompt_tokens": sum(r.usage.prompt_tokens for r in locals_),
+                      "completion_tokens": sum(r.usage.completion_tokens for r in locals_)},
+            "cloud": {"prompt_tokens": cloud.prompt_tokens if cloud is not None else 0,
+                      "completion_tokens": cloud.completion_tokens if cloud is not None else 0},
+        }
+        latency = {
+            "local_prefill_ms": round(sum(r.timings.prefill_ms for r in locals_), 3),
+            "local_decode_ms": round(sum(r.timings.decode_ms for r in locals_), 3),
+            "cloud_ms": round(cloud.server_timings.total_ms, 3) if cloud is not None else 0.0,
+            "network_ms": round(cloud.latency_ms - cloud.server_timings.total_ms, 3) if cloud is not None else 0.0,
+            "total_ms": round((time.perf_counter() - t0) * 1000.0, 3),
+        }
+        if route == "cloud":
+            text, model, finish, tokens = cloud.text, cloud.model, cloud.finish_reason, []
+        else:
+            assert final_local is not None
+            text, model, finish, tokens = final_local.text, final_local.model, final_local.finish_reason, final_local.tokens
+        reason = decision.reason if route != "fallback" else "cloud_error"
+        detail = decision.detail if route != "fallback" else f"{decision.reason}: escalation failed ({cloud_error}); local answer returned"
+        return HybridResult(
+            request_id=request_id, text=text, route=route, reason=reason, detail=detail, p_correct=p_correct,
+            threshold=decision.threshold, policy=self.policy.describe(), model=model, finish_reason=finish,
+            draft=(final_local.text if final_local and not early_exit else None) if route == "cloud" else None,
+            tokens=list(tokens), usage=usage, latency_ms=latency, energy=energy, cost=cost, cloud_error=cloud_error,
+        )

@@ -1,0 +1,120 @@
+"""The one settings model of the runtime and its daemon.
+
+It feeds the TOML config file, the environment (``EDGE_RUNTIME_<SECTION>_<FIELD>``)
+and the CLI flags (``--section-field``), through :mod:`edge_runtime.config`; the
+file is read in exactly one place, :func:`load_runtime_settings`. Example::
+
+    [engine]
+    bundle = "smollm2-135m-instruct"       # a directory, or a cached bundle name
+    estimator = "estimator.json"           # from `edge-runtime calibrate`
+
+    [policy]                               # see edge_runtime.policies
+    chain = [{type = "privacy"}, {type = "threshold", p = 0.6}]
+
+    [cloud]
+    address = "bridge.example.com:50051"
+    token_file = "/etc/edge-runtime/token"  # chmod 600
+    ca_file = "/etc/edge-runtime/bridge-ca.pem"
+
+    [power]
+    profile = "raspberry-pi-5"
+
+    [cost]
+    network = "cellular"
+
+    [server]
+    port = 8080
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .cloud import CloudSettings
+from .config import load_settings, setting
+from .cost import CostSettings
+from .errors import ConfigError
+from .power import PowerSettings
+
+__all__ = ["EngineSettings", "ServerSettings", "RuntimeSettings", "load_runtime_settings", "default_socket_path"]
+
+
+def default_socket_path() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "edge-runtime")
+    return Path(base) / "edge-runtime.sock"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSettings:
+    bundle: str = setting("smollm2-135m-instruct", help="edge bundle: a directory, or a cached bundle / known model name")
+    precision: str = setting("int4", help="precision of the cached bundle when `bundle` is a known model name")
+    estimator: Path | None = setting(None, help="confidence estimator JSON from `edge-runtime calibrate` (default: built-in heuristic)")
+    threads: int | None = setting(None, help="intra-op threads (default: physical cores)")
+    providers: list[str] = setting(factory=list, help="onnxruntime execution providers in order (default: CPU)")
+    max_sessions: int = setting(1, help="local generations that may run at once (each holds a KV cache)")
+    cache_tokens: int = setting(1024, help="initial KV-cache capacity in tokens (grows on demand)")
+    max_new_tokens: int = setting(256, help="default max_new_tokens when a request does not set one")
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise ConfigError("must be >= 1", field="engine.max_sessions")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("must be >= 1", field="engine.threads")
+        if not 1 <= self.max_new_tokens <= 65536:
+            raise ConfigError("must be between 1 and 65536", field="engine.max_new_tokens")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    host: str = setting("127.0.0.1", help="HTTP bind address (loopback by default; anything else needs allow_remote)")
+    port: int = setting(8080, help="HTTP port (0: any free port)")
+    allow_remote: bool = setting(False, help="allow binding a non-loopback address (the daemon has no authentication)")
+    grpc_socket: str = setting(str(default_socket_path()), help="Unix socket for the gRPC service (empty: disabled)")
+    queue_size: int = setting(16, help="requests waiting for the engine before new ones get 429")
+    request_timeout_s: float = setting(300.0, help="longest a request may take, queueing included")
+    drain_timeout_s: float = setting(30.0, help="on SIGTERM, how long in-flight requests may finish")
+    log_content: bool = setting(False, help="log prompts and answers (off: only sizes and timings are logged)")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("must be between 0 and 65535", field="server.port")
+        if self.queue_size < 1:
+            raise ConfigError("must be >= 1", field="server.queue_size")
+        for name in ("request_timeout_s", "drain_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError("must be > 0", field=f"server.{name}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeSettings:
+    engine: EngineSettings = setting(factory=EngineSettings, help="the edge model")
+    policy: dict[str, Any] = setting(factory=lambda: {"type": "threshold", "p": 0.5},
+                                     help="escalation policy (a table, see edge_runtime.policies)")
+    cloud: CloudSettings = setting(factory=CloudSettings, help="the bridge to escalate to")
+    power: PowerSettings = setting(factory=PowerSettings, help="energy measurement")
+    cost: CostSettings = setting(factory=CostSettings, help="cost model")
+    server: ServerSettings = setting(factory=ServerSettings, help="the local daemon")
+
+    def __post_init__(self) -> None:
+        from .policies import policy_from_config
+
+        policy_from_config(self.policy)  # fail at load time, naming the field, not at the first request
+
+    def replace(self, **sections: Any) -> RuntimeSettings:
+        return dataclasses.replace(self, **sections)
+
+
+def load_runtime_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    data: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> RuntimeSettings:
+    """Defaults < TOML file (or ``data``) < environment < ``overrides`` (CLI flags)."""
+    return load_settings(RuntimeSettings, config_file=config_file, data=data, env=env, overrides=overrides)

@@ -1,0 +1,150 @@
+"""HybridRuntime against a real bridge on loopback (echo backend) and the tiny local model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cloud_bridge import create_server, hash_token, load_bridge_settings
+from edge_runtime.cloud import CloudClient
+from edge_runtime.engine import Engine
+from edge_runtime.errors import ContextLengthError, InvalidRequestError
+from edge_runtime.hybrid import HybridRuntime
+from edge_runtime.power import ConstantPowerSource, EnergyMeter
+
+TOKEN = "ebt_hybrid-test"
+ASK = [{"role": "user", "content": "what is 2 + 2?"}]
+
+
+@pytest.fixture()
+def bridge():
+    settings = load_bridge_settings(data={
+        "server": {"address": "127.0.0.1:0", "grace_period_s": 0.5},
+        "auth": {"tokens_file": None, "tokens": {"dev": hash_token(TOKEN)}},
+        "models": {"big": {"backend": "echo", "reply": "the answer is 4", "usd_per_million_input_tokens": 1000.0,
+                           "usd_per_million_output_tokens": 2000.0}},
+    }, env={})
+    server, port = create_server(settings, insecure=True)
+    server.start()
+    yield server, port
+    server.stop(0)
+
+
+@pytest.fixture()
+def engine(tiny_bundle):
+    e = Engine(tiny_bundle, energy_meter=EnergyMeter(source=ConstantPowerSource(5.0)))
+    yield e
+    e.close()
+
+
+def _runtime(engine, port, policy, **kw):
+    cloud = CloudClient(address=f"127.0.0.1:{port}", token=TOKEN, insecure=True, timeout_s=5.0,
+                        circuit_failure_threshold=2, circuit_cooldown_s=60.0)
+    return HybridRuntime(engine, policy=policy, cloud=cloud, **kw)
+
+
+def test_local_answer_carries_energy_and_no_cloud_cost(engine, bridge):
+    rt = _runtime(engine, bridge[1], {"type": "never"})
+    r = rt.chat(ASK, max_new_tokens=6)
+    assert r.route == "local" and r.reason == "policy_never"
+    assert r.model == engine.model_name and len(r.tokens) == 6 and 0 <= r.p_correct <= 1
+    assert r.energy["joules"] > 0 and r.energy["source"] == "test:constant" and r.energy["network_joules"] == 0
+    assert r.cost["cloud_usd"] == 0 and r.cost["device_energy_usd"] > 0
+    assert r.usage["cloud"] == {"prompt_tokens": 0, "completion_tokens": 0}
+
+
+def test_low_confidence_escalates_to_the_cloud_with_its_cost(engine, bridge):
+    rt = _runtime(engine, bridge[1], {"type": "threshold", "p": 0.999})
+    r = rt.chat(ASK, max_new_tokens=6)
+    assert r.route == "cloud" and r.reason == "p_correct_below_threshold" and r.threshold == 0.999
+    assert r.text == "the answer is 4" and r.model != engine.model_name
+    assert r.draft is not None and r.p_correct < 0.999
+    assert r.cost["cloud_usd"] > 0 and r.energy["network_joules"] > 0
+    assert r.usage["cloud"]["completion_tokens"] > 0 and r.usage["local"]["completion_tokens"] == 6
+    assert r.latency_ms["total_ms"] >= r.latency_ms["cloud_ms"] >= 0
+
+
+def test_bridge_down_gives_the_local_answer_as_fallback_then_the_circuit_skips_it(engine, bridge):
+    server, port = bridge
+    rt = _runtime(engine, port, {"type": "always"})
+    server.stop(0)
+    results = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        results.append((rt.chat(ASK, max_new_tokens=5), time.perf_counter() - t0))
+    for r, _ in results:
+        assert r.route == "fallback" and r.reason == "cloud_error" and r.cloud_error
+        assert r.model == engine.model_name and len(r.tokens) == 5 and r.text == results[0][0].text
+    assert "CircuitOpenError" in results[-1][0].cloud_error
+    assert results[-1][1] < 0.5  # the open circuit answers at once
+
+
+def test_early_exit_stops_decoding_and_escalates(engine, bridge):
+    rt = _runtime(engine, bridge[1], {"chain": [{"type": "early_exit", "bar": 0.99, "min_tokens": 2}, {"type": "threshold", "p": 0.0}]})
+    r = rt.chat(ASK, max_new_tokens=40)
+    assert r.route == "cloud" and r.reason == "early_exit"
+    assert r.usage["local"]["completion_tokens"] <= 3  # decoding stopped right after the check failed
+    assert r.draft is None
+
+
+def test_privacy_keeps_a_sensitive_prompt_on_the_device(engine, bridge):
+    rt = _runtime(engine, bridge[1], {"chain": [{"type": "privacy"}, {"type": "always"}]})
+    r = rt.chat([{"role": "user", "content": "mail alice@example.com the total of 2 + 2"}], max_new_tokens=4)
+    assert r.route == "local_forced" and r.reason == "privacy_pattern:email"
+    assert r.cost["cloud_usd"] == 0
+
+
+def test_streaming_holds_back_text_that_may_be_withdrawn(engine, bridge):
+    rt = _runtime(engine, bridge[1], {"type": "threshold", "p": 0.999})
+    kinds = [c.kind for c in rt.stream(ASK, max_new_tokens=6)]
+    chunks = list(rt.stream(ASK, max_new_tokens=6))
+    assert kinds[-1] == "done" and "withdraw" not in kinds
+    assert "".join(c.text for c in chunks) == chunks[-1].result.text == "the answer is 4"  # no local token shown
+    revealed = list(rt.stream(ASK, max_new_tokens=6, reveal_draft=True))
+    kinds = [c.kind for c in revealed]
+    assert "withdraw" in kinds
+    after = kinds.index("withdraw")
+    assert "".join(c.text for c in revealed[after + 1:]) == "the answer is 4"
+
+
+def test_local_streaming_is_live_and_matches_the_result(engine, bridge):
+    rt = _runtime(engine, bridge[1], {"type": "never"})
+    chunks = list(rt.stream(ASK, max_new_tokens=8))
+    assert "".join(c.text for c in chunks) == chunks[-1].result.text
+    assert sum(1 for c in chunks if c.token is not None) == 8
+
+
+def test_model_aliases_pin_a_side(engine, bridge):
+    rt = _runtime(engine, bridge[1], {"type": "always"})
+    assert rt.chat(ASK, model="local", max_new_tokens=3).route == "local"
+    assert rt.chat(ASK, model="cloud", max_new_tokens=3).route == "cloud"
+    with pytest.raises(InvalidRequestError) as info:
+        rt.chat(ASK, model="gpt-9")
+    assert info.value.field == "model"
+
+
+def test_bad_requests_fail_before_any_work(engine, bridge):
+    rt = _runtime(engine, bridge[1], {"type": "never"})
+    with pytest.raises(InvalidRequestError) as info:
+        rt.chat([{"role": "wizard", "content": "x"}])
+    assert info.value.field == "messages[0].role"
+    with pytest.raises(ContextLengthError):
+        rt.chat([{"role": "user", "content": "one two three " * 200}], max_new_tokens=16)
+    assert rt.chat(ASK, max_new_tokens=2).route == "local"  # still serving
+
+
+def test_no_cloud_configured_is_local_forced(engine):
+    rt = HybridRuntime(engine, policy={"type": "always"})
+    r = rt.chat(ASK, max_new_tokens=3)
+    assert r.route == "local_forced" and r.reason == "cloud_not_configured"
+
+
+def test_from_config_builds_every_part(tiny_bundle, tmp_path):
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(f'[engine]\nbundle = "{tiny_bundle}"\n[policy]\ntype = "never"\n[power]\nprofile = "raspberry-pi-5"\n'
+                   f'[server]\ngrpc_socket = ""\n')
+    rt = HybridRuntime.from_config(cfg)
+    r = rt.chat(ASK, max_new_tokens=3)
+    assert r.route == "local" and r.energy["source"] == "estimate:raspberry-pi-5" and r.energy["estimated"] is True
+    rt.close()
