@@ -115,3 +115,29 @@ def test_cli_bench_throughput_runs_the_script_code(monkeypatch: pytest.MonkeyPat
     assert args.peers == "none" and args.repetitions == 2 and args.out_dir == tmp_path
     assert main(["bench", "throughput", "--peers", "llamacpp,bogus"]) == 1
     assert "benchmarks.throughput" in sys.modules
+
+
+def test_a_run_on_a_busy_machine_is_discarded_and_rerun(throughput, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_run = throughput._run_target
+    calls: list[int] = []
+
+    def first_one_noisy(target, spec, timeout_s):
+        doc = real_run(target, spec, timeout_s)
+        if not calls:
+            doc["conditions"]["other_cpu_share"] = 1.0  # as if another program had taken every CPU
+        calls.append(1)
+        return doc
+
+    waits: list[float] = []
+    monkeypatch.setattr(throughput, "_run_target", first_one_noisy)
+    monkeypatch.setattr(throughput, "wait_for_idle", lambda seconds, log=print: waits.append(seconds) or True)
+    doc = throughput.run_benchmark(
+        threads=1, repetitions=1, warmup=0, load_repetitions=1, decode_tokens=2, short_tokens=4, long_tokens=8,
+        bundles={"tiny": tiny_bundle}, peers=(), build_bundles=False, bandwidth_mb=4, load_sample_s=0.01,
+        max_other_cpu=0.99, noisy_retries=2, idle_wait_s=7.0, log=lambda _msg: None,
+    )
+    (result,) = doc["results"]
+    assert len(calls) == 2 and waits == [7.0]
+    assert len(result["rejected_rounds"]) == 1 and result["rejected_rounds"][0]["conditions"]["other_cpu_share"] == 1.0
+    (kept,) = result["rounds"]
+    assert kept["conditions"]["other_cpu_share"] < 1.0

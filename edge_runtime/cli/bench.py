@@ -33,6 +33,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def _bundle_arg(value: str) -> tuple[str, Path]:
     label, sep, path = value.partition("=")
     if not sep or not label.strip() or not path.strip():
@@ -59,6 +69,12 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use peers only if already set up under <cache>/peers (never build)")
     parser.add_argument("--bundle", type=_bundle_arg, action="append", metavar="LABEL=DIR",
                         help="engine bundle(s) to measure instead of the SmolLM2 int4 and int8 bundles (repeatable)")
+    parser.add_argument("--max-other-cpu", type=_share, default=0.05,
+                        help="rerun a runtime if other programs used more than this share of the CPUs while it was "
+                             "measured (default 0.05; 1 disables)")
+    parser.add_argument("--noisy-retries", type=int, default=2, help="reruns of a runtime measured on a busy machine")
+    parser.add_argument("--idle-wait", type=float, default=120.0,
+                        help="seconds to wait for an idle machine before a rerun (default 120)")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where throughput-<host>.json/.md go (default: benchmarks/results in the checkout)")
     parser.add_argument("--host", default=None, help="name in the results files (default: the hostname)")
