@@ -90,6 +90,13 @@ class HybridChunk:
     result: HybridResult | None = None
 
 
+def _is_cancelled(cancel: Any) -> bool:
+    """``cancel`` is a threading.Event, a zero-argument callable or None."""
+    if cancel is None:
+        return False
+    return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
+
+
 class HybridRuntime:
     """The embedding API: a local engine, a confidence estimator, a policy and (optionally) a cloud client."""
 
@@ -112,6 +119,7 @@ class HybridRuntime:
         self.default_max_new_tokens = default_max_new_tokens
         self.cloud_timeout_s = cloud_timeout_s
         self._wants_pre_route = any(p.type_name == "pre_route" for p in self.policy.parts())
+        self._wants_p_cloud = any(p.type_name == "gain" for p in self.policy.parts()) and self.estimator.cloud is not None
         self._lock = threading.Lock()
 
     # ---- construction ------------------------------------------------------------------------
@@ -135,7 +143,8 @@ class HybridRuntime:
         from .power import EnergyMeter
 
         e = settings.engine
-        meter = EnergyMeter.from_settings(settings.power)
+        # a caller may pass the process meter (the daemon installs one with set_default_meter) instead of a second one
+        meter = engine_kwargs.pop("energy_meter", None) or EnergyMeter.from_settings(settings.power)
         engine = Engine(
             resolve_bundle(e.bundle, precision=e.precision), providers=e.providers or None, intra_op_threads=e.threads,
             max_sessions=e.max_sessions, cache_tokens=e.cache_tokens, energy_meter=meter, **engine_kwargs,
@@ -181,8 +190,8 @@ class HybridRuntime:
         elif sampling:
             params = params.replace(**sampling)
         # the context check happens here too, before any compute
-        self.engine._fit_context(self.engine.encode(messages=msgs), params)
-        return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft)
+        prompt_ids = self.engine._fit_context(self.engine.encode(messages=msgs), params)
+        return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft, len(prompt_ids))
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -210,16 +219,18 @@ class HybridRuntime:
 
     def _local_stream(self, msgs: list[dict[str, str]], params: SamplingParams, cancel: Any, stop: threading.Event,
                       ) -> Iterator[Any]:
-        user_cancel = cancel.is_set if isinstance(cancel, threading.Event) else (cancel or (lambda: False))
-        return self.engine.stream(messages=msgs, params=params, cancel=lambda: stop.is_set() or bool(user_cancel()),
+        return self.engine.stream(messages=msgs, params=params, cancel=lambda: stop.is_set() or _is_cancelled(cancel),
                                   prompt_nll=self.estimator.needs_prompt_nll)
 
     def _run(self, msgs: list[dict[str, str]], model: str, params: SamplingParams, cancel: Any, request_id: str,
-             reveal_draft: bool) -> Iterator[HybridChunk]:
+             reveal_draft: bool, prompt_tokens: int) -> Iterator[HybridChunk]:
         t0 = time.perf_counter()
         ctx = RequestContext(messages=msgs, request_id=request_id, estimated_cloud_usd=self._estimate_cloud_usd(msgs, params))
         if self._wants_pre_route and model == "auto":
             ctx = dataclasses.replace(ctx, pre_route_p_correct=self._pre_route_score(ctx.prompt_text))
+        if self._wants_p_cloud and model == "auto":
+            assert self.estimator.cloud is not None
+            ctx = dataclasses.replace(ctx, features={"p_cloud": self.estimator.cloud.p_cloud(ctx.prompt_text, prompt_tokens)})
         if model == "local":
             decision = Decision("local", "requested_local", "the request asked for the local model", policy="request")
         elif model == "cloud":
@@ -266,10 +277,16 @@ class HybridRuntime:
         cloud_result = None
         cloud_error: str | None = None
         route: Route
-        if decision.action == "cloud" and self.cloud is None:
+        if decision.action == "cloud" and _is_cancelled(cancel):
+            # the caller has gone (a daemon client disconnected): spend no cloud money on an answer nobody reads
+            route, decision = "local_forced", Decision("local_forced", "cancelled", "the caller cancelled the request before escalation",
+                                                       policy=decision.policy, value=decision.value, threshold=decision.threshold)
+            self.policy.settle(ctx, 0.0)  # release what a budget reserved for the escalation
+        elif decision.action == "cloud" and self.cloud is None:
             route, decision = "local_forced", Decision("local_forced", "cloud_not_configured",
                                                        "escalation wanted but no cloud bridge is configured",
                                                        policy=decision.policy, value=decision.value, threshold=decision.threshold)
+            self.policy.settle(ctx, 0.0)
         elif decision.action == "cloud":
             try:
                 cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id, reveal_draft)

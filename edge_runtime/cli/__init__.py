@@ -27,6 +27,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "calibrate",
     "power",
     "bench",
+    "explore",
+    "serve",
 )
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-DEFAULT_FAMILY = "multi+knn"
+DEFAULT_FAMILY = "multi"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +17,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--split", default="dev", help="split to fit on (default: dev)")
     c.add_argument("--out", required=True, help="estimator JSON to write")
     c.add_argument("--family", default=DEFAULT_FAMILY,
-                   help=f"estimator family (default {DEFAULT_FAMILY}; see `eval --study`): heuristic, multi, span, selfcheck, knn, "
-                        "prompt, multi+knn, signal:<feature>")
+                   help=f"estimator family (default {DEFAULT_FAMILY}; see `eval --study`): heuristic, generic, multi, span, selfcheck, "
+                        "knn, prompt, multi+knn, signal:<feature>")
+    c.add_argument("--cloud-bundle",
+                   help="bundle standing in for the cloud model (run locally on the same items): adds a prompt-only estimate "
+                        "of the cloud's correctness, which the `gain` policy uses")
+    c.add_argument("--portable", action="store_true",
+                   help="do not bind the estimator to this bundle's hash (it then loads for any bundle; use with care)")
     c.add_argument("--limit", type=int, help="use only the first N items (quick runs)")
     c.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
     c.add_argument("--json", action="store_true", help="print the fit summary as JSON")
@@ -56,7 +61,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     items = _items(args.suite, args.split, args.limit)
     records = run_edge(engine, items, selfcheck=args.family == "selfcheck", desc=f"{args.split} (edge)")
     data = make_dataset(records, items)
-    estimator = fit_estimator(args.family, data, bundle_hash=engine.bundle_hash)
+    cloud = _cloud_labels(args, items, data)
+    estimator = fit_estimator(args.family, data, bundle_hash=None if args.portable else engine.bundle_hash, cloud_labels=cloud)
     p = estimator_scores(estimator, data)
     summary = {
         "estimator": estimator.name, "out": args.out, "bundle": engine.model_name, "items": len(data),
@@ -73,6 +79,17 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"fitted {estimator.name} on {len(data)} {args.split} items (SLM accuracy {summary['accuracy']:.1%}); "
               f"in-sample AUROC {summary['dev_in_sample']['auroc']:.3f}, ECE {summary['dev_in_sample']['ece']:.3f}; wrote {args.out}")
     return 0
+
+
+def _cloud_labels(args: argparse.Namespace, items: list[Any], data: Any) -> Any:
+    """The cloud stand-in's correctness on the dataset's items (None without --cloud-bundle)."""
+    import numpy as np
+
+    recs = _cloud_records(args, items)
+    if recs is None:
+        return None
+    by_id = {r["item_id"]: bool(r.get("correct")) for r in recs}
+    return np.array([by_id[r["item_id"]] for r in data.records], dtype=float)
 
 
 def _cloud_records(args: argparse.Namespace, items: list[Any]) -> list[dict[str, Any]] | None:
@@ -110,7 +127,7 @@ def _report(scores: Any, data: Any, cloud: dict[str, bool] | None, families: lis
 def _eval(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..confidence import FAMILIES, SINGLE_SIGNALS, estimator_scores, fit_estimator, load_estimator, make_dataset
+    from ..confidence import FAMILIES, SINGLE_SIGNALS, cloud_scores, estimator_scores, fit_estimator, load_estimator, make_dataset
     from ..engine import Engine
     from ..models import resolve_bundle
     from ..runs import run_edge
@@ -136,9 +153,17 @@ def _eval(args: argparse.Namespace) -> int:
 
             rep["overall"]["ece"] = round(expected_calibration_error(fitted, data.labels), 6)
             reports[f"signal:{name}"] = rep
+        dev_cloud = _cloud_labels(args, dev_items, dev) if cloud is not None else None
+        p_cloud = None
         for fam in FAMILIES:
-            est = fit_estimator(fam, dev, bundle_hash=engine.bundle_hash)
-            reports[fam] = _report(estimator_scores(est, data), data, cloud, families)
+            est = fit_estimator(fam, dev, bundle_hash=engine.bundle_hash, cloud_labels=dev_cloud if p_cloud is None else None)
+            if est.cloud is not None:
+                p_cloud = cloud_scores(est.cloud, data)
+            p = estimator_scores(est, data)
+            reports[fam] = _report(p, data, cloud, families)
+            if p_cloud is not None:
+                # routing by expected gain: escalate first where the cloud is likeliest to beat the device
+                reports[f"{fam} → gain"] = _report(p - p_cloud, data, cloud, families)
     else:
         est = load_estimator(args.estimator, bundle_hash=engine.bundle_hash)
         if est.needs_engine:
@@ -146,6 +171,8 @@ def _eval(args: argparse.Namespace) -> int:
         else:
             scores = estimator_scores(est, data)
         reports[est.name] = _report(scores, data, cloud, families)
+        if est.cloud is not None and cloud is not None:
+            reports[f"{est.name} → gain"] = _report(scores - cloud_scores(est.cloud, data), data, cloud, families)
 
     out = {"bundle": engine.model_name, "suite": args.suite, "split": args.split, "items": len(data),
            "cloud": args.cloud_bundle, "estimators": reports}

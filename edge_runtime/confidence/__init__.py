@@ -14,11 +14,13 @@ measuring them.
 """
 
 from ._estimators import (
+    DEFAULT_ESTIMATOR,
     ESTIMATOR_SCHEMA_VERSION,
     FEATURE_SETS,
     Estimator,
     HeuristicEstimator,
     KnnEstimator,
+    CloudPrior,
     KnnPrior,
     LogisticEstimator,
     SelfCheckEstimator,
@@ -26,7 +28,7 @@ from ._estimators import (
     save_estimator,
 )
 from ._features import FEATURES, Signals, answer_span, expected_answer_type, feature_vector, signals_from_record, signals_from_result
-from ._fit import FAMILIES, SINGLE_SIGNALS, Dataset, estimator_scores, fit_estimator, make_dataset
+from ._fit import FAMILIES, SINGLE_SIGNALS, Dataset, cloud_scores, estimator_scores, fit_cloud_prior, fit_estimator, make_dataset
 from ._logistic import LogisticModel, fit_logistic
 from ._selfcheck import SELFCHECK_QUESTION, yes_probability
 
@@ -36,10 +38,14 @@ __all__ = [
     "LogisticEstimator",
     "KnnEstimator",
     "KnnPrior",
+    "CloudPrior",
+    "fit_cloud_prior",
+    "cloud_scores",
     "SelfCheckEstimator",
     "load_estimator",
     "save_estimator",
     "ESTIMATOR_SCHEMA_VERSION",
+    "DEFAULT_ESTIMATOR",
     "FEATURE_SETS",
     "FEATURES",
     "Signals",

@@ -2,9 +2,14 @@
 
 Families (all studied by ``edge-runtime eval --study``):
 
-- ``heuristic`` — the uncalibrated default that works out of the box: the
-  geometric-mean probability of the answer-span tokens, halved when no answer
-  of the expected form is found. Bundle-independent, never fitted.
+- ``heuristic`` — never fitted: the geometric-mean probability of the
+  answer-span tokens, halved when no answer of the expected form is found.
+- ``generic`` — a logistic curve over six model-agnostic signals (min token
+  logprob and margin, first-token logprob, eos logprob, finish reason,
+  length). The built-in default (:data:`DEFAULT_ESTIMATOR`, used when no
+  estimator file is given) is this family fitted once on SmolLM2-135M int4
+  over the default dev split and saved without a bundle hash; it is not
+  calibrated for your bundle: run ``edge-runtime calibrate`` for that.
 - ``signal:<feature>`` — one feature through a fitted 1-D logistic curve
   (the single-signal baselines).
 - ``logistic`` — a calibrated logistic regression over a feature set
@@ -42,18 +47,23 @@ __all__ = [
     "HeuristicEstimator",
     "LogisticEstimator",
     "KnnPrior",
+    "CloudPrior",
+    "CLOUD_PROMPT_FEATURES",
     "KnnEstimator",
     "SelfCheckEstimator",
     "load_estimator",
     "save_estimator",
     "FEATURE_SETS",
     "ESTIMATOR_SCHEMA_VERSION",
+    "DEFAULT_ESTIMATOR",
 ]
 
 ESTIMATOR_SCHEMA_VERSION = 1
 
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "multi": FEATURES,
+    # few, model-agnostic signals: the built-in default is this family fitted once (see DEFAULT_ESTIMATOR)
+    "generic": ("lp_min", "margin_min", "first_lp", "eos_lp", "finish_eos", "tokens_log"),
     "span": (*SPAN_FEATURES, "finish_eos", "tokens_log"),
     "prompt": PROMPT_FEATURES,
 }
@@ -67,6 +77,7 @@ class Estimator:
     needs_engine = False
     can_pre_route = False
     bundle_hash: str | None = None
+    cloud: CloudPrior | None = None  # set when fitted with cloud labels (calibrate --cloud-bundle, the explorer)
 
     def p_correct(self, signals: Signals, *, engine: Any = None, messages: Sequence[Mapping[str, Any]] | None = None) -> float:
         raise NotImplementedError
@@ -139,6 +150,33 @@ class KnnPrior:
         return cls(emb.reshape(len(labels), int(d["dim"])), labels, int(d["k"]))
 
 
+CLOUD_PROMPT_FEATURES = ("prompt_tokens_log", "prompt_numbers", "prompt_max_digits", "expects_number", "expects_yesno")
+
+
+class CloudPrior:
+    """P(the cloud answers correctly | prompt): a logistic curve over prompt features and the cloud's
+    accuracy on the k most similar labelled dev prompts. Prompt-only, so it is known before decoding;
+    with the local ``p_correct`` it gives the expected gain of escalating (the ``gain`` policy)."""
+
+    def __init__(self, model: LogisticModel, knn: KnnPrior) -> None:
+        self.model = model
+        self.knn = knn
+
+    def p_cloud(self, prompt: str, prompt_tokens: int, *, knn_prior: float | None = None) -> float:
+        s = Signals(prompt=prompt, text="", token_texts=(), logprobs=(), entropies=(), margins=(), finish_reason="length",
+                    prompt_tokens=prompt_tokens, prompt_nll=None)
+        f = feature_vector(s)
+        f["cloud_knn"] = self.knn.prior(prompt) if knn_prior is None else knn_prior
+        return float(self.model.predict(np.array([f[n] for n in self.model.features]))[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "knn": self.knn.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CloudPrior:
+        return cls(LogisticModel.from_dict(d["model"]), KnnPrior.from_dict(d["knn"]))
+
+
 class LogisticEstimator(Estimator):
     """Calibrated logistic regression over named features (optionally plus the kNN prior as ``knn_prior``)."""
 
@@ -178,7 +216,8 @@ class LogisticEstimator(Estimator):
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": ESTIMATOR_SCHEMA_VERSION, "kind": "logistic", "name": self.name,
                 "bundle_hash": self.bundle_hash, "model": self.model.to_dict(),
-                "knn": self.knn.to_dict() if self.knn is not None else None, "meta": self.meta}
+                "knn": self.knn.to_dict() if self.knn is not None else None, "meta": self.meta,
+                "cloud": self.cloud.to_dict() if self.cloud is not None else None}
 
 
 class KnnEstimator(Estimator):
@@ -200,7 +239,7 @@ class KnnEstimator(Estimator):
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": ESTIMATOR_SCHEMA_VERSION, "kind": "knn", "name": self.name, "bundle_hash": self.bundle_hash,
-                "knn": self.knn.to_dict(), "meta": self.meta}
+                "knn": self.knn.to_dict(), "meta": self.meta, "cloud": self.cloud.to_dict() if self.cloud is not None else None}
 
 
 class SelfCheckEstimator(Estimator):
@@ -226,18 +265,22 @@ class SelfCheckEstimator(Estimator):
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": ESTIMATOR_SCHEMA_VERSION, "kind": "selfcheck", "name": self.name, "bundle_hash": self.bundle_hash,
-                "a": self.a, "b": self.b, "meta": self.meta}
+                "a": self.a, "b": self.b, "meta": self.meta, "cloud": self.cloud.to_dict() if self.cloud is not None else None}
 
 
 def save_estimator(estimator: Estimator, path: str | os.PathLike[str]) -> None:
     Path(path).write_text(json.dumps(estimator.to_dict(), indent=1) + "\n", encoding="utf-8")
 
 
+DEFAULT_ESTIMATOR = Path(__file__).with_name("data") / "default_estimator.json"
+
+
 def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | None = None) -> Estimator:
-    """Read an estimator file (None: the uncalibrated default); refuse one calibrated on another bundle."""
-    if path is None:
-        return HeuristicEstimator()
-    p = Path(path)
+    """Read an estimator file (None: the built-in default); refuse one calibrated on another bundle.
+
+    A file without ``bundle_hash`` (``calibrate --portable``) loads for any bundle.
+    """
+    p = DEFAULT_ESTIMATOR if path is None else Path(path)
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
@@ -256,16 +299,21 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
             "run `edge-runtime calibrate` for this bundle"
         )
     kind = d.get("kind")
+    est: Estimator
     try:
         if kind == "heuristic":
-            return HeuristicEstimator()
-        if kind == "logistic":
+            est = HeuristicEstimator()
+        elif kind == "logistic":
             knn = KnnPrior.from_dict(d["knn"]) if d.get("knn") else None
-            return LogisticEstimator(str(d["name"]), LogisticModel.from_dict(d["model"]), knn=knn, bundle_hash=recorded, meta=d.get("meta"))
-        if kind == "knn":
-            return KnnEstimator(KnnPrior.from_dict(d["knn"]), bundle_hash=recorded, meta=d.get("meta"))
-        if kind == "selfcheck":
-            return SelfCheckEstimator(float(d["a"]), float(d["b"]), bundle_hash=recorded, meta=d.get("meta"))
+            est = LogisticEstimator(str(d["name"]), LogisticModel.from_dict(d["model"]), knn=knn, bundle_hash=recorded, meta=d.get("meta"))
+        elif kind == "knn":
+            est = KnnEstimator(KnnPrior.from_dict(d["knn"]), bundle_hash=recorded, meta=d.get("meta"))
+        elif kind == "selfcheck":
+            est = SelfCheckEstimator(float(d["a"]), float(d["b"]), bundle_hash=recorded, meta=d.get("meta"))
+        else:
+            raise EstimatorError(f"{p}: unknown estimator kind {kind!r} (expected heuristic, logistic, knn or selfcheck)")
+        if d.get("cloud"):
+            est.cloud = CloudPrior.from_dict(d["cloud"])
     except (KeyError, TypeError, ValueError) as err:
         raise EstimatorError(f"{p}: malformed {kind} estimator ({err})") from err
-    raise EstimatorError(f"{p}: unknown estimator kind {kind!r} (expected heuristic, logistic, knn or selfcheck)")
+    return est

@@ -17,7 +17,9 @@ import numpy as np
 
 from ..tasks import TaskItem
 from ._estimators import (
+    CLOUD_PROMPT_FEATURES,
     FEATURE_SETS,
+    CloudPrior,
     Estimator,
     HeuristicEstimator,
     KnnEstimator,
@@ -28,12 +30,14 @@ from ._estimators import (
 from ._features import Signals, feature_vector, signals_from_record
 from ._logistic import fit_logistic
 
-__all__ = ["Dataset", "make_dataset", "fit_estimator", "FAMILIES", "SINGLE_SIGNALS", "estimator_scores"]
+__all__ = [
+    "Dataset", "make_dataset", "fit_estimator", "fit_cloud_prior", "cloud_scores", "FAMILIES", "SINGLE_SIGNALS", "estimator_scores",
+]
 
 # the single-signal baselines reported next to the fitted families
 SINGLE_SIGNALS = ("lp_mean", "lp_min", "margin_min", "first_lp", "ent_mean", "ans_lp_mean", "prompt_nll")
 # families `fit_estimator` knows, in the order the study reports them
-FAMILIES = ("heuristic", "multi", "span", "selfcheck", "knn", "prompt", "multi+knn")
+FAMILIES = ("heuristic", "generic", "multi", "span", "selfcheck", "knn", "prompt", "multi+knn")
 
 
 class Dataset:
@@ -78,14 +82,46 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 def _knn_loo(data: Dataset, encoder: Any, k: int) -> tuple[KnnPrior, np.ndarray]:
     """The kNN prior over the dev prompts and its leave-one-out value for each of them (no label leaks into its own row)."""
+    if encoder is None:
+        from ._embed import SentenceEncoder
+
+        encoder = SentenceEncoder()
     emb = data.embeddings(encoder)
     knn = KnnPrior(emb, data.labels, k, encoder=encoder)
     return knn, np.array([knn.prior_from_embedding(emb[i], exclude=i) for i in range(len(data))])
 
 
+def fit_cloud_prior(data: Dataset, cloud_labels: np.ndarray, *, encoder: Any = None, k: int = 15, l2: float = 1.0) -> CloudPrior:
+    """P(cloud correct | prompt) from the dev prompts labelled with the cloud's correctness."""
+    if len(cloud_labels) != len(data):
+        raise ValueError(f"{len(cloud_labels)} cloud labels for {len(data)} items")
+    cloud_data = Dataset(data.signals, np.asarray(cloud_labels, float), data.records)
+    cloud_data._embeddings = data._embeddings
+    knn, loo = _knn_loo(cloud_data, encoder, k)
+    data._embeddings = cloud_data._embeddings  # share the embeddings computed for it
+    names = (*CLOUD_PROMPT_FEATURES, "cloud_knn")
+    x = np.hstack([data.matrix(CLOUD_PROMPT_FEATURES), loo[:, None]])
+    return CloudPrior(fit_logistic(x, cloud_data.labels, names, l2=l2), knn)
+
+
+def cloud_scores(prior: CloudPrior, data: Dataset) -> np.ndarray:
+    """p_cloud of every row of a dataset (prompt only)."""
+    emb = data.embeddings(prior.knn.encoder)
+    return np.array([prior.p_cloud(s.prompt, s.prompt_tokens, knn_prior=prior.knn.prior_from_embedding(e))
+                     for s, e in zip(data.signals, emb)])
+
+
 def fit_estimator(family: str, data: Dataset, *, bundle_hash: str | None, encoder: Any = None, k: int = 15,
-                  l2: float = 1.0) -> Estimator:
-    """Fit one family on a labelled dataset (usually the dev split)."""
+                  l2: float = 1.0, cloud_labels: np.ndarray | None = None) -> Estimator:
+    """Fit one family on a labelled dataset (usually the dev split); with ``cloud_labels`` also a cloud prior."""
+    est = _fit_family(family, data, bundle_hash=bundle_hash, encoder=encoder, k=k, l2=l2)
+    if cloud_labels is not None:
+        knn_encoder = encoder or getattr(getattr(est, "knn", None), "encoder", None)
+        est.cloud = fit_cloud_prior(data, cloud_labels, encoder=knn_encoder, k=k, l2=l2)
+    return est
+
+
+def _fit_family(family: str, data: Dataset, *, bundle_hash: str | None, encoder: Any, k: int, l2: float) -> Estimator:
     meta = {"trained_on_items": len(data), "trained_accuracy": round(float(data.labels.mean()), 4), "family": family}
     if family == "heuristic":
         return HeuristicEstimator()

@@ -3,7 +3,8 @@
 Deciders: :class:`Never`, :class:`Always`, :class:`Threshold` (``p_correct < p``),
 :class:`TargetRate` (threshold at the quantile that escalates a share of
 calibration traffic), :class:`EarlyExit` (stop decoding when the running
-confidence drops), :class:`PreRoute` (decide from the prompt before decoding).
+confidence drops), :class:`PreRoute` (decide from the prompt before decoding),
+:class:`Gain` (escalate when the cloud is expected to beat the device).
 Gates: :class:`Privacy` (sensitive prompts never leave the device),
 :class:`Budget` (cloud spend cap per period). :class:`Chain` composes them; the
 stage rules are in ``_base``'s docstring. Every :class:`Decision` carries a
@@ -24,6 +25,7 @@ from ._base import Action, Decision, Policy, Reason, RequestContext, TokenSignal
 from ._budget import Budget
 from ._chain import Chain
 from ._early_exit import SIGNALS, EarlyExit, running_confidence
+from ._gain import Gain
 from ._pre_route import PRE_ROUTERS, PreRoute, register_pre_router
 from ._privacy import BUILTIN_PATTERNS, Privacy
 from ._registry import POLICY_TYPES, policy_from_config, register_policy
@@ -44,6 +46,7 @@ __all__ = [
     "threshold_for_rate",
     "Budget",
     "EarlyExit",
+    "Gain",
     "running_confidence",
     "SIGNALS",
     "PreRoute",

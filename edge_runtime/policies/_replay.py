@@ -48,7 +48,8 @@ class ReplayRecords:
     cloud), ``n_tokens`` (local tokens generated), per-token ``token_logprobs``
     and ``token_margins`` (ragged lists of arrays), ``trajectory`` (a running
     confidence per token computed elsewhere), ``pre_route_p`` (NaN where
-    unknown), ``texts`` (each item's message texts, for privacy) and
+    unknown), ``p_cloud`` (prompt-only estimate of the cloud's p_correct, for
+    gain policies; NaN where unknown), ``texts`` (each item's message texts, for privacy) and
     ``timestamps_s`` (for budget periods).
     """
 
@@ -69,6 +70,7 @@ class ReplayRecords:
         token_margins: Sequence[Sequence[float]] | None = None,
         trajectory: Sequence[Sequence[float]] | None = None,
         pre_route_p: Any = None,
+        p_cloud: Any = None,
         texts: Sequence[str | Sequence[str]] | None = None,
         timestamps_s: Any = None,
     ) -> None:
@@ -92,6 +94,7 @@ class ReplayRecords:
             ragged = self.token_logprobs or self.trajectory or self.token_margins
             self.n_tokens = np.array([len(x) for x in ragged], dtype=np.int64) if ragged else np.ones(self.n, np.int64)
         self.pre_route_p = None if pre_route_p is None else self._floats(pre_route_p, "pre_route_p", nan_ok=True)
+        self.p_cloud = None if p_cloud is None else self._floats(p_cloud, "p_cloud", nan_ok=True)
         if texts is not None:
             texts = [[t] if isinstance(t, str) else list(t) for t in texts]
             if len(texts) != self.n:

@@ -6,7 +6,7 @@ import pytest
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.policies import (
-    POLICY_TYPES, Always, Budget, Chain, EarlyExit, Never, Policy, PreRoute, Privacy, Reason, RequestContext,
+    POLICY_TYPES, Always, Budget, Chain, EarlyExit, Gain, Never, Policy, PreRoute, Privacy, Reason, RequestContext,
     TargetRate, Threshold, policy_from_config, register_policy,
 )
 
@@ -17,7 +17,7 @@ def test_every_policy_type_round_trips():
     policies = [
         Never(), Always(), Threshold(0.6), TargetRate(0.3, [0.1, 0.5, 0.7, 0.9]), Budget(2.0, 3600),
         EarlyExit(0.35, 3, "min_margin"), PreRoute(0.25, decide_local=True), Privacy(["email"], {"id": r"ID-\d+"}),
-        Chain([Privacy(), Budget(1.0), EarlyExit(0.2), Threshold(0.5)]),
+        Chain([Privacy(), Budget(1.0), EarlyExit(0.2), Threshold(0.5)]), Gain(0.05),
     ]
     assert {type(p).type_name for p in policies} == set(POLICY_TYPES)
     for p in policies:

@@ -1,0 +1,65 @@
+"""``edge-runtime serve [--config FILE] [--section-field VALUE ...]``: the local daemon.
+
+Settings: defaults < the TOML file < ``EDGE_RUNTIME_<SECTION>_<FIELD>`` < flags
+(``--server-port 9000``, ``--engine-bundle DIR``, ``--cloud-address HOST:PORT``...).
+Runs until SIGTERM or Ctrl-C, then drains in-flight requests and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="run the local daemon: OpenAI-compatible HTTP, gRPC on a Unix socket",
+        description="Serve the hybrid runtime to the apps of this device: OpenAI-compatible HTTP on "
+                    "server.host:server.port (127.0.0.1:8080) and gRPC on server.grpc_socket. "
+                    "SIGTERM drains in-flight requests (server.drain_timeout_s), then exits 0.",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML config file (env EDGE_RUNTIME_* and flags override it)")
+    _settings_flags_on_first_use(p)
+    p.set_defaults(func=_run)
+
+
+def _settings_flags_on_first_use(parser: argparse.ArgumentParser) -> None:
+    """Add the ``--section-field`` flags only when this parser is used.
+
+    The whole CLI parser is built on every ``edge-runtime`` call, and the settings
+    model imports grpc and numpy (~150 ms here, more on a Pi): other commands must
+    not pay for it.
+    """
+    added = False
+
+    def ensure() -> None:
+        nonlocal added
+        if not added:
+            added = True
+            from ..config import add_settings_arguments
+            from ..settings import RuntimeSettings
+
+            add_settings_arguments(parser, RuntimeSettings)
+
+    for name in ("parse_known_args", "format_help", "format_usage"):
+        original = getattr(parser, name)
+
+        def wrapped(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            ensure()
+            return _original(*args, **kwargs)
+
+        setattr(parser, name, wrapped)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..config import settings_overrides_from_args
+    from ..daemon import create_server
+    from ..settings import load_runtime_settings
+
+    if args.verbose == 0:
+        # a daemon's normal log is one line per request (sizes and timings, never content unless log_content)
+        logging.getLogger("edge_runtime.daemon").setLevel(logging.INFO)
+    settings = load_runtime_settings(args.config, overrides=settings_overrides_from_args(args))
+    server, _port = create_server(settings)
+    return server.serve_forever()

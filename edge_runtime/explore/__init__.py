@@ -1,0 +1,293 @@
+"""Design-space explorer: measure the accuracy / money / energy / latency trade-off and recommend a policy.
+
+::
+
+    edge-runtime explore --edge smollm2-135m-instruct --cloud qwen2.5-coder-0.5b-instruct \\
+        --suite default --split test --out out/explore --goal "accuracy>=0.95*cloud"
+
+Every item runs once on the edge and once through a real bridge over gRPC
+(cached, so re-running with new policies or goals costs nothing and an
+interrupted run resumes); every policy family × parameter grid is replayed
+offline; the Pareto frontier and the per-family winners go into
+``DIR/report.md``, ``DIR/points.csv``, ``DIR/frontier.csv`` and PNG plots; the
+policy meeting the goal is written as a config snippet the daemon loads as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import secrets
+import shlex
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..cache import cache_dir
+from ..confidence import estimator_scores, load_estimator, make_dataset
+from ..cloud import CloudSettings
+from ..cost import CostSettings
+from ..errors import ConfigError
+from ._data import Measurements, cloud_generate, measure
+from ._goals import config_snippet, parse_goal, recommend
+from ._report import estimator_table, family_winners, write_csv, write_plots, write_report
+from ._space import Point, evaluate, pareto_front
+from ._validate import agreement, validate_live
+
+__all__ = ["ExploreResult", "explore", "local_bridge", "Point", "parse_goal", "recommend", "pareto_front"]
+
+
+@dataclass
+class ExploreResult:
+    out: Path
+    points: list[Point]
+    front: list[Point]
+    recommendations: list[dict[str, Any]]
+    measurements: Measurements
+    winners: list[dict[str, Any]]
+    estimators: list[dict[str, Any]]
+    validation: dict[str, Any] | None = None
+    files: list[str] = field(default_factory=list)
+
+    def point(self, name: str) -> Point:
+        return next(p for p in self.points if p.name == name)
+
+
+@contextlib.contextmanager
+def local_bridge(bundle: Path, *, cost: CostSettings, alias: str = "cloud") -> Iterator[tuple[str, str]]:
+    """A bridge on 127.0.0.1 (plaintext, loopback only) serving ``bundle``; yields (address, token)."""
+    from cloud_bridge import create_server, hash_token, load_bridge_settings
+
+    token = "ebt_" + secrets.token_urlsafe(24)
+    price = cost.prices.get("*", {"input": 0.0, "output": 0.0})
+    settings = load_bridge_settings(data={
+        "server": {"address": "127.0.0.1:0", "grace_period_s": 2.0},
+        "auth": {"tokens_file": None, "tokens": {"explorer": hash_token(token)}},
+        "quota": {"requests_per_minute": 100000, "tokens_per_minute": 100000000},
+        "models": {alias: {"backend": "onnx", "bundle": str(bundle), "workers": 1, "queue_size": 8,
+                           "usd_per_million_input_tokens": float(price["input"]),
+                           "usd_per_million_output_tokens": float(price["output"])}},
+    }, env={})
+    server, port = create_server(settings, insecure=True)
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", token
+    finally:
+        server.stop(2.0)
+
+
+def _machine() -> str:
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {psutil.cpu_count(logical=False)} cores / {psutil.cpu_count()} threads, {platform.system()} {platform.release()}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _daemon(config_text: str, workdir: Path, timeout_s: float = 180.0) -> Iterator[str]:
+    """``edge-runtime serve`` in a subprocess with ``config_text``; yields its base URL; stops it on exit."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = _free_port()
+    config = workdir / "validate-daemon.toml"
+    config.write_text(config_text + f"\n[server]\nport = {port}\ngrpc_socket = \"\"\n", encoding="utf-8")
+    log_path = workdir / "validate-daemon.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", "--config", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise ConfigError(f"the daemon exited with code {proc.returncode}; see {log_path}", field="validate")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ConfigError(f"the daemon did not become healthy within {timeout_s:.0f} s; see {log_path}", field="validate")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _cloud_toml(cloud: CloudSettings, token_file: Path | None) -> str:
+    lines = ["[cloud]", f'address = "{cloud.address}"', f"insecure = {'true' if cloud.insecure else 'false'}",
+             f"timeout_s = {cloud.timeout_s!r}"]
+    if cloud.model:
+        lines.append(f'model = "{cloud.model}"')
+    if token_file is not None:
+        lines.append(f'token_file = "{token_file}"')
+    for name in ("ca_file", "cert_file", "key_file"):
+        value = getattr(cloud, name)
+        if value is not None:
+            lines.append(f'{name} = "{value}"')
+    if cloud.server_name:
+        lines.append(f'server_name = "{cloud.server_name}"')
+    return "\n".join(lines) + "\n"
+
+
+def explore(
+    *,
+    edge: str,
+    cloud: str,
+    out: Path,
+    suite: str = "default",
+    split: str = "test",
+    limit: int | None = None,
+    goals: Sequence[str] = ("accuracy>=0.95*cloud",),
+    cloud_settings: CloudSettings | None = None,
+    cost: CostSettings | None = None,
+    requests_per_day: float = 1000.0,
+    validate: bool = False,
+    holdout: float = 0.25,
+    threads: int | None = None,
+    root: Path | None = None,
+) -> ExploreResult:
+    """Measure, replay, report, recommend.
+
+    ``cloud`` is a bundle (the explorer serves it on a loopback bridge of its
+    own) or, with ``cloud_settings`` naming an external bridge, a model alias
+    there. ``validate`` holds back a share of the items and runs the
+    recommended policy live through ``edge-runtime serve`` and the bridge.
+    """
+    from ..cloud import CloudClient
+    from ..engine import Engine
+    from ..models import resolve_bundle
+    from ..tasks import load_suite
+
+    parsed = [parse_goal(g) for g in goals]  # goal errors before any work
+    if not 0.0 < holdout < 1.0:
+        raise ConfigError("must be between 0 and 1", field="holdout")
+    cost = cost or CostSettings()
+    out.mkdir(parents=True, exist_ok=True)
+    items = load_suite(suite, split)
+    dev_items = load_suite(suite, "dev")
+    if limit:
+        items, dev_items = items[:limit], dev_items[:limit]
+    held: list[Any] = []
+    if validate:
+        # hold back every k-th item (families are contiguous, so each family keeps its share) for the live check
+        k = max(2, round(1 / holdout))
+        held = [it for i, it in enumerate(items) if i % k == k - 1]
+        held_ids = {it.id for it in held}
+        items = [it for it in items if it.id not in held_ids]
+
+    engine = Engine(resolve_bundle(edge), intra_op_threads=threads)
+    with contextlib.ExitStack() as stack:
+        if cloud_settings is None or not cloud_settings.address:
+            address, token = stack.enter_context(local_bridge(resolve_bundle(cloud), cost=cost))
+            cloud_settings = CloudSettings(address=address, token=token, insecure=True, timeout_s=300.0)
+            bridge_label, alias, token_file = f"{address} (a loopback bridge started by the explorer)", "", out / ".bridge-token"
+            token_file.write_text(token, encoding="utf-8")
+            token_file.chmod(0o600)
+        else:
+            bridge_label, alias = cloud_settings.address, cloud
+            token_file = cloud_settings.token_file
+            if token_file is None and cloud_settings.token:
+                token_file = out / ".bridge-token"
+                token_file.write_text(cloud_settings.token, encoding="utf-8")
+                token_file.chmod(0o600)
+        client = stack.enter_context(CloudClient(cloud_settings))
+        cloud_key = f"bridge-{alias or 'cloud'}-{Path(str(cloud)).name}"
+        m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,
+                    estimator_out=out / "estimator.json", root=root)
+
+        points = evaluate(m)
+        front = pareto_front(points)
+        families = sorted(set(m.families.tolist()))
+        data = make_dataset(m.edge, m.items)
+        scores = {
+            "multi+knn (fitted on dev)": m.p_correct,
+            "kNN pre-route (prompt only)": m.pre_route_p,
+            "expected gain (p_cloud - p_correct, routing only)": m.p_correct - m.p_cloud,
+            "generic (built-in default)": estimator_scores(load_estimator(None), data),
+            "min token logprob (raw)": data.matrix(["lp_min"])[:, 0],
+        }
+        estimators = estimator_table(m, scores)
+        winners = family_winners(points, families)
+        by = {p.name: p for p in points}
+        baselines = {"cloud": by["always-cloud"].overall["accuracy"], "local": by["always-local"].overall["accuracy"]}
+        recommendations = []
+        files = ["report.md", "points.csv", "frontier.csv", "estimator.json"]
+        snippets: list[str] = []
+        for i, goal in enumerate(parsed):
+            point = recommend(goal, points, baselines)
+            rec: dict[str, Any] = {"goal": goal.text, "point": point, "config_file": None,
+                                   "constraints": [c.describe(baselines) for c in goal.constraints]}
+            if point is not None:
+                name = "recommended.toml" if i == 0 else f"recommended-{i + 1}.toml"
+                snippet = config_snippet(point, estimator_path=str((out / "estimator.json").resolve()), n_items=len(m.items),
+                                         requests_per_day=requests_per_day, goal=goal.text)
+                (out / name).write_text(snippet, encoding="utf-8")
+                snippets.append(snippet)
+                rec["config_file"] = name
+                files.append(name)
+            recommendations.append(rec)
+
+        validation = None
+        if validate and snippets:
+            daemon_config = snippets[0].replace("[engine]\n", f'[engine]\nbundle = "{resolve_bundle(edge)}"\n', 1)
+            daemon_config += "\n" + _cloud_toml(cloud_settings, token_file)
+            with _daemon(daemon_config, out) as url:
+                live = validate_live(url, held)
+            pred = recommendations[0]["point"].overall
+            acc_ok, acc_margin = agreement(pred["accuracy"], live["accuracy"], live["n"])
+            esc_ok, esc_margin = agreement(pred["escalation_rate"], live["escalation_rate"], live["n"])
+            verdict = "agree within sampling error" if acc_ok and esc_ok else "DO NOT agree within sampling error"
+            validation = {**live, "predicted_accuracy": pred["accuracy"], "predicted_escalation_rate": pred["escalation_rate"],
+                          "accuracy_ok": acc_ok, "escalation_ok": esc_ok, "accuracy_margin": acc_margin,
+                          "escalation_margin": esc_margin,
+                          "summary": (f"Live run of **{recommendations[0]['point'].name}** through `edge-runtime serve` and the bridge on "
+                                      f"{live['n']} held-back items: accuracy {live['accuracy']:.1%} (predicted {pred['accuracy']:.1%}, "
+                                      f"±{acc_margin:.1%}), escalation {live['escalation_rate']:.1%} (predicted "
+                                      f"{pred['escalation_rate']:.1%}, ±{esc_margin:.1%}): they {verdict}. Routes: {live['routes']}.")}
+
+    write_csv(out / "points.csv", points, families)
+    write_csv(out / "frontier.csv", front, families)
+    plots = write_plots(out, m, points, front)
+    files += plots
+    energy_sources = {e.get("energy_source") for e in m.edge}
+    context = {
+        "edge": engine.model_name, "cloud": cloud, "bridge": bridge_label, "suite": suite, "split": split, "machine": _machine(),
+        "energy_source": ", ".join(sorted(str(s) for s in energy_sources)),
+        "energy_estimated": any(e.get("energy_estimated") for e in m.edge),
+        "command": "edge-runtime " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "cost_note": f"cloud USD from the bridge's price table; device energy priced at {cost.electricity_usd_per_kwh} USD/kWh; "
+                     f"escalation radio energy for {cost.network} ({cost.j_per_kb} J/KB + {cost.j_per_request} J per request)",
+        "cache": str(root or cache_dir("runs", create=False)),
+        "validation": validation,
+    }
+    write_report(out / "report.md", m=m, points=points, front=front, families=families, estimators=estimators, winners=winners,
+                 recommendation=recommendations[0] if recommendations else None, plots=plots, context=context)
+    engine.close()
+    return ExploreResult(out=out, points=points, front=front, recommendations=recommendations, measurements=m, winners=winners,
+                         estimators=estimators, validation=validation, files=files)

@@ -1,0 +1,146 @@
+"""The explorer's measurements: every item once on the edge and once through the bridge, cached.
+
+Edge runs (answer, per-token signals, prompt perplexity, energy, latency) come
+from :func:`edge_runtime.runs.run_edge`; cloud runs go through a real bridge
+over gRPC (:class:`~edge_runtime.cloud.CloudClient`) and record the bridge's
+own bill. The confidence estimator is fitted on the dev split's edge runs
+(``multi+knn``: every engine signal plus the kNN prior of similar dev
+prompts) together with a prompt-only estimate of the cloud's correctness
+(the dev items also go through the bridge), so one file gives ``p_correct``
+after decoding, a prompt-only score for pre-routing and ``p_cloud`` for
+expected-gain routing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..confidence import Estimator, cloud_scores, estimator_scores, fit_estimator, make_dataset
+from ..confidence._fit import Dataset
+from ..cost import CostSettings, network_energy_j
+from ..policies import ReplayRecords
+from ..runs import RUN_SETTINGS, run_cloud, run_edge
+from ..tasks import TaskItem
+
+__all__ = ["Measurements", "measure", "cloud_generate"]
+
+
+@dataclass
+class Measurements:
+    """Aligned per-item arrays for the explored items, plus what replay needs."""
+
+    items: list[TaskItem]
+    edge: list[dict[str, Any]]
+    cloud: list[dict[str, Any]]
+    estimator: Estimator
+    p_correct: np.ndarray
+    pre_route_p: np.ndarray
+    p_cloud: np.ndarray  # prompt-only estimate of the cloud's correctness (for gain policies)
+    records: ReplayRecords
+    network_j: np.ndarray  # device energy of escalating each item (radio), from the cost model
+    dev_p_correct: np.ndarray  # calibration traffic for target-rate policies
+
+    @property
+    def families(self) -> np.ndarray:
+        return np.array([it.family for it in self.items])
+
+    @property
+    def local_correct(self) -> np.ndarray:
+        return self.records.local_correct
+
+    @property
+    def cloud_correct(self) -> np.ndarray:
+        return self.records.cloud_correct
+
+
+def cloud_generate(client: Any, alias: str) -> Any:
+    """A :func:`run_cloud` generator that asks the bridge, greedy and short like the edge runs."""
+    def generate(item: TaskItem) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        r = client.generate(list(item.messages), params=RUN_SETTINGS, model=alias or None)
+        return {"text": r.text, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                "cost_usd": r.cost_usd, "latency_ms": round((time.perf_counter() - t0) * 1000.0, 3),
+                "server_ms": r.server_timings.total_ms, "model": r.model, "finish_reason": r.finish_reason}
+
+    return generate
+
+
+def _rows(items: Sequence[TaskItem], edge: Sequence[dict[str, Any]], cloud: Sequence[dict[str, Any]], p: np.ndarray,
+          pre: np.ndarray, p_cloud: np.ndarray) -> ReplayRecords:
+    local_ms = np.array([e["latency_ms"] for e in edge], float)
+    prefill_ms = np.array([min(e["prefill_ms"], e["latency_ms"]) for e in edge], float)
+    joules = np.array([e.get("energy_j") or 0.0 for e in edge], float)
+    # the meter measured the whole generation; split it between prefill and decode by time
+    share = np.divide(prefill_ms, local_ms, out=np.zeros_like(local_ms), where=local_ms > 0)
+    return ReplayRecords(
+        p_correct=p,
+        local_correct=[bool(e["correct"]) for e in edge],
+        cloud_correct=[bool(c.get("correct")) for c in cloud],
+        cloud_usd=[float(c.get("cost_usd") or 0.0) for c in cloud],
+        local_joules=joules,
+        local_prefill_joules=joules * share,
+        local_ms=local_ms,
+        local_prefill_ms=prefill_ms,
+        cloud_ms=[float(c.get("latency_ms") or 0.0) for c in cloud],
+        token_logprobs=[e["logprobs"] for e in edge],
+        token_margins=[e["margins"] for e in edge],
+        pre_route_p=pre,
+        p_cloud=p_cloud,
+        texts=[[str(m.get("content", "")) for m in it.messages] for it in items],
+    )
+
+
+def measure(
+    engine: Any,
+    generate_cloud: Any,
+    cloud_key: str,
+    items: Sequence[TaskItem],
+    dev_items: Sequence[TaskItem],
+    *,
+    cost: CostSettings,
+    estimator_out: Path | None = None,
+    root: Path | None = None,
+) -> Measurements:
+    """Run (or reuse) every needed measurement and assemble the replay records."""
+    dev_edge = run_edge(engine, dev_items, root=root, desc="dev items on the edge")
+    dev = make_dataset(dev_edge, dev_items)
+    dev_cloud = run_cloud(generate_cloud, cloud_key, dev_items, root=root, desc="dev items through the bridge")
+    _check_cloud(dev_cloud)
+    by_id = {c["item_id"]: bool(c.get("correct")) for c in dev_cloud}
+    cloud_labels = np.array([by_id[r["item_id"]] for r in dev.records], dtype=float)
+    estimator = fit_estimator("multi+knn", dev, bundle_hash=engine.bundle_hash, cloud_labels=cloud_labels)
+    if estimator_out is not None:
+        from ..confidence import save_estimator
+
+        save_estimator(estimator, estimator_out)
+    edge = run_edge(engine, items, root=root, desc="test items on the edge")
+    cloud = run_cloud(generate_cloud, cloud_key, items, root=root, desc="test items through the bridge")
+    _check_cloud(cloud)
+    data: Dataset = make_dataset(edge, items)
+    p = estimator_scores(estimator, data)
+    assert estimator.cloud is not None
+    p_cloud = cloud_scores(estimator.cloud, data)
+    knn = getattr(estimator, "knn")
+    pre = np.array([knn.prior_from_embedding(e) for e in data.embeddings(knn.encoder)])
+    dev_p = estimator_scores(estimator, dev)
+    net_j = np.array([
+        network_energy_j(cost, 256 + sum(len(str(m.get("content", "")).encode()) for m in it.messages) + len(e["text"].encode()),
+                         128 + len(str(c.get("text", "")).encode()))
+        for it, e, c in zip(items, edge, cloud)
+    ])
+    return Measurements(items=list(items), edge=list(edge), cloud=list(cloud), estimator=estimator, p_correct=p, pre_route_p=pre,
+                        p_cloud=p_cloud, records=_rows(items, edge, cloud, p, pre, p_cloud), network_j=net_j, dev_p_correct=dev_p)
+
+
+def _check_cloud(records: Sequence[dict[str, Any]]) -> None:
+    failed = [c["item_id"] for c in records if c.get("error")]
+    if failed:
+        from ..errors import CloudError
+
+        raise CloudError(f"{len(failed)} cloud runs failed (first: {failed[0]}: {records[0].get('error', '')}); run again to retry them")

@@ -1,0 +1,183 @@
+"""The explorer's outputs: ``report.md``, ``points.csv``, ``frontier.csv`` and PNG plots.
+
+Plots need matplotlib (the ``explore`` extra); without it the report says so
+and everything else is still written.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..metrics import escalation_curve, oracle_curve, random_curve, routing_metrics
+from ._data import Measurements
+from ._space import Point
+
+__all__ = ["write_csv", "write_plots", "write_report", "estimator_table", "family_winners"]
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = ("accuracy", "escalation_rate", "cloud_usd_per_1k", "device_j_per_request", "latency_p50_ms", "latency_p95_ms",
+            "early_exit_rate", "pre_decode_escalation_rate", "forced_local_rate")
+
+
+def write_csv(path: Path, points: Sequence[Point], families: Sequence[str]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["policy", "family", "task_family", *_COLUMNS, "config"])
+        import json
+
+        for p in points:
+            for fam in ["overall", *families]:
+                src = p.overall if fam == "overall" else p.by_family[fam]
+                w.writerow([p.name, p.family, fam, *(f"{src[c]:.6g}" for c in _COLUMNS), json.dumps(p.config, sort_keys=True)])
+
+
+def estimator_table(m: Measurements, scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """AUROC, ECE, APGR and CPT of each confidence score on the explored items."""
+    rows = []
+    for name, s in scores.items():
+        r = routing_metrics(s, m.local_correct, m.cloud_correct).to_dict()
+        rows.append({"estimator": name, **r})
+    return rows
+
+
+def family_winners(points: Sequence[Point], families: Sequence[str]) -> list[dict[str, Any]]:
+    """Per task family: always-local and always-cloud accuracy, and the best policy (most accurate, then cheapest)."""
+    by_name = {p.name: p for p in points}
+    out = []
+    for fam in families:
+        local, cloud = by_name["always-local"].by_family[fam], by_name["always-cloud"].by_family[fam]
+        best = min(points, key=lambda p: (-round(p.by_family[fam]["accuracy"], 9), round(p.by_family[fam]["cloud_usd_per_1k"], 9),
+                                         p.by_family[fam]["device_j_per_request"]))
+        b = best.by_family[fam]
+        out.append({"task_family": fam, "n": int(local["n"]), "local_accuracy": local["accuracy"], "cloud_accuracy": cloud["accuracy"],
+                    "best_policy": best.name, "best_accuracy": b["accuracy"], "best_escalation_rate": b["escalation_rate"],
+                    "best_usd_per_1k": b["cloud_usd_per_1k"], "cloud_usd_per_1k": cloud["cloud_usd_per_1k"]})
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+def write_plots(out: Path, m: Measurements, points: Sequence[Point], front: Sequence[Point]) -> list[str]:
+    """PNG plots; returns the file names written (empty without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'edge-runtime[explore]'): no plots")
+        return []
+    written = []
+    lc, cc = m.local_correct, m.cloud_correct
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, curve, style in (("oracle", oracle_curve(lc, cc), ":"), ("random routing", random_curve(lc, cc), "--"),
+                                ("p_correct (multi+knn)", escalation_curve(m.p_correct, lc, cc), "-"),
+                                ("pre-route (kNN prior)", escalation_curve(m.pre_route_p, lc, cc), "-."),
+                                ("expected gain", escalation_curve(m.p_correct - m.p_cloud, lc, cc), "-")):
+        ax.plot(curve.rates, curve.accuracy, style, label=label)
+    ax.scatter([p.overall["escalation_rate"] for p in points], [p.overall["accuracy"] for p in points], s=8, c="grey", alpha=0.5,
+               label="explored policies")
+    ax.scatter([p.overall["escalation_rate"] for p in front], [p.overall["accuracy"] for p in front], s=18, c="red", label="Pareto frontier")
+    ax.set_xlabel("escalation rate")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    ax.set_title("Accuracy vs escalation rate")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_escalation.png", dpi=110)
+    plt.close(fig)
+    written.append("accuracy_vs_escalation.png")
+    for key, label, fname in (("cloud_usd_per_1k", "cloud USD per 1,000 requests", "accuracy_vs_usd.png"),
+                              ("device_j_per_request", "device joules per request", "accuracy_vs_joules.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        ax.scatter([p.overall[key] for p in points], [p.overall["accuracy"] for p in points], s=8, c="grey", alpha=0.5, label="explored policies")
+        fr = sorted(front, key=lambda p: p.overall[key])
+        ax.plot([p.overall[key] for p in fr], [p.overall["accuracy"] for p in fr], "o-", c="red", ms=3, label="Pareto frontier")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=8)
+        ax.set_title(f"Accuracy vs {label}")
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        written.append(fname)
+    return written
+
+
+def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front: Sequence[Point], families: Sequence[str],
+                 estimators: list[dict[str, Any]], winners: list[dict[str, Any]], recommendation: dict[str, Any] | None,
+                 plots: list[str], context: dict[str, Any]) -> None:
+    by = {p.name: p for p in points}
+    lines = [
+        "# Hybrid design-space report",
+        "",
+        f"Edge model `{context['edge']}`, cloud `{context['cloud']}` through the bridge at `{context['bridge']}`; "
+        f"suite `{context['suite']}` split `{context['split']}`, {len(m.items)} items; {len(points)} policy configurations replayed "
+        f"offline over the cached runs. Machine: {context['machine']}. Energy source: {context['energy_source']}"
+        + (" (an ESTIMATE from CPU time, not a measurement)" if context["energy_estimated"] else "") + ".",
+        "",
+        "## Baselines and the recommended hybrid",
+        "",
+        "| policy | accuracy | escalation | cloud USD / 1k req | device J / req | p50 latency ms | p95 latency ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = [by["always-local"], by["always-cloud"]]
+    if recommendation and recommendation.get("point"):
+        rows.append(recommendation["point"])
+    for p in rows:
+        o = p.overall
+        lines.append(f"| {p.name} | {_pct(o['accuracy'])} | {_pct(o['escalation_rate'])} | {o['cloud_usd_per_1k']:.4f} | "
+                     f"{o['device_j_per_request']:.3f} | {o['latency_p50_ms']:.0f} | {o['latency_p95_ms']:.0f} |")
+    lines.append("")
+    if recommendation:
+        lines += [f"Goal `{recommendation['goal']}`: " + (f"**{recommendation['point'].name}**, config in `{recommendation['config_file']}` "
+                  "(load it with `edge-runtime serve --config`)." if recommendation.get("point") else "**no explored policy meets it**."), ""]
+    lines += ["## Task dependence: which policy wins per family", "",
+              "Best policy = most accurate, then cheapest in cloud USD, then device joules.", "",
+              "| task family | n | always-local | always-cloud | best policy | its accuracy | its escalation | its USD/1k |",
+              "|---|---|---|---|---|---|---|---|"]
+    for w in winners:
+        lines.append(f"| {w['task_family']} | {w['n']} | {_pct(w['local_accuracy'])} | {_pct(w['cloud_accuracy'])} | {w['best_policy']} | "
+                     f"{_pct(w['best_accuracy'])} | {_pct(w['best_escalation_rate'])} | {w['best_usd_per_1k']:.4f} |")
+    lines.append("")
+    local_better = [w for w in winners if w["local_accuracy"] > w["cloud_accuracy"]]
+    hybrid_better = [w for w in winners if w["best_accuracy"] > max(w["local_accuracy"], w["cloud_accuracy"]) + 1e-9]
+    if local_better:
+        lines.append("More cloud is not always better: in " + ", ".join(
+            f"{w['task_family']} (local {_pct(w['local_accuracy'])} vs cloud {_pct(w['cloud_accuracy'])})" for w in local_better)
+            + " the edge model alone beats always-cloud.")
+    if hybrid_better:
+        lines.append("A hybrid beats both ends in " + ", ".join(
+            f"{w['task_family']} ({_pct(w['best_accuracy'])} with {w['best_policy']})" for w in hybrid_better) + ".")
+    lines += ["", "## Confidence estimators on these items", "",
+              "| estimator | AUROC | ECE | APGR | CPT(50%) | CPT(80%) |", "|---|---|---|---|---|---|"]
+    for e in estimators:
+        ece = "—" if e["ece"] is None else f"{e['ece']:.3f}"
+        lines.append(f"| {e['estimator']} | {e['auroc']:.3f} | {ece} | {e['apgr']:.3f} | {_pct(e['cpt']['50%'])} | {_pct(e['cpt']['80%'])} |")
+    if estimators:
+        r = estimators[0]["random"]
+        lines.append(f"| random routing | 0.500 | — | {r['apgr']:.3f} | {_pct(r['cpt']['50%'])} | {_pct(r['cpt']['80%'])} |")
+    lines += ["", f"## Pareto frontier ({len(front)} of {len(points)} points)", "",
+              "Non-dominated on accuracy ↑, cloud USD ↓, device J ↓, p50 latency ↓ (all points in `points.csv`, the frontier in `frontier.csv`).", "",
+              "| policy | accuracy | escalation | USD/1k | J/req | p50 ms |", "|---|---|---|---|---|---|"]
+    for p in sorted(front, key=lambda p: p.overall["accuracy"]):
+        o = p.overall
+        lines.append(f"| {p.name} | {_pct(o['accuracy'])} | {_pct(o['escalation_rate'])} | {o['cloud_usd_per_1k']:.4f} | "
+                     f"{o['device_j_per_request']:.3f} | {o['latency_p50_ms']:.0f} |")
+    lines += ["", "## Plots", ""]
+    lines += [f"![{p}]({p})" for p in plots] or ["matplotlib is not installed (`pip install 'edge-runtime[explore]'`): no plots."]
+    if context.get("validation"):
+        v = context["validation"]
+        lines += ["", "## Online check", "", v["summary"]]
+    lines += ["", "## How these numbers were made", "",
+              f"`{context['command']}`; cost model: {context['cost_note']}. Runs are cached under `{context['cache']}`: re-running with other "
+              "policies or goals costs nothing."]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,0 +1,58 @@
+"""Online check: run the recommended policy live through the daemon and the bridge on held-back items.
+
+The daemon speaks OpenAI's chat-completions API and reports the route it took
+in its ``routing`` extension; the prediction is the replayed accuracy and
+escalation rate of the same policy on the explored items. Agreement is judged
+against two binomial standard errors of the live sample.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import EdgeRuntimeError
+from ..runs import RUN_SETTINGS, progress_bar
+from ..tasks import TaskItem, score
+
+__all__ = ["validate_live", "agreement"]
+
+
+def _post(url: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        raise EdgeRuntimeError(f"daemon answered HTTP {err.code}: {err.read()[:300].decode(errors='replace')}") from err
+    except (urllib.error.URLError, TimeoutError, OSError) as err:
+        raise EdgeRuntimeError(f"cannot reach the daemon at {url}: {err}") from err
+
+
+def validate_live(daemon_url: str, items: Sequence[TaskItem], *, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Ask the daemon (model ``auto``) every item; return measured accuracy, escalation rate and routes."""
+    url = daemon_url.rstrip("/") + "/v1/chat/completions"
+    correct, escalated, routes = [], [], []
+    for item in progress_bar(items, total=len(items), desc="live check via the daemon"):
+        body = {"model": "auto", "messages": [dict(m) for m in item.messages], "max_tokens": RUN_SETTINGS.max_new_tokens,
+                "temperature": 0}
+        reply = _post(url, body, timeout_s)
+        text = reply["choices"][0]["message"]["content"] or ""
+        route = reply.get("routing", {}).get("route", "local")
+        correct.append(score(item, text).correct)
+        escalated.append(route == "cloud")
+        routes.append(route)
+    n = len(items)
+    return {"n": n, "accuracy": sum(correct) / n if n else math.nan, "escalation_rate": sum(escalated) / n if n else math.nan,
+            "routes": {r: routes.count(r) for r in sorted(set(routes))}}
+
+
+def agreement(predicted: float, measured: float, n: int) -> tuple[bool, float]:
+    """Whether ``measured`` lies within two binomial standard errors of ``predicted`` (and that margin)."""
+    p = min(max(predicted, 1e-3), 1 - 1e-3)
+    margin = 2.0 * math.sqrt(p * (1 - p) / max(n, 1))
+    return abs(measured - predicted) <= margin, margin
