@@ -13,7 +13,7 @@ $(STAMP): setup.py pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[export,dev]'
+	$(PY) -m pip install --quiet -e '.[export,dev,explore]'
 	touch $(STAMP)
 
 test: $(STAMP)

