@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +52,12 @@ class RunCache:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)[:80]
         self.path = base / f"{kind}-{safe}-{settings_key}.jsonl"
         self.records: dict[str, dict[str, Any]] = {}
+        # an interrupted write can leave a last line without its newline: start the next record on a fresh line
+        self._needs_newline = False
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with self.path.open("rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                self._needs_newline = fh.read(1) != b"\n"
         if self.path.exists():
             with self.path.open(encoding="utf-8") as fh:
                 for line in fh:
@@ -64,7 +71,8 @@ class RunCache:
     def add(self, record: dict[str, Any]) -> None:
         self.records[record["item_id"]] = record
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.write(("\n" if self._needs_newline else "") + json.dumps(record, ensure_ascii=False) + "\n")
+        self._needs_newline = False
 
 
 def _settings_dict(p: SamplingParams) -> dict[str, Any]:

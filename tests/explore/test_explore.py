@@ -1,0 +1,199 @@
+"""Design-space explorer: replay arithmetic by hand, the frontier, goals, resuming, and a real end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.explore._goals import config_snippet, parse_goal, recommend
+from edge_runtime.explore._space import Point, _summary, pareto_front
+from edge_runtime.policies import ReplayRecords, policy_from_config, replay
+from edge_runtime.runs import run_edge
+
+# five cached runs, numbers chosen to be checked by hand
+P = [0.9, 0.2, 0.6, 0.1, 0.4]
+LOCAL_OK = [1, 0, 1, 0, 0]
+CLOUD_OK = [1, 1, 0, 1, 0]
+USD = [0.001, 0.002, 0.003, 0.004, 0.005]
+JOULES = [2.0, 4.0, 6.0, 8.0, 10.0]
+PREFILL_J = [1.0, 1.0, 1.0, 1.0, 1.0]
+LOCAL_MS = [100.0, 200.0, 300.0, 400.0, 500.0]
+PREFILL_MS = [10.0, 10.0, 10.0, 10.0, 10.0]
+CLOUD_MS = [50.0, 60.0, 70.0, 80.0, 90.0]
+NET_J = np.array([0.5] * 5)
+
+
+def _records(**extra) -> ReplayRecords:
+    return ReplayRecords(p_correct=P, local_correct=LOCAL_OK, cloud_correct=CLOUD_OK, cloud_usd=USD, local_joules=JOULES,
+                         local_prefill_joules=PREFILL_J, local_ms=LOCAL_MS, local_prefill_ms=PREFILL_MS, cloud_ms=CLOUD_MS,
+                         token_logprobs=[[-0.1, -0.1, -0.1, -0.1]] * 4 + [[-0.1, -3.0, -3.0, -3.0]], **extra)
+
+
+def test_threshold_replay_by_hand():
+    # p < 0.5 escalates items 1, 3, 4
+    s = _summary(replay({"type": "threshold", "p": 0.5}, _records()), NET_J)
+    assert s["escalation_rate"] == pytest.approx(3 / 5)
+    assert s["accuracy"] == pytest.approx((1 + 1 + 1 + 1 + 0) / 5)  # local 0, 2 right; cloud 1, 3 right, 4 wrong
+    assert s["cloud_usd_per_1k"] == pytest.approx((0.002 + 0.004 + 0.005) / 5 * 1000)
+    # decoded locally in full everywhere, plus the radio for the three escalations
+    assert s["device_j_per_request"] == pytest.approx((2 + 4 + 6 + 8 + 10 + 3 * 0.5) / 5)
+    # latency: local, or local then cloud: 100, 260, 300, 480, 590
+    assert s["latency_p50_ms"] == pytest.approx(300.0)
+
+
+def test_early_exit_replay_charges_only_the_decoded_share():
+    cfg = {"chain": [{"type": "early_exit", "bar": 0.5, "min_tokens": 2, "signal": "min_prob"}, {"type": "threshold", "p": 0.0}]}
+    result = replay(cfg, _records())
+    assert result.routes() == ["local", "local", "local", "local", "cloud"]
+    # item 4 stops after its 2nd token (exp(-3) < 0.5): prefill 1 J + decode (10 - 1) * 2/4 tokens
+    assert result.local_joules[4] == pytest.approx(1.0 + 9.0 * 2 / 4)
+    assert result.latency_ms[4] == pytest.approx(10.0 + 490.0 * 2 / 4 + 90.0)
+
+
+def test_gain_replay_uses_the_cloud_prior():
+    records = _records(p_cloud=[0.5, 0.9, 0.1, 0.8, 0.3])
+    result = replay({"type": "gain", "min_gain": 0.2}, records)
+    assert result.routes() == ["local", "cloud", "local", "cloud", "local"]  # gains -0.4, 0.7, -0.5, 0.7, -0.1
+    assert result.correct.tolist() == [True, True, True, True, False]
+
+
+def _point(name, acc, usd, j, ms):
+    o = {"accuracy": acc, "cloud_usd_per_1k": usd, "device_j_per_request": j, "latency_p50_ms": ms, "escalation_rate": 0.0,
+         "latency_p95_ms": ms, "n": 10}
+    return Point(name=name, family=name, config={"type": "never"}, overall=o, by_family={"f": o})
+
+
+def test_frontier_is_non_dominated_and_complete():
+    rng = np.random.default_rng(0)
+    points = [_point(f"p{i}", *rng.random(4)) for i in range(60)] + [_point("dup", 0.5, 0.5, 0.5, 0.5), _point("dup2", 0.5, 0.5, 0.5, 0.5)]
+    front = pareto_front(points)
+
+    def dominates(a, b):
+        va = np.array([-a.overall["accuracy"], a.overall["cloud_usd_per_1k"], a.overall["device_j_per_request"], a.overall["latency_p50_ms"]])
+        vb = np.array([-b.overall["accuracy"], b.overall["cloud_usd_per_1k"], b.overall["device_j_per_request"], b.overall["latency_p50_ms"]])
+        return (va <= vb).all() and (va < vb).any()
+
+    for p in front:
+        assert not any(dominates(q, p) for q in points)
+    for p in points:
+        if p not in front and p.name != "dup2":
+            assert any(dominates(q, p) for q in front)
+    assert sum(p.name.startswith("dup") for p in front) <= 1
+
+
+@pytest.mark.parametrize(("goal", "message"), [
+    ("", "empty goal"),
+    ("accuracy>0.9", "cannot read"),
+    ("usd<=0.5", "per 1,000 requests"),
+    ("accuracy<=0.9", "accuracy takes >="),
+    ("joules<=2*cloud", "only accuracy can be relative"),
+    ("max-accuracy", "needs at least one constraint"),
+    ("accuracy>=1.5", "fraction"),
+])
+def test_goal_errors_are_clear(goal, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_goal(goal)
+    assert info.value.field == "goal"
+
+
+def test_goals_pick_the_cheapest_or_the_most_accurate():
+    points = [_point("local", 0.3, 0.0, 1.0, 100), _point("cloud", 0.5, 1.0, 0.1, 50), _point("mix", 0.49, 0.4, 0.8, 90),
+              _point("mix2", 0.45, 0.2, 0.9, 95)]
+    base = {"cloud": 0.5, "local": 0.3}
+    assert recommend(parse_goal("accuracy>=0.95*cloud"), points, base).name == "mix"
+    assert recommend(parse_goal("max-accuracy usd<=0.30/1k"), points, base).name == "mix2"
+    assert recommend(parse_goal("max-accuracy joules<=0.5"), points, base).name == "cloud"
+    assert recommend(parse_goal("accuracy>=0.9"), points, base) is None
+
+
+def test_recommended_snippet_loads_in_the_daemon_settings(tmp_path):
+    from edge_runtime.settings import load_runtime_settings
+
+    point = Point(name="x", family="budget+threshold", overall={"accuracy": 0.4, "escalation_rate": 0.2, "cloud_usd_per_1k": 0.1},
+                  config={"chain": [{"type": "budget", "usd": 0.01, "period_s": 10 ** 9}, {"type": "threshold", "p": 0.3}]})
+    text = config_snippet(point, estimator_path=str(tmp_path / "estimator.json"), n_items=100, requests_per_day=5000, goal="g")
+    path = tmp_path / "rec.toml"
+    path.write_text(text)
+    settings = load_runtime_settings(path, env={})
+    assert settings.policy["chain"][0] == {"type": "budget", "usd": 0.5, "period_s": 86400}  # 0.01 per 100 requests at 5000/day
+    assert settings.engine.estimator == tmp_path / "estimator.json"
+
+
+class _CountingEngine:
+    """Wraps a real engine to count generations."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.calls = 0
+        self.model_name, self.bundle_hash = engine.model_name, engine.bundle_hash
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        return self.engine.generate(*args, **kwargs)
+
+
+def test_an_interrupted_run_resumes_from_its_cache(tiny_bundle, tmp_path, tiny_suite):
+    from edge_runtime.engine import Engine
+    from edge_runtime.tasks import load_suite
+
+    items = load_suite(tiny_suite, "test")
+    engine = _CountingEngine(Engine(tiny_bundle, energy_meter=None))
+
+    def interrupt(rec):
+        if engine.calls == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_edge(engine, items, root=tmp_path, on_record=interrupt)
+    cache_file = next(tmp_path.glob("edge-*.jsonl"))
+    with cache_file.open("a") as fh:
+        fh.write('{"item_id": "cut sh')  # a line cut short by the interruption
+    records = run_edge(engine, items, root=tmp_path)
+    assert engine.calls == len(items)  # the 3 done before the interruption were not run again
+    assert [r["item_id"] for r in records] == [it.id for it in items]
+    again = run_edge(engine, items, root=tmp_path)
+    assert engine.calls == len(items) and again == records
+
+
+@pytest.fixture()
+def tiny_suite(tmp_path):
+    lines = []
+    for i in range(16):
+        for split in ("dev", "test"):
+            fam = ("arith", "words")[i % 2]
+            lines.append({"id": f"{split}-{i}", "family": fam, "split": split,
+                          "messages": [{"role": "user", "content": f"what is {i} + {i + 1}? give only the number."}],
+                          "answers": [str(2 * i + 1)], "scorer": "number"})
+    path = tmp_path / "suite.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_suite, tmp_path, monkeypatch):
+    from edge_runtime.explore import explore
+
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    result = explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out,
+                     suite=str(tiny_suite), goals=["accuracy>=0.95*cloud", "max-accuracy usd<=0.01/1k"], validate=True,
+                     root=tmp_path / "runs")
+    for name in ("report.md", "points.csv", "frontier.csv", "estimator.json"):
+        assert (out / name).is_file(), name
+    assert {"accuracy_vs_escalation.png", "accuracy_vs_usd.png", "accuracy_vs_joules.png"} <= {p.name for p in out.glob("*.png")}
+    report = (out / "report.md").read_text()
+    assert "always-local" in report and "Pareto frontier" in report and "Task dependence" in report and "ESTIMATE" in report
+    assert result.validation is not None and result.validation["n"] == 4  # every 4th of the 16 test items was held back
+    assert result.recommendations[0]["config_file"] == "recommended.toml"
+    from edge_runtime.settings import load_runtime_settings
+
+    load_runtime_settings(out / "recommended.toml", env={})  # the daemon loads it as is
+    assert len(result.measurements.items) == 12
+    # a second run replays from the cache: no new edge or bridge runs
+    before = {p.name: p.stat().st_size for p in (tmp_path / "runs").iterdir()}
+    explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out, suite=str(tiny_suite),
+            goals=["max-accuracy joules<=100"], validate=True, root=tmp_path / "runs")
+    assert {p.name: p.stat().st_size for p in (tmp_path / "runs").iterdir()} == before
