@@ -22,6 +22,9 @@ BASE = [
     # small pure-Python libraries
     "jinja2>=3.1",  # sandboxed rendering of the bundle's chat template
     "tqdm>=4.66",  # progress bars on long steps (calibration, exploration)
+    # the daemon's HTTP stack: an ASGI app on uvicorn's pure-Python h11 server (no [standard] C extras)
+    "starlette>=0.40",
+    "uvicorn>=0.30",
 ]
 
 EXPORT = [
@@ -41,6 +44,7 @@ DEV = [
     # regenerates and compares (bump together with the grpcio/protobuf floors, then `make proto`)
     "grpcio-tools==1.85.1",
     "cryptography>=42",  # certificates generated in the TLS/mTLS tests
+    "openai>=1.40",  # the official client, against the daemon in tests/daemon
 ]
 
 EXPLORE = [
@@ -54,7 +58,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["edge_runtime*", "cloud_bridge*", "quantize*"]),
     package_data={
-        "edge_runtime": ["py.typed", "data/*", "**/*.json", "**/*.txt", "_proto/**/*.pyi"],
+        "edge_runtime": ["py.typed", "data/*", "**/*.json", "**/*.txt", "_proto/**/*.pyi", "daemon/deploy/*"],
         "quantize": ["data/*"],
     },
     include_package_data=True,

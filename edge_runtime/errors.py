@@ -7,7 +7,8 @@ foreign errors (onnxruntime, grpc, OS) are translated at the boundary with
     EdgeRuntimeError
      ├── ConfigError                 bad settings value (names the field)
      ├── InvalidRequestError         bad generation/request parameter (names the field)
-     │    └── ContextLengthError     prompt + max_new_tokens exceed the context window
+     │    ├── ContextLengthError     prompt + max_new_tokens exceed the context window
+     │    └── ModelNotFoundError     a request named a model the daemon does not serve
      ├── BundleError                 a model bundle cannot be used
      │    ├── BundleNotFoundError
      │    ├── BundleVerificationError   a file's size or SHA-256 does not match (names the file)
@@ -18,6 +19,8 @@ foreign errors (onnxruntime, grpc, OS) are translated at the boundary with
      ├── EnergyError                 power/energy measurement problem
      ├── EstimatorError              confidence estimator file unusable
      ├── QueueFullError              bounded queue is full (carries retry_after_s)
+     ├── ServiceUnavailableError     the daemon is loading its model or shutting down (carries retry_after_s)
+     ├── RequestTimeoutError         a daemon request ran past its deadline (the generation was stopped)
      ├── CloudError                  escalation to the cloud bridge failed
      │    ├── CloudAuthError         UNAUTHENTICATED / PERMISSION_DENIED
      │    ├── CloudQuotaError        RESOURCE_EXHAUSTED (carries retry_after_s)
@@ -53,6 +56,9 @@ __all__ = [
     "CircuitOpenError",
     "BackendError",
     "TaskSuiteError",
+    "ModelNotFoundError",
+    "ServiceUnavailableError",
+    "RequestTimeoutError",
 ]
 
 
@@ -185,3 +191,23 @@ class TaskSuiteError(EdgeRuntimeError):
         super().__init__(message)
         self.line = line
         self.field = field
+
+
+class ModelNotFoundError(InvalidRequestError):
+    """A request named a model (alias) that is not served."""
+
+
+class ServiceUnavailableError(EdgeRuntimeError):
+    """The daemon cannot take requests now; ``reason`` says why (``model_loading``, ``shutting_down``).
+
+    Retry after ``retry_after_s`` seconds (None: do not expect it to come back soon).
+    """
+
+    def __init__(self, message: str, *, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(EdgeRuntimeError):
+    """A daemon request ran past its deadline, queueing included; its generation was stopped."""

@@ -79,12 +79,15 @@ class ServerSettings:
     request_timeout_s: float = setting(300.0, help="longest a request may take, queueing included")
     drain_timeout_s: float = setting(30.0, help="on SIGTERM, how long in-flight requests may finish")
     log_content: bool = setting(False, help="log prompts and answers (off: only sizes and timings are logged)")
+    max_body_bytes: int = setting(1 << 20, help="largest HTTP request body accepted (larger: 413)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError("must be between 0 and 65535", field="server.port")
         if self.queue_size < 1:
             raise ConfigError("must be >= 1", field="server.queue_size")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("must be >= 1024", field="server.max_body_bytes")
         for name in ("request_timeout_s", "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError("must be > 0", field=f"server.{name}")

@@ -1,0 +1,325 @@
+"""Benchmark of the local daemon: what HTTP, queueing and routing add to a generation, and its throughput.
+
+1. Overhead: the same greedy request (same prompt, same max_tokens, so the same
+   tokens) made three ways, interleaved so that a change in the machine's load
+   hits all three alike:
+   - ``engine``: ``Engine.generate`` in this process (the floor);
+   - ``runtime``: ``HybridRuntime.chat`` in this process (adds the policy, the
+     confidence estimate, the energy and cost account);
+   - ``daemon``: ``POST /v1/chat/completions`` to ``edge-runtime serve`` running
+     in a subprocess, over a keep-alive loopback connection (adds HTTP, JSON,
+     the queue and the worker thread hand-off).
+   The order of the three rotates every round (each path in turn runs first,
+   after the other process has had the CPU caches).
+   p50 and p99 of each, and the daemon's overhead over the engine (difference of
+   the p50s, of the p99s, and the median of the per-round differences).
+   Target: overhead p50 <= 5 ms on loopback.
+2. Throughput with 1, 4 and 16 concurrent clients (each on its own keep-alive
+   connection, back to back): requests/s, completion tokens/s, latency p50/p99,
+   and how many were refused (the queue is sized so that none should be).
+
+The bundle is the cached SmolLM2-135M-Instruct int4 bundle when there is one,
+else ``--bundle DIR`` (e.g. a tiny test bundle); the results say which.
+
+    python benchmarks/daemon.py [--bundle DIR] [--rounds 100] [--max-tokens 16] [--per-client 12]
+
+Writes benchmarks/results/daemon-<host>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary_ms(values_s: list[float]) -> dict[str, float]:
+    ms = [v * 1000.0 for v in values_s]
+    return {"p50_ms": round(percentile(ms, 50), 3), "p99_ms": round(percentile(ms, 99), 3),
+            "mean_ms": round(statistics.fmean(ms), 3), "n": len(ms)}
+
+
+def default_bundle() -> Path | None:
+    from edge_runtime.bundle import verify_bundle
+    from edge_runtime.errors import BundleError
+    from edge_runtime.models import default_bundle_dir
+
+    path = default_bundle_dir("smollm2-135m-instruct", "int4")
+    try:
+        verify_bundle(path, "fast")
+    except BundleError:
+        return None
+    return path
+
+
+class Daemon:
+    """``edge-runtime serve`` in a subprocess, on a free loopback port, without gRPC."""
+
+    def __init__(self, bundle: Path, *, threads: int | None, queue_size: int, max_tokens: int) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="edge-daemon-bench-")
+        config = Path(self.dir.name) / "edge.toml"
+        engine = f'bundle = "{bundle}"\nmax_new_tokens = {max_tokens}\n' + (f"threads = {threads}\n" if threads else "")
+        config.write_text(f'[engine]\n{engine}[policy]\ntype = "never"\n'
+                          f'[server]\nport = 0\ngrpc_socket = ""\nqueue_size = {queue_size}\n')
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_RUNTIME_") or k == "EDGE_RUNTIME_CACHE"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", "--config", str(config)],
+                                     env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.port = 0
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                self.port = int(found.group(1))
+                break
+        if not self.port:
+            raise SystemExit(f"the daemon did not start (exit code {self.proc.wait()})")
+        # keep reading its log (a line per request) so that it never blocks on a full pipe
+        threading.Thread(target=self._drain_log, daemon=True).start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if Client(self.port).get("/health") == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit("the daemon did not become ready in 120 s")
+
+    def _drain_log(self) -> None:
+        assert self.proc.stderr is not None
+        for _line in self.proc.stderr:
+            pass
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(60)
+        self.dir.cleanup()
+        return code
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+
+    def get(self, path: str) -> int:
+        self.conn.request("GET", path)
+        resp = self.conn.getresponse()
+        resp.read()
+        return resp.status
+
+    def chat(self, max_tokens: int) -> tuple[int, dict[str, Any]]:
+        body = json.dumps({"model": "local", "messages": MESSAGES, "max_tokens": max_tokens}).encode()
+        self.conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
+        resp = self.conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def overhead(bundle: Path, daemon: Daemon, *, rounds: int, max_tokens: int, threads: int | None) -> dict[str, Any]:
+    from edge_runtime.engine import Engine
+    from edge_runtime.hybrid import HybridRuntime
+
+    engine = Engine(bundle, intra_op_threads=threads)
+    runtime = HybridRuntime(engine, policy={"type": "never"})
+    client = Client(daemon.port)
+    inside: list[dict[str, float]] = []  # the daemon's own account of each request (its "latency" object)
+
+    def via_daemon() -> str:
+        body = client.chat(max_tokens)[1]
+        inside.append(body["latency"])
+        return body["choices"][0]["message"]["content"]
+
+    calls = {
+        "engine": lambda: engine.generate(messages=MESSAGES, max_new_tokens=max_tokens).text,
+        "runtime": lambda: runtime.chat(MESSAGES, model="local", max_new_tokens=max_tokens).text,
+        "daemon": via_daemon,
+    }
+    texts = {name: call() for name, call in calls.items()}  # warm up (and the answers must agree)
+    if len(set(texts.values())) != 1:
+        raise SystemExit(f"the three paths answered differently: {texts}")
+    inside.clear()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for i in range(rounds):
+        # rotate the order: the path that runs right after the other process (cold CPU caches) changes every round
+        for name in names[i % 3:] + names[:i % 3]:
+            # a pause between calls: onnxruntime's threads spin for a while after a run, and the other
+            # process' spinning threads would otherwise steal the cores of the next call (2 cores here)
+            time.sleep(0.05)
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    client.close()
+    engine.close()
+    diffs = [d - e for d, e in zip(times["daemon"], times["engine"], strict=True)]
+    routing = [r - e for r, e in zip(times["runtime"], times["engine"], strict=True)]
+    out: dict[str, Any] = {name: summary_ms(values) for name, values in times.items()}
+    out["daemon_overhead"] = {
+        "p50_ms": round(out["daemon"]["p50_ms"] - out["engine"]["p50_ms"], 3),
+        "p99_ms": round(out["daemon"]["p99_ms"] - out["engine"]["p99_ms"], 3),
+        "median_of_paired_differences_ms": round(statistics.median(diffs) * 1000.0, 3),
+    }
+    out["routing_overhead"] = {
+        "p50_ms": round(out["runtime"]["p50_ms"] - out["engine"]["p50_ms"], 3),
+        "median_of_paired_differences_ms": round(statistics.median(routing) * 1000.0, 3),
+    }
+    # within each daemon request, immune to the other process: HTTP + JSON + queue + thread hand-offs
+    # (round trip minus the runtime's call) and routing (the runtime's call minus prefill and decode)
+    outside = [d * 1000.0 - (x["queue_ms"] + x["total_ms"]) for d, x in zip(times["daemon"], inside, strict=True)]
+    route = [x["total_ms"] - x["local_prefill_ms"] - x["local_decode_ms"] for x in inside]
+    out["daemon_breakdown"] = {
+        "http_queue_handoff_p50_ms": round(percentile(outside, 50), 3),
+        "http_queue_handoff_p99_ms": round(percentile(outside, 99), 3),
+        "queue_p50_ms": round(percentile([x["queue_ms"] for x in inside], 50), 3),
+        "routing_p50_ms": round(percentile(route, 50), 3),
+        "routing_p99_ms": round(percentile(route, 99), 3),
+        "http_queue_handoff_plus_routing_p50_ms": round(
+            percentile([a + b for a, b in zip(outside, route, strict=True)], 50), 3),
+    }
+    out["completion_tokens"] = client_tokens(daemon.port, max_tokens)
+    return out
+
+
+def client_tokens(port: int, max_tokens: int) -> int:
+    c = Client(port)
+    try:
+        return int(c.chat(max_tokens)[1]["usage"]["completion_tokens"])
+    finally:
+        c.close()
+
+
+def throughput(daemon: Daemon, clients: int, per_client: int, max_tokens: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    tokens = [0]
+    refused = [0]
+    failures: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def run() -> None:
+        c = Client(daemon.port)
+        try:
+            barrier.wait(60)
+            for _ in range(per_client):
+                t0 = time.perf_counter()
+                status, body = c.chat(max_tokens)
+                took = time.perf_counter() - t0
+                with lock:
+                    if status == 200:
+                        latencies.append(took)
+                        tokens[0] += body["usage"]["completion_tokens"]
+                    elif status == 429:
+                        refused[0] += 1
+                    else:
+                        failures.append(f"{status}: {body}")
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if failures:
+        raise SystemExit(f"{len(failures)} requests failed, e.g. {failures[0]}")
+    return {"clients": clients, "requests": len(latencies), "refused_429": refused[0], "seconds": round(wall, 3),
+            "requests_per_s": round(len(latencies) / wall, 3), "completion_tokens_per_s": round(tokens[0] / wall, 2),
+            **summary_ms(latencies)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, help="bundle directory (default: the cached SmolLM2-135M int4 bundle)")
+    parser.add_argument("--rounds", type=int, default=100, help="overhead: requests per path (default 100)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="completion tokens per request (default 16)")
+    parser.add_argument("--per-client", type=int, default=12, help="throughput: requests per client (default 12)")
+    parser.add_argument("--threads", type=int, help="intra-op threads of both engines (default: physical cores)")
+    parser.add_argument("--out", type=Path,
+                        default=ROOT / "benchmarks" / "results" / f"daemon-{socket.gethostname()}.json")
+    args = parser.parse_args(argv)
+
+    bundle = args.bundle or default_bundle()
+    if bundle is None:
+        raise SystemExit("no cached smollm2-135m-instruct int4 bundle: pass --bundle DIR")
+    load_before = os.getloadavg()
+    daemon = Daemon(bundle, threads=args.threads, queue_size=32, max_tokens=args.max_tokens)
+    try:
+        over = overhead(bundle, daemon, rounds=args.rounds, max_tokens=args.max_tokens, threads=args.threads)
+        through = [throughput(daemon, n, args.per_client, args.max_tokens) for n in (1, 4, 16)]
+    finally:
+        exit_code = daemon.stop()
+    load_after = os.getloadavg()
+
+    from edge_runtime.bundle import verify_bundle
+
+    manifest = verify_bundle(bundle, "fast")
+    results = {
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "bundle": {"name": manifest.name, "precision": manifest.precision, "path": str(bundle)},
+        "settings": {"max_tokens": args.max_tokens, "rounds": args.rounds, "per_client": args.per_client,
+                     "threads": args.threads, "max_sessions": 1, "queue_size": 32, "policy": "never",
+                     "transport": "HTTP/1.1 keep-alive on loopback, uvicorn h11"},
+        "overhead": over,
+        "throughput": through,
+        "daemon_exit_code_after_sigterm": exit_code,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"bundle {manifest.name} ({manifest.precision}), {args.max_tokens} tokens a request, "
+          f"load average {load_before[0]:.2f} -> {load_after[0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"{'path':<10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    for name in ("engine", "runtime", "daemon"):
+        s = over[name]
+        print(f"{name:<10}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}{s['mean_ms']:>10.2f}")
+    o = over["daemon_overhead"]
+    print(f"daemon overhead over the engine: p50 {o['p50_ms']:.2f} ms, p99 {o['p99_ms']:.2f} ms, "
+          f"median paired {o['median_of_paired_differences_ms']:.2f} ms (target p50 <= 5 ms)")
+    k = over["daemon_breakdown"]
+    print(f"inside each daemon request: HTTP+queue+hand-off p50 {k['http_queue_handoff_p50_ms']:.2f} ms "
+          f"(p99 {k['http_queue_handoff_p99_ms']:.2f}), routing p50 {k['routing_p50_ms']:.2f} ms, "
+          f"together p50 {k['http_queue_handoff_plus_routing_p50_ms']:.2f} ms")
+    print(f"{'clients':>8}{'req/s':>9}{'tok/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'429':>6}")
+    for t in through:
+        print(f"{t['clients']:>8}{t['requests_per_s']:>9.2f}{t['completion_tokens_per_s']:>9.1f}"
+              f"{t['p50_ms']:>10.1f}{t['p99_ms']:>10.1f}{t['refused_429']:>6}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

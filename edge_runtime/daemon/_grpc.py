@@ -1,0 +1,283 @@
+"""The daemon's gRPC service (``edgecloud.v1.EdgeRuntime``) on a Unix socket, beside the standard health service.
+
+Same core as the HTTP API (:class:`ChatService`): the same validation, queue,
+cancellation and accounting. A call's deadline bounds its job; a cancelled
+call (client gone) cancels the generation. Errors are status codes with
+google.rpc details, as in ``proto/edgecloud/v1/daemon.proto``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from .._proto.edgecloud.v1 import bridge_pb2, daemon_pb2, daemon_pb2_grpc
+from ..engine.types import TokenInfo
+from ..errors import (
+    ConfigError,
+    ContextLengthError,
+    EdgeRuntimeError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+)
+from ..hybrid import HybridResult
+from ._request import ChatRequest, build_chat_request
+from ._service import ChatService, ClientGone, Job
+
+__all__ = ["SERVICE_NAME", "EdgeRuntimeServicer", "create_grpc_server", "status_for", "request_from_proto"]
+
+log = logging.getLogger("edge_runtime.daemon")
+
+SERVICE_NAME = daemon_pb2.DESCRIPTOR.services_by_name["EdgeRuntime"].full_name
+DOMAIN = "edgecloud.v1"
+# sun_path is 108 bytes on Linux, the terminating NUL included
+_MAX_SOCKET_PATH = 107
+
+_FINISH = {
+    "stop": bridge_pb2.FINISH_REASON_STOP,
+    "eos": bridge_pb2.FINISH_REASON_EOS,
+    "length": bridge_pb2.FINISH_REASON_LENGTH,
+    "cancelled": bridge_pb2.FINISH_REASON_CANCELLED,
+    "content_filter": bridge_pb2.FINISH_REASON_CONTENT_FILTER,
+}
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+
+
+def _status(code: grpc.StatusCode, message: str, *details: Message) -> grpc.Status:
+    status = status_pb2.Status(code=code.value[0], message=message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    return rpc_status.to_status(status)
+
+
+def _bad_request(field: str | None, description: str) -> error_details_pb2.BadRequest:
+    return error_details_pb2.BadRequest(
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field or "", description=description)]
+    )
+
+
+def _retry_info(delay_s: float) -> error_details_pb2.RetryInfo:
+    seconds = int(delay_s)
+    return error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=seconds, nanos=int((delay_s - seconds) * 1e9)))
+
+
+def _error_info(reason: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)
+
+
+def status_for(err: BaseException) -> grpc.Status:
+    """The gRPC status (with google.rpc details) for one of our errors."""
+    if isinstance(err, ModelNotFoundError):
+        return _status(grpc.StatusCode.NOT_FOUND, str(err), _bad_request("model", str(err)))
+    if isinstance(err, ContextLengthError):
+        return _status(grpc.StatusCode.INVALID_ARGUMENT, str(err), _bad_request(err.field, str(err)),
+                       _error_info("CONTEXT_LENGTH_EXCEEDED"))
+    if isinstance(err, InvalidRequestError):
+        return _status(grpc.StatusCode.INVALID_ARGUMENT, str(err), _bad_request(err.field, str(err)))
+    if isinstance(err, QueueFullError):
+        return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), _retry_info(err.retry_after_s),
+                       _error_info("QUEUE_FULL"))
+    if isinstance(err, ServiceUnavailableError):
+        details: list[Message] = [_error_info(err.reason.upper())]
+        if err.retry_after_s is not None:
+            details.append(_retry_info(err.retry_after_s))
+        return _status(grpc.StatusCode.UNAVAILABLE, str(err), *details)
+    if isinstance(err, RequestTimeoutError):
+        return _status(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
+    return _status(grpc.StatusCode.INTERNAL, "the daemon failed to answer this request (see its log)")
+
+
+# ---- messages ---------------------------------------------------------------------------------------
+
+
+def request_from_proto(msg: daemon_pb2.ChatRequest) -> ChatRequest:
+    sampling: dict[str, Any] = {}
+    s = msg.sampling
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if s.HasField(name):
+            sampling[name] = getattr(s, name)
+    if s.stop:
+        sampling["stop"] = tuple(s.stop)
+    if msg.HasField("max_new_tokens"):
+        sampling["max_new_tokens"] = msg.max_new_tokens
+    return build_chat_request(
+        messages=[{"role": m.role, "content": m.content} for m in msg.messages],
+        model=msg.model or None,
+        sampling=sampling,
+        stream=False,
+        logprobs=msg.logprobs,
+        top_logprobs=msg.top_logprobs,
+        reveal_draft=msg.reveal_draft,
+        request_id=msg.request_id or None,
+    )
+
+
+def _token(token: TokenInfo, service: ChatService) -> daemon_pb2.TokenLogprob:
+    out = daemon_pb2.TokenLogprob(token=token.text, logprob=token.logprob,
+                                  token_bytes=bytes(service.token_bytes(token.id) or b""))
+    for t in token.top_logprobs or ():
+        out.top_logprobs.add(token=t.token, logprob=t.logprob, token_bytes=bytes(t.bytes or b""))
+    return out
+
+
+def response_from_result(result: HybridResult, job: Job) -> daemon_pb2.ChatResponse:
+    service = job.service
+    routing = daemon_pb2.Routing(route=result.route, policy=result.policy, reason=result.reason, detail=result.detail,
+                                 cloud_error=result.cloud_error or "")
+    if result.p_correct is not None:
+        routing.p_correct = result.p_correct
+    if result.threshold is not None:
+        routing.threshold = result.threshold
+    if result.draft is not None:
+        routing.draft = result.draft
+    e = result.energy
+    energy = daemon_pb2.Energy(joules=e["joules"], source=e["source"], estimated=e["estimated"], seconds=e["seconds"],
+                               network_joules=e["network_joules"])
+    if e.get("process_joules") is not None:
+        energy.process_joules = e["process_joules"]
+    c = result.cost
+    lat = result.latency_ms
+    response = daemon_pb2.ChatResponse(
+        request_id=result.request_id, text=result.text, finish_reason=_FINISH.get(result.finish_reason, 0),
+        model=result.model, routing=routing, energy=energy,
+        cost=daemon_pb2.Cost(cloud_usd=c["cloud_usd"], device_energy_usd=c["device_energy_usd"],
+                             network_energy_j=c["network_energy_j"], total_usd=c["total_usd"]),
+        usage=daemon_pb2.RouteUsage(local=bridge_pb2.Usage(**result.usage["local"]),
+                                    cloud=bridge_pb2.Usage(**result.usage["cloud"])),
+        latency=daemon_pb2.Latency(queue_ms=job.queue_ms, local_prefill_ms=lat["local_prefill_ms"],
+                                   local_decode_ms=lat["local_decode_ms"], cloud_ms=lat["cloud_ms"],
+                                   network_ms=lat["network_ms"], total_ms=lat["total_ms"]),
+    )
+    if job.request.logprobs and result.route != "cloud":
+        response.logprobs.extend(_token(t, service) for t in result.tokens if not service.is_eos(t.id))
+    return response
+
+
+# ---- the service ------------------------------------------------------------------------------------
+
+
+class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+
+    def _open(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> Job:
+        try:
+            req = request_from_proto(request)
+            job = self.service.open(req, "grpc", timeout_s=context.time_remaining())
+        except EdgeRuntimeError as err:
+            self.service.refused("grpc", err)
+            context.abort_with_status(status_for(err))
+            raise  # abort_with_status raises; this line is for the type checker
+        # runs when the call ends for any reason; a no-op for a job that already finished
+        context.add_callback(lambda: job.cancel("client_gone"))
+        return job
+
+    def Chat(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> daemon_pb2.ChatResponse:
+        job = self._open(request, context)
+        try:
+            return response_from_result(job.run(), job)
+        except ClientGone:
+            context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
+        except EdgeRuntimeError as err:
+            context.abort_with_status(status_for(err))
+        except Exception:
+            log.exception("request %s failed", job.request.request_id)
+            context.abort_with_status(status_for(RuntimeError()))
+        raise AssertionError("unreachable: abort() raises")
+
+    def ChatStream(self, request: daemon_pb2.ChatRequest,
+                   context: grpc.ServicerContext) -> Iterator[daemon_pb2.ChatStreamResponse]:
+        job = self._open(request, context)
+        try:
+            for chunk in job.iterate():
+                if chunk.result is not None:
+                    yield daemon_pb2.ChatStreamResponse(final=response_from_result(chunk.result, job))
+                elif chunk.kind == "withdraw":
+                    yield daemon_pb2.ChatStreamResponse(withdraw=daemon_pb2.Withdraw())
+                else:
+                    delta = daemon_pb2.ChatDelta(text=chunk.text)
+                    token = chunk.token
+                    if job.request.logprobs and token is not None and not self.service.is_eos(token.id):
+                        delta.logprob.CopyFrom(_token(token, self.service))
+                    elif not chunk.text:
+                        continue
+                    yield daemon_pb2.ChatStreamResponse(delta=delta)
+        except ClientGone:
+            context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
+        except EdgeRuntimeError as err:
+            context.abort_with_status(status_for(err))
+        except Exception:
+            log.exception("request %s failed", job.request.request_id)
+            context.abort_with_status(status_for(RuntimeError()))
+
+
+# ---- the server -------------------------------------------------------------------------------------
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Refuse a path in use by a live daemon; remove a stale socket; create a private parent directory."""
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise ConfigError(f"{path} is longer than {_MAX_SOCKET_PATH} bytes, the limit of a Unix socket path",
+                          field="server.grpc_socket")
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket", field="server.grpc_socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: a previous daemon died without cleaning up
+    else:
+        raise ConfigError(f"{path} is in use (another edge-runtime daemon?)", field="server.grpc_socket")
+    finally:
+        probe.close()
+
+
+def create_grpc_server(service: ChatService, socket_path: str | os.PathLike[str], *, max_workers: int,
+                       ) -> tuple[grpc.Server, health.HealthServicer, Path]:
+    """A gRPC server (not started) with the daemon and health services on ``socket_path``, mode 0600."""
+    path = Path(socket_path).expanduser().absolute()
+    _prepare_socket_path(path)
+    # every call holds a thread while it waits or runs; beyond that grpc refuses with RESOURCE_EXHAUSTED itself
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edge-runtime-grpc"),
+                         maximum_concurrent_rpcs=max_workers)
+    daemon_pb2_grpc.add_EdgeRuntimeServicer_to_server(EdgeRuntimeServicer(service), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # the socket must never exist with looser permissions, not even between bind and chmod
+    old_umask = os.umask(0o177)
+    try:
+        bound = server.add_insecure_port(f"unix:{path}")
+    except RuntimeError as err:
+        raise ConfigError(f"cannot listen on {path}: {err}", field="server.grpc_socket") from err
+    finally:
+        os.umask(old_umask)
+    if not bound:
+        raise ConfigError(f"cannot listen on {path}", field="server.grpc_socket")
+    os.chmod(path, 0o600)
+    return server, health_servicer, path

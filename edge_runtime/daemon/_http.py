@@ -1,0 +1,260 @@
+"""The OpenAI-compatible HTTP API (a Starlette app; uvicorn serves it).
+
+``POST /v1/chat/completions`` (JSON, or SSE with ``stream: true``), ``GET /v1/models``,
+``GET /v1/models/{id}``, ``GET /health`` (503 while loading, draining or failed),
+``GET /metrics`` (Prometheus text).
+
+The runtime is blocking, so each completion runs in a worker thread of the
+service's executor. A stream is bridged from that thread to the event loop
+chunk by chunk (``call_soon_threadsafe`` into an asyncio queue), so text goes
+out as soon as the runtime releases it. While a completion runs, a watcher
+waits for the client's ``http.disconnect`` and cancels the job: the engine
+stops at its next token, and nothing is escalated for a client that left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from ..errors import EdgeRuntimeError
+from ..hybrid import MODEL_ALIASES, HybridChunk, HybridResult
+from ._errors import ApiError, api_error
+from ._openai import (
+    chunk_object,
+    completion_object,
+    final_chunk_objects,
+    logprob_entry,
+    models_object,
+    parse_chat_request,
+)
+from ._request import ChatRequest, new_request_id
+from ._service import ChatService, ClientGone, Job
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("edge_runtime.daemon")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_END = object()  # the worker thread finished (its future holds the result or the error)
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.all_headers())
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _watch_disconnect(receive: Receive, job: Job) -> None:
+    """Cancel ``job`` when the client goes away (the request body has been read: the next message is a disconnect)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            job.cancel("client_gone")
+            return
+
+
+class ChatCompletions:
+    """``POST /v1/chat/completions`` as a plain ASGI app: it needs ``receive`` for the whole request's life."""
+
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        request_id = request.headers.get("x-request-id") or new_request_id()
+        try:
+            body = await self._read_json(request)
+            req = parse_chat_request(body, request_id=request_id)
+            job = self.service.open(req, "http")
+        except _BodyError as err:
+            self.service.metrics.count_request("http", "invalid")
+            await _error_response(err.error)(scope, receive, send)
+            return
+        except EdgeRuntimeError as err:
+            self.service.refused("http", err)
+            await _error_response(api_error(err))(scope, receive, send)
+            return
+        headers = {"x-request-id": req.request_id}
+        if req.stream:
+            await self._stream(job, req, receive, send, headers)
+        else:
+            await self._complete(job, req, scope, receive, send, headers)
+
+    async def _read_json(self, request: Request) -> Any:
+        limit = self.service.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _BodyError(ApiError(413, f"the request body is over {limit} bytes (server.max_body_bytes)",
+                                      "invalid_request_error", None, "request_too_large"))
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _BodyError(ApiError(413, f"the request body is over {limit} bytes (server.max_body_bytes)",
+                                          "invalid_request_error", None, "request_too_large"))
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise _BodyError(ApiError(400, f"the request body is not valid JSON: {err}", "invalid_request_error",
+                                      None, "invalid_json")) from None
+
+    async def _complete(self, job: Job, req: ChatRequest, scope: Scope, receive: Receive, send: Send,
+                        headers: dict[str, str]) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.service.executor is not None
+        future = loop.run_in_executor(self.service.executor, job.run)
+        watcher = asyncio.create_task(_watch_disconnect(receive, job))
+        try:
+            # shielded: if this task is cancelled the job still runs (and ends at once), releasing its slot
+            result = await asyncio.shield(future)
+        except ClientGone:
+            return
+        except EdgeRuntimeError as err:
+            await _error_response(api_error(err))(scope, receive, send)
+            return
+        except asyncio.CancelledError:
+            job.cancel("shutdown")
+            raise
+        except Exception:
+            log.exception("request %s failed", req.request_id)
+            await _error_response(api_error(RuntimeError()))(scope, receive, send)
+            return
+        finally:
+            watcher.cancel()
+        body = completion_object(result, req, created=int(time.time()), queue_ms=job.queue_ms,
+                                 is_eos=self.service.is_eos, token_bytes=self.service.token_bytes)
+        await JSONResponse(body, headers=headers)(scope, receive, send)
+
+    async def _stream(self, job: Job, req: ChatRequest, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[Any] = asyncio.Queue()
+
+        def on_chunk(chunk: HybridChunk) -> None:  # in the worker thread
+            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+
+        assert self.service.executor is not None
+        future = loop.run_in_executor(self.service.executor, job.run, on_chunk)
+        # the future's callbacks run on this loop after every chunk the thread queued before it ended
+        future.add_done_callback(lambda _f: chunks.put_nowait(_END))
+        watcher = asyncio.create_task(_watch_disconnect(receive, job))
+        created = int(time.time())
+        raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                       (b"x-accel-buffering", b"no")]
+        raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        gone = False
+
+        async def emit(data: bytes) -> None:
+            nonlocal gone
+            if gone or job.reason == "client_gone":
+                gone = True
+                return
+            try:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            except OSError:  # the connection broke under us
+                gone = True
+                job.cancel("client_gone")
+
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
+            first = chunk_object(req, created=created, model=req.model, delta={"role": "assistant", "content": ""})
+            await emit(_sse(first))
+            while True:
+                item = await chunks.get()
+                if item is _END:
+                    break
+                if item.kind == "withdraw":
+                    continue  # OpenAI's stream has no way to take text back; HTTP never reveals drafts
+                token = item.token
+                entries = None
+                if req.logprobs and token is not None and not self.service.is_eos(token.id):
+                    entries = [logprob_entry(token, self.service.token_bytes)]
+                if item.text or entries:
+                    await emit(_sse(chunk_object(req, created=created, model=req.model, delta={"content": item.text},
+                                                 logprobs=entries)))
+            try:
+                result: HybridResult = await asyncio.shield(future)
+            except ClientGone:
+                return
+            except EdgeRuntimeError as err:
+                await emit(_sse(api_error(err).body()))
+            except Exception:
+                log.exception("request %s failed", req.request_id)
+                await emit(_sse(api_error(RuntimeError()).body()))
+            else:
+                for obj in final_chunk_objects(result, req, created=created, queue_ms=job.queue_ms):
+                    await emit(_sse(obj))
+            await emit(b"data: [DONE]\n\n")
+            if not gone:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            job.cancel("shutdown")
+            raise
+        finally:
+            watcher.cancel()
+
+
+class _BodyError(Exception):
+    """Control flow: the body is not JSON or too large (HTTP-only problems, answered before parsing)."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def create_app(service: ChatService) -> Starlette:
+    """The daemon's HTTP app over ``service``."""
+
+    async def models(_request: Request) -> Response:
+        return JSONResponse(models_object(created=service.started_at, local_model=service.local_model,
+                                          cloud_model=service.cloud_model))
+
+    async def model(request: Request) -> Response:
+        alias = request.path_params["model"]
+        for entry in models_object(created=service.started_at, local_model=service.local_model,
+                                   cloud_model=service.cloud_model)["data"]:
+            if entry["id"] == alias:
+                return JSONResponse(entry)
+        return _error_response(ApiError(404, f"the model `{alias}` does not exist; this daemon serves "
+                                        f"{', '.join(MODEL_ALIASES)}", "invalid_request_error", "model",
+                                        "model_not_found"))
+
+    async def health(_request: Request) -> Response:
+        body = service.health()
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    async def metrics(_request: Request) -> Response:
+        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def http_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error_response(ApiError(exc.status_code, str(exc.detail), "invalid_request_error", None, kind,
+                                        headers=dict(exc.headers or {})))
+
+    routes = [
+        Route("/v1/chat/completions", ChatCompletions(service), methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

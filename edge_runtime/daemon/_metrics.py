@@ -1,0 +1,186 @@
+"""The daemon's counters, in Prometheus' text exposition format (``GET /metrics``).
+
+Written by hand rather than with prometheus_client: a dozen series do not
+justify a dependency on the device. Every chat request, HTTP or gRPC, is
+counted exactly once in ``edge_runtime_requests_total`` under its outcome
+(``answered``, ``rejected``: queue full, loading or draining; ``invalid``;
+``cancelled``: the client left; ``timeout``; ``error``), so the outcomes add up
+to the requests received. Answered requests are broken down by route.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+__all__ = ["Metrics", "Histogram", "OUTCOMES", "ROUTES", "LATENCY_BUCKETS_S"]
+
+OUTCOMES = ("answered", "rejected", "invalid", "cancelled", "timeout", "error")
+ROUTES = ("local", "cloud", "fallback", "local_forced")
+# from a cached short answer on a laptop to a long answer on a Pi
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+QUEUE_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"
+
+
+def _number(x: float) -> str:
+    if math.isinf(x):
+        return "+Inf" if x > 0 else "-Inf"
+    if float(x).is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return repr(float(x))
+
+
+class Histogram:
+    """Cumulative buckets, sum and count for one label set."""
+
+    def __init__(self, buckets: Iterable[float]) -> None:
+        self.bounds = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str, labels: Labels) -> list[str]:
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += n
+            out.append(f"{name}_bucket{_labels((*labels, ('le', _number(bound))))} {running}")
+        out.append(f"{name}_sum{_labels(labels)} {_number(self.sum)}")
+        out.append(f"{name}_count{_labels(labels)} {self.count}")
+        return out
+
+
+class Metrics:
+    """Thread-safe counters of one daemon. ``gauges`` reads live values (queue depth...) at render time."""
+
+    def __init__(self, gauges: Callable[[], Mapping[str, float]] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._gauges = gauges or (lambda: {})
+        self.requests: dict[Labels, float] = {}
+        self.answers: dict[Labels, float] = {}
+        self.tokens: dict[Labels, float] = {}
+        self.energy_j: dict[Labels, float] = {}
+        self.network_j = 0.0
+        self.cloud_usd = 0.0
+        self.device_usd = 0.0
+        self.latency: dict[Labels, Histogram] = {}
+        self.queue_wait = Histogram(QUEUE_BUCKETS_S)
+        self.ttft: dict[Labels, Histogram] = {}
+
+    # ---- recording ----------------------------------------------------------------------------
+
+    def count_request(self, transport: str, outcome: str) -> None:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        key = (("transport", transport), ("outcome", outcome))
+        with self._lock:
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def observe_answer(self, result: Any, *, queue_s: float, total_s: float, ttft_s: float | None = None) -> None:
+        """Add an answered request (a HybridResult) to the route, token, energy, cost and latency series."""
+        route = result.route
+        with self._lock:
+            key = (("route", route),)
+            self.answers[key] = self.answers.get(key, 0) + 1
+            for side in ("local", "cloud"):
+                for kind, n in (("prompt", result.usage[side]["prompt_tokens"]),
+                                ("completion", result.usage[side]["completion_tokens"])):
+                    tkey = (("route", route), ("side", side), ("kind", kind))
+                    self.tokens[tkey] = self.tokens.get(tkey, 0) + n
+            self.energy_j[key] = self.energy_j.get(key, 0.0) + float(result.energy.get("joules") or 0.0)
+            self.network_j += float(result.energy.get("network_joules") or 0.0)
+            self.cloud_usd += float(result.cost.get("cloud_usd") or 0.0)
+            self.device_usd += float(result.cost.get("device_energy_usd") or 0.0)
+            self.latency.setdefault(key, Histogram(LATENCY_BUCKETS_S)).observe(total_s)
+            if ttft_s is not None:
+                self.ttft.setdefault(key, Histogram(LATENCY_BUCKETS_S)).observe(ttft_s)
+            self.queue_wait.observe(queue_s)
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def escalation_ratio(self) -> float:
+        """Share of answered requests that went to the cloud (answered there, or failed over to the fallback)."""
+        with self._lock:
+            answered = sum(self.answers.values())
+            escalated = sum(v for k, v in self.answers.items() if dict(k)["route"] in ("cloud", "fallback"))
+        return escalated / answered if answered else 0.0
+
+    def render(self) -> str:
+        gauges = dict(self._gauges())
+        ratio = self.escalation_ratio()
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str, samples: Mapping[Labels, float] | float) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            if isinstance(samples, Mapping):
+                for labels, value in sorted(samples.items()):
+                    lines.append(f"{name}{_labels(labels)} {_number(value)}")
+            else:
+                lines.append(f"{name} {_number(samples)}")
+
+        def histograms(name: str, help_text: str, series: Mapping[Labels, Histogram]) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} histogram")
+            for labels, h in sorted(series.items()):
+                lines.extend(h.lines(name, labels))
+
+        with self._lock:
+            requests = dict(self.requests)
+            for outcome in OUTCOMES:  # every outcome shows, at 0 until it happens
+                for transport in ("http", "grpc"):
+                    requests.setdefault((("transport", transport), ("outcome", outcome)), 0)
+            answers = {(("route", r),): self.answers.get((("route", r),), 0) for r in ROUTES}
+            family("edge_runtime_requests_total", "counter",
+                   "Chat requests received, by transport and outcome (the outcomes add up to the requests).", requests)
+            family("edge_runtime_answers_total", "counter", "Answered chat requests by route.", answers)
+            family("edge_runtime_tokens_total", "counter",
+                   "Tokens processed for answered requests, by route, side (local/cloud) and kind (prompt/completion).",
+                   dict(self.tokens))
+            family("edge_runtime_escalation_ratio", "gauge",
+                   "Share of answered requests escalated to the cloud (route cloud or fallback).", ratio)
+            family("edge_runtime_energy_joules_total", "counter",
+                   "Device energy spent on answered requests, by route (estimated unless a counter measured it).",
+                   dict(self.energy_j) or {(("route", "local"),): 0.0})
+            family("edge_runtime_network_energy_joules_total", "counter",
+                   "Estimated radio energy of escalations (cost model).", self.network_j)
+            family("edge_runtime_cloud_cost_usd_total", "counter", "USD billed by the cloud bridge.", self.cloud_usd)
+            family("edge_runtime_device_energy_cost_usd_total", "counter",
+                   "Device and network energy at the configured electricity price, in USD.", self.device_usd)
+            histograms("edge_runtime_request_duration_seconds",
+                       "Time to answer a chat request, queueing included, by route.", self.latency)
+            histograms("edge_runtime_time_to_first_token_seconds",
+                       "Streamed requests: time to the first text sent, queueing included, by route.", self.ttft)
+            histograms("edge_runtime_queue_wait_seconds", "Time answered requests waited for a generation slot.",
+                       {(): self.queue_wait})
+        for name, (kind, help_text) in _GAUGES.items():
+            family(name, kind, help_text, float(gauges.get(name, 0.0)))
+        return "\n".join(lines) + "\n"
+
+
+_GAUGES = {
+    "edge_runtime_queue_depth": ("gauge", "Requests waiting for a generation slot."),
+    "edge_runtime_requests_in_progress": ("gauge", "Requests holding a generation slot."),
+    "edge_runtime_queue_capacity": ("gauge", "Requests that may wait before new ones are refused (server.queue_size)."),
+    "edge_runtime_generation_slots": ("gauge", "Generations that may run at once (engine.max_sessions)."),
+    "edge_runtime_ready": ("gauge", "1 when the model is loaded and the daemon takes requests, else 0."),
+}

@@ -1,0 +1,231 @@
+"""OpenAI chat-completions JSON in and out.
+
+Accepted request fields: ``model`` (``auto``, ``local``, ``cloud``; default
+``auto``), ``messages``, ``max_completion_tokens`` / ``max_tokens``,
+``temperature`` (0-2; default: the runtime's, greedy), ``top_p``, ``seed``,
+``stop``, ``logprobs``, ``top_logprobs`` (0-20), ``stream``,
+``stream_options.include_usage``, ``n`` (1 only) and ``user``. Other fields are
+ignored; a known field with a bad value is refused naming it.
+
+Every completion carries OpenAI's fields plus extension objects: ``routing``
+(route, p_correct, threshold, policy, reason, detail, cloud_error, draft),
+``energy``, ``cost`` and ``latency``; ``model`` is the model that answered.
+``usage`` counts every token processed for the request on both sides, split
+in ``usage.local`` and ``usage.cloud``. A stream's chunks carry the requested
+alias as ``model`` until the last one, which names the model that answered
+and carries the extension objects.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..engine.types import TokenInfo
+from ..errors import InvalidRequestError
+from ..hybrid import MODEL_ALIASES, HybridResult
+from ._request import ChatRequest, build_chat_request, stop_list
+
+__all__ = [
+    "parse_chat_request",
+    "completion_object",
+    "chunk_object",
+    "final_chunk_objects",
+    "logprob_entry",
+    "models_object",
+    "extensions",
+    "usage_object",
+]
+
+TokenBytes = Callable[[int], "list[int] | None"]
+
+
+def _int(body: Mapping[str, Any], name: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"must be an integer, got {value!r}", field=name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise InvalidRequestError(f"must be {bounds}, got {value}", field=name)
+    return value
+
+
+def _float(body: Mapping[str, Any], name: str, *, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequestError(f"must be a number, got {value!r}", field=name)
+    if value > hi or value < lo or (lo_open and value == lo):
+        raise InvalidRequestError(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", field=name)
+    return float(value)
+
+
+def _bool(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"must be true or false, got {value!r}", field=name)
+    return value
+
+
+def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatRequest:
+    """A ChatRequest from a decoded JSON body; InvalidRequestError / ModelNotFoundError name the field."""
+    if not isinstance(body, Mapping):
+        raise InvalidRequestError("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequestError(f"must be a string, one of {', '.join(MODEL_ALIASES)}", field="model")
+    if body.get("n") not in (None, 1):
+        raise InvalidRequestError("only n = 1 is supported", field="n")
+    if body.get("user") is not None and not isinstance(body.get("user"), str):
+        raise InvalidRequestError("must be a string", field="user")
+    sampling: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for name in ("max_completion_tokens", "max_tokens"):  # the newer name wins when both are given
+        n = _int(body, name, lo=1)
+        if n is not None:
+            sampling["max_new_tokens"], names["max_new_tokens"] = n, name
+            break
+    temperature = _float(body, "temperature", lo=0.0, hi=2.0)
+    if temperature is not None:
+        sampling["temperature"] = temperature
+    top_p = _float(body, "top_p", lo=0.0, hi=1.0, lo_open=True)
+    if top_p is not None:
+        sampling["top_p"] = top_p
+    seed = _int(body, "seed")
+    if seed is not None:
+        sampling["seed"] = seed
+    stop = stop_list(body.get("stop"))
+    if stop:
+        sampling["stop"] = stop
+    logprobs = _bool(body, "logprobs")
+    top_logprobs = _int(body, "top_logprobs", lo=0, hi=20)
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, Mapping):
+        raise InvalidRequestError("must be an object", field="stream_options")
+    include_usage = _bool(options, "include_usage") if options else False
+    return build_chat_request(
+        messages=body.get("messages"), model=model, sampling=sampling, stream=stream, logprobs=logprobs,
+        top_logprobs=top_logprobs, include_usage=include_usage, request_id=request_id, field_names=names,
+    )
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+
+def _finish_reason(reason: str) -> str:
+    # the engine says "eos" when the model ended its answer: OpenAI calls that "stop"
+    return "stop" if reason in ("eos", "stop", "") else reason
+
+
+def logprob_entry(token: TokenInfo, token_bytes: TokenBytes) -> dict[str, Any]:
+    return {
+        "token": token.text,
+        "logprob": token.logprob,
+        "bytes": token_bytes(token.id),
+        "top_logprobs": [t.to_openai() for t in token.top_logprobs or ()],
+    }
+
+
+def usage_object(result: HybridResult) -> dict[str, Any]:
+    local, cloud = result.usage["local"], result.usage["cloud"]
+    prompt = local["prompt_tokens"] + cloud["prompt_tokens"]
+    completion = local["completion_tokens"] + cloud["completion_tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "local": dict(local), "cloud": dict(cloud)}
+
+
+def extensions(result: HybridResult, *, queue_ms: float) -> dict[str, Any]:
+    """The objects every answer adds to OpenAI's: its route, its cost in energy and money, where the time went."""
+    return {
+        "routing": {
+            "route": result.route,
+            "p_correct": result.p_correct,
+            "threshold": result.threshold,
+            "policy": result.policy,
+            "reason": result.reason,
+            "detail": result.detail,
+            "cloud_error": result.cloud_error,
+            "draft": result.draft,
+        },
+        "energy": dict(result.energy),
+        "cost": dict(result.cost),
+        "latency": {"queue_ms": round(queue_ms, 3), **result.latency_ms},
+    }
+
+
+def _logprobs(result: HybridResult, req: ChatRequest, is_eos: Callable[[int], bool], token_bytes: TokenBytes,
+              ) -> dict[str, Any] | None:
+    if not req.logprobs:
+        return None
+    if result.route == "cloud":  # the bridge sends no per-token log-probabilities
+        return {"content": None, "refusal": None}
+    content = [logprob_entry(t, token_bytes) for t in result.tokens if not is_eos(t.id)]
+    return {"content": content, "refusal": None}
+
+
+def completion_object(result: HybridResult, req: ChatRequest, *, created: int, queue_ms: float,
+                      is_eos: Callable[[int], bool], token_bytes: TokenBytes) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{req.request_id}",
+        "object": "chat.completion",
+        "created": created,
+        "model": result.model,
+        "system_fingerprint": None,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text, "refusal": None},
+            "logprobs": _logprobs(result, req, is_eos, token_bytes),
+            "finish_reason": _finish_reason(result.finish_reason),
+        }],
+        "usage": usage_object(result),
+        **extensions(result, queue_ms=queue_ms),
+    }
+
+
+def chunk_object(req: ChatRequest, *, created: int, model: str, delta: Mapping[str, Any],
+                 logprobs: list[dict[str, Any]] | None = None, finish_reason: str | None = None) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{req.request_id}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{
+            "index": 0,
+            "delta": dict(delta),
+            "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
+            "finish_reason": finish_reason,
+        }],
+    }
+
+
+def final_chunk_objects(result: HybridResult, req: ChatRequest, *, created: int,
+                        queue_ms: float) -> list[dict[str, Any]]:
+    """The stream's last chunk (finish reason, answering model, extensions), then the usage chunk if asked for."""
+    last = chunk_object(req, created=created, model=result.model, delta={},
+                        finish_reason=_finish_reason(result.finish_reason))
+    last.update(extensions(result, queue_ms=queue_ms))
+    out = [last]
+    if req.include_usage:
+        usage = chunk_object(req, created=created, model=result.model, delta={})
+        usage["choices"] = []
+        usage["usage"] = usage_object(result)
+        out.append(usage)
+    return out
+
+
+def models_object(*, created: int, local_model: str, cloud_model: str) -> dict[str, Any]:
+    served_by = {"auto": "the policy decides: local, or the cloud when the answer looks unreliable",
+                 "local": local_model or "the on-device model", "cloud": cloud_model or "the cloud bridge's default"}
+    return {"object": "list", "data": [
+        {"id": alias, "object": "model", "created": created, "owned_by": "edge-runtime",
+         "description": served_by[alias]}
+        for alias in MODEL_ALIASES
+    ]}

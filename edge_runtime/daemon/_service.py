@@ -1,0 +1,310 @@
+"""The daemon's core, shared by HTTP and gRPC: state, admission, jobs, accounting and logging.
+
+A request becomes a :class:`Job` in :meth:`ChatService.open` — on the caller's
+thread, fast: state check, validation (the runtime tokenizes the prompt and
+checks the context window before any compute) and a place in the queue. The
+job then runs in a worker thread (:meth:`Job.iterate` / :meth:`Job.run`): it
+waits for a generation slot, drives the blocking runtime, and counts its
+outcome exactly once. Cancelling a job (client gone, deadline, shutdown) is
+seen by the engine at its next token.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from ..engine.types import SamplingParams
+from ..errors import (
+    InvalidRequestError,
+    QueueFullError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+)
+from ..hybrid import HybridChunk, HybridResult
+from ._admission import Admission, Ticket
+from ._metrics import Metrics
+from ._request import ChatRequest, rename_field
+
+__all__ = ["ChatService", "Job", "ClientGone", "State", "outcome_of"]
+
+log = logging.getLogger("edge_runtime.daemon")
+
+State = Literal["loading", "ready", "draining", "failed"]
+CancelReason = Literal["client_gone", "timeout", "shutdown"]
+
+
+class ClientGone(Exception):
+    """Control flow only: the client of a job disconnected, there is nobody to answer. Never leaves the daemon."""
+
+
+def outcome_of(err: BaseException) -> str:
+    """The metrics outcome of a request that ended with ``err``."""
+    if isinstance(err, InvalidRequestError):
+        return "invalid"
+    if isinstance(err, (QueueFullError, ServiceUnavailableError)):
+        return "rejected"
+    if isinstance(err, RequestTimeoutError):
+        return "timeout"
+    if isinstance(err, ClientGone):
+        return "cancelled"
+    return "error"
+
+
+class Job:
+    """One admitted request. Iterate it (or :meth:`run` it) once, in a worker thread."""
+
+    def __init__(self, service: ChatService, request: ChatRequest, transport: str, timeout_s: float) -> None:
+        self.service = service
+        self.request = request
+        self.transport = transport
+        self.started_s = time.monotonic()
+        self.deadline_s = self.started_s + timeout_s
+        self.reason: CancelReason | None = None
+        self.first_text_s: float | None = None
+        self.ticket: Ticket  # set by ChatService.open
+        self._stream: Iterator[HybridChunk]  # the runtime's (not started) generator, set by ChatService.open
+        self._event = threading.Event()
+        self._done = False
+
+    # ---- cancellation (any thread) -------------------------------------------------------------
+
+    def cancel(self, reason: CancelReason) -> None:
+        if not self._done and self.reason is None:
+            self.reason = reason
+            self._event.set()
+
+    def cancelled(self) -> bool:
+        """The runtime's cancel callable: true once cancelled or past the deadline."""
+        if not self._event.is_set() and time.monotonic() > self.deadline_s:
+            self.cancel("timeout")
+        return self._event.is_set()
+
+    def _cancel_error(self) -> BaseException:
+        if self.reason == "timeout":
+            return RequestTimeoutError(
+                f"no answer within {self.deadline_s - self.started_s:.1f} s (server.request_timeout_s or the caller's "
+                "deadline); the generation was stopped"
+            )
+        if self.reason == "shutdown":
+            return ServiceUnavailableError("the daemon shut down before the answer was complete",
+                                           reason="shutting_down")
+        return ClientGone()
+
+    # ---- running (a worker thread) ------------------------------------------------------------
+
+    def iterate(self) -> Iterator[HybridChunk]:
+        """Wait for a slot, then yield the runtime's chunks; the last is ``done`` with the result.
+
+        Raises RequestTimeoutError, ServiceUnavailableError (shutdown) or ClientGone when cancelled.
+        """
+        outcome, result = "error", None
+        try:
+            if not self.ticket.wait(self.cancelled):
+                raise self._cancel_error()
+            for chunk in self._stream:
+                if chunk.kind == "done":
+                    result = chunk.result
+                    break
+                if chunk.text and self.first_text_s is None:
+                    self.first_text_s = time.monotonic()
+                yield chunk
+            # a complete answer is delivered even if the deadline passed at its last token; a cut-short one is not
+            if result is None or self.reason == "client_gone" or (
+                    self.reason is not None and (result.finish_reason == "cancelled" or result.reason == "cancelled")):
+                raise self._cancel_error()
+            outcome = "answered"
+            yield HybridChunk("done", result=result)
+        except GeneratorExit:
+            if outcome != "answered":
+                outcome = "cancelled"
+            raise
+        except BaseException as err:
+            outcome = outcome_of(err)
+            raise
+        finally:
+            self._done = True
+            self._stream.close()  # stops the engine at once if we leave early
+            self.ticket.release()
+            self.service._finished(self, outcome, result if outcome == "answered" else None)
+
+    def run(self, on_chunk: Callable[[HybridChunk], None] | None = None) -> HybridResult:
+        """The whole answer; ``on_chunk`` sees every text/withdraw chunk as it comes (streaming)."""
+        for chunk in self.iterate():
+            if chunk.result is not None:
+                return chunk.result
+            if on_chunk is not None:
+                on_chunk(chunk)
+        raise AssertionError("Job.iterate ended without a result")  # iterate raises instead
+
+    @property
+    def queue_ms(self) -> float:
+        return self.ticket.queue_s * 1000.0
+
+
+class ChatService:
+    """Everything the transports share. ``attach(runtime)`` makes it ready; until then requests get 503."""
+
+    def __init__(self, settings: Any, *, metrics: Metrics | None = None) -> None:
+        self.settings = settings  # ServerSettings
+        self.metrics = metrics or Metrics(gauges=self.gauges)
+        self.state: State = "loading"
+        self.error: str | None = None
+        self.runtime: Any = None
+        self.admission: Admission | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        self.started_at = int(time.time())
+        self._jobs: set[Job] = set()
+        self._lock = threading.Lock()
+        self._eos: frozenset[int] = frozenset()
+        self._token_bytes: Callable[[int], list[int] | None] = lambda _id: None
+        self.local_model = ""
+        self.cloud_model = ""
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def attach(self, runtime: Any) -> None:
+        """Serve ``runtime`` (a HybridRuntime, or anything with its ``stream`` and ``engine``)."""
+        slots = int(getattr(runtime.engine, "max_sessions", 1))
+        self.admission = Admission(slots, self.settings.queue_size)
+        # queued requests wait in a thread too: one thread per admitted request, never more
+        self.executor = ThreadPoolExecutor(max_workers=slots + self.settings.queue_size,
+                                           thread_name_prefix="edge-runtime-job")
+        self._eos = frozenset(getattr(runtime.engine, "eos_token_ids", ()))
+        self._token_bytes = getattr(runtime.engine, "token_bytes", self._token_bytes)
+        self.local_model = str(getattr(runtime.engine, "model_name", ""))
+        if getattr(runtime, "cloud", None) is None:
+            self.cloud_model = "no cloud bridge configured: answered locally (route local_forced)"
+        else:
+            hint = str(getattr(runtime, "cloud_model_hint", "") or "")
+            self.cloud_model = "" if hint == "*" else hint
+        self.runtime = runtime
+        if self.state == "loading":
+            self.state = "ready"
+
+    def fail(self, err: BaseException) -> None:
+        self.state = "failed"
+        self.error = f"{type(err).__name__}: {err}"
+
+    def begin_drain(self) -> None:
+        if self.state in ("loading", "ready"):
+            self.state = "draining"
+
+    def cancel_all(self, reason: CancelReason) -> int:
+        with self._lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel(reason)
+        return len(jobs)
+
+    @property
+    def active_jobs(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def _check_state(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "loading":
+            raise ServiceUnavailableError("the model is still loading", reason="model_loading", retry_after_s=2.0)
+        if self.state == "draining":
+            raise ServiceUnavailableError("the daemon is shutting down", reason="shutting_down")
+        raise ServiceUnavailableError(f"the model failed to load: {self.error}", reason="model_failed")
+
+    def open(self, request: ChatRequest, transport: str, *, timeout_s: float | None = None) -> Job:
+        """Validate and admit ``request``; raise (our errors) if it cannot be taken. Cheap: no generation yet."""
+        self._check_state()
+        runtime = self.runtime
+        sampling = dict(request.sampling)
+        sampling.setdefault("max_new_tokens", runtime.default_max_new_tokens)
+        try:
+            params = SamplingParams(**sampling)
+        except InvalidRequestError as err:
+            raise rename_field(err, request.field_names) from err
+        limit_s = self.settings.request_timeout_s
+        if timeout_s is not None:  # the caller's own deadline (gRPC)
+            limit_s = min(limit_s, timeout_s)
+        job = Job(self, request, transport, limit_s)
+        try:
+            # validates messages, the model alias and the context window now; generates on first next()
+            job._stream = runtime.stream(request.messages, model=request.model, params=params, cancel=job.cancelled,
+                                         request_id=request.request_id, reveal_draft=request.reveal_draft)
+        except InvalidRequestError as err:
+            raise rename_field(err, request.field_names) from err
+        assert self.admission is not None
+        try:
+            job.ticket = self.admission.enter()
+        except QueueFullError:
+            job._stream.close()
+            raise
+        with self._lock:
+            self._jobs.add(job)
+        return job
+
+    def refused(self, transport: str, err: BaseException) -> None:
+        """Count a request that never became a job (bad, refused, or the daemon not ready)."""
+        self.metrics.count_request(transport, outcome_of(err))
+        log.info("%s request refused: %s %s", transport, type(err).__name__, err)
+
+    def _finished(self, job: Job, outcome: str, result: HybridResult | None) -> None:
+        with self._lock:
+            self._jobs.discard(job)
+        now = time.monotonic()
+        self.metrics.count_request(job.transport, outcome)
+        if result is not None:
+            ttft = (job.first_text_s - job.started_s) if (job.request.stream and job.first_text_s) else None
+            self.metrics.observe_answer(result, queue_s=job.ticket.queue_s, total_s=now - job.started_s, ttft_s=ttft)
+        req = job.request
+        prompt_chars = sum(len(m["content"]) for m in req.messages)
+        if result is not None:
+            log.info("%s %s model=%s route=%s reason=%s answered_by=%s prompt_chars=%d answer_chars=%d tokens=%d+%d "
+                     "queue_ms=%.1f total_ms=%.1f", job.transport, req.request_id, req.model, result.route,
+                     result.reason, result.model, prompt_chars, len(result.text),
+                     result.usage["local"]["completion_tokens"], result.usage["cloud"]["completion_tokens"],
+                     job.queue_ms, (now - job.started_s) * 1000.0)
+        else:
+            log.info("%s %s model=%s outcome=%s reason=%s prompt_chars=%d total_ms=%.1f", job.transport, req.request_id,
+                     req.model, outcome, job.reason, prompt_chars, (now - job.started_s) * 1000.0)
+        if self.settings.log_content:
+            log.info("%s %s messages=%r answer=%r", job.transport, req.request_id, req.messages,
+                     result.text if result is not None else None)
+
+    # ---- views ----------------------------------------------------------------------------------
+
+    def is_eos(self, token_id: int) -> bool:
+        return token_id in self._eos
+
+    def token_bytes(self, token_id: int) -> list[int] | None:
+        return self._token_bytes(token_id)
+
+    def retry_after_s(self) -> float:
+        return self.admission.retry_after_s() if self.admission is not None else 2.0
+
+    def gauges(self) -> dict[str, float]:
+        a = self.admission
+        return {
+            "edge_runtime_queue_depth": a.waiting if a else 0,
+            "edge_runtime_requests_in_progress": a.running if a else 0,
+            "edge_runtime_queue_capacity": self.settings.queue_size,
+            "edge_runtime_generation_slots": a.slots if a else 0,
+            "edge_runtime_ready": 1.0 if self.state == "ready" else 0.0,
+        }
+
+    def health(self) -> dict[str, Any]:
+        a = self.admission
+        out: dict[str, Any] = {"status": "ok" if self.state == "ready" else self.state,
+                               "model": self.local_model or None,
+                               "queue_depth": a.waiting if a else 0, "in_progress": a.running if a else 0}
+        if self.error:
+            out["error"] = self.error
+        return out

@@ -1,0 +1,113 @@
+"""SIGTERM drains: in-flight requests finish, health turns 503, new requests are refused, the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .conftest import ASK, TOKEN, Http, SlowEngine, metric, runtime, start_bridge
+
+REPLY = "one two three four five six seven eight nine ten"
+
+
+def _wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_the_process_exits_0(tiny_bundle, tmp_path):
+    # the cloud answers slowly (10 words, 80 ms each): a request long enough to be in flight at SIGTERM
+    bridge = start_bridge(reply=REPLY, token_delay_ms=80.0)
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        f'[engine]\nbundle = "{tiny_bundle}"\nmax_new_tokens = 4\n'
+        f'[policy]\ntype = "never"\n'
+        f'[cloud]\naddress = "{bridge.address}"\ninsecure = true\n'
+        f'[server]\nport = 0\ngrpc_socket = "{tmp_path / "edge.sock"}"\ndrain_timeout_s = 20\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_RUNTIME_") or k == "EDGE_RUNTIME_CACHE"}
+    env["EDGE_RUNTIME_CLOUD_TOKEN"] = TOKEN  # the token from the environment, not the file
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", "--config", str(config)],
+                            env=env, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    log_lines: list[str] = []
+    try:
+        port = None
+        for line in proc.stderr:
+            log_lines.append(line)
+            found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                port = int(found.group(1))
+                break
+        assert port, "".join(log_lines)
+        threading.Thread(target=lambda: log_lines.extend(proc.stderr), daemon=True).start()
+        probe = Http(port, timeout_s=10)
+        assert _wait_for(lambda: probe.request("GET", "/health")[0] == 200, 30), "".join(log_lines)
+
+        answer: dict = {}
+
+        def ask() -> None:
+            c = Http(port, timeout_s=30)
+            answer["status"], _, answer["body"] = c.json("POST", "/v1/chat/completions",
+                                                          {"model": "cloud", "messages": ASK, "max_tokens": 12})
+            c.close()
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        assert _wait_for(lambda: metric(probe.request("GET", "/metrics")[2].decode(),
+                                        "edge_runtime_requests_in_progress") == 1, 10)
+        proc.send_signal(signal.SIGTERM)
+        # draining: health says so and new requests are refused, while the one in flight goes on
+        assert _wait_for(lambda: probe.request("GET", "/health")[0] == 503, 5)
+        status, _, health = probe.json("GET", "/health")
+        assert health["status"] == "draining"
+        status, _, refused = probe.json("POST", "/v1/chat/completions", {"messages": ASK})
+        assert status == 503 and refused["error"]["code"] == "shutting_down"
+        asker.join(30)
+        assert answer["status"] == 200, answer
+        assert answer["body"]["choices"][0]["message"]["content"] == REPLY
+        assert answer["body"]["routing"]["route"] == "cloud"
+        probe.close()
+        assert proc.wait(20) == 0, "".join(log_lines)
+        assert not (tmp_path / "edge.sock").exists()
+        assert any("drained" in line for line in log_lines)
+        # the log has sizes and timings, never the prompt or the answer (log_content is off)
+        assert not any(REPLY in line or "2 + 2" in line for line in log_lines), "".join(log_lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+        bridge.server.stop(0)
+
+
+def test_a_drain_that_times_out_cancels_what_is_left_and_stops(engine, start_daemon, http):
+    slow = SlowEngine(engine, delay_s=0.05)
+    daemon = start_daemon(runtime(slow, {"type": "never"}))
+    answer: dict = {}
+
+    def ask() -> None:
+        c = Http(daemon.port, timeout_s=30)
+        answer["status"], _, answer["body"] = c.request("POST", "/v1/chat/completions",
+                                                        {"messages": ASK, "max_tokens": 200})
+        c.close()
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    assert slow.started.wait(10)
+    t0 = time.perf_counter()
+    daemon.drain(timeout_s=0.2)
+    assert daemon.wait(10) and time.perf_counter() - t0 < 3
+    asker.join(10)
+    assert answer["status"] == 503 and json.loads(answer["body"])["error"]["code"] == "shutting_down"
+    assert slow.finished == ["cancelled"]

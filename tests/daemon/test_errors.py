@@ -1,0 +1,135 @@
+"""Bad requests get OpenAI-shaped errors with the right status and type, and the daemon keeps serving."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from edge_runtime.daemon import create_server, is_loopback_host
+from edge_runtime.errors import ConfigError
+
+from .conftest import ASK, daemon_settings, metric, runtime
+
+OK = {"messages": ASK, "max_tokens": 2}
+
+# (request body or raw bytes, status, type, code, param)
+BAD = [
+    (b"{not json", 400, "invalid_request_error", "invalid_json", None),
+    (b"\xff\xfe", 400, "invalid_request_error", "invalid_json", None),
+    ([1, 2, 3], 400, "invalid_request_error", "invalid_value", None),
+    ({**OK, "model": "gpt-4o"}, 404, "invalid_request_error", "model_not_found", "model"),
+    ({**OK, "model": 7}, 400, "invalid_request_error", "invalid_value", "model"),
+    ({"max_tokens": 2}, 400, "invalid_request_error", "invalid_value", "messages"),
+    ({**OK, "messages": []}, 400, "invalid_request_error", "invalid_value", "messages"),
+    ({**OK, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_request_error", "invalid_value",
+     "messages[0].role"),
+    ({**OK, "messages": [{"role": "user", "content": 5}]}, 400, "invalid_request_error", "invalid_value",
+     "messages[0].content"),
+    ({**OK, "temperature": -1}, 400, "invalid_request_error", "invalid_value", "temperature"),
+    ({**OK, "temperature": "hot"}, 400, "invalid_request_error", "invalid_value", "temperature"),
+    ({**OK, "top_p": 0}, 400, "invalid_request_error", "invalid_value", "top_p"),
+    ({**OK, "max_tokens": 0}, 400, "invalid_request_error", "invalid_value", "max_tokens"),
+    ({**OK, "max_tokens": 2.5}, 400, "invalid_request_error", "invalid_value", "max_tokens"),
+    ({**OK, "max_completion_tokens": -3}, 400, "invalid_request_error", "invalid_value", "max_completion_tokens"),
+    ({**OK, "seed": "x"}, 400, "invalid_request_error", "invalid_value", "seed"),
+    ({**OK, "stop": [1]}, 400, "invalid_request_error", "invalid_value", "stop"),
+    ({**OK, "stop": [""]}, 400, "invalid_request_error", "invalid_value", "stop[0]"),
+    ({**OK, "logprobs": "yes"}, 400, "invalid_request_error", "invalid_value", "logprobs"),
+    ({**OK, "top_logprobs": 3}, 400, "invalid_request_error", "invalid_value", "top_logprobs"),
+    ({**OK, "logprobs": True, "top_logprobs": 21}, 400, "invalid_request_error", "invalid_value", "top_logprobs"),
+    ({**OK, "n": 2}, 400, "invalid_request_error", "invalid_value", "n"),
+    ({**OK, "stream": "true"}, 400, "invalid_request_error", "invalid_value", "stream"),
+    ({**OK, "user": 12}, 400, "invalid_request_error", "invalid_value", "user"),
+    # the tiny model's context window is 256 tokens
+    ({"messages": [{"role": "user", "content": "one two three " * 200}], "max_tokens": 8}, 400,
+     "invalid_request_error", "context_length_exceeded", "messages"),
+    ({**OK, "max_tokens": 300}, 400, "invalid_request_error", "context_length_exceeded", "max_tokens"),
+]
+
+
+@pytest.fixture
+def daemon(engine, start_daemon):
+    return start_daemon(runtime(engine, {"type": "never"}), max_body_bytes=4096)
+
+
+def test_each_bad_request_gets_its_status_and_error_type_and_the_daemon_keeps_serving(daemon, http):
+    c = http(daemon.port)
+    for body, status, kind, code, param in BAD:
+        raw = body if isinstance(body, bytes) else None
+        got, headers, answer = c.json("POST", "/v1/chat/completions", None if raw else body, raw=raw)
+        assert (got, answer["error"]["type"], answer["error"]["code"], answer["error"]["param"]) == (
+            status, kind, code, param), (body, answer)
+        assert answer["error"]["message"] and headers["content-type"] == "application/json"
+        # same connection, next request: still answered
+    status, _, done = c.json("POST", "/v1/chat/completions", OK)
+    assert status == 200 and done["usage"]["completion_tokens"] == 2
+    _, _, text = c.request("GET", "/metrics")
+    m = text.decode()
+    assert metric(m, "edge_runtime_requests_total", outcome="invalid") == len(BAD)
+    assert metric(m, "edge_runtime_requests_total", outcome="answered") == 1
+
+
+def test_unknown_fields_are_ignored(daemon, http):
+    status, _, done = http(daemon.port).json("POST", "/v1/chat/completions", {
+        **OK, "presence_penalty": 0.5, "tools": [], "response_format": {"type": "text"}, "whatever": {"x": 1}})
+    assert status == 200 and done["choices"][0]["message"]["content"] is not None
+
+
+def test_http_level_errors_are_in_openai_shape_too(daemon, http):
+    c = http(daemon.port)
+    status, _, body = c.json("POST", "/v1/chat/completions", raw=b'{"messages": "' + b"x" * 5000 + b'"}')
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, _, body = c.json("GET", "/v1/nowhere")
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, headers, body = c.json("GET", "/v1/chat/completions")
+    assert status == 405 and body["error"]["code"] == "method_not_allowed" and headers["allow"] == "POST"
+
+
+def test_health_is_503_while_the_model_loads_then_200(tiny_bundle, tmp_path, monkeypatch, http):
+    from edge_runtime import hybrid
+
+    release = threading.Event()
+    real = hybrid.HybridRuntime.from_settings.__func__
+
+    def slow_load(cls, settings, **kw):
+        assert release.wait(10)
+        return real(cls, settings, **kw)
+
+    monkeypatch.setattr(hybrid.HybridRuntime, "from_settings", classmethod(slow_load))
+    settings = daemon_settings(tmp_path)
+    settings = settings.replace(engine=type(settings.engine)(bundle=str(tiny_bundle), max_new_tokens=4))
+    daemon, port = create_server(settings)
+    daemon.start()
+    try:
+        c = http(port)
+        status, _, health = c.json("GET", "/health")
+        assert status == 503 and health["status"] == "loading"
+        status, headers, body = c.json("POST", "/v1/chat/completions", OK)
+        assert status == 503 and body["error"]["code"] == "model_loading" and int(headers["retry-after"]) >= 1
+        release.set()
+        assert daemon.wait_ready(10)
+        status, _, health = c.json("GET", "/health")
+        assert status == 200 and health["status"] == "ok" and health["model"] == "tiny-llama"
+        status, _, done = c.json("POST", "/v1/chat/completions", OK)
+        assert status == 200 and done["usage"]["completion_tokens"] == 2
+    finally:
+        release.set()
+        daemon.stop()
+
+
+def test_a_model_that_cannot_load_stops_the_daemon_with_exit_code_1(tmp_path):
+    settings = daemon_settings(tmp_path)
+    settings = settings.replace(engine=type(settings.engine)(bundle=str(tmp_path / "no-such-bundle")))
+    daemon, _ = create_server(settings)
+    daemon.start()
+    assert daemon.wait(10) and daemon.exit_code == 1
+    assert daemon.service.state == "failed" and not (tmp_path / "edge.sock").exists()
+
+
+def test_binding_beyond_loopback_needs_allow_remote():
+    assert is_loopback_host("127.0.0.1") and is_loopback_host("::1") and is_loopback_host("localhost")
+    assert not is_loopback_host("0.0.0.0") and not is_loopback_host("192.168.1.4") and not is_loopback_host("pi.local")
+    with pytest.raises(ConfigError) as info:
+        create_server(daemon_settings(host="0.0.0.0"))
+    assert info.value.field == "server.host" and "allow_remote" in str(info.value)

@@ -1,0 +1,115 @@
+"""The daemon's gRPC service on a Unix socket: unary and streaming chat, errors with details, health, permissions."""
+
+from __future__ import annotations
+
+import stat
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from edge_runtime._proto.edgecloud.v1 import bridge_pb2, daemon_pb2, daemon_pb2_grpc
+from edge_runtime.daemon._grpc import SERVICE_NAME
+
+from .conftest import CLOUD_REPLY, cloud_client, runtime
+
+
+def _request(content: str = "what is 2 + 2?", **fields) -> daemon_pb2.ChatRequest:
+    return daemon_pb2.ChatRequest(messages=[bridge_pb2.ChatMessage(role="user", content=content)], **fields)
+
+
+@pytest.fixture
+def channel_to():
+    channels = []
+
+    def make(daemon):
+        ch = grpc.insecure_channel(f"unix:{daemon.grpc_socket}")
+        channels.append(ch)
+        return daemon_pb2_grpc.EdgeRuntimeStub(ch), health_pb2_grpc.HealthStub(ch)
+
+    yield make
+    for ch in channels:
+        ch.close()
+
+
+def _details(err: grpc.RpcError) -> list:
+    status = rpc_status.from_call(err)
+    out = []
+    for any_ in status.details if status else ():
+        for kind in (error_details_pb2.BadRequest, error_details_pb2.RetryInfo, error_details_pb2.ErrorInfo):
+            if any_.Is(kind.DESCRIPTOR):
+                msg = kind()
+                any_.Unpack(msg)
+                out.append(msg)
+    return out
+
+
+def test_the_socket_is_private_to_the_service_user(engine, start_daemon, tmp_path):
+    daemon = start_daemon(runtime(engine), tmp_path)
+    mode = daemon.grpc_socket.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    daemon.stop()
+    assert not daemon.grpc_socket.exists()  # removed at exit
+
+
+def test_unary_chat_returns_the_answer_with_routing_energy_cost_and_logprobs(engine, start_daemon, channel_to,
+                                                                             tmp_path):
+    daemon = start_daemon(runtime(engine, {"type": "never"}), tmp_path)
+    stub, health = channel_to(daemon)
+    assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    r = stub.Chat(_request(max_new_tokens=5, logprobs=True, top_logprobs=2), timeout=30)
+    direct = engine.generate(messages=[{"role": "user", "content": "what is 2 + 2?"}], max_new_tokens=5)
+    assert r.text == direct.text and r.model == engine.model_name
+    assert r.routing.route == "local" and r.routing.reason == "policy_never" and r.routing.HasField("p_correct")
+    assert r.energy.joules > 0 and r.energy.source == "test:constant" and r.cost.cloud_usd == 0
+    assert r.usage.local.completion_tokens == 5 and r.usage.cloud.completion_tokens == 0
+    kept = [t for t in direct.tokens if t.id not in engine.eos_token_ids]
+    assert [t.token for t in r.logprobs] == [t.text for t in kept]
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in r.logprobs)
+    assert r.finish_reason in (bridge_pb2.FINISH_REASON_LENGTH, bridge_pb2.FINISH_REASON_EOS)
+
+
+def test_streamed_chat_sends_deltas_then_the_final_response(engine, start_daemon, channel_to, tmp_path):
+    daemon = start_daemon(runtime(engine, {"type": "never"}), tmp_path)
+    stub, _ = channel_to(daemon)
+    events = list(stub.ChatStream(_request(max_new_tokens=8), timeout=30))
+    deltas = [e.delta.text for e in events if e.HasField("delta")]
+    assert len(deltas) >= 2 and events[-1].HasField("final")
+    final = events[-1].final
+    assert "".join(deltas) == final.text and final.routing.route == "local"
+
+
+def test_the_cloud_answers_over_grpc_too_and_reveal_draft_withdraws(engine, bridge, start_daemon, channel_to, tmp_path):
+    cloud = cloud_client(bridge.address)
+    daemon = start_daemon(runtime(engine, {"type": "threshold", "p": 0.999}, cloud=cloud), tmp_path)
+    stub, _ = channel_to(daemon)
+    r = stub.Chat(_request(max_new_tokens=6), timeout=30)
+    assert r.text == CLOUD_REPLY and r.routing.route == "cloud" and r.model == "big-cloud-model"
+    assert r.routing.draft and r.cost.cloud_usd > 0 and r.routing.threshold == pytest.approx(0.999)
+    events = list(stub.ChatStream(_request(max_new_tokens=6, reveal_draft=True), timeout=30))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert "withdraw" in kinds
+    after = kinds.index("withdraw")
+    assert "".join(e.delta.text for e in events[after + 1:] if e.HasField("delta")) == CLOUD_REPLY
+    cloud.close()
+
+
+def test_grpc_errors_carry_codes_and_details(engine, start_daemon, channel_to, tmp_path):
+    daemon = start_daemon(runtime(engine), tmp_path)
+    stub, _ = channel_to(daemon)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Chat(_request(model="gpt-4o"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Chat(_request(sampling=bridge_pb2.SamplingParams(top_p=2.0)), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _details(info.value)[0].field_violations[0].field == "top_p"
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.ChatStream(_request("one two three " * 200, max_new_tokens=8), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert any(isinstance(d, error_details_pb2.ErrorInfo) and d.reason == "CONTEXT_LENGTH_EXCEEDED"
+               for d in _details(info.value))
+    assert stub.Chat(_request(max_new_tokens=2), timeout=10).usage.local.completion_tokens == 2  # still serving

@@ -1,0 +1,142 @@
+"""The daemon's parts on their own: admission, metrics text, request parsing, error mapping, CLI, exports."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import edge_runtime.daemon as daemon_pkg
+from edge_runtime.cli import main
+from edge_runtime.daemon import Admission, ApiError, Metrics, api_error, parse_chat_request
+from edge_runtime.daemon._metrics import Histogram
+from edge_runtime.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+)
+
+from .conftest import ASK, metric
+
+
+def test_exported_names_exist():
+    for name in daemon_pkg.__all__:
+        assert getattr(daemon_pkg, name) is not None, name
+
+
+def test_admission_runs_slots_queues_the_rest_in_order_and_refuses_beyond():
+    a = Admission(slots=1, queue_size=2)
+    first = a.enter()
+    assert first.granted and a.running == 1
+    second, third = a.enter(), a.enter()
+    assert not second.granted and a.waiting == 2
+    with pytest.raises(QueueFullError) as info:
+        a.enter()
+    assert info.value.retry_after_s >= 1
+    order: list[str] = []
+
+    def wait(ticket, name):
+        assert ticket.wait(lambda: False)
+        order.append(name)
+        time.sleep(0.02)
+        ticket.release()
+
+    threads = [threading.Thread(target=wait, args=(t, n)) for t, n in ((third, "third"), (second, "second"))]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    assert order == []  # nobody runs while the slot is held
+    first.release()
+    for t in threads:
+        t.join(5)
+    assert order == ["second", "third"]  # first come, first served
+    assert a.admitted == 0 and a.wait_idle(0.1)
+
+
+def test_a_waiter_that_is_cancelled_leaves_the_queue_without_running():
+    a = Admission(slots=1, queue_size=1)
+    holder = a.enter()
+    waiter = a.enter()
+    assert waiter.wait(lambda: True) is False
+    waiter.release()
+    assert a.waiting == 0 and a.running == 1
+    holder.release()
+    assert a.admitted == 0
+
+
+def test_metrics_text_is_prometheus_and_histograms_are_cumulative():
+    h = Histogram([0.1, 1.0])
+    for v in (0.05, 0.5, 0.5, 5.0):
+        h.observe(v)
+    lines = h.lines("x_seconds", (("route", "local"),))
+    assert lines[:3] == ['x_seconds_bucket{route="local",le="0.1"} 1', 'x_seconds_bucket{route="local",le="1"} 3',
+                         'x_seconds_bucket{route="local",le="+Inf"} 4']
+    assert lines[-1] == 'x_seconds_count{route="local"} 4'
+    m = Metrics(gauges=lambda: {"edge_runtime_queue_depth": 3})
+    m.count_request("http", "rejected")
+    text = m.render()
+    assert metric(text, "edge_runtime_requests_total", outcome="rejected") == 1
+    assert metric(text, "edge_runtime_queue_depth") == 3
+    for line in text.splitlines():  # every sample line is "name{labels} number"
+        if not line.startswith("#"):
+            _series, value = line.rsplit(" ", 1)
+            float(value.replace("+Inf", "inf"))
+    assert "# TYPE edge_runtime_request_duration_seconds histogram" in text
+    with pytest.raises(ValueError):
+        m.count_request("http", "lost")
+
+
+def test_openai_fields_map_to_sampling_params():
+    req = parse_chat_request({"model": "local", "messages": ASK, "max_tokens": 7, "max_completion_tokens": 9,
+                              "temperature": 0.7, "top_p": 0.9, "seed": 3, "stop": "\n", "logprobs": True,
+                              "top_logprobs": 4, "stream": True, "stream_options": {"include_usage": True},
+                              "n": 1, "user": "u1"})
+    assert req.model == "local" and req.stream and req.include_usage and req.logprobs and req.top_logprobs == 4
+    assert dict(req.sampling) == {"max_new_tokens": 9, "temperature": 0.7, "top_p": 0.9, "seed": 3, "stop": ("\n",),
+                                  "top_logprobs": 4}
+    assert req.param_name("max_new_tokens") == "max_completion_tokens"
+    assert parse_chat_request({"messages": ASK}).model == "auto"
+
+
+@pytest.mark.parametrize(("err", "status", "code"), [
+    (ModelNotFoundError("x", field="model"), 404, "model_not_found"),
+    (ContextLengthError("x", field="messages"), 400, "context_length_exceeded"),
+    (InvalidRequestError("x", field="top_p"), 400, "invalid_value"),
+    (QueueFullError("x", retry_after_s=2.2), 429, "queue_full"),
+    (ServiceUnavailableError("x", reason="shutting_down"), 503, "shutting_down"),
+    (RequestTimeoutError("x"), 504, "request_timeout"),
+    (KeyError("secret internals"), 500, "internal_error"),
+])
+def test_errors_map_by_type(err, status, code):
+    e = api_error(err)
+    assert isinstance(e, ApiError) and (e.status, e.code) == (status, code)
+    assert set(e.body()["error"]) == {"message", "type", "param", "code"}
+    if status == 429:
+        assert e.all_headers()["Retry-After"] == "3"  # whole seconds, rounded up
+    if status == 500:
+        assert "secret" not in e.message
+
+
+def test_serve_help_lists_the_settings_flags(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--server-port", "--server-grpc-socket", "--server-allow-remote", "--engine-bundle",
+                 "--cloud-address", "--server-queue-size", "--policy"):
+        assert flag in out
+
+
+def test_serve_refuses_a_remote_bind_with_one_clear_line(capsys):
+    assert main(["serve", "--server-host", "0.0.0.0", "--server-port", "0", "--server-grpc-socket", ""]) == 1
+    err = capsys.readouterr().err
+    assert "server.host" in err and "allow_remote" in err and "Traceback" not in err
+
+
+def test_serve_reports_a_bad_setting_by_name(capsys):
+    assert main(["serve", "--server-queue-size", "0"]) == 1
+    assert "server.queue_size" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""Escalation through the daemon with a real bridge, and the fallback when the bridge is gone."""
+
+from __future__ import annotations
+
+import time
+
+from .conftest import ASK, CLOUD_REPLY, cloud_client, metric, runtime
+
+ESCALATE = {"type": "threshold", "p": 0.999}  # the tiny random model is never that sure
+
+
+def test_escalated_request_is_answered_by_the_cloud_then_falls_back_quickly_when_the_bridge_stops(
+        engine, bridge, start_daemon, http):
+    cloud = cloud_client(bridge.address, timeout_s=3.0, circuit_failure_threshold=1)
+    daemon = start_daemon(runtime(engine, ESCALATE, cloud=cloud))
+    c = http(daemon.port)
+    body = {"model": "auto", "messages": ASK, "max_tokens": 6}
+    status, _, up = c.json("POST", "/v1/chat/completions", body)
+    assert status == 200 and up["routing"]["route"] == "cloud" and up["choices"][0]["message"]["content"] == CLOUD_REPLY
+    assert up["model"] == "big-cloud-model" and up["cost"]["cloud_usd"] > 0
+    local_answer = engine.generate(messages=ASK, max_new_tokens=6).text
+
+    bridge.server.stop(0)
+    answers = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        status, _, down = c.json("POST", "/v1/chat/completions", body)
+        answers.append((status, down, time.perf_counter() - t0))
+    for status, down, _ in answers:
+        # nothing lost: the local answer comes back, marked as a fallback with the reason
+        assert status == 200 and down["routing"]["route"] == "fallback" and down["routing"]["reason"] == "cloud_error"
+        assert down["choices"][0]["message"]["content"] == local_answer and down["model"] == engine.model_name
+        assert down["routing"]["cloud_error"] and down["cost"]["cloud_usd"] == 0
+    assert "CircuitOpenError" in answers[-1][1]["routing"]["cloud_error"]
+    assert answers[-1][2] < 0.5  # the open circuit skips the cloud at once
+
+    _, _, text = c.request("GET", "/metrics")
+    m = text.decode()
+    assert metric(m, "edge_runtime_answers_total", route="cloud") == 1
+    assert metric(m, "edge_runtime_answers_total", route="fallback") == 3
+    assert metric(m, "edge_runtime_escalation_ratio") == 1.0
+    assert metric(m, "edge_runtime_cloud_cost_usd_total") == up["cost"]["cloud_usd"]
+    assert metric(m, "edge_runtime_tokens_total", route="cloud", side="cloud") == (
+        up["usage"]["cloud"]["prompt_tokens"] + up["usage"]["cloud"]["completion_tokens"])
+    cloud.close()
+
+
+def test_privacy_gate_keeps_the_prompt_local_whatever_the_policy(engine, bridge, start_daemon, http):
+    cloud = cloud_client(bridge.address)
+    daemon = start_daemon(runtime(engine, {"chain": [{"type": "privacy"}, {"type": "always"}]}, cloud=cloud))
+    status, _, done = http(daemon.port).json("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "email bob@example.com the sum of 2 + 2"}], "max_tokens": 4})
+    assert status == 200 and done["routing"]["route"] == "local_forced"
+    assert done["routing"]["reason"] == "privacy_pattern:email" and done["cost"]["cloud_usd"] == 0
+    cloud.close()
