@@ -38,7 +38,7 @@ from ._openai import (
     models_object,
     parse_chat_request,
 )
-from ._request import ChatRequest, new_request_id
+from ._request import ChatRequest, new_request_id, valid_request_id
 from ._service import ChatService, ClientGone, Job
 
 __all__ = ["create_app"]
@@ -78,7 +78,9 @@ class ChatCompletions:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        request_id = request.headers.get("x-request-id") or new_request_id()
+        # a caller's X-Request-ID is kept for tracing when it is a sane token, else replaced
+        header = request.headers.get("x-request-id")
+        request_id = header if valid_request_id(header) else new_request_id()
         try:
             body = await self._read_json(request)
             req = parse_chat_request(body, request_id=request_id)

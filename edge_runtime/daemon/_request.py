@@ -16,13 +16,17 @@ from ..engine.types import SamplingParams, validate_messages
 from ..errors import InvalidRequestError, ModelNotFoundError
 from ..hybrid import MODEL_ALIASES
 
-__all__ = ["ChatRequest", "build_chat_request", "new_request_id", "rename_field", "stop_list"]
+__all__ = ["ChatRequest", "build_chat_request", "new_request_id", "valid_request_id", "rename_field", "stop_list"]
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def valid_request_id(value: str | None) -> bool:
+    return bool(value) and _REQUEST_ID_RE.match(value or "") is not None
 
 
 @dataclass(frozen=True, kw_only=True)

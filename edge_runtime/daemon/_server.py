@@ -187,6 +187,9 @@ class DaemonServer:
             self.exit_code = 1
             self._call_soon(self._stop_now)
             return
+        if self._stopped.is_set():  # stopped while loading: nobody will serve (or close) it
+            runtime.close()
+            return
         log.info("model %s ready in %.1f s (energy: %s)", runtime.engine.model_name, time.perf_counter() - t0,
                  self._meter.source)
         self._runtime = runtime

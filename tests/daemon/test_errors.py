@@ -133,3 +133,11 @@ def test_binding_beyond_loopback_needs_allow_remote():
     with pytest.raises(ConfigError) as info:
         create_server(daemon_settings(host="0.0.0.0"))
     assert info.value.field == "server.host" and "allow_remote" in str(info.value)
+
+
+def test_a_sane_x_request_id_is_kept_for_tracing_and_a_bad_one_replaced(daemon, http):
+    c = http(daemon.port)
+    status, headers, done = c.json("POST", "/v1/chat/completions", OK, headers={"x-request-id": "app-42.req:7"})
+    assert status == 200 and headers["x-request-id"] == "app-42.req:7" and done["id"] == "chatcmpl-app-42.req:7"
+    status, headers, done = c.json("POST", "/v1/chat/completions", OK, headers={"x-request-id": "no spaces/please"})
+    assert status == 200 and headers["x-request-id"] != "no spaces/please" and len(headers["x-request-id"]) == 32
