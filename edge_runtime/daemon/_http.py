@@ -93,6 +93,11 @@ class ChatCompletions:
             self.service.refused("http", err)
             await _error_response(api_error(err))(scope, receive, send)
             return
+        except Exception as err:  # our bug: still an OpenAI-shaped 500, counted, and the daemon goes on
+            log.exception("request %s failed before it started", request_id)
+            self.service.refused("http", err)
+            await _error_response(api_error(err))(scope, receive, send)
+            return
         headers = {"x-request-id": req.request_id}
         if req.stream:
             await self._stream(job, req, receive, send, headers)

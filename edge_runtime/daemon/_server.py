@@ -26,11 +26,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, EdgeRuntimeError
 from ._http import create_app
 from ._service import ChatService
+
+if TYPE_CHECKING:
+    from ..hybrid import HybridRuntime
+    from ..settings import RuntimeSettings
 
 __all__ = ["DaemonServer", "create_server", "is_loopback_host"]
 
@@ -92,8 +96,9 @@ def _uvicorn_server(app: Any, settings: Any) -> Any:
 class DaemonServer:
     """One daemon: the HTTP app, the optional gRPC server and the runtime they share."""
 
-    def __init__(self, settings: Any, sock: socket.socket, *, runtime: Any = None) -> None:
-        self.settings = settings  # RuntimeSettings
+    def __init__(self, settings: RuntimeSettings, sock: socket.socket, *, runtime: HybridRuntime | None = None,
+                 ) -> None:
+        self.settings = settings
         self.service = ChatService(settings.server)
         self.app = create_app(self.service)
         self._sock = sock
@@ -291,7 +296,7 @@ class DaemonServer:
             self._meter = None
 
 
-def create_server(settings: Any, *, runtime: Any = None) -> tuple[DaemonServer, int]:
+def create_server(settings: RuntimeSettings, *, runtime: HybridRuntime | None = None) -> tuple[DaemonServer, int]:
     """Bind the daemon (HTTP on server.host:server.port, gRPC on server.grpc_socket); returns it and its HTTP port.
 
     ``settings`` is a :class:`~edge_runtime.settings.RuntimeSettings`. ``runtime``: serve this HybridRuntime

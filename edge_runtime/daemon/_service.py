@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..engine.types import SamplingParams
 from ..errors import (
@@ -29,6 +29,9 @@ from ..hybrid import HybridChunk, HybridResult
 from ._admission import Admission, Ticket
 from ._metrics import Metrics
 from ._request import ChatRequest, rename_field
+
+if TYPE_CHECKING:
+    from ..settings import ServerSettings
 
 __all__ = ["ChatService", "Job", "ClientGone", "State", "outcome_of"]
 
@@ -149,8 +152,8 @@ class Job:
 class ChatService:
     """Everything the transports share. ``attach(runtime)`` makes it ready; until then requests get 503."""
 
-    def __init__(self, settings: Any, *, metrics: Metrics | None = None) -> None:
-        self.settings = settings  # ServerSettings
+    def __init__(self, settings: ServerSettings, *, metrics: Metrics | None = None) -> None:
+        self.settings = settings
         self.metrics = metrics or Metrics(gauges=self.gauges)
         self.state: State = "loading"
         self.error: str | None = None
