@@ -140,3 +140,14 @@ def test_serve_refuses_a_remote_bind_with_one_clear_line(capsys):
 def test_serve_reports_a_bad_setting_by_name(capsys):
     assert main(["serve", "--server-queue-size", "0"]) == 1
     assert "server.queue_size" in capsys.readouterr().err
+
+
+def test_building_the_cli_parser_loads_neither_the_daemon_nor_the_settings_model():
+    import subprocess
+    import sys
+
+    code = ("import sys, edge_runtime.cli; edge_runtime.cli.build_parser();"
+            "print(','.join(m for m in ('edge_runtime.settings', 'edge_runtime.daemon', 'starlette', 'uvicorn', 'grpc')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
