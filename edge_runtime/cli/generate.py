@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--top-logprobs", type=int, default=0, help="with --json: include this many alternatives per token")
     p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
-    p.add_argument("--estimator", help="confidence estimator JSON (default: the built-in uncalibrated one)")
+    p.add_argument("--estimator", help="confidence estimator JSON from `edge-runtime calibrate` (default: the built-in generic one)")
     p.add_argument("--json", action="store_true", help="one JSON object per request instead of streamed text")
     p.set_defaults(func=_run)
 
@@ -61,14 +61,14 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed, stop=tuple(args.stop), top_logprobs=args.top_logprobs,
     )
     engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
-    confidence = _load_estimator(args.estimator, engine)
+    estimator = _load_estimator(args.estimator, engine)
     try:
         if args.input is None:
             messages = [{"role": "user", "content": args.chat}] if args.chat is not None else None
             prompt = args.prompt if args.chat is None else None
             if args.json:
-                result = engine.generate(prompt, messages=messages, params=params, prompt_nll=confidence is not None)
-                print(json.dumps(_result_json(result, confidence=_confidence(confidence, result, messages, prompt)), ensure_ascii=False))
+                result = engine.generate(prompt, messages=messages, params=params, prompt_nll=estimator.needs_prompt_nll)
+                print(json.dumps(_result_json(result, confidence=_confidence(estimator, engine, result, messages, prompt)), ensure_ascii=False))
             else:
                 for chunk in engine.stream(prompt, messages=messages, params=params):
                     sys.stdout.write(chunk.text)
@@ -93,8 +93,8 @@ def _run(args: argparse.Namespace) -> int:
                         raise InvalidRequestError(f"line {lineno} needs exactly one of messages or prompt", field="messages")
                     overrides = {k: (tuple(item[k]) if k == "stop" and isinstance(item[k], list) else item[k]) for k in _SAMPLING_KEYS if k in item}
                     p = params.replace(**overrides) if overrides else params
-                    result = engine.generate(item.get("prompt"), messages=item.get("messages"), params=p, prompt_nll=confidence is not None)
-                    out = _result_json(result, request_id, _confidence(confidence, result, item.get("messages"), item.get("prompt")))
+                    result = engine.generate(item.get("prompt"), messages=item.get("messages"), params=p, prompt_nll=estimator.needs_prompt_nll)
+                    out = _result_json(result, request_id, _confidence(estimator, engine, result, item.get("messages"), item.get("prompt")))
                 except EdgeRuntimeError as err:
                     # one bad line must not stop the batch: report it in place, in order
                     failures += 1
@@ -107,15 +107,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _load_estimator(path: str | None, engine: Any) -> Any:
-    """The confidence estimator, when the confidence package is available (issue: estimator)."""
-    try:
-        from ..confidence import load_estimator
-    except ImportError:
-        return None
+    """The confidence estimator (``--estimator`` or the built-in default), checked against the bundle."""
+    from ..confidence import load_estimator
+
     return load_estimator(path, bundle_hash=engine.bundle_hash)
 
 
-def _confidence(estimator: Any, result: Any, messages: Any, prompt: Any) -> Any:
-    if estimator is None:
-        return None
-    return {"p_correct": round(float(estimator.p_correct(result, messages=messages, prompt=prompt)), 4), "estimator": estimator.name}
+def _confidence(estimator: Any, engine: Any, result: Any, messages: Any, prompt: Any) -> dict[str, Any]:
+    from ..confidence import signals_from_result
+
+    signals = signals_from_result(result, messages=messages, prompt=prompt)
+    p = estimator.p_correct(signals, engine=engine, messages=messages)
+    return {"p_correct": round(float(p), 4), "estimator": estimator.name}

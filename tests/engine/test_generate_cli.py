@@ -16,6 +16,7 @@ def test_json_output_has_the_documented_fields(tiny_bundle, capsys):
     assert out["usage"]["completion_tokens"] == 6 and out["usage"]["prompt_tokens"] > 0
     assert set(out["timings"]) >= {"load_ms", "prefill_ms", "decode_ms", "decode_tokens_per_s"}
     assert out["energy"]["source"] and isinstance(out["energy"]["estimated"], bool)
+    assert 0.0 <= out["confidence"]["p_correct"] <= 1.0 and out["confidence"]["estimator"] == "generic"
 
 
 def test_chat_and_prompt_differ_by_the_template(tiny_bundle, capsys):
