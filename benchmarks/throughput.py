@@ -625,6 +625,7 @@ def run_benchmark(
             "max_other_cpu": max_other_cpu, "noisy_retries": noisy_retries,
             "prompt_tokens": {k: len(v) for k, v in prompts.items()}, "sampling": "greedy",
         },
+        "versions": {r["label"]: r.get("versions") for r in results if r["status"] == "ok"},
         "prompts": prompts,
         "memory_bandwidth": bandwidth,
         "decode_bytes_per_token": bytes_per_token,
