@@ -19,9 +19,11 @@
    and how many were refused (the queue is sized so that none should be).
 
 The bundle is the cached SmolLM2-135M-Instruct int4 bundle when there is one,
-else ``--bundle DIR`` (e.g. a tiny test bundle); the results say which.
+else ``--bundle DIR`` (e.g. a tiny test bundle); the results say which. The
+machine may be shared: the run first waits (``--idle-wait``) for idle CPUs, and
+each phase records the share of the CPUs other programs used meanwhile.
 
-    python benchmarks/daemon.py [--bundle DIR] [--rounds 100] [--max-tokens 16] [--per-client 12]
+    python benchmarks/daemon.py [--bundle DIR] [--rounds 100] [--max-tokens 16] [--per-client 12] [--idle-wait 120]
 
 Writes benchmarks/results/daemon-<host>.json and prints a table.
 """
@@ -61,6 +63,54 @@ def summary_ms(values_s: list[float]) -> dict[str, float]:
     ms = [v * 1000.0 for v in values_s]
     return {"p50_ms": round(percentile(ms, 50), 3), "p99_ms": round(percentile(ms, 99), 3),
             "mean_ms": round(statistics.fmean(ms), 3), "n": len(ms)}
+
+
+def _busy_s() -> float:
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
+
+
+def _own_cpu_s(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+class OtherPrograms:
+    """How much CPU other programs took while a phase ran: this machine is shared, the figures say how much."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    def __enter__(self) -> OtherPrograms:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_s(), _own_cpu_s(self.pids)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.t0
+        other = max(0.0, (_busy_s() - self.busy0) - (_own_cpu_s(self.pids) - self.own0))
+        self.share = round(other / (wall * (os.cpu_count() or 1)), 3) if wall > 0 else 0.0
+
+
+def wait_for_idle(max_wait_s: float, busy_percent: float = 10.0) -> bool:
+    """Wait until the CPUs were nearly idle for two seconds in a row (at most ``max_wait_s``)."""
+    import psutil
+
+    deadline, quiet = time.monotonic() + max_wait_s, 0
+    while time.monotonic() < deadline:
+        quiet = quiet + 1 if psutil.cpu_percent(interval=1.0) < busy_percent else 0
+        if quiet >= 2:
+            return True
+    return False
 
 
 def default_bundle() -> Path | None:
@@ -262,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16, help="completion tokens per request (default 16)")
     parser.add_argument("--per-client", type=int, default=12, help="throughput: requests per client (default 12)")
     parser.add_argument("--threads", type=int, help="intra-op threads of both engines (default: physical cores)")
+    parser.add_argument("--idle-wait", type=float, default=120.0,
+                        help="first wait up to this many seconds for an idle machine (0: start at once)")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "benchmarks" / "results" / f"daemon-{socket.gethostname()}.json")
     args = parser.parse_args(argv)
@@ -269,11 +321,20 @@ def main(argv: list[str] | None = None) -> int:
     bundle = args.bundle or default_bundle()
     if bundle is None:
         raise SystemExit("no cached smollm2-135m-instruct int4 bundle: pass --bundle DIR")
+    idle = wait_for_idle(args.idle_wait) if args.idle_wait > 0 else None
     load_before = os.getloadavg()
     daemon = Daemon(bundle, threads=args.threads, queue_size=32, max_tokens=args.max_tokens)
+    pids = [os.getpid(), daemon.proc.pid]
     try:
-        over = overhead(bundle, daemon, rounds=args.rounds, max_tokens=args.max_tokens, threads=args.threads)
-        through = [throughput(daemon, n, args.per_client, args.max_tokens) for n in (1, 4, 16)]
+        with OtherPrograms(pids) as during_overhead:
+            over = overhead(bundle, daemon, rounds=args.rounds, max_tokens=args.max_tokens, threads=args.threads)
+        over["other_programs_cpu_share"] = during_overhead.share
+        through = []
+        for n in (1, 4, 16):
+            with OtherPrograms(pids) as during:
+                row = throughput(daemon, n, args.per_client, args.max_tokens)
+            row["other_programs_cpu_share"] = during.share
+            through.append(row)
     finally:
         exit_code = daemon.stop()
     load_after = os.getloadavg()
@@ -287,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "idle_before_start": idle,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
         "bundle": {"name": manifest.name, "precision": manifest.precision, "path": str(bundle)},
@@ -302,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"bundle {manifest.name} ({manifest.precision}), {args.max_tokens} tokens a request, "
           f"load average {load_before[0]:.2f} -> {load_after[0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"other programs used {over['other_programs_cpu_share']:.0%} of the CPUs during the overhead rounds")
     print(f"{'path':<10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
     for name in ("engine", "runtime", "daemon"):
         s = over[name]
@@ -313,10 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"inside each daemon request: HTTP+queue+hand-off p50 {k['http_queue_handoff_p50_ms']:.2f} ms "
           f"(p99 {k['http_queue_handoff_p99_ms']:.2f}), routing p50 {k['routing_p50_ms']:.2f} ms, "
           f"together p50 {k['http_queue_handoff_plus_routing_p50_ms']:.2f} ms")
-    print(f"{'clients':>8}{'req/s':>9}{'tok/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'429':>6}")
+    print(f"{'clients':>8}{'req/s':>9}{'tok/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'429':>6}{'others':>8}")
     for t in through:
         print(f"{t['clients']:>8}{t['requests_per_s']:>9.2f}{t['completion_tokens_per_s']:>9.1f}"
-              f"{t['p50_ms']:>10.1f}{t['p99_ms']:>10.1f}{t['refused_429']:>6}")
+              f"{t['p50_ms']:>10.1f}{t['p99_ms']:>10.1f}{t['refused_429']:>6}{t['other_programs_cpu_share']:>8.0%}")
     print(f"wrote {args.out}")
     return 0
 

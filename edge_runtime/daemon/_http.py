@@ -23,7 +23,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -89,6 +89,9 @@ class ChatCompletions:
             self.service.metrics.count_request("http", "invalid")
             await _error_response(err.error)(scope, receive, send)
             return
+        except ClientDisconnect:  # gone while sending the body: nobody to answer
+            self.service.metrics.count_request("http", "cancelled")
+            return
         except EdgeRuntimeError as err:
             self.service.refused("http", err)
             await _error_response(api_error(err))(scope, receive, send)
@@ -122,6 +125,9 @@ class ChatCompletions:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise _BodyError(ApiError(400, f"the request body is not valid JSON: {err}", "invalid_request_error",
+                                      None, "invalid_json")) from None
+        except RecursionError:
+            raise _BodyError(ApiError(400, "the request body is nested too deeply", "invalid_request_error",
                                       None, "invalid_json")) from None
 
     async def _complete(self, job: Job, req: ChatRequest, scope: Scope, receive: Receive, send: Send,

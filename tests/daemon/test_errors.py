@@ -17,6 +17,7 @@ OK = {"messages": ASK, "max_tokens": 2}
 BAD = [
     (b"{not json", 400, "invalid_request_error", "invalid_json", None),
     (b"\xff\xfe", 400, "invalid_request_error", "invalid_json", None),
+    (b"[" * 2000 + b"]" * 2000, 400, "invalid_request_error", "invalid_json", None),  # deeper than json's recursion
     ([1, 2, 3], 400, "invalid_request_error", "invalid_value", None),
     ({**OK, "model": "gpt-4o"}, 404, "invalid_request_error", "model_not_found", "model"),
     ({**OK, "model": 7}, 400, "invalid_request_error", "invalid_value", "model"),

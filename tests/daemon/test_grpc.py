@@ -113,3 +113,15 @@ def test_grpc_errors_carry_codes_and_details(engine, start_daemon, channel_to, t
     assert any(isinstance(d, error_details_pb2.ErrorInfo) and d.reason == "CONTEXT_LENGTH_EXCEEDED"
                for d in _details(info.value))
     assert stub.Chat(_request(max_new_tokens=2), timeout=10).usage.local.completion_tokens == 2  # still serving
+
+
+def test_the_contract_has_chat_and_chat_stream_with_the_account():
+    assert daemon_pb2.DESCRIPTOR.package == "edgecloud.v1" and SERVICE_NAME == "edgecloud.v1.EdgeRuntime"
+    methods = {m.name: m for m in daemon_pb2.DESCRIPTOR.services_by_name["EdgeRuntime"].methods}
+    assert set(methods) == {"Chat", "ChatStream"}
+    assert methods["ChatStream"].server_streaming and not methods["Chat"].server_streaming
+    assert methods["Chat"].input_type.fields_by_name["messages"].message_type is bridge_pb2.ChatMessage.DESCRIPTOR
+    response = set(daemon_pb2.ChatResponse.DESCRIPTOR.fields_by_name)
+    assert response >= {"text", "model", "routing", "energy", "cost", "usage", "latency", "logprobs", "finish_reason"}
+    assert set(daemon_pb2.Routing.DESCRIPTOR.fields_by_name) >= {"route", "p_correct", "threshold", "policy", "reason"}
+    assert daemon_pb2.Routing.DESCRIPTOR.fields_by_name["p_correct"].has_presence  # unset is not 0
