@@ -62,8 +62,12 @@ def family_winners(points: Sequence[Point], families: Sequence[str]) -> list[dic
     return out
 
 
-def _pct(x: float) -> str:
-    return f"{x:.1%}"
+def _pct(x: float | None) -> str:
+    return "—" if x is None or x != x else f"{x:.1%}"
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None or x != x else f"{x:.3f}"
 
 
 def write_plots(out: Path, m: Measurements, points: Sequence[Point], front: Sequence[Point]) -> list[str]:
@@ -160,11 +164,13 @@ def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front:
     lines += ["", "## Confidence estimators on these items", "",
               "| estimator | AUROC | ECE | APGR | CPT(50%) | CPT(80%) |", "|---|---|---|---|---|---|"]
     for e in estimators:
-        ece = "—" if e["ece"] is None else f"{e['ece']:.3f}"
-        lines.append(f"| {e['estimator']} | {e['auroc']:.3f} | {ece} | {e['apgr']:.3f} | {_pct(e['cpt']['50%'])} | {_pct(e['cpt']['80%'])} |")
+        lines.append(f"| {e['estimator']} | {_num(e['auroc'])} | {_num(e['ece'])} | {_num(e['apgr'])} | {_pct(e['cpt']['50%'])} | "
+                     f"{_pct(e['cpt']['80%'])} |")
     if estimators:
         r = estimators[0]["random"]
-        lines.append(f"| random routing | 0.500 | — | {r['apgr']:.3f} | {_pct(r['cpt']['50%'])} | {_pct(r['cpt']['80%'])} |")
+        lines.append(f"| random routing | 0.500 | — | {_num(r['apgr'])} | {_pct(r['cpt']['50%'])} | {_pct(r['cpt']['80%'])} |")
+        if estimators[0]["apgr"] is None:
+            lines.append("\nRouting metrics are undefined here: local and cloud accuracy are equal, so there is no gap to recover.")
     lines += ["", f"## Pareto frontier ({len(front)} of {len(points)} points)", "",
               "Non-dominated on accuracy ↑, cloud USD ↓, device J ↓, p50 latency ↓ (all points in `points.csv`, the frontier in `frontier.csv`).", "",
               "| policy | accuracy | escalation | USD/1k | J/req | p50 ms |", "|---|---|---|---|---|---|"]
