@@ -142,3 +142,18 @@ def test_a_sane_x_request_id_is_kept_for_tracing_and_a_bad_one_replaced(daemon, 
     assert status == 200 and headers["x-request-id"] == "app-42.req:7" and done["id"] == "chatcmpl-app-42.req:7"
     status, headers, done = c.json("POST", "/v1/chat/completions", OK, headers={"x-request-id": "no spaces/please"})
     assert status == 200 and headers["x-request-id"] != "no spaces/please" and len(headers["x-request-id"]) == 32
+
+
+@pytest.mark.parametrize("log_content", [False, True])
+def test_prompts_and_answers_are_logged_only_with_log_content(engine, start_daemon, http, caplog, log_content):
+    daemon = start_daemon(runtime(engine, {"type": "never"}), log_content=log_content)
+    secret = "my bank PIN is 9713, what is 2 + 2?"
+    with caplog.at_level("INFO", logger="edge_runtime.daemon"):
+        status, _, done = http(daemon.port).json("POST", "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": secret}], "max_tokens": 4})
+        assert status == 200
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "route=local" in text and f"prompt_chars={len(secret)}" in text  # sizes and timings always
+    answer = done["choices"][0]["message"]["content"]
+    assert ("9713" in text) is log_content
+    assert (repr(answer) in text) is (log_content and bool(answer))
