@@ -120,10 +120,16 @@ def build_bundle(
     max_ppl_ratio: float = 1.25,
     force: bool = False,
     accuracy_level: int = 4,
+    int4_offsets: bool = True,
     name: str | None = None,
     progress: Progress | None = None,
 ) -> BuildReport:
-    """Build and verify a bundle at ``out``; raise BuildError (nothing left at ``out``) on any failure."""
+    """Build and verify a bundle at ``out``; raise BuildError (nothing left at ``out``) on any failure.
+
+    ``int4_offsets=False`` stores int4 blocks with integer zero points only: fewer
+    graph nodes and faster decoding, but a GGUF Q4_1 source is reproduced less
+    exactly (see ``quantize.quant``).
+    """
     if precision not in PRECISIONS:
         raise BuildError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -147,6 +153,7 @@ def build_bundle(
     with staging_dir(out_path, force=force) as tmp:
         say("graph", 0, spec.num_layers)
         model = build_graph(spec, src.weights, precision=precision, block_size=block_size, accuracy_level=accuracy_level,
+                            offset_projections=None if int4_offsets else frozenset(),
                             progress=lambda i: say("graph", i + 1, spec.num_layers))
         say("write", 0, 1)
         files = save_model_external(model, tmp)
@@ -188,11 +195,13 @@ def build_bundle(
                 "precision": precision,
                 "block_size": block_size if precision != "fp32" else None,
                 "accuracy_level": accuracy_level if precision != "fp32" else None,
+                "int4_offsets": int4_offsets if precision == "int4" else None,
                 "method": {
                     "fp32": "none",
                     "int8": "8-bit symmetric weight blocks along K; activations quantized per block at run time (MatMulNBits)",
-                    "int4": "4-bit asymmetric weight blocks along K (integer zero point, or a float offset where it halves the error); "
-                            "activations quantized per block at run time (MatMulNBits)",
+                    "int4": ("4-bit weight blocks along K with a float offset per block (w = scale*(q-8) + offset)" if int4_offsets else
+                             "4-bit asymmetric weight blocks along K with integer zero points")
+                            + "; activations quantized per block at run time (MatMulNBits)",
                 }[precision],
             },
             "source": {"kind": src.kind, "file": path.name, "sha256": src.source_sha256, "known_model": known},

@@ -120,8 +120,10 @@ class _Graph:
 class _Linear:
     """Emits one projection at the bundle's precision; returns the output name."""
 
-    def __init__(self, g: _Graph, precision: str, block_size: int, accuracy_level: int) -> None:
+    def __init__(self, g: _Graph, precision: str, block_size: int, accuracy_level: int,
+                 offset_projections: frozenset[str] | None = None) -> None:
         self.g = g
+        self.offset_projections = offset_projections
         self.precision = precision
         self.block_size = block_size
         self.accuracy_level = accuracy_level
@@ -135,14 +137,18 @@ class _Linear:
             if bias is not None:
                 self.g.node("Add", [f"{name}/mm", self.g.init(f"{name}.bias", bias.astype(np.float32))], [out], name=f"{name}/bias")
             return out
-        return self.quantized(x, quantize_blocks(weight, self.precision, self.block_size), name, bias)
+        kind = name.rsplit(".", 1)[-1]
+        offsets = self.offset_projections is None or kind in self.offset_projections
+        return self.quantized(x, quantize_blocks(weight, self.precision, self.block_size, offsets=offsets), name, bias)
 
     def quantized(self, x: str, qw: BlockQuantized, name: str, bias: np.ndarray | None = None, *,
                   weight_name: str | None = None) -> str:
         g = self.g
         out = f"{name}/out"
         mm_out = out if qw.offsets is None else f"{name}/mm"
-        inputs = [x, weight_name or g.init(f"{name}.weight_q{qw.bits}", qw.packed), g.init_fp16(f"{name}.scales", qw.scales), ""]
+        zp = qw.packed_zero_points()
+        inputs = [x, weight_name or g.init(f"{name}.weight_q{qw.bits}", qw.packed), g.init_fp16(f"{name}.scales", qw.scales),
+                  "" if zp is None else g.init(f"{name}.zero_points", zp)]
         if bias is not None:
             inputs += ["", g.init(f"{name}.bias", bias.astype(np.float32))]
         g.node("MatMulNBits", inputs, [mm_out], name=name, domain=MS_DOMAIN,
@@ -166,15 +172,19 @@ class _Linear:
         return self._indicators[key]
 
 
-def _embedding(g: _Graph, weights: np.ndarray, precision: str, block_size: int, hidden: int) -> tuple[str, str | BlockQuantized]:
+def _embedding(g: _Graph, weights: np.ndarray, precision: str, block_size: int, hidden: int, *,
+               offsets: bool = True) -> tuple[str, str | BlockQuantized]:
     """Emit the token lookup; return its output and what a tied output projection can reuse."""
     if precision == "fp32":
         table = g.init("embed.weight", weights.astype(np.float32))
         g.node("Gather", [table, "input_ids"], ["embed/out"], name="embed", axis=0)
         return "embed/out", table
-    qw = quantize_blocks(weights, precision, block_size)
+    qw = quantize_blocks(weights, precision, block_size, offsets=offsets)
     inputs = ["embed.weight_q", "input_ids", g.init_fp16("embed.scales", qw.scales[..., None])]
     g.init("embed.weight_q", qw.packed)  # [V, n_blocks, block*bits/8]: the same bytes MatMulNBits reads
+    if qw.zero_points is not None:
+        # one 4-bit code per [row, block] (the packed last axis has length 1), low nibble
+        inputs.append(g.init("embed.zero_points", qw.zero_points[..., None]))
     g.node("GatherBlockQuantized", inputs, ["embed/blocks"], name="embed", domain=MS_DOMAIN,
            bits=qw.bits, block_size=block_size, gather_axis=0, quantize_axis=2)  # [B, S, n_blocks, block]
     blocks = "embed/blocks"
@@ -197,18 +207,25 @@ def build_graph(
     precision: str,
     block_size: int = 32,
     accuracy_level: int = 4,
+    offset_projections: frozenset[str] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> onnx.ModelProto:
-    """Assemble the model. ``progress`` is called with the index of each layer done."""
+    """Assemble the model. ``progress`` is called with the index of each layer done.
+
+    ``offset_projections``: for int4, the projection kinds (``qkv_proj``, ``o_proj``,
+    ``gate_up_proj``, ``down_proj``, ``lm_head``) that get float block offsets; the
+    others use integer zero points. None: all of them.
+    """
     if precision not in ("fp32", "int8", "int4"):
         raise ValueError(f"precision must be fp32, int8 or int4, got {precision!r}")
     g = _Graph()
-    linear = _Linear(g, precision, block_size, accuracy_level)
+    linear = _Linear(g, precision, block_size, accuracy_level, offset_projections)
     H, V = spec.hidden_size, spec.vocab_size
     q_dim = spec.num_heads * spec.head_dim
     kv_dim = spec.num_kv_heads * spec.head_dim
 
-    emb_out, tied = _embedding(g, weights.embed, precision, block_size, H)
+    emb_out, tied = _embedding(g, weights.embed, precision, block_size, H,
+                               offsets=offset_projections is None or "lm_head" in offset_projections)
 
     # --- shared attention inputs ---
     cos = g.init("rope.cos", spec.rope_cos.astype(np.float32))

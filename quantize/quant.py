@@ -30,9 +30,9 @@ class BlockQuantized:
 
     ``packed``: uint8 [N, n_blocks, block_size * bits / 8] (MatMulNBits ``B``)
     ``scales``: float32 [N, n_blocks]
+    ``zero_points``: uint8 [N, n_blocks] (one code per entry, unpacked), or None for the kernels'
+    default 2^(bits-1)
     ``offsets``: float32 [N, n_blocks] added to every weight of the block, or None
-
-    Codes are read with the kernels' default zero point 2^(bits-1).
     """
 
     packed: np.ndarray
@@ -41,6 +41,7 @@ class BlockQuantized:
     bits: int
     k: int
     block_size: int
+    zero_points: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -50,6 +51,12 @@ class BlockQuantized:
     def n_blocks(self) -> int:
         return int(self.packed.shape[1])
 
+    def packed_zero_points(self) -> np.ndarray | None:
+        """Zero points in MatMulNBits' layout: [N, ceil(n_blocks * bits / 8)], low nibble first."""
+        if self.zero_points is None:
+            return None
+        return pack_nibbles(self.zero_points) if self.bits == 4 else self.zero_points.astype(np.uint8)
+
     def codes(self) -> np.ndarray:
         """The integer codes, [N, n_blocks, block_size]."""
         return _unpack_nibbles(self.packed) if self.bits == 4 else self.packed
@@ -57,7 +64,8 @@ class BlockQuantized:
     def dequantize(self) -> np.ndarray:
         """Back to float32 [N, K]."""
         q = self.codes().astype(np.float32)
-        w = (q - np.float32(1 << (self.bits - 1))) * self.scales[..., None]
+        zp = np.float32(1 << (self.bits - 1)) if self.zero_points is None else self.zero_points[..., None].astype(np.float32)
+        w = (q - zp) * self.scales[..., None]
         if self.offsets is not None:
             w = w + self.offsets[..., None]
         return w.reshape(self.n, -1)[:, : self.k]
@@ -123,8 +131,11 @@ def _fit_affine(blocks: np.ndarray, scale: np.ndarray, base: np.ndarray, steps: 
     return scale, base
 
 
-def quantize_int4(weight: np.ndarray, block_size: int = 32) -> BlockQuantized:
+def quantize_int4(weight: np.ndarray, block_size: int = 32, *, offsets: bool = True) -> BlockQuantized:
     """Asymmetric 4-bit blocks with a float offset: ``w = scale*(q-8) + offset``.
+
+    ``offsets=False`` gives the plain layout with a 4-bit integer zero point
+    instead (zero always on the grid): no extra work at run time, less exact.
 
     For a GGUF Q4_1 source with the same block alignment the least-squares fit
     recovers the original grid almost exactly; for other sources it is an
@@ -132,6 +143,8 @@ def quantize_int4(weight: np.ndarray, block_size: int = 32) -> BlockQuantized:
     of an integer zero point.
     """
     blocks, k = _blocks(weight, block_size)
+    if not offsets:
+        return _int4_zero_point(blocks, k, block_size)
     lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
     scale, base = _fit_affine(blocks, np.where(hi > lo, (hi - lo) / 15.0, 1.0), lo)
     q = np.clip(np.rint((blocks - base[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
@@ -140,9 +153,20 @@ def quantize_int4(weight: np.ndarray, block_size: int = 32) -> BlockQuantized:
     return BlockQuantized(packed=pack_nibbles(q), scales=scale, offsets=(base + 8.0 * scale).astype(np.float32), bits=4, k=k, block_size=block_size)
 
 
-def quantize_blocks(weight: np.ndarray, precision: str, block_size: int = 32) -> BlockQuantized:
+def _int4_zero_point(blocks: np.ndarray, k: int, block_size: int) -> BlockQuantized:
+    # the grid s*(q - z), z an integer in [0, 15], must contain zero: widen the range to include it
+    lo = np.minimum(blocks.min(axis=-1), 0.0)
+    hi = np.maximum(blocks.max(axis=-1), 0.0)
+    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+    zp = np.clip(np.rint(-lo / scale), 0, 15)
+    q = np.clip(np.rint(blocks / scale[..., None] + zp[..., None]), 0, 15).astype(np.uint8)
+    return BlockQuantized(packed=pack_nibbles(q), scales=scale, offsets=None, bits=4, k=k, block_size=block_size,
+                          zero_points=zp.astype(np.uint8))
+
+
+def quantize_blocks(weight: np.ndarray, precision: str, block_size: int = 32, *, offsets: bool = True) -> BlockQuantized:
     if precision == "int8":
         return quantize_int8(weight, block_size)
     if precision == "int4":
-        return quantize_int4(weight, block_size)
+        return quantize_int4(weight, block_size, offsets=offsets)
     raise ValueError(f"no block quantization for precision {precision!r}")

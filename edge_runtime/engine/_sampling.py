@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from .types import SamplingParams
@@ -33,24 +35,28 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def distribution_signals(logits: np.ndarray, chosen: int, top_k: int = 0) -> Signals:
-    """logprob of ``chosen``, entropy and top-1/top-2 margin of softmax(logits); optional top-k list."""
-    m = float(logits.max())
-    shifted = logits - m
+    """logprob of ``chosen``, entropy and top-1/top-2 margin of softmax(logits); optional top-k list.
+
+    This runs once per generated token over the whole vocabulary, so it makes
+    as few passes as it can: one subtract, one exp, a sum, a dot and two argmax
+    (no sort or partition unless alternatives are asked for).
+    """
+    top1 = int(np.argmax(logits))
+    shifted = logits - logits[top1]
     exp = np.exp(shifted)
     z = float(exp.sum())
-    log_z = np.log(z)
+    log_z = math.log(z)
     # H = log Z - E[shifted]
     entropy = log_z - float(np.dot(exp, shifted)) / z
-    k = max(top_k, 2)
-    top = np.argpartition(shifted, -k)[-k:]
-    top = top[np.argsort(-shifted[top], kind="stable")]
-    p1 = float(exp[top[0]]) / z
-    p2 = float(exp[top[1]]) / z
     logprob = float(shifted[chosen]) - log_z
+    exp[top1] = 0.0
+    p2 = float(exp.max()) / z
+    margin = 1.0 / z - p2  # p(top1) = exp(0) / z
     if top_k:
-        ids = top[:top_k]
-        return Signals(logprob, max(entropy, 0.0), p1 - p2, ids, shifted[ids].astype(np.float64) - log_z)
-    return Signals(logprob, max(entropy, 0.0), p1 - p2, None, None)
+        top = np.argpartition(shifted, -top_k)[-top_k:]
+        top = top[np.argsort(-shifted[top], kind="stable")]
+        return Signals(logprob, max(entropy, 0.0), margin, top, shifted[top].astype(np.float64) - log_z)
+    return Signals(logprob, max(entropy, 0.0), margin, None, None)
 
 
 def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None) -> int:

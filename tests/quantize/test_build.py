@@ -181,3 +181,17 @@ def test_manifest_records_tokens_of_the_source(tiny_bundles, tiny_model_dirs):
     manifest = load_manifest(tiny_bundles("qwen2", "int4"))
     assert tok.convert_tokens_to_ids("<|im_end|>") in manifest.eos_token_ids
     assert manifest.add_bos_token is False
+
+
+def test_int4_with_integer_zero_points_only(tiny_model_dirs, tmp_path):
+    from edge_runtime.engine import Engine
+
+    out = tmp_path / "zp"
+    report = build_bundle(tiny_model_dirs("llama"), out, precision="int4", int4_offsets=False, max_ppl_ratio=10.0)
+    q = report.manifest["quantization"]
+    assert q["int4_offsets"] is False and "integer zero points" in q["method"]
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "Add" not in ops  # no offset corrections in the graph
+    assert Engine(out, energy_meter=None).generate("hello world", max_new_tokens=4).finish_reason == "length"
