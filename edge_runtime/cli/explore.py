@@ -47,7 +47,7 @@ def print_summary(result, out) -> None:  # type: ignore[no-untyped-def]
     w = out.write
     rows = [result.point("always-local"), result.point("always-cloud")]
     for rec in result.recommendations:
-        if rec["point"] is not None:
+        if rec["point"] is not None and rec["point"] not in rows:
             rows.append(rec["point"])
     w(f"{'policy':<44} {'accuracy':>8} {'escalated':>9} {'USD/1k':>9} {'J/req':>7} {'p50 ms':>7}\n")
     for p in rows:

@@ -9,7 +9,9 @@ Goal grammar (terms separated by spaces)::
 
 Without ``max-accuracy`` the goal picks the *cheapest* policy meeting every
 constraint (least cloud USD, then device joules, then p50 latency); with it,
-the most accurate one meeting them (ties: the cheapest). Examples::
+the most accurate one meeting them (ties: the cheapest). Budget-capped policies
+are reported but never recommended: what a cap does depends on the traffic
+volume, which a replay over a fixed list of items cannot know. Examples::
 
     accuracy>=0.95*cloud
     max-accuracy usd<=0.50/1k
@@ -107,7 +109,9 @@ def recommend(goal: Goal, points: Sequence[Point], baselines: dict[str, float], 
                 return False
         return True
 
-    feasible = [p for p in points if ok(p)]
+    # a budget cap's effect depends on traffic volume, which replay over a fixed item list cannot know:
+    # such points stay in the report but are not recommended
+    feasible = [p for p in points if ok(p) and "budget" not in p.family]
     if not feasible:
         return None
     if goal.maximize_accuracy:
