@@ -8,12 +8,23 @@ repetitions whose median is reported (every raw repetition is kept):
   token) and a long (~500 token) prompt, decode tokens/s over 128 greedy
   tokens, peak RSS, and joules per generated token with the energy source's
   label (``estimate:*`` is a CPU-time estimate, never a measurement);
-* for this engine on the int4 and int8 SmolLM2-135M bundles, for
-  onnxruntime-genai on an int4 model made by its own builder from the same
-  checkpoint, and for llama.cpp (llama-cpp-python) on the original Q4_1 GGUF.
+* for this engine on the int4 and int8 SmolLM2-135M bundles (and the int4
+  bundle with integer zero points, ``<cache>/bundles/smollm2-135m-instruct-int4-zp``,
+  when it exists), for onnxruntime-genai on an int4 model made by its own
+  builder from the same checkpoint, and for llama.cpp (llama-cpp-python) on
+  the original Q4_1 GGUF.
   Peers are set up on first use under ``<cache>/peers`` (see
   ``benchmarks/peers/envs.py``); a peer that cannot be set up is skipped and
   the results say why.
+
+Speed alone would flatter a runtime whose quantization loses more: each
+runtime also scores a text sample (``quantize/data/quality_sample.txt``, the
+sample the bundle builder checks, as one sequence of the GGUF tokenizer's ids,
+no special tokens, the same ids for every runtime) in its own runner process,
+after its timings. Reported: its perplexity, the ratio to the perplexity of
+the project's fp32 bundle (token-identical to transformers on the dequantized
+GGUF, scored once per run), and the share of positions where its top-1
+prediction equals the fp32 bundle's.
 
 It also measures memory bandwidth (a numpy copy) and reports the engine's
 share of the bandwidth ceiling: decode is memory bound, each step streams the
@@ -55,11 +66,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "Target",
     "build_parser",
+    "compare_quality",
     "decode_bytes_per_token",
     "engine_targets",
     "main",
     "make_prompts",
+    "make_quality_sample",
     "memory_bandwidth",
+    "reference_target",
     "render_markdown",
     "run_benchmark",
     "run_from_args",
@@ -67,8 +81,12 @@ __all__ = [
     "write_results",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: quality (perplexity, ratio to fp32, top-1 agreement) per runtime
 MODEL = "smollm2-135m-instruct"
+QUALITY_SAMPLE = ROOT / "quantize" / "data" / "quality_sample.txt"
+REFERENCE_PRECISION = "fp32"
+ZERO_POINTS_VARIANT = "int4-zp"  # bundle dir suffix of `edge-runtime quantize --precision int4 --int4-zero-points`
+ZERO_POINTS_LABEL = "edge-runtime int4, integer zero points (--int4-zero-points)"
 PEER_NAMES = ("llamacpp", "genai")
 RUNNERS = Path(__file__).resolve().parent / "peers"
 DECODE_TARGET = 1.0  # engine int4 decode tok/s / faster peer's
@@ -298,6 +316,16 @@ def make_prompts(tokenizer_file: Path, bos_token_id: int | None, short_tokens: i
     return {"short": ids(SHORT_TEXT, short_tokens), "long": ids(LONG_TEXT, long_tokens)}
 
 
+def make_quality_sample(tokenizer_file: Path, max_tokens: int, sample: Path = QUALITY_SAMPLE) -> dict[str, Any]:
+    """The quality sample as token ids: no special tokens, one sequence, cut to ``max_tokens`` (the context)."""
+    from tokenizers import Tokenizer
+
+    text = sample.read_text(encoding="utf-8")
+    full = Tokenizer.from_file(str(tokenizer_file)).encode(text, add_special_tokens=False).ids
+    return {"source": str(sample.relative_to(ROOT)) if sample.is_relative_to(ROOT) else str(sample),
+            "text": text, "token_ids": full[:max_tokens], "full_token_ids": full}
+
+
 @dataclass
 class Target:
     """One runtime + model to measure: a runner script run by a given Python."""
@@ -307,44 +335,67 @@ class Target:
     python: Path | None
     runner: Path | None
     model: Path | None
-    kind: str  # "engine" or "peer"
+    kind: str  # "engine", "peer", or "reference" (scored only, for quality)
     precision: str | None = None
     reason: str | None = None  # set when the target was skipped
     details: dict[str, Any] = field(default_factory=dict)
 
 
 def engine_targets(bundles: dict[str, Path] | None = None, *, build: bool = True, log: Callable[[str], None] = print) -> list[Target]:
-    """This engine on the given bundles (label -> directory), by default the int4 and int8 SmolLM2 bundles."""
-    from edge_runtime.bundle import verify_bundle
-    from edge_runtime.errors import EdgeRuntimeError
+    """This engine on the given bundles (label -> directory).
+
+    By default the int4 and int8 SmolLM2 bundles (built when missing), and the
+    int4 bundle with integer zero points when it has been built (never built
+    here: ``edge-runtime quantize smollm2-135m-instruct --precision int4
+    --int4-zero-points --out <cache>/bundles/smollm2-135m-instruct-int4-zp``).
+    """
     from edge_runtime.models import default_bundle_dir
 
     if bundles is None:
         bundles = {f"edge-runtime {p}": default_bundle_dir(MODEL, p) for p in ("int4", "int8")}
-    targets = []
-    for label, path in bundles.items():
-        target = Target(label, "edge-runtime", Path(sys.executable), RUNNERS / "run_engine.py", path, "engine")
-        try:
-            manifest = verify_bundle(path, "fast")
-        except EdgeRuntimeError as err:
-            manifest = None
-            precision = label.rsplit(" ", 1)[-1]
-            if build and path == default_bundle_dir(MODEL, precision):
-                log(f"building the {precision} bundle of {MODEL} into {path} (about a minute)")
-                try:
-                    from quantize import build_bundle
+        zero_points = default_bundle_dir(MODEL, ZERO_POINTS_VARIANT)
+        if (zero_points / "manifest.json").is_file():
+            bundles[ZERO_POINTS_LABEL] = zero_points
+    return [_bundle_target(label, path, "engine", build=build, log=log) for label, path in bundles.items()]
 
-                    build_bundle(MODEL, path, precision=precision, force=True)
-                    manifest = verify_bundle(path, "fast")
-                except Exception as build_err:  # the export extra may be missing on a device
-                    target.reason = f"bundle {path} missing and could not be built: {build_err}"
-            else:
-                target.reason = f"bundle {path} is not usable: {err}"
-        if manifest is not None:
-            target.precision = manifest.precision
-            target.details = {"bundle": str(path), "bundle_hash": manifest.bundle_hash}
-        targets.append(target)
-    return targets
+
+def reference_target(bundle: Path | None = None, *, build: bool = True, log: Callable[[str], None] = print) -> Target:
+    """The fp32 bundle that every runtime's quality is compared with (scored, never timed)."""
+    from edge_runtime.models import default_bundle_dir
+
+    path = bundle or default_bundle_dir(MODEL, REFERENCE_PRECISION)
+    return _bundle_target(f"edge-runtime {REFERENCE_PRECISION} (quality reference)", path, "reference",
+                          build=build, log=log)
+
+
+def _bundle_target(label: str, path: Path, kind: str, *, build: bool, log: Callable[[str], None]) -> Target:
+    """A bundle to run with this engine; a missing default bundle is built when ``build`` allows it."""
+    from edge_runtime.bundle import verify_bundle
+    from edge_runtime.errors import EdgeRuntimeError
+    from edge_runtime.models import default_bundle_dir
+
+    target = Target(label, "edge-runtime", Path(sys.executable), RUNNERS / "run_engine.py", path, kind)
+    try:
+        manifest = verify_bundle(path, "fast")
+    except EdgeRuntimeError as err:
+        manifest = None
+        precision = next((p for p in ("int4", "int8", "fp32") if path == default_bundle_dir(MODEL, p)), None)
+        if build and precision is not None:
+            log(f"building the {precision} bundle of {MODEL} into {path} (about a minute)")
+            try:
+                from quantize import build_bundle
+
+                build_bundle(MODEL, path, precision=precision, force=True)
+                manifest = verify_bundle(path, "fast")
+            except Exception as build_err:  # the export extra may be missing on a device
+                target.reason = f"bundle {path} missing and could not be built: {build_err}"
+        else:
+            target.reason = f"bundle {path} is not usable: {err}"
+    if manifest is not None:
+        target.precision = manifest.precision
+        quantization = json.loads((path / "manifest.json").read_text()).get("quantization") or {}
+        target.details = {"bundle": str(path), "bundle_hash": manifest.bundle_hash, "quantization": quantization}
+    return target
 
 
 def peer_targets(names: Sequence[str], *, build: bool = True, log: Callable[[str], None] = print) -> list[Target]:
@@ -463,12 +514,46 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+def compare_quality(quality: dict[str, Any] | None, reference: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A runtime's quality figures, with its perplexity ratio and top-1 agreement against the reference's."""
+    if not quality:
+        return None
+    out: dict[str, Any] = {
+        "tokens": quality["tokens"],
+        "perplexity": round(quality["perplexity"], 4),
+        "nll": round(quality["nll"], 5),
+        "ppl_ratio_vs_reference": None,
+        "top1_agreement_vs_reference": None,
+        "own_tokenizer_matches": (quality.get("tokenizer") or {}).get("matches"),
+        "own_tokenizer_tokens": (quality.get("tokenizer") or {}).get("own_tokens"),
+        "score_ms": round(quality["score_ms"], 1),
+    }
+    if reference and reference["top1"] and len(reference["top1"]) == len(quality["top1"]):
+        same = sum(a == b for a, b in zip(quality["top1"], reference["top1"]))
+        out["ppl_ratio_vs_reference"] = round(quality["perplexity"] / reference["perplexity"], 4)
+        out["top1_agreement_vs_reference"] = round(same / len(reference["top1"]), 4)
+    return out
+
+
 def summarize(results: list[dict[str, Any]], bandwidth: dict[str, Any], bytes_per_token: dict[str, Any] | None) -> dict[str, Any]:
     """Ratios of the engine's int4 figures to the peers', targets, and the share of the bandwidth ceiling."""
     ok = [r for r in results if r["status"] == "ok"]
     engine = next((r for r in ok if r["kind"] == "engine" and r.get("precision") == "int4"), None)
     peers = [r for r in ok if r["kind"] == "peer"]
     summary: dict[str, Any] = {"reference": engine["label"] if engine else None}
+    # every measured row's decode speed against each peer's, next to what its quantization costs in quality
+    summary["speed_and_quality"] = [
+        {
+            "label": r["label"],
+            "kind": r["kind"],
+            "decode_tokens_per_s": r["median"]["decode_tokens_per_s"],
+            "decode_ratio_vs": {p["label"]: _ratio(r["median"]["decode_tokens_per_s"], p["median"]["decode_tokens_per_s"])
+                                for p in peers if p is not r},
+            "ppl_ratio_vs_reference": (r.get("quality") or {}).get("ppl_ratio_vs_reference"),
+            "top1_agreement_vs_reference": (r.get("quality") or {}).get("top1_agreement_vs_reference"),
+        }
+        for r in ok
+    ]
     if engine is None:
         summary["note"] = "no int4 engine result: no ratios"
         return summary
@@ -537,9 +622,17 @@ def run_benchmark(
     noisy_retries: int = 2,
     idle_wait_s: float = 120.0,
     timeout_s: float = 900.0,
+    quality: bool = True,
+    reference_bundle: Path | None = None,
+    quality_tokens: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Measure every target; return the results document (see ``write_results``).
+
+    With ``quality``, every runtime also scores the quality sample (at most
+    ``quality_tokens`` tokens, and never beyond the reference model's context)
+    in its first round, and the fp32 ``reference_bundle`` (default: the
+    SmolLM2 fp32 bundle) scores it once, before any timing.
 
     With ``max_other_cpu`` set, a runtime's run during which other programs
     used more than that share of the CPUs is discarded (kept in the results as
@@ -559,8 +652,8 @@ def run_benchmark(
 
         raise BundleError("no usable engine bundle to benchmark: " + "; ".join(f"{t.label}: {t.reason}" for t in targets))
     manifest = json.loads((reference.model / "manifest.json").read_text())
-    prompts = make_prompts(reference.model / manifest.get("tokenizer_file", "tokenizer.json"),
-                           manifest.get("tokens", {}).get("bos_token_id"), short_tokens, long_tokens)
+    tokenizer_file = reference.model / manifest.get("tokenizer_file", "tokenizer.json")
+    prompts = make_prompts(tokenizer_file, manifest.get("tokens", {}).get("bos_token_id"), short_tokens, long_tokens)
     log(f"measuring memory bandwidth ({threads} threads)")
     bandwidth = memory_bandwidth(threads, bandwidth_mb)
     if threads > 1:
@@ -572,6 +665,14 @@ def run_benchmark(
         "threads": threads, "prompts": prompts, "decode_tokens": decode_tokens, "repetitions": repetitions,
         "warmup": warmup, "load_repetitions": load_repetitions, "repo_root": str(ROOT),
     }
+    sample: dict[str, Any] | None = None
+    quality_ref: dict[str, Any] | None = None
+    if quality:
+        context = int(manifest.get("model", {}).get("context_length") or 2048)
+        sample = make_quality_sample(tokenizer_file, min(context, quality_tokens or context))
+        quality_ref = _reference_quality(reference_target(reference_bundle, build=build_bundles, log=log),
+                                         {**spec, "mode": "quality", "quality": sample}, timeout_s, log)
+
     runs: dict[str, list[dict[str, Any]]] = {t.label: [] for t in targets}
     rejected: dict[str, list[dict[str, Any]]] = {t.label: [] for t in targets}
     errors: dict[str, str] = {}
@@ -582,8 +683,11 @@ def run_benchmark(
             if target.label in errors:
                 continue
             log(f"round {rnd + 1}/{rounds}: {target.label}")
+            # quality does not change from one round to the next: scored in the first kept round only
+            scored = any(d.get("quality") for d in runs[target.label])
+            target_spec = {**spec, "quality": sample} if sample and not scored else spec
             for attempt in range(noisy_retries + 1):
-                doc = _run_target(target, spec, timeout_s)
+                doc = _run_target(target, target_spec, timeout_s)
                 share = doc.get("conditions", {}).get("other_cpu_share") or 0.0
                 if "error" in doc or max_other_cpu is None or share <= max_other_cpu or attempt == noisy_retries:
                     break
@@ -607,7 +711,9 @@ def run_benchmark(
             entry.update(status="failed", reason=errors[t.label], rounds=runs[t.label])
         else:
             docs = runs[t.label]
+            scored = next((d["quality"] for d in docs if d.get("quality")), None)
             entry.update(status="ok", versions=docs[0]["versions"], median=_aggregate(docs),
+                         quality=compare_quality(scored, (quality_ref or {}).get("quality")),
                          first_tokens=docs[0]["repetitions"]["short"][0]["first_tokens"], rounds=docs,
                          rejected_rounds=rejected[t.label])
         results.append(entry)
@@ -622,13 +728,14 @@ def run_benchmark(
         "settings": {
             "threads": threads, "repetitions": repetitions, "rounds": rounds, "warmup": warmup,
             "load_repetitions": load_repetitions, "decode_tokens": decode_tokens,
-            "max_other_cpu": max_other_cpu, "noisy_retries": noisy_retries,
+            "max_other_cpu": max_other_cpu, "noisy_retries": noisy_retries, "quality": quality,
             "prompt_tokens": {k: len(v) for k, v in prompts.items()}, "sampling": "greedy",
         },
         "versions": {r["label"]: r.get("versions") for r in results if r["status"] == "ok"},
         "prompts": prompts,
         "memory_bandwidth": bandwidth,
         "decode_bytes_per_token": bytes_per_token,
+        "quality": _quality_section(sample, quality_ref),
         "results": results,
         "summary": summarize(results, bandwidth, bytes_per_token),
         "definitions": {
@@ -639,8 +746,51 @@ def run_benchmark(
             "peak_rss_mb": "peak resident set (VmHWM) of the runtime's own process after load and all generations",
             "joules_per_token": "energy window around the short-prompt generation / generated tokens; "
                                 "'process' = this process's share by CPU time",
+            "perplexity": "exp(mean negative log-likelihood of each sample token given all tokens before it), the "
+                          "sample scored as one sequence by the runtime itself, after its timings",
+            "ppl_ratio_vs_reference": "perplexity / the fp32 reference bundle's perplexity on the same ids",
+            "top1_agreement_vs_reference": "share of positions where the runtime's most likely next token is the "
+                                           "fp32 reference's",
         },
     }
+
+
+def _reference_quality(target: Target, spec: dict[str, Any], timeout_s: float,
+                       log: Callable[[str], None]) -> dict[str, Any]:
+    """The fp32 reference's score of the sample (its runner in quality mode), or why there is none."""
+    entry: dict[str, Any] = {"label": target.label, "model": str(target.model) if target.model else None,
+                             "details": target.details}
+    if target.reason is not None:
+        log(f"  no quality reference: {target.reason}")
+        return {**entry, "error": target.reason}
+    log(f"quality reference: {target.label}")
+    doc = _run_target(target, spec, timeout_s)
+    if "error" in doc:
+        log(f"  failed: {doc['error']}")
+        return {**entry, "error": doc["error"]}
+    return {**entry, "versions": doc["versions"], "quality": doc["quality"], "conditions": doc.get("conditions")}
+
+
+def _quality_section(sample: dict[str, Any] | None, reference: dict[str, Any] | None) -> dict[str, Any] | None:
+    if sample is None:
+        return None
+    section: dict[str, Any] = {
+        "sample": sample["source"],
+        "tokens": len(sample["token_ids"]),
+        "sample_tokens": len(sample["full_token_ids"]),
+        "token_ids": sample["token_ids"],
+        "tokenization": "the GGUF's tokenizer (the bundles' tokenizer.json), no special tokens; every runtime is "
+                        "fed these ids; its own tokenizer's ids are only compared (own_tokenizer_matches)",
+        "reference": None,
+    }
+    if reference is not None:
+        ref = {k: v for k, v in reference.items() if k != "quality"}
+        scored = reference.get("quality")
+        if scored:
+            ref.update(perplexity=round(scored["perplexity"], 4), nll=round(scored["nll"], 5),
+                       score_ms=round(scored["score_ms"], 1), logprobs=scored["logprobs"], top1=scored["top1"])
+        section["reference"] = ref
+    return section
 
 
 # --------------------------------------------------------------------------------------------------
@@ -651,6 +801,56 @@ def _fmt(value: float | None, digits: int = 0) -> str:
     if value is None:
         return "–"
     return f"{value:,.{digits}f}"
+
+
+def _pct(share: float | None) -> str:
+    return "–" if share is None else f"{share * 100:.1f}%"
+
+
+def _model_cell(result: dict[str, Any]) -> str:
+    if result["kind"] != "engine":
+        return result["details"].get("model_format", "")
+    quant = result["details"].get("quantization") or {}
+    variant = {True: ", float block offsets", False: ", integer zero points"}.get(quant.get("int4_offsets"), "")
+    return f"edge bundle {result['precision']}{variant} (MatMulNBits)"
+
+
+def _speed_quality_lines(doc: dict[str, Any]) -> list[str]:
+    """Decode speed relative to each peer, next to the quality the quantization keeps."""
+    rows = doc["summary"].get("speed_and_quality") or []
+    peers = [r["label"] for r in doc["results"] if r["status"] == "ok" and r["kind"] == "peer"]
+    quality = doc.get("quality") or {}
+    ref = quality.get("reference") or {}
+    if not rows or not peers:
+        return []
+    lines = [
+        ("Decode speed relative to each peer, next to quality (× > 1: faster than that peer; ppl ÷ fp32 > 1: the "
+         "quantization loses more of the fp32 model):"),
+        "",
+        "| runtime | decode tok/s | " + " | ".join(f"× {p}" for p in peers) + " | ppl ÷ fp32 | top-1 = fp32 |",
+        "|---|--:|" + "--:|" * len(peers) + "--:|--:|",
+    ]
+    for row in rows:
+        ratios = " | ".join("1.00" if p == row["label"] else _fmt(row["decode_ratio_vs"].get(p), 2) for p in peers)
+        lines.append(f"| {row['label']} | {_fmt(row['decode_tokens_per_s'], 1)} | {ratios} | "
+                     f"{_fmt(row['ppl_ratio_vs_reference'], 3)} | {_pct(row['top1_agreement_vs_reference'])} |")
+    lines.append("")
+    if ref.get("perplexity") is not None:
+        lines.append(
+            f"- Quality: `{quality['sample']}`, {quality['tokens']} tokens (the GGUF tokenizer's ids, no special "
+            f"tokens, one sequence, the same ids for every runtime), scored by each runtime in its own process "
+            f"after its timings. fp32 reference: this engine on the fp32 bundle `{Path(ref['model']).name}` "
+            f"(scored once, never timed), perplexity {ref['perplexity']:.2f}; top-1 = fp32 is the share of the {quality['tokens'] - 1} positions where "
+            "the runtime's most likely next token is the reference's."
+        )
+    elif quality:
+        lines.append(f"- Quality: no fp32 reference ({ref.get('error', 'not run')}): no ratios.")
+    mismatched = [f"{r['label']} ({_fmt(r['quality'].get('own_tokenizer_tokens'))} ids)" for r in doc["results"]
+                  if r["status"] == "ok" and (r.get("quality") or {}).get("own_tokenizer_matches") is False]
+    if mismatched:
+        lines.append(f"- Own tokenizer does not give the GGUF's {quality['sample_tokens']} ids for the sample (fed "
+                     f"the GGUF's ids anyway): {', '.join(mismatched)}.")
+    return lines
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
@@ -667,17 +867,18 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "",
         (
             f"| runtime | model | load ms | TTFT ms ({pt['short']} tok) | prefill tok/s ({pt['short']}) | "
-            f"prefill tok/s ({pt['long']}) | decode tok/s ({s['decode_tokens']}) | peak RSS MB | mJ/token (process) |"
+            f"prefill tok/s ({pt['long']}) | decode tok/s ({s['decode_tokens']}) | peak RSS MB | mJ/token (process) | "
+            "ppl | ppl ÷ fp32 | top-1 = fp32 |"
         ),
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     sources = set()
     for r in doc["results"]:
         if r["status"] != "ok":
             continue
         m = r["median"]
-        model = {"engine": f"edge bundle {r['precision']} (MatMulNBits)",
-                 "peer": r["details"].get("model_format", "")}[r["kind"]]
+        model = _model_cell(r)
+        q = r.get("quality") or {}
         mj = m["process_joules_per_token"]
         if m.get("energy_source"):
             sources.add(m["energy_source"] + (" (estimate)" if m.get("energy_estimated") else ""))
@@ -685,13 +886,18 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"| {r['label']} | {model} | {_fmt(m['load_ms'])} | {_fmt(m['ttft_short_ms'], 1)} | "
             f"{_fmt(m['prefill_short_tokens_per_s'])} | {_fmt(m['prefill_long_tokens_per_s'])} | "
             f"{_fmt(m['decode_tokens_per_s'], 1)} | {_fmt(m['peak_rss_mb'])} | "
-            f"{_fmt(mj * 1000 if mj is not None else None, 1)} |"
+            f"{_fmt(mj * 1000 if mj is not None else None, 1)} | {_fmt(q.get('perplexity'), 2)} | "
+            f"{_fmt(q.get('ppl_ratio_vs_reference'), 3)} | {_pct(q.get('top1_agreement_vs_reference'))} |"
         )
     lines.append("")
     for r in doc["results"]:
         if r["status"] != "ok":
             lines.append(f"- {r['label']}: {r['status']}: {r['reason']}")
     summ = doc["summary"]
+    speed_quality = _speed_quality_lines(doc)
+    if speed_quality and lines[-1] != "":
+        lines.append("")  # a paragraph right after a list would join its last item
+    lines += speed_quality
     if summ.get("decode_ratio_vs"):
         ratios = ", ".join(f"{k} {_fmt(v, 2)}×" for k, v in summ["decode_ratio_vs"].items())
         tgt = summ["decode_target"]

@@ -32,6 +32,7 @@ def test_engine_only_run_writes_the_results_schema(throughput, tiny_bundle: Path
         threads=1, repetitions=2, warmup=1, load_repetitions=2, decode_tokens=4, short_tokens=6, long_tokens=24,
         bundles={"edge-runtime tiny": tiny_bundle}, peers=("no-such-peer",), setup_peers=False,
         build_bundles=False, bandwidth_mb=8, load_sample_s=0.05, timeout_s=60, log=lambda _msg: None,
+        reference_bundle=tiny_bundle, quality_tokens=40,
     )
     json_path, md_path = throughput.write_results(doc, tmp_path, host="test")
     assert json_path.name == "throughput-test.json" and md_path.name == "throughput-test.md"
@@ -67,8 +68,24 @@ def test_engine_only_run_writes_the_results_schema(throughput, tiny_bundle: Path
     # no int4 bundle among the targets: no ratios are invented
     assert data["summary"]["reference"] is None
 
+    # quality: the sample's first 40 ids, scored by the reference and by the runtime in its (only) round
+    quality = data["quality"]
+    assert quality["sample"] == "quantize/data/quality_sample.txt" and quality["tokens"] == 40
+    assert quality["sample_tokens"] > 40 and len(quality["token_ids"]) == 40
+    ref = quality["reference"]
+    assert "error" not in ref, ref.get("error")
+    assert ref["perplexity"] > 1 and len(ref["top1"]) == len(ref["logprobs"]) == 39
+    scored = run["quality"]
+    assert scored["tokens"] == 40 and scored["tokenizer"]["matches"]
+    # the engine row runs the reference bundle itself: exactly the reference's figures
+    assert engine["quality"]["ppl_ratio_vs_reference"] == 1.0
+    assert engine["quality"]["top1_agreement_vs_reference"] == 1.0
+    assert engine["quality"]["perplexity"] == ref["perplexity"]
+
     table = md_path.read_text()
     assert "| edge-runtime tiny |" in table and "no-such-peer: skipped" in table
+    assert "| ppl | ppl ÷ fp32 | top-1 = fp32 |" in table
+    assert "| 1.000 | 100.0% |" in table
 
 
 def test_summary_ratios_targets_and_ceiling(throughput) -> None:
@@ -91,6 +108,49 @@ def test_summary_ratios_targets_and_ceiling(throughput) -> None:
     ceiling = s["bandwidth_ceiling"]
     assert ceiling["ceiling_tokens_per_s"] == 250.0 and ceiling["engine_share"] == 0.48
     assert ceiling["codes_only_ceiling_tokens_per_s"] == 500.0
+
+
+def test_quality_comparison_against_the_reference(throughput) -> None:
+    ref = {"tokens": 5, "perplexity": 10.0, "nll": 2.302585, "score_ms": 1.0, "top1": [1, 2, 3, 4]}
+    runtime = {"tokens": 5, "perplexity": 12.5, "nll": 2.5257, "score_ms": 2.0, "top1": [1, 2, 9, 4],
+               "tokenizer": {"matches": False}}
+    q = throughput.compare_quality(runtime, ref)
+    assert q["ppl_ratio_vs_reference"] == 1.25 and q["top1_agreement_vs_reference"] == 0.75
+    assert q["own_tokenizer_matches"] is False
+    # a reference scored on other ids (another length) gives no ratio rather than a wrong one
+    assert throughput.compare_quality(runtime, {**ref, "top1": [1, 2, 3]})["ppl_ratio_vs_reference"] is None
+    assert throughput.compare_quality(None, ref) is None
+
+
+def test_next_token_stats_matches_a_direct_log_softmax(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.peers._harness import next_token_stats
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(7, 11)).astype(np.float32) * 5
+    ids = [3, 1, 4, 1, 5, 9, 2]
+    logprobs, top1 = next_token_stats(logits, ids, rows=3)  # slices of 3 rows: 6 positions in 2 slices
+    x = logits[:6].astype(np.float64)
+    expected = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    assert np.allclose(logprobs, expected[np.arange(6), ids[1:]])
+    assert top1 == x.argmax(axis=-1).tolist()
+
+
+def test_summary_puts_every_row_speed_next_to_its_quality(throughput) -> None:
+    int4 = _ok_result("edge-runtime int4", "engine", "int4", decode=150.0, rss=300.0)
+    int4["quality"] = {"ppl_ratio_vs_reference": 1.07, "top1_agreement_vs_reference": 0.82}
+    zp = _ok_result("edge-runtime int4-zp", "engine", "int4", decode=200.0, rss=300.0)
+    zp["quality"] = {"ppl_ratio_vs_reference": 1.36, "top1_agreement_vs_reference": 0.65}
+    genai = _ok_result("onnxruntime-genai int4", "peer", "int4", decode=250.0, rss=380.0)
+    llama = _ok_result("llama.cpp Q4_1", "peer", "q4_1", decode=125.0, rss=200.0)
+    rows = {r["label"]: r for r in throughput.summarize([int4, zp, genai, llama], {"best_gb_per_s": 25.0}, None)
+            ["speed_and_quality"]}
+    assert rows["edge-runtime int4-zp"]["decode_ratio_vs"] == {"onnxruntime-genai int4": 0.8, "llama.cpp Q4_1": 1.6}
+    assert rows["edge-runtime int4-zp"]["ppl_ratio_vs_reference"] == 1.36
+    assert rows["onnxruntime-genai int4"]["decode_ratio_vs"] == {"llama.cpp Q4_1": 2.0}
+    assert rows["llama.cpp Q4_1"]["ppl_ratio_vs_reference"] is None  # not scored: no figure invented
 
 
 def test_prompts_have_exact_lengths_and_share_ids(throughput, tiny_bundle: Path) -> None:
@@ -134,7 +194,7 @@ def test_a_run_on_a_busy_machine_is_discarded_and_rerun(throughput, tiny_bundle:
     doc = throughput.run_benchmark(
         threads=1, repetitions=1, warmup=0, load_repetitions=1, decode_tokens=2, short_tokens=4, long_tokens=8,
         bundles={"tiny": tiny_bundle}, peers=(), build_bundles=False, bandwidth_mb=4, load_sample_s=0.01,
-        max_other_cpu=0.99, noisy_retries=2, idle_wait_s=7.0, log=lambda _msg: None,
+        max_other_cpu=0.99, noisy_retries=2, idle_wait_s=7.0, quality=False, log=lambda _msg: None,
     )
     (result,) = doc["results"]
     assert len(calls) == 2 and waits == [7.0]

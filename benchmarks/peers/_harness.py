@@ -29,12 +29,22 @@ What is timed, identically for each runtime (``time.perf_counter``):
   load on the machine does not inflate).
 * ``peak_rss_mb``: the process's peak resident set (``VmHWM``) after load
   and all generations (file-backed pages of memory-mapped weights included).
+
+Quality, when the spec has a ``quality`` entry (token ids of a text sample):
+after every timing, and after the peak RSS is read, the runtime scores the
+sample as one sequence with a model instance of its own (llama.cpp needs one
+that keeps the logits of every position) and reports, for every position, the
+log-probability of the actual next token and its own top-1 prediction, plus
+how its own tokenizer splits the text. The perplexity comes from these; the
+benchmark compares the predictions with the fp32 reference's. A spec with
+``"mode": "quality"`` runs only this part (the fp32 reference bundle).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -42,11 +52,11 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["Runtime", "current_rss_mb", "main", "peak_rss_mb", "run"]
+__all__ = ["Runtime", "current_rss_mb", "main", "next_token_stats", "peak_rss_mb", "run", "run_quality"]
 
 
 class Runtime(Protocol):
@@ -68,6 +78,35 @@ class Runtime(Protocol):
     def generate(self, ids: list[int], max_new_tokens: int) -> Iterator[int]:
         """Greedy generation from scratch (no cached prefix), yielding token ids as they come."""
         ...
+
+    def score(self, model: str, threads: int, ids: list[int], text: str) -> tuple[Sequence[float], Sequence[int], list[int] | None]:
+        """Score ``ids`` as one sequence with a model instance of its own, freed before returning.
+
+        Returns the log-probability of ``ids[i + 1]`` after ``ids[: i + 1]`` and
+        the runtime's top-1 prediction at position ``i``, for i = 0 .. n - 2, and
+        the runtime's own tokenization of ``text`` (no special tokens), or None.
+        """
+        ...
+
+
+def next_token_stats(logits: Any, ids: Sequence[int], rows: int = 128) -> tuple[list[float], list[int]]:
+    """From logits whose row ``i`` predicts token ``i + 1``: the actual next token's logprob, and the argmax.
+
+    In float64 and in slices of ``rows`` positions, so a full [n, vocab]
+    matrix never needs a second full-size copy.
+    """
+    import numpy as np
+
+    targets = np.asarray(ids[1:], dtype=np.int64)
+    logprobs: list[float] = []
+    top1: list[int] = []
+    for lo in range(0, len(targets), rows):
+        x = np.asarray(logits[lo:lo + rows], dtype=np.float64)[: len(targets) - lo]
+        peak = x.max(axis=-1, keepdims=True)
+        log_z = peak[:, 0] + np.log(np.exp(x - peak).sum(axis=-1))
+        logprobs += (x[np.arange(len(x)), targets[lo:lo + len(x)]] - log_z).tolist()
+        top1 += x.argmax(axis=-1).tolist()
+    return logprobs, top1
 
 
 def peak_rss_mb() -> float:
@@ -200,6 +239,8 @@ def run(runtime: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
         load_info.append(getattr(runtime, "load_info", None))
     runtime.unload()
 
+    quality = _quality(runtime, spec) if spec.get("quality") else None
+
     short, long = reps["short"], reps["long"]
 
     def med(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -231,6 +272,7 @@ def run(runtime: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
         },
         "peak_rss_mb": peak_rss,
         "repetitions": reps,
+        "quality": quality,
         "energy_error": meter_error,
         "median": {
             "load_ms": _median(load_ms),
@@ -248,6 +290,53 @@ def run(runtime: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _quality(runtime: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
+    sample = spec["quality"]
+    ids = [int(i) for i in sample["token_ids"]]
+    gc.collect()
+    t0 = time.perf_counter()
+    logprobs, top1, own_ids = runtime.score(spec["model"], int(spec["threads"]), ids, sample["text"])
+    score_ms = (time.perf_counter() - t0) * 1000.0
+    logprobs = [float(x) for x in logprobs]
+    top1 = [int(x) for x in top1]
+    if len(logprobs) != len(ids) - 1 or len(top1) != len(ids) - 1:
+        raise RuntimeError(f"score returned {len(logprobs)} logprobs and {len(top1)} predictions for {len(ids)} tokens")
+    nll = -sum(logprobs) / len(logprobs)
+    tokenizer: dict[str, Any] | None = None
+    if own_ids is not None:
+        # informative: every runtime is fed the same ids whatever its own tokenizer makes of the text
+        full = sample.get("full_token_ids") or ids
+        mismatch = next((i for i, (a, b) in enumerate(zip(own_ids, full)) if a != b), None)
+        if mismatch is None and len(own_ids) != len(full):
+            mismatch = min(len(own_ids), len(full))
+        tokenizer = {"own_tokens": len(own_ids), "matches": mismatch is None, "first_mismatch": mismatch,
+                     "own_head": [int(x) for x in own_ids[:8]]}
+    return {
+        "tokens": len(ids),
+        "scored_positions": len(logprobs),
+        "nll": nll,
+        "perplexity": math.exp(nll),
+        "score_ms": score_ms,
+        "tokenizer": tokenizer,
+        "logprobs": [round(x, 5) for x in logprobs],
+        "top1": top1,
+    }
+
+
+def run_quality(runtime: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
+    """Quality only (no timing): the reference bundle's run."""
+    versions = runtime.import_runtime()
+    return {
+        "runtime": runtime.name,
+        "label": spec["label"],
+        "model": spec["model"],
+        "threads": int(spec["threads"]),
+        "versions": {"python": platform.python_version(), **versions},
+        "pid": os.getpid(),
+        "quality": _quality(runtime, spec),
+    }
+
+
 def main(make_runtime: Callable[[], Runtime], argv: list[str] | None = None) -> int:
     """Entry point of a runner script: ``run_X.py SPEC.json OUT.json``; errors go to OUT.json too."""
     args = sys.argv[1:] if argv is None else argv
@@ -257,7 +346,8 @@ def main(make_runtime: Callable[[], Runtime], argv: list[str] | None = None) -> 
     spec = json.loads(Path(args[0]).read_text())
     out = Path(args[1])
     try:
-        result = run(make_runtime(), spec)
+        measure = run_quality if spec.get("mode") == "quality" else run
+        result = measure(make_runtime(), spec)
     except Exception as err:  # report why, so the benchmark can say it in its results
         out.write_text(json.dumps({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}))
         traceback.print_exc()

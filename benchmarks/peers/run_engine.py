@@ -5,12 +5,14 @@ every request: the same loop ``Engine.generate`` runs (sampling, per-token
 logprob/entropy/margin, incremental detokenization, stop matching, the
 engine's own energy window), without the pool's prefix reuse, which would
 otherwise turn every repetition after the first into a one-token prefill.
+Quality is ``Engine.score`` (chunked prefill of the whole sample on one KV
+cache, keeping the logits of every position).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,17 @@ class EngineRuntime:
                         "source": result.energy.source, "estimated": result.energy.estimated,
                     },
                 }
+
+    def score(self, model: str, threads: int, ids: list[int], text: str) -> tuple[Sequence[float], Sequence[int], list[int]]:
+        from edge_runtime.engine import Engine
+
+        engine = Engine(model, intra_op_threads=threads, energy_meter=None, cache_tokens=max(1024, len(ids)))
+        try:
+            scored = engine.score(token_ids=ids)
+            own = engine.tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            engine.close()
+        return scored.logprobs.tolist(), scored.top1.tolist(), own
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ sized like ours rather than for the full 8k context. ``min_length`` keeps a
 greedy run from stopping at an end-of-sequence token before the requested count.
 Each generated token is streamed through the tokenizer stream, as an
 application showing text would.
+
+Quality: the whole sample goes in as one prompt (``append_tokens``) and the
+decoder's ``logits`` output holds every position (shape [1, n, vocab] in
+0.18). The ids are fed directly: they come from the GGUF's tokenizer, and
+genai's own tokenizer is only compared with them (recorded, informative).
 """
 
 from __future__ import annotations
@@ -15,13 +20,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import main
+from _harness import main, next_token_stats
 
 
 class GenaiRuntime:
@@ -70,6 +75,25 @@ class GenaiRuntime:
             produced += 1
             yield token
         del generator
+
+    def score(self, model: str, threads: int, ids: list[int], text: str) -> tuple[Sequence[float], Sequence[int], list[int]]:
+        og = self.og
+        self.load(model, threads)
+        try:
+            params = og.GeneratorParams(self.model)
+            params.set_search_options(do_sample=False, max_length=len(ids) + 1, batch_size=1)
+            generator = og.Generator(self.model, params)
+            generator.append_tokens(ids)
+            logits = generator.get_output("logits")
+            if logits.shape[:2] != (1, len(ids)):
+                raise RuntimeError(f"genai's logits output has shape {logits.shape}, not one row per position "
+                                   f"of the {len(ids)} prompt tokens")
+            logprobs, top1 = next_token_stats(logits[0], ids)
+            own = [int(t) for t in self.tokenizer.encode(text)]
+            del generator
+        finally:
+            self.unload()
+        return logprobs, top1, own
 
 
 if __name__ == "__main__":

@@ -6,19 +6,23 @@ set to 1024 tokens like this engine's default KV cache. Every request starts
 from ``reset()`` (no reused prefix); the prompt pass is ``Llama.eval`` (timed
 alone), then the library's own ``generate`` loop samples greedily (temp 0) and
 each token is detokenized as an application streaming text would.
+
+Quality: a second ``Llama`` made with ``logits_all=True`` (so the timed one
+keeps the library's default, last-position logits only) evaluates the sample
+as one sequence; ``scores`` then holds the logits of every position.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import main
+from _harness import main, next_token_stats
 
 N_CTX = 1024
 
@@ -63,6 +67,19 @@ class LlamaCppRuntime:
             yield int(token)
             if produced >= max_new_tokens:
                 break
+
+    def score(self, model: str, threads: int, ids: list[int], text: str) -> tuple[Sequence[float], Sequence[int], list[int]]:
+        llm = self.llama_cpp.Llama(
+            model_path=model, n_ctx=max(N_CTX, len(ids)), n_threads=threads, n_threads_batch=threads,
+            logits_all=True, verbose=False,
+        )
+        try:
+            llm.eval(ids)
+            logprobs, top1 = next_token_stats(llm.scores[: len(ids)], ids)
+            own = [int(t) for t in llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)]
+        finally:
+            llm.close()
+        return logprobs, top1, own
 
 
 if __name__ == "__main__":
