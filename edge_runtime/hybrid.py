@@ -190,8 +190,8 @@ class HybridRuntime:
         elif sampling:
             params = params.replace(**sampling)
         # the context check happens here too, before any compute
-        prompt_ids = self.engine._fit_context(self.engine.encode(messages=msgs), params)
-        return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft, len(prompt_ids))
+        prompt_ids = self.engine.fit_context(self.engine.encode(messages=msgs), params)
+        return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft, prompt_ids)
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -217,20 +217,21 @@ class HybridRuntime:
         signals = signals_from_result(result, messages=msgs)
         return float(self.estimator.p_correct(signals, engine=self.engine, messages=msgs))
 
-    def _local_stream(self, msgs: list[dict[str, str]], params: SamplingParams, cancel: Any, stop: threading.Event,
+    def _local_stream(self, prompt_ids: list[int], params: SamplingParams, cancel: Any, stop: threading.Event,
                       ) -> Iterator[Any]:
-        return self.engine.stream(messages=msgs, params=params, cancel=lambda: stop.is_set() or _is_cancelled(cancel),
-                                  prompt_nll=self.estimator.needs_prompt_nll)
+        # the prompt was tokenized and checked against the context window once, in stream()
+        return self.engine.stream_tokens(prompt_ids, params, cancel=lambda: stop.is_set() or _is_cancelled(cancel),
+                                         prompt_nll=self.estimator.needs_prompt_nll)
 
     def _run(self, msgs: list[dict[str, str]], model: str, params: SamplingParams, cancel: Any, request_id: str,
-             reveal_draft: bool, prompt_tokens: int) -> Iterator[HybridChunk]:
+             reveal_draft: bool, prompt_ids: list[int]) -> Iterator[HybridChunk]:
         t0 = time.perf_counter()
         ctx = RequestContext(messages=msgs, request_id=request_id, estimated_cloud_usd=self._estimate_cloud_usd(msgs, params))
         if self._wants_pre_route and model == "auto":
             ctx = dataclasses.replace(ctx, pre_route_p_correct=self._pre_route_score(ctx.prompt_text))
         if self._wants_p_cloud and model == "auto":
             assert self.estimator.cloud is not None
-            ctx = dataclasses.replace(ctx, features={"p_cloud": self.estimator.cloud.p_cloud(ctx.prompt_text, prompt_tokens)})
+            ctx = dataclasses.replace(ctx, features={"p_cloud": self.estimator.cloud.p_cloud(ctx.prompt_text, len(prompt_ids))})
         if model == "local":
             decision = Decision("local", "requested_local", "the request asked for the local model", policy="request")
         elif model == "cloud":
@@ -250,7 +251,7 @@ class HybridRuntime:
             watch = model == "auto" and decision.action == "continue"
             stop = threading.Event()
             tokens: list[TokenInfo] = []
-            for chunk in self._local_stream(msgs, params, cancel, stop):
+            for chunk in self._local_stream(prompt_ids, params, cancel, stop):
                 if chunk.result is not None:
                     locals_.append(chunk.result)
                     break
@@ -311,7 +312,7 @@ class HybridRuntime:
                 if shown:
                     yield HybridChunk("withdraw")
                 held = []
-                for chunk in self._local_stream(msgs, params, cancel, threading.Event()):
+                for chunk in self._local_stream(prompt_ids, params, cancel, threading.Event()):
                     if chunk.result is not None:
                         locals_.append(chunk.result)
                         break

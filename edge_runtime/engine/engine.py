@@ -294,15 +294,21 @@ class Engine:
         """
         p = self._params(params, sampling)
         ids = self.encode(prompt, messages=messages)
-        ids = self._fit_context(ids, p)
+        ids = self.fit_context(ids, p)
         is_cancelled = _cancel_check(cancel)
         return self._stream(ids, p, is_cancelled, prompt_nll)
+
+    def stream_tokens(self, ids: Sequence[int], params: SamplingParams, *, cancel: Cancel = None,
+                      prompt_nll: bool = False) -> Iterator[StreamChunk]:
+        """:meth:`stream` for prompt token ids the caller already has (and checked with :meth:`fit_context`)."""
+        return self._stream(list(ids), params, _cancel_check(cancel), prompt_nll)
 
     def _stream(self, ids: list[int], p: SamplingParams, is_cancelled: Callable[[], bool], prompt_nll: bool) -> Iterator[StreamChunk]:
         with self._cache() as cache:
             yield from self.run(cache, ids, p, is_cancelled, prompt_nll=prompt_nll)
 
-    def _fit_context(self, ids: list[int], p: SamplingParams) -> list[int]:
+    def fit_context(self, ids: list[int], p: SamplingParams) -> list[int]:
+        """The prompt ids if they fit with ``max_new_tokens``; truncated when asked; else ContextLengthError."""
         limit = self.context_length
         if len(ids) + p.max_new_tokens <= limit:
             return ids
@@ -434,7 +440,7 @@ class Engine:
 
     def next_token_logprobs(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> np.ndarray:
         """Log-probabilities of the token that would follow the prompt (one prefill, no decoding)."""
-        ids = self._fit_context(self.encode(prompt, messages=messages), SamplingParams(max_new_tokens=1))
+        ids = self.fit_context(self.encode(prompt, messages=messages), SamplingParams(max_new_tokens=1))
         with self._cache() as cache:
             cache.truncate(0)
             logits = cache.prefill(ids)[-1]
@@ -504,7 +510,7 @@ class ChatSession:
         engine = self.engine
         p = engine._params(params, sampling)
         messages = [*self.messages, {"role": "user", "content": content}]
-        ids = engine._fit_context(engine.encode(messages=messages), p)
+        ids = engine.fit_context(engine.encode(messages=messages), p)
         is_cancelled = _cancel_check(cancel)
 
         def run() -> Iterator[StreamChunk]:

@@ -50,8 +50,12 @@ class SlowEngine:
         return getattr(self._engine, name)
 
     def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        inner = self._engine.stream(*args, **kwargs)
+        return self._slowed(self._engine.stream(*args, **kwargs))
 
+    def stream_tokens(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        return self._slowed(self._engine.stream_tokens(*args, **kwargs))
+
+    def _slowed(self, inner: Iterator[Any]) -> Iterator[Any]:
         def run() -> Iterator[Any]:
             self.started.set()
             for chunk in inner:
