@@ -139,6 +139,18 @@ def _daemon(config_text: str, workdir: Path, timeout_s: float = 180.0) -> Iterat
             proc.kill()
 
 
+def _cloud_key(client: Any, alias: str, local_bundle: Path | None) -> str:
+    """Identity of the cloud side for the run cache: the model the bridge serves (and the bundle's hash when we serve it)."""
+    from ..bundle import load_manifest
+
+    models = client.list_models()
+    info = next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
+    model = info.model if info is not None else (alias or "default")
+    if local_bundle is not None:
+        model += "-" + load_manifest(local_bundle).bundle_hash[:16]
+    return f"bridge-{alias or 'default'}-{model}"
+
+
 def _cloud_toml(cloud: CloudSettings, token_file: Path | None) -> str:
     lines = ["[cloud]", f'address = "{cloud.address}"', f"insecure = {'true' if cloud.insecure else 'false'}",
              f"timeout_s = {cloud.timeout_s!r}"]
@@ -203,8 +215,10 @@ def explore(
 
     engine = Engine(resolve_bundle(edge), intra_op_threads=threads)
     with contextlib.ExitStack() as stack:
+        local_bundle = None
         if cloud_settings is None or not cloud_settings.address:
-            address, token = stack.enter_context(local_bridge(resolve_bundle(cloud), cost=cost))
+            local_bundle = resolve_bundle(cloud)
+            address, token = stack.enter_context(local_bridge(local_bundle, cost=cost))
             cloud_settings = CloudSettings(address=address, token=token, insecure=True, timeout_s=300.0)
             bridge_label, alias, token_file = f"{address} (a loopback bridge started by the explorer)", "", out / ".bridge-token"
             token_file.write_text(token, encoding="utf-8")
@@ -217,7 +231,7 @@ def explore(
                 token_file.write_text(cloud_settings.token, encoding="utf-8")
                 token_file.chmod(0o600)
         client = stack.enter_context(CloudClient(cloud_settings))
-        cloud_key = f"bridge-{alias or 'cloud'}-{Path(str(cloud)).name}"
+        cloud_key = _cloud_key(client, alias, local_bundle)
         m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,
                     estimator_out=out / "estimator.json", root=root)
 
