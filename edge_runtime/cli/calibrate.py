@@ -124,6 +124,14 @@ def _report(scores: Any, data: Any, cloud: dict[str, bool] | None, families: lis
     return out
 
 
+def _gain_report(scores: Any, data: Any, cloud: dict[str, bool], families: list[str]) -> dict[str, Any]:
+    """Routing metrics of an expected-gain score; AUROC and ECE do not apply (it is not a probability of local success)."""
+    rep = _report(scores, data, cloud, families)
+    for r in rep.values():
+        r["auroc"] = r["ece"] = None
+    return rep
+
+
 def _eval(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -163,7 +171,7 @@ def _eval(args: argparse.Namespace) -> int:
             reports[fam] = _report(p, data, cloud, families)
             if p_cloud is not None:
                 # routing by expected gain: escalate first where the cloud is likeliest to beat the device
-                reports[f"{fam} → gain"] = _report(p - p_cloud, data, cloud, families)
+                reports[f"{fam} → gain"] = _gain_report(p - p_cloud, data, cloud, families)
     else:
         est = load_estimator(args.estimator, bundle_hash=engine.bundle_hash)
         if est.needs_engine:
@@ -172,7 +180,7 @@ def _eval(args: argparse.Namespace) -> int:
             scores = estimator_scores(est, data)
         reports[est.name] = _report(scores, data, cloud, families)
         if est.cloud is not None and cloud is not None:
-            reports[f"{est.name} → gain"] = _report(scores - cloud_scores(est.cloud, data), data, cloud, families)
+            reports[f"{est.name} → gain"] = _gain_report(scores - cloud_scores(est.cloud, data), data, cloud, families)
 
     out = {"bundle": engine.model_name, "suite": args.suite, "split": args.split, "items": len(data),
            "cloud": args.cloud_bundle, "estimators": reports}
