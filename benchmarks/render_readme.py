@@ -1,0 +1,117 @@
+"""Put the measured tables from ``benchmarks/results`` into README.md, between result markers.
+
+    python benchmarks/render_readme.py [--host vm]
+
+Each table in the README sits between ``<!-- results:NAME -->`` and
+``<!-- /results -->``; this script regenerates it from the results file a
+benchmark run wrote, so no figure in the README is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _estimators(host: str) -> str:
+    d = json.loads((RESULTS / f"estimators-{host}.json").read_text())
+    rows = ["| estimator | AUROC | ECE | APGR | CPT(50%) | CPT(80%) |", "|---|--:|--:|--:|--:|--:|"]
+
+    def num(x: Any) -> str:
+        return "—" if x is None else f"{x:.3f}"
+
+    def pct(x: Any) -> str:
+        return "—" if x is None else f"{x:.1%}"
+
+    shown = ("signal:lp_mean", "signal:lp_min", "signal:margin_min", "signal:first_lp", "signal:prompt_nll", "heuristic", "generic",
+             "multi", "multi → gain", "span", "selfcheck", "knn", "prompt", "multi+knn", "multi+knn → gain")
+    for name in shown:
+        if name not in d["estimators"]:
+            continue
+        o = d["estimators"][name]["overall"]
+        rows.append(f"| {name} | {num(o['auroc'])} | {num(o['ece'])} | {num(o['apgr'])} | {pct(o['cpt']['50%'])} | {pct(o['cpt']['80%'])} |")
+    o = next(iter(d["estimators"].values()))["overall"]
+    rows.append(f"| random routing | 0.500 | — | {num(o['random']['apgr'])} | {pct(o['random']['cpt']['50%'])} | "
+                f"{pct(o['random']['cpt']['80%'])} |")
+    rows.append("")
+    rows.append(f"Local accuracy {o['local_accuracy']:.1%}, cloud accuracy {o['cloud_accuracy']:.1%} on {d['items']} items. "
+                "Single signals are raw (AUROC, routing) with a fitted 1-D curve for ECE; `→ gain` rows route by "
+                "`p_cloud − p_correct` (routing metrics only).")
+    return "\n".join(rows)
+
+
+def _daemon(host: str) -> str:
+    d = json.loads((RESULTS / f"daemon-{host}.json").read_text())
+    o = d["overhead"]
+    b = d["bundle"]
+    rows = [f"Daemon benchmark (`python benchmarks/daemon.py`, {b['name']} {b['precision']}, {d['settings']['max_tokens']} tokens per "
+            f"request, {d['settings']['rounds']} rounds, one generation slot; other programs used "
+            f"{o['other_programs_cpu_share']:.1%} of the CPUs):", "",
+            "| path | p50 ms | p99 ms |", "|---|--:|--:|"]
+    for key, label in (("engine", "engine, called directly"), ("runtime", "HybridRuntime, in process"), ("daemon", "daemon over HTTP")):
+        rows.append(f"| {label} | {o[key]['p50_ms']:.1f} | {o[key]['p99_ms']:.1f} |")
+    rows += ["", f"Daemon overhead over the engine: {o['daemon_overhead']['median_of_paired_differences_ms']:.1f} ms (median of paired "
+             f"differences; {o['daemon_overhead']['p50_ms']:.1f} ms comparing p50s; target ≤ 5 ms), of which HTTP, queue and thread "
+             f"hand-off {o['daemon_breakdown']['http_queue_handoff_p50_ms']:.1f} ms and routing {o['daemon_breakdown']['routing_p50_ms']:.1f} ms.",
+             "", "| clients | req/s | tok/s | p50 ms | p99 ms | 429s |", "|--:|--:|--:|--:|--:|--:|"]
+    for t in d["throughput"]:
+        rows.append(f"| {t['clients']} | {t['requests_per_s']:.1f} | {t['completion_tokens_per_s']:.0f} | {t['p50_ms']:.0f} | "
+                    f"{t['p99_ms']:.0f} | {t['refused_429']} |")
+    return "\n".join(rows)
+
+
+def _bridge(host: str) -> str:
+    d = json.loads((RESULTS / f"bridge-{host}.json").read_text())
+    a = d["added_latency"]
+    t = d["throughput"]
+    rows = [f"Bridge benchmark (`python benchmarks/bridge.py`): a loopback gRPC round trip adds {a['added_p50_ms']:.2f} ms at p50 and "
+            f"{a['added_p99_ms']:.2f} ms at p99 over an in-process backend call ({a['requests']} calls; target p50 ≤ 2 ms). "
+            f"Throughput against the {t['backend']} backend, {t['workers']} worker(s):", "",
+            "| clients | sent | answered | lost | req/s | tok/s | p50 ms | p99 ms |", "|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in t["runs"]:
+        rows.append(f"| {r['clients']} | {r['sent']} | {r['answered']} | {r['lost']} | {r['requests_per_s']:.2f} | "
+                    f"{r['completion_tokens_per_s']:.0f} | {r['latency_p50_ms']:.0f} | {r['latency_p99_ms']:.0f} |")
+    return "\n".join(rows)
+
+
+def _throughput(host: str) -> str:
+    return (RESULTS / f"throughput-{host}.md").read_text().strip()
+
+
+def _bundles(host: str) -> str:
+    return (RESULTS / f"bundles-{host}.md").read_text().strip()
+
+
+RENDERERS = {"estimators": _estimators, "daemon": _daemon, "bridge": _bridge, "throughput": _throughput, "bundles": _bundles}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="vm", help="results of which host (the <host> in the results file names)")
+    args = ap.parse_args(argv)
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+
+    def replace(m: re.Match[str]) -> str:
+        name = m.group(1)
+        try:
+            body = RENDERERS[name](args.host)
+        except FileNotFoundError as err:
+            print(f"skipping {name}: {err}", file=sys.stderr)
+            return m.group(0)
+        return f"<!-- results:{name} -->\n{body}\n<!-- /results -->"
+
+    new = re.sub(r"<!-- results:(\w+) -->.*?<!-- /results -->", replace, text, flags=re.S)
+    readme.write_text(new, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
