@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .cache import cache_dir
+from .explore import free_port
 from .errors import EdgeRuntimeError
 
 __all__ = ["run_demo", "EDGE_MODEL", "CLOUD_MODEL"]
@@ -75,12 +75,6 @@ def _bundle(name: str, steps: _Steps) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _certificate(directory: Path) -> tuple[Path, Path] | None:
     """A self-signed certificate for 127.0.0.1/localhost, or None when openssl is not installed."""
     if shutil.which("openssl") is None:
@@ -109,7 +103,7 @@ def _bridge(directory: Path, cloud_bundle: Path, steps: _Steps, price_in: float,
         token_file.write_text(add_device_token(tokens, "demo-device", replace=True) + "\n", encoding="utf-8")
         token_file.chmod(0o600)
     tls = _certificate(directory)
-    port = _free_port()
+    port = free_port()
     lines = ["[server]", f'address = "127.0.0.1:{port}"', "grace_period_s = 5.0"]
     if tls is not None:
         lines += [f'tls_cert = "{tls[0]}"', f'tls_key = "{tls[1]}"']

@@ -183,12 +183,7 @@ class HybridRuntime:
             raise InvalidRequestError(f"unknown model {model!r} (expected one of {', '.join(MODEL_ALIASES)})", field="model")
         if params is None:
             sampling.setdefault("max_new_tokens", self.default_max_new_tokens)
-            try:
-                params = SamplingParams(**sampling)
-            except TypeError as err:
-                raise InvalidRequestError(str(err), field="params") from err
-        elif sampling:
-            params = params.replace(**sampling)
+        params = self.engine.sampling_params(params, sampling)
         # the context check happens here too, before any compute
         prompt_ids = self.engine.fit_context(self.engine.encode(messages=msgs), params)
         return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft, prompt_ids)

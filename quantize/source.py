@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.bundle import sha256_file
 from edge_runtime.errors import BuildError, UnsupportedModelError
 
 from .graph import LayerWeights, ModelSpec, ModelWeights
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "LoadedSource", "check_source", "load_source", "file_sha256"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "LoadedSource", "check_source", "load_source"]
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +50,11 @@ class LoadedSource:
     name: str
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _dir_sha256(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(str(f.relative_to(path)).encode())
-        h.update(file_sha256(f).encode())
+        h.update(sha256_file(f).encode())
     return h.hexdigest()
 
 
@@ -122,7 +115,7 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(f"architecture {arch!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
         kind, load_dir, kwargs = "gguf", str(path.parent), {"gguf_file": path.name}
-        sha = file_sha256(path)
+        sha = sha256_file(path)
     else:
         cfg = json.loads((path / "config.json").read_text())
         arch = cfg.get("model_type", "unknown")

@@ -242,7 +242,8 @@ class Engine:
 
     # ---- generation -------------------------------------------------------------------------
 
-    def _params(self, params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    def sampling_params(self, params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+        """``params`` with keyword overrides, or SamplingParams built from them; errors name the field."""
         if params is None:
             try:
                 return SamplingParams(**overrides)
@@ -292,7 +293,7 @@ class Engine:
         Validation (parameters, messages, context window) happens before the
         first chunk, so a bad request raises without spending any compute.
         """
-        p = self._params(params, sampling)
+        p = self.sampling_params(params, sampling)
         ids = self.encode(prompt, messages=messages)
         ids = self.fit_context(ids, p)
         is_cancelled = _cancel_check(cancel)
@@ -508,7 +509,7 @@ class ChatSession:
 
     def stream(self, content: str, *, params: SamplingParams | None = None, cancel: Cancel = None, **sampling: Any) -> Iterator[StreamChunk]:
         engine = self.engine
-        p = engine._params(params, sampling)
+        p = engine.sampling_params(params, sampling)
         messages = [*self.messages, {"role": "user", "content": content}]
         ids = engine.fit_context(engine.encode(messages=messages), p)
         is_cancelled = _cancel_check(cancel)

@@ -36,7 +36,7 @@ from ._report import estimator_table, family_winners, write_csv, write_plots, wr
 from ._space import Point, evaluate, pareto_front
 from ._validate import agreement, validate_live
 
-__all__ = ["ExploreResult", "explore", "local_bridge", "Point", "parse_goal", "recommend", "pareto_front"]
+__all__ = ["ExploreResult", "explore", "local_bridge", "free_port", "Point", "parse_goal", "recommend", "pareto_front"]
 
 
 @dataclass
@@ -93,7 +93,8 @@ def _machine() -> str:
     return f"{cpu}, {psutil.cpu_count(logical=False)} cores / {psutil.cpu_count()} threads, {platform.system()} {platform.release()}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a child process to bind)."""
     import socket
 
     with socket.socket() as sock:
@@ -108,7 +109,7 @@ def _daemon(config_text: str, workdir: Path, timeout_s: float = 180.0) -> Iterat
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     config = workdir / "validate-daemon.toml"
     config.write_text(config_text + f"\n[server]\nport = {port}\ngrpc_socket = \"\"\n", encoding="utf-8")
     log_path = workdir / "validate-daemon.log"

@@ -10,7 +10,7 @@ import pytest
 from edge_runtime.errors import ConfigError
 from edge_runtime.explore._goals import config_snippet, parse_goal, recommend
 from edge_runtime.explore._space import Point, _summary, pareto_front
-from edge_runtime.policies import ReplayRecords, policy_from_config, replay
+from edge_runtime.policies import ReplayRecords, replay
 from edge_runtime.runs import run_edge
 
 # five cached runs, numbers chosen to be checked by hand

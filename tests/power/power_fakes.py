@@ -52,7 +52,7 @@ def add_rapl_zone(root: Path, zone: str, name: str, energy_uj: int,
     write(device / "enabled", 1)
     if max_range_uj is not None:
         write(device / "max_energy_range_uj", max_range_uj)
-    energy = write(device / "energy_uj", energy_uj)
+    write(device / "energy_uj", energy_uj)
     link = root / f"sys/class/powercap/intel-rapl:{zone}"
     if not link.exists():
         _link(link, device)
