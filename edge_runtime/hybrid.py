@@ -97,6 +97,10 @@ def _is_cancelled(cancel: Any) -> bool:
     return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
 
 
+class _Cancelled(Exception):
+    """The caller cancelled while the bridge was answering."""
+
+
 class HybridRuntime:
     """The embedding API: a local engine, a confidence estimator, a policy and (optionally) a cloud client."""
 
@@ -285,7 +289,7 @@ class HybridRuntime:
             self.policy.settle(ctx, 0.0)
         elif decision.action == "cloud":
             try:
-                cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id, reveal_draft)
+                cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id, cancel)
                 if reveal_draft and shown:
                     yield HybridChunk("withdraw")
                     shown = False
@@ -293,6 +297,11 @@ class HybridRuntime:
                     yield c
                 route = "cloud"
                 self.policy.settle(ctx, cloud_result.cost_usd)
+            except _Cancelled:
+                # the caller left while the bridge was answering: the call was cancelled, so was the bridge's generation
+                self.policy.settle(ctx, 0.0)
+                route, decision = "local_forced", Decision("local_forced", "cancelled", "the caller cancelled the request during escalation",
+                                                           policy=decision.policy, value=decision.value, threshold=decision.threshold)
             except CloudError as err:
                 self.policy.settle(ctx, 0.0)
                 cloud_error = f"{type(err).__name__}: {err}"
@@ -301,7 +310,7 @@ class HybridRuntime:
         else:
             route = "local" if decision.action == "local" else "local_forced"
 
-        if route != "cloud":
+        if route != "cloud" and not (decision.reason == "cancelled" and (not locals_ or early_exit)):
             if not locals_ or early_exit:
                 # the local answer was skipped or cut short: produce a whole one now (nothing the user asked for is lost)
                 if shown:
@@ -320,8 +329,13 @@ class HybridRuntime:
                                                       cloud_error, early_exit, t0))
 
     def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
-                   p_correct: float | None, decision: Decision, request_id: str, reveal_draft: bool) -> tuple[Any, list[HybridChunk]]:
-        """Call the bridge; return its result and the text chunks to show (all at once unless the caller opted in)."""
+                   p_correct: float | None, decision: Decision, request_id: str, cancel: Any) -> tuple[Any, list[HybridChunk]]:
+        """Call the bridge; return its result and its text chunks.
+
+        The text is collected before anything is shown: a call that fails half-way must not leave
+        words on the caller's screen that the local fallback then contradicts. A caller that
+        cancels stops the call (and with it the bridge's generation) at the next chunk.
+        """
         from .cloud import Escalation
 
         draft = locals_[-1].text if locals_ else ""
@@ -329,11 +343,17 @@ class HybridRuntime:
                                 local_model=self.engine.model_name)
         chunks: list[HybridChunk] = []
         result = None
-        for c in self.cloud.stream(msgs, params=params, escalation=escalation, timeout_s=self.cloud_timeout_s, request_id=request_id):
-            if c.result is not None:
-                result = c.result
-            elif c.text:
-                chunks.append(HybridChunk("text", c.text))
+        stream = self.cloud.stream(msgs, params=params, escalation=escalation, timeout_s=self.cloud_timeout_s, request_id=request_id)
+        try:
+            for c in stream:
+                if _is_cancelled(cancel):
+                    raise _Cancelled
+                if c.result is not None:
+                    result = c.result
+                elif c.text:
+                    chunks.append(HybridChunk("text", c.text))
+        finally:
+            stream.close()  # cancels the call if it is still running
         if result is None:
             raise CloudError("the bridge's stream ended without a result")
         return result, chunks
@@ -377,8 +397,9 @@ class HybridRuntime:
         }
         if route == "cloud":
             text, model, finish, tokens = cloud.text, cloud.model, cloud.finish_reason, []
+        elif final_local is None:  # cancelled before any local answer existed
+            text, model, finish, tokens = "", self.engine.model_name, "cancelled", []
         else:
-            assert final_local is not None
             text, model, finish, tokens = final_local.text, final_local.model, final_local.finish_reason, final_local.tokens
         reason = decision.reason if route != "fallback" else "cloud_error"
         detail = decision.detail if route != "fallback" else f"{decision.reason}: escalation failed ({cloud_error}); local answer returned"

@@ -148,3 +148,27 @@ def test_from_config_builds_every_part(tiny_bundle, tmp_path):
     r = rt.chat(ASK, max_new_tokens=3)
     assert r.route == "local" and r.energy["source"] == "estimate:raspberry-pi-5" and r.energy["estimated"] is True
     rt.close()
+
+
+def test_a_caller_who_cancels_during_escalation_stops_the_bridge(engine):
+    import threading
+
+    settings = load_bridge_settings(data={
+        "server": {"address": "127.0.0.1:0", "grace_period_s": 0.5},
+        "auth": {"tokens_file": None, "tokens": {"dev": hash_token(TOKEN)}},
+        "models": {"slow": {"backend": "echo", "reply": " ".join(["word"] * 200), "token_delay_ms": 20.0}},
+    }, env={})
+    server, port = create_server(settings, insecure=True)
+    server.start()
+    try:
+        rt = _runtime(engine, port, {"type": "always"})
+        cancel = threading.Event()
+        threading.Timer(0.3, cancel.set).start()
+        t0 = time.perf_counter()
+        r = rt.chat(ASK, max_new_tokens=200, cancel=cancel)
+        assert r.route == "local_forced" and r.reason == "cancelled" and r.cost["cloud_usd"] == 0
+        assert time.perf_counter() - t0 < 2.0  # 200 words at 20 ms would take 4 s
+        (gen,) = server.backends["slow"].wait_for_generations(1)
+        assert gen.finish_reason == "cancelled" and gen.completion_tokens < 100
+    finally:
+        server.stop(0)
