@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     fetch.set_defaults(func=_fetch)
 
     verify = msub.add_parser("verify", help="check every file of a bundle against its manifest")
-    verify.add_argument("bundle", help="bundle directory")
+    verify.add_argument("bundle", help="bundle directory, or a cached bundle / known model name")
     verify.set_defaults(func=_verify)
 
 
@@ -58,7 +58,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from ..bundle import verify_bundle
+    from ..models import resolve_bundle
 
-    manifest = verify_bundle(args.bundle, "full")
+    manifest = verify_bundle(resolve_bundle(args.bundle), "full")
     print(f"{manifest.bundle_dir}: OK ({len(manifest.files)} files verified)")
     return 0
