@@ -140,6 +140,18 @@ def _daemon(config_text: str, workdir: Path, timeout_s: float = 180.0) -> Iterat
             proc.kill()
 
 
+def _secret_file(stack: contextlib.ExitStack, secret: str) -> Path:
+    """A 0600 file holding ``secret`` in a private temporary directory removed when ``stack`` closes
+    (never in the output directory, which users may commit)."""
+    import tempfile
+
+    directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-runtime-")))
+    path = directory / "bridge-token"
+    path.touch(mode=0o600)
+    path.write_text(secret, encoding="utf-8")
+    return path
+
+
 def _cloud_key(client: Any, alias: str, local_bundle: Path | None) -> str:
     """Identity of the cloud side for the run cache: the model the bridge serves (and the bundle's hash when we serve it)."""
     from ..bundle import load_manifest
@@ -221,16 +233,13 @@ def explore(
             local_bundle = resolve_bundle(cloud)
             address, token = stack.enter_context(local_bridge(local_bundle, cost=cost))
             cloud_settings = CloudSettings(address=address, token=token, insecure=True, timeout_s=300.0)
-            bridge_label, alias, token_file = f"{address} (a loopback bridge started by the explorer)", "", out / ".bridge-token"
-            token_file.write_text(token, encoding="utf-8")
-            token_file.chmod(0o600)
+            bridge_label, alias = f"{address} (a loopback bridge started by the explorer)", ""
+            token_file = _secret_file(stack, token)
         else:
             bridge_label, alias = cloud_settings.address, cloud
             token_file = cloud_settings.token_file
             if token_file is None and cloud_settings.token:
-                token_file = out / ".bridge-token"
-                token_file.write_text(cloud_settings.token, encoding="utf-8")
-                token_file.chmod(0o600)
+                token_file = _secret_file(stack, cloud_settings.token)
         client = stack.enter_context(CloudClient(cloud_settings))
         cloud_key = _cloud_key(client, alias, local_bundle)
         m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,

@@ -192,6 +192,7 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
 
     load_runtime_settings(out / "recommended.toml", env={})  # the daemon loads it as is
     assert len(result.measurements.items) == 12
+    assert not [p for p in out.rglob("*") if "token" in p.name]  # the bridge token never lands in the output directory
     # a second run replays from the cache: no new edge or bridge runs
     before = {p.name: p.stat().st_size for p in (tmp_path / "runs").iterdir()}
     explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out, suite=str(tiny_suite),
