@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Manifest
-from ..errors import BundleError, InvalidRequestError
+from ..errors import BundleError, EdgeRuntimeError, InvalidRequestError
 
 __all__ = ["OrtModel", "KVCache", "default_threads"]
 
@@ -203,6 +203,4 @@ class KVCache:
         try:
             self.model.session.run_with_iobinding(self.binding)
         except Exception as err:  # translate onnxruntime's errors at the boundary
-            from ..errors import EdgeRuntimeError
-
             raise EdgeRuntimeError(f"onnxruntime failed while running the model: {err}") from err

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Manifest, VerifyMode, verify_bundle
-from ..errors import ContextLengthError, InvalidRequestError
+from ..errors import BundleError, ContextLengthError, EdgeRuntimeError, InvalidRequestError
 from ._sampling import choose_token, distribution_signals, log_softmax
 from ._session import KVCache, OrtModel
 from ._template import ChatTemplate
@@ -126,8 +126,6 @@ class Engine:
         try:
             self.tokenizer = Tokenizer.from_file(str(self.manifest.tokenizer_file))
         except Exception as err:  # tokenizers raises a bare Exception on bad files
-            from ..errors import BundleError
-
             raise BundleError(f"cannot load {self.manifest.tokenizer_file}: {err}") from err
         tokens = self.manifest.raw["tokens"]
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
@@ -216,8 +214,6 @@ class Engine:
     @contextlib.contextmanager
     def _cache(self) -> Iterator[KVCache]:
         if self._closed:
-            from ..errors import EdgeRuntimeError
-
             raise EdgeRuntimeError("engine is closed")
         cache: KVCache | None = None
         create = False
