@@ -124,6 +124,11 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         kind, load_dir, kwargs = "hf", str(path), {}
         sha = _dir_sha256(path)
 
+    # our build shows its own progress; transformers' GGUF progress bar and tokenizer notices would interleave with it
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(load_dir, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(load_dir, **kwargs)
