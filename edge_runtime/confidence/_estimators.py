@@ -118,9 +118,9 @@ class KnnPrior:
     @property
     def encoder(self) -> Any:
         if self._encoder is None:
-            from ._embed import SentenceEncoder
+            from ._embed import shared_encoder
 
-            self._encoder = SentenceEncoder()
+            self._encoder = shared_encoder()
         return self._encoder
 
     def prior_from_embedding(self, emb: np.ndarray, *, exclude: int | None = None) -> float:

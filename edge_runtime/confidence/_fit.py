@@ -83,9 +83,9 @@ def _logit(p: np.ndarray) -> np.ndarray:
 def _knn_loo(data: Dataset, encoder: Any, k: int) -> tuple[KnnPrior, np.ndarray]:
     """The kNN prior over the dev prompts and its leave-one-out value for each of them (no label leaks into its own row)."""
     if encoder is None:
-        from ._embed import SentenceEncoder
+        from ._embed import shared_encoder
 
-        encoder = SentenceEncoder()
+        encoder = shared_encoder()
     emb = data.embeddings(encoder)
     knn = KnnPrior(emb, data.labels, k, encoder=encoder)
     return knn, np.array([knn.prior_from_embedding(emb[i], exclude=i) for i in range(len(data))])

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._child import child_service, free_port
 from ..cache import cache_dir
 from ..confidence import estimator_scores, load_estimator, make_dataset
 from ..cloud import CloudSettings
@@ -36,7 +37,7 @@ from ._report import estimator_table, family_winners, write_csv, write_plots, wr
 from ._space import Point, evaluate, pareto_front
 from ._validate import agreement, validate_live
 
-__all__ = ["ExploreResult", "explore", "local_bridge", "free_port", "Point", "parse_goal", "recommend", "pareto_front"]
+__all__ = ["ExploreResult", "explore", "local_bridge", "Point", "parse_goal", "recommend", "pareto_front"]
 
 
 @dataclass
@@ -93,51 +94,26 @@ def _machine() -> str:
     return f"{cpu}, {psutil.cpu_count(logical=False)} cores / {psutil.cpu_count()} threads, {platform.system()} {platform.release()}"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a child process to bind)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _daemon(config_text: str, workdir: Path, timeout_s: float = 180.0) -> Iterator[str]:
     """``edge-runtime serve`` in a subprocess with ``config_text``; yields its base URL; stops it on exit."""
-    import subprocess
-    import time
     import urllib.request
 
     port = free_port()
     config = workdir / "validate-daemon.toml"
     config.write_text(config_text + f"\n[server]\nport = {port}\ngrpc_socket = \"\"\n", encoding="utf-8")
-    log_path = workdir / "validate-daemon.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", "--config", str(config)],
-                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise ConfigError(f"the daemon exited with code {proc.returncode}; see {log_path}", field="validate")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise ConfigError(f"the daemon did not become healthy within {timeout_s:.0f} s; see {log_path}", field="validate")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
+
+    def healthy() -> bool:
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    cmd = [sys.executable, "-m", "edge_runtime.cli", "serve", "--config", str(config)]
+    with child_service(cmd, workdir / "validate-daemon.log", healthy, name="the daemon", timeout_s=timeout_s):
+        yield url
 
 
 def _secret_file(stack: contextlib.ExitStack, secret: str) -> Path:
