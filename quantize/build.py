@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.bundle import SCHEMA_VERSION, verify_bundle
+from edge_runtime.bundle import SCHEMA_VERSION, sha256_file, verify_bundle
 from edge_runtime.errors import BuildError, QualityGateError
 from edge_runtime.models import KNOWN_MODELS, fetch_model
 
+from .calibrate import CALIBRATION_TEXT, input_importance
 from .graph import IO_SCHEMA, build_graph
 from .source import LoadedSource, check_source, load_source
 from .writer import check_free_space, hash_files, save_model_external, staging_dir, write_manifest
@@ -120,15 +121,17 @@ def build_bundle(
     max_ppl_ratio: float = 1.25,
     force: bool = False,
     accuracy_level: int = 4,
-    int4_offsets: bool = True,
+    int4_offsets: bool = False,
     name: str | None = None,
     progress: Progress | None = None,
 ) -> BuildReport:
     """Build and verify a bundle at ``out``; raise BuildError (nothing left at ``out``) on any failure.
 
-    ``int4_offsets=False`` stores int4 blocks with integer zero points only: fewer
-    graph nodes and faster decoding, but a GGUF Q4_1 source is reproduced less
-    exactly (see ``quantize.quant``).
+    int4 blocks get integer zero points chosen with per-channel activation
+    weights measured on ``quantize/data/calibration.txt``; ``int4_offsets=True``
+    stores a float offset per block instead: a GGUF Q4_1 source is reproduced
+    exactly, at the cost of extra graph nodes and slower decoding (see
+    ``quantize.quant``).
     """
     if precision not in PRECISIONS:
         raise BuildError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -151,9 +154,15 @@ def build_bundle(
     check_free_space(out_path.parent, int(n_params * _BYTES_PER_PARAM[precision] * 1.1) + (64 << 20))
 
     with staging_dir(out_path, force=force) as tmp:
+        importance, calibration = None, None
+        if precision == "int4" and not int4_offsets:
+            say("calibrate", 0, 1)
+            importance, n_tokens = input_importance(src.model, src.tokenizer, CALIBRATION_TEXT.read_text(encoding="utf-8"))
+            calibration = {"file": CALIBRATION_TEXT.name, "sha256": sha256_file(CALIBRATION_TEXT), "tokens": n_tokens}
+            say("calibrate", 1, 1)
         say("graph", 0, spec.num_layers)
         model = build_graph(spec, src.weights, precision=precision, block_size=block_size, accuracy_level=accuracy_level,
-                            offset_projections=None if int4_offsets else frozenset(),
+                            int4_offsets=int4_offsets, importance=importance,
                             progress=lambda i: say("graph", i + 1, spec.num_layers))
         say("write", 0, 1)
         files = save_model_external(model, tmp)
@@ -196,11 +205,13 @@ def build_bundle(
                 "block_size": block_size if precision != "fp32" else None,
                 "accuracy_level": accuracy_level if precision != "fp32" else None,
                 "int4_offsets": int4_offsets if precision == "int4" else None,
+                "calibration": calibration,
                 "method": {
                     "fp32": "none",
                     "int8": "8-bit symmetric weight blocks along K; activations quantized per block at run time (MatMulNBits)",
                     "int4": ("4-bit weight blocks along K with a float offset per block (w = scale*(q-8) + offset)" if int4_offsets else
-                             "4-bit asymmetric weight blocks along K with integer zero points")
+                             "4-bit asymmetric weight blocks along K with integer zero points, scale and zero point per block "
+                             "minimizing the error weighted by calibration activations")
                             + "; activations quantized per block at run time (MatMulNBits)",
                 }[precision],
             },

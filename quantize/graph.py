@@ -25,7 +25,7 @@ Outputs: ``logits`` [B, N, vocab] and ``present.{i}.key|value`` (same buffers).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,10 +120,11 @@ class _Graph:
 class _Linear:
     """Emits one projection at the bundle's precision; returns the output name."""
 
-    def __init__(self, g: _Graph, precision: str, block_size: int, accuracy_level: int,
-                 offset_projections: frozenset[str] | None = None) -> None:
+    def __init__(self, g: _Graph, precision: str, block_size: int, accuracy_level: int, *,
+                 int4_offsets: bool = False, importance: Mapping[str, np.ndarray] | None = None) -> None:
         self.g = g
-        self.offset_projections = offset_projections
+        self.int4_offsets = int4_offsets
+        self.importance = importance or {}
         self.precision = precision
         self.block_size = block_size
         self.accuracy_level = accuracy_level
@@ -137,9 +138,8 @@ class _Linear:
             if bias is not None:
                 self.g.node("Add", [f"{name}/mm", self.g.init(f"{name}.bias", bias.astype(np.float32))], [out], name=f"{name}/bias")
             return out
-        kind = name.rsplit(".", 1)[-1]
-        offsets = self.offset_projections is None or kind in self.offset_projections
-        return self.quantized(x, quantize_blocks(weight, self.precision, self.block_size, offsets=offsets), name, bias)
+        qw = quantize_blocks(weight, self.precision, self.block_size, offsets=self.int4_offsets, importance=self.importance.get(name))
+        return self.quantized(x, qw, name, bias)
 
     def quantized(self, x: str, qw: BlockQuantized, name: str, bias: np.ndarray | None = None, *,
                   weight_name: str | None = None) -> str:
@@ -173,13 +173,13 @@ class _Linear:
 
 
 def _embedding(g: _Graph, weights: np.ndarray, precision: str, block_size: int, hidden: int, *,
-               offsets: bool = True) -> tuple[str, str | BlockQuantized]:
+               offsets: bool, importance: np.ndarray | None) -> tuple[str, str | BlockQuantized]:
     """Emit the token lookup; return its output and what a tied output projection can reuse."""
     if precision == "fp32":
         table = g.init("embed.weight", weights.astype(np.float32))
         g.node("Gather", [table, "input_ids"], ["embed/out"], name="embed", axis=0)
         return "embed/out", table
-    qw = quantize_blocks(weights, precision, block_size, offsets=offsets)
+    qw = quantize_blocks(weights, precision, block_size, offsets=offsets, importance=importance)
     inputs = ["embed.weight_q", "input_ids", g.init_fp16("embed.scales", qw.scales[..., None])]
     g.init("embed.weight_q", qw.packed)  # [V, n_blocks, block*bits/8]: the same bytes MatMulNBits reads
     if qw.zero_points is not None:
@@ -207,25 +207,30 @@ def build_graph(
     precision: str,
     block_size: int = 32,
     accuracy_level: int = 4,
-    offset_projections: frozenset[str] | None = None,
+    int4_offsets: bool = False,
+    importance: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> onnx.ModelProto:
     """Assemble the model. ``progress`` is called with the index of each layer done.
 
-    ``offset_projections``: for int4, the projection kinds (``qkv_proj``, ``o_proj``,
-    ``gate_up_proj``, ``down_proj``, ``lm_head``) that get float block offsets; the
-    others use integer zero points. None: all of them.
+    ``int4_offsets``: int4 blocks with a float offset instead of an integer zero
+    point (see ``quantize.quant``). ``importance``: per-input-channel error weights
+    for the int4 search, keyed by projection name (``layers.{i}.qkv_proj``,
+    ``o_proj``, ``gate_up_proj``, ``down_proj``, ``lm_head``), from
+    ``quantize.calibrate.input_importance``.
     """
     if precision not in ("fp32", "int8", "int4"):
         raise ValueError(f"precision must be fp32, int8 or int4, got {precision!r}")
     g = _Graph()
-    linear = _Linear(g, precision, block_size, accuracy_level, offset_projections)
+    importance = importance or {}
+    linear = _Linear(g, precision, block_size, accuracy_level, int4_offsets=int4_offsets, importance=importance)
     H, V = spec.hidden_size, spec.vocab_size
     q_dim = spec.num_heads * spec.head_dim
     kv_dim = spec.num_kv_heads * spec.head_dim
 
-    emb_out, tied = _embedding(g, weights.embed, precision, block_size, H,
-                               offsets=offset_projections is None or "lm_head" in offset_projections)
+    # a tied table is also the output projection: weigh its errors by the output projection's inputs
+    emb_out, tied = _embedding(g, weights.embed, precision, block_size, H, offsets=int4_offsets,
+                               importance=importance.get("lm_head") if weights.lm_head is None else None)
 
     # --- shared attention inputs ---
     cos = g.init("rope.cos", spec.rope_cos.astype(np.float32))
