@@ -129,12 +129,20 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # the GGUF dequantization bar is a bare tqdm that ignores the setting above; tqdm reads TQDM_* overrides from the environment
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         config = AutoConfig.from_pretrained(load_dir, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(load_dir, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(load_dir, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise BuildError(f"transformers could not load {path}: {err}") from err
+    finally:
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
     model.eval()
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         raise UnsupportedModelError("sliding-window attention is not supported")

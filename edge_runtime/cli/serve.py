@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
+from logging.handlers import QueueHandler, QueueListener
 from typing import Any
 
 
@@ -61,5 +63,24 @@ def _run(args: argparse.Namespace) -> int:
         # a daemon's normal log is one line per request (sizes and timings, never content unless log_content)
         logging.getLogger("edge_runtime.daemon").setLevel(logging.INFO)
     settings = load_runtime_settings(args.config, overrides=settings_overrides_from_args(args))
-    server, _port = create_server(settings)
-    return server.serve_forever()
+    listener = _log_through_a_queue()
+    try:
+        server, _port = create_server(settings)
+        return server.serve_forever()
+    finally:
+        listener.stop()  # writes out what is still queued
+
+
+def _log_through_a_queue() -> QueueListener:
+    """Hand log records to one writer thread.
+
+    A request's worker logs a line as it finishes, before its answer is sent: with
+    the handlers called in place, a slow reader of stderr (journald under load, a
+    full pipe) would hold every answer back.
+    """
+    root = logging.getLogger()
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = QueueListener(records, *root.handlers, respect_handler_level=True)
+    root.handlers = [QueueHandler(records)]
+    listener.start()
+    return listener
