@@ -30,7 +30,8 @@ TARGETS = {
 }
 VARIANTS = [
     ("smollm2-135m-instruct", "fp32", ""), ("smollm2-135m-instruct", "int8", ""), ("smollm2-135m-instruct", "int4", ""),
-    ("smollm2-135m-instruct", "int4", "-offsets"), ("qwen2.5-coder-0.5b-instruct", "int4", ""),
+    ("smollm2-135m-instruct", "int4", "-zp"), ("qwen2.5-coder-0.5b-instruct", "int4", ""),
+    ("qwen2.5-coder-0.5b-instruct", "int4", "-zp"),
 ]
 
 

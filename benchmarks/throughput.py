@@ -9,7 +9,7 @@ repetitions whose median is reported (every raw repetition is kept):
   tokens, peak RSS, and joules per generated token with the energy source's
   label (``estimate:*`` is a CPU-time estimate, never a measurement);
 * for this engine on the int4 and int8 SmolLM2-135M bundles (and the int4
-  bundle with float block offsets, ``<cache>/bundles/smollm2-135m-instruct-int4-offsets``,
+  bundle with integer zero points, ``<cache>/bundles/smollm2-135m-instruct-int4-zp``,
   when it exists), for onnxruntime-genai on an int4 model made by its own
   builder from the same checkpoint, and for llama.cpp (llama-cpp-python) on
   the original Q4_1 GGUF.
@@ -85,8 +85,8 @@ SCHEMA_VERSION = 2  # 2: quality (perplexity, ratio to fp32, top-1 agreement) pe
 MODEL = "smollm2-135m-instruct"
 QUALITY_SAMPLE = ROOT / "quantize" / "data" / "quality_sample.txt"
 REFERENCE_PRECISION = "fp32"
-OFFSETS_VARIANT = "int4-offsets"  # bundle dir suffix of `edge-runtime quantize --precision int4 --int4-offsets`
-OFFSETS_LABEL = "edge-runtime int4, float block offsets (--int4-offsets)"
+ZERO_POINTS_VARIANT = "int4-zp"  # bundle dir suffix of `edge-runtime quantize --precision int4 --int4-zero-points`
+ZERO_POINTS_LABEL = "edge-runtime int4, integer zero points (--int4-zero-points)"
 PEER_NAMES = ("llamacpp", "genai")
 RUNNERS = Path(__file__).resolve().parent / "peers"
 DECODE_TARGET = 1.0  # engine int4 decode tok/s / faster peer's
@@ -345,17 +345,17 @@ def engine_targets(bundles: dict[str, Path] | None = None, *, build: bool = True
     """This engine on the given bundles (label -> directory).
 
     By default the int4 and int8 SmolLM2 bundles (built when missing), and the
-    int4 bundle with float block offsets when it has been built (never built
+    int4 bundle with integer zero points when it has been built (never built
     here: ``edge-runtime quantize smollm2-135m-instruct --precision int4
-    --int4-offsets --out <cache>/bundles/smollm2-135m-instruct-int4-offsets``).
+    --int4-zero-points --out <cache>/bundles/smollm2-135m-instruct-int4-zp``).
     """
     from edge_runtime.models import default_bundle_dir
 
     if bundles is None:
         bundles = {f"edge-runtime {p}": default_bundle_dir(MODEL, p) for p in ("int4", "int8")}
-        offsets = default_bundle_dir(MODEL, OFFSETS_VARIANT)
-        if (offsets / "manifest.json").is_file():
-            bundles[OFFSETS_LABEL] = offsets
+        zero_points = default_bundle_dir(MODEL, ZERO_POINTS_VARIANT)
+        if (zero_points / "manifest.json").is_file():
+            bundles[ZERO_POINTS_LABEL] = zero_points
     return [_bundle_target(label, path, "engine", build=build, log=log) for label, path in bundles.items()]
 
 
@@ -913,8 +913,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"{len(doc['memory_bandwidth']['gb_per_s'])}) / {bc['bytes_per_token'] / 1e6:.1f} MB that one decode step "
             f"reads = {bc['ceiling_tokens_per_s']:.0f} tok/s; the engine's int4 decode reaches "
             f"{_fmt((bc['engine_share'] or 0) * 100, 0)}% of it. The bytes are the int4 bundle's matmul weights as "
-            "held in memory after load (4-bit codes, block scales and block offsets, the fp16 ones cast to fp32 by "
-            "onnxruntime); the 4-bit codes alone would allow "
+            "held in memory after load (4-bit codes, block scales, zero points or block offsets, the fp16 ones cast to "
+            "fp32 by onnxruntime); the 4-bit codes alone would allow "
             f"{_fmt(bc['codes_only_ceiling_tokens_per_s'])} tok/s."
         )
     if "load" in summ:

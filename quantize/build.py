@@ -121,17 +121,17 @@ def build_bundle(
     max_ppl_ratio: float = 1.25,
     force: bool = False,
     accuracy_level: int = 4,
-    int4_offsets: bool = False,
+    int4_offsets: bool = True,
     name: str | None = None,
     progress: Progress | None = None,
 ) -> BuildReport:
     """Build and verify a bundle at ``out``; raise BuildError (nothing left at ``out``) on any failure.
 
-    int4 blocks get integer zero points chosen with per-channel activation
-    weights measured on ``quantize/data/calibration.txt``; ``int4_offsets=True``
-    stores a float offset per block instead: a GGUF Q4_1 source is reproduced
-    exactly, at the cost of extra graph nodes and slower decoding (see
-    ``quantize.quant``).
+    int4 blocks get a float offset each (a GGUF Q4_1 source is reproduced
+    exactly); ``int4_offsets=False`` stores integer zero points instead, chosen
+    with per-channel activation weights measured on
+    ``quantize/data/calibration.txt``: fewer graph nodes and faster decoding,
+    a little less exact (see ``quantize.quant``).
     """
     if precision not in PRECISIONS:
         raise BuildError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

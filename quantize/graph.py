@@ -121,7 +121,7 @@ class _Linear:
     """Emits one projection at the bundle's precision; returns the output name."""
 
     def __init__(self, g: _Graph, precision: str, block_size: int, accuracy_level: int, *,
-                 int4_offsets: bool = False, importance: Mapping[str, np.ndarray] | None = None) -> None:
+                 int4_offsets: bool = True, importance: Mapping[str, np.ndarray] | None = None) -> None:
         self.g = g
         self.int4_offsets = int4_offsets
         self.importance = importance or {}
@@ -207,14 +207,14 @@ def build_graph(
     precision: str,
     block_size: int = 32,
     accuracy_level: int = 4,
-    int4_offsets: bool = False,
+    int4_offsets: bool = True,
     importance: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> onnx.ModelProto:
     """Assemble the model. ``progress`` is called with the index of each layer done.
 
-    ``int4_offsets``: int4 blocks with a float offset instead of an integer zero
-    point (see ``quantize.quant``). ``importance``: per-input-channel error weights
+    ``int4_offsets``: int4 blocks with a float offset (default) or an integer
+    zero point (see ``quantize.quant``). ``importance``: per-input-channel error weights
     for the int4 search, keyed by projection name (``layers.{i}.qkv_proj``,
     ``o_proj``, ``gate_up_proj``, ``down_proj``, ``lm_head``), from
     ``quantize.calibrate.input_importance``.

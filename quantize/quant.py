@@ -8,17 +8,18 @@ scale. Activations are quantized per block at run time by the kernel
 activations" of small LMs) from flattening the rest of its row.
 
 - int8: symmetric, zero point 128 (the kernels' default, so none is stored).
-- int4 (default): asymmetric with a 4-bit integer zero point per block
-  (``w = scale*(q - zp)``), the layout the kernels run fastest. Each block's
-  scale and zero point are chosen by a search that minimizes the weight error
-  weighted by how large each input channel's activations are (measured on a
-  calibration text, see ``quantize.calibrate``). A plain min/max fit measured
-  a perplexity ratio of 1.36 on SmolLM2-135M (its GGUF Q4_1 grid has an
-  arbitrary float minimum that an integer zero point cannot reproduce) and
-  broke simple chat answers; the weighted search measured 1.11.
-- int4 with float offsets (``w = scale*(q-8) + offset``, opt-in): reproduces a
-  Q4_1 grid exactly (ratio 1.07) at the cost of three small extra nodes per
-  projection, about a quarter of the decode speed.
+- int4 (default): asymmetric with a float per-block offset
+  (``w = scale*(q-8) + offset``) rather than a 4-bit integer zero point. An
+  integer zero point cannot reproduce a grid whose minimum is an arbitrary
+  float; GGUF Q4_1 weights are exactly such grids. Offsets reproduce them
+  (perplexity ratio 1.07 on SmolLM2-135M) at the cost of three small extra
+  nodes per projection, about a quarter of the decode speed.
+- int4 with integer zero points (``w = scale*(q - zp)``, opt-in), the layout
+  the kernels run fastest. Each block's scale and zero point are chosen by a
+  search that minimizes the weight error weighted by how large each input
+  channel's activations are (measured on a calibration text, see
+  ``quantize.calibrate``): ratio 1.11, where a plain min/max fit measured 1.36
+  and broke simple chat answers.
 """
 
 from __future__ import annotations
@@ -136,16 +137,16 @@ def _fit_affine(blocks: np.ndarray, scale: np.ndarray, base: np.ndarray, steps: 
     return scale, base
 
 
-def quantize_int4(weight: np.ndarray, block_size: int = 32, *, offsets: bool = False,
+def quantize_int4(weight: np.ndarray, block_size: int = 32, *, offsets: bool = True,
                   importance: np.ndarray | None = None) -> BlockQuantized:
     """Asymmetric 4-bit blocks.
 
-    Default: a 4-bit integer zero point per block, scale and zero point found by
-    a search that minimizes the squared error weighted by ``importance`` (one
-    non-negative value per input channel, the mean squared activation; None
-    weighs every channel equally).
+    ``offsets=False``: a 4-bit integer zero point per block, scale and zero point
+    found by a search that minimizes the squared error weighted by ``importance``
+    (one non-negative value per input channel, the mean squared activation;
+    None weighs every channel equally).
 
-    ``offsets=True``: a float offset per block instead, ``w = scale*(q-8) + offset``.
+    Default: a float offset per block, ``w = scale*(q-8) + offset``.
     For a GGUF Q4_1 source with the same block alignment the least-squares fit
     recovers the original grid almost exactly; for other sources it is an
     ordinary min/max asymmetric quantizer without the zero-in-range constraint
@@ -229,7 +230,7 @@ def _search_grid(blocks: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, n
     return best_s, best_z
 
 
-def quantize_blocks(weight: np.ndarray, precision: str, block_size: int = 32, *, offsets: bool = False,
+def quantize_blocks(weight: np.ndarray, precision: str, block_size: int = 32, *, offsets: bool = True,
                     importance: np.ndarray | None = None) -> BlockQuantized:
     if precision == "int8":
         return quantize_int8(weight, block_size)

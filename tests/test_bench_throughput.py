@@ -141,14 +141,14 @@ def test_next_token_stats_matches_a_direct_log_softmax(monkeypatch: pytest.Monke
 def test_summary_puts_every_row_speed_next_to_its_quality(throughput) -> None:
     int4 = _ok_result("edge-runtime int4", "engine", "int4", decode=150.0, rss=300.0)
     int4["quality"] = {"ppl_ratio_vs_reference": 1.07, "top1_agreement_vs_reference": 0.82}
-    zp = _ok_result("edge-runtime int4-offsets", "engine", "int4", decode=200.0, rss=300.0)
+    zp = _ok_result("edge-runtime int4-zp", "engine", "int4", decode=200.0, rss=300.0)
     zp["quality"] = {"ppl_ratio_vs_reference": 1.36, "top1_agreement_vs_reference": 0.65}
     genai = _ok_result("onnxruntime-genai int4", "peer", "int4", decode=250.0, rss=380.0)
     llama = _ok_result("llama.cpp Q4_1", "peer", "q4_1", decode=125.0, rss=200.0)
     rows = {r["label"]: r for r in throughput.summarize([int4, zp, genai, llama], {"best_gb_per_s": 25.0}, None)
             ["speed_and_quality"]}
-    assert rows["edge-runtime int4-offsets"]["decode_ratio_vs"] == {"onnxruntime-genai int4": 0.8, "llama.cpp Q4_1": 1.6}
-    assert rows["edge-runtime int4-offsets"]["ppl_ratio_vs_reference"] == 1.36
+    assert rows["edge-runtime int4-zp"]["decode_ratio_vs"] == {"onnxruntime-genai int4": 0.8, "llama.cpp Q4_1": 1.6}
+    assert rows["edge-runtime int4-zp"]["ppl_ratio_vs_reference"] == 1.36
     assert rows["onnxruntime-genai int4"]["decode_ratio_vs"] == {"llama.cpp Q4_1": 2.0}
     assert rows["llama.cpp Q4_1"]["ppl_ratio_vs_reference"] is None  # not scored: no figure invented
 

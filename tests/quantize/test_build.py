@@ -171,7 +171,7 @@ def test_int4_offsets_reproduce_a_q4_1_grid_exactly():
     codes = rng.integers(0, 16, (n, k // 32, 32))
     codes[..., 0], codes[..., 1] = 0, 15  # every block uses its whole grid, as Q4_1 blocks do
     w = (m + d * codes).reshape(n, k).astype(np.float32)
-    q = quantize_int4(w, 32, offsets=True)
+    q = quantize_int4(w, 32)
     assert np.abs(q.dequantize() - w).max() < 1e-5
 
 
@@ -194,7 +194,7 @@ def test_int4_zero_point_search_is_never_worse_than_min_max_per_block():
     w = (rng.standard_normal((48, 256)) * rng.uniform(0.005, 0.05, (48, 1))).astype(np.float32)
     w[:, :32] += 0.03  # blocks whose zero sits near the edge of the range
     ones = np.ones(256, np.float32)
-    q = quantize_int4(w, 32)
+    q = quantize_int4(w, 32, offsets=False)
     assert q.zero_points is not None and q.offsets is None
     searched, minmax = _weighted_error(q, w, ones), _minmax_zero_point_error(w, ones)
     assert np.all(searched <= minmax * (1 + 1e-5))
@@ -206,11 +206,11 @@ def test_int4_importance_lowers_the_error_where_activations_are_large():
     w = rng.standard_normal((64, 128)).astype(np.float32) * 0.02
     importance = np.ones(128, np.float32)
     importance[7], importance[70] = 400.0, 900.0  # two "massive activation" channels
-    weighted = _weighted_error(quantize_int4(w, 32, importance=importance), w, importance).sum()
-    unweighted = _weighted_error(quantize_int4(w, 32), w, importance).sum()
+    weighted = _weighted_error(quantize_int4(w, 32, offsets=False, importance=importance), w, importance).sum()
+    unweighted = _weighted_error(quantize_int4(w, 32, offsets=False), w, importance).sum()
     assert weighted < 0.7 * unweighted
     with pytest.raises(ValueError, match="importance"):
-        quantize_int4(w, 32, importance=np.ones(100))
+        quantize_int4(w, 32, offsets=False, importance=np.ones(100))
 
 
 def test_int8_blocks_keep_an_outlier_from_flattening_the_row():
@@ -231,26 +231,26 @@ def test_manifest_records_tokens_of_the_source(tiny_bundles, tiny_model_dirs):
     assert manifest.add_bos_token is False
 
 
-def test_int4_default_has_integer_zero_points_and_records_its_calibration(tiny_bundles):
+def test_int4_default_has_float_block_offsets(tiny_bundles):
     import onnx
 
     bundle = tiny_bundles("llama", "int4")
     q = load_manifest(bundle).raw["quantization"]
-    assert q["int4_offsets"] is False and "integer zero points" in q["method"]
-    assert q["calibration"]["file"] == "calibration.txt" and q["calibration"]["tokens"] > 1000
+    assert q["int4_offsets"] is True and "float offset" in q["method"] and q["calibration"] is None
     ops = [n.op_type for n in onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.node]
-    assert "MatMulNBits" in ops and "Add" not in ops  # no offset corrections in the graph
+    assert ops.count("MatMulNBits") == ops.count("Add") - 1  # one offset Add per projection, one for the embedding
 
 
-def test_int4_offsets_on_request(tiny_model_dirs, tmp_path):
+def test_int4_with_integer_zero_points_on_request(tiny_model_dirs, tmp_path):
     from edge_runtime.engine import Engine
 
-    out = tmp_path / "offsets"
-    report = build_bundle(tiny_model_dirs("llama"), out, precision="int4", int4_offsets=True, max_ppl_ratio=10.0)
+    out = tmp_path / "zp"
+    report = build_bundle(tiny_model_dirs("llama"), out, precision="int4", int4_offsets=False, max_ppl_ratio=10.0)
     q = report.manifest["quantization"]
-    assert q["int4_offsets"] is True and "float offset" in q["method"] and q["calibration"] is None
+    assert q["int4_offsets"] is False and "integer zero points" in q["method"]
+    assert q["calibration"]["file"] == "calibration.txt" and q["calibration"]["tokens"] > 1000
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == ops.count("Add") - 1  # one offset Add per projection, one for the embedding
+    assert "MatMulNBits" in ops and "Add" not in ops  # no offset corrections in the graph
     assert Engine(out, energy_meter=None).generate("hello world", max_new_tokens=4).finish_reason == "length"
