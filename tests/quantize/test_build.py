@@ -251,6 +251,28 @@ def test_int4_with_integer_zero_points_on_request(tiny_model_dirs, tmp_path):
     assert q["calibration"]["file"] == "calibration.txt" and q["calibration"]["tokens"] > 1000
     import onnx
 
-    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
-    assert "MatMulNBits" in ops and "Add" not in ops  # no offset corrections in the graph
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    assert "Add" not in {n.op_type for n in nodes}  # no offset corrections in the graph
+    # the projections are named as the calibration statistics are keyed (see the calibration test below)
+    layers = report.manifest["model"]["num_layers"]
+    assert {n.name for n in nodes if n.op_type == "MatMulNBits"} == {
+        f"layers.{i}.{kind}" for i in range(layers) for kind in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")} | {"lm_head"}
     assert Engine(out, energy_meter=None).generate("hello world", max_new_tokens=4).finish_reason == "length"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_calibration_statistics_cover_every_projection_the_graph_quantizes(tiny_model_dirs, arch):
+    from quantize.calibrate import CALIBRATION_TEXT, input_importance
+    from quantize.source import load_source
+
+    src = load_source(tiny_model_dirs(arch))
+    spec = src.spec
+    importance, tokens = input_importance(src.model, src.tokenizer, CALIBRATION_TEXT.read_text(encoding="utf-8"))
+    assert tokens > 1000
+    widths = {"qkv_proj": spec.hidden_size, "o_proj": spec.num_heads * spec.head_dim,
+              "gate_up_proj": spec.hidden_size, "down_proj": spec.intermediate_size}
+    expected = {f"layers.{i}.{kind}": k for i in range(spec.num_layers) for kind, k in widths.items()}
+    expected["lm_head"] = spec.hidden_size
+    # the graph looks these names up: a name that drifted would silently fall back to unweighted errors
+    assert {name: v.shape[0] for name, v in importance.items()} == expected
+    assert all(np.all(v >= 0) and v.max() > 0 for v in importance.values())
