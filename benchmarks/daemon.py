@@ -9,8 +9,10 @@
    - ``daemon``: ``POST /v1/chat/completions`` to ``edge-runtime serve`` running
      in a subprocess, over a keep-alive loopback connection (adds HTTP, JSON,
      the queue and the worker thread hand-off).
-   The order of the three rotates every round (each path in turn runs first,
-   after the other process has had the CPU caches).
+   Each round runs engine, daemon, runtime, daemon: every call follows one
+   made by the other process, so none of them finds its weights warm in the
+   CPU caches from a call just before (a bias that favoured the in-process
+   paths when the three only rotated).
    p50 and p99 of each, and the daemon's overhead over the engine (difference of
    the p50s, of the p99s, and the median of the per-round differences).
    Target: overhead p50 <= 5 ms on loopback.
@@ -215,10 +217,11 @@ def overhead(bundle: Path, daemon: Daemon, *, rounds: int, max_tokens: int, thre
         raise SystemExit(f"the three paths answered differently: {texts}")
     inside.clear()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for i in range(rounds):
-        # rotate the order: the path that runs right after the other process (cold CPU caches) changes every round
-        for name in names[i % 3:] + names[:i % 3]:
+    for _ in range(rounds):
+        # Every call follows a call made by the other process: a call right after one in its own process
+        # finds that process' weights still in the CPU caches and runs faster. (Rotating the three paths
+        # did not do this: the two in-process paths often followed each other, the daemon never did.)
+        for name in ("engine", "daemon", "runtime", "daemon"):
             # a pause between calls: onnxruntime's threads spin for a while after a run, and the other
             # process' spinning threads would otherwise steal the cores of the next call (2 cores here)
             time.sleep(0.05)
@@ -227,7 +230,9 @@ def overhead(bundle: Path, daemon: Daemon, *, rounds: int, max_tokens: int, thre
             times[name].append(time.perf_counter() - t0)
     client.close()
     engine.close()
-    diffs = [d - e for d, e in zip(times["daemon"], times["engine"], strict=True)]
+    # two daemon calls per round: their mean against the round's engine call
+    per_round_daemon = [(a + b) / 2 for a, b in zip(times["daemon"][0::2], times["daemon"][1::2], strict=True)]
+    diffs = [d - e for d, e in zip(per_round_daemon, times["engine"], strict=True)]
     routing = [r - e for r, e in zip(times["runtime"], times["engine"], strict=True)]
     out: dict[str, Any] = {name: summary_ms(values) for name, values in times.items()}
     out["daemon_overhead"] = {
