@@ -222,13 +222,7 @@ class CloudClient:
         request_id: str | None = None,
     ) -> CloudResult:
         """One complete answer from the bridge. ``params=None`` takes the bridge's defaults."""
-        req = _request(
-            messages,
-            model=self.settings.model if model is None else model,
-            params=params,
-            escalation=escalation,
-            request_id=request_id or uuid.uuid4().hex,
-        )
+        req = self._request(messages, params, model, escalation, request_id)
         response, latency_ms, rtt_ms, attempts = self._unary(
             lambda remaining: self._stub.Generate(req, timeout=remaining, metadata=self._metadata()), timeout_s
         )
@@ -248,14 +242,18 @@ class CloudClient:
 
         Nothing is sent before the first ``next()``; CircuitOpenError is raised there.
         """
-        req = _request(
+        req = self._request(messages, params, model, escalation, request_id)
+        return self._stream(req, timeout_s)
+
+    def _request(self, messages: Sequence[Message], params: SamplingParams | None, model: str | None,
+                 escalation: Escalation | None, request_id: str | None) -> bridge_pb2.GenerateRequest:
+        return _request(
             messages,
             model=self.settings.model if model is None else model,
             params=params,
             escalation=escalation,
             request_id=request_id or uuid.uuid4().hex,
         )
-        return self._stream(req, timeout_s)
 
     def _stream(self, req: bridge_pb2.GenerateRequest, timeout_s: float | None) -> Iterator[CloudChunk]:
         self._enter_circuit()

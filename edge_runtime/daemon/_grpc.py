@@ -8,6 +8,7 @@ google.rpc details, as in ``proto/edgecloud/v1/daemon.proto``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -193,21 +194,14 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
 
     def Chat(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> daemon_pb2.ChatResponse:
         job = self._open(request, context)
-        try:
+        with _aborting_on_error(job, context):
             return response_from_result(job.run(), job)
-        except ClientGone:
-            context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
-        except EdgeRuntimeError as err:
-            context.abort_with_status(status_for(err))
-        except Exception:
-            log.exception("request %s failed", job.request.request_id)
-            context.abort_with_status(status_for(RuntimeError()))
         raise AssertionError("unreachable: abort() raises")
 
     def ChatStream(self, request: daemon_pb2.ChatRequest,
                    context: grpc.ServicerContext) -> Iterator[daemon_pb2.ChatStreamResponse]:
         job = self._open(request, context)
-        try:
+        with _aborting_on_error(job, context):
             for chunk in job.iterate():
                 if chunk.result is not None:
                     yield daemon_pb2.ChatStreamResponse(final=response_from_result(chunk.result, job))
@@ -221,13 +215,20 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
                     elif not chunk.text:
                         continue
                     yield daemon_pb2.ChatStreamResponse(delta=delta)
-        except ClientGone:
-            context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
-        except EdgeRuntimeError as err:
-            context.abort_with_status(status_for(err))
-        except Exception:
-            log.exception("request %s failed", job.request.request_id)
-            context.abort_with_status(status_for(RuntimeError()))
+
+
+@contextlib.contextmanager
+def _aborting_on_error(job: Job, context: grpc.ServicerContext) -> Iterator[None]:
+    """End the call with the status of what a running job raised (``abort`` raises, so nothing goes on)."""
+    try:
+        yield
+    except ClientGone:
+        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
+    except EdgeRuntimeError as err:
+        context.abort_with_status(status_for(err))
+    except Exception:
+        log.exception("request %s failed", job.request.request_id)
+        context.abort_with_status(status_for(RuntimeError()))
 
 
 # ---- the server -------------------------------------------------------------------------------------

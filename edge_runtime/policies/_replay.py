@@ -243,6 +243,17 @@ def _set(target: np.ndarray, mask: np.ndarray, values: Any) -> None:
     target[mask] = values[mask] if isinstance(values, np.ndarray) else values
 
 
+def _take_definite(answer: tuple[np.ndarray, Any] | None, act: np.ndarray, reason: np.ndarray, undecided: np.ndarray) -> None:
+    """Record one chain part's definite answers (codes, reasons) for the items still undecided; updates ``undecided`` in place."""
+    if answer is None:
+        return
+    codes, reasons = answer
+    hit = undecided & (codes != _CONTINUE)
+    act[hit] = codes[hit]
+    _set(reason, hit, reasons)
+    undecided &= ~hit
+
+
 def replay(policy: Policy | Mapping[str, Any] | str, records: ReplayRecords) -> ReplayResult:
     """Decisions, correctness, spend, energy and latency of ``policy`` over cached runs.
 
@@ -264,14 +275,7 @@ def replay(policy: Policy | Mapping[str, Any] | str, records: ReplayRecords) -> 
             # its check depends on earlier spend: done in the sequential pass, for the items that reach it
             budget_reached[id(p)] = undecided.copy()
             continue
-        r = p._replay_before(R)
-        if r is None:
-            continue
-        codes, reasons = r
-        hit = undecided & (codes != _CONTINUE)
-        act[hit] = codes[hit]
-        _set(reason, hit, reasons)
-        undecided &= ~hit
+        _take_definite(p._replay_before(R), act, reason, undecided)
 
     # 2. during decoding: the earliest stop wins (the first part in order on a tie)
     stop = np.full(n, -1, dtype=np.int64)
@@ -290,14 +294,7 @@ def replay(policy: Policy | Mapping[str, Any] | str, records: ReplayRecords) -> 
     # 3. after decoding, given p_correct
     stage[undecided] = 2
     for p in parts:
-        r = p._replay_after(R)
-        if r is None:
-            continue
-        codes, reasons = r
-        hit = undecided & (codes != _CONTINUE)
-        act[hit] = codes[hit]
-        _set(reason, hit, reasons)
-        undecided &= ~hit
+        _take_definite(p._replay_after(R), act, reason, undecided)
     act[undecided] = _LOCAL
     reason[undecided] = Reason.DEFAULT_LOCAL
 
