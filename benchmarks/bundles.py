@@ -30,8 +30,8 @@ TARGETS = {
 }
 VARIANTS = [
     ("smollm2-135m-instruct", "fp32", ""), ("smollm2-135m-instruct", "int8", ""), ("smollm2-135m-instruct", "int4", ""),
-    ("smollm2-135m-instruct", "int4", "-zp"), ("qwen2.5-coder-0.5b-instruct", "int4", ""),
-    ("qwen2.5-coder-0.5b-instruct", "int4", "-zp"),
+    ("smollm2-135m-instruct", "int4", "-offsets"), ("qwen2.5-coder-0.5b-instruct", "int4", ""),
+    ("qwen2.5-coder-0.5b-instruct", "int4", "-offsets"),
 ]
 
 
@@ -59,6 +59,7 @@ def collect(build: bool = False) -> list[dict[str, Any]]:
             "meets_target": None if target is None else size <= target,
             "ppl_fp32": q.get("ppl_fp32"), "ppl_bundle": q.get("ppl_bundle"), "ppl_ratio": q.get("ppl_ratio"),
             "top1_agreement": q.get("top1_agreement"), "int4_offsets": raw["quantization"].get("int4_offsets"),
+            "rescore_top_k": raw["quantization"].get("rescore_top_k"),
             "built_with": raw.get("tools", {}),
         })
     return rows

@@ -9,7 +9,7 @@ repetitions whose median is reported (every raw repetition is kept):
   tokens, peak RSS, and joules per generated token with the energy source's
   label (``estimate:*`` is a CPU-time estimate, never a measurement);
 * for this engine on the int4 and int8 SmolLM2-135M bundles (and the int4
-  bundle with integer zero points, ``<cache>/bundles/smollm2-135m-instruct-int4-zp``,
+  bundle with float block offsets, ``<cache>/bundles/smollm2-135m-instruct-int4-offsets``,
   when it exists), for onnxruntime-genai on an int4 model made by its own
   builder from the same checkpoint, and for llama.cpp (llama-cpp-python) on
   the original Q4_1 GGUF.
@@ -85,8 +85,8 @@ SCHEMA_VERSION = 2  # 2: quality (perplexity, ratio to fp32, top-1 agreement) pe
 MODEL = "smollm2-135m-instruct"
 QUALITY_SAMPLE = ROOT / "quantize" / "data" / "quality_sample.txt"
 REFERENCE_PRECISION = "fp32"
-ZERO_POINTS_VARIANT = "int4-zp"  # bundle dir suffix of `edge-runtime quantize --precision int4 --int4-zero-points`
-ZERO_POINTS_LABEL = "edge-runtime int4, integer zero points (--int4-zero-points)"
+OFFSETS_VARIANT = "int4-offsets"  # bundle dir suffix of `edge-runtime quantize --precision int4 --int4-offsets`
+OFFSETS_LABEL = "edge-runtime int4, float block offsets (--int4-offsets)"
 PEER_NAMES = ("llamacpp", "genai")
 RUNNERS = Path(__file__).resolve().parent / "peers"
 DECODE_TARGET = 1.0  # engine int4 decode tok/s / faster peer's
@@ -263,8 +263,7 @@ def decode_bytes_per_token(bundle: Path) -> dict[str, Any]:
     consumers: dict[str, list[Any]] = {}
     for node in graph.node:
         for i, name in enumerate(node.input):
-            if name in sizes:
-                consumers.setdefault(name, []).append((node, i))
+            consumers.setdefault(name, []).append((node, i))
     indexed_only = {"Gather", "GatherBlockQuantized", "GatherElements"}
     elem = {onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.FLOAT: 4}
     read = codes = 0
@@ -278,6 +277,8 @@ def decode_bytes_per_token(bundle: Path) -> dict[str, Any]:
             continue
         width = size
         casts = [n for n, _ in uses if n.op_type == "Cast"]
+        if casts and all(c.op_type in indexed_only for n in casts for c, _ in consumers.get(n.output[0], [])):
+            continue  # an fp16 table cast once at load and then only indexed (the scales of a gathered table)
         if casts:
             to = next((a.i for a in casts[0].attribute if a.name == "to"), None)
             src_type = next(t.data_type for t in graph.initializer if t.name == name)
@@ -345,17 +346,17 @@ def engine_targets(bundles: dict[str, Path] | None = None, *, build: bool = True
     """This engine on the given bundles (label -> directory).
 
     By default the int4 and int8 SmolLM2 bundles (built when missing), and the
-    int4 bundle with integer zero points when it has been built (never built
+    int4 bundle with float block offsets when it has been built (never built
     here: ``edge-runtime quantize smollm2-135m-instruct --precision int4
-    --int4-zero-points --out <cache>/bundles/smollm2-135m-instruct-int4-zp``).
+    --int4-offsets --out <cache>/bundles/smollm2-135m-instruct-int4-offsets``).
     """
     from edge_runtime.models import default_bundle_dir
 
     if bundles is None:
         bundles = {f"edge-runtime {p}": default_bundle_dir(MODEL, p) for p in ("int4", "int8")}
-        zero_points = default_bundle_dir(MODEL, ZERO_POINTS_VARIANT)
-        if (zero_points / "manifest.json").is_file():
-            bundles[ZERO_POINTS_LABEL] = zero_points
+        offsets = default_bundle_dir(MODEL, OFFSETS_VARIANT)
+        if (offsets / "manifest.json").is_file():
+            bundles[OFFSETS_LABEL] = offsets
     return [_bundle_target(label, path, "engine", build=build, log=log) for label, path in bundles.items()]
 
 
@@ -812,6 +813,8 @@ def _model_cell(result: dict[str, Any]) -> str:
         return result["details"].get("model_format", "")
     quant = result["details"].get("quantization") or {}
     variant = {True: ", float block offsets", False: ", integer zero points"}.get(quant.get("int4_offsets"), "")
+    if quant.get("rescore_top_k"):
+        variant += f", top {quant['rescore_top_k']} logits rescored"
     return f"edge bundle {result['precision']}{variant} (MatMulNBits)"
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BlockQuantized", "quantize_blocks", "quantize_int4", "quantize_int8", "pack_nibbles"]
+__all__ = ["BlockQuantized", "quantize_blocks", "quantize_int4", "quantize_int4_symmetric", "quantize_int8", "pack_nibbles"]
 
 @dataclass(frozen=True)
 class BlockQuantized:
@@ -113,6 +113,19 @@ def quantize_int8(weight: np.ndarray, block_size: int = 32) -> BlockQuantized:
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     q = (np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
     return BlockQuantized(packed=q, scales=scale, offsets=None, bits=8, k=k, block_size=block_size)
+
+
+def quantize_int4_symmetric(weight: np.ndarray, block_size: int = 32) -> BlockQuantized:
+    """Round-to-nearest 4-bit blocks on the kernels' default grid ``w = scale*(q - 8)``, q in [0, 15].
+
+    Used for small corrections (the error of another 4-bit table), where a
+    search buys nothing: the scale fits the block's larger side exactly.
+    """
+    blocks, k = _blocks(weight, block_size)
+    scale = np.maximum(np.maximum(blocks.max(axis=-1), 0.0) / 7.0, np.maximum(-blocks.min(axis=-1), 0.0) / 8.0)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = (np.clip(np.rint(blocks / scale[..., None]), -8, 7) + 8).astype(np.uint8)
+    return BlockQuantized(packed=pack_nibbles(q), scales=scale, offsets=None, bits=4, k=k, block_size=block_size)
 
 
 def _fit_affine(blocks: np.ndarray, scale: np.ndarray, base: np.ndarray, steps: int = 2) -> tuple[np.ndarray, np.ndarray]:

@@ -42,7 +42,7 @@ def make_tokenizer(directory: Path):
     return fast
 
 
-def make_tiny_model(directory: Path, arch: str = "llama", *, seed: int = 0, layers: int = 2) -> Path:
+def make_tiny_model(directory: Path, arch: str = "llama", *, seed: int = 0, layers: int = 2, tie: bool = True) -> Path:
     """Save a tiny random ``arch`` model (llama or qwen2) with its tokenizer into ``directory``."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -53,7 +53,7 @@ def make_tiny_model(directory: Path, arch: str = "llama", *, seed: int = 0, laye
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.2,
         bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), tie_word_embeddings=True,
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), tie_word_embeddings=tie,
     )
     if arch == "llama":
         config = LlamaConfig(rope_theta=10000.0, **common)

@@ -15,9 +15,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=32, help="quantization block size along the input dimension (default 32)")
     p.add_argument("--max-ppl-ratio", type=float, default=1.25,
                    help="fail (and keep nothing) if quantized perplexity / fp32 perplexity exceeds this (default 1.25)")
-    p.add_argument("--int4-zero-points", action="store_true",
-                   help="int4 with integer zero points (chosen with calibration activations) instead of float block "
-                        "offsets: about 30%% faster decoding, a little less exact")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--int4-offsets", action="store_true",
+                        help="int4 with a float offset per block instead of integer zero points: reproduces a GGUF "
+                             "Q4_1 source exactly, about 30%% slower decoding")
+    layout.add_argument("--int4-zero-points", action="store_true",
+                        help="int4 with integer zero points chosen with calibration activations (the default)")
+    p.add_argument("--rescore-top-k", type=int, default=None, metavar="K",
+                   help="int4: recompute the output projection's K largest logits from its table plus a 4-bit code of "
+                        "the table's error (default 32, or the known model's recipe; 0 = off)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--name", help="model name recorded in the manifest")
     p.add_argument("--json", action="store_true", help="print the manifest's quality report and sizes as JSON")
@@ -61,11 +67,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.source not in KNOWN_MODELS:
             raise BuildError("--out is required unless SOURCE is a known model name")
         out = default_bundle_dir(args.source, args.precision)
+    extra = {} if args.rescore_top_k is None else {"rescore_top_k": args.rescore_top_k}
     progress = _Progress()
     try:
         report = build_bundle(args.source, out, precision=args.precision, block_size=args.block_size,
                               max_ppl_ratio=args.max_ppl_ratio, force=args.force, name=args.name,
-                              int4_offsets=not args.int4_zero_points, progress=progress)
+                              int4_offsets=args.int4_offsets, progress=progress, **extra)
     finally:
         progress.close()
     q = report.quality

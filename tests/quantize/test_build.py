@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -231,33 +232,103 @@ def test_manifest_records_tokens_of_the_source(tiny_bundles, tiny_model_dirs):
     assert manifest.add_bos_token is False
 
 
-def test_int4_default_has_float_block_offsets(tiny_bundles):
+def test_int4_default_has_integer_zero_points_and_rescored_logits(tiny_bundles):
     import onnx
 
-    bundle = tiny_bundles("llama", "int4")
-    q = load_manifest(bundle).raw["quantization"]
-    assert q["int4_offsets"] is True and "float offset" in q["method"] and q["calibration"] is None
-    ops = [n.op_type for n in onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == ops.count("Add") - 1  # one offset Add per projection, one for the embedding
-
-
-def test_int4_with_integer_zero_points_on_request(tiny_model_dirs, tmp_path):
     from edge_runtime.engine import Engine
 
-    out = tmp_path / "zp"
-    report = build_bundle(tiny_model_dirs("llama"), out, precision="int4", int4_offsets=False, max_ppl_ratio=10.0)
-    q = report.manifest["quantization"]
+    bundle = tiny_bundles("llama", "int4")
+    manifest = load_manifest(bundle).raw
+    q = manifest["quantization"]
     assert q["int4_offsets"] is False and "integer zero points" in q["method"]
     assert q["calibration"]["file"] == "calibration.txt" and q["calibration"]["tokens"] > 1000
-    import onnx
-
-    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
-    assert "Add" not in {n.op_type for n in nodes}  # no offset corrections in the graph
+    assert q["rescore_top_k"] == 32 and "32 largest logits" in q["method"]
+    nodes = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.node
+    ops = [n.op_type for n in nodes]
+    # no per-projection offset corrections: the Adds are the lookup's and the rescored rows' table + error code
+    assert ops.count("Add") == 2 and ops.count("TopK") == 1 and ops.count("ScatterElements") == 1
     # the projections are named as the calibration statistics are keyed (see the calibration test below)
-    layers = report.manifest["model"]["num_layers"]
+    layers = manifest["model"]["num_layers"]
     assert {n.name for n in nodes if n.op_type == "MatMulNBits"} == {
         f"layers.{i}.{kind}" for i in range(layers) for kind in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")} | {"lm_head"}
-    assert Engine(out, energy_meter=None).generate("hello world", max_new_tokens=4).finish_reason == "length"
+    assert Engine(bundle, energy_meter=None).generate("hello world", max_new_tokens=4).finish_reason == "length"
+
+
+def test_int4_with_float_offsets_on_request(tiny_model_dirs, tmp_path):
+    import onnx
+
+    out = tmp_path / "offsets"
+    report = build_bundle(tiny_model_dirs("llama"), out, precision="int4", int4_offsets=True, rescore_top_k=0, max_ppl_ratio=10.0)
+    q = report.manifest["quantization"]
+    assert q["int4_offsets"] is True and "float offset" in q["method"] and q["calibration"] is None
+    assert q["rescore_top_k"] == 0 and "rescored" not in q["method"]
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == ops.count("Add") - 1  # one offset Add per projection, one for the embedding
+    assert "TopK" not in ops
+
+
+def test_rescoring_replaces_the_top_k_logits_with_the_refined_rows():
+    """The graph piece alone: top-k of the 4-bit logits recomputed as h @ (table + error code), the rest untouched."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from quantize.graph import _Graph, _Linear, _refined, _rescored_logits
+    from quantize.quant import quantize_int4
+
+    rng = np.random.default_rng(6)
+    vocab, hidden, k = 300, 80, 8  # 80: the last block is padded
+    w = (rng.standard_normal((vocab, hidden)) * 0.05).astype(np.float32)
+    g = _Graph()
+    qw = quantize_int4(w, 32, offsets=False)
+    parts = _refined(g, "embed", w, qw)
+    approx = _Linear(g, "int4", 32, 4).quantized("h", qw, "lm_head", table=parts[0])
+    out = _rescored_logits(g, "h", approx, parts, k, hidden)
+    graph = helper.make_graph(g.nodes, "rescore", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "n", hidden])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in (out, approx)], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    h = rng.standard_normal((1, 5, hidden)).astype(np.float32)
+    rescored, four_bit = session.run(None, {"h": h})
+    # the graph stores scales in fp16
+    refined = sum(dataclasses.replace(p.qw, scales=p.qw.scales.astype(np.float16).astype(np.float32)).dequantize() for p in parts)
+    assert np.abs(refined - w).max() < np.abs(qw.dequantize() - w).max() / 4
+    top = np.argsort(-four_bit[0], axis=-1)[:, :k]
+    exact = h[0] @ refined.T
+    np.testing.assert_allclose(np.take_along_axis(rescored[0], top, -1), np.take_along_axis(exact, top, -1), rtol=1e-4, atol=1e-5)
+    untouched = np.ones_like(four_bit[0], bool)
+    np.put_along_axis(untouched, top, False, -1)
+    assert np.array_equal(rescored[0][untouched], four_bit[0][untouched])
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_rescored_bundles_build_tied_and_untied(tiny_model_dirs, tmp_path, tie):
+    import onnx
+
+    from edge_runtime.engine import Engine
+    from tiny_models import make_tiny_model
+
+    source = tiny_model_dirs("llama") if tie else make_tiny_model(tmp_path / "untied", "llama", tie=False)
+    report = build_bundle(source, tmp_path / "rescored", precision="int4", rescore_top_k=8, max_ppl_ratio=10.0)
+    inits = {i.name for i in onnx.load(str(report.out / "model.onnx"), load_external_data=False).graph.initializer}
+    assert ("embed.residual.weight_q" in inits) is tie and ("lm_head_rows.residual.weight_q" in inits) is not tie
+    assert report.manifest["quantization"]["rescore_top_k"] == 8
+    result = Engine(report.out, energy_meter=None).generate("hello world", max_new_tokens=4, top_logprobs=3)
+    assert result.finish_reason == "length" and len(result.tokens[0].top_logprobs) == 3
+    with pytest.raises(BuildError, match="rescore-top-k"):
+        build_bundle(source, tmp_path / "bad", precision="int4", rescore_top_k=-1)
+
+
+def test_symmetric_int4_codes_the_error_of_another_table_within_half_a_step():
+    from quantize.quant import quantize_int4_symmetric
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 96)).astype(np.float32) * rng.uniform(0.001, 0.1, (16, 1)).astype(np.float32)
+    q = quantize_int4_symmetric(w, 32)
+    assert q.zero_points is None and q.offsets is None and q.bits == 4
+    step = np.repeat(q.scales, 32, axis=1)[:, :96]
+    assert np.all(np.abs(q.dequantize() - w) <= step / 2 + 1e-7)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
