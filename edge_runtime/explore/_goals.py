@@ -147,6 +147,8 @@ def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_
 
 
 def _toml(v: Any) -> str:
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()  # numpy scalars from the search grid: repr(np.float64(0.25)) is not TOML
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):

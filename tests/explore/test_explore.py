@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.explore._goals import config_snippet, parse_goal, recommend
+from edge_runtime.explore._goals import _toml, config_snippet, parse_goal, recommend
 from edge_runtime.explore._space import Point, _summary, pareto_front
 from edge_runtime.policies import ReplayRecords, replay
 from edge_runtime.runs import run_edge
@@ -120,6 +120,21 @@ def test_recommended_snippet_loads_in_the_daemon_settings(tmp_path):
     settings = load_runtime_settings(path, env={})
     assert settings.policy["chain"][0] == {"type": "budget", "usd": 0.5, "period_s": 86400}  # 0.01 per 100 requests at 5000/day
     assert settings.engine.estimator == tmp_path / "estimator.json"
+
+
+def test_recommended_snippet_writes_numpy_values_from_the_search_grid_as_plain_toml(tmp_path):
+    import numpy as np
+
+    from edge_runtime.settings import load_runtime_settings
+
+    point = Point(name="threshold(p=0.25)", family="threshold", overall={"accuracy": 0.4, "escalation_rate": 0.6, "cloud_usd_per_1k": 0.1},
+                  config={"type": "threshold", "p": np.float64(0.25)})
+    text = config_snippet(point, estimator_path=str(tmp_path / "estimator.json"), n_items=100, requests_per_day=5000, goal="g")
+    assert "np." not in text
+    path = tmp_path / "rec.toml"
+    path.write_text(text)
+    assert load_runtime_settings(path, env={}).policy == {"type": "threshold", "p": 0.25}
+    assert (_toml(np.int64(4)), _toml(np.bool_(True)), _toml(np.float32(0.5))) == ("4", "true", "0.5")
 
 
 class _CountingEngine:
