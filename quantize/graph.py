@@ -13,7 +13,9 @@ contrib kernels, which is what onnxruntime-genai's model builder does too:
 - ``MatMulNBits`` (4- or 8-bit block weights, activations quantized per block
   to int8 at run time: accuracy level 4) or ``MatMul`` (fp32);
 - ``GatherBlockQuantized`` for a quantized embedding table that shares its
-  bytes with a tied output projection.
+  bytes with a tied output projection;
+- optionally ``TopK`` + ``GatherBlockQuantized`` + ``ScatterElements`` to
+  recompute the largest logits from finer rows (``_rescored_logits``).
 
 Inputs: ``input_ids`` [B, S] int64, ``seqlens_k`` [B] int32 (tokens in cache
 after this step minus one), ``total_sequence_length`` [] int32,
@@ -121,7 +123,7 @@ class _Linear:
     """Emits one projection at the bundle's precision; returns the output name."""
 
     def __init__(self, g: _Graph, precision: str, block_size: int, accuracy_level: int, *,
-                 int4_offsets: bool = True, importance: Mapping[str, np.ndarray] | None = None) -> None:
+                 int4_offsets: bool = False, importance: Mapping[str, np.ndarray] | None = None) -> None:
         self.g = g
         self.int4_offsets = int4_offsets
         self.importance = importance or {}
@@ -287,15 +289,15 @@ def build_graph(
     precision: str,
     block_size: int = 32,
     accuracy_level: int = 4,
-    int4_offsets: bool = True,
+    int4_offsets: bool = False,
     importance: Mapping[str, np.ndarray] | None = None,
     rescore_top_k: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> onnx.ModelProto:
     """Assemble the model. ``progress`` is called with the index of each layer done.
 
-    ``int4_offsets``: int4 blocks with a float offset (default) or an integer
-    zero point (see ``quantize.quant``). ``importance``: per-input-channel error weights
+    ``int4_offsets``: int4 blocks with an integer zero point (default) or a
+    float offset (see ``quantize.quant``). ``importance``: per-input-channel error weights
     for the int4 search, keyed by projection name (``layers.{i}.qkv_proj``,
     ``o_proj``, ``gate_up_proj``, ``down_proj``, ``lm_head``), from
     ``quantize.calibrate.input_importance``.

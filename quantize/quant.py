@@ -8,18 +8,20 @@ scale. Activations are quantized per block at run time by the kernel
 activations" of small LMs) from flattening the rest of its row.
 
 - int8: symmetric, zero point 128 (the kernels' default, so none is stored).
-- int4 (default): asymmetric with a float per-block offset
-  (``w = scale*(q-8) + offset``) rather than a 4-bit integer zero point. An
-  integer zero point cannot reproduce a grid whose minimum is an arbitrary
-  float; GGUF Q4_1 weights are exactly such grids. Offsets reproduce them
-  (perplexity ratio 1.07 on SmolLM2-135M) at the cost of three small extra
-  nodes per projection, about a quarter of the decode speed.
-- int4 with integer zero points (``w = scale*(q - zp)``, opt-in), the layout
-  the kernels run fastest. Each block's scale and zero point are chosen by a
-  search that minimizes the weight error weighted by how large each input
-  channel's activations are (measured on a calibration text, see
-  ``quantize.calibrate``): ratio 1.11, where a plain min/max fit measured 1.36
-  and broke simple chat answers.
+- int4 (the bundles' default): integer zero points (``w = scale*(q - zp)``),
+  the layout the kernels run fastest. Each block's scale and zero point are
+  chosen by a search that minimizes the weight error weighted by how large
+  each input channel's activations are (measured on a calibration text, see
+  ``quantize.calibrate``): ratio 1.11 on SmolLM2-135M with every matrix in 4
+  bits (1.08 with the output projection rescored, see ``quantize.graph``),
+  where a plain min/max fit measured 1.36 and broke simple chat answers.
+- int4 with a float per-block offset (``w = scale*(q-8) + offset``, opt-in).
+  An integer zero point cannot reproduce a grid whose minimum is an arbitrary
+  float; GGUF Q4_1 weights are exactly such grids, and offsets reproduce them,
+  at the cost of three small extra nodes per projection (~30% of the decode
+  speed).
+- symmetric int4 round-to-nearest for the 4-bit code of another table's error
+  (rescoring rows).
 """
 
 from __future__ import annotations
