@@ -166,6 +166,7 @@ def explore(
     limit: int | None = None,
     goals: Sequence[str] = ("accuracy>=0.95*cloud",),
     cloud_settings: CloudSettings | None = None,
+    cloud_bundle: Path | None = None,
     cost: CostSettings | None = None,
     requests_per_day: float = 1000.0,
     validate: bool = False,
@@ -177,8 +178,11 @@ def explore(
 
     ``cloud`` is a bundle (the explorer serves it on a loopback bridge of its
     own) or, with ``cloud_settings`` naming an external bridge, a model alias
-    there. ``validate`` holds back a share of the items and runs the
-    recommended policy live through ``edge-runtime serve`` and the bridge.
+    there. ``cloud_bundle``: the bundle that external bridge serves, when the
+    caller knows it (the demo starts the bridge itself); its hash joins the
+    run cache's key, so a rebuilt bundle is never answered from old runs.
+    ``validate`` holds back a share of the items and runs the recommended
+    policy live through ``edge-runtime serve`` and the bridge.
     """
     from ..cloud import CloudClient
     from ..engine import Engine
@@ -217,7 +221,7 @@ def explore(
             if token_file is None and cloud_settings.token:
                 token_file = _secret_file(stack, cloud_settings.token)
         client = stack.enter_context(CloudClient(cloud_settings))
-        cloud_key = _cloud_key(client, alias, local_bundle)
+        cloud_key = _cloud_key(client, alias, local_bundle or cloud_bundle)
         m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,
                     estimator_out=out / "estimator.json", root=root)
 
