@@ -67,12 +67,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.source not in KNOWN_MODELS:
             raise BuildError("--out is required unless SOURCE is a known model name")
         out = default_bundle_dir(args.source, args.precision)
-    extra = {} if args.rescore_top_k is None else {"rescore_top_k": args.rescore_top_k}
     progress = _Progress()
     try:
         report = build_bundle(args.source, out, precision=args.precision, block_size=args.block_size,
                               max_ppl_ratio=args.max_ppl_ratio, force=args.force, name=args.name,
-                              int4_offsets=args.int4_offsets, progress=progress, **extra)
+                              int4_offsets=args.int4_offsets, rescore_top_k=args.rescore_top_k, progress=progress)
     finally:
         progress.close()
     q = report.quality

@@ -347,3 +347,16 @@ def test_calibration_statistics_cover_every_projection_the_graph_quantizes(tiny_
     # the graph looks these names up: a name that drifted would silently fall back to unweighted errors
     assert {name: v.shape[0] for name, v in importance.items()} == expected
     assert all(np.all(v >= 0) and v.max() > 0 for v in importance.values())
+
+
+def test_cli_chooses_the_int4_layout_and_the_rescoring(tiny_model_dirs, tmp_path, capsys):
+    src = str(tiny_model_dirs("llama"))
+    out = tmp_path / "offsets"
+    assert main(["quantize", src, "--out", str(out), "--int4-offsets", "--rescore-top-k", "0", "--max-ppl-ratio", "10", "--json"]) == 0
+    q = load_manifest(out).raw["quantization"]
+    assert q["int4_offsets"] is True and q["rescore_top_k"] == 0
+    assert json.loads(capsys.readouterr().out)["bundle"] == str(out)
+    assert main(["quantize", src, "--out", str(tmp_path / "bad"), "--rescore-top-k", "-3"]) == 1
+    assert "--rescore-top-k" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):  # argparse: the two layouts exclude each other
+        main(["quantize", src, "--out", str(tmp_path / "both"), "--int4-offsets", "--int4-zero-points"])
