@@ -155,8 +155,7 @@ def run_demo(out: Path, *, limit: int | None = None, out_stream: TextIO = sys.st
         steps.say("Explorer on the demo subset: edge and bridge runs (cached), policy replay, recommendation, "
                   "live check through `edge-runtime serve` on held-back items")
         result = explore(edge=str(edge), cloud=_ALIAS, out=out, suite="demo", split="test", limit=limit,
-                         goals=["accuracy>=0.95*cloud", "max-accuracy usd<=0.005/1k"], cloud_settings=settings,
-                         cloud_bundle=cloud_bundle, cost=cost,
+                         goals=["accuracy>=0.95*cloud", "max-accuracy usd<=0.005/1k"], cloud_settings=settings, cost=cost,
                          validate=True)
     steps.say("Result (energy here is an estimate: this machine exposes no power counter)" if any(
         e.get("energy_estimated") for e in result.measurements.edge) else "Result")

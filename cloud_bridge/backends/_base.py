@@ -106,6 +106,7 @@ class Backend(Protocol):
     kind: str  # "onnx", "openai", "echo"
     model: str  # the name reported as the answering model
     context_length: int  # 0 when unknown
+    revision: str  # what identifies the weights behind ``model`` ("" when the backend cannot know)
 
     def generate(self, request: BackendRequest, cancel: CancelToken) -> BackendResult: ...
 

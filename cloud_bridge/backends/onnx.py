@@ -30,6 +30,7 @@ class OnnxBackend:
         self.engine = engine_factory(settings)
         self.model = str(self.engine.model_name)
         self.context_length = int(self.engine.context_length or 0)
+        self.revision = str(getattr(self.engine, "bundle_hash", "") or "")
 
     def _result(self, result: Any) -> BackendResult:
         return BackendResult(

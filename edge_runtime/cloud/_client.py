@@ -330,6 +330,7 @@ class CloudClient:
                 usd_per_million_input_tokens=m.usd_per_million_input_tokens,
                 usd_per_million_output_tokens=m.usd_per_million_output_tokens,
                 is_default=m.is_default,
+                revision=m.revision,
             )
             for m in response.models
         ]

@@ -68,3 +68,4 @@ class ModelInfo:
     usd_per_million_input_tokens: float
     usd_per_million_output_tokens: float
     is_default: bool
+    revision: str = ""  # the bridge's identity of the weights (an ONNX bundle's hash), "" when unknown

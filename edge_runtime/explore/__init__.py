@@ -128,15 +128,14 @@ def _secret_file(stack: contextlib.ExitStack, secret: str) -> Path:
     return path
 
 
-def _cloud_key(client: Any, alias: str, local_bundle: Path | None) -> str:
-    """Identity of the cloud side for the run cache: the model the bridge serves (and the bundle's hash when we serve it)."""
-    from ..bundle import load_manifest
-
+def _cloud_key(client: Any, alias: str) -> str:
+    """Identity of the cloud side for the run cache: the model the bridge serves, plus the revision of its
+    weights when the bridge knows it (an ONNX bundle's hash), so a rebuilt model is never answered from old runs."""
     models = client.list_models()
     info = next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
     model = info.model if info is not None else (alias or "default")
-    if local_bundle is not None:
-        model += "-" + load_manifest(local_bundle).bundle_hash[:16]
+    if info is not None and info.revision:
+        model += "-" + info.revision[:16]
     return f"bridge-{alias or 'default'}-{model}"
 
 
@@ -166,7 +165,6 @@ def explore(
     limit: int | None = None,
     goals: Sequence[str] = ("accuracy>=0.95*cloud",),
     cloud_settings: CloudSettings | None = None,
-    cloud_bundle: Path | None = None,
     cost: CostSettings | None = None,
     requests_per_day: float = 1000.0,
     validate: bool = False,
@@ -178,11 +176,8 @@ def explore(
 
     ``cloud`` is a bundle (the explorer serves it on a loopback bridge of its
     own) or, with ``cloud_settings`` naming an external bridge, a model alias
-    there. ``cloud_bundle``: the bundle that external bridge serves, when the
-    caller knows it (the demo starts the bridge itself); its hash joins the
-    run cache's key, so a rebuilt bundle is never answered from old runs.
-    ``validate`` holds back a share of the items and runs the recommended
-    policy live through ``edge-runtime serve`` and the bridge.
+    there. ``validate`` holds back a share of the items and runs the
+    recommended policy live through ``edge-runtime serve`` and the bridge.
     """
     from ..cloud import CloudClient
     from ..engine import Engine
@@ -221,7 +216,7 @@ def explore(
             if token_file is None and cloud_settings.token:
                 token_file = _secret_file(stack, cloud_settings.token)
         client = stack.enter_context(CloudClient(cloud_settings))
-        cloud_key = _cloud_key(client, alias, local_bundle or cloud_bundle)
+        cloud_key = _cloud_key(client, alias)
         m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,
                     estimator_out=out / "estimator.json", root=root)
 

@@ -147,3 +147,7 @@ def test_the_real_engine_behind_the_bridge(real_bundle, start_bridge, make_clien
     chunks = list(client.stream(HI, params=SamplingParams(max_new_tokens=8)))
     assert "".join(c.text for c in chunks[:-1]) == chunks[-1].result.text
     assert sum(c.token_count for c in chunks[:-1]) == chunks[-1].result.completion_tokens
+    # the bundle's hash identifies the weights to clients that cache answers (the explorer's run cache)
+    from edge_runtime.bundle import load_manifest
+
+    assert client.list_models()[0].revision == load_manifest(real_bundle).bundle_hash

@@ -101,6 +101,7 @@ def test_list_models_reports_aliases_prices_and_default(start_bridge, make_clien
     assert set(listed) == {"tiny", "other"}
     assert listed["tiny"].usd_per_million_output_tokens == 3.0 and listed["tiny"].model == "echo-7b"
     assert listed["other"].is_default and not listed["tiny"].is_default
+    assert listed["tiny"].revision == ""  # a backend that cannot know its weights' revision says nothing
     assert listed["other"].max_new_tokens_limit == 100 and listed["tiny"].max_new_tokens_limit == 2048
     # a request without a model goes to the default alias
     assert make_client(bridge).generate([{"role": "user", "content": "x"}]).model_alias == "other"

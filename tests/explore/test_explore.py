@@ -215,14 +215,15 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
     assert {p.name: p.stat().st_size for p in (tmp_path / "runs").iterdir()} == before
 
 
-def test_runs_through_an_external_bridge_are_keyed_by_the_bundle_it_serves_when_known(tiny_bundles):
-    """The demo starts its own bridge: a rebuilt cloud bundle must not be answered from the old bundle's cached runs."""
+def test_bridge_runs_are_keyed_by_the_revision_the_bridge_reports():
+    """A rebuilt bundle behind a bridge must not be answered from the old bundle's cached runs."""
     from types import SimpleNamespace
 
-    from edge_runtime.bundle import load_manifest
     from edge_runtime.explore import _cloud_key
 
-    client = SimpleNamespace(list_models=lambda: [SimpleNamespace(alias="coder", model="stand-in", is_default=True)])
-    bundle = tiny_bundles("qwen2", "fp32")
-    assert _cloud_key(client, "coder", None) == "bridge-coder-stand-in"  # a real cloud: its model name is all we know
-    assert _cloud_key(client, "coder", bundle) == f"bridge-coder-stand-in-{load_manifest(bundle).bundle_hash[:16]}"
+    def client(revision: str) -> SimpleNamespace:
+        return SimpleNamespace(list_models=lambda: [SimpleNamespace(alias="coder", model="stand-in", is_default=True, revision=revision)])
+
+    assert _cloud_key(client(""), "coder") == "bridge-coder-stand-in"  # an upstream API: its model name is all there is
+    assert _cloud_key(client("0123456789abcdef0123"), "coder") == "bridge-coder-stand-in-0123456789abcdef"
+    assert _cloud_key(client("0123456789abcdef0123"), "") == "bridge-default-stand-in-0123456789abcdef"
