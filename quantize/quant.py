@@ -26,6 +26,8 @@ activations" of small LMs) from flattening the rest of its row.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,8 +204,15 @@ def _int4_zero_point(blocks: np.ndarray, k: int, block_size: int, weights: np.nd
     n, n_blocks, _ = blocks.shape
     scales = np.empty((n, n_blocks), np.float32)
     zps = np.empty((n, n_blocks), np.float32)
-    for r0 in range(0, n, _ROWS_PER_CHUNK):
-        scales[r0:r0 + _ROWS_PER_CHUNK], zps[r0:r0 + _ROWS_PER_CHUNK] = _search_grid(blocks[r0:r0 + _ROWS_PER_CHUNK], weights)
+    # rows are independent: chunks run on threads (numpy releases the GIL), the result does not depend on how
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    rows = max(64, min(_ROWS_PER_CHUNK, -(-n // workers)))
+
+    def search(r0: int) -> None:
+        scales[r0:r0 + rows], zps[r0:r0 + rows] = _search_grid(blocks[r0:r0 + rows], weights)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(search, range(0, n, rows)))
     q = _codes(blocks, scales, zps).astype(np.uint8)
     return BlockQuantized(packed=pack_nibbles(q), scales=scales, offsets=None, bits=4, k=k, block_size=block_size,
                           zero_points=zps.astype(np.uint8))
