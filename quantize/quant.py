@@ -125,7 +125,8 @@ def quantize_int4_symmetric(weight: np.ndarray, block_size: int = 32) -> BlockQu
     Used for the 4-bit code of another 4-bit table's error. The scale fits the
     block's larger side exactly. On SmolLM2's table this leaves an RMS error of
     0.30 of an 8-bit step; the zero-point search would reach 0.25 at several
-    times the build time, a difference the rescored logits do not need.
+    times the build time, and even exact 8-bit rows gain little over this code
+    (perplexity ratio 1.074 against 1.077 with rescored logits).
     """
     blocks, k = _blocks(weight, block_size)
     scale = np.maximum(np.maximum(blocks.max(axis=-1), 0.0) / 7.0, np.maximum(-blocks.min(axis=-1), 0.0) / 8.0)
