@@ -129,9 +129,15 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    # the GGUF dequantization bar is a bare tqdm that ignores the setting above; tqdm reads TQDM_* overrides from the environment
-    saved = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    # the GGUF dequantization bar is a bare tqdm that ignores the setting above, and tqdm reads its TQDM_*
+    # environment overrides only when it is imported: silence that one module's bar while loading
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         config = AutoConfig.from_pretrained(load_dir, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(load_dir, **kwargs)
@@ -139,10 +145,8 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
     except (OSError, ValueError, KeyError) as err:
         raise BuildError(f"transformers could not load {path}: {err}") from err
     finally:
-        if saved is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = saved
+        if bar is not None:
+            gguf_utils.tqdm = bar
     model.eval()
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         raise UnsupportedModelError("sliding-window attention is not supported")
