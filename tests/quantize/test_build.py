@@ -269,7 +269,6 @@ def test_int4_with_float_offsets_on_request(tiny_model_dirs, tmp_path):
 
 def test_rescoring_replaces_the_top_k_logits_with_the_refined_rows():
     """The graph piece alone: top-k of the 4-bit logits recomputed as h @ (table + error code), the rest untouched."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -305,9 +304,9 @@ def test_rescoring_replaces_the_top_k_logits_with_the_refined_rows():
 @pytest.mark.parametrize("tie", [True, False])
 def test_rescored_bundles_build_tied_and_untied(tiny_model_dirs, tmp_path, tie):
     import onnx
+    from tiny_models import make_tiny_model
 
     from edge_runtime.engine import Engine
-    from tiny_models import make_tiny_model
 
     source = tiny_model_dirs("llama") if tie else make_tiny_model(tmp_path / "untied", "llama", tie=False)
     report = build_bundle(source, tmp_path / "rescored", precision="int4", rescore_top_k=8, max_ppl_ratio=10.0)
