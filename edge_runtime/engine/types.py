@@ -87,10 +87,15 @@ class SamplingParams:
     truncate_prompt: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
+        if self.stop is None:  # OpenAI clients send null for "no stop strings"
+            object.__setattr__(self, "stop", ())
+        elif isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
-            object.__setattr__(self, "stop", tuple(self.stop))
+            try:
+                object.__setattr__(self, "stop", tuple(self.stop))
+            except TypeError as err:
+                raise InvalidRequestError(f"must be a string or a list of strings, got {type(self.stop).__name__}", field="stop") from err
         self.validate()
 
     def validate(self) -> None:

@@ -97,6 +97,11 @@ def test_stop_string_ends_generation_and_is_never_streamed(engine):
     assert stop not in "".join(c.text for c in streamed)
 
 
+def test_stop_none_means_no_stop_strings(engine):
+    assert engine.generate("one two three", max_new_tokens=4, stop=None).token_ids == \
+        engine.generate("one two three", max_new_tokens=4).token_ids
+
+
 def test_stop_matcher_holds_back_a_partial_match():
     m = StopMatcher(["</end>"])
     assert m.feed("abc</") == ("abc", False)
@@ -192,6 +197,8 @@ def test_context_window_is_checked_before_any_work(engine):
         ({"prompt": "hi", "top_p": 0.0}, "top_p"),
         ({"prompt": "hi", "top_p": 1.5}, "top_p"),
         ({"prompt": "hi", "top_k": -2}, "top_k"),
+        ({"prompt": "hi", "stop": 5}, "stop"),
+        ({"prompt": "hi", "stop": [""]}, "stop[0]"),
     ],
 )
 def test_bad_input_names_the_field_and_the_engine_keeps_serving(engine, kwargs, field):
