@@ -72,6 +72,9 @@ class OrtModel:
         # the graph is already fused by the bundle builder; extended optimizations only add load time
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.log_severity_level = 3
+        # Memory patterns (one planned block per run, per input shape) raised peak RSS by 5 MB
+        # with 128-token prompt chunks and 22 MB with 512-token ones; decoding was no faster with them.
+        so.enable_mem_pattern = False
         for key, value in (session_config or {}).items():
             so.add_session_config_entry(str(key), str(value))
 

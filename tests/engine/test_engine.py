@@ -45,6 +45,17 @@ def test_greedy_is_token_identical_to_transformers(tiny_bundles, tiny_model_dirs
     assert engine.generate(messages=messages, max_new_tokens=24).token_ids == _hf_greedy(tiny_model_dirs(arch), ids, 24)[:24]
 
 
+def test_prompt_longer_than_one_prefill_chunk_matches_transformers(tiny_bundles, tiny_model_dirs):
+    from edge_runtime.engine import engine as engine_module
+
+    engine = Engine(tiny_bundles("llama", "fp32"), energy_meter=None)
+    prompt = " ".join(f"{w} {i}" for i, w in enumerate(["one", "two", "three", "four"] * 10))
+    ids = engine.encode(prompt)
+    assert engine_module._PREFILL_CHUNK < len(ids) <= 256 - 16  # at least two chunks, and room to generate
+    ours = engine.generate(prompt, max_new_tokens=16).token_ids
+    assert ours == _hf_greedy(tiny_model_dirs("llama"), ids, 16)[: len(ours)]
+
+
 @pytest.mark.slow
 def test_smollm2_fp32_greedy_is_token_identical_to_transformers(smollm2_fp32, smollm2_gguf):
     import torch
