@@ -150,7 +150,7 @@ class HybridRuntime:
         # a caller may pass the process meter (the daemon installs one with set_default_meter) instead of a second one
         meter = engine_kwargs.pop("energy_meter", None) or EnergyMeter.from_settings(settings.power)
         engine = Engine(
-            resolve_bundle(e.bundle, precision=e.precision), providers=e.providers or None, intra_op_threads=e.threads,
+            resolve_bundle(e.bundle, precision=e.precision), providers=e.provider_list() or None, intra_op_threads=e.threads,
             max_sessions=e.max_sessions, cache_tokens=e.cache_tokens, energy_meter=meter, **engine_kwargs,
         )
         estimator = load_estimator(e.estimator, bundle_hash=engine.bundle_hash)

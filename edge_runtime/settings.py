@@ -38,6 +38,7 @@ from typing import Any
 from .cloud import CloudSettings
 from .config import load_settings, setting
 from .cost import CostSettings
+from .engine.types import ProviderSpec, provider_specs
 from .errors import ConfigError
 from .power import PowerSettings
 
@@ -56,6 +57,9 @@ class EngineSettings:
     estimator: Path | None = setting(None, help="confidence estimator JSON from `edge-runtime calibrate` (default: built-in heuristic)")
     threads: int | None = setting(None, help="intra-op threads (default: physical cores)")
     providers: list[str] = setting(factory=list, help="onnxruntime execution providers in order (default: CPU)")
+    provider_options: dict[str, Any] = setting(
+        factory=dict, help="options per provider in `providers`, e.g. {XnnpackExecutionProvider = {intra_op_num_threads = 2}}"
+    )
     max_sessions: int = setting(1, help="local generations that may run at once (each holds a KV cache)")
     cache_tokens: int = setting(1024, help="initial KV-cache capacity in tokens (grows on demand)")
     max_new_tokens: int = setting(256, help="default max_new_tokens when a request does not set one")
@@ -67,6 +71,11 @@ class EngineSettings:
             raise ConfigError("must be >= 1", field="engine.threads")
         if not 1 <= self.max_new_tokens <= 65536:
             raise ConfigError("must be between 1 and 65536", field="engine.max_new_tokens")
+        self.provider_list()  # options for a provider that is not listed are a configuration error
+
+    def provider_list(self) -> list[ProviderSpec]:
+        """``providers`` with their ``provider_options``, as onnxruntime takes them."""
+        return provider_specs(self.providers, self.provider_options, field="engine.provider_options", error=ConfigError)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--top-logprobs", type=int, default=0, help="with --json: include this many alternatives per token")
     p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    p.add_argument("--provider", action="append", default=[], metavar="NAME",
+                   help="onnxruntime execution provider, in order of preference (repeatable; default: CPUExecutionProvider)")
+    p.add_argument("--provider-option", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   help="an option of one of the --provider providers (repeatable)")
     p.add_argument("--estimator", help="confidence estimator JSON from `edge-runtime calibrate` (default: the built-in generic one)")
     p.add_argument("--json", action="store_true", help="one JSON object per request instead of streamed text")
     p.set_defaults(func=_run)
@@ -51,6 +55,21 @@ def _result_json(result: Any, request_id: Any = None, confidence: Any = None) ->
     return out
 
 
+def _providers(names: list[str], option_flags: list[str]) -> list[Any]:
+    """``--provider`` names with their ``--provider-option NAME:KEY=VALUE`` flags."""
+    from ..engine import provider_specs
+    from ..errors import InvalidRequestError
+
+    options: dict[str, dict[str, str]] = {}
+    for flag in option_flags:
+        name, sep, pair = flag.partition(":")
+        key, eq, value = pair.partition("=")
+        if not (sep and eq and name and key):
+            raise InvalidRequestError(f"expected NAME:KEY=VALUE, got {flag!r}", field="--provider-option")
+        options.setdefault(name, {})[key] = value
+    return provider_specs(names, options, field="--provider-option")
+
+
 def _run(args: argparse.Namespace) -> int:
     from ..engine import Engine, SamplingParams
     from ..errors import EdgeRuntimeError, InvalidRequestError
@@ -60,7 +79,8 @@ def _run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=tuple(args.stop), top_logprobs=args.top_logprobs,
     )
-    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
+    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads,
+                    providers=_providers(args.provider, args.provider_option) or None)
     estimator = _load_estimator(args.estimator, engine)
     try:
         if args.input is None:

@@ -10,12 +10,14 @@ from .types import (
     FinishReason,
     GenerationResult,
     Message,
+    ProviderSpec,
     SamplingParams,
     StreamChunk,
     Timings,
     TokenInfo,
     TopLogprob,
     Usage,
+    provider_specs,
     validate_messages,
 )
 
@@ -28,11 +30,13 @@ __all__ = [
     "FinishReason",
     "GenerationResult",
     "Message",
+    "ProviderSpec",
     "SamplingParams",
     "StreamChunk",
     "Timings",
     "TokenInfo",
     "TopLogprob",
     "Usage",
+    "provider_specs",
     "validate_messages",
 ]

@@ -41,6 +41,7 @@ from ._text import IncrementalDecoder, StopMatcher
 from .types import (
     GenerationResult,
     Message,
+    ProviderSpec,
     SamplingParams,
     StreamChunk,
     Timings,
@@ -112,7 +113,7 @@ class Engine:
         self,
         bundle: str | os.PathLike[str],
         *,
-        providers: Sequence[str | tuple[str, Mapping[str, Any]]] | None = None,
+        providers: Sequence[ProviderSpec] | None = None,
         intra_op_threads: int | None = None,
         verify: VerifyMode = "fast",
         max_sessions: int = 1,

@@ -12,9 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..errors import InvalidRequestError
+from ..errors import EdgeRuntimeError, InvalidRequestError
 
 __all__ = [
+    "ProviderSpec",
+    "provider_specs",
     "FinishReason",
     "Message",
     "SamplingParams",
@@ -70,6 +72,31 @@ def _check_text(text: str, field_name: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as err:  # lone surrogates from a bad decoder
         raise InvalidRequestError(f"is not valid UTF-8 ({err.reason} at {err.start})", field=field_name) from err
+
+
+# an onnxruntime execution provider: its name, or its name and its options
+ProviderSpec = str | tuple[str, Mapping[str, str]]
+
+
+def provider_specs(
+    names: Sequence[str],
+    options: Mapping[str, Any] | None = None,
+    *,
+    field: str = "provider_options",
+    error: type[EdgeRuntimeError] = InvalidRequestError,
+) -> list[ProviderSpec]:
+    """onnxruntime's provider list: ``names`` in order, each with its ``options`` (values as strings).
+
+    Options for a provider that is not in ``names`` raise ``error`` instead of being
+    dropped: a misspelt provider name would otherwise run without the options meant for it.
+    """
+    options = options or {}
+    for name, opts in options.items():
+        if name not in names:
+            raise error(f"options given for {name!r}, which is not in the provider list {list(names)}", field=f"{field}.{name}")
+        if not isinstance(opts, Mapping):
+            raise error(f"expected a table of option = value, got {opts!r}", field=f"{field}.{name}")
+    return [(n, {str(k): str(v) for k, v in options[n].items()}) if n in options else n for n in names]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,8 +1,11 @@
-"""`edge-runtime generate`: --prompt, --chat, --json fields, --input batches in order with per-line errors."""
+"""`edge-runtime generate`: --prompt, --chat, --json fields, --input batches in order with per-line errors,
+execution providers and their options (flags, and the settings the daemon reads)."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from edge_runtime.cli import main
 
@@ -57,3 +60,55 @@ def test_missing_bundle_is_a_one_line_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not found" in err
+
+
+def _capture_providers(monkeypatch):
+    """Record the provider list each onnxruntime session is created with."""
+    import onnxruntime as ort
+
+    seen = []
+    real = ort.InferenceSession
+
+    def session(path, sess_options=None, providers=None, **kwargs):
+        seen.append(providers)
+        return real(path, sess_options, providers=providers, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    return seen
+
+
+def test_provider_and_its_options_reach_onnxruntime(tiny_bundle, capsys, monkeypatch):
+    seen = _capture_providers(monkeypatch)
+    assert main(["generate", str(tiny_bundle), "--prompt", "hello", "--max-new-tokens", "2", "--json",
+                 "--provider", "CPUExecutionProvider",
+                 "--provider-option", "CPUExecutionProvider:arena_extend_strategy=kSameAsRequested"]) == 0
+    assert json.loads(capsys.readouterr().out)["finish_reason"] == "length"
+    assert seen == [[("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]]
+
+
+def test_bad_provider_flags_are_one_line_errors_naming_the_flag(tiny_bundle, capsys):
+    for extra, expected in (
+        (["--provider-option", "CPUExecutionProvider"], "--provider-option: expected NAME:KEY=VALUE"),
+        (["--provider-option", "CPUExecutionProvider:a=1"], "not in the provider list"),
+        (["--provider", "NoSuchExecutionProvider"], "providers: execution provider(s) NoSuchExecutionProvider not available"),
+    ):
+        assert main(["generate", str(tiny_bundle), "--prompt", "x", *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_settings_give_provider_options_to_the_engine(tiny_bundle, monkeypatch):
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.hybrid import HybridRuntime
+    from edge_runtime.settings import load_runtime_settings
+
+    seen = _capture_providers(monkeypatch)
+    engine = {"bundle": str(tiny_bundle), "providers": ["CPUExecutionProvider"],
+              "provider_options": {"CPUExecutionProvider": {"arena_extend_strategy": "kSameAsRequested"}}}
+    runtime = HybridRuntime.from_settings(load_runtime_settings(data={"engine": engine}, env={}))
+    runtime.close()
+    assert seen == [[("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]]
+    engine["provider_options"] = {"XnnpackExecutionProvider": {"intra_op_num_threads": 2}}
+    with pytest.raises(ConfigError) as info:
+        load_runtime_settings(data={"engine": engine}, env={})
+    assert info.value.field == "engine.provider_options.XnnpackExecutionProvider"
