@@ -53,7 +53,11 @@ def _serve(args: argparse.Namespace) -> int:
     server.start()
     print(f"cloud-bridge: serving {', '.join(server.backends)} on port {port}", file=sys.stderr, flush=True)
     try:
-        stop.wait()
+        # Wait in short slices: the kernel may deliver SIGTERM to one of gRPC's threads, and
+        # Python then runs the handler only when the main thread next runs bytecode; an
+        # untimed wait never returns to it (seen: 1 shutdown in ~50 hung until killed).
+        while not stop.wait(0.2):
+            pass
     finally:
         server.stop()
         for sig, handler in previous.items():
