@@ -169,6 +169,9 @@ def test_a_caller_who_cancels_during_escalation_stops_the_bridge(engine):
         assert r.route == "local_forced" and r.reason == "cancelled" and r.cost["cloud_usd"] == 0
         assert time.perf_counter() - t0 < 2.0  # 200 words at 20 ms would take 4 s
         (gen,) = server.backends["slow"].wait_for_generations(1)
-        assert gen.finish_reason == "cancelled" and gen.completion_tokens < 100
+        # "cancelled": the backend saw the call's cancel token while waiting for its next word;
+        # "closed": gRPC stopped reading the stream while the backend was suspended at a word.
+        # Either way the generation stopped early, which is what this test is about.
+        assert gen.finish_reason in ("cancelled", "closed") and gen.completion_tokens < 100
     finally:
         server.stop(0)
