@@ -379,19 +379,17 @@ def build_graph(
     # only the positions asked for go through the (large) output projection
     g.node("Gather", ["final/normed", "logits_index"], ["final/selected"], name="select_positions", axis=1)
 
-    if rescore_top_k:
-        if weights.lm_head is None:
-            assert isinstance(tied, tuple)
-            parts = tied
-        else:
-            qw = quantize_blocks(weights.lm_head, precision, block_size, offsets=int4_offsets, importance=importance.get("lm_head"))
-            parts = _refined(g, "lm_head_rows", weights.lm_head, qw)
-        approx = linear.quantized("final/selected", parts[0].qw, "lm_head", table=parts[0])
-        g_out = _rescored_logits(g, "final/selected", approx, parts, min(rescore_top_k, V), H)
+    # the quantized tables the output projection reads: the embedding's when tied, its own when rescored
+    parts = tied if weights.lm_head is None and isinstance(tied, tuple) else None
+    if rescore_top_k and weights.lm_head is not None:
+        qw = quantize_blocks(weights.lm_head, precision, block_size, offsets=int4_offsets, importance=importance.get("lm_head"))
+        parts = _refined(g, "lm_head_rows", weights.lm_head, qw)
+    if parts is not None:
+        g_out = linear.quantized("final/selected", parts[0].qw, "lm_head", table=parts[0])
+        if rescore_top_k:
+            g_out = _rescored_logits(g, "final/selected", g_out, parts, min(rescore_top_k, V), H)
     elif weights.lm_head is not None:
         g_out = linear("final/selected", weights.lm_head, "lm_head")
-    elif isinstance(tied, tuple):
-        g_out = linear.quantized("final/selected", tied[0].qw, "lm_head", table=tied[0])
     else:
         # tied fp32: Gemm with transB reads the embedding table as is (no transposed copy)
         g.node("Shape", ["final/selected"], ["lm_head/in_shape"], name="lm_head/shape")
