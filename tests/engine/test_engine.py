@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.engine import Engine, SamplingParams
+from edge_runtime.engine import engine as engine_module
 from edge_runtime.engine._text import IncrementalDecoder, StopMatcher
 from edge_runtime.errors import BundleVerificationError, ContextLengthError, InvalidRequestError
 
@@ -46,14 +47,51 @@ def test_greedy_is_token_identical_to_transformers(tiny_bundles, tiny_model_dirs
 
 
 def test_prompt_longer_than_one_prefill_chunk_matches_transformers(tiny_bundles, tiny_model_dirs):
-    from edge_runtime.engine import engine as engine_module
-
     engine = Engine(tiny_bundles("llama", "fp32"), energy_meter=None)
     prompt = " ".join(f"{w} {i}" for i, w in enumerate(["one", "two", "three", "four"] * 10))
     ids = engine.encode(prompt)
     assert engine_module._PREFILL_CHUNK < len(ids) <= 256 - 16  # at least two chunks, and room to generate
     ours = engine.generate(prompt, max_new_tokens=16).token_ids
     assert ours == _hf_greedy(tiny_model_dirs("llama"), ids, 16)[: len(ours)]
+
+
+def _answer(result) -> tuple[list[int], list[float]]:
+    return result.token_ids, [t.logprob for t in result.tokens]
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_a_repeated_request_repeats_its_answer_exactly(tiny_bundles, precision):
+    # The quantized kernels compute one row (a decode step) slightly differently from several;
+    # a request whose cached prefix left a single prompt token to run used to drift.
+    engine = Engine(tiny_bundles("llama", precision), energy_meter=None)
+    kwargs = {"max_new_tokens": 12, "top_logprobs": 2}
+    first = engine.generate("one two three four", **kwargs)
+    again = engine.generate("one two three four", **kwargs)
+    assert again.usage.cached_prompt_tokens > 0  # the pool's cache was reused...
+    assert _answer(again) == _answer(first)  # ...and the logprobs are bit-identical
+    sampled = [engine.generate("one two three four", temperature=1.0, seed=5, **kwargs) for _ in range(2)]
+    assert _answer(sampled[0]) == _answer(sampled[1])
+    chunk = engine_module._PREFILL_CHUNK
+    # a prompt one token longer than a chunk: its last token must not be prefilled alone
+    ids = engine.encode("one two three four " * 40)[: chunk + 1]
+    fresh = Engine(tiny_bundles("llama", precision), energy_meter=None)
+    params = SamplingParams(max_new_tokens=8)
+    alone = [c.result for c in fresh.stream_tokens(ids, params) if c.result is not None][0]
+    reused = [c.result for c in engine.stream_tokens(ids, params) if c.result is not None][0]
+    assert _answer(reused) == _answer(alone)
+
+
+def test_prefill_runs_never_hold_a_single_token_after_the_first():
+    chunk = engine_module._PREFILL_CHUNK
+    assert engine_module._prefill_chunks(1) == [(0, 1)]
+    assert engine_module._prefill_chunks(chunk) == [(0, chunk)]
+    assert engine_module._prefill_chunks(chunk + 1) == [(0, chunk - 1), (chunk - 1, chunk + 1)]
+    for n in range(1, 3 * chunk + 3):
+        bounds = engine_module._prefill_chunks(n)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert all(0 < end - start <= chunk for start, end in bounds)
+        assert n == 1 or min(end - start for start, end in bounds) >= 2
 
 
 @pytest.mark.slow
