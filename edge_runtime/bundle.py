@@ -23,9 +23,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from .errors import BundleError, BundleNotFoundError, BundleVerificationError
+from .errors import BundleError, BundleNotFoundError, BundleVerificationError, InvalidRequestError
 
 __all__ = [
     "MANIFEST_NAME",
@@ -150,7 +150,35 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
     for key in ("architecture", "model", "tokens", "quantization", "files"):
         if key not in raw:
             raise BundleVerificationError(f"{path}: missing field {key!r}", file=MANIFEST_NAME)
+    _check_manifest_fields(raw, path)
     return Manifest(path=path, raw=raw)
+
+
+# what the runtime reads from a manifest's sections, so a hand-edited or damaged
+# manifest fails verification naming the field rather than as a KeyError at load
+_REQUIRED_INTS = {"model": ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "context_length")}
+
+
+def _check_manifest_fields(raw: dict[str, Any], path: Path) -> None:
+    def bad(field: str, what: str) -> BundleVerificationError:
+        return BundleVerificationError(f"{path}: field {field!r} {what}", file=MANIFEST_NAME)
+
+    for section in ("model", "tokens", "quantization", "files"):
+        if not isinstance(raw[section], dict):
+            raise bad(section, "must be an object")
+    for section, keys in _REQUIRED_INTS.items():
+        for key in keys:
+            value = raw[section].get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise bad(f"{section}.{key}", f"must be a positive integer, got {value!r}")
+    eos = raw["tokens"].get("eos_token_ids")
+    if not isinstance(eos, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+        raise bad("tokens.eos_token_ids", f"must be a list of token ids, got {eos!r}")
+    if not isinstance(raw["quantization"].get("precision"), str):
+        raise bad("quantization.precision", "must be a string")
+    for name, info in raw["files"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("size"), int) or not isinstance(info.get("sha256"), str):
+            raise bad(f"files.{name}", "must be an object with size and sha256")
 
 
 def write_stamp(bundle_dir: Path, files: dict[str, dict[str, Any]]) -> None:
@@ -172,6 +200,8 @@ def _read_stamp(bundle_dir: Path) -> dict[str, Any]:
 
 def verify_bundle(bundle_dir: str | os.PathLike[str], mode: VerifyMode = "full") -> Manifest:
     """Check every file listed in the manifest; raise BundleVerificationError naming the first bad one."""
+    if mode not in get_args(VerifyMode):
+        raise InvalidRequestError(f"must be one of {', '.join(get_args(VerifyMode))}, got {mode!r}", field="verify")
     manifest = load_manifest(bundle_dir)
     root = manifest.bundle_dir
     stamp = _read_stamp(root) if mode == "fast" else {}

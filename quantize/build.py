@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from edge_runtime.models import KNOWN_MODELS, fetch_model
 from .calibrate import CALIBRATION_TEXT, input_importance
 from .graph import IO_SCHEMA, build_graph
 from .source import LoadedSource, check_source, load_source
-from .writer import check_free_space, hash_files, save_model_external, staging_dir, write_manifest
+from .writer import check_free_space, check_replaceable, hash_files, save_model_external, staging_dir, write_manifest
 
 __all__ = ["build_bundle", "BuildReport", "PRECISIONS", "QUALITY_SAMPLE", "Progress", "RESCORE_TOP_K"]
 
@@ -148,13 +149,15 @@ def build_bundle(
         raise BuildError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if block_size < 16 or block_size & (block_size - 1):
         raise BuildError(f"--block-size must be a power of two >= 16, got {block_size}")
-    if max_ppl_ratio < 1.0:
-        raise BuildError(f"--max-ppl-ratio must be >= 1.0, got {max_ppl_ratio}")
+    if not math.isfinite(max_ppl_ratio) or max_ppl_ratio < 1.0:  # NaN would pass every bundle
+        raise BuildError(f"--max-ppl-ratio must be a number >= 1.0, got {max_ppl_ratio}")
     if rescore_top_k is not None and not 0 <= rescore_top_k <= MAX_RESCORE_TOP_K:
         raise BuildError(f"--rescore-top-k must be between 0 and {MAX_RESCORE_TOP_K}, got {rescore_top_k}")
+    if precision != "int4" and (int4_offsets or rescore_top_k):
+        flag = "--int4-offsets" if int4_offsets else "--rescore-top-k"
+        raise BuildError(f"{flag} applies to int4 bundles only, not --precision {precision}")
     out_path = Path(out).expanduser().absolute()
-    if out_path.exists() and not force:
-        raise BuildError(f"{out_path} already exists (use --force to replace it)")
+    check_replaceable(out_path, force=force)
     say: Progress = progress or (lambda step, done, total: None)
 
     path, known = _resolve(source, say)

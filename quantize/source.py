@@ -117,7 +117,12 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         kind, load_dir, kwargs = "gguf", str(path.parent), {"gguf_file": path.name}
         sha = sha256_file(path)
     else:
-        cfg = json.loads((path / "config.json").read_text())
+        try:
+            cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise BuildError(f"{path / 'config.json'} is not a readable JSON file: {err}") from err
+        if not isinstance(cfg, dict):
+            raise BuildError(f"{path / 'config.json'}: expected a JSON object, got {type(cfg).__name__}")
         arch = cfg.get("model_type", "unknown")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(f"architecture {arch!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")

@@ -20,21 +20,42 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
-from edge_runtime.bundle import MANIFEST_NAME, sha256_file, write_stamp
+from edge_runtime.bundle import MANIFEST_NAME, STAMP_NAME, sha256_file, write_stamp
 from edge_runtime.errors import BuildError
 
-__all__ = ["staging_dir", "save_model_external", "hash_files", "write_manifest", "check_free_space"]
+__all__ = ["check_replaceable", "staging_dir", "save_model_external", "hash_files", "write_manifest", "check_free_space"]
 
 _ALIGN = 4096  # page-aligned tensors let onnxruntime map the weights file instead of copying it
 _INLINE_MAX_BYTES = 1024
+# what a bundle directory holds (see edge_runtime.bundle)
+_BUNDLE_FILES = frozenset({MANIFEST_NAME, STAMP_NAME, "model.onnx", "model.onnx.data", "tokenizer.json"})
+
+
+def check_replaceable(out: Path, *, force: bool) -> None:
+    """Refuse an existing ``out`` unless ``force``, and even then unless it holds nothing but bundle files.
+
+    ``--force`` replaces a bundle: a directory of something else (or a file)
+    given as ``--out`` by mistake must not be deleted with it.
+    """
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise BuildError(f"{out} already exists (use --force to replace it)")
+    if out.is_symlink() or not out.is_dir():
+        raise BuildError(f"{out} is not a directory: --force only replaces a bundle directory")
+    # a bundle, a damaged one (a file missing) or an empty directory; anything else is someone's data
+    # (a web project has a manifest.json too, so the names of all the entries are checked)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _BUNDLE_FILES)
+    if foreign:
+        raise BuildError(f"{out} is not a bundle (it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): "
+                         "--force only replaces a bundle; choose another --out")
 
 
 @contextlib.contextmanager
 def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block succeeds."""
     out = out.absolute()
-    if out.exists() and not force:
-        raise BuildError(f"{out} already exists (use --force to replace it)")
+    check_replaceable(out, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

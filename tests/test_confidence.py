@@ -115,6 +115,8 @@ def test_estimator_files_are_checked(tmp_path):
         load_estimator(path)
     with pytest.raises(EstimatorError, match="not found"):
         load_estimator(tmp_path / "missing.json")
+    with pytest.raises(EstimatorError, match="cannot read the estimator file"):
+        load_estimator(tmp_path)  # a directory
     default = load_estimator(None, bundle_hash="c" * 64)  # the built-in default is portable
     assert default.name == "generic" and default.bundle_hash is None
 

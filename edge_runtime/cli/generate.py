@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
 
-_SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "top_logprobs")
+_SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "top_logprobs", "truncate_prompt")
+_LINE_KEYS = ("id", "prompt", "messages", *_SAMPLING_KEYS)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,10 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _result_json(result: Any, request_id: Any = None, confidence: Any = None) -> dict[str, Any]:
+_NO_ID = object()
+
+
+def _result_json(result: Any, request_id: Any = _NO_ID, confidence: Any = None) -> dict[str, Any]:
     d = result.to_dict()
     out: dict[str, Any] = {}
-    if request_id is not None:
+    if request_id is not _NO_ID:
         out["id"] = request_id
     out.update({
         "text": d["text"],
@@ -67,63 +72,96 @@ def _providers(names: list[str], option_flags: list[str]) -> list[Any]:
         if not (sep and eq and name and key):
             raise InvalidRequestError(f"expected NAME:KEY=VALUE, got {flag!r}", field="--provider-option")
         options.setdefault(name, {})[key] = value
+    if options and not names:  # options alone are for the default provider
+        names = ["CPUExecutionProvider"]
     return provider_specs(names, options, field="--provider-option")
 
 
 def _run(args: argparse.Namespace) -> int:
     from ..engine import Engine, SamplingParams
-    from ..errors import EdgeRuntimeError, InvalidRequestError
+    from ..errors import InvalidRequestError
     from ..models import resolve_bundle
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=tuple(args.stop), top_logprobs=args.top_logprobs,
     )
-    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads,
-                    providers=_providers(args.provider, args.provider_option) or None)
-    estimator = _load_estimator(args.estimator, engine)
+    with contextlib.ExitStack() as stack:
+        lines = None
+        if args.input is not None:
+            # opened before the model loads, so a wrong path is reported at once; read as
+            # bytes, line by line, so a line that is not UTF-8 is one bad line, not a crash
+            try:
+                lines = stack.enter_context(open(args.input, "rb"))
+            except OSError as err:
+                raise InvalidRequestError(f"cannot read {args.input}: {err.strerror or err}", field="--input") from err
+        engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads,
+                        providers=_providers(args.provider, args.provider_option) or None)
+        stack.callback(engine.close)
+        estimator = _load_estimator(args.estimator, engine)
+        return _generate(args, engine, estimator, params, lines)
+
+
+def _generate(args: argparse.Namespace, engine: Any, estimator: Any, params: Any, lines: Any) -> int:
+    """One request from the flags, or one per line of the ``--input`` file (``lines``)."""
+    if lines is None:
+        messages = [{"role": "user", "content": args.chat}] if args.chat is not None else None
+        prompt = args.prompt if args.chat is None else None
+        if args.json:
+            result = engine.generate(prompt, messages=messages, params=params, prompt_nll=estimator.needs_prompt_nll)
+            print(json.dumps(_result_json(result, confidence=_confidence(estimator, engine, result, messages, prompt)), ensure_ascii=False))
+        else:
+            for chunk in engine.stream(prompt, messages=messages, params=params):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        return 0
+    failures = 0
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        out, ok = _answer_line(engine, estimator, params, raw, lineno)
+        failures += not ok
+        print(json.dumps(out, ensure_ascii=False), flush=True)
+    return 1 if failures else 0
+
+
+def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: int) -> tuple[dict[str, Any], bool]:
+    """One ``--input`` line's output object, and whether it succeeded.
+
+    A bad line is reported in place (the batch goes on): its ``id`` when it has
+    one, else the line number, and the error naming the field.
+    """
+    from ..errors import EdgeRuntimeError, InvalidRequestError
+
+    request_id: Any = lineno
     try:
-        if args.input is None:
-            messages = [{"role": "user", "content": args.chat}] if args.chat is not None else None
-            prompt = args.prompt if args.chat is None else None
-            if args.json:
-                result = engine.generate(prompt, messages=messages, params=params, prompt_nll=estimator.needs_prompt_nll)
-                print(json.dumps(_result_json(result, confidence=_confidence(estimator, engine, result, messages, prompt)), ensure_ascii=False))
-            else:
-                for chunk in engine.stream(prompt, messages=messages, params=params):
-                    sys.stdout.write(chunk.text)
-                    sys.stdout.flush()
-                sys.stdout.write("\n")
-            return 0
-        failures = 0
-        with open(args.input, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                request_id: Any = None
-                try:
-                    try:
-                        item = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise InvalidRequestError(f"line {lineno} is not valid JSON: {err.msg}", field="line") from err
-                    if not isinstance(item, dict):
-                        raise InvalidRequestError(f"line {lineno} must be a JSON object", field="line")
-                    request_id = item.get("id", lineno)
-                    if ("messages" in item) == ("prompt" in item):
-                        raise InvalidRequestError(f"line {lineno} needs exactly one of messages or prompt", field="messages")
-                    overrides = {k: (tuple(item[k]) if k == "stop" and isinstance(item[k], list) else item[k]) for k in _SAMPLING_KEYS if k in item}
-                    p = params.replace(**overrides) if overrides else params
-                    result = engine.generate(item.get("prompt"), messages=item.get("messages"), params=p, prompt_nll=estimator.needs_prompt_nll)
-                    out = _result_json(result, request_id, _confidence(estimator, engine, result, item.get("messages"), item.get("prompt")))
-                except EdgeRuntimeError as err:
-                    # one bad line must not stop the batch: report it in place, in order
-                    failures += 1
-                    out = {"id": request_id if request_id is not None else lineno,
-                           "error": {"message": str(err), "type": type(err).__name__, "param": getattr(err, "field", None)}}
-                print(json.dumps(out, ensure_ascii=False), flush=True)
-        return 1 if failures else 0
-    finally:
-        engine.close()
+        try:
+            # a BOM may open the first line of a file saved by a Windows editor
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidRequestError(f"line {lineno} is not valid UTF-8 (byte {err.start})", field="line") from err
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InvalidRequestError(f"line {lineno} is not valid JSON: {err.msg}", field="line") from err
+        if not isinstance(item, dict):
+            raise InvalidRequestError(f"line {lineno} must be a JSON object", field="line")
+        request_id = item.get("id", lineno)
+        unknown = sorted(set(item) - set(_LINE_KEYS))
+        if unknown:
+            raise InvalidRequestError(f"line {lineno}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_LINE_KEYS)})",
+                                      field=unknown[0])
+        if ("messages" in item) == ("prompt" in item):
+            raise InvalidRequestError(f"line {lineno} needs exactly one of messages or prompt", field="messages")
+        # null means "the default", as OpenAI clients send it
+        overrides = {k: (tuple(item[k]) if k == "stop" and isinstance(item[k], list) else item[k])
+                     for k in _SAMPLING_KEYS if item.get(k) is not None}
+        p = params.replace(**overrides) if overrides else params
+        result = engine.generate(item.get("prompt"), messages=item.get("messages"), params=p, prompt_nll=estimator.needs_prompt_nll)
+        return _result_json(result, request_id, _confidence(estimator, engine, result, item.get("messages"), item.get("prompt"))), True
+    except EdgeRuntimeError as err:
+        return {"id": request_id, "error": {"message": str(err), "type": type(err).__name__, "param": getattr(err, "field", None)}}, False
 
 
 def _load_estimator(path: str | None, engine: Any) -> Any:

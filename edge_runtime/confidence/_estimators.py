@@ -285,6 +285,8 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
         d = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise EstimatorError(f"estimator file not found: {p}") from err
+    except OSError as err:  # a directory, no permission, ...
+        raise EstimatorError(f"cannot read the estimator file {p}: {err.strerror or err}") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EstimatorError(f"{p} is not valid JSON: {err}") from err
     if not isinstance(d, dict):

@@ -63,7 +63,11 @@ def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     """Greedy when temperature is 0; otherwise temperature, then top-k, then top-p (nucleus) sampling."""
     if params.temperature == 0 or rng is None:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / params.temperature
+    # subtract the maximum before dividing: a tiny temperature then sends the others to -inf, never inf - inf
+    shifted = logits.astype(np.float64)
+    shifted -= shifted.max()
+    with np.errstate(over="ignore"):
+        scaled = shifted / params.temperature
     if params.top_k and params.top_k < scaled.shape[0]:
         cand = np.argpartition(scaled, -params.top_k)[-params.top_k:]
     else:

@@ -260,14 +260,12 @@ class Engine:
 
     def sampling_params(self, params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
         """``params`` with keyword overrides, or SamplingParams built from them; errors name the field."""
-        if params is None:
-            try:
+        try:
+            if params is None:
                 return SamplingParams(**overrides)
-            except TypeError as err:
-                raise InvalidRequestError(str(err), field="params") from err
-        if overrides:
-            return params.replace(**overrides)
-        return params
+            return params.replace(**overrides) if overrides else params
+        except TypeError as err:  # an unknown keyword
+            raise InvalidRequestError(str(err), field="params") from err
 
     def _meter(self) -> Any:
         if self._energy_meter == "default":
@@ -311,7 +309,7 @@ class Engine:
         """
         p = self.sampling_params(params, sampling)
         ids = self.encode(prompt, messages=messages)
-        ids = self.fit_context(ids, p)
+        ids = self.fit_context(ids, p, field="prompt" if prompt is not None else "messages")
         is_cancelled = _cancel_check(cancel)
         return self._stream(ids, p, is_cancelled, prompt_nll)
 
@@ -324,7 +322,7 @@ class Engine:
         with self._cache() as cache:
             yield from self.run(cache, ids, p, is_cancelled, prompt_nll=prompt_nll)
 
-    def fit_context(self, ids: list[int], p: SamplingParams) -> list[int]:
+    def fit_context(self, ids: list[int], p: SamplingParams, *, field: str = "messages") -> list[int]:
         """The prompt ids if they fit with ``max_new_tokens``; truncated when asked; else ContextLengthError."""
         limit = self.context_length
         if len(ids) + p.max_new_tokens <= limit:
@@ -336,7 +334,7 @@ class Engine:
         raise ContextLengthError(
             f"the prompt has {len(ids)} tokens and max_new_tokens is {p.max_new_tokens}: together they exceed "
             f"the context window of {limit} tokens (shorten the prompt, lower max_new_tokens, or ask for truncation)",
-            field="messages",
+            field=field,
         )
 
     def run(
@@ -459,10 +457,12 @@ class Engine:
 
     def next_token_logprobs(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> np.ndarray:
         """Log-probabilities of the token that would follow the prompt (one prefill, no decoding)."""
-        ids = self.fit_context(self.encode(prompt, messages=messages), SamplingParams(max_new_tokens=1))
+        ids = self.fit_context(self.encode(prompt, messages=messages), SamplingParams(max_new_tokens=1),
+                               field="prompt" if prompt is not None else "messages")
         with self._cache() as cache:
             cache.truncate(0)
-            logits = cache.prefill(ids)[-1]
+            for start, end in _prefill_chunks(len(ids)):  # the same runs as generation's prefill
+                logits = cache.prefill(ids[start:end])[-1]
         return log_softmax(logits)
 
     def score(self, text: str | None = None, *, token_ids: Sequence[int] | None = None, chunk: int = 256) -> ScoreResult:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -118,29 +119,44 @@ class SamplingParams:
             object.__setattr__(self, "stop", ())
         elif isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, (Mapping, Set)):  # tuple() would quietly take a dict's keys
+            raise InvalidRequestError(f"must be a string or a list of strings, got {type(self.stop).__name__}", field="stop")
         elif not isinstance(self.stop, tuple):
             try:
                 object.__setattr__(self, "stop", tuple(self.stop))
             except TypeError as err:
                 raise InvalidRequestError(f"must be a string or a list of strings, got {type(self.stop).__name__}", field="stop") from err
+        # numpy scalars and the like are fine; bools and strings are not numbers here
+        for name in ("max_new_tokens", "top_k", "top_logprobs", "seed"):
+            value = getattr(self, name)
+            if value is None and name == "seed":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise InvalidRequestError(f"must be an integer, got {value!r}", field=name)
+            object.__setattr__(self, name, int(value))
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InvalidRequestError(f"must be a number, got {value!r}", field=name)
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.truncate_prompt, bool):
+            raise InvalidRequestError(f"must be true or false, got {self.truncate_prompt!r}", field="truncate_prompt")
         self.validate()
 
     def validate(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise InvalidRequestError("must be an integer", field="max_new_tokens")
         if self.max_new_tokens <= 0:
             raise InvalidRequestError(f"must be positive, got {self.max_new_tokens}", field="max_new_tokens")
         if self.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
             raise InvalidRequestError(f"must be at most {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}", field="max_new_tokens")
-        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
-            raise InvalidRequestError(f"must be >= 0, got {self.temperature}", field="temperature")
-        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"must be a finite number >= 0, got {self.temperature}", field="temperature")
+        if not (0.0 < self.top_p <= 1.0):
             raise InvalidRequestError(f"must be in (0, 1], got {self.top_p}", field="top_p")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k < 0:
             raise InvalidRequestError(f"must be an integer >= 0, got {self.top_k}", field="top_k")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InvalidRequestError(f"must be an integer, got {self.seed!r}", field="seed")
-        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or not (0 <= self.top_logprobs <= 20):
+        if self.seed is not None and self.seed < 0:
+            raise InvalidRequestError(f"must be an integer >= 0, got {self.seed}", field="seed")
+        if not (0 <= self.top_logprobs <= 20):
             raise InvalidRequestError(f"must be an integer in [0, 20], got {self.top_logprobs}", field="top_logprobs")
         for i, s in enumerate(self.stop):
             if not isinstance(s, str) or not s:

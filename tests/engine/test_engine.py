@@ -248,6 +248,15 @@ def test_context_window_is_checked_before_any_work(engine):
         ({"prompt": "hi", "top_k": -2}, "top_k"),
         ({"prompt": "hi", "stop": 5}, "stop"),
         ({"prompt": "hi", "stop": [""]}, "stop[0]"),
+        ({"prompt": "hi", "stop": {"a": 1}}, "stop"),  # not the dict's keys
+        ({"prompt": "hi", "seed": -1, "temperature": 0.7}, "seed"),
+        ({"prompt": "hi", "temperature": float("inf")}, "temperature"),
+        ({"prompt": "hi", "temperature": True}, "temperature"),
+        ({"prompt": "hi", "temperature": "1"}, "temperature"),
+        ({"prompt": "hi", "max_new_tokens": 2.0}, "max_new_tokens"),
+        ({"prompt": "hi", "truncate_prompt": "yes"}, "truncate_prompt"),
+        ({"prompt": "hi", "params": SamplingParams(), "bogus": 1}, "params"),
+        ({"prompt": "hi " * 300, "max_new_tokens": 8}, "prompt"),  # the context window, for a raw prompt
     ],
 )
 def test_bad_input_names_the_field_and_the_engine_keeps_serving(engine, kwargs, field):
@@ -256,6 +265,20 @@ def test_bad_input_names_the_field_and_the_engine_keeps_serving(engine, kwargs, 
         engine.generate(prompt, **kwargs)
     assert info.value.field == field
     assert engine.generate("hello world", max_new_tokens=3).finish_reason == "length"
+
+
+def test_numbers_of_any_numeric_type_are_accepted(engine):
+    params = SamplingParams(max_new_tokens=np.int64(3), temperature=np.float32(0.5), seed=np.uint8(7))
+    assert (params.max_new_tokens, params.temperature, params.seed) == (3, 0.5, 7)
+    assert type(params.max_new_tokens) is int and type(params.temperature) is float
+    assert len(engine.generate("hello world", params=params).token_ids) == 3
+
+
+def test_a_tiny_temperature_samples_the_top_token(engine):
+    # logits / 1e-300 used to overflow to inf - inf = NaN probabilities
+    with np.errstate(over="ignore", invalid="raise"):
+        sampled = engine.generate("hello world", max_new_tokens=6, temperature=1e-300, seed=1)
+    assert sampled.token_ids == engine.generate("hello world", max_new_tokens=6).token_ids
 
 
 def test_bundle_failing_verification_is_refused(tiny_bundle, tmp_path):

@@ -56,6 +56,37 @@ def test_input_file_is_answered_in_order_with_errors_in_place(tiny_bundle, tmp_p
     assert code == 1  # some lines failed
 
 
+def test_input_lines_that_are_not_utf8_or_carry_odd_values_fail_alone(tiny_bundle, tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join([  # a BOM, as a Windows editor saves it
+        json.dumps({"id": "a", "prompt": "hello world"}).encode(),
+        b'{"id": "b", "prompt": "bad \xff\xfe bytes"}',
+        json.dumps({"id": "c", "prompt": "hi", "seed": -1, "temperature": 0.7}).encode(),
+        json.dumps({"id": "d", "prompt": "hi", "max_tokens": 3}).encode(),  # a typo is not silently ignored
+        json.dumps({"id": None, "prompt": "hi", "top_p": None}).encode(),  # null: the default
+    ]) + b"\n")
+    code = main(["generate", str(tiny_bundle), "--input", str(path), "--max-new-tokens", "2", "--json"])
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [o["id"] for o in out] == ["a", 2, "c", "d", None]
+    assert "error" not in out[0] and "error" not in out[4]
+    assert [o["error"]["param"] for o in out[1:4]] == ["line", "seed", "max_tokens"]
+    assert "not valid UTF-8" in out[1]["error"]["message"]
+    assert code == 1
+
+
+def test_unreadable_input_file_is_reported_before_loading_the_model(tiny_bundle, tmp_path, capsys, monkeypatch):
+    import edge_runtime.engine
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(edge_runtime.engine, "Engine", no_load)
+    for path in (tmp_path / "missing.jsonl", tmp_path):
+        assert main(["generate", str(tiny_bundle), "--input", str(path)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--input" in err and "cannot read" in err, err
+
+
 def test_missing_bundle_is_a_one_line_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 1
     err = capsys.readouterr().err.strip()
@@ -84,12 +115,16 @@ def test_provider_and_its_options_reach_onnxruntime(tiny_bundle, capsys, monkeyp
                  "--provider-option", "CPUExecutionProvider:arena_extend_strategy=kSameAsRequested"]) == 0
     assert json.loads(capsys.readouterr().out)["finish_reason"] == "length"
     assert seen == [[("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]]
+    # options alone are for the default provider
+    assert main(["generate", str(tiny_bundle), "--prompt", "hello", "--max-new-tokens", "2", "--json",
+                 "--provider-option", "CPUExecutionProvider:arena_extend_strategy=kSameAsRequested"]) == 0
+    assert seen[-1] == [("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]
 
 
 def test_bad_provider_flags_are_one_line_errors_naming_the_flag(tiny_bundle, capsys):
     for extra, expected in (
         (["--provider-option", "CPUExecutionProvider"], "--provider-option: expected NAME:KEY=VALUE"),
-        (["--provider-option", "CPUExecutionProvider:a=1"], "not in the provider list"),
+        (["--provider", "CPUExecutionProvider", "--provider-option", "XnnpackExecutionProvider:a=1"], "not in the provider list"),
         (["--provider", "NoSuchExecutionProvider"], "providers: execution provider(s) NoSuchExecutionProvider not available"),
     ):
         assert main(["generate", str(tiny_bundle), "--prompt", "x", *extra]) == 1
@@ -108,6 +143,10 @@ def test_settings_give_provider_options_to_the_engine(tiny_bundle, monkeypatch):
     runtime = HybridRuntime.from_settings(load_runtime_settings(data={"engine": engine}, env={}))
     runtime.close()
     assert seen == [[("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]]
+    # options alone are for the default provider
+    assert main(["generate", str(tiny_bundle), "--prompt", "hello", "--max-new-tokens", "2", "--json",
+                 "--provider-option", "CPUExecutionProvider:arena_extend_strategy=kSameAsRequested"]) == 0
+    assert seen[-1] == [("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]
     engine["provider_options"] = {"XnnpackExecutionProvider": {"intra_op_num_threads": 2}}
     with pytest.raises(ConfigError) as info:
         load_runtime_settings(data={"engine": engine}, env={})

@@ -77,6 +77,37 @@ def test_verify_reports_a_missing_file(tiny_bundles, tmp_path):
         verify_bundle(bundle, "fast")
 
 
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m["model"].pop("num_layers"), "model.num_layers"),
+        (lambda m: m["model"].update(head_dim="64"), "model.head_dim"),
+        (lambda m: m["tokens"].update(eos_token_ids=None), "tokens.eos_token_ids"),
+        (lambda m: m.update(model=[]), "model"),
+    ],
+)
+def test_a_manifest_missing_what_the_runtime_reads_fails_verification(tiny_bundles, tmp_path, capsys, edit, field):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundles("llama", "fp32"), bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleVerificationError, match=f"'{field}'") as info:
+        verify_bundle(bundle, "fast")
+    assert info.value.file == "manifest.json"
+    assert main(["generate", str(bundle), "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert field in err and "Traceback" not in err
+
+
+def test_an_unknown_verification_mode_is_refused(tiny_bundles):
+    from edge_runtime.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError) as info:
+        verify_bundle(tiny_bundles("llama", "fp32"), "bogus")
+    assert info.value.field == "verify"
+
+
 def test_fast_verification_still_hashes_small_files(tiny_bundles, tmp_path):
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundles("llama", "fp32"), bundle)
@@ -119,14 +150,57 @@ def test_quality_gate_fails_the_build_and_keeps_nothing(tiny_model_dirs, tmp_pat
 
 def test_existing_output_is_refused_unless_forced(tiny_bundles, tiny_model_dirs, tmp_path):
     out = tmp_path / "bundle"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    shutil.copytree(tiny_bundles("llama", "int8"), out)
+    (out / "stamp.json").unlink()  # a damaged bundle is still a bundle
     with pytest.raises(BuildError, match="already exists"):
         build_bundle(tiny_model_dirs("llama"), out, precision="fp32")
-    assert (out / "keep.txt").read_text() == "mine"
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["precision"] == "int8"
     build_bundle(tiny_model_dirs("llama"), out, precision="fp32", force=True)
-    assert not (out / "keep.txt").exists()
     verify_bundle(out, "full")
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("kind", ["project", "file", "web-app"])
+def test_force_never_deletes_something_that_is_not_a_bundle(tiny_model_dirs, tmp_path, capsys, kind):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("mine")
+    else:
+        (out / "src").mkdir(parents=True)
+        (out / "src" / "notes.txt").write_text("mine")
+        if kind == "web-app":
+            (out / "manifest.json").write_text("{}")
+    with pytest.raises(BuildError, match="not a"):
+        build_bundle(tiny_model_dirs("llama"), out, precision="fp32", force=True)
+    assert main(["quantize", str(tiny_model_dirs("llama")), "--out", str(out), "--force", "--precision", "fp32"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    assert (out.read_text() if kind == "file" else (out / "src" / "notes.txt").read_text()) == "mine"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_ppl_ratio": float("nan")}, "max-ppl-ratio"),  # NaN would let every bundle through
+        ({"precision": "int8", "int4_offsets": True}, "--int4-offsets applies to int4"),
+        ({"precision": "int8", "rescore_top_k": 8}, "--rescore-top-k applies to int4"),
+    ],
+)
+def test_options_that_cannot_apply_are_refused_before_any_work(tiny_model_dirs, tmp_path, options, message):
+    with pytest.raises(BuildError, match=message):
+        build_bundle(tiny_model_dirs("llama"), tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config", ["{", "[]"])
+def test_a_damaged_config_json_is_a_one_line_error(tmp_path, capsys, config):
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(config)
+    with pytest.raises(BuildError, match="config.json"):
+        build_bundle(src, tmp_path / "out")
+    assert main(["quantize", str(src), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "config.json" in err and "Traceback" not in err
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
