@@ -19,6 +19,7 @@ same few-shot header) only prefills what differs.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -158,6 +159,7 @@ class Engine:
         self._pool: queue.LifoQueue[KVCache] = queue.LifoQueue()
         self._created = 0
         self._pool_lock = threading.Lock()
+        self._holders: collections.Counter[int] = collections.Counter()  # thread id -> caches it holds
         self._energy_meter = energy_meter
         self._token_text: dict[int, str] = {}
         self._byte_level = self._is_byte_level()
@@ -237,6 +239,7 @@ class Engine:
             raise EdgeRuntimeError("engine is closed")
         cache: KVCache | None = None
         create = False
+        me = threading.get_ident()
         with self._pool_lock:
             try:
                 cache = self._pool.get_nowait()
@@ -244,13 +247,26 @@ class Engine:
                 if self._created < self.max_sessions:
                     self._created += 1
                     create = True
-        if cache is None:
-            # a new cache while under max_sessions, otherwise wait for one to come back
-            cache = self.model.new_cache(self._cache_tokens) if create else self._pool.get()
+                elif self._holders[me] >= self._created:
+                    # waiting would never end: the cache to wait for is held by a stream this thread left open
+                    raise EdgeRuntimeError(
+                        f"all {self.max_sessions} KV cache(s) are held by unfinished streams of this thread: "
+                        "consume or close them first (or create the Engine with a larger max_sessions)"
+                    )
+            self._holders[me] += 1
         try:
+            if cache is None:
+                # a new cache while under max_sessions, otherwise wait for one to come back
+                cache = self.model.new_cache(self._cache_tokens) if create else self._pool.get()
             yield cache
         finally:
-            self._pool.put(cache)
+            with self._pool_lock:
+                self._holders[me] -= 1
+            if cache is not None:
+                self._pool.put(cache)
+            elif create:
+                with self._pool_lock:
+                    self._created -= 1  # the allocation failed: let a later request try again
 
     def new_cache(self) -> KVCache:
         """A KV cache outside the pool (a chat session keeps one for its whole life)."""
@@ -516,6 +532,7 @@ class ChatSession:
             self.messages.append({"role": "system", "content": system})
         self._cache = engine.new_cache()
         self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread whose turn is streaming
 
     def send(self, content: str, *, params: SamplingParams | None = None, cancel: Cancel = None, **sampling: Any) -> GenerationResult:
         result = None
@@ -533,10 +550,17 @@ class ChatSession:
         is_cancelled = _cancel_check(cancel)
 
         def run() -> Iterator[StreamChunk]:
+            me = threading.get_ident()
+            if self._owner == me:  # the lock below would wait for this very thread
+                raise EdgeRuntimeError("this chat session's previous turn is still streaming in this thread: consume or close it first")
             with self._lock:
-                for chunk in engine.run(self._cache, ids, p, is_cancelled):
-                    if chunk.result is not None:
-                        self.messages = [*messages, {"role": "assistant", "content": chunk.result.text}]
-                    yield chunk
+                self._owner = me
+                try:
+                    for chunk in engine.run(self._cache, ids, p, is_cancelled):
+                        if chunk.result is not None:
+                            self.messages = [*messages, {"role": "assistant", "content": chunk.result.text}]
+                        yield chunk
+                finally:
+                    self._owner = None
 
         return run()

@@ -315,3 +315,34 @@ def test_energy_is_reported_with_its_label(tiny_bundle):
 def test_unknown_provider_is_a_clear_error(tiny_bundle):
     with pytest.raises(InvalidRequestError, match="NoSuchExecutionProvider"):
         Engine(tiny_bundle, providers=["NoSuchExecutionProvider"])
+
+
+def test_a_second_request_while_this_thread_holds_every_cache_is_an_error_not_a_hang(tiny_bundle):
+    from edge_runtime.errors import EdgeRuntimeError
+
+    engine = Engine(tiny_bundle, energy_meter=None)  # max_sessions=1
+    open_stream = engine.stream("hello world", max_new_tokens=8)
+    next(open_stream)
+    with pytest.raises(EdgeRuntimeError, match="unfinished streams of this thread"):
+        engine.generate("one two", max_new_tokens=2)
+    open_stream.close()
+    assert len(engine.generate("one two", max_new_tokens=2).token_ids) == 2
+    # another thread simply waits its turn
+    held = engine.stream("hello world", max_new_tokens=8)
+    next(held)
+    done: list[int] = []
+    worker = threading.Thread(target=lambda: done.extend(engine.generate("one two", max_new_tokens=2).token_ids))
+    worker.start()
+    worker.join(0.3)
+    assert worker.is_alive() and not done
+    held.close()
+    worker.join(10)
+    assert len(done) == 2
+
+    chat = engine.chat_session()
+    turn = chat.stream("hello", max_new_tokens=8)
+    next(turn)
+    with pytest.raises(EdgeRuntimeError, match="still streaming"):
+        chat.send("again", max_new_tokens=2)
+    turn.close()
+    assert chat.send("again", max_new_tokens=2).finish_reason in ("length", "eos")
