@@ -30,14 +30,14 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .confidence import Estimator, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
-from .errors import CloudError, InvalidRequestError
+from .errors import CloudError, CloudTimeoutError, InvalidRequestError
 from .policies import Decision, Policy, RequestContext, policy_from_config
 
 __all__ = ["HybridRuntime", "HybridResult", "HybridChunk", "Route", "MODEL_ALIASES"]
@@ -99,6 +99,30 @@ def _is_cancelled(cancel: Any) -> bool:
 
 class _Cancelled(Exception):
     """The caller cancelled while the bridge was answering."""
+
+
+# what an escalation leaves before the request's deadline, to hand back the local answer instead
+_DEADLINE_RESERVE_S = 0.25
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """A request's deadline (``time.monotonic()``) and who to tell when the engine is no longer needed."""
+
+    deadline_s: float | None = None
+    on_escalate: Callable[[], None] | None = None
+
+    def out_of_time(self) -> bool:
+        return self.deadline_s is not None and time.monotonic() >= self.deadline_s - _DEADLINE_RESERVE_S
+
+    def cloud_timeout_s(self, configured_s: float | None) -> float | None:
+        """The escalation's timeout: the configured one, cut to the time left; CloudTimeoutError if none is left."""
+        if self.deadline_s is None:
+            return configured_s
+        left_s = self.deadline_s - _DEADLINE_RESERVE_S - time.monotonic()
+        if left_s <= 0:
+            raise CloudTimeoutError("no time left before the request's deadline to ask the bridge")
+        return left_s if configured_s is None else min(configured_s, left_s)
 
 
 class HybridRuntime:
@@ -180,8 +204,17 @@ class HybridRuntime:
 
     def stream(self, messages: Sequence[Mapping[str, Any]], *, model: str = "auto", params: SamplingParams | None = None,
                cancel: Any = None, request_id: str | None = None, reveal_draft: bool = False,
+               deadline_s: float | None = None, on_escalate: Callable[[], None] | None = None,
                **sampling: Any) -> Iterator[HybridChunk]:
-        """Validate now (errors raise before any work), then answer as a stream of chunks."""
+        """Validate now (errors raise before any work), then answer as a stream of chunks.
+
+        ``deadline_s`` (``time.monotonic()`` clock): when the whole answer is due. An
+        escalation gets only the time left, less a moment to return the local answer,
+        so a slow bridge ends as a ``fallback`` with the local answer rather than as
+        nothing. ``on_escalate`` is called when the local generation is over and the
+        bridge is about to be asked: the engine is free from then on (a daemon hands
+        its generation slot to the next request).
+        """
         msgs = validate_messages(messages)
         if model not in MODEL_ALIASES:
             raise InvalidRequestError(f"unknown model {model!r} (expected one of {', '.join(MODEL_ALIASES)})", field="model")
@@ -190,7 +223,8 @@ class HybridRuntime:
         params = self.engine.sampling_params(params, sampling)
         # the context check happens here too, before any compute
         prompt_ids = self.engine.fit_context(self.engine.encode(messages=msgs), params)
-        return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft, prompt_ids)
+        return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft, prompt_ids,
+                         _Timing(deadline_s, on_escalate))
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -223,7 +257,7 @@ class HybridRuntime:
                                          prompt_nll=self.estimator.needs_prompt_nll)
 
     def _run(self, msgs: list[dict[str, str]], model: str, params: SamplingParams, cancel: Any, request_id: str,
-             reveal_draft: bool, prompt_ids: list[int]) -> Iterator[HybridChunk]:
+             reveal_draft: bool, prompt_ids: list[int], timing: _Timing) -> Iterator[HybridChunk]:
         t0 = time.perf_counter()
         ctx = RequestContext(messages=msgs, request_id=request_id, estimated_cloud_usd=self._estimate_cloud_usd(msgs, params))
         if self._wants_pre_route and model == "auto":
@@ -250,7 +284,8 @@ class HybridRuntime:
             watch = model == "auto" and decision.action == "continue"
             stop = threading.Event()
             tokens: list[TokenInfo] = []
-            for chunk in self._local_stream(prompt_ids, params, cancel, stop):
+            local = self._local_stream(prompt_ids, params, cancel, stop)
+            for chunk in local:
                 if chunk.result is not None:
                     locals_.append(chunk.result)
                     break
@@ -267,6 +302,7 @@ class HybridRuntime:
                         decision, early_exit = d, True
                         p_correct = d.value
                         stop.set()  # the engine ends the generation at its next step
+            local.close()  # hands the KV cache back to the engine's pool now, not when the generator is collected
             if decision.action == "continue":
                 p_correct = self._p_correct(locals_[-1], msgs)
                 decision = self.policy.after(ctx, p_correct)
@@ -277,7 +313,7 @@ class HybridRuntime:
         cloud_result = None
         cloud_error: str | None = None
         route: Route
-        if decision.action == "cloud" and _is_cancelled(cancel):
+        if decision.action == "cloud" and _is_cancelled(cancel) and not timing.out_of_time():
             # the caller has gone (a daemon client disconnected): spend no cloud money on an answer nobody reads
             route, decision = "local_forced", Decision("local_forced", "cancelled", "the caller cancelled the request before escalation",
                                                        policy=decision.policy, value=decision.value, threshold=decision.threshold)
@@ -289,7 +325,11 @@ class HybridRuntime:
             self.policy.settle(ctx, 0.0)
         elif decision.action == "cloud":
             try:
-                cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id, cancel)
+                timeout_s = timing.cloud_timeout_s(self.cloud_timeout_s)
+                if timing.on_escalate is not None:
+                    timing.on_escalate()
+                cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id,
+                                                             cancel, timeout_s, timing)
                 if reveal_draft and shown:
                     yield HybridChunk("withdraw")
                     shown = False
@@ -329,7 +369,8 @@ class HybridRuntime:
                                                       cloud_error, early_exit, t0))
 
     def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
-                   p_correct: float | None, decision: Decision, request_id: str, cancel: Any) -> tuple[Any, list[HybridChunk]]:
+                   p_correct: float | None, decision: Decision, request_id: str, cancel: Any,
+                   timeout_s: float | None, timing: _Timing) -> tuple[Any, list[HybridChunk]]:
         """Call the bridge; return its result and its text chunks.
 
         The text is collected before anything is shown: a call that fails half-way must not leave
@@ -343,9 +384,11 @@ class HybridRuntime:
                                 local_model=self.engine.model_name)
         chunks: list[HybridChunk] = []
         result = None
-        stream = self.cloud.stream(msgs, params=params, escalation=escalation, timeout_s=self.cloud_timeout_s, request_id=request_id)
+        stream = self.cloud.stream(msgs, params=params, escalation=escalation, timeout_s=timeout_s, request_id=request_id)
         try:
             for c in stream:
+                if timing.out_of_time():
+                    raise CloudTimeoutError("the bridge had not finished when the request's deadline came")
                 if _is_cancelled(cancel):
                     raise _Cancelled
                 if c.result is not None:

@@ -179,7 +179,8 @@ class Metrics:
 
 _GAUGES = {
     "edge_runtime_queue_depth": ("gauge", "Requests waiting for a generation slot."),
-    "edge_runtime_requests_in_progress": ("gauge", "Requests holding a generation slot."),
+    "edge_runtime_requests_in_progress": ("gauge", "Requests past the queue: generating, or waiting for the cloud bridge."),
+    "edge_runtime_generation_slots_busy": ("gauge", "Generation slots in use (an escalation hands its slot on while it waits)."),
     "edge_runtime_queue_capacity": ("gauge", "Requests that may wait before new ones are refused (server.queue_size)."),
     "edge_runtime_generation_slots": ("gauge", "Generations that may run at once (engine.max_sessions)."),
     "edge_runtime_ready": ("gauge", "1 when the model is loaded and the daemon takes requests, else 0."),

@@ -144,6 +144,10 @@ class Job:
                 on_chunk(chunk)
         raise AssertionError("Job.iterate ended without a result")  # iterate raises instead
 
+    def release_slot(self) -> None:
+        """The engine's part is over (the bridge is being asked): the next request may generate."""
+        self.ticket.release()
+
     @property
     def queue_ms(self) -> float:
         return self.ticket.queue_s * 1000.0
@@ -240,8 +244,11 @@ class ChatService:
         job = Job(self, request, transport, limit_s)
         try:
             # validates messages, the model alias and the context window now; generates on first next()
+            # an escalation gets what is left of the deadline (a slow bridge ends as a fallback with the local
+            # answer), and gives its generation slot to the next request while it waits for the network
             job._stream = runtime.stream(request.messages, model=request.model, params=params, cancel=job.cancelled,
-                                         request_id=request.request_id, reveal_draft=request.reveal_draft)
+                                         request_id=request.request_id, reveal_draft=request.reveal_draft,
+                                         deadline_s=job.deadline_s, on_escalate=job.release_slot)
         except InvalidRequestError as err:
             raise rename_field(err, request.field_names) from err
         assert self.admission is not None
@@ -293,11 +300,18 @@ class ChatService:
     def retry_after_s(self) -> float:
         return self.admission.retry_after_s() if self.admission is not None else 2.0
 
+    def _in_progress(self) -> int:
+        """Admitted requests past the queue: generating, or waiting for the bridge."""
+        waiting = self.admission.waiting if self.admission is not None else 0
+        return max(0, self.active_jobs - waiting)
+
     def gauges(self) -> dict[str, float]:
         a = self.admission
         return {
             "edge_runtime_queue_depth": a.waiting if a else 0,
-            "edge_runtime_requests_in_progress": a.running if a else 0,
+            "edge_runtime_requests_in_progress": self._in_progress(),
+            # an escalating request is in progress but has handed its slot on
+            "edge_runtime_generation_slots_busy": a.running if a else 0,
             "edge_runtime_queue_capacity": self.settings.queue_size,
             "edge_runtime_generation_slots": a.slots if a else 0,
             "edge_runtime_ready": 1.0 if self.state == "ready" else 0.0,
@@ -307,7 +321,7 @@ class ChatService:
         a = self.admission
         out: dict[str, Any] = {"status": "ok" if self.state == "ready" else self.state,
                                "model": self.local_model or None,
-                               "queue_depth": a.waiting if a else 0, "in_progress": a.running if a else 0}
+                               "queue_depth": a.waiting if a else 0, "in_progress": self._in_progress()}
         if self.error:
             out["error"] = self.error
         return out

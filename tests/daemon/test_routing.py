@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
-from .conftest import ASK, CLOUD_REPLY, cloud_client, metric, runtime
+from .conftest import ASK, CLOUD_REPLY, cloud_client, metric, runtime, start_bridge
 
 ESCALATE = {"type": "threshold", "p": 0.999}  # the tiny random model is never that sure
 
@@ -52,4 +54,53 @@ def test_privacy_gate_keeps_the_prompt_local_whatever_the_policy(engine, bridge,
         "messages": [{"role": "user", "content": "email bob@example.com the sum of 2 + 2"}], "max_tokens": 4})
     assert status == 200 and done["routing"]["route"] == "local_forced"
     assert done["routing"]["reason"] == "privacy_pattern:email" and done["cost"]["cloud_usd"] == 0
+    cloud.close()
+
+
+def test_a_bridge_slower_than_the_request_deadline_gives_the_local_answer_as_a_fallback(engine, start_daemon, http):
+    # the bridge needs ~3 s for the 6 words asked; the daemon's deadline is 1 s, the client's own timeout 20 s
+    slow = start_bridge(reply=" ".join(["word"] * 10), token_delay_ms=500.0)
+    cloud = cloud_client(slow.address, timeout_s=20.0)
+    daemon = start_daemon(runtime(engine, ESCALATE, cloud=cloud), request_timeout_s=1.0)
+    c = http(daemon.port)
+    local_answer = engine.generate(messages=ASK, max_new_tokens=6).text
+    t0 = time.perf_counter()
+    status, _, done = c.json("POST", "/v1/chat/completions", {"model": "auto", "messages": ASK, "max_tokens": 6})
+    assert time.perf_counter() - t0 < 1.5
+    assert status == 200, done
+    assert done["routing"]["route"] == "fallback" and "CloudTimeoutError" in done["routing"]["cloud_error"]
+    assert done["choices"][0]["message"]["content"] == local_answer
+    # streamed: the same answer, then a final chunk with the routing (no error event)
+    status, _, raw = c.request("POST", "/v1/chat/completions", {"model": "auto", "messages": ASK, "max_tokens": 6, "stream": True})
+    assert status == 200
+    events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices")) == local_answer
+    assert events[-1]["routing"]["route"] == "fallback" and not any("error" in e for e in events)
+    slow.server.stop(0)
+    cloud.close()
+
+
+def test_an_escalation_hands_its_generation_slot_to_the_next_request(engine, start_daemon, http):
+    slow = start_bridge(reply=" ".join(["word"] * 10), token_delay_ms=500.0)  # 4 words (max_tokens): ~2 s
+    cloud = cloud_client(slow.address, timeout_s=20.0)
+    daemon = start_daemon(runtime(engine, ESCALATE, cloud=cloud))  # one generation slot (max_sessions=1)
+    answers: dict[str, tuple[int, dict, float]] = {}
+
+    def ask(name: str, model: str) -> None:
+        t0 = time.perf_counter()
+        status, _, body = http(daemon.port).json("POST", "/v1/chat/completions",
+                                                 {"model": model, "messages": ASK, "max_tokens": 4})
+        answers[name] = (status, body, time.perf_counter() - t0)
+
+    escalating = threading.Thread(target=ask, args=("cloud", "auto"))
+    escalating.start()
+    time.sleep(0.5)  # the first request is now waiting for the bridge
+    ask("local", "local")
+    escalating.join(10)
+    status, body, local_s = answers["local"]
+    assert status == 200 and body["routing"]["route"] == "local"
+    assert local_s < 1.0  # not queued behind the ~2 s cloud call
+    assert answers["cloud"][0] == 200 and answers["cloud"][1]["routing"]["route"] == "cloud"
+    assert answers["cloud"][2] > 1.5 > local_s + 0.5
+    slow.server.stop(0)
     cloud.close()
