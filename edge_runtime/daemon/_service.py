@@ -186,6 +186,11 @@ class ChatService:
         self.local_model = str(getattr(runtime.engine, "model_name", ""))
         if getattr(runtime, "cloud", None) is None:
             self.cloud_model = "no cloud bridge configured: answered locally (route local_forced)"
+            policy = getattr(runtime, "policy", None)
+            # gates only ever keep a request local; any other part may want the cloud
+            if policy is not None and any(p.type_name not in ("never", "privacy", "budget", "chain") for p in policy.parts()):
+                log.warning("the policy %s may escalate, but no [cloud] bridge is configured: such requests are answered "
+                            "locally (route local_forced, reason cloud_not_configured)", policy.describe())
         else:
             hint = str(getattr(runtime, "cloud_model_hint", "") or "")
             self.cloud_model = "" if hint == "*" else hint

@@ -139,6 +139,23 @@ def _cloud_key(client: Any, alias: str) -> str:
     return f"bridge-{alias or 'default'}-{model}"
 
 
+def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_file: Path | None) -> str:
+    """The ``[cloud]`` part of recommended.toml: the bridge measured, or what to write when it is gone."""
+    if local_bundle is None:  # an external bridge: the same one, with the user's own token file
+        text = _cloud_toml(cloud, token_file)
+        if token_file is None:
+            text += '# token_file = "..."  # the device token for this bridge (`cloud-bridge token add DEVICE`)\n'
+        return text
+    return (
+        "# The explorer measured the cloud on a loopback bridge of its own, gone now. Without a [cloud]\n"
+        "# section every escalation is answered locally (route local_forced). Serve the same model with\n"
+        f"# `cloud-bridge serve` (a models entry with bundle = {str(local_bundle)!r}) and uncomment:\n"
+        "# [cloud]\n"
+        '# address = "127.0.0.1:50051"\n'
+        '# token_file = "device.token"  # from `cloud-bridge token add DEVICE`\n'
+    )
+
+
 def _cloud_toml(cloud: CloudSettings, token_file: Path | None) -> str:
     lines = ["[cloud]", f'address = "{cloud.address}"', f"insecure = {'true' if cloud.insecure else 'false'}",
              f"timeout_s = {cloud.timeout_s!r}"]
@@ -203,7 +220,7 @@ def explore(
 
     engine = Engine(resolve_bundle(edge), intra_op_threads=threads)
     with contextlib.ExitStack() as stack:
-        local_bundle = None
+        local_bundle = user_token_file = None
         if cloud_settings is None or not cloud_settings.address:
             local_bundle = resolve_bundle(cloud)
             address, token = stack.enter_context(local_bridge(local_bundle, cost=cost))
@@ -212,7 +229,7 @@ def explore(
             token_file = _secret_file(stack, token)
         else:
             bridge_label, alias = cloud_settings.address, cloud
-            token_file = cloud_settings.token_file
+            token_file = user_token_file = cloud_settings.token_file
             if token_file is None and cloud_settings.token:
                 token_file = _secret_file(stack, cloud_settings.token)
         client = stack.enter_context(CloudClient(cloud_settings))
@@ -235,6 +252,7 @@ def explore(
         winners = family_winners(points, families)
         by = {p.name: p for p in points}
         baselines = {"cloud": by["always-cloud"].overall["accuracy"], "local": by["always-local"].overall["accuracy"]}
+        saved_cloud = _saved_cloud_toml(cloud_settings, local_bundle, user_token_file)
         recommendations = []
         files = ["report.md", "points.csv", "frontier.csv", "estimator.json"]
         snippets: list[str] = []
@@ -244,19 +262,18 @@ def explore(
                                    "constraints": [c.describe(baselines) for c in goal.constraints]}
             if point is not None:
                 name = "recommended.toml" if i == 0 else f"recommended-{i + 1}.toml"
-                snippet = config_snippet(point, estimator_path=str((out / "estimator.json").resolve()), n_items=len(m.items),
-                                         requests_per_day=requests_per_day, goal=goal.text)
-                (out / name).write_text(snippet, encoding="utf-8")
-                snippets.append(snippet)
+                fields = {"estimator_path": str((out / "estimator.json").resolve()), "n_items": len(m.items),
+                          "requests_per_day": requests_per_day, "goal": goal.text, "bundle": str(resolve_bundle(edge))}
+                (out / name).write_text(config_snippet(point, **fields, cloud=saved_cloud), encoding="utf-8")
+                # the live check runs it against the bridge measured here (its token in a private file)
+                snippets.append(config_snippet(point, **fields, cloud=_cloud_toml(cloud_settings, token_file)))
                 rec["config_file"] = name
                 files.append(name)
             recommendations.append(rec)
 
         validation = None
         if validate and snippets:
-            daemon_config = snippets[0].replace("[engine]\n", f'[engine]\nbundle = "{resolve_bundle(edge)}"\n', 1)
-            daemon_config += "\n" + _cloud_toml(cloud_settings, token_file)
-            with _daemon(daemon_config, out) as url:
+            with _daemon(snippets[0], out) as url:
                 live = validate_live(url, held)
             pred = recommendations[0]["point"].overall
             acc_ok, acc_margin = agreement(pred["accuracy"], live["accuracy"], live["n"])

@@ -119,8 +119,14 @@ def recommend(goal: Goal, points: Sequence[Point], baselines: dict[str, float], 
     return min(feasible, key=lambda p: _cost_key(p, task_family))
 
 
-def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_per_day: float, goal: str) -> str:
-    """The recommended policy as a TOML snippet ``edge-runtime serve --config`` loads as is."""
+def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_per_day: float, goal: str,
+                   bundle: str | None = None, cloud: str = "") -> str:
+    """The recommended policy as a TOML file ``edge-runtime serve --config`` loads as is.
+
+    ``bundle``: the edge bundle the estimator was fitted on (an estimator refuses
+    any other). ``cloud``: the ``[cloud]`` section, or comments saying what to put
+    there; without one, every escalation is answered locally (``local_forced``).
+    """
     config: dict[str, Any] = point.config
     parts = config["chain"] if "chain" in config else [config]
     lines = [
@@ -128,7 +134,8 @@ def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_
         f"# policy: {point.name}; measured accuracy {point.overall['accuracy']:.1%}, escalation "
         f"{point.overall['escalation_rate']:.1%}, cloud USD {point.overall['cloud_usd_per_1k']:.4f} per 1k requests",
         "[engine]",
-        f'estimator = "{estimator_path}"',
+        *([f"bundle = {_toml(bundle)}"] if bundle is not None else []),
+        f"estimator = {_toml(estimator_path)}",
         "",
     ]
     translated = []
@@ -143,6 +150,8 @@ def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_
     else:
         inline = ["{" + ", ".join(f"{k} = {_toml(v)}" for k, v in part.items()) + "}" for part in translated]
         lines += ["chain = [", *[f"  {x}," for x in inline], "]"]
+    if cloud:
+        lines += ["", cloud.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

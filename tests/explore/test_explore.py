@@ -122,6 +122,41 @@ def test_recommended_snippet_loads_in_the_daemon_settings(tmp_path):
     assert settings.engine.estimator == tmp_path / "estimator.json"
 
 
+def test_recommended_snippet_names_the_bundle_and_the_bridge(tmp_path):
+    from edge_runtime.cloud import CloudSettings
+    from edge_runtime.explore import _cloud_toml, _saved_cloud_toml
+    from edge_runtime.settings import load_runtime_settings
+
+    point = Point(name="x", family="threshold", overall={"accuracy": 0.4, "escalation_rate": 0.2, "cloud_usd_per_1k": 0.1},
+                  config={"type": "threshold", "p": 0.3})
+    bridge = CloudSettings(address="127.0.0.1:7001", token_file=tmp_path / "device.token", model="coder", insecure=True)
+    cloud = _saved_cloud_toml(bridge, None, tmp_path / "device.token")
+    assert cloud == _cloud_toml(bridge, tmp_path / "device.token")
+    text = config_snippet(point, estimator_path=str(tmp_path / "estimator.json"), n_items=100, requests_per_day=5000,
+                          goal="g", bundle=str(tmp_path / "edge-bundle"), cloud=cloud)
+    (tmp_path / "device.token").write_text("ebt_x\n")
+    (tmp_path / "rec.toml").write_text(text)
+    settings = load_runtime_settings(tmp_path / "rec.toml", env={})
+    assert settings.engine.bundle == str(tmp_path / "edge-bundle")
+    assert (settings.cloud.address, settings.cloud.model, settings.cloud.token_file) == ("127.0.0.1:7001", "coder", tmp_path / "device.token")
+    # a token given inline (not a file of the user's) is never written: the file says where one goes
+    assert "# token_file" in _saved_cloud_toml(bridge, None, None)
+
+
+def test_daemon_warns_when_the_policy_may_escalate_but_no_bridge_is_configured(tiny_bundle, caplog):
+    from edge_runtime.daemon._service import ChatService
+    from edge_runtime.engine import Engine
+    from edge_runtime.hybrid import HybridRuntime
+    from edge_runtime.settings import load_runtime_settings
+
+    engine = Engine(tiny_bundle, energy_meter=None)
+    settings = load_runtime_settings(data={}, env={}).server
+    for policy, warned in (({"type": "threshold", "p": 0.5}, True), ({"chain": [{"type": "privacy"}, {"type": "never"}]}, False)):
+        caplog.clear()
+        ChatService(settings).attach(HybridRuntime(engine, policy=policy))
+        assert ("no [cloud] bridge is configured" in caplog.text) == warned
+
+
 def test_recommended_snippet_writes_numpy_values_from_the_search_grid_as_plain_toml(tmp_path):
     import numpy as np
 
@@ -205,7 +240,10 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
     assert result.recommendations[0]["config_file"] == "recommended.toml"
     from edge_runtime.settings import load_runtime_settings
 
-    load_runtime_settings(out / "recommended.toml", env={})  # the daemon loads it as is
+    saved = load_runtime_settings(out / "recommended.toml", env={})  # the daemon loads it as is
+    # with the edge bundle the estimator was fitted on; the explorer's own bridge is gone, so [cloud] is a commented template
+    assert saved.engine.bundle == str(tiny_bundles("llama", "fp32")) and not saved.cloud.address
+    assert "# [cloud]" in (out / "recommended.toml").read_text()
     assert len(result.measurements.items) == 12
     assert not [p for p in out.rglob("*") if "token" in p.name]  # the bridge token never lands in the output directory
     # a second run replays from the cache: no new edge or bridge runs
