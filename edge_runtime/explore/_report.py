@@ -134,8 +134,8 @@ def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front:
         "|---|---|---|---|---|---|---|",
     ]
     rows = [by["always-local"], by["always-cloud"]]
-    if recommendation and recommendation.get("point"):
-        rows.append(recommendation["point"])
+    if recommendation and recommendation.get("point") and recommendation["point"].name not in ("always-local", "always-cloud"):
+        rows.append(recommendation["point"])  # a baseline recommended is already in the table
     for p in rows:
         o = p.overall
         lines.append(f"| {p.name} | {_pct(o['accuracy'])} | {_pct(o['escalation_rate'])} | {o['cloud_usd_per_1k']:.4f} | "
