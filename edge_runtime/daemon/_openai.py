@@ -4,8 +4,12 @@ Accepted request fields: ``model`` (``auto``, ``local``, ``cloud``; default
 ``auto``), ``messages``, ``max_completion_tokens`` / ``max_tokens``,
 ``temperature`` (0-2; default: the runtime's, greedy), ``top_p``, ``seed``,
 ``stop``, ``logprobs``, ``top_logprobs`` (0-20), ``stream``,
-``stream_options.include_usage``, ``n`` (1 only) and ``user``. Other fields are
-ignored; a known field with a bad value is refused naming it.
+``stream_options.include_usage``, ``n`` (1 only) and ``user``. A field that
+would change what the answer must be and is not supported here (tools and
+function calling, a ``response_format`` other than text, ``logit_bias``,
+non-zero penalties, audio) is refused naming it, rather than answered as if it
+had not been asked; other fields are ignored; a known field with a bad value is
+refused naming it.
 
 Every completion carries OpenAI's fields plus extension objects: ``routing``
 (route, p_correct, threshold, policy, reason, detail, cloud_error, draft),
@@ -73,10 +77,32 @@ def _bool(body: Mapping[str, Any], name: str) -> bool:
     return value
 
 
+# OpenAI fields whose value is honoured only when it asks for nothing (null, empty, zero, plain text)
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
+    "logit_bias": lambda v: not v,
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v is None or v == ["text"],
+}
+
+
+def _refuse_unsupported(body: Mapping[str, Any]) -> None:
+    for name, harmless in _UNSUPPORTED.items():
+        if name in body and not harmless(body[name]):
+            raise InvalidRequestError(f"is not supported by this server (got {body[name]!r}); leave it out", field=name)
+
+
 def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatRequest:
     """A ChatRequest from a decoded JSON body; InvalidRequestError / ModelNotFoundError name the field."""
     if not isinstance(body, Mapping):
         raise InvalidRequestError("the request body must be a JSON object")
+    _refuse_unsupported(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequestError(f"must be a string, one of {', '.join(MODEL_ALIASES)}", field="model")

@@ -42,6 +42,12 @@ BAD = [
     ({**OK, "n": 2}, 400, "invalid_request_error", "invalid_value", "n"),
     ({**OK, "stream": "true"}, 400, "invalid_request_error", "invalid_value", "stream"),
     ({**OK, "user": 12}, 400, "invalid_request_error", "invalid_value", "user"),
+    ({**OK, "seed": -1, "temperature": 0.5}, 400, "invalid_request_error", "invalid_value", "seed"),
+    # asked for, not supported: refused rather than answered as if not asked
+    ({**OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "invalid_request_error", "invalid_value", "tools"),
+    ({**OK, "response_format": {"type": "json_object"}}, 400, "invalid_request_error", "invalid_value", "response_format"),
+    ({**OK, "logit_bias": {"50256": -100}}, 400, "invalid_request_error", "invalid_value", "logit_bias"),
+    ({**OK, "presence_penalty": 0.5}, 400, "invalid_request_error", "invalid_value", "presence_penalty"),
     # the tiny model's context window is 256 tokens
     ({"messages": [{"role": "user", "content": "one two three " * 200}], "max_tokens": 8}, 400,
      "invalid_request_error", "context_length_exceeded", "messages"),
@@ -71,9 +77,10 @@ def test_each_bad_request_gets_its_status_and_error_type_and_the_daemon_keeps_se
     assert metric(m, "edge_runtime_requests_total", outcome="answered") == 1
 
 
-def test_unknown_fields_are_ignored(daemon, http):
+def test_unknown_fields_and_unsupported_ones_that_ask_for_nothing_are_accepted(daemon, http):
     status, _, done = http(daemon.port).json("POST", "/v1/chat/completions", {
-        **OK, "presence_penalty": 0.5, "tools": [], "response_format": {"type": "text"}, "whatever": {"x": 1}})
+        **OK, "presence_penalty": 0, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+        "logit_bias": {}, "metadata": {"a": "b"}, "whatever": {"x": 1}})
     assert status == 200 and done["choices"][0]["message"]["content"] is not None
 
 
