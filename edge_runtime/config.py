@@ -153,18 +153,31 @@ def _build(cls: type[T], layers: list[Mapping[str, Any]], prefix: str) -> T:
     return obj
 
 
-def _env_layer(cls: type, env: Mapping[str, str], env_prefix: str) -> dict[str, Any]:
+def _env_layer(cls: type, env: Mapping[str, str], env_prefix: str, *, root: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {}
     hints = _hints(cls)
+    leaves: set[str] = set()
+    sections: list[str] = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         name = f"{env_prefix}_{f.name.upper()}"
         if _is_section(tp):
-            sub = _env_layer(tp, env, name)
+            sections.append(name + "_")
+            sub = _env_layer(tp, env, name, root=False)
             if sub:
                 out[f.name] = sub
-        elif name in env:
-            out[f.name] = env[name]
+        else:
+            leaves.add(name)
+            if name in env:
+                out[f.name] = env[name]
+    # A misspelt variable inside a section (EDGE_RUNTIME_SERVER_PROT) is an error, as the same typo in the
+    # file is. The root of a settings tree with sections is not checked: other variables share its prefix
+    # (EDGE_RUNTIME_CACHE).
+    if not (root and sections):
+        for key in env:
+            if key.startswith(env_prefix + "_") and key not in leaves and not key.startswith(tuple(sections)):
+                known = ", ".join(sorted(leaves))
+                raise ConfigError(f"unknown setting in the environment (known here: {known})", field=key)
     return out
 
 

@@ -173,16 +173,21 @@ class HybridRuntime:
         e = settings.engine
         # a caller may pass the process meter (the daemon installs one with set_default_meter) instead of a second one
         meter = engine_kwargs.pop("energy_meter", None) or EnergyMeter.from_settings(settings.power)
-        engine = Engine(
-            resolve_bundle(e.bundle, precision=e.precision), providers=e.provider_list() or None, intra_op_threads=e.threads,
-            max_sessions=e.max_sessions, cache_tokens=e.cache_tokens, energy_meter=meter, **engine_kwargs,
-        )
-        estimator = load_estimator(e.estimator, bundle_hash=engine.bundle_hash)
         cloud = None
-        if settings.cloud.address:
+        if settings.cloud.address:  # first: a bad [cloud] setting is reported before the model spends its load time
             from .cloud import CloudClient
 
             cloud = CloudClient(settings.cloud)
+        try:
+            engine = Engine(
+                resolve_bundle(e.bundle, precision=e.precision), providers=e.provider_list() or None, intra_op_threads=e.threads,
+                max_sessions=e.max_sessions, cache_tokens=e.cache_tokens, energy_meter=meter, **engine_kwargs,
+            )
+            estimator = load_estimator(e.estimator, bundle_hash=engine.bundle_hash)
+        except BaseException:
+            if cloud is not None:
+                cloud.close()
+            raise
         return cls(engine, policy=settings.policy, estimator=estimator, cloud=cloud, cost=settings.cost,
                    default_max_new_tokens=e.max_new_tokens, cloud_timeout_s=settings.cloud.timeout_s)
 

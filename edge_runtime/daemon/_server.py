@@ -187,7 +187,8 @@ class DaemonServer:
             set_default_meter(self._meter)  # anything else in this process measures with the same meter
             runtime = HybridRuntime.from_settings(self.settings, energy_meter=self._meter)
         except Exception as err:  # any failure to load ends the daemon; systemd restarts it
-            log.error("cannot load the model: %s", err, exc_info=not isinstance(err, EdgeRuntimeError))
+            what = "invalid configuration" if isinstance(err, ConfigError) else "cannot load the model"
+            log.error("%s: %s", what, err, exc_info=not isinstance(err, EdgeRuntimeError))
             self.service.fail(err)
             self.exit_code = 1
             self._call_soon(self._stop_now)

@@ -142,6 +142,26 @@ def test_serve_reports_a_bad_setting_by_name(capsys):
     assert "server.queue_size" in capsys.readouterr().err
 
 
+def test_a_misspelt_environment_variable_is_an_error_naming_it(capsys, monkeypatch):
+    from cloud_bridge import load_bridge_settings
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.power import PowerSettings
+    from edge_runtime.config import load_settings
+    from edge_runtime.settings import load_runtime_settings
+
+    monkeypatch.setenv("EDGE_RUNTIME_SERVER_PROT", "9000")  # PORT
+    assert main(["serve", "--server-port", "0", "--server-grpc-socket", ""]) == 1
+    err = capsys.readouterr().err
+    assert "EDGE_RUNTIME_SERVER_PROT" in err and "EDGE_RUNTIME_SERVER_PORT" in err and "Traceback" not in err
+    env = {"EDGE_RUNTIME_CACHE": "/tmp/x", "EDGE_RUNTIME_SERVER_PORT": "9000", "EDGE_RUNTIME_CLOUD_TOKEN": "t"}
+    assert load_runtime_settings(data={}, env=env).server.port == 9000  # known names and the cache's own are fine
+    for load, env in ((lambda e: load_bridge_settings(data={}, env=e), {"CLOUD_BRIDGE_SERVER_ADRESS": "x"}),
+                      (lambda e: load_settings(PowerSettings, env=e, env_prefix="EDGE_RUNTIME_POWER"), {"EDGE_RUNTIME_POWER_SORCE": "x"})):
+        with pytest.raises(ConfigError) as info:
+            load(env)
+        assert info.value.field == next(iter(env))
+
+
 def test_building_the_cli_parser_loads_neither_the_daemon_nor_the_settings_model():
     import subprocess
     import sys
