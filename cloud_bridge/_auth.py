@@ -87,11 +87,11 @@ class TokenStore:
         self,
         hashes: Mapping[str, str] | None = None,
         *,
-        tokens_file: Path | None = None,
+        tokens_file: str | os.PathLike[str] | None = None,
         reload_interval_s: float = 1.0,
     ) -> None:
         self._inline = dict(hashes or {})
-        self._tokens_file = tokens_file
+        self._tokens_file = None if tokens_file is None else Path(tokens_file)
         self._reload_interval_s = reload_interval_s
         self._lock = threading.Lock()
         self._checked_s = time.monotonic()
@@ -119,7 +119,7 @@ class TokenStore:
 
     @classmethod
     def from_sources(
-        cls, inline: Mapping[str, str], tokens_file: Path | None, *, reload_interval_s: float = 1.0
+        cls, inline: Mapping[str, str], tokens_file: str | os.PathLike[str] | None, *, reload_interval_s: float = 1.0
     ) -> TokenStore:
         return cls(inline, tokens_file=tokens_file, reload_interval_s=reload_interval_s)
 
@@ -167,7 +167,7 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
-def read_tokens_file(path: Path) -> dict[str, str]:
+def read_tokens_file(path: str | os.PathLike[str]) -> dict[str, str]:
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -184,8 +184,9 @@ def read_tokens_file(path: Path) -> dict[str, str]:
     return dict(devices)
 
 
-def write_tokens_file(path: Path, hashes: Mapping[str, str]) -> None:
+def write_tokens_file(path: str | os.PathLike[str], hashes: Mapping[str, str]) -> None:
     """Write atomically, readable by the owner only (the hashes are not secrets, but need not be public)."""
+    path = Path(path)
     lines = [_FILE_HEADER, "[devices]\n"]
     for device in sorted(hashes):
         validate_device_id(device)  # ids are [A-Za-z0-9._-]: quoting them needs no escaping
@@ -203,8 +204,9 @@ def write_tokens_file(path: Path, hashes: Mapping[str, str]) -> None:
         raise
 
 
-def add_device_token(path: Path, device: str, *, replace: bool = False) -> str:
+def add_device_token(path: str | os.PathLike[str], device: str, *, replace: bool = False) -> str:
     """Make a token for ``device``, store its hash in ``path`` and return the token (shown once)."""
+    path = Path(path)
     validate_device_id(device)
     hashes = read_tokens_file(path) if path.exists() else {}
     if device in hashes and not replace:
@@ -215,7 +217,7 @@ def add_device_token(path: Path, device: str, *, replace: bool = False) -> str:
     return token
 
 
-def remove_device_token(path: Path, device: str) -> None:
+def remove_device_token(path: str | os.PathLike[str], device: str) -> None:
     hashes = read_tokens_file(path)
     if device not in hashes:
         raise ConfigError(f"no token for device {device!r} in {path}", field="device")

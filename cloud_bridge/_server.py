@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
-from edge_runtime.cloud import is_loopback_address
+from edge_runtime.cloud import check_certificates, check_key_pair, is_loopback_address
 from edge_runtime.errors import ConfigError
 
 from ._auth import TokenStore
@@ -63,6 +63,10 @@ def _credentials(server: ServerSettings, insecure: bool) -> grpc.ServerCredentia
         )
     cert, key = _read(server.tls_cert, "tls_cert"), _read(server.tls_key, "tls_key")
     client_ca = _read(server.client_ca, "client_ca")
+    # gRPC would report a bad certificate or key as a failure to bind the address
+    check_key_pair(server.tls_cert, server.tls_key, cert_field="server.tls_cert", key_field="server.tls_key")
+    if server.client_ca is not None:
+        check_certificates(server.client_ca, field="server.client_ca")
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
@@ -160,6 +164,16 @@ class BridgeServer:
         self.stop()
 
 
+def _create_backend(alias: str, model: ModelSettings) -> Backend:
+    try:
+        return create_backend(model)
+    except ConfigError as err:
+        # a backend names its own field (api_key_env, bundle); the operator needs to know which alias it is in
+        where = f"models.{alias}.{err.field}" if err.field else f"models.{alias}"
+        message = str(err).removeprefix(f"{err.field}: ") if err.field else str(err)
+        raise ConfigError(message, field=where) from err
+
+
 def create_server(
     settings_or_address: BridgeSettings | str,
     *,
@@ -194,7 +208,7 @@ def create_server(
     built: dict[str, Backend] = {}
     try:
         for alias, model in models.items():
-            built[alias] = given[alias] if alias in given else create_backend(model)
+            built[alias] = given[alias] if alias in given else _create_backend(alias, model)
         server = BridgeServer(settings, built, insecure=insecure, clock=clock)
     except BaseException:
         for alias, backend in built.items():

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.cloud import check_address
 from edge_runtime.config import load_settings, setting
 from edge_runtime.errors import ConfigError
 
@@ -66,6 +67,18 @@ ENV_PREFIX = "CLOUD_BRIDGE"
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 
+def _as_paths(settings: Any, names: tuple[str, ...], section: str) -> None:
+    """Make the path fields of a settings object Paths: code that builds settings may pass str or os.PathLike."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is None or isinstance(value, Path):
+            continue
+        try:
+            object.__setattr__(settings, name, Path(value))
+        except TypeError as err:
+            raise ConfigError(f"expected a path, got {value!r}", field=f"{section}{name}") from err
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
     address: str = setting("127.0.0.1:50051", help="host:port to listen on (port 0 picks a free one)")
@@ -79,7 +92,11 @@ class ServerSettings:
     grace_period_s: float = setting(10.0, help="on shutdown, how long in-flight calls may take to finish")
     log_content: bool = setting(False, help="log prompts and answers (off by default: they are the users' data)")
 
+    def __post_init__(self) -> None:
+        _as_paths(self, ("tls_cert", "tls_key", "client_ca"), "server.")
+
     def validate(self) -> None:
+        check_address(self.address, field="server.address", min_port=0)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key must be given together", field="server.tls_cert")
         if self.client_ca is not None and self.tls_cert is None:
@@ -103,6 +120,9 @@ class AuthSettings:
     reload_interval_s: float = setting(
         1.0, help="how often to look for changes to tokens_file (added and revoked tokens apply without a restart)"
     )
+
+    def __post_init__(self) -> None:
+        _as_paths(self, ("tokens_file",), "auth.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +197,9 @@ class OnnxModelSettings(ModelSettings):
     intra_op_threads: int | None = setting(
         None, help="onnxruntime threads per generation (default: the engine's choice)"
     )
+
+    def __post_init__(self) -> None:
+        _as_paths(self, ("bundle",), "")
 
     def validate(self) -> None:
         super().validate()

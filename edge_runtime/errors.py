@@ -26,7 +26,8 @@ foreign errors (onnxruntime, grpc, OS) are translated at the boundary with
      │    ├── CloudQuotaError        RESOURCE_EXHAUSTED (carries retry_after_s)
      │    ├── CloudTimeoutError      deadline exceeded
      │    ├── CloudUnavailableError  UNAVAILABLE or transport failure
-     │    └── CircuitOpenError       circuit breaker open: the cloud is skipped
+     │    ├── CircuitOpenError       circuit breaker open: the cloud is skipped
+     │    └── CloudRequestTooLargeError  over gRPC's message size (also an InvalidRequestError naming messages)
      ├── BackendError                a cloud-bridge backend (engine, upstream API) failed (carries the gRPC code)
      └── TaskSuiteError              a task suite cannot be loaded (names the file line and field)
 """
@@ -54,6 +55,7 @@ __all__ = [
     "CloudTimeoutError",
     "CloudUnavailableError",
     "CircuitOpenError",
+    "CloudRequestTooLargeError",
     "BackendError",
     "TaskSuiteError",
     "ModelNotFoundError",
@@ -162,6 +164,17 @@ class CloudUnavailableError(CloudError):
 
 class CircuitOpenError(CloudError):
     pass
+
+
+class CloudRequestTooLargeError(CloudError, InvalidRequestError):
+    """The request is larger than a gRPC message may be (``field`` is ``messages``). Not retried, not a cloud outage.
+
+    A CloudError too, so a caller that falls back to the local answer when the cloud fails still does.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        InvalidRequestError.__init__(self, message, field="messages")
+        self.code = code
 
 
 class BackendError(EdgeRuntimeError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from edge_runtime.errors import BackendError, InvalidRequestError
+from edge_runtime.errors import BackendError, BundleError, ConfigError, InvalidRequestError
 
 from .._settings import OnnxModelSettings
 from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken
@@ -27,7 +27,10 @@ class OnnxBackend:
     ) -> None:
         self.settings = settings
         # the bridge's worker slots let at most `workers` requests in, and the engine gets as many sessions
-        self.engine = engine_factory(settings)
+        try:
+            self.engine = engine_factory(settings)
+        except BundleError as err:  # the bundle is a settings value: say which (the bridge adds the alias)
+            raise ConfigError(str(err), field="bundle") from err
         self.model = str(self.engine.model_name)
         self.context_length = int(self.engine.context_length or 0)
         self.revision = str(getattr(self.engine, "bundle_hash", "") or "")

@@ -8,11 +8,13 @@ upstream sees its client go away). No third-party HTTP stack is needed on the
 bridge, and none on the device.
 
 HTTP statuses become gRPC codes (:data:`HTTP_TO_GRPC`); a 429's Retry-After
-becomes the retry delay the device is told to honour.
+becomes the retry delay the device is told to honour. The upstream's error text
+reaches the device and the bridge's log with the API key cut out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -236,7 +238,34 @@ class OpenAIBackend:
             body["stream_options"] = {"include_usage": True}
         return json.dumps(body).encode("utf-8")
 
+    @contextlib.contextmanager
+    def _redacting(self) -> Iterator[None]:
+        """Cut the API key out of the errors raised inside.
+
+        Their messages carry upstream text (an error body, an event, a status line) to the
+        device and into the bridge's log, and an upstream may echo the request's
+        ``Authorization: Bearer <key>`` header in it.
+        """
+        try:
+            yield
+        except BackendError as err:
+            message = str(err)
+            if not self.api_key or self.api_key not in message:
+                raise
+            redacted = BackendError(
+                message.replace(self.api_key, "***"), code=err.code, retry_after_s=err.retry_after_s, reason=err.reason
+            )
+            raise redacted from None  # the original error, and what it came from, still hold the key
+
     def generate(self, request: BackendRequest, cancel: CancelToken) -> BackendResult:
+        with self._redacting():
+            return self._generate(request, cancel)
+
+    def stream(self, request: BackendRequest, cancel: CancelToken) -> Iterator[BackendChunk]:
+        with self._redacting():
+            yield from self._stream(request, cancel)
+
+    def _generate(self, request: BackendRequest, cancel: CancelToken) -> BackendResult:
         started = time.monotonic()
         call = _Call(self, cancel)
         try:
@@ -265,7 +294,7 @@ class OpenAIBackend:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
             raise _bad_response(f"{type(err).__name__}: {err}") from err
 
-    def stream(self, request: BackendRequest, cancel: CancelToken) -> Iterator[BackendChunk]:
+    def _stream(self, request: BackendRequest, cancel: CancelToken) -> Iterator[BackendChunk]:
         started = time.monotonic()
         call = _Call(self, cancel)
         text: list[str] = []

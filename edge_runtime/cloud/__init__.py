@@ -11,11 +11,20 @@ for now and the caller should answer locally.
 
 from __future__ import annotations
 
-from ._channel import is_loopback_address, open_channel
+from ._address import check_address, is_loopback_address
+from ._channel import open_channel
 from ._circuit import CircuitBreaker, CircuitState
 from ._client import SERVICE_NAME, CloudClient
-from ._errors import CIRCUIT_CODES, RETRYABLE_CODES, StatusDetails, status_details, translate_rpc_error
+from ._errors import (
+    CIRCUIT_CODES,
+    RETRYABLE_CODES,
+    CloudRequestTooLargeError,
+    StatusDetails,
+    status_details,
+    translate_rpc_error,
+)
 from ._settings import CloudSettings
+from ._tls import check_certificates, check_key_pair
 from ._types import CloudChunk, CloudResult, Escalation, ModelInfo, ServerTimings
 
 __all__ = [
@@ -30,10 +39,14 @@ __all__ = [
     "CircuitState",
     "SERVICE_NAME",
     "RETRYABLE_CODES",
+    "CloudRequestTooLargeError",
     "CIRCUIT_CODES",
     "StatusDetails",
     "status_details",
     "translate_rpc_error",
     "is_loopback_address",
+    "check_address",
+    "check_certificates",
+    "check_key_pair",
     "open_channel",
 ]

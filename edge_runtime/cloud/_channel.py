@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 import grpc
 
 from ..errors import ConfigError
+from ._address import is_loopback_address
 from ._settings import CloudSettings
+from ._tls import check_certificates, check_key_pair
 
-__all__ = ["is_loopback_address", "open_channel"]
-
-
-def _host(address: str) -> str:
-    if address.startswith("["):  # [::1]:50051
-        return address[1 : address.index("]")]
-    host, sep, _port = address.rpartition(":")
-    return host if sep else address
-
-
-def is_loopback_address(address: str) -> bool:
-    """True for 127.0.0.0/8, ::1, localhost and Unix sockets: places only this machine can reach."""
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = _host(address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:"))
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+__all__ = ["open_channel"]
 
 
 def _read(path: Path | None, name: str) -> bytes | None:
@@ -61,11 +42,20 @@ def open_channel(settings: CloudSettings) -> grpc.Channel:
                 field="cloud.insecure",
             )
         return grpc.insecure_channel(settings.address, options=options)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read(settings.ca_file, "ca_file"),
-        private_key=_read(settings.key_file, "key_file"),
-        certificate_chain=_read(settings.cert_file, "cert_file"),
-    )
     if settings.server_name:
         options.append(("grpc.ssl_target_name_override", settings.server_name))
-    return grpc.secure_channel(settings.address, credentials, options=options)
+    return grpc.secure_channel(settings.address, _credentials(settings), options=options)
+
+
+def _credentials(settings: CloudSettings) -> grpc.ChannelCredentials:
+    root_certificates = _read(settings.ca_file, "ca_file")
+    private_key = _read(settings.key_file, "key_file")
+    certificate_chain = _read(settings.cert_file, "cert_file")
+    # gRPC would read these only at each handshake, and a bad file would fail every call as if the bridge were down
+    if settings.ca_file is not None:
+        check_certificates(settings.ca_file, field="cloud.ca_file")
+    if settings.cert_file is not None and settings.key_file is not None:
+        check_key_pair(settings.cert_file, settings.key_file, cert_field="cloud.cert_file", key_field="cloud.key_file")
+    return grpc.ssl_channel_credentials(
+        root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
+    )

@@ -7,7 +7,10 @@ a retry that could not finish before the deadline is not started. A stream is
 retried only before its first text reached the caller. A circuit breaker skips
 the cloud (CircuitOpenError, at once) after repeated failures, so the runtime
 can answer locally and mark the answer as a fallback. Every failure is one of
-the CloudError subclasses of :mod:`edge_runtime.errors`.
+the CloudError subclasses of :mod:`edge_runtime.errors`. A request larger than
+a gRPC message may be (on this side or the bridge's) is a
+CloudRequestTooLargeError, also an InvalidRequestError naming ``messages``:
+never retried, and not counted by the circuit breaker.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import grpc
 
 from .._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
 from ..engine.types import Message, SamplingParams
-from ..errors import CircuitOpenError, CloudError, CloudTimeoutError, CloudUnavailableError
+from ..errors import CircuitOpenError, CloudError, CloudTimeoutError, CloudUnavailableError, InvalidRequestError
 from ._channel import open_channel
 from ._circuit import CircuitBreaker
 from ._errors import CIRCUIT_CODES, RETRYABLE_CODES, status_details, translate_rpc_error
@@ -147,6 +150,8 @@ class CloudClient:
     def _record(self, error: CloudError | None) -> None:
         if error is None:
             self.circuit.record_success()
+        elif isinstance(error, InvalidRequestError):  # too large to send: the request's fault, whatever its code
+            self.circuit.record_neutral()
         elif error.code in _CIRCUIT_CODE_NAMES or isinstance(error, (CloudUnavailableError, CloudTimeoutError)):
             self.circuit.record_failure()
         else:  # a bad request or token says nothing about the bridge's health
@@ -162,7 +167,9 @@ class CloudClient:
         details = status_details(err)
         error = translate_rpc_error(err, details)
         code = err.code() if isinstance(err, grpc.Call) else None
-        if code not in RETRYABLE_CODES or attempt + 1 >= self.settings.max_attempts:
+        # a request over gRPC's message size limit is RESOURCE_EXHAUSTED too, and the same request again fails the same
+        retryable = code in RETRYABLE_CODES and not isinstance(error, InvalidRequestError)
+        if not retryable or attempt + 1 >= self.settings.max_attempts:
             return None, error
         if details.retry_after_s is not None:
             # the bridge said when; a little jitter keeps devices refused together from returning together

@@ -6,9 +6,23 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from ..errors import CloudAuthError, CloudError, CloudQuotaError, CloudTimeoutError, CloudUnavailableError
+from ..errors import (
+    CloudAuthError,
+    CloudError,
+    CloudQuotaError,
+    CloudRequestTooLargeError,
+    CloudTimeoutError,
+    CloudUnavailableError,
+)
 
-__all__ = ["StatusDetails", "status_details", "translate_rpc_error", "RETRYABLE_CODES", "CIRCUIT_CODES"]
+__all__ = [
+    "CloudRequestTooLargeError",
+    "StatusDetails",
+    "status_details",
+    "translate_rpc_error",
+    "RETRYABLE_CODES",
+    "CIRCUIT_CODES",
+]
 
 # retried with backoff (RESOURCE_EXHAUSTED after the server's RetryInfo delay when it gives one)
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -25,6 +39,15 @@ CIRCUIT_CODES = frozenset(
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.DATA_LOSS,
     }
+)
+
+# gRPC's own refusals of a request over its message size limit, by the client before sending or by the bridge on
+# receiving. gRPC core sends them before any handler runs, as RESOURCE_EXHAUSTED with no details to go by: the text
+# is the only way to tell them from a quota, and they are the request's fault, not the cloud's.
+_TOO_LARGE_PREFIXES = (
+    "CLIENT: Sent message larger than max",
+    "Sent message larger than max",  # older gRPC releases, without the side
+    "SERVER: Received message larger than max",
 )
 
 
@@ -72,6 +95,8 @@ def translate_rpc_error(err: grpc.RpcError, details: StatusDetails | None = None
     name = code.name
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return CloudAuthError(message, code=name)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (text or "").startswith(_TOO_LARGE_PREFIXES):
+        return CloudRequestTooLargeError(f"{message}: shorten the messages", code=name)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return CloudQuotaError(message, code=name, retry_after_s=details.retry_after_s)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

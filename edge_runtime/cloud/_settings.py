@@ -9,8 +9,20 @@ from pathlib import Path
 
 from ..config import setting
 from ..errors import ConfigError
+from ._address import check_address
 
 __all__ = ["CloudSettings"]
+
+_PATH_FIELDS = ("token_file", "ca_file", "cert_file", "key_file")
+
+
+def _as_path(value: object, field: str) -> Path | None:
+    if value is None or isinstance(value, Path):
+        return value
+    try:
+        return Path(value)  # type: ignore[arg-type]  # str and os.PathLike; anything else is a TypeError
+    except TypeError as err:
+        raise ConfigError(f"expected a path, got {value!r}", field=field) from err
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +51,8 @@ class CloudSettings:
     max_message_bytes: int = setting(4 << 20, help="largest message sent or received, in bytes")
 
     def validate(self) -> None:
+        if self.address:
+            check_address(self.address, field="cloud.address", min_port=1)
         if (self.cert_file is None) != (self.key_file is None):
             raise ConfigError("cert_file and key_file must be given together", field="cloud.cert_file")
         if self.insecure and (self.ca_file or self.cert_file):
@@ -57,6 +71,9 @@ class CloudSettings:
             )
 
     def __post_init__(self) -> None:
+        # CloudClient(ca_file="ca.pem") passes str (or os.PathLike); the rest of the client reads Paths
+        for name in _PATH_FIELDS:
+            object.__setattr__(self, name, _as_path(getattr(self, name), f"cloud.{name}"))
         self.validate()
 
     def resolve_token(self) -> str:

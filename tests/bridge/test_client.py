@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from cloud_bridge import ServerSettings, TokenStore, add_device_token, create_server
 from cloud_bridge.backends import BackendChunk, BackendResult
 from cloud_bridge.backends.echo import EchoBackend
 from edge_runtime.cloud import CircuitBreaker, CloudClient, CloudSettings
@@ -19,7 +22,11 @@ from edge_runtime.errors import (
     CloudTimeoutError,
     CloudUnavailableError,
     ConfigError,
+    InvalidRequestError,
 )
+from edge_runtime.settings import load_runtime_settings
+
+from .conftest import TOKEN, bridge_settings
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -236,3 +243,67 @@ def test_client_settings_are_validated():
         CloudSettings(jitter=1.5)
     with pytest.raises(ConfigError):
         CloudSettings(timeout_s=0)
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1", "bridge:https", "ipv4:127.0.0.1:1,127.0.0.1:70000"]
+)
+def test_a_port_out_of_range_or_a_malformed_address_names_cloud_address(address):
+    # gRPC itself would dial port 99999 as 34463, and a missing port as 443
+    with pytest.raises(ConfigError) as info:
+        CloudClient(address=address, token="t", insecure=True)
+    assert info.value.field == "cloud.address"
+    with pytest.raises(ConfigError) as info:
+        load_runtime_settings(data={"cloud": {"address": address}}, env={})  # the daemon's [cloud] section
+    assert info.value.field == "cloud.address"
+
+
+def test_a_request_too_large_for_grpc_is_the_requests_fault_not_a_cloud_outage(start_bridge, make_client):
+    bridge = start_bridge(server={"max_message_bytes": 64 << 10}, limits={"max_prompt_chars": 10_000_000})
+    sleeps: list[float] = []
+    client = make_client(bridge, max_message_bytes=1 << 20, circuit_failure_threshold=1, sleep=sleeps.append)
+    # over the client's own limit (gRPC refuses to send it), then over the bridge's (gRPC refuses to receive it)
+    for size in (2 << 20, 100 << 10):
+        big = [{"role": "user", "content": "x" * size}]
+        for call in (lambda: client.generate(big), lambda: list(client.stream(big))):
+            with pytest.raises(InvalidRequestError) as info:
+                call()
+            assert info.value.field == "messages" and isinstance(info.value, CloudError)  # a fallback still happens
+            assert sleeps == [] and client.circuit.state == "closed"  # not retried, not counted
+    assert client.generate(HI).text == "the answer is forty two"
+
+
+class _PathLike:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def test_file_paths_may_be_str_or_path_like(start_bridge, make_client, certs, tmp_path):
+    server = {"tls_cert": str(certs.server_cert), "tls_key": _PathLike(certs.server_key), "client_ca": str(certs.ca)}
+    settings = dataclasses.replace(bridge_settings(), server=ServerSettings(address="127.0.0.1:0", **server))
+    assert settings.server.tls_key == certs.server_key
+    tokens = tmp_path / "tokens.toml"
+    token = add_device_token(str(tokens), "pi-1")
+    assert TokenStore(tokens_file=str(tokens)).authenticate(token) == "pi-1"
+    server_, port = create_server(settings)
+    server_.start()
+    try:
+        client = CloudClient(
+            address=f"127.0.0.1:{port}",
+            token=TOKEN,
+            ca_file=str(certs.ca),
+            cert_file=_PathLike(certs.client_cert),
+            key_file=str(certs.client_key),
+            timeout_s=10,
+        )
+        with client:
+            assert client.settings.ca_file == certs.ca and client.settings.cert_file == certs.client_cert
+            assert client.generate(HI).text == "the answer is forty two"
+    finally:
+        server_.stop(0)
+    with pytest.raises(ConfigError) as info:
+        CloudSettings(ca_file=42)
+    assert info.value.field == "cloud.ca_file"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from cloud_bridge import OpenAIModelSettings
 from cloud_bridge.backends import BackendRequest, CancelToken
 from cloud_bridge.backends.openai import OpenAIBackend, SSEParser
 from edge_runtime.engine.types import SamplingParams
-from edge_runtime.errors import BackendError, CloudQuotaError, CloudUnavailableError, ConfigError
+from edge_runtime.errors import BackendError, CloudError, CloudQuotaError, CloudUnavailableError, ConfigError
 
 Responder = Callable[[BaseHTTPRequestHandler, dict[str, Any]], None]
 
@@ -341,3 +342,28 @@ def test_through_the_bridge_streaming_and_rate_limits(upstream, start_bridge, ma
     with pytest.raises(CloudUnavailableError) as unavailable:
         client.generate([{"role": "user", "content": "again"}])
     assert "UPSTREAM_ERROR" in str(unavailable.value)
+
+
+def test_the_api_key_is_cut_out_of_upstream_text_sent_to_devices_and_logged(
+    upstream, start_bridge, make_client, monkeypatch, caplog
+):
+    key = "sk-SUPERSECRET123"
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", key)
+    model = {"backend": "openai", "base_url": upstream.base_url, "model": "m", "api_key_env": "TEST_UPSTREAM_KEY"}
+    bridge = start_bridge(models={"gpt": model})
+    client = make_client(bridge, max_attempts=1, circuit_failure_threshold=100)
+    caplog.set_level(logging.DEBUG)
+
+    def echo_header(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        _send(handler, 401, {"error": {"message": f"invalid key: key was {handler.headers['Authorization']}"}})
+
+    upstream.respond = echo_header
+    with pytest.raises(CloudError) as info:
+        client.generate([{"role": "user", "content": "hi"}])
+    assert key not in str(info.value) and "key was Bearer ***" in str(info.value)
+    for events in ([f'data: {{"error": {{"message": "key was Bearer {key}"}}}}\n\n'], [f"data: not json {key}\n\n"]):
+        upstream.respond = sse(events)
+        with pytest.raises(CloudError) as info:
+            list(client.stream([{"role": "user", "content": "hi"}]))
+        assert key not in str(info.value) and "***" in str(info.value)
+    assert "backend 'gpt' failed: upstream" in caplog.text and key not in caplog.text

@@ -193,3 +193,41 @@ def test_tokens_added_or_revoked_apply_to_a_running_bridge(start_bridge, make_cl
         make_client(bridge, token=first).generate(HI)  # revoked at once
     path.write_text("[devices]\nbroken = 1\n")  # a bad edit keeps the last good tokens
     assert make_client(bridge, token=second).generate(HI).completion_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "field"),
+    [
+        ("garbage", "server_key", "server.tls_cert"),
+        ("server_key", "server_cert", "server.tls_cert"),  # the two swapped
+        ("server_cert", "client_key", "server.tls_key"),  # a key that is not the certificate's
+        ("server_cert", "garbage", "server.tls_key"),
+    ],
+)
+def test_bad_server_tls_files_name_their_field_not_the_address(certs, tmp_path, cert, key, field):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    files = {"garbage": garbage, "server_cert": certs.server_cert, "server_key": certs.server_key,
+             "client_key": certs.client_key}
+    with pytest.raises(ConfigError) as info:
+        create_server(bridge_settings(server={"tls_cert": str(files[cert]), "tls_key": str(files[key])}))
+    assert info.value.field == field
+    with pytest.raises(ConfigError) as info:
+        tls = {"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key), "client_ca": str(garbage)}
+        create_server(bridge_settings(server=tls))
+    assert info.value.field == "server.client_ca"
+
+
+def test_bad_client_tls_files_are_config_errors_not_outages(certs, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    cases = [
+        ({"ca_file": garbage}, "cloud.ca_file"),
+        ({"ca_file": certs.server_key}, "cloud.ca_file"),
+        ({"cert_file": garbage, "key_file": certs.client_key}, "cloud.cert_file"),
+        ({"cert_file": certs.client_cert, "key_file": certs.server_key}, "cloud.key_file"),
+    ]
+    for fields, field in cases:
+        with pytest.raises(ConfigError) as info:
+            CloudClient(address="127.0.0.1:1", token=TOKEN, **fields)
+        assert info.value.field == field

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_bridge import EchoModelSettings, OnnxModelSettings, OpenAIModelSettings, load_bridge_settings
+from cloud_bridge import EchoModelSettings, OnnxModelSettings, OpenAIModelSettings, create_server, load_bridge_settings
 from cloud_bridge.cli import main
 from edge_runtime.cloud import CloudClient
 from edge_runtime.errors import ConfigError
@@ -181,3 +181,42 @@ def test_token_commands_take_a_tokens_file_without_a_config(tmp_path, capsys):
     assert main(["token", "add", "edge-1", "--tokens-file", str(path)]) == 0
     token = capsys.readouterr().out.strip()
     assert token.startswith("ebt_") and token not in path.read_text()
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1:99999", "127.0.0.1:65536", "127.0.0.1:-1", "127.0.0.1:5o051", "127.0.0.1:", "127.0.0.1", "::1:50051"],
+)
+def test_a_port_out_of_range_or_a_malformed_address_names_server_address(address):
+    # gRPC itself would take port 99999 as 34463, and a missing port as 443
+    with pytest.raises(ConfigError) as info:
+        load_bridge_settings(data={"server": {"address": address}}, env={})
+    assert info.value.field == "server.address"
+    with pytest.raises(ConfigError) as info:
+        create_server(address, insecure=True)
+    assert info.value.field == "server.address"
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:0", "127.0.0.1:65535", "[::1]:50051", "localhost:8080", "unix:/run/b.sock"]
+)
+def test_valid_server_addresses_are_accepted(address):
+    assert load_bridge_settings(data={"server": {"address": address}}, env={}).server.address == address
+
+
+def test_backend_errors_at_start_name_the_model_alias(tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_VARIABLE_FOR_TESTS", raising=False)
+    cases = [
+        (
+            '[models.gpt]\nbackend = "openai"\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "m"\n'
+            'api_key_env = "NO_SUCH_VARIABLE_FOR_TESTS"\n',
+            "models.gpt.api_key_env",
+        ),
+        ('[models.coder]\nbackend = "onnx"\nbundle = "no-such-bundle"\n', "models.coder.bundle"),
+    ]
+    for text, field in cases:
+        settings = load_bridge_settings(write(tmp_path, '[server]\naddress = "127.0.0.1:0"\n' + text), env={})
+        with pytest.raises(ConfigError) as info:
+            create_server(settings, insecure=True)
+        assert info.value.field == field
+        assert str(info.value).startswith(f"{field}: ") and str(info.value).count(field) == 1

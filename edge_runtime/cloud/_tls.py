@@ -1,0 +1,47 @@
+"""Checking TLS files when the settings are applied, not at the first handshake.
+
+gRPC reads certificates and keys only when it needs them: a server with a bad
+certificate fails to bind ("cannot listen on ..."), a client with a bad CA file
+fails every call with a handshake error that its circuit breaker counts as a
+cloud outage. The standard library's ``ssl`` parses the same PEM files, so a bad
+file is a ConfigError naming its field before gRPC sees it.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+from ..errors import ConfigError
+
+__all__ = ["check_certificates", "check_key_pair"]
+
+
+def _no_password() -> bytes:
+    # an encrypted key would make OpenSSL prompt on the terminal; gRPC cannot use one anyway, so fail instead
+    return b""
+
+
+def check_certificates(path: str | os.PathLike[str], *, field: str) -> None:
+    """Raise ConfigError naming ``field`` unless ``path`` holds at least one PEM certificate."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as err:
+        raise ConfigError(f"{path} holds no PEM certificate", field=field) from err
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}", field=field) from err
+
+
+def check_key_pair(
+    cert: str | os.PathLike[str], key: str | os.PathLike[str], *, cert_field: str, key_field: str
+) -> None:
+    """Raise ConfigError unless ``cert`` holds PEM certificates and ``key`` the unencrypted PEM key of the first."""
+    check_certificates(cert, field=cert_field)  # so that what fails below is the key
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_no_password)
+    except ssl.SSLError as err:
+        if err.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"{key} is not the private key of the certificate in {cert}", field=key_field) from err
+        raise ConfigError(f"{key} holds no unencrypted PEM private key", field=key_field) from err
+    except OSError as err:
+        raise ConfigError(f"cannot read {key}: {err.strerror}", field=key_field) from err
