@@ -142,7 +142,9 @@ def _cloud_key(client: Any, alias: str) -> str:
 def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_file: Path | None) -> str:
     """The ``[cloud]`` part of recommended.toml: the bridge measured, or what to write when it is gone."""
     if local_bundle is None:  # an external bridge: the same one, with the user's own token file
-        text = _cloud_toml(cloud, token_file)
+        # (the measuring runs' long timeout is not a serving setting: the default applies)
+        text = "# the bridge the explorer measured (it must be running for escalations to reach it)\n"
+        text += _cloud_toml(cloud, token_file, timeout=False)
         if token_file is None:
             text += '# token_file = "..."  # the device token for this bridge (`cloud-bridge token add DEVICE`)\n'
         return text
@@ -156,9 +158,10 @@ def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_fil
     )
 
 
-def _cloud_toml(cloud: CloudSettings, token_file: Path | None) -> str:
-    lines = ["[cloud]", f'address = "{cloud.address}"', f"insecure = {'true' if cloud.insecure else 'false'}",
-             f"timeout_s = {cloud.timeout_s!r}"]
+def _cloud_toml(cloud: CloudSettings, token_file: Path | None, *, timeout: bool = True) -> str:
+    lines = ["[cloud]", f'address = "{cloud.address}"', f"insecure = {'true' if cloud.insecure else 'false'}"]
+    if timeout:
+        lines.append(f"timeout_s = {cloud.timeout_s!r}")
     if cloud.model:
         lines.append(f'model = "{cloud.model}"')
     if token_file is not None:
