@@ -155,7 +155,7 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         """Forget everything after the first ``length`` tokens (their slots are simply overwritten later)."""
-        self.length = min(self.length, length)
+        self.length = max(0, min(self.length, length))
         del self.tokens[self.length:]
 
     @property
