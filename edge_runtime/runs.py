@@ -27,7 +27,7 @@ from .errors import CloudError, EdgeRuntimeError
 from .tasks import TaskItem, score
 
 __all__ = [
-    "RUN_SETTINGS", "RunCache", "run_edge", "run_cloud", "edge_record", "progress_bar", "local_cloud_generate",
+    "RUN_SETTINGS", "RunCache", "run_edge", "run_cloud", "edge_record", "prompt_key", "progress_bar", "local_cloud_generate",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,36 @@ def _settings_dict(p: SamplingParams) -> dict[str, Any]:
             "seed": p.seed, "stop": list(p.stop)}
 
 
+def prompt_key(item: TaskItem) -> str:
+    """What a generation depends on besides the model and the settings: the item's messages.
+
+    Records carry it, so an item id that now names another question (a JSON-lines
+    suite edited, or another suite reusing ids) runs again instead of bringing back
+    the old answer. Records written before it existed have none and run again too.
+    """
+    return hashlib.sha256(json.dumps(list(item.messages), sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _fresh(cache: RunCache, item: TaskItem) -> dict[str, Any] | None:
+    rec = cache.records.get(item.id)
+    return rec if rec is not None and rec.get("prompt_key") == prompt_key(item) else None
+
+
+def _rescored(item: TaskItem, rec: dict[str, Any]) -> dict[str, Any]:
+    """``rec`` scored against the item as it is now: a corrected answer key applies without a new run."""
+    if "text" not in rec:  # a failed cloud call: nothing to score
+        return rec
+    s = score(item, rec["text"])
+    return {**rec, "correct": s.correct, "extracted": s.extracted, "parse_error": s.parse_error}
+
+
 def edge_record(item: TaskItem, result: Any, wall_ms: float) -> dict[str, Any]:
     """The cached form of one edge generation: everything estimators and the explorer replay from."""
     s = score(item, result.text)
     energy = result.energy
     return {
         "item_id": item.id,
+        "prompt_key": prompt_key(item),
         "family": item.family,
         "split": item.split,
         "text": result.text,
@@ -122,11 +146,11 @@ def run_edge(
     desc: str = "edge",
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Answer every item on the edge engine (cached by bundle hash and item id); return records in item order."""
+    """Answer every item on the edge engine (cached by bundle hash, item id and prompt); return records in item order."""
     cache = RunCache("edge", f"{engine.model_name}-{engine.bundle_hash[:16]}", settings, root)
-    todo = [it for it in items if it.id not in cache.records or (selfcheck and "selfcheck_p_yes" not in cache.records[it.id])]
+    todo = [it for it in items if (rec := _fresh(cache, it)) is None or (selfcheck and "selfcheck_p_yes" not in rec)]
     for item in progress_bar(todo, total=len(todo), desc=desc):
-        rec = cache.records.get(item.id)
+        rec = _fresh(cache, item)
         if rec is None:
             t0 = time.perf_counter()
             result = engine.generate(messages=list(item.messages), params=settings, prompt_nll=True)
@@ -137,7 +161,7 @@ def run_edge(
         cache.add(rec)
         if on_record is not None:
             on_record(rec)
-    return [cache.records[it.id] for it in items]
+    return [_rescored(it, cache.records[it.id]) for it in items]
 
 
 def run_cloud(
@@ -156,18 +180,18 @@ def run_cloud(
     (``error``) and retried on the next run rather than cached as an answer.
     """
     cache = RunCache("cloud", model_key, settings, root)
-    todo = [it for it in items if it.id not in cache.records or cache.records[it.id].get("error")]
+    todo = [it for it in items if (rec := _fresh(cache, it)) is None or rec.get("error")]
     for item in progress_bar(todo, total=len(todo), desc=desc):
         try:
             out = generate(item)
         except (CloudError, EdgeRuntimeError) as err:
             log.warning("cloud run of %s failed: %s", item.id, err)
-            cache.records[item.id] = {"item_id": item.id, "error": str(err)}
+            cache.records[item.id] = {"item_id": item.id, "prompt_key": prompt_key(item), "error": str(err)}
             continue
         s = score(item, out["text"])
-        cache.add({"item_id": item.id, "family": item.family, "split": item.split, **out,
+        cache.add({"item_id": item.id, "prompt_key": prompt_key(item), "family": item.family, "split": item.split, **out,
                    "correct": s.correct, "extracted": s.extracted, "parse_error": s.parse_error})
-    return [cache.records[it.id] for it in items]
+    return [_rescored(it, cache.records[it.id]) for it in items]
 
 
 def local_cloud_generate(engine: Any, settings: SamplingParams = RUN_SETTINGS) -> Callable[[TaskItem], dict[str, Any]]:

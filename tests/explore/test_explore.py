@@ -208,6 +208,38 @@ def test_an_interrupted_run_resumes_from_its_cache(tiny_bundle, tmp_path, tiny_s
     assert engine.calls == len(items) and again == records
 
 
+def test_cached_runs_follow_the_items_not_just_their_ids(tiny_bundle, tmp_path, tiny_suite):
+    import dataclasses
+
+    from edge_runtime.engine import Engine
+    from edge_runtime.runs import run_cloud
+    from edge_runtime.tasks import load_suite
+
+    items = load_suite(tiny_suite, "test")[:4]
+    engine = _CountingEngine(Engine(tiny_bundle, energy_meter=None))
+    first = run_edge(engine, items, root=tmp_path)
+    # the same ids with other questions (an edited suite, or another suite reusing ids): run again
+    other = [dataclasses.replace(it, messages=({"role": "user", "content": f"another question {i}"},))
+             for i, it in enumerate(items)]
+    run_edge(engine, other, root=tmp_path)
+    assert engine.calls == 8
+    # the same questions with a corrected answer key: no new run, but scored against the new answers
+    fixed = [dataclasses.replace(it, answers=(first[i]["text"].strip() or "x",), scorer="exact") for i, it in enumerate(items)]
+    rescored = run_edge(engine, fixed, root=tmp_path)
+    assert engine.calls == 12  # `other` overwrote the cache for these ids, so the originals ran once more
+    assert run_edge(engine, fixed, root=tmp_path) == rescored and engine.calls == 12
+    assert all(r["correct"] for r in rescored if r["text"].strip())
+    calls = []
+
+    def cloud(item):
+        calls.append(item.id)
+        return {"text": item.answers[0], "prompt_tokens": 1, "completion_tokens": 1, "cost_usd": 0.0, "latency_ms": 1.0, "model": "m"}
+
+    assert all(r["correct"] for r in run_cloud(cloud, "m", items, root=tmp_path))
+    run_cloud(cloud, "m", other, root=tmp_path)
+    assert len(calls) == 8
+
+
 @pytest.fixture()
 def tiny_suite(tmp_path):
     lines = []
