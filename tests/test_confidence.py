@@ -161,3 +161,41 @@ def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, caps
     # the same estimator refuses another bundle
     assert main(["eval", "--bundle", str(cloud), "--suite", str(tiny_suite), "--estimator", str(out)]) == 1
     assert "another bundle" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["calibrate", "--family", "banana", "--out", "{tmp}/e.json"], "unknown estimator family 'banana'"),
+        (["calibrate", "--family", "signal:nosuch", "--out", "{tmp}/e.json"], "unknown feature in 'signal:nosuch'"),
+        (["calibrate", "--out", "{tmp}"], "--out: {tmp} is a directory"),
+        (["calibrate", "--out", "{tmp}/no/such/dir/e.json"], "--out: the directory {tmp}/no/such/dir does not exist"),
+        (["calibrate", "--limit", "0", "--out", "{tmp}/e.json"], "--limit: must be a positive number of items"),
+        (["eval", "--limit", "-5"], "--limit: must be a positive number of items"),
+        (["eval", "--study", "--estimator", "{tmp}/e.json"], "--estimator: --study fits every estimator family"),
+        (["eval", "--split", "dev", "--suite", "{tmp}/test-only.jsonl"], "--split: the dev split of suite"),
+    ],
+)
+def test_calibrate_and_eval_refuse_bad_arguments_before_running_the_model(tiny_bundle, tmp_path, tiny_suite, capsys,
+                                                                          monkeypatch, args, expected):
+    import edge_runtime.engine
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(edge_runtime.engine, "Engine", no_model)
+    rows = [json.loads(line) for line in tiny_suite.read_text().splitlines()]
+    (tmp_path / "test-only.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["split"] == "test"))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    suite = [] if "--suite" in args else ["--suite", str(tiny_suite)]
+    assert main([*args, "--bundle", str(tiny_bundle), *suite]) == 1
+    err = capsys.readouterr().err
+    assert expected.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err, err
+
+
+def test_an_estimator_using_a_feature_this_runtime_lacks_is_refused_at_load(tmp_path):
+    model = fit_logistic(np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]]), np.array([0.0, 1.0, 1.0]), ("lp_mean", "nosuchfeature"))
+    path = tmp_path / "e.json"
+    save_estimator(LogisticEstimator("x", model), path)
+    with pytest.raises(EstimatorError, match="nosuchfeature"):
+        load_estimator(path)

@@ -60,6 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose >= 2:
             raise
         return 1
+    except OSError as err:
+        # a file the user named that cannot be read or written (a directory, a missing parent, no permission);
+        # the commands translate the ones they expect, this is the boundary for the rest
+        where = f": {err.filename}" if err.filename else ""
+        print(f"edge-runtime {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        if args.verbose >= 2:
+            raise
+        return 1
     except KeyboardInterrupt:
         print(f"edge-runtime {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("edge_runtime.calibrate")
 
 DEFAULT_FAMILY = "multi"
 
@@ -24,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "of the cloud's correctness, which the `gain` policy uses")
     c.add_argument("--portable", action="store_true",
                    help="do not bind the estimator to this bundle's hash (it then loads for any bundle; use with care)")
-    c.add_argument("--limit", type=int, help="use only the first N items (quick runs)")
+    c.add_argument("--limit", type=int, help="use only N items, each task family in turn (quick runs)")
     c.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
     c.add_argument("--json", action="store_true", help="print the fit summary as JSON")
     c.set_defaults(func=_calibrate)
@@ -37,17 +41,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--estimator", help="estimator JSON (default: the built-in uncalibrated one)")
     e.add_argument("--study", action="store_true",
                    help="fit every estimator family on the dev split and report them side by side on --split")
-    e.add_argument("--limit", type=int, help="use only the first N items of each split (quick runs)")
+    e.add_argument("--limit", type=int, help="use only N items of each split, each task family in turn (quick runs)")
     e.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=_eval)
 
 
 def _items(suite: str, split: str, limit: int | None) -> list[Any]:
-    from ..tasks import load_suite
+    from ..errors import InvalidRequestError
+    from ..tasks import first_items, load_suite
 
-    items = load_suite(suite, split)
-    return items[:limit] if limit else items
+    try:
+        items = first_items(load_suite(suite, split), limit)
+    except InvalidRequestError as err:
+        raise InvalidRequestError(str(err).removeprefix("limit: "), field="--limit") from err
+    if not items:
+        raise InvalidRequestError(f"the {split} split of suite {suite!r} has no items", field="--split")
+    return items
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -57,10 +67,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     from ..models import resolve_bundle
     from ..runs import run_edge
 
-    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
+    from ..confidence import check_family
+
+    # what can be checked is checked before the model runs over the split
+    check_family(args.family)
+    _check_writable(Path(args.out))
     items = _items(args.suite, args.split, args.limit)
+    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
     records = run_edge(engine, items, selfcheck=args.family == "selfcheck", desc=f"{args.split} (edge)")
     data = make_dataset(records, items)
+    if len(set(data.labels.tolist())) < 2:
+        log.warning("all %d items are %s: the estimator cannot learn to tell right from wrong answers on them "
+                    "(use more items, or another split)", len(data), "right" if data.labels[0] else "wrong")
     cloud = _cloud_labels(args, items, data)
     estimator = fit_estimator(args.family, data, bundle_hash=None if args.portable else engine.bundle_hash, cloud_labels=cloud)
     p = estimator_scores(estimator, data)
@@ -79,6 +97,15 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"fitted {estimator.name} on {len(data)} {args.split} items (SLM accuracy {summary['accuracy']:.1%}); "
               f"in-sample AUROC {summary['dev_in_sample']['auroc']:.3f}, ECE {summary['dev_in_sample']['ece']:.3f}; wrote {args.out}")
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    from ..errors import InvalidRequestError
+
+    if out.is_dir():
+        raise InvalidRequestError(f"{out} is a directory; give the estimator file's path", field="--out")
+    if not out.parent.is_dir():
+        raise InvalidRequestError(f"the directory {out.parent} does not exist", field="--out")
 
 
 def _cloud_labels(args: argparse.Namespace, items: list[Any], data: Any) -> Any:
@@ -140,8 +167,12 @@ def _eval(args: argparse.Namespace) -> int:
     from ..models import resolve_bundle
     from ..runs import run_edge
 
-    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
+    from ..errors import InvalidRequestError
+
+    if args.study and args.estimator:
+        raise InvalidRequestError("--study fits every estimator family itself; leave out --estimator", field="--estimator")
     items = _items(args.suite, args.split, args.limit)
+    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
     records = run_edge(engine, items, selfcheck=args.study, desc=f"{args.split} (edge)")
     data = make_dataset(records, items)
     cloud_recs = _cloud_records(args, items)

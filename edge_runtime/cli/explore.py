@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "or --bridge) the model alias at that bridge")
     p.add_argument("--suite", default="default", help="task suite name or JSONL file (default: default)")
     p.add_argument("--split", default="test", help="split to explore (default: test; the estimator is fitted on dev)")
-    p.add_argument("--limit", type=int, help="first N items of each split (per-family order, so a fair sample)")
+    p.add_argument("--limit", type=int, help="N items of each split, each task family in turn (a fair sample of every family)")
     p.add_argument("--out", required=True, help="directory for report.md, points.csv, frontier.csv, plots and recommended.toml")
     p.add_argument("--goal", action="append", default=[],
                    help='goal(s), e.g. "accuracy>=0.95*cloud" (default), "max-accuracy usd<=0.50/1k", "max-accuracy joules<=2"')

@@ -28,11 +28,12 @@ from ._estimators import (
     save_estimator,
 )
 from ._features import FEATURES, Signals, answer_span, expected_answer_type, feature_vector, signals_from_record, signals_from_result
-from ._fit import FAMILIES, SINGLE_SIGNALS, Dataset, cloud_scores, estimator_scores, fit_cloud_prior, fit_estimator, make_dataset
+from ._fit import FAMILIES, SINGLE_SIGNALS, Dataset, check_family, cloud_scores, estimator_scores, fit_cloud_prior, fit_estimator, make_dataset
 from ._logistic import LogisticModel, fit_logistic
 from ._selfcheck import SELFCHECK_QUESTION, yes_probability
 
 __all__ = [
+    "check_family",
     "Estimator",
     "HeuristicEstimator",
     "LogisticEstimator",

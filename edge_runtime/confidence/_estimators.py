@@ -318,4 +318,10 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
             est.cloud = CloudPrior.from_dict(d["cloud"])
     except (KeyError, TypeError, ValueError) as err:
         raise EstimatorError(f"{p}: malformed {kind} estimator ({err})") from err
+    # a feature this runtime does not compute would fail at the first answer scored, not here
+    unknown = sorted(set(est.model.features) - {*FEATURES, "knn_prior"}) if isinstance(est, LogisticEstimator) else []
+    if est.cloud is not None:
+        unknown += sorted(set(est.cloud.model.features) - {*CLOUD_PROMPT_FEATURES, "cloud_knn"})
+    if unknown:
+        raise EstimatorError(f"{p}: uses feature(s) {', '.join(unknown)} that this runtime does not compute")
     return est

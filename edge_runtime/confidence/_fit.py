@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidRequestError
 from ..tasks import TaskItem
 from ._estimators import (
     CLOUD_PROMPT_FEATURES,
@@ -27,11 +28,11 @@ from ._estimators import (
     LogisticEstimator,
     SelfCheckEstimator,
 )
-from ._features import Signals, feature_vector, signals_from_record
+from ._features import FEATURES, Signals, feature_vector, signals_from_record
 from ._logistic import fit_logistic
 
 __all__ = [
-    "Dataset", "make_dataset", "fit_estimator", "fit_cloud_prior", "cloud_scores", "FAMILIES", "SINGLE_SIGNALS", "estimator_scores",
+    "Dataset", "make_dataset", "check_family", "fit_estimator", "fit_cloud_prior", "cloud_scores", "FAMILIES", "SINGLE_SIGNALS", "estimator_scores",
 ]
 
 # the single-signal baselines reported next to the fitted families
@@ -111,9 +112,23 @@ def cloud_scores(prior: CloudPrior, data: Dataset) -> np.ndarray:
                      for s, e in zip(data.signals, emb)])
 
 
+def check_family(family: str) -> None:
+    """InvalidRequestError naming ``family`` unless it is a known family or ``signal:<feature>`` of a known feature."""
+    if family in FAMILIES:
+        return
+    if family.startswith("signal:"):
+        if family.split(":", 1)[1] in FEATURES:
+            return
+        raise InvalidRequestError(f"unknown feature in {family!r} (known: {', '.join(FEATURES)})", field="family")
+    raise InvalidRequestError(f"unknown estimator family {family!r} (known: {', '.join(FAMILIES)}, signal:<feature>)", field="family")
+
+
 def fit_estimator(family: str, data: Dataset, *, bundle_hash: str | None, encoder: Any = None, k: int = 15,
                   l2: float = 1.0, cloud_labels: np.ndarray | None = None) -> Estimator:
     """Fit one family on a labelled dataset (usually the dev split); with ``cloud_labels`` also a cloud prior."""
+    check_family(family)
+    if not len(data):
+        raise InvalidRequestError("there are no items to fit on", field="split")
     est = _fit_family(family, data, bundle_hash=bundle_hash, encoder=encoder, k=k, l2=l2)
     if cloud_labels is not None:
         knn_encoder = encoder or getattr(getattr(est, "knn", None), "encoder", None)
@@ -149,7 +164,7 @@ def _fit_family(family: str, data: Dataset, *, bundle_hash: str | None, encoder:
         a = float(model.coef[0] / model.std[0])
         b = float(model.intercept - a * model.mean[0])
         return SelfCheckEstimator(a, b, bundle_hash=bundle_hash, meta=meta)
-    raise ValueError(f"unknown estimator family {family!r} (known: {', '.join(FAMILIES)}, signal:<feature>)")
+    raise AssertionError(f"check_family let {family!r} through")
 
 
 def estimator_scores(estimator: Estimator, data: Dataset) -> np.ndarray:

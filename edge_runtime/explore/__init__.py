@@ -16,6 +16,8 @@ policy meeting the goal is written as a config snippet the daemon loads as is.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import platform
 import secrets
 import shlex
@@ -35,6 +37,8 @@ from ._data import Measurements, cloud_generate, measure
 from ._goals import config_snippet, parse_goal, recommend
 from ._report import estimator_table, family_winners, write_csv, write_plots, write_report
 from ._space import Point, evaluate, pareto_front
+
+log = logging.getLogger(__name__)
 from ._validate import agreement, validate_live
 
 __all__ = ["ExploreResult", "explore", "local_bridge", "Point", "parse_goal", "recommend", "pareto_front"]
@@ -139,6 +143,13 @@ def _cloud_key(client: Any, alias: str) -> str:
     return f"bridge-{alias or 'default'}-{model}"
 
 
+def _make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission
+        raise ConfigError(f"cannot create the output directory {out}: {err.strerror}", field="out") from err
+
+
 def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_file: Path | None) -> str:
     """The ``[cloud]`` part of recommended.toml: the bridge measured, or what to write when it is gone."""
     if local_bundle is None:  # an external bridge: the same one, with the user's own token file
@@ -202,17 +213,18 @@ def explore(
     from ..cloud import CloudClient
     from ..engine import Engine
     from ..models import resolve_bundle
-    from ..tasks import load_suite
+    from ..tasks import first_items, load_suite
 
     parsed = [parse_goal(g) for g in goals]  # goal errors before any work
     if not 0.0 < holdout < 1.0:
         raise ConfigError("must be between 0 and 1", field="holdout")
     cost = cost or CostSettings()
-    out.mkdir(parents=True, exist_ok=True)
-    items = load_suite(suite, split)
-    dev_items = load_suite(suite, "dev")
-    if limit:
-        items, dev_items = items[:limit], dev_items[:limit]
+    items = first_items(load_suite(suite, split), limit)
+    dev_items = first_items(load_suite(suite, "dev"), limit)
+    if not items or not dev_items:
+        raise ConfigError(f"suite {suite!r} needs items in both the dev split (to fit the estimator) and the "
+                          f"{split} split", field="split")
+    _make_out_dir(out)
     held: list[Any] = []
     if validate:
         # hold back every k-th item (families are contiguous, so each family keeps its share) for the live check
@@ -232,6 +244,9 @@ def explore(
             token_file = _secret_file(stack, token)
         else:
             bridge_label, alias = cloud_settings.address, cloud
+            if alias and cloud_settings.model != alias:
+                # the saved and the validating configs must escalate to the model measured, not the bridge's default
+                cloud_settings = dataclasses.replace(cloud_settings, model=alias)
             token_file = user_token_file = cloud_settings.token_file
             if token_file is None and cloud_settings.token:
                 token_file = _secret_file(stack, cloud_settings.token)
@@ -258,7 +273,9 @@ def explore(
         saved_cloud = _saved_cloud_toml(cloud_settings, local_bundle, user_token_file)
         recommendations = []
         files = ["report.md", "points.csv", "frontier.csv", "estimator.json"]
-        snippets: list[str] = []
+        live_configs: list[tuple[dict[str, Any], str]] = []  # (recommendation, config for the live check)
+        for stale in out.glob("recommended*.toml"):  # an earlier run's recommendations must not outlive its goals
+            stale.unlink()
         for i, goal in enumerate(parsed):
             point = recommend(goal, points, baselines)
             rec: dict[str, Any] = {"goal": goal.text, "point": point, "config_file": None,
@@ -269,23 +286,28 @@ def explore(
                           "requests_per_day": requests_per_day, "goal": goal.text, "bundle": str(resolve_bundle(edge))}
                 (out / name).write_text(config_snippet(point, **fields, cloud=saved_cloud), encoding="utf-8")
                 # the live check runs it against the bridge measured here (its token in a private file)
-                snippets.append(config_snippet(point, **fields, cloud=_cloud_toml(cloud_settings, token_file)))
+                live_configs.append((rec, config_snippet(point, **fields, cloud=_cloud_toml(cloud_settings, token_file))))
                 rec["config_file"] = name
                 files.append(name)
             recommendations.append(rec)
 
         validation = None
-        if validate and snippets:
-            with _daemon(snippets[0], out) as url:
+        if validate and not live_configs:
+            log.warning("no goal is met: there is no recommended policy to check live")
+        elif validate and not held:
+            log.warning("too few items to hold any back for the live check (--limit %s): skipped", limit)
+        elif validate:
+            checked, config = live_configs[0]  # the first goal that has a recommendation
+            with _daemon(config, out) as url:
                 live = validate_live(url, held)
-            pred = recommendations[0]["point"].overall
+            pred = checked["point"].overall
             acc_ok, acc_margin = agreement(pred["accuracy"], live["accuracy"], live["n"])
             esc_ok, esc_margin = agreement(pred["escalation_rate"], live["escalation_rate"], live["n"])
             verdict = "agree within sampling error" if acc_ok and esc_ok else "DO NOT agree within sampling error"
             validation = {**live, "predicted_accuracy": pred["accuracy"], "predicted_escalation_rate": pred["escalation_rate"],
                           "accuracy_ok": acc_ok, "escalation_ok": esc_ok, "accuracy_margin": acc_margin,
                           "escalation_margin": esc_margin,
-                          "summary": (f"Live run of **{recommendations[0]['point'].name}** through `edge-runtime serve` and the bridge on "
+                          "summary": (f"Live run of **{checked['point'].name}** (goal `{checked['goal']}`) through `edge-runtime serve` and the bridge on "
                                       f"{live['n']} held-back items: accuracy {live['accuracy']:.1%} (predicted {pred['accuracy']:.1%}, "
                                       f"±{acc_margin:.1%}), escalation {live['escalation_rate']:.1%} (predicted "
                                       f"{pred['escalation_rate']:.1%}, ±{esc_margin:.1%}): they {verdict}. Routes: {live['routes']}.")}
@@ -306,7 +328,7 @@ def explore(
         "validation": validation,
     }
     write_report(out / "report.md", m=m, points=points, front=front, families=families, estimators=estimators, winners=winners,
-                 recommendation=recommendations[0] if recommendations else None, plots=plots, context=context)
+                 recommendations=recommendations, plots=plots, context=context)
     engine.close()
     return ExploreResult(out=out, points=points, front=front, recommendations=recommendations, measurements=m, winners=winners,
                          estimators=estimators, validation=validation, files=files)

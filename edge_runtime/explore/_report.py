@@ -117,7 +117,7 @@ def write_plots(out: Path, m: Measurements, points: Sequence[Point], front: Sequ
 
 
 def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front: Sequence[Point], families: Sequence[str],
-                 estimators: list[dict[str, Any]], winners: list[dict[str, Any]], recommendation: dict[str, Any] | None,
+                 estimators: list[dict[str, Any]], winners: list[dict[str, Any]], recommendations: Sequence[dict[str, Any]],
                  plots: list[str], context: dict[str, Any]) -> None:
     by = {p.name: p for p in points}
     lines = [
@@ -134,16 +134,18 @@ def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front:
         "|---|---|---|---|---|---|---|",
     ]
     rows = [by["always-local"], by["always-cloud"]]
-    if recommendation and recommendation.get("point") and recommendation["point"].name not in ("always-local", "always-cloud"):
-        rows.append(recommendation["point"])  # a baseline recommended is already in the table
+    for rec in recommendations:  # each goal's policy once; a baseline recommended is already in the table
+        point = rec.get("point")
+        if point is not None and all(point.name != p.name for p in rows):
+            rows.append(point)
     for p in rows:
         o = p.overall
         lines.append(f"| {p.name} | {_pct(o['accuracy'])} | {_pct(o['escalation_rate'])} | {o['cloud_usd_per_1k']:.4f} | "
                      f"{o['device_j_per_request']:.3f} | {o['latency_p50_ms']:.0f} | {o['latency_p95_ms']:.0f} |")
     lines.append("")
-    if recommendation:
-        lines += [f"Goal `{recommendation['goal']}`: " + (f"**{recommendation['point'].name}**, config in `{recommendation['config_file']}` "
-                  "(load it with `edge-runtime serve --config`)." if recommendation.get("point") else "**no explored policy meets it**."), ""]
+    for rec in recommendations:
+        lines += [f"Goal `{rec['goal']}`: " + (f"**{rec['point'].name}**, config in `{rec['config_file']}` "
+                  "(load it with `edge-runtime serve --config`)." if rec.get("point") else "**no explored policy meets it**."), ""]
     lines += ["## Task dependence: which policy wins per family", "",
               "Best policy = most accurate, then cheapest in cloud USD, then device joules.", "",
               "| task family | n | always-local | always-cloud | best policy | its accuracy | its escalation | its USD/1k |",

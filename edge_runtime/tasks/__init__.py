@@ -20,7 +20,7 @@ User suites: ``load_suite("my_tasks.jsonl")``, one JSON object per line with
 from __future__ import annotations
 
 from ._scoring import SCORERS, score, score_text
-from ._suites import FAMILIES, SPLITS, SUITE_SEED, describe_suites, dump_suite, list_suites, load_suite, summarize
+from ._suites import FAMILIES, SPLITS, SUITE_SEED, describe_suites, dump_suite, first_items, list_suites, load_suite, summarize
 from ._types import ANSWER_TYPES, Score, TaskItem
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "Score",
     "ANSWER_TYPES",
     "load_suite",
+    "first_items",
     "list_suites",
     "describe_suites",
     "dump_suite",

@@ -101,6 +101,27 @@ def load_suite(name: str | os.PathLike[str] = "default", split: str = "dev") -> 
     return [i for i in _read_jsonl(path) if split == "all" or i.split == split]
 
 
+def first_items(items: Sequence[TaskItem], limit: int | None) -> list[TaskItem]:
+    """``limit`` items taking each task family in turn (the first of every family, then the second, ...).
+
+    A split lists its families one after the other, so its first N items would all be
+    one family; any prefix of a family is a fair sample of it. None means all items.
+    """
+    if limit is None:
+        return list(items)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidRequestError(f"must be a positive number of items, got {limit!r}", field="limit")
+    by_family: dict[str, list[TaskItem]] = {}
+    for item in items:
+        by_family.setdefault(item.family, []).append(item)
+    out: list[TaskItem] = []
+    for rank in range(max((len(v) for v in by_family.values()), default=0)):
+        out += [fam[rank] for fam in by_family.values() if rank < len(fam)]
+        if len(out) >= limit:
+            break
+    return out[:limit]
+
+
 def dump_suite(items: Iterable[TaskItem], path: str | os.PathLike[str]) -> int:
     """Write items as JSONL (the format :func:`load_suite` reads); returns the number written."""
     n = 0

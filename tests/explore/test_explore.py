@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from edge_runtime.errors import ConfigError
+from edge_runtime.errors import ConfigError, InvalidRequestError
 from edge_runtime.explore._goals import _toml, config_snippet, parse_goal, recommend
 from edge_runtime.explore._space import Point, _summary, pareto_front
 from edge_runtime.policies import ReplayRecords, replay
@@ -283,6 +283,50 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
     explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out, suite=str(tiny_suite),
             goals=["max-accuracy joules<=100"], validate=True, root=tmp_path / "runs")
     assert {p.name: p.stat().st_size for p in (tmp_path / "runs").iterdir()} == before
+
+
+@pytest.mark.slow
+def test_explore_checks_the_first_goal_met_reports_every_goal_and_drops_stale_files(tiny_bundles, tiny_suite, tmp_path):
+    from edge_runtime.explore import explore
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "recommended-3.toml").write_text("# from an earlier run with three goals\n")
+    result = explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out,
+                     suite=str(tiny_suite), goals=["accuracy>=0.99", "max-accuracy usd<=1000/1k"], validate=True,
+                     root=tmp_path / "runs")
+    assert result.recommendations[0]["point"] is None and result.recommendations[1]["config_file"] == "recommended-2.toml"
+    assert sorted(p.name for p in out.glob("recommended*.toml")) == ["recommended-2.toml"]
+    assert result.validation is not None and "max-accuracy usd<=1000/1k" in result.validation["summary"]
+    report = (out / "report.md").read_text()
+    assert "Goal `accuracy>=0.99`: **no explored policy meets it**" in report
+    assert "Goal `max-accuracy usd<=1000/1k`" in report
+    with pytest.raises(ConfigError, match="cannot create the output directory"):
+        explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")),
+                out=out / "report.md", suite=str(tiny_suite), root=tmp_path / "runs")
+    with pytest.raises(InvalidRequestError) as info:
+        explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out,
+                suite=str(tiny_suite), limit=0, root=tmp_path / "runs")
+    assert info.value.field == "limit"
+
+
+def test_an_external_bridge_alias_measured_is_the_model_the_saved_config_asks_for(tiny_bundle, tiny_suite, monkeypatch, tmp_path):
+    """explore --cloud ALIAS --config edge.toml (no model there): the runs and the config must name the same alias."""
+    import edge_runtime.explore as ex
+    from edge_runtime.cloud import CloudSettings
+
+    seen = {}
+
+    def stop(settings):
+        seen["settings"] = settings
+        raise KeyboardInterrupt  # enough: what matters is the client the explorer measures with
+
+    monkeypatch.setattr("edge_runtime.cloud.CloudClient", stop)
+    settings = CloudSettings(address="127.0.0.1:7001", token="ebt_x", insecure=True)
+    with pytest.raises(KeyboardInterrupt):
+        ex.explore(edge=str(tiny_bundle), cloud="coder", out=tmp_path / "out", suite=str(tiny_suite), limit=2,
+                   cloud_settings=settings, root=tmp_path / "runs")
+    assert seen["settings"].model == "coder"
 
 
 def test_bridge_runs_are_keyed_by_the_revision_the_bridge_reports():

@@ -340,3 +340,20 @@ def test_bad_names_and_splits():
     with pytest.raises(TaskSuiteError, match="unknown split 'train'") as err:
         load_suite("default", split="train")
     assert err.value.field == "split"
+
+
+def test_a_limit_takes_every_family_in_turn():
+    from edge_runtime.errors import InvalidRequestError
+    from edge_runtime.tasks import first_items
+
+    items = load_suite("default", "test")
+    families = list(dict.fromkeys(i.family for i in items))
+    picked = first_items(items, 2 * len(families) + 1)
+    assert [i.family for i in picked] == families + families + families[:1]
+    for fam in families:  # within a family, its first items, in order
+        assert [i for i in picked if i.family == fam] == [i for i in items if i.family == fam][: sum(i.family == fam for i in picked)]
+    assert first_items(items, None) == items
+    assert sorted(i.id for i in first_items(items, 10**6)) == sorted(i.id for i in items)  # more than there are: all
+    for bad in (0, -5, True, 2.5):
+        with pytest.raises(InvalidRequestError):
+            first_items(items, bad)
