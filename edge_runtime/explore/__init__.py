@@ -37,11 +37,11 @@ from ._data import Measurements, cloud_generate, measure
 from ._goals import config_snippet, parse_goal, recommend
 from ._report import estimator_table, family_winners, write_csv, write_plots, write_report
 from ._space import Point, evaluate, pareto_front
-
-log = logging.getLogger(__name__)
 from ._validate import agreement, validate_live
 
 __all__ = ["ExploreResult", "explore", "local_bridge", "Point", "parse_goal", "recommend", "pareto_front"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -227,7 +227,7 @@ def explore(
     _make_out_dir(out)
     held: list[Any] = []
     if validate:
-        # hold back every k-th item (families are contiguous, so each family keeps its share) for the live check
+        # hold back every k-th item for the live check (in family order or in turns, each family keeps about its share)
         k = max(2, round(1 / holdout))
         held = [it for i, it in enumerate(items) if i % k == k - 1]
         held_ids = {it.id for it in held}
