@@ -200,3 +200,19 @@ def test_an_estimator_using_a_feature_this_runtime_lacks_is_refused_at_load(tmp_
     save_estimator(LogisticEstimator("x", model), path)
     with pytest.raises(EstimatorError, match="nosuchfeature"):
         load_estimator(path)
+
+
+def test_in_sample_scores_leave_each_row_out_of_its_own_knn_prior():
+    from edge_runtime.confidence import estimator_scores, fit_estimator
+    from edge_runtime.confidence._fit import Dataset
+
+    prompts = ["is 7 prime", "is 9 prime", "capital of peru", "capital of chad", "2 plus 2", "3 plus 3"] * 3
+    labels = np.array([1, 1, 0, 0, 1, 0] * 3, float)
+    signals = [Signals(prompt=p, text="x", token_texts=["x"], logprobs=[-0.5], entropies=[1.0], margins=[0.5],
+                       finish_reason="eos", prompt_tokens=4, prompt_nll=2.0) for p in prompts]
+    data = Dataset(signals, labels, [{"item_id": str(i)} for i in range(len(prompts))])
+    est = fit_estimator("knn", data, bundle_hash=None, encoder=FakeEncoder(), k=3)
+    with_self = estimator_scores(est, data)
+    left_out = estimator_scores(est, data, training_data=True)
+    assert left_out.tolist() == [est.knn.prior_from_embedding(e, exclude=i) for i, e in enumerate(data.embeddings(FakeEncoder()))]
+    assert not np.allclose(with_self, left_out)  # its own label no longer votes

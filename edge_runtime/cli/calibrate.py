@@ -81,7 +81,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                     "(use more items, or another split)", len(data), "right" if data.labels[0] else "wrong")
     cloud = _cloud_labels(args, items, data)
     estimator = fit_estimator(args.family, data, bundle_hash=None if args.portable else engine.bundle_hash, cloud_labels=cloud)
-    p = estimator_scores(estimator, data)
+    p = estimator_scores(estimator, data, training_data=True)  # in-sample, but no row votes for itself
     summary = {
         "estimator": estimator.name, "out": args.out, "bundle": engine.model_name, "items": len(data),
         "accuracy": round(float(data.labels.mean()), 4), "parse_errors": sum(bool(r.get("parse_error")) for r in records),

@@ -167,15 +167,23 @@ def _fit_family(family: str, data: Dataset, *, bundle_hash: str | None, encoder:
     raise AssertionError(f"check_family let {family!r} through")
 
 
-def estimator_scores(estimator: Estimator, data: Dataset) -> np.ndarray:
-    """p_correct of an estimator on every row of a dataset, from cached records alone (no model run)."""
+def estimator_scores(estimator: Estimator, data: Dataset, *, training_data: bool = False) -> np.ndarray:
+    """p_correct of an estimator on every row of a dataset, from cached records alone (no model run).
+
+    ``training_data``: ``data`` is what the estimator was fitted on, row for row. A kNN
+    prior then leaves each row's own label out, as in fitting; with it, every row
+    would find itself among its neighbours and the in-sample figures would be an
+    artefact (AUROC 1.0 for ``knn``, or 0.0 for ``multi+knn``, whose fit saw the
+    leave-one-out prior).
+    """
+    def priors(knn: Any) -> list[float]:
+        emb = data.embeddings(knn.encoder)
+        return [knn.prior_from_embedding(e, exclude=i if training_data else None) for i, e in enumerate(emb)]
+
     if isinstance(estimator, SelfCheckEstimator):
         return np.array([estimator.from_p_yes(float(r["selfcheck_p_yes"])) for r in data.records])
     if isinstance(estimator, KnnEstimator):
-        emb = data.embeddings(estimator.knn.encoder)
-        return np.array([estimator.knn.prior_from_embedding(e) for e in emb])
+        return np.array(priors(estimator.knn))
     if isinstance(estimator, LogisticEstimator) and estimator.knn is not None:
-        emb = data.embeddings(estimator.knn.encoder)
-        priors = [estimator.knn.prior_from_embedding(e) for e in emb]
-        return np.array([estimator.p_correct(s, knn_prior=p) for s, p in zip(data.signals, priors)])
+        return np.array([estimator.p_correct(s, knn_prior=p) for s, p in zip(data.signals, priors(estimator.knn))])
     return np.array([estimator.p_correct(s) for s in data.signals])
