@@ -128,7 +128,7 @@ def measure(
     p_cloud = cloud_scores(estimator.cloud, data)
     knn = getattr(estimator, "knn")
     pre = np.array([knn.prior_from_embedding(e) for e in data.embeddings(knn.encoder)])
-    dev_p = estimator_scores(estimator, dev)
+    dev_p = estimator_scores(estimator, dev, training_data=True)
     net_j = np.array([
         network_energy_j(cost, 256 + sum(len(str(m.get("content", "")).encode()) for m in it.messages) + len(e["text"].encode()),
                          128 + len(str(c.get("text", "")).encode()))
