@@ -106,6 +106,9 @@ class KVCache:
         self.capacity = 0
         self.length = 0  # tokens whose keys/values are in the cache
         self.tokens: list[int] = []  # those tokens, for prefix reuse across chat turns
+        # how many leading entries came from multi-row prefill runs (not one-row decode steps), whose
+        # numbers a fresh prefill of the same tokens reproduces exactly (see Engine.run)
+        self.prefilled = 0
         self.lock = threading.Lock()
         ort = model._ort
         self._ort = ort
@@ -156,6 +159,7 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Forget everything after the first ``length`` tokens (their slots are simply overwritten later)."""
         self.length = max(0, min(self.length, length))
+        self.prefilled = min(self.prefilled, self.length)
         del self.tokens[self.length:]
 
     @property
@@ -180,6 +184,8 @@ class KVCache:
         b.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
         self._step_bound = False
         self._run()
+        if n > 1 and self.prefilled == self.length:
+            self.prefilled = total
         self.length = total
         self.tokens.extend(int(t) for t in ids)
         return logits[0]

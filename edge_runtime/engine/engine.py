@@ -19,7 +19,6 @@ same few-shot header) only prefills what differs.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -159,7 +158,6 @@ class Engine:
         self._pool: queue.LifoQueue[KVCache] = queue.LifoQueue()
         self._created = 0
         self._pool_lock = threading.Lock()
-        self._holders: collections.Counter[int] = collections.Counter()  # thread id -> caches it holds
         self._energy_meter = energy_meter
         self._token_text: dict[int, str] = {}
         self._byte_level = self._is_byte_level()
@@ -239,7 +237,6 @@ class Engine:
             raise EdgeRuntimeError("engine is closed")
         cache: KVCache | None = None
         create = False
-        me = threading.get_ident()
         with self._pool_lock:
             try:
                 cache = self._pool.get_nowait()
@@ -247,21 +244,13 @@ class Engine:
                 if self._created < self.max_sessions:
                     self._created += 1
                     create = True
-                elif self._holders[me] >= self._created:
-                    # waiting would never end: the cache to wait for is held by a stream this thread left open
-                    raise EdgeRuntimeError(
-                        f"all {self.max_sessions} KV cache(s) are held by unfinished streams of this thread: "
-                        "consume or close them first (or create the Engine with a larger max_sessions)"
-                    )
-            self._holders[me] += 1
         try:
             if cache is None:
-                # a new cache while under max_sessions, otherwise wait for one to come back
+                # A new cache while under max_sessions, otherwise wait for one to come back. An open
+                # stream holds its cache until it is consumed or closed (see Engine.stream).
                 cache = self.model.new_cache(self._cache_tokens) if create else self._pool.get()
             yield cache
         finally:
-            with self._pool_lock:
-                self._holders[me] -= 1
             if cache is not None:
                 self._pool.put(cache)
             elif create:
@@ -321,7 +310,10 @@ class Engine:
         """Yield text as it is generated; the last chunk carries the full result.
 
         Validation (parameters, messages, context window) happens before the
-        first chunk, so a bad request raises without spending any compute.
+        first chunk, so a bad request raises without spending any compute. The
+        stream holds one of the engine's KV caches until it is consumed or
+        closed: with ``max_sessions=1``, finish or close it before the same
+        thread asks for another generation, or that request waits for it.
         """
         p = self.sampling_params(params, sampling)
         ids = self.encode(prompt, messages=messages)
@@ -361,8 +353,18 @@ class Engine:
         is_cancelled: Callable[[], bool],
         *,
         prompt_nll: bool = False,
+        reuse_decoded: bool = False,
     ) -> Iterator[StreamChunk]:
-        """The generation loop on a given cache (shared by the pool and chat sessions)."""
+        """The generation loop on a given cache (shared by the pool and chat sessions).
+
+        The cached prefix is reused only as far as its keys and values came from
+        multi-row prefill runs, the way a fresh request computes them: a generated
+        token's entries come from a one-row decode step, which the quantized kernels
+        compute differently, so a request reusing them would not repeat the answer
+        of the same request run fresh. ``reuse_decoded`` (a chat session) reuses them
+        too: a follow-up turn then prefills only the new message, and its answer may
+        differ at a near-tie from a fresh run of the whole conversation (int4/int8).
+        """
         t_start = time.perf_counter()
         meter = self._meter()
         window = meter.start() if meter is not None else None
@@ -372,7 +374,7 @@ class Engine:
             # (see _prefill_chunks), or a repeated request would not repeat its answer.
             common = 0
             if not prompt_nll:
-                limit = min(len(cache.tokens), len(ids) - 2)
+                limit = min(len(cache.tokens) if reuse_decoded else cache.prefilled, len(ids) - 2)
                 while common < limit and cache.tokens[common] == ids[common]:
                     common += 1
             cache.truncate(common)
@@ -532,7 +534,6 @@ class ChatSession:
             self.messages.append({"role": "system", "content": system})
         self._cache = engine.new_cache()
         self._lock = threading.Lock()
-        self._owner: int | None = None  # the thread whose turn is streaming
 
     def send(self, content: str, *, params: SamplingParams | None = None, cancel: Cancel = None, **sampling: Any) -> GenerationResult:
         result = None
@@ -550,17 +551,10 @@ class ChatSession:
         is_cancelled = _cancel_check(cancel)
 
         def run() -> Iterator[StreamChunk]:
-            me = threading.get_ident()
-            if self._owner == me:  # the lock below would wait for this very thread
-                raise EdgeRuntimeError("this chat session's previous turn is still streaming in this thread: consume or close it first")
-            with self._lock:
-                self._owner = me
-                try:
-                    for chunk in engine.run(self._cache, ids, p, is_cancelled):
-                        if chunk.result is not None:
-                            self.messages = [*messages, {"role": "assistant", "content": chunk.result.text}]
-                        yield chunk
-                finally:
-                    self._owner = None
+            with self._lock:  # one turn at a time: a turn's stream holds the session until consumed or closed
+                for chunk in engine.run(self._cache, ids, p, is_cancelled, reuse_decoded=True):
+                    if chunk.result is not None:
+                        self.messages = [*messages, {"role": "assistant", "content": chunk.result.text}]
+                    yield chunk
 
         return run()

@@ -317,32 +317,33 @@ def test_unknown_provider_is_a_clear_error(tiny_bundle):
         Engine(tiny_bundle, providers=["NoSuchExecutionProvider"])
 
 
-def test_a_second_request_while_this_thread_holds_every_cache_is_an_error_not_a_hang(tiny_bundle):
-    from edge_runtime.errors import EdgeRuntimeError
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_a_conversation_sent_whole_gets_the_answer_a_fresh_engine_gives(tiny_bundles, precision):
+    # The pool reuses a cached prefix only where a prefill computed it: the previous answer's own
+    # tokens came from one-row decode steps, which the quantized kernels compute differently.
+    engine = Engine(tiny_bundles("llama", precision), energy_meter=None)
+    first = engine.generate(messages=[{"role": "user", "content": "one two three"}], max_new_tokens=12, top_logprobs=2)
+    history = [{"role": "user", "content": "one two three"}, {"role": "assistant", "content": first.text},
+               {"role": "user", "content": "four five"}]
+    follow_up = engine.generate(messages=history, max_new_tokens=12, top_logprobs=2)
+    assert 0 < follow_up.usage.cached_prompt_tokens <= first.usage.prompt_tokens
+    fresh = Engine(tiny_bundles("llama", precision), energy_meter=None).generate(messages=history, max_new_tokens=12, top_logprobs=2)
+    assert _answer(follow_up) == _answer(fresh)
 
-    engine = Engine(tiny_bundle, energy_meter=None)  # max_sessions=1
-    open_stream = engine.stream("hello world", max_new_tokens=8)
-    next(open_stream)
-    with pytest.raises(EdgeRuntimeError, match="unfinished streams of this thread"):
-        engine.generate("one two", max_new_tokens=2)
-    open_stream.close()
-    assert len(engine.generate("one two", max_new_tokens=2).token_ids) == 2
-    # another thread simply waits its turn
-    held = engine.stream("hello world", max_new_tokens=8)
-    next(held)
-    done: list[int] = []
-    worker = threading.Thread(target=lambda: done.extend(engine.generate("one two", max_new_tokens=2).token_ids))
-    worker.start()
-    worker.join(0.3)
-    assert worker.is_alive() and not done
-    held.close()
-    worker.join(10)
-    assert len(done) == 2
 
-    chat = engine.chat_session()
-    turn = chat.stream("hello", max_new_tokens=8)
-    next(turn)
-    with pytest.raises(EdgeRuntimeError, match="still streaming"):
-        chat.send("again", max_new_tokens=2)
-    turn.close()
-    assert chat.send("again", max_new_tokens=2).finish_reason in ("length", "eos")
+def test_only_a_chat_session_reuses_the_entries_of_generated_tokens(tiny_bundle):
+    engine = Engine(tiny_bundle, energy_meter=None)
+    prompt = engine.encode("one two three four")
+    params = SamplingParams(max_new_tokens=6)
+
+    def run(cache, ids, **kw):
+        return [c.result for c in engine.run(cache, ids, params, lambda: False, **kw) if c.result is not None][0]
+
+    for reuse_decoded, expected in ((False, len(prompt)), (True, len(prompt) + 5)):
+        cache = engine.new_cache()
+        first = run(cache, prompt)
+        assert cache.prefilled == len(prompt)  # the generated tokens' entries came from decode steps
+        # the next prompt extends the first with its answer: decode-step entries are reused by a chat session only
+        # (the last generated token has no entry yet: it was never fed back)
+        again = run(cache, prompt + first.token_ids + engine.encode(" five six")[1:], reuse_decoded=reuse_decoded)
+        assert again.usage.cached_prompt_tokens == expected
