@@ -216,9 +216,9 @@ class HybridRuntime:
         ``deadline_s`` (``time.monotonic()`` clock): when the whole answer is due. An
         escalation gets only the time left, less a moment to return the local answer,
         so a slow bridge ends as a ``fallback`` with the local answer rather than as
-        nothing. ``on_escalate`` is called when the local generation is over and the
-        bridge is about to be asked: the engine is free from then on (a daemon hands
-        its generation slot to the next request).
+        nothing. ``on_escalate`` is called when the bridge is about to be asked and a
+        whole local answer exists, so the engine is not needed again whatever the
+        bridge does (a daemon hands its generation slot to the next request).
         """
         msgs = validate_messages(messages)
         if model not in MODEL_ALIASES:
@@ -331,7 +331,9 @@ class HybridRuntime:
         elif decision.action == "cloud":
             try:
                 timeout_s = timing.cloud_timeout_s(self.cloud_timeout_s)
-                if timing.on_escalate is not None:
+                if timing.on_escalate is not None and locals_ and not early_exit:
+                    # the engine is done with this request whatever the bridge does: a failure returns the
+                    # local answer already made (when there is none, a fallback still needs the engine)
                     timing.on_escalate()
                 cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id,
                                                              cancel, timeout_s, timing)

@@ -161,7 +161,9 @@ def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: i
         result = engine.generate(item.get("prompt"), messages=item.get("messages"), params=p, prompt_nll=estimator.needs_prompt_nll)
         return _result_json(result, request_id, _confidence(estimator, engine, result, item.get("messages"), item.get("prompt"))), True
     except EdgeRuntimeError as err:
-        return {"id": request_id, "error": {"message": str(err), "type": type(err).__name__, "param": getattr(err, "field", None)}}, False
+        # "line" too: a line with no readable id is reported under its line number
+        return {"id": request_id, "line": lineno,
+                "error": {"message": str(err), "type": type(err).__name__, "param": getattr(err, "field", None)}}, False
 
 
 def _load_estimator(path: str | None, engine: Any) -> Any:

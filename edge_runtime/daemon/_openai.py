@@ -81,10 +81,10 @@ def _bool(body: Mapping[str, Any], name: str) -> bool:
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "tools": lambda v: not v,
     "functions": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none"),
+    "tool_choice": lambda v: v in (None, "none", "auto"),  # "auto" with no tools asks for nothing
     "function_call": lambda v: v in (None, "none"),
     "response_format": lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
-    "logit_bias": lambda v: not v,
+    "logit_bias": lambda v: not v or (isinstance(v, Mapping) and not any(v.values())),
     "presence_penalty": lambda v: v in (None, 0),
     "frequency_penalty": lambda v: v in (None, 0),
     "audio": lambda v: v is None,

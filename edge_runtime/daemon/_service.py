@@ -73,6 +73,7 @@ class Job:
         self._stream: Iterator[HybridChunk]  # the runtime's (not started) generator, set by ChatService.open
         self._event = threading.Event()
         self._done = False
+        self._handed_over = False  # gave its generation slot on while waiting for the bridge
 
     # ---- cancellation (any thread) -------------------------------------------------------------
 
@@ -133,6 +134,8 @@ class Job:
             self._done = True
             self._stream.close()  # stops the engine at once if we leave early
             self.ticket.release()
+            if self._handed_over:
+                self.service._handover_permits.release()
             self.service._finished(self, outcome, result if outcome == "answered" else None)
 
     def run(self, on_chunk: Callable[[HybridChunk], None] | None = None) -> HybridResult:
@@ -145,8 +148,14 @@ class Job:
         raise AssertionError("Job.iterate ended without a result")  # iterate raises instead
 
     def release_slot(self) -> None:
-        """The engine's part is over (the bridge is being asked): the next request may generate."""
-        self.ticket.release()
+        """The engine's part is over (the bridge is being asked): the next request may generate.
+
+        Only while a permit is free: a handed-over request still has its worker thread, and
+        the pool has room for ``server.queue_size`` of them besides the slots and the queue.
+        """
+        if not self._handed_over and self.service._handover_permits.acquire(blocking=False):
+            self._handed_over = True
+            self.ticket.release()
 
     @property
     def queue_ms(self) -> float:
@@ -163,6 +172,7 @@ class ChatService:
         self.error: str | None = None
         self.runtime: Any = None
         self.admission: Admission | None = None
+        self._handover_permits = threading.BoundedSemaphore(1)  # sized in attach()
         self.executor: ThreadPoolExecutor | None = None
         self.started_at = int(time.time())
         self._jobs: set[Job] = set()
@@ -178,8 +188,11 @@ class ChatService:
         """Serve ``runtime`` (a HybridRuntime, or anything with its ``stream`` and ``engine``)."""
         slots = int(getattr(runtime.engine, "max_sessions", 1))
         self.admission = Admission(slots, self.settings.queue_size)
-        # queued requests wait in a thread too: one thread per admitted request, never more
-        self.executor = ThreadPoolExecutor(max_workers=slots + self.settings.queue_size,
+        # at most this many escalating requests give their slot on at once (each keeps its thread)
+        handovers = max(1, self.settings.queue_size)
+        self._handover_permits = threading.BoundedSemaphore(handovers)
+        # queued requests wait in a thread too: one thread per admitted or handed-over request, never more
+        self.executor = ThreadPoolExecutor(max_workers=slots + self.settings.queue_size + handovers,
                                            thread_name_prefix="edge-runtime-job")
         self._eos = frozenset(getattr(runtime.engine, "eos_token_ids", ()))
         self._token_bytes = getattr(runtime.engine, "token_bytes", self._token_bytes)

@@ -79,8 +79,8 @@ def test_each_bad_request_gets_its_status_and_error_type_and_the_daemon_keeps_se
 
 def test_unknown_fields_and_unsupported_ones_that_ask_for_nothing_are_accepted(daemon, http):
     status, _, done = http(daemon.port).json("POST", "/v1/chat/completions", {
-        **OK, "presence_penalty": 0, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
-        "logit_bias": {}, "metadata": {"a": "b"}, "whatever": {"x": 1}})
+        **OK, "presence_penalty": 0, "tools": [], "tool_choice": "auto", "response_format": {"type": "text"},
+        "logit_bias": {"50256": 0}, "metadata": {"a": "b"}, "whatever": {"x": 1}})
     assert status == 200 and done["choices"][0]["message"]["content"] is not None
 
 

@@ -104,3 +104,33 @@ def test_an_escalation_hands_its_generation_slot_to_the_next_request(engine, sta
     assert answers["cloud"][2] > 1.5 > local_s + 0.5
     slow.server.stop(0)
     cloud.close()
+
+
+def test_handed_over_escalations_are_bounded_and_every_request_keeps_a_thread(engine, start_daemon, http):
+    slow = start_bridge(reply=" ".join(["word"] * 10), token_delay_ms=400.0)  # 4 words: ~1.6 s
+    cloud = cloud_client(slow.address, timeout_s=20.0)
+    # one slot, one queue place: one escalation may give its slot on (and keep its thread)
+    daemon = start_daemon(runtime(engine, ESCALATE, cloud=cloud), queue_size=1)
+    answers: dict[str, tuple[int, dict]] = {}
+
+    def ask(name: str, model: str) -> None:
+        status, _, body = http(daemon.port).json("POST", "/v1/chat/completions", {"model": model, "messages": ASK, "max_tokens": 4})
+        answers[name] = (status, body)
+
+    threads = [threading.Thread(target=ask, args=(f"auto{i}", "auto")) for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)  # the first is waiting for the bridge, the second has its slot
+    local = threading.Thread(target=ask, args=("local", "local"))
+    local.start()
+    time.sleep(0.3)
+    m = http(daemon.port).request("GET", "/metrics")[2].decode()
+    busy, running, queued = (metric(m, n) for n in ("edge_runtime_generation_slots_busy", "edge_runtime_requests_in_progress",
+                                                     "edge_runtime_queue_depth"))
+    assert busy <= 1 and running + queued == 3, m
+    for t in (*threads, local):
+        t.join(20)
+    assert {name: (status, body["routing"]["route"]) for name, (status, body) in answers.items()} == {
+        "auto0": (200, "cloud"), "auto1": (200, "cloud"), "local": (200, "local")}
+    slow.server.stop(0)
+    cloud.close()

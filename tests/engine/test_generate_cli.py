@@ -70,7 +70,7 @@ def test_input_lines_that_are_not_utf8_or_carry_odd_values_fail_alone(tiny_bundl
     assert [o["id"] for o in out] == ["a", 2, "c", "d", None]
     assert "error" not in out[0] and "error" not in out[4]
     assert [o["error"]["param"] for o in out[1:4]] == ["line", "seed", "max_tokens"]
-    assert "not valid UTF-8" in out[1]["error"]["message"]
+    assert "not valid UTF-8" in out[1]["error"]["message"] and out[1]["line"] == 2
     assert code == 1
 
 
