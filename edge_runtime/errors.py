@@ -27,7 +27,9 @@ foreign errors (onnxruntime, grpc, OS) are translated at the boundary with
      │    ├── CloudTimeoutError      deadline exceeded
      │    ├── CloudUnavailableError  UNAVAILABLE or transport failure
      │    ├── CircuitOpenError       circuit breaker open: the cloud is skipped
-     │    └── CloudRequestTooLargeError  over gRPC's message size (also an InvalidRequestError naming messages)
+     │    ├── CloudRequestTooLargeError   over gRPC's message size (also an InvalidRequestError naming messages)
+     │    ├── CloudResponseTooLargeError  the bridge's answer is over gRPC's message size (raise max_message_bytes)
+     │    └── CloudCancelledError    the caller cancelled the call (its ``cancel`` turned true)
      ├── BackendError                a cloud-bridge backend (engine, upstream API) failed (carries the gRPC code)
      └── TaskSuiteError              a task suite cannot be loaded (names the file line and field)
 """
@@ -56,6 +58,8 @@ __all__ = [
     "CloudUnavailableError",
     "CircuitOpenError",
     "CloudRequestTooLargeError",
+    "CloudResponseTooLargeError",
+    "CloudCancelledError",
     "BackendError",
     "TaskSuiteError",
     "ModelNotFoundError",
@@ -175,6 +179,20 @@ class CloudRequestTooLargeError(CloudError, InvalidRequestError):
     def __init__(self, message: str, *, code: str | None = None) -> None:
         InvalidRequestError.__init__(self, message, field="messages")
         self.code = code
+
+
+class CloudResponseTooLargeError(CloudError):
+    """The bridge's answer is larger than a gRPC message may be, on this side or the bridge's.
+
+    Not retried (each try is another generation the upstream bills) and not a cloud outage:
+    raise ``cloud.max_message_bytes`` (or the bridge's ``server.max_message_bytes``), or ask for fewer tokens.
+    """
+
+
+class CloudCancelledError(CloudError):
+    """The caller cancelled the call (its ``cancel`` returned True); a call under way was cancelled, and with it
+    the bridge's generation. Not retried, and not a cloud outage.
+    """
 
 
 class BackendError(EdgeRuntimeError):

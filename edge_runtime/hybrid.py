@@ -37,7 +37,7 @@ from typing import Any, Literal
 from .confidence import Estimator, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
-from .errors import CloudError, CloudTimeoutError, InvalidRequestError
+from .errors import CloudCancelledError, CloudError, CloudTimeoutError, InvalidRequestError
 from .policies import Decision, Policy, RequestContext, policy_from_config
 
 __all__ = ["HybridRuntime", "HybridResult", "HybridChunk", "Route", "MODEL_ALIASES"]
@@ -345,8 +345,10 @@ class HybridRuntime:
                 route = "cloud"
                 self.policy.settle(ctx, cloud_result.cost_usd)
             except _Cancelled:
-                # the caller left while the bridge was answering: the call was cancelled, so was the bridge's generation
-                self.policy.settle(ctx, 0.0)
+                # the caller left while the bridge was answering: the call was cancelled, so was the bridge's
+                # generation; what it generated until then is billed and unknown here, so a budget keeps the
+                # amount it reserved rather than counting the call as free
+                self.policy.settle(ctx, ctx.estimated_cloud_usd)
                 route, decision = "local_forced", Decision("local_forced", "cancelled", "the caller cancelled the request during escalation",
                                                            policy=decision.policy, value=decision.value, threshold=decision.threshold)
             except CloudError as err:
@@ -391,7 +393,10 @@ class HybridRuntime:
                                 local_model=self.engine.model_name)
         chunks: list[HybridChunk] = []
         result = None
-        stream = self.cloud.stream(msgs, params=params, escalation=escalation, timeout_s=timeout_s, request_id=request_id)
+        # the client watches `cancel` while it waits for the bridge: a caller that leaves stops the bridge's generation
+        # at once, not at its next chunk
+        stream = self.cloud.stream(msgs, params=params, escalation=escalation, timeout_s=timeout_s, request_id=request_id,
+                                   cancel=lambda: _is_cancelled(cancel) and not timing.out_of_time())
         try:
             for c in stream:
                 if timing.out_of_time():
@@ -402,6 +407,8 @@ class HybridRuntime:
                     result = c.result
                 elif c.text:
                     chunks.append(HybridChunk("text", c.text))
+        except CloudCancelledError as err:
+            raise _Cancelled from err
         finally:
             stream.close()  # cancels the call if it is still running
         if result is None:

@@ -175,3 +175,28 @@ def test_a_caller_who_cancels_during_escalation_stops_the_bridge(engine):
         assert gen.finish_reason in ("cancelled", "closed") and gen.completion_tokens < 100
     finally:
         server.stop(0)
+
+
+def test_a_cancel_stops_an_escalation_while_the_bridge_is_between_words(engine):
+    import threading
+
+    settings = load_bridge_settings(data={
+        "server": {"address": "127.0.0.1:0", "grace_period_s": 0.5},
+        "auth": {"tokens_file": None, "tokens": {"dev": hash_token(TOKEN)}},
+        "models": {"slow": {"backend": "echo", "reply": "one two three", "token_delay_ms": 3000.0}},
+    }, env={})
+    server, port = create_server(settings, insecure=True)
+    server.start()
+    try:
+        rt = _runtime(engine, port, {"type": "always"})
+        cancel = threading.Event()
+        threading.Timer(0.5, cancel.set).start()
+        t0 = time.perf_counter()
+        r = rt.chat(ASK, max_new_tokens=8, cancel=cancel)
+        # the bridge's first word is 3 s away: the client's watcher, not the next word, ends the call
+        assert time.perf_counter() - t0 < 1.5
+        assert r.route == "local_forced" and r.reason == "cancelled"
+        (gen,) = server.backends["slow"].wait_for_generations(1)
+        assert gen.finish_reason == "cancelled" and gen.completion_tokens == 0
+    finally:
+        server.stop(0)

@@ -9,7 +9,9 @@ bridge, and none on the device.
 
 HTTP statuses become gRPC codes (:data:`HTTP_TO_GRPC`); a 429's Retry-After
 becomes the retry delay the device is told to honour. The upstream's error text
-reaches the device and the bridge's log with the API key cut out.
+reaches the device and the bridge's log with the API key cut out: cut out of the
+whole text before it is shortened, since a cut through the key would leave a
+prefix of it that no later replace could find.
 """
 
 from __future__ import annotations
@@ -170,12 +172,13 @@ class _Call:
             raw = response.read(_MAX_ERROR_BODY)
         except (OSError, http.client.HTTPException):
             raw = b""
+        body = self.backend._redact(raw.decode("utf-8", "replace"))  # before [:200] below can cut through the key
         detail = ""
         try:
-            err = json.loads(raw).get("error")
+            err = json.loads(body).get("error")
             detail = err.get("message", "") if isinstance(err, dict) else str(err or "")
         except (ValueError, AttributeError):
-            detail = raw[:200].decode("utf-8", "replace")
+            detail = body[:200]
         retry_after = _retry_after_s(response.getheader("Retry-After"))
         if response.status == 429 and retry_after is None:
             retry_after = _DEFAULT_RETRY_AFTER_S
@@ -238,9 +241,13 @@ class OpenAIBackend:
             body["stream_options"] = {"include_usage": True}
         return json.dumps(body).encode("utf-8")
 
+    def _redact(self, text: str) -> str:
+        """``text`` with the API key cut out. Upstream text must pass here whole, before any shortening."""
+        return text.replace(self.api_key, "***") if self.api_key else text
+
     @contextlib.contextmanager
     def _redacting(self) -> Iterator[None]:
-        """Cut the API key out of the errors raised inside.
+        """Cut the API key out of the errors raised inside: the last guard, for text not redacted where it was read.
 
         Their messages carry upstream text (an error body, an event, a status line) to the
         device and into the bridge's log, and an upstream may echo the request's
@@ -253,7 +260,7 @@ class OpenAIBackend:
             if not self.api_key or self.api_key not in message:
                 raise
             redacted = BackendError(
-                message.replace(self.api_key, "***"), code=err.code, retry_after_s=err.retry_after_s, reason=err.reason
+                self._redact(message), code=err.code, retry_after_s=err.retry_after_s, reason=err.reason
             )
             raise redacted from None  # the original error, and what it came from, still hold the key
 
@@ -356,12 +363,12 @@ class OpenAIBackend:
             ),
         )
 
-    @staticmethod
-    def _event(data: str) -> tuple[str, str | None, dict[str, Any] | None, str | None]:
+    def _event(self, data: str) -> tuple[str, str | None, dict[str, Any] | None, str | None]:
         try:
             obj = json.loads(data)
         except ValueError as err:
-            raise _bad_response(f"an event is not JSON: {data[:80]!r}") from err
+            # redacted before [:80]: a cut through the key would leave a prefix of it
+            raise _bad_response(f"an event is not JSON: {self._redact(data)[:80]!r}") from err
         if not isinstance(obj, dict):
             raise _bad_response("an event is not a JSON object")
         if "error" in obj:

@@ -10,13 +10,19 @@ can answer locally and mark the answer as a fallback. Every failure is one of
 the CloudError subclasses of :mod:`edge_runtime.errors`. A request larger than
 a gRPC message may be (on this side or the bridge's) is a
 CloudRequestTooLargeError, also an InvalidRequestError naming ``messages``:
-never retried, and not counted by the circuit breaker.
+never retried, and not counted by the circuit breaker; an answer too large for
+one is a CloudResponseTooLargeError, the same. Nor is a call the caller cut
+short counted: one that ran out of a deadline shorter than the configured
+``timeout_s`` (the caller's own, e.g. a daemon request's), or a stream whose
+``cancel`` turned true (CloudCancelledError; the call, and with it the bridge's
+generation, is cancelled within about 0.1 s, even while waiting for a chunk).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +32,15 @@ import grpc
 
 from .._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
 from ..engine.types import Message, SamplingParams
-from ..errors import CircuitOpenError, CloudError, CloudTimeoutError, CloudUnavailableError, InvalidRequestError
+from ..errors import (
+    CircuitOpenError,
+    CloudCancelledError,
+    CloudError,
+    CloudResponseTooLargeError,
+    CloudTimeoutError,
+    CloudUnavailableError,
+    InvalidRequestError,
+)
 from ._channel import open_channel
 from ._circuit import CircuitBreaker
 from ._errors import CIRCUIT_CODES, RETRYABLE_CODES, status_details, translate_rpc_error
@@ -47,6 +61,13 @@ _FINISH_NAMES = {
 
 T = TypeVar("T")
 _CIRCUIT_CODE_NAMES = frozenset(code.name for code in CIRCUIT_CODES)
+# failures of the request or the caller, whatever their gRPC code (a too-large message is RESOURCE_EXHAUSTED, a
+# cancelled call CANCELLED): the same call again fails the same way or is not wanted, and the bridge is not to blame
+_NEUTRAL_ERRORS = (InvalidRequestError, CloudResponseTooLargeError, CloudCancelledError)
+# how often a stream's ``cancel`` is polled while the caller's thread waits for the bridge
+_CANCEL_POLL_S = 0.05
+# gRPC and the client's clock may read a deadline a hair apart; an expiry this close to it is the deadline's
+_DEADLINE_SLACK_S = 0.01
 
 
 def _request(
@@ -103,6 +124,41 @@ def _result(
     )
 
 
+def _cancelled_error() -> CloudCancelledError:
+    return CloudCancelledError("cloud bridge: the call was cancelled by its caller", code="CANCELLED")
+
+
+def _raise_if_cancelled(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        raise _cancelled_error()
+
+
+class _CancelWatcher:
+    """Cancels a gRPC call within ``_CANCEL_POLL_S`` of ``cancel()`` turning true, until stopped or the call ends.
+
+    The caller's thread is blocked inside the call waiting for the bridge's next chunk, so it cannot look
+    itself; grpc's ``call.cancel()`` is thread-safe, and cancelling the call cancels the bridge's generation.
+    """
+
+    def __init__(self, call: grpc.Future, cancel: Callable[[], bool] | None) -> None:
+        self.fired = False
+        self._stopped = threading.Event()
+        if cancel is not None:
+            threading.Thread(target=self._watch, args=(call, cancel), name="cloud-cancel", daemon=True).start()
+            # an ended call has nothing left to cancel, even if its caller never reads on (or closes) the stream
+            call.add_done_callback(lambda _call: self.stop())
+
+    def _watch(self, call: grpc.Future, cancel: Callable[[], bool]) -> None:
+        while not self._stopped.wait(_CANCEL_POLL_S):
+            if cancel():
+                self.fired = True  # before cancelling: the RpcError it causes must find it set
+                call.cancel()
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 class CloudClient:
     """A client of the cloud bridge. Thread-safe; close it (or use ``with``) to release the channel.
 
@@ -147,10 +203,11 @@ class CloudClient:
                 code="CIRCUIT_OPEN",
             )
 
-    def _record(self, error: CloudError | None) -> None:
+    def _record(self, error: CloudError | None, *, cut_short: bool = False) -> None:
+        """Tell the circuit breaker how a call ended; ``cut_short``: it ran out of the caller's shorter deadline."""
         if error is None:
             self.circuit.record_success()
-        elif isinstance(error, InvalidRequestError):  # too large to send: the request's fault, whatever its code
+        elif isinstance(error, _NEUTRAL_ERRORS) or cut_short:
             self.circuit.record_neutral()
         elif error.code in _CIRCUIT_CODE_NAMES or isinstance(error, (CloudUnavailableError, CloudTimeoutError)):
             self.circuit.record_failure()
@@ -162,13 +219,27 @@ class CloudClient:
         delay = min(s.backoff_max_s, s.backoff_initial_s * s.backoff_multiplier**attempt)
         return delay * (1.0 - s.jitter * self._rng.random())
 
+    def _cut_short(self, error: CloudError, timeout_s: float | None, deadline_s: float) -> bool:
+        """Did ``error`` come from a deadline the caller chose shorter than ``settings.timeout_s``, expiring?
+
+        Then the caller's own clock ended the call (a daemon request's deadline, say), and a healthy bridge
+        would have been cut off just the same. A timeout well before that deadline (an upstream's, relayed by
+        the bridge) still counts against the bridge.
+        """
+        return (
+            isinstance(error, CloudTimeoutError)
+            and timeout_s is not None
+            and timeout_s < self.settings.timeout_s
+            and self._clock() >= deadline_s - _DEADLINE_SLACK_S
+        )
+
     def _retry_delay_s(self, err: grpc.RpcError, attempt: int, deadline_s: float) -> tuple[float | None, CloudError]:
         """How long to wait before the next attempt, or None to give up; and the error to raise if giving up."""
         details = status_details(err)
         error = translate_rpc_error(err, details)
         code = err.code() if isinstance(err, grpc.Call) else None
-        # a request over gRPC's message size limit is RESOURCE_EXHAUSTED too, and the same request again fails the same
-        retryable = code in RETRYABLE_CODES and not isinstance(error, InvalidRequestError)
+        # a request or an answer over gRPC's message size limit is RESOURCE_EXHAUSTED too, and fails the same again
+        retryable = code in RETRYABLE_CODES and not isinstance(error, _NEUTRAL_ERRORS)
         if not retryable or attempt + 1 >= self.settings.max_attempts:
             return None, error
         if details.retry_after_s is not None:
@@ -179,6 +250,18 @@ class CloudClient:
         if self._clock() + delay >= deadline_s:
             return None, error  # the retry could not finish in time: say so now instead of sleeping
         return delay, error
+
+    def _pause(self, delay_s: float, cancel: Callable[[], bool] | None) -> None:
+        """Sleep before a retry; with ``cancel``, in short steps, so a caller who gives up need not wait it out."""
+        if cancel is None:
+            self._sleep(delay_s)
+            return
+        left = delay_s
+        while left > 0:  # counts the steps, not the clock: the clock seam need not move when sleeping
+            _raise_if_cancelled(cancel)
+            step = min(_CANCEL_POLL_S, left)
+            self._sleep(step)
+            left -= step
 
     def _deadline(self, timeout_s: float | None) -> tuple[float, float]:
         start = self._clock()
@@ -210,7 +293,7 @@ class CloudClient:
                 self._record(None)
                 return response, (now - start) * 1000.0, (now - sent) * 1000.0, attempt + 1
         except CloudError as err:
-            self._record(err)
+            self._record(err, cut_short=self._cut_short(err, timeout_s, deadline_s))
             raise
         except BaseException:
             self.circuit.record_neutral()
@@ -244,13 +327,16 @@ class CloudClient:
         escalation: Escalation | None = None,
         timeout_s: float | None = None,
         request_id: str | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> Iterator[CloudChunk]:
         """The answer as it is generated; the last chunk has ``result``. Closing the iterator cancels the call.
 
-        Nothing is sent before the first ``next()``; CircuitOpenError is raised there.
+        Nothing is sent before the first ``next()``; CircuitOpenError is raised there. ``cancel`` is polled
+        (from another thread while the call waits for the bridge, so it must be thread-safe); once it returns
+        True the call is cancelled within about 0.1 s and CloudCancelledError raised, never retried.
         """
         req = self._request(messages, params, model, escalation, request_id)
-        return self._stream(req, timeout_s)
+        return self._stream(req, timeout_s, cancel)
 
     def _request(self, messages: Sequence[Message], params: SamplingParams | None, model: str | None,
                  escalation: Escalation | None, request_id: str | None) -> bridge_pb2.GenerateRequest:
@@ -262,7 +348,9 @@ class CloudClient:
             request_id=request_id or uuid.uuid4().hex,
         )
 
-    def _stream(self, req: bridge_pb2.GenerateRequest, timeout_s: float | None) -> Iterator[CloudChunk]:
+    def _stream(
+        self, req: bridge_pb2.GenerateRequest, timeout_s: float | None, cancel: Callable[[], bool] | None
+    ) -> Iterator[CloudChunk]:
         self._enter_circuit()
         start, deadline_s = self._deadline(timeout_s)
         attempt = 0
@@ -270,6 +358,7 @@ class CloudClient:
         finished = False
         try:
             while True:
+                _raise_if_cancelled(cancel)
                 remaining = deadline_s - self._clock()
                 if remaining <= 0:
                     raise CloudTimeoutError(
@@ -277,12 +366,14 @@ class CloudClient:
                     )
                 sent = self._clock()
                 call = self._stub.GenerateStream(req, timeout=remaining, metadata=self._metadata())
+                watcher = _CancelWatcher(call, cancel)
                 delivered = False
                 try:
                     for message in call:
                         if message.HasField("delta"):
                             delivered = True
                             yield CloudChunk(message.delta.text, message.delta.token_count)
+                            _raise_if_cancelled(cancel)  # cancelled between chunks: no more text, not even one
                         elif message.HasField("final"):
                             now = self._clock()
                             result = _result(
@@ -298,12 +389,15 @@ class CloudClient:
                         "cloud bridge: the stream ended without a final message", code="DATA_LOSS"
                     )
                 except grpc.RpcError as err:
+                    if watcher.fired:  # the CANCELLED status of our own call.cancel(), not the bridge's doing
+                        raise _cancelled_error() from err
                     delay, error = self._retry_delay_s(err, attempt, deadline_s)
                     if delay is None or delivered:  # text already shown cannot be taken back: no retry
                         raise error from err
-                    self._sleep(delay)
+                    self._pause(delay, cancel)
                     attempt += 1
                 finally:
+                    watcher.stop()
                     # a no-op when the call is over; stops the bridge's generation when the caller left early
                     call.cancel()
         except GeneratorExit:
@@ -316,7 +410,7 @@ class CloudClient:
             if finished:
                 self._record(None)
             elif isinstance(outcome, CloudError):
-                self._record(outcome)
+                self._record(outcome, cut_short=self._cut_short(outcome, timeout_s, deadline_s))
             else:
                 self.circuit.record_neutral()
 

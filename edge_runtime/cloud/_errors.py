@@ -11,12 +11,14 @@ from ..errors import (
     CloudError,
     CloudQuotaError,
     CloudRequestTooLargeError,
+    CloudResponseTooLargeError,
     CloudTimeoutError,
     CloudUnavailableError,
 )
 
 __all__ = [
     "CloudRequestTooLargeError",
+    "CloudResponseTooLargeError",
     "StatusDetails",
     "status_details",
     "translate_rpc_error",
@@ -49,6 +51,14 @@ _TOO_LARGE_PREFIXES = (
     "Sent message larger than max",  # older gRPC releases, without the side
     "SERVER: Received message larger than max",
 )
+# ... and of an answer over it: by this client on receiving (inside "Stream removed (...)", so searched for, not
+# matched at the start) or by the bridge on sending. Not a quota and not an outage: asking again generates (and
+# bills) the same answer again, and fails the same way. Older gRPC releases wrote "Received message larger than
+# max" without the side, which cannot tell the client's refusal of an answer from the bridge's of a request.
+_ANSWER_TOO_LARGE_HINTS = {
+    "CLIENT: Received message larger than max": "raise cloud.max_message_bytes",
+    "SERVER: Sent message larger than max": "raise the bridge's server.max_message_bytes",
+}
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,11 @@ def status_details(err: grpc.RpcError) -> StatusDetails:
     return StatusDetails(retry_after_s, reason, tuple(fields))
 
 
+def _answer_too_large_hint(text: str) -> str:
+    """What to raise when ``text`` is gRPC's refusal of an answer over its message size limit; "" otherwise."""
+    return next((hint for marker, hint in _ANSWER_TOO_LARGE_HINTS.items() if marker in text), "")
+
+
 def translate_rpc_error(err: grpc.RpcError, details: StatusDetails | None = None) -> CloudError:
     """The most specific CloudError for a failed call; ``code`` is the gRPC status name."""
     code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
@@ -95,6 +110,11 @@ def translate_rpc_error(err: grpc.RpcError, details: StatusDetails | None = None
     name = code.name
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return CloudAuthError(message, code=name)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (hint := _answer_too_large_hint(text or "")):
+        return CloudResponseTooLargeError(
+            f"{message}: the answer is larger than a gRPC message may be: {hint} (or ask for fewer max_new_tokens)",
+            code=name,
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (text or "").startswith(_TOO_LARGE_PREFIXES):
         return CloudRequestTooLargeError(f"{message}: shorten the messages", code=name)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

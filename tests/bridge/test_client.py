@@ -17,8 +17,10 @@ from edge_runtime.cloud import CircuitBreaker, CloudClient, CloudSettings
 from edge_runtime.errors import (
     BackendError,
     CircuitOpenError,
+    CloudCancelledError,
     CloudError,
     CloudQuotaError,
+    CloudResponseTooLargeError,
     CloudTimeoutError,
     CloudUnavailableError,
     ConfigError,
@@ -236,6 +238,68 @@ def test_a_local_deadline_is_a_timeout_error(start_bridge, make_client):
     assert info.value.code == "DEADLINE_EXCEEDED"
 
 
+def test_a_deadline_the_caller_chose_shorter_than_timeout_s_is_not_a_bridge_outage(start_bridge, make_client):
+    flaky = FlakyBackend(failures=10, error=BackendError("upstream too slow", code="DEADLINE_EXCEEDED"))
+    bridge = start_bridge(
+        backends={"flaky": flaky},
+        models={"tiny": {"backend": "echo", "reply": "a b c d e f g h", "token_delay_ms": 100}},
+    )
+    client = make_client(bridge, timeout_s=10, circuit_failure_threshold=3)
+    # a daemon's own request deadline cut these short: a healthy bridge, three times
+    for call in (
+        lambda: client.generate(HI, model="tiny", timeout_s=0.2),
+        lambda: list(client.stream(HI, model="tiny", timeout_s=0.2)),
+        lambda: client.generate(HI, model="tiny", timeout_s=0.2),
+    ):
+        with pytest.raises(CloudTimeoutError):
+            call()
+    assert client.circuit.state == "closed" and client.circuit.consecutive_failures == 0
+    assert len(bridge.backend("tiny").wait_for_generations(3)) == 3  # and none was retried
+    # a timeout the bridge relays long before the caller's deadline is the bridge's (its upstream's) failure
+    with pytest.raises(CloudTimeoutError):
+        client.generate(HI, model="flaky", timeout_s=5)
+    assert client.circuit.consecutive_failures == 1 and flaky.calls == 1
+    # and so is running out of the configured deadline
+    configured = make_client(bridge, timeout_s=0.2, circuit_failure_threshold=1)
+    with pytest.raises(CloudTimeoutError):
+        configured.generate(HI, model="tiny")
+    assert configured.circuit.state == "open"
+
+
+def test_an_answer_too_large_for_grpc_is_neither_retried_nor_a_cloud_outage(start_bridge, make_client):
+    big = {"tiny": {"backend": "echo", "reply": "x" * 6000}}
+    bridge = start_bridge(models=big)
+    sleeps: list[float] = []
+    client = make_client(bridge, max_message_bytes=2048, circuit_failure_threshold=1, sleep=sleeps.append)
+    for call in (lambda: client.generate(HI), lambda: list(client.stream(HI))):
+        with pytest.raises(CloudResponseTooLargeError) as info:
+            call()
+        assert "cloud.max_message_bytes" in str(info.value) and info.value.code == "RESOURCE_EXHAUSTED"
+        assert sleeps == [] and client.circuit.state == "closed"  # not retried (re-billed), not counted
+    assert len(bridge.backend().wait_for_generations(2)) == 2  # a stream's ends after the client has given up
+    # over the bridge's own limit on what it sends
+    small = start_bridge(server={"max_message_bytes": 1024}, models=big)
+    other = make_client(small, circuit_failure_threshold=1, sleep=sleeps.append)
+    with pytest.raises(CloudResponseTooLargeError) as info:
+        list(other.stream(HI))
+    assert "server.max_message_bytes" in str(info.value)
+    assert sleeps == [] and other.circuit.state == "closed" and len(small.backend().wait_for_generations(1)) == 1
+
+
+def test_a_stream_cancelled_during_a_retry_backoff_is_not_retried(start_bridge, make_client):
+    flaky = FlakyBackend(failures=10)
+    bridge = start_bridge(backends={"flaky": flaky}, models={})
+    client = make_client(bridge, backoff_initial_s=5.0, backoff_max_s=5.0, jitter=0.0, circuit_failure_threshold=1)
+    started = time.monotonic()
+    with pytest.raises(CloudCancelledError):
+        list(client.stream(HI, cancel=lambda: time.monotonic() - started > 0.3))
+    assert time.monotonic() - started < 1.0  # not after the 5 s backoff
+    assert flaky.calls == 1 and client.circuit.state == "closed"
+    with pytest.raises(CloudCancelledError):  # cancelled before it began: nothing is sent
+        next(client.stream(HI, cancel=lambda: True))
+    assert flaky.calls == 1 and client.circuit.state == "closed"
+
+
 def test_client_settings_are_validated():
     with pytest.raises(ConfigError):
         CloudSettings(address="x:1", cert_file="c.pem")  # a certificate without its key
@@ -256,6 +320,37 @@ def test_a_port_out_of_range_or_a_malformed_address_names_cloud_address(address)
     with pytest.raises(ConfigError) as info:
         load_runtime_settings(data={"cloud": {"address": address}}, env={})  # the daemon's [cloud] section
     assert info.value.field == "cloud.address"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "dns:bridge.example:50051",
+        "dns:///bridge.example:50051",
+        "dns://8.8.8.8/bridge.example:50051",  # a DNS server to ask
+        "dns://8.8.8.8:53/bridge.example:50051",
+        "dns:[2001:db8::1]:50051",
+        "ipv4:10.0.0.1:50051,10.0.0.2:50051",
+    ],
+)
+def test_every_grpc_target_form_is_accepted(address):
+    assert CloudSettings(address=address).address == address
+    assert load_runtime_settings(data={"cloud": {"address": address}}, env={}).cloud.address == address
+
+
+@pytest.mark.parametrize(
+    "address", ["dns:bridge.example", "dns:bridge.example:70000", "dns://8.8.8.8", "dns://bridge.example:50051"]
+)
+def test_a_dns_target_without_a_valid_port_names_cloud_address(address):
+    with pytest.raises(ConfigError) as info:
+        CloudSettings(address=address)
+    assert info.value.field == "cloud.address"
+
+
+def test_a_client_dials_a_dns_scheme_target(start_bridge, make_client):
+    bridge = start_bridge()
+    client = make_client(bridge, address=f"dns:localhost:{bridge.port}")  # plaintext: localhost is loopback
+    assert client.generate(HI).text == "the answer is forty two"
 
 
 def test_a_request_too_large_for_grpc_is_the_requests_fault_not_a_cloud_outage(start_bridge, make_client):

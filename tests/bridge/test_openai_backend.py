@@ -367,3 +367,36 @@ def test_the_api_key_is_cut_out_of_upstream_text_sent_to_devices_and_logged(
             list(client.stream([{"role": "user", "content": "hi"}]))
         assert key not in str(info.value) and "***" in str(info.value)
     assert "backend 'gpt' failed: upstream" in caplog.text and key not in caplog.text
+
+
+def _send_text(handler: BaseHTTPRequestHandler, status: int, text: str) -> None:
+    raw = text.encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "text/plain")
+    handler.send_header("Content-Length", str(len(raw)))
+    handler.end_headers()
+    handler.wfile.write(raw)
+
+
+@pytest.mark.parametrize(
+    ("streaming", "respond"),
+    [
+        # not JSON, so the first 200 characters are kept: the echoed key starts at 185 and runs past the cut
+        (False, lambda h, body: _send_text(h, 401, "x" * 162 + " Authorization: " + h.headers["Authorization"])),
+        (True, lambda h, body: _send_text(h, 401, "x" * 162 + " Authorization: " + h.headers["Authorization"])),
+        # an event that is not JSON is quoted to 80 characters: the key starts at 68
+        (True, lambda h, body: sse([f"data: {'y' * 60} {h.headers['Authorization']}\n\n"])(h, body)),
+    ],
+)
+def test_no_part_of_the_api_key_survives_when_upstream_text_is_shortened(upstream, streaming, respond):
+    key = "sk-proj-ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    settings = OpenAIModelSettings(base_url=upstream.base_url, model="m", api_key_env="KEY", timeout_s=5.0)
+    backend = OpenAIBackend(settings, environ={"KEY": key})
+    upstream.respond = respond
+    with pytest.raises(BackendError) as info:
+        if streaming:
+            list(backend.stream(REQUEST, CancelToken()))
+        else:
+            backend.generate(REQUEST, CancelToken())
+    message = str(info.value)
+    assert key[:8] not in message and "Bearer ***" in message

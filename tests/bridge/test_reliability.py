@@ -14,7 +14,13 @@ from grpc_status import rpc_status
 from cloud_bridge.backends.echo import EchoBackend
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2
 from edge_runtime.engine.types import SamplingParams
-from edge_runtime.errors import BackendError, CircuitOpenError, CloudTimeoutError, CloudUnavailableError
+from edge_runtime.errors import (
+    BackendError,
+    CircuitOpenError,
+    CloudCancelledError,
+    CloudTimeoutError,
+    CloudUnavailableError,
+)
 
 from .conftest import TOKEN
 
@@ -66,6 +72,35 @@ def test_a_stream_the_caller_abandons_stops_the_backend_and_frees_its_worker(sta
         HI, params=SamplingParams(max_new_tokens=3), timeout_s=10
     )  # the worker serves again
     assert again.text == "w0 w1 w2"
+
+
+def test_a_stream_cancelled_while_the_bridge_generates_stops_at_once_and_stops_the_backend(start_bridge, make_client):
+    bridge = start_bridge(models=slow(2000, reply="a b c d e f g h i j k l m n o"))  # 15 words x 2 s = 30 s
+    client = make_client(bridge, timeout_s=60, circuit_failure_threshold=1)
+    started = time.monotonic()
+    stream = client.stream(HI, cancel=lambda: time.monotonic() - started > 0.3)
+    with pytest.raises(CloudCancelledError) as info:
+        next(stream)  # waiting for the first word, 2 s away: only a watcher can see the cancel
+    assert 0.3 <= time.monotonic() - started < 1.0  # not 2 s, at the first word
+    assert info.value.code == "CANCELLED"
+    (record,) = bridge.backend().wait_for_generations(1, timeout_s=3)
+    assert record.finish_reason == "cancelled" and record.completion_tokens == 0
+    assert record.ended_s - started < 1.0  # the bridge stopped generating (and billing) too
+    assert client.circuit.state == "closed" and client.circuit.consecutive_failures == 0  # the caller's doing
+
+
+def test_a_stream_cancelled_between_chunks_yields_no_more_text(start_bridge, make_client):
+    bridge = start_bridge(models=slow(50))
+    cancelled = threading.Event()
+    client = make_client(bridge)
+    stream = client.stream(HI, cancel=cancelled.is_set)
+    assert next(stream).text == "w0"
+    cancelled.set()
+    with pytest.raises(CloudCancelledError):
+        next(stream)
+    (record,) = bridge.backend().wait_for_generations(1, timeout_s=3)
+    assert record.finish_reason in ("cancelled", "closed") and record.completion_tokens < 40
+    assert client.circuit.consecutive_failures == 0
 
 
 def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_delay(start_bridge, raw_stub):

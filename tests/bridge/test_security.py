@@ -159,6 +159,17 @@ def test_the_client_refuses_plaintext_off_loopback():
         ("[::]:1", False),
         ("10.0.0.1:1", False),
         ("bridge.example.com:443", False),
+        ("ipv4:127.0.0.1:1,127.0.0.2:2", True),  # gRPC may dial any of a list: every one must be loopback
+        ("ipv4:127.0.0.1:1,10.0.0.1:2", False),
+        ("ipv4:127.0.0.1:1,", False),
+        ("ipv6:[::1]:1,[::1]:2", True),
+        ("ipv6:[::1]:1,[2001:db8::1]:2", False),
+        ("dns:127.0.0.1:1", True),
+        ("dns:localhost:1", True),
+        ("dns:///localhost:1", True),
+        ("dns://8.8.8.8/127.0.0.1:1", True),
+        ("dns://8.8.8.8/localhost:1", False),  # that server, not this machine, says where localhost is
+        ("dns://8.8.8.8/bridge.example.com:1", False),
     ],
 )
 def test_loopback_addresses(address, loopback):
