@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, EdgeRuntimeError
 from ._http import create_app
-from ._service import ChatService
+from ._service import ChatService, handover_permits
 
 if TYPE_CHECKING:
     from ..hybrid import HybridRuntime
@@ -314,8 +314,8 @@ def create_server(settings: RuntimeSettings, *, runtime: HybridRuntime | None = 
         from ._grpc import create_grpc_server
 
         try:
-            # a thread per call that may wait or run, and a few for health checks
-            workers = settings.engine.max_sessions + s.queue_size + 4
+            # a thread per call that may run, wait in the queue or wait for the bridge, and a few for health checks
+            workers = settings.engine.max_sessions + s.queue_size + handover_permits(s) + 4
             server.grpc_server, server.grpc_health, server.grpc_socket = create_grpc_server(
                 server.service, s.grpc_socket, max_workers=workers)
         except BaseException:

@@ -33,7 +33,7 @@ from ._request import ChatRequest, rename_field
 if TYPE_CHECKING:
     from ..settings import ServerSettings
 
-__all__ = ["ChatService", "Job", "ClientGone", "State", "outcome_of"]
+__all__ = ["ChatService", "Job", "ClientGone", "State", "handover_permits", "outcome_of"]
 
 log = logging.getLogger("edge_runtime.daemon")
 
@@ -162,6 +162,11 @@ class Job:
         return self.ticket.queue_s * 1000.0
 
 
+def handover_permits(settings: ServerSettings) -> int:
+    """How many escalating requests may give their generation slot on at once (each keeps its thread)."""
+    return max(1, settings.queue_size)
+
+
 class ChatService:
     """Everything the transports share. ``attach(runtime)`` makes it ready; until then requests get 503."""
 
@@ -188,8 +193,7 @@ class ChatService:
         """Serve ``runtime`` (a HybridRuntime, or anything with its ``stream`` and ``engine``)."""
         slots = int(getattr(runtime.engine, "max_sessions", 1))
         self.admission = Admission(slots, self.settings.queue_size)
-        # at most this many escalating requests give their slot on at once (each keeps its thread)
-        handovers = max(1, self.settings.queue_size)
+        handovers = handover_permits(self.settings)
         self._handover_permits = threading.BoundedSemaphore(handovers)
         # queued requests wait in a thread too: one thread per admitted or handed-over request, never more
         self.executor = ThreadPoolExecutor(max_workers=slots + self.settings.queue_size + handovers,
