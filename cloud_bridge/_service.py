@@ -19,7 +19,7 @@ from typing import NoReturn
 import grpc
 
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
-from edge_runtime.cloud import Escalation
+from edge_runtime.cloud import ACCEPTED_METADATA_KEY, Escalation
 from edge_runtime.engine.types import SamplingParams, validate_messages
 from edge_runtime.errors import BackendError, InvalidRequestError, QueueFullError
 
@@ -182,6 +182,9 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         device = self._authenticate(context)
         alias, backend_request = self._parse(request, device)
         self._admit(device)
+        # tell the device now that a live bridge has the call: a deadline of its own that then expires
+        # says nothing against the bridge's health (see CloudClient._cut_short)
+        context.send_initial_metadata(((ACCEPTED_METADATA_KEY, "1"),))
         remaining = context.time_remaining()
         cancel = CancelToken(None if remaining is None else received_s + remaining)
         # fires when the call ends for any reason: cancelled, deadline passed, or done

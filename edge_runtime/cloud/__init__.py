@@ -14,7 +14,7 @@ from __future__ import annotations
 from ._address import check_address, is_loopback_address
 from ._channel import open_channel
 from ._circuit import CircuitBreaker, CircuitState
-from ._client import SERVICE_NAME, CloudClient
+from ._client import ACCEPTED_METADATA_KEY, SERVICE_NAME, CloudClient
 from ._errors import (
     CIRCUIT_CODES,
     RETRYABLE_CODES,
@@ -39,6 +39,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitState",
     "SERVICE_NAME",
+    "ACCEPTED_METADATA_KEY",
     "RETRYABLE_CODES",
     "CloudRequestTooLargeError",
     "CloudResponseTooLargeError",

@@ -47,9 +47,21 @@ from ._errors import CIRCUIT_CODES, RETRYABLE_CODES, status_details, translate_r
 from ._settings import CloudSettings
 from ._types import CloudChunk, CloudResult, Escalation, ModelInfo, ServerTimings
 
-__all__ = ["CloudClient", "SERVICE_NAME"]
+__all__ = ["CloudClient", "SERVICE_NAME", "ACCEPTED_METADATA_KEY"]
 
 SERVICE_NAME = bridge_pb2.DESCRIPTOR.services_by_name["CloudBridge"].full_name
+# initial metadata the bridge sends as soon as it has accepted a call: the sign of a bridge that is alive
+# (a host that accepts connections and never answers sends none)
+ACCEPTED_METADATA_KEY = "edgecloud-accepted"
+
+
+def _bridge_accepted(call: object) -> bool:
+    """Whether the bridge had accepted the (finished) call: its initial metadata carries the marker."""
+    try:
+        metadata = call.initial_metadata() if isinstance(call, grpc.Call) else None
+    except Exception:  # a call that never started has none to give
+        return False
+    return any(key == ACCEPTED_METADATA_KEY for key, _value in (metadata or ()))
 
 _FINISH_NAMES = {
     bridge_pb2.FINISH_REASON_STOP: "stop",
@@ -220,14 +232,17 @@ class CloudClient:
         return delay * (1.0 - s.jitter * self._rng.random())
 
     def _cut_short(self, error: CloudError, timeout_s: float | None, deadline_s: float) -> bool:
-        """Did ``error`` come from a deadline the caller chose shorter than ``settings.timeout_s``, expiring?
+        """Did ``error`` come from a deadline the caller chose shorter than ``settings.timeout_s``, expiring
+        on a bridge that had accepted the call?
 
         Then the caller's own clock ended the call (a daemon request's deadline, say), and a healthy bridge
         would have been cut off just the same. A timeout well before that deadline (an upstream's, relayed by
-        the bridge) still counts against the bridge.
+        the bridge) still counts against the bridge, and so does one where the bridge never accepted the call
+        (a hung process, or a host that takes connections and never answers: it must still open the circuit).
         """
         return (
             isinstance(error, CloudTimeoutError)
+            and getattr(error, "bridge_accepted", False)
             and timeout_s is not None
             and timeout_s < self.settings.timeout_s
             and self._clock() >= deadline_s - _DEADLINE_SLACK_S
@@ -237,6 +252,7 @@ class CloudClient:
         """How long to wait before the next attempt, or None to give up; and the error to raise if giving up."""
         details = status_details(err)
         error = translate_rpc_error(err, details)
+        error.bridge_accepted = _bridge_accepted(err)  # type: ignore[attr-defined]  # read by _cut_short
         code = err.code() if isinstance(err, grpc.Call) else None
         # a request or an answer over gRPC's message size limit is RESOURCE_EXHAUSTED too, and fails the same again
         retryable = code in RETRYABLE_CODES and not isinstance(error, _NEUTRAL_ERRORS)

@@ -266,6 +266,32 @@ def test_a_deadline_the_caller_chose_shorter_than_timeout_s_is_not_a_bridge_outa
     assert configured.circuit.state == "open"
 
 
+def test_a_host_that_never_answers_still_opens_the_circuit_under_short_caller_deadlines():
+    import socket
+    import threading
+
+    from edge_runtime.cloud import CloudClient
+
+    # accepts connections and never speaks: no bridge accepted the call, so its expiry is the host's failure
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(listener.accept()[0]) for _ in range(8)], daemon=True).start()
+    client = CloudClient(address=f"127.0.0.1:{listener.getsockname()[1]}", token="ebt_x", insecure=True, timeout_s=30,
+                         max_attempts=1, circuit_failure_threshold=2)
+    try:
+        for _ in range(2):
+            with pytest.raises(CloudTimeoutError):
+                list(client.stream(HI, timeout_s=0.3))  # shorter than timeout_s, as a daemon's deadline is
+        assert client.circuit.state == "open"
+    finally:
+        client.close()
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
 def test_an_answer_too_large_for_grpc_is_neither_retried_nor_a_cloud_outage(start_bridge, make_client):
     big = {"tiny": {"backend": "echo", "reply": "x" * 6000}}
     bridge = start_bridge(models=big)
