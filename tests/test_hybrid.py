@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -17,18 +18,27 @@ TOKEN = "ebt_hybrid-test"
 ASK = [{"role": "user", "content": "what is 2 + 2?"}]
 
 
-@pytest.fixture()
-def bridge():
+@contextlib.contextmanager
+def _echo_bridge(alias: str, **model):
+    """A started loopback bridge serving one echo model; yields (server, port)."""
     settings = load_bridge_settings(data={
         "server": {"address": "127.0.0.1:0", "grace_period_s": 0.5},
         "auth": {"tokens_file": None, "tokens": {"dev": hash_token(TOKEN)}},
-        "models": {"big": {"backend": "echo", "reply": "the answer is 4", "usd_per_million_input_tokens": 1000.0,
-                           "usd_per_million_output_tokens": 2000.0}},
+        "models": {alias: {"backend": "echo", **model}},
     }, env={})
     server, port = create_server(settings, insecure=True)
     server.start()
-    yield server, port
-    server.stop(0)
+    try:
+        yield server, port
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture()
+def bridge():
+    with _echo_bridge("big", reply="the answer is 4", usd_per_million_input_tokens=1000.0,
+                      usd_per_million_output_tokens=2000.0) as started:
+        yield started
 
 
 @pytest.fixture()
@@ -153,14 +163,7 @@ def test_from_config_builds_every_part(tiny_bundle, tmp_path):
 def test_a_caller_who_cancels_during_escalation_stops_the_bridge(engine):
     import threading
 
-    settings = load_bridge_settings(data={
-        "server": {"address": "127.0.0.1:0", "grace_period_s": 0.5},
-        "auth": {"tokens_file": None, "tokens": {"dev": hash_token(TOKEN)}},
-        "models": {"slow": {"backend": "echo", "reply": " ".join(["word"] * 200), "token_delay_ms": 20.0}},
-    }, env={})
-    server, port = create_server(settings, insecure=True)
-    server.start()
-    try:
+    with _echo_bridge("slow", reply=" ".join(["word"] * 200), token_delay_ms=20.0) as (server, port):
         rt = _runtime(engine, port, {"type": "always"})
         cancel = threading.Event()
         threading.Timer(0.3, cancel.set).start()
@@ -173,21 +176,12 @@ def test_a_caller_who_cancels_during_escalation_stops_the_bridge(engine):
         # "closed": gRPC stopped reading the stream while the backend was suspended at a word.
         # Either way the generation stopped early, which is what this test is about.
         assert gen.finish_reason in ("cancelled", "closed") and gen.completion_tokens < 100
-    finally:
-        server.stop(0)
 
 
 def test_a_cancel_stops_an_escalation_while_the_bridge_is_between_words(engine):
     import threading
 
-    settings = load_bridge_settings(data={
-        "server": {"address": "127.0.0.1:0", "grace_period_s": 0.5},
-        "auth": {"tokens_file": None, "tokens": {"dev": hash_token(TOKEN)}},
-        "models": {"slow": {"backend": "echo", "reply": "one two three", "token_delay_ms": 3000.0}},
-    }, env={})
-    server, port = create_server(settings, insecure=True)
-    server.start()
-    try:
+    with _echo_bridge("slow", reply="one two three", token_delay_ms=3000.0) as (server, port):
         rt = _runtime(engine, port, {"type": "always"})
         cancel = threading.Event()
         threading.Timer(0.5, cancel.set).start()
@@ -198,5 +192,3 @@ def test_a_cancel_stops_an_escalation_while_the_bridge_is_between_words(engine):
         assert r.route == "local_forced" and r.reason == "cancelled"
         (gen,) = server.backends["slow"].wait_for_generations(1)
         assert gen.finish_reason == "cancelled" and gen.completion_tokens == 0
-    finally:
-        server.stop(0)

@@ -51,10 +51,7 @@ def _items(suite: str, split: str, limit: int | None) -> list[Any]:
     from ..errors import InvalidRequestError
     from ..tasks import first_items, load_suite
 
-    try:
-        items = first_items(load_suite(suite, split), limit)
-    except InvalidRequestError as err:
-        raise InvalidRequestError(str(err).removeprefix("limit: "), field="--limit") from err
+    items = first_items(load_suite(suite, split), limit, field="--limit")
     if not items:
         raise InvalidRequestError(f"the {split} split of suite {suite!r} has no items", field="--split")
     return items

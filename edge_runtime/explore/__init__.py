@@ -233,7 +233,8 @@ def explore(
         held_ids = {it.id for it in held}
         items = [it for it in items if it.id not in held_ids]
 
-    engine = Engine(resolve_bundle(edge), intra_op_threads=threads)
+    edge_bundle = resolve_bundle(edge)
+    engine = Engine(edge_bundle, intra_op_threads=threads)
     with contextlib.ExitStack() as stack:
         local_bundle = user_token_file = None
         if cloud_settings is None or not cloud_settings.address:
@@ -291,7 +292,7 @@ def explore(
             if point is not None:
                 name = "recommended.toml" if i == 0 else f"recommended-{i + 1}.toml"
                 fields = {"estimator_path": str((out / "estimator.json").resolve()), "n_items": len(m.items),
-                          "requests_per_day": requests_per_day, "goal": goal.text, "bundle": str(resolve_bundle(edge))}
+                          "requests_per_day": requests_per_day, "goal": goal.text, "bundle": str(edge_bundle)}
                 (out / name).write_text(config_snippet(point, **fields, cloud=saved_cloud), encoding="utf-8")
                 # the live check runs it against the bridge measured here (its token in a private file)
                 live_configs.append((rec, config_snippet(point, **fields, cloud=_cloud_toml(cloud_settings, token_file))))

@@ -101,7 +101,7 @@ def load_suite(name: str | os.PathLike[str] = "default", split: str = "dev") -> 
     return [i for i in _read_jsonl(path) if split == "all" or i.split == split]
 
 
-def first_items(items: Sequence[TaskItem], limit: int | None) -> list[TaskItem]:
+def first_items(items: Sequence[TaskItem], limit: int | None, *, field: str = "limit") -> list[TaskItem]:
     """``limit`` items taking each task family in turn (the first of every family, then the second, ...).
 
     A split lists its families one after the other, so its first N items would all be
@@ -110,7 +110,7 @@ def first_items(items: Sequence[TaskItem], limit: int | None) -> list[TaskItem]:
     if limit is None:
         return list(items)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise InvalidRequestError(f"must be a positive number of items, got {limit!r}", field="limit")
+        raise InvalidRequestError(f"must be a positive number of items, got {limit!r}", field=field)
     by_family: dict[str, list[TaskItem]] = {}
     for item in items:
         by_family.setdefault(item.family, []).append(item)
