@@ -52,6 +52,7 @@ def parse_number(text: str) -> Decimal | None:
 
 
 _LIST_MARKER = re.compile(r"^[ \t]*\d{1,2}[.)][ \t]+", re.MULTILINE)
+_FIRST_STEP = re.compile(r"\s*1[.)][ \t]+(?=[^\n=]*=[ \t]*-?\d)")
 
 
 def _numbers(text: str) -> list[str]:
@@ -69,17 +70,28 @@ def _number_words(text: str) -> list[int]:
     return out
 
 
-def extract_number(reply: str) -> tuple[str | None, str | None]:
+def extract_number(reply: str, question: str | None = None) -> tuple[str | None, str | None]:
     """The number a reply gives as its answer.
 
     In order: a LaTeX ``\\boxed{}``; the number after "answer is"/"answer:"; a
     short first line holding a single number ("85.", "85 apples"); the first
     number after the last "="; the last number in the reply; finally a number
     word ("twelve", "twenty-one").
+
+    With the ``question``, the last-number rule skips numbers the question
+    itself holds, so a reply that restates it after answering ("There are 84
+    inches in 7 feet.") is read as 84, not 7; a reply holding only the
+    question's numbers still gives its last one.
     """
     text = reply.translate(_MINUS_SIGNS)
     if len(_LIST_MARKER.findall(text)) >= 2:  # "1. 20\n2. 20": list numbers are not answers
         text = _LIST_MARKER.sub("", text)
+    else:
+        # a list of one step ("1. 6 + 1 = 7."): its "1." is a marker, not a first sentence giving
+        # the answer; only "1." before a worked equation is dropped ("85. I added 37 and 48." stays)
+        lead = _FIRST_STEP.match(text)
+        if lead:
+            text = text[lead.end():]
     boxed = _BOXED.findall(text)
     if boxed:
         nums = _numbers(boxed[-1])
@@ -100,6 +112,11 @@ def extract_number(reply: str) -> tuple[str | None, str | None]:
             return nums[0], None
     nums = _numbers(text)
     if nums:
+        if question:
+            asked = {parse_number(n) for n in _numbers(question.translate(_MINUS_SIGNS))}
+            fresh = [n for n in nums if parse_number(n) not in asked]
+            if fresh:
+                return fresh[-1], None
         return nums[-1], None
     words = _number_words(text)
     if words:
@@ -109,6 +126,7 @@ def extract_number(reply: str) -> tuple[str | None, str | None]:
 
 _YES = {"yes", "true", "correct"}
 _NO = {"no", "false", "incorrect"}
+_NEGATIONS = {"not", "never", "isn", "aren", "wasn", "weren", "t"}  # "isn't" reads as "isn", "t"
 _YES_NO_IS = re.compile(r"\banswer\s*(?:is|:)\s*:?\s*\W*(yes|no)\b", re.IGNORECASE)
 
 
@@ -130,7 +148,9 @@ def extract_yes_no(reply: str) -> tuple[str | None, str | None]:
         return None, "reply says both yes and no"
     if words[0] in _YES or words[0] in _NO:
         return ("yes" if words[0] in _YES else "no"), None
-    has_tf = {("yes" if w in _YES else "no") for w in words if w in ("true", "false")}
+    # "It is not true that 201 is larger than 332.": a negated true/false flips it
+    has_tf = {("yes" if (w == "true") != (words[i - 1] in _NEGATIONS if i else False) else "no")
+              for i, w in enumerate(words) if w in ("true", "false")}
     if len(has_tf) == 1:
         return has_tf.pop(), None
     return None, "no yes/no in the reply"
@@ -160,6 +180,7 @@ _PREFIX = re.compile(
 _COPULA = re.compile(
     r"\s(?:is|are|was|were|would be|will be|wrote|painted|composed|invented|discovered|created)\s", re.IGNORECASE
 )
+_NEGATED = re.compile(r"(?:not|never|no longer)\b", re.IGNORECASE)
 _PREPOSITION = re.compile(r"\s(?:of|in|on|for|as|by|called|named)\s", re.IGNORECASE)
 # a period ends a clause unless it closes an initial ("J.K. Rowling", "D.C.")
 _CLAUSE_END = re.compile(r"\s*(?:[,;:()\[\]]|\s-\s|\s\u2014\s|(?<!\b[A-Z])\.(?:\s|$)|[!?])")
@@ -199,10 +220,12 @@ def text_candidates(reply: str, *, max_words: int = 6) -> list[str]:
     first_clause = _clause(first) or first
     parts = _COPULA.split(" " + first_clause + " ")
     after = parts[-1].strip() if len(parts) > 1 else first_clause
-    if len(parts) > 1:
+    # "Paris is not the capital of France" denies: neither side of a negated verb is an answer
+    negated = any(_NEGATED.match(p) for p in parts[1:])
+    if len(parts) > 1 and not negated:
         out.append(after)
     out.append(first_clause)
-    if len(parts) > 1:
+    if len(parts) > 1 and not negated:
         out.append(parts[0].strip())
     preps = _PREPOSITION.split(" " + after + " ")
     if len(preps) > 1:

@@ -23,11 +23,14 @@ from ._types import Score, TaskItem
 __all__ = ["score", "score_text", "SCORERS", "check_answers"]
 
 
+# (reply, accepted answers, question or None) -> Score
+Scorer = Callable[[str, Sequence[str], "str | None"], Score]
+
 _REL_TOL = Decimal("1e-9")  # decimals are exact; this only forgives "0.30000000001"-style float echoes
 
 
-def _score_number(reply: str, answers: Sequence[str]) -> Score:
-    raw, err = extract_number(reply)
+def _score_number(reply: str, answers: Sequence[str], question: str | None = None) -> Score:
+    raw, err = extract_number(reply, question)
     if raw is None:
         return Score(False, None, err)
     value = parse_number(raw)
@@ -40,15 +43,15 @@ def _score_number(reply: str, answers: Sequence[str]) -> Score:
     return Score(False, raw, None)
 
 
-def _score_yes_no(reply: str, answers: Sequence[str]) -> Score:
+def _score_yes_no(reply: str, answers: Sequence[str], question: str | None = None) -> Score:
     got, err = extract_yes_no(reply)
     if got is None:
         return Score(False, None, err)
     return Score(got in {a.strip().lower() for a in answers}, got, None)
 
 
-def _text_scorer(case_sensitive: bool) -> Callable[[str, Sequence[str]], Score]:
-    def scorer(reply: str, answers: Sequence[str]) -> Score:
+def _text_scorer(case_sensitive: bool) -> Scorer:
+    def scorer(reply: str, answers: Sequence[str], question: str | None = None) -> Score:
         candidates = text_candidates(reply)
         if not candidates:
             return Score(False, None, "no short answer in the reply" if reply.strip() else "empty reply")
@@ -61,14 +64,14 @@ def _text_scorer(case_sensitive: bool) -> Callable[[str, Sequence[str]], Score]:
     return scorer
 
 
-def _score_exact(reply: str, answers: Sequence[str]) -> Score:
+def _score_exact(reply: str, answers: Sequence[str], question: str | None = None) -> Score:
     got = reply.strip()
     if not got:
         return Score(False, None, "empty reply")
     return Score(got.casefold() in {a.strip().casefold() for a in answers}, got, None)
 
 
-SCORERS: dict[str, Callable[[str, Sequence[str]], Score]] = {
+SCORERS: dict[str, Scorer] = {
     "number": _score_number,
     "yesno": _score_yes_no,
     "text": _text_scorer(case_sensitive=False),
@@ -96,19 +99,23 @@ def check_answers(scorer: str, answers: Sequence[str]) -> str | None:
     return None
 
 
-def score_text(scorer: str, answers: Sequence[str], reply: str) -> Score:
-    """Score ``reply`` against ``answers`` with the named scorer; never raises."""
+def score_text(scorer: str, answers: Sequence[str], reply: str, *, question: str | None = None) -> Score:
+    """Score ``reply`` against ``answers`` with the named scorer; never raises.
+
+    ``question`` (the text asked) lets the number scorer tell a restated
+    operand from the answer; see :func:`~edge_runtime.tasks._extract.extract_number`.
+    """
     fn = SCORERS.get(scorer)
     if fn is None:
         return Score(False, None, f"unknown scorer {scorer!r}")
     if not isinstance(reply, str):
         return Score(False, None, f"reply is {type(reply).__name__}, not text")
     try:
-        return fn(reply, answers)
+        return fn(reply, answers, question)
     except Exception as err:  # a scorer bug must cost one item, not the whole evaluation run
         return Score(False, None, f"scorer {scorer!r} failed: {type(err).__name__}: {err}")
 
 
 def score(item: TaskItem, text: str) -> Score:
     """Score one reply to ``item``: exact match after extraction. Never raises."""
-    return score_text(item.scorer, item.answers, text)
+    return score_text(item.scorer, item.answers, text, question=item.prompt)

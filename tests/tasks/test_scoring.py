@@ -29,7 +29,10 @@ from edge_runtime.tasks import Score, TaskItem, score, score_text
         ("3, 7, 11, 15, 19", ["19"], True, "19"),
         ("1. 5 * 3 = 15\n2. 5 * 3 = 15\n", ["15"], True, "15"),  # list numbering is not the answer
         ("1. 20\n2. 20\n3. 20", ["20"], True, "20"),
-        ("85.\nI added 37 and 48.", ["85"], True, "85"),  # echoes the sequence: the last number is the next term
+        ("85.\nI added 37 and 48.", ["85"], True, "85"),
+        ("1. 6 + 1 = 7.", ["7"], True, "7"),  # a one-step list: "1." is its marker, not a first sentence
+        ("1. The answer is 7.", ["7"], True, "7"),
+        ("7. That is all.", ["7"], True, "7"),  # echoes the sequence: the last number is the next term
         ("The answer is 86.", ["85"], False, "86"),
         ("85.5", ["85"], False, "85.5"),
     ],
@@ -37,6 +40,25 @@ from edge_runtime.tasks import Score, TaskItem, score, score_text
 def test_number_scorer(reply, answers, correct, extracted):
     s = score_text("number", answers, reply)
     assert (s.correct, s.extracted, s.parse_error) == (correct, extracted, None)
+
+
+@pytest.mark.parametrize(
+    "reply, extracted",
+    [
+        ("There are 84 inches in 7 feet.", "84"),  # restates the question after answering
+        ("7 feet is 84 inches.", "84"),
+        ("7 feet, that is 7 feet.", "7"),  # only the question's numbers: the last of them
+        ("Multiply 7 by 12 to get 84 inches in 7 feet.", "84"),
+    ],
+)
+def test_the_question_numbers_are_not_taken_for_the_answer(reply, extracted):
+    question = "How many inches are in 7 feet? Answer with just the number."
+    s = score_text("number", ["84"], reply, question=question)
+    assert s.extracted == extracted and s.correct is (extracted == "84")
+    # score() passes the item's question
+    item = TaskItem(id="u", family="unit_conversion", messages=({"role": "user", "content": question},),
+                    answers=("84",), scorer="number")
+    assert score(item, reply) == s
 
 
 @pytest.mark.parametrize("reply", ["", "   ", "I don't know.", "It depends on the context."])
@@ -58,6 +80,9 @@ def test_number_without_a_number_is_a_reported_parse_error(reply):
         ("True", "yes"),
         ("That statement is false.", "no"),
         ("**Yes**", "yes"),
+        ("It is not true that 201 is larger than 332.", "no"),  # a negated true/false flips
+        ("That isn't false.", "yes"),
+        ("It is never true.", "no"),
     ],
 )
 def test_yes_no_extraction(reply, expected):
@@ -87,6 +112,9 @@ def test_yes_no_unparseable(reply, error):
         ("Paris is the capital of France.", ["Paris"], True),
         ("Paris is the capital of France.", ["France"], True),  # answering "Paris is the capital of which country?"
         ("The capital of France is Lyon.", ["Paris"], False),
+        ("Paris is not the capital of France.", ["Paris"], False),  # a negated statement gives no answer
+        ("The capital of France is not Paris.", ["Paris"], False),
+        ("Canberra is the capital of Australia, not Sydney.", ["Canberra"], True),
         ("**Canberra**\n\nCanberra is the capital of Australia, not Sydney.", ["Canberra"], True),
         ("The capital of Australia is Sydney.", ["Canberra"], False),
         ("Brasilia", ["Brasília"], True),  # accents folded
@@ -153,7 +181,7 @@ def test_score_never_raises():
 def test_a_failing_scorer_costs_one_item(monkeypatch):
     from edge_runtime.tasks import _scoring
 
-    def boom(reply, answers):
+    def boom(reply, answers, question=None):
         raise RuntimeError("bug")
 
     monkeypatch.setitem(_scoring.SCORERS, "number", boom)
