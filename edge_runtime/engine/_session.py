@@ -21,7 +21,7 @@ import numpy as np
 from ..bundle import Manifest
 from ..errors import BundleError, EdgeRuntimeError, InvalidRequestError
 
-__all__ = ["OrtModel", "KVCache", "default_threads"]
+__all__ = ["OrtModel", "KVCache", "default_threads", "session_options"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,25 @@ def default_threads() -> int:
     except Exception:  # psutil may not know on exotic platforms
         n = None
     return max(1, n or os.cpu_count() or 1)
+
+
+def session_options(threads: int, session_config: Mapping[str, str] | None = None) -> Any:
+    """The engine's onnxruntime session options (also used by ``benchmarks/decode_step.py``)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # the graph is already fused by the bundle builder; extended optimizations only add load time
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.log_severity_level = 3
+    # Memory patterns (one planned block per run, per input shape) raised peak RSS by 5 MB
+    # with 128-token prompt chunks and 22 MB with 512-token ones; decoding was no faster with them.
+    so.enable_mem_pattern = False
+    for key, value in (session_config or {}).items():
+        so.add_session_config_entry(str(key), str(value))
+    return so
 
 
 class OrtModel:
@@ -65,19 +84,7 @@ class OrtModel:
         if self.threads < 1:
             raise InvalidRequestError("must be >= 1", field="intra_op_threads")
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # the graph is already fused by the bundle builder; extended optimizations only add load time
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.log_severity_level = 3
-        # Memory patterns (one planned block per run, per input shape) raised peak RSS by 5 MB
-        # with 128-token prompt chunks and 22 MB with 512-token ones; decoding was no faster with them.
-        so.enable_mem_pattern = False
-        for key, value in (session_config or {}).items():
-            so.add_session_config_entry(str(key), str(value))
-
+        so = session_options(self.threads, session_config)
         available = ort.get_available_providers()
         wanted = list(providers) if providers else ["CPUExecutionProvider"]
         names = [p if isinstance(p, str) else p[0] for p in wanted]

@@ -1,0 +1,43 @@
+"""The decode-step benchmark's own code path on the tiny bundle (the genai peer is not set up in tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def decode_step(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.decode_step as module
+
+    return module
+
+
+def test_writes_the_graph_and_loop_timings_and_skips_a_missing_genai_model(decode_step, tiny_bundle: Path,
+                                                                             tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "no-genai-model"
+    assert decode_step.main(["--bundle", str(tiny_bundle), "--genai-model", str(missing), "--rounds", "2",
+                             "--steps", "5", "--threads", "1", "--out-dir", str(tmp_path), "--host", "test"]) == 0
+    doc = json.loads((tmp_path / "decode-step-test.json").read_text())
+    assert set(doc["per_round_ms"]) == {"engine graph", "engine loop"}
+    assert all(len(v) == 2 and all(ms > 0 for ms in v) for v in doc["per_round_ms"].values())
+    assert str(missing) in doc["skipped"]["genai graph"]
+    summary = doc["summary"]
+    # the bare steps and Engine.run decode the same greedy tokens
+    assert summary["tokens_match"] is True and len(summary["first_tokens"]["engine graph"]) == 5
+    assert summary["loop_overhead_ms"] == pytest.approx(summary["engine_loop_ms"] - summary["engine_graph_ms"])
+    assert "genai_graph_ms" not in summary
+    assert "tokens match: True" in capsys.readouterr().out
+
+
+def test_none_skips_genai_and_bad_flags_are_refused(decode_step, tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    doc = decode_step.run_benchmark(tiny_bundle, None, threads=1, rounds=1, steps=3, log=lambda _msg: None)
+    assert "not asked for" in doc["skipped"]["genai graph"]
+    with pytest.raises(SystemExit):
+        decode_step.main(["--bundle", str(tiny_bundle), "--steps", "1"])
+    assert "--steps" in capsys.readouterr().err
