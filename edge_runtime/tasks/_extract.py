@@ -70,6 +70,21 @@ def _number_words(text: str) -> list[int]:
     return out
 
 
+# four or more comma-separated integers: the terms of a sequence question
+_SEQUENCE = re.compile(r"(?<![\d.])-?\d+(?:[ \t]*,[ \t]*-?\d+){3,}")
+
+
+def _next_term(question: str, text: str) -> str | None:
+    """The term a reply writes right after repeating the question's sequence ("4, 7, 10, 13, 16, 19")."""
+    m = _SEQUENCE.search(question)
+    if not m:
+        return None
+    terms = [t.strip() for t in m.group(0).split(",")]
+    run = re.compile(r"(?<![\d.])" + r"[ \t]*,[ \t]*".join(re.escape(t) for t in terms) + r"[ \t]*,[ \t]*(-?\d+)(?![\d.])")
+    found = run.search(text)
+    return found.group(1) if found else None
+
+
 def extract_number(reply: str, question: str | None = None) -> tuple[str | None, str | None]:
     """The number a reply gives as its answer.
 
@@ -78,10 +93,14 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
     number after the last "="; the last number in the reply; finally a number
     word ("twelve", "twenty-one").
 
-    With the ``question``, the last-number rule skips numbers the question
-    itself holds, so a reply that restates it after answering ("There are 84
-    inches in 7 feet.") is read as 84, not 7; a reply holding only the
-    question's numbers still gives its last one.
+    With the ``question``, the reply is read against what was asked: a
+    sequence the reply repeats and continues gives its next term ("4, 7, 10,
+    13, 16, 19, 22" -> 19); a short first sentence holding only a number of the
+    question ("Jack has 6 cookies.") is a premise when a new number follows;
+    and the last-number rule skips the question's numbers, so a reply that
+    restates it after answering ("There are 84 inches in 7 feet.") is read as
+    84, not 7. A reply holding only the question's numbers still gives its last
+    one.
     """
     text = reply.translate(_MINUS_SIGNS)
     if len(_LIST_MARKER.findall(text)) >= 2:  # "1. 20\n2. 20": list numbers are not answers
@@ -102,22 +121,29 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
         nums = _numbers(text[answer_is[-1].end():][:40])
         if nums:
             return nums[0], None
-    first = _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
+    question = question.translate(_MINUS_SIGNS) if question else ""
+    asked = {parse_number(n) for n in _numbers(question)}
+    following = _next_term(question, text)
+    if following is not None:
+        return following, None
+    stripped = text.strip()
+    first = _SENTENCE_END.split(stripped, maxsplit=1)[0]
     nums = _numbers(first)
     if len(nums) == 1 and len(first.split()) <= 4:  # "85.", "85 apples", "So, 85."
-        return nums[0], None
+        # "Jack has 6 cookies. He gives 5 away, so he has 1 left.": a first sentence restating
+        # the question's number is a premise when the reply goes on to a number of its own
+        premise = parse_number(nums[0]) in asked and any(
+            parse_number(n) not in asked for n in _numbers(stripped[len(first):]))
+        if not premise:
+            return nums[0], None
     if "=" in text:
         nums = _numbers(text[text.rfind("=") + 1:])
         if nums:
             return nums[0], None
     nums = _numbers(text)
     if nums:
-        if question:
-            asked = {parse_number(n) for n in _numbers(question.translate(_MINUS_SIGNS))}
-            fresh = [n for n in nums if parse_number(n) not in asked]
-            if fresh:
-                return fresh[-1], None
-        return nums[-1], None
+        fresh = [n for n in nums if parse_number(n) not in asked]
+        return (fresh or nums)[-1], None
     words = _number_words(text)
     if words:
         return str(words[-1]), None
@@ -130,12 +156,42 @@ _NEGATIONS = {"not", "never", "isn", "aren", "wasn", "weren", "t"}  # "isn't" re
 _YES_NO_IS = re.compile(r"\banswer\s*(?:is|:)\s*:?\s*\W*(yes|no)\b", re.IGNORECASE)
 
 
-def extract_yes_no(reply: str) -> tuple[str | None, str | None]:
+# "Is 151 divisible by 6? ...": the subject (one token) and the predicate asked about
+_YES_NO_QUESTION = re.compile(r"^\s*(?:is|are)\s+(\S+)\s+([^?]+?)\s*\?", re.IGNORECASE)
+_NOT_BEFORE = re.compile(r"(?:\bnot|\bnever|n't)\s+$", re.IGNORECASE)
+
+
+def _restated(reply: str, question: str) -> str | None:
+    """``"yes"``/``"no"`` from a first sentence that restates the question's own claim.
+
+    "151 is not divisible by 6." answers "Is 151 divisible by 6?" with no; "737 is
+    divisible by 11, not by 7." answers "Is 737 divisible by 11?" with yes. The
+    sentence must start with the question's subject and hold its whole predicate
+    ("201 is smaller than 332." claims something else and gives no answer).
+    """
+    m = _YES_NO_QUESTION.match(question)
+    if not m:
+        return None
+    subject, predicate = m.group(1).lower(), " ".join(m.group(2).lower().split())
+    first = " ".join(_SENTENCE_END.split(reply.strip(), maxsplit=1)[0].lower().split())
+    if not first.startswith(subject + " "):
+        return None
+    at = first.find(" " + predicate, len(subject))
+    if at < 0:
+        return None
+    return "no" if _NOT_BEFORE.search(first[:at + 1]) else "yes"
+
+
+def extract_yes_no(reply: str, question: str | None = None) -> tuple[str | None, str | None]:
     """``"yes"`` or ``"no"``: the first word if it is one, else "answer is yes/no", else the
-    only one of the two that occurs. "true"/"false" count only when neither word occurs."""
+    only one of the two that occurs. "true"/"false" count only when neither word occurs.
+    With the ``question``, a reply with none of these words that restates the question's
+    claim, affirmed or negated, answers it (see :func:`_restated`)."""
+    if not reply.strip():
+        return None, "empty reply"
     words = re.findall(r"[a-z]+", reply.lower())
     if not words:
-        return None, "empty reply"
+        return None, "no yes/no in the reply"
     if words[0] in ("yes", "no"):
         return words[0], None
     m = _YES_NO_IS.search(reply)
@@ -153,6 +209,9 @@ def extract_yes_no(reply: str) -> tuple[str | None, str | None]:
               for i, w in enumerate(words) if w in ("true", "false")}
     if len(has_tf) == 1:
         return has_tf.pop(), None
+    restated = _restated(reply, question) if question else None
+    if restated is not None:
+        return restated, None
     return None, "no yes/no in the reply"
 
 

@@ -44,7 +44,7 @@ def _score_number(reply: str, answers: Sequence[str], question: str | None = Non
 
 
 def _score_yes_no(reply: str, answers: Sequence[str], question: str | None = None) -> Score:
-    got, err = extract_yes_no(reply)
+    got, err = extract_yes_no(reply, question)
     if got is None:
         return Score(False, None, err)
     return Score(got in {a.strip().lower() for a in answers}, got, None)
@@ -102,8 +102,9 @@ def check_answers(scorer: str, answers: Sequence[str]) -> str | None:
 def score_text(scorer: str, answers: Sequence[str], reply: str, *, question: str | None = None) -> Score:
     """Score ``reply`` against ``answers`` with the named scorer; never raises.
 
-    ``question`` (the text asked) lets the number scorer tell a restated
-    operand from the answer; see :func:`~edge_runtime.tasks._extract.extract_number`.
+    ``question`` (the text asked) lets the number and yes/no scorers read a
+    reply against it (a restated operand, a continued sequence, a restated
+    claim); see :mod:`edge_runtime.tasks._extract`.
     """
     fn = SCORERS.get(scorer)
     if fn is None:

@@ -61,6 +61,52 @@ def test_the_question_numbers_are_not_taken_for_the_answer(reply, extracted):
     assert score(item, reply) == s
 
 
+@pytest.mark.parametrize(
+    "reply, question, extracted",
+    [
+        # a first sentence restating the question's number is a premise when a new number follows
+        ("Jack has 6 cookies. He gives 5 to a friend, so he has 6 - 5 = 1 cookie left.",
+         "Jack has 6 cookies. He gives 5 to a friend. How many cookies does he have left?", "1"),
+        ("Maria has 30 dollars. After spending 3, she has 27.",
+         "Maria has 30 dollars and spends 3. How many dollars does she have left?", "27"),
+        ("6 cookies. He buys 5 and gives away 5, so nothing changes.",
+         "Jack has 6 cookies. He buys 5 and gives 5 away. How many cookies does he have?", "6"),
+        ("85.\nI added 37 and 48.", "What is 37 + 48?", "85"),
+        # a repeated and continued sequence gives the term after the question's terms
+        ("4, 7, 10, 13, 16, 19, 22, 25", "Continue the pattern: 4, 7, 10, 13, 16, ? Reply with only the next number.", "19"),
+        ("The sequence continues: 22, 13, 4, -5, -14, -23, -32.",
+         "What number comes next in the sequence 22, 13, 4, -5, -14, ...?", "-23"),
+        ("The sequence is 9, 16, 23, 30, 37, which is a Fibonacci sequence.",
+         "What number comes next in the sequence 9, 16, 23, 30, 37, ...?", "37"),  # no term after the repeat
+        ("The answer is 44. The sequence: 9, 16, 23, 30, 37, 44.",
+         "What number comes next in the sequence 9, 16, 23, 30, 37, ...?", "44"),
+    ],
+)
+def test_a_reply_is_read_against_its_question(reply, question, extracted):
+    assert score_text("number", ["0"], reply, question=question).extracted == extracted
+
+
+@pytest.mark.parametrize(
+    "reply, question, expected",
+    [
+        ("151 is not divisible by 6.", "Is 151 divisible by 6? Answer yes or no.", "no"),
+        ("15 isn't divisible by 2.", "Is 15 divisible by 2? Answer yes or no.", "no"),
+        ("737 is divisible by 11, not by 7.", "Is 737 divisible by 11? Answer yes or no.", "yes"),
+        ("46 is an even number.", "Is 46 an even number? Answer yes or no.", "yes"),
+        ("-45 is not larger than -41.", "Is -45 larger than -41? Answer yes or no.", "no"),
+        ("201 is smaller than 332.", "Is 201 larger than 332? Answer yes or no.", None),  # another claim: no answer
+        ("It is not divisible.", "Is 151 divisible by 6? Answer yes or no.", None),  # not the question's subject
+        ("6 × 7 = 42", "Is 6 × 7 equal to 42? Answer yes or no.", None),
+    ],
+)
+def test_a_yes_no_statement_restating_the_question_answers_it(reply, question, expected):
+    s = score_text("yesno", ["no"], reply, question=question)
+    assert s.extracted == expected
+    assert (s.parse_error is None) is (expected is not None)
+    # without the question these are not read
+    assert score_text("yesno", ["no"], reply).extracted is None
+
+
 @pytest.mark.parametrize("reply", ["", "   ", "I don't know.", "It depends on the context."])
 def test_number_without_a_number_is_a_reported_parse_error(reply):
     s = score_text("number", ["42"], reply)
