@@ -158,6 +158,8 @@ def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, caps
     assert set(report["parse_errors"]) == {"edge", "cloud"} and 0 <= report["local_accuracy"] <= 1
     overall = report["estimators"]["multi"]["overall"]
     assert overall["n"] == 12 and set(overall) >= {"auroc", "ece", "apgr", "cpt", "random", "oracle"}
+    # the table prints both; rounded to four digits first, 150/578 printed 25.9% above it and 26.0% below
+    assert report["local_accuracy"] == pytest.approx(overall["local_accuracy"], abs=1e-6)
     assert set(report["estimators"]["multi"]) == {"overall", "arith", "words"}
     # the same estimator refuses another bundle
     assert main(["eval", "--bundle", str(cloud), "--suite", str(tiny_suite), "--estimator", str(out)]) == 1
@@ -216,3 +218,4 @@ def test_in_sample_scores_leave_each_row_out_of_its_own_knn_prior():
     left_out = estimator_scores(est, data, training_data=True)
     assert left_out.tolist() == [est.knn.prior_from_embedding(e, exclude=i) for i, e in enumerate(data.embeddings(FakeEncoder()))]
     assert not np.allclose(with_self, left_out)  # its own label no longer votes
+

@@ -81,8 +81,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     p = estimator_scores(estimator, data, training_data=True)  # in-sample, but no row votes for itself
     summary = {
         "estimator": estimator.name, "out": args.out, "bundle": engine.model_name, "items": len(data),
-        "accuracy": round(float(data.labels.mean()), 4), "parse_errors": sum(bool(r.get("parse_error")) for r in records),
-        "dev_in_sample": {"auroc": round(auroc(p, data.labels), 4), "ece": round(expected_calibration_error(p, data.labels), 4)},
+        "accuracy": round(float(data.labels.mean()), 6), "parse_errors": sum(bool(r.get("parse_error")) for r in records),
+        # six digits, as the other reports: the printed summary rounds again, and 0.2595 would print 25.9%, not 26.0%
+        "dev_in_sample": {"auroc": round(auroc(p, data.labels), 6), "ece": round(expected_calibration_error(p, data.labels), 6)},
     }
     meta = getattr(estimator, "meta", None)
     if isinstance(meta, dict):
@@ -215,7 +216,7 @@ def _eval(args: argparse.Namespace) -> int:
     if cloud_recs is not None:
         parse_errors["cloud"] = sum(bool(r.get("parse_error")) for r in cloud_recs)
     out = {"bundle": engine.model_name, "suite": args.suite, "split": args.split, "items": len(data),
-           "local_accuracy": round(float(data.labels.mean()), 4), "parse_errors": parse_errors,
+           "local_accuracy": round(float(data.labels.mean()), 6), "parse_errors": parse_errors,
            "cloud": args.cloud_bundle, "estimators": reports}
     if args.json:
         print(json.dumps(out, indent=2))
