@@ -5,8 +5,9 @@ help text in ``metadata={"help": ...}``; the same text becomes the ``--flag``
 help. Precedence, lowest to highest: field default < TOML file < environment
 (``<PREFIX>_<SECTION>_<FIELD>``, upper case) < CLI flags (``--section-field``).
 
-The TOML file is read in exactly one place, :func:`load_settings`. Every bad
-value raises :class:`~edge_runtime.errors.ConfigError` naming the dotted field.
+The TOML file is read in exactly one place, :func:`load_settings`; relative
+paths in it are relative to its directory. Every bad value raises
+:class:`~edge_runtime.errors.ConfigError` naming the dotted field.
 """
 
 from __future__ import annotations
@@ -29,9 +30,16 @@ __all__ = ["setting", "load_settings", "add_settings_arguments", "settings_overr
 T = TypeVar("T")
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING, secret: bool = False) -> Any:
-    """A settings field with help text. ``secret`` fields are never printed by :func:`settings_to_dict`."""
-    meta = {"help": help, "secret": secret}
+def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING, secret: bool = False,
+            path: bool | str = False) -> Any:
+    """A settings field with help text. ``secret`` fields are never printed by :func:`settings_to_dict`.
+
+    ``Path`` fields written relative in a config file are relative to the file's directory (in the
+    environment and on the command line, to the working directory). ``path="if_exists"`` does the
+    same for a string field that may also name something else (a bundle directory or a model name):
+    only when the file-relative path exists.
+    """
+    meta = {"help": help, "secret": secret, "path": path}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -43,6 +51,19 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _inline_value(text: str, what: str, field: str) -> Any:
+    """A table or array written in an environment variable or a flag: JSON, or TOML's inline form."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError as err:
+        example = '["a", "b"]' if what == "an array" else '{"a": {"b": 1}} or {a = {b = 1}}'
+        raise ConfigError(f"expected {what} in JSON or TOML inline form, e.g. {example}: {err}", field=field) from None
 
 
 def _coerce(value: Any, tp: Any, field: str) -> Any:
@@ -66,18 +87,17 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         return value
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (str,)
-        if isinstance(value, str):
+        if isinstance(value, str) and value.lstrip().startswith("["):  # from the environment or a flag: an array
+            value = _inline_value(value, "an array", field)
+        elif isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"expected a list, got {value!r}", field=field)
         items = [_coerce(v, item_tp, f"{field}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
-        if isinstance(value, str):  # from the environment or a flag: JSON
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"expected a JSON object: {err.msg}", field=field) from None
+        if isinstance(value, str):  # from the environment or a flag
+            value = _inline_value(value, "a table", field)
         if not isinstance(value, Mapping):
             raise ConfigError(f"expected a table, got {value!r}", field=field)
         return dict(value)
@@ -116,6 +136,31 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     if tp is Any:
         return value
     raise ConfigError(f"unsupported settings type {tp!r}", field=field)
+
+
+def _is_path(tp: Any) -> bool:
+    return tp is Path or (typing.get_origin(tp) in (typing.Union, types.UnionType) and Path in typing.get_args(tp))
+
+
+def _file_relative(cls: type, data: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` (a config file's tables) with its relative paths joined to ``base``, the file's directory."""
+    hints = _hints(cls)
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        value = data.get(f.name)
+        tp = hints[f.name]
+        if _is_section(tp) and isinstance(value, Mapping):
+            out[f.name] = _file_relative(tp, value, base)
+            continue
+        kind = f.metadata.get("path") or _is_path(tp)
+        if not kind or not isinstance(value, str) or not value:
+            continue
+        relative = Path(os.path.expanduser(value))
+        if relative.is_absolute():
+            continue
+        if kind != "if_exists" or (base / relative).exists():
+            out[f.name] = str(base / relative)
+    return out
 
 
 def _build(cls: type[T], layers: list[Mapping[str, Any]], prefix: str) -> T:
@@ -178,6 +223,13 @@ def _env_layer(cls: type, env: Mapping[str, str], env_prefix: str, *, root: bool
             if key.startswith(env_prefix + "_") and key not in leaves and not key.startswith(tuple(sections)):
                 known = ", ".join(sorted(leaves))
                 raise ConfigError(f"unknown setting in the environment (known here: {known})", field=key)
+    else:
+        # a table-valued leaf of the root (EDGE_RUNTIME_POLICY) is set whole, never field by field
+        for key in env:
+            whole = next((leaf for leaf in leaves if key.startswith(leaf + "_")), None)
+            if whole is not None:
+                raise ConfigError(f"unknown setting in the environment: {whole} is set as a whole "
+                                  f"(a table in JSON or TOML inline form)", field=key)
     return out
 
 
@@ -200,7 +252,7 @@ def load_settings(
         path = Path(config_file)
         try:
             with path.open("rb") as fh:
-                layers.append(tomllib.load(fh))
+                layers.append(_file_relative(cls, tomllib.load(fh), path.resolve().parent))
         except FileNotFoundError as err:
             raise ConfigError(f"config file not found: {path}") from err
         except tomllib.TOMLDecodeError as err:

@@ -37,7 +37,9 @@ from typing import Any, Literal
 from .confidence import Estimator, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
-from .errors import CloudCancelledError, CloudError, CloudTimeoutError, InvalidRequestError
+from .errors import (
+    BundleError, CloudCancelledError, CloudError, CloudTimeoutError, ConfigError, EstimatorError, InvalidRequestError,
+)
 from .policies import Decision, Policy, RequestContext, policy_from_config
 
 __all__ = ["HybridRuntime", "HybridResult", "HybridChunk", "Route", "MODEL_ALIASES"]
@@ -179,11 +181,19 @@ class HybridRuntime:
 
             cloud = CloudClient(settings.cloud)
         try:
+            try:
+                bundle = resolve_bundle(e.bundle, precision=e.precision)
+            except BundleError as err:  # name the setting: the daemon's log line is all a user sees
+                raise BundleError(f"engine.bundle: {err}") from err
             engine = Engine(
-                resolve_bundle(e.bundle, precision=e.precision), providers=e.provider_list() or None, intra_op_threads=e.threads,
+                bundle, providers=e.provider_list() or None, intra_op_threads=e.threads,
                 max_sessions=e.max_sessions, cache_tokens=e.cache_tokens, energy_meter=meter, **engine_kwargs,
             )
-            estimator = load_estimator(e.estimator, bundle_hash=engine.bundle_hash)
+            try:
+                estimator = load_estimator(e.estimator, bundle_hash=engine.bundle_hash)
+            except EstimatorError as err:
+                engine.close()
+                raise ConfigError(str(err), field="engine.estimator") from err
         except BaseException:
             if cloud is not None:
                 cloud.close()

@@ -52,9 +52,10 @@ def default_socket_path() -> Path:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineSettings:
-    bundle: str = setting("smollm2-135m-instruct", help="edge bundle: a directory, or a cached bundle / known model name")
+    bundle: str = setting("smollm2-135m-instruct", path="if_exists",
+                          help="edge bundle: a directory, or a cached bundle / known model name")
     precision: str = setting("int4", help="precision of the cached bundle when `bundle` is a known model name")
-    estimator: Path | None = setting(None, help="confidence estimator JSON from `edge-runtime calibrate` (default: built-in heuristic)")
+    estimator: Path | None = setting(None, help="confidence estimator JSON from `edge-runtime calibrate` or `explore` (default: the built-in `generic`)")
     threads: int | None = setting(None, help="intra-op threads (default: physical cores)")
     providers: list[str] = setting(factory=list, help="onnxruntime execution providers in order (default: CPU)")
     provider_options: dict[str, Any] = setting(

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--cloud-bundle", help="bundle standing in for the cloud model (run locally); enables routing metrics")
     e.add_argument("--suite", default="default", help="task suite name or JSONL file (default: default)")
     e.add_argument("--split", default="test", help="split to measure on (default: test)")
-    e.add_argument("--estimator", help="estimator JSON (default: the built-in uncalibrated one)")
+    e.add_argument("--estimator", help="estimator JSON (default: the built-in `generic`, fitted once on SmolLM2 and shipped)")
     e.add_argument("--study", action="store_true",
                    help="fit every estimator family on the dev split and report them side by side on --split")
     e.add_argument("--limit", type=int, help="use only N items of each split, each task family in turn (quick runs)")

@@ -195,6 +195,7 @@ class CloudClient:
             settings = dataclasses.replace(settings, **fields)
         self.settings = settings
         self._token = settings.resolve_token()
+        self.has_token = bool(self._token)  # the bridge refuses calls without one (the daemon warns at start)
         self._channel = channel if channel is not None else open_channel(settings)
         self._stub = bridge_pb2_grpc.CloudBridgeStub(self._channel)
         self._clock = clock

@@ -92,10 +92,29 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 }
 
 
+_UNSUPPORTED.update({
+    "reasoning_effort": lambda v: v is None,  # no reasoning models here
+    "web_search_options": lambda v: v is None,
+    "verbosity": lambda v: v is None,
+})
+
+# what this server reads, and OpenAI's metadata and hints that change no answer
+_HANDLED = frozenset({
+    "model", "messages", "n", "user", "max_completion_tokens", "max_tokens", "temperature", "top_p", "seed", "stop",
+    "logprobs", "top_logprobs", "stream", "stream_options",
+})
+_HARMLESS = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "prompt_cache_key",
+                       "safety_identifier"})
+
+
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     for name, harmless in _UNSUPPORTED.items():
         if name in body and not harmless(body[name]):
             raise InvalidRequestError(f"is not supported by this server (got {body[name]!r}); leave it out", field=name)
+    # a misspelt field ("max_token") would otherwise be ignored, and the answer made without it (OpenAI refuses it too)
+    for name in body:
+        if name not in _HANDLED and name not in _HARMLESS and name not in _UNSUPPORTED:
+            raise InvalidRequestError("unknown field for /v1/chat/completions", field=str(name))
 
 
 def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatRequest:

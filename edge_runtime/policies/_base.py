@@ -200,7 +200,8 @@ class Policy:
             p._settle(ctx, usd)
 
     def describe(self) -> str:
-        """Short human-readable name, e.g. ``privacy+budget($1/day)+threshold(0.6)``."""
+        """Short human-readable name, e.g. ``privacy+budget($1/day)+threshold(p=0.6)``
+        (the explorer names the policies it measures the same way)."""
         return "+".join(p._describe() for p in self.parts())
 
     # ---- configuration ------------------------------------------------------------------

@@ -114,7 +114,7 @@ class EarlyExit(Policy):
         return {"bar": self.bar, "min_tokens": self.min_tokens, "signal": self.signal}
 
     def _describe(self) -> str:
-        return f"early_exit({self.bar:g}@{self.min_tokens})"
+        return f"early_exit(bar={self.bar:g},k={self.min_tokens})"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, where: str = "policy") -> EarlyExit:

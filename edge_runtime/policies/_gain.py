@@ -41,7 +41,7 @@ class Gain(Policy):
         return {"min_gain": self.min_gain}
 
     def _describe(self) -> str:
-        return f"gain({self.min_gain:g})"
+        return f"gain(min={self.min_gain:g})"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, where: str = "policy") -> Gain:

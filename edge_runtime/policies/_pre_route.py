@@ -94,7 +94,7 @@ class PreRoute(Policy):
         return {"bar": self.bar, "scorer": self.scorer_config, "decide_local": self.decide_local}
 
     def _describe(self) -> str:
-        return f"pre_route({self.bar:g})"
+        return f"pre_route(bar={self.bar:g})"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, where: str = "policy") -> PreRoute:

@@ -99,7 +99,7 @@ class Threshold(_ThresholdBase):
         return {"p": self.threshold}
 
     def _describe(self) -> str:
-        return f"threshold({self.threshold:g})"
+        return f"threshold(p={self.threshold:g})"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, where: str = "policy") -> Threshold:
@@ -158,7 +158,7 @@ class TargetRate(_ThresholdBase):
         return {"rate": self.rate, "threshold": self.threshold}
 
     def _describe(self) -> str:
-        return f"target_rate({self.rate:g})"
+        return f"target_rate(r={self.rate:g})"
 
     def _after(self, ctx: RequestContext, p_correct: float) -> Decision:
         d = super()._after(ctx, p_correct)

@@ -77,11 +77,17 @@ def test_each_bad_request_gets_its_status_and_error_type_and_the_daemon_keeps_se
     assert metric(m, "edge_runtime_requests_total", outcome="answered") == 1
 
 
-def test_unknown_fields_and_unsupported_ones_that_ask_for_nothing_are_accepted(daemon, http):
-    status, _, done = http(daemon.port).json("POST", "/v1/chat/completions", {
+def test_metadata_and_unsupported_fields_that_ask_for_nothing_are_accepted_unknown_ones_refused(daemon, http):
+    c = http(daemon.port)
+    status, _, done = c.json("POST", "/v1/chat/completions", {
         **OK, "presence_penalty": 0, "tools": [], "tool_choice": "auto", "response_format": {"type": "text"},
-        "logit_bias": {"50256": 0}, "metadata": {"a": "b"}, "whatever": {"x": 1}})
+        "logit_bias": {"50256": 0}, "metadata": {"a": "b"}, "store": False, "parallel_tool_calls": True})
     assert status == 200 and done["choices"][0]["message"]["content"] is not None
+    # a misspelt field used to be ignored: "max_token" generated to the default limit
+    for extra in ({"max_token": 2}, {"whatever": {"x": 1}}):
+        status, _, body = c.json("POST", "/v1/chat/completions", {**OK, **extra})
+        assert status == 400 and body["error"]["param"] == next(iter(extra)), body
+        assert "unknown field" in body["error"]["message"]
 
 
 def test_http_level_errors_are_in_openai_shape_too(daemon, http):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +172,64 @@ def test_building_the_cli_parser_loads_neither_the_daemon_nor_the_settings_model
             " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_relative_paths_in_the_config_file_follow_the_file(tmp_path, monkeypatch):
+    """As the bridge's do: a config (or the explorer's recommended.toml) then loads from any directory."""
+    from edge_runtime.settings import load_runtime_settings
+
+    conf = tmp_path / "conf"
+    (conf / "my-bundle").mkdir(parents=True)
+    (conf / "edge-runtime.toml").write_text(
+        'policy = {type = "threshold", p = 0.5}\n'
+        '[engine]\nbundle = "my-bundle"\nestimator = "estimator.json"\n'
+        '[cloud]\naddress = "127.0.0.1:50051"\ntoken_file = "device.token"\nca_file = "/etc/ca.pem"\n'
+        '[power]\nsysfs_root = "fake-sys"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    s = load_runtime_settings(conf / "edge-runtime.toml", env={})
+    assert s.engine.estimator == conf / "estimator.json" and s.cloud.token_file == conf / "device.token"
+    assert s.engine.bundle == str(conf / "my-bundle") and s.power.sysfs_root == conf / "fake-sys"
+    assert str(s.cloud.ca_file) == "/etc/ca.pem"
+    # a bundle value that is no directory next to the file stays a model name
+    (conf / "edge-runtime.toml").write_text('[engine]\nbundle = "smollm2-135m-instruct"\n')
+    assert load_runtime_settings(conf / "edge-runtime.toml", env={}).engine.bundle == "smollm2-135m-instruct"
+    # the environment and flags keep the working directory's meaning
+    env = {"EDGE_RUNTIME_ENGINE_ESTIMATOR": "est.json"}
+    assert load_runtime_settings(conf / "edge-runtime.toml", env=env).engine.estimator == Path("est.json")
+    over = {"cloud": {"token_file": "t.token"}}
+    assert load_runtime_settings(conf / "edge-runtime.toml", env={}, overrides=over).cloud.token_file == Path("t.token")
+
+
+def test_tables_and_arrays_from_the_environment_and_a_policy_field_set_alone(monkeypatch):
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.settings import load_runtime_settings
+
+    # the help's TOML inline example works as well as JSON
+    toml_env = {"EDGE_RUNTIME_POLICY": '{chain = [{type = "always"}]}'}
+    assert load_runtime_settings(data={}, env=toml_env).policy == {"chain": [{"type": "always"}]}
+    json_env = {"EDGE_RUNTIME_ENGINE_PROVIDERS": '["CPUExecutionProvider"]'}
+    assert load_runtime_settings(data={}, env=json_env).engine.providers == ["CPUExecutionProvider"]
+    assert load_runtime_settings(data={}, env={"EDGE_RUNTIME_ENGINE_PROVIDERS": "A, B"}).engine.providers == ["A", "B"]
+    # EDGE_RUNTIME_POLICY_CHAIN used to be ignored silently; the policy is one table
+    for env, field in (({"EDGE_RUNTIME_POLICY_CHAIN": '[{"type": "always"}]'}, "EDGE_RUNTIME_POLICY_CHAIN"),
+                       ({"EDGE_RUNTIME_POLICY": "{type ="}, "policy"),
+                       ({"EDGE_RUNTIME_ENGINE_PROVIDERS": "[nope"}, "engine.providers")):
+        with pytest.raises(ConfigError) as info:
+            load_runtime_settings(data={}, env=env)
+        assert info.value.field == field
+
+
+def test_a_missing_bundle_or_estimator_names_its_setting(tiny_bundle, tmp_path):
+    from edge_runtime.errors import BundleError, ConfigError
+    from edge_runtime.hybrid import HybridRuntime
+    from edge_runtime.settings import load_runtime_settings
+
+    with pytest.raises(BundleError, match=r"^engine\.bundle: bundle not found: nosuch-model"):
+        HybridRuntime.from_settings(load_runtime_settings(data={"engine": {"bundle": "nosuch-model"}}, env={}))
+    data = {"engine": {"bundle": str(tiny_bundle), "estimator": str(tmp_path / "missing.json")}}
+    with pytest.raises(ConfigError, match="estimator file not found") as info:
+        HybridRuntime.from_settings(load_runtime_settings(data=data, env={}))
+    assert info.value.field == "engine.estimator"

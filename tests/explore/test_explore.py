@@ -157,6 +157,25 @@ def test_daemon_warns_when_the_policy_may_escalate_but_no_bridge_is_configured(t
         assert ("no [cloud] bridge is configured" in caplog.text) == warned
 
 
+def test_daemon_warns_when_the_bridge_is_configured_without_a_device_token(tiny_bundle, caplog):
+    from edge_runtime.cloud import CloudClient, CloudSettings
+    from edge_runtime.daemon._service import ChatService
+    from edge_runtime.engine import Engine
+    from edge_runtime.hybrid import HybridRuntime
+    from edge_runtime.settings import load_runtime_settings
+
+    engine = Engine(tiny_bundle, energy_meter=None)
+    settings = load_runtime_settings(data={}, env={}).server
+    for token, warned in (("", True), ("ebt_x", False)):
+        caplog.clear()
+        client = CloudClient(CloudSettings(address="127.0.0.1:1", insecure=True, token=token))
+        try:
+            ChatService(settings).attach(HybridRuntime(engine, cloud=client))
+        finally:
+            client.close()
+        assert ("no device token is configured" in caplog.text) == warned
+
+
 def test_recommended_snippet_writes_numpy_values_from_the_search_grid_as_plain_toml(tmp_path):
     import numpy as np
 

@@ -29,7 +29,7 @@ def test_the_briefs_chain_example():
     cfg = {"chain": [{"type": "privacy"}, {"type": "budget", "usd_per_day": 1.0}, {"type": "threshold", "p": 0.5}]}
     p = policy_from_config(cfg)
     assert [type(x) for x in p.parts()] == [Privacy, Budget, Threshold]
-    assert p.describe() == "privacy+budget($1/day)+threshold(0.5)"
+    assert p.describe() == "privacy+budget($1/day)+threshold(p=0.5)"
 
 
 def test_a_daemon_toml_table_is_a_valid_config():
