@@ -387,3 +387,15 @@ def test_bridge_runs_are_keyed_by_the_revision_the_bridge_reports():
     assert _cloud_key(client(""), "coder") == "bridge-coder-stand-in"  # an upstream API: its model name is all there is
     assert _cloud_key(client("0123456789abcdef0123"), "coder") == "bridge-coder-stand-in-0123456789abcdef"
     assert _cloud_key(client("0123456789abcdef0123"), "") == "bridge-default-stand-in-0123456789abcdef"
+
+
+def test_a_bundle_that_is_not_found_names_the_option_it_came_from(tiny_bundle, tmp_path, capsys):
+    from edge_runtime.cli import main
+
+    out = str(tmp_path / "out")
+    assert main(["explore", "--edge", "nosuch-edge", "--cloud", str(tiny_bundle), "--out", out, "--limit", "2"]) == 1
+    assert "--edge: bundle not found: nosuch-edge" in capsys.readouterr().err
+    # without a bridge, --cloud is a bundle: a model alias there gets told so
+    assert main(["explore", "--edge", str(tiny_bundle), "--cloud", "coder", "--out", out, "--limit", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "--cloud: bundle not found: coder" in err and "not a model alias" in err
