@@ -89,14 +89,10 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "frequency_penalty": lambda v: v in (None, 0),
     "audio": lambda v: v is None,
     "modalities": lambda v: v is None or v == ["text"],
-}
-
-
-_UNSUPPORTED.update({
     "reasoning_effort": lambda v: v is None,  # no reasoning models here
     "web_search_options": lambda v: v is None,
     "verbosity": lambda v: v is None,
-})
+}
 
 # what this server reads, and OpenAI's metadata and hints that change no answer
 _HANDLED = frozenset({
