@@ -138,9 +138,15 @@ def test_serve_refuses_a_remote_bind_with_one_clear_line(capsys):
     assert "server.host" in err and "allow_remote" in err and "Traceback" not in err
 
 
-def test_serve_reports_a_bad_setting_by_name(capsys):
+def test_serve_reports_a_bad_setting_by_name(capsys, tmp_path):
     assert main(["serve", "--server-queue-size", "0"]) == 1
     assert "server.queue_size" in capsys.readouterr().err
+    # an unreadable token file too, before the daemon says it is serving
+    missing = tmp_path / "no-token"
+    assert main(["serve", "--server-port", "0", "--server-grpc-socket", "", "--cloud-address", "127.0.0.1:1",
+                 "--cloud-insecure", "--cloud-token-file", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert "cloud.token_file: cannot read" in err and "serving on" not in err
 
 
 def test_a_misspelt_environment_variable_is_an_error_naming_it(capsys, monkeypatch):
