@@ -160,4 +160,8 @@ def run_demo(out: Path, *, limit: int | None = None, out_stream: TextIO = sys.st
     steps.say("Result (energy here is an estimate: this machine exposes no power counter)" if any(
         e.get("energy_estimated") for e in result.measurements.edge) else "Result")
     print_summary(result, out_stream)
+    # the recommended configs name this bridge's address; its config keeps the address, so it can come back there
+    again = f"cloud-bridge serve --config {work / 'bridge.toml'}" + (" --insecure" if "insecure" in cloud else "")
+    out_stream.write(f"the recommended configs escalate to the demo's bridge at {cloud['address']}, which is stopped "
+                     f"now; `{again}` starts it again there\n")
     return 0
