@@ -188,7 +188,10 @@ class ChatCompletions:
 
         try:
             await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
-            first = chunk_object(req, created=created, model=req.model, delta={"role": "assistant", "content": ""})
+            # OpenAI clients read `model` off the first chunk: a `local` request names the local model from the
+            # start; for `auto` (and `cloud`) the answering model is known only with the result, on the last chunk
+            shown = self.service.local_model if req.model == "local" and self.service.local_model else req.model
+            first = chunk_object(req, created=created, model=shown, delta={"role": "assistant", "content": ""})
             await emit(_sse(first))
             while True:
                 item = await chunks.get()
@@ -201,7 +204,7 @@ class ChatCompletions:
                 if req.logprobs and token is not None and not self.service.is_eos(token.id):
                     entries = [logprob_entry(token, self.service.token_bytes)]
                 if item.text or entries:
-                    await emit(_sse(chunk_object(req, created=created, model=req.model, delta={"content": item.text},
+                    await emit(_sse(chunk_object(req, created=created, model=shown, delta={"content": item.text},
                                                  logprobs=entries)))
             try:
                 result: HybridResult = await asyncio.shield(future)

@@ -60,6 +60,7 @@ def test_a_streamed_completion_arrives_in_chunks_that_add_up(engine, local_daemo
     assert len(finals) == 1
     last = finals[0]
     assert last.model == engine.model_name  # the model that answered, on the last chunk
+    assert {ch.model for ch in chunks} == {engine.model_name}  # and on every chunk of a `local` request
     routing = last.model_extra["routing"]
     assert routing["route"] == "local" and routing["reason"] == "requested_local"
     assert last.model_extra["energy"]["joules"] > 0
