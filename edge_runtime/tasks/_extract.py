@@ -176,10 +176,11 @@ def _restated(reply: str, question: str) -> str | None:
     first = " ".join(_SENTENCE_END.split(reply.strip(), maxsplit=1)[0].lower().split())
     if not first.startswith(subject + " "):
         return None
-    at = first.find(" " + predicate, len(subject))
-    if at < 0:
+    # the whole predicate, not a prefix of another claim ("divisible by 60" is not "divisible by 6")
+    found = re.compile(r" " + re.escape(predicate) + r"(?!\w|\.\d)").search(first, len(subject))
+    if found is None:
         return None
-    return "no" if _NOT_BEFORE.search(first[:at + 1]) else "yes"
+    return "no" if _NOT_BEFORE.search(first[:found.start() + 1]) else "yes"
 
 
 def extract_yes_no(reply: str, question: str | None = None) -> tuple[str | None, str | None]:

@@ -95,6 +95,8 @@ def test_a_reply_is_read_against_its_question(reply, question, extracted):
         ("46 is an even number.", "Is 46 an even number? Answer yes or no.", "yes"),
         ("-45 is not larger than -41.", "Is -45 larger than -41? Answer yes or no.", "no"),
         ("201 is smaller than 332.", "Is 201 larger than 332? Answer yes or no.", None),  # another claim: no answer
+        ("151 is not divisible by 60.", "Is 151 divisible by 6? Answer yes or no.", None),
+        ("151 is not divisible by 6.5.", "Is 151 divisible by 6? Answer yes or no.", None),
         ("It is not divisible.", "Is 151 divisible by 6? Answer yes or no.", None),  # not the question's subject
         ("6 × 7 = 42", "Is 6 × 7 equal to 42? Answer yes or no.", None),
     ],
