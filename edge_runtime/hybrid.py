@@ -38,7 +38,7 @@ from .confidence import Estimator, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
 from .errors import (
-    BundleError, CloudCancelledError, CloudError, CloudTimeoutError, ConfigError, EstimatorError, InvalidRequestError,
+    CloudCancelledError, CloudError, CloudTimeoutError, ConfigError, EstimatorError, InvalidRequestError,
 )
 from .policies import Decision, Policy, RequestContext, policy_from_config
 
@@ -181,12 +181,9 @@ class HybridRuntime:
 
             cloud = CloudClient(settings.cloud)
         try:
-            try:
-                bundle = resolve_bundle(e.bundle, precision=e.precision)
-            except BundleError as err:  # name the setting: the daemon's log line is all a user sees
-                raise BundleError(f"engine.bundle: {err}") from err
             engine = Engine(
-                bundle, providers=e.provider_list() or None, intra_op_threads=e.threads,
+                # named: the daemon's log line is all a user sees of the error
+                resolve_bundle(e.bundle, precision=e.precision, field="engine.bundle"), providers=e.provider_list() or None, intra_op_threads=e.threads,
                 max_sessions=e.max_sessions, cache_tokens=e.cache_tokens, energy_meter=meter, **engine_kwargs,
             )
             try:

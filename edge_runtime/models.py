@@ -251,8 +251,13 @@ def cached_bundles(root: Path | None = None) -> list[tuple[Path, str | None]]:
     return out
 
 
-def resolve_bundle(ref: str | os.PathLike[str], *, precision: str = "int4") -> Path:
-    """A bundle path from a directory, or from a known model name (its cached ``<name>-<precision>`` bundle)."""
+def resolve_bundle(ref: str | os.PathLike[str], *, precision: str = "int4", field: str | None = None) -> Path:
+    """A bundle path from a directory, or from a known model name (its cached ``<name>-<precision>`` bundle).
+
+    ``field`` (a setting or an option, e.g. ``engine.bundle``) prefixes the error, for callers whose user
+    gave the reference under that name.
+    """
+    where = f"{field}: " if field else ""
     path = Path(ref).expanduser()
     if path.exists():
         return path
@@ -264,5 +269,6 @@ def resolve_bundle(ref: str | os.PathLike[str], *, precision: str = "int4") -> P
         cached = default_bundle_dir(name, precision)
         if (cached / MANIFEST_NAME).is_file():
             return cached
-        raise BundleError(f"no {precision} bundle of {name} in the cache yet: run `edge-runtime quantize {name} --precision {precision}`")
-    raise BundleError(f"bundle not found: {ref} (not a directory, a cached bundle or a known model name)")
+        raise BundleError(f"{where}no {precision} bundle of {name} in the cache yet: "
+                          f"run `edge-runtime quantize {name} --precision {precision}`")
+    raise BundleError(f"{where}bundle not found: {ref} (not a directory, a cached bundle or a known model name)")

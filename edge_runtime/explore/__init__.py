@@ -150,14 +150,6 @@ def _make_out_dir(out: Path) -> None:
         raise ConfigError(f"cannot create the output directory {out}: {err.strerror}", field="out") from err
 
 
-def _named_bundle(resolve: Any, ref: str, field: str, hint: str) -> Path:
-    """``resolve(ref)``, its error naming the option it came from."""
-    try:
-        return resolve(ref)
-    except BundleError as err:
-        raise BundleError(f"{field}: {err}{hint}") from err
-
-
 def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_file: Path | None) -> str:
     """The ``[cloud]`` part of recommended.toml: the bridge measured, or what to write when it is gone."""
     if local_bundle is None:  # an external bridge: the same one, with the user's own token file
@@ -241,13 +233,16 @@ def explore(
         held_ids = {it.id for it in held}
         items = [it for it in items if it.id not in held_ids]
 
-    edge_bundle = _named_bundle(resolve_bundle, edge, "--edge", "")
+    edge_bundle = resolve_bundle(edge, field="--edge")
     engine = Engine(edge_bundle, intra_op_threads=threads)
     with contextlib.ExitStack() as stack:
         local_bundle = user_token_file = None
         if cloud_settings is None or not cloud_settings.address:
-            local_bundle = _named_bundle(resolve_bundle, cloud, "--cloud", " (with no --config or --bridge naming a "
-                                         "bridge, --cloud is a bundle the explorer serves itself, not a model alias)")
+            try:
+                local_bundle = resolve_bundle(cloud, field="--cloud")
+            except BundleError as err:
+                raise BundleError(f"{err} (with no --config or --bridge naming a bridge, --cloud is a bundle the "
+                                  "explorer serves itself, not a model alias)") from err
             address, token = stack.enter_context(local_bridge(local_bundle, cost=cost))
             cloud_settings = CloudSettings(address=address, token=token, insecure=True, timeout_s=300.0)
             bridge_label, alias = f"{address} (a loopback bridge started by the explorer)", ""

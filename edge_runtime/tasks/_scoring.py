@@ -24,7 +24,7 @@ __all__ = ["score", "score_text", "SCORERS", "check_answers"]
 
 
 # (reply, accepted answers, question or None) -> Score
-Scorer = Callable[[str, Sequence[str], "str | None"], Score]
+Scorer = Callable[[str, Sequence[str], str | None], Score]
 
 _REL_TOL = Decimal("1e-9")  # decimals are exact; this only forgives "0.30000000001"-style float echoes
 
