@@ -14,6 +14,10 @@ in decode speed comes from:
 * ``engine loop``: :meth:`Engine.run` decoding the same prompt, which adds
   the per-token Python work (sampling, the logprob/entropy/margin signals over
   the whole vocabulary, detokenization, stop matching).
+* ``engine graph, no rescoring``: the bare step of the same model built with
+  ``--rescore-top-k 0`` (``<cache>/bundles/<model>-int4-norescore``, when it
+  exists, or ``--no-rescore-bundle DIR``), whose output projection is left in
+  4 bits: what the default bundle's top-k rescoring costs per step.
 
 All three run alternately in one process for several rounds (the order
 rotates), each round ``--steps`` greedy steps after the same prompt; reported
@@ -22,6 +26,7 @@ are the mean milliseconds per step of each round and their median over rounds.
 greedy tokens must equal the engine loop's (``tokens_match``).
 
     python benchmarks/decode_step.py [--rounds 6] [--steps 128] [--threads N] [--genai-model DIR|none]
+                                     [--no-rescore-bundle DIR|none]
 
 Writes ``benchmarks/results/decode-step-<host>.json`` and prints a summary.
 The genai model is the one the throughput benchmark builds under
@@ -147,10 +152,14 @@ def _engine_loop(engine: Any, capacity: int) -> Callable[[list[int], int], tuple
     return run
 
 
+NO_RESCORE = "engine graph, no rescoring"
+
+
 def run_benchmark(
     bundle: Path,
     genai_model: Path | None,
     *,
+    no_rescore_bundle: Path | None = None,
     threads: int,
     rounds: int = 6,
     steps: int = 128,
@@ -176,6 +185,15 @@ def run_benchmark(
         skipped["genai graph"] = f"no genai model in {genai_model} (the throughput benchmark builds it)"
     else:
         runners["genai graph"] = GenaiStepper(genai_model, threads, capacity).run
+    if no_rescore_bundle is None:
+        skipped[NO_RESCORE] = "no bundle built with --rescore-top-k 0"
+    elif not (no_rescore_bundle / "manifest.json").is_file():
+        skipped[NO_RESCORE] = f"no bundle in {no_rescore_bundle}"
+    else:
+        plain = Engine(no_rescore_bundle, intra_op_threads=threads, energy_meter=None)
+        if plain.manifest.raw.get("quantization", {}).get("rescore_top_k"):
+            raise SystemExit(f"{no_rescore_bundle} rescores its logits: build it with --rescore-top-k 0")
+        runners[NO_RESCORE] = EngineStepper(plain, capacity).run
     for name, why in skipped.items():
         log(f"skipping {name}: {why}")
 
@@ -202,6 +220,12 @@ def run_benchmark(
         "engine_loop_tokens": len(tokens["engine loop"]),
         "first_tokens": {name: toks[:16] for name, toks in tokens.items()},
     }
+    if NO_RESCORE in median:
+        # what the default bundle's top-k rescoring of the logits costs per step
+        summary["no_rescore_graph_ms"] = median[NO_RESCORE]
+        summary["rescoring_ms"] = median["engine graph"] - median[NO_RESCORE]
+        summary["rescoring_paired_ms"] = statistics.median(
+            a - b for a, b in zip(per_round["engine graph"], per_round[NO_RESCORE]))
     if "genai graph" in median:
         summary["genai_graph_ms"] = median["genai graph"]
         # > 1: the engine's graph steps faster than genai's
@@ -213,6 +237,7 @@ def run_benchmark(
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": host_info(threads),
         "settings": {"bundle": str(bundle), "bundle_hash": engine.bundle_hash, "genai_model": str(genai_model),
+                     "no_rescore_bundle": str(no_rescore_bundle),
                      "threads": threads, "rounds": rounds, "steps": steps, "prompt_tokens": len(ids)},
         "versions": {"onnxruntime": onnxruntime.__version__},
         "skipped": skipped,
@@ -229,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bundle", type=Path, default=None, help=f"engine bundle (default: the int4 {MODEL} bundle)")
     parser.add_argument("--genai-model", default=None,
                         help="onnxruntime-genai model directory, or 'none' (default: the throughput benchmark's)")
+    parser.add_argument("--no-rescore-bundle", default=None,
+                        help=f"the same model built with --rescore-top-k 0, or 'none' (default: "
+                             f"<cache>/bundles/{MODEL}-int4-norescore when it exists)")
     parser.add_argument("--threads", type=_int_at_least(1), default=None,
                         help="intra-op threads (default: physical cores)")
     parser.add_argument("--rounds", type=_int_at_least(1), default=6)
@@ -250,8 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         genai = peers_dir() / f"genai-{MODEL}-int4"
     else:
         genai = None if args.genai_model.strip().lower() == "none" else Path(args.genai_model)
-    doc = run_benchmark(bundle, genai, threads=args.threads or default_threads(), rounds=args.rounds,
-                        steps=args.steps)
+    if args.no_rescore_bundle is None:
+        plain = default_bundle_dir(MODEL, "int4-norescore")
+    else:
+        plain = None if args.no_rescore_bundle.strip().lower() == "none" else Path(args.no_rescore_bundle)
+    doc = run_benchmark(bundle, genai, no_rescore_bundle=plain, threads=args.threads or default_threads(),
+                        rounds=args.rounds, steps=args.steps)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"decode-step-{args.host}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
@@ -263,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"genai graph {s['genai_graph_ms']:.3f} ms/step: the engine's graph steps at "
               f"{s['graph_speed_ratio_vs_genai']:.3f}x genai's, its whole loop at "
               f"{s['engine_loop_speed_ratio_vs_genai_graph']:.3f}x genai's bare graph")
+    if "rescoring_ms" in s:
+        print(f"without rescoring {s['no_rescore_graph_ms']:.3f} ms/step: the top-k rescoring costs "
+              f"{s['rescoring_ms']:.3f} ms per step (paired by round: {s['rescoring_paired_ms']:.3f} ms)")
     print(f"wrote {path}")
     return 0
 

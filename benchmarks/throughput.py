@@ -10,7 +10,9 @@ repetitions whose median is reported (every raw repetition is kept):
   label (``estimate:*`` is a CPU-time estimate, never a measurement);
 * for this engine on the int4 and int8 SmolLM2-135M bundles (and the int4
   bundle with float block offsets, ``<cache>/bundles/smollm2-135m-instruct-int4-offsets``,
-  when it exists), for onnxruntime-genai on an int4 model made by its own
+  and the one with a plain 4-bit output projection,
+  ``<cache>/bundles/smollm2-135m-instruct-int4-norescore``, when they exist),
+  for onnxruntime-genai on an int4 model made by its own
   builder from the same checkpoint, and for llama.cpp (llama-cpp-python) on
   the original Q4_1 GGUF.
   Peers are set up on first use under ``<cache>/peers`` (see
@@ -85,8 +87,12 @@ SCHEMA_VERSION = 2  # 2: quality (perplexity, ratio to fp32, top-1 agreement) pe
 MODEL = "smollm2-135m-instruct"
 QUALITY_SAMPLE = ROOT / "quantize" / "data" / "quality_sample.txt"
 REFERENCE_PRECISION = "fp32"
-OFFSETS_VARIANT = "int4-offsets"  # bundle dir suffix of `edge-runtime quantize --precision int4 --int4-offsets`
-OFFSETS_LABEL = "edge-runtime int4, float block offsets (--int4-offsets)"
+# Optional int4 layouts, measured when built (never built here: they are for comparing recipes):
+# bundle dir suffix -> (label, the `edge-runtime quantize MODEL --precision int4` flags that build it)
+OPTIONAL_VARIANTS = {
+    "int4-offsets": ("edge-runtime int4, float block offsets (--int4-offsets)", "--int4-offsets"),
+    "int4-norescore": ("edge-runtime int4, 4-bit output projection (--rescore-top-k 0)", "--rescore-top-k 0"),
+}
 PEER_NAMES = ("llamacpp", "genai")
 RUNNERS = Path(__file__).resolve().parent / "peers"
 DECODE_TARGET = 1.0  # engine int4 decode tok/s / faster peer's
@@ -345,18 +351,19 @@ class Target:
 def engine_targets(bundles: dict[str, Path] | None = None, *, build: bool = True, log: Callable[[str], None] = print) -> list[Target]:
     """This engine on the given bundles (label -> directory).
 
-    By default the int4 and int8 SmolLM2 bundles (built when missing), and the
-    int4 bundle with float block offsets when it has been built (never built
-    here: ``edge-runtime quantize smollm2-135m-instruct --precision int4
-    --int4-offsets --out <cache>/bundles/smollm2-135m-instruct-int4-offsets``).
+    By default the int4 and int8 SmolLM2 bundles (built when missing), and each
+    of ``OPTIONAL_VARIANTS`` that has been built (never built here:
+    ``edge-runtime quantize smollm2-135m-instruct --precision int4 FLAGS
+    --out <cache>/bundles/smollm2-135m-instruct-SUFFIX``).
     """
     from edge_runtime.models import default_bundle_dir
 
     if bundles is None:
         bundles = {f"edge-runtime {p}": default_bundle_dir(MODEL, p) for p in ("int4", "int8")}
-        offsets = default_bundle_dir(MODEL, OFFSETS_VARIANT)
-        if (offsets / "manifest.json").is_file():
-            bundles[OFFSETS_LABEL] = offsets
+        for suffix, (label, _flags) in OPTIONAL_VARIANTS.items():
+            path = default_bundle_dir(MODEL, suffix)
+            if (path / "manifest.json").is_file():
+                bundles[label] = path
     return [_bundle_target(label, path, "engine", build=build, log=log) for label, path in bundles.items()]
 
 
@@ -815,6 +822,8 @@ def _model_cell(result: dict[str, Any]) -> str:
     variant = {True: ", float block offsets", False: ", integer zero points"}.get(quant.get("int4_offsets"), "")
     if quant.get("rescore_top_k"):
         variant += f", top {quant['rescore_top_k']} logits rescored"
+    elif result["precision"] == "int4":
+        variant += ", 4-bit output projection"
     return f"edge bundle {result['precision']}{variant} (MatMulNBits)"
 
 

@@ -21,7 +21,8 @@ def decode_step(monkeypatch: pytest.MonkeyPatch):
 def test_writes_the_graph_and_loop_timings_and_skips_a_missing_genai_model(decode_step, tiny_bundle: Path,
                                                                              tmp_path: Path, capsys) -> None:
     missing = tmp_path / "no-genai-model"
-    assert decode_step.main(["--bundle", str(tiny_bundle), "--genai-model", str(missing), "--rounds", "2",
+    assert decode_step.main(["--bundle", str(tiny_bundle), "--genai-model", str(missing), "--no-rescore-bundle", "none",
+                             "--rounds", "2",
                              "--steps", "5", "--threads", "1", "--out-dir", str(tmp_path), "--host", "test"]) == 0
     doc = json.loads((tmp_path / "decode-step-test.json").read_text())
     assert set(doc["per_round_ms"]) == {"engine graph", "engine loop"}
@@ -41,3 +42,20 @@ def test_none_skips_genai_and_bad_flags_are_refused(decode_step, tiny_bundle: Pa
     with pytest.raises(SystemExit):
         decode_step.main(["--bundle", str(tiny_bundle), "--steps", "1"])
     assert "--steps" in capsys.readouterr().err
+
+
+def test_a_no_rescoring_bundle_gives_the_rescoring_cost(decode_step, tiny_bundles, tmp_path: Path) -> None:
+    rescored, plain = tiny_bundles("llama", "int4"), tiny_bundles("llama", "fp32")
+    doc = decode_step.run_benchmark(rescored, None, no_rescore_bundle=plain, threads=1, rounds=2, steps=4,
+                                    log=lambda _msg: None)
+    assert set(doc["per_round_ms"]) == {"engine graph", "engine loop", decode_step.NO_RESCORE}
+    s = doc["summary"]
+    assert s["rescoring_ms"] == pytest.approx(s["engine_graph_ms"] - s["no_rescore_graph_ms"])
+    assert doc["settings"]["no_rescore_bundle"] == str(plain)
+    missing = decode_step.run_benchmark(rescored, None, no_rescore_bundle=tmp_path, threads=1, rounds=1, steps=3,
+                                        log=lambda _msg: None)
+    assert str(tmp_path) in missing["skipped"][decode_step.NO_RESCORE] and "rescoring_ms" not in missing["summary"]
+    # a bundle that rescores its own logits cannot stand for the plain projection
+    with pytest.raises(SystemExit, match="--rescore-top-k 0"):
+        decode_step.run_benchmark(rescored, None, no_rescore_bundle=rescored, threads=1, rounds=1, steps=3,
+                                  log=lambda _msg: None)
