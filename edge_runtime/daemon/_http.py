@@ -123,7 +123,7 @@ class ChatCompletions:
         raw = b"".join(chunks)
         try:
             return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except ValueError as err:  # not UTF-8, not JSON, or an integer past Python's 4,300-digit limit
             raise _BodyError(ApiError(400, f"the request body is not valid JSON: {err}", "invalid_request_error",
                                       None, "invalid_json")) from None
         except RecursionError:

@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..engine.types import TokenInfo
+from ..engine.types import MAX_SEED, TokenInfo
 from ..errors import InvalidRequestError
 from ..hybrid import MODEL_ALIASES, HybridResult
 from ._request import ChatRequest, build_chat_request, stop_list
@@ -50,10 +50,10 @@ def _int(body: Mapping[str, Any], name: str, *, lo: int | None = None, hi: int |
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"must be an integer, got {value!r}", field=name)
+        raise InvalidRequestError(f"must be an integer, got {_short(value)}", field=name)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise InvalidRequestError(f"must be {bounds}, got {value}", field=name)
+        raise InvalidRequestError(f"must be {bounds}, got {_short(value)}", field=name)
     return value
 
 
@@ -61,11 +61,24 @@ def _float(body: Mapping[str, Any], name: str, *, lo: float, hi: float, lo_open:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidRequestError(f"must be a number, got {value!r}", field=name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+        raise InvalidRequestError(f"must be a number, got {_short(value)}", field=name)
     if value > hi or value < lo or (lo_open and value == lo):
         raise InvalidRequestError(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", field=name)
     return float(value)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a JSON integer too large for a float
+        return False
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut: a client's value echoed in an error stays readable."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _bool(body: Mapping[str, Any], name: str) -> bool:
@@ -101,16 +114,19 @@ _HANDLED = frozenset({
 })
 _HARMLESS = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "prompt_cache_key",
                        "safety_identifier"})
+# stream_options: usage on the last chunk; OpenAI's obfuscation padding changes nothing here
+_STREAM_OPTIONS = frozenset({"include_usage", "include_obfuscation"})
 
 
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     for name, harmless in _UNSUPPORTED.items():
         if name in body and not harmless(body[name]):
-            raise InvalidRequestError(f"is not supported by this server (got {body[name]!r}); leave it out", field=name)
+            raise InvalidRequestError(f"is not supported by this server (got {_short(body[name])}); leave it out",
+                                      field=name)
     # a misspelt field ("max_token") would otherwise be ignored, and the answer made without it (OpenAI refuses it too)
     for name in body:
         if name not in _HANDLED and name not in _HARMLESS and name not in _UNSUPPORTED:
-            raise InvalidRequestError("unknown field for /v1/chat/completions", field=str(name))
+            raise InvalidRequestError("unknown field for /v1/chat/completions", field=str(name)[:80])
 
 
 def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatRequest:
@@ -121,7 +137,8 @@ def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatReque
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequestError(f"must be a string, one of {', '.join(MODEL_ALIASES)}", field="model")
-    if body.get("n") not in (None, 1):
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):  # true == 1 in Python, not in JSON
         raise InvalidRequestError("only n = 1 is supported", field="n")
     if body.get("user") is not None and not isinstance(body.get("user"), str):
         raise InvalidRequestError("must be a string", field="user")
@@ -138,7 +155,7 @@ def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatReque
     top_p = _float(body, "top_p", lo=0.0, hi=1.0, lo_open=True)
     if top_p is not None:
         sampling["top_p"] = top_p
-    seed = _int(body, "seed")
+    seed = _int(body, "seed", lo=0, hi=MAX_SEED)
     if seed is not None:
         sampling["seed"] = seed
     stop = stop_list(body.get("stop"))
@@ -150,6 +167,10 @@ def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatReque
     options = body.get("stream_options")
     if options is not None and not isinstance(options, Mapping):
         raise InvalidRequestError("must be an object", field="stream_options")
+    for key in options or ():
+        if key not in _STREAM_OPTIONS:
+            raise InvalidRequestError(f"unknown field {_short(key)}; this server reads "
+                                      f"{', '.join(sorted(_STREAM_OPTIONS))}", field=f"stream_options.{key}"[:80])
     include_usage = _bool(options, "include_usage") if options else False
     return build_chat_request(
         messages=body.get("messages"), model=model, sampling=sampling, stream=stream, logprobs=logprobs,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 import socket
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, EdgeRuntimeError
+from ._guard import BrowserGuard, is_loopback_host
 from ._http import create_app
 from ._service import ChatService, handover_permits
 
@@ -44,15 +44,6 @@ log = logging.getLogger("edge_runtime.daemon")
 _CLOSE_GRACE_S = 2.0
 # after a drain timed out and the rest was cancelled: time for the engines to notice
 _CANCEL_GRACE_S = 5.0
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name other than localhost may resolve anywhere
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -100,7 +91,7 @@ class DaemonServer:
                  ) -> None:
         self.settings = settings
         self.service = ChatService(settings.server)
-        self.app = create_app(self.service)
+        self.app = BrowserGuard(create_app(self.service), check_host=not settings.server.allow_remote)
         self._sock = sock
         self.port: int = sock.getsockname()[1]
         self.host: str = settings.server.host

@@ -76,7 +76,7 @@ def test_32_concurrent_clients_are_each_answered_or_refused_with_429_and_the_met
 def _raw_post(port: int, body: dict) -> socket.socket:
     data = json.dumps(body).encode()
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
               b"content-length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
     return s
 

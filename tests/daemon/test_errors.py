@@ -43,6 +43,16 @@ BAD = [
     ({**OK, "stream": "true"}, 400, "invalid_request_error", "invalid_value", "stream"),
     ({**OK, "user": 12}, 400, "invalid_request_error", "invalid_value", "user"),
     ({**OK, "seed": -1, "temperature": 0.5}, 400, "invalid_request_error", "invalid_value", "seed"),
+    # values no sampler can take: a float past 1e308, a seed past the bridge's int64, JSON's true for n
+    ({**OK, "temperature": 10 ** 400}, 400, "invalid_request_error", "invalid_value", "temperature"),
+    ({**OK, "seed": 2 ** 64, "temperature": 0.5}, 400, "invalid_request_error", "invalid_value", "seed"),
+    ({**OK, "n": True}, 400, "invalid_request_error", "invalid_value", "n"),
+    ({**OK, "stream": True, "stream_options": {"include_usge": True}}, 400, "invalid_request_error", "invalid_value",
+     "stream_options.include_usge"),
+    ({**OK, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+     400, "invalid_request_error", "invalid_value", "messages[0].content[0]"),
+    ({**OK, "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, 400, "invalid_request_error",
+     "invalid_value", "messages[0].content[0].text"),
     # asked for, not supported: refused rather than answered as if not asked
     ({**OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "invalid_request_error", "invalid_value", "tools"),
     ({**OK, "response_format": {"type": "json_object"}}, 400, "invalid_request_error", "invalid_value", "response_format"),
@@ -170,3 +180,40 @@ def test_prompts_and_answers_are_logged_only_with_log_content(engine, start_daem
     answer = done["choices"][0]["message"]["content"]
     assert ("9713" in text) is log_content
     assert (repr(answer) in text) is (log_content and bool(answer))
+
+
+def test_web_pages_cannot_drive_the_daemon_but_local_clients_can(daemon, http):
+    c = http(daemon.port)
+    # a cross-site page: text/plain needs no CORS preflight, but the browser names its origin
+    status, _, body = c.json("POST", "/v1/chat/completions", OK,
+                             headers={"origin": "http://attacker.example", "content-type": "text/plain"})
+    assert status == 403 and body["error"]["code"] == "forbidden_origin" and "attacker.example" in body["error"]["message"]
+    status, _, body = c.json("POST", "/v1/chat/completions", OK, headers={"origin": "null"})
+    assert status == 403 and body["error"]["code"] == "forbidden_origin"
+    # DNS rebinding: a same-origin GET from the page arrives with the page's host name
+    for host in ("attacker.example", f"attacker.example:{daemon.port}", "127.0.0.1.nip.io"):
+        status, _, body = c.json("GET", "/metrics", headers={"host": host})
+        assert status == 403 and body["error"]["code"] == "forbidden_host", host
+    assert metric(c.request("GET", "/metrics")[2].decode(), "edge_runtime_requests_total", transport="http",
+                  outcome="ok") == 0
+    # curl, SDKs and pages served from loopback itself
+    for headers in ({}, {"origin": "http://localhost:3000"}, {"host": f"localhost:{daemon.port}"},
+                    {"host": f"[::1]:{daemon.port}"}, {"origin": "https://127.0.0.1"}):
+        assert c.json("POST", "/v1/chat/completions", OK, headers=headers)[0] == 200, headers
+
+
+def test_with_allow_remote_only_the_origin_is_checked():
+    from edge_runtime.daemon._guard import BrowserGuard
+
+    remote, local = BrowserGuard(None, check_host=False), BrowserGuard(None, check_host=True)  # type: ignore[arg-type]
+    assert remote._refusal({"host": "pi.lan:8080"}) is None
+    assert local._refusal({"host": "pi.lan:8080"})[0] == "forbidden_host"
+    assert remote._refusal({"host": "pi.lan", "origin": "http://pi.lan"})[0] == "forbidden_origin"
+
+
+def test_an_integer_past_pythons_digit_limit_is_invalid_json_not_a_crash(engine, start_daemon, http):
+    daemon = start_daemon(runtime(engine, {"type": "never"}))  # the default body limit: 1 MB
+    c = http(daemon.port)
+    status, _, body = c.json("POST", "/v1/chat/completions", raw=b'{"max_tokens": ' + b"1" * 5000 + b"}")
+    assert status == 400 and body["error"]["code"] == "invalid_json" and "digits" in body["error"]["message"]
+    assert c.json("POST", "/v1/chat/completions", OK)[0] == 200
