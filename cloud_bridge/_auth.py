@@ -173,6 +173,10 @@ def read_tokens_file(path: str | os.PathLike[str]) -> dict[str, str]:
             data = tomllib.load(fh)
     except FileNotFoundError as err:
         raise ConfigError(f"tokens file not found: {path}", field="auth.tokens_file") from err
+    except OSError as err:  # unreadable: e.g. rewritten by `sudo cloud-bridge token add` as root, mode 0600
+        raise ConfigError(f"cannot read tokens file {path}: {err.strerror or err}", field="auth.tokens_file") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text: {err}", field="auth.tokens_file") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}", field="auth.tokens_file") from err
     devices = data.get("devices", {})

@@ -108,7 +108,9 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                 raise Reject(
                     make_status(
                         grpc.StatusCode.NOT_FOUND,
-                        f"no model alias {alias!r} (have: {', '.join(self.backends)})",
+                        # the client's string is cut: gRPC drops a status whose trailers pass 16 KiB
+                        f"no model alias {alias[:64]!r}{'...' if len(alias) > 64 else ''} "
+                        f"(have: {', '.join(self.backends)})",
                         error_info("MODEL_NOT_FOUND", {"model": alias[:64]}),
                     )
                 )

@@ -90,6 +90,20 @@ def _request(
     escalation: Escalation | None,
     request_id: str,
 ) -> bridge_pb2.GenerateRequest:
+    try:
+        return _encode(messages, model=model, params=params, escalation=escalation, request_id=request_id)
+    except (ValueError, TypeError) as err:  # a value protobuf cannot carry (e.g. past int64): the call fails, not the app
+        raise CloudError(f"cannot encode the request for the bridge: {err}") from err
+
+
+def _encode(
+    messages: Sequence[Message],
+    *,
+    model: str,
+    params: SamplingParams | None,
+    escalation: Escalation | None,
+    request_id: str,
+) -> bridge_pb2.GenerateRequest:
     req = bridge_pb2.GenerateRequest(request_id=request_id, model=model)
     for m in messages:
         req.messages.add(role=str(m.get("role", "")), content=str(m.get("content", "")))

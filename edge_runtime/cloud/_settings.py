@@ -79,13 +79,25 @@ class CloudSettings:
     def resolve_token(self) -> str:
         """The device token, from ``token`` or ``token_file`` (which must not be group- or world-readable)."""
         if self.token:
-            return self.token
+            return _checked_token(self.token, "cloud.token")
         if self.token_file is None:
             return ""
         try:
             mode = os.stat(self.token_file).st_mode
             if mode & (stat.S_IRWXG | stat.S_IRWXO):
                 raise ConfigError(f"{self.token_file} is readable by others: chmod 600 it", field="cloud.token_file")
-            return self.token_file.read_text(encoding="utf-8").strip()
+            token = self.token_file.read_text(encoding="utf-8").strip()
         except OSError as err:
             raise ConfigError(f"cannot read {self.token_file}: {err.strerror}", field="cloud.token_file") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{self.token_file} is not UTF-8 text", field="cloud.token_file") from err
+        return _checked_token(token, "cloud.token_file")
+
+
+def _checked_token(token: str, field: str) -> str:
+    """A token goes into gRPC metadata, which carries printable ASCII only: anything else would fail every call."""
+    if not all("!" <= ch <= "~" for ch in token):
+        # the token itself is never echoed: it is a secret
+        raise ConfigError("the device token must be printable ASCII without spaces (as `cloud-bridge token add` "
+                          "makes them)", field=field)
+    return token

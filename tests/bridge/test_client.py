@@ -428,3 +428,27 @@ def test_file_paths_may_be_str_or_path_like(start_bridge, make_client, certs, tm
     with pytest.raises(ConfigError) as info:
         CloudSettings(ca_file=42)
     assert info.value.field == "cloud.ca_file"
+
+
+@pytest.mark.parametrize("token", ["tök_en", "two words", "tab\there"])
+def test_a_token_grpc_metadata_cannot_carry_is_refused_at_start_without_echoing_it(tmp_path, token):
+    with pytest.raises(ConfigError) as info:
+        CloudSettings(address="127.0.0.1:1", token=token).resolve_token()
+    assert info.value.field == "cloud.token" and token not in str(info.value)
+    path = tmp_path / "token"
+    path.write_text(token + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    with pytest.raises(ConfigError) as info:
+        CloudClient(address="127.0.0.1:1", token_file=path)
+    assert info.value.field == "cloud.token_file" and token not in str(info.value)
+
+
+def test_a_request_protobuf_cannot_encode_is_a_cloud_error_so_the_caller_falls_back() -> None:
+    from types import SimpleNamespace
+
+    from edge_runtime.cloud._client import _request
+
+    params = SimpleNamespace(max_new_tokens=4, temperature=0.5, top_p=1.0, top_k=0, seed=2 ** 64, stop=[])
+    with pytest.raises(CloudError, match="cannot encode"):
+        _request([{"role": "user", "content": "hi"}], model="m", params=params, escalation=None,  # type: ignore[arg-type]
+                 request_id="r1")

@@ -204,6 +204,23 @@ def test_tokens_added_or_revoked_apply_to_a_running_bridge(start_bridge, make_cl
         make_client(bridge, token=first).generate(HI)  # revoked at once
     path.write_text("[devices]\nbroken = 1\n")  # a bad edit keeps the last good tokens
     assert make_client(bridge, token=second).generate(HI).completion_tokens == 5
+    path.write_bytes(b"# caf\xe9\n[devices]\n")  # not UTF-8
+    assert make_client(bridge, token=second).generate(HI).completion_tokens == 5
+    path.unlink()
+    path.mkdir()  # unreadable (as root, mode 0600 would not stop this test): the same
+    assert make_client(bridge, token=second).generate(HI).completion_tokens == 5
+
+
+@pytest.mark.parametrize("content", [b"# caf\xe9\n[devices]\n", None])
+def test_an_unreadable_tokens_file_is_a_config_error_naming_the_field(tmp_path, content):
+    path = tmp_path / "tokens.toml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        read_tokens_file(path)
+    assert info.value.field == "auth.tokens_file" and str(path) in str(info.value)
 
 
 @pytest.mark.parametrize(
