@@ -174,6 +174,20 @@ def _check_manifest_fields(raw: dict[str, Any], path: Path) -> None:
     eos = raw["tokens"].get("eos_token_ids")
     if not isinstance(eos, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
         raise bad("tokens.eos_token_ids", f"must be a list of token ids, got {eos!r}")
+    bos = raw["tokens"].get("bos_token_id")
+    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
+        raise bad("tokens.bos_token_id", f"must be a token id or null, got {bos!r}")
+    if not isinstance(raw["tokens"].get("add_bos_token", False), bool):
+        raise bad("tokens.add_bos_token", "must be true or false")
+    if raw.get("chat_template") is not None and not isinstance(raw["chat_template"], str):
+        raise bad("chat_template", "must be a Jinja2 template string or null")
+    for key, default in (("model_file", "model.onnx"), ("tokenizer_file", "tokenizer.json")):
+        name = raw.get(key, default)
+        if not isinstance(name, str):
+            raise bad(key, "must be a file name")
+        if isinstance(raw["files"], dict) and name not in raw["files"]:
+            # the listed files are all that verification checks: an unlisted model would load unchecked
+            raise bad("files", f"must list {name}")
     if not isinstance(raw["quantization"].get("precision"), str):
         raise bad("quantization.precision", "must be a string")
     for name, info in raw["files"].items():

@@ -109,7 +109,7 @@ def _generate(args: argparse.Namespace, engine: Any, estimator: Any, params: Any
         prompt = args.prompt if args.chat is None else None
         if args.json:
             result = engine.generate(prompt, messages=messages, params=params, prompt_nll=estimator.needs_prompt_nll)
-            print(json.dumps(_result_json(result, confidence=_confidence(estimator, engine, result, messages, prompt)), ensure_ascii=False))
+            print(_json_line(_result_json(result, confidence=_confidence(estimator, engine, result, messages, prompt))))
         else:
             for chunk in engine.stream(prompt, messages=messages, params=params):
                 sys.stdout.write(chunk.text)
@@ -122,8 +122,18 @@ def _generate(args: argparse.Namespace, engine: Any, estimator: Any, params: Any
             continue
         out, ok = _answer_line(engine, estimator, params, raw, lineno)
         failures += not ok
-        print(json.dumps(out, ensure_ascii=False), flush=True)
+        print(_json_line(out), flush=True)
     return 1 if failures else 0
+
+
+def _json_line(obj: Any) -> str:
+    """One JSON line, UTF-8 as it is; escaped when it holds what UTF-8 cannot (a lone surrogate in an input id)."""
+    line = json.dumps(obj, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(obj, ensure_ascii=True)
+    return line
 
 
 def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: int) -> tuple[dict[str, Any], bool]:
@@ -145,6 +155,10 @@ def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: i
             item = json.loads(line)
         except json.JSONDecodeError as err:
             raise InvalidRequestError(f"line {lineno} is not valid JSON: {err.msg}", field="line") from err
+        except ValueError as err:  # an integer past Python's 4,300-digit limit
+            raise InvalidRequestError(f"line {lineno} is not usable JSON: {err}", field="line") from err
+        except RecursionError as err:
+            raise InvalidRequestError(f"line {lineno} is nested too deeply", field="line") from err
         if not isinstance(item, dict):
             raise InvalidRequestError(f"line {lineno} must be a JSON object", field="line")
         request_id = item.get("id", lineno)

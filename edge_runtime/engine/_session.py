@@ -11,6 +11,7 @@ and runs. Nothing the size of the cache is copied per token.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -80,12 +81,15 @@ class OrtModel:
         self.head_dim = int(m["head_dim"])
         self.vocab_size = int(m["vocab_size"])
         self.context_length = int(m["context_length"])
-        self.threads = intra_op_threads or default_threads()
-        if self.threads < 1:
-            raise InvalidRequestError("must be >= 1", field="intra_op_threads")
+        if intra_op_threads is not None and (isinstance(intra_op_threads, bool)
+                                             or not isinstance(intra_op_threads, numbers.Integral) or intra_op_threads < 1):
+            raise InvalidRequestError(f"must be an integer >= 1, got {intra_op_threads!r}", field="intra_op_threads")
+        self.threads = int(intra_op_threads) if intra_op_threads is not None else default_threads()
 
         so = session_options(self.threads, session_config)
         available = ort.get_available_providers()
+        if isinstance(providers, str):  # one name, not a list of one-letter names
+            providers = [providers]
         wanted = list(providers) if providers else ["CPUExecutionProvider"]
         names = [p if isinstance(p, str) else p[0] for p in wanted]
         missing = [n for n in names if n not in available]
@@ -100,6 +104,21 @@ class OrtModel:
             raise BundleError(f"onnxruntime cannot load {manifest.model_file}: {err}") from err
         self.providers = self.session.get_providers()
         self._ort = ort
+        self._check_graph(manifest)
+
+    def _check_graph(self, manifest: Manifest) -> None:
+        """The manifest's dimensions must be the graph's: else every request would fail deep in onnxruntime."""
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+        first = inputs.get("past_key_values.0.key") or []
+        logits = next((o.shape for o in self.session.get_outputs() if o.name == "logits"), None) or []
+        for field, stated, actual in (("model.num_layers", self.num_layers, layers),
+                                      ("model.num_kv_heads", self.num_kv_heads, first[1] if len(first) == 4 else None),
+                                      ("model.head_dim", self.head_dim, first[3] if len(first) == 4 else None),
+                                      ("model.vocab_size", self.vocab_size, logits[-1] if logits else None)):
+            if isinstance(actual, int) and actual != stated:  # a symbolic dimension cannot be checked
+                raise BundleError(f"{manifest.bundle_dir}: manifest field {field!r} is {stated}, but "
+                                  f"{manifest.model_file.name} has {actual}")
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self, capacity)

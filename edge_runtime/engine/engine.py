@@ -544,14 +544,25 @@ class ChatSession:
         return result
 
     def stream(self, content: str, *, params: SamplingParams | None = None, cancel: Cancel = None, **sampling: Any) -> Iterator[StreamChunk]:
+        """One turn, streamed. A turn that is cancelled keeps what it said in the history (as a chat app shows it)."""
         engine = self.engine
+        if engine._closed:
+            raise EdgeRuntimeError("engine is closed")
         p = engine.sampling_params(params, sampling)
-        messages = [*self.messages, {"role": "user", "content": content}]
-        ids = engine.fit_context(engine.encode(messages=messages), p)
+        turn = {"role": "user", "content": content}
+        history = self.messages
+        # checked now, so a bad turn fails at the call; encoded again below if an earlier turn ends first
+        ids = engine.fit_context(engine.encode(messages=[*history, turn]), p)
         is_cancelled = _cancel_check(cancel)
 
         def run() -> Iterator[StreamChunk]:
+            nonlocal ids
             with self._lock:  # one turn at a time: a turn's stream holds the session until consumed or closed
+                if engine._closed:
+                    raise EdgeRuntimeError("engine is closed")
+                messages = [*self.messages, turn]
+                if self.messages is not history:  # another turn finished since this one was asked
+                    ids = engine.fit_context(engine.encode(messages=messages), p)
                 for chunk in engine.run(self._cache, ids, p, is_cancelled, reuse_decoded=True):
                     if chunk.result is not None:
                         self.messages = [*messages, {"role": "assistant", "content": chunk.result.text}]

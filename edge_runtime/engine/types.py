@@ -41,6 +41,8 @@ Message = Mapping[str, Any]
 # Hard ceiling for max_new_tokens whatever the model: protects a long-lived process
 # from a request that asks for a billion tokens.
 MAX_NEW_TOKENS_LIMIT = 1 << 16
+# Seeds travel to the cloud bridge as int64 (proto/edgecloud/v1/bridge.proto): one range everywhere.
+MAX_SEED = (1 << 63) - 1
 
 
 def validate_messages(messages: Any, *, field_name: str = "messages") -> list[dict[str, str]]:
@@ -56,16 +58,28 @@ def validate_messages(messages: Any, *, field_name: str = "messages") -> list[di
             raise InvalidRequestError("must be an object with role and content", field=where)
         role = msg.get("role")
         if role not in ROLES:
-            raise InvalidRequestError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})", field=f"{where}.role")
+            shown = repr(role) if len(repr(role)) <= 40 else repr(role)[:40] + "..."
+            raise InvalidRequestError(f"unknown role {shown} (expected one of {', '.join(ROLES)})", field=f"{where}.role")
         content = msg.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text parts
-            texts = [p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
-            content = "".join(texts)
+        if isinstance(content, list):  # OpenAI content parts: text only (a small language model reads no images)
+            content = "".join(_text_part(part, f"{where}.content[{j}]") for j, part in enumerate(content))
         if not isinstance(content, str):
             raise InvalidRequestError("must be a string", field=f"{where}.content")
         _check_text(content, f"{where}.content")
         out.append({"role": role, "content": content})
     return out
+
+
+def _text_part(part: Any, field_name: str) -> str:
+    """The text of an OpenAI content part; any other part is refused, not dropped (the answer would ignore it)."""
+    if not isinstance(part, Mapping) or part.get("type") != "text":
+        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        shown = repr(kind) if len(repr(kind)) <= 40 else repr(kind)[:40] + "..."
+        raise InvalidRequestError(f"only text parts are supported, got {shown}", field=field_name)
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise InvalidRequestError("must be a string", field=f"{field_name}.text")
+    return text
 
 
 def _check_text(text: str, field_name: str) -> None:
@@ -154,8 +168,8 @@ class SamplingParams:
             raise InvalidRequestError(f"must be in (0, 1], got {self.top_p}", field="top_p")
         if self.top_k < 0:
             raise InvalidRequestError(f"must be an integer >= 0, got {self.top_k}", field="top_k")
-        if self.seed is not None and self.seed < 0:
-            raise InvalidRequestError(f"must be an integer >= 0, got {self.seed}", field="seed")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidRequestError(f"must be an integer in [0, 2**63 - 1], got {self.seed}", field="seed")
         if not (0 <= self.top_logprobs <= 20):
             raise InvalidRequestError(f"must be an integer in [0, 20], got {self.top_logprobs}", field="top_logprobs")
         for i, s in enumerate(self.stop):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 
@@ -11,7 +12,7 @@ import pytest
 from edge_runtime.engine import Engine, SamplingParams
 from edge_runtime.engine import engine as engine_module
 from edge_runtime.engine._text import IncrementalDecoder, StopMatcher
-from edge_runtime.errors import BundleVerificationError, ContextLengthError, InvalidRequestError
+from edge_runtime.errors import BundleError, BundleVerificationError, ContextLengthError, EdgeRuntimeError, InvalidRequestError
 
 PROMPTS = ["hello world", "what is the capital of france?", "one two three"]
 
@@ -218,6 +219,19 @@ def test_multi_turn_reuses_the_cache_and_matches_a_fresh_prefill(tiny_bundle):
     assert again.token_ids == second.token_ids
 
 
+def test_turns_streamed_before_the_previous_one_ends_see_the_whole_history(tiny_bundle):
+    engine = Engine(tiny_bundle, energy_meter=None)
+    chat = engine.chat_session()
+    first, second = chat.stream("hello world", max_new_tokens=4), chat.stream("one two three", max_new_tokens=4)
+    list(first)
+    list(second)  # asked before the first turn ended: it still comes after it
+    assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["hello world", "one two three"]
+    assert len(chat.messages) == 4
+    engine.close()
+    with pytest.raises(EdgeRuntimeError, match="closed"):
+        chat.send("again")  # a closed engine serves no one, a chat session included
+
+
 def test_prompt_nll_matches_scoring(engine):
     r = engine.generate("the quick brown fox jumps over the lazy dog", max_new_tokens=2, prompt_nll=True)
     s = engine.score("the quick brown fox jumps over the lazy dog")
@@ -240,6 +254,12 @@ def test_context_window_is_checked_before_any_work(engine):
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        # content parts: only text, and refused rather than dropped (the answer would ignore them)
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+         "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": ["What is 2+2?"]}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages[0].content[0].text"),
+        ({"prompt": "hi", "seed": 2 ** 63, "temperature": 0.7}, "seed"),  # the bridge carries int64 seeds
         ({"prompt": "hi", "max_new_tokens": -1}, "max_new_tokens"),
         ({"prompt": "hi", "max_new_tokens": 10**9}, "max_new_tokens"),
         ({"prompt": "hi", "temperature": -0.5}, "temperature"),
@@ -287,6 +307,37 @@ def test_bundle_failing_verification_is_refused(tiny_bundle, tmp_path):
     (bad / "tokenizer.json").write_text("{}")
     with pytest.raises(BundleVerificationError, match="tokenizer.json"):
         Engine(bad)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m["tokens"].update(bos_token_id="x"), "tokens.bos_token_id"),
+        (lambda m: m.update(chat_template=5), "chat_template"),
+        (lambda m: m.update(files={}), "files"),  # nothing listed would mean nothing verified
+        (lambda m: m["model"].update(num_layers=m["model"]["num_layers"] + 1), "model.num_layers"),
+        (lambda m: m["model"].update(vocab_size=1000), "model.vocab_size"),
+        (lambda m: m["model"].update(num_kv_heads=m["model"]["num_kv_heads"] * 2), "model.num_kv_heads"),
+    ],
+)
+def test_a_manifest_that_contradicts_itself_or_its_graph_is_refused_at_load(tiny_bundle, tmp_path, edit, field):
+    bad = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    edit(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    # at load, naming the field: not a foreign error, nor onnxruntime's at the first request
+    with pytest.raises(BundleError, match=field.replace(".", r"\.")):
+        Engine(bad, energy_meter=None)
+
+
+def test_providers_and_threads_are_checked_as_given(tiny_bundle):
+    assert Engine(tiny_bundle, providers="CPUExecutionProvider", energy_meter=None).model.providers == [
+        "CPUExecutionProvider"]  # one name, not its letters
+    for threads in (0, "2", 1.5):
+        with pytest.raises(InvalidRequestError) as info:
+            Engine(tiny_bundle, intra_op_threads=threads, energy_meter=None)  # type: ignore[arg-type]
+        assert info.value.field == "intra_op_threads"
 
 
 def test_concurrent_generations_give_the_sequential_results(tiny_bundle):

@@ -151,3 +151,21 @@ def test_settings_give_provider_options_to_the_engine(tiny_bundle, monkeypatch):
     with pytest.raises(ConfigError) as info:
         load_runtime_settings(data={"engine": engine}, env={})
     assert info.value.field == "engine.provider_options.XnnpackExecutionProvider"
+
+
+def test_input_lines_python_cannot_decode_or_print_as_is_fail_alone(tiny_bundle, tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join([
+        b'{"id": "big", "prompt": "hi", "seed": ' + b"1" * 5000 + b"}",  # past Python's int-parsing limit
+        b"[" * 100_000,  # deeper than json's recursion
+        json.dumps({"id": "j\ud800", "prompt": "hello world"}).encode(),  # a lone surrogate in the id
+        json.dumps({"id": "last", "prompt": "hello world"}).encode(),
+    ]) + b"\n")
+    code = main(["generate", str(tiny_bundle), "--input", str(path), "--max-new-tokens", "2", "--json"])
+    lines = capsys.readouterr().out.splitlines()
+    for line in lines:
+        line.encode("utf-8")  # every output line is valid UTF-8 (the surrogate is escaped, not written raw)
+    out = [json.loads(x) for x in lines]
+    assert [o["id"] for o in out] == [1, 2, "j\ud800", "last"]
+    assert [o["error"]["param"] for o in out[:2]] == ["line", "line"]
+    assert "error" not in out[2] and "error" not in out[3] and code == 1
