@@ -315,8 +315,12 @@ class BridgeSettings:
         return next(iter(self.models), "")
 
 
-def _resolve(path: Path | None, base: Path) -> Path | None:
-    return None if path is None or path.is_absolute() else base / path
+def _resolve(path: Path | None, base: Path, default: Path | None = None) -> Path | None:
+    """A relative path: the default follows the config file's directory; one from the environment or a flag the
+    working directory, as the daemon's do (a value from the file is already absolute: ``load_settings``)."""
+    if path is None or path.is_absolute():
+        return path
+    return (base if path == default else Path.cwd()) / path
 
 
 def load_bridge_settings(
@@ -333,17 +337,16 @@ def load_bridge_settings(
     base = Path(config_file).resolve().parent if config_file is not None else Path.cwd()
     server = dataclasses.replace(
         settings.server,
-        tls_cert=_resolve(settings.server.tls_cert, base) or settings.server.tls_cert,
-        tls_key=_resolve(settings.server.tls_key, base) or settings.server.tls_key,
-        client_ca=_resolve(settings.server.client_ca, base) or settings.server.client_ca,
+        tls_cert=_resolve(settings.server.tls_cert, base),
+        tls_key=_resolve(settings.server.tls_key, base),
+        client_ca=_resolve(settings.server.client_ca, base),
     )
-    auth = dataclasses.replace(
-        settings.auth, tokens_file=_resolve(settings.auth.tokens_file, base) or settings.auth.tokens_file
-    )
+    default_tokens = next(f.default for f in dataclasses.fields(AuthSettings) if f.name == "tokens_file")
+    auth = dataclasses.replace(settings.auth, tokens_file=_resolve(settings.auth.tokens_file, base, default_tokens))
+    # [models.*] are free-form tables that load_settings leaves as written: their bundles follow the file
     models = {
-        alias: dataclasses.replace(m, bundle=_resolve(m.bundle, base) or m.bundle)
-        if isinstance(m, OnnxModelSettings)
-        else m
+        alias: dataclasses.replace(m, bundle=m.bundle if m.bundle is None or m.bundle.is_absolute() else base / m.bundle)
+        if isinstance(m, OnnxModelSettings) else m
         for alias, m in settings.models.items()
     }
     return dataclasses.replace(settings, server=server, auth=auth, models=models)

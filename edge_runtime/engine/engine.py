@@ -20,6 +20,7 @@ same few-shot header) only prefills what differs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -265,6 +266,13 @@ class Engine:
 
     def sampling_params(self, params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
         """``params`` with keyword overrides, or SamplingParams built from them; errors name the field."""
+        if params is not None and not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"must be a SamplingParams (or give its fields as keywords), got "
+                                      f"{type(params).__name__}", field="params")
+        known = {f.name for f in dataclasses.fields(SamplingParams)}
+        for name in overrides:
+            if name not in known:
+                raise InvalidRequestError(f"unknown sampling setting (known: {', '.join(sorted(known))})", field=name)
         try:
             if params is None:
                 return SamplingParams(**overrides)

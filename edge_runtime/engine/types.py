@@ -175,6 +175,7 @@ class SamplingParams:
         for i, s in enumerate(self.stop):
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError("stop strings must be non-empty strings", field=f"stop[{i}]")
+            _check_text(s, f"stop[{i}]")
         if len(self.stop) > 16:
             raise InvalidRequestError("at most 16 stop strings", field="stop")
 

@@ -63,6 +63,21 @@ def test_config_file_env_and_overrides(tmp_path):
     assert settings.default_model == "coder"
 
 
+def test_relative_paths_from_flags_and_env_follow_the_working_directory(tmp_path, monkeypatch):
+    cfg = tmp_path / "cfgdir"
+    cfg.mkdir()
+    path = write(cfg, '[server]\ntls_cert = "file-cert.pem"\ntls_key = "file-key.pem"\n')
+    monkeypatch.chdir(tmp_path)
+    from_file = load_bridge_settings(path, env={})
+    assert from_file.server.tls_cert == cfg / "file-cert.pem"  # written in the file: next to the file
+    assert from_file.auth.tokens_file == cfg / "bridge-tokens.toml"  # the default too
+    given = load_bridge_settings(path, env={"CLOUD_BRIDGE_AUTH_TOKENS_FILE": "env-tokens.toml"},
+                                 overrides={"server": {"tls_cert": "cert.pem", "tls_key": "key.pem"}})
+    # typed in a shell: where the shell is, as the daemon's
+    assert given.server.tls_cert == tmp_path / "cert.pem" and given.server.tls_key == tmp_path / "key.pem"
+    assert given.auth.tokens_file == tmp_path / "env-tokens.toml"
+
+
 @pytest.mark.parametrize(
     ("extra", "field"),
     [

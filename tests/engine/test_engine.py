@@ -275,7 +275,10 @@ def test_context_window_is_checked_before_any_work(engine):
         ({"prompt": "hi", "temperature": "1"}, "temperature"),
         ({"prompt": "hi", "max_new_tokens": 2.0}, "max_new_tokens"),
         ({"prompt": "hi", "truncate_prompt": "yes"}, "truncate_prompt"),
-        ({"prompt": "hi", "params": SamplingParams(), "bogus": 1}, "params"),
+        ({"prompt": "hi", "params": SamplingParams(), "bogus": 1}, "bogus"),
+        ({"prompt": "hi", "bogus": 1}, "bogus"),
+        ({"prompt": "hi", "params": {"max_new_tokens": 3}}, "params"),  # a dict is not a SamplingParams
+        ({"prompt": "hi", "stop": ["bad \ud800"]}, "stop[0]"),  # a stop string no text can contain
         ({"prompt": "hi " * 300, "max_new_tokens": 8}, "prompt"),  # the context window, for a raw prompt
     ],
 )
