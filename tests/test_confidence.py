@@ -177,6 +177,8 @@ def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, caps
         (["eval", "--limit", "-5"], "--limit: must be a positive number of items"),
         (["eval", "--study", "--estimator", "{tmp}/e.json"], "--estimator: --study fits every estimator family"),
         (["eval", "--split", "dev", "--suite", "{tmp}/test-only.jsonl"], "--split: the dev split of suite"),
+        (["eval", "--cloud-bundle", "nosuch-bundle"], "--cloud-bundle"),
+        (["calibrate", "--cloud-bundle", "nosuch-bundle", "--out", "{tmp}/e.json"], "--cloud-bundle"),
     ],
 )
 def test_calibrate_and_eval_refuse_bad_arguments_before_running_the_model(tiny_bundle, tmp_path, tiny_suite, capsys,
@@ -194,6 +196,19 @@ def test_calibrate_and_eval_refuse_bad_arguments_before_running_the_model(tiny_b
     assert main([*args, "--bundle", str(tiny_bundle), *suite]) == 1
     err = capsys.readouterr().err
     assert expected.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err, err
+
+
+def test_eval_reads_the_estimator_before_running_the_split(tiny_bundle, tmp_path, tiny_suite, capsys, monkeypatch):
+    import edge_runtime.runs
+
+    def no_runs(*a, **k):
+        raise AssertionError("the split ran")
+
+    monkeypatch.setattr(edge_runtime.runs, "run_edge", no_runs)
+    assert main(["eval", "--bundle", str(tiny_bundle), "--suite", str(tiny_suite),
+                 "--estimator", str(tmp_path / "typo.json")]) == 1
+    err = capsys.readouterr().err
+    assert "estimator file not found" in err and "Traceback" not in err
 
 
 def test_an_estimator_using_a_feature_this_runtime_lacks_is_refused_at_load(tmp_path):

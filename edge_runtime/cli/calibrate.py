@@ -70,13 +70,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     check_family(args.family)
     _check_writable(Path(args.out))
     items = _items(args.suite, args.split, args.limit)
+    cloud_bundle = _cloud_bundle(args)
     engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
     records = run_edge(engine, items, selfcheck=args.family == "selfcheck", desc=f"{args.split} (edge)")
     data = make_dataset(records, items)
     if len(set(data.labels.tolist())) < 2:
         log.warning("all %d items are %s: the estimator cannot learn to tell right from wrong answers on them "
                     "(use more items, or another split)", len(data), "right" if data.labels[0] else "wrong")
-    cloud = _cloud_labels(args, items, data)
+    cloud = _cloud_labels(cloud_bundle, args.threads, items, data)
     estimator = fit_estimator(args.family, data, bundle_hash=None if args.portable else engine.bundle_hash, cloud_labels=cloud)
     p = estimator_scores(estimator, data, training_data=True)  # in-sample, but no row votes for itself
     summary = {
@@ -106,25 +107,31 @@ def _check_writable(out: Path) -> None:
         raise InvalidRequestError(f"the directory {out.parent} does not exist", field="--out")
 
 
-def _cloud_labels(args: argparse.Namespace, items: list[Any], data: Any) -> Any:
+def _cloud_bundle(args: argparse.Namespace) -> Path | None:
+    """``--cloud-bundle`` resolved before any model runs: a typo must not cost a whole edge split first."""
+    from ..models import resolve_bundle
+
+    return resolve_bundle(args.cloud_bundle, field="--cloud-bundle") if args.cloud_bundle else None
+
+
+def _cloud_labels(bundle: Path | None, threads: int | None, items: list[Any], data: Any) -> Any:
     """The cloud stand-in's correctness on the dataset's items (None without --cloud-bundle)."""
     import numpy as np
 
-    recs = _cloud_records(args, items)
+    recs = _cloud_records(bundle, threads, items)
     if recs is None:
         return None
     by_id = {r["item_id"]: bool(r.get("correct")) for r in recs}
     return np.array([by_id[r["item_id"]] for r in data.records], dtype=float)
 
 
-def _cloud_records(args: argparse.Namespace, items: list[Any]) -> list[dict[str, Any]] | None:
-    if not args.cloud_bundle:
+def _cloud_records(bundle: Path | None, threads: int | None, items: list[Any]) -> list[dict[str, Any]] | None:
+    if bundle is None:
         return None
     from ..engine import Engine
-    from ..models import resolve_bundle
     from ..runs import local_cloud_generate, run_cloud
 
-    cloud = Engine(resolve_bundle(args.cloud_bundle), intra_op_threads=args.threads, energy_meter=None)
+    cloud = Engine(bundle, intra_op_threads=threads, energy_meter=None)
     return run_cloud(local_cloud_generate(cloud), f"local-{cloud.model_name}-{cloud.bundle_hash[:16]}", items, desc="cloud")
 
 
@@ -170,10 +177,13 @@ def _eval(args: argparse.Namespace) -> int:
     if args.study and args.estimator:
         raise InvalidRequestError("--study fits every estimator family itself; leave out --estimator", field="--estimator")
     items = _items(args.suite, args.split, args.limit)
+    cloud_bundle = _cloud_bundle(args)
     engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
+    # the estimator is read before the split runs: a wrong path or another bundle's file fails at once
+    est = None if args.study else load_estimator(args.estimator, bundle_hash=engine.bundle_hash)
     records = run_edge(engine, items, selfcheck=args.study, desc=f"{args.split} (edge)")
     data = make_dataset(records, items)
-    cloud_recs = _cloud_records(args, items)
+    cloud_recs = _cloud_records(cloud_bundle, args.threads, items)
     cloud = None if cloud_recs is None else {r["item_id"]: bool(r.get("correct")) for r in cloud_recs}
     families = [r["family"] for r in data.records]
 
@@ -190,7 +200,7 @@ def _eval(args: argparse.Namespace) -> int:
 
             rep["overall"]["ece"] = round(expected_calibration_error(fitted, data.labels), 6)
             reports[f"signal:{name}"] = rep
-        dev_cloud = _cloud_labels(args, dev_items, dev) if cloud is not None else None
+        dev_cloud = _cloud_labels(cloud_bundle, args.threads, dev_items, dev) if cloud is not None else None
         p_cloud = None
         for fam in FAMILIES:
             est = fit_estimator(fam, dev, bundle_hash=engine.bundle_hash, cloud_labels=dev_cloud if p_cloud is None else None)
@@ -202,7 +212,7 @@ def _eval(args: argparse.Namespace) -> int:
                 # routing by expected gain: escalate first where the cloud is likeliest to beat the device
                 reports[f"{fam} → gain"] = _gain_report(p - p_cloud, data, cloud, families)
     else:
-        est = load_estimator(args.estimator, bundle_hash=engine.bundle_hash)
+        assert est is not None
         if est.needs_engine:
             scores = np.array([est.p_correct(s, engine=engine) for s in data.signals])
         else:

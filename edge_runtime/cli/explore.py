@@ -21,7 +21,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help='goal(s), e.g. "accuracy>=0.95*cloud" (default), "max-accuracy usd<=0.50/1k", "max-accuracy joules<=2"')
     p.add_argument("--config", help="the daemon's TOML config: its [cloud] section names an external bridge, [cost] the cost model")
     p.add_argument("--bridge", help="external bridge address host:port (overrides [cloud] address)")
-    p.add_argument("--requests-per-day", type=float, default=1000.0, help="traffic used to turn a budget cap into USD per day")
     p.add_argument("--validate", action="store_true",
                    help="hold back a quarter of the items and run the recommended policy live through `edge-runtime serve` and the bridge")
     p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
@@ -36,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
     result = explore(
         edge=args.edge, cloud=args.cloud, out=Path(args.out), suite=args.suite, split=args.split, limit=args.limit,
         goals=args.goal or ["accuracy>=0.95*cloud"], cloud_settings=settings.cloud if settings.cloud.address else None,
-        cost=settings.cost, requests_per_day=args.requests_per_day, validate=args.validate, threads=args.threads,
+        cost=settings.cost, validate=args.validate, threads=args.threads,
     )
     print_summary(result, sys.stdout)
     return 0
@@ -56,7 +55,8 @@ def print_summary(result, out) -> None:  # type: ignore[no-untyped-def]
           f"{o['device_j_per_request']:>7.3f} {o['latency_p50_ms']:>7.0f}\n")
     sources = sorted({str(e.get("energy_source")) for e in result.measurements.edge if e.get("energy_estimated")})
     if sources:  # an estimate is labelled where the figure is shown, not only in the report
-        w(f"J/req is ESTIMATED ({', '.join(sources)}: CPU time x a device profile's power), not measured\n")
+        w(f"J/req is ESTIMATED ({', '.join(sources)}: CPU time x a device profile's power, plus the cost "
+          f"model's network energy per escalation), not measured\n")
     for rec in result.recommendations:
         if rec["point"] is None:
             w(f"goal {rec['goal']!r}: no explored policy meets it ({'; '.join(rec['constraints'])})\n")

@@ -36,6 +36,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of readings, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (leave --count out to watch until Ctrl-C), got {value}")
+    return value
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "power",
@@ -48,8 +58,8 @@ def register(subparsers: Any) -> None:
                         help="list the sources (default) or measure one window")
     parser.add_argument("--seconds", type=_positive_seconds, default=None, help="measure: window length (default 1)")
     parser.add_argument("--watch", action="store_true", help="print a live reading every --interval seconds")
-    parser.add_argument("--interval", type=_positive_seconds, default=1.0, help="--watch: seconds per reading")
-    parser.add_argument("--count", type=int, default=0, help="--watch: stop after N readings (default: until Ctrl-C)")
+    parser.add_argument("--interval", type=_positive_seconds, default=None, help="--watch: seconds per reading (default 1)")
+    parser.add_argument("--count", type=_count, default=None, help="--watch: stop after N readings (default: until Ctrl-C)")
     parser.add_argument("--json", action="store_true", help="machine-readable output (JSON; one line per reading)")
     add_settings_arguments(parser, PowerSettings)
     parser.set_defaults(func=_run)
@@ -58,9 +68,13 @@ def register(subparsers: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..power import EnergyMeter
 
-    if args.seconds is not None and args.action != "measure":
-        raise ConfigError("only valid with the measure action (edge-runtime power measure --seconds S)",
-                          field="--seconds")
+    # a flag that the chosen mode would not read is an error, not silently dropped
+    if args.seconds is not None and (args.action != "measure" or args.watch):
+        raise ConfigError("only valid with the measure action, without --watch (edge-runtime power measure "
+                          "--seconds S; --watch takes --interval)", field="--seconds")
+    for flag, value in (("--interval", args.interval), ("--count", args.count)):
+        if value is not None and not args.watch:
+            raise ConfigError("only valid with --watch (edge-runtime power --watch --interval S --count N)", field=flag)
     settings = load_settings(PowerSettings, env_prefix="EDGE_RUNTIME_POWER",
                              overrides=settings_overrides_from_args(args))
     with EnergyMeter.from_settings(settings) as meter:
@@ -89,9 +103,9 @@ def _run(args: argparse.Namespace) -> int:
 def _watch(meter: EnergyMeter, args: argparse.Namespace) -> int:
     n = 0
     try:
-        while args.count <= 0 or n < args.count:
+        while args.count is None or n < args.count:
             with meter.measure() as m:
-                time.sleep(args.interval)
+                time.sleep(args.interval or 1.0)
             n += 1
             if args.json:
                 print(json.dumps({"time": time.time(), **m.to_dict()}), flush=True)

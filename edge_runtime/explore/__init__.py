@@ -224,6 +224,15 @@ def explore(
     if not items or not dev_items:
         raise ConfigError(f"suite {suite!r} needs items in both the dev split (to fit the estimator) and the "
                           f"{split} split", field="split")
+    # bundles are found before anything is written: a typo leaves no empty output directory behind
+    edge_bundle = resolve_bundle(edge, field="--edge")
+    local_bundle = None
+    if cloud_settings is None or not cloud_settings.address:
+        try:
+            local_bundle = resolve_bundle(cloud, field="--cloud")
+        except BundleError as err:
+            raise BundleError(f"{err} (with no --config or --bridge naming a bridge, --cloud is a bundle the "
+                              "explorer serves itself, not a model alias)") from err
     _make_out_dir(out)
     held: list[Any] = []
     if validate:
@@ -233,21 +242,16 @@ def explore(
         held_ids = {it.id for it in held}
         items = [it for it in items if it.id not in held_ids]
 
-    edge_bundle = resolve_bundle(edge, field="--edge")
     engine = Engine(edge_bundle, intra_op_threads=threads)
     with contextlib.ExitStack() as stack:
-        local_bundle = user_token_file = None
-        if cloud_settings is None or not cloud_settings.address:
-            try:
-                local_bundle = resolve_bundle(cloud, field="--cloud")
-            except BundleError as err:
-                raise BundleError(f"{err} (with no --config or --bridge naming a bridge, --cloud is a bundle the "
-                                  "explorer serves itself, not a model alias)") from err
+        user_token_file = None
+        if local_bundle is not None:
             address, token = stack.enter_context(local_bridge(local_bundle, cost=cost))
             cloud_settings = CloudSettings(address=address, token=token, insecure=True, timeout_s=300.0)
             bridge_label, alias = f"{address} (a loopback bridge started by the explorer)", ""
             token_file = _secret_file(stack, token)
         else:
+            assert cloud_settings is not None  # no bridge named: local_bundle was resolved above
             bridge_label, alias = cloud_settings.address, cloud
             if alias and cloud_settings.model != alias:
                 # the saved and the validating configs must escalate to the model measured, not the bridge's default

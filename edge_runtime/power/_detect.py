@@ -127,6 +127,8 @@ def detect(root: str | os.PathLike[str] = "/", source: str = "auto",
         )
     else:
         problems = [f"{n}; using {chosen.label}" for n in problems]
+        if chosen.info.problem:  # usable, but part of the device is not counted: say so with every measurement
+            problems.append(f"{chosen.label} leaves part of the device out: {_describe_problem(chosen.info)}")
     return Detection(root=os.fspath(root), candidates=candidates, absent=absent, estimate=estimate,
                      chosen=chosen, problems=problems, estimate_note=estimate_note)
 

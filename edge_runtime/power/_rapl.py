@@ -116,8 +116,10 @@ def detect_rapl(root: str | os.PathLike[str]) -> list[RaplSource]:
     if psys:
         total = set(psys)
     else:
-        total = {d.name for d in domains if d.name in readable
-                 and (("/" not in d.name and d.name.startswith("package")) or d.name.split("/")[-1] == "dram")}
+        # a dram zone counts with its package, never alone: DRAM energy is not the device's
+        packages = {d.name for d in domains if d.name in readable and "/" not in d.name and d.name.startswith("package")}
+        total = packages | {d.name for d in domains if d.name in readable and d.name.split("/")[-1] == "dram"
+                            and d.name.split("/")[0] in packages}
     domains = [DomainInfo(d.name, d.path, d.readable, d.problem, in_total=d.name in total) for d in domains]
     for z in zones:
         z.in_total = z.domain in total
@@ -137,6 +139,8 @@ def detect_rapl(root: str | os.PathLike[str]) -> list[RaplSource]:
         # usable with what we can read, but say what is left out
         problem = f"{PERMISSION_DENIED} on {', '.join(d.name for d in denied)}"
         fix = RAPL_PERMISSION_FIX
+    elif others:
+        problem = "unreadable: " + ", ".join(f"{d.name} ({d.problem})" for d in others)
     label = "rapl:" + "+".join(ordered_total) if ordered_total else "rapl"
     info = SourceInfo(kind="rapl", label=label, present=True, usable=usable, domains=tuple(domains),
                       problem=problem, fix=fix)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from ..config import setting
 from ..errors import ConfigError
@@ -18,12 +18,15 @@ from ._profiles import PROFILES
 __all__ = ["PowerSettings", "SourceName"]
 
 SourceName = Literal["auto", "rapl", "hwmon", "rpi-pmic", "battery", "estimate"]
+_KINDS = get_args(SourceName)
 
 
 @dataclass(frozen=True)
 class PowerSettings:
-    source: SourceName = setting(
-        "auto", help="energy source: auto (rapl > hwmon > rpi-pmic > battery > estimate) or one of them")
+    # a kind, or one source's label (`edge-runtime power` lists them): with two hwmon chips, say which
+    source: str = setting(
+        "auto", help="energy source: auto (rapl > hwmon > rpi-pmic > battery > estimate), one of them, "
+                     "or a label from `edge-runtime power` such as hwmon:ina3221")
     profile: str = setting(
         "generic", help=f"device profile for the CPU-time estimate: {', '.join(PROFILES)}")
     sample_interval_ms: int = setting(
@@ -39,6 +42,10 @@ class PowerSettings:
         self.validate()
 
     def validate(self) -> None:
+        kind, _, label = str(self.source).partition(":")
+        if not isinstance(self.source, str) or kind not in _KINDS or (":" in self.source and (not label or kind == "auto")):
+            raise ConfigError(f"must be {', '.join(_KINDS)}, or a source's label such as hwmon:ina3221 "
+                              f"(`edge-runtime power` lists them), got {self.source!r}", field="power.source")
         if self.profile not in PROFILES:
             raise ConfigError(f"unknown device profile {self.profile!r} (known: {', '.join(PROFILES)})",
                               field="power.profile")

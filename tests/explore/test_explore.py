@@ -399,3 +399,4 @@ def test_a_bundle_that_is_not_found_names_the_option_it_came_from(tiny_bundle, t
     assert main(["explore", "--edge", str(tiny_bundle), "--cloud", "coder", "--out", out, "--limit", "2"]) == 1
     err = capsys.readouterr().err
     assert "--cloud: bundle not found: coder" in err and "not a model alias" in err
+    assert not (tmp_path / "out").exists()  # found out before anything was written: no empty directory left

@@ -83,6 +83,24 @@ def test_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         main(["power", "measure", "--seconds", "-1"])
     with pytest.raises(SystemExit):
         main(["power", "measure", "--seconds", "nan"])
+    # flags the chosen mode would not read are refused, not dropped
+    for argv, flag in ((["measure", "--interval", "3"], "--interval"), (["measure", "--count", "9"], "--count"),
+                       (["--watch", "--seconds", "5"], "--seconds")):
+        code, _, err = _run(capsys, *argv, "--sysfs-root", str(tmp_path))
+        assert code == 1 and flag in err, argv
+    with pytest.raises(SystemExit):
+        main(["power", "--watch", "--count", "-1"])  # it used to watch forever
+
+
+def test_a_source_can_be_chosen_by_its_label(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    add_battery(tmp_path, power_now=7_000_000)
+    code, out, _ = _run(capsys, "--sysfs-root", str(tmp_path), "--source", "battery:BAT0", "--json")
+    assert code == 0 and json.loads(out)["chosen"] == "battery:BAT0"
+    code, _, err = _run(capsys, "--sysfs-root", str(tmp_path), "--source", "hwmon:ina3221")
+    assert code == 1 and "not present" in err
+    for bad in ("nonsense", "auto:x", "hwmon:"):
+        code, _, err = _run(capsys, "--sysfs-root", str(tmp_path), "--source", bad)
+        assert code == 1 and "power.source" in err and "hwmon:ina3221" in err, bad
 
 
 def test_console_entry_point_on_this_machine() -> None:

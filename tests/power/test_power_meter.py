@@ -155,7 +155,7 @@ def test_settings_drive_the_meter(tmp_path: Path, clock: ManualClock) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "field"), [
-    ({"source": "nvml"}, "source"),
+    ({"source": "nvml"}, "power.source"),
     ({"profile": "toaster"}, "power.profile"),
     ({"sample_interval_ms": "0"}, "power.sample_interval_ms"),
     ({"idle_watts": "-3"}, "power.idle_watts"),

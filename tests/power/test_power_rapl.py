@@ -244,6 +244,38 @@ def test_permission_denied_with_nothing_else_is_an_estimate_never_zero(
     assert [r.levelno for r in caplog.records if "ESTIMATED" in r.getMessage()] == [logging.INFO]
 
 
+def test_dram_alone_is_never_the_device_figure(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    make_unreadable(add_rapl_zone(tmp_path, "0", "package-0", 0))
+    add_rapl_zone(tmp_path, "0:0", "dram", 0)
+
+    def run() -> object:
+        meter = make_meter(tmp_path)
+        with meter.measure() as m:
+            clock.advance(1)
+        return m
+
+    m = call_unprivileged(run)
+    # the package is denied: the readable DRAM zone must not pass for the whole device, "measured"
+    assert m.source == "estimate:generic" and m.estimated  # type: ignore[attr-defined]
+    assert any("chmod a+r" in w for w in m.warnings)  # type: ignore[attr-defined]
+
+
+def test_a_partial_rapl_total_says_what_it_leaves_out_with_every_measurement(
+        tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    _laptop(tmp_path)
+    make_unreadable(add_rapl_zone(tmp_path, "1", "psys", 0))
+
+    def run() -> list[object]:
+        meter = make_meter(tmp_path)
+        with meter.measure() as m:
+            clock.advance(1)
+        return [meter.source, m]
+
+    source, m = call_unprivileged(run)
+    assert source == "rapl:package-0" and not m.estimated  # type: ignore[attr-defined]
+    assert any("leaves part of the device out" in w and "psys" in w for w in m.warnings)  # type: ignore[attr-defined]
+
+
 def test_insisting_on_denied_rapl_raises_with_the_fix(tmp_path: Path, make_meter: Make) -> None:
     _denied_tree(tmp_path)
     with pytest.raises(EnergyError, match="chmod a\\+r"):
