@@ -16,8 +16,16 @@ CACHE_ENV = "EDGE_RUNTIME_CACHE"
 
 def cache_dir(*parts: str, create: bool = True) -> Path:
     """Return the cache directory (or a subdirectory of it), creating it if asked."""
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "edge-runtime")
-    path = Path(root).joinpath(*parts)
+    # "~/x" as a systemd Environment= line or a quoted shell value passes it, unexpanded; a relative value is
+    # taken from the working directory once, so a process that changes directory keeps the same cache
+    root = Path(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "edge-runtime")).expanduser().absolute()
+    path = root.joinpath(*parts)
     if create:
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            from .errors import ConfigError
+
+            raise ConfigError(f"cannot create the cache directory {path}: {err.strerror or err} (set {CACHE_ENV} "
+                              "to a writable directory)", field=CACHE_ENV) from err
     return path

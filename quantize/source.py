@@ -89,6 +89,10 @@ def _gguf_architecture(path: Path) -> str:
     return str(field.contents()) if field is not None else "unknown"
 
 
+# what transformers can build the fast tokenizer a bundle stores from
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def check_source(source: str | os.PathLike[str]) -> Path:
     """Fail fast, before any heavy loading: the source exists and looks like what it claims to be."""
     path = Path(source)
@@ -126,6 +130,9 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         arch = cfg.get("model_type", "unknown")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(f"architecture {arch!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            # transformers would fail deep inside, with an AttributeError on a missing file name
+            raise BuildError(f"{path} has no tokenizer ({', '.join(_TOKENIZER_FILES)}: none found)")
         kind, load_dir, kwargs = "hf", str(path), {}
         sha = _dir_sha256(path)
 
@@ -147,8 +154,8 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         config = AutoConfig.from_pretrained(load_dir, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(load_dir, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(load_dir, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        raise BuildError(f"transformers could not load {path}: {err}") from err
+    except Exception as err:  # transformers and safetensors raise many types on a damaged or incomplete model
+        raise BuildError(f"transformers could not load {path}: {type(err).__name__}: {err}") from err
     finally:
         if bar is not None:
             gguf_utils.tqdm = bar

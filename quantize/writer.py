@@ -1,8 +1,10 @@
 """Write a bundle directory atomically: build in a temporary sibling, rename at the end.
 
 An interrupted or failed build never leaves a half bundle at the output path:
-everything is written to ``.<name>.tmp-*`` next to it (same filesystem, so the
-final ``rename`` is atomic) and removed on any failure.
+everything is written to ``.<name>.tmp-<pid>-*`` next to it (same filesystem,
+so the final ``rename`` is atomic) and removed on any failure. A build killed
+outright (SIGKILL) cannot clean up: the next build of the same output removes
+what it left (``sweep_stale``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from onnx import TensorProto
 from edge_runtime.bundle import MANIFEST_NAME, STAMP_NAME, sha256_file, write_stamp
 from edge_runtime.errors import BuildError
 
-__all__ = ["check_replaceable", "staging_dir", "save_model_external", "hash_files", "write_manifest", "check_free_space"]
+__all__ = ["check_replaceable", "staging_dir", "sweep_stale", "save_model_external", "hash_files", "write_manifest",
+           "check_free_space"]
 
 _ALIGN = 4096  # page-aligned tensors let onnxruntime map the weights file instead of copying it
 _INLINE_MAX_BYTES = 1024
@@ -51,15 +54,53 @@ def check_replaceable(out: Path, *, force: bool) -> None:
                          "--force only replaces a bundle; choose another --out")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale(out: Path) -> list[Path]:
+    """Remove the staging directories of builds of ``out`` that were killed (SIGKILL leaves no time to clean up).
+
+    A staging directory is named ``.<name>.tmp-<pid>-*`` after the process that writes it; one whose
+    process is gone is stale. Returns what was removed.
+    """
+    removed = []
+    for entry in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = entry.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
+        if entry.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _umask() -> int:
+    try:  # Linux ≥ 4.7 shows it; setting and restoring it instead would race with other threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block succeeds."""
     out = out.absolute()
     check_replaceable(out, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    sweep_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
+        # mkdtemp makes it owner-only; a bundle is read by other users too (a bridge's service account)
+        os.chmod(tmp, 0o777 & ~_umask())
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="known model name, GGUF file or Hugging Face model directory")
     p.add_argument("--out", help="bundle directory to create (default for known models: <cache>/bundles/NAME-PRECISION)")
     p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="int4", help="weight precision (default int4)")
-    p.add_argument("--block-size", type=int, default=32, help="quantization block size along the input dimension (default 32)")
+    p.add_argument("--block-size", type=int, default=32, help="quantization block size along the input dimension: a power of two from 16 to 256 (default 32)")
     p.add_argument("--max-ppl-ratio", type=float, default=1.25,
                    help="fail (and keep nothing) if quantized perplexity / fp32 perplexity exceeds this (default 1.25)")
     layout = p.add_mutually_exclusive_group()
@@ -54,6 +57,10 @@ class _Progress:
             self.bar = None
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _run(args: argparse.Namespace) -> int:
     from ..errors import BuildError
     from ..models import KNOWN_MODELS, default_bundle_dir
@@ -68,12 +75,16 @@ def _run(args: argparse.Namespace) -> int:
             raise BuildError("--out is required unless SOURCE is a known model name")
         out = default_bundle_dir(args.source, args.precision)
     progress = _Progress()
+    # SIGTERM (kill, systemd stop) unwinds like Ctrl-C, so the staging directory is removed on the way out
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         report = build_bundle(args.source, out, precision=args.precision, block_size=args.block_size,
                               max_ppl_ratio=args.max_ppl_ratio, force=args.force, name=args.name,
                               int4_offsets=args.int4_offsets, rescore_top_k=args.rescore_top_k, progress=progress)
     finally:
         progress.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     q = report.quality
     if args.json:
         print(json.dumps({"bundle": str(report.out), "size_bytes": report.size_bytes, "quality": q}, indent=2))

