@@ -172,6 +172,8 @@ def build_bundle(
     src = load_source(path)
     say("load", 1, 1)
     spec = src.spec
+    # the graph rescores min(k, vocabulary) logits: the manifest records what it does
+    rescore_top_k = min(rescore_top_k, spec.vocab_size)
     n_params = sum(p.numel() for p in src.model.parameters())
     check_free_space(out_path.parent, int(n_params * _BYTES_PER_PARAM[precision] * 1.1) + (64 << 20))
 

@@ -94,7 +94,7 @@ def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block succeeds."""
     out = out.absolute()
     check_replaceable(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out.parent)
     sweep_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
@@ -117,8 +117,15 @@ def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _make_parent(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a directory should be, no permission
+        raise BuildError(f"cannot create {directory} for --out: {err.strerror or err}") from err
+
+
 def check_free_space(directory: Path, needed_bytes: int) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_parent(directory)
     free = shutil.disk_usage(directory).free
     if free < needed_bytes:
         raise BuildError(f"not enough disk space in {directory}: the build needs about {needed_bytes >> 20} MB, {free >> 20} MB free")

@@ -100,9 +100,11 @@ class DomainTrack:
                     if delta_uj < 0 and reading.max_range_uj:
                         delta_uj += reading.max_range_uj  # wrapped past max_energy_range_uj
                     if delta_uj < 0:
+                        why = ("with no wrap range" if not reading.max_range_uj else
+                               f"by more than its wrap range ({reading.max_range_uj:.0f} µJ): a reset or a bad reading")
                         self.events.append((t, (
-                            f"{self.name}: counter went backwards ({self.last_raw:.0f} -> {raw:.0f} µJ) with no wrap "
-                            "range; that interval is not counted")))
+                            f"{self.name}: counter went backwards ({self.last_raw:.0f} -> {raw:.0f} µJ) {why}; "
+                            "that interval is not counted")))
                         delta_uj = 0.0
                         gap = True
                 else:

@@ -179,6 +179,20 @@ def test_counter_without_range_going_backwards_is_dropped_not_negative(tmp_path:
     assert any("went backwards" in w for w in m.warnings)
 
 
+def test_a_counter_past_its_wrap_range_is_not_called_rangeless(tmp_path: Path, make_meter: Make,
+                                                                clock: ManualClock) -> None:
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", 50_000_000, max_range_uj=10_000_000)  # above its own range
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        write(pkg, 1_000_000)  # down by 49 J: one wrap of 10 J cannot explain it
+        meter.poll()
+        clock.advance(1)
+        write(pkg, 2_000_000)  # +1 J
+    assert m.joules == pytest.approx(1.0)
+    assert any("by more than its wrap range" in w for w in m.warnings) and not any("no wrap range" in w for w in m.warnings)
+
+
 def test_zone_that_disappears_mid_window(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
     pkg = add_rapl_zone(tmp_path, "0", "package-0", 0)
     meter = make_meter(tmp_path)

@@ -498,3 +498,17 @@ def test_sigterm_during_a_build_leaves_nothing_behind(tiny_model_dirs, tmp_path)
     finally:
         proc.kill()
     assert not list(tmp_path.glob(".bundle.*")) and not out.exists()
+
+
+def test_the_manifest_records_the_rescored_count_the_graph_uses(tiny_model_dirs, tmp_path):
+    report = build_bundle(tiny_model_dirs("llama"), tmp_path / "b", precision="int4", rescore_top_k=1000,
+                          max_ppl_ratio=10.0)
+    assert report.manifest["quantization"]["rescore_top_k"] == report.manifest["model"]["vocab_size"] == 320
+
+
+def test_an_out_under_a_file_is_a_one_line_error_naming_out(tiny_model_dirs, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    assert main(["quantize", str(tiny_model_dirs("llama")), "--out", str(tmp_path / "afile" / "sub"),
+                 "--precision", "fp32"]) == 1
+    err = capsys.readouterr().err
+    assert "--out" in err and "Traceback" not in err and (tmp_path / "afile").read_text() == "mine"
