@@ -75,7 +75,8 @@ def _tool_versions() -> dict[str, str]:
 
 def _resolve(source: str | os.PathLike[str], progress: Progress) -> tuple[Path, str | None]:
     text = str(source)
-    if text in KNOWN_MODELS:
+    # an existing path wins over a known name, as in resolve_bundle: what the user points at is what is built
+    if text in KNOWN_MODELS and not Path(text).expanduser().exists():
         path = fetch_model(text, progress=lambda msg: progress(f"fetch: {msg}", 0, 1))
         return path, text
     return Path(text).expanduser(), None

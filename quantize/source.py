@@ -97,7 +97,10 @@ def check_source(source: str | os.PathLike[str]) -> Path:
     """Fail fast, before any heavy loading: the source exists and looks like what it claims to be."""
     path = Path(source)
     if not path.exists():
-        raise BuildError(f"source not found: {path}")
+        from edge_runtime.models import KNOWN_MODELS
+
+        raise BuildError(f"source not found: {path} (a GGUF file, a Hugging Face model directory, or a known "
+                         f"model: {', '.join(KNOWN_MODELS)})")
     if path.is_file():
         _check_gguf(path)
     elif not (path / "config.json").is_file():

@@ -512,3 +512,19 @@ def test_an_out_under_a_file_is_a_one_line_error_naming_out(tiny_model_dirs, tmp
                  "--precision", "fp32"]) == 1
     err = capsys.readouterr().err
     assert "--out" in err and "Traceback" not in err and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_an_existing_directory_wins_over_a_known_name_and_an_unknown_name_lists_the_known(
+        tiny_model_dirs, tmp_path, monkeypatch, capsys):
+    import quantize.build as build_module
+
+    def no_fetch(*a, **k):
+        raise AssertionError("fetched the known model instead of the directory given")
+
+    monkeypatch.setattr(build_module, "fetch_model", no_fetch)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dirs("llama"), tmp_path / "smollm2-135m-instruct")
+    report = build_bundle("smollm2-135m-instruct", tmp_path / "out", precision="fp32")
+    assert report.manifest["model"]["vocab_size"] == 320  # the tiny model, as resolve_bundle would pick it
+    assert main(["quantize", "smollm3-unknown", "--out", str(tmp_path / "x")]) == 1
+    assert "qwen2.5-coder-0.5b-instruct" in capsys.readouterr().err
