@@ -264,7 +264,7 @@ def _rescored_logits(g: _Graph, hidden_in: str, approx: str, parts: tuple[_Table
     4-bit error lands directly on the logits (SmolLM2-135M, integer zero
     points: perplexity ratio 1.11 with every matmul in 4 bits, 1.07 with this
     one in 8). Reading it in 8 bits costs ~10% of decode speed; rescoring costs
-    a top-k, a gather of k rows and one [k, hidden] product: about 6% of decode
+    a top-k, a gather of k rows and one [k, hidden] product: 3-7% of decode
     speed on SmolLM2-135M, nearly all of it per node, not per row (k = 8 costs
     the same; see the README's throughput section).
     The tokens that matter for greedy decoding, sampling and the confidence
