@@ -58,8 +58,8 @@ def validate_messages(messages: Any, *, field_name: str = "messages") -> list[di
             raise InvalidRequestError("must be an object with role and content", field=where)
         role = msg.get("role")
         if role not in ROLES:
-            shown = repr(role) if len(repr(role)) <= 40 else repr(role)[:40] + "..."
-            raise InvalidRequestError(f"unknown role {shown} (expected one of {', '.join(ROLES)})", field=f"{where}.role")
+            raise InvalidRequestError(f"unknown role {_shown(role)} (expected one of {', '.join(ROLES)})",
+                                      field=f"{where}.role")
         content = msg.get("content")
         if isinstance(content, list):  # OpenAI content parts: text only (a small language model reads no images)
             content = "".join(_text_part(part, f"{where}.content[{j}]") for j, part in enumerate(content))
@@ -70,12 +70,17 @@ def validate_messages(messages: Any, *, field_name: str = "messages") -> list[di
     return out
 
 
+def _shown(value: Any, limit: int = 40) -> str:
+    """A client's value in an error message, cut short (the message travels back in headers and logs)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _text_part(part: Any, field_name: str) -> str:
     """The text of an OpenAI content part; any other part is refused, not dropped (the answer would ignore it)."""
     if not isinstance(part, Mapping) or part.get("type") != "text":
         kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-        shown = repr(kind) if len(repr(kind)) <= 40 else repr(kind)[:40] + "..."
-        raise InvalidRequestError(f"only text parts are supported, got {shown}", field=field_name)
+        raise InvalidRequestError(f"only text parts are supported, got {_shown(kind)}", field=field_name)
     text = part.get("text")
     if not isinstance(text, str):
         raise InvalidRequestError("must be a string", field=f"{field_name}.text")
