@@ -38,7 +38,8 @@ from .confidence import Estimator, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
 from .errors import (
-    CloudCancelledError, CloudError, CloudTimeoutError, ConfigError, EstimatorError, InvalidRequestError,
+    CircuitOpenError, CloudCancelledError, CloudError, CloudTimeoutError, ConfigError, EstimatorError,
+    InvalidRequestError,
 )
 from .policies import Decision, Policy, RequestContext, policy_from_config
 
@@ -105,6 +106,8 @@ class _Cancelled(Exception):
 
 # what an escalation leaves before the request's deadline, to hand back the local answer instead
 _DEADLINE_RESERVE_S = 0.25
+# how long the bridge's price table (ListModels) is trusted before it is read again
+_PRICES_REFRESH_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,32 @@ class HybridRuntime:
         self.cost = cost or CostSettings()
         self.default_max_new_tokens = default_max_new_tokens
         self.cloud_timeout_s = cloud_timeout_s
-        self._wants_pre_route = any(p.type_name == "pre_route" for p in self.policy.parts())
-        self._wants_p_cloud = any(p.type_name == "gain" for p in self.policy.parts()) and self.estimator.cloud is not None
+        parts = self.policy.parts()
+        self._wants_pre_route = any(p.type_name == "pre_route" for p in parts)
+        self._wants_p_cloud = any(p.type_name == "gain" for p in parts) and self.estimator.cloud is not None
+        self._has_budget = any(p.type_name == "budget" for p in parts)
+        self._check_policy_inputs(parts)
         self._lock = threading.Lock()
+        # the bridge's own prices for the escalation model (it bills with them): (input, output) USD per million
+        self._bridge_prices: tuple[float, float] | None = None
+        self._bridge_prices_at = -float("inf")
+
+    def _check_policy_inputs(self, parts: Sequence[Policy]) -> None:
+        """A policy part whose input this runtime cannot give would never escalate, or fail every request."""
+        est = self.estimator
+        for i, part in enumerate(parts):
+            where = "policy" if len(parts) == 1 else f"policy.chain[{i}]"
+            if part.type_name == "gain" and est.cloud is None:
+                raise ConfigError("gain compares the local answer with the cloud's expected accuracy, and this "
+                                  "estimator has no cloud prior: fit one with `edge-runtime calibrate --cloud-bundle` "
+                                  "or `edge-runtime explore`", field=f"{where}.type")
+            if part.type_name == "pre_route" and not (est.can_pre_route or getattr(est, "knn", None) is not None):
+                raise ConfigError("pre_route needs an estimator that scores a prompt before decoding (a kNN prior, "
+                                  "from `edge-runtime explore`)", field=f"{where}.type")
+            if part.type_name == "early_exit" and getattr(part, "signal", "") == "trajectory" \
+                    and getattr(part, "confidence_fn", None) is None:
+                raise ConfigError("signal 'trajectory' is for replaying recorded runs; a live runtime needs "
+                                  "mean_prob, min_prob or min_margin", field=f"{where}.signal")
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -245,7 +271,34 @@ class HybridRuntime:
         from .cost import price_usd
 
         prompt_tokens = sum(len(m["content"]) for m in msgs) // 3 + 8  # ~3 characters per token, generously
-        return price_usd(self.cost, self.cloud_model_hint, prompt_tokens, params.max_new_tokens)
+        estimate = price_usd(self.cost, self.cloud_model_hint, prompt_tokens, params.max_new_tokens)
+        bridge = self._bridge_price_table() if self._has_budget else None
+        if bridge is not None:
+            # the bridge bills with its own prices: a budget that reserved the device's guess would overspend
+            estimate = max(estimate, (prompt_tokens * bridge[0] + params.max_new_tokens * bridge[1]) / 1e6)
+        return estimate
+
+    def _bridge_price_table(self) -> tuple[float, float] | None:
+        """The bridge's prices for the model escalations go to, from ListModels; refreshed every 10 minutes."""
+        list_models = getattr(self.cloud, "list_models", None)
+        if list_models is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            if now - self._bridge_prices_at < _PRICES_REFRESH_S:
+                return self._bridge_prices
+            self._bridge_prices_at = now  # one asker at a time; the others use what is known
+        try:
+            models = list_models()
+        except CloudError as err:  # the bridge is down: the escalation will fall back anyway
+            log.debug("cannot read the bridge's prices: %s", err)
+            return self._bridge_prices
+        alias = getattr(getattr(self.cloud, "settings", None), "model", "")
+        info = next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
+        if info is not None:
+            with self._lock:
+                self._bridge_prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens)
+        return self._bridge_prices
 
     @property
     def cloud_model_hint(self) -> str:
@@ -280,7 +333,10 @@ class HybridRuntime:
         if model == "local":
             decision = Decision("local", "requested_local", "the request asked for the local model", policy="request")
         elif model == "cloud":
-            decision = Decision("cloud", "requested_cloud", "the request asked for the cloud model", policy="request")
+            # asked for by the request, but the gates still hold: privacy keeps a card number on the device,
+            # a budget caps the spend
+            decision = self.policy.admit(ctx, Decision("cloud", "requested_cloud", "the request asked for the cloud model",
+                                                       policy="request"))
         else:
             decision = self.policy.before(ctx)
 
@@ -312,7 +368,7 @@ class HybridRuntime:
                     d = self.policy.during(ctx, tokens)
                     if d.action == "cloud":
                         decision, early_exit = d, True
-                        p_correct = d.value
+                        # the early-exit signal is not a probability of being right: no estimate is sent or reported
                         stop.set()  # the engine ends the generation at its next step
             local.close()  # hands the KV cache back to the engine's pool now, not when the generator is collected
             if decision.action == "continue":
@@ -324,6 +380,7 @@ class HybridRuntime:
         # 2. escalate, or release the local answer
         cloud_result = None
         cloud_error: str | None = None
+        asked = False  # whether the escalation used the network (its energy counts even when it failed)
         route: Route
         if decision.action == "cloud" and _is_cancelled(cancel) and not timing.out_of_time():
             # the caller has gone (a daemon client disconnected): spend no cloud money on an answer nobody reads
@@ -342,6 +399,7 @@ class HybridRuntime:
                     # the engine is done with this request whatever the bridge does: a failure returns the
                     # local answer already made (when there is none, a fallback still needs the engine)
                     timing.on_escalate()
+                asked = True  # from here bytes may go out (unless an open circuit refuses the call first)
                 cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id,
                                                              cancel, timeout_s, timing)
                 if reveal_draft and shown:
@@ -360,6 +418,7 @@ class HybridRuntime:
                                                            policy=decision.policy, value=decision.value, threshold=decision.threshold)
             except CloudError as err:
                 self.policy.settle(ctx, 0.0)
+                asked = asked and not isinstance(err, CircuitOpenError)
                 cloud_error = f"{type(err).__name__}: {err}"
                 log.warning("escalation failed, answering locally: %s", cloud_error)
                 route = "fallback"
@@ -382,7 +441,7 @@ class HybridRuntime:
             else:
                 yield from held
         yield HybridChunk("done", result=self._result(msgs, request_id, route, decision, p_correct, locals_, cloud_result,
-                                                      cloud_error, early_exit, t0))
+                                                      cloud_error, early_exit, t0, asked))
 
     def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
                    p_correct: float | None, decision: Decision, request_id: str, cancel: Any,
@@ -423,12 +482,13 @@ class HybridRuntime:
         return result, chunks
 
     def _result(self, msgs: list[dict[str, str]], request_id: str, route: Route, decision: Decision, p_correct: float | None,
-                locals_: list[GenerationResult], cloud: Any, cloud_error: str | None, early_exit: bool, t0: float) -> HybridResult:
+                locals_: list[GenerationResult], cloud: Any, cloud_error: str | None, early_exit: bool, t0: float,
+                asked: bool = False) -> HybridResult:
         final_local = locals_[-1] if locals_ else None
         local_j = sum(r.energy.joules for r in locals_ if r.energy is not None)
         energies = [r.energy for r in locals_ if r.energy is not None]
         net_j = 0.0
-        if cloud is not None or cloud_error is not None:
+        if cloud is not None or (cloud_error is not None and asked):  # an open circuit or no time left sends nothing
             # request: the messages and the draft plus ~256 bytes of framing; response: the answer plus ~128
             out_bytes = 256 + len(json.dumps(msgs).encode()) + (len(final_local.text.encode()) if final_local else 0)
             in_bytes = 128 + (len(cloud.text.encode()) if cloud is not None else 0)

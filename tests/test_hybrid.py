@@ -88,6 +88,8 @@ def test_bridge_down_gives_the_local_answer_as_fallback_then_the_circuit_skips_i
         assert r.model == engine.model_name and len(r.tokens) == 5 and r.text == results[0][0].text
     assert "CircuitOpenError" in results[-1][0].cloud_error
     assert results[-1][1] < 0.5  # the open circuit answers at once
+    assert results[0][0].energy["network_joules"] > 0  # the first tries used the radio
+    assert results[-1][0].energy["network_joules"] == 0  # an open circuit sends nothing, so it costs no radio energy
 
 
 def test_early_exit_stops_decoding_and_escalates(engine, bridge):
@@ -103,6 +105,38 @@ def test_privacy_keeps_a_sensitive_prompt_on_the_device(engine, bridge):
     r = rt.chat([{"role": "user", "content": "mail alice@example.com the total of 2 + 2"}], max_new_tokens=4)
     assert r.route == "local_forced" and r.reason == "privacy_pattern:email"
     assert r.cost["cloud_usd"] == 0
+
+
+def test_a_request_for_the_cloud_model_still_passes_the_gates(engine, bridge):
+    rt = _runtime(engine, bridge[1], {"chain": [{"type": "privacy"}, {"type": "threshold", "p": 0.5}]})
+    r = rt.chat([{"role": "user", "content": "mail alice@example.com the total"}], model="cloud", max_new_tokens=4)
+    assert r.route == "local_forced" and r.reason == "privacy_pattern:email" and r.cost["cloud_usd"] == 0
+    assert rt.chat(ASK, model="cloud", max_new_tokens=4).route == "cloud"  # nothing private: the cloud answers
+
+
+def test_a_budget_reserves_at_the_bridges_prices_and_never_overspends(engine, bridge):
+    # the bridge bills 1000 / 2000 USD per million tokens; the device's price table knows nothing of it
+    cap = 0.05
+    rt = _runtime(engine, bridge[1], {"chain": [{"type": "budget", "usd": cap, "period_s": 3600}, {"type": "always"}]})
+    results = [rt.chat(ASK, max_new_tokens=4) for _ in range(8)]
+    spent = sum(r.cost["cloud_usd"] for r in results)
+    assert spent <= cap and any(r.route == "cloud" for r in results)
+    assert results[-1].route == "local_forced" and results[-1].reason == "budget_exhausted"
+    assert rt.chat(ASK, model="cloud", max_new_tokens=4).reason == "budget_exhausted"  # asked for, still capped
+
+
+@pytest.mark.parametrize(("policy", "field"), [
+    ({"type": "gain", "min_gain": 0.1}, "policy.type"),
+    ({"chain": [{"type": "privacy"}, {"type": "gain"}]}, "policy.chain[1].type"),
+    ({"type": "early_exit", "bar": 0.5, "signal": "trajectory"}, "policy.signal"),
+])
+def test_a_policy_this_estimator_cannot_feed_is_refused_at_start(engine, policy, field):
+    from edge_runtime.errors import ConfigError
+
+    # the built-in estimator has no cloud prior: gain would never escalate, trajectory would fail every request
+    with pytest.raises(ConfigError) as info:
+        HybridRuntime(engine, policy=policy)
+    assert info.value.field == field
 
 
 def test_streaming_holds_back_text_that_may_be_withdrawn(engine, bridge):

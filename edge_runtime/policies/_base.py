@@ -194,6 +194,11 @@ class Policy:
         return Decision("local", Reason.DEFAULT_LOCAL, "no part of the policy asked for the cloud",
                         policy=self.type_name, value=p_correct)
 
+    def admit(self, ctx: RequestContext, proposal: Decision) -> Decision:
+        """Run the gates (privacy, budget) on an escalation proposed outside the policy, e.g. by a request that
+        names the cloud model: ``proposal`` when they allow it, else their ``local_forced`` veto."""
+        return self._admit_all(ctx, proposal)
+
     def settle(self, ctx: RequestContext, usd: float) -> None:
         """Report what an escalation admitted for ``ctx`` really cost (0.0 if the cloud call failed)."""
         for p in self.parts():
