@@ -63,7 +63,8 @@ class QuotaManager:
         bucket = table.get(device)
         if bucket is None:
             bucket = table[device] = TokenBucket(
-                per_minute / 60.0, float(burst if burst is not None else per_minute), now_s
+                # at least one whole request or token: a bucket of 0.5 could never admit anything
+                per_minute / 60.0, float(burst if burst is not None else max(per_minute, 1.0)), now_s
             )
         return bucket
 

@@ -320,15 +320,21 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     def GenerateStream(
         self, request: bridge_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[bridge_pb2.GenerateStreamResponse]:
+        job: _Job | None = None
+        delivered = 0  # tokens the caller has been sent
+        finished = False
         try:
             job = self._prepare(request, context)
             for chunk in self._run(job, stream=True):
                 if chunk.text or chunk.token_count:
+                    delivered += chunk.token_count
                     yield bridge_pb2.GenerateStreamResponse(
                         delta=bridge_pb2.TextDelta(text=chunk.text, token_count=chunk.token_count)
                     )
                 if chunk.result is not None:
-                    yield bridge_pb2.GenerateStreamResponse(final=self._response(job, chunk.result))
+                    final = self._response(job, chunk.result)  # charges and logs the call
+                    finished = True
+                    yield bridge_pb2.GenerateStreamResponse(final=final)
                     return
             raise Reject(
                 make_status(
@@ -339,6 +345,14 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             )
         except Reject as reject:
             self._abort(context, reject, request.request_id or "-")
+        except GeneratorExit:
+            # the caller went away mid-stream (gRPC closes this generator at its yield): what it was sent
+            # counts against its token quota and is logged, or cancelling after each answer would bypass both
+            if job is not None and not finished:
+                self.quotas.charge_tokens(job.device, delivered)
+                log.info("%s device=%s model=%s finish=cancelled_by_caller completion_tokens=%d cost_usd=%.6f",
+                         job.request.request_id, job.device, job.alias, delivered, job.model.cost_usd(0, delivered))
+            raise
 
     def ListModels(
         self, request: bridge_pb2.ListModelsRequest, context: grpc.ServicerContext
@@ -356,8 +370,11 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                     backend=backend.kind,
                     model=backend.model,
                     context_length=backend.context_length,
+                    # no more than the model's window holds either (0: a window the bridge does not know)
                     max_new_tokens_limit=min(
-                        limits.max_new_tokens, self.settings.models[alias].max_new_tokens or limits.max_new_tokens
+                        limits.max_new_tokens,
+                        self.settings.models[alias].max_new_tokens or limits.max_new_tokens,
+                        backend.context_length or limits.max_new_tokens,
                     ),
                     usd_per_million_input_tokens=self.settings.models[alias].usd_per_million_input_tokens,
                     usd_per_million_output_tokens=self.settings.models[alias].usd_per_million_output_tokens,

@@ -148,7 +148,8 @@ class QuotaSettings:
 class LimitsSettings:
     default_model: str = setting("", help="alias used when a request names none (default: the first alias)")
     max_new_tokens: int = setting(2048, help="largest max_new_tokens a request may ask for")
-    default_max_new_tokens: int = setting(256, help="max_new_tokens when a request leaves it unset")
+    default_max_new_tokens: int = setting(
+        256, help="max_new_tokens when a request leaves it unset (never more than the cap that applies)")
     max_messages: int = setting(64, help="most chat messages in one request")
     max_prompt_chars: int = setting(64_000, help="most characters over all message contents of one request")
 
@@ -156,8 +157,8 @@ class LimitsSettings:
         for name in ("max_new_tokens", "default_max_new_tokens", "max_messages", "max_prompt_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be at least 1", field=f"limits.{name}")
-        if self.default_max_new_tokens > self.max_new_tokens:
-            raise ConfigError("must not exceed limits.max_new_tokens", field="limits.default_max_new_tokens")
+        # a default above max_new_tokens is cut to it where it is used (as to a model's own cap): lowering the
+        # cap alone, `--limits-max-new-tokens 100`, must not need the default lowered too
 
 
 @dataclass(frozen=True, kw_only=True)

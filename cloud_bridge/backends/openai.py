@@ -58,6 +58,9 @@ _FINISH = {
     "function_call": "stop",
 }
 _MAX_ERROR_BODY = 64 * 1024
+# an upstream's error text passed on to the device is cut: whole, a long one overflows gRPC's 16 KiB trailers and
+# the device gets a retryable RESOURCE_EXHAUSTED instead of the error
+_MAX_ERROR_DETAIL = 500
 _MAX_LINE = 1 << 20
 _DEFAULT_RETRY_AFTER_S = 1.0
 
@@ -179,6 +182,7 @@ class _Call:
             detail = err.get("message", "") if isinstance(err, dict) else str(err or "")
         except (ValueError, AttributeError):
             detail = body[:200]
+        detail = _cut(str(detail))
         retry_after = _retry_after_s(response.getheader("Retry-After"))
         if response.status == 429 and retry_after is None:
             retry_after = _DEFAULT_RETRY_AFTER_S
@@ -195,6 +199,10 @@ class _Call:
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _MAX_ERROR_DETAIL else text[:_MAX_ERROR_DETAIL] + f"... ({len(text)} characters)"
 
 
 class _Cancelled(Exception):
@@ -374,7 +382,7 @@ class OpenAIBackend:
         if "error" in obj:
             error = obj["error"]
             message = error.get("message", "") if isinstance(error, dict) else str(error)
-            raise BackendError(f"upstream failed mid-stream: {message}", reason="UPSTREAM_ERROR")
+            raise BackendError(f"upstream failed mid-stream: {_cut(self._redact(str(message)))}", reason="UPSTREAM_ERROR")
         piece, finish = "", None
         choices = obj.get("choices") or []
         if choices and isinstance(choices[0], dict):

@@ -238,6 +238,22 @@ def test_http_errors_map_to_grpc_codes(upstream, status, code, reason, streaming
     assert info.value.retry_after_s == (7.0 if status == 429 else None)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_long_upstream_error_is_cut_so_the_device_still_gets_it(upstream, streaming):
+    long = "bad request: " + "y" * 30_000  # whole, it overflowed gRPC's 16 KiB trailers: a retryable RESOURCE_EXHAUSTED
+    if streaming:
+        upstream.respond = sse(["data: " + json.dumps({"error": {"message": long}}) + "\n\n"])
+    else:
+        upstream.respond = lambda handler, body: _send(handler, 400, {"error": {"message": long}})
+    backend = make_backend(upstream)
+    with pytest.raises(BackendError) as info:
+        if streaming:
+            list(backend.stream(REQUEST, CancelToken()))
+        else:
+            backend.generate(REQUEST, CancelToken())
+    assert "bad request: yyy" in str(info.value) and len(str(info.value)) < 1000
+
+
 def test_an_upstream_that_does_not_answer_in_time_is_a_deadline_error(upstream):
     upstream.respond = lambda handler, body: time.sleep(1.0)
     started = time.monotonic()

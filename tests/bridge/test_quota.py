@@ -11,6 +11,7 @@ from grpc_status import rpc_status
 
 from cloud_bridge import QuotaSettings
 from cloud_bridge._quota import QuotaManager, TokenBucket
+from cloud_bridge.backends import BackendChunk, BackendResult
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2
 from edge_runtime.engine.types import SamplingParams
 from edge_runtime.errors import CloudQuotaError
@@ -118,3 +119,51 @@ def test_a_request_refused_for_a_full_queue_gets_its_quota_back():
     quotas.refund_request("a")
     assert quotas.admit("a") is None  # the refunded request is available again
     assert quotas.admit("a") is not None
+
+
+class _Unheeding:
+    """A backend that streams without watching the cancel token (a fast upstream, an engine between checks)."""
+
+    kind, model, context_length = "unheeding", "unheeding-1", 0
+
+    def generate(self, request, cancel):
+        return BackendResult("w", "eos", 1, 1, self.model)
+
+    def stream(self, request, cancel):
+        for i in range(request.params.max_new_tokens):
+            time.sleep(0.005)
+            yield BackendChunk(f" w{i}", 1)
+        yield BackendChunk("", 0, BackendResult("...", "length", 1, request.params.max_new_tokens, self.model))
+
+    def close(self):
+        pass
+
+
+def test_a_stream_the_caller_cancels_is_charged_for_what_it_was_sent(start_bridge, raw_stub):
+    bridge = start_bridge(backends={"echo": _Unheeding()}, models={},
+                          quota={"requests_per_minute": 0, "tokens_per_minute": 60, "tokens_burst": 20})
+    stub = raw_stub(bridge)
+    auth = [("authorization", f"Bearer {TOKEN}")]
+    request = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")],
+                                         max_new_tokens=50)
+    stream = stub.GenerateStream(request, metadata=auth, timeout=10)
+    sent = 0
+    for message in stream:
+        sent += message.delta.token_count
+        if sent >= 30:
+            break
+    stream.cancel()  # read 30 tokens, then leave before the final message: it used to cost nothing
+    time.sleep(0.5)
+    probe = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")], max_new_tokens=1)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(probe, metadata=auth, timeout=5)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "tokens_per_minute" in info.value.details()
+
+
+def test_a_request_quota_below_one_a_minute_still_admits_one_request():
+    clock = FakeClock()
+    quotas = QuotaManager(QuotaSettings(requests_per_minute=0.5, tokens_per_minute=0), clock=clock)
+    assert quotas.admit("a") is None  # the bucket holds one whole request, not half of one
+    assert quotas.admit("a") is not None
+    clock.now += 120.0
+    assert quotas.admit("a") is None

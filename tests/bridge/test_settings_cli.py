@@ -235,3 +235,9 @@ def test_backend_errors_at_start_name_the_model_alias(tmp_path, monkeypatch):
             create_server(settings, insecure=True)
         assert info.value.field == field
         assert str(info.value).startswith(f"{field}: ") and str(info.value).count(field) == 1
+
+
+def test_lowering_the_token_cap_alone_is_accepted_and_the_default_follows_it(tmp_path):
+    settings = load_bridge_settings(write(tmp_path, '[models.x]\nbackend = "echo"\n'), env={},
+                                    overrides={"limits": {"max_new_tokens": 100}})
+    assert settings.limits.max_new_tokens == 100  # the default of 256 is cut to the cap where it is used
