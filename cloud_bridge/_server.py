@@ -35,6 +35,8 @@ from .backends import Backend, create_backend
 __all__ = ["SERVICE_NAME", "BridgeServer", "create_server", "is_loopback_address"]
 
 log = logging.getLogger("cloud_bridge")
+# after a stop, how long the cancelled calls' threads get to notice before their backends are closed
+_DRAIN_THREADS_S = 5.0
 
 SERVICE_NAME = bridge_pb2.DESCRIPTOR.services_by_name["CloudBridge"].full_name
 
@@ -142,12 +144,18 @@ class BridgeServer:
             grace = self.settings.server.grace_period_s if grace_s is None else grace_s
             self.health.enter_graceful_shutdown()
             self.grpc_server.stop(grace).wait()
+            # the calls still running were cancelled by the stop: let their threads see it before the backends
+            # they use are closed under them (a queued call would otherwise start on a closed engine)
+            drained = threading.Thread(target=self._executor.shutdown, kwargs={"wait": True}, daemon=True)
+            drained.start()
+            drained.join(_DRAIN_THREADS_S)
+            if drained.is_alive():
+                log.warning("calls still running %.0f s after shutdown; closing the backends anyway", _DRAIN_THREADS_S)
             for alias, backend in self.backends.items():
                 try:
                     backend.close()
                 except Exception:  # one backend failing to close must not keep the others open
                     log.exception("closing backend %r failed", alias)
-            self._executor.shutdown(wait=False)
             self._stopped.set()
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:

@@ -21,6 +21,7 @@ import http.client
 import json
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -61,6 +62,9 @@ _MAX_ERROR_BODY = 64 * 1024
 # an upstream's error text passed on to the device is cut: whole, a long one overflows gRPC's 16 KiB trailers and
 # the device gets a retryable RESOURCE_EXHAUSTED instead of the error
 _MAX_ERROR_DETAIL = 500
+# no chat answer is this large; past it the upstream misbehaves, and holding it would only grow the bridge's memory
+# for a message gRPC could not send anyway (its default limit is 4 MB)
+_MAX_ANSWER_BYTES = 8 << 20
 _MAX_LINE = 1 << 20
 _DEFAULT_RETRY_AFTER_S = 1.0
 
@@ -115,6 +119,10 @@ class _Call:
         budget_s = s.timeout_s if remaining is None else min(s.timeout_s, remaining)
         self.deadline_s = time.monotonic() + budget_s
         self.conn: http.client.HTTPConnection | None = None
+        # the socket timeout bounds each read, not the whole answer: an upstream sending one byte at a time
+        # would never time out, so the connection is cut when the deadline passes
+        self._watchdog = threading.Timer(max(budget_s, 0.0), self._abort)
+        self._watchdog.daemon = True
 
     def remaining_s(self) -> float:
         return self.deadline_s - time.monotonic()
@@ -145,6 +153,7 @@ class _Call:
         else:
             self.conn = http.client.HTTPConnection(b.host, b.port, timeout=connect_timeout)
         self.cancel.add_callback(self._abort)
+        self._watchdog.start()
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         if b.api_key:
             headers["Authorization"] = f"Bearer {b.api_key}"
@@ -158,6 +167,8 @@ class _Call:
         except (OSError, http.client.HTTPException) as err:
             if self.cancel():
                 raise _Cancelled() from err
+            if self.remaining_s() <= 0:  # the watchdog cut the connection at the deadline
+                raise self._timeout_error() from err
             raise BackendError(
                 f"cannot reach upstream {b.host}:{b.port}: {err}", reason="UPSTREAM_UNREACHABLE"
             ) from err
@@ -197,8 +208,14 @@ class _Call:
         return BackendError(f"upstream connection failed: {err}", reason="UPSTREAM_CONNECTION_LOST")
 
     def close(self) -> None:
+        self._watchdog.cancel()
         if self.conn is not None:
             self.conn.close()
+
+
+def _too_large() -> BackendError:
+    return BackendError(f"upstream answer is larger than {_MAX_ANSWER_BYTES >> 20} MB", code="INTERNAL",
+                        reason="UPSTREAM_ANSWER_TOO_LARGE")
 
 
 def _cut(text: str) -> str:
@@ -286,9 +303,15 @@ class OpenAIBackend:
         try:
             response = call.open(self._body(request, stream=False))
             try:
-                raw = response.read()
+                raw = response.read(_MAX_ANSWER_BYTES + 1)
             except (OSError, http.client.HTTPException) as err:
                 raise call.read_failed(err) from err
+            if cancel():  # the call was cancelled while the answer came: what arrived may be cut short
+                raise _Cancelled()
+            if call.remaining_s() <= 0:  # the watchdog cut the answer short at the deadline
+                raise call._timeout_error()
+            if len(raw) > _MAX_ANSWER_BYTES:
+                raise _too_large()
         except _Cancelled:
             return BackendResult("", "cancelled", 0, 0, self.model)
         finally:
@@ -314,6 +337,7 @@ class OpenAIBackend:
         call = _Call(self, cancel)
         text: list[str] = []
         deltas, finish, usage, model, ttft_ms = 0, None, None, self.model, None
+        size = 0  # characters of the answer so far
         done = False
         try:
             try:
@@ -341,6 +365,9 @@ class OpenAIBackend:
                         if piece:
                             deltas += 1
                             text.append(piece)
+                            size += len(piece)
+                            if size > _MAX_ANSWER_BYTES:
+                                raise _too_large()
                             if ttft_ms is None:
                                 ttft_ms = (time.monotonic() - started) * 1000.0
                             yield BackendChunk(piece, 1)
@@ -351,6 +378,8 @@ class OpenAIBackend:
             if not done and finish is None:
                 if cancel():
                     finish = "cancelled"
+                elif call.remaining_s() <= 0:  # the watchdog cut the connection at the deadline
+                    raise call._timeout_error()
                 else:
                     raise BackendError("upstream stream ended before it finished", reason="UPSTREAM_CONNECTION_LOST")
         finally:

@@ -132,6 +132,16 @@ def make_backend(upstream: FakeOpenAI, **fields: Any) -> OpenAIBackend:
     return OpenAIBackend(settings, environ={"TEST_UPSTREAM_KEY": "sk-secret"})
 
 
+def _failure(backend: OpenAIBackend, streaming: bool) -> Any:
+    """The BackendError one call raises, streamed or not."""
+    with pytest.raises(BackendError) as info:
+        if streaming:
+            list(backend.stream(REQUEST, CancelToken()))
+        else:
+            backend.generate(REQUEST, CancelToken())
+    return info
+
+
 REQUEST = BackendRequest(
     "r1",
     [{"role": "user", "content": "hi"}],
@@ -227,12 +237,7 @@ def test_http_errors_map_to_grpc_codes(upstream, status, code, reason, streaming
         {"error": {"message": f"nope {status}", "type": "x"}},
         {"Retry-After": "7"} if status == 429 else None,
     )
-    backend = make_backend(upstream)
-    with pytest.raises(BackendError) as info:
-        if streaming:
-            list(backend.stream(REQUEST, CancelToken()))
-        else:
-            backend.generate(REQUEST, CancelToken())
+    info = _failure(make_backend(upstream), streaming)
     assert (info.value.code, info.value.reason) == (code, reason)
     assert f"nope {status}" in str(info.value)
     assert info.value.retry_after_s == (7.0 if status == 429 else None)
@@ -245,12 +250,7 @@ def test_a_long_upstream_error_is_cut_so_the_device_still_gets_it(upstream, stre
         upstream.respond = sse(["data: " + json.dumps({"error": {"message": long}}) + "\n\n"])
     else:
         upstream.respond = lambda handler, body: _send(handler, 400, {"error": {"message": long}})
-    backend = make_backend(upstream)
-    with pytest.raises(BackendError) as info:
-        if streaming:
-            list(backend.stream(REQUEST, CancelToken()))
-        else:
-            backend.generate(REQUEST, CancelToken())
+    info = _failure(make_backend(upstream), streaming)
     assert "bad request: yyy" in str(info.value) and len(str(info.value)) < 1000
 
 
@@ -268,6 +268,41 @@ def test_a_stream_that_stalls_hits_the_timeout(upstream):
     with pytest.raises(BackendError) as info:
         list(make_backend(upstream, timeout_s=0.3).stream(REQUEST, CancelToken()))
     assert info.value.code == "DEADLINE_EXCEEDED" and time.monotonic() - started < 0.9
+
+
+def _trickle(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+    """A whole answer sent one byte every 0.1 s: each read is quick, the answer takes 20 s."""
+    payload = json.dumps({"choices": [{"message": {"content": "x" * 150}, "finish_reason": "stop"}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    try:
+        for byte in payload:
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(0.1)
+    except OSError:  # the bridge hung up at its deadline
+        pass
+
+
+def test_an_upstream_that_sends_slowly_is_cut_at_the_timeout_not_per_read(upstream):
+    upstream.respond = _trickle
+    started = time.monotonic()
+    with pytest.raises(BackendError) as info:
+        make_backend(upstream, timeout_s=0.5).generate(REQUEST, CancelToken())
+    assert info.value.code == "DEADLINE_EXCEEDED" and time.monotonic() - started < 1.5
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_answer_too_large_to_deliver_is_refused_without_holding_it(upstream, streaming):
+    big = "y" * (9 << 20)
+    if streaming:
+        upstream.respond = sse([delta(big[i:i + (1 << 20)]) for i in range(0, len(big), 1 << 20)])
+    else:
+        upstream.respond = completion(big)
+    info = _failure(make_backend(upstream), streaming)
+    assert info.value.reason == "UPSTREAM_ANSWER_TOO_LARGE" and info.value.code == "INTERNAL"
 
 
 def test_cancelling_stops_the_upstream_stream_at_once(upstream):
@@ -409,10 +444,6 @@ def test_no_part_of_the_api_key_survives_when_upstream_text_is_shortened(upstrea
     settings = OpenAIModelSettings(base_url=upstream.base_url, model="m", api_key_env="KEY", timeout_s=5.0)
     backend = OpenAIBackend(settings, environ={"KEY": key})
     upstream.respond = respond
-    with pytest.raises(BackendError) as info:
-        if streaming:
-            list(backend.stream(REQUEST, CancelToken()))
-        else:
-            backend.generate(REQUEST, CancelToken())
+    info = _failure(backend, streaming)
     message = str(info.value)
     assert key[:8] not in message and "Bearer ***" in message

@@ -228,3 +228,41 @@ def test_worker_slots_serve_waiters_first_come_first_served_and_drop_cancelled_o
     for thread in threads:
         thread.join(2)
     assert order == [1, 3] and slots.running == 0 and slots.waiting == 0
+
+
+class _Recorder:
+    """A backend whose unary call takes 0.5 s without watching the cancel token (an engine mid-prefill);
+    it records when that call ended and when the backend was closed."""
+
+    kind, model, context_length = "recorder", "recorder-1", 0
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.ended_at: float | None = None
+        self.closed_at: float | None = None
+
+    def generate(self, request, cancel):
+        from cloud_bridge.backends import BackendResult
+
+        self.started.set()
+        time.sleep(0.5)
+        self.ended_at = time.monotonic()
+        return BackendResult("...", "eos", 1, 1, self.model)
+
+    def stream(self, request, cancel):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.closed_at = time.monotonic()
+
+
+def test_shutdown_closes_backends_only_after_the_cancelled_calls_have_left_them(start_bridge, make_client):
+    recorder = _Recorder()
+    bridge = start_bridge(backends={"rec": recorder}, models={}, server={"grace_period_s": 0.05})
+    caller = threading.Thread(target=lambda: pytest.raises(Exception, make_client(bridge, max_attempts=1).generate, HI))
+    caller.start()
+    assert recorder.started.wait(5)
+    bridge.server.stop(0.05)  # the grace ends while the backend is still inside generate()
+    caller.join(10)
+    assert recorder.ended_at is not None and recorder.closed_at is not None
+    assert recorder.closed_at >= recorder.ended_at  # not closed under a call still using it
