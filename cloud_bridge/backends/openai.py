@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -31,6 +32,8 @@ from edge_runtime.errors import BackendError
 
 from .._settings import OpenAIModelSettings
 from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken
+
+log = logging.getLogger("cloud_bridge")
 
 __all__ = ["OpenAIBackend", "HTTP_TO_GRPC", "SSEParser"]
 
@@ -213,6 +216,17 @@ class _Call:
             self.conn.close()
 
 
+def _estimated_tokens(what: BackendRequest | str, kind: str) -> int:
+    """Tokens of a prompt or an answer the upstream sent no usage for: ~4 characters a token, rounded up.
+
+    Counting none would make such calls free, for the device's quota and in the bill; the log says it is a guess.
+    """
+    text = what if isinstance(what, str) else "".join(m["content"] for m in what.messages)
+    tokens = -(-len(text) // 4)
+    log.warning("upstream sent no usage: %s tokens estimated from characters (%d)", kind, tokens)
+    return tokens
+
+
 def _too_large() -> BackendError:
     return BackendError(f"upstream answer is larger than {_MAX_ANSWER_BYTES >> 20} MB", code="INTERNAL",
                         reason="UPSTREAM_ANSWER_TOO_LARGE")
@@ -324,8 +338,10 @@ class OpenAIBackend:
             return BackendResult(
                 text=text,
                 finish_reason=_FINISH.get(choice.get("finish_reason") or "stop", "stop"),
-                prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                completion_tokens=int(usage.get("completion_tokens", 0)),
+                prompt_tokens=int(usage["prompt_tokens"]) if "prompt_tokens" in usage
+                else _estimated_tokens(request, "prompt"),
+                completion_tokens=int(usage["completion_tokens"]) if "completion_tokens" in usage
+                else _estimated_tokens(text, "completion"),
                 model=str(data.get("model") or self.model),
                 ttft_ms=(time.monotonic() - started) * 1000.0,
             )
@@ -384,7 +400,7 @@ class OpenAIBackend:
                     raise BackendError("upstream stream ended before it finished", reason="UPSTREAM_CONNECTION_LOST")
         finally:
             call.close()
-        prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else 0
+        prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else _estimated_tokens(request, "prompt")
         # without a usage event, one content delta is one token: what OpenAI-compatible servers send
         completion_tokens = int(usage.get("completion_tokens", deltas)) if usage else deltas
         yield BackendChunk(

@@ -215,6 +215,15 @@ def test_a_stream_without_usage_counts_deltas(upstream):
     upstream.respond = sse([delta("a"), delta(" b"), delta(" c", "stop")])
     result = list(make_backend(upstream).stream(REQUEST, CancelToken()))[-1].result
     assert result is not None and (result.completion_tokens, result.finish_reason) == (3, "stop")
+    assert result.prompt_tokens == 1  # "hi": estimated from its characters, not counted as free
+
+
+def test_an_answer_without_usage_is_estimated_not_free(upstream, caplog):
+    upstream.respond = lambda handler, body: _send(handler, 200, {
+        "choices": [{"message": {"content": "twelve chars"}, "finish_reason": "stop"}]})
+    result = make_backend(upstream).generate(REQUEST, CancelToken())
+    assert (result.prompt_tokens, result.completion_tokens) == (1, 3)  # ~4 characters a token, rounded up
+    assert any("no usage" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(
