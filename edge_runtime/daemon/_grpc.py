@@ -69,6 +69,16 @@ def _status(code: grpc.StatusCode, message: str, *details: Message) -> grpc.Stat
     return rpc_status.to_status(status)
 
 
+# ChatRequest carries these inside its `sampling` message: a field violation names them by their path there
+_SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k", "seed", "stop"})
+
+
+def _proto_field(field: str | None) -> str | None:
+    if field and field.split("[", 1)[0].split(".", 1)[0] in _SAMPLING_FIELDS:
+        return f"sampling.{field}"
+    return field
+
+
 def _bad_request(field: str | None, description: str) -> error_details_pb2.BadRequest:
     return error_details_pb2.BadRequest(
         field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field or "", description=description)]
@@ -90,10 +100,10 @@ def status_for(err: BaseException) -> grpc.Status:
     if isinstance(err, ModelNotFoundError):
         return _status(grpc.StatusCode.NOT_FOUND, str(err), _bad_request("model", str(err)))
     if isinstance(err, ContextLengthError):
-        return _status(grpc.StatusCode.INVALID_ARGUMENT, str(err), _bad_request(err.field, str(err)),
+        return _status(grpc.StatusCode.INVALID_ARGUMENT, str(err), _bad_request(_proto_field(err.field), str(err)),
                        _error_info("CONTEXT_LENGTH_EXCEEDED"))
     if isinstance(err, InvalidRequestError):
-        return _status(grpc.StatusCode.INVALID_ARGUMENT, str(err), _bad_request(err.field, str(err)))
+        return _status(grpc.StatusCode.INVALID_ARGUMENT, str(err), _bad_request(_proto_field(err.field), str(err)))
     if isinstance(err, QueueFullError):
         return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), _retry_info(err.retry_after_s),
                        _error_info("QUEUE_FULL"))

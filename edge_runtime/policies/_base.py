@@ -30,6 +30,8 @@ vectorised ``_replay_*`` hooks used by :func:`~edge_runtime.policies.replay`.
 
 from __future__ import annotations
 
+import math
+
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -303,8 +305,8 @@ def number(cfg: Mapping[str, Any], key: str, where: str, *, lo: float | None = N
     v = cfg[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
         raise ConfigError(f"must be {'an integer' if integer else 'a number'}, got {v!r}", field=f"{where}.{key}")
-    if v != v:  # NaN
-        raise ConfigError("must be a number, got NaN", field=f"{where}.{key}")
+    if not math.isfinite(v):  # NaN never compares; inf is a TOML value, and no setting here means "unlimited"
+        raise ConfigError(f"must be a finite number, got {v}", field=f"{where}.{key}")
     if lo is not None and v < lo:
         raise ConfigError(f"must be >= {lo}, got {v}", field=f"{where}.{key}")
     if hi is not None and v > hi:

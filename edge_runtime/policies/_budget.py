@@ -139,9 +139,7 @@ class Budget(Policy):
         key = given[0]
         usd = number(cfg, key, where, lo=0.0)
         if key == "usd":
-            period = number(cfg, "period_s", where, default=86400.0)
-            if period <= 0:
-                raise ConfigError(f"must be > 0, got {period}", field=f"{where}.period_s")
+            period = number(cfg, "period_s", where, default=86400.0, lo=1.0)  # a budget per second at the least
         else:
             if "period_s" in cfg:
                 raise ConfigError(f"{key} already sets the period", field=f"{where}.period_s")

@@ -12,6 +12,7 @@ Add a user regex for anything else. A decision never quotes the matched text
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,13 +24,16 @@ from ._registry import register_policy
 
 __all__ = ["Privacy", "BUILTIN_PATTERNS"]
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?!\w)")
+# \w: internationalised addresses (jörg@müller.de) are addresses too
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}(?!\w)")
 _PHONE = re.compile(
     r"""(?<![\w+])(?:
         \+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}   # +44 20 7946 0958, +1-555-123-4567
       | \(\d{3}\)\s?\d{3}[\s.-]\d{4}                                         # (555) 123-4567
       | \d{3}[.-]\d{3}[.-]\d{4}                                              # 555-123-4567, 555.123.4567
+      | [2-9]\d{2}\s\d{3}\s\d{4}                                             # 555 123 4567 (no area code starts with 0 or 1)
       | 0\d{1,4}(?:[\s.-]\d{2,4}){2,4}                                       # 020 7946 0958, 06 12 34 56 78
+      | 0\d{1,4}[\s.-]\d{5,8}                                                # 07911 123456, 030 12345678
     )(?![\w])""",
     re.VERBOSE,
 )
@@ -51,11 +55,12 @@ def _luhn(number: str) -> bool:
 
 
 def _find_email(text: str) -> bool:
-    return _EMAIL.search(text) is not None
+    # NFKC folds full-width forms (ｂｏｂ＠ｅｘａｍｐｌｅ．ｃｏｍ) onto the ASCII the pattern reads
+    return _EMAIL.search(unicodedata.normalize("NFKC", text)) is not None
 
 
 def _find_phone(text: str) -> bool:
-    for m in _PHONE.finditer(text):
+    for m in _PHONE.finditer(unicodedata.normalize("NFKC", text)):
         s = m.group(0)
         n = len(_digits(s))
         # national numbers need 9+ digits so that dates such as 01-02-2024 do not count
@@ -98,7 +103,7 @@ class Privacy(Policy):
     def __init__(self, patterns: Sequence[str] | None = None, regexes: Mapping[str, str] | None = None) -> None:
         names = list(BUILTIN_PATTERNS) if patterns is None else list(patterns)
         for i, name in enumerate(names):
-            if name not in BUILTIN_PATTERNS:
+            if not isinstance(name, str) or name not in BUILTIN_PATTERNS:
                 raise ConfigError(f"unknown pattern {name!r} (built-in: {', '.join(BUILTIN_PATTERNS)}; "
                                   "put your own under regexes)", field=f"policy.patterns[{i}]")
         self.patterns = tuple(dict.fromkeys(names))

@@ -138,7 +138,10 @@ class TargetRate(_ThresholdBase):
             raise ConfigError("give either calibration p_correct values or a threshold (not both)",
                               field="policy.calibration")
         if calibration is not None:
-            values = np.asarray(calibration, dtype=float)
+            try:
+                values = np.asarray(calibration, dtype=float)
+            except (TypeError, ValueError) as err:  # ["a"], [[0.1, 0.2], 0.3]
+                raise ConfigError("must be a list of p_correct values (numbers)", field="policy.calibration") from err
             if values.ndim != 1 or len(values) == 0:
                 raise ConfigError("must be a non-empty list of p_correct values", field="policy.calibration")
             if np.isnan(values).any() or (values < 0).any() or (values > 1).any():

@@ -127,6 +127,13 @@ def test_config_forms_and_round_trip():
         ({"type": "budget", "usd_per_day": 1, "period_s": 60}, "policy.period_s"),
         ({"type": "budget", "usd": 1, "period_s": 0}, "policy.period_s"),
         ({"type": "budget", "usd_per_year": 1}, "policy.usd_per_year"),
+        # TOML has inf: named in its place inside a chain, not as a bare policy.usd
+        ({"chain": [{"type": "privacy"}, {"type": "budget", "usd_per_day": float("inf")}]}, "policy.chain[1].usd_per_day"),
+        ({"chain": [{"type": "privacy"}, {"type": "budget", "usd": 1, "period_s": float("inf")}]},
+         "policy.chain[1].period_s"),
+        ({"type": "budget", "usd": 1, "period_s": 1e-300}, "policy.period_s"),  # overflowed the period index
+        ({"chain": [{"type": "privacy", "patterns": [["email"]]}, {"type": "always"}]}, "policy.chain[0].patterns[0]"),
+        ({"type": "target_rate", "rate": 0.2, "calibration": ["a"]}, "policy.calibration"),
     ],
 )
 def test_config_errors(cfg, field):

@@ -24,6 +24,11 @@ def ctx(text, **kw):
         ("555.123.4567", "phone"),
         ("office: 020 7946 0958", "phone"),
         ("portable 06 12 34 56 78", "phone"),
+        ("call 555 123 4567", "phone"),  # spaced North American
+        ("mobile 07911 123456", "phone"),  # UK, groups longer than 4 digits
+        ("Festnetz 030 12345678", "phone"),
+        ("mail jörg@müller.de", "email"),  # internationalised
+        ("ｂｏｂ＠ｅｘａｍｐｌｅ．ｃｏｍ", "email"),  # full-width forms
         ("card 4111 1111 1111 1111 exp 12/29", "credit_card"),
         ("4111-1111-1111-1111", "credit_card"),
     ],
@@ -44,6 +49,7 @@ def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
         "Is 1234567 a prime number?",
         "What is 7,348 - 4,072?",
         "Continue the pattern: 100, 200, 300, 400, ?",
+        "In 2024 there were 100 200 3000 of them",  # no area code starts with 1
         "(12 - 34) × 5",
         "The meeting is on 01-02-2024",
         "Version 2.10.3 was released",
