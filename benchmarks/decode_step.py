@@ -248,7 +248,7 @@ def run_benchmark(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edge_runtime.cli.bench import _int_at_least
+    from edge_runtime.cli.bench import _int_at_least, host_name
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=None, help=f"engine bundle (default: the int4 {MODEL} bundle)")
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=_int_at_least(1), default=6)
     parser.add_argument("--steps", type=_int_at_least(2), default=128, help="greedy tokens per measurement")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--host", default="vm", help="results file name: decode-step-<host>.json")
+    parser.add_argument("--host", type=host_name, default="vm", help="results file name: decode-step-<host>.json")
     return parser
 
 

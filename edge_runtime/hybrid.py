@@ -147,6 +147,10 @@ class HybridRuntime:
         self.engine = engine
         self.policy: Policy = policy if isinstance(policy, Policy) else policy_from_config(policy or {"type": "threshold", "p": 0.5})
         self.estimator: Estimator = estimator or load_estimator(None)
+        fitted_on = getattr(self.estimator, "bundle_hash", None)
+        if fitted_on and fitted_on != engine.bundle_hash:  # as load_estimator refuses it for a file
+            raise EstimatorError(f"the estimator was calibrated for another bundle (hash {fitted_on[:12]}…, this one "
+                                 f"is {engine.bundle_hash[:12]}…): run `edge-runtime calibrate` for this bundle")
         self.cloud = cloud
         self.cost = cost or CostSettings()
         self.default_max_new_tokens = default_max_new_tokens
@@ -304,10 +308,10 @@ class HybridRuntime:
     def cloud_model_hint(self) -> str:
         return getattr(getattr(self.cloud, "settings", None), "model", "") or "*"
 
-    def _pre_route_score(self, prompt: str) -> float | None:
+    def _pre_route_score(self, prompt: str, prompt_tokens: int) -> float | None:
         est = self.estimator
         if est.can_pre_route:
-            return est.pre_p_correct(prompt)
+            return est.pre_p_correct(prompt, prompt_tokens)
         knn = getattr(est, "knn", None)
         return knn.prior(prompt) if knn is not None else None
 
@@ -326,7 +330,7 @@ class HybridRuntime:
         t0 = time.perf_counter()
         ctx = RequestContext(messages=msgs, request_id=request_id, estimated_cloud_usd=self._estimate_cloud_usd(msgs, params))
         if self._wants_pre_route and model == "auto":
-            ctx = dataclasses.replace(ctx, pre_route_p_correct=self._pre_route_score(ctx.prompt_text))
+            ctx = dataclasses.replace(ctx, pre_route_p_correct=self._pre_route_score(ctx.prompt_text, len(prompt_ids)))
         if self._wants_p_cloud and model == "auto":
             assert self.estimator.cloud is not None
             ctx = dataclasses.replace(ctx, features={"p_cloud": self.estimator.cloud.p_cloud(ctx.prompt_text, len(prompt_ids))})

@@ -211,6 +211,8 @@ def test_a_run_on_a_busy_machine_is_discarded_and_rerun(throughput, tiny_bundle:
         (["--idle-wait", "nan"], "--idle-wait: must be a number of seconds"),
         (["--peers", ","], "--peers: name at least one peer"),
         (["--out-dir", __file__], "--out-dir:"),
+        (["--host", "lab/pi5"], "--host: must be a plain name"),  # the results file is written after the run
+        (["--host", "../x"], "--host: must be a plain name"),
     ],
 )
 def test_bad_bench_flags_are_refused_before_anything_runs(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -119,6 +119,37 @@ def test_estimator_files_are_checked(tmp_path):
         load_estimator(tmp_path)  # a directory
     default = load_estimator(None, bundle_hash="c" * 64)  # the built-in default is portable
     assert default.name == "generic" and default.bundle_hash is None
+    for broken, message in (({**raw, "bundle_hash": 12345}, "bundle_hash must be a string"),
+                            ({**raw, "schema_version": True}, "schema_version True"),
+                            ({**raw, "model": {**raw["model"], "coef": [float("nan")]}}, "finite")):
+        path.write_text(json.dumps(broken))  # NaN: Python writes and reads it; it would score every answer NaN
+        with pytest.raises(EstimatorError, match=message):
+            load_estimator(path)
+
+
+def test_a_stop_string_ends_an_answer_as_eos_does_not_as_a_cut_off():
+    tokens, lps = ["The", " answer", " is", " 85", "\n\n"], [-0.1, -0.2, -0.1, -0.3, -0.05]
+    f_eos, f_stop, f_len = (feature_vector(_signals("What is 37 + 48?", tokens, lps, finish)) for finish in
+                            ("eos", "stop", "length"))
+    assert f_stop["finish_eos"] == f_eos["finish_eos"] == 1.0 and f_stop["eos_lp"] == f_eos["eos_lp"]
+    assert f_len["finish_eos"] == 0.0 and f_len["eos_lp"] == -10.0
+
+
+def test_a_heuristic_estimator_keeps_its_cloud_prior_and_pre_routing_reads_the_prompt_length(tmp_path):
+    from edge_runtime.confidence import CloudPrior
+
+    est = HeuristicEstimator()
+    prior_model = fit_logistic(np.array([[1.0], [5.0], [2.0], [6.0]]), np.array([1, 0, 1, 0.0]), ("prompt_tokens_log",))
+    enc = FakeEncoder()
+    est.cloud = CloudPrior(prior_model, KnnPrior(enc.encode(["is 7 prime", "capital of peru"]), np.array([1, 0.0]), k=1,
+                                                 encoder=enc))
+    save_estimator(est, tmp_path / "h.json")
+    assert load_estimator(tmp_path / "h.json").cloud is not None  # calibrate --family heuristic --cloud-bundle
+    model = fit_logistic(np.log1p(np.array([[3.0], [4.0], [200.0], [300.0]])), np.array([1, 1, 0, 0.0]),
+                         ("prompt_tokens_log",))
+    pre = LogisticEstimator("signal:prompt_tokens_log", model)
+    assert pre.can_pre_route
+    assert pre.pre_p_correct("short", 3) > 0.5 > pre.pre_p_correct("long", 300)  # it read 0 tokens for every prompt
 
 
 def test_knn_estimator_decides_before_decoding():
@@ -234,3 +265,10 @@ def test_in_sample_scores_leave_each_row_out_of_its_own_knn_prior():
     assert left_out.tolist() == [est.knn.prior_from_embedding(e, exclude=i) for i, e in enumerate(data.embeddings(FakeEncoder()))]
     assert not np.allclose(with_self, left_out)  # its own label no longer votes
 
+
+
+def test_metrics_undefined_on_one_class_are_null_in_json_not_nan():
+    from edge_runtime.cli.calibrate import _json_safe
+
+    out = _json_safe({"auroc": float("nan"), "ece": 0.1, "per": [float("inf"), np.float64("nan"), 2]})
+    assert json.loads(json.dumps(out, allow_nan=False)) == {"auroc": None, "ece": 0.1, "per": [None, None, 2]}

@@ -226,3 +226,16 @@ def test_a_cancel_stops_an_escalation_while_the_bridge_is_between_words(engine):
         assert r.route == "local_forced" and r.reason == "cancelled"
         (gen,) = server.backends["slow"].wait_for_generations(1)
         assert gen.finish_reason == "cancelled" and gen.completion_tokens == 0
+
+
+def test_an_estimator_calibrated_for_another_bundle_is_refused(engine):
+    import numpy as np
+
+    from edge_runtime.confidence import LogisticEstimator, fit_logistic
+    from edge_runtime.errors import EstimatorError
+
+    model = fit_logistic(np.array([[0.0], [1.0], [0.2], [0.9]]), np.array([0, 1, 0, 1.0]), ("lp_mean",))
+    other = LogisticEstimator("signal:lp_mean", model, bundle_hash="b" * 64)
+    with pytest.raises(EstimatorError, match="another bundle"):  # as load_estimator refuses the file
+        HybridRuntime(engine, estimator=other)
+    HybridRuntime(engine, estimator=LogisticEstimator("signal:lp_mean", model, bundle_hash=engine.bundle_hash))

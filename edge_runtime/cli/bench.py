@@ -13,6 +13,7 @@ The flags are defined here, once, and the script reuses them.
 from __future__ import annotations
 
 import argparse
+import re
 import importlib
 import math
 import sys
@@ -64,6 +65,13 @@ def _peers(text: str) -> str:
     return text
 
 
+def host_name(text: str) -> str:
+    """A results-file name part: no path separators, nothing that climbs out of the results directory."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", text or ""):
+        raise argparse.ArgumentTypeError(f"must be a plain name (letters, digits, '.', '_', '-'), got {text!r}")
+    return text
+
+
 def _out_dir(text: str) -> Path:
     path = Path(text).expanduser()
     if path.exists() and not path.is_dir():  # found now, not after the whole benchmark has run
@@ -112,7 +120,7 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for an idle machine before a rerun (default 120)")
     parser.add_argument("--out-dir", type=_out_dir, default=None,
                         help="where throughput-<host>.json/.md go (default: benchmarks/results in the checkout)")
-    parser.add_argument("--host", default=None, help="name in the results files (default: the hostname)")
+    parser.add_argument("--host", type=host_name, default=None, help="name in the results files (default: the hostname)")
     parser.add_argument("--json", action="store_true", help="print the results document instead of the table")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         # six digits, as the other reports: the printed summary rounds again, and 0.2595 would print 25.9%, not 26.0%
         "dev_in_sample": {"auroc": round(auroc(p, data.labels), 6), "ece": round(expected_calibration_error(p, data.labels), 6)},
     }
+    summary = _json_safe(summary)  # one class only in the split: AUROC is undefined, written as null, not NaN
     meta = getattr(estimator, "meta", None)
     if isinstance(meta, dict):
         meta.update({"suite": args.suite, "split": args.split, "dev_in_sample": summary["dev_in_sample"], "bundle_name": engine.model_name})
@@ -96,6 +98,17 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"fitted {estimator.name} on {len(data)} {args.split} items (SLM accuracy {summary['accuracy']:.1%}); "
               f"in-sample AUROC {summary['dev_in_sample']['auroc']:.3f}, ECE {summary['dev_in_sample']['ece']:.3f}; wrote {args.out}")
     return 0
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None: strict JSON has no NaN (Python and jq read it, most parsers do not)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _check_writable(out: Path) -> None:
@@ -225,9 +238,9 @@ def _eval(args: argparse.Namespace) -> int:
     parse_errors = {"edge": sum(bool(r.get("parse_error")) for r in records)}
     if cloud_recs is not None:
         parse_errors["cloud"] = sum(bool(r.get("parse_error")) for r in cloud_recs)
-    out = {"bundle": engine.model_name, "suite": args.suite, "split": args.split, "items": len(data),
-           "local_accuracy": round(float(data.labels.mean()), 6), "parse_errors": parse_errors,
-           "cloud": args.cloud_bundle, "estimators": reports}
+    out = _json_safe({"bundle": engine.model_name, "suite": args.suite, "split": args.split, "items": len(data),
+                      "local_accuracy": round(float(data.labels.mean()), 6), "parse_errors": parse_errors,
+                      "cloud": args.cloud_bundle, "estimators": reports})
     if args.json:
         print(json.dumps(out, indent=2))
         return 0

@@ -82,7 +82,7 @@ class Estimator:
     def p_correct(self, signals: Signals, *, engine: Any = None, messages: Sequence[Mapping[str, Any]] | None = None) -> float:
         raise NotImplementedError
 
-    def pre_p_correct(self, prompt: str) -> float:
+    def pre_p_correct(self, prompt: str, prompt_tokens: int = 0) -> float:
         raise EstimatorError(f"estimator {self.name!r} needs the local answer; it cannot decide from the prompt alone")
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,7 +103,9 @@ class HeuristicEstimator(Estimator):
         return 0.5 * float(math.exp(f["lp_mean"]))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": ESTIMATOR_SCHEMA_VERSION, "kind": "heuristic", "name": self.name}
+        # the cloud prior is kept (calibrate --family heuristic --cloud-bundle), as every other kind keeps it
+        return {"schema_version": ESTIMATOR_SCHEMA_VERSION, "kind": "heuristic", "name": self.name,
+                "cloud": self.cloud.to_dict() if self.cloud is not None else None}
 
 
 class KnnPrior:
@@ -206,11 +208,13 @@ class LogisticEstimator(Estimator):
             f["knn_prior"] = knn_prior
         return float(self.model.predict(self._row(f))[0])
 
-    def pre_p_correct(self, prompt: str) -> float:
+    def pre_p_correct(self, prompt: str, prompt_tokens: int = 0) -> float:
+        """Before decoding; ``prompt_tokens`` (the prompt's length in the bundle's tokens) feeds the
+        prompt-length features, which would read 0 without it."""
         if not self.can_pre_route:
             return super().pre_p_correct(prompt)
         s = Signals(prompt=prompt, text="", token_texts=(), logprobs=(), entropies=(), margins=(), finish_reason="length",
-                    prompt_tokens=0, prompt_nll=None)
+                    prompt_tokens=prompt_tokens, prompt_nll=None)
         return self.p_correct(s)
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,7 +235,7 @@ class KnnEstimator(Estimator):
         self.bundle_hash = bundle_hash
         self.meta = dict(meta or {})
 
-    def pre_p_correct(self, prompt: str) -> float:
+    def pre_p_correct(self, prompt: str, prompt_tokens: int = 0) -> float:
         return self.knn.prior(prompt)
 
     def p_correct(self, signals: Signals, *, engine: Any = None, messages: Sequence[Mapping[str, Any]] | None = None) -> float:
@@ -292,9 +296,11 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
     if not isinstance(d, dict):
         raise EstimatorError(f"{p}: expected a JSON object")
     version = d.get("schema_version")
-    if version != ESTIMATOR_SCHEMA_VERSION:
+    if isinstance(version, bool) or version != ESTIMATOR_SCHEMA_VERSION:
         raise EstimatorError(f"{p}: estimator schema_version {version!r} is not supported (this runtime reads {ESTIMATOR_SCHEMA_VERSION})")
     recorded = d.get("bundle_hash")
+    if recorded is not None and not isinstance(recorded, str):
+        raise EstimatorError(f"{p}: bundle_hash must be a string or null, got {recorded!r}")
     if recorded and bundle_hash and recorded != bundle_hash:
         raise EstimatorError(
             f"{p} was calibrated for another bundle (hash {recorded[:12]}…, this one is {bundle_hash[:12]}…): "

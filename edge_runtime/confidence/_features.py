@@ -152,7 +152,9 @@ def feature_vector(s: Signals) -> dict[str, float]:
     ent = np.asarray(s.entropies, dtype=float)
     mar = np.asarray(s.margins, dtype=float)
     n = lp.size
-    eos = s.finish_reason == "eos"
+    # the model ended its answer: with its eos token, or with a stop string the caller set (a daemon client's
+    # "stop"), whose last token is no more part of the answer than an eos is; only "length" is a cut-off answer
+    eos = s.finish_reason in ("eos", "stop")
     body = slice(0, n - 1 if eos and n > 1 else n)  # the eos token is not part of the answer text
     f: dict[str, float] = {}
     f.update(_agg(lp[body], "lp"))

@@ -39,7 +39,10 @@ class LogisticModel:
         arrays = [np.asarray(d[k], dtype=float) for k in ("mean", "std", "coef")]
         if any(a.shape != (len(feats),) for a in arrays):
             raise ValueError("mean, std and coef must each have one value per feature")
-        return cls(feats, arrays[0], arrays[1], arrays[2], float(d["intercept"]))  # type: ignore[arg-type]
+        intercept = float(d["intercept"])  # type: ignore[arg-type]
+        if not all(np.isfinite(a).all() for a in arrays) or not np.isfinite(intercept):
+            raise ValueError("mean, std, coef and intercept must be finite numbers")  # NaN would score every answer NaN
+        return cls(feats, arrays[0], arrays[1], arrays[2], intercept)
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, features: tuple[str, ...], *, l2: float = 1.0, iterations: int = 50) -> LogisticModel:

@@ -85,7 +85,8 @@ def load_suite(name: str | os.PathLike[str] = "default", split: str = "dev") -> 
     if split not in SPLITS:
         raise TaskSuiteError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})", field="split")
     key = os.fspath(name)
-    if key in _DESCRIPTIONS and not isinstance(name, os.PathLike):
+    # a file of that name wins, as a bundle directory wins over a model name
+    if key in _DESCRIPTIONS and not isinstance(name, os.PathLike) and not Path(key).is_file():
         if key == "default":
             items: Iterable[TaskItem] = _default_items()
         elif key == "demo":
@@ -142,12 +143,15 @@ def summarize(items: Iterable[TaskItem]) -> dict[str, dict[str, int]]:
     return out
 
 
+_LINE_KEYS = ("id", "family", "messages", "answers", "scorer", "features", "split")
 _ANSWER_TYPE = {"number": "number", "yesno": "yesno", "text": "text", "text_cs": "text", "exact": "text"}
 
 
 def _read_jsonl(path: Path) -> list[TaskItem]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # "\n" only: splitlines() also breaks on U+2028/U+2029/U+0085, which JSON strings may hold raw
+        # (dump_suite writes them so); utf-8-sig: a BOM from a Windows editor is not part of line 1
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except (OSError, UnicodeDecodeError) as err:
         raise TaskSuiteError(f"{path}: cannot read the suite file: {err}") from err
     items: list[TaskItem] = []
@@ -179,6 +183,9 @@ def _parse_line(path: Path, lineno: int, line: str) -> TaskItem:
         raise fail(None, f"not valid JSON ({err.msg} at column {err.colno})") from err
     if not isinstance(obj, Mapping):
         raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(_LINE_KEYS))
+    if unknown:  # a misspelt "spilt" would otherwise put the item in a split by hash, silently
+        raise fail(unknown[0], f"unknown field (known: {', '.join(_LINE_KEYS)})")
     for required in ("id", "family", "messages", "answers", "scorer"):
         if required not in obj:
             raise fail(required, "missing")
@@ -198,13 +205,16 @@ def _parse_line(path: Path, lineno: int, line: str) -> TaskItem:
         raise fail("answers", "must be a non-empty list of strings")
     answers = [a if isinstance(a, str) else str(a) for a in answers]
     problem = check_answers(obj["scorer"], answers)
+    if not problem and not any(a.strip() for a in answers):
+        problem = "no answer can be matched: every one is blank"
     if problem:
         raise fail("scorer" if problem.startswith("unknown scorer") else "answers", problem)
     features: Any = obj.get("features", {})
     if not isinstance(features, Mapping):
         raise fail("features", "must be an object")
     features = {"answer_type": _ANSWER_TYPE[obj["scorer"]], **features}
-    split = obj.get("split") or ""
+    split = obj.get("split")
+    split = "" if split is None else split
     if split not in ("", "dev", "test"):
         raise fail("split", f"must be 'dev' or 'test', got {split!r}")
     if not split:

@@ -62,6 +62,9 @@ def test_explicit_split_features_and_numeric_answers(tmp_path):
         (dict(GOOD, features=[1]), 2, "features", "must be an object"),
         (dict(GOOD, split="train"), 2, "split", "'dev' or 'test'"),
         (dict(GOOD, id="q0"), 2, "id", "duplicate id 'q0' (first on line 1)"),
+        (dict(GOOD, spilt="test"), 2, "spilt", "unknown field"),  # a typo put the item in a split by hash
+        (dict(GOOD, split=False), 2, "split", "'dev' or 'test'"),
+        (dict(GOOD, scorer="exact", answers=["  "]), 2, "answers", "every one is blank"),
     ],
 )
 def test_bad_lines_name_line_and_field(tmp_path, row, line, field, message):
@@ -85,3 +88,21 @@ def test_empty_and_unreadable_files(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(TaskSuiteError, match="cannot read"):
         load_suite(binary)
+
+
+def test_line_separators_inside_strings_and_a_bom_do_not_break_lines(tmp_path):
+    row = dict(GOOD, messages=[{"role": "user", "content": "line1\u2028line2\u2029end\u0085"}])
+    path = tmp_path / "suite.jsonl"
+    # written raw, as dump_suite (ensure_ascii=False) writes them; a Windows editor's BOM in front
+    path.write_text("\ufeff" + json.dumps(row, ensure_ascii=False) + "\n" + json.dumps(dict(GOOD, id="q2")) + "\n",
+                    encoding="utf-8")
+    items = load_suite(path, "all")
+    assert [i.id for i in items] == ["q1", "q2"] and "\u2028" in items[0].messages[0]["content"]
+    dump_suite(items, tmp_path / "again.jsonl")
+    assert [i.to_dict() for i in load_suite(tmp_path / "again.jsonl", "all")] == [i.to_dict() for i in items]
+
+
+def test_a_file_named_like_a_built_in_suite_is_read_as_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
+    assert [i.id for i in load_suite("demo", "all")] == ["q1"]
