@@ -653,12 +653,13 @@ def run_benchmark(
     started = dt.datetime.now(dt.UTC)
     log(f"load before: {os.getloadavg()}")
     before = load_snapshot(load_sample_s)
-    targets = engine_targets(bundles, build=build_bundles, log=log) + peer_targets(peers, build=setup_peers, log=log)
-    reference = next((t for t in targets if t.kind == "engine" and t.reason is None), None)
-    if reference is None:
+    engines = engine_targets(bundles, build=build_bundles, log=log)
+    reference = next((t for t in engines if t.reason is None), None)
+    if reference is None:  # before the peers are set up: that takes minutes the first time
         from edge_runtime.errors import BundleError
 
-        raise BundleError("no usable engine bundle to benchmark: " + "; ".join(f"{t.label}: {t.reason}" for t in targets))
+        raise BundleError("no usable engine bundle to benchmark: " + "; ".join(f"{t.label}: {t.reason}" for t in engines))
+    targets = engines + peer_targets(peers, build=setup_peers, log=log)
     manifest = json.loads((reference.model / "manifest.json").read_text())
     tokenizer_file = reference.model / manifest.get("tokenizer_file", "tokenizer.json")
     prompts = make_prompts(tokenizer_file, manifest.get("tokens", {}).get("bos_token_id"), short_tokens, long_tokens)
@@ -978,6 +979,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bundles_by_label(pairs: Sequence[tuple[str, Path]] | None) -> dict[str, Path] | None:
+    """--bundle LABEL=DIR, each label once: a repeated one would silently replace the earlier bundle."""
+    if not pairs:
+        return None
+    out: dict[str, Path] = {}
+    for label, path in pairs:
+        if label in out:
+            from edge_runtime.errors import ConfigError
+
+            raise ConfigError(f"label {label!r} is given twice ({out[label]} and {path})", field="--bundle")
+        out[label] = path
+    return out
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run with parsed flags (``edge-runtime bench throughput`` lands here too); print the table."""
     peers = [] if args.peers.strip().lower() == "none" else [p.strip() for p in args.peers.split(",") if p.strip()]
@@ -986,7 +1001,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         threads=args.threads, repetitions=args.repetitions, warmup=args.warmup,
         load_repetitions=args.load_repetitions, rounds=args.rounds, decode_tokens=args.decode_tokens,
         short_tokens=args.short_tokens, long_tokens=args.long_tokens,
-        bundles=dict(args.bundle) if args.bundle else None, peers=peers,
+        bundles=_bundles_by_label(args.bundle), peers=peers,
         setup_peers=not args.no_peer_setup, max_other_cpu=args.max_other_cpu, noisy_retries=args.noisy_retries,
         idle_wait_s=args.idle_wait, log=log,
     )

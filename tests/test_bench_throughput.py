@@ -221,3 +221,25 @@ def test_bad_bench_flags_are_refused_before_anything_runs(flags: list[str], mess
     with pytest.raises(SystemExit):
         main(["bench", "throughput", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_a_bundle_label_given_twice_is_refused_before_anything_runs(tiny_bundle: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_runtime.cli import main
+
+    code = main(["bench", "throughput", "--peers", "none", "--out-dir", str(tmp_path),
+                 "--bundle", f"a={tiny_bundle}", "--bundle", f"a={tmp_path}"])
+    assert code == 1 and "--bundle" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_an_unusable_bundle_is_reported_before_any_peer_is_set_up(throughput, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_runtime.errors import BundleError
+
+    def no_peers(*a, **k):
+        raise AssertionError("peers were set up (minutes the first time) for a run that cannot happen")
+
+    monkeypatch.setattr(throughput, "peer_targets", no_peers)
+    with pytest.raises(BundleError, match="no usable engine bundle"):
+        throughput.run_benchmark(bundles={"x": tmp_path / "nope"}, peers=("genai",), build_bundles=False,
+                                 load_sample_s=0.01, log=lambda _msg: None)
