@@ -274,11 +274,12 @@ def apgr(curve: EscalationCurve) -> float:
     """Average performance gap recovered: (AUC - acc_local) / (acc_cloud - acc_local).
 
     Random routing scores 0.5, a perfect router more (it can exceed 1 when the
-    local model is right on items the cloud gets wrong). ``nan`` when the local
-    and cloud accuracies are equal.
+    local model is right on items the cloud gets wrong). ``nan`` when the cloud
+    is not more accurate than the local model: with a negative gap the ratio
+    flips, and the worst router would score best (as ``cpt``, no gap to recover).
     """
     gap = curve.cloud_accuracy - curve.local_accuracy
-    if gap == 0:
+    if gap <= 0:
         return float("nan")
     return (curve.auc() - curve.local_accuracy) / gap
 

@@ -172,3 +172,11 @@ def test_routing_metrics_on_raw_scores_skips_ece():
     r = m.routing_metrics([-0.1, -2.0, -1.0, -5.0], LOCAL, CLOUD)
     assert r.ece is None and r.to_dict()["ece"] is None
     assert r.apgr == pytest.approx(1.125)  # same order as CONF, same curve
+
+
+def test_apgr_is_undefined_when_the_local_model_is_the_better_one():
+    from edge_runtime.metrics import routing_metrics
+
+    # the worst router escalates first the one item only the local model gets right: it used to score 0.833
+    worst = routing_metrics([0.1, 0.2, 0.3], [1, 1, 0], [0, 1, 0])
+    assert math.isnan(worst.apgr)

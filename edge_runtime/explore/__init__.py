@@ -34,8 +34,8 @@ from ..cloud import CloudSettings
 from ..cost import CostSettings
 from ..errors import BundleError, ConfigError
 from ._data import Measurements, cloud_generate, measure
-from ._goals import config_snippet, parse_goal, recommend
-from ._report import estimator_table, family_winners, write_csv, write_plots, write_report
+from ._goals import config_snippet, parse_goal, recommend, toml_value
+from ._report import GAIN_ROW, estimator_table, family_winners, write_csv, write_plots, write_report
 from ._space import Point, evaluate, pareto_front
 from ._validate import agreement, validate_live
 
@@ -170,19 +170,20 @@ def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_fil
 
 
 def _cloud_toml(cloud: CloudSettings, token_file: Path | None, *, timeout: bool = True) -> str:
-    lines = ["[cloud]", f'address = "{cloud.address}"', f"insecure = {'true' if cloud.insecure else 'false'}"]
+    # values through toml_value: a Windows path's backslashes or a quote must not break the file
+    lines = ["[cloud]", f"address = {toml_value(cloud.address)}", f"insecure = {toml_value(cloud.insecure)}"]
     if timeout:
-        lines.append(f"timeout_s = {cloud.timeout_s!r}")
+        lines.append(f"timeout_s = {toml_value(cloud.timeout_s)}")
     if cloud.model:
-        lines.append(f'model = "{cloud.model}"')
+        lines.append(f"model = {toml_value(cloud.model)}")
     if token_file is not None:
-        lines.append(f'token_file = "{token_file}"')
+        lines.append(f"token_file = {toml_value(str(token_file))}")
     for name in ("ca_file", "cert_file", "key_file"):
         value = getattr(cloud, name)
         if value is not None:
-            lines.append(f'{name} = "{value}"')
+            lines.append(f"{name} = {toml_value(str(value))}")
     if cloud.server_name:
-        lines.append(f'server_name = "{cloud.server_name}"')
+        lines.append(f"server_name = {toml_value(cloud.server_name)}")
     return "\n".join(lines) + "\n"
 
 
@@ -279,7 +280,8 @@ def explore(
         scores = {
             "multi+knn (fitted on dev)": m.p_correct,
             "kNN pre-route (prompt only)": m.pre_route_p,
-            "expected gain (p_cloud - p_correct, routing only)": m.p_correct - m.p_cloud,
+            # the score is p_correct - p_cloud: the lowest (the largest expected gain) escalates first
+            GAIN_ROW: m.p_correct - m.p_cloud,
             "generic (built-in default)": estimator_scores(load_estimator(None), data),
             "min token logprob (raw)": data.matrix(["lp_min"])[:, 0],
         }
@@ -291,7 +293,8 @@ def explore(
         recommendations = []
         files = ["report.md", "points.csv", "frontier.csv", "estimator.json"]
         live_configs: list[tuple[dict[str, Any], str]] = []  # (recommendation, config for the live check)
-        for stale in out.glob("recommended*.toml"):  # an earlier run's recommendations must not outlive its goals
+        # an earlier run's recommendations must not outlive its goals; a user's own recommended-prod.toml stays
+        for stale in [*out.glob("recommended.toml"), *(f for f in out.glob("recommended-*.toml") if f.stem[12:].isdigit())]:
             stale.unlink()
         for i, goal in enumerate(parsed):
             point = recommend(goal, points, baselines)
@@ -300,7 +303,9 @@ def explore(
             if point is not None:
                 name = "recommended.toml" if i == 0 else f"recommended-{i + 1}.toml"
                 fields = {"estimator_path": str((out / "estimator.json").resolve()), "n_items": len(m.items),
-                          "requests_per_day": requests_per_day, "goal": goal.text, "bundle": str(edge_bundle)}
+                          "requests_per_day": requests_per_day, "goal": goal.text,
+                          # absolute, as the estimator's path: the config must load from any directory
+                          "bundle": str(edge_bundle.resolve())}
                 (out / name).write_text(config_snippet(point, **fields, cloud=saved_cloud), encoding="utf-8")
                 # the live check runs it against the bridge measured here (its token in a private file)
                 live_configs.append((rec, config_snippet(point, **fields, cloud=_cloud_toml(cloud_settings, token_file))))

@@ -131,11 +131,11 @@ def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_
     parts = config["chain"] if "chain" in config else [config]
     lines = [
         f"# recommended by `edge-runtime explore` for the goal: {goal}",
-        f"# policy: {point.name}; measured accuracy {point.overall['accuracy']:.1%}, escalation "
+        f"# policy: {point.name}; replayed accuracy {point.overall['accuracy']:.1%}, escalation "
         f"{point.overall['escalation_rate']:.1%}, cloud USD {point.overall['cloud_usd_per_1k']:.4f} per 1k requests",
         "[engine]",
-        *([f"bundle = {_toml(bundle)}"] if bundle is not None else []),
-        f"estimator = {_toml(estimator_path)}",
+        *([f"bundle = {toml_value(bundle)}"] if bundle is not None else []),
+        f"estimator = {toml_value(estimator_path)}",
         "",
     ]
     translated = []
@@ -146,16 +146,17 @@ def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_
         translated.append(dict(part))
     lines.append("[policy]")
     if len(translated) == 1:
-        lines += [f"{k} = {_toml(v)}" for k, v in translated[0].items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in translated[0].items()]
     else:
-        inline = ["{" + ", ".join(f"{k} = {_toml(v)}" for k, v in part.items()) + "}" for part in translated]
+        inline = ["{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in part.items()) + "}" for part in translated]
         lines += ["chain = [", *[f"  {x}," for x in inline], "]"]
     if cloud:
         lines += ["", cloud.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
-def _toml(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A TOML value: booleans, numbers (numpy scalars too), and strings escaped."""
     if hasattr(v, "item") and not isinstance(v, (str, bytes)):
         v = v.item()  # numpy scalars from the search grid: repr(np.float64(0.25)) is not TOML
     if isinstance(v, bool):

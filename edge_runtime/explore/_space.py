@@ -120,8 +120,11 @@ def pareto_front(points: list[Point], task_family: str | None = None) -> list[Po
     """Points not dominated on (accuracy ↑, cloud USD ↓, device J ↓, p50 latency ↓); of points with identical
     metrics (e.g. a pre-route bar above every score, which is always-cloud) only the first listed is kept."""
     def vec(p: Point) -> np.ndarray:
-        return np.array([-p.metric("accuracy", task_family), p.metric("cloud_usd_per_1k", task_family),
-                         p.metric("device_j_per_request", task_family), p.metric("latency_p50_ms", task_family)])
+        # compared at the 6 significant digits points.csv and frontier.csv show: two policies that differ in the
+        # 9th digit of their joules (float noise of the replay) are the same point there, and must be here
+        v = np.array([-p.metric("accuracy", task_family), p.metric("cloud_usd_per_1k", task_family),
+                      p.metric("device_j_per_request", task_family), p.metric("latency_p50_ms", task_family)])
+        return np.array([float(f"{x:.6g}") for x in v])
 
     vs = [vec(p) for p in points]
     front = []

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge_runtime.errors import ConfigError, InvalidRequestError
-from edge_runtime.explore._goals import _toml, config_snippet, parse_goal, recommend
+from edge_runtime.explore._goals import config_snippet, parse_goal, recommend, toml_value
 from edge_runtime.explore._space import Point, _summary, pareto_front
 from edge_runtime.policies import ReplayRecords, replay
 from edge_runtime.runs import run_edge
@@ -188,7 +189,7 @@ def test_recommended_snippet_writes_numpy_values_from_the_search_grid_as_plain_t
     path = tmp_path / "rec.toml"
     path.write_text(text)
     assert load_runtime_settings(path, env={}).policy == {"type": "threshold", "p": 0.25}
-    assert (_toml(np.int64(4)), _toml(np.bool_(True)), _toml(np.float32(0.5))) == ("4", "true", "0.5")
+    assert (toml_value(np.int64(4)), toml_value(np.bool_(True)), toml_value(np.float32(0.5))) == ("4", "true", "0.5")
 
 
 class _CountingEngine:
@@ -293,7 +294,8 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
 
     saved = load_runtime_settings(out / "recommended.toml", env={})  # the daemon loads it as is
     # with the edge bundle the estimator was fitted on; the explorer's own bridge is gone, so [cloud] is a commented template
-    assert saved.engine.bundle == str(tiny_bundles("llama", "fp32")) and not saved.cloud.address
+    assert saved.engine.bundle == str(tiny_bundles("llama", "fp32").resolve()) and not saved.cloud.address
+    assert Path(saved.engine.bundle).is_absolute()  # loads from any working directory, as the estimator's path
     assert "# [cloud]" in (out / "recommended.toml").read_text()
     assert len(result.measurements.items) == 12
     assert not [p for p in out.rglob("*") if "token" in p.name]  # the bridge token never lands in the output directory
@@ -311,11 +313,12 @@ def test_explore_checks_the_first_goal_met_reports_every_goal_and_drops_stale_fi
     out = tmp_path / "out"
     out.mkdir()
     (out / "recommended-3.toml").write_text("# from an earlier run with three goals\n")
+    (out / "recommended-prod.toml").write_text("# the user's own\n")  # not the explorer's: kept
     result = explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out,
                      suite=str(tiny_suite), goals=["accuracy>=0.99", "max-accuracy usd<=1000/1k"], validate=True,
                      root=tmp_path / "runs")
     assert result.recommendations[0]["point"] is None and result.recommendations[1]["config_file"] == "recommended-2.toml"
-    assert sorted(p.name for p in out.glob("recommended*.toml")) == ["recommended-2.toml"]
+    assert sorted(p.name for p in out.glob("recommended*.toml")) == ["recommended-2.toml", "recommended-prod.toml"]
     assert result.validation is not None and "max-accuracy usd<=1000/1k" in result.validation["summary"]
     report = (out / "report.md").read_text()
     assert "Goal `accuracy>=0.99`: **no explored policy meets it**" in report
@@ -400,3 +403,28 @@ def test_a_bundle_that_is_not_found_names_the_option_it_came_from(tiny_bundle, t
     err = capsys.readouterr().err
     assert "--cloud: bundle not found: coder" in err and "not a model alias" in err
     assert not (tmp_path / "out").exists()  # found out before anything was written: no empty directory left
+
+
+def test_the_cloud_section_escapes_its_values(tmp_path):
+    import tomllib
+
+    from edge_runtime.cloud import CloudSettings
+    from edge_runtime.explore import _cloud_toml
+
+    text = _cloud_toml(CloudSettings(address="h:1"), Path("C:\\Users\\me\\tok \"1\""))
+    assert tomllib.loads(text)["cloud"]["token_file"] == "C:\\Users\\me\\tok \"1\""
+
+
+def test_the_plane_frontier_is_a_staircase_and_the_4d_one_ignores_float_noise():
+    from edge_runtime.explore._report import _plane_front
+    from edge_runtime.explore._space import Point, pareto_front
+
+    def point(name, acc, usd, j=1.0, p50=100.0):
+        m = {"accuracy": acc, "cloud_usd_per_1k": usd, "device_j_per_request": j, "latency_p50_ms": p50,
+             "escalation_rate": 0.0}
+        return Point(name=name, family="threshold", config={}, overall=m, by_family={})
+
+    pts = [point("a", 0.30, 0.001), point("b", 0.25, 0.002), point("c", 0.40, 0.003), point("d", 0.35, 0.004)]
+    assert [p.name for p in _plane_front(pts, "cloud_usd_per_1k")] == ["a", "c"]  # b and d are beaten in this plane
+    twins = [point("p=0.5", 0.4, 0.001, j=1.2749458985), point("p=0.3", 0.4, 0.002, j=1.2749459611)]
+    assert [p.name for p in pareto_front(twins)] == ["p=0.5"]  # same joules at the CSV's 6 digits: p=0.3 costs more
