@@ -108,6 +108,7 @@ class _Cancelled(Exception):
 _DEADLINE_RESERVE_S = 0.25
 # how long the bridge's price table (ListModels) is trusted before it is read again
 _PRICES_REFRESH_S = 600.0
+_PRICES_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,8 @@ class HybridRuntime:
                 return self._bridge_prices
             self._bridge_prices_at = now  # one asker at a time; the others use what is known
         try:
-            models = list_models()
+            # briefly: this runs on a request's path (once per refresh), and a bridge that is down must not hold it
+            models = list_models(timeout_s=_PRICES_TIMEOUT_S)
         except CloudError as err:  # the bridge is down: the escalation will fall back anyway
             log.debug("cannot read the bridge's prices: %s", err)
             return self._bridge_prices
