@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import ConfigError
+
 __all__ = ["cache_dir", "CACHE_ENV"]
 
 CACHE_ENV = "EDGE_RUNTIME_CACHE"
@@ -24,8 +26,6 @@ def cache_dir(*parts: str, create: bool = True) -> Path:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            from .errors import ConfigError
-
             raise ConfigError(f"cannot create the cache directory {path}: {err.strerror or err} (set {CACHE_ENV} "
                               "to a writable directory)", field=CACHE_ENV) from err
     return path

@@ -158,7 +158,7 @@ class HybridRuntime:
         self.cloud_timeout_s = cloud_timeout_s
         parts = self.policy.parts()
         self._wants_pre_route = any(p.type_name == "pre_route" for p in parts)
-        self._wants_p_cloud = any(p.type_name == "gain" for p in parts) and self.estimator.cloud is not None
+        self._wants_p_cloud = any(p.type_name == "gain" for p in parts)  # with a cloud prior: _check_policy_inputs
         self._has_budget = any(p.type_name == "budget" for p in parts)
         self._check_policy_inputs(parts)
         self._lock = threading.Lock()

@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..engine.types import MAX_SEED, TokenInfo
+from ..engine.types import MAX_SEED, TokenInfo, short_repr
 from ..errors import InvalidRequestError
 from ..hybrid import MODEL_ALIASES, HybridResult
 from ._request import ChatRequest, build_chat_request, stop_list
@@ -50,10 +50,10 @@ def _int(body: Mapping[str, Any], name: str, *, lo: int | None = None, hi: int |
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"must be an integer, got {_short(value)}", field=name)
+        raise InvalidRequestError(f"must be an integer, got {short_repr(value)}", field=name)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise InvalidRequestError(f"must be {bounds}, got {_short(value)}", field=name)
+        raise InvalidRequestError(f"must be {bounds}, got {short_repr(value)}", field=name)
     return value
 
 
@@ -62,7 +62,7 @@ def _float(body: Mapping[str, Any], name: str, *, lo: float, hi: float, lo_open:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
-        raise InvalidRequestError(f"must be a number, got {_short(value)}", field=name)
+        raise InvalidRequestError(f"must be a number, got {short_repr(value)}", field=name)
     if value > hi or value < lo or (lo_open and value == lo):
         raise InvalidRequestError(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", field=name)
     return float(value)
@@ -73,12 +73,6 @@ def _finite(value: int | float) -> bool:
         return math.isfinite(value)
     except OverflowError:  # a JSON integer too large for a float
         return False
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut: a client's value echoed in an error stays readable."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _bool(body: Mapping[str, Any], name: str) -> bool:
@@ -121,7 +115,7 @@ _STREAM_OPTIONS = frozenset({"include_usage", "include_obfuscation"})
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     for name, harmless in _UNSUPPORTED.items():
         if name in body and not harmless(body[name]):
-            raise InvalidRequestError(f"is not supported by this server (got {_short(body[name])}); leave it out",
+            raise InvalidRequestError(f"is not supported by this server (got {short_repr(body[name])}); leave it out",
                                       field=name)
     # a misspelt field ("max_token") would otherwise be ignored, and the answer made without it (OpenAI refuses it too)
     for name in body:
@@ -169,7 +163,7 @@ def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatReque
         raise InvalidRequestError("must be an object", field="stream_options")
     for key in options or ():
         if key not in _STREAM_OPTIONS:
-            raise InvalidRequestError(f"unknown field {_short(key)}; this server reads "
+            raise InvalidRequestError(f"unknown field {short_repr(key)}; this server reads "
                                       f"{', '.join(sorted(_STREAM_OPTIONS))}", field=f"stream_options.{key}"[:80])
     include_usage = _bool(options, "include_usage") if options else False
     return build_chat_request(

@@ -67,6 +67,10 @@ Cancel = threading.Event | Callable[[], bool] | None
 _PREFILL_CHUNK = 128
 
 
+# what generate()/stream() take as keywords (computed once: sampling_params runs for every request)
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
 def _prefill_chunks(n: int) -> list[tuple[int, int]]:
     """``(start, end)`` of the prefill runs for ``n`` prompt tokens: every run has two tokens or more when ``n > 1``.
 
@@ -269,10 +273,10 @@ class Engine:
         if params is not None and not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"must be a SamplingParams (or give its fields as keywords), got "
                                       f"{type(params).__name__}", field="params")
-        known = {f.name for f in dataclasses.fields(SamplingParams)}
         for name in overrides:
-            if name not in known:
-                raise InvalidRequestError(f"unknown sampling setting (known: {', '.join(sorted(known))})", field=name)
+            if name not in _SAMPLING_FIELDS:
+                raise InvalidRequestError(f"unknown sampling setting (known: {', '.join(sorted(_SAMPLING_FIELDS))})",
+                                          field=name)
         try:
             if params is None:
                 return SamplingParams(**overrides)

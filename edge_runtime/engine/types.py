@@ -16,6 +16,7 @@ from typing import Any, Literal
 from ..errors import EdgeRuntimeError, InvalidRequestError
 
 __all__ = [
+    "short_repr",
     "ProviderSpec",
     "provider_specs",
     "FinishReason",
@@ -58,7 +59,7 @@ def validate_messages(messages: Any, *, field_name: str = "messages") -> list[di
             raise InvalidRequestError("must be an object with role and content", field=where)
         role = msg.get("role")
         if role not in ROLES:
-            raise InvalidRequestError(f"unknown role {_shown(role)} (expected one of {', '.join(ROLES)})",
+            raise InvalidRequestError(f"unknown role {short_repr(role, 40)} (expected one of {', '.join(ROLES)})",
                                       field=f"{where}.role")
         content = msg.get("content")
         if isinstance(content, list):  # OpenAI content parts: text only (a small language model reads no images)
@@ -70,17 +71,17 @@ def validate_messages(messages: Any, *, field_name: str = "messages") -> list[di
     return out
 
 
-def _shown(value: Any, limit: int = 40) -> str:
-    """A client's value in an error message, cut short (the message travels back in headers and logs)."""
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for an error message, cut short: a client's value travels back in headers and logs."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _text_part(part: Any, field_name: str) -> str:
     """The text of an OpenAI content part; any other part is refused, not dropped (the answer would ignore it)."""
     if not isinstance(part, Mapping) or part.get("type") != "text":
         kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-        raise InvalidRequestError(f"only text parts are supported, got {_shown(kind)}", field=field_name)
+        raise InvalidRequestError(f"only text parts are supported, got {short_repr(kind, 40)}", field=field_name)
     text = part.get("text")
     if not isinstance(text, str):
         raise InvalidRequestError("must be a string", field=f"{field_name}.text")

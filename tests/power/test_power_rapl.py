@@ -207,6 +207,17 @@ def test_zone_that_disappears_mid_window(tmp_path: Path, make_meter: Make, clock
     assert any("missing" in w for w in m.warnings)
 
 
+def _one_window_unprivileged(make_meter: Make, root: Path, clock: ManualClock, seconds: float = 1.0) -> object:
+    """A meter made and one window measured as an unprivileged user (root reads any file, mode or not)."""
+    def run() -> object:
+        meter = make_meter(root)
+        with meter.measure() as m:
+            clock.advance(seconds)
+        return m
+
+    return call_unprivileged(run)
+
+
 def _denied_tree(root: Path) -> None:
     for path in _laptop(root).values():
         make_unreadable(path)
@@ -243,14 +254,7 @@ def test_permission_denied_with_nothing_else_is_an_estimate_never_zero(
         tmp_path: Path, make_meter: Make, clock: ManualClock, caplog: pytest.LogCaptureFixture) -> None:
     _denied_tree(tmp_path)
     caplog.set_level(logging.INFO, logger="edge_runtime.power")
-
-    def run() -> object:
-        meter = make_meter(tmp_path)
-        with meter.measure() as m:
-            clock.advance(2)
-        return m
-
-    m = call_unprivileged(run)
+    m = _one_window_unprivileged(make_meter, tmp_path, clock, seconds=2)
     assert m.source == "estimate:generic" and m.estimated  # type: ignore[attr-defined]
     assert m.joules > 0  # type: ignore[attr-defined]
     assert any("chmod a+r" in w for w in m.warnings)  # type: ignore[attr-defined]
@@ -261,14 +265,7 @@ def test_permission_denied_with_nothing_else_is_an_estimate_never_zero(
 def test_dram_alone_is_never_the_device_figure(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
     make_unreadable(add_rapl_zone(tmp_path, "0", "package-0", 0))
     add_rapl_zone(tmp_path, "0:0", "dram", 0)
-
-    def run() -> object:
-        meter = make_meter(tmp_path)
-        with meter.measure() as m:
-            clock.advance(1)
-        return m
-
-    m = call_unprivileged(run)
+    m = _one_window_unprivileged(make_meter, tmp_path, clock)
     # the package is denied: the readable DRAM zone must not pass for the whole device, "measured"
     assert m.source == "estimate:generic" and m.estimated  # type: ignore[attr-defined]
     assert any("chmod a+r" in w for w in m.warnings)  # type: ignore[attr-defined]
@@ -278,15 +275,8 @@ def test_a_partial_rapl_total_says_what_it_leaves_out_with_every_measurement(
         tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
     _laptop(tmp_path)
     make_unreadable(add_rapl_zone(tmp_path, "1", "psys", 0))
-
-    def run() -> list[object]:
-        meter = make_meter(tmp_path)
-        with meter.measure() as m:
-            clock.advance(1)
-        return [meter.source, m]
-
-    source, m = call_unprivileged(run)
-    assert source == "rapl:package-0" and not m.estimated  # type: ignore[attr-defined]
+    m = _one_window_unprivileged(make_meter, tmp_path, clock)
+    assert m.source == "rapl:package-0" and not m.estimated  # type: ignore[attr-defined]
     assert any("leaves part of the device out" in w and "psys" in w for w in m.warnings)  # type: ignore[attr-defined]
 
 
