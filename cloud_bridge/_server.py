@@ -95,6 +95,8 @@ class BridgeServer:
             log.warning(
                 "no device tokens configured: every call will be refused (add one with `cloud-bridge token add DEVICE`)"
             )
+        else:  # say whom the bridge trusts, so that a stray tokens file in the working directory shows
+            log.info("trusting %d device token(s) (tokens file: %s)", len(self.tokens), settings.auth.tokens_file or "none")
         self.quotas = QuotaManager(settings.quota, clock=clock or time.monotonic)
         self.service = BridgeService(settings, self.backends, self.tokens, self.quotas)
         self.health = health.HealthServicer()

@@ -101,7 +101,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         limits = self.settings.limits
         try:
             request_id = request.request_id or uuid.uuid4().hex
-            if len(request_id) > _MAX_REQUEST_ID or not request_id.isprintable():
+            if not _valid_request_id(request_id):
                 raise InvalidRequestError(f"must be at most {_MAX_REQUEST_ID} printable characters", field="request_id")
             alias = request.model or self.settings.default_model
             if alias not in self.backends:
@@ -131,7 +131,10 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                     policy=e.policy,
                     local_model=e.local_model,
                 )
-            chars = sum(len(m["content"]) for m in messages) + (len(escalation.draft_answer) if escalation else 0)
+            chars = sum(len(m["content"]) for m in messages)
+            if escalation is not None:  # the hint pastes all of these into the model's prompt
+                chars += sum(map(len, (escalation.draft_answer, escalation.reason, escalation.policy,
+                                       escalation.local_model)))
             if chars > limits.max_prompt_chars:
                 raise InvalidRequestError(
                     f"the request has {chars} characters; at most {limits.max_prompt_chars} are accepted",
@@ -182,8 +185,15 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     def _prepare(self, request: bridge_pb2.GenerateRequest, context: grpc.ServicerContext) -> _Job:
         received_s = time.monotonic()
         device = self._authenticate(context)
-        alias, backend_request = self._parse(request, device)
-        self._admit(device)
+        try:
+            alias, backend_request = self._parse(request, device)
+            self._admit(device)
+        except Reject as reject:
+            # the id goes into the log only once the caller is authenticated and the id is valid:
+            # an anonymous caller must not be able to write into the bridge's log
+            if request.request_id and _valid_request_id(request.request_id):
+                reject.request_id = request.request_id
+            raise
         # tell the device now that a live bridge has the call: a deadline of its own that then expires
         # says nothing against the bridge's health (see CloudClient._cut_short)
         context.send_initial_metadata(((ACCEPTED_METADATA_KEY, "1"),))
@@ -297,7 +307,8 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             ),
         )
 
-    def _abort(self, context: grpc.ServicerContext, reject: Reject, request_id: str = "-") -> NoReturn:
+    def _abort(self, context: grpc.ServicerContext, reject: Reject, job: _Job | None = None) -> NoReturn:
+        request_id = job.request.request_id if job is not None else reject.request_id
         log.info("%s status=%s %s", request_id, reject.status.code.name, reject.status.details)
         context.abort_with_status(reject.status)
         raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
@@ -307,6 +318,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     def Generate(
         self, request: bridge_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> bridge_pb2.GenerateResponse:
+        job: _Job | None = None
         try:
             job = self._prepare(request, context)
             result = None
@@ -315,7 +327,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             assert result is not None
             return self._response(job, result)
         except Reject as reject:
-            self._abort(context, reject, request.request_id or "-")
+            self._abort(context, reject, job)
 
     def GenerateStream(
         self, request: bridge_pb2.GenerateRequest, context: grpc.ServicerContext
@@ -344,7 +356,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                 )
             )
         except Reject as reject:
-            self._abort(context, reject, request.request_id or "-")
+            self._abort(context, reject, job)
         except GeneratorExit:
             # the caller went away mid-stream (gRPC closes this generator at its yield): what it was sent
             # counts against its token quota and is logged, or cancelling after each answer would bypass both
@@ -384,6 +396,10 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                 for alias, backend in self.backends.items()
             ]
         )
+
+
+def _valid_request_id(request_id: str) -> bool:
+    return len(request_id) <= _MAX_REQUEST_ID and request_id.isprintable()
 
 
 def _with_hint(messages: list[dict[str, str]], escalation: Escalation) -> list[dict[str, str]]:

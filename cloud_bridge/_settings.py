@@ -151,7 +151,7 @@ class LimitsSettings:
     default_max_new_tokens: int = setting(
         256, help="max_new_tokens when a request leaves it unset (never more than the cap that applies)")
     max_messages: int = setting(64, help="most chat messages in one request")
-    max_prompt_chars: int = setting(64_000, help="most characters over all message contents of one request")
+    max_prompt_chars: int = setting(64_000, help="most characters over all message contents of one request, plus its escalation context (draft, reason, policy, local model)")
 
     def validate(self) -> None:
         for name in ("max_new_tokens", "default_max_new_tokens", "max_messages", "max_prompt_chars"):

@@ -21,6 +21,7 @@ class Reject(Exception):
     def __init__(self, status: grpc.Status) -> None:
         super().__init__(status.details)
         self.status = status
+        self.request_id = "-"  # the caller's id, for the log, once it is known to be safe to write there
 
 
 def make_status(code: grpc.StatusCode, message: str, *details: Message) -> grpc.Status:

@@ -22,7 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.config import add_settings_arguments, settings_overrides_from_args, settings_to_dict
+from edge_runtime.config import (
+    add_settings_arguments,
+    refuse_abbreviations,
+    settings_overrides_from_args,
+    settings_to_dict,
+)
 from edge_runtime.errors import ConfigError, EdgeRuntimeError
 
 from ._settings import BridgeSettings, load_bridge_settings
@@ -153,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the effective settings (secrets hidden)")
     _add_config(config, sections=("server", "quota", "limits"))
     config.set_defaults(func=_config)
-    return parser
+    return refuse_abbreviations(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["setting", "load_settings", "add_settings_arguments", "settings_overrides_from_args", "settings_to_dict"]
+__all__ = ["setting", "load_settings", "add_settings_arguments", "refuse_abbreviations", "settings_overrides_from_args",
+           "settings_to_dict"]
 
 T = TypeVar("T")
 
@@ -40,9 +41,10 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dat
     only when the file-relative path exists.
     """
     meta = {"help": help, "secret": secret, "path": path}
+    # a secret stays out of repr() (a debug log line or a traceback with locals would print it)
     if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+        return dataclasses.field(default_factory=factory, metadata=meta, repr=not secret)
+    return dataclasses.field(default=default, metadata=meta, repr=not secret)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -138,6 +140,14 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     raise ConfigError(f"unsupported settings type {tp!r}", field=field)
 
 
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is dict or tp is dict:
+        return "a table"
+    if typing.get_origin(tp) in (list, tuple):
+        return "a list"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, "another type")
+
+
 def _is_path(tp: Any) -> bool:
     return tp is Path or (typing.get_origin(tp) in (typing.Union, types.UnionType) and Path in typing.get_args(tp))
 
@@ -187,7 +197,14 @@ def _build(cls: type[T], layers: list[Mapping[str, Any]], prefix: str) -> T:
             continue
         for layer in layers:
             if f.name in layer:
-                kwargs[f.name] = _coerce(layer[f.name], tp, dotted)
+                try:
+                    kwargs[f.name] = _coerce(layer[f.name], tp, dotted)
+                except ConfigError:
+                    if not f.metadata.get("secret"):
+                        raise
+                    # the messages quote the value they refuse: not for a secret
+                    raise ConfigError(f"expected {_describe(tp)} (the value is not shown: it is a secret)",
+                                      field=dotted) from None
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -284,6 +301,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, sectio
     for path, f, tp in _leaf_fields(cls):
         if wanted is not None and path[0] not in wanted:
             continue
+        if f.metadata.get("secret"):  # a command line is visible to every user of the machine (ps)
+            continue
         flag = "--" + "-".join(p.replace("_", "-") for p in path)
         dest = "settings__" + "__".join(path)
         help_text = f.metadata.get("help", "")
@@ -291,6 +310,20 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, sectio
             parser.add_argument(flag, dest=dest, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(flag, dest=dest, default=None, metavar=path[-1].upper(), help=help_text)
+
+
+def refuse_abbreviations(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Turn off argparse's prefix matching in ``parser`` and all its subcommands.
+
+    With it, a mistyped or removed flag silently becomes a longer one: ``--cloud-token X``
+    (there is no such flag: a secret has none) would be read as ``--cloud-token-file X``.
+    """
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                refuse_abbreviations(child)
+    return parser
 
 
 def settings_overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

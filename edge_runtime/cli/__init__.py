@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ..config import refuse_abbreviations
 from ..errors import EdgeRuntimeError
 
 __all__ = ["main", "COMMAND_MODULES"]
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"{__name__}.{name}")
         module.register(sub)
-    return parser
+    return refuse_abbreviations(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

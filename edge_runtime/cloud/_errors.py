@@ -101,12 +101,30 @@ def _answer_too_large_hint(text: str) -> str:
     return next((hint for marker, hint in _ANSWER_TOO_LARGE_HINTS.items() if marker in text), "")
 
 
-def translate_rpc_error(err: grpc.RpcError, details: StatusDetails | None = None) -> CloudError:
-    """The most specific CloudError for a failed call; ``code`` is the gRPC status name."""
+def _closed_socket_hint(tls: bool | None, client_cert: bool) -> str:
+    """Why a bridge closes the connection at once: gRPC says only "Socket closed" for these."""
+    if tls is None:
+        return ""
+    if not tls:
+        return " (the bridge may serve TLS: configure cloud.ca_file instead of cloud.insecure)"
+    if not client_cert:
+        return " (the bridge may require a client certificate: cloud.cert_file and cloud.key_file)"
+    return " (the bridge may not accept this client certificate: check that its CA signed it and its dates)"
+
+
+def translate_rpc_error(err: grpc.RpcError, details: StatusDetails | None = None, *, tls: bool | None = None,
+                        client_cert: bool = False) -> CloudError:
+    """The most specific CloudError for a failed call; ``code`` is the gRPC status name.
+
+    ``tls`` (whether the channel uses TLS; None: unknown) and ``client_cert`` only add a hint to a
+    connection the bridge closed during the handshake.
+    """
     code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
     text = err.details() if isinstance(err, grpc.Call) else str(err)
     details = details if details is not None else status_details(err)
     message = f"cloud bridge: {code.name}: {text}" + (f" [{details.reason}]" if details.reason else "")
+    if code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in (text or ""):
+        message += _closed_socket_hint(tls, client_cert)
     name = code.name
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return CloudAuthError(message, code=name)

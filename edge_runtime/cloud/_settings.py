@@ -30,7 +30,7 @@ class CloudSettings:
     address: str = setting("", help="bridge address host:port (empty: never escalate)")
     model: str = setting("", help="model alias to ask the bridge for (empty: the bridge's default)")
     token: str = setting(
-        "", help="device token; prefer token_file or the environment to writing it in a file", secret=True
+        "", help="device token (no command-line flag, which other users could read in ps; prefer token_file or EDGE_RUNTIME_CLOUD_TOKEN to writing it in a file)", secret=True
     )
     token_file: Path | None = setting(None, help="file holding the device token; must be readable by its owner only")
     insecure: bool = setting(False, help="plaintext gRPC, only allowed to a bridge on a loopback address")

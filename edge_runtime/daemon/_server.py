@@ -299,6 +299,9 @@ def create_server(settings: RuntimeSettings, *, runtime: HybridRuntime | None = 
         raise ConfigError(
             f"{s.host!r} is not a loopback address: the daemon has no authentication, so binding it to a network "
             "needs server.allow_remote = true (and a firewall or reverse proxy in front)", field="server.host")
+    if not is_loopback_host(s.host):
+        log.warning("the daemon listens on %s with no authentication: anyone who reaches this port can use it "
+                    "(and its cloud quota); keep a firewall or an authenticating reverse proxy in front", s.host)
     sock = _bind(s.host, s.port)
     server = DaemonServer(settings, sock, runtime=runtime)
     if s.grpc_socket:

@@ -107,9 +107,10 @@ def test_tls_with_the_bridge_ca(start_bridge, make_client, certs):
     # without the CA (system roots only) the handshake fails
     with pytest.raises(CloudUnavailableError):
         make_client(bridge, insecure=False, max_attempts=1, timeout_s=3).generate(HI)
-    # and a plaintext client cannot talk to a TLS bridge
-    with pytest.raises(CloudUnavailableError):
+    # and a plaintext client cannot talk to a TLS bridge; gRPC says only "Socket closed", the error says why
+    with pytest.raises(CloudUnavailableError) as info:
         make_client(bridge, max_attempts=1, timeout_s=3).generate(HI)
+    assert "may serve TLS" in str(info.value), str(info.value)
 
 
 def test_mtls_requires_a_client_certificate_from_the_trusted_ca(start_bridge, make_client, certs):
@@ -119,9 +120,11 @@ def test_mtls_requires_a_client_certificate_from_the_trusted_ca(start_bridge, ma
     )
     ok = make_client(bridge, ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key)
     assert ok.generate(HI).text == "the answer is forty two"
-    for fields in ({}, {"cert_file": certs.rogue_cert, "key_file": certs.rogue_key}):
-        with pytest.raises(CloudUnavailableError):
+    for fields, hint in (({}, "may require a client certificate"),
+                         ({"cert_file": certs.rogue_cert, "key_file": certs.rogue_key}, "may not accept this client")):
+        with pytest.raises(CloudUnavailableError) as info:
             make_client(bridge, ca_file=certs.ca, max_attempts=1, timeout_s=3, **fields).generate(HI)
+        assert hint in str(info.value), str(info.value)
     # a certificate is not a token: mTLS adds to the token check, it does not replace it
     with pytest.raises(CloudAuthError):
         make_client(

@@ -135,6 +135,8 @@ def _request(**fields):
         ({"sampling": bridge_pb2.SamplingParams(temperature=-1.0)}, "sampling.temperature"),
         ({"escalation": bridge_pb2.EscalationContext(p_correct=1.5)}, "escalation.p_correct"),
         ({"request_id": "r" * 129}, "request_id"),
+        # the escalation context is pasted into the model's prompt: it counts towards the limit
+        ({"escalation": bridge_pb2.EscalationContext(draft_answer="d", reason="x" * 64_000)}, "messages"),
     ],
 )
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
@@ -184,3 +186,20 @@ def test_a_message_above_the_transport_limit_is_refused_by_grpc(start_bridge, ra
         )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert bridge.backend().generations == []
+
+
+def test_only_an_authenticated_callers_valid_request_id_reaches_the_log(start_bridge, raw_stub, caplog):
+    bridge = start_bridge()
+    stub = raw_stub(bridge)
+    forged = "0000 device=admin finish=eos\nWARNING forged line"
+    with caplog.at_level("INFO", logger="cloud_bridge"):
+        for metadata in ([], AUTH):  # no token, then a token with an id that is not printable
+            with pytest.raises(grpc.RpcError):
+                stub.Generate(_request(request_id=forged), metadata=metadata, timeout=5)
+        with pytest.raises(grpc.RpcError):  # anonymous again, with a valid-looking id
+            stub.Generate(_request(request_id="0000 device=admin"), metadata=[], timeout=5)
+        with pytest.raises(grpc.RpcError):  # authenticated, valid id, refused for another reason
+            stub.Generate(_request(request_id="req-7", max_new_tokens=0), metadata=AUTH, timeout=5)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "forged" not in logged and "device=admin" not in logged
+    assert "req-7 status=INVALID_ARGUMENT" in logged

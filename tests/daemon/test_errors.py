@@ -159,6 +159,25 @@ def test_binding_beyond_loopback_needs_allow_remote():
     assert info.value.field == "server.host" and "allow_remote" in str(info.value)
 
 
+def test_a_daemon_bound_beyond_loopback_warns_that_it_has_no_authentication(monkeypatch, caplog):
+    import edge_runtime.daemon._server as server_module
+
+    class Bound(Exception):
+        pass
+
+    def bind(host, port):  # a test binds nothing beyond loopback
+        raise Bound
+
+    monkeypatch.setattr(server_module, "_bind", bind)
+    with caplog.at_level("WARNING", logger="edge_runtime.daemon"), pytest.raises(Bound):
+        create_server(daemon_settings(host="0.0.0.0", allow_remote=True))
+    assert "no authentication" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edge_runtime.daemon"), pytest.raises(Bound):
+        create_server(daemon_settings(host="127.0.0.1", allow_remote=True))
+    assert "no authentication" not in caplog.text
+
+
 def test_a_sane_x_request_id_is_kept_for_tracing_and_a_bad_one_replaced(daemon, http):
     c = http(daemon.port)
     status, headers, done = c.json("POST", "/v1/chat/completions", OK, headers={"x-request-id": "app-42.req:7"})

@@ -132,6 +132,25 @@ def test_serve_help_lists_the_settings_flags(capsys):
         assert flag in out
 
 
+def test_a_secret_setting_has_no_flag_no_repr_and_is_not_echoed(capsys):
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.settings import load_runtime_settings
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--cloud-token-file" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:  # a command line is visible to every user (ps)
+        main(["serve", "--cloud-token", "ebt_secret"])
+    assert info.value.code == 2  # and not read as --cloud-token-file, a prefix match argparse would allow
+    assert "unrecognized arguments: --cloud-token" in capsys.readouterr().err
+    settings = load_runtime_settings(data={"cloud": {"token": "ebt_secret"}}, env={})
+    assert settings.cloud.token == "ebt_secret"
+    assert "ebt_secret" not in repr(settings) and "ebt_secret" not in repr(settings.cloud)
+    with pytest.raises(ConfigError) as info:  # a token written as an array by mistake
+        load_runtime_settings(data={"cloud": {"token": ["ebt_secret"]}}, env={})
+    assert info.value.field == "cloud.token" and "ebt_secret" not in str(info.value)
+
+
 def test_serve_refuses_a_remote_bind_with_one_clear_line(capsys):
     assert main(["serve", "--server-host", "0.0.0.0", "--server-port", "0", "--server-grpc-socket", ""]) == 1
     err = capsys.readouterr().err
