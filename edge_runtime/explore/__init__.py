@@ -305,7 +305,7 @@ def explore(
                 fields = {"estimator_path": str((out / "estimator.json").resolve()), "n_items": len(m.items),
                           "requests_per_day": requests_per_day, "goal": goal.text,
                           # absolute, as the estimator's path: the config must load from any directory
-                          "bundle": str(edge_bundle.resolve())}
+                          "bundle": str(edge_bundle.resolve()), "cost": cost}
                 (out / name).write_text(config_snippet(point, **fields, cloud=saved_cloud), encoding="utf-8")
                 # the live check runs it against the bridge measured here (its token in a private file)
                 live_configs.append((rec, config_snippet(point, **fields, cloud=_cloud_toml(cloud_settings, token_file))))

@@ -120,12 +120,14 @@ def recommend(goal: Goal, points: Sequence[Point], baselines: dict[str, float], 
 
 
 def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_per_day: float, goal: str,
-                   bundle: str | None = None, cloud: str = "") -> str:
+                   bundle: str | None = None, cloud: str = "", cost: Any = None) -> str:
     """The recommended policy as a TOML file ``edge-runtime serve --config`` loads as is.
 
     ``bundle``: the edge bundle the estimator was fitted on (an estimator refuses
     any other). ``cloud``: the ``[cloud]`` section, or comments saying what to put
     there; without one, every escalation is answered locally (``local_forced``).
+    ``cost``: the CostSettings the points were priced with; the settings that differ
+    from the defaults go into ``[cost]``, so the daemon reports energy and cost as predicted.
     """
     config: dict[str, Any] = point.config
     parts = config["chain"] if "chain" in config else [config]
@@ -152,7 +154,18 @@ def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_
         lines += ["chain = [", *[f"  {x}," for x in inline], "]"]
     if cloud:
         lines += ["", cloud.rstrip("\n")]
+    if cost is not None and (section := _cost_toml(cost)):
+        lines += ["", *section]
     return "\n".join(lines) + "\n"
+
+
+def _cost_toml(cost: Any) -> list[str]:
+    """The ``[cost]`` lines for the scalar settings that differ from the defaults (the prices are the bridge's)."""
+    default = type(cost)()
+    names = ("electricity_usd_per_kwh", "network", "network_j_per_kb", "network_j_per_request")
+    changed = [(n, getattr(cost, n)) for n in names if getattr(cost, n) != getattr(default, n)]
+    changed = [(n, v) for n, v in changed if v is not None]
+    return ["[cost]", *(f"{n} = {toml_value(v)}" for n, v in changed)] if changed else []
 
 
 def toml_value(v: Any) -> str:

@@ -121,6 +121,17 @@ def test_recommended_snippet_loads_in_the_daemon_settings(tmp_path):
     settings = load_runtime_settings(path, env={})
     assert settings.policy["chain"][0] == {"type": "budget", "usd": 0.5, "period_s": 86400}  # 0.01 per 100 requests at 5000/day
     assert settings.engine.estimator == tmp_path / "estimator.json"
+    assert "[cost]" not in text
+    # the cost model the points were priced with goes along, so the daemon reports what was predicted
+    from edge_runtime.cost import CostSettings
+
+    cost = CostSettings(network="cellular", electricity_usd_per_kwh=0.12)
+    path.write_text(config_snippet(point, estimator_path=str(tmp_path / "estimator.json"), n_items=100,
+                                   requests_per_day=5000, goal="g", cost=cost))
+    loaded = load_runtime_settings(path, env={}).cost
+    assert (loaded.network, loaded.electricity_usd_per_kwh, loaded.network_j_per_kb) == ("cellular", 0.12, None)
+    assert "[cost]" not in config_snippet(point, estimator_path="e.json", n_items=1, requests_per_day=1, goal="g",
+                                          cost=CostSettings())
 
 
 def test_recommended_snippet_names_the_bundle_and_the_bridge(tmp_path):
