@@ -39,7 +39,7 @@ from ..errors import (
 )
 from ..hybrid import HybridResult
 from ._request import ChatRequest, build_chat_request
-from ._service import ChatService, ClientGone, Job
+from ._service import CancelReason, ChatService, ClientGone, Job
 
 __all__ = ["SERVICE_NAME", "EdgeRuntimeServicer", "create_grpc_server", "status_for", "request_from_proto"]
 
@@ -49,6 +49,8 @@ SERVICE_NAME = daemon_pb2.DESCRIPTOR.services_by_name["EdgeRuntime"].full_name
 DOMAIN = "edgecloud.v1"
 # sun_path is 108 bytes on Linux, the terminating NUL included
 _MAX_SOCKET_PATH = 107
+# a call whose deadline is this close (s) when it ends ended by the deadline
+_DEADLINE_SLACK_S = 0.05
 
 _FINISH = {
     "stop": bridge_pb2.FINISH_REASON_STOP,
@@ -199,7 +201,7 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
             context.abort_with_status(status_for(err))
             raise  # abort_with_status raises; this line is for the type checker
         # runs when the call ends for any reason; a no-op for a job that already finished
-        context.add_callback(lambda: job.cancel("client_gone"))
+        context.add_callback(lambda: job.cancel(_end_reason(context)))
         return job
 
     def Chat(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> daemon_pb2.ChatResponse:
@@ -225,6 +227,12 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
                     elif not chunk.text:
                         continue
                     yield daemon_pb2.ChatStreamResponse(delta=delta)
+
+
+def _end_reason(context: grpc.ServicerContext) -> CancelReason:
+    """Why a call ended before its job: the caller's deadline passed (a timeout, as over HTTP) or it left."""
+    remaining = context.time_remaining()
+    return "timeout" if remaining is not None and remaining <= _DEADLINE_SLACK_S else "client_gone"
 
 
 @contextlib.contextmanager

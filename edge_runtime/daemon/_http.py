@@ -50,6 +50,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+# how long a request body may take to arrive (1 MB at 100 kB/s is 10 s)
+BODY_TIMEOUT_S = 30.0
+
 _END = object()  # the worker thread finished (its future holds the result or the error)
 
 
@@ -59,6 +62,30 @@ def _error_response(err: ApiError) -> JSONResponse:
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def _abandon(opening: asyncio.Future[tuple[ChatRequest, Job]]) -> None:
+    """End a job whose request went away while it was being opened (its slot and queue place come back)."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    _req, job = opening.result()
+    job.cancel("shutdown")
+    try:
+        for _chunk in job.iterate():  # cancelled: raises at once, and releases what the job holds
+            pass
+    except Exception:
+        pass
+
+
+def _decode_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as err:  # not UTF-8, not JSON, or an integer past Python's 4,300-digit limit
+        raise _BodyError(ApiError(400, f"the request body is not valid JSON: {err}", "invalid_request_error",
+                                  None, "invalid_json")) from None
+    except RecursionError:
+        raise _BodyError(ApiError(400, "the request body is nested too deeply", "invalid_request_error",
+                                  None, "invalid_json")) from None
 
 
 async def _watch_disconnect(receive: Receive, job: Job) -> None:
@@ -82,9 +109,15 @@ class ChatCompletions:
         header = request.headers.get("x-request-id")
         request_id = header if valid_request_id(header) else new_request_id()
         try:
-            body = await self._read_json(request)
-            req = parse_chat_request(body, request_id=request_id)
-            job = self.service.open(req, "http")
+            raw = await self._read_body(request)
+            # decoding, validating and tokenizing a large prompt takes a while (0.4 s for 1 MB): not on the loop,
+            # which must go on serving every other connection meanwhile
+            opening = asyncio.get_running_loop().run_in_executor(None, self._open, raw, request_id)
+            try:
+                req, job = await asyncio.shield(opening)
+            except asyncio.CancelledError:  # the server is going down: a job opened meanwhile must not keep its slot
+                opening.add_done_callback(_abandon)
+                raise
         except _BodyError as err:
             self.service.metrics.count_request("http", "invalid")
             await _error_response(err.error)(scope, receive, send)
@@ -107,28 +140,29 @@ class ChatCompletions:
         else:
             await self._complete(job, req, scope, receive, send, headers)
 
-    async def _read_json(self, request: Request) -> Any:
+    def _open(self, raw: bytes, request_id: str) -> tuple[ChatRequest, Job]:
+        req = parse_chat_request(_decode_json(raw), request_id=request_id)
+        return req, self.service.open(req, "http")
+
+    async def _read_body(self, request: Request) -> bytes:
         limit = self.service.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _BodyError(ApiError(413, f"the request body is over {limit} bytes (server.max_body_bytes)",
                                       "invalid_request_error", None, "request_too_large"))
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _BodyError(ApiError(413, f"the request body is over {limit} bytes (server.max_body_bytes)",
-                                          "invalid_request_error", None, "request_too_large"))
-            chunks.append(chunk)
-        raw = b"".join(chunks)
         try:
-            return json.loads(raw)
-        except ValueError as err:  # not UTF-8, not JSON, or an integer past Python's 4,300-digit limit
-            raise _BodyError(ApiError(400, f"the request body is not valid JSON: {err}", "invalid_request_error",
-                                      None, "invalid_json")) from None
-        except RecursionError:
-            raise _BodyError(ApiError(400, "the request body is nested too deeply", "invalid_request_error",
-                                      None, "invalid_json")) from None
+            async with asyncio.timeout(BODY_TIMEOUT_S):  # a client that sends its body forever holds a connection
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise _BodyError(ApiError(413, f"the request body is over {limit} bytes (server.max_body_bytes)",
+                                                  "invalid_request_error", None, "request_too_large"))
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise _BodyError(ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s",
+                                      "invalid_request_error", None, "request_timeout")) from None
+        return b"".join(chunks)
 
     async def _complete(self, job: Job, req: ChatRequest, scope: Scope, receive: Receive, send: Send,
                         headers: dict[str, str]) -> None:
@@ -185,6 +219,10 @@ class ChatCompletions:
             except OSError:  # the connection broke under us
                 gone = True
                 job.cancel("client_gone")
+                return
+            # a held-back answer goes out in one burst: let the loop see a hang-up between chunks, or every
+            # write after it makes asyncio log "socket.send() raised exception"
+            await asyncio.sleep(0)
 
         try:
             await send({"type": "http.response.start", "status": 200, "headers": raw_headers})

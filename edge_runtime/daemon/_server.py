@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import threading
@@ -42,6 +43,8 @@ log = logging.getLogger("edge_runtime.daemon")
 
 # after a drain, what uvicorn may still spend closing connections
 _CLOSE_GRACE_S = 2.0
+# how long an exiting daemon waits for a model load in progress (a large model on a Pi loads for tens of seconds)
+_LOAD_JOIN_S = 300.0
 # after a drain timed out and the rest was cancelled: time for the engines to notice
 _CANCEL_GRACE_S = 5.0
 
@@ -77,8 +80,10 @@ def _uvicorn_server(app: Any, settings: Any) -> Any:
         def install_signal_handlers(self) -> None:  # the same hook in uvicorn releases before capture_signals
             pass
 
+    from ._protocol import H11WithHeadersTimeout
+
     config = uvicorn.Config(
-        app, http="h11", loop="asyncio", ws="none", lifespan="off", log_config=None, access_log=False,
+        app, http=H11WithHeadersTimeout, loop="asyncio", ws="none", lifespan="off", log_config=None, access_log=False,
         server_header=False, timeout_graceful_shutdown=int(_CLOSE_GRACE_S), timeout_keep_alive=5,
     )
     return Server(config)
@@ -105,6 +110,7 @@ class DaemonServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
+        self._load_thread: threading.Thread | None = None
         self._started = threading.Event()
         self._stopped = threading.Event()
         self._draining = False
@@ -125,6 +131,16 @@ class DaemonServer:
     def serve_forever(self) -> int:
         """Serve in this (main) thread until SIGTERM/SIGINT and the drain are done; the process' exit code."""
         self._run(True)
+        loader = self._load_thread
+        if loader is not None and loader.is_alive():
+            # the process must not exit while onnxruntime builds a session in that thread: C++ aborts
+            # ("terminate called without an active exception") when its statics go with a thread inside it
+            log.info("waiting for the model load to end before exiting")
+            loader.join(_LOAD_JOIN_S)
+            if loader.is_alive():
+                log.warning("the model load did not end within %.0f s: exiting without cleanup", _LOAD_JOIN_S)
+                logging.shutdown()
+                os._exit(self.exit_code)
         return self.exit_code
 
     def _run(self, install_signals: bool) -> None:
@@ -149,7 +165,8 @@ class DaemonServer:
         if self._runtime is not None:
             self._attach(self._runtime)
         else:
-            threading.Thread(target=self._load, name="edge-runtime-load", daemon=True).start()
+            self._load_thread = threading.Thread(target=self._load, name="edge-runtime-load", daemon=True)
+            self._load_thread.start()
         while not server.started and not serving.done():
             await asyncio.sleep(0.005)
         self._started.set()

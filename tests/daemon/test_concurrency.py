@@ -133,3 +133,52 @@ def test_a_client_that_leaves_before_the_escalation_costs_no_cloud_call(engine, 
     assert _wait_for(lambda: slow.finished and daemon.service.active_jobs == 0, 5.0)
     assert slow.finished == ["cancelled"] and echo.generations == []
     cloud.close()
+
+
+def test_a_client_that_hangs_up_during_a_held_back_answer_does_not_flood_the_log(engine, start_daemon, caplog):
+    import struct
+
+    daemon = start_daemon(runtime(engine, {"type": "never"}))  # `auto` holds the answer back, then sends it at once
+    with caplog.at_level("WARNING", logger="asyncio"):
+        for _ in range(8):  # the reset must land while the burst is being written: not every time
+            s = _raw_post(daemon.port, {"messages": ASK, "max_tokens": 200, "stream": True, "model": "auto"})
+            buf = b""
+            while buf.count(b"data: ") < 3:
+                data = s.recv(4096)
+                if not data:
+                    break
+                buf += data
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, mid-burst
+            s.close()
+        assert _wait_for(lambda: daemon.service.active_jobs == 0)
+        time.sleep(0.3)
+    assert not [r for r in caplog.records if "socket.send() raised exception" in r.getMessage()]
+
+
+def test_a_connection_that_never_completes_its_request_is_closed(engine, start_daemon, http, monkeypatch):
+    import edge_runtime.daemon._http as http_module
+    from edge_runtime.daemon._protocol import H11WithHeadersTimeout
+
+    monkeypatch.setattr(H11WithHeadersTimeout, "headers_timeout_s", 0.3)
+    monkeypatch.setattr(http_module, "BODY_TIMEOUT_S", 0.3)
+    daemon = start_daemon(runtime(engine, {"type": "never"}))
+    silent = socket.create_connection(("127.0.0.1", daemon.port))  # says nothing
+    trickle = socket.create_connection(("127.0.0.1", daemon.port))  # headers a byte at a time
+    trickle.sendall(b"POST /v1/chat/com")
+    slow_body = socket.create_connection(("127.0.0.1", daemon.port))  # headers, then not all of the body
+    slow_body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                      b"content-length: 100\r\n\r\n{\"messages\": ")
+    for s in (silent, trickle, slow_body):
+        s.settimeout(5)
+    assert silent.recv(100) == b""  # closed by the daemon
+    time.sleep(0.2)
+    trickle.sendall(b"p")
+    assert trickle.recv(100) == b""
+    answer = slow_body.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+    for s in (silent, trickle, slow_body):
+        s.close()
+    # a request that arrives in time is served as ever, on a fresh connection and on a kept-alive one
+    c = http(daemon.port)
+    assert c.json("POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 2})[0] == 200
+    assert c.json("POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 2})[0] == 200

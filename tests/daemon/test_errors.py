@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -236,3 +237,26 @@ def test_an_integer_past_pythons_digit_limit_is_invalid_json_not_a_crash(engine,
     status, _, body = c.json("POST", "/v1/chat/completions", raw=b'{"max_tokens": ' + b"1" * 5000 + b"}")
     assert status == 400 and body["error"]["code"] == "invalid_json" and "digits" in body["error"]["message"]
     assert c.json("POST", "/v1/chat/completions", OK)[0] == 200
+
+
+def test_an_exit_during_the_model_load_waits_for_the_load(monkeypatch):
+    # a process that exits while onnxruntime builds a session in the load thread aborts (SIGABRT, not exit 0)
+    import edge_runtime.daemon._server as server_module
+
+    loading, finished = threading.Event(), threading.Event()
+
+    def slow_load(self):
+        loading.set()
+        time.sleep(1.0)
+        finished.set()
+
+    monkeypatch.setattr(server_module.DaemonServer, "_load", slow_load)
+    server, _port = create_server(daemon_settings())
+
+    def drain_when_loading():
+        loading.wait(10)
+        server.drain()
+
+    threading.Thread(target=drain_when_loading, daemon=True).start()
+    assert server.serve_forever() == 0
+    assert finished.is_set()

@@ -115,6 +115,32 @@ def test_grpc_errors_carry_codes_and_details(engine, start_daemon, channel_to, t
     assert stub.Chat(_request(max_new_tokens=2), timeout=10).usage.local.completion_tokens == 2  # still serving
 
 
+def test_a_call_past_its_deadline_counts_as_a_timeout_and_one_cancelled_as_cancelled(engine, start_daemon,
+                                                                                    channel_to, tmp_path):
+    import threading
+    import time
+
+    from .conftest import SlowEngine, metric
+
+    slow = SlowEngine(engine, delay_s=0.05)
+    daemon = start_daemon(runtime(slow, {"type": "never"}), tmp_path)
+    stub, _ = channel_to(daemon)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Chat(_request(max_new_tokens=200), timeout=0.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stream = stub.ChatStream(_request(max_new_tokens=200), timeout=30)
+    next(stream)
+    threading.Timer(0.2, stream.cancel).start()
+    with pytest.raises(grpc.RpcError):
+        list(stream)
+    deadline = time.monotonic() + 10
+    while daemon.service.active_jobs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    text = daemon.service.metrics.render()
+    assert metric(text, "edge_runtime_requests_total", outcome="timeout") == 1
+    assert metric(text, "edge_runtime_requests_total", outcome="cancelled") == 1
+
+
 def test_the_contract_has_chat_and_chat_stream_with_the_account():
     assert daemon_pb2.DESCRIPTOR.package == "edgecloud.v1" and SERVICE_NAME == "edgecloud.v1.EdgeRuntime"
     methods = {m.name: m for m in daemon_pb2.DESCRIPTOR.services_by_name["EdgeRuntime"].methods}

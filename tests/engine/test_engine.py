@@ -401,3 +401,33 @@ def test_only_a_chat_session_reuses_the_entries_of_generated_tokens(tiny_bundle)
         # (the last generated token has no entry yet: it was never fed back)
         again = run(cache, prompt + first.token_ids + engine.encode(" five six")[1:], reuse_decoded=reuse_decoded)
         assert again.usage.cached_prompt_tokens == expected
+
+
+def test_encoding_a_long_prompt_lets_other_threads_run(engine):
+    # a daemon encodes prompts off its event loop: that only helps if the tokenizer releases the GIL
+    import threading
+    import time
+
+    text = "word and more words, " * 60_000
+    gaps: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    t0 = time.perf_counter()
+    ids = engine.encode(text)
+    took_s = time.perf_counter() - t0
+    stop.set()
+    thread.join()
+    assert ids == [*([engine.bos_token_id] if engine.manifest.add_bos_token else []),
+                   *engine.tokenizer.encode(text, add_special_tokens=False).ids]
+    assert took_s > 0.05, "the text is too short to tell"
+    assert max(gaps) < took_s / 2, (max(gaps), took_s)
