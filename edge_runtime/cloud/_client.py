@@ -266,9 +266,11 @@ class CloudClient:
     def _retry_delay_s(self, err: grpc.RpcError, attempt: int, deadline_s: float) -> tuple[float | None, CloudError]:
         """How long to wait before the next attempt, or None to give up; and the error to raise if giving up."""
         details = status_details(err)
-        error = translate_rpc_error(err, details, tls=not self.settings.insecure,
+        accepted = _bridge_accepted(err)
+        # the TLS hint is for a handshake the bridge refused, not for a bridge that died during a call
+        error = translate_rpc_error(err, details, tls=None if accepted else not self.settings.insecure,
                                     client_cert=self.settings.cert_file is not None)
-        error.bridge_accepted = _bridge_accepted(err)  # type: ignore[attr-defined]  # read by _cut_short
+        error.bridge_accepted = accepted  # type: ignore[attr-defined]  # read by _cut_short
         code = err.code() if isinstance(err, grpc.Call) else None
         # a request or an answer over gRPC's message size limit is RESOURCE_EXHAUSTED too, and fails the same again
         retryable = code in RETRYABLE_CODES and not isinstance(error, _NEUTRAL_ERRORS)

@@ -119,8 +119,11 @@ class ChatCompletions:
                 opening.add_done_callback(_abandon)
                 raise
         except _BodyError as err:
-            self.service.metrics.count_request("http", "invalid")
-            await _error_response(err.error)(scope, receive, send)
+            self.service.metrics.count_request("http", "timeout" if err.error.status == 408 else "invalid")
+            response = _error_response(err.error)
+            if err.error.status in (408, 413):  # the rest of the body is unread: the connection cannot go on
+                response.headers["connection"] = "close"
+            await response(scope, receive, send)
             return
         except ClientDisconnect:  # gone while sending the body: nobody to answer
             self.service.metrics.count_request("http", "cancelled")

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -135,13 +136,24 @@ class DaemonServer:
         if loader is not None and loader.is_alive():
             # the process must not exit while onnxruntime builds a session in that thread: C++ aborts
             # ("terminate called without an active exception") when its statics go with a thread inside it
-            log.info("waiting for the model load to end before exiting")
-            loader.join(_LOAD_JOIN_S)
+            log.info("waiting for the model load to end before exiting (a second signal exits at once)")
+            # asyncio.run restored the default handlers: a second Ctrl-C would raise here and exit normally
+            previous = {sig: signal.signal(sig, self._exit_at_once) for sig in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                loader.join(_LOAD_JOIN_S)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
             if loader.is_alive():
-                log.warning("the model load did not end within %.0f s: exiting without cleanup", _LOAD_JOIN_S)
-                logging.shutdown()
-                os._exit(self.exit_code)
+                self._exit_at_once()
         return self.exit_code
+
+    def _exit_at_once(self, *_signal: Any) -> None:
+        """Exit without the interpreter's cleanup, which would abort with the load thread inside onnxruntime."""
+        # straight to stderr: a queued log record would be lost with the process
+        sys.stderr.write("edge-runtime: exiting while the model is still loading\n")
+        sys.stderr.flush()
+        os._exit(self.exit_code)
 
     def _run(self, install_signals: bool) -> None:
         try:

@@ -108,7 +108,9 @@ class Job:
         """
         outcome, result = "error", None
         try:
-            if not self.ticket.wait(self.cancelled):
+            # a granted ticket returns at once without looking at cancelled(): check it too, or a job
+            # cancelled before it started would still start the runtime
+            if not self.ticket.wait(self.cancelled) or self.cancelled():
                 raise self._cancel_error()
             for chunk in self._stream:
                 if chunk.kind == "done":
@@ -181,6 +183,7 @@ class ChatService:
         self.executor: ThreadPoolExecutor | None = None
         self.started_at = int(time.time())
         self._jobs: set[Job] = set()
+        self._opening = 0  # requests past the state check and not yet jobs (being tokenized, say)
         self._lock = threading.Lock()
         self._eos: frozenset[int] = frozenset()
         self._token_bytes: Callable[[int], list[int] | None] = lambda _id: None
@@ -224,8 +227,9 @@ class ChatService:
         self.error = f"{type(err).__name__}: {err}"
 
     def begin_drain(self) -> None:
-        if self.state in ("loading", "ready"):
-            self.state = "draining"
+        with self._lock:  # ordered with open()'s state check
+            if self.state in ("loading", "ready"):
+                self.state = "draining"
 
     def cancel_all(self, reason: CancelReason) -> int:
         with self._lock:
@@ -236,8 +240,9 @@ class ChatService:
 
     @property
     def active_jobs(self) -> int:
+        """Jobs, and requests being opened: a drain waits for both."""
         with self._lock:
-            return len(self._jobs)
+            return len(self._jobs) + self._opening
 
     def close(self) -> None:
         if self.executor is not None:
@@ -255,8 +260,21 @@ class ChatService:
         raise ServiceUnavailableError(f"the model failed to load: {self.error}", reason="model_failed")
 
     def open(self, request: ChatRequest, transport: str, *, timeout_s: float | None = None) -> Job:
-        """Validate and admit ``request``; raise (our errors) if it cannot be taken. Cheap: no generation yet."""
-        self._check_state()
+        """Validate and admit ``request``; raise (our errors) if it cannot be taken. No generation yet.
+
+        Called from worker threads (tokenizing a long prompt takes a while): under the lock, a request
+        either passes the state check and counts in ``active_jobs`` at once, or sees a drain and is refused.
+        """
+        with self._lock:
+            self._check_state()
+            self._opening += 1
+        try:
+            return self._open(request, transport, timeout_s)
+        finally:
+            with self._lock:
+                self._opening -= 1
+
+    def _open(self, request: ChatRequest, transport: str, timeout_s: float | None) -> Job:
         runtime = self.runtime
         sampling = dict(request.sampling)
         sampling.setdefault("max_new_tokens", runtime.default_max_new_tokens)

@@ -111,3 +111,43 @@ def test_a_drain_that_times_out_cancels_what_is_left_and_stops(engine, start_dae
     asker.join(10)
     assert answer["status"] == 503 and json.loads(answer["body"])["error"]["code"] == "shutting_down"
     assert slow.finished == ["cancelled"]
+
+
+class _SlowEncode(SlowEngine):
+    """Tokenizing takes ``encode_s`` (a long prompt on a small device), off the event loop."""
+
+    def __init__(self, engine, delay_s: float, encode_s: float) -> None:
+        super().__init__(engine, delay_s)
+        self.encode_s = encode_s
+        self.encoding = threading.Event()
+        self.encode_threads: list[str] = []
+
+    def encode(self, *args, **kwargs):
+        self.encode_threads.append(threading.current_thread().name)
+        self.encoding.set()
+        time.sleep(self.encode_s)
+        return self._engine.encode(*args, **kwargs)
+
+
+def test_a_request_being_tokenized_when_the_drain_begins_is_drained_too(engine, start_daemon):
+    slow = _SlowEncode(engine, delay_s=0.05, encode_s=0.5)  # 3 s of generation: past uvicorn's 2 s close grace
+    daemon = start_daemon(runtime(slow, {"type": "never"}), drain_timeout_s=20)
+    answer: dict = {}
+
+    def ask() -> None:
+        c = Http(daemon.port, timeout_s=30)
+        try:
+            answer["r"] = c.json("POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 60})
+        finally:
+            c.close()
+
+    client = threading.Thread(target=ask)
+    client.start()
+    assert slow.encoding.wait(10)
+    daemon.drain()  # while the request is past the state check but not yet a job
+    client.join(30)
+    status, _, body = answer["r"]
+    assert status == 200 and body["usage"]["completion_tokens"] == 60
+    assert daemon.wait(10)
+    # and the tokenizing ran in a worker thread, not on the daemon's event loop
+    assert slow.encode_threads and "edge-runtime-daemon" not in slow.encode_threads

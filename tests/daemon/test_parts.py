@@ -139,8 +139,10 @@ def test_a_secret_setting_has_no_flag_no_repr_and_is_not_echoed(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "--cloud-token-file" in capsys.readouterr().out
+    from edge_runtime.cli import build_parser
+
     with pytest.raises(SystemExit) as info:  # a command line is visible to every user (ps)
-        main(["serve", "--cloud-token", "ebt_secret"])
+        build_parser().parse_args(["serve", "--cloud-token", "ebt_secret"])  # parses only: never serves
     assert info.value.code == 2  # and not read as --cloud-token-file, a prefix match argparse would allow
     assert "unrecognized arguments: --cloud-token" in capsys.readouterr().err
     settings = load_runtime_settings(data={"cloud": {"token": "ebt_secret"}}, env={})
