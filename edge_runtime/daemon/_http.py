@@ -52,6 +52,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 # how long a request body may take to arrive (1 MB at 100 kB/s is 10 s)
 BODY_TIMEOUT_S = 30.0
+# bodies larger than this are parsed and tokenized in a worker thread (64 kB take ~25 ms on the loop)
+OFF_LOOP_BYTES = 65_536
 
 _END = object()  # the worker thread finished (its future holds the result or the error)
 
@@ -110,14 +112,17 @@ class ChatCompletions:
         request_id = header if valid_request_id(header) else new_request_id()
         try:
             raw = await self._read_body(request)
-            # decoding, validating and tokenizing a large prompt takes a while (0.4 s for 1 MB): not on the loop,
-            # which must go on serving every other connection meanwhile
-            opening = asyncio.get_running_loop().run_in_executor(None, self._open, raw, request_id)
-            try:
-                req, job = await asyncio.shield(opening)
-            except asyncio.CancelledError:  # the server is going down: a job opened meanwhile must not keep its slot
-                opening.add_done_callback(_abandon)
-                raise
+            if len(raw) <= OFF_LOOP_BYTES:
+                req, job = self._open(raw, request_id)  # a few ms at most: a thread hop would cost more
+            else:
+                # decoding, validating and tokenizing a large prompt takes a while (0.4 s for 1 MB): not on the
+                # loop, which must go on serving every other connection meanwhile
+                opening = asyncio.get_running_loop().run_in_executor(None, self._open, raw, request_id)
+                try:
+                    req, job = await asyncio.shield(opening)
+                except asyncio.CancelledError:  # going down: a job opened meanwhile must not keep its slot
+                    opening.add_done_callback(_abandon)
+                    raise
         except _BodyError as err:
             self.service.metrics.count_request("http", "timeout" if err.error.status == 408 else "invalid")
             response = _error_response(err.error)

@@ -129,7 +129,10 @@ class _SlowEncode(SlowEngine):
         return self._engine.encode(*args, **kwargs)
 
 
-def test_a_request_being_tokenized_when_the_drain_begins_is_drained_too(engine, start_daemon):
+def test_a_request_being_tokenized_when_the_drain_begins_is_drained_too(engine, start_daemon, monkeypatch):
+    import edge_runtime.daemon._http as http_module
+
+    monkeypatch.setattr(http_module, "OFF_LOOP_BYTES", 0)  # every body is parsed in a worker thread
     slow = _SlowEncode(engine, delay_s=0.05, encode_s=0.5)  # 3 s of generation: past uvicorn's 2 s close grace
     daemon = start_daemon(runtime(slow, {"type": "never"}), drain_timeout_s=20)
     answer: dict = {}
