@@ -62,7 +62,7 @@ class EngineSettings:
         factory=dict, help="options per provider in `providers`, e.g. {XnnpackExecutionProvider = {intra_op_num_threads = 2}}"
     )
     max_sessions: int = setting(1, help="local generations that may run at once (each holds a KV cache)")
-    cache_tokens: int = setting(1024, help="KV-cache capacity in tokens a generation slot keeps (a longer request grows it for its own time)")
+    cache_tokens: int = setting(1024, help="initial KV-cache capacity in tokens (grows on demand)")
     max_new_tokens: int = setting(256, help="default max_new_tokens when a request does not set one")
 
     def __post_init__(self) -> None:

@@ -182,13 +182,6 @@ class KVCache:
             new *= 2
         self._allocate(min(new, limit))
 
-    def shrink(self, capacity: int) -> None:
-        """Give back the room a long request made (keeping the first ``capacity`` tokens' entries)."""
-        capacity = max(16, capacity)
-        if self.capacity > capacity:
-            self.truncate(capacity)
-            self._allocate(capacity)
-
     def truncate(self, length: int) -> None:
         """Forget everything after the first ``length`` tokens (their slots are simply overwritten later)."""
         self.length = max(0, min(self.length, length))

@@ -268,9 +268,6 @@ class Engine:
             yield cache
         finally:
             if cache is not None:
-                # one long prompt must not hold its KV memory for the life of a daemon (a 7,000-token prompt
-                # kept ~300 MB): back to the configured size, keeping the prefix that fits for reuse
-                cache.shrink(self._cache_tokens)
                 self._pool.put(cache)
             elif create:
                 with self._pool_lock:
