@@ -44,10 +44,40 @@ log = logging.getLogger("edge_runtime.daemon")
 
 # after a drain, what uvicorn may still spend closing connections
 _CLOSE_GRACE_S = 2.0
+# at most one log line per this many seconds while accept() fails for lack of file descriptors
+_ACCEPT_ERROR_LOG_S = 10.0
 # how long an exiting daemon waits for a model load in progress (a large model on a Pi loads for tens of seconds)
 _LOAD_JOIN_S = 300.0
 # after a drain timed out and the rest was cancelled: time for the engines to notice
 _CANCEL_GRACE_S = 5.0
+
+
+class _AcceptErrorsOncePer:
+    """The event loop's exception handler: one line per interval for accept() failing for lack of descriptors.
+
+    asyncio logs a whole traceback for every failed accept(); with the process' descriptors held by
+    a flood of connections that was ~10,000 a second (a 174 MB log in 30 s). Everything else goes to
+    asyncio's default handler.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._next_s = 0.0
+        self._suppressed = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != "socket.accept() out of system resource":
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now < self._next_s:
+            self._suppressed += 1
+            return
+        self._next_s = now + self.interval_s
+        more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
+        self._suppressed = 0
+        log.error("cannot accept connections: %s%s; raise the open-file limit (LimitNOFILE) or find who holds "
+                  "so many connections", context.get("exception") or "out of file descriptors", more)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -165,6 +195,7 @@ class DaemonServer:
 
     async def _main(self, install_signals: bool) -> None:
         loop = self._loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_AcceptErrorsOncePer(_ACCEPT_ERROR_LOG_S))
         self._stop = asyncio.Event()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):

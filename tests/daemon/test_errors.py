@@ -260,3 +260,29 @@ def test_an_exit_during_the_model_load_waits_for_the_load(monkeypatch):
     threading.Thread(target=drain_when_loading, daemon=True).start()
     assert server.serve_forever() == 0
     assert finished.is_set()
+
+
+def test_accept_failing_for_lack_of_descriptors_is_logged_once_per_interval(caplog):
+    # asyncio logs a traceback for every failed accept(): ~10,000 lines a second under a connection flood
+    from edge_runtime.daemon._server import _AcceptErrorsOncePer
+
+    class Loop:
+        def __init__(self) -> None:
+            self.forwarded: list[dict] = []
+
+        def default_exception_handler(self, context: dict) -> None:
+            self.forwarded.append(context)
+
+    loop, handler = Loop(), _AcceptErrorsOncePer(10.0)
+    flood = {"message": "socket.accept() out of system resource", "exception": OSError(24, "Too many open files")}
+    with caplog.at_level("ERROR", logger="edge_runtime.daemon"):
+        for _ in range(1000):
+            handler(loop, flood)  # type: ignore[arg-type]
+        handler(loop, {"message": "something else"})  # type: ignore[arg-type]
+    lines = [r.getMessage() for r in caplog.records if "cannot accept connections" in r.getMessage()]
+    assert len(lines) == 1 and "Too many open files" in lines[0] and "LimitNOFILE" in lines[0]
+    assert loop.forwarded == [{"message": "something else"}]
+    handler._next_s = 0.0  # the interval is over: the next line counts what it held back
+    with caplog.at_level("ERROR", logger="edge_runtime.daemon"):
+        handler(loop, flood)  # type: ignore[arg-type]
+    assert "999 more since the last report" in caplog.records[-1].getMessage()
