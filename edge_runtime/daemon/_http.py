@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from starlette.applications import Starlette
@@ -104,6 +105,9 @@ class ChatCompletions:
 
     def __init__(self, service: ChatService) -> None:
         self.service = service
+        # one thread for large bodies: each thread that allocates gets its own glibc arena (up to 64 MB
+        # kept), and a few large requests at a time gain nothing from running side by side on 2 cores
+        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-runtime-parse")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -117,7 +121,7 @@ class ChatCompletions:
             else:
                 # decoding, validating and tokenizing a large prompt takes a while (0.4 s for 1 MB): not on the
                 # loop, which must go on serving every other connection meanwhile
-                opening = asyncio.get_running_loop().run_in_executor(None, self._open, raw, request_id)
+                opening = asyncio.get_running_loop().run_in_executor(self._parser, self._open, raw, request_id)
                 try:
                     req, job = await asyncio.shield(opening)
                 except asyncio.CancelledError:  # going down: a job opened meanwhile must not keep its slot
