@@ -12,7 +12,6 @@ bounded by the app (``server.max_body_bytes`` and ``_http.BODY_TIMEOUT_S``).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -43,9 +42,8 @@ class H11WithHeadersTimeout(H11Protocol):
         self._headers_timer = self.loop.call_later(self.headers_timeout_s, self._headers_timed_out)
 
     def _disarm(self) -> None:
-        timer: Any = getattr(self, "_headers_timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self._headers_timer is not None:
+            self._headers_timer.cancel()
             self._headers_timer = None
 
     def _headers_timed_out(self) -> None:

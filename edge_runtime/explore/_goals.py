@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import ConfigError
@@ -162,9 +162,9 @@ def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_
 def _cost_toml(cost: Any) -> list[str]:
     """The ``[cost]`` lines for the scalar settings that differ from the defaults (the prices are the bridge's)."""
     default = type(cost)()
-    names = ("electricity_usd_per_kwh", "network", "network_j_per_kb", "network_j_per_request")
-    changed = [(n, getattr(cost, n)) for n in names if getattr(cost, n) != getattr(default, n)]
-    changed = [(n, v) for n, v in changed if v is not None]
+    changed = [(f.name, value) for f in fields(cost)
+               if not isinstance(value := getattr(cost, f.name), dict) and value is not None
+               and value != getattr(default, f.name)]
     return ["[cost]", *(f"{n} = {toml_value(v)}" for n, v in changed)] if changed else []
 
 

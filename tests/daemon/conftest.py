@@ -167,6 +167,16 @@ def http() -> Iterator[Callable[[int], Http]]:
         client.close()
 
 
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels``."""
     total = 0.0

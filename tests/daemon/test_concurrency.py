@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from .conftest import ASK, Http, SlowEngine, metric, runtime
+from .conftest import ASK, Http, SlowEngine, metric, runtime, wait_for
 
 
 def test_32_concurrent_clients_are_each_answered_or_refused_with_429_and_the_metrics_add_up(engine, start_daemon):
@@ -81,15 +81,6 @@ def _raw_post(port: int, body: dict) -> socket.socket:
     return s
 
 
-def _wait_for(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_a_client_that_disconnects_cancels_its_generation(engine, start_daemon, http):
     slow = SlowEngine(engine, delay_s=0.05)
     daemon = start_daemon(runtime(slow, {"type": "never"}))
@@ -100,9 +91,9 @@ def test_a_client_that_disconnects_cancels_its_generation(engine, start_daemon, 
         assert slow.started.wait(10)
         time.sleep(0.2)
         s.close()  # the client leaves mid-generation
-        assert _wait_for(lambda n=before: len(slow.finished) > n, 5.0)
+        assert wait_for(lambda n=before: len(slow.finished) > n, 5.0)
         assert slow.finished[-1] == "cancelled"  # stopped after a few of its 200 tokens, not run to the end
-    assert _wait_for(lambda: daemon.service.active_jobs == 0)
+    assert wait_for(lambda: daemon.service.active_jobs == 0)
     _, _, text = http(daemon.port).request("GET", "/metrics")
     assert metric(text.decode(), "edge_runtime_requests_total", outcome="cancelled") == 2
     # and the daemon serves the next one
@@ -130,7 +121,7 @@ def test_a_client_that_leaves_before_the_escalation_costs_no_cloud_call(engine, 
     assert slow.started.wait(10)
     time.sleep(0.2)
     s.close()  # nothing was shown yet (the draft is held back): the watcher still sees the client leave
-    assert _wait_for(lambda: slow.finished and daemon.service.active_jobs == 0, 5.0)
+    assert wait_for(lambda: slow.finished and daemon.service.active_jobs == 0, 5.0)
     assert slow.finished == ["cancelled"] and echo.generations == []
     cloud.close()
 
@@ -150,7 +141,7 @@ def test_a_client_that_hangs_up_during_a_held_back_answer_does_not_flood_the_log
                 buf += data
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, mid-burst
             s.close()
-        assert _wait_for(lambda: daemon.service.active_jobs == 0)
+        assert wait_for(lambda: daemon.service.active_jobs == 0)
         time.sleep(0.3)
     assert not [r for r in caplog.records if "socket.send() raised exception" in r.getMessage()]
 

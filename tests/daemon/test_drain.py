@@ -12,18 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-from .conftest import ASK, TOKEN, Http, SlowEngine, metric, runtime, start_bridge
+from .conftest import ASK, TOKEN, Http, SlowEngine, metric, runtime, start_bridge, wait_for
 
 REPLY = "one two three four five six seven eight nine ten"
-
-
-def _wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_sigterm_lets_the_request_in_flight_finish_then_the_process_exits_0(tiny_bundle, tmp_path):
@@ -52,7 +43,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_the_process_exits_0(tiny
         assert port, "".join(log_lines)
         threading.Thread(target=lambda: log_lines.extend(proc.stderr), daemon=True).start()
         probe = Http(port, timeout_s=10)
-        assert _wait_for(lambda: probe.request("GET", "/health")[0] == 200, 30), "".join(log_lines)
+        assert wait_for(lambda: probe.request("GET", "/health")[0] == 200, 30), "".join(log_lines)
 
         answer: dict = {}
 
@@ -64,11 +55,11 @@ def test_sigterm_lets_the_request_in_flight_finish_then_the_process_exits_0(tiny
 
         asker = threading.Thread(target=ask)
         asker.start()
-        assert _wait_for(lambda: metric(probe.request("GET", "/metrics")[2].decode(),
+        assert wait_for(lambda: metric(probe.request("GET", "/metrics")[2].decode(),
                                         "edge_runtime_requests_in_progress") == 1, 10)
         proc.send_signal(signal.SIGTERM)
         # draining: health says so and new requests are refused, while the one in flight goes on
-        assert _wait_for(lambda: probe.request("GET", "/health")[0] == 503, 5)
+        assert wait_for(lambda: probe.request("GET", "/health")[0] == 503, 5)
         status, _, health = probe.json("GET", "/health")
         assert health["status"] == "draining"
         status, _, refused = probe.json("POST", "/v1/chat/completions", {"messages": ASK})

@@ -118,9 +118,8 @@ def test_grpc_errors_carry_codes_and_details(engine, start_daemon, channel_to, t
 def test_a_call_past_its_deadline_counts_as_a_timeout_and_one_cancelled_as_cancelled(engine, start_daemon,
                                                                                     channel_to, tmp_path):
     import threading
-    import time
 
-    from .conftest import SlowEngine, metric
+    from .conftest import SlowEngine, metric, wait_for
 
     slow = SlowEngine(engine, delay_s=0.05)
     daemon = start_daemon(runtime(slow, {"type": "never"}), tmp_path)
@@ -133,9 +132,7 @@ def test_a_call_past_its_deadline_counts_as_a_timeout_and_one_cancelled_as_cance
     threading.Timer(0.2, stream.cancel).start()
     with pytest.raises(grpc.RpcError):
         list(stream)
-    deadline = time.monotonic() + 10
-    while daemon.service.active_jobs and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_for(lambda: daemon.service.active_jobs == 0)
     text = daemon.service.metrics.render()
     assert metric(text, "edge_runtime_requests_total", outcome="timeout") == 1
     assert metric(text, "edge_runtime_requests_total", outcome="cancelled") == 1
