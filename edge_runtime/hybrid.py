@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .confidence import Estimator, load_estimator, signals_from_result
+from .confidence import Estimator, check_bundle_hash, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
 from .errors import (
@@ -148,10 +148,7 @@ class HybridRuntime:
         self.engine = engine
         self.policy: Policy = policy if isinstance(policy, Policy) else policy_from_config(policy or {"type": "threshold", "p": 0.5})
         self.estimator: Estimator = estimator or load_estimator(None)
-        fitted_on = getattr(self.estimator, "bundle_hash", None)
-        if fitted_on and fitted_on != engine.bundle_hash:  # as load_estimator refuses it for a file
-            raise EstimatorError(f"the estimator was calibrated for another bundle (hash {fitted_on[:12]}…, this one "
-                                 f"is {engine.bundle_hash[:12]}…): run `edge-runtime calibrate` for this bundle")
+        check_bundle_hash(getattr(self.estimator, "bundle_hash", None), engine.bundle_hash)
         self.cloud = cloud
         self.cost = cost or CostSettings()
         self.default_max_new_tokens = default_max_new_tokens

@@ -24,6 +24,7 @@ from ._estimators import (
     KnnPrior,
     LogisticEstimator,
     SelfCheckEstimator,
+    check_bundle_hash,
     load_estimator,
     save_estimator,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "fit_cloud_prior",
     "cloud_scores",
     "SelfCheckEstimator",
+    "check_bundle_hash",
     "load_estimator",
     "save_estimator",
     "ESTIMATOR_SCHEMA_VERSION",

@@ -51,6 +51,7 @@ __all__ = [
     "CLOUD_PROMPT_FEATURES",
     "KnnEstimator",
     "SelfCheckEstimator",
+    "check_bundle_hash",
     "load_estimator",
     "save_estimator",
     "FEATURE_SETS",
@@ -279,6 +280,15 @@ def save_estimator(estimator: Estimator, path: str | os.PathLike[str]) -> None:
 DEFAULT_ESTIMATOR = Path(__file__).with_name("data") / "default_estimator.json"
 
 
+def check_bundle_hash(fitted_on: str | None, bundle_hash: str | None, *, what: str = "the estimator") -> None:
+    """An estimator reads one bundle's signals: refuse it for another (no hash on either side: any bundle)."""
+    if fitted_on and bundle_hash and fitted_on != bundle_hash:
+        raise EstimatorError(
+            f"{what} was calibrated for another bundle (hash {fitted_on[:12]}…, this one is {bundle_hash[:12]}…): "
+            "run `edge-runtime calibrate` for this bundle"
+        )
+
+
 def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | None = None) -> Estimator:
     """Read an estimator file (None: the built-in default); refuse one calibrated on another bundle.
 
@@ -301,11 +311,7 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
     recorded = d.get("bundle_hash")
     if recorded is not None and not isinstance(recorded, str):
         raise EstimatorError(f"{p}: bundle_hash must be a string or null, got {recorded!r}")
-    if recorded and bundle_hash and recorded != bundle_hash:
-        raise EstimatorError(
-            f"{p} was calibrated for another bundle (hash {recorded[:12]}…, this one is {bundle_hash[:12]}…): "
-            "run `edge-runtime calibrate` for this bundle"
-        )
+    check_bundle_hash(recorded, bundle_hash, what=str(p))
     kind = d.get("kind")
     est: Estimator
     try:
