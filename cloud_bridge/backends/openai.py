@@ -227,9 +227,8 @@ def _estimated_tokens(what: BackendRequest | str, kind: str) -> int:
     return tokens
 
 
-def _too_large() -> BackendError:
-    return BackendError(f"upstream answer is larger than {_MAX_ANSWER_BYTES >> 20} MB", code="INTERNAL",
-                        reason="UPSTREAM_ANSWER_TOO_LARGE")
+def _too_large(what: str = f"upstream answer is larger than {_MAX_ANSWER_BYTES >> 20} MB") -> BackendError:
+    return BackendError(what, code="INTERNAL", reason="UPSTREAM_ANSWER_TOO_LARGE")
 
 
 def _cut(text: str) -> str:
@@ -369,6 +368,10 @@ class OpenAIBackend:
                         raw = response.readline(_MAX_LINE)
                     except (OSError, http.client.HTTPException, ValueError) as err:
                         raise call.read_failed(err) from err
+                    if len(raw.rstrip(b"\r\n")) >= _MAX_LINE:
+                        # http.client returns the line cut at the limit or whole, depending on how its chunks
+                        # arrived: a cut one would parse as broken JSON, so refuse the line either way
+                        raise _too_large(f"an upstream event line is over {_MAX_LINE >> 20} MB")
                     data = parser.feed(raw.decode("utf-8", "replace")) if raw else parser.flush()
                     if data is not None:
                         if data.strip() == "[DONE]":
