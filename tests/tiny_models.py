@@ -71,3 +71,14 @@ def make_tiny_model(directory: Path, arch: str = "llama", *, seed: int = 0, laye
     model.generation_config.eos_token_id = config.eos_token_id
     model.save_pretrained(directory)
     return directory
+
+
+def hf_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of ``ids``: the reference the engine must equal token for token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False)
+    return out[0][len(ids):].tolist()

@@ -142,15 +142,9 @@ class KVCache:
         self._buffers: list[np.ndarray] = []
         self._values: list[Any] = []
         self._allocate(max(16, min(capacity, model.context_length)))
-        # decode-step inputs, rewritten in place every step
-        self._step_ids = np.zeros((1, 1), np.int64)
-        self._step_seqlens = np.zeros((1,), np.int32)
-        self._step_total = np.zeros((), np.int32)
-        self._step_index = np.zeros((1,), np.int64)
-        self._step_logits = np.zeros((1, 1, model.vocab_size), np.float32)
-        self._step_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in
-                             (self._step_ids, self._step_seqlens, self._step_total, self._step_index, self._step_logits)]
-        self._step_bound = False
+        # decode-step inputs and logits per row count (1, or 1 + drafted tokens), rewritten in place every step
+        self._steps: dict[int, tuple[list[np.ndarray], list[Any]]] = {}
+        self._bound_rows = 0  # the row count whose step arrays are bound (0: a prefill rebound the inputs)
 
     def _allocate(self, capacity: int) -> None:
         m = self.model
@@ -208,7 +202,7 @@ class KVCache:
         b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         b.bind_cpu_input("logits_index", index)
         b.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
-        self._step_bound = False
+        self._bound_rows = 0
         self._run()
         if n > 1 and self.prefilled == self.length:
             self.prefilled = total
@@ -218,21 +212,41 @@ class KVCache:
 
     def step(self, token: int) -> np.ndarray:
         """Feed one token; return the next-token logits [vocab] (a view, valid until the next step)."""
-        self.reserve(self.length + 1)
-        if not self._step_bound:
+        return self.step_many((token,))[0]
+
+    def step_many(self, tokens: Sequence[int]) -> np.ndarray:
+        """Feed a few tokens in one run; return the logits after each [n, vocab] (a view, valid until the next step).
+
+        A decode step with drafted tokens (see ``Engine.run``). The step's arrays
+        for each row count are allocated and bound once, so a step only writes
+        the token ids and positions.
+        """
+        n = len(tokens)
+        self.reserve(self.length + n)
+        arrays, values = self._steps.get(n) or self._step_arrays(n)
+        if self._bound_rows != n:
             b = self.binding
-            names = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
-            for name, value in zip(names, self._step_values[:4]):
+            for name, value in zip(("input_ids", "seqlens_k", "total_sequence_length", "logits_index"), values):
                 b.bind_ortvalue_input(name, value)
-            b.bind_ortvalue_output("logits", self._step_values[4])
-            self._step_bound = True
-        self._step_ids[0, 0] = token
-        self._step_seqlens[0] = self.length
-        self._step_total[...] = self.length + 1
+            b.bind_ortvalue_output("logits", values[4])
+            self._bound_rows = n
+        ids, seqlens, total, _, logits = arrays
+        ids[0, :] = tokens
+        seqlens[0] = self.length + n - 1
+        total[...] = self.length + n
         self._run()
-        self.length += 1
-        self.tokens.append(int(token))
-        return self._step_logits[0, 0]
+        if n > 1 and self.prefilled == self.length:  # a multi-row run, like a prefill (see Engine.run)
+            self.prefilled += n
+        self.length += n
+        self.tokens.extend(int(t) for t in tokens)
+        return logits[0]
+
+    def _step_arrays(self, n: int) -> tuple[list[np.ndarray], list[Any]]:
+        arrays = [np.zeros((1, n), np.int64), np.zeros((1,), np.int32), np.zeros((), np.int32),
+                  np.arange(n, dtype=np.int64), np.zeros((1, n, self.model.vocab_size), np.float32)]
+        entry = (arrays, [self._ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+        self._steps[n] = entry
+        return entry
 
     def _run(self) -> None:
         try:

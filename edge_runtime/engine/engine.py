@@ -35,6 +35,7 @@ import numpy as np
 
 from ..bundle import Manifest, VerifyMode, verify_bundle
 from ..errors import BundleError, ContextLengthError, EdgeRuntimeError, InvalidRequestError
+from ._lookup import PromptLookup
 from ._sampling import choose_token, distribution_signals, log_softmax
 from ._session import KVCache, OrtModel
 from ._template import ChatTemplate
@@ -53,7 +54,7 @@ from .types import (
     validate_messages,
 )
 
-__all__ = ["Engine", "ChatSession", "Cancel", "ScoreResult"]
+__all__ = ["Engine", "ChatSession", "Cancel", "ScoreResult", "PROMPT_LOOKUP_TOKENS"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,12 @@ Cancel = threading.Event | Callable[[], bool] | None
 # SmolLM2, 500-token prompt + 128 tokens): peak RSS 277 MB vs 313 MB with 512-token
 # chunks, and the 500-token prefill no slower (314-333 ms vs 331-350 ms).
 _PREFILL_CHUNK = 128
+
+# Greedy decoding drafts up to this many tokens per step by prompt lookup (see _lookup.py), 0: off.
+# int4 SmolLM2, 2 threads: a 2-row run cost 1.04x a 1-row step, a 4-row run 1.5x; drafting 1-3
+# tokens by the longest 2- to 4-token match decoded 1.03-1.27x faster than no drafts over four prompts.
+PROMPT_LOOKUP_TOKENS = 3
+MAX_PROMPT_LOOKUP_TOKENS = 16
 
 
 # texts longer than this are encoded with the GIL released (see Engine._ids): ~10 ms of encoding
@@ -144,10 +151,14 @@ class Engine:
         cache_tokens: int = 1024,
         energy_meter: Any = "default",
         session_config: Mapping[str, str] | None = None,
+        prompt_lookup: int = PROMPT_LOOKUP_TOKENS,
     ) -> None:
         t0 = time.perf_counter()
         if max_sessions < 1:
             raise InvalidRequestError("must be >= 1", field="max_sessions")
+        if isinstance(prompt_lookup, bool) or not isinstance(prompt_lookup, int) or not 0 <= prompt_lookup <= MAX_PROMPT_LOOKUP_TOKENS:
+            raise InvalidRequestError(f"must be an integer from 0 to {MAX_PROMPT_LOOKUP_TOKENS}, got {prompt_lookup!r}", field="prompt_lookup")
+        self.prompt_lookup = prompt_lookup
         self.manifest: Manifest = verify_bundle(Path(bundle).expanduser(), verify)
         from tokenizers import Tokenizer
 
@@ -427,15 +438,39 @@ class Engine:
             texts: list[str] = []
             finish = "cancelled" if cancelled else "length"
             t_first = t_prefill
-            prev: int | None = None
+            # Greedy only: a sampled token would need rejection sampling against the drafts.
+            lookup = PromptLookup(ids, max_draft=self.prompt_lookup) if self.prompt_lookup and rng is None else None
+            rows: list[np.ndarray] = []  # logits of the last step's rows not used yet: rows[i] follows drafted[i]
+            drafted: list[int] = []  # the last step's drafted tokens not checked yet (they are in the cache)
+            n_drafted = n_accepted = 0
+            prev: int | None = None  # the last chosen token: fed to the next step unless a row after it is left
             while not cancelled and len(generated) < p.max_new_tokens:
-                if prev is not None:
+                if rows:
+                    logits = rows.pop(0)
+                elif prev is not None:
                     if is_cancelled():
                         finish = "cancelled"
                         break
-                    logits = cache.step(prev)
+                    draft = lookup.draft(p.max_new_tokens - len(generated) - 1) if lookup is not None else None
+                    if draft:
+                        # One run checks the drafts: row 0 gives the next token as a plain step would;
+                        # while the chosen tokens equal the drafts, the rows after them give the tokens after.
+                        out = cache.step_many([prev, *draft])
+                        logits, rows, drafted = out[0], list(out[1:]), draft
+                        n_drafted += len(draft)
+                    else:
+                        logits = cache.step(prev)
                 assert logits is not None
                 tid = choose_token(logits, p, rng)
+                if drafted:
+                    if tid == drafted[0]:
+                        drafted.pop(0)
+                        n_accepted += 1
+                    else:  # the rest of the drafts are wrong: forget their rows and their cache entries
+                        cache.truncate(cache.length - len(drafted))
+                        rows, drafted = [], []
+                if lookup is not None:
+                    lookup.extend((tid,))
                 sig = distribution_signals(logits, tid, p.top_logprobs)
                 info = TokenInfo(
                     id=tid, text=self.token_text(tid), logprob=sig.logprob, entropy=sig.entropy, margin=sig.margin,
@@ -478,7 +513,8 @@ class Engine:
                 token_ids=generated,
                 finish_reason=finish,  # type: ignore[arg-type]
                 tokens=infos,
-                usage=Usage(prompt_tokens=len(ids), completion_tokens=len(generated), cached_prompt_tokens=common),
+                usage=Usage(prompt_tokens=len(ids), completion_tokens=len(generated), cached_prompt_tokens=common,
+                            draft_tokens=n_drafted, accepted_draft_tokens=n_accepted),
                 timings=Timings(
                     load_ms=self.load_ms,
                     prefill_ms=(t_prefill - t_start) * 1000.0,

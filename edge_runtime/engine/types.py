@@ -231,6 +231,9 @@ class Usage:
     completion_tokens: int
     # prompt tokens whose KV state was reused from a previous turn (not prefilled again)
     cached_prompt_tokens: int = 0
+    # tokens guessed by prompt lookup and checked in a decode step, and how many of them the model chose
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -287,7 +290,8 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "tokens": [t.to_dict() for t in self.tokens],
             "usage": {"prompt_tokens": self.usage.prompt_tokens, "completion_tokens": self.usage.completion_tokens,
-                      "cached_prompt_tokens": self.usage.cached_prompt_tokens},
+                      "cached_prompt_tokens": self.usage.cached_prompt_tokens, "draft_tokens": self.usage.draft_tokens,
+                      "accepted_draft_tokens": self.usage.accepted_draft_tokens},
             "timings": {
                 "load_ms": round(self.timings.load_ms, 3),
                 "prefill_ms": round(self.timings.prefill_ms, 3),

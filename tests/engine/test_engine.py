@@ -8,23 +8,20 @@ import threading
 
 import numpy as np
 import pytest
+from tiny_models import hf_greedy
 
 from edge_runtime.engine import Engine, SamplingParams
 from edge_runtime.engine import engine as engine_module
 from edge_runtime.engine._text import IncrementalDecoder, StopMatcher
-from edge_runtime.errors import BundleError, BundleVerificationError, ContextLengthError, EdgeRuntimeError, InvalidRequestError
+from edge_runtime.errors import (
+    BundleError,
+    BundleVerificationError,
+    ContextLengthError,
+    EdgeRuntimeError,
+    InvalidRequestError,
+)
 
 PROMPTS = ["hello world", "what is the capital of france?", "one two three"]
-
-
-def _hf_greedy(model_dir, ids, n):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=n, do_sample=False)
-    return out[0][len(ids):].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +37,11 @@ def test_greedy_is_token_identical_to_transformers(tiny_bundles, tiny_model_dirs
     for prompt in PROMPTS:
         ids = engine.encode(prompt)
         ours = engine.generate(prompt, max_new_tokens=32).token_ids
-        assert ours == _hf_greedy(tiny_model_dirs(arch), ids, 32)[: len(ours)]
+        assert ours == hf_greedy(tiny_model_dirs(arch), ids, 32)[: len(ours)]
         assert len(ours) == 32 or ours[-1] in engine.eos_token_ids
     messages = [{"role": "user", "content": "what is 12 + 7?"}]
     ids = engine.encode(messages=messages)
-    assert engine.generate(messages=messages, max_new_tokens=24).token_ids == _hf_greedy(tiny_model_dirs(arch), ids, 24)[:24]
+    assert engine.generate(messages=messages, max_new_tokens=24).token_ids == hf_greedy(tiny_model_dirs(arch), ids, 24)[:24]
 
 
 def test_prompt_longer_than_one_prefill_chunk_matches_transformers(tiny_bundles, tiny_model_dirs):
@@ -53,7 +50,7 @@ def test_prompt_longer_than_one_prefill_chunk_matches_transformers(tiny_bundles,
     ids = engine.encode(prompt)
     assert engine_module._PREFILL_CHUNK < len(ids) <= 256 - 16  # at least two chunks, and room to generate
     ours = engine.generate(prompt, max_new_tokens=16).token_ids
-    assert ours == _hf_greedy(tiny_model_dirs("llama"), ids, 16)[: len(ours)]
+    assert ours == hf_greedy(tiny_model_dirs("llama"), ids, 16)[: len(ours)]
 
 
 def _answer(result) -> tuple[list[int], list[float]]:
@@ -113,6 +110,12 @@ def test_smollm2_fp32_greedy_is_token_identical_to_transformers(smollm2_fp32, sm
         ref = out[0][len(ids):].tolist()
         ours = engine.generate(messages=messages, max_new_tokens=32).token_ids
         assert ours == ref
+    # a story the model repeats itself in: several of its steps check prompt-lookup drafts
+    ids = engine.encode("Once upon a time, in a small village at the edge of a great forest, there lived a young baker who")
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=96, do_sample=False)
+    ours = [c.result for c in engine.stream_tokens(ids, SamplingParams(max_new_tokens=96)) if c.result is not None][0]
+    assert ours.usage.accepted_draft_tokens >= 5
+    assert ours.token_ids == out[0][len(ids):].tolist()
 
 
 def test_stream_yields_exactly_what_generate_returns(engine):
@@ -386,7 +389,7 @@ def test_a_conversation_sent_whole_gets_the_answer_a_fresh_engine_gives(tiny_bun
 
 
 def test_only_a_chat_session_reuses_the_entries_of_generated_tokens(tiny_bundle):
-    engine = Engine(tiny_bundle, energy_meter=None)
+    engine = Engine(tiny_bundle, energy_meter=None, prompt_lookup=0)  # one-row decode steps only
     prompt = engine.encode("one two three four")
     params = SamplingParams(max_new_tokens=6)
 

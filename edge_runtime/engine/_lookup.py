@@ -1,0 +1,68 @@
+"""Prompt-lookup drafts: guess the next tokens by finding the current ending earlier in the text.
+
+Small models repeat their prompt and themselves (names, code identifiers, list
+items, whole phrases). When the last few tokens occurred before, the tokens
+that followed them then are a cheap guess for what follows now. The engine
+feeds the guess to the model together with the next token in one multi-row
+run and keeps the guessed tokens the model agrees with (see ``Engine.run``).
+On these CPUs a two-row run costs little more than a one-row step, so one
+accepted token nearly halves the cost of two.
+
+The index maps every n-gram (``min_ngram`` to ``max_ngram`` tokens) to the
+position after its latest occurrence that already has a follower, and is
+updated as tokens are appended: a draft is a dictionary lookup, not a scan of
+the text, so its cost does not grow with the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = ["PromptLookup"]
+
+
+class PromptLookup:
+    """Draft tokens for a sequence by its longest ending n-gram seen before.
+
+    A match of ``n`` tokens drafts up to ``n - 1`` tokens (capped by
+    ``max_draft``): a longer match has a better chance of continuing the same
+    way, and every drafted token costs a row of the verifying run.
+    """
+
+    def __init__(self, tokens: Iterable[int] = (), *, max_draft: int = 3, min_ngram: int = 2, max_ngram: int = 4) -> None:
+        if max_draft < 1:
+            raise ValueError("max_draft must be >= 1")
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError("need 1 <= min_ngram <= max_ngram")
+        self.max_draft = max_draft
+        self._sizes = range(max_ngram, min_ngram - 1, -1)  # longest match first
+        self._seq: list[int] = []
+        self._after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it last
+        self.extend(tokens)
+
+    def __len__(self) -> int:
+        return len(self._seq)
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        seq, after, sizes = self._seq, self._after, self._sizes
+        for token in tokens:
+            end = len(seq)
+            # the n-grams ending at the current last token now have a follower: the new token
+            for n in sizes:
+                if end >= n:
+                    after[tuple(seq[end - n:end])] = end
+            seq.append(int(token))
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens that followed the longest earlier occurrence of the sequence's ending."""
+        if limit < 1:
+            return []
+        seq = self._seq
+        end = len(seq)
+        for n in self._sizes:
+            if end < n:
+                continue
+            start = self._after.get(tuple(seq[end - n:]))
+            if start is not None:
+                return seq[start:start + min(limit, self.max_draft, n - 1)]
+        return []
