@@ -42,6 +42,7 @@ for the README) and prints the table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -93,6 +94,7 @@ OPTIONAL_VARIANTS = {
     "int4-offsets": ("edge-runtime int4, float block offsets (--int4-offsets)", "--int4-offsets"),
     "int4-norescore": ("edge-runtime int4, 4-bit output projection (--rescore-top-k 0)", "--rescore-top-k 0"),
 }
+NO_LOOKUP_LABEL = "edge-runtime int4, no prompt lookup (--prompt-lookup 0)"
 PEER_NAMES = ("llamacpp", "genai")
 RUNNERS = Path(__file__).resolve().parent / "peers"
 DECODE_TARGET = 1.0  # engine int4 decode tok/s / faster peer's
@@ -346,6 +348,7 @@ class Target:
     precision: str | None = None
     reason: str | None = None  # set when the target was skipped
     details: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # the engine's keyword arguments (engine targets)
 
 
 def engine_targets(bundles: dict[str, Path] | None = None, *, build: bool = True, log: Callable[[str], None] = print) -> list[Target]:
@@ -364,7 +367,13 @@ def engine_targets(bundles: dict[str, Path] | None = None, *, build: bool = True
             path = default_bundle_dir(MODEL, suffix)
             if (path / "manifest.json").is_file():
                 bundles[label] = path
-    return [_bundle_target(label, path, "engine", build=build, log=log) for label, path in bundles.items()]
+    targets = [_bundle_target(label, path, "engine", build=build, log=log) for label, path in bundles.items()]
+    int4 = next((t for t in targets if t.label == "edge-runtime int4"), None)
+    if int4 is not None:  # the default bundle decoding without drafts: what the drafts add to this benchmark's prompt
+        off = {"prompt_lookup": 0}
+        targets.insert(targets.index(int4) + 1, dataclasses.replace(
+            int4, label=NO_LOOKUP_LABEL, options=off, details={**int4.details, "engine_options": off}))
+    return targets
 
 
 def reference_target(bundle: Path | None = None, *, build: bool = True, log: Callable[[str], None] = print) -> Target:
@@ -443,7 +452,7 @@ def _run_target(target: Target, spec: dict[str, Any], timeout_s: float) -> dict[
 
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec_file.write_text(json.dumps({**spec, "label": target.label, "model": str(target.model)}))
+        spec_file.write_text(json.dumps({**spec, "label": target.label, "model": str(target.model), "options": target.options}))
         cmd = [str(target.python), str(target.runner), str(spec_file), str(out_file)]
         busy0, steal0 = _cpu_busy_s()
         child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -497,6 +506,9 @@ def _aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "prefill_long_tokens_per_s": _median([r["prefill_tokens_per_s"] for r in long]),
         "decode_tokens_per_s": _median([r["decode_tokens_per_s"] for r in short]),
         "generated_tokens": min((r["generated_tokens"] for r in short), default=0),
+        # this engine's prompt-lookup drafts per generation (None for the peers)
+        "draft_tokens": _median([r.get("extra", {}).get("draft_tokens") for r in short]),
+        "accepted_draft_tokens": _median([r.get("extra", {}).get("accepted_draft_tokens") for r in short]),
         "peak_rss_mb": max(doc["peak_rss_mb"] for doc in rounds),
         "joules_per_token": _median([e["joules"] / n for e, n in per_token]),
         "process_joules_per_token": _median(
@@ -587,6 +599,15 @@ def summarize(results: list[dict[str, Any]], bandwidth: dict[str, Any], bytes_pe
                                "peers_mb": {p["label"]: round(p["median"]["peak_rss_mb"], 1) for p in peers},
                                "target": "no higher than the peers'",
                                "met": em["peak_rss_mb"] <= min(peer_rss)}
+    plain = next((r for r in ok if r["label"] == NO_LOOKUP_LABEL), None)
+    if em.get("draft_tokens") is not None:
+        plain_decode = plain["median"]["decode_tokens_per_s"] if plain else None
+        summary["prompt_lookup"] = {
+            "draft_tokens": em["draft_tokens"], "accepted_draft_tokens": em["accepted_draft_tokens"],
+            "generated_tokens": em["generated_tokens"], "without_label": NO_LOOKUP_LABEL if plain else None,
+            "without_decode_tokens_per_s": plain_decode, "speedup": _ratio(decode, plain_decode),
+            "without_ratio_vs_faster_peer": _ratio(plain_decode, fastest["median"]["decode_tokens_per_s"]) if peers else None,
+        }
     first = engine.get("first_tokens") or []
     # informational: greedy paths of differently quantized models part at the first close call
     summary["greedy_agreement_with_reference"] = {
@@ -919,13 +940,25 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"{_fmt(summ['decode_ratio_vs_faster_peer'], 2)}× (target ≥ {tgt['target']}: "
             f"{'met' if tgt['met'] else 'not met'}; stretch {tgt['stretch']}: {'met' if tgt['stretch_met'] else 'not met'})."
         )
+    pl = summ.get("prompt_lookup")
+    if pl:
+        line = (f"- Prompt lookup: over the {pl['generated_tokens']}-token answer the int4 engine drafted "
+                f"{_fmt(pl['draft_tokens'])} tokens and the model agreed with {_fmt(pl['accepted_draft_tokens'])} of them "
+                "(medians), each an extra token from a step that ran anyway.")
+        if pl.get("without_label"):
+            line += (f" Without drafts ({pl['without_label']}) it decodes at {_fmt(pl['without_decode_tokens_per_s'], 1)} "
+                     f"tok/s: the drafts make it {_fmt(pl['speedup'], 2)}× faster on this prompt")
+            line += (f", and without them it is {_fmt(pl['without_ratio_vs_faster_peer'], 2)}× the faster peer."
+                     if pl.get("without_ratio_vs_faster_peer") is not None else ".")
+        lines.append(line)
     bc = summ.get("bandwidth_ceiling")
     if bc:
         lines.append(
             f"- Bandwidth ceiling: {bc['bandwidth_gb_per_s']} GB/s (numpy copy, {s['threads']} threads, best of "
             f"{len(doc['memory_bandwidth']['gb_per_s'])}) / {bc['bytes_per_token'] / 1e6:.1f} MB that one decode step "
             f"reads = {bc['ceiling_tokens_per_s']:.0f} tok/s; the engine's int4 decode reaches "
-            f"{_fmt((bc['engine_share'] or 0) * 100, 0)}% of it. The bytes are the int4 bundle's matmul weights as "
+            f"{_fmt((bc['engine_share'] or 0) * 100, 0)}% of it (a step with drafts reads the weights once for "
+            "several tokens). The bytes are the int4 bundle's matmul weights as "
             "held in memory after load (4-bit codes, block scales, zero points or block offsets, the fp16 ones cast to "
             "fp32 by onnxruntime); the 4-bit codes alone would allow "
             f"{_fmt(bc['codes_only_ceiling_tokens_per_s'])} tok/s."

@@ -212,7 +212,8 @@ class HybridRuntime:
             engine = Engine(
                 # named: the daemon's log line is all a user sees of the error
                 resolve_bundle(e.bundle, precision=e.precision, field="engine.bundle"), providers=e.provider_list() or None, intra_op_threads=e.threads,
-                max_sessions=e.max_sessions, cache_tokens=e.cache_tokens, energy_meter=meter, **engine_kwargs,
+                max_sessions=e.max_sessions, cache_tokens=e.cache_tokens, prompt_lookup=e.prompt_lookup, energy_meter=meter,
+                **engine_kwargs,
             )
             try:
                 estimator = load_estimator(e.estimator, bundle_hash=engine.bundle_hash)

@@ -27,7 +27,7 @@ from .errors import CloudError, EdgeRuntimeError
 from .tasks import TaskItem, score
 
 __all__ = [
-    "RUN_SETTINGS", "RunCache", "run_edge", "run_cloud", "edge_record", "prompt_key", "progress_bar", "local_cloud_generate",
+    "RUN_SETTINGS", "RunCache", "engine_key", "run_edge", "run_cloud", "edge_record", "prompt_key", "progress_bar", "local_cloud_generate",
 ]
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def run_edge(
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Answer every item on the edge engine (cached by bundle hash, item id and prompt); return records in item order."""
-    cache = RunCache("edge", f"{engine.model_name}-{engine.bundle_hash[:16]}", settings, root)
+    cache = RunCache("edge", engine_key(engine), settings, root)
     todo = [it for it in items if (rec := _fresh(cache, it)) is None or (selfcheck and "selfcheck_p_yes" not in rec)]
     for item in progress_bar(todo, total=len(todo), desc=desc):
         rec = _fresh(cache, item)
@@ -162,6 +162,16 @@ def run_edge(
         if on_record is not None:
             on_record(rec)
     return [_rescored(it, cache.records[it.id]) for it in items]
+
+
+def engine_key(engine: Any) -> str:
+    """A run cache's name for an engine's answers: its bundle, and its decoding where that changes them.
+
+    Drafted steps run several rows at once, which the int4/int8 kernels compute a little
+    differently from one row: answers may differ at near-ties, so they are kept apart.
+    """
+    key = f"{engine.model_name}-{engine.bundle_hash[:16]}"
+    return f"{key}-lookup{engine.prompt_lookup}" if engine.prompt_lookup else key
 
 
 def run_cloud(

@@ -38,6 +38,7 @@ from typing import Any
 from .cloud import CloudSettings
 from .config import load_settings, setting
 from .cost import CostSettings
+from .engine import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS
 from .engine.types import ProviderSpec, provider_specs
 from .errors import ConfigError
 from .power import PowerSettings
@@ -64,6 +65,8 @@ class EngineSettings:
     max_sessions: int = setting(1, help="local generations that may run at once (each holds a KV cache)")
     cache_tokens: int = setting(1024, help="initial KV-cache capacity in tokens (grows on demand)")
     max_new_tokens: int = setting(256, help="default max_new_tokens when a request does not set one")
+    prompt_lookup: int = setting(PROMPT_LOOKUP_TOKENS, help="greedy decoding: tokens drafted per step from earlier text and "
+                                 f"checked in the same run (0: off, at most {MAX_PROMPT_LOOKUP_TOKENS})")
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -72,6 +75,8 @@ class EngineSettings:
             raise ConfigError("must be >= 1", field="engine.threads")
         if not 1 <= self.max_new_tokens <= 65536:
             raise ConfigError("must be between 1 and 65536", field="engine.max_new_tokens")
+        if not 0 <= self.prompt_lookup <= MAX_PROMPT_LOOKUP_TOKENS:
+            raise ConfigError(f"must be between 0 and {MAX_PROMPT_LOOKUP_TOKENS}", field="engine.prompt_lookup")
         self.provider_list()  # options for a provider that is not listed are a configuration error
 
     def provider_list(self) -> list[ProviderSpec]:

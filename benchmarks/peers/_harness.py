@@ -66,6 +66,8 @@ class Runtime(Protocol):
     # set by generate(): seconds the prompt pass took, and runtime-specific extras for the raw record
     prefill_s: float | None
     extra: dict[str, Any]
+    # the target's options (``options`` in the spec), set before load(); only this engine's runner has any
+    options: dict[str, Any]
 
     def import_runtime(self) -> dict[str, str]:
         """Import the runtime's package; return the versions worth recording."""
@@ -211,6 +213,7 @@ def run(runtime: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
         with meter.measure():
             pass
 
+    runtime.options = dict(spec.get("options") or {})
     rss_before_load = current_rss_mb()
     t0 = time.perf_counter()
     runtime.load(spec["model"], threads)

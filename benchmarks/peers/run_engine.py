@@ -28,6 +28,7 @@ class EngineRuntime:
     def __init__(self) -> None:
         self.prefill_s: float | None = None
         self.extra: dict[str, Any] = {}
+        self.options: dict[str, Any] = {}  # Engine keyword arguments (the target's options)
         self.engine: Any = None
         self.cache: Any = None
 
@@ -49,9 +50,10 @@ class EngineRuntime:
     def load(self, model: str, threads: int) -> None:
         from edge_runtime.engine import Engine
 
-        self.engine = Engine(model, intra_op_threads=threads)
+        self.engine = Engine(model, intra_op_threads=threads, **self.options)
         self.cache = self.engine.new_cache()
-        self.load_info = {"engine_load_ms": self.engine.load_ms, "precision": self.engine.precision}
+        self.load_info = {"engine_load_ms": self.engine.load_ms, "precision": self.engine.precision,
+                          "prompt_lookup": self.engine.prompt_lookup}
 
     def unload(self) -> None:
         if self.engine is not None:
@@ -74,6 +76,8 @@ class EngineRuntime:
                     "engine_timings_ms": {"prefill": t.prefill_ms, "decode": t.decode_ms, "ttft": t.ttft_ms},
                     "engine_decode_tokens_per_s": result.decode_tokens_per_s,
                     "finish_reason": result.finish_reason,
+                    "draft_tokens": result.usage.draft_tokens,
+                    "accepted_draft_tokens": result.usage.accepted_draft_tokens,
                     "engine_energy": None if result.energy is None else {
                         "joules": result.energy.joules, "process_joules": result.energy.process_joules,
                         "source": result.energy.source, "estimated": result.energy.estimated,

@@ -142,10 +142,10 @@ def _cloud_records(bundle: Path | None, threads: int | None, items: list[Any]) -
     if bundle is None:
         return None
     from ..engine import Engine
-    from ..runs import local_cloud_generate, run_cloud
+    from ..runs import engine_key, local_cloud_generate, run_cloud
 
     cloud = Engine(bundle, intra_op_threads=threads, energy_meter=None)
-    return run_cloud(local_cloud_generate(cloud), f"local-{cloud.model_name}-{cloud.bundle_hash[:16]}", items, desc="cloud")
+    return run_cloud(local_cloud_generate(cloud), f"local-{engine_key(cloud)}", items, desc="cloud")
 
 
 def _report(scores: Any, data: Any, cloud: dict[str, bool] | None, families: list[str]) -> dict[str, Any]:

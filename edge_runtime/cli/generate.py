@@ -8,6 +8,8 @@ import json
 import sys
 from typing import Any
 
+from ..engine import PROMPT_LOOKUP_TOKENS
+
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "top_logprobs", "truncate_prompt")
 _LINE_KEYS = ("id", "prompt", "messages", *_SAMPLING_KEYS)
 
@@ -28,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--top-logprobs", type=int, default=0, help="with --json: include this many alternatives per token")
     p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    p.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP_TOKENS, metavar="N",
+                   help=f"greedy decoding: tokens drafted per step from earlier text, checked in the same run "
+                        f"(0: off; default {PROMPT_LOOKUP_TOKENS})")
     p.add_argument("--provider", action="append", default=[], metavar="NAME",
                    help="onnxruntime execution provider, in order of preference (repeatable; default: CPUExecutionProvider)")
     p.add_argument("--provider-option", action="append", default=[], metavar="NAME:KEY=VALUE",
@@ -50,7 +55,7 @@ def _result_json(result: Any, request_id: Any = _NO_ID, confidence: Any = None) 
         "finish_reason": d["finish_reason"],
         "tokens": [{k: t[k] for k in ("id", "text", "logprob", "entropy", "margin", *(("top_logprobs",) if "top_logprobs" in t else ()))}
                    for t in d["tokens"]],
-        "usage": {"prompt_tokens": d["usage"]["prompt_tokens"], "completion_tokens": d["usage"]["completion_tokens"]},
+        "usage": {k: d["usage"][k] for k in ("prompt_tokens", "completion_tokens", "draft_tokens", "accepted_draft_tokens")},
         "timings": d["timings"],
         "energy": d["energy"],
         "model": d["model"],
@@ -95,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
                 lines = stack.enter_context(open(args.input, "rb"))
             except OSError as err:
                 raise InvalidRequestError(f"cannot read {args.input}: {err.strerror or err}", field="--input") from err
-        engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads,
+        engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads, prompt_lookup=args.prompt_lookup,
                         providers=_providers(args.provider, args.provider_option) or None)
         stack.callback(engine.close)
         estimator = _load_estimator(args.estimator, engine)

@@ -18,7 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["PromptLookup"]
+__all__ = ["PromptLookup", "PROMPT_LOOKUP_TOKENS", "MAX_PROMPT_LOOKUP_TOKENS"]
+
+# The engine's default: greedy decoding drafts up to this many tokens per step (0: off).
+# int4 SmolLM2, 2 threads: a 2-row run cost 1.04x a 1-row step, a 4-row run 1.5x; drafting 1-3
+# tokens by the longest 2- to 4-token match decoded 1.03-1.27x faster than no drafts over four prompts.
+PROMPT_LOOKUP_TOKENS = 3
+MAX_PROMPT_LOOKUP_TOKENS = 16
 
 
 class PromptLookup:

@@ -4,8 +4,10 @@ The bundle's graph (see ``quantize.graph``) uses GroupQueryAttention with the
 past and present KV tensors sharing one buffer of fixed capacity. Each
 :class:`KVCache` owns those buffers and an IO binding that binds every layer's
 buffer as both input and output once; a decode step then only rewrites four
-tiny input arrays in place (token id, position, total length, logits index)
-and runs. Nothing the size of the cache is copied per token.
+tiny input arrays in place (token ids, position, total length, logits index)
+and runs. Nothing the size of the cache is copied per token. A step may feed
+a few tokens (the next one and prompt-lookup drafts); each row count has its
+own arrays, bound when the count changes.
 """
 
 from __future__ import annotations

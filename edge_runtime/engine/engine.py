@@ -35,7 +35,7 @@ import numpy as np
 
 from ..bundle import Manifest, VerifyMode, verify_bundle
 from ..errors import BundleError, ContextLengthError, EdgeRuntimeError, InvalidRequestError
-from ._lookup import PromptLookup
+from ._lookup import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS, PromptLookup
 from ._sampling import choose_token, distribution_signals, log_softmax
 from ._session import KVCache, OrtModel
 from ._template import ChatTemplate
@@ -54,7 +54,7 @@ from .types import (
     validate_messages,
 )
 
-__all__ = ["Engine", "ChatSession", "Cancel", "ScoreResult", "PROMPT_LOOKUP_TOKENS"]
+__all__ = ["Engine", "ChatSession", "Cancel", "ScoreResult"]
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,6 @@ Cancel = threading.Event | Callable[[], bool] | None
 # SmolLM2, 500-token prompt + 128 tokens): peak RSS 277 MB vs 313 MB with 512-token
 # chunks, and the 500-token prefill no slower (314-333 ms vs 331-350 ms).
 _PREFILL_CHUNK = 128
-
-# Greedy decoding drafts up to this many tokens per step by prompt lookup (see _lookup.py), 0: off.
-# int4 SmolLM2, 2 threads: a 2-row run cost 1.04x a 1-row step, a 4-row run 1.5x; drafting 1-3
-# tokens by the longest 2- to 4-token match decoded 1.03-1.27x faster than no drafts over four prompts.
-PROMPT_LOOKUP_TOKENS = 3
-MAX_PROMPT_LOOKUP_TOKENS = 16
 
 
 # texts longer than this are encoded with the GIL released (see Engine._ids): ~10 ms of encoding

@@ -196,3 +196,34 @@ def test_cancel_is_seen_between_drafted_steps(fp32_pair, oracle, monkeypatch):
 def test_a_bad_prompt_lookup_names_the_field(tiny_bundle, value):
     with pytest.raises(InvalidRequestError, match="prompt_lookup"):
         Engine(tiny_bundle, energy_meter=None, prompt_lookup=value)
+
+
+def test_the_setting_the_flag_and_the_run_caches_follow_prompt_lookup(tiny_bundle, capsys):
+    import json
+
+    from edge_runtime.cli import main
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.hybrid import HybridRuntime
+    from edge_runtime.runs import engine_key
+    from edge_runtime.settings import load_runtime_settings
+
+    runtime = HybridRuntime.from_settings(load_runtime_settings(data={"engine": {"bundle": str(tiny_bundle)}},
+                                                                env={"EDGE_RUNTIME_ENGINE_PROMPT_LOOKUP": "0"}))
+    try:
+        off = runtime.engine
+        assert off.prompt_lookup == 0
+        on = Engine(tiny_bundle, energy_meter=None)
+        # answers decoded with drafts are cached apart; the key without them is the one older caches have
+        assert engine_key(off) == f"{off.model_name}-{off.bundle_hash[:16]}" != engine_key(on)
+    finally:
+        runtime.close()
+    for bad in (-1, 17):
+        with pytest.raises(ConfigError) as info:
+            load_runtime_settings(data={"engine": {"prompt_lookup": bad}}, env={})
+        assert info.value.field == "engine.prompt_lookup"
+    assert main(["generate", str(tiny_bundle), "--prompt", REPETITIVE, "--max-new-tokens", "8", "--json",
+                 "--prompt-lookup", "0"]) == 0
+    usage = json.loads(capsys.readouterr().out)["usage"]
+    assert usage["completion_tokens"] == 8 and usage["draft_tokens"] == usage["accepted_draft_tokens"] == 0
+    assert main(["generate", str(tiny_bundle), "--prompt", "hi", "--prompt-lookup", "99"]) != 0
+    assert "prompt_lookup" in capsys.readouterr().err

@@ -209,7 +209,7 @@ class _CountingEngine:
     def __init__(self, engine):
         self.engine = engine
         self.calls = 0
-        self.model_name, self.bundle_hash = engine.model_name, engine.bundle_hash
+        self.model_name, self.bundle_hash, self.prompt_lookup = engine.model_name, engine.bundle_hash, engine.prompt_lookup
 
     def generate(self, *args, **kwargs):
         self.calls += 1
