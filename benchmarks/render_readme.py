@@ -89,7 +89,12 @@ def _bundles(host: str) -> str:
     return (RESULTS / f"bundles-{host}.md").read_text().strip()
 
 
-RENDERERS = {"estimators": _estimators, "daemon": _daemon, "bridge": _bridge, "throughput": _throughput, "bundles": _bundles}
+def _lookup(host: str) -> str:
+    return (RESULTS / f"lookup-{host}.md").read_text().strip()
+
+
+RENDERERS = {"estimators": _estimators, "daemon": _daemon, "bridge": _bridge, "throughput": _throughput, "bundles": _bundles,
+             "lookup": _lookup}
 
 
 def main(argv: list[str] | None = None) -> int:

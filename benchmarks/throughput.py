@@ -947,7 +947,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 "(medians), each an extra token from a step that ran anyway.")
         if pl.get("without_label"):
             line += (f" Without drafts ({pl['without_label']}) it decodes at {_fmt(pl['without_decode_tokens_per_s'], 1)} "
-                     f"tok/s: the drafts make it {_fmt(pl['speedup'], 2)}× faster on this prompt")
+                     f"tok/s: with drafts it runs at {_fmt(pl['speedup'], 2)}× that on this prompt")
             line += (f", and without them it is {_fmt(pl['without_ratio_vs_faster_peer'], 2)}× the faster peer."
                      if pl.get("without_ratio_vs_faster_peer") is not None else ".")
         lines.append(line)

@@ -1,0 +1,44 @@
+"""The prompt-lookup benchmark's own code path on the tiny bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def lookup(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.lookup as module
+
+    return module
+
+
+def test_writes_each_workload_with_and_without_drafts(lookup, tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "lookup-test.json"
+    assert lookup.main(["--bundle", str(tiny_bundle), "--rounds", "2", "--tasks", "3", "--threads", "1",
+                        "--idle-wait", "0", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["settings"] == {"rounds": 2, "tasks": 3, "threads": 1, "prompt_lookup": 3}
+    w = doc["workloads"]
+    assert list(w) == ["story", "chat", "tasks"]
+    assert [w[k]["requests"] for k in w] == [1, len(lookup.CHAT), 3]
+    for stats in w.values():
+        assert len(stats["speedup_per_round"]) == 2 and stats["speedup"] > 0
+        assert stats["decode_tokens_per_s"]["without"] > 0 and stats["decode_tokens_per_s"]["with"] > 0
+        assert 0 <= stats["accepted_draft_tokens"] <= stats["draft_tokens"]
+        # the tiny bundle is fp32: drafts never change an answer
+        assert stats["identical_answers"] == stats["requests"]
+        assert stats["generated_tokens"]["with"] == stats["generated_tokens"]["without"]
+    table = out.with_suffix(".md").read_text()
+    assert "| chat | 10 |" in table and table in capsys.readouterr().out
+
+
+def test_bad_flags_are_refused(lookup, capsys) -> None:
+    with pytest.raises(SystemExit):
+        lookup.main(["--rounds", "0"])
+    assert "--rounds" in capsys.readouterr().err
