@@ -3,7 +3,8 @@
     python benchmarks/lookup.py [--bundle DIR] [--rounds 3] [--tasks 60] [--idle-wait 120]
 
 One process, one bundle (the cached SmolLM2-135M-Instruct int4 bundle unless
-``--bundle``), two engines on it: ``prompt_lookup=0`` and the default. Every
+``--bundle``), two engines on it: ``prompt_lookup=0`` (the default) and
+``prompt_lookup=3`` (``SUGGESTED_PROMPT_LOOKUP_TOKENS``). Every
 round answers every prompt with both, in alternating order, so a change in the
 machine's speed hits both alike. The workloads:
 
@@ -77,10 +78,11 @@ def _answer(engine: Any, ids: list[int], max_new_tokens: int) -> Any:
 
 
 def run_benchmark(bundle: Path, *, rounds: int, tasks: int, threads: int | None = None) -> dict[str, Any]:
-    from edge_runtime.engine import PROMPT_LOOKUP_TOKENS, Engine
+    from edge_runtime.engine import SUGGESTED_PROMPT_LOOKUP_TOKENS, Engine
 
     engines = {0: Engine(bundle, intra_op_threads=threads, energy_meter=None, prompt_lookup=0),
-               PROMPT_LOOKUP_TOKENS: Engine(bundle, intra_op_threads=threads, energy_meter=None)}
+               SUGGESTED_PROMPT_LOOKUP_TOKENS: Engine(bundle, intra_op_threads=threads, energy_meter=None,
+                                                      prompt_lookup=SUGGESTED_PROMPT_LOOKUP_TOKENS)}
     loads = workloads(engines[0], tasks)
     stats: dict[str, dict[str, Any]] = {}
     for name, prompts in loads.items():
@@ -93,19 +95,19 @@ def run_benchmark(bundle: Path, *, rounds: int, tasks: int, threads: int | None 
                 steps = sum(max(x.usage.completion_tokens - 1, 0) for x in results)
                 per_round[n].append((steps, sum(x.timings.decode_ms for x in results)))
                 first.setdefault(n, results)
-        off, on = first[0], first[PROMPT_LOOKUP_TOKENS]
+        off, on = first[0], first[SUGGESTED_PROMPT_LOOKUP_TOKENS]
 
         def rate(n: int, i: int) -> float:
             steps, ms = per_round[n][i]
             return steps / (ms / 1000.0) if ms else 0.0
 
-        ratios = [rate(PROMPT_LOOKUP_TOKENS, i) / rate(0, i) for i in range(rounds) if rate(0, i)]
+        ratios = [rate(SUGGESTED_PROMPT_LOOKUP_TOKENS, i) / rate(0, i) for i in range(rounds) if rate(0, i)]
         stats[name] = {
             "requests": len(prompts),
             "generated_tokens": {"without": sum(x.usage.completion_tokens for x in off),
                                  "with": sum(x.usage.completion_tokens for x in on)},
             "decode_tokens_per_s": {"without": statistics.median(rate(0, i) for i in range(rounds)),
-                                    "with": statistics.median(rate(PROMPT_LOOKUP_TOKENS, i) for i in range(rounds))},
+                                    "with": statistics.median(rate(SUGGESTED_PROMPT_LOOKUP_TOKENS, i) for i in range(rounds))},
             "speedup_per_round": [round(x, 3) for x in ratios],
             "speedup": round(statistics.median(ratios), 3) if ratios else None,
             "draft_tokens": sum(x.usage.draft_tokens for x in on),
@@ -120,7 +122,7 @@ def run_benchmark(bundle: Path, *, rounds: int, tasks: int, threads: int | None 
         "host": {"hostname": socket.gethostname(), "machine": platform.machine(), "logical_cpus": os.cpu_count()},
         "bundle": {"path": str(bundle), "name": engines[0].model_name, "precision": engines[0].precision},
         "settings": {"rounds": rounds, "tasks": tasks, "threads": engines[0].model.threads,
-                     "prompt_lookup": PROMPT_LOOKUP_TOKENS},
+                     "prompt_lookup": SUGGESTED_PROMPT_LOOKUP_TOKENS},
         "workloads": stats,
     }
 

@@ -64,6 +64,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import envs
+from edge_runtime.engine import SUGGESTED_PROMPT_LOOKUP_TOKENS
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -94,7 +95,7 @@ OPTIONAL_VARIANTS = {
     "int4-offsets": ("edge-runtime int4, float block offsets (--int4-offsets)", "--int4-offsets"),
     "int4-norescore": ("edge-runtime int4, 4-bit output projection (--rescore-top-k 0)", "--rescore-top-k 0"),
 }
-NO_LOOKUP_LABEL = "edge-runtime int4, no prompt lookup (--prompt-lookup 0)"
+LOOKUP_LABEL = f"edge-runtime int4, prompt lookup (--prompt-lookup {SUGGESTED_PROMPT_LOOKUP_TOKENS})"  # the default bundle, drafting
 PEER_NAMES = ("llamacpp", "genai")
 RUNNERS = Path(__file__).resolve().parent / "peers"
 DECODE_TARGET = 1.0  # engine int4 decode tok/s / faster peer's
@@ -369,10 +370,10 @@ def engine_targets(bundles: dict[str, Path] | None = None, *, build: bool = True
                 bundles[label] = path
     targets = [_bundle_target(label, path, "engine", build=build, log=log) for label, path in bundles.items()]
     int4 = next((t for t in targets if t.label == "edge-runtime int4"), None)
-    if int4 is not None:  # the default bundle decoding without drafts: what the drafts add to this benchmark's prompt
-        off = {"prompt_lookup": 0}
+    if int4 is not None:  # the default bundle with prompt-lookup drafts (off by default): what they add to this prompt
+        on = {"prompt_lookup": SUGGESTED_PROMPT_LOOKUP_TOKENS}
         targets.insert(targets.index(int4) + 1, dataclasses.replace(
-            int4, label=NO_LOOKUP_LABEL, options=off, details={**int4.details, "engine_options": off}))
+            int4, label=LOOKUP_LABEL, options=on, details={**int4.details, "engine_options": on}))
     return targets
 
 
@@ -599,14 +600,14 @@ def summarize(results: list[dict[str, Any]], bandwidth: dict[str, Any], bytes_pe
                                "peers_mb": {p["label"]: round(p["median"]["peak_rss_mb"], 1) for p in peers},
                                "target": "no higher than the peers'",
                                "met": em["peak_rss_mb"] <= min(peer_rss)}
-    plain = next((r for r in ok if r["label"] == NO_LOOKUP_LABEL), None)
-    if em.get("draft_tokens") is not None:
-        plain_decode = plain["median"]["decode_tokens_per_s"] if plain else None
+    drafting = next((r for r in ok if r["label"] == LOOKUP_LABEL), None)
+    if drafting is not None:
+        dm = drafting["median"]
         summary["prompt_lookup"] = {
-            "draft_tokens": em["draft_tokens"], "accepted_draft_tokens": em["accepted_draft_tokens"],
-            "generated_tokens": em["generated_tokens"], "without_label": NO_LOOKUP_LABEL if plain else None,
-            "without_decode_tokens_per_s": plain_decode, "speedup": _ratio(decode, plain_decode),
-            "without_ratio_vs_faster_peer": _ratio(plain_decode, fastest["median"]["decode_tokens_per_s"]) if peers else None,
+            "label": LOOKUP_LABEL, "draft_tokens": dm.get("draft_tokens"), "accepted_draft_tokens": dm.get("accepted_draft_tokens"),
+            "generated_tokens": dm["generated_tokens"], "decode_tokens_per_s": dm["decode_tokens_per_s"],
+            "speedup": _ratio(dm["decode_tokens_per_s"], decode),
+            "ratio_vs_faster_peer": _ratio(dm["decode_tokens_per_s"], fastest["median"]["decode_tokens_per_s"]) if peers else None,
         }
     first = engine.get("first_tokens") or []
     # informational: greedy paths of differently quantized models part at the first close call
@@ -942,14 +943,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
         )
     pl = summ.get("prompt_lookup")
     if pl:
-        line = (f"- Prompt lookup: over the {pl['generated_tokens']}-token answer the int4 engine drafted "
+        line = (f"- Prompt lookup ({pl['label']}): over the {pl['generated_tokens']}-token answer it drafted "
                 f"{_fmt(pl['draft_tokens'])} tokens and the model agreed with {_fmt(pl['accepted_draft_tokens'])} of them "
-                "(medians), each an extra token from a step that ran anyway.")
-        if pl.get("without_label"):
-            line += (f" Without drafts ({pl['without_label']}) it decodes at {_fmt(pl['without_decode_tokens_per_s'], 1)} "
-                     f"tok/s: with drafts it runs at {_fmt(pl['speedup'], 2)}× that on this prompt")
-            line += (f", and without them it is {_fmt(pl['without_ratio_vs_faster_peer'], 2)}× the faster peer."
-                     if pl.get("without_ratio_vs_faster_peer") is not None else ".")
+                f"(medians); it decodes at {_fmt(pl['decode_tokens_per_s'], 1)} tok/s, {_fmt(pl['speedup'], 2)}× the "
+                f"default's speed without drafts")
+        line += (f" and {_fmt(pl['ratio_vs_faster_peer'], 2)}× the faster peer." if pl.get("ratio_vs_faster_peer") is not None
+                 else ".")
         lines.append(line)
     bc = summ.get("bandwidth_ceiling")
     if bc:
@@ -957,8 +956,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"- Bandwidth ceiling: {bc['bandwidth_gb_per_s']} GB/s (numpy copy, {s['threads']} threads, best of "
             f"{len(doc['memory_bandwidth']['gb_per_s'])}) / {bc['bytes_per_token'] / 1e6:.1f} MB that one decode step "
             f"reads = {bc['ceiling_tokens_per_s']:.0f} tok/s; the engine's int4 decode reaches "
-            f"{_fmt((bc['engine_share'] or 0) * 100, 0)}% of it (a step with drafts reads the weights once for "
-            "several tokens). The bytes are the int4 bundle's matmul weights as "
+            f"{_fmt((bc['engine_share'] or 0) * 100, 0)}% of it. The bytes are the int4 bundle's matmul weights as "
             "held in memory after load (4-bit codes, block scales, zero points or block offsets, the fp16 ones cast to "
             "fp32 by onnxruntime); the 4-bit codes alone would allow "
             f"{_fmt(bc['codes_only_ceiling_tokens_per_s'])} tok/s."

@@ -38,7 +38,7 @@ from typing import Any
 from .cloud import CloudSettings
 from .config import load_settings, setting
 from .cost import CostSettings
-from .engine import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS
+from .engine import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS, SUGGESTED_PROMPT_LOOKUP_TOKENS
 from .engine.types import ProviderSpec, provider_specs
 from .errors import ConfigError
 from .power import PowerSettings
@@ -66,7 +66,8 @@ class EngineSettings:
     cache_tokens: int = setting(1024, help="initial KV-cache capacity in tokens (grows on demand)")
     max_new_tokens: int = setting(256, help="default max_new_tokens when a request does not set one")
     prompt_lookup: int = setting(PROMPT_LOOKUP_TOKENS, help="greedy decoding: tokens drafted per step from earlier text and "
-                                 f"checked in the same run (0: off, at most {MAX_PROMPT_LOOKUP_TOKENS})")
+                                 f"checked in the same run (0: off; {SUGGESTED_PROMPT_LOOKUP_TOKENS} is a good value; "
+                                 f"at most {MAX_PROMPT_LOOKUP_TOKENS})")
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:

@@ -112,28 +112,29 @@ def test_summary_ratios_targets_and_ceiling(throughput) -> None:
 
 def test_the_default_bundle_is_measured_with_and_without_prompt_lookup(throughput, tiny_bundle: Path, tmp_path: Path) -> None:
     targets = throughput.engine_targets({"edge-runtime int4": tiny_bundle, "edge-runtime int8": tiny_bundle}, build=False)
-    assert [t.label for t in targets] == ["edge-runtime int4", throughput.NO_LOOKUP_LABEL, "edge-runtime int8"]
-    assert targets[1].model == targets[0].model and targets[1].options == {"prompt_lookup": 0} and not targets[0].options
+    assert [t.label for t in targets] == ["edge-runtime int4", throughput.LOOKUP_LABEL, "edge-runtime int8"]
+    assert targets[1].model == targets[0].model and targets[1].options == {"prompt_lookup": 3} and not targets[0].options
     # the option reaches the engine in the runner's process, and the drafts are counted there
     spec = {"threads": 1, "prompts": {"short": [1, 2, 3, 1, 2, 3, 1, 2], "long": [1, 2, 3, 4]}, "decode_tokens": 6,
             "repetitions": 1, "warmup": 0, "load_repetitions": 1, "repo_root": str(ROOT)}
     docs = [throughput._run_target(t, spec, 120) for t in targets[:2]]
-    for doc, lookup in zip(docs, (3, 0)):
+    for doc, lookup in zip(docs, (0, 3)):
         assert "error" not in doc, doc.get("error")
         assert doc["load_info"][0]["prompt_lookup"] == lookup
         assert doc["repetitions"]["short"][0]["extra"]["draft_tokens"] >= 0
-    assert docs[1]["repetitions"]["short"][0]["extra"]["draft_tokens"] == 0
+    assert docs[0]["repetitions"]["short"][0]["extra"]["draft_tokens"] == 0
 
-    with_drafts = _ok_result("edge-runtime int4", "engine", "int4", decode=120.0, rss=300.0)
-    with_drafts["median"].update(draft_tokens=40, accepted_draft_tokens=25, generated_tokens=128)
-    without = _ok_result(throughput.NO_LOOKUP_LABEL, "engine", "int4", decode=100.0, rss=300.0)
+    without = _ok_result("edge-runtime int4", "engine", "int4", decode=100.0, rss=300.0)
     without["median"].update(draft_tokens=0, accepted_draft_tokens=0, generated_tokens=128)
+    with_drafts = _ok_result(throughput.LOOKUP_LABEL, "engine", "int4", decode=120.0, rss=300.0)
+    with_drafts["median"].update(draft_tokens=40, accepted_draft_tokens=25, generated_tokens=128)
     genai = _ok_result("onnxruntime-genai int4", "peer", "int4", decode=110.0, rss=290.0)
-    s = throughput.summarize([with_drafts, without, genai], {"best_gb_per_s": 25.0}, None)
-    assert s["prompt_lookup"] == {"draft_tokens": 40, "accepted_draft_tokens": 25, "generated_tokens": 128,
-                                  "without_label": throughput.NO_LOOKUP_LABEL, "without_decode_tokens_per_s": 100.0,
-                                  "speedup": 1.2, "without_ratio_vs_faster_peer": 0.909}
-    assert s["decode_ratio_vs_faster_peer"] == 1.091  # the faster peer is a peer, never the row without drafts
+    s = throughput.summarize([without, with_drafts, genai], {"best_gb_per_s": 25.0}, None)
+    assert s["prompt_lookup"] == {"label": throughput.LOOKUP_LABEL, "draft_tokens": 40, "accepted_draft_tokens": 25,
+                                  "generated_tokens": 128, "decode_tokens_per_s": 120.0, "speedup": 1.2,
+                                  "ratio_vs_faster_peer": 1.091}
+    # the targets are the default's, and the faster peer is a peer, never the row with drafts
+    assert s["reference"] == "edge-runtime int4" and s["decode_ratio_vs_faster_peer"] == 0.909
 
 
 def test_quality_comparison_against_the_reference(throughput) -> None:

@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="do not bind the estimator to this bundle's hash (it then loads for any bundle; use with care)")
     c.add_argument("--limit", type=int, help="use only N items, each task family in turn (quick runs)")
     c.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    _lookup_argument(c)
     c.add_argument("--json", action="store_true", help="print the fit summary as JSON")
     c.set_defaults(func=_calibrate)
 
@@ -44,8 +45,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fit every estimator family on the dev split and report them side by side on --split")
     e.add_argument("--limit", type=int, help="use only N items of each split, each task family in turn (quick runs)")
     e.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    _lookup_argument(e)
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=_eval)
+
+
+def _lookup_argument(parser: argparse.ArgumentParser) -> None:
+    from ..engine import PROMPT_LOOKUP_TOKENS
+
+    parser.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP_TOKENS, metavar="N",
+                        help="prompt-lookup drafts per step for the edge model and the cloud stand-in, as the daemon's "
+                             "[engine] prompt_lookup (default: off); their answers are cached apart")
 
 
 def _items(suite: str, split: str, limit: int | None) -> list[Any]:
@@ -72,13 +82,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     _check_writable(Path(args.out))
     items = _items(args.suite, args.split, args.limit)
     cloud_bundle = _cloud_bundle(args)
-    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
+    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads, prompt_lookup=args.prompt_lookup)
     records = run_edge(engine, items, selfcheck=args.family == "selfcheck", desc=f"{args.split} (edge)")
     data = make_dataset(records, items)
     if len(set(data.labels.tolist())) < 2:
         log.warning("all %d items are %s: the estimator cannot learn to tell right from wrong answers on them "
                     "(use more items, or another split)", len(data), "right" if data.labels[0] else "wrong")
-    cloud = _cloud_labels(cloud_bundle, args.threads, items, data)
+    cloud = _cloud_labels(cloud_bundle, args.threads, items, data, args.prompt_lookup)
     estimator = fit_estimator(args.family, data, bundle_hash=None if args.portable else engine.bundle_hash, cloud_labels=cloud)
     p = estimator_scores(estimator, data, training_data=True)  # in-sample, but no row votes for itself
     summary = {
@@ -127,24 +137,24 @@ def _cloud_bundle(args: argparse.Namespace) -> Path | None:
     return resolve_bundle(args.cloud_bundle, field="--cloud-bundle") if args.cloud_bundle else None
 
 
-def _cloud_labels(bundle: Path | None, threads: int | None, items: list[Any], data: Any) -> Any:
+def _cloud_labels(bundle: Path | None, threads: int | None, items: list[Any], data: Any, lookup: int = 0) -> Any:
     """The cloud stand-in's correctness on the dataset's items (None without --cloud-bundle)."""
     import numpy as np
 
-    recs = _cloud_records(bundle, threads, items)
+    recs = _cloud_records(bundle, threads, items, lookup)
     if recs is None:
         return None
     by_id = {r["item_id"]: bool(r.get("correct")) for r in recs}
     return np.array([by_id[r["item_id"]] for r in data.records], dtype=float)
 
 
-def _cloud_records(bundle: Path | None, threads: int | None, items: list[Any]) -> list[dict[str, Any]] | None:
+def _cloud_records(bundle: Path | None, threads: int | None, items: list[Any], lookup: int = 0) -> list[dict[str, Any]] | None:
     if bundle is None:
         return None
     from ..engine import Engine
     from ..runs import engine_key, local_cloud_generate, run_cloud
 
-    cloud = Engine(bundle, intra_op_threads=threads, energy_meter=None)
+    cloud = Engine(bundle, intra_op_threads=threads, energy_meter=None, prompt_lookup=lookup)
     return run_cloud(local_cloud_generate(cloud), f"local-{engine_key(cloud)}", items, desc="cloud")
 
 
@@ -191,12 +201,12 @@ def _eval(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--study fits every estimator family itself; leave out --estimator", field="--estimator")
     items = _items(args.suite, args.split, args.limit)
     cloud_bundle = _cloud_bundle(args)
-    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads)
+    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads, prompt_lookup=args.prompt_lookup)
     # the estimator is read before the split runs: a wrong path or another bundle's file fails at once
     est = None if args.study else load_estimator(args.estimator, bundle_hash=engine.bundle_hash)
     records = run_edge(engine, items, selfcheck=args.study, desc=f"{args.split} (edge)")
     data = make_dataset(records, items)
-    cloud_recs = _cloud_records(cloud_bundle, args.threads, items)
+    cloud_recs = _cloud_records(cloud_bundle, args.threads, items, args.prompt_lookup)
     cloud = None if cloud_recs is None else {r["item_id"]: bool(r.get("correct")) for r in cloud_recs}
     families = [r["family"] for r in data.records]
 
@@ -213,7 +223,7 @@ def _eval(args: argparse.Namespace) -> int:
 
             rep["overall"]["ece"] = round(expected_calibration_error(fitted, data.labels), 6)
             reports[f"signal:{name}"] = rep
-        dev_cloud = _cloud_labels(cloud_bundle, args.threads, dev_items, dev) if cloud is not None else None
+        dev_cloud = _cloud_labels(cloud_bundle, args.threads, dev_items, dev, args.prompt_lookup) if cloud is not None else None
         p_cloud = None
         for fam in FAMILIES:
             est = fit_estimator(fam, dev, bundle_hash=engine.bundle_hash, cloud_labels=dev_cloud if p_cloud is None else None)

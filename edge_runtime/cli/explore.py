@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for report.md, points.csv, frontier.csv, plots and recommended.toml")
     p.add_argument("--goal", action="append", default=[],
                    help='goal(s), e.g. "accuracy>=0.95*cloud" (default), "max-accuracy usd<=0.50/1k", "max-accuracy joules<=2"')
-    p.add_argument("--config", help="the daemon's TOML config: its [cloud] section names an external bridge, [cost] the cost model")
+    p.add_argument("--config", help="the daemon's TOML config: its [cloud] section names an external bridge, [cost] the cost "
+                                    "model, [engine] prompt_lookup the edge model's decoding")
     p.add_argument("--bridge", help="external bridge address host:port (overrides [cloud] address)")
     p.add_argument("--validate", action="store_true",
                    help="hold back a quarter of the items and run the recommended policy live through `edge-runtime serve` and the bridge")
@@ -35,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     result = explore(
         edge=args.edge, cloud=args.cloud, out=Path(args.out), suite=args.suite, split=args.split, limit=args.limit,
         goals=args.goal or ["accuracy>=0.95*cloud"], cloud_settings=settings.cloud if settings.cloud.address else None,
-        cost=settings.cost, validate=args.validate, threads=args.threads,
+        cost=settings.cost, validate=args.validate, threads=args.threads, prompt_lookup=settings.engine.prompt_lookup,
     )
     print_summary(result, sys.stdout)
     return 0

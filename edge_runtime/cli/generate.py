@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from ..engine import PROMPT_LOOKUP_TOKENS
+from ..engine import PROMPT_LOOKUP_TOKENS, SUGGESTED_PROMPT_LOOKUP_TOKENS
 
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "top_logprobs", "truncate_prompt")
 _LINE_KEYS = ("id", "prompt", "messages", *_SAMPLING_KEYS)
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
     p.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP_TOKENS, metavar="N",
                    help=f"greedy decoding: tokens drafted per step from earlier text, checked in the same run "
-                        f"(0: off; default {PROMPT_LOOKUP_TOKENS})")
+                        f"(default {PROMPT_LOOKUP_TOKENS}: off; {SUGGESTED_PROMPT_LOOKUP_TOKENS} is a good value)")
     p.add_argument("--provider", action="append", default=[], metavar="NAME",
                    help="onnxruntime execution provider, in order of preference (repeatable; default: CPUExecutionProvider)")
     p.add_argument("--provider-option", action="append", default=[], metavar="NAME:KEY=VALUE",

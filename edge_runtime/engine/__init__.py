@@ -4,7 +4,7 @@ onnxruntime and tokenizers are imported when an Engine is created, not when
 this package is imported, so the value types stay cheap to use elsewhere.
 """
 
-from ._lookup import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS
+from ._lookup import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS, SUGGESTED_PROMPT_LOOKUP_TOKENS
 from .engine import Cancel, ChatSession, Engine, ScoreResult
 from .types import (
     EnergyReport,
@@ -28,6 +28,7 @@ __all__ = [
     "Cancel",
     "ScoreResult",
     "PROMPT_LOOKUP_TOKENS",
+    "SUGGESTED_PROMPT_LOOKUP_TOKENS",
     "MAX_PROMPT_LOOKUP_TOKENS",
     "EnergyReport",
     "FinishReason",

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import numbers
 import os
 import queue
 import threading
@@ -150,9 +151,10 @@ class Engine:
         t0 = time.perf_counter()
         if max_sessions < 1:
             raise InvalidRequestError("must be >= 1", field="max_sessions")
-        if isinstance(prompt_lookup, bool) or not isinstance(prompt_lookup, int) or not 0 <= prompt_lookup <= MAX_PROMPT_LOOKUP_TOKENS:
+        if (isinstance(prompt_lookup, bool) or not isinstance(prompt_lookup, numbers.Integral)
+                or not 0 <= prompt_lookup <= MAX_PROMPT_LOOKUP_TOKENS):
             raise InvalidRequestError(f"must be an integer from 0 to {MAX_PROMPT_LOOKUP_TOKENS}, got {prompt_lookup!r}", field="prompt_lookup")
-        self.prompt_lookup = prompt_lookup
+        self.prompt_lookup = int(prompt_lookup)
         self.manifest: Manifest = verify_bundle(Path(bundle).expanduser(), verify)
         from tokenizers import Tokenizer
 

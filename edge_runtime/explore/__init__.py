@@ -202,6 +202,7 @@ def explore(
     validate: bool = False,
     holdout: float = 0.25,
     threads: int | None = None,
+    prompt_lookup: int = 0,
     root: Path | None = None,
 ) -> ExploreResult:
     """Measure, replay, report, recommend.
@@ -210,6 +211,8 @@ def explore(
     own) or, with ``cloud_settings`` naming an external bridge, a model alias
     there. ``validate`` holds back a share of the items and runs the
     recommended policy live through ``edge-runtime serve`` and the bridge.
+    ``prompt_lookup``: the edge engine's drafts (``[engine] prompt_lookup``), also
+    written into the recommended configs.
     """
     from ..cloud import CloudClient
     from ..engine import Engine
@@ -243,7 +246,7 @@ def explore(
         held_ids = {it.id for it in held}
         items = [it for it in items if it.id not in held_ids]
 
-    engine = Engine(edge_bundle, intra_op_threads=threads)
+    engine = Engine(edge_bundle, intra_op_threads=threads, prompt_lookup=prompt_lookup)
     with contextlib.ExitStack() as stack:
         user_token_file = None
         if local_bundle is not None:
@@ -305,7 +308,7 @@ def explore(
                 fields = {"estimator_path": str((out / "estimator.json").resolve()), "n_items": len(m.items),
                           "requests_per_day": requests_per_day, "goal": goal.text,
                           # absolute, as the estimator's path: the config must load from any directory
-                          "bundle": str(edge_bundle.resolve()), "cost": cost}
+                          "bundle": str(edge_bundle.resolve()), "cost": cost, "prompt_lookup": prompt_lookup}
                 (out / name).write_text(config_snippet(point, **fields, cloud=saved_cloud), encoding="utf-8")
                 # the live check runs it against the bridge measured here (its token in a private file)
                 live_configs.append((rec, config_snippet(point, **fields, cloud=_cloud_toml(cloud_settings, token_file))))

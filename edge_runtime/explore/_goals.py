@@ -120,7 +120,7 @@ def recommend(goal: Goal, points: Sequence[Point], baselines: dict[str, float], 
 
 
 def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_per_day: float, goal: str,
-                   bundle: str | None = None, cloud: str = "", cost: Any = None) -> str:
+                   bundle: str | None = None, cloud: str = "", cost: Any = None, prompt_lookup: int = 0) -> str:
     """The recommended policy as a TOML file ``edge-runtime serve --config`` loads as is.
 
     ``bundle``: the edge bundle the estimator was fitted on (an estimator refuses
@@ -128,6 +128,8 @@ def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_
     there; without one, every escalation is answered locally (``local_forced``).
     ``cost``: the CostSettings the points were priced with; the settings that differ
     from the defaults go into ``[cost]``, so the daemon reports energy and cost as predicted.
+    ``prompt_lookup``: the edge answers' decoding (drafts change int4/int8 answers at
+    near-ties), set in ``[engine]`` when on, so the daemon answers as measured.
     """
     config: dict[str, Any] = point.config
     parts = config["chain"] if "chain" in config else [config]
@@ -138,6 +140,7 @@ def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_
         "[engine]",
         *([f"bundle = {toml_value(bundle)}"] if bundle is not None else []),
         f"estimator = {toml_value(estimator_path)}",
+        *([f"prompt_lookup = {int(prompt_lookup)}"] if prompt_lookup else []),
         "",
     ]
     translated = []

@@ -110,10 +110,11 @@ def test_smollm2_fp32_greedy_is_token_identical_to_transformers(smollm2_fp32, sm
         ref = out[0][len(ids):].tolist()
         ours = engine.generate(messages=messages, max_new_tokens=32).token_ids
         assert ours == ref
-    # a story the model repeats itself in: several of its steps check prompt-lookup drafts
+    # a story the model repeats itself in, with prompt lookup: several of its steps check drafts
+    drafting = Engine(smollm2_fp32, energy_meter=None, prompt_lookup=3)
     ids = engine.encode("Once upon a time, in a small village at the edge of a great forest, there lived a young baker who")
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=96, do_sample=False)
-    ours = [c.result for c in engine.stream_tokens(ids, SamplingParams(max_new_tokens=96)) if c.result is not None][0]
+    ours = [c.result for c in drafting.stream_tokens(ids, SamplingParams(max_new_tokens=96)) if c.result is not None][0]
     assert ours.usage.accepted_draft_tokens >= 5
     assert ours.token_ids == out[0][len(ids):].tolist()
 
@@ -389,7 +390,7 @@ def test_a_conversation_sent_whole_gets_the_answer_a_fresh_engine_gives(tiny_bun
 
 
 def test_only_a_chat_session_reuses_the_entries_of_generated_tokens(tiny_bundle):
-    engine = Engine(tiny_bundle, energy_meter=None, prompt_lookup=0)  # one-row decode steps only
+    engine = Engine(tiny_bundle, energy_meter=None)  # no prompt lookup (the default): one-row decode steps only
     prompt = engine.encode("one two three four")
     params = SamplingParams(max_new_tokens=6)
 

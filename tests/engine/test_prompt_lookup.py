@@ -71,7 +71,7 @@ def oracle(monkeypatch):
 @pytest.fixture(scope="module")
 def fp32_pair(tiny_bundles):
     bundle = tiny_bundles("llama", "fp32")
-    on, off = Engine(bundle, energy_meter=None), Engine(bundle, energy_meter=None, prompt_lookup=0)
+    on, off = Engine(bundle, energy_meter=None, prompt_lookup=3), Engine(bundle, energy_meter=None)
     yield on, off
     on.close()
     off.close()
@@ -80,7 +80,7 @@ def fp32_pair(tiny_bundles):
 @pytest.mark.parametrize("wrong", [(), (0, 5, 6, 11, 20, 21, 22, 30), tuple(range(0, 48, 2))])
 def test_drafts_are_checked_and_the_greedy_answer_is_the_one_without_them(fp32_pair, tiny_model_dirs, oracle, monkeypatch, wrong):
     on, off = fp32_pair
-    assert on.prompt_lookup > 0
+    assert (on.prompt_lookup, off.prompt_lookup) == (3, 0)  # off by default
     ids = on.encode(REPETITIVE)
     without = off.generate(REPETITIVE, max_new_tokens=48)
     monkeypatch.setattr(oracle, "answer", without.token_ids)
@@ -161,14 +161,14 @@ def test_quantized_answers_are_repeatable_with_drafts(tiny_bundles, oracle, monk
     # int4/int8 kernels compute one row differently from several, so a drafted step may pick another
     # token at a near-tie than a plain one-row step: the answer must still be the same every time
     bundle = tiny_bundles("llama", precision)
-    engine = Engine(bundle, energy_meter=None)
+    engine = Engine(bundle, energy_meter=None, prompt_lookup=3)
     ids = engine.encode(REPETITIVE)
     params = SamplingParams(max_new_tokens=32, top_logprobs=2)
-    monkeypatch.setattr(oracle, "answer", _result(Engine(bundle, energy_meter=None, prompt_lookup=0), ids, params).token_ids)
+    monkeypatch.setattr(oracle, "answer", _result(Engine(bundle, energy_meter=None), ids, params).token_ids)
     monkeypatch.setattr(oracle, "wrong", frozenset({4, 12, 13}))
     first = _result(engine, ids, params)
     again = _result(engine, ids, params)  # the pool's cache: its prefix is reused
-    fresh = _result(Engine(bundle, energy_meter=None), ids, params)
+    fresh = _result(Engine(bundle, energy_meter=None, prompt_lookup=3), ids, params)
     assert first.usage.draft_tokens > 0 and again.usage.cached_prompt_tokens > 0
     for other in (again, fresh):
         assert other.token_ids == first.token_ids
@@ -198,7 +198,7 @@ def test_a_bad_prompt_lookup_names_the_field(tiny_bundle, value):
         Engine(tiny_bundle, energy_meter=None, prompt_lookup=value)
 
 
-def test_the_setting_the_flag_and_the_run_caches_follow_prompt_lookup(tiny_bundle, capsys):
+def test_the_setting_the_flag_and_the_run_caches_follow_prompt_lookup(tiny_bundle, capsys, monkeypatch):
     import json
 
     from edge_runtime.cli import main
@@ -207,12 +207,12 @@ def test_the_setting_the_flag_and_the_run_caches_follow_prompt_lookup(tiny_bundl
     from edge_runtime.runs import engine_key
     from edge_runtime.settings import load_runtime_settings
 
-    runtime = HybridRuntime.from_settings(load_runtime_settings(data={"engine": {"bundle": str(tiny_bundle)}},
-                                                                env={"EDGE_RUNTIME_ENGINE_PROMPT_LOOKUP": "0"}))
+    settings = load_runtime_settings(data={"engine": {"bundle": str(tiny_bundle)}}, env={"EDGE_RUNTIME_ENGINE_PROMPT_LOOKUP": "2"})
+    runtime = HybridRuntime.from_settings(settings)
     try:
-        off = runtime.engine
-        assert off.prompt_lookup == 0
-        on = Engine(tiny_bundle, energy_meter=None)
+        on = runtime.engine
+        assert on.prompt_lookup == 2
+        off = Engine(tiny_bundle, energy_meter=None)
         # answers decoded with drafts are cached apart; the key without them is the one older caches have
         assert engine_key(off) == f"{off.model_name}-{off.bundle_hash[:16]}" != engine_key(on)
     finally:
@@ -221,9 +221,20 @@ def test_the_setting_the_flag_and_the_run_caches_follow_prompt_lookup(tiny_bundl
         with pytest.raises(ConfigError) as info:
             load_runtime_settings(data={"engine": {"prompt_lookup": bad}}, env={})
         assert info.value.field == "engine.prompt_lookup"
-    assert main(["generate", str(tiny_bundle), "--prompt", REPETITIVE, "--max-new-tokens", "8", "--json",
-                 "--prompt-lookup", "0"]) == 0
+    assert main(["generate", str(tiny_bundle), "--prompt", REPETITIVE, "--max-new-tokens", "8", "--json"]) == 0
     usage = json.loads(capsys.readouterr().out)["usage"]
     assert usage["completion_tokens"] == 8 and usage["draft_tokens"] == usage["accepted_draft_tokens"] == 0
+    # the flag reaches the engine (a random tiny model seldom repeats itself: the oracle tests show the drafts work)
+    seen = []
+    real_init = engine_module.Engine.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("prompt_lookup"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.Engine, "__init__", spy)
+    assert main(["generate", str(tiny_bundle), "--prompt", "hi", "--max-new-tokens", "2", "--prompt-lookup", "3"]) == 0
+    assert seen == [3]
+    capsys.readouterr()
     assert main(["generate", str(tiny_bundle), "--prompt", "hi", "--prompt-lookup", "99"]) != 0
     assert "prompt_lookup" in capsys.readouterr().err

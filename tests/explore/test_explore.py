@@ -149,10 +149,14 @@ def test_recommended_snippet_names_the_bundle_and_the_bridge(tmp_path):
     (tmp_path / "device.token").write_text("ebt_x\n")
     (tmp_path / "rec.toml").write_text(text)
     settings = load_runtime_settings(tmp_path / "rec.toml", env={})
-    assert settings.engine.bundle == str(tmp_path / "edge-bundle")
+    assert settings.engine.bundle == str(tmp_path / "edge-bundle") and settings.engine.prompt_lookup == 0
     assert (settings.cloud.address, settings.cloud.model, settings.cloud.token_file) == ("127.0.0.1:7001", "coder", tmp_path / "device.token")
     # a token given inline (not a file of the user's) is never written: the file says where one goes
     assert "# token_file" in _saved_cloud_toml(bridge, None, None)
+    # answers measured with prompt-lookup drafts: the daemon decodes the same way
+    (tmp_path / "rec.toml").write_text(config_snippet(point, estimator_path="e.json", n_items=1, requests_per_day=1, goal="g",
+                                                      prompt_lookup=3))
+    assert load_runtime_settings(tmp_path / "rec.toml", env={}).engine.prompt_lookup == 3
 
 
 def test_daemon_warns_when_the_policy_may_escalate_but_no_bridge_is_configured(tiny_bundle, caplog):
@@ -327,8 +331,11 @@ def test_explore_checks_the_first_goal_met_reports_every_goal_and_drops_stale_fi
     (out / "recommended-prod.toml").write_text("# the user's own\n")  # not the explorer's: kept
     result = explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out,
                      suite=str(tiny_suite), goals=["accuracy>=0.99", "max-accuracy usd<=1000/1k"], validate=True,
-                     root=tmp_path / "runs")
+                     root=tmp_path / "runs", prompt_lookup=3)
     assert result.recommendations[0]["point"] is None and result.recommendations[1]["config_file"] == "recommended-2.toml"
+    # the edge answers were decoded with drafts, cached apart, and the daemon of the live check decoded them so too
+    assert [p.name for p in (tmp_path / "runs").glob("edge-*")] and all("-lookup3-" in p.name for p in (tmp_path / "runs").glob("edge-*"))
+    assert "prompt_lookup = 3" in (out / "recommended-2.toml").read_text()
     assert sorted(p.name for p in out.glob("recommended*.toml")) == ["recommended-2.toml", "recommended-prod.toml"]
     assert result.validation is not None and "max-accuracy usd<=1000/1k" in result.validation["summary"]
     report = (out / "report.md").read_text()
