@@ -71,6 +71,8 @@ class HybridResult:
     energy: dict[str, Any]
     cost: dict[str, float]
     cloud_error: str | None = None
+    # the local runs' prompt-lookup drafts (engine prompt_lookup): "accepted" and "rejected" token counts
+    predictions: dict[str, int] = dataclasses.field(default_factory=lambda: {"accepted": 0, "rejected": 0})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -529,6 +531,7 @@ class HybridRuntime:
             text, model, finish, tokens = "", self.engine.model_name, "cancelled", []
         else:
             text, model, finish, tokens = final_local.text, final_local.model, final_local.finish_reason, final_local.tokens
+        accepted = sum(r.usage.accepted_draft_tokens for r in locals_)
         reason = decision.reason if route != "fallback" else "cloud_error"
         detail = decision.detail if route != "fallback" else f"{decision.reason}: escalation failed ({cloud_error}); local answer returned"
         return HybridResult(
@@ -536,4 +539,5 @@ class HybridRuntime:
             threshold=decision.threshold, policy=self.policy.describe(), model=model, finish_reason=finish,
             draft=(final_local.text if final_local and not early_exit else None) if route == "cloud" else None,
             tokens=list(tokens), usage=usage, latency_ms=latency, energy=energy, cost=cost, cloud_error=cloud_error,
+            predictions={"accepted": accepted, "rejected": sum(r.usage.draft_tokens for r in locals_) - accepted},
         )

@@ -78,6 +78,7 @@ class Metrics:
         self.requests: dict[Labels, float] = {}
         self.answers: dict[Labels, float] = {}
         self.tokens: dict[Labels, float] = {}
+        self.draft_tokens: dict[Labels, float] = {}
         self.energy_j: dict[Labels, float] = {}
         self.network_j = 0.0
         self.cloud_usd = 0.0
@@ -106,6 +107,9 @@ class Metrics:
                                 ("completion", result.usage[side]["completion_tokens"])):
                     tkey = (("route", route), ("side", side), ("kind", kind))
                     self.tokens[tkey] = self.tokens.get(tkey, 0) + n
+            for outcome, n in result.predictions.items():
+                pkey = (("outcome", outcome),)
+                self.draft_tokens[pkey] = self.draft_tokens.get(pkey, 0) + n
             self.energy_j[key] = self.energy_j.get(key, 0.0) + float(result.energy.get("joules") or 0.0)
             self.network_j += float(result.energy.get("network_joules") or 0.0)
             self.cloud_usd += float(result.cost.get("cloud_usd") or 0.0)
@@ -156,6 +160,9 @@ class Metrics:
             family("edge_runtime_tokens_total", "counter",
                    "Tokens processed for answered requests, by route, side (local/cloud) and kind (prompt/completion).",
                    dict(self.tokens))
+            family("edge_runtime_draft_tokens_total", "counter",
+                   "Prompt-lookup drafts checked by local decoding ([engine] prompt_lookup), by outcome (accepted/rejected).",
+                   {(("outcome", o),): self.draft_tokens.get((("outcome", o),), 0) for o in ("accepted", "rejected")})
             family("edge_runtime_escalation_ratio", "gauge",
                    "Share of answered requests escalated to the cloud (route cloud or fallback).", ratio)
             family("edge_runtime_energy_joules_total", "counter",

@@ -193,8 +193,13 @@ def usage_object(result: HybridResult) -> dict[str, Any]:
     local, cloud = result.usage["local"], result.usage["cloud"]
     prompt = local["prompt_tokens"] + cloud["prompt_tokens"]
     completion = local["completion_tokens"] + cloud["completion_tokens"]
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "local": dict(local), "cloud": dict(cloud)}
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                             "local": dict(local), "cloud": dict(cloud)}
+    if any(result.predictions.values()):
+        # prompt-lookup drafts, in the fields OpenAI reports its predicted outputs in
+        usage["completion_tokens_details"] = {"accepted_prediction_tokens": result.predictions["accepted"],
+                                              "rejected_prediction_tokens": result.predictions["rejected"]}
+    return usage
 
 
 def extensions(result: HybridResult, *, queue_ms: float) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import json
 import threading
 import time
 
+from edge_runtime.engine import Engine
+
 from .conftest import ASK, CLOUD_REPLY, cloud_client, metric, runtime, start_bridge
 
 ESCALATE = {"type": "threshold", "p": 0.999}  # the tiny random model is never that sure
@@ -134,3 +136,37 @@ def test_handed_over_escalations_are_bounded_and_every_request_keeps_a_thread(en
         "auto0": (200, "cloud"), "auto1": (200, "cloud"), "local": (200, "local")}
     slow.server.stop(0)
     cloud.close()
+
+
+def test_prompt_lookup_drafts_are_reported_in_the_usage_and_the_metrics(tiny_bundle, start_daemon, http, monkeypatch):
+    from edge_runtime.engine import engine as engine_module
+    from edge_runtime.engine._lookup import PromptLookup
+
+    plain = Engine(tiny_bundle, energy_meter=None)
+    answer = plain.generate(messages=ASK, max_new_tokens=8).token_ids
+
+    class RightEveryOtherTime(PromptLookup):  # a tiny random model seldom repeats itself: drafts with known outcomes
+        def __init__(self, tokens, **kw):
+            super().__init__(tokens, **kw)
+            self.start, self.calls = len(self), 0
+
+        def draft(self, limit):
+            self.calls += 1
+            right = answer[len(self) - self.start]  # the token after the one the step feeds
+            return [] if limit < 1 else [right] if self.calls % 2 else [right + 1]
+
+    monkeypatch.setattr(engine_module, "PromptLookup", RightEveryOtherTime)
+    daemon = start_daemon(runtime(Engine(tiny_bundle, energy_meter=None, prompt_lookup=2)))
+    client = http(daemon.port)
+    status, _, body = client.json("POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 8})
+    assert status == 200
+    details = body["usage"]["completion_tokens_details"]
+    assert details["accepted_prediction_tokens"] > 0 and details["rejected_prediction_tokens"] > 0
+    _, _, m = client.request("GET", "/metrics")
+    m = m.decode()
+    assert metric(m, "edge_runtime_draft_tokens_total", outcome="accepted") == details["accepted_prediction_tokens"]
+    assert metric(m, "edge_runtime_draft_tokens_total", outcome="rejected") == details["rejected_prediction_tokens"]
+    # without drafts the usage is OpenAI's plain one
+    plain_daemon = start_daemon(runtime(plain))
+    status, _, body = http(plain_daemon.port).json("POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 8})
+    assert status == 200 and "completion_tokens_details" not in body["usage"]
