@@ -18,7 +18,8 @@ summed over the workload's requests), with and without drafts, their ratio
 (the median of the rounds' ratios), drafted and accepted tokens, and how many
 answers are token-identical to the answer without drafts (int4/int8 kernels
 compute a row of a multi-row step slightly differently from a one-row step, so
-a near-tie may go the other way).
+a near-tie may go the other way). Last, what a decode step costs with 1 to 4
+rows (the next token plus up to 3 drafts), which is what a rejected draft wastes.
 
 Writes benchmarks/results/lookup-<host>.json and .md (the README's table).
 """
@@ -77,6 +78,30 @@ def _answer(engine: Any, ids: list[int], max_new_tokens: int) -> Any:
     return [c.result for c in engine.stream_tokens(ids, params) if c.result is not None][0]
 
 
+def step_costs(engine: Any, *, rounds: int, steps: int = 100, max_rows: int = 4) -> dict[str, Any]:
+    """Milliseconds of a decode step feeding 1..max_rows tokens (the next one plus drafts), alternating row counts.
+
+    Each step runs on a cache holding the story's prompt plus ~100 tokens and is then
+    truncated back, so every row count sees the same cache length.
+    """
+    from benchmarks.throughput import make_prompts
+
+    cache = engine.new_cache()
+    cache.prefill(make_prompts(engine.manifest.tokenizer_file, engine.bos_token_id, 120, 120)["short"])
+    base = cache.length
+    per_rows: dict[int, list[float]] = {n: [] for n in range(1, max_rows + 1)}
+    for r in range(rounds):
+        for n in (list(per_rows) if r % 2 == 0 else list(per_rows)[::-1]):
+            t0 = time.perf_counter()
+            for i in range(steps):
+                cache.step_many([100 + (i + j) % 50 for j in range(n)])
+                cache.truncate(base)
+            per_rows[n].append((time.perf_counter() - t0) * 1000.0 / steps)
+    one = statistics.median(per_rows[1])
+    return {"ms": {str(n): round(statistics.median(v), 4) for n, v in per_rows.items()},
+            "relative_to_one_row": {str(n): round(statistics.median(v) / one, 3) for n, v in per_rows.items()}}
+
+
 def run_benchmark(bundle: Path, *, rounds: int, tasks: int, threads: int | None = None) -> dict[str, Any]:
     from edge_runtime.engine import SUGGESTED_PROMPT_LOOKUP_TOKENS, Engine
 
@@ -114,6 +139,7 @@ def run_benchmark(bundle: Path, *, rounds: int, tasks: int, threads: int | None 
             "accepted_draft_tokens": sum(x.usage.accepted_draft_tokens for x in on),
             "identical_answers": sum(a.token_ids == b.token_ids for a, b in zip(off, on)),
         }
+    costs = step_costs(engines[0], rounds=rounds)
     for e in engines.values():
         e.close()
     return {
@@ -124,6 +150,7 @@ def run_benchmark(bundle: Path, *, rounds: int, tasks: int, threads: int | None 
         "settings": {"rounds": rounds, "tasks": tasks, "threads": engines[0].model.threads,
                      "prompt_lookup": SUGGESTED_PROMPT_LOOKUP_TOKENS},
         "workloads": stats,
+        "step_costs": costs,
     }
 
 
@@ -137,6 +164,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         rate = w["decode_tokens_per_s"]
         rows.append(f"| {name} | {w['requests']} | {rate['without']:.1f} | {rate['with']:.1f} | {w['speedup']:.2f}× | "
                     f"{w['draft_tokens']} | {w['accepted_draft_tokens']} | {w['identical_answers']}/{w['requests']} |")
+    rel = doc["step_costs"]["relative_to_one_row"]
+    rows += ["", "A decode step feeding " + ", ".join(f"{n} rows costs {x:.2f}×" for n, x in rel.items() if n != "1")
+             + f" a 1-row step ({doc['step_costs']['ms']['1']:.2f} ms; the next token plus 1, 2 or 3 drafts)."]
     return "\n".join(rows) + "\n"
 
 

@@ -34,7 +34,11 @@ def test_writes_each_workload_with_and_without_drafts(lookup, tiny_bundle: Path,
         # the tiny bundle is fp32: drafts never change an answer
         assert stats["identical_answers"] == stats["requests"]
         assert stats["generated_tokens"]["with"] == stats["generated_tokens"]["without"]
+    costs = doc["step_costs"]
+    assert list(costs["ms"]) == ["1", "2", "3", "4"] and all(ms > 0 for ms in costs["ms"].values())
+    assert costs["relative_to_one_row"]["1"] == 1.0
     table = out.with_suffix(".md").read_text()
+    assert "A decode step feeding 2 rows costs" in table
     assert "| chat | 10 |" in table and table in capsys.readouterr().out
 
 

@@ -5,8 +5,9 @@ items, whole phrases). When the last few tokens occurred before, the tokens
 that followed them then are a cheap guess for what follows now. The engine
 feeds the guess to the model together with the next token in one multi-row
 run and keeps the guessed tokens the model agrees with (see ``Engine.run``).
-On these CPUs a two-row run costs little more than a one-row step, so one
-accepted token nearly halves the cost of two.
+A decode step is bound by reading the weights, so a two-row step costs little
+more than a one-row one (1.2x on a 2-core x86 VM): an accepted draft is a token
+for a fifth of a step.
 
 The index maps every n-gram (``min_ngram`` to ``max_ngram`` tokens) to the
 position after its latest occurrence that already has a follower, and is
@@ -24,9 +25,9 @@ __all__ = ["PromptLookup", "PROMPT_LOOKUP_TOKENS", "SUGGESTED_PROMPT_LOOKUP_TOKE
 # little differently from a one-row step, so answers change at near-ties; the shipped estimator and
 # the recorded evaluations were fitted on answers decoded without drafts.
 PROMPT_LOOKUP_TOKENS = 0
-# What to turn on: int4 SmolLM2, 2 threads, a 2-row run cost 1.04x a 1-row step and a 4-row run
-# 1.5x; drafting 1-3 tokens by the longest 2- to 4-token match beat 1 token and 2-token-only
-# matches on chat and task-suite answers (benchmarks/lookup.py measures what it gives).
+# What to turn on: int4 SmolLM2, 2 threads, a step of 2, 3 or 4 rows cost 1.22x, 1.50x and 1.71x a
+# 1-row step (benchmarks/lookup.py); drafting 1-3 tokens by the longest 2- to 4-token match beat
+# 1 token and 2-token-only matches on chat and task-suite answers replayed with those costs.
 SUGGESTED_PROMPT_LOOKUP_TOKENS = 3
 MAX_PROMPT_LOOKUP_TOKENS = 16
 
