@@ -559,7 +559,9 @@ def compare_quality(quality: dict[str, Any] | None, reference: dict[str, Any] | 
 def summarize(results: list[dict[str, Any]], bandwidth: dict[str, Any], bytes_per_token: dict[str, Any] | None) -> dict[str, Any]:
     """Ratios of the engine's int4 figures to the peers', targets, and the share of the bandwidth ceiling."""
     ok = [r for r in results if r["status"] == "ok"]
-    engine = next((r for r in ok if r["kind"] == "engine" and r.get("precision") == "int4"), None)
+    # the reference is the engine as shipped: an int4 row without engine options (not the row with drafts)
+    engine = next((r for r in ok if r["kind"] == "engine" and r.get("precision") == "int4"
+                   and not (r.get("details") or {}).get("engine_options")), None)
     peers = [r for r in ok if r["kind"] == "peer"]
     summary: dict[str, Any] = {"reference": engine["label"] if engine else None}
     # every measured row's decode speed against each peer's, next to what its quantization costs in quality

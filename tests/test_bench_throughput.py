@@ -135,6 +135,10 @@ def test_the_default_bundle_is_measured_with_and_without_prompt_lookup(throughpu
                                   "ratio_vs_faster_peer": 1.091}
     # the targets are the default's, and the faster peer is a peer, never the row with drafts
     assert s["reference"] == "edge-runtime int4" and s["decode_ratio_vs_faster_peer"] == 0.909
+    # the row with drafts is never the reference, even listed first or alone
+    with_drafts["details"] = {"engine_options": {"prompt_lookup": 3}}
+    assert throughput.summarize([with_drafts, without, genai], {"best_gb_per_s": 25.0}, None)["reference"] == "edge-runtime int4"
+    assert throughput.summarize([with_drafts, genai], {"best_gb_per_s": 25.0}, None)["reference"] is None
 
 
 def test_quality_comparison_against_the_reference(throughput) -> None:

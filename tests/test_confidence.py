@@ -195,6 +195,15 @@ def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, caps
     # the same estimator refuses another bundle
     assert main(["eval", "--bundle", str(cloud), "--suite", str(tiny_suite), "--estimator", str(out)]) == 1
     assert "another bundle" in capsys.readouterr().err
+    # with prompt lookup the edge answers are decoded with drafts and cached apart; the cloud stand-in decodes
+    # as a bridge does, without, so its cached answers are the ones above
+    runs = tmp_path / "cache" / "runs"
+    cloud_before = {p.name: p.stat().st_size for p in runs.glob("cloud-*")}
+    assert main(["eval", "--bundle", str(edge), "--cloud-bundle", str(cloud), "--suite", str(tiny_suite),
+                 "--estimator", str(out), "--json", "--prompt-lookup", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_lookup"] == 3
+    assert {p.name: p.stat().st_size for p in runs.glob("cloud-*")} == cloud_before
+    assert len([p for p in runs.glob("edge-*-lookup3-*")]) == 1 and "prompt_lookup" not in report
 
 
 @pytest.mark.parametrize(

@@ -54,8 +54,8 @@ def _lookup_argument(parser: argparse.ArgumentParser) -> None:
     from ..engine import PROMPT_LOOKUP_TOKENS
 
     parser.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP_TOKENS, metavar="N",
-                        help="prompt-lookup drafts per step for the edge model and the cloud stand-in, as the daemon's "
-                             "[engine] prompt_lookup (default: off); their answers are cached apart")
+                        help="prompt-lookup drafts per step for the edge model, as the daemon's [engine] prompt_lookup "
+                             "(default: off; its answers are cached apart). The cloud stand-in never drafts, as a bridge")
 
 
 def _items(suite: str, split: str, limit: int | None) -> list[Any]:
@@ -88,7 +88,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if len(set(data.labels.tolist())) < 2:
         log.warning("all %d items are %s: the estimator cannot learn to tell right from wrong answers on them "
                     "(use more items, or another split)", len(data), "right" if data.labels[0] else "wrong")
-    cloud = _cloud_labels(cloud_bundle, args.threads, items, data, args.prompt_lookup)
+    cloud = _cloud_labels(cloud_bundle, args.threads, items, data)
     estimator = fit_estimator(args.family, data, bundle_hash=None if args.portable else engine.bundle_hash, cloud_labels=cloud)
     p = estimator_scores(estimator, data, training_data=True)  # in-sample, but no row votes for itself
     summary = {
@@ -137,24 +137,25 @@ def _cloud_bundle(args: argparse.Namespace) -> Path | None:
     return resolve_bundle(args.cloud_bundle, field="--cloud-bundle") if args.cloud_bundle else None
 
 
-def _cloud_labels(bundle: Path | None, threads: int | None, items: list[Any], data: Any, lookup: int = 0) -> Any:
+def _cloud_labels(bundle: Path | None, threads: int | None, items: list[Any], data: Any) -> Any:
     """The cloud stand-in's correctness on the dataset's items (None without --cloud-bundle)."""
     import numpy as np
 
-    recs = _cloud_records(bundle, threads, items, lookup)
+    recs = _cloud_records(bundle, threads, items)
     if recs is None:
         return None
     by_id = {r["item_id"]: bool(r.get("correct")) for r in recs}
     return np.array([by_id[r["item_id"]] for r in data.records], dtype=float)
 
 
-def _cloud_records(bundle: Path | None, threads: int | None, items: list[Any], lookup: int = 0) -> list[dict[str, Any]] | None:
+def _cloud_records(bundle: Path | None, threads: int | None, items: list[Any]) -> list[dict[str, Any]] | None:
     if bundle is None:
         return None
     from ..engine import Engine
     from ..runs import engine_key, local_cloud_generate, run_cloud
 
-    cloud = Engine(bundle, intra_op_threads=threads, energy_meter=None, prompt_lookup=lookup)
+    # decodes as the bridge's ONNX backend does (no prompt lookup), whatever the edge model does
+    cloud = Engine(bundle, intra_op_threads=threads, energy_meter=None)
     return run_cloud(local_cloud_generate(cloud), f"local-{engine_key(cloud)}", items, desc="cloud")
 
 
@@ -206,7 +207,7 @@ def _eval(args: argparse.Namespace) -> int:
     est = None if args.study else load_estimator(args.estimator, bundle_hash=engine.bundle_hash)
     records = run_edge(engine, items, selfcheck=args.study, desc=f"{args.split} (edge)")
     data = make_dataset(records, items)
-    cloud_recs = _cloud_records(cloud_bundle, args.threads, items, args.prompt_lookup)
+    cloud_recs = _cloud_records(cloud_bundle, args.threads, items)
     cloud = None if cloud_recs is None else {r["item_id"]: bool(r.get("correct")) for r in cloud_recs}
     families = [r["family"] for r in data.records]
 
@@ -223,7 +224,7 @@ def _eval(args: argparse.Namespace) -> int:
 
             rep["overall"]["ece"] = round(expected_calibration_error(fitted, data.labels), 6)
             reports[f"signal:{name}"] = rep
-        dev_cloud = _cloud_labels(cloud_bundle, args.threads, dev_items, dev, args.prompt_lookup) if cloud is not None else None
+        dev_cloud = _cloud_labels(cloud_bundle, args.threads, dev_items, dev) if cloud is not None else None
         p_cloud = None
         for fam in FAMILIES:
             est = fit_estimator(fam, dev, bundle_hash=engine.bundle_hash, cloud_labels=dev_cloud if p_cloud is None else None)
@@ -250,7 +251,8 @@ def _eval(args: argparse.Namespace) -> int:
         parse_errors["cloud"] = sum(bool(r.get("parse_error")) for r in cloud_recs)
     out = _json_safe({"bundle": engine.model_name, "suite": args.suite, "split": args.split, "items": len(data),
                       "local_accuracy": round(float(data.labels.mean()), 6), "parse_errors": parse_errors,
-                      "cloud": args.cloud_bundle, "estimators": reports})
+                      "cloud": args.cloud_bundle, **({"prompt_lookup": args.prompt_lookup} if args.prompt_lookup else {}),
+                      "estimators": reports})
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -266,7 +268,8 @@ def _fmt(x: Any, pct: bool = False) -> str:
 
 def _print_table(out: dict[str, Any]) -> None:
     w = sys.stdout.write
-    w(f"{out['bundle']} on {out['suite']}/{out['split']} ({out['items']} items)" + (f", cloud {out['cloud']}" if out["cloud"] else "") + "\n")
+    w(f"{out['bundle']} on {out['suite']}/{out['split']} ({out['items']} items)" + (f", cloud {out['cloud']}" if out["cloud"] else "")
+      + (f", edge prompt lookup {out['prompt_lookup']}" if out.get("prompt_lookup") else "") + "\n")
     unread = ", ".join(f"{n} {side}" for side, n in out["parse_errors"].items())
     w(f"local accuracy {out['local_accuracy']:.1%}; answers the scorer could not read (counted wrong): {unread}\n")
     w(f"{'estimator':<22} {'AUROC':>6} {'ECE':>6} {'APGR':>6} {'CPT50':>6} {'CPT80':>6}\n")

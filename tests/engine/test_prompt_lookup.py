@@ -27,6 +27,10 @@ def test_a_draft_continues_the_longest_earlier_match():
     assert lookup.draft(5) == [5, 6, 1]  # a 4-token match three, the most max_draft allows
     assert lookup.draft(1) == [5]  # never more than asked for
     assert lookup.draft(0) == []
+    # a larger max_draft looks for longer matches too: a 6-token match drafts five
+    tokens = [9, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6]
+    assert PromptLookup(tokens, max_draft=5).draft(9) == [7, 8, 1, 2, 3]
+    assert PromptLookup(tokens, max_draft=3).draft(9) == [7, 8, 1]
 
 
 def test_the_index_built_token_by_token_equals_one_built_at_once():
@@ -192,7 +196,7 @@ def test_cancel_is_seen_between_drafted_steps(fp32_pair, oracle, monkeypatch):
     assert result.usage.accepted_draft_tokens > 0
 
 
-@pytest.mark.parametrize("value", [-1, 17, 1.5, True, "3"])
+@pytest.mark.parametrize("value", [-1, 9, 1.5, True, "3"])
 def test_a_bad_prompt_lookup_names_the_field(tiny_bundle, value):
     with pytest.raises(InvalidRequestError, match="prompt_lookup"):
         Engine(tiny_bundle, energy_meter=None, prompt_lookup=value)
@@ -217,7 +221,7 @@ def test_the_setting_the_flag_and_the_run_caches_follow_prompt_lookup(tiny_bundl
         assert engine_key(off) == f"{off.model_name}-{off.bundle_hash[:16]}" != engine_key(on)
     finally:
         runtime.close()
-    for bad in (-1, 17):
+    for bad in (-1, 9):
         with pytest.raises(ConfigError) as info:
             load_runtime_settings(data={"engine": {"prompt_lookup": bad}}, env={})
         assert info.value.field == "engine.prompt_lookup"
