@@ -28,7 +28,7 @@ PROMPT_LOOKUP_TOKENS = 0
 # What to turn on: int4 SmolLM2, 2 threads, a step of 2, 3 or 4 rows cost 1.22x, 1.50x and 1.71x a
 # 1-row step (benchmarks/lookup.py). Replaying the greedy answers of 72 chat and task-suite prompts
 # with those costs, drafting 1-3 tokens by the longest 2- to 4-token match beat 1 or 2 tokens and
-# 3-token-minimum matches; 4 to 8 tokens came within 1% of it.
+# 3-token-minimum matches; 4 to 8 tokens (steps past 4 rows extrapolated) came within 1% of it.
 SUGGESTED_PROMPT_LOOKUP_TOKENS = 3
 MAX_PROMPT_LOOKUP_TOKENS = 8  # each token appended indexes one n-gram per match length
 
