@@ -206,10 +206,7 @@ class KVCache:
         b.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
         self._bound_rows = 0
         self._run()
-        if n > 1 and self.prefilled == self.length:
-            self.prefilled = total
-        self.length = total
-        self.tokens.extend(int(t) for t in ids)
+        self._appended(ids)
         return logits[0]
 
     def step(self, token: int) -> np.ndarray:
@@ -237,11 +234,16 @@ class KVCache:
         seqlens[0] = self.length + n - 1
         total[...] = self.length + n
         self._run()
-        if n > 1 and self.prefilled == self.length:  # a multi-row run, like a prefill (see Engine.run)
+        self._appended(tokens)
+        return logits[0]
+
+    def _appended(self, ids: Sequence[int]) -> None:
+        """Account for ``ids`` just run into the cache."""
+        n = len(ids)
+        if n > 1 and self.prefilled == self.length:  # a multi-row run computes what a prefill does (see Engine.run)
             self.prefilled += n
         self.length += n
-        self.tokens.extend(int(t) for t in tokens)
-        return logits[0]
+        self.tokens.extend(int(t) for t in ids)
 
     def _step_arrays(self, n: int) -> tuple[list[np.ndarray], list[Any]]:
         arrays = [np.zeros((1, n), np.int64), np.zeros((1,), np.int32), np.zeros((), np.int32),
