@@ -6,6 +6,9 @@ import json
 import threading
 import time
 
+import grpc
+
+from edge_runtime._proto.edgecloud.v1 import bridge_pb2, daemon_pb2, daemon_pb2_grpc
 from edge_runtime.engine import Engine
 
 from .conftest import ASK, CLOUD_REPLY, cloud_client, metric, runtime, start_bridge
@@ -138,7 +141,8 @@ def test_handed_over_escalations_are_bounded_and_every_request_keeps_a_thread(en
     cloud.close()
 
 
-def test_prompt_lookup_drafts_are_reported_in_the_usage_and_the_metrics(tiny_bundle, start_daemon, http, monkeypatch):
+def test_prompt_lookup_drafts_are_reported_in_the_usage_and_the_metrics(tiny_bundle, start_daemon, http, monkeypatch,
+                                                                        tmp_path):
     from edge_runtime.engine import engine as engine_module
     from edge_runtime.engine._lookup import PromptLookup
 
@@ -156,16 +160,22 @@ def test_prompt_lookup_drafts_are_reported_in_the_usage_and_the_metrics(tiny_bun
             return [] if limit < 1 else [right] if self.calls % 2 else [right + 1]
 
     monkeypatch.setattr(engine_module, "PromptLookup", RightEveryOtherTime)
-    daemon = start_daemon(runtime(Engine(tiny_bundle, energy_meter=None, prompt_lookup=2)))
+    daemon = start_daemon(runtime(Engine(tiny_bundle, energy_meter=None, prompt_lookup=2)), tmp_path)
     client = http(daemon.port)
     status, _, body = client.json("POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 8})
     assert status == 200
     details = body["usage"]["completion_tokens_details"]
     assert details["accepted_prediction_tokens"] > 0 and details["rejected_prediction_tokens"] > 0
+    # the gRPC service reports the same counts
+    with grpc.insecure_channel(f"unix:{daemon.grpc_socket}") as channel:
+        reply = daemon_pb2_grpc.EdgeRuntimeStub(channel).Chat(daemon_pb2.ChatRequest(
+            messages=[bridge_pb2.ChatMessage(**m) for m in ASK], max_new_tokens=8), timeout=30)
+    assert (reply.usage.accepted_prediction_tokens, reply.usage.rejected_prediction_tokens) == (
+        details["accepted_prediction_tokens"], details["rejected_prediction_tokens"])
     _, _, m = client.request("GET", "/metrics")
     m = m.decode()
-    assert metric(m, "edge_runtime_draft_tokens_total", outcome="accepted") == details["accepted_prediction_tokens"]
-    assert metric(m, "edge_runtime_draft_tokens_total", outcome="rejected") == details["rejected_prediction_tokens"]
+    assert metric(m, "edge_runtime_draft_tokens_total", outcome="accepted") == 2 * details["accepted_prediction_tokens"]
+    assert metric(m, "edge_runtime_draft_tokens_total", outcome="rejected") == 2 * details["rejected_prediction_tokens"]
     # without drafts the usage is OpenAI's plain one
     plain_daemon = start_daemon(runtime(plain))
     status, _, body = http(plain_daemon.port).json("POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 8})
