@@ -171,12 +171,17 @@ def _check_manifest_fields(raw: dict[str, Any], path: Path) -> None:
             value = raw[section].get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise bad(f"{section}.{key}", f"must be a positive integer, got {value!r}")
+    vocab = raw["model"]["vocab_size"]
+
+    def token_id(t: Any) -> bool:  # onnxruntime's Gather would not fail on an id past the vocabulary: it reads zeros
+        return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+
     eos = raw["tokens"].get("eos_token_ids")
-    if not isinstance(eos, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
-        raise bad("tokens.eos_token_ids", f"must be a list of token ids, got {eos!r}")
+    if not isinstance(eos, list) or not all(token_id(t) for t in eos):
+        raise bad("tokens.eos_token_ids", f"must be a list of token ids below model.vocab_size {vocab}, got {eos!r}")
     bos = raw["tokens"].get("bos_token_id")
-    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
-        raise bad("tokens.bos_token_id", f"must be a token id or null, got {bos!r}")
+    if bos is not None and not token_id(bos):
+        raise bad("tokens.bos_token_id", f"must be a token id below model.vocab_size {vocab} or null, got {bos!r}")
     if not isinstance(raw["tokens"].get("add_bos_token", False), bool):
         raise bad("tokens.add_bos_token", "must be true or false")
     if raw.get("chat_template") is not None and not isinstance(raw["chat_template"], str):

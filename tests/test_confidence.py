@@ -281,3 +281,36 @@ def test_metrics_undefined_on_one_class_are_null_in_json_not_nan():
 
     out = _json_safe({"auroc": float("nan"), "ece": 0.1, "per": [float("inf"), np.float64("nan"), 2]})
     assert json.loads(json.dumps(out, allow_nan=False)) == {"auroc": None, "ece": 0.1, "per": [None, None, 2]}
+
+
+def test_selfcheck_still_answers_when_the_conversation_filled_the_context_window(tiny_bundle, tmp_path, capsys):
+    from edge_runtime.confidence import SelfCheckEstimator, signals_from_result
+    from edge_runtime.confidence._selfcheck import selfcheck_messages
+    from edge_runtime.engine import Engine
+    from edge_runtime.errors import ContextLengthError
+
+    engine = Engine(tiny_bundle, energy_meter=None)
+    words = 1
+    while engine.count_tokens(messages=[{"role": "user", "content": "count: " + "one two " * (words + 1)}]) < engine.context_length - 24:
+        words += 1
+    messages = [{"role": "user", "content": "count: " + "one two " * words}]
+    room = engine.context_length - engine.count_tokens(messages=messages)
+    assert 0 < room < 64
+    result = engine.generate(messages=messages, max_new_tokens=room)  # the answer takes the rest of the window
+    asked = selfcheck_messages(messages, result.text)
+    with pytest.raises(ContextLengthError):  # the question no longer fits after the answer
+        engine.next_token_logprobs(messages=asked)
+    kept = engine.next_token_logprobs(messages=asked, truncate=True)  # the conversation's end, with the question
+    assert kept.shape == (engine.model.vocab_size,) and math.isclose(float(np.exp(kept).sum()), 1.0, rel_tol=1e-4)
+    p = SelfCheckEstimator(1.0, 0.0).p_correct(signals_from_result(result, messages=messages), engine=engine, messages=messages)
+    assert 0.0 < p < 1.0
+
+    # and so the CLI returns that answer with its confidence instead of a context-length error
+    est = tmp_path / "selfcheck.json"
+    save_estimator(SelfCheckEstimator(1.0, 0.0), est)
+    lines = tmp_path / "in.jsonl"
+    lines.write_text(json.dumps({"id": "full", "messages": messages, "max_new_tokens": room}) + "\n")
+    assert main(["generate", str(tiny_bundle), "--input", str(lines), "--estimator", str(est), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == result.text and out["confidence"]["estimator"] == "selfcheck"
+    assert 0.0 < out["confidence"]["p_correct"] < 1.0

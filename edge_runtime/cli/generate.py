@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from typing import Any
 
@@ -21,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt", help="raw text, no chat template")
     src.add_argument("--chat", help="one user message, wrapped in the bundle's chat template")
     src.add_argument("--input", metavar="FILE.jsonl",
-                     help='JSON lines, each {"id": ..., "messages": [...]} or {"id": ..., "prompt": "..."}; one output line per input line')
+                     help='JSON lines ("-": standard input), each {"id": ..., "messages": [...]} or {"id": ..., "prompt": "..."}; '
+                          'one output line per input line, in order (blank lines are skipped)')
     p.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
@@ -97,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
             # opened before the model loads, so a wrong path is reported at once; read as
             # bytes, line by line, so a line that is not UTF-8 is one bad line, not a crash
             try:
-                lines = stack.enter_context(open(args.input, "rb"))
+                lines = sys.stdin.buffer if args.input == "-" else stack.enter_context(open(args.input, "rb"))
             except OSError as err:
                 raise InvalidRequestError(f"cannot read {args.input}: {err.strerror or err}", field="--input") from err
         engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads, prompt_lookup=args.prompt_lookup,
@@ -141,6 +143,18 @@ def _json_line(obj: Any) -> str:
     return line
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON but no double: echoed back (an id) it would print as Infinity, which is not JSON
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is outside a double's range")
+    return value
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity unless told not to
+
+
 def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: int) -> tuple[dict[str, Any], bool]:
     """One ``--input`` line's output object, and whether it succeeded.
 
@@ -157,10 +171,10 @@ def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: i
         except UnicodeDecodeError as err:
             raise InvalidRequestError(f"line {lineno} is not valid UTF-8 (byte {err.start})", field="line") from err
         try:
-            item = json.loads(line)
+            item = json.loads(line, parse_float=_finite_float, parse_constant=_not_json)
         except json.JSONDecodeError as err:
             raise InvalidRequestError(f"line {lineno} is not valid JSON: {err.msg}", field="line") from err
-        except ValueError as err:  # an integer past Python's 4,300-digit limit
+        except ValueError as err:  # an integer past Python's 4,300-digit limit, a number past a double's range
             raise InvalidRequestError(f"line {lineno} is not usable JSON: {err}", field="line") from err
         except RecursionError as err:
             raise InvalidRequestError(f"line {lineno} is nested too deeply", field="line") from err

@@ -19,8 +19,13 @@ def selfcheck_messages(messages: Sequence[Mapping[str, Any]], answer: str) -> li
 
 
 def yes_probability(engine: Any, messages: Sequence[Mapping[str, Any]]) -> float:
-    """P(yes) / (P(yes) + P(no)) for the first token of the model's reply to ``messages``."""
-    lp = engine.next_token_logprobs(messages=messages)
+    """P(yes) / (P(yes) + P(no)) for the first token of the model's reply to ``messages``.
+
+    The question and the answer go after the conversation, so a conversation that
+    filled the context window has no room for them: the self-check then reads the
+    conversation's end only, rather than failing a request whose answer is already made.
+    """
+    lp = engine.next_token_logprobs(messages=messages, truncate=True)
 
     def mass(words: Sequence[str]) -> float:
         ids = {engine.tokenizer.encode(w, add_special_tokens=False).ids[0] for w in words}

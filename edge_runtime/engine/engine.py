@@ -149,8 +149,9 @@ class Engine:
         prompt_lookup: int = PROMPT_LOOKUP_TOKENS,
     ) -> None:
         t0 = time.perf_counter()
-        if max_sessions < 1:
-            raise InvalidRequestError("must be >= 1", field="max_sessions")
+        for field, value in (("max_sessions", max_sessions), ("cache_tokens", cache_tokens)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InvalidRequestError(f"must be an integer >= 1, got {value!r}", field=field)
         if (isinstance(prompt_lookup, bool) or not isinstance(prompt_lookup, numbers.Integral)
                 or not 0 <= prompt_lookup <= MAX_PROMPT_LOOKUP_TOKENS):
             raise InvalidRequestError(f"must be an integer from 0 to {MAX_PROMPT_LOOKUP_TOKENS}, got {prompt_lookup!r}", field="prompt_lookup")
@@ -354,7 +355,16 @@ class Engine:
     def stream_tokens(self, ids: Sequence[int], params: SamplingParams, *, cancel: Cancel = None,
                       prompt_nll: bool = False) -> Iterator[StreamChunk]:
         """:meth:`stream` for prompt token ids the caller already has (and checked with :meth:`fit_context`)."""
-        return self._stream(list(ids), params, _cancel_check(cancel), prompt_nll)
+        ids = list(ids)
+        if not ids:
+            raise InvalidRequestError("must not be empty", field="ids")
+        vocab = self.model.vocab_size
+        if not all(type(t) is int and 0 <= t < vocab for t in ids):  # the tokenizer's ids pass this quick check
+            # onnxruntime's Gather reads zeros for an id past the vocabulary instead of failing
+            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"must be token ids from 0 to {vocab - 1}", field="ids")
+            ids = [int(t) for t in ids]
+        return self._stream(ids, params, _cancel_check(cancel), prompt_nll)
 
     def _stream(self, ids: list[int], p: SamplingParams, is_cancelled: Callable[[], bool], prompt_nll: bool) -> Iterator[StreamChunk]:
         with self._cache() as cache:
@@ -528,9 +538,14 @@ class Engine:
 
     # ---- scoring ----------------------------------------------------------------------------
 
-    def next_token_logprobs(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> np.ndarray:
-        """Log-probabilities of the token that would follow the prompt (one prefill, no decoding)."""
-        ids = self.fit_context(self.encode(prompt, messages=messages), SamplingParams(max_new_tokens=1),
+    def next_token_logprobs(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
+                            truncate: bool = False) -> np.ndarray:
+        """Log-probabilities of the token that would follow the prompt (one prefill, no decoding).
+
+        A prompt longer than the context window is an error, or with ``truncate``
+        loses its beginning (the end is what the next token depends on most).
+        """
+        ids = self.fit_context(self.encode(prompt, messages=messages), SamplingParams(max_new_tokens=1, truncate_prompt=truncate),
                                field="prompt" if prompt is not None else "messages")
         with self._cache() as cache:
             cache.truncate(0)

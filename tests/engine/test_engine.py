@@ -345,6 +345,23 @@ def test_providers_and_threads_are_checked_as_given(tiny_bundle):
         with pytest.raises(InvalidRequestError) as info:
             Engine(tiny_bundle, intra_op_threads=threads, energy_meter=None)  # type: ignore[arg-type]
         assert info.value.field == "intra_op_threads"
+    for field in ("max_sessions", "cache_tokens"):
+        for value in (0, "2", 1.5, True):
+            with pytest.raises(InvalidRequestError) as info:
+                Engine(tiny_bundle, energy_meter=None, **{field: value})
+            assert info.value.field == field
+
+
+def test_prompt_token_ids_are_checked_against_the_vocabulary(engine):
+    p = SamplingParams(max_new_tokens=3)
+    vocab = engine.model.vocab_size
+    for ids in ([], [1, vocab], [-1, 2], [1, 2.0], [True]):
+        with pytest.raises(InvalidRequestError) as info:
+            engine.stream_tokens(ids, p)  # type: ignore[arg-type]
+        assert info.value.field == "ids"
+    ids = engine.encode("hello world")
+    as_numpy = [c.token.id for c in engine.stream_tokens(np.asarray(ids), p) if c.token]
+    assert as_numpy == engine.generate("hello world", max_new_tokens=3).token_ids
 
 
 def test_concurrent_generations_give_the_sequential_results(tiny_bundle):

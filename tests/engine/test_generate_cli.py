@@ -169,3 +169,31 @@ def test_input_lines_python_cannot_decode_or_print_as_is_fail_alone(tiny_bundle,
     assert [o["id"] for o in out] == [1, 2, "j\ud800", "last"]
     assert [o["error"]["param"] for o in out[:2]] == ["line", "line"]
     assert "error" not in out[2] and "error" not in out[3] and code == 1
+
+
+def test_input_numbers_that_are_not_json_fail_alone_and_every_output_line_is_json(tiny_bundle, tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join([
+        '{"id": 1e400, "prompt": "hi"}',  # valid JSON, but no double holds it: it would be echoed back as Infinity
+        '{"id": "n", "prompt": "hi", "temperature": NaN}',  # Python's json reads NaN unless told not to
+        '{"id": "i", "prompt": "hi", "top_p": -Infinity}',
+        '{"id": 2.5, "prompt": "hi"}',
+    ]) + "\n")
+    code = main(["generate", str(tiny_bundle), "--input", str(path), "--max-new-tokens", "2", "--json"])
+    lines = capsys.readouterr().out.splitlines()
+    out = [json.loads(x, parse_constant=lambda name: pytest.fail(f"{name} in the output")) for x in lines]
+    assert [o["id"] for o in out] == [1, 2, 3, 2.5]
+    assert [o["error"]["param"] for o in out[:3]] == ["line", "line", "line"]
+    assert "outside a double's range" in out[0]["error"]["message"] and "NaN is not JSON" in out[1]["error"]["message"]
+    assert "error" not in out[3] and code == 1
+
+
+def test_input_dash_reads_standard_input(tiny_bundle, capsys, monkeypatch):
+    import io
+    import sys
+
+    lines = [{"id": "a", "prompt": "hello world"}, {"id": "b", "messages": [{"role": "user", "content": "hi"}]}]
+    stdin = io.TextIOWrapper(io.BytesIO(("\n".join(json.dumps(x) for x in lines) + "\n").encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["generate", str(tiny_bundle), "--input", "-", "--max-new-tokens", "2", "--json"]) == 0
+    assert [json.loads(x)["id"] for x in capsys.readouterr().out.splitlines()] == ["a", "b"]

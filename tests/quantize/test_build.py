@@ -89,6 +89,8 @@ def test_verify_reports_a_missing_file(tiny_bundles, tmp_path):
         (lambda m: m["model"].pop("num_layers"), "model.num_layers"),
         (lambda m: m["model"].update(head_dim="64"), "model.head_dim"),
         (lambda m: m["tokens"].update(eos_token_ids=None), "tokens.eos_token_ids"),
+        (lambda m: m["tokens"].update(eos_token_ids=[m["model"]["vocab_size"]]), "tokens.eos_token_ids"),
+        (lambda m: m["tokens"].update(bos_token_id=999_999), "tokens.bos_token_id"),
         (lambda m: m.update(model=[]), "model"),
     ],
 )
