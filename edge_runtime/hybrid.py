@@ -110,6 +110,7 @@ class _Cancelled(Exception):
 _DEADLINE_RESERVE_S = 0.25
 # how long the bridge's price table (ListModels) is trusted before it is read again
 _PRICES_REFRESH_S = 600.0
+_PRICES_RETRY_S = 30.0  # after a failed read
 _PRICES_TIMEOUT_S = 2.0
 
 
@@ -123,14 +124,66 @@ class _Timing:
     def out_of_time(self) -> bool:
         return self.deadline_s is not None and time.monotonic() >= self.deadline_s - _DEADLINE_RESERVE_S
 
-    def cloud_timeout_s(self, configured_s: float | None) -> float | None:
-        """The escalation's timeout: the configured one, cut to the time left; CloudTimeoutError if none is left."""
+    def cloud_timeout_s(self, configured_s: float | None, local_s: float | None = 0.0) -> float | None:
+        """The escalation's timeout: the configured one, cut to the time left; CloudTimeoutError if none is left.
+
+        ``local_s``: how long the local answer would take to make, when there is none
+        yet (a request sent to the cloud first, or an early exit): that time is left
+        for the fallback, but never more than half of what remains (``None``: the
+        engine's pace is not known yet, half).
+        """
         if self.deadline_s is None:
             return configured_s
         left_s = self.deadline_s - _DEADLINE_RESERVE_S - time.monotonic()
+        if left_s > 0 and local_s != 0.0:
+            left_s -= left_s / 2 if local_s is None else min(local_s, left_s / 2)
         if left_s <= 0:
             raise CloudTimeoutError("no time left before the request's deadline to ask the bridge")
         return left_s if configured_s is None else min(configured_s, left_s)
+
+
+class _LocalPace:
+    """How fast the engine has been answering here, by the wall clock (moving averages).
+
+    Tells an escalation with no local answer behind it how long a fallback would
+    take to make, so that a slow bridge still leaves the time to make it.
+    """
+
+    _WEIGHT = 0.2  # of the newest run
+
+    def __init__(self) -> None:
+        self.prefill_s_per_token: float | None = None
+        self.decode_s_per_token: float | None = None
+
+    def record(self, prompt_tokens: int, first_token_s: float, total_s: float, tokens: int) -> None:
+        def mix(old: float | None, new: float) -> float:
+            return new if old is None else old + self._WEIGHT * (new - old)
+
+        self.prefill_s_per_token = mix(self.prefill_s_per_token, first_token_s / max(1, prompt_tokens))
+        if tokens > 1:
+            self.decode_s_per_token = mix(self.decode_s_per_token, (total_s - first_token_s) / (tokens - 1))
+
+    def estimate_s(self, prompt_tokens: int, max_new_tokens: int) -> float | None:
+        """The time a local answer of at most ``max_new_tokens`` would take; None before any answer was timed."""
+        if self.prefill_s_per_token is None or self.decode_s_per_token is None:
+            return None
+        return prompt_tokens * self.prefill_s_per_token + max_new_tokens * self.decode_s_per_token
+
+    def watch(self, stream: Iterator[Any], prompt_tokens: int) -> Iterator[Any]:
+        """``stream`` (the engine's chunks) as is, timing it."""
+        t0 = time.monotonic()
+        first_s: float | None = None
+        try:
+            for chunk in stream:
+                if first_s is None and chunk.token is not None:
+                    first_s = time.monotonic() - t0
+                if chunk.result is not None and first_s is not None:
+                    self.record(prompt_tokens, first_s, time.monotonic() - t0, len(chunk.result.token_ids))
+                yield chunk
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # hands the KV cache back at once when the caller stops early
 
 
 class HybridRuntime:
@@ -163,7 +216,9 @@ class HybridRuntime:
         self._lock = threading.Lock()
         # the bridge's own prices for the escalation model (it bills with them): (input, output) USD per million
         self._bridge_prices: tuple[float, float] | None = None
-        self._bridge_prices_at = -float("inf")
+        self._bridge_prices_due = -float("inf")  # time.monotonic() when they are to be read (again)
+        self._prices_read = threading.Lock()  # held by the request reading them
+        self._pace = _LocalPace()
 
     def _check_policy_inputs(self, parts: Sequence[Policy]) -> None:
         """A policy part whose input this runtime cannot give would never escalate, or fail every request."""
@@ -252,9 +307,9 @@ class HybridRuntime:
         """Validate now (errors raise before any work), then answer as a stream of chunks.
 
         ``deadline_s`` (``time.monotonic()`` clock): when the whole answer is due. An
-        escalation gets only the time left, less a moment to return the local answer,
-        so a slow bridge ends as a ``fallback`` with the local answer rather than as
-        nothing. ``on_escalate`` is called when the bridge is about to be asked and a
+        escalation gets only the time left, less a moment to return the local answer
+        (and, when there is none yet, less the time to make it), so a slow bridge ends
+        as a ``fallback`` with the local answer rather than as nothing. ``on_escalate`` is called when the bridge is about to be asked and a
         whole local answer exists, so the engine is not needed again whatever the
         bridge does (a daemon hands its generation slot to the next request).
         """
@@ -286,25 +341,33 @@ class HybridRuntime:
     def _bridge_price_table(self) -> tuple[float, float] | None:
         """The bridge's prices for the model escalations go to, from ListModels; refreshed every 10 minutes."""
         list_models = getattr(self.cloud, "list_models", None)
-        if list_models is None:
+        if list_models is None or time.monotonic() < self._bridge_prices_due:
+            return self._bridge_prices if list_models is not None else None
+        if self._bridge_prices is not None:
+            if not self._prices_read.acquire(blocking=False):
+                return self._bridge_prices  # another request is refreshing them: the known ones serve meanwhile
+        # none known yet: wait for the request reading them, or concurrent escalations would all reserve a
+        # budget at the device's guess and together spend past it
+        elif not self._prices_read.acquire(timeout=2 * _PRICES_TIMEOUT_S):
             return None
-        now = time.monotonic()
-        with self._lock:
-            if now - self._bridge_prices_at < _PRICES_REFRESH_S:
-                return self._bridge_prices
-            self._bridge_prices_at = now  # one asker at a time; the others use what is known
         try:
-            # briefly: this runs on a request's path (once per refresh), and a bridge that is down must not hold it
-            models = list_models(timeout_s=_PRICES_TIMEOUT_S)
-        except CloudError as err:  # the bridge is down: the escalation will fall back anyway
-            log.debug("cannot read the bridge's prices: %s", err)
-            return self._bridge_prices
-        alias = getattr(getattr(self.cloud, "settings", None), "model", "")
-        info = next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
-        if info is not None:
-            with self._lock:
+            if time.monotonic() < self._bridge_prices_due:  # read while this request waited
+                return self._bridge_prices
+            try:
+                # briefly: this runs on a request's path (once per refresh), and a bridge that is down must not hold it
+                models = list_models(timeout_s=_PRICES_TIMEOUT_S)
+            except CloudError as err:  # the bridge is down: the escalation will fall back anyway
+                log.debug("cannot read the bridge's prices: %s", err)
+                self._bridge_prices_due = time.monotonic() + _PRICES_RETRY_S
+                return self._bridge_prices
+            alias = getattr(getattr(self.cloud, "settings", None), "model", "")
+            info = next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
+            if info is not None:
                 self._bridge_prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens)
-        return self._bridge_prices
+            self._bridge_prices_due = time.monotonic() + _PRICES_REFRESH_S
+            return self._bridge_prices
+        finally:
+            self._prices_read.release()
 
     @property
     def cloud_model_hint(self) -> str:
@@ -324,8 +387,8 @@ class HybridRuntime:
     def _local_stream(self, prompt_ids: list[int], params: SamplingParams, cancel: Any, stop: threading.Event,
                       ) -> Iterator[Any]:
         # the prompt was tokenized and checked against the context window once, in stream()
-        return self.engine.stream_tokens(prompt_ids, params, cancel=lambda: stop.is_set() or _is_cancelled(cancel),
-                                         prompt_nll=self.estimator.needs_prompt_nll)
+        return self._pace.watch(self.engine.stream_tokens(prompt_ids, params, cancel=lambda: stop.is_set() or _is_cancelled(cancel),
+                                                          prompt_nll=self.estimator.needs_prompt_nll), len(prompt_ids))
 
     def _run(self, msgs: list[dict[str, str]], model: str, params: SamplingParams, cancel: Any, request_id: str,
              reveal_draft: bool, prompt_ids: list[int], timing: _Timing) -> Iterator[HybridChunk]:
@@ -400,7 +463,9 @@ class HybridRuntime:
             self.policy.settle(ctx, 0.0)
         elif decision.action == "cloud":
             try:
-                timeout_s = timing.cloud_timeout_s(self.cloud_timeout_s)
+                # with no whole local answer yet, a failed escalation must leave the time to make one
+                local_s = self._pace.estimate_s(len(prompt_ids), params.max_new_tokens) if not locals_ or early_exit else 0.0
+                timeout_s = timing.cloud_timeout_s(self.cloud_timeout_s, local_s)
                 if timing.on_escalate is not None and locals_ and not early_exit:
                     # the engine is done with this request whatever the bridge does: a failure returns the
                     # local answer already made (when there is none, a fallback still needs the engine)

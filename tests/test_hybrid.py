@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 import pytest
@@ -123,6 +124,34 @@ def test_a_budget_reserves_at_the_bridges_prices_and_never_overspends(engine, br
     assert spent <= cap and any(r.route == "cloud" for r in results)
     assert results[-1].route == "local_forced" and results[-1].reason == "budget_exhausted"
     assert rt.chat(ASK, model="cloud", max_new_tokens=4).reason == "budget_exhausted"  # asked for, still capped
+
+
+def test_concurrent_first_escalations_wait_for_the_bridges_prices(engine, bridge):
+    # every request arrives while the first is still reading the prices: none may reserve at the device's guess
+    cap = 0.05
+    rt = _runtime(engine, bridge[1], {"chain": [{"type": "budget", "usd": cap, "period_s": 3600}, {"type": "always"}]})
+    read = rt.cloud.list_models
+
+    def slow_read(**kw):
+        time.sleep(0.3)
+        return read(**kw)
+
+    rt.cloud.list_models = slow_read
+    start = threading.Barrier(6)
+    results = []
+
+    def ask():
+        start.wait()
+        results.append(rt.chat(ASK, max_new_tokens=4))
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 6
+    assert sum(r.cost["cloud_usd"] for r in results) <= cap
+    assert 0 < sum(r.route == "cloud" for r in results) < 6
 
 
 @pytest.mark.parametrize(("policy", "field"), [

@@ -11,7 +11,7 @@ import grpc
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2, daemon_pb2, daemon_pb2_grpc
 from edge_runtime.engine import Engine
 
-from .conftest import ASK, CLOUD_REPLY, cloud_client, metric, runtime, start_bridge
+from .conftest import ASK, CLOUD_REPLY, SlowEngine, cloud_client, metric, runtime, start_bridge
 
 ESCALATE = {"type": "threshold", "p": 0.999}  # the tiny random model is never that sure
 
@@ -81,6 +81,24 @@ def test_a_bridge_slower_than_the_request_deadline_gives_the_local_answer_as_a_f
     events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices")) == local_answer
     assert events[-1]["routing"]["route"] == "fallback" and not any("error" in e for e in events)
+    slow.server.stop(0)
+    cloud.close()
+
+
+def test_a_request_sent_to_the_cloud_first_keeps_time_to_make_the_local_fallback(engine, start_daemon, http):
+    # nothing local exists when the bridge is asked, and the local answer takes ~0.5 s (20 tokens, 25 ms each):
+    # the escalation must leave that time, not just the moment it leaves to return an answer already made
+    slow = start_bridge(reply=" ".join(["word"] * 10), token_delay_ms=500.0)
+    cloud = cloud_client(slow.address, timeout_s=20.0)
+    local = SlowEngine(engine, delay_s=0.025)
+    daemon = start_daemon(runtime(local, {"type": "always"}, cloud=cloud), request_timeout_s=2.0)
+    c = http(daemon.port)
+    expected = engine.generate(messages=ASK, max_new_tokens=20).text
+    for attempt in range(2):  # the engine's pace unknown (half the time left is kept), then measured
+        status, _, done = c.json("POST", "/v1/chat/completions", {"model": "cloud", "messages": ASK, "max_tokens": 20})
+        assert status == 200, (attempt, done)
+        assert done["routing"]["route"] == "fallback" and "CloudTimeoutError" in done["routing"]["cloud_error"]
+        assert done["choices"][0]["message"]["content"] == expected
     slow.server.stop(0)
     cloud.close()
 
