@@ -128,10 +128,11 @@ class BridgeServer:
         self.grpc_server.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        unix = self.settings.server.address.startswith("unix")
         log.info(
-            "cloud bridge listening on %s (port %d, %s) serving %s",
+            "cloud bridge listening on %s (%s%s) serving %s",
             self.settings.server.address,
-            self.port,
+            "" if unix else f"port {self.port}, ",
             "TLS" + (" + client certificates" if self.settings.server.client_ca else "")
             if self.secure
             else "plaintext",

@@ -56,7 +56,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     server.start()
-    print(f"cloud-bridge: serving {', '.join(server.backends)} on port {port}", file=sys.stderr, flush=True)
+    # a Unix socket has no port (gRPC's add_*_port returns 1 for it): name the socket instead
+    where = settings.server.address if settings.server.address.startswith("unix") else f"port {port}"
+    print(f"cloud-bridge: serving {', '.join(server.backends)} on {where}", file=sys.stderr, flush=True)
     try:
         # Wait in short slices: the kernel may deliver SIGTERM to one of gRPC's threads, and
         # Python then runs the handler only when the main thread next runs bytecode; an

@@ -450,6 +450,7 @@ class HybridRuntime:
         cloud_result = None
         cloud_error: str | None = None
         asked = False  # whether the escalation used the network (its energy counts even when it failed)
+        failed_cloud_ms = 0.0  # the wait for an escalation that failed
         route: Route
         if decision.action == "cloud" and _is_cancelled(cancel) and not timing.out_of_time():
             # the caller has gone (a daemon client disconnected): spend no cloud money on an answer nobody reads
@@ -471,6 +472,7 @@ class HybridRuntime:
                     # local answer already made (when there is none, a fallback still needs the engine)
                     timing.on_escalate()
                 asked = True  # from here bytes may go out (unless an open circuit refuses the call first)
+                t_cloud = time.perf_counter()
                 cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id,
                                                              cancel, timeout_s, timing)
                 if reveal_draft and shown:
@@ -489,6 +491,8 @@ class HybridRuntime:
                                                            policy=decision.policy, value=decision.value, threshold=decision.threshold)
             except CloudError as err:
                 self.policy.settle(ctx, 0.0)
+                if asked:
+                    failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0
                 asked = asked and not isinstance(err, CircuitOpenError)
                 cloud_error = f"{type(err).__name__}: {err}"
                 log.warning("escalation failed, answering locally: %s", cloud_error)
@@ -512,7 +516,7 @@ class HybridRuntime:
             else:
                 yield from held
         yield HybridChunk("done", result=self._result(msgs, request_id, route, decision, p_correct, locals_, cloud_result,
-                                                      cloud_error, early_exit, t0, asked))
+                                                      cloud_error, early_exit, t0, asked, failed_cloud_ms))
 
     def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
                    p_correct: float | None, decision: Decision, request_id: str, cancel: Any,
@@ -554,7 +558,7 @@ class HybridRuntime:
 
     def _result(self, msgs: list[dict[str, str]], request_id: str, route: Route, decision: Decision, p_correct: float | None,
                 locals_: list[GenerationResult], cloud: Any, cloud_error: str | None, early_exit: bool, t0: float,
-                asked: bool = False) -> HybridResult:
+                asked: bool = False, failed_cloud_ms: float = 0.0) -> HybridResult:
         final_local = locals_[-1] if locals_ else None
         local_j = sum(r.energy.joules for r in locals_ if r.energy is not None)
         energies = [r.energy for r in locals_ if r.energy is not None]
@@ -586,7 +590,8 @@ class HybridRuntime:
         latency = {
             "local_prefill_ms": round(sum(r.timings.prefill_ms for r in locals_), 3),
             "local_decode_ms": round(sum(r.timings.decode_ms for r in locals_), 3),
-            "cloud_ms": round(cloud.server_timings.total_ms, 3) if cloud is not None else 0.0,
+            # a failed escalation's whole wait (how it divides between bridge and network is not known)
+            "cloud_ms": round(cloud.server_timings.total_ms if cloud is not None else failed_cloud_ms, 3),
             "network_ms": round(cloud.latency_ms - cloud.server_timings.total_ms, 3) if cloud is not None else 0.0,
             "total_ms": round((time.perf_counter() - t0) * 1000.0, 3),
         }

@@ -75,12 +75,12 @@ def _finite(value: int | float) -> bool:
         return False
 
 
-def _bool(body: Mapping[str, Any], name: str) -> bool:
+def _bool(body: Mapping[str, Any], name: str, *, field: str | None = None) -> bool:
     value = body.get(name)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise InvalidRequestError(f"must be true or false, got {value!r}", field=name)
+        raise InvalidRequestError(f"must be true or false, got {short_repr(value)}", field=field or name)
     return value
 
 
@@ -138,8 +138,9 @@ def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatReque
         raise InvalidRequestError("must be a string", field="user")
     sampling: dict[str, Any] = {}
     names: dict[str, str] = {}
-    for name in ("max_completion_tokens", "max_tokens"):  # the newer name wins when both are given
-        n = _int(body, name, lo=1)
+    # the newer name wins when both are given; both are checked (a bad value is refused, not ignored)
+    limits = {name: _int(body, name, lo=1) for name in ("max_completion_tokens", "max_tokens")}
+    for name, n in limits.items():
         if n is not None:
             sampling["max_new_tokens"], names["max_new_tokens"] = n, name
             break
@@ -165,7 +166,7 @@ def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatReque
         if key not in _STREAM_OPTIONS:
             raise InvalidRequestError(f"unknown field {short_repr(key)}; this server reads "
                                       f"{', '.join(sorted(_STREAM_OPTIONS))}", field=f"stream_options.{key}"[:80])
-    include_usage = _bool(options, "include_usage") if options else False
+    include_usage = _bool(options, "include_usage", field="stream_options.include_usage") if options else False
     return build_chat_request(
         messages=body.get("messages"), model=model, sampling=sampling, stream=stream, logprobs=logprobs,
         top_logprobs=top_logprobs, include_usage=include_usage, request_id=request_id, field_names=names,

@@ -34,6 +34,10 @@ BAD = [
     ({**OK, "max_tokens": 0}, 400, "invalid_request_error", "invalid_value", "max_tokens"),
     ({**OK, "max_tokens": 2.5}, 400, "invalid_request_error", "invalid_value", "max_tokens"),
     ({**OK, "max_completion_tokens": -3}, 400, "invalid_request_error", "invalid_value", "max_completion_tokens"),
+    ({**OK, "max_completion_tokens": 3, "max_tokens": "abc"}, 400, "invalid_request_error", "invalid_value",
+     "max_tokens"),  # the newer name wins, but a bad value under the older one is not ignored
+    ({**OK, "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "invalid_request_error", "invalid_value",
+     "stream_options.include_usage"),
     ({**OK, "seed": "x"}, 400, "invalid_request_error", "invalid_value", "seed"),
     ({**OK, "stop": [1]}, 400, "invalid_request_error", "invalid_value", "stop"),
     ({**OK, "stop": [""]}, 400, "invalid_request_error", "invalid_value", "stop[0]"),

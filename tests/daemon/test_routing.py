@@ -99,6 +99,7 @@ def test_a_request_sent_to_the_cloud_first_keeps_time_to_make_the_local_fallback
         assert status == 200, (attempt, done)
         assert done["routing"]["route"] == "fallback" and "CloudTimeoutError" in done["routing"]["cloud_error"]
         assert done["choices"][0]["message"]["content"] == expected
+        assert 300 < done["latency"]["cloud_ms"] < done["latency"]["total_ms"]  # the wait for the bridge that failed
     slow.server.stop(0)
     cloud.close()
 
