@@ -62,6 +62,8 @@ _FINISH = {
     "function_call": "stop",
 }
 _MAX_ERROR_BODY = 64 * 1024
+# this many characters of the API key in a row are cut out of upstream text, not only the whole key
+_KEY_RUN = 8
 # an upstream's error text passed on to the device is cut: whole, a long one overflows gRPC's 16 KiB trailers and
 # the device gets a retryable RESOURCE_EXHAUSTED instead of the error
 _MAX_ERROR_DETAIL = 500
@@ -280,8 +282,30 @@ class OpenAIBackend:
         return json.dumps(body).encode("utf-8")
 
     def _redact(self, text: str) -> str:
-        """``text`` with the API key cut out. Upstream text must pass here whole, before any shortening."""
-        return text.replace(self.api_key, "***") if self.api_key else text
+        """``text`` with the API key cut out. Upstream text must pass here whole, before any shortening.
+
+        So is any run of ``_KEY_RUN`` or more of the key's characters: an upstream may
+        echo part of it ("Incorrect API key provided: sk-SUPERSECR***").
+        """
+        key = self.api_key
+        if not key:
+            return text
+        text = text.replace(key, "***")
+        if len(key) < _KEY_RUN:
+            return text
+        runs = {key[i:i + _KEY_RUN] for i in range(len(key) - _KEY_RUN + 1)}
+        out: list[str] = []
+        start = i = 0
+        while i + _KEY_RUN <= len(text):
+            if text[i:i + _KEY_RUN] not in runs:
+                i += 1
+                continue
+            end = i + _KEY_RUN
+            while end < len(text) and text[i:end + 1] in key:
+                end += 1
+            out += [text[start:i], "***"]
+            start = i = end
+        return "".join(out) + text[start:]
 
     @contextlib.contextmanager
     def _redacting(self) -> Iterator[None]:
@@ -295,7 +319,7 @@ class OpenAIBackend:
             yield
         except BackendError as err:
             message = str(err)
-            if not self.api_key or self.api_key not in message:
+            if self._redact(message) == message:
                 raise
             redacted = BackendError(
                 self._redact(message), code=err.code, retry_after_s=err.retry_after_s, reason=err.reason

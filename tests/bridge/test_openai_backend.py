@@ -456,3 +456,18 @@ def test_no_part_of_the_api_key_survives_when_upstream_text_is_shortened(upstrea
     info = _failure(backend, streaming)
     message = str(info.value)
     assert key[:8] not in message and "Bearer ***" in message
+
+
+def test_part_of_the_api_key_echoed_by_the_upstream_is_cut_out_too(upstream):
+    key = "sk-SUPERSECRET1234567890"
+    settings = OpenAIModelSettings(base_url=upstream.base_url, model="m", api_key_env="KEY", timeout_s=5.0)
+    backend = OpenAIBackend(settings, environ={"KEY": key})
+
+    def masked(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        _send(handler, 401, {"error": {"message": f"Incorrect API key provided: {key[:11]}*********{key[-4:]}. "
+                                                  "See your API keys page"}})
+
+    upstream.respond = masked
+    message = str(_failure(backend, False).value)
+    assert key[:8] not in message and "Incorrect API key provided: ***" in message and "API keys page" in message
+    assert backend._redact("no key here, sk-other-key") == "no key here, sk-other-key"
