@@ -23,7 +23,7 @@ from typing import Any
 from .cache import cache_dir
 from .confidence._selfcheck import selfcheck_messages, yes_probability
 from .engine.types import SamplingParams
-from .errors import CloudError, EdgeRuntimeError
+from .errors import CloudError, EdgeRuntimeError, InvalidRequestError
 from .tasks import TaskItem, score
 
 __all__ = [
@@ -97,6 +97,7 @@ def _fresh(cache: RunCache, item: TaskItem) -> dict[str, Any] | None:
 
 def _rescored(item: TaskItem, rec: dict[str, Any]) -> dict[str, Any]:
     """``rec`` scored against the item as it is now: a corrected answer key applies without a new run."""
+    rec = {**rec, "family": item.family, "split": item.split}  # as they are now too: a suite file may have moved it
     if "text" not in rec:  # a failed cloud call: nothing to score
         return rec
     s = score(item, rec["text"])
@@ -145,15 +146,30 @@ def run_edge(
     selfcheck: bool = False,
     desc: str = "edge",
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    energy: bool = False,
 ) -> list[dict[str, Any]]:
-    """Answer every item on the edge engine (cached by bundle hash, item id and prompt); return records in item order."""
+    """Answer every item on the edge engine (cached by bundle hash, item id and prompt); return records in item order.
+
+    ``energy``: the records' energy figures matter (the explorer's), so a cached one
+    measured by another meter (another source or device profile) is run again.
+    """
     cache = RunCache("edge", engine_key(engine), settings, root)
-    todo = [it for it in items if (rec := _fresh(cache, it)) is None or (selfcheck and "selfcheck_p_yes" not in rec)]
-    for item in progress_bar(todo, total=len(todo), desc=desc):
+    meter = engine.energy_meter if energy else None
+    sources = {meter.source, meter.estimate_source} if meter is not None else None
+
+    def fresh(item: TaskItem) -> dict[str, Any] | None:
         rec = _fresh(cache, item)
+        return None if rec is not None and sources is not None and rec.get("energy_source") not in sources else rec
+
+    todo = [it for it in items if (rec := fresh(it)) is None or (selfcheck and "selfcheck_p_yes" not in rec)]
+    for item in progress_bar(todo, total=len(todo), desc=desc):
+        rec = fresh(item)
         if rec is None:
             t0 = time.perf_counter()
-            result = engine.generate(messages=list(item.messages), params=settings, prompt_nll=True)
+            try:
+                result = engine.generate(messages=list(item.messages), params=settings, prompt_nll=True)
+            except InvalidRequestError as err:  # a suite's item the model cannot take: say which one
+                raise type(err)(f"suite item {item.id!r}: {err}") from err
             rec = edge_record(item, result, (time.perf_counter() - t0) * 1000.0)
         if selfcheck:
             p_yes = yes_probability(engine, selfcheck_messages(item.messages, rec["text"]))

@@ -47,8 +47,11 @@ __all__ = ["EngineSettings", "ServerSettings", "RuntimeSettings", "load_runtime_
 
 
 def default_socket_path() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "edge-runtime")
-    return Path(base) / "edge-runtime.sock"
+    """``$XDG_RUNTIME_DIR/edge-runtime.sock``, else in the cache directory (``EDGE_RUNTIME_CACHE`` moves it too)."""
+    from .cache import cache_dir
+
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return (Path(base) if base else cache_dir(create=False)) / "edge-runtime.sock"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -121,7 +121,8 @@ def test_estimator_files_are_checked(tmp_path):
     assert default.name == "generic" and default.bundle_hash is None
     for broken, message in (({**raw, "bundle_hash": 12345}, "bundle_hash must be a string"),
                             ({**raw, "schema_version": True}, "schema_version True"),
-                            ({**raw, "model": {**raw["model"], "coef": [float("nan")]}}, "finite")):
+                            ({**raw, "model": {**raw["model"], "coef": [float("nan")]}}, "finite"),
+                            ({**raw, "model": {**raw["model"], "std": [0.0]}}, "std must be positive")):
         path.write_text(json.dumps(broken))  # NaN: Python writes and reads it; it would score every answer NaN
         with pytest.raises(EstimatorError, match=message):
             load_estimator(path)

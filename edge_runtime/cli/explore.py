@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--goal", action="append", default=[],
                    help='goal(s), e.g. "accuracy>=0.95*cloud" (default), "max-accuracy usd<=0.50/1k", "max-accuracy joules<=2"')
     p.add_argument("--config", help="the daemon's TOML config: its [cloud] section names an external bridge, [cost] the cost "
-                                    "model, [engine] prompt_lookup the edge model's decoding")
+                                    "model, [engine] prompt_lookup the edge model's decoding, [power] how its energy is measured")
     p.add_argument("--bridge", help="external bridge address host:port (overrides [cloud] address)")
     p.add_argument("--validate", action="store_true",
                    help="hold back a quarter of the items and run the recommended policy live through `edge-runtime serve` and the bridge")
@@ -37,6 +37,7 @@ def _run(args: argparse.Namespace) -> int:
         edge=args.edge, cloud=args.cloud, out=Path(args.out), suite=args.suite, split=args.split, limit=args.limit,
         goals=args.goal or ["accuracy>=0.95*cloud"], cloud_settings=settings.cloud if settings.cloud.address else None,
         cost=settings.cost, validate=args.validate, threads=args.threads, prompt_lookup=settings.engine.prompt_lookup,
+        power=settings.power,
     )
     print_summary(result, sys.stdout)
     return 0
@@ -58,6 +59,10 @@ def print_summary(result, out) -> None:  # type: ignore[no-untyped-def]
     if sources:  # an estimate is labelled where the figure is shown, not only in the report
         w(f"J/req is ESTIMATED ({', '.join(sources)}: CPU time x a device profile's power, plus the cost "
           f"model's network energy per escalation), not measured\n")
+    else:  # measured on the device; the radio's share never is
+        measured = sorted({str(e.get("energy_source")) for e in result.measurements.edge})
+        w(f"J/req: the device's energy measured ({', '.join(measured)}), plus the network energy of each escalation "
+          f"ESTIMATED by the cost model\n")
     for rec in result.recommendations:
         if rec["point"] is None:
             w(f"goal {rec['goal']!r}: no explored policy meets it ({'; '.join(rec['constraints'])})\n")

@@ -42,6 +42,8 @@ class LogisticModel:
         intercept = float(d["intercept"])  # type: ignore[arg-type]
         if not all(np.isfinite(a).all() for a in arrays) or not np.isfinite(intercept):
             raise ValueError("mean, std, coef and intercept must be finite numbers")  # NaN would score every answer NaN
+        if (arrays[1] <= 0).any():  # the features are divided by it: 0 scores NaN, a negative one flips the sign
+            raise ValueError("std must be positive numbers (fitting writes 1 for a feature that never varied)")
         return cls(feats, arrays[0], arrays[1], arrays[2], intercept)
 
 

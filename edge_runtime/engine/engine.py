@@ -303,6 +303,11 @@ class Engine:
         except TypeError as err:  # an unknown keyword
             raise InvalidRequestError(str(err), field="params") from err
 
+    @property
+    def energy_meter(self) -> Any:
+        """The EnergyMeter that measures each generation (None: not measured)."""
+        return self._meter()
+
     def _meter(self) -> Any:
         if self._energy_meter == "default":
             from ..power import default_meter

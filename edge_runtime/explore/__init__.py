@@ -33,6 +33,7 @@ from ..confidence import estimator_scores, load_estimator, make_dataset
 from ..cloud import CloudSettings
 from ..cost import CostSettings
 from ..errors import BundleError, ConfigError
+from ..power import EnergyMeter, PowerSettings, default_meter
 from ._data import Measurements, cloud_generate, measure
 from ._goals import config_snippet, parse_goal, recommend, toml_value
 from ._report import GAIN_ROW, estimator_table, family_winners, write_csv, write_plots, write_report
@@ -132,15 +133,20 @@ def _secret_file(stack: contextlib.ExitStack, secret: str) -> Path:
     return path
 
 
-def _cloud_key(client: Any, alias: str) -> str:
-    """Identity of the cloud side for the run cache: the model the bridge serves, plus the revision of its
-    weights when the bridge knows it (an ONNX bundle's hash), so a rebuilt model is never answered from old runs."""
+def _cloud_identity(client: Any, alias: str) -> tuple[str, tuple[float, float] | None]:
+    """Identity of the cloud side for the run cache, and the bridge's prices now (USD per million input, output tokens).
+
+    The key is the model the bridge serves, plus the revision of its weights when the bridge knows
+    it (an ONNX bundle's hash), so a rebuilt model is never answered from old runs. The prices are
+    not in the key: cached answers are billed again at them (see ``measure``).
+    """
     models = client.list_models()
     info = next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
     model = info.model if info is not None else (alias or "default")
     if info is not None and info.revision:
         model += "-" + info.revision[:16]
-    return f"bridge-{alias or 'default'}-{model}"
+    prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens) if info is not None else None
+    return f"bridge-{alias or 'default'}-{model}", prices
 
 
 def _make_out_dir(out: Path) -> None:
@@ -203,6 +209,7 @@ def explore(
     holdout: float = 0.25,
     threads: int | None = None,
     prompt_lookup: int = 0,
+    power: PowerSettings | None = None,
     root: Path | None = None,
 ) -> ExploreResult:
     """Measure, replay, report, recommend.
@@ -212,7 +219,8 @@ def explore(
     there. ``validate`` holds back a share of the items and runs the
     recommended policy live through ``edge-runtime serve`` and the bridge.
     ``prompt_lookup``: the edge engine's drafts (``[engine] prompt_lookup``), also
-    written into the recommended configs.
+    written into the recommended configs. ``power``: how the edge runs' energy is
+    measured (``[power]``; default: the environment's), also written into them.
     """
     from ..cloud import CloudClient
     from ..engine import Engine
@@ -246,7 +254,8 @@ def explore(
         held_ids = {it.id for it in held}
         items = [it for it in items if it.id not in held_ids]
 
-    engine = Engine(edge_bundle, intra_op_threads=threads, prompt_lookup=prompt_lookup)
+    meter = EnergyMeter.from_settings(power) if power is not None else default_meter()
+    engine = Engine(edge_bundle, intra_op_threads=threads, prompt_lookup=prompt_lookup, energy_meter=meter)
     with contextlib.ExitStack() as stack:
         user_token_file = None
         if local_bundle is not None:
@@ -272,9 +281,9 @@ def explore(
         if split == "dev":
             log.warning("the estimator is fitted on the dev split: measuring on it too is in-sample, "
                         "so its routing figures will look better than they are (use --split test)")
-        cloud_key = _cloud_key(client, alias)
+        cloud_key, cloud_prices = _cloud_identity(client, alias)
         m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,
-                    estimator_out=out / "estimator.json", root=root)
+                    estimator_out=out / "estimator.json", root=root, cloud_prices=cloud_prices)
 
         points = evaluate(m)
         front = pareto_front(points)
@@ -308,7 +317,8 @@ def explore(
                 fields = {"estimator_path": str((out / "estimator.json").resolve()), "n_items": len(m.items),
                           "requests_per_day": requests_per_day, "goal": goal.text,
                           # absolute, as the estimator's path: the config must load from any directory
-                          "bundle": str(edge_bundle.resolve()), "cost": cost, "prompt_lookup": prompt_lookup}
+                          "bundle": str(edge_bundle.resolve()), "cost": cost, "prompt_lookup": prompt_lookup,
+                          "power": power}
                 (out / name).write_text(config_snippet(point, **fields, cloud=saved_cloud), encoding="utf-8")
                 # the live check runs it against the bridge measured here (its token in a private file)
                 live_configs.append((rec, config_snippet(point, **fields, cloud=_cloud_toml(cloud_settings, token_file))))
@@ -355,5 +365,7 @@ def explore(
     write_report(out / "report.md", m=m, points=points, front=front, families=families, estimators=estimators, winners=winners,
                  recommendations=recommendations, plots=plots, context=context)
     engine.close()
+    if power is not None:
+        meter.close()
     return ExploreResult(out=out, points=points, front=front, recommendations=recommendations, measurements=m, winners=winners,
                          estimators=estimators, validation=validation, files=files)

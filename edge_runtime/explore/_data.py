@@ -106,9 +106,14 @@ def measure(
     cost: CostSettings,
     estimator_out: Path | None = None,
     root: Path | None = None,
+    cloud_prices: tuple[float, float] | None = None,
 ) -> Measurements:
-    """Run (or reuse) every needed measurement and assemble the replay records."""
-    dev_edge = run_edge(engine, dev_items, root=root, desc="dev items on the edge")
+    """Run (or reuse) every needed measurement and assemble the replay records.
+
+    ``cloud_prices``: the bridge's prices now (USD per million input, output tokens);
+    cached cloud answers are billed at them, not at the prices of the run that made them.
+    """
+    dev_edge = run_edge(engine, dev_items, root=root, desc="dev items on the edge", energy=True)
     dev = make_dataset(dev_edge, dev_items)
     dev_cloud = run_cloud(generate_cloud, cloud_key, dev_items, root=root, desc="dev items through the bridge")
     _check_cloud(dev_cloud)
@@ -119,9 +124,13 @@ def measure(
         from ..confidence import save_estimator
 
         save_estimator(estimator, estimator_out)
-    edge = run_edge(engine, items, root=root, desc="test items on the edge")
+    edge = run_edge(engine, items, root=root, desc="test items on the edge", energy=True)
     cloud = run_cloud(generate_cloud, cloud_key, items, root=root, desc="test items through the bridge")
     _check_cloud(cloud)
+    if cloud_prices is not None:
+        pin, pout = cloud_prices
+        cloud = [{**c, "cost_usd": (c["prompt_tokens"] * pin + c["completion_tokens"] * pout) / 1e6}
+                 if "prompt_tokens" in c else c for c in cloud]
     data: Dataset = make_dataset(edge, items)
     p = estimator_scores(estimator, data)
     assert estimator.cloud is not None
@@ -143,4 +152,5 @@ def _check_cloud(records: Sequence[dict[str, Any]]) -> None:
     if failed:
         from ..errors import CloudError
 
-        raise CloudError(f"{len(failed)} cloud runs failed (first: {failed[0]}: {records[0].get('error', '')}); run again to retry them")
+        first = next(c for c in records if c.get("error"))
+        raise CloudError(f"{len(failed)} cloud runs failed (first: {first['item_id']}: {first['error']}); run again to retry them")

@@ -120,7 +120,8 @@ def recommend(goal: Goal, points: Sequence[Point], baselines: dict[str, float], 
 
 
 def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_per_day: float, goal: str,
-                   bundle: str | None = None, cloud: str = "", cost: Any = None, prompt_lookup: int = 0) -> str:
+                   bundle: str | None = None, cloud: str = "", cost: Any = None, prompt_lookup: int = 0,
+                   power: Any = None) -> str:
     """The recommended policy as a TOML file ``edge-runtime serve --config`` loads as is.
 
     ``bundle``: the edge bundle the estimator was fitted on (an estimator refuses
@@ -130,6 +131,8 @@ def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_
     from the defaults go into ``[cost]``, so the daemon reports energy and cost as predicted.
     ``prompt_lookup``: the edge answers' decoding (drafts change int4/int8 answers at
     near-ties), set in ``[engine]`` when on, so the daemon answers as measured.
+    ``power``: the PowerSettings the energy was measured with; those that differ from
+    the defaults go into ``[power]``, so the daemon measures the same way.
     """
     config: dict[str, Any] = point.config
     parts = config["chain"] if "chain" in config else [config]
@@ -157,18 +160,19 @@ def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_
         lines += ["chain = [", *[f"  {x}," for x in inline], "]"]
     if cloud:
         lines += ["", cloud.rstrip("\n")]
-    if cost is not None and (section := _cost_toml(cost)):
-        lines += ["", *section]
+    for name, settings in (("cost", cost), ("power", power)):
+        if settings is not None and (section := _changed_toml(name, settings)):
+            lines += ["", *section]
     return "\n".join(lines) + "\n"
 
 
-def _cost_toml(cost: Any) -> list[str]:
-    """The ``[cost]`` lines for the scalar settings that differ from the defaults (the prices are the bridge's)."""
-    default = type(cost)()
-    changed = [(f.name, value) for f in fields(cost)
-               if not isinstance(value := getattr(cost, f.name), dict) and value is not None
+def _changed_toml(name: str, settings: Any) -> list[str]:
+    """A ``[name]`` section of the scalar settings that differ from the defaults (``[cost]``'s prices are the bridge's)."""
+    default = type(settings)()
+    changed = [(f.name, value) for f in fields(settings)
+               if not isinstance(value := getattr(settings, f.name), dict) and value is not None
                and value != getattr(default, f.name)]
-    return ["[cost]", *(f"{n} = {toml_value(v)}" for n, v in changed)] if changed else []
+    return [f"[{name}]", *(f"{n} = {toml_value(v)}" for n, v in changed)] if changed else []
 
 
 def toml_value(v: Any) -> str:

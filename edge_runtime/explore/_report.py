@@ -147,7 +147,8 @@ def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front:
         f"Edge model `{context['edge']}`, cloud `{context['cloud']}` through the bridge at `{context['bridge']}`; "
         f"suite `{context['suite']}` split `{context['split']}`, {len(m.items)} items; {len(points)} policy configurations replayed "
         f"offline over the cached runs. Machine: {context['machine']}. Energy source: {context['energy_source']}"
-        + (" (an ESTIMATE from CPU time, not a measurement)" if context["energy_estimated"] else "") + ". "
+        + (" (an ESTIMATE from CPU time, not a measurement)" if context["energy_estimated"] else "")
+        + "; device J / req adds each escalation's network energy, ESTIMATED by the cost model. "
         f"Answers the scorers could not read (counted wrong): {sum(bool(r.get('parse_error')) for r in m.edge)} on the edge, "
         f"{sum(bool(r.get('parse_error')) for r in m.cloud)} from the cloud.",
         "",

@@ -233,6 +233,11 @@ class EnergyMeter:
         return self._chosen is self._estimate or bool(getattr(self._chosen, "estimated", False))
 
     @property
+    def estimate_source(self) -> str:
+        """The CPU-time estimate's label (``estimate:<profile>``): what a window the chosen source missed reports."""
+        return self._estimate.label
+
+    @property
     def profile(self) -> DeviceProfile:
         return self._estimate.profile
 

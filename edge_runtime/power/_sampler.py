@@ -50,6 +50,10 @@ class _Point:
     after_gap: bool = False
 
 
+# more than any one RAPL / hwmon domain draws: a counter step implying more is not energy
+_MAX_PLAUSIBLE_W = 2000.0
+
+
 class DomainTrack:
     """Cumulative joules of one domain over time."""
 
@@ -97,11 +101,19 @@ class DomainTrack:
             if self.last_raw is not None:
                 if isinstance(reading, Energy):
                     delta_uj = raw - self.last_raw
+                    why = "with no wrap range"
                     if delta_uj < 0 and reading.max_range_uj:
                         delta_uj += reading.max_range_uj  # wrapped past max_energy_range_uj
+                        # ... unless that would mean an impossible power: then it was reset (a driver reload)
+                        # or read wrong, and counting a whole wrap range would add hundreds of kJ
+                        dt_s = max(t - prev.t, 1e-3) if prev is not None else 1e-3
+                        if delta_uj * 1e-6 / dt_s > _MAX_PLAUSIBLE_W:
+                            why = (f"by {self.last_raw - raw:.0f} µJ, too little for a wrap past its range "
+                                   f"({reading.max_range_uj:.0f} µJ) in {dt_s:.3f} s: a reset or a bad reading")
+                            delta_uj = -1.0
+                        elif delta_uj < 0:
+                            why = f"by more than its wrap range ({reading.max_range_uj:.0f} µJ): a reset or a bad reading"
                     if delta_uj < 0:
-                        why = ("with no wrap range" if not reading.max_range_uj else
-                               f"by more than its wrap range ({reading.max_range_uj:.0f} µJ): a reset or a bad reading")
                         self.events.append((t, (
                             f"{self.name}: counter went backwards ({self.last_raw:.0f} -> {raw:.0f} µJ) {why}; "
                             "that interval is not counted")))

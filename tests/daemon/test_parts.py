@@ -260,3 +260,13 @@ def test_a_missing_bundle_or_estimator_names_its_setting(tiny_bundle, tmp_path):
     with pytest.raises(ConfigError, match="estimator file not found") as info:
         HybridRuntime.from_settings(load_runtime_settings(data=data, env={}))
     assert info.value.field == "engine.estimator"
+
+
+def test_the_default_socket_is_in_the_runtime_dir_else_in_the_cache(monkeypatch, tmp_path):
+    from edge_runtime.settings import default_socket_path
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    assert default_socket_path() == tmp_path / "run" / "edge-runtime.sock"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert default_socket_path() == tmp_path / "cache" / "edge-runtime.sock"

@@ -264,6 +264,10 @@ def test_cached_runs_follow_the_items_not_just_their_ids(tiny_bundle, tmp_path, 
     assert engine.calls == 12  # `other` overwrote the cache for these ids, so the originals ran once more
     assert run_edge(engine, fixed, root=tmp_path) == rescored and engine.calls == 12
     assert all(r["correct"] for r in rescored if r["text"].strip())
+    # moved to another family or split in the suite file: no new run, and reported where it is now
+    moved = [dataclasses.replace(it, family="moved", split="dev") for it in fixed]
+    assert {(r["family"], r["split"]) for r in run_edge(engine, moved, root=tmp_path)} == {("moved", "dev")}
+    assert engine.calls == 12
     calls = []
 
     def cloud(item):
@@ -291,7 +295,9 @@ def tiny_suite(tmp_path):
 
 @pytest.mark.slow
 def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_suite, tmp_path, monkeypatch):
+    from edge_runtime.cost import CostSettings
     from edge_runtime.explore import explore
+    from edge_runtime.power import PowerSettings
 
     monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
@@ -314,11 +320,24 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
     assert "# [cloud]" in (out / "recommended.toml").read_text()
     assert len(result.measurements.items) == 12
     assert not [p for p in out.rglob("*") if "token" in p.name]  # the bridge token never lands in the output directory
-    # a second run replays from the cache: no new edge or bridge runs
+    # a second run replays from the cache: no new edge or bridge runs; cloud answers are billed at today's prices
     before = {p.name: p.stat().st_size for p in (tmp_path / "runs").iterdir()}
-    explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out, suite=str(tiny_suite),
-            goals=["max-accuracy joules<=100"], validate=True, root=tmp_path / "runs")
+    dearer = CostSettings(prices={"*": {"input": 1500.0, "output": 6000.0}})  # 10,000 times the default
+    again = explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out,
+                    suite=str(tiny_suite), goals=["max-accuracy joules<=100"], validate=True, root=tmp_path / "runs",
+                    cost=dearer)
     assert {p.name: p.stat().st_size for p in (tmp_path / "runs").iterdir()} == before
+    usd = result.point("always-cloud").overall["cloud_usd_per_1k"]
+    assert usd > 0 and again.point("always-cloud").overall["cloud_usd_per_1k"] == pytest.approx(usd * 10_000)
+    # another device profile measures energy otherwise: the edge runs again (the bridge's runs stay), and the
+    # recommended config measures the same way
+    third = explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out,
+                    suite=str(tiny_suite), validate=True, root=tmp_path / "runs",
+                    power=PowerSettings(profile="raspberry-pi-5"))
+    assert {e["energy_source"] for e in third.measurements.edge} == {"estimate:raspberry-pi-5"}
+    after = {p.name: p.stat().st_size for p in (tmp_path / "runs").iterdir()}
+    assert [n for n in after if after[n] != before[n]] == [n for n in before if n.startswith("edge")]
+    assert load_runtime_settings(out / "recommended.toml", env={}).power.profile == "raspberry-pi-5"
 
 
 @pytest.mark.slow
@@ -400,14 +419,17 @@ def test_bridge_runs_are_keyed_by_the_revision_the_bridge_reports():
     """A rebuilt bundle behind a bridge must not be answered from the old bundle's cached runs."""
     from types import SimpleNamespace
 
-    from edge_runtime.explore import _cloud_key
+    from edge_runtime.explore import _cloud_identity
 
     def client(revision: str) -> SimpleNamespace:
-        return SimpleNamespace(list_models=lambda: [SimpleNamespace(alias="coder", model="stand-in", is_default=True, revision=revision)])
+        return SimpleNamespace(list_models=lambda: [SimpleNamespace(
+            alias="coder", model="stand-in", is_default=True, revision=revision,
+            usd_per_million_input_tokens=1.5, usd_per_million_output_tokens=6.0)])
 
-    assert _cloud_key(client(""), "coder") == "bridge-coder-stand-in"  # an upstream API: its model name is all there is
-    assert _cloud_key(client("0123456789abcdef0123"), "coder") == "bridge-coder-stand-in-0123456789abcdef"
-    assert _cloud_key(client("0123456789abcdef0123"), "") == "bridge-default-stand-in-0123456789abcdef"
+    # an upstream API: its model name is all there is
+    assert _cloud_identity(client(""), "coder") == ("bridge-coder-stand-in", (1.5, 6.0))
+    assert _cloud_identity(client("0123456789abcdef0123"), "coder")[0] == "bridge-coder-stand-in-0123456789abcdef"
+    assert _cloud_identity(client("0123456789abcdef0123"), "")[0] == "bridge-default-stand-in-0123456789abcdef"
 
 
 def test_a_bundle_that_is_not_found_names_the_option_it_came_from(tiny_bundle, tmp_path, capsys):
@@ -446,3 +468,39 @@ def test_the_plane_frontier_is_a_staircase_and_the_4d_one_ignores_float_noise():
     assert [p.name for p in _plane_front(pts, "cloud_usd_per_1k")] == ["a", "c"]  # b and d are beaten in this plane
     twins = [point("p=0.5", 0.4, 0.001, j=1.2749458985), point("p=0.3", 0.4, 0.002, j=1.2749459611)]
     assert [p.name for p in pareto_front(twins)] == ["p=0.5"]  # same joules at the CSV's 6 digits: p=0.3 costs more
+
+
+def test_the_summary_labels_every_energy_figure_that_is_estimated(tmp_path):
+    import io
+    from types import SimpleNamespace
+
+    from edge_runtime.cli.explore import print_summary
+
+    overall = {"accuracy": 0.5, "escalation_rate": 0.0, "cloud_usd_per_1k": 0.0, "device_j_per_request": 1.0,
+               "latency_p50_ms": 10.0}
+    points = {n: SimpleNamespace(name=n, overall=overall) for n in ("always-local", "always-cloud")}
+
+    def summary(edge):
+        out = io.StringIO()
+        print_summary(SimpleNamespace(point=points.get, recommendations=[], validation=None, out=tmp_path,
+                                      measurements=SimpleNamespace(edge=edge)), out)
+        return out.getvalue()
+
+    estimated = summary([{"energy_source": "estimate:generic", "energy_estimated": True}])
+    assert "J/req is ESTIMATED (estimate:generic" in estimated
+    # a counter measures the device, but the radio's share of an escalation is the cost model's
+    measured = summary([{"energy_source": "rapl:package-0", "energy_estimated": False}])
+    assert "measured (rapl:package-0)" in measured and "network energy of each escalation ESTIMATED" in measured
+
+
+def test_an_item_the_model_cannot_take_is_named(tiny_bundle, tmp_path, tiny_suite):
+    import dataclasses
+
+    from edge_runtime.engine import Engine
+    from edge_runtime.errors import ContextLengthError
+    from edge_runtime.tasks import load_suite
+
+    item = load_suite(tiny_suite, "test")[0]
+    long = dataclasses.replace(item, messages=({"role": "user", "content": "word " * 400},))
+    with pytest.raises(ContextLengthError, match=f"suite item {item.id!r}: messages: the prompt has"):
+        run_edge(Engine(tiny_bundle, energy_meter=None), [long], root=tmp_path)

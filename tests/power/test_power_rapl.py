@@ -79,14 +79,14 @@ def test_one_wrap_is_corrected_with_max_energy_range(tmp_path: Path, make_meter:
 
 
 def test_several_wraps_in_one_window_are_all_counted(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
-    step_uj = 200_000_000_000  # 200 kJ between readings: more than 3/4 of the range each time
+    step_uj = 200_000_000_000  # 200 kJ between readings (1 kW for 200 s): more than 3/4 of the range each time
     value = 150_000_000_000
     pkg = add_rapl_zone(tmp_path, "0", "package-0", value)
     meter = make_meter(tmp_path)
     wraps = 0
     with meter.measure() as m:
         for _ in range(5):
-            clock.advance(1.0)
+            clock.advance(200.0)
             wraps += (value + step_uj) >= RAPL_MAX_RANGE_UJ
             value = (value + step_uj) % RAPL_MAX_RANGE_UJ
             write(pkg, value)
@@ -191,6 +191,21 @@ def test_a_counter_past_its_wrap_range_is_not_called_rangeless(tmp_path: Path, m
         write(pkg, 2_000_000)  # +1 J
     assert m.joules == pytest.approx(1.0)
     assert any("by more than its wrap range" in w for w in m.warnings) and not any("no wrap range" in w for w in m.warnings)
+
+
+def test_a_counter_that_steps_back_is_not_taken_for_a_wrap(tmp_path: Path, make_meter: Make,
+                                                            clock: ManualClock) -> None:
+    # a known wrap range turns any drop into a wrap: read that way, 0.1 J back in 0.05 s would be 262 kJ (5 MW)
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", 5_000_000)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(0.05)
+        write(pkg, 4_900_000)  # a bad reading, or the driver reloaded
+        meter.poll()
+        clock.advance(1)
+        write(pkg, 6_900_000)  # +2 J
+    assert m.joules == pytest.approx(2.0) and not m.estimated
+    assert any("too little for a wrap" in w for w in m.warnings)
 
 
 def test_zone_that_disappears_mid_window(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
