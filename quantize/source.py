@@ -84,9 +84,12 @@ def _check_gguf(path: Path) -> None:
 def _gguf_architecture(path: Path) -> str:
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    field = reader.fields.get("general.architecture")
-    return str(field.contents()) if field is not None else "unknown"
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields.get("general.architecture")
+        return str(field.contents()) if field is not None else "unknown"
+    except Exception as err:  # a damaged string field: UnicodeDecodeError, or the reader's own errors
+        raise BuildError(f"{path} is damaged: cannot read its general.architecture ({type(err).__name__}: {err})") from err
 
 
 # what transformers can build the fast tokenizer a bundle stores from
@@ -156,12 +159,20 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
     try:
         config = AutoConfig.from_pretrained(load_dir, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(load_dir, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(load_dir, dtype=torch.float32, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(load_dir, dtype=torch.float32, output_loading_info=True,
+                                                              **kwargs)
     except Exception as err:  # transformers and safetensors raise many types on a damaged or incomplete model
         raise BuildError(f"transformers could not load {path}: {type(err).__name__}: {err}") from err
     finally:
         if bar is not None:
             gguf_utils.tqdm = bar
+    # transformers fills a weight the checkpoint lacks with random numbers (its warning is silenced above):
+    # the bundle would pass its quality gate, which compares it with the same random model
+    for what in ("missing_keys", "mismatched_keys"):
+        keys = [str(k) for k in loading.get(what) or ()]
+        if keys:
+            raise BuildError(f"{path} is incomplete: {len(keys)} weight(s) {what.split('_')[0]} "
+                             f"({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
     model.eval()
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         raise UnsupportedModelError("sliding-window attention is not supported")
@@ -203,6 +214,12 @@ def _rope_tables(model: Any, config: Any, head_dim: int, length: int) -> tuple[n
 
 
 def _spec_from_model(model: Any, config: Any) -> ModelSpec:
+    # a damaged header (a GGUF's llama.context_length of 0) would otherwise fail a minute into the build
+    for name in ("max_position_embeddings", "num_hidden_layers", "num_attention_heads", "hidden_size",
+                 "intermediate_size", "vocab_size"):
+        value = getattr(config, name, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BuildError(f"the model's {name} is {value!r}: a positive integer is needed (a damaged header?)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     ctx = int(config.max_position_embeddings)
     cos, sin = _rope_tables(model, config, head_dim, ctx)

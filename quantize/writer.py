@@ -47,8 +47,17 @@ def check_replaceable(out: Path, *, force: bool) -> None:
     if out.is_symlink() or not out.is_dir():
         raise BuildError(f"{out} is not a directory: --force only replaces a bundle directory")
     # a bundle, a damaged one (a file missing) or an empty directory; anything else is someone's data
-    # (a web project has a manifest.json too, so the names of all the entries are checked)
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _BUNDLE_FILES)
+    # (a web project has a manifest.json too, so the names of all the entries are checked, that they are
+    # files, and that a manifest.json is a bundle's)
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in _BUNDLE_FILES or p.is_symlink() or not p.is_file())
+    if not foreign and (out / MANIFEST_NAME).exists():
+        try:
+            manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            manifest = None
+        if not (isinstance(manifest, dict) and "schema_version" in manifest and "files" in manifest):
+            foreign = [f"a {MANIFEST_NAME} that is not a bundle's"]
     if foreign:
         raise BuildError(f"{out} is not a bundle (it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): "
                          "--force only replaces a bundle; choose another --out")

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,7 @@ def test_verify_reports_a_missing_file(tiny_bundles, tmp_path):
         (lambda m: m["tokens"].update(eos_token_ids=None), "tokens.eos_token_ids"),
         (lambda m: m["tokens"].update(eos_token_ids=[m["model"]["vocab_size"]]), "tokens.eos_token_ids"),
         (lambda m: m["tokens"].update(bos_token_id=999_999), "tokens.bos_token_id"),
+        (lambda m: m["files"].pop("model.onnx.data"), "files"),  # the weights would load unchecked
         (lambda m: m.update(model=[]), "model"),
     ],
 )
@@ -168,11 +170,17 @@ def test_existing_output_is_refused_unless_forced(tiny_bundles, tiny_model_dirs,
     assert json.loads((out / "manifest.json").read_text())["quantization"]["precision"] == "fp32"
 
 
-@pytest.mark.parametrize("kind", ["project", "file", "web-app"])
+@pytest.mark.parametrize("kind", ["project", "file", "web-app", "web-manifest-only", "dir-named-like-a-file"])
 def test_force_never_deletes_something_that_is_not_a_bundle(tiny_model_dirs, tmp_path, capsys, kind):
     out = tmp_path / "out"
     if kind == "file":
         out.write_text("mine")
+    elif kind == "web-manifest-only":  # only a bundle's file names, but not a bundle's manifest
+        out.mkdir()
+        (out / "manifest.json").write_text('{"name": "my app", "icons": []}')
+    elif kind == "dir-named-like-a-file":
+        (out / "tokenizer.json").mkdir(parents=True)
+        (out / "tokenizer.json" / "notes.txt").write_text("mine")
     else:
         (out / "src").mkdir(parents=True)
         (out / "src" / "notes.txt").write_text("mine")
@@ -182,7 +190,8 @@ def test_force_never_deletes_something_that_is_not_a_bundle(tiny_model_dirs, tmp
         build_bundle(tiny_model_dirs("llama"), out, precision="fp32", force=True)
     assert main(["quantize", str(tiny_model_dirs("llama")), "--out", str(out), "--force", "--precision", "fp32"]) == 1
     assert "Traceback" not in capsys.readouterr().err
-    assert (out.read_text() if kind == "file" else (out / "src" / "notes.txt").read_text()) == "mine"
+    kept = {"file": out, "web-manifest-only": out / "manifest.json", "dir-named-like-a-file": out / "tokenizer.json" / "notes.txt"}
+    assert kept.get(kind, out / "src" / "notes.txt").exists()
 
 
 @pytest.mark.parametrize(
@@ -460,7 +469,18 @@ def test_a_model_directory_transformers_cannot_read_is_a_one_line_error(tiny_mod
     shutil.copytree(tiny_model_dirs("llama"), damaged)
     weights = next(damaged.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:40])  # truncated: safetensors raises its own error type
-    for src, message in ((no_tokenizer, "has no tokenizer"), (damaged, "transformers could not load")):
+    # a weight missing from the checkpoint: transformers would fill it with random numbers, and the quality
+    # gate compares with that same random model
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(tiny_model_dirs("llama"), incomplete)
+    from safetensors.numpy import load_file, save_file
+
+    weights = next(incomplete.glob("*.safetensors"))
+    tensors = load_file(weights)
+    del tensors[next(k for k in tensors if k.endswith("mlp.down_proj.weight"))]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    for src, message in ((no_tokenizer, "has no tokenizer"), (damaged, "transformers could not load"),
+                         (incomplete, "is incomplete: 1 weight(s) missing (model.layers.")):
         assert main(["quantize", str(src), "--out", str(tmp_path / "out"), "--precision", "fp32"]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
@@ -530,3 +550,32 @@ def test_an_existing_directory_wins_over_a_known_name_and_an_unknown_name_lists_
     assert report.manifest["model"]["vocab_size"] == 320  # the tiny model, as resolve_bundle would pick it
     assert main(["quantize", "smollm3-unknown", "--out", str(tmp_path / "x")]) == 1
     assert "qwen2.5-coder-0.5b-instruct" in capsys.readouterr().err
+
+
+def _patched_gguf(src: Path, dst: Path, key: bytes, patch) -> Path:
+    """A copy of a GGUF with the value of one key-value field rewritten by ``patch(data, value_offset)``."""
+    data = bytearray(src.read_bytes())
+    at = data.index(key) + len(key)  # after the key: the value type (uint32), then the value
+    patch(data, at + 4)
+    dst.write_bytes(data)
+    return dst
+
+
+def test_a_gguf_with_a_damaged_header_is_a_one_line_error_before_the_build(smollm2_gguf, tmp_path, capsys):
+    import struct
+
+    def bad_architecture(data, at):  # a string: uint64 length, then its bytes ("llama")
+        data[at + 8:at + 13] = b"\xff\xfe\xfd\xfc\xfb"
+
+    def no_context(data, at):  # a uint32
+        data[at:at + 4] = struct.pack("<I", 0)
+
+    for name, key, patch, message in (
+            ("arch.gguf", b"general.architecture", bad_architecture, "is damaged: cannot read its general.architecture"),
+            ("ctx.gguf", b"llama.context_length", no_context, "max_position_embeddings is 0")):
+        src = _patched_gguf(smollm2_gguf, tmp_path / name, key, patch)
+        assert main(["quantize", str(src), "--out", str(tmp_path / "out"), "--precision", "fp32"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
+        src.unlink()
