@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m edge_runtime.cli demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/throughput.py --rounds 4
 
 # regenerate edge_runtime/_proto from proto/ (tests/bridge/test_proto.py fails when it is stale)
 proto: $(STAMP)

@@ -71,7 +71,10 @@ def _bridge(host: str) -> str:
     d = json.loads((RESULTS / f"bridge-{host}.json").read_text())
     a = d["added_latency"]
     t = d["throughput"]
-    rows = [f"Bridge benchmark (`python benchmarks/bridge.py`): a loopback gRPC round trip adds {a['added_p50_ms']:.2f} ms at p50 and "
+    # the command that made these results: the bundle is named as the cache holds it, not this host's path
+    bundle = f" --bundle <cache>/bundles/{Path(t['bundle']).name}" if t.get("bundle") else ""
+    command = f"python benchmarks/bridge.py{bundle}" + (f" --workers {t['workers']}" if t["workers"] != 2 else "")
+    rows = [f"Bridge benchmark (`{command}`): a loopback gRPC round trip adds {a['added_p50_ms']:.2f} ms at p50 and "
             f"{a['added_p99_ms']:.2f} ms at p99 over an in-process backend call ({a['requests']} calls; target p50 ≤ 2 ms). "
             f"Throughput against the {t['backend']} backend, {t['workers']} worker(s):", "",
             "| clients | sent | answered | lost | req/s | tok/s | p50 ms | p99 ms |", "|--:|--:|--:|--:|--:|--:|--:|--:|"]
