@@ -156,8 +156,9 @@ def run_benchmark(bundle: Path, *, rounds: int, tasks: int, threads: int | None 
 
 def render_markdown(doc: dict[str, Any]) -> str:
     s, b = doc["settings"], doc["bundle"]
-    rows = [f"Prompt lookup (`python benchmarks/lookup.py`, {b['name']} {b['precision']}, {s['threads']} threads, "
-            f"{s['rounds']} rounds, one process; `prompt_lookup={s['prompt_lookup']}` against 0):", "",
+    rows = [f"Prompt lookup (`python benchmarks/lookup.py --rounds {s['rounds']}`, {b['name']} {b['precision']}, "
+            f"{s['threads']} threads, one process; `prompt_lookup={s['prompt_lookup']}` against 0; speedup: the median "
+            "of the rounds' own ratios, so it can differ from the quotient of the two tok/s medians):", "",
             "| workload | requests | tok/s without | tok/s with | speedup | drafted | accepted | same answer |",
             "|---|--:|--:|--:|--:|--:|--:|--:|"]
     for name, w in doc["workloads"].items():
