@@ -213,7 +213,6 @@ class HybridRuntime:
         self._wants_p_cloud = any(p.type_name == "gain" for p in parts)  # with a cloud prior: _check_policy_inputs
         self._has_budget = any(p.type_name == "budget" for p in parts)
         self._check_policy_inputs(parts)
-        self._lock = threading.Lock()
         # the bridge's own prices for the escalation model (it bills with them): (input, output) USD per million
         self._bridge_prices: tuple[float, float] | None = None
         self._bridge_prices_due = -float("inf")  # time.monotonic() when they are to be read (again)
@@ -309,9 +308,10 @@ class HybridRuntime:
         ``deadline_s`` (``time.monotonic()`` clock): when the whole answer is due. An
         escalation gets only the time left, less a moment to return the local answer
         (and, when there is none yet, less the time to make it), so a slow bridge ends
-        as a ``fallback`` with the local answer rather than as nothing. ``on_escalate`` is called when the bridge is about to be asked and a
-        whole local answer exists, so the engine is not needed again whatever the
-        bridge does (a daemon hands its generation slot to the next request).
+        as a ``fallback`` with the local answer rather than as nothing. ``on_escalate``
+        is called when the bridge is about to be asked and a whole local answer exists,
+        so the engine is not needed again whatever the bridge does (a daemon hands its
+        generation slot to the next request).
         """
         msgs = validate_messages(messages)
         if model not in MODEL_ALIASES:
@@ -341,8 +341,10 @@ class HybridRuntime:
     def _bridge_price_table(self) -> tuple[float, float] | None:
         """The bridge's prices for the model escalations go to, from ListModels; refreshed every 10 minutes."""
         list_models = getattr(self.cloud, "list_models", None)
-        if list_models is None or time.monotonic() < self._bridge_prices_due:
-            return self._bridge_prices if list_models is not None else None
+        if list_models is None:
+            return None
+        if time.monotonic() < self._bridge_prices_due:
+            return self._bridge_prices
         if self._bridge_prices is not None:
             if not self._prices_read.acquire(blocking=False):
                 return self._bridge_prices  # another request is refreshing them: the known ones serve meanwhile
