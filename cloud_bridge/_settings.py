@@ -101,12 +101,13 @@ class ServerSettings:
             raise ConfigError("tls_cert and tls_key must be given together", field="server.tls_cert")
         if self.client_ca is not None and self.tls_cert is None:
             raise ConfigError("client certificates (mTLS) need TLS: set tls_cert and tls_key", field="server.client_ca")
-        if self.max_message_bytes < 1024:
-            raise ConfigError(f"must be at least 1024, got {self.max_message_bytes}", field="server.max_message_bytes")
+        if not 1024 <= self.max_message_bytes <= 2**31 - 1:  # gRPC's limits are signed 32-bit
+            raise ConfigError(f"must be from 1024 to {2**31 - 1}, got {self.max_message_bytes}",
+                              field="server.max_message_bytes")
         if self.max_concurrent_rpcs < 1:
             raise ConfigError(f"must be at least 1, got {self.max_concurrent_rpcs}", field="server.max_concurrent_rpcs")
-        if self.grace_period_s < 0:
-            raise ConfigError(f"must be >= 0, got {self.grace_period_s}", field="server.grace_period_s")
+        if not 0 <= self.grace_period_s <= 3600:  # also refuses nan
+            raise ConfigError(f"must be from 0 to 3600 s, got {self.grace_period_s}", field="server.grace_period_s")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,8 +137,8 @@ class QuotaSettings:
 
     def validate(self) -> None:
         for name in ("requests_per_minute", "tokens_per_minute"):
-            if getattr(self, name) < 0:
-                raise ConfigError("must be >= 0", field=f"quota.{name}")
+            if not getattr(self, name) >= 0:  # nan would turn the quota off (nan > 0 is false)
+                raise ConfigError(f"must be >= 0, got {getattr(self, name)!r}", field=f"quota.{name}")
         for name in ("requests_burst", "tokens_burst"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -182,8 +183,9 @@ class ModelSettings:
             raise ConfigError("must be >= 0", field="queue_size")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError("must be at least 1", field="max_new_tokens")
-        if self.usd_per_million_input_tokens < 0 or self.usd_per_million_output_tokens < 0:
-            raise ConfigError("prices must be >= 0", field="usd_per_million_input_tokens")
+        for name in ("usd_per_million_input_tokens", "usd_per_million_output_tokens"):
+            if not 0 <= getattr(self, name) < float("inf"):  # nan or inf would be billed as such
+                raise ConfigError(f"prices must be finite and >= 0, got {getattr(self, name)!r}", field=name)
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (
@@ -233,8 +235,9 @@ class OpenAIModelSettings(ModelSettings):
             raise ConfigError(f"must be an http:// or https:// URL, got {self.base_url!r}", field="base_url")
         if not self.model:
             raise ConfigError("the endpoint's model name is required", field="model")
-        if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
-            raise ConfigError("timeouts must be > 0", field="timeout_s")
+        for name in ("timeout_s", "connect_timeout_s"):
+            if not 0 < getattr(self, name) <= 86_400:  # also refuses nan
+                raise ConfigError(f"must be > 0 and at most 86400 s, got {getattr(self, name)!r}", field=name)
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
         if not self.api_key_env:
@@ -342,7 +345,10 @@ def load_bridge_settings(
         tls_key=_resolve(settings.server.tls_key, base),
         client_ca=_resolve(settings.server.client_ca, base),
     )
-    default_tokens = next(f.default for f in dataclasses.fields(AuthSettings) if f.name == "tokens_file")
+    # the default follows the file; the same name given in the environment or a flag is the working directory's
+    given = f"{ENV_PREFIX}_AUTH_TOKENS_FILE" in (os.environ if env is None else env) \
+        or "tokens_file" in ((overrides or {}).get("auth") or {})
+    default_tokens = None if given else next(f.default for f in dataclasses.fields(AuthSettings) if f.name == "tokens_file")
     auth = dataclasses.replace(settings.auth, tokens_file=_resolve(settings.auth.tokens_file, base, default_tokens))
     # [models.*] are free-form tables that load_settings leaves as written: their bundles follow the file
     models = {

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import types
@@ -124,9 +125,12 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"expected a number, got {value!r}", field=field)
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"expected a number, got {value!r}", field=field) from None
+        if not math.isfinite(number):  # nan passes every range check (nan <= 0 is false), inf most of them
+            raise ConfigError(f"expected a finite number, got {value!r}", field=field)
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"expected a string, got {value!r}", field=field)
@@ -274,6 +278,10 @@ def load_settings(
             raise ConfigError(f"config file not found: {path}") from err
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path} is not valid TOML: {err}") from err
+        except UnicodeDecodeError as err:  # TOML is UTF-8; a UTF-16 file from a Windows editor is not
+            raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}): TOML files are UTF-8") from err
+        except OSError as err:  # a directory, no permission
+            raise ConfigError(f"cannot read the config file {path}: {err.strerror or err}") from err
     if data is not None:
         layers.append(data)
     layers.append(_env_layer(cls, os.environ if env is None else env, env_prefix))

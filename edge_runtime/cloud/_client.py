@@ -212,6 +212,7 @@ class CloudClient:
         self.has_token = bool(self._token)  # the bridge refuses calls without one (the daemon warns at start)
         self._channel = channel if channel is not None else open_channel(settings)
         self._stub = bridge_pb2_grpc.CloudBridgeStub(self._channel)
+        self._closed = False
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -223,6 +224,8 @@ class CloudClient:
         return [("authorization", f"Bearer {self._token}")] if self._token else []
 
     def _enter_circuit(self) -> None:
+        if self._closed:  # grpc's own error for a closed channel is a bare ValueError (and a new stub on one crashes)
+            raise CloudError("the cloud client is closed", code="CLOSED")
         if not self.circuit.allow():
             raise CircuitOpenError(
                 f"cloud skipped: {self.circuit.consecutive_failures} consecutive failures; next try in "
@@ -474,6 +477,8 @@ class CloudClient:
         """True if the bridge answers its standard health check with SERVING. Does not touch the circuit."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        if self._closed:  # grpcio crashes the process on a stub made for a closed channel
+            return False
         try:
             reply = health_pb2_grpc.HealthStub(self._channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -483,6 +488,8 @@ class CloudClient:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def close(self) -> None:
+        """Close the channel; calls made after it raise CloudError (code ``CLOSED``), health checks answer False."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> CloudClient:

@@ -13,6 +13,8 @@ from ._address import check_address
 
 __all__ = ["CloudSettings"]
 
+_MAX_SECONDS = 86_400.0
+_MAX_MESSAGE_BYTES = 2**31 - 1
 _PATH_FIELDS = ("token_file", "ca_file", "cert_file", "key_file")
 
 
@@ -57,11 +59,20 @@ class CloudSettings:
             raise ConfigError("cert_file and key_file must be given together", field="cloud.cert_file")
         if self.insecure and (self.ca_file or self.cert_file):
             raise ConfigError("TLS files make no sense with insecure = true", field="cloud.insecure")
+        # a day at most: gRPC cannot represent a far deadline (it fails the call at once), nor Python a huge backoff
         for name in ("timeout_s", "backoff_initial_s", "backoff_max_s", "circuit_cooldown_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError("must be > 0", field=f"cloud.{name}")
-        if self.backoff_multiplier < 1:
-            raise ConfigError("must be >= 1", field="cloud.backoff_multiplier")
+            value = getattr(self, name)
+            if not 0 < value <= _MAX_SECONDS:  # also refuses nan
+                raise ConfigError(f"must be > 0 and at most {_MAX_SECONDS:.0f} s, got {value!r}", field=f"cloud.{name}")
+        if not 1 <= self.backoff_multiplier <= 100:
+            raise ConfigError(f"must be from 1 to 100, got {self.backoff_multiplier!r}", field="cloud.backoff_multiplier")
+        if not 1024 <= self.max_message_bytes <= _MAX_MESSAGE_BYTES:  # gRPC's limits are signed 32-bit
+            raise ConfigError(f"must be from 1024 to {_MAX_MESSAGE_BYTES}, got {self.max_message_bytes!r}",
+                              field="cloud.max_message_bytes")
+        if self.token and self.token_file is not None:
+            # set in different layers (the file's token, the environment's token_file), neither may silently win
+            raise ConfigError("set token or token_file, not both (one may come from the config file and the other "
+                              "from the environment or a flag)", field="cloud.token_file")
         if not 0 <= self.jitter <= 1:
             raise ConfigError("must be in [0, 1]", field="cloud.jitter")
         if self.max_attempts < 1 or self.circuit_failure_threshold < 1:

@@ -331,8 +331,41 @@ def test_client_settings_are_validated():
         CloudSettings(address="x:1", cert_file="c.pem")  # a certificate without its key
     with pytest.raises(ConfigError):
         CloudSettings(jitter=1.5)
-    with pytest.raises(ConfigError):
-        CloudSettings(timeout_s=0)
+    # values that pass a plain "> 0" check but break every call or the backoff arithmetic
+    for field, value in (("timeout_s", 0), ("timeout_s", float("nan")), ("timeout_s", float("inf")), ("timeout_s", 1e12),
+                         ("circuit_cooldown_s", float("inf")), ("backoff_multiplier", float("nan")),
+                         ("backoff_multiplier", 1e200), ("max_message_bytes", 0), ("max_message_bytes", -1),
+                         ("max_message_bytes", 1 << 40)):
+        with pytest.raises(ConfigError) as info:
+            CloudSettings(**{field: value})
+        assert info.value.field == f"cloud.{field}"
+    # from the environment too: not a finite number is refused where it is read
+    with pytest.raises(ConfigError) as info:
+        load_runtime_settings(env={"EDGE_RUNTIME_CLOUD_TIMEOUT_S": "nan"})
+    assert info.value.field == "cloud.timeout_s"
+
+
+def test_a_token_file_set_over_a_token_from_another_layer_is_refused_not_ignored(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("from-the-file\n")
+    token_file.chmod(0o600)
+    config = tmp_path / "edge.toml"
+    config.write_text('[cloud]\naddress = "127.0.0.1:50051"\ntoken = "inline"\n')
+    with pytest.raises(ConfigError, match="token or token_file, not both") as info:
+        load_runtime_settings(config, env={"EDGE_RUNTIME_CLOUD_TOKEN_FILE": str(token_file)})
+    assert info.value.field == "cloud.token_file"
+
+
+def test_a_closed_client_raises_cloud_errors_and_answers_health_checks_false(start_bridge, make_client):
+    client = make_client(start_bridge())
+    assert client.check_health()
+    client.close()
+    for call in (lambda: client.generate(HI), lambda: list(client.stream(HI)), client.list_models):
+        with pytest.raises(CloudError) as info:
+            call()
+        assert info.value.code == "CLOSED"
+    assert client.check_health() is False  # grpcio crashed the process on a stub made for a closed channel
+    assert client.circuit.state == "closed" and client.circuit.consecutive_failures == 0
 
 
 @pytest.mark.parametrize(

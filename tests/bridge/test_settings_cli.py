@@ -76,6 +76,9 @@ def test_relative_paths_from_flags_and_env_follow_the_working_directory(tmp_path
     # typed in a shell: where the shell is, as the daemon's
     assert given.server.tls_cert == tmp_path / "cert.pem" and given.server.tls_key == tmp_path / "key.pem"
     assert given.auth.tokens_file == tmp_path / "env-tokens.toml"
+    # the default's own name, given in the environment, is the working directory's too
+    same = load_bridge_settings(path, env={"CLOUD_BRIDGE_AUTH_TOKENS_FILE": "bridge-tokens.toml"})
+    assert same.auth.tokens_file == tmp_path / "bridge-tokens.toml"
 
 
 @pytest.mark.parametrize(
@@ -89,12 +92,28 @@ def test_relative_paths_from_flags_and_env_follow_the_working_directory(tmp_path
         ('[limits]\ndefault_model = "nope"\n[models.x]\nbackend = "echo"\n', "limits.default_model"),
         ('[server]\ntls_cert = "a.pem"\n', "server.tls_cert"),
         ("[quota]\nrequests_per_minute = -1\n", "quota.requests_per_minute"),
+        ("[quota]\nrequests_per_minute = nan\n", "quota.requests_per_minute"),  # nan > 0 is false: no quota
+        ("[server]\ngrace_period_s = nan\n", "server.grace_period_s"),
+        ("[server]\nmax_message_bytes = 1099511627776\n", "server.max_message_bytes"),  # past gRPC's int32
+        ('[models.x]\nbackend = "echo"\nusd_per_million_output_tokens = -1\n', "models.x.usd_per_million_output_tokens"),
+        ('[models.x]\nbackend = "echo"\nusd_per_million_input_tokens = inf\n', "models.x.usd_per_million_input_tokens"),
+        ('[models.x]\nbackend = "openai"\nbase_url = "http://h"\nmodel = "m"\nconnect_timeout_s = -1\n',
+         "models.x.connect_timeout_s"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, extra, field):
     with pytest.raises(ConfigError) as info:
         load_bridge_settings(write(tmp_path, extra), env={})
     assert info.value.field == field
+
+
+def test_a_config_file_that_is_not_utf8_or_not_a_file_is_a_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes("[server]\n".encode("utf-16"))  # as a Windows editor may save it
+    for path, message in ((bad, "is not UTF-8 text"), (tmp_path, "cannot read the config file")):
+        assert main(["config", "--config", str(path)]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
 
 
 def test_models_given_as_objects_are_kept():
