@@ -27,6 +27,7 @@ from edge_runtime.config import (
     refuse_abbreviations,
     settings_overrides_from_args,
     settings_to_dict,
+    stdout_closed,
 )
 from edge_runtime.errors import ConfigError, EdgeRuntimeError
 
@@ -175,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose >= 2:
             raise
         return 1
+    except BrokenPipeError:
+        return stdout_closed()
     except KeyboardInterrupt:
         return 130
 

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tomllib
 import types
 import typing
@@ -332,6 +333,20 @@ def refuse_abbreviations(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
             for child in action.choices.values():
                 refuse_abbreviations(child)
     return parser
+
+
+def stdout_closed() -> int:
+    """The exit status of a command whose reader went away (``... | head``): quiet, as other tools are.
+
+    Python would otherwise report the broken pipe, or print a traceback when it
+    flushes stdout at exit; stdout is pointed at /dev/null so that flush is silent.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (a test's capture)
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a program the pipe killed
 
 
 def settings_overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

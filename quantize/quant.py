@@ -18,8 +18,8 @@ activations" of small LMs) from flattening the rest of its row.
 - int4 with a float per-block offset (``w = scale*(q-8) + offset``, opt-in).
   An integer zero point cannot reproduce a grid whose minimum is an arbitrary
   float; GGUF Q4_1 weights are exactly such grids, and offsets reproduce them,
-  at the cost of three small extra nodes per projection (~30% of the decode
-  speed).
+  at the cost of three small extra nodes per projection (22% of the decode
+  speed in the committed throughput run).
 - symmetric int4 round-to-nearest for the 4-bit code of another table's error
   (rescoring rows).
 """

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     layout = p.add_mutually_exclusive_group()
     layout.add_argument("--int4-offsets", action="store_true",
                         help="int4 with a float offset per block instead of integer zero points: reproduces a GGUF "
-                             "Q4_1 source exactly, about 30%% slower decoding")
+                             "Q4_1 source exactly, at a cost in decode speed (the README's throughput table)")
     layout.add_argument("--int4-zero-points", action="store_true",
                         help="int4 with integer zero points chosen with calibration activations (the default)")
     p.add_argument("--rescore-top-k", type=int, default=None, metavar="K",

@@ -260,3 +260,16 @@ def test_lowering_the_token_cap_alone_is_accepted_and_the_default_follows_it(tmp
     settings = load_bridge_settings(write(tmp_path, '[models.x]\nbackend = "echo"\n'), env={},
                                     overrides={"limits": {"max_new_tokens": 100}})
     assert settings.limits.max_new_tokens == 100  # the default of 256 is cut to the cap where it is used
+
+
+@pytest.mark.parametrize("command", [["cloud_bridge.cli", "config"], ["edge_runtime.cli", "power", "--json"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly(command):
+    # `cloud-bridge config | head -1`: no "Broken pipe" error, no traceback when Python flushes stdout at exit
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.Popen([sys.executable, "-m", *command], stdout=write_end, stderr=subprocess.PIPE,
+                            env={**os.environ, "CLOUD_BRIDGE_AUTH_TOKENS_FILE": os.devnull})
+    os.close(write_end)
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and err == "", err
