@@ -28,6 +28,7 @@ from edge_runtime.config import (
     settings_overrides_from_args,
     settings_to_dict,
     stdout_closed,
+    stdout_reader_gone,
 )
 from edge_runtime.errors import ConfigError, EdgeRuntimeError
 
@@ -176,8 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose >= 2:
             raise
         return 1
-    except BrokenPipeError:
-        return stdout_closed()
+    except BrokenPipeError as err:
+        if stdout_reader_gone():
+            return stdout_closed()
+        print(f"cloud-bridge {args.command}: error: {err.strerror or err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

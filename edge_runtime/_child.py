@@ -11,7 +11,7 @@ import contextlib
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from .errors import EdgeRuntimeError
@@ -28,10 +28,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def child_service(cmd: Sequence[str], log_path: Path, healthy: Callable[[], bool], *, name: str,
-                  timeout_s: float = 120.0, stop_timeout_s: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``cmd`` (output to ``log_path``) until ``healthy()`` is true; terminate it when the block ends."""
+                  timeout_s: float = 120.0, stop_timeout_s: float = 30.0,
+                  env: Mapping[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` (output to ``log_path``; ``env``, else this process's environment) until ``healthy()`` is true;
+    terminate it when the block ends."""
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=None if env is None else dict(env))
     try:
         deadline = time.monotonic() + timeout_s
         while not healthy():

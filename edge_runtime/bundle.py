@@ -157,7 +157,7 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
 # what the runtime reads from a manifest's sections, so a hand-edited or damaged
 # manifest fails verification naming the field rather than as a KeyError at load
 # files a graph may read its weights from (this project writes <model_file>.data)
-_WEIGHT_SUFFIXES = frozenset({".data", ".onnx", ".onnx_data", ".bin", ".pb", ".ort"})
+_WEIGHT_SUFFIXES = frozenset({".data", ".onnx_data"})
 _REQUIRED_INTS = {"model": ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "context_length")}
 
 
@@ -200,10 +200,15 @@ def _check_manifest_fields(raw: dict[str, Any], path: Path) -> None:
     for name, info in raw["files"].items():
         if not isinstance(info, dict) or not isinstance(info.get("size"), int) or not isinstance(info.get("sha256"), str):
             raise bad(f"files.{name}", "must be an object with size and sha256")
-    # the weights beside the graph too (onnxruntime opens whatever external data file the graph names)
-    for extra in sorted(path.parent.iterdir()):
-        if extra.suffix in _WEIGHT_SUFFIXES and extra.name not in raw["files"] and extra.is_file():
-            raise bad("files", f"must list {extra.name}: a weights file it does not list would load unchecked")
+    # the weights beside the graph too (onnxruntime opens whatever external data file the graph names);
+    # dotfiles are not weights (macOS leaves ._model.onnx.data copies on FAT and SMB volumes)
+    try:
+        unlisted = sorted(p.name for p in path.parent.iterdir() if p.suffix in _WEIGHT_SUFFIXES
+                          and not p.name.startswith(".") and p.name not in raw["files"] and p.is_file())
+    except OSError:  # a directory that cannot be listed: the listed files are still checked
+        unlisted = []
+    if unlisted:
+        raise bad("files", f"must list {unlisted[0]}: a weights file it does not list would load unchecked")
 
 
 def write_stamp(bundle_dir: Path, files: dict[str, dict[str, Any]]) -> None:

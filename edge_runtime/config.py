@@ -335,6 +335,18 @@ def refuse_abbreviations(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``... | head``), not some other connection that broke."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real stdout, or no poll() on this platform
+        return False
+
+
 def stdout_closed() -> int:
     """The exit status of a command whose reader went away (``... | head``): quiet, as other tools are.
 

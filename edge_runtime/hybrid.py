@@ -130,12 +130,13 @@ class _Timing:
         ``local_s``: how long the local answer would take to make, when there is none
         yet (a request sent to the cloud first, or an early exit): that time is left
         for the fallback, but never more than half of what remains (``None``: the
-        engine's pace is not known yet, half).
+        engine's pace is not known yet, half), and none when the fallback could not
+        be made in time anyway (then the bridge is the only chance of an answer).
         """
         if self.deadline_s is None:
             return configured_s
         left_s = self.deadline_s - _DEADLINE_RESERVE_S - time.monotonic()
-        if left_s > 0 and local_s != 0.0:
+        if left_s > 0 and local_s != 0.0 and (local_s is None or local_s < left_s):
             left_s -= left_s / 2 if local_s is None else min(local_s, left_s / 2)
         if left_s <= 0:
             raise CloudTimeoutError("no time left before the request's deadline to ask the bridge")
@@ -326,13 +327,14 @@ class HybridRuntime:
 
     # ---- internals ---------------------------------------------------------------------------
 
-    def _estimate_cloud_usd(self, msgs: Sequence[Mapping[str, Any]], params: SamplingParams) -> float:
+    def _estimate_cloud_usd(self, msgs: Sequence[Mapping[str, Any]], params: SamplingParams, model: str) -> float:
         """What escalating this request would cost at most (a budget reserves it; the bridge bills the real figure)."""
         from .cost import price_usd
 
         prompt_tokens = sum(len(m["content"]) for m in msgs) // 3 + 8  # ~3 characters per token, generously
         estimate = price_usd(self.cost, self.cloud_model_hint, prompt_tokens, params.max_new_tokens)
-        bridge = self._bridge_price_table() if self._has_budget else None
+        # a request for the local model never escalates: it must not wait for the bridge's prices
+        bridge = self._bridge_price_table() if self._has_budget and model != "local" else None
         if bridge is not None:
             # the bridge bills with its own prices: a budget that reserved the device's guess would overspend
             estimate = max(estimate, (prompt_tokens * bridge[0] + params.max_new_tokens * bridge[1]) / 1e6)
@@ -345,10 +347,11 @@ class HybridRuntime:
             return None
         if time.monotonic() < self._bridge_prices_due:
             return self._bridge_prices
-        if self._bridge_prices is not None:
+        if self._bridge_prices is not None or self._bridge_prices_due > -float("inf"):
+            # known, or a read already failed (the bridge is down: its escalations fall back anyway)
             if not self._prices_read.acquire(blocking=False):
-                return self._bridge_prices  # another request is refreshing them: the known ones serve meanwhile
-        # none known yet: wait for the request reading them, or concurrent escalations would all reserve a
+                return self._bridge_prices  # another request is reading them: what is known serves meanwhile
+        # the first read: wait for the request making it, or concurrent escalations would all reserve a
         # budget at the device's guess and together spend past it
         elif not self._prices_read.acquire(timeout=2 * _PRICES_TIMEOUT_S):
             return None
@@ -395,7 +398,7 @@ class HybridRuntime:
     def _run(self, msgs: list[dict[str, str]], model: str, params: SamplingParams, cancel: Any, request_id: str,
              reveal_draft: bool, prompt_ids: list[int], timing: _Timing) -> Iterator[HybridChunk]:
         t0 = time.perf_counter()
-        ctx = RequestContext(messages=msgs, request_id=request_id, estimated_cloud_usd=self._estimate_cloud_usd(msgs, params))
+        ctx = RequestContext(messages=msgs, request_id=request_id, estimated_cloud_usd=self._estimate_cloud_usd(msgs, params, model))
         if self._wants_pre_route and model == "auto":
             ctx = dataclasses.replace(ctx, pre_route_p_correct=self._pre_route_score(ctx.prompt_text, len(prompt_ids)))
         if self._wants_p_cloud and model == "auto":

@@ -155,11 +155,18 @@ def run_edge(
     """
     cache = RunCache("edge", engine_key(engine), settings, root)
     meter = engine.energy_meter if energy else None
-    sources = {meter.source, meter.estimate_source} if meter is not None else None
+
+    def measured_alike(rec: dict[str, Any]) -> bool:
+        if meter is None:
+            return True
+        if "energy_meter" in rec:
+            return bool(rec["energy_meter"] == meter.identity)
+        # a record from before meters were recorded: by its label
+        return rec.get("energy_source") in {meter.source, meter.estimate_source}
 
     def fresh(item: TaskItem) -> dict[str, Any] | None:
         rec = _fresh(cache, item)
-        return None if rec is not None and sources is not None and rec.get("energy_source") not in sources else rec
+        return rec if rec is None or measured_alike(rec) else None
 
     todo = [it for it in items if (rec := fresh(it)) is None or (selfcheck and "selfcheck_p_yes" not in rec)]
     for item in progress_bar(todo, total=len(todo), desc=desc):
@@ -171,6 +178,8 @@ def run_edge(
             except InvalidRequestError as err:  # a suite's item the model cannot take: say which one
                 raise type(err)(f"suite item {item.id!r}: {err}") from err
             rec = edge_record(item, result, (time.perf_counter() - t0) * 1000.0)
+            if meter is not None:
+                rec["energy_meter"] = meter.identity
         if selfcheck:
             p_yes = yes_probability(engine, selfcheck_messages(item.messages, rec["text"]))
             rec = {**rec, "selfcheck_p_yes": round(p_yes, 6)}

@@ -55,8 +55,9 @@ def check_replaceable(out: Path, *, force: bool) -> None:
         try:
             manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            manifest = None
-        if not (isinstance(manifest, dict) and "schema_version" in manifest and "files" in manifest):
+            manifest = None  # unreadable: a damaged bundle's, which --force may replace
+        ours = manifest is None or (isinstance(manifest, dict) and "schema_version" in manifest and "files" in manifest)
+        if not ours:
             foreign = [f"a {MANIFEST_NAME} that is not a bundle's"]
     if foreign:
         raise BuildError(f"{out} is not a bundle (it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): "

@@ -154,6 +154,41 @@ def test_concurrent_first_escalations_wait_for_the_bridges_prices(engine, bridge
     assert 0 < sum(r.route == "cloud" for r in results) < 6
 
 
+def test_the_price_read_holds_only_the_first_requests_and_never_a_local_one(engine):
+    from types import SimpleNamespace
+
+    from edge_runtime.errors import CloudUnavailableError
+
+    reads = []
+
+    def down(**kw):  # a bridge that accepts the connection and never answers
+        reads.append(time.monotonic())
+        time.sleep(0.3)
+        raise CloudUnavailableError("no answer")
+
+    cloud = SimpleNamespace(list_models=down, settings=SimpleNamespace(model=""))
+    rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "never"}]}, cloud=cloud)
+    rt.chat(ASK, model="local", max_new_tokens=2)
+    assert reads == []  # a request for the local model never escalates: it never waits for prices
+    t0 = time.monotonic()
+    assert rt._bridge_price_table() is None and time.monotonic() - t0 >= 0.3  # the first read is waited for
+    t0 = time.monotonic()
+    assert rt._bridge_price_table() is None and time.monotonic() - t0 < 0.1  # failed: retried later, not now
+    assert len(reads) == 1
+
+
+def test_an_escalation_keeps_no_time_back_for_a_fallback_that_could_not_finish():
+    from edge_runtime.hybrid import _DEADLINE_RESERVE_S, _Timing
+
+    timing = _Timing(deadline_s=time.monotonic() + 6.0)
+    left = 6.0 - _DEADLINE_RESERVE_S
+    assert timing.cloud_timeout_s(None, 1.0) == pytest.approx(left - 1.0, abs=0.05)  # the fallback's time is kept
+    assert timing.cloud_timeout_s(None, None) == pytest.approx(left / 2, abs=0.05)  # pace unknown: half
+    assert timing.cloud_timeout_s(None, 4.0) == pytest.approx(left / 2, abs=0.05)  # never more than half
+    assert timing.cloud_timeout_s(None, 9.0) == pytest.approx(left, abs=0.05)  # it could not finish: all to the bridge
+    assert timing.cloud_timeout_s(None, 0.0) == pytest.approx(left, abs=0.05)  # a local answer exists
+
+
 @pytest.mark.parametrize(("policy", "field"), [
     ({"type": "gain", "min_gain": 0.1}, "policy.type"),
     ({"chain": [{"type": "privacy"}, {"type": "gain"}]}, "policy.chain[1].type"),

@@ -64,6 +64,7 @@ _FINISH = {
 _MAX_ERROR_BODY = 64 * 1024
 # this many characters of the API key in a row are cut out of upstream text, not only the whole key
 _KEY_RUN = 8
+_PARTIAL_KEY_MIN = 24  # shorter keys are cut out whole only (real API keys are 40+ characters)
 # an upstream's error text passed on to the device is cut: whole, a long one overflows gRPC's 16 KiB trailers and
 # the device gets a retryable RESOURCE_EXHAUSTED instead of the error
 _MAX_ERROR_DETAIL = 500
@@ -291,7 +292,7 @@ class OpenAIBackend:
         if not key:
             return text
         text = text.replace(key, "***")
-        if len(key) < _KEY_RUN:
+        if len(key) < _PARTIAL_KEY_MIN:  # a placeholder a local server takes ("lm-studio"), not a secret's prefix
             return text
         runs = {key[i:i + _KEY_RUN] for i in range(len(key) - _KEY_RUN + 1)}
         out: list[str] = []

@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..config import refuse_abbreviations, stdout_closed
+from ..config import refuse_abbreviations, stdout_closed, stdout_reader_gone
 from ..errors import EdgeRuntimeError
 
 __all__ = ["main", "COMMAND_MODULES"]
@@ -61,8 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose >= 2:
             raise
         return 1
-    except BrokenPipeError:
-        return stdout_closed()
+    except BrokenPipeError as err:
+        if stdout_reader_gone():
+            return stdout_closed()
+        print(f"edge-runtime {args.command}: error: {err.strerror or err}", file=sys.stderr)
+        return 1
     except OSError as err:
         # a file the user named that cannot be read or written (a directory, a missing parent, no permission);
         # the commands translate the ones they expect, this is the boundary for the rest

@@ -223,9 +223,14 @@ class CloudClient:
     def _metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self._token}")] if self._token else []
 
+    def _closed_error(self) -> CloudError:
+        # grpc's own error for a closed channel is a bare ValueError (and a new stub on one crashes); neutral
+        # for the circuit (the code is not a bridge outage's)
+        return CloudError("the cloud client is closed", code="CLOSED")
+
     def _enter_circuit(self) -> None:
-        if self._closed:  # grpc's own error for a closed channel is a bare ValueError (and a new stub on one crashes)
-            raise CloudError("the cloud client is closed", code="CLOSED")
+        if self._closed:
+            raise self._closed_error()
         if not self.circuit.allow():
             raise CircuitOpenError(
                 f"cloud skipped: {self.circuit.consecutive_failures} consecutive failures; next try in "
@@ -318,7 +323,13 @@ class CloudClient:
                     )
                 sent = self._clock()
                 try:
+                    if self._closed:  # closed by another thread during a retry's backoff
+                        raise self._closed_error()
                     response = invoke(remaining)
+                except ValueError as err:
+                    if self._closed:  # closed by another thread while the call was made
+                        raise self._closed_error() from err
+                    raise
                 except grpc.RpcError as err:
                     delay, error = self._retry_delay_s(err, attempt, deadline_s)
                     if delay is None:
@@ -402,7 +413,14 @@ class CloudClient:
                         f"cloud bridge: no answer within {deadline_s - start:.2f} s", code="DEADLINE_EXCEEDED"
                     )
                 sent = self._clock()
-                call = self._stub.GenerateStream(req, timeout=remaining, metadata=self._metadata())
+                if self._closed:  # closed by another thread during a retry's backoff
+                    raise self._closed_error()
+                try:
+                    call = self._stub.GenerateStream(req, timeout=remaining, metadata=self._metadata())
+                except ValueError as err:
+                    if self._closed:
+                        raise self._closed_error() from err
+                    raise
                 watcher = _CancelWatcher(call, cancel)
                 delivered = False
                 try:
@@ -425,6 +443,10 @@ class CloudClient:
                     raise CloudUnavailableError(
                         "cloud bridge: the stream ended without a final message", code="DATA_LOSS"
                     )
+                except ValueError as err:
+                    if self._closed:  # closed by another thread while the answer streamed
+                        raise self._closed_error() from err
+                    raise
                 except grpc.RpcError as err:
                     if watcher.fired:  # the CANCELLED status of our own call.cancel(), not the bridge's doing
                         raise _cancelled_error() from err

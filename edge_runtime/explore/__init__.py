@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import platform
 import secrets
 import shlex
@@ -117,7 +118,10 @@ def _daemon(config_text: str, workdir: Path, timeout_s: float = 180.0) -> Iterat
             return False
 
     cmd = [sys.executable, "-m", "edge_runtime.cli", "serve", "--config", str(config)]
-    with child_service(cmd, workdir / "validate-daemon.log", healthy, name="the daemon", timeout_s=timeout_s):
+    # the config holds the whole [cloud] section (its token in a private file): the environment's
+    # EDGE_RUNTIME_CLOUD_TOKEN would make it a token and a token file, which settings refuse
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_RUNTIME_CLOUD_")}
+    with child_service(cmd, workdir / "validate-daemon.log", healthy, name="the daemon", timeout_s=timeout_s, env=env):
         yield url
 
 
@@ -255,8 +259,11 @@ def explore(
         items = [it for it in items if it.id not in held_ids]
 
     meter = EnergyMeter.from_settings(power) if power is not None else default_meter()
-    engine = Engine(edge_bundle, intra_op_threads=threads, prompt_lookup=prompt_lookup, energy_meter=meter)
     with contextlib.ExitStack() as stack:
+        if power is not None:  # a meter of its own (its sampler thread), closed whatever happens; not the shared one
+            stack.callback(meter.close)
+        engine = Engine(edge_bundle, intra_op_threads=threads, prompt_lookup=prompt_lookup, energy_meter=meter)
+        stack.callback(engine.close)
         user_token_file = None
         if local_bundle is not None:
             address, token = stack.enter_context(local_bridge(local_bundle, cost=cost))
@@ -364,8 +371,5 @@ def explore(
     }
     write_report(out / "report.md", m=m, points=points, front=front, families=families, estimators=estimators, winners=winners,
                  recommendations=recommendations, plots=plots, context=context)
-    engine.close()
-    if power is not None:
-        meter.close()
     return ExploreResult(out=out, points=points, front=front, recommendations=recommendations, measurements=m, winners=winners,
                          estimators=estimators, validation=validation, files=files)

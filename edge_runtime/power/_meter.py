@@ -238,6 +238,12 @@ class EnergyMeter:
         return self._estimate.label
 
     @property
+    def identity(self) -> str:
+        """What makes two meters measure alike: the chosen source, and the profile's watts its estimate uses."""
+        p = self._estimate.profile
+        return f"{self.source}; {p.name} {p.active_watts_per_core:g} W/core + {p.idle_watts:g} W idle"
+
+    @property
     def profile(self) -> DeviceProfile:
         return self._estimate.profile
 

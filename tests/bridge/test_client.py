@@ -368,6 +368,21 @@ def test_a_closed_client_raises_cloud_errors_and_answers_health_checks_false(sta
     assert client.circuit.state == "closed" and client.circuit.consecutive_failures == 0
 
 
+def test_a_client_closed_while_a_call_waits_to_retry_raises_a_cloud_error():
+    # a daemon shutting down while an escalation backs off: the hybrid runtime falls back on a CloudError only
+    from edge_runtime._child import free_port
+
+    for call in (lambda c: c.list_models(timeout_s=5), lambda c: c.generate(HI, timeout_s=5),
+                 lambda c: list(c.stream(HI, timeout_s=5))):
+        holder = {}
+        client = CloudClient(address=f"127.0.0.1:{free_port()}", insecure=True, token="t", max_attempts=4,
+                             sleep=lambda _s: holder["client"].close())
+        holder["client"] = client
+        with pytest.raises(CloudError) as info:
+            call(client)
+        assert info.value.code == "CLOSED"
+
+
 @pytest.mark.parametrize(
     "address", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1", "bridge:https", "ipv4:127.0.0.1:1,127.0.0.1:70000"]
 )

@@ -214,6 +214,7 @@ class _CountingEngine:
         self.engine = engine
         self.calls = 0
         self.model_name, self.bundle_hash, self.prompt_lookup = engine.model_name, engine.bundle_hash, engine.prompt_lookup
+        self.energy_meter = engine.energy_meter
 
     def generate(self, *args, **kwargs):
         self.calls += 1
@@ -504,3 +505,47 @@ def test_an_item_the_model_cannot_take_is_named(tiny_bundle, tmp_path, tiny_suit
     long = dataclasses.replace(item, messages=({"role": "user", "content": "word " * 400},))
     with pytest.raises(ContextLengthError, match=f"suite item {item.id!r}: messages: the prompt has"):
         run_edge(Engine(tiny_bundle, energy_meter=None), [long], root=tmp_path)
+
+
+def test_the_explorers_runs_are_measured_again_by_another_meter_even_under_the_same_label(tiny_bundle, tmp_path,
+                                                                                          tiny_suite):
+    from edge_runtime.engine import Engine
+    from edge_runtime.power import EnergyMeter, custom_profile
+    from edge_runtime.tasks import load_suite
+
+    items = load_suite(tiny_suite, "test")[:3]
+
+    def engine(watts: float) -> _CountingEngine:
+        meter = EnergyMeter(sysfs_root=tmp_path / "no-counters", profile=custom_profile("generic", active_watts_per_core=watts))
+        return _CountingEngine(Engine(tiny_bundle, energy_meter=meter))
+
+    one, fifty = engine(1.0), engine(50.0)
+    first = run_edge(one, items, root=tmp_path, energy=True)
+    assert run_edge(one, items, root=tmp_path, energy=True) == first and one.calls == 3  # the same meter: cached
+    again = run_edge(fifty, items, root=tmp_path, energy=True)  # both label themselves estimate:custom
+    assert fifty.calls == 3 and {r["energy_source"] for r in first + again} == {"estimate:custom"}
+    assert {r["energy_meter"] for r in again} == {fifty.energy_meter.identity} != {one.energy_meter.identity}
+    run_edge(one, items, root=tmp_path)  # a run that does not read energy (eval) takes either
+    assert one.calls == 3
+
+
+def test_the_live_checks_daemon_reads_its_cloud_section_from_its_config_only(tmp_path, monkeypatch):
+    # the device token in EDGE_RUNTIME_CLOUD_TOKEN (as the help suggests) beside the config's token_file would be
+    # a token and a token file, which settings refuse: the child daemon gets no EDGE_RUNTIME_CLOUD_* variables
+    import contextlib
+
+    from edge_runtime import explore as explore_module
+
+    seen = {}
+
+    @contextlib.contextmanager
+    def fake_child(cmd, log_path, healthy, *, name, timeout_s, env):
+        seen["env"] = env
+        yield None
+
+    monkeypatch.setattr(explore_module, "child_service", fake_child)
+    monkeypatch.setenv("EDGE_RUNTIME_CLOUD_TOKEN", "ebt_from-the-environment")
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    with explore_module._daemon("[cloud]\naddress = \"127.0.0.1:1\"\n", tmp_path):
+        pass
+    assert "EDGE_RUNTIME_CLOUD_TOKEN" not in seen["env"] and seen["env"]["EDGE_RUNTIME_CACHE"] == str(tmp_path / "cache")

@@ -168,6 +168,9 @@ def test_existing_output_is_refused_unless_forced(tiny_bundles, tiny_model_dirs,
     build_bundle(tiny_model_dirs("llama"), out, precision="fp32", force=True)
     verify_bundle(out, "full")
     assert json.loads((out / "manifest.json").read_text())["quantization"]["precision"] == "fp32"
+    (out / "manifest.json").write_text('{"schema_version": 1, "fi')  # cut short: still a damaged bundle
+    build_bundle(tiny_model_dirs("llama"), out, precision="fp32", force=True)
+    verify_bundle(out, "full")
 
 
 @pytest.mark.parametrize("kind", ["project", "file", "web-app", "web-manifest-only", "dir-named-like-a-file"])
