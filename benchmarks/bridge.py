@@ -210,13 +210,28 @@ def throughput(
     }
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _counts(text: str) -> list[int]:
+    """--concurrency 1,4,16: checked when parsed, not after the latency phase has run"""
+    try:
+        return [_positive_int(c) for c in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}") from err
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="model bundle for the onnx backend (default: the echo stand-in)")
-    parser.add_argument("--requests", type=int, default=2000, help="round trips measured for the added latency")
-    parser.add_argument("--per-client", type=int, default=8, help="requests each concurrent client makes")
-    parser.add_argument("--concurrency", default="1,4,16", help="client counts, comma-separated")
-    parser.add_argument("--workers", type=int, default=2, help="generations the bridge runs at once")
+    parser.add_argument("--requests", type=_positive_int, default=2000, help="round trips measured for the added latency")
+    parser.add_argument("--per-client", type=_positive_int, default=8, help="requests each concurrent client makes")
+    parser.add_argument("--concurrency", type=_counts, default="1,4,16", help="client counts, comma-separated")
+    parser.add_argument("--workers", type=_positive_int, default=2, help="generations the bridge runs at once")
     parser.add_argument("--intra-op-threads", type=int, default=None,
                         help="onnx backend: onnxruntime threads per generation (default: the engine's, all cores)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -229,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     latency = added_latency(args.requests)
     load = throughput(
         args.bundle,
-        [int(c) for c in args.concurrency.split(",")],
+        args.concurrency,
         args.per_client,
         args.token_delay_ms,
         args.workers,
@@ -281,4 +296,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks._entry import run_main
+
+    sys.exit(run_main(main, "bridge.py"))

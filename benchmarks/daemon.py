@@ -33,6 +33,7 @@ Writes benchmarks/results/daemon-<host>.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
 import json
 import os
@@ -140,31 +141,54 @@ class Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_RUNTIME_") or k == "EDGE_RUNTIME_CACHE"}
         self.proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", "--config", str(config)],
                                      env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.log_tail: collections.deque[str] = collections.deque(maxlen=20)  # what it said last, for a failure
+        self._reader: threading.Thread | None = None
+        try:
+            self._wait_ready()
+        except BaseException:  # a failure, Ctrl-C or SIGTERM while it starts: no daemon left behind
+            self.proc.kill()
+            self.proc.wait()
+            if self._reader is not None:
+                self._reader.join(5)  # it reads to the end of the killed process's output
+            assert self.proc.stderr is not None
+            self.proc.stderr.close()
+            self.dir.cleanup()
+            raise
+
+    def _wait_ready(self) -> None:
         self.port = 0
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
+            self.log_tail.append(line.rstrip())
             found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
             if found:
                 self.port = int(found.group(1))
                 break
         if not self.port:
-            raise SystemExit(f"the daemon did not start (exit code {self.proc.wait()})")
+            raise SystemExit(f"the daemon did not start (exit code {self.proc.wait()}):\n" + "\n".join(self.log_tail))
         # keep reading its log (a line per request) so that it never blocks on a full pipe
-        threading.Thread(target=self._drain_log, daemon=True).start()
+        self._reader = threading.Thread(target=self._drain_log, daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:  # it failed after listening (the model would not load)
+                time.sleep(0.2)  # let the reader take its last lines
+                raise SystemExit(f"the daemon exited with code {self.proc.returncode}:\n" + "\n".join(self.log_tail))
+            probe = Client(self.port)
             try:
-                if Client(self.port).get("/health") == 200:
+                if probe.get("/health") == 200:
                     return
             except OSError:
                 pass
+            finally:
+                probe.conn.close()
             time.sleep(0.1)
-        raise SystemExit("the daemon did not become ready in 120 s")
+        raise SystemExit("the daemon did not become ready in 120 s:\n" + "\n".join(self.log_tail))
 
     def _drain_log(self) -> None:
         assert self.proc.stderr is not None
-        for _line in self.proc.stderr:
-            pass
+        for line in self.proc.stderr:
+            self.log_tail.append(line.rstrip())
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -312,12 +336,19 @@ def throughput(daemon: Daemon, clients: int, per_client: int, max_tokens: int) -
             **summary_ms(latencies)}
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help="bundle directory (default: the cached SmolLM2-135M int4 bundle)")
-    parser.add_argument("--rounds", type=int, default=100, help="overhead: requests per path (default 100)")
-    parser.add_argument("--max-tokens", type=int, default=16, help="completion tokens per request (default 16)")
-    parser.add_argument("--per-client", type=int, default=12, help="throughput: requests per client (default 12)")
+    parser.add_argument("--rounds", type=_positive_int, default=100, help="overhead: requests per path (default 100)")
+    parser.add_argument("--max-tokens", type=_positive_int, default=16, help="completion tokens per request (default 16)")
+    parser.add_argument("--per-client", type=_positive_int, default=12, help="throughput: requests per client (default 12)")
     parser.add_argument("--threads", type=int, help="intra-op threads of both engines (default: physical cores)")
     parser.add_argument("--idle-wait", type=float, default=120.0,
                         help="first wait up to this many seconds for an idle machine (0: start at once)")
@@ -392,4 +423,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks._entry import run_main
+
+    sys.exit(run_main(main, "daemon.py"))

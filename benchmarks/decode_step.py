@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import socket
 import statistics
 import sys
 import time
@@ -262,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=_int_at_least(1), default=6)
     parser.add_argument("--steps", type=_int_at_least(2), default=128, help="greedy tokens per measurement")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--host", type=host_name, default="vm", help="results file name: decode-step-<host>.json")
+    parser.add_argument("--host", type=host_name, default=socket.gethostname(),
+                        help="results file name: decode-step-<host>.json (default: the hostname)")
     return parser
 
 
@@ -303,4 +305,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks._entry import run_main
+
+    sys.exit(run_main(main, "decode_step.py"))

@@ -154,6 +154,14 @@ def run_benchmark(bundle: Path, *, rounds: int, tasks: int, threads: int | None 
     }
 
 
+def _rate(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
+def _times(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}×"  # a workload with no requests (--tasks 0) has no speedup
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     s, b = doc["settings"], doc["bundle"]
     rows = [f"Prompt lookup (`python benchmarks/lookup.py --rounds {s['rounds']}`, {b['name']} {b['precision']}, "
@@ -163,7 +171,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
             "|---|--:|--:|--:|--:|--:|--:|--:|"]
     for name, w in doc["workloads"].items():
         rate = w["decode_tokens_per_s"]
-        rows.append(f"| {name} | {w['requests']} | {rate['without']:.1f} | {rate['with']:.1f} | {w['speedup']:.2f}× | "
+        rows.append(f"| {name} | {w['requests']} | {_rate(rate['without'])} | {_rate(rate['with'])} | {_times(w['speedup'])} | "
                     f"{w['draft_tokens']} | {w['accepted_draft_tokens']} | {w['identical_answers']}/{w['requests']} |")
     rel = doc["step_costs"]["relative_to_one_row"]
     rows += ["", "A decode step feeding " + ", ".join(f"{n} rows costs {x:.2f}×" for n, x in rel.items() if n != "1")
@@ -201,4 +209,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks._entry import run_main
+
+    sys.exit(run_main(main, "lookup.py"))

@@ -776,7 +776,8 @@ def run_benchmark(
             "ttft_ms": "call to first generated token id in the caller's hands (prefill + first sampling)",
             "prefill_tokens_per_s": "prompt tokens / time of the runtime's prompt pass",
             "decode_tokens_per_s": "(n - 1) / (time of token n - time of token 1), n = decode_tokens greedy",
-            "peak_rss_mb": "peak resident set (VmHWM) of the runtime's own process after load and all generations",
+            "peak_rss_mb": "peak resident set (VmHWM) of the runtime's own process after load and all generations, "
+                           "in MiB (2**20 bytes), the largest over the rounds",
             "joules_per_token": "energy window around the short-prompt generation / generated tokens; "
                                 "'process' = this process's share by CPU time",
             "perplexity": "exp(mean negative log-likelihood of each sample token given all tokens before it), the "
@@ -859,7 +860,9 @@ def _speed_quality_lines(doc: dict[str, Any]) -> list[str]:
     quality = doc.get("quality") or {}
     ref = quality.get("reference") or {}
     if not rows or not peers:
-        return []
+        # no peer to compare with; a missing reference still says why the ratios are missing
+        return [f"- Quality: no fp32 reference ({ref.get('error', 'not run')}): no ratios."] \
+            if quality and ref.get("perplexity") is None else []
     lines = [
         ("Decode speed relative to each peer, next to quality (× > 1: faster than that peer; ppl ÷ fp32 > 1: the "
          "quantization loses more of the fp32 model):"),
@@ -904,7 +907,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "",
         (
             f"| runtime | model | load ms | TTFT ms ({pt['short']} tok) | prefill tok/s ({pt['short']}) | "
-            f"prefill tok/s ({pt['long']}) | decode tok/s ({s['decode_tokens']}) | peak RSS MB | mJ/token (process) | "
+            f"prefill tok/s ({pt['long']}) | decode tok/s ({s['decode_tokens']}) | peak RSS MiB | mJ/token (process) | "
             "ppl | ppl ÷ fp32 | top-1 = fp32 |"
         ),
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
@@ -958,7 +961,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"- Bandwidth ceiling: {bc['bandwidth_gb_per_s']} GB/s (numpy copy, {s['threads']} threads, best of "
             f"{len(doc['memory_bandwidth']['gb_per_s'])}) / {bc['bytes_per_token'] / 1e6:.1f} MB that one decode step "
             f"reads = {bc['ceiling_tokens_per_s']:.0f} tok/s; the engine's int4 decode reaches "
-            f"{_fmt((bc['engine_share'] or 0) * 100, 0)}% of it. The bytes are the int4 bundle's matmul weights as "
+            f"{_fmt(None if bc['engine_share'] is None else bc['engine_share'] * 100, 0)}% of it. The bytes are the int4 bundle's matmul weights as "
             "held in memory after load (4-bit codes, block scales, zero points or block offsets, the fp16 ones cast to "
             "fp32 by onnxruntime); the 4-bit codes alone would allow "
             f"{_fmt(bc['codes_only_ceiling_tokens_per_s'])} tok/s."
@@ -969,8 +972,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
                      f"{'met' if ld['met'] else 'not met'}).")
     if "peak_rss" in summ:
         pr = summ["peak_rss"]
-        peers = ", ".join(f"{k} {_fmt(v)} MB" for k, v in pr["peers_mb"].items())
-        lines.append(f"- Peak RSS: engine {_fmt(pr['engine_mb'])} MB vs {peers} "
+        # *_mb keys hold MiB (2**20 bytes, as /proc reports kibibytes); the labels say so
+        peers = ", ".join(f"{k} {_fmt(v)} MiB" for k, v in pr["peers_mb"].items())
+        lines.append(f"- Peak RSS: engine {_fmt(pr['engine_mb'])} MiB vs {peers} "
                      f"({'no higher than the peers' if pr['met'] else 'higher than a peer'}).")
     if sources:
         label = ", ".join(sorted(sources))
@@ -1007,9 +1011,11 @@ def write_results(doc: dict[str, Any], out_dir: Path, host: str | None = None) -
 def build_parser() -> argparse.ArgumentParser:
     from edge_runtime.cli.bench import add_throughput_arguments
 
+    from edge_runtime.config import refuse_abbreviations
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_throughput_arguments(parser)
-    return parser
+    return refuse_abbreviations(parser)  # `--rep 3` must not become --repetitions and overwrite the committed results
 
 
 def _bundles_by_label(pairs: Sequence[tuple[str, Path]] | None) -> dict[str, Path] | None:
@@ -1028,7 +1034,12 @@ def _bundles_by_label(pairs: Sequence[tuple[str, Path]] | None) -> dict[str, Pat
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run with parsed flags (``edge-runtime bench throughput`` lands here too); print the table."""
-    peers = [] if args.peers.strip().lower() == "none" else [p.strip() for p in args.peers.split(",") if p.strip()]
+    peers = [] if args.peers.strip().lower() == "none" else list(dict.fromkeys(p.strip() for p in args.peers.split(",") if p.strip()))
+    unknown = sorted(set(peers) - set(PEER_NAMES))
+    if unknown:
+        from edge_runtime.errors import ConfigError
+
+        raise ConfigError(f"unknown peer(s): {', '.join(unknown)} (known: {', '.join(PEER_NAMES)}, or none)", field="peers")
     log: Callable[[str], None] = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     doc = run_benchmark(
         threads=args.threads, repetitions=args.repetitions, warmup=args.warmup,
@@ -1053,4 +1064,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks._entry import run_main
+
+    sys.exit(run_main(main, "throughput.py"))

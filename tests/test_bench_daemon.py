@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,3 +29,15 @@ def test_daemon_benchmark_writes_its_results(tiny_bundles, tmp_path):
     assert [row["clients"] for row in doc["throughput"]] == [1, 4, 16]
     assert all(row["requests"] == row["n"] == row["clients"] * 2 and row["refused_429"] == 0 for row in doc["throughput"])
     assert doc["daemon_exit_code_after_sigterm"] == 0
+
+
+def test_a_daemon_that_cannot_start_fails_at_once_with_its_reason(monkeypatch, tmp_path):
+    import time
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.daemon import Daemon
+
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit, match="bundle not found"):
+        Daemon(tmp_path / "no-such-bundle", threads=1, queue_size=1, max_tokens=2)
+    assert time.monotonic() - t0 < 30  # not the 120 s readiness wait

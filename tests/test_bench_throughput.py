@@ -204,8 +204,10 @@ def test_cli_bench_throughput_runs_the_script_code(monkeypatch: pytest.MonkeyPat
     assert main(["bench", "throughput", "--peers", "none", "--repetitions", "2", "--out-dir", str(tmp_path)]) == 0
     (args,) = calls
     assert args.peers == "none" and args.repetitions == 2 and args.out_dir == tmp_path
-    assert main(["bench", "throughput", "--peers", "llamacpp,bogus"]) == 1
     assert "benchmarks.throughput" in sys.modules
+    monkeypatch.undo()  # the real run_from_args: it refuses an unknown peer before any work
+    monkeypatch.setattr(module, "run_benchmark", lambda **kw: pytest.fail("an unknown peer must stop the run first"))
+    assert main(["bench", "throughput", "--peers", "llamacpp,bogus", "--out-dir", str(tmp_path)]) == 1
 
 
 def test_a_run_on_a_busy_machine_is_discarded_and_rerun(throughput, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ The flags are defined here, once, and the script reuses them.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import importlib
 import math
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, EdgeRuntimeError
+from ..errors import EdgeRuntimeError
 
 __all__ = ["add_throughput_arguments", "register"]
 
@@ -76,6 +77,12 @@ def _out_dir(text: str) -> Path:
     path = Path(text).expanduser()
     if path.exists() and not path.is_dir():  # found now, not after the whole benchmark has run
         raise argparse.ArgumentTypeError(f"{path} is not a directory")
+    try:  # made now too: a directory that cannot be made would lose a run of many minutes at its end
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot create {path}: {err.strerror or err}") from err
+    if not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path} is not writable")
     return path
 
 
@@ -156,9 +163,4 @@ def _throughput_module() -> Any:
 
 
 def _run_throughput(args: argparse.Namespace) -> int:
-    if args.peers.strip().lower() != "none":
-        unknown = {p.strip() for p in args.peers.split(",") if p.strip()} - {"llamacpp", "genai"}
-        if unknown:
-            raise ConfigError(f"unknown peer(s): {', '.join(sorted(unknown))} (known: llamacpp, genai, or none)",
-                              field="peers")
     return int(_throughput_module().run_from_args(args))
