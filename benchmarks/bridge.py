@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from cloud_bridge import create_server, hash_token, load_bridge_settings  # noqa: E402
 from cloud_bridge.backends import BackendRequest, CancelToken  # noqa: E402
 from cloud_bridge.backends.echo import EchoBackend  # noqa: E402
+from edge_runtime.cli.bench import _int_at_least  # noqa: E402
 from edge_runtime.cloud import CloudClient  # noqa: E402
 from edge_runtime.engine.types import SamplingParams  # noqa: E402
 
@@ -210,18 +211,14 @@ def throughput(
     }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_positive_int = _int_at_least(1)
 
 
 def _counts(text: str) -> list[int]:
     """--concurrency 1,4,16: checked when parsed, not after the latency phase has run"""
     try:
         return [_positive_int(c) for c in text.split(",")]
-    except ValueError as err:
+    except argparse.ArgumentTypeError as err:
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}") from err
 
 

@@ -53,6 +53,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edge_runtime.cli.bench import _int_at_least  # noqa: E402
+
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
@@ -336,11 +338,7 @@ def throughput(daemon: Daemon, clients: int, per_client: int, max_tokens: int) -
             **summary_ms(latencies)}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_positive_int = _int_at_least(1)
 
 
 def main(argv: list[str] | None = None) -> int:
