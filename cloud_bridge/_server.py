@@ -52,6 +52,13 @@ def _read(path: Path | None, what: str) -> bytes | None:
 
 def _credentials(server: ServerSettings, insecure: bool) -> grpc.ServerCredentials | None:
     if insecure:
+        # the config asks for TLS and the command line for plaintext: serving either would ignore one of them
+        for name in ("tls_cert", "tls_key", "client_ca"):
+            if getattr(server, name) is not None:
+                raise ConfigError(
+                    f"--insecure serves plaintext, but server.{name} is configured: drop one of the two",
+                    field=f"server.{name}",
+                )
         if not is_loopback_address(server.address):
             raise ConfigError(
                 f"plaintext (--insecure) is only allowed on a loopback address, not {server.address!r}",

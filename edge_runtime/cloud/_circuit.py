@@ -33,7 +33,10 @@ class CircuitBreaker:
 
     @property
     def state(self) -> CircuitState:
+        """The state a call made now would meet: an open circuit whose cool-down is over reads ``half_open``."""
         with self._lock:
+            if self._state == "open" and self._clock() >= self._opened_s + self.cooldown_s:
+                return "half_open"
             return self._state
 
     @property

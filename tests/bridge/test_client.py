@@ -193,6 +193,8 @@ def test_circuit_breaker_states():
     assert breaker.state == "open" and not breaker.allow()
     assert breaker.retry_after_s() == pytest.approx(10)
     fake.now += 10
+    # the cool-down is over: the state says what the next call meets, before any call has come
+    assert breaker.state == "half_open" and breaker.retry_after_s() == 0
     assert breaker.allow() and breaker.state == "half_open"
     assert not breaker.allow()  # one probe at a time
     breaker.record_failure()  # the probe failed: open again for a full cool-down

@@ -145,6 +145,15 @@ def test_without_tls_files_the_server_needs_an_explicit_insecure():
     assert "--insecure" in str(info.value)
 
 
+def test_insecure_is_refused_when_tls_files_are_configured(tmp_path):
+    # the config asks for TLS, the flag for plaintext: neither is silently dropped
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError) as info:
+        create_server(bridge_settings(server={"tls_cert": str(cert), "tls_key": str(cert)}), insecure=True)
+    assert info.value.field == "server.tls_cert" and "--insecure" in str(info.value)
+
+
 def test_the_client_refuses_plaintext_off_loopback():
     with pytest.raises(ConfigError):
         CloudClient(address="192.0.2.10:50051", token=TOKEN, insecure=True)
