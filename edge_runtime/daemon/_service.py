@@ -11,6 +11,7 @@ seen by the engine at its next token.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -119,6 +120,10 @@ class Job:
                 if chunk.text and self.first_text_s is None:
                     self.first_text_s = time.monotonic()
                 yield chunk
+            if result is not None and self.reason == "shutdown" and result.reason == "cancelled" \
+                    and result.route != "cloud" and result.finish_reason != "cancelled":
+                # a drain stopped the escalation, but the local answer is whole: it is the fallback, not lost
+                result = _shutdown_fallback(result)
             # a complete answer is delivered even if the deadline passed at its last token; a cut-short one is not
             if result is None or self.reason == "client_gone" or (
                     self.reason is not None and (result.finish_reason == "cancelled" or result.reason == "cancelled")):
@@ -162,6 +167,13 @@ class Job:
     @property
     def queue_ms(self) -> float:
         return self.ticket.queue_s * 1000.0
+
+
+def _shutdown_fallback(result: HybridResult) -> HybridResult:
+    """``result`` (its escalation cut by the daemon's drain) as the fallback it is for the client."""
+    error = "ServiceUnavailableError: the daemon shut down while the bridge was answering"
+    return dataclasses.replace(result, route="fallback", reason="cloud_error", cloud_error=error,
+                               detail=f"escalation failed ({error}); local answer returned")
 
 
 def handover_permits(settings: ServerSettings) -> int:

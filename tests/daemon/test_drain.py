@@ -145,3 +145,31 @@ def test_a_request_being_tokenized_when_the_drain_begins_is_drained_too(engine, 
     assert daemon.wait(10)
     # and the tokenizing ran in a worker thread, not on the daemon's event loop
     assert slow.encode_threads and all(name.startswith("edge-runtime-parse") for name in slow.encode_threads)
+
+
+def test_a_drain_that_stops_an_escalation_returns_the_whole_local_answer_as_the_fallback(engine, start_daemon):
+    from .conftest import cloud_client
+
+    slow = start_bridge(reply=" ".join(["word"] * 10), token_delay_ms=500.0)  # 6 words: ~3 s
+    cloud = cloud_client(slow.address, timeout_s=20.0)
+    daemon = start_daemon(runtime(engine, {"type": "threshold", "p": 0.999}, cloud=cloud))
+    answer: dict = {}
+
+    def ask() -> None:
+        c = Http(daemon.port, timeout_s=30)
+        answer["r"] = c.json("POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 6})
+        c.close()
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    time.sleep(0.7)  # the local answer is made; the request waits for the bridge
+    daemon.drain(timeout_s=0.2)
+    asker.join(10)
+    assert daemon.wait(10)
+    status, _, body = answer["r"]
+    local_answer = engine.generate(messages=ASK, max_new_tokens=6).text
+    assert status == 200 and body["routing"]["route"] == "fallback"
+    assert "shut down" in body["routing"]["cloud_error"]
+    assert body["choices"][0]["message"]["content"] == local_answer
+    slow.server.stop(0)
+    cloud.close()
