@@ -315,3 +315,19 @@ def test_selfcheck_still_answers_when_the_conversation_filled_the_context_window
     out = json.loads(capsys.readouterr().out)
     assert out["text"] == result.text and out["confidence"]["estimator"] == "selfcheck"
     assert 0.0 < out["confidence"]["p_correct"] < 1.0
+
+
+@pytest.mark.parametrize("change, named", [({"k": 0}, "knn.k"), ({"k": "15"}, "knn.k"), ({"encoder": "bert-base"}, "knn.encoder"),
+                                           ({"labels": [0, 2, 1]}, "knn.labels")])
+def test_a_knn_estimator_with_a_meaningless_prior_is_refused_at_load(tmp_path, change, named):
+    from edge_runtime.confidence import KnnEstimator, KnnPrior
+
+    prior = KnnPrior(np.eye(3, dtype=np.float32), np.array([0.0, 1.0, 1.0]), k=2)
+    path = tmp_path / "e.json"
+    save_estimator(KnnEstimator(prior), path)
+    assert load_estimator(path).knn.k == 2  # as written, it loads
+    doc = json.loads(path.read_text())
+    doc["knn"].update(change)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(EstimatorError, match=named):
+        load_estimator(path)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EstimatorError
+from ._embed import ENCODER_NAME
 from ._features import FEATURES, PROMPT_FEATURES, SPAN_FEATURES, Signals, feature_vector
 from ._logistic import LogisticModel
 from ._selfcheck import selfcheck_messages, yes_probability
@@ -143,14 +144,23 @@ class KnnPrior:
 
     def to_dict(self) -> dict[str, Any]:
         raw = self.embeddings.astype(np.float16).tobytes()
-        return {"k": self.k, "encoder": "all-minilm-l6-v2", "dim": int(self.embeddings.shape[1]),
+        return {"k": self.k, "encoder": ENCODER_NAME, "dim": int(self.embeddings.shape[1]),
                 "labels": self.labels.astype(int).tolist(), "embeddings_f16": base64.b64encode(raw).decode("ascii")}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> KnnPrior:
+        # embeddings from another encoder, k < 1 or labels other than 0/1 would give priors that look fine and mean
+        # nothing (k = 0 even picks a neighbour); refuse them at load instead
+        if d.get("encoder") != ENCODER_NAME:
+            raise ValueError(f"knn.encoder is {d.get('encoder')!r}; this runtime embeds prompts with {ENCODER_NAME!r}")
+        k = d["k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"knn.k must be an integer >= 1, got {k!r}")
         labels = np.asarray(d["labels"], dtype=float)
+        if labels.ndim != 1 or not len(labels) or not np.isin(labels, (0.0, 1.0)).all():
+            raise ValueError("knn.labels must be a non-empty list of 0 and 1")
         emb = np.frombuffer(base64.b64decode(d["embeddings_f16"]), dtype=np.float16).astype(np.float32)
-        return cls(emb.reshape(len(labels), int(d["dim"])), labels, int(d["k"]))
+        return cls(emb.reshape(len(labels), int(d["dim"])), labels, k)
 
 
 CLOUD_PROMPT_FEATURES = ("prompt_tokens_log", "prompt_numbers", "prompt_max_digits", "expects_number", "expects_yesno")
