@@ -285,9 +285,10 @@ def explore(
             if alias not in served:
                 raise ConfigError(f"the bridge at {cloud_settings.address} serves no model alias {alias!r} "
                                   f"(it serves: {', '.join(served)})", field="cloud")
-        if split == "dev":
-            log.warning("the estimator is fitted on the dev split: measuring on it too is in-sample, "
-                        "so its routing figures will look better than they are (use --split test)")
+        if split in ("dev", "all"):
+            what = "measuring on it too" if split == "dev" else "the dev items of --split all"
+            log.warning("the estimator is fitted on the dev split: %s is in-sample, "
+                        "so its routing figures will look better than they are (use --split test)", what)
         cloud_key, cloud_prices = _cloud_identity(client, alias)
         m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,
                     estimator_out=out / "estimator.json", root=root, cloud_prices=cloud_prices)

@@ -549,3 +549,13 @@ def test_the_live_checks_daemon_reads_its_cloud_section_from_its_config_only(tmp
     with explore_module._daemon("[cloud]\naddress = \"127.0.0.1:1\"\n", tmp_path):
         pass
     assert "EDGE_RUNTIME_CLOUD_TOKEN" not in seen["env"] and seen["env"]["EDGE_RUNTIME_CACHE"] == str(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("split", ["dev", "all"])
+def test_exploring_items_the_estimator_was_fitted_on_warns_that_it_is_in_sample(tiny_bundles, tiny_suite, tmp_path,
+                                                                               caplog, split):
+    from edge_runtime.explore import explore
+
+    explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=tmp_path / "out",
+            suite=str(tiny_suite), split=split, validate=False, root=tmp_path / "runs", limit=2)
+    assert any("in-sample" in r.getMessage() for r in caplog.records)
