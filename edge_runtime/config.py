@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -31,6 +32,11 @@ __all__ = ["setting", "load_settings", "add_settings_arguments", "refuse_abbrevi
            "settings_to_dict"]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# variables that share a settings prefix and are read elsewhere (the cache directory: edge_runtime.cache)
+_NOT_SETTINGS = frozenset({"EDGE_RUNTIME_CACHE"})
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING, secret: bool = False,
@@ -252,6 +258,14 @@ def _env_layer(cls: type, env: Mapping[str, str], env_prefix: str, *, root: bool
             if whole is not None:
                 raise ConfigError(f"unknown setting in the environment: {whole} is set as a whole "
                                   f"(a table in JSON or TOML inline form)", field=key)
+        # a misspelt section (EDGE_RUNTIME_CLOU_ADDRESS) would otherwise be ignored without a word; a warning, as
+        # another program may use the prefix too
+        for key in sorted(env):
+            if key.startswith(env_prefix + "_") and key not in leaves and key not in _NOT_SETTINGS \
+                    and not key.startswith(tuple(sections)):
+                log.warning("%s is not a setting and is ignored (the environment's settings are %s_<SECTION>_<FIELD> "
+                            "with sections %s)", key, env_prefix,
+                            ", ".join(s[len(env_prefix) + 1:-1] for s in sections))
     return out
 
 
