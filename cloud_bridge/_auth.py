@@ -54,9 +54,9 @@ def hash_token(token: str) -> str:
     return _HASH_PREFIX + hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def validate_device_id(device: str) -> str:
+def validate_device_id(device: str, *, field: str = "device") -> str:
     if not isinstance(device, str) or not _DEVICE_RE.match(device):
-        raise ConfigError(f"device id must be 1-64 letters, digits or ._- (got {device!r})", field="device")
+        raise ConfigError(f"device id must be 1-64 letters, digits or ._- (got {device!r})", field=field)
     return device
 
 
@@ -110,7 +110,7 @@ class TokenStore:
     def _build(self, from_file: Mapping[str, str]) -> list[tuple[str, bytes]]:
         entries = []
         for device, stored in {**from_file, **self._inline}.items():
-            validate_device_id(device)
+            validate_device_id(device, field="auth.tokens" if device in self._inline else "auth.tokens_file")
             entries.append((device, _digest(stored, f"auth.tokens.{device}")))
         return entries
 
@@ -183,7 +183,7 @@ def read_tokens_file(path: str | os.PathLike[str]) -> dict[str, str]:
     if not isinstance(devices, dict):
         raise ConfigError(f"{path}: [devices] must be a table", field="auth.tokens_file")
     for device, stored in devices.items():
-        validate_device_id(device)
+        validate_device_id(device, field="auth.tokens_file")
         _digest(stored, f"{path}: devices.{device}")
     return dict(devices)
 

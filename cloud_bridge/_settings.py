@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from typing import Any
 
 from edge_runtime.cloud import check_address
 from edge_runtime.config import load_settings, setting
+from edge_runtime.engine.types import MAX_NEW_TOKENS_LIMIT
 from edge_runtime.errors import ConfigError
 
 __all__ = [
@@ -158,6 +160,9 @@ class LimitsSettings:
         for name in ("max_new_tokens", "default_max_new_tokens", "max_messages", "max_prompt_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be at least 1", field=f"limits.{name}")
+        # a request's max_new_tokens is refused above this anyway (SamplingParams): advertising more would mislead
+        if self.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
+            raise ConfigError(f"must be at most {MAX_NEW_TOKENS_LIMIT}", field="limits.max_new_tokens")
         # a default above max_new_tokens is cut to it where it is used (as to a model's own cap): lowering the
         # cap alone, `--limits-max-new-tokens 100`, must not need the default lowered too
 
@@ -233,6 +238,13 @@ class OpenAIModelSettings(ModelSettings):
         super().validate()
         if not re.match(r"^https?://[^/]+", self.base_url):
             raise ConfigError(f"must be an http:// or https:// URL, got {self.base_url!r}", field="base_url")
+        try:  # a bad port or bracket fails here, not as a traceback when the backend is built
+            url = urllib.parse.urlsplit(self.base_url)
+            url.port  # noqa: B018  (reading it validates it)
+        except ValueError as err:
+            raise ConfigError(f"{self.base_url!r} is not a usable URL: {err}", field="base_url") from err
+        if not url.hostname:
+            raise ConfigError(f"{self.base_url!r} names no host", field="base_url")
         if not self.model:
             raise ConfigError("the endpoint's model name is required", field="model")
         for name in ("timeout_s", "connect_timeout_s"):
@@ -246,6 +258,12 @@ class OpenAIModelSettings(ModelSettings):
         key = env.get(self.api_key_env)
         if not key:
             raise ConfigError(f"environment variable {self.api_key_env} is not set", field="api_key_env")
+        # a key read from an env file or a mounted secret often ends in a newline: http.client would refuse the
+        # header on every call, with the whole key in the error it raises
+        key = key.strip()
+        if not key or any(ord(c) < 0x21 or ord(c) == 0x7F for c in key):
+            raise ConfigError(f"environment variable {self.api_key_env} holds spaces or control characters inside "
+                              "the key (or nothing but them)", field="api_key_env")
         return key
 
 
@@ -350,9 +368,12 @@ def load_bridge_settings(
         or "tokens_file" in ((overrides or {}).get("auth") or {})
     default_tokens = None if given else next(f.default for f in dataclasses.fields(AuthSettings) if f.name == "tokens_file")
     auth = dataclasses.replace(settings.auth, tokens_file=_resolve(settings.auth.tokens_file, base, default_tokens))
-    # [models.*] are free-form tables that load_settings leaves as written: their bundles follow the file
+    # [models.*] are free-form tables that load_settings leaves as written: their bundles follow the file, or the
+    # working directory when the table came from the environment or a flag (which replace it whole)
+    models_given = f"{ENV_PREFIX}_MODELS" in (os.environ if env is None else env) or "models" in (overrides or {})
+    models_base = Path.cwd() if models_given else base
     models = {
-        alias: dataclasses.replace(m, bundle=m.bundle if m.bundle is None or m.bundle.is_absolute() else base / m.bundle)
+        alias: dataclasses.replace(m, bundle=m.bundle if m.bundle is None or m.bundle.is_absolute() else models_base / m.bundle)
         if isinstance(m, OnnxModelSettings) else m
         for alias, m in settings.models.items()
     }

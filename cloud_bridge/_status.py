@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import grpc
@@ -13,6 +14,7 @@ from grpc_status import rpc_status
 __all__ = ["DOMAIN", "Reject", "make_status", "bad_request", "retry_info", "error_info", "quota_failure"]
 
 DOMAIN = "edgecloud.v1"
+_MAX_RETRY_DELAY_S = 86400.0
 
 
 class Reject(Exception):
@@ -38,7 +40,8 @@ def bad_request(field: str, description: str) -> error_details_pb2.BadRequest:
 
 
 def retry_info(delay_s: float) -> error_details_pb2.RetryInfo:
-    delay_s = max(0.0, delay_s)
+    # a Duration holds ~10,000 years and no infinity: a delay past a day is a mistake somewhere, not advice
+    delay_s = min(max(0.0, delay_s), _MAX_RETRY_DELAY_S) if math.isfinite(delay_s) else _MAX_RETRY_DELAY_S
     seconds = int(delay_s)
     return error_details_pb2.RetryInfo(
         retry_delay=duration_pb2.Duration(seconds=seconds, nanos=int((delay_s - seconds) * 1e9))

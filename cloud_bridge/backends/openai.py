@@ -20,6 +20,7 @@ import contextlib
 import http.client
 import json
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -73,6 +74,9 @@ _MAX_ERROR_DETAIL = 500
 _MAX_ANSWER_BYTES = 8 << 20
 _MAX_LINE = 1 << 20
 _DEFAULT_RETRY_AFTER_S = 1.0
+_MAX_RETRY_AFTER_S = 3600.0
+# more tokens than any model's context holds: such a usage figure is the upstream's mistake
+_MAX_USAGE_TOKENS = 10_000_000
 
 
 def _grpc_for_status(status: int) -> tuple[str, str]:
@@ -85,9 +89,51 @@ def _retry_after_s(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return None  # an HTTP date: rare from LLM servers; fall back to the default
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), _MAX_RETRY_AFTER_S)
+
+
+def _count(usage: Mapping[str, Any], key: str) -> int | None:
+    """``usage[key]`` as a token count (None when absent); a count no call can have is an unusable response.
+
+    It is billed and charged to the device's quota: a negative one would make calls free, an absurd one would
+    lock the device out until the bridge restarts.
+    """
+    value = usage.get(key)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_USAGE_TOKENS:
+        raise _bad_response(f"usage.{key} is {value!r}, not a token count between 0 and {_MAX_USAGE_TOKENS}")
+    return value
+
+
+def _content(value: Any, field: str) -> str:
+    """An answer's text: a string, or OpenAI's list of content parts (their text joined)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        texts = [p.get("text") for p in value if p.get("type") in ("text", "output_text")]
+        if all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+    raise _bad_response(f"{field} is a {type(value).__name__}, not text")
+
+
+def _finish(value: Any, field: str) -> str | None:
+    """The upstream's finish reason as ours (None: not finished); one we do not know is a plain stop."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _bad_response(f"{field} is a {type(value).__name__}, not a string")
+    # "cancelled" is not taken from the upstream: here it says the device cancelled, which nobody did
+    return _FINISH.get(value, "stop")
 
 
 class SSEParser:
@@ -326,6 +372,11 @@ class OpenAIBackend:
                 self._redact(message), code=err.code, retry_after_s=err.retry_after_s, reason=err.reason
             )
             raise redacted from None  # the original error, and what it came from, still hold the key
+        except Exception as err:  # an unforeseen failure (http.client refusing a header, say) is logged whole
+            message = f"{type(err).__name__}: {err}"
+            if self._redact(message) == message:
+                raise
+            raise BackendError(self._redact(message), code="INTERNAL", reason="BACKEND_CRASHED") from None
 
     def generate(self, request: BackendRequest, cancel: CancelToken) -> BackendResult:
         with self._redacting():
@@ -357,19 +408,21 @@ class OpenAIBackend:
         try:
             data = json.loads(raw)
             choice = data["choices"][0]
-            text = choice.get("message", {}).get("content") or ""
+            text = _content(choice.get("message", {}).get("content"), "choices[0].message.content")
             usage = data.get("usage") or {}
+            if not isinstance(usage, dict):
+                raise _bad_response(f"usage is a {type(usage).__name__}, not an object")
+            prompt_tokens, completion_tokens = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
             return BackendResult(
                 text=text,
-                finish_reason=_FINISH.get(choice.get("finish_reason") or "stop", "stop"),
-                prompt_tokens=int(usage["prompt_tokens"]) if "prompt_tokens" in usage
-                else _estimated_tokens(request, "prompt"),
-                completion_tokens=int(usage["completion_tokens"]) if "completion_tokens" in usage
+                finish_reason=_finish(choice.get("finish_reason"), "choices[0].finish_reason") or "stop",
+                prompt_tokens=prompt_tokens if prompt_tokens is not None else _estimated_tokens(request, "prompt"),
+                completion_tokens=completion_tokens if completion_tokens is not None
                 else _estimated_tokens(text, "completion"),
                 model=str(data.get("model") or self.model),
                 ttft_ms=(time.monotonic() - started) * 1000.0,
             )
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as err:
             raise _bad_response(f"{type(err).__name__}: {err}") from err
 
     def _stream(self, request: BackendRequest, cancel: CancelToken) -> Iterator[BackendChunk]:
@@ -428,15 +481,17 @@ class OpenAIBackend:
                     raise BackendError("upstream stream ended before it finished", reason="UPSTREAM_CONNECTION_LOST")
         finally:
             call.close()
-        prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else _estimated_tokens(request, "prompt")
+        counted = _count(usage, "prompt_tokens") if usage else None
+        prompt_tokens = counted if counted is not None else _estimated_tokens(request, "prompt")
         # without a usage event, one content delta is one token: what OpenAI-compatible servers send
-        completion_tokens = int(usage.get("completion_tokens", deltas)) if usage else deltas
+        counted = _count(usage, "completion_tokens") if usage else None
+        completion_tokens = counted if counted is not None else deltas
         yield BackendChunk(
             "",
             0,
             BackendResult(
                 "".join(text),
-                _FINISH.get(finish or "stop", finish or "stop"),
+                finish or "stop",
                 prompt_tokens,
                 completion_tokens,
                 model,
@@ -458,10 +513,12 @@ class OpenAIBackend:
             raise BackendError(f"upstream failed mid-stream: {_cut(self._redact(str(message)))}", reason="UPSTREAM_ERROR")
         piece, finish = "", None
         choices = obj.get("choices") or []
+        if not isinstance(choices, list):
+            raise _bad_response(f"an event's choices is a {type(choices).__name__}, not a list")
         if choices and isinstance(choices[0], dict):
             delta = choices[0].get("delta") or {}
-            piece = delta.get("content") or "" if isinstance(delta, dict) else ""
-            finish = choices[0].get("finish_reason")
+            piece = _content(delta.get("content"), "choices[0].delta.content") if isinstance(delta, dict) else ""
+            finish = _finish(choices[0].get("finish_reason"), "choices[0].finish_reason")
         usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else None
         model = obj.get("model") if isinstance(obj.get("model"), str) else None
         return piece, finish, usage, model

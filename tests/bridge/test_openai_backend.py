@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import threading
@@ -471,3 +472,75 @@ def test_part_of_the_api_key_echoed_by_the_upstream_is_cut_out_too(upstream):
     message = str(_failure(backend, False).value)
     assert key[:8] not in message and "Incorrect API key provided: ***" in message and "API keys page" in message
     assert backend._redact("no key here, sk-other-key") == "no key here, sk-other-key"
+
+
+def _answer(message: Any, usage: Any, finish: Any = "stop") -> Responder:
+    return lambda handler, body: _send(handler, 200, {"model": "m", "usage": usage, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": message}, "finish_reason": finish}]})
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": 10**20, "completion_tokens": 3}, {"prompt_tokens": 1, "completion_tokens": -5},
+                                   {"prompt_tokens": 2.5, "completion_tokens": 1}, {"prompt_tokens": True, "completion_tokens": 1},
+                                   {"prompt_tokens": "7", "completion_tokens": 1}, [1, 2]])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_usage_no_call_can_have_is_an_unusable_response_not_a_bill(upstream, usage, streaming):
+    # billed and charged to the device's quota: negative made calls free, 10**20 crashed the call and locked
+    # the device out of the bridge until it restarted
+    if streaming:
+        upstream.respond = sse([delta("a", "stop"), "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"])
+        if not isinstance(usage, dict):  # a usage that is not an object is ignored in a stream: counted from deltas
+            return
+    else:
+        upstream.respond = _answer("a", usage)
+    info = _failure(make_backend(upstream), streaming)
+    assert (info.value.code, info.value.reason) == ("UNAVAILABLE", "UPSTREAM_BAD_RESPONSE")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_usage_null_is_estimated_and_finish_reasons_are_ours(upstream, streaming):
+    usage = {"prompt_tokens": None, "completion_tokens": 2.0}
+    if streaming:
+        upstream.respond = sse([delta("a", "cancelled"), "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"])
+        chunks = list(make_backend(upstream).stream(REQUEST, CancelToken()))
+        result = chunks[-1].result
+    else:
+        upstream.respond = _answer([{"type": "text", "text": "a"}], usage, finish="cancelled")
+        result = make_backend(upstream).generate(REQUEST, CancelToken())
+    # nobody cancelled: an upstream's unknown reason is a stop in both paths; content parts are joined
+    assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens) == ("a", "stop", 1, 2)
+
+
+@pytest.mark.parametrize("event", [{"choices": {"0": {}}}, {"choices": [{"delta": {"content": 5}}]},
+                                   {"choices": [{"delta": {"content": "a"}, "finish_reason": ["stop"]}]}])
+def test_events_of_the_wrong_shape_are_unusable_responses_not_crashes(upstream, event):
+    upstream.respond = sse(["data: " + json.dumps(event) + "\n\n"])
+    info = _failure(make_backend(upstream), True)
+    assert info.value.reason == "UPSTREAM_BAD_RESPONSE"
+
+
+@pytest.mark.parametrize(("header", "expected"), [("inf", 1.0), ("1e30", 3600.0), ("nan", 1.0), ("-5", 0.0), ("12", 12.0)])
+def test_odd_retry_after_values_still_give_a_rate_limit_with_a_usable_delay(upstream, header, expected):
+    upstream.respond = lambda handler, body: _send(handler, 429, {"error": {"message": "slow down"}}, {"Retry-After": header})
+    info = _failure(make_backend(upstream), False)
+    assert info.value.code == "RESOURCE_EXHAUSTED" and info.value.retry_after_s == expected
+
+
+def test_an_api_key_with_a_trailing_newline_is_trimmed_and_one_with_spaces_inside_is_refused(upstream):
+    settings = OpenAIModelSettings(base_url=upstream.base_url, model="m", api_key_env="K")
+    assert OpenAIBackend(settings, environ={"K": "sk-secret-from-a-file\n"}).api_key == "sk-secret-from-a-file"
+    with pytest.raises(ConfigError) as info:
+        OpenAIBackend(settings, environ={"K": "sk-secret\nsecond-line"})
+    assert info.value.field == "api_key_env" and "sk-secret" not in str(info.value)
+
+
+def test_an_unforeseen_error_holding_the_api_key_is_redacted(upstream, monkeypatch):
+    backend = make_backend(upstream)
+    key = backend.api_key
+
+    def broken(*args, **kwargs):
+        raise ValueError(f"Invalid header value b'Bearer {key}'")
+
+    monkeypatch.setattr(http.client.HTTPConnection, "putheader", broken)
+    info = _failure(backend, False)
+    assert key not in str(info.value) and info.value.reason == "BACKEND_CRASHED"
+    assert info.value.__cause__ is None and info.value.__suppress_context__

@@ -79,6 +79,24 @@ def test_relative_paths_from_flags_and_env_follow_the_working_directory(tmp_path
     # the default's own name, given in the environment, is the working directory's too
     same = load_bridge_settings(path, env={"CLOUD_BRIDGE_AUTH_TOKENS_FILE": "bridge-tokens.toml"})
     assert same.auth.tokens_file == tmp_path / "bridge-tokens.toml"
+    # a models table from the environment replaces the file's whole: its bundles are the working directory's
+    env_models = load_bridge_settings(path, env={"CLOUD_BRIDGE_MODELS": '{"x": {"backend": "onnx", "bundle": "b"}}'})
+    assert env_models.models["x"].bundle == tmp_path / "b"
+    in_file = load_bridge_settings(write(cfg, '[models.x]\nbackend = "onnx"\nbundle = "b"\n'), env={})
+    assert in_file.models["x"].bundle == cfg / "b"
+
+
+def test_a_bad_device_id_names_where_it_was_written(tmp_path):
+    from cloud_bridge import TokenStore
+
+    with pytest.raises(ConfigError) as info:
+        TokenStore({"bad id!": "sha256:" + "0" * 64})
+    assert info.value.field == "auth.tokens"
+    tokens = tmp_path / "t.toml"
+    tokens.write_text('[devices]\n"bad id!" = "sha256:' + "0" * 64 + '"\n')
+    with pytest.raises(ConfigError) as info:
+        TokenStore({}, tokens_file=tokens)
+    assert info.value.field == "auth.tokens_file"
 
 
 @pytest.mark.parametrize(
@@ -99,6 +117,10 @@ def test_relative_paths_from_flags_and_env_follow_the_working_directory(tmp_path
         ('[models.x]\nbackend = "echo"\nusd_per_million_input_tokens = inf\n', "models.x.usd_per_million_input_tokens"),
         ('[models.x]\nbackend = "openai"\nbase_url = "http://h"\nmodel = "m"\nconnect_timeout_s = -1\n',
          "models.x.connect_timeout_s"),
+        ('[models.x]\nbackend = "openai"\nbase_url = "http://h:99999/v1"\nmodel = "m"\n', "models.x.base_url"),
+        ('[models.x]\nbackend = "openai"\nbase_url = "http://[::1/v1"\nmodel = "m"\n', "models.x.base_url"),
+        ('[models.x]\nbackend = "openai"\nbase_url = "http://h:abc/v1"\nmodel = "m"\n', "models.x.base_url"),
+        ("[limits]\nmax_new_tokens = 100000\n", "limits.max_new_tokens"),  # requests are refused above 65536
     ],
 )
 def test_bad_config_names_the_field(tmp_path, extra, field):
