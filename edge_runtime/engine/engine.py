@@ -28,7 +28,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from .types import (
     TopLogprob,
     Usage,
     _check_text,
+    _text_part,
     validate_messages,
 )
 
@@ -359,17 +360,30 @@ class Engine:
 
     def stream_tokens(self, ids: Sequence[int], params: SamplingParams, *, cancel: Cancel = None,
                       prompt_nll: bool = False) -> Iterator[StreamChunk]:
-        """:meth:`stream` for prompt token ids the caller already has (and checked with :meth:`fit_context`)."""
+        """:meth:`stream` for prompt token ids the caller already has (truncated with :meth:`fit_context` if wanted).
+
+        A prompt that does not fit with ``max_new_tokens`` raises here, before any token, as in :meth:`stream`.
+        """
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"must be a SamplingParams, got {type(params).__name__}", field="params")
+        ids = self.fit_context(self._token_ids(ids, "ids"), params, field="ids")
+        return self._stream(ids, params, _cancel_check(cancel), prompt_nll)
+
+    def _token_ids(self, ids: Any, field: str) -> list[int]:
+        """``ids`` as a list of ints in the vocabulary, or InvalidRequestError naming ``field``."""
+        # a list, a tuple, a numpy array: anything iterable but text and mappings
+        if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+            raise InvalidRequestError(f"must be a list of token ids, got {type(ids).__name__}", field=field)
         ids = list(ids)
         if not ids:
-            raise InvalidRequestError("must not be empty", field="ids")
+            raise InvalidRequestError("must not be empty", field=field)
         vocab = self.model.vocab_size
         if not all(type(t) is int and 0 <= t < vocab for t in ids):  # the tokenizer's ids pass this quick check
-            # onnxruntime's Gather reads zeros for an id past the vocabulary instead of failing
+            # onnxruntime's Gather reads zeros for an id past the vocabulary, and from the end for a negative one
             if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-                raise InvalidRequestError(f"must be token ids from 0 to {vocab - 1}", field="ids")
+                raise InvalidRequestError(f"must be token ids from 0 to {vocab - 1}", field=field)
             ids = [int(t) for t in ids]
-        return self._stream(ids, params, _cancel_check(cancel), prompt_nll)
+        return ids
 
     def _stream(self, ids: list[int], p: SamplingParams, is_cancelled: Callable[[], bool], prompt_nll: bool) -> Iterator[StreamChunk]:
         with self._cache() as cache:
@@ -560,9 +574,11 @@ class Engine:
 
     def score(self, text: str | None = None, *, token_ids: Sequence[int] | None = None, chunk: int = 256) -> ScoreResult:
         """Log-probability of every token of a text given what precedes it (perplexity, quality checks)."""
-        ids = list(token_ids) if token_ids is not None else self.encode(text)
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+            raise InvalidRequestError(f"must be an integer >= 1, got {chunk!r}", field="chunk")
+        ids = self._token_ids(token_ids, "token_ids") if token_ids is not None else self.encode(text)
         if len(ids) < 2:
-            raise InvalidRequestError("needs at least two tokens", field="text")
+            raise InvalidRequestError("needs at least two tokens", field="text" if token_ids is None else "token_ids")
         if len(ids) > self.context_length:
             raise ContextLengthError(f"{len(ids)} tokens exceed the context window of {self.context_length}", field="text")
         lps: list[np.ndarray] = []
@@ -599,12 +615,28 @@ class Engine:
         self.close()
 
 
+def _turn_text(content: Any) -> str:
+    """A chat turn's text: content parts joined, so the history holds text and not the caller's own list."""
+    if isinstance(content, list):
+        content = "".join(_text_part(part, f"content[{j}]") for j, part in enumerate(content))
+    if not isinstance(content, str):
+        raise InvalidRequestError(f"must be a string (or a list of text parts), got {type(content).__name__}",
+                                  field="content")
+    _check_text(content, "content")
+    return content
+
+
 class ChatSession:
     """A conversation that keeps its KV cache between turns: a follow-up only prefills the new tokens."""
 
     def __init__(self, engine: Engine, *, system: str | None = None) -> None:
         self.engine = engine
         self.messages: list[dict[str, str]] = []
+        if system is not None:
+            # checked now: a bad one would fail every later turn, naming messages[0].content
+            if not isinstance(system, str):
+                raise InvalidRequestError(f"must be a string, got {type(system).__name__}", field="system")
+            _check_text(system, "system")
         if system:
             self.messages.append({"role": "system", "content": system})
         self._cache = engine.new_cache()
@@ -624,7 +656,7 @@ class ChatSession:
         if engine._closed:
             raise EdgeRuntimeError("engine is closed")
         p = engine.sampling_params(params, sampling)
-        turn = {"role": "user", "content": content}
+        turn = {"role": "user", "content": _turn_text(content)}
         history = self.messages
         # checked now, so a bad turn fails at the call; encoded again below if an earlier turn ends first
         ids = engine.fit_context(engine.encode(messages=[*history, turn]), p)

@@ -452,3 +452,46 @@ def test_encoding_a_long_prompt_lets_other_threads_run(engine):
                    *engine.tokenizer.encode(text, add_special_tokens=False).ids]
     assert took_s > 0.05, "the text is too short to tell"
     assert max(gaps) < took_s / 2, (max(gaps), took_s)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"token_ids": [5, -1, 7]}, "token_ids"),  # onnxruntime read -1 from the end of the vocabulary
+    ({"token_ids": [5, 10**6]}, "token_ids"),
+    ({"token_ids": [5, True, 7]}, "token_ids"),
+    ({"token_ids": "abc"}, "token_ids"),
+    ({"token_ids": [5, 6], "chunk": 0}, "chunk"),
+    ({"token_ids": [5, 6], "chunk": -1}, "chunk"),
+    ({"token_ids": [5]}, "token_ids"),
+])
+def test_score_refuses_bad_input_naming_the_field(engine, kwargs, field):
+    with pytest.raises(InvalidRequestError) as info:
+        engine.score(**kwargs)
+    assert info.value.field == field
+    assert len(engine.score(token_ids=[5, 6, 7]).logprobs) == 2  # and keeps working
+
+
+def test_stream_tokens_checks_its_arguments_and_the_context_before_any_token(engine):
+    from edge_runtime.engine import SamplingParams
+
+    for ids, params, field in (([5, 6], None, "params"), ([5, 6], {"max_new_tokens": 2}, "params"),
+                               (None, SamplingParams(max_new_tokens=2), "ids"),
+                               ([5] * (engine.context_length - 3), SamplingParams(max_new_tokens=10), "ids")):
+        with pytest.raises(InvalidRequestError) as info:
+            engine.stream_tokens(ids, params)  # raised at the call, not after a few chunks
+        assert info.value.field == field
+
+
+def test_a_chat_session_checks_its_system_prompt_and_keeps_each_turn_as_text(engine):
+    for system in (5, "\ud800"):
+        with pytest.raises(InvalidRequestError) as info:
+            engine.chat_session(system=system)
+        assert info.value.field == "system"
+    chat = engine.chat_session()
+    parts = [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]
+    chat.send(parts, max_new_tokens=2)
+    parts[0]["text"] = "\ud800"  # the caller's list, changed later, is not the history
+    assert chat.messages[0] == {"role": "user", "content": "hello world"}
+    chat.send("ok", max_new_tokens=2)
+    with pytest.raises(InvalidRequestError) as info:
+        chat.send(42)
+    assert info.value.field == "content"
