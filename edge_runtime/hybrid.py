@@ -65,7 +65,8 @@ class HybridResult:
     model: str  # the model that actually answered
     finish_reason: str
     draft: str | None  # the local answer, when the cloud answered instead
-    tokens: list[TokenInfo]  # local tokens of the returned answer (empty when the cloud answered)
+    # local tokens of the returned answer's text (empty when the cloud answered; no eos, none of a cut stop string)
+    tokens: list[TokenInfo]
     usage: dict[str, dict[str, int]]
     latency_ms: dict[str, float]
     energy: dict[str, Any]
@@ -606,6 +607,8 @@ class HybridRuntime:
             text, model, finish, tokens = "", self.engine.model_name, "cancelled", []
         else:
             text, model, finish, tokens = final_local.text, final_local.model, final_local.finish_reason, final_local.tokens
+            # the answer's per-token log-probabilities are those of its text: not of an eos or a cut stop string
+            tokens = tokens[:final_local.text_tokens] if final_local.text_tokens is not None else tokens
         accepted = sum(r.usage.accepted_draft_tokens for r in locals_)
         reason = decision.reason if route != "fallback" else "cloud_error"
         detail = decision.detail if route != "fallback" else f"{decision.reason}: escalation failed ({cloud_error}); local answer returned"

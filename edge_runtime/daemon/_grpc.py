@@ -216,18 +216,28 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
                    context: grpc.ServicerContext) -> Iterator[daemon_pb2.ChatStreamResponse]:
         job = self._open(request, context)
         with _aborting_on_error(job, context):
+            # a token whose text is held back (part of a character, or maybe of a stop string) is sent just before
+            # the next text; those still held at the end are a cut stop string's, as the final answer's are not
+            held: list[daemon_pb2.ChatDelta] = []
             for chunk in job.iterate():
                 if chunk.result is not None:
                     yield daemon_pb2.ChatStreamResponse(final=response_from_result(chunk.result, job))
                 elif chunk.kind == "withdraw":
+                    held = []
                     yield daemon_pb2.ChatStreamResponse(withdraw=daemon_pb2.Withdraw())
                 else:
                     delta = daemon_pb2.ChatDelta(text=chunk.text)
                     token = chunk.token
                     if job.request.logprobs and token is not None and not self.service.is_eos(token.id):
                         delta.logprob.CopyFrom(_token(token, self.service))
-                    elif not chunk.text:
+                        if not chunk.text:
+                            held.append(delta)
+                            continue
+                    if not chunk.text:
                         continue
+                    for waiting in held:
+                        yield daemon_pb2.ChatStreamResponse(delta=waiting)
+                    held = []
                     yield daemon_pb2.ChatStreamResponse(delta=delta)
 
 

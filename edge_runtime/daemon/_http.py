@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..engine.types import short_repr
 from ..errors import EdgeRuntimeError
 from ..hybrid import MODEL_ALIASES, HybridChunk, HybridResult
 from ._errors import ApiError, api_error
@@ -59,8 +60,16 @@ OFF_LOOP_BYTES = 65_536
 _END = object()  # the worker thread finished (its future holds the result or the error)
 
 
+class _AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error may echo a client's lone surrogate, which has no
+    UTF-8 encoding (Starlette's own rendering then fails with a plain-text 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def _error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.all_headers())
+    return _AsciiJSONResponse(err.body(), status_code=err.status, headers=err.all_headers())
 
 
 def _sse(obj: Any) -> bytes:
@@ -243,19 +252,23 @@ class ChatCompletions:
             shown = self.service.local_model if req.model == "local" and self.service.local_model else req.model
             first = chunk_object(req, created=created, model=shown, delta={"role": "assistant", "content": ""})
             await emit(_sse(first))
+            # a token whose text is held back (part of a character, or maybe of a stop string) sends its entry with
+            # the next text; entries still held at the end are a cut stop string's, as the answer's logprobs are not
+            held: list[dict[str, Any]] = []
             while True:
                 item = await chunks.get()
                 if item is _END:
                     break
                 if item.kind == "withdraw":
+                    held = []
                     continue  # OpenAI's stream has no way to take text back; HTTP never reveals drafts
                 token = item.token
-                entries = None
                 if req.logprobs and token is not None and not self.service.is_eos(token.id):
-                    entries = [logprob_entry(token, self.service.token_bytes)]
-                if item.text or entries:
+                    held.append(logprob_entry(token, self.service.token_bytes))
+                if item.text:
                     await emit(_sse(chunk_object(req, created=created, model=shown, delta={"content": item.text},
-                                                 logprobs=entries)))
+                                                 logprobs=held or None)))
+                    held = []
             try:
                 result: HybridResult = await asyncio.shield(future)
             except ClientGone:
@@ -299,7 +312,7 @@ def create_app(service: ChatService) -> Starlette:
                                    cloud_model=service.cloud_model)["data"]:
             if entry["id"] == alias:
                 return JSONResponse(entry)
-        return _error_response(ApiError(404, f"the model `{alias}` does not exist; this daemon serves "
+        return _error_response(ApiError(404, f"the model {short_repr(alias)} does not exist; this daemon serves "
                                         f"{', '.join(MODEL_ALIASES)}", "invalid_request_error", "model",
                                         "model_not_found"))
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.types import SamplingParams, validate_messages
+from ..engine.types import TRUNCATION_HINT, SamplingParams, short_repr, validate_messages
 from ..errors import InvalidRequestError, ModelNotFoundError
 from ..hybrid import MODEL_ALIASES
 
@@ -66,7 +66,7 @@ def build_chat_request(
     model = model or "auto"
     if model not in MODEL_ALIASES:
         raise ModelNotFoundError(
-            f"the model `{model}` does not exist; this daemon serves {', '.join(MODEL_ALIASES)}", field="model"
+            f"the model {short_repr(model)} does not exist; this daemon serves {', '.join(MODEL_ALIASES)}", field="model"
         )
     msgs = validate_messages(messages)
     if request_id is not None and not _REQUEST_ID_RE.match(request_id):
@@ -96,14 +96,21 @@ def build_chat_request(
 
 
 def rename_field(err: InvalidRequestError, names: Mapping[str, str]) -> InvalidRequestError:
-    """The same error (same class) naming the field as the request did, e.g. max_new_tokens -> max_tokens."""
-    if err.field is None or err.field not in names:
-        return err
+    """The same error (same class) naming fields as the request did, e.g. max_new_tokens -> max_tokens.
+
+    In its text too ("max_new_tokens 300 does not fit ..."), and without advice the API cannot take (truncation).
+    """
     message = str(err)
     prefix = f"{err.field}: "
-    if message.startswith(prefix):  # InvalidRequestError puts the field in front of its message
+    if err.field is not None and message.startswith(prefix):  # InvalidRequestError puts the field in front
         message = message[len(prefix):]
-    return type(err)(message, field=names[err.field])
+    renamed = message.replace(TRUNCATION_HINT, "")
+    for engine_name, request_name in names.items():
+        renamed = re.sub(rf"\b{re.escape(engine_name)}\b", request_name, renamed)
+    field = names.get(err.field, err.field) if err.field is not None else None
+    if renamed == message and field == err.field:
+        return err
+    return type(err)(renamed, field=field)
 
 
 def stop_list(value: Any, field_name: str = "stop") -> tuple[str, ...]:

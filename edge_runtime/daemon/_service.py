@@ -320,7 +320,8 @@ class ChatService:
     def refused(self, transport: str, err: BaseException) -> None:
         """Count a request that never became a job (bad, refused, or the daemon not ready)."""
         self.metrics.count_request(transport, outcome_of(err))
-        log.info("%s request refused: %s %s", transport, type(err).__name__, err)
+        # escaped and cut: the message may echo a client's value, and a newline in it would forge log lines
+        log.info("%s request refused: %s %s", transport, type(err).__name__, repr(str(err))[1:-1][:500])
 
     def _finished(self, job: Job, outcome: str, result: HybridResult | None) -> None:
         with self._lock:

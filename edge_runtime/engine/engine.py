@@ -49,6 +49,7 @@ from .types import (
     StreamChunk,
     Timings,
     TokenInfo,
+    TRUNCATION_HINT,
     TopLogprob,
     Usage,
     _check_text,
@@ -400,7 +401,7 @@ class Engine:
             return ids[len(ids) - (limit - p.max_new_tokens):]
         raise ContextLengthError(
             f"the prompt has {len(ids)} tokens and max_new_tokens is {p.max_new_tokens}: together they exceed "
-            f"the context window of {limit} tokens (shorten the prompt, lower max_new_tokens, or ask for truncation)",
+            f"the context window of {limit} tokens (shorten the prompt or lower max_new_tokens{TRUNCATION_HINT})",
             field=field,
         )
 
@@ -461,6 +462,7 @@ class Engine:
             generated: list[int] = []
             infos: list[TokenInfo] = []
             texts: list[str] = []
+            text_tokens = 0  # tokens up to the last one whose chunk carried text
             finish = "cancelled" if cancelled else "length"
             t_first = t_prefill
             # Greedy only: a sampled token would need rejection sampling against the drafts.
@@ -514,6 +516,8 @@ class Engine:
                     break
                 safe, hit = stops.feed(decoder.push(tid))
                 texts.append(safe)
+                if safe:
+                    text_tokens = len(infos)
                 yield StreamChunk(safe, info)
                 if hit:
                     finish = "stop"
@@ -524,8 +528,9 @@ class Engine:
                 tail += "" if hit else stops.flush()
                 if hit:
                     finish = "stop"
-                if tail:
+                if tail:  # held back until the end: it belongs to every token since the last text
                     texts.append(tail)
+                    text_tokens = len(infos) - (finish == "eos")
                     yield StreamChunk(tail)
             t_end = time.perf_counter()
             energy = None
@@ -549,6 +554,7 @@ class Engine:
                 energy=energy,
                 prompt_nll=nll_sum / nll_count if nll_count else None,
                 model=self.model_name,
+                text_tokens=text_tokens,
             )
             yield StreamChunk("", None, result)
         finally:

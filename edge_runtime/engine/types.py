@@ -71,6 +71,10 @@ def validate_messages(messages: Any, *, field_name: str = "messages") -> list[di
     return out
 
 
+# the end of a context-length error's advice; a caller that cannot ask for truncation (the daemon) cuts it
+TRUNCATION_HINT = ", or set truncate_prompt to keep the prompt's end"
+
+
 def short_repr(value: Any, limit: int = 60) -> str:
     """``repr(value)`` for an error message, cut short: a client's value travels back in headers and logs."""
     text = repr(value)
@@ -152,32 +156,32 @@ class SamplingParams:
             if value is None and name == "seed":
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise InvalidRequestError(f"must be an integer, got {value!r}", field=name)
+                raise InvalidRequestError(f"must be an integer, got {short_repr(value)}", field=name)
             object.__setattr__(self, name, int(value))
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise InvalidRequestError(f"must be a number, got {value!r}", field=name)
+                raise InvalidRequestError(f"must be a number, got {short_repr(value)}", field=name)
             object.__setattr__(self, name, float(value))
         if not isinstance(self.truncate_prompt, bool):
-            raise InvalidRequestError(f"must be true or false, got {self.truncate_prompt!r}", field="truncate_prompt")
+            raise InvalidRequestError(f"must be true or false, got {short_repr(self.truncate_prompt)}", field="truncate_prompt")
         self.validate()
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
-            raise InvalidRequestError(f"must be positive, got {self.max_new_tokens}", field="max_new_tokens")
+            raise InvalidRequestError(f"must be positive, got {short_repr(self.max_new_tokens)}", field="max_new_tokens")
         if self.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
-            raise InvalidRequestError(f"must be at most {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}", field="max_new_tokens")
+            raise InvalidRequestError(f"must be at most {MAX_NEW_TOKENS_LIMIT}, got {short_repr(self.max_new_tokens)}", field="max_new_tokens")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidRequestError(f"must be a finite number >= 0, got {self.temperature}", field="temperature")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidRequestError(f"must be in (0, 1], got {self.top_p}", field="top_p")
         if self.top_k < 0:
-            raise InvalidRequestError(f"must be an integer >= 0, got {self.top_k}", field="top_k")
+            raise InvalidRequestError(f"must be an integer >= 0, got {short_repr(self.top_k)}", field="top_k")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise InvalidRequestError(f"must be an integer in [0, 2**63 - 1], got {self.seed}", field="seed")
+            raise InvalidRequestError(f"must be an integer in [0, 2**63 - 1], got {short_repr(self.seed)}", field="seed")
         if not (0 <= self.top_logprobs <= 20):
-            raise InvalidRequestError(f"must be an integer in [0, 20], got {self.top_logprobs}", field="top_logprobs")
+            raise InvalidRequestError(f"must be an integer in [0, 20], got {short_repr(self.top_logprobs)}", field="top_logprobs")
         for i, s in enumerate(self.stop):
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError("stop strings must be non-empty strings", field=f"stop[{i}]")
@@ -279,6 +283,9 @@ class GenerationResult:
     # mean negative log-likelihood per prompt token under the model (natural log), when requested
     prompt_nll: float | None = None
     model: str = ""
+    # tokens[:text_tokens] made ``text``; the rest are an eos or lie inside a stop string cut from the text
+    # (generated and counted in usage all the same). None: all of them.
+    text_tokens: int | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:

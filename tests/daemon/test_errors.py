@@ -22,6 +22,9 @@ BAD = [
     ([1, 2, 3], 400, "invalid_request_error", "invalid_value", None),
     ({**OK, "model": "gpt-4o"}, 404, "invalid_request_error", "model_not_found", "model"),
     ({**OK, "model": 7}, 400, "invalid_request_error", "invalid_value", "model"),
+    # echoed in the error: a lone surrogate has no UTF-8 encoding (it gave a plain-text 500)
+    ({**OK, "model": "\ud800"}, 404, "invalid_request_error", "model_not_found", "model"),
+    ({**OK, "\ud800": 1}, 400, "invalid_request_error", "invalid_value", "\ud800"),
     ({"max_tokens": 2}, 400, "invalid_request_error", "invalid_value", "messages"),
     ({**OK, "messages": []}, 400, "invalid_request_error", "invalid_value", "messages"),
     ({**OK, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_request_error", "invalid_value",
@@ -290,3 +293,24 @@ def test_accept_failing_for_lack_of_descriptors_is_logged_once_per_interval(capl
     with caplog.at_level("ERROR", logger="edge_runtime.daemon"):
         handler(loop, flood)  # type: ignore[arg-type]
     assert "999 more since the last report" in caplog.records[-1].getMessage()
+
+
+def test_a_clients_values_reach_the_log_escaped_and_cut(daemon, http, caplog):
+    caplog.set_level("INFO", logger="edge_runtime.daemon")
+    c = http(daemon.port)
+    forged = "x\n2026-01-01 00:00:00,000 ERROR edge_runtime.daemon: FORGED"
+    for body in ({**OK, "model": forged}, {**OK, "model": "y" * 3000}, {**OK, forged: 1}):
+        status, _, answer = c.json("POST", "/v1/chat/completions", body)
+        assert status in (400, 404) and len(answer["error"]["message"]) < 300
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 3 and all("\n" not in m and len(m) < 700 for m in refused)
+
+
+def test_a_context_length_error_speaks_the_apis_names_and_gives_advice_it_can_take(daemon, http):
+    c = http(daemon.port)
+    for body in ({**OK, "max_tokens": 300}, {"messages": [{"role": "user", "content": "one two three " * 200}],
+                                              "max_completion_tokens": 8}):
+        status, _, answer = c.json("POST", "/v1/chat/completions", body)
+        message = answer["error"]["message"]
+        assert status == 400 and "max_new_tokens" not in message and "truncat" not in message, message
+    assert "max_completion_tokens" in message

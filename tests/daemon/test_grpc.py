@@ -148,3 +148,18 @@ def test_the_contract_has_chat_and_chat_stream_with_the_account():
     assert response >= {"text", "model", "routing", "energy", "cost", "usage", "latency", "logprobs", "finish_reason"}
     assert set(daemon_pb2.Routing.DESCRIPTOR.fields_by_name) >= {"route", "p_correct", "threshold", "policy", "reason"}
     assert daemon_pb2.Routing.DESCRIPTOR.fields_by_name["p_correct"].has_presence  # unset is not 0
+
+
+def test_streamed_logprobs_are_those_of_the_text_not_of_a_stop_string_cut_from_it(engine, start_daemon, channel_to,
+                                                                                   tmp_path):
+    plain = engine.generate(messages=[{"role": "user", "content": "what is 2 + 2?"}], max_new_tokens=8)
+    texts = [t.text for t in plain.tokens]
+    k = next(i for i in range(len(texts) - 1) if len(texts[i]) >= 2 and texts[i + 1].isprintable() and texts[i + 1])
+    stop = texts[k][1:] + texts[k + 1]  # starts inside token k: k shows a character, k + 1 none
+    daemon = start_daemon(runtime(engine, {"type": "never"}), tmp_path)
+    stub, _ = channel_to(daemon)
+    events = list(stub.ChatStream(_request(max_new_tokens=8, logprobs=True, sampling=bridge_pb2.SamplingParams(stop=[stop])), timeout=30))
+    streamed = [e.delta.logprob.token for e in events if e.HasField("delta") and e.delta.HasField("logprob")]
+    final = events[-1].final
+    assert streamed == texts[:k + 1] == [t.token for t in final.logprobs]
+    assert "".join(e.delta.text for e in events if e.HasField("delta")) == final.text

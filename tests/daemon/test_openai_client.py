@@ -126,3 +126,19 @@ def test_escalated_answer_comes_from_the_cloud_and_says_so(engine, bridge, start
         assert pinned.usage.model_extra["local"]["completion_tokens"] == 0  # nothing decoded locally
     finally:
         rt.cloud.close()
+
+
+def test_logprobs_are_those_of_the_text_not_of_a_stop_string_cut_from_it(engine, local_daemon, client):
+    plain = engine.generate(messages=ASK, max_new_tokens=8)
+    texts = [t.text for t in plain.tokens]
+    k = next(i for i in range(len(texts) - 1) if len(texts[i]) >= 2 and texts[i + 1].isprintable() and texts[i + 1])
+    stop = texts[k][1:] + texts[k + 1]  # starts inside token k: k shows a character, k + 1 none
+    c = client(local_daemon)
+    done = c.chat.completions.create(model="local", messages=ASK, max_tokens=8, logprobs=True, stop=stop)
+    assert done.choices[0].finish_reason == "stop" and done.usage.completion_tokens == k + 2
+    assert [e.token for e in done.choices[0].logprobs.content] == texts[:k + 1]
+    streamed = list(c.chat.completions.create(model="local", messages=ASK, max_tokens=8, logprobs=True, stop=stop,
+                                              stream=True))
+    entries = [e for ch in streamed if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.token for e in entries] == texts[:k + 1]
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == done.choices[0].message.content

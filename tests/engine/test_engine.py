@@ -495,3 +495,24 @@ def test_a_chat_session_checks_its_system_prompt_and_keeps_each_turn_as_text(eng
     with pytest.raises(InvalidRequestError) as info:
         chat.send(42)
     assert info.value.field == "content"
+
+
+def _mid_token_stop(engine, **kwargs):
+    """A stop string starting inside a token of the greedy answer, and that token's index."""
+    plain = engine.generate(max_new_tokens=8, **kwargs)
+    texts = [t.text for t in plain.tokens]
+    k = next(i for i in range(len(texts) - 1) if len(texts[i]) >= 2 and texts[i + 1].isprintable() and texts[i + 1])
+    stop = texts[k][1:] + texts[k + 1]
+    assert plain.text.find(stop) == len("".join(texts[:k])) + 1  # nowhere earlier
+    return stop, k
+
+
+def test_text_tokens_are_those_whose_text_is_shown_not_a_cut_stop_strings(engine):
+    ask = [{"role": "user", "content": "what is 2 + 2?"}]  # the tiny model answers in whole characters here
+    stop, k = _mid_token_stop(engine, messages=ask)
+    r = engine.generate(messages=ask, max_new_tokens=8, stop=[stop])
+    assert r.finish_reason == "stop" and r.text == "".join(t.text for t in r.tokens[:k]) + r.tokens[k].text[0]
+    # the token that started the stop string shows a character; the one after it shows none
+    assert r.text_tokens == k + 1 and len(r.tokens) == k + 2 and r.usage.completion_tokens == k + 2
+    plain = engine.generate(messages=ask, max_new_tokens=3)
+    assert plain.text_tokens == len(plain.tokens) - (plain.finish_reason == "eos")
