@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -258,14 +259,17 @@ def _env_layer(cls: type, env: Mapping[str, str], env_prefix: str, *, root: bool
             if whole is not None:
                 raise ConfigError(f"unknown setting in the environment: {whole} is set as a whole "
                                   f"(a table in JSON or TOML inline form)", field=key)
-        # a misspelt section (EDGE_RUNTIME_CLOU_ADDRESS) would otherwise be ignored without a word; a warning, as
-        # another program may use the prefix too
+        # a misspelt section (EDGE_RUNTIME_CLOU_ADDRESS) would otherwise be ignored without a word. Only a name
+        # close to a section's is warned about: other variables may share the prefix (an API key's, say)
+        section_names = [s[len(env_prefix) + 1:-1] for s in sections]
         for key in sorted(env):
-            if key.startswith(env_prefix + "_") and key not in leaves and key not in _NOT_SETTINGS \
-                    and not key.startswith(tuple(sections)):
-                log.warning("%s is not a setting and is ignored (the environment's settings are %s_<SECTION>_<FIELD> "
-                            "with sections %s)", key, env_prefix,
-                            ", ".join(s[len(env_prefix) + 1:-1] for s in sections))
+            if not key.startswith(env_prefix + "_") or key in leaves or key in _NOT_SETTINGS \
+                    or key.startswith(tuple(sections)):
+                continue
+            close = difflib.get_close_matches(key[len(env_prefix) + 1:].split("_")[0], section_names, n=1, cutoff=0.75)
+            if close:
+                log.warning("%s is not a setting and is ignored (did you mean section %s, %s_%s_...?)",
+                            key, close[0], env_prefix, close[0])
     return out
 
 
