@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -38,7 +39,13 @@ from .confidence import Estimator, check_bundle_hash, load_estimator, signals_fr
 from .cost import CostSettings, device_energy_usd, network_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
 from .errors import (
-    CircuitOpenError, CloudCancelledError, CloudError, CloudTimeoutError, ConfigError, EstimatorError,
+    CircuitOpenError,
+    CloudCancelledError,
+    CloudError,
+    CloudQuotaError,
+    CloudTimeoutError,
+    ConfigError,
+    EstimatorError,
     InvalidRequestError,
 )
 from .policies import Decision, Policy, RequestContext, policy_from_config
@@ -94,6 +101,43 @@ class HybridChunk:
     text: str = ""
     token: TokenInfo | None = None
     result: HybridResult | None = None
+
+
+# the chat template's tokens around each message (role markers, separators; ChatML and Llama 3 use ~5)
+_TEMPLATE_TOKENS_PER_MESSAGE = 8
+# the bridge's framing of a draft it shows the cloud model (see cloud_bridge._service._with_hint)
+_DRAFT_HINT_TOKENS = 96
+
+
+class _Settlement:
+    """Settles a request's budget reservation exactly once, also when its stream is abandoned."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.ctx: RequestContext | None = None
+        self.unsettled_usd = 0.0  # what to settle if the request ends without saying: nothing asked, nothing spent
+        self._settled = False
+
+    def settle(self, usd: float) -> None:
+        if not self._settled and self.ctx is not None:
+            self._settled = True
+            self.policy.settle(self.ctx, usd)
+
+    def close(self) -> None:
+        self.settle(self.unsettled_usd)
+
+
+def _score_or_none(what: str, score: Callable[..., float | None], *args: Any) -> float | None:
+    """A prompt-only estimate, or None (no opinion) when it fails or is not a number: the later stages decide."""
+    try:
+        p = score(*args)
+    except Exception:  # a broken estimator must not fail the request
+        log.exception("%s failed; deciding without it", what)
+        return None
+    if p is None:
+        return None
+    p = float(p)
+    return p if math.isfinite(p) else None
 
 
 def _is_cancelled(cancel: Any) -> bool:
@@ -328,11 +372,18 @@ class HybridRuntime:
 
     # ---- internals ---------------------------------------------------------------------------
 
-    def _estimate_cloud_usd(self, msgs: Sequence[Mapping[str, Any]], params: SamplingParams, model: str) -> float:
+    def _estimate_cloud_usd(self, msgs: Sequence[Mapping[str, Any]], params: SamplingParams, model: str,
+                            draft: str | None = None) -> float:
         """What escalating this request would cost at most (a budget reserves it; the bridge bills the real figure)."""
         from .cost import price_usd
 
-        prompt_tokens = sum(len(m["content"]) for m in msgs) // 3 + 8  # ~3 characters per token, generously
+        # An upper bound, not a guess: a budget must not be overspent by one request. Byte-level tokenizers give
+        # at most one token per UTF-8 byte; the chat template adds a few per message; a bridge that shows the
+        # model the device's draft adds it and its framing.
+        prompt_tokens = sum(len(m["content"].encode("utf-8", "surrogatepass")) + _TEMPLATE_TOKENS_PER_MESSAGE
+                            for m in msgs) + _TEMPLATE_TOKENS_PER_MESSAGE
+        if draft is not None:
+            prompt_tokens += len(draft.encode("utf-8", "surrogatepass")) + _DRAFT_HINT_TOKENS
         estimate = price_usd(self.cost, self.cloud_model_hint, prompt_tokens, params.max_new_tokens)
         # a request for the local model never escalates: it must not wait for the bridge's prices
         bridge = self._bridge_price_table() if self._has_budget and model != "local" else None
@@ -398,13 +449,25 @@ class HybridRuntime:
 
     def _run(self, msgs: list[dict[str, str]], model: str, params: SamplingParams, cancel: Any, request_id: str,
              reveal_draft: bool, prompt_ids: list[int], timing: _Timing) -> Iterator[HybridChunk]:
+        settlement = _Settlement(self.policy)
+        try:
+            yield from self._answer(msgs, model, params, cancel, request_id, reveal_draft, prompt_ids, timing, settlement)
+        finally:  # a caller that stops reading (closes the stream) still settles what a budget reserved
+            settlement.close()
+
+    def _answer(self, msgs: list[dict[str, str]], model: str, params: SamplingParams, cancel: Any, request_id: str,
+                reveal_draft: bool, prompt_ids: list[int], timing: _Timing, settlement: _Settlement,
+                ) -> Iterator[HybridChunk]:
         t0 = time.perf_counter()
         ctx = RequestContext(messages=msgs, request_id=request_id, estimated_cloud_usd=self._estimate_cloud_usd(msgs, params, model))
+        settlement.ctx = ctx
         if self._wants_pre_route and model == "auto":
-            ctx = dataclasses.replace(ctx, pre_route_p_correct=self._pre_route_score(ctx.prompt_text, len(prompt_ids)))
+            ctx = dataclasses.replace(ctx, pre_route_p_correct=_score_or_none(
+                "the prompt-only estimate", self._pre_route_score, ctx.prompt_text, len(prompt_ids)))
         if self._wants_p_cloud and model == "auto":
             assert self.estimator.cloud is not None
-            ctx = dataclasses.replace(ctx, features={"p_cloud": self.estimator.cloud.p_cloud(ctx.prompt_text, len(prompt_ids))})
+            p_cloud = _score_or_none("the cloud's estimate", self.estimator.cloud.p_cloud, ctx.prompt_text, len(prompt_ids))
+            ctx = dataclasses.replace(ctx, features={} if p_cloud is None else {"p_cloud": p_cloud})
         if model == "local":
             decision = Decision("local", "requested_local", "the request asked for the local model", policy="request")
         elif model == "cloud":
@@ -448,6 +511,9 @@ class HybridRuntime:
             local.close()  # hands the KV cache back to the engine's pool now, not when the generator is collected
             if decision.action == "continue":
                 p_correct = self._p_correct(locals_[-1], msgs)
+                # an escalation admitted now sends the draft along: a budget reserves for it too
+                ctx = settlement.ctx = dataclasses.replace(ctx, estimated_cloud_usd=self._estimate_cloud_usd(
+                    msgs, params, model, draft=locals_[-1].text))
                 decision = self.policy.after(ctx, p_correct)
             elif p_correct is None and not early_exit:
                 p_correct = self._p_correct(locals_[-1], msgs)
@@ -462,12 +528,12 @@ class HybridRuntime:
             # the caller has gone (a daemon client disconnected): spend no cloud money on an answer nobody reads
             route, decision = "local_forced", Decision("local_forced", "cancelled", "the caller cancelled the request before escalation",
                                                        policy=decision.policy, value=decision.value, threshold=decision.threshold)
-            self.policy.settle(ctx, 0.0)  # release what a budget reserved for the escalation
+            settlement.settle(0.0)  # release what a budget reserved for the escalation
         elif decision.action == "cloud" and self.cloud is None:
             route, decision = "local_forced", Decision("local_forced", "cloud_not_configured",
                                                        "escalation wanted but no cloud bridge is configured",
                                                        policy=decision.policy, value=decision.value, threshold=decision.threshold)
-            self.policy.settle(ctx, 0.0)
+            settlement.settle(0.0)
         elif decision.action == "cloud":
             try:
                 # with no whole local answer yet, a failed escalation must leave the time to make one
@@ -478,25 +544,31 @@ class HybridRuntime:
                     # local answer already made (when there is none, a fallback still needs the engine)
                     timing.on_escalate()
                 asked = True  # from here bytes may go out (unless an open circuit refuses the call first)
+                settlement.unsettled_usd = ctx.estimated_cloud_usd  # if the caller leaves now, the call may be billed
                 t_cloud = time.perf_counter()
                 cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id,
                                                              cancel, timeout_s, timing)
+                settlement.unsettled_usd = cloud_result.cost_usd
                 if reveal_draft and shown:
                     yield HybridChunk("withdraw")
                     shown = False
                 for c in cloud_chunks:
                     yield c
                 route = "cloud"
-                self.policy.settle(ctx, cloud_result.cost_usd)
+                settlement.settle(cloud_result.cost_usd)
             except _Cancelled:
                 # the caller left while the bridge was answering: the call was cancelled, so was the bridge's
                 # generation; what it generated until then is billed and unknown here, so a budget keeps the
                 # amount it reserved rather than counting the call as free
-                self.policy.settle(ctx, ctx.estimated_cloud_usd)
+                settlement.settle(ctx.estimated_cloud_usd)
                 route, decision = "local_forced", Decision("local_forced", "cancelled", "the caller cancelled the request during escalation",
                                                            policy=decision.policy, value=decision.value, threshold=decision.threshold)
             except CloudError as err:
-                self.policy.settle(ctx, 0.0)
+                # a bridge that accepted the call may have generated (and billed) an answer that then failed: a
+                # deadline, an answer too large for this client, a broken stream. A refusal (quota, queue, auth,
+                # a bridge that is down) cost nothing.
+                billed = getattr(err, "bridge_accepted", False) and not isinstance(err, CloudQuotaError)
+                settlement.settle(ctx.estimated_cloud_usd if billed else 0.0)
                 if asked:
                     failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0
                 asked = asked and not isinstance(err, CircuitOpenError)

@@ -303,3 +303,56 @@ def test_an_estimator_calibrated_for_another_bundle_is_refused(engine):
     with pytest.raises(EstimatorError, match="another bundle"):  # as load_estimator refuses the file
         HybridRuntime(engine, estimator=other)
     HybridRuntime(engine, estimator=LogisticEstimator("signal:lp_mean", model, bundle_hash=engine.bundle_hash))
+
+
+def _budget_of(rt):
+    from edge_runtime.policies import Budget
+
+    return next(p for p in rt.policy.parts() if isinstance(p, Budget))
+
+
+def test_an_abandoned_stream_settles_its_reservation(engine, bridge):
+    rt = _runtime(engine, bridge[1], {"chain": [{"type": "budget", "usd": 10.0, "period_s": 3600}, {"type": "always"}]})
+    budget = _budget_of(rt)
+    stream = rt.stream(ASK, max_new_tokens=4)
+    first = next(stream)  # the cloud's first words: the call is over, its cost known
+    assert first.kind == "text"
+    stream.close()  # the caller stops reading
+    billed = rt.chat(ASK, max_new_tokens=4).cost["cloud_usd"]  # the same request, read to the end
+    assert budget.spent_usd() == pytest.approx(2 * billed) and not budget._reserved  # nothing left reserved
+
+
+def test_a_failure_after_the_bridge_accepted_the_call_keeps_its_reservation(engine):
+    # the bridge generates (and bills) an answer this client then refuses as too large
+    with _echo_bridge("big", reply=("x" * 50 + " ") * 200, usd_per_million_input_tokens=1000.0,
+                      usd_per_million_output_tokens=2000.0) as (_server, port):
+        cloud = CloudClient(address=f"127.0.0.1:{port}", token=TOKEN, insecure=True, timeout_s=5.0,
+                            max_message_bytes=4096)
+        rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 10.0}, {"type": "always"}]}, cloud=cloud)
+        r = rt.chat(ASK, max_new_tokens=150)  # 150 words of 51 bytes: past the client's 4 kB
+        assert r.route == "fallback" and "TooLarge" in r.cloud_error
+        assert _budget_of(rt).spent_usd() > 0  # not counted as free
+        with _echo_bridge("big", reply="x") as (server, other):  # a bridge that refuses before accepting: free
+            server.stop(0)
+            down = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 10.0}, {"type": "always"}]},
+                                 cloud=CloudClient(address=f"127.0.0.1:{other}", token=TOKEN, insecure=True, timeout_s=2.0))
+            assert down.chat(ASK, max_new_tokens=2).route == "fallback" and _budget_of(down).spent_usd() == 0
+
+
+def test_the_reservation_bounds_a_prompt_of_many_bytes_per_character(engine, bridge):
+    # 30 emoji are 30 characters, 120 UTF-8 bytes, and can be 120 tokens for a byte-level tokenizer
+    rt = _runtime(engine, bridge[1], {"chain": [{"type": "budget", "usd": 10.0}, {"type": "always"}]})
+    msgs = [{"role": "user", "content": "\N{SLIGHTLY SMILING FACE}" * 30}]
+    from edge_runtime.engine import SamplingParams
+
+    assert rt._estimate_cloud_usd(msgs, SamplingParams(max_new_tokens=1), "auto") >= (120 * 1000 + 2000) / 1e6
+
+
+def test_a_failing_or_nan_prompt_only_estimate_is_no_opinion():
+    from edge_runtime.hybrid import _score_or_none
+    from edge_runtime.policies import PreRoute, RequestContext
+
+    assert _score_or_none("x", lambda *a: 1 / 0) is None and _score_or_none("x", lambda *a: float("nan")) is None
+    assert _score_or_none("x", lambda a, b: 0.25, "prompt", 3) == 0.25
+    ctx = RequestContext.from_prompt("what is 2 + 2?")
+    assert PreRoute(0.5, lambda c: float("nan"), decide_local=True).before(ctx).action == "continue"

@@ -31,7 +31,6 @@ vectorised ``_replay_*`` hooks used by :func:`~edge_runtime.policies.replay`.
 from __future__ import annotations
 
 import math
-
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,11 +118,13 @@ class RequestContext:
     ``estimated_cloud_usd``: the runtime's estimate of what escalating would cost
     (a budget reserves it); ``pre_route_p_correct``: a prompt-only estimate the
     runtime already computed (used by ``pre_route`` when it has no scorer of
-    its own); ``request_id`` ties a budget reservation to its settlement.
+    its own); ``admission_id`` ties a budget reservation to its settlement (not ``request_id``, which a client
+    chooses: two requests under one id must not settle each other's reservations).
     """
 
     messages: Sequence[Mapping[str, Any]] = ()
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    admission_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     estimated_cloud_usd: float = 0.0
     pre_route_p_correct: float | None = None
     features: Mapping[str, Any] = field(default_factory=dict)

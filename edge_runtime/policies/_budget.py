@@ -64,7 +64,8 @@ class Budget(Policy):
     def _roll(self) -> None:
         now = self._period_index()
         if now != self._period:
-            self._period, self._spent, self._reserved = now, 0.0, {}
+            # escalations still in flight keep their reservations: they settle into the new period
+            self._period, self._spent = now, 0.0
 
     def _committed(self) -> float:
         return self._spent + sum(self._reserved.values())
@@ -108,17 +109,17 @@ class Budget(Policy):
             self._roll()
             if self._exhausted(ctx.estimated_cloud_usd):
                 return self._veto(ctx.estimated_cloud_usd)
-            self._reserved[ctx.request_id] = self._reserved.get(ctx.request_id, 0.0) + ctx.estimated_cloud_usd
+            self._reserved[ctx.admission_id] = self._reserved.get(ctx.admission_id, 0.0) + ctx.estimated_cloud_usd
             return None
 
     def _release(self, ctx: RequestContext) -> None:
         with self._lock:
-            self._reserved.pop(ctx.request_id, None)
+            self._reserved.pop(ctx.admission_id, None)
 
     def _settle(self, ctx: RequestContext, usd: float) -> None:
         with self._lock:
             self._roll()
-            self._reserved.pop(ctx.request_id, None)
+            self._reserved.pop(ctx.admission_id, None)
             self._spent += max(float(usd), 0.0)
 
     # ---- config ----------------------------------------------------------------------------------------

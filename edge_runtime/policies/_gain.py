@@ -11,6 +11,7 @@ when ``p_cloud - p_correct >= min_gain``. The runtime puts ``p_cloud`` in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,8 +51,8 @@ class Gain(Policy):
 
     def _after(self, ctx: RequestContext, p_correct: float) -> Decision | None:
         p_cloud = ctx.features.get("p_cloud")
-        if p_cloud is None:
-            return None
+        if p_cloud is None or not math.isfinite(float(p_cloud)) or not math.isfinite(p_correct):
+            return None  # no opinion: the next part of a chain decides
         gain = float(p_cloud) - p_correct
         if gain >= self.min_gain:
             return Decision("cloud", GAIN_ABOVE, f"expected gain {gain:+.3f} (cloud {p_cloud:.3f} vs local {p_correct:.3f}) "

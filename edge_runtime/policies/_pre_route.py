@@ -14,6 +14,7 @@ computed by the runtime.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -76,7 +77,10 @@ class PreRoute(Policy):
         except Exception:  # a broken pre-router must not fail the request: the later stages still decide
             log.exception("pre-router failed; deciding without it")
             return None
-        return None if p is None else float(p)
+        if p is None:
+            return None
+        p = float(p)
+        return p if math.isfinite(p) else None  # NaN is no opinion, not a confident answer
 
     def _before(self, ctx: RequestContext) -> Decision | None:
         p = self.score(ctx)

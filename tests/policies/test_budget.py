@@ -140,3 +140,26 @@ def test_config_errors(cfg, field):
     with pytest.raises(ConfigError) as err:
         policy_from_config(cfg)
     assert err.value.field == field
+
+
+def test_requests_sharing_a_request_id_keep_their_own_reservations():
+    # the daemon takes request ids from its clients: the same id twice must not free the other's money
+    budget = Budget(1.0, clock=Clock())
+    policy = Chain([budget, Always()])
+    a, b = (RequestContext.from_prompt("x", request_id="same", estimated_cloud_usd=0.5) for _ in range(2))
+    assert policy.before(a).action == "cloud" and policy.before(b).action == "cloud"
+    policy.settle(a, 0.5)
+    assert budget.spent_usd() == pytest.approx(1.0)  # b's reservation still counts
+    assert policy.before(req(0.1)).reason == Reason.BUDGET_EXHAUSTED
+
+
+def test_an_escalation_in_flight_at_the_period_change_keeps_its_reservation():
+    clock = Clock(86400.0 * 100 - 1)  # one second before midnight UTC
+    budget = Budget(1.0, clock=clock)
+    policy = Chain([budget, Always()])
+    a = req(0.9)
+    assert policy.before(a).action == "cloud"
+    clock.t += 2  # the new day begins while a is still with the bridge
+    assert policy.before(req(0.9)).reason == Reason.BUDGET_EXHAUSTED  # a's 0.9 is still committed
+    policy.settle(a, 0.9)
+    assert budget.spent_usd() == pytest.approx(0.9)  # settled into the new day
