@@ -84,6 +84,10 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null") and type(None) in typing.get_args(tp)):
             return None
+        if isinstance(value, str) and value.lstrip().startswith("{") and any(
+                a is dict or typing.get_origin(a) is dict for a in args):
+            # written as a table: it must parse as one (its error says why), not pass as a plain string
+            args = [a for a in args if a is dict or typing.get_origin(a) is dict]
         errors = []
         for arg in args:
             try:

@@ -658,7 +658,9 @@ class HybridRuntime:
         cloud_usd = float(cloud.cost_usd) if cloud is not None else 0.0
         device_usd = device_energy_usd(self.cost, local_j + net_j)
         cost = {"cloud_usd": cloud_usd, "device_energy_usd": device_usd, "network_energy_j": round(net_j, 6),
-                "total_usd": cloud_usd + device_usd}
+                "total_usd": cloud_usd + device_usd,
+                # priced from the energy above: estimated when any of it is (the network's always is)
+                "device_energy_estimated": bool(energy["estimated"] or net_j > 0)}
         usage = {
             "local": {"prompt_tokens": sum(r.usage.prompt_tokens for r in locals_),
                       "completion_tokens": sum(r.usage.completion_tokens for r in locals_)},

@@ -115,8 +115,9 @@ class ServerSettings:
 @dataclass(frozen=True, kw_only=True)
 class RuntimeSettings:
     engine: EngineSettings = setting(factory=EngineSettings, help="the edge model")
-    policy: dict[str, Any] = setting(factory=lambda: {"type": "threshold", "p": 0.5},
-                                     help="escalation policy (a table, see edge_runtime.policies)")
+    policy: dict[str, Any] | str = setting(factory=lambda: {"type": "threshold", "p": 0.5},
+                                           help="escalation policy: a table, or the name of one without "
+                                                "parameters such as \"never\" (see edge_runtime.policies)")
     cloud: CloudSettings = setting(factory=CloudSettings, help="the bridge to escalate to")
     power: PowerSettings = setting(factory=PowerSettings, help="energy measurement")
     cost: CostSettings = setting(factory=CostSettings, help="cost model")

@@ -62,6 +62,7 @@ def test_local_answer_carries_energy_and_no_cloud_cost(engine, bridge):
     assert r.model == engine.model_name and len(r.tokens) == 6 and 0 <= r.p_correct <= 1
     assert r.energy["joules"] > 0 and r.energy["source"] == "test:constant" and r.energy["network_joules"] == 0
     assert r.cost["cloud_usd"] == 0 and r.cost["device_energy_usd"] > 0
+    assert r.cost["device_energy_estimated"] is r.energy["estimated"]
     assert r.usage["cloud"] == {"prompt_tokens": 0, "completion_tokens": 0}
 
 
@@ -72,6 +73,7 @@ def test_low_confidence_escalates_to_the_cloud_with_its_cost(engine, bridge):
     assert r.text == "the answer is 4" and r.model != engine.model_name
     assert r.draft is not None and r.p_correct < 0.999
     assert r.cost["cloud_usd"] > 0 and r.energy["network_joules"] > 0
+    assert r.cost["device_energy_estimated"] is True  # the network's share is always an estimate
     assert r.usage["cloud"]["completion_tokens"] > 0 and r.usage["local"]["completion_tokens"] == 6
     assert r.latency_ms["total_ms"] >= r.latency_ms["cloud_ms"] >= 0
 

@@ -54,13 +54,20 @@ def _luhn(number: str) -> bool:
     return total % 10 == 0
 
 
+def _canonical(text: str) -> str:
+    """What the detectors read: NFKC folds full-width forms (ｂｏｂ＠ｅｘａｍｐｌｅ．ｃｏｍ) and no-break spaces onto
+    the ASCII the patterns know, and invisible format characters (a zero-width space, a soft hyphen) are
+    dropped, so that neither can hide a match."""
+    text = unicodedata.normalize("NFKC", text)
+    return "".join(c for c in text if unicodedata.category(c) != "Cf") if not text.isascii() else text
+
+
 def _find_email(text: str) -> bool:
-    # NFKC folds full-width forms (ｂｏｂ＠ｅｘａｍｐｌｅ．ｃｏｍ) onto the ASCII the pattern reads
-    return _EMAIL.search(unicodedata.normalize("NFKC", text)) is not None
+    return _EMAIL.search(text) is not None
 
 
 def _find_phone(text: str) -> bool:
-    for m in _PHONE.finditer(unicodedata.normalize("NFKC", text)):
+    for m in _PHONE.finditer(text):
         s = m.group(0)
         n = len(_digits(s))
         # national numbers need 9+ digits so that dates such as 01-02-2024 do not count
@@ -127,10 +134,14 @@ class Privacy(Policy):
             raise ConfigError("no patterns to look for", field="policy.patterns")
 
     def find(self, texts: Iterable[str]) -> tuple[str, int, str] | None:
-        """(pattern name, message index, description) of the first match, or None."""
+        """(pattern name, message index, description) of the first match, or None.
+
+        Every detector reads the canonical text (see ``_canonical``); a user regex reads the text as written too.
+        """
         for i, text in enumerate(texts):
+            canonical = _canonical(text)
             for name, detect, what in self._detectors:
-                if detect(text):
+                if detect(canonical) or (name in self.regexes and canonical != text and detect(text)):
                     return name, i, what
         return None
 

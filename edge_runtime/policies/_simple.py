@@ -138,6 +138,9 @@ class TargetRate(_ThresholdBase):
             raise ConfigError("give either calibration p_correct values or a threshold (not both)",
                               field="policy.calibration")
         if calibration is not None:
+            if isinstance(calibration, (list, tuple)) and any(
+                    isinstance(v, (bool, str, bytes)) for v in calibration):  # numpy would read True and "0.2" as numbers
+                raise ConfigError("must be a list of p_correct values (numbers)", field="policy.calibration")
             try:
                 values = np.asarray(calibration, dtype=float)
             except (TypeError, ValueError) as err:  # ["a"], [[0.1, 0.2], 0.3]

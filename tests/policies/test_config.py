@@ -122,3 +122,23 @@ def test_register_a_custom_policy():
             register_policy(type("Other", (Policy,), {"type_name": "test_long_prompts"}))
     finally:
         POLICY_TYPES.pop("test_long_prompts")
+
+
+def test_policy_config_gaps_found_by_qa(tmp_path):
+    from edge_runtime.settings import load_runtime_settings
+
+    for cfg, field in (({"type": "target_rate", "rate": 0.2, "calibration": [True, False]}, "policy.calibration"),
+                       ({"type": "target_rate", "rate": 0.2, "calibration": ["0.2"]}, "policy.calibration"),
+                       ({"chain": [{"type": "never"}, {"type": "threshold", "p": 10**400}]}, "policy.chain[1].p")):
+        with pytest.raises(ConfigError) as info:
+            policy_from_config(cfg)
+        assert info.value.field == field
+    # a bare name, as policy_from_config takes it, from the config file and from the environment
+    path = tmp_path / "c.toml"
+    path.write_text('policy = "never"\n')
+    assert load_runtime_settings(path, env={}).policy == "never"
+    assert load_runtime_settings(data={}, env={"EDGE_RUNTIME_POLICY": "always"}).policy == "always"
+    assert load_runtime_settings(data={}, env={"EDGE_RUNTIME_POLICY": '{"type": "never"}'}).policy == {"type": "never"}
+    with pytest.raises(ConfigError) as info:
+        load_runtime_settings(data={"policy": "nevr"}, env={})
+    assert info.value.field == "policy.type"

@@ -31,6 +31,12 @@ def ctx(text, **kw):
         ("ｂｏｂ＠ｅｘａｍｐｌｅ．ｃｏｍ", "email"),  # full-width forms
         ("card 4111 1111 1111 1111 exp 12/29", "credit_card"),
         ("4111-1111-1111-1111", "credit_card"),
+        # hidden: no-break spaces, full-width digits, invisible format characters inside the match
+        ("card 4111\u00a01111\u00a01111\u00a01111", "credit_card"),
+        ("ｃａｒｄ ４１１１ １１１１ １１１１ １１１１", "credit_card"),
+        ("4111\u200b1111\u200b1111\u200b1111", "credit_card"),
+        ("bob\u200b@exam\u00adple.com", "email"),
+        ("+44\u200b20 7946 0958", "phone"),
     ],
 )
 def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
@@ -82,6 +88,10 @@ def test_user_regexes_and_pattern_selection():
     assert p.before(ctx("ticket for EMP-123456")).reason == "privacy_pattern:employee_id"
     assert p.before(ctx("call +44 20 7946 0958")).action == "continue"  # phone not selected
     assert Privacy(patterns=[], regexes={"x": "secret"}).before(ctx("a secret")).reason == "privacy_pattern:x"
+    # full-width or split by invisible characters, still the user's pattern
+    falcon = Privacy(patterns=[], regexes={"project": "project-falcon"})
+    for hidden in ("ｐｒｏｊｅｃｔ－ｆａｌｃｏｎ", "project-fal\u200bcon", "project-fal\u00adcon"):
+        assert falcon.before(ctx(hidden)).reason == "privacy_pattern:project", hidden
 
 
 def test_gate_vetoes_escalations_wherever_it_is_listed():
