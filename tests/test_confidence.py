@@ -214,6 +214,7 @@ def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, caps
         (["calibrate", "--family", "signal:nosuch", "--out", "{tmp}/e.json"], "unknown feature in 'signal:nosuch'"),
         (["calibrate", "--out", "{tmp}"], "--out: {tmp} is a directory"),
         (["calibrate", "--out", "{tmp}/no/such/dir/e.json"], "--out: the directory {tmp}/no/such/dir does not exist"),
+        (["calibrate", "--out", "/proc/e.json"], "--out: cannot write in /proc"),  # found only after the split ran
         (["calibrate", "--limit", "0", "--out", "{tmp}/e.json"], "--limit: must be a positive number of items"),
         (["eval", "--limit", "-5"], "--limit: must be a positive number of items"),
         (["eval", "--study", "--estimator", "{tmp}/e.json"], "--estimator: --study fits every estimator family"),
@@ -331,3 +332,28 @@ def test_a_knn_estimator_with_a_meaningless_prior_is_refused_at_load(tmp_path, c
     path.write_text(json.dumps(doc))
     with pytest.raises(EstimatorError, match=named):
         load_estimator(path)
+
+
+def test_calibrate_prints_its_summary_when_auroc_is_undefined(tiny_bundle, tmp_path, tiny_suite, capsys, monkeypatch):
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    rows = [json.loads(line) for line in tiny_suite.read_text().splitlines()]
+    for r in rows:
+        r["answers"] = ["987654321987"]  # every answer wrong: one class, AUROC undefined
+    suite = tmp_path / "wrong.jsonl"
+    suite.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "e.json"
+    assert main(["calibrate", "--bundle", str(tiny_bundle), "--suite", str(suite), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "in-sample AUROC —" in printed and out.exists()
+
+
+def test_a_study_on_the_split_it_fits_on_warns(tiny_bundle, tmp_path, tiny_suite, caplog, monkeypatch):
+    import edge_runtime.runs
+    from edge_runtime.errors import EdgeRuntimeError
+
+    def stop(*a, **k):
+        raise EdgeRuntimeError("stopped here")  # the warning comes before any run; no need to run the split
+
+    monkeypatch.setattr(edge_runtime.runs, "run_edge", stop)
+    assert main(["eval", "--study", "--split", "dev", "--bundle", str(tiny_bundle), "--suite", str(tiny_suite)]) == 1
+    assert any("in-sample" not in r.getMessage() and "items it was fitted on" in r.getMessage() for r in caplog.records)

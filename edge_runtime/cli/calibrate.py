@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(f"fitted {estimator.name} on {len(data)} {args.split} items (SLM accuracy {summary['accuracy']:.1%}); "
-              f"in-sample AUROC {summary['dev_in_sample']['auroc']:.3f}, ECE {summary['dev_in_sample']['ece']:.3f}; wrote {args.out}")
+              f"in-sample AUROC {_fmt(summary['dev_in_sample']['auroc'])}, ECE {_fmt(summary['dev_in_sample']['ece'])}; "
+              f"wrote {args.out}")
     return 0
 
 
@@ -128,6 +130,12 @@ def _check_writable(out: Path) -> None:
         raise InvalidRequestError(f"{out} is a directory; give the estimator file's path", field="--out")
     if not out.parent.is_dir():
         raise InvalidRequestError(f"the directory {out.parent} does not exist", field="--out")
+    # written after the whole split has run: find out now whether it can be (root passes access(); /sys does not)
+    try:
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=True):
+            pass
+    except OSError as err:
+        raise InvalidRequestError(f"cannot write in {out.parent}: {err.strerror or err}", field="--out") from err
 
 
 def _cloud_bundle(args: argparse.Namespace) -> Path | None:
@@ -200,6 +208,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.study and args.estimator:
         raise InvalidRequestError("--study fits every estimator family itself; leave out --estimator", field="--estimator")
+    if args.study and args.split != "test":
+        # the study fits on dev: scoring dev items too is in-sample (a kNN prior finds each item itself)
+        log.warning("--study fits every estimator on the dev split: with --split %s it scores items it was fitted "
+                    "on, and its figures look better than they are (use --split test)", args.split)
     items = _items(args.suite, args.split, args.limit)
     cloud_bundle = _cloud_bundle(args)
     engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads, prompt_lookup=args.prompt_lookup)

@@ -137,7 +137,8 @@ class KnnPrior:
         w = np.exp((sims[idx] - 1.0) * 20.0)  # closer neighbours weigh more
         # Laplace smoothing toward the overall accuracy keeps sparse neighbourhoods honest
         base = float(self.labels.mean())
-        return float((np.dot(w, self.labels[idx]) + base) / (w.sum() + 1.0))
+        # a weighted mean of 0/1 labels lies in [0, 1]; rounding can step past 1 by an ulp (all labels 1)
+        return min(max(float((np.dot(w, self.labels[idx]) + base) / (w.sum() + 1.0)), 0.0), 1.0)
 
     def prior(self, prompt: str) -> float:
         return self.prior_from_embedding(self.encoder.encode([prompt])[0])

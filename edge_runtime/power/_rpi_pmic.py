@@ -28,6 +28,7 @@ can ship a script that prints a recorded output.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -73,6 +74,8 @@ def parse_pmic_output(text: str) -> dict[str, PmicRail]:
         try:
             value = float(m.group("value"))
         except ValueError:
+            continue
+        if not math.isfinite(value):  # "1e999" parses as infinity: as unparsable as garbage
             continue
         (amps if m.group("unit") == "A" else volts)[m.group("rail")] = value
     names = list(dict.fromkeys([*amps, *volts]))

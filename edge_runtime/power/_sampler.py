@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +55,17 @@ class _Point:
 _MAX_PLAUSIBLE_W = 2000.0
 
 
+def _plausible(reading: Reading) -> Reading:
+    """``reading``, or Unreadable when it is not a number a device can show (an infinite rail, a megawatt)."""
+    if isinstance(reading, Power):
+        w = abs(float(reading.uw)) * 1e-6
+        if not math.isfinite(w) or w > _MAX_PLAUSIBLE_W:
+            return Unreadable(f"implausible power reading ({w:.3g} W)")
+    elif not isinstance(reading, Unreadable) and not math.isfinite(float(reading.uj)):
+        return Unreadable("implausible energy reading (not finite)")
+    return reading
+
+
 class DomainTrack:
     """Cumulative joules of one domain over time."""
 
@@ -70,6 +82,7 @@ class DomainTrack:
     # --- feeding ---------------------------------------------------------------------------
 
     def add(self, t: float, reading: Reading) -> None:
+        reading = _plausible(reading)
         if isinstance(reading, Unreadable):
             if self.failing_since is None:
                 self.failing_since, self.failure = t, reading.reason
@@ -119,6 +132,8 @@ class DomainTrack:
                             "that interval is not counted")))
                         delta_uj = 0.0
                         gap = True
+                    elif self._implausible(t, prev, delta_uj, "counter"):
+                        delta_uj, gap = 0.0, True
                 else:
                     delta_uj = self.last_raw - raw
                     if delta_uj < 0:
@@ -126,10 +141,21 @@ class DomainTrack:
                             (t, f"{self.name}: stored energy rose (charging); that interval is not counted"))
                         delta_uj = 0.0
                         gap = True
+                    elif self._implausible(t, prev, delta_uj, "stored energy"):
+                        delta_uj, gap = 0.0, True
             self.last_raw = raw
             self._append(_Point(t, e_prev + delta_uj * 1e-6, None, after_gap=gap))
         if failed_for is not None:
             self.failing_since = self.failure = None
+
+    def _implausible(self, t: float, prev: _Point | None, delta_uj: float, what: str) -> bool:
+        """A step no device draws (a counter reset upwards, a bad reading): said, and not counted."""
+        dt_s = max(t - prev.t, 1e-3) if prev is not None else 1e-3
+        if delta_uj * 1e-6 / dt_s <= _MAX_PLAUSIBLE_W:
+            return False
+        self.events.append((t, f"{self.name}: {what} moved by {delta_uj * 1e-6:.3g} J in {dt_s:.3f} s, more than "
+                               f"{_MAX_PLAUSIBLE_W:.0f} W; that interval is not counted"))
+        return True
 
     def _append(self, point: _Point) -> None:
         self.points.append(point)
@@ -310,7 +336,11 @@ class Sampler:
                 track = self._tracks.get(name)
                 if track is None:
                     track = self._tracks[name] = DomainTrack(name)
-                track.add(t, reading)
+                try:
+                    track.add(t, reading)
+                except Exception as err:  # a reading this code did not foresee must not end the sampler thread
+                    log.debug("%s: cannot use %r", name, reading, exc_info=True)
+                    track.add(t, Unreadable(f"unusable reading: {type(err).__name__}"))
         return t
 
     def _ensure_thread(self) -> None:

@@ -52,6 +52,9 @@ def cat(path: str | os.PathLike[str], *, fallback: Any = _RAISE) -> str:
     return data.decode("utf-8", errors="replace").strip().strip("\x00").strip()
 
 
+_LIMIT = 1 << 64
+
+
 def read_int(path: str | os.PathLike[str], *, fallback: Any = _RAISE) -> int:
     """An integer file. Raises ``OSError`` or ``ValueError`` (garbage) unless ``fallback`` is given."""
     try:
@@ -61,7 +64,10 @@ def read_int(path: str | os.PathLike[str], *, fallback: Any = _RAISE) -> int:
             raise
         return fallback  # type: ignore[no-any-return]
     try:
-        return int(text)
+        value = int(text)
+        if not -_LIMIT < value < _LIMIT:  # no counter is wider than 64 bits; past a float's range it would crash later
+            raise ValueError
+        return value
     except ValueError:
         if fallback is not _RAISE:
             log.debug("garbage in %s: %r", path, text[:40])

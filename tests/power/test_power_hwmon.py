@@ -157,3 +157,20 @@ def test_garbage_power_value_is_a_gap(tmp_path: Path, make_meter: Make, clock: M
     assert m.joules == pytest.approx(2.0)
     assert any("garbage" in w for w in m.warnings)
     assert any("not counted" in w for w in m.warnings)
+
+
+def test_an_impossible_power_reading_is_a_gap(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    chip = add_hwmon(tmp_path, 0, "ina226", {"power1_input": 1_000_000})
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        meter.poll()
+        write(chip / "power1_input", 10**18)  # a terawatt
+        clock.advance(1)
+        meter.poll()
+        write(chip / "power1_input", 1_000_000)
+        clock.advance(1)
+        meter.poll()
+        clock.advance(1)
+    assert m.joules == pytest.approx(2.0)
+    assert any("implausible power" in w for w in m.warnings)

@@ -304,3 +304,38 @@ def test_insisting_on_denied_rapl_raises_with_the_fix(tmp_path: Path, make_meter
 def test_insisting_on_absent_rapl_raises(tmp_path: Path, make_meter: Make) -> None:
     with pytest.raises(EnergyError, match="not present"):
         make_meter(tmp_path, source="rapl")
+
+
+def test_a_counter_that_jumps_forward_impossibly_is_not_counted(tmp_path: Path, make_meter: Make,
+                                                                clock: ManualClock) -> None:
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", 5_000_000, max_range_uj=None)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        write(pkg, 7_000_000)  # +2 J
+        meter.poll()
+        clock.advance(1)
+        write(pkg, 7_000_000 + 10**12)  # a million joules in a second: not a CPU
+        meter.poll()
+        clock.advance(1)
+        write(pkg, 8_000_000 + 10**12)  # +1 J
+    assert m.joules == pytest.approx(3.0) and m.estimated is False
+    assert any("more than 2000 W" in w for w in m.warnings)
+
+
+@pytest.mark.parametrize("where", ["energy_uj", "max_energy_range_uj"])
+def test_a_number_too_large_for_any_counter_is_garbage_not_a_crash(tmp_path: Path, make_meter: Make,
+                                                                   clock: ManualClock, where: str) -> None:
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", 1_000_000)
+    if where == "max_energy_range_uj":
+        write(pkg.parent / where, "9" * 400)
+    meter = make_meter(tmp_path)  # detection reads the range: it must not crash either
+    with meter.measure() as m:
+        clock.advance(1)
+        write(pkg, 3_000_000)
+        meter.poll()
+        clock.advance(1)
+        if where == "energy_uj":
+            write(pkg, "9" * 400)
+            meter.poll()
+    assert m.joules == pytest.approx(2.0)

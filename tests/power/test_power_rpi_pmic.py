@@ -92,3 +92,8 @@ def test_pi5_without_vcgencmd_says_what_to_install(tmp_path: Path) -> None:
     pmic = [i for i in describe_sources(tmp_path) if i.kind == "rpi-pmic"][0]
     assert pmic.present and not pmic.usable and pmic.problem == "vcgencmd not found"
     assert pmic.fix and "vcgencmd" in pmic.fix
+
+
+def test_a_rail_reading_that_overflows_to_infinity_is_skipped() -> None:
+    rails = parse_pmic_output("   VDD_CORE_A current(7)=1e999A\n   VDD_CORE_V volt(15)=0.80000000V\n")
+    assert rails["VDD_CORE"].amps is None and rails["VDD_CORE"].volts == 0.8
