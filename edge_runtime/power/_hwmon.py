@@ -129,12 +129,17 @@ def detect_hwmon(root: str | os.PathLike[str]) -> list[HwmonSource]:
     except OSError:
         return []
     found: list[HwmonSource] = []
+    labels: set[str] = set()
     for entry in entries:
         chip = base / entry
         channels = _chip_channels(chip)
         if not channels:
             continue
         name = cat(chip / "name", fallback="") or entry
+        # two chips of one kind (a Jetson AGX Orin's ina3221 at 0x40 and 0x41): the second is told by its entry,
+        # or --source could never choose it
+        label = f"hwmon:{name}" if f"hwmon:{name}" not in labels else f"hwmon:{name}@{entry}"
+        labels.add(label)
         domains = []
         for ch in channels:
             problem = None
@@ -154,7 +159,7 @@ def detect_hwmon(root: str | os.PathLike[str]) -> list[HwmonSource]:
         elif not usable:
             problem = "no readable channel: " + "; ".join(f"{d.name}: {d.problem}" for d in domains)
         has_energy = any(c.kind == "energy" and c.domain in totals for c in channels)
-        info = SourceInfo(kind="hwmon", label=f"hwmon:{name}", present=True, usable=usable, domains=tuple(domains),
+        info = SourceInfo(kind="hwmon", label=label, present=True, usable=usable, domains=tuple(domains),
                           problem=problem, detail=f"{entry} ({'energy counters' if has_energy else 'power rails'})")
         found.append(HwmonSource(info, channels))
     # exact counters before sampled power rails

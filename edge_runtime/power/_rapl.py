@@ -94,6 +94,14 @@ def detect_rapl(root: str | os.PathLike[str]) -> list[RaplSource]:
     for zid, path in zones_by_id.items():
         names[zid] = cat(path / "name", fallback="") or f"zone-{':'.join(map(str, zid))}"
 
+    # two zones under one name (firmware that names both packages package-0) would be one domain counted twice
+    seen: set[str] = set()
+    for zid in sorted(names):
+        if len(zid) == 1:
+            if names[zid] in seen:
+                names[zid] = f"{names[zid]}@intel-rapl:{zid[0]}"
+            seen.add(names[zid])
+
     domains: list[DomainInfo] = []
     zones: list[_Zone] = []
     for zid in sorted(zones_by_id):
@@ -103,6 +111,9 @@ def detect_rapl(root: str | os.PathLike[str]) -> list[RaplSource]:
             domain = name
         else:
             domain = f"{names.get(zid[:1], f'zone-{zid[0]}')}/{name}"
+            if domain in seen:
+                domain = f"{domain}@intel-rapl:{':'.join(map(str, zid))}"
+            seen.add(domain)
         value, problem = try_read_int(path / "energy_uj")
         max_range, _ = try_read_int(path / "max_energy_range_uj")
         readable = value is not None
@@ -124,8 +135,10 @@ def detect_rapl(root: str | os.PathLike[str]) -> list[RaplSource]:
     for z in zones:
         z.in_total = z.domain in total
 
-    denied = [d for d in domains if d.problem == PERMISSION_DENIED]
-    others = [d for d in domains if not d.readable and d.problem != PERMISSION_DENIED]
+    # only zones that would count matter: an unreadable core or uncore zone (inside its package) leaves nothing out
+    counted = [d for d in domains if "/" not in d.name or d.name.split("/")[-1].split("@")[0] == "dram"]
+    denied = [d for d in counted if d.problem == PERMISSION_DENIED]
+    others = [d for d in counted if not d.readable and d.problem != PERMISSION_DENIED]
     ordered_total = [d.name for d in domains if d.in_total]
     usable = bool(ordered_total)
     problem = fix = None

@@ -113,3 +113,8 @@ def test_console_entry_point_on_this_machine() -> None:
     if not any(s["usable"] for s in data["sources"][:-1]):
         assert data["chosen"] == "estimate:generic" and data["estimated"] is True
         assert any("ESTIMATED" in n for n in data["notes"])
+
+
+def test_a_sysfs_root_that_does_not_exist_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "--sysfs-root", str(tmp_path / "typo"))
+    assert code == 1 and "power.sysfs_root" in err and "not a directory" in err

@@ -174,3 +174,12 @@ def test_an_impossible_power_reading_is_a_gap(tmp_path: Path, make_meter: Make, 
         clock.advance(1)
     assert m.joules == pytest.approx(2.0)
     assert any("implausible power" in w for w in m.warnings)
+
+
+def test_two_chips_of_one_kind_can_each_be_chosen(tmp_path: Path) -> None:
+    for index, address in ((1, "1-0040"), (2, "1-0041")):  # a Jetson AGX Orin has two ina3221
+        add_hwmon(tmp_path, index, "ina3221", {"in1_label": "VDD_IN", "in1_input": 5000, "curr1_input": 1000},
+                  device=f"platform/bus@0/c240000.i2c/i2c-1/{address}")
+    labels = [i.label for i in describe_sources(tmp_path) if i.kind == "hwmon"]
+    assert labels == ["hwmon:ina3221", "hwmon:ina3221@hwmon2"]
+    assert EnergyMeter(source="hwmon:ina3221@hwmon2", sysfs_root=tmp_path).source == "hwmon:ina3221@hwmon2"

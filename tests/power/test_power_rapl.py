@@ -339,3 +339,23 @@ def test_a_number_too_large_for_any_counter_is_garbage_not_a_crash(tmp_path: Pat
             write(pkg, "9" * 400)
             meter.poll()
     assert m.joules == pytest.approx(2.0)
+
+
+def test_two_packages_under_one_name_are_two_domains_counted_once_each(tmp_path: Path, make_meter: Make,
+                                                                         clock: ManualClock) -> None:
+    first = add_rapl_zone(tmp_path, "0", "package-0", 1_000_000)
+    second = add_rapl_zone(tmp_path, "1", "package-0", 1_000_000)  # firmware that names both alike
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        write(first, 11_000_000)  # +10 J
+        write(second, 21_000_000)  # +20 J
+    assert m.joules == pytest.approx(30.0)
+    assert sorted(m.domains) == ["package-0", "package-0@intel-rapl:1"]
+
+
+def test_an_unreadable_core_zone_leaves_nothing_out(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    files = _laptop(tmp_path)
+    write(files["core"], "garbage")  # inside the package: never part of the total
+    rapl = describe_sources(tmp_path)[0]
+    assert rapl.usable and rapl.problem is None
