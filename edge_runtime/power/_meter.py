@@ -191,6 +191,8 @@ class EnergyMeter:
             raise ConfigError(f"must be between 0.001 and 3600 seconds, got {sample_interval_s!r}",
                               field="sample_interval_s")
         self.sysfs_root = os.fspath(sysfs_root)
+        if not os.path.isdir(self.sysfs_root):  # a typo would find no counter and fall back to the estimate unsaid
+            raise ConfigError(f"{self.sysfs_root} is not a directory", field="power.sysfs_root")
         prof = get_profile(profile) if isinstance(profile, str) else profile
         if isinstance(source, PowerSource):
             estimate = EstimateSource(prof)

@@ -53,8 +53,6 @@ class PowerSettings:
                 or not 10 <= self.sample_interval_ms <= 60_000:
             raise ConfigError(f"must be an integer between 10 and 60000, got {self.sample_interval_ms!r}",
                               field="power.sample_interval_ms")
-        if not Path(self.sysfs_root).is_dir():  # a typo would silently find no counters and fall back to the estimate
-            raise ConfigError(f"{self.sysfs_root} is not a directory", field="power.sysfs_root")
         for name in ("active_watts_per_core", "idle_watts"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
