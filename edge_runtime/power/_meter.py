@@ -191,8 +191,6 @@ class EnergyMeter:
             raise ConfigError(f"must be between 0.001 and 3600 seconds, got {sample_interval_s!r}",
                               field="sample_interval_s")
         self.sysfs_root = os.fspath(sysfs_root)
-        if not os.path.isdir(self.sysfs_root):  # a typo would find no counter and fall back to the estimate unsaid
-            raise ConfigError(f"{self.sysfs_root} is not a directory", field="power.sysfs_root")
         prof = get_profile(profile) if isinstance(profile, str) else profile
         if isinstance(source, PowerSource):
             estimate = EstimateSource(prof)
@@ -218,6 +216,8 @@ class EnergyMeter:
     @classmethod
     def from_settings(cls, settings: PowerSettings, **kwargs: Any) -> EnergyMeter:
         """A meter configured by the ``[power]`` settings section."""
+        if not os.path.isdir(settings.sysfs_root):  # a typo would find no counter and fall back to the estimate unsaid
+            raise ConfigError(f"{settings.sysfs_root} is not a directory", field="power.sysfs_root")
         profile = custom_profile(settings.profile, active_watts_per_core=settings.active_watts_per_core,
                                  idle_watts=settings.idle_watts)
         return cls(sysfs_root=settings.sysfs_root, source=settings.source, profile=profile,
