@@ -18,7 +18,11 @@ __all__ = ["extract_number", "parse_number", "extract_yes_no", "text_candidates"
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _ANSWER_IS = re.compile(r"\banswer\s*(?:is|:|=|would be)\s*:?\s*", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]'\"][.!?])\s+|\n")
+# a sentence ends after . ! ? and a space, or at a line break; not after "Mt." or "St." ("Mt. Everest")
+_ABBREVIATIONS = ("Mt", "St", "Dr", "Mr", "Ms", "Jr", "Sr", "Mrs", "Ft", "vs")
+_NOT_ABBREVIATED = "".join(rf"(?<!\b{a})" for a in _ABBREVIATIONS)  # written just before a "\."
+_NOT_AN_ABBREVIATION = "".join(rf"(?<!\b{a}\.)" for a in _ABBREVIATIONS)  # written just after one
+_SENTENCE_END = re.compile(rf"(?<=[a-z0-9)\]'\"][.!?]){_NOT_AN_ABBREVIATION}\s+|\n")
 _MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\uff0d": "-"})
 
 _SMALL = {
@@ -51,6 +55,7 @@ def parse_number(text: str) -> Decimal | None:
     return value if value.is_finite() else None
 
 
+_PARENTHESES = re.compile(r"\([^()]*\)")
 _LIST_MARKER = re.compile(r"^[ \t]*\d{1,2}[.)][ \t]+", re.MULTILINE)
 _FIRST_STEP = re.compile(r"\s*1[.)][ \t]+(?=[^\n=]*=[ \t]*-?\d)")
 
@@ -118,7 +123,10 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
             return nums[-1], None
     answer_is = list(_ANSWER_IS.finditer(text))
     if answer_is:
-        nums = _numbers(text[answer_is[-1].end():][:40])
+        # the rest of that sentence: "The answer is: 37 + 48 = 85" gives the result, not the first operand
+        rest = text[answer_is[-1].end():]
+        segment = _SENTENCE_END.split(rest, maxsplit=1)[0][:200]
+        nums = _numbers(segment[segment.rfind("=") + 1:] if "=" in segment else segment)
         if nums:
             return nums[0], None
     question = question.translate(_MINUS_SIGNS) if question else ""
@@ -136,6 +144,11 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
             parse_number(n) not in asked for n in _numbers(stripped[len(first):]))
         if not premise:
             return nums[0], None
+    # an aside in parentheses works the answer out or checks it ("85 (since 85 - 37 = 48)"): read the reply
+    # without it, unless that leaves no number
+    plain = _PARENTHESES.sub(" ", text)
+    if _numbers(plain):
+        text = plain
     if "=" in text:
         nums = _numbers(text[text.rfind("=") + 1:])
         if nums:
@@ -152,6 +165,14 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
 
 _YES = {"yes", "true", "correct"}
 _NO = {"no", "false", "incorrect"}
+_FIRST_WORDS = {"yes": "yes", "yeah": "yes", "yep": "yes", "no": "no", "nope": "no", "nah": "no"}
+# "yes" anywhere; "no" as an answer, not as a determiner ("it has no divisors"): followed by punctuation or the
+# end, or said ("could be no", "I say no")
+_ANSWER_WORD = re.compile(r"\b(yes)\b|\b(no)\b(?=\s*(?:[.,;:!?)\]\-\u2014]|$))|(?:(?<=\bbe )|(?<=\bis )|(?<=\bsay )|(?<=\bsaid ))(no)\b",
+                          re.IGNORECASE | re.MULTILINE)
+# the question's own "answer yes or no" echoed, and a hedge that says both
+_ECHO = re.compile(r"\byes\s*(?:or|/)\s*no\b", re.IGNORECASE)
+_HEDGE = re.compile(r"\byes\s+and\s+no\b", re.IGNORECASE)
 _NEGATIONS = {"not", "never", "isn", "aren", "wasn", "weren", "t"}  # "isn't" reads as "isn", "t"
 _YES_NO_IS = re.compile(r"\banswer\s*(?:is|:)\s*:?\s*\W*(yes|no)\b", re.IGNORECASE)
 
@@ -174,31 +195,42 @@ def _restated(reply: str, question: str) -> str | None:
         return None
     subject, predicate = m.group(1).lower(), " ".join(m.group(2).lower().split())
     first = " ".join(_SENTENCE_END.split(reply.strip(), maxsplit=1)[0].lower().split())
-    if not first.startswith(subject + " "):
+    # the question's subject, or a pronoun for it ("It is not a prime number.")
+    start = next((len(s) for s in (subject, "it", "this", "that", "the number") if first.startswith(s + " ")), None)
+    if start is None:
         return None
-    # the whole predicate, not a prefix of another claim ("divisible by 60" is not "divisible by 6")
-    found = re.compile(r" " + re.escape(predicate) + r"(?!\w|\.\d)").search(first, len(subject))
-    if found is None:
-        return None
-    return "no" if _NOT_BEFORE.search(first[:found.start() + 1]) else "yes"
+    # the predicate as asked or said shorter: "a prime number" is also "prime", "an even number" "even"
+    short = re.sub(r"^(?:a|an|the)\s+", "", predicate)
+    forms = dict.fromkeys((predicate, short, re.sub(r"\s+numbers?$", "", short)))
+    for form in (f for f in forms if f):
+        # the whole predicate, not a prefix of another claim ("divisible by 60" is not "divisible by 6")
+        found = re.compile(r" " + re.escape(form) + r"(?!\w|\.\d)").search(first, start)
+        if found is not None:
+            return "no" if _NOT_BEFORE.search(first[:found.start() + 1]) else "yes"
+    return None
 
 
 def extract_yes_no(reply: str, question: str | None = None) -> tuple[str | None, str | None]:
-    """``"yes"`` or ``"no"``: the first word if it is one, else "answer is yes/no", else the
-    only one of the two that occurs. "true"/"false" count only when neither word occurs.
-    With the ``question``, a reply with none of these words that restates the question's
-    claim, affirmed or negated, answers it (see :func:`_restated`)."""
+    """``"yes"`` or ``"no"``: the first word if it is one (or "yep", "nope"), else "answer is
+    yes/no", else the only one of the two the reply says ("no" said, not "no" as a determiner:
+    "it has no divisors"). "Yes and no" is no answer, and the question's own "yes or no" is not
+    one. "true"/"false" count only when neither word occurs. With the ``question``, a reply with
+    none of these words that restates the question's claim, affirmed or negated, answers it
+    (see :func:`_restated`)."""
     if not reply.strip():
         return None, "empty reply"
+    if _HEDGE.search(reply):
+        return None, "reply says both yes and no"
+    reply = _ECHO.sub(" ", reply)
     words = re.findall(r"[a-z]+", reply.lower())
     if not words:
         return None, "no yes/no in the reply"
-    if words[0] in ("yes", "no"):
-        return words[0], None
+    if words[0] in _FIRST_WORDS:
+        return _FIRST_WORDS[words[0]], None
     m = _YES_NO_IS.search(reply)
     if m:
         return m.group(1).lower(), None
-    has = {w for w in words if w in ("yes", "no")}
+    has = {next(g for g in m.groups() if g).lower() for m in _ANSWER_WORD.finditer(reply)}
     if len(has) == 1:
         return has.pop(), None
     if has:
@@ -227,7 +259,7 @@ def normalize_text(text: str, *, case_sensitive: bool = False) -> str:
     t = t.translate(_QUOTES)
     t = re.sub(r"[^\w\s-]", " ", t)  # keep letters, digits, hyphens; "D.C." -> "D C"
     t = " ".join(t.replace("_", " ").split()).strip(" -")
-    t = re.sub(r"(?<=\b\w) (?=\w\b)", "", t)  # re-join initials: "D C" -> "DC", "J K" -> "JK"
+    t = re.sub(r"(?<=\b\w)[ -](?=\w\b)", "", t)  # re-join initials and spelt letters: "D C", "n-e-d" -> "DC", "ned"
     t = _ARTICLES.sub("", t)
     return t if case_sensitive else t.casefold()
 
@@ -238,12 +270,19 @@ _PREFIX = re.compile(
 )
 # "X is Y" and "X wrote Y": the answer is on one side of the verb
 _COPULA = re.compile(
-    r"\s(?:is|are|was|were|would be|will be|wrote|painted|composed|invented|discovered|created)\s", re.IGNORECASE
+    r"\s(?:is|are|was|were|would be|will be|wrote|painted|composed|invented|discovered|created)\s"
+    + "".join(rf"|(?<=\b{w})['\u2019]s\s" for w in ("it", "he", "she", "that", "this", "here", "what")),  # "It's X"
+    re.IGNORECASE,
 )
 _NEGATED = re.compile(r"(?:not|never|no longer)\b", re.IGNORECASE)
 _PREPOSITION = re.compile(r"\s(?:of|in|on|for|as|by|called|named)\s", re.IGNORECASE)
 # a period ends a clause unless it closes an initial ("J.K. Rowling", "D.C.")
-_CLAUSE_END = re.compile(r"\s*(?:[,;:()\[\]]|\s-\s|\s\u2014\s|(?<!\b[A-Z])\.(?:\s|$)|[!?])")
+_CLAUSE_END = re.compile(rf"\s*(?:[,;:()\[\]]|\s-\s|\s\u2014\s|(?<!\b[A-Z]){_NOT_ABBREVIATED}\.(?:\s|$)|[!?])")
+# a first sentence that only greets or agrees ("Sure!", "Of course.") before the answer
+_FILLER = re.compile(r"^(?:sure|certainly|of course|okay|ok|hello|hi|great question|good question|let me think|"
+                     r"let's see|well|alright|absolutely)\W*$", re.IGNORECASE)
+# a first sentence that lists alternatives ("Canberra, Sydney or Moscow"): no one answer
+_ALTERNATIVES = re.compile(r"^[^,]{1,40}(?:,[^,]{1,40})*,?\s+or\s+[^,]{1,40}$", re.IGNORECASE)
 
 
 # a phrase in double quotes, or in single quotes that are not apostrophes ("Earth's")
@@ -272,8 +311,12 @@ def text_candidates(reply: str, *, max_words: int = 6) -> list[str]:
     out: list[str] = []
     for m in _ANSWER_IS.finditer(text):
         out.append(_clause(text[m.end():]))
-    first = _SENTENCE_END.split(text, maxsplit=1)[0] if text else ""
-    first = _PREFIX.sub("", first.strip()).strip()
+    sentences = _SENTENCE_END.split(text) if text else [""]
+    while len(sentences) > 1 and _FILLER.match(sentences[0].strip()):
+        sentences = sentences[1:]
+    first = _PREFIX.sub("", sentences[0].strip()).strip()
+    if _ALTERNATIVES.match(first.rstrip(".!?")):
+        return [c for c in out if c]  # only an "answer is" elsewhere can still say which
     quoted = [next(g for g in m.groups() if g) for m in _QUOTED.finditer(first)]
     if len(quoted) == 1:
         out.append(quoted[0])

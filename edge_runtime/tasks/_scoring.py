@@ -14,6 +14,7 @@ scorer, is a wrong answer with ``parse_error`` saying why.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 
@@ -27,6 +28,12 @@ __all__ = ["score", "score_text", "SCORERS", "check_answers"]
 Scorer = Callable[[str, Sequence[str], str | None], Score]
 
 _REL_TOL = Decimal("1e-9")  # decimals are exact; this only forgives "0.30000000001"-style float echoes
+_GROUPED = re.compile(r"[-\u2212]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
+def _integral(value: Decimal) -> bool:
+    """Whole numbers compare exactly: 12345678900 is not 12345678901, however close relatively."""
+    return value == value.to_integral_value()
 
 
 def _score_number(reply: str, answers: Sequence[str], question: str | None = None) -> Score:
@@ -38,7 +45,10 @@ def _score_number(reply: str, answers: Sequence[str], question: str | None = Non
         return Score(False, raw, f"cannot read {raw!r} as a number")
     for a in answers:
         expected = parse_number(a)
-        if expected is not None and abs(value - expected) <= max(abs(expected), 1) * _REL_TOL:
+        if expected is None:
+            continue
+        if value == expected or (not (_integral(value) and _integral(expected))
+                                 and abs(value - expected) <= max(abs(expected), 1) * _REL_TOL):
             return Score(True, raw, None)
     return Score(False, raw, None)
 
@@ -88,10 +98,16 @@ def check_answers(scorer: str, answers: Sequence[str]) -> str | None:
         bad = [a for a in answers if parse_number(a) is None]
         if bad:
             return f"answer {bad[0]!r} is not a number"
+        # a comma groups thousands ("1,234"); "1,5" would be read as 15, not 1.5
+        grouped = [a for a in answers if "," in a and not _GROUPED.fullmatch(a.strip())]
+        if grouped:
+            return f"answer {grouped[0]!r} has a comma that does not group thousands (write 1.5 or 1,500)"
     if scorer == "yesno":
         bad = [a for a in answers if a.strip().lower() not in ("yes", "no")]
         if bad:
             return f"answer {bad[0]!r} is not yes or no"
+        if {a.strip().lower() for a in answers} == {"yes", "no"}:
+            return "both yes and no are accepted: every reply would be right"
     if scorer in ("text", "text_cs"):
         bad = [a for a in answers if not normalize_text(a)]
         if bad:

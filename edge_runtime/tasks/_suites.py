@@ -177,8 +177,18 @@ def _parse_line(path: Path, lineno: int, line: str) -> TaskItem:
         where = f"{path}, line {lineno}" + (f", field {field!r}" if field else "")
         return TaskSuiteError(f"{where}: {message}", line=lineno, field=field)
 
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        repeated = next((k for k in keys if keys.count(k) > 1), None)
+        if repeated is not None:  # json keeps the last one, silently
+            raise fail(repeated, "given twice")
+        return dict(pairs)
+
+    def no_constant(name: str) -> Any:
+        raise fail(None, f"{name} is not a value JSON has")
+
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=no_duplicates, parse_constant=no_constant)
     except json.JSONDecodeError as err:
         raise fail(None, f"not valid JSON ({err.msg} at column {err.colno})") from err
     if not isinstance(obj, Mapping):
@@ -196,6 +206,9 @@ def _parse_line(path: Path, lineno: int, line: str) -> TaskItem:
         messages = validate_messages(obj["messages"], field_name="messages")
     except InvalidRequestError as err:
         raise fail(err.field or "messages", str(err).split(": ", 1)[-1]) from err
+    # the model answers the last message, and the scorer reads the question from it
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise fail("messages", "the last message must be the user's question, with text")
     answers = obj["answers"]
     if isinstance(answers, (str, int, float)) and not isinstance(answers, bool):
         answers = [answers]

@@ -65,6 +65,16 @@ def test_explicit_split_features_and_numeric_answers(tmp_path):
         (dict(GOOD, spilt="test"), 2, "spilt", "unknown field"),  # a typo put the item in a split by hash
         (dict(GOOD, split=False), 2, "split", "'dev' or 'test'"),
         (dict(GOOD, scorer="exact", answers=["  "]), 2, "answers", "every one is blank"),
+        # found by the scoring audit
+        (dict(GOOD, answers=["1,5"]), 2, "answers", "does not group thousands"),  # read as 15
+        (dict(GOOD, scorer="yesno", answers=["yes", "no"]), 2, "answers", "every reply would be right"),
+        (dict(GOOD, messages=[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]), 2,
+         "messages", "last message must be the user's question"),
+        (dict(GOOD, messages=[{"role": "user", "content": "  "}]), 2, "messages", "last message must be the user's"),
+        ('{"id": "q2", "family": "m", "messages": [{"role": "user", "content": "x"}], "answers": ["4"], '
+         '"answers": ["5"], "scorer": "number"}', 2, "answers", "given twice"),
+        ('{"id": "q2", "family": "m", "messages": [{"role": "user", "content": "x"}], "answers": [NaN], '
+         '"scorer": "text"}', 2, None, "NaN is not a value JSON has"),
     ],
 )
 def test_bad_lines_name_line_and_field(tmp_path, row, line, field, message):

@@ -235,3 +235,37 @@ def test_a_failing_scorer_costs_one_item(monkeypatch):
     monkeypatch.setitem(_scoring.SCORERS, "number", boom)
     s = score_text("number", ["1"], "1")
     assert s.correct is False and "RuntimeError: bug" in s.parse_error
+
+
+@pytest.mark.parametrize(
+    "scorer, reply, answers, question, correct",
+    [
+        # the working after "answer is", and asides in parentheses, do not hide the result
+        ("number", "The answer is: 37 + 48 = 85", ["85"], "What is 37 + 48?", True),
+        ("number", "Answer: 37+48=85", ["85"], "What is 37 + 48?", True),
+        ("number", "85 (since 85 - 37 = 48)", ["85"], "What is 37 + 48?", True),
+        ("number", "The product is 42 (= 6 × 7).", ["42"], "What is 6 × 7?", True),
+        ("number", "The answer is (carrying the one from the tens column) 1234.", ["1234"], None, True),
+        # whole numbers compare exactly, however large
+        ("number", "12345678900", ["12345678901"], None, False),
+        # "no" as a determiner is not an answer; a hedge is no answer; "yes or no" is the question's echo
+        ("yesno", "1117 is a prime number because it has no divisors other than 1 and itself.", ["yes"],
+         "Is 1117 a prime number? Answer yes or no.", True),
+        ("yesno", "384 ÷ 3 = 128 with no remainder, so yes.", ["yes"], "Is 384 divisible by 3? Answer yes or no.", True),
+        ("yesno", "Yes and no.", ["yes"], "Is 15 a prime number? Answer yes or no.", False),
+        ("yesno", "Yes or no: I am not sure.", ["yes"], "Is 15 a prime number? Answer yes or no.", False),
+        ("yesno", "10 is not prime.", ["no"], "Is 10 a prime number? Answer yes or no.", True),
+        ("yesno", "78,531 is not even.", ["no"], "Is 78,531 an even number? Answer yes or no.", True),
+        ("yesno", "It is not a prime number.", ["no"], "Is 10 a prime number? Answer yes or no.", True),
+        ("yesno", "Nope.", ["no"], "Is 10 a prime number? Answer yes or no.", True),
+        # a greeting first, "it's", abbreviations; a list of alternatives is no answer
+        ("text", "Sure! The capital of Australia is Canberra.", ["Canberra"], None, True),
+        ("text", "It's Canberra.", ["Canberra"], None, True),
+        ("text", "Mt. Everest is the highest mountain.", ["Mount Everest", "Mt. Everest"], None, True),
+        ("text", "The city is St. Petersburg.", ["St. Petersburg"], None, True),
+        ("text", "Canberra, Sydney or Moscow", ["Canberra"], None, False),
+        ("text", "n-e-d-r-a-g", ["n e d r a g"], None, True),
+    ],
+)
+def test_replies_found_by_the_scoring_audit(scorer, reply, answers, question, correct):
+    assert score_text(scorer, answers, reply, question=question).correct is correct
