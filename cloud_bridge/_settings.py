@@ -37,6 +37,7 @@ Relative paths are relative to the config file's directory.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import urllib.parse
@@ -49,6 +50,8 @@ from edge_runtime.cloud import check_address
 from edge_runtime.config import load_settings, setting
 from edge_runtime.engine.types import MAX_NEW_TOKENS_LIMIT
 from edge_runtime.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ENV_PREFIX",
@@ -160,9 +163,12 @@ class LimitsSettings:
         for name in ("max_new_tokens", "default_max_new_tokens", "max_messages", "max_prompt_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be at least 1", field=f"limits.{name}")
-        # a request's max_new_tokens is refused above this anyway (SamplingParams): advertising more would mislead
+        # a request's max_new_tokens is refused above this anyway (SamplingParams): advertising more would mislead,
+        # and a config that asked for more before still starts
         if self.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
-            raise ConfigError(f"must be at most {MAX_NEW_TOKENS_LIMIT}", field="limits.max_new_tokens")
+            log.warning("limits.max_new_tokens %d is above what a request may ask for; %d applies",
+                        self.max_new_tokens, MAX_NEW_TOKENS_LIMIT)
+            object.__setattr__(self, "max_new_tokens", MAX_NEW_TOKENS_LIMIT)
         # a default above max_new_tokens is cut to it where it is used (as to a model's own cap): lowering the
         # cap alone, `--limits-max-new-tokens 100`, must not need the default lowered too
 

@@ -42,7 +42,7 @@ from .errors import (
     CircuitOpenError,
     CloudCancelledError,
     CloudError,
-    CloudQuotaError,
+    CloudResponseTooLargeError,
     CloudTimeoutError,
     ConfigError,
     EstimatorError,
@@ -107,6 +107,14 @@ class HybridChunk:
 _TEMPLATE_TOKENS_PER_MESSAGE = 8
 # the bridge's framing of a draft it shows the cloud model (see cloud_bridge._service._with_hint)
 _DRAFT_HINT_TOKENS = 96
+
+
+class _CloudProgress:
+    """How far an escalation got before it failed: whether the bridge took it, whether any answer text came."""
+
+    def __init__(self) -> None:
+        self.accepted = False
+        self.text = False
 
 
 class _Settlement:
@@ -535,6 +543,7 @@ class HybridRuntime:
                                                        policy=decision.policy, value=decision.value, threshold=decision.threshold)
             settlement.settle(0.0)
         elif decision.action == "cloud":
+            progress = _CloudProgress()
             try:
                 # with no whole local answer yet, a failed escalation must leave the time to make one
                 local_s = self._pace.estimate_s(len(prompt_ids), params.max_new_tokens) if not locals_ or early_exit else 0.0
@@ -547,7 +556,7 @@ class HybridRuntime:
                 settlement.unsettled_usd = ctx.estimated_cloud_usd  # if the caller leaves now, the call may be billed
                 t_cloud = time.perf_counter()
                 cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id,
-                                                             cancel, timeout_s, timing)
+                                                             cancel, timeout_s, timing, early_exit, progress)
                 settlement.unsettled_usd = cloud_result.cost_usd
                 if reveal_draft and shown:
                     yield HybridChunk("withdraw")
@@ -564,10 +573,12 @@ class HybridRuntime:
                 route, decision = "local_forced", Decision("local_forced", "cancelled", "the caller cancelled the request during escalation",
                                                            policy=decision.policy, value=decision.value, threshold=decision.threshold)
             except CloudError as err:
-                # a bridge that accepted the call may have generated (and billed) an answer that then failed: a
-                # deadline, an answer too large for this client, a broken stream. A refusal (quota, queue, auth,
-                # a bridge that is down) cost nothing.
-                billed = getattr(err, "bridge_accepted", False) and not isinstance(err, CloudQuotaError)
+                # an answer that was generated and then failed may be billed: one too large for this client (the
+                # bridge billed it whole), a stream that broke after its first words, a deadline that cut a call the
+                # bridge had accepted (an upstream bills what it generated). A refusal, or an upstream that failed
+                # before answering (down, a wrong key), cost nothing.
+                billed = (isinstance(err, CloudResponseTooLargeError) or progress.text
+                          or (isinstance(err, CloudTimeoutError) and (progress.accepted or getattr(err, "bridge_accepted", False))))
                 settlement.settle(ctx.estimated_cloud_usd if billed else 0.0)
                 if asked:
                     failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0
@@ -598,7 +609,8 @@ class HybridRuntime:
 
     def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
                    p_correct: float | None, decision: Decision, request_id: str, cancel: Any,
-                   timeout_s: float | None, timing: _Timing) -> tuple[Any, list[HybridChunk]]:
+                   timeout_s: float | None, timing: _Timing, early_exit: bool = False,
+                   progress: _CloudProgress | None = None) -> tuple[Any, list[HybridChunk]]:
         """Call the bridge; return its result and its text chunks.
 
         The text is collected before anything is shown: a call that fails half-way must not leave
@@ -607,7 +619,9 @@ class HybridRuntime:
         """
         from .cloud import Escalation
 
-        draft = locals_[-1].text if locals_ else ""
+        # an early exit's cut-short text is no draft (and a budget reserved for the prompt alone)
+        draft = locals_[-1].text if locals_ and not early_exit else ""
+        progress = progress or _CloudProgress()
         escalation = Escalation(draft_answer=draft, p_correct=p_correct, reason=decision.reason, policy=self.policy.describe(),
                                 local_model=self.engine.model_name)
         chunks: list[HybridChunk] = []
@@ -618,6 +632,7 @@ class HybridRuntime:
                                    cancel=lambda: _is_cancelled(cancel) and not timing.out_of_time())
         try:
             for c in stream:
+                progress.accepted = True  # the bridge answered with a message: it had taken the call
                 if timing.out_of_time():
                     raise CloudTimeoutError("the bridge had not finished when the request's deadline came")
                 if _is_cancelled(cancel):
@@ -625,6 +640,7 @@ class HybridRuntime:
                 if c.result is not None:
                     result = c.result
                 elif c.text:
+                    progress.text = True
                     chunks.append(HybridChunk("text", c.text))
         except CloudCancelledError as err:
             raise _Cancelled from err

@@ -358,3 +358,28 @@ def test_a_failing_or_nan_prompt_only_estimate_is_no_opinion():
     assert _score_or_none("x", lambda a, b: 0.25, "prompt", 3) == 0.25
     ctx = RequestContext.from_prompt("what is 2 + 2?")
     assert PreRoute(0.5, lambda c: float("nan"), decide_local=True).before(ctx).action == "continue"
+
+
+def test_an_upstream_that_fails_before_answering_costs_the_budget_nothing(engine):
+    # the bridge takes the call (and says so), then its upstream is down: nothing was generated or billed
+    from cloud_bridge.backends.echo import EchoBackend
+    from edge_runtime.errors import BackendError
+
+    settings = load_bridge_settings(data={
+        "server": {"address": "127.0.0.1:0", "grace_period_s": 0.5},
+        "auth": {"tokens_file": None, "tokens": {"dev": hash_token(TOKEN)}},
+        "models": {"big": {"backend": "echo", "usd_per_million_input_tokens": 1000.0,
+                           "usd_per_million_output_tokens": 2000.0}},
+    }, env={})
+    down = EchoBackend(fail_after_tokens=0, failure=BackendError("upstream connection refused",
+                                                                  reason="UPSTREAM_CONNECTION_LOST"))
+    server, port = create_server(settings, backends={"big": down}, insecure=True)
+    server.start()
+    try:
+        cloud = CloudClient(address=f"127.0.0.1:{port}", token=TOKEN, insecure=True, timeout_s=5.0, max_attempts=1,
+                            circuit_failure_threshold=100)
+        rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "always"}]}, cloud=cloud)
+        results = [rt.chat(ASK, max_new_tokens=16) for _ in range(10)]
+        assert {r.route for r in results} == {"fallback"} and _budget_of(rt).spent_usd() == 0
+    finally:
+        server.stop(0)

@@ -137,7 +137,8 @@ def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatReque
     if body.get("user") is not None and not isinstance(body.get("user"), str):
         raise InvalidRequestError("must be a string", field="user")
     sampling: dict[str, Any] = {}
-    names: dict[str, str] = {}
+    # the engine's max_new_tokens is max_tokens here, also when the request left it to the daemon's default
+    names: dict[str, str] = {"max_new_tokens": "max_tokens"}
     # the newer name wins when both are given; both are checked (a bad value is refused, not ignored)
     limits = {name: _int(body, name, lo=1) for name in ("max_completion_tokens", "max_tokens")}
     for name, n in limits.items():

@@ -55,6 +55,7 @@ class Budget(Policy):
         self._period = self._period_index()
         self._spent = 0.0
         self._reserved: dict[str, float] = {}
+        self._reserved_in: dict[str, int] = {}  # the period each reservation was made in
 
     # ---- state (call with the lock held) -------------------------------------------------------
 
@@ -64,8 +65,13 @@ class Budget(Policy):
     def _roll(self) -> None:
         now = self._period_index()
         if now != self._period:
-            # escalations still in flight keep their reservations: they settle into the new period
+            # escalations still in flight keep their reservations: they settle into the new period. One older than
+            # the period before was never settled (an embedder that settled another context): it is let go
             self._period, self._spent = now, 0.0
+            stale = [k for k, p in self._reserved_in.items() if p < now - 1]
+            for k in stale:
+                self._reserved.pop(k, None)
+                self._reserved_in.pop(k, None)
 
     def _committed(self) -> float:
         return self._spent + sum(self._reserved.values())
@@ -110,16 +116,19 @@ class Budget(Policy):
             if self._exhausted(ctx.estimated_cloud_usd):
                 return self._veto(ctx.estimated_cloud_usd)
             self._reserved[ctx.admission_id] = self._reserved.get(ctx.admission_id, 0.0) + ctx.estimated_cloud_usd
+            self._reserved_in[ctx.admission_id] = self._period
             return None
 
     def _release(self, ctx: RequestContext) -> None:
         with self._lock:
             self._reserved.pop(ctx.admission_id, None)
+            self._reserved_in.pop(ctx.admission_id, None)
 
     def _settle(self, ctx: RequestContext, usd: float) -> None:
         with self._lock:
             self._roll()
             self._reserved.pop(ctx.admission_id, None)
+            self._reserved_in.pop(ctx.admission_id, None)
             self._spent += max(float(usd), 0.0)
 
     # ---- config ----------------------------------------------------------------------------------------

@@ -123,20 +123,23 @@ def detect_rapl(root: str | os.PathLike[str]) -> list[RaplSource]:
 
     # choose what adds up: psys alone, else packages + dram zones
     readable = {d.name for d in domains if d.readable}
-    psys = [d.name for d in domains if d.name.split("/")[-1] == "psys" and d.name in readable]
+    def kind(name: str) -> str:  # "package-0/dram@intel-rapl:0:2" -> "dram"
+        return name.split("/")[-1].split("@")[0]
+
+    psys = [d.name for d in domains if kind(d.name) == "psys" and d.name in readable]
     if psys:
         total = set(psys)
     else:
         # a dram zone counts with its package, never alone: DRAM energy is not the device's
         packages = {d.name for d in domains if d.name in readable and "/" not in d.name and d.name.startswith("package")}
-        total = packages | {d.name for d in domains if d.name in readable and d.name.split("/")[-1] == "dram"
+        total = packages | {d.name for d in domains if d.name in readable and kind(d.name) == "dram"
                             and d.name.split("/")[0] in packages}
     domains = [DomainInfo(d.name, d.path, d.readable, d.problem, in_total=d.name in total) for d in domains]
     for z in zones:
         z.in_total = z.domain in total
 
     # only zones that would count matter: an unreadable core or uncore zone (inside its package) leaves nothing out
-    counted = [d for d in domains if "/" not in d.name or d.name.split("/")[-1].split("@")[0] == "dram"]
+    counted = [d for d in domains if "/" not in d.name or kind(d.name) == "dram"]
     denied = [d for d in counted if d.problem == PERMISSION_DENIED]
     others = [d for d in counted if not d.readable and d.problem != PERMISSION_DENIED]
     ordered_total = [d.name for d in domains if d.in_total]

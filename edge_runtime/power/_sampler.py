@@ -53,13 +53,15 @@ class _Point:
 
 # more than any one RAPL / hwmon domain draws: a counter step implying more is not energy
 _MAX_PLAUSIBLE_W = 2000.0
+# more than any one machine draws (a rack of GPUs included): a reading or a step past it is garbage
+_MAX_DEVICE_W = 100_000.0
 
 
 def _plausible(reading: Reading) -> Reading:
     """``reading``, or Unreadable when it is not a number a device can show (an infinite rail, a megawatt)."""
     if isinstance(reading, Power):
         w = abs(float(reading.uw)) * 1e-6
-        if not math.isfinite(w) or w > _MAX_PLAUSIBLE_W:
+        if not math.isfinite(w) or w > _MAX_DEVICE_W:
             return Unreadable(f"implausible power reading ({w:.3g} W)")
     elif not isinstance(reading, Unreadable) and not math.isfinite(float(reading.uj)):
         return Unreadable("implausible energy reading (not finite)")
@@ -75,6 +77,7 @@ class DomainTrack:
         self.points: list[_Point] = []
         self.times: list[float] = []
         self.last_raw: float | None = None
+        self.changed_t: float | None = None  # when last_raw took its value
         self.failing_since: float | None = None
         self.failure: str | None = None
         self.events: list[tuple[float, str]] = []
@@ -132,7 +135,7 @@ class DomainTrack:
                             "that interval is not counted")))
                         delta_uj = 0.0
                         gap = True
-                    elif self._implausible(t, prev, delta_uj, "counter"):
+                    elif self._implausible(t, delta_uj, "counter"):
                         delta_uj, gap = 0.0, True
                 else:
                     delta_uj = self.last_raw - raw
@@ -141,20 +144,26 @@ class DomainTrack:
                             (t, f"{self.name}: stored energy rose (charging); that interval is not counted"))
                         delta_uj = 0.0
                         gap = True
-                    elif self._implausible(t, prev, delta_uj, "stored energy"):
+                    elif self._implausible(t, delta_uj, "stored energy"):
                         delta_uj, gap = 0.0, True
+            if raw != self.last_raw:
+                self.changed_t = t
             self.last_raw = raw
             self._append(_Point(t, e_prev + delta_uj * 1e-6, None, after_gap=gap))
         if failed_for is not None:
             self.failing_since = self.failure = None
 
-    def _implausible(self, t: float, prev: _Point | None, delta_uj: float, what: str) -> bool:
-        """A step no device draws (a counter reset upwards, a bad reading): said, and not counted."""
-        dt_s = max(t - prev.t, 1e-3) if prev is not None else 1e-3
-        if delta_uj * 1e-6 / dt_s <= _MAX_PLAUSIBLE_W:
+    def _implausible(self, t: float, delta_uj: float, what: str) -> bool:
+        """A step no device draws (a counter reset upwards, a bad reading): said, and not counted.
+
+        The step is spread over the time since the value last changed: a battery gauge refreshed every
+        few seconds shows a refresh's worth of energy in one sample.
+        """
+        dt_s = max(t - self.changed_t, 1e-3) if self.changed_t is not None else 1e-3
+        if delta_uj * 1e-6 / dt_s <= _MAX_DEVICE_W:
             return False
         self.events.append((t, f"{self.name}: {what} moved by {delta_uj * 1e-6:.3g} J in {dt_s:.3f} s, more than "
-                               f"{_MAX_PLAUSIBLE_W:.0f} W; that interval is not counted"))
+                               f"{_MAX_DEVICE_W / 1000:.0f} kW; that interval is not counted"))
         return True
 
     def _append(self, point: _Point) -> None:

@@ -56,6 +56,8 @@ def parse_number(text: str) -> Decimal | None:
 
 
 _PARENTHESES = re.compile(r"\([^()]*\)")
+# arithmetic and nothing else up to an "=": "37 + 48 = ", "(6 × 7) ="
+_LEADING_EQUATION = re.compile(r"^[\s\d.,+\-*/×÷xX^()\u2212]*\d[\s\d.,+\-*/×÷xX^()\u2212]*=")
 _LIST_MARKER = re.compile(r"^[ \t]*\d{1,2}[.)][ \t]+", re.MULTILINE)
 _FIRST_STEP = re.compile(r"\s*1[.)][ \t]+(?=[^\n=]*=[ \t]*-?\d)")
 
@@ -126,7 +128,9 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
         # the rest of that sentence: "The answer is: 37 + 48 = 85" gives the result, not the first operand
         rest = text[answer_is[-1].end():]
         segment = _SENTENCE_END.split(rest, maxsplit=1)[0][:200]
-        nums = _numbers(segment[segment.rfind("=") + 1:] if "=" in segment else segment)
+        # an equation right after it gives its result; one later in the sentence is working ("8 because 8 × 7 = 56")
+        worked = _LEADING_EQUATION.match(segment)
+        nums = _numbers(segment[worked.end():] if worked else segment)
         if nums:
             return nums[0], None
     question = question.translate(_MINUS_SIGNS) if question else ""
@@ -147,8 +151,8 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
     # an aside in parentheses works the answer out or checks it ("85 (since 85 - 37 = 48)"): read the reply
     # without it, unless that leaves no number
     plain = _PARENTHESES.sub(" ", text)
-    if _numbers(plain):
-        text = plain
+    if "=" in plain or any(parse_number(n) not in asked for n in _numbers(plain)):
+        text = plain  # what is left still answers; else the aside holds the answer ("5 and 3 more (total = 8)")
     if "=" in text:
         nums = _numbers(text[text.rfind("=") + 1:])
         if nums:
@@ -166,13 +170,17 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
 _YES = {"yes", "true", "correct"}
 _NO = {"no", "false", "incorrect"}
 _FIRST_WORDS = {"yes": "yes", "yeah": "yes", "yep": "yes", "no": "no", "nope": "no", "nah": "no"}
-# "yes" anywhere; "no" as an answer, not as a determiner ("it has no divisors"): followed by punctuation or the
-# end, or said ("could be no", "I say no")
-_ANSWER_WORD = re.compile(r"\b(yes)\b|\b(no)\b(?=\s*(?:[.,;:!?)\]\-\u2014]|$))|(?:(?<=\bbe )|(?<=\bis )|(?<=\bsay )|(?<=\bsaid ))(no)\b",
-                          re.IGNORECASE | re.MULTILINE)
+# "yes" anywhere; "no" as an answer, not as a determiner ("it has no divisors", "there is no remainder"):
+# followed by punctuation or the end, by the start of a reason or a clause ("no because", "no 15 is not"),
+# or said ("I say no")
+_ANSWER_WORD = re.compile(
+    r"\b(yes)\b|\b(no)\b(?=\s*(?:[.,;:!?)\]\-\u2014]|$|\d|(?:because|since|as|so|but|it|its|this|that|i|we|they|"
+    r"there|he|she)\b))|(?:(?<=\bsay )|(?<=\bsaid ))(no)\b",
+    re.IGNORECASE | re.MULTILINE,
+)
 # the question's own "answer yes or no" echoed, and a hedge that says both
 _ECHO = re.compile(r"\byes\s*(?:or|/)\s*no\b", re.IGNORECASE)
-_HEDGE = re.compile(r"\byes\s+and\s+no\b", re.IGNORECASE)
+_HEDGE = re.compile(r"\byes\s+and\s+no\b(?=\s*(?:[.,;:!?]|$))", re.IGNORECASE)  # not "yes and no other number"
 _NEGATIONS = {"not", "never", "isn", "aren", "wasn", "weren", "t"}  # "isn't" reads as "isn", "t"
 _YES_NO_IS = re.compile(r"\banswer\s*(?:is|:)\s*:?\s*\W*(yes|no)\b", re.IGNORECASE)
 
@@ -281,8 +289,17 @@ _CLAUSE_END = re.compile(rf"\s*(?:[,;:()\[\]]|\s-\s|\s\u2014\s|(?<!\b[A-Z]){_NOT
 # a first sentence that only greets or agrees ("Sure!", "Of course.") before the answer
 _FILLER = re.compile(r"^(?:sure|certainly|of course|okay|ok|hello|hi|great question|good question|let me think|"
                      r"let's see|well|alright|absolutely)\W*$", re.IGNORECASE)
-# a first sentence that lists alternatives ("Canberra, Sydney or Moscow"): no one answer
-_ALTERNATIVES = re.compile(r"^[^,]{1,40}(?:,[^,]{1,40})*,?\s+or\s+[^,]{1,40}$", re.IGNORECASE)
+# a first sentence that is nothing but alternatives ("Canberra, Sydney or Moscow"): no one answer
+_LIST_SEPARATOR = re.compile(r"\s*,\s*(?:or\s+)?|\s+or\s+", re.IGNORECASE)
+
+
+def _alternatives(sentence: str) -> bool:
+    """Two or more short items joined by commas and an "or", and nothing else (no verb, no "not")."""
+    if not re.search(r"\bor\b", sentence, re.IGNORECASE) or _COPULA.search(f" {sentence} ") \
+            or re.search(r"\bnot\b", sentence, re.IGNORECASE):
+        return False
+    items = [i for i in _LIST_SEPARATOR.split(sentence) if i.strip()]
+    return len(items) >= 2 and all(len(i.split()) <= 3 for i in items)
 
 
 # a phrase in double quotes, or in single quotes that are not apostrophes ("Earth's")
@@ -315,7 +332,7 @@ def text_candidates(reply: str, *, max_words: int = 6) -> list[str]:
     while len(sentences) > 1 and _FILLER.match(sentences[0].strip()):
         sentences = sentences[1:]
     first = _PREFIX.sub("", sentences[0].strip()).strip()
-    if _ALTERNATIVES.match(first.rstrip(".!?")):
+    if _alternatives(first.rstrip(".!?")):
         return [c for c in out if c]  # only an "answer is" elsewhere can still say which
     quoted = [next(g for g in m.groups() if g) for m in _QUOTED.finditer(first)]
     if len(quoted) == 1:

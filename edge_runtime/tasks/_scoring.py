@@ -28,7 +28,7 @@ __all__ = ["score", "score_text", "SCORERS", "check_answers"]
 Scorer = Callable[[str, Sequence[str], str | None], Score]
 
 _REL_TOL = Decimal("1e-9")  # decimals are exact; this only forgives "0.30000000001"-style float echoes
-_GROUPED = re.compile(r"[-\u2212]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_GROUPED = re.compile(r"[-+\u2212]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
 
 def _integral(value: Decimal) -> bool:

@@ -120,7 +120,6 @@ def test_a_bad_device_id_names_where_it_was_written(tmp_path):
         ('[models.x]\nbackend = "openai"\nbase_url = "http://h:99999/v1"\nmodel = "m"\n', "models.x.base_url"),
         ('[models.x]\nbackend = "openai"\nbase_url = "http://[::1/v1"\nmodel = "m"\n', "models.x.base_url"),
         ('[models.x]\nbackend = "openai"\nbase_url = "http://h:abc/v1"\nmodel = "m"\n', "models.x.base_url"),
-        ("[limits]\nmax_new_tokens = 100000\n", "limits.max_new_tokens"),  # requests are refused above 65536
     ],
 )
 def test_bad_config_names_the_field(tmp_path, extra, field):
@@ -295,3 +294,9 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(command):
     with proc.stderr:
         err = proc.stderr.read().decode()
     assert proc.wait(60) == 141 and err == "", err
+
+
+def test_a_token_limit_above_what_requests_may_ask_is_capped_not_advertised(tmp_path, caplog):
+    settings = load_bridge_settings(write(tmp_path, "[limits]\nmax_new_tokens = 100000\n"), env={})
+    assert settings.limits.max_new_tokens == 65536  # requests above it are refused anyway
+    assert any("limits.max_new_tokens 100000" in r.getMessage() for r in caplog.records)

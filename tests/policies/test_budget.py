@@ -163,3 +163,14 @@ def test_an_escalation_in_flight_at_the_period_change_keeps_its_reservation():
     assert policy.before(req(0.9)).reason == Reason.BUDGET_EXHAUSTED  # a's 0.9 is still committed
     policy.settle(a, 0.9)
     assert budget.spent_usd() == pytest.approx(0.9)  # settled into the new day
+
+
+def test_a_reservation_never_settled_is_let_go_after_a_whole_period():
+    clock = Clock(86400.0 * 100 + 10)
+    budget = Budget(1.0, clock=clock)
+    policy = Chain([budget, Always()])
+    assert policy.before(req(0.9)).action == "cloud"  # admitted, then settled under another context: leaked
+    clock.t += 86400  # the next day: it might still be in flight
+    assert policy.before(req(0.9)).reason == Reason.BUDGET_EXHAUSTED
+    clock.t += 86400  # a day later no call is still running
+    assert policy.before(req(0.9)).action == "cloud"

@@ -125,3 +125,24 @@ def test_two_discharging_batteries_are_summed(tmp_path: Path, make_meter: Make, 
         clock.advance(1)
     assert m.joules == pytest.approx(7.0)
     assert m.domains == pytest.approx({"BAT0": 4.0, "BAT1": 3.0})
+
+
+def test_a_coarse_gauge_refreshed_every_30_s_is_counted_whole(tmp_path: Path, make_meter: Make,
+                                                               clock: ManualClock) -> None:
+    # the gauge shows 30 s of a 75 W load (2250 J) at once, between two 0.2 s samples: read as 11 kW over one
+    # sample, but it is spread over the time since the value last changed, and counted
+    bat = add_battery(tmp_path, energy_now=400_000_000)  # µWh
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        step_uwh = 20_833  # a second of 75 W, in µWh
+        level = 400_000_000
+        for _ in range(4):
+            for _ in range(150):  # 30 s of 0.2 s samples with no change
+                clock.advance(0.2)
+                meter.poll()
+            level -= 30 * step_uwh
+            write(bat / "energy_now", level)
+            clock.advance(0.2)
+            meter.poll()
+    assert m.joules == pytest.approx(4 * 30 * step_uwh * 3.6e-3, rel=1e-6)
+    assert not any("not counted" in w for w in m.warnings)

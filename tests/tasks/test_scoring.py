@@ -265,6 +265,19 @@ def test_a_failing_scorer_costs_one_item(monkeypatch):
         ("text", "The city is St. Petersburg.", ["St. Petersburg"], None, True),
         ("text", "Canberra, Sydney or Moscow", ["Canberra"], None, False),
         ("text", "n-e-d-r-a-g", ["n e d r a g"], None, True),
+        # ... and what the first version of those fixes got wrong (the review's cases): still read right
+        ("number", "The answer is 8 because 8 × 7 = 56.", ["8"], "What is 56 ÷ 7?", True),
+        ("number", "He has 5 apples and buys 3 more (total = 8).", ["8"], "Tom has 5 apples and buys 3 more.", True),
+        ("number", "Total cost: 4 × 3 (= 12 dollars).", ["12"], "4 pens cost 3 dollars each. Total?", True),
+        ("yesno", "Therefore no 15 is not a prime number", ["no"], "Is 15 a prime number? Answer yes or no.", True),
+        ("yesno", "I think no because 15 = 3 × 5", ["no"], "Is 15 a prime number? Answer yes or no.", True),
+        ("yesno", "1117 is prime because there is no divisor other than 1 and itself.", ["yes"],
+         "Is 1117 a prime number? Answer yes or no.", True),
+        ("yesno", "Yes and no other number divides it, so it is prime.", ["yes"],
+         "Is 1117 a prime number? Answer yes or no.", True),
+        ("text", "The capital of Australia is Canberra, not Sydney or Melbourne.", ["Canberra"], None, True),
+        ("text", "Mary Shelley wrote Frankenstein, or The Modern Prometheus.", ["Mary Shelley"], None, True),
+        ("text", "Everest, also known as Sagarmatha or Chomolungma.", ["Everest"], None, True),
     ],
 )
 def test_replies_found_by_the_scoring_audit(scorer, reply, answers, question, correct):
