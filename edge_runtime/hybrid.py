@@ -356,7 +356,7 @@ class HybridRuntime:
     def stream(self, messages: Sequence[Mapping[str, Any]], *, model: str = "auto", params: SamplingParams | None = None,
                cancel: Any = None, request_id: str | None = None, reveal_draft: bool = False,
                deadline_s: float | None = None, on_escalate: Callable[[], None] | None = None,
-               **sampling: Any) -> Iterator[HybridChunk]:
+               fit_max_new_tokens: bool = False, **sampling: Any) -> Iterator[HybridChunk]:
         """Validate now (errors raise before any work), then answer as a stream of chunks.
 
         ``deadline_s`` (``time.monotonic()`` clock): when the whole answer is due. An
@@ -365,16 +365,23 @@ class HybridRuntime:
         as a ``fallback`` with the local answer rather than as nothing. ``on_escalate``
         is called when the bridge is about to be asked and a whole local answer exists,
         so the engine is not needed again whatever the bridge does (a daemon hands its
-        generation slot to the next request).
+        generation slot to the next request). ``fit_max_new_tokens``: ``max_new_tokens`` is a
+        default the caller did not choose (OpenAI's unset ``max_tokens``), so a long prompt
+        gets what is left of the context window instead of an error.
         """
         msgs = validate_messages(messages)
         if model not in MODEL_ALIASES:
             raise InvalidRequestError(f"unknown model {model!r} (expected one of {', '.join(MODEL_ALIASES)})", field="model")
         if params is None:
+            fit_max_new_tokens = fit_max_new_tokens or "max_new_tokens" not in sampling
             sampling.setdefault("max_new_tokens", self.default_max_new_tokens)
         params = self.engine.sampling_params(params, sampling)
+        ids = self.engine.encode(messages=msgs)
+        room = self.engine.context_length - len(ids)
+        if fit_max_new_tokens and 0 < room < params.max_new_tokens:
+            params = dataclasses.replace(params, max_new_tokens=room)
         # the context check happens here too, before any compute
-        prompt_ids = self.engine.fit_context(self.engine.encode(messages=msgs), params)
+        prompt_ids = self.engine.fit_context(ids, params)
         return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft, prompt_ids,
                          _Timing(deadline_s, on_escalate))
 

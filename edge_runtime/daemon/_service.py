@@ -304,7 +304,9 @@ class ChatService:
             # answer), and gives its generation slot to the next request while it waits for the network
             job._stream = runtime.stream(request.messages, model=request.model, params=params, cancel=job.cancelled,
                                          request_id=request.request_id, reveal_draft=request.reveal_draft,
-                                         deadline_s=job.deadline_s, on_escalate=job.release_slot)
+                                         deadline_s=job.deadline_s, on_escalate=job.release_slot,
+                                         # an unset max_tokens means "what fits", as in OpenAI's API
+                                         fit_max_new_tokens="max_new_tokens" not in request.sampling)
         except InvalidRequestError as err:
             raise rename_field(err, request.field_names) from err
         assert self.admission is not None

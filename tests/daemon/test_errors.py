@@ -314,3 +314,19 @@ def test_a_context_length_error_speaks_the_apis_names_and_gives_advice_it_can_ta
         message = answer["error"]["message"]
         assert status == 400 and "max_new_tokens" not in message and "truncat" not in message, message
     assert "max_completion_tokens" in message
+
+
+def test_an_unset_max_tokens_means_what_fits_the_window(engine, start_daemon, http):
+    # the daemon's default (250 here) does not fit beside this prompt in the tiny model's 256 tokens: OpenAI's
+    # API generates what fits when max_tokens is unset, and so does this one; a max_tokens asked for still errs
+    from edge_runtime.hybrid import HybridRuntime
+
+    daemon = start_daemon(HybridRuntime(engine, policy={"type": "never"}, default_max_new_tokens=250))
+    c = http(daemon.port)
+    long_ask = [{"role": "user", "content": "one two three " * 10}]
+    prompt_tokens = len(engine.encode(messages=long_ask))
+    status, _, done = c.json("POST", "/v1/chat/completions", {"messages": long_ask})
+    assert status == 200 and done["usage"]["prompt_tokens"] == prompt_tokens
+    assert done["usage"]["completion_tokens"] <= engine.context_length - prompt_tokens
+    status, _, refused = c.json("POST", "/v1/chat/completions", {"messages": long_ask, "max_tokens": 250})
+    assert status == 400 and refused["error"]["code"] == "context_length_exceeded"
