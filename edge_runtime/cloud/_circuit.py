@@ -52,18 +52,23 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """May a call go to the cloud now? In half-open, only the first caller is let through."""
+        return self.admit() is not None
+
+    def admit(self) -> Literal["call", "probe"] | None:
+        """Like :meth:`allow`, saying which kind of call it lets through: the half-open state's one ``probe``,
+        or an ordinary ``call``. Only the probe's own end frees the probe slot (``record_neutral(probe=True)``)."""
         with self._lock:
             if self._state == "closed":
-                return True
+                return "call"
             if self._state == "open":
                 if self._clock() < self._opened_s + self.cooldown_s:
-                    return False
+                    return None
                 self._state = "half_open"
                 self._probing = False
             if self._probing:
-                return False
+                return None
             self._probing = True
-            return True
+            return "probe"
 
     def record_success(self) -> None:
         with self._lock:
@@ -79,7 +84,12 @@ class CircuitBreaker:
                 self._state = "open"
                 self._opened_s = self._clock()
 
-    def record_neutral(self) -> None:
-        """A call ended in a way that says nothing about the bridge's health (bad request, caller gave up)."""
+    def record_neutral(self, *, probe: bool = True) -> None:
+        """A call ended in a way that says nothing about the bridge's health (bad request, caller gave up).
+
+        ``probe=False``: it was not the half-open probe (it started while the circuit was closed), so the
+        probe still running keeps its slot and no second one is let through.
+        """
         with self._lock:
-            self._probing = False
+            if probe:
+                self._probing = False

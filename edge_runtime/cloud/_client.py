@@ -21,6 +21,8 @@ generation, is cancelled within about 0.1 s, even while waiting for a chunk).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import random
 import threading
 import time
@@ -39,6 +41,7 @@ from ..errors import (
     CloudResponseTooLargeError,
     CloudTimeoutError,
     CloudUnavailableError,
+    ConfigError,
     InvalidRequestError,
 )
 from ._channel import open_channel
@@ -72,6 +75,7 @@ _FINISH_NAMES = {
 }
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _CIRCUIT_CODE_NAMES = frozenset(code.name for code in CIRCUIT_CODES)
 # failures of the request or the caller, whatever their gRPC code (a too-large message is RESOURCE_EXHAUSTED, a
 # cancelled call CANCELLED): the same call again fails the same way or is not wanted, and the bridge is not to blame
@@ -199,7 +203,7 @@ class CloudClient:
         *,
         channel: grpc.Channel | None = None,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         rng: random.Random | None = None,
         **fields: Any,
     ) -> None:
@@ -209,18 +213,40 @@ class CloudClient:
             settings = dataclasses.replace(settings, **fields)
         self.settings = settings
         self._token = settings.resolve_token()
+        self._token_stamp = self._token_file_stamp()
         self.has_token = bool(self._token)  # the bridge refuses calls without one (the daemon warns at start)
         self._channel = channel if channel is not None else open_channel(settings)
         self._stub = bridge_pb2_grpc.CloudBridgeStub(self._channel)
         self._closed = False
         self._clock = clock
-        self._sleep = sleep
+        self._closing = threading.Event()
+        # by default a retry's wait ends at close(), not the whole backoff later
+        self._sleep = sleep if sleep is not None else self._closing.wait
         self._rng = rng or random.Random()
         self.circuit = CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_cooldown_s, clock=clock)
 
     # --- plumbing --------------------------------------------------------------------------------------
 
+    def _token_file_stamp(self) -> tuple[int, int, int] | None:
+        path = self.settings.token_file
+        if path is None or self.settings.token:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
     def _metadata(self) -> list[tuple[str, str]]:
+        # a token file rotated on disk (the bridge revoked the old token) is read again, not only at start
+        stamp = self._token_file_stamp()
+        if stamp is not None and stamp != self._token_stamp:
+            try:
+                self._token = self.settings.resolve_token()
+                self.has_token = bool(self._token)
+            except ConfigError as err:  # half-written, or made readable by others: keep the token we have
+                log.warning("cannot read the rotated token file: %s", err)
+            self._token_stamp = stamp
         return [("authorization", f"Bearer {self._token}")] if self._token else []
 
     def _closed_error(self) -> CloudError:
@@ -228,26 +254,30 @@ class CloudClient:
         # for the circuit (the code is not a bridge outage's)
         return CloudError("the cloud client is closed", code="CLOSED")
 
-    def _enter_circuit(self) -> None:
+    def _enter_circuit(self) -> bool:
+        """Let a call through the circuit breaker; True when it is the half-open state's probe."""
         if self._closed:
             raise self._closed_error()
-        if not self.circuit.allow():
+        kind = self.circuit.admit()
+        if kind is None:
             raise CircuitOpenError(
                 f"cloud skipped: {self.circuit.consecutive_failures} consecutive failures; next try in "
                 f"{self.circuit.retry_after_s():.1f} s",
                 code="CIRCUIT_OPEN",
             )
+        return kind == "probe"
 
-    def _record(self, error: CloudError | None, *, cut_short: bool = False) -> None:
-        """Tell the circuit breaker how a call ended; ``cut_short``: it ran out of the caller's shorter deadline."""
+    def _record(self, error: CloudError | None, *, cut_short: bool = False, probe: bool = True) -> None:
+        """Tell the circuit breaker how a call ended; ``cut_short``: it ran out of the caller's shorter deadline;
+        ``probe``: it was the half-open state's probe (see :meth:`CircuitBreaker.admit`)."""
         if error is None:
             self.circuit.record_success()
         elif isinstance(error, _NEUTRAL_ERRORS) or cut_short:
-            self.circuit.record_neutral()
+            self.circuit.record_neutral(probe=probe)
         elif error.code in _CIRCUIT_CODE_NAMES or isinstance(error, (CloudUnavailableError, CloudTimeoutError)):
             self.circuit.record_failure()
         else:  # a bad request or token says nothing about the bridge's health
-            self.circuit.record_neutral()
+            self.circuit.record_neutral(probe=probe)
 
     def _backoff_s(self, attempt: int) -> float:
         s = self.settings
@@ -311,7 +341,7 @@ class CloudClient:
 
     def _unary(self, invoke: Callable[[float], T], timeout_s: float | None) -> tuple[T, float, float, int]:
         """Run ``invoke(remaining_s)`` with retries; returns (response, latency_ms, round_trip_ms, attempts)."""
-        self._enter_circuit()
+        probe = self._enter_circuit()
         start, deadline_s = self._deadline(timeout_s)
         attempt = 0
         try:
@@ -341,10 +371,10 @@ class CloudClient:
                 self._record(None)
                 return response, (now - start) * 1000.0, (now - sent) * 1000.0, attempt + 1
         except CloudError as err:
-            self._record(err, cut_short=self._cut_short(err, timeout_s, deadline_s))
+            self._record(err, cut_short=self._cut_short(err, timeout_s, deadline_s), probe=probe)
             raise
         except BaseException:
-            self.circuit.record_neutral()
+            self.circuit.record_neutral(probe=probe)
             raise
 
     # --- the API ---------------------------------------------------------------------------------------
@@ -399,7 +429,7 @@ class CloudClient:
     def _stream(
         self, req: bridge_pb2.GenerateRequest, timeout_s: float | None, cancel: Callable[[], bool] | None
     ) -> Iterator[CloudChunk]:
-        self._enter_circuit()
+        probe = self._enter_circuit()
         start, deadline_s = self._deadline(timeout_s)
         attempt = 0
         outcome: BaseException | None = None
@@ -469,9 +499,9 @@ class CloudClient:
             if finished:
                 self._record(None)
             elif isinstance(outcome, CloudError):
-                self._record(outcome, cut_short=self._cut_short(outcome, timeout_s, deadline_s))
+                self._record(outcome, cut_short=self._cut_short(outcome, timeout_s, deadline_s), probe=probe)
             else:
-                self.circuit.record_neutral()
+                self.circuit.record_neutral(probe=probe)
 
     def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         response, *_ = self._unary(
@@ -512,6 +542,7 @@ class CloudClient:
     def close(self) -> None:
         """Close the channel; calls made after it raise CloudError (code ``CLOSED``), health checks answer False."""
         self._closed = True
+        self._closing.set()
         self._channel.close()
 
     def __enter__(self) -> CloudClient:

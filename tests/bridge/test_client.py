@@ -502,3 +502,29 @@ def test_a_request_protobuf_cannot_encode_is_a_cloud_error_so_the_caller_falls_b
     with pytest.raises(CloudError, match="cannot encode"):
         _request([{"role": "user", "content": "hi"}], model="m", params=params, escalation=None,  # type: ignore[arg-type]
                  request_id="r1")
+
+
+def test_a_call_from_before_the_circuit_opened_ending_neutral_does_not_free_the_probe_slot():
+    fake = FakeTime()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=10, clock=fake.clock)
+    long_call = breaker.admit()  # started while closed, still running
+    assert long_call == "call"
+    breaker.record_failure()  # another call failed: open
+    fake.now += 10
+    assert breaker.admit() == "probe"  # the one probe goes out
+    breaker.record_neutral(probe=False)  # the long call's caller gave up: says nothing, and is not the probe
+    assert breaker.admit() is None  # no second probe while the first still runs
+    breaker.record_success()
+    assert breaker.admit() == "call"
+
+
+def test_close_ends_a_retry_wait_at_once_not_after_the_whole_delay():
+    from edge_runtime._child import free_port
+
+    client = CloudClient(address=f"127.0.0.1:{free_port()}", insecure=True, token="t", max_attempts=3,
+                         backoff_initial_s=5.0, backoff_max_s=5.0, jitter=0.0, timeout_s=30)
+    threading.Timer(0.3, client.close).start()
+    t0 = time.monotonic()
+    with pytest.raises(CloudError) as info:
+        client.list_models()  # refused, then waits 5 s to retry: close() ends the wait
+    assert info.value.code == "CLOSED" and time.monotonic() - t0 < 2.0

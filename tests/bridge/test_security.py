@@ -271,3 +271,21 @@ def test_bad_client_tls_files_are_config_errors_not_outages(certs, tmp_path):
         with pytest.raises(ConfigError) as info:
             CloudClient(address="127.0.0.1:1", token=TOKEN, **fields)
         assert info.value.field == field
+
+
+def test_a_device_token_file_rotated_on_disk_is_used_without_a_restart(start_bridge, make_client, tmp_path):
+    tokens = tmp_path / "tokens.toml"
+    old = add_device_token(tokens, "pi-1")
+    bridge = start_bridge(auth={"tokens": {}, "tokens_file": str(tokens), "reload_interval_s": 0.0})
+    token_file = tmp_path / "device.token"
+    token_file.write_text(old + "\n")
+    os.chmod(token_file, 0o600)
+    client = make_client(bridge, token=None, token_file=token_file)
+    assert client.generate(HI).text
+    remove_device_token(tokens, "pi-1")
+    new = add_device_token(tokens, "pi-1")  # the operator rotates the device's token...
+    rotated = tmp_path / "device.token.new"
+    rotated.write_text(new + "\n")
+    os.chmod(rotated, 0o600)
+    os.replace(rotated, token_file)  # ...and the device's file, atomically
+    assert client.generate(HI).text  # read again: no restart
