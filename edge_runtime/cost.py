@@ -28,13 +28,15 @@ came from; set your own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .config import setting
 from .errors import ConfigError
 
-__all__ = ["CostSettings", "DEFAULT_PRICES", "NETWORKS", "price_usd", "device_energy_usd", "network_energy_j"]
+__all__ = ["CostSettings", "DEFAULT_PRICES", "NETWORKS", "price_usd", "reservation_usd", "device_energy_usd",
+           "network_energy_j"]
 
 # USD per million tokens: {"input": ..., "output": ...}; "*" applies to any model not listed
 DEFAULT_PRICES: dict[str, dict[str, float]] = {"*": {"input": 0.15, "output": 0.60}}
@@ -84,6 +86,31 @@ def price_usd(settings: CostSettings, model: str, prompt_tokens: int, completion
     """Cloud USD of one call from the price table (model name, else ``*``)."""
     table = settings.prices.get(model) or settings.prices.get("*") or {"input": 0.0, "output": 0.0}
     return (prompt_tokens * float(table["input"]) + completion_tokens * float(table["output"])) / 1e6
+
+
+# the chat template's tokens around each message (role markers, separators; ChatML and Llama 3 use ~5)
+_TEMPLATE_TOKENS_PER_MESSAGE = 8
+# the bridge's framing of a draft it shows the cloud model (see cloud_bridge._service._with_hint)
+_DRAFT_HINT_TOKENS = 96
+
+
+def reservation_usd(settings: CostSettings, model: str, bridge_prices: tuple[float, float] | None,
+                    messages: Sequence[Mapping[str, Any]], max_new_tokens: int, *, draft: str | None = None) -> float:
+    """The most escalating these messages can cost: what a budget reserves (the bridge then bills the real figure).
+
+    An upper bound, not a guess: byte-level tokenizers give at most one token per UTF-8 byte, the chat template
+    adds a few per message, and a bridge that shows the model the device's ``draft`` adds it and its framing.
+    Priced at the device's table for ``model`` and at the bridge's own prices (USD per million input, output
+    tokens) when known, whichever is higher: a budget that reserved the device's guess would overspend.
+    """
+    prompt_tokens = sum(len(str(m.get("content", "")).encode("utf-8", "surrogatepass")) + _TEMPLATE_TOKENS_PER_MESSAGE
+                        for m in messages) + _TEMPLATE_TOKENS_PER_MESSAGE
+    if draft is not None:
+        prompt_tokens += len(draft.encode("utf-8", "surrogatepass")) + _DRAFT_HINT_TOKENS
+    estimate = price_usd(settings, model, prompt_tokens, max_new_tokens)
+    if bridge_prices is not None:
+        estimate = max(estimate, (prompt_tokens * bridge_prices[0] + max_new_tokens * bridge_prices[1]) / 1e6)
+    return estimate
 
 
 def device_energy_usd(settings: CostSettings, joules: float) -> float:

@@ -103,12 +103,6 @@ class HybridChunk:
     result: HybridResult | None = None
 
 
-# the chat template's tokens around each message (role markers, separators; ChatML and Llama 3 use ~5)
-_TEMPLATE_TOKENS_PER_MESSAGE = 8
-# the bridge's framing of a draft it shows the cloud model (see cloud_bridge._service._with_hint)
-_DRAFT_HINT_TOKENS = 96
-
-
 class _CloudProgress:
     """How far an escalation got before it failed: whether the bridge took it, whether any answer text came."""
 
@@ -390,22 +384,11 @@ class HybridRuntime:
     def _estimate_cloud_usd(self, msgs: Sequence[Mapping[str, Any]], params: SamplingParams, model: str,
                             draft: str | None = None) -> float:
         """What escalating this request would cost at most (a budget reserves it; the bridge bills the real figure)."""
-        from .cost import price_usd
+        from .cost import reservation_usd
 
-        # An upper bound, not a guess: a budget must not be overspent by one request. Byte-level tokenizers give
-        # at most one token per UTF-8 byte; the chat template adds a few per message; a bridge that shows the
-        # model the device's draft adds it and its framing.
-        prompt_tokens = sum(len(m["content"].encode("utf-8", "surrogatepass")) + _TEMPLATE_TOKENS_PER_MESSAGE
-                            for m in msgs) + _TEMPLATE_TOKENS_PER_MESSAGE
-        if draft is not None:
-            prompt_tokens += len(draft.encode("utf-8", "surrogatepass")) + _DRAFT_HINT_TOKENS
-        estimate = price_usd(self.cost, self.cloud_model_hint, prompt_tokens, params.max_new_tokens)
         # a request for the local model never escalates: it must not wait for the bridge's prices
         bridge = self._bridge_price_table() if self._has_budget and model != "local" else None
-        if bridge is not None:
-            # the bridge bills with its own prices: a budget that reserved the device's guess would overspend
-            estimate = max(estimate, (prompt_tokens * bridge[0] + params.max_new_tokens * bridge[1]) / 1e6)
-        return estimate
+        return reservation_usd(self.cost, self.cloud_model_hint, bridge, msgs, params.max_new_tokens, draft=draft)
 
     def _bridge_price_table(self) -> tuple[float, float] | None:
         """The bridge's prices for the model escalations go to, from ListModels; refreshed every 10 minutes."""

@@ -49,7 +49,11 @@ class RunCache:
         settings_key = hashlib.sha256(json.dumps(_settings_dict(settings), sort_keys=True).encode()).hexdigest()[:12]
         base = root if root is not None else cache_dir("runs")
         base.mkdir(parents=True, exist_ok=True)
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)[:80]
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
+        if len(safe) > 80:
+            # cut to a file name's length: the whole key's hash keeps apart keys that share their first 80
+            # characters (a long bundle name, then its hash or the bridge's revision)
+            safe = f"{safe[:80]}-{hashlib.sha256(model_key.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
         self.path = base / f"{kind}-{safe}-{settings_key}.jsonl"
         self.records: dict[str, dict[str, Any]] = {}
         # an interrupted write can leave a last line without its newline: start the next record on a fresh line

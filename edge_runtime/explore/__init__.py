@@ -67,8 +67,11 @@ def local_bridge(bundle: Path, *, cost: CostSettings, alias: str = "cloud") -> I
     """A bridge on 127.0.0.1 (plaintext, loopback only) serving ``bundle``; yields (address, token)."""
     from cloud_bridge import create_server, hash_token, load_bridge_settings
 
+    from ..bundle import load_manifest
+
     token = "ebt_" + secrets.token_urlsafe(24)
-    price = cost.prices.get("*", {"input": 0.0, "output": 0.0})
+    # the price table's entry for this model by name (as price_usd reads it), else its "*" entry
+    price = cost.prices.get(load_manifest(bundle).name) or cost.prices.get("*") or {"input": 0.0, "output": 0.0}
     settings = load_bridge_settings(data={
         "server": {"address": "127.0.0.1:0", "grace_period_s": 2.0},
         "auth": {"tokens_file": None, "tokens": {"explorer": hash_token(token)}},
@@ -291,7 +294,8 @@ def explore(
                         "so its routing figures will look better than they are (use --split test)", what)
         cloud_key, cloud_prices = _cloud_identity(client, alias)
         m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,
-                    estimator_out=out / "estimator.json", root=root, cloud_prices=cloud_prices)
+                    estimator_out=out / "estimator.json", root=root, cloud_prices=cloud_prices,
+                    model_hint=alias or "*")
 
         points = evaluate(m)
         front = pareto_front(points)
@@ -344,8 +348,8 @@ def explore(
             with _daemon(config, out) as url:
                 live = validate_live(url, held)
             pred = checked["point"].overall
-            acc_ok, acc_margin = agreement(pred["accuracy"], live["accuracy"], live["n"])
-            esc_ok, esc_margin = agreement(pred["escalation_rate"], live["escalation_rate"], live["n"])
+            acc_ok, acc_margin = agreement(pred["accuracy"], live["accuracy"], live["n"], len(items))
+            esc_ok, esc_margin = agreement(pred["escalation_rate"], live["escalation_rate"], live["n"], len(items))
             verdict = "agree within sampling error" if acc_ok and esc_ok else "DO NOT agree within sampling error"
             validation = {**live, "predicted_accuracy": pred["accuracy"], "predicted_escalation_rate": pred["escalation_rate"],
                           "accuracy_ok": acc_ok, "escalation_ok": esc_ok, "accuracy_margin": acc_margin,

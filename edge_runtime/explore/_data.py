@@ -23,7 +23,7 @@ import numpy as np
 
 from ..confidence import Estimator, cloud_scores, estimator_scores, fit_estimator, make_dataset
 from ..confidence._fit import Dataset
-from ..cost import CostSettings, network_energy_j
+from ..cost import CostSettings, network_energy_j, reservation_usd
 from ..policies import ReplayRecords
 from ..runs import RUN_SETTINGS, run_cloud, run_edge
 from ..tasks import TaskItem
@@ -72,7 +72,8 @@ def cloud_generate(client: Any, alias: str) -> Any:
 
 
 def _rows(items: Sequence[TaskItem], edge: Sequence[dict[str, Any]], cloud: Sequence[dict[str, Any]], p: np.ndarray,
-          pre: np.ndarray, p_cloud: np.ndarray) -> ReplayRecords:
+          pre: np.ndarray, p_cloud: np.ndarray, *, reserve: Sequence[float] | None = None,
+          reserve_after: Sequence[float] | None = None) -> ReplayRecords:
     local_ms = np.array([e["latency_ms"] for e in edge], float)
     prefill_ms = np.array([min(e["prefill_ms"], e["latency_ms"]) for e in edge], float)
     joules = np.array([e.get("energy_j") or 0.0 for e in edge], float)
@@ -93,6 +94,8 @@ def _rows(items: Sequence[TaskItem], edge: Sequence[dict[str, Any]], cloud: Sequ
         pre_route_p=pre,
         p_cloud=p_cloud,
         texts=[[str(m.get("content", "")) for m in it.messages] for it in items],
+        reserve_usd=reserve,
+        reserve_after_usd=reserve_after,
     )
 
 
@@ -107,11 +110,14 @@ def measure(
     estimator_out: Path | None = None,
     root: Path | None = None,
     cloud_prices: tuple[float, float] | None = None,
+    model_hint: str = "*",
 ) -> Measurements:
     """Run (or reuse) every needed measurement and assemble the replay records.
 
     ``cloud_prices``: the bridge's prices now (USD per million input, output tokens);
     cached cloud answers are billed at them, not at the prices of the run that made them.
+    ``model_hint``: the cloud model a daemon would name (its ``[cost]`` price), for the
+    reservations a live budget makes (see :func:`~edge_runtime.cost.reservation_usd`).
     """
     dev_edge = run_edge(engine, dev_items, root=root, desc="dev items on the edge", energy=True)
     dev = make_dataset(dev_edge, dev_items)
@@ -143,8 +149,13 @@ def measure(
                          128 + len(str(c.get("text", "")).encode()))
         for it, e, c in zip(items, edge, cloud)
     ])
+    # what a live budget reserves for each escalation: before decoding, and after it with the answer as the draft
+    reserve = [reservation_usd(cost, model_hint, cloud_prices, it.messages, RUN_SETTINGS.max_new_tokens) for it in items]
+    reserve_after = [reservation_usd(cost, model_hint, cloud_prices, it.messages, RUN_SETTINGS.max_new_tokens,
+                                     draft=e["text"]) for it, e in zip(items, edge)]
+    rows = _rows(items, edge, cloud, p, pre, p_cloud, reserve=reserve, reserve_after=reserve_after)
     return Measurements(items=list(items), edge=list(edge), cloud=list(cloud), estimator=estimator, p_correct=p, pre_route_p=pre,
-                        p_cloud=p_cloud, records=_rows(items, edge, cloud, p, pre, p_cloud), network_j=net_j, dev_p_correct=dev_p)
+                        p_cloud=p_cloud, records=rows, network_j=net_j, dev_p_correct=dev_p)
 
 
 def _check_cloud(records: Sequence[dict[str, Any]]) -> None:

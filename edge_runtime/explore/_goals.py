@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import ConfigError
+from ..runs import RUN_SETTINGS
 from ._space import Point
 
 __all__ = ["Goal", "parse_goal", "recommend", "config_snippet", "GOAL_HELP"]
@@ -144,6 +145,8 @@ def config_snippet(point: Point, *, estimator_path: str, n_items: int, requests_
         *([f"bundle = {toml_value(bundle)}"] if bundle is not None else []),
         f"estimator = {toml_value(estimator_path)}",
         *([f"prompt_lookup = {int(prompt_lookup)}"] if prompt_lookup else []),
+        # the answers were measured at this length: longer ones would route, cost and take differently
+        f"max_new_tokens = {RUN_SETTINGS.max_new_tokens}  # a request's own max_tokens still applies",
         "",
     ]
     translated = []

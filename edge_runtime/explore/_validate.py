@@ -3,7 +3,7 @@
 The daemon speaks OpenAI's chat-completions API and reports the route it took
 in its ``routing`` extension; the prediction is the replayed accuracy and
 escalation rate of the same policy on the explored items. Agreement is judged
-against two binomial standard errors of the live sample.
+with a two-sample test at 95% (prediction and live sample both count).
 """
 
 from __future__ import annotations
@@ -51,8 +51,13 @@ def validate_live(daemon_url: str, items: Sequence[TaskItem], *, timeout_s: floa
             "routes": {r: routes.count(r) for r in sorted(set(routes))}}
 
 
-def agreement(predicted: float, measured: float, n: int) -> tuple[bool, float]:
-    """Whether ``measured`` lies within two binomial standard errors of ``predicted`` (and that margin)."""
-    p = min(max(predicted, 1e-3), 1 - 1e-3)
-    margin = 2.0 * math.sqrt(p * (1 - p) / max(n, 1))
-    return abs(measured - predicted) <= margin, margin
+def agreement(predicted: float, measured: float, n: int, n_predicted: int) -> tuple[bool, float]:
+    """Whether two rates agree within sampling error (and the margin): a two-sample test at 95%.
+
+    The prediction is itself a sample (``n_predicted`` replayed items), not an exact figure: a test that
+    took it as one would call a right prediction wrong about twice as often as it says.
+    """
+    n, n_predicted = max(n, 1), max(n_predicted, 1)
+    pooled = (predicted * n_predicted + measured * n) / (n_predicted + n)
+    margin = 1.96 * math.sqrt(pooled * (1 - pooled) * (1 / n_predicted + 1 / n))
+    return abs(measured - predicted) <= margin + 1e-12, margin

@@ -7,9 +7,11 @@ pre-route policy costs well under a millisecond per thousand items). The
 decisions are the ones a live runtime gets from the same policy, item by item
 in record order (the tests check this), under these assumptions:
 
-- a budget sees escalations in record order and each costs exactly
-  ``cloud_usd`` (the live estimate equals the bill); without ``timestamps_s``
-  all records fall in one budget period;
+- a budget sees escalations in record order; each is admitted against its
+  reservation (``reserve_usd`` before or during decoding, ``reserve_after_usd``
+  after it, as the live runtime reserves; ``cloud_usd`` when not given) and
+  then costs exactly ``cloud_usd``; without ``timestamps_s`` all records fall
+  in one budget period;
 - a pre-route policy uses the cached ``pre_route_p`` whatever scorer it names;
 - energy and latency of a partial (early-exited) decode are the prefill part
   plus the decode part scaled by the share of tokens decoded.
@@ -49,8 +51,10 @@ class ReplayRecords:
     and ``token_margins`` (ragged lists of arrays), ``trajectory`` (a running
     confidence per token computed elsewhere), ``pre_route_p`` (NaN where
     unknown), ``p_cloud`` (prompt-only estimate of the cloud's p_correct, for
-    gain policies; NaN where unknown), ``texts`` (each item's message texts, for privacy) and
-    ``timestamps_s`` (for budget periods).
+    gain policies; NaN where unknown), ``texts`` (each item's message texts, for privacy),
+    ``timestamps_s`` (for budget periods) and ``reserve_usd`` / ``reserve_after_usd`` (what
+    a live budget reserves for escalating the item before decoding, and after it with the
+    local answer as the draft; ``cloud_usd`` when not given).
     """
 
     def __init__(
@@ -73,6 +77,8 @@ class ReplayRecords:
         p_cloud: Any = None,
         texts: Sequence[str | Sequence[str]] | None = None,
         timestamps_s: Any = None,
+        reserve_usd: Any = None,
+        reserve_after_usd: Any = None,
     ) -> None:
         self.p_correct = np.asarray(p_correct, dtype=float)
         self.n = len(self.p_correct)
@@ -101,6 +107,9 @@ class ReplayRecords:
                 raise ValueError(f"texts has {len(texts)} entries, expected {self.n}")
         self.texts = texts
         self.timestamps_s = None if timestamps_s is None else self._floats(timestamps_s, "timestamps_s")
+        self.reserve_usd = self.cloud_usd if reserve_usd is None else self._floats(reserve_usd, "reserve_usd")
+        self.reserve_after_usd = (self.reserve_usd if reserve_after_usd is None
+                                  else self._floats(reserve_after_usd, "reserve_after_usd"))
         self._cache: dict[Hashable, Any] = {}
 
     @classmethod
@@ -337,6 +346,7 @@ def _budget_pass(R: ReplayRecords, gates: list[Policy], budgets: list[Budget], r
                  vetoes: dict[int, Any], act: np.ndarray, stage: np.ndarray, reason: np.ndarray) -> None:
     """Budgets depend on what earlier items spent: walk the items in order."""
     cost = R.cloud_usd.tolist()
+    reserve, reserve_after = R.reserve_usd.tolist(), R.reserve_after_usd.tolist()
     periods = {id(b): b._replay_periods(R).tolist() for b in budgets}
     reached_l = {id(b): reached[id(b)].tolist() for b in budgets}
     spent = {id(b): 0.0 for b in budgets}
@@ -351,17 +361,19 @@ def _budget_pass(R: ReplayRecords, gates: list[Policy], budgets: list[Budget], r
                 current[key], spent[key] = periods[key][i], 0.0
         c = cost[i]
         forced_before = False
-        for b in budgets:
-            if reached_l[id(b)][i] and budget_exhausted(spent[id(b)], c, b.usd):
+        for b in budgets:  # the live check before decoding reserves for the prompt alone
+            if reached_l[id(b)][i] and budget_exhausted(spent[id(b)], reserve[i], b.usd):
                 act[i], stage[i], reason[i] = _FORCED, 0, Reason.BUDGET_EXHAUSTED
                 forced_before = True
                 break
         if forced_before or acts[i] != _CLOUD:
             continue
         vetoed = False
+        # admitted after decoding, the escalation sends the local answer along: its reservation counts the draft
+        r = reserve_after[i] if stage[i] == 2 else reserve[i]
         for p, is_budget in order:
             if is_budget:
-                if budget_exhausted(spent[id(p)], c, p.usd):  # type: ignore[attr-defined]
+                if budget_exhausted(spent[id(p)], r, p.usd):  # type: ignore[attr-defined]
                     act[i], reason[i], vetoed = _FORCED, Reason.BUDGET_EXHAUSTED, True
                     break
             else:

@@ -121,6 +121,7 @@ def test_recommended_snippet_loads_in_the_daemon_settings(tmp_path):
     settings = load_runtime_settings(path, env={})
     assert settings.policy["chain"][0] == {"type": "budget", "usd": 0.5, "period_s": 86400}  # 0.01 per 100 requests at 5000/day
     assert settings.engine.estimator == tmp_path / "estimator.json"
+    assert settings.engine.max_new_tokens == 64  # the length the answers were measured at, not the daemon's 256
     assert "[cost]" not in text
     # the cost model the points were priced with goes along, so the daemon reports what was predicted
     from edge_runtime.cost import CostSettings
@@ -559,3 +560,42 @@ def test_exploring_items_the_estimator_was_fitted_on_warns_that_it_is_in_sample(
     explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=tmp_path / "out",
             suite=str(tiny_suite), split=split, validate=False, root=tmp_path / "runs", limit=2)
     assert any("in-sample" in r.getMessage() for r in caplog.records)
+
+
+def test_the_explorers_own_bridge_bills_at_the_price_named_for_its_model(tiny_bundles):
+    # a [cost] table naming the model (as price_usd reads it), with no "*" entry: the loopback bridge used to bill 0
+    from edge_runtime.bundle import load_manifest
+    from edge_runtime.cloud import CloudClient
+    from edge_runtime.cost import CostSettings
+    from edge_runtime.explore import local_bridge
+
+    bundle = tiny_bundles("qwen2", "fp32")
+    cost = CostSettings(prices={load_manifest(bundle).name: {"input": 1000.0, "output": 2000.0}})
+    with local_bridge(bundle, cost=cost) as (address, token):
+        with CloudClient(address=address, token=token, insecure=True) as client:
+            info = client.list_models()[0]
+    assert (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens) == (1000.0, 2000.0)
+
+
+def test_the_live_checks_agreement_test_calls_a_right_prediction_wrong_about_5_percent_of_the_time():
+    import numpy as np
+
+    from edge_runtime.explore._validate import agreement
+
+    rng = np.random.default_rng(0)
+    for p, n_pred, n_live in ((0.4, 434, 144), (0.55, 53, 17), (0.1, 200, 60)):
+        wrong = sum(not agreement(rng.binomial(n_pred, p) / n_pred, rng.binomial(n_live, p) / n_live, n_live, n_pred)[0]
+                    for _ in range(4000))
+        assert 0.02 < wrong / 4000 < 0.08, (p, wrong / 4000)  # taking the prediction as exact gave 8-12%
+    assert agreement(0.0, 1 / 17, 17, 53)[0]  # 0 of 53 replayed, 1 of 17 live: chance, not disagreement
+    assert not agreement(0.4, 0.9, 144, 434)[0]
+
+
+def test_run_caches_of_long_model_keys_that_differ_past_80_characters_are_apart(tmp_path):
+    from edge_runtime.runs import RUN_SETTINGS, RunCache
+
+    name = "a-very-long-bundle-name-" + "x" * 60
+    one, other = (RunCache("edge", f"{name}-{h}", RUN_SETTINGS, root=tmp_path) for h in ("2c0914cb41238f47", "93185d6a6d0dff69"))
+    assert one.path != other.path
+    short = RunCache("edge", "smollm2-135m-instruct-93185d6a6d0dff69", RUN_SETTINGS, root=tmp_path)
+    assert short.path.name.startswith("edge-smollm2-135m-instruct-93185d6a6d0dff69-")  # short keys keep their names

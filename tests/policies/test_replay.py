@@ -1,5 +1,6 @@
 """Offline replay: hand-computed cases, agreement with the live policy item by item, and speed."""
 
+import dataclasses
 import math
 import time
 
@@ -116,7 +117,7 @@ def test_from_rows():
 
 # --- replay agrees with the live policy ------------------------------------------------------------------
 
-def _records(n=240, seed=11):
+def _records(n=240, seed=11, reserve=False):
     rng = np.random.default_rng(seed)
     n_tok = rng.integers(1, 25, n)
     texts = []
@@ -138,6 +139,8 @@ def _records(n=240, seed=11):
         pre_route_p=pre,
         texts=texts,
         timestamps_s=np.sort(rng.uniform(0, 3 * 3600, n)),
+        # a live budget reserves a worst case, more than the bill: before decoding, and more with the draft after
+        **({"reserve_usd": (r := rng.uniform(0.01, 0.03, n)), "reserve_after_usd": r + 0.01} if reserve else {}),
     )
 
 
@@ -182,8 +185,9 @@ def _live(cfg, R):
     for i in range(R.n):
         clock.t = R.timestamps_s[i]
         pre = R.pre_route_p[i]
+        # as the runtime does: the reservation before decoding is the prompt's; after it, the draft's too
         ctx = RequestContext(messages=[{"role": "user", "content": t} for t in R.texts[i]],
-                             estimated_cloud_usd=R.cloud_usd[i], pre_route_p_correct=None if math.isnan(pre) else pre)
+                             estimated_cloud_usd=R.reserve_usd[i], pre_route_p_correct=None if math.isnan(pre) else pre)
         n_tok = int(R.n_tokens[i])
         d = policy.before(ctx)
         if d.action != "continue":
@@ -197,6 +201,7 @@ def _live(cfg, R):
                     out.append((d.action, 1, d.reason, t + 1 if d.action == "cloud" else n_tok))
                     break
             else:
+                ctx = dataclasses.replace(ctx, estimated_cloud_usd=R.reserve_after_usd[i])
                 d = policy.after(ctx, float(R.p_correct[i]))
                 out.append((d.action, 2, d.reason, n_tok))
         if out[-1][0] == "cloud":
@@ -230,3 +235,12 @@ def test_replay_is_fast_enough_for_a_grid():
         replay(c, R)
     per_replay_ms = (time.perf_counter() - start) * 1000 / len(configs)
     assert per_replay_ms < 10, per_replay_ms  # typically ~0.5 ms on a Pi-class core
+
+
+@pytest.mark.parametrize("cfg", [c for c in CHAINS if "budget" in repr(c)], ids=lambda c: policy_from_config(c).describe())
+def test_replay_matches_a_live_budget_that_reserves_more_than_the_bill(cfg):
+    R = _records(reserve=True)
+    live = _live(cfg, R)
+    r = replay(cfg, R)
+    assert list(zip(r.routes(), r.stage.tolist(), r.reason.tolist(), r.local_tokens.tolist())) == live
+    assert (r.reason == "budget_exhausted").any()
