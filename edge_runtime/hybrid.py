@@ -371,13 +371,15 @@ class HybridRuntime:
             sampling.setdefault("max_new_tokens", self.default_max_new_tokens)
         params = self.engine.sampling_params(params, sampling)
         ids = self.engine.encode(messages=msgs)
+        # the local answer gets what fits beside the prompt; the cloud's window is its own, it gets the default
+        local_params = params
         room = self.engine.context_length - len(ids)
-        if fit_max_new_tokens and 0 < room < params.max_new_tokens:
-            params = dataclasses.replace(params, max_new_tokens=room)
+        if fit_max_new_tokens and not params.truncate_prompt and 0 < room < params.max_new_tokens:
+            local_params = dataclasses.replace(params, max_new_tokens=room)
         # the context check happens here too, before any compute
-        prompt_ids = self.engine.fit_context(ids, params)
+        prompt_ids = self.engine.fit_context(ids, local_params)
         return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft, prompt_ids,
-                         _Timing(deadline_s, on_escalate))
+                         _Timing(deadline_s, on_escalate), local_params)
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -446,16 +448,19 @@ class HybridRuntime:
                                                           prompt_nll=self.estimator.needs_prompt_nll), len(prompt_ids))
 
     def _run(self, msgs: list[dict[str, str]], model: str, params: SamplingParams, cancel: Any, request_id: str,
-             reveal_draft: bool, prompt_ids: list[int], timing: _Timing) -> Iterator[HybridChunk]:
+             reveal_draft: bool, prompt_ids: list[int], timing: _Timing,
+             local_params: SamplingParams | None = None) -> Iterator[HybridChunk]:
         settlement = _Settlement(self.policy)
         try:
-            yield from self._answer(msgs, model, params, cancel, request_id, reveal_draft, prompt_ids, timing, settlement)
+            yield from self._answer(msgs, model, params, cancel, request_id, reveal_draft, prompt_ids, timing, settlement,
+                                    local_params or params)
         finally:  # a caller that stops reading (closes the stream) still settles what a budget reserved
             settlement.close()
 
     def _answer(self, msgs: list[dict[str, str]], model: str, params: SamplingParams, cancel: Any, request_id: str,
                 reveal_draft: bool, prompt_ids: list[int], timing: _Timing, settlement: _Settlement,
-                ) -> Iterator[HybridChunk]:
+                local_params: SamplingParams) -> Iterator[HybridChunk]:
+        """``params`` for the cloud (and its reservation), ``local_params`` for the local answer (see :meth:`stream`)."""
         t0 = time.perf_counter()
         ctx = RequestContext(messages=msgs, request_id=request_id, estimated_cloud_usd=self._estimate_cloud_usd(msgs, params, model))
         settlement.ctx = ctx
@@ -488,7 +493,7 @@ class HybridRuntime:
             watch = model == "auto" and decision.action == "continue"
             stop = threading.Event()
             tokens: list[TokenInfo] = []
-            local = self._local_stream(prompt_ids, params, cancel, stop)
+            local = self._local_stream(prompt_ids, local_params, cancel, stop)
             for chunk in local:
                 if chunk.result is not None:
                     locals_.append(chunk.result)
@@ -536,7 +541,7 @@ class HybridRuntime:
             progress = _CloudProgress()
             try:
                 # with no whole local answer yet, a failed escalation must leave the time to make one
-                local_s = self._pace.estimate_s(len(prompt_ids), params.max_new_tokens) if not locals_ or early_exit else 0.0
+                local_s = self._pace.estimate_s(len(prompt_ids), local_params.max_new_tokens) if not locals_ or early_exit else 0.0
                 timeout_s = timing.cloud_timeout_s(self.cloud_timeout_s, local_s)
                 if timing.on_escalate is not None and locals_ and not early_exit:
                     # the engine is done with this request whatever the bridge does: a failure returns the
@@ -585,7 +590,7 @@ class HybridRuntime:
                 if shown:
                     yield HybridChunk("withdraw")
                 held = []
-                for chunk in self._local_stream(prompt_ids, params, cancel, threading.Event()):
+                for chunk in self._local_stream(prompt_ids, local_params, cancel, threading.Event()):
                     if chunk.result is not None:
                         locals_.append(chunk.result)
                         break

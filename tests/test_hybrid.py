@@ -383,3 +383,19 @@ def test_an_upstream_that_fails_before_answering_costs_the_budget_nothing(engine
         assert {r.route for r in results} == {"fallback"} and _budget_of(rt).spent_usd() == 0
     finally:
         server.stop(0)
+
+
+def test_an_unset_length_fits_the_local_answer_only(engine):
+    # a prompt near the edge model's window: the local answer gets what fits, the cloud (its own window) the default
+    with _echo_bridge("big", reply=" ".join(["word"] * 100)) as (_server, port):
+        rt = _runtime(engine, port, {"type": "always"}, default_max_new_tokens=64)
+        msgs = next(m for k in range(10, 200) if engine.context_length - 64 < len(engine.encode(
+            messages=(m := [{"role": "user", "content": "one " * k}]))) < engine.context_length - 1)
+        prompt = len(engine.encode(messages=msgs))
+        cloud = rt.chat(msgs, model="cloud")
+        assert cloud.route == "cloud" and cloud.usage["cloud"]["completion_tokens"] == 64
+        local = rt.chat(msgs, model="local")
+        assert local.usage["local"]["completion_tokens"] <= engine.context_length - prompt
+        # with truncation asked for, the prompt is cut instead and the default applies whole
+        cut = rt.chat(msgs, model="local", truncate_prompt=True)
+        assert cut.usage["local"]["prompt_tokens"] == engine.context_length - 64

@@ -30,6 +30,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_s = 0.0
         self._probing = False
+        self._probe = 0  # the number of the last probe let through
 
     @property
     def state(self) -> CircuitState:
@@ -54,12 +55,13 @@ class CircuitBreaker:
         """May a call go to the cloud now? In half-open, only the first caller is let through."""
         return self.admit() is not None
 
-    def admit(self) -> Literal["call", "probe"] | None:
-        """Like :meth:`allow`, saying which kind of call it lets through: the half-open state's one ``probe``,
-        or an ordinary ``call``. Only the probe's own end frees the probe slot (``record_neutral(probe=True)``)."""
+    def admit(self) -> int | None:
+        """Like :meth:`allow`, saying which call it lets through: 0 for an ordinary call, the probe's number
+        (> 0) for the half-open state's one probe, None when refused. Pass it back to ``record_*``: only the
+        current probe's own end frees the probe slot or reopens the circuit."""
         with self._lock:
             if self._state == "closed":
-                return "call"
+                return 0
             if self._state == "open":
                 if self._clock() < self._opened_s + self.cooldown_s:
                     return None
@@ -68,7 +70,8 @@ class CircuitBreaker:
             if self._probing:
                 return None
             self._probing = True
-            return "probe"
+            self._probe += 1
+            return self._probe
 
     def record_success(self) -> None:
         with self._lock:
@@ -76,20 +79,29 @@ class CircuitBreaker:
             self._failures = 0
             self._probing = False
 
-    def record_failure(self) -> None:
+    def record_failure(self, *, probe: int | None = None) -> None:
+        """A call failed in a way that says the bridge cannot serve. ``probe``: what :meth:`admit` returned
+        (None: unknown, taken as the probe). In half-open only the probe's own failure reopens the circuit: a
+        call from before it opened failing late is old news, and reopening would let a second probe out."""
         with self._lock:
             self._failures += 1
-            self._probing = False
-            if self._state == "half_open" or self._failures >= self.failure_threshold:
+            if self._state == "half_open":
+                if probe is None or probe == self._probe:
+                    self._probing = False
+                    self._state = "open"
+                    self._opened_s = self._clock()
+            elif self._failures >= self.failure_threshold:
+                self._probing = False
                 self._state = "open"
                 self._opened_s = self._clock()
 
-    def record_neutral(self, *, probe: bool = True) -> None:
+    def record_neutral(self, *, probe: int | None = None) -> None:
         """A call ended in a way that says nothing about the bridge's health (bad request, caller gave up).
 
-        ``probe=False``: it was not the half-open probe (it started while the circuit was closed), so the
-        probe still running keeps its slot and no second one is let through.
+        ``probe``: what :meth:`admit` returned (None: unknown, taken as the probe). Only the current probe
+        frees the probe slot: a call from before (0, or an older probe's number) leaves it to the probe still
+        running, so no second one is let through.
         """
         with self._lock:
-            if probe:
+            if probe is None or probe == self._probe:
                 self._probing = False

@@ -212,8 +212,8 @@ class CloudClient:
         elif fields:
             settings = dataclasses.replace(settings, **fields)
         self.settings = settings
+        self._token_stamp = self._token_file_stamp()  # first: a change while the token is read is seen later
         self._token = settings.resolve_token()
-        self._token_stamp = self._token_file_stamp()
         self.has_token = bool(self._token)  # the bridge refuses calls without one (the daemon warns at start)
         self._channel = channel if channel is not None else open_channel(settings)
         self._stub = bridge_pb2_grpc.CloudBridgeStub(self._channel)
@@ -227,7 +227,7 @@ class CloudClient:
 
     # --- plumbing --------------------------------------------------------------------------------------
 
-    def _token_file_stamp(self) -> tuple[int, int, int] | None:
+    def _token_file_stamp(self) -> tuple[int, ...] | None:
         path = self.settings.token_file
         if path is None or self.settings.token:
             return None
@@ -235,15 +235,18 @@ class CloudClient:
             st = os.stat(path)
         except OSError:
             return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
+        # ctime and mode too: a chmod 600 after a refused rotation must be seen
+        return st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_mode
 
     def _metadata(self) -> list[tuple[str, str]]:
         # a token file rotated on disk (the bridge revoked the old token) is read again, not only at start
         stamp = self._token_file_stamp()
         if stamp is not None and stamp != self._token_stamp:
             try:
-                self._token = self.settings.resolve_token()
-                self.has_token = bool(self._token)
+                token = self.settings.resolve_token()
+                if not token:  # caught between a truncation and the write: not a token to send
+                    raise ConfigError("the file is empty", field="cloud.token_file")
+                self._token, self.has_token = token, True
             except ConfigError as err:  # half-written, or made readable by others: keep the token we have
                 log.warning("cannot read the rotated token file: %s", err)
             self._token_stamp = stamp
@@ -254,8 +257,8 @@ class CloudClient:
         # for the circuit (the code is not a bridge outage's)
         return CloudError("the cloud client is closed", code="CLOSED")
 
-    def _enter_circuit(self) -> bool:
-        """Let a call through the circuit breaker; True when it is the half-open state's probe."""
+    def _enter_circuit(self) -> int:
+        """Let a call through the circuit breaker; what :meth:`CircuitBreaker.admit` returned (0, or a probe's number)."""
         if self._closed:
             raise self._closed_error()
         kind = self.circuit.admit()
@@ -265,17 +268,17 @@ class CloudClient:
                 f"{self.circuit.retry_after_s():.1f} s",
                 code="CIRCUIT_OPEN",
             )
-        return kind == "probe"
+        return kind
 
-    def _record(self, error: CloudError | None, *, cut_short: bool = False, probe: bool = True) -> None:
+    def _record(self, error: CloudError | None, *, cut_short: bool = False, probe: int | None = None) -> None:
         """Tell the circuit breaker how a call ended; ``cut_short``: it ran out of the caller's shorter deadline;
-        ``probe``: it was the half-open state's probe (see :meth:`CircuitBreaker.admit`)."""
+        ``probe``: what the call's admission returned (see :meth:`CircuitBreaker.admit`)."""
         if error is None:
             self.circuit.record_success()
         elif isinstance(error, _NEUTRAL_ERRORS) or cut_short:
             self.circuit.record_neutral(probe=probe)
         elif error.code in _CIRCUIT_CODE_NAMES or isinstance(error, (CloudUnavailableError, CloudTimeoutError)):
-            self.circuit.record_failure()
+            self.circuit.record_failure(probe=probe)
         else:  # a bad request or token says nothing about the bridge's health
             self.circuit.record_neutral(probe=probe)
 

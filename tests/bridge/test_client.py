@@ -508,14 +508,31 @@ def test_a_call_from_before_the_circuit_opened_ending_neutral_does_not_free_the_
     fake = FakeTime()
     breaker = CircuitBreaker(failure_threshold=1, cooldown_s=10, clock=fake.clock)
     long_call = breaker.admit()  # started while closed, still running
-    assert long_call == "call"
-    breaker.record_failure()  # another call failed: open
+    assert long_call == 0
+    breaker.record_failure(probe=0)  # another call failed: open
     fake.now += 10
-    assert breaker.admit() == "probe"  # the one probe goes out
-    breaker.record_neutral(probe=False)  # the long call's caller gave up: says nothing, and is not the probe
+    probe = breaker.admit()  # the one probe goes out
+    assert probe and probe > 0
+    breaker.record_neutral(probe=long_call)  # the long call's caller gave up: says nothing, and is not the probe
     assert breaker.admit() is None  # no second probe while the first still runs
+    breaker.record_failure(probe=long_call)  # nor when that old call fails late: the probe decides
+    assert breaker.state == "half_open" and breaker.admit() is None
     breaker.record_success()
-    assert breaker.admit() == "call"
+    assert breaker.admit() == 0
+
+
+def test_an_older_probe_ending_does_not_free_the_current_probes_slot():
+    fake = FakeTime()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=10, clock=fake.clock)
+    breaker.record_failure()
+    fake.now += 10
+    first = breaker.admit()
+    breaker.record_failure(probe=first)  # the first probe failed: open again
+    fake.now += 10
+    second = breaker.admit()
+    assert second and second != first
+    breaker.record_neutral(probe=first)  # a late word from the first probe's call
+    assert breaker.admit() is None  # the second probe keeps its slot
 
 
 def test_close_ends_a_retry_wait_at_once_not_after_the_whole_delay():

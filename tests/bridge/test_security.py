@@ -289,3 +289,22 @@ def test_a_device_token_file_rotated_on_disk_is_used_without_a_restart(start_bri
     os.chmod(rotated, 0o600)
     os.replace(rotated, token_file)  # ...and the device's file, atomically
     assert client.generate(HI).text  # read again: no restart
+
+
+def test_a_rotated_token_file_refused_for_its_mode_is_read_once_it_is_fixed(start_bridge, make_client, tmp_path):
+    tokens = tmp_path / "tokens.toml"
+    old = add_device_token(tokens, "pi-1")
+    bridge = start_bridge(auth={"tokens": {}, "tokens_file": str(tokens), "reload_interval_s": 0.0})
+    token_file = tmp_path / "device.token"
+    token_file.write_text(old + "\n")
+    os.chmod(token_file, 0o600)
+    client = make_client(bridge, token=None, token_file=token_file)
+    assert client.generate(HI).text
+    remove_device_token(tokens, "pi-1")
+    new = add_device_token(tokens, "pi-1")
+    token_file.write_text(new + "\n")
+    os.chmod(token_file, 0o644)  # readable by others: refused, the old token kept
+    with pytest.raises(CloudAuthError):
+        client.generate(HI)
+    os.chmod(token_file, 0o600)  # what the warning says to do: no write, only the mode changes
+    assert client.generate(HI).text
