@@ -90,6 +90,8 @@ def price_usd(settings: CostSettings, model: str, prompt_tokens: int, completion
 
 # the chat template's tokens around each message (role markers, separators; ChatML and Llama 3 use ~5)
 _TEMPLATE_TOKENS_PER_MESSAGE = 8
+# a default system prompt some templates add when the request has none (Qwen2.5's is ~20 tokens)
+_DEFAULT_SYSTEM_TOKENS = 32
 # the bridge's framing of a draft it shows the cloud model (see cloud_bridge._service._with_hint)
 _DRAFT_HINT_TOKENS = 96
 
@@ -98,13 +100,14 @@ def reservation_usd(settings: CostSettings, model: str, bridge_prices: tuple[flo
                     messages: Sequence[Mapping[str, Any]], max_new_tokens: int, *, draft: str | None = None) -> float:
     """The most escalating these messages can cost: what a budget reserves (the bridge then bills the real figure).
 
-    An upper bound, not a guess: byte-level tokenizers give at most one token per UTF-8 byte, the chat template
-    adds a few per message, and a bridge that shows the model the device's ``draft`` adds it and its framing.
+    An upper bound for the usual chat templates, not a guess: byte-level tokenizers give at most one token per
+    UTF-8 byte, the chat template adds a few per message (and some a default system prompt), and a bridge that
+    shows the model the device's ``draft`` adds it and its framing.
     Priced at the device's table for ``model`` and at the bridge's own prices (USD per million input, output
     tokens) when known, whichever is higher: a budget that reserved the device's guess would overspend.
     """
     prompt_tokens = sum(len(str(m.get("content", "")).encode("utf-8", "surrogatepass")) + _TEMPLATE_TOKENS_PER_MESSAGE
-                        for m in messages) + _TEMPLATE_TOKENS_PER_MESSAGE
+                        for m in messages) + _TEMPLATE_TOKENS_PER_MESSAGE + _DEFAULT_SYSTEM_TOKENS
     if draft is not None:
         prompt_tokens += len(draft.encode("utf-8", "surrogatepass")) + _DRAFT_HINT_TOKENS
     estimate = price_usd(settings, model, prompt_tokens, max_new_tokens)

@@ -119,7 +119,7 @@ def test_a_request_for_the_cloud_model_still_passes_the_gates(engine, bridge):
 
 def test_a_budget_reserves_at_the_bridges_prices_and_never_overspends(engine, bridge):
     # the bridge bills 1000 / 2000 USD per million tokens; the device's price table knows nothing of it
-    cap = 0.05
+    cap = 0.1  # a reservation here is ~0.07 (the prompt at a token per byte, template framing, 4 tokens out)
     rt = _runtime(engine, bridge[1], {"chain": [{"type": "budget", "usd": cap, "period_s": 3600}, {"type": "always"}]})
     results = [rt.chat(ASK, max_new_tokens=4) for _ in range(8)]
     spent = sum(r.cost["cloud_usd"] for r in results)
@@ -130,7 +130,7 @@ def test_a_budget_reserves_at_the_bridges_prices_and_never_overspends(engine, br
 
 def test_concurrent_first_escalations_wait_for_the_bridges_prices(engine, bridge):
     # every request arrives while the first is still reading the prices: none may reserve at the device's guess
-    cap = 0.05
+    cap = 0.1  # a reservation here is ~0.07 (the prompt at a token per byte, template framing, 4 tokens out)
     rt = _runtime(engine, bridge[1], {"chain": [{"type": "budget", "usd": cap, "period_s": 3600}, {"type": "always"}]})
     read = rt.cloud.list_models
 
