@@ -142,6 +142,8 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
         raise BundleNotFoundError(f"{root} is not a bundle: no {MANIFEST_NAME}") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleVerificationError(f"{path} is not valid JSON: {err}", file=MANIFEST_NAME) from err
+    except OSError as err:  # a directory where the file should be, no permission
+        raise BundleVerificationError(f"cannot read {path}: {err.strerror or err}", file=MANIFEST_NAME) from err
     if not isinstance(raw, dict):
         raise BundleVerificationError(f"{path}: expected a JSON object", file=MANIFEST_NAME)
     version = raw.get("schema_version")

@@ -281,7 +281,16 @@ def cached_bundles(root: Path | None = None) -> list[tuple[Path, str | None]]:
             out.append((path, None))
         except BundleError as err:
             out.append((path, str(err) if (path / MANIFEST_NAME).exists() else "not a bundle"))
+        except (OSError, ValueError) as err:  # one damaged entry (a NUL in a file name) must not hide the others
+            out.append((path, f"cannot check it: {err}"))
     return out
+
+
+def _names_a_model(name: str) -> bool:
+    """A known model's name, or a cached bundle's (a bare name, not a path)."""
+    if os.sep in name or (os.altsep and os.altsep in name):
+        return False
+    return name in KNOWN_MODELS or (cache_dir("bundles", create=False) / name / MANIFEST_NAME).is_file()
 
 
 def resolve_bundle(ref: str | os.PathLike[str], *, precision: str = "int4", field: str | None = None) -> Path:
@@ -292,9 +301,11 @@ def resolve_bundle(ref: str | os.PathLike[str], *, precision: str = "int4", fiel
     """
     where = f"{field}: " if field else ""
     path = Path(ref).expanduser()
-    if path.exists():
-        return path
     name = str(ref)
+    # a directory that is a bundle is taken as given; one that is not does not hide a cached bundle or a known
+    # model of the same name (an unrelated ./smollm2-135m-instruct in the working directory)
+    if path.exists() and ((path / MANIFEST_NAME).exists() or not _names_a_model(name)):
+        return path
     cached = cache_dir("bundles", create=False) / name
     if (cached / MANIFEST_NAME).is_file():
         return cached

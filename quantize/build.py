@@ -253,6 +253,10 @@ def build_bundle(
         say("quality", 0, 1)
         manifest["quality"] = quality = _quality(tmp, src, precision, max_ppl_ratio)
         say("quality", 1, 1)
+        if not math.isfinite(quality["ppl_ratio"]):
+            raise QualityGateError(
+                f"the perplexity of the bundle ({quality['ppl_bundle']}) or of the fp32 model ({quality['ppl_fp32']}) "
+                "is not a number: a weight is NaN or infinite, or a scale overflows fp16; nothing was kept")
         if quality["ppl_ratio"] > max_ppl_ratio:
             raise QualityGateError(
                 f"quantized perplexity {quality['ppl_bundle']:.3f} is {quality['ppl_ratio']:.3f}x the fp32 {quality['ppl_fp32']:.3f}, "

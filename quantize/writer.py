@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
@@ -81,7 +82,7 @@ def sweep_stale(out: Path) -> list[Path]:
     process is gone is stale. Returns what was removed.
     """
     removed = []
-    for entry in out.parent.glob(f".{out.name}.tmp-*"):
+    for entry in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # "m[1]" is a name, not a pattern
         pid = entry.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
         if entry.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
@@ -112,6 +113,9 @@ def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
         # mkdtemp makes it owner-only; a bundle is read by other users too (a bridge's service account)
         os.chmod(tmp, 0o777 & ~_umask())
         if out.exists():
+            # what appeared at out during the build (another build's bundle, someone's directory) is checked as
+            # it was before it: without --force nothing is replaced
+            check_replaceable(out, force=force)
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)
             os.replace(tmp, out)

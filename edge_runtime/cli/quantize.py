@@ -7,13 +7,15 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="build a verified ONNX bundle from a GGUF file, a Hugging Face directory or a known model")
     p.add_argument("source", help="known model name, GGUF file or Hugging Face model directory")
-    p.add_argument("--out", help="bundle directory to create (default for known models: <cache>/bundles/NAME-PRECISION)")
+    p.add_argument("--out", help="bundle directory to create (default for known models: <cache>/bundles/NAME-PRECISION, "
+                                 "with -offsets or -norescore for those variants)")
     p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="int4", help="weight precision (default int4)")
     p.add_argument("--block-size", type=int, default=32, help="quantization block size along the input dimension: a power of two from 16 to 256 (default 32)")
     p.add_argument("--max-ppl-ratio", type=float, default=1.25,
@@ -69,11 +71,23 @@ def _run(args: argparse.Namespace) -> int:
         from quantize import build_bundle
     except ImportError as err:
         raise BuildError(f"building bundles needs the export extra (pip install 'edge-runtime[export]'): {err}") from err
+    if args.int4_zero_points and args.precision != "int4":  # as --int4-offsets is: a layout of int4 only
+        raise BuildError(f"--int4-zero-points is an int4 layout; --precision is {args.precision}")
     out = args.out
     if out is None:
         if args.source not in KNOWN_MODELS:
             raise BuildError("--out is required unless SOURCE is a known model name")
+        if Path(args.source).exists():
+            # the build would read the directory but write the known model's cached bundle, which every later
+            # `generate NAME` and daemon then loads
+            raise BuildError(f"./{args.source} is in the working directory and {args.source} is also a known model: "
+                             f"give --out to build the directory, or run from another directory to build the known model")
         out = default_bundle_dir(args.source, args.precision)
+        # a variant's default home is its own, not the default bundle's (which --force would replace)
+        if args.int4_offsets:
+            out = out.with_name(out.name + "-offsets")
+        elif args.rescore_top_k == 0 and args.precision == "int4":
+            out = out.with_name(out.name + "-norescore")
     progress = _Progress()
     # SIGTERM (kill, systemd stop) unwinds like Ctrl-C, so the staging directory is removed on the way out
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None

@@ -93,6 +93,11 @@ class OrtModel:
         if isinstance(providers, str):  # one name, not a list of one-letter names
             providers = [providers]
         wanted = list(providers) if providers else ["CPUExecutionProvider"]
+        for i, p in enumerate(wanted):  # a name, or (name, {option: value}): onnxruntime ignores anything else unsaid
+            if not (isinstance(p, str) or (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                                           and isinstance(p[1], Mapping))):
+                raise InvalidRequestError(f"must be a provider name or (name, {{option: value}}), got {p!r:.60}",
+                                          field=f"providers[{i}]")
         names = [p if isinstance(p, str) else p[0] for p in wanted]
         missing = [n for n in names if n not in available]
         if missing:

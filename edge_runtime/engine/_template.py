@@ -61,3 +61,8 @@ class ChatTemplate:
             raise InvalidRequestError(f"rejected by the model's chat template: {err}", field="messages") from err
         except TemplateError as err:
             raise InvalidRequestError(f"the chat template failed on these messages: {err}", field="messages") from err
+        except (ArithmeticError, TypeError, ValueError, LookupError, RecursionError) as err:
+            # a template is code that came with the model: its own bugs (1/0, 1 + 'a', endless recursion) are
+            # this request's failure, said in one line, not a crash of the caller
+            raise InvalidRequestError(f"the chat template failed on these messages: {type(err).__name__}: {err}",
+                                      field="messages") from err

@@ -516,3 +516,19 @@ def test_text_tokens_are_those_whose_text_is_shown_not_a_cut_stop_strings(engine
     assert r.text_tokens == k + 1 and len(r.tokens) == k + 2 and r.usage.completion_tokens == k + 2
     plain = engine.generate(messages=ask, max_new_tokens=3)
     assert plain.text_tokens == len(plain.tokens) - (plain.finish_reason == "eos")
+
+
+@pytest.mark.parametrize("source", ["{{ 1 / 0 }}", "{{ 1 + 'a' }}", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"])
+def test_a_chat_template_that_fails_is_a_request_error_not_a_crash(source):
+    from edge_runtime.engine._template import ChatTemplate
+
+    with pytest.raises(InvalidRequestError) as info:
+        ChatTemplate(source).render([{"role": "user", "content": "hi"}])
+    assert info.value.field == "messages" and "chat template failed" in str(info.value)
+
+
+@pytest.mark.parametrize("providers", [[123], [("CPUExecutionProvider", "x")], [("CPUExecutionProvider",)]])
+def test_malformed_providers_name_the_entry(tiny_bundle, providers):
+    with pytest.raises(InvalidRequestError) as info:
+        Engine(tiny_bundle, providers=providers, energy_meter=None)
+    assert info.value.field == "providers[0]"

