@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -49,6 +48,7 @@ from .errors import (
     InvalidRequestError,
 )
 from .policies import Decision, Policy, RequestContext, policy_from_config
+from .policies._base import score_or_none as _score_or_none
 
 __all__ = ["HybridRuntime", "HybridResult", "HybridChunk", "Route", "MODEL_ALIASES"]
 
@@ -127,19 +127,6 @@ class _Settlement:
 
     def close(self) -> None:
         self.settle(self.unsettled_usd)
-
-
-def _score_or_none(what: str, score: Callable[..., float | None], *args: Any) -> float | None:
-    """A prompt-only estimate, or None (no opinion) when it fails or is not a number: the later stages decide."""
-    try:
-        p = score(*args)
-    except Exception:  # a broken estimator must not fail the request
-        log.exception("%s failed; deciding without it", what)
-        return None
-    if p is None:
-        return None
-    p = float(p)
-    return p if math.isfinite(p) else None
 
 
 def _is_cancelled(cancel: Any) -> bool:

@@ -53,7 +53,7 @@ from .types import (
     TopLogprob,
     Usage,
     _check_text,
-    _text_part,
+    message_text,
     validate_messages,
 )
 
@@ -621,17 +621,6 @@ class Engine:
         self.close()
 
 
-def _turn_text(content: Any) -> str:
-    """A chat turn's text: content parts joined, so the history holds text and not the caller's own list."""
-    if isinstance(content, list):
-        content = "".join(_text_part(part, f"content[{j}]") for j, part in enumerate(content))
-    if not isinstance(content, str):
-        raise InvalidRequestError(f"must be a string (or a list of text parts), got {type(content).__name__}",
-                                  field="content")
-    _check_text(content, "content")
-    return content
-
-
 class ChatSession:
     """A conversation that keeps its KV cache between turns: a follow-up only prefills the new tokens."""
 
@@ -662,7 +651,8 @@ class ChatSession:
         if engine._closed:
             raise EdgeRuntimeError("engine is closed")
         p = engine.sampling_params(params, sampling)
-        turn = {"role": "user", "content": _turn_text(content)}
+        # normalised (content parts joined): the history holds text, not the caller's own list
+        turn = {"role": "user", "content": message_text(content, "content")}
         history = self.messages
         # checked now, so a bad turn fails at the call; encoded again below if an earlier turn ends first
         ids = engine.fit_context(engine.encode(messages=[*history, turn]), p)

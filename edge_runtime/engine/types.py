@@ -61,14 +61,19 @@ def validate_messages(messages: Any, *, field_name: str = "messages") -> list[di
         if role not in ROLES:
             raise InvalidRequestError(f"unknown role {short_repr(role, 40)} (expected one of {', '.join(ROLES)})",
                                       field=f"{where}.role")
-        content = msg.get("content")
-        if isinstance(content, list):  # OpenAI content parts: text only (a small language model reads no images)
-            content = "".join(_text_part(part, f"{where}.content[{j}]") for j, part in enumerate(content))
-        if not isinstance(content, str):
-            raise InvalidRequestError("must be a string", field=f"{where}.content")
-        _check_text(content, f"{where}.content")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": message_text(msg.get("content"), f"{where}.content")})
     return out
+
+
+def message_text(content: Any, field_name: str) -> str:
+    """A message's text: a string, or OpenAI content parts joined (text only: a small language model reads no
+    images). Errors name ``field_name``."""
+    if isinstance(content, list):
+        content = "".join(_text_part(part, f"{field_name}[{j}]") for j, part in enumerate(content))
+    if not isinstance(content, str):
+        raise InvalidRequestError("must be a string", field=field_name)
+    _check_text(content, field_name)
+    return content
 
 
 # the end of a context-length error's advice; a caller that cannot ask for truncation (the daemon) cuts it

@@ -30,13 +30,16 @@ vectorised ``_replay_*`` hooks used by :func:`~edge_runtime.policies.replay`.
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -317,3 +320,19 @@ def number(cfg: Mapping[str, Any], key: str, where: str, *, lo: float | None = N
     if hi is not None and v > hi:
         raise ConfigError(f"must be <= {hi}, got {v}", field=f"{where}.{key}")
     return v
+
+
+def score_or_none(what: str, score: Callable[..., float | None], *args: Any) -> float | None:
+    """A prompt-only estimate, or None (no opinion) when it fails or is not a number: the later stages decide.
+
+    A broken scorer must not fail the request, and NaN is no opinion, not a confident answer.
+    """
+    try:
+        p = score(*args)
+    except Exception:
+        log.exception("%s failed; deciding without it", what)
+        return None
+    if p is None:
+        return None
+    p = float(p)
+    return p if math.isfinite(p) else None

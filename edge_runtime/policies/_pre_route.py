@@ -13,20 +13,17 @@ computed by the runtime.
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
-from ._base import Decision, Policy, Reason, RequestContext, check_keys, number
+from ._base import Decision, Policy, Reason, RequestContext, check_keys, number, score_or_none
 from ._registry import register_policy
 
 __all__ = ["PreRoute", "register_pre_router", "PRE_ROUTERS"]
 
-log = logging.getLogger(__name__)
 
 Scorer = Callable[[RequestContext], "float | None"]
 #: name -> factory(**params) returning a scorer
@@ -72,15 +69,7 @@ class PreRoute(Policy):
             self.scorer_config = f"python:{module}.{getattr(scorer, '__qualname__', repr(scorer))}"
 
     def score(self, ctx: RequestContext) -> float | None:
-        try:
-            p = self.scorer(ctx)
-        except Exception:  # a broken pre-router must not fail the request: the later stages still decide
-            log.exception("pre-router failed; deciding without it")
-            return None
-        if p is None:
-            return None
-        p = float(p)
-        return p if math.isfinite(p) else None  # NaN is no opinion, not a confident answer
+        return score_or_none("pre-router", self.scorer, ctx)
 
     def _before(self, ctx: RequestContext) -> Decision | None:
         p = self.score(ctx)
