@@ -273,7 +273,8 @@ def test_bad_client_tls_files_are_config_errors_not_outages(certs, tmp_path):
         assert info.value.field == field
 
 
-def test_a_device_token_file_rotated_on_disk_is_used_without_a_restart(start_bridge, make_client, tmp_path):
+def _device_with_a_token_file(start_bridge, make_client, tmp_path):
+    """A bridge trusting device pi-1, and a client reading pi-1's token from a file; (tokens file, token file, client)."""
     tokens = tmp_path / "tokens.toml"
     old = add_device_token(tokens, "pi-1")
     bridge = start_bridge(auth={"tokens": {}, "tokens_file": str(tokens), "reload_interval_s": 0.0})
@@ -282,8 +283,18 @@ def test_a_device_token_file_rotated_on_disk_is_used_without_a_restart(start_bri
     os.chmod(token_file, 0o600)
     client = make_client(bridge, token=None, token_file=token_file)
     assert client.generate(HI).text
+    return tokens, token_file, client
+
+
+def _rotate(tokens):
+    """The operator revokes pi-1's token and issues a new one; the new token."""
     remove_device_token(tokens, "pi-1")
-    new = add_device_token(tokens, "pi-1")  # the operator rotates the device's token...
+    return add_device_token(tokens, "pi-1")
+
+
+def test_a_device_token_file_rotated_on_disk_is_used_without_a_restart(start_bridge, make_client, tmp_path):
+    tokens, token_file, client = _device_with_a_token_file(start_bridge, make_client, tmp_path)
+    new = _rotate(tokens)  # the operator rotates the device's token...
     rotated = tmp_path / "device.token.new"
     rotated.write_text(new + "\n")
     os.chmod(rotated, 0o600)
@@ -292,17 +303,8 @@ def test_a_device_token_file_rotated_on_disk_is_used_without_a_restart(start_bri
 
 
 def test_a_rotated_token_file_refused_for_its_mode_is_read_once_it_is_fixed(start_bridge, make_client, tmp_path):
-    tokens = tmp_path / "tokens.toml"
-    old = add_device_token(tokens, "pi-1")
-    bridge = start_bridge(auth={"tokens": {}, "tokens_file": str(tokens), "reload_interval_s": 0.0})
-    token_file = tmp_path / "device.token"
-    token_file.write_text(old + "\n")
-    os.chmod(token_file, 0o600)
-    client = make_client(bridge, token=None, token_file=token_file)
-    assert client.generate(HI).text
-    remove_device_token(tokens, "pi-1")
-    new = add_device_token(tokens, "pi-1")
-    token_file.write_text(new + "\n")
+    tokens, token_file, client = _device_with_a_token_file(start_bridge, make_client, tmp_path)
+    token_file.write_text(_rotate(tokens) + "\n")
     os.chmod(token_file, 0o644)  # readable by others: refused, the old token kept
     with pytest.raises(CloudAuthError):
         client.generate(HI)

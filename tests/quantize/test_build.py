@@ -141,17 +141,17 @@ def test_failure_mid_build_leaves_nothing_at_the_output(tiny_model_dirs, tmp_pat
     assert list(tmp_path.iterdir()) == []  # no staging directory left behind either
 
 
-def test_quality_gate_fails_the_build_and_keeps_nothing(tiny_model_dirs, tmp_path, monkeypatch):
+def _measured_quality_becomes(monkeypatch, change):
+    """The build's quality report, passed through ``change(report) -> report``."""
     import quantize.build as build_module
 
     real_quality = build_module._quality
+    monkeypatch.setattr(build_module, "_quality", lambda *a, **k: change(real_quality(*a, **k)))
 
-    def worse(*args, **kwargs):
-        # a random tiny model's quantized perplexity can land on either side of fp32's: make this one clearly worse
-        q = real_quality(*args, **kwargs)
-        return {**q, "ppl_bundle": q["ppl_fp32"] * 1.5, "ppl_ratio": 1.5}
 
-    monkeypatch.setattr(build_module, "_quality", worse)
+def test_quality_gate_fails_the_build_and_keeps_nothing(tiny_model_dirs, tmp_path, monkeypatch):
+    # a random tiny model's quantized perplexity can land on either side of fp32's: make this one clearly worse
+    _measured_quality_becomes(monkeypatch, lambda q: {**q, "ppl_bundle": q["ppl_fp32"] * 1.5, "ppl_ratio": 1.5})
     out = tmp_path / "bundle"
     with pytest.raises(QualityGateError, match="max-ppl-ratio"):
         build_bundle(tiny_model_dirs("llama"), out, precision="int4", block_size=128, max_ppl_ratio=1.25)
@@ -585,15 +585,8 @@ def test_a_gguf_with_a_damaged_header_is_a_one_line_error_before_the_build(smoll
 
 
 def test_a_model_that_computes_nan_fails_the_quality_gate(tiny_model_dirs, tmp_path, monkeypatch):
-    import quantize.build as build_module
-
-    real_quality = build_module._quality
-
-    def nan(*args, **kwargs):  # what a NaN weight or an fp16 scale overflow gives: NaN > 1.25 is False
-        q = real_quality(*args, **kwargs)
-        return {**q, "ppl_bundle": float("nan"), "ppl_ratio": float("nan")}
-
-    monkeypatch.setattr(build_module, "_quality", nan)
+    # what a NaN weight or an fp16 scale overflow gives: NaN > 1.25 is False
+    _measured_quality_becomes(monkeypatch, lambda q: {**q, "ppl_bundle": float("nan"), "ppl_ratio": float("nan")})
     out = tmp_path / "bundle"
     with pytest.raises(QualityGateError, match="not a number"):
         build_bundle(tiny_model_dirs("llama"), out, precision="int4", block_size=128, max_ppl_ratio=1.25)
@@ -601,17 +594,14 @@ def test_a_model_that_computes_nan_fails_the_quality_gate(tiny_model_dirs, tmp_p
 
 
 def test_a_directory_that_appears_at_the_output_during_a_build_is_not_replaced(tiny_model_dirs, tmp_path, monkeypatch):
-    import quantize.build as build_module
-
     out = tmp_path / "bundle"
-    real_quality = build_module._quality
 
-    def meanwhile(*args, **kwargs):  # someone creates the output directory while the build runs
+    def meanwhile(q):  # someone creates the output directory while the build runs
         out.mkdir()
         (out / "precious.txt").write_text("keep me")
-        return real_quality(*args, **kwargs)
+        return q
 
-    monkeypatch.setattr(build_module, "_quality", meanwhile)
+    _measured_quality_becomes(monkeypatch, meanwhile)
     with pytest.raises(BuildError, match="already exists"):
         build_bundle(tiny_model_dirs("llama"), out, precision="fp32", max_ppl_ratio=10.0)
     assert (out / "precious.txt").read_text() == "keep me"
