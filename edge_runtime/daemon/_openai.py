@@ -8,8 +8,9 @@ Accepted request fields: ``model`` (``auto``, ``local``, ``cloud``; default
 would change what the answer must be and is not supported here (tools and
 function calling, a ``response_format`` other than text, ``logit_bias``,
 non-zero penalties, audio) is refused naming it, rather than answered as if it
-had not been asked; other fields are ignored; a known field with a bad value is
-refused naming it.
+had not been asked; OpenAI's metadata fields (``metadata``, ``store``, ...) are
+type-checked and otherwise ignored; a known field with a bad value is refused
+naming it.
 
 Every completion carries OpenAI's fields plus extension objects: ``routing``
 (route, p_correct, threshold, policy, reason, detail, cloud_error, draft),
@@ -92,8 +93,8 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "function_call": lambda v: v in (None, "none"),
     "response_format": lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
     "logit_bias": lambda v: not v or (isinstance(v, Mapping) and not any(v.values())),
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
+    "presence_penalty": lambda v: v is None or _is_zero(v),
+    "frequency_penalty": lambda v: v is None or _is_zero(v),
     "audio": lambda v: v is None,
     "modalities": lambda v: v is None or v == ["text"],
     "reasoning_effort": lambda v: v is None,  # no reasoning models here
@@ -106,10 +107,30 @@ _HANDLED = frozenset({
     "model", "messages", "n", "user", "max_completion_tokens", "max_tokens", "temperature", "top_p", "seed", "stop",
     "logprobs", "top_logprobs", "stream", "stream_options",
 })
-_HARMLESS = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "prompt_cache_key",
-                       "safety_identifier"})
+# (they are still type-checked as OpenAI does: a client's bug should not pass here and fail there)
+_HARMLESS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "metadata": (lambda v: _is_metadata(v), "must be an object of at most 16 string values (keys up to 64 characters, "
+                                            "values up to 512)"),
+    "store": (lambda v: isinstance(v, bool), "must be true or false"),
+    "parallel_tool_calls": (lambda v: isinstance(v, bool), "must be true or false"),
+    "service_tier": (lambda v: isinstance(v, str), "must be a string"),
+    "prediction": (lambda v: isinstance(v, Mapping), "must be an object"),
+    "prompt_cache_key": (lambda v: isinstance(v, str), "must be a string"),
+    "safety_identifier": (lambda v: isinstance(v, str), "must be a string"),
+}
 # stream_options: usage on the last chunk; OpenAI's obfuscation padding changes nothing here
 _STREAM_OPTIONS = frozenset({"include_usage", "include_obfuscation"})
+
+
+def _is_zero(value: Any) -> bool:
+    # false == 0 in Python, not in JSON: OpenAI refuses a boolean penalty
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0
+
+
+def _is_metadata(value: Any) -> bool:
+    return (isinstance(value, Mapping) and len(value) <= 16
+            and all(isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+                    for k, v in value.items()))
 
 
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
@@ -117,6 +138,9 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
         if name in body and not harmless(body[name]):
             raise InvalidRequestError(f"is not supported by this server (got {short_repr(body[name])}); leave it out",
                                       field=name)
+    for name, (valid, expected) in _HARMLESS.items():
+        if body.get(name) is not None and not valid(body[name]):
+            raise InvalidRequestError(f"{expected}, got {short_repr(body[name])}", field=name)
     # a misspelt field ("max_token") would otherwise be ignored, and the answer made without it (OpenAI refuses it too)
     for name in body:
         if name not in _HANDLED and name not in _HARMLESS and name not in _UNSUPPORTED:

@@ -66,6 +66,12 @@ BAD = [
     ({**OK, "response_format": {"type": "json_object"}}, 400, "invalid_request_error", "invalid_value", "response_format"),
     ({**OK, "logit_bias": {"50256": -100}}, 400, "invalid_request_error", "invalid_value", "logit_bias"),
     ({**OK, "presence_penalty": 0.5}, 400, "invalid_request_error", "invalid_value", "presence_penalty"),
+    # false == 0 in Python only; OpenAI's harmless fields are still type-checked
+    ({**OK, "frequency_penalty": False}, 400, "invalid_request_error", "invalid_value", "frequency_penalty"),
+    ({**OK, "metadata": {"a": 1}}, 400, "invalid_request_error", "invalid_value", "metadata"),
+    ({**OK, "metadata": {f"k{i}": "v" for i in range(17)}}, 400, "invalid_request_error", "invalid_value", "metadata"),
+    ({**OK, "store": "yes"}, 400, "invalid_request_error", "invalid_value", "store"),
+    ({**OK, "prompt_cache_key": 5}, 400, "invalid_request_error", "invalid_value", "prompt_cache_key"),
     # the tiny model's context window is 256 tokens
     ({"messages": [{"role": "user", "content": "one two three " * 200}], "max_tokens": 8}, 400,
      "invalid_request_error", "context_length_exceeded", "messages"),
@@ -99,7 +105,8 @@ def test_metadata_and_unsupported_fields_that_ask_for_nothing_are_accepted_unkno
     c = http(daemon.port)
     status, _, done = c.json("POST", "/v1/chat/completions", {
         **OK, "presence_penalty": 0, "tools": [], "tool_choice": "auto", "response_format": {"type": "text"},
-        "logit_bias": {"50256": 0}, "metadata": {"a": "b"}, "store": False, "parallel_tool_calls": True})
+        "logit_bias": {"50256": 0}, "metadata": {"a": "b"}, "store": False, "parallel_tool_calls": True, "service_tier": "auto",
+        "prediction": None})
     assert status == 200 and done["choices"][0]["message"]["content"] is not None
     # a misspelt field used to be ignored: "max_token" generated to the default limit
     for extra in ({"max_token": 2}, {"whatever": {"x": 1}}):
