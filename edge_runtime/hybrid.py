@@ -44,6 +44,7 @@ from .errors import (
     CloudResponseTooLargeError,
     CloudTimeoutError,
     ConfigError,
+    ContextLengthError,
     EstimatorError,
     InvalidRequestError,
 )
@@ -361,7 +362,11 @@ class HybridRuntime:
         # the local answer gets what fits beside the prompt; the cloud's window is its own, it gets the default
         local_params = params
         room = self.engine.context_length - len(ids)
-        if fit_max_new_tokens and not params.truncate_prompt and 0 < room < params.max_new_tokens:
+        if fit_max_new_tokens and not params.truncate_prompt and room < params.max_new_tokens:
+            if room <= 0:  # no length was asked for, so "lower max_new_tokens" would be no advice
+                raise ContextLengthError(f"the prompt has {len(ids)} tokens and leaves no room for an answer in the "
+                                         f"context window of {self.engine.context_length} tokens (shorten the prompt)",
+                                         field="messages")
             local_params = dataclasses.replace(params, max_new_tokens=room)
         # the context check happens here too, before any compute
         prompt_ids = self.engine.fit_context(ids, local_params)

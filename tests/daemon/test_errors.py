@@ -337,3 +337,8 @@ def test_an_unset_max_tokens_means_what_fits_the_window(engine, start_daemon, ht
     assert done["usage"]["completion_tokens"] <= engine.context_length - prompt_tokens
     status, _, refused = c.json("POST", "/v1/chat/completions", {"messages": long_ask, "max_tokens": 250})
     assert status == 400 and refused["error"]["code"] == "context_length_exceeded"
+    # a prompt that fills the window with max_tokens unset: no advice to lower what was not asked for
+    status, _, full = c.json("POST", "/v1/chat/completions",
+                             {"messages": [{"role": "user", "content": "one two three " * 100}]})
+    assert status == 400 and full["error"]["code"] == "context_length_exceeded", full
+    assert full["error"]["param"] == "messages" and "max_tokens" not in full["error"]["message"], full
