@@ -1,22 +1,39 @@
 """Chat templates from the bundle manifest, rendered in a sandboxed Jinja2 environment.
 
 The template is data that came with a model file; the immutable sandbox stops
-it from reaching Python internals or mutating what it is given.
+it from reaching Python internals or mutating what it is given. Jinja's sandbox
+does not bound time or memory, and a daemon renders the template on every
+request, so a render also has a deadline, a cap on what it writes, and refuses
+the cheap bombs (``"x" * 10**9``, ``2 ** 10**9``, a filter width of a billion)
+before they allocate. Real templates take well under a millisecond and use
+small numbers; the limits are far from them.
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime
+import functools
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ..errors import BundleError, InvalidRequestError
 
 __all__ = ["ChatTemplate"]
 
+RENDER_TIMEOUT_S = 2.0
+MAX_RENDER_CHARS = 4_000_000  # plus four times the messages' own text
+MAX_INT_ARGUMENT = 1_000_000  # widths, repeat counts and exponents a template may pass on
+_SIZED = (str, list, tuple)
+
 
 class _TemplateRaised(Exception):
+    pass
+
+
+class _TemplateLimit(Exception):
     pass
 
 
@@ -24,20 +41,110 @@ def _raise_exception(message: str) -> None:
     raise _TemplateRaised(message)
 
 
+class _Budget:
+    """One render's limits (a ContextVar holds it: renders may run on several threads at once)."""
+
+    def __init__(self, max_chars: int) -> None:
+        self.deadline = time.monotonic() + RENDER_TIMEOUT_S
+        self.max_chars = max_chars
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _TemplateLimit(f"took longer than {RENDER_TIMEOUT_S:g} s")
+
+    def size(self, n: int) -> None:
+        if n > self.max_chars:
+            raise _TemplateLimit(f"would build a value of {n:,} characters (at most {self.max_chars:,})")
+
+    def argument(self, value: Any) -> None:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_ARGUMENT:
+            raise _TemplateLimit(f"passed the number {value} on (at most {MAX_INT_ARGUMENT:,})")
+
+
+_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("edge_runtime_template_budget", default=None)
+
+
+def _limited_range(*args: int) -> Iterator[int]:
+    from jinja2.sandbox import safe_range
+
+    budget = _budget.get()
+    for i, value in enumerate(safe_range(*args)):
+        if budget is not None and not i & 1023:
+            budget.tick()
+        yield value
+
+
+def _limited_filter(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)  # keeps jinja's pass_context / pass_environment marks
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        budget = _budget.get()
+        if budget is None:
+            # jinja folds a filter of constants while compiling, outside any render's limits; failing here
+            # makes it leave the call to the render
+            raise _TemplateLimit("a filter runs only inside a render")
+        budget.tick()
+        for value in (*args, *kwargs.values()):
+            budget.argument(value)
+        result = func(*args, **kwargs)
+        if isinstance(result, _SIZED):
+            budget.size(len(result))
+        return result
+
+    return checked
+
+
+def _environment() -> Any:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class LimitedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"+", "*", "**", "%"})
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's)
+            budget = _budget.get()
+            if budget is not None:
+                budget.tick()
+                for value in (*args, *kwargs.values()):
+                    budget.argument(value)
+            result = super().call(__context, __obj, *args, **kwargs)
+            if budget is not None and isinstance(result, _SIZED):
+                budget.size(len(result))
+            return result
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            budget = _budget.get()
+            if budget is not None:
+                budget.tick()
+                if operator == "+" and isinstance(left, _SIZED) and isinstance(right, _SIZED):
+                    budget.size(len(left) + len(right))
+                elif operator == "*" and isinstance(left, _SIZED) and isinstance(right, int):
+                    budget.size(len(left) * right)
+                elif operator == "*" and isinstance(right, _SIZED) and isinstance(left, int):
+                    budget.size(len(right) * left)
+                elif operator == "**" or (operator == "%" and isinstance(left, str)):
+                    for value in right if isinstance(right, tuple) else (right,):
+                        budget.argument(value)  # 2 ** 10**9 never ends; "%*s" % (10**9, x) allocates a GB
+            return super().call_binop(context, operator, left, right)
+
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    env.filters = {name: _limited_filter(f) for name, f in env.filters.items()}
+    env.globals["range"] = _limited_range
+    return env
+
+
 class ChatTemplate:
     def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "") -> None:
         from jinja2 import TemplateSyntaxError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         self.source = source
         self._bos, self._eos = bos_token, eos_token
         if not source:
             self._template = None
             return
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
+        env = _environment()
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+        env.filters["tojson"] = _limited_filter(lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
+            x, indent=indent, ensure_ascii=ensure_ascii))
         try:
             self._template = env.from_string(source)
         except TemplateSyntaxError as err:
@@ -52,13 +159,26 @@ class ChatTemplate:
             raise InvalidRequestError("this bundle has no chat template; send a raw prompt instead", field="messages")
         from jinja2 import TemplateError
 
+        messages = list(messages)
+        own_chars = sum(len(str(m.get("content") or "")) for m in messages if isinstance(m, dict))
+        budget = _Budget(MAX_RENDER_CHARS + 4 * own_chars)
+        token = _budget.set(budget)
         try:
-            return self._template.render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt,
+            parts, written = [], 0
+            for part in self._template.generate(
+                messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos, eos_token=self._eos, **extra,
-            )
+            ):
+                written += len(part)
+                budget.size(written)
+                budget.tick()
+                parts.append(part)
+            return "".join(parts)
         except _TemplateRaised as err:
             raise InvalidRequestError(f"rejected by the model's chat template: {err}", field="messages") from err
+        except _TemplateLimit as err:
+            # a template is code that came with the model: one that runs away fails this request, not the process
+            raise InvalidRequestError(f"the chat template was stopped: it {err}", field="messages") from err
         except TemplateError as err:
             raise InvalidRequestError(f"the chat template failed on these messages: {err}", field="messages") from err
         except (ArithmeticError, TypeError, ValueError, LookupError, RecursionError) as err:
@@ -66,3 +186,5 @@ class ChatTemplate:
             # this request's failure, said in one line, not a crash of the caller
             raise InvalidRequestError(f"the chat template failed on these messages: {type(err).__name__}: {err}",
                                       field="messages") from err
+        finally:
+            _budget.reset(token)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -525,6 +526,33 @@ def test_a_chat_template_that_fails_is_a_request_error_not_a_crash(source):
     with pytest.raises(InvalidRequestError) as info:
         ChatTemplate(source).render([{"role": "user", "content": "hi"}])
     assert info.value.field == "messages" and "chat template failed" in str(info.value)
+
+
+@pytest.mark.parametrize("source", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",  # 10**10 empty steps
+    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",  # 2**40 calls
+    "{{ 'x' * 1000000000 }}", "{{ 2 ** 1000000000 }}", "{{ '%*s' % (1000000000, 'x') }}",
+    "{{ 'x'.ljust(1000000000) }}", "{{ 'x' | center(1000000000) }}",  # jinja would fold this one while compiling
+    "{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}",  # 10 GB written in pieces
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+])
+def test_a_chat_template_that_runs_away_is_stopped_in_time_and_memory(source, monkeypatch):
+    # the template is code that came with the model, rendered on every request of a long-lived daemon
+    from edge_runtime.engine import _template
+
+    monkeypatch.setattr(_template, "RENDER_TIMEOUT_S", 0.3)
+    started = time.monotonic()
+    template = _template.ChatTemplate(source)
+    with pytest.raises(InvalidRequestError) as info:
+        template.render([{"role": "user", "content": "hi"}])
+    assert info.value.field == "messages" and "chat template was stopped" in str(info.value)
+    assert time.monotonic() - started < 3
+
+
+def test_the_limits_leave_a_real_template_and_a_long_conversation_alone(engine):
+    history = [{"role": ("user", "assistant")[i % 2], "content": "word " * 2000} for i in range(41)]
+    text = engine.template.render(history)
+    assert text.count("word") == 41 * 2000
 
 
 @pytest.mark.parametrize("providers", [[123], [("CPUExecutionProvider", "x")], [("CPUExecutionProvider",)]])
