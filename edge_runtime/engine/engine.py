@@ -465,8 +465,11 @@ class Engine:
             text_tokens = 0  # tokens up to the last one whose chunk carried text
             finish = "cancelled" if cancelled else "length"
             t_first = t_prefill
-            # Greedy only: a sampled token would need rejection sampling against the drafts.
-            lookup = PromptLookup(ids, max_draft=self.prompt_lookup) if self.prompt_lookup and rng is None else None
+            # Sampled requests draft too: each token is still drawn from the model's own (row's) distribution with
+            # the same random numbers as without drafts, and a draft counts only when the draw equals it. For a
+            # draft that is one token for sure, that is speculative sampling's rule (accept with probability p(d),
+            # else draw from p without d), so the answer's distribution and a seed's answer are unchanged.
+            lookup = PromptLookup(ids, max_draft=self.prompt_lookup) if self.prompt_lookup else None
             rows: list[np.ndarray] = []  # logits of the last step's rows not used yet: rows[i] follows drafted[i]
             drafted: list[int] = []  # the last step's drafted tokens not checked yet (they are in the cache)
             n_drafted = n_accepted = 0

@@ -102,12 +102,32 @@ def test_drafts_are_checked_and_the_greedy_answer_is_the_one_without_them(fp32_p
         assert a.margin == pytest.approx(b.margin, abs=1e-4)
 
 
-def test_sampling_never_drafts(fp32_pair, oracle, monkeypatch):
+@pytest.mark.parametrize("wrong", [(), (0, 3, 4, 9, 15), tuple(range(0, 24, 2))])
+def test_a_sampled_request_drafts_and_a_seed_gives_the_answer_it_gives_without_drafts(fp32_pair, oracle, monkeypatch,
+                                                                                      wrong):
     on, off = fp32_pair
-    monkeypatch.setattr(oracle, "answer", list(range(30)))
-    a = on.generate(REPETITIVE, max_new_tokens=24, temperature=0.8, seed=3)
-    b = off.generate(REPETITIVE, max_new_tokens=24, temperature=0.8, seed=3)
-    assert a.usage.draft_tokens == 0 and a.token_ids == b.token_ids
+    for seed, top_k, top_p in ((3, 0, 1.0), (11, 5, 0.9)):
+        params = dict(max_new_tokens=24, temperature=0.8, seed=seed, top_k=top_k, top_p=top_p)
+        without = off.generate(REPETITIVE, **params)
+        monkeypatch.setattr(oracle, "answer", without.token_ids)
+        monkeypatch.setattr(oracle, "wrong", frozenset(wrong))
+        drafted = on.generate(REPETITIVE, **params)
+        assert drafted.usage.accepted_draft_tokens > 0
+        assert drafted.usage.draft_tokens - drafted.usage.accepted_draft_tokens >= (len(wrong) > 0)
+        assert drafted.token_ids == without.token_ids and drafted.text == without.text
+        streamed = [c.token.id for c in on.stream(REPETITIVE, **params) if c.token is not None]
+        assert streamed == without.token_ids
+
+
+def test_drafts_the_draw_disagrees_with_are_rejected_and_change_nothing(fp32_pair, oracle, monkeypatch):
+    # every draft is the greedy answer's token: a hot sampled run often draws another, and that draw stands
+    on, off = fp32_pair
+    greedy = off.generate(REPETITIVE, max_new_tokens=16).token_ids
+    monkeypatch.setattr(oracle, "answer", greedy)
+    runs = [(on.generate(REPETITIVE, max_new_tokens=16, temperature=1.5, seed=s),
+             off.generate(REPETITIVE, max_new_tokens=16, temperature=1.5, seed=s)) for s in range(6)]
+    assert all(a.token_ids == b.token_ids for a, b in runs)
+    assert sum(a.usage.draft_tokens - a.usage.accepted_draft_tokens for a, _ in runs) > 0
 
 
 def test_every_length_and_stop_reason_holds_with_drafts(fp32_pair, oracle, monkeypatch):
