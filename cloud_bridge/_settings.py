@@ -249,6 +249,10 @@ class OpenAIModelSettings(ModelSettings):
             url.port  # noqa: B018  (reading it validates it)
         except ValueError as err:
             raise ConfigError(f"{self.base_url!r} is not a usable URL: {err}", field="base_url") from err
+        if url.username is not None or url.password is not None:
+            # never sent (the key goes in a header), and shown by `cloud-bridge config`: refused, and not echoed
+            raise ConfigError("holds a user name or password, which is never sent; put the API key in the environment "
+                              "variable that api_key_env names", field="base_url")
         if not url.hostname:
             raise ConfigError(f"{self.base_url!r} names no host", field="base_url")
         if not self.model:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import ipaddress
 import json
 import logging
 import math
@@ -170,6 +171,9 @@ class _Call:
         remaining = cancel.time_remaining_s()
         budget_s = s.timeout_s if remaining is None else min(s.timeout_s, remaining)
         self.deadline_s = time.monotonic() + budget_s
+        # what the timeout error names: the device's deadline when it is the shorter one
+        self.budget_what = (f"{s.timeout_s:g} s (timeout_s)" if budget_s >= s.timeout_s
+                            else f"the {max(budget_s, 0.0):.3g} s left before the device's deadline")
         self.conn: http.client.HTTPConnection | None = None
         # the socket timeout bounds each read, not the whole answer: an upstream sending one byte at a time
         # would never time out, so the connection is cut when the deadline passes
@@ -190,7 +194,7 @@ class _Call:
 
     def _timeout_error(self) -> BackendError:
         return BackendError(
-            f"upstream did not answer within {self.backend.settings.timeout_s:g} s",
+            f"upstream did not answer within {self.budget_what}",
             code="DEADLINE_EXCEEDED",
             reason="UPSTREAM_TIMEOUT",
         )
@@ -265,6 +269,15 @@ class _Call:
             self.conn.close()
 
 
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _estimated_tokens(what: BackendRequest | str, kind: str) -> int:
     """Tokens of a prompt or an answer the upstream sent no usage for: ~4 characters a token, rounded up.
 
@@ -307,6 +320,10 @@ class OpenAIBackend:
         self.path = url.path.rstrip("/") + "/chat/completions"
         self.ssl_context = ssl.create_default_context() if url.scheme == "https" else None
         self.api_key = settings.api_key(environ)  # read once at start: a missing key fails `serve`, not a request
+        if self.api_key and self.scheme == "http" and not _is_loopback_host(self.host):
+            # allowed (a LAN server with a placeholder key is common), but never silently
+            log.warning("the API key for %s goes to %s over plain http, readable by anyone on the network: use https",
+                        settings.model, self.host)
 
     def _body(self, request: BackendRequest, *, stream: bool) -> bytes:
         p = request.params
@@ -402,7 +419,8 @@ class OpenAIBackend:
             if len(raw) > _MAX_ANSWER_BYTES:
                 raise _too_large()
         except _Cancelled:
-            return BackendResult("", "cancelled", 0, 0, self.model)
+            # the upstream had the prompt (a hosted API bills it): the device's token quota pays it, as a cut stream does
+            return BackendResult("", "cancelled", _estimated_tokens(request, "prompt"), 0, self.model)
         finally:
             call.close()
         try:

@@ -544,3 +544,39 @@ def test_an_unforeseen_error_holding_the_api_key_is_redacted(upstream, monkeypat
     info = _failure(backend, False)
     assert key not in str(info.value) and info.value.reason == "BACKEND_CRASHED"
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_a_call_cut_short_by_the_device_still_pays_for_the_prompt_the_upstream_had(upstream):
+    # the upstream had the prompt (a hosted API bills it): a cancelled call is not free for the device's token quota
+    upstream.respond = lambda handler, body: time.sleep(1.0)
+    cancel = CancelToken()
+    threading.Timer(0.2, cancel.cancel).start()
+    result = make_backend(upstream).generate(REQUEST, cancel)
+    assert result.finish_reason == "cancelled" and result.completion_tokens == 0
+    assert result.prompt_tokens == -(-sum(len(m["content"]) for m in REQUEST.messages) // 4) > 0
+
+
+def test_a_timeout_names_the_budget_that_applied(upstream):
+    upstream.respond = lambda handler, body: time.sleep(1.0)
+    with pytest.raises(BackendError) as info:
+        make_backend(upstream, timeout_s=0.2).generate(REQUEST, CancelToken())
+    assert "0.2 s (timeout_s)" in str(info.value)
+    call_deadline = time.monotonic() + 0.3  # the device's deadline, shorter than the alias's 120 s
+    cancel = CancelToken(deadline_s=call_deadline)
+    from cloud_bridge.backends.openai import _Call
+
+    assert "device's deadline" in _Call(make_backend(upstream), cancel)._timeout_error().args[0]
+
+
+@pytest.mark.parametrize(("base_url", "warned"), [
+    ("http://192.0.2.10/v1", True), ("http://127.0.0.1:8000/v1", False), ("http://localhost/v1", False),
+    ("https://192.0.2.10/v1", False),
+])
+def test_an_api_key_sent_over_plain_http_off_this_machine_is_warned_about(base_url, warned, caplog):
+    with caplog.at_level("WARNING", logger="cloud_bridge"):
+        OpenAIBackend(OpenAIModelSettings(base_url=base_url, model="m", api_key_env="K"), environ={"K": "sk-secret"})
+    assert ("plain http" in caplog.text) == warned and "sk-secret" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cloud_bridge"):  # no key, nothing to leak
+        OpenAIBackend(OpenAIModelSettings(base_url=base_url, model="m"), environ={})
+    assert "plain http" not in caplog.text
