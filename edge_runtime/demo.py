@@ -80,13 +80,17 @@ def _certificate(directory: Path) -> tuple[Path, Path] | None:
     if shutil.which("openssl") is None:
         return None
     cert, key = directory / "bridge-cert.pem", directory / "bridge-key.pem"
-    if not (cert.exists() and key.exists()):
+    # a certificate from an earlier run is reused until a day before it expires (the bridge refuses an expired one)
+    fresh = cert.exists() and key.exists() and subprocess.run(
+        ["openssl", "x509", "-checkend", "86400", "-noout", "-in", str(cert)], capture_output=True).returncode == 0
+    if not fresh:
+        key.unlink(missing_ok=True)
+        key.touch(mode=0o600)  # openssl writes into it: the private key is never readable by others, even briefly
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30",
              "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
             check=True, capture_output=True,
         )
-        key.chmod(0o600)
     return cert, key
 
 
@@ -100,8 +104,9 @@ def _bridge(directory: Path, cloud_bundle: Path, steps: _Steps, price_in: float,
     tokens = directory / "bridge-tokens.toml"
     token_file = directory / "device-token"
     if not token_file.exists():
-        token_file.write_text(add_device_token(tokens, "demo-device", replace=True) + "\n", encoding="utf-8")
-        token_file.chmod(0o600)
+        token = add_device_token(tokens, "demo-device", replace=True)
+        token_file.touch(mode=0o600)  # before the token is in it: never readable by others, even briefly
+        token_file.write_text(token + "\n", encoding="utf-8")
     tls = _certificate(directory)
     port = free_port()
     lines = ["[server]", f'address = "127.0.0.1:{port}"', "grace_period_s = 5.0"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import time
 
 from ..errors import ConfigError
 
@@ -45,3 +46,18 @@ def check_key_pair(
         raise ConfigError(f"{key} holds no unencrypted PEM private key", field=key_field) from err
     except OSError as err:
         raise ConfigError(f"cannot read {key}: {err.strerror}", field=key_field) from err
+    not_after = _not_after_s(cert)
+    if not_after is not None and not_after < time.time():
+        # every client would refuse the handshake, and say only "certificate has expired" on its side
+        raise ConfigError(f"the certificate in {cert} expired on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(not_after))}",
+                          field=cert_field)
+
+
+def _not_after_s(cert: str | os.PathLike[str]) -> float | None:
+    """When the first certificate in ``cert`` expires (Unix time); None when the standard library cannot say."""
+    try:
+        # the ssl module decodes a certificate file only through this helper (no public API reads a PEM's dates)
+        decoded = ssl._ssl._test_decode_cert(os.fspath(cert))  # type: ignore[attr-defined]
+        return float(ssl.cert_time_to_seconds(decoded["notAfter"]))
+    except (AttributeError, KeyError, ValueError, OSError, ssl.SSLError):
+        return None

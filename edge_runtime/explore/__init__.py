@@ -121,9 +121,10 @@ def _daemon(config_text: str, workdir: Path, timeout_s: float = 180.0) -> Iterat
             return False
 
     cmd = [sys.executable, "-m", "edge_runtime.cli", "serve", "--config", str(config)]
-    # the config holds the whole [cloud] section (its token in a private file): the environment's
-    # EDGE_RUNTIME_CLOUD_TOKEN would make it a token and a token file, which settings refuse
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_RUNTIME_CLOUD_")}
+    # the check runs the recommended config and nothing else: the user's EDGE_RUNTIME_* settings variables would
+    # override it (EDGE_RUNTIME_POLICY=never checked "never"; EDGE_RUNTIME_SERVER_PORT moved the daemon off the
+    # port polled here; EDGE_RUNTIME_CLOUD_TOKEN beside the config's token file is refused). The cache stays.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_RUNTIME_") or k == "EDGE_RUNTIME_CACHE"}
     with child_service(cmd, workdir / "validate-daemon.log", healthy, name="the daemon", timeout_s=timeout_s, env=env):
         yield url
 

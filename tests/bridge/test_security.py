@@ -258,6 +258,18 @@ def test_bad_server_tls_files_name_their_field_not_the_address(certs, tmp_path, 
     assert info.value.field == "server.client_ca"
 
 
+def test_an_expired_certificate_is_refused_at_start_naming_its_field(tmp_path):
+    # every client would refuse the handshake ("certificate has expired" on its side only): the bridge's
+    # health checks fail and the demo waited two minutes for it
+    from .conftest import _cert, _key, _write
+
+    key = _key()
+    cert, key_path = _write(tmp_path, "old", _cert("bridge", key, None, server=True, days=-1), key)
+    with pytest.raises(ConfigError) as info:
+        create_server(bridge_settings(server={"tls_cert": str(cert), "tls_key": str(key_path)}))
+    assert info.value.field == "server.tls_cert" and "expired on" in str(info.value)
+
+
 def test_bad_client_tls_files_are_config_errors_not_outages(certs, tmp_path):
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")

@@ -530,9 +530,10 @@ def test_the_explorers_runs_are_measured_again_by_another_meter_even_under_the_s
     assert one.calls == 3
 
 
-def test_the_live_checks_daemon_reads_its_cloud_section_from_its_config_only(tmp_path, monkeypatch):
+def test_the_live_checks_daemon_reads_its_settings_from_its_config_only(tmp_path, monkeypatch):
     # the device token in EDGE_RUNTIME_CLOUD_TOKEN (as the help suggests) beside the config's token_file would be
-    # a token and a token file, which settings refuse: the child daemon gets no EDGE_RUNTIME_CLOUD_* variables
+    # a token and a token file, which settings refuse; EDGE_RUNTIME_POLICY=never made the check run "never" and
+    # blame the recommendation; EDGE_RUNTIME_SERVER_PORT moved the daemon off the polled port (a 180 s hang)
     import contextlib
 
     from edge_runtime import explore as explore_module
@@ -546,10 +547,14 @@ def test_the_live_checks_daemon_reads_its_cloud_section_from_its_config_only(tmp
 
     monkeypatch.setattr(explore_module, "child_service", fake_child)
     monkeypatch.setenv("EDGE_RUNTIME_CLOUD_TOKEN", "ebt_from-the-environment")
+    monkeypatch.setenv("EDGE_RUNTIME_POLICY", "never")
+    monkeypatch.setenv("EDGE_RUNTIME_SERVER_PORT", "18556")
     monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDGE_RUNTIME_UNRELATED_TOOL", "x")
     with explore_module._daemon("[cloud]\naddress = \"127.0.0.1:1\"\n", tmp_path):
         pass
-    assert "EDGE_RUNTIME_CLOUD_TOKEN" not in seen["env"] and seen["env"]["EDGE_RUNTIME_CACHE"] == str(tmp_path / "cache")
+    assert [k for k in seen["env"] if k.startswith("EDGE_RUNTIME_")] == ["EDGE_RUNTIME_CACHE"]
+    assert seen["env"]["EDGE_RUNTIME_CACHE"] == str(tmp_path / "cache") and "PATH" in seen["env"]
 
 
 @pytest.mark.parametrize("split", ["dev", "all"])
