@@ -222,6 +222,11 @@ class _LocalPace:
                 close()  # hands the KV cache back at once when the caller stops early
 
 
+# Engine arguments -> their [engine] settings, for errors
+_ENGINE_SETTING = {"providers": "providers", "intra_op_threads": "threads", "max_sessions": "max_sessions",
+                   "cache_tokens": "cache_tokens", "prompt_lookup": "prompt_lookup"}
+
+
 class HybridRuntime:
     """The embedding API: a local engine, a confidence estimator, a policy and (optionally) a cloud client."""
 
@@ -301,12 +306,21 @@ class HybridRuntime:
 
             cloud = CloudClient(settings.cloud)
         try:
-            engine = Engine(
-                # named: the daemon's log line is all a user sees of the error
-                resolve_bundle(e.bundle, precision=e.precision, field="engine.bundle"), providers=e.provider_list() or None, intra_op_threads=e.threads,
-                max_sessions=e.max_sessions, cache_tokens=e.cache_tokens, prompt_lookup=e.prompt_lookup, energy_meter=meter,
-                **engine_kwargs,
-            )
+            try:
+                engine = Engine(
+                    # named: the daemon's log line is all a user sees of the error
+                    resolve_bundle(e.bundle, precision=e.precision, field="engine.bundle"), providers=e.provider_list() or None, intra_op_threads=e.threads,
+                    max_sessions=e.max_sessions, cache_tokens=e.cache_tokens, prompt_lookup=e.prompt_lookup, energy_meter=meter,
+                    **engine_kwargs,
+                )
+            except InvalidRequestError as err:
+                # the Engine names its own arguments ("providers[0]"); here they are settings ("engine.providers[0]")
+                head, _, rest = (err.field or "").partition("[")
+                setting_name = _ENGINE_SETTING.get(head)
+                if setting_name is None:
+                    raise
+                message = str(err).removeprefix(f"{err.field}: ")
+                raise ConfigError(message, field=f"engine.{setting_name}" + (f"[{rest}" if rest else "")) from err
             try:
                 estimator = load_estimator(e.estimator, bundle_hash=engine.bundle_hash)
             except EstimatorError as err:

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-logprobs", type=int, default=0, help="with --json: include this many alternatives per token")
     p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
     p.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP_TOKENS, metavar="N",
-                   help=f"greedy decoding: tokens drafted per step from earlier text, checked in the same run "
+                   help=f"tokens drafted per step from earlier text, checked in the same run "
                         f"(default {PROMPT_LOOKUP_TOKENS}: off; {SUGGESTED_PROMPT_LOOKUP_TOKENS} is a good value)")
     p.add_argument("--provider", action="append", default=[], metavar="NAME",
                    help="onnxruntime execution provider, in order of preference (repeatable; default: CPUExecutionProvider)")
@@ -89,6 +89,11 @@ def _run(args: argparse.Namespace) -> int:
     from ..errors import InvalidRequestError
     from ..models import resolve_bundle
 
+    if not args.json and args.input is None:
+        # streamed text has no place for them: refused rather than silently dropped
+        for flag, given in (("--top-logprobs", args.top_logprobs), ("--estimator", args.estimator)):
+            if given:
+                raise InvalidRequestError("is shown only in JSON output: add --json", field=flag)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=tuple(args.stop), top_logprobs=args.top_logprobs,

@@ -272,6 +272,11 @@ def test_a_missing_bundle_or_estimator_names_its_setting(tiny_bundle, tmp_path):
     with pytest.raises(ConfigError, match="estimator file not found") as info:
         HybridRuntime.from_settings(load_runtime_settings(data=data, env={}))
     assert info.value.field == "engine.estimator"
+    # the engine's own argument names become the settings' names: the daemon's log line is all a user sees
+    data = {"engine": {"bundle": str(tiny_bundle), "providers": ["XnnpackExecutionProvider"]}}
+    with pytest.raises(ConfigError, match=r"^engine\.providers: execution provider\(s\) XnnpackExecutionProvider") as info:
+        HybridRuntime.from_settings(load_runtime_settings(data=data, env={}))
+    assert info.value.field == "engine.providers"
 
 
 def test_the_default_socket_is_in_the_runtime_dir_else_in_the_cache(monkeypatch, tmp_path):

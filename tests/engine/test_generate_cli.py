@@ -132,6 +132,16 @@ def test_bad_provider_flags_are_one_line_errors_naming_the_flag(tiny_bundle, cap
         assert len(err.splitlines()) == 1 and expected in err, err
 
 
+def test_flags_only_json_output_shows_are_refused_with_streamed_text(tiny_bundle, tmp_path, capsys):
+    for extra in (["--top-logprobs", "2"], ["--estimator", str(tmp_path / "e.json")]):
+        assert main(["generate", str(tiny_bundle), "--prompt", "x", *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{extra[0]}: is shown only in JSON output" in err, err
+    assert main(["generate", str(tiny_bundle), "--prompt", "x", "--max-new-tokens", "2", "--top-logprobs", "2",
+                 "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"][0]["top_logprobs"]) == 2
+
+
 def test_settings_give_provider_options_to_the_engine(tiny_bundle, monkeypatch):
     from edge_runtime.errors import ConfigError
     from edge_runtime.hybrid import HybridRuntime
