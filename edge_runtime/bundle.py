@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -46,6 +48,8 @@ VerifyMode = Literal["full", "fast", "none"]
 
 # files at least this large may skip hashing in fast mode when the build stamp matches
 _FAST_SKIP_MIN_BYTES = 16 << 20
+# a manifest is a few kB (the chat template is its largest part); anything near this is not one
+_MAX_MANIFEST_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,21 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _read_small_file(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, refusing more than ``limit`` (a FIFO would block, /dev/zero never end)."""
+    with path.open("rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{path.name} is larger than {limit >> 20} MiB")
+    return data
+
+
+def _short(err: BaseException) -> str:
+    return "nested too deeply" if isinstance(err, RecursionError) else str(err)
+
+
 def load_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
     """Read and sanity-check ``manifest.json`` (no hashing; see :func:`verify_bundle`)."""
     root = Path(bundle_dir)
@@ -137,17 +156,17 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
         raise BundleNotFoundError(f"bundle directory not found: {root}")
     path = root / MANIFEST_NAME
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(_read_small_file(path, _MAX_MANIFEST_BYTES).decode("utf-8"))
     except FileNotFoundError as err:
         raise BundleNotFoundError(f"{root} is not a bundle: no {MANIFEST_NAME}") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleVerificationError(f"{path} is not valid JSON: {err}", file=MANIFEST_NAME) from err
-    except OSError as err:  # a directory where the file should be, no permission
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, nested past Python's stack
+        raise BundleVerificationError(f"{path} is not valid JSON: {_short(err)}", file=MANIFEST_NAME) from err
+    except OSError as err:  # a directory or a device where the file should be, no permission, too large
         raise BundleVerificationError(f"cannot read {path}: {err.strerror or err}", file=MANIFEST_NAME) from err
     if not isinstance(raw, dict):
         raise BundleVerificationError(f"{path}: expected a JSON object", file=MANIFEST_NAME)
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # true == 1.0 == 1 in Python, not in a schema
         raise BundleError(f"{path}: schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})")
     for key in ("architecture", "model", "tokens", "quantization", "files"):
         if key not in raw:
@@ -190,9 +209,12 @@ def _check_manifest_fields(raw: dict[str, Any], path: Path) -> None:
         raise bad("tokens.add_bos_token", "must be true or false")
     if raw.get("chat_template") is not None and not isinstance(raw["chat_template"], str):
         raise bad("chat_template", "must be a Jinja2 template string or null")
+    for name in raw["files"]:
+        if not _plain_name(name):
+            raise bad("files", f"lists {name!r}, which is not a file name inside the bundle")
     for key, default in (("model_file", "model.onnx"), ("tokenizer_file", "tokenizer.json")):
         name = raw.get(key, default)
-        if not isinstance(name, str):
+        if not isinstance(name, str) or not _plain_name(name):
             raise bad(key, "must be a file name")
         if isinstance(raw["files"], dict) and name not in raw["files"]:
             # the listed files are all that verification checks: an unlisted model would load unchecked
@@ -213,6 +235,43 @@ def _check_manifest_fields(raw: dict[str, Any], path: Path) -> None:
         raise bad("files", f"must list {unlisted[0]}: a weights file it does not list would load unchecked")
 
 
+def _plain_name(name: str) -> bool:
+    """A relative path to a file below the bundle: not empty, "." or "..", absolute, or holding a NUL."""
+    parts = Path(name).parts
+    return (bool(name) and "\x00" not in name and not Path(name).is_absolute() and ".." not in parts
+            and bool(parts) and parts[-1] not in (".", ""))
+
+
+# how an ONNX graph names a tensor's external data file: a StringStringEntryProto with key "location"
+# (field 1, length 8), then its value (field 2, length-prefixed)
+_LOCATION_ENTRY = b"\n\x08location\x12"
+
+
+def _graph_data_files(model_path: Path) -> set[str]:
+    """The external data files the graph names (onnxruntime opens them, whatever the manifest lists).
+
+    Found by their protobuf encoding, without an ONNX parser in the base install; the graph file is
+    small (its weights are outside), and mapped rather than read when it is not.
+    """
+    names: set[str] = set()
+    with model_path.open("rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return names
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            at = data.find(_LOCATION_ENTRY)
+            while at != -1:
+                pos, length, shift = at + len(_LOCATION_ENTRY), 0, 0
+                while pos < len(data) and shift < 35:  # the value's length, a varint
+                    byte = data[pos]
+                    length |= (byte & 0x7F) << shift
+                    pos, shift = pos + 1, shift + 7
+                    if not byte & 0x80:
+                        break
+                names.add(os.path.normpath(bytes(data[pos:pos + length]).decode("utf-8", "replace")))
+                at = data.find(_LOCATION_ENTRY, pos + length)
+    return names
+
+
 def write_stamp(bundle_dir: Path, files: dict[str, dict[str, Any]]) -> None:
     """Record size and mtime of the large files so fast verification can skip re-hashing them."""
     stamp = {}
@@ -224,9 +283,9 @@ def write_stamp(bundle_dir: Path, files: dict[str, dict[str, Any]]) -> None:
 
 def _read_stamp(bundle_dir: Path) -> dict[str, Any]:
     try:
-        data = json.loads((bundle_dir / STAMP_NAME).read_text())
+        data = json.loads(_read_small_file(bundle_dir / STAMP_NAME, 1 << 20))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a damaged stamp only means hashing again
         return {}
 
 
@@ -245,6 +304,10 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], mode: VerifyMode = "full")
             st = path.stat()
         except FileNotFoundError as err:
             raise BundleVerificationError(f"{name}: missing from {root}", file=name) from err
+        except OSError as err:
+            raise BundleVerificationError(f"{name}: cannot read it: {err.strerror or err}", file=name) from err
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the hashing, a device never end it
+            raise BundleVerificationError(f"{name}: not a regular file", file=name)
         if st.st_size != int(info["size"]):
             raise BundleVerificationError(f"{name}: size {st.st_size} does not match the manifest ({info['size']})", file=name)
         if mode == "none":
@@ -262,4 +325,13 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], mode: VerifyMode = "full")
         digest = sha256_file(path)
         if digest != info["sha256"]:
             raise BundleVerificationError(f"{name}: SHA-256 mismatch (file changed or damaged)", file=name)
+    # the graph may name a weights file the manifest does not list (any name, not only *.data): it would load unchecked
+    try:
+        unlisted = sorted(_graph_data_files(manifest.model_file) - set(map(os.path.normpath, manifest.files)))
+    except OSError as err:
+        raise BundleVerificationError(f"cannot read {manifest.model_file}: {err}", file=manifest.raw.get(
+            "model_file", "model.onnx")) from err
+    if unlisted:
+        raise BundleVerificationError(f"{manifest.path}: field 'files' must list {unlisted[0]}: the graph reads "
+                                      "weights from it, which would load unchecked", file=MANIFEST_NAME)
     return manifest

@@ -1,0 +1,97 @@
+"""A bundle is a directory someone handed over: a damaged or hostile manifest fails verification, never hangs or crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from edge_runtime.bundle import load_manifest, verify_bundle
+from edge_runtime.cli import main
+from edge_runtime.errors import BundleError, BundleVerificationError
+
+
+@pytest.fixture()
+def bundle(tiny_bundles, tmp_path):
+    path = tmp_path / "b"
+    shutil.copytree(tiny_bundles("llama", "fp32"), path)
+    return path
+
+
+def _edit(bundle, edit):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("version", [True, 1.0])
+def test_a_schema_version_that_only_python_reads_as_1_is_refused(bundle, version):
+    _edit(bundle, lambda m: m.update(schema_version=version))
+    with pytest.raises(BundleError, match="schema_version"):
+        load_manifest(bundle)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["files"].update({"a\x00b": {"size": 0, "sha256": "0" * 64}}),
+    lambda m: m["files"].update({".": {"size": 0, "sha256": "0" * 64}}),
+    lambda m: m.update(model_file="."),
+    lambda m: m.update(model_file=""),
+])
+def test_file_names_that_are_not_files_in_the_bundle_name_the_field(bundle, capsys, edit):
+    _edit(bundle, edit)
+    with pytest.raises(BundleVerificationError) as info:
+        verify_bundle(bundle, "fast")
+    assert info.value.file == "manifest.json" and "field" in str(info.value)
+    assert main(["models", "verify", str(bundle)]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_manifest_nested_past_pythons_stack_is_invalid_json_not_a_crash(bundle, capsys):
+    (bundle / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleVerificationError, match="not valid JSON: nested too deeply"):
+        load_manifest(bundle)
+    assert main(["models", "verify", str(bundle)]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_stamp_nested_past_pythons_stack_only_means_hashing_again(bundle):
+    (bundle / "stamp.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert verify_bundle(bundle, "fast").name
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_listed_files_that_are_fifos_or_devices_are_refused_not_read_forever(bundle):
+    fifo = bundle / "fifo"
+    os.mkfifo(fifo)
+    _edit(bundle, lambda m: m["files"].update(fifo={"size": 0, "sha256": "0" * 64}))
+    with pytest.raises(BundleVerificationError, match="fifo: not a regular file"):
+        verify_bundle(bundle, "full")
+    manifest = bundle / "manifest.json"
+    manifest.unlink()
+    manifest.symlink_to("/dev/zero")  # read whole, it never ends
+    with pytest.raises(BundleVerificationError, match="not a regular file"):
+        load_manifest(bundle)
+
+
+def test_a_weights_file_the_graph_names_must_be_listed_whatever_its_name(bundle, capsys):
+    # the check used to look only at *.data files: a graph reading "w.bin" loaded its weights unchecked
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    data_name = next(n for n in manifest["files"] if n.endswith(".data"))
+    graph = bundle / manifest.get("model_file", "model.onnx")
+    old = data_name.encode()
+    new = b"w.bin" + b"x" * (len(old) - 5)  # same length: the protobuf stays valid
+    graph.write_bytes(graph.read_bytes().replace(old, new))
+    (bundle / data_name).rename(bundle / new.decode())
+    info = manifest["files"].pop(data_name)
+    manifest["files"][new.decode()] = info
+    manifest["files"][graph.name]["sha256"] = __import__("hashlib").sha256(graph.read_bytes()).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    verify_bundle(bundle, "full")  # listed under its own name: fine
+    manifest["files"].pop(new.decode())
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleVerificationError, match=f"must list {new.decode()}"):
+        verify_bundle(bundle, "none")
+    assert main(["generate", str(bundle), "--prompt", "hi", "--max-new-tokens", "1"]) == 1
+    assert f"must list {new.decode()}" in capsys.readouterr().err
