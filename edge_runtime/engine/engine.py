@@ -19,6 +19,7 @@ same few-shot header) only prefills what differs.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import json
@@ -462,7 +463,9 @@ class Engine:
             generated: list[int] = []
             infos: list[TokenInfo] = []
             texts: list[str] = []
-            text_tokens = 0  # tokens up to the last one whose chunk carried text
+            text_tokens = 0  # tokens up to the one whose text the last shown character came from
+            produced_end: list[int] = []  # characters decoded after each token (not the eos)
+            shown = 0  # characters shown so far
             finish = "cancelled" if cancelled else "length"
             t_first = t_prefill
             # Sampled requests draft too: each token is still drawn from the model's own (row's) distribution with
@@ -517,23 +520,31 @@ class Engine:
                     finish = "eos"
                     yield StreamChunk("", info)
                     break
-                safe, hit = stops.feed(decoder.push(tid))
+                piece = decoder.push(tid)
+                produced_end.append((produced_end[-1] if produced_end else 0) + len(piece))
+                safe, hit = stops.feed(piece)
                 texts.append(safe)
                 if safe:
-                    text_tokens = len(infos)
+                    # held-back text comes out with a later token's: credit the token it was decoded from
+                    shown += len(safe)
+                    text_tokens = bisect.bisect_left(produced_end, shown) + 1
                 yield StreamChunk(safe, info)
                 if hit:
                     finish = "stop"
                     break
                 prev = tid
             if finish != "stop":
-                tail, hit = stops.feed(decoder.flush())
+                flushed = decoder.flush()
+                if produced_end:  # bytes the last token completed
+                    produced_end[-1] += len(flushed)
+                tail, hit = stops.feed(flushed)
                 tail += "" if hit else stops.flush()
                 if hit:
                     finish = "stop"
-                if tail:  # held back until the end: it belongs to every token since the last text
+                if tail:  # held back until the end
                     texts.append(tail)
-                    text_tokens = len(infos) - (finish == "eos")
+                    shown += len(tail)
+                    text_tokens = bisect.bisect_left(produced_end, shown) + 1
                     yield StreamChunk(tail)
             t_end = time.perf_counter()
             energy = None

@@ -167,7 +167,10 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise InvalidRequestError(f"must be a number, got {short_repr(value)}", field=name)
-            object.__setattr__(self, name, float(value))
+            try:
+                object.__setattr__(self, name, float(value))
+            except OverflowError as err:  # an integer past a float's range (JSON allows 10**400)
+                raise InvalidRequestError(f"must be a finite number, got {short_repr(value)}", field=name) from err
         if not isinstance(self.truncate_prompt, bool):
             raise InvalidRequestError(f"must be true or false, got {short_repr(self.truncate_prompt)}", field="truncate_prompt")
         self.validate()

@@ -519,6 +519,30 @@ def test_text_tokens_are_those_whose_text_is_shown_not_a_cut_stop_strings(engine
     assert plain.text_tokens == len(plain.tokens) - (plain.finish_reason == "eos")
 
 
+def test_text_held_back_for_a_stop_string_is_credited_to_the_token_it_came_from(engine):
+    # a token's last character is held back (it may start one stop string), and the next token is another stop
+    # string whole: the held character comes out with the next token's chunk, but it is the earlier token's text
+    ask = [{"role": "user", "content": "what is 2 + 2?"}]
+    plain = engine.generate(messages=ask, max_new_tokens=8)
+    texts = [t.text for t in plain.tokens]
+    k = next(i for i in range(len(texts) - 1) if texts[i] and texts[i + 1].strip() and texts[i + 1].isprintable()
+             and plain.text.find(texts[i + 1]) == len("".join(texts[:i + 1])))
+    hold = texts[k][-1] + "ZZZZZZ"
+    assert "ZZZZZZ" not in plain.text
+    r = engine.generate(messages=ask, max_new_tokens=8, stop=[hold, texts[k + 1]])
+    assert r.finish_reason == "stop" and r.text == "".join(texts[:k + 1])
+    assert r.text_tokens == k + 1 and "".join(t.text for t in r.tokens[:r.text_tokens]) == r.text
+    streamed = [c for c in engine.stream(messages=ask, max_new_tokens=8, stop=[hold, texts[k + 1]])]
+    assert streamed[-1].result.text_tokens == k + 1
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+def test_a_number_past_a_floats_range_names_its_field(field):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**{field: 10 ** 400})
+    assert info.value.field == field
+
+
 @pytest.mark.parametrize("source", ["{{ 1 / 0 }}", "{{ 1 + 'a' }}", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"])
 def test_a_chat_template_that_fails_is_a_request_error_not_a_crash(source):
     from edge_runtime.engine._template import ChatTemplate
