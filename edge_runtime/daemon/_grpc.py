@@ -13,6 +13,8 @@ import logging
 import os
 import socket
 import stat
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,6 +53,7 @@ DOMAIN = "edgecloud.v1"
 _MAX_SOCKET_PATH = 107
 # a call whose deadline is this close (s) when it ends ended by the deadline
 _DEADLINE_SLACK_S = 0.05
+_STALLED_SEND_GRACE_S = 1.0  # after the deadline, for a stream whose client stopped reading
 
 _FINISH = {
     "stop": bridge_pb2.FINISH_REASON_STOP,
@@ -215,7 +218,17 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
     def ChatStream(self, request: daemon_pb2.ChatRequest,
                    context: grpc.ServicerContext) -> Iterator[daemon_pb2.ChatStreamResponse]:
         job = self._open(request, context)
-        with _aborting_on_error(job, context):
+        # The job checks its deadline between tokens, but grpc pulls this generator only when it can send: a
+        # client that stops reading blocks the send (flow control), the engine is never advanced, and the job
+        # would hold its generation slot for as long as the client stalls. Past the deadline the call is ended
+        # from outside (a running job gives up at its own check first; this catches the stalled send).
+        watchdog = threading.Timer(max(0.0, job.deadline_s - time.monotonic()) + _STALLED_SEND_GRACE_S,
+                                   _end_stalled, (job, context))
+        watchdog.daemon = True
+        watchdog.start()
+        with contextlib.ExitStack() as stack:
+            stack.callback(watchdog.cancel)
+            stack.enter_context(_aborting_on_error(job, context))
             # a token whose text is held back (part of a character, or maybe of a stop string) is sent just before
             # the next text; those still held at the end are a cut stop string's, as the final answer's are not
             held: list[daemon_pb2.ChatDelta] = []
@@ -239,6 +252,13 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
                         yield daemon_pb2.ChatStreamResponse(delta=waiting)
                     held = []
                     yield daemon_pb2.ChatStreamResponse(delta=delta)
+
+
+def _end_stalled(job: Job, context: grpc.ServicerContext) -> None:
+    log.warning("request %s: the gRPC client stopped reading its stream; ended at the deadline",
+                job.request.request_id)
+    job.cancel("timeout")
+    context.cancel()  # ends the blocked send; the generator is closed, and the job frees its slot
 
 
 def _end_reason(context: grpc.ServicerContext) -> CancelReason:

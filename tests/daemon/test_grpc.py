@@ -163,3 +163,24 @@ def test_streamed_logprobs_are_those_of_the_text_not_of_a_stop_string_cut_from_i
     final = events[-1].final
     assert streamed == texts[:k + 1] == [t.token for t in final.logprobs]
     assert "".join(e.delta.text for e in events if e.HasField("delta")) == final.text
+
+
+def test_a_stream_whose_client_stops_reading_frees_its_slot_at_the_deadline(engine, start_daemon, tmp_path):
+    # grpc advances the stream only when it can send: with the client's flow-control window full, the job was
+    # never advanced, never saw its deadline, and held the only generation slot for as long as the client stalled
+    import time
+
+    daemon = start_daemon(runtime(engine, {"type": "never"}), tmp_path, request_timeout_s=1.0)
+    with grpc.insecure_channel(f"unix:{daemon.grpc_socket}", options=[("grpc.http2.bdp_probe", 0)]) as ch:
+        stub = daemon_pb2_grpc.EdgeRuntimeStub(ch)
+        request = _request("count " * 4, max_new_tokens=engine.context_length - 40, logprobs=True, top_logprobs=20)
+        stream = stub.ChatStream(request)  # no deadline of its own
+        next(stream)  # then it stops reading
+        started = time.monotonic()
+        while daemon.service.active_jobs and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        assert daemon.service.active_jobs == 0, "the stalled stream still holds its job"
+        assert time.monotonic() - started < 4
+        r = stub.Chat(_request(max_new_tokens=2), timeout=10)  # the slot serves the next request
+        assert r.usage.local.completion_tokens >= 1
+        stream.cancel()
