@@ -67,6 +67,12 @@ class BrowserGuard:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            if "transfer-encoding" in headers and "content-length" in headers:
+                # two framings: a proxy in front (allow_remote) may read the other one, and smuggle a request in
+                # the rest of this body (RFC 9112 6.1); refused, and the connection closed
+                await self._refuse(send, "invalid_request", "a request may not carry both Content-Length and "
+                                   "Transfer-Encoding", status=400, close=True)
+                return
             refusal = self._refusal(headers)
             if refusal is not None:
                 await self._refuse(send, *refusal)
@@ -87,9 +93,11 @@ class BrowserGuard:
         return None
 
     @staticmethod
-    async def _refuse(send: Any, code: str, message: str) -> None:
+    async def _refuse(send: Any, code: str, message: str, *, status: int = 403, close: bool = False) -> None:
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                      "code": code}}).encode()
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

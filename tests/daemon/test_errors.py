@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -342,3 +343,22 @@ def test_an_unset_max_tokens_means_what_fits_the_window(engine, start_daemon, ht
                              {"messages": [{"role": "user", "content": "one two three " * 100}]})
     assert status == 400 and full["error"]["code"] == "context_length_exceeded", full
     assert full["error"]["param"] == "messages" and "max_tokens" not in full["error"]["message"], full
+
+
+def test_a_request_with_two_framings_is_refused_and_its_connection_closed(daemon):
+    # Content-Length and Transfer-Encoding together: a proxy in front may read the other framing and smuggle a
+    # request inside this one's body (RFC 9112 6.1); it was answered, and the next request on the connection too
+    import socket
+
+    body = json.dumps({**OK, "max_tokens": 2}).encode()
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n" + smuggled)
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as s:
+        s.sendall(raw)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 400") and out.count(b"HTTP/1.1 ") == 1, out
+    assert b"connection: close" in out.lower() and b"Content-Length and Transfer-Encoding" in out
