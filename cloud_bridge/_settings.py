@@ -121,7 +121,8 @@ class AuthSettings:
         Path("bridge-tokens.toml"), help="TOML file of device token hashes, managed by `cloud-bridge token add/remove`"
     )
     tokens: dict[str, str] = setting(
-        factory=dict, help='inline device = "sha256:<hex>" token hashes (in addition to tokens_file)', secret=True
+        factory=dict, help='inline device = "sha256:<hex>" token hashes (in addition to tokens_file)', secret=True,
+        private=False,  # hashes, not tokens: a bridge.toml readable by others gives no device away
     )
     reload_interval_s: float = setting(
         1.0, help="how often to look for changes to tokens_file (added and revoked tokens apply without a restart)"

@@ -41,15 +41,18 @@ _NOT_SETTINGS = frozenset({"EDGE_RUNTIME_CACHE"})
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING, secret: bool = False,
-            path: bool | str = False) -> Any:
+            path: bool | str = False, private: bool | None = None) -> Any:
     """A settings field with help text. ``secret`` fields are never printed by :func:`settings_to_dict`.
+
+    ``private`` (default: ``secret``): a config file holding a value of it must not be readable by others.
+    Hashes of secrets are hidden from output but need no private file.
 
     ``Path`` fields written relative in a config file are relative to the file's directory (in the
     environment and on the command line, to the working directory). ``path="if_exists"`` does the
     same for a string field that may also name something else (a bundle directory or a model name):
     only when the file-relative path exists.
     """
-    meta = {"help": help, "secret": secret, "path": path}
+    meta = {"help": help, "secret": secret, "path": path, "private": secret if private is None else private}
     # a secret stays out of repr() (a debug log line or a traceback with locals would print it)
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta, repr=not secret)
@@ -305,12 +308,32 @@ def load_settings(
             raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}): TOML files are UTF-8") from err
         except OSError as err:  # a directory, no permission
             raise ConfigError(f"cannot read the config file {path}: {err.strerror or err}") from err
+        _check_secrets_are_private(cls, layers[-1], path)
     if data is not None:
         layers.append(data)
     layers.append(_env_layer(cls, os.environ if env is None else env, env_prefix))
     if overrides:
         layers.append(overrides)
     return _build(cls, layers, "")
+
+
+def _check_secrets_are_private(cls: type, layer: Mapping[str, Any], path: Path) -> None:
+    """A secret written in a config file others can read is refused, as a token file readable by others is."""
+    try:
+        shared = os.stat(path).st_mode & 0o077
+    except OSError:
+        return
+    if not shared:
+        return
+    for names, f, _tp in _leaf_fields(cls):
+        if not f.metadata.get("private"):
+            continue
+        value: Any = layer
+        for name in names:
+            value = value.get(name) if isinstance(value, Mapping) else None
+        if value:
+            raise ConfigError(f"is written in {path}, which others can read: chmod 600 that file, or keep the "
+                              "secret in its own file (a *_file setting) or the environment", field=".".join(names))
 
 
 def _leaf_fields(cls: type, prefix: tuple[str, ...] = ()) -> typing.Iterator[tuple[tuple[str, ...], dataclasses.Field[Any], Any]]:

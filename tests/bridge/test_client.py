@@ -353,9 +353,22 @@ def test_a_token_file_set_over_a_token_from_another_layer_is_refused_not_ignored
     token_file.chmod(0o600)
     config = tmp_path / "edge.toml"
     config.write_text('[cloud]\naddress = "127.0.0.1:50051"\ntoken = "inline"\n')
+    config.chmod(0o600)
     with pytest.raises(ConfigError, match="token or token_file, not both") as info:
         load_runtime_settings(config, env={"EDGE_RUNTIME_CLOUD_TOKEN_FILE": str(token_file)})
     assert info.value.field == "cloud.token_file"
+
+
+def test_a_token_written_in_a_config_file_others_can_read_is_refused(tmp_path):
+    # a token file readable by others is refused; the same token inline in a 0644 config passed silently
+    config = tmp_path / "edge.toml"
+    config.write_text('[cloud]\naddress = "127.0.0.1:50051"\ntoken = "ebt_inline-secret"\n')
+    config.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600") as info:
+        load_runtime_settings(config, env={})
+    assert info.value.field == "cloud.token" and "ebt_inline-secret" not in str(info.value)
+    config.chmod(0o600)
+    assert load_runtime_settings(config, env={}).cloud.token == "ebt_inline-secret"
 
 
 def test_a_closed_client_raises_cloud_errors_and_answers_health_checks_false(start_bridge, make_client):
