@@ -20,7 +20,11 @@ def cache_dir(*parts: str, create: bool = True) -> Path:
     """Return the cache directory (or a subdirectory of it), creating it if asked."""
     # "~/x" as a systemd Environment= line or a quoted shell value passes it, unexpanded; a relative value is
     # taken from the working directory once, so a process that changes directory keeps the same cache
-    root = Path(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "edge-runtime")).expanduser().absolute()
+    raw = os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "edge-runtime")
+    try:
+        root = Path(raw).expanduser().absolute()
+    except RuntimeError as err:  # "~nosuchuser/x", or no home directory to put the default in
+        raise ConfigError(f"cannot expand {raw!r}: {err} (set {CACHE_ENV} to a directory)", field=CACHE_ENV) from err
     path = root.joinpath(*parts)
     if create:
         try:
