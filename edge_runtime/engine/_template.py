@@ -11,6 +11,7 @@ small numbers; the limits are far from them.
 
 from __future__ import annotations
 
+import collections.abc
 import contextvars
 import datetime
 import functools
@@ -64,14 +65,45 @@ class _Budget:
 _budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("edge_runtime_template_budget", default=None)
 
 
-def _limited_range(*args: int) -> Iterator[int]:
-    from jinja2.sandbox import safe_range
+class _TimedRange(collections.abc.Sequence):
+    """A ``range`` (len, indexing, slicing, reversed work as on one) whose iteration checks the render's
+    deadline: nested loops over ranges do nothing but iterate, and no other hook sees them."""
 
+    def __init__(self, rng: range) -> None:
+        self._range = rng
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    def __getitem__(self, index: Any) -> Any:
+        item = self._range[index]
+        return _TimedRange(item) if isinstance(item, range) else item
+
+    def __iter__(self) -> Iterator[int]:
+        return _ticking(iter(self._range))
+
+    def __reversed__(self) -> Iterator[int]:
+        return _ticking(reversed(self._range))
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._range
+
+    def __repr__(self) -> str:
+        return repr(self._range)
+
+
+def _ticking(values: Iterator[int]) -> Iterator[int]:
     budget = _budget.get()
-    for i, value in enumerate(safe_range(*args)):
+    for i, value in enumerate(values):
         if budget is not None and not i & 1023:
             budget.tick()
         yield value
+
+
+def _limited_range(*args: int) -> _TimedRange:
+    from jinja2.sandbox import safe_range
+
+    return _TimedRange(safe_range(*args))  # safe_range refuses more than 100,000 items
 
 
 def _limited_filter(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -573,6 +573,15 @@ def test_a_chat_template_that_runs_away_is_stopped_in_time_and_memory(source, mo
     assert time.monotonic() - started < 3
 
 
+def test_range_in_a_template_still_behaves_as_a_range():
+    from edge_runtime.engine._template import ChatTemplate
+
+    source = ("{{ range(5)|length }} {{ range(10)[::-1]|list }} {% for i in range(3)|reverse %}{{ i }}{% endfor %} "
+              "{{ 3 in range(5) }} {{ range(2, 8, 2)|list }}")
+    assert ChatTemplate(source).render([{"role": "user", "content": "x"}]) == \
+        "5 [9, 8, 7, 6, 5, 4, 3, 2, 1, 0] 210 True [2, 4, 6]"
+
+
 def test_the_limits_leave_a_real_template_and_a_long_conversation_alone(engine):
     history = [{"role": ("user", "assistant")[i % 2], "content": "word " * 2000} for i in range(41)]
     text = engine.template.render(history)
