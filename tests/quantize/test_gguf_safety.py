@@ -237,3 +237,19 @@ def test_a_config_json_with_a_huge_context_is_refused_before_transformers_loads_
     assert main(["quantize", str(src), "--out", str(tmp_path / "out"), "--precision", "fp32"]) == 1
     err = capsys.readouterr().err.strip()
     assert "config.json: max_position_embeddings is 2147483647: more than 1048576" in err and len(err.splitlines()) == 1
+
+
+def test_part_of_the_export_extra_is_named_before_anything_is_fetched(tmp_path):
+    # with onnx but not gguf, quantize fetched the 98 MB GGUF and then called it "damaged or truncated:
+    # No module named 'gguf'"
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['gguf'] = None\n"  # as if not installed
+            "from edge_runtime.cli import main\n"
+            f"sys.exit(main(['quantize', 'smollm2-135m-instruct', '--out', {str(tmp_path / 'out')!r}]))")
+    env = {**__import__("os").environ, "EDGE_RUNTIME_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "needs the export extra" in out.stderr and "missing gguf" in out.stderr and "damaged" not in out.stderr
+    assert not (tmp_path / "cache" / "models").exists()  # nothing fetched
