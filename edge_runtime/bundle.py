@@ -37,6 +37,7 @@ __all__ = [
     "load_manifest",
     "verify_bundle",
     "sha256_file",
+    "read_small_file",
     "write_stamp",
     "VerifyMode",
 ]
@@ -134,14 +135,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _read_small_file(path: Path, limit: int) -> bytes:
-    """A regular file's bytes, refusing more than ``limit`` (a FIFO would block, /dev/zero never end)."""
-    with path.open("rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+def read_small_file(path: Path, limit: int) -> bytes:
+    """A regular file's bytes; OSError for anything else or more than ``limit`` bytes.
+
+    Opened without blocking (opening a FIFO for reading waits for a writer) and checked before it is
+    read (/dev/zero never ends).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path.name} is not a regular file")
         data = fh.read(limit + 1)
     if len(data) > limit:
-        raise OSError(f"{path.name} is larger than {limit >> 20} MiB")
+        raise OSError(f"{path.name} is larger than {limit:,} bytes")
     return data
 
 
@@ -156,7 +162,7 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
         raise BundleNotFoundError(f"bundle directory not found: {root}")
     path = root / MANIFEST_NAME
     try:
-        raw = json.loads(_read_small_file(path, _MAX_MANIFEST_BYTES).decode("utf-8"))
+        raw = json.loads(read_small_file(path, _MAX_MANIFEST_BYTES).decode("utf-8"))
     except FileNotFoundError as err:
         raise BundleNotFoundError(f"{root} is not a bundle: no {MANIFEST_NAME}") from err
     except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, nested past Python's stack
@@ -283,7 +289,7 @@ def write_stamp(bundle_dir: Path, files: dict[str, dict[str, Any]]) -> None:
 
 def _read_stamp(bundle_dir: Path) -> dict[str, Any]:
     try:
-        data = json.loads(_read_small_file(bundle_dir / STAMP_NAME, 1 << 20))
+        data = json.loads(read_small_file(bundle_dir / STAMP_NAME, 1 << 20))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError, RecursionError):  # a damaged stamp only means hashing again
         return {}

@@ -16,7 +16,6 @@ import logging
 import lzma
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import MANIFEST_NAME, sha256_file, verify_bundle
+from .bundle import MANIFEST_NAME, read_small_file, sha256_file, verify_bundle
 from .cache import cache_dir
 from .errors import BundleError, ModelFetchError
 
@@ -311,15 +310,8 @@ _STAMP_MAX_BYTES = 4096
 def _read_stamp(target: Path) -> object:
     """The JSON of ``target``'s verification stamp, or None if it is missing, unreadable or damaged."""
     try:
-        # non-blocking: a FIFO put there must not hang `models list`; only a regular file is read
-        fd = os.open(_stamp_path(target), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                return None
-            data = fh.read(_STAMP_MAX_BYTES + 1)
+        data = read_small_file(_stamp_path(target), _STAMP_MAX_BYTES)  # a FIFO there must not hang `models list`
     except OSError:
-        return None
-    if len(data) > _STAMP_MAX_BYTES:
         return None
     try:
         return json.loads(data)

@@ -68,11 +68,23 @@ def test_listed_files_that_are_fifos_or_devices_are_refused_not_read_forever(bun
     _edit(bundle, lambda m: m["files"].update(fifo={"size": 0, "sha256": "0" * 64}))
     with pytest.raises(BundleVerificationError, match="fifo: not a regular file"):
         verify_bundle(bundle, "full")
+    _edit(bundle, lambda m: m["files"].pop("fifo"))
     manifest = bundle / "manifest.json"
+    text = manifest.read_text()
+    (bundle / "stamp.json").unlink(missing_ok=True)
+    os.mkfifo(bundle / "stamp.json")  # opened for reading, a FIFO waits for a writer: it is only "no stamp"
+    assert verify_bundle(bundle, "fast").name
     manifest.unlink()
     manifest.symlink_to("/dev/zero")  # read whole, it never ends
     with pytest.raises(BundleVerificationError, match="not a regular file"):
         load_manifest(bundle)
+    manifest.unlink()
+    os.mkfifo(manifest)
+    with pytest.raises(BundleVerificationError, match="not a regular file"):
+        load_manifest(bundle)
+    manifest.unlink()
+    manifest.write_text(text)
+    assert verify_bundle(bundle, "fast").name
 
 
 def test_a_weights_file_the_graph_names_must_be_listed_whatever_its_name(bundle, capsys):

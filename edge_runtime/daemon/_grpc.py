@@ -218,26 +218,19 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
     def ChatStream(self, request: daemon_pb2.ChatRequest,
                    context: grpc.ServicerContext) -> Iterator[daemon_pb2.ChatStreamResponse]:
         job = self._open(request, context)
-        # The job checks its deadline between tokens, but grpc pulls this generator only when it can send: a
-        # client that stops reading blocks the send (flow control), the engine is never advanced, and the job
-        # would hold its generation slot for as long as the client stalls. Past the deadline the call is ended
-        # from outside (a running job gives up at its own check first; this catches the stalled send).
-        watchdog = threading.Timer(max(0.0, job.deadline_s - time.monotonic()) + _STALLED_SEND_GRACE_S,
-                                   _end_stalled, (job, context))
-        watchdog.daemon = True
-        watchdog.start()
+        watchdog = _StallWatchdog(job, context)
         with contextlib.ExitStack() as stack:
-            stack.callback(watchdog.cancel)
+            stack.callback(watchdog.stop)
             stack.enter_context(_aborting_on_error(job, context))
             # a token whose text is held back (part of a character, or maybe of a stop string) is sent just before
             # the next text; those still held at the end are a cut stop string's, as the final answer's are not
             held: list[daemon_pb2.ChatDelta] = []
             for chunk in job.iterate():
                 if chunk.result is not None:
-                    yield daemon_pb2.ChatStreamResponse(final=response_from_result(chunk.result, job))
+                    yield from watchdog.send(daemon_pb2.ChatStreamResponse(final=response_from_result(chunk.result, job)))
                 elif chunk.kind == "withdraw":
                     held = []
-                    yield daemon_pb2.ChatStreamResponse(withdraw=daemon_pb2.Withdraw())
+                    yield from watchdog.send(daemon_pb2.ChatStreamResponse(withdraw=daemon_pb2.Withdraw()))
                 else:
                     delta = daemon_pb2.ChatDelta(text=chunk.text)
                     token = chunk.token
@@ -249,16 +242,57 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
                     if not chunk.text:
                         continue
                     for waiting in held:
-                        yield daemon_pb2.ChatStreamResponse(delta=waiting)
+                        yield from watchdog.send(daemon_pb2.ChatStreamResponse(delta=waiting))
                     held = []
-                    yield daemon_pb2.ChatStreamResponse(delta=delta)
+                    yield from watchdog.send(daemon_pb2.ChatStreamResponse(delta=delta))
 
 
-def _end_stalled(job: Job, context: grpc.ServicerContext) -> None:
-    log.warning("request %s: the gRPC client stopped reading its stream; ended at the deadline",
-                job.request.request_id)
-    job.cancel("timeout")
-    context.cancel()  # ends the blocked send; the generator is closed, and the job frees its slot
+class _StallWatchdog:
+    """Ends a stream whose client stopped reading, once its deadline has passed.
+
+    The job checks its deadline between tokens, but grpc pulls the stream's generator only when it
+    can send: a client that stops reading blocks the send (flow control), the engine is never
+    advanced, and the job would hold its generation slot for as long as the client stalls. Past the
+    deadline, a stream that has been waiting in one send for the grace period is ended from outside.
+    A job that is still working (a slow step, a late cloud fallback) is left to its own deadline
+    check, which ends it with its proper status.
+    """
+
+    def __init__(self, job: Job, context: grpc.ServicerContext) -> None:
+        self.job, self.context = job, context
+        self._sending_since: float | None = None  # when the stream handed grpc the message it is still sending
+        self._timer: threading.Timer | None = None
+        self._stopped = False
+        self._arm(job.deadline_s - time.monotonic() + _STALLED_SEND_GRACE_S)
+
+    def send(self, message: daemon_pb2.ChatStreamResponse) -> Iterator[daemon_pb2.ChatStreamResponse]:
+        self._sending_since = time.monotonic()
+        yield message  # returns when grpc has sent it and asks for the next
+        self._sending_since = None
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _arm(self, delay_s: float) -> None:
+        if self._stopped:
+            return
+        # Timer refuses waits past threading.TIMEOUT_MAX (a request_timeout_s of 1e10 is allowed)
+        self._timer = threading.Timer(min(max(delay_s, 0.0), threading.TIMEOUT_MAX), self._check)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _check(self) -> None:
+        since = self._sending_since
+        if since is not None and time.monotonic() - since >= _STALLED_SEND_GRACE_S:
+            log.warning("request %s: the gRPC client stopped reading its stream; ended after the deadline",
+                        self.job.request.request_id)
+            self.job.cancel("timeout")
+            self.context.cancel()  # ends the blocked send; the generator is closed, and the job frees its slot
+            return
+        # still working, or sending for less than the grace: look again
+        self._arm(_STALLED_SEND_GRACE_S if since is None else since + _STALLED_SEND_GRACE_S - time.monotonic())
 
 
 def _end_reason(context: grpc.ServicerContext) -> CancelReason:
