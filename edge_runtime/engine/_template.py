@@ -16,6 +16,7 @@ import contextvars
 import datetime
 import functools
 import json
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -28,6 +29,9 @@ RENDER_TIMEOUT_S = 2.0
 MAX_RENDER_CHARS = 4_000_000  # plus four times the messages' own text
 MAX_INT_ARGUMENT = 1_000_000  # widths, repeat counts and exponents a template may pass on
 _SIZED = (str, list, tuple)
+# a printf conversion ("%-08.3f", "%(name)20s") or a str.format replacement field's spec ("{0:>20}")
+_FORMAT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*[0-9*]*(?:\.[0-9*]*)?|\{[^{}]*:[^{}]*\}")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class _TemplateRaised(Exception):
@@ -60,6 +64,14 @@ class _Budget:
     def argument(self, value: Any) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_ARGUMENT:
             raise _TemplateLimit(f"passed the number {value} on (at most {MAX_INT_ARGUMENT:,})")
+
+    def format_string(self, fmt: str) -> None:
+        """Widths and precisions written in a format string ("%200000000s", "{:200000000}") allocate as a
+        passed number would."""
+        for match in _FORMAT_SPEC.finditer(fmt):
+            for digits in _DIGITS.findall(match.group(0)):
+                if len(digits) > 7 or int(digits) > MAX_INT_ARGUMENT:
+                    raise _TemplateLimit(f"formats with a width of {digits[:20]} (at most {MAX_INT_ARGUMENT:,})")
 
 
 _budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("edge_runtime_template_budget", default=None)
@@ -106,7 +118,7 @@ def _limited_range(*args: int) -> _TimedRange:
     return _TimedRange(safe_range(*args))  # safe_range refuses more than 100,000 items
 
 
-def _limited_filter(func: Callable[..., Any]) -> Callable[..., Any]:
+def _limited_filter(func: Callable[..., Any], *, formats: bool = False) -> Callable[..., Any]:
     @functools.wraps(func)  # keeps jinja's pass_context / pass_environment marks
     def checked(*args: Any, **kwargs: Any) -> Any:
         budget = _budget.get()
@@ -117,6 +129,8 @@ def _limited_filter(func: Callable[..., Any]) -> Callable[..., Any]:
         budget.tick()
         for value in (*args, *kwargs.values()):
             budget.argument(value)
+        if formats and args and isinstance(args[0], str):  # "%200000000s"|format(x)
+            budget.format_string(args[0])
         result = func(*args, **kwargs)
         if isinstance(result, _SIZED):
             budget.size(len(result))
@@ -155,10 +169,20 @@ def _environment() -> Any:
                 elif operator == "**" or (operator == "%" and isinstance(left, str)):
                     for value in right if isinstance(right, tuple) else (right,):
                         budget.argument(value)  # 2 ** 10**9 never ends; "%*s" % (10**9, x) allocates a GB
+                    if operator == "%":
+                        budget.format_string(left)
             return super().call_binop(context, operator, left, right)
 
+        def wrap_str_format(self, value: Any) -> Any:
+            # jinja sandboxes "...".format when it is looked up, so its string is seen here, not in call()
+            budget = _budget.get()
+            if budget is not None and getattr(value, "__name__", None) in ("format", "format_map") \
+                    and isinstance(getattr(value, "__self__", None), str):
+                budget.format_string(value.__self__)
+            return super().wrap_str_format(value)
+
     env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False)
-    env.filters = {name: _limited_filter(f) for name, f in env.filters.items()}
+    env.filters = {name: _limited_filter(f, formats=name == "format") for name, f in env.filters.items()}
     env.globals["range"] = _limited_range
     return env
 

@@ -557,6 +557,8 @@ def test_a_chat_template_that_fails_is_a_request_error_not_a_crash(source):
     "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",  # 2**40 calls
     "{{ 'x' * 1000000000 }}", "{{ 2 ** 1000000000 }}", "{{ '%*s' % (1000000000, 'x') }}",
     "{{ 'x'.ljust(1000000000) }}", "{{ 'x' | center(1000000000) }}",  # jinja would fold this one while compiling
+    # widths written in the format string itself
+    "{{ '%200000000s' % 'x' }}", "{{ '{:200000000}'.format('x') }}", "{{ '%200000000s' | format('x') }}",
     "{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}",  # 10 GB written in pieces
     "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
 ])
@@ -573,13 +575,13 @@ def test_a_chat_template_that_runs_away_is_stopped_in_time_and_memory(source, mo
     assert time.monotonic() - started < 3
 
 
-def test_range_in_a_template_still_behaves_as_a_range():
+def test_range_and_formatting_in_a_template_still_work():
     from edge_runtime.engine._template import ChatTemplate
 
     source = ("{{ range(5)|length }} {{ range(10)[::-1]|list }} {% for i in range(3)|reverse %}{{ i }}{% endfor %} "
-              "{{ 3 in range(5) }} {{ range(2, 8, 2)|list }}")
+              "{{ 3 in range(5) }} {{ range(2, 8, 2)|list }} {{ '%5.2f%%' % 3.14159 }} {{ '{:>4}'.format('ab') }}")
     assert ChatTemplate(source).render([{"role": "user", "content": "x"}]) == \
-        "5 [9, 8, 7, 6, 5, 4, 3, 2, 1, 0] 210 True [2, 4, 6]"
+        "5 [9, 8, 7, 6, 5, 4, 3, 2, 1, 0] 210 True [2, 4, 6]  3.14%   ab"
 
 
 def test_the_limits_leave_a_real_template_and_a_long_conversation_alone(engine):
