@@ -243,6 +243,11 @@ class OpenAIModelSettings(ModelSettings):
 
     def validate(self) -> None:
         super().validate()
+        if "@" in self.base_url.split("://", 1)[-1].split("/", 1)[0]:
+            # never sent (the key goes in a header), and shown by `cloud-bridge config`: refused first, and not
+            # echoed by this or any later message
+            raise ConfigError("holds a user name or password, which is never sent; put the API key in the environment "
+                              "variable that api_key_env names", field="base_url")
         if not re.match(r"^https?://[^/]+", self.base_url):
             raise ConfigError(f"must be an http:// or https:// URL, got {self.base_url!r}", field="base_url")
         try:  # a bad port or bracket fails here, not as a traceback when the backend is built
@@ -250,10 +255,6 @@ class OpenAIModelSettings(ModelSettings):
             url.port  # noqa: B018  (reading it validates it)
         except ValueError as err:
             raise ConfigError(f"{self.base_url!r} is not a usable URL: {err}", field="base_url") from err
-        if url.username is not None or url.password is not None:
-            # never sent (the key goes in a header), and shown by `cloud-bridge config`: refused, and not echoed
-            raise ConfigError("holds a user name or password, which is never sent; put the API key in the environment "
-                              "variable that api_key_env names", field="base_url")
         if not url.hostname:
             raise ConfigError(f"{self.base_url!r} names no host", field="base_url")
         if not self.model:

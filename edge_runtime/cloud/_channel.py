@@ -55,7 +55,8 @@ def _credentials(settings: CloudSettings) -> grpc.ChannelCredentials:
     if settings.ca_file is not None:
         check_certificates(settings.ca_file, field="cloud.ca_file")
     if settings.cert_file is not None and settings.key_file is not None:
-        check_key_pair(settings.cert_file, settings.key_file, cert_field="cloud.cert_file", key_field="cloud.key_file")
+        check_key_pair(settings.cert_file, settings.key_file, cert_field="cloud.cert_file", key_field="cloud.key_file",
+                       refuse_expired=False)
     return grpc.ssl_channel_credentials(
         root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
     )

@@ -9,6 +9,7 @@ file is a ConfigError naming its field before gRPC sees it.
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import time
@@ -16,6 +17,8 @@ import time
 from ..errors import ConfigError
 
 __all__ = ["check_certificates", "check_key_pair"]
+
+log = logging.getLogger(__name__)
 
 
 def _no_password() -> bytes:
@@ -34,9 +37,14 @@ def check_certificates(path: str | os.PathLike[str], *, field: str) -> None:
 
 
 def check_key_pair(
-    cert: str | os.PathLike[str], key: str | os.PathLike[str], *, cert_field: str, key_field: str
+    cert: str | os.PathLike[str], key: str | os.PathLike[str], *, cert_field: str, key_field: str,
+    refuse_expired: bool = True,
 ) -> None:
-    """Raise ConfigError unless ``cert`` holds PEM certificates and ``key`` the unencrypted PEM key of the first."""
+    """Raise ConfigError unless ``cert`` holds PEM certificates and ``key`` the unencrypted PEM key of the first.
+
+    An expired certificate is refused too, or with ``refuse_expired=False`` only logged: a device whose client
+    certificate lapsed keeps serving its local answers (escalations fall back) rather than failing to start.
+    """
     check_certificates(cert, field=cert_field)  # so that what fails below is the key
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_no_password)
@@ -48,9 +56,12 @@ def check_key_pair(
         raise ConfigError(f"cannot read {key}: {err.strerror}", field=key_field) from err
     not_after = _not_after_s(cert)
     if not_after is not None and not_after < time.time():
-        # every client would refuse the handshake, and say only "certificate has expired" on its side
-        raise ConfigError(f"the certificate in {cert} expired on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(not_after))}",
-                          field=cert_field)
+        # the other side would refuse the handshake, and say only "certificate has expired" on its side
+        problem = ConfigError(f"the certificate in {cert} expired on "
+                              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(not_after))}", field=cert_field)
+        if refuse_expired:
+            raise problem
+        log.error("%s: the bridge will refuse it until it is renewed", problem)
 
 
 def _not_after_s(cert: str | os.PathLike[str]) -> float | None:

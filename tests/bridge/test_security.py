@@ -270,6 +270,25 @@ def test_an_expired_certificate_is_refused_at_start_naming_its_field(tmp_path):
     assert info.value.field == "server.tls_cert" and "expired on" in str(info.value)
 
 
+def test_an_expired_client_certificate_is_logged_and_the_device_still_starts(tmp_path, caplog):
+    # the bridge will refuse it, but the device's local answers must not stop on the day it lapses
+    from edge_runtime.cloud import CloudClient
+    from edge_runtime.settings import load_runtime_settings
+
+    from .conftest import _cert, _key, _write
+
+    key = _key()
+    cert, key_path = _write(tmp_path, "device", _cert("device-a", key, None, days=-1), key)
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    settings = load_runtime_settings(data={"cloud": {"address": "127.0.0.1:1", "token_file": str(token),
+                                                     "cert_file": str(cert), "key_file": str(key_path)}}, env={})
+    with caplog.at_level("ERROR"):
+        CloudClient(settings.cloud).close()
+    assert "cloud.cert_file" in caplog.text and "expired on" in caplog.text
+
+
 def test_bad_client_tls_files_are_config_errors_not_outages(certs, tmp_path):
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")

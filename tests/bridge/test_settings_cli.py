@@ -122,6 +122,8 @@ def test_a_bad_device_id_names_where_it_was_written(tmp_path):
         ('[models.x]\nbackend = "openai"\nbase_url = "http://h:abc/v1"\nmodel = "m"\n', "models.x.base_url"),
         # credentials in the URL are never sent, and the error does not echo them
         ('[models.x]\nbackend = "openai"\nbase_url = "https://alice:hunter2@h/v1"\nmodel = "m"\n', "models.x.base_url"),
+        ('[models.x]\nbackend = "openai"\nbase_url = "https://alice:hunter2@h:99999/v1"\nmodel = "m"\n', "models.x.base_url"),
+        ('[models.x]\nbackend = "openai"\nbase_url = "ftp://alice:hunter2@h/v1"\nmodel = "m"\n', "models.x.base_url"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, extra, field):
