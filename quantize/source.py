@@ -62,12 +62,13 @@ def _dir_sha256(path: Path) -> str:
 
 
 # Upper bounds on the dimensions that size allocations, by transformers' config name: (GGUF key after the
-# architecture, bound). Each is far past any real model (the largest have 1M positions (Qwen2.5-1M: 1,010,000),
-# 126 layers, 128 heads, head_dim 256, a 16k-wide hidden state, 53k-wide MLPs and 262k-token vocabularies), so only
-# a damaged or hostile header reaches one: a 2**31-1 context_length made the RoPE tables ask for 137 GB, and a
-# block_count of 100,000 kept transformers building layers for minutes.
+# architecture, bound). Each is past the models this builder is for (edge SLMs) and past the largest published ones
+# (126 layers, 128 heads, head_dim 256, a 16k-wide hidden state, 53k-wide MLPs, 262k-token vocabularies, and a
+# few long-context fine-tunes of 4M positions), so only a damaged or hostile header reaches one: a 2**31-1
+# context_length made the RoPE tables ask for 137 GB (8M positions ask ~2 GB), and a block_count of 100,000
+# kept transformers building layers for minutes.
 _DIMENSION_LIMITS: dict[str, tuple[str, int]] = {
-    "max_position_embeddings": ("context_length", 1 << 20),
+    "max_position_embeddings": ("context_length", 1 << 23),
     "num_hidden_layers": ("block_count", 1024),
     "num_attention_heads": ("attention.head_count", 1024),
     "num_key_value_heads": ("attention.head_count_kv", 1024),
@@ -84,7 +85,7 @@ def _check_dimension_limits(values: Mapping[str, object], where: Callable[[str],
     for name, (_, limit) in _DIMENSION_LIMITS.items():
         value = values.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-            raise BuildError(f"{where(name)} is {value}: more than {limit}, far past any real model "
+            raise BuildError(f"{where(name)} is {value}: more than the {limit} this builder accepts "
                              "(a damaged file?)")
 
 

@@ -406,3 +406,13 @@ def test_models_list_survives_a_deeply_nested_bundle_manifest(_cache, monkeypatc
     monkeypatch.setattr(models_module, "verify_bundle", recursing)
     assert [(p.name, why) for p, why in cached_bundles()] == [
         ("deep", "cannot check it: manifest.json is nested too deeply to be a bundle manifest")]
+
+
+def test_a_wheel_that_cannot_be_read_is_not_called_damaged(tmp_path):
+    # a permission problem says nothing about the wheel: "delete it and fetch again" would be bad advice
+    from edge_runtime.models import _damaged_wheel
+
+    wheel = tmp_path / "x.whl"
+    unreadable = _damaged_wheel(wheel, PermissionError(13, "Permission denied"))
+    assert str(unreadable) == f"cannot read {wheel}: Permission denied"
+    assert "delete it" in str(_damaged_wheel(wheel, __import__("zlib").error("invalid stored block lengths")))

@@ -157,7 +157,7 @@ def test_the_pre_scan_agrees_with_gguf_on_a_well_formed_file(tmp_path, big_endia
     assert check_source(path) == path
 
 
-def test_a_real_sized_tokenizer_header_scans_well_under_a_second(tmp_path):
+def test_a_real_sized_tokenizer_header_scans_in_a_blink(tmp_path):
     # what a 150k-token vocabulary brings: its tokens, its merges (strings) and its token types (fixed size)
     tokens = b"".join(_s(f"tok{i:06d}") for i in range(150_000))
     merges = b"".join(_s(f"t{i} m{i}") for i in range(150_000))
@@ -168,12 +168,13 @@ def test_a_real_sized_tokenizer_header_scans_well_under_a_second(tmp_path):
     path.write_bytes(data)
     start = time.perf_counter()
     source._scan_gguf_header(path)
-    assert time.perf_counter() - start < 1.0
+    # ~0.15 s here; a per-string method call would take seconds: the bound leaves room for a loaded machine
+    assert time.perf_counter() - start < 3.0
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"context_length": 2**31 - 1}, "llama.context_length is 2147483647: more than 1048576"),
-    ({"block_count": 100_000}, "llama.block_count is 100000: more than 1024"),
+    ({"context_length": 2**31 - 1}, "llama.context_length is 2147483647: more than the 8388608 this builder accepts"),
+    ({"block_count": 100_000}, "llama.block_count is 100000: more than the 1024 this builder accepts"),
     ({"attention.head_count": 5000}, "llama.attention.head_count is 5000"),
     ({"vocab_size": 2**31}, "llama.vocab_size is 2147483648"),
     ({"embedding_length": 65536, "attention.head_count": 1},
@@ -236,7 +237,7 @@ def test_a_config_json_with_a_huge_context_is_refused_before_transformers_loads_
     monkeypatch.setattr(source, "_rope_tables", tripwire)
     assert main(["quantize", str(src), "--out", str(tmp_path / "out"), "--precision", "fp32"]) == 1
     err = capsys.readouterr().err.strip()
-    assert "config.json: max_position_embeddings is 2147483647: more than 1048576" in err and len(err.splitlines()) == 1
+    assert "config.json: max_position_embeddings is 2147483647: more than the 8388608 this builder accepts" in err and len(err.splitlines()) == 1
 
 
 def test_part_of_the_export_extra_is_named_before_anything_is_fetched(tmp_path):
