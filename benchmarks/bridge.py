@@ -283,13 +283,17 @@ def main(argv: list[str] | None = None) -> int:
             f"  {run['clients']:>8}{run['sent']:>7}{run['answered']:>10}{run['lost']:>6}"
             f"{run['retried_after_queue_full']:>9}"
             f"{run['requests_per_s']:>9.2f}{run['completion_tokens_per_s']:>9.1f}"
-            f"{run['latency_p50_ms']:>10.1f}{run['latency_p99_ms']:>10.1f}"
+            f"{_ms(run['latency_p50_ms']):>10}{_ms(run['latency_p99_ms']):>10}"
         )
     print(f"\nwrote {args.out}")
     lost = sum(run["lost"] for run in load["runs"])
     if lost:
         print(f"{lost} requests lost: {load['runs'][-1]['failures']}", file=sys.stderr)
     return 1 if lost else 0
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"  # None: every request of that level was lost
 
 
 if __name__ == "__main__":

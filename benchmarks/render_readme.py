@@ -58,13 +58,18 @@ def _daemon(host: str) -> str:
     for key, label in (("engine", "engine, called directly"), ("runtime", "HybridRuntime, in process"), ("daemon", "daemon over HTTP")):
         rows.append(f"| {label} | {o[key]['p50_ms']:.1f} | {o[key]['p99_ms']:.1f} |")
     rows += ["", f"Daemon overhead over the engine: {o['daemon_overhead']['median_of_paired_differences_ms']:.1f} ms (median of paired "
-             f"differences; {o['daemon_overhead']['p50_ms']:.1f} ms comparing p50s; target ≤ 5 ms), of which HTTP, queue and thread "
-             f"hand-off {o['daemon_breakdown']['http_queue_handoff_p50_ms']:.1f} ms and routing {o['daemon_breakdown']['routing_p50_ms']:.1f} ms.",
+             f"differences; {o['daemon_overhead']['p50_ms']:.1f} ms comparing p50s; target ≤ 5 ms), of which HTTP, JSON and thread "
+             f"hand-off {o['daemon_breakdown']['http_queue_handoff_p50_ms']:.1f} ms, queueing "
+             f"{o['daemon_breakdown']['queue_p50_ms']:.1f} ms and routing {o['daemon_breakdown']['routing_p50_ms']:.1f} ms.",
              "", "| clients | req/s | tok/s | p50 ms | p99 ms | 429s |", "|--:|--:|--:|--:|--:|--:|"]
     for t in d["throughput"]:
         rows.append(f"| {t['clients']} | {t['requests_per_s']:.1f} | {t['completion_tokens_per_s']:.0f} | {t['p50_ms']:.0f} | "
                     f"{t['p99_ms']:.0f} | {t['refused_429']} |")
     return "\n".join(rows)
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"  # None: every request of that level was lost
 
 
 def _bridge(host: str) -> str:
@@ -80,7 +85,7 @@ def _bridge(host: str) -> str:
             "| clients | sent | answered | lost | req/s | tok/s | p50 ms | p99 ms |", "|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in t["runs"]:
         rows.append(f"| {r['clients']} | {r['sent']} | {r['answered']} | {r['lost']} | {r['requests_per_s']:.2f} | "
-                    f"{r['completion_tokens_per_s']:.0f} | {r['latency_p50_ms']:.0f} | {r['latency_p99_ms']:.0f} |")
+                    f"{r['completion_tokens_per_s']:.0f} | {_ms(r['latency_p50_ms'])} | {_ms(r['latency_p99_ms'])} |")
     return "\n".join(rows)
 
 

@@ -634,6 +634,26 @@ def summarize(results: list[dict[str, Any]], bandwidth: dict[str, Any], bytes_pe
     return summary
 
 
+def _one_model(engines: Sequence[Target], peers: Sequence[str]) -> str | None:
+    """The model the usable engine bundles hold; ConfigError for a mix, or for peers of another model.
+
+    The peers and the default quality reference run SmolLM2: a bundle of another model was reported as
+    "37x the faster peer", and its perplexity divided by SmolLM2's.
+    """
+    from edge_runtime.errors import ConfigError
+
+    names = {t.label: json.loads((t.model / "manifest.json").read_text()).get("name")
+             for t in engines if t.reason is None and t.model is not None}
+    if len(set(names.values())) > 1:
+        raise ConfigError("the bundles are of different models (" + ", ".join(f"{k}: {v}" for k, v in names.items())
+                          + "): a run compares one model's runtimes", field="--bundle")
+    model = next(iter(names.values()), None)
+    if model != MODEL and any(p in PEER_NAMES for p in peers):  # (an unknown name is only a skipped row)
+        raise ConfigError(f"the peers run {MODEL} and these bundles are {model}: their speeds are not comparable "
+                          "(pass --peers none)", field="--bundle")
+    return model
+
+
 def run_benchmark(
     *,
     threads: int | None = None,
@@ -683,8 +703,12 @@ def run_benchmark(
         from edge_runtime.errors import BundleError
 
         raise BundleError("no usable engine bundle to benchmark: " + "; ".join(f"{t.label}: {t.reason}" for t in engines))
-    targets = engines + peer_targets(peers, build=setup_peers, log=log)
     manifest = json.loads((reference.model / "manifest.json").read_text())
+    model = _one_model(engines, peers)
+    if quality and reference_bundle is None and model != MODEL:  # the default reference is SmolLM2's fp32
+        log(f"no fp32 reference for {model}: quality is not compared")
+        quality = False
+    targets = engines + peer_targets(peers, build=setup_peers, log=log)
     tokenizer_file = reference.model / manifest.get("tokenizer_file", "tokenizer.json")
     prompts = make_prompts(tokenizer_file, manifest.get("tokens", {}).get("bos_token_id"), short_tokens, long_tokens)
     log(f"measuring memory bandwidth ({threads} threads)")
@@ -1056,6 +1080,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         print()
         print(render_markdown(doc))
         print(f"wrote {json_path} and {md_path}")
+    # a runtime that failed or was skipped leaves its row out: the run is written, but it did not succeed
+    missing = [r["label"] for r in doc["results"] if r["status"] != "ok"]
+    if missing:
+        print(f"not measured: {', '.join(missing)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -276,3 +276,31 @@ def test_an_unusable_bundle_is_reported_before_any_peer_is_set_up(throughput, tm
     with pytest.raises(BundleError, match="no usable engine bundle"):
         throughput.run_benchmark(bundles={"x": tmp_path / "nope"}, peers=("genai",), build_bundles=False,
                                  load_sample_s=0.01, log=lambda _msg: None)
+
+
+def test_a_bundle_of_another_model_is_not_compared_with_smollm2(throughput, tiny_bundle: Path, tmp_path: Path) -> None:
+    # the peers and the default quality reference run SmolLM2: a tiny model read "37x the faster peer", and its
+    # perplexity was divided by SmolLM2's
+    from edge_runtime.errors import ConfigError
+
+    common = dict(threads=1, repetitions=1, warmup=0, load_repetitions=1, decode_tokens=2, short_tokens=6,
+                  long_tokens=12, bundles={"tiny": tiny_bundle}, setup_peers=False, build_bundles=False,
+                  bandwidth_mb=8, load_sample_s=0.01, timeout_s=60, quality_tokens=20)
+    with pytest.raises(ConfigError, match="peers run smollm2-135m-instruct and these bundles are tiny-llama"):
+        throughput.run_benchmark(peers=("genai",), log=lambda _msg: None, **common)
+    said: list[str] = []
+    doc = throughput.run_benchmark(peers=(), log=said.append, **common)
+    assert "no fp32 reference for tiny-llama: quality is not compared" in said
+    (engine,) = doc["results"]
+    assert engine["status"] == "ok" and not engine["quality"]
+
+
+def test_a_run_that_did_not_measure_every_runtime_exits_non_zero(throughput, monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a runner killed by the OOM killer left its row out and the run exited 0, over the committed results
+    doc = {"results": [{"label": "edge-runtime int4", "status": "ok"}, {"label": "llama.cpp", "status": "failed"}]}
+    monkeypatch.setattr(throughput, "run_benchmark", lambda **_kw: doc)
+    monkeypatch.setattr(throughput, "write_results", lambda *_a: (tmp_path / "a.json", tmp_path / "a.md"))
+    monkeypatch.setattr(throughput, "render_markdown", lambda _doc: "table")
+    assert throughput.main(["--peers", "none", "--out-dir", str(tmp_path)]) == 1
+    assert "not measured: llama.cpp" in capsys.readouterr().err
