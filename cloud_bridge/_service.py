@@ -20,7 +20,7 @@ import grpc
 
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
 from edge_runtime.cloud import ACCEPTED_METADATA_KEY, Escalation
-from edge_runtime.engine.types import SamplingParams, validate_messages
+from edge_runtime.engine.types import SamplingParams, log_text, validate_messages
 from edge_runtime.errors import BackendError, InvalidRequestError, QueueFullError
 
 from ._admission import WorkerSlots
@@ -309,7 +309,8 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
 
     def _abort(self, context: grpc.ServicerContext, reject: Reject, job: _Job | None = None) -> NoReturn:
         request_id = job.request.request_id if job is not None else reject.request_id
-        log.info("%s status=%s %s", request_id, reject.status.code.name, reject.status.details)
+        # the details may quote an upstream's error text: escaped, so it cannot forge log lines
+        log.info("%s status=%s %s", request_id, reject.status.code.name, log_text(reject.status.details))
         context.abort_with_status(reject.status)
         raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from .confidence import Estimator, check_bundle_hash, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
+from .engine.types import log_text
 from .errors import (
     CircuitOpenError,
     CloudCancelledError,
@@ -585,7 +586,7 @@ class HybridRuntime:
                     failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0
                 asked = asked and not isinstance(err, CircuitOpenError)
                 cloud_error = f"{type(err).__name__}: {err}"
-                log.warning("escalation failed, answering locally: %s", cloud_error)
+                log.warning("%s: escalation failed, answering locally: %s", request_id, log_text(cloud_error))
                 route = "fallback"
         else:
             route = "local" if decision.action == "local" else "local_forced"

@@ -399,3 +399,22 @@ def test_an_unset_length_fits_the_local_answer_only(engine):
         # with truncation asked for, the prompt is cut instead and the default applies whole
         cut = rt.chat(msgs, model="local", truncate_prompt=True)
         assert cut.usage["local"]["prompt_tokens"] == engine.context_length - 64
+
+
+def test_an_escalation_failure_is_logged_on_one_line_with_its_request_id(engine, caplog):
+    # an upstream's error text reaches this warning: a newline in it forged a log line, and with concurrent
+    # requests the warning could not be matched to its request
+    from types import SimpleNamespace
+
+    from edge_runtime.errors import CloudUnavailableError
+
+    def failing(*_a, **_kw):
+        raise CloudUnavailableError("upstream says no\n2026-01-01 WARNING cloud_bridge.access: FORGED device=admin")
+
+    cloud = SimpleNamespace(stream=failing, generate=failing, settings=SimpleNamespace(model=""))
+    rt = HybridRuntime(engine, policy={"type": "always"}, cloud=cloud)
+    with caplog.at_level("WARNING", logger="edge_runtime.hybrid"):
+        r = rt.chat(ASK, max_new_tokens=2, request_id="req-42")
+    assert r.route == "fallback"
+    (line,) = [rec.getMessage() for rec in caplog.records if "escalation failed" in rec.getMessage()]
+    assert "\n" not in line and "req-42" in line and "FORGED" in line  # kept, but escaped on the same line

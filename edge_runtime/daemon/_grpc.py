@@ -125,7 +125,7 @@ def status_for(err: BaseException) -> grpc.Status:
 # ---- messages ---------------------------------------------------------------------------------------
 
 
-def request_from_proto(msg: daemon_pb2.ChatRequest) -> ChatRequest:
+def request_from_proto(msg: daemon_pb2.ChatRequest, *, stream: bool = False) -> ChatRequest:
     sampling: dict[str, Any] = {}
     s = msg.sampling
     for name in ("temperature", "top_p", "top_k", "seed"):
@@ -139,7 +139,7 @@ def request_from_proto(msg: daemon_pb2.ChatRequest) -> ChatRequest:
         messages=[{"role": m.role, "content": m.content} for m in msg.messages],
         model=msg.model or None,
         sampling=sampling,
-        stream=False,
+        stream=stream,  # ChatStream: its time to first text is measured, as an HTTP stream's is
         logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
         reveal_draft=msg.reveal_draft,
@@ -197,12 +197,12 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
     def __init__(self, service: ChatService) -> None:
         self.service = service
 
-    def _open(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> Job:
+    def _open(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext, *, stream: bool = False) -> Job:
         try:
-            req = request_from_proto(request)
+            req = request_from_proto(request, stream=stream)
             job = self.service.open(req, "grpc", timeout_s=context.time_remaining())
         except EdgeRuntimeError as err:
-            self.service.refused("grpc", err)
+            self.service.refused("grpc", err, request.request_id or None)
             context.abort_with_status(status_for(err))
             raise  # abort_with_status raises; this line is for the type checker
         # runs when the call ends for any reason; a no-op for a job that already finished
@@ -217,7 +217,7 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
 
     def ChatStream(self, request: daemon_pb2.ChatRequest,
                    context: grpc.ServicerContext) -> Iterator[daemon_pb2.ChatStreamResponse]:
-        job = self._open(request, context)
+        job = self._open(request, context, stream=True)
         watchdog = _StallWatchdog(job, context)
         with contextlib.ExitStack() as stack:
             stack.callback(watchdog.stop)

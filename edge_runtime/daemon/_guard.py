@@ -60,9 +60,11 @@ def _loopback_origin(origin: str) -> bool:
 class BrowserGuard:
     """ASGI middleware: refuses (403, OpenAI's error shape) what only a web page would send."""
 
-    def __init__(self, app: ASGIApp, *, check_host: bool) -> None:
+    def __init__(self, app: ASGIApp, *, check_host: bool,
+                 on_refused: Callable[[str, str, str], None] | None = None) -> None:
         self.app = app
         self.check_host = check_host
+        self.on_refused = on_refused  # (path, code, message): a refusal is logged and counted, not silent
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -70,12 +72,12 @@ class BrowserGuard:
             if "transfer-encoding" in headers and "content-length" in headers:
                 # two framings: a proxy in front (allow_remote) may read the other one, and smuggle a request in
                 # the rest of this body (RFC 9112 6.1); refused, and the connection closed
-                await self._refuse(send, "invalid_request", "a request may not carry both Content-Length and "
+                await self._refuse(scope, send, "invalid_request", "a request may not carry both Content-Length and "
                                    "Transfer-Encoding", status=400, close=True)
                 return
             refusal = self._refusal(headers)
             if refusal is not None:
-                await self._refuse(send, *refusal)
+                await self._refuse(scope, send, *refusal)
                 return
         await self.app(scope, receive, send)
 
@@ -92,8 +94,10 @@ class BrowserGuard:
                     "is bound to loopback (set server.allow_remote to serve other names)")
         return None
 
-    @staticmethod
-    async def _refuse(send: Any, code: str, message: str, *, status: int = 403, close: bool = False) -> None:
+    async def _refuse(self, scope: Scope, send: Any, code: str, message: str, *, status: int = 403,
+                      close: bool = False) -> None:
+        if self.on_refused is not None:
+            self.on_refused(str(scope.get("path", "")), code, message)
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                      "code": code}}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

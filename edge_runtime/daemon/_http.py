@@ -68,8 +68,11 @@ class _AsciiJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-def _error_response(err: ApiError) -> JSONResponse:
-    return _AsciiJSONResponse(err.body(), status_code=err.status, headers=err.all_headers())
+def _error_response(err: ApiError, request_id: str | None = None) -> JSONResponse:
+    headers = err.all_headers()
+    if request_id is not None:  # as on an answer: the client can quote it, and the log line carries it
+        headers["x-request-id"] = request_id
+    return _AsciiJSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 def _sse(obj: Any) -> bytes:
@@ -137,23 +140,23 @@ class ChatCompletions:
                     opening.add_done_callback(_abandon)
                     raise
         except _BodyError as err:
-            self.service.metrics.count_request("http", "timeout" if err.error.status == 408 else "invalid")
-            response = _error_response(err.error)
+            self.service.refused("http", err, request_id, outcome="timeout" if err.error.status == 408 else "invalid")
+            response = _error_response(err.error, request_id)
             if err.error.status in (408, 413):  # the rest of the body is unread: the connection cannot go on
                 response.headers["connection"] = "close"
             await response(scope, receive, send)
             return
-        except ClientDisconnect:  # gone while sending the body: nobody to answer
-            self.service.metrics.count_request("http", "cancelled")
+        except ClientDisconnect as err:  # gone while sending the body: nobody to answer
+            self.service.refused("http", err, request_id, outcome="cancelled")
             return
         except EdgeRuntimeError as err:
-            self.service.refused("http", err)
-            await _error_response(api_error(err))(scope, receive, send)
+            self.service.refused("http", err, request_id)
+            await _error_response(api_error(err), request_id)(scope, receive, send)
             return
         except Exception as err:  # our bug: still an OpenAI-shaped 500, counted, and the daemon goes on
             log.exception("request %s failed before it started", request_id)
-            self.service.refused("http", err)
-            await _error_response(api_error(err))(scope, receive, send)
+            self.service.refused("http", err, request_id)
+            await _error_response(api_error(err), request_id)(scope, receive, send)
             return
         headers = {"x-request-id": req.request_id}
         if req.stream:
@@ -197,14 +200,14 @@ class ChatCompletions:
         except ClientGone:
             return
         except EdgeRuntimeError as err:
-            await _error_response(api_error(err))(scope, receive, send)
+            await _error_response(api_error(err), req.request_id)(scope, receive, send)
             return
         except asyncio.CancelledError:
             job.cancel("shutdown")
             raise
         except Exception:
             log.exception("request %s failed", req.request_id)
-            await _error_response(api_error(RuntimeError()))(scope, receive, send)
+            await _error_response(api_error(RuntimeError()), req.request_id)(scope, receive, send)
             return
         finally:
             watcher.cancel()

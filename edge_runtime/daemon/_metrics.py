@@ -80,6 +80,8 @@ class Metrics:
         self.tokens: dict[Labels, float] = {}
         self.draft_tokens: dict[Labels, float] = {}
         self.energy_j: dict[Labels, float] = {}
+        # the meter's source label and whether it estimates: set when the model loads (None before)
+        self.energy_source: tuple[str, bool] | None = None
         self.network_j = 0.0
         self.cloud_usd = 0.0
         self.device_usd = 0.0
@@ -166,8 +168,14 @@ class Metrics:
             family("edge_runtime_escalation_ratio", "gauge",
                    "Share of answered requests escalated to the cloud (route cloud or fallback).", ratio)
             family("edge_runtime_energy_joules_total", "counter",
-                   "Device energy spent on answered requests, by route (estimated unless a counter measured it).",
-                   dict(self.energy_j) or {(("route", "local"),): 0.0})
+                   "Device energy spent on answered requests, by route (estimated unless a counter measured it: "
+                   "see edge_runtime_energy_source_info).",
+                   {(("route", r),): self.energy_j.get((("route", r),), 0.0) for r in ROUTES})
+            if self.energy_source is not None:
+                source, estimated = self.energy_source
+                family("edge_runtime_energy_source_info", "gauge",
+                       "Where the device energy figures come from: a counter (estimated=\"false\") or an estimate.",
+                       {(("source", source), ("estimated", "true" if estimated else "false")): 1})
             family("edge_runtime_network_energy_joules_total", "counter",
                    "Estimated radio energy of escalations (cost model).", self.network_j)
             family("edge_runtime_cloud_cost_usd_total", "counter", "USD billed by the cloud bridge.", self.cloud_usd)

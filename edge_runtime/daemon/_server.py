@@ -127,7 +127,8 @@ class DaemonServer:
                  ) -> None:
         self.settings = settings
         self.service = ChatService(settings.server)
-        self.app = BrowserGuard(create_app(self.service), check_host=not settings.server.allow_remote)
+        self.app = BrowserGuard(create_app(self.service), check_host=not settings.server.allow_remote,
+                                on_refused=self.service.refused_at_the_door)
         self._sock = sock
         self.port: int = sock.getsockname()[1]
         self.host: str = settings.server.host
@@ -236,6 +237,7 @@ class DaemonServer:
             t0 = time.perf_counter()
             self._meter = EnergyMeter.from_settings(self.settings.power)
             set_default_meter(self._meter)  # anything else in this process measures with the same meter
+            self.service.metrics.energy_source = (self._meter.source, self._meter.estimated)
             runtime = HybridRuntime.from_settings(self.settings, energy_meter=self._meter)
         except Exception as err:  # any failure to load ends the daemon; systemd restarts it
             what = "invalid configuration" if isinstance(err, ConfigError) else "cannot load the model"

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..engine.types import SamplingParams
+from ..engine.types import SamplingParams, log_text
 from ..errors import (
     InvalidRequestError,
     QueueFullError,
@@ -131,8 +131,10 @@ class Job:
             outcome = "answered"
             yield HybridChunk("done", result=result)
         except GeneratorExit:
-            if outcome != "answered":
-                outcome = "cancelled"
+            # closed early: by the client leaving, or by a deadline or shutdown; with a reason, also after the answer
+            # was made (a gRPC stream whose client stopped reading never received it)
+            if outcome != "answered" or self.reason is not None:
+                outcome = {"timeout": "timeout", "shutdown": "rejected"}.get(self.reason or "", "cancelled")
             raise
         except BaseException as err:
             outcome = outcome_of(err)
@@ -319,11 +321,18 @@ class ChatService:
             self._jobs.add(job)
         return job
 
-    def refused(self, transport: str, err: BaseException) -> None:
-        """Count a request that never became a job (bad, refused, or the daemon not ready)."""
-        self.metrics.count_request(transport, outcome_of(err))
+    def refused(self, transport: str, err: BaseException, request_id: str | None = None, *,
+                outcome: str | None = None) -> None:
+        """Count and log a request that never became a job (bad, refused, or the daemon not ready)."""
+        self.metrics.count_request(transport, outcome or outcome_of(err))
         # escaped and cut: the message may echo a client's value, and a newline in it would forge log lines
-        log.info("%s request refused: %s %s", transport, type(err).__name__, repr(str(err))[1:-1][:500])
+        log.info("%s %s request refused: %s %s", transport, request_id or "-", type(err).__name__, log_text(err))
+
+    def refused_at_the_door(self, path: str, code: str, message: str) -> None:
+        """A request the HTTP guard refused before any route saw it (a web page's Origin, a foreign Host)."""
+        if path == "/v1/chat/completions":  # every chat request is counted once
+            self.metrics.count_request("http", "invalid")
+        log.info("http - request refused: %s %s %s", log_text(path, 100), code, log_text(message))
 
     def _finished(self, job: Job, outcome: str, result: HybridResult | None) -> None:
         with self._lock:

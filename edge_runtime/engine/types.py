@@ -86,6 +86,13 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def log_text(value: Any, limit: int = 500) -> str:
+    """``str(value)`` for one log line: control characters escaped (a newline in a client's or an upstream's
+    text would forge log lines), cut at ``limit``."""
+    text = repr(str(value))[1:-1]
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _text_part(part: Any, field_name: str) -> str:
     """The text of an OpenAI content part; any other part is refused, not dropped (the answer would ignore it)."""
     if not isinstance(part, Mapping) or part.get("type") != "text":

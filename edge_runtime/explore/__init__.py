@@ -37,7 +37,7 @@ from ..errors import BundleError, ConfigError
 from ..power import EnergyMeter, PowerSettings, default_meter
 from ._data import Measurements, cloud_generate, measure
 from ._goals import config_snippet, parse_goal, recommend, toml_value
-from ._report import GAIN_ROW, estimator_table, family_winners, write_csv, write_plots, write_report
+from ._report import GAIN_ROW, estimator_table, family_winners, joules_label, write_csv, write_plots, write_report
 from ._space import Point, evaluate, pareto_front
 from ._validate import agreement, validate_live
 
@@ -360,15 +360,16 @@ def explore(
                                       f"±{acc_margin:.1%}), escalation {live['escalation_rate']:.1%} (predicted "
                                       f"{pred['escalation_rate']:.1%}, ±{esc_margin:.1%}): they {verdict}. Routes: {live['routes']}.")}
 
-    write_csv(out / "points.csv", points, families)
-    write_csv(out / "frontier.csv", front, families)
-    plots = write_plots(out, m, points, front)
+    energy_source = ", ".join(sorted({str(e.get("energy_source")) for e in m.edge}))
+    energy_estimated = any(e.get("energy_estimated") for e in m.edge)
+    write_csv(out / "points.csv", points, families, energy_source=energy_source, energy_estimated=energy_estimated)
+    write_csv(out / "frontier.csv", front, families, energy_source=energy_source, energy_estimated=energy_estimated)
+    plots = write_plots(out, m, points, front, joules=joules_label(energy_source, energy_estimated))
     files += plots
-    energy_sources = {e.get("energy_source") for e in m.edge}
     context = {
         "edge": engine.model_name, "cloud": cloud, "bridge": bridge_label, "suite": suite, "split": split, "machine": _machine(),
-        "energy_source": ", ".join(sorted(str(s) for s in energy_sources)),
-        "energy_estimated": any(e.get("energy_estimated") for e in m.edge),
+        "energy_source": energy_source,
+        "energy_estimated": energy_estimated,
         "command": "edge-runtime " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "cost_note": f"cloud USD from the bridge's price table; device energy priced at {cost.electricity_usd_per_kwh} USD/kWh; "
                      f"escalation radio energy for {cost.network} ({cost.j_per_kb} J/KB + {cost.j_per_request} J per request)",

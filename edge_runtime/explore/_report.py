@@ -18,7 +18,7 @@ from ..metrics import escalation_curve, oracle_curve, random_curve, routing_metr
 from ._data import Measurements
 from ._space import Point
 
-__all__ = ["write_csv", "write_plots", "write_report", "estimator_table", "family_winners"]
+__all__ = ["write_csv", "write_plots", "write_report", "estimator_table", "family_winners", "joules_label"]
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +26,26 @@ _COLUMNS = ("accuracy", "escalation_rate", "cloud_usd_per_1k", "device_j_per_req
             "early_exit_rate", "pre_decode_escalation_rate", "forced_local_rate")
 
 
-def write_csv(path: Path, points: Sequence[Point], families: Sequence[str]) -> None:
+def write_csv(path: Path, points: Sequence[Point], families: Sequence[str], *, energy_source: str,
+              energy_estimated: bool) -> None:
+    """One row per policy and task family; the energy columns say where the joules come from (the CSV is often
+    read without the report that says it)."""
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["policy", "family", "task_family", *_COLUMNS, "config"])
+        w.writerow(["policy", "family", "task_family", *_COLUMNS, "energy_source", "energy_estimated", "config"])
         import json
 
         for p in points:
             for fam in ["overall", *families]:
                 src = p.overall if fam == "overall" else p.by_family[fam]
-                w.writerow([p.name, p.family, fam, *(f"{src[c]:.6g}" for c in _COLUMNS), json.dumps(p.config, sort_keys=True)])
+                w.writerow([p.name, p.family, fam, *(f"{src[c]:.6g}" for c in _COLUMNS), energy_source,
+                            "true" if energy_estimated else "false", json.dumps(p.config, sort_keys=True)])
+
+
+def joules_label(energy_source: str, energy_estimated: bool) -> str:
+    """The device-joules axis, with where the figures come from."""
+    how = "ESTIMATED from CPU time" if energy_estimated else f"measured: {energy_source}"
+    return f"device joules per request ({how})"
 
 
 GAIN_ROW = "expected gain (escalates where p_cloud - p_correct is largest; routing only)"
@@ -88,7 +98,8 @@ def _plane_front(points: Sequence[Point], key: str) -> list[Point]:
     return out
 
 
-def write_plots(out: Path, m: Measurements, points: Sequence[Point], front: Sequence[Point]) -> list[str]:
+def write_plots(out: Path, m: Measurements, points: Sequence[Point], front: Sequence[Point], *,
+                joules: str = "device joules per request") -> list[str]:
     """PNG plots; returns the file names written (empty without matplotlib)."""
     try:
         import matplotlib
@@ -118,7 +129,7 @@ def write_plots(out: Path, m: Measurements, points: Sequence[Point], front: Sequ
     plt.close(fig)
     written.append("accuracy_vs_escalation.png")
     for key, label, fname in (("cloud_usd_per_1k", "cloud USD per 1,000 requests", "accuracy_vs_usd.png"),
-                              ("device_j_per_request", "device joules per request", "accuracy_vs_joules.png")):
+                              ("device_j_per_request", joules, "accuracy_vs_joules.png")):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         ax.scatter([p.overall[key] for p in points], [p.overall["accuracy"] for p in points], s=8, c="grey", alpha=0.5, label="explored policies")
         # the frontier of this plane: the 4-metric frontier joined by x would zig-zag through points that are
@@ -129,7 +140,7 @@ def write_plots(out: Path, m: Measurements, points: Sequence[Point], front: Sequ
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=8)
-        ax.set_title(f"Accuracy vs {label}")
+        ax.set_title(f"Accuracy vs {label}", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)

@@ -362,3 +362,27 @@ def test_a_request_with_two_framings_is_refused_and_its_connection_closed(daemon
             out += chunk
     assert out.startswith(b"HTTP/1.1 400") and out.count(b"HTTP/1.1 ") == 1, out
     assert b"connection: close" in out.lower() and b"Content-Length and Transfer-Encoding" in out
+
+
+def test_every_refusal_is_logged_with_its_request_id_and_counted(daemon, http, caplog):
+    # invalid JSON, a body too large and a web page's Origin left no log line (the 403 was not even counted), and
+    # refusals carried no request id in the log or the response
+    caplog.set_level("INFO", logger="edge_runtime.daemon")
+    c = http(daemon.port)
+    cases = [({"x-request-id": "trace-1"}, None, b"{not json", 400),
+             ({"x-request-id": "trace-2"}, {**OK, "temperature": 9}, None, 400),
+             ({"x-request-id": "trace-3"}, None, b"x" * 5000, 413),
+             ({"x-request-id": "trace-4", "origin": "http://evil.example"}, OK, None, 403)]
+    for headers, body, raw, expected in cases:
+        status, answer_headers, _ = c.json("POST", "/v1/chat/completions", body, raw=raw, headers=headers)
+        assert status == expected
+        if expected != 403:  # the guard answers before a request id is read
+            assert answer_headers.get("x-request-id") == headers["x-request-id"]
+        if expected == 413:
+            c = http(daemon.port)  # the daemon closed that connection (its body was left unread)
+    logged = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    for rid in ("trace-1", "trace-2", "trace-3"):
+        assert any(rid in m for m in logged), (rid, logged)
+    assert any("forbidden_origin" in m for m in logged)
+    m = daemon.service.metrics.render()
+    assert metric(m, "edge_runtime_requests_total", transport="http", outcome="invalid") == 4

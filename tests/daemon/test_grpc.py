@@ -80,6 +80,10 @@ def test_streamed_chat_sends_deltas_then_the_final_response(engine, start_daemon
     assert len(deltas) >= 2 and events[-1].HasField("final")
     final = events[-1].final
     assert "".join(deltas) == final.text and final.routing.route == "local"
+    from .conftest import metric, wait_for
+
+    # a gRPC stream's time to its first text is measured, as an HTTP stream's is
+    assert wait_for(lambda: metric(daemon.service.metrics.render(), "edge_runtime_time_to_first_token_seconds_count") == 1)
 
 
 def test_the_cloud_answers_over_grpc_too_and_reveal_draft_withdraws(engine, bridge, start_daemon, channel_to, tmp_path):
@@ -184,3 +188,9 @@ def test_a_stream_whose_client_stops_reading_frees_its_slot_at_the_deadline(engi
         r = stub.Chat(_request(max_new_tokens=2), timeout=10)  # the slot serves the next request
         assert r.usage.local.completion_tokens >= 1
         stream.cancel()
+    from .conftest import metric
+
+    # it ended at its deadline: a timeout, not a client that left
+    text = daemon.service.metrics.render()
+    assert metric(text, "edge_runtime_requests_total", transport="grpc", outcome="timeout") == 1, [l for l in text.splitlines() if "requests_total{" in l]
+    assert metric(text, "edge_runtime_requests_total", transport="grpc", outcome="cancelled") == 0

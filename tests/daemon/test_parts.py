@@ -91,6 +91,19 @@ def test_metrics_text_is_prometheus_and_histograms_are_cumulative():
         m.count_request("http", "lost")
 
 
+def test_energy_series_say_where_the_joules_come_from_and_never_vanish():
+    # an estimate was shown as a plain figure, and the local route's series vanished once another route answered
+    from edge_runtime.daemon._metrics import ROUTES
+
+    m = Metrics()
+    assert "# TYPE edge_runtime_energy_source_info" not in m.render()  # not loaded yet: nothing to say
+    m.energy_source = ("estimate:generic", True)
+    text = m.render()
+    assert metric(text, "edge_runtime_energy_source_info", source="estimate:generic", estimated="true") == 1
+    for route in ROUTES:
+        assert f'edge_runtime_energy_joules_total{{route="{route}"}} 0' in text
+
+
 def test_openai_fields_map_to_sampling_params():
     req = parse_chat_request({"model": "local", "messages": ASK, "max_tokens": 7, "max_completion_tokens": 9,
                               "temperature": 0.7, "top_p": 0.9, "seed": 3, "stop": "\n", "logprobs": True,

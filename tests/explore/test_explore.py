@@ -311,6 +311,11 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
     assert {"accuracy_vs_escalation.png", "accuracy_vs_usd.png", "accuracy_vs_joules.png"} <= {p.name for p in out.glob("*.png")}
     report = (out / "report.md").read_text()
     assert "always-local" in report and "Pareto frontier" in report and "Task dependence" in report and "ESTIMATE" in report
+    # the CSVs are read without the report: each row says where its joules come from
+    import csv
+
+    rows = list(csv.DictReader((out / "points.csv").read_text().splitlines()))
+    assert rows and all(r["energy_estimated"] == "true" and r["energy_source"].startswith("estimate:") for r in rows)
     assert result.validation is not None and result.validation["n"] == 4  # every 4th of the 16 test items was held back
     assert result.recommendations[0]["config_file"] == "recommended.toml"
     from edge_runtime.settings import load_runtime_settings
