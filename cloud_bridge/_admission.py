@@ -54,8 +54,12 @@ class WorkerSlots:
                     if not granted.is_set():
                         self._waiters.remove(granted)
                         return False
-                # the slot was handed over just now: keep it; the backend sees the cancellation at once
-                break
+                break  # the slot was handed over just now
+        if cancelled():
+            # granted, but the call ended meanwhile (also within the last poll): the slot goes on at once, and the
+            # backend is never asked (an upstream would bill an answer nobody reads)
+            self.release()
+            return False
         return True
 
     def release(self, held_s: float | None = None) -> None:

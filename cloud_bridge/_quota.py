@@ -73,18 +73,19 @@ class QuotaManager:
         s = self._settings
         with self._lock:
             now_s = self._clock()
-            requests = tokens = None
+            requests = None
+            waits: list[tuple[float, str]] = []
             if s.requests_per_minute > 0:
                 requests = self._bucket(self._requests, device, s.requests_per_minute, s.requests_burst, now_s)
-                wait_s = requests.seconds_until(1.0, now_s)
-                if wait_s > 0:
-                    return QuotaRejection("requests_per_minute", wait_s)
+                waits.append((requests.seconds_until(1.0, now_s), "requests_per_minute"))
             if s.tokens_per_minute > 0:
                 tokens = self._bucket(self._tokens, device, s.tokens_per_minute, s.tokens_burst, now_s)
                 # a device in debt waits until its bucket is positive again
-                wait_s = tokens.seconds_until(1e-6, now_s)
-                if wait_s > 0:
-                    return QuotaRejection("tokens_per_minute", wait_s)
+                waits.append((tokens.seconds_until(1e-6, now_s), "tokens_per_minute"))
+            # both limits may bind: the retry hint is the longer wait, or a retry at the shorter one is refused again
+            wait_s, limit = max(waits, default=(0.0, ""))
+            if wait_s > 0:
+                return QuotaRejection(limit, wait_s)
             if requests is not None:
                 requests.take(1.0, now_s)
             return None

@@ -28,7 +28,7 @@ from ._auth import TokenStore, bearer_token
 from ._quota import QuotaManager
 from ._settings import BridgeSettings, ModelSettings
 from ._status import Reject, bad_request, error_info, make_status, quota_failure, retry_info
-from .backends import Backend, BackendChunk, BackendRequest, BackendResult, CancelToken
+from .backends import Backend, BackendChunk, BackendRequest, BackendResult, CancelToken, estimated_tokens
 
 __all__ = ["BridgeService", "FINISH_REASONS"]
 
@@ -362,9 +362,12 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             # the caller went away mid-stream (gRPC closes this generator at its yield): what it was sent
             # counts against its token quota and is logged, or cancelling after each answer would bypass both
             if job is not None and not finished:
-                self.quotas.charge_tokens(job.device, delivered)
-                log.info("%s device=%s model=%s finish=cancelled_by_caller completion_tokens=%d cost_usd=%.6f",
-                         job.request.request_id, job.device, job.alias, delivered, job.model.cost_usd(0, delivered))
+                # the prompt too, once a backend had it: else streams cut after one token prefilled any prompt for free
+                prompt = estimated_tokens("".join(m["content"] for m in job.request.messages)) if job.started_s else 0
+                self.quotas.charge_tokens(job.device, prompt + delivered)
+                log.info("%s device=%s model=%s finish=cancelled_by_caller prompt_tokens~%d completion_tokens=%d "
+                         "cost_usd=%.6f", job.request.request_id, job.device, job.alias, prompt, delivered,
+                         job.model.cost_usd(prompt, delivered))
             raise
 
     def ListModels(

@@ -9,9 +9,10 @@ from __future__ import annotations
 import importlib
 
 from .._settings import ModelSettings
-from ._base import Backend, BackendChunk, BackendRequest, BackendResult, CancelToken
+from ._base import Backend, BackendChunk, BackendRequest, BackendResult, CancelToken, estimated_tokens
 
-__all__ = ["Backend", "BackendChunk", "BackendRequest", "BackendResult", "CancelToken", "BACKENDS", "create_backend"]
+__all__ = ["Backend", "BackendChunk", "BackendRequest", "BackendResult", "CancelToken", "BACKENDS", "create_backend",
+           "estimated_tokens"]
 
 # backend name -> "module:class" under cloud_bridge.backends
 BACKENDS: dict[str, str] = {

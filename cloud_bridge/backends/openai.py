@@ -33,7 +33,7 @@ from typing import Any
 from edge_runtime.errors import BackendError
 
 from .._settings import OpenAIModelSettings
-from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken
+from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken, estimated_tokens
 
 log = logging.getLogger("cloud_bridge")
 
@@ -175,6 +175,7 @@ class _Call:
         self.budget_what = (f"{s.timeout_s:g} s (timeout_s)" if budget_s >= s.timeout_s
                             else f"the {max(budget_s, 0.0):.3g} s left before the device's deadline")
         self.conn: http.client.HTTPConnection | None = None
+        self.sent = False  # whether the upstream has the request (and may bill its prompt)
         # the socket timeout bounds each read, not the whole answer: an upstream sending one byte at a time
         # would never time out, so the connection is cut when the deadline passes
         self._watchdog = threading.Timer(max(budget_s, 0.0), self._abort)
@@ -213,9 +214,14 @@ class _Call:
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         if b.api_key:
             headers["Authorization"] = f"Bearer {b.api_key}"
+        if self.cancel():  # cancelled before the connection (its abort had no socket to shut)
+            raise _Cancelled()
         try:
             self.conn.connect()
+            if self.cancel():  # cancelled while connecting: nothing was sent
+                raise _Cancelled()
             self.set_read_timeout()
+            self.sent = True  # from here the upstream may have the prompt, even if the send fails half-way
             self.conn.request("POST", b.path, body=body, headers=headers)
             response = self.conn.getresponse()
         except TimeoutError as err:
@@ -284,7 +290,7 @@ def _estimated_tokens(what: BackendRequest | str, kind: str) -> int:
     Counting none would make such calls free, for the device's quota and in the bill; the log says it is a guess.
     """
     text = what if isinstance(what, str) else "".join(m["content"] for m in what.messages)
-    tokens = -(-len(text) // 4)
+    tokens = estimated_tokens(text)
     log.warning("upstream sent no usage: %s tokens estimated from characters (%d)", kind, tokens)
     return tokens
 
@@ -419,8 +425,10 @@ class OpenAIBackend:
             if len(raw) > _MAX_ANSWER_BYTES:
                 raise _too_large()
         except _Cancelled:
-            # the upstream had the prompt (a hosted API bills it): the device's token quota pays it, as a cut stream does
-            return BackendResult("", "cancelled", _estimated_tokens(request, "prompt"), 0, self.model)
+            # once the upstream had the prompt (a hosted API bills it), the device's token quota pays it, as a cut
+            # stream does; cancelled before it was sent, nothing is owed
+            prompt_tokens = _estimated_tokens(request, "prompt") if call.sent else 0
+            return BackendResult("", "cancelled", prompt_tokens, 0, self.model)
         finally:
             call.close()
         try:
@@ -500,7 +508,8 @@ class OpenAIBackend:
         finally:
             call.close()
         counted = _count(usage, "prompt_tokens") if usage else None
-        prompt_tokens = counted if counted is not None else _estimated_tokens(request, "prompt")
+        # estimated when the upstream had the prompt but sent no usage; nothing when it never had it
+        prompt_tokens = counted if counted is not None else _estimated_tokens(request, "prompt") if call.sent else 0
         # without a usage event, one content delta is one token: what OpenAI-compatible servers send
         counted = _count(usage, "completion_tokens") if usage else None
         completion_tokens = counted if counted is not None else deltas

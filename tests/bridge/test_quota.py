@@ -63,6 +63,38 @@ def test_tokens_are_charged_after_the_answer_and_debt_is_waited_out():
     assert quotas.admit("a") is None
 
 
+def test_with_both_quotas_spent_the_retry_hint_is_the_longer_wait():
+    # the request limit's 10 s was advised, and a retry then was refused for the tokens' 20 s
+    clock = FakeClock()
+    quotas = QuotaManager(QuotaSettings(requests_per_minute=6, requests_burst=1, tokens_per_minute=60, tokens_burst=30),
+                          clock=clock)
+    assert quotas.admit("a") is None
+    quotas.charge_tokens("a", 50)  # 20 tokens in debt: 20 s at 1 token/s
+    rejection = quotas.admit("a")
+    assert rejection is not None and rejection.limit == "tokens_per_minute"
+    assert rejection.retry_after_s == pytest.approx(20.0, abs=0.01)
+    clock.now += rejection.retry_after_s + 0.01
+    assert quotas.admit("a") is None  # the advised wait was enough
+
+
+def test_a_stream_cut_after_its_first_tokens_pays_for_its_prompt(start_bridge, raw_stub):
+    # only the delivered tokens were charged: a device could have any prompt prefilled for about one token
+    bridge = start_bridge(backends={"echo": _Unheeding()}, models={},
+                          quota={"requests_per_minute": 0, "tokens_per_minute": 60, "tokens_burst": 100})
+    stub = raw_stub(bridge)
+    auth = [("authorization", f"Bearer {TOKEN}")]
+    long = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="x" * 400)],
+                                      max_new_tokens=50)
+    stream = stub.GenerateStream(long, metadata=auth, timeout=10)
+    next(stream)
+    stream.cancel()  # one token read: its 100-token prompt is charged as well
+    time.sleep(0.5)
+    probe = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")], max_new_tokens=1)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(probe, metadata=auth, timeout=5)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "tokens_per_minute" in info.value.details()
+
+
 def test_over_quota_is_resource_exhausted_with_retry_info(start_bridge, raw_stub):
     bridge = start_bridge(quota={"requests_per_minute": 6, "requests_burst": 1})
     stub = raw_stub(bridge)

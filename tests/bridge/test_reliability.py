@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -266,3 +267,46 @@ def test_shutdown_closes_backends_only_after_the_cancelled_calls_have_left_them(
     caller.join(10)
     assert recorder.ended_at is not None and recorder.closed_at is not None
     assert recorder.closed_at >= recorder.ended_at  # not closed under a call still using it
+
+
+def test_a_waiter_cancelled_as_its_slot_arrives_passes_the_slot_on_and_never_runs():
+    # cancelled within the last poll before the grant, it kept the slot and the whole upstream call ran for nobody
+    from cloud_bridge._admission import WorkerSlots
+
+    slots = WorkerSlots(workers=1, queue_size=2)
+    assert slots.acquire(lambda: False)
+    gone = threading.Event()
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(slots.acquire(gone.is_set)))
+    waiter.start()
+    while not slots.waiting:
+        time.sleep(0.001)
+    gone.set()
+    slots.release()  # the slot arrives just as the call ends
+    waiter.join(5)
+    assert got == [False] and slots.running == 0 and not slots.waiting
+    assert slots.acquire(lambda: False)  # the next caller gets the slot at once
+
+
+def test_an_upstream_call_cancelled_before_it_was_sent_never_reaches_the_upstream_and_costs_nothing():
+    from cloud_bridge._settings import OpenAIModelSettings
+    from cloud_bridge.backends import BackendRequest, CancelToken
+    from cloud_bridge.backends.openai import OpenAIBackend
+    from edge_runtime.engine.types import SamplingParams
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # accepts nothing: a sent request would be seen as a connection with bytes on it
+    try:
+        backend = OpenAIBackend(OpenAIModelSettings(base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1",
+                                                    model="m"))
+        cancel = CancelToken()
+        cancel.cancel()
+        request = BackendRequest("r1", [{"role": "user", "content": "x" * 400}], SamplingParams())
+        result = backend.generate(request, cancel)
+        assert result.finish_reason == "cancelled" and result.prompt_tokens == 0
+        listener.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # no connection was even made
+    finally:
+        listener.close()
