@@ -147,11 +147,46 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
             raise InvalidRequestError("unknown field for /v1/chat/completions", field=str(name)[:80])
 
 
+# fields of a message object: what is read, what changes nothing here, and what asks for tool calling (refused
+# when it asks for anything, as the request's own tools are); anything else is refused as OpenAI refuses it
+_MESSAGE_READ = frozenset({"role", "content"})
+_MESSAGE_HARMLESS: dict[str, Callable[[Any], bool]] = {
+    "name": lambda v: v is None or isinstance(v, str),  # a participant's name: not shown to the model here
+    "refusal": lambda v: v is None or isinstance(v, str),  # an earlier assistant refusal's text
+}
+_MESSAGE_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tool_calls": lambda v: not v, "function_call": lambda v: v is None, "tool_call_id": lambda v: v is None,
+    "audio": lambda v: v is None,
+}
+
+
+def _check_message_fields(messages: Any) -> None:
+    if not isinstance(messages, list):
+        return  # validate_messages says what is wrong with it
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            continue
+        for key, value in msg.items():
+            field = f"messages[{i}].{str(key)[:80]}"
+            if key in _MESSAGE_READ:
+                continue
+            if key in _MESSAGE_HARMLESS:
+                if not _MESSAGE_HARMLESS[key](value):
+                    raise InvalidRequestError(f"must be a string, got {short_repr(value)}", field=field)
+            elif key in _MESSAGE_UNSUPPORTED:
+                if not _MESSAGE_UNSUPPORTED[key](value):
+                    raise InvalidRequestError(f"is not supported by this server (got {short_repr(value)}); leave it "
+                                              "out", field=field)
+            else:
+                raise InvalidRequestError("unknown field for a chat message", field=field)
+
+
 def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatRequest:
     """A ChatRequest from a decoded JSON body; InvalidRequestError / ModelNotFoundError name the field."""
     if not isinstance(body, Mapping):
         raise InvalidRequestError("the request body must be a JSON object")
     _refuse_unsupported(body)
+    _check_message_fields(body.get("messages"))
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequestError(f"must be a string, one of {', '.join(MODEL_ALIASES)}", field="model")
