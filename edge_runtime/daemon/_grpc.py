@@ -40,7 +40,7 @@ from ..errors import (
     ServiceUnavailableError,
 )
 from ..hybrid import HybridResult
-from ._request import ChatRequest, build_chat_request
+from ._request import ChatRequest, build_chat_request, valid_request_id
 from ._service import CancelReason, ChatService, ClientGone, Job
 
 __all__ = ["SERVICE_NAME", "EdgeRuntimeServicer", "create_grpc_server", "status_for", "request_from_proto"]
@@ -202,7 +202,8 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
             req = request_from_proto(request, stream=stream)
             job = self.service.open(req, "grpc", timeout_s=context.time_remaining())
         except EdgeRuntimeError as err:
-            self.service.refused("grpc", err, request.request_id or None)
+            # only a sane id is logged (the refusal may be of the id itself: a newline, megabytes)
+            self.service.refused("grpc", err, request.request_id if valid_request_id(request.request_id) else None)
             context.abort_with_status(status_for(err))
             raise  # abort_with_status raises; this line is for the type checker
         # runs when the call ends for any reason; a no-op for a job that already finished
@@ -288,7 +289,7 @@ class _StallWatchdog:
         if since is not None and time.monotonic() - since >= _STALLED_SEND_GRACE_S:
             log.warning("request %s: the gRPC client stopped reading its stream; ended after the deadline",
                         self.job.request.request_id)
-            self.job.cancel("timeout")
+            self.job.mark_undelivered()
             self.context.cancel()  # ends the blocked send; the generator is closed, and the job frees its slot
             return
         # still working, or sending for less than the grace: look again

@@ -75,6 +75,7 @@ class Job:
         self._event = threading.Event()
         self._done = False
         self._handed_over = False  # gave its generation slot on while waiting for the bridge
+        self.undelivered = False  # set by a transport that could not send the answer
 
     # ---- cancellation (any thread) -------------------------------------------------------------
 
@@ -88,6 +89,14 @@ class Job:
         if not self._event.is_set() and time.monotonic() > self.deadline_s:
             self.cancel("timeout")
         return self._event.is_set()
+
+    def mark_undelivered(self) -> None:
+        """The transport gave up sending this job's messages (a gRPC client that stopped reading)."""
+        self.undelivered = True
+        self.cancel("timeout")
+
+    def _unanswered_outcome(self) -> str:
+        return {"timeout": "timeout", "shutdown": "rejected"}.get(self.reason or "", "cancelled")
 
     def _cancel_error(self) -> BaseException:
         if self.reason == "timeout":
@@ -130,11 +139,13 @@ class Job:
                 raise self._cancel_error()
             outcome = "answered"
             yield HybridChunk("done", result=result)
+            if self.undelivered:  # grpc may resume the stream after a stalled send was ended: not delivered
+                outcome = self._unanswered_outcome()
         except GeneratorExit:
-            # closed early: by the client leaving, or by a deadline or shutdown; with a reason, also after the answer
-            # was made (a gRPC stream whose client stopped reading never received it)
-            if outcome != "answered" or self.reason is not None:
-                outcome = {"timeout": "timeout", "shutdown": "rejected"}.get(self.reason or "", "cancelled")
+            # closed early (the client left, a deadline or a shutdown), or after an answer the transport could not
+            # deliver; a caller that stops reading at the "done" chunk (Job.run) closes it too, answered
+            if outcome != "answered" or self.undelivered:
+                outcome = self._unanswered_outcome()
             raise
         except BaseException as err:
             outcome = outcome_of(err)
@@ -326,7 +337,8 @@ class ChatService:
         """Count and log a request that never became a job (bad, refused, or the daemon not ready)."""
         self.metrics.count_request(transport, outcome or outcome_of(err))
         # escaped and cut: the message may echo a client's value, and a newline in it would forge log lines
-        log.info("%s %s request refused: %s %s", transport, request_id or "-", type(err).__name__, log_text(err))
+        log.info("%s %s request refused: %s %s", transport, log_text(request_id or "-", 128), type(err).__name__,
+                 log_text(err))
 
     def refused_at_the_door(self, path: str, code: str, message: str) -> None:
         """A request the HTTP guard refused before any route saw it (a web page's Origin, a foreign Host)."""

@@ -79,15 +79,22 @@ def test_with_both_quotas_spent_the_retry_hint_is_the_longer_wait():
 
 def test_a_stream_cut_after_its_first_tokens_pays_for_its_prompt(start_bridge, raw_stub):
     # only the delivered tokens were charged: a device could have any prompt prefilled for about one token
-    bridge = start_bridge(backends={"echo": _Unheeding()}, models={},
+    class Slow(_Unheeding):  # 100 tokens over 5 s: the cancel lands mid-stream even on a loaded machine
+        def stream(self, request, cancel):
+            for i in range(100):
+                time.sleep(0.05)
+                yield BackendChunk(f" w{i}", 1)
+            yield BackendChunk("", 0, BackendResult("...", "length", 1, 100, self.model))
+
+    bridge = start_bridge(backends={"echo": Slow()}, models={},
                           quota={"requests_per_minute": 0, "tokens_per_minute": 60, "tokens_burst": 100})
     stub = raw_stub(bridge)
     auth = [("authorization", f"Bearer {TOKEN}")]
-    long = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="x" * 400)],
-                                      max_new_tokens=50)
+    long = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="x" * 4000)],
+                                      max_new_tokens=100)
     stream = stub.GenerateStream(long, metadata=auth, timeout=10)
     next(stream)
-    stream.cancel()  # one token read: its 100-token prompt is charged as well
+    stream.cancel()  # one token read: its ~1,000-token prompt is charged as well, 900 tokens past the burst
     time.sleep(0.5)
     probe = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")], max_new_tokens=1)
     with pytest.raises(grpc.RpcError) as info:

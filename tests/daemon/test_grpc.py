@@ -194,3 +194,16 @@ def test_a_stream_whose_client_stops_reading_frees_its_slot_at_the_deadline(engi
     text = daemon.service.metrics.render()
     assert metric(text, "edge_runtime_requests_total", transport="grpc", outcome="timeout") == 1, [l for l in text.splitlines() if "requests_total{" in l]
     assert metric(text, "edge_runtime_requests_total", transport="grpc", outcome="cancelled") == 0
+
+
+def test_a_refused_request_id_never_reaches_the_log_as_is(engine, start_daemon, channel_to, tmp_path, caplog):
+    # the refusal may be of the id itself: a newline in it forged a log line
+    caplog.set_level("INFO", logger="edge_runtime.daemon")
+    daemon = start_daemon(runtime(engine, {"type": "never"}), tmp_path)
+    stub, _ = channel_to(daemon)
+    forged = "x\n2026-01-01 00:00:00,000 WARNING edge_runtime.daemon: FORGED"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Chat(_request(request_id=forged), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused and all("\n" not in m and "FORGED" not in m.split("refused")[0] for m in refused)

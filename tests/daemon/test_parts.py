@@ -300,3 +300,45 @@ def test_the_default_socket_is_in_the_runtime_dir_else_in_the_cache(monkeypatch,
     assert default_socket_path() == tmp_path / "run" / "edge-runtime.sock"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert default_socket_path() == tmp_path / "cache" / "edge-runtime.sock"
+
+
+def test_an_answer_delivered_past_its_deadline_or_during_a_drain_counts_as_answered():
+    # Job.run returns from inside its loop, so every HTTP and unary gRPC request ends by closing the job's
+    # generator: a job with a cancel reason must not turn a delivered answer into a timeout, nor drop its usage
+    import types
+
+    from edge_runtime.daemon._service import ChatService
+    from edge_runtime.hybrid import HybridChunk, HybridResult
+    from edge_runtime.settings import ServerSettings
+
+    usage = {"local": {"prompt_tokens": 3, "completion_tokens": 2}, "cloud": {"prompt_tokens": 0, "completion_tokens": 0}}
+
+    def result(**kw):
+        return HybridResult(**{"request_id": "r", "text": "hello", "route": "local", "reason": "policy", "detail": "",
+                               "p_correct": None, "threshold": None, "policy": "never", "model": "m",
+                               "finish_reason": "stop", "draft": None, "tokens": [], "usage": usage,
+                               "latency_ms": {}, "energy": {}, "cost": {}, **kw})
+
+    service = ChatService(ServerSettings(request_timeout_s=0.2, queue_size=2))
+
+    def late(messages, *, cancel, **kw):  # the last token lands past the deadline
+        yield HybridChunk("text", text="hel")
+        time.sleep(0.25)
+        cancel()
+        yield HybridChunk("done", result=result())
+
+    def drained(messages, *, cancel, **kw):  # a drain cut the escalation; the whole local answer is the fallback
+        yield HybridChunk("text", text="hello")
+        service.cancel_all("shutdown")
+        yield HybridChunk("done", result=result(route="fallback", reason="cancelled"))
+
+    runtime = types.SimpleNamespace(default_max_new_tokens=8, cloud=None,
+                                    engine=types.SimpleNamespace(max_sessions=1, eos_token_ids=(), model_name="m"))
+    service.attach(runtime)
+    for i, stream in enumerate((late, drained)):
+        runtime.stream = stream
+        job = service.open(parse_chat_request({"messages": ASK}, request_id=f"r{i}"), "http")
+        assert job.run().text == "hello"
+    text = service.metrics.render()
+    assert metric(text, "edge_runtime_requests_total", transport="http", outcome="answered") == 2
+    assert metric(text, "edge_runtime_tokens_total", side="local", kind="prompt") == 6
