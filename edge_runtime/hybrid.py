@@ -390,6 +390,15 @@ class HybridRuntime:
 
     # ---- internals ---------------------------------------------------------------------------
 
+    def _private_match(self, text: str) -> str | None:
+        """The name of the first privacy pattern of this runtime's policy that ``text`` matches."""
+        from .policies import Privacy
+
+        for part in self.policy.parts():
+            if isinstance(part, Privacy) and (found := part.find([text])) is not None:
+                return found[0]
+        return None
+
     def _estimate_cloud_usd(self, msgs: Sequence[Mapping[str, Any]], params: SamplingParams, model: str,
                             draft: str | None = None) -> float:
         """What escalating this request would cost at most (a budget reserves it; the bridge bills the real figure)."""
@@ -623,6 +632,12 @@ class HybridRuntime:
 
         # an early exit's cut-short text is no draft (and a budget reserved for the prompt alone)
         draft = locals_[-1].text if locals_ and not early_exit else ""
+        if draft and (pattern := self._private_match(draft)) is not None:
+            # the prompt passed the privacy gate, but the local answer holds what must not leave the device (a phone
+            # number written out from words): the escalation goes without it
+            log.info("%s: the local draft matches privacy pattern %s: not sent with the escalation", request_id,
+                     pattern)
+            draft = ""
         progress = progress or _CloudProgress()
         escalation = Escalation(draft_answer=draft, p_correct=p_correct, reason=decision.reason, policy=self.policy.describe(),
                                 local_model=self.engine.model_name)

@@ -418,3 +418,29 @@ def test_an_escalation_failure_is_logged_on_one_line_with_its_request_id(engine,
     assert r.route == "fallback"
     (line,) = [rec.getMessage() for rec in caplog.records if "escalation failed" in rec.getMessage()]
     assert "\n" not in line and "req-42" in line and "FORGED" in line  # kept, but escaped on the same line
+
+
+def test_a_draft_holding_a_private_pattern_is_not_sent_with_the_escalation(engine):
+    # the prompt passed the privacy gate, but the local answer held the pattern (a phone number written out from
+    # words): it went to the bridge as the escalation's draft
+    import re
+    from types import SimpleNamespace
+
+    from edge_runtime.errors import CloudUnavailableError
+
+    answer = engine.generate(messages=ASK, max_new_tokens=8).text
+    secret = next(answer[i:i + 3] for i in range(len(answer) - 2)
+                  if answer[i:i + 3].strip() and answer[i:i + 3] not in ASK[0]["content"])
+    sent = []
+
+    def stream(msgs, *, escalation=None, **_kw):
+        sent.append(escalation.draft_answer)
+        raise CloudUnavailableError("down")
+
+    cloud = SimpleNamespace(stream=stream, settings=SimpleNamespace(model=""))
+    chain = [{"type": "privacy", "patterns": [], "regexes": {"secret": re.escape(secret)}},
+             {"type": "threshold", "p": 0.999}]
+    for policy, draft in ((chain, ""), (chain[1:], answer)):  # without the gate, the draft goes as before
+        sent.clear()
+        r = HybridRuntime(engine, policy={"chain": policy}, cloud=cloud).chat(ASK, max_new_tokens=8)
+        assert r.route == "fallback" and sent == [draft]

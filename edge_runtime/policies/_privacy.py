@@ -82,8 +82,28 @@ def _find_phone(text: str) -> bool:
     return False
 
 
+# a run of digit groups joined by single spaces or hyphens ("4111 1111 1111 1111 12", "qty 3 4111-1111-...")
+_DIGIT_RUN = re.compile(r"\d+(?:[ -]\d+)+")
+
+
 def _find_card(text: str) -> bool:
-    return any(13 <= len(d := _digits(m.group(0))) <= 19 and _luhn(d) for m in _CARD.finditer(text))
+    if any(13 <= len(d := _digits(m.group(0))) <= 19 and _luhn(d) for m in _CARD.finditer(text)):
+        return True
+    # A card number next to other numbers (its expiry, its CVV, a quantity) makes the run longer than 19 digits or
+    # fails the Luhn check as a whole: try the runs of whole groups inside it. Groups of 3+ digits only, as card
+    # numbers are written (4-4-4-4, 4-6-5): single digits ("1 2 3 ... 13") would give many windows, some passing
+    # Luhn by chance.
+    for m in _DIGIT_RUN.finditer(text):
+        groups = re.findall(r"\d+", m.group(0))
+        for i in range(len(groups)):
+            digits = ""
+            for group in groups[i:]:
+                if len(group) < 3 or len(digits) + len(group) > 19:
+                    break
+                digits += group
+                if len(digits) >= 13 and _luhn(digits):
+                    return True
+    return False
 
 
 #: name -> (detector, what it is, for the detail sentence)

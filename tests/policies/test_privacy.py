@@ -31,6 +31,10 @@ def ctx(text, **kw):
         ("ｂｏｂ＠ｅｘａｍｐｌｅ．ｃｏｍ", "email"),  # full-width forms
         ("card 4111 1111 1111 1111 exp 12/29", "credit_card"),
         ("4111-1111-1111-1111", "credit_card"),
+        # next to other numbers: the whole run is too long or fails Luhn, the card inside it does not
+        ("card 4111 1111 1111 1111 12/26", "credit_card"),
+        ("card 4111 1111 1111 1111 123", "credit_card"),
+        ("qty 3 4111-1111-1111-1111", "credit_card"),
         # hidden: no-break spaces, full-width digits, invisible format characters inside the match
         ("card 4111\u00a01111\u00a01111\u00a01111", "credit_card"),
         ("ｃａｒｄ ４１１１ １１１１ １１１１ １１１１", "credit_card"),
@@ -58,6 +62,7 @@ def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
         "In 2024 there were 100 200 3000 of them",  # no area code starts with 1
         "(12 - 34) × 5",
         "The meeting is on 01-02-2024",
+        "1 2 3 4 5 6 7 8 9 10 11 12 13",  # single digits in a row: no card, however many windows pass Luhn
         "Version 2.10.3 was released",
         "4111 1111 1111 1112 is not a valid card",  # fails the Luhn check
         "5551234567",  # a bare digit run is not taken for a phone number
