@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -129,6 +130,11 @@ class _Settlement:
 
     def close(self) -> None:
         self.settle(self.unsettled_usd)
+
+
+def _finite_or_none(p: float | None) -> float | None:
+    """A p_correct to report: None when there is no usable estimate (NaN would be invalid JSON)."""
+    return p if p is not None and math.isfinite(p) else None
 
 
 def _is_cancelled(cancel: Any) -> bool:
@@ -454,8 +460,14 @@ class HybridRuntime:
         return knn.prior(prompt) if knn is not None else None
 
     def _p_correct(self, result: GenerationResult, msgs: Sequence[Mapping[str, Any]]) -> float:
+        """The estimator's probability that the local answer is right; NaN when it gave no usable number (the
+        policies read NaN as no opinion, and the result reports it as null)."""
         signals = signals_from_result(result, messages=msgs)
-        return float(self.estimator.p_correct(signals, engine=self.engine, messages=msgs))
+        p = float(self.estimator.p_correct(signals, engine=self.engine, messages=msgs))
+        if not math.isfinite(p):
+            log.warning("the estimator %s gave p_correct %s: treated as no estimate", self.estimator.name, p)
+            return math.nan
+        return p
 
     def _local_stream(self, prompt_ids: list[int], params: SamplingParams, cancel: Any, stop: threading.Event,
                       ) -> Iterator[Any]:
@@ -639,7 +651,8 @@ class HybridRuntime:
                      pattern)
             draft = ""
         progress = progress or _CloudProgress()
-        escalation = Escalation(draft_answer=draft, p_correct=p_correct, reason=decision.reason, policy=self.policy.describe(),
+        escalation = Escalation(draft_answer=draft, p_correct=_finite_or_none(p_correct), reason=decision.reason,
+                                policy=self.policy.describe(),
                                 local_model=self.engine.model_name)
         chunks: list[HybridChunk] = []
         result = None
@@ -720,7 +733,8 @@ class HybridRuntime:
         reason = decision.reason if route != "fallback" else "cloud_error"
         detail = decision.detail if route != "fallback" else f"{decision.reason}: escalation failed ({cloud_error}); local answer returned"
         return HybridResult(
-            request_id=request_id, text=text, route=route, reason=reason, detail=detail, p_correct=p_correct,
+            request_id=request_id, text=text, route=route, reason=reason, detail=detail,
+            p_correct=_finite_or_none(p_correct),
             threshold=decision.threshold, policy=self.policy.describe(), model=model, finish_reason=finish,
             draft=(final_local.text if final_local and not early_exit else None) if route == "cloud" else None,
             tokens=list(tokens), usage=usage, latency_ms=latency, energy=energy, cost=cost, cloud_error=cloud_error,

@@ -444,3 +444,36 @@ def test_a_draft_holding_a_private_pattern_is_not_sent_with_the_escalation(engin
         sent.clear()
         r = HybridRuntime(engine, policy={"chain": policy}, cloud=cloud).chat(ASK, max_new_tokens=8)
         assert r.route == "fallback" and sent == [draft]
+
+
+def test_an_estimate_that_is_not_a_number_is_no_opinion_and_reported_as_null(engine):
+    # NaN compared false and read as "p_correct nan >= 0.500: answered locally"; the daemon then failed to encode
+    # it (a plain-text 500, or NaN in a stream's JSON)
+    import json
+
+    from edge_runtime.confidence import Estimator
+
+    class Broken(Estimator):
+        name = "broken"
+
+        def p_correct(self, signals, *, engine=None, messages=None):
+            return float("nan")
+
+    for policy in ({"type": "threshold", "p": 0.5}, {"type": "target_rate", "rate": 0.5, "calibration": [0.2, 0.8]}):
+        r = HybridRuntime(engine, policy=policy, estimator=Broken()).chat(ASK, max_new_tokens=2)
+        assert r.route == "local" and r.p_correct is None and "nan" not in r.detail
+        json.dumps(r.p_correct, allow_nan=False)
+
+
+def test_a_knn_estimator_with_embeddings_that_are_not_numbers_is_refused_at_load():
+    import base64
+
+    import numpy as np
+
+    from edge_runtime.confidence._estimators import ENCODER_NAME, KnnPrior
+
+    emb = np.array([[np.nan, 1.0], [0.5, 0.5]], dtype=np.float16)
+    d = {"encoder": ENCODER_NAME, "k": 1, "labels": [1, 0], "dim": 2,
+         "embeddings_f16": base64.b64encode(emb.tobytes()).decode()}
+    with pytest.raises(ValueError, match="not finite"):
+        KnnPrior.from_dict(d)

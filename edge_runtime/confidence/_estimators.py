@@ -161,6 +161,8 @@ class KnnPrior:
         if labels.ndim != 1 or not len(labels) or not np.isin(labels, (0.0, 1.0)).all():
             raise ValueError("knn.labels must be a non-empty list of 0 and 1")
         emb = np.frombuffer(base64.b64decode(d["embeddings_f16"]), dtype=np.float16).astype(np.float32)
+        if not np.isfinite(emb).all():  # a NaN neighbour makes every prior NaN
+            raise ValueError("knn.embeddings_f16 holds values that are not finite numbers")
         return cls(emb.reshape(len(labels), int(d["dim"])), labels, k)
 
 

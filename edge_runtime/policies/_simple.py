@@ -65,8 +65,10 @@ def _check_p(p: Any, field: str) -> float:
 class _ThresholdBase(Policy):
     threshold: float
 
-    def _after(self, ctx: RequestContext, p_correct: float) -> Decision:
+    def _after(self, ctx: RequestContext, p_correct: float) -> Decision | None:
         t = self.threshold
+        if not math.isfinite(p_correct):  # no estimate: no opinion (NaN compares false, and read as "at or above")
+            return None
         if p_correct < t:
             return Decision("cloud", Reason.BELOW_THRESHOLD,
                             f"p_correct {p_correct:.3f} < {t:.3f}: escalating to the cloud",
@@ -166,8 +168,10 @@ class TargetRate(_ThresholdBase):
     def _describe(self) -> str:
         return f"target_rate(r={self.rate:g})"
 
-    def _after(self, ctx: RequestContext, p_correct: float) -> Decision:
+    def _after(self, ctx: RequestContext, p_correct: float) -> Decision | None:
         d = super()._after(ctx, p_correct)
+        if d is None:  # no estimate
+            return None
         detail = f"{d.detail} (threshold set to escalate {self.rate:.0%} of calibration traffic)"
         return Decision(d.action, d.reason, detail, policy=d.policy, value=d.value, threshold=d.threshold)
 
