@@ -28,6 +28,7 @@ came from; set your own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -70,8 +71,11 @@ class CostSettings:
             if not isinstance(price, dict) or not {"input", "output"} <= set(price):
                 raise ConfigError("each model needs input and output prices per million tokens", field=f"cost.prices.{model}")
             for kind in ("input", "output"):
-                if not isinstance(price[kind], (int, float)) or price[kind] < 0:
-                    raise ConfigError("must be a number >= 0", field=f"cost.prices.{model}.{kind}")
+                value = price[kind]
+                # NaN made every reservation NaN, and a budget never saw itself spent; true is not a price either
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or value < 0:
+                    raise ConfigError(f"must be a finite number >= 0, got {value!r}", field=f"cost.prices.{model}.{kind}")
 
     @property
     def j_per_kb(self) -> float:

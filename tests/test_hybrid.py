@@ -477,3 +477,14 @@ def test_a_knn_estimator_with_embeddings_that_are_not_numbers_is_refused_at_load
          "embeddings_f16": base64.b64encode(emb.tobytes()).decode()}
     with pytest.raises(ValueError, match="not finite"):
         KnnPrior.from_dict(d)
+
+
+@pytest.mark.parametrize("price", [float("nan"), float("inf"), True, -1.0])
+def test_a_price_that_is_not_a_finite_number_is_refused_naming_it(price):
+    # a NaN price made every reservation NaN: a $0.10 budget let 12 concurrent escalations spend $0.156
+    from edge_runtime.cost import CostSettings
+    from edge_runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        CostSettings(prices={"*": {"input": price, "output": 0.6}})
+    assert info.value.field == "cost.prices.*.input"
