@@ -132,6 +132,11 @@ class _Settlement:
         self.settle(self.unsettled_usd)
 
 
+def _reads_context_score(part: Policy) -> bool:
+    """A pre_route part that decides on the estimator's prompt-only score (not its own registered scorer)."""
+    return part.type_name == "pre_route" and getattr(part, "scorer_config", None) == "context"
+
+
 def _finite_or_none(p: float | None) -> float | None:
     """A p_correct to report: None when there is no usable estimate (NaN would be invalid JSON)."""
     return p if p is not None and math.isfinite(p) else None
@@ -257,7 +262,9 @@ class HybridRuntime:
         self.default_max_new_tokens = default_max_new_tokens
         self.cloud_timeout_s = cloud_timeout_s
         parts = self.policy.parts()
-        self._wants_pre_route = any(p.type_name == "pre_route" for p in parts)
+        # only a pre_route reading the runtime's own prompt-only estimate needs it computed (one with its own
+        # registered scorer does not)
+        self._wants_pre_route = any(_reads_context_score(p) for p in parts)
         self._wants_p_cloud = any(p.type_name == "gain" for p in parts)  # with a cloud prior: _check_policy_inputs
         self._has_budget = any(p.type_name == "budget" for p in parts)
         self._check_policy_inputs(parts)
@@ -276,7 +283,7 @@ class HybridRuntime:
                 raise ConfigError("gain compares the local answer with the cloud's expected accuracy, and this "
                                   "estimator has no cloud prior: fit one with `edge-runtime calibrate --cloud-bundle` "
                                   "or `edge-runtime explore`", field=f"{where}.type")
-            if part.type_name == "pre_route" and not (est.can_pre_route or getattr(est, "knn", None) is not None):
+            if _reads_context_score(part) and not (est.can_pre_route or getattr(est, "knn", None) is not None):
                 raise ConfigError("pre_route needs an estimator that scores a prompt before decoding (a kNN prior, "
                                   "from `edge-runtime explore`)", field=f"{where}.type")
             if part.type_name == "early_exit" and getattr(part, "signal", "") == "trajectory" \

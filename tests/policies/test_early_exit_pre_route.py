@@ -141,6 +141,30 @@ def test_pre_router_registry_in_config():
         PRE_ROUTERS.pop("test_length")
 
 
+def test_a_pre_route_with_its_own_scorer_runs_with_any_estimator(tiny_bundle):
+    # it was refused at start for want of the estimator's prompt-only score, which it never reads
+    from edge_runtime.engine import Engine
+    from edge_runtime.hybrid import HybridRuntime
+
+    engine = Engine(tiny_bundle, energy_meter=None)
+
+    @register_pre_router("test_always_low")
+    def make():
+        return lambda ctx: 0.0
+
+    try:
+        policy = {"chain": [{"type": "pre_route", "bar": 0.5, "scorer": {"type": "test_always_low"}},
+                            {"type": "never"}]}
+        rt = HybridRuntime(engine, policy=policy)  # the built-in estimator: no prompt-only score
+        r = rt.chat([{"role": "user", "content": "hi"}], max_new_tokens=2)
+        assert (r.route, r.reason) == ("local_forced", "cloud_not_configured")  # it asked for the cloud
+        with pytest.raises(ConfigError, match="pre_route needs an estimator"):
+            HybridRuntime(engine, policy={"type": "pre_route", "bar": 0.5})  # the context scorer still needs one
+    finally:
+        PRE_ROUTERS.pop("test_always_low")
+        engine.close()
+
+
 def test_a_python_callable_cannot_be_loaded_back_from_config():
     cfg = PreRoute(0.5, lambda ctx: 0.5).to_config()
     assert cfg["scorer"].startswith("python:")
