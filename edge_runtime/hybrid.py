@@ -547,6 +547,10 @@ class HybridRuntime:
                         # the early-exit signal is not a probability of being right: no estimate is sent or reported
                         stop.set()  # the engine ends the generation at its next step
             local.close()  # hands the KV cache back to the engine's pool now, not when the generator is collected
+            if early_exit and locals_ and locals_[-1].finish_reason != "cancelled":
+                # the check failed on the token that ended the answer: it is whole, so it goes as the draft and
+                # stays the fallback (decoding it again would only repeat it)
+                early_exit = False
             if decision.action == "continue":
                 p_correct = self._p_correct(locals_[-1], msgs)
                 # an escalation admitted now sends the draft along: a budget reserves for it too
@@ -588,18 +592,27 @@ class HybridRuntime:
                 cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id,
                                                              cancel, timeout_s, timing, early_exit, progress)
                 settlement.unsettled_usd = cloud_result.cost_usd
-                if reveal_draft and shown:
-                    yield HybridChunk("withdraw")
-                    shown = False
-                for c in cloud_chunks:
-                    yield c
-                route = "cloud"
-                settlement.settle(cloud_result.cost_usd)
+                if not cloud_result.text.strip():
+                    # an empty answer is no answer: the local one is returned, never nothing (the call's bill and
+                    # usage stand, in the result too)
+                    settlement.settle(cloud_result.cost_usd)
+                    cloud_error = "the bridge answered with no text"
+                    log.warning("%s: escalation failed, answering locally: %s", request_id, cloud_error)
+                    route = "fallback"
+                else:
+                    if reveal_draft and shown:
+                        yield HybridChunk("withdraw")
+                        shown = False
+                    for c in cloud_chunks:
+                        yield c
+                    route = "cloud"
+                    settlement.settle(cloud_result.cost_usd)
             except _Cancelled:
                 # the caller left while the bridge was answering: the call was cancelled, so was the bridge's
                 # generation; what it generated until then is billed and unknown here, so a budget keeps the
                 # amount it reserved rather than counting the call as free
                 settlement.settle(ctx.estimated_cloud_usd)
+                failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0  # the radio was on meanwhile
                 route, decision = "local_forced", Decision("local_forced", "cancelled", "the caller cancelled the request during escalation",
                                                            policy=decision.policy, value=decision.value, threshold=decision.threshold)
             except CloudError as err:
@@ -694,7 +707,8 @@ class HybridRuntime:
         local_j = sum(r.energy.joules for r in locals_ if r.energy is not None)
         energies = [r.energy for r in locals_ if r.energy is not None]
         net_j = 0.0
-        if cloud is not None or (cloud_error is not None and asked):  # an open circuit or no time left sends nothing
+        # an escalation that answered, failed or was cancelled used the radio; an open circuit or no time left did not
+        if cloud is not None or asked:
             # request: the messages and the draft plus ~256 bytes of framing; response: the answer plus ~128
             out_bytes = 256 + len(json.dumps(msgs).encode()) + (len(final_local.text.encode()) if final_local else 0)
             in_bytes = 128 + (len(cloud.text.encode()) if cloud is not None else 0)

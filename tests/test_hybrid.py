@@ -488,3 +488,66 @@ def test_a_price_that_is_not_a_finite_number_is_refused_naming_it(price):
     with pytest.raises(ConfigError) as info:
         CostSettings(prices={"*": {"input": price, "output": 0.6}})
     assert info.value.field == "cost.prices.*.input"
+
+
+def test_an_escalation_the_caller_cancels_mid_answer_still_counts_its_radio_energy_and_wait(engine):
+    # the radio was on for the call, but a cancelled escalation reported network 0 J and cloud_ms 0
+    import threading
+    from types import SimpleNamespace
+
+    from edge_runtime.cloud._types import CloudChunk
+
+    gone = threading.Event()
+
+    def stream(msgs, **_kw):
+        def words():
+            for i in range(50):
+                time.sleep(0.02)
+                if i == 5:
+                    gone.set()  # the caller leaves mid-answer
+                yield CloudChunk(f" w{i}", 1)
+        return words()
+
+    cloud = SimpleNamespace(stream=stream, settings=SimpleNamespace(model=""))
+    r = HybridRuntime(engine, policy={"type": "always"}, cloud=cloud).chat(ASK, max_new_tokens=2, cancel=gone)
+    assert r.reason == "cancelled"
+    assert r.energy["network_joules"] > 0 and r.latency_ms["cloud_ms"] > 50
+
+
+def test_an_early_exit_on_the_last_token_keeps_the_whole_answer_as_draft_and_fallback(engine):
+    # the check failed on the token that ended the answer: no draft was sent, and the fallback decoded it again
+    from types import SimpleNamespace
+
+    from edge_runtime.errors import CloudUnavailableError
+
+    sent = []
+
+    def stream(msgs, *, escalation=None, **_kw):
+        sent.append(escalation.draft_answer)
+        raise CloudUnavailableError("down")
+
+    cloud = SimpleNamespace(stream=stream, settings=SimpleNamespace(model=""))
+    policy = {"chain": [{"type": "early_exit", "bar": 0.99, "min_tokens": 4}, {"type": "threshold", "p": 0.0}]}
+    r = HybridRuntime(engine, policy=policy, cloud=cloud).chat(ASK, max_new_tokens=4)
+    assert r.route == "fallback" and r.finish_reason == "length"
+    assert sent == [r.text] and r.usage["local"]["completion_tokens"] == 4  # decoded once
+
+
+def test_an_empty_cloud_answer_gives_the_local_answer_as_fallback_with_the_bill(engine):
+    # whitespace from the bridge replaced a non-empty local answer: the caller got nothing
+    from types import SimpleNamespace
+
+    from edge_runtime.cloud._types import CloudChunk, CloudResult, ServerTimings
+
+    def stream(msgs, *, request_id=None, **_kw):
+        yield CloudChunk("   ", 1)
+        yield CloudChunk("", 0, CloudResult(text="   ", finish_reason="stop", prompt_tokens=10, completion_tokens=1,
+                                            cost_usd=0.002, model="big", model_alias="big", request_id=request_id or "",
+                                            server_timings=ServerTimings(total_ms=1.0), latency_ms=2.0,
+                                            round_trip_ms=2.0, attempts=1))
+
+    cloud = SimpleNamespace(stream=stream, settings=SimpleNamespace(model=""))
+    local = engine.generate(messages=ASK, max_new_tokens=4).text
+    r = HybridRuntime(engine, policy={"type": "threshold", "p": 0.999}, cloud=cloud).chat(ASK, max_new_tokens=4)
+    assert (r.route, r.reason, r.text) == ("fallback", "cloud_error", local) and "no text" in r.cloud_error
+    assert r.cost["cloud_usd"] == 0.002 and r.usage["cloud"]["prompt_tokens"] == 10  # billed all the same
