@@ -357,3 +357,34 @@ def test_a_study_on_the_split_it_fits_on_warns(tiny_bundle, tmp_path, tiny_suite
     monkeypatch.setattr(edge_runtime.runs, "run_edge", stop)
     assert main(["eval", "--study", "--split", "dev", "--bundle", str(tiny_bundle), "--suite", str(tiny_suite)]) == 1
     assert any("in-sample" not in r.getMessage() and "items it was fitted on" in r.getMessage() for r in caplog.records)
+
+
+def test_eval_on_the_split_an_estimator_was_fitted_on_warns_and_a_failed_write_keeps_the_old_file(
+        tiny_bundles, tmp_path, tiny_suite, capsys, caplog, monkeypatch):
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    edge = tiny_bundles("llama", "fp32")
+    out = tmp_path / "estimator.json"
+    assert main(["calibrate", "--bundle", str(edge), "--suite", str(tiny_suite), "--out", str(out), "--family",
+                 "knn"]) == 0
+    capsys.readouterr()
+    for split, warned in (("dev", True), ("test", False)):  # calibrate fits on dev
+        caplog.clear()
+        assert main(["eval", "--bundle", str(edge), "--suite", str(tiny_suite), "--split", split,
+                     "--estimator", str(out), "--json"]) == 0
+        assert ("in-sample" in caplog.text) == warned, caplog.text
+    capsys.readouterr()
+    # a write cut short (a full disk) left invalid JSON where the previous estimator was
+    from edge_runtime.confidence import load_estimator, save_estimator
+    from edge_runtime.errors import EstimatorError
+
+    before = out.read_bytes()
+    estimator = load_estimator(str(out))
+
+    def full(self, *_a, **_kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(out), "write_text", full)
+    with pytest.raises(EstimatorError, match=f"cannot write {out}: No space left on device"):
+        save_estimator(estimator, out)
+    monkeypatch.undo()
+    assert out.read_bytes() == before and [p.name for p in tmp_path.glob(".estimator.json*")] == []

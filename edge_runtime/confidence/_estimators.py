@@ -287,7 +287,16 @@ class SelfCheckEstimator(Estimator):
 
 
 def save_estimator(estimator: Estimator, path: str | os.PathLike[str]) -> None:
-    Path(path).write_text(json.dumps(estimator.to_dict(), indent=1) + "\n", encoding="utf-8")
+    """Write ``estimator`` to ``path`` whole or not at all: a daemon may load it at its next start, and a write cut
+    short (a full disk) used to leave invalid JSON in place of the previous estimator."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(estimator.to_dict(), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise EstimatorError(f"cannot write {path}: {err.strerror or err}") from err
 
 
 DEFAULT_ESTIMATOR = Path(__file__).with_name("data") / "default_estimator.json"
