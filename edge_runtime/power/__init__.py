@@ -36,8 +36,11 @@ Power-only sources are read by one shared background thread every
 rule; a window that saw fewer than two readings is power × time and says so.
 Each measurement gives the whole-device (RAPL: package) ``joules`` and this
 process's share by CPU time, ``process_joules``. Broken counters (garbage,
-going backwards without a wrap range, vanishing mid-window) cost a warning and
-the affected interval, never a crash or a negative figure.
+going backwards without a wrap range) cost a warning and the affected interval,
+never a crash or a negative figure. A window the source did not measure whole (a
+domain of its total missing, a counter that vanished or a battery plugged in
+partway) reports the estimate for the whole window, ``estimated=True``, and says
+in its warnings what was read and why it was not used.
 
 Every reader takes the filesystem root as a parameter (``sysfs_root``, default
 ``/``) so tests run against fake trees.

@@ -14,7 +14,8 @@ Only a *discharging* battery measures the device's draw. On AC (status
 ``Charging``, ``Full``, ``Not charging``) the numbers describe charging or
 nothing at all, so the battery is reported as present but not usable and
 detection falls through to the next source; if the machine is plugged in
-during a window, the readings from then on are dropped with a warning.
+during a window, nothing measures the rest of it, so that window reports the
+CPU-time estimate with a warning (see ``_meter``).
 Batteries with ``scope`` ``Device`` (a mouse, a headset) are ignored.
 """
 

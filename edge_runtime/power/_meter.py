@@ -14,9 +14,13 @@ the same time. Every :class:`Measurement` reports:
   True unless a hardware counter measured it;
 * ``warnings``: why the figure may be incomplete, in plain words.
 
-A source that yields nothing for a window (a sensor that vanished) falls back to
-the CPU-time estimate for that window, labelled and warned about: never a silent
-0 J, never a negative figure.
+A window the chosen source did not measure whole falls back to the CPU-time
+estimate for that window, labelled ``estimate:<profile>`` and warned about: a
+source that yields nothing (a sensor that vanished), a total missing one of its
+domains (RAPL DRAM without its package), or a domain that stopped reading
+partway (a counter that vanished, a battery plugged in). What the source did read
+is named in the warning, never passed off as the device's energy for the window:
+never a silent 0 J, never a negative figure.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from ..errors import ConfigError, EnergyError
 from ._detect import Detection, detect
 from ._estimate import CpuClock, EstimateSource, PsutilCpuClock
 from ._profiles import DeviceProfile, custom_profile, get_profile
-from ._sampler import Sampler
+from ._sampler import Sampler, WindowEnergy
 from ._settings import PowerSettings
 from ._source import PowerSource, SourceInfo
 
@@ -328,6 +332,26 @@ class EnergyMeter:
             log.debug("cannot read CPU times", exc_info=True)
             return None
 
+    def _shortfall(self, source: PowerSource, window: WindowEnergy) -> str | None:
+        """Why ``window`` is not a measurement of the device for the whole window (None when it is)."""
+        totals = source.total_domains()
+        got = [n for n in totals if n in window.domains_j]
+        instead = f"reported the CPU-time estimate ({self._estimate.label}) for the whole window instead"
+        if not got:
+            return f"{source.label} gave no usable readings in this window; {instead}"
+        part_j = sum(window.domains_j[n] for n in got)
+        missing = [n for n in totals if n not in window.domains_j]
+        if missing:
+            # the rest of a total is not the device: DRAM alone is not the package plus DRAM
+            return (f"{source.label}: no readings of {', '.join(missing)} in this window, so the {part_j:.3f} J "
+                    f"of {', '.join(got)} are not the device's energy; {instead}")
+        partial = [f"{n} {window.incomplete[n]}" for n in totals if n in window.incomplete]
+        if partial:
+            # what was read covers part of the window only: less than was drawn, so not the window's figure
+            return (f"{source.label} measured only part of this window ({'; '.join(partial)}): its {part_j:.3f} J "
+                    f"fall short of what was drawn; {instead}")
+        return None
+
     def _finish(self, token: tuple[int, float] | None, t0: float, cpu0: tuple[float, float] | None) -> dict[str, Any]:
         window = None
         if token is not None and self._sampler is not None:
@@ -351,14 +375,13 @@ class EnergyMeter:
         chosen = self._chosen
         if window is not None and isinstance(chosen, PowerSource):
             warnings.extend(window.warnings)
-            measured = [n for n in chosen.total_domains() if n in window.domains_j]
-            if measured:
+            shortfall = self._shortfall(chosen, window)
+            if shortfall is None:
                 source, estimated, samples = chosen.label, chosen.estimated, window.samples
                 domains = window.domains_j
-                joules = sum(window.domains_j[n] for n in measured)
+                joules = sum(window.domains_j[n] for n in chosen.total_domains())
             else:
-                warnings.append(f"{chosen.label} gave no usable readings in this window; "
-                                f"reported the CPU-time estimate ({self._estimate.label}) instead")
+                warnings.append(shortfall)
         process_joules = share = None
         if domains is None:
             domains = self._estimate.energy_j(seconds, busy_s or 0.0)

@@ -19,9 +19,13 @@ a timeline of cumulative joules:
 
 A window ``[t0, t1]`` reads the cumulative energy at both instants. Cheap
 sources are read afresh at both boundaries; expensive ones (a subprocess) use the
-timeline, extrapolating the last power reading past the newest sample. A window
-that saw fewer than two power readings is therefore power × time, and says so.
-Missing readings leave gaps that are not integrated, never negative joules.
+timeline, extrapolating the last power reading past the newest sample, and never
+wait for a read in progress while the timeline is fresh. A window that saw fewer
+than two power readings is therefore power × time, and says so.
+Missing readings leave gaps that are not integrated, never negative joules; a
+total domain that could not be read for part of the window is listed in
+:attr:`WindowEnergy.incomplete`, so the meter does not pass what it did read off
+as the whole window.
 """
 
 from __future__ import annotations
@@ -81,6 +85,9 @@ class DomainTrack:
         self.failing_since: float | None = None
         self.failure: str | None = None
         self.events: list[tuple[float, str]] = []
+        # spans whose energy is unknown because the domain could not be read (a power rail's gap, a battery
+        # on AC); an energy counter's outage is not one: the counter kept counting and its delta bridges it
+        self.lost: list[tuple[float, float]] = []
 
     # --- feeding ---------------------------------------------------------------------------
 
@@ -101,6 +108,8 @@ class DomainTrack:
         e_prev = prev.e_j if prev else 0.0
         failed_for = None if self.failing_since is None else t - self.failing_since
 
+        if prev is not None and failed_for is not None and kind != "energy":
+            self.lost.append((prev.t, t))
         if isinstance(reading, Power):
             p_w = abs(reading.uw) * 1e-6
             if prev is None or prev.p_w is None or failed_for is not None:
@@ -138,6 +147,10 @@ class DomainTrack:
                     elif self._implausible(t, delta_uj, "counter"):
                         delta_uj, gap = 0.0, True
                 else:
+                    if prev is not None and failed_for is not None:
+                        # on AC meanwhile, most likely: the charger, not the battery, fed the device
+                        self.events.append((t, f"{self.name}: no readings for {failed_for:.2f} s; "
+                                               "the energy of that time is not known"))
                     delta_uj = self.last_raw - raw
                     if delta_uj < 0:
                         self.events.append(
@@ -193,6 +206,19 @@ class DomainTrack:
             return a.e_j + a.p_w * tau + (b.p_w - a.p_w) * tau * tau / (2.0 * span)
         return a.e_j + (b.e_j - a.e_j) * tau / span
 
+    def shortfall(self, t0: float, t1: float) -> str | None:
+        """Why part of ``[t0, t1]`` has no energy from this domain; None when every instant is accounted for."""
+        if self.failing_since is not None and self.failing_since <= t1:
+            # the failure shows at the first bad reading; nothing is known since the last good one
+            last_good = max(self.times[-1], t0) if self.times else t0
+            return f"unreadable for the last {t1 - last_good:.2f} s ({self.failure})"
+        if self.times and self.times[0] > t0:
+            return f"no reading for the first {min(self.times[0], t1) - t0:.2f} s"
+        lost = sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in self.lost)
+        if lost > 0:
+            return f"no readings for {lost:.2f} s"
+        return None
+
     def count_in(self, t0: float, t1: float) -> int:
         return bisect.bisect_right(self.times, t1) - bisect.bisect_left(self.times, t0)
 
@@ -209,6 +235,7 @@ class DomainTrack:
             del self.points[:i]
             del self.times[:i]
         self.events = [e for e in self.events if e[0] >= before]
+        self.lost = [span for span in self.lost if span[1] >= before]
 
 
 @dataclass
@@ -219,6 +246,8 @@ class WindowEnergy:
     missing: list[str]
     samples: int
     warnings: list[str] = field(default_factory=list)
+    # total domains read for only part of the window, and why: their joules fall short of what was drawn
+    incomplete: dict[str, str] = field(default_factory=dict)
 
 
 class Sampler:
@@ -247,19 +276,34 @@ class Sampler:
         self._linger_s = linger_s
         self._last_close_mono = float("-inf")
         self._last_read_mono: float | None = None
+        # when the read in progress began (None: no read in progress)
+        self._read_started_mono: float | None = None
         # windows whose Measurement was garbage-collected unclosed; appended from GC (no lock there)
         self._abandoned: list[int] = []
 
     # --- windows -------------------------------------------------------------------------------
 
     def open(self) -> tuple[int, float]:
+        token = None
+        if self.source.expensive:
+            with self._lock:
+                self._check_running()
+                # the window starts on the timeline: no read of its own, so no waiting behind one in progress
+                # (a vcgencmd call can take seconds while the firmware is busy)
+                if self._open or self._timeline_fresh():
+                    token = self._add_window(self._clock())
+        if token is None:
+            token = self._open_with_read()
+        if self.source.needs_background:
+            self._ensure_thread()
+        return token
+
+    def _open_with_read(self) -> tuple[int, float]:
         with self._read_lock:
             with self._lock:
-                if self._stopped:
-                    raise EnergyError("the energy meter is closed")
-                self._drop_abandoned()
+                self._check_running()
                 was_idle = not self._open
-                stale = self._last_read_mono is None or time.monotonic() - self._last_read_mono > 2 * self.interval_s
+                stale = not self._timeline_fresh()
                 if was_idle and stale:
                     # nothing was sampled for a while: start a fresh timeline
                     self._tracks.clear()
@@ -268,13 +312,32 @@ class Sampler:
             else:
                 t0 = self._clock()
             with self._lock:
-                wid = self._next_id
-                self._next_id += 1
-                self._open[wid] = t0
-                if was_idle:
-                    self._wake.notify_all()
-        if self.source.needs_background:
-            self._ensure_thread()
+                return self._add_window(t0)
+
+    def _check_running(self) -> None:
+        """Raise if stopped; forget abandoned windows. Caller holds ``_lock``."""
+        if self._stopped:
+            raise EnergyError("the energy meter is closed")
+        self._drop_abandoned()
+
+    def _timeline_fresh(self) -> bool:
+        """The tracks describe the recent past, so a window can start on them. Caller holds ``_lock``."""
+        last, limit = self._last_read_mono, 2 * self.interval_s
+        if last is None:
+            return False
+        if time.monotonic() - last <= limit:
+            return True
+        # a read in progress that began on a fresh timeline extends it: a slow read does not make it stale
+        started = self._read_started_mono
+        return started is not None and started - last <= limit
+
+    def _add_window(self, t0: float) -> tuple[int, float]:
+        """Register a window opened at ``t0``. Caller holds ``_lock``."""
+        if not self._open:
+            self._wake.notify_all()  # the sampler thread sleeps while no window is open
+        wid = self._next_id
+        self._next_id += 1
+        self._open[wid] = t0
         return wid, t0
 
     def close(self, token: tuple[int, float]) -> WindowEnergy:
@@ -330,6 +393,8 @@ class Sampler:
 
     def _sample_locked(self) -> float:
         """Read once and feed the tracks; caller holds ``_read_lock``."""
+        with self._lock:
+            self._read_started_mono = time.monotonic()
         t_a = self._clock()
         try:
             readings = dict(self.source.read())
@@ -341,6 +406,7 @@ class Sampler:
         with self._lock:
             self.reads += 1
             self._last_read_mono = time.monotonic()
+            self._read_started_mono = None
             for name, reading in readings.items():
                 track = self._tracks.get(name)
                 if track is None:
@@ -387,6 +453,7 @@ class Sampler:
         label = self.source.label
         totals = set(self.source.total_domains())
         domains_j: dict[str, float] = {}
+        incomplete: dict[str, str] = {}
         warnings: list[str] = []
         counts: list[int] = []
         power_counts: list[int] = []
@@ -403,6 +470,9 @@ class Sampler:
                 warnings.append(f"{label}: {name} unreadable at the end of the window ({track.failure}); "
                                 "energy after its last good reading is missing")
             if name in totals:
+                why = track.shortfall(t0, t1)
+                if why is not None:
+                    incomplete[name] = why
                 counts.append(track.count_in(t0, t1))
                 if track.kind == "power":
                     power_counts.append(counts[-1])
@@ -415,11 +485,11 @@ class Sampler:
         for name in missing:
             track = self._tracks.get(name)
             why = f" ({track.failure})" if track is not None and track.failure else ""
-            warnings.append(f"{label}: no readings of {name} during the window{why}; it is left out")
+            warnings.append(f"{label}: no readings of {name} during the window{why}")
         samples = min(counts) if counts else 0
         if power_counts and min(power_counts) < 2:
             warnings.append(
                 f"{label}: only {min(power_counts)} power reading(s) inside this {1000 * (t1 - t0):.0f} ms window "
                 f"(sampling every {1000 * self.interval_s:.0f} ms): energy is power × time from the nearest reading")
         return WindowEnergy(t0=t0, t1=t1, domains_j=domains_j, missing=missing, samples=samples,
-                            warnings=list(dict.fromkeys(warnings)))
+                            warnings=list(dict.fromkeys(warnings)), incomplete=incomplete)

@@ -103,9 +103,30 @@ def test_plugged_in_during_the_window(tmp_path: Path, make_meter: Make, clock: M
         clock.advance(1)
         meter.poll()
         clock.advance(1)
-    assert m.source == "battery:BAT0"
-    assert m.joules == pytest.approx(10.0)  # only the discharging second
+    # 10 J is the discharging second only: after that the charger fed the device, and nothing measured it
+    assert (m.source, m.estimated) == ("estimate:generic", True)
+    assert m.joules == pytest.approx(meter.profile.idle_watts * 3)
     assert any("on AC power" in w for w in m.warnings)
+    assert any("measured only part of this window (BAT0 unreadable for the last 2.00 s" in w and "10.000 J" in w
+               for w in m.warnings)
+    assert m.to_report().estimated
+
+
+def test_on_ac_for_a_moment_inside_the_window_is_not_a_whole_measurement(tmp_path: Path, make_meter: Make,
+                                                                          clock: ManualClock) -> None:
+    bat = add_battery(tmp_path, energy_now=40_000_000)  # µWh
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        write(bat / "status", "Charging")
+        meter.poll()
+        clock.advance(1)
+        write(bat / "status", "Discharging")  # unplugged again: the gauge says nothing of the time on AC
+        write(bat / "energy_now", 40_000_000 - 1_000)
+        meter.poll()
+        clock.advance(1)
+    assert (m.source, m.estimated) == ("estimate:generic", True)
+    assert any("BAT0 no readings for 2.00 s" in w for w in m.warnings)
 
 
 def test_peripheral_batteries_are_ignored(tmp_path: Path) -> None:

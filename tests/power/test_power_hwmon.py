@@ -7,9 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from power_fakes import ManualClock, add_hwmon, write
+from power_fakes import ManualClock, add_hwmon, call_unprivileged, make_unreadable, write
 
 from edge_runtime.power import EnergyMeter, describe_sources
+from edge_runtime.power._hwmon import detect_hwmon
+from edge_runtime.power._sampler import Sampler
 
 Make = Callable[..., EnergyMeter]
 
@@ -123,9 +125,13 @@ def test_sensor_that_disappears_mid_window(tmp_path: Path, make_meter: Make, clo
         shutil.rmtree(chip.resolve())  # the device was unbound
         meter.poll()
         clock.advance(1)
-    assert m.source == "hwmon:ina226"
-    assert m.joules == pytest.approx(5.0)  # the first second, the only one measured
+    # 5 J is the first of three seconds: reported as the window's it would be a third of the truth
+    assert (m.source, m.estimated) == ("estimate:generic", True)
+    assert m.joules == pytest.approx(meter.profile.idle_watts * 3)
     assert any("unreadable" in w for w in m.warnings)
+    assert any("measured only part of this window (power1 unreadable for the last 2.00 s" in w and "5.000 J" in w
+               for w in m.warnings)
+    assert m.to_report().estimated
 
 
 def test_sensor_gone_for_the_whole_window_falls_back_to_the_estimate(tmp_path: Path, make_meter: Make,
@@ -156,10 +162,44 @@ def test_an_unusable_power_value_is_a_gap(tmp_path: Path, make_meter: Make, cloc
         clock.advance(1)
         meter.poll()
         clock.advance(1)
-    # seconds 0-1 and 3-4 are measured; 1-3 is a gap that is reported, not guessed
-    assert m.joules == pytest.approx(2.0)
+    # seconds 0-1 and 3-4 are measured; 1-3 is a gap that is reported, not guessed, and not passed off as whole
+    assert (m.source, m.estimated) == ("estimate:generic", True)
+    assert any("power1 no readings for 2.00 s" in w and "its 2.000 J fall short" in w for w in m.warnings)
     for text in warned:
         assert any(text in w for w in m.warnings)
+
+
+def test_the_sampler_integrates_around_a_gap_and_flags_it(tmp_path: Path, clock: ManualClock) -> None:
+    chip = add_hwmon(tmp_path, 0, "ina226", {"power1_input": 1_000_000})
+    sampler = Sampler(detect_hwmon(tmp_path)[0], 3600.0, clock=clock)
+    token = sampler.open()
+    clock.advance(1)
+    sampler.poll()
+    write(chip / "power1_input", "N/A")
+    clock.advance(1)
+    sampler.poll()
+    write(chip / "power1_input", 1_000_000)
+    clock.advance(1)
+    sampler.poll()
+    clock.advance(1)
+    window = sampler.close(token)
+    sampler.stop()
+    assert window.domains_j == {"power1": pytest.approx(2.0)}
+    assert window.incomplete == {"power1": "no readings for 2.00 s"}
+
+
+def test_a_rail_unreadable_when_the_window_opens_is_not_the_whole_window(tmp_path: Path, make_meter: Make,
+                                                                         clock: ManualClock) -> None:
+    chip = add_hwmon(tmp_path, 0, "ina226", {"power1_input": 3_000_000})
+    meter = make_meter(tmp_path)
+    write(chip / "power1_input", "N/A")
+    with meter.measure() as m:
+        clock.advance(1)
+        write(chip / "power1_input", 3_000_000)
+        meter.poll()
+        clock.advance(1)
+    assert (m.source, m.estimated) == ("estimate:generic", True)
+    assert any("power1 no reading for the first 1.00 s" in w for w in m.warnings)
 
 
 def test_two_chips_of_one_kind_can_each_be_chosen(tmp_path: Path) -> None:
@@ -169,3 +209,91 @@ def test_two_chips_of_one_kind_can_each_be_chosen(tmp_path: Path) -> None:
     labels = [i.label for i in describe_sources(tmp_path) if i.kind == "hwmon"]
     assert labels == ["hwmon:ina3221", "hwmon:ina3221@hwmon2"]
     assert EnergyMeter(source="hwmon:ina3221@hwmon2", sysfs_root=tmp_path).source == "hwmon:ina3221@hwmon2"
+
+
+# --- a channel of the total unreadable at detection ------------------------------------------------
+
+def _three_rails(root: Path) -> Path:
+    # an ina3221 with no input rail: the total is the sum of its three rails, 5 V × 0.4 A = 2 W each
+    return add_hwmon(root, 0, "ina3221", {f"{a}{n}_{b}": v for n in (1, 2, 3)
+                                           for a, b, v in (("in", "label", f"rail{n}"), ("in", "input", 5000),
+                                                           ("curr", "input", 400))})
+
+
+def _measure_unprivileged(make_meter: Make, root: Path, clock: ManualClock) -> tuple[EnergyMeter, object]:
+    def run() -> tuple[EnergyMeter, object]:
+        meter = make_meter(root)
+        with meter.measure() as m:
+            clock.advance(1)
+        return meter, m
+
+    return call_unprivileged(run)
+
+
+def test_an_unreadable_rail_of_the_sum_is_named_with_every_measurement(tmp_path: Path, make_meter: Make,
+                                                                      clock: ManualClock) -> None:
+    chip = _three_rails(tmp_path)
+    make_unreadable(chip / "curr2_input")
+    meter, m = _measure_unprivileged(make_meter, tmp_path, clock)
+    # as RAPL with a denied zone: chosen with what it can read, and never silent about the rest
+    info = [i for i in meter.describe() if i.kind == "hwmon"][0]
+    assert info.chosen and info.usable
+    assert info.problem == ("unreadable: rail2 (curr2_input: permission denied); "
+                            "the total counts only rail1, rail3")
+    assert info.fix and "chmod a+r" in info.fix and "curr2_input" in info.fix
+    assert m.source == "hwmon:ina3221" and m.joules == pytest.approx(4.0)  # type: ignore[attr-defined]
+    assert any("hwmon:ina3221 leaves part of the device out" in w and "rail2" in w
+               for w in m.warnings)  # type: ignore[attr-defined]
+
+
+def test_an_unreadable_input_rail_is_named_though_the_other_rails_are_summed(tmp_path: Path) -> None:
+    chip = add_hwmon(tmp_path, 1, "ina3221", {
+        "in1_label": "VDD_IN", "in1_input": 5000, "curr1_input": 1200,
+        "in2_label": "VDD_CPU_GPU_CV", "in2_input": 5000, "curr2_input": 400,
+        "in3_label": "VDD_SOC", "in3_input": 5000, "curr3_input": 300,
+    })
+    write(chip / "curr1_input", "garbage")
+    info = [i for i in describe_sources(tmp_path) if i.kind == "hwmon"][0]
+    assert info.usable and [d.name for d in info.domains if d.in_total] == ["VDD_CPU_GPU_CV", "VDD_SOC"]
+    assert info.problem is not None and info.problem.startswith("unreadable: VDD_IN (curr1_input: garbage")
+    assert info.fix is None  # nothing a chmod would mend
+
+
+def test_an_unreadable_socket_counter_is_named(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    add_hwmon(tmp_path, 0, "amd_energy", {"energy1_input": 1_000_000, "energy1_label": "Ecore000",
+                                          "energy2_input": 5_000_000, "energy2_label": "Esocket0",
+                                          "energy3_input": 7_000_000, "energy3_label": "Esocket1"})
+    make_unreadable(tmp_path / "sys/class/hwmon/hwmon0/energy3_input")
+    meter, m = _measure_unprivileged(make_meter, tmp_path, clock)
+    info = [i for i in meter.describe() if i.kind == "hwmon"][0]
+    assert info.chosen and info.problem is not None and "Esocket1 (energy3_input: permission denied)" in info.problem
+    assert any("leaves part of the device out" in w and "Esocket1" in w for w in m.warnings)  # type: ignore[attr-defined]
+
+
+def test_core_counters_never_stand_in_for_unreadable_sockets(tmp_path: Path, make_meter: Make,
+                                                             clock: ManualClock) -> None:
+    chip = _amd_energy(tmp_path)
+    make_unreadable(chip / "energy3_input")  # Esocket0
+    meter, m = _measure_unprivileged(make_meter, tmp_path, clock)
+    # as RAPL's core zone without its package: the cores are part of the socket, not the device
+    info = [i for i in meter.describe() if i.kind == "hwmon"][0]
+    assert not info.usable and not any(d.in_total for d in info.domains)
+    assert info.problem is not None and info.problem.startswith("cannot read Esocket0")
+    assert m.source == "estimate:generic" and m.estimated  # type: ignore[attr-defined]
+    assert any("hwmon:amd_energy: cannot read Esocket0" in w for w in m.warnings)  # type: ignore[attr-defined]
+
+
+def test_an_unreadable_core_counter_leaves_nothing_out(tmp_path: Path) -> None:
+    chip = _amd_energy(tmp_path)
+    write(chip / "energy1_input", "garbage")  # Ecore000: inside the socket, never part of the total
+    info = [i for i in describe_sources(tmp_path) if i.kind == "hwmon"][0]
+    assert info.usable and info.problem is None
+
+
+def test_unreadable_counters_leave_nothing_out_when_the_rails_are_summed(tmp_path: Path) -> None:
+    # a chip that measures its rail both ways: with the counter unreadable, the power rail is the total
+    add_hwmon(tmp_path, 0, "some_pmbus", {"energy1_input": "garbage", "power1_input": 3_000_000,
+                                          "power1_label": "pin"})
+    info = [i for i in describe_sources(tmp_path) if i.kind == "hwmon"][0]
+    assert info.usable and [d.name for d in info.domains if d.in_total] == ["pin"]
+    assert info.problem is None

@@ -146,8 +146,13 @@ def test_dram_is_added_to_the_package(tmp_path: Path, make_meter: Make, clock: M
     assert m.joules == pytest.approx(10.5)
 
 
-def test_garbage_in_the_counter_mid_window_keeps_what_was_measured(tmp_path: Path, make_meter: Make,
-                                                                      clock: ManualClock) -> None:
+def _estimate_j(meter: EnergyMeter, seconds: float) -> float:
+    """The generic profile's figure for a window in which no CPU was busy (the fake CPU clock stands still)."""
+    return meter.profile.idle_watts * seconds
+
+
+def test_garbage_in_the_counter_mid_window_is_not_passed_off_as_the_window(tmp_path: Path, make_meter: Make,
+                                                                           clock: ManualClock) -> None:
     pkg = add_rapl_zone(tmp_path, "0", "package-0", 1_000_000)
     meter = make_meter(tmp_path)
     with meter.measure() as m:
@@ -156,10 +161,12 @@ def test_garbage_in_the_counter_mid_window_keeps_what_was_measured(tmp_path: Pat
         meter.poll()
         clock.advance(1)
         write(pkg, "\x00garbage\xff")
-    assert m.source == "rapl:package-0"
-    assert m.joules == pytest.approx(3.0)
+    # 3 J in the first second, nothing known of the second: 3 J is not what the window drew
+    assert (m.source, m.estimated) == ("estimate:generic", True)
+    assert m.joules == pytest.approx(_estimate_j(meter, 2.0))
     assert any("garbage" in w for w in m.warnings)
     assert any("energy after its last good reading is missing" in w for w in m.warnings)
+    assert any("measured only part of this window" in w and "3.000 J" in w for w in m.warnings)
 
 
 def test_counter_without_range_going_backwards_is_dropped_not_negative(tmp_path: Path, make_meter: Make,
@@ -208,7 +215,8 @@ def test_a_counter_that_steps_back_is_not_taken_for_a_wrap(tmp_path: Path, make_
     assert any("too little for a wrap" in w for w in m.warnings)
 
 
-def test_zone_that_disappears_mid_window(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+def test_zone_that_disappears_mid_window_reports_the_estimate_for_the_whole_window(
+        tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
     pkg = add_rapl_zone(tmp_path, "0", "package-0", 0)
     meter = make_meter(tmp_path)
     with meter.measure() as m:
@@ -217,9 +225,52 @@ def test_zone_that_disappears_mid_window(tmp_path: Path, make_meter: Make, clock
         meter.poll()
         clock.advance(1)
         pkg.resolve().unlink()
-    assert m.joules == pytest.approx(6.0)
-    assert m.source == "rapl:package-0"
-    assert any("missing" in w for w in m.warnings)
+    assert (m.source, m.estimated) == ("estimate:generic", True)
+    assert m.joules == pytest.approx(_estimate_j(meter, 2.0))
+    assert m.domains.keys() == {"active", "idle"} and m.samples == 0
+    assert any("package-0 unreadable for the last 1.00 s (energy_uj: missing)" in w and "6.000 J" in w
+               and "estimate (estimate:generic) for the whole window" in w for w in m.warnings)
+    # what the engine and the daemon carry: the warnings are not in it, so the figure itself must be honest
+    report = m.to_report()
+    assert (report.source, report.estimated, report.joules) == ("estimate:generic", True, m.joules)
+
+
+def test_a_counter_unreadable_for_a_moment_still_measures_the_whole_window(
+        tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    # a cumulative counter keeps counting while it cannot be read: the next reading's delta covers the outage
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", 0)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1)
+        write(pkg, "garbage")
+        meter.poll()
+        clock.advance(1)
+        write(pkg, 8_000_000)
+    assert (m.source, m.estimated, m.joules) == ("rapl:package-0", False, pytest.approx(8.0))
+    assert any("garbage" in w for w in m.warnings)
+
+
+@pytest.mark.parametrize("gone", ["package-0", "package-0/dram"])
+def test_a_total_missing_one_of_its_zones_in_a_window_is_the_estimate(
+        tmp_path: Path, make_meter: Make, clock: ManualClock, gone: str) -> None:
+    files = {"package-0": add_rapl_zone(tmp_path, "0", "package-0", 0),
+             "package-0/dram": add_rapl_zone(tmp_path, "0:0", "dram", 0)}
+    meter = make_meter(tmp_path)
+    assert meter.source == "rapl:package-0+package-0/dram"
+    files[gone].resolve().unlink()  # the driver went away, or the zone was made root-only, after detection
+    with meter.measure() as m:
+        clock.advance(1)
+        for name, path in files.items():
+            if name != gone:
+                write(path, 2_000_000)
+    # DRAM alone (or the package without its DRAM) is not the device that the label names
+    assert (m.source, m.estimated) == ("estimate:generic", True)
+    assert m.joules == pytest.approx(_estimate_j(meter, 1.0))
+    kept = "package-0/dram" if gone == "package-0" else "package-0"
+    assert any(f"no readings of {gone} in this window, so the 2.000 J of {kept} are not the device's energy" in w
+               for w in m.warnings)
+    report = m.to_report()
+    assert (report.source, report.estimated) == ("estimate:generic", True)
 
 
 def _one_window_unprivileged(make_meter: Make, root: Path, clock: ManualClock, seconds: float = 1.0) -> object:
@@ -338,7 +389,10 @@ def test_a_number_too_large_for_any_counter_is_garbage_not_a_crash(tmp_path: Pat
         if where == "energy_uj":
             write(pkg, "9" * 400)
             meter.poll()
-    assert m.joules == pytest.approx(2.0)
+    if where == "energy_uj":  # garbage to the end: the last second is unknown, so the window is the estimate
+        assert m.estimated and any("its 2.000 J fall short" in w for w in m.warnings)
+    else:
+        assert m.joules == pytest.approx(2.0) and not m.estimated
 
 
 def test_two_packages_under_one_name_are_two_domains_counted_once_each(tmp_path: Path, make_meter: Make,

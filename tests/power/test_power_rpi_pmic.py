@@ -9,6 +9,9 @@ board.
 
 from __future__ import annotations
 
+import stat
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,3 +100,41 @@ def test_pi5_without_vcgencmd_says_what_to_install(tmp_path: Path) -> None:
 def test_a_rail_reading_that_overflows_to_infinity_is_skipped() -> None:
     rails = parse_pmic_output("   VDD_CORE_A current(7)=1e999A\n   VDD_CORE_V volt(15)=0.80000000V\n")
     assert rails["VDD_CORE"].amps is None and rails["VDD_CORE"].volts == 0.8
+
+
+# vcgencmd that blocks while <root>/hold exists (the firmware mailbox is busy), saying so in <root>/entered
+_SLOW_VCGENCMD = """#!/bin/sh
+root="$(dirname "$0")/../.."
+if [ -e "$root/hold" ]; then
+    touch "$root/entered"
+    while [ -e "$root/hold" ]; do sleep 0.01; done
+fi
+exec cat "$root/pmic_read_adc.txt"
+"""
+
+
+def test_opening_a_window_does_not_wait_for_a_slow_read_in_progress(tmp_path: Path) -> None:
+    add_pi5(tmp_path, SAMPLE)
+    exe = tmp_path / "usr/bin/vcgencmd"
+    exe.write_text(_SLOW_VCGENCMD)
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    with EnergyMeter(tmp_path, sample_interval_s=0.02) as meter:
+        with meter.measure():  # the first window reads; the sampler keeps the timeline fresh afterwards
+            time.sleep(0.05)
+        (tmp_path / "hold").touch()
+        deadline = time.monotonic() + 5
+        while not (tmp_path / "entered").exists():
+            assert time.monotonic() < deadline, "the background sampler did not start a read"
+            time.sleep(0.005)
+        opened: list[object] = []
+        opener = threading.Thread(target=lambda: opened.append(meter.measure()))
+        try:
+            opener.start()
+            opener.join(1.0)
+            assert opened, "opening a window waited for the vcgencmd read in progress"
+        finally:
+            (tmp_path / "hold").unlink()
+            opener.join()
+        m = opened[0].stop()  # type: ignore[attr-defined]
+    assert m.source == "rpi-pmic" and not m.estimated
+    assert m.joules == pytest.approx(SAMPLE_WATTS * m.seconds, rel=1e-6)
