@@ -174,7 +174,8 @@ class Metrics:
             if self.energy_source is not None:
                 source, estimated = self.energy_source
                 family("edge_runtime_energy_source_info", "gauge",
-                       "Where the device energy figures come from: a counter (estimated=\"false\") or an estimate.",
+                       "The meter's chosen energy source: a counter (estimated=\"false\") or an estimate; a request "
+                       "whose window that source did not measure whole fell back to the estimate, as its energy says.",
                        {(("source", source), ("estimated", "true" if estimated else "false")): 1})
             family("edge_runtime_network_energy_joules_total", "counter",
                    "Estimated radio energy of escalations (cost model).", self.network_j)
