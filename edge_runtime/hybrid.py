@@ -520,6 +520,7 @@ class HybridRuntime:
         held: list[HybridChunk] = []  # local text not shown yet
         shown = False  # local text already on the caller's screen
         early_exit = False
+        reserved_without_draft = False  # an escalation admitted before the answer was whole sends no draft
         p_correct: float | None = None
 
         # 1. decode locally unless escalating straight away
@@ -547,9 +548,11 @@ class HybridRuntime:
                         # the early-exit signal is not a probability of being right: no estimate is sent or reported
                         stop.set()  # the engine ends the generation at its next step
             local.close()  # hands the KV cache back to the engine's pool now, not when the generator is collected
+            # the escalation was admitted (and a budget reserved) during decoding, for the prompt alone
+            reserved_without_draft = early_exit
             if early_exit and locals_ and locals_[-1].finish_reason != "cancelled":
-                # the check failed on the token that ended the answer: it is whole, so it goes as the draft and
-                # stays the fallback (decoding it again would only repeat it)
+                # the check failed on the token that ended the answer: it is whole, so it stays the fallback
+                # (decoding it again would only repeat it)
                 early_exit = False
             if decision.action == "continue":
                 p_correct = self._p_correct(locals_[-1], msgs)
@@ -590,7 +593,8 @@ class HybridRuntime:
                 settlement.unsettled_usd = ctx.estimated_cloud_usd  # if the caller leaves now, the call may be billed
                 t_cloud = time.perf_counter()
                 cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id,
-                                                             cancel, timeout_s, timing, early_exit, progress)
+                                                             cancel, timeout_s, timing,
+                                                             early_exit or reserved_without_draft, progress)
                 settlement.unsettled_usd = cloud_result.cost_usd
                 if not cloud_result.text.strip():
                     # an empty answer is no answer: the local one is returned, never nothing (the call's bill and
@@ -652,7 +656,7 @@ class HybridRuntime:
 
     def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
                    p_correct: float | None, decision: Decision, request_id: str, cancel: Any,
-                   timeout_s: float | None, timing: _Timing, early_exit: bool = False,
+                   timeout_s: float | None, timing: _Timing, no_draft: bool = False,
                    progress: _CloudProgress | None = None) -> tuple[Any, list[HybridChunk]]:
         """Call the bridge; return its result and its text chunks.
 
@@ -662,8 +666,8 @@ class HybridRuntime:
         """
         from .cloud import Escalation
 
-        # an early exit's cut-short text is no draft (and a budget reserved for the prompt alone)
-        draft = locals_[-1].text if locals_ and not early_exit else ""
+        # an early exit's text is no draft: cut short, and a budget reserved for the prompt alone
+        draft = locals_[-1].text if locals_ and not no_draft else ""
         if draft and (pattern := self._private_match(draft)) is not None:
             # the prompt passed the privacy gate, but the local answer holds what must not leave the device (a phone
             # number written out from words): the escalation goes without it

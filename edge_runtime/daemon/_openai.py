@@ -147,12 +147,13 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
             raise InvalidRequestError("unknown field for /v1/chat/completions", field=str(name)[:80])
 
 
-# fields of a message object: what is read, what changes nothing here, and what asks for tool calling (refused
-# when it asks for anything, as the request's own tools are); anything else is refused as OpenAI refuses it
-_MESSAGE_READ = frozenset({"role", "content"})
+# fields of a message object OpenAI defines: some change nothing here (type-checked), some ask for tool calling
+# (refused when they ask for anything, as the request's own tools are). Other fields are ignored, as OpenAI's chat
+# endpoint ignores them: a client that appends a returned message to its history sends what the message had.
 _MESSAGE_HARMLESS: dict[str, Callable[[Any], bool]] = {
     "name": lambda v: v is None or isinstance(v, str),  # a participant's name: not shown to the model here
     "refusal": lambda v: v is None or isinstance(v, str),  # an earlier assistant refusal's text
+    "annotations": lambda v: v is None or isinstance(v, list),  # an earlier answer's citations
 }
 _MESSAGE_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "tool_calls": lambda v: not v, "function_call": lambda v: v is None, "tool_call_id": lambda v: v is None,
@@ -168,17 +169,11 @@ def _check_message_fields(messages: Any) -> None:
             continue
         for key, value in msg.items():
             field = f"messages[{i}].{str(key)[:80]}"
-            if key in _MESSAGE_READ:
-                continue
-            if key in _MESSAGE_HARMLESS:
-                if not _MESSAGE_HARMLESS[key](value):
-                    raise InvalidRequestError(f"must be a string, got {short_repr(value)}", field=field)
-            elif key in _MESSAGE_UNSUPPORTED:
-                if not _MESSAGE_UNSUPPORTED[key](value):
-                    raise InvalidRequestError(f"is not supported by this server (got {short_repr(value)}); leave it "
-                                              "out", field=field)
-            else:
-                raise InvalidRequestError("unknown field for a chat message", field=field)
+            if key in _MESSAGE_HARMLESS and not _MESSAGE_HARMLESS[key](value):
+                raise InvalidRequestError(f"has the wrong type: {short_repr(value)}", field=field)
+            if key in _MESSAGE_UNSUPPORTED and not _MESSAGE_UNSUPPORTED[key](value):
+                raise InvalidRequestError(f"is not supported by this server (got {short_repr(value)}); leave it out",
+                                          field=field)
 
 
 def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatRequest:

@@ -84,24 +84,23 @@ def _find_phone(text: str) -> bool:
 
 # a run of digit groups joined by single spaces or hyphens ("4111 1111 1111 1111 12", "qty 3 4111-1111-...")
 _DIGIT_RUN = re.compile(r"\d+(?:[ -]\d+)+")
+# how card numbers are written in groups: 4-4-4-4 (most), 4-4-4-4-3 (19 digits), 4-6-5 (Amex), 4-6-4 (Diners)
+_CARD_SHAPES = ((4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4))
 
 
 def _find_card(text: str) -> bool:
     if any(13 <= len(d := _digits(m.group(0))) <= 19 and _luhn(d) for m in _CARD.finditer(text)):
         return True
     # A card number next to other numbers (its expiry, its CVV, a quantity) makes the run longer than 19 digits or
-    # fails the Luhn check as a whole: try the runs of whole groups inside it. Groups of 3+ digits only, as card
-    # numbers are written (4-4-4-4, 4-6-5): single digits ("1 2 3 ... 13") would give many windows, some passing
-    # Luhn by chance.
+    # fails the Luhn check as a whole. Only card-shaped windows are tried, at the run's start or after one short
+    # leading number: every window of a list of numbers ("years 2016 2017 ...") would pass Luhn one time in ten.
     for m in _DIGIT_RUN.finditer(text):
         groups = re.findall(r"\d+", m.group(0))
-        for i in range(len(groups)):
-            digits = ""
-            for group in groups[i:]:
-                if len(group) < 3 or len(digits) + len(group) > 19:
-                    break
-                digits += group
-                if len(digits) >= 13 and _luhn(digits):
+        starts = (0, 1) if len(groups[0]) <= 3 else (0,)
+        for start in starts:
+            for shape in _CARD_SHAPES:
+                window = groups[start:start + len(shape)]
+                if tuple(map(len, window)) == shape and _luhn("".join(window)):
                     return True
     return False
 

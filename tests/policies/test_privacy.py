@@ -35,6 +35,7 @@ def ctx(text, **kw):
         ("card 4111 1111 1111 1111 12/26", "credit_card"),
         ("card 4111 1111 1111 1111 123", "credit_card"),
         ("qty 3 4111-1111-1111-1111", "credit_card"),
+        ("amex 3782 822463 10005 exp 1/27", "credit_card"),
         # hidden: no-break spaces, full-width digits, invisible format characters inside the match
         ("card 4111\u00a01111\u00a01111\u00a01111", "credit_card"),
         ("ｃａｒｄ ４１１１ １１１１ １１１１ １１１１", "credit_card"),
@@ -63,6 +64,11 @@ def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
         "(12 - 34) × 5",
         "The meeting is on 01-02-2024",
         "1 2 3 4 5 6 7 8 9 10 11 12 13",  # single digits in a row: no card, however many windows pass Luhn
+        # lists of numbers: every window of one would pass Luhn one time in ten, so only card shapes are tried
+        "Years: 1990 1995 2000 2005 2010 2015 2020",
+        "years 2016 2017 2018 2019 2020 2021 2022 2023 2024",
+        "Mean of 152 348 997 412 665 233 781 904?",
+        "Powers of two: 1024 2048 4096 8192 16384 32768 65536",
         "Version 2.10.3 was released",
         "4111 1111 1111 1112 is not a valid card",  # fails the Luhn check
         "5551234567",  # a bare digit run is not taken for a phone number
