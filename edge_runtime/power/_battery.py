@@ -48,13 +48,16 @@ class BatterySource(PowerSource):
         self._batteries = batteries
 
     def read(self) -> Mapping[str, Reading]:
-        return {bat.name: _read_battery(bat) for bat in self._batteries}
+        statuses = {bat: cat(bat / "status", fallback="Unknown") for bat in self._batteries}
+        # batteries in parallel are separate supplies: while one discharges, one that does not (run down, idle)
+        # supplies nothing, and the discharging ones measure the whole draw; with none discharging, it is on AC
+        any_discharging = "Discharging" in statuses.values()
+        return {bat.name: _read_battery(bat, status, any_discharging) for bat, status in statuses.items()}
 
 
-def _read_battery(bat: Path) -> Reading:
-    status = cat(bat / "status", fallback="Unknown")
+def _read_battery(bat: Path, status: str, any_discharging: bool) -> Reading:
     if status != "Discharging":
-        return Unreadable(_on_ac_problem(status))
+        return Power(uw=0) if any_discharging else Unreadable(_on_ac_problem(status))
     reading, _ = _measure(bat)
     return reading
 

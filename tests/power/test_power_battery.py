@@ -148,6 +148,20 @@ def test_two_discharging_batteries_are_summed(tmp_path: Path, make_meter: Make, 
     assert m.domains == pytest.approx({"BAT0": 4.0, "BAT1": 3.0})
 
 
+def test_a_second_battery_that_runs_down_supplies_nothing_and_the_other_still_measures_the_device(
+        tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    # batteries in parallel are separate supplies: the idle one was read as a missing part of a total, and every
+    # window fell back to the estimate, saying it was "on AC power"
+    add_battery(tmp_path, "BAT0", power_now=8_000_000)
+    bat1 = add_battery(tmp_path, "BAT1", power_now=3_000_000)
+    meter = make_meter(tmp_path)
+    assert meter.source == "battery:BAT0+BAT1"
+    write(bat1 / "status", "Unknown")  # run down
+    with meter.measure() as m:
+        clock.advance(2)
+    assert (m.source, m.estimated, m.joules) == ("battery:BAT0+BAT1", False, pytest.approx(16.0))
+
+
 def test_a_coarse_gauge_refreshed_every_30_s_is_counted_whole(tmp_path: Path, make_meter: Make,
                                                                clock: ManualClock) -> None:
     # the gauge shows 30 s of a 75 W load (2250 J) at once, between two 0.2 s samples: read as 11 kW over one
