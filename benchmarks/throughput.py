@@ -16,8 +16,8 @@ repetitions whose median is reported (every raw repetition is kept):
   builder from the same checkpoint, and for llama.cpp (llama-cpp-python) on
   the original Q4_1 GGUF.
   Peers are set up on first use under ``<cache>/peers`` (see
-  ``benchmarks/peers/envs.py``); a peer that cannot be set up is skipped and
-  the results say why.
+  ``benchmarks/peers/envs.py``); a peer that cannot be set up is skipped, the
+  results say why, and the run exits 1 naming what it did not measure.
 
 Speed alone would flatter a runtime whose quantization loses more: each
 runtime also scores a text sample (``quantize/data/quality_sample.txt``, the

@@ -13,7 +13,8 @@ Layout::
 
 Verification modes: ``full`` hashes every file; ``fast`` (the engine's default)
 hashes every file except those whose size and mtime still match the build
-stamp; ``none`` only checks that the files exist.
+stamp; ``none`` checks that every listed file is a regular file of its listed
+size. In every mode the graph may read weights only from files the manifest lists.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@
     result.text, result.route, result.reason, result.p_correct, result.cost, result.energy
 
 Routes: ``local`` (answered on the device), ``cloud`` (escalated and answered
-by the bridge), ``fallback`` (escalation was wanted but the cloud failed: the
-local answer comes back, never nothing), ``local_forced`` (the policy wanted
+by the bridge), ``fallback`` (escalation was wanted but the cloud failed or answered
+with no text: the local answer comes back, never nothing), ``local_forced`` (the policy wanted
 the cloud but a gate — privacy, budget, no cloud configured — kept it local).
 
 The policy (``edge_runtime.policies``) is asked before decoding (pre-routing,

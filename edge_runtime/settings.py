@@ -68,8 +68,8 @@ class EngineSettings:
     max_sessions: int = setting(1, help="local generations that may run at once (each holds a KV cache)")
     cache_tokens: int = setting(1024, help="initial KV-cache capacity in tokens (grows on demand)")
     max_new_tokens: int = setting(256, help="default max_new_tokens when a request does not set one")
-    prompt_lookup: int = setting(PROMPT_LOOKUP_TOKENS, help="greedy decoding: tokens drafted per step from earlier text and "
-                                 f"checked in the same run (0: off; {SUGGESTED_PROMPT_LOOKUP_TOKENS} is a good value; "
+    prompt_lookup: int = setting(PROMPT_LOOKUP_TOKENS, help="tokens drafted per step from earlier text and checked in the "
+                                 f"same run, sampled requests too (0: off; {SUGGESTED_PROMPT_LOOKUP_TOKENS} is a good value; "
                                  f"at most {MAX_PROMPT_LOOKUP_TOKENS})")
 
     def __post_init__(self) -> None:

@@ -118,7 +118,8 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-peer-setup", action="store_true",
                         help="use peers only if already set up under <cache>/peers (never build)")
     parser.add_argument("--bundle", type=_bundle_arg, action="append", metavar="LABEL=DIR",
-                        help="engine bundle(s) to measure instead of the SmolLM2 int4 and int8 bundles (repeatable)")
+                        help="engine bundle(s) to measure instead of the SmolLM2 int4 and int8 bundles (repeatable; one "
+                             "model; another model than SmolLM2 needs --peers none)")
     parser.add_argument("--max-other-cpu", type=_share, default=0.05,
                         help="rerun a runtime if other programs used more than this share of the CPUs while it was "
                              "measured (default 0.05; 1 disables)")

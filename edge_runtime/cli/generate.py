@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="onnxruntime execution provider, in order of preference (repeatable; default: CPUExecutionProvider)")
     p.add_argument("--provider-option", action="append", default=[], metavar="NAME:KEY=VALUE",
                    help="an option of one of the --provider providers (repeatable)")
-    p.add_argument("--estimator", help="confidence estimator JSON from `edge-runtime calibrate` (default: the built-in generic one)")
+    p.add_argument("--estimator", help="with --json or --input: confidence estimator JSON from `edge-runtime calibrate` "
+                        "(default: the built-in generic one)")
     p.add_argument("--json", action="store_true", help="one JSON object per request instead of streamed text")
     p.set_defaults(func=_run)
 

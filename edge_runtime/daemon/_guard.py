@@ -58,7 +58,8 @@ def _loopback_origin(origin: str) -> bool:
 
 
 class BrowserGuard:
-    """ASGI middleware: refuses (403, OpenAI's error shape) what only a web page would send."""
+    """ASGI middleware: refuses (403, OpenAI's error shape) what only a web page would send, and (400, connection
+    closed) a request with two framings."""
 
     def __init__(self, app: ASGIApp, *, check_host: bool,
                  on_refused: Callable[[str, str, str], None] | None = None) -> None:
