@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = load_runtime_settings(args.config, overrides={"cloud": {"address": args.bridge}} if args.bridge else None)
     result = explore(
-        edge=args.edge, cloud=args.cloud, out=Path(args.out), suite=args.suite, split=args.split, limit=args.limit,
+        edge=args.edge, cloud=args.cloud, out=args.out, suite=args.suite, split=args.split, limit=args.limit,
         goals=args.goal or ["accuracy>=0.95*cloud"], cloud_settings=settings.cloud if settings.cloud.address else None,
         cost=settings.cost, validate=args.validate, threads=args.threads, prompt_lookup=settings.engine.prompt_lookup,
         power=settings.power,

@@ -37,7 +37,7 @@ from ..errors import BundleError, ConfigError
 from ..power import EnergyMeter, PowerSettings, default_meter
 from ._data import Measurements, cloud_generate, measure
 from ._goals import config_snippet, parse_goal, recommend, toml_value
-from ._report import GAIN_ROW, estimator_table, family_winners, joules_label, write_csv, write_plots, write_report
+from ._report import GAIN_ROW, PLOT_FILES, estimator_table, family_winners, joules_label, write_csv, write_plots, write_report
 from ._space import Point, evaluate, pareto_front
 from ._validate import agreement, validate_live
 
@@ -158,10 +158,24 @@ def _cloud_identity(client: Any, alias: str) -> tuple[str, tuple[float, float] |
 
 
 def _make_out_dir(out: Path) -> None:
+    """The output directory, made and proved writable before the long run (its files are written at the end)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a file in the way, no permission
-        raise ConfigError(f"cannot create the output directory {out}: {err.strerror}", field="out") from err
+        probe = out / f".edge-runtime-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:  # a file in the way, no permission, a read-only or immutable directory
+        raise ConfigError(f"cannot write to the output directory {out}: {err.strerror or err}", field="out") from err
+
+
+def _check_bundle(path: Path, option: str) -> None:
+    """A bundle directory's manifest, read before anything is written (a model directory is not a bundle)."""
+    from ..bundle import load_manifest
+
+    try:
+        load_manifest(path)
+    except BundleError as err:
+        raise BundleError(f"{option}: {err}") from err
 
 
 def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_file: Path | None) -> str:
@@ -176,7 +190,8 @@ def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_fil
     return (
         "# The explorer measured the cloud on a loopback bridge of its own, gone now. Without a [cloud]\n"
         "# section every escalation is answered locally (route local_forced). Serve the same model with\n"
-        f"# `cloud-bridge serve` (a models entry with bundle = {str(local_bundle)!r}) and uncomment:\n"
+        f"# `cloud-bridge serve` (a models entry with bundle = {toml_value(str(local_bundle.resolve()))}) and "
+        "uncomment:\n"
         "# [cloud]\n"
         '# address = "127.0.0.1:50051"\n'
         '# token_file = "device.token"  # from `cloud-bridge token add DEVICE`\n'
@@ -205,7 +220,7 @@ def explore(
     *,
     edge: str,
     cloud: str,
-    out: Path,
+    out: str | os.PathLike[str],
     suite: str = "default",
     split: str = "test",
     limit: int | None = None,
@@ -236,6 +251,9 @@ def explore(
     from ..tasks import first_items, load_suite
 
     parsed = [parse_goal(g) for g in goals]  # goal errors before any work
+    if not str(out).strip():  # Path("") is the working directory: an unset $OUT would overwrite the user's files
+        raise ConfigError("is empty (name a directory for the report, CSVs and configs)", field="out")
+    out = Path(out)
     if not 0.0 < holdout < 1.0:
         raise ConfigError("must be between 0 and 1", field="holdout")
     cost = cost or CostSettings()
@@ -246,6 +264,7 @@ def explore(
                           f"{split} split", field="split")
     # bundles are found before anything is written: a typo leaves no empty output directory behind
     edge_bundle = resolve_bundle(edge, field="--edge")
+    _check_bundle(edge_bundle, "--edge")
     local_bundle = None
     if cloud_settings is None or not cloud_settings.address:
         try:
@@ -253,6 +272,9 @@ def explore(
         except BundleError as err:
             raise BundleError(f"{err} (with no --config or --bridge naming a bridge, --cloud is a bundle the "
                               "explorer serves itself, not a model alias)") from err
+        _check_bundle(local_bundle, "--cloud")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"must be a whole number >= 1, got {threads!r}", field="--threads")
     _make_out_dir(out)
     held: list[Any] = []
     if validate:
@@ -318,9 +340,11 @@ def explore(
         recommendations = []
         files = ["report.md", "points.csv", "frontier.csv", "estimator.json"]
         live_configs: list[tuple[dict[str, Any], str]] = []  # (recommendation, config for the live check)
-        # an earlier run's recommendations must not outlive its goals; a user's own recommended-prod.toml stays
-        for stale in [*out.glob("recommended.toml"), *(f for f in out.glob("recommended-*.toml") if f.stem[12:].isdigit())]:
-            stale.unlink()
+        # an earlier run's outputs must not outlive it (its recommendations, its plots when this run draws none, its
+        # live check's config and log); a user's own recommended-prod.toml stays
+        for stale in [*out.glob("recommended.toml"), *(f for f in out.glob("recommended-*.toml") if f.stem[12:].isdigit()),
+                      *(out / name for name in PLOT_FILES), out / "validate-daemon.toml", out / "validate-daemon.log"]:
+            stale.unlink(missing_ok=True)
         for i, goal in enumerate(parsed):
             point = recommend(goal, points, baselines)
             rec: dict[str, Any] = {"goal": goal.text, "point": point, "config_file": None,

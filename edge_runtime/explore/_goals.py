@@ -93,7 +93,8 @@ def parse_goal(text: str) -> Goal:
         if metric in ("accuracy", "escalation") and not m["rel"] and value > 1:
             raise ConfigError(f"{term!r}: {metric} is a fraction in [0, 1]", field="goal")
         constraints.append(Constraint(_METRIC[metric], op, value, m["rel"][1:] if m["rel"] else None))
-    return Goal(text=text, maximize_accuracy=maximize, constraints=tuple(constraints))
+    # the text goes into the configs' comments: one line, whatever whitespace separated the terms
+    return Goal(text=" ".join(text.split()), maximize_accuracy=maximize, constraints=tuple(constraints))
 
 
 def _cost_key(p: Point, fam: str | None) -> tuple[float, float, float]:

@@ -48,6 +48,9 @@ def joules_label(energy_source: str, energy_estimated: bool) -> str:
     return f"device joules per request ({how})"
 
 
+# the plots write_plots draws (an earlier run's are removed when this one draws none)
+PLOT_FILES = ("accuracy_vs_escalation.png", "accuracy_vs_usd.png", "accuracy_vs_joules.png")
+
 GAIN_ROW = "expected gain (escalates where p_cloud - p_correct is largest; routing only)"
 
 

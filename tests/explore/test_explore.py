@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.errors import ConfigError, InvalidRequestError
+from edge_runtime.errors import BundleError, ConfigError, InvalidRequestError
 from edge_runtime.explore._goals import config_snippet, parse_goal, recommend, toml_value
 from edge_runtime.explore._space import Point, _summary, pareto_front
 from edge_runtime.policies import ReplayRecords, replay
@@ -367,9 +367,24 @@ def test_explore_checks_the_first_goal_met_reports_every_goal_and_drops_stale_fi
     report = (out / "report.md").read_text()
     assert "Goal `accuracy>=0.99`: **no explored policy meets it**" in report
     assert "Goal `max-accuracy usd<=1000/1k`" in report and "could not read (counted wrong)" in report
-    with pytest.raises(ConfigError, match="cannot create the output directory"):
+    # a run without a live check leaves no earlier live check's config and log behind
+    assert (out / "validate-daemon.toml").exists()
+    explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out,
+            suite=str(tiny_suite), goals=["accuracy>=0.99"], root=tmp_path / "runs", prompt_lookup=3)
+    assert not list(out.glob("validate-daemon.*"))
+    with pytest.raises(ConfigError, match="cannot write to the output directory"):
         explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")),
                 out=out / "report.md", suite=str(tiny_suite), root=tmp_path / "runs")
+    with pytest.raises(ConfigError) as empty:  # an unset $OUT: Path("") is the working directory
+        explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")),
+                out="", suite=str(tiny_suite), root=tmp_path / "runs")
+    assert empty.value.field == "out"
+    model_dir = tmp_path / "hf-model"  # a directory, but not a bundle: named, and no output directory made
+    model_dir.mkdir()
+    with pytest.raises(BundleError, match="^--edge: "):
+        explore(edge=str(model_dir), cloud=str(tiny_bundles("qwen2", "fp32")), out=tmp_path / "never",
+                suite=str(tiny_suite), root=tmp_path / "runs")
+    assert not (tmp_path / "never").exists()
     with pytest.raises(InvalidRequestError) as info:
         explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out,
                 suite=str(tiny_suite), limit=0, root=tmp_path / "runs")
@@ -609,3 +624,21 @@ def test_run_caches_of_long_model_keys_that_differ_past_80_characters_are_apart(
     assert one.path != other.path
     short = RunCache("edge", "smollm2-135m-instruct-93185d6a6d0dff69", RUN_SETTINGS, root=tmp_path)
     assert short.path.name.startswith("edge-smollm2-135m-instruct-93185d6a6d0dff69-")  # short keys keep their names
+
+
+def test_a_goal_written_over_lines_is_one_line_in_the_configs_comment():
+    # the second line of the goal text landed uncommented in recommended.toml, which serve then refused
+    goal = parse_goal("max-accuracy\nusd<=0.03/1k")
+    assert goal.text == "max-accuracy usd<=0.03/1k"
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused_before_the_run(tmp_path, monkeypatch):
+    from edge_runtime.explore import _make_out_dir
+
+    def immutable(self, *a, **k):  # root ignores chmod; a read-only or immutable directory refuses all the same
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(Path, "touch", immutable)
+    with pytest.raises(ConfigError, match="cannot write to the output directory") as info:
+        _make_out_dir(tmp_path / "out")
+    assert info.value.field == "out"
