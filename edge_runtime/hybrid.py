@@ -157,7 +157,7 @@ class _Cancelled(Exception):
 _DEADLINE_RESERVE_S = 0.25
 # how long the bridge's price table (ListModels) is trusted before it is read again
 _PRICES_REFRESH_S = 600.0
-_PRICES_RETRY_S = 30.0  # after a failed read
+_PRICES_RETRY_S = 10.0  # after a failed read (budgeted escalations wait for the read)
 _PRICES_TIMEOUT_S = 2.0
 
 
@@ -271,6 +271,7 @@ class HybridRuntime:
         # the bridge's own prices for the escalation model (it bills with them): (input, output) USD per million
         self._bridge_prices: tuple[float, float] | None = None
         self._bridge_prices_due = -float("inf")  # time.monotonic() when they are to be read (again)
+        self._bridge_prices_failed = False  # the last read failed, and no prices were ever read
         self._prices_read = threading.Lock()  # held by the request reading them
         self._pace = _LocalPace()
 
@@ -419,6 +420,11 @@ class HybridRuntime:
 
         # a request for the local model never escalates: it must not wait for the bridge's prices
         bridge = self._bridge_price_table() if self._has_budget and model != "local" else None
+        if bridge is None and self._bridge_prices_failed and self._has_budget and model != "local":
+            # The bridge's prices were never read (it was down): the device's [cost] table may be a thousandth of
+            # what it bills, and the escalations admitted at that guess once it is back spent past the cap. No
+            # escalation is admitted against a budget until a read succeeds (retried every few seconds).
+            return math.inf
         return reservation_usd(self.cost, self.cloud_model_hint, bridge, msgs, params.max_new_tokens, draft=draft)
 
     def _bridge_price_table(self) -> tuple[float, float] | None:
@@ -445,12 +451,14 @@ class HybridRuntime:
             except CloudError as err:  # the bridge is down: the escalation will fall back anyway
                 log.debug("cannot read the bridge's prices: %s", err)
                 self._bridge_prices_due = time.monotonic() + _PRICES_RETRY_S
+                self._bridge_prices_failed = self._bridge_prices is None
                 return self._bridge_prices
             alias = getattr(getattr(self.cloud, "settings", None), "model", "")
             info = next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
             if info is not None:
                 self._bridge_prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens)
             self._bridge_prices_due = time.monotonic() + _PRICES_REFRESH_S
+            self._bridge_prices_failed = False
             return self._bridge_prices
         finally:
             self._prices_read.release()

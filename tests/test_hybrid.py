@@ -338,6 +338,8 @@ def test_a_failure_after_the_bridge_accepted_the_call_keeps_its_reservation(engi
             server.stop(0)
             down = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 10.0}, {"type": "always"}]},
                                  cloud=CloudClient(address=f"127.0.0.1:{other}", token=TOKEN, insecure=True, timeout_s=2.0))
+            # its prices were read while it was up (unread, no budgeted escalation would be admitted at all)
+            down._bridge_prices, down._bridge_prices_due = (1000.0, 2000.0), float("inf")
             assert down.chat(ASK, max_new_tokens=2).route == "fallback" and _budget_of(down).spent_usd() == 0
 
 
@@ -552,3 +554,36 @@ def test_an_empty_cloud_answer_gives_the_local_answer_as_fallback_with_the_bill(
     r = HybridRuntime(engine, policy={"type": "threshold", "p": 0.999}, cloud=cloud).chat(ASK, max_new_tokens=4)
     assert (r.route, r.reason, r.text) == ("fallback", "cloud_error", local) and "no text" in r.cloud_error
     assert r.cost["cloud_usd"] == 0.002 and r.usage["cloud"]["prompt_tokens"] == 10  # billed all the same
+
+
+def test_no_budgeted_escalation_is_admitted_at_the_devices_guess_after_the_prices_could_not_be_read(engine):
+    # the daemon started while the bridge was down: once it was back, escalations reserved at the [cost] table's
+    # default (a thousandth of the bridge's price) and spent $0.0525 of a $0.05 cap within 30 s
+    from types import SimpleNamespace
+
+    from edge_runtime.cloud._types import CloudChunk, CloudResult, ServerTimings
+    from edge_runtime.errors import CloudUnavailableError
+
+    up = {"bridge": False}
+
+    def list_models(**_kw):
+        if not up["bridge"]:
+            raise CloudUnavailableError("down")
+        return [SimpleNamespace(alias="big", is_default=True, usd_per_million_input_tokens=150.0,
+                                usd_per_million_output_tokens=600.0)]
+
+    def stream(msgs, *, request_id=None, **_kw):
+        yield CloudChunk("ok", 1)
+        yield CloudChunk("", 0, CloudResult(text="ok", finish_reason="stop", prompt_tokens=10, completion_tokens=1,
+                                            cost_usd=0.0021, model="big", model_alias="big", request_id=request_id or "",
+                                            server_timings=ServerTimings(total_ms=1.0), latency_ms=2.0,
+                                            round_trip_ms=2.0, attempts=1))
+
+    cloud = SimpleNamespace(stream=stream, list_models=list_models, settings=SimpleNamespace(model=""))
+    rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 0.05}, {"type": "always"}]}, cloud=cloud)
+    r = rt.chat(ASK, max_new_tokens=2)
+    assert (r.route, r.reason) == ("local_forced", "budget_prices_unknown") and "could not be read" in r.detail
+    up["bridge"] = True
+    rt._bridge_prices_due = time.monotonic()  # the retry is due
+    r = rt.chat(ASK, max_new_tokens=2)
+    assert r.route == "cloud" and rt._bridge_prices == (150.0, 600.0)

@@ -73,6 +73,7 @@ class Reason:
     PRE_ROUTE_LOW = "pre_route_low_confidence"
     PRE_ROUTE_HIGH = "pre_route_high_confidence"
     BUDGET_EXHAUSTED = "budget_exhausted"
+    BUDGET_PRICES_UNKNOWN = "budget_prices_unknown"
     PRIVACY_PREFIX = "privacy_pattern:"
 
 

@@ -80,6 +80,11 @@ class Budget(Policy):
         return budget_exhausted(self._committed(), estimate, self.usd)
 
     def _veto(self, estimate: float) -> Decision:
+        if math.isinf(estimate):  # the runtime cannot bound what the escalation would cost
+            return Decision("local_forced", Reason.BUDGET_PRICES_UNKNOWN,
+                            "the bridge's prices could not be read yet, so what an escalation would cost is unknown: "
+                            "answered on the device until they are", policy=self.type_name, value=self._committed(),
+                            threshold=self.usd)
         resets = datetime.fromtimestamp((self._period + 1) * self.period_s, tz=timezone.utc)
         return Decision(
             "local_forced", Reason.BUDGET_EXHAUSTED,
