@@ -40,6 +40,14 @@ log = logging.getLogger(__name__)
 _NOT_SETTINGS = frozenset({"EDGE_RUNTIME_CACHE"})
 
 
+def is_finite(value: int | float) -> bool:
+    """``math.isfinite`` for a number read from TOML or JSON, where an integer may be past a float's range (10**400)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING, secret: bool = False,
             path: bool | str = False, private: bool | None = None) -> Any:
     """A settings field with help text. ``secret`` fields are never printed by :func:`settings_to_dict`.

@@ -28,12 +28,11 @@ came from; set your own.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .config import setting
+from .config import is_finite, setting
 from .errors import ConfigError
 
 __all__ = ["CostSettings", "DEFAULT_PRICES", "NETWORKS", "price_usd", "reservation_usd", "device_energy_usd",
@@ -73,7 +72,7 @@ class CostSettings:
             for kind in ("input", "output"):
                 value = price[kind]
                 # NaN made every reservation NaN, and a budget never saw itself spent; true is not a price either
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or value < 0:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value) or value < 0:
                     raise ConfigError(f"must be a finite number >= 0, got {value!r}", field=f"cost.prices.{model}.{kind}")
 
     @property
@@ -127,9 +126,3 @@ def network_energy_j(settings: CostSettings, bytes_sent: int, bytes_received: in
     """Device energy of one escalation's transfer: bytes × J/KB plus the per-request radio cost."""
     return (bytes_sent + bytes_received) / 1024.0 * settings.j_per_kb + settings.j_per_request
 
-
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer past a float's range (TOML and JSON allow 10**400)
-        return False

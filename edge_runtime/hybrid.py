@@ -50,7 +50,7 @@ from .errors import (
     EstimatorError,
     InvalidRequestError,
 )
-from .policies import Decision, Policy, RequestContext, policy_from_config
+from .policies import Decision, Policy, Privacy, RequestContext, policy_from_config
 from .policies._base import score_or_none as _score_or_none
 
 __all__ = ["HybridRuntime", "HybridResult", "HybridChunk", "Route", "MODEL_ALIASES"]
@@ -265,6 +265,7 @@ class HybridRuntime:
         # only a pre_route reading the runtime's own prompt-only estimate needs it computed (one with its own
         # registered scorer does not)
         self._wants_pre_route = any(_reads_context_score(p) for p in parts)
+        self._privacy_parts = [p for p in parts if isinstance(p, Privacy)]  # they check an escalation's draft too
         self._wants_p_cloud = any(p.type_name == "gain" for p in parts)  # with a cloud prior: _check_policy_inputs
         self._has_budget = any(p.type_name == "budget" for p in parts)
         self._check_policy_inputs(parts)
@@ -406,10 +407,8 @@ class HybridRuntime:
 
     def _private_match(self, text: str) -> str | None:
         """The name of the first privacy pattern of this runtime's policy that ``text`` matches."""
-        from .policies import Privacy
-
-        for part in self.policy.parts():
-            if isinstance(part, Privacy) and (found := part.find([text])) is not None:
+        for part in self._privacy_parts:
+            if (found := part.find([text])) is not None:
                 return found[0]
         return None
 

@@ -5,18 +5,46 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from cloud_bridge import create_server, hash_token, load_bridge_settings
 from edge_runtime.cloud import CloudClient
+from edge_runtime.cloud._types import CloudChunk, CloudResult, ServerTimings
 from edge_runtime.engine import Engine
-from edge_runtime.errors import ContextLengthError, InvalidRequestError
+from edge_runtime.errors import CloudUnavailableError, ContextLengthError, InvalidRequestError
 from edge_runtime.hybrid import HybridRuntime
 from edge_runtime.power import ConstantPowerSource, EnergyMeter
 
 TOKEN = "ebt_hybrid-test"
 ASK = [{"role": "user", "content": "what is 2 + 2?"}]
+
+
+def _fake_cloud(stream, **more):
+    """A stand-in for CloudClient with what HybridRuntime calls (``stream``; ``list_models`` when given)."""
+    return SimpleNamespace(stream=stream, settings=SimpleNamespace(model=""), **more)
+
+
+def _answering(text: str, cost_usd: float):
+    """A cloud ``stream`` that answers ``text`` whole, billed ``cost_usd`` for 10 + 1 tokens."""
+    def stream(msgs, *, request_id=None, **_kw):
+        yield CloudChunk(text, 1)
+        yield CloudChunk("", 0, CloudResult(text=text, finish_reason="stop", prompt_tokens=10, completion_tokens=1,
+                                            cost_usd=cost_usd, model="big", model_alias="big",
+                                            request_id=request_id or "", server_timings=ServerTimings(total_ms=1.0),
+                                            latency_ms=2.0, round_trip_ms=2.0, attempts=1))
+    return stream
+
+
+def _down_recording_drafts():
+    """A cloud that is down, and the drafts the escalations tried to send it."""
+    sent: list[str] = []
+
+    def stream(msgs, *, escalation=None, **_kw):
+        sent.append(escalation.draft_answer)
+        raise CloudUnavailableError("down")
+    return _fake_cloud(stream), sent
 
 
 @contextlib.contextmanager
@@ -157,10 +185,6 @@ def test_concurrent_first_escalations_wait_for_the_bridges_prices(engine, bridge
 
 
 def test_the_price_read_holds_only_the_first_requests_and_never_a_local_one(engine):
-    from types import SimpleNamespace
-
-    from edge_runtime.errors import CloudUnavailableError
-
     reads = []
 
     def down(**kw):  # a bridge that accepts the connection and never answers
@@ -406,14 +430,10 @@ def test_an_unset_length_fits_the_local_answer_only(engine):
 def test_an_escalation_failure_is_logged_on_one_line_with_its_request_id(engine, caplog):
     # an upstream's error text reaches this warning: a newline in it forged a log line, and with concurrent
     # requests the warning could not be matched to its request
-    from types import SimpleNamespace
-
-    from edge_runtime.errors import CloudUnavailableError
-
     def failing(*_a, **_kw):
         raise CloudUnavailableError("upstream says no\n2026-01-01 WARNING cloud_bridge.access: FORGED device=admin")
 
-    cloud = SimpleNamespace(stream=failing, generate=failing, settings=SimpleNamespace(model=""))
+    cloud = _fake_cloud(failing)
     rt = HybridRuntime(engine, policy={"type": "always"}, cloud=cloud)
     with caplog.at_level("WARNING", logger="edge_runtime.hybrid"):
         r = rt.chat(ASK, max_new_tokens=2, request_id="req-42")
@@ -426,20 +446,11 @@ def test_a_draft_holding_a_private_pattern_is_not_sent_with_the_escalation(engin
     # the prompt passed the privacy gate, but the local answer held the pattern (a phone number written out from
     # words): it went to the bridge as the escalation's draft
     import re
-    from types import SimpleNamespace
-
-    from edge_runtime.errors import CloudUnavailableError
 
     answer = engine.generate(messages=ASK, max_new_tokens=8).text
     secret = next(answer[i:i + 3] for i in range(len(answer) - 2)
                   if answer[i:i + 3].strip() and answer[i:i + 3] not in ASK[0]["content"])
-    sent = []
-
-    def stream(msgs, *, escalation=None, **_kw):
-        sent.append(escalation.draft_answer)
-        raise CloudUnavailableError("down")
-
-    cloud = SimpleNamespace(stream=stream, settings=SimpleNamespace(model=""))
+    cloud, sent = _down_recording_drafts()
     chain = [{"type": "privacy", "patterns": [], "regexes": {"secret": re.escape(secret)}},
              {"type": "threshold", "p": 0.999}]
     for policy, draft in ((chain, ""), (chain[1:], answer)):  # without the gate, the draft goes as before
@@ -494,11 +505,6 @@ def test_a_price_that_is_not_a_finite_number_is_refused_naming_it(price):
 
 def test_an_escalation_the_caller_cancels_mid_answer_still_counts_its_radio_energy_and_wait(engine):
     # the radio was on for the call, but a cancelled escalation reported network 0 J and cloud_ms 0
-    import threading
-    from types import SimpleNamespace
-
-    from edge_runtime.cloud._types import CloudChunk
-
     gone = threading.Event()
 
     def stream(msgs, **_kw):
@@ -510,7 +516,7 @@ def test_an_escalation_the_caller_cancels_mid_answer_still_counts_its_radio_ener
                 yield CloudChunk(f" w{i}", 1)
         return words()
 
-    cloud = SimpleNamespace(stream=stream, settings=SimpleNamespace(model=""))
+    cloud = _fake_cloud(stream)
     r = HybridRuntime(engine, policy={"type": "always"}, cloud=cloud).chat(ASK, max_new_tokens=2, cancel=gone)
     assert r.reason == "cancelled"
     assert r.energy["network_joules"] > 0 and r.latency_ms["cloud_ms"] > 50
@@ -519,17 +525,7 @@ def test_an_escalation_the_caller_cancels_mid_answer_still_counts_its_radio_ener
 def test_an_early_exit_on_the_last_token_keeps_the_whole_answer_as_the_fallback(engine):
     # the check failed on the token that ended the answer: the fallback decoded it again. It still goes without a
     # draft: the escalation was admitted (a budget reserved) during decoding, for the prompt alone
-    from types import SimpleNamespace
-
-    from edge_runtime.errors import CloudUnavailableError
-
-    sent = []
-
-    def stream(msgs, *, escalation=None, **_kw):
-        sent.append(escalation.draft_answer)
-        raise CloudUnavailableError("down")
-
-    cloud = SimpleNamespace(stream=stream, settings=SimpleNamespace(model=""))
+    cloud, sent = _down_recording_drafts()
     policy = {"chain": [{"type": "early_exit", "bar": 0.99, "min_tokens": 4}, {"type": "threshold", "p": 0.0}]}
     r = HybridRuntime(engine, policy=policy, cloud=cloud).chat(ASK, max_new_tokens=4)
     assert r.route == "fallback" and r.finish_reason == "length"
@@ -538,18 +534,7 @@ def test_an_early_exit_on_the_last_token_keeps_the_whole_answer_as_the_fallback(
 
 def test_an_empty_cloud_answer_gives_the_local_answer_as_fallback_with_the_bill(engine):
     # whitespace from the bridge replaced a non-empty local answer: the caller got nothing
-    from types import SimpleNamespace
-
-    from edge_runtime.cloud._types import CloudChunk, CloudResult, ServerTimings
-
-    def stream(msgs, *, request_id=None, **_kw):
-        yield CloudChunk("   ", 1)
-        yield CloudChunk("", 0, CloudResult(text="   ", finish_reason="stop", prompt_tokens=10, completion_tokens=1,
-                                            cost_usd=0.002, model="big", model_alias="big", request_id=request_id or "",
-                                            server_timings=ServerTimings(total_ms=1.0), latency_ms=2.0,
-                                            round_trip_ms=2.0, attempts=1))
-
-    cloud = SimpleNamespace(stream=stream, settings=SimpleNamespace(model=""))
+    cloud = _fake_cloud(_answering("   ", cost_usd=0.002))
     local = engine.generate(messages=ASK, max_new_tokens=4).text
     r = HybridRuntime(engine, policy={"type": "threshold", "p": 0.999}, cloud=cloud).chat(ASK, max_new_tokens=4)
     assert (r.route, r.reason, r.text) == ("fallback", "cloud_error", local) and "no text" in r.cloud_error
@@ -559,11 +544,6 @@ def test_an_empty_cloud_answer_gives_the_local_answer_as_fallback_with_the_bill(
 def test_no_budgeted_escalation_is_admitted_at_the_devices_guess_after_the_prices_could_not_be_read(engine):
     # the daemon started while the bridge was down: once it was back, escalations reserved at the [cost] table's
     # default (a thousandth of the bridge's price) and spent $0.0525 of a $0.05 cap within 30 s
-    from types import SimpleNamespace
-
-    from edge_runtime.cloud._types import CloudChunk, CloudResult, ServerTimings
-    from edge_runtime.errors import CloudUnavailableError
-
     up = {"bridge": False}
 
     def list_models(**_kw):
@@ -572,14 +552,7 @@ def test_no_budgeted_escalation_is_admitted_at_the_devices_guess_after_the_price
         return [SimpleNamespace(alias="big", is_default=True, usd_per_million_input_tokens=150.0,
                                 usd_per_million_output_tokens=600.0)]
 
-    def stream(msgs, *, request_id=None, **_kw):
-        yield CloudChunk("ok", 1)
-        yield CloudChunk("", 0, CloudResult(text="ok", finish_reason="stop", prompt_tokens=10, completion_tokens=1,
-                                            cost_usd=0.0021, model="big", model_alias="big", request_id=request_id or "",
-                                            server_timings=ServerTimings(total_ms=1.0), latency_ms=2.0,
-                                            round_trip_ms=2.0, attempts=1))
-
-    cloud = SimpleNamespace(stream=stream, list_models=list_models, settings=SimpleNamespace(model=""))
+    cloud = _fake_cloud(_answering("ok", cost_usd=0.0021), list_models=list_models)
     rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 0.05}, {"type": "always"}]}, cloud=cloud)
     r = rt.chat(ASK, max_new_tokens=2)
     assert (r.route, r.reason) == ("local_forced", "budget_prices_unknown") and "could not be read" in r.detail

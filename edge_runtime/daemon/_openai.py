@@ -23,10 +23,10 @@ and carries the extension objects.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..config import is_finite
 from ..engine.types import MAX_SEED, TokenInfo, short_repr
 from ..errors import InvalidRequestError
 from ..hybrid import MODEL_ALIASES, HybridResult
@@ -62,18 +62,12 @@ def _float(body: Mapping[str, Any], name: str, *, lo: float, hi: float, lo_open:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value):
         raise InvalidRequestError(f"must be a number, got {short_repr(value)}", field=name)
     if value > hi or value < lo or (lo_open and value == lo):
         raise InvalidRequestError(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", field=name)
     return float(value)
 
-
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # a JSON integer too large for a float
-        return False
 
 
 def _bool(body: Mapping[str, Any], name: str, *, field: str | None = None) -> bool:

@@ -65,6 +65,17 @@ class _Budget:
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_ARGUMENT:
             raise _TemplateLimit(f"passed the number {value} on (at most {MAX_INT_ARGUMENT:,})")
 
+    def call(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``func(*args, **kwargs)`` within this render's limits: its numbers checked before, its result's size
+        after."""
+        self.tick()
+        for value in (*args, *kwargs.values()):
+            self.argument(value)
+        result = func(*args, **kwargs)
+        if isinstance(result, _SIZED):
+            self.size(len(result))
+        return result
+
     def format_string(self, fmt: str) -> None:
         """Widths and precisions written in a format string ("%200000000s", "{:200000000}") allocate as a
         passed number would."""
@@ -126,15 +137,9 @@ def _limited_filter(func: Callable[..., Any], *, formats: bool = False) -> Calla
             # jinja folds a filter of constants while compiling, outside any render's limits; failing here
             # makes it leave the call to the render
             raise _TemplateLimit("a filter runs only inside a render")
-        budget.tick()
-        for value in (*args, *kwargs.values()):
-            budget.argument(value)
         if formats and args and isinstance(args[0], str):  # "%200000000s"|format(x)
             budget.format_string(args[0])
-        result = func(*args, **kwargs)
-        if isinstance(result, _SIZED):
-            budget.size(len(result))
-        return result
+        return budget.call(func, *args, **kwargs)
 
     return checked
 
@@ -147,14 +152,9 @@ def _environment() -> Any:
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's)
             budget = _budget.get()
-            if budget is not None:
-                budget.tick()
-                for value in (*args, *kwargs.values()):
-                    budget.argument(value)
-            result = super().call(__context, __obj, *args, **kwargs)
-            if budget is not None and isinstance(result, _SIZED):
-                budget.size(len(result))
-            return result
+            if budget is None:
+                return super().call(__context, __obj, *args, **kwargs)
+            return budget.call(super().call, __context, __obj, *args, **kwargs)
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             budget = _budget.get()

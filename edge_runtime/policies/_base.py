@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
+from ..config import is_finite
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -310,11 +311,7 @@ def number(cfg: Mapping[str, Any], key: str, where: str, *, lo: float | None = N
     v = cfg[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
         raise ConfigError(f"must be {'an integer' if integer else 'a number'}, got {v!r}", field=f"{where}.{key}")
-    try:
-        finite = math.isfinite(v)
-    except OverflowError:  # an integer past what a float holds (JSON allows 1 followed by 400 zeros)
-        finite = False
-    if not finite:  # NaN never compares; inf is a TOML value, and no setting here means "unlimited"
+    if not is_finite(v):  # NaN never compares; inf is a TOML value, and no setting here means "unlimited"
         raise ConfigError(f"must be a finite number, got {v!r:.40}", field=f"{where}.{key}")
     if lo is not None and v < lo:
         raise ConfigError(f"must be >= {lo}, got {v}", field=f"{where}.{key}")
