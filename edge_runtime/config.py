@@ -151,6 +151,8 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"expected a number, got {value!r}", field=field) from None
+        except OverflowError:  # an integer past a float's range (TOML and JSON allow 10**400)
+            raise ConfigError(f"expected a finite number, got {value!r:.40}", field=field) from None
         if not math.isfinite(number):  # nan passes every range check (nan <= 0 is false), inf most of them
             raise ConfigError(f"expected a finite number, got {value!r}", field=field)
         return number

@@ -345,6 +345,10 @@ def test_client_settings_are_validated():
     with pytest.raises(ConfigError) as info:
         load_runtime_settings(env={"EDGE_RUNTIME_CLOUD_TIMEOUT_S": "nan"})
     assert info.value.field == "cloud.timeout_s"
+    # and in a file: TOML and JSON allow an integer past a float's range (it raised OverflowError)
+    with pytest.raises(ConfigError) as info:
+        load_runtime_settings(data={"cloud": {"timeout_s": 10 ** 400}}, env={})
+    assert info.value.field == "cloud.timeout_s"
 
 
 def test_a_token_file_set_over_a_token_from_another_layer_is_refused_not_ignored(tmp_path):
