@@ -30,7 +30,8 @@ TARGETS = {
 }
 VARIANTS = [
     ("smollm2-135m-instruct", "fp32", ""), ("smollm2-135m-instruct", "int8", ""), ("smollm2-135m-instruct", "int4", ""),
-    ("smollm2-135m-instruct", "int4", "-offsets"), ("qwen2.5-coder-0.5b-instruct", "int4", ""),
+    ("smollm2-135m-instruct", "int4", "-offsets"), ("smollm2-135m-instruct", "int4", "-mlp64"),
+    ("qwen2.5-coder-0.5b-instruct", "int4", ""),
     ("qwen2.5-coder-0.5b-instruct", "int4", "-offsets"),
 ]
 
@@ -60,6 +61,7 @@ def collect(build: bool = False) -> list[dict[str, Any]]:
             "ppl_fp32": q.get("ppl_fp32"), "ppl_bundle": q.get("ppl_bundle"), "ppl_ratio": q.get("ppl_ratio"),
             "top1_agreement": q.get("top1_agreement"), "int4_offsets": raw["quantization"].get("int4_offsets"),
             "rescore_top_k": raw["quantization"].get("rescore_top_k"),
+            "block_size": raw["quantization"].get("block_size"), "mlp_block_size": raw["quantization"].get("mlp_block_size"),
             "built_with": raw.get("tools", {}),
         })
     return rows

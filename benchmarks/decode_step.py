@@ -18,6 +18,10 @@ in decode speed comes from:
   ``--rescore-top-k 0`` (``<cache>/bundles/<model>-int4-norescore``, when it
   exists, or ``--no-rescore-bundle DIR``), whose output projection is left in
   4 bits: what the default bundle's top-k rescoring costs per step.
+* ``graph LABEL`` (``--compare LABEL=DIR``, repeatable): the bare step of
+  another build of the same model, e.g. one with ``--mlp-block-size 32``;
+  the summary gives its speed relative to the engine's graph, also paired
+  round by round.
 
 All three run alternately in one process for several rounds (the order
 rotates), each round ``--steps`` greedy steps after the same prompt; reported
@@ -26,7 +30,7 @@ are the mean milliseconds per step of each round and their median over rounds.
 greedy tokens must equal the engine loop's (``tokens_match``).
 
     python benchmarks/decode_step.py [--rounds 6] [--steps 128] [--threads N] [--genai-model DIR|none]
-                                     [--no-rescore-bundle DIR|none]
+                                     [--no-rescore-bundle DIR|none] [--compare LABEL=DIR ...]
 
 Writes ``benchmarks/results/decode-step-<host>.json`` and prints a summary.
 The genai model is the one the throughput benchmark builds under
@@ -161,6 +165,7 @@ def run_benchmark(
     genai_model: Path | None,
     *,
     no_rescore_bundle: Path | None = None,
+    compare: Sequence[tuple[str, Path]] = (),
     threads: int,
     rounds: int = 6,
     steps: int = 128,
@@ -195,6 +200,15 @@ def run_benchmark(
         if plain.manifest.raw.get("quantization", {}).get("rescore_top_k"):
             raise SystemExit(f"{no_rescore_bundle} rescores its logits: build it with --rescore-top-k 0")
         runners[NO_RESCORE] = EngineStepper(plain, capacity).run
+    others = {}
+    for label, path in compare:
+        other = Engine(path, intra_op_threads=threads, energy_meter=None)
+        if other.manifest.name != engine.manifest.name:
+            raise SystemExit(f"--compare {label}: {path} is {other.manifest.name}, not {engine.manifest.name}")
+        others[label] = {"bundle": str(path), "bundle_hash": other.bundle_hash,
+                         "quantization": {k: other.manifest.raw["quantization"].get(k)
+                                          for k in ("block_size", "mlp_block_size", "rescore_top_k", "int4_offsets")}}
+        runners[f"graph {label}"] = EngineStepper(other, capacity).run
     for name, why in skipped.items():
         log(f"skipping {name}: {why}")
 
@@ -227,6 +241,14 @@ def run_benchmark(
         summary["rescoring_ms"] = median["engine graph"] - median[NO_RESCORE]
         summary["rescoring_paired_ms"] = statistics.median(
             a - b for a, b in zip(per_round["engine graph"], per_round[NO_RESCORE]))
+    if others:
+        # > 1: the engine's graph steps faster than the compared build's
+        summary["compare"] = {label: {
+            **info, "graph_ms": median[f"graph {label}"],
+            "engine_speed_ratio": median[f"graph {label}"] / median["engine graph"],
+            "engine_speed_ratio_paired": statistics.median(
+                b / a for a, b in zip(per_round["engine graph"], per_round[f"graph {label}"])),
+        } for label, info in others.items()}
     if "genai graph" in median:
         summary["genai_graph_ms"] = median["genai graph"]
         # > 1: the engine's graph steps faster than genai's
@@ -258,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-rescore-bundle", default=None,
                         help=f"the same model built with --rescore-top-k 0, or 'none' (default: "
                              f"<cache>/bundles/{MODEL}-int4-norescore when it exists)")
+    parser.add_argument("--compare", action="append", default=[], metavar="LABEL=DIR",
+                        help="also step another build of the same model (repeatable), e.g. one built with "
+                             "--mlp-block-size 32")
     parser.add_argument("--threads", type=_int_at_least(1), default=None,
                         help="intra-op threads (default: physical cores)")
     parser.add_argument("--rounds", type=_int_at_least(1), default=6)
@@ -284,7 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         plain = default_bundle_dir(MODEL, "int4-norescore")
     else:
         plain = None if args.no_rescore_bundle.strip().lower() == "none" else Path(args.no_rescore_bundle)
-    doc = run_benchmark(bundle, genai, no_rescore_bundle=plain, threads=args.threads or default_threads(),
+    compare = []
+    for item in args.compare:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--compare takes LABEL=DIR, got {item!r}")
+        compare.append((label, Path(path).expanduser()))
+    doc = run_benchmark(bundle, genai, no_rescore_bundle=plain, compare=compare, threads=args.threads or default_threads(),
                         rounds=args.rounds, steps=args.steps)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"decode-step-{args.host}.json"
@@ -300,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "rescoring_ms" in s:
         print(f"without rescoring {s['no_rescore_graph_ms']:.3f} ms/step: the top-k rescoring costs "
               f"{s['rescoring_ms']:.3f} ms per step (paired by round: {s['rescoring_paired_ms']:.3f} ms)")
+    for label, c in s.get("compare", {}).items():
+        print(f"{label} {c['graph_ms']:.3f} ms/step: the engine's graph steps at {c['engine_speed_ratio']:.3f}x its speed "
+              f"(paired by round: {c['engine_speed_ratio_paired']:.3f}x)")
     print(f"wrote {path}")
     return 0
 

@@ -874,6 +874,9 @@ def _model_cell(result: dict[str, Any]) -> str:
         variant += f", top {quant['rescore_top_k']} logits rescored"
     elif result["precision"] == "int4":
         variant += ", 4-bit output projection"
+    mlp, attn = quant.get("mlp_block_size"), quant.get("block_size")
+    if mlp and attn and mlp != attn:
+        variant += f", blocks of {mlp} in the MLP"
     return f"edge bundle {result['precision']}{variant} (MatMulNBits)"
 
 

@@ -14,6 +14,7 @@ import datetime
 import importlib.metadata
 import logging
 import math
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ def build_bundle(
     *,
     precision: str = "int4",
     block_size: int = 32,
+    mlp_block_size: int | None = None,
     max_ppl_ratio: float = 1.25,
     force: bool = False,
     accuracy_level: int = 4,
@@ -146,18 +148,25 @@ def build_bundle(
     logits are recomputed from the 4-bit table plus a 4-bit code of its error
     (see ``quantize.graph``); 0 keeps only the 4-bit table. None: a known
     model's recipe, else ``RESCORE_TOP_K``.
+
+    ``block_size``: blocks along K of every projection, unless
+    ``mlp_block_size`` (int4; None: ``block_size``) gives the MLP's (gate/up
+    and down) their own: larger blocks there decode faster at some loss of
+    quality (the README's *Block sizes*).
     """
     if precision not in PRECISIONS:
         raise BuildError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
-        # past a few hundred, padding each row to a whole block multiplies the file (65536: 0.1 MB -> 88 MB)
-        raise BuildError(f"--block-size must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}, got {block_size}")
+    for flag, size in (("--block-size", block_size), ("--mlp-block-size", mlp_block_size)):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral)
+                                 or not MIN_BLOCK_SIZE <= size <= MAX_BLOCK_SIZE or size & (size - 1)):
+            # past a few hundred, padding each row to a whole block multiplies the file (65536: 0.1 MB -> 88 MB)
+            raise BuildError(f"{flag} must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}, got {size!r}")
     if not math.isfinite(max_ppl_ratio) or max_ppl_ratio < 1.0:  # NaN would pass every bundle
         raise BuildError(f"--max-ppl-ratio must be a number >= 1.0, got {max_ppl_ratio}")
     if rescore_top_k is not None and not 0 <= rescore_top_k <= MAX_RESCORE_TOP_K:
         raise BuildError(f"--rescore-top-k must be between 0 and {MAX_RESCORE_TOP_K}, got {rescore_top_k}")
-    if precision != "int4" and (int4_offsets or rescore_top_k):
-        flag = "--int4-offsets" if int4_offsets else "--rescore-top-k"
+    if precision != "int4" and (int4_offsets or rescore_top_k or mlp_block_size is not None):
+        flag = "--int4-offsets" if int4_offsets else "--rescore-top-k" if rescore_top_k else "--mlp-block-size"
         raise BuildError(f"{flag} applies to int4 bundles only, not --precision {precision}")
     out_path = Path(out).expanduser().absolute()
     check_replaceable(out_path, force=force)
@@ -168,6 +177,8 @@ def build_bundle(
         recipe = KNOWN_MODELS[known].rescore_top_k if known else None
         rescore_top_k = RESCORE_TOP_K if recipe is None else recipe
     rescore_top_k = rescore_top_k if precision == "int4" else 0
+    block_size = int(block_size)  # a numpy integer would not go into the manifest's JSON
+    mlp_block_size = block_size if mlp_block_size is None else int(mlp_block_size)
     check_source(path)
     say("load", 0, 1)
     src = load_source(path)
@@ -186,7 +197,8 @@ def build_bundle(
             calibration = {"file": CALIBRATION_TEXT.name, "sha256": sha256_file(CALIBRATION_TEXT), "tokens": n_tokens}
             say("calibrate", 1, 1)
         say("graph", 0, spec.num_layers)
-        model = build_graph(spec, src.weights, precision=precision, block_size=block_size, accuracy_level=accuracy_level,
+        model = build_graph(spec, src.weights, precision=precision, block_size=block_size, mlp_block_size=mlp_block_size,
+                            accuracy_level=accuracy_level,
                             int4_offsets=int4_offsets, importance=importance, rescore_top_k=rescore_top_k,
                             progress=lambda i: say("graph", i + 1, spec.num_layers))
         say("write", 0, 1)
@@ -228,6 +240,8 @@ def build_bundle(
             "quantization": {
                 "precision": precision,
                 "block_size": block_size if precision != "fp32" else None,
+                # the MLP projections' (gate/up, down); block_size is every other projection's
+                "mlp_block_size": mlp_block_size if precision != "fp32" else None,
                 "accuracy_level": accuracy_level if precision != "fp32" else None,
                 "int4_offsets": int4_offsets if precision == "int4" else None,
                 "calibration": calibration,
@@ -238,6 +252,8 @@ def build_bundle(
                     "int4": ("4-bit weight blocks along K with a float offset per block (w = scale*(q-8) + offset)" if int4_offsets else
                              "4-bit asymmetric weight blocks along K with integer zero points, scale and zero point per block "
                              "minimizing the error weighted by calibration activations")
+                            + (f"; blocks of {mlp_block_size} in the MLP projections, {block_size} in the others"
+                               if mlp_block_size != block_size else "")
                             + "; activations quantized per block at run time (MatMulNBits)"
                             + (f"; the output projection's {rescore_top_k} largest logits recomputed from its table plus a "
                                "4-bit code of the table's error" if rescore_top_k else ""),

@@ -132,7 +132,9 @@ class _Linear:
         self.accuracy_level = accuracy_level
         self._indicators: dict[tuple[int, int], str] = {}
 
-    def __call__(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
+    def __call__(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None, *,
+                 block_size: int | None = None) -> str:
+        """``block_size``: this projection's, when not the graph's default."""
         if self.precision == "fp32":
             out = f"{name}/out"
             w = self.g.init(f"{name}.weight", weight.T.astype(np.float32))
@@ -140,7 +142,8 @@ class _Linear:
             if bias is not None:
                 self.g.node("Add", [f"{name}/mm", self.g.init(f"{name}.bias", bias.astype(np.float32))], [out], name=f"{name}/bias")
             return out
-        qw = quantize_blocks(weight, self.precision, self.block_size, offsets=self.int4_offsets, importance=self.importance.get(name))
+        qw = quantize_blocks(weight, self.precision, block_size or self.block_size, offsets=self.int4_offsets,
+                             importance=self.importance.get(name))
         return self.quantized(x, qw, name, bias)
 
     def quantized(self, x: str, qw: BlockQuantized, name: str, bias: np.ndarray | None = None, *,
@@ -290,6 +293,7 @@ def build_graph(
     *,
     precision: str,
     block_size: int = 32,
+    mlp_block_size: int | None = None,
     accuracy_level: int = 4,
     int4_offsets: bool = False,
     importance: Mapping[str, np.ndarray] | None = None,
@@ -304,6 +308,10 @@ def build_graph(
     ``o_proj``, ``gate_up_proj``, ``down_proj``, ``lm_head``), from
     ``quantize.calibrate.input_importance``.
 
+    ``block_size``: every projection's blocks along K, unless ``mlp_block_size``
+    gives the MLP's (gate/up, down) their own: three quarters of a layer's
+    weights, where larger blocks mean fewer scales to read and apply.
+
     ``rescore_top_k`` (int4 only; 0 = off): the output projection runs in 4
     bits over the whole vocabulary, then the ``rescore_top_k`` highest logits
     are recomputed from the 4-bit table plus a 4-bit code of its error (for a
@@ -316,6 +324,7 @@ def build_graph(
     g = _Graph()
     importance = importance or {}
     linear = _Linear(g, precision, block_size, accuracy_level, int4_offsets=int4_offsets, importance=importance)
+    mlp_bs = mlp_block_size or block_size
     H, V = spec.hidden_size, spec.vocab_size
     q_dim = spec.num_heads * spec.head_dim
     kv_dim = spec.num_kv_heads * spec.head_dim
@@ -365,13 +374,13 @@ def build_graph(
         g.node("SkipSimplifiedLayerNormalization", [attn_out, residual, mlp_norm], [f"{p}/mlp_in", "", "", f"{p}/resid_mlp"],
                name=f"{p}/mlp_norm", domain=MS_DOMAIN, epsilon=spec.rms_norm_eps)
         residual = f"{p}/resid_mlp"
-        gate_up = linear(f"{p}/mlp_in", np.concatenate([lw.gate, lw.up], axis=0), f"{p}.gate_up_proj")
+        gate_up = linear(f"{p}/mlp_in", np.concatenate([lw.gate, lw.up], axis=0), f"{p}.gate_up_proj", block_size=mlp_bs)
         g.node("Split", [gate_up, g.init(f"{p}.split", np.array([spec.intermediate_size] * 2, np.int64))], [f"{p}/gate", f"{p}/up"],
                name=f"{p}/split", axis=-1)
         g.node("Sigmoid", [f"{p}/gate"], [f"{p}/gate_sig"], name=f"{p}/sigmoid")
         g.node("Mul", [f"{p}/gate", f"{p}/gate_sig"], [f"{p}/silu"], name=f"{p}/silu")
         g.node("Mul", [f"{p}/silu", f"{p}/up"], [f"{p}/act"], name=f"{p}/act")
-        pending = linear(f"{p}/act", lw.down, f"{p}.down_proj")
+        pending = linear(f"{p}/act", lw.down, f"{p}.down_proj", block_size=mlp_bs)
         if progress is not None:
             progress(i)
 

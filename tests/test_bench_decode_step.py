@@ -59,3 +59,20 @@ def test_a_no_rescoring_bundle_gives_the_rescoring_cost(decode_step, tiny_bundle
     with pytest.raises(SystemExit, match="--rescore-top-k 0"):
         decode_step.run_benchmark(rescored, None, no_rescore_bundle=rescored, threads=1, rounds=1, steps=3,
                                   log=lambda _msg: None)
+
+
+def test_compare_steps_another_build_of_the_same_model(decode_step, tiny_bundles, tiny_bundle: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    int4, fp32 = tiny_bundles("llama", "int4"), tiny_bundle
+    assert decode_step.main(["--bundle", str(int4), "--genai-model", "none", "--no-rescore-bundle", "none",
+                             "--compare", f"fp32={fp32}", "--rounds", "2", "--steps", "4", "--threads", "1",
+                             "--out-dir", str(tmp_path), "--host", "test"]) == 0
+    doc = json.loads((tmp_path / "decode-step-test.json").read_text())
+    assert set(doc["per_round_ms"]) == {"engine graph", "engine loop", "graph fp32"}
+    c = doc["summary"]["compare"]["fp32"]
+    assert c["engine_speed_ratio"] == pytest.approx(c["graph_ms"] / doc["summary"]["engine_graph_ms"])
+    assert c["bundle"] == str(fp32) and c["quantization"]["block_size"] is None
+    assert "fp32 " in capsys.readouterr().out
+    for bad in ("fp32", "=x", "label="):
+        with pytest.raises(SystemExit, match="LABEL=DIR"):
+            decode_step.main(["--bundle", str(int4), "--genai-model", "none", "--compare", bad])

@@ -41,6 +41,7 @@ def test_build_every_precision_writes_a_complete_manifest(tiny_bundles, tiny_mod
     q = raw["quantization"]
     assert q["precision"] == precision
     assert q["block_size"] == (None if precision == "fp32" else 32)
+    assert q["mlp_block_size"] == (None if precision == "fp32" else 32) and "blocks of" not in q["method"]
     assert raw["source"]["kind"] == "hf" and len(raw["source"]["sha256"]) == 64
     assert set(raw["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
     for name, info in raw["files"].items():
@@ -208,6 +209,9 @@ def test_force_never_deletes_something_that_is_not_a_bundle(tiny_model_dirs, tmp
         ({"max_ppl_ratio": float("nan")}, "max-ppl-ratio"),  # NaN would let every bundle through
         ({"precision": "int8", "int4_offsets": True}, "--int4-offsets applies to int4"),
         ({"precision": "int8", "rescore_top_k": 8}, "--rescore-top-k applies to int4"),
+        ({"precision": "int8", "mlp_block_size": 64}, "--mlp-block-size applies to int4"),
+        ({"mlp_block_size": 48}, "--mlp-block-size must be a power of two"),
+        ({"mlp_block_size": True}, "--mlp-block-size must be a power of two"),
     ],
 )
 def test_options_that_cannot_apply_are_refused_before_any_work(tiny_model_dirs, tmp_path, options, message):
@@ -353,6 +357,25 @@ def test_int4_default_has_integer_zero_points_and_rescored_logits(tiny_bundles):
     assert Engine(bundle, energy_meter=None).generate("hello world", max_new_tokens=4).finish_reason == "length"
 
 
+def test_mlp_block_size_applies_to_the_mlp_projections_only(tiny_model_dirs, tmp_path):
+    import onnx
+
+    from edge_runtime.engine import Engine
+
+    out = tmp_path / "mlp64"
+    report = build_bundle(tiny_model_dirs("llama"), out, precision="int4", mlp_block_size=64, max_ppl_ratio=10.0)
+    q = report.manifest["quantization"]
+    assert q["block_size"] == 32 and q["mlp_block_size"] == 64
+    assert "blocks of 64 in the MLP projections, 32 in the others" in q["method"]
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    sizes = {n.name.split(".")[-1]: next(a.i for a in n.attribute if a.name == "block_size")
+             for n in nodes if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    # the embedding table, which the output projection shares, keeps the others' blocks
+    assert sizes == {"qkv_proj": 32, "o_proj": 32, "gate_up_proj": 64, "down_proj": 64, "lm_head": 32,
+                     "embed/blocks0": 32, "embed/blocks1": 32, "lm_head/top_blocks0": 32, "lm_head/top_blocks1": 32}
+    assert Engine(out, energy_meter=None).generate("hello world", max_new_tokens=4).finish_reason == "length"
+
+
 def test_int4_with_float_offsets_on_request(tiny_model_dirs, tmp_path):
     import onnx
 
@@ -450,12 +473,16 @@ def test_calibration_statistics_cover_every_projection_the_graph_quantizes(tiny_
 def test_cli_chooses_the_int4_layout_and_the_rescoring(tiny_model_dirs, tmp_path, capsys):
     src = str(tiny_model_dirs("llama"))
     out = tmp_path / "offsets"
-    assert main(["quantize", src, "--out", str(out), "--int4-offsets", "--rescore-top-k", "0", "--max-ppl-ratio", "10", "--json"]) == 0
+    assert main(["quantize", src, "--out", str(out), "--int4-offsets", "--rescore-top-k", "0", "--max-ppl-ratio", "10",
+                 "--mlp-block-size", "16", "--json"]) == 0
     q = load_manifest(out).raw["quantization"]
     assert q["int4_offsets"] is True and q["rescore_top_k"] == 0
+    assert q["block_size"] == 32 and q["mlp_block_size"] == 16 and "blocks of 16 in the MLP projections" in q["method"]
     assert json.loads(capsys.readouterr().out)["bundle"] == str(out)
     assert main(["quantize", src, "--out", str(tmp_path / "bad"), "--rescore-top-k", "-3"]) == 1
     assert "--rescore-top-k" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["quantize", src, "--out", str(tmp_path / "bad"), "--precision", "int8", "--mlp-block-size", "64"]) == 1
+    assert "--mlp-block-size applies to int4" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit):  # argparse: the two layouts exclude each other
         main(["quantize", src, "--out", str(tmp_path / "both"), "--int4-offsets", "--int4-zero-points"])
 
