@@ -434,31 +434,47 @@ class HybridRuntime:
         if time.monotonic() < self._bridge_prices_due:
             return self._bridge_prices
         if self._bridge_prices is not None or self._bridge_prices_due > -float("inf"):
-            # known, or a read already failed (the bridge is down: its escalations fall back anyway)
-            if not self._prices_read.acquire(blocking=False):
-                return self._bridge_prices  # another request is reading them: what is known serves meanwhile
+            # A refresh, or a retry after a failed read: made in the background, so that no request (holding a
+            # generation slot) waits up to _PRICES_TIMEOUT_S on a bridge that hangs; what is known serves meanwhile
+            if self._prices_read.acquire(blocking=False):
+                try:
+                    threading.Thread(target=self._read_bridge_prices, args=(list_models,), daemon=True,
+                                     name="bridge-prices").start()
+                except BaseException:  # no thread (interpreter shutting down): the next request tries again
+                    self._prices_read.release()
+                    raise
+            return self._bridge_prices
         # the first read: wait for the request making it, or concurrent escalations would all reserve a
         # budget at the device's guess and together spend past it
-        elif not self._prices_read.acquire(timeout=2 * _PRICES_TIMEOUT_S):
+        if not self._prices_read.acquire(timeout=2 * _PRICES_TIMEOUT_S):
             return None
+        if time.monotonic() < self._bridge_prices_due:  # read while this request waited
+            self._prices_read.release()
+            return self._bridge_prices
+        self._read_bridge_prices(list_models)
+        return self._bridge_prices
+
+    def _read_bridge_prices(self, list_models: Callable[..., Any]) -> None:
+        """Read the bridge's prices (briefly: a bridge that is down must not hold anyone); release the read lock."""
         try:
-            if time.monotonic() < self._bridge_prices_due:  # read while this request waited
-                return self._bridge_prices
             try:
-                # briefly: this runs on a request's path (once per refresh), and a bridge that is down must not hold it
                 models = list_models(timeout_s=_PRICES_TIMEOUT_S)
-            except CloudError as err:  # the bridge is down: the escalation will fall back anyway
+            except CloudError as err:  # the bridge is down: its escalations fall back anyway
                 log.debug("cannot read the bridge's prices: %s", err)
                 self._bridge_prices_due = time.monotonic() + _PRICES_RETRY_S
                 self._bridge_prices_failed = self._bridge_prices is None
-                return self._bridge_prices
+                return
+            except Exception:  # a bug must not leave the lock held (every later read would be skipped)
+                log.exception("reading the bridge's prices failed")
+                self._bridge_prices_due = time.monotonic() + _PRICES_RETRY_S
+                self._bridge_prices_failed = self._bridge_prices is None
+                return
             alias = getattr(getattr(self.cloud, "settings", None), "model", "")
             info = next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
             if info is not None:
                 self._bridge_prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens)
             self._bridge_prices_due = time.monotonic() + _PRICES_REFRESH_S
             self._bridge_prices_failed = False
-            return self._bridge_prices
         finally:
             self._prices_read.release()
 

@@ -557,6 +557,40 @@ def test_no_budgeted_escalation_is_admitted_at_the_devices_guess_after_the_price
     r = rt.chat(ASK, max_new_tokens=2)
     assert (r.route, r.reason) == ("local_forced", "budget_prices_unknown") and "could not be read" in r.detail
     up["bridge"] = True
-    rt._bridge_prices_due = time.monotonic()  # the retry is due
+    rt._bridge_prices_due = time.monotonic()  # the retry is due: made in the background, no request waits for it
+    t0 = time.monotonic()
+    rt._bridge_price_table()  # None, or the prices if the background read was quicker than the return
+    assert time.monotonic() - t0 < 0.1
+    _wait_for_price_read(rt)
     r = rt.chat(ASK, max_new_tokens=2)
     assert r.route == "cloud" and rt._bridge_prices == (150.0, 600.0)
+
+
+def _wait_for_price_read(rt: HybridRuntime) -> None:
+    assert rt._prices_read.acquire(timeout=10)  # held by the background read until it is done
+    rt._prices_read.release()
+
+
+def test_a_price_refresh_never_holds_a_request_even_when_the_bridge_hangs(engine):
+    # a refresh was read on the request's path: with a bridge that accepts and never answers, one request (and its
+    # generation slot) in every ten seconds waited the read's whole timeout
+    calls = []
+
+    def list_models(**_kw):
+        calls.append(threading.current_thread().name)
+        if len(calls) > 1:
+            time.sleep(0.5)  # hangs
+            raise CloudUnavailableError("no answer")
+        return [SimpleNamespace(alias="big", is_default=True, usd_per_million_input_tokens=1.0,
+                                usd_per_million_output_tokens=2.0)]
+
+    cloud = SimpleNamespace(list_models=list_models, settings=SimpleNamespace(model=""))
+    rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "never"}]}, cloud=cloud)
+    assert rt._bridge_price_table() == (1.0, 2.0)  # the first read is made (and waited for) by the request
+    rt._bridge_prices_due = time.monotonic()  # the refresh is due
+    t0 = time.monotonic()
+    assert rt._bridge_price_table() == (1.0, 2.0) and rt._bridge_price_table() == (1.0, 2.0)
+    assert time.monotonic() - t0 < 0.2  # the known prices serve while the refresh runs
+    _wait_for_price_read(rt)
+    assert calls[1] == "bridge-prices" and len(calls) == 2  # one background read, however many requests asked
+    assert rt._bridge_prices == (1.0, 2.0) and rt._bridge_prices_due > time.monotonic()  # kept; retried later
