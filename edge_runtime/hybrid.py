@@ -38,7 +38,7 @@ from typing import Any, Literal
 from .confidence import Estimator, check_bundle_hash, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
-from .engine.types import log_text
+from .engine.types import EnergyReport, log_text
 from .errors import (
     CircuitOpenError,
     CloudCancelledError,
@@ -489,11 +489,22 @@ class HybridRuntime:
         knn = getattr(est, "knn", None)
         return knn.prior(prompt) if knn is not None else None
 
-    def _p_correct(self, result: GenerationResult, msgs: Sequence[Mapping[str, Any]]) -> float:
+    def _p_correct(self, result: GenerationResult, msgs: Sequence[Mapping[str, Any]], spent: list[EnergyReport]) -> float:
         """The estimator's probability that the local answer is right; NaN when it gave no usable number (the
-        policies read NaN as no opinion, and the result reports it as null)."""
+        policies read NaN as no opinion, and the result reports it as null).
+
+        An estimator that runs the model (``needs_engine``: the self-check prefills the whole conversation
+        again) is metered like a generation, into ``spent``: the device paid for it on this request's behalf.
+        """
         signals = signals_from_result(result, messages=msgs)
-        p = float(self.estimator.p_correct(signals, engine=self.engine, messages=msgs))
+        meter = self.engine.energy_meter if self.estimator.needs_engine else None
+        window = meter.start() if meter is not None else None
+        try:
+            p = float(self.estimator.p_correct(signals, engine=self.engine, messages=msgs))
+        finally:
+            if window is not None:
+                window.stop()
+                spent.append(window.to_report())
         if not math.isfinite(p):
             log.warning("the estimator %s gave p_correct %s: treated as no estimate", self.estimator.name, p)
             return math.nan
@@ -540,6 +551,7 @@ class HybridRuntime:
             decision = self.policy.before(ctx)
 
         locals_: list[GenerationResult] = []  # every local run (an early exit, then maybe a full fallback answer)
+        estimator_energy: list[EnergyReport] = []  # what an estimator that runs the model spent
         held: list[HybridChunk] = []  # local text not shown yet
         shown = False  # local text already on the caller's screen
         early_exit = False
@@ -578,13 +590,13 @@ class HybridRuntime:
                 # (decoding it again would only repeat it)
                 early_exit = False
             if decision.action == "continue":
-                p_correct = self._p_correct(locals_[-1], msgs)
+                p_correct = self._p_correct(locals_[-1], msgs, estimator_energy)
                 # an escalation admitted now sends the draft along: a budget reserves for it too
                 ctx = settlement.ctx = dataclasses.replace(ctx, estimated_cloud_usd=self._estimate_cloud_usd(
                     msgs, params, model, draft=locals_[-1].text))
                 decision = self.policy.after(ctx, p_correct)
             elif p_correct is None and not early_exit:
-                p_correct = self._p_correct(locals_[-1], msgs)
+                p_correct = self._p_correct(locals_[-1], msgs, estimator_energy)
 
         # 2. escalate, or release the local answer
         cloud_result = None
@@ -671,11 +683,11 @@ class HybridRuntime:
                         break
                     yield HybridChunk("text", chunk.text, chunk.token)
                 if p_correct is None or early_exit:
-                    p_correct = self._p_correct(locals_[-1], msgs)
+                    p_correct = self._p_correct(locals_[-1], msgs, estimator_energy)
             else:
                 yield from held
         yield HybridChunk("done", result=self._result(msgs, request_id, route, decision, p_correct, locals_, cloud_result,
-                                                      cloud_error, early_exit, t0, asked, failed_cloud_ms))
+                                                      cloud_error, early_exit, t0, asked, failed_cloud_ms, estimator_energy))
 
     def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
                    p_correct: float | None, decision: Decision, request_id: str, cancel: Any,
@@ -729,10 +741,12 @@ class HybridRuntime:
 
     def _result(self, msgs: list[dict[str, str]], request_id: str, route: Route, decision: Decision, p_correct: float | None,
                 locals_: list[GenerationResult], cloud: Any, cloud_error: str | None, early_exit: bool, t0: float,
-                asked: bool = False, failed_cloud_ms: float = 0.0) -> HybridResult:
+                asked: bool = False, failed_cloud_ms: float = 0.0,
+                estimator_energy: Sequence[EnergyReport] = ()) -> HybridResult:
         final_local = locals_[-1] if locals_ else None
-        local_j = sum(r.energy.joules for r in locals_ if r.energy is not None)
-        energies = [r.energy for r in locals_ if r.energy is not None]
+        energies = [r.energy for r in locals_ if r.energy is not None] + list(estimator_energy)
+        local_j = sum(e.joules for e in energies)
+        estimator_j = sum(e.joules for e in estimator_energy)
         net_j = 0.0
         # an escalation that answered, failed or was cancelled used the radio; an open circuit or no time left did not
         if cloud is not None or asked:
@@ -748,6 +762,8 @@ class HybridRuntime:
             "seconds": round(sum(e.seconds for e in energies), 6),
             "network_joules": round(net_j, 6),
             "network_estimated": True,
+            # included in joules: the estimator's own run of the model (the self-check), 0 for the others
+            "estimator_joules": round(estimator_j, 6),
         }
         cloud_usd = float(cloud.cost_usd) if cloud is not None else 0.0
         device_usd = device_energy_usd(self.cost, local_j + net_j)

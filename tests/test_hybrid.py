@@ -594,3 +594,19 @@ def test_a_price_refresh_never_holds_a_request_even_when_the_bridge_hangs(engine
     _wait_for_price_read(rt)
     assert calls[1] == "bridge-prices" and len(calls) == 2  # one background read, however many requests asked
     assert rt._bridge_prices == (1.0, 2.0) and rt._bridge_prices_due > time.monotonic()  # kept; retried later
+
+
+def test_a_self_check_is_metered_with_the_answer(engine):
+    # the self-check prefills the whole conversation and the answer again: its energy was left out of the request's
+    from edge_runtime.confidence import SelfCheckEstimator
+    from edge_runtime.cost import device_energy_usd
+
+    plain = HybridRuntime(engine, policy={"type": "never"}).chat(ASK, max_new_tokens=4)
+    assert plain.energy["estimator_joules"] == 0
+    rt = HybridRuntime(engine, policy={"type": "never"}, estimator=SelfCheckEstimator(1.0, 0.0))
+    checked = rt.chat(ASK, max_new_tokens=4)
+    extra = checked.energy["estimator_joules"]
+    assert extra > 0 and checked.energy["source"] == "test:constant"
+    # in the device's total and its price, as the answer's own energy is
+    assert checked.energy["joules"] > extra
+    assert checked.cost["device_energy_usd"] == pytest.approx(device_energy_usd(rt.cost, checked.energy["joules"]), rel=1e-3)
