@@ -263,11 +263,12 @@ class CloudClient:
             raise self._closed_error()
         kind = self.circuit.admit()
         if kind is None:
-            raise CircuitOpenError(
-                f"cloud skipped: {self.circuit.consecutive_failures} consecutive failures; next try in "
-                f"{self.circuit.retry_after_s():.1f} s",
-                code="CIRCUIT_OPEN",
-            )
+            wait_s = self.circuit.retry_after_s()
+            # past the cool-down the circuit is half-open: one call is testing the bridge, and "next try in
+            # 0.0 s" would promise a call that is refused too until that test ends
+            when = f"next try in {wait_s:.1f} s" if wait_s > 0 else "one call is testing the bridge now"
+            raise CircuitOpenError(f"cloud skipped: {self.circuit.consecutive_failures} consecutive failures; {when}",
+                                   code="CIRCUIT_OPEN")
         return kind
 
     def _record(self, error: CloudError | None, *, cut_short: bool = False, probe: int | None = None) -> None:

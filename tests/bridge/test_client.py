@@ -177,6 +177,11 @@ def test_half_open_lets_one_probe_through_and_success_closes_the_circuit(start_b
         client.generate(HI)
     assert flaky.calls == 2  # the open circuit did not call the bridge
     fake.now += 30
+    other_probe = client.circuit.admit()  # another call is testing the bridge: this one is refused, and says why
+    with pytest.raises(CircuitOpenError, match="one call is testing the bridge now") as info:
+        client.generate(HI)
+    assert "0.0 s" not in str(info.value)
+    client.circuit.record_neutral(probe=other_probe)
     assert client.generate(HI).text == "fine"  # the probe
     assert client.circuit.state == "closed" and flaky.calls == 3
 
