@@ -131,6 +131,11 @@ class AuthSettings:
     def __post_init__(self) -> None:
         _as_paths(self, ("tokens_file",), "auth.")
 
+    def validate(self) -> None:
+        # a huge interval would keep a revoked token working until a restart; nan would never compare
+        if not 0 <= self.reload_interval_s <= 3600:  # 0: look at every call
+            raise ConfigError(f"must be from 0 to 3600 s, got {self.reload_interval_s!r}", field="auth.reload_interval_s")
+
 
 @dataclass(frozen=True, kw_only=True)
 class QuotaSettings:
@@ -243,20 +248,22 @@ class OpenAIModelSettings(ModelSettings):
 
     def validate(self) -> None:
         super().validate()
-        if "@" in self.base_url.split("://", 1)[-1].split("/", 1)[0]:
-            # never sent (the key goes in a header), and shown by `cloud-bridge config`: refused first, and not
-            # echoed by this or any later message
-            raise ConfigError("holds a user name or password, which is never sent; put the API key in the environment "
-                              "variable that api_key_env names", field="base_url")
+        if "@" in self.base_url:
+            # A user name or password is never sent (the key goes in a header), and `cloud-bridge config` shows
+            # base_url: refused first. Anywhere in the URL: a password with a "/" in it ends the URL's authority
+            # early, and "https://user:12345/pw@host" parses as host "user", port 12345. An API path has no "@"
+            # (percent-encode one as %40). No message here echoes base_url, which may hold a secret all the same.
+            raise ConfigError("holds '@' (a user name or password?), which is never sent; put the API key in the "
+                              "environment variable that api_key_env names", field="base_url")
         if not re.match(r"^https?://[^/]+", self.base_url):
-            raise ConfigError(f"must be an http:// or https:// URL, got {self.base_url!r}", field="base_url")
+            raise ConfigError("must be an http:// or https:// URL", field="base_url")
         try:  # a bad port or bracket fails here, not as a traceback when the backend is built
             url = urllib.parse.urlsplit(self.base_url)
             url.port  # noqa: B018  (reading it validates it)
-        except ValueError as err:
-            raise ConfigError(f"{self.base_url!r} is not a usable URL: {err}", field="base_url") from err
+        except ValueError as err:  # its text quotes the URL's pieces
+            raise ConfigError("is not a usable URL (a bad port or bracket)", field="base_url") from err
         if not url.hostname:
-            raise ConfigError(f"{self.base_url!r} names no host", field="base_url")
+            raise ConfigError("names no host", field="base_url")
         if not self.model:
             raise ConfigError("the endpoint's model name is required", field="model")
         for name in ("timeout_s", "connect_timeout_s"):
@@ -335,6 +342,7 @@ class BridgeSettings:
 
     def validate(self) -> None:
         self.server.validate()
+        self.auth.validate()
         self.quota.validate()
         self.limits.validate()
         if self.limits.default_model and self.limits.default_model not in self.models:
@@ -369,20 +377,28 @@ def load_bridge_settings(
         BridgeSettings, config_file=config_file, data=data, env=env, env_prefix=ENV_PREFIX, overrides=overrides
     )
     base = Path(config_file).resolve().parent if config_file is not None else Path.cwd()
+    environ = os.environ if env is None else env
+    address = settings.server.address
+    # a relative Unix socket written in the file follows the file, as its other paths do (under systemd the
+    # working directory is /); one given in the environment or a flag is the working directory's
+    if address.startswith("unix:") and not address.startswith("unix://") and not Path(address[5:]).is_absolute() \
+            and f"{ENV_PREFIX}_SERVER_ADDRESS" not in environ and "address" not in ((overrides or {}).get("server") or {}):
+        address = f"unix:{base / os.path.expanduser(address[5:])}"
     server = dataclasses.replace(
         settings.server,
+        address=address,
         tls_cert=_resolve(settings.server.tls_cert, base),
         tls_key=_resolve(settings.server.tls_key, base),
         client_ca=_resolve(settings.server.client_ca, base),
     )
     # the default follows the file; the same name given in the environment or a flag is the working directory's
-    given = f"{ENV_PREFIX}_AUTH_TOKENS_FILE" in (os.environ if env is None else env) \
+    given = f"{ENV_PREFIX}_AUTH_TOKENS_FILE" in environ \
         or "tokens_file" in ((overrides or {}).get("auth") or {})
     default_tokens = None if given else next(f.default for f in dataclasses.fields(AuthSettings) if f.name == "tokens_file")
     auth = dataclasses.replace(settings.auth, tokens_file=_resolve(settings.auth.tokens_file, base, default_tokens))
     # [models.*] are free-form tables that load_settings leaves as written: their bundles follow the file, or the
     # working directory when the table came from the environment or a flag (which replace it whole)
-    models_given = f"{ENV_PREFIX}_MODELS" in (os.environ if env is None else env) or "models" in (overrides or {})
+    models_given = f"{ENV_PREFIX}_MODELS" in environ or "models" in (overrides or {})
     models_base = Path.cwd() if models_given else base
     models = {
         alias: dataclasses.replace(m, bundle=m.bundle if m.bundle is None or m.bundle.is_absolute() else models_base / m.bundle)

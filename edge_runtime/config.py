@@ -197,7 +197,9 @@ def _file_relative(cls: type, data: Mapping[str, Any], base: Path) -> dict[str, 
         relative = Path(os.path.expanduser(value))
         if relative.is_absolute():
             continue
-        if kind != "if_exists" or (base / relative).exists():
+        # "if_exists": a name (a cached bundle's, say) unless the file's directory holds a bundle of that name;
+        # any other folder there (the checkout quantize read) would otherwise turn a model name into a bad path
+        if kind != "if_exists" or (base / relative / "manifest.json").exists():
             out[f.name] = str(base / relative)
     return out
 
@@ -278,7 +280,9 @@ def _env_layer(cls: type, env: Mapping[str, str], env_prefix: str, *, root: bool
                                   f"(a table in JSON or TOML inline form)", field=key)
         # a misspelt section (EDGE_RUNTIME_CLOU_ADDRESS) would otherwise be ignored without a word. Only a name
         # close to a section's is warned about: other variables may share the prefix (an API key's, say)
+        # (or close to a table-valued leaf's: EDGE_RUNTIME_POLCY)
         section_names = [s[len(env_prefix) + 1:-1] for s in sections]
+        whole_names = [leaf[len(env_prefix) + 1:] for leaf in leaves]
         for key in sorted(env):
             if not key.startswith(env_prefix + "_") or key in leaves or key in _NOT_SETTINGS \
                     or key.startswith(tuple(sections)):
@@ -287,6 +291,8 @@ def _env_layer(cls: type, env: Mapping[str, str], env_prefix: str, *, root: bool
             if close:
                 log.warning("%s is not a setting and is ignored (did you mean section %s, %s_%s_...?)",
                             key, close[0], env_prefix, close[0])
+            elif close := difflib.get_close_matches(key[len(env_prefix) + 1:], whole_names, n=1, cutoff=0.75):
+                log.warning("%s is not a setting and is ignored (did you mean %s_%s?)", key, env_prefix, close[0])
     return out
 
 

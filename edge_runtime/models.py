@@ -395,6 +395,7 @@ def resolve_bundle(ref: str | os.PathLike[str], *, precision: str = "int4", fiel
         cached = default_bundle_dir(name, precision)
         if (cached / MANIFEST_NAME).is_file():
             return cached
-        raise BundleError(f"{where}no {precision} bundle of {name} in the cache yet: "
-                          f"run `edge-runtime quantize {name} --precision {precision}`")
+        how = (f"run `edge-runtime quantize {name} --precision {precision}`" if precision in ("fp32", "int8", "int4")
+               else f"build it with `edge-runtime quantize {name}` and the variant's options")
+        raise BundleError(f"{where}no {precision} bundle of {name} in the cache yet: {how}")
     raise BundleError(f"{where}bundle not found: {ref} (not a directory, a cached bundle or a known model name)")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,11 +55,16 @@ def default_socket_path() -> Path:
     return (Path(base) if base else cache_dir(create=False)) / "edge-runtime.sock"
 
 
+# a cached bundle's precision suffix: the precision, then a variant's own (quantize's -offsets, -mlp64, ...)
+_PRECISION = re.compile(r"(fp32|int8|int4)(-[a-z0-9]+)*")
+
+
 @dataclass(frozen=True, kw_only=True)
 class EngineSettings:
     bundle: str = setting("smollm2-135m-instruct", path="if_exists",
                           help="edge bundle: a directory, or a cached bundle / known model name")
-    precision: str = setting("int4", help="precision of the cached bundle when `bundle` is a known model name")
+    precision: str = setting("int4", help="precision of the cached bundle when `bundle` is a known model name: fp32, "
+                                          "int8, int4, or a variant quantize built (int4-offsets, int4-mlp64, ...)")
     estimator: Path | None = setting(None, help="confidence estimator JSON from `edge-runtime calibrate` or `explore` (default: the built-in `generic`)")
     threads: int | None = setting(None, help="intra-op threads (default: physical cores)")
     providers: list[str] = setting(factory=list, help="onnxruntime execution providers in order (default: CPU)")
@@ -73,6 +79,11 @@ class EngineSettings:
                                  f"at most {MAX_PROMPT_LOOKUP_TOKENS})")
 
     def __post_init__(self) -> None:
+        if not self.bundle.strip():  # else the working directory
+            raise ConfigError("must name a bundle directory or a model", field="engine.bundle")
+        if not _PRECISION.fullmatch(self.precision):
+            raise ConfigError(f"must be fp32, int8 or int4, or a built variant such as int4-offsets; got {self.precision!r}",
+                              field="engine.precision")
         if self.max_sessions < 1:
             raise ConfigError("must be >= 1", field="engine.max_sessions")
         if self.threads is not None and self.threads < 1:
@@ -93,7 +104,8 @@ class ServerSettings:
     host: str = setting("127.0.0.1", help="HTTP bind address (loopback by default; anything else needs allow_remote)")
     port: int = setting(8080, help="HTTP port (0: any free port)")
     allow_remote: bool = setting(False, help="allow binding a non-loopback address (the daemon has no authentication)")
-    grpc_socket: str = setting(str(default_socket_path()), help="Unix socket for the gRPC service (empty: disabled)")
+    grpc_socket: str = setting(str(default_socket_path()), path=True,
+                               help="Unix socket for the gRPC service (empty: disabled)")
     queue_size: int = setting(16, help="requests waiting for the engine before new ones get 429")
     request_timeout_s: float = setting(300.0, help="longest a request may take, queueing included")
     drain_timeout_s: float = setting(30.0, help="on SIGTERM, how long in-flight requests may finish")

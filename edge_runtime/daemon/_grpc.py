@@ -327,8 +327,14 @@ def _prepare_socket_path(path: Path) -> None:
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create the socket's directory {path.parent}: {err.strerror or err}",
+                              field="server.grpc_socket") from err
         return
+    except OSError as err:  # a parent that is a file, or one this user may not search
+        raise ConfigError(f"cannot use {path}: {err.strerror or err}", field="server.grpc_socket") from err
     if not stat.S_ISSOCK(mode):
         raise ConfigError(f"{path} exists and is not a socket", field="server.grpc_socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

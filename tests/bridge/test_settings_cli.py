@@ -124,6 +124,12 @@ def test_a_bad_device_id_names_where_it_was_written(tmp_path):
         ('[models.x]\nbackend = "openai"\nbase_url = "https://alice:hunter2@h/v1"\nmodel = "m"\n', "models.x.base_url"),
         ('[models.x]\nbackend = "openai"\nbase_url = "https://alice:hunter2@h:99999/v1"\nmodel = "m"\n', "models.x.base_url"),
         ('[models.x]\nbackend = "openai"\nbase_url = "ftp://alice:hunter2@h/v1"\nmodel = "m"\n', "models.x.base_url"),
+        # a password with a "/" ends the authority early: "alice:hunter2" was taken for host and port
+        ('[models.x]\nbackend = "openai"\nbase_url = "https://alice:hunter2/x@h/v1"\nmodel = "m"\n', "models.x.base_url"),
+        ('[models.x]\nbackend = "openai"\nbase_url = "https://alice:12345/hunter2@h/v1"\nmodel = "m"\n', "models.x.base_url"),
+        ('[models.x]\nbackend = "openai"\nbase_url = "https://h:hunter2/v1"\nmodel = "m"\n', "models.x.base_url"),
+        ("[auth]\nreload_interval_s = -5\n", "auth.reload_interval_s"),
+        ("[auth]\nreload_interval_s = 1e308\n", "auth.reload_interval_s"),  # a revoked token would keep working
     ],
 )
 def test_bad_config_names_the_field(tmp_path, extra, field):
@@ -304,3 +310,17 @@ def test_a_token_limit_above_what_requests_may_ask_is_capped_not_advertised(tmp_
     settings = load_bridge_settings(write(tmp_path, "[limits]\nmax_new_tokens = 100000\n"), env={})
     assert settings.limits.max_new_tokens == 65536  # requests above it are refused anyway
     assert any("limits.max_new_tokens 100000" in r.getMessage() for r in caplog.records)
+
+
+def test_a_relative_unix_socket_in_the_file_follows_the_file(tmp_path, monkeypatch):
+    # under systemd the working directory is /: the socket went there
+    monkeypatch.chdir(tmp_path)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    path = conf / "bridge.toml"
+    path.write_text('[server]\naddress = "unix:bridge.sock"\n[models.e]\nbackend = "echo"\n')
+    assert load_bridge_settings(path, env={}).server.address == f"unix:{conf / 'bridge.sock'}"
+    given = load_bridge_settings(path, env={"CLOUD_BRIDGE_SERVER_ADDRESS": "unix:here.sock"}).server.address
+    assert given == "unix:here.sock"  # the environment's and a flag's are the working directory's
+    path.write_text('[server]\naddress = "unix:/run/b.sock"\n[models.e]\nbackend = "echo"\n')
+    assert load_bridge_settings(path, env={}).server.address == "unix:/run/b.sock"

@@ -181,6 +181,11 @@ def test_serve_reports_a_bad_setting_by_name(capsys, tmp_path):
                  "--cloud-insecure", "--cloud-token-file", str(missing)]) == 1
     err = capsys.readouterr().err
     assert "cloud.token_file: cannot read" in err and "serving on" not in err
+    # a socket whose directory cannot be made: the OS error alone named no setting
+    (tmp_path / "file").write_text("")
+    assert main(["serve", "--server-port", "0", "--server-grpc-socket", str(tmp_path / "file" / "sub" / "x.sock")]) == 1
+    err = capsys.readouterr().err
+    assert "server.grpc_socket" in err and "Traceback" not in err
 
 
 def test_a_misspelt_environment_variable_is_an_error_naming_it(capsys, monkeypatch):
@@ -213,6 +218,11 @@ def test_a_misspelt_section_in_the_environment_is_warned_about(caplog):
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "EDGE_RUNTIME_CLOU_ADDRESS is not a setting" in warned[0]
     assert "EDGE_RUNTIME_CLOUD_" in warned[0]
+    # a table-valued setting misspelt: the daemon ran the default policy (which escalates) without a word
+    caplog.clear()
+    settings = load_runtime_settings(data={}, env={"EDGE_RUNTIME_POLCY": '{type = "never"}'})
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "EDGE_RUNTIME_POLCY is not a setting" in warned[0] and "EDGE_RUNTIME_POLICY" in warned[0]
 
 
 def test_building_the_cli_parser_loads_neither_the_daemon_nor_the_settings_model():
@@ -232,11 +242,12 @@ def test_relative_paths_in_the_config_file_follow_the_file(tmp_path, monkeypatch
 
     conf = tmp_path / "conf"
     (conf / "my-bundle").mkdir(parents=True)
+    (conf / "my-bundle" / "manifest.json").write_text("{}")
     (conf / "edge-runtime.toml").write_text(
         'policy = {type = "threshold", p = 0.5}\n'
         '[engine]\nbundle = "my-bundle"\nestimator = "estimator.json"\n'
         '[cloud]\naddress = "127.0.0.1:50051"\ntoken_file = "device.token"\nca_file = "/etc/ca.pem"\n'
-        '[power]\nsysfs_root = "fake-sys"\n'
+        '[power]\nsysfs_root = "fake-sys"\n[server]\ngrpc_socket = "daemon.sock"\n'
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -245,7 +256,10 @@ def test_relative_paths_in_the_config_file_follow_the_file(tmp_path, monkeypatch
     assert s.engine.estimator == conf / "estimator.json" and s.cloud.token_file == conf / "device.token"
     assert s.engine.bundle == str(conf / "my-bundle") and s.power.sysfs_root == conf / "fake-sys"
     assert str(s.cloud.ca_file) == "/etc/ca.pem"
-    # a bundle value that is no directory next to the file stays a model name
+    assert s.server.grpc_socket == str(conf / "daemon.sock")  # under systemd the working directory is /
+    # a bundle value that is no bundle next to the file stays a model name, even with a folder of that name there
+    # (the checkout quantize read): it became a path that was no bundle, and the daemon exited
+    (conf / "smollm2-135m-instruct").mkdir()
     (conf / "edge-runtime.toml").write_text('[engine]\nbundle = "smollm2-135m-instruct"\n')
     assert load_runtime_settings(conf / "edge-runtime.toml", env={}).engine.bundle == "smollm2-135m-instruct"
     # the environment and flags keep the working directory's meaning
@@ -278,6 +292,16 @@ def test_a_missing_bundle_or_estimator_names_its_setting(tiny_bundle, tmp_path):
     from edge_runtime.errors import BundleError, ConfigError
     from edge_runtime.hybrid import HybridRuntime
     from edge_runtime.settings import load_runtime_settings
+
+    # refused with the settings, before the daemon binds: an empty bundle was the working directory, and an
+    # unknown precision was blamed on engine.bundle with advice to build it with a precision quantize refuses
+    for engine, field in (({"bundle": ""}, "engine.bundle"), ({"bundle": " "}, "engine.bundle"),
+                          ({"precision": "int5"}, "engine.precision"), ({"precision": "INT4"}, "engine.precision"),
+                          ({"precision": ""}, "engine.precision")):
+        with pytest.raises(ConfigError) as info:
+            load_runtime_settings(data={"engine": engine}, env={})
+        assert info.value.field == field
+    assert load_runtime_settings(data={"engine": {"precision": "int4-offsets"}}, env={}).engine.precision == "int4-offsets"
 
     with pytest.raises(BundleError, match=r"^engine\.bundle: bundle not found: nosuch-model"):
         HybridRuntime.from_settings(load_runtime_settings(data={"engine": {"bundle": "nosuch-model"}}, env={}))
