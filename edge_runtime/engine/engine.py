@@ -26,7 +26,6 @@ import json
 import logging
 import numbers
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -62,6 +61,12 @@ __all__ = ["Engine", "ChatSession", "Cancel", "ScoreResult"]
 
 log = logging.getLogger(__name__)
 
+
+class _CancelledWhileWaiting(Exception):
+    """A request was cancelled before a KV cache (or its chat session) was free for it."""
+
+
+
 # a threading.Event, or any zero-argument callable returning True when the caller wants to stop
 Cancel = threading.Event | Callable[[], bool] | None
 
@@ -70,6 +75,8 @@ Cancel = threading.Event | Callable[[], bool] | None
 # SmolLM2, 500-token prompt + 128 tokens): peak RSS 277 MB vs 313 MB with 512-token
 # chunks, and the 500-token prefill no slower (314-333 ms vs 331-350 ms).
 _PREFILL_CHUNK = 128
+# how often a request waiting for a KV cache or its chat session looks at its cancel callable
+_CANCEL_POLL_S = 0.05
 
 
 # texts longer than this are encoded with the GIL released (see Engine._ids): ~10 ms of encoding
@@ -159,6 +166,17 @@ class Engine:
                 or not 0 <= prompt_lookup <= MAX_PROMPT_LOOKUP_TOKENS):
             raise InvalidRequestError(f"must be an integer from 0 to {MAX_PROMPT_LOOKUP_TOKENS}, got {prompt_lookup!r}", field="prompt_lookup")
         self.prompt_lookup = int(prompt_lookup)
+        # checked before the model loads: each failed later as a bare AttributeError or TypeError (the meter's
+        # only on the first generate)
+        if not (energy_meter is None or (isinstance(energy_meter, str) and energy_meter == "default") or callable(getattr(energy_meter, "start", None))):
+            raise InvalidRequestError(f"must be 'default', None or an EnergyMeter, got {energy_meter!r:.60}",
+                                      field="energy_meter")
+        if session_config is not None and not isinstance(session_config, Mapping):
+            raise InvalidRequestError(f"must be a mapping of onnxruntime session config keys to values, got "
+                                      f"{type(session_config).__name__}", field="session_config")
+        if providers is not None and (isinstance(providers, (bytes, Mapping)) or not isinstance(providers, (str, Iterable))):
+            raise InvalidRequestError(f"must be a list of execution providers, got {type(providers).__name__}",
+                                      field="providers")
         self.manifest: Manifest = verify_bundle(Path(bundle).expanduser(), verify)
         from tokenizers import Tokenizer
 
@@ -174,9 +192,9 @@ class Engine:
         self.context_length = self.model.context_length
         self.max_sessions = max_sessions
         self._cache_tokens = cache_tokens
-        self._pool: queue.LifoQueue[KVCache] = queue.LifoQueue()
+        self._pool: list[KVCache] = []  # caches not in use, the most recently used last
         self._created = 0
-        self._pool_lock = threading.Lock()
+        self._pool_cond = threading.Condition()  # guards both; notified when a cache or a place to make one frees
         self._energy_meter = energy_meter
         self._token_text: dict[int, str] = {}
         self._byte_level = self._is_byte_level()
@@ -259,30 +277,40 @@ class Engine:
     # ---- KV cache pool ----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _cache(self) -> Iterator[KVCache]:
-        if self._closed:
-            raise EdgeRuntimeError("engine is closed")
+    def _cache(self, cancel: Callable[[], bool] | None = None) -> Iterator[KVCache]:
+        """A KV cache from the pool, a new one while under ``max_sessions``, or else the next one given back.
+
+        An open stream holds its cache until it is consumed or closed (see Engine.stream), so the wait can be
+        long: ``cancel`` is checked during it (``_CancelledWhileWaiting``), and :meth:`close` ends it.
+        """
         cache: KVCache | None = None
-        create = False
-        with self._pool_lock:
-            try:
-                cache = self._pool.get_nowait()
-            except queue.Empty:
+        with self._pool_cond:
+            while True:
+                if self._closed:
+                    raise EdgeRuntimeError("engine is closed")
+                if self._pool:
+                    cache = self._pool.pop()
+                    break
                 if self._created < self.max_sessions:
-                    self._created += 1
-                    create = True
+                    self._created += 1  # a new one, made below
+                    break
+                if cancel is not None and cancel():
+                    raise _CancelledWhileWaiting
+                # a cancel is a callable, not an event: looked at a few times a second
+                self._pool_cond.wait(_CANCEL_POLL_S if cancel is not None else None)
         try:
             if cache is None:
-                # A new cache while under max_sessions, otherwise wait for one to come back. An open
-                # stream holds its cache until it is consumed or closed (see Engine.stream).
-                cache = self.model.new_cache(self._cache_tokens) if create else self._pool.get()
+                cache = self.model.new_cache(self._cache_tokens)
             yield cache
         finally:
-            if cache is not None:
-                self._pool.put(cache)
-            elif create:
-                with self._pool_lock:
-                    self._created -= 1  # the allocation failed: let a later request try again
+            with self._pool_cond:
+                if cache is not None and not self._closed:
+                    self._pool.append(cache)
+                else:
+                    # a closed engine's cache is dropped (it serves no one); an allocation that failed frees its
+                    # place for a request waiting now or later
+                    self._created -= 1
+                self._pool_cond.notify()
 
     def new_cache(self) -> KVCache:
         """A KV cache outside the pool (a chat session keeps one for its whole life)."""
@@ -388,8 +416,20 @@ class Engine:
         return ids
 
     def _stream(self, ids: list[int], p: SamplingParams, is_cancelled: Callable[[], bool], prompt_nll: bool) -> Iterator[StreamChunk]:
-        with self._cache() as cache:
-            yield from self.run(cache, ids, p, is_cancelled, prompt_nll=prompt_nll)
+        t_start = time.perf_counter()
+        try:
+            with self._cache(is_cancelled) as cache:
+                yield from self.run(cache, ids, p, is_cancelled, prompt_nll=prompt_nll)
+        except _CancelledWhileWaiting:  # cancelled before its turn came: nothing was computed
+            yield StreamChunk("", None, self._not_started(ids, t_start))
+
+    def _not_started(self, ids: list[int], t_start: float) -> GenerationResult:
+        """The result of a request cancelled while it waited for a KV cache or its chat session."""
+        waited_ms = (time.perf_counter() - t_start) * 1000.0
+        return GenerationResult(text="", token_ids=[], finish_reason="cancelled", tokens=[],
+                                usage=Usage(prompt_tokens=len(ids), completion_tokens=0),
+                                timings=Timings(load_ms=self.load_ms, prefill_ms=0.0, decode_ms=0.0, ttft_ms=waited_ms),
+                                model=self.model_name)
 
     def fit_context(self, ids: list[int], p: SamplingParams, *, field: str = "messages") -> list[int]:
         """The prompt ids if they fit with ``max_new_tokens``; truncated when asked; else ContextLengthError."""
@@ -618,15 +658,19 @@ class Engine:
     # ---- chat sessions ----------------------------------------------------------------------
 
     def chat_session(self, system: str | None = None) -> ChatSession:
+        if self._closed:  # before it allocates a KV cache no turn could use
+            raise EdgeRuntimeError("engine is closed")
         return ChatSession(self, system=system)
 
     def close(self) -> None:
-        self._closed = True
-        while True:
-            try:
-                self._pool.get_nowait()
-            except queue.Empty:
-                break
+        """Serve no one from now: requests waiting for a KV cache fail, and the pool's caches are freed. A stream
+        already running finishes; its cache is dropped then. The model itself goes with the last reference to
+        the engine."""
+        with self._pool_cond:
+            self._closed = True
+            self._created -= len(self._pool)
+            self._pool.clear()
+            self._pool_cond.notify_all()
 
     def __enter__(self) -> Engine:
         return self
@@ -674,7 +718,18 @@ class ChatSession:
 
         def run() -> Iterator[StreamChunk]:
             nonlocal ids
-            with self._lock:  # one turn at a time: a turn's stream holds the session until consumed or closed
+            t_start = time.perf_counter()
+            # one turn at a time: a turn's stream holds the session until consumed or closed, so the wait can be
+            # long; a cancel or the engine's close ends it (the turn never started: it stays out of the history)
+            while not self._lock.acquire(timeout=_CANCEL_POLL_S):
+                if engine._closed:
+                    raise EdgeRuntimeError("engine is closed")
+                if is_cancelled():
+                    yield StreamChunk("", None, engine._not_started(ids, t_start))
+                    return
+            said: list[str] = []
+            finished = False
+            try:
                 if engine._closed:
                     raise EdgeRuntimeError("engine is closed")
                 messages = [*self.messages, turn]
@@ -683,6 +738,16 @@ class ChatSession:
                 for chunk in engine.run(self._cache, ids, p, is_cancelled, reuse_decoded=True):
                     if chunk.result is not None:
                         self.messages = [*messages, {"role": "assistant", "content": chunk.result.text}]
+                        finished = True
+                    said.append(chunk.text)
                     yield chunk
+            except GeneratorExit:
+                # the caller closed the stream (or dropped it), the engine's own way to stop early: like a cancel,
+                # the turn keeps what the caller was shown (the KV cache holds it too)
+                if not finished:
+                    self.messages = [*messages, {"role": "assistant", "content": "".join(said)}]
+                raise
+            finally:
+                self._lock.release()
 
         return run()

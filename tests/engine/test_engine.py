@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -595,3 +596,108 @@ def test_malformed_providers_name_the_entry(tiny_bundle, providers):
     with pytest.raises(InvalidRequestError) as info:
         Engine(tiny_bundle, providers=providers, energy_meter=None)
     assert info.value.field == "providers[0]"
+
+
+def _in_thread(fn):
+    """Run ``fn`` in a thread; return (thread, box) where box gets its result or exception."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        t0 = time.monotonic()
+        try:
+            box["result"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            box["error"] = err
+        box["s"] = time.monotonic() - t0
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box
+
+
+def test_a_request_waiting_for_a_kv_cache_is_cancelled_at_once_and_close_ends_the_wait(tiny_bundle):
+    # the cancel used to be seen only once the request holding the cache finished (seconds, or never)
+    engine = Engine(tiny_bundle, max_sessions=1, energy_meter=None)
+    holder = engine.stream("hello world", max_new_tokens=50)
+    next(holder)  # a stream that stays open holds the only cache
+    cancel = threading.Event()
+    t, box = _in_thread(lambda: engine.generate("one two", max_new_tokens=4, cancel=cancel))
+    time.sleep(0.2)
+    cancel.set()
+    t.join(5)
+    assert box["result"].finish_reason == "cancelled" and box["result"].token_ids == [] and box["s"] < 1.5
+    t, box = _in_thread(lambda: engine.generate("one two", max_new_tokens=4))
+    time.sleep(0.2)
+    engine.close()  # a closed engine serves no one: the waiting request fails rather than running after close
+    t.join(5)
+    assert isinstance(box.get("error"), EdgeRuntimeError) and "closed" in str(box["error"])
+    list(holder)  # a stream already running finishes; its cache is then dropped, not pooled
+    assert engine._pool == [] and engine._created == 0
+    with pytest.raises(EdgeRuntimeError, match="closed"):
+        engine.chat_session()
+
+
+def test_a_failed_kv_cache_allocation_lets_a_waiting_request_make_its_own(tiny_bundle, monkeypatch):
+    engine = Engine(tiny_bundle, max_sessions=1, energy_meter=None)
+    real = engine.model.new_cache
+    calls = []
+
+    def new_cache(capacity):
+        calls.append(capacity)
+        if len(calls) == 1:
+            time.sleep(0.3)
+            raise MemoryError("no room")
+        return real(capacity)
+
+    monkeypatch.setattr(engine.model, "new_cache", new_cache)
+    first, first_box = _in_thread(lambda: engine.generate("hello", max_new_tokens=2))
+    time.sleep(0.1)
+    second, box = _in_thread(lambda: engine.generate("one two", max_new_tokens=2))
+    first.join(5)
+    second.join(5)
+    assert isinstance(first_box.get("error"), MemoryError)
+    assert box["result"].finish_reason == "length"  # it waited forever before
+    engine.close()
+
+
+def test_a_chat_turn_waiting_for_the_session_is_cancelled_at_once_and_stays_out_of_the_history(tiny_bundle):
+    engine = Engine(tiny_bundle, energy_meter=None)
+    chat = engine.chat_session()
+    holder = chat.stream("hello world", max_new_tokens=30)
+    next(holder)
+    cancel = threading.Event()
+    t, box = _in_thread(lambda: chat.send("one two", max_new_tokens=4, cancel=cancel))
+    time.sleep(0.2)
+    cancel.set()
+    t.join(5)
+    assert box["result"].finish_reason == "cancelled" and box["s"] < 1.5
+    list(holder)
+    assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["hello world"]  # never started
+    engine.close()
+
+
+def test_a_chat_turn_whose_stream_is_closed_keeps_what_it_showed(tiny_bundle):
+    # as a cancelled turn does; the question and the shown words vanished, and the next turn answered without them
+    engine = Engine(tiny_bundle, energy_meter=None)
+    chat = engine.chat_session()
+    stream = chat.stream("hello world", max_new_tokens=20)
+    shown = "".join(next(stream).text for _ in range(4))
+    stream.close()
+    assert chat.messages == [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": shown}]
+    follow = chat.send("one two", max_new_tokens=6)
+    fresh = Engine(tiny_bundle, energy_meter=None).generate(messages=[*chat.messages[:2], {"role": "user", "content": "one two"}],
+                                                           max_new_tokens=6)
+    assert follow.token_ids == fresh.token_ids  # the KV cache holds what the history says
+    engine.close()
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"session_config": ["a=b"]}, "session_config"),
+    ({"providers": 5}, "providers"),
+    ({"energy_meter": "nope"}, "energy_meter"),
+    ({"energy_meter": object()}, "energy_meter"),
+])
+def test_engine_arguments_of_the_wrong_kind_name_the_argument(tiny_bundle, kwargs, field):
+    with pytest.raises(InvalidRequestError) as info:
+        Engine(tiny_bundle, **kwargs)
+    assert info.value.field == field
