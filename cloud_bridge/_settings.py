@@ -86,7 +86,7 @@ def _as_paths(settings: Any, names: tuple[str, ...], section: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
-    address: str = setting("127.0.0.1:50051", help="host:port to listen on (port 0 picks a free one)")
+    address: str = setting("127.0.0.1:50051", path="unix", help="host:port to listen on (port 0 picks a free one)")
     tls_cert: Path | None = setting(None, help="PEM certificate chain of the server")
     tls_key: Path | None = setting(None, help="PEM private key of the server")
     client_ca: Path | None = setting(
@@ -378,15 +378,8 @@ def load_bridge_settings(
     )
     base = Path(config_file).resolve().parent if config_file is not None else Path.cwd()
     environ = os.environ if env is None else env
-    address = settings.server.address
-    # a relative Unix socket written in the file follows the file, as its other paths do (under systemd the
-    # working directory is /); one given in the environment or a flag is the working directory's
-    if address.startswith("unix:") and not address.startswith("unix://") and not Path(address[5:]).is_absolute() \
-            and f"{ENV_PREFIX}_SERVER_ADDRESS" not in environ and "address" not in ((overrides or {}).get("server") or {}):
-        address = f"unix:{base / os.path.expanduser(address[5:])}"
     server = dataclasses.replace(
         settings.server,
-        address=address,
         tls_cert=_resolve(settings.server.tls_cert, base),
         tls_key=_resolve(settings.server.tls_key, base),
         client_ca=_resolve(settings.server.client_ca, base),

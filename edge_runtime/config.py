@@ -58,7 +58,8 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dat
     ``Path`` fields written relative in a config file are relative to the file's directory (in the
     environment and on the command line, to the working directory). ``path="if_exists"`` does the
     same for a string field that may also name something else (a bundle directory or a model name):
-    only when the file-relative path exists.
+    only when a bundle (a ``manifest.json``) is at the file-relative path; ``path="unix"``, for an
+    address, to a ``unix:`` socket's relative path.
     """
     meta = {"help": help, "secret": secret, "path": path, "private": secret if private is None else private}
     # a secret stays out of repr() (a debug log line or a traceback with locals would print it)
@@ -193,6 +194,11 @@ def _file_relative(cls: type, data: Mapping[str, Any], base: Path) -> dict[str, 
             continue
         kind = f.metadata.get("path") or _is_path(tp)
         if not kind or not isinstance(value, str) or not value:
+            continue
+        if kind == "unix":  # an address: host:port, or a Unix socket whose relative path follows the file
+            rest = value[len("unix:"):] if value.startswith("unix:") and not value.startswith("unix://") else ""
+            if rest and not Path(os.path.expanduser(rest)).is_absolute():
+                out[f.name] = f"unix:{base / os.path.expanduser(rest)}"
             continue
         relative = Path(os.path.expanduser(value))
         if relative.is_absolute():

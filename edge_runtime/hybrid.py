@@ -433,9 +433,9 @@ class HybridRuntime:
             return None
         if time.monotonic() < self._bridge_prices_due:
             return self._bridge_prices
-        if self._bridge_prices is not None or self._bridge_prices_due > -float("inf"):
-            # A refresh, or a retry after a failed read: made in the background, so that no request (holding a
-            # generation slot) waits up to _PRICES_TIMEOUT_S on a bridge that hangs; what is known serves meanwhile
+        if self._bridge_prices is not None:
+            # A refresh: made in the background, so that no request (holding a generation slot) waits up to
+            # _PRICES_TIMEOUT_S on a bridge that hangs; the known prices serve meanwhile
             if self._prices_read.acquire(blocking=False):
                 try:
                     threading.Thread(target=self._read_bridge_prices, args=(list_models,), daemon=True,
@@ -444,9 +444,14 @@ class HybridRuntime:
                     self._prices_read.release()
                     raise
             return self._bridge_prices
+        if self._bridge_prices_due > -float("inf"):
+            # A retry while no read has succeeded: made by the request that finds it due, which waits for it (up
+            # to _PRICES_TIMEOUT_S) so that it can escalate if the bridge is back; the others do not wait for it
+            if not self._prices_read.acquire(blocking=False):
+                return None
         # the first read: wait for the request making it, or concurrent escalations would all reserve a
         # budget at the device's guess and together spend past it
-        if not self._prices_read.acquire(timeout=2 * _PRICES_TIMEOUT_S):
+        elif not self._prices_read.acquire(timeout=2 * _PRICES_TIMEOUT_S):
             return None
         if time.monotonic() < self._bridge_prices_due:  # read while this request waited
             self._prices_read.release()

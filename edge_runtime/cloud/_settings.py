@@ -29,7 +29,7 @@ def _as_path(value: object, field: str) -> Path | None:
 
 @dataclass(frozen=True, kw_only=True)
 class CloudSettings:
-    address: str = setting("", help="bridge address host:port (empty: never escalate)")
+    address: str = setting("", path="unix", help="bridge address host:port (empty: never escalate)")
     model: str = setting("", help="model alias to ask the bridge for (empty: the bridge's default)")
     token: str = setting(
         "", help="device token (no command-line flag, which other users could read in ps; prefer token_file or EDGE_RUNTIME_CLOUD_TOKEN to writing it in a file)", secret=True

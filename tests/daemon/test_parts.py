@@ -257,6 +257,9 @@ def test_relative_paths_in_the_config_file_follow_the_file(tmp_path, monkeypatch
     assert s.engine.bundle == str(conf / "my-bundle") and s.power.sysfs_root == conf / "fake-sys"
     assert str(s.cloud.ca_file) == "/etc/ca.pem"
     assert s.server.grpc_socket == str(conf / "daemon.sock")  # under systemd the working directory is /
+    # a bridge on a Unix socket beside the file: the bridge's own config resolves it the same way, so they meet
+    (conf / "unix.toml").write_text('[cloud]\naddress = "unix:bridge.sock"\ninsecure = true\n')
+    assert load_runtime_settings(conf / "unix.toml", env={}).cloud.address == f"unix:{conf / 'bridge.sock'}"
     # a bundle value that is no bundle next to the file stays a model name, even with a folder of that name there
     # (the checkout quantize read): it became a path that was no bundle, and the daemon exited
     (conf / "smollm2-135m-instruct").mkdir()
