@@ -271,7 +271,7 @@ def run_benchmark(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edge_runtime.cli.bench import _int_at_least, host_name
+    from edge_runtime.cli.bench import _int_at_least, _out_dir, host_name
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=None, help=f"engine bundle (default: the int4 {MODEL} bundle)")
@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="intra-op threads (default: physical cores)")
     parser.add_argument("--rounds", type=_int_at_least(1), default=6)
     parser.add_argument("--steps", type=_int_at_least(2), default=128, help="greedy tokens per measurement")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    # checked (and made) before measuring: a bad one would lose the run at its end
+    parser.add_argument("--out-dir", type=_out_dir, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--host", type=host_name, default=socket.gethostname(),
                         help="results file name: decode-step-<host>.json (default: the hostname)")
     return parser
@@ -314,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         label, sep, path = item.partition("=")
         if not sep or not label or not path:
             raise SystemExit(f"--compare takes LABEL=DIR, got {item!r}")
+        if any(label == seen for seen, _ in compare):  # the later one would silently replace the earlier
+            raise SystemExit(f"--compare: the label {label!r} is given twice")
         compare.append((label, Path(path).expanduser()))
     doc = run_benchmark(bundle, genai, no_rescore_bundle=plain, compare=compare, threads=args.threads or default_threads(),
                         rounds=args.rounds, steps=args.steps)

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -167,10 +168,16 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
+# far above any real file (a line per device), and a bound for a device or /dev/zero named by mistake
+_MAX_TOKENS_FILE_BYTES = 16 << 20
+
+
 def read_tokens_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    from edge_runtime.bundle import read_small_file
+
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+        # a regular file only: a FIFO blocked the bridge's start (and its reload) until killed
+        data = tomllib.loads(read_small_file(Path(path), _MAX_TOKENS_FILE_BYTES).decode("utf-8"))
     except FileNotFoundError as err:
         raise ConfigError(f"tokens file not found: {path}", field="auth.tokens_file") from err
     except OSError as err:  # unreadable: e.g. rewritten by `sudo cloud-bridge token add` as root, mode 0600
@@ -191,13 +198,26 @@ def read_tokens_file(path: str | os.PathLike[str]) -> dict[str, str]:
 def write_tokens_file(path: str | os.PathLike[str], hashes: Mapping[str, str]) -> None:
     """Write atomically, readable by the owner only (the hashes are not secrets, but need not be public)."""
     path = Path(path)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise ConfigError(f"cannot use tokens file {path}: {err.strerror or err}", field="auth.tokens_file") from err
+    else:
+        # replaced by a rename, a device (/dev/null, run as root) or a FIFO would become a regular file
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{path} is not a regular file", field="auth.tokens_file")
     lines = [_FILE_HEADER, "[devices]\n"]
     for device in sorted(hashes):
         validate_device_id(device)  # ids are [A-Za-z0-9._-]: quoting them needs no escaping
         _digest(hashes[device], f"devices.{device}")
         lines.append(f'"{device}" = "{hashes[device]}"\n')
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        raise ConfigError(f"cannot write tokens file {path}: {err.strerror or err}", field="auth.tokens_file") from err
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.writelines(lines)

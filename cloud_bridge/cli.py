@@ -84,12 +84,21 @@ def _tokens_file(args: argparse.Namespace) -> Any:
 
 
 def _token_add(args: argparse.Namespace) -> int:
-    from ._auth import add_device_token
+    from ._auth import add_device_token, read_tokens_file, write_tokens_file
 
     path = _tokens_file(args)
+    before = read_tokens_file(path) if path.exists() else None
     token = add_device_token(path, args.device, replace=args.replace)
     print(f"token for device {args.device!r} (shown once; only its SHA-256 is stored in {path}):", file=sys.stderr)
-    print(token)
+    try:
+        print(token, flush=True)
+    except OSError:
+        # nobody saw the token (a full disk, a closed pipe): a stored hash of it would only block the next add
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_tokens_file(path, before)
+        raise
     return 0
 
 
@@ -181,6 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stdout_reader_gone():
             return stdout_closed()
         print(f"cloud-bridge {args.command}: error: {err.strerror or err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        # a file the user named that cannot be read or written; the commands translate the ones they expect
+        where = f": {err.filename}" if err.filename else ""
+        print(f"cloud-bridge {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        if args.verbose >= 2:
+            raise
         return 1
     except KeyboardInterrupt:
         return 130

@@ -76,3 +76,10 @@ def test_compare_steps_another_build_of_the_same_model(decode_step, tiny_bundles
     for bad in ("fp32", "=x", "label="):
         with pytest.raises(SystemExit, match="LABEL=DIR"):
             decode_step.main(["--bundle", str(int4), "--genai-model", "none", "--compare", bad])
+    with pytest.raises(SystemExit, match="given twice"):  # the second silently replaced the first
+        decode_step.main(["--bundle", str(int4), "--genai-model", "none", "--compare", f"a={fp32}", "--compare", f"a={int4}"])
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(SystemExit):  # refused before measuring, not after the whole run
+        decode_step.main(["--bundle", str(int4), "--out-dir", str(not_a_dir)])
+    assert "is not a directory" in capsys.readouterr().err

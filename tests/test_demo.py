@@ -31,3 +31,41 @@ def test_the_demo_certificate_is_private_reused_and_replaced_before_it_expires(t
     assert _expires_within_a_day(cert)
     demo._certificate(tmp_path)
     assert not _expires_within_a_day(cert) and stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    # Path("") is ".": the demo wrote its report into the working directory, over a recommended.toml there
+    (["demo", "--out", ""], "is empty"),
+    (["demo", "--out", "x", "--limit", "0"], "must be >= 1"),  # refused after the bundles and the bridge, before
+])
+def test_demo_arguments_are_refused_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
+    from edge_runtime.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_unwinds_a_command_like_ctrl_c(tmp_path):
+    # Python's default is to die at once: a benchmark's runner, the demo's bridge and a build's staging directory
+    # were left behind. Now the finally blocks run and the exit status is 128 + 15.
+    import signal
+    import sys
+
+    code = ("import sys, time\n"
+            "from edge_runtime.cli import main\n"
+            "import edge_runtime.cli.power as power\n"
+            "def slow(args):\n"
+            "    try:\n"
+            "        print('ready', flush=True); time.sleep(60)\n"
+            "    finally:\n"
+            "        open(sys.argv[1], 'w').write('unwound')\n"
+            "power._run = slow\n"
+            "sys.exit(main(['power']))\n")
+    marker = tmp_path / "marker"
+    with subprocess.Popen([sys.executable, "-c", code, str(marker)], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 143 and marker.read_text() == "unwound"

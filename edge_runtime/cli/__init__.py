@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 from ..config import refuse_abbreviations, stdout_closed, stdout_reader_gone
 from ..errors import EdgeRuntimeError
@@ -53,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM (kill, systemd stop, a timeout) unwinds like Ctrl-C: the finally blocks stop a benchmark's runner, the
+    # demo's bridge and the explorer's daemon, and remove a build's staging directory (Python's default for it is to
+    # die at once, leaving all of them). `serve` installs its own handler, which drains.
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         return int(args.func(args) or 0)
     except EdgeRuntimeError as err:
@@ -77,6 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"edge-runtime {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
-from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="build a verified ONNX bundle from a GGUF file, a Hugging Face directory or a known model")
     p.add_argument("source", help="known model name, GGUF file or Hugging Face model directory")
     p.add_argument("--out", help="bundle directory to create (default for known models: <cache>/bundles/NAME-PRECISION, "
-                                 "with -offsets or -norescore for those variants and -mlpN for --mlp-block-size N)")
+                                 "with -offsets, -norescore, -rescoreK, -bsN or -mlpN for those variants)")
     p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="int4", help="weight precision (default int4)")
     p.add_argument("--block-size", type=int, default=32,
                    help="quantization block size along the input dimension: a power of two from 16 to 256 (default 32)")
@@ -63,10 +60,6 @@ class _Progress:
             self.bar = None
 
 
-def _terminate(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _run(args: argparse.Namespace) -> int:
     from ..errors import BuildError
     from ..models import KNOWN_MODELS, default_bundle_dir
@@ -92,20 +85,20 @@ def _run(args: argparse.Namespace) -> int:
             out = out.with_name(out.name + "-offsets")
         elif args.rescore_top_k == 0 and args.precision == "int4":
             out = out.with_name(out.name + "-norescore")
+        elif args.rescore_top_k is not None and args.precision == "int4":
+            out = out.with_name(out.name + f"-rescore{args.rescore_top_k}")
+        if args.block_size != 32 and args.precision != "fp32":
+            out = out.with_name(out.name + f"-bs{args.block_size}")
         if args.mlp_block_size is not None and args.precision == "int4":
             out = out.with_name(out.name + f"-mlp{args.mlp_block_size}")
     progress = _Progress()
-    # SIGTERM (kill, systemd stop) unwinds like Ctrl-C, so the staging directory is removed on the way out
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
-    try:
+    try:  # SIGTERM unwinds through here too (see cli.main): the staging directory is removed on the way out
         report = build_bundle(args.source, out, precision=args.precision, block_size=args.block_size,
                               mlp_block_size=args.mlp_block_size,
                               max_ppl_ratio=args.max_ppl_ratio, force=args.force, name=args.name,
                               int4_offsets=args.int4_offsets, rescore_top_k=args.rescore_top_k, progress=progress)
     finally:
         progress.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     q = report.quality
     if args.json:
         print(json.dumps({"bundle": str(report.out), "size_bytes": report.size_bytes, "quality": q}, indent=2))

@@ -324,3 +324,26 @@ def test_a_relative_unix_socket_in_the_file_follows_the_file(tmp_path, monkeypat
     assert given == "unix:here.sock"  # the environment's and a flag's are the working directory's
     path.write_text('[server]\naddress = "unix:/run/b.sock"\n[models.e]\nbackend = "echo"\n')
     assert load_bridge_settings(path, env={}).server.address == "unix:/run/b.sock"
+
+
+def test_token_commands_refuse_a_file_that_is_not_regular_and_name_it(tmp_path, capsys):
+    fifo = tmp_path / "tokens.fifo"
+    os.mkfifo(fifo)
+    for argv in (["token", "add", "d1", "--tokens-file", str(fifo)], ["token", "list", "--tokens-file", str(fifo)]):
+        assert main(argv) == 1  # it blocked until killed
+        err = capsys.readouterr().err
+        assert "auth.tokens_file" in err and "not a regular file" in err and "Traceback" not in err
+    (tmp_path / "afile").write_text("")
+    assert main(["token", "add", "d1", "--tokens-file", str(tmp_path / "afile" / "t.toml")]) == 1
+    err = capsys.readouterr().err
+    assert "auth.tokens_file" in err and "Traceback" not in err
+
+
+def test_a_token_that_could_not_be_shown_is_not_kept(tmp_path):
+    # printed after its hash was stored: with stdout on a full disk it was lost, and the next add needed --replace
+    path = tmp_path / "t.toml"
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "cloud_bridge.cli", "token", "add", "d1", "--tokens-file", str(path)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and not path.exists()
+    assert main(["token", "add", "d1", "--tokens-file", str(path)]) == 0
