@@ -197,7 +197,8 @@ def read_tokens_file(path: str | os.PathLike[str]) -> dict[str, str]:
 
 def write_tokens_file(path: str | os.PathLike[str], hashes: Mapping[str, str]) -> None:
     """Write atomically, readable by the owner only (the hashes are not secrets, but need not be public)."""
-    path = Path(path)
+    # through a symlink, the target is rewritten and the link kept (a rename would replace the link)
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

@@ -84,9 +84,13 @@ def _tokens_file(args: argparse.Namespace) -> Any:
 
 
 def _token_add(args: argparse.Namespace) -> int:
+    from edge_runtime.errors import ConfigError
+
     from ._auth import add_device_token, read_tokens_file, write_tokens_file
 
     path = _tokens_file(args)
+    if sys.stdout is None:  # started with stdout closed: print() would drop the token without a word
+        raise ConfigError("standard output is closed: the new token could not be shown", field="stdout")
     before = read_tokens_file(path) if path.exists() else None
     token = add_device_token(path, args.device, replace=args.replace)
     print(f"token for device {args.device!r} (shown once; only its SHA-256 is stored in {path}):", file=sys.stderr)

@@ -197,7 +197,7 @@ def _file_relative(cls: type, data: Mapping[str, Any], base: Path) -> dict[str, 
             continue
         if kind == "unix":  # an address: host:port, or a Unix socket whose relative path follows the file
             rest = value[len("unix:"):] if value.startswith("unix:") and not value.startswith("unix://") else ""
-            if rest and not Path(os.path.expanduser(rest)).is_absolute():
+            if rest:  # ~ expanded too (gRPC would take it literally); an absolute path stays as it is
                 out[f.name] = f"unix:{base / os.path.expanduser(rest)}"
             continue
         relative = Path(os.path.expanduser(value))

@@ -142,8 +142,9 @@ def run_demo(out: Path, *, limit: int | None = None, out_stream: TextIO = sys.st
     from .cloud import CloudSettings
     from .cli.explore import print_summary
     from .cost import CostSettings
-    from .explore import explore
+    from .explore import _make_out_dir, explore
 
+    _make_out_dir(out)  # a file in the way or no permission: said now, not after the builds and the bridge
     steps = _Steps(out_stream)
     work = cache_dir("demo")
     steps.say("Model bundles: SmolLM2-135M-Instruct (edge) and Qwen2.5-Coder-0.5B-Instruct (cloud stand-in), int4")

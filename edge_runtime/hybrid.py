@@ -272,7 +272,8 @@ class HybridRuntime:
         # the bridge's own prices for the escalation model (it bills with them): (input, output) USD per million
         self._bridge_prices: tuple[float, float] | None = None
         self._bridge_prices_due = -float("inf")  # time.monotonic() when they are to be read (again)
-        self._bridge_prices_failed = False  # the last read failed, and no prices were ever read
+        self._bridge_prices_failed = False  # the last read failed, and no read ever succeeded
+        self._bridge_prices_answered = False  # a read succeeded (its list may name no price: the [cost] table then)
         self._prices_read = threading.Lock()  # held by the request reading them
         self._pace = _LocalPace()
 
@@ -433,7 +434,7 @@ class HybridRuntime:
             return None
         if time.monotonic() < self._bridge_prices_due:
             return self._bridge_prices
-        if self._bridge_prices is not None:
+        if self._bridge_prices_answered:
             # A refresh: made in the background, so that no request (holding a generation slot) waits up to
             # _PRICES_TIMEOUT_S on a bridge that hangs; the known prices serve meanwhile
             if self._prices_read.acquire(blocking=False):
@@ -467,12 +468,12 @@ class HybridRuntime:
             except CloudError as err:  # the bridge is down: its escalations fall back anyway
                 log.debug("cannot read the bridge's prices: %s", err)
                 self._bridge_prices_due = time.monotonic() + _PRICES_RETRY_S
-                self._bridge_prices_failed = self._bridge_prices is None
+                self._bridge_prices_failed = not self._bridge_prices_answered
                 return
             except Exception:  # a bug must not leave the lock held (every later read would be skipped)
                 log.exception("reading the bridge's prices failed")
                 self._bridge_prices_due = time.monotonic() + _PRICES_RETRY_S
-                self._bridge_prices_failed = self._bridge_prices is None
+                self._bridge_prices_failed = not self._bridge_prices_answered
                 return
             alias = getattr(getattr(self.cloud, "settings", None), "model", "")
             info = next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
@@ -480,6 +481,7 @@ class HybridRuntime:
                 self._bridge_prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens)
             self._bridge_prices_due = time.monotonic() + _PRICES_REFRESH_S
             self._bridge_prices_failed = False
+            self._bridge_prices_answered = True
         finally:
             self._prices_read.release()
 

@@ -69,3 +69,15 @@ def test_sigterm_unwinds_a_command_like_ctrl_c(tmp_path):
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 143 and marker.read_text() == "unwound"
+
+
+def test_a_demo_output_directory_that_cannot_be_used_is_refused_first(tmp_path, capsys, monkeypatch):
+    # found by the explorer only after both bundles were built and the bridge started
+    from edge_runtime.cli import main
+
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "afile").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "afile")]) == 1
+    err = capsys.readouterr().err
+    assert "out: cannot write to the output directory" in err
+    assert not (tmp_path / "cache" / "bundles").exists()

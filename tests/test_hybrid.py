@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import pytest
 from cloud_bridge import create_server, hash_token, load_bridge_settings
 from edge_runtime.cloud import CloudClient
 from edge_runtime.cloud._types import CloudChunk, CloudResult, ServerTimings
-from edge_runtime.engine import Engine
+from edge_runtime.engine import Engine, SamplingParams
 from edge_runtime.errors import CloudUnavailableError, ContextLengthError, InvalidRequestError
 from edge_runtime.hybrid import HybridRuntime
 from edge_runtime.power import ConstantPowerSource, EnergyMeter
@@ -606,3 +607,27 @@ def test_a_self_check_is_metered_with_the_answer(engine):
     # in the device's total and its price, as the answer's own energy is
     assert checked.energy["joules"] > extra
     assert checked.cost["device_energy_usd"] == pytest.approx(device_energy_usd(rt.cost, checked.energy["joules"]), rel=1e-3)
+
+
+def test_a_bridge_that_names_no_price_is_refreshed_in_the_background_and_keeps_the_cost_table(engine):
+    # the list had no price for the model (the [cost] table applies): its refresh ran on a request's path, and
+    # a failed refresh then refused every budgeted escalation as if no read had ever succeeded
+    calls = []
+
+    def list_models(**_kw):
+        calls.append(threading.current_thread().name)
+        if len(calls) > 1:
+            time.sleep(0.5)
+            raise CloudUnavailableError("no answer")
+        return [SimpleNamespace(alias="other", is_default=False, usd_per_million_input_tokens=1.0,
+                                usd_per_million_output_tokens=2.0)]
+
+    cloud = SimpleNamespace(list_models=list_models, settings=SimpleNamespace(model="big"))
+    rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "never"}]}, cloud=cloud)
+    assert rt._bridge_price_table() is None  # read, no price for "big": the [cost] table
+    rt._bridge_prices_due = time.monotonic()
+    t0 = time.monotonic()
+    assert rt._bridge_price_table() is None and time.monotonic() - t0 < 0.2
+    _wait_for_price_read(rt)
+    assert calls[1] == "bridge-prices" and rt._bridge_prices_failed is False
+    assert math.isfinite(rt._estimate_cloud_usd([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4), "auto"))

@@ -83,10 +83,8 @@ def _run(args: argparse.Namespace) -> int:
         # a variant's default home is its own, not the default bundle's (which --force would replace)
         if args.int4_offsets:
             out = out.with_name(out.name + "-offsets")
-        elif args.rescore_top_k == 0 and args.precision == "int4":
-            out = out.with_name(out.name + "-norescore")
-        elif args.rescore_top_k is not None and args.precision == "int4":
-            out = out.with_name(out.name + f"-rescore{args.rescore_top_k}")
+        if args.rescore_top_k is not None and args.precision == "int4":  # with --int4-offsets too
+            out = out.with_name(out.name + ("-norescore" if args.rescore_top_k == 0 else f"-rescore{args.rescore_top_k}"))
         if args.block_size != 32 and args.precision != "fp32":
             out = out.with_name(out.name + f"-bs{args.block_size}")
         if args.mlp_block_size is not None and args.precision == "int4":

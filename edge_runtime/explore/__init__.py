@@ -200,7 +200,11 @@ def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_fil
 
 def _cloud_toml(cloud: CloudSettings, token_file: Path | None, *, timeout: bool = True) -> str:
     # values through toml_value: a Windows path's backslashes or a quote must not break the file
-    lines = ["[cloud]", f"address = {toml_value(cloud.address)}", f"insecure = {toml_value(cloud.insecure)}"]
+    address = cloud.address
+    if address.startswith("unix:") and not address.startswith("unix://"):
+        # a file's relative socket follows the file: the one this run reached is the working directory's
+        address = f"unix:{Path(os.path.expanduser(address[len('unix:'):])).absolute()}"
+    lines = ["[cloud]", f"address = {toml_value(address)}", f"insecure = {toml_value(cloud.insecure)}"]
     if timeout:
         lines.append(f"timeout_s = {toml_value(cloud.timeout_s)}")
     if cloud.model:

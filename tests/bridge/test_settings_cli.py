@@ -324,6 +324,8 @@ def test_a_relative_unix_socket_in_the_file_follows_the_file(tmp_path, monkeypat
     assert given == "unix:here.sock"  # the environment's and a flag's are the working directory's
     path.write_text('[server]\naddress = "unix:/run/b.sock"\n[models.e]\nbackend = "echo"\n')
     assert load_bridge_settings(path, env={}).server.address == "unix:/run/b.sock"
+    path.write_text('[server]\naddress = "unix:~/b.sock"\n[models.e]\nbackend = "echo"\n')  # gRPC takes ~ literally
+    assert load_bridge_settings(path, env={}).server.address == f"unix:{Path.home() / 'b.sock'}"
 
 
 def test_token_commands_refuse_a_file_that_is_not_regular_and_name_it(tmp_path, capsys):
@@ -347,3 +349,22 @@ def test_a_token_that_could_not_be_shown_is_not_kept(tmp_path):
                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and not path.exists()
     assert main(["token", "add", "d1", "--tokens-file", str(path)]) == 0
+
+
+def test_token_add_with_stdout_closed_keeps_nothing(tmp_path):
+    # print() does nothing when the process starts with stdout closed: the token was stored, never shown
+    path = tmp_path / "t.toml"
+    proc = subprocess.run(["sh", "-c", f'"{sys.executable}" -m cloud_bridge.cli token add d1 --tokens-file "{path}" >&-'],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "stdout" in proc.stderr and not path.exists()
+
+
+def test_a_tokens_file_behind_a_symlink_is_updated_through_it(tmp_path, capsys):
+    real = tmp_path / "real.toml"
+    assert main(["token", "add", "d1", "--tokens-file", str(real)]) == 0
+    link = tmp_path / "link.toml"
+    link.symlink_to(real)
+    assert main(["token", "add", "d2", "--tokens-file", str(link)]) == 0  # was "is not a regular file"
+    assert link.is_symlink() and "d2" in real.read_text()
+    assert main(["token", "remove", "d1", "--tokens-file", str(link)]) == 0
+    assert link.is_symlink() and "d1" not in real.read_text()

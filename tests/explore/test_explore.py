@@ -642,3 +642,14 @@ def test_an_output_directory_that_cannot_be_written_is_refused_before_the_run(tm
     with pytest.raises(ConfigError, match="cannot write to the output directory") as info:
         _make_out_dir(tmp_path / "out")
     assert info.value.field == "out"
+
+
+def test_a_relative_unix_bridge_is_written_as_an_absolute_path(tmp_path, monkeypatch):
+    # a file's relative socket follows the file: recommended.toml and the live check's config, both in --out,
+    # would name <out>/bridge.sock instead of the socket this run reached
+    from edge_runtime.cloud import CloudSettings
+    from edge_runtime.explore import _cloud_toml
+
+    monkeypatch.chdir(tmp_path)
+    text = _cloud_toml(CloudSettings(address="unix:bridge.sock", insecure=True), None)
+    assert f'address = "unix:{tmp_path / "bridge.sock"}"' in text
