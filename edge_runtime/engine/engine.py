@@ -66,7 +66,6 @@ class _CancelledWhileWaiting(Exception):
     """A request was cancelled before a KV cache (or its chat session) was free for it."""
 
 
-
 # a threading.Event, or any zero-argument callable returning True when the caller wants to stop
 Cancel = threading.Event | Callable[[], bool] | None
 
@@ -168,7 +167,8 @@ class Engine:
         self.prompt_lookup = int(prompt_lookup)
         # checked before the model loads: each failed later as a bare AttributeError or TypeError (the meter's
         # only on the first generate)
-        if not (energy_meter is None or (isinstance(energy_meter, str) and energy_meter == "default") or callable(getattr(energy_meter, "start", None))):
+        if not (energy_meter is None or (isinstance(energy_meter, str) and energy_meter == "default")
+                or callable(getattr(energy_meter, "start", None))):
             raise InvalidRequestError(f"must be 'default', None or an EnergyMeter, got {energy_meter!r:.60}",
                                       field="energy_meter")
         if session_config is not None and not isinstance(session_config, Mapping):
