@@ -684,11 +684,16 @@ class HybridRuntime:
                 if shown:
                     yield HybridChunk("withdraw")
                 held = []
-                for chunk in self._local_stream(prompt_ids, local_params, cancel, threading.Event()):
-                    if chunk.result is not None:
-                        locals_.append(chunk.result)
-                        break
-                    yield HybridChunk("text", chunk.text, chunk.token)
+                fallback = self._local_stream(prompt_ids, local_params, cancel, threading.Event())
+                try:
+                    for chunk in fallback:
+                        if chunk.result is not None:
+                            locals_.append(chunk.result)
+                            break
+                        yield HybridChunk("text", chunk.text, chunk.token)
+                finally:
+                    # its KV cache back to the pool now, as for the first answer: a self-check below needs one
+                    fallback.close()
                 if p_correct is None or early_exit:
                     p_correct = self._p_correct(locals_[-1], msgs, estimator_energy)
             else:
