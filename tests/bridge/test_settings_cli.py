@@ -365,6 +365,6 @@ def test_a_tokens_file_behind_a_symlink_is_updated_through_it(tmp_path, capsys):
     link = tmp_path / "link.toml"
     link.symlink_to(real)
     assert main(["token", "add", "d2", "--tokens-file", str(link)]) == 0  # was "is not a regular file"
-    assert link.is_symlink() and "d2" in real.read_text()
+    assert link.is_symlink() and '"d2" =' in real.read_text()
     assert main(["token", "remove", "d1", "--tokens-file", str(link)]) == 0
-    assert link.is_symlink() and "d1" not in real.read_text()
+    assert link.is_symlink() and '"d1" =' not in real.read_text()  # (a hash's hex digits may hold "d1")
