@@ -25,12 +25,11 @@ from typing import Any
 from edge_runtime.config import (
     add_settings_arguments,
     refuse_abbreviations,
+    run_command,
     settings_overrides_from_args,
     settings_to_dict,
-    stdout_closed,
-    stdout_reader_gone,
 )
-from edge_runtime.errors import ConfigError, EdgeRuntimeError
+from edge_runtime.errors import ConfigError
 
 from ._settings import BridgeSettings, load_bridge_settings
 
@@ -84,8 +83,6 @@ def _tokens_file(args: argparse.Namespace) -> Any:
 
 
 def _token_add(args: argparse.Namespace) -> int:
-    from edge_runtime.errors import ConfigError
-
     from ._auth import add_device_token, read_tokens_file, write_tokens_file
 
     path = _tokens_file(args)
@@ -183,27 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)  # serve logs its access lines at INFO by default
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except EdgeRuntimeError as err:
-        print(f"cloud-bridge {args.command}: error: {err}", file=sys.stderr)
-        if args.verbose >= 2:
-            raise
-        return 1
-    except BrokenPipeError as err:
-        if stdout_reader_gone():
-            return stdout_closed()
-        print(f"cloud-bridge {args.command}: error: {err.strerror or err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        # a file the user named that cannot be read or written; the commands translate the ones they expect
-        where = f": {err.filename}" if err.filename else ""
-        print(f"cloud-bridge {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
-        if args.verbose >= 2:
-            raise
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command("cloud-bridge", args, say_interrupted=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, EdgeRuntimeError
 
 __all__ = ["setting", "load_settings", "add_settings_arguments", "refuse_abbreviations", "settings_overrides_from_args",
            "settings_to_dict"]
@@ -412,6 +412,36 @@ def stdout_reader_gone() -> bool:
         return any(events & select.POLLERR for _, events in poller.poll(0))
     except (OSError, ValueError, AttributeError):  # no real stdout, or no poll() on this platform
         return False
+
+
+def run_command(prog: str, args: argparse.Namespace, *, say_interrupted: bool = True) -> int:
+    """``args.func(args)`` behind the CLIs' one error boundary: the project's errors and OS errors as one
+    line (``-vv`` re-raises them), a reader that went away as quiet, Ctrl-C as 130."""
+    try:
+        return int(args.func(args) or 0)
+    except EdgeRuntimeError as err:
+        # one clear line, never a traceback as the only explanation
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
+        if args.verbose >= 2:
+            raise
+        return 1
+    except BrokenPipeError as err:
+        if stdout_reader_gone():
+            return stdout_closed()
+        print(f"{prog} {args.command}: error: {err.strerror or err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        # a file the user named that cannot be read or written (a directory, a missing parent, no permission);
+        # the commands translate the ones they expect, this is the boundary for the rest
+        where = f": {err.filename}" if err.filename else ""
+        print(f"{prog} {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        if args.verbose >= 2:
+            raise
+        return 1
+    except KeyboardInterrupt:
+        if say_interrupted:
+            print(f"{prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def stdout_closed() -> int:

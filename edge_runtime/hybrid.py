@@ -272,7 +272,6 @@ class HybridRuntime:
         # the bridge's own prices for the escalation model (it bills with them): (input, output) USD per million
         self._bridge_prices: tuple[float, float] | None = None
         self._bridge_prices_due = -float("inf")  # time.monotonic() when they are to be read (again)
-        self._bridge_prices_failed = False  # the last read failed, and no read ever succeeded
         self._bridge_prices_answered = False  # a read succeeded (its list may name no price: the [cost] table then)
         self._prices_read = threading.Lock()  # held by the request reading them
         self._pace = _LocalPace()
@@ -460,27 +459,28 @@ class HybridRuntime:
         self._read_bridge_prices(list_models)
         return self._bridge_prices
 
+    @property
+    def _bridge_prices_failed(self) -> bool:
+        """A read was made and none has ever succeeded (the bridge was down since the start)."""
+        return not self._bridge_prices_answered and self._bridge_prices_due > -float("inf")
+
     def _read_bridge_prices(self, list_models: Callable[..., Any]) -> None:
         """Read the bridge's prices (briefly: a bridge that is down must not hold anyone); release the read lock."""
         try:
             try:
                 models = list_models(timeout_s=_PRICES_TIMEOUT_S)
-            except CloudError as err:  # the bridge is down: its escalations fall back anyway
-                log.debug("cannot read the bridge's prices: %s", err)
+            except Exception as err:  # a bug too: it must not leave the lock held (every later read would be skipped)
+                if isinstance(err, CloudError):  # the bridge is down: its escalations fall back anyway
+                    log.debug("cannot read the bridge's prices: %s", err)
+                else:
+                    log.exception("reading the bridge's prices failed")
                 self._bridge_prices_due = time.monotonic() + _PRICES_RETRY_S
-                self._bridge_prices_failed = not self._bridge_prices_answered
-                return
-            except Exception:  # a bug must not leave the lock held (every later read would be skipped)
-                log.exception("reading the bridge's prices failed")
-                self._bridge_prices_due = time.monotonic() + _PRICES_RETRY_S
-                self._bridge_prices_failed = not self._bridge_prices_answered
                 return
             alias = getattr(getattr(self.cloud, "settings", None), "model", "")
             info = next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
             if info is not None:
                 self._bridge_prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens)
             self._bridge_prices_due = time.monotonic() + _PRICES_REFRESH_S
-            self._bridge_prices_failed = False
             self._bridge_prices_answered = True
         finally:
             self._prices_read.release()

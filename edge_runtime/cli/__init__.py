@@ -18,8 +18,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ..config import refuse_abbreviations, stdout_closed, stdout_reader_gone
-from ..errors import EdgeRuntimeError
+from ..config import refuse_abbreviations, run_command
 
 __all__ = ["main", "COMMAND_MODULES"]
 
@@ -61,29 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # die at once, leaving all of them). `serve` installs its own handler, which drains.
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
-        return int(args.func(args) or 0)
-    except EdgeRuntimeError as err:
-        # one clear line, never a traceback as the only explanation
-        print(f"edge-runtime {args.command}: error: {err}", file=sys.stderr)
-        if args.verbose >= 2:
-            raise
-        return 1
-    except BrokenPipeError as err:
-        if stdout_reader_gone():
-            return stdout_closed()
-        print(f"edge-runtime {args.command}: error: {err.strerror or err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        # a file the user named that cannot be read or written (a directory, a missing parent, no permission);
-        # the commands translate the ones they expect, this is the boundary for the rest
-        where = f": {err.filename}" if err.filename else ""
-        print(f"edge-runtime {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
-        if args.verbose >= 2:
-            raise
-        return 1
-    except KeyboardInterrupt:
-        print(f"edge-runtime {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return run_command("edge-runtime", args)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
