@@ -5,7 +5,7 @@ bundles, measure energy and talk to the bridge: no torch, no transformers.
 Export tooling lives in the ``export`` extra, test tooling in ``dev``.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 BASE = [
     "onnxruntime>=1.20",
@@ -56,7 +56,9 @@ setup(
     version="0.1.0",
     description="Hybrid edge runtime: quantized ONNX small language models on the device, escalation to a cloud LLM bridge over gRPC, measured energy.",
     python_requires=">=3.11",
-    packages=find_packages(include=["edge_runtime*", "cloud_bridge*", "quantize*"]),
+    # namespace discovery: the data directories (confidence/data, daemon/deploy, ...) are packages too, which
+    # setuptools otherwise warns it would ignore
+    packages=find_namespace_packages(include=["edge_runtime*", "cloud_bridge*", "quantize*"], exclude=["*.__pycache__"]),
     package_data={
         "edge_runtime": ["py.typed", "data/*", "**/*.json", "**/*.txt", "_proto/**/*.pyi", "daemon/deploy/*"],
         "quantize": ["data/*"],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["cache_dir", "CACHE_ENV"]
+__all__ = ["cache_dir", "CACHE_ENV", "current_umask", "publish_dir"]
 
 CACHE_ENV = "EDGE_RUNTIME_CACHE"
 
@@ -33,3 +33,22 @@ def cache_dir(*parts: str, create: bool = True) -> Path:
             raise ConfigError(f"cannot create the cache directory {path}: {err.strerror or err} (set {CACHE_ENV} "
                               "to a writable directory)", field=CACHE_ENV) from err
     return path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it."""
+    try:  # Linux >= 4.7 shows it; setting and restoring it instead would race with other threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def publish_dir(path: Path) -> None:
+    """Give a directory made by ``tempfile.mkdtemp`` (owner-only) the mode the umask allows.
+
+    Cached models are no secret, and a service account (the bridge's, the daemon's) reads them.
+    """
+    os.chmod(path, 0o777 & ~current_umask())

@@ -269,6 +269,11 @@ class HybridRuntime:
         self._wants_p_cloud = any(p.type_name == "gain" for p in parts)  # with a cloud prior: _check_policy_inputs
         self._has_budget = any(p.type_name == "budget" for p in parts)
         self._check_policy_inputs(parts)
+        knn = getattr(self.estimator, "knn", None)
+        if knn is not None:
+            # load (and fetch once) the sentence encoder now: a daemon must fail at start, not report healthy and
+            # then fail, or download 90 MB, at its first request
+            knn.encoder  # noqa: B018 - the property loads it
         # the bridge's own prices for the escalation model (it bills with them): (input, output) USD per million
         self._bridge_prices: tuple[float, float] | None = None
         self._bridge_prices_due = -float("inf")  # time.monotonic() when they are to be read (again)

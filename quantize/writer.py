@@ -24,6 +24,7 @@ import onnx
 from onnx import TensorProto
 
 from edge_runtime.bundle import MANIFEST_NAME, STAMP_NAME, sha256_file, write_stamp
+from edge_runtime.cache import publish_dir
 from edge_runtime.errors import BuildError
 
 __all__ = ["check_replaceable", "staging_dir", "sweep_stale", "save_model_external", "hash_files", "write_manifest",
@@ -90,15 +91,6 @@ def sweep_stale(out: Path) -> list[Path]:
     return removed
 
 
-def _umask() -> int:
-    try:  # Linux ≥ 4.7 shows it; setting and restoring it instead would race with other threads
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
 
 @contextlib.contextmanager
 def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
@@ -110,8 +102,7 @@ def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-        # mkdtemp makes it owner-only; a bundle is read by other users too (a bridge's service account)
-        os.chmod(tmp, 0o777 & ~_umask())
+        publish_dir(tmp)  # mkdtemp makes it owner-only; a bundle is read by other users too
         if out.exists():
             # what appeared at out during the build (another build's bundle, someone's directory) is checked as
             # it was before it: without --force nothing is replaced

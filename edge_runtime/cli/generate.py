@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--top-logprobs", type=int, default=0, help="with --json: include this many alternatives per token")
+    p.add_argument("--top-logprobs", type=int, default=0, help="with --json or --input: include this many alternatives per token")
     p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
     p.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP_TOKENS, metavar="N",
                    help=f"tokens drafted per step from earlier text, checked in the same run "
@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         # streamed text has no place for them: refused rather than silently dropped
         for flag, given in (("--top-logprobs", args.top_logprobs), ("--estimator", args.estimator)):
             if given:
-                raise InvalidRequestError("is shown only in JSON output: add --json", field=flag)
+                raise InvalidRequestError("is shown only in JSON output: add --json (or use --input)", field=flag)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=tuple(args.stop), top_logprobs=args.top_logprobs,

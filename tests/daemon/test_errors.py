@@ -397,3 +397,28 @@ def test_every_refusal_is_logged_with_its_request_id_and_counted(daemon, http, c
     assert any("forbidden_origin" in m for m in logged)
     m = daemon.service.metrics.render()
     assert metric(m, "edge_runtime_requests_total", transport="http", outcome="invalid") == 4
+
+
+class _FailingEngine:
+    """The real engine, whose generations fail with one of the project's errors that no client is told about."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def stream_tokens(self, *args, **kwargs):
+        from edge_runtime.errors import EdgeRuntimeError
+
+        raise EdgeRuntimeError("onnxruntime failed while running the model: out of memory")
+
+
+def test_an_internal_error_is_logged_with_its_cause_while_the_client_is_told_to_see_the_log(engine, start_daemon, http,
+                                                                                            caplog):
+    daemon = start_daemon(runtime(_FailingEngine(engine)))
+    with caplog.at_level("ERROR", logger="edge_runtime.daemon"):
+        status, _, body = http(daemon.port).json("POST", "/v1/chat/completions", OK, headers={"x-request-id": "r-1"})
+    assert status == 500 and body["error"]["code"] == "internal_error" and "see its log" in body["error"]["message"]
+    assert "out of memory" not in json.dumps(body)  # internals stay in the log
+    assert any("r-1" in r.getMessage() and "out of memory" in r.getMessage() for r in caplog.records), caplog.text

