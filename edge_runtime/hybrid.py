@@ -11,7 +11,9 @@
 Routes: ``local`` (answered on the device), ``cloud`` (escalated and answered
 by the bridge), ``fallback`` (escalation was wanted but the cloud failed or answered
 with no text: the local answer comes back, never nothing), ``local_forced`` (the policy wanted
-the cloud but a gate — privacy, budget, no cloud configured — kept it local).
+the cloud but a gate — privacy, budget, no cloud configured — kept it local; or the caller
+cancelled before the route was decided, reason ``cancelled``: what was generated comes back,
+neither scored nor escalated).
 
 The policy (``edge_runtime.policies``) is asked before decoding (pre-routing,
 privacy), after every token (early exit) and after the answer (threshold on
@@ -27,6 +29,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import threading
 import time
@@ -38,7 +41,7 @@ from typing import Any, Literal
 from .confidence import Estimator, check_bundle_hash, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
-from .engine.types import EnergyReport, log_text
+from .engine.types import EnergyReport, log_text, short_repr
 from .errors import (
     CircuitOpenError,
     CloudCancelledError,
@@ -96,8 +99,9 @@ class HybridChunk:
     """One step of :meth:`HybridRuntime.stream`.
 
     ``kind``: ``text`` (show it), ``withdraw`` (only with reveal_draft: forget
-    the local text shown so far, the cloud's answer follows), ``done`` (the
-    last chunk, with ``result``).
+    the local text shown so far; what follows replaces it: the cloud's answer, or
+    after an early exit whose escalation failed, the whole local answer made
+    again), ``done`` (the last chunk, with ``result``).
     """
 
     kind: Literal["text", "withdraw", "done"]
@@ -140,6 +144,21 @@ def _reads_context_score(part: Policy) -> bool:
 def _finite_or_none(p: float | None) -> float | None:
     """A p_correct to report: None when there is no usable estimate (NaN would be invalid JSON)."""
     return p if p is not None and math.isfinite(p) else None
+
+
+def _check_call_arguments(cancel: Any, request_id: Any, deadline_s: Any, on_escalate: Any) -> None:
+    """The stream's own arguments, checked before any work: a bad one failed half-way through the answer, or
+    looked like a cloud outage (a NaN deadline timed out every escalation and opened the circuit for everyone)."""
+    if cancel is not None and not (isinstance(cancel, threading.Event) or callable(cancel)):
+        raise InvalidRequestError("must be a threading.Event or a callable", field="cancel")
+    if on_escalate is not None and not callable(on_escalate):
+        raise InvalidRequestError("must be a callable", field="on_escalate")
+    # what the bridge accepts (a refused id would fail the escalation)
+    if request_id is not None and not (isinstance(request_id, str) and 0 < len(request_id) <= 128 and request_id.isprintable()):
+        raise InvalidRequestError(f"must be 1-128 printable characters, got {short_repr(request_id)}", field="request_id")
+    if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, numbers.Real)
+                                   or not math.isfinite(deadline_s)):
+        raise InvalidRequestError(f"must be a time.monotonic() value, got {short_repr(deadline_s)}", field="deadline_s")
 
 
 def _is_cancelled(cancel: Any) -> bool:
@@ -269,11 +288,12 @@ class HybridRuntime:
         self._wants_p_cloud = any(p.type_name == "gain" for p in parts)  # with a cloud prior: _check_policy_inputs
         self._has_budget = any(p.type_name == "budget" for p in parts)
         self._check_policy_inputs(parts)
-        knn = getattr(self.estimator, "knn", None)
-        if knn is not None:
-            # load (and fetch once) the sentence encoder now: a daemon must fail at start, not report healthy and
-            # then fail, or download 90 MB, at its first request
-            knn.encoder  # noqa: B018 - the property loads it
+        # load (and fetch once) the sentence encoder the estimator's kNN priors embed prompts with, now: a daemon
+        # must fail at start, not report healthy and then fail (or download 90 MB) at its first request
+        cloud_prior = self.estimator.cloud if self._wants_p_cloud else None  # read only by a gain policy
+        for knn in (getattr(self.estimator, "knn", None), getattr(cloud_prior, "knn", None)):
+            if knn is not None:
+                knn.encoder  # noqa: B018 - the property loads it
         # the bridge's own prices for the escalation model (it bills with them): (input, output) USD per million
         self._bridge_prices: tuple[float, float] | None = None
         self._bridge_prices_due = -float("inf")  # time.monotonic() when they are to be read (again)
@@ -344,15 +364,18 @@ class HybridRuntime:
                 raise ConfigError(message, field=f"engine.{setting_name}" + (f"[{rest}" if rest else "")) from err
             try:
                 estimator = load_estimator(e.estimator, bundle_hash=engine.bundle_hash)
-            except EstimatorError as err:
+                # the policy checks, and the estimator's sentence encoder, may fail too
+                return cls(engine, policy=settings.policy, estimator=estimator, cloud=cloud, cost=settings.cost,
+                           default_max_new_tokens=e.max_new_tokens, cloud_timeout_s=settings.cloud.timeout_s)
+            except BaseException as err:
                 engine.close()
-                raise ConfigError(str(err), field="engine.estimator") from err
+                if isinstance(err, EstimatorError):
+                    raise ConfigError(str(err), field="engine.estimator") from err
+                raise
         except BaseException:
             if cloud is not None:
                 cloud.close()
             raise
-        return cls(engine, policy=settings.policy, estimator=estimator, cloud=cloud, cost=settings.cost,
-                   default_max_new_tokens=e.max_new_tokens, cloud_timeout_s=settings.cloud.timeout_s)
 
     def close(self) -> None:
         if self.cloud is not None:
@@ -389,6 +412,7 @@ class HybridRuntime:
         msgs = validate_messages(messages)
         if model not in MODEL_ALIASES:
             raise InvalidRequestError(f"unknown model {model!r} (expected one of {', '.join(MODEL_ALIASES)})", field="model")
+        _check_call_arguments(cancel, request_id, deadline_s, on_escalate)
         if params is None:
             fit_max_new_tokens = fit_max_new_tokens or "max_new_tokens" not in sampling
             sampling.setdefault("max_new_tokens", self.default_max_new_tokens)
@@ -601,7 +625,12 @@ class HybridRuntime:
                 # the check failed on the token that ended the answer: it is whole, so it stays the fallback
                 # (decoding it again would only repeat it)
                 early_exit = False
-            if decision.action == "continue":
+            if decision.action == "continue" and locals_[-1].finish_reason == "cancelled" and _is_cancelled(cancel):
+                # the caller cancelled before the answer was whole: a score of the cut answer would be reported as
+                # if it were one (and could route it), and an escalation would have nobody to answer
+                decision = Decision("local_forced", "cancelled", "the caller cancelled the request before its answer was whole",
+                                    policy=decision.policy)
+            elif decision.action == "continue":
                 p_correct = self._p_correct(locals_[-1], msgs, estimator_energy)
                 # an escalation admitted now sends the draft along: a budget reserves for it too
                 ctx = settlement.ctx = dataclasses.replace(ctx, estimated_cloud_usd=self._estimate_cloud_usd(

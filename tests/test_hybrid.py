@@ -661,3 +661,31 @@ def test_a_knn_estimator_loads_its_sentence_encoder_when_the_runtime_is_made(eng
     with pytest.raises(ModelFetchError, match="not cached"):
         HybridRuntime(engine, policy={"type": "never"}, estimator=WithKnn())
     assert loaded
+
+
+@pytest.mark.parametrize("kwargs, field", [({"deadline_s": float("nan")}, "deadline_s"), ({"deadline_s": "10"}, "deadline_s"),
+                                           ({"deadline_s": True}, "deadline_s"), ({"cancel": 5}, "cancel"),
+                                           ({"on_escalate": 5}, "on_escalate"), ({"request_id": 5}, "request_id"),
+                                           ({"request_id": ""}, "request_id"), ({"request_id": "a\nb"}, "request_id")])
+def test_bad_call_arguments_are_refused_before_any_work_and_never_reach_the_cloud(engine, kwargs, field):
+    # a NaN deadline timed out every escalation (3 calls opened the circuit for everyone); the others failed half-way
+    calls = []
+
+    def stream(msgs, **_kw):
+        calls.append(msgs)
+        yield from _answering("4", 0.0)(msgs)
+
+    rt = HybridRuntime(engine, policy={"type": "always"}, cloud=_fake_cloud(stream))
+    with pytest.raises(InvalidRequestError) as info:
+        rt.chat(ASK, max_new_tokens=2, **kwargs)
+    assert info.value.field == field and not calls
+
+
+def test_a_request_cancelled_before_its_answer_is_whole_is_neither_scored_nor_routed(engine):
+    # it was scored as if whole ("p_correct 0.69 >= 0.5: answered locally") and could have been escalated
+    cancel = threading.Event()
+    cancel.set()
+    down, sent = _down_recording_drafts()
+    r = HybridRuntime(engine, policy={"type": "threshold", "p": 0.5}, cloud=down).chat(ASK, max_new_tokens=4, cancel=cancel)
+    assert (r.route, r.reason, r.finish_reason, r.p_correct) == ("local_forced", "cancelled", "cancelled", None)
+    assert sent == []

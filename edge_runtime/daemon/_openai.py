@@ -4,7 +4,9 @@ Accepted request fields: ``model`` (``auto``, ``local``, ``cloud``; default
 ``auto``), ``messages``, ``max_completion_tokens`` / ``max_tokens``,
 ``temperature`` (0-2; default: the runtime's, greedy), ``top_p``, ``seed``,
 ``stop``, ``logprobs``, ``top_logprobs`` (0-20), ``stream``,
-``stream_options.include_usage``, ``n`` (1 only) and ``user``. A field that
+``stream_options.include_usage``, ``n`` (1 only) and ``user``. A ``developer``
+message (OpenAI's newer name for the instructions a ``system`` message gives) is
+read as ``system``, the role chat templates know. A field that
 would change what the answer must be and is not supported here (tools and
 function calling, a ``response_format`` other than text, ``logit_bias``,
 non-zero penalties, audio) is refused naming it, rather than answered as if it
@@ -170,6 +172,13 @@ def _check_message_fields(messages: Any) -> None:
                                           field=field)
 
 
+def _openai_roles(messages: Any) -> Any:
+    """The messages with OpenAI's ``developer`` role read as ``system`` (the rest is checked later)."""
+    if not isinstance(messages, list):
+        return messages
+    return [{**m, "role": "system"} if isinstance(m, Mapping) and m.get("role") == "developer" else m for m in messages]
+
+
 def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatRequest:
     """A ChatRequest from a decoded JSON body; InvalidRequestError / ModelNotFoundError name the field."""
     if not isinstance(body, Mapping):
@@ -217,7 +226,7 @@ def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatReque
                                       f"{', '.join(sorted(_STREAM_OPTIONS))}", field=f"stream_options.{key}"[:80])
     include_usage = _bool(options, "include_usage", field="stream_options.include_usage") if options else False
     return build_chat_request(
-        messages=body.get("messages"), model=model, sampling=sampling, stream=stream, logprobs=logprobs,
+        messages=_openai_roles(body.get("messages")), model=model, sampling=sampling, stream=stream, logprobs=logprobs,
         top_logprobs=top_logprobs, include_usage=include_usage, request_id=request_id, field_names=names,
     )
 

@@ -35,6 +35,12 @@ def budget_exhausted(committed_usd: float, estimate_usd: float, cap_usd: float) 
 _PERIOD_ALIASES = {"usd_per_hour": 3600.0, "usd_per_day": 86400.0, "usd_per_week": 7 * 86400.0}
 
 
+def _usd(amount: float) -> str:
+    """Dollars for people: cents, or two significant digits below 10 cents (a $0.0001 cap read "$0.00")."""
+    decimals = 2 if amount >= 0.1 or amount <= 0 else min(6, 1 - math.floor(math.log10(amount)))
+    return f"{amount:.{decimals}f}"
+
+
 @register_policy
 class Budget(Policy):
     """At most ``usd`` of cloud spend per ``period_s`` seconds (default: a day)."""
@@ -88,8 +94,8 @@ class Budget(Policy):
         resets = datetime.fromtimestamp((self._period + 1) * self.period_s, tz=timezone.utc)
         return Decision(
             "local_forced", Reason.BUDGET_EXHAUSTED,
-            f"cloud budget ${self._committed():.4f} of ${self.usd:.2f} per {self._period_words()} used"
-            f"{f' (this request would cost about ${estimate:.4f})' if estimate else ''}; answered on the device "
+            f"cloud budget ${_usd(self._committed())} of ${_usd(self.usd)} per {self._period_words()} used"
+            f"{f' (this request would cost about ${_usd(estimate)})' if estimate else ''}; answered on the device "
             f"until {resets.isoformat(timespec='seconds')}",
             policy=self.type_name, value=self._committed(), threshold=self.usd,
         )

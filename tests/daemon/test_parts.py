@@ -369,3 +369,9 @@ def test_an_answer_delivered_past_its_deadline_or_during_a_drain_counts_as_answe
     text = service.metrics.render()
     assert metric(text, "edge_runtime_requests_total", transport="http", outcome="answered") == 2
     assert metric(text, "edge_runtime_tokens_total", side="local", kind="prompt") == 6
+
+
+def test_openais_developer_role_is_read_as_system():
+    # OpenAI's current clients send instructions as "developer"; it was refused as an unknown role
+    req = parse_chat_request({"messages": [{"role": "developer", "content": "Answer briefly."}, *ASK]})
+    assert [m["role"] for m in req.messages] == ["system", "user"]

@@ -30,7 +30,7 @@ def test_escalations_stop_once_the_money_is_spent():
     assert budget.spent_usd() == pytest.approx(1.0) and budget.remaining_usd() == 0.0
     d = policy.before(req())
     assert (d.action, d.reason, d.policy) == ("local_forced", Reason.BUDGET_EXHAUSTED, "budget")
-    assert "$1.0000 of $1.00 per day" in d.detail and "until" in d.detail
+    assert "$1.00 of $1.00 per day" in d.detail and "until" in d.detail
 
 
 def test_a_request_that_would_overshoot_is_kept_local():
@@ -41,7 +41,7 @@ def test_a_request_that_would_overshoot_is_kept_local():
     policy.settle(c, 0.9)
     assert policy.before(req(0.05)).action == "continue"  # 0.05 still fits
     d = policy.after(req(0.2), 0.1)  # 0.9 + 0.2 > 1.0
-    assert d.action == "local_forced" and "would cost about $0.2000" in d.detail
+    assert d.action == "local_forced" and "would cost about $0.20" in d.detail
     assert policy.after(req(0.2), 0.9).action == "local"  # not wanted anyway: plain local
 
 
@@ -174,3 +174,13 @@ def test_a_reservation_never_settled_is_let_go_after_a_whole_period():
     assert policy.before(req(0.9)).reason == Reason.BUDGET_EXHAUSTED
     clock.t += 86400  # a day later no call is still running
     assert policy.before(req(0.9)).action == "cloud"
+
+
+def test_a_small_cap_is_shown_as_it_was_set():
+    # a $0.0001 cap read "$0.0001 of $0.00 per day used"
+    policy = Chain([Budget(0.0001, clock=Clock()), Always()])
+    c = req(0.0001)
+    assert policy.before(c).action == "cloud"
+    policy.settle(c, 0.0001)
+    d = policy.before(req(0.00005388))
+    assert "cloud budget $0.00010 of $0.00010 per day used (this request would cost about $0.000054)" in d.detail
