@@ -5,6 +5,7 @@
 Each table in the README sits between ``<!-- results:NAME -->`` and
 ``<!-- /results -->``; this script regenerates it from the results file a
 benchmark run wrote, so no figure in the README is typed in by hand.
+``<!-- results:NAME@HOST -->`` takes another host's results than ``--host``'s.
 """
 
 from __future__ import annotations
@@ -113,15 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     text = readme.read_text(encoding="utf-8")
 
     def replace(m: re.Match[str]) -> str:
-        name = m.group(1)
+        name, host = m.group(1), m.group(2)
         try:
-            body = RENDERERS[name](args.host)
+            body = RENDERERS[name](host or args.host)
         except FileNotFoundError as err:
             print(f"skipping {name}: {err}", file=sys.stderr)
             return m.group(0)
-        return f"<!-- results:{name} -->\n{body}\n<!-- /results -->"
+        marker = f"{name}@{host}" if host else name
+        return f"<!-- results:{marker} -->\n{body}\n<!-- /results -->"
 
-    new = re.sub(r"<!-- results:(\w+) -->.*?<!-- /results -->", replace, text, flags=re.S)
+    new = re.sub(r"<!-- results:(\w+)(?:@([\w.-]+))? -->.*?<!-- /results -->", replace, text, flags=re.S)
     readme.write_text(new, encoding="utf-8")
     return 0
 

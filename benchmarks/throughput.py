@@ -47,6 +47,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -469,7 +470,7 @@ def _run_target(target: Target, spec: dict[str, Any], timeout_s: float) -> dict[
             result = json.loads(out_file.read_text())
         else:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-10:]
-            result = {"error": f"runner exited {proc.returncode} without a result: " + " | ".join(tail)}
+            result = {"error": f"runner {_exit_words(proc.returncode)} without a result: " + " | ".join(tail)}
         if proc.returncode != 0 and "error" not in result:
             result["error"] = f"runner exited {proc.returncode}"
         own = (child1.ru_utime - child0.ru_utime) + (child1.ru_stime - child0.ru_stime)
@@ -483,6 +484,19 @@ def _run_target(target: Target, spec: dict[str, Any], timeout_s: float) -> dict[
             "steal_s": round(steal1 - steal0, 2),
         }
         return result
+
+
+def _exit_words(returncode: int) -> str:
+    """'exited 1', or the signal that killed the runner ('was killed by SIGILL (illegal instruction)')."""
+    if returncode >= 0:
+        return f"exited {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+    hint = {"SIGILL": " (illegal instruction: the build uses CPU instructions this machine does not run)",
+            "SIGKILL": " (out of memory, or killed)", "SIGSEGV": " (segmentation fault)"}.get(name, "")
+    return f"was killed by {name}{hint}"
 
 
 def _median(values: Sequence[float | None]) -> float | None:

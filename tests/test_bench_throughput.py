@@ -304,3 +304,24 @@ def test_a_run_that_did_not_measure_every_runtime_exits_non_zero(throughput, mon
     monkeypatch.setattr(throughput, "render_markdown", lambda _doc: "table")
     assert throughput.main(["--peers", "none", "--out-dir", str(tmp_path)]) == 1
     assert "not measured: llama.cpp" in capsys.readouterr().err
+
+
+def test_a_runner_killed_by_a_signal_is_reported_by_its_name(throughput, tmp_path: Path) -> None:
+    # llama.cpp's AMX kernels die of SIGILL on some Xeons: "runner exited -4" said nothing
+    import sys
+
+    runner = tmp_path / "runner.py"
+    runner.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    target = throughput.Target("crashes", "peer", Path(sys.executable), runner, tmp_path, "peer")
+    doc = throughput._run_target(target, {}, 60)
+    assert "was killed by SIGILL (illegal instruction" in doc["error"], doc["error"]
+
+
+def test_the_llamacpp_build_avoids_amx_and_a_build_with_other_flags_is_made_again(monkeypatch) -> None:
+    from benchmarks.peers import envs
+
+    if envs.platform.machine().lower() in ("x86_64", "amd64"):
+        assert "-mno-amx-int8" in envs._llamacpp_build_env()["CXXFLAGS"]
+    tag = envs._llamacpp_build_tag()
+    monkeypatch.setattr(envs, "LLAMACPP_CFLAGS", envs.LLAMACPP_CFLAGS + " -O3")
+    assert envs._llamacpp_build_tag() != tag

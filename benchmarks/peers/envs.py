@@ -1,7 +1,8 @@
 """Set up the peer runtimes the throughput benchmark compares against, cached under ``<cache>/peers``.
 
 * ``llamacpp``: llama-cpp-python compiled from source for this CPU (about five
-  minutes on two cores) into ``<cache>/peers/wheels``, installed into
+  minutes on two cores; without AMX, see ``LLAMACPP_CFLAGS``) into
+  ``<cache>/peers/wheels/llamacpp-<build tag>``, installed into
   ``<cache>/peers/llamacpp-venv``; it runs the original Q4_1 GGUF.
 * ``genai``: onnxruntime-genai in ``<cache>/peers/genai-venv`` with what its
   model builder needs (a newer transformers than this project's export extra
@@ -21,8 +22,10 @@ records it and goes on without that peer).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Callable
@@ -45,6 +48,24 @@ LLAMACPP_CMAKE_ARGS = (
     "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF "
     "-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
 )
+# ... except AMX on x86: -march=native turns on ggml's AMX kernels on a Xeon that has it, and there they die of an
+# illegal instruction at the first matrix product (seen on a KVM guest; llama.cpp's pull request 26954: the tile
+# configuration is optimized away). Explicit -mno- flags win over -march=native in GCC and Clang whatever their
+# order; llama.cpp then uses its AVX-512 VNNI kernels.
+LLAMACPP_CFLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine().lower() in ("x86_64", "amd64") else ""
+
+
+def _llamacpp_build_env() -> dict[str, str]:
+    env = {"CMAKE_ARGS": LLAMACPP_CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    if LLAMACPP_CFLAGS:
+        env["CFLAGS"] = env["CXXFLAGS"] = LLAMACPP_CFLAGS
+    return env
+
+
+def _llamacpp_build_tag() -> str:
+    """Names the build: a wheel or venv made with other flags is made again."""
+    flags = f"{LLAMACPP_VERSION} {LLAMACPP_CMAKE_ARGS} {LLAMACPP_CFLAGS}"
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
 # torch: ONLY this exact pin (an unpinned torch pulls a multi-GB CUDA build)
 GENAI_REQUIREMENTS = (
     "torch==2.13.0",
@@ -133,11 +154,15 @@ def setup_llamacpp(*, build: bool = True, log: Log = print) -> Peer:
     peer = Peer("llamacpp", runner=Path(__file__).with_name("run_llamacpp.py"))
     venv = peers_dir() / "llamacpp-venv"
     python = _venv_python(venv)
+    tag = _llamacpp_build_tag()
+    stamp = venv / "edge-runtime-build-tag"
     version = _probe(python, "import llama_cpp; print(llama_cpp.__version__)")
-    if version != LLAMACPP_VERSION:
+    built_as = stamp.read_text().strip() if stamp.is_file() else None
+    if version != LLAMACPP_VERSION or built_as != tag:
         if not build:
-            raise SetupError(f"llama-cpp-python {LLAMACPP_VERSION} is not set up in {venv} (building was not allowed)")
-        wheels = peers_dir() / "wheels"
+            raise SetupError(f"llama-cpp-python {LLAMACPP_VERSION} is not set up in {venv} with this benchmark's "
+                             "build flags (building was not allowed)")
+        wheels = peers_dir() / "wheels" / f"llamacpp-{tag}"
         wheel = next(iter(sorted(wheels.glob(f"llama_cpp_python-{LLAMACPP_VERSION}-*.whl"))), None)
         python = _make_venv(venv, log)
         if wheel is None:
@@ -146,18 +171,21 @@ def setup_llamacpp(*, build: bool = True, log: Log = print) -> Peer:
                 [str(python), "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", str(wheels),
                  f"llama-cpp-python=={LLAMACPP_VERSION}"],
                 log,
-                env={"CMAKE_ARGS": LLAMACPP_CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)},
+                env=_llamacpp_build_env(),
             )
             wheel = next(iter(sorted(wheels.glob(f"llama_cpp_python-{LLAMACPP_VERSION}-*.whl"))), None)
             if wheel is None:
                 raise SetupError(f"pip built no llama-cpp-python wheel into {wheels}")
-        _run([str(python), "-m", "pip", "install", "--quiet", str(wheel), "psutil"], log)
+        _run([str(python), "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps", str(wheel)], log)
+        _run([str(python), "-m", "pip", "install", "--quiet", "psutil"], log)
         version = _probe(python, "import llama_cpp; print(llama_cpp.__version__)")
         if version != LLAMACPP_VERSION:
             raise SetupError(f"llama_cpp does not import in {venv} after installing {wheel.name}")
+        stamp.write_text(tag + "\n")
     peer.python, peer.version = python, version
     peer.model = _gguf(log)
-    peer.details = {"venv": str(venv), "cmake_args": LLAMACPP_CMAKE_ARGS, "model_format": "GGUF Q4_1 (original)"}
+    peer.details = {"venv": str(venv), "cmake_args": LLAMACPP_CMAKE_ARGS, "cflags": LLAMACPP_CFLAGS,
+                    "model_format": "GGUF Q4_1 (original)"}
     return peer
 
 
