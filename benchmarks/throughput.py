@@ -472,7 +472,7 @@ def _run_target(target: Target, spec: dict[str, Any], timeout_s: float) -> dict[
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-10:]
             result = {"error": f"runner {_exit_words(proc.returncode)} without a result: " + " | ".join(tail)}
         if proc.returncode != 0 and "error" not in result:
-            result["error"] = f"runner exited {proc.returncode}"
+            result["error"] = f"runner {_exit_words(proc.returncode)}"
         own = (child1.ru_utime - child0.ru_utime) + (child1.ru_stime - child0.ru_stime)
         other = max(0.0, (busy1 - busy0) - own)
         capacity = wall * (psutil.cpu_count() or 1)

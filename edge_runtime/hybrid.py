@@ -12,8 +12,9 @@ Routes: ``local`` (answered on the device), ``cloud`` (escalated and answered
 by the bridge), ``fallback`` (escalation was wanted but the cloud failed or answered
 with no text: the local answer comes back, never nothing), ``local_forced`` (the policy wanted
 the cloud but a gate — privacy, budget, no cloud configured — kept it local; or the caller
-cancelled before the route was decided, reason ``cancelled``: what was generated comes back,
-neither scored nor escalated).
+cancelled, reason ``cancelled``). A local answer the caller cut short is never scored
+(``p_correct`` None); if its route was still undecided it comes back ``local_forced`` with
+reason ``cancelled``, never escalated.
 
 The policy (``edge_runtime.policies``) is asked before decoding (pre-routing,
 privacy), after every token (early exit) and after the answer (threshold on
@@ -52,6 +53,7 @@ from .errors import (
     ContextLengthError,
     EstimatorError,
     InvalidRequestError,
+    ModelFetchError,
 )
 from .policies import Decision, Policy, Privacy, RequestContext, policy_from_config
 from .policies._base import score_or_none as _score_or_none
@@ -154,7 +156,7 @@ def _check_call_arguments(cancel: Any, request_id: Any, deadline_s: Any, on_esca
     if on_escalate is not None and not callable(on_escalate):
         raise InvalidRequestError("must be a callable", field="on_escalate")
     # what the bridge accepts (a refused id would fail the escalation)
-    if request_id is not None and not (isinstance(request_id, str) and 0 < len(request_id) <= 128 and request_id.isprintable()):
+    if request_id not in (None, "") and not (isinstance(request_id, str) and len(request_id) <= 128 and request_id.isprintable()):
         raise InvalidRequestError(f"must be 1-128 printable characters, got {short_repr(request_id)}", field="request_id")
     if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, numbers.Real)
                                    or not math.isfinite(deadline_s)):
@@ -293,7 +295,10 @@ class HybridRuntime:
         cloud_prior = self.estimator.cloud if self._wants_p_cloud else None  # read only by a gain policy
         for knn in (getattr(self.estimator, "knn", None), getattr(cloud_prior, "knn", None)):
             if knn is not None:
-                knn.encoder  # noqa: B018 - the property loads it
+                try:
+                    knn.encoder  # noqa: B018 - the property loads it
+                except ModelFetchError as err:  # named as a setting: the daemon's log line is all a user sees
+                    raise ConfigError(f"the estimator's sentence encoder: {err}", field="engine.estimator") from err
         # the bridge's own prices for the escalation model (it bills with them): (input, output) USD per million
         self._bridge_prices: tuple[float, float] | None = None
         self._bridge_prices_due = -float("inf")  # time.monotonic() when they are to be read (again)
@@ -625,9 +630,11 @@ class HybridRuntime:
                 # the check failed on the token that ended the answer: it is whole, so it stays the fallback
                 # (decoding it again would only repeat it)
                 early_exit = False
-            if decision.action == "continue" and locals_[-1].finish_reason == "cancelled" and _is_cancelled(cancel):
-                # the caller cancelled before the answer was whole: a score of the cut answer would be reported as
-                # if it were one (and could route it), and an escalation would have nobody to answer
+            # the caller cancelled before the answer was whole: a score of the cut answer would be reported as if it
+            # were one (and could route it; a self-check would prefill it again for nobody), and an escalation would
+            # have nobody to answer
+            cut_by_caller = locals_[-1].finish_reason == "cancelled" and _is_cancelled(cancel)
+            if decision.action == "continue" and cut_by_caller:
                 decision = Decision("local_forced", "cancelled", "the caller cancelled the request before its answer was whole",
                                     policy=decision.policy)
             elif decision.action == "continue":
@@ -636,7 +643,7 @@ class HybridRuntime:
                 ctx = settlement.ctx = dataclasses.replace(ctx, estimated_cloud_usd=self._estimate_cloud_usd(
                     msgs, params, model, draft=locals_[-1].text))
                 decision = self.policy.after(ctx, p_correct)
-            elif p_correct is None and not early_exit:
+            elif p_correct is None and not early_exit and not cut_by_caller:
                 p_correct = self._p_correct(locals_[-1], msgs, estimator_energy)
 
         # 2. escalate, or release the local answer

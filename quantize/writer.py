@@ -91,7 +91,6 @@ def sweep_stale(out: Path) -> list[Path]:
     return removed
 
 
-
 @contextlib.contextmanager
 def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block succeeds."""

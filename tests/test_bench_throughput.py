@@ -325,3 +325,36 @@ def test_the_llamacpp_build_avoids_amx_and_a_build_with_other_flags_is_made_agai
     tag = envs._llamacpp_build_tag()
     monkeypatch.setattr(envs, "LLAMACPP_CFLAGS", envs.LLAMACPP_CFLAGS + " -O3")
     assert envs._llamacpp_build_tag() != tag
+
+
+def test_a_llamacpp_venv_built_with_other_flags_is_built_again(monkeypatch, tmp_path: Path) -> None:
+    from benchmarks.peers import envs
+
+    ran: list[list[str]] = []
+
+    def run(cmd, log, *, env=None, timeout=3600):
+        ran.append(cmd)
+        if "wheel" in cmd[3:4]:  # pip wheel ... -w DIR: the build leaves a wheel there
+            out = Path(cmd[cmd.index("-w") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"llama_cpp_python-{envs.LLAMACPP_VERSION}-py3-none-linux_x86_64.whl").write_bytes(b"")
+        return ""
+
+    venv = tmp_path / "llamacpp-venv"
+    monkeypatch.setattr(envs, "peers_dir", lambda: tmp_path)
+    monkeypatch.setattr(envs, "_run", run)
+    monkeypatch.setattr(envs, "_probe", lambda python, code: envs.LLAMACPP_VERSION)  # the version imports
+    monkeypatch.setattr(envs, "_make_venv", lambda v, log: (v.mkdir(exist_ok=True), envs._venv_python(v))[1])
+    monkeypatch.setattr(envs, "_gguf", lambda log: tmp_path / "model.gguf")
+
+    def builds() -> int:
+        before = len(ran)
+        envs.setup_llamacpp(log=lambda _msg: None)
+        return sum(1 for cmd in ran[before:] if "wheel" in cmd[3:4])
+
+    assert builds() == 1  # the right version, but no stamp: a venv from before the flags were recorded
+    assert (venv / "edge-runtime-build-tag").read_text().strip() == envs._llamacpp_build_tag()
+    assert builds() == 0 and len(ran) == 3  # stamped with these flags: nothing to do
+    monkeypatch.setattr(envs, "LLAMACPP_CFLAGS", envs.LLAMACPP_CFLAGS + " -O3")
+    assert builds() == 1  # other flags: another wheel, installed over the old one
+    assert len(list((tmp_path / "wheels").iterdir())) == 2  # one wheel directory per set of flags

@@ -658,15 +658,17 @@ def test_a_knn_estimator_loads_its_sentence_encoder_when_the_runtime_is_made(eng
         def p_correct(self, signals, *, engine=None, messages=None):
             return 0.9
 
-    with pytest.raises(ModelFetchError, match="not cached"):
+    from edge_runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sentence encoder: the sentence encoder is not cached") as info:
         HybridRuntime(engine, policy={"type": "never"}, estimator=WithKnn())
-    assert loaded
+    assert loaded and info.value.field == "engine.estimator" and isinstance(info.value.__cause__, ModelFetchError)
 
 
 @pytest.mark.parametrize("kwargs, field", [({"deadline_s": float("nan")}, "deadline_s"), ({"deadline_s": "10"}, "deadline_s"),
                                            ({"deadline_s": True}, "deadline_s"), ({"cancel": 5}, "cancel"),
                                            ({"on_escalate": 5}, "on_escalate"), ({"request_id": 5}, "request_id"),
-                                           ({"request_id": ""}, "request_id"), ({"request_id": "a\nb"}, "request_id")])
+                                           ({"request_id": "x" * 129}, "request_id"), ({"request_id": "a\nb"}, "request_id")])
 def test_bad_call_arguments_are_refused_before_any_work_and_never_reach_the_cloud(engine, kwargs, field):
     # a NaN deadline timed out every escalation (3 calls opened the circuit for everyone); the others failed half-way
     calls = []
@@ -689,3 +691,6 @@ def test_a_request_cancelled_before_its_answer_is_whole_is_neither_scored_nor_ro
     r = HybridRuntime(engine, policy={"type": "threshold", "p": 0.5}, cloud=down).chat(ASK, max_new_tokens=4, cancel=cancel)
     assert (r.route, r.reason, r.finish_reason, r.p_correct) == ("local_forced", "cancelled", "cancelled", None)
     assert sent == []
+    # a route decided before decoding stays, but the cut answer is not scored either
+    r = HybridRuntime(engine, policy={"type": "never"}).chat(ASK, max_new_tokens=4, cancel=cancel)
+    assert (r.route, r.finish_reason, r.p_correct) == ("local", "cancelled", None)

@@ -27,21 +27,25 @@ def test_the_cli_starts_without_onnxruntime():
     assert out.stdout.strip() == "False"
 
 
-def _run_engine_with_home(home, tiny_bundle, **env):
+def _run_with_home(home, code, **env):
     import os
 
-    code = ("from edge_runtime.engine import Engine\n"
-            f"Engine({str(tiny_bundle)!r}).generate(prompt='hi', max_new_tokens=2)\n"
-            "import os; print(os.environ.get('ORT_DISABLE_TELEMETRY'))")
-    environ = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    # onnxruntime keeps its files under $XDG_CACHE_HOME when that is set, else under $HOME/.cache
+    inherited = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**environ, "HOME": str(home), **env})
+                         env={**inherited, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), **env})
     return out.stdout.strip(), sorted(p.name for p in home.rglob("*") if p.is_file())
 
 
 def test_onnxruntimes_telemetry_is_off_unless_the_user_turns_it_on(tmp_path, tiny_bundle):
     # onnxruntime 1.32 kept a device id and queued events (OS, executable path, network type) for upload
-    value, files = _run_engine_with_home(tmp_path / "home", tiny_bundle)
-    assert value == "1" and files == []
-    value, _ = _run_engine_with_home(tmp_path / "home2", tiny_bundle, ORT_DISABLE_TELEMETRY="0")
-    assert value == "0"  # the user's choice is kept
+    run = ("from edge_runtime.engine import Engine\n"
+           f"Engine({str(tiny_bundle)!r}).generate(prompt='hi', max_new_tokens=2)\n"
+           "import os; print(os.environ['ORT_DISABLE_TELEMETRY'])")
+    for env in ({}, {"ORT_DISABLE_TELEMETRY": ""}):  # unset, or set empty (a bare systemd Environment= line)
+        value, files = _run_with_home(tmp_path / f"home{len(env)}", run, **env)
+        assert value == "1" and files == []
+    # the user's choice is kept (checked without running a model: that would send the telemetry)
+    value, _ = _run_with_home(tmp_path / "home-on", "import os, edge_runtime; print(os.environ['ORT_DISABLE_TELEMETRY'])",
+                              ORT_DISABLE_TELEMETRY="0")
+    assert value == "0"

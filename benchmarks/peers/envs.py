@@ -176,8 +176,9 @@ def setup_llamacpp(*, build: bool = True, log: Log = print) -> Peer:
             wheel = next(iter(sorted(wheels.glob(f"llama_cpp_python-{LLAMACPP_VERSION}-*.whl"))), None)
             if wheel is None:
                 raise SetupError(f"pip built no llama-cpp-python wheel into {wheels}")
+        # forced: a venv may hold the same version built with other flags; then its dependencies, if missing
         _run([str(python), "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps", str(wheel)], log)
-        _run([str(python), "-m", "pip", "install", "--quiet", "psutil"], log)
+        _run([str(python), "-m", "pip", "install", "--quiet", str(wheel), "psutil"], log)
         version = _probe(python, "import llama_cpp; print(llama_cpp.__version__)")
         if version != LLAMACPP_VERSION:
             raise SetupError(f"llama_cpp does not import in {venv} after installing {wheel.name}")

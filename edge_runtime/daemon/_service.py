@@ -152,7 +152,7 @@ class Job:
             outcome = outcome_of(err)
             if outcome == "error" and isinstance(err, EdgeRuntimeError):
                 # the client is told only "see its log" (the transports log tracebacks of anything else)
-                log.error("request %s failed: %s", self.request.request_id, err)
+                log.error("request %s failed: %s: %s", self.request.request_id, type(err).__name__, log_text(str(err)))
             raise
         finally:
             self._done = True

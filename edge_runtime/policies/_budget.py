@@ -37,7 +37,7 @@ _PERIOD_ALIASES = {"usd_per_hour": 3600.0, "usd_per_day": 86400.0, "usd_per_week
 
 def _usd(amount: float) -> str:
     """Dollars for people: cents, or two significant digits below 10 cents (a $0.0001 cap read "$0.00")."""
-    decimals = 2 if amount >= 0.1 or amount <= 0 else min(6, 1 - math.floor(math.log10(amount)))
+    decimals = 2 if amount >= 0.1 or amount <= 0 else 1 - math.floor(math.log10(amount))
     return f"{amount:.{decimals}f}"
 
 

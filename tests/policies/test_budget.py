@@ -184,3 +184,9 @@ def test_a_small_cap_is_shown_as_it_was_set():
     policy.settle(c, 0.0001)
     d = policy.before(req(0.00005388))
     assert "cloud budget $0.00010 of $0.00010 per day used (this request would cost about $0.000054)" in d.detail
+
+
+def test_dollar_amounts_keep_two_significant_digits():
+    from edge_runtime.policies._budget import _usd
+
+    assert [_usd(x) for x in (0.0, 12.345, 0.5, 0.0123, 5.388e-5, 5e-7)] == ["0.00", "12.35", "0.50", "0.012", "0.000054", "0.00000050"]
