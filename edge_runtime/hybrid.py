@@ -157,7 +157,7 @@ def _check_call_arguments(cancel: Any, request_id: Any, deadline_s: Any, on_esca
         raise InvalidRequestError("must be a callable", field="on_escalate")
     # what the bridge accepts (a refused id would fail the escalation)
     if request_id not in (None, "") and not (isinstance(request_id, str) and len(request_id) <= 128 and request_id.isprintable()):
-        raise InvalidRequestError(f"must be 1-128 printable characters, got {short_repr(request_id)}", field="request_id")
+        raise InvalidRequestError(f"must be at most 128 printable characters, got {short_repr(request_id)}", field="request_id")
     if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, numbers.Real)
                                    or not math.isfinite(deadline_s)):
         raise InvalidRequestError(f"must be a time.monotonic() value, got {short_repr(deadline_s)}", field="deadline_s")
