@@ -10,6 +10,7 @@ whichever stored hash matches, never from the request. The tokens file is TOML::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -21,8 +22,13 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: changes to the tokens file are not locked there
+    fcntl = None  # type: ignore[assignment]
 
 from edge_runtime.errors import ConfigError
 
@@ -81,7 +87,8 @@ class TokenStore:
     With a tokens file, the store re-reads it when it changes (looked at no more
     than every ``reload_interval_s``), so ``cloud-bridge token add/remove`` takes
     effect on a running bridge: a revoked token stops working without a restart.
-    A file that cannot be read keeps the last good entries (and says so in the log).
+    A file that cannot be read keeps the last good entries (and says so in the log); a file that is deleted
+    revokes what it held (with a warning).
     """
 
     def __init__(
@@ -141,7 +148,12 @@ class TokenStore:
                 log.error("keeping the previous device tokens: %s", err)
                 return
             self._entries, self._file_stamp = entries, stamp
-            log.info("device tokens reloaded: %d devices", len(entries))
+            if stamp is None:
+                # deleting the file revokes every token it held: that may be meant, but never silently
+                log.warning("the tokens file %s is gone: the tokens it held are refused until it is back "
+                            "(%d inline tokens remain)", self._tokens_file, len(entries))
+            else:
+                log.info("device tokens reloaded: %d devices", len(entries))
 
     def authenticate(self, token: str | None) -> str | None:
         """The device whose token this is, or None. Time does not depend on which entry matches."""
@@ -229,22 +241,63 @@ def write_tokens_file(path: str | os.PathLike[str], hashes: Mapping[str, str]) -
         raise
 
 
+_held_locks = threading.local()  # the lock files this thread holds, and how many times (tokens_file_lock nests)
+
+
+@contextlib.contextmanager
+def tokens_file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock for changing the tokens file (``.<name>.lock`` beside it).
+
+    Each change reads the file, changes one device and writes the file back: two at once lost one of them
+    (an added device whose printed token never worked, or a removed one that came back). The file itself
+    cannot carry the lock, as every write replaces it. Nests within a thread; a no-op where there is no fcntl.
+    """
+    target = Path(path).resolve() if Path(path).is_symlink() else Path(path)
+    lock_path = target.parent / f".{target.name}.lock"
+    held: dict[Path, int] = getattr(_held_locks, "held", None) or {}
+    _held_locks.held = held
+    if held.get(lock_path) or fcntl is None:
+        held[lock_path] = held.get(lock_path, 0) + 1
+        try:
+            yield
+        finally:
+            held[lock_path] -= 1
+        return
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise ConfigError(f"cannot lock tokens file {path} ({lock_path}): {err.strerror or err}",
+                          field="auth.tokens_file") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held[lock_path] = 1
+        try:
+            yield
+        finally:
+            held[lock_path] = 0
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def add_device_token(path: str | os.PathLike[str], device: str, *, replace: bool = False) -> str:
     """Make a token for ``device``, store its hash in ``path`` and return the token (shown once)."""
     path = Path(path)
     validate_device_id(device)
-    hashes = read_tokens_file(path) if path.exists() else {}
-    if device in hashes and not replace:
-        raise ConfigError(f"device {device!r} already has a token (use --replace to issue a new one)", field="device")
-    token = new_token()
-    hashes[device] = hash_token(token)
-    write_tokens_file(path, hashes)
+    with tokens_file_lock(path):
+        hashes = read_tokens_file(path) if path.exists() else {}
+        if device in hashes and not replace:
+            raise ConfigError(f"device {device!r} already has a token (use --replace to issue a new one)", field="device")
+        token = new_token()
+        hashes[device] = hash_token(token)
+        write_tokens_file(path, hashes)
     return token
 
 
 def remove_device_token(path: str | os.PathLike[str], device: str) -> None:
-    hashes = read_tokens_file(path)
-    if device not in hashes:
-        raise ConfigError(f"no token for device {device!r} in {path}", field="device")
-    del hashes[device]
-    write_tokens_file(path, hashes)
+    with tokens_file_lock(path):
+        hashes = read_tokens_file(path)
+        if device not in hashes:
+            raise ConfigError(f"no token for device {device!r} in {path}", field="device")
+        del hashes[device]
+        write_tokens_file(path, hashes)

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
+from edge_runtime._unix_socket import prepare_socket_path
 from edge_runtime.cloud import check_certificates, check_key_pair, is_loopback_address
 from edge_runtime.errors import ConfigError
 
@@ -118,6 +119,11 @@ class BridgeServer:
         bridge_pb2_grpc.add_CloudBridgeServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         credentials = _credentials(s, insecure)
+        if s.address.startswith("unix:"):
+            # gRPC would unlink a live bridge's socket and take its place; "unix:///abs" is "/abs"
+            rest = s.address[len("unix:"):]
+            prepare_socket_path(Path(rest[2:] if rest.startswith("//") else rest), field="server.address",
+                                server="cloud bridge")
         try:
             if credentials is None:
                 self.port = self.grpc_server.add_insecure_port(s.address)

@@ -264,6 +264,8 @@ class OpenAIModelSettings(ModelSettings):
             raise ConfigError("is not a usable URL (a bad port or bracket)", field="base_url") from err
         if not url.hostname:
             raise ConfigError("names no host", field="base_url")
+        if url.fragment:
+            raise ConfigError("has a #fragment, which is never sent", field="base_url")
         if not self.model:
             raise ConfigError("the endpoint's model name is required", field="model")
         for name in ("timeout_s", "connect_timeout_s"):

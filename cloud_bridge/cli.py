@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,31 +84,32 @@ def _tokens_file(args: argparse.Namespace) -> Any:
 
 
 def _token_add(args: argparse.Namespace) -> int:
-    from ._auth import add_device_token, read_tokens_file, write_tokens_file
+    from ._auth import add_device_token, read_tokens_file, tokens_file_lock, write_tokens_file
 
     path = _tokens_file(args)
     if sys.stdout is None:  # started with stdout closed: print() would drop the token without a word
         raise ConfigError("standard output is closed: the new token could not be shown", field="stdout")
-    before = read_tokens_file(path) if path.exists() else None
-    token = add_device_token(path, args.device, replace=args.replace)
-    print(f"token for device {args.device!r} (shown once; only its SHA-256 is stored in {path}):", file=sys.stderr)
-    try:
-        print(token, flush=True)
-    except OSError:
-        # nobody saw the token (a full disk, a closed pipe): a stored hash of it would only block the next add
-        if before is None:
-            path.unlink(missing_ok=True)
-        else:
-            write_tokens_file(path, before)
-        raise
+    with tokens_file_lock(path):  # the rollback below must not undo another command's change
+        before = read_tokens_file(path) if path.exists() else None
+        token = add_device_token(path, args.device, replace=args.replace)
+        print(f"token for device {args.device!r} (shown once; only its SHA-256 is stored in {path}):", file=sys.stderr)
+        try:
+            print(token, flush=True)
+        except OSError:
+            # nobody saw the token (a full disk, a closed pipe): a stored hash of it would only block the next add
+            if before is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_tokens_file(path, before)
+            raise
     return 0
 
 
 def _token_list(args: argparse.Namespace) -> int:
     from ._auth import read_tokens_file
 
-    path = _tokens_file(args)
-    for device in sorted(read_tokens_file(path) if path.exists() else {}):
+    # a missing file is an error, as for `token remove`: listing nothing would hide a wrong path
+    for device in sorted(read_tokens_file(_tokens_file(args))):
         print(device)
     return 0
 
@@ -124,6 +126,11 @@ def _config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     data = settings_to_dict(settings)
     data["models"] = {alias: settings_to_dict(m) for alias, m in settings.models.items()}
+    for shown in data["models"].values():
+        if shown.get("base_url"):  # a query may hold a key (?key=...): its values are not shown
+            url = urllib.parse.urlsplit(shown["base_url"])
+            hidden = "&".join(f"{name}=***" for name, _ in urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+            shown["base_url"] = urllib.parse.urlunsplit(url._replace(query=hidden))
     print(json.dumps(data, indent=2, default=str))
     return 0
 

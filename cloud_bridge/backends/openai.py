@@ -323,7 +323,8 @@ class OpenAIBackend:
         self.scheme = url.scheme
         self.host = url.hostname or ""
         self.port = url.port or (443 if url.scheme == "https" else 80)
-        self.path = url.path.rstrip("/") + "/chat/completions"
+        # the query stays: Azure OpenAI's deployments need ?api-version=...
+        self.path = url.path.rstrip("/") + "/chat/completions" + (f"?{url.query}" if url.query else "")
         self.ssl_context = ssl.create_default_context() if url.scheme == "https" else None
         self.api_key = settings.api_key(environ)  # read once at start: a missing key fails `serve`, not a request
         if self.api_key and self.scheme == "http" and not _is_loopback_host(self.host):

@@ -42,8 +42,9 @@ def check_key_pair(
 ) -> None:
     """Raise ConfigError unless ``cert`` holds PEM certificates and ``key`` the unencrypted PEM key of the first.
 
-    An expired certificate is refused too, or with ``refuse_expired=False`` only logged: a device whose client
-    certificate lapsed keeps serving its local answers (escalations fall back) rather than failing to start.
+    An expired certificate, or one not valid yet, is refused too, or with ``refuse_expired=False`` only logged:
+    a device whose client certificate lapsed keeps serving its local answers (escalations fall back) rather
+    than failing to start.
     """
     check_certificates(cert, field=cert_field)  # so that what fails below is the key
     try:
@@ -54,21 +55,39 @@ def check_key_pair(
         raise ConfigError(f"{key} holds no unencrypted PEM private key", field=key_field) from err
     except OSError as err:
         raise ConfigError(f"cannot read {key}: {err.strerror}", field=key_field) from err
-    not_after = _not_after_s(cert)
-    if not_after is not None and not_after < time.time():
-        # the other side would refuse the handshake, and say only "certificate has expired" on its side
-        problem = ConfigError(f"the certificate in {cert} expired on "
-                              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(not_after))}", field=cert_field)
-        if refuse_expired:
-            raise problem
-        log.error("%s: the bridge will refuse it until it is renewed", problem)
+    not_before, not_after = _validity_s(cert)
+    now = time.time()
+    # the other side would refuse the handshake, and say only "certificate has expired" (or "is not yet valid")
+    # on its side
+    if not_after is not None and not_after < now:
+        problem = ConfigError(f"the certificate in {cert} expired on {_utc(not_after)}", field=cert_field)
+    elif not_before is not None and not_before > now:
+        problem = ConfigError(f"the certificate in {cert} is not valid until {_utc(not_before)} (or this "
+                              "machine's clock is behind)", field=cert_field)
+    else:
+        return
+    if refuse_expired:
+        raise problem
+    log.error("%s: the bridge will refuse it until it is valid", problem)
 
 
-def _not_after_s(cert: str | os.PathLike[str]) -> float | None:
-    """When the first certificate in ``cert`` expires (Unix time); None when the standard library cannot say."""
+def _utc(when_s: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when_s))
+
+
+def _validity_s(cert: str | os.PathLike[str]) -> tuple[float | None, float | None]:
+    """From when and until when the first certificate in ``cert`` is valid (Unix time); None when the
+    standard library cannot say."""
     try:
         # the ssl module decodes a certificate file only through this helper (no public API reads a PEM's dates)
         decoded = ssl._ssl._test_decode_cert(os.fspath(cert))  # type: ignore[attr-defined]
-        return float(ssl.cert_time_to_seconds(decoded["notAfter"]))
-    except (AttributeError, KeyError, ValueError, OSError, ssl.SSLError):
-        return None
+    except (AttributeError, OSError, ssl.SSLError):
+        return None, None
+
+    def seconds(key: str) -> float | None:
+        try:
+            return float(ssl.cert_time_to_seconds(decoded[key]))
+        except (KeyError, ValueError):
+            return None
+
+    return seconds("notBefore"), seconds("notAfter")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
-import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from .._proto.edgecloud.v1 import bridge_pb2, daemon_pb2, daemon_pb2_grpc
+from .._unix_socket import prepare_socket_path
 from ..engine.types import TokenInfo
 from ..errors import (
     ConfigError,
@@ -49,8 +48,6 @@ log = logging.getLogger("edge_runtime.daemon")
 
 SERVICE_NAME = daemon_pb2.DESCRIPTOR.services_by_name["EdgeRuntime"].full_name
 DOMAIN = "edgecloud.v1"
-# sun_path is 108 bytes on Linux, the terminating NUL included
-_MAX_SOCKET_PATH = 107
 # a call whose deadline is this close (s) when it ends ended by the deadline
 _DEADLINE_SLACK_S = 0.05
 _STALLED_SEND_GRACE_S = 1.0  # after the deadline, for a stream whose client stopped reading
@@ -319,40 +316,11 @@ def _aborting_on_error(job: Job, context: grpc.ServicerContext) -> Iterator[None
 # ---- the server -------------------------------------------------------------------------------------
 
 
-def _prepare_socket_path(path: Path) -> None:
-    """Refuse a path in use by a live daemon; remove a stale socket; create a private parent directory."""
-    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-        raise ConfigError(f"{path} is longer than {_MAX_SOCKET_PATH} bytes, the limit of a Unix socket path",
-                          field="server.grpc_socket")
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"cannot create the socket's directory {path.parent}: {err.strerror or err}",
-                              field="server.grpc_socket") from err
-        return
-    except OSError as err:  # a parent that is a file, or one this user may not search
-        raise ConfigError(f"cannot use {path}: {err.strerror or err}", field="server.grpc_socket") from err
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(f"{path} exists and is not a socket", field="server.grpc_socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()  # nobody listens: a previous daemon died without cleaning up
-    else:
-        raise ConfigError(f"{path} is in use (another edge-runtime daemon?)", field="server.grpc_socket")
-    finally:
-        probe.close()
-
-
 def create_grpc_server(service: ChatService, socket_path: str | os.PathLike[str], *, max_workers: int,
                        ) -> tuple[grpc.Server, health.HealthServicer, Path]:
     """A gRPC server (not started) with the daemon and health services on ``socket_path``, mode 0600."""
     path = Path(socket_path).expanduser().absolute()
-    _prepare_socket_path(path)
+    prepare_socket_path(path, field="server.grpc_socket", server="edge-runtime daemon")
     # every call holds a thread while it waits or runs; beyond that grpc refuses with RESOURCE_EXHAUSTED itself
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edge-runtime-grpc"),
                          maximum_concurrent_rpcs=max_workers)

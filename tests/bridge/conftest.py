@@ -116,7 +116,7 @@ def _key() -> Any:
 
 
 def _cert(subject: str, key: Any, issuer: tuple[str, Any] | None, *, ca: bool = False, server: bool = False,
-          days: float = 1) -> Any:
+          days: float = 1, starts_in_days: float | None = None) -> Any:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -129,7 +129,8 @@ def _cert(subject: str, key: Any, issuer: tuple[str, Any] | None, *, ca: bool = 
         .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=max(0.0, -days) + 1))
+        .not_valid_before(now + datetime.timedelta(days=starts_in_days) if starts_in_days is not None
+                          else now - datetime.timedelta(days=max(0.0, -days) + 1))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )

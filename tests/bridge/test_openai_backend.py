@@ -580,3 +580,14 @@ def test_an_api_key_sent_over_plain_http_off_this_machine_is_warned_about(base_u
     with caplog.at_level("WARNING", logger="cloud_bridge"):  # no key, nothing to leak
         OpenAIBackend(OpenAIModelSettings(base_url=base_url, model="m"), environ={})
     assert "plain http" not in caplog.text
+
+
+def test_a_query_in_base_url_is_sent_and_a_fragment_refused(upstream):
+    # Azure OpenAI's deployments need ?api-version=...: it was dropped from every request
+    backend = OpenAIBackend(OpenAIModelSettings(base_url=upstream.base_url + "?api-version=2024-06-01", model="gpt-test",
+                                                timeout_s=5.0))
+    backend.generate(REQUEST, CancelToken())
+    assert upstream.requests[-1]["path"] == "/v1/chat/completions?api-version=2024-06-01"
+    with pytest.raises(ConfigError) as info:
+        OpenAIModelSettings(base_url="https://api.example.com/v1#x", model="m").validate()
+    assert info.value.field == "base_url"

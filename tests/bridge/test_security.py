@@ -268,6 +268,11 @@ def test_an_expired_certificate_is_refused_at_start_naming_its_field(tmp_path):
     with pytest.raises(ConfigError) as info:
         create_server(bridge_settings(server={"tls_cert": str(cert), "tls_key": str(key_path)}))
     assert info.value.field == "server.tls_cert" and "expired on" in str(info.value)
+    # and one not valid yet: the bridge started, and every device's handshake failed
+    cert, key_path = _write(tmp_path, "future", _cert("bridge", key, None, server=True, days=30, starts_in_days=5), key)
+    with pytest.raises(ConfigError) as info:
+        create_server(bridge_settings(server={"tls_cert": str(cert), "tls_key": str(key_path)}))
+    assert info.value.field == "server.tls_cert" and "is not valid until" in str(info.value)
 
 
 def test_an_expired_client_certificate_is_logged_and_the_device_still_starts(tmp_path, caplog):
@@ -341,3 +346,15 @@ def test_a_rotated_token_file_refused_for_its_mode_is_read_once_it_is_fixed(star
         client.generate(HI)
     os.chmod(token_file, 0o600)  # what the warning says to do: no write, only the mode changes
     assert client.generate(HI).text
+
+
+def test_a_deleted_tokens_file_revokes_its_tokens_with_a_warning(tmp_path, caplog):
+    # it was logged at INFO as "device tokens reloaded: 0 devices"
+    path = tmp_path / "tokens.toml"
+    token = add_device_token(path, "pi")
+    store = TokenStore(tokens_file=path, reload_interval_s=0.0)
+    assert store.authenticate(token) == "pi"
+    path.unlink()
+    with caplog.at_level("WARNING", logger="cloud_bridge"):
+        assert store.authenticate(token) is None
+    assert "is gone" in caplog.text

@@ -368,3 +368,72 @@ def test_a_tokens_file_behind_a_symlink_is_updated_through_it(tmp_path, capsys):
     assert link.is_symlink() and '"d2" =' in real.read_text()
     assert main(["token", "remove", "d1", "--tokens-file", str(link)]) == 0
     assert link.is_symlink() and '"d1" =' not in real.read_text()  # (a hash's hex digits may hold "d1")
+
+
+def test_a_change_to_the_tokens_file_waits_for_the_one_in_progress(tmp_path, monkeypatch):
+    # ten `token add` at once stored six devices (four printed tokens never worked), and a `token remove` among
+    # adds could come back undone: each read the file, changed it and wrote it back unlocked
+    import threading
+
+    from cloud_bridge import _auth
+
+    tokens = tmp_path / "tokens.toml"
+    _auth.add_device_token(tokens, "victim")
+    read, go_on = threading.Event(), threading.Event()
+    real_read = _auth.read_tokens_file
+
+    def slow_read(path):
+        out = real_read(path)
+        if threading.current_thread().name == "adder":  # the add has read the file and not yet written it
+            read.set()
+            go_on.wait(10)
+        return out
+
+    monkeypatch.setattr(_auth, "read_tokens_file", slow_read)
+    adder = threading.Thread(target=_auth.add_device_token, args=(tokens, "dev1"), name="adder")
+    adder.start()
+    assert read.wait(10)
+    remover = threading.Thread(target=_auth.remove_device_token, args=(tokens, "victim"))
+    remover.start()
+    remover.join(0.3)
+    assert remover.is_alive()  # it waits for the add in progress
+    go_on.set()
+    adder.join(10)
+    remover.join(10)
+    assert set(real_read(tokens)) == {"dev1"}  # the removal was not undone
+
+
+def test_a_second_bridge_cannot_take_a_live_bridges_unix_socket(tmp_path):
+    # gRPC unlinked the first bridge's socket and bound its own: the first ran on, unreachable
+    sock = tmp_path / "run" / "bridge.sock"
+    settings = load_bridge_settings(data={"server": {"address": f"unix:{sock}"}, "models": {"e": {"backend": "echo"}},
+                                          "auth": {"tokens_file": None}}, env={})
+    first, _ = create_server(settings, insecure=True)
+    first.start()
+    try:
+        with pytest.raises(ConfigError, match="in use") as info:
+            create_server(settings, insecure=True)
+        assert info.value.field == "server.address"
+    finally:
+        first.stop(grace_s=0)
+    import socket
+
+    stale = socket.socket(socket.AF_UNIX)  # a socket file nobody listens on: a bridge that was killed
+    stale.bind(str(sock))
+    stale.close()
+    second, _ = create_server(settings, insecure=True)  # removed and bound
+    second.stop(grace_s=0)
+
+
+def test_config_command_hides_the_values_of_a_base_url_query(tmp_path, capsys):
+    # a key in the query (?key=...) was printed as written
+    path = write(tmp_path, CONFIG.replace("https://api.example.com/v1", "https://api.example.com/v1?api-version=1&key=QSECRET"))
+    assert main(["config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "QSECRET" not in out and "https://api.example.com/v1?api-version=***&key=***" in out
+
+
+def test_token_list_names_a_tokens_file_that_is_not_there(tmp_path, capsys):
+    # it printed nothing and exited 0, hiding a wrong path
+    assert main(["token", "list", "--tokens-file", str(tmp_path / "nope.toml")]) == 1
+    assert "tokens file not found" in capsys.readouterr().err

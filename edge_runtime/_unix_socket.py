@@ -1,0 +1,47 @@
+"""The path a server's Unix socket is bound to (the daemon's gRPC socket, a bridge's ``unix:`` address).
+
+gRPC unlinks whatever socket is at the path when it binds: a second server would take the path over from a
+live one, which then runs unreachable. So a live socket is refused; a stale one (its process died) is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = ["MAX_SOCKET_PATH_BYTES", "prepare_socket_path"]
+
+MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
+
+
+def prepare_socket_path(path: Path, *, field: str, server: str) -> None:
+    """Refuse a path in use by a live ``server``; remove a stale socket; create a private parent directory."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(f"{path} is longer than {MAX_SOCKET_PATH_BYTES} bytes, the limit of a Unix socket path",
+                          field=field)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create the socket's directory {path.parent}: {err.strerror or err}",
+                              field=field) from err
+        return
+    except OSError as err:  # a parent that is a file, or one this user may not search
+        raise ConfigError(f"cannot use {path}: {err.strerror or err}", field=field) from err
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket", field=field)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: a previous server died without cleaning up
+    else:
+        raise ConfigError(f"{path} is in use (another {server}?)", field=field)
+    finally:
+        probe.close()
