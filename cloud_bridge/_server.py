@@ -113,9 +113,10 @@ class BridgeServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),  # two bridges must not silently share a port
         ]
-        # one thread per call gRPC admits; beyond max_concurrent_rpcs gRPC itself answers RESOURCE_EXHAUSTED
+        # a thread per generation call the service admits (beyond max_concurrent_rpcs it answers RESOURCE_EXHAUSTED
+        # at once), and a few more for health checks, ListModels and those refusals
         self._executor = futures.ThreadPoolExecutor(max_workers=s.max_concurrent_rpcs + 4, thread_name_prefix="bridge")
-        self.grpc_server = grpc.server(self._executor, options=options, maximum_concurrent_rpcs=s.max_concurrent_rpcs)
+        self.grpc_server = grpc.server(self._executor, options=options)
         bridge_pb2_grpc.add_CloudBridgeServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         credentials = _credentials(s, insecure)

@@ -9,7 +9,9 @@ deadline passes, so an abandoned call stops its backend.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -67,6 +69,11 @@ def _invalid(err: InvalidRequestError) -> Reject:
     return Reject(make_status(grpc.StatusCode.INVALID_ARGUMENT, message, bad_request(field, description)))
 
 
+# what a call refused at server.max_concurrent_rpcs is told to wait: calls last seconds, and the device's
+# backoff spreads the retries
+_BUSY_RETRY_S = 1.0
+
+
 class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     def __init__(
         self,
@@ -83,6 +90,21 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             alias: WorkerSlots(settings.models[alias].workers, settings.models[alias].queue_size)
             for alias in self.backends
         }
+        # generation calls in progress, all models together. Counted here rather than by gRPC's own
+        # maximum_concurrent_rpcs, which counted health checks and ListModels too: a busy bridge looked dead
+        self._calls = threading.BoundedSemaphore(settings.server.max_concurrent_rpcs)
+
+    @contextlib.contextmanager
+    def _call_slot(self) -> Iterator[None]:
+        if not self._calls.acquire(blocking=False):
+            limit = self.settings.server.max_concurrent_rpcs
+            raise Reject(make_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"the bridge has {limit} calls in progress, its limit (server.max_concurrent_rpcs)",
+                                     retry_info(_BUSY_RETRY_S), error_info("BRIDGE_BUSY", {"limit": str(limit)})))
+        try:
+            yield
+        finally:
+            self._calls.release()
 
     # --- the steps -------------------------------------------------------------------------------------
 
@@ -321,12 +343,13 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     ) -> bridge_pb2.GenerateResponse:
         job: _Job | None = None
         try:
-            job = self._prepare(request, context)
-            result = None
-            for chunk in self._run(job, stream=False):
-                result = chunk.result
-            assert result is not None
-            return self._response(job, result)
+            with self._call_slot():
+                job = self._prepare(request, context)
+                result = None
+                for chunk in self._run(job, stream=False):
+                    result = chunk.result
+                assert result is not None
+                return self._response(job, result)
         except Reject as reject:
             self._abort(context, reject, job)
 
@@ -337,25 +360,26 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         delivered = 0  # tokens the caller has been sent
         finished = False
         try:
-            job = self._prepare(request, context)
-            for chunk in self._run(job, stream=True):
-                if chunk.text or chunk.token_count:
-                    delivered += chunk.token_count
-                    yield bridge_pb2.GenerateStreamResponse(
-                        delta=bridge_pb2.TextDelta(text=chunk.text, token_count=chunk.token_count)
+            with self._call_slot():
+                job = self._prepare(request, context)
+                for chunk in self._run(job, stream=True):
+                    if chunk.text or chunk.token_count:
+                        delivered += chunk.token_count
+                        yield bridge_pb2.GenerateStreamResponse(
+                            delta=bridge_pb2.TextDelta(text=chunk.text, token_count=chunk.token_count)
+                        )
+                    if chunk.result is not None:
+                        final = self._response(job, chunk.result)  # charges and logs the call
+                        finished = True
+                        yield bridge_pb2.GenerateStreamResponse(final=final)
+                        return
+                raise Reject(
+                    make_status(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"backend {job.alias!r} ended its stream without a result",
+                        error_info("BACKEND_CRASHED", {"model_alias": job.alias}),
                     )
-                if chunk.result is not None:
-                    final = self._response(job, chunk.result)  # charges and logs the call
-                    finished = True
-                    yield bridge_pb2.GenerateStreamResponse(final=final)
-                    return
-            raise Reject(
-                make_status(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"backend {job.alias!r} ended its stream without a result",
-                    error_info("BACKEND_CRASHED", {"model_alias": job.alias}),
                 )
-            )
         except Reject as reject:
             self._abort(context, reject, job)
         except GeneratorExit:

@@ -93,7 +93,8 @@ class ServerSettings:
         None, help="PEM CA bundle for device certificates; when set, clients must present one (mTLS)"
     )
     max_message_bytes: int = setting(4 << 20, help="largest request or response message, in bytes")
-    max_concurrent_rpcs: int = setting(64, help="calls in progress beyond which gRPC itself answers RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = setting(64, help="generation calls in progress beyond which the bridge answers "
+                                               "RESOURCE_EXHAUSTED (health checks and ListModels are not counted)")
     grace_period_s: float = setting(10.0, help="on shutdown, how long in-flight calls may take to finish")
     log_content: bool = setting(False, help="log prompts and answers (off by default: they are the users' data)")
 

@@ -310,3 +310,27 @@ def test_an_upstream_call_cancelled_before_it_was_sent_never_reaches_the_upstrea
             listener.accept()  # no connection was even made
     finally:
         listener.close()
+
+
+def test_a_bridge_at_its_call_limit_still_answers_health_checks_and_refuses_more_calls_with_a_delay(start_bridge,
+                                                                                                     raw_stub):
+    # gRPC's own limit counted health checks too: a busy bridge looked dead to a load balancer
+    bridge = start_bridge(models=slow(30, reply="a b c d e f g h i j", workers=4, queue_size=4),
+                          server={"max_concurrent_rpcs": 2})
+    stub = raw_stub(bridge)
+    request = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")])
+    running = [stub.Generate.future(request, metadata=AUTH, timeout=10) for _ in range(2)]
+    while bridge.server.service.slots["tiny"].running < 2:
+        time.sleep(0.005)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request, metadata=AUTH, timeout=10)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = _details(info.value)
+    assert details["ErrorInfo"].reason == "BRIDGE_BUSY" and details["RetryInfo"].retry_delay.seconds >= 1
+    with grpc.insecure_channel(bridge.address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+    assert stub.ListModels(bridge_pb2.ListModelsRequest(), metadata=AUTH, timeout=5).models
+    assert [f.result().text for f in running] == ["a b c d e f g h i j"] * 2
+    # the slots are free again
+    assert stub.Generate(request, metadata=AUTH, timeout=10).text == "a b c d e f g h i j"
