@@ -263,6 +263,10 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                     # the caller is gone or out of time: a cut-off answer is no answer
                     self.quotas.charge_tokens(job.device, chunk.result.prompt_tokens + chunk.result.completion_tokens)
                     expired = job.cancel.deadline_s is not None and time.monotonic() >= job.cancel.deadline_s
+                    # billed all the same (an upstream bills what it generated): the access log must show it
+                    self._log_cut_call(job, "deadline_exceeded" if expired else "cancelled_by_caller",
+                                       f"prompt_tokens={chunk.result.prompt_tokens}", chunk.result.prompt_tokens,
+                                       chunk.result.completion_tokens)
                     raise Reject(
                         make_status(
                             grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED,
@@ -293,6 +297,13 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         finally:
             job.generate_ms = (time.monotonic() - started_s) * 1000.0
             job.slots.release(job.generate_ms / 1000.0)
+
+    @staticmethod
+    def _log_cut_call(job: _Job, finish: str, prompt_shown: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """The access line of a call that ended before its answer: what it generated is billed all the same."""
+        log.info("%s device=%s model=%s finish=%s %s completion_tokens=%d cost_usd=%.6f", job.request.request_id,
+                 job.device, job.alias, finish, prompt_shown, completion_tokens,
+                 job.model.cost_usd(prompt_tokens, completion_tokens))
 
     def _response(self, job: _Job, result: BackendResult) -> bridge_pb2.GenerateResponse:
         now_s = time.monotonic()
@@ -389,9 +400,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                 # the prompt too, once a backend had it: else streams cut after one token prefilled any prompt for free
                 prompt = estimated_tokens("".join(m["content"] for m in job.request.messages)) if job.started_s else 0
                 self.quotas.charge_tokens(job.device, prompt + delivered)
-                log.info("%s device=%s model=%s finish=cancelled_by_caller prompt_tokens~%d completion_tokens=%d "
-                         "cost_usd=%.6f", job.request.request_id, job.device, job.alias, prompt, delivered,
-                         job.model.cost_usd(prompt, delivered))
+                self._log_cut_call(job, "cancelled_by_caller", f"prompt_tokens~{prompt}", prompt, delivered)
             raise
 
     def ListModels(

@@ -44,11 +44,11 @@ def _details(err: grpc.RpcError) -> dict[str, object]:
     return out
 
 
-def test_deadline_exceeded_stops_the_backend_generation(start_bridge, make_client):
-    bridge = start_bridge(models=slow(20))  # 200 tokens x 20 ms = 4 s if nothing stopped it
+def test_deadline_exceeded_stops_the_backend_generation(start_bridge, make_client, caplog):
+    bridge = start_bridge(models=slow(20, usd_per_million_output_tokens=1.0))  # 200 tokens x 20 ms = 4 s
     client = make_client(bridge, max_attempts=1)
     started = time.monotonic()
-    with pytest.raises(CloudTimeoutError):
+    with caplog.at_level("INFO", logger="cloud_bridge"), pytest.raises(CloudTimeoutError):
         client.generate(HI, timeout_s=0.3)
     assert time.monotonic() - started < 1.0
     (record,) = bridge.backend().wait_for_generations(1, timeout_s=3)
@@ -56,6 +56,11 @@ def test_deadline_exceeded_stops_the_backend_generation(start_bridge, make_clien
     assert record.completion_tokens < 40
     assert record.ended_s - record.started_s < 1.0
     assert bridge.server.service.slots["tiny"].running == 0
+    # what it generated is billed: the access log names the device, the model, the tokens and the cost
+    deadline = time.monotonic() + 2
+    while "finish=deadline_exceeded" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "device=device-a model=tiny finish=deadline_exceeded" in caplog.text and "cost_usd=" in caplog.text
 
 
 def test_a_stream_the_caller_abandons_stops_the_backend_and_frees_its_worker(start_bridge, make_client):
