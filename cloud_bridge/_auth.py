@@ -207,10 +207,15 @@ def read_tokens_file(path: str | os.PathLike[str]) -> dict[str, str]:
     return dict(devices)
 
 
+def _link_target(path: str | os.PathLike[str]) -> Path:
+    """The file a tokens-file path names: through a symlink, the target is rewritten and the link kept (a rename
+    would replace the link)."""
+    return Path(path).resolve() if Path(path).is_symlink() else Path(path)
+
+
 def write_tokens_file(path: str | os.PathLike[str], hashes: Mapping[str, str]) -> None:
     """Write atomically, readable by the owner only (the hashes are not secrets, but need not be public)."""
-    # through a symlink, the target is rewritten and the link kept (a rename would replace the link)
-    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
+    path = _link_target(path)
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
@@ -252,7 +257,7 @@ def tokens_file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     (an added device whose printed token never worked, or a removed one that came back). The file itself
     cannot carry the lock, as every write replaces it. Nests within a thread; a no-op where there is no fcntl.
     """
-    target = Path(path).resolve() if Path(path).is_symlink() else Path(path)
+    target = _link_target(path)
     lock_path = target.parent / f".{target.name}.lock"
     held: dict[Path, int] = getattr(_held_locks, "held", None) or {}
     _held_locks.held = held

@@ -42,6 +42,7 @@ from typing import Any, Literal
 from .confidence import Estimator, check_bundle_hash, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
+from .engine.engine import _cancel_check
 from .engine.types import EnergyReport, log_text, short_repr
 from .errors import (
     CircuitOpenError,
@@ -151,8 +152,7 @@ def _finite_or_none(p: float | None) -> float | None:
 def _check_call_arguments(cancel: Any, request_id: Any, deadline_s: Any, on_escalate: Any) -> None:
     """The stream's own arguments, checked before any work: a bad one failed half-way through the answer, or
     looked like a cloud outage (a NaN deadline timed out every escalation and opened the circuit for everyone)."""
-    if cancel is not None and not (isinstance(cancel, threading.Event) or callable(cancel)):
-        raise InvalidRequestError("must be a threading.Event or a callable", field="cancel")
+    _cancel_check(cancel)  # the engine's own check of it
     if on_escalate is not None and not callable(on_escalate):
         raise InvalidRequestError("must be a callable", field="on_escalate")
     # what the bridge accepts (a refused id would fail the escalation)
