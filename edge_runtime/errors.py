@@ -141,7 +141,12 @@ class QueueFullError(EdgeRuntimeError):
 
 
 class CloudError(EdgeRuntimeError):
-    """Escalation to the cloud bridge failed. ``code`` is the gRPC status name when known."""
+    """Escalation to the cloud bridge failed. ``code`` is the gRPC status name when known.
+
+    ``skipped`` is True when the client refused the call itself, without asking the bridge.
+    """
+
+    skipped = False
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -153,9 +158,18 @@ class CloudAuthError(CloudError):
 
 
 class CloudQuotaError(CloudError):
-    def __init__(self, message: str, *, code: str | None = None, retry_after_s: float | None = None) -> None:
+    """The bridge or its upstream refused the call for now; ``retry_after_s``: when to try again, if it said.
+
+    ``reason`` is the bridge's ErrorInfo reason: ``QUOTA_EXCEEDED`` when this device's own quota at the bridge
+    is spent (the bridge is healthy), ``BRIDGE_BUSY`` or an upstream's rate limit otherwise.
+    """
+
+    def __init__(
+        self, message: str, *, code: str | None = None, retry_after_s: float | None = None, reason: str = ""
+    ) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 class CloudTimeoutError(CloudError):
@@ -167,7 +181,7 @@ class CloudUnavailableError(CloudError):
 
 
 class CircuitOpenError(CloudError):
-    pass
+    skipped = True
 
 
 class CloudRequestTooLargeError(CloudError, InvalidRequestError):

@@ -45,7 +45,6 @@ from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validat
 from .engine.engine import _cancel_check
 from .engine.types import EnergyReport, log_text, short_repr
 from .errors import (
-    CircuitOpenError,
     CloudCancelledError,
     CloudError,
     CloudResponseTooLargeError,
@@ -712,7 +711,7 @@ class HybridRuntime:
                 settlement.settle(ctx.estimated_cloud_usd if billed else 0.0)
                 if asked:
                     failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0
-                asked = asked and not isinstance(err, CircuitOpenError)
+                asked = asked and not err.skipped  # refused on the device (circuit open, quota spent): no radio
                 cloud_error = f"{type(err).__name__}: {err}"
                 log.warning("%s: escalation failed, answering locally: %s", request_id, log_text(cloud_error))
                 route = "fallback"

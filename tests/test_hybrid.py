@@ -49,12 +49,13 @@ def _down_recording_drafts():
 
 
 @contextlib.contextmanager
-def _echo_bridge(alias: str, **model):
+def _echo_bridge(alias: str, quota: dict | None = None, **model):
     """A started loopback bridge serving one echo model; yields (server, port)."""
     settings = load_bridge_settings(data={
         "server": {"address": "127.0.0.1:0", "grace_period_s": 0.5},
         "auth": {"tokens_file": None, "tokens": {"dev": hash_token(TOKEN)}},
         "models": {alias: {"backend": "echo", **model}},
+        **({"quota": quota} if quota else {}),
     }, env={})
     server, port = create_server(settings, insecure=True)
     server.start()
@@ -122,6 +123,19 @@ def test_bridge_down_gives_the_local_answer_as_fallback_then_the_circuit_skips_i
     assert results[-1][1] < 0.5  # the open circuit answers at once
     assert results[0][0].energy["network_joules"] > 0  # the first tries used the radio
     assert results[-1][0].energy["network_joules"] == 0  # an open circuit sends nothing, so it costs no radio energy
+
+
+def test_a_spent_device_quota_falls_back_without_opening_the_circuit_and_then_skips_the_bridge(engine):
+    with _echo_bridge("big", quota={"requests_per_minute": 1, "requests_burst": 1}, reply="the answer is 4") as (_s, port):
+        rt = _runtime(engine, port, {"type": "always"})  # the circuit opens after 2 failures
+        first, refused, skipped = (rt.chat(ASK, max_new_tokens=5) for _ in range(3))
+    assert first.route == "cloud"
+    assert refused.route == skipped.route == "fallback" and refused.text == skipped.text
+    assert "CloudQuotaError" in refused.cloud_error and "QUOTA_EXCEEDED" in refused.cloud_error
+    assert refused.energy["network_joules"] > 0  # the bridge was asked
+    # the client remembers the bridge's retry time: the third is refused on the device, honestly named
+    assert "quota at the bridge is spent" in skipped.cloud_error and skipped.energy["network_joules"] == 0
+    assert rt.cloud.circuit.state == "closed"  # the bridge is healthy; only this device's quota is spent
 
 
 def test_early_exit_stops_decoding_and_escalates(engine, bridge):

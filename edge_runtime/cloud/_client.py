@@ -16,6 +16,9 @@ short counted: one that ran out of a deadline shorter than the configured
 ``timeout_s`` (the caller's own, e.g. a daemon request's), or a stream whose
 ``cancel`` turned true (CloudCancelledError; the call, and with it the bridge's
 generation, is cancelled within about 0.1 s, even while waiting for a chunk).
+A refusal because this device's own quota at the bridge is spent (ErrorInfo
+QUOTA_EXCEEDED) is not counted either: until the retry time the bridge gave,
+calls are refused at once (CloudQuotaError) without asking the bridge.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ..errors import (
     CircuitOpenError,
     CloudCancelledError,
     CloudError,
+    CloudQuotaError,
     CloudResponseTooLargeError,
     CloudTimeoutError,
     CloudUnavailableError,
@@ -80,6 +84,8 @@ _CIRCUIT_CODE_NAMES = frozenset(code.name for code in CIRCUIT_CODES)
 # failures of the request or the caller, whatever their gRPC code (a too-large message is RESOURCE_EXHAUSTED, a
 # cancelled call CANCELLED): the same call again fails the same way or is not wanted, and the bridge is not to blame
 _NEUTRAL_ERRORS = (InvalidRequestError, CloudResponseTooLargeError, CloudCancelledError)
+# the bridge's ErrorInfo reason for a device whose own quota is spent
+QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
 # how often a stream's ``cancel`` is polled while the caller's thread waits for the bridge
 _CANCEL_POLL_S = 0.05
 # gRPC and the client's clock may read a deadline a hair apart; an expiry this close to it is the deadline's
@@ -224,6 +230,8 @@ class CloudClient:
         self._sleep = sleep if sleep is not None else self._closing.wait
         self._rng = rng or random.Random()
         self.circuit = CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_cooldown_s, clock=clock)
+        # until when this device's own quota at the bridge is spent, as the bridge said (clock seconds; 0: not)
+        self._quota_until_s = 0.0
 
     # --- plumbing --------------------------------------------------------------------------------------
 
@@ -261,6 +269,13 @@ class CloudClient:
         """Let a call through the circuit breaker; what :meth:`CircuitBreaker.admit` returned (0, or a probe's number)."""
         if self._closed:
             raise self._closed_error()
+        wait_s = self._quota_until_s - self._clock()
+        if wait_s > 0:
+            # the bridge said when this device's quota allows a call again: a call before then is refused the same
+            error = CloudQuotaError(f"cloud skipped: this device's quota at the bridge is spent; next try in {wait_s:.1f} s",
+                                    code="RESOURCE_EXHAUSTED", retry_after_s=wait_s, reason=QUOTA_EXCEEDED)
+            error.skipped = True
+            raise error
         kind = self.circuit.admit()
         if kind is None:
             wait_s = self.circuit.retry_after_s()
@@ -276,6 +291,11 @@ class CloudClient:
         ``probe``: what the call's admission returned (see :meth:`CircuitBreaker.admit`)."""
         if error is None:
             self.circuit.record_success()
+        elif isinstance(error, CloudQuotaError) and error.reason == QUOTA_EXCEEDED:
+            # this device's quota is spent; the bridge is healthy and serves other devices: not an outage
+            if error.retry_after_s:
+                self._quota_until_s = max(self._quota_until_s, self._clock() + error.retry_after_s)
+            self.circuit.record_neutral(probe=probe)
         elif isinstance(error, _NEUTRAL_ERRORS) or cut_short:
             self.circuit.record_neutral(probe=probe)
         elif error.code in _CIRCUIT_CODE_NAMES or isinstance(error, (CloudUnavailableError, CloudTimeoutError)):

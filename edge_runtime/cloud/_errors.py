@@ -136,7 +136,7 @@ def translate_rpc_error(err: grpc.RpcError, details: StatusDetails | None = None
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (text or "").startswith(_TOO_LARGE_PREFIXES):
         return CloudRequestTooLargeError(f"{message}: shorten the messages", code=name)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return CloudQuotaError(message, code=name, retry_after_s=details.retry_after_s)
+        return CloudQuotaError(message, code=name, retry_after_s=details.retry_after_s, reason=details.reason)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return CloudTimeoutError(message, code=name)
     if code in CIRCUIT_CODES:

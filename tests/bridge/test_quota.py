@@ -206,3 +206,24 @@ def test_a_request_quota_below_one_a_minute_still_admits_one_request():
     assert quotas.admit("a") is not None
     clock.now += 120.0
     assert quotas.admit("a") is None
+
+
+def test_a_spent_device_quota_skips_the_cloud_until_its_retry_time_without_opening_the_circuit(start_bridge, make_client):
+    bridge = start_bridge(quota={"requests_per_minute": 6, "requests_burst": 1})
+    clock = FakeClock()
+    client = make_client(bridge, timeout_s=2, circuit_failure_threshold=1, clock=clock)
+    client.generate(HI)
+    with pytest.raises(CloudQuotaError) as refused:
+        client.generate(HI)
+    assert refused.value.reason == "QUOTA_EXCEEDED"
+    # the bridge is healthy and serves other devices: this device's quota is not an outage
+    assert client.circuit.state == "closed"
+    clock.now += 5.0
+    with pytest.raises(CloudQuotaError) as skipped:  # refused at once, without asking the bridge
+        client.generate(HI)
+    assert "quota at the bridge is spent" in str(skipped.value) and skipped.value.retry_after_s == pytest.approx(5.0, abs=0.6)
+    assert client.circuit.state == "closed"
+    clock.now += 6.0  # past the retry time the bridge gave (10 s at 6 requests a minute), on the client's clock
+    with pytest.raises(CloudQuotaError) as asked:  # the bridge is asked again (its own clock has not moved)
+        client.generate(HI)
+    assert "cloud skipped" not in str(asked.value) and asked.value.reason == "QUOTA_EXCEEDED"
