@@ -191,33 +191,53 @@ def response_from_result(result: HybridResult, job: Job) -> daemon_pb2.ChatRespo
 
 
 class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
-    def __init__(self, service: ChatService) -> None:
+    """``max_calls``: chat calls in progress (running, queued, or still sending) beyond which a call is refused
+    at once. Counted here rather than by gRPC's own ``maximum_concurrent_rpcs``, which counted health checks
+    too: a daemon whose calls held every thread answered its health check with RESOURCE_EXHAUSTED."""
+
+    def __init__(self, service: ChatService, *, max_calls: int | None = None) -> None:
         self.service = service
+        self.max_calls = max_calls
+        self._calls = threading.BoundedSemaphore(max_calls) if max_calls else None
+
+    def _refuse(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext, err: EdgeRuntimeError) -> None:
+        # only a sane id is logged (the refusal may be of the id itself: a newline, megabytes)
+        self.service.refused("grpc", err, request.request_id if valid_request_id(request.request_id) else None)
+        context.abort_with_status(status_for(err))
+
+    def _call_slot(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> contextlib.ExitStack:
+        """Take one of the ``max_calls`` slots for this call; released when the returned stack closes."""
+        stack = contextlib.ExitStack()
+        if self._calls is not None:
+            if not self._calls.acquire(blocking=False):
+                self._refuse(request, context, QueueFullError(
+                    f"the daemon's gRPC socket has {self.max_calls} calls in progress, its limit"))
+            stack.callback(self._calls.release)
+        return stack
 
     def _open(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext, *, stream: bool = False) -> Job:
         try:
             req = request_from_proto(request, stream=stream)
             job = self.service.open(req, "grpc", timeout_s=context.time_remaining())
         except EdgeRuntimeError as err:
-            # only a sane id is logged (the refusal may be of the id itself: a newline, megabytes)
-            self.service.refused("grpc", err, request.request_id if valid_request_id(request.request_id) else None)
-            context.abort_with_status(status_for(err))
+            self._refuse(request, context, err)
             raise  # abort_with_status raises; this line is for the type checker
         # runs when the call ends for any reason; a no-op for a job that already finished
         context.add_callback(lambda: job.cancel(_end_reason(context)))
         return job
 
     def Chat(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> daemon_pb2.ChatResponse:
-        job = self._open(request, context)
-        with _aborting_on_error(job, context):
-            return response_from_result(job.run(), job)
+        with self._call_slot(request, context):
+            job = self._open(request, context)
+            with _aborting_on_error(job, context):
+                return response_from_result(job.run(), job)
         raise AssertionError("unreachable: abort() raises")
 
     def ChatStream(self, request: daemon_pb2.ChatRequest,
                    context: grpc.ServicerContext) -> Iterator[daemon_pb2.ChatStreamResponse]:
-        job = self._open(request, context, stream=True)
-        watchdog = _StallWatchdog(job, context)
-        with contextlib.ExitStack() as stack:
+        with self._call_slot(request, context) as stack:
+            job = self._open(request, context, stream=True)
+            watchdog = _StallWatchdog(job, context)
             stack.callback(watchdog.stop)
             stack.enter_context(_aborting_on_error(job, context))
             # a token whose text is held back (part of a character, or maybe of a stop string) is sent just before
@@ -316,15 +336,15 @@ def _aborting_on_error(job: Job, context: grpc.ServicerContext) -> Iterator[None
 # ---- the server -------------------------------------------------------------------------------------
 
 
-def create_grpc_server(service: ChatService, socket_path: str | os.PathLike[str], *, max_workers: int,
+def create_grpc_server(service: ChatService, socket_path: str | os.PathLike[str], *, max_calls: int,
                        ) -> tuple[grpc.Server, health.HealthServicer, Path]:
     """A gRPC server (not started) with the daemon and health services on ``socket_path``, mode 0600."""
     path = Path(socket_path).expanduser().absolute()
     prepare_socket_path(path, field="server.grpc_socket", server="edge-runtime daemon")
-    # every call holds a thread while it waits or runs; beyond that grpc refuses with RESOURCE_EXHAUSTED itself
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edge-runtime-grpc"),
-                         maximum_concurrent_rpcs=max_workers)
-    daemon_pb2_grpc.add_EdgeRuntimeServicer_to_server(EdgeRuntimeServicer(service), server)
+    # a thread per chat call the servicer admits (``max_calls``; beyond it refuses at once), and a few more for
+    # health checks and those refusals
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_calls + 4, thread_name_prefix="edge-runtime-grpc"))
+    daemon_pb2_grpc.add_EdgeRuntimeServicer_to_server(EdgeRuntimeServicer(service, max_calls=max_calls), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

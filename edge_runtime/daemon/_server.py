@@ -370,10 +370,10 @@ def create_server(settings: RuntimeSettings, *, runtime: HybridRuntime | None = 
         from ._grpc import create_grpc_server
 
         try:
-            # a thread per call that may run, wait in the queue or wait for the bridge, and a few for health checks
-            workers = settings.engine.max_sessions + s.queue_size + handover_permits(s) + 4
+            # a call may run, wait in the queue or wait for the bridge; beyond those the service refuses anyway
+            calls = settings.engine.max_sessions + s.queue_size + handover_permits(s)
             server.grpc_server, server.grpc_health, server.grpc_socket = create_grpc_server(
-                server.service, s.grpc_socket, max_workers=workers)
+                server.service, s.grpc_socket, max_calls=calls)
         except BaseException:
             sock.close()
             raise

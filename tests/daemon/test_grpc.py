@@ -207,3 +207,73 @@ def test_a_refused_request_id_never_reaches_the_log_as_is(engine, start_daemon, 
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert refused and all("\n" not in m and "FORGED" not in m.split("refused")[0] for m in refused)
+
+
+class _BlockingService:
+    """A ChatService stand-in whose jobs run until ``release`` is set: every call it admits stays in progress."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release, self.refusals, self.running = threading.Event(), [], 0
+
+    def open(self, req, transport, *, timeout_s=None):
+        service = self
+
+        class _Job:
+            request = req
+
+            def run(self):
+                service.running += 1
+                service.release.wait(10)
+                raise RuntimeError("released")
+
+            def cancel(self, reason):
+                pass
+
+        return _Job()
+
+    def refused(self, transport, err, request_id=None):
+        self.refusals.append(err)
+
+
+def test_a_socket_at_its_call_limit_still_answers_health_checks_and_refuses_more_calls_with_a_delay(tmp_path):
+    # gRPC's own maximum_concurrent_rpcs counted health checks too: with every call slot taken the daemon's
+    # health check was refused with RESOURCE_EXHAUSTED, and it looked dead to a supervisor
+    import time
+
+    from edge_runtime.daemon._grpc import create_grpc_server
+
+    service = _BlockingService()
+    server, health_servicer, path = create_grpc_server(service, tmp_path / "d.sock", max_calls=2)
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    try:
+        with grpc.insecure_channel(f"unix:{path}") as ch:
+            stub = daemon_pb2_grpc.EdgeRuntimeStub(ch)
+            held = [stub.Chat.future(_request(), timeout=20) for _ in range(2)]
+            started = time.monotonic()
+            while service.running < 2 and time.monotonic() - started < 10:
+                time.sleep(0.01)
+            assert service.running == 2
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Chat(_request(), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            details = _details(refused.value)
+            assert any(isinstance(d, error_details_pb2.RetryInfo) for d in details)
+            assert any(isinstance(d, error_details_pb2.ErrorInfo) and d.reason == "QUEUE_FULL" for d in details)
+            assert "2 calls in progress" in refused.value.details() and len(service.refusals) == 1
+            check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            service.release.set()
+            for call in held:
+                with pytest.raises(grpc.RpcError):
+                    call.result()
+            # the slots were given back: the next call is admitted (and runs)
+            service.release.clear()
+            service.release.set()
+            with pytest.raises(grpc.RpcError) as after:
+                stub.Chat(_request(), timeout=5)
+            assert after.value.code() == grpc.StatusCode.INTERNAL
+    finally:
+        server.stop(0)
