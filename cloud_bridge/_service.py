@@ -72,6 +72,30 @@ def _invalid(err: InvalidRequestError) -> Reject:
 # what a call refused at server.max_concurrent_rpcs is told to wait: calls last seconds, and the device's
 # backoff spreads the retries
 _BUSY_RETRY_S = 1.0
+# the most tokens a chat template adds per message and around the whole prompt (role markers, a default system
+# prompt); generous: the bound below is only there to catch usage figures no request could have
+_TEMPLATE_TOKENS_PER_MESSAGE = 32
+_TEMPLATE_TOKENS = 256
+
+
+def _quota_tokens(request: BackendRequest, prompt_tokens: int, completion_tokens: int) -> int:
+    """The tokens to charge a device's quota for a call the upstream reported as ``prompt_tokens`` +
+    ``completion_tokens``, at most what the request could have used.
+
+    A tokenizer makes at most one token per byte of text, plus its template's markers, and an upstream generates
+    at most the ``max_new_tokens`` it was asked for: an upstream (or a proxy in front of it) that reports more
+    would otherwise lock the device out of its token quota for hours. The bill and the access log keep the
+    upstream's own figures; the clamp is logged.
+    """
+    prompt_bytes = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in request.messages)
+    prompt_cap = prompt_bytes + _TEMPLATE_TOKENS_PER_MESSAGE * len(request.messages) + _TEMPLATE_TOKENS
+    completion_cap = request.params.max_new_tokens
+    charged = min(prompt_tokens, prompt_cap) + min(completion_tokens, completion_cap)
+    if charged < prompt_tokens + completion_tokens:
+        log.warning("%s: the upstream reported prompt_tokens=%d completion_tokens=%d, more than the request can "
+                    "have (at most %d and %d): the device's token quota is charged %d", request.request_id,
+                    prompt_tokens, completion_tokens, prompt_cap, completion_cap, charged)
+    return charged
 
 
 class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
@@ -261,7 +285,8 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             for chunk in chunks:
                 if chunk.result is not None and (job.cancel() or chunk.result.finish_reason == "cancelled"):
                     # the caller is gone or out of time: a cut-off answer is no answer
-                    self.quotas.charge_tokens(job.device, chunk.result.prompt_tokens + chunk.result.completion_tokens)
+                    self.quotas.charge_tokens(job.device, _quota_tokens(job.request, chunk.result.prompt_tokens,
+                                                                        chunk.result.completion_tokens))
                     expired = job.cancel.deadline_s is not None and time.monotonic() >= job.cancel.deadline_s
                     # billed all the same (an upstream bills what it generated): the access log must show it
                     self._log_cut_call(job, "deadline_exceeded" if expired else "cancelled_by_caller",
@@ -311,7 +336,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         # a stream's final message is built while the backend's generator is still open
         generate_ms = job.generate_ms or (now_s - job.started_s) * 1000.0
         cost = job.model.cost_usd(result.prompt_tokens, result.completion_tokens)
-        self.quotas.charge_tokens(job.device, result.prompt_tokens + result.completion_tokens)
+        self.quotas.charge_tokens(job.device, _quota_tokens(job.request, result.prompt_tokens, result.completion_tokens))
         log.info(
             "%s device=%s model=%s finish=%s prompt_tokens=%d completion_tokens=%d cost_usd=%.6f "
             "queue_ms=%.1f total_ms=%.1f",

@@ -227,3 +227,26 @@ def test_a_spent_device_quota_skips_the_cloud_until_its_retry_time_without_openi
     with pytest.raises(CloudQuotaError) as asked:  # the bridge is asked again (its own clock has not moved)
         client.generate(HI)
     assert "cloud skipped" not in str(asked.value) and asked.value.reason == "QUOTA_EXCEEDED"
+
+
+def test_usage_more_than_the_request_can_have_charges_the_quota_at_most_that_and_is_logged(start_bridge, make_client,
+                                                                                           caplog):
+    # an upstream (or a proxy) reporting millions of tokens for a short answer locked the device out of its token
+    # quota for days: charged as reported
+    class Inflating(_Unheeding):
+        def generate(self, request, cancel):
+            return BackendResult("w", "eos", 3_000_000, 5_000_000, self.model)
+
+    bridge = start_bridge(backends={"inflating": Inflating()}, models={},
+                          quota={"requests_per_minute": 0, "tokens_per_minute": 600, "tokens_burst": 1000})
+    client = make_client(bridge, max_attempts=1)
+    with caplog.at_level("WARNING", logger="cloud_bridge.access"):
+        result = client.generate(HI, params=SamplingParams(max_new_tokens=8))
+    assert (result.prompt_tokens, result.completion_tokens) == (3_000_000, 5_000_000)  # the bill keeps them
+    assert "more than the request can have" in caplog.text and "completion_tokens=5000000" in caplog.text
+    # charged at most 2 bytes of prompt + the template's allowance (32 + 256) and the 8 tokens asked for: 298
+    assert client.generate(HI, params=SamplingParams(max_new_tokens=8)).completion_tokens == 5_000_000
+    with pytest.raises(CloudQuotaError) as info:  # 298 a call: the fourth takes the bucket below 0, the fifth waits
+        for _ in range(3):
+            client.generate(HI, params=SamplingParams(max_new_tokens=8))
+    assert info.value.retry_after_s < 60  # a wait of seconds, not the days 8 million tokens at 10 a second take
