@@ -158,15 +158,19 @@ def run_edge(
     measured by another meter (another source or device profile) is run again.
     """
     cache = RunCache("edge", engine_key(engine), settings, root)
-    meter = engine.energy_meter if energy else None
+    # every new record names its meter, also when this caller ignores energy (calibrate, eval): the explorer,
+    # which does not, must be able to tell an estimate from a measurement when it finds the record later
+    engine_meter = getattr(engine, "energy_meter", None)
+    meter = engine_meter if energy else None
 
     def measured_alike(rec: dict[str, Any]) -> bool:
         if meter is None:
             return True
         if "energy_meter" in rec:
             return bool(rec["energy_meter"] == meter.identity)
-        # a record from before meters were recorded: by its label
-        return rec.get("energy_source") in {meter.source, meter.estimate_source}
+        # a record without its meter (an older release's): by its label. An estimate is alike only to a meter
+        # that estimates: a meter with a counter must measure it again
+        return rec.get("energy_source") == meter.source
 
     def fresh(item: TaskItem) -> dict[str, Any] | None:
         rec = _fresh(cache, item)
@@ -182,8 +186,8 @@ def run_edge(
             except InvalidRequestError as err:  # a suite's item the model cannot take: say which one
                 raise type(err)(f"suite item {item.id!r}: {err}") from err
             rec = edge_record(item, result, (time.perf_counter() - t0) * 1000.0)
-            if meter is not None:
-                rec["energy_meter"] = meter.identity
+            if engine_meter is not None:
+                rec["energy_meter"] = engine_meter.identity
         if selfcheck:
             p_yes = yes_probability(engine, selfcheck_messages(item.messages, rec["text"]))
             rec = {**rec, "selfcheck_p_yes": round(p_yes, 6)}

@@ -59,6 +59,9 @@ class _Point:
 _MAX_PLAUSIBLE_W = 2000.0
 # more than any one machine draws (a rack of GPUs included): a reading or a step past it is garbage
 _MAX_DEVICE_W = 100_000.0
+# a window at least this long in which a total's energy counter did not move measured nothing. RAPL and hwmon
+# counters step every millisecond or so in microjoules, and a device draws at least a watt: ~0.25 J by then
+STUCK_COUNTER_S = 0.25
 
 
 def _plausible(reading: Reading) -> Reading:
@@ -478,6 +481,10 @@ class Sampler:
                     power_counts.append(counts[-1])
                     if joules == 0.0 and t1 > t0:
                         warnings.append(f"{label}: {name} read 0 W throughout the window")
+                if track.kind == "energy" and joules == 0.0 and t1 - t0 >= STUCK_COUNTER_S and name not in incomplete:
+                    # a device draws watts; a total that did not move measured nothing (some VMs and firmwares
+                    # expose a counter that stays at one value): not a measured 0 J
+                    incomplete[name] = f"did not move in {t1 - t0:.2f} s (a stuck counter measures nothing)"
                 if track.kind == "remaining" and joules == 0.0 and t1 > t0:
                     warnings.append(f"{label}: the battery gauge did not move during this {t1 - t0:.2f} s window "
                                     "(it updates every few seconds), so 0 J here means too short to see")

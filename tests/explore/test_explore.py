@@ -550,6 +550,28 @@ def test_the_explorers_runs_are_measured_again_by_another_meter_even_under_the_s
     assert one.calls == 3
 
 
+def test_an_estimate_cached_by_eval_is_measured_again_when_the_explorer_has_a_counter(tiny_bundle, tmp_path,
+                                                                                      tiny_suite):
+    # calibrate and eval stamped no meter on their records, and an unstamped estimate counted as alike to any
+    # meter's fallback: the explorer never measured those items with the device's RAPL counter
+    from edge_runtime.engine import Engine
+    from edge_runtime.power import EnergyMeter
+    from edge_runtime.tasks import load_suite
+
+    items = load_suite(tiny_suite, "test")[:2]
+    estimating = _CountingEngine(Engine(tiny_bundle, energy_meter=EnergyMeter(sysfs_root=tmp_path / "no-counters")))
+    eval_records = run_edge(estimating, items, root=tmp_path)  # what eval does: energy not asked for
+    assert {r["energy_meter"] for r in eval_records} == {estimating.energy_meter.identity}
+    zone = tmp_path / "rapl/sys/class/powercap/intel-rapl:0"  # one package zone, as the kernel lists it
+    zone.mkdir(parents=True)
+    for name, value in (("name", "package-0"), ("energy_uj", "1000000"), ("max_energy_range_uj", "262143328850")):
+        (zone / name).write_text(value + "\n")
+    measuring = _CountingEngine(Engine(tiny_bundle, energy_meter=EnergyMeter(sysfs_root=tmp_path / "rapl")))
+    assert measuring.energy_meter.source == "rapl:package-0"
+    run_edge(measuring, items, root=tmp_path, energy=True)
+    assert measuring.calls == 2
+
+
 def test_the_live_checks_daemon_reads_its_settings_from_its_config_only(tmp_path, monkeypatch):
     # the device token in EDGE_RUNTIME_CLOUD_TOKEN (as the help suggests) beside the config's token_file would be
     # a token and a token file, which settings refuse; EDGE_RUNTIME_POLICY=never made the check run "never" and

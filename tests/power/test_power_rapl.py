@@ -273,12 +273,16 @@ def test_a_total_missing_one_of_its_zones_in_a_window_is_the_estimate(
     assert (report.source, report.estimated) == ("estimate:generic", True)
 
 
-def _one_window_unprivileged(make_meter: Make, root: Path, clock: ManualClock, seconds: float = 1.0) -> object:
-    """A meter made and one window measured as an unprivileged user (root reads any file, mode or not)."""
+def _one_window_unprivileged(make_meter: Make, root: Path, clock: ManualClock, seconds: float = 1.0,
+                             moving: Path | None = None) -> object:
+    """A meter made and one window measured as an unprivileged user (root reads any file, mode or not);
+    ``moving``: a counter that goes up 1 J during the window."""
     def run() -> object:
         meter = make_meter(root)
         with meter.measure() as m:
             clock.advance(seconds)
+            if moving is not None:
+                moving.write_text(str(int(moving.read_text()) + 1_000_000))
         return m
 
     return call_unprivileged(run)
@@ -339,9 +343,9 @@ def test_dram_alone_is_never_the_device_figure(tmp_path: Path, make_meter: Make,
 
 def test_a_partial_rapl_total_says_what_it_leaves_out_with_every_measurement(
         tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
-    _laptop(tmp_path)
+    zones = _laptop(tmp_path)
     make_unreadable(add_rapl_zone(tmp_path, "1", "psys", 0))
-    m = _one_window_unprivileged(make_meter, tmp_path, clock)
+    m = _one_window_unprivileged(make_meter, tmp_path, clock, moving=zones["package-0"])
     assert m.source == "rapl:package-0" and not m.estimated  # type: ignore[attr-defined]
     assert any("leaves part of the device out" in w and "psys" in w for w in m.warnings)  # type: ignore[attr-defined]
 
@@ -413,3 +417,19 @@ def test_an_unreadable_core_zone_leaves_nothing_out(tmp_path: Path, make_meter: 
     write(files["core"], "garbage")  # inside the package: never part of the total
     rapl = describe_sources(tmp_path)[0]
     assert rapl.usable and rapl.problem is None
+
+
+def test_a_counter_that_never_moves_is_not_a_measured_zero(tmp_path: Path, make_meter: Make,
+                                                            clock: ManualClock) -> None:
+    # some VMs and firmwares expose a RAPL zone whose energy_uj stays at one value: every answer read
+    # "0.0 J, measured" with no warning
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", 0)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1.0)
+    assert m.estimated and m.source.startswith("estimate:") and m.joules > 0  # type: ignore[attr-defined]
+    assert any("package-0 did not move in 1.00 s" in w for w in m.warnings)  # type: ignore[attr-defined]
+    with meter.measure() as moved:  # the same counter, moving: measured
+        clock.advance(1.0)
+        pkg.write_text("2000000")
+    assert moved.source == "rapl:package-0" and moved.joules == pytest.approx(2.0)  # type: ignore[attr-defined]
