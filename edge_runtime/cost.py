@@ -126,3 +126,19 @@ def network_energy_j(settings: CostSettings, bytes_sent: int, bytes_received: in
     """Device energy of one escalation's transfer: bytes × J/KB plus the per-request radio cost."""
     return (bytes_sent + bytes_received) / 1024.0 * settings.j_per_kb + settings.j_per_request
 
+
+def idle_watts(meter: Any) -> float:
+    """The idle watts of an EnergyMeter's device profile (0 without a meter)."""
+    profile = getattr(meter, "profile", None)
+    return float(profile.idle_watts) if profile is not None else 0.0
+
+
+def wait_energy_j(meter: Any, wait_ms: float) -> float:
+    """The device's own draw while an escalation waits for the cloud: its profile's idle watts over the wait.
+
+    An estimate (the meter's device profile). A local answer's energy is the whole device's while it
+    decodes, idle power included; without this an escalation would look free apart from the radio, and a
+    goal on joules would always pick the cloud.
+    """
+    return idle_watts(meter) * max(0.0, wait_ms) / 1000.0
+

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .confidence import Estimator, check_bundle_hash, load_estimator, signals_from_result
-from .cost import CostSettings, device_energy_usd, network_energy_j
+from .cost import CostSettings, device_energy_usd, network_energy_j, wait_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
 from .engine.engine import _cancel_check
 from .engine.types import EnergyReport, log_text, short_repr
@@ -799,13 +799,15 @@ class HybridRuntime:
         energies = [r.energy for r in locals_ if r.energy is not None] + list(estimator_energy)
         local_j = sum(e.joules for e in energies)
         estimator_j = sum(e.joules for e in estimator_energy)
-        net_j = 0.0
+        net_j = wait_j = 0.0
         # an escalation that answered, failed or was cancelled used the radio; an open circuit or no time left did not
         if cloud is not None or asked:
             # request: the messages and the draft plus ~256 bytes of framing; response: the answer plus ~128
             out_bytes = 256 + len(json.dumps(msgs).encode()) + (len(final_local.text.encode()) if final_local else 0)
             in_bytes = 128 + (len(cloud.text.encode()) if cloud is not None else 0)
             net_j = network_energy_j(self.cost, out_bytes, in_bytes)
+            # and the device kept drawing its idle power while it waited
+            wait_j = wait_energy_j(self.engine.energy_meter, cloud.latency_ms if cloud is not None else failed_cloud_ms)
         energy: dict[str, Any] = {
             "joules": round(local_j, 6),
             "source": energies[0].source if energies else "none",
@@ -814,15 +816,17 @@ class HybridRuntime:
             "seconds": round(sum(e.seconds for e in energies), 6),
             "network_joules": round(net_j, 6),
             "network_estimated": True,
+            # the device's idle draw while it waited for the cloud (its profile's idle watts): always an estimate
+            "wait_joules": round(wait_j, 6),
             # included in joules: the estimator's own run of the model (the self-check), 0 for the others
             "estimator_joules": round(estimator_j, 6),
         }
         cloud_usd = float(cloud.cost_usd) if cloud is not None else 0.0
-        device_usd = device_energy_usd(self.cost, local_j + net_j)
+        device_usd = device_energy_usd(self.cost, local_j + net_j + wait_j)
         cost = {"cloud_usd": cloud_usd, "device_energy_usd": device_usd, "network_energy_j": round(net_j, 6),
                 "total_usd": cloud_usd + device_usd,
-                # priced from the energy above: estimated when any of it is (the network's always is)
-                "device_energy_estimated": bool(energy["estimated"] or net_j > 0)}
+                # priced from the energy above: estimated when any of it is (the network's and the wait's always are)
+                "device_energy_estimated": bool(energy["estimated"] or net_j > 0 or wait_j > 0)}
         usage = {
             "local": {"prompt_tokens": sum(r.usage.prompt_tokens for r in locals_),
                       "completion_tokens": sum(r.usage.completion_tokens for r in locals_)},

@@ -104,6 +104,11 @@ def test_low_confidence_escalates_to_the_cloud_with_its_cost(engine, bridge):
     assert r.draft is not None and r.p_correct < 0.999
     assert r.cost["cloud_usd"] > 0 and r.energy["network_joules"] > 0
     assert r.cost["device_energy_estimated"] is True  # the network's share is always an estimate
+    # the device drew its idle power while it waited for the cloud: an escalation is not free apart from the radio
+    idle_w = engine.energy_meter.profile.idle_watts
+    waited_s = (r.latency_ms["cloud_ms"] + r.latency_ms["network_ms"]) / 1000.0
+    assert idle_w > 0 and r.energy["wait_joules"] > 0
+    assert r.energy["wait_joules"] == pytest.approx(idle_w * waited_s, abs=1e-5)
     assert r.usage["cloud"]["completion_tokens"] > 0 and r.usage["local"]["completion_tokens"] == 6
     assert r.latency_ms["total_ms"] >= r.latency_ms["cloud_ms"] >= 0
 

@@ -56,12 +56,12 @@ def print_summary(result, out) -> None:  # type: ignore[no-untyped-def]
           f"{o['device_j_per_request']:>7.3f} {o['latency_p50_ms']:>7.0f}\n")
     sources = sorted({str(e.get("energy_source")) for e in result.measurements.edge if e.get("energy_estimated")})
     if sources:  # an estimate is labelled where the figure is shown, not only in the report
-        w(f"J/req is ESTIMATED ({', '.join(sources)}: CPU time x a device profile's power, plus the cost "
-          f"model's network energy per escalation), not measured\n")
+        w(f"J/req is ESTIMATED ({', '.join(sources)}: CPU time x a device profile's power, plus per escalation "
+          f"the cost model's network energy and the profile's idle power while waiting), not measured\n")
     else:  # measured on the device; the radio's share never is
         measured = sorted({str(e.get("energy_source")) for e in result.measurements.edge})
         w(f"J/req: the device's energy measured ({', '.join(measured)}), plus the network energy of each escalation "
-          f"ESTIMATED by the cost model\n")
+          f"and the device's idle power while it waits, ESTIMATED (cost model, device profile)\n")
     for rec in result.recommendations:
         if rec["point"] is None:
             w(f"goal {rec['goal']!r}: no explored policy meets it ({'; '.join(rec['constraints'])})\n")

@@ -164,7 +164,7 @@ def response_from_result(result: HybridResult, job: Job) -> daemon_pb2.ChatRespo
         routing.draft = result.draft
     e = result.energy
     energy = daemon_pb2.Energy(joules=e["joules"], source=e["source"], estimated=e["estimated"], seconds=e["seconds"],
-                               network_joules=e["network_joules"])
+                               network_joules=e["network_joules"], wait_joules=e["wait_joules"])
     if e.get("process_joules") is not None:
         energy.process_joules = e["process_joules"]
     c = result.cost

@@ -32,7 +32,7 @@ from .._child import child_service, free_port
 from ..cache import cache_dir
 from ..confidence import estimator_scores, load_estimator, make_dataset
 from ..cloud import CloudSettings
-from ..cost import CostSettings
+from ..cost import CostSettings, idle_watts
 from ..errors import BundleError, ConfigError
 from ..power import EnergyMeter, PowerSettings, default_meter
 from ._data import Measurements, cloud_generate, measure
@@ -400,7 +400,9 @@ def explore(
         "energy_estimated": energy_estimated,
         "command": "edge-runtime " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "cost_note": f"cloud USD from the bridge's price table; device energy priced at {cost.electricity_usd_per_kwh} USD/kWh; "
-                     f"escalation radio energy for {cost.network} ({cost.j_per_kb} J/KB + {cost.j_per_request} J per request)",
+                     f"escalation radio energy for {cost.network} ({cost.j_per_kb} J/KB + {cost.j_per_request} J per request) "
+                     f"plus the device's idle draw while it waits for the cloud ({idle_watts(getattr(engine, 'energy_meter', None)):g} W, its profile's, "
+                     "× the wait; an estimate)",
         "cache": str(root or cache_dir("runs", create=False)),
         "validation": validation,
     }

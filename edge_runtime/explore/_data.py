@@ -23,7 +23,7 @@ import numpy as np
 
 from ..confidence import Estimator, cloud_scores, estimator_scores, fit_estimator, make_dataset
 from ..confidence._fit import Dataset
-from ..cost import CostSettings, network_energy_j, reservation_usd
+from ..cost import CostSettings, network_energy_j, reservation_usd, wait_energy_j
 from ..policies import ReplayRecords
 from ..runs import RUN_SETTINGS, run_cloud, run_edge
 from ..tasks import TaskItem
@@ -43,7 +43,7 @@ class Measurements:
     pre_route_p: np.ndarray
     p_cloud: np.ndarray  # prompt-only estimate of the cloud's correctness (for gain policies)
     records: ReplayRecords
-    network_j: np.ndarray  # device energy of escalating each item (radio), from the cost model
+    network_j: np.ndarray  # device energy of escalating each item: the radio (cost model) and the wait (idle watts)
     dev_p_correct: np.ndarray  # calibration traffic for target-rate policies
 
     @property
@@ -149,6 +149,9 @@ def measure(
                          128 + len(str(c.get("text", "")).encode()))
         for it, e, c in zip(items, edge, cloud)
     ])
+    # the device's idle draw while it waits for the cloud, as a live escalation counts it
+    net_j += np.array([wait_energy_j(getattr(engine, "energy_meter", None), float(c.get("latency_ms") or 0.0))
+                       for c in cloud])
     # what a live budget reserves for each escalation: before decoding, and after it with the answer as the draft
     reserve = [reservation_usd(cost, model_hint, cloud_prices, it.messages, RUN_SETTINGS.max_new_tokens) for it in items]
     reserve_after = [reservation_usd(cost, model_hint, cloud_prices, it.messages, RUN_SETTINGS.max_new_tokens,

@@ -162,7 +162,8 @@ def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front:
         f"suite `{context['suite']}` split `{context['split']}`, {len(m.items)} items; {len(points)} policy configurations replayed "
         f"offline over the cached runs. Machine: {context['machine']}. Energy source: {context['energy_source']}"
         + (" (an ESTIMATE from CPU time, not a measurement)" if context["energy_estimated"] else "")
-        + "; device J / req adds each escalation's network energy, ESTIMATED by the cost model. "
+        + "; device J / req adds each escalation's network energy (the cost model) and the device's idle power while "
+        "it waits for the cloud (its profile's), both ESTIMATED. "
         f"Answers the scorers could not read (counted wrong): {sum(bool(r.get('parse_error')) for r in m.edge)} on the edge, "
         f"{sum(bool(r.get('parse_error')) for r in m.cloud)} from the cloud.",
         "",

@@ -2,8 +2,9 @@
 
 Each point is one policy configuration replayed over the cached runs
 (:func:`edge_runtime.policies.replay`): accuracy, escalation rate, cloud USD
-per 1,000 requests, device joules per request (local decoding plus the radio
-energy of escalations, from the cost model), p50/p95 latency, overall and per
+per 1,000 requests, device joules per request (local decoding, plus for each
+escalation the radio energy from the cost model and the device's idle draw while it
+waits for the cloud), p50/p95 latency, overall and per
 task family. The frontier keeps the points no other point beats on all of
 (accuracy ↑, cloud USD ↓, device J ↓, p50 latency ↓).
 """

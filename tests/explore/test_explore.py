@@ -326,6 +326,15 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
     assert Path(saved.engine.bundle).is_absolute()  # loads from any working directory, as the estimator's path
     assert "# [cloud]" in (out / "recommended.toml").read_text()
     assert len(result.measurements.items) == 12
+    # an escalation's device energy is the radio's and the device's idle draw while it waits, as live requests count it
+    from edge_runtime.cost import idle_watts
+    from edge_runtime.power import default_meter
+
+    m = result.measurements
+    waits_j = np.array([idle_watts(default_meter()) * c["latency_ms"] / 1000.0 for c in m.cloud])
+    assert waits_j.min() > 0 and np.all(m.network_j > waits_j) and "idle draw while it waits" in report
+    cloud_point = next(p for p in result.points if p.name == "always-cloud")
+    assert cloud_point.overall["device_j_per_request"] == pytest.approx(float(m.network_j.mean()))
     assert not [p for p in out.rglob("*") if "token" in p.name]  # the bridge token never lands in the output directory
     # a second run replays from the cache: no new edge or bridge runs; cloud answers are billed at today's prices
     before = {p.name: p.stat().st_size for p in (tmp_path / "runs").iterdir()}
@@ -510,9 +519,11 @@ def test_the_summary_labels_every_energy_figure_that_is_estimated(tmp_path):
 
     estimated = summary([{"energy_source": "estimate:generic", "energy_estimated": True}])
     assert "J/req is ESTIMATED (estimate:generic" in estimated
-    # a counter measures the device, but the radio's share of an escalation is the cost model's
+    # a counter measures the device, but the radio's share of an escalation is the cost model's, and the wait's
+    # the device profile's
     measured = summary([{"energy_source": "rapl:package-0", "energy_estimated": False}])
-    assert "measured (rapl:package-0)" in measured and "network energy of each escalation ESTIMATED" in measured
+    assert "measured (rapl:package-0)" in measured
+    assert "network energy of each escalation and the device's idle power while it waits, ESTIMATED" in measured
 
 
 def test_an_item_the_model_cannot_take_is_named(tiny_bundle, tmp_path, tiny_suite):

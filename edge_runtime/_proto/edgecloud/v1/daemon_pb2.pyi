@@ -70,20 +70,22 @@ class Routing(_message.Message):
     def __init__(self, route: _Optional[str] = ..., p_correct: _Optional[float] = ..., threshold: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., cloud_error: _Optional[str] = ..., draft: _Optional[str] = ...) -> None: ...
 
 class Energy(_message.Message):
-    __slots__ = ("joules", "source", "estimated", "process_joules", "seconds", "network_joules")
+    __slots__ = ("joules", "source", "estimated", "process_joules", "seconds", "network_joules", "wait_joules")
     JOULES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_FIELD_NUMBER: _ClassVar[int]
     PROCESS_JOULES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     NETWORK_JOULES_FIELD_NUMBER: _ClassVar[int]
+    WAIT_JOULES_FIELD_NUMBER: _ClassVar[int]
     joules: float
     source: str
     estimated: bool
     process_joules: float
     seconds: float
     network_joules: float
-    def __init__(self, joules: _Optional[float] = ..., source: _Optional[str] = ..., estimated: _Optional[bool] = ..., process_joules: _Optional[float] = ..., seconds: _Optional[float] = ..., network_joules: _Optional[float] = ...) -> None: ...
+    wait_joules: float
+    def __init__(self, joules: _Optional[float] = ..., source: _Optional[str] = ..., estimated: _Optional[bool] = ..., process_joules: _Optional[float] = ..., seconds: _Optional[float] = ..., network_joules: _Optional[float] = ..., wait_joules: _Optional[float] = ...) -> None: ...
 
 class Cost(_message.Message):
     __slots__ = ("cloud_usd", "device_energy_usd", "network_energy_j", "total_usd")
