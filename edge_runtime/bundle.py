@@ -209,6 +209,8 @@ def _check_manifest_fields(raw: dict[str, Any], path: Path) -> None:
     eos = raw["tokens"].get("eos_token_ids")
     if not isinstance(eos, list) or not all(token_id(t) for t in eos):
         raise bad("tokens.eos_token_ids", f"must be a list of token ids below model.vocab_size {vocab}, got {eos!r}")
+    if not eos:  # nothing would end an answer: every chat answer would run to its length, inventing new turns
+        raise bad("tokens.eos_token_ids", "must name at least one token that ends an answer, got []")
     bos = raw["tokens"].get("bos_token_id")
     if bos is not None and not token_id(bos):
         raise bad("tokens.bos_token_id", f"must be a token id below model.vocab_size {vocab} or null, got {bos!r}")

@@ -314,15 +314,21 @@ def _check_gguf(path: Path) -> None:
         raise BuildError(f"{path} is damaged or truncated: {err}") from err
 
 
-def _gguf_architecture(path: Path) -> str:
+def _gguf_field(path: Path, key: str) -> Any:
+    """The value of one GGUF metadata field (None when the file has none)."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
-        field = reader.fields.get("general.architecture")
-        return str(field.contents()) if field is not None else "unknown"
+        field = reader.fields.get(key)
+        return field.contents() if field is not None else None
     except Exception as err:  # a damaged string field: UnicodeDecodeError, or the reader's own errors
-        raise BuildError(f"{path} is damaged: cannot read its general.architecture ({type(err).__name__}: {err})") from err
+        raise BuildError(f"{path} is damaged: cannot read its {key} ({type(err).__name__}: {err})") from err
+
+
+def _gguf_architecture(path: Path) -> str:
+    arch = _gguf_field(path, "general.architecture")
+    return str(arch) if arch is not None else "unknown"
 
 
 # what transformers can build the fast tokenizer a bundle stores from
@@ -426,6 +432,13 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
             eos.append(tid)
     bos = config.bos_token_id if isinstance(config.bos_token_id, int) else tokenizer.bos_token_id
     add_bos = bool(getattr(tokenizer, "add_bos_token", False))
+    if kind == "gguf":
+        # the file says whether its model wants a BOS before a raw prompt, and llama.cpp follows it; transformers'
+        # GGUF loader sets add_bos_token on some tokenizers regardless (SmolLM2's: its BOS is <|im_start|>, and a
+        # raw "def f(n):" then started the definition over)
+        flag = _gguf_field(path, "tokenizer.ggml.add_bos_token")
+        if isinstance(flag, bool):
+            add_bos = flag
     name = path.stem if kind == "gguf" else path.name
     return LoadedSource(
         model=model, tokenizer=tokenizer, spec=spec, weights=weights, kind=kind, path=path, source_sha256=sha,
