@@ -148,12 +148,13 @@ def _finite_or_none(p: float | None) -> float | None:
     return p if p is not None and math.isfinite(p) else None
 
 
-def _check_call_arguments(cancel: Any, request_id: Any, deadline_s: Any, on_escalate: Any) -> None:
+def _check_call_arguments(cancel: Any, request_id: Any, deadline_s: Any, on_escalate: Any, on_resume: Any = None) -> None:
     """The stream's own arguments, checked before any work: a bad one failed half-way through the answer, or
     looked like a cloud outage (a NaN deadline timed out every escalation and opened the circuit for everyone)."""
     _cancel_check(cancel)  # the engine's own check of it
-    if on_escalate is not None and not callable(on_escalate):
-        raise InvalidRequestError("must be a callable", field="on_escalate")
+    for name, hook in (("on_escalate", on_escalate), ("on_resume", on_resume)):
+        if hook is not None and not callable(hook):
+            raise InvalidRequestError("must be a callable", field=name)
     # what the bridge accepts (a refused id would fail the escalation)
     if request_id not in (None, "") and not (isinstance(request_id, str) and len(request_id) <= 128 and request_id.isprintable()):
         raise InvalidRequestError(f"must be at most 128 printable characters, got {short_repr(request_id)}", field="request_id")
@@ -187,6 +188,8 @@ class _Timing:
 
     deadline_s: float | None = None
     on_escalate: Callable[[], None] | None = None
+    # blocks until the engine may be used again after on_escalate; False: it may not (the caller gave up)
+    on_resume: Callable[[], bool] | None = None
 
     def out_of_time(self) -> bool:
         return self.deadline_s is not None and time.monotonic() >= self.deadline_s - _DEADLINE_RESERVE_S
@@ -400,6 +403,7 @@ class HybridRuntime:
     def stream(self, messages: Sequence[Mapping[str, Any]], *, model: str = "auto", params: SamplingParams | None = None,
                cancel: Any = None, request_id: str | None = None, reveal_draft: bool = False,
                deadline_s: float | None = None, on_escalate: Callable[[], None] | None = None,
+               on_resume: Callable[[], bool] | None = None,
                fit_max_new_tokens: bool = False, **sampling: Any) -> Iterator[HybridChunk]:
         """Validate now (errors raise before any work), then answer as a stream of chunks.
 
@@ -409,14 +413,18 @@ class HybridRuntime:
         as a ``fallback`` with the local answer rather than as nothing. ``on_escalate``
         is called when the bridge is about to be asked and a whole local answer exists,
         so the engine is not needed again whatever the bridge does (a daemon hands its
-        generation slot to the next request). ``fit_max_new_tokens``: ``max_new_tokens`` is a
+        generation slot to the next request). With ``on_resume`` too, ``on_escalate`` is called
+        for every escalation, also one with no local answer yet (sent to the cloud first, an
+        early exit); if the bridge then fails, ``on_resume()`` is called before the fallback is
+        generated and must block until the engine may be used again (False: the caller gave
+        up, and the request ends cancelled). ``fit_max_new_tokens``: ``max_new_tokens`` is a
         default the caller did not choose (OpenAI's unset ``max_tokens``), so a long prompt
         gets what is left of the context window instead of an error.
         """
         msgs = validate_messages(messages)
         if model not in MODEL_ALIASES:
             raise InvalidRequestError(f"unknown model {model!r} (expected one of {', '.join(MODEL_ALIASES)})", field="model")
-        _check_call_arguments(cancel, request_id, deadline_s, on_escalate)
+        _check_call_arguments(cancel, request_id, deadline_s, on_escalate, on_resume)
         if params is None:
             fit_max_new_tokens = fit_max_new_tokens or "max_new_tokens" not in sampling
             sampling.setdefault("max_new_tokens", self.default_max_new_tokens)
@@ -434,7 +442,7 @@ class HybridRuntime:
         # the context check happens here too, before any compute
         prompt_ids = self.engine.fit_context(ids, local_params)
         return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft, prompt_ids,
-                         _Timing(deadline_s, on_escalate), local_params)
+                         _Timing(deadline_s, on_escalate, on_resume), local_params)
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -646,6 +654,7 @@ class HybridRuntime:
                 p_correct = self._p_correct(locals_[-1], msgs, estimator_energy)
 
         # 2. escalate, or release the local answer
+        handed_over = False  # the engine was handed on with no whole local answer: the fallback must get it back
         cloud_result = None
         cloud_error: str | None = None
         asked = False  # whether the escalation used the network (its energy counts even when it failed)
@@ -667,10 +676,12 @@ class HybridRuntime:
                 # with no whole local answer yet, a failed escalation must leave the time to make one
                 local_s = self._pace.estimate_s(len(prompt_ids), local_params.max_new_tokens) if not locals_ or early_exit else 0.0
                 timeout_s = timing.cloud_timeout_s(self.cloud_timeout_s, local_s)
-                if timing.on_escalate is not None and locals_ and not early_exit:
-                    # the engine is done with this request whatever the bridge does: a failure returns the
-                    # local answer already made (when there is none, a fallback still needs the engine)
+                whole_local = bool(locals_) and not early_exit
+                if timing.on_escalate is not None and (whole_local or timing.on_resume is not None):
+                    # the engine is done with this request whatever the bridge does: a failure returns the local
+                    # answer already made; when there is none, on_resume gets the engine back for the fallback
                     timing.on_escalate()
+                    handed_over = not whole_local
                 asked = True  # from here bytes may go out (unless an open circuit refuses the call first)
                 settlement.unsettled_usd = ctx.estimated_cloud_usd  # if the caller leaves now, the call may be billed
                 t_cloud = time.perf_counter()
@@ -718,6 +729,12 @@ class HybridRuntime:
         else:
             route = "local" if decision.action == "local" else "local_forced"
 
+        if handed_over and route != "cloud" and decision.reason != "cancelled" and not (
+                timing.on_resume is not None and timing.on_resume()):
+            # the engine was handed on and the caller gave up before it came back: no fallback to make
+            route, decision = "local_forced", Decision("local_forced", "cancelled", "the caller cancelled the request "
+                                                       "while it waited for the engine after a failed escalation",
+                                                       policy=decision.policy)
         if route != "cloud" and not (decision.reason == "cancelled" and (not locals_ or early_exit)):
             if not locals_ or early_exit:
                 # the local answer was skipped or cut short: produce a whole one now (nothing the user asked for is lost)

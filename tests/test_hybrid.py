@@ -686,7 +686,8 @@ def test_a_knn_estimator_loads_its_sentence_encoder_when_the_runtime_is_made(eng
 
 @pytest.mark.parametrize("kwargs, field", [({"deadline_s": float("nan")}, "deadline_s"), ({"deadline_s": "10"}, "deadline_s"),
                                            ({"deadline_s": True}, "deadline_s"), ({"cancel": 5}, "cancel"),
-                                           ({"on_escalate": 5}, "on_escalate"), ({"request_id": 5}, "request_id"),
+                                           ({"on_escalate": 5}, "on_escalate"), ({"on_resume": 5}, "on_resume"),
+                                           ({"request_id": 5}, "request_id"),
                                            ({"request_id": "x" * 129}, "request_id"), ({"request_id": "a\nb"}, "request_id")])
 def test_bad_call_arguments_are_refused_before_any_work_and_never_reach_the_cloud(engine, kwargs, field):
     # a NaN deadline timed out every escalation (3 calls opened the circuit for everyone); the others failed half-way
@@ -713,3 +714,27 @@ def test_a_request_cancelled_before_its_answer_is_whole_is_neither_scored_nor_ro
     # a route decided before decoding stays, but the cut answer is not scored either
     r = HybridRuntime(engine, policy={"type": "never"}).chat(ASK, max_new_tokens=4, cancel=cancel)
     assert (r.route, r.finish_reason, r.p_correct) == ("local", "cancelled", None)
+
+
+@pytest.mark.parametrize("resumed", [True, False])
+def test_with_on_resume_a_cloud_first_request_gives_the_engine_up_and_takes_it_back_for_its_fallback(engine, resumed):
+    events = []
+
+    def stream(msgs, **_kw):
+        events.append("cloud")
+        raise CloudUnavailableError("down")
+        yield  # a generator
+
+    rt = HybridRuntime(engine, policy={"type": "always"}, cloud=_fake_cloud(stream))
+    r = rt.chat(ASK, max_new_tokens=5, on_escalate=lambda: events.append("given up"),
+                on_resume=lambda: events.append("taken back") or resumed)
+    assert events == ["given up", "cloud", "taken back"]  # no local answer existed when the bridge was asked
+    if resumed:
+        assert r.route == "fallback" and r.usage["local"]["completion_tokens"] == 5
+    else:  # the caller gave up while waiting for the engine: nothing more is generated
+        assert (r.route, r.reason, r.text) == ("local_forced", "cancelled", "")
+        assert r.usage["local"]["completion_tokens"] == 0
+    # without on_resume, on_escalate waits for a whole local answer (a fallback would need the engine)
+    events.clear()
+    rt.chat(ASK, max_new_tokens=5, on_escalate=lambda: events.append("given up"))
+    assert events == ["cloud"]

@@ -107,6 +107,19 @@ class Admission:
                 self._waiting.append(ticket)
         return ticket
 
+    def reenter(self) -> Ticket:
+        """A place for a request that gave its slot on and needs the engine again (its escalation failed before
+        it had a local answer): a slot at once when one is free, else the front of the queue, whatever its
+        length. It was admitted once; refusing it now would lose its answer."""
+        ticket = Ticket(self)
+        with self._lock:
+            if self._running < self.slots and not self._waiting:
+                self._running += 1
+                ticket._granted.set()
+            else:
+                self._waiting.appendleft(ticket)
+        return ticket
+
     def _leave(self, ticket: Ticket) -> None:
         with self._lock:
             if ticket._granted.is_set():

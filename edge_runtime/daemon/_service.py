@@ -76,6 +76,7 @@ class Job:
         self._event = threading.Event()
         self._done = False
         self._handed_over = False  # gave its generation slot on while waiting for the bridge
+        self._queued_before_s = 0.0  # time spent waiting for a slot before the one it holds now
         self.undelivered = False  # set by a transport that could not send the answer
 
     # ---- cancellation (any thread) -------------------------------------------------------------
@@ -172,7 +173,7 @@ class Job:
         raise AssertionError("Job.iterate ended without a result")  # iterate raises instead
 
     def release_slot(self) -> None:
-        """The engine's part is over (the bridge is being asked): the next request may generate.
+        """The engine's part is over for now (the bridge is being asked): the next request may generate.
 
         Only while a permit is free: a handed-over request still has its worker thread, and
         the pool has room for ``server.queue_size`` of them besides the slots and the queue.
@@ -181,9 +182,21 @@ class Job:
             self._handed_over = True
             self.ticket.release()
 
+    def resume_slot(self) -> bool:
+        """The escalation failed before a local answer existed: wait for a slot again, first in line, to make the
+        fallback. False when the request was cancelled (or ran out of time) first."""
+        if not self._handed_over:
+            return True  # the slot was never given on
+        assert self.service.admission is not None
+        self._queued_before_s += self.ticket.queue_s
+        self.ticket = self.service.admission.reenter()  # released in iterate()'s finally, as the first one
+        self._handed_over = False
+        self.service._handover_permits.release()
+        return self.ticket.wait(self.cancelled) and not self.cancelled()
+
     @property
     def queue_ms(self) -> float:
-        return self.ticket.queue_s * 1000.0
+        return (self._queued_before_s + self.ticket.queue_s) * 1000.0
 
 
 def _shutdown_fallback(result: HybridResult) -> HybridResult:
@@ -318,10 +331,12 @@ class ChatService:
         try:
             # validates messages, the model alias and the context window now; generates on first next()
             # an escalation gets what is left of the deadline (a slow bridge ends as a fallback with the local
-            # answer), and gives its generation slot to the next request while it waits for the network
+            # answer), and gives its generation slot to the next request while it waits for the network; one with no
+            # local answer yet (sent to the cloud first) takes a slot again, first in line, if it needs a fallback
             job._stream = runtime.stream(request.messages, model=request.model, params=params, cancel=job.cancelled,
                                          request_id=request.request_id, reveal_draft=request.reveal_draft,
                                          deadline_s=job.deadline_s, on_escalate=job.release_slot,
+                                         on_resume=job.resume_slot,
                                          # an unset max_tokens means "what fits", as in OpenAI's API
                                          fit_max_new_tokens="max_new_tokens" not in request.sampling)
         except InvalidRequestError as err:

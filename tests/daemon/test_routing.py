@@ -130,6 +130,69 @@ def test_an_escalation_hands_its_generation_slot_to_the_next_request(engine, sta
     cloud.close()
 
 
+def test_requests_sent_to_the_cloud_first_hand_their_slot_on_too(engine, start_daemon, http):
+    # with no local answer yet they kept the only generation slot for the whole bridge call: cloud calls ran one at
+    # a time, and local requests queued behind them (or got 429) while the CPU was idle
+    slow = start_bridge(reply=" ".join(["word"] * 10), token_delay_ms=400.0, workers=4)  # 4 words: ~1.6 s
+    cloud = cloud_client(slow.address, timeout_s=20.0)
+    daemon = start_daemon(runtime(engine, {"type": "always"}, cloud=cloud), queue_size=2)
+    answers: dict[str, tuple[int, dict, float]] = {}
+
+    def ask(name: str, model: str) -> None:
+        t0 = time.perf_counter()
+        status, _, body = http(daemon.port).json("POST", "/v1/chat/completions", {"model": model, "messages": ASK, "max_tokens": 4})
+        answers[name] = (status, body, time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    clouds = [threading.Thread(target=ask, args=(f"cloud{i}", "cloud")) for i in range(2)]
+    for t in clouds:
+        t.start()
+    time.sleep(0.5)  # both are waiting for the bridge
+    ask("local", "local")
+    for t in clouds:
+        t.join(20)
+    both_s = time.perf_counter() - started
+    assert {name: (status, body["routing"]["route"]) for name, (status, body, _s) in answers.items()} == {
+        "cloud0": (200, "cloud"), "cloud1": (200, "cloud"), "local": (200, "local")}
+    assert answers["local"][2] < 1.0  # not queued behind the cloud calls
+    assert both_s < 3.0  # side by side (~1.6 s), not one after the other (~3.2 s)
+    slow.server.stop(0)
+    cloud.close()
+
+
+def test_a_cloud_first_request_whose_escalation_fails_takes_a_slot_again_for_its_fallback(engine, start_daemon, http):
+    # it gave its slot on while it waited; the bridge timed out while another request was generating: it waits
+    # for the slot, first in line, and answers with the local fallback (never nothing)
+    slow = start_bridge(reply=" ".join(["word"] * 30), token_delay_ms=500.0)  # never whole in time
+    cloud = cloud_client(slow.address, timeout_s=20.0)
+    local = SlowEngine(engine, delay_s=0.04)
+    # the escalation gets half of the 5 s (the engine's pace is not known yet): it fails at ~2.5 s, while the
+    # local request (60 tokens from 0.3 s: ~2.7 s) still holds the only slot; the fallback then takes ~0.9 s
+    daemon = start_daemon(runtime(local, {"type": "always"}, cloud=cloud), queue_size=2, request_timeout_s=5.0)
+    expected = engine.generate(messages=ASK, max_new_tokens=20).text
+    assert engine.generate(messages=ASK, max_new_tokens=60).finish_reason == "length"
+    answers: dict[str, tuple[int, dict]] = {}
+
+    def ask(name: str, model: str, tokens: int) -> None:
+        status, _, body = http(daemon.port).json("POST", "/v1/chat/completions",
+                                                 {"model": model, "messages": ASK, "max_tokens": tokens})
+        answers[name] = (status, body)
+
+    first = threading.Thread(target=ask, args=("cloud", "cloud", 20))
+    first.start()
+    time.sleep(0.3)  # it is waiting for the bridge, with its slot given on
+    ask("local", "local", 60)  # runs at once, and still runs when the escalation fails
+    first.join(20)
+    status, body = answers["cloud"]
+    assert status == 200, body
+    assert body["routing"]["route"] == "fallback" and "CloudTimeoutError" in body["routing"]["cloud_error"]
+    assert body["choices"][0]["message"]["content"] == expected
+    assert body["latency"]["queue_ms"] > 50  # it waited for the slot the local request held
+    assert answers["local"][0] == 200 and answers["local"][1]["routing"]["route"] == "local"
+    slow.server.stop(0)
+    cloud.close()
+
+
 def test_handed_over_escalations_are_bounded_and_every_request_keeps_a_thread(engine, start_daemon, http):
     slow = start_bridge(reply=" ".join(["word"] * 10), token_delay_ms=400.0)  # 4 words: ~1.6 s
     cloud = cloud_client(slow.address, timeout_s=20.0)
