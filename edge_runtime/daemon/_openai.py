@@ -208,9 +208,11 @@ def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatReque
     top_p = _float(body, "top_p", lo=0.0, hi=1.0, lo_open=True)
     if top_p is not None:
         sampling["top_p"] = top_p
-    seed = _int(body, "seed", lo=0, hi=MAX_SEED)
+    # OpenAI's schema allows any int64; the sampler's seeds are the non-negative half, so a negative one is taken
+    # modulo 2**63 (-1 is 2**63 - 1) rather than refused: clients that send one worked with OpenAI
+    seed = _int(body, "seed", lo=-MAX_SEED - 1, hi=MAX_SEED)
     if seed is not None:
-        sampling["seed"] = seed
+        sampling["seed"] = seed % (MAX_SEED + 1)
     stop = stop_list(body.get("stop"))
     if stop:
         sampling["stop"] = stop

@@ -51,7 +51,7 @@ BAD = [
     ({**OK, "n": 2}, 400, "invalid_request_error", "invalid_value", "n"),
     ({**OK, "stream": "true"}, 400, "invalid_request_error", "invalid_value", "stream"),
     ({**OK, "user": 12}, 400, "invalid_request_error", "invalid_value", "user"),
-    ({**OK, "seed": -1, "temperature": 0.5}, 400, "invalid_request_error", "invalid_value", "seed"),
+    ({**OK, "seed": -2 ** 63 - 1, "temperature": 0.5}, 400, "invalid_request_error", "invalid_value", "seed"),
     # values no sampler can take: a float past 1e308, a seed past the bridge's int64, JSON's true for n
     ({**OK, "temperature": 10 ** 400}, 400, "invalid_request_error", "invalid_value", "temperature"),
     ({**OK, "seed": 2 ** 64, "temperature": 0.5}, 400, "invalid_request_error", "invalid_value", "seed"),

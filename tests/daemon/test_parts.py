@@ -114,6 +114,9 @@ def test_openai_fields_map_to_sampling_params():
                                   "top_logprobs": 4}
     assert req.param_name("max_new_tokens") == "max_completion_tokens"
     assert parse_chat_request({"messages": ASK}).model == "auto"
+    # OpenAI takes any int64 seed: a negative one is taken modulo 2**63 (it was refused with a 400)
+    assert parse_chat_request({"messages": ASK, "seed": -1}).sampling["seed"] == 2 ** 63 - 1
+    assert parse_chat_request({"messages": ASK, "seed": -2 ** 63}).sampling["seed"] == 0
 
 
 @pytest.mark.parametrize(("err", "status", "code"), [
