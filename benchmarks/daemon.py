@@ -165,7 +165,7 @@ class Daemon:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.log_tail.append(line.rstrip())
-            found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
             if found:
                 self.port = int(found.group(1))
                 break

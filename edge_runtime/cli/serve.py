@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger("edge_runtime.daemon").setLevel(logging.INFO)
     settings = load_runtime_settings(args.config, overrides=settings_overrides_from_args(args))
     if settings.cloud.address:
-        # an unreadable token file is a configuration error like the others: before "serving on ...", not after
+        # an unreadable token file is a configuration error like the others: before "listening on ...", not after
         settings.cloud.resolve_token()
     listener = _log_through_a_queue()
     try:

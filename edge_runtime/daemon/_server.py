@@ -205,7 +205,10 @@ class DaemonServer:
         serving = asyncio.create_task(server.serve(sockets=[self._sock]))
         if self.grpc_server is not None:
             self.grpc_server.start()
-        log.info("serving on %s%s", self.url, f" and unix:{self.grpc_socket}" if self.grpc_socket else "")
+        # not "serving" yet: the model loads next (503 "loading" meanwhile), and a bad bundle or cloud setting
+        # found then still ends the process; "model ... ready" says when requests are answered
+        log.info("listening on %s%s; loading the model", self.url,
+                 f" and unix:{self.grpc_socket}" if self.grpc_socket else "")
         if self._runtime is not None:
             self._attach(self._runtime)
         else:

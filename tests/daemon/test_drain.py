@@ -36,7 +36,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_the_process_exits_0(tiny
         port = None
         for line in proc.stderr:
             log_lines.append(line)
-            found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
             if found:
                 port = int(found.group(1))
                 break

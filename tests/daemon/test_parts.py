@@ -183,7 +183,7 @@ def test_serve_reports_a_bad_setting_by_name(capsys, tmp_path):
     assert main(["serve", "--server-port", "0", "--server-grpc-socket", "", "--cloud-address", "127.0.0.1:1",
                  "--cloud-insecure", "--cloud-token-file", str(missing)]) == 1
     err = capsys.readouterr().err
-    assert "cloud.token_file: cannot read" in err and "serving on" not in err
+    assert "cloud.token_file: cannot read" in err and "listening on" not in err
     # a socket whose directory cannot be made: the OS error alone named no setting
     (tmp_path / "file").write_text("")
     assert main(["serve", "--server-port", "0", "--server-grpc-socket", str(tmp_path / "file" / "sub" / "x.sock")]) == 1
