@@ -122,7 +122,9 @@ def test_estimator_files_are_checked(tmp_path):
     for broken, message in (({**raw, "bundle_hash": 12345}, "bundle_hash must be a string"),
                             ({**raw, "schema_version": True}, "schema_version True"),
                             ({**raw, "model": {**raw["model"], "coef": [float("nan")]}}, "finite"),
-                            ({**raw, "model": {**raw["model"], "std": [0.0]}}, "std must be positive")):
+                            ({**raw, "model": {**raw["model"], "std": [0.0]}}, "std must be positive"),
+                            ({k: v for k, v in raw.items() if k != "model"}, "the field 'model' is missing"),
+                            ({**raw, "name": 5}, "name must be a string, got 5")):
         path.write_text(json.dumps(broken))  # NaN: Python writes and reads it; it would score every answer NaN
         with pytest.raises(EstimatorError, match=message):
             load_estimator(path)
@@ -238,6 +240,19 @@ def test_calibrate_and_eval_refuse_bad_arguments_before_running_the_model(tiny_b
     assert main([*args, "--bundle", str(tiny_bundle), *suite]) == 1
     err = capsys.readouterr().err
     assert expected.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["calibrate", "--out", "{tmp}/e.json", "--threads", "0"], "--threads: must be an integer >= 1, got 0"),
+    (["eval", "--prompt-lookup", "-1"], "--prompt-lookup: must be an integer from 0 to"),
+    (["calibrate", "--out", "{tmp}/e.json", "--family", "foo"], "--family: unknown estimator family 'foo'"),
+])
+def test_errors_of_settings_passed_on_name_the_flag(tiny_bundle, tmp_path, tiny_suite, capsys, args, expected):
+    # they named the engine's settings (intra_op_threads, prompt_lookup) and the fit's (family)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main([*args, "--bundle", str(tiny_bundle), "--suite", str(tiny_suite)]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
 
 
 def test_eval_reads_the_estimator_before_running_the_split(tiny_bundle, tmp_path, tiny_suite, capsys, monkeypatch):

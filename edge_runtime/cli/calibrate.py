@@ -3,17 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("edge_runtime.calibrate")
 
 DEFAULT_FAMILY = "multi"
+# the settings these commands pass on, by the flags that set them: an error names what the user typed
+_FLAGS = {"intra_op_threads": "--threads", "prompt_lookup": "--prompt-lookup", "family": "--family"}
+
+
+def _naming_flags(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from ..errors import InvalidRequestError
+
+        try:
+            return command(args)
+        except InvalidRequestError as err:
+            if err.field not in _FLAGS:
+                raise
+            message = str(err).removeprefix(f"{err.field}: ")  # the error puts its field in front
+            raise InvalidRequestError(message, field=_FLAGS[err.field]) from err
+
+    return run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,6 +89,7 @@ def _items(suite: str, split: str, limit: int | None) -> list[Any]:
     return items
 
 
+@_naming_flags
 def _calibrate(args: argparse.Namespace) -> int:
     from ..confidence import estimator_scores, fit_estimator, make_dataset, save_estimator
     from ..engine import Engine
@@ -196,6 +217,7 @@ def _gain_report(scores: Any, data: Any, cloud: dict[str, bool], families: list[
     return rep
 
 
+@_naming_flags
 def _eval(args: argparse.Namespace) -> int:
     import numpy as np
 

@@ -341,7 +341,9 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
             est = HeuristicEstimator()
         elif kind == "logistic":
             knn = KnnPrior.from_dict(d["knn"]) if d.get("knn") else None
-            est = LogisticEstimator(str(d["name"]), LogisticModel.from_dict(d["model"]), knn=knn, bundle_hash=recorded, meta=d.get("meta"))
+            if not isinstance(d.get("name"), str):
+                raise ValueError(f"name must be a string, got {d.get('name')!r}")
+            est = LogisticEstimator(d["name"], LogisticModel.from_dict(d["model"]), knn=knn, bundle_hash=recorded, meta=d.get("meta"))
         elif kind == "knn":
             est = KnnEstimator(KnnPrior.from_dict(d["knn"]), bundle_hash=recorded, meta=d.get("meta"))
         elif kind == "selfcheck":
@@ -350,7 +352,9 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
             raise EstimatorError(f"{p}: unknown estimator kind {kind!r} (expected heuristic, logistic, knn or selfcheck)")
         if d.get("cloud"):
             est.cloud = CloudPrior.from_dict(d["cloud"])
-    except (KeyError, TypeError, ValueError) as err:
+    except KeyError as err:  # str(KeyError) is the bare quoted key
+        raise EstimatorError(f"{p}: malformed {kind} estimator (the field {err.args[0]!r} is missing)") from err
+    except (TypeError, ValueError) as err:
         raise EstimatorError(f"{p}: malformed {kind} estimator ({err})") from err
     # a feature this runtime does not compute would fail at the first answer scored, not here
     unknown = sorted(set(est.model.features) - {*FEATURES, "knn_prior"}) if isinstance(est, LogisticEstimator) else []

@@ -157,8 +157,10 @@ def _cloud_identity(client: Any, alias: str) -> tuple[str, tuple[float, float] |
     return f"bridge-{alias or 'default'}-{model}", prices
 
 
-def _make_out_dir(out: Path) -> None:
-    """The output directory, made and proved writable before the long run (its files are written at the end)."""
+def _make_out_dir(out: Path) -> bool:
+    """The output directory, made and proved writable before the long run (its files are written at the end);
+    whether it was made now."""
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".edge-runtime-write-test-{os.getpid()}"
@@ -166,6 +168,15 @@ def _make_out_dir(out: Path) -> None:
         probe.unlink()
     except OSError as err:  # a file in the way, no permission, a read-only or immutable directory
         raise ConfigError(f"cannot write to the output directory {out}: {err.strerror or err}", field="out") from err
+    return created
+
+
+def _drop_if_unused(out: Path, failed: bool) -> bool:
+    """An exit callback: a run that failed before writing anything leaves no empty output directory behind."""
+    if failed:
+        with contextlib.suppress(OSError):  # not empty (an earlier run's files), or gone: leave it
+            out.rmdir()
+    return False  # the error goes on
 
 
 def _check_bundle(path: Path, option: str) -> None:
@@ -279,7 +290,7 @@ def explore(
         _check_bundle(local_bundle, "--cloud")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"must be a whole number >= 1, got {threads!r}", field="--threads")
-    _make_out_dir(out)
+    created = _make_out_dir(out)
     held: list[Any] = []
     if validate:
         # hold back every k-th item for the live check (in family order or in turns, each family keeps about its share)
@@ -290,6 +301,8 @@ def explore(
 
     meter = EnergyMeter.from_settings(power) if power is not None else default_meter()
     with contextlib.ExitStack() as stack:
+        if created:  # an unreachable bridge, a failed measurement: no empty directory left behind
+            stack.push(lambda kind, _err, _tb: _drop_if_unused(out, kind is not None))
         if power is not None:  # a meter of its own (its sampler thread), closed whatever happens; not the shared one
             stack.callback(meter.close)
         engine = Engine(edge_bundle, intra_op_threads=threads, prompt_lookup=prompt_lookup, energy_meter=meter)

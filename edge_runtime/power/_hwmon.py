@@ -210,7 +210,8 @@ def detect_hwmon(root: str | os.PathLike[str]) -> list[HwmonSource]:
         else:
             problem = _problem(domains, left_out, totals)
             fix = _permission_fix(denied) if problem else None
-        has_energy = any(c.kind == "energy" and c.domain in totals for c in channels)
+        # what the chip offers, read or not: a chip of energy counters whose socket counter is unreadable has no rails
+        has_energy = any(c.kind == "energy" for c in channels if not totals or c.domain in totals)
         info = SourceInfo(kind="hwmon", label=label, present=True, usable=usable, domains=tuple(domains),
                           problem=problem, fix=fix,
                           detail=f"{entry} ({'energy counters' if has_energy else 'power rails'})")

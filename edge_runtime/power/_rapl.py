@@ -147,7 +147,8 @@ def detect_rapl(root: str | os.PathLike[str]) -> list[RaplSource]:
     problem = fix = None
     if not usable:
         if denied:
-            problem = f"{PERMISSION_DENIED} on {len(denied)} energy_uj file(s)"
+            # every denied zone: the listing below shows each, and "3" beside six unreadable ones read as a miscount
+            problem = f"{PERMISSION_DENIED} on {sum(d.problem == PERMISSION_DENIED for d in domains)} energy_uj file(s)"
             fix = RAPL_PERMISSION_FIX
         else:
             problem = "no package or psys zone readable" + (f" ({others[0].problem})" if others else "")

@@ -686,3 +686,19 @@ def test_a_relative_unix_bridge_is_written_as_an_absolute_path(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     text = _cloud_toml(CloudSettings(address="unix:bridge.sock", insecure=True), None)
     assert f'address = "unix:{tmp_path / "bridge.sock"}"' in text
+
+
+def test_a_run_that_fails_at_the_bridge_leaves_no_empty_output_directory(tiny_bundle, tiny_suite, tmp_path):
+    from edge_runtime.cloud import CloudSettings
+    from edge_runtime.errors import CloudError
+    from edge_runtime.explore import explore
+
+    out, kept = tmp_path / "new" / "out", tmp_path / "kept"
+    down = CloudSettings(address="127.0.0.1:1", insecure=True, token="t", timeout_s=2.0)
+    with pytest.raises(CloudError):
+        explore(edge=str(tiny_bundle), cloud="big", out=out, suite=str(tiny_suite), cloud_settings=down, root=tmp_path / "runs")
+    assert not out.exists()
+    kept.mkdir()  # a directory the user made is theirs: it stays
+    with pytest.raises(CloudError):
+        explore(edge=str(tiny_bundle), cloud="big", out=kept, suite=str(tiny_suite), cloud_settings=down, root=tmp_path / "runs")
+    assert kept.is_dir()

@@ -281,6 +281,7 @@ def test_core_counters_never_stand_in_for_unreadable_sockets(tmp_path: Path, mak
     assert info.problem is not None and info.problem.startswith("cannot read Esocket0")
     assert m.source == "estimate:generic" and m.estimated  # type: ignore[attr-defined]
     assert any("hwmon:amd_energy: cannot read Esocket0" in w for w in m.warnings)  # type: ignore[attr-defined]
+    assert info.detail is not None and info.detail.endswith("(energy counters)")  # it has no power rails
 
 
 def test_an_unreadable_core_counter_leaves_nothing_out(tmp_path: Path) -> None:

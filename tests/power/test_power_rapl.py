@@ -293,6 +293,13 @@ def _denied_tree(root: Path) -> None:
         make_unreadable(path)
 
 
+def test_a_fully_denied_rapl_counts_every_file_it_cannot_read(tmp_path: Path) -> None:
+    _denied_tree(tmp_path)  # package-0 and its core and uncore zones
+    info = call_unprivileged(lambda: [i for i in describe_sources(tmp_path) if i.kind == "rapl"][0])
+    # it said 1 (the package, the only zone of the total) beside a listing of 3 unreadable zones
+    assert not info.usable and info.problem == "permission denied on 3 energy_uj file(s)"
+
+
 def test_permission_denied_warns_once_with_the_fix_and_uses_the_next_source(
         tmp_path: Path, make_meter: Make, clock: ManualClock, caplog: pytest.LogCaptureFixture) -> None:
     _denied_tree(tmp_path)
