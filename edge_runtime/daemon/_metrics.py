@@ -83,6 +83,7 @@ class Metrics:
         # the meter's source label and whether it estimates: set when the model loads (None before)
         self.energy_source: tuple[str, bool] | None = None
         self.network_j = 0.0
+        self.wait_j = 0.0
         self.cloud_usd = 0.0
         self.device_usd = 0.0
         self.latency: dict[Labels, Histogram] = {}
@@ -114,6 +115,7 @@ class Metrics:
                 self.draft_tokens[pkey] = self.draft_tokens.get(pkey, 0) + n
             self.energy_j[key] = self.energy_j.get(key, 0.0) + float(result.energy.get("joules") or 0.0)
             self.network_j += float(result.energy.get("network_joules") or 0.0)
+            self.wait_j += float(result.energy.get("wait_joules") or 0.0)
             self.cloud_usd += float(result.cost.get("cloud_usd") or 0.0)
             self.device_usd += float(result.cost.get("device_energy_usd") or 0.0)
             self.latency.setdefault(key, Histogram(LATENCY_BUCKETS_S)).observe(total_s)
@@ -179,9 +181,12 @@ class Metrics:
                        {(("source", source), ("estimated", "true" if estimated else "false")): 1})
             family("edge_runtime_network_energy_joules_total", "counter",
                    "Estimated radio energy of escalations (cost model).", self.network_j)
+            family("edge_runtime_wait_energy_joules_total", "counter",
+                   "Estimated device energy while escalations waited for the cloud (the profile's idle watts).",
+                   self.wait_j)
             family("edge_runtime_cloud_cost_usd_total", "counter", "USD billed by the cloud bridge.", self.cloud_usd)
             family("edge_runtime_device_energy_cost_usd_total", "counter",
-                   "Device and network energy at the configured electricity price, in USD.", self.device_usd)
+                   "Device, network and wait energy at the configured electricity price, in USD.", self.device_usd)
             histograms("edge_runtime_request_duration_seconds",
                        "Time to answer a chat request, queueing included, by route.", self.latency)
             histograms("edge_runtime_time_to_first_token_seconds",

@@ -7,6 +7,7 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2, daemon_pb2, daemon_pb2_grpc
 from edge_runtime.engine import Engine
@@ -47,6 +48,10 @@ def test_escalated_request_is_answered_by_the_cloud_then_falls_back_quickly_when
     assert metric(m, "edge_runtime_answers_total", route="fallback") == 3
     assert metric(m, "edge_runtime_escalation_ratio") == 1.0
     assert metric(m, "edge_runtime_cloud_cost_usd_total") == up["cost"]["cloud_usd"]
+    # the device's idle draw while each escalation waited (the open circuit's answers waited for nothing)
+    waits = [up["energy"]["wait_joules"]] + [down["energy"]["wait_joules"] for _, down, _ in answers]
+    assert waits[0] > 0 and waits[-1] == 0
+    assert metric(m, "edge_runtime_wait_energy_joules_total") == pytest.approx(sum(waits), abs=1e-5)
     assert metric(m, "edge_runtime_tokens_total", route="cloud", side="cloud") == (
         up["usage"]["cloud"]["prompt_tokens"] + up["usage"]["cloud"]["completion_tokens"])
     cloud.close()
