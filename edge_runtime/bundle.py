@@ -23,6 +23,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,8 @@ def _check_manifest_fields(raw: dict[str, Any], path: Path) -> None:
     for name, info in raw["files"].items():
         if not isinstance(info, dict) or not isinstance(info.get("size"), int) or not isinstance(info.get("sha256"), str):
             raise bad(f"files.{name}", "must be an object with size and sha256")
+        if not re.fullmatch(r"[0-9a-f]{64}", info["sha256"]):  # else a damaged manifest reads as a damaged file
+            raise bad(f"files.{name}.sha256", f"must be 64 lowercase hex digits, got {info['sha256'][:80]!r}")
     # the weights beside the graph too (onnxruntime opens whatever external data file the graph names);
     # dotfiles are not weights (macOS leaves ._model.onnx.data copies on FAT and SMB volumes)
     try:

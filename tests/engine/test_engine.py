@@ -323,6 +323,8 @@ def test_bundle_failing_verification_is_refused(tiny_bundle, tmp_path):
     [
         (lambda m: m["tokens"].update(bos_token_id="x"), "tokens.bos_token_id"),
         (lambda m: m["tokens"].update(eos_token_ids=[]), "tokens.eos_token_ids"),  # answers would never end
+        # a damaged checksum in the manifest is the manifest's fault, not the file's
+        (lambda m: m["files"]["model.onnx"].update(sha256="zz"), "files.model.onnx.sha256"),
         (lambda m: m.update(chat_template=5), "chat_template"),
         (lambda m: m.update(files={}), "files"),  # nothing listed would mean nothing verified
         (lambda m: m["model"].update(num_layers=m["model"]["num_layers"] + 1), "model.num_layers"),
