@@ -76,6 +76,9 @@ _BUSY_RETRY_S = 1.0
 # prompt); generous: the bound below is only there to catch usage figures no request could have
 _TEMPLATE_TOKENS_PER_MESSAGE = 32
 _TEMPLATE_TOKENS = 256
+# what an upstream may bill beyond the max_tokens it was sent: some reasoning models count their hidden reasoning
+# outside it
+_REASONING_TOKENS = 32_768
 
 
 def _quota_tokens(request: BackendRequest, prompt_tokens: int, completion_tokens: int) -> int:
@@ -83,13 +86,13 @@ def _quota_tokens(request: BackendRequest, prompt_tokens: int, completion_tokens
     ``completion_tokens``, at most what the request could have used.
 
     A tokenizer makes at most one token per byte of text, plus its template's markers, and an upstream generates
-    at most the ``max_new_tokens`` it was asked for: an upstream (or a proxy in front of it) that reports more
-    would otherwise lock the device out of its token quota for hours. The bill and the access log keep the
-    upstream's own figures; the clamp is logged.
+    the ``max_new_tokens`` it was asked for plus, for some reasoning models, a hidden reasoning budget: an upstream
+    (or a proxy in front of it) that reports more would otherwise lock the device out of its token quota for
+    days. The bill and the access log keep the upstream's own figures; the clamp is logged.
     """
     prompt_bytes = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in request.messages)
     prompt_cap = prompt_bytes + _TEMPLATE_TOKENS_PER_MESSAGE * len(request.messages) + _TEMPLATE_TOKENS
-    completion_cap = request.params.max_new_tokens
+    completion_cap = request.params.max_new_tokens + _REASONING_TOKENS
     charged = min(prompt_tokens, prompt_cap) + min(completion_tokens, completion_cap)
     if charged < prompt_tokens + completion_tokens:
         log.warning("%s: the upstream reported prompt_tokens=%d completion_tokens=%d, more than the request can "

@@ -673,11 +673,15 @@ class HybridRuntime:
         elif decision.action == "cloud":
             progress = _CloudProgress()
             try:
-                # with no whole local answer yet, a failed escalation must leave the time to make one
-                local_s = self._pace.estimate_s(len(prompt_ids), local_params.max_new_tokens) if not locals_ or early_exit else 0.0
-                timeout_s = timing.cloud_timeout_s(self.cloud_timeout_s, local_s)
                 whole_local = bool(locals_) and not early_exit
-                if timing.on_escalate is not None and (whole_local or timing.on_resume is not None):
+                hand_over = timing.on_escalate is not None and (whole_local or timing.on_resume is not None)
+                # with no whole local answer yet, a failed escalation must leave the time to make one
+                local_s = self._pace.estimate_s(len(prompt_ids), local_params.max_new_tokens) if not whole_local else 0.0
+                if hand_over and not whole_local and local_s is not None:
+                    # and, with the engine handed on, to wait for it first: about one other generation, taken as long
+                    local_s *= 2
+                timeout_s = timing.cloud_timeout_s(self.cloud_timeout_s, local_s)
+                if hand_over:
                     # the engine is done with this request whatever the bridge does: a failure returns the local
                     # answer already made; when there is none, on_resume gets the engine back for the fallback
                     timing.on_escalate()

@@ -86,6 +86,8 @@ _CIRCUIT_CODE_NAMES = frozenset(code.name for code in CIRCUIT_CODES)
 _NEUTRAL_ERRORS = (InvalidRequestError, CloudResponseTooLargeError, CloudCancelledError)
 # the bridge's ErrorInfo reason for a device whose own quota is spent
 QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
+# the longest the client refuses calls itself after such a refusal, whatever retry time the bridge gave
+_MAX_QUOTA_SKIP_S = 300.0
 # how often a stream's ``cancel`` is polled while the caller's thread waits for the bridge
 _CANCEL_POLL_S = 0.05
 # gRPC and the client's clock may read a deadline a hair apart; an expiry this close to it is the deadline's
@@ -265,12 +267,14 @@ class CloudClient:
         # for the circuit (the code is not a bridge outage's)
         return CloudError("the cloud client is closed", code="CLOSED")
 
-    def _enter_circuit(self) -> int:
-        """Let a call through the circuit breaker; what :meth:`CircuitBreaker.admit` returned (0, or a probe's number)."""
+    def _enter_circuit(self, *, generation: bool = True) -> int:
+        """Let a call through the circuit breaker; what :meth:`CircuitBreaker.admit` returned (0, or a probe's number).
+
+        ``generation``: the call spends the device's quota (ListModels does not)."""
         if self._closed:
             raise self._closed_error()
         wait_s = self._quota_until_s - self._clock()
-        if wait_s > 0:
+        if generation and wait_s > 0:
             # the bridge said when this device's quota allows a call again: a call before then is refused the same
             error = CloudQuotaError(f"cloud skipped: this device's quota at the bridge is spent; next try in {wait_s:.1f} s",
                                     code="RESOURCE_EXHAUSTED", retry_after_s=wait_s, reason=QUOTA_EXCEEDED)
@@ -294,7 +298,9 @@ class CloudClient:
         elif isinstance(error, CloudQuotaError) and error.reason == QUOTA_EXCEEDED:
             # this device's quota is spent; the bridge is healthy and serves other devices: not an outage
             if error.retry_after_s:
-                self._quota_until_s = max(self._quota_until_s, self._clock() + error.retry_after_s)
+                # at most a few minutes: a quota an operator raised (or reset by a restart) is found again then
+                skip_s = min(error.retry_after_s, _MAX_QUOTA_SKIP_S)
+                self._quota_until_s = max(self._quota_until_s, self._clock() + skip_s)
             self.circuit.record_neutral(probe=probe)
         elif isinstance(error, _NEUTRAL_ERRORS) or cut_short:
             self.circuit.record_neutral(probe=probe)
@@ -363,9 +369,10 @@ class CloudClient:
         start = self._clock()
         return start, start + (self.settings.timeout_s if timeout_s is None else timeout_s)
 
-    def _unary(self, invoke: Callable[[float], T], timeout_s: float | None) -> tuple[T, float, float, int]:
+    def _unary(self, invoke: Callable[[float], T], timeout_s: float | None, *,
+               generation: bool = True) -> tuple[T, float, float, int]:
         """Run ``invoke(remaining_s)`` with retries; returns (response, latency_ms, round_trip_ms, attempts)."""
-        probe = self._enter_circuit()
+        probe = self._enter_circuit(generation=generation)
         start, deadline_s = self._deadline(timeout_s)
         attempt = 0
         try:
@@ -533,6 +540,7 @@ class CloudClient:
                 bridge_pb2.ListModelsRequest(), timeout=remaining, metadata=self._metadata()
             ),
             timeout_s,
+            generation=False,  # not charged to the device's quota: a spent quota does not stop it
         )
         return [
             ModelInfo(

@@ -372,7 +372,7 @@ class ChatService:
         self.metrics.count_request(job.transport, outcome)
         if result is not None:
             ttft = (job.first_text_s - job.started_s) if (job.request.stream and job.first_text_s) else None
-            self.metrics.observe_answer(result, queue_s=job.ticket.queue_s, total_s=now - job.started_s, ttft_s=ttft)
+            self.metrics.observe_answer(result, queue_s=job.queue_ms / 1000.0, total_s=now - job.started_s, ttft_s=ttft)
         req = job.request
         prompt_chars = sum(len(m["content"]) for m in req.messages)
         if result is not None:

@@ -157,10 +157,10 @@ def _cloud_identity(client: Any, alias: str) -> tuple[str, tuple[float, float] |
     return f"bridge-{alias or 'default'}-{model}", prices
 
 
-def _make_out_dir(out: Path) -> bool:
+def _make_out_dir(out: Path) -> Path | None:
     """The output directory, made and proved writable before the long run (its files are written at the end);
-    whether it was made now."""
-    created = not out.exists()
+    the outermost directory made now (None: it existed)."""
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".edge-runtime-write-test-{os.getpid()}"
@@ -171,11 +171,16 @@ def _make_out_dir(out: Path) -> bool:
     return created
 
 
-def _drop_if_unused(out: Path, failed: bool) -> bool:
-    """An exit callback: a run that failed before writing anything leaves no empty output directory behind."""
+def _drop_if_unused(out: Path, created: Path, failed: bool) -> bool:
+    """An exit callback: a run that failed before writing anything leaves none of the directories it made."""
     if failed:
-        with contextlib.suppress(OSError):  # not empty (an earlier run's files), or gone: leave it
-            out.rmdir()
+        for directory in [out, *out.parents]:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (another's files), or gone: leave it and what holds it
+                break
+            if directory == created:
+                break
     return False  # the error goes on
 
 
@@ -302,7 +307,7 @@ def explore(
     meter = EnergyMeter.from_settings(power) if power is not None else default_meter()
     with contextlib.ExitStack() as stack:
         if created:  # an unreachable bridge, a failed measurement: no empty directory left behind
-            stack.push(lambda kind, _err, _tb: _drop_if_unused(out, kind is not None))
+            stack.push(lambda kind, _err, _tb: _drop_if_unused(out, created, kind is not None))
         if power is not None:  # a meter of its own (its sampler thread), closed whatever happens; not the shared one
             stack.callback(meter.close)
         engine = Engine(edge_bundle, intra_op_threads=threads, prompt_lookup=prompt_lookup, energy_meter=meter)

@@ -460,6 +460,7 @@ class Sampler:
         warnings: list[str] = []
         counts: list[int] = []
         power_counts: list[int] = []
+        still: list[str] = []  # energy counters of the total that did not move in a window long enough to see it
         for name, track in self._tracks.items():
             if not track.covers(t0, t1):
                 continue
@@ -481,13 +482,21 @@ class Sampler:
                     power_counts.append(counts[-1])
                     if joules == 0.0 and t1 > t0:
                         warnings.append(f"{label}: {name} read 0 W throughout the window")
-                if track.kind == "energy" and joules == 0.0 and t1 - t0 >= STUCK_COUNTER_S and name not in incomplete:
-                    # a device draws watts; a total that did not move measured nothing (some VMs and firmwares
-                    # expose a counter that stays at one value): not a measured 0 J
-                    incomplete[name] = f"did not move in {t1 - t0:.2f} s (a stuck counter measures nothing)"
+                if track.kind == "energy" and joules == 0.0 and t1 - t0 >= STUCK_COUNTER_S:
+                    still.append(name)
                 if track.kind == "remaining" and joules == 0.0 and t1 > t0:
                     warnings.append(f"{label}: the battery gauge did not move during this {t1 - t0:.2f} s window "
                                     "(it updates every few seconds), so 0 J here means too short to see")
+        moved = [n for n in totals if n in domains_j and n not in still]
+        for name in still:
+            if moved:
+                # a part of the total that stays still (a DRAM zone some servers list but do not count) beside
+                # one that moves: the total is still measured
+                warnings.append(f"{label}: {name} did not move in {t1 - t0:.2f} s; counted as 0 J")
+            else:
+                # a device draws watts; a total that did not move at all measured nothing (some VMs and firmwares
+                # expose a counter that stays at one value): not a measured 0 J
+                incomplete.setdefault(name, f"did not move in {t1 - t0:.2f} s (a stuck counter measures nothing)")
         missing = sorted(n for n in totals if n not in domains_j)
         for name in missing:
             track = self._tracks.get(name)

@@ -227,6 +227,20 @@ def test_a_spent_device_quota_skips_the_cloud_until_its_retry_time_without_openi
     with pytest.raises(CloudQuotaError) as asked:  # the bridge is asked again (its own clock has not moved)
         client.generate(HI)
     assert "cloud skipped" not in str(asked.value) and asked.value.reason == "QUOTA_EXCEEDED"
+    assert [m.alias for m in client.list_models()]  # ListModels is not charged to the quota: never skipped
+
+
+def test_the_client_skips_a_spent_quota_for_at_most_five_minutes(start_bridge, make_client):
+    # a retry time of days (a deep token debt) would keep a device off a bridge whose operator raised its quota
+    from edge_runtime.cloud._client import QUOTA_EXCEEDED
+
+    bridge = start_bridge()
+    clock = FakeClock()
+    client = make_client(bridge, clock=clock)
+    client._record(CloudQuotaError("spent", retry_after_s=3 * 86400.0, reason=QUOTA_EXCEEDED))
+    assert client._quota_until_s == pytest.approx(clock.now + 300.0)
+    clock.now += 301.0
+    assert client.generate(HI).text  # asked again, and answered
 
 
 def test_usage_more_than_the_request_can_have_charges_the_quota_at_most_that_and_is_logged(start_bridge, make_client,
@@ -238,15 +252,16 @@ def test_usage_more_than_the_request_can_have_charges_the_quota_at_most_that_and
             return BackendResult("w", "eos", 3_000_000, 5_000_000, self.model)
 
     bridge = start_bridge(backends={"inflating": Inflating()}, models={},
-                          quota={"requests_per_minute": 0, "tokens_per_minute": 600, "tokens_burst": 1000})
+                          quota={"requests_per_minute": 0, "tokens_per_minute": 600_000, "tokens_burst": 50_000})
     client = make_client(bridge, max_attempts=1)
     with caplog.at_level("WARNING", logger="cloud_bridge.access"):
         result = client.generate(HI, params=SamplingParams(max_new_tokens=8))
     assert (result.prompt_tokens, result.completion_tokens) == (3_000_000, 5_000_000)  # the bill keeps them
     assert "more than the request can have" in caplog.text and "completion_tokens=5000000" in caplog.text
-    # charged at most 2 bytes of prompt + the template's allowance (32 + 256) and the 8 tokens asked for: 298
+    # charged at most 2 bytes of prompt + the template's allowance (32 + 256), and the 8 tokens asked for plus a
+    # reasoning model's allowance (32,768): 33,066 a call
     assert client.generate(HI, params=SamplingParams(max_new_tokens=8)).completion_tokens == 5_000_000
-    with pytest.raises(CloudQuotaError) as info:  # 298 a call: the fourth takes the bucket below 0, the fifth waits
+    with pytest.raises(CloudQuotaError) as info:  # the second call takes the bucket below 0, the third waits
         for _ in range(3):
             client.generate(HI, params=SamplingParams(max_new_tokens=8))
-    assert info.value.retry_after_s < 60  # a wait of seconds, not the days 8 million tokens at 10 a second take
+    assert info.value.retry_after_s < 10  # seconds (16,132 tokens at 10,000 a second), not the 13 min of 8 million

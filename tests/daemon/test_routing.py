@@ -171,11 +171,12 @@ def test_a_cloud_first_request_whose_escalation_fails_takes_a_slot_again_for_its
     slow = start_bridge(reply=" ".join(["word"] * 30), token_delay_ms=500.0)  # never whole in time
     cloud = cloud_client(slow.address, timeout_s=20.0)
     local = SlowEngine(engine, delay_s=0.04)
-    # the escalation gets half of the 5 s (the engine's pace is not known yet): it fails at ~2.5 s, while the
-    # local request (60 tokens from 0.3 s: ~2.7 s) still holds the only slot; the fallback then takes ~0.9 s
-    daemon = start_daemon(runtime(local, {"type": "always"}, cloud=cloud), queue_size=2, request_timeout_s=5.0)
+    # the escalation gets half of the 8 s (the engine's pace is not known yet): it fails at ~4 s, while the
+    # local request (100 tokens from 0.3 s: ~4.5 s) still holds the only slot; the fallback then takes ~0.9 s,
+    # and ends at ~5.5 s, well before the deadline
+    daemon = start_daemon(runtime(local, {"type": "always"}, cloud=cloud), queue_size=2, request_timeout_s=8.0)
     expected = engine.generate(messages=ASK, max_new_tokens=20).text
-    assert engine.generate(messages=ASK, max_new_tokens=60).finish_reason == "length"
+    assert engine.generate(messages=ASK, max_new_tokens=100).finish_reason == "length"
     answers: dict[str, tuple[int, dict]] = {}
 
     def ask(name: str, model: str, tokens: int) -> None:
@@ -186,7 +187,7 @@ def test_a_cloud_first_request_whose_escalation_fails_takes_a_slot_again_for_its
     first = threading.Thread(target=ask, args=("cloud", "cloud", 20))
     first.start()
     time.sleep(0.3)  # it is waiting for the bridge, with its slot given on
-    ask("local", "local", 60)  # runs at once, and still runs when the escalation fails
+    ask("local", "local", 100)  # runs at once, and still runs when the escalation fails
     first.join(20)
     status, body = answers["cloud"]
     assert status == 200, body

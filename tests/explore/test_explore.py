@@ -697,7 +697,7 @@ def test_a_run_that_fails_at_the_bridge_leaves_no_empty_output_directory(tiny_bu
     down = CloudSettings(address="127.0.0.1:1", insecure=True, token="t", timeout_s=2.0)
     with pytest.raises(CloudError):
         explore(edge=str(tiny_bundle), cloud="big", out=out, suite=str(tiny_suite), cloud_settings=down, root=tmp_path / "runs")
-    assert not out.exists()
+    assert not out.exists() and not out.parent.exists()  # nor the directory made to hold it
     kept.mkdir()  # a directory the user made is theirs: it stays
     with pytest.raises(CloudError):
         explore(edge=str(tiny_bundle), cloud="big", out=kept, suite=str(tiny_suite), cloud_settings=down, root=tmp_path / "runs")

@@ -440,3 +440,17 @@ def test_a_counter_that_never_moves_is_not_a_measured_zero(tmp_path: Path, make_
         clock.advance(1.0)
         pkg.write_text("2000000")
     assert moved.source == "rapl:package-0" and moved.joules == pytest.approx(2.0)  # type: ignore[attr-defined]
+
+
+def test_a_still_dram_zone_beside_a_moving_package_is_measured_with_a_warning(tmp_path: Path, make_meter: Make,
+                                                                              clock: ManualClock) -> None:
+    # some servers list a DRAM zone that only counts with a BIOS option: the package still measures the window
+    pkg = add_rapl_zone(tmp_path, "0", "package-0", 0)
+    add_rapl_zone(tmp_path, "0:0", "dram", 5_000_000)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1.0)
+        pkg.write_text("20000000")
+    assert m.source == "rapl:package-0+package-0/dram" and not m.estimated  # type: ignore[attr-defined]
+    assert m.joules == pytest.approx(20.0)  # type: ignore[attr-defined]
+    assert any("package-0/dram did not move in 1.00 s; counted as 0 J" in w for w in m.warnings)  # type: ignore[attr-defined]
