@@ -577,10 +577,14 @@ def test_an_estimate_cached_by_eval_is_measured_again_when_the_explorer_has_a_co
     zone.mkdir(parents=True)
     for name, value in (("name", "package-0"), ("energy_uj", "1000000"), ("max_energy_range_uj", "262143328850")):
         (zone / name).write_text(value + "\n")
-    measuring = _CountingEngine(Engine(tiny_bundle, energy_meter=EnergyMeter(sysfs_root=tmp_path / "rapl")))
-    assert measuring.energy_meter.source == "rapl:package-0"
-    run_edge(measuring, items, root=tmp_path, energy=True)
-    assert measuring.calls == 2
+    counter = EnergyMeter(sysfs_root=tmp_path / "rapl")
+    try:  # a counter's meter runs a sampler thread until closed
+        measuring = _CountingEngine(Engine(tiny_bundle, energy_meter=counter))
+        assert measuring.energy_meter.source == "rapl:package-0"
+        run_edge(measuring, items, root=tmp_path, energy=True)
+        assert measuring.calls == 2
+    finally:
+        counter.close()
 
 
 def test_the_live_checks_daemon_reads_its_settings_from_its_config_only(tmp_path, monkeypatch):
