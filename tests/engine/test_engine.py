@@ -117,7 +117,9 @@ def test_smollm2_fp32_greedy_is_token_identical_to_transformers(smollm2_fp32, sm
     ids = engine.encode("Once upon a time, in a small village at the edge of a great forest, there lived a young baker who")
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=96, do_sample=False)
     ours = [c.result for c in drafting.stream_tokens(ids, SamplingParams(max_new_tokens=96)) if c.result is not None][0]
-    assert ours.usage.accepted_draft_tokens >= 5
+    # several steps check drafts, some of them accepted (10 and 4 with this bundle, which starts a raw prompt
+    # without a BOS as its GGUF says; 5 and more were accepted when a <|im_start|> led the prompt)
+    assert ours.usage.draft_tokens >= 5 and ours.usage.accepted_draft_tokens >= 2
     assert ours.token_ids == out[0][len(ids):].tolist()
 
 
