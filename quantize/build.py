@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8", "int4")
 QUALITY_SAMPLE = Path(__file__).with_name("data") / "quality_sample.txt"
+# an fp32 bundle's top-1 agreement with its source: float rounding flips a near-tie now and then, never more
+FP32_MIN_TOP1_AGREEMENT = 0.95
 _BYTES_PER_PARAM = {"fp32": 4.0, "int8": 1.2, "int4": 0.75}
 # Default number of rescored logits: more than OpenAI's 20 top_logprobs, so every alternative a caller
 # can ask for is rescored. SmolLM2-135M (zero points, rows from an exact 8-bit table, simulated):
@@ -278,6 +280,13 @@ def build_bundle(
                 f"quantized perplexity {quality['ppl_bundle']:.3f} is {quality['ppl_ratio']:.3f}x the fp32 {quality['ppl_fp32']:.3f}, "
                 f"above --max-ppl-ratio {max_ppl_ratio}: nothing was kept"
             )
+        if precision == "fp32" and quality["top1_agreement"] < FP32_MIN_TOP1_AGREEMENT:
+            # the same weights in the same precision: only a graph that computes another model disagrees (a
+            # perplexity ratio alone passed one at 0.94 with 4% agreement)
+            raise QualityGateError(
+                f"the fp32 bundle's most likely next token is the source model's at only {quality['top1_agreement']:.1%} "
+                f"of the sample's positions (at least {FP32_MIN_TOP1_AGREEMENT:.0%} expected): the graph does not "
+                "compute what the model does (a setting of its config this builder ignores?); nothing was kept")
         write_manifest(tmp, manifest)
         say("verify", 0, 1)
         verify_bundle(tmp, "full")

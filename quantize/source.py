@@ -414,8 +414,8 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
             raise BuildError(f"{path} is incomplete: {len(keys)} weight(s) {what.split('_')[0]} "
                              f"({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
     model.eval()
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        raise UnsupportedModelError("sliding-window attention is not supported")
+    _check_attention_window(config)
+    _check_vocabulary(config, tokenizer, path)
     spec = _spec_from_model(model, config, gguf_arch=arch if kind == "gguf" else None)
     weights = _weights_from_model(model, spec)
 
@@ -431,7 +431,7 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in eos and marker in (tokenizer.chat_template or "") + str(tokenizer.eos_token):
             eos.append(tid)
     bos = config.bos_token_id if isinstance(config.bos_token_id, int) else tokenizer.bos_token_id
-    add_bos = bool(getattr(tokenizer, "add_bos_token", False))
+    add_bos = _adds_bos(tokenizer, bos)
     if kind == "gguf":
         # the file says whether its model wants a BOS before a raw prompt, and llama.cpp follows it; transformers'
         # GGUF loader sets add_bos_token on some tokenizers regardless (SmolLM2's: its BOS is <|im_start|>, and a
@@ -445,6 +445,42 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         eos_token_ids=eos, bos_token_id=bos, pad_token_id=config.pad_token_id if isinstance(config.pad_token_id, int) else None,
         add_bos_token=add_bos, chat_template=tokenizer.chat_template, name=name,
     )
+
+
+def _check_attention_window(config: Any) -> None:
+    """Refuse sliding-window attention: the graph attends over the whole context, so such a model would be built
+    and then answer as another model (its quality check read 4% top-1 agreement). Qwen2 turns its window on with
+    ``use_sliding_window``; Mistral's is on whenever ``sliding_window`` is set."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False or not isinstance(window, int) or isinstance(window, bool):
+        return
+    if window < int(getattr(config, "max_position_embeddings", 0) or 0):
+        raise UnsupportedModelError(f"sliding-window attention (sliding_window = {window}, shorter than the context "
+                                    f"of {config.max_position_embeddings}) is not supported")
+
+
+def _check_vocabulary(config: Any, tokenizer: Any, path: Path) -> None:
+    """A tokenizer whose ids reach past the embedding table: the first such token would read outside it."""
+    vocab, ids = getattr(config, "vocab_size", None), len(tokenizer)
+    if isinstance(vocab, int) and ids > vocab:
+        raise BuildError(f"{path}: the tokenizer has {ids} tokens but the model's vocab_size is {vocab} "
+                         "(a tokenizer of another model?)")
+
+
+def _adds_bos(tokenizer: Any, bos: int | None) -> bool:
+    """Whether the source's tokenizer starts a raw text with the BOS: its ``add_bos_token``, or what it does (a
+    tokenizer.json post-processor adds it for Llama 3, whose fast tokenizer has no such attribute)."""
+    flag = getattr(tokenizer, "add_bos_token", None)
+    if isinstance(flag, bool):
+        return flag
+    if bos is None:
+        return False
+    try:
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    except Exception:  # a tokenizer that cannot encode "a" is found by the quality check
+        return False
+    return bool(with_special) and with_special[0] == bos and (not plain or plain[0] != bos)
 
 
 def _rope_tables(model: Any, config: Any, head_dim: int, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -642,3 +642,78 @@ def test_stale_staging_directories_are_matched_by_name_not_as_a_pattern(tmp_path
     live.mkdir()
     assert sweep_stale(tmp_path / "m[1]") == [stale]
     assert live.exists() and not stale.exists()
+
+
+def _tiny_source(directory: Path, config_class: str, tokenizer_dir: Path | None = None, **config: object) -> Path:
+    """A tiny random model of ``config_class`` (a transformers config) with the test tokenizer, or a copy of the
+    tokenizer files in ``tokenizer_dir``."""
+    import torch
+    import transformers
+    from tiny_models import make_tokenizer
+
+    directory.mkdir(parents=True)
+    if tokenizer_dir is None:
+        vocab = len(make_tokenizer(directory))
+    else:
+        for f in tokenizer_dir.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(f, directory / f.name)
+        vocab = 1000
+    cfg = getattr(transformers, config_class)(
+        vocab_size=config.pop("vocab_size", vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **config)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(directory)
+    return directory
+
+
+def test_a_sliding_window_is_refused_however_the_config_turns_it_on(tmp_path):
+    # Mistral's window is on whenever sliding_window is set: it was built with full attention, and passed its
+    # quality gate at a perplexity ratio of 0.94 with 4% top-1 agreement
+    from quantize.source import load_source
+
+    with pytest.raises(UnsupportedModelError, match="sliding_window = 16"):
+        load_source(_tiny_source(tmp_path / "mistral", "MistralConfig", sliding_window=16))
+    # a window as long as the context changes nothing, and Qwen2's is off unless use_sliding_window says so
+    assert load_source(_tiny_source(tmp_path / "long", "MistralConfig", sliding_window=256)).spec
+    assert load_source(_tiny_source(tmp_path / "qwen", "Qwen2Config", sliding_window=16, use_sliding_window=False)).spec
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_a_one_line_error(tmp_path):
+    from quantize.source import load_source
+
+    small = _tiny_source(tmp_path / "small", "LlamaConfig", vocab_size=100)  # the test tokenizer has 320 tokens
+    with pytest.raises(BuildError, match="the tokenizer has 320 tokens but the model's vocab_size is 100"):
+        load_source(small)
+
+
+def test_a_bos_added_by_the_tokenizers_post_processor_is_recorded(tmp_path):
+    # Llama 3's fast tokenizer has no add_bos_token attribute: its tokenizer.json adds <|begin_of_text|>
+    from tokenizers import processors
+
+    from quantize.source import load_source
+
+    src = _tiny_source(tmp_path / "llama3", "LlamaConfig", bos_token_id=0)
+    tok_file = src / "tokenizer.json"
+    spec = json.loads(tok_file.read_text())
+    spec["post_processor"] = json.loads(processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]).__getstate__())
+    tok_file.write_text(json.dumps(spec))
+    assert load_source(src).add_bos_token is True
+    assert load_source(_tiny_source(tmp_path / "plain", "LlamaConfig", bos_token_id=0)).add_bos_token is False
+
+
+def test_an_fp32_bundle_that_disagrees_with_its_source_is_not_kept(tmp_path, tiny_model_dirs, monkeypatch):
+    # the same weights at the same precision disagree only when the graph computes another model
+    import quantize.build as build
+
+    real = build._quality
+
+    def off(*args, **kwargs):
+        return {**real(*args, **kwargs), "top1_agreement": 0.04}
+
+    monkeypatch.setattr(build, "_quality", off)
+    out = tmp_path / "b"
+    with pytest.raises(QualityGateError, match="only 4.0% of the sample's positions"):
+        build_bundle(tiny_model_dirs("llama"), out, precision="fp32", max_ppl_ratio=10.0)
+    assert not out.exists()
