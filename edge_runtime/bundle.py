@@ -19,6 +19,7 @@ size. In every mode the graph may read weights only from files the manifest list
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -308,6 +309,7 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], mode: VerifyMode = "full")
     manifest = load_manifest(bundle_dir)
     root = manifest.bundle_dir
     stamp = _read_stamp(root) if mode == "fast" else {}
+    hashed: dict[str, dict[str, Any]] = {}  # large files fast mode hashed again: the stamp is brought up to date
     for name, info in sorted(manifest.files.items()):
         path = root / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
@@ -337,6 +339,10 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], mode: VerifyMode = "full")
         digest = sha256_file(path)
         if digest != info["sha256"]:
             raise BundleVerificationError(f"{name}: SHA-256 mismatch (file changed or damaged)", file=name)
+        after = path.stat()
+        if mode == "fast" and st.st_size >= _FAST_SKIP_MIN_BYTES and (after.st_size, after.st_mtime_ns) == (
+                st.st_size, st.st_mtime_ns):  # not written to while it was hashed
+            hashed[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": info["sha256"]}
     # the graph may name a weights file the manifest does not list (any name, not only *.data): it would load unchecked
     try:
         unlisted = sorted(_graph_data_files(manifest.model_file) - set(map(os.path.normpath, manifest.files)))
@@ -346,4 +352,18 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], mode: VerifyMode = "full")
     if unlisted:
         raise BundleVerificationError(f"{manifest.path}: field 'files' must list {unlisted[0]}: the graph reads "
                                       "weights from it, which would load unchecked", file=MANIFEST_NAME)
+    if hashed:
+        _refresh_stamp(root, {**stamp, **hashed})
     return manifest
+
+
+def _refresh_stamp(root: Path, stamp: dict[str, Any]) -> None:
+    """Write the build stamp again after fast verification hashed files it did not match (a copied bundle, whose
+    mtimes are new): otherwise every later load hashes them again. A read-only bundle keeps its stamp."""
+    tmp = root / f".{STAMP_NAME}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(stamp, indent=1) + "\n")
+        os.replace(tmp, root / STAMP_NAME)  # whole or not at all: a half-written stamp only means hashing again
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()

@@ -129,6 +129,26 @@ def test_fast_verification_still_hashes_small_files(tiny_bundles, tmp_path):
         verify_bundle(bundle, "fast")
 
 
+def test_fast_verification_of_a_copied_bundle_brings_its_stamp_up_to_date(tiny_bundles, tmp_path, monkeypatch):
+    # a copy (new mtimes) was hashed whole at every load: ~0.7 s for the Qwen bundle, every time
+    import edge_runtime.bundle as bundle_module
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundles("llama", "fp32"), bundle, copy_function=shutil.copy)  # mtimes not kept
+    monkeypatch.setattr(bundle_module, "_FAST_SKIP_MIN_BYTES", 0)  # the tiny files count as large
+    hashed = []
+    real = bundle_module.sha256_file
+    monkeypatch.setattr(bundle_module, "sha256_file", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    verify_bundle(bundle, "fast")
+    assert sorted(hashed) == sorted(load_manifest(bundle).files)
+    hashed.clear()
+    verify_bundle(bundle, "fast")
+    assert hashed == []  # the stamp now matches the copy
+    (bundle / "tokenizer.json").write_text((bundle / "tokenizer.json").read_text().replace("<|im_end|>", "<|im_xnd|>", 1))
+    with pytest.raises(BundleVerificationError, match="tokenizer.json"):  # a change is still found
+        verify_bundle(bundle, "fast")
+
+
 def test_failure_mid_build_leaves_nothing_at_the_output(tiny_model_dirs, tmp_path):
     out = tmp_path / "bundle"
 
