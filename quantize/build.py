@@ -30,7 +30,15 @@ from edge_runtime.models import KNOWN_MODELS, fetch_model
 from .calibrate import CALIBRATION_TEXT, input_importance
 from .graph import IO_SCHEMA, build_graph
 from .source import LoadedSource, check_source, load_source
-from .writer import check_free_space, check_replaceable, hash_files, save_model_external, staging_dir, write_manifest
+from .writer import (
+    check_free_space,
+    check_replaceable,
+    check_writable,
+    hash_files,
+    save_model_external,
+    staging_dir,
+    write_manifest,
+)
 
 __all__ = ["build_bundle", "BuildReport", "PRECISIONS", "QUALITY_SAMPLE", "Progress", "RESCORE_TOP_K"]
 
@@ -172,6 +180,7 @@ def build_bundle(
         raise BuildError(f"{flag} applies to int4 bundles only, not --precision {precision}")
     out_path = Path(out).expanduser().absolute()
     check_replaceable(out_path, force=force)
+    check_writable(out_path)
     say: Progress = progress or (lambda step, done, total: None)
 
     path, known = _resolve(source, say)

@@ -518,6 +518,9 @@ def _spec_from_model(model: Any, config: Any, gguf_arch: str | None = None) -> M
         return f"the model's {name} (GGUF key {key})"
 
     _check_dimension_limits(values, where)
+    if head_dim % 8:  # else onnxruntime's GroupQueryAttention refuses it, at the quality check after the whole build
+        raise UnsupportedModelError(f"{where('head_dim')} is {head_dim}: onnxruntime's attention kernel needs a "
+                                    "multiple of 8")
     ctx = int(config.max_position_embeddings)
     cos, sin = _rope_tables(model, config, head_dim, ctx)
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

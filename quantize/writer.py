@@ -98,7 +98,10 @@ def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
     check_replaceable(out, force=force)
     _make_parent(out.parent)
     sweep_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    except OSError as err:  # a read-only directory: named as given, not as the hidden staging path
+        raise BuildError(f"cannot write {out}: {err.strerror or err}") from err
     try:
         yield tmp
         publish_dir(tmp)  # mkdtemp makes it owner-only; a bundle is read by other users too
@@ -119,6 +122,15 @@ def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(out: Path) -> None:
+    """Fail before the long load when ``out`` cannot be written (a read-only directory), naming ``out``."""
+    _make_parent(out.parent)
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent)).rmdir()
+    except OSError as err:
+        raise BuildError(f"cannot write {out} (--out): {err.strerror or err}") from err
 
 
 def _make_parent(directory: Path) -> None:

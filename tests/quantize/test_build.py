@@ -737,3 +737,33 @@ def test_an_fp32_bundle_that_disagrees_with_its_source_is_not_kept(tmp_path, tin
     with pytest.raises(QualityGateError, match="only 4.0% of the sample's positions"):
         build_bundle(tiny_model_dirs("llama"), out, precision="fp32", max_ppl_ratio=10.0)
     assert not out.exists()
+
+
+def test_a_head_dim_onnxruntime_cannot_run_is_refused_before_the_build(tmp_path):
+    # it failed at the quality check, after the whole build, with onnxruntime's message and no field named
+    from quantize.source import load_source
+
+    odd = _tiny_source(tmp_path / "odd", "LlamaConfig", head_dim=20)
+    with pytest.raises(UnsupportedModelError, match="the model's head_dim is 20: .* a multiple of 8"):
+        load_source(odd)
+
+
+def test_an_out_in_a_read_only_directory_fails_before_the_model_loads(tiny_model_dirs, tmp_path, monkeypatch):
+    import quantize.build as build
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "power"))
+    from power_fakes import call_unprivileged  # root writes anywhere: the check runs without CAP_DAC_OVERRIDE
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(build, "load_source", no_load)
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(BuildError, match=r"cannot write .*ro/b \(--out\): Permission denied"):
+            call_unprivileged(build_bundle, tiny_model_dirs("llama"), locked / "b", precision="fp32")
+    finally:
+        locked.chmod(0o755)
+    assert list(locked.iterdir()) == []
