@@ -36,6 +36,7 @@ from .writer import (
     check_writable,
     hash_files,
     save_model_external,
+    save_tokenizer,
     staging_dir,
     write_manifest,
 )
@@ -215,7 +216,7 @@ def build_bundle(
         say("write", 0, 1)
         files = save_model_external(model, tmp)
         del model
-        src.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        save_tokenizer(src.tokenizer, tmp / "tokenizer.json", add_bos_token=src.add_bos_token)
         files.append("tokenizer.json")
         tok = src.tokenizer
         manifest: dict[str, Any] = {

@@ -182,3 +182,21 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` and the fast-verification stamp for the files it lists."""
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     write_stamp(directory, manifest["files"])
+
+
+def save_tokenizer(tokenizer: Any, path: Path, *, add_bos_token: bool) -> None:
+    """Write the fast tokenizer's tokenizer.json, its post-processor agreeing with ``add_bos_token``.
+
+    The engine adds the BOS itself, by the manifest; a program that loads the bundle with the tokenizers library
+    alone gets what the post-processor adds. transformers' GGUF loader gives SmolLM2's one that adds its BOS,
+    ``<|im_start|>``, which its GGUF says not to add: the BOS is dropped from the post-processor's templates then.
+    """
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    post = spec.get("post_processor")
+    bos = getattr(tokenizer, "bos_token", None)
+    if not add_bos_token and bos and isinstance(post, dict) and post.get("type") == "TemplateProcessing":
+        for key in ("single", "pair"):
+            if isinstance(post.get(key), list):
+                post[key] = [piece for piece in post[key] if (piece.get("SpecialToken") or {}).get("id") != bos]
+    path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+

@@ -767,3 +767,21 @@ def test_an_out_in_a_read_only_directory_fails_before_the_model_loads(tiny_model
     finally:
         locked.chmod(0o755)
     assert list(locked.iterdir()) == []
+
+
+def test_a_bundles_tokenizer_adds_the_bos_to_a_raw_text_only_when_the_manifest_says_so(tmp_path):
+    # SmolLM2's GGUF says no BOS, but the tokenizer.json transformers made of it added <|im_start|>: a program
+    # loading the bundle with the tokenizers library alone got the chat marker in front of every raw text
+    from tokenizers import Tokenizer, processors
+    from tiny_models import make_tokenizer
+
+    from quantize.writer import save_tokenizer
+
+    fast = make_tokenizer(tmp_path / "tok")
+    bos = fast.convert_tokens_to_ids("<|endoftext|>")
+    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A <|endoftext|> $B", special_tokens=[("<|endoftext|>", bos)])
+    plain = fast("the fox", add_special_tokens=False)["input_ids"]
+    for add_bos, expected in ((False, plain), (True, [bos, *plain])):
+        save_tokenizer(fast, tmp_path / "tokenizer.json", add_bos_token=add_bos)
+        assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode("the fox").ids == expected

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from edge_runtime.bundle import verify_bundle
+from edge_runtime.bundle import load_manifest, verify_bundle
 from edge_runtime.errors import BuildError
 from edge_runtime.models import KNOWN_MODELS
 from quantize.source import load_source
@@ -40,7 +40,7 @@ def test_truncated_gguf_is_refused_before_loading(smollm2_gguf, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_raw_prompt_gets_a_bos_only_when_the_gguf_asks_for_one(smollm2_gguf):
+def test_a_raw_prompt_gets_a_bos_only_when_the_gguf_asks_for_one(smollm2_gguf, smollm2_int4):
     # transformers' GGUF loader sets add_bos_token on SmolLM2's tokenizer, whose BOS is <|im_start|>; the GGUF
     # (and llama.cpp, which follows it) says no: every raw prompt began with a chat-turn marker
     from quantize.source import _gguf_field
@@ -48,3 +48,16 @@ def test_a_raw_prompt_gets_a_bos_only_when_the_gguf_asks_for_one(smollm2_gguf):
     assert _gguf_field(smollm2_gguf, "tokenizer.ggml.add_bos_token") is False
     source = load_source(smollm2_gguf)
     assert source.add_bos_token is False
+    # the built bundle agrees: its manifest, the engine, and its tokenizer.json read alone
+    from tokenizers import Tokenizer
+
+    from edge_runtime.engine import Engine
+
+    assert load_manifest(smollm2_int4).add_bos_token is False
+    engine = Engine(smollm2_int4, energy_meter=None)
+    try:
+        ids = engine.encode("def fibonacci(n):")
+    finally:
+        engine.close()
+    assert ids[0] != source.bos_token_id
+    assert Tokenizer.from_file(str(smollm2_int4 / "tokenizer.json")).encode("def fibonacci(n):").ids == ids
