@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser("serve", help="serve the model aliases of the config file")
-    _add_config(serve, sections=("server", "quota", "limits"))
+    _add_config(serve, sections=("server", "auth", "quota", "limits"))
     serve.add_argument(
         "--insecure",
         action="store_true",
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.set_defaults(func=_token_remove)
 
     config = sub.add_parser("config", help="print the effective settings (secrets hidden)")
-    _add_config(config, sections=("server", "quota", "limits"))
+    _add_config(config, sections=("server", "auth", "quota", "limits"))
     config.set_defaults(func=_config)
     return refuse_abbreviations(parser)
 

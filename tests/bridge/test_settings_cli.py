@@ -437,3 +437,14 @@ def test_token_list_names_a_tokens_file_that_is_not_there(tmp_path, capsys):
     # it printed nothing and exited 0, hiding a wrong path
     assert main(["token", "list", "--tokens-file", str(tmp_path / "nope.toml")]) == 1
     assert "tokens file not found" in capsys.readouterr().err
+
+
+def test_the_auth_settings_have_flags_too_but_never_an_inline_token(tmp_path, capsys):
+    # `cloud-bridge serve --help` is said to list every setting: auth.tokens_file had no flag
+    import json
+
+    assert main(["config", "--auth-tokens-file", str(tmp_path / "t.toml"), "--auth-reload-interval-s", "5"]) == 0
+    auth = json.loads(capsys.readouterr().out)["auth"]
+    assert auth["tokens_file"] == str(tmp_path / "t.toml") and auth["reload_interval_s"] == 5.0
+    with pytest.raises(SystemExit):  # hashes on a command line: not a setting a flag may carry
+        main(["config", "--auth-tokens", "x"])
