@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from cloud_bridge import create_server, hash_token, load_bridge_settings  # noqa: E402
 from cloud_bridge.backends import BackendRequest, CancelToken  # noqa: E402
 from cloud_bridge.backends.echo import EchoBackend  # noqa: E402
-from edge_runtime.cli.bench import _int_at_least  # noqa: E402
+from edge_runtime.cli.bench import _amount_of, _int_at_least, _out_file  # noqa: E402
 from edge_runtime.cloud import CloudClient  # noqa: E402
 from edge_runtime.engine.types import SamplingParams  # noqa: E402
 
@@ -161,13 +161,18 @@ def _run_clients(port: int, clients: int, per_client: int, max_new_tokens: int) 
                 tokens[index] += result.completion_tokens
                 retries[index] += result.attempts - 1
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    # daemon threads: an interrupted run (Ctrl-C, SIGTERM) exits instead of waiting for clients that keep retrying
+    # the stopped bridge
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
     barrier.wait()
     started = time.perf_counter()
     for thread in threads:
-        thread.join()
+        # in short waits: a signal that reaches one of gRPC's threads does not wake a join that waits for good,
+        # and Ctrl-C or SIGTERM would be handled only when every client had given up
+        while thread.is_alive():
+            thread.join(0.2)
     elapsed = time.perf_counter() - started
     sent = clients * per_client
     return {
@@ -229,12 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-client", type=_positive_int, default=8, help="requests each concurrent client makes")
     parser.add_argument("--concurrency", type=_counts, default="1,4,16", help="client counts, comma-separated")
     parser.add_argument("--workers", type=_positive_int, default=2, help="generations the bridge runs at once")
-    parser.add_argument("--intra-op-threads", type=int, default=None,
+    parser.add_argument("--intra-op-threads", type=_positive_int, default=None,
                         help="onnx backend: onnxruntime threads per generation (default: the engine's, all cores)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--token-delay-ms", type=float, default=5.0, help="echo stand-in: pause per token")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    parser.add_argument("--token-delay-ms", type=_amount_of("milliseconds"), default=5.0, help="echo stand-in: pause per token")
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / f"bridge-{socket.gethostname()}.json"
+        "--out", type=_out_file, default=ROOT / "benchmarks" / "results" / f"bridge-{socket.gethostname()}.json"
     )
     args = parser.parse_args(argv)
 

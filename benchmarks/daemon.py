@@ -53,7 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_runtime.cli.bench import _int_at_least  # noqa: E402
+from edge_runtime.cli.bench import _int_at_least, _out_file  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="intra-op threads of both engines (default: physical cores)")
     parser.add_argument("--idle-wait", type=float, default=120.0,
                         help="first wait up to this many seconds for an idle machine (0: start at once)")
-    parser.add_argument("--out", type=Path,
+    parser.add_argument("--out", type=_out_file,
                         default=ROOT / "benchmarks" / "results" / f"daemon-{socket.gethostname()}.json")
     args = parser.parse_args(argv)
 

@@ -300,8 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from benchmarks.peers.envs import peers_dir
 
-    args = build_parser().parse_args(argv)
+    from edge_runtime.cli.bench import check_bundle_given
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     bundle = args.bundle or default_bundle_dir(MODEL, "int4")
+    check_bundle_given(parser, Path(bundle), "int4")
     if args.genai_model is None:
         genai = peers_dir() / f"genai-{MODEL}-int4"
     else:

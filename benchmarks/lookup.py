@@ -40,6 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+DEFAULT_TASKS = 60  # task-suite items in the tasks workload
+
 CHAT = [
     "Write a short poem about the sea.",
     "Explain what a CPU cache is.",
@@ -164,7 +166,9 @@ def _times(x: float | None) -> str:
 
 def render_markdown(doc: dict[str, Any]) -> str:
     s, b = doc["settings"], doc["bundle"]
-    rows = [f"Prompt lookup (`python benchmarks/lookup.py --rounds {s['rounds']}`, {b['name']} {b['precision']}, "
+    # the command that makes this table: --tasks only when it was not the default
+    tasks = f" --tasks {s['tasks']}" if s.get("tasks", DEFAULT_TASKS) != DEFAULT_TASKS else ""
+    rows = [f"Prompt lookup (`python benchmarks/lookup.py --rounds {s['rounds']}{tasks}`, {b['name']} {b['precision']}, "
             f"{s['threads']} threads, one process; `prompt_lookup={s['prompt_lookup']}` against 0; speedup: the median "
             "of the rounds' own ratios, so it can differ from the quotient of the two tok/s medians):", "",
             "| workload | requests | tok/s without | tok/s with | speedup | drafted | accepted | same answer |",
@@ -180,20 +184,23 @@ def render_markdown(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edge_runtime.cli.bench import _out_file, check_bundle_given
     from edge_runtime.models import default_bundle_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=None,
                         help="bundle directory (default: the cached smollm2-135m-instruct int4 bundle)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every workload with and without drafts")
-    parser.add_argument("--tasks", type=int, default=60, help="task-suite items in the tasks workload")
+    parser.add_argument("--tasks", type=int, default=DEFAULT_TASKS, help="task-suite items in the tasks workload")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     parser.add_argument("--idle-wait", type=float, default=120.0, help="seconds to wait for idle CPUs first (0: don't)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / f"lookup-{socket.gethostname()}.json")
+    parser.add_argument("--out", type=_out_file, default=ROOT / "benchmarks" / "results" / f"lookup-{socket.gethostname()}.json",
+                        help="results file (its directory is checked before measuring)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.tasks < 0:
         parser.error("--rounds must be >= 1 and --tasks >= 0")
     bundle = args.bundle or default_bundle_dir("smollm2-135m-instruct", "int4")
+    check_bundle_given(parser, bundle, "int4")
     if args.idle_wait > 0:
         from benchmarks.throughput import wait_for_idle
 

@@ -46,3 +46,24 @@ def test_bad_flags_are_refused(lookup, capsys) -> None:
     with pytest.raises(SystemExit):
         lookup.main(["--rounds", "0"])
     assert "--rounds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("script", "args", "message"), [
+    ("lookup", ["--out", "/proc/nope/lookup.json"], "argument --out: cannot create /proc/nope"),
+    ("daemon", ["--out", "{tmp}"], "is a directory: give the results file's path"),
+    ("bridge", ["--out", "/proc/nope/bridge.json"], "argument --out: cannot create /proc/nope"),
+    ("bridge", ["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1"),
+    ("bridge", ["--token-delay-ms", "-1"], "must be a number of milliseconds >= 0"),
+    ("lookup", ["--bundle", "{tmp}/none"], "--bundle: {tmp}/none is not a bundle; build the default one with"),
+    ("decode_step", ["--bundle", "{tmp}/none"], "--bundle: {tmp}/none is not a bundle"),
+])
+def test_bad_arguments_are_refused_before_measuring(monkeypatch, tmp_path, capsys, script, args, message):
+    # a results path that cannot be written lost the whole run at its end, with a traceback
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    module = importlib.import_module(f"benchmarks.{script}")
+    with pytest.raises(SystemExit) as info:
+        module.main([a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert info.value.code == 2
+    assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err

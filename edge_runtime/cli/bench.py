@@ -52,11 +52,18 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
-def _seconds(text: str) -> float:
-    value = _number(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
-    return value
+def _amount_of(unit: str) -> Callable[[str], float]:
+    """An argparse type: a finite number of ``unit`` >= 0."""
+    def parse(text: str) -> float:
+        value = _number(text)
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"must be a number of {unit} >= 0, got {text!r}")
+        return value
+
+    return parse
+
+
+_seconds = _amount_of("seconds")
 
 
 def _peers(text: str) -> str:
@@ -84,6 +91,22 @@ def _out_dir(text: str) -> Path:
     if not os.access(path, os.W_OK):
         raise argparse.ArgumentTypeError(f"{path} is not writable")
     return path
+
+
+def _out_file(text: str) -> Path:
+    """A results file's path, its directory checked (and made) before measuring, as ``_out_dir``'s."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a directory: give the results file's path")
+    _out_dir(str(path.parent))
+    return path
+
+
+def check_bundle_given(parser: argparse.ArgumentParser, bundle: Path, precision: str) -> None:
+    """Refuse a --bundle (or the default one) that is not a bundle, saying how to make the default."""
+    if not (Path(bundle) / "manifest.json").is_file():
+        parser.error(f"--bundle: {bundle} is not a bundle; build the default one with `edge-runtime quantize "
+                     f"smollm2-135m-instruct --precision {precision}`, or give --bundle DIR")
 
 
 def _share(text: str) -> float:
