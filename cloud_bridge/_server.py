@@ -153,13 +153,20 @@ class BridgeServer:
             ", ".join(self.backends) or "no models",
         )
 
-    def stop(self, grace_s: float | None = None) -> None:
-        """Graceful shutdown: NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace_s``."""
+    def stop(self, grace_s: float | None = None, *, delay_s: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, still serving for ``delay_s`` (``server.shutdown_delay_s``), then refuse new
+        calls and let in-flight ones finish within ``grace_s`` (``server.grace_period_s``)."""
         with self._stop_lock:
             if self._stopped.is_set():
                 return
             grace = self.settings.server.grace_period_s if grace_s is None else grace_s
+            delay = self.settings.server.shutdown_delay_s if delay_s is None else delay_s
             self.health.enter_graceful_shutdown()
+            if delay > 0:
+                # gRPC's stop closes the listener at once, so a health check never saw NOT_SERVING: a load balancer
+                # kept sending calls until they failed. Now it has this long to see it while calls are still served.
+                log.info("health NOT_SERVING; still serving for %.1f s (server.shutdown_delay_s)", delay)
+                time.sleep(delay)
             self.grpc_server.stop(grace).wait()
             # the calls still running were cancelled by the stop: let their threads see it before the backends
             # they use are closed under them (a queued call would otherwise start on a closed engine)

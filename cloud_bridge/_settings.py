@@ -96,6 +96,9 @@ class ServerSettings:
     max_concurrent_rpcs: int = setting(64, help="generation calls in progress beyond which the bridge answers "
                                                "RESOURCE_EXHAUSTED (health checks and ListModels are not counted)")
     grace_period_s: float = setting(10.0, help="on shutdown, how long in-flight calls may take to finish")
+    shutdown_delay_s: float = setting(
+        0.0, help="on shutdown, how long to keep serving with health NOT_SERVING before refusing new calls, so a "
+                  "load balancer that polls the health check sees it and sends calls elsewhere first")
     log_content: bool = setting(False, help="log prompts and answers (off by default: they are the users' data)")
 
     def __post_init__(self) -> None:
@@ -112,8 +115,10 @@ class ServerSettings:
                               field="server.max_message_bytes")
         if self.max_concurrent_rpcs < 1:
             raise ConfigError(f"must be at least 1, got {self.max_concurrent_rpcs}", field="server.max_concurrent_rpcs")
-        if not 0 <= self.grace_period_s <= 3600:  # also refuses nan
-            raise ConfigError(f"must be from 0 to 3600 s, got {self.grace_period_s}", field="server.grace_period_s")
+        for name in ("grace_period_s", "shutdown_delay_s"):
+            value = getattr(self, name)
+            if not 0 <= value <= 3600:  # also refuses nan
+                raise ConfigError(f"must be from 0 to 3600 s, got {value}", field=f"server.{name}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -53,7 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        log.warning("%s: shutting down (grace %.0f s)", signal.Signals(signum).name, settings.server.grace_period_s)
+        log.warning("%s: shutting down (health NOT_SERVING, still serving for %.1f s, then a grace of %.0f s)",
+                    signal.Signals(signum).name, settings.server.shutdown_delay_s, settings.server.grace_period_s)
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}

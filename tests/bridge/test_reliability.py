@@ -262,6 +262,24 @@ class _Recorder:
         self.closed_at = time.monotonic()
 
 
+def test_a_shutdown_delay_shows_not_serving_while_calls_are_still_served(start_bridge, make_client):
+    # gRPC's stop closes the listener at once: a load balancer polling the health check never saw NOT_SERVING,
+    # and kept sending calls until they failed
+    bridge = start_bridge()
+    stopper = threading.Thread(target=bridge.server.stop, kwargs={"grace_s": 1.0, "delay_s": 1.5})
+    with grpc.insecure_channel(bridge.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
+        stopper.start()
+        time.sleep(0.2)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        assert make_client(bridge, max_attempts=1).generate(HI, timeout_s=2).text  # still served meanwhile
+    stopper.join(10)
+    with pytest.raises(CloudUnavailableError):  # then refused
+        make_client(bridge, max_attempts=1).generate(HI, timeout_s=2)
+
+
 def test_shutdown_closes_backends_only_after_the_cancelled_calls_have_left_them(start_bridge, make_client):
     recorder = _Recorder()
     bridge = start_bridge(backends={"rec": recorder}, models={}, server={"grace_period_s": 0.05})
