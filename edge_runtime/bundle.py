@@ -291,7 +291,18 @@ def write_stamp(bundle_dir: Path, files: dict[str, dict[str, Any]]) -> None:
     for name in files:
         st = (bundle_dir / name).stat()
         stamp[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": files[name]["sha256"]}
-    (bundle_dir / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
+    _save_stamp(bundle_dir, stamp)
+
+
+def _save_stamp(bundle_dir: Path, stamp: dict[str, Any]) -> None:
+    """Write ``stamp.json`` whole or not at all (a half-written stamp would only mean hashing again)."""
+    tmp = bundle_dir / f".{STAMP_NAME}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(stamp, indent=1) + "\n")
+        os.replace(tmp, bundle_dir / STAMP_NAME)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # gone after the replace; left by a failed write
 
 
 def _read_stamp(bundle_dir: Path) -> dict[str, Any]:
@@ -360,10 +371,5 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], mode: VerifyMode = "full")
 def _refresh_stamp(root: Path, stamp: dict[str, Any]) -> None:
     """Write the build stamp again after fast verification hashed files it did not match (a copied bundle, whose
     mtimes are new): otherwise every later load hashes them again. A read-only bundle keeps its stamp."""
-    tmp = root / f".{STAMP_NAME}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(json.dumps(stamp, indent=1) + "\n")
-        os.replace(tmp, root / STAMP_NAME)  # whole or not at all: a half-written stamp only means hashing again
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    with contextlib.suppress(OSError):
+        _save_stamp(root, stamp)

@@ -29,7 +29,7 @@ from edge_runtime.models import KNOWN_MODELS, fetch_model
 
 from .calibrate import CALIBRATION_TEXT, input_importance
 from .graph import IO_SCHEMA, build_graph
-from .source import LoadedSource, check_source, load_source
+from .source import LoadedSource, load_source
 from .writer import (
     check_free_space,
     check_replaceable,
@@ -191,9 +191,8 @@ def build_bundle(
     rescore_top_k = rescore_top_k if precision == "int4" else 0
     block_size = int(block_size)  # a numpy integer would not go into the manifest's JSON
     mlp_block_size = block_size if mlp_block_size is None else int(mlp_block_size)
-    check_source(path)
     say("load", 0, 1)
-    src = load_source(path)
+    src = load_source(path)  # which checks the source first
     say("load", 1, 1)
     spec = src.spec
     # the graph rescores min(k, vocabulary) logits: the manifest records what it does

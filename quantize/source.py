@@ -296,7 +296,14 @@ def _check_gguf_dimensions(path: Path, header: _GGUFHeader) -> None:
     raise BuildError(f"{path}: {arch}.block_count is {blocks} but the file has {found} (a damaged header?)")
 
 
-def _check_gguf(path: Path) -> None:
+# the GGUF metadata load_source reads itself (the rest is transformers'); None for a key the file does not have
+_GGUF_ARCHITECTURE = "general.architecture"
+_GGUF_ADD_BOS = "tokenizer.ggml.add_bos_token"
+_GGUF_KEYS = (_GGUF_ARCHITECTURE, _GGUF_ADD_BOS)
+
+
+def _check_gguf(path: Path) -> dict[str, Any]:
+    """Check the file; the metadata load_source reads itself (``_GGUF_KEYS``), from the same parse of its header."""
     header = _scan_gguf_header(path)
     _check_gguf_dimensions(path, header)
     # a truncated file fails inside the gguf reader with a numpy error; check sizes first
@@ -312,23 +319,16 @@ def _check_gguf(path: Path) -> None:
         raise
     except Exception as err:  # gguf raises ValueError/IndexError/struct errors on damaged files
         raise BuildError(f"{path} is damaged or truncated: {err}") from err
+    values = {}
+    for key in _GGUF_KEYS:
+        try:
+            field = reader.fields.get(key)
+            values[key] = field.contents() if field is not None else None
+        except Exception as err:  # a damaged string field: UnicodeDecodeError, or the reader's own errors
+            raise BuildError(f"{path} is damaged: cannot read its {key} ({type(err).__name__}: {err})") from err
+    return values
 
 
-def _gguf_field(path: Path, key: str) -> Any:
-    """The value of one GGUF metadata field (None when the file has none)."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-        field = reader.fields.get(key)
-        return field.contents() if field is not None else None
-    except Exception as err:  # a damaged string field: UnicodeDecodeError, or the reader's own errors
-        raise BuildError(f"{path} is damaged: cannot read its {key} ({type(err).__name__}: {err})") from err
-
-
-def _gguf_architecture(path: Path) -> str:
-    arch = _gguf_field(path, "general.architecture")
-    return str(arch) if arch is not None else "unknown"
 
 
 # what transformers can build the fast tokenizer a bundle stores from
@@ -337,6 +337,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 def check_source(source: str | os.PathLike[str]) -> Path:
     """Fail fast, before any heavy loading: the source exists and looks like what it claims to be."""
+    return _checked_source(source)[0]
+
+
+def _checked_source(source: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """:func:`check_source`'s work; also a GGUF's metadata that load_source reads itself (``_GGUF_KEYS``)."""
     path = Path(source)
     if not path.exists():
         from edge_runtime.models import KNOWN_MODELS
@@ -344,15 +349,15 @@ def check_source(source: str | os.PathLike[str]) -> Path:
         raise BuildError(f"source not found: {path} (a GGUF file, a Hugging Face model directory, or a known "
                          f"model: {', '.join(KNOWN_MODELS)})")
     if path.is_file():
-        _check_gguf(path)
-    elif not (path / "config.json").is_file():
+        return path, _check_gguf(path)
+    if not (path / "config.json").is_file():
         raise BuildError(f"{path} is neither a GGUF file nor a Hugging Face model directory (no config.json)")
-    return path
+    return path, {}
 
 
 def load_source(source: str | os.PathLike[str]) -> LoadedSource:
     """Load a GGUF file or a Hugging Face model directory with transformers (fp32)."""
-    path = check_source(source)
+    path, gguf_meta = _checked_source(source)
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -360,7 +365,7 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         raise BuildError("building bundles needs the export extra: pip install 'edge-runtime[export]'") from err
 
     if path.is_file():
-        arch = _gguf_architecture(path)
+        arch = str(gguf_meta[_GGUF_ARCHITECTURE] or "unknown")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(f"architecture {arch!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
         kind, load_dir, kwargs = "gguf", str(path.parent), {"gguf_file": path.name}
@@ -436,7 +441,7 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         # the file says whether its model wants a BOS before a raw prompt, and llama.cpp follows it; transformers'
         # GGUF loader sets add_bos_token on some tokenizers regardless (SmolLM2's: its BOS is <|im_start|>, and a
         # raw "def f(n):" then started the definition over)
-        flag = _gguf_field(path, "tokenizer.ggml.add_bos_token")
+        flag = gguf_meta.get(_GGUF_ADD_BOS)
         if isinstance(flag, bool):
             add_bos = flag
     name = path.stem if kind == "gguf" else path.name

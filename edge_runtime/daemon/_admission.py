@@ -94,16 +94,13 @@ class Admission:
         """Take a place: a slot at once when one is free, else a place in the queue; QueueFullError if full."""
         ticket = Ticket(self)
         with self._lock:
-            if self._running < self.slots and not self._waiting:
-                self._running += 1
-                ticket._granted.set()
-            elif len(self._waiting) >= self.queue_size:
-                raise QueueFullError(
-                    f"the daemon is busy: {self._running} requests running and {len(self._waiting)} waiting "
-                    f"(server.queue_size = {self.queue_size})",
-                    retry_after_s=self._retry_after_locked(),
-                )
-            else:
+            if not self._grant_if_free_locked(ticket):
+                if len(self._waiting) >= self.queue_size:
+                    raise QueueFullError(
+                        f"the daemon is busy: {self._running} requests running and {len(self._waiting)} waiting "
+                        f"(server.queue_size = {self.queue_size})",
+                        retry_after_s=self._retry_after_locked(),
+                    )
                 self._waiting.append(ticket)
         return ticket
 
@@ -113,12 +110,17 @@ class Admission:
         length. It was admitted once; refusing it now would lose its answer."""
         ticket = Ticket(self)
         with self._lock:
-            if self._running < self.slots and not self._waiting:
-                self._running += 1
-                ticket._granted.set()
-            else:
+            if not self._grant_if_free_locked(ticket):
                 self._waiting.appendleft(ticket)
         return ticket
+
+    def _grant_if_free_locked(self, ticket: Ticket) -> bool:
+        """Give ``ticket`` a slot if one is free and nobody waits for it (the caller holds the lock)."""
+        if self._running < self.slots and not self._waiting:
+            self._running += 1
+            ticket._granted.set()
+            return True
+        return False
 
     def _leave(self, ticket: Ticket) -> None:
         with self._lock:

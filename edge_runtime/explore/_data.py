@@ -150,8 +150,8 @@ def measure(
         for it, e, c in zip(items, edge, cloud)
     ])
     # the device's idle draw while it waits for the cloud, as a live escalation counts it
-    net_j += np.array([wait_energy_j(getattr(engine, "energy_meter", None), float(c.get("latency_ms") or 0.0))
-                       for c in cloud])
+    meter = getattr(engine, "energy_meter", None)
+    net_j += np.array([wait_energy_j(meter, float(c.get("latency_ms") or 0.0)) for c in cloud])
     # what a live budget reserves for each escalation: before decoding, and after it with the answer as the draft
     reserve = [reservation_usd(cost, model_hint, cloud_prices, it.messages, RUN_SETTINGS.max_new_tokens) for it in items]
     reserve_after = [reservation_usd(cost, model_hint, cloud_prices, it.messages, RUN_SETTINGS.max_new_tokens,

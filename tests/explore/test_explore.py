@@ -562,7 +562,7 @@ def test_the_explorers_runs_are_measured_again_by_another_meter_even_under_the_s
 
 
 def test_an_estimate_cached_by_eval_is_measured_again_when_the_explorer_has_a_counter(tiny_bundle, tmp_path,
-                                                                                      tiny_suite):
+                                                                                      tiny_suite, monkeypatch):
     # calibrate and eval stamped no meter on their records, and an unstamped estimate counted as alike to any
     # meter's fallback: the explorer never measured those items with the device's RAPL counter
     from edge_runtime.engine import Engine
@@ -573,10 +573,10 @@ def test_an_estimate_cached_by_eval_is_measured_again_when_the_explorer_has_a_co
     estimating = _CountingEngine(Engine(tiny_bundle, energy_meter=EnergyMeter(sysfs_root=tmp_path / "no-counters")))
     eval_records = run_edge(estimating, items, root=tmp_path)  # what eval does: energy not asked for
     assert {r["energy_meter"] for r in eval_records} == {estimating.energy_meter.identity}
-    zone = tmp_path / "rapl/sys/class/powercap/intel-rapl:0"  # one package zone, as the kernel lists it
-    zone.mkdir(parents=True)
-    for name, value in (("name", "package-0"), ("energy_uj", "1000000"), ("max_energy_range_uj", "262143328850")):
-        (zone / name).write_text(value + "\n")
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "power"))
+    from power_fakes import add_rapl_zone
+
+    add_rapl_zone(tmp_path / "rapl", "0", "package-0", 1_000_000)
     counter = EnergyMeter(sysfs_root=tmp_path / "rapl")
     try:  # a counter's meter runs a sampler thread until closed
         measuring = _CountingEngine(Engine(tiny_bundle, energy_meter=counter))

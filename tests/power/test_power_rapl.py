@@ -282,7 +282,7 @@ def _one_window_unprivileged(make_meter: Make, root: Path, clock: ManualClock, s
         with meter.measure() as m:
             clock.advance(seconds)
             if moving is not None:
-                moving.write_text(str(int(moving.read_text()) + 1_000_000))
+                write(moving, int(moving.read_text()) + 1_000_000)
         return m
 
     return call_unprivileged(run)
@@ -438,7 +438,7 @@ def test_a_counter_that_never_moves_is_not_a_measured_zero(tmp_path: Path, make_
     assert any("package-0 did not move in 1.00 s" in w for w in m.warnings)  # type: ignore[attr-defined]
     with meter.measure() as moved:  # the same counter, moving: measured
         clock.advance(1.0)
-        pkg.write_text("2000000")
+        write(pkg, 2_000_000)
     assert moved.source == "rapl:package-0" and moved.joules == pytest.approx(2.0)  # type: ignore[attr-defined]
 
 
@@ -450,7 +450,7 @@ def test_a_still_dram_zone_beside_a_moving_package_is_measured_with_a_warning(tm
     meter = make_meter(tmp_path)
     with meter.measure() as m:
         clock.advance(1.0)
-        pkg.write_text("20000000")
+        write(pkg, 20_000_000)
     assert m.source == "rapl:package-0+package-0/dram" and not m.estimated  # type: ignore[attr-defined]
     assert m.joules == pytest.approx(20.0)  # type: ignore[attr-defined]
     assert any("package-0/dram did not move in 1.00 s; counted as 0 J" in w for w in m.warnings)  # type: ignore[attr-defined]

@@ -43,9 +43,9 @@ def test_truncated_gguf_is_refused_before_loading(smollm2_gguf, tmp_path):
 def test_a_raw_prompt_gets_a_bos_only_when_the_gguf_asks_for_one(smollm2_gguf, smollm2_int4):
     # transformers' GGUF loader sets add_bos_token on SmolLM2's tokenizer, whose BOS is <|im_start|>; the GGUF
     # (and llama.cpp, which follows it) says no: every raw prompt began with a chat-turn marker
-    from quantize.source import _gguf_field
+    from quantize.source import _check_gguf
 
-    assert _gguf_field(smollm2_gguf, "tokenizer.ggml.add_bos_token") is False
+    assert _check_gguf(smollm2_gguf)["tokenizer.ggml.add_bos_token"] is False
     source = load_source(smollm2_gguf)
     assert source.add_bos_token is False
     # the built bundle agrees: its manifest, the engine, and its tokenizer.json read alone
