@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
-from edge_runtime._unix_socket import prepare_socket_path
+from edge_runtime._unix_socket import prepare_socket_path, socket_mode
 from edge_runtime.cloud import check_certificates, check_key_pair, is_loopback_address
 from edge_runtime.errors import ConfigError
 
@@ -126,10 +126,13 @@ class BridgeServer:
             prepare_socket_path(Path(rest[2:] if rest.startswith("//") else rest), field="server.address",
                                 server="cloud bridge")
         try:
-            if credentials is None:
-                self.port = self.grpc_server.add_insecure_port(s.address)
-            else:
-                self.port = self.grpc_server.add_secure_port(s.address, credentials)
+            # a unix: socket is the bridge user's and its group's (0660): devices under another user share a
+            # group with it; never anyone else, whatever the umask (with --insecure, tokens cross it in clear)
+            with socket_mode(0o660):
+                if credentials is None:
+                    self.port = self.grpc_server.add_insecure_port(s.address)
+                else:
+                    self.port = self.grpc_server.add_secure_port(s.address, credentials)
         except RuntimeError as err:
             raise ConfigError(f"cannot listen on {s.address}: {err}", field="server.address") from err
         if self.port == 0 and not s.address.startswith("unix"):

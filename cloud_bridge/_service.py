@@ -370,8 +370,10 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
 
     def _abort(self, context: grpc.ServicerContext, reject: Reject, job: _Job | None = None) -> NoReturn:
         request_id = job.request.request_id if job is not None else reject.request_id
-        # the details may quote an upstream's error text: escaped, so it cannot forge log lines
-        log.info("%s status=%s %s", request_id, reject.status.code.name, log_text(reject.status.details))
+        # the details may quote an upstream's error text: escaped, so it cannot forge log lines. The caller's address
+        # says where a revoked or leaked token is still in use (it is the transport's, not the caller's, text)
+        log.info("%s status=%s peer=%s %s", request_id, reject.status.code.name, log_text(context.peer(), 200),
+                 log_text(reject.status.details))
         context.abort_with_status(reject.status)
         raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
 

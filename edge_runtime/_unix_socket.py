@@ -6,14 +6,16 @@ live one, which then runs unreachable. So a live socket is refused; a stale one 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["MAX_SOCKET_PATH_BYTES", "prepare_socket_path"]
+__all__ = ["MAX_SOCKET_PATH_BYTES", "prepare_socket_path", "socket_mode"]
 
 MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
 
@@ -45,3 +47,14 @@ def prepare_socket_path(path: Path, *, field: str, server: str) -> None:
         raise ConfigError(f"{path} is in use (another {server}?)", field=field)
     finally:
         probe.close()
+
+
+@contextlib.contextmanager
+def socket_mode(mode: int) -> Iterator[None]:
+    """Bind inside this block and the socket gets ``mode`` (0600, 0660) from its first moment, whatever the
+    process's umask: a chmod after the bind leaves a window, and a umask of 002 made it group-writable."""
+    old = os.umask(0o777 & ~mode)
+    try:
+        yield
+    finally:
+        os.umask(old)

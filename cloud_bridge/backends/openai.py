@@ -76,6 +76,7 @@ _MAX_ANSWER_BYTES = 8 << 20
 _MAX_LINE = 1 << 20
 _DEFAULT_RETRY_AFTER_S = 1.0
 _MAX_RETRY_AFTER_S = 3600.0
+_MODEL_NAME_CHARS = 200  # model names are short ("gpt-4o-mini-2024-07-18"); anything longer is not one
 # more tokens than any model's context holds: such a usage figure is the upstream's mistake
 _MAX_USAGE_TOKENS = 10_000_000
 
@@ -446,7 +447,7 @@ class OpenAIBackend:
                 prompt_tokens=prompt_tokens if prompt_tokens is not None else _estimated_tokens(request, "prompt"),
                 completion_tokens=completion_tokens if completion_tokens is not None
                 else _estimated_tokens(text, "completion"),
-                model=str(data.get("model") or self.model),
+                model=self._model_name(data.get("model")) or self.model,
                 ttft_ms=(time.monotonic() - started) * 1000.0,
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as err:
@@ -548,8 +549,16 @@ class OpenAIBackend:
             piece = _content(delta.get("content"), "choices[0].delta.content") if isinstance(delta, dict) else ""
             finish = _finish(choices[0].get("finish_reason"), "choices[0].finish_reason")
         usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else None
-        model = obj.get("model") if isinstance(obj.get("model"), str) else None
-        return piece, finish, usage, model
+        return piece, finish, usage, self._model_name(obj.get("model"))
+
+    def _model_name(self, value: Any) -> str | None:
+        """The upstream's name for the model that answered, fit to pass on: it reaches devices, their logs and
+        their run records, so the API key is cut out of it (an upstream may echo the request's headers), and
+        it is one printable line of at most ``_MODEL_NAME_CHARS`` characters."""
+        if not isinstance(value, str) or not value:
+            return None
+        name = "".join(c if c.isprintable() else "?" for c in self._redact(value))
+        return name[:_MODEL_NAME_CHARS]
 
     def close(self) -> None:
         pass

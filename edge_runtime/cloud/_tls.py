@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import stat
 import time
 
 from ..errors import ConfigError
@@ -36,6 +37,19 @@ def check_certificates(path: str | os.PathLike[str], *, field: str) -> None:
         raise ConfigError(f"cannot read {path}: {err.strerror}", field=field) from err
 
 
+def _check_private(key: str | os.PathLike[str], field: str) -> None:
+    """Whoever reads a bridge's key can pose as the bridge and collect device tokens, and a device's key is its
+    identity: one every user of the machine can read is refused, as a readable token file is. Group read is
+    left alone (Debian's ssl-cert group is how services share keys)."""
+    try:
+        mode = os.stat(key).st_mode
+    except OSError as err:
+        raise ConfigError(f"cannot read {key}: {err.strerror}", field=field) from err
+    if mode & stat.S_IRWXO:
+        raise ConfigError(f"the private key {key} is readable by every user of this machine: chmod 600 it "
+                          "(or 640 for a group that needs it)", field=field)
+
+
 def check_key_pair(
     cert: str | os.PathLike[str], key: str | os.PathLike[str], *, cert_field: str, key_field: str,
     refuse_expired: bool = True,
@@ -55,6 +69,7 @@ def check_key_pair(
         raise ConfigError(f"{key} holds no unencrypted PEM private key", field=key_field) from err
     except OSError as err:
         raise ConfigError(f"cannot read {key}: {err.strerror}", field=key_field) from err
+    _check_private(key, key_field)
     not_before, not_after = _validity_s(cert)
     now = time.time()
     # the other side would refuse the handshake, and say only "certificate has expired" (or "is not yet valid")

@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from .._proto.edgecloud.v1 import bridge_pb2, daemon_pb2, daemon_pb2_grpc
-from .._unix_socket import prepare_socket_path
+from .._unix_socket import prepare_socket_path, socket_mode
 from ..engine.types import TokenInfo
 from ..errors import (
     ConfigError,
@@ -350,13 +350,11 @@ def create_grpc_server(service: ChatService, socket_path: str | os.PathLike[str]
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     # the socket must never exist with looser permissions, not even between bind and chmod
-    old_umask = os.umask(0o177)
     try:
-        bound = server.add_insecure_port(f"unix:{path}")
+        with socket_mode(0o600):
+            bound = server.add_insecure_port(f"unix:{path}")
     except RuntimeError as err:
         raise ConfigError(f"cannot listen on {path}: {err}", field="server.grpc_socket") from err
-    finally:
-        os.umask(old_umask)
     if not bound:
         raise ConfigError(f"cannot listen on {path}", field="server.grpc_socket")
     os.chmod(path, 0o600)

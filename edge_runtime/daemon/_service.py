@@ -377,13 +377,13 @@ class ChatService:
         prompt_chars = sum(len(m["content"]) for m in req.messages)
         if result is not None:
             log.info("%s %s model=%s route=%s reason=%s answered_by=%s prompt_chars=%d answer_chars=%d tokens=%d+%d "
-                     "queue_ms=%.1f total_ms=%.1f", job.transport, req.request_id, req.model, result.route,
-                     result.reason, result.model, prompt_chars, len(result.text),
+                     "queue_ms=%.1f total_ms=%.1f", job.transport, req.request_id, log_text(req.model, 200), result.route,
+                     result.reason, log_text(result.model, 200), prompt_chars, len(result.text),
                      result.usage["local"]["completion_tokens"], result.usage["cloud"]["completion_tokens"],
                      job.queue_ms, (now - job.started_s) * 1000.0)
         else:
             log.info("%s %s model=%s outcome=%s reason=%s prompt_chars=%d total_ms=%.1f", job.transport, req.request_id,
-                     req.model, outcome, job.reason, prompt_chars, (now - job.started_s) * 1000.0)
+                     log_text(req.model, 200), outcome, job.reason, prompt_chars, (now - job.started_s) * 1000.0)
         if self.settings.log_content:
             log.info("%s %s messages=%r answer=%r", job.transport, req.request_id, req.messages,
                      result.text if result is not None else None)

@@ -18,7 +18,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from ..errors import BundleError, InvalidRequestError
@@ -144,11 +144,36 @@ def _limited_filter(func: Callable[..., Any], *, formats: bool = False) -> Calla
     return checked
 
 
+def _checked_join(parts: Iterable[Any]) -> str:
+    """``"".join`` of a template's pieces with the result's size checked before it is built: ``a ~ b`` and the
+    buffers of set blocks, macros and filter blocks are joined here, and a loop that doubles a string through them
+    reached gigabytes between two deadline checks."""
+    budget = _budget.get()
+    texts = [p if isinstance(p, str) else str(p) for p in parts]
+    if budget is not None:
+        budget.tick()
+        budget.size(sum(len(t) for t in texts))
+    return "".join(texts)
+
+
 def _environment() -> Any:
+    from jinja2.compiler import CodeGenerator
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class LimitedCodeGenerator(CodeGenerator):
+        def visit_Concat(self, node: Any, frame: Any) -> None:
+            # jinja compiles ``~`` to its own str_join, which no sandbox hook sees (autoescape is off here)
+            self.write("environment.checked_join((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
 
     class LimitedSandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"+", "*", "**", "%"})
+        code_generator_class = LimitedCodeGenerator
+        checked_join = staticmethod(_checked_join)
+        concat = staticmethod(_checked_join)  # the generated code's ``concat`` for captured output
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's)
             budget = _budget.get()
@@ -171,7 +196,10 @@ def _environment() -> Any:
                         budget.argument(value)  # 2 ** 10**9 never ends; "%*s" % (10**9, x) allocates a GB
                     if operator == "%":
                         budget.format_string(left)
-            return super().call_binop(context, operator, left, right)
+            result = super().call_binop(context, operator, left, right)
+            if budget is not None and isinstance(result, _SIZED):
+                budget.size(len(result))  # "%s%s" % (s, s) doubles s: at most a few times the limit is ever built
+            return result
 
         def wrap_str_format(self, value: Any) -> Any:
             # jinja sandboxes "...".format when it is looked up, so its string is seen here, not in call()
@@ -237,6 +265,9 @@ class ChatTemplate:
             raise InvalidRequestError(f"the chat template was stopped: it {err}", field="messages") from err
         except TemplateError as err:
             raise InvalidRequestError(f"the chat template failed on these messages: {err}", field="messages") from err
+        except MemoryError as err:
+            # what the size checks do not foresee: the allocation that failed is given back as the error unwinds
+            raise InvalidRequestError("the chat template was stopped: it ran out of memory", field="messages") from err
         except (ArithmeticError, TypeError, ValueError, LookupError, RecursionError) as err:
             # a template is code that came with the model: its own bugs (1/0, 1 + 'a', endless recursion) are
             # this request's failure, said in one line, not a crash of the caller

@@ -153,6 +153,7 @@ def _write(directory: Path, name: str, cert: Any, key: Any | None = None) -> tup
     if key is None:
         return cert_path, None
     key_path = directory / f"{name}.key"
+    key_path.touch(mode=0o600)  # a private key others can read is refused
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )

@@ -525,6 +525,35 @@ def test_odd_retry_after_values_still_give_a_rate_limit_with_a_usable_delay(upst
     assert info.value.code == "RESOURCE_EXHAUSTED" and info.value.retry_after_s == expected
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_the_upstreams_model_name_is_redacted_and_kept_to_one_short_line(upstream, streaming):
+    # the name is passed on to devices, their logs and run records: an upstream that echoes the request's
+    # headers in it, or writes a newline and a forged log line, must not carry that through
+    key = "sk-proj-ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    settings = OpenAIModelSettings(base_url=upstream.base_url, model="m", api_key_env="KEY", timeout_s=5.0)
+    backend = OpenAIBackend(settings, environ={"KEY": key})
+
+    def echoing(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        name = f"{handler.headers['Authorization']}\nINFO forged line {'x' * 5000}"
+        if streaming:
+            event = {"model": name, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}
+            sse([f"data: {json.dumps(event)}\n\n"])(handler, body)
+        else:
+            _send(handler, 200, {"model": name, "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+                                 "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]})
+
+    upstream.respond = echoing
+    if streaming:
+        result = list(backend.stream(REQUEST, CancelToken()))[-1].result
+    else:
+        result = backend.generate(REQUEST, CancelToken())
+    assert result.text == "hi"
+    assert key[:8] not in result.model and result.model.startswith("Bearer ***?INFO forged line")
+    assert result.model.isprintable() and len(result.model) == 200
+    upstream.respond = completion("hi")
+    assert backend.generate(REQUEST, CancelToken()).model == "upstream-model-2024"  # a real name is kept as it is
+
+
 def test_an_api_key_with_a_trailing_newline_is_trimmed_and_one_with_spaces_inside_is_refused(upstream):
     settings = OpenAIModelSettings(base_url=upstream.base_url, model="m", api_key_env="K")
     assert OpenAIBackend(settings, environ={"K": "sk-secret-from-a-file\n"}).api_key == "sk-secret-from-a-file"

@@ -19,12 +19,16 @@ HI = [{"role": "user", "content": "what is the secret recipe"}]
 
 
 @pytest.mark.parametrize("token", ["", "ebt_wrong", TOKEN + "x", TOKEN[:-1]])
-def test_missing_or_wrong_token_is_unauthenticated(start_bridge, make_client, token):
+def test_missing_or_wrong_token_is_unauthenticated(start_bridge, make_client, token, caplog):
     bridge = start_bridge()
     client = make_client(bridge, token=token)
+    caplog.set_level(logging.INFO, logger="cloud_bridge")
     with pytest.raises(CloudAuthError) as info:
         client.generate(HI)
     assert info.value.code == "UNAUTHENTICATED"
+    # where a revoked or leaked token is still in use from, for the operator
+    (line,) = [r.getMessage() for r in caplog.records if "status=UNAUTHENTICATED" in r.getMessage()]
+    assert "peer=ipv4:127.0.0.1:" in line or "peer=ipv6:" in line
     with pytest.raises(CloudAuthError):
         client.list_models()
     assert bridge.backend().generations == []
@@ -256,6 +260,24 @@ def test_bad_server_tls_files_name_their_field_not_the_address(certs, tmp_path, 
         tls = {"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key), "client_ca": str(garbage)}
         create_server(bridge_settings(server=tls))
     assert info.value.field == "server.client_ca"
+
+
+def test_a_private_key_every_user_can_read_is_refused_on_both_sides(certs, tmp_path):
+    # whoever reads the bridge's key can pose as it and collect device tokens; a token file like this is refused too
+    open_key, group_key = tmp_path / "open.key", tmp_path / "group.key"
+    for path, mode in ((open_key, 0o644), (group_key, 0o640)):
+        path.write_bytes(certs.server_key.read_bytes())
+        path.chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        create_server(bridge_settings(server={"tls_cert": str(certs.server_cert), "tls_key": str(open_key)}))
+    assert info.value.field == "server.tls_key" and "chmod 600" in str(info.value)
+    server, _ = create_server(bridge_settings(server={"tls_cert": str(certs.server_cert), "tls_key": str(group_key)}))
+    server.stop(None)
+
+    open_key.write_bytes(certs.client_key.read_bytes())
+    with pytest.raises(ConfigError) as info:
+        CloudClient(address="127.0.0.1:1", token=TOKEN, ca_file=certs.ca, cert_file=certs.client_cert, key_file=open_key)
+    assert info.value.field == "cloud.key_file"
 
 
 def test_an_expired_certificate_is_refused_at_start_naming_its_field(tmp_path):

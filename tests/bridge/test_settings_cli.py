@@ -425,6 +425,27 @@ def test_a_second_bridge_cannot_take_a_live_bridges_unix_socket(tmp_path):
     second.stop(grace_s=0)
 
 
+@pytest.mark.parametrize("umask", [0o002, 0o077])
+def test_a_bridges_unix_socket_is_its_users_and_groups_whatever_the_umask(tmp_path, umask):
+    # it took the process's umask: group-writable under 002, and with --insecure tokens cross it in clear
+    import os
+    import stat
+
+    sock = tmp_path / "run" / "bridge.sock"
+    settings = load_bridge_settings(data={"server": {"address": f"unix:{sock}"}, "models": {"e": {"backend": "echo"}},
+                                          "auth": {"tokens_file": None}}, env={})
+    old = os.umask(umask)
+    try:
+        server, _ = create_server(settings, insecure=True)
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o660
+        assert os.umask(old) == old  # the process's own umask is back
+    finally:
+        server.stop(grace_s=0)
+
+
 def test_config_command_hides_the_values_of_a_base_url_query(tmp_path, capsys):
     # a key in the query (?key=...) was printed as written
     path = write(tmp_path, CONFIG.replace("https://api.example.com/v1", "https://api.example.com/v1?api-version=1&key=QSECRET"))

@@ -228,6 +228,18 @@ def test_prompts_and_answers_are_logged_only_with_log_content(engine, start_daem
     assert (repr(answer) in text) is (log_content and bool(answer))
 
 
+def test_a_model_name_with_a_newline_cannot_forge_a_log_line(engine, start_daemon, http, caplog, monkeypatch):
+    # the answering model's name comes from a bundle or from the cloud's upstream: neither is the daemon's own text
+    monkeypatch.setattr(type(engine), "model_name", property(lambda self: "tiny\nINFO edge_runtime.daemon: forged"))
+    daemon = start_daemon(runtime(engine, {"type": "never"}))
+    with caplog.at_level("INFO", logger="edge_runtime.daemon"):
+        status, _, done = http(daemon.port).json("POST", "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert status == 200 and done["model"] == "tiny\nINFO edge_runtime.daemon: forged"
+    line = next(r.getMessage() for r in caplog.records if "route=local" in r.getMessage())
+    assert "\n" not in line and "answered_by=tiny\\nINFO" in line
+
+
 def test_web_pages_cannot_drive_the_daemon_but_local_clients_can(daemon, http):
     c = http(daemon.port)
     # a cross-site page: text/plain needs no CORS preflight, but the browser names its origin

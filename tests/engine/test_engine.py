@@ -567,6 +567,13 @@ def test_a_chat_template_that_fails_is_a_request_error_not_a_crash(source):
     "{{ '%200000000s' % 'x' }}", "{{ '{:200000000}'.format('x') }}", "{{ '%200000000s' | format('x') }}",
     "{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}",  # 10 GB written in pieces
     "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+    # the same doubling through what jinja joins itself: ~, a %-format, a set block, a macro's output
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = '%s%s' % (ns.s, ns.s) %}{% endfor %}",
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set t %}{{ ns.s }}{{ ns.s }}{% endset %}"
+    "{% set ns.s = t %}{% endfor %}",
+    "{% macro d(s) %}{{ s }}{{ s }}{% endmacro %}{% set ns = namespace(s='x') %}"
+    "{% for i in range(40) %}{% set ns.s = d(ns.s) %}{% endfor %}",
 ])
 def test_a_chat_template_that_runs_away_is_stopped_in_time_and_memory(source, monkeypatch):
     # the template is code that came with the model, rendered on every request of a long-lived daemon
@@ -581,13 +588,25 @@ def test_a_chat_template_that_runs_away_is_stopped_in_time_and_memory(source, mo
     assert time.monotonic() - started < 3
 
 
+def test_a_template_that_runs_out_of_memory_is_a_request_error():
+    from edge_runtime.engine._template import ChatTemplate
+
+    def allocate() -> str:
+        raise MemoryError
+
+    with pytest.raises(InvalidRequestError) as info:
+        ChatTemplate("{{ allocate() }}").render([{"role": "user", "content": "hi"}], allocate=allocate)
+    assert info.value.field == "messages" and "ran out of memory" in str(info.value)
+
+
 def test_range_and_formatting_in_a_template_still_work():
     from edge_runtime.engine._template import ChatTemplate
 
     source = ("{{ range(5)|length }} {{ range(10)[::-1]|list }} {% for i in range(3)|reverse %}{{ i }}{% endfor %} "
-              "{{ 3 in range(5) }} {{ range(2, 8, 2)|list }} {{ '%5.2f%%' % 3.14159 }} {{ '{:>4}'.format('ab') }}")
+              "{{ 3 in range(5) }} {{ range(2, 8, 2)|list }} {{ '%5.2f%%' % 3.14159 }} {{ '{:>4}'.format('ab') }} "
+              "{{ 'a' ~ 1 ~ none }} {% set t %}<{{ messages[0].content }}>{% endset %}{{ t }}")
     assert ChatTemplate(source).render([{"role": "user", "content": "x"}]) == \
-        "5 [9, 8, 7, 6, 5, 4, 3, 2, 1, 0] 210 True [2, 4, 6]  3.14%   ab"
+        "5 [9, 8, 7, 6, 5, 4, 3, 2, 1, 0] 210 True [2, 4, 6]  3.14%   ab a1None <x>"
 
 
 def test_the_limits_leave_a_real_template_and_a_long_conversation_alone(engine):
