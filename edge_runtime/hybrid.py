@@ -306,6 +306,12 @@ class HybridRuntime:
         self._bridge_prices_due = -float("inf")  # time.monotonic() when they are to be read (again)
         self._bridge_prices_answered = False  # a read succeeded (its list may name no price: the [cost] table then)
         self._prices_read = threading.Lock()  # held by the request reading them
+        self._prior_warned: tuple[str, str] | None = None  # the bridge model a mismatched cloud prior was warned for
+        # when to ask the bridge which model it serves, to check the gain policy's cloud prior against it (a budget's
+        # price reads check it too); never, without a gain policy or a prior that records its model
+        recorded = isinstance((getattr(self.estimator, "meta", None) or {}).get("cloud_model"), Mapping)
+        checks = self._wants_p_cloud and recorded and getattr(cloud, "list_models", None) is not None
+        self._prior_check_due = -math.inf if checks else math.inf
         self._pace = _LocalPace()
 
     def _check_policy_inputs(self, parts: Sequence[Policy]) -> None:
@@ -460,6 +466,8 @@ class HybridRuntime:
 
         # a request for the local model never escalates: it must not wait for the bridge's prices
         bridge = self._bridge_price_table() if self._has_budget and model != "local" else None
+        if model != "local" and not self._has_budget and time.monotonic() >= self._prior_check_due:
+            self._check_cloud_prior_in_background()
         if bridge is None and self._bridge_prices_failed and self._has_budget and model != "local":
             # The bridge's prices were never read (it was down): the device's [cost] table may be a thousandth of
             # what it bills, and the escalations admitted at that guess once it is back spent past the cap. No
@@ -517,14 +525,54 @@ class HybridRuntime:
                     log.exception("reading the bridge's prices failed")
                 self._bridge_prices_due = time.monotonic() + _PRICES_RETRY_S
                 return
-            alias = getattr(getattr(self.cloud, "settings", None), "model", "")
-            info = next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
+            info = self._served_model(models)
             if info is not None:
                 self._bridge_prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens)
+                self._check_cloud_prior(info)
             self._bridge_prices_due = time.monotonic() + _PRICES_REFRESH_S
             self._bridge_prices_answered = True
         finally:
             self._prices_read.release()
+
+    def _served_model(self, models: Sequence[Any]) -> Any:
+        """The ListModels entry of the model escalations go to (the configured alias, else the default)."""
+        alias = getattr(getattr(self.cloud, "settings", None), "model", "")
+        return next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
+
+    def _check_cloud_prior_in_background(self) -> None:
+        """Ask the bridge which model it serves and check the cloud prior against it, off the request's path."""
+        self._prior_check_due = time.monotonic() + _PRICES_REFRESH_S  # before the thread: one read at a time
+
+        def read() -> None:
+            try:
+                models = self.cloud.list_models(timeout_s=_PRICES_TIMEOUT_S)
+            except Exception as err:  # down: its escalations fall back anyway; try again later
+                log.debug("cannot ask the bridge which model it serves: %s", err)
+                self._prior_check_due = time.monotonic() + _PRICES_RETRY_S
+                return
+            info = self._served_model(models)
+            if info is not None:
+                self._check_cloud_prior(info)
+
+        threading.Thread(target=read, daemon=True, name="bridge-models").start()
+
+    def _check_cloud_prior(self, info: Any) -> None:
+        """Warn (once per bridge model) when the gain policy's cloud prior was fitted for another cloud model: it
+        routes on that model's accuracy profile, and nothing else would show it."""
+        fitted = (getattr(self.estimator, "meta", None) or {}).get("cloud_model")
+        if not self._wants_p_cloud or not isinstance(fitted, Mapping):
+            return  # no gain policy, or a prior that does not say what it describes (fitted before it was recorded)
+        model, revision = str(fitted.get("model") or ""), str(fitted.get("revision") or "")
+        served = (str(info.model), str(info.revision or ""))
+        if model == served[0] and (not revision or not served[1] or revision == served[1]):
+            return
+        if self._prior_warned != served:
+            self._prior_warned = served
+            log.warning("the estimator's cloud prior, which the gain policy routes on, was fitted for %s%s; the "
+                        "bridge now answers with %s%s: refit it (`edge-runtime explore`, or `edge-runtime calibrate "
+                        "--cloud-bundle`) or the gain figures describe another model", log_text(model, 200),
+                        f" (revision {revision[:12]})" if revision else "", log_text(served[0], 200),
+                        f" (revision {served[1][:12]})" if served[1] else "")
 
     @property
     def cloud_model_hint(self) -> str:

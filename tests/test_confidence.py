@@ -124,7 +124,12 @@ def test_estimator_files_are_checked(tmp_path):
                             ({**raw, "model": {**raw["model"], "coef": [float("nan")]}}, "finite"),
                             ({**raw, "model": {**raw["model"], "std": [0.0]}}, "std must be positive"),
                             ({k: v for k, v in raw.items() if k != "model"}, "the field 'model' is missing"),
-                            ({**raw, "name": 5}, "name must be a string, got 5")):
+                            ({**raw, "name": 5}, "name must be a string, got 5"),
+                            # a hand edit's null or string where an object belongs (it was an AttributeError)
+                            ({**raw, "model": None}, "model must be an object, got NoneType"),
+                            ({**raw, "knn": "x"}, "knn must be an object, got str"),
+                            ({**raw, "kind": "knn", "knn": None}, "the field 'knn' is missing|knn must be an object"),
+                            ({**raw, "cloud": "x"}, "cloud must be an object, got str")):
         path.write_text(json.dumps(broken))  # NaN: Python writes and reads it; it would score every answer NaN
         with pytest.raises(EstimatorError, match=message):
             load_estimator(path)
@@ -207,6 +212,16 @@ def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, caps
     assert json.loads(capsys.readouterr().out)["prompt_lookup"] == 3
     assert {p.name: p.stat().st_size for p in runs.glob("cloud-*")} == cloud_before
     assert len([p for p in runs.glob("edge-*-lookup3-*")]) == 1 and "prompt_lookup" not in report
+    # a cloud prior records the model it describes, as a bridge serving that bundle names it (the runtime checks it)
+    from edge_runtime.bundle import load_manifest
+
+    with_prior = tmp_path / "with-prior.json"
+    assert main(["calibrate", "--bundle", str(edge), "--cloud-bundle", str(cloud), "--suite", str(tiny_suite),
+                 "--out", str(with_prior), "--family", "multi"]) == 0
+    manifest = load_manifest(cloud)
+    assert json.loads(with_prior.read_text())["meta"]["cloud_model"] == {"model": manifest.name,
+                                                                         "revision": manifest.bundle_hash}
+    assert load_estimator(with_prior).cloud is not None and "cloud_model" not in json.loads(out.read_text())["meta"]
 
 
 @pytest.mark.parametrize(

@@ -738,3 +738,54 @@ def test_with_on_resume_a_cloud_first_request_gives_the_engine_up_and_takes_it_b
     events.clear()
     rt.chat(ASK, max_new_tokens=5, on_escalate=lambda: events.append("given up"))
     assert events == ["cloud"]
+
+
+def test_a_gain_prior_fitted_for_another_cloud_model_is_warned_about_once(engine, caplog):
+    # gain routes on the cloud prior's picture of one model's accuracy: behind a bridge serving another model it
+    # routed on the wrong one, without a word
+    from edge_runtime.confidence import Estimator
+
+    class WithPrior(Estimator):
+        name = "with-prior"
+
+        def __init__(self, fitted_for):
+            self.cloud = SimpleNamespace(p_cloud=lambda *a, **k: 0.9)
+            self.meta = {"cloud_model": fitted_for}
+
+        def p_correct(self, signals, *, engine=None, messages=None):
+            return 0.5
+
+    served = {"model": "qwen-coder", "revision": "abc123"}
+    reads = []
+
+    def list_models(**_kw):
+        reads.append(1)
+        return [SimpleNamespace(alias="coder", is_default=True, model=served["model"], revision=served["revision"],
+                                usd_per_million_input_tokens=1.0, usd_per_million_output_tokens=2.0)]
+
+    def runtime(fitted_for):
+        cloud = _fake_cloud(_answering("4", 0.0), list_models=list_models)
+        return HybridRuntime(engine, policy={"type": "gain", "min_gain": 0.1}, estimator=WithPrior(fitted_for),
+                             cloud=cloud)
+
+    def warnings_after(rt, requests=2):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="edge_runtime"):
+            for _ in range(requests):
+                rt.chat(ASK, max_new_tokens=2)
+            deadline = time.monotonic() + 5
+            while len(reads) < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)  # the check runs beside the request
+        return [r.getMessage() for r in caplog.records if "cloud prior" in r.getMessage()]
+
+    assert warnings_after(runtime({"model": "qwen-coder", "revision": "abc123"})) == []
+    reads.clear()
+    (line,) = warnings_after(runtime({"model": "gpt-4o-mini", "revision": ""}))
+    assert "fitted for gpt-4o-mini" in line and "answers with qwen-coder" in line
+    assert len(reads) == 1  # read once, not per request
+    reads.clear()
+    (line,) = warnings_after(runtime({"model": "qwen-coder", "revision": "old999"}))  # the bundle was rebuilt
+    assert "revision old999" in line
+    reads.clear()
+    assert warnings_after(runtime({"model": "qwen-coder", "revision": ""})) == []  # no revision recorded: the name

@@ -123,6 +123,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     meta = getattr(estimator, "meta", None)
     if isinstance(meta, dict):
         meta.update({"suite": args.suite, "split": args.split, "dev_in_sample": summary["dev_in_sample"], "bundle_name": engine.model_name})
+        if cloud_bundle is not None and estimator.cloud is not None:
+            from ..bundle import load_manifest
+
+            # what the prior describes, as a bridge serving this bundle names it in ListModels: the runtime warns
+            # when the bridge's model is another
+            manifest = load_manifest(cloud_bundle)
+            meta["cloud_model"] = {"model": manifest.name, "revision": manifest.bundle_hash}
     save_estimator(estimator, args.out)
     if args.json:
         print(json.dumps(summary, indent=2))

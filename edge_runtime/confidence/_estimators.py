@@ -152,6 +152,7 @@ class KnnPrior:
     def from_dict(cls, d: Mapping[str, Any]) -> KnnPrior:
         # embeddings from another encoder, k < 1 or labels other than 0/1 would give priors that look fine and mean
         # nothing (k = 0 even picks a neighbour); refuse them at load instead
+        _check_object(d, "knn")
         if d.get("encoder") != ENCODER_NAME:
             raise ValueError(f"knn.encoder is {d.get('encoder')!r}; this runtime embeds prompts with {ENCODER_NAME!r}")
         k = d["k"]
@@ -164,6 +165,12 @@ class KnnPrior:
         if not np.isfinite(emb).all():  # a NaN neighbour makes every prior NaN
             raise ValueError("knn.embeddings_f16 holds values that are not finite numbers")
         return cls(emb.reshape(len(labels), int(d["dim"])), labels, k)
+
+
+def _check_object(value: Any, field: str) -> None:
+    # a hand-edited file's null or string where an object belongs was an AttributeError traceback
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{field} must be an object, got {type(value).__name__}")
 
 
 CLOUD_PROMPT_FEATURES = ("prompt_tokens_log", "prompt_numbers", "prompt_max_digits", "expects_number", "expects_yesno")
@@ -190,6 +197,8 @@ class CloudPrior:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CloudPrior:
+        _check_object(d, "cloud")
+        _check_object(d["model"], "cloud.model")
         return cls(LogisticModel.from_dict(d["model"]), KnnPrior.from_dict(d["knn"]))
 
 
@@ -343,6 +352,7 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
             knn = KnnPrior.from_dict(d["knn"]) if d.get("knn") else None
             if not isinstance(d.get("name"), str):
                 raise ValueError(f"name must be a string, got {d.get('name')!r}")
+            _check_object(d["model"], "model")
             est = LogisticEstimator(d["name"], LogisticModel.from_dict(d["model"]), knn=knn, bundle_hash=recorded, meta=d.get("meta"))
         elif kind == "knn":
             est = KnnEstimator(KnnPrior.from_dict(d["knn"]), bundle_hash=recorded, meta=d.get("meta"))

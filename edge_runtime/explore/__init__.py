@@ -141,8 +141,9 @@ def _secret_file(stack: contextlib.ExitStack, secret: str) -> Path:
     return path
 
 
-def _cloud_identity(client: Any, alias: str) -> tuple[str, tuple[float, float] | None]:
-    """Identity of the cloud side for the run cache, and the bridge's prices now (USD per million input, output tokens).
+def _cloud_identity(client: Any, alias: str) -> tuple[str, tuple[float, float] | None, dict[str, str] | None]:
+    """Identity of the cloud side for the run cache, the bridge's prices now (USD per million input, output tokens),
+    and the model and revision the bridge names (recorded with the estimator's cloud prior).
 
     The key is the model the bridge serves, plus the revision of its weights when the bridge knows
     it (an ONNX bundle's hash), so a rebuilt model is never answered from old runs. The prices are
@@ -154,7 +155,8 @@ def _cloud_identity(client: Any, alias: str) -> tuple[str, tuple[float, float] |
     if info is not None and info.revision:
         model += "-" + info.revision[:16]
     prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens) if info is not None else None
-    return f"bridge-{alias or 'default'}-{model}", prices
+    served = {"model": info.model, "revision": info.revision} if info is not None else None
+    return f"bridge-{alias or 'default'}-{model}", prices, served
 
 
 def _make_out_dir(out: Path) -> Path | None:
@@ -337,10 +339,10 @@ def explore(
             what = "measuring on it too" if split == "dev" else "the dev items of --split all"
             log.warning("the estimator is fitted on the dev split: %s is in-sample, "
                         "so its routing figures will look better than they are (use --split test)", what)
-        cloud_key, cloud_prices = _cloud_identity(client, alias)
+        cloud_key, cloud_prices, cloud_model = _cloud_identity(client, alias)
         m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,
                     estimator_out=out / "estimator.json", root=root, cloud_prices=cloud_prices,
-                    model_hint=alias or "*")
+                    model_hint=alias or "*", cloud_model=cloud_model)
 
         points = evaluate(m)
         front = pareto_front(points)

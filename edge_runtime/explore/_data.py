@@ -14,7 +14,7 @@ expected-gain routing.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,7 @@ def measure(
     root: Path | None = None,
     cloud_prices: tuple[float, float] | None = None,
     model_hint: str = "*",
+    cloud_model: Mapping[str, str] | None = None,
 ) -> Measurements:
     """Run (or reuse) every needed measurement and assemble the replay records.
 
@@ -118,6 +119,7 @@ def measure(
     cached cloud answers are billed at them, not at the prices of the run that made them.
     ``model_hint``: the cloud model a daemon would name (its ``[cost]`` price), for the
     reservations a live budget makes (see :func:`~edge_runtime.cost.reservation_usd`).
+    ``cloud_model``: the bridge's model and revision, recorded with the estimator's cloud prior.
     """
     dev_edge = run_edge(engine, dev_items, root=root, desc="dev items on the edge", energy=True)
     dev = make_dataset(dev_edge, dev_items)
@@ -126,6 +128,8 @@ def measure(
     by_id = {c["item_id"]: bool(c.get("correct")) for c in dev_cloud}
     cloud_labels = np.array([by_id[r["item_id"]] for r in dev.records], dtype=float)
     estimator = fit_estimator("multi+knn", dev, bundle_hash=engine.bundle_hash, cloud_labels=cloud_labels)
+    if cloud_model is not None and isinstance(estimator.meta, dict):
+        estimator.meta["cloud_model"] = dict(cloud_model)
     if estimator_out is not None:
         from ..confidence import save_estimator
 

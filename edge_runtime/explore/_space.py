@@ -63,12 +63,12 @@ def policy_grid(m: Measurements) -> Iterator[tuple[str, dict[str, Any]]]:
     for bar in _EARLY_BARS:
         for k in _EARLY_MIN_TOKENS:
             for p in (0.2, 0.3, 0.4):
-                yield (f"early_exit(bar={bar:g},k={k})+threshold(p={p:g})",
+                yield (f"early_exit(min_prob<{bar:g},k={k})+threshold(p={p:g})",
                        {"chain": [{"type": "early_exit", "bar": bar, "min_tokens": k, "signal": "min_prob"},
                                   {"type": "threshold", "p": p}]})
     for g in _GAINS:
         yield f"gain(min={g:g})", {"type": "gain", "min_gain": g}
-        yield (f"early_exit(bar=0.2,k=4)+gain(min={g:g})",
+        yield (f"early_exit(min_prob<0.2,k=4)+gain(min={g:g})",
                {"chain": [{"type": "early_exit", "bar": 0.2, "min_tokens": 4, "signal": "min_prob"}, {"type": "gain", "min_gain": g}]})
     for bar in _PRE_BARS:
         yield f"pre_route(bar={bar:g})", {"type": "pre_route", "bar": bar, "decide_local": True}

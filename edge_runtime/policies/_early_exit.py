@@ -114,7 +114,8 @@ class EarlyExit(Policy):
         return {"bar": self.bar, "min_tokens": self.min_tokens, "signal": self.signal}
 
     def _describe(self) -> str:
-        return f"early_exit(bar={self.bar:g},k={self.min_tokens})"
+        # the signal is in the label: copied into a config without it, the label would be another policy
+        return f"early_exit({self.signal}<{self.bar:g},k={self.min_tokens})"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, where: str = "policy") -> EarlyExit:

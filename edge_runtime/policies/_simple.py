@@ -136,9 +136,13 @@ class TargetRate(_ThresholdBase):
     def __init__(self, rate: float, calibration: Sequence[float] | np.ndarray | None = None, *,
                  threshold: float | None = None) -> None:
         self.rate = _check_p(rate, "policy.rate")
-        if (calibration is None) == (threshold is None):
-            raise ConfigError("give either calibration p_correct values or a threshold (not both)",
-                              field="policy.calibration")
+        if calibration is None and threshold is None:
+            raise ConfigError("needs a threshold (`edge-runtime explore` writes one for each rate into its configs) "
+                              "or calibration: a list of p_correct values of traffic like yours (the daemon returns "
+                              "one per answer in routing.p_correct), whose quantile becomes the threshold",
+                              field="policy.threshold")
+        if calibration is not None and threshold is not None:
+            raise ConfigError("give calibration p_correct values or a threshold, not both", field="policy.calibration")
         if calibration is not None:
             if isinstance(calibration, (list, tuple)) and any(
                     isinstance(v, (bool, str, bytes)) for v in calibration):  # numpy would read True and "0.2" as numbers

@@ -15,7 +15,10 @@ from decimal import Decimal, InvalidOperation
 __all__ = ["extract_number", "parse_number", "extract_yes_no", "text_candidates", "normalize_text"]
 
 # thousands separators only in groups of exactly three ("1,234" yes, "11,15" no)
-_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])")
+# nor either side of a fraction: "1/2" is not the answer 2 (nor 1)
+_NUMBER = re.compile(r"(?<![\w./])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d]|/\d)")
+# a sign written as a word: "negative 51" is -51; "minus 5" too, unless it follows a number ("63 minus 12")
+_SIGN_WORD = re.compile(r"(?<![\d)]\s)(?<![\d)])\b(?:negative|minus)\s+(?=\d)", re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _ANSWER_IS = re.compile(r"\banswer\s*(?:is|:|=|would be)\s*:?\s*", re.IGNORECASE)
 # a sentence ends after . ! ? and a space, or at a line break; not after "Mt." or "St." ("Mt. Everest")
@@ -98,7 +101,8 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
     In order: a LaTeX ``\\boxed{}``; the number after "answer is"/"answer:"; a
     short first line holding a single number ("85.", "85 apples"); the first
     number after the last "="; the last number in the reply; finally a number
-    word ("twelve", "twenty-one").
+    word ("twelve", "twenty-one"). A sign written as a word counts ("negative 51" is -51; "minus 5" is -5
+    unless it follows a number), and a fraction ("1/2") is not read as either of its numbers.
 
     With the ``question``, the reply is read against what was asked: a
     sequence the reply repeats and continues gives its next term ("4, 7, 10,
@@ -109,7 +113,7 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
     84, not 7. A reply holding only the question's numbers still gives its last
     one.
     """
-    text = reply.translate(_MINUS_SIGNS)
+    text = _SIGN_WORD.sub("-", reply.translate(_MINUS_SIGNS))
     if len(_LIST_MARKER.findall(text)) >= 2:  # "1. 20\n2. 20": list numbers are not answers
         text = _LIST_MARKER.sub("", text)
     else:
@@ -133,7 +137,7 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
         nums = _numbers(segment[worked.end():] if worked else segment)
         if nums:
             return nums[0], None
-    question = question.translate(_MINUS_SIGNS) if question else ""
+    question = _SIGN_WORD.sub("-", question.translate(_MINUS_SIGNS)) if question else ""
     asked = {parse_number(n) for n in _numbers(question)}
     following = _next_term(question, text)
     if following is not None:

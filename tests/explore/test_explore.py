@@ -308,6 +308,12 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
                      root=tmp_path / "runs")
     for name in ("report.md", "points.csv", "frontier.csv", "estimator.json"):
         assert (out / name).is_file(), name
+    # the cloud prior names the model the bridge served (a daemon warns when its bridge serves another)
+    from edge_runtime.bundle import load_manifest
+
+    served = load_manifest(tiny_bundles("qwen2", "fp32"))
+    assert json.loads((out / "estimator.json").read_text())["meta"]["cloud_model"] == {
+        "model": served.name, "revision": served.bundle_hash}
     assert {"accuracy_vs_escalation.png", "accuracy_vs_usd.png", "accuracy_vs_joules.png"} <= {p.name for p in out.glob("*.png")}
     report = (out / "report.md").read_text()
     assert "always-local" in report and "Pareto frontier" in report and "Task dependence" in report and "ESTIMATE" in report
@@ -458,7 +464,8 @@ def test_bridge_runs_are_keyed_by_the_revision_the_bridge_reports():
             usd_per_million_input_tokens=1.5, usd_per_million_output_tokens=6.0)])
 
     # an upstream API: its model name is all there is
-    assert _cloud_identity(client(""), "coder") == ("bridge-coder-stand-in", (1.5, 6.0))
+    assert _cloud_identity(client(""), "coder") == ("bridge-coder-stand-in", (1.5, 6.0),
+                                                    {"model": "stand-in", "revision": ""})
     assert _cloud_identity(client("0123456789abcdef0123"), "coder")[0] == "bridge-coder-stand-in-0123456789abcdef"
     assert _cloud_identity(client("0123456789abcdef0123"), "")[0] == "bridge-default-stand-in-0123456789abcdef"
 
@@ -706,3 +713,22 @@ def test_a_run_that_fails_at_the_bridge_leaves_no_empty_output_directory(tiny_bu
     with pytest.raises(CloudError):
         explore(edge=str(tiny_bundle), cloud="big", out=kept, suite=str(tiny_suite), cloud_settings=down, root=tmp_path / "runs")
     assert kept.is_dir()
+
+
+def test_every_explored_policy_is_labelled_as_the_policy_describes_itself():
+    # the early-exit rows read "early_exit(bar=0.2,k=2)": written into a config, that is the default signal
+    # (mean_prob), not the min_prob the explorer measured, and another policy
+    import types
+
+    from edge_runtime.explore._space import policy_grid
+    from edge_runtime.policies import policy_from_config
+
+    m = types.SimpleNamespace(dev_p_correct=np.linspace(0.0, 1.0, 50),
+                              records=types.SimpleNamespace(cloud_usd=np.full(3, 0.01)))
+    grid = dict(policy_grid(m))
+    assert grid.pop("always-local") == {"type": "never"} and grid.pop("always-cloud") == {"type": "always"}
+    assert any(label.startswith("early_exit(min_prob<") for label in grid)
+    for label, config in grid.items():
+        if label.startswith("budget("):  # named by its share of this run's spend; the config holds the dollars
+            continue
+        assert policy_from_config(config).describe() == label

@@ -79,7 +79,7 @@ def test_target_rate_config_keeps_the_threshold_not_the_data():
 @pytest.mark.parametrize(
     "cfg, field",
     [
-        ({"type": "target_rate", "rate": 0.5}, "policy.calibration"),
+        ({"type": "target_rate", "rate": 0.5}, "policy.threshold"),
         ({"type": "target_rate", "rate": 0.5, "calibration": [0.1], "threshold": 0.2}, "policy.calibration"),
         ({"type": "target_rate", "rate": 0.5, "calibration": []}, "policy.calibration"),
         ({"type": "target_rate", "rate": 0.5, "calibration": [0.2, 1.7]}, "policy.calibration"),
@@ -92,6 +92,15 @@ def test_target_rate_config_errors(cfg, field):
     with pytest.raises(ConfigError) as err:
         policy_from_config(cfg)
     assert err.value.field == field
+
+
+def test_a_target_rate_with_nothing_to_set_its_threshold_says_where_one_comes_from():
+    # it said "give either ... (not both)" when neither was given
+    with pytest.raises(ConfigError) as err:
+        policy_from_config({"type": "target_rate", "rate": 0.3})
+    assert "not both" not in str(err.value) and "edge-runtime explore" in str(err.value)
+    with pytest.raises(ConfigError, match="not both"):
+        policy_from_config({"type": "target_rate", "rate": 0.3, "calibration": [0.1], "threshold": 0.2})
 
 
 def test_decision_validates_action_and_serialises():

@@ -35,6 +35,14 @@ from edge_runtime.tasks import Score, TaskItem, score, score_text
         ("7. That is all.", ["7"], True, "7"),  # echoes the sequence: the last number is the next term
         ("The answer is 86.", ["85"], False, "86"),
         ("85.5", ["85"], False, "85.5"),
+        # a sign written as a word is read ("negative 51" scored right against 51)
+        ("The answer is negative 51.", ["51"], False, "-51"),
+        ("negative 51", ["-51"], True, "-51"),
+        ("It is minus 3 degrees.", ["-3"], True, "-3"),
+        ("minus 5", ["5"], False, "-5"),
+        ("63 minus 12 is 51", ["51"], True, "51"),  # between numbers it is the operation
+        ("8/4 = 2", ["2"], True, "2"),
+        ("60 km/h", ["60"], True, "60"),
     ],
 )
 def test_number_scorer(reply, answers, correct, extracted):
@@ -109,7 +117,8 @@ def test_a_yes_no_statement_restating_the_question_answers_it(reply, question, e
     assert score_text("yesno", ["no"], reply).extracted is None
 
 
-@pytest.mark.parametrize("reply", ["", "   ", "I don't know.", "It depends on the context."])
+@pytest.mark.parametrize("reply", ["", "   ", "I don't know.", "It depends on the context.",
+                                   "1/2"])  # a fraction is not its denominator (it scored right against 2)
 def test_number_without_a_number_is_a_reported_parse_error(reply):
     s = score_text("number", ["42"], reply)
     assert s.correct is False and s.extracted is None
