@@ -88,6 +88,8 @@ class EngineSettings:
             raise ConfigError("must be >= 1", field="engine.max_sessions")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("must be >= 1", field="engine.threads")
+        if self.cache_tokens < 1:  # the engine refused it too, but only once the daemon was listening
+            raise ConfigError("must be >= 1", field="engine.cache_tokens")
         if not 1 <= self.max_new_tokens <= 65536:
             raise ConfigError("must be between 1 and 65536", field="engine.max_new_tokens")
         if not 0 <= self.prompt_lookup <= MAX_PROMPT_LOOKUP_TOKENS:

@@ -39,7 +39,7 @@ from ..errors import (
     ServiceUnavailableError,
 )
 from ..hybrid import HybridResult
-from ._request import ChatRequest, build_chat_request, valid_request_id
+from ._request import ChatRequest, build_chat_request, new_request_id, valid_request_id
 from ._service import CancelReason, ChatService, ClientGone, Job
 
 __all__ = ["SERVICE_NAME", "EdgeRuntimeServicer", "create_grpc_server", "status_for", "request_from_proto"]
@@ -122,7 +122,7 @@ def status_for(err: BaseException) -> grpc.Status:
 # ---- messages ---------------------------------------------------------------------------------------
 
 
-def request_from_proto(msg: daemon_pb2.ChatRequest, *, stream: bool = False) -> ChatRequest:
+def request_from_proto(msg: daemon_pb2.ChatRequest, *, stream: bool = False, request_id: str | None = None) -> ChatRequest:
     sampling: dict[str, Any] = {}
     s = msg.sampling
     for name in ("temperature", "top_p", "top_k", "seed"):
@@ -140,7 +140,7 @@ def request_from_proto(msg: daemon_pb2.ChatRequest, *, stream: bool = False) -> 
         logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
         reveal_draft=msg.reveal_draft,
-        request_id=msg.request_id or None,
+        request_id=msg.request_id or request_id,
     )
 
 
@@ -200,43 +200,56 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
         self.max_calls = max_calls
         self._calls = threading.BoundedSemaphore(max_calls) if max_calls else None
 
-    def _refuse(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext, err: EdgeRuntimeError) -> None:
-        # only a sane id is logged (the refusal may be of the id itself: a newline, megabytes)
-        self.service.refused("grpc", err, request.request_id if valid_request_id(request.request_id) else None)
+    @staticmethod
+    def _request_id(request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> str | None:
+        """The call's request id, the caller's or made up, sent at once as ``x-request-id`` initial metadata (as
+        HTTP answers its header), so that even a refused call has an id its caller can quote and the log names.
+        None for a caller's id that cannot be one (a newline, megabytes): the call is refused naming it."""
+        rid = request.request_id or new_request_id()
+        if not valid_request_id(rid):
+            return None
+        context.send_initial_metadata((("x-request-id", rid),))
+        return rid
+
+    def _refuse(self, rid: str | None, context: grpc.ServicerContext, err: EdgeRuntimeError) -> None:
+        self.service.refused("grpc", err, rid)
         context.abort_with_status(status_for(err))
 
-    def _call_slot(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> contextlib.ExitStack:
+    def _call_slot(self, rid: str | None, context: grpc.ServicerContext) -> contextlib.ExitStack:
         """Take one of the ``max_calls`` slots for this call; released when the returned stack closes."""
         stack = contextlib.ExitStack()
         if self._calls is not None:
             if not self._calls.acquire(blocking=False):
-                self._refuse(request, context, QueueFullError(
+                self._refuse(rid, context, QueueFullError(
                     f"the daemon's gRPC socket has {self.max_calls} calls in progress, its limit"))
             stack.callback(self._calls.release)
         return stack
 
-    def _open(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext, *, stream: bool = False) -> Job:
+    def _open(self, request: daemon_pb2.ChatRequest, rid: str | None, context: grpc.ServicerContext, *,
+              stream: bool = False) -> Job:
         try:
-            req = request_from_proto(request, stream=stream)
+            req = request_from_proto(request, stream=stream, request_id=rid)
             job = self.service.open(req, "grpc", timeout_s=context.time_remaining())
         except EdgeRuntimeError as err:
-            self._refuse(request, context, err)
+            self._refuse(rid, context, err)
             raise  # abort_with_status raises; this line is for the type checker
         # runs when the call ends for any reason; a no-op for a job that already finished
         context.add_callback(lambda: job.cancel(_end_reason(context)))
         return job
 
     def Chat(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> daemon_pb2.ChatResponse:
-        with self._call_slot(request, context):
-            job = self._open(request, context)
+        rid = self._request_id(request, context)
+        with self._call_slot(rid, context):
+            job = self._open(request, rid, context)
             with _aborting_on_error(job, context):
                 return response_from_result(job.run(), job)
         raise AssertionError("unreachable: abort() raises")
 
     def ChatStream(self, request: daemon_pb2.ChatRequest,
                    context: grpc.ServicerContext) -> Iterator[daemon_pb2.ChatStreamResponse]:
-        with self._call_slot(request, context) as stack:
-            job = self._open(request, context, stream=True)
+        rid = self._request_id(request, context)
+        with self._call_slot(rid, context) as stack:
+            job = self._open(request, rid, context, stream=True)
             watchdog = _StallWatchdog(job, context)
             stack.callback(watchdog.stop)
             stack.enter_context(_aborting_on_error(job, context))

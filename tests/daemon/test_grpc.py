@@ -119,6 +119,25 @@ def test_grpc_errors_carry_codes_and_details(engine, start_daemon, channel_to, t
     assert stub.Chat(_request(max_new_tokens=2), timeout=10).usage.local.completion_tokens == 2  # still serving
 
 
+def test_every_call_gets_a_request_id_its_caller_sees_even_when_refused(engine, start_daemon, channel_to, tmp_path,
+                                                                       caplog):
+    # a refused call without the caller's id was logged as "grpc - request refused", and its caller had no id to quote
+    daemon = start_daemon(runtime(engine), tmp_path)
+    stub, _ = channel_to(daemon)
+    with caplog.at_level("INFO", logger="edge_runtime.daemon"):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Chat(_request(logprobs=True, top_logprobs=50), timeout=10)
+    rid = dict(info.value.initial_metadata())["x-request-id"]
+    assert len(rid) == 32 and f"grpc {rid} request refused" in caplog.text
+    answer, call = stub.Chat.with_call(_request(max_new_tokens=2), timeout=10)
+    assert answer.request_id == dict(call.initial_metadata())["x-request-id"]
+    answer, call = stub.Chat.with_call(_request(max_new_tokens=2, request_id="app-7"), timeout=10)
+    assert answer.request_id == dict(call.initial_metadata())["x-request-id"] == "app-7"
+    stream = stub.ChatStream(_request(max_new_tokens=2), timeout=10)
+    events = list(stream)
+    assert events[-1].final.request_id == dict(stream.initial_metadata())["x-request-id"]
+
+
 def test_a_call_past_its_deadline_counts_as_a_timeout_and_one_cancelled_as_cancelled(engine, start_daemon,
                                                                                     channel_to, tmp_path):
     import threading

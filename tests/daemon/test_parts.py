@@ -378,3 +378,16 @@ def test_openais_developer_role_is_read_as_system():
     # OpenAI's current clients send instructions as "developer"; it was refused as an unknown role
     req = parse_chat_request({"messages": [{"role": "developer", "content": "Answer briefly."}, *ASK]})
     assert [m["role"] for m in req.messages] == ["system", "user"]
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_a_bad_cache_size_is_refused_with_the_settings_not_after_the_daemon_listens(value):
+    # the engine refused it, but only after the start-up log said "listening on ...; loading the model"
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.settings import load_runtime_settings
+
+    for source in ({"data": {"engine": {"cache_tokens": value}}, "env": {}},
+                   {"data": {}, "env": {"EDGE_RUNTIME_ENGINE_CACHE_TOKENS": str(value)}}):
+        with pytest.raises(ConfigError) as info:
+            load_runtime_settings(**source)
+        assert info.value.field == "engine.cache_tokens"
