@@ -89,6 +89,8 @@ class HybridResult:
     cloud_error: str | None = None
     # the local runs' prompt-lookup drafts (engine prompt_lookup): "accepted" and "rejected" token counts
     predictions: dict[str, int] = dataclasses.field(default_factory=lambda: {"accepted": 0, "rejected": 0})
+    # local prompt tokens whose KV state was kept from an earlier request or turn, not prefilled again
+    cached_prompt_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -928,4 +930,5 @@ class HybridRuntime:
             draft=(final_local.text if final_local and not early_exit else None) if route == "cloud" else None,
             tokens=list(tokens), usage=usage, latency_ms=latency, energy=energy, cost=cost, cloud_error=cloud_error,
             predictions={"accepted": accepted, "rejected": sum(r.usage.draft_tokens for r in locals_) - accepted},
+            cached_prompt_tokens=sum(r.usage.cached_prompt_tokens for r in locals_),
         )

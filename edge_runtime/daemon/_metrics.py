@@ -79,6 +79,7 @@ class Metrics:
         self.answers: dict[Labels, float] = {}
         self.tokens: dict[Labels, float] = {}
         self.draft_tokens: dict[Labels, float] = {}
+        self.cached_prompt_tokens = 0
         self.energy_j: dict[Labels, float] = {}
         # the meter's source label and whether it estimates: set when the model loads (None before)
         self.energy_source: tuple[str, bool] | None = None
@@ -110,6 +111,7 @@ class Metrics:
                                 ("completion", result.usage[side]["completion_tokens"])):
                     tkey = (("route", route), ("side", side), ("kind", kind))
                     self.tokens[tkey] = self.tokens.get(tkey, 0) + n
+            self.cached_prompt_tokens += result.cached_prompt_tokens
             for outcome, n in result.predictions.items():
                 pkey = (("outcome", outcome),)
                 self.draft_tokens[pkey] = self.draft_tokens.get(pkey, 0) + n
@@ -167,6 +169,9 @@ class Metrics:
             family("edge_runtime_draft_tokens_total", "counter",
                    "Prompt-lookup drafts checked by local decoding ([engine] prompt_lookup), by outcome (accepted/rejected).",
                    {(("outcome", o),): self.draft_tokens.get((("outcome", o),), 0) for o in ("accepted", "rejected")})
+            family("edge_runtime_cached_prompt_tokens_total", "counter",
+                   "Local prompt tokens whose KV state was kept from an earlier request or turn (not prefilled again); "
+                   "part of edge_runtime_tokens_total's local prompt tokens.", self.cached_prompt_tokens)
             family("edge_runtime_escalation_ratio", "gauge",
                    "Share of answered requests escalated to the cloud (route cloud or fallback).", ratio)
             family("edge_runtime_energy_joules_total", "counter",

@@ -255,7 +255,9 @@ def usage_object(result: HybridResult) -> dict[str, Any]:
     prompt = local["prompt_tokens"] + cloud["prompt_tokens"]
     completion = local["completion_tokens"] + cloud["completion_tokens"]
     usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                             "local": dict(local), "cloud": dict(cloud)}
+                             "local": dict(local), "cloud": dict(cloud),
+                             # where OpenAI reports its prompt caching: the local prompt tokens not prefilled again
+                             "prompt_tokens_details": {"cached_tokens": result.cached_prompt_tokens}}
     if any(result.predictions.values()):
         # prompt-lookup drafts, in the fields OpenAI reports its predicted outputs in
         usage["completion_tokens_details"] = {"accepted_prediction_tokens": result.predictions["accepted"],

@@ -296,3 +296,28 @@ def test_a_socket_at_its_call_limit_still_answers_health_checks_and_refuses_more
             assert after.value.code() == grpc.StatusCode.INTERNAL
     finally:
         server.stop(0)
+
+
+def test_prompt_tokens_kept_from_an_earlier_request_are_reported(engine, start_daemon, channel_to, http, tmp_path):
+    # the daemon keeps the KV state of the last prompt: a follow-up turn prefills only its new tokens, which no
+    # client could see (OpenAI reports its own prompt caching in usage.prompt_tokens_details.cached_tokens)
+    from .conftest import metric
+
+    daemon = start_daemon(runtime(engine, {"type": "never"}), tmp_path)
+    c = http(daemon.port)
+    turn = [{"role": "user", "content": "count from one to twenty please"}]
+    status, _, first = c.json("POST", "/v1/chat/completions", {"messages": turn, "max_tokens": 4})
+    # the engine is shared with earlier tests: at most the chat template's opening is kept from them
+    before = first["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert status == 200 and 0 <= before < first["usage"]["prompt_tokens"] // 2
+    follow = turn + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                     {"role": "user", "content": "and back"}]
+    status, _, second = c.json("POST", "/v1/chat/completions", {"messages": follow, "max_tokens": 4})
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert status == 200 and before < first["usage"]["prompt_tokens"] // 2 < cached < second["usage"]["prompt_tokens"]
+    stub, _ = channel_to(daemon)
+    again = stub.Chat(daemon_pb2.ChatRequest(messages=[bridge_pb2.ChatMessage(**m) for m in follow], max_new_tokens=4),
+                      timeout=10)
+    assert again.usage.cached_prompt_tokens >= cached
+    text = c.request("GET", "/metrics")[2].decode()
+    assert metric(text, "edge_runtime_cached_prompt_tokens_total") == before + cached + again.usage.cached_prompt_tokens

@@ -100,16 +100,18 @@ class Cost(_message.Message):
     def __init__(self, cloud_usd: _Optional[float] = ..., device_energy_usd: _Optional[float] = ..., network_energy_j: _Optional[float] = ..., total_usd: _Optional[float] = ...) -> None: ...
 
 class RouteUsage(_message.Message):
-    __slots__ = ("local", "cloud", "accepted_prediction_tokens", "rejected_prediction_tokens")
+    __slots__ = ("local", "cloud", "accepted_prediction_tokens", "rejected_prediction_tokens", "cached_prompt_tokens")
     LOCAL_FIELD_NUMBER: _ClassVar[int]
     CLOUD_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_PREDICTION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_PREDICTION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     local: _bridge_pb2.Usage
     cloud: _bridge_pb2.Usage
     accepted_prediction_tokens: int
     rejected_prediction_tokens: int
-    def __init__(self, local: _Optional[_Union[_bridge_pb2.Usage, _Mapping]] = ..., cloud: _Optional[_Union[_bridge_pb2.Usage, _Mapping]] = ..., accepted_prediction_tokens: _Optional[int] = ..., rejected_prediction_tokens: _Optional[int] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, local: _Optional[_Union[_bridge_pb2.Usage, _Mapping]] = ..., cloud: _Optional[_Union[_bridge_pb2.Usage, _Mapping]] = ..., accepted_prediction_tokens: _Optional[int] = ..., rejected_prediction_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Latency(_message.Message):
     __slots__ = ("queue_ms", "local_prefill_ms", "local_decode_ms", "cloud_ms", "network_ms", "total_ms")
