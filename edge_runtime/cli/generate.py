@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 _NO_ID = object()
 
 
-def _result_json(result: Any, request_id: Any = _NO_ID, confidence: Any = None) -> dict[str, Any]:
+def _result_json(result: Any, engine: Any, request_id: Any = _NO_ID, confidence: Any = None) -> dict[str, Any]:
     d = result.to_dict()
     out: dict[str, Any] = {}
     if request_id is not _NO_ID:
@@ -56,7 +56,11 @@ def _result_json(result: Any, request_id: Any = _NO_ID, confidence: Any = None) 
     out.update({
         "text": d["text"],
         "finish_reason": d["finish_reason"],
-        "tokens": [{k: t[k] for k in ("id", "text", "logprob", "entropy", "margin", *(("top_logprobs",) if "top_logprobs" in t else ()))}
+        # bytes, as OpenAI's logprobs have them: a token holding part of a character has the text "\ufffd", and
+        # only its bytes let a client rebuild the text
+        "tokens": [{**{k: t[k] for k in ("id", "text", "logprob", "entropy", "margin")},
+                    "bytes": engine.token_bytes(t["id"]),
+                    **({"top_logprobs": t["top_logprobs"]} if "top_logprobs" in t else {})}
                    for t in d["tokens"]],
         "usage": {k: d["usage"][k] for k in ("prompt_tokens", "completion_tokens", "draft_tokens", "accepted_draft_tokens")},
         "timings": d["timings"],
@@ -122,7 +126,7 @@ def _generate(args: argparse.Namespace, engine: Any, estimator: Any, params: Any
         prompt = args.prompt if args.chat is None else None
         if args.json:
             result = engine.generate(prompt, messages=messages, params=params, prompt_nll=estimator.needs_prompt_nll)
-            print(_json_line(_result_json(result, confidence=_confidence(estimator, engine, result, messages, prompt))))
+            print(_json_line(_result_json(result, engine, confidence=_confidence(estimator, engine, result, messages, prompt))))
         else:
             for chunk in engine.stream(prompt, messages=messages, params=params):
                 sys.stdout.write(chunk.text)
@@ -198,7 +202,7 @@ def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: i
                      for k in _SAMPLING_KEYS if item.get(k) is not None}
         p = params.replace(**overrides) if overrides else params
         result = engine.generate(item.get("prompt"), messages=item.get("messages"), params=p, prompt_nll=estimator.needs_prompt_nll)
-        return _result_json(result, request_id, _confidence(estimator, engine, result, item.get("messages"), item.get("prompt"))), True
+        return _result_json(result, engine, request_id, _confidence(estimator, engine, result, item.get("messages"), item.get("prompt"))), True
     except EdgeRuntimeError as err:
         # "line" too: a line with no readable id is reported under its line number
         return {"id": request_id, "line": lineno,

@@ -15,7 +15,9 @@ def test_json_output_has_the_documented_fields(tiny_bundle, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"text", "finish_reason", "tokens", "usage", "timings", "energy"}
     assert out["finish_reason"] == "length" and len(out["tokens"]) == 6
-    assert set(out["tokens"][0]) == {"id", "text", "logprob", "entropy", "margin"}
+    assert set(out["tokens"][0]) == {"id", "text", "logprob", "entropy", "margin", "bytes"}
+    # a token holding part of a character reads "\ufffd": its bytes, as OpenAI gives them, rebuild the text
+    assert bytes(b for t in out["tokens"] for b in t["bytes"]).decode("utf-8", "replace") == out["text"]
     assert out["usage"]["completion_tokens"] == 6 and out["usage"]["prompt_tokens"] > 0
     assert set(out["timings"]) >= {"load_ms", "prefill_ms", "decode_ms", "decode_tokens_per_s"}
     assert out["energy"]["source"] and isinstance(out["energy"]["estimated"], bool)
