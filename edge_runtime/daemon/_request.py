@@ -74,6 +74,10 @@ def build_chat_request(
     if top_logprobs and not logprobs:
         raise InvalidRequestError("needs logprobs = true", field="top_logprobs")
     params = dict(sampling or {})
+    temperature = params.get("temperature")
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 2.0:
+        # the engine would sample at any temperature; the daemon's two transports take OpenAI's range alike
+        raise InvalidRequestError(f"must be between 0 and 2, got {temperature}", field="temperature")
     if logprobs:
         params["top_logprobs"] = top_logprobs or 0
     try:

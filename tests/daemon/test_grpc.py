@@ -111,6 +111,10 @@ def test_grpc_errors_carry_codes_and_details(engine, start_daemon, channel_to, t
         stub.Chat(_request(sampling=bridge_pb2.SamplingParams(top_p=2.0)), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _details(info.value)[0].field_violations[0].field == "sampling.top_p"  # its path in ChatRequest
+    with pytest.raises(grpc.RpcError) as info:  # OpenAI's range, as over HTTP (it was accepted here)
+        stub.Chat(_request(sampling=bridge_pb2.SamplingParams(temperature=2.5)), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _details(info.value)[0].field_violations[0].field == "sampling.temperature"
     with pytest.raises(grpc.RpcError) as info:
         list(stub.ChatStream(_request("one two three " * 200, max_new_tokens=8), timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
