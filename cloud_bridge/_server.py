@@ -10,6 +10,7 @@ finish within the grace period, then closes the backends.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -120,15 +121,16 @@ class BridgeServer:
         bridge_pb2_grpc.add_CloudBridgeServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         credentials = _credentials(s, insecure)
+        socket_path: Path | None = None
         if s.address.startswith("unix:"):
             # gRPC would unlink a live bridge's socket and take its place; "unix:///abs" is "/abs"
             rest = s.address[len("unix:"):]
-            prepare_socket_path(Path(rest[2:] if rest.startswith("//") else rest), field="server.address",
-                                server="cloud bridge")
+            socket_path = Path(rest[2:] if rest.startswith("//") else rest)
+            prepare_socket_path(socket_path, field="server.address", server="cloud bridge")
         try:
-            # a unix: socket is the bridge user's and its group's (0660): devices under another user share a
-            # group with it; never anyone else, whatever the umask (with --insecure, tokens cross it in clear)
-            with socket_mode(0o660):
+            # a unix: socket is the bridge user's and its group's (0660, less the umask): devices under another
+            # user share a group with it; never anyone else (with --insecure, tokens cross it in clear)
+            with socket_mode(socket_path, 0o660) if socket_path is not None else contextlib.nullcontext():
                 if credentials is None:
                     self.port = self.grpc_server.add_insecure_port(s.address)
                 else:

@@ -50,11 +50,20 @@ def prepare_socket_path(path: Path, *, field: str, server: str) -> None:
 
 
 @contextlib.contextmanager
-def socket_mode(mode: int) -> Iterator[None]:
-    """Bind inside this block and the socket gets ``mode`` (0600, 0660) from its first moment, whatever the
-    process's umask: a chmod after the bind leaves a window, and a umask of 002 made it group-writable."""
-    old = os.umask(0o777 & ~mode)
+def socket_mode(path: Path, mode: int) -> Iterator[None]:
+    """Bind ``path`` inside this block: the socket is created owner-only and then given ``mode`` (0600, 0660)
+    less what the process's umask takes away, so it is never looser than that, even between bind and chmod,
+    and a stricter umask (077) wins. A umask of 002 had made the bridge's socket group-writable.
+
+    The umask is the process's: it is tightened only by 077 for the bind, so that a file or directory another
+    thread makes meanwhile stays usable by its owner."""
+    old = os.umask(0o077)
+    os.umask(old | 0o077)
     try:
         yield
     finally:
         os.umask(old)
+    try:
+        os.chmod(path, mode & ~old)
+    except FileNotFoundError:  # nothing was bound: the caller reports that
+        pass

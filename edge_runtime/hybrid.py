@@ -313,7 +313,8 @@ class HybridRuntime:
         # price reads check it too); never, without a gain policy or a prior that records its model
         recorded = isinstance((getattr(self.estimator, "meta", None) or {}).get("cloud_model"), Mapping)
         checks = self._wants_p_cloud and recorded and getattr(cloud, "list_models", None) is not None
-        self._prior_check_due = -math.inf if checks else math.inf
+        self._prior_check_due_s = -math.inf if checks else math.inf
+        self._prior_lock = threading.Lock()  # for the two above: requests on several threads look at them
         self._pace = _LocalPace()
 
     def _check_policy_inputs(self, parts: Sequence[Policy]) -> None:
@@ -468,7 +469,7 @@ class HybridRuntime:
 
         # a request for the local model never escalates: it must not wait for the bridge's prices
         bridge = self._bridge_price_table() if self._has_budget and model != "local" else None
-        if model != "local" and not self._has_budget and time.monotonic() >= self._prior_check_due:
+        if model != "local" and not self._has_budget and time.monotonic() >= self._prior_check_due_s:
             self._check_cloud_prior_in_background()
         if bridge is None and self._bridge_prices_failed and self._has_budget and model != "local":
             # The bridge's prices were never read (it was down): the device's [cost] table may be a thousandth of
@@ -543,18 +544,23 @@ class HybridRuntime:
 
     def _check_cloud_prior_in_background(self) -> None:
         """Ask the bridge which model it serves and check the cloud prior against it, off the request's path."""
-        self._prior_check_due = time.monotonic() + _PRICES_REFRESH_S  # before the thread: one read at a time
+        with self._prior_lock:
+            if time.monotonic() < self._prior_check_due_s:  # another request started it
+                return
+            self._prior_check_due_s = time.monotonic() + _PRICES_REFRESH_S
 
         def read() -> None:
             try:
-                models = self.cloud.list_models(timeout_s=_PRICES_TIMEOUT_S)
-            except Exception as err:  # down: its escalations fall back anyway; try again later
-                log.debug("cannot ask the bridge which model it serves: %s", err)
-                self._prior_check_due = time.monotonic() + _PRICES_RETRY_S
-                return
-            info = self._served_model(models)
-            if info is not None:
-                self._check_cloud_prior(info)
+                info = self._served_model(self.cloud.list_models(timeout_s=_PRICES_TIMEOUT_S))
+                if info is not None:
+                    self._check_cloud_prior(info)
+            except Exception as err:  # a bug too: logged, never the thread's traceback on stderr
+                if isinstance(err, CloudError):  # down: its escalations fall back anyway; try again later
+                    log.debug("cannot ask the bridge which model it serves: %s", err)
+                else:
+                    log.exception("checking the cloud prior against the bridge's model failed")
+                with self._prior_lock:
+                    self._prior_check_due_s = time.monotonic() + _PRICES_RETRY_S
 
         threading.Thread(target=read, daemon=True, name="bridge-models").start()
 
@@ -568,8 +574,9 @@ class HybridRuntime:
         served = (str(info.model), str(info.revision or ""))
         if model == served[0] and (not revision or not served[1] or revision == served[1]):
             return
-        if self._prior_warned != served:
-            self._prior_warned = served
+        with self._prior_lock:
+            warned, self._prior_warned = self._prior_warned, served
+        if warned != served:
             log.warning("the estimator's cloud prior, which the gain policy routes on, was fitted for %s%s; the "
                         "bridge now answers with %s%s: refit it (`edge-runtime explore`, or `edge-runtime calibrate "
                         "--cloud-bundle`) or the gain figures describe another model", log_text(model, 200),

@@ -128,7 +128,9 @@ def test_estimator_files_are_checked(tmp_path):
                             # a hand edit's null or string where an object belongs (it was an AttributeError)
                             ({**raw, "model": None}, "model must be an object, got NoneType"),
                             ({**raw, "knn": "x"}, "knn must be an object, got str"),
-                            ({**raw, "kind": "knn", "knn": None}, "the field 'knn' is missing|knn must be an object"),
+                            ({**raw, "kind": "knn", "knn": None}, "knn must be an object, got NoneType"),
+                            ({**raw, "knn": ""}, "knn must be an object, got str"),  # read as "no prior"
+                            ({**raw, "meta": "ab"}, "meta must be an object, got str"),
                             ({**raw, "cloud": "x"}, "cloud must be an object, got str")):
         path.write_text(json.dumps(broken))  # NaN: Python writes and reads it; it would score every answer NaN
         with pytest.raises(EstimatorError, match=message):

@@ -773,10 +773,9 @@ def test_a_gain_prior_fitted_for_another_cloud_model_is_warned_about_once(engine
         with caplog.at_level("WARNING", logger="edge_runtime"):
             for _ in range(requests):
                 rt.chat(ASK, max_new_tokens=2)
-            deadline = time.monotonic() + 5
-            while len(reads) < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(0.1)  # the check runs beside the request
+            for thread in threading.enumerate():  # the check runs beside the request
+                if thread.name == "bridge-models":
+                    thread.join(5)
         return [r.getMessage() for r in caplog.records if "cloud prior" in r.getMessage()]
 
     assert warnings_after(runtime({"model": "qwen-coder", "revision": "abc123"})) == []
@@ -789,3 +788,10 @@ def test_a_gain_prior_fitted_for_another_cloud_model_is_warned_about_once(engine
     assert "revision old999" in line
     reads.clear()
     assert warnings_after(runtime({"model": "qwen-coder", "revision": ""})) == []  # no revision recorded: the name
+    # with a budget, the price read (on the request's path) checks it
+    reads.clear()
+    budgeted = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "gain", "min_gain": 0.1}]},
+                             estimator=WithPrior({"model": "gpt-4o-mini", "revision": ""}),
+                             cloud=_fake_cloud(_answering("4", 0.0), list_models=list_models))
+    (line,) = warnings_after(budgeted)
+    assert "fitted for gpt-4o-mini" in line and len(reads) == 1

@@ -56,6 +56,8 @@ def _result_json(result: Any, engine: Any, request_id: Any = _NO_ID, confidence:
     out.update({
         "text": d["text"],
         "finish_reason": d["finish_reason"],
+        # the first text_tokens tokens made the text; the rest are an eos or a cut stop string's
+        "text_tokens": d["text_tokens"],
         # bytes, as OpenAI's logprobs have them: a token holding part of a character has the text "\ufffd", and
         # only its bytes let a client rebuild the text
         "tokens": [{**{k: t[k] for k in ("id", "text", "logprob", "entropy", "margin")},

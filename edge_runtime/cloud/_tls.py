@@ -37,17 +37,19 @@ def check_certificates(path: str | os.PathLike[str], *, field: str) -> None:
         raise ConfigError(f"cannot read {path}: {err.strerror}", field=field) from err
 
 
-def _check_private(key: str | os.PathLike[str], field: str) -> None:
+def _warn_if_public(key: str | os.PathLike[str], field: str) -> None:
     """Whoever reads a bridge's key can pose as the bridge and collect device tokens, and a device's key is its
-    identity: one every user of the machine can read is refused, as a readable token file is. Group read is
-    left alone (Debian's ssl-cert group is how services share keys)."""
+    identity: a key every user of the machine can read is logged. Not refused: container secrets are mounted
+    0644 or 0444 by default (Kubernetes, Docker), where "every user" is the container's own. Group read is
+    how services share keys (Debian's ssl-cert group)."""
     try:
         mode = os.stat(key).st_mode
-    except OSError as err:
-        raise ConfigError(f"cannot read {key}: {err.strerror}", field=field) from err
-    if mode & stat.S_IRWXO:
-        raise ConfigError(f"the private key {key} is readable by every user of this machine: chmod 600 it "
-                          "(or 640 for a group that needs it)", field=field)
+    except OSError:
+        return  # it was just read: a file that vanished since is the next reader's error
+    if mode & stat.S_IROTH:
+        log.warning("%s: the private key %s is readable by every user of this machine (mode %03o): chmod 600 it, "
+                    "or 640 for a group that needs it (a Kubernetes secret: defaultMode 0400)", field, key,
+                    stat.S_IMODE(mode))
 
 
 def check_key_pair(
@@ -69,7 +71,7 @@ def check_key_pair(
         raise ConfigError(f"{key} holds no unencrypted PEM private key", field=key_field) from err
     except OSError as err:
         raise ConfigError(f"cannot read {key}: {err.strerror}", field=key_field) from err
-    _check_private(key, key_field)
+    _warn_if_public(key, key_field)
     not_before, not_after = _validity_s(cert)
     now = time.time()
     # the other side would refuse the handshake, and say only "certificate has expired" (or "is not yet valid")

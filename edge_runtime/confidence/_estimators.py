@@ -344,12 +344,14 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
         raise EstimatorError(f"{p}: bundle_hash must be a string or null, got {recorded!r}")
     check_bundle_hash(recorded, bundle_hash, what=str(p))
     kind = d.get("kind")
+    if d.get("meta") is not None and not isinstance(d["meta"], Mapping):
+        raise EstimatorError(f"{p}: meta must be an object, got {type(d['meta']).__name__}")
     est: Estimator
     try:
         if kind == "heuristic":
             est = HeuristicEstimator()
         elif kind == "logistic":
-            knn = KnnPrior.from_dict(d["knn"]) if d.get("knn") else None
+            knn = KnnPrior.from_dict(d["knn"]) if d.get("knn") is not None else None
             if not isinstance(d.get("name"), str):
                 raise ValueError(f"name must be a string, got {d.get('name')!r}")
             _check_object(d["model"], "model")
@@ -360,7 +362,7 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
             est = SelfCheckEstimator(float(d["a"]), float(d["b"]), bundle_hash=recorded, meta=d.get("meta"))
         else:
             raise EstimatorError(f"{p}: unknown estimator kind {kind!r} (expected heuristic, logistic, knn or selfcheck)")
-        if d.get("cloud"):
+        if d.get("cloud") is not None:
             est.cloud = CloudPrior.from_dict(d["cloud"])
     except KeyError as err:  # str(KeyError) is the bare quoted key
         raise EstimatorError(f"{p}: malformed {kind} estimator (the field {err.args[0]!r} is missing)") from err

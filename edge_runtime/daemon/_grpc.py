@@ -202,21 +202,20 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
         self._calls = threading.BoundedSemaphore(max_calls) if max_calls else None
 
     @staticmethod
-    def _request_id(request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> str | None:
+    def _announce_request_id(request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> str:
         """The call's request id, the caller's or made up, sent at once as ``x-request-id`` initial metadata (as
         HTTP answers its header), so that even a refused call has an id its caller can quote and the log names.
-        None for a caller's id that cannot be one (a newline, megabytes): the call is refused naming it."""
-        rid = request.request_id or new_request_id()
-        if not valid_request_id(rid):
-            return None
+        A caller's id that cannot be one (a newline, megabytes) is replaced here, as HTTP replaces a bad header,
+        and the call is then refused naming ``request_id``."""
+        rid = request.request_id if valid_request_id(request.request_id) else new_request_id()
         context.send_initial_metadata((("x-request-id", rid),))
         return rid
 
-    def _refuse(self, rid: str | None, context: grpc.ServicerContext, err: EdgeRuntimeError) -> None:
+    def _refuse(self, rid: str, context: grpc.ServicerContext, err: EdgeRuntimeError) -> None:
         self.service.refused("grpc", err, rid)
         context.abort_with_status(status_for(err))
 
-    def _call_slot(self, rid: str | None, context: grpc.ServicerContext) -> contextlib.ExitStack:
+    def _call_slot(self, rid: str, context: grpc.ServicerContext) -> contextlib.ExitStack:
         """Take one of the ``max_calls`` slots for this call; released when the returned stack closes."""
         stack = contextlib.ExitStack()
         if self._calls is not None:
@@ -226,7 +225,7 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
             stack.callback(self._calls.release)
         return stack
 
-    def _open(self, request: daemon_pb2.ChatRequest, rid: str | None, context: grpc.ServicerContext, *,
+    def _open(self, request: daemon_pb2.ChatRequest, rid: str, context: grpc.ServicerContext, *,
               stream: bool = False) -> Job:
         try:
             req = request_from_proto(request, stream=stream, request_id=rid)
@@ -239,7 +238,7 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
         return job
 
     def Chat(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> daemon_pb2.ChatResponse:
-        rid = self._request_id(request, context)
+        rid = self._announce_request_id(request, context)
         with self._call_slot(rid, context):
             job = self._open(request, rid, context)
             with _aborting_on_error(job, context):
@@ -248,7 +247,7 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
 
     def ChatStream(self, request: daemon_pb2.ChatRequest,
                    context: grpc.ServicerContext) -> Iterator[daemon_pb2.ChatStreamResponse]:
-        rid = self._request_id(request, context)
+        rid = self._announce_request_id(request, context)
         with self._call_slot(rid, context) as stack:
             job = self._open(request, rid, context, stream=True)
             watchdog = _StallWatchdog(job, context)
@@ -365,11 +364,10 @@ def create_grpc_server(service: ChatService, socket_path: str | os.PathLike[str]
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     # the socket must never exist with looser permissions, not even between bind and chmod
     try:
-        with socket_mode(0o600):
+        with socket_mode(path, 0o600):
             bound = server.add_insecure_port(f"unix:{path}")
+            if not bound:
+                raise ConfigError(f"cannot listen on {path}", field="server.grpc_socket")
     except RuntimeError as err:
         raise ConfigError(f"cannot listen on {path}: {err}", field="server.grpc_socket") from err
-    if not bound:
-        raise ConfigError(f"cannot listen on {path}", field="server.grpc_socket")
-    os.chmod(path, 0o600)
     return server, health_servicer, path

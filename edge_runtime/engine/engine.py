@@ -26,6 +26,7 @@ import json
 import logging
 import numbers
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -83,6 +84,7 @@ _GIL_FREE_ENCODE_CHARS = 16_384
 
 # what generate()/stream() take as keywords (computed once: sampling_params runs for every request)
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _prefill_chunks(n: int) -> list[tuple[int, int]]:
@@ -271,6 +273,9 @@ class Engine:
             return None
         if self._byte_level and all(ch in self._bytes_map for ch in piece):
             return [self._bytes_map[ch] for ch in piece]
+        byte = _BYTE_FALLBACK.fullmatch(piece)
+        if byte:  # SentencePiece's byte fallback (Llama 2, Mistral, Gemma): part of a character, as "<0xE2>"
+            return [int(byte.group(1), 16)]
         text = self.token_text(token_id)
         return None if "\ufffd" in text else list(text.encode("utf-8"))
 

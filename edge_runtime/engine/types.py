@@ -311,6 +311,7 @@ class GenerationResult:
             "text": self.text,
             "finish_reason": self.finish_reason,
             "tokens": [t.to_dict() for t in self.tokens],
+            "text_tokens": len(self.tokens) if self.text_tokens is None else self.text_tokens,
             "usage": {"prompt_tokens": self.usage.prompt_tokens, "completion_tokens": self.usage.completion_tokens,
                       "cached_prompt_tokens": self.usage.cached_prompt_tokens, "draft_tokens": self.usage.draft_tokens,
                       "accepted_draft_tokens": self.usage.accepted_draft_tokens},

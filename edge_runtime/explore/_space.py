@@ -71,7 +71,7 @@ def policy_grid(m: Measurements) -> Iterator[tuple[str, dict[str, Any]]]:
         yield (f"early_exit(min_prob<0.2,k=4)+gain(min={g:g})",
                {"chain": [{"type": "early_exit", "bar": 0.2, "min_tokens": 4, "signal": "min_prob"}, {"type": "gain", "min_gain": g}]})
     for bar in _PRE_BARS:
-        yield f"pre_route(bar={bar:g})", {"type": "pre_route", "bar": bar, "decide_local": True}
+        yield f"pre_route(bar={bar:g},local)", {"type": "pre_route", "bar": bar, "decide_local": True}
         for p in (0.2, 0.3, 0.4):
             yield f"pre_route(bar={bar:g})+threshold(p={p:g})", {"chain": [{"type": "pre_route", "bar": bar},
                                                                          {"type": "threshold", "p": p}]}

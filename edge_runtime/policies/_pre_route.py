@@ -87,7 +87,10 @@ class PreRoute(Policy):
         return {"bar": self.bar, "scorer": self.scorer_config, "decide_local": self.decide_local}
 
     def _describe(self) -> str:
-        return f"pre_route(bar={self.bar:g})"
+        # what differs from the defaults is in the label: copied into a config without it, it is another policy
+        extra = "" if self.scorer_config == "context" else \
+            f",scorer={self.scorer_config if isinstance(self.scorer_config, str) else self.scorer_config.get('type')}"
+        return f"pre_route(bar={self.bar:g}{',local' if self.decide_local else ''}{extra})"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, where: str = "policy") -> PreRoute:

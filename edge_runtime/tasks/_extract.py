@@ -16,7 +16,8 @@ __all__ = ["extract_number", "parse_number", "extract_yes_no", "text_candidates"
 
 # thousands separators only in groups of exactly three ("1,234" yes, "11,15" no)
 # nor either side of a fraction: "1/2" is not the answer 2 (nor 1)
-_NUMBER = re.compile(r"(?<![\w./])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d]|/\d)")
+# (an atomic group and a possessive ?: backtracking out of "1.5/3" would otherwise read it as 1)
+_NUMBER = re.compile(r"(?<![\w./])-?(?>\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?+(?![\d]|/\d)")
 # a sign written as a word: "negative 51" is -51; "minus 5" too, unless it follows a number ("63 minus 12")
 _SIGN_WORD = re.compile(r"(?<![\d)]\s)(?<![\d)])\b(?:negative|minus)\s+(?=\d)", re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -60,7 +61,9 @@ def parse_number(text: str) -> Decimal | None:
 
 _PARENTHESES = re.compile(r"\([^()]*\)")
 # arithmetic and nothing else up to an "=": "37 + 48 = ", "(6 × 7) ="
-_LEADING_EQUATION = re.compile(r"^[\s\d.,+\-*/×÷xX^()\u2212]*\d[\s\d.,+\-*/×÷xX^()\u2212]*=")
+# (operations written as words too: "5 minus 2 = 3")
+_OPERATION = r"(?:[\s\d.,+\-*/×÷xX^()\u2212]|\b(?:plus|minus|times|divided\s+by|multiplied\s+by)\b)"
+_LEADING_EQUATION = re.compile(rf"^{_OPERATION}*\d{_OPERATION}*=", re.IGNORECASE)
 _LIST_MARKER = re.compile(r"^[ \t]*\d{1,2}[.)][ \t]+", re.MULTILINE)
 _FIRST_STEP = re.compile(r"\s*1[.)][ \t]+(?=[^\n=]*=[ \t]*-?\d)")
 

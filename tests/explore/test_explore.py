@@ -732,3 +732,10 @@ def test_every_explored_policy_is_labelled_as_the_policy_describes_itself():
         if label.startswith("budget("):  # named by its share of this run's spend; the config holds the dollars
             continue
         assert policy_from_config(config).describe() == label
+    # and one label, one policy: a label that left out a parameter (the early exit's signal, pre_route's
+    # decide_local) named the default policy too
+    described = {}
+    for config in [*grid.values(), {"type": "pre_route", "bar": 0.3},
+                   {"type": "early_exit", "bar": 0.2, "min_tokens": 4}]:
+        policy = policy_from_config(config)
+        assert described.setdefault(policy.describe(), policy.to_config()) == policy.to_config(), policy.describe()

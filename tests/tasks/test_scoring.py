@@ -42,6 +42,8 @@ from edge_runtime.tasks import Score, TaskItem, score, score_text
         ("minus 5", ["5"], False, "-5"),
         ("63 minus 12 is 51", ["51"], True, "51"),  # between numbers it is the operation
         ("8/4 = 2", ["2"], True, "2"),
+        ("The answer is 5 minus 2 = 3", ["3"], True, "3"),  # an operation in words before the "=" (it read 5)
+        ("The answer is 5 times 2 = 10.", ["10"], True, "10"),
         ("60 km/h", ["60"], True, "60"),
     ],
 )
@@ -118,7 +120,9 @@ def test_a_yes_no_statement_restating_the_question_answers_it(reply, question, e
 
 
 @pytest.mark.parametrize("reply", ["", "   ", "I don't know.", "It depends on the context.",
-                                   "1/2"])  # a fraction is not its denominator (it scored right against 2)
+                                   # a fraction is not its denominator (it scored right against 2), nor its
+                                   # numerator's integer part
+                                   "1/2", "The answer is 1.5/3", "1,234/2"])
 def test_number_without_a_number_is_a_reported_parse_error(reply):
     s = score_text("number", ["42"], reply)
     assert s.correct is False and s.extracted is None
