@@ -46,6 +46,49 @@ def _raise_exception(message: str) -> None:
     raise _TemplateRaised(message)
 
 
+def _weight(value: Any, limit: int) -> int:
+    """The characters ``value`` would take as text: a string's length; a list's, tuple's or dict's items (keys too)
+    counted through, so that ``[s] * 300`` weighs 300 strings, not 300 items. Stops counting past ``limit``."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple, dict)):
+        total = len(value)
+        for item in (*value.keys(), *value.values()) if isinstance(value, dict) else value:
+            total += _weight(item, limit - total)
+            if total > limit:
+                break
+        return total
+    return 0
+
+
+def _integer(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _growth(name: str, target: Any, args: Sequence[Any], kwargs: dict[str, Any], limit: int) -> int:
+    """An upper bound of what the string method or filter ``name`` builds from ``target``, known before it runs,
+    for those whose result can be far larger than what they are given (0: no bound is needed)."""
+    def arg(i: int, key: str, default: Any) -> Any:
+        return args[i] if len(args) > i else kwargs.get(key, default)
+
+    if name == "expandtabs" and isinstance(target, str):
+        return len(target) * max(_integer(arg(0, "tabsize", 8), 8), 1)
+    if name == "indent" and isinstance(target, str):
+        width = arg(0, "width", 4)
+        return len(target) + (target.count("\n") + 1) * (len(width) if isinstance(width, str) else _integer(width, 4))
+    if name == "replace" and isinstance(target, str):
+        old, new = arg(0, "old", ""), arg(1, "new", "")
+        if isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
+            return len(target) + (len(target) // len(old) if old else len(target) + 1) * (len(new) - len(old))
+    if name == "join":  # "sep".join(items) (target: the separator) or items|join(sep) (target: the items)
+        items, sep = (arg(0, "iterable", ()), target) if isinstance(target, str) else (target, arg(0, "d", ""))
+        if isinstance(items, (list, tuple)) and isinstance(sep, str):
+            return _weight(items, limit) + len(sep) * len(items)
+    if name == "tojson":
+        return _weight(target, limit) * (1 + max(_integer(arg(0, "indent", 0), 0), 0))
+    return 0
+
+
 class _Budget:
     """One render's limits (a ContextVar holds it: renders may run on several threads at once)."""
 
@@ -61,6 +104,15 @@ class _Budget:
         if n > self.max_chars:
             raise _TemplateLimit(f"would build a value of {n:,} characters (at most {self.max_chars:,})")
 
+    def weigh(self, value: Any) -> None:
+        """Refuse ``value`` if, as text, it would pass the cap (checked before a join or an output builds it)."""
+        self.size(_weight(value, self.max_chars))
+
+    def grows(self, name: str, target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        """Refuse a call whose result would pass the cap, before it is built (after is too late: 'x\\t' * 10**6
+        expanded to tabs of 999,999 builds a gigabyte before its size can be seen)."""
+        self.size(_growth(name, target, args, kwargs, self.max_chars))
+
     def argument(self, value: Any) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_ARGUMENT:
             raise _TemplateLimit(f"passed the number {value} on (at most {MAX_INT_ARGUMENT:,})")
@@ -73,7 +125,7 @@ class _Budget:
             self.argument(value)
         result = func(*args, **kwargs)
         if isinstance(result, _SIZED):
-            self.size(len(result))
+            self.weigh(result)
         return result
 
     def format_string(self, fmt: str) -> None:
@@ -129,7 +181,11 @@ def _limited_range(*args: int) -> _TimedRange:
     return _TimedRange(safe_range(*args))  # safe_range refuses more than 100,000 items
 
 
-def _limited_filter(func: Callable[..., Any], *, formats: bool = False) -> Callable[..., Any]:
+def _limited_filter(func: Callable[..., Any], name: str) -> Callable[..., Any]:
+    from jinja2 import Environment
+    from jinja2.nodes import EvalContext
+    from jinja2.runtime import Context
+
     @functools.wraps(func)  # keeps jinja's pass_context / pass_environment marks
     def checked(*args: Any, **kwargs: Any) -> Any:
         budget = _budget.get()
@@ -137,8 +193,14 @@ def _limited_filter(func: Callable[..., Any], *, formats: bool = False) -> Calla
             # jinja folds a filter of constants while compiling, outside any render's limits; failing here
             # makes it leave the call to the render
             raise _TemplateLimit("a filter runs only inside a render")
-        if formats and args and isinstance(args[0], str):  # "%200000000s"|format(x)
-            budget.format_string(args[0])
+        # the filtered value, after what jinja passes first to some filters (its context or environment)
+        given = list(args)
+        while given and isinstance(given[0], (EvalContext, Context, Environment)):
+            given.pop(0)
+        if given:
+            budget.grows(name, given[0], given[1:], kwargs)
+        if name == "format" and given and isinstance(given[0], str):  # "%200000000s"|format(x)
+            budget.format_string(given[0])
         return budget.call(func, *args, **kwargs)
 
     return checked
@@ -149,11 +211,31 @@ def _checked_join(parts: Iterable[Any]) -> str:
     buffers of set blocks, macros and filter blocks are joined here, and a loop that doubles a string through them
     reached gigabytes between two deadline checks."""
     budget = _budget.get()
-    texts = [p if isinstance(p, str) else str(p) for p in parts]
+    parts = list(parts)
     if budget is not None:
         budget.tick()
-        budget.size(sum(len(t) for t in texts))
-    return "".join(texts)
+        budget.weigh(parts)  # before str() builds a list's text
+    return "".join(p if isinstance(p, str) else str(p) for p in parts)
+
+
+def _checked_output(value: Any) -> Any:
+    """What ``{{ value }}`` writes, weighed before jinja turns it into text (a list's text is built whole)."""
+    budget = _budget.get()
+    if budget is not None and isinstance(value, (list, tuple, dict)):
+        budget.weigh(value)
+    return value
+
+
+def _checked_markup_join(parts: Iterable[Any]) -> str:
+    """jinja's ``markup_join`` (``~`` inside ``{% autoescape true %}``), with the same size check."""
+    from jinja2.runtime import markup_join
+
+    parts = list(parts)
+    budget = _budget.get()
+    if budget is not None:
+        budget.tick()
+        budget.weigh(parts)
+    return markup_join(parts)
 
 
 def _environment() -> Any:
@@ -162,8 +244,14 @@ def _environment() -> Any:
 
     class LimitedCodeGenerator(CodeGenerator):
         def visit_Concat(self, node: Any, frame: Any) -> None:
-            # jinja compiles ``~`` to its own str_join, which no sandbox hook sees (autoescape is off here)
-            self.write("environment.checked_join((")
+            # jinja compiles ``~`` to its own str_join or markup_join, which no sandbox hook sees
+            if frame.eval_ctx.volatile:
+                self.write("(environment.checked_markup_join if context.eval_ctx.volatile else "
+                           "environment.checked_join)((")
+            elif frame.eval_ctx.autoescape:
+                self.write("environment.checked_markup_join((")
+            else:
+                self.write("environment.checked_join((")
             for arg in node.nodes:
                 self.visit(arg, frame)
                 self.write(", ")
@@ -173,24 +261,29 @@ def _environment() -> Any:
         intercepted_binops = frozenset({"+", "*", "**", "%"})
         code_generator_class = LimitedCodeGenerator
         checked_join = staticmethod(_checked_join)
+        checked_markup_join = staticmethod(_checked_markup_join)
         concat = staticmethod(_checked_join)  # the generated code's ``concat`` for captured output
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's)
             budget = _budget.get()
             if budget is None:
                 return super().call(__context, __obj, *args, **kwargs)
+            owner = getattr(__obj, "__self__", None)
+            if isinstance(owner, str):  # a string method: "...".replace(a, b), .expandtabs(n), .join(items)
+                budget.grows(getattr(__obj, "__name__", ""), owner, args, kwargs)
             return budget.call(super().call, __context, __obj, *args, **kwargs)
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             budget = _budget.get()
             if budget is not None:
                 budget.tick()
+                # by weight: [s] * 300 is 300 copies of s once it is joined or written out
                 if operator == "+" and isinstance(left, _SIZED) and isinstance(right, _SIZED):
-                    budget.size(len(left) + len(right))
+                    budget.size(_weight(left, budget.max_chars) + _weight(right, budget.max_chars))
                 elif operator == "*" and isinstance(left, _SIZED) and isinstance(right, int):
-                    budget.size(len(left) * right)
+                    budget.size(_weight(left, budget.max_chars) * right)
                 elif operator == "*" and isinstance(right, _SIZED) and isinstance(left, int):
-                    budget.size(len(right) * left)
+                    budget.size(_weight(right, budget.max_chars) * left)
                 elif operator == "**" or (operator == "%" and isinstance(left, str)):
                     for value in right if isinstance(right, tuple) else (right,):
                         budget.argument(value)  # 2 ** 10**9 never ends; "%*s" % (10**9, x) allocates a GB
@@ -198,7 +291,7 @@ def _environment() -> Any:
                         budget.format_string(left)
             result = super().call_binop(context, operator, left, right)
             if budget is not None and isinstance(result, _SIZED):
-                budget.size(len(result))  # "%s%s" % (s, s) doubles s: at most a few times the limit is ever built
+                budget.weigh(result)  # "%s%s" % (s, s) doubles s: at most a few times the limit is ever built
             return result
 
         def wrap_str_format(self, value: Any) -> Any:
@@ -209,8 +302,8 @@ def _environment() -> Any:
                 budget.format_string(value.__self__)
             return super().wrap_str_format(value)
 
-    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False)
-    env.filters = {name: _limited_filter(f, formats=name == "format") for name, f in env.filters.items()}
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False, finalize=_checked_output)
+    env.filters = {name: _limited_filter(f, name) for name, f in env.filters.items()}
     env.globals["range"] = _limited_range
     return env
 
@@ -228,7 +321,7 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         env.filters["tojson"] = _limited_filter(lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
-            x, indent=indent, ensure_ascii=ensure_ascii))
+            x, indent=indent, ensure_ascii=ensure_ascii), "tojson")
         try:
             self._template = env.from_string(source)
         except TemplateSyntaxError as err:

@@ -574,6 +574,12 @@ def test_a_chat_template_that_fails_is_a_request_error_not_a_crash(source):
     "{% set ns.s = t %}{% endfor %}",
     "{% macro d(s) %}{{ s }}{{ s }}{% endmacro %}{% set ns = namespace(s='x') %}"
     "{% for i in range(40) %}{% set ns.s = d(ns.s) %}{% endfor %}",
+    # calls and filters whose result dwarfs what they are given: bounded before they run
+    "{{ ('\t' * 1000).expandtabs(999999) }}", "{{ ('a\n' * 1000) | indent(999999) }}",
+    "{% set s = 'a' * 3000000 %}{{ s.replace('a', s) }}", "{% set s = 'a' * 2000 %}{{ (s ~ s).join(['x'] * 5000) }}",
+    # a list weighs what it holds: 300 references to one string are 300 strings once written out
+    "{% set l = ['x' * 3000000] * 300 %}{{ l }}", "{% set s = 'x' * 3000000 %}{{ [s, s, s, s] | tojson }}",
+    "{% set s = 'x' * 3000000 %}{{ [s, s, s, s] | join }}", "{% set s = 'x' * 3000000 %}{{ [s, s, s, s] }}",
 ])
 def test_a_chat_template_that_runs_away_is_stopped_in_time_and_memory(source, monkeypatch):
     # the template is code that came with the model, rendered on every request of a long-lived daemon
@@ -604,9 +610,13 @@ def test_range_and_formatting_in_a_template_still_work():
 
     source = ("{{ range(5)|length }} {{ range(10)[::-1]|list }} {% for i in range(3)|reverse %}{{ i }}{% endfor %} "
               "{{ 3 in range(5) }} {{ range(2, 8, 2)|list }} {{ '%5.2f%%' % 3.14159 }} {{ '{:>4}'.format('ab') }} "
-              "{{ 'a' ~ 1 ~ none }} {% set t %}<{{ messages[0].content }}>{% endset %}{{ t }}")
+              "{{ 'a' ~ 1 ~ none }} {% set t %}<{{ messages[0].content }}>{% endset %}{{ t }} "
+              "{% autoescape true %}{% set x %}<b>{% endset %}{{ x ~ '<i>' }}{% endautoescape %} "
+              "{{ 'a\tb'.expandtabs(4) }} {{ 'x,y'.replace(',', ', ') }} {{ ['p', 'q'] | join('-') }} "
+              "{{ {'k': [1, 'v']} | tojson }} {{ 'l1\nl2' | indent(2) }}")
     assert ChatTemplate(source).render([{"role": "user", "content": "x"}]) == \
-        "5 [9, 8, 7, 6, 5, 4, 3, 2, 1, 0] 210 True [2, 4, 6]  3.14%   ab a1None <x>"
+        "5 [9, 8, 7, 6, 5, 4, 3, 2, 1, 0] 210 True [2, 4, 6]  3.14%   ab a1None <x> <b>&lt;i&gt; " \
+        'a   b x, y p-q {"k": [1, "v"]} l1\n  l2'  # the autoescaped join as jinja's own
 
 
 def test_the_limits_leave_a_real_template_and_a_long_conversation_alone(engine):
