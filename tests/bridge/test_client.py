@@ -139,7 +139,9 @@ def test_retries_are_bounded_by_the_overall_deadline(start_bridge, make_client):
     bridge = start_bridge(backends={"flaky": flaky}, models={})
     client = make_client(bridge, max_attempts=1000, backoff_initial_s=0.05, backoff_max_s=0.2, timeout_s=0.6)
     started = time.monotonic()
-    with pytest.raises(CloudUnavailableError):
+    # unavailable after the last retry that could finish in time; on a loaded machine a retry started in time can
+    # still meet the deadline, which is then the error
+    with pytest.raises((CloudUnavailableError, CloudTimeoutError)):
         client.generate(HI)
     elapsed = time.monotonic() - started
     assert elapsed < 0.9  # no retry is started that could not finish in time (0.6 s + slack for a busy machine)
