@@ -266,6 +266,11 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         """The backend's chunks; the last one carries the result. Releases the worker slot however it ends."""
         try:
             if not job.slots.acquire(job.cancel):
+                if job.cancel.time_remaining_s() == 0.0:
+                    # the caller's deadline, seen here a moment before the caller's own clock: said as a deadline,
+                    # which the device does not count against the bridge (CANCELLED opened its circuit breaker)
+                    raise Reject(make_status(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                             "the call's deadline passed while it waited for a worker"))
                 raise Reject(make_status(grpc.StatusCode.CANCELLED, "call ended while waiting for a worker"))
         except QueueFullError as err:
             self.quotas.refund_request(job.device)  # the bridge's capacity, not the device's quota, said no

@@ -51,6 +51,7 @@ from .errors import (
     CloudTimeoutError,
     ConfigError,
     ContextLengthError,
+    EdgeRuntimeError,
     EstimatorError,
     InvalidRequestError,
     ModelFetchError,
@@ -316,6 +317,7 @@ class HybridRuntime:
         self._prior_check_due_s = -math.inf if checks else math.inf
         self._prior_lock = threading.Lock()  # for the two above: requests on several threads look at them
         self._pace = _LocalPace()
+        self._closed = False
 
     def _check_policy_inputs(self, parts: Sequence[Policy]) -> None:
         """A policy part whose input this runtime cannot give would never escalate, or fail every request."""
@@ -394,6 +396,10 @@ class HybridRuntime:
             raise
 
     def close(self) -> None:
+        """Close the cloud client and the engine. Later calls raise at once; calls in flight end as the two end
+        theirs: a running escalation's bridge call is cut, and a request that still needs the engine (a fallback,
+        or one waiting for a KV cache) raises ``EdgeRuntimeError``."""
+        self._closed = True
         if self.cloud is not None:
             self.cloud.close()
         self.engine.close()
@@ -430,6 +436,8 @@ class HybridRuntime:
         default the caller did not choose (OpenAI's unset ``max_tokens``), so a long prompt
         gets what is left of the context window instead of an error.
         """
+        if self._closed:  # before the policy: it would try the closed client, and log that as a cloud failure
+            raise EdgeRuntimeError("the runtime is closed")
         msgs = validate_messages(messages)
         if model not in MODEL_ALIASES:
             raise InvalidRequestError(f"unknown model {model!r} (expected one of {', '.join(MODEL_ALIASES)})", field="model")

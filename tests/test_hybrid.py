@@ -795,3 +795,22 @@ def test_a_gain_prior_fitted_for_another_cloud_model_is_warned_about_once(engine
                              cloud=_fake_cloud(_answering("4", 0.0), list_models=list_models))
     (line,) = warnings_after(budgeted)
     assert "fitted for gpt-4o-mini" in line and len(reads) == 1
+
+
+def test_a_closed_runtime_refuses_at_once_without_trying_the_cloud(tiny_bundle, caplog):
+    # it ran the policy, tried the closed client, logged "escalation failed, answering locally", then raised
+    from edge_runtime.errors import EdgeRuntimeError
+
+    calls = []
+
+    def stream(msgs, **_kw):
+        calls.append(msgs)
+        yield from _answering("4", 0.0)(msgs)
+
+    rt = HybridRuntime(Engine(tiny_bundle, energy_meter=None), policy={"type": "always"},
+                       cloud=_fake_cloud(stream, close=lambda: None))
+    assert rt.chat(ASK, max_new_tokens=2).route == "cloud"
+    rt.close()
+    with caplog.at_level("WARNING"), pytest.raises(EdgeRuntimeError, match="runtime is closed"):
+        rt.chat(ASK, max_new_tokens=2)
+    assert len(calls) == 1 and "escalation failed" not in caplog.text

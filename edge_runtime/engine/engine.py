@@ -144,7 +144,8 @@ def _byte_decoder() -> dict[str, int]:
 
 
 class Engine:
-    """Runs one model bundle. Thread-safe: up to ``max_sessions`` generations run concurrently."""
+    """Runs one model bundle. Thread-safe: up to ``max_sessions`` pooled generations (``generate``, ``stream``)
+    run concurrently; each chat session holds its own KV cache outside that pool, so it adds to them."""
 
     def __init__(
         self,
@@ -685,7 +686,10 @@ class Engine:
 
 
 class ChatSession:
-    """A conversation that keeps its KV cache between turns: a follow-up only prefills the new tokens."""
+    """A conversation that keeps its KV cache between turns: a follow-up only prefills the new tokens.
+
+    Its cache is its own, not one of the engine's ``max_sessions`` pooled ones: an app with a session per user
+    bounds their number itself. Turns sent from two threads at once run one after the other."""
 
     def __init__(self, engine: Engine, *, system: str | None = None) -> None:
         self.engine = engine

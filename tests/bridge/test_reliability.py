@@ -131,6 +131,27 @@ def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_delay(star
     assert running.result().text == waiting.result().text == "a b c d e f g h i j"
 
 
+def test_a_call_whose_deadline_passes_in_the_queue_ends_as_a_deadline_not_a_cancel(start_bridge, raw_stub, caplog):
+    # the bridge sees the caller's deadline a moment before the caller's clock does: it answered CANCELLED, which
+    # the device counted as an outage (three of them opened its circuit breaker on a healthy, busy bridge)
+    bridge = start_bridge(models=slow(30, reply="a b c d e f g h i j", workers=1, queue_size=4))
+    stub = raw_stub(bridge)
+    request = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")])
+    running = stub.Generate.future(request, metadata=AUTH, timeout=10)
+    while bridge.server.service.slots["tiny"].running == 0:
+        time.sleep(0.005)
+    with caplog.at_level("INFO", logger="cloud_bridge"):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(request, metadata=AUTH, timeout=0.1)
+        deadline = time.monotonic() + 2
+        while "waiting for a worker" not in caplog.text and "waited for a worker" not in caplog.text \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "status=DEADLINE_EXCEEDED" in caplog.text and "call ended while waiting" not in caplog.text
+    assert running.result().text == "a b c d e f g h i j"
+
+
 def test_a_failing_backend_is_unavailable_with_details_and_the_server_keeps_serving(
     start_bridge, raw_stub, make_client
 ):
