@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
+from edge_runtime._grpc_decode import UndecodableRequests
 from edge_runtime._unix_socket import prepare_socket_path, socket_mode
 from edge_runtime.cloud import check_certificates, check_key_pair, is_loopback_address
 from edge_runtime.errors import ConfigError
@@ -117,7 +118,8 @@ class BridgeServer:
         # a thread per generation call the service admits (beyond max_concurrent_rpcs it answers RESOURCE_EXHAUSTED
         # at once), and a few more for health checks, ListModels and those refusals
         self._executor = futures.ThreadPoolExecutor(max_workers=s.max_concurrent_rpcs + 4, thread_name_prefix="bridge")
-        self.grpc_server = grpc.server(self._executor, options=options)
+        self.grpc_server = grpc.server(self._executor, options=options,
+                                       interceptors=[UndecodableRequests(self.service.refuse_undecodable)])
         bridge_pb2_grpc.add_CloudBridgeServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         credentials = _credentials(s, insecure)

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 import grpc
 
+from edge_runtime._grpc_decode import Undecodable, undecodable_message
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
 from edge_runtime.cloud import ACCEPTED_METADATA_KEY, Escalation
 from edge_runtime.engine.types import SamplingParams, log_text, validate_messages
@@ -372,6 +373,17 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                 queue_ms=job.queue_ms, ttft_ms=result.ttft_ms or 0.0, generate_ms=generate_ms, total_ms=total_ms
             ),
         )
+
+    def refuse_undecodable(self, request: Undecodable, context: grpc.ServicerContext) -> NoReturn:
+        """A request that is not valid protobuf: refused as any bad request is (logged with the caller's address),
+        and for a caller without a token, as a caller without a token is."""
+        try:
+            if not request.method.startswith("/grpc.health."):  # the health check needs no token
+                self._authenticate(context)
+            raise Reject(make_status(grpc.StatusCode.INVALID_ARGUMENT, undecodable_message(request),
+                                     error_info("UNDECODABLE_REQUEST")))
+        except Reject as reject:
+            self._abort(context, reject)
 
     def _abort(self, context: grpc.ServicerContext, reject: Reject, job: _Job | None = None) -> NoReturn:
         request_id = job.request.request_id if job is not None else reject.request_id

@@ -25,6 +25,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from .._grpc_decode import Undecodable, UndecodableRequests, undecodable_message
 from .._proto.edgecloud.v1 import bridge_pb2, daemon_pb2, daemon_pb2_grpc
 from .._unix_socket import prepare_socket_path, socket_mode
 from ..engine.types import TokenInfo
@@ -211,6 +212,15 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
         context.send_initial_metadata((("x-request-id", rid),))
         return rid
 
+    def refuse_undecodable(self, request: Undecodable, context: grpc.ServicerContext) -> None:
+        """A request that is not valid protobuf: INVALID_ARGUMENT, and a chat call is counted and logged as refused."""
+        err = InvalidRequestError(undecodable_message(request))
+        if request.method.startswith(f"/{SERVICE_NAME}/"):  # every chat request is counted once; health checks not
+            rid = new_request_id()
+            context.send_initial_metadata((("x-request-id", rid),))
+            self._refuse(rid, context, err)
+        context.abort_with_status(status_for(err))
+
     def _refuse(self, rid: str, context: grpc.ServicerContext, err: EdgeRuntimeError) -> None:
         self.service.refused("grpc", err, rid)
         context.abort_with_status(status_for(err))
@@ -356,8 +366,10 @@ def create_grpc_server(service: ChatService, socket_path: str | os.PathLike[str]
     prepare_socket_path(path, field="server.grpc_socket", server="edge-runtime daemon")
     # a thread per chat call the servicer admits (``max_calls``; beyond it refuses at once), and a few more for
     # health checks and those refusals
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_calls + 4, thread_name_prefix="edge-runtime-grpc"))
-    daemon_pb2_grpc.add_EdgeRuntimeServicer_to_server(EdgeRuntimeServicer(service, max_calls=max_calls), server)
+    servicer = EdgeRuntimeServicer(service, max_calls=max_calls)
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_calls + 4, thread_name_prefix="edge-runtime-grpc"),
+                         interceptors=[UndecodableRequests(servicer.refuse_undecodable)])
+    daemon_pb2_grpc.add_EdgeRuntimeServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -58,8 +58,8 @@ def _loopback_origin(origin: str) -> bool:
 
 
 class BrowserGuard:
-    """ASGI middleware: refuses (403, OpenAI's error shape) what only a web page would send, and (400, connection
-    closed) a request with two framings."""
+    """ASGI middleware: refuses (403, OpenAI's error shape) what only a web page would send, (400, connection
+    closed) a request with two framings, and (415) a body in a content encoding."""
 
     def __init__(self, app: ASGIApp, *, check_host: bool,
                  on_refused: Callable[[str, str, str], None] | None = None) -> None:
@@ -79,6 +79,12 @@ class BrowserGuard:
             refusal = self._refusal(headers)
             if refusal is not None:
                 await self._refuse(scope, send, *refusal)
+                return
+            encoding = headers.get("content-encoding", "").strip().lower()
+            if encoding not in ("", "identity"):
+                # a gzip body was read as (broken) JSON, and a false header was ignored: neither is what was sent
+                await self._refuse(scope, send, "unsupported_media_type", f"Content-Encoding {encoding[:40]!r} is not "
+                                   "supported: send the body uncompressed", status=415)
                 return
         await self.app(scope, receive, send)
 

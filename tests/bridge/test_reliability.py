@@ -378,3 +378,31 @@ def test_a_bridge_at_its_call_limit_still_answers_health_checks_and_refuses_more
     assert [f.result().text for f in running] == ["a b c d e f g h i j"] * 2
     # the slots are free again
     assert stub.Generate(request, metadata=AUTH, timeout=10).text == "a b c d e f g h i j"
+
+
+@pytest.mark.parametrize("raw", [b"\x12\xff\xff\xff\xff\x0f", b"\x1a\x02\xc3\x28"])  # truncated; a string not UTF-8
+def test_a_request_that_is_not_protobuf_is_refused_like_any_bad_request(start_bridge, raw, caplog):
+    # grpcio refused it with INTERNAL and an ERROR traceback per call, before the token was checked: a caller
+    # without one filled the log at thousands of calls a second, and the access log never saw them
+    bridge = start_bridge()
+    channel = grpc.insecure_channel(bridge.address)
+    try:
+        def call(method: str, metadata=None, body=raw):
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary(method)(body, metadata=metadata, timeout=5)
+            return info.value
+
+        with caplog.at_level("INFO"):
+            assert call("/edgecloud.v1.CloudBridge/Generate").code() == grpc.StatusCode.UNAUTHENTICATED
+            bad = call("/edgecloud.v1.CloudBridge/GenerateStream", AUTH)
+            assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf message" in bad.details()
+            truncated = b"\x12\xff\xff\xff\xff\x0f"  # (the health request has no string field 3 to misread)
+            assert call("/grpc.health.v1.Health/Check", body=truncated).code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        assert caplog.text.count("status=INVALID_ARGUMENT peer=") == 2 and "status=UNAUTHENTICATED peer=" in caplog.text
+        ok = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")])
+        assert channel.unary_unary("/edgecloud.v1.CloudBridge/Generate", request_serializer=ok.__class__.SerializeToString,
+                                   response_deserializer=bridge_pb2.GenerateResponse.FromString)(
+            ok, metadata=AUTH, timeout=5).text  # still serving
+    finally:
+        channel.close()

@@ -240,6 +240,18 @@ def test_a_model_name_with_a_newline_cannot_forge_a_log_line(engine, start_daemo
     assert "\n" not in line and "answered_by=tiny\\nINFO" in line
 
 
+def test_a_compressed_body_is_refused_as_unsupported_not_read_as_json(daemon, http):
+    # gzip was read as broken JSON (400 "not valid JSON"), and a false Content-Encoding header was ignored (200)
+    import gzip
+
+    c = http(daemon.port)
+    raw = json.dumps(OK).encode()
+    for body, encoding in ((gzip.compress(raw), "gzip"), (raw, "br")):
+        status, _, reply = c.json("POST", "/v1/chat/completions", headers={"content-encoding": encoding}, raw=body)
+        assert status == 415 and reply["error"]["code"] == "unsupported_media_type" and encoding in reply["error"]["message"]
+    assert c.json("POST", "/v1/chat/completions", OK, headers={"content-encoding": "identity"})[0] == 200
+
+
 def test_web_pages_cannot_drive_the_daemon_but_local_clients_can(daemon, http):
     c = http(daemon.port)
     # a cross-site page: text/plain needs no CORS preflight, but the browser names its origin

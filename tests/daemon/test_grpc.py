@@ -329,3 +329,22 @@ def test_prompt_tokens_kept_from_an_earlier_request_are_reported(engine, start_d
     assert again.usage.cached_prompt_tokens >= cached
     text = c.request("GET", "/metrics")[2].decode()
     assert metric(text, "edge_runtime_cached_prompt_tokens_total") == before + cached + again.usage.cached_prompt_tokens
+
+
+def test_a_chat_request_that_is_not_protobuf_is_refused_counted_and_logged(engine, start_daemon, http, tmp_path,
+                                                                            caplog):
+    # grpcio refused it with INTERNAL and an ERROR traceback, and the daemon never counted it
+    from .conftest import metric
+
+    daemon = start_daemon(runtime(engine), tmp_path)
+    channel = grpc.insecure_channel(f"unix:{daemon.grpc_socket}")
+    try:
+        with caplog.at_level("INFO"), pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(f"/{SERVICE_NAME}/ChatStream")(b"\x1a\x02\xc3\x28", timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(dict(info.value.initial_metadata())["x-request-id"]) == 32
+        assert not [r for r in caplog.records if r.levelname == "ERROR"] and "not a valid protobuf message" in caplog.text
+        text = http(daemon.port).request("GET", "/metrics")[2].decode()
+        assert metric(text, "edge_runtime_requests_total", transport="grpc", outcome="invalid") == 1
+    finally:
+        channel.close()
