@@ -22,12 +22,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from ..errors import BundleError, InvalidRequestError
+from .types import short_repr
 
 __all__ = ["ChatTemplate"]
 
 RENDER_TIMEOUT_S = 2.0
 MAX_RENDER_CHARS = 4_000_000  # plus four times the messages' own text
 MAX_INT_ARGUMENT = 1_000_000  # widths, repeat counts and exponents a template may pass on
+MAX_POWER_BITS = 1_000_000  # a ** b whose result has more bits is refused before it is computed
+# string methods a chat template has no use for, each able to grow a string past what any check foresees
+_REFUSED_METHODS = frozenset({"str.translate", "str.encode", "str.format_map"})
 _SIZED = (str, list, tuple)
 # a printf conversion ("%-08.3f", "%(name)20s") or a str.format replacement field's spec ("{0:>20}")
 _FORMAT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*[0-9*]*(?:\.[0-9*]*)?|\{[^{}]*:[^{}]*\}")
@@ -47,8 +51,9 @@ def _raise_exception(message: str) -> None:
 
 
 def _weight(value: Any, limit: int) -> int:
-    """The characters ``value`` would take as text: a string's length; a list's, tuple's or dict's items (keys too)
-    counted through, so that ``[s] * 300`` weighs 300 strings, not 300 items. Stops counting past ``limit``."""
+    """The characters ``value`` would take as text, at most: a string's length, a number's digits, a list's, tuple's
+    or dict's items (keys too) counted through, so that ``[s] * 300`` weighs 300 strings, not 300 items. Stops
+    counting past ``limit``."""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, (list, tuple, dict)):
@@ -58,35 +63,94 @@ def _weight(value: Any, limit: int) -> int:
             if total > limit:
                 break
         return total
-    return 0
+    if isinstance(value, int):  # str() of [10 ** 4299] * 250000 is one C call that held the GIL for 86 s
+        return value.bit_length() * 31 // 100 + 2
+    if isinstance(value, (bytes, bytearray)):
+        return 4 * len(value)  # as repr() writes them: \x00
+    return 25  # a float, None, a jinja object: short as text
+
+
+def _depth(value: Any, cap: int = 64) -> int:
+    """How deeply lists, tuples and dicts nest in ``value`` (at most ``cap``): tojson indents each level."""
+    if cap <= 0 or not isinstance(value, (list, tuple, dict)):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(item, cap - 1) for item in items), default=0)
 
 
 def _integer(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
+MAX_JSON_INDENT = 16  # real templates pass 2 or 4; a string or a huge indent multiplies every line
+
+
 def _growth(name: str, target: Any, args: Sequence[Any], kwargs: dict[str, Any], limit: int) -> int:
-    """An upper bound of what the string method or filter ``name`` builds from ``target``, known before it runs,
-    for those whose result can be far larger than what they are given (0: no bound is needed)."""
+    """An upper bound of what the string method (``str.NAME``, ``target`` its string) or filter (``NAME``,
+    ``target`` the filtered value) builds, known before it runs, for those whose result can be far larger than what
+    they are given (0: no bound is needed). Iterables a join reads are lists by now (see ``_materialized``)."""
     def arg(i: int, key: str, default: Any) -> Any:
         return args[i] if len(args) > i else kwargs.get(key, default)
 
-    if name == "expandtabs" and isinstance(target, str):
+    def text(value: Any) -> int:
+        return _weight(value, limit)
+
+    if name in ("str.expandtabs",):
         return len(target) * max(_integer(arg(0, "tabsize", 8), 8), 1)
-    if name == "indent" and isinstance(target, str):
+    if name == "indent":
         width = arg(0, "width", 4)
-        return len(target) + (target.count("\n") + 1) * (len(width) if isinstance(width, str) else _integer(width, 4))
-    if name == "replace" and isinstance(target, str):
-        old, new = arg(0, "old", ""), arg(1, "new", "")
-        if isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
-            return len(target) + (len(target) // len(old) if old else len(target) + 1) * (len(new) - len(old))
-    if name == "join":  # "sep".join(items) (target: the separator) or items|join(sep) (target: the items)
-        items, sep = (arg(0, "iterable", ()), target) if isinstance(target, str) else (target, arg(0, "d", ""))
-        if isinstance(items, (list, tuple)) and isinstance(sep, str):
-            return _weight(items, limit) + len(sep) * len(items)
+        width = len(width) if isinstance(width, str) else max(_integer(width, 4), 0)
+        lines = target.count("\n") + 1 if isinstance(target, str) else text(target)
+        return text(target) + lines * width
+    if name in ("str.replace", "replace"):
+        old, new = str(arg(0, "old", "")), str(arg(1, "new", ""))
+        if len(new) > len(old):
+            return text(target) + (text(target) // len(old) if old else text(target) + 1) * (len(new) - len(old))
+        return text(target)
+    if name == "str.join":  # "sep".join(items)
+        items = arg(0, "iterable", ())
+        return text(items) + len(target) * len(items) if isinstance(items, (list, tuple)) else 0
+    if name == "join":  # items|join(sep): each item's text, a separator between two
+        sep = str(arg(0, "d", ""))
+        size = len(target) if isinstance(target, (str, list, tuple, dict)) else 0
+        return text(target) + len(sep) * size
+    if name == "wordwrap":
+        width, wrap = max(_integer(arg(0, "width", 79), 79), 1), arg(2, "wrapstring", None)
+        return text(target) * 2 + (text(target) // width + 1) * len(str(wrap or "\n"))
+    if name in ("str.format", "format"):  # a field may repeat: "{0}" * 10**6
+        return len(target) + target.count("{" if name == "str.format" else "%") * text([*args, *kwargs.values()])
     if name == "tojson":
-        return _weight(target, limit) * (1 + max(_integer(arg(0, "indent", 0), 0), 0))
+        return text(target) * (1 + _integer(arg(0, "indent", 0) or 0, 0) * _depth(target))
     return 0
+
+
+def _materialized(name: str, target: Any, args: list[Any]) -> tuple[Any, list[Any]]:
+    """A join's items as a list, so that they can be weighed before the join (a range, a map or a select result
+    is read once); what the call then gets."""
+    def listed(value: Any) -> Any:
+        if isinstance(value, (str, list, tuple, dict)) or not isinstance(value, collections.abc.Iterable):
+            return value
+        return list(value)
+
+    if name == "join":
+        return listed(target), args
+    if name == "str.join" and args:
+        return target, [listed(args[0]), *args[1:]]
+    return target, args
+
+
+def _refused_arguments(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+    """Why a call is refused outright (None: it is not)."""
+    if name == "tojson":
+        indent = args[0] if args else kwargs.get("indent")
+        if indent is not None and not (isinstance(indent, int) and not isinstance(indent, bool)
+                                       and 0 <= indent <= MAX_JSON_INDENT):
+            return f"passed tojson an indent of {short_repr(indent, 40)} (an integer up to {MAX_JSON_INDENT})"
+    if name == "sum":  # sum(start=[]) concatenates lists one by one: quadratic, in one call the deadline cannot stop
+        start = args[1] if len(args) > 1 else kwargs.get("start", 0)
+        if not isinstance(start, (int, float)):
+            return f"passed sum a start of {type(start).__name__}: only numbers are summed"
+    return None
 
 
 class _Budget:
@@ -110,7 +174,10 @@ class _Budget:
 
     def grows(self, name: str, target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """Refuse a call whose result would pass the cap, before it is built (after is too late: 'x\\t' * 10**6
-        expanded to tabs of 999,999 builds a gigabyte before its size can be seen)."""
+        expanded to tabs of 999,999 builds a gigabyte before its size can be seen), or whose arguments are refused."""
+        refused = _refused_arguments(name, args, kwargs)
+        if refused is not None:
+            raise _TemplateLimit(refused)
         self.size(_growth(name, target, args, kwargs, self.max_chars))
 
     def argument(self, value: Any) -> None:
@@ -194,13 +261,15 @@ def _limited_filter(func: Callable[..., Any], name: str) -> Callable[..., Any]:
             # makes it leave the call to the render
             raise _TemplateLimit("a filter runs only inside a render")
         # the filtered value, after what jinja passes first to some filters (its context or environment)
-        given = list(args)
-        while given and isinstance(given[0], (EvalContext, Context, Environment)):
-            given.pop(0)
-        if given:
-            budget.grows(name, given[0], given[1:], kwargs)
-        if name == "format" and given and isinstance(given[0], str):  # "%200000000s"|format(x)
-            budget.format_string(given[0])
+        lead = 0
+        while lead < len(args) and isinstance(args[lead], (EvalContext, Context, Environment)):
+            lead += 1
+        if lead < len(args):
+            target, rest = _materialized(name, args[lead], list(args[lead + 1:]))
+            args = (*args[:lead], target, *rest)
+            budget.grows(name, target, rest, kwargs)
+            if name == "format" and isinstance(target, str):  # "%200000000s"|format(x)
+                budget.format_string(target)
         return budget.call(func, *args, **kwargs)
 
     return checked
@@ -268,9 +337,17 @@ def _environment() -> Any:
             budget = _budget.get()
             if budget is None:
                 return super().call(__context, __obj, *args, **kwargs)
-            owner = getattr(__obj, "__self__", None)
-            if isinstance(owner, str):  # a string method: "...".replace(a, b), .expandtabs(n), .join(items)
-                budget.grows(getattr(__obj, "__name__", ""), owner, args, kwargs)
+            # a string method: "...".replace(a, b), .expandtabs(n), .join(items); jinja hands "...".format over
+            # wrapped in its own sandboxed formatter
+            method = getattr(__obj, "__wrapped__", __obj)
+            owner = getattr(method, "__self__", None)
+            if isinstance(owner, str):
+                name = f"str.{getattr(method, '__name__', '')}"
+                if name in _REFUSED_METHODS:
+                    raise _TemplateLimit(f"called {name}, which chat templates have no use for and can blow up")
+                owner, rest = _materialized(name, owner, list(args))
+                budget.grows(name, owner, rest, kwargs)
+                args = tuple(rest)
             return budget.call(super().call, __context, __obj, *args, **kwargs)
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
@@ -288,7 +365,14 @@ def _environment() -> Any:
                     for value in right if isinstance(right, tuple) else (right,):
                         budget.argument(value)  # 2 ** 10**9 never ends; "%*s" % (10**9, x) allocates a GB
                     if operator == "%":
+                        # a mapping's field may repeat: "%(a)s" * 700000 % {"a": s} (checked first: it is cheap)
+                        budget.size(len(left) + left.count("%") * _weight(right, budget.max_chars))
                         budget.format_string(left)
+                    elif isinstance(left, int) and isinstance(right, int) and right > 0:
+                        # 999999 ** 1000000 is one C call of seconds, which the deadline cannot stop
+                        bits = right * max(abs(left).bit_length() - 1, 0)
+                        if bits > MAX_POWER_BITS:
+                            raise _TemplateLimit(f"would compute a number of {bits:,} bits (at most {MAX_POWER_BITS:,})")
             result = super().call_binop(context, operator, left, right)
             if budget is not None and isinstance(result, _SIZED):
                 budget.weigh(result)  # "%s%s" % (s, s) doubles s: at most a few times the limit is ever built

@@ -19,6 +19,10 @@ def test_json_output_has_the_documented_fields(tiny_bundle, capsys):
     # a token holding part of a character reads "\ufffd": its bytes, as OpenAI gives them, rebuild the text
     assert out["text_tokens"] == 6
     assert bytes(b for t in out["tokens"] for b in t["bytes"]).decode("utf-8", "replace") == out["text"]
+    assert out["usage"]["completion_tokens"] == 6 and out["usage"]["prompt_tokens"] > 0
+    assert set(out["timings"]) >= {"load_ms", "prefill_ms", "decode_ms", "decode_tokens_per_s"}
+    assert out["energy"]["source"] and isinstance(out["energy"]["estimated"], bool)
+    assert 0.0 <= out["confidence"]["p_correct"] <= 1.0 and out["confidence"]["estimator"] == "generic"
 
 
 def test_the_tokens_that_made_the_text_are_counted_and_their_bytes_rebuild_it(smollm2_int4, capsys):
@@ -39,7 +43,12 @@ def test_the_tokens_that_made_the_text_are_counted_and_their_bytes_rebuild_it(sm
     stop = next(t["text"] for t in english["tokens"][2:] if t["text"].strip().isascii() and t["text"].strip().isalpha())
     cut = run("What is the capital of France? Answer in one sentence.", "--stop", stop)
     assert cut["finish_reason"] == "stop" and stop not in cut["text"] and len(cut["tokens"]) > cut["text_tokens"]
-    assert rebuilt(cut).startswith(cut["text"])
+    assert rebuilt(cut) == cut["text"]  # a whole token was the stop string
+    # a stop string starting inside a token: that token made the text's end and holds the stop's start
+    inside = stop.strip()[:3]
+    cut = run("What is the capital of France? Answer in one sentence.", "--stop", inside)
+    assert cut["finish_reason"] == "stop" and inside not in cut["text"]
+    assert rebuilt(cut).startswith(cut["text"]) and inside.startswith(rebuilt(cut)[len(cut["text"]):])
 
 
 def test_chat_and_prompt_differ_by_the_template(tiny_bundle, capsys):
