@@ -267,7 +267,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         """The backend's chunks; the last one carries the result. Releases the worker slot however it ends."""
         try:
             if not job.slots.acquire(job.cancel):
-                if job.cancel.time_remaining_s() == 0.0:
+                if job.cancel.expired:
                     # the caller's deadline, seen here a moment before the caller's own clock: said as a deadline,
                     # which the device does not count against the bridge (CANCELLED opened its circuit breaker)
                     raise Reject(make_status(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -296,7 +296,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                     # the caller is gone or out of time: a cut-off answer is no answer
                     self.quotas.charge_tokens(job.device, _quota_tokens(job.request, chunk.result.prompt_tokens,
                                                                         chunk.result.completion_tokens))
-                    expired = job.cancel.deadline_s is not None and time.monotonic() >= job.cancel.deadline_s
+                    expired = job.cancel.expired
                     # billed all the same (an upstream bills what it generated): the access log must show it
                     self._log_cut_call(job, "deadline_exceeded" if expired else "cancelled_by_caller",
                                        f"prompt_tokens={chunk.result.prompt_tokens}", chunk.result.prompt_tokens,

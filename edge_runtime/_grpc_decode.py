@@ -57,9 +57,12 @@ class UndecodableRequests(grpc.ServerInterceptor):
 
             return run
 
+        # new handlers, not handler._replace: a hand-written RpcMethodHandler need not be grpcio's namedtuple
         if handler.response_streaming:
-            return handler._replace(request_deserializer=tolerant, unary_stream=guarded(handler.unary_stream))
-        return handler._replace(request_deserializer=tolerant, unary_unary=guarded(handler.unary_unary))
+            return grpc.unary_stream_rpc_method_handler(guarded(handler.unary_stream), request_deserializer=tolerant,
+                                                        response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(guarded(handler.unary_unary), request_deserializer=tolerant,
+                                                   response_serializer=handler.response_serializer)
 
 
 def undecodable_message(request: Undecodable) -> str:

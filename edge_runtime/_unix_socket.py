@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .errors import ConfigError
 
 __all__ = ["MAX_SOCKET_PATH_BYTES", "prepare_socket_path", "socket_mode"]
 
+_UMASK_LOCK = threading.Lock()
 MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
 
 
@@ -57,12 +59,13 @@ def socket_mode(path: Path, mode: int) -> Iterator[None]:
 
     The umask is the process's: it is tightened only by 077 for the bind, so that a file or directory another
     thread makes meanwhile stays usable by its owner."""
-    old = os.umask(0o077)
-    os.umask(old | 0o077)
-    try:
-        yield
-    finally:
-        os.umask(old)
+    with _UMASK_LOCK:  # two servers binding at once in one process: each must restore the umask it found
+        old = os.umask(0o077)
+        os.umask(old | 0o077)
+        try:
+            yield
+        finally:
+            os.umask(old)
     try:
         os.chmod(path, mode & ~old)
     except FileNotFoundError:  # nothing was bound: the caller reports that

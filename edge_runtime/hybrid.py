@@ -539,7 +539,10 @@ class HybridRuntime:
             info = self._served_model(models)
             if info is not None:
                 self._bridge_prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens)
-                self._check_cloud_prior(info)
+                try:
+                    self._check_cloud_prior(info)
+                except Exception:  # a bug in a warning must not fail the request reading the prices
+                    log.exception("checking the cloud prior against the bridge's model failed")
             self._bridge_prices_due = time.monotonic() + _PRICES_REFRESH_S
             self._bridge_prices_answered = True
         finally:
@@ -565,10 +568,12 @@ class HybridRuntime:
             except Exception as err:  # a bug too: logged, never the thread's traceback on stderr
                 if isinstance(err, CloudError):  # down: its escalations fall back anyway; try again later
                     log.debug("cannot ask the bridge which model it serves: %s", err)
-                else:
+                    retry_s = _PRICES_RETRY_S
+                else:  # a bug: logged once per refresh, not every few seconds
                     log.exception("checking the cloud prior against the bridge's model failed")
+                    retry_s = _PRICES_REFRESH_S
                 with self._prior_lock:
-                    self._prior_check_due_s = time.monotonic() + _PRICES_RETRY_S
+                    self._prior_check_due_s = time.monotonic() + retry_s
 
         threading.Thread(target=read, daemon=True, name="bridge-models").start()
 

@@ -28,6 +28,9 @@ def estimated_tokens(text: str) -> int:
     return -(-len(text) // 4)
 
 
+_EXPIRY_SLACK_S = 0.005
+
+
 class CancelToken:
     """Set when the call behind a generation is cancelled, or once ``deadline_s`` (monotonic) passes.
 
@@ -61,6 +64,11 @@ class CancelToken:
     @property
     def cancelled(self) -> bool:
         return self()
+
+    @property
+    def expired(self) -> bool:
+        """The deadline has passed (or is a moment away: the caller's clock and a cancel from it are not ours)."""
+        return self.deadline_s is not None and time.monotonic() >= self.deadline_s - _EXPIRY_SLACK_S
 
     def time_remaining_s(self) -> float | None:
         return None if self.deadline_s is None else max(0.0, self.deadline_s - time.monotonic())

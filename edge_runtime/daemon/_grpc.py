@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import duration_pb2
@@ -212,7 +212,7 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
         context.send_initial_metadata((("x-request-id", rid),))
         return rid
 
-    def refuse_undecodable(self, request: Undecodable, context: grpc.ServicerContext) -> None:
+    def refuse_undecodable(self, request: Undecodable, context: grpc.ServicerContext) -> NoReturn:
         """A request that is not valid protobuf: INVALID_ARGUMENT, and a chat call is counted and logged as refused."""
         err = InvalidRequestError(undecodable_message(request))
         if request.method.startswith(f"/{SERVICE_NAME}/"):  # every chat request is counted once; health checks not
@@ -220,6 +220,7 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
             context.send_initial_metadata((("x-request-id", rid),))
             self._refuse(rid, context, err)
         context.abort_with_status(status_for(err))
+        raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
 
     def _refuse(self, rid: str, context: grpc.ServicerContext, err: EdgeRuntimeError) -> None:
         self.service.refused("grpc", err, rid)
