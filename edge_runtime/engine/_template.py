@@ -117,7 +117,7 @@ def _growth(name: str, target: Any, args: Sequence[Any], kwargs: dict[str, Any],
     if name == "wordwrap":
         width, wrap = max(_integer(arg(0, "width", 79), 79), 1), arg(2, "wrapstring", None)
         return text(target) * 2 + (text(target) // width + 1) * len(str(wrap or "\n"))
-    if name in ("str.format", "format"):  # a field may repeat: "{0}" * 10**6
+    if name in ("str.format", "format") and isinstance(target, str):  # a field may repeat: "{0}" * 10**6
         return len(target) + target.count("{" if name == "str.format" else "%") * text([*args, *kwargs.values()])
     if name == "tojson":
         return text(target) * (1 + _integer(arg(0, "indent", 0) or 0, 0) * _depth(target))
@@ -445,7 +445,7 @@ class ChatTemplate:
         except MemoryError as err:
             # what the size checks do not foresee: the allocation that failed is given back as the error unwinds
             raise InvalidRequestError("the chat template was stopped: it ran out of memory", field="messages") from err
-        except (ArithmeticError, TypeError, ValueError, LookupError, RecursionError) as err:
+        except (ArithmeticError, AttributeError, TypeError, ValueError, LookupError, RecursionError) as err:
             # a template is code that came with the model: its own bugs (1/0, 1 + 'a', endless recursion) are
             # this request's failure, said in one line, not a crash of the caller
             raise InvalidRequestError(f"the chat template failed on these messages: {type(err).__name__}: {err}",

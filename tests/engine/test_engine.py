@@ -549,7 +549,8 @@ def test_a_number_past_a_floats_range_names_its_field(field):
     assert info.value.field == field
 
 
-@pytest.mark.parametrize("source", ["{{ 1 / 0 }}", "{{ 1 + 'a' }}", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"])
+@pytest.mark.parametrize("source", ["{{ 1 / 0 }}", "{{ 1 + 'a' }}", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+                                    "{{ 5 | wordwrap(3) }}", "{{ 5 | format(1) }}"])  # a filter's own AttributeError
 def test_a_chat_template_that_fails_is_a_request_error_not_a_crash(source):
     from edge_runtime.engine._template import ChatTemplate
 
