@@ -457,7 +457,7 @@ class OpenAIBackend:
         started = time.monotonic()
         call = _Call(self, cancel)
         text: list[str] = []
-        deltas, finish, usage, model, ttft_ms = 0, None, None, self.model, None
+        deltas, finish, usage, model, ttft_ms = 0, None, None, None, None
         size = 0  # characters of the answer so far
         done = False
         try:
@@ -523,7 +523,7 @@ class OpenAIBackend:
                 finish or "stop",
                 prompt_tokens,
                 completion_tokens,
-                model,
+                self._model_name(model) or self.model,  # redacted once, not for every event
                 ttft_ms,
             ),
         )
@@ -549,7 +549,8 @@ class OpenAIBackend:
             piece = _content(delta.get("content"), "choices[0].delta.content") if isinstance(delta, dict) else ""
             finish = _finish(choices[0].get("finish_reason"), "choices[0].finish_reason")
         usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else None
-        return piece, finish, usage, self._model_name(obj.get("model"))
+        model = obj.get("model")
+        return piece, finish, usage, model if isinstance(model, str) and model else None
 
     def _model_name(self, value: Any) -> str | None:
         """The upstream's name for the model that answered, fit to pass on: it reaches devices, their logs and

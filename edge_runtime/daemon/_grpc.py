@@ -203,12 +203,12 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
         self._calls = threading.BoundedSemaphore(max_calls) if max_calls else None
 
     @staticmethod
-    def _announce_request_id(request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> str:
+    def _announce_request_id(caller_id: str, context: grpc.ServicerContext) -> str:
         """The call's request id, the caller's or made up, sent at once as ``x-request-id`` initial metadata (as
         HTTP answers its header), so that even a refused call has an id its caller can quote and the log names.
         A caller's id that cannot be one (a newline, megabytes) is replaced here, as HTTP replaces a bad header,
         and the call is then refused naming ``request_id``."""
-        rid = request.request_id if valid_request_id(request.request_id) else new_request_id()
+        rid = caller_id if valid_request_id(caller_id) else new_request_id()
         context.send_initial_metadata((("x-request-id", rid),))
         return rid
 
@@ -216,9 +216,7 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
         """A request that is not valid protobuf: INVALID_ARGUMENT, and a chat call is counted and logged as refused."""
         err = InvalidRequestError(undecodable_message(request))
         if request.method.startswith(f"/{SERVICE_NAME}/"):  # every chat request is counted once; health checks not
-            rid = new_request_id()
-            context.send_initial_metadata((("x-request-id", rid),))
-            self._refuse(rid, context, err)
+            self._refuse(self._announce_request_id("", context), context, err)
         context.abort_with_status(status_for(err))
         raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
 
@@ -249,7 +247,7 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
         return job
 
     def Chat(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> daemon_pb2.ChatResponse:
-        rid = self._announce_request_id(request, context)
+        rid = self._announce_request_id(request.request_id, context)
         with self._call_slot(rid, context):
             job = self._open(request, rid, context)
             with _aborting_on_error(job, context):
@@ -258,7 +256,7 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
 
     def ChatStream(self, request: daemon_pb2.ChatRequest,
                    context: grpc.ServicerContext) -> Iterator[daemon_pb2.ChatStreamResponse]:
-        rid = self._announce_request_id(request, context)
+        rid = self._announce_request_id(request.request_id, context)
         with self._call_slot(rid, context) as stack:
             job = self._open(request, rid, context, stream=True)
             watchdog = _StallWatchdog(job, context)

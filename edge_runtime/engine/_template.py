@@ -279,12 +279,17 @@ def _checked_join(parts: Iterable[Any]) -> str:
     """``"".join`` of a template's pieces with the result's size checked before it is built: ``a ~ b`` and the
     buffers of set blocks, macros and filter blocks are joined here, and a loop that doubles a string through them
     reached gigabytes between two deadline checks."""
-    budget = _budget.get()
+    return "".join(p if isinstance(p, str) else str(p) for p in _weighed(parts))
+
+
+def _weighed(parts: Iterable[Any]) -> list[Any]:
+    """``parts`` as a list, weighed against the render's cap before any of them is turned into text."""
     parts = list(parts)
+    budget = _budget.get()
     if budget is not None:
         budget.tick()
-        budget.weigh(parts)  # before str() builds a list's text
-    return "".join(p if isinstance(p, str) else str(p) for p in parts)
+        budget.weigh(parts)
+    return parts
 
 
 def _checked_output(value: Any) -> Any:
@@ -299,12 +304,7 @@ def _checked_markup_join(parts: Iterable[Any]) -> str:
     """jinja's ``markup_join`` (``~`` inside ``{% autoescape true %}``), with the same size check."""
     from jinja2.runtime import markup_join
 
-    parts = list(parts)
-    budget = _budget.get()
-    if budget is not None:
-        budget.tick()
-        budget.weigh(parts)
-    return markup_join(parts)
+    return markup_join(_weighed(parts))
 
 
 def _environment() -> Any:

@@ -109,13 +109,19 @@ def test_a_stream_cancelled_between_chunks_yields_no_more_text(start_bridge, mak
     assert client.circuit.consecutive_failures == 0
 
 
-def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_delay(start_bridge, raw_stub):
-    bridge = start_bridge(models=slow(30, reply="a b c d e f g h i j", workers=1, queue_size=1))
+def _one_worker_busy(start_bridge, raw_stub, queue_size: int):
+    """A bridge with one slow worker, that worker running a call: (bridge, stub, the request, the running call)."""
+    bridge = start_bridge(models=slow(30, reply="a b c d e f g h i j", workers=1, queue_size=queue_size))
     stub = raw_stub(bridge)
     request = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")])
     running = stub.Generate.future(request, metadata=AUTH, timeout=10)
     while bridge.server.service.slots["tiny"].running == 0:
         time.sleep(0.005)
+    return bridge, stub, request, running
+
+
+def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_delay(start_bridge, raw_stub):
+    bridge, stub, request, running = _one_worker_busy(start_bridge, raw_stub, queue_size=1)
     waiting = stub.Generate.future(request, metadata=AUTH, timeout=10)
     while bridge.server.service.slots["tiny"].waiting == 0:
         time.sleep(0.005)
@@ -134,12 +140,7 @@ def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_delay(star
 def test_a_call_whose_deadline_passes_in_the_queue_ends_as_a_deadline_not_a_cancel(start_bridge, raw_stub, caplog):
     # the bridge sees the caller's deadline a moment before the caller's clock does: it answered CANCELLED, which
     # the device counted as an outage (three of them opened its circuit breaker on a healthy, busy bridge)
-    bridge = start_bridge(models=slow(30, reply="a b c d e f g h i j", workers=1, queue_size=4))
-    stub = raw_stub(bridge)
-    request = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")])
-    running = stub.Generate.future(request, metadata=AUTH, timeout=10)
-    while bridge.server.service.slots["tiny"].running == 0:
-        time.sleep(0.005)
+    _, stub, request, running = _one_worker_busy(start_bridge, raw_stub, queue_size=4)
     with caplog.at_level("INFO", logger="cloud_bridge"):
         with pytest.raises(grpc.RpcError) as info:
             stub.Generate(request, metadata=AUTH, timeout=0.1)
