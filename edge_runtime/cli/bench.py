@@ -126,7 +126,7 @@ def _bundle_arg(value: str) -> tuple[str, Path]:
 def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
     """The throughput benchmark's flags (shared by this command and ``benchmarks/throughput.py``)."""
     parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="intra-op threads for every runtime (default: physical cores)")
+                        help="intra-op threads for every runtime (default: physical cores, fewer under a CPU affinity mask or cgroup quota)")
     parser.add_argument("--repetitions", type=_positive_int, default=5, help="measured runs per prompt (median reported)")
     parser.add_argument("--warmup", type=_count, default=1, help="unmeasured runs of each prompt before measuring")
     parser.add_argument("--load-repetitions", type=_positive_int, default=5,

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--portable", action="store_true",
                    help="do not bind the estimator to this bundle's hash (it then loads for any bundle; use with care)")
     c.add_argument("--limit", type=int, help="use only N items, each task family in turn (quick runs)")
-    c.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    c.add_argument("--threads", type=int, help="intra-op threads (default: physical cores, fewer under a CPU affinity mask or cgroup quota)")
     _lookup_argument(c)
     c.add_argument("--json", action="store_true", help="print the fit summary as JSON")
     c.set_defaults(func=_calibrate)
@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--study", action="store_true",
                    help="fit every estimator family on the dev split and report them side by side on --split")
     e.add_argument("--limit", type=int, help="use only N items of each split, each task family in turn (quick runs)")
-    e.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    e.add_argument("--threads", type=int, help="intra-op threads (default: physical cores, fewer under a CPU affinity mask or cgroup quota)")
     _lookup_argument(e)
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=_eval)

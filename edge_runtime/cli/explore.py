@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bridge", help="external bridge address host:port (overrides [cloud] address)")
     p.add_argument("--validate", action="store_true",
                    help="hold back a quarter of the items and run the recommended policy live through `edge-runtime serve` and the bridge")
-    p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores, fewer under a CPU affinity mask or cgroup quota)")
     p.set_defaults(func=_run)
 
 

@@ -32,14 +32,20 @@ SUPPORTED_IO_SCHEMAS = ("edge-runtime-gqa-v1",)
 
 
 def default_threads() -> int:
-    """Physical cores (hyper-threads share the FPU and only add contention for matmuls)."""
-    try:
-        import psutil
+    """Physical cores (hyper-threads share the FPU and only add contention for matmuls), fewer when the
+    process's CPU affinity or cgroup quota allows fewer CPUs (see ``edge_runtime._cpus``)."""
+    from .._cpus import cpu_limits
 
-        n = psutil.cpu_count(logical=False)
-    except Exception:  # psutil may not know on exotic platforms
-        n = None
-    return max(1, n or os.cpu_count() or 1)
+    limits = cpu_limits()
+    if limits.usable < limits.physical:
+        held = []
+        if limits.affinity is not None and limits.affinity < limits.logical:
+            held.append(f"CPU affinity {limits.affinity} of {limits.logical}")
+        if limits.quota is not None:
+            held.append(f"cgroup CPU quota {limits.quota:g}")
+        log.info("%d intra-op thread(s), not one per core (%d): the process is held to %s",
+                 limits.usable, limits.physical, " and ".join(held))
+    return limits.usable
 
 
 def session_options(threads: int, session_config: Mapping[str, str] | None = None) -> Any:
