@@ -425,6 +425,11 @@ def run_command(prog: str, args: argparse.Namespace, *, say_interrupted: bool = 
         if args.verbose >= 2:
             raise
         return 1
+    except MemoryError:  # one the engine did not translate (reading a suite, a tokenizer, a large file)
+        print(f"{prog} {args.command}: error: out of memory", file=sys.stderr)
+        if args.verbose >= 2:
+            raise
+        return 1
     except BrokenPipeError as err:
         if stdout_reader_gone():
             return stdout_closed()

@@ -16,6 +16,8 @@ foreign errors (onnxruntime, grpc, OS) are translated at the boundary with
      ├── ModelFetchError             default-model download/reassembly failed
      ├── BuildError                  bundle build failed (nothing left at the output)
      │    └── QualityGateError       quantized perplexity ratio above the limit
+     ├── OutOfMemoryError            the device ran out of memory loading a bundle or running a request
+     │                               (also a MemoryError)
      ├── EnergyError                 power/energy measurement problem
      ├── EstimatorError              confidence estimator file unusable
      ├── QueueFullError              bounded queue is full (carries retry_after_s)
@@ -48,6 +50,7 @@ __all__ = [
     "ModelFetchError",
     "BuildError",
     "QualityGateError",
+    "OutOfMemoryError",
     "EnergyError",
     "EstimatorError",
     "QueueFullError",
@@ -122,6 +125,13 @@ class BuildError(EdgeRuntimeError):
 
 class QualityGateError(BuildError):
     pass
+
+
+class OutOfMemoryError(EdgeRuntimeError, MemoryError):
+    """Not enough memory to load a bundle or to run a request (Python's, numpy's or onnxruntime's allocation failed).
+
+    Also a ``MemoryError``, so code that catches that keeps working; the process can go on serving
+    requests that need less."""
 
 
 class EnergyError(EdgeRuntimeError):

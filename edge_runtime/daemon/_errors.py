@@ -16,6 +16,7 @@ from ..errors import (
     ContextLengthError,
     InvalidRequestError,
     ModelNotFoundError,
+    OutOfMemoryError,
     QueueFullError,
     RequestTimeoutError,
     ServiceUnavailableError,
@@ -59,6 +60,8 @@ def api_error(err: BaseException, *, param: str | None = None) -> ApiError:
         return ApiError(503, str(err), "server_error", None, err.reason, retry_after_s=err.retry_after_s)
     if isinstance(err, RequestTimeoutError):
         return ApiError(504, str(err), "server_error", None, "request_timeout")
+    if isinstance(err, OutOfMemoryError):  # the device's problem, not the request's: a smaller one, or this one later, may fit
+        return ApiError(503, str(err), "server_error", None, "out_of_memory")
     # anything else is our bug or the machine's problem: say so without leaking internals
     return ApiError(500, "the daemon failed to answer this request (see its log)", "server_error", None,
                     "internal_error")

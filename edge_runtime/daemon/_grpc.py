@@ -35,6 +35,7 @@ from ..errors import (
     EdgeRuntimeError,
     InvalidRequestError,
     ModelNotFoundError,
+    OutOfMemoryError,
     QueueFullError,
     RequestTimeoutError,
     ServiceUnavailableError,
@@ -117,6 +118,8 @@ def status_for(err: BaseException) -> grpc.Status:
         return _status(grpc.StatusCode.UNAVAILABLE, str(err), *details)
     if isinstance(err, RequestTimeoutError):
         return _status(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
+    if isinstance(err, OutOfMemoryError):
+        return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), _error_info("OUT_OF_MEMORY"))
     return _status(grpc.StatusCode.INTERNAL, "the daemon failed to answer this request (see its log)")
 
 

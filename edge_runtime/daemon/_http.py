@@ -160,7 +160,7 @@ class ChatCompletions:
             return
         headers = {"x-request-id": req.request_id}
         if req.stream:
-            await self._stream(job, req, receive, send, headers)
+            await self._stream(job, req, scope, receive, send, headers)
         else:
             await self._complete(job, req, scope, receive, send, headers)
 
@@ -188,11 +188,25 @@ class ChatCompletions:
                                       "invalid_request_error", None, "request_timeout")) from None
         return b"".join(chunks)
 
+    async def _submit(self, job: Job, req: ChatRequest, scope: Scope, receive: Receive, send: Send,
+                      *args: Any) -> asyncio.Future[HybridResult] | None:
+        """``job.run(*args)`` in a worker thread; None, the client answered, when no worker could be started."""
+        assert self.service.executor is not None
+        try:
+            return asyncio.get_running_loop().run_in_executor(self.service.executor, job.run, *args)
+        except RuntimeError:  # "can't start new thread": memory or a tasks limit
+            log.exception("request %s: no worker thread could be started", req.request_id)
+            # the executor queued the job before it tried to start the thread: the next worker that runs finds it
+            # cancelled and gives its slot back at once
+            job.cancel("shutdown")
+            await _error_response(api_error(RuntimeError()), req.request_id)(scope, receive, send)
+            return None
+
     async def _complete(self, job: Job, req: ChatRequest, scope: Scope, receive: Receive, send: Send,
                         headers: dict[str, str]) -> None:
-        loop = asyncio.get_running_loop()
-        assert self.service.executor is not None
-        future = loop.run_in_executor(self.service.executor, job.run)
+        future = await self._submit(job, req, scope, receive, send)
+        if future is None:
+            return
         watcher = asyncio.create_task(_watch_disconnect(receive, job))
         try:
             # shielded: if this task is cancelled the job still runs (and ends at once), releasing its slot
@@ -215,15 +229,17 @@ class ChatCompletions:
                                  is_eos=self.service.is_eos, token_bytes=self.service.token_bytes)
         await JSONResponse(body, headers=headers)(scope, receive, send)
 
-    async def _stream(self, job: Job, req: ChatRequest, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+    async def _stream(self, job: Job, req: ChatRequest, scope: Scope, receive: Receive, send: Send,
+                      headers: dict[str, str]) -> None:
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Any] = asyncio.Queue()
 
         def on_chunk(chunk: HybridChunk) -> None:  # in the worker thread
             loop.call_soon_threadsafe(chunks.put_nowait, chunk)
 
-        assert self.service.executor is not None
-        future = loop.run_in_executor(self.service.executor, job.run, on_chunk)
+        future = await self._submit(job, req, scope, receive, send, on_chunk)
+        if future is None:
+            return
         # the future's callbacks run on this loop after every chunk the thread queued before it ended
         future.add_done_callback(lambda _f: chunks.put_nowait(_END))
         watcher = asyncio.create_task(_watch_disconnect(receive, job))
@@ -339,4 +355,8 @@ def create_app(service: ChatService) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    async def internal_error(_request: Request, exc: Exception) -> Response:
+        # what escaped every handler above: OpenAI's shape, not Starlette's plain-text 500 (it logs the traceback)
+        return _error_response(api_error(exc))
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error})

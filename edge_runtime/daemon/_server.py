@@ -146,6 +146,7 @@ class DaemonServer:
         self._started = threading.Event()
         self._stopped = threading.Event()
         self._draining = False
+        self._drain_task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -286,24 +287,31 @@ class DaemonServer:
         self.service.begin_drain()
         if self.grpc_health is not None:
             self.grpc_health.enter_graceful_shutdown()
-        asyncio.get_running_loop().create_task(self._drain(timeout_s))
+        # the loop keeps only a weak reference to a task: one nobody holds may be collected before it ends
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain(timeout_s))
 
     async def _drain(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.service.active_jobs and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if self.service.active_jobs:
-            n = self.service.cancel_all("shutdown")
-            log.warning("drain timeout: cancelled %d request(s) still running", n)
-            deadline = time.monotonic() + _CANCEL_GRACE_S
+        try:
+            deadline = time.monotonic() + timeout_s
             while self.service.active_jobs and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-        # let the last responses reach their clients before uvicorn closes the connections
-        await asyncio.sleep(0.05)
-        if self.grpc_server is not None:
-            await asyncio.to_thread(lambda: self.grpc_server.stop(1.0).wait())
-        log.info("drained")
-        self._stop_now()
+            if self.service.active_jobs:
+                n = self.service.cancel_all("shutdown")
+                log.warning("drain timeout: cancelled %d request(s) still running", n)
+                deadline = time.monotonic() + _CANCEL_GRACE_S
+                while self.service.active_jobs and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+            # let the last responses reach their clients before uvicorn closes the connections
+            await asyncio.sleep(0.05)
+            if self.grpc_server is not None:
+                await asyncio.to_thread(lambda: self.grpc_server.stop(1.0).wait())
+            log.info("drained")
+        except Exception as err:
+            # e.g. no thread could be started (memory or a tasks limit): the daemon stops all the same, else it
+            # would answer 503 until killed, and a supervisor that waits for it would wait for ever
+            log.error("drain failed (%s: %s): stopping now", type(err).__name__, err)
+        finally:
+            self._stop_now()
 
     def drain(self, timeout_s: float | None = None) -> None:
         """Start a drain from any thread (as SIGTERM does); :meth:`wait` for the end."""

@@ -22,13 +22,22 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Manifest
-from ..errors import BundleError, EdgeRuntimeError, InvalidRequestError
+from ..errors import BundleError, EdgeRuntimeError, InvalidRequestError, OutOfMemoryError
 
 __all__ = ["OrtModel", "KVCache", "default_threads", "session_options"]
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_IO_SCHEMAS = ("edge-runtime-gqa-v1",)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """An onnxruntime error that is a failed allocation (C++'s ``std::bad_alloc``), not a problem of the model."""
+    return isinstance(err, MemoryError) or "bad_alloc" in str(err)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
 
 
 def default_threads() -> int:
@@ -118,6 +127,9 @@ class OrtModel:
         try:
             self.session = ort.InferenceSession(str(manifest.model_file), so, providers=wanted)
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+            if _out_of_memory(err):
+                raise OutOfMemoryError(f"not enough memory to load {manifest.model_file} "
+                                       f"(onnxruntime: {_one_line(err)})") from err
             raise BundleError(f"onnxruntime cannot load {manifest.model_file}: {err}") from err
         self.providers = self.session.get_providers()
         self._ort = ort
@@ -172,8 +184,9 @@ class KVCache:
             if old:
                 buf[:, :, : self.length] = old[i][:, :, : self.length]
             buffers.append(buf)
-        self._buffers = buffers
-        self._values = [self._ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
+        values = [self._ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
+        # kept only once every buffer exists: a failed allocation (out of memory) leaves the cache as it was
+        self._buffers, self._values = buffers, values
         for layer in range(m.num_layers):
             for j, kind in enumerate(("key", "value")):
                 value = self._values[2 * layer + j]
@@ -271,4 +284,6 @@ class KVCache:
         try:
             self.model.session.run_with_iobinding(self.binding)
         except Exception as err:  # translate onnxruntime's errors at the boundary
+            if _out_of_memory(err):
+                raise OutOfMemoryError(f"not enough memory to run the model (onnxruntime: {_one_line(err)})") from err
             raise EdgeRuntimeError(f"onnxruntime failed while running the model: {err}") from err

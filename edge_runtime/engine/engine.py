@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Manifest, VerifyMode, verify_bundle
-from ..errors import BundleError, ContextLengthError, EdgeRuntimeError, InvalidRequestError
+from ..errors import BundleError, ContextLengthError, EdgeRuntimeError, InvalidRequestError, OutOfMemoryError
 from ._lookup import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS, PromptLookup
 from ._sampling import choose_token, distribution_signals, log_softmax
 from ._session import KVCache, OrtModel
@@ -180,29 +180,36 @@ class Engine:
         if providers is not None and (isinstance(providers, (bytes, Mapping)) or not isinstance(providers, (str, Iterable))):
             raise InvalidRequestError(f"must be a list of execution providers, got {type(providers).__name__}",
                                       field="providers")
-        self.manifest: Manifest = verify_bundle(Path(bundle).expanduser(), verify)
-        from tokenizers import Tokenizer
-
         try:
-            self.tokenizer = Tokenizer.from_file(str(self.manifest.tokenizer_file))
-        except Exception as err:  # tokenizers raises a bare Exception on bad files
-            raise BundleError(f"cannot load {self.manifest.tokenizer_file}: {err}") from err
-        tokens = self.manifest.raw["tokens"]
-        self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
-        self.bos_token_id = self.manifest.bos_token_id
-        self.template = ChatTemplate(self.manifest.chat_template, bos_token=tokens.get("bos_token") or "", eos_token=tokens.get("eos_token") or "")
-        self.model = OrtModel(self.manifest, providers=providers, intra_op_threads=intra_op_threads, session_config=session_config)
-        self.context_length = self.model.context_length
-        self.max_sessions = max_sessions
-        self._cache_tokens = cache_tokens
-        self._pool: list[KVCache] = []  # caches not in use, the most recently used last
-        self._created = 0
-        self._pool_cond = threading.Condition()  # guards both; notified when a cache or a place to make one frees
-        self._energy_meter = energy_meter
-        self._token_text: dict[int, str] = {}
-        self._byte_level = self._is_byte_level()
-        self._bytes_map = _byte_decoder() if self._byte_level else {}
-        self.load_ms = (time.perf_counter() - t0) * 1000.0
+            self.manifest: Manifest = verify_bundle(Path(bundle).expanduser(), verify)
+            from tokenizers import Tokenizer
+
+            try:
+                self.tokenizer = Tokenizer.from_file(str(self.manifest.tokenizer_file))
+            except MemoryError:
+                raise
+            except Exception as err:  # tokenizers raises a bare Exception on bad files
+                raise BundleError(f"cannot load {self.manifest.tokenizer_file}: {err}") from err
+            tokens = self.manifest.raw["tokens"]
+            self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
+            self.bos_token_id = self.manifest.bos_token_id
+            self.template = ChatTemplate(self.manifest.chat_template, bos_token=tokens.get("bos_token") or "", eos_token=tokens.get("eos_token") or "")
+            self.model = OrtModel(self.manifest, providers=providers, intra_op_threads=intra_op_threads, session_config=session_config)
+            self.context_length = self.model.context_length
+            self.max_sessions = max_sessions
+            self._cache_tokens = cache_tokens
+            self._pool: list[KVCache] = []  # caches not in use, the most recently used last
+            self._created = 0
+            self._pool_cond = threading.Condition()  # guards both; notified when a cache or a place to make one frees
+            self._energy_meter = energy_meter
+            self._token_text: dict[int, str] = {}
+            self._byte_level = self._is_byte_level()
+            self._bytes_map = _byte_decoder() if self._byte_level else {}
+            self.load_ms = (time.perf_counter() - t0) * 1000.0
+        except OutOfMemoryError:
+            raise
+        except MemoryError as err:
+            raise OutOfMemoryError(f"not enough memory to load {bundle}") from err
         self._closed = False
 
     # ---- properties -------------------------------------------------------------------------
@@ -306,7 +313,7 @@ class Engine:
                 self._pool_cond.wait(_CANCEL_POLL_S if cancel is not None else None)
         try:
             if cache is None:
-                cache = self.model.new_cache(self._cache_tokens)
+                cache = self.new_cache()
             yield cache
         finally:
             with self._pool_cond:
@@ -320,7 +327,12 @@ class Engine:
 
     def new_cache(self) -> KVCache:
         """A KV cache outside the pool (a chat session keeps one for its whole life)."""
-        return self.model.new_cache(self._cache_tokens)
+        try:
+            return self.model.new_cache(self._cache_tokens)
+        except OutOfMemoryError:
+            raise
+        except MemoryError as err:
+            raise OutOfMemoryError("not enough memory for a KV cache") from err
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -617,6 +629,10 @@ class Engine:
                 text_tokens=text_tokens,
             )
             yield StreamChunk("", None, result)
+        except OutOfMemoryError:
+            raise
+        except MemoryError as err:  # numpy's arrays (the KV cache growing, the signals) or Python's own
+            raise OutOfMemoryError(f"not enough memory to run this request ({len(ids)} prompt tokens)") from err
         finally:
             if window is not None:
                 window.stop()

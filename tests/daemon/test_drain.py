@@ -173,3 +173,21 @@ def test_a_drain_that_stops_an_escalation_returns_the_whole_local_answer_as_the_
     assert body["choices"][0]["message"]["content"] == local_answer
     slow.server.stop(0)
     cloud.close()
+
+
+def test_a_drain_that_fails_still_stops_the_daemon(engine, start_daemon, monkeypatch, caplog, tmp_path):
+    # no thread could be started for stopping the gRPC server (memory or a tasks limit): the daemon answered
+    # 503 shutting_down until it was killed
+    import asyncio
+
+    daemon = start_daemon(runtime(engine, {"type": "never"}), tmp_path)
+    assert daemon.grpc_server is not None
+
+    async def no_thread(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(asyncio, "to_thread", no_thread)
+    daemon.drain(timeout_s=1)
+    assert daemon.wait(10)
+    assert any("drain failed (RuntimeError: can't start new thread): stopping now" in r.getMessage()
+               for r in caplog.records)

@@ -447,3 +447,38 @@ def test_an_internal_error_is_logged_with_its_cause_while_the_client_is_told_to_
     assert "out of memory" not in json.dumps(body)  # internals stay in the log
     lines = [r.getMessage() for r in caplog.records if "r-1" in r.getMessage()]
     assert lines and "out of memory" in lines[0] and "\n" not in lines[0], caplog.text  # escaped: no forged lines
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_no_worker_thread_for_a_request_is_a_json_500_and_its_slot_comes_back(daemon, http, monkeypatch, stream):
+    # under memory pressure or a tasks limit the executor queues the job, then cannot start its thread: the client
+    # got Starlette's plain-text 500, and the job kept its place until some worker found it
+    executor = daemon.service.executor
+    real = executor._adjust_thread_count
+    failures = []
+
+    def no_thread():
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("can't start new thread")
+        real()
+
+    monkeypatch.setattr(executor, "_adjust_thread_count", no_thread)
+    c = http(daemon.port)
+    status, headers, body = c.request("POST", "/v1/chat/completions", {**OK, "stream": stream})
+    assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
+    assert failures
+    for _ in range(3):  # one slot: each would wait for ever behind a job that kept it
+        status, _, answer = c.json("POST", "/v1/chat/completions", OK)
+        assert status == 200 and answer["choices"][0]["message"]["content"] is not None
+    assert metric(c.request("GET", "/metrics")[2].decode(), "edge_runtime_requests_in_progress") == 0
+
+
+def test_an_error_no_handler_expected_is_a_json_500(daemon, http, monkeypatch):
+    def broken():
+        raise KeyError("internals")
+
+    monkeypatch.setattr(daemon.service, "health", broken)
+    status, headers, body = http(daemon.port).request("GET", "/health")
+    assert status == 500 and headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"]["code"] == "internal_error" and b"internals" not in body

@@ -16,6 +16,7 @@ from edge_runtime.errors import (
     ContextLengthError,
     InvalidRequestError,
     ModelNotFoundError,
+    OutOfMemoryError,
     QueueFullError,
     RequestTimeoutError,
     ServiceUnavailableError,
@@ -126,6 +127,7 @@ def test_openai_fields_map_to_sampling_params():
     (QueueFullError("x", retry_after_s=2.2), 429, "queue_full"),
     (ServiceUnavailableError("x", reason="shutting_down"), 503, "shutting_down"),
     (RequestTimeoutError("x"), 504, "request_timeout"),
+    (OutOfMemoryError("not enough memory to run this request"), 503, "out_of_memory"),
     (KeyError("secret internals"), 500, "internal_error"),
 ])
 def test_errors_map_by_type(err, status, code):

@@ -21,6 +21,7 @@ from edge_runtime.errors import (
     ContextLengthError,
     EdgeRuntimeError,
     InvalidRequestError,
+    OutOfMemoryError,
 )
 
 PROMPTS = ["hello world", "what is the capital of france?", "one two three"]
@@ -754,3 +755,63 @@ def test_engine_arguments_of_the_wrong_kind_name_the_argument(tiny_bundle, kwarg
     with pytest.raises(InvalidRequestError) as info:
         Engine(tiny_bundle, **kwargs)
     assert info.value.field == field
+
+
+def test_running_out_of_memory_is_one_of_our_errors_and_the_engine_keeps_serving(tiny_bundle, monkeypatch):
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from edge_runtime.engine._session import KVCache
+
+    # loading: Python's MemoryError (the tokenizer's JSON) and onnxruntime's std::bad_alloc
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    with monkeypatch.context() as m:
+        m.setattr(Tokenizer, "from_file", no_memory)
+        with pytest.raises(OutOfMemoryError, match="not enough memory to load"):
+            Engine(tiny_bundle, energy_meter=None)
+
+    def bad_alloc(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Exception during initialization: std::bad_alloc")
+
+    with monkeypatch.context() as m:
+        m.setattr(ort, "InferenceSession", bad_alloc)
+        with pytest.raises(OutOfMemoryError, match="model.onnx .*bad_alloc") as info:
+            Engine(tiny_bundle, energy_meter=None)
+    assert isinstance(info.value, MemoryError)  # callers catching MemoryError still do
+
+    e = Engine(tiny_bundle, energy_meter=None, cache_tokens=16)
+    try:
+        want = e.generate(prompt="hello world", max_new_tokens=40).token_ids
+        # a KV cache that cannot grow (numpy's allocation fails partway) leaves the cache as it was
+        real = np.zeros
+        with monkeypatch.context() as m:
+            calls = []
+
+            def zeros(*args, **kwargs):
+                calls.append(1)
+                if len(calls) > 3:
+                    raise MemoryError("Unable to allocate 768. KiB for an array")  # numpy's _ArrayMemoryError is one
+                return real(*args, **kwargs)
+
+            m.setattr(np, "zeros", zeros)
+            with pytest.raises(OutOfMemoryError, match="prompt tokens"):
+                e.generate(prompt="hello world " * 20, max_new_tokens=40)
+        # onnxruntime failing to allocate while running
+        with monkeypatch.context() as m:
+            m.setattr(KVCache, "_run", lambda self: (_ for _ in ()).throw(OutOfMemoryError("not enough memory to run")))
+            with pytest.raises(OutOfMemoryError):
+                e.generate(prompt="hello world", max_new_tokens=4)
+        assert e.generate(prompt="hello world", max_new_tokens=40).token_ids == want
+    finally:
+        e.close()
+
+
+def test_onnxruntimes_bad_alloc_while_running_is_out_of_memory(engine, monkeypatch):
+    def bad_alloc(*args, **kwargs):
+        raise RuntimeError("Non-zero status code returned while running MatMulNBits node. std::bad_alloc")
+
+    monkeypatch.setattr(engine.model.session, "run_with_iobinding", bad_alloc, raising=False)
+    with pytest.raises(OutOfMemoryError, match="onnxruntime: .*bad_alloc"):
+        engine.generate(prompt="hello", max_new_tokens=2)

@@ -236,3 +236,21 @@ def test_input_dash_reads_standard_input(tiny_bundle, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", stdin)
     assert main(["generate", str(tiny_bundle), "--input", "-", "--max-new-tokens", "2", "--json"]) == 0
     assert [json.loads(x)["id"] for x in capsys.readouterr().out.splitlines()] == ["a", "b"]
+
+
+def test_running_out_of_memory_is_one_line_not_a_traceback(tiny_bundle, capsys, monkeypatch):
+    import edge_runtime.engine as engine_package
+    from edge_runtime.errors import OutOfMemoryError
+
+    def failing(message):
+        def engine(*args, **kwargs):
+            raise message
+        return engine
+
+    # ours (the engine translated it), and a MemoryError from anywhere else
+    for err, said in ((OutOfMemoryError(f"not enough memory to load {tiny_bundle}"), "not enough memory to load"),
+                      (MemoryError(), "error: out of memory")):
+        monkeypatch.setattr(engine_package, "Engine", failing(err))
+        assert main(["generate", str(tiny_bundle), "--prompt", "hello"]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("edge-runtime generate: error: ") and said in lines[0]
