@@ -24,7 +24,7 @@ import numpy as np
 from ..bundle import Manifest
 from ..errors import BundleError, EdgeRuntimeError, InvalidRequestError, OutOfMemoryError
 
-__all__ = ["OrtModel", "KVCache", "default_threads", "session_options"]
+__all__ = ["OrtModel", "KVCache", "check_onnxruntime", "default_threads", "session_options"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,26 @@ def _out_of_memory(err: BaseException) -> bool:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+# onnxruntime 1.23-1.26 load quantized bundles and compute their 4-bit embedding lookup (GatherBlockQuantized with
+# zero points) wrongly: garbage answers with confident log-probabilities. 1.20-1.22 refuse the graph.
+MIN_ONNXRUNTIME_QUANTIZED = (1, 27)
+
+
+def check_onnxruntime(version: str, precision: str) -> None:
+    """Refuse a quantized bundle under an onnxruntime that computes it wrongly (setup.py's floor, for forced installs)."""
+    if precision == "fp32":
+        return
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:  # a development build ("1.28.0.dev...") has numbers first; anything else is not judged
+        return
+    if found < MIN_ONNXRUNTIME_QUANTIZED:
+        need = ".".join(map(str, MIN_ONNXRUNTIME_QUANTIZED))
+        raise BundleError(f"this {precision} bundle needs onnxruntime >= {need}, and {version} is installed: versions "
+                          f"before {need} compute its 4-bit embedding lookup wrongly "
+                          f"(pip install --upgrade 'onnxruntime>={need}')")
 
 
 def default_threads() -> int:
@@ -91,6 +111,7 @@ class OrtModel:
 
         if manifest.io_schema not in SUPPORTED_IO_SCHEMAS:
             raise BundleError(f"bundle graph contract {manifest.io_schema!r} is not supported by this runtime (supported: {', '.join(SUPPORTED_IO_SCHEMAS)})")
+        check_onnxruntime(ort.__version__, manifest.precision)
         self.manifest = manifest
         m = manifest.model
         self.num_layers = int(m["num_layers"])

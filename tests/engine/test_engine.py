@@ -815,3 +815,20 @@ def test_onnxruntimes_bad_alloc_while_running_is_out_of_memory(engine, monkeypat
     monkeypatch.setattr(engine.model.session, "run_with_iobinding", bad_alloc, raising=False)
     with pytest.raises(OutOfMemoryError, match="onnxruntime: .*bad_alloc"):
         engine.generate(prompt="hello", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("version", ["1.23.2", "1.26.0", "1.20.0"])
+def test_a_quantized_bundle_is_refused_under_an_onnxruntime_that_computes_it_wrongly(tiny_bundles, version, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "__version__", version)
+    with pytest.raises(BundleError, match=rf"this int4 bundle needs onnxruntime >= 1\.27, and {version} is installed"):
+        Engine(tiny_bundles("llama", "int4"), energy_meter=None)
+    Engine(tiny_bundles("llama", "fp32"), energy_meter=None).close()  # fp32 computes right on those
+
+
+def test_a_current_onnxruntime_runs_quantized_bundles():
+    from edge_runtime.engine._session import check_onnxruntime
+
+    for version in ("1.27.0", "1.32.0", "2.0.1", "1.28.0.dev20260101"):
+        check_onnxruntime(version, "int8")
