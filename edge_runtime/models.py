@@ -216,6 +216,9 @@ def fetch_model(
     """
     model = get_known_model(name, registry)
     target = cached_model_path(model)
+    # before anything else: a fetch killed after the model was cached (or a power cut) leaves a model-sized file
+    # that nothing else removes, and on a nearly full card it would fail the free-space check below
+    _remove_stale_temp_files(target)
     if target.is_file() and target.stat().st_size == model.size and _still_verified(target, model):
         return target
     say = progress or (lambda msg: None)
@@ -243,7 +246,6 @@ def fetch_model(
     free = shutil.disk_usage(target.parent).free
     if free < needed:
         raise ModelFetchError(f"not enough disk space in {target.parent}: need {needed >> 20} MB, {free >> 20} MB free")
-    _remove_stale_temp_files(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{model.filename}.", dir=target.parent)
     tmp = Path(tmp_name)
     try:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._files import naming
 from .cache import cache_dir
 from .confidence._selfcheck import selfcheck_messages, yes_probability
 from .engine.types import SamplingParams
@@ -74,7 +75,7 @@ class RunCache:
 
     def add(self, record: dict[str, Any]) -> None:
         self.records[record["item_id"]] = record
-        with self.path.open("a", encoding="utf-8") as fh:
+        with naming(self.path), self.path.open("a", encoding="utf-8") as fh:
             fh.write(("\n" if self._needs_newline else "") + json.dumps(record, ensure_ascii=False) + "\n")
         self._needs_newline = False
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._files import write_text_whole
 from .._child import child_service, free_port
 from ..cache import cache_dir
 from ..confidence import estimator_scores, load_estimator, make_dataset
@@ -365,9 +366,11 @@ def explore(
         files = ["report.md", "points.csv", "frontier.csv", "estimator.json"]
         live_configs: list[tuple[dict[str, Any], str]] = []  # (recommendation, config for the live check)
         # an earlier run's outputs must not outlive it (its recommendations, its plots when this run draws none, its
-        # live check's config and log); a user's own recommended-prod.toml stays
+        # live check's config and log, and its report and tables, which a run that fails partway would leave beside
+        # this run's recommendations); a user's own recommended-prod.toml stays
         for stale in [*out.glob("recommended.toml"), *(f for f in out.glob("recommended-*.toml") if f.stem[12:].isdigit()),
-                      *(out / name for name in PLOT_FILES), out / "validate-daemon.toml", out / "validate-daemon.log"]:
+                      *(out / name for name in (*PLOT_FILES, "report.md", "points.csv", "frontier.csv")),
+                      out / "validate-daemon.toml", out / "validate-daemon.log"]:
             stale.unlink(missing_ok=True)
         for i, goal in enumerate(parsed):
             point = recommend(goal, points, baselines)
@@ -380,7 +383,7 @@ def explore(
                           # absolute, as the estimator's path: the config must load from any directory
                           "bundle": str(edge_bundle.resolve()), "cost": cost, "prompt_lookup": prompt_lookup,
                           "power": power}
-                (out / name).write_text(config_snippet(point, **fields, cloud=saved_cloud), encoding="utf-8")
+                write_text_whole(out / name, config_snippet(point, **fields, cloud=saved_cloud))
                 # the live check runs it against the bridge measured here (its token in a private file)
                 live_configs.append((rec, config_snippet(point, **fields, cloud=_cloud_toml(cloud_settings, token_file))))
                 rec["config_file"] = name

@@ -7,6 +7,7 @@ and everything else is still written.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .._files import write_text_whole
 from ..metrics import escalation_curve, oracle_curve, random_curve, routing_metrics
 from ._data import Measurements
 from ._space import Point
@@ -30,16 +32,18 @@ def write_csv(path: Path, points: Sequence[Point], families: Sequence[str], *, e
               energy_estimated: bool) -> None:
     """One row per policy and task family; the energy columns say where the joules come from (the CSV is often
     read without the report that says it)."""
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["policy", "family", "task_family", *_COLUMNS, "energy_source", "energy_estimated", "config"])
-        import json
+    import json
 
-        for p in points:
-            for fam in ["overall", *families]:
-                src = p.overall if fam == "overall" else p.by_family[fam]
-                w.writerow([p.name, p.family, fam, *(f"{src[c]:.6g}" for c in _COLUMNS), energy_source,
-                            "true" if energy_estimated else "false", json.dumps(p.config, sort_keys=True)])
+    # the rows go to memory, then to the file whole: a full disk left half a table
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["policy", "family", "task_family", *_COLUMNS, "energy_source", "energy_estimated", "config"])
+    for p in points:
+        for fam in ["overall", *families]:
+            src = p.overall if fam == "overall" else p.by_family[fam]
+            w.writerow([p.name, p.family, fam, *(f"{src[c]:.6g}" for c in _COLUMNS), energy_source,
+                        "true" if energy_estimated else "false", json.dumps(p.config, sort_keys=True)])
+    write_text_whole(path, buf.getvalue())
 
 
 def joules_label(energy_source: str, energy_estimated: bool) -> str:
@@ -227,4 +231,4 @@ def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front:
     lines += ["", "## How these numbers were made", "",
               f"`{context['command']}`; cost model: {context['cost_note']}. Runs are cached under `{context['cache']}`: re-running with other "
               "policies or goals costs nothing."]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_whole(path, "\n".join(lines) + "\n")

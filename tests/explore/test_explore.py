@@ -394,6 +394,21 @@ def test_explore_checks_the_first_goal_met_reports_every_goal_and_drops_stale_fi
         explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")),
                 out="", suite=str(tiny_suite), root=tmp_path / "runs")
     assert empty.value.field == "out"
+    # a run that fails partway (a full disk) leaves no earlier run's report beside its own recommendations
+    import errno
+
+    import edge_runtime.explore as explore_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    assert (out / "report.md").exists()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(explore_module, "write_plots", full)
+        with pytest.raises(OSError):
+            explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out,
+                    suite=str(tiny_suite), goals=["max-accuracy usd<=1000/1k"], root=tmp_path / "runs", prompt_lookup=3)
+    assert not (out / "report.md").exists() and (out / "recommended.toml").exists()
     model_dir = tmp_path / "hf-model"  # a directory, but not a bundle: named, and no output directory made
     model_dir.mkdir()
     with pytest.raises(BundleError, match="^--edge: "):

