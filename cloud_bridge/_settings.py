@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.cloud import check_address
-from edge_runtime.config import load_settings, setting
+from edge_runtime.config import check_threads, load_settings, setting
 from edge_runtime.engine.types import MAX_NEW_TOKENS_LIMIT
 from edge_runtime.errors import ConfigError
 
@@ -231,6 +231,7 @@ class OnnxModelSettings(ModelSettings):
         super().validate()
         if self.bundle is None:
             raise ConfigError("an onnx model needs a bundle directory", field="bundle")
+        check_threads(self.intra_op_threads, field="intra_op_threads")  # _parse_model adds models.<alias>.
 
 
 @dataclass(frozen=True, kw_only=True)

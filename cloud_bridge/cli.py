@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.config import (
+    STOP_SIGNALS,
     add_settings_arguments,
+    exit_status_after_stop,
     refuse_abbreviations,
     run_command,
     settings_overrides_from_args,
@@ -32,7 +34,7 @@ from edge_runtime.config import (
 )
 from edge_runtime.errors import ConfigError
 
-from ._settings import BridgeSettings, load_bridge_settings
+from ._settings import ENV_PREFIX, BridgeSettings, load_bridge_settings
 
 __all__ = ["main", "build_parser"]
 
@@ -51,13 +53,18 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("no model aliases: add a [models.<alias>] table with a backend", field="models")
     server, port = create_server(settings, insecure=args.insecure)
     stop = threading.Event()
+    exit_status = 0
 
     def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal exit_status
+        if stop.is_set():  # the shutdown is under way; a second signal changes nothing
+            return
+        exit_status = exit_status_after_stop(signum, log)
         log.warning("%s: shutting down (health NOT_SERVING, still serving for %.1f s, then a grace of %.0f s)",
                     signal.Signals(signum).name, settings.server.shutdown_delay_s, settings.server.grace_period_s)
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     server.start()
     # a Unix socket has no port (gRPC's add_*_port returns 1 for it): name the socket instead
     where = settings.server.address if settings.server.address.startswith("unix") else f"port {port}"
@@ -72,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    return exit_status
 
 
 def _tokens_file(args: argparse.Namespace) -> Any:
@@ -139,7 +146,7 @@ def _config(args: argparse.Namespace) -> int:
 def _add_config(parser: argparse.ArgumentParser, *, sections: Sequence[str]) -> None:
     parser.add_argument("--config", "-c", metavar="FILE", help="bridge config file (TOML)")
     if sections:
-        add_settings_arguments(parser, BridgeSettings, sections=sections)
+        add_settings_arguments(parser, BridgeSettings, sections=sections, env_prefix=ENV_PREFIX)
     else:  # the token commands need only to know where the tokens file is
         parser.add_argument(
             "--tokens-file", metavar="FILE", help="tokens file (default: the config's auth.tokens_file)"
@@ -151,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    serve = sub.add_parser("serve", help="serve the model aliases of the config file")
+    serve = sub.add_parser(
+        "serve", help="serve the model aliases of the config file",
+        description=f"Serve the model aliases of the config file; a flag overrides its {ENV_PREFIX}_* variable, "
+                    f"which overrides the file, and [models.<alias>] are set in the file or all at once by "
+                    f"{ENV_PREFIX}_MODELS.",
+    )
     _add_config(serve, sections=("server", "auth", "quota", "limits"))
     serve.add_argument(
         "--insecure",

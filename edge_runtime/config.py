@@ -13,12 +13,14 @@ paths in it are relative to its directory. Every bad value raises
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import difflib
 import json
 import logging
 import math
 import os
+import signal
 import sys
 import tomllib
 import types
@@ -30,7 +32,7 @@ from typing import Any, TypeVar
 from .errors import ConfigError, EdgeRuntimeError
 
 __all__ = ["setting", "load_settings", "add_settings_arguments", "refuse_abbreviations", "settings_overrides_from_args",
-           "settings_to_dict"]
+           "settings_to_dict", "check_threads", "MAX_THREADS", "STOP_SIGNALS", "exit_status_after_stop"]
 
 T = TypeVar("T")
 
@@ -39,6 +41,17 @@ log = logging.getLogger(__name__)
 # variables that share a settings prefix and are read elsewhere (the cache directory: edge_runtime.cache)
 _NOT_SETTINGS = frozenset({"EDGE_RUNTIME_CACHE"})
 
+# onnxruntime takes a thread count as a C int (2**31 was a TypeError traceback once the daemon listened), and far
+# more threads than any machine has cores only cost memory
+MAX_THREADS = 1024
+
+# The signals a server stops on gracefully (drain, then exit). SIGHUP is one of them: settings are read only at
+# start, so a "reload" has to be a restart, and a closed terminal should stop a server started by hand cleanly
+# rather than kill it mid-answer (Python's default for SIGHUP, leaving its socket file behind).
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+_HANGUP_NOTE = "SIGHUP: settings are read only at start; draining and stopping (restart to apply changes)"
+
 
 def is_finite(value: int | float) -> bool:
     """``math.isfinite`` for a number read from TOML or JSON, where an integer may be past a float's range (10**400)."""
@@ -46,6 +59,25 @@ def is_finite(value: int | float) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def check_threads(value: int | None, *, field: str) -> None:
+    """Refuse a thread count outside 1..:data:`MAX_THREADS` (None: the engine's choice), naming ``field``."""
+    if value is not None and not 1 <= value <= MAX_THREADS:
+        raise ConfigError(f"must be from 1 to {MAX_THREADS}, got {value}", field=field)
+
+
+def exit_status_after_stop(sig: int, logger: logging.Logger) -> int:
+    """The exit status of a server stopped gracefully by ``sig``; says in ``logger`` why a SIGHUP stops it.
+
+    SIGTERM and SIGINT are stops the operator asked for: 0. SIGHUP exits 128 + SIGHUP after its drain, which
+    systemd's ``Restart=on-failure`` counts as a failure (a process killed by SIGHUP it would count as clean),
+    so under systemd a HUP is a graceful restart that applies new settings.
+    """
+    if sig != getattr(signal, "SIGHUP", None):
+        return 0
+    logger.warning("%s", _HANGUP_NOTE)
+    return 128 + sig
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING, secret: bool = False,
@@ -58,8 +90,9 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dat
     ``Path`` fields written relative in a config file are relative to the file's directory (in the
     environment and on the command line, to the working directory). ``path="if_exists"`` does the
     same for a string field that may also name something else (a bundle directory or a model name):
-    only when a bundle (a ``manifest.json``) is at the file-relative path; ``path="unix"``, for an
-    address, to a ``unix:`` socket's relative path.
+    always for a value written as a path (``./b``, ``../b``, ``dir/b``), and for a bare name only when a
+    bundle (a ``manifest.json``) is at the file-relative path; ``path="unix"``, for an address, to a
+    ``unix:`` socket's relative path.
     """
     meta = {"help": help, "secret": secret, "path": path, "private": secret if private is None else private}
     # a secret stays out of repr() (a debug log line or a traceback with locals would print it)
@@ -204,10 +237,17 @@ def _file_relative(cls: type, data: Mapping[str, Any], base: Path) -> dict[str, 
         if relative.is_absolute():
             continue
         # "if_exists": a name (a cached bundle's, say) unless the file's directory holds a bundle of that name;
-        # any other folder there (the checkout quantize read) would otherwise turn a model name into a bad path
-        if kind != "if_exists" or (base / relative / "manifest.json").exists():
+        # any other folder there (the checkout quantize read) would otherwise turn a model name into a bad path.
+        # A value written as a path is one, beside the file: else it was looked for in the working directory,
+        # and the same file loaded from a shell and failed under systemd (whose working directory is /)
+        if kind != "if_exists" or _path_like(value) or (base / relative / "manifest.json").exists():
             out[f.name] = str(base / relative)
     return out
+
+
+def _path_like(value: str) -> bool:
+    """Whether a value that may be a name or a path is written as a path: ``./b``, ``../b``, ``~/b``, ``dir/b``."""
+    return value.startswith((".", "~")) or os.sep in value or bool(os.altsep and os.altsep in value)
 
 
 def _build(cls: type[T], layers: list[Mapping[str, Any]], prefix: str) -> T:
@@ -284,21 +324,45 @@ def _env_layer(cls: type, env: Mapping[str, str], env_prefix: str, *, root: bool
             if whole is not None:
                 raise ConfigError(f"unknown setting in the environment: {whole} is set as a whole "
                                   f"(a table in JSON or TOML inline form)", field=key)
-        # a misspelt section (EDGE_RUNTIME_CLOU_ADDRESS) would otherwise be ignored without a word. Only a name
-        # close to a section's is warned about: other variables may share the prefix (an API key's, say)
-        # (or close to a table-valued leaf's: EDGE_RUNTIME_POLCY)
-        section_names = [s[len(env_prefix) + 1:-1] for s in sections]
-        whole_names = [leaf[len(env_prefix) + 1:] for leaf in leaves]
-        for key in sorted(env):
-            if not key.startswith(env_prefix + "_") or key in leaves or key in _NOT_SETTINGS \
-                    or key.startswith(tuple(sections)):
-                continue
-            close = difflib.get_close_matches(key[len(env_prefix) + 1:].split("_")[0], section_names, n=1, cutoff=0.75)
-            if close:
-                log.warning("%s is not a setting and is ignored (did you mean section %s, %s_%s_...?)",
-                            key, close[0], env_prefix, close[0])
-            elif close := difflib.get_close_matches(key[len(env_prefix) + 1:], whole_names, n=1, cutoff=0.75):
-                log.warning("%s is not a setting and is ignored (did you mean %s_%s?)", key, env_prefix, close[0])
+        _warn_about_near_misses(cls, env, env_prefix, leaves, sections)
+    return out
+
+
+def _warn_about_near_misses(cls: type, env: Mapping[str, str], env_prefix: str, leaves: set[str],
+                            sections: list[str]) -> None:
+    """Warn about a root-level variable that looks like a setting and is not one, which is otherwise ignored
+    without a word: a field without its section (EDGE_RUNTIME_PORT), a misspelt section (EDGE_RUNTIME_CLOU_ADDRESS)
+    or table-valued leaf (EDGE_RUNTIME_POLCY). Only names that close are: other variables may share the prefix
+    (an API key's, say)."""
+    section_names = [s[len(env_prefix) + 1:-1] for s in sections]
+    whole_names = [leaf[len(env_prefix) + 1:] for leaf in leaves]
+    in_sections = _env_names_by_field(cls, env_prefix)
+    for key in sorted(env):
+        if not key.startswith(env_prefix + "_") or key in leaves or key in _NOT_SETTINGS \
+                or key.startswith(tuple(sections)):
+            continue
+        rest = key[len(env_prefix) + 1:]
+        if rest in in_sections:
+            log.warning("%s is not a setting and is ignored (did you mean %s?)", key, " or ".join(in_sections[rest]))
+        elif close := difflib.get_close_matches(rest.split("_")[0], section_names, n=1, cutoff=0.75):
+            log.warning("%s is not a setting and is ignored (did you mean section %s, %s_%s_...?)",
+                        key, close[0], env_prefix, close[0])
+        elif close := difflib.get_close_matches(rest, whole_names, n=1, cutoff=0.75):
+            log.warning("%s is not a setting and is ignored (did you mean %s_%s?)", key, env_prefix, close[0])
+
+
+def _env_name(env_prefix: str, path: tuple[str, ...]) -> str:
+    """A setting's environment variable: ``EDGE_RUNTIME_SERVER_PORT`` for ``("server", "port")``."""
+    return "_".join((env_prefix, *path)).upper()
+
+
+def _env_names_by_field(cls: type, env_prefix: str) -> dict[str, list[str]]:
+    """Each field name of a section, upper case, with the variables of the fields of that name (PORT ->
+    [EDGE_RUNTIME_SERVER_PORT])."""
+    out: dict[str, list[str]] = {}
+    for path, _f, _tp in _leaf_fields(cls):
+        if len(path) > 1:
+            out.setdefault(path[-1].upper(), []).append(_env_name(env_prefix, path))
     return out
 
 
@@ -319,17 +383,7 @@ def load_settings(
     layers: list[Mapping[str, Any]] = []
     if config_file is not None:
         path = Path(config_file)
-        try:
-            with path.open("rb") as fh:
-                layers.append(_file_relative(cls, tomllib.load(fh), path.resolve().parent))
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file not found: {path}") from err
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path} is not valid TOML: {err}") from err
-        except UnicodeDecodeError as err:  # TOML is UTF-8; a UTF-16 file from a Windows editor is not
-            raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}): TOML files are UTF-8") from err
-        except OSError as err:  # a directory, no permission
-            raise ConfigError(f"cannot read the config file {path}: {err.strerror or err}") from err
+        layers.append(_file_relative(cls, _read_toml(path), path.resolve().parent))
         _check_secrets_are_private(cls, layers[-1], path)
     if data is not None:
         layers.append(data)
@@ -337,6 +391,25 @@ def load_settings(
     if overrides:
         layers.append(overrides)
     return _build(cls, layers, "")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A config file's tables, or a ConfigError saying why the file cannot be read."""
+    try:
+        raw = path.read_bytes()
+        # "UTF-8 with BOM" (Windows editors, PowerShell's Out-File): TOML has no BOM, and tomllib called it an
+        # "Invalid statement" at 1:1, pointing at nothing the user can see
+        content = raw.removeprefix(codecs.BOM_UTF8)
+        return tomllib.loads(content.decode("utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file not found: {path}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:  # TOML is UTF-8; a UTF-16 file from a Windows editor is not
+        start = err.start + len(raw) - len(content)  # counted in the file, as an editor or hexdump shows it
+        raise ConfigError(f"{path} is not UTF-8 text (byte {start}): TOML files are UTF-8") from err
+    except OSError as err:  # a directory, no permission
+        raise ConfigError(f"cannot read the config file {path}: {err.strerror or err}") from err
 
 
 def _check_secrets_are_private(cls: type, layer: Mapping[str, Any], path: Path) -> None:
@@ -368,10 +441,13 @@ def _leaf_fields(cls: type, prefix: tuple[str, ...] = ()) -> typing.Iterator[tup
             yield prefix + (f.name,), f, tp
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, sections: typing.Iterable[str] | None = None) -> None:
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, sections: typing.Iterable[str] | None = None,
+                           env_prefix: str = "EDGE_RUNTIME") -> None:
     """Add ``--section-field`` flags for every leaf of ``cls`` (optionally only some sections).
 
-    Flags default to ``None`` so that only the ones given override file and env.
+    Flags default to ``None`` so that only the ones given override file and env. Each help ends with the
+    setting's environment variable and default (``[env EDGE_RUNTIME_SERVER_PORT; default 8080]``): an
+    operator writing an EnvironmentFile should not derive the names by hand.
     """
     wanted = set(sections) if sections is not None else None
     for path, f, tp in _leaf_fields(cls):
@@ -381,11 +457,26 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, sectio
             continue
         flag = "--" + "-".join(p.replace("_", "-") for p in path)
         dest = "settings__" + "__".join(path)
-        help_text = f.metadata.get("help", "")
+        where = f"[env {_env_name(env_prefix, path)}; default {_shown_default(f)}]"
+        help_text = f"{f.metadata.get('help', '')} {where.replace('%', '%%')}"  # argparse formats help with %
         if tp is bool:
             parser.add_argument(flag, dest=dest, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(flag, dest=dest, default=None, metavar=path[-1].upper(), help=help_text)
+
+
+def _shown_default(f: dataclasses.Field[Any]) -> str:
+    """A field's default as it would be written in the environment (never called for a secret: no flag)."""
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    return str(value) if str(value) else '""'
 
 
 def refuse_abbreviations(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

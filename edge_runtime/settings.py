@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .cloud import CloudSettings
-from .config import load_settings, setting
+from .config import check_threads, load_settings, setting
 from .cost import CostSettings
 from .engine import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS, SUGGESTED_PROMPT_LOOKUP_TOKENS
 from .engine.types import ProviderSpec, provider_specs
@@ -86,8 +86,7 @@ class EngineSettings:
                               field="engine.precision")
         if self.max_sessions < 1:
             raise ConfigError("must be >= 1", field="engine.max_sessions")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError("must be >= 1", field="engine.threads")
+        check_threads(self.threads, field="engine.threads")
         if self.cache_tokens < 1:  # the engine refused it too, but only once the daemon was listening
             raise ConfigError("must be >= 1", field="engine.cache_tokens")
         if not 1 <= self.max_new_tokens <= 65536:

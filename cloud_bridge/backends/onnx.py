@@ -12,6 +12,9 @@ from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken
 
 __all__ = ["OnnxBackend"]
 
+# the Engine's arguments that are this backend's settings, by the settings' names
+_SETTING_OF_ARGUMENT = {"intra_op_threads": "intra_op_threads", "max_sessions": "workers"}
+
 
 def _load_engine(settings: OnnxModelSettings) -> Any:
     from edge_runtime.engine import Engine  # heavy (onnxruntime): only when an onnx alias is served
@@ -31,6 +34,13 @@ class OnnxBackend:
             self.engine = engine_factory(settings)
         except BundleError as err:  # the bundle is a settings value: say which (the bridge adds the alias)
             raise ConfigError(str(err), field="bundle") from err
+        except InvalidRequestError as err:
+            # an argument the Engine refused is a setting of this alias: a ConfigError, which the bridge names
+            # models.<alias>.<setting> (an error naming only the Engine's argument did not say which alias)
+            setting_name = _SETTING_OF_ARGUMENT.get(err.field or "")
+            if setting_name is None:
+                raise
+            raise ConfigError(str(err).removeprefix(f"{err.field}: "), field=setting_name) from err
         self.model = str(self.engine.model_name)
         self.context_length = int(self.engine.context_length or 0)
         self.revision = str(getattr(self.engine, "bundle_hash", "") or "")

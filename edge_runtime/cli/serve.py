@@ -2,7 +2,8 @@
 
 Settings: defaults < the TOML file < ``EDGE_RUNTIME_<SECTION>_<FIELD>`` < flags
 (``--server-port 9000``, ``--engine-bundle DIR``, ``--cloud-address HOST:PORT``...).
-Runs until SIGTERM or Ctrl-C, then drains in-flight requests and exits 0.
+Runs until SIGTERM or Ctrl-C, then drains in-flight requests and exits 0. SIGHUP drains the same way and
+exits 129: settings are read only at start, and systemd's ``Restart=on-failure`` starts it again.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import argparse
 import logging
 import queue
 from logging.handlers import QueueHandler, QueueListener
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..settings import RuntimeSettings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve", help="run the local daemon: OpenAI-compatible HTTP, gRPC on a Unix socket",
         description="Serve the hybrid runtime to the apps of this device: OpenAI-compatible HTTP on "
                     "server.host:server.port (127.0.0.1:8080) and gRPC on server.grpc_socket. "
-                    "SIGTERM drains in-flight requests (server.drain_timeout_s), then exits 0.",
+                    "SIGTERM drains in-flight requests (server.drain_timeout_s), then exits 0; SIGHUP drains too, "
+                    "then exits 129 (settings are read only at start: restart to apply changes).",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file (env EDGE_RUNTIME_* and flags override it)")
     _settings_flags_on_first_use(p)
@@ -63,15 +68,36 @@ def _run(args: argparse.Namespace) -> int:
         # a daemon's normal log is one line per request (sizes and timings, never content unless log_content)
         logging.getLogger("edge_runtime.daemon").setLevel(logging.INFO)
     settings = load_runtime_settings(args.config, overrides=settings_overrides_from_args(args))
-    if settings.cloud.address:
-        # an unreadable token file is a configuration error like the others: before "listening on ...", not after
-        settings.cloud.resolve_token()
+    _check_files_and_cloud(settings)
     listener = _log_through_a_queue()
     try:
         server, _port = create_server(settings)
         return server.serve_forever()
     finally:
         listener.stop()  # writes out what is still queued
+
+
+def _check_files_and_cloud(settings: RuntimeSettings) -> None:
+    """The configuration errors that need no model, raised before "listening on ...", as the settings' own are.
+
+    Found while the model loads, they ended the daemon all the same, but a ``Type=exec`` unit had counted the
+    start as a success and the port had answered 503 meanwhile. These are the checks that would refuse them then.
+    """
+    if settings.cloud.address:
+        settings.cloud.resolve_token()  # an unreadable token file
+        # plaintext to an address that is not loopback; an unreadable or bad CA, certificate or key file.
+        # A channel connects only when first used: this one never is
+        from ..cloud import open_channel
+
+        open_channel(settings.cloud).close()
+    if settings.engine.estimator is not None:  # a missing or malformed estimator file
+        from ..confidence import load_estimator
+        from ..errors import ConfigError, EstimatorError
+
+        try:
+            load_estimator(settings.engine.estimator)  # the bundle it was fitted on is checked with the model
+        except EstimatorError as err:
+            raise ConfigError(str(err), field="engine.estimator") from err
 
 
 def _log_through_a_queue() -> QueueListener:

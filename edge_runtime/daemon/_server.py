@@ -4,14 +4,15 @@
 
     server, port = create_server(settings)   # binds 127.0.0.1:<port> and the gRPC socket; nothing runs yet
     server.start()                           # background thread (tests, embedding); or:
-    exit_code = server.serve_forever()       # main thread, with SIGTERM/SIGINT handlers (`edge-runtime serve`)
+    exit_code = server.serve_forever()       # main thread, with SIGTERM/SIGINT/SIGHUP handlers (`edge-runtime serve`)
 
 Without a ``runtime`` the model loads in a background thread after start:
 ``/health`` answers 503 ``loading`` until it is ready. A drain (SIGTERM, or
 :meth:`DaemonServer.drain`) turns ``/health`` to 503 ``draining``, refuses new
 requests with 503 and lets admitted ones finish for up to
 ``server.drain_timeout_s``; what is still running then is cancelled. The
-listeners close only after that, and the process exits 0.
+listeners close only after that, and the process exits 0. SIGHUP drains the same way and exits 129: settings
+are read only at start, and systemd's ``Restart=on-failure`` restarts a process that exits non-zero.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config import STOP_SIGNALS, exit_status_after_stop
 from ..errors import ConfigError, EdgeRuntimeError
 from ._guard import BrowserGuard, is_loopback_host
 from ._http import create_app
@@ -162,7 +164,7 @@ class DaemonServer:
         self._started.wait()
 
     def serve_forever(self) -> int:
-        """Serve in this (main) thread until SIGTERM/SIGINT and the drain are done; the process' exit code."""
+        """Serve in this (main) thread until SIGTERM/SIGINT/SIGHUP and the drain are done; the process' exit code."""
         self._run(True)
         loader = self._load_thread
         if loader is not None and loader.is_alive():
@@ -170,7 +172,7 @@ class DaemonServer:
             # ("terminate called without an active exception") when its statics go with a thread inside it
             log.info("waiting for the model load to end before exiting (a second signal exits at once)")
             # asyncio.run restored the default handlers: a second Ctrl-C would raise here and exit normally
-            previous = {sig: signal.signal(sig, self._exit_at_once) for sig in (signal.SIGTERM, signal.SIGINT)}
+            previous = {sig: signal.signal(sig, self._exit_at_once) for sig in STOP_SIGNALS}
             try:
                 loader.join(_LOAD_JOIN_S)
             finally:
@@ -200,7 +202,7 @@ class DaemonServer:
         loop.set_exception_handler(_AcceptErrorsOncePer(_ACCEPT_ERROR_LOG_S))
         self._stop = asyncio.Event()
         if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 loop.add_signal_handler(sig, self._on_signal, sig)
         server = _uvicorn_server(self.app, self.settings)
         serving = asyncio.create_task(server.serve(sockets=[self._sock]))
@@ -230,6 +232,7 @@ class DaemonServer:
             assert self._stop is not None
             self._stop.set()
             return
+        self.exit_code = self.exit_code or exit_status_after_stop(sig, log)  # a failed load's 1 stays
         log.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.settings.server.drain_timeout_s)
         self._begin_drain(self.settings.server.drain_timeout_s)
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Manifest
+from ..config import MAX_THREADS
 from ..errors import BundleError, EdgeRuntimeError, InvalidRequestError, OutOfMemoryError
 
 __all__ = ["OrtModel", "KVCache", "check_onnxruntime", "default_threads", "session_options"]
@@ -120,8 +121,10 @@ class OrtModel:
         self.vocab_size = int(m["vocab_size"])
         self.context_length = int(m["context_length"])
         if intra_op_threads is not None and (isinstance(intra_op_threads, bool)
-                                             or not isinstance(intra_op_threads, numbers.Integral) or intra_op_threads < 1):
-            raise InvalidRequestError(f"must be an integer >= 1, got {intra_op_threads!r}", field="intra_op_threads")
+                                             or not isinstance(intra_op_threads, numbers.Integral)
+                                             or not 1 <= intra_op_threads <= MAX_THREADS):
+            raise InvalidRequestError(f"must be an integer from 1 to {MAX_THREADS}, got {intra_op_threads!r}",
+                                      field="intra_op_threads")
         self.threads = int(intra_op_threads) if intra_op_threads is not None else default_threads()
 
         if os.environ.get("ORT_DISABLE_TELEMETRY") == "1":

@@ -202,7 +202,10 @@ def _tgkill(pid: int, sig: int) -> bool:
 
 
 @pytest.mark.parametrize("to_thread", [False, True], ids=["to-process", "to-a-grpc-thread"])
-def test_serve_answers_and_drains_on_sigterm(tmp_path, to_thread):
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 0), (signal.SIGHUP, 129)], ids=["SIGTERM", "SIGHUP"])
+def test_serve_answers_and_drains_on_sigterm(tmp_path, to_thread, sig, status):
+    # SIGHUP killed the bridge at once (Python's default) with no log line; now it drains as SIGTERM does and
+    # exits 129, which systemd's Restart=on-failure restarts (settings are read only at start)
     path = write(tmp_path, '[server]\naddress = "127.0.0.1:0"\n[models.e]\nbackend = "echo"\nreply = "pong"\n')
     token = subprocess.run(
         [sys.executable, "-m", "cloud_bridge.cli", "token", "add", "dev2", "--config", str(path)],
@@ -228,12 +231,14 @@ def test_serve_answers_and_drains_on_sigterm(tmp_path, to_thread):
             assert client.generate([{"role": "user", "content": "ping"}]).text == "pong"
         # the kernel may hand a process's signal to any thread; the second case makes it a gRPC thread
         if not to_thread:
-            proc.send_signal(signal.SIGTERM)
-        elif not _tgkill(proc.pid, signal.SIGTERM):
+            proc.send_signal(sig)
+        elif not _tgkill(proc.pid, sig):
             pytest.skip("sending a signal to one thread needs Linux on x86_64 or aarch64")
-        assert proc.wait(15) == 0
+        assert proc.wait(15) == status
         rest = proc.stderr.read()
-        assert token not in rest and "SIGTERM" in rest
+        assert token not in rest and f"{sig.name}: shutting down" in rest
+        if sig == signal.SIGHUP:
+            assert "SIGHUP: settings are read only at start; draining and stopping (restart to apply changes)" in rest
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -470,3 +475,43 @@ def test_the_auth_settings_have_flags_too_but_never_an_inline_token(tmp_path, ca
     assert auth["tokens_file"] == str(tmp_path / "t.toml") and auth["reload_interval_s"] == 5.0
     with pytest.raises(SystemExit):  # hashes on a command line: not a setting a flag may carry
         main(["config", "--auth-tokens", "x"])
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1025, 2**31])
+def test_intra_op_threads_out_of_range_names_the_alias_in_serve_and_config(tmp_path, capsys, threads):
+    # 2**31 was a traceback from onnxruntime; 0 an error without the alias; `config` accepted both
+    path = write(tmp_path, f'[models.o]\nbackend = "onnx"\nbundle = "b"\nintra_op_threads = {threads}\n'
+                           '[models.p]\nbackend = "onnx"\nbundle = "b"\n')
+    with pytest.raises(ConfigError, match="must be from 1 to 1024") as info:
+        load_bridge_settings(path, env={})
+    assert info.value.field == "models.o.intra_op_threads"
+    models = f'{{o = {{backend = "onnx", bundle = "b", intra_op_threads = {threads}}}}}'
+    with pytest.raises(ConfigError) as info:
+        load_bridge_settings(data={}, env={"CLOUD_BRIDGE_MODELS": models})
+    assert info.value.field == "models.o.intra_op_threads"
+    for command in ("config", "serve"):
+        assert main([command, "--config", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert "models.o.intra_op_threads: must be from 1 to 1024" in err and "Traceback" not in err, err
+
+
+def test_an_engine_argument_the_onnx_backend_refuses_names_the_alias_and_setting(monkeypatch):
+    from edge_runtime.errors import InvalidRequestError
+
+    def refusing_engine(*_args, **_kwargs):
+        raise InvalidRequestError("must be an integer >= 1, got 0", field="max_sessions")
+
+    monkeypatch.setattr("edge_runtime.engine.Engine", refusing_engine)
+    settings = load_bridge_settings(data={"models": {"o": {"backend": "onnx", "bundle": "/b"}}}, env={})
+    with pytest.raises(ConfigError) as info:
+        create_server(settings, insecure=True)
+    assert info.value.field == "models.o.workers" and str(info.value).startswith("models.o.workers: must be")
+
+
+def test_a_config_file_saved_with_a_utf8_byte_order_mark_is_read(tmp_path, capsys):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbf[server]\naddress = "127.0.0.1:0"\n')
+    assert load_bridge_settings(path, env={}).server.address == "127.0.0.1:0"
+    assert main(["config", "--config", str(path)]) == 0
+    assert '"address": "127.0.0.1:0"' in capsys.readouterr().out
+

@@ -1,4 +1,6 @@
-"""SIGTERM drains: in-flight requests finish, health turns 503, new requests are refused, the process exits 0."""
+"""SIGTERM drains: in-flight requests finish, health turns 503, new requests are refused, the process exits 0.
+
+SIGHUP drains the same way and exits 129 (a failure to systemd's Restart=on-failure, which restarts it)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,17 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import ASK, TOKEN, Http, SlowEngine, metric, runtime, start_bridge, wait_for
 
 REPLY = "one two three four five six seven eight nine ten"
 
 
-def test_sigterm_lets_the_request_in_flight_finish_then_the_process_exits_0(tiny_bundle, tmp_path):
-    # the cloud answers slowly (10 words, 80 ms each): a request long enough to be in flight at SIGTERM
+@pytest.mark.parametrize("sig, exit_status", [(signal.SIGTERM, 0), (signal.SIGHUP, 129)], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_lets_the_request_in_flight_finish_then_the_process_exits_0(tiny_bundle, tmp_path, sig, exit_status):
+    # the cloud answers slowly (10 words, 80 ms each): a request long enough to be in flight at SIGTERM.
+    # SIGHUP killed the daemon at once (Python's default): no log line, the answer lost, the socket left behind
     bridge = start_bridge(reply=REPLY, token_delay_ms=80.0)
     config = tmp_path / "edge.toml"
     config.write_text(
@@ -57,7 +63,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_the_process_exits_0(tiny
         asker.start()
         assert wait_for(lambda: metric(probe.request("GET", "/metrics")[2].decode(),
                                         "edge_runtime_requests_in_progress") == 1, 10)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         # draining: health says so and new requests are refused, while the one in flight goes on
         assert wait_for(lambda: probe.request("GET", "/health")[0] == 503, 5)
         status, _, health = probe.json("GET", "/health")
@@ -69,9 +75,11 @@ def test_sigterm_lets_the_request_in_flight_finish_then_the_process_exits_0(tiny
         assert answer["body"]["choices"][0]["message"]["content"] == REPLY
         assert answer["body"]["routing"]["route"] == "cloud"
         probe.close()
-        assert proc.wait(20) == 0, "".join(log_lines)
+        assert proc.wait(20) == exit_status, "".join(log_lines)
         assert not (tmp_path / "edge.sock").exists()
         assert any("drained" in line for line in log_lines)
+        hangup = "SIGHUP: settings are read only at start; draining and stopping (restart to apply changes)"
+        assert any(hangup in line for line in log_lines) == (sig == signal.SIGHUP), "".join(log_lines)
         # the log has sizes and timings, never the prompt or the answer (log_content is off)
         assert not any(REPLY in line or "2 + 2" in line for line in log_lines), "".join(log_lines)
     finally:

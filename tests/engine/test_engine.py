@@ -349,7 +349,7 @@ def test_a_manifest_that_contradicts_itself_or_its_graph_is_refused_at_load(tiny
 def test_providers_and_threads_are_checked_as_given(tiny_bundle):
     assert Engine(tiny_bundle, providers="CPUExecutionProvider", energy_meter=None).model.providers == [
         "CPUExecutionProvider"]  # one name, not its letters
-    for threads in (0, "2", 1.5):
+    for threads in (0, "2", 1.5, 2 ** 31):  # onnxruntime's C int: 2**31 was its TypeError traceback
         with pytest.raises(InvalidRequestError) as info:
             Engine(tiny_bundle, intra_op_threads=threads, energy_meter=None)  # type: ignore[arg-type]
         assert info.value.field == "intra_op_threads"

@@ -1,0 +1,152 @@
+"""The daemon's settings layers as an operator meets them: file-relative bundles, thread bounds, a BOM, variables
+without their section, --help naming each variable and default, and files checked before the daemon binds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+import edge_runtime.daemon as daemon_pkg
+from cloud_bridge import load_bridge_settings
+from cloud_bridge.cli import main as bridge_main
+from edge_runtime.cli import main
+from edge_runtime.errors import BundleError, ConfigError
+from edge_runtime.settings import load_runtime_settings
+
+
+def _bundle(where: Path) -> Path:
+    where.mkdir(parents=True)
+    (where / "manifest.json").write_text("{}")
+    return where
+
+
+@pytest.mark.parametrize("written", ["./mine", "../conf/mine", "mine/"])
+def test_a_bundle_written_as_a_path_follows_the_config_file_not_the_working_directory(tmp_path, monkeypatch, written):
+    from edge_runtime.models import resolve_bundle
+
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    conf, cwd = tmp_path / "conf", tmp_path / "cwd"
+    conf.mkdir()
+    _bundle(cwd / "mine")  # only in the working directory: it was loaded from there, and failed under systemd
+    monkeypatch.chdir(cwd)
+    (conf / "edge.toml").write_text(f'[engine]\nbundle = "{written}"\n')
+    bundle = load_runtime_settings(conf / "edge.toml", env={}).engine.bundle
+    assert Path(bundle).is_absolute() and Path(bundle).resolve() == (conf / "mine").resolve()
+    with pytest.raises(BundleError) as info:  # the error names the absolute path it tried
+        resolve_bundle(bundle, field="engine.bundle")
+    assert f"bundle not found: {conf}" in str(info.value)
+    _bundle(conf / "mine")
+    assert resolve_bundle(bundle).resolve() == (conf / "mine").resolve()
+
+
+def test_a_bare_bundle_name_keeps_naming_a_model_unless_a_bundle_of_that_name_is_beside_the_file(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    monkeypatch.chdir(tmp_path)
+    (conf / "edge.toml").write_text('[engine]\nbundle = "smollm2-135m-instruct"\n')
+    assert load_runtime_settings(conf / "edge.toml", env={}).engine.bundle == "smollm2-135m-instruct"
+    _bundle(conf / "smollm2-135m-instruct")
+    assert load_runtime_settings(conf / "edge.toml", env={}).engine.bundle == str(conf / "smollm2-135m-instruct")
+    # in the environment and in flags a path stays the working directory's
+    env = {"EDGE_RUNTIME_ENGINE_BUNDLE": "./mine"}
+    assert load_runtime_settings(conf / "edge.toml", env=env).engine.bundle == "./mine"
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1025, 2**31, 10**20])
+def test_engine_threads_out_of_range_is_refused_with_the_settings(threads):
+    # 2**31 was a TypeError traceback from onnxruntime once the daemon was listening, naming no setting
+    for source in ({"data": {"engine": {"threads": threads}}, "env": {}},
+                   {"data": {}, "env": {"EDGE_RUNTIME_ENGINE_THREADS": str(threads)}}):
+        with pytest.raises(ConfigError, match="must be from 1 to 1024") as info:
+            load_runtime_settings(**source)
+        assert info.value.field == "engine.threads"
+    assert load_runtime_settings(data={"engine": {"threads": 1024}}, env={}).engine.threads == 1024
+
+
+def test_a_config_file_saved_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[server]\nport = 0\n")  # "UTF-8 with BOM", as Windows editors save it
+    assert load_runtime_settings(path, env={}).server.port == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xef\xbb\xbf[server]\nhost = \"caf\xe9\"\n")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 23\)"):  # counted in the file, BOM included
+        load_runtime_settings(bad, env={})
+
+
+@pytest.mark.parametrize("load, env, warned", [
+    (load_runtime_settings,
+     {"EDGE_RUNTIME_PORT": "38031", "EDGE_RUNTIME_QUEUE_SIZE": "3", "EDGE_RUNTIME_TOKEN": "secret-value",
+      "EDGE_RUNTIME_CACHE": "/tmp/x"},  # the cache's own variable is not a setting: never warned about
+     ["EDGE_RUNTIME_PORT is not a setting and is ignored (did you mean EDGE_RUNTIME_SERVER_PORT?)",
+      "EDGE_RUNTIME_QUEUE_SIZE is not a setting and is ignored (did you mean EDGE_RUNTIME_SERVER_QUEUE_SIZE?)",
+      "EDGE_RUNTIME_TOKEN is not a setting and is ignored (did you mean EDGE_RUNTIME_CLOUD_TOKEN?)"]),
+    (load_bridge_settings,
+     {"CLOUD_BRIDGE_ADDRESS": "127.0.0.1:38032", "CLOUD_BRIDGE_REQUESTS_PER_MINUTE": "1"},
+     ["CLOUD_BRIDGE_ADDRESS is not a setting and is ignored (did you mean CLOUD_BRIDGE_SERVER_ADDRESS?)",
+      "CLOUD_BRIDGE_REQUESTS_PER_MINUTE is not a setting and is ignored "
+      "(did you mean CLOUD_BRIDGE_QUOTA_REQUESTS_PER_MINUTE?)"]),
+], ids=["daemon", "bridge"])
+def test_a_variable_without_its_section_is_warned_about_naming_the_right_one(caplog, load, env, warned):
+    # the most natural slip (a misspelt section was warned about, a misspelt field refused) was ignored silently
+    with caplog.at_level(logging.WARNING):
+        load(data={}, env=env)
+    assert sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING") == warned
+    assert "secret-value" not in caplog.text
+
+
+@pytest.mark.parametrize("cli, shown, secret", [
+    (main, ["HTTP port (0: any free port) [env EDGE_RUNTIME_SERVER_PORT; default 8080]",
+            "[env EDGE_RUNTIME_SERVER_QUEUE_SIZE; default 16]", "[env EDGE_RUNTIME_CLOUD_TIMEOUT_S; default 30]",
+            "[env EDGE_RUNTIME_SERVER_REQUEST_TIMEOUT_S; default 300]",
+            "[env EDGE_RUNTIME_SERVER_LOG_CONTENT; default false]", "[env EDGE_RUNTIME_ENGINE_THREADS; default unset]",
+            '[env EDGE_RUNTIME_POLICY; default {"type": "threshold", "p": 0.5}]', "SIGHUP"],
+     "EDGE_RUNTIME_CLOUD_TOKEN;"),
+    (bridge_main, ["[env CLOUD_BRIDGE_SERVER_ADDRESS; default 127.0.0.1:50051]",
+                   "[env CLOUD_BRIDGE_QUOTA_REQUESTS_PER_MINUTE; default 60]",
+                   "[env CLOUD_BRIDGE_QUOTA_TOKENS_PER_MINUTE; default 100000]",
+                   "[env CLOUD_BRIDGE_AUTH_TOKENS_FILE; default bridge-tokens.toml]", "CLOUD_BRIDGE_* variable",
+                   "[models.<alias>] are set in the file or all at once by CLOUD_BRIDGE_MODELS"],
+     "CLOUD_BRIDGE_AUTH_TOKENS;"),  # the inline hashes
+], ids=["daemon", "bridge"])
+def test_serve_help_names_each_settings_variable_and_default(capsys, monkeypatch, cli, shown, secret):
+    # an operator writing an EnvironmentFile had to derive the names by hand, and most defaults were not shown
+    monkeypatch.setenv("COLUMNS", "2000")  # no line wrapped (argparse breaks at hyphens too)
+    with pytest.raises(SystemExit):
+        cli(["serve", "--help"])
+    out = capsys.readouterr().out
+    for text in shown:
+        assert text in out, text
+    assert secret not in out  # a secret has no flag, and so no default shown
+
+
+class _Bound(Exception):
+    """Raised where the daemon would bind: the settings got past every check before it."""
+
+
+@pytest.fixture
+def reaching_the_bind(monkeypatch):
+    def bind(*_args, **_kwargs):
+        raise _Bound
+
+    monkeypatch.setattr(daemon_pkg, "create_server", bind)
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--cloud-address", "127.0.0.1:50999", "--cloud-ca-file", "nope.pem"], "cloud.ca_file: cannot read"),
+    (["--cloud-address", "10.255.255.1:50051", "--cloud-insecure"], "cloud.insecure: plaintext is only allowed"),
+    (["--engine-estimator", "nope.json"], "engine.estimator: estimator file not found"),
+])
+def test_serve_refuses_a_missing_file_or_plaintext_off_loopback_before_binding(
+        reaching_the_bind, tmp_path, monkeypatch, capsys, flags, field):
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--server-port", "0", "--server-grpc-socket", "", *flags]) == 1
+    err = capsys.readouterr().err
+    assert field in err and "Traceback" not in err, err
+
+
+def test_serve_with_good_cloud_settings_goes_on_to_bind(reaching_the_bind, capsys):
+    with pytest.raises(_Bound):  # the checks themselves refuse nothing that is right
+        main(["serve", "--server-port", "0", "--server-grpc-socket", "", "--cloud-address", "127.0.0.1:1",
+              "--cloud-insecure"])
