@@ -168,7 +168,8 @@ def response_from_result(result: HybridResult, job: Job) -> daemon_pb2.ChatRespo
         routing.draft = result.draft
     e = result.energy
     energy = daemon_pb2.Energy(joules=e["joules"], source=e["source"], estimated=e["estimated"], seconds=e["seconds"],
-                               network_joules=e["network_joules"], wait_joules=e["wait_joules"])
+                               network_joules=e["network_joules"], wait_joules=e["wait_joules"],
+                               estimator_joules=e["estimator_joules"])
     if e.get("process_joules") is not None:
         energy.process_joules = e["process_joules"]
     c = result.cost
@@ -177,7 +178,8 @@ def response_from_result(result: HybridResult, job: Job) -> daemon_pb2.ChatRespo
         request_id=result.request_id, text=result.text, finish_reason=_FINISH.get(result.finish_reason, 0),
         model=result.model, routing=routing, energy=energy,
         cost=daemon_pb2.Cost(cloud_usd=c["cloud_usd"], device_energy_usd=c["device_energy_usd"],
-                             network_energy_j=c["network_energy_j"], total_usd=c["total_usd"]),
+                             network_energy_j=c["network_energy_j"], total_usd=c["total_usd"],
+                             device_energy_estimated=c["device_energy_estimated"]),
         usage=daemon_pb2.RouteUsage(local=bridge_pb2.Usage(**result.usage["local"]),
                                     cloud=bridge_pb2.Usage(**result.usage["cloud"]),
                                     accepted_prediction_tokens=result.predictions["accepted"],
@@ -210,7 +212,11 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
         """The call's request id, the caller's or made up, sent at once as ``x-request-id`` initial metadata (as
         HTTP answers its header), so that even a refused call has an id its caller can quote and the log names.
         A caller's id that cannot be one (a newline, megabytes) is replaced here, as HTTP replaces a bad header,
-        and the call is then refused naming ``request_id``."""
+        and the call is then refused naming ``request_id``. Without an id in the request, a valid ``x-request-id``
+        in the call's metadata is the id, as HTTP takes that header (an invalid one is replaced, as HTTP's is)."""
+        if not caller_id:
+            caller_id = next((value for key, value in context.invocation_metadata() or ()
+                              if key == "x-request-id" and isinstance(value, str)), "")
         rid = caller_id if valid_request_id(caller_id) else new_request_id()
         context.send_initial_metadata((("x-request-id", rid),))
         return rid

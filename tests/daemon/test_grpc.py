@@ -65,6 +65,8 @@ def test_unary_chat_returns_the_answer_with_routing_energy_cost_and_logprobs(eng
     assert r.text == direct.text and r.model == engine.model_name
     assert r.routing.route == "local" and r.routing.reason == "policy_never" and r.routing.HasField("p_correct")
     assert r.energy.joules > 0 and r.energy.source == "test:constant" and r.cost.cloud_usd == 0
+    # as HTTP's answer has them: a local answer's price is estimated exactly when its energy is; no self-check ran
+    assert r.cost.device_energy_estimated == r.energy.estimated and r.energy.estimator_joules == 0
     assert r.usage.local.completion_tokens == 5 and r.usage.cloud.completion_tokens == 0
     kept = [t for t in direct.tokens if t.id not in engine.eos_token_ids]
     assert [t.token for t in r.logprobs] == [t.text for t in kept]
@@ -93,6 +95,7 @@ def test_the_cloud_answers_over_grpc_too_and_reveal_draft_withdraws(engine, brid
     r = stub.Chat(_request(max_new_tokens=6), timeout=30)
     assert r.text == CLOUD_REPLY and r.routing.route == "cloud" and r.model == "big-cloud-model"
     assert r.routing.draft and r.cost.cloud_usd > 0 and r.routing.threshold == pytest.approx(0.999)
+    assert r.energy.network_joules > 0 and r.cost.device_energy_estimated  # the radio's energy is an estimate
     events = list(stub.ChatStream(_request(max_new_tokens=6, reveal_draft=True), timeout=30))
     kinds = [e.WhichOneof("event") for e in events]
     assert "withdraw" in kinds
@@ -144,6 +147,14 @@ def test_every_call_gets_a_request_id_its_caller_sees_even_when_refused(engine, 
     stream = stub.ChatStream(_request(max_new_tokens=2), timeout=10)
     events = list(stream)
     assert events[-1].final.request_id == dict(stream.initial_metadata())["x-request-id"]
+    # the x-request-id metadata, as HTTP's header, when the request has none (it was ignored); the field wins
+    answer, call = stub.Chat.with_call(_request(max_new_tokens=2), metadata=(("x-request-id", "trace-9"),), timeout=10)
+    assert answer.request_id == dict(call.initial_metadata())["x-request-id"] == "trace-9"
+    answer = stub.Chat(_request(max_new_tokens=2, request_id="app-8"), metadata=(("x-request-id", "trace-9"),),
+                       timeout=10)
+    assert answer.request_id == "app-8"
+    answer = stub.Chat(_request(max_new_tokens=2), metadata=(("x-request-id", "no spaces please"),), timeout=10)
+    assert len(answer.request_id) == 32  # replaced, as HTTP replaces a bad header
 
 
 def test_a_call_past_its_deadline_counts_as_a_timeout_and_one_cancelled_as_cancelled(engine, start_daemon,

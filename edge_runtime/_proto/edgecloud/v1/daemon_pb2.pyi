@@ -70,7 +70,7 @@ class Routing(_message.Message):
     def __init__(self, route: _Optional[str] = ..., p_correct: _Optional[float] = ..., threshold: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., cloud_error: _Optional[str] = ..., draft: _Optional[str] = ...) -> None: ...
 
 class Energy(_message.Message):
-    __slots__ = ("joules", "source", "estimated", "process_joules", "seconds", "network_joules", "wait_joules")
+    __slots__ = ("joules", "source", "estimated", "process_joules", "seconds", "network_joules", "wait_joules", "estimator_joules")
     JOULES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class Energy(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     NETWORK_JOULES_FIELD_NUMBER: _ClassVar[int]
     WAIT_JOULES_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_JOULES_FIELD_NUMBER: _ClassVar[int]
     joules: float
     source: str
     estimated: bool
@@ -85,19 +86,22 @@ class Energy(_message.Message):
     seconds: float
     network_joules: float
     wait_joules: float
-    def __init__(self, joules: _Optional[float] = ..., source: _Optional[str] = ..., estimated: _Optional[bool] = ..., process_joules: _Optional[float] = ..., seconds: _Optional[float] = ..., network_joules: _Optional[float] = ..., wait_joules: _Optional[float] = ...) -> None: ...
+    estimator_joules: float
+    def __init__(self, joules: _Optional[float] = ..., source: _Optional[str] = ..., estimated: _Optional[bool] = ..., process_joules: _Optional[float] = ..., seconds: _Optional[float] = ..., network_joules: _Optional[float] = ..., wait_joules: _Optional[float] = ..., estimator_joules: _Optional[float] = ...) -> None: ...
 
 class Cost(_message.Message):
-    __slots__ = ("cloud_usd", "device_energy_usd", "network_energy_j", "total_usd")
+    __slots__ = ("cloud_usd", "device_energy_usd", "network_energy_j", "total_usd", "device_energy_estimated")
     CLOUD_USD_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ENERGY_USD_FIELD_NUMBER: _ClassVar[int]
     NETWORK_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     TOTAL_USD_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ENERGY_ESTIMATED_FIELD_NUMBER: _ClassVar[int]
     cloud_usd: float
     device_energy_usd: float
     network_energy_j: float
     total_usd: float
-    def __init__(self, cloud_usd: _Optional[float] = ..., device_energy_usd: _Optional[float] = ..., network_energy_j: _Optional[float] = ..., total_usd: _Optional[float] = ...) -> None: ...
+    device_energy_estimated: bool
+    def __init__(self, cloud_usd: _Optional[float] = ..., device_energy_usd: _Optional[float] = ..., network_energy_j: _Optional[float] = ..., total_usd: _Optional[float] = ..., device_energy_estimated: _Optional[bool] = ...) -> None: ...
 
 class RouteUsage(_message.Message):
     __slots__ = ("local", "cloud", "accepted_prediction_tokens", "rejected_prediction_tokens", "cached_prompt_tokens")
