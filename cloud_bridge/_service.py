@@ -10,7 +10,9 @@ deadline passes, so an abandoned call stops its backend.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -24,7 +26,7 @@ from edge_runtime._grpc_decode import Undecodable, undecodable_message
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
 from edge_runtime.cloud import ACCEPTED_METADATA_KEY, Escalation
 from edge_runtime.engine.types import SamplingParams, log_text, validate_messages
-from edge_runtime.errors import BackendError, InvalidRequestError, QueueFullError
+from edge_runtime.errors import BackendError, ContextLengthError, InvalidRequestError, QueueFullError
 
 from ._admission import WorkerSlots
 from ._auth import TokenStore, bearer_token
@@ -46,6 +48,11 @@ FINISH_REASONS: dict[str, bridge_pb2.FinishReason] = {
     "content_filter": bridge_pb2.FINISH_REASON_CONTENT_FILTER,
 }
 _MAX_REQUEST_ID = 128
+# an id of these characters (the daemon's request id rule) is one word without `=` or quotes: it cannot pass for
+# another field of a key=value log line, so it is logged as is
+_PLAIN_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{_MAX_REQUEST_ID}}}")
+# OpenAI's range, which the daemon's transports enforce too: a device gets the same answer from either
+_MAX_TEMPERATURE = 2.0
 
 
 @dataclass
@@ -67,7 +74,10 @@ def _invalid(err: InvalidRequestError) -> Reject:
     field = err.field or ""
     message = str(err)
     description = message[len(field) + 2 :] if field and message.startswith(f"{field}: ") else message
-    return Reject(make_status(grpc.StatusCode.INVALID_ARGUMENT, message, bad_request(field, description)))
+    details = [bad_request(field, description)]
+    if isinstance(err, ContextLengthError):  # the reason the daemon sends too: a client can tell it by machine
+        details.append(error_info("CONTEXT_LENGTH_EXCEEDED"))
+    return Reject(make_status(grpc.StatusCode.INVALID_ARGUMENT, message, *details))
 
 
 # what a call refused at server.max_concurrent_rpcs is told to wait: calls last seconds, and the device's
@@ -97,7 +107,7 @@ def _quota_tokens(request: BackendRequest, prompt_tokens: int, completion_tokens
     charged = min(prompt_tokens, prompt_cap) + min(completion_tokens, completion_cap)
     if charged < prompt_tokens + completion_tokens:
         log.warning("%s: the upstream reported prompt_tokens=%d completion_tokens=%d, more than the request can "
-                    "have (at most %d and %d): the device's token quota is charged %d", request.request_id,
+                    "have (at most %d and %d): the device's token quota is charged %d", _log_id(request.request_id),
                     prompt_tokens, completion_tokens, prompt_cap, completion_cap, charged)
     return charged
 
@@ -207,6 +217,9 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     @staticmethod
     def _params(s: bridge_pb2.SamplingParams, max_new_tokens: int) -> SamplingParams:
         try:
+            if s.HasField("temperature") and s.temperature > _MAX_TEMPERATURE:  # SamplingParams refuses < 0 itself
+                raise InvalidRequestError(f"must be between 0 and {_MAX_TEMPERATURE:g}, got {s.temperature}",
+                                          field="temperature")
             return SamplingParams(
                 max_new_tokens=max_new_tokens,
                 temperature=s.temperature if s.HasField("temperature") else 0.0,
@@ -320,7 +333,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             code = getattr(grpc.StatusCode, err.code, grpc.StatusCode.UNAVAILABLE)
             raise Reject(make_status(code, f"backend {job.alias!r} failed: {err}", *details)) from err
         except Exception as err:  # a broken backend must cost one call, never the server
-            log.exception("%s backend %r crashed", job.request.request_id, job.alias)
+            log.exception("%s backend %r crashed", _log_id(job.request.request_id), job.alias)
             raise Reject(
                 make_status(
                     grpc.StatusCode.UNAVAILABLE,
@@ -335,8 +348,8 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     @staticmethod
     def _log_cut_call(job: _Job, finish: str, prompt_shown: str, prompt_tokens: int, completion_tokens: int) -> None:
         """The access line of a call that ended before its answer: what it generated is billed all the same."""
-        log.info("%s device=%s model=%s finish=%s %s completion_tokens=%d cost_usd=%.6f", job.request.request_id,
-                 job.device, job.alias, finish, prompt_shown, completion_tokens,
+        log.info("%s device=%s model=%s finish=%s %s completion_tokens=%d cost_usd=%.6f",
+                 _log_id(job.request.request_id), job.device, job.alias, finish, prompt_shown, completion_tokens,
                  job.model.cost_usd(prompt_tokens, completion_tokens))
 
     def _response(self, job: _Job, result: BackendResult) -> bridge_pb2.GenerateResponse:
@@ -349,7 +362,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         log.info(
             "%s device=%s model=%s finish=%s prompt_tokens=%d completion_tokens=%d cost_usd=%.6f "
             "queue_ms=%.1f total_ms=%.1f",
-            job.request.request_id,
+            _log_id(job.request.request_id),
             job.device,
             job.alias,
             result.finish_reason,
@@ -360,7 +373,8 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             total_ms,
         )
         if self.settings.server.log_content:
-            content_log.info("%s messages=%r answer=%r", job.request.request_id, job.request.messages, result.text)
+            content_log.info("%s messages=%r answer=%r", _log_id(job.request.request_id), job.request.messages,
+                             result.text)
         return bridge_pb2.GenerateResponse(
             request_id=job.request.request_id,
             text=result.text,
@@ -389,7 +403,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         request_id = job.request.request_id if job is not None else reject.request_id
         # the details may quote an upstream's error text: escaped, so it cannot forge log lines. The caller's address
         # says where a revoked or leaked token is still in use (it is the transport's, not the caller's, text)
-        log.info("%s status=%s peer=%s %s", request_id, reject.status.code.name, log_text(context.peer(), 200),
+        log.info("%s status=%s peer=%s %s", _log_id(request_id), reject.status.code.name, log_text(context.peer(), 200),
                  log_text(reject.status.details))
         context.abort_with_status(reject.status)
         raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
@@ -483,7 +497,17 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
 
 
 def _valid_request_id(request_id: str) -> bool:
+    # any printable id, spaces included: a device's HybridRuntime forwards its users' ids
     return len(request_id) <= _MAX_REQUEST_ID and request_id.isprintable()
+
+
+def _log_id(request_id: str) -> str:
+    """The request id as every log line starts with it: as is when plain, else JSON-quoted.
+
+    The access log is the bill's source; an id with spaces written raw could add fields to it (`x device=other
+    cost_usd=99`). Quoted, it stays one value, and json.dumps escapes its quotes and control characters.
+    """
+    return request_id if _PLAIN_REQUEST_ID.fullmatch(request_id) else json.dumps(request_id)
 
 
 def _with_hint(messages: list[dict[str, str]], escalation: Escalation) -> list[dict[str, str]]:

@@ -18,14 +18,33 @@ from typing import Protocol, runtime_checkable
 
 from edge_runtime.cloud import Escalation
 from edge_runtime.engine.types import SamplingParams
+from edge_runtime.errors import ContextLengthError
 
-__all__ = ["CancelToken", "BackendRequest", "BackendResult", "BackendChunk", "Backend", "estimated_tokens"]
+__all__ = ["CancelToken", "BackendRequest", "BackendResult", "BackendChunk", "Backend", "estimated_tokens",
+           "context_length_error"]
 
 
 def estimated_tokens(text: str) -> int:
     """Tokens of a text nobody counted (an upstream that sent no usage, a call cut before it did): ~4 characters a
     token, rounded up. Counting none would make such calls free for the device's quota and the bill."""
     return -(-len(text) // 4)
+
+
+def context_length_error(prompt_tokens: int, max_new_tokens: int, context_length: int) -> ContextLengthError:
+    """The error for a prompt that, with ``max_new_tokens``, overflows the model's window, naming what the caller
+    must change, as the daemon does: ``messages`` when the prompt leaves no room for even one new token (no
+    max_new_tokens can help), else ``max_new_tokens``. Every backend that knows its window answers alike."""
+    if prompt_tokens >= context_length:
+        return ContextLengthError(
+            f"the prompt has {prompt_tokens} tokens and leaves no room for an answer in the context window of "
+            f"{context_length} tokens (shorten the prompt)",
+            field="messages",
+        )
+    return ContextLengthError(
+        f"the prompt has {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: together they exceed the "
+        f"context window of {context_length} tokens (at most {context_length - prompt_tokens} new tokens fit)",
+        field="max_new_tokens",
+    )
 
 
 _EXPIRY_SLACK_S = 0.005

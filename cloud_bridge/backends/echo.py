@@ -14,10 +14,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from edge_runtime.errors import BackendError, ContextLengthError
+from edge_runtime.errors import BackendError
 
 from .._settings import EchoModelSettings
-from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken
+from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken, context_length_error
 
 __all__ = ["EchoBackend", "GenerationRecord"]
 
@@ -68,11 +68,7 @@ class EchoBackend:
         prompt_tokens = sum(self.count_words(m["content"]) for m in request.messages)
         params = request.params
         if prompt_tokens + params.max_new_tokens > self.context_length:
-            raise ContextLengthError(
-                f"{prompt_tokens} prompt tokens + max_new_tokens {params.max_new_tokens} "
-                f"exceed the context of {self.context_length}",
-                field="max_new_tokens",
-            )
+            raise context_length_error(prompt_tokens, params.max_new_tokens, self.context_length)
         words = _WORD_RE.findall(self._answer(request))
         started_s = time.monotonic()
         delay_s = self.settings.token_delay_ms / 1000.0

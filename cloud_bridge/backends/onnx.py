@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from edge_runtime.errors import BackendError, BundleError, ConfigError, InvalidRequestError
+from edge_runtime.errors import BackendError, BundleError, ConfigError, ContextLengthError, InvalidRequestError
 
 from .._settings import OnnxModelSettings
-from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken
+from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken, context_length_error
 
 __all__ = ["OnnxBackend"]
 
@@ -55,10 +55,18 @@ class OnnxBackend:
             ttft_ms=result.timings.ttft_ms,
         )
 
+    def _context_error(self, request: BackendRequest) -> ContextLengthError:
+        """The engine's context error, naming the field by the bridge's rule: the engine names ``messages`` also
+        when the prompt fits and only max_new_tokens is too large. Counted again only on this rare path."""
+        prompt_tokens = len(self.engine.encode(messages=request.messages))
+        return context_length_error(prompt_tokens, request.params.max_new_tokens, self.context_length)
+
     def generate(self, request: BackendRequest, cancel: CancelToken) -> BackendResult:
         try:
             result = self.engine.generate(messages=request.messages, params=request.params, cancel=cancel)
-        except InvalidRequestError:  # ContextLengthError included: the caller's fault, not the engine's
+        except ContextLengthError as err:
+            raise self._context_error(request) from err
+        except InvalidRequestError:  # the caller's fault, not the engine's
             raise
         except Exception as err:
             raise BackendError(f"engine failed: {type(err).__name__}: {err}", reason="ENGINE_FAILED") from err
@@ -71,6 +79,8 @@ class OnnxBackend:
                     yield BackendChunk(chunk.text, 1 if chunk.token is not None else 0, self._result(chunk.result))
                     return
                 yield BackendChunk(chunk.text, 1 if chunk.token is not None else 0)
+        except ContextLengthError as err:
+            raise self._context_error(request) from err
         except InvalidRequestError:
             raise
         except Exception as err:

@@ -35,10 +35,13 @@ class StandInEngine:
         self.finished: list[tuple[str, int]] = []
         self.closed = False
 
+    def encode(self, prompt: str | None = None, *, messages: Any = None) -> list[int]:
+        return [0] * sum(len(m["content"].split()) for m in messages)
+
     def stream(self, messages: Any, params: SamplingParams, cancel: Any):
-        prompt = sum(len(m["content"].split()) for m in messages)
+        prompt = len(self.encode(messages=messages))
         if prompt + params.max_new_tokens > self.context_length:
-            raise ContextLengthError("too long", field="max_new_tokens")
+            raise ContextLengthError("too long", field="messages")  # the engine's field whenever max_new_tokens fits
         if self.fail is not None:
             raise self.fail
         stop = cancel.is_set if isinstance(cancel, threading.Event) else cancel
@@ -125,6 +128,22 @@ def test_engine_errors_become_statuses(start_bridge, make_client, tmp_path):
     with pytest.raises(CloudUnavailableError) as unavailable:
         client.generate(HI, model="broken", params=SamplingParams(max_new_tokens=4))
     assert "ENGINE_FAILED" in str(unavailable.value)
+
+
+@pytest.mark.parametrize(
+    ("words", "max_new_tokens", "field"), [(1, 100, "max_new_tokens"), (3, 62, "max_new_tokens"), (70, 1, "messages")]
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_context_overflow_names_the_field_to_change_as_every_backend_does(
+    start_bridge, make_client, tmp_path, words, max_new_tokens, field, stream
+):
+    backend = OnnxBackend(OnnxModelSettings(bundle=tmp_path), engine_factory=stand_in())  # a window of 64
+    client = make_client(start_bridge(backends={"coder": backend}, models={}), max_attempts=1)
+    messages = [{"role": "user", "content": "a " * words}]
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    with pytest.raises(CloudError) as info:
+        list(client.stream(messages, params=params)) if stream else client.generate(messages, params=params)
+    assert f"INVALID_ARGUMENT: {field}: " in str(info.value) and str(info.value).endswith("[CONTEXT_LENGTH_EXCEEDED]")
 
 
 @pytest.fixture

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -133,6 +136,7 @@ def _request(**fields):
         ({"messages": [bridge_pb2.ChatMessage(role="user", content="x")] * 65}, "messages"),
         ({"sampling": bridge_pb2.SamplingParams(top_p=0.0)}, "sampling.top_p"),
         ({"sampling": bridge_pb2.SamplingParams(temperature=-1.0)}, "sampling.temperature"),
+        ({"sampling": bridge_pb2.SamplingParams(temperature=5.0)}, "sampling.temperature"),
         ({"escalation": bridge_pb2.EscalationContext(p_correct=1.5)}, "escalation.p_correct"),
         ({"request_id": "r" * 129}, "request_id"),
         # the escalation context is pasted into the model's prompt: it counts towards the limit
@@ -156,6 +160,57 @@ def test_malformed_requests_are_invalid_argument_naming_the_field(
     assert status.details[0].Unpack(bad)
     assert bad.field_violations[0].field == field
     assert bridge.backend().generations == []  # rejected before any generation
+
+
+def _call(stub, method: str, request: bridge_pb2.GenerateRequest) -> None:
+    if method == "Generate":
+        stub.Generate(request, metadata=AUTH, timeout=5)
+    else:
+        list(stub.GenerateStream(request, metadata=AUTH, timeout=5))
+
+
+def _refusal(err: grpc.RpcError) -> tuple[str, str]:
+    """The field a refusal's BadRequest names and its ErrorInfo reason ("" for a detail it lacks)."""
+    field, reason = "", ""
+    for detail in rpc_status.from_call(err).details:
+        bad, info = error_details_pb2.BadRequest(), error_details_pb2.ErrorInfo()
+        if detail.Unpack(bad):
+            field = bad.field_violations[0].field
+        elif detail.Unpack(info):
+            reason = info.reason
+    return field, reason
+
+
+@pytest.mark.parametrize(
+    ("words", "max_new_tokens", "field"),
+    [
+        (12, 1, "messages"),  # the prompt alone is over the window: no max_new_tokens can help
+        (12, None, "messages"),
+        (10, 1, "messages"),  # the prompt fills the window: not even one token fits
+        (3, 8, "max_new_tokens"),  # the prompt fits; with this many new tokens it does not
+    ],
+)
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_a_request_over_the_context_window_names_the_field_to_change_and_says_why(
+    start_bridge, raw_stub, words, max_new_tokens, field, method
+):
+    bridge = start_bridge(models={"tiny": {"backend": "echo", "context_length": 10}})
+    request = _request(messages=[bridge_pb2.ChatMessage(role="user", content="a " * words)])
+    if max_new_tokens is not None:
+        request.max_new_tokens = max_new_tokens
+    with pytest.raises(grpc.RpcError) as info:
+        _call(raw_stub(bridge), method, request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _refusal(info.value) == (field, "CONTEXT_LENGTH_EXCEEDED")  # as the daemon answers
+
+
+def test_a_temperature_above_2_is_refused_as_the_daemon_refuses_it(start_bridge, raw_stub):
+    bridge = start_bridge()
+    stub = raw_stub(bridge)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(_request(sampling=bridge_pb2.SamplingParams(temperature=5.0)), metadata=AUTH, timeout=5)
+    assert info.value.details() == "sampling.temperature: must be between 0 and 2, got 5.0"
+    assert stub.Generate(_request(sampling=bridge_pb2.SamplingParams(temperature=2.0)), metadata=AUTH, timeout=5).text
 
 
 def test_prompt_over_the_context_window_is_invalid_argument(start_bridge, make_client):
@@ -203,3 +258,26 @@ def test_only_an_authenticated_callers_valid_request_id_reaches_the_log(start_br
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "forged" not in logged and "device=admin" not in logged
     assert "req-7 status=INVALID_ARGUMENT" in logged
+
+
+def test_a_request_id_cannot_forge_fields_in_the_log(start_bridge, raw_stub, caplog):
+    """Any printable id is accepted (a device forwards its users' ids), but one that is not a plain word is logged
+    JSON-quoted: the access line (the bill's source), refusals and the content log each keep one device, one cost."""
+    bridge = start_bridge(server={"log_content": True})
+    stub = raw_stub(bridge)
+    forged = ("qa-inj2 device=other-device model=gpt-4o finish=eos prompt_tokens=999999 completion_tokens=999999 "
+              "cost_usd=99.0 |")
+    with caplog.at_level("INFO", logger="cloud_bridge"):
+        answer = stub.Generate(_request(request_id=forged, max_new_tokens=1), metadata=AUTH, timeout=5)
+        assert answer.request_id == forged  # accepted and echoed unchanged
+        with pytest.raises(grpc.RpcError):
+            stub.Generate(_request(request_id=forged, messages=[bridge_pb2.ChatMessage(role="wizard", content="x")]),
+                          metadata=AUTH, timeout=5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3  # access, content, refusal
+    for line in lines:
+        assert line.startswith(json.dumps(forged) + " ")
+        fields = shlex.split(line)[1:]  # what a quote-aware key=value reader sees after the id
+        assert not any(f.startswith(("model=gpt-4o", "cost_usd=99", "device=other")) for f in fields)
+    access, _, refusal = lines
+    assert " device=device-a model=tiny " in access and " status=INVALID_ARGUMENT " in refusal
