@@ -33,6 +33,17 @@ def open_channel(settings: CloudSettings) -> grpc.Channel:
         # 2-minute backoff ceiling, decides how long the cloud is skipped
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 5000),
+        # A connection can die without a word: a NAT or cellular mapping that expired, a middlebox that dropped the
+        # flow, a proxy whose backend hung. TCP keeps it "open" and every call on it timed out, for as long as the
+        # daemon ran: the circuit breaker's probes went down the same dead connection. A ping while calls are in
+        # flight (never on an idle connection: no radio wake-ups) that is not answered in time drops it, and the
+        # next call connects anew. gRPC's own ping timeout (60 s, for any ping in flight) must be as short, or an
+        # earlier unanswered ping holds the keepalive back.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(settings.keepalive_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_pings_without_data", 0),  # a long answer may send nothing for a while: keep pinging
     ]
     if settings.insecure:
         if not is_loopback_address(settings.address):

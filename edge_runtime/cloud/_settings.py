@@ -51,6 +51,9 @@ class CloudSettings:
     circuit_failure_threshold: int = setting(3, help="consecutive failed calls after which the cloud is skipped")
     circuit_cooldown_s: float = setting(30.0, help="how long the cloud is skipped before one call tries it again")
     max_message_bytes: int = setting(4 << 20, help="largest message sent or received, in bytes")
+    keepalive_s: float = setting(
+        5.0, help="while a call is in flight, ping the bridge after this many seconds without news from it; a "
+                  "connection whose ping goes unanswered for as long is dropped and the next call opens a new one")
 
     def validate(self) -> None:
         if self.address:
@@ -64,6 +67,9 @@ class CloudSettings:
             value = getattr(self, name)
             if not 0 < value <= _MAX_SECONDS:  # also refuses nan
                 raise ConfigError(f"must be > 0 and at most {_MAX_SECONDS:.0f} s, got {value!r}", field=f"cloud.{name}")
+        if not 1 <= self.keepalive_s <= _MAX_SECONDS:  # the bridge accepts pings down to 1 s apart
+            raise ConfigError(f"must be from 1 to {_MAX_SECONDS:.0f} s, got {self.keepalive_s!r}",
+                              field="cloud.keepalive_s")
         if not 1 <= self.backoff_multiplier <= 100:
             raise ConfigError(f"must be from 1 to 100, got {self.backoff_multiplier!r}", field="cloud.backoff_multiplier")
         if not 1024 <= self.max_message_bytes <= _MAX_MESSAGE_BYTES:  # gRPC's limits are signed 32-bit

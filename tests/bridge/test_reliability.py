@@ -407,3 +407,73 @@ def test_a_request_that_is_not_protobuf_is_refused_like_any_bad_request(start_br
             ok, metadata=AUTH, timeout=5).text  # still serving
     finally:
         channel.close()
+
+
+class _BlackHoleProxy:
+    """A TCP proxy to ``target``; :meth:`black_hole` silently drops every byte of the connections open now, keeping
+    them open (a NAT entry that expired, a middlebox that lost the flow). Later connections are forwarded."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections: list[dict[str, bool]] = []
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(self.target)
+            state = {"dead": False}
+            self.connections.append(state)
+            self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b, state), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket, state: dict[str, bool]) -> None:
+        try:
+            while data := a.recv(65536):
+                if not state["dead"]:
+                    b.sendall(data)
+        except OSError:
+            pass
+
+    def black_hole(self) -> None:
+        for state in self.connections:
+            state["dead"] = True
+
+    def close(self) -> None:
+        for s in (self.sock, *self._sockets):
+            s.close()
+
+
+def test_a_connection_that_died_silently_is_replaced_not_used_for_ever(start_bridge, make_client):
+    # every call on it timed out, the circuit's probes too, until the daemon was restarted; the bridge was fine
+    bridge = start_bridge()
+    proxy = _BlackHoleProxy(("127.0.0.1", bridge.port))
+    try:
+        client = make_client(bridge, address=f"127.0.0.1:{proxy.port}", keepalive_s=1.0, timeout_s=3.0,
+                             circuit_failure_threshold=100)
+        assert client.generate(HI).text == "the answer is forty two"
+        proxy.black_hole()
+        t0 = time.monotonic()
+        # the call starts on the dead connection; its ping goes unanswered, the connection is dropped within two
+        # keepalive periods, and the call is retried (UNAVAILABLE) on a new one, within its deadline
+        assert client.generate(HI).text == "the answer is forty two"
+        assert len(proxy.connections) == 2 and time.monotonic() - t0 < 3.0
+    finally:
+        proxy.close()
+
+
+def test_pings_during_a_long_silent_call_are_accepted_by_the_bridge(start_bridge, make_client):
+    # a unary answer sends nothing until it is whole: the device pings all the while, and the bridge must not
+    # take that for abuse (GOAWAY "too_many_pings" would end the call)
+    bridge = start_bridge(models=slow(500.0, reply="one two three four five six"))
+    client = make_client(bridge, keepalive_s=1.0, timeout_s=20.0)
+    t0 = time.monotonic()
+    assert client.generate(HI).text == "one two three four five six" and time.monotonic() - t0 >= 2.5
