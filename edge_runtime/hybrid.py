@@ -728,6 +728,7 @@ class HybridRuntime:
         cloud_result = None
         cloud_error: str | None = None
         asked = False  # whether the escalation used the network (its energy counts even when it failed)
+        maybe_billed = False  # a failed or cancelled escalation the bridge may have billed, for an amount unknown here
         failed_cloud_ms = 0.0  # the wait for an escalation that failed
         route: Route
         if decision.action == "cloud" and _is_cancelled(cancel) and not timing.out_of_time():
@@ -783,6 +784,7 @@ class HybridRuntime:
                 # generation; what it generated until then is billed and unknown here, so a budget keeps the
                 # amount it reserved rather than counting the call as free
                 settlement.settle(ctx.estimated_cloud_usd)
+                maybe_billed = True
                 failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0  # the radio was on meanwhile
                 route, decision = "local_forced", Decision("local_forced", "cancelled", "the caller cancelled the request during escalation",
                                                            policy=decision.policy, value=decision.value, threshold=decision.threshold)
@@ -794,6 +796,7 @@ class HybridRuntime:
                 billed = (isinstance(err, CloudResponseTooLargeError) or progress.text
                           or (isinstance(err, CloudTimeoutError) and (progress.accepted or getattr(err, "bridge_accepted", False))))
                 settlement.settle(ctx.estimated_cloud_usd if billed else 0.0)
+                maybe_billed = bool(billed)
                 if asked:
                     failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0
                 asked = asked and not err.skipped  # refused on the device (circuit open, quota spent): no radio
@@ -830,7 +833,8 @@ class HybridRuntime:
             else:
                 yield from held
         yield HybridChunk("done", result=self._result(msgs, request_id, route, decision, p_correct, locals_, cloud_result,
-                                                      cloud_error, early_exit, t0, asked, failed_cloud_ms, estimator_energy))
+                                                      cloud_error, early_exit, t0, asked, failed_cloud_ms, estimator_energy,
+                                                      maybe_billed))
 
     def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
                    p_correct: float | None, decision: Decision, request_id: str, cancel: Any,
@@ -885,7 +889,7 @@ class HybridRuntime:
     def _result(self, msgs: list[dict[str, str]], request_id: str, route: Route, decision: Decision, p_correct: float | None,
                 locals_: list[GenerationResult], cloud: Any, cloud_error: str | None, early_exit: bool, t0: float,
                 asked: bool = False, failed_cloud_ms: float = 0.0,
-                estimator_energy: Sequence[EnergyReport] = ()) -> HybridResult:
+                estimator_energy: Sequence[EnergyReport] = (), maybe_billed: bool = False) -> HybridResult:
         final_local = locals_[-1] if locals_ else None
         energies = [r.energy for r in locals_ if r.energy is not None] + list(estimator_energy)
         local_j = sum(e.joules for e in energies)
@@ -916,6 +920,10 @@ class HybridRuntime:
         device_usd = device_energy_usd(self.cost, local_j + net_j + wait_j)
         cost = {"cloud_usd": cloud_usd, "device_energy_usd": device_usd, "network_energy_j": round(net_j, 6),
                 "total_usd": cloud_usd + device_usd,
+                # an escalation that failed or was cancelled after the bridge took it: it may have been billed for
+                # what was generated, which the device never learns (cloud_usd counts only bills it received; a
+                # budget keeps the reservation; the bridge's access log has the figure)
+                "cloud_usd_unknown": maybe_billed,
                 # priced from the energy above: estimated when any of it is (the network's and the wait's always are)
                 "device_energy_estimated": bool(energy["estimated"] or net_j > 0 or wait_j > 0)}
         usage = {

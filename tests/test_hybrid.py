@@ -378,13 +378,17 @@ def test_a_failure_after_the_bridge_accepted_the_call_keeps_its_reservation(engi
         r = rt.chat(ASK, max_new_tokens=150)  # 150 words of 51 bytes: past the client's 4 kB
         assert r.route == "fallback" and "TooLarge" in r.cloud_error
         assert _budget_of(rt).spent_usd() > 0  # not counted as free
+        # and the answer says its bill is unknown, not that it cost nothing (it read $0 and no more)
+        assert r.cost["cloud_usd"] == 0 and r.cost["cloud_usd_unknown"] is True
         with _echo_bridge("big", reply="x") as (server, other):  # a bridge that refuses before accepting: free
             server.stop(0)
             down = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 10.0}, {"type": "always"}]},
                                  cloud=CloudClient(address=f"127.0.0.1:{other}", token=TOKEN, insecure=True, timeout_s=2.0))
             # its prices were read while it was up (unread, no budgeted escalation would be admitted at all)
             down._bridge_prices, down._bridge_prices_due = (1000.0, 2000.0), float("inf")
-            assert down.chat(ASK, max_new_tokens=2).route == "fallback" and _budget_of(down).spent_usd() == 0
+            refused = down.chat(ASK, max_new_tokens=2)
+            assert refused.route == "fallback" and _budget_of(down).spent_usd() == 0
+            assert refused.cost["cloud_usd_unknown"] is False
 
 
 def test_the_reservation_bounds_a_prompt_of_many_bytes_per_character(engine, bridge):

@@ -86,6 +86,7 @@ class Metrics:
         self.network_j = 0.0
         self.wait_j = 0.0
         self.cloud_usd = 0.0
+        self.cloud_unknown = 0  # answers whose escalation the bridge may have billed without saying how much
         self.device_usd = 0.0
         self.latency: dict[Labels, Histogram] = {}
         self.queue_wait = Histogram(QUEUE_BUCKETS_S)
@@ -119,6 +120,7 @@ class Metrics:
             self.network_j += float(result.energy.get("network_joules") or 0.0)
             self.wait_j += float(result.energy.get("wait_joules") or 0.0)
             self.cloud_usd += float(result.cost.get("cloud_usd") or 0.0)
+            self.cloud_unknown += bool(result.cost.get("cloud_usd_unknown"))
             self.device_usd += float(result.cost.get("device_energy_usd") or 0.0)
             self.latency.setdefault(key, Histogram(LATENCY_BUCKETS_S)).observe(total_s)
             if ttft_s is not None:
@@ -189,7 +191,13 @@ class Metrics:
             family("edge_runtime_wait_energy_joules_total", "counter",
                    "Estimated device energy while escalations waited for the cloud (the profile's idle watts).",
                    self.wait_j)
-            family("edge_runtime_cloud_cost_usd_total", "counter", "USD billed by the cloud bridge.", self.cloud_usd)
+            family("edge_runtime_cloud_cost_usd_total", "counter",
+                   "USD billed by the cloud bridge, as its answers said (not the calls counted in "
+                   "edge_runtime_cloud_cost_unknown_total).", self.cloud_usd)
+            family("edge_runtime_cloud_cost_unknown_total", "counter",
+                   "Escalations that failed or were cancelled after the bridge took them: it may have billed what "
+                   "it generated, an amount the device never learns (the bridge's access log has it).",
+                   self.cloud_unknown)
             family("edge_runtime_device_energy_cost_usd_total", "counter",
                    "Device, network and wait energy at the configured electricity price, in USD.", self.device_usd)
             histograms("edge_runtime_request_duration_seconds",

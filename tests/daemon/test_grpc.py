@@ -96,6 +96,7 @@ def test_the_cloud_answers_over_grpc_too_and_reveal_draft_withdraws(engine, brid
     assert r.text == CLOUD_REPLY and r.routing.route == "cloud" and r.model == "big-cloud-model"
     assert r.routing.draft and r.cost.cloud_usd > 0 and r.routing.threshold == pytest.approx(0.999)
     assert r.energy.network_joules > 0 and r.cost.device_energy_estimated  # the radio's energy is an estimate
+    assert not r.cost.cloud_usd_unknown  # answered: its bill is known
     events = list(stub.ChatStream(_request(max_new_tokens=6, reveal_draft=True), timeout=30))
     kinds = [e.WhichOneof("event") for e in events]
     assert "withdraw" in kinds

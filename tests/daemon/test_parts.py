@@ -393,3 +393,17 @@ def test_a_bad_cache_size_is_refused_with_the_settings_not_after_the_daemon_list
         with pytest.raises(ConfigError) as info:
             load_runtime_settings(**source)
         assert info.value.field == "engine.cache_tokens"
+
+
+def test_escalations_the_bridge_may_have_billed_without_a_bill_are_counted():
+    from types import SimpleNamespace
+
+    m = Metrics()
+    for unknown in (True, False, True):
+        m.observe_answer(SimpleNamespace(
+            route="fallback", reason="cloud_error", energy={"joules": 0.0}, predictions={}, cached_prompt_tokens=0,
+            cost={"cloud_usd": 0.0, "device_energy_usd": 0.0, "cloud_usd_unknown": unknown},
+            usage={"local": {"prompt_tokens": 1, "completion_tokens": 1}, "cloud": {"prompt_tokens": 0, "completion_tokens": 0}},
+        ), queue_s=0.0, total_s=0.1)
+    text = m.render()
+    assert metric(text, "edge_runtime_cloud_cost_unknown_total") == 2 and metric(text, "edge_runtime_cloud_cost_usd_total") == 0

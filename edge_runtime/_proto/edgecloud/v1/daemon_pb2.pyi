@@ -90,18 +90,20 @@ class Energy(_message.Message):
     def __init__(self, joules: _Optional[float] = ..., source: _Optional[str] = ..., estimated: _Optional[bool] = ..., process_joules: _Optional[float] = ..., seconds: _Optional[float] = ..., network_joules: _Optional[float] = ..., wait_joules: _Optional[float] = ..., estimator_joules: _Optional[float] = ...) -> None: ...
 
 class Cost(_message.Message):
-    __slots__ = ("cloud_usd", "device_energy_usd", "network_energy_j", "total_usd", "device_energy_estimated")
+    __slots__ = ("cloud_usd", "device_energy_usd", "network_energy_j", "total_usd", "device_energy_estimated", "cloud_usd_unknown")
     CLOUD_USD_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ENERGY_USD_FIELD_NUMBER: _ClassVar[int]
     NETWORK_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     TOTAL_USD_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ENERGY_ESTIMATED_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_USD_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     cloud_usd: float
     device_energy_usd: float
     network_energy_j: float
     total_usd: float
     device_energy_estimated: bool
-    def __init__(self, cloud_usd: _Optional[float] = ..., device_energy_usd: _Optional[float] = ..., network_energy_j: _Optional[float] = ..., total_usd: _Optional[float] = ..., device_energy_estimated: _Optional[bool] = ...) -> None: ...
+    cloud_usd_unknown: bool
+    def __init__(self, cloud_usd: _Optional[float] = ..., device_energy_usd: _Optional[float] = ..., network_energy_j: _Optional[float] = ..., total_usd: _Optional[float] = ..., device_energy_estimated: _Optional[bool] = ..., cloud_usd_unknown: _Optional[bool] = ...) -> None: ...
 
 class RouteUsage(_message.Message):
     __slots__ = ("local", "cloud", "accepted_prediction_tokens", "rejected_prediction_tokens", "cached_prompt_tokens")
