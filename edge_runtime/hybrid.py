@@ -197,7 +197,8 @@ class _Timing:
     def out_of_time(self) -> bool:
         return self.deadline_s is not None and time.monotonic() >= self.deadline_s - _DEADLINE_RESERVE_S
 
-    def cloud_timeout_s(self, configured_s: float | None, local_s: float | None = 0.0) -> float | None:
+    def cloud_timeout_s(self, configured_s: float | None, local_s: float | None = 0.0,
+                        wait_s: float = 0.0) -> float | None:
         """The escalation's timeout: the configured one, cut to the time left; CloudTimeoutError if none is left.
 
         ``local_s``: how long the local answer would take to make, when there is none
@@ -205,10 +206,15 @@ class _Timing:
         for the fallback, but never more than half of what remains (``None``: the
         engine's pace is not known yet, half), and none when the fallback could not
         be made in time anyway (then the bridge is the only chance of an answer).
+        ``wait_s``: how long the fallback may first wait for the engine (handed on meanwhile), kept too when
+        both fit; when only the answer itself fits, that is what is kept (a single request on an idle daemon
+        waits for nothing, and was given no time for its fallback at all).
         """
         if self.deadline_s is None:
             return configured_s
         left_s = self.deadline_s - _DEADLINE_RESERVE_S - time.monotonic()
+        if local_s is not None and local_s + wait_s < left_s:
+            local_s += wait_s
         if left_s > 0 and local_s != 0.0 and (local_s is None or local_s < left_s):
             left_s -= left_s / 2 if local_s is None else min(local_s, left_s / 2)
         if left_s <= 0:
@@ -748,10 +754,9 @@ class HybridRuntime:
                 hand_over = timing.on_escalate is not None and (whole_local or timing.on_resume is not None)
                 # with no whole local answer yet, a failed escalation must leave the time to make one
                 local_s = self._pace.estimate_s(len(prompt_ids), local_params.max_new_tokens) if not whole_local else 0.0
-                if hand_over and not whole_local and local_s is not None:
-                    # and, with the engine handed on, to wait for it first: about one other generation, taken as long
-                    local_s *= 2
-                timeout_s = timing.cloud_timeout_s(self.cloud_timeout_s, local_s)
+                # and, with the engine handed on, to wait for it first: about one other generation, taken as long
+                wait_s = local_s if hand_over and not whole_local and local_s is not None else 0.0
+                timeout_s = timing.cloud_timeout_s(self.cloud_timeout_s, local_s, wait_s)
                 if hand_over:
                     # the engine is done with this request whatever the bridge does: a failure returns the local
                     # answer already made; when there is none, on_resume gets the engine back for the fallback

@@ -233,6 +233,11 @@ def test_an_escalation_keeps_no_time_back_for_a_fallback_that_could_not_finish()
     assert timing.cloud_timeout_s(None, 4.0) == pytest.approx(left / 2, abs=0.05)  # never more than half
     assert timing.cloud_timeout_s(None, 9.0) == pytest.approx(left, abs=0.05)  # it could not finish: all to the bridge
     assert timing.cloud_timeout_s(None, 0.0) == pytest.approx(left, abs=0.05)  # a local answer exists
+    # the engine handed on: the wait for it is kept too when both fit, and the answer alone when only it does (a
+    # doubled estimate that did not fit gave the bridge all the time: a hung bridge then left no answer at all)
+    assert timing.cloud_timeout_s(None, 1.0, wait_s=1.0) == pytest.approx(left - 2.0, abs=0.05)
+    assert timing.cloud_timeout_s(None, 2.0, wait_s=4.0) == pytest.approx(left - 2.0, abs=0.05)
+    assert timing.cloud_timeout_s(None, 9.0, wait_s=9.0) == pytest.approx(left, abs=0.05)
 
 
 @pytest.mark.parametrize(("policy", "field"), [
