@@ -87,6 +87,7 @@ class Metrics:
         self.wait_j = 0.0
         self.cloud_usd = 0.0
         self.cloud_unknown = 0  # answers whose escalation the bridge may have billed without saying how much
+        self.cloud_errors: dict[Labels, float] = {}  # failed escalations by the error's class
         self.device_usd = 0.0
         self.latency: dict[Labels, Histogram] = {}
         self.queue_wait = Histogram(QUEUE_BUCKETS_S)
@@ -121,6 +122,9 @@ class Metrics:
             self.wait_j += float(result.energy.get("wait_joules") or 0.0)
             self.cloud_usd += float(result.cost.get("cloud_usd") or 0.0)
             self.cloud_unknown += bool(result.cost.get("cloud_usd_unknown"))
+            if getattr(result, "cloud_error", None):
+                ekey = (("error", _error_kind(result.cloud_error)),)
+                self.cloud_errors[ekey] = self.cloud_errors.get(ekey, 0) + 1
             self.device_usd += float(result.cost.get("device_energy_usd") or 0.0)
             self.latency.setdefault(key, Histogram(LATENCY_BUCKETS_S)).observe(total_s)
             if ttft_s is not None:
@@ -194,6 +198,10 @@ class Metrics:
             family("edge_runtime_cloud_cost_usd_total", "counter",
                    "USD billed by the cloud bridge, as its answers said (not the calls counted in "
                    "edge_runtime_cloud_cost_unknown_total).", self.cloud_usd)
+            family("edge_runtime_cloud_errors_total", "counter",
+                   "Escalations that failed (answered by the local fallback) by error: CloudTimeoutError, "
+                   "CloudUnavailableError, CircuitOpenError (the cloud skipped), CloudAuthError, CloudQuotaError...",
+                   dict(self.cloud_errors))
             family("edge_runtime_cloud_cost_unknown_total", "counter",
                    "Escalations that failed or were cancelled after the bridge took them: it may have billed what "
                    "it generated, an amount the device never learns (the bridge's access log has it).",
@@ -219,3 +227,9 @@ _GAUGES = {
     "edge_runtime_generation_slots": ("gauge", "Generations that may run at once (engine.max_sessions)."),
     "edge_runtime_ready": ("gauge", "1 when the model is loaded and the daemon takes requests, else 0."),
 }
+
+
+def _error_kind(cloud_error: str) -> str:
+    """The error class a HybridResult's ``cloud_error`` starts with ("CloudTimeoutError: ..."), or "other"."""
+    head = cloud_error.split(":", 1)[0]
+    return head if head.isidentifier() and head.endswith("Error") else "other"

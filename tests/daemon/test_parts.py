@@ -407,3 +407,20 @@ def test_escalations_the_bridge_may_have_billed_without_a_bill_are_counted():
         ), queue_s=0.0, total_s=0.1)
     text = m.render()
     assert metric(text, "edge_runtime_cloud_cost_unknown_total") == 2 and metric(text, "edge_runtime_cloud_cost_usd_total") == 0
+
+
+def test_failed_escalations_are_counted_by_their_error():
+    from types import SimpleNamespace
+
+    m = Metrics()
+    for error in ("CloudTimeoutError: deadline", "CircuitOpenError: cloud skipped", "CloudTimeoutError: x",
+                  "the bridge answered with no text", None):
+        m.observe_answer(SimpleNamespace(
+            route="fallback" if error else "local", reason="cloud_error", energy={"joules": 0.0}, predictions={},
+            cached_prompt_tokens=0, cost={"cloud_usd": 0.0, "device_energy_usd": 0.0}, cloud_error=error,
+            usage={"local": {"prompt_tokens": 1, "completion_tokens": 1}, "cloud": {"prompt_tokens": 0, "completion_tokens": 0}},
+        ), queue_s=0.0, total_s=0.1)
+    text = m.render()
+    assert metric(text, "edge_runtime_cloud_errors_total", error="CloudTimeoutError") == 2
+    assert metric(text, "edge_runtime_cloud_errors_total", error="CircuitOpenError") == 1
+    assert metric(text, "edge_runtime_cloud_errors_total", error="other") == 1

@@ -49,6 +49,9 @@ def test_escalated_request_is_answered_by_the_cloud_then_falls_back_quickly_when
     assert metric(m, "edge_runtime_escalation_ratio") == 1.0
     assert metric(m, "edge_runtime_cloud_cost_usd_total") == up["cost"]["cloud_usd"]
     assert metric(m, "edge_runtime_cloud_cost_unknown_total") == 0  # a bridge that was down billed nothing
+    errors = {kind: metric(m, "edge_runtime_cloud_errors_total", error=kind)
+              for kind in ("CloudUnavailableError", "CircuitOpenError")}
+    assert errors == {"CloudUnavailableError": 1, "CircuitOpenError": 2}  # every fallback counted by its cause
     # the device's idle draw while each escalation waited (the open circuit's answers waited for nothing)
     waits = [up["energy"]["wait_joules"]] + [down["energy"]["wait_joules"] for _, down, _ in answers]
     assert waits[0] > 0 and waits[-1] == 0
