@@ -30,6 +30,7 @@ try:
 except ImportError:  # Windows: changes to the tokens file are not locked there
     fcntl = None  # type: ignore[assignment]
 
+from edge_runtime._files import durable_replace
 from edge_runtime.errors import ConfigError
 
 __all__ = [
@@ -240,7 +241,7 @@ def write_tokens_file(path: str | os.PathLike[str], hashes: Mapping[str, str]) -
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.writelines(lines)
         os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        durable_replace(tmp, path)  # a tokens file lost to a power cut would lock every device out
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -1,7 +1,11 @@
-"""Writing the files a command promises: whole or not at all, and an error that names the file.
+"""Writing the files a command promises: whole or not at all, durable, and an error that names the file.
 
 A write that fails (a full SD card: ``ENOSPC``; a file-size limit: ``EFBIG``) raises an ``OSError``
 without a file name, so the CLIs' error boundary printed "error: File too large" and nothing else.
+
+A rename is atomic, not durable: after a power cut (an edge device's everyday failure) the new name can
+point at a file whose data never reached the disk, empty or short. :func:`durable_replace` flushes the
+data first and the directory entry after.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["naming", "write_text_whole"]
+__all__ = ["durable_replace", "naming", "write_text_whole"]
 
 
 @contextlib.contextmanager
@@ -33,7 +37,32 @@ def write_text_whole(path: str | os.PathLike[str], text: str) -> None:
     with naming(path):
         try:
             tmp.write_text(text, encoding="utf-8", newline="")
-            os.replace(tmp, path)
+            durable_replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def durable_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """``os.replace(src, dst)`` that survives a power cut: ``src`` (a file, or a directory and every file in it)
+    is flushed to the disk first, and the directory holding ``dst`` after."""
+    src = Path(src)
+    if src.is_dir():
+        for path in sorted(src.rglob("*")):
+            _fsync(path)
+    _fsync(src)
+    os.replace(src, dst)
+    _fsync(Path(dst).parent)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a directory on Windows, a special file: nothing to flush this way
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot (some network ones): the rename is still atomic
+        pass
+    finally:
+        os.close(fd)

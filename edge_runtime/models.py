@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._files import durable_replace
 from .bundle import MANIFEST_NAME, read_small_file, sha256_file, verify_bundle
 from .cache import cache_dir, current_umask
 from .errors import BundleError, ModelFetchError
@@ -267,7 +268,7 @@ def fetch_model(
             raise ModelFetchError(f"SHA-256 mismatch for {model.filename}: got {h.hexdigest()}, pinned {model.sha256} (parts out of order or tampered)")
         # mkstemp made it owner-only; a model file is no secret, and services read it
         os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, target)
+        durable_replace(tmp, target)
         _stamp(target, model)
     except OSError as err:
         raise ModelFetchError(f"cannot write {target}: {err.strerror or err}") from err

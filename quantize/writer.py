@@ -23,6 +23,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
+from edge_runtime._files import durable_replace
 from edge_runtime.bundle import MANIFEST_NAME, STAMP_NAME, sha256_file, write_stamp
 from edge_runtime.cache import publish_dir
 from edge_runtime.errors import BuildError
@@ -111,10 +112,10 @@ def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
             check_replaceable(out, force=force)
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)
-            os.replace(tmp, out)
+            durable_replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)
         else:
-            os.replace(tmp, out)
+            durable_replace(tmp, out)
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise BuildError(f"no space left on the device while writing {out}") from err

@@ -44,3 +44,29 @@ def test_a_run_record_that_cannot_be_written_names_the_run_file(tmp_path):
     with pytest.raises(OSError) as info:
         cache.add({"item_id": "a", "text": "x" * 10000})
     assert info.value.filename == "/dev/full"
+
+
+def test_a_replace_flushes_the_data_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    import edge_runtime._files as files
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_open, real_replace = os.fsync, os.open, os.replace
+    names: dict[int, str] = {}
+
+    def opened(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        names[fd] = Path(path).name
+        return fd
+
+    monkeypatch.setattr(files.os, "open", opened)
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (events.append(("fsync", names[fd])), real_fsync(fd))[1])
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b))[1])
+    staging = tmp_path / "out" / ".bundle.tmp"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "model.onnx.data").write_bytes(b"w" * 10)
+    (staging / "sub" / "x").write_bytes(b"x")
+    files.durable_replace(staging, tmp_path / "out" / "bundle")
+    # every file and the directory itself reach the disk before the new name points at them, the name after
+    assert events == [("fsync", "model.onnx.data"), ("fsync", "sub"), ("fsync", "x"), ("fsync", ".bundle.tmp"),
+                      ("replace", "bundle"), ("fsync", "out")]
+    assert (tmp_path / "out" / "bundle" / "sub" / "x").read_bytes() == b"x"

