@@ -116,7 +116,7 @@ class BridgeServer:
             ("grpc.so_reuseport", 0),  # two bridges must not silently share a port
             # devices ping while their calls are in flight (cloud.keepalive_s, 1 s at the least) to find a dead
             # connection: accept that rather than answer it with GOAWAY "too_many_pings", which ends their calls
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 1000),
         ]
         # a thread per generation call the service admits (beyond max_concurrent_rpcs it answers RESOURCE_EXHAUSTED
         # at once), and a few more for health checks, ListModels and those refusals

@@ -23,10 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_runtime._signals import exit_status_after_stop, stop_signals
 from edge_runtime.config import (
-    STOP_SIGNALS,
     add_settings_arguments,
-    exit_status_after_stop,
     refuse_abbreviations,
     run_command,
     settings_overrides_from_args,
@@ -64,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
                     signal.Signals(signum).name, settings.server.shutdown_delay_s, settings.server.grace_period_s)
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, on_signal) for sig in stop_signals()}
     server.start()
     # a Unix socket has no port (gRPC's add_*_port returns 1 for it): name the socket instead
     where = settings.server.address if settings.server.address.startswith("unix") else f"port {port}"

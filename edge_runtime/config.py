@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import tomllib
 import types
@@ -32,7 +31,7 @@ from typing import Any, TypeVar
 from .errors import ConfigError, EdgeRuntimeError
 
 __all__ = ["setting", "load_settings", "add_settings_arguments", "refuse_abbreviations", "settings_overrides_from_args",
-           "settings_to_dict", "check_threads", "MAX_THREADS", "STOP_SIGNALS", "exit_status_after_stop"]
+           "settings_to_dict", "check_threads", "MAX_THREADS"]
 
 T = TypeVar("T")
 
@@ -44,14 +43,6 @@ _NOT_SETTINGS = frozenset({"EDGE_RUNTIME_CACHE"})
 # onnxruntime takes a thread count as a C int (2**31 was a TypeError traceback once the daemon listened), and far
 # more threads than any machine has cores only cost memory
 MAX_THREADS = 1024
-
-# The signals a server stops on gracefully (drain, then exit). SIGHUP is one of them: settings are read only at
-# start, so a "reload" has to be a restart, and a closed terminal should stop a server started by hand cleanly
-# rather than kill it mid-answer (Python's default for SIGHUP, leaving its socket file behind).
-STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
-_HANGUP_NOTE = "SIGHUP: settings are read only at start; draining and stopping (restart to apply changes)"
-
 
 def is_finite(value: int | float) -> bool:
     """``math.isfinite`` for a number read from TOML or JSON, where an integer may be past a float's range (10**400)."""
@@ -65,19 +56,6 @@ def check_threads(value: int | None, *, field: str) -> None:
     """Refuse a thread count outside 1..:data:`MAX_THREADS` (None: the engine's choice), naming ``field``."""
     if value is not None and not 1 <= value <= MAX_THREADS:
         raise ConfigError(f"must be from 1 to {MAX_THREADS}, got {value}", field=field)
-
-
-def exit_status_after_stop(sig: int, logger: logging.Logger) -> int:
-    """The exit status of a server stopped gracefully by ``sig``; says in ``logger`` why a SIGHUP stops it.
-
-    SIGTERM and SIGINT are stops the operator asked for: 0. SIGHUP exits 128 + SIGHUP after its drain, which
-    systemd's ``Restart=on-failure`` counts as a failure (a process killed by SIGHUP it would count as clean),
-    so under systemd a HUP is a graceful restart that applies new settings.
-    """
-    if sig != getattr(signal, "SIGHUP", None):
-        return 0
-    logger.warning("%s", _HANGUP_NOTE)
-    return 128 + sig
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING, secret: bool = False,

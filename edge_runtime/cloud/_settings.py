@@ -52,8 +52,9 @@ class CloudSettings:
     circuit_cooldown_s: float = setting(30.0, help="how long the cloud is skipped before one call tries it again")
     max_message_bytes: int = setting(4 << 20, help="largest message sent or received, in bytes")
     keepalive_s: float = setting(
-        5.0, help="while a call is in flight, ping the bridge after this many seconds without news from it; a "
-                  "connection whose ping goes unanswered for as long is dropped and the next call opens a new one")
+        10.0, help="while a call is in flight, ping the bridge after this many seconds without news from it; a "
+                   "connection whose ping goes unanswered for as long is dropped and the call retried on a new one "
+                   "(a bridge older than this runtime cuts a call silent for three pings: update bridges first)")
 
     def validate(self) -> None:
         if self.address:

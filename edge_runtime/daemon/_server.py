@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import STOP_SIGNALS, exit_status_after_stop
+from .._signals import exit_status_after_stop, stop_signals
 from ..errors import ConfigError, EdgeRuntimeError
 from ._guard import BrowserGuard, is_loopback_host
 from ._http import create_app
@@ -172,7 +172,7 @@ class DaemonServer:
             # ("terminate called without an active exception") when its statics go with a thread inside it
             log.info("waiting for the model load to end before exiting (a second signal exits at once)")
             # asyncio.run restored the default handlers: a second Ctrl-C would raise here and exit normally
-            previous = {sig: signal.signal(sig, self._exit_at_once) for sig in STOP_SIGNALS}
+            previous = {sig: signal.signal(sig, self._exit_at_once) for sig in stop_signals()}
             try:
                 loader.join(_LOAD_JOIN_S)
             finally:
@@ -202,7 +202,7 @@ class DaemonServer:
         loop.set_exception_handler(_AcceptErrorsOncePer(_ACCEPT_ERROR_LOG_S))
         self._stop = asyncio.Event()
         if install_signals:
-            for sig in STOP_SIGNALS:
+            for sig in stop_signals():
                 loop.add_signal_handler(sig, self._on_signal, sig)
         server = _uvicorn_server(self.app, self.settings)
         serving = asyncio.create_task(server.serve(sockets=[self._sock]))

@@ -246,6 +246,31 @@ def test_serve_answers_and_drains_on_sigterm(tmp_path, to_thread, sig, status):
         proc.stderr.close()
 
 
+def test_a_server_started_with_sighup_ignored_keeps_ignoring_it(tmp_path):
+    # nohup's request: the handler this session added for SIGHUP replaced it, and a closed terminal stopped the server
+    path = write(tmp_path, '[server]\naddress = "127.0.0.1:0"\n[models.e]\nbackend = "echo"\nreply = "pong"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud_bridge.cli", "serve", "--config", str(path), "--insecure"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "on port" not in proc.stderr.readline():
+            pass
+        proc.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(2)  # still serving
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert "SIGHUP" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
 def test_token_commands_take_a_tokens_file_without_a_config(tmp_path, capsys):
     path = tmp_path / "t.toml"
     assert main(["token", "add", "edge-1", "--tokens-file", str(path)]) == 0
