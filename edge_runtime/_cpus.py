@@ -25,20 +25,20 @@ __all__ = ["CpuLimits", "cpu_limits", "usable_cpus"]
 
 @dataclass(frozen=True)
 class CpuLimits:
-    physical: int  # the machine's cores
+    physical: int  # the machine's cores (a count, as the other fields)
     logical: int  # the machine's hardware threads
-    affinity: int | None  # CPUs this process may run on, None when the platform does not say
-    quota: float | None  # CPUs' worth of time the cgroup allows, None when unlimited
+    affinity_cpus: int | None  # CPUs this process may run on, None when the platform does not say
+    quota_cpus: float | None  # CPUs' worth of time the cgroup allows, None when unlimited
 
     @property
     def usable(self) -> int:
         """Physical cores, fewer when the affinity mask or the cgroup quota allows fewer CPUs (at least 1)."""
         cores = self.physical
-        if self.affinity is not None and self.affinity < self.logical:
+        if self.affinity_cpus is not None and self.affinity_cpus < self.logical:
             # the cores behind the allowed hardware threads, assuming they are spread like the machine's
-            cores = min(cores, math.ceil(self.affinity * self.physical / self.logical))
-        if self.quota is not None:
-            cores = min(cores, math.ceil(self.quota))
+            cores = min(cores, math.ceil(self.affinity_cpus * self.physical / self.logical))
+        if self.quota_cpus is not None:
+            cores = min(cores, math.ceil(self.quota_cpus))
         return max(1, cores)
 
 
@@ -114,7 +114,7 @@ def cpu_limits(root: str | os.PathLike[str] = "/", *, affinity: int | None = Non
     quota = _quota_v2(root, v2) if v2 is not None else None
     if quota is None and v1 is not None:
         quota = _quota_v1(root, v1)
-    return CpuLimits(physical=physical, logical=logical, affinity=affinity, quota=quota)
+    return CpuLimits(physical=physical, logical=logical, affinity_cpus=affinity, quota_cpus=quota)
 
 
 def usable_cpus(root: str | os.PathLike[str] = "/") -> int:

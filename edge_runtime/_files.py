@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .cache import current_umask
 
 __all__ = ["durable_replace", "naming", "write_text_whole"]
 
@@ -33,10 +36,14 @@ def write_text_whole(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed over it: a reader finds the old file or
     the new one, never half of it; a failed write leaves the old one and no temporary file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with naming(path):
+        # a name of its own per call: two threads writing one file must not write into each other's temporary file
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         try:
             tmp.write_text(text, encoding="utf-8", newline="")
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide a report from the other users
             durable_replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -88,6 +88,9 @@ class HybridResult:
     energy: dict[str, Any]
     cost: dict[str, float]
     cloud_error: str | None = None
+    # the failed escalation's error class ("CloudTimeoutError", "CircuitOpenError", ...; "EmptyAnswer" for an answer
+    # without text), for counting failures by cause without reading messages
+    cloud_error_type: str | None = None
     # the local runs' prompt-lookup drafts (engine prompt_lookup): "accepted" and "rejected" token counts
     predictions: dict[str, int] = dataclasses.field(default_factory=lambda: {"accepted": 0, "rejected": 0})
     # local prompt tokens whose KV state was kept from an earlier request or turn, not prefilled again
@@ -733,6 +736,7 @@ class HybridRuntime:
         handed_over = False  # the engine was handed on with no whole local answer: the fallback must get it back
         cloud_result = None
         cloud_error: str | None = None
+        cloud_error_type: str | None = None
         asked = False  # whether the escalation used the network (its energy counts even when it failed)
         maybe_billed = False  # a failed or cancelled escalation the bridge may have billed, for an amount unknown here
         failed_cloud_ms = 0.0  # the wait for an escalation that failed
@@ -773,7 +777,7 @@ class HybridRuntime:
                     # an empty answer is no answer: the local one is returned, never nothing (the call's bill and
                     # usage stand, in the result too)
                     settlement.settle(cloud_result.cost_usd)
-                    cloud_error = "the bridge answered with no text"
+                    cloud_error, cloud_error_type = "the bridge answered with no text", "EmptyAnswer"
                     log.warning("%s: escalation failed, answering locally: %s", request_id, cloud_error)
                     route = "fallback"
                 else:
@@ -789,7 +793,7 @@ class HybridRuntime:
                 # generation; what it generated until then is billed and unknown here, so a budget keeps the
                 # amount it reserved rather than counting the call as free
                 settlement.settle(ctx.estimated_cloud_usd)
-                maybe_billed = True
+                maybe_billed = progress.accepted or progress.text  # one the bridge never took was never billed
                 failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0  # the radio was on meanwhile
                 route, decision = "local_forced", Decision("local_forced", "cancelled", "the caller cancelled the request during escalation",
                                                            policy=decision.policy, value=decision.value, threshold=decision.threshold)
@@ -805,7 +809,7 @@ class HybridRuntime:
                 if asked:
                     failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0
                 asked = asked and not err.skipped  # refused on the device (circuit open, quota spent): no radio
-                cloud_error = f"{type(err).__name__}: {err}"
+                cloud_error, cloud_error_type = f"{type(err).__name__}: {err}", type(err).__name__
                 log.warning("%s: escalation failed, answering locally: %s", request_id, log_text(cloud_error))
                 route = "fallback"
         else:
@@ -838,8 +842,8 @@ class HybridRuntime:
             else:
                 yield from held
         yield HybridChunk("done", result=self._result(msgs, request_id, route, decision, p_correct, locals_, cloud_result,
-                                                      cloud_error, early_exit, t0, asked, failed_cloud_ms, estimator_energy,
-                                                      maybe_billed))
+                                                      (cloud_error, cloud_error_type), early_exit, t0, asked,
+                                                      failed_cloud_ms, estimator_energy, maybe_billed))
 
     def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
                    p_correct: float | None, decision: Decision, request_id: str, cancel: Any,
@@ -892,7 +896,8 @@ class HybridRuntime:
         return result, chunks
 
     def _result(self, msgs: list[dict[str, str]], request_id: str, route: Route, decision: Decision, p_correct: float | None,
-                locals_: list[GenerationResult], cloud: Any, cloud_error: str | None, early_exit: bool, t0: float,
+                locals_: list[GenerationResult], cloud: Any, cloud_failure: tuple[str | None, str | None],
+                early_exit: bool, t0: float,
                 asked: bool = False, failed_cloud_ms: float = 0.0,
                 estimator_energy: Sequence[EnergyReport] = (), maybe_billed: bool = False) -> HybridResult:
         final_local = locals_[-1] if locals_ else None
@@ -955,13 +960,14 @@ class HybridRuntime:
             tokens = tokens[:final_local.text_tokens] if final_local.text_tokens is not None else tokens
         accepted = sum(r.usage.accepted_draft_tokens for r in locals_)
         reason = decision.reason if route != "fallback" else "cloud_error"
-        detail = decision.detail if route != "fallback" else f"{decision.reason}: escalation failed ({cloud_error}); local answer returned"
+        detail = decision.detail if route != "fallback" else f"{decision.reason}: escalation failed ({cloud_failure[0]}); local answer returned"
         return HybridResult(
             request_id=request_id, text=text, route=route, reason=reason, detail=detail,
             p_correct=_finite_or_none(p_correct),
             threshold=decision.threshold, policy=self.policy.describe(), model=model, finish_reason=finish,
             draft=(final_local.text if final_local and not early_exit else None) if route == "cloud" else None,
-            tokens=list(tokens), usage=usage, latency_ms=latency, energy=energy, cost=cost, cloud_error=cloud_error,
+            tokens=list(tokens), usage=usage, latency_ms=latency, energy=energy, cost=cost, cloud_error=cloud_failure[0],
+            cloud_error_type=cloud_failure[1],
             predictions={"accepted": accepted, "rejected": sum(r.usage.draft_tokens for r in locals_) - accepted},
             cached_prompt_tokens=sum(r.usage.cached_prompt_tokens for r in locals_),
         )

@@ -15,30 +15,30 @@ def _write(root, rel, text):
 
 
 def test_the_machines_cores_when_nothing_limits_the_process():
-    assert CpuLimits(physical=4, logical=8, affinity=8, quota=None).usable == 4
-    assert CpuLimits(physical=4, logical=4, affinity=None, quota=None).usable == 4
+    assert CpuLimits(physical=4, logical=8, affinity_cpus=8, quota_cpus=None).usable == 4
+    assert CpuLimits(physical=4, logical=4, affinity_cpus=None, quota_cpus=None).usable == 4
 
 
 @pytest.mark.parametrize("affinity, expected", [(1, 1), (2, 1), (3, 2), (4, 2), (6, 3), (7, 4)])
 def test_an_affinity_mask_counts_the_cores_behind_its_hardware_threads(affinity, expected):
-    assert CpuLimits(physical=4, logical=8, affinity=affinity, quota=None).usable == expected
+    assert CpuLimits(physical=4, logical=8, affinity_cpus=affinity, quota_cpus=None).usable == expected
 
 
 @pytest.mark.parametrize("quota, expected", [(0.5, 1), (1.0, 1), (1.5, 2), (2.0, 2), (16.0, 4)])
 def test_a_cpu_quota_rounds_up_to_whole_threads_and_never_adds_any(quota, expected):
-    assert CpuLimits(physical=4, logical=4, affinity=4, quota=quota).usable == expected
+    assert CpuLimits(physical=4, logical=4, affinity_cpus=4, quota_cpus=quota).usable == expected
 
 
 def test_cgroup_v2_quota_of_the_process_or_an_ancestor(tmp_path):
     _write(tmp_path, "proc/self/cgroup", "0::/system.slice/app.service\n")
     _write(tmp_path, "sys/fs/cgroup/system.slice/app.service/cpu.max", "max 100000\n")
-    assert cpu_limits(tmp_path, affinity=64).quota is None
+    assert cpu_limits(tmp_path, affinity=64).quota_cpus is None
     # a limit set on the slice holds the service too
     _write(tmp_path, "sys/fs/cgroup/system.slice/cpu.max", "150000 100000\n")
-    assert cpu_limits(tmp_path, affinity=64).quota == 1.5
+    assert cpu_limits(tmp_path, affinity=64).quota_cpus == 1.5
     # the tighter of the two wins
     _write(tmp_path, "sys/fs/cgroup/system.slice/app.service/cpu.max", "50000 100000\n")
-    assert cpu_limits(tmp_path, affinity=64).quota == 0.5
+    assert cpu_limits(tmp_path, affinity=64).quota_cpus == 0.5
 
 
 def test_cgroup_v2_inside_a_container_whose_path_names_the_hosts_hierarchy(tmp_path):
@@ -46,7 +46,7 @@ def test_cgroup_v2_inside_a_container_whose_path_names_the_hosts_hierarchy(tmp_p
     _write(tmp_path, "proc/self/cgroup", "0::/docker/0123abcd\n")
     _write(tmp_path, "sys/fs/cgroup/cpu.max", "200000 100000\n")
     limits = cpu_limits(tmp_path, affinity=64)
-    assert limits.quota == 2.0
+    assert limits.quota_cpus == 2.0
     assert limits.usable == min(2, limits.physical)
 
 
@@ -55,10 +55,10 @@ def test_cgroup_v1_cfs_quota(tmp_path, mount):
     _write(tmp_path, "proc/self/cgroup", "4:memory:/x\n3:cpu,cpuacct:/kubepods/pod1\n0::/\n")
     _write(tmp_path, f"sys/fs/cgroup/{mount}/kubepods/pod1/cpu.cfs_quota_us", "-1\n")
     _write(tmp_path, f"sys/fs/cgroup/{mount}/kubepods/pod1/cpu.cfs_period_us", "100000\n")
-    assert cpu_limits(tmp_path, affinity=64).quota is None
+    assert cpu_limits(tmp_path, affinity=64).quota_cpus is None
     _write(tmp_path, f"sys/fs/cgroup/{mount}/kubepods/cpu.cfs_quota_us", "100000\n")
     _write(tmp_path, f"sys/fs/cgroup/{mount}/kubepods/cpu.cfs_period_us", "100000\n")
-    assert cpu_limits(tmp_path, affinity=64).quota == 1.0
+    assert cpu_limits(tmp_path, affinity=64).quota_cpus == 1.0
     assert cpu_limits(tmp_path, affinity=64).usable == 1
 
 
@@ -66,12 +66,12 @@ def test_cgroup_v1_cfs_quota(tmp_path, mount):
 def test_unreadable_or_odd_cgroup_files_mean_no_quota(tmp_path, text):
     _write(tmp_path, "proc/self/cgroup", "0::/a\n")
     _write(tmp_path, "sys/fs/cgroup/a/cpu.max", text)
-    assert cpu_limits(tmp_path, affinity=64).quota is None
+    assert cpu_limits(tmp_path, affinity=64).quota_cpus is None
 
 
 def test_no_proc_or_cgroup_files_at_all(tmp_path):
     limits = cpu_limits(tmp_path, affinity=None)
-    assert limits.quota is None and limits.usable == limits.physical
+    assert limits.quota_cpus is None and limits.usable == limits.physical
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")

@@ -319,12 +319,28 @@ def test_a_caller_who_cancels_during_escalation_stops_the_bridge(engine):
         t0 = time.perf_counter()
         r = rt.chat(ASK, max_new_tokens=200, cancel=cancel)
         assert r.route == "local_forced" and r.reason == "cancelled" and r.cost["cloud_usd"] == 0
+        assert r.cost["cloud_usd_unknown"] is True  # the bridge took it and generated: billed, for all the device knows
         assert time.perf_counter() - t0 < 2.0  # 200 words at 20 ms would take 4 s
         (gen,) = server.backends["slow"].wait_for_generations(1)
         # "cancelled": the backend saw the call's cancel token while waiting for its next word;
         # "closed": gRPC stopped reading the stream while the backend was suspended at a word.
         # Either way the generation stopped early, which is what this test is about.
         assert gen.finish_reason in ("cancelled", "closed") and gen.completion_tokens < 100
+
+
+def test_an_escalation_cancelled_before_any_bridge_took_it_was_not_billed(engine):
+    import socket
+    import threading
+
+    silent = socket.create_server(("127.0.0.1", 0))  # connects (the kernel's backlog), then never speaks gRPC
+    try:
+        rt = _runtime(engine, silent.getsockname()[1], {"type": "always"})
+        cancel = threading.Event()
+        threading.Timer(0.5, cancel.set).start()
+        r = rt.chat(ASK, max_new_tokens=4, cancel=cancel)
+        assert r.reason == "cancelled" and r.cost["cloud_usd"] == 0 and r.cost["cloud_usd_unknown"] is False
+    finally:
+        silent.close()
 
 
 def test_a_cancel_stops_an_escalation_while_the_bridge_is_between_words(engine):

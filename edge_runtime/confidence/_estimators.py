@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .._files import durable_replace
+from .._files import write_text_whole
 from ..errors import EstimatorError
 from ._embed import ENCODER_NAME
 from ._features import FEATURES, PROMPT_FEATURES, SPAN_FEATURES, Signals, feature_vector
@@ -299,13 +299,9 @@ class SelfCheckEstimator(Estimator):
 def save_estimator(estimator: Estimator, path: str | os.PathLike[str]) -> None:
     """Write ``estimator`` to ``path`` whole or not at all: a daemon may load it at its next start, and a write cut
     short (a full disk) used to leave invalid JSON in place of the previous estimator."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(estimator.to_dict(), indent=1) + "\n", encoding="utf-8")
-        durable_replace(tmp, path)
+        write_text_whole(path, json.dumps(estimator.to_dict(), indent=1) + "\n")
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise EstimatorError(f"cannot write {path}: {err.strerror or err}") from err
 
 

@@ -123,7 +123,7 @@ class Metrics:
             self.cloud_usd += float(result.cost.get("cloud_usd") or 0.0)
             self.cloud_unknown += bool(result.cost.get("cloud_usd_unknown"))
             if getattr(result, "cloud_error", None):
-                ekey = (("error", _error_kind(result.cloud_error)),)
+                ekey = (("error", getattr(result, "cloud_error_type", None) or "other"),)
                 self.cloud_errors[ekey] = self.cloud_errors.get(ekey, 0) + 1
             self.device_usd += float(result.cost.get("device_energy_usd") or 0.0)
             self.latency.setdefault(key, Histogram(LATENCY_BUCKETS_S)).observe(total_s)
@@ -228,8 +228,3 @@ _GAUGES = {
     "edge_runtime_ready": ("gauge", "1 when the model is loaded and the daemon takes requests, else 0."),
 }
 
-
-def _error_kind(cloud_error: str) -> str:
-    """The error class a HybridResult's ``cloud_error`` starts with ("CloudTimeoutError: ..."), or "other"."""
-    head = cloud_error.split(":", 1)[0]
-    return head if head.isidentifier() and head.endswith("Error") else "other"

@@ -413,14 +413,17 @@ def test_failed_escalations_are_counted_by_their_error():
     from types import SimpleNamespace
 
     m = Metrics()
-    for error in ("CloudTimeoutError: deadline", "CircuitOpenError: cloud skipped", "CloudTimeoutError: x",
-                  "the bridge answered with no text", None):
+    for error, kind in (("deadline", "CloudTimeoutError"), ("cloud skipped", "CircuitOpenError"),
+                        ("x", "CloudTimeoutError"), ("the bridge answered with no text", "EmptyAnswer"),
+                        ("from an older runtime", None), (None, None)):
         m.observe_answer(SimpleNamespace(
             route="fallback" if error else "local", reason="cloud_error", energy={"joules": 0.0}, predictions={},
             cached_prompt_tokens=0, cost={"cloud_usd": 0.0, "device_energy_usd": 0.0}, cloud_error=error,
+            cloud_error_type=kind,
             usage={"local": {"prompt_tokens": 1, "completion_tokens": 1}, "cloud": {"prompt_tokens": 0, "completion_tokens": 0}},
         ), queue_s=0.0, total_s=0.1)
     text = m.render()
     assert metric(text, "edge_runtime_cloud_errors_total", error="CloudTimeoutError") == 2
     assert metric(text, "edge_runtime_cloud_errors_total", error="CircuitOpenError") == 1
+    assert metric(text, "edge_runtime_cloud_errors_total", error="EmptyAnswer") == 1
     assert metric(text, "edge_runtime_cloud_errors_total", error="other") == 1
