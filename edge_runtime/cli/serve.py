@@ -78,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_files_and_cloud(settings: RuntimeSettings) -> None:
-    """The configuration errors that need no model, raised before "listening on ...", as the settings' own are.
+    """The configuration errors that need no model loaded, raised before "listening on ...", as the settings' own are.
 
     Found while the model loads, they ended the daemon all the same, but a ``Type=exec`` unit had counted the
     start as a success and the port had answered 503 meanwhile. These are the checks that would refuse them then.
@@ -90,6 +90,10 @@ def _check_files_and_cloud(settings: RuntimeSettings) -> None:
         from ..cloud import open_channel
 
         open_channel(settings.cloud).close()
+    if settings.engine.bundle:  # a bundle that is not there (a relative path from an older config, say)
+        from ..models import resolve_bundle
+
+        resolve_bundle(settings.engine.bundle, precision=settings.engine.precision, field="engine.bundle")
     if settings.engine.estimator is not None:  # a missing or malformed estimator file
         from ..confidence import load_estimator
         from ..errors import ConfigError, EstimatorError

@@ -137,6 +137,8 @@ def reaching_the_bind(monkeypatch):
     (["--cloud-address", "127.0.0.1:50999", "--cloud-ca-file", "nope.pem"], "cloud.ca_file: cannot read"),
     (["--cloud-address", "10.255.255.1:50051", "--cloud-insecure"], "cloud.insecure: plaintext is only allowed"),
     (["--engine-estimator", "nope.json"], "engine.estimator: estimator file not found"),
+    # a relative bundle path from an older config: it failed after "listening on", a restart loop under systemd
+    (["--engine-bundle", "bundles/nope"], "engine.bundle: bundle not found"),
 ])
 def test_serve_refuses_a_missing_file_or_plaintext_off_loopback_before_binding(
         reaching_the_bind, tmp_path, monkeypatch, capsys, flags, field):
@@ -146,7 +148,7 @@ def test_serve_refuses_a_missing_file_or_plaintext_off_loopback_before_binding(
     assert field in err and "Traceback" not in err, err
 
 
-def test_serve_with_good_cloud_settings_goes_on_to_bind(reaching_the_bind, capsys):
+def test_serve_with_good_cloud_settings_goes_on_to_bind(reaching_the_bind, capsys, tiny_bundle):
     with pytest.raises(_Bound):  # the checks themselves refuse nothing that is right
         main(["serve", "--server-port", "0", "--server-grpc-socket", "", "--cloud-address", "127.0.0.1:1",
-              "--cloud-insecure"])
+              "--cloud-insecure", "--engine-bundle", str(tiny_bundle)])
