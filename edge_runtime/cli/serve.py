@@ -90,10 +90,6 @@ def _check_files_and_cloud(settings: RuntimeSettings) -> None:
         from ..cloud import open_channel
 
         open_channel(settings.cloud).close()
-    if settings.engine.bundle:  # a bundle that is not there (a relative path from an older config, say)
-        from ..models import resolve_bundle
-
-        resolve_bundle(settings.engine.bundle, precision=settings.engine.precision, field="engine.bundle")
     if settings.engine.estimator is not None:  # a missing or malformed estimator file
         from ..confidence import load_estimator
         from ..errors import ConfigError, EstimatorError
@@ -102,6 +98,10 @@ def _check_files_and_cloud(settings: RuntimeSettings) -> None:
             load_estimator(settings.engine.estimator)  # the bundle it was fitted on is checked with the model
         except EstimatorError as err:
             raise ConfigError(str(err), field="engine.estimator") from err
+    if settings.engine.bundle:  # a bundle that is not there (a relative path from an older config, say)
+        from ..models import resolve_bundle
+
+        resolve_bundle(settings.engine.bundle, precision=settings.engine.precision, field="engine.bundle")
 
 
 def _log_through_a_queue() -> QueueListener:

@@ -152,3 +152,12 @@ def test_serve_with_good_cloud_settings_goes_on_to_bind(reaching_the_bind, capsy
     with pytest.raises(_Bound):  # the checks themselves refuse nothing that is right
         main(["serve", "--server-port", "0", "--server-grpc-socket", "", "--cloud-address", "127.0.0.1:1",
               "--cloud-insecure", "--engine-bundle", str(tiny_bundle)])
+
+
+def test_power_help_names_the_variables_the_power_settings_read(capsys, monkeypatch):
+    # it named EDGE_RUNTIME_PROFILE and the like, which nothing reads: a Pi user exporting one got the generic profile
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit):
+        main(["power", "--help"])
+    out = capsys.readouterr().out
+    assert "[env EDGE_RUNTIME_POWER_PROFILE; default generic]" in out and "EDGE_RUNTIME_PROFILE" not in out

@@ -171,13 +171,14 @@ def test_a_secret_setting_has_no_flag_no_repr_and_is_not_echoed(capsys):
     assert info.value.field == "cloud.token" and "ebt_secret" not in str(info.value)
 
 
-def test_serve_refuses_a_remote_bind_with_one_clear_line(capsys):
-    assert main(["serve", "--server-host", "0.0.0.0", "--server-port", "0", "--server-grpc-socket", ""]) == 1
+def test_serve_refuses_a_remote_bind_with_one_clear_line(capsys, tiny_bundle):
+    assert main(["serve", "--server-host", "0.0.0.0", "--server-port", "0", "--server-grpc-socket", "",
+                 "--engine-bundle", str(tiny_bundle)]) == 1
     err = capsys.readouterr().err
     assert "server.host" in err and "allow_remote" in err and "Traceback" not in err
 
 
-def test_serve_reports_a_bad_setting_by_name(capsys, tmp_path):
+def test_serve_reports_a_bad_setting_by_name(capsys, tmp_path, tiny_bundle):
     assert main(["serve", "--server-queue-size", "0"]) == 1
     assert "server.queue_size" in capsys.readouterr().err
     # an unreadable token file too, before the daemon says it is serving
@@ -188,7 +189,8 @@ def test_serve_reports_a_bad_setting_by_name(capsys, tmp_path):
     assert "cloud.token_file: cannot read" in err and "listening on" not in err
     # a socket whose directory cannot be made: the OS error alone named no setting
     (tmp_path / "file").write_text("")
-    assert main(["serve", "--server-port", "0", "--server-grpc-socket", str(tmp_path / "file" / "sub" / "x.sock")]) == 1
+    assert main(["serve", "--server-port", "0", "--server-grpc-socket", str(tmp_path / "file" / "sub" / "x.sock"),
+                 "--engine-bundle", str(tiny_bundle)]) == 1
     err = capsys.readouterr().err
     assert "server.grpc_socket" in err and "Traceback" not in err
 
