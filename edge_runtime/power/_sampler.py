@@ -222,6 +222,12 @@ class DomainTrack:
             return f"no readings for {lost:.2f} s"
         return None
 
+    def steps_in(self, t0: float, t1: float) -> list[tuple[float, float]]:
+        """``(t, cumulative J)`` of the readings in ``(t0, t1]`` at which the energy rose: a gauge's refreshes."""
+        i = bisect.bisect_right(self.times, t0)
+        j = bisect.bisect_right(self.times, t1)
+        return [(p.t, p.e_j) for k, p in enumerate(self.points[i:j], i) if k > 0 and p.e_j > self.points[k - 1].e_j]
+
     def count_in(self, t0: float, t1: float) -> int:
         return bisect.bisect_right(self.times, t1) - bisect.bisect_left(self.times, t0)
 
@@ -452,6 +458,28 @@ class Sampler:
                         continue
                 self._sample_locked()
 
+    def _gauge_window(self, track: DomainTrack, t0: float, t1: float, domains_j: dict[str, float],
+                      incomplete: dict[str, str], warnings: list[str]) -> None:
+        """A battery gauge's energy for ``[t0, t1]``, or why it has none.
+
+        The gauge is refreshed every few seconds, and each step holds the energy of the whole time since the step
+        before, which may have begun long before the window: a short window saw no step (read as a measured 0 J)
+        or one step (all of it, 30 J in 0.3 s). What it does measure is the average power between two steps the
+        window holds; that power over the window is the figure, and a window with fewer steps has none.
+        """
+        name, label = track.name, self.source.label
+        steps = track.steps_in(t0, t1)
+        if len(steps) < 2:
+            incomplete.setdefault(name, f"the battery gauge stepped {len(steps)} time(s) in this {t1 - t0:.2f} s "
+                                        "window; it is refreshed every few seconds and each step holds energy from "
+                                        "before it, so a window needs two steps to be measured")
+            return
+        (ta, ea), (tb, eb) = steps[0], steps[-1]
+        watts = (eb - ea) / (tb - ta)
+        domains_j[name] = watts * (t1 - t0)
+        warnings.append(f"{label}: {name} is a battery gauge: {watts:.2f} W on average over its {len(steps) - 1} "
+                        f"refresh interval(s) within the window ({tb - ta:.1f} s), times the window")
+
     def _window(self, t0: float, t1: float) -> WindowEnergy:
         label = self.source.label
         totals = set(self.source.total_domains())
@@ -484,9 +512,8 @@ class Sampler:
                         warnings.append(f"{label}: {name} read 0 W throughout the window")
                 if track.kind == "energy" and joules == 0.0 and t1 - t0 >= STUCK_COUNTER_S:
                     still.append(name)
-                if track.kind == "remaining" and joules == 0.0 and t1 > t0:
-                    warnings.append(f"{label}: the battery gauge did not move during this {t1 - t0:.2f} s window "
-                                    "(it updates every few seconds), so 0 J here means too short to see")
+                if track.kind == "remaining":
+                    self._gauge_window(track, t0, t1, domains_j, incomplete, warnings)
         moved = [n for n in totals if n in domains_j and n not in still]
         for name in still:
             if moved:

@@ -41,28 +41,45 @@ def test_energy_now_fall_when_there_is_no_power_reading(tmp_path: Path, make_met
     bat = add_battery(tmp_path, energy_now=40_000_000)  # µWh
     meter = make_meter(tmp_path)
     with meter.measure() as m:
-        clock.advance(10)
-        write(bat / "energy_now", 40_000_000 - 25_000)  # 25 mWh = 90 J
-    assert m.source == "battery:BAT0"
-    assert m.joules == pytest.approx(90.0)
+        for step in (1, 2):  # the gauge refreshes every 5 s: 25 mWh = 90 J each time, 18 W
+            clock.advance(5)
+            write(bat / "energy_now", 40_000_000 - 25_000 * step)
+            meter.poll()
+        clock.advance(5)
+    assert (m.source, m.estimated) == ("battery:BAT0", False)
+    assert m.joules == pytest.approx(18.0 * 15)  # the power between the steps, over the whole window
 
 
 def test_charge_now_fall_times_voltage(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
     bat = add_battery(tmp_path, charge_now=3_000_000, voltage_now=10_000_000)  # µAh, µV
     meter = make_meter(tmp_path)
     with meter.measure() as m:
-        clock.advance(10)
-        write(bat / "charge_now", 3_000_000 - 1_000)  # 1 mAh at 10 V = 10 mWh = 36 J
-    assert m.joules == pytest.approx(36.0)
+        for step in (1, 2, 3):
+            clock.advance(10)
+            write(bat / "charge_now", 3_000_000 - 1_000 * step)  # 1 mAh at 10 V = 10 mWh = 36 J per 10 s: 3.6 W
+            meter.poll()
+    assert m.joules == pytest.approx(3.6 * 30)
 
 
-def test_a_gauge_that_did_not_move_says_so(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
-    add_battery(tmp_path, energy_now=40_000_000)
+def test_a_gauge_window_too_short_to_measure_is_an_estimate_not_0_j_or_a_whole_step(
+        tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    # the gauge refreshes every few seconds: a request of a fraction of a second saw no step (read as a measured
+    # 0 J) or one step holding seconds of energy from before it (30 J in 0.3 s, "measured")
+    bat = add_battery(tmp_path, energy_now=40_000_000)
     meter = make_meter(tmp_path)
-    with meter.measure() as m:
+    meter.poll()
+    clock.advance(4.8)  # the last refresh was long before the request
+    meter.poll()
+    with meter.measure() as still:
         clock.advance(0.2)
-    assert m.joules == 0.0
-    assert any("did not move" in w for w in m.warnings)
+    with meter.measure() as stepped:
+        clock.advance(0.1)
+        write(bat / "energy_now", 40_000_000 - 8_333)  # 30 J: five seconds of 6 W
+        meter.poll()
+        clock.advance(0.2)
+    for m in (still, stepped):
+        assert (m.source, m.estimated) == ("estimate:generic", True)
+        assert any("the battery gauge stepped" in w and "needs two steps" in w for w in m.warnings)
 
 
 def test_charging_battery_is_not_a_measurement_and_is_skipped(tmp_path: Path, make_meter: Make,
