@@ -24,8 +24,8 @@ __all__ = ["write_csv", "write_plots", "write_report", "estimator_table", "famil
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = ("accuracy", "escalation_rate", "cloud_usd_per_1k", "device_j_per_request", "latency_p50_ms", "latency_p95_ms",
-            "early_exit_rate", "pre_decode_escalation_rate", "forced_local_rate")
+_COLUMNS = ("accuracy", "escalation_rate", "cloud_usd_per_1k", "device_j_per_request", "estimated_j_per_request",
+            "latency_p50_ms", "latency_p95_ms", "early_exit_rate", "pre_decode_escalation_rate", "forced_local_rate")
 
 
 def write_csv(path: Path, points: Sequence[Point], families: Sequence[str], *, energy_source: str,
@@ -41,14 +41,17 @@ def write_csv(path: Path, points: Sequence[Point], families: Sequence[str], *, e
     for p in points:
         for fam in ["overall", *families]:
             src = p.overall if fam == "overall" else p.by_family[fam]
+            # a row is measured only when all of its joules are: an escalation's radio and wait energy never are
+            estimated = energy_estimated or src["estimated_j_per_request"] > 0
             w.writerow([p.name, p.family, fam, *(f"{src[c]:.6g}" for c in _COLUMNS), energy_source,
-                        "true" if energy_estimated else "false", json.dumps(p.config, sort_keys=True)])
+                        "true" if estimated else "false", json.dumps(p.config, sort_keys=True)])
     write_text_whole(path, buf.getvalue())
 
 
 def joules_label(energy_source: str, energy_estimated: bool) -> str:
     """The device-joules axis, with where the figures come from."""
-    how = "ESTIMATED from CPU time" if energy_estimated else f"measured: {energy_source}"
+    how = ("ESTIMATED from CPU time" if energy_estimated
+           else f"measured: {energy_source}; escalations' network and wait energy ESTIMATED")
     return f"device joules per request ({how})"
 
 

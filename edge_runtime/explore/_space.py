@@ -94,6 +94,8 @@ def _summary(result: Any, net_j: np.ndarray, mask: np.ndarray | None = None) -> 
         "escalation_rate": s["escalation_rate"],
         "cloud_usd_per_1k": s["cloud_usd_per_1k"],
         "device_j_per_request": float(device_j.mean()),
+        # its part that is always an estimate, whatever the meter: the escalations' radio and waiting energy
+        "estimated_j_per_request": float(np.where(result.escalated[m], net_j[m], 0.0).mean()),
         "local_j_per_request": s["local_joules_per_request"],
         "latency_p50_ms": s["latency_p50_ms"],
         "latency_p95_ms": s["latency_p95_ms"],

@@ -754,3 +754,25 @@ def test_every_explored_policy_is_labelled_as_the_policy_describes_itself():
                    {"type": "early_exit", "bar": 0.2, "min_tokens": 4}]:
         policy = policy_from_config(config)
         assert described.setdefault(policy.describe(), policy.to_config()) == policy.to_config(), policy.describe()
+
+
+def test_with_a_measured_meter_a_row_with_escalations_is_labelled_estimated(tmp_path):
+    # the radio and waiting energy of an escalation come from the cost model and the device profile: always-cloud's
+    # joules were all estimates, and its row read "rapl:package-0,false"; the plot's axis said "measured" alone
+    import csv
+    from types import SimpleNamespace
+
+    from edge_runtime.explore._report import joules_label, write_csv
+
+    def point(name, estimated_j):
+        o = {"accuracy": 0.5, "escalation_rate": 1.0 if estimated_j else 0.0, "cloud_usd_per_1k": 0.0,
+             "device_j_per_request": 2.5, "estimated_j_per_request": estimated_j, "latency_p50_ms": 1.0,
+             "latency_p95_ms": 1.0, "early_exit_rate": 0.0, "pre_decode_escalation_rate": 0.0, "forced_local_rate": 0.0}
+        return SimpleNamespace(name=name, family=name, overall=o, by_family={}, config={})
+
+    write_csv(tmp_path / "p.csv", [point("always-local", 0.0), point("always-cloud", 2.5)], [],
+              energy_source="rapl:package-0", energy_estimated=False)
+    rows = {r["policy"]: r for r in csv.DictReader((tmp_path / "p.csv").read_text().splitlines())}
+    assert rows["always-local"]["energy_estimated"] == "false" and rows["always-cloud"]["energy_estimated"] == "true"
+    assert rows["always-cloud"]["estimated_j_per_request"] == "2.5"
+    assert "network and wait energy ESTIMATED" in joules_label("rapl:package-0", False)
