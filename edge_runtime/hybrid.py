@@ -792,8 +792,8 @@ class HybridRuntime:
                 # the caller left while the bridge was answering: the call was cancelled, so was the bridge's
                 # generation; what it generated until then is billed and unknown here, so a budget keeps the
                 # amount it reserved rather than counting the call as free
-                settlement.settle(ctx.estimated_cloud_usd)
                 maybe_billed = progress.accepted or progress.text  # one the bridge never took was never billed
+                settlement.settle(ctx.estimated_cloud_usd if maybe_billed else 0.0)
                 failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0  # the radio was on meanwhile
                 route, decision = "local_forced", Decision("local_forced", "cancelled", "the caller cancelled the request during escalation",
                                                            policy=decision.policy, value=decision.value, threshold=decision.threshold)
@@ -888,6 +888,7 @@ class HybridRuntime:
                     progress.text = True
                     chunks.append(HybridChunk("text", c.text))
         except CloudCancelledError as err:
+            progress.accepted = progress.accepted or getattr(err, "bridge_accepted", False)
             raise _Cancelled from err
         finally:
             stream.close()  # cancels the call if it is still running

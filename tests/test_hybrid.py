@@ -355,6 +355,8 @@ def test_a_cancel_stops_an_escalation_while_the_bridge_is_between_words(engine):
         # the bridge's first word is 3 s away: the client's watcher, not the next word, ends the call
         assert time.perf_counter() - t0 < 1.5
         assert r.route == "local_forced" and r.reason == "cancelled"
+        # the bridge had taken the call (its prompt is billed) though no message came back yet: it read as free
+        assert r.cost["cloud_usd_unknown"] is True
         (gen,) = server.backends["slow"].wait_for_generations(1)
         assert gen.finish_reason == "cancelled" and gen.completion_tokens == 0
 

@@ -510,7 +510,10 @@ class CloudClient:
                     raise
                 except grpc.RpcError as err:
                     if watcher.fired:  # the CANCELLED status of our own call.cancel(), not the bridge's doing
-                        raise _cancelled_error() from err
+                        cancelled = _cancelled_error()
+                        # whether the bridge had taken it (and may bill what it generated until the cancel)
+                        cancelled.bridge_accepted = _bridge_accepted(call)  # type: ignore[attr-defined]
+                        raise cancelled from err
                     delay, error = self._retry_delay_s(err, attempt, deadline_s)
                     if delay is None or delivered:  # text already shown cannot be taken back: no retry
                         raise error from err

@@ -203,6 +203,7 @@ def _shutdown_fallback(result: HybridResult) -> HybridResult:
     """``result`` (its escalation cut by the daemon's drain) as the fallback it is for the client."""
     error = "ServiceUnavailableError: the daemon shut down while the bridge was answering"
     return dataclasses.replace(result, route="fallback", reason="cloud_error", cloud_error=error,
+                               cloud_error_type="ServiceUnavailableError",
                                detail=f"escalation failed ({error}); local answer returned")
 
 

@@ -223,10 +223,16 @@ class DomainTrack:
         return None
 
     def steps_in(self, t0: float, t1: float) -> list[tuple[float, float]]:
-        """``(t, cumulative J)`` of the readings in ``(t0, t1]`` at which the energy rose: a gauge's refreshes."""
-        i = bisect.bisect_right(self.times, t0)
+        """``(t, cumulative J)`` of the readings in ``[t0, t1]`` at which the energy rose: a gauge's refreshes (one at
+        ``t0`` holds energy from before the window, but marks where a refresh interval inside it starts)."""
+        i = bisect.bisect_left(self.times, t0)
         j = bisect.bisect_right(self.times, t1)
         return [(p.t, p.e_j) for k, p in enumerate(self.points[i:j], i) if k > 0 and p.e_j > self.points[k - 1].e_j]
+
+    def gap_in(self, t0: float, t1: float) -> bool:
+        """Whether a reading in ``(t0, t1]`` follows an interval whose energy is not known (counted as 0 J)."""
+        i, j = bisect.bisect_right(self.times, t0), bisect.bisect_right(self.times, t1)
+        return any(p.after_gap for p in self.points[i:j])
 
     def count_in(self, t0: float, t1: float) -> int:
         return bisect.bisect_right(self.times, t1) - bisect.bisect_left(self.times, t0)
@@ -469,12 +475,21 @@ class Sampler:
         """
         name, label = track.name, self.source.label
         steps = track.steps_in(t0, t1)
+        if len(steps) >= 2 and steps[-1][0] <= steps[0][0]:  # readings clamped to one instant (a clock step back)
+            steps = steps[:1]
         if len(steps) < 2:
+            domains_j[name] = 0.0  # what it showed is not this window's: none of it is counted
             incomplete.setdefault(name, f"the battery gauge stepped {len(steps)} time(s) in this {t1 - t0:.2f} s "
                                         "window; it is refreshed every few seconds and each step holds energy from "
                                         "before it, so a window needs two steps to be measured")
             return
         (ta, ea), (tb, eb) = steps[0], steps[-1]
+        if track.gap_in(ta, tb):
+            # a rise (charging meanwhile) or an impossible step between them was counted as 0 J over its time
+            domains_j[name] = 0.0
+            incomplete.setdefault(name, "the battery gauge rose or jumped between its steps in this window: the "
+                                        "energy of that interval is not known")
+            return
         watts = (eb - ea) / (tb - ta)
         domains_j[name] = watts * (t1 - t0)
         warnings.append(f"{label}: {name} is a battery gauge: {watts:.2f} W on average over its {len(steps) - 1} "

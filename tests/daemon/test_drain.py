@@ -179,6 +179,9 @@ def test_a_drain_that_stops_an_escalation_returns_the_whole_local_answer_as_the_
     assert status == 200 and body["routing"]["route"] == "fallback"
     assert "shut down" in body["routing"]["cloud_error"]
     assert body["choices"][0]["message"]["content"] == local_answer
+    # counted by its cause, as any failed escalation (it read error="other")
+    assert metric(daemon.service.metrics.render(), "edge_runtime_cloud_errors_total",
+                  error="ServiceUnavailableError") == 1
     slow.server.stop(0)
     cloud.close()
 

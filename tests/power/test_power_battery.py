@@ -198,3 +198,49 @@ def test_a_coarse_gauge_refreshed_every_30_s_is_counted_whole(tmp_path: Path, ma
             meter.poll()
     assert m.joules == pytest.approx(4 * 30 * step_uwh * 3.6e-3, rel=1e-6)
     assert not any("not counted" in w for w in m.warnings)
+
+
+def test_a_gauge_window_anchored_on_a_step_at_its_start_and_with_a_rise_between_steps(
+        tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    bat = add_battery(tmp_path, energy_now=40_000_000)
+    meter = make_meter(tmp_path)
+    meter.poll()
+    clock.advance(5)
+    write(bat / "energy_now", 40_000_000 - 10_000)  # a step just as the window opens (its energy is from before)
+    with meter.measure() as m:
+        clock.advance(5)
+        write(bat / "energy_now", 40_000_000 - 20_000)  # 10 mWh = 36 J in 5 s: 7.2 W
+        meter.poll()
+    assert (m.source, m.estimated) == ("battery:BAT0", False) and m.joules == pytest.approx(36.0)
+    # charging for a moment between two steps: that interval's energy is unknown, not 0 J of a measurement
+    with meter.measure() as m:
+        clock.advance(5)
+        write(bat / "energy_now", 40_000_000 - 30_000)
+        meter.poll()
+        clock.advance(5)
+        write(bat / "energy_now", 40_000_000 - 25_000)  # rose
+        meter.poll()
+        clock.advance(5)
+        write(bat / "energy_now", 40_000_000 - 35_000)
+        meter.poll()
+    assert m.estimated and any("rose or jumped between its steps" in w for w in m.warnings)
+
+
+def test_gauge_steps_read_at_one_instant_are_one_step_not_a_division_by_zero() -> None:
+    from edge_runtime.power._sampler import DomainTrack
+    from edge_runtime.power._source import Remaining
+
+    track = DomainTrack("BAT0")
+    for t, uwh in ((0.0, 1000.0), (1.0, 999.0), (0.5, 998.0)):  # the last reading's time is clamped to 1.0
+        track.add(t, Remaining(uj=uwh * 3600.0))
+    steps = track.steps_in(0.5, 2.0)
+    assert len(steps) == 2 and steps[0][0] == steps[1][0] == 1.0
+    from types import SimpleNamespace
+
+    from edge_runtime.power._sampler import Sampler
+
+    domains: dict = {}
+    incomplete: dict = {}
+    Sampler._gauge_window(SimpleNamespace(source=SimpleNamespace(label="battery:BAT0")), track, 0.5, 2.0,
+                          domains, incomplete, [])
+    assert "BAT0" in incomplete and domains == {"BAT0": 0.0}  # one step: not measured (it divided by zero)
