@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
-
-from .cache import current_umask
 
 __all__ = ["durable_replace", "naming", "write_text_whole"]
 
@@ -37,13 +35,13 @@ def write_text_whole(path: str | os.PathLike[str], text: str) -> None:
     the new one, never half of it; a failed write leaves the old one and no temporary file."""
     path = Path(path)
     with naming(path):
-        # a name of its own per call: two threads writing one file must not write into each other's temporary file
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
+        # a name of its own per call (two threads writing one file must not write into each other's temporary
+        # file), created with the mode a plain write gets: the kernel applies the umask, or a directory's default
+        # ACL, itself (mkstemp's 0600 hid a report from the other users; a chmod after it overrode an ACL)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         try:
             tmp.write_text(text, encoding="utf-8", newline="")
-            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide a report from the other users
             durable_replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)

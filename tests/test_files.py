@@ -70,3 +70,27 @@ def test_a_replace_flushes_the_data_before_the_rename_and_the_directory_after(tm
     assert events == [("fsync", "model.onnx.data"), ("fsync", "sub"), ("fsync", "x"), ("fsync", ".bundle.tmp"),
                       ("replace", "bundle"), ("fsync", "out")]
     assert (tmp_path / "out" / "bundle" / "sub" / "x").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_a_file_written_whole_has_the_mode_a_plain_write_gets(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_text_whole(tmp_path / "report.md", "x\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_threads_writing_one_file_leave_one_whole_version_and_no_temporary_file(tmp_path):
+    import threading
+
+    texts = [f"{i}\n" * 10000 for i in range(8)]
+    threads = [threading.Thread(target=write_text_whole, args=(tmp_path / "points.csv", t)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (tmp_path / "points.csv").read_text() in texts
+    assert [p.name for p in tmp_path.iterdir()] == ["points.csv"]
