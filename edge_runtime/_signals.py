@@ -2,8 +2,9 @@
 
 SIGHUP is one of them: settings are read only at start, so a "reload" has to be a restart, and a closed
 terminal should stop a server started by hand cleanly rather than kill it mid-answer (Python's default for
-SIGHUP, which left its socket file behind). Unless SIGHUP was ignored when the process started: that is
-``nohup``'s request to survive a closed terminal, and it is kept.
+SIGHUP, which left its socket file behind). Unless the signal was ignored when the process started: SIGHUP
+ignored is ``nohup``'s request to survive a closed terminal, SIGINT ignored a shell's background job's (a
+Ctrl-C at that terminal is not for it), and both are kept.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ __all__ = ["stop_signals", "exit_status_after_stop"]
 
 _SIGHUP = getattr(signal, "SIGHUP", None)  # not on Windows
 # read once, at import (before any handler of ours is installed): asyncio restores SIG_DFL, not this, when its loop ends
-_HANGUP_IGNORED_AT_START = _SIGHUP is not None and signal.getsignal(_SIGHUP) is signal.SIG_IGN
+_IGNORED_AT_START = frozenset(name for name in ("SIGINT", "SIGHUP")
+                              if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is signal.SIG_IGN)
 _HANGUP_NOTE = "SIGHUP: settings are read only at start; draining and stopping (restart to apply changes)"
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:
-    """SIGTERM, SIGINT, and SIGHUP unless the process started with it ignored (``nohup``)."""
-    names = ["SIGTERM", "SIGINT"] + ([] if _HANGUP_IGNORED_AT_START else ["SIGHUP"])
+    """SIGTERM, and SIGINT and SIGHUP unless the process started with them ignored (a background job, ``nohup``)."""
+    names = [name for name in ("SIGTERM", "SIGINT", "SIGHUP") if name not in _IGNORED_AT_START]
     return tuple(getattr(signal, name) for name in names if hasattr(signal, name))
 
 

@@ -246,24 +246,26 @@ def test_serve_answers_and_drains_on_sigterm(tmp_path, to_thread, sig, status):
         proc.stderr.close()
 
 
-def test_a_server_started_with_sighup_ignored_keeps_ignoring_it(tmp_path):
-    # nohup's request: the handler this session added for SIGHUP replaced it, and a closed terminal stopped the server
+@pytest.mark.parametrize("ignored", [signal.SIGHUP, signal.SIGINT], ids=["nohup", "background-job"])
+def test_a_server_started_with_a_stop_signal_ignored_keeps_ignoring_it(tmp_path, ignored):
+    # nohup's request (SIGHUP), a shell's background job's (SIGINT: a Ctrl-C at the terminal is not for it): the
+    # servers' handlers replaced them, and a closed terminal or a Ctrl-C stopped the server
     path = write(tmp_path, '[server]\naddress = "127.0.0.1:0"\n[models.e]\nbackend = "echo"\nreply = "pong"\n')
     proc = subprocess.Popen(
         [sys.executable, "-m", "cloud_bridge.cli", "serve", "--config", str(path), "--insecure"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+        preexec_fn=lambda: signal.signal(ignored, signal.SIG_IGN),
     )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and "on port" not in proc.stderr.readline():
             pass
-        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(ignored)
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(2)  # still serving
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
-        assert "SIGHUP" not in proc.stderr.read()
+        assert ignored.name not in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
