@@ -18,7 +18,7 @@ from ..hybrid import MODEL_ALIASES
 
 __all__ = ["ChatRequest", "build_chat_request", "new_request_id", "valid_request_id", "rename_field", "stop_list"]
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def new_request_id() -> str:
@@ -26,7 +26,8 @@ def new_request_id() -> str:
 
 
 def valid_request_id(value: str | None) -> bool:
-    return bool(value) and _REQUEST_ID_RE.match(value or "") is not None
+    # fullmatch: "$" also matched before a final newline, so "abc\n" passed and went out as x-request-id metadata
+    return bool(value) and _REQUEST_ID_RE.fullmatch(value or "") is not None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +70,7 @@ def build_chat_request(
             f"the model {short_repr(model)} does not exist; this daemon serves {', '.join(MODEL_ALIASES)}", field="model"
         )
     msgs = validate_messages(messages)
-    if request_id is not None and not _REQUEST_ID_RE.match(request_id):
+    if request_id is not None and not _REQUEST_ID_RE.fullmatch(request_id):
         raise InvalidRequestError("must be 1-128 characters from A-Z a-z 0-9 . _ : -", field="request_id")
     if top_logprobs and not logprobs:
         raise InvalidRequestError("needs logprobs = true", field="top_logprobs")

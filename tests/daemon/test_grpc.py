@@ -139,9 +139,10 @@ def test_every_call_gets_a_request_id_its_caller_sees_even_when_refused(engine, 
     assert len(rid) == 32 and f"grpc {rid} request refused" in caplog.text
     answer, call = stub.Chat.with_call(_request(max_new_tokens=2), timeout=10)
     assert answer.request_id == dict(call.initial_metadata())["x-request-id"]
-    with pytest.raises(grpc.RpcError) as info:  # an id that cannot be one is refused, under an id made for it
-        stub.Chat(_request(request_id="two\nlines"), timeout=10)
-    assert _details(info.value)[0].field_violations[0].field == "request_id"
+    for bad in ("two\nlines", "trailing\n"):  # an id that cannot be one is refused, under an id made for it
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Chat(_request(request_id=bad), timeout=10)
+        assert _details(info.value)[0].field_violations[0].field == "request_id"
     assert len(dict(info.value.initial_metadata())["x-request-id"]) == 32
     answer, call = stub.Chat.with_call(_request(max_new_tokens=2, request_id="app-7"), timeout=10)
     assert answer.request_id == dict(call.initial_metadata())["x-request-id"] == "app-7"
