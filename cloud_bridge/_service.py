@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -25,7 +24,13 @@ import grpc
 from edge_runtime._grpc_decode import Undecodable, undecodable_message
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
 from edge_runtime.cloud import ACCEPTED_METADATA_KEY, Escalation
-from edge_runtime.engine.types import SamplingParams, log_text, validate_messages
+from edge_runtime.engine.types import (
+    SamplingParams,
+    check_api_temperature,
+    is_plain_request_id,
+    log_text,
+    validate_messages,
+)
 from edge_runtime.errors import BackendError, ContextLengthError, InvalidRequestError, QueueFullError
 
 from ._admission import WorkerSlots
@@ -48,11 +53,6 @@ FINISH_REASONS: dict[str, bridge_pb2.FinishReason] = {
     "content_filter": bridge_pb2.FINISH_REASON_CONTENT_FILTER,
 }
 _MAX_REQUEST_ID = 128
-# an id of these characters (the daemon's request id rule) is one word without `=` or quotes: it cannot pass for
-# another field of a key=value log line, so it is logged as is
-_PLAIN_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{_MAX_REQUEST_ID}}}")
-# OpenAI's range, which the daemon's transports enforce too: a device gets the same answer from either
-_MAX_TEMPERATURE = 2.0
 
 
 @dataclass
@@ -217,9 +217,8 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     @staticmethod
     def _params(s: bridge_pb2.SamplingParams, max_new_tokens: int) -> SamplingParams:
         try:
-            if s.HasField("temperature") and s.temperature > _MAX_TEMPERATURE:  # SamplingParams refuses < 0 itself
-                raise InvalidRequestError(f"must be between 0 and {_MAX_TEMPERATURE:g}, got {s.temperature}",
-                                          field="temperature")
+            if s.HasField("temperature"):  # the daemon's range: a device gets the same answer from either
+                check_api_temperature(s.temperature)
             return SamplingParams(
                 max_new_tokens=max_new_tokens,
                 temperature=s.temperature if s.HasField("temperature") else 0.0,
@@ -391,13 +390,13 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     def refuse_undecodable(self, request: Undecodable, context: grpc.ServicerContext) -> NoReturn:
         """A request that is not valid protobuf: refused as any bad request is (logged with the caller's address),
         and for a caller without a token, as a caller without a token is."""
-        try:
-            if not request.method.startswith("/grpc.health."):  # the health check needs no token
+        if not request.method.startswith("/grpc.health."):  # the health check needs no token
+            try:
                 self._authenticate(context)
-            raise Reject(make_status(grpc.StatusCode.INVALID_ARGUMENT, undecodable_message(request),
-                                     error_info("UNDECODABLE_REQUEST")))
-        except Reject as reject:
-            self._abort(context, reject)
+            except Reject as reject:
+                self._abort(context, reject)
+        self._abort(context, Reject(make_status(grpc.StatusCode.INVALID_ARGUMENT, undecodable_message(request),
+                                                error_info("UNDECODABLE_REQUEST"))))
 
     def _abort(self, context: grpc.ServicerContext, reject: Reject, job: _Job | None = None) -> NoReturn:
         request_id = job.request.request_id if job is not None else reject.request_id
@@ -507,7 +506,7 @@ def _log_id(request_id: str) -> str:
     The access log is the bill's source; an id with spaces written raw could add fields to it (`x device=other
     cost_usd=99`). Quoted, it stays one value, and json.dumps escapes its quotes and control characters.
     """
-    return request_id if _PLAIN_REQUEST_ID.fullmatch(request_id) else json.dumps(request_id)
+    return request_id if is_plain_request_id(request_id) else json.dumps(request_id)
 
 
 def _with_hint(messages: list[dict[str, str]], escalation: Escalation) -> list[dict[str, str]]:

@@ -7,7 +7,7 @@ thread per core has more threads than CPUs: onnxruntime's workers then wait for
 each other at every operator, and a decode step takes several times as long.
 
 The cgroup files are read under ``root`` (``/`` for the real ones), so tests
-point :func:`usable_cpus` at fake trees in ``tmp_path``.
+point :func:`cpu_limits` at fake trees in ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .power._sysfs import cat, under_root
+from .power._sysfs import cat, read_int, under_root
 
-__all__ = ["CpuLimits", "cpu_limits", "usable_cpus"]
+__all__ = ["CpuLimits", "cpu_limits"]
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,25 @@ class CpuLimits:
     quota_cpus: float | None  # CPUs' worth of time the cgroup allows, None when unlimited
 
     @property
+    def pinned(self) -> bool:
+        """Whether the affinity mask allows fewer hardware threads than the machine has."""
+        return self.affinity_cpus is not None and self.affinity_cpus < self.logical
+
+    @property
     def usable(self) -> int:
         """Physical cores, fewer when the affinity mask or the cgroup quota allows fewer CPUs (at least 1)."""
         cores = self.physical
-        if self.affinity_cpus is not None and self.affinity_cpus < self.logical:
+        if self.pinned:
             # the cores behind the allowed hardware threads, assuming they are spread like the machine's
-            cores = min(cores, math.ceil(self.affinity_cpus * self.physical / self.logical))
+            cores = min(cores, math.ceil(self.affinity_cpus * self.physical / self.logical))  # type: ignore[operator]
         if self.quota_cpus is not None:
             cores = min(cores, math.ceil(self.quota_cpus))
         return max(1, cores)
+
+    def held_by(self) -> list[str]:
+        """The limits in force, in words (for the log line that explains a smaller default)."""
+        held = [f"CPU affinity {self.affinity_cpus} of {self.logical}"] if self.pinned else []
+        return held + ([f"cgroup CPU quota {self.quota_cpus:g}"] if self.quota_cpus is not None else [])
 
 
 def _cgroup_paths(root: str | os.PathLike[str]) -> tuple[str | None, str | None]:
@@ -85,12 +95,9 @@ def _quota_v1(root: str | os.PathLike[str], path: str) -> float | None:
     quotas = []
     for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
         for d in _upwards(under_root(root, f"/sys/fs/cgroup/{mount}"), path):
-            try:
-                quota = int(cat(d / "cpu.cfs_quota_us", fallback=""))
-                period = int(cat(d / "cpu.cfs_period_us", fallback=""))
-            except ValueError:  # missing (read as ""), or garbage
-                continue
-            if quota > 0 and period > 0:  # -1: no quota
+            # -1 (no quota), missing or garbage: no limit here
+            quota, period = read_int(d / "cpu.cfs_quota_us", fallback=-1), read_int(d / "cpu.cfs_period_us", fallback=-1)
+            if quota > 0 and period > 0:
                 quotas.append(quota / period)
         if quotas:
             break
@@ -116,7 +123,3 @@ def cpu_limits(root: str | os.PathLike[str] = "/", *, affinity: int | None = Non
         quota = _quota_v1(root, v1)
     return CpuLimits(physical=physical, logical=logical, affinity_cpus=affinity, quota_cpus=quota)
 
-
-def usable_cpus(root: str | os.PathLike[str] = "/") -> int:
-    """Physical cores, fewer when the process's affinity or cgroup CPU quota allows fewer (at least 1)."""
-    return cpu_limits(root).usable

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from .errors import ConfigError, EdgeRuntimeError
 
 __all__ = ["setting", "load_settings", "add_settings_arguments", "refuse_abbreviations", "settings_overrides_from_args",
-           "settings_to_dict", "check_threads", "MAX_THREADS"]
+           "settings_to_dict", "check_threads", "MAX_THREADS", "THREADS_HELP"]
 
 T = TypeVar("T")
 
@@ -43,6 +43,8 @@ _NOT_SETTINGS = frozenset({"EDGE_RUNTIME_CACHE"})
 # onnxruntime takes a thread count as a C int (2**31 was a TypeError traceback once the daemon listened), and far
 # more threads than any machine has cores only cost memory
 MAX_THREADS = 1024
+# every --threads flag and engine.threads say the same of the default (see edge_runtime._cpus)
+THREADS_HELP = "intra-op threads (default: physical cores, fewer under a CPU affinity mask or cgroup quota)"
 
 def is_finite(value: int | float) -> bool:
     """``math.isfinite`` for a number read from TOML or JSON, where an integer may be past a float's range (10**400)."""

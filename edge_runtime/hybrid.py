@@ -842,8 +842,8 @@ class HybridRuntime:
             else:
                 yield from held
         yield HybridChunk("done", result=self._result(msgs, request_id, route, decision, p_correct, locals_, cloud_result,
-                                                      (cloud_error, cloud_error_type), early_exit, t0, asked,
-                                                      failed_cloud_ms, estimator_energy, maybe_billed))
+                                                      cloud_error, early_exit, t0, asked, failed_cloud_ms, estimator_energy,
+                                                      maybe_billed=maybe_billed, cloud_error_type=cloud_error_type))
 
     def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
                    p_correct: float | None, decision: Decision, request_id: str, cancel: Any,
@@ -897,10 +897,10 @@ class HybridRuntime:
         return result, chunks
 
     def _result(self, msgs: list[dict[str, str]], request_id: str, route: Route, decision: Decision, p_correct: float | None,
-                locals_: list[GenerationResult], cloud: Any, cloud_failure: tuple[str | None, str | None],
-                early_exit: bool, t0: float,
+                locals_: list[GenerationResult], cloud: Any, cloud_error: str | None, early_exit: bool, t0: float,
                 asked: bool = False, failed_cloud_ms: float = 0.0,
-                estimator_energy: Sequence[EnergyReport] = (), maybe_billed: bool = False) -> HybridResult:
+                estimator_energy: Sequence[EnergyReport] = (), *, maybe_billed: bool = False,
+                cloud_error_type: str | None = None) -> HybridResult:
         final_local = locals_[-1] if locals_ else None
         energies = [r.energy for r in locals_ if r.energy is not None] + list(estimator_energy)
         local_j = sum(e.joules for e in energies)
@@ -961,14 +961,14 @@ class HybridRuntime:
             tokens = tokens[:final_local.text_tokens] if final_local.text_tokens is not None else tokens
         accepted = sum(r.usage.accepted_draft_tokens for r in locals_)
         reason = decision.reason if route != "fallback" else "cloud_error"
-        detail = decision.detail if route != "fallback" else f"{decision.reason}: escalation failed ({cloud_failure[0]}); local answer returned"
+        detail = decision.detail if route != "fallback" else f"{decision.reason}: escalation failed ({cloud_error}); local answer returned"
         return HybridResult(
             request_id=request_id, text=text, route=route, reason=reason, detail=detail,
             p_correct=_finite_or_none(p_correct),
             threshold=decision.threshold, policy=self.policy.describe(), model=model, finish_reason=finish,
             draft=(final_local.text if final_local and not early_exit else None) if route == "cloud" else None,
-            tokens=list(tokens), usage=usage, latency_ms=latency, energy=energy, cost=cost, cloud_error=cloud_failure[0],
-            cloud_error_type=cloud_failure[1],
+            tokens=list(tokens), usage=usage, latency_ms=latency, energy=energy, cost=cost, cloud_error=cloud_error,
+            cloud_error_type=cloud_error_type,
             predictions={"accepted": accepted, "rejected": sum(r.usage.draft_tokens for r in locals_) - accepted},
             cached_prompt_tokens=sum(r.usage.cached_prompt_tokens for r in locals_),
         )

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .cloud import CloudSettings
-from .config import check_threads, load_settings, setting
+from .config import THREADS_HELP, check_threads, load_settings, setting
 from .cost import CostSettings
 from .engine import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS, SUGGESTED_PROMPT_LOOKUP_TOKENS
 from .engine.types import ProviderSpec, provider_specs
@@ -66,7 +66,7 @@ class EngineSettings:
     precision: str = setting("int4", help="precision of the cached bundle when `bundle` is a known model name: fp32, "
                                           "int8, int4, or a variant quantize built (int4-offsets, int4-mlp64, ...)")
     estimator: Path | None = setting(None, help="confidence estimator JSON from `edge-runtime calibrate` or `explore` (default: the built-in `generic`)")
-    threads: int | None = setting(None, help="intra-op threads (default: physical cores, fewer under a CPU affinity mask or cgroup quota)")
+    threads: int | None = setting(None, help=THREADS_HELP)
     providers: list[str] = setting(factory=list, help="onnxruntime execution providers in order (default: CPU)")
     provider_options: dict[str, Any] = setting(
         factory=dict, help="options per provider in `providers`, e.g. {XnnpackExecutionProvider = {intra_op_num_threads = 2}}"

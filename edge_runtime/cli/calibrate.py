@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..config import THREADS_HELP
+
 log = logging.getLogger("edge_runtime.calibrate")
 
 DEFAULT_FAMILY = "multi"
@@ -51,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--portable", action="store_true",
                    help="do not bind the estimator to this bundle's hash (it then loads for any bundle; use with care)")
     c.add_argument("--limit", type=int, help="use only N items, each task family in turn (quick runs)")
-    c.add_argument("--threads", type=int, help="intra-op threads (default: physical cores, fewer under a CPU affinity mask or cgroup quota)")
+    c.add_argument("--threads", type=int, help=THREADS_HELP)
     _lookup_argument(c)
     c.add_argument("--json", action="store_true", help="print the fit summary as JSON")
     c.set_defaults(func=_calibrate)
@@ -65,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--study", action="store_true",
                    help="fit every estimator family on the dev split and report them side by side on --split")
     e.add_argument("--limit", type=int, help="use only N items of each split, each task family in turn (quick runs)")
-    e.add_argument("--threads", type=int, help="intra-op threads (default: physical cores, fewer under a CPU affinity mask or cgroup quota)")
+    e.add_argument("--threads", type=int, help=THREADS_HELP)
     _lookup_argument(e)
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=_eval)

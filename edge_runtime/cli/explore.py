@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config import THREADS_HELP
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explore", help="measure accuracy / cloud USD / device energy / latency of every policy and recommend one")
@@ -23,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bridge", help="external bridge address host:port (overrides [cloud] address)")
     p.add_argument("--validate", action="store_true",
                    help="hold back a quarter of the items and run the recommended policy live through `edge-runtime serve` and the bridge")
-    p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores, fewer under a CPU affinity mask or cgroup quota)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.set_defaults(func=_run)
 
 

@@ -9,6 +9,7 @@ import math
 import sys
 from typing import Any
 
+from ..config import THREADS_HELP
 from ..engine import PROMPT_LOOKUP_TOKENS, SUGGESTED_PROMPT_LOOKUP_TOKENS
 
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "top_logprobs", "truncate_prompt")
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--top-logprobs", type=int, default=0, help="with --json or --input: include this many alternatives per token")
-    p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores, fewer under a CPU affinity mask or cgroup quota)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP_TOKENS, metavar="N",
                    help=f"tokens drafted per step from earlier text, checked in the same run "
                         f"(default {PROMPT_LOOKUP_TOKENS}: off; {SUGGESTED_PROMPT_LOOKUP_TOKENS} is a good value)")

@@ -18,16 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import add_settings_arguments, load_settings, settings_overrides_from_args
 from ..errors import ConfigError
-from ..power._settings import PowerSettings
+from ..power._settings import POWER_ENV_PREFIX, PowerSettings
 
 if TYPE_CHECKING:
     from ..power import EnergyMeter, Measurement, SourceInfo
 
 __all__ = ["register"]
-
-
-# the [power] section's variables, as the daemon reads them too (EDGE_RUNTIME_POWER_PROFILE): --help names these
-_ENV_PREFIX = "EDGE_RUNTIME_POWER"
 
 
 def _positive_seconds(text: str) -> float:
@@ -65,7 +61,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--interval", type=_positive_seconds, default=None, help="--watch: seconds per reading (default 1)")
     parser.add_argument("--count", type=_count, default=None, help="--watch: stop after N readings (default: until Ctrl-C)")
     parser.add_argument("--json", action="store_true", help="machine-readable output (JSON; one line per reading)")
-    add_settings_arguments(parser, PowerSettings, env_prefix=_ENV_PREFIX)
+    add_settings_arguments(parser, PowerSettings, env_prefix=POWER_ENV_PREFIX)
     parser.set_defaults(func=_run)
 
 
@@ -79,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     for flag, value in (("--interval", args.interval), ("--count", args.count)):
         if value is not None and not args.watch:
             raise ConfigError("only valid with --watch (edge-runtime power --watch --interval S --count N)", field=flag)
-    settings = load_settings(PowerSettings, env_prefix=_ENV_PREFIX,
+    settings = load_settings(PowerSettings, env_prefix=POWER_ENV_PREFIX,
                              overrides=settings_overrides_from_args(args))
     with EnergyMeter.from_settings(settings) as meter:
         if args.watch:

@@ -12,13 +12,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.types import TRUNCATION_HINT, SamplingParams, short_repr, validate_messages
+from ..engine.types import (
+    TRUNCATION_HINT,
+    SamplingParams,
+    check_api_temperature,
+    is_plain_request_id,
+    short_repr,
+    validate_messages,
+)
 from ..errors import InvalidRequestError, ModelNotFoundError
 from ..hybrid import MODEL_ALIASES
 
 __all__ = ["ChatRequest", "build_chat_request", "new_request_id", "valid_request_id", "rename_field", "stop_list"]
 
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def new_request_id() -> str:
@@ -26,8 +32,7 @@ def new_request_id() -> str:
 
 
 def valid_request_id(value: str | None) -> bool:
-    # fullmatch: "$" also matched before a final newline, so "abc\n" passed and went out as x-request-id metadata
-    return bool(value) and _REQUEST_ID_RE.fullmatch(value or "") is not None
+    return bool(value) and is_plain_request_id(value or "")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,15 +75,12 @@ def build_chat_request(
             f"the model {short_repr(model)} does not exist; this daemon serves {', '.join(MODEL_ALIASES)}", field="model"
         )
     msgs = validate_messages(messages)
-    if request_id is not None and not _REQUEST_ID_RE.fullmatch(request_id):
+    if request_id is not None and not is_plain_request_id(request_id):
         raise InvalidRequestError("must be 1-128 characters from A-Z a-z 0-9 . _ : -", field="request_id")
     if top_logprobs and not logprobs:
         raise InvalidRequestError("needs logprobs = true", field="top_logprobs")
     params = dict(sampling or {})
-    temperature = params.get("temperature")
-    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 2.0:
-        # the engine would sample at any temperature; the daemon's two transports take OpenAI's range alike
-        raise InvalidRequestError(f"must be between 0 and 2, got {temperature}", field="temperature")
+    check_api_temperature(params.get("temperature"))
     if logprobs:
         params["top_logprobs"] = top_logprobs or 0
     try:

@@ -68,13 +68,8 @@ def default_threads() -> int:
 
     limits = cpu_limits()
     if limits.usable < limits.physical:
-        held = []
-        if limits.affinity_cpus is not None and limits.affinity_cpus < limits.logical:
-            held.append(f"CPU affinity {limits.affinity_cpus} of {limits.logical}")
-        if limits.quota_cpus is not None:
-            held.append(f"cgroup CPU quota {limits.quota_cpus:g}")
         log.info("%d intra-op thread(s), not one per core (%d): the process is held to %s",
-                 limits.usable, limits.physical, " and ".join(held))
+                 limits.usable, limits.physical, " and ".join(limits.held_by()))
     return limits.usable
 
 

@@ -120,7 +120,8 @@ def _growth(name: str, target: Any, args: Sequence[Any], kwargs: dict[str, Any],
     if name in ("str.format", "format") and isinstance(target, str):  # a field may repeat: "{0}" * 10**6
         return len(target) + target.count("{" if name == "str.format" else "%") * text([*args, *kwargs.values()])
     if name == "tojson":
-        return text(target) * (1 + _integer(arg(0, "indent", 0) or 0, 0) * _depth(target))
+        indent = _integer(arg(0, "indent", 0) or 0, 0)
+        return text(target) * (1 + indent * _depth(target)) if indent else text(target)  # depth only when it counts
     return 0
 
 

@@ -103,6 +103,18 @@ def _prefill_chunks(n: int) -> list[tuple[int, int]]:
     return bounds
 
 
+@contextlib.contextmanager
+def _memory_error_as(message: str) -> Iterator[None]:
+    """A failed allocation inside (Python's, numpy's) becomes an OutOfMemoryError saying ``message``; ours, raised
+    deeper with a more precise message (onnxruntime's std::bad_alloc), passes as it is."""
+    try:
+        yield
+    except OutOfMemoryError:
+        raise
+    except MemoryError as err:
+        raise OutOfMemoryError(message) from err
+
+
 def _cancel_check(cancel: Cancel) -> Callable[[], bool]:
     if cancel is None:
         return lambda: False
@@ -180,7 +192,7 @@ class Engine:
         if providers is not None and (isinstance(providers, (bytes, Mapping)) or not isinstance(providers, (str, Iterable))):
             raise InvalidRequestError(f"must be a list of execution providers, got {type(providers).__name__}",
                                       field="providers")
-        try:
+        with _memory_error_as(f"not enough memory to load {bundle}"):
             self.manifest: Manifest = verify_bundle(Path(bundle).expanduser(), verify)
             from tokenizers import Tokenizer
 
@@ -206,10 +218,6 @@ class Engine:
             self._byte_level = self._is_byte_level()
             self._bytes_map = _byte_decoder() if self._byte_level else {}
             self.load_ms = (time.perf_counter() - t0) * 1000.0
-        except OutOfMemoryError:
-            raise
-        except MemoryError as err:
-            raise OutOfMemoryError(f"not enough memory to load {bundle}") from err
         self._closed = False
 
     # ---- properties -------------------------------------------------------------------------
@@ -327,12 +335,8 @@ class Engine:
 
     def new_cache(self) -> KVCache:
         """A KV cache outside the pool (a chat session keeps one for its whole life)."""
-        try:
+        with _memory_error_as("not enough memory for a KV cache"):
             return self.model.new_cache(self._cache_tokens)
-        except OutOfMemoryError:
-            raise
-        except MemoryError as err:
-            raise OutOfMemoryError("not enough memory for a KV cache") from err
 
     # ---- generation -------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,6 +32,8 @@ __all__ = [
     "StreamChunk",
     "validate_messages",
     "ROLES",
+    "is_plain_request_id",
+    "check_api_temperature",
 ]
 
 FinishReason = Literal["stop", "eos", "length", "cancelled"]
@@ -44,6 +47,22 @@ Message = Mapping[str, Any]
 MAX_NEW_TOKENS_LIMIT = 1 << 16
 # Seeds travel to the cloud bridge as int64 (proto/edgecloud/v1/bridge.proto): one range everywhere.
 MAX_SEED = (1 << 63) - 1
+# OpenAI's sampling range, which the daemon's transports and the bridge take alike (the engine samples at any)
+MAX_API_TEMPERATURE = 2.0
+
+# a request id of these characters is one word without `=`, quotes or a newline: safe in a header, in gRPC
+# metadata and at the head of a key=value log line
+_PLAIN_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def is_plain_request_id(value: str) -> bool:
+    return _PLAIN_REQUEST_ID.fullmatch(value) is not None
+
+
+def check_api_temperature(value: Any) -> None:
+    """Refuse a temperature above :data:`MAX_API_TEMPERATURE` (a negative one SamplingParams refuses itself)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_API_TEMPERATURE:
+        raise InvalidRequestError(f"must be between 0 and {MAX_API_TEMPERATURE:g}, got {value}", field="temperature")
 
 
 def validate_messages(messages: Any, *, field_name: str = "messages") -> list[dict[str, str]]:

@@ -87,15 +87,15 @@ def policy_grid(m: Measurements) -> Iterator[tuple[str, dict[str, Any]]]:
 def _summary(result: Any, net_j: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
     s = result.summary(mask)
     m = np.ones(result.n, bool) if mask is None else mask
-    device_j = result.local_joules[m] + np.where(result.escalated[m], net_j[m], 0.0)
+    escalation_j = np.where(result.escalated[m], net_j[m], 0.0)  # the radio's and the wait's: always estimates
+    device_j = result.local_joules[m] + escalation_j
     return {
         "n": s["n"],
         "accuracy": s["accuracy"],
         "escalation_rate": s["escalation_rate"],
         "cloud_usd_per_1k": s["cloud_usd_per_1k"],
         "device_j_per_request": float(device_j.mean()),
-        # its part that is always an estimate, whatever the meter: the escalations' radio and waiting energy
-        "estimated_j_per_request": float(np.where(result.escalated[m], net_j[m], 0.0).mean()),
+        "estimated_j_per_request": float(escalation_j.mean()),
         "local_j_per_request": s["local_joules_per_request"],
         "latency_p50_ms": s["latency_p50_ms"],
         "latency_p95_ms": s["latency_p95_ms"],

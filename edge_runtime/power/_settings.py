@@ -15,7 +15,10 @@ from ..config import setting
 from ..errors import ConfigError
 from ._profiles import PROFILES
 
-__all__ = ["PowerSettings", "SourceName"]
+__all__ = ["PowerSettings", "SourceName", "POWER_ENV_PREFIX"]
+
+# the [power] section's variables wherever its settings are read on their own (EDGE_RUNTIME_POWER_PROFILE)
+POWER_ENV_PREFIX = "EDGE_RUNTIME_POWER"
 
 SourceName = Literal["auto", "rapl", "hwmon", "rpi-pmic", "battery", "estimate"]
 _KINDS = get_args(SourceName)
