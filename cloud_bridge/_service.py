@@ -347,7 +347,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     @staticmethod
     def _log_cut_call(job: _Job, finish: str, prompt_shown: str, prompt_tokens: int, completion_tokens: int) -> None:
         """The access line of a call that ended before its answer: what it generated is billed all the same."""
-        log.info("%s device=%s model=%s finish=%s %s completion_tokens=%d cost_usd=%.6f",
+        log.info("%s device=%s model=%s finish=%s %s completion_tokens=%d cost_usd=%.12f",
                  _log_id(job.request.request_id), job.device, job.alias, finish, prompt_shown, completion_tokens,
                  job.model.cost_usd(prompt_tokens, completion_tokens))
 
@@ -359,7 +359,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         cost = job.model.cost_usd(result.prompt_tokens, result.completion_tokens)
         self.quotas.charge_tokens(job.device, _quota_tokens(job.request, result.prompt_tokens, result.completion_tokens))
         log.info(
-            "%s device=%s model=%s finish=%s prompt_tokens=%d completion_tokens=%d cost_usd=%.6f "
+            "%s device=%s model=%s finish=%s prompt_tokens=%d completion_tokens=%d cost_usd=%.12f "
             "queue_ms=%.1f total_ms=%.1f",
             _log_id(job.request.request_id),
             job.device,

@@ -72,7 +72,7 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dat
     same for a string field that may also name something else (a bundle directory or a model name):
     always for a value written as a path (``./b``, ``../b``, ``dir/b``), and for a bare name only when a
     bundle (a ``manifest.json``) is at the file-relative path; ``path="unix"``, for an address, to a
-    ``unix:`` socket's relative path.
+    ``unix:`` socket's relative path; ``path="policy"``, for a policy table, to its parts' ``state_file``.
     """
     meta = {"help": help, "secret": secret, "path": path, "private": secret if private is None else private}
     # a secret stays out of repr() (a debug log line or a traceback with locals would print it)
@@ -206,6 +206,10 @@ def _file_relative(cls: type, data: Mapping[str, Any], base: Path) -> dict[str, 
             out[f.name] = _file_relative(tp, value, base)
             continue
         kind = f.metadata.get("path") or _is_path(tp)
+        if kind == "policy":
+            if isinstance(value, Mapping):
+                out[f.name] = _policy_relative(value, base)
+            continue
         if not kind or not isinstance(value, str) or not value:
             continue
         if kind == "unix":  # an address: host:port, or a Unix socket whose relative path follows the file
@@ -222,6 +226,19 @@ def _file_relative(cls: type, data: Mapping[str, Any], base: Path) -> dict[str, 
         # and the same file loaded from a shell and failed under systemd (whose working directory is /)
         if kind != "if_exists" or _path_like(value) or (base / relative / "manifest.json").exists():
             out[f.name] = str(base / relative)
+    return out
+
+
+def _policy_relative(policy: Any, base: Path) -> Any:
+    """A policy table (a chain's parts too) with a relative ``state_file`` joined to ``base``."""
+    if not isinstance(policy, Mapping):
+        return policy  # a policy's name, or a bad value the policy's own check names
+    out = dict(policy)
+    value = out.get("state_file")
+    if isinstance(value, str) and value and not Path(os.path.expanduser(value)).is_absolute():
+        out["state_file"] = str(base / value)
+    if isinstance(out.get("chain"), list):
+        out["chain"] = [_policy_relative(part, base) for part in out["chain"]]
     return out
 
 

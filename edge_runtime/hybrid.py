@@ -317,6 +317,7 @@ class HybridRuntime:
         self._bridge_prices: tuple[float, float] | None = None
         self._bridge_prices_due = -float("inf")  # time.monotonic() when they are to be read (again)
         self._bridge_prices_answered = False  # a read succeeded (its list may name no price: the [cost] table then)
+        self._bridge_prices_read_s = -math.inf  # time.monotonic() of the last read that succeeded
         self._prices_read = threading.Lock()  # held by the request reading them
         self._prior_warned: tuple[str, str] | None = None  # the bridge model a mismatched cloud prior was warned for
         # when to ask the bridge which model it serves, to check the gain policy's cloud prior against it (a budget's
@@ -552,10 +553,25 @@ class HybridRuntime:
                     self._check_cloud_prior(info)
                 except Exception:  # a bug in a warning must not fail the request reading the prices
                     log.exception("checking the cloud prior against the bridge's model failed")
-            self._bridge_prices_due = time.monotonic() + _PRICES_REFRESH_S
+            self._bridge_prices_read_s = time.monotonic()
+            self._bridge_prices_due = self._bridge_prices_read_s + _PRICES_REFRESH_S
             self._bridge_prices_answered = True
         finally:
             self._prices_read.release()
+
+    def _check_bill(self, billed_usd: float, reserved_usd: float, request_id: str) -> None:
+        """A bill above what its escalation reserved: the bridge's prices went up since they were read (a new price
+        or model behind the alias). Until the next refresh, up to 10 minutes, a budget reserved at the old prices
+        and concurrent escalations together spent past its cap; now the next admission reads them again first,
+        and the others wait for that read, as at the first one."""
+        if (not self._has_budget or billed_usd <= reserved_usd + 1e-12
+                or time.monotonic() - self._bridge_prices_read_s < _PRICES_RETRY_S):  # a read that recent stands
+            return
+        log.warning("%s: the bridge billed $%.8g for an escalation that reserved $%.8g at its last known prices: "
+                    "reading its prices again before the next escalation", request_id, billed_usd, reserved_usd)
+        # in this order: a request between the two takes the background refresh, never "prices unknown"
+        self._bridge_prices_due = -float("inf")
+        self._bridge_prices_answered = False
 
     def _served_model(self, models: Sequence[Any]) -> Any:
         """The ListModels entry of the model escalations go to (the configured alias, else the default)."""
@@ -773,6 +789,7 @@ class HybridRuntime:
                                                              cancel, timeout_s, timing,
                                                              early_exit or reserved_without_draft, progress)
                 settlement.unsettled_usd = cloud_result.cost_usd
+                self._check_bill(cloud_result.cost_usd, ctx.estimated_cloud_usd, request_id)
                 if not cloud_result.text.strip():
                     # an empty answer is no answer: the local one is returned, never nothing (the call's bill and
                     # usage stand, in the result too)

@@ -128,7 +128,7 @@ class ServerSettings:
 @dataclass(frozen=True, kw_only=True)
 class RuntimeSettings:
     engine: EngineSettings = setting(factory=EngineSettings, help="the edge model")
-    policy: dict[str, Any] | str = setting(factory=lambda: {"type": "threshold", "p": 0.5},
+    policy: dict[str, Any] | str = setting(factory=lambda: {"type": "threshold", "p": 0.5}, path="policy",
                                            help="escalation policy: a table, or the name of one without "
                                                 "parameters such as \"never\" (see edge_runtime.policies)")
     cloud: CloudSettings = setting(factory=CloudSettings, help="the bridge to escalate to")

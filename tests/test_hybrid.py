@@ -841,3 +841,29 @@ def test_a_closed_runtime_refuses_at_once_without_trying_the_cloud(tiny_bundle, 
     with caplog.at_level("WARNING"), pytest.raises(EdgeRuntimeError, match="runtime is closed"):
         rt.chat(ASK, max_new_tokens=2)
     assert len(calls) == 1 and "escalation failed" not in caplog.text
+
+
+def test_a_bill_above_its_reservation_makes_the_next_escalation_read_the_prices_again(engine, caplog):
+    # the bridge's price went up (restarted with a dearer model behind the alias): the device reserved at the old
+    # prices for up to 10 minutes while every bill was ten times its reservation, and concurrent escalations spent
+    # twice the cap
+    prices, bill, reads = {"now": (1.0, 2.0)}, {"usd": 1e-9}, []
+
+    def list_models(**_kw):
+        reads.append(prices["now"])
+        return [SimpleNamespace(alias="big", is_default=True, usd_per_million_input_tokens=prices["now"][0],
+                                usd_per_million_output_tokens=prices["now"][1])]
+
+    def stream(msgs, **kw):
+        return _answering("ok", bill["usd"])(msgs, **kw)
+
+    rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "always"}]},
+                       cloud=_fake_cloud(stream, list_models=list_models))
+    assert rt.chat(ASK, max_new_tokens=2).route == "cloud" and reads == [(1.0, 2.0)]
+    reserved = rt._estimate_cloud_usd(ASK, SamplingParams(max_new_tokens=2), "auto")
+    prices["now"], bill["usd"] = (100.0, 200.0), 100 * reserved
+    rt._bridge_prices_read_s -= 60.0  # read a minute ago
+    assert rt.chat(ASK, max_new_tokens=2).route == "cloud"  # admitted at the old prices, billed at the new
+    assert "reading its prices again" in caplog.text
+    assert rt._estimate_cloud_usd(ASK, SamplingParams(max_new_tokens=2), "auto") == pytest.approx(100 * reserved)
+    assert reads == [(1.0, 2.0), (100.0, 200.0)]

@@ -54,7 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # a server's log lines carry the time, as the bridge's do (its billing lines are matched against them); a
+    # command's lines go to a terminal, where the time is noise
+    stamp = "%(asctime)s " if args.command == "serve" else ""
+    logging.basicConfig(level=level, format=f"{stamp}%(levelname)s %(name)s: %(message)s")
     # SIGTERM (kill, systemd stop, a timeout) unwinds like Ctrl-C: the finally blocks stop a benchmark's runner, the
     # demo's bridge and the explorer's daemon, and remove a build's staging directory (Python's default for it is to
     # die at once, leaving all of them). `serve` installs its own handler, which drains.

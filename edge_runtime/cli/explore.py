@@ -51,10 +51,11 @@ def print_summary(result, out) -> None:  # type: ignore[no-untyped-def]
     for rec in result.recommendations:
         if rec["point"] is not None and rec["point"] not in rows:
             rows.append(rec["point"])
-    w(f"{'policy':<44} {'accuracy':>8} {'escalated':>9} {'USD/1k':>9} {'J/req':>7} {'p50 ms':>7}\n")
+    width = max(44, *(len(p.name) for p in rows))  # the whole name: a cut one lost its closing parenthesis
+    w(f"{'policy':<{width}} {'accuracy':>8} {'escalated':>9} {'USD/1k':>9} {'J/req':>7} {'p50 ms':>7}\n")
     for p in rows:
         o = p.overall
-        w(f"{p.name[:44]:<44} {o['accuracy']:>8.1%} {o['escalation_rate']:>9.1%} {o['cloud_usd_per_1k']:>9.4f} "
+        w(f"{p.name:<{width}} {o['accuracy']:>8.1%} {o['escalation_rate']:>9.1%} {o['cloud_usd_per_1k']:>9.4f} "
           f"{o['device_j_per_request']:>7.3f} {o['latency_p50_ms']:>7.0f}\n")
     sources = sorted({str(e.get("energy_source")) for e in result.measurements.edge if e.get("energy_estimated")})
     if sources:  # an estimate is labelled where the figure is shown, not only in the report

@@ -59,7 +59,9 @@ def api_error(err: BaseException, *, param: str | None = None) -> ApiError:
     if isinstance(err, ServiceUnavailableError):
         return ApiError(503, str(err), "server_error", None, err.reason, retry_after_s=err.retry_after_s)
     if isinstance(err, RequestTimeoutError):
-        return ApiError(504, str(err), "server_error", None, "request_timeout")
+        # the same request would run out of time again, each try burning the whole timeout of the device: OpenAI's
+        # SDKs retry every 5xx twice unless told not to
+        return ApiError(504, str(err), "server_error", None, "request_timeout", headers={"x-should-retry": "false"})
     if isinstance(err, OutOfMemoryError):  # the device's problem, not the request's: a smaller one, or this one later, may fit
         return ApiError(503, str(err), "server_error", None, "out_of_memory")
     # anything else is our bug or the machine's problem: say so without leaking internals

@@ -72,7 +72,7 @@ class Histogram:
 class Metrics:
     """Thread-safe counters of one daemon. ``gauges`` reads live values (queue depth...) at render time."""
 
-    def __init__(self, gauges: Callable[[], Mapping[str, float]] | None = None) -> None:
+    def __init__(self, gauges: Callable[[], Mapping[str, float | Mapping[Labels, float]]] | None = None) -> None:
         self._lock = threading.Lock()
         self._gauges = gauges or (lambda: {})
         self.requests: dict[Labels, float] = {}
@@ -215,7 +215,8 @@ class Metrics:
             histograms("edge_runtime_queue_wait_seconds", "Time answered requests waited for a generation slot.",
                        {(): self.queue_wait})
         for name, (kind, help_text) in _GAUGES.items():
-            family(name, kind, help_text, float(gauges.get(name, 0.0)))
+            value = gauges.get(name, 0.0)
+            family(name, kind, help_text, value if isinstance(value, Mapping) else float(value))
         return "\n".join(lines) + "\n"
 
 
@@ -226,5 +227,8 @@ _GAUGES = {
     "edge_runtime_queue_capacity": ("gauge", "Requests that may wait before new ones are refused (server.queue_size)."),
     "edge_runtime_generation_slots": ("gauge", "Generations that may run at once (engine.max_sessions)."),
     "edge_runtime_ready": ("gauge", "1 when the model is loaded and the daemon takes requests, else 0."),
+    "edge_runtime_budget_usd": ("gauge", "Each budget policy's cap (USD per period), by policy."),
+    "edge_runtime_budget_spent_usd": ("gauge", "What each budget policy counts as spent in its current period, by "
+                                               "policy: bills settled plus reservations of escalations in flight."),
 }
 

@@ -96,6 +96,7 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "reasoning_effort": lambda v: v is None,  # no reasoning models here
     "web_search_options": lambda v: v is None,
     "verbosity": lambda v: v is None,
+    "moderation": lambda v: v is None,  # no moderation model here
 }
 
 # what this server reads, and OpenAI's metadata and hints that change no answer
@@ -112,6 +113,8 @@ _HARMLESS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "service_tier": (lambda v: isinstance(v, str), "must be a string"),
     "prediction": (lambda v: isinstance(v, Mapping), "must be an object"),
     "prompt_cache_key": (lambda v: isinstance(v, str), "must be a string"),
+    "prompt_cache_retention": (lambda v: isinstance(v, str), "must be a string"),
+    "prompt_cache_options": (lambda v: isinstance(v, Mapping), "must be an object"),
     "safety_identifier": (lambda v: isinstance(v, str), "must be a string"),
 }
 # stream_options: usage on the last chunk; OpenAI's obfuscation padding changes nothing here

@@ -28,6 +28,7 @@ from ..errors import (
     ServiceUnavailableError,
 )
 from ..hybrid import HybridChunk, HybridResult
+from ..policies import Budget
 from ._admission import Admission, Ticket
 from ._metrics import Metrics
 from ._request import ChatRequest, rename_field
@@ -405,9 +406,16 @@ class ChatService:
         waiting = self.admission.waiting if self.admission is not None else 0
         return max(0, self.active_jobs - waiting)
 
-    def gauges(self) -> dict[str, float]:
+    def gauges(self) -> dict[str, Any]:
         a = self.admission
+        policy = getattr(self.runtime, "policy", None)
+        budgets = [p for p in (policy.parts() if policy is not None else ()) if isinstance(p, Budget)]
+        # labelled by the part's name, and its place in the chain when two parts have one name
+        names = [b.describe() for b in budgets]
+        labels = [(("policy", n if names.count(n) == 1 else f"{i}:{n}"),) for i, n in enumerate(names)]
         return {
+            "edge_runtime_budget_usd": {lab: b.usd for lab, b in zip(labels, budgets)},
+            "edge_runtime_budget_spent_usd": {lab: b.spent_usd() for lab, b in zip(labels, budgets)},
             "edge_runtime_queue_depth": a.waiting if a else 0,
             "edge_runtime_requests_in_progress": self._in_progress(),
             # an escalating request is in progress but has handed its slot on

@@ -4,25 +4,35 @@ Thread-safe: an escalation reserves its estimated cost under a lock when it
 is admitted, so concurrent requests cannot overshoot the cap together; the
 runtime then settles the reservation with the real cost (``Policy.settle``).
 Periods are fixed windows aligned to the Unix epoch (a day runs from 00:00
-UTC); spend does not survive a restart of the process.
+UTC, a week from Thursday 00:00 UTC) and move only forwards. Spend survives a
+restart of the process only with a ``state_file``: the period's committed
+amount (settled plus reserved: a reservation in flight when the process died
+may have been billed) is written there at every change and read back at start.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._files import write_text_whole
 from ..errors import ConfigError
 from ._base import Decision, Policy, Reason, RequestContext, check_keys, number
 from ._registry import register_policy
 
 __all__ = ["Budget", "budget_exhausted"]
+
+log = logging.getLogger(__name__)
 
 # sums of cents in binary floating point drift (100 x 0.01 != 1.0): forgive that much
 _EPS_USD = 1e-9
@@ -48,7 +58,8 @@ class Budget(Policy):
     type_name = "budget"
     is_gate = True
 
-    def __init__(self, usd: float, period_s: float = 86400.0, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, usd: float, period_s: float = 86400.0, *, state_file: str | os.PathLike[str] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         if isinstance(usd, bool) or not isinstance(usd, (int, float)) or not math.isfinite(usd) or usd < 0:
             raise ConfigError(f"must be a non-negative amount, got {usd!r}", field="policy.usd")
         if (isinstance(period_s, bool) or not isinstance(period_s, (int, float)) or not math.isfinite(period_s)
@@ -62,6 +73,52 @@ class Budget(Policy):
         self._spent = 0.0
         self._reserved: dict[str, float] = {}
         self._reserved_in: dict[str, int] = {}  # the period each reservation was made in
+        self.state_file: Path | None = None
+        self._state_warned = False
+        if state_file not in (None, ""):
+            self._open_state(Path(os.path.expanduser(state_file)), "state_file")
+
+    # ---- the state file --------------------------------------------------------------------------
+
+    def _open_state(self, path: Path, field: str) -> None:
+        """Keep the spend in ``path``; take what a previous process committed there in this period (or in a later
+        one: the clock went back since). Errors name ``field``."""
+        if not os.access(path.parent, os.W_OK):  # fail at start, not at the first escalation
+            raise ConfigError(f"cannot write in {str(path.parent)!r}", field=field)
+        self.state_file = path
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read {str(path)!r}: {err}", field=field) from err
+        try:
+            period_s, period, spent = float(state["period_s"]), int(state["period"]), float(state["committed_usd"])
+        except (TypeError, KeyError, ValueError) as err:
+            raise ConfigError(f"{str(path)!r} is not a budget's state file ({err!r})", field=field) from err
+        if period_s != self.period_s:
+            log.warning("budget state %s was kept for periods of %g s, not %g s: this one starts at $0",
+                        path, period_s, self.period_s)
+        elif period >= self._period and math.isfinite(spent) and spent >= 0:
+            self._period, self._spent = period, spent
+            log.info("budget: $%s of $%s per %s already spent (%s)", _usd(spent), _usd(self.usd),
+                     self._period_words(), path)
+
+    def _save_state(self) -> None:
+        """Write the period's committed spend (with the lock held). A failed write is logged, once until one
+        succeeds, and requests go on: the spend held in memory still caps this process."""
+        if self.state_file is None:
+            return
+        state = {"period_s": self.period_s, "period": self._period, "committed_usd": self._committed(),
+                 "usd": self.usd}
+        try:
+            write_text_whole(self.state_file, json.dumps(state) + "\n")
+        except OSError as err:
+            if not self._state_warned:
+                log.warning("cannot save the budget's spend (a restart will not know it): %s", err)
+            self._state_warned = True
+        else:
+            self._state_warned = False
 
     # ---- state (call with the lock held) -------------------------------------------------------
 
@@ -70,7 +127,9 @@ class Budget(Policy):
 
     def _roll(self) -> None:
         now = self._period_index()
-        if now != self._period:
+        # only forwards: a wall clock stepped back (NTP correcting a Raspberry Pi that booted at its saved time, a
+        # laptop's resume) wiped the spend, and the period's cap was spent again
+        if now > self._period:
             # escalations still in flight keep their reservations: they settle into the new period. One older than
             # the period before was never settled (an embedder that settled another context): it is let go
             self._period, self._spent = now, 0.0
@@ -128,11 +187,13 @@ class Budget(Policy):
                 return self._veto(ctx.estimated_cloud_usd)
             self._reserved[ctx.admission_id] = self._reserved.get(ctx.admission_id, 0.0) + ctx.estimated_cloud_usd
             self._reserved_in[ctx.admission_id] = self._period
+            self._save_state()
             return None
 
     def _release(self, ctx: RequestContext) -> None:
         with self._lock:
-            self._reserved.pop(ctx.admission_id, None)
+            if self._reserved.pop(ctx.admission_id, None) is not None:
+                self._save_state()
             self._reserved_in.pop(ctx.admission_id, None)
 
     def _settle(self, ctx: RequestContext, usd: float) -> None:
@@ -141,18 +202,22 @@ class Budget(Policy):
             self._reserved.pop(ctx.admission_id, None)
             self._reserved_in.pop(ctx.admission_id, None)
             self._spent += max(float(usd), 0.0)
+            self._save_state()
 
     # ---- config ----------------------------------------------------------------------------------------
 
     def _params(self) -> dict[str, Any]:
-        return {"usd": self.usd, "period_s": self.period_s}
+        params: dict[str, Any] = {"usd": self.usd, "period_s": self.period_s}
+        if self.state_file is not None:
+            params["state_file"] = str(self.state_file)
+        return params
 
     def _describe(self) -> str:
         return f"budget(${self.usd:g}/{self._period_words()})"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, where: str = "policy") -> Budget:
-        check_keys(cfg, ("usd", "period_s", *_PERIOD_ALIASES), where)
+        check_keys(cfg, ("usd", "period_s", "state_file", *_PERIOD_ALIASES), where)
         given = [k for k in ("usd", *_PERIOD_ALIASES) if k in cfg]
         if len(given) != 1:
             raise ConfigError(f"give exactly one of usd (with period_s), {', '.join(_PERIOD_ALIASES)}",
@@ -165,7 +230,13 @@ class Budget(Policy):
             if "period_s" in cfg:
                 raise ConfigError(f"{key} already sets the period", field=f"{where}.period_s")
             period = _PERIOD_ALIASES[key]
-        return cls(usd, period)
+        state_file = cfg.get("state_file")
+        if state_file is not None and (not isinstance(state_file, str) or not state_file):
+            raise ConfigError(f"must be a file path, got {state_file!r}", field=f"{where}.state_file")
+        budget = cls(usd, period)
+        if state_file is not None:
+            budget._open_state(Path(os.path.expanduser(state_file)), f"{where}.state_file")
+        return budget
 
     # ---- offline replay: sequential, see _replay.py --------------------------------------------
 

@@ -281,3 +281,16 @@ def test_a_request_id_cannot_forge_fields_in_the_log(start_bridge, raw_stub, cap
         assert not any(f.startswith(("model=gpt-4o", "cost_usd=99", "device=other")) for f in fields)
     access, _, refusal = lines
     assert " device=device-a model=tiny " in access and " status=INVALID_ARGUMENT " in refusal
+
+
+def test_the_access_line_bills_cheap_calls_to_the_millionth_of_a_cent(start_bridge, raw_stub, caplog):
+    # cost_usd was rounded to 1e-6 USD: a $0.0000075 call read 0.000008, and summing the billing record over many
+    # cheap calls drifted a percent or more from what the devices were charged
+    models = {"tiny": {"backend": "echo", "reply": "the answer is forty two", "usd_per_million_input_tokens": 0.15,
+                       "usd_per_million_output_tokens": 0.6}}
+    stub = raw_stub(start_bridge(models=models))
+    with caplog.at_level("INFO", logger="cloud_bridge"):
+        answer = stub.Generate(_request(request_id="cheap", max_new_tokens=2), metadata=AUTH, timeout=5)
+    access = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("cheap "))
+    logged = float(access.split("cost_usd=")[1].split()[0])
+    assert answer.cost_usd < 1e-5 and logged == pytest.approx(answer.cost_usd, rel=1e-6, abs=1e-13)

@@ -54,6 +54,17 @@ def test_a_bare_bundle_name_keeps_naming_a_model_unless_a_bundle_of_that_name_is
     assert load_runtime_settings(conf / "edge.toml", env=env).engine.bundle == "./mine"
 
 
+def test_a_budgets_state_file_follows_the_config_file(tmp_path, monkeypatch):
+    conf, cwd = tmp_path / "conf", tmp_path / "cwd"
+    conf.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    (conf / "edge.toml").write_text('[policy]\nchain = [{type = "budget", usd_per_day = 1.0, state_file = "spend.json"},'
+                                    ' {type = "always"}]\n')
+    policy = load_runtime_settings(conf / "edge.toml", env={}).policy
+    assert policy["chain"][0]["state_file"] == str(conf / "spend.json")
+
+
 @pytest.mark.parametrize("threads", [0, -1, 1025, 2**31, 10**20])
 def test_engine_threads_out_of_range_is_refused_with_the_settings(threads):
     # 2**31 was a TypeError traceback from onnxruntime once the daemon was listening, naming no setting

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import urllib.request
 
 import pytest
 
@@ -142,3 +143,32 @@ def test_logprobs_are_those_of_the_text_not_of_a_stop_string_cut_from_it(engine,
     entries = [e for ch in streamed if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
     assert [e.token for e in entries] == texts[:k + 1]
     assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == done.choices[0].message.content
+
+
+def test_the_sdk_does_not_run_a_request_cut_at_its_deadline_again(engine, start_daemon):
+    # the 504 had no x-should-retry header: the SDK's default two retries ran the same generation three times, each
+    # burning the whole timeout, before the app saw the error
+    from .conftest import SlowEngine, metric
+
+    daemon = start_daemon(runtime(SlowEngine(engine, delay_s=0.05), {"type": "never"}), request_timeout_s=0.3)
+    c = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="not-needed", timeout=30.0)  # the SDK's default retries
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            c.chat.completions.create(model="local", messages=ASK, max_tokens=200)
+    finally:
+        c.close()
+    assert caught.value.status_code == 504 and caught.value.response.headers["x-should-retry"] == "false"
+    with urllib.request.urlopen(f"{daemon.url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert metric(text, "edge_runtime_requests_total", transport="http", outcome="timeout") == 1
+
+
+def test_the_sdks_newer_fields_that_ask_for_nothing_are_accepted(local_daemon, client):
+    # moderation (null) and the prompt-cache hints are parameters of the SDK's create(): they were 400 "unknown field"
+    c = client(local_daemon)
+    done = c.chat.completions.create(model="local", messages=ASK, max_tokens=2, moderation=None,
+                                     prompt_cache_retention="24h", prompt_cache_options={"ttl": "30m"})
+    assert done.usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError) as caught:  # a moderation asked for is refused, not ignored
+        c.chat.completions.create(model="local", messages=ASK, max_tokens=2, extra_body={"moderation": {"model": "x"}})
+    assert caught.value.body["param"] == "moderation"

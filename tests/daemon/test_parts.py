@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -429,3 +430,16 @@ def test_failed_escalations_are_counted_by_their_error():
     assert metric(text, "edge_runtime_cloud_errors_total", error="CircuitOpenError") == 1
     assert metric(text, "edge_runtime_cloud_errors_total", error="EmptyAnswer") == 1
     assert metric(text, "edge_runtime_cloud_errors_total", error="other") == 1
+
+
+def test_the_servers_log_lines_carry_the_time(tmp_path):
+    # the daemon's had none, unlike the bridge's: its escalations could not be lined up with the bridge's billing lines
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGE_RUNTIME_PORT": "1", "EDGE_RUNTIME_CACHE": str(tmp_path)}  # warned about, at load
+    run = subprocess.run([sys.executable, "-c", "from edge_runtime.cli import main; raise SystemExit(main())", "serve",
+                          "--server-queue-size", "0"], env=env, capture_output=True, text=True, timeout=60)
+    warning = next(line for line in run.stderr.splitlines() if "EDGE_RUNTIME_PORT" in line)
+    assert run.returncode == 1 and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING ", warning), warning

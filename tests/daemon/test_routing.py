@@ -272,3 +272,17 @@ def test_prompt_lookup_drafts_are_reported_in_the_usage_and_the_metrics(tiny_bun
     plain_daemon = start_daemon(runtime(plain))
     status, _, body = http(plain_daemon.port).json("POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 8})
     assert status == 200 and "completion_tokens_details" not in body["usage"]
+
+
+def test_metrics_show_each_budgets_cap_and_spend(engine, bridge, start_daemon, http):
+    # an operator saw a budget's spend only in a veto's detail
+    cloud = cloud_client(bridge.address)
+    policy = {"chain": [{"type": "budget", "usd_per_day": 5.0}, {"type": "always"}]}
+    daemon = start_daemon(runtime(engine, policy, cloud=cloud))
+    c = http(daemon.port)
+    status, _, done = c.json("POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 4})
+    assert status == 200 and done["routing"]["route"] == "cloud" and done["cost"]["cloud_usd"] > 0
+    _, _, text = c.request("GET", "/metrics")
+    text = text.decode()
+    assert metric(text, "edge_runtime_budget_usd", policy="budget($5/day)") == 5.0
+    assert metric(text, "edge_runtime_budget_spent_usd", policy="budget($5/day)") == pytest.approx(done["cost"]["cloud_usd"])

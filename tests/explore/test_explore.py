@@ -546,6 +546,14 @@ def test_the_summary_labels_every_energy_figure_that_is_estimated(tmp_path):
     measured = summary([{"energy_source": "rapl:package-0", "energy_estimated": False}])
     assert "measured (rapl:package-0)" in measured
     assert "network energy of each escalation and the device's idle power while it waits, ESTIMATED" in measured
+    # a long policy name is shown whole (it lost its closing parenthesis at 44 characters), the columns aligned
+    name = "early_exit(min_prob<0.2,k=2)+threshold(p=0.2)"
+    points[name] = SimpleNamespace(name=name, overall=overall)
+    out = io.StringIO()
+    print_summary(SimpleNamespace(point=points.get, recommendations=[{"point": points[name], "goal": "g", "config_file": "g.toml"}],
+                                  validation=None, out=tmp_path, measurements=SimpleNamespace(edge=[])), out)
+    rows = out.getvalue().splitlines()
+    assert rows[3].startswith(name + " ") and len({r.index("50.0%") for r in rows[1:4]}) == 1
 
 
 def test_an_item_the_model_cannot_take_is_named(tiny_bundle, tmp_path, tiny_suite):

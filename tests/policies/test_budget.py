@@ -190,3 +190,50 @@ def test_dollar_amounts_keep_two_significant_digits():
     from edge_runtime.policies._budget import _usd
 
     assert [_usd(x) for x in (0.0, 12.345, 0.5, 0.0123, 5.388e-5, 5e-7)] == ["0.00", "12.35", "0.50", "0.012", "0.000054", "0.00000050"]
+
+
+def test_a_clock_stepped_back_keeps_the_periods_spend():
+    # NTP stepping a Pi's clock back across the hour wiped the spend: the hour's cap was spent twice
+    clock = Clock(10 * 3600 + 20)  # 20 s into an hour
+    budget = Budget(1.0, 3600, clock=clock)
+    policy = Chain([budget, Always()])
+    c = req(1.0)
+    assert policy.before(c).action == "cloud"
+    policy.settle(c, 1.0)
+    clock.t -= 60  # back into the hour before
+    assert budget.spent_usd() == pytest.approx(1.0)
+    assert policy.before(req(0.1)).reason == Reason.BUDGET_EXHAUSTED
+    clock.t += 60 + 3600  # the next hour does start a new period
+    assert policy.before(req(0.1)).action == "cloud"
+
+
+def test_a_state_file_carries_the_spend_across_a_restart(tmp_path):
+    state = tmp_path / "spend.json"
+    clock = Clock()
+    first = Budget(1.0, clock=clock, state_file=state)
+    policy = Chain([first, Always()])
+    done, in_flight = req(0.25), req(0.5)
+    policy.before(done)
+    policy.settle(done, 0.25)
+    assert policy.before(in_flight).action == "cloud"  # and the process dies before it settles
+    # the next process: the bill and the reservation in flight (it may have been billed) are spent
+    second = Budget(1.0, clock=clock, state_file=state)
+    assert second.spent_usd() == pytest.approx(0.75)
+    assert Chain([second, Always()]).before(req(0.5)).reason == Reason.BUDGET_EXHAUSTED
+    clock.t += 86400  # a later day starts at $0
+    assert Budget(1.0, clock=clock, state_file=state).spent_usd() == 0.0
+    # a file kept for another period length is not taken for this one
+    assert Budget(1.0, 3600, clock=Clock(), state_file=state).spent_usd() == 0.0
+
+
+def test_a_state_file_in_a_config_is_checked_at_start_naming_the_field(tmp_path):
+    bad = tmp_path / "spend.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError) as caught:
+        policy_from_config({"chain": [{"type": "budget", "usd": 1.0, "state_file": str(bad)}, {"type": "always"}]})
+    assert caught.value.field == "policy.chain[0].state_file"
+    with pytest.raises(ConfigError) as caught:
+        policy_from_config({"type": "budget", "usd": 1.0, "state_file": str(tmp_path / "missing" / "spend.json")})
+    assert caught.value.field == "policy.state_file" and "cannot write" in str(caught.value)
+    ok = policy_from_config({"type": "budget", "usd": 1.0, "state_file": str(tmp_path / "s.json")})
+    assert policy_from_config(ok.to_config()) == ok  # the file is part of the config it round-trips
