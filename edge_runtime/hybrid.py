@@ -467,7 +467,8 @@ class HybridRuntime:
                                          field="messages")
             local_params = dataclasses.replace(params, max_new_tokens=room)
         # the context check happens here too, before any compute
-        prompt_ids = self.engine.fit_context(ids, local_params)
+        prompt_ids = (self.engine.fit_messages(msgs, local_params) if local_params.truncate_prompt
+                      else self.engine.fit_context(ids, local_params))
         return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft, prompt_ids,
                          _Timing(deadline_s, on_escalate, on_resume), local_params)
 

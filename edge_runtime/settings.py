@@ -72,7 +72,8 @@ class EngineSettings:
         factory=dict, help="options per provider in `providers`, e.g. {XnnpackExecutionProvider = {intra_op_num_threads = 2}}"
     )
     max_sessions: int = setting(1, help="local generations that may run at once (each holds a KV cache)")
-    cache_tokens: int = setting(1024, help="initial KV-cache capacity in tokens (grows on demand)")
+    cache_tokens: int = setting(1024, help="KV-cache places each pooled cache keeps between requests (a longer "
+                                                   "request grows it while it runs)")
     max_new_tokens: int = setting(256, help="default max_new_tokens when a request does not set one")
     prompt_lookup: int = setting(PROMPT_LOOKUP_TOKENS, help="tokens drafted per step from earlier text and checked in the "
                                  f"same run, sampled requests too (0: off; {SUGGESTED_PROMPT_LOOKUP_TOKENS} is a good value; "

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help="a prompt too long for the context window loses its beginning instead of failing (a chat keeps "
+                        "its template and its message's end)")
     p.add_argument("--top-logprobs", type=int, default=0, help="with --json or --input: include this many alternatives per token")
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP_TOKENS, metavar="N",
@@ -104,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise InvalidRequestError("is shown only in JSON output: add --json (or use --input)", field=flag)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=tuple(args.stop), top_logprobs=args.top_logprobs,
+        seed=args.seed, stop=tuple(args.stop), top_logprobs=args.top_logprobs, truncate_prompt=args.truncate_prompt,
     )
     with contextlib.ExitStack() as stack:
         lines = None

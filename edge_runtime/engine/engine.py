@@ -265,12 +265,15 @@ class Engine:
         return ids
 
     def _ids(self, text: str) -> list[int]:
+        return self._encoding(text).ids
+
+    def _encoding(self, text: str) -> Any:
         if len(text) > _GIL_FREE_ENCODE_CHARS:
             # encode_batch gives the same ids but releases the GIL while it works (encode holds it: 0.4 s for
             # a 1 MB prompt, while a daemon's event loop could serve nobody); on short text its thread pool
             # costs more than it saves (2-3 ms a request beside onnxruntime's spinning threads)
-            return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+            return self.tokenizer.encode_batch([text], add_special_tokens=False)[0]
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def count_tokens(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> int:
         return len(self.encode(prompt, messages=messages))
@@ -324,6 +327,13 @@ class Engine:
                 cache = self.new_cache()
             yield cache
         finally:
+            if cache is not None and not self._closed:
+                try:
+                    # a long request grew it (45 KB a token for SmolLM2: 377 MB at 8k), and a daemon kept that
+                    # for good; back to what the engine starts with, the prompt's first tokens kept for reuse
+                    cache.shrink(self._cache_tokens)
+                except MemoryError:  # even the small buffers could not be had: the cache goes, as a failed one
+                    cache = None
             with self._pool_cond:
                 if cache is not None and not self._closed:
                     self._pool.append(cache)
@@ -405,8 +415,10 @@ class Engine:
         thread asks for another generation, or that request waits for it.
         """
         p = self.sampling_params(params, sampling)
-        ids = self.encode(prompt, messages=messages)
-        ids = self.fit_context(ids, p, field="prompt" if prompt is not None else "messages")
+        if messages is not None and prompt is None:
+            ids = self.fit_messages(messages, p)
+        else:
+            ids = self.fit_context(self.encode(prompt, messages=messages), p, field="prompt")
         is_cancelled = _cancel_check(cancel)
         return self._stream(ids, p, is_cancelled, prompt_nll)
 
@@ -468,6 +480,57 @@ class Engine:
             field=field,
         )
 
+    def fit_messages(self, messages: Sequence[Message], p: SamplingParams, *, field: str = "messages") -> list[int]:
+        """The token ids of a conversation, fitting beside ``max_new_tokens`` (else ContextLengthError).
+
+        With ``truncate_prompt`` a conversation stays a conversation: cutting its token ids from the start (what
+        :meth:`fit_context` does to a raw prompt) dropped the BOS, the system prompt and the template's header,
+        and the model read text that began mid-word. Here the system messages and the last message are kept,
+        whole turns are dropped oldest first, and only when the last message alone is too long is its text cut
+        from its start, inside the template's framing.
+        """
+        msgs = validate_messages(messages)
+        ids = self.encode(messages=msgs)
+        budget = self.context_length - p.max_new_tokens
+        if not p.truncate_prompt or len(ids) <= budget or budget <= 0:
+            return self.fit_context(ids, p, field=field)
+        droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] not in ("system", "developer")]
+
+        def without(k: int) -> list[dict[str, str]]:
+            gone = set(droppable[:k])
+            return [m for i, m in enumerate(msgs) if i not in gone]
+
+        # the fewest oldest turns to drop: a prompt only gets shorter as more go, so a binary search
+        lo, hi = 1, len(droppable)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.encode(messages=without(mid))) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        if droppable:
+            k = hi
+            # nor an answer whose question went: the kept history starts with a user's turn
+            while k < len(droppable) and msgs[droppable[k]]["role"] == "assistant":
+                k += 1
+            msgs = without(k)
+        text = self.render_chat(msgs)
+        encoding = self._encoding(text)
+        ids = encoding.ids
+        if len(ids) <= budget:
+            return ids
+        content = msgs[-1]["content"]
+        start = text.rfind(content) if content else -1
+        if start >= 0:
+            # the tokens before the last message's text (system prompt, earlier framing, its header) and the
+            # template's tokens after it stay; the text loses its beginning
+            head = sum(1 for a, b in encoding.offsets if b <= start)
+            end = start + len(content)
+            tail = len(ids) - sum(1 for a, b in encoding.offsets if a < end)
+            if head + tail < budget:
+                return ids[:head] + ids[len(ids) - (budget - head):]
+        return self.fit_context(ids, p, field=field)  # even the framing does not fit: the prompt's end
+
     def run(
         self,
         cache: KVCache,
@@ -501,6 +564,9 @@ class Engine:
                 while common < limit and cache.tokens[common] == ids[common]:
                     common += 1
             cache.truncate(common)
+            if not reuse_decoded:  # a pooled cache (a chat session's grows turn by turn: by doubling)
+                # the prompt and the most the answer can take, drafts checked past it included
+                cache.reserve(min(len(ids) + p.max_new_tokens + self.prompt_lookup, self.context_length), exact=True)
             todo = ids[common:]
             nll_sum, nll_count = 0.0, 0
             logits: np.ndarray | None = None
@@ -650,8 +716,11 @@ class Engine:
         A prompt longer than the context window is an error, or with ``truncate``
         loses its beginning (the end is what the next token depends on most).
         """
-        ids = self.fit_context(self.encode(prompt, messages=messages), SamplingParams(max_new_tokens=1, truncate_prompt=truncate),
-                               field="prompt" if prompt is not None else "messages")
+        p = SamplingParams(max_new_tokens=1, truncate_prompt=truncate)
+        if messages is not None and prompt is None:
+            ids = self.fit_messages(messages, p)
+        else:
+            ids = self.fit_context(self.encode(prompt, messages=messages), p, field="prompt")
         with self._cache() as cache:
             cache.truncate(0)
             for start, end in _prefill_chunks(len(ids)):  # the same runs as generation's prefill
@@ -742,7 +811,7 @@ class ChatSession:
         turn = {"role": "user", "content": message_text(content, "content")}
         history = self.messages
         # checked now, so a bad turn fails at the call; encoded again below if an earlier turn ends first
-        ids = engine.fit_context(engine.encode(messages=[*history, turn]), p)
+        ids = engine.fit_messages([*history, turn], p)
         is_cancelled = _cancel_check(cancel)
 
         def run() -> Iterator[StreamChunk]:
@@ -763,7 +832,7 @@ class ChatSession:
                     raise EdgeRuntimeError("engine is closed")
                 messages = [*self.messages, turn]
                 if self.messages is not history:  # another turn finished since this one was asked
-                    ids = engine.fit_context(engine.encode(messages=messages), p)
+                    ids = engine.fit_messages(messages, p)
                 for chunk in engine.run(self._cache, ids, p, is_cancelled, reuse_decoded=True):
                     if chunk.result is not None:
                         self.messages = [*messages, {"role": "assistant", "content": chunk.result.text}]

@@ -255,6 +255,59 @@ def test_context_window_is_checked_before_any_work(engine):
     assert r.usage.prompt_tokens + 16 <= 256 and len(r.token_ids) == 16
 
 
+def test_a_truncated_conversation_keeps_its_system_prompt_template_and_last_question(engine):
+    # the ids were cut from the start: the BOS, the system prompt and the first header went, and the model read a
+    # prompt that began mid-word
+    system = {"role": "system", "content": "Answer in French."}
+    turns = []
+    for i in range(12):
+        turns += [{"role": "user", "content": f"question {i} " + "word " * 6}, {"role": "assistant", "content": f"answer {i} ok ok"}]
+    last = {"role": "user", "content": "the last question?"}
+    p = SamplingParams(max_new_tokens=16, truncate_prompt=True)
+    ids = engine.fit_messages([system, *turns, last], p)
+    assert len(ids) + 16 <= engine.context_length
+    text = engine.tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.startswith(engine.render_chat([system])[:40]) and text.endswith(engine.render_chat([last])[-40:])
+    kept = [t for t in turns if t["content"] in text]
+    assert kept and kept == turns[len(turns) - len(kept):]  # whole turns, the newest ones
+    assert kept[0]["role"] == "user"  # never an answer whose question went
+    assert ids == engine.encode(messages=[system, *kept, last])
+    # the last message alone too long: its text loses its start, inside the template
+    huge = {"role": "user", "content": "beginning " + "filler " * 400 + "the end?"}
+    ids = engine.fit_messages([system, huge], p)
+    text = engine.tokenizer.decode(ids, skip_special_tokens=False)
+    assert len(ids) + 16 == engine.context_length and "beginning" not in text
+    assert text.startswith(engine.render_chat([system])[:40]) and "the end?" in text
+    r = engine.generate(messages=[system, *turns, last], max_new_tokens=16, truncate_prompt=True)
+    assert r.usage.prompt_tokens == len(engine.fit_messages([system, *turns, last], p))
+
+
+def test_a_long_request_grows_its_pooled_cache_once_and_gives_the_memory_back(tiny_bundle, monkeypatch):
+    # the cache grew by doubling and was never shrunk: a daemon stayed ~430 MB bigger after one 8k-token prompt
+    from edge_runtime.engine import _session
+
+    grown = []
+    real = _session.KVCache._allocate
+
+    def spy(self, capacity):
+        grown.append(capacity)
+        return real(self, capacity)
+
+    monkeypatch.setattr(_session.KVCache, "_allocate", spy)
+    e = Engine(tiny_bundle, energy_meter=None, cache_tokens=32)
+    try:
+        prompt = "one two three four " * 20
+        r = e.generate(prompt, max_new_tokens=8)
+        total = r.usage.prompt_tokens + 8
+        assert total > 64 and grown == [32, -(-total // 64) * 64, 32]  # made; grown once, to what it can need; given back
+        (cache,) = e._pool
+        assert cache.capacity == 32 and cache.tokens == e.encode(prompt)[:32]  # the prompt's start kept for reuse
+        again = e.generate(prompt, max_new_tokens=8)
+        assert again.token_ids == r.token_ids and again.usage.cached_prompt_tokens == 32
+    finally:
+        e.close()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -784,20 +837,20 @@ def test_running_out_of_memory_is_one_of_our_errors_and_the_engine_keeps_serving
     e = Engine(tiny_bundle, energy_meter=None, cache_tokens=16)
     try:
         want = e.generate(prompt="hello world", max_new_tokens=40).token_ids
-        # a KV cache that cannot grow (numpy's allocation fails partway) leaves the cache as it was
-        real = np.zeros
+        # a KV cache that cannot grow (its mapping fails: ENOMEM, ulimit -v) leaves the cache as it was
+        import errno
+        import mmap
+
+        from edge_runtime.engine import _session
+
+        def no_mapping(*args, **kwargs):
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
         with monkeypatch.context() as m:
-            calls = []
-
-            def zeros(*args, **kwargs):
-                calls.append(1)
-                if len(calls) > 3:
-                    raise MemoryError("Unable to allocate 768. KiB for an array")  # numpy's _ArrayMemoryError is one
-                return real(*args, **kwargs)
-
-            m.setattr(np, "zeros", zeros)
+            m.setattr(_session.mmap, "mmap", no_mapping)
             with pytest.raises(OutOfMemoryError, match="prompt tokens"):
                 e.generate(prompt="hello world " * 20, max_new_tokens=40)
+        assert _session.mmap.mmap is mmap.mmap
         # onnxruntime failing to allocate while running
         with monkeypatch.context() as m:
             m.setattr(KVCache, "_run", lambda self: (_ for _ in ()).throw(OutOfMemoryError("not enough memory to run")))

@@ -51,6 +51,16 @@ def test_the_tokens_that_made_the_text_are_counted_and_their_bytes_rebuild_it(sm
     assert rebuilt(cut).startswith(cut["text"]) and inside.startswith(rebuilt(cut)[len(cut["text"]):])
 
 
+def test_a_chat_too_long_for_the_window_is_fitted_with_truncate_prompt(tiny_bundle, capsys):
+    # the error said "set truncate_prompt", and --prompt/--chat had no way to
+    chat = "beginning " + "word " * 300 + "the end"
+    assert main(["generate", str(tiny_bundle), "--chat", chat, "--max-new-tokens", "4", "--json"]) == 1
+    assert "truncate_prompt" in capsys.readouterr().err
+    assert main(["generate", str(tiny_bundle), "--chat", chat, "--max-new-tokens", "4", "--json", "--truncate-prompt"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["usage"]["prompt_tokens"] + 4 == 256 and out["usage"]["completion_tokens"] == 4
+
+
 def test_chat_and_prompt_differ_by_the_template(tiny_bundle, capsys):
     main(["generate", str(tiny_bundle), "--prompt", "hello", "--max-new-tokens", "3", "--json"])
     raw = json.loads(capsys.readouterr().out)

@@ -1,0 +1,31 @@
+"""The long-prompt memory benchmark's own code path on the tiny bundle (fresh processes, results file)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def long_prompt(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.long_prompt as module
+
+    return module
+
+
+def test_each_length_runs_in_its_own_process_and_the_cache_is_given_back(long_prompt, tiny_bundle: Path,
+                                                                          tmp_path: Path) -> None:
+    out = tmp_path / "long-prompt-test.json"
+    assert long_prompt.main(["--bundle", str(tiny_bundle), "--tokens", "40", "200", "--threads", "1",
+                             "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["prompt_tokens"] for r in doc["runs"]] == [40, 200]
+    for run in doc["runs"]:
+        rss = run["rss_mib"]  # the tiny model's whole window is 256 places, below cache_tokens' 1,024
+        assert 0 < rss["after_load"] <= rss["peak"] and rss["after_long"] > 0 and rss["after_short"] > 0
+        assert run["kv_capacity_after"] == 256 and run["completion_tokens"] == 4 and run["kv_bytes_per_token"] > 0
