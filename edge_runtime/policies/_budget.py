@@ -18,6 +18,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,6 +76,7 @@ class Budget(Policy):
         self._reserved_in: dict[str, int] = {}  # the period each reservation was made in
         self.state_file: Path | None = None
         self._state_warned = False
+        self._state_locked = False  # this budget holds the file's lock (taken at its first write)
         if state_file not in (None, ""):
             self._open_state(Path(os.path.expanduser(state_file)), "state_file")
 
@@ -85,6 +87,9 @@ class Budget(Policy):
         one: the clock went back since). Errors name ``field``."""
         if not os.access(path.parent, os.W_OK):  # fail at start, not at the first escalation
             raise ConfigError(f"cannot write in {str(path.parent)!r}", field=field)
+        if not self._lock_state(path, keep=False):
+            raise ConfigError(f"another budget (another process?) keeps its spend in {str(path)!r}: each would spend "
+                              "the whole cap; give each its own file", field=field)
         self.state_file = path
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
@@ -100,15 +105,47 @@ class Budget(Policy):
             log.warning("budget state %s was kept for periods of %g s, not %g s: this one starts at $0",
                         path, period_s, self.period_s)
         elif period >= self._period and math.isfinite(spent) and spent >= 0:
+            if period > self._period + 1:  # written under a clock far ahead: see _roll
+                log.warning("budget state %s is for the period from %s: the clock was wrong then or is now; "
+                            "counting its spend in this period", path, self._period_start(period))
+                period = self._period
             self._period, self._spent = period, spent
-            log.info("budget: $%s of $%s per %s already spent (%s)", _usd(spent), _usd(self.usd),
-                     self._period_words(), path)
+            # a budget already spent at start is what an operator needs to see (serve shows warnings only)
+            log.log(logging.WARNING if budget_exhausted(spent, 0.0, self.usd) else logging.INFO,
+                    "budget: $%s of $%s per %s already spent (%s)", _usd(spent), _usd(self.usd),
+                    self._period_words(), path)
+
+    def _lock_state(self, path: Path, *, keep: bool) -> bool:
+        """Take the advisory lock beside ``path`` (held for this budget's life when ``keep``); False when another
+        budget holds it. Two daemons on one file each spent the whole cap, and the file kept one of the figures."""
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: not checked
+            return True
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        if keep:
+            weakref.finalize(self, os.close, fd)  # closing the descriptor releases the lock
+        else:
+            os.close(fd)
+        return True
 
     def _save_state(self) -> None:
         """Write the period's committed spend (with the lock held). A failed write is logged, once until one
         succeeds, and requests go on: the spend held in memory still caps this process."""
         if self.state_file is None:
             return
+        if not self._state_locked:
+            if not self._lock_state(self.state_file, keep=True):  # another started since this one checked
+                log.error("another budget took %s since this one started: this process's spend is not saved there "
+                          "(its own cap still holds); give each process its own file", self.state_file)
+                self.state_file = None
+                return
+            self._state_locked = True
         state = {"period_s": self.period_s, "period": self._period, "committed_usd": self._committed(),
                  "usd": self.usd}
         try:
@@ -137,6 +174,18 @@ class Budget(Policy):
             for k in stale:
                 self._reserved.pop(k, None)
                 self._reserved_in.pop(k, None)
+        elif now < self._period - 1:
+            # More than a whole period back: the earlier time was the wrong one (a clock set years ahead, then
+            # corrected), and keeping its period refused every escalation until that date. This period takes the
+            # spend over, so nothing spent is forgotten either.
+            log.warning("budget: the clock went back by more than a %s, to %s: counting the spend in this period",
+                        self._period_words(), self._period_start(now))
+            self._period = now
+            for k, p in self._reserved_in.items():
+                self._reserved_in[k] = min(p, now)
+
+    def _period_start(self, index: int) -> str:
+        return datetime.fromtimestamp(index * self.period_s, tz=timezone.utc).isoformat(timespec="seconds")
 
     def _committed(self) -> float:
         return self._spent + sum(self._reserved.values())

@@ -1,5 +1,8 @@
 """Budget gate: cap, reservation and settlement, period roll-over, concurrency."""
 
+import gc
+import json
+import logging
 import threading
 
 import pytest
@@ -216,6 +219,10 @@ def test_a_state_file_carries_the_spend_across_a_restart(tmp_path):
     policy.before(done)
     policy.settle(done, 0.25)
     assert policy.before(in_flight).action == "cloud"  # and the process dies before it settles
+    with pytest.raises(ConfigError, match="another budget"):  # while it lives, the file is its own
+        Budget(1.0, clock=clock, state_file=state)
+    del first, policy  # the process ends
+    gc.collect()
     # the next process: the bill and the reservation in flight (it may have been billed) are spent
     second = Budget(1.0, clock=clock, state_file=state)
     assert second.spent_usd() == pytest.approx(0.75)
@@ -237,3 +244,32 @@ def test_a_state_file_in_a_config_is_checked_at_start_naming_the_field(tmp_path)
     assert caught.value.field == "policy.state_file" and "cannot write" in str(caught.value)
     ok = policy_from_config({"type": "budget", "usd": 1.0, "state_file": str(tmp_path / "s.json")})
     assert policy_from_config(ok.to_config()) == ok  # the file is part of the config it round-trips
+
+
+def test_a_clock_that_was_years_ahead_and_is_corrected_does_not_lock_the_budget(tmp_path, caplog):
+    # the window never moving backwards kept a future one: a clock set 20 years ahead then corrected refused every
+    # escalation until 2046, and the state file kept that across restarts
+    clock = Clock(10 * 86400.0)
+    budget = Budget(1.0, clock=clock, state_file=tmp_path / "spend.json")
+    policy = Chain([budget, Always()])
+    clock.t += 20 * 365 * 86400  # the glitch
+    c = req(0.9)
+    policy.before(c)
+    policy.settle(c, 0.9)
+    clock.t -= 20 * 365 * 86400  # corrected
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.policies"):
+        assert budget.spent_usd() == pytest.approx(0.9)  # what was spent still counts, in this period
+        assert "clock went back by more than a day" in caplog.text
+    clock.t += 86400  # and the next day starts at $0
+    assert policy.before(req(0.5)).action == "cloud"
+    # a state file written under such a clock: its spend counts in the current period, not until its own
+    del budget, policy
+    gc.collect()
+    (tmp_path / "spend.json").write_text(json.dumps({"period_s": 86400.0, "period": 50_000, "committed_usd": 1.0}))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="edge_runtime.policies"):
+        restarted = Budget(1.0, clock=clock, state_file=tmp_path / "spend.json")
+    d = Chain([restarted, Always()]).before(req(0.1))
+    assert d.reason == Reason.BUDGET_EXHAUSTED and "until 1970-01-13" in d.detail
+    # spent at start is a warning: serve shows only those
+    assert any(r.levelno == logging.WARNING and "already spent" in r.getMessage() for r in caplog.records)
