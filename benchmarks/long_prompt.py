@@ -41,11 +41,11 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure(bundle: str, tokens: int, threads: int | None) -> dict[str, Any]:
+def measure(bundle: str, tokens: int, threads: int | None, cache_tokens: int) -> dict[str, Any]:
     """One length, in this process (the parent runs each in a fresh one)."""
     from edge_runtime.engine import Engine
 
-    engine = Engine(bundle, intra_op_threads=threads, energy_meter=None)
+    engine = Engine(bundle, intra_op_threads=threads, energy_meter=None, cache_tokens=cache_tokens)
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     text = readme
     while len(ids := engine.encode(text)) < tokens:
@@ -82,16 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", help="bundle directory (default: the cached SmolLM2-135M-Instruct int4 bundle)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1000, 3000, 6000], help="prompt lengths")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: the engine's)")
+    parser.add_argument("--cache-tokens", type=int, default=1024, help="[engine] cache_tokens (default 1024)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / f"long-prompt-{socket.gethostname()}.json")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child: measure this length, print JSON
     args = parser.parse_args(argv)
     bundle = args.bundle or _default_bundle()
     if args.one is not None:
-        print(json.dumps(measure(bundle, args.one, args.threads)))
+        print(json.dumps(measure(bundle, args.one, args.threads, args.cache_tokens)))
         return 0
     runs = []
     for n in args.tokens:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--bundle", bundle, "--one", str(n)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--bundle", bundle, "--one", str(n),
+               "--cache-tokens", str(args.cache_tokens)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['prompt_tokens']:>6} tokens: RSS after load {r['rss_mib']['after_load']} MiB, peak {r['rss_mib']['peak']}, "
               f"after {r['rss_mib']['after_long']}, after a short request {r['rss_mib']['after_short']} "
               f"(KV cache back to {r['kv_capacity_after']} places)")
-    doc = {"benchmark": "long_prompt", "bundle": bundle, "runs": runs,
+    doc = {"benchmark": "long_prompt", "bundle": bundle, "cache_tokens": args.cache_tokens, "runs": runs,
            "host": {"hostname": socket.gethostname(), "machine": platform.machine(), "logical_cpus": os.cpu_count()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import threading
 import time
@@ -175,6 +176,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                     )
                 )
             model = self.settings.models[alias]
+            self._check_price_limits(request, alias, model)
             if len(request.messages) > limits.max_messages:
                 raise InvalidRequestError(f"at most {limits.max_messages} messages", field="messages")
             messages = validate_messages([{"role": m.role, "content": m.content} for m in request.messages])
@@ -213,6 +215,28 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         if escalation is not None and model.escalation_hint and escalation.draft_answer:
             messages = _with_hint(messages, escalation)
         return alias, BackendRequest(request_id, messages, params, escalation)
+
+    @staticmethod
+    def _check_price_limits(request: bridge_pb2.GenerateRequest, alias: str, model: ModelSettings) -> None:
+        """Refuse a call priced above what the device budgeted it at (its prices may be up to 10 minutes old):
+        before anything is generated, so nothing is billed, and with the current prices for the device to use."""
+        prices = {"input": model.usd_per_million_input_tokens, "output": model.usd_per_million_output_tokens}
+        for kind, price in prices.items():
+            field = f"max_usd_per_million_{kind}_tokens"
+            if not request.HasField(field):
+                continue
+            limit = getattr(request, field)
+            if not math.isfinite(limit) or limit < 0:
+                raise InvalidRequestError(f"must be a finite price >= 0, got {limit!r}", field=field)
+            if price > limit * (1 + 1e-9) + 1e-12:  # prices read back from ListModels's doubles compare equal
+                raise Reject(make_status(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{alias!r} costs ${price:g} per million {kind} tokens, above this request's limit of "
+                    f"${limit:g}: its prices changed; read them again (ListModels)",
+                    error_info("PRICE_ABOVE_LIMIT", {"model_alias": alias,
+                                                     "usd_per_million_input_tokens": repr(prices["input"]),
+                                                     "usd_per_million_output_tokens": repr(prices["output"])}),
+                ))
 
     @staticmethod
     def _params(s: bridge_pb2.SamplingParams, max_new_tokens: int) -> SamplingParams:

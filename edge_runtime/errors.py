@@ -27,6 +27,7 @@ foreign errors (onnxruntime, grpc, OS) are translated at the boundary with
      │    ├── CloudAuthError         UNAUTHENTICATED / PERMISSION_DENIED
      │    ├── CloudQuotaError        RESOURCE_EXHAUSTED (carries retry_after_s)
      │    ├── CloudTimeoutError      deadline exceeded
+     │    ├── CloudPriceError        the bridge's price rose above what the call was budgeted at (carries prices)
      │    ├── CloudUnavailableError  UNAVAILABLE or transport failure
      │    ├── CircuitOpenError       circuit breaker open: the cloud is skipped
      │    ├── CloudRequestTooLargeError   over gRPC's message size (also an InvalidRequestError naming messages)
@@ -58,6 +59,7 @@ __all__ = [
     "CloudAuthError",
     "CloudQuotaError",
     "CloudTimeoutError",
+    "CloudPriceError",
     "CloudUnavailableError",
     "CircuitOpenError",
     "CloudRequestTooLargeError",
@@ -184,6 +186,17 @@ class CloudQuotaError(CloudError):
 
 class CloudTimeoutError(CloudError):
     pass
+
+
+class CloudPriceError(CloudError):
+    """The bridge's price for the model is above what this call was budgeted at (its prices changed since they
+    were read); refused before anything was generated, so nothing was billed. ``prices``: the bridge's current
+    (input, output) USD per million tokens. Not retried at the old price, and not a cloud outage."""
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 prices: tuple[float, float] | None = None) -> None:
+        super().__init__(message, code=code)
+        self.prices = prices
 
 
 class CloudUnavailableError(CloudError):

@@ -47,6 +47,7 @@ from .engine.types import EnergyReport, log_text, short_repr
 from .errors import (
     CloudCancelledError,
     CloudError,
+    CloudPriceError,
     CloudResponseTooLargeError,
     CloudTimeoutError,
     ConfigError,
@@ -134,6 +135,9 @@ class _Settlement:
         self.ctx: RequestContext | None = None
         self.unsettled_usd = 0.0  # what to settle if the request ends without saying: nothing asked, nothing spent
         self._settled = False
+        # the bridge's prices the reservation was made at (None: not known, or no budget), and when
+        self.prices: tuple[float, float] | None = None
+        self.priced_at_s = -math.inf
 
     def settle(self, usd: float) -> None:
         if not self._settled and self.ctx is not None:
@@ -497,6 +501,15 @@ class HybridRuntime:
             return math.inf
         return reservation_usd(self.cost, self.cloud_model_hint, bridge, msgs, params.max_new_tokens, draft=draft)
 
+    def _reservation(self, settlement: _Settlement, msgs: Sequence[Mapping[str, Any]], params: SamplingParams,
+                     model: str, draft: str | None = None) -> float:
+        """:meth:`_estimate_cloud_usd`, noting on ``settlement`` the bridge's prices it used: the escalation sends
+        them as its price limit, and a bill above it is judged against them (see :meth:`_check_bill`)."""
+        usd = self._estimate_cloud_usd(msgs, params, model, draft)
+        settlement.prices = self._bridge_prices if self._has_budget and math.isfinite(usd) else None
+        settlement.priced_at_s = time.monotonic()
+        return usd
+
     def _bridge_price_table(self) -> tuple[float, float] | None:
         """The bridge's prices for the model escalations go to, from ListModels; refreshed every 10 minutes."""
         list_models = getattr(self.cloud, "list_models", None)
@@ -532,7 +545,8 @@ class HybridRuntime:
 
     @property
     def _bridge_prices_failed(self) -> bool:
-        """A read was made and none has ever succeeded (the bridge was down since the start)."""
+        """A read was made and none has succeeded since the start, or since a bill or a refusal said the prices
+        were out of date (no escalation is admitted against a budget meanwhile)."""
         return not self._bridge_prices_answered and self._bridge_prices_due > -float("inf")
 
     def _read_bridge_prices(self, list_models: Callable[..., Any]) -> None:
@@ -560,19 +574,32 @@ class HybridRuntime:
         finally:
             self._prices_read.release()
 
-    def _check_bill(self, billed_usd: float, reserved_usd: float, request_id: str) -> None:
+    def _check_bill(self, billed_usd: float, settlement: _Settlement, request_id: str) -> None:
         """A bill above what its escalation reserved: the bridge's prices went up since they were read (a new price
-        or model behind the alias). Until the next refresh, up to 10 minutes, a budget reserved at the old prices
-        and concurrent escalations together spent past its cap; now the next admission reads them again first,
-        and the others wait for that read, as at the first one."""
-        if (not self._has_budget or billed_usd <= reserved_usd + 1e-12
-                or time.monotonic() - self._bridge_prices_read_s < _PRICES_RETRY_S):  # a read that recent stands
+        or model behind the alias; a bridge older than the price limit runs such a call). Until the next refresh,
+        up to 10 minutes, a budget reserved at the old prices and concurrent escalations together spent past its
+        cap; now the next admission reads them again first, and the others wait for that read, as at the first
+        one (no escalation is admitted against a budget while it fails)."""
+        reserved = settlement.ctx.estimated_cloud_usd if settlement.ctx is not None else math.inf
+        if (not self._has_budget or billed_usd <= reserved + 1e-12
+                or self._bridge_prices_read_s > settlement.priced_at_s):  # read since it was reserved: that stands
             return
         log.warning("%s: the bridge billed $%.8g for an escalation that reserved $%.8g at its last known prices: "
-                    "reading its prices again before the next escalation", request_id, billed_usd, reserved_usd)
-        # in this order: a request between the two takes the background refresh, never "prices unknown"
-        self._bridge_prices_due = -float("inf")
+                    "reading its prices again before the next escalation", request_id, billed_usd, reserved)
+        self._prices_outdated(None)
+
+    def _prices_outdated(self, prices: tuple[float, float] | None) -> None:
+        """Forget the bridge's prices (or take ``prices``, which it sent with a refusal) as a new read would."""
+        if prices is not None:
+            self._bridge_prices, self._bridge_prices_read_s = prices, time.monotonic()
+            self._bridge_prices_due = self._bridge_prices_read_s + _PRICES_REFRESH_S
+            self._bridge_prices_answered = True
+            return
+        # in this order: a request in between finds no prices and no read that succeeded, and is refused (prices
+        # unknown) rather than admitted at the old ones
+        self._bridge_prices = None
         self._bridge_prices_answered = False
+        self._bridge_prices_due = -float("inf")
 
     def _served_model(self, models: Sequence[Any]) -> Any:
         """The ListModels entry of the model escalations go to (the configured alias, else the default)."""
@@ -675,7 +702,8 @@ class HybridRuntime:
                 local_params: SamplingParams) -> Iterator[HybridChunk]:
         """``params`` for the cloud (and its reservation), ``local_params`` for the local answer (see :meth:`stream`)."""
         t0 = time.perf_counter()
-        ctx = RequestContext(messages=msgs, request_id=request_id, estimated_cloud_usd=self._estimate_cloud_usd(msgs, params, model))
+        ctx = RequestContext(messages=msgs, request_id=request_id,
+                             estimated_cloud_usd=self._reservation(settlement, msgs, params, model))
         settlement.ctx = ctx
         if self._wants_pre_route and model == "auto":
             ctx = dataclasses.replace(ctx, pre_route_p_correct=_score_or_none(
@@ -743,8 +771,8 @@ class HybridRuntime:
             elif decision.action == "continue":
                 p_correct = self._p_correct(locals_[-1], msgs, estimator_energy)
                 # an escalation admitted now sends the draft along: a budget reserves for it too
-                ctx = settlement.ctx = dataclasses.replace(ctx, estimated_cloud_usd=self._estimate_cloud_usd(
-                    msgs, params, model, draft=locals_[-1].text))
+                ctx = settlement.ctx = dataclasses.replace(ctx, estimated_cloud_usd=self._reservation(
+                    settlement, msgs, params, model, draft=locals_[-1].text))
                 decision = self.policy.after(ctx, p_correct)
             elif p_correct is None and not early_exit and not cut_by_caller:
                 p_correct = self._p_correct(locals_[-1], msgs, estimator_energy)
@@ -788,9 +816,10 @@ class HybridRuntime:
                 t_cloud = time.perf_counter()
                 cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id,
                                                              cancel, timeout_s, timing,
-                                                             early_exit or reserved_without_draft, progress)
+                                                             early_exit or reserved_without_draft, progress,
+                                                             settlement.prices)
                 settlement.unsettled_usd = cloud_result.cost_usd
-                self._check_bill(cloud_result.cost_usd, ctx.estimated_cloud_usd, request_id)
+                self._check_bill(cloud_result.cost_usd, settlement, request_id)
                 if not cloud_result.text.strip():
                     # an empty answer is no answer: the local one is returned, never nothing (the call's bill and
                     # usage stand, in the result too)
@@ -824,6 +853,9 @@ class HybridRuntime:
                           or (isinstance(err, CloudTimeoutError) and (progress.accepted or getattr(err, "bridge_accepted", False))))
                 settlement.settle(ctx.estimated_cloud_usd if billed else 0.0)
                 maybe_billed = bool(billed)
+                if isinstance(err, CloudPriceError):  # refused before generating: its prices are the bridge's now
+                    log.warning("%s: the bridge's prices rose since they were read: %s", request_id, err)
+                    self._prices_outdated(err.prices)
                 if asked:
                     failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0
                 asked = asked and not err.skipped  # refused on the device (circuit open, quota spent): no radio
@@ -866,7 +898,8 @@ class HybridRuntime:
     def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
                    p_correct: float | None, decision: Decision, request_id: str, cancel: Any,
                    timeout_s: float | None, timing: _Timing, no_draft: bool = False,
-                   progress: _CloudProgress | None = None) -> tuple[Any, list[HybridChunk]]:
+                   progress: _CloudProgress | None = None,
+                   max_prices: tuple[float, float] | None = None) -> tuple[Any, list[HybridChunk]]:
         """Call the bridge; return its result and its text chunks.
 
         The text is collected before anything is shown: a call that fails half-way must not leave
@@ -891,8 +924,11 @@ class HybridRuntime:
         result = None
         # the client watches `cancel` while it waits for the bridge: a caller that leaves stops the bridge's generation
         # at once, not at its next chunk
+        # the prices the budget reserved at go along as the call's limit: a bridge priced higher since refuses it
+        # before generating (a fake or older client takes no such argument: it is passed only when there is one)
+        limit = {"max_prices": max_prices} if max_prices is not None else {}
         stream = self.cloud.stream(msgs, params=params, escalation=escalation, timeout_s=timeout_s, request_id=request_id,
-                                   cancel=lambda: _is_cancelled(cancel) and not timing.out_of_time())
+                                   cancel=lambda: _is_cancelled(cancel) and not timing.out_of_time(), **limit)
         try:
             for c in stream:
                 progress.accepted = True  # the bridge answered with a message: it had taken the call

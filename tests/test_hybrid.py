@@ -862,8 +862,31 @@ def test_a_bill_above_its_reservation_makes_the_next_escalation_read_the_prices_
     assert rt.chat(ASK, max_new_tokens=2).route == "cloud" and reads == [(1.0, 2.0)]
     reserved = rt._estimate_cloud_usd(ASK, SamplingParams(max_new_tokens=2), "auto")
     prices["now"], bill["usd"] = (100.0, 200.0), 100 * reserved
-    rt._bridge_prices_read_s -= 60.0  # read a minute ago
     assert rt.chat(ASK, max_new_tokens=2).route == "cloud"  # admitted at the old prices, billed at the new
     assert "reading its prices again" in caplog.text
     assert rt._estimate_cloud_usd(ASK, SamplingParams(max_new_tokens=2), "auto") == pytest.approx(100 * reserved)
     assert reads == [(1.0, 2.0), (100.0, 200.0)]
+
+
+def test_after_a_bill_above_its_reservation_nothing_is_admitted_at_the_old_prices_while_they_cannot_be_read(engine):
+    # the re-read failed (the bridge restarting with its new price): requests were admitted at the old prices
+    up, bill = {"bridge": True}, {"usd": 1e-9}
+
+    def list_models(**_kw):
+        if not up["bridge"]:
+            raise CloudUnavailableError("restarting")
+        return [SimpleNamespace(alias="big", is_default=True, usd_per_million_input_tokens=1.0,
+                                usd_per_million_output_tokens=2.0)]
+
+    def stream(msgs, **kw):
+        return _answering("ok", bill["usd"])(msgs, **kw)
+
+    rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "always"}]},
+                       cloud=_fake_cloud(stream, list_models=list_models))
+    assert rt.chat(ASK, max_new_tokens=2).route == "cloud"
+    bill["usd"] = 0.01  # far above what was reserved
+    assert rt.chat(ASK, max_new_tokens=2).route == "cloud"
+    up["bridge"] = False
+    for _ in range(2):  # the one that makes the read, and one after it
+        r = rt.chat(ASK, max_new_tokens=2)
+        assert (r.route, r.reason) == ("local_forced", "budget_prices_unknown")

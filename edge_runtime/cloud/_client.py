@@ -101,9 +101,11 @@ def _request(
     params: SamplingParams | None,
     escalation: Escalation | None,
     request_id: str,
+    max_prices: tuple[float, float] | None = None,
 ) -> bridge_pb2.GenerateRequest:
     try:
-        return _encode(messages, model=model, params=params, escalation=escalation, request_id=request_id)
+        return _encode(messages, model=model, params=params, escalation=escalation, request_id=request_id,
+                       max_prices=max_prices)
     except (ValueError, TypeError) as err:  # a value protobuf cannot carry (e.g. past int64): the call fails, not the app
         raise CloudError(f"cannot encode the request for the bridge: {err}") from err
 
@@ -115,8 +117,11 @@ def _encode(
     params: SamplingParams | None,
     escalation: Escalation | None,
     request_id: str,
+    max_prices: tuple[float, float] | None = None,
 ) -> bridge_pb2.GenerateRequest:
     req = bridge_pb2.GenerateRequest(request_id=request_id, model=model)
+    if max_prices is not None:
+        req.max_usd_per_million_input_tokens, req.max_usd_per_million_output_tokens = max_prices
     for m in messages:
         req.messages.add(role=str(m.get("role", "")), content=str(m.get("content", "")))
     if params is not None:
@@ -419,9 +424,12 @@ class CloudClient:
         escalation: Escalation | None = None,
         timeout_s: float | None = None,
         request_id: str | None = None,
+        max_prices: tuple[float, float] | None = None,
     ) -> CloudResult:
-        """One complete answer from the bridge. ``params=None`` takes the bridge's defaults."""
-        req = self._request(messages, params, model, escalation, request_id)
+        """One complete answer from the bridge. ``params=None`` takes the bridge's defaults. ``max_prices``: the
+        (input, output) USD per million tokens the call was budgeted at; a bridge whose price is higher refuses it
+        (CloudPriceError, nothing billed)."""
+        req = self._request(messages, params, model, escalation, request_id, max_prices)
         response, latency_ms, rtt_ms, attempts = self._unary(
             lambda remaining: self._stub.Generate(req, timeout=remaining, metadata=self._metadata()), timeout_s
         )
@@ -437,24 +445,28 @@ class CloudClient:
         timeout_s: float | None = None,
         request_id: str | None = None,
         cancel: Callable[[], bool] | None = None,
+        max_prices: tuple[float, float] | None = None,
     ) -> Iterator[CloudChunk]:
         """The answer as it is generated; the last chunk has ``result``. Closing the iterator cancels the call.
 
         Nothing is sent before the first ``next()``; CircuitOpenError is raised there. ``cancel`` is polled
         (from another thread while the call waits for the bridge, so it must be thread-safe); once it returns
         True the call is cancelled within about 0.1 s and CloudCancelledError raised, never retried.
+        ``max_prices`` as for :meth:`generate`.
         """
-        req = self._request(messages, params, model, escalation, request_id)
+        req = self._request(messages, params, model, escalation, request_id, max_prices)
         return self._stream(req, timeout_s, cancel)
 
     def _request(self, messages: Sequence[Message], params: SamplingParams | None, model: str | None,
-                 escalation: Escalation | None, request_id: str | None) -> bridge_pb2.GenerateRequest:
+                 escalation: Escalation | None, request_id: str | None,
+                 max_prices: tuple[float, float] | None = None) -> bridge_pb2.GenerateRequest:
         return _request(
             messages,
             model=self.settings.model if model is None else model,
             params=params,
             escalation=escalation,
             request_id=request_id or uuid.uuid4().hex,
+            max_prices=max_prices,
         )
 
     def _stream(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import grpc
@@ -9,6 +10,7 @@ import grpc
 from ..errors import (
     CloudAuthError,
     CloudError,
+    CloudPriceError,
     CloudQuotaError,
     CloudRequestTooLargeError,
     CloudResponseTooLargeError,
@@ -66,6 +68,7 @@ class StatusDetails:
     retry_after_s: float | None = None
     reason: str = ""
     fields: tuple[str, ...] = field(default=())
+    metadata: tuple[tuple[str, str], ...] = field(default=())  # the ErrorInfo's
 
 
 def status_details(err: grpc.RpcError) -> StatusDetails:
@@ -79,7 +82,7 @@ def status_details(err: grpc.RpcError) -> StatusDetails:
         status = None
     if status is None:
         return StatusDetails()
-    retry_after_s, reason, fields = None, "", []
+    retry_after_s, reason, fields, metadata = None, "", [], ()
     for detail in status.details:
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info = error_details_pb2.RetryInfo()
@@ -88,12 +91,21 @@ def status_details(err: grpc.RpcError) -> StatusDetails:
         elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info_e = error_details_pb2.ErrorInfo()
             detail.Unpack(info_e)
-            reason = info_e.reason
+            reason, metadata = info_e.reason, tuple(sorted(info_e.metadata.items()))
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             info_b = error_details_pb2.BadRequest()
             detail.Unpack(info_b)
             fields += [v.field for v in info_b.field_violations]
-    return StatusDetails(retry_after_s, reason, tuple(fields))
+    return StatusDetails(retry_after_s, reason, tuple(fields), metadata)
+
+
+def _prices(metadata: dict[str, str]) -> tuple[float, float] | None:
+    """(input, output) USD per million tokens from PRICE_ABOVE_LIMIT's metadata; None when it has no usable ones."""
+    try:
+        prices = (float(metadata["usd_per_million_input_tokens"]), float(metadata["usd_per_million_output_tokens"]))
+    except (KeyError, ValueError):
+        return None
+    return prices if all(math.isfinite(p) and p >= 0 for p in prices) else None
 
 
 def _answer_too_large_hint(text: str) -> str:
@@ -139,6 +151,8 @@ def translate_rpc_error(err: grpc.RpcError, details: StatusDetails | None = None
         return CloudQuotaError(message, code=name, retry_after_s=details.retry_after_s, reason=details.reason)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return CloudTimeoutError(message, code=name)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and details.reason == "PRICE_ABOVE_LIMIT":
+        return CloudPriceError(message, code=name, prices=_prices(dict(details.metadata)))
     if code in CIRCUIT_CODES:
         return CloudUnavailableError(message, code=name)
     return CloudError(message, code=name)

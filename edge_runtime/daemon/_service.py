@@ -410,7 +410,7 @@ class ChatService:
         a = self.admission
         policy = getattr(self.runtime, "policy", None)
         budgets = [p for p in (policy.parts() if policy is not None else ()) if isinstance(p, Budget)]
-        # labelled by the part's name, and its place in the chain when two parts have one name
+        # labelled by the part's name, and its place among the budgets when two have one name
         names = [b.describe() for b in budgets]
         labels = [(("policy", n if names.count(n) == 1 else f"{i}:{n}"),) for i, n in enumerate(names)]
         return {

@@ -204,8 +204,11 @@ class KVCache:
         # once. Freed malloc blocks of a few MB (one layer's buffer) stayed in the process's heap, so a cache
         # shrunk after a long request kept its memory (RSS 432 MB after a 3,000-token prompt, 295 MB before it).
         # Its pages are zero and take no memory until written, as calloc's.
+        # private: a forked child (gunicorn's preload, multiprocessing) writing its cache must not write the
+        # parent's, as a shared mapping (mmap's default) would
+        private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
         try:
-            region = mmap.mmap(-1, max(1, 2 * m.num_layers * per_buffer * 4))
+            region = mmap.mmap(-1, max(1, 2 * m.num_layers * per_buffer * 4), **private)
         except OSError as err:  # ENOMEM, or an address-space limit (ulimit -v)
             raise MemoryError(f"cannot map {2 * m.num_layers * per_buffer * 4} bytes for the KV cache") from err
         flat = np.frombuffer(region, dtype=np.float32)

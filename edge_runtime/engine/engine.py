@@ -265,15 +265,12 @@ class Engine:
         return ids
 
     def _ids(self, text: str) -> list[int]:
-        return self._encoding(text).ids
-
-    def _encoding(self, text: str) -> Any:
         if len(text) > _GIL_FREE_ENCODE_CHARS:
             # encode_batch gives the same ids but releases the GIL while it works (encode holds it: 0.4 s for
             # a 1 MB prompt, while a daemon's event loop could serve nobody); on short text its thread pool
             # costs more than it saves (2-3 ms a request beside onnxruntime's spinning threads)
-            return self.tokenizer.encode_batch([text], add_special_tokens=False)[0]
-        return self.tokenizer.encode(text, add_special_tokens=False)
+            return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def count_tokens(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> int:
         return len(self.encode(prompt, messages=messages))
@@ -327,10 +324,11 @@ class Engine:
                 cache = self.new_cache()
             yield cache
         finally:
-            if cache is not None and not self._closed:
+            if cache is not None and not self._closed and cache.capacity > 2 * self._cache_tokens:
                 try:
-                    # a long request grew it (45 KB a token for SmolLM2: 377 MB at 8k), and a daemon kept that
-                    # for good; back to what the engine starts with, the prompt's first tokens kept for reuse
+                    # a long request grew it (45 KiB a token for SmolLM2: 360 MiB at 8k), and a daemon kept that
+                    # for good; back to what the engine starts with, the prompt's first tokens kept for reuse.
+                    # Not for a little growth: remapping and copying it back took ~50 ms a request just past it
                     cache.shrink(self._cache_tokens)
                 except MemoryError:  # even the small buffers could not be had: the cache goes, as a failed one
                     cache = None
@@ -495,40 +493,37 @@ class Engine:
         if not p.truncate_prompt or len(ids) <= budget or budget <= 0:
             return self.fit_context(ids, p, field=field)
         droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] not in ("system", "developer")]
+        if msgs[-1]["role"] != "user":  # an answer being continued keeps its question too
+            asked = [i for i in droppable if msgs[i]["role"] == "user"]
+            if asked:
+                droppable.remove(asked[-1])
 
         def without(k: int) -> list[dict[str, str]]:
             gone = set(droppable[:k])
             return [m for i, m in enumerate(msgs) if i not in gone]
 
-        # the fewest oldest turns to drop: a prompt only gets shorter as more go, so a binary search
-        lo, hi = 1, len(droppable)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(self.encode(messages=without(mid))) <= budget:
-                hi = mid
-            else:
-                lo = mid + 1
         if droppable:
-            k = hi
-            # nor an answer whose question went: the kept history starts with a user's turn
-            while k < len(droppable) and msgs[droppable[k]]["role"] == "assistant":
+            # the fewest oldest turns to drop (a prompt only gets shorter as more go)
+            k = _smallest(1, len(droppable), lambda k: len(self.encode(messages=without(k))) <= budget)
+            # nor an answer (or a tool's result) whose question went: the kept history starts with a user's turn
+            while k < len(droppable) and msgs[droppable[k]]["role"] != "user":
                 k += 1
             msgs = without(k)
-        text = self.render_chat(msgs)
-        encoding = self._encoding(text)
-        ids = encoding.ids
+        ids = self.encode(messages=msgs)
         if len(ids) <= budget:
             return ids
-        content = msgs[-1]["content"]
-        start = text.rfind(content) if content else -1
-        if start >= 0:
-            # the tokens before the last message's text (system prompt, earlier framing, its header) and the
-            # template's tokens after it stay; the text loses its beginning
-            head = sum(1 for a, b in encoding.offsets if b <= start)
-            end = start + len(content)
-            tail = len(ids) - sum(1 for a, b in encoding.offsets if a < end)
-            if head + tail < budget:
-                return ids[:head] + ids[len(ids) - (budget - head):]
+        # the last message alone is too long: the fewest leading characters of its text to drop, found by
+        # rendering it again (a template may trim or escape the text, so it is not looked for in the rendering)
+        *before, last = msgs
+        content = last["content"]
+
+        def cut(drop: int) -> list[int]:
+            return self.encode(messages=[*before, {**last, "content": content[drop:]}])
+
+        if len(content) > 1:
+            drop = _smallest(1, len(content) - 1, lambda d: len(cut(d)) <= budget)
+            if len(fitted := cut(drop)) <= budget:
+                return fitted
         return self.fit_context(ids, p, field=field)  # even the framing does not fit: the prompt's end
 
     def run(
@@ -565,8 +560,8 @@ class Engine:
                     common += 1
             cache.truncate(common)
             if not reuse_decoded:  # a pooled cache (a chat session's grows turn by turn: by doubling)
-                # the prompt and the most the answer can take, drafts checked past it included
-                cache.reserve(min(len(ids) + p.max_new_tokens + self.prompt_lookup, self.context_length), exact=True)
+                # the prompt and the most the answer can take (drafts are never checked past max_new_tokens)
+                cache.reserve(len(ids) + p.max_new_tokens, exact=True)
             todo = ids[common:]
             nll_sum, nll_count = 0.0, 0
             logits: np.ndarray | None = None
@@ -723,6 +718,7 @@ class Engine:
             ids = self.fit_context(self.encode(prompt, messages=messages), p, field="prompt")
         with self._cache() as cache:
             cache.truncate(0)
+            cache.reserve(len(ids), exact=True)  # grown once, as for a generation (see run)
             for start, end in _prefill_chunks(len(ids)):  # the same runs as generation's prefill
                 logits = cache.prefill(ids[start:end])[-1]
         return log_softmax(logits)
@@ -740,6 +736,7 @@ class Engine:
         top1: list[np.ndarray] = []
         with self._cache() as cache:
             cache.truncate(0)
+            cache.reserve(len(ids), exact=True)
             for start in range(0, len(ids) - 1, chunk):
                 part = ids[start:start + chunk]
                 logits = cache.prefill(part, all_logits=True)
@@ -772,6 +769,18 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _smallest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
+    """The smallest ``n`` in [lo, hi] for which ``fits(n)``, given that it holds for every ``n`` above one that
+    fits; ``hi`` when none below it does (the caller checks that one)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
 
 
 class ChatSession:

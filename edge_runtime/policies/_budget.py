@@ -77,6 +77,8 @@ class Budget(Policy):
         self.state_file: Path | None = None
         self._state_warned = False
         self._state_locked = False  # this budget holds the file's lock (taken at its first write)
+        self._write_lock = threading.Lock()  # one write at a time, outside self._lock
+        self._state_seq = self._written_seq = 0  # snapshots numbered, and the last one written
         if state_file not in (None, ""):
             self._open_state(Path(os.path.expanduser(state_file)), "state_file")
 
@@ -134,28 +136,41 @@ class Budget(Policy):
             os.close(fd)
         return True
 
-    def _save_state(self) -> None:
-        """Write the period's committed spend (with the lock held). A failed write is logged, once until one
-        succeeds, and requests go on: the spend held in memory still caps this process."""
+    def _snapshot(self) -> tuple[int, dict[str, Any]] | None:
+        """What to write to the state file now (call with the lock held), numbered; None without one."""
         if self.state_file is None:
+            return None
+        self._state_seq += 1
+        return self._state_seq, {"period_s": self.period_s, "period": self._period,
+                                 "committed_usd": self._committed(), "usd": self.usd}
+
+    def _save_state(self, snapshot: tuple[int, dict[str, Any]] | None) -> None:
+        """Write a snapshot, outside the budget's lock: the write fsyncs twice, and on an SD card that held every
+        admission and the daemon's /metrics (its event loop) meanwhile. A later snapshot written first wins.
+        A failed write is logged, once until one succeeds, and requests go on: the spend held in memory still caps
+        this process."""
+        if snapshot is None:
             return
-        if not self._state_locked:
-            if not self._lock_state(self.state_file, keep=True):  # another started since this one checked
-                log.error("another budget took %s since this one started: this process's spend is not saved there "
-                          "(its own cap still holds); give each process its own file", self.state_file)
-                self.state_file = None
+        seq, state = snapshot
+        with self._write_lock:
+            if seq <= self._written_seq or self.state_file is None:
                 return
-            self._state_locked = True
-        state = {"period_s": self.period_s, "period": self._period, "committed_usd": self._committed(),
-                 "usd": self.usd}
-        try:
-            write_text_whole(self.state_file, json.dumps(state) + "\n")
-        except OSError as err:
-            if not self._state_warned:
-                log.warning("cannot save the budget's spend (a restart will not know it): %s", err)
-            self._state_warned = True
-        else:
-            self._state_warned = False
+            if not self._state_locked:
+                if not self._lock_state(self.state_file, keep=True):  # another started since this one checked
+                    log.error("another budget took %s since this one started: this process's spend is not saved "
+                              "there (its own cap still holds); give each process its own file", self.state_file)
+                    self.state_file = None
+                    return
+                self._state_locked = True
+            try:
+                write_text_whole(self.state_file, json.dumps(state) + "\n")
+            except OSError as err:
+                if not self._state_warned:
+                    log.warning("cannot save the budget's spend (a restart will not know it): %s", err)
+                self._state_warned = True
+            else:
+                self._state_warned = False
+                self._written_seq = seq
 
     # ---- state (call with the lock held) -------------------------------------------------------
 
@@ -236,14 +251,15 @@ class Budget(Policy):
                 return self._veto(ctx.estimated_cloud_usd)
             self._reserved[ctx.admission_id] = self._reserved.get(ctx.admission_id, 0.0) + ctx.estimated_cloud_usd
             self._reserved_in[ctx.admission_id] = self._period
-            self._save_state()
-            return None
+            snapshot = self._snapshot()
+        self._save_state(snapshot)
+        return None
 
     def _release(self, ctx: RequestContext) -> None:
         with self._lock:
-            if self._reserved.pop(ctx.admission_id, None) is not None:
-                self._save_state()
+            snapshot = self._snapshot() if self._reserved.pop(ctx.admission_id, None) is not None else None
             self._reserved_in.pop(ctx.admission_id, None)
+        self._save_state(snapshot)
 
     def _settle(self, ctx: RequestContext, usd: float) -> None:
         with self._lock:
@@ -251,7 +267,8 @@ class Budget(Policy):
             self._reserved.pop(ctx.admission_id, None)
             self._reserved_in.pop(ctx.admission_id, None)
             self._spent += max(float(usd), 0.0)
-            self._save_state()
+            snapshot = self._snapshot()
+        self._save_state(snapshot)
 
     # ---- config ----------------------------------------------------------------------------------------
 

@@ -59,6 +59,8 @@ def test_the_contract_carries_what_an_escalation_needs():
         "sampling",
         "max_new_tokens",
         "escalation",
+        "max_usd_per_million_input_tokens",
+        "max_usd_per_million_output_tokens",
     }
     assert _fields(bridge_pb2.EscalationContext) >= {"draft_answer", "p_correct", "reason"}
     assert _fields(bridge_pb2.GenerateResponse) >= {"text", "finish_reason", "usage", "cost_usd", "model", "timings"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -280,6 +281,55 @@ def test_a_truncated_conversation_keeps_its_system_prompt_template_and_last_ques
     assert text.startswith(engine.render_chat([system])[:40]) and "the end?" in text
     r = engine.generate(messages=[system, *turns, last], max_new_tokens=16, truncate_prompt=True)
     assert r.usage.prompt_tokens == len(engine.fit_messages([system, *turns, last], p))
+    # an answer being continued keeps its question; a tool's result goes with the turn that asked for it
+    question, answer = {"role": "user", "content": "the question"}, {"role": "assistant", "content": "so far"}
+    ids = engine.fit_messages([system, *turns, question, answer], p)
+    assert "the question" in engine.tokenizer.decode(ids, skip_special_tokens=False)
+    tool_turns = [m for t in range(12) for m in ({"role": "user", "content": f"q{t} " + "word " * 6},
+                                                 {"role": "tool", "content": f"result {t} " + "word " * 4},
+                                                 {"role": "assistant", "content": f"answer-{t}-x"})]
+    ids = engine.fit_messages([system, *tool_turns, last], p)
+    text = engine.tokenizer.decode(ids, skip_special_tokens=False)
+    first_kept = min(i for i, m in enumerate(tool_turns) if m["content"] in text)
+    assert tool_turns[first_kept]["role"] == "user"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_does_not_write_into_the_parents_kv_cache(tiny_bundle):
+    # the buffers were a shared mapping (mmap's default): after a fork (gunicorn's preload, multiprocessing) a
+    # child's requests overwrote the parent's cache, whose prefix reuse then read the child's numbers
+    e = Engine(tiny_bundle, energy_meter=None)
+    try:
+        e.generate("hello world", max_new_tokens=2)
+        (cache,) = e._pool
+        before = cache._buffers[0].copy()
+        pid = os.fork()
+        if pid == 0:  # the child: numpy only, then out without running anything else of the parent's
+            cache._buffers[0][...] = 7.0
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert np.array_equal(cache._buffers[0], before)
+    finally:
+        e.close()
+
+
+def test_truncation_keeps_the_framing_under_a_template_that_trims_the_text(engine, monkeypatch):
+    # the last message was looked for verbatim in the rendering: a template that trims it (Llama 3, Gemma) hid it
+    # when it ended in whitespace, and the ids were cut from the start again
+    class Trimming:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def render(self, messages, **kw):
+            return self.inner.render([{**m, "content": m["content"].strip()} for m in messages], **kw)
+
+    monkeypatch.setattr(engine, "template", Trimming(engine.template))
+    system = {"role": "system", "content": "Answer in French."}
+    huge = {"role": "user", "content": "beginning " + "filler " * 400 + "the end?  \n"}
+    ids = engine.fit_messages([system, huge], SamplingParams(max_new_tokens=16, truncate_prompt=True))
+    text = engine.tokenizer.decode(ids, skip_special_tokens=False)
+    assert len(ids) + 16 <= engine.context_length and "beginning" not in text and "the end?" in text
+    assert text.startswith(engine.render_chat([system])[:40])
 
 
 def test_a_long_request_grows_its_pooled_cache_once_and_gives_the_memory_back(tiny_bundle, monkeypatch):
@@ -304,6 +354,11 @@ def test_a_long_request_grows_its_pooled_cache_once_and_gives_the_memory_back(ti
         assert cache.capacity == 32 and cache.tokens == e.encode(prompt)[:32]  # the prompt's start kept for reuse
         again = e.generate(prompt, max_new_tokens=8)
         assert again.token_ids == r.token_ids and again.usage.cached_prompt_tokens == 32
+        # scoring a prompt (the self-check's path) grows it once too
+        grown.clear()
+        e.next_token_logprobs(prompt)
+        e.score(prompt)
+        assert grown == [-(-len(e.encode(prompt)) // 64) * 64, 32] * 2
     finally:
         e.close()
 
@@ -839,7 +894,6 @@ def test_running_out_of_memory_is_one_of_our_errors_and_the_engine_keeps_serving
         want = e.generate(prompt="hello world", max_new_tokens=40).token_ids
         # a KV cache that cannot grow (its mapping fails: ENOMEM, ulimit -v) leaves the cache as it was
         import errno
-        import mmap
 
         from edge_runtime.engine import _session
 
@@ -850,7 +904,6 @@ def test_running_out_of_memory_is_one_of_our_errors_and_the_engine_keeps_serving
             m.setattr(_session.mmap, "mmap", no_mapping)
             with pytest.raises(OutOfMemoryError, match="prompt tokens"):
                 e.generate(prompt="hello world " * 20, max_new_tokens=40)
-        assert _session.mmap.mmap is mmap.mmap
         # onnxruntime failing to allocate while running
         with monkeypatch.context() as m:
             m.setattr(KVCache, "_run", lambda self: (_ for _ in ()).throw(OutOfMemoryError("not enough memory to run")))

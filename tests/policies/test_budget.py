@@ -273,3 +273,49 @@ def test_a_clock_that_was_years_ahead_and_is_corrected_does_not_lock_the_budget(
     assert d.reason == Reason.BUDGET_EXHAUSTED and "until 1970-01-13" in d.detail
     # spent at start is a warning: serve shows only those
     assert any(r.levelno == logging.WARNING and "already spent" in r.getMessage() for r in caplog.records)
+
+
+def test_a_slow_state_write_holds_no_one_reading_the_budget(tmp_path, monkeypatch):
+    # the file was written (two fsyncs) with the budget's lock held: on an SD card every admission and the daemon's
+    # /metrics, on its event loop, waited for the disk
+    import time
+
+    from edge_runtime.policies import _budget
+
+    real = _budget.write_text_whole
+    writing = threading.Event()
+
+    def slow(path, text):
+        writing.set()
+        time.sleep(0.5)
+        real(path, text)
+
+    monkeypatch.setattr(_budget, "write_text_whole", slow)
+    budget = Budget(1.0, clock=Clock(), state_file=tmp_path / "spend.json")
+    admit = threading.Thread(target=Chain([budget, Always()]).before, args=(req(0.25),))
+    admit.start()
+    assert writing.wait(5)
+    t0 = time.monotonic()
+    assert budget.spent_usd() == pytest.approx(0.25)  # the reservation counts at once
+    assert time.monotonic() - t0 < 0.25
+    admit.join()
+    assert json.loads((tmp_path / "spend.json").read_text())["committed_usd"] == pytest.approx(0.25)
+
+
+def test_a_state_file_that_cannot_be_written_is_warned_about_once_and_the_cap_still_holds(tmp_path, monkeypatch,
+                                                                                          caplog):
+    from edge_runtime.policies import _budget
+
+    def full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(_budget, "write_text_whole", full)
+    budget = Budget(1.0, clock=Clock(), state_file=tmp_path / "spend.json")
+    policy = Chain([budget, Always()])
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.policies"):
+        for _ in range(4):
+            c = req(0.25)
+            assert policy.before(c).action == "cloud"
+            policy.settle(c, 0.25)
+    assert policy.before(req(0.25)).reason == Reason.BUDGET_EXHAUSTED  # in memory, the cap holds
+    assert sum("cannot save the budget's spend" in r.getMessage() for r in caplog.records) == 1

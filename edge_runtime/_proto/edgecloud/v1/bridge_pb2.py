@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-edge_runtime/_proto/edgecloud/v1/bridge.proto\x12\x0c\x65\x64gecloud.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa0\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x84\x01\n\x11\x45scalationContext\x12\x14\n\x0c\x64raft_answer\x18\x01 \x01(\t\x12\x16\n\tp_correct\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x13\n\x0blocal_model\x18\x05 \x01(\tB\x0c\n\n_p_correct\"\xf6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.edgecloud.v1.ChatMessage\x12\r\n\x05model\x18\x03 \x01(\t\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.edgecloud.v1.SamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x33\n\nescalation\x18\x06 \x01(\x0b\x32\x1f.edgecloud.v1.EscalationContextB\x11\n\x0f_max_new_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"Y\n\rServerTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xef\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.edgecloud.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.edgecloud.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\x01\x12\r\n\x05model\x18\x06 \x01(\t\x12\x13\n\x0bmodel_alias\x18\x07 \x01(\t\x12,\n\x07timings\x18\x08 \x01(\x0b\x32\x1b.edgecloud.v1.ServerTimings\".\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x03\"|\n\x16GenerateStreamResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.edgecloud.v1.TextDeltaH\x00\x12/\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1e.edgecloud.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\xe3\x01\n\tModelInfo\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x03\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\x05\x12$\n\x1cusd_per_million_input_tokens\x18\x06 \x01(\x01\x12%\n\x1dusd_per_million_output_tokens\x18\x07 \x01(\x01\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12\x10\n\x08revision\x18\t \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.edgecloud.v1.ModelInfo*\xb5\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x05\x32\x82\x02\n\x0b\x43loudBridge\x12I\n\x08Generate\x12\x1d.edgecloud.v1.GenerateRequest\x1a\x1e.edgecloud.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.edgecloud.v1.GenerateRequest\x1a$.edgecloud.v1.GenerateStreamResponse0\x01\x12O\n\nListModels\x12\x1f.edgecloud.v1.ListModelsRequest\x1a .edgecloud.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-edge_runtime/_proto/edgecloud/v1/bridge.proto\x12\x0c\x65\x64gecloud.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa0\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x84\x01\n\x11\x45scalationContext\x12\x14\n\x0c\x64raft_answer\x18\x01 \x01(\t\x12\x16\n\tp_correct\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x13\n\x0blocal_model\x18\x05 \x01(\tB\x0c\n\n_p_correct\"\xa0\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.edgecloud.v1.ChatMessage\x12\r\n\x05model\x18\x03 \x01(\t\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.edgecloud.v1.SamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x33\n\nescalation\x18\x06 \x01(\x0b\x32\x1f.edgecloud.v1.EscalationContext\x12-\n max_usd_per_million_input_tokens\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12.\n!max_usd_per_million_output_tokens\x18\x08 \x01(\x01H\x02\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB#\n!_max_usd_per_million_input_tokensB$\n\"_max_usd_per_million_output_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"Y\n\rServerTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xef\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.edgecloud.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.edgecloud.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\x01\x12\r\n\x05model\x18\x06 \x01(\t\x12\x13\n\x0bmodel_alias\x18\x07 \x01(\t\x12,\n\x07timings\x18\x08 \x01(\x0b\x32\x1b.edgecloud.v1.ServerTimings\".\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x03\"|\n\x16GenerateStreamResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.edgecloud.v1.TextDeltaH\x00\x12/\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1e.edgecloud.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\xe3\x01\n\tModelInfo\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x03\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\x05\x12$\n\x1cusd_per_million_input_tokens\x18\x06 \x01(\x01\x12%\n\x1dusd_per_million_output_tokens\x18\x07 \x01(\x01\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12\x10\n\x08revision\x18\t \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.edgecloud.v1.ModelInfo*\xb5\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x05\x32\x82\x02\n\x0b\x43loudBridge\x12I\n\x08Generate\x12\x1d.edgecloud.v1.GenerateRequest\x1a\x1e.edgecloud.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.edgecloud.v1.GenerateRequest\x1a$.edgecloud.v1.GenerateStreamResponse0\x01\x12O\n\nListModels\x12\x1f.edgecloud.v1.ListModelsRequest\x1a .edgecloud.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edge_runtime._proto.edgecloud.v1.bridge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1537
-  _globals['_FINISHREASON']._serialized_end=1718
+  _globals['_FINISHREASON']._serialized_start=1707
+  _globals['_FINISHREASON']._serialized_end=1888
   _globals['_CHATMESSAGE']._serialized_start=63
   _globals['_CHATMESSAGE']._serialized_end=107
   _globals['_SAMPLINGPARAMS']._serialized_start=110
@@ -40,23 +40,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ESCALATIONCONTEXT']._serialized_start=273
   _globals['_ESCALATIONCONTEXT']._serialized_end=405
   _globals['_GENERATEREQUEST']._serialized_start=408
-  _globals['_GENERATEREQUEST']._serialized_end=654
-  _globals['_USAGE']._serialized_start=656
-  _globals['_USAGE']._serialized_end=713
-  _globals['_SERVERTIMINGS']._serialized_start=715
-  _globals['_SERVERTIMINGS']._serialized_end=804
-  _globals['_GENERATERESPONSE']._serialized_start=807
-  _globals['_GENERATERESPONSE']._serialized_end=1046
-  _globals['_TEXTDELTA']._serialized_start=1048
-  _globals['_TEXTDELTA']._serialized_end=1094
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1096
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1220
-  _globals['_LISTMODELSREQUEST']._serialized_start=1222
-  _globals['_LISTMODELSREQUEST']._serialized_end=1241
-  _globals['_MODELINFO']._serialized_start=1244
-  _globals['_MODELINFO']._serialized_end=1471
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1473
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1534
-  _globals['_CLOUDBRIDGE']._serialized_start=1721
-  _globals['_CLOUDBRIDGE']._serialized_end=1979
+  _globals['_GENERATEREQUEST']._serialized_end=824
+  _globals['_USAGE']._serialized_start=826
+  _globals['_USAGE']._serialized_end=883
+  _globals['_SERVERTIMINGS']._serialized_start=885
+  _globals['_SERVERTIMINGS']._serialized_end=974
+  _globals['_GENERATERESPONSE']._serialized_start=977
+  _globals['_GENERATERESPONSE']._serialized_end=1216
+  _globals['_TEXTDELTA']._serialized_start=1218
+  _globals['_TEXTDELTA']._serialized_end=1264
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1266
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1390
+  _globals['_LISTMODELSREQUEST']._serialized_start=1392
+  _globals['_LISTMODELSREQUEST']._serialized_end=1411
+  _globals['_MODELINFO']._serialized_start=1414
+  _globals['_MODELINFO']._serialized_end=1641
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1643
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1704
+  _globals['_CLOUDBRIDGE']._serialized_start=1891
+  _globals['_CLOUDBRIDGE']._serialized_end=2149
 # @@protoc_insertion_point(module_scope)

@@ -59,20 +59,24 @@ class EscalationContext(_message.Message):
     def __init__(self, draft_answer: _Optional[str] = ..., p_correct: _Optional[float] = ..., reason: _Optional[str] = ..., policy: _Optional[str] = ..., local_model: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "model", "sampling", "max_new_tokens", "escalation")
+    __slots__ = ("request_id", "messages", "model", "sampling", "max_new_tokens", "escalation", "max_usd_per_million_input_tokens", "max_usd_per_million_output_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ESCALATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_USD_PER_MILLION_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_USD_PER_MILLION_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     model: str
     sampling: SamplingParams
     max_new_tokens: int
     escalation: EscalationContext
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., escalation: _Optional[_Union[EscalationContext, _Mapping]] = ...) -> None: ...
+    max_usd_per_million_input_tokens: float
+    max_usd_per_million_output_tokens: float
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., escalation: _Optional[_Union[EscalationContext, _Mapping]] = ..., max_usd_per_million_input_tokens: _Optional[float] = ..., max_usd_per_million_output_tokens: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
