@@ -127,6 +127,22 @@ class _CloudProgress:
         self.text = False
 
 
+@dataclasses.dataclass(frozen=True)
+class _PriceState:
+    """What the device knows of the bridge's prices, replaced whole: a reader never sees half of an update."""
+
+    prices: tuple[float, float] | None = None  # (input, output) USD per million tokens; None: unknown or unnamed
+    answered: bool = False  # a read succeeded (its list may name no price: the [cost] table then)
+    due_s: float = -math.inf  # time.monotonic() when they are to be read (again); -inf: never tried
+    read_s: float = -math.inf  # time.monotonic() of the last read that succeeded (or refusal that said them)
+    generation: int = 0  # counts the times they were found out of date: a read begun before does not count
+
+    @property
+    def failed(self) -> bool:
+        """A read was tried and none has succeeded since the start, or since they were found out of date."""
+        return not self.answered and self.due_s > -math.inf
+
+
 class _Settlement:
     """Settles a request's budget reservation exactly once, also when its stream is abandoned."""
 
@@ -307,6 +323,10 @@ class HybridRuntime:
         self._privacy_parts = [p for p in parts if isinstance(p, Privacy)]  # they check an escalation's draft too
         self._wants_p_cloud = any(p.type_name == "gain" for p in parts)  # with a cloud prior: _check_policy_inputs
         self._has_budget = any(p.type_name == "budget" for p in parts)
+        for part in parts:  # a budget's state file is this runtime's from now (ConfigError if another holds it)
+            claim = getattr(part, "claim_state", None)
+            if claim is not None:
+                claim()
         self._check_policy_inputs(parts)
         # load (and fetch once) the sentence encoder the estimator's kNN priors embed prompts with, now: a daemon
         # must fail at start, not report healthy and then fail (or download 90 MB) at its first request
@@ -318,10 +338,8 @@ class HybridRuntime:
                 except ModelFetchError as err:  # named as a setting: the daemon's log line is all a user sees
                     raise ConfigError(f"the estimator's sentence encoder: {err}", field="engine.estimator") from err
         # the bridge's own prices for the escalation model (it bills with them): (input, output) USD per million
-        self._bridge_prices: tuple[float, float] | None = None
-        self._bridge_prices_due = -float("inf")  # time.monotonic() when they are to be read (again)
-        self._bridge_prices_answered = False  # a read succeeded (its list may name no price: the [cost] table then)
-        self._bridge_prices_read_s = -math.inf  # time.monotonic() of the last read that succeeded
+        self._prices = _PriceState()  # replaced whole (under _price_lock), so a reader always sees one state
+        self._price_lock = threading.Lock()
         self._prices_read = threading.Lock()  # held by the request reading them
         self._prior_warned: tuple[str, str] | None = None  # the bridge model a mismatched cloud prior was warned for
         # when to ask the bridge which model it serves, to check the gain policy's cloud prior against it (a budget's
@@ -488,69 +506,73 @@ class HybridRuntime:
     def _estimate_cloud_usd(self, msgs: Sequence[Mapping[str, Any]], params: SamplingParams, model: str,
                             draft: str | None = None) -> float:
         """What escalating this request would cost at most (a budget reserves it; the bridge bills the real figure)."""
+        return self._estimate(msgs, params, model, draft)[0]
+
+    def _estimate(self, msgs: Sequence[Mapping[str, Any]], params: SamplingParams, model: str,
+                  draft: str | None = None) -> tuple[float, tuple[float, float] | None]:
+        """:meth:`_estimate_cloud_usd` and the bridge's prices it used (None: not known, or no budget)."""
         from .cost import reservation_usd
 
         # a request for the local model never escalates: it must not wait for the bridge's prices
-        bridge = self._bridge_price_table() if self._has_budget and model != "local" else None
+        state = self._bridge_price_table() if self._has_budget and model != "local" else None
         if model != "local" and not self._has_budget and time.monotonic() >= self._prior_check_due_s:
             self._check_cloud_prior_in_background()
-        if bridge is None and self._bridge_prices_failed and self._has_budget and model != "local":
-            # The bridge's prices were never read (it was down): the device's [cost] table may be a thousandth of
-            # what it bills, and the escalations admitted at that guess once it is back spent past the cap. No
-            # escalation is admitted against a budget until a read succeeds (retried every few seconds).
-            return math.inf
-        return reservation_usd(self.cost, self.cloud_model_hint, bridge, msgs, params.max_new_tokens, draft=draft)
+        if state is not None and state.prices is None and state.failed:
+            # The bridge's prices were never read (it was down), or not since a bill or a refusal said they were
+            # out of date: the device's [cost] table may be a thousandth of what it bills, and the escalations
+            # admitted at that guess once it is back spent past the cap. No escalation is admitted against a
+            # budget until a read succeeds (retried every few seconds).
+            return math.inf, None
+        prices = state.prices if state is not None else None
+        return reservation_usd(self.cost, self.cloud_model_hint, prices, msgs, params.max_new_tokens, draft=draft), prices
 
     def _reservation(self, settlement: _Settlement, msgs: Sequence[Mapping[str, Any]], params: SamplingParams,
                      model: str, draft: str | None = None) -> float:
         """:meth:`_estimate_cloud_usd`, noting on ``settlement`` the bridge's prices it used: the escalation sends
         them as its price limit, and a bill above it is judged against them (see :meth:`_check_bill`)."""
-        usd = self._estimate_cloud_usd(msgs, params, model, draft)
-        settlement.prices = self._bridge_prices if self._has_budget and math.isfinite(usd) else None
         settlement.priced_at_s = time.monotonic()
+        usd, settlement.prices = self._estimate(msgs, params, model, draft)
         return usd
 
-    def _bridge_price_table(self) -> tuple[float, float] | None:
-        """The bridge's prices for the model escalations go to, from ListModels; refreshed every 10 minutes."""
+    def _bridge_price_table(self) -> _PriceState | None:
+        """The bridge's prices for the model escalations go to, from ListModels; refreshed every 10 minutes.
+        None when the client cannot list them."""
         list_models = getattr(self.cloud, "list_models", None)
         if list_models is None:
             return None
-        if time.monotonic() < self._bridge_prices_due:
-            return self._bridge_prices
-        if self._bridge_prices_answered:
+        state = self._prices
+        if time.monotonic() < state.due_s:
+            return state
+        if state.answered:
             # A refresh: made in the background, so that no request (holding a generation slot) waits up to
             # _PRICES_TIMEOUT_S on a bridge that hangs; the known prices serve meanwhile
             if self._prices_read.acquire(blocking=False):
                 try:
-                    threading.Thread(target=self._read_bridge_prices, args=(list_models,), daemon=True,
-                                     name="bridge-prices").start()
+                    threading.Thread(target=self._read_bridge_prices, args=(list_models, state.generation),
+                                     daemon=True, name="bridge-prices").start()
                 except BaseException:  # no thread (interpreter shutting down): the next request tries again
                     self._prices_read.release()
                     raise
-            return self._bridge_prices
-        if self._bridge_prices_due > -float("inf"):
+            return state
+        if state.due_s > -math.inf:
             # A retry while no read has succeeded: made by the request that finds it due, which waits for it (up
             # to _PRICES_TIMEOUT_S) so that it can escalate if the bridge is back; the others do not wait for it
             if not self._prices_read.acquire(blocking=False):
-                return None
+                return state
         # the first read: wait for the request making it, or concurrent escalations would all reserve a
         # budget at the device's guess and together spend past it
         elif not self._prices_read.acquire(timeout=2 * _PRICES_TIMEOUT_S):
-            return None
-        if time.monotonic() < self._bridge_prices_due:  # read while this request waited
+            return dataclasses.replace(state, due_s=0.0)  # read by another, and not in time: unknown
+        state = self._prices
+        if time.monotonic() < state.due_s:  # read while this request waited
             self._prices_read.release()
-            return self._bridge_prices
-        self._read_bridge_prices(list_models)
-        return self._bridge_prices
+            return state
+        self._read_bridge_prices(list_models, state.generation)
+        return self._prices
 
-    @property
-    def _bridge_prices_failed(self) -> bool:
-        """A read was made and none has succeeded since the start, or since a bill or a refusal said the prices
-        were out of date (no escalation is admitted against a budget meanwhile)."""
-        return not self._bridge_prices_answered and self._bridge_prices_due > -float("inf")
-
-    def _read_bridge_prices(self, list_models: Callable[..., Any]) -> None:
-        """Read the bridge's prices (briefly: a bridge that is down must not hold anyone); release the read lock."""
+    def _read_bridge_prices(self, list_models: Callable[..., Any], generation: int) -> None:
+        """Read the bridge's prices (briefly: a bridge that is down must not hold anyone); release the read lock.
+        A read that began before the prices were found out of date (``generation``) does not count."""
         try:
             try:
                 models = list_models(timeout_s=_PRICES_TIMEOUT_S)
@@ -559,18 +581,23 @@ class HybridRuntime:
                     log.debug("cannot read the bridge's prices: %s", err)
                 else:
                     log.exception("reading the bridge's prices failed")
-                self._bridge_prices_due = time.monotonic() + _PRICES_RETRY_S
+                with self._price_lock:
+                    if self._prices.generation == generation:
+                        self._prices = dataclasses.replace(self._prices, due_s=time.monotonic() + _PRICES_RETRY_S)
                 return
             info = self._served_model(models)
+            with self._price_lock:
+                if self._prices.generation == generation:
+                    now = time.monotonic()
+                    prices = ((info.usd_per_million_input_tokens, info.usd_per_million_output_tokens)
+                              if info is not None else self._prices.prices)
+                    self._prices = _PriceState(prices, answered=True, due_s=now + _PRICES_REFRESH_S, read_s=now,
+                                               generation=generation)
             if info is not None:
-                self._bridge_prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens)
                 try:
                     self._check_cloud_prior(info)
                 except Exception:  # a bug in a warning must not fail the request reading the prices
                     log.exception("checking the cloud prior against the bridge's model failed")
-            self._bridge_prices_read_s = time.monotonic()
-            self._bridge_prices_due = self._bridge_prices_read_s + _PRICES_REFRESH_S
-            self._bridge_prices_answered = True
         finally:
             self._prices_read.release()
 
@@ -582,24 +609,23 @@ class HybridRuntime:
         one (no escalation is admitted against a budget while it fails)."""
         reserved = settlement.ctx.estimated_cloud_usd if settlement.ctx is not None else math.inf
         if (not self._has_budget or billed_usd <= reserved + 1e-12
-                or self._bridge_prices_read_s > settlement.priced_at_s):  # read since it was reserved: that stands
+                or self._prices.read_s > settlement.priced_at_s):  # read since it was reserved: that stands
             return
         log.warning("%s: the bridge billed $%.8g for an escalation that reserved $%.8g at its last known prices: "
                     "reading its prices again before the next escalation", request_id, billed_usd, reserved)
         self._prices_outdated(None)
 
     def _prices_outdated(self, prices: tuple[float, float] | None) -> None:
-        """Forget the bridge's prices (or take ``prices``, which it sent with a refusal) as a new read would."""
-        if prices is not None:
-            self._bridge_prices, self._bridge_prices_read_s = prices, time.monotonic()
-            self._bridge_prices_due = self._bridge_prices_read_s + _PRICES_REFRESH_S
-            self._bridge_prices_answered = True
-            return
-        # in this order: a request in between finds no prices and no read that succeeded, and is refused (prices
-        # unknown) rather than admitted at the old ones
-        self._bridge_prices = None
-        self._bridge_prices_answered = False
-        self._bridge_prices_due = -float("inf")
+        """Forget the bridge's prices, as out of date (or take ``prices``, which it sent with a refusal); a read
+        already under way then does not count."""
+        with self._price_lock:
+            generation = self._prices.generation + 1
+            if prices is None:
+                self._prices = _PriceState(generation=generation)
+            else:
+                now = time.monotonic()
+                self._prices = _PriceState(prices, answered=True, due_s=now + _PRICES_REFRESH_S, read_s=now,
+                                           generation=generation)
 
     def _served_model(self, models: Sequence[Any]) -> Any:
         """The ListModels entry of the model escalations go to (the configured alias, else the default)."""

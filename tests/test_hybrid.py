@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import math
 import threading
 import time
@@ -15,7 +17,7 @@ from edge_runtime.cloud import CloudClient
 from edge_runtime.cloud._types import CloudChunk, CloudResult, ServerTimings
 from edge_runtime.engine import Engine, SamplingParams
 from edge_runtime.errors import CloudUnavailableError, ContextLengthError, InvalidRequestError
-from edge_runtime.hybrid import HybridRuntime
+from edge_runtime.hybrid import HybridRuntime, _PriceState
 from edge_runtime.power import ConstantPowerSource, EnergyMeter
 
 TOKEN = "ebt_hybrid-test"
@@ -217,9 +219,9 @@ def test_the_price_read_holds_only_the_first_requests_and_never_a_local_one(engi
     rt.chat(ASK, model="local", max_new_tokens=2)
     assert reads == []  # a request for the local model never escalates: it never waits for prices
     t0 = time.monotonic()
-    assert rt._bridge_price_table() is None and time.monotonic() - t0 >= 0.3  # the first read is waited for
+    assert rt._bridge_price_table().prices is None and time.monotonic() - t0 >= 0.3  # the first read is waited for
     t0 = time.monotonic()
-    assert rt._bridge_price_table() is None and time.monotonic() - t0 < 0.1  # failed: retried later, not now
+    assert rt._bridge_price_table().prices is None and time.monotonic() - t0 < 0.1  # failed: retried later, not now
     assert len(reads) == 1
 
 
@@ -408,7 +410,7 @@ def test_a_failure_after_the_bridge_accepted_the_call_keeps_its_reservation(engi
             down = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 10.0}, {"type": "always"}]},
                                  cloud=CloudClient(address=f"127.0.0.1:{other}", token=TOKEN, insecure=True, timeout_s=2.0))
             # its prices were read while it was up (unread, no budgeted escalation would be admitted at all)
-            down._bridge_prices, down._bridge_prices_due = (1000.0, 2000.0), float("inf")
+            down._prices = _PriceState((1000.0, 2000.0), answered=True, due_s=float("inf"))
             refused = down.chat(ASK, max_new_tokens=2)
             assert refused.route == "fallback" and _budget_of(down).spent_usd() == 0
             assert refused.cost["cloud_usd_unknown"] is False
@@ -604,9 +606,9 @@ def test_no_budgeted_escalation_is_admitted_at_the_devices_guess_after_the_price
     r = rt.chat(ASK, max_new_tokens=2)
     assert (r.route, r.reason) == ("local_forced", "budget_prices_unknown") and "could not be read" in r.detail
     up["bridge"] = True
-    rt._bridge_prices_due = time.monotonic()  # the retry is due: the request that makes it escalates
+    rt._prices = dataclasses.replace(rt._prices, due_s=time.monotonic())  # the retry is due: the request that makes it escalates
     r = rt.chat(ASK, max_new_tokens=2)
-    assert r.route == "cloud" and rt._bridge_prices == (150.0, 600.0)
+    assert r.route == "cloud" and rt._prices.prices == (150.0, 600.0)
 
 
 def _wait_for_price_read(rt: HybridRuntime) -> None:
@@ -629,14 +631,14 @@ def test_a_price_refresh_never_holds_a_request_even_when_the_bridge_hangs(engine
 
     cloud = SimpleNamespace(list_models=list_models, settings=SimpleNamespace(model=""))
     rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "never"}]}, cloud=cloud)
-    assert rt._bridge_price_table() == (1.0, 2.0)  # the first read is made (and waited for) by the request
-    rt._bridge_prices_due = time.monotonic()  # the refresh is due
+    assert rt._bridge_price_table().prices == (1.0, 2.0)  # the first read is made (and waited for) by the request
+    rt._prices = dataclasses.replace(rt._prices, due_s=time.monotonic())  # the refresh is due
     t0 = time.monotonic()
-    assert rt._bridge_price_table() == (1.0, 2.0) and rt._bridge_price_table() == (1.0, 2.0)
+    assert rt._bridge_price_table().prices == (1.0, 2.0) and rt._bridge_price_table().prices == (1.0, 2.0)
     assert time.monotonic() - t0 < 0.2  # the known prices serve while the refresh runs
     _wait_for_price_read(rt)
     assert calls[1] == "bridge-prices" and len(calls) == 2  # one background read, however many requests asked
-    assert rt._bridge_prices == (1.0, 2.0) and rt._bridge_prices_due > time.monotonic()  # kept; retried later
+    assert rt._prices.prices == (1.0, 2.0) and rt._prices.due_s > time.monotonic()  # kept; retried later
 
 
 def test_a_self_check_is_metered_with_the_answer(engine):
@@ -670,12 +672,12 @@ def test_a_bridge_that_names_no_price_is_refreshed_in_the_background_and_keeps_t
 
     cloud = SimpleNamespace(list_models=list_models, settings=SimpleNamespace(model="big"))
     rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "never"}]}, cloud=cloud)
-    assert rt._bridge_price_table() is None  # read, no price for "big": the [cost] table
-    rt._bridge_prices_due = time.monotonic()
+    assert rt._bridge_price_table().prices is None  # read, no price for "big": the [cost] table
+    rt._prices = dataclasses.replace(rt._prices, due_s=time.monotonic())
     t0 = time.monotonic()
-    assert rt._bridge_price_table() is None and time.monotonic() - t0 < 0.2
+    assert rt._bridge_price_table().prices is None and time.monotonic() - t0 < 0.2
     _wait_for_price_read(rt)
-    assert calls[1] == "bridge-prices" and rt._bridge_prices_failed is False
+    assert calls[1] == "bridge-prices" and rt._prices.failed is False
     assert math.isfinite(rt._estimate_cloud_usd([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4), "auto"))
 
 
@@ -890,3 +892,48 @@ def test_after_a_bill_above_its_reservation_nothing_is_admitted_at_the_old_price
     for _ in range(2):  # the one that makes the read, and one after it
         r = rt.chat(ASK, max_new_tokens=2)
         assert (r.route, r.reason) == ("local_forced", "budget_prices_unknown")
+
+
+def test_a_price_read_begun_before_the_prices_were_found_out_of_date_does_not_count(engine):
+    # a background refresh that began before a refusal sent the new prices wrote the old ones back (or, after a
+    # bill, left the prices unknown but marked as read for ten minutes)
+    release, started = threading.Event(), threading.Event()
+
+    def list_models(**_kw):
+        started.set()
+        assert release.wait(10)
+        return [SimpleNamespace(alias="big", is_default=True, usd_per_million_input_tokens=1.0,
+                                usd_per_million_output_tokens=2.0)]
+
+    rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "never"}]},
+                       cloud=SimpleNamespace(list_models=list_models, settings=SimpleNamespace(model="")))
+    rt._prices = _PriceState((1.0, 2.0), answered=True, due_s=time.monotonic())  # a refresh is due
+    assert rt._bridge_price_table().prices == (1.0, 2.0)  # served while the refresh runs in the background
+    assert started.wait(10)
+    rt._prices_outdated((5.0, 6.0))  # a refusal said the new prices meanwhile
+    release.set()
+    _wait_for_price_read(rt)
+    assert rt._prices.prices == (5.0, 6.0) and rt._prices.answered
+    # a reservation is sent with the very prices it was made at
+    from edge_runtime.hybrid import _Settlement
+
+    settlement = _Settlement(rt.policy)
+    usd = rt._reservation(settlement, [{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4), "auto")
+    assert settlement.prices == (5.0, 6.0) and usd >= (5.0 * 2 + 6.0 * 4) / 1e6
+
+
+def test_a_second_runtime_on_a_budgets_state_file_fails_when_it_is_made(engine, tmp_path):
+    # two daemons on one file each spent the whole cap; the check at start let the second one through until the
+    # first had escalated
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.settings import load_runtime_settings
+
+    policy = {"chain": [{"type": "budget", "usd": 1.0, "state_file": str(tmp_path / "spend.json")}, {"type": "never"}]}
+    first = HybridRuntime(engine, policy=policy)
+    load_runtime_settings(data={"policy": policy}, env={})  # reading the same config elsewhere takes nothing
+    with pytest.raises(ConfigError) as caught:
+        HybridRuntime(engine, policy=policy)
+    assert caught.value.field == "policy.chain[0].state_file" and "another budget" in str(caught.value)
+    del first  # (close() would close the shared engine too) its budget goes, and the file with it
+    gc.collect()
+    HybridRuntime(engine, policy=policy)

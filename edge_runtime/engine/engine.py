@@ -493,10 +493,10 @@ class Engine:
         if not p.truncate_prompt or len(ids) <= budget or budget <= 0:
             return self.fit_context(ids, p, field=field)
         droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] not in ("system", "developer")]
-        if msgs[-1]["role"] != "user":  # an answer being continued keeps its question too
+        if msgs[-1]["role"] != "user":  # an answer being continued, or a tool's result, keeps its whole turn
             asked = [i for i in droppable if msgs[i]["role"] == "user"]
             if asked:
-                droppable.remove(asked[-1])
+                droppable = [i for i in droppable if i < asked[-1]]
 
         def without(k: int) -> list[dict[str, str]]:
             gone = set(droppable[:k])

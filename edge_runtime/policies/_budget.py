@@ -75,9 +75,12 @@ class Budget(Policy):
         self._reserved: dict[str, float] = {}
         self._reserved_in: dict[str, int] = {}  # the period each reservation was made in
         self.state_file: Path | None = None
+        self._state_field = "state_file"  # the setting an error about the file names
         self._state_warned = False
-        self._state_locked = False  # this budget holds the file's lock (taken at its first write)
-        self._write_lock = threading.Lock()  # one write at a time, outside self._lock
+        self._state_locked = False  # this budget holds the file's lock (see claim_state)
+        self._write_lock = threading.Lock()  # held by the thread writing the file (outside self._lock)
+        self._pending_lock = threading.Lock()
+        self._pending: tuple[int, dict[str, Any]] | None = None  # the newest snapshot not yet written
         self._state_seq = self._written_seq = 0  # snapshots numbered, and the last one written
         if state_file not in (None, ""):
             self._open_state(Path(os.path.expanduser(state_file)), "state_file")
@@ -89,10 +92,7 @@ class Budget(Policy):
         one: the clock went back since). Errors name ``field``."""
         if not os.access(path.parent, os.W_OK):  # fail at start, not at the first escalation
             raise ConfigError(f"cannot write in {str(path.parent)!r}", field=field)
-        if not self._lock_state(path, keep=False):
-            raise ConfigError(f"another budget (another process?) keeps its spend in {str(path)!r}: each would spend "
-                              "the whole cap; give each its own file", field=field)
-        self.state_file = path
+        self.state_file, self._state_field = path, field
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -117,24 +117,33 @@ class Budget(Policy):
                     "budget: $%s of $%s per %s already spent (%s)", _usd(spent), _usd(self.usd),
                     self._period_words(), path)
 
-    def _lock_state(self, path: Path, *, keep: bool) -> bool:
-        """Take the advisory lock beside ``path`` (held for this budget's life when ``keep``); False when another
-        budget holds it. Two daemons on one file each spent the whole cap, and the file kept one of the figures."""
-        try:
-            import fcntl
-        except ImportError:  # not a POSIX system: not checked
-            return True
-        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        if keep:
+    def claim_state(self) -> None:
+        """Take the state file for this budget's life, before it admits anything (a HybridRuntime does, so a daemon
+        fails at start): two daemons on one file each spent the whole cap, and the file kept one of the figures.
+        ConfigError naming the field when another budget holds it. Reading a config only (to check it, or to
+        explore its policy) takes nothing."""
+        with self._write_lock:
+            if self.state_file is None or self._state_locked:
+                return
+            try:
+                fd = os.open(self.state_file.with_name(self.state_file.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as err:
+                raise ConfigError(f"cannot create the lock beside {str(self.state_file)!r}: {err}",
+                                  field=self._state_field) from err
+            try:
+                import fcntl
+            except ImportError:  # not a POSIX system: not checked
+                fcntl = None
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as err:
+                    os.close(fd)
+                    raise ConfigError(f"another budget (another process?) keeps its spend in {str(self.state_file)!r}: "
+                                      "each would spend the whole cap; give each its own file",
+                                      field=self._state_field) from err
             weakref.finalize(self, os.close, fd)  # closing the descriptor releases the lock
-        else:
-            os.close(fd)
-        return True
+            self._state_locked = True
 
     def _snapshot(self) -> tuple[int, dict[str, Any]] | None:
         """What to write to the state file now (call with the lock held), numbered; None without one."""
@@ -146,31 +155,48 @@ class Budget(Policy):
 
     def _save_state(self, snapshot: tuple[int, dict[str, Any]] | None) -> None:
         """Write a snapshot, outside the budget's lock: the write fsyncs twice, and on an SD card that held every
-        admission and the daemon's /metrics (its event loop) meanwhile. A later snapshot written first wins.
-        A failed write is logged, once until one succeeds, and requests go on: the spend held in memory still caps
-        this process."""
-        if snapshot is None:
+        admission and the daemon's /metrics (its event loop) meanwhile. Writes are coalesced: while one is under
+        way, later snapshots wait as the newest pending one, which its writer writes next (six admissions at
+        once made six writes, one after another). A failed write is logged, once until one succeeds, and
+        requests go on: the spend held in memory still caps this process."""
+        if snapshot is None or self.state_file is None:
             return
-        seq, state = snapshot
-        with self._write_lock:
-            if seq <= self._written_seq or self.state_file is None:
-                return
-            if not self._state_locked:
-                if not self._lock_state(self.state_file, keep=True):  # another started since this one checked
-                    log.error("another budget took %s since this one started: this process's spend is not saved "
-                              "there (its own cap still holds); give each process its own file", self.state_file)
-                    self.state_file = None
-                    return
-                self._state_locked = True
+        if not self._state_locked:  # a budget used without a HybridRuntime claims its file at its first write
             try:
-                write_text_whole(self.state_file, json.dumps(state) + "\n")
-            except OSError as err:
-                if not self._state_warned:
-                    log.warning("cannot save the budget's spend (a restart will not know it): %s", err)
-                self._state_warned = True
-            else:
-                self._state_warned = False
-                self._written_seq = seq
+                self.claim_state()
+            except ConfigError as err:
+                log.error("%s: this process's spend is not saved there (its own cap still holds)", err)
+                self.state_file = None
+                return
+        with self._pending_lock:
+            if self._pending is None or snapshot[0] > self._pending[0]:
+                self._pending = snapshot
+        while self._write_lock.acquire(blocking=False):  # else the writer under way takes it
+            try:
+                while True:
+                    with self._pending_lock:
+                        pending, self._pending = self._pending, None
+                    if pending is None:
+                        break
+                    self._write(*pending)
+            finally:
+                self._write_lock.release()
+            with self._pending_lock:  # one left between the writer's last look and its release
+                if self._pending is None:
+                    return
+
+    def _write(self, seq: int, state: dict[str, Any]) -> None:
+        if seq <= self._written_seq or self.state_file is None:
+            return
+        try:
+            write_text_whole(self.state_file, json.dumps(state) + "\n")
+        except OSError as err:
+            if not self._state_warned:
+                log.warning("cannot save the budget's spend (a restart will not know it): %s", err)
+            self._state_warned = True
+        else:
+            self._state_warned = False
+            self._written_seq = seq
 
     # ---- state (call with the lock held) -------------------------------------------------------
 

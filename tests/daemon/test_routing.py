@@ -296,7 +296,7 @@ def test_a_price_rise_at_the_bridge_is_refused_unbilled_and_the_next_escalation_
     cloud = cloud_client(bridge.address)
     rt = runtime(engine, {"chain": [{"type": "budget", "usd": 100.0}, {"type": "always"}]}, cloud=cloud)
     first = rt.chat(ASK, max_new_tokens=4)
-    assert first.route == "cloud" and rt._bridge_prices == (1000.0, 2000.0)
+    assert first.route == "cloud" and rt._prices.prices == (1000.0, 2000.0)
     settings = bridge.server.service.settings
     settings.models["big"] = dataclasses.replace(settings.models["big"], usd_per_million_input_tokens=10000.0,
                                                  usd_per_million_output_tokens=20000.0)
@@ -304,7 +304,7 @@ def test_a_price_rise_at_the_bridge_is_refused_unbilled_and_the_next_escalation_
     assert refused.route == "fallback" and "PRICE_ABOVE_LIMIT" in refused.cloud_error
     assert refused.cloud_error_type == "CloudPriceError" and refused.cost["cloud_usd"] == 0
     assert not refused.cost["cloud_usd_unknown"] and cloud.circuit.state == "closed"  # healthy, and nothing billed
-    assert rt._bridge_prices == (10000.0, 20000.0)  # taken from the refusal
+    assert rt._prices.prices == (10000.0, 20000.0)  # taken from the refusal
     again = rt.chat(ASK, max_new_tokens=4)
     assert again.route == "cloud" and again.cost["cloud_usd"] == pytest.approx(10 * first.cost["cloud_usd"])
     assert rt.policy.parts()[0].spent_usd() == pytest.approx(first.cost["cloud_usd"] + again.cost["cloud_usd"])

@@ -292,6 +292,11 @@ def test_a_truncated_conversation_keeps_its_system_prompt_template_and_last_ques
     text = engine.tokenizer.decode(ids, skip_special_tokens=False)
     first_kept = min(i for i, m in enumerate(tool_turns) if m["content"] in text)
     assert tool_turns[first_kept]["role"] == "user"
+    call = {"role": "assistant", "content": "calling the tool"}
+    result = {"role": "tool", "content": "the tool's result"}
+    text = engine.tokenizer.decode(engine.fit_messages([system, *turns, question, call, result], p),
+                                   skip_special_tokens=False)
+    assert all(m["content"] in text for m in (question, call, result))  # the turn under way stays whole
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")

@@ -220,7 +220,8 @@ def test_a_state_file_carries_the_spend_across_a_restart(tmp_path):
     policy.settle(done, 0.25)
     assert policy.before(in_flight).action == "cloud"  # and the process dies before it settles
     with pytest.raises(ConfigError, match="another budget"):  # while it lives, the file is its own
-        Budget(1.0, clock=clock, state_file=state)
+        Budget(1.0, clock=clock, state_file=state).claim_state()
+    assert Budget(1.0, clock=clock, state_file=state).spent_usd() == pytest.approx(0.75)  # reading it takes nothing
     del first, policy  # the process ends
     gc.collect()
     # the next process: the bill and the reservation in flight (it may have been billed) are spent
@@ -319,3 +320,30 @@ def test_a_state_file_that_cannot_be_written_is_warned_about_once_and_the_cap_st
             policy.settle(c, 0.25)
     assert policy.before(req(0.25)).reason == Reason.BUDGET_EXHAUSTED  # in memory, the cap holds
     assert sum("cannot save the budget's spend" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_state_writes_are_coalesced_while_one_is_under_way(tmp_path, monkeypatch):
+    # six admissions at once made six slow writes, one after another, each admission waiting for its own
+    import time
+
+    from edge_runtime.policies import _budget
+
+    real, writes = _budget.write_text_whole, []
+
+    def slow(path, text):
+        writes.append(json.loads(text)["committed_usd"])
+        time.sleep(0.3)
+        real(path, text)
+
+    monkeypatch.setattr(_budget, "write_text_whole", slow)
+    budget = Budget(1.0, clock=Clock(), state_file=tmp_path / "spend.json")
+    policy = Chain([budget, Always()])
+    threads = [threading.Thread(target=policy.before, args=(req(0.1),)) for _ in range(6)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert time.monotonic() - t0 < 1.2 and len(writes) < 6
+    assert writes[-1] == pytest.approx(0.6)  # the last one written is the newest
+    assert json.loads((tmp_path / "spend.json").read_text())["committed_usd"] == pytest.approx(0.6)
