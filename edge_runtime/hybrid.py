@@ -530,8 +530,8 @@ class HybridRuntime:
                      model: str, draft: str | None = None) -> float:
         """:meth:`_estimate_cloud_usd`, noting on ``settlement`` the bridge's prices it used: the escalation sends
         them as its price limit, and a bill above it is judged against them (see :meth:`_check_bill`)."""
-        settlement.priced_at_s = time.monotonic()
         usd, settlement.prices = self._estimate(msgs, params, model, draft)
+        settlement.priced_at_s = time.monotonic()  # after: a read this estimate waited for is older than it
         return usd
 
     def _bridge_price_table(self) -> _PriceState | None:
