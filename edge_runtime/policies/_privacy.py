@@ -2,9 +2,14 @@
 
 The built-in patterns favour precision over recall where arithmetic would
 otherwise trip them: a bare run of digits ("5551234567", "Is 1234567 prime?")
-is not treated as a phone number; a phone number needs a ``+`` country code,
-the (555) 123-4567 / 555-123-4567 shapes, or a national number starting with
-0 written in groups ("020 7946 0958"). Card numbers must pass the Luhn check.
+is not treated as a phone number; a phone number needs a ``+`` or ``00``
+country code, the (555) 123-4567 / 555-123-4567 shapes, a national number
+starting with 0 written in groups ("020 7946 0958", "030/1234567",
+"(030) 1234567"), Brazil's (11) 91234-5678 or a Chinese mobile written in
+groups (138-0013-8000); digits of any script count. National formats without a
+leading 0 (Spain's 612 34 56 78, India's 98765 43210) look like numbers written
+with thousands separators and are left to a user regex. Card numbers must pass
+the Luhn check.
 Add a user regex for anything else. A decision never quotes the matched text
 (it would end up in logs); it names the pattern and the message.
 """
@@ -26,15 +31,21 @@ __all__ = ["Privacy", "BUILTIN_PATTERNS"]
 
 # \w: internationalised addresses (jörg@müller.de) are addresses too
 _EMAIL = re.compile(r"(?<![\w.+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}(?!\w)")
+# Boundaries are digits (and "+"), not word characters: Chinese, Japanese, Korean, Thai and Arabic put no space
+# between a word and a number ("電話03-1234-5678です"), and their letters are word characters, so \w boundaries
+# let those numbers through; so did "Tel+44 ...". The group separators keep the shapes specific enough.
 _PHONE = re.compile(
-    r"""(?<![\w+])(?:
-        \+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}   # +44 20 7946 0958, +1-555-123-4567
+    r"""(?<![\d+])(?:
+        (?:\+|00(?=[1-9]))\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}  # +44 20 7946 0958, 0049 30 1234567
       | \(\d{3}\)\s?\d{3}[\s.-]\d{4}                                         # (555) 123-4567
       | \d{3}[.-]\d{3}[.-]\d{4}                                              # 555-123-4567, 555.123.4567
       | [2-9]\d{2}\s\d{3}\s\d{4}                                             # 555 123 4567 (no area code starts with 0 or 1)
       | 0\d{1,4}(?:[\s.-]\d{2,4}){2,4}                                       # 020 7946 0958, 06 12 34 56 78
-      | 0\d{1,4}[\s.-]\d{5,8}                                                # 07911 123456, 030 12345678
-    )(?![\w])""",
+      | 0\d{1,4}[\s./-]\d{5,8}                                               # 07911 123456, 030 12345678, 030/1234567
+      | \(0\d{1,4}\)\s?\d{3,8}(?:[\s.-]\d{2,4})?                              # (030) 1234567
+      | \(\d{2}\)\s?9?\d{4}-\d{4}                                             # (11) 91234-5678 (Brazil)
+      | 1[3-9]\d[\s-]\d{4}[\s-]\d{4}                                         # 138-0013-8000 (a Chinese mobile)
+    )(?!\d)""",
     re.VERBOSE,
 )
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
@@ -59,7 +70,11 @@ def _canonical(text: str) -> str:
     the ASCII the patterns know, and invisible format characters (a zero-width space, a soft hyphen) are
     dropped, so that neither can hide a match."""
     text = unicodedata.normalize("NFKC", text)
-    return "".join(c for c in text if unicodedata.category(c) != "Cf") if not text.isascii() else text
+    if text.isascii():
+        return text
+    # and digits of other scripts (Arabic-Indic ۰۹۱۲, Devanagari ०९) onto ASCII ones, which NFKC leaves as they are
+    return "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in text
+                   if unicodedata.category(c) != "Cf")
 
 
 def _find_email(text: str) -> bool:
@@ -71,10 +86,14 @@ def _find_phone(text: str) -> bool:
         s = m.group(0)
         n = len(_digits(s))
         # national numbers need 9+ digits so that dates such as 01-02-2024 do not count
-        if s.startswith("+"):
-            ok = 8 <= n <= 15
-        elif s.startswith("0"):
+        if s.startswith(("+", "00")):  # 00: the international prefix written out
+            ok = 8 <= n - (2 if s.startswith("00") else 0) <= 15
+        elif s.startswith(("0", "(0")):
             ok = 9 <= n <= 15
+        elif s.startswith("1"):  # a Chinese mobile
+            ok = n == 11
+        elif s.startswith("("):  # (555) 123-4567, or Brazil's (11) 91234-5678
+            ok = n in (10, 11)
         else:  # the North American shapes
             ok = n == 10
         if ok:

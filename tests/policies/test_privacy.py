@@ -42,6 +42,19 @@ def ctx(text, **kw):
         ("4111\u200b1111\u200b1111\u200b1111", "credit_card"),
         ("bob\u200b@exam\u00adple.com", "email"),
         ("+44\u200b20 7946 0958", "phone"),
+        # written against text without spaces (CJK, Thai, Arabic): their letters are word characters
+        ("電話03-1234-5678です", "phone"),
+        ("请拨打+86 138 0013 8000联系我", "phone"),
+        ("Tel+44 20 7946 0958", "phone"),
+        ("My number:06 12 34 56 78thanks", "phone"),  # content parts joined with nothing between them
+        ("شماره ۰۹۱۲ ۳۴۵ ۶۷۸۹", "phone"),  # Persian digits, which NFKC leaves as they are
+        ("नंबर ०६ १२ ३४ ५६ ७८", "phone"),  # Devanagari
+        ("Rufnummer 0049 30 1234567", "phone"),  # the international prefix written out
+        ("0033 6 12 34 56 78", "phone"),
+        ("手机 138-0013-8000", "phone"),
+        ("Festnetz 030/1234567", "phone"),
+        ("Festnetz (030) 1234567", "phone"),
+        ("celular (11) 91234-5678", "phone"),
     ],
 )
 def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
@@ -73,6 +86,13 @@ def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
         "4111 1111 1111 1112 is not a valid card",  # fails the Luhn check
         "5551234567",  # a bare digit run is not taken for a phone number
         "user at example dot com",
+        # the boundaries are digits now, not word characters: letters next to these change nothing
+        "order id0612345678x",
+        "ISBN 978-3-16-148410-0",
+        "from 1999-2004-2010",
+        "Le train part à 12:30, quai 0",
+        "年份2024和2025",
+        "١٢٣٤ + ٥٦٧٨ = ?",  # Arabic-Indic digits read as digits, still arithmetic
     ],
 )
 def test_ordinary_prompts_pass(text):
