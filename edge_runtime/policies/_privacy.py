@@ -81,9 +81,16 @@ def _find_email(text: str) -> bool:
     return _EMAIL.search(text) is not None
 
 
+# the end of a number written with thousands separators: "8 000 000 000", "1.000.000.000", "8 045 311 447"
+_GROUPED_BEFORE = re.compile(r"\d{1,3}[ .\u202f]$")
+_THOUSANDS = re.compile(r"\d{3}(?:[ .\u202f]\d{3})+")
+
+
 def _find_phone(text: str) -> bool:
     for m in _PHONE.finditer(text):
         s = m.group(0)
+        if _THOUSANDS.fullmatch(s) and _GROUPED_BEFORE.search(text, 0, m.start()):
+            continue  # the tail of a larger number in groups of three, not a number of its own
         n = len(_digits(s))
         # national numbers need 9+ digits so that dates such as 01-02-2024 do not count
         if s.startswith(("+", "00")):  # 00: the international prefix written out

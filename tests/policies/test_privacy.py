@@ -55,6 +55,7 @@ def ctx(text, **kw):
         ("Festnetz 030/1234567", "phone"),
         ("Festnetz (030) 1234567", "phone"),
         ("celular (11) 91234-5678", "phone"),
+        ("Etage 3 06 12 34 56 78", "phone"),  # a small number before it is not a thousands group
     ],
 )
 def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
@@ -93,6 +94,10 @@ def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
         "Le train part à 12:30, quai 0",
         "年份2024和2025",
         "١٢٣٤ + ٥٦٧٨ = ?",  # Arabic-Indic digits read as digits, still arithmetic
+        # numbers written with thousands separators are not phone numbers
+        "La Terre compte 8 000 000 000 habitants",
+        "Deutschland hat 1.000.000.000 Einwohner nicht",
+        "Population 8 045 311 447",
     ],
 )
 def test_ordinary_prompts_pass(text):
