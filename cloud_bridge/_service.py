@@ -279,6 +279,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             # an anonymous caller must not be able to write into the bridge's log
             if request.request_id and _valid_request_id(request.request_id):
                 reject.request_id = request.request_id
+            reject.device = device
             raise
         # tell the device now that a live bridge has the call: a deadline of its own that then expires
         # says nothing against the bridge's health (see CloudClient._cut_short)
@@ -424,10 +425,12 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
 
     def _abort(self, context: grpc.ServicerContext, reject: Reject, job: _Job | None = None) -> NoReturn:
         request_id = job.request.request_id if job is not None else reject.request_id
+        device = job.device if job is not None else reject.device
         # the details may quote an upstream's error text: escaped, so it cannot forge log lines. The caller's address
-        # says where a revoked or leaked token is still in use (it is the transport's, not the caller's, text)
-        log.info("%s status=%s peer=%s %s", _log_id(request_id), reject.status.code.name, log_text(context.peer(), 200),
-                 log_text(reject.status.details))
+        # says where a revoked or leaked token is still in use (it is the transport's, not the caller's, text); the
+        # device and the reason say which devices meet which refusal (one still on old prices, say)
+        log.info("%s status=%s peer=%s device=%s reason=%s %s", _log_id(request_id), reject.status.code.name,
+                 log_text(context.peer(), 200), device, reject.reason, log_text(reject.status.details))
         context.abort_with_status(reject.status)
         raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
 

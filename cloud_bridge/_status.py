@@ -24,6 +24,18 @@ class Reject(Exception):
         super().__init__(status.details)
         self.status = status
         self.request_id = "-"  # the caller's id, for the log, once it is known to be safe to write there
+        self.device = "-"  # the caller's device, once its token is known
+
+    @property
+    def reason(self) -> str:
+        """The ErrorInfo reason of the status ("-" without one): the log line says it, as the client reads it."""
+        for key, value in self.status.trailing_metadata or ():
+            if key == "grpc-status-details-bin":
+                for detail in status_pb2.Status.FromString(value).details:
+                    info = error_details_pb2.ErrorInfo()
+                    if detail.Unpack(info):
+                        return info.reason
+        return "-"
 
 
 def make_status(code: grpc.StatusCode, message: str, *details: Message) -> grpc.Status:

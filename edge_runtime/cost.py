@@ -35,7 +35,8 @@ from typing import Any, Literal
 from .config import is_finite, setting
 from .errors import ConfigError
 
-__all__ = ["CostSettings", "DEFAULT_PRICES", "NETWORKS", "price_usd", "reservation_usd", "device_energy_usd",
+__all__ = ["CostSettings", "DEFAULT_PRICES", "NETWORKS", "price_usd", "reservation", "reservation_usd", "table_prices",
+           "device_energy_usd",
            "network_energy_j"]
 
 # USD per million tokens: {"input": ..., "output": ...}; "*" applies to any model not listed
@@ -84,10 +85,16 @@ class CostSettings:
         return self.network_j_per_request if self.network_j_per_request is not None else NETWORKS[self.network][1]
 
 
+def table_prices(settings: CostSettings, model: str) -> tuple[float, float]:
+    """(input, output) USD per million tokens from the price table (model name, else ``*``, else 0)."""
+    table = settings.prices.get(model) or settings.prices.get("*") or {"input": 0.0, "output": 0.0}
+    return float(table["input"]), float(table["output"])
+
+
 def price_usd(settings: CostSettings, model: str, prompt_tokens: int, completion_tokens: int) -> float:
     """Cloud USD of one call from the price table (model name, else ``*``)."""
-    table = settings.prices.get(model) or settings.prices.get("*") or {"input": 0.0, "output": 0.0}
-    return (prompt_tokens * float(table["input"]) + completion_tokens * float(table["output"])) / 1e6
+    price_in, price_out = table_prices(settings, model)
+    return (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
 
 
 # the chat template's tokens around each message (role markers, separators; ChatML and Llama 3 use ~5)
@@ -108,14 +115,25 @@ def reservation_usd(settings: CostSettings, model: str, bridge_prices: tuple[flo
     Priced at the device's table for ``model`` and at the bridge's own prices (USD per million input, output
     tokens) when known, whichever is higher: a budget that reserved the device's guess would overspend.
     """
+    return reservation(settings, model, bridge_prices, messages, max_new_tokens, draft=draft)[0]
+
+
+def reservation(settings: CostSettings, model: str, bridge_prices: tuple[float, float] | None,
+                messages: Sequence[Mapping[str, Any]], max_new_tokens: int, *,
+                draft: str | None = None) -> tuple[float, tuple[float, float]]:
+    """:func:`reservation_usd` and the prices it was made at: a call billed at prices no higher costs no more,
+    which is the price limit an escalation sends."""
     prompt_tokens = sum(len(str(m.get("content", "")).encode("utf-8", "surrogatepass")) + _TEMPLATE_TOKENS_PER_MESSAGE
                         for m in messages) + _TEMPLATE_TOKENS_PER_MESSAGE + _DEFAULT_SYSTEM_TOKENS
     if draft is not None:
         prompt_tokens += len(draft.encode("utf-8", "surrogatepass")) + _DRAFT_HINT_TOKENS
-    estimate = price_usd(settings, model, prompt_tokens, max_new_tokens)
+    best = table_prices(settings, model)
+    estimate = (prompt_tokens * best[0] + max_new_tokens * best[1]) / 1e6
     if bridge_prices is not None:
-        estimate = max(estimate, (prompt_tokens * bridge_prices[0] + max_new_tokens * bridge_prices[1]) / 1e6)
-    return estimate
+        at_bridge = (prompt_tokens * bridge_prices[0] + max_new_tokens * bridge_prices[1]) / 1e6
+        if at_bridge > estimate:
+            estimate, best = at_bridge, (float(bridge_prices[0]), float(bridge_prices[1]))
+    return estimate, best
 
 
 def device_energy_usd(settings: CostSettings, joules: float) -> float:

@@ -151,7 +151,7 @@ class _Settlement:
         self.ctx: RequestContext | None = None
         self.unsettled_usd = 0.0  # what to settle if the request ends without saying: nothing asked, nothing spent
         self._settled = False
-        # the bridge's prices the reservation was made at (None: not known, or no budget), and when
+        # the prices the reservation was made at (None: no budget, or no price list), and when
         self.prices: tuple[float, float] | None = None
         self.priced_at_s = -math.inf
 
@@ -340,6 +340,7 @@ class HybridRuntime:
         # the bridge's own prices for the escalation model (it bills with them): (input, output) USD per million
         self._prices = _PriceState()  # replaced whole (under _price_lock), so a reader always sees one state
         self._price_lock = threading.Lock()
+        self._free_warned = False  # a bridge that names no price was warned about
         self._prices_read = threading.Lock()  # held by the request reading them
         self._prior_warned: tuple[str, str] | None = None  # the bridge model a mismatched cloud prior was warned for
         # when to ask the bridge which model it serves, to check the gain policy's cloud prior against it (a budget's
@@ -510,8 +511,9 @@ class HybridRuntime:
 
     def _estimate(self, msgs: Sequence[Mapping[str, Any]], params: SamplingParams, model: str,
                   draft: str | None = None) -> tuple[float, tuple[float, float] | None]:
-        """:meth:`_estimate_cloud_usd` and the bridge's prices it used (None: not known, or no budget)."""
-        from .cost import reservation_usd
+        """:meth:`_estimate_cloud_usd` and the prices it was made at, the escalation's price limit: the bridge's or
+        the [cost] table's, whichever reserved more (None: no budget, or a client that cannot list prices)."""
+        from .cost import reservation
 
         # a request for the local model never escalates: it must not wait for the bridge's prices
         state = self._bridge_price_table() if self._has_budget and model != "local" else None
@@ -523,8 +525,9 @@ class HybridRuntime:
             # admitted at that guess once it is back spent past the cap. No escalation is admitted against a
             # budget until a read succeeds (retried every few seconds).
             return math.inf, None
-        prices = state.prices if state is not None else None
-        return reservation_usd(self.cost, self.cloud_model_hint, prices, msgs, params.max_new_tokens, draft=draft), prices
+        usd, at = reservation(self.cost, self.cloud_model_hint, state.prices if state is not None else None, msgs,
+                              params.max_new_tokens, draft=draft)
+        return usd, (at if state is not None else None)
 
     def _reservation(self, settlement: _Settlement, msgs: Sequence[Mapping[str, Any]], params: SamplingParams,
                      model: str, draft: str | None = None) -> float:
@@ -586,6 +589,13 @@ class HybridRuntime:
                         self._prices = dataclasses.replace(self._prices, due_s=time.monotonic() + _PRICES_RETRY_S)
                 return
             info = self._served_model(models)
+            if (info is not None and self._has_budget and not self._free_warned
+                    and info.usd_per_million_input_tokens == 0 and info.usd_per_million_output_tokens == 0):
+                # it bills $0, and a budget counts what is billed: its cap then limits nothing
+                self._free_warned = True
+                log.warning("the bridge names no price for %r: its bills are $0, and the budget counts them as $0, "
+                            "so it limits nothing; set the alias' usd_per_million_input_tokens and "
+                            "usd_per_million_output_tokens at the bridge", info.alias)
             with self._price_lock:
                 if self._prices.generation == generation:
                     now = time.monotonic()

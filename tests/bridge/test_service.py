@@ -297,15 +297,20 @@ def test_the_access_line_bills_cheap_calls_to_the_millionth_of_a_cent(start_brid
 
 
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
-def test_a_call_budgeted_below_the_models_price_is_refused_before_it_is_generated(start_bridge, raw_stub, method):
+def test_a_call_budgeted_below_the_models_price_is_refused_before_it_is_generated(start_bridge, raw_stub, method,
+                                                                                  caplog):
     models = {"tiny": {"backend": "echo", "reply": "the answer is forty two", "usd_per_million_input_tokens": 0.15,
                        "usd_per_million_output_tokens": 0.6}}
     bridge = start_bridge(models=models)
     stub = raw_stub(bridge)
     _call(stub, method, _request(max_usd_per_million_input_tokens=0.15, max_usd_per_million_output_tokens=0.6))
-    with pytest.raises(grpc.RpcError) as caught:
-        _call(stub, method, _request(max_usd_per_million_input_tokens=0.15, max_usd_per_million_output_tokens=0.06))
+    with pytest.raises(grpc.RpcError) as caught, caplog.at_level("INFO", logger="cloud_bridge"):
+        _call(stub, method, _request(request_id="old-prices", max_usd_per_million_input_tokens=0.15,
+                                     max_usd_per_million_output_tokens=0.06))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and _refusal(caught.value)[1] == "PRICE_ABOVE_LIMIT"
+    # the log says which device meets which refusal (one still on old prices)
+    assert " device=device-a reason=PRICE_ABOVE_LIMIT " in next(
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("old-prices status=FAILED_PRECONDITION"))
     assert len(bridge.backend("tiny").generations) == 1  # the refused call generated nothing (and billed nothing)
     # the device's client hands the bridge's current prices on with the error
     from edge_runtime.cloud._errors import translate_rpc_error

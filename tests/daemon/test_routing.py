@@ -308,3 +308,30 @@ def test_a_price_rise_at_the_bridge_is_refused_unbilled_and_the_next_escalation_
     again = rt.chat(ASK, max_new_tokens=4)
     assert again.route == "cloud" and again.cost["cloud_usd"] == pytest.approx(10 * first.cost["cloud_usd"])
     assert rt.policy.parts()[0].spent_usd() == pytest.approx(first.cost["cloud_usd"] + again.cost["cloud_usd"])
+
+
+def test_against_a_bridge_that_names_no_price_the_limit_is_the_cost_tables_and_the_operator_is_warned(engine, caplog):
+    # the limit sent was the bridge's listed price, $0: the first price an operator set, even one below the device's
+    # own table that the budget had reserved at, refused the calls in flight; and a budget against $0 bills limits
+    # nothing, silently
+    import dataclasses
+
+    from edge_runtime.cost import CostSettings
+
+    bridge = start_bridge(usd_per_million_input_tokens=0.0, usd_per_million_output_tokens=0.0)
+    try:
+        cloud = cloud_client(bridge.address)
+        cost = CostSettings(prices={"*": {"input": 1000.0, "output": 2000.0}})
+        rt = runtime(engine, {"chain": [{"type": "budget", "usd": 100.0}, {"type": "always"}]}, cloud=cloud, cost=cost)
+        with caplog.at_level("WARNING", logger="edge_runtime.hybrid"):
+            assert rt.chat(ASK, max_new_tokens=4).route == "cloud"
+        assert "names no price" in caplog.text
+        settings = bridge.server.service.settings
+        settings.models["big"] = dataclasses.replace(settings.models["big"], usd_per_million_input_tokens=500.0,
+                                                     usd_per_million_output_tokens=1000.0)
+        assert rt.chat(ASK, max_new_tokens=4).route == "cloud"  # below what the table reserved at: not refused
+        settings.models["big"] = dataclasses.replace(settings.models["big"], usd_per_million_input_tokens=5000.0,
+                                                     usd_per_million_output_tokens=1000.0)
+        assert rt.chat(ASK, max_new_tokens=4).cloud_error_type == "CloudPriceError"  # above it: refused
+    finally:
+        bridge.server.stop(0)
