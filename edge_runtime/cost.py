@@ -127,13 +127,18 @@ def reservation(settings: CostSettings, model: str, bridge_prices: tuple[float, 
                         for m in messages) + _TEMPLATE_TOKENS_PER_MESSAGE + _DEFAULT_SYSTEM_TOKENS
     if draft is not None:
         prompt_tokens += len(draft.encode("utf-8", "surrogatepass")) + _DRAFT_HINT_TOKENS
-    best = table_prices(settings, model)
-    estimate = (prompt_tokens * best[0] + max_new_tokens * best[1]) / 1e6
-    if bridge_prices is not None:
-        at_bridge = (prompt_tokens * bridge_prices[0] + max_new_tokens * bridge_prices[1]) / 1e6
-        if at_bridge > estimate:
-            estimate, best = at_bridge, (float(bridge_prices[0]), float(bridge_prices[1]))
-    return estimate, best
+    table = table_prices(settings, model)
+    estimate = (prompt_tokens * table[0] + max_new_tokens * table[1]) / 1e6
+    if bridge_prices is None:
+        return estimate, table
+    at_bridge = (prompt_tokens * bridge_prices[0] + max_new_tokens * bridge_prices[1]) / 1e6
+    if at_bridge <= 0:  # the bridge names no price: the table's is the limit
+        return max(estimate, at_bridge), table
+    # The bridge checks each price on its own: its own prices, scaled up to what was reserved when the table
+    # reserved more. The table's pair could be lower on one side (0.15/0.60 against a bridge's 0.18/0.18) and
+    # then refused every call.
+    scale = max(estimate / at_bridge, 1.0)
+    return at_bridge * scale, (bridge_prices[0] * scale, bridge_prices[1] * scale)
 
 
 def device_energy_usd(settings: CostSettings, joules: float) -> float:

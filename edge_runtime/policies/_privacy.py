@@ -5,8 +5,10 @@ otherwise trip them: a bare run of digits ("5551234567", "Is 1234567 prime?")
 is not treated as a phone number; a phone number needs a ``+`` or ``00``
 country code, the (555) 123-4567 / 555-123-4567 shapes, a national number
 starting with 0 written in groups ("020 7946 0958", "030/1234567",
-"(030) 1234567"), Brazil's (11) 91234-5678 or a Chinese mobile written in
-groups (138-0013-8000); digits of any script count. National formats without a
+"(030) 1234567"), a Brazilian mobile ((11) 91234-5678) or a Chinese mobile
+written with dashes (138-0013-8000); digits of any script count, and so does a
+number written against text in a script without spaces (CJK, Thai), though not
+one run into ASCII letters ("5678thanks"). National formats without a
 leading 0 (Spain's 612 34 56 78, India's 98765 43210) look like numbers written
 with thousands separators and are left to a user regex. Card numbers must pass
 the Luhn check.
@@ -31,23 +33,28 @@ __all__ = ["Privacy", "BUILTIN_PATTERNS"]
 
 # \w: internationalised addresses (jörg@müller.de) are addresses too
 _EMAIL = re.compile(r"(?<![\w.+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}(?!\w)")
-# Boundaries are digits (and "+"), not word characters: Chinese, Japanese, Korean, Thai and Arabic put no space
-# between a word and a number ("電話03-1234-5678です"), and their letters are word characters, so \w boundaries
-# let those numbers through; so did "Tel+44 ...". The group separators keep the shapes specific enough.
+# Boundaries are digits and ASCII letters, not word characters: Chinese, Japanese, Korean, Thai and Arabic put no
+# space between a word and a number ("電話03-1234-5678です"), and their letters are word characters, so \w
+# boundaries let those numbers through. A "+" number may follow a word ("Tel+44 20 7946 0958": see _find_phone).
+# Each shape is a named group: which one matched decides the digit count it needs.
 _PHONE = re.compile(
-    r"""(?<![\d+])(?:
-        (?:\+|00(?=[1-9]))\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}  # +44 20 7946 0958, 0049 30 1234567
-      | \(\d{3}\)\s?\d{3}[\s.-]\d{4}                                         # (555) 123-4567
-      | \d{3}[.-]\d{3}[.-]\d{4}                                              # 555-123-4567, 555.123.4567
-      | [2-9]\d{2}\s\d{3}\s\d{4}                                             # 555 123 4567 (no area code starts with 0 or 1)
-      | 0\d{1,4}(?:[\s.-]\d{2,4}){2,4}                                       # 020 7946 0958, 06 12 34 56 78
-      | 0\d{1,4}[\s./-]\d{5,8}                                               # 07911 123456, 030 12345678, 030/1234567
-      | \(0\d{1,4}\)\s?\d{3,8}(?:[\s.-]\d{2,4})?                              # (030) 1234567
-      | \(\d{2}\)\s?9?\d{4}-\d{4}                                             # (11) 91234-5678 (Brazil)
-      | 1[3-9]\d[\s-]\d{4}[\s-]\d{4}                                         # 138-0013-8000 (a Chinese mobile)
-    )(?!\d)""",
+    r"""(?<![\d+])(?P<plus>\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4})(?![0-9A-Za-z])
+      | (?<![0-9A-Za-z+])(?:
+        (?P<intl>00[1-9]\d{0,2}[\s.-](?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4})  # 0049 30 1234567
+      | (?P<na>\(\d{3}\)\s?\d{3}[\s.-]\d{4}                                  # (555) 123-4567
+          | \d{3}[.-]\d{3}[.-]\d{4}                                           # 555-123-4567, 555.123.4567
+          | [2-9]\d{2}\s\d{3}\s\d{4})                                         # 555 123 4567 (no area code starts with 0 or 1)
+      | (?P<national>0\d{1,4}(?:[\s.-]\d{2,4}){2,4}                          # 020 7946 0958, 06 12 34 56 78
+          | 0\d{1,4}[\s./-]\d{5,8}                                            # 07911 123456, 030 12345678, 030/1234567
+          | \(0\d{1,4}\)\s?\d{3,8}(?:[\s.-]\d{2,4})?)                           # (030) 1234567
+      | (?P<brazil>\(\d{2}\)\s?9\d{4}-\d{4})                                    # (11) 91234-5678, a mobile
+      | (?P<china>1[3-9]\d-\d{4}-\d{4})                                        # 138-0013-8000, a Chinese mobile
+    )(?![0-9A-Za-z])""",
     re.VERBOSE,
 )
+# digits each shape needs: national numbers 9+ so that dates such as 01-02-2024 do not count
+_PHONE_DIGITS = {"plus": (8, 15), "intl": (10, 17), "na": (10, 10), "national": (9, 15), "brazil": (11, 11),
+                 "china": (11, 11)}
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 
 
@@ -82,28 +89,21 @@ def _find_email(text: str) -> bool:
 
 
 # the end of a number written with thousands separators: "8 000 000 000", "1.000.000.000", "8 045 311 447"
-_GROUPED_BEFORE = re.compile(r"\d{1,3}[ .\u202f]$")
-_THOUSANDS = re.compile(r"\d{3}(?:[ .\u202f]\d{3})+")
+_GROUPED_BEFORE = re.compile(r"\d{1,3}[ .]$")
+_THOUSANDS = re.compile(r"\d{3}(?:[ .]\d{3})+")
 
 
 def _find_phone(text: str) -> bool:
     for m in _PHONE.finditer(text):
-        s = m.group(0)
-        if _THOUSANDS.fullmatch(s) and _GROUPED_BEFORE.search(text, 0, m.start()):
+        shape, s = m.lastgroup, m.group(0)
+        # looked at no further back than a group: the search from the start made a long text quadratic
+        if _THOUSANDS.fullmatch(s) and _GROUPED_BEFORE.search(text, max(0, m.start() - 4), m.start()):
             continue  # the tail of a larger number in groups of three, not a number of its own
-        n = len(_digits(s))
-        # national numbers need 9+ digits so that dates such as 01-02-2024 do not count
-        if s.startswith(("+", "00")):  # 00: the international prefix written out
-            ok = 8 <= n - (2 if s.startswith("00") else 0) <= 15
-        elif s.startswith(("0", "(0")):
-            ok = 9 <= n <= 15
-        elif s.startswith("1"):  # a Chinese mobile
-            ok = n == 11
-        elif s.startswith("("):  # (555) 123-4567, or Brazil's (11) 91234-5678
-            ok = n in (10, 11)
-        else:  # the North American shapes
-            ok = n == 10
-        if ok:
+        if shape == "plus" and m.start() and text[m.start() - 1].isascii() and text[m.start() - 1].isalpha() \
+                and not re.search(r"[\s.()-]", s):
+            continue  # "x+10000000": a sum, unless written in groups as numbers are ("Tel+44 20 7946 0958")
+        low, high = _PHONE_DIGITS[shape or "plus"]
+        if low <= len(_digits(s)) <= high:
             return True
     return False
 

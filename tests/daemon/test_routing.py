@@ -335,3 +335,20 @@ def test_against_a_bridge_that_names_no_price_the_limit_is_the_cost_tables_and_t
         assert rt.chat(ASK, max_new_tokens=4).cloud_error_type == "CloudPriceError"  # above it: refused
     finally:
         bridge.server.stop(0)
+
+
+def test_a_table_dearer_overall_but_cheaper_on_one_side_does_not_lock_the_bridge_out(engine):
+    # the limit sent was the table's pair when the table reserved more: lower than the bridge's input price, so
+    # the bridge refused every budgeted call, and the refusal's prices changed nothing
+    from edge_runtime.cost import CostSettings
+
+    bridge = start_bridge(usd_per_million_input_tokens=180.0, usd_per_million_output_tokens=180.0)
+    try:
+        cost = CostSettings(prices={"*": {"input": 150.0, "output": 600.0}})
+        rt = runtime(engine, {"chain": [{"type": "budget", "usd": 100.0}, {"type": "always"}]},
+                     cloud=cloud_client(bridge.address), cost=cost)
+        for _ in range(2):  # 64 new tokens: the table's output price makes it the dearer reservation
+            r = rt.chat(ASK, max_new_tokens=64)
+            assert r.route == "cloud", r.cloud_error
+    finally:
+        bridge.server.stop(0)

@@ -46,7 +46,6 @@ def ctx(text, **kw):
         ("電話03-1234-5678です", "phone"),
         ("请拨打+86 138 0013 8000联系我", "phone"),
         ("Tel+44 20 7946 0958", "phone"),
-        ("My number:06 12 34 56 78thanks", "phone"),  # content parts joined with nothing between them
         ("شماره ۰۹۱۲ ۳۴۵ ۶۷۸۹", "phone"),  # Persian digits, which NFKC leaves as they are
         ("नंबर ०६ १२ ३४ ५६ ७८", "phone"),  # Devanagari
         ("Rufnummer 0049 30 1234567", "phone"),  # the international prefix written out
@@ -56,6 +55,7 @@ def ctx(text, **kw):
         ("Festnetz (030) 1234567", "phone"),
         ("celular (11) 91234-5678", "phone"),
         ("Etage 3 06 12 34 56 78", "phone"),  # a small number before it is not a thousands group
+        ("call 123-456-7890", "phone"),  # the shape that matched decides, not the first digit
     ],
 )
 def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
@@ -98,6 +98,14 @@ def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
         "La Terre compte 8 000 000 000 habitants",
         "Deutschland hat 1.000.000.000 Einwohner nicht",
         "Population 8 045 311 447",
+        # the shapes added for other countries, against what looks like them
+        "Sort these numbers: 150 1200 3400",
+        "2023年の売上は150 2000 3000万円",
+        "0012345678",
+        "0010110111010010",
+        "solve x+10000000 = 3",
+        "Rule (23) 1998-2004",
+        "550e8400-e29b-41d4-a716-446655440000",
     ],
 )
 def test_ordinary_prompts_pass(text):
@@ -164,3 +172,14 @@ def test_config_round_trip():
     assert cfg == {"type": "privacy", "patterns": ["phone"], "regexes": {"project": r"Project\s+Falcon"}}
     again = policy_from_config(cfg)
     assert again == p and again.before(ctx("about Project  Falcon")).reason == "privacy_pattern:project"
+
+
+def test_a_long_text_of_grouped_numbers_is_read_in_linear_time():
+    # the thousands check searched back from the start of the text for every candidate: 100 KB took 5.8 s, and a
+    # request near the daemon's 1 MiB limit would have held a core for many minutes
+    import time
+
+    text = "Budget 1.000.000.000 Euro. " * 40_000  # ~1 MB
+    t0 = time.monotonic()
+    assert Privacy().before(ctx(text)).action == "continue"
+    assert time.monotonic() - t0 < 10.0  # about 0.2 s here; quadratic, it was hours
