@@ -336,8 +336,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                     expired = job.cancel.expired
                     # billed all the same (an upstream bills what it generated): the access log must show it
                     self._log_cut_call(job, "deadline_exceeded" if expired else "cancelled_by_caller",
-                                       f"prompt_tokens={chunk.result.prompt_tokens}", chunk.result.prompt_tokens,
-                                       chunk.result.completion_tokens)
+                                       chunk.result.prompt_tokens, chunk.result.completion_tokens)
                     raise Reject(
                         make_status(
                             grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED,
@@ -370,11 +369,16 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             job.slots.release(job.generate_ms / 1000.0)
 
     @staticmethod
-    def _log_cut_call(job: _Job, finish: str, prompt_shown: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """The access line of a call that ended before its answer: what it generated is billed all the same."""
-        log.info("%s device=%s model=%s finish=%s %s completion_tokens=%d cost_usd=%.12f",
-                 _log_id(job.request.request_id), job.device, job.alias, finish, prompt_shown, completion_tokens,
-                 job.model.cost_usd(prompt_tokens, completion_tokens))
+    def _log_cut_call(job: _Job, finish: str, prompt_tokens: int, completion_tokens: int, *,
+                      estimated: bool = False) -> None:
+        """The access line of a call that ended before its answer: what it generated is billed all the same. The
+        keys of a finished call's line, logfmt-readable ("prompt_tokens~12" was no key=value); ``estimated``: the
+        prompt's tokens are the bridge's estimate (the backend never said)."""
+        log.info("%s device=%s model=%s finish=%s prompt_tokens=%d%s completion_tokens=%d cost_usd=%.12f "
+                 "queue_ms=%.1f total_ms=%.1f", _log_id(job.request.request_id), job.device, job.alias, finish,
+                 prompt_tokens, " prompt_tokens_estimated=true" if estimated else "", completion_tokens,
+                 job.model.cost_usd(prompt_tokens, completion_tokens), job.queue_ms,
+                 (time.monotonic() - job.received_s) * 1000.0)
 
     def _response(self, job: _Job, result: BackendResult) -> bridge_pb2.GenerateResponse:
         now_s = time.monotonic()
@@ -487,7 +491,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                 # the prompt too, once a backend had it: else streams cut after one token prefilled any prompt for free
                 prompt = estimated_tokens("".join(m["content"] for m in job.request.messages)) if job.started_s else 0
                 self.quotas.charge_tokens(job.device, prompt + delivered)
-                self._log_cut_call(job, "cancelled_by_caller", f"prompt_tokens~{prompt}", prompt, delivered)
+                self._log_cut_call(job, "cancelled_by_caller", prompt, delivered, estimated=True)
             raise
 
     def ListModels(

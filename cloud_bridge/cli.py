@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_runtime._logging import configure_logging
 from edge_runtime._signals import exit_status_after_stop, stop_signals
 from edge_runtime.config import (
     add_settings_arguments,
@@ -198,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)  # serve logs its access lines at INFO by default
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, stamped=True)
     return run_command("cloud-bridge", args, say_interrupted=False)
 
 

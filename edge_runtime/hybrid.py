@@ -581,7 +581,13 @@ class HybridRuntime:
                 models = list_models(timeout_s=_PRICES_TIMEOUT_S)
             except Exception as err:  # a bug too: it must not leave the lock held (every later read would be skipped)
                 if isinstance(err, CloudError):  # the bridge is down: its escalations fall back anyway
-                    log.debug("cannot read the bridge's prices: %s", err)
+                    # said once (retries every few seconds are debug): with no prices known, a budget keeps every
+                    # escalation local, which an operator would otherwise see nowhere
+                    unknown = not self._prices.answered and not self._prices.failed
+                    (log.warning if unknown and self._has_budget else log.debug)(
+                        "cannot read the bridge's prices (%s)%s", err,
+                        ": escalations against the budget are answered on the device (reason budget_prices_unknown) "
+                        "until they can be" if unknown and self._has_budget else "")
                 else:
                     log.exception("reading the bridge's prices failed")
                 with self._price_lock:

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from .._logging import configure_logging
 from ..config import refuse_abbreviations, run_command
 
 __all__ = ["main", "COMMAND_MODULES"]
@@ -56,8 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     # a server's log lines carry the time, as the bridge's do (its billing lines are matched against them); a
     # command's lines go to a terminal, where the time is noise
-    stamp = "%(asctime)s " if args.command == "serve" else ""
-    logging.basicConfig(level=level, format=f"{stamp}%(levelname)s %(name)s: %(message)s")
+    configure_logging(level, stamped=args.command == "serve")
     # SIGTERM (kill, systemd stop, a timeout) unwinds like Ctrl-C: the finally blocks stop a benchmark's runner, the
     # demo's bridge and the explorer's daemon, and remove a build's staging directory (Python's default for it is to
     # die at once, leaving all of them). `serve` installs its own handler, which drains.

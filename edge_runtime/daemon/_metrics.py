@@ -77,6 +77,7 @@ class Metrics:
         self._gauges = gauges or (lambda: {})
         self.requests: dict[Labels, float] = {}
         self.answers: dict[Labels, float] = {}
+        self.forced_local: dict[Labels, float] = {}
         self.tokens: dict[Labels, float] = {}
         self.draft_tokens: dict[Labels, float] = {}
         self.cached_prompt_tokens = 0
@@ -125,6 +126,9 @@ class Metrics:
             if getattr(result, "cloud_error", None):
                 ekey = (("error", getattr(result, "cloud_error_type", None) or "other"),)
                 self.cloud_errors[ekey] = self.cloud_errors.get(ekey, 0) + 1
+            if route == "local_forced":  # why: a budget spent, its prices unknown (the bridge down), privacy...
+                fkey = (("reason", str(getattr(result, "reason", "") or "other")),)
+                self.forced_local[fkey] = self.forced_local.get(fkey, 0) + 1
             self.device_usd += float(result.cost.get("device_energy_usd") or 0.0)
             self.latency.setdefault(key, Histogram(LATENCY_BUCKETS_S)).observe(total_s)
             if ttft_s is not None:
@@ -169,6 +173,10 @@ class Metrics:
             family("edge_runtime_requests_total", "counter",
                    "Chat requests received, by transport and outcome (the outcomes add up to the requests).", requests)
             family("edge_runtime_answers_total", "counter", "Answered chat requests by route.", answers)
+            family("edge_runtime_forced_local_total", "counter",
+                   "Answers kept on the device that the policy would otherwise have let escalate (route local_forced), "
+                   "by reason: budget_exhausted, budget_prices_unknown (the bridge's prices could not be read: it is "
+                   "down), privacy_pattern:<name>, cancelled, cloud_not_configured...", dict(self.forced_local))
             family("edge_runtime_tokens_total", "counter",
                    "Tokens processed for answered requests, by route, side (local/cloud) and kind (prompt/completion).",
                    dict(self.tokens))
@@ -179,10 +187,12 @@ class Metrics:
                    "Local prompt tokens whose KV state was kept from an earlier request or turn (not prefilled again); "
                    "part of edge_runtime_tokens_total's local prompt tokens.", self.cached_prompt_tokens)
             family("edge_runtime_escalation_ratio", "gauge",
-                   "Share of answered requests escalated to the cloud (route cloud or fallback).", ratio)
+                   "Share of answered requests escalated to the cloud (route cloud or fallback) since the daemon "
+                   "started; for a recent rate, use rate() of edge_runtime_answers_total.", ratio)
             family("edge_runtime_energy_joules_total", "counter",
                    "Device energy spent on answered requests, by route (estimated unless a counter measured it: "
-                   "see edge_runtime_energy_source_info).",
+                   "see edge_runtime_energy_source_info); escalations' radio and waiting energy are in "
+                   "edge_runtime_network_energy_joules_total and edge_runtime_wait_energy_joules_total.",
                    {(("route", r),): self.energy_j.get((("route", r),), 0.0) for r in ROUTES})
             if self.energy_source is not None:
                 source, estimated = self.energy_source
@@ -227,8 +237,10 @@ _GAUGES = {
     "edge_runtime_queue_capacity": ("gauge", "Requests that may wait before new ones are refused (server.queue_size)."),
     "edge_runtime_generation_slots": ("gauge", "Generations that may run at once (engine.max_sessions)."),
     "edge_runtime_ready": ("gauge", "1 when the model is loaded and the daemon takes requests, else 0."),
-    "edge_runtime_budget_usd": ("gauge", "Each budget policy's cap (USD per period), by policy."),
+    "edge_runtime_budget_usd": ("gauge", "Each budget policy's cap (USD per period), by budget (budget, or budget[i] "
+                                         "for the i-th of several in the chain)."),
     "edge_runtime_budget_spent_usd": ("gauge", "What each budget policy counts as spent in its current period, by "
-                                               "policy: bills settled plus reservations of escalations in flight."),
+                                               "budget: bills settled plus reservations of escalations in flight (an "
+                                               "escalation is refused when its reservation would pass the cap)."),
 }
 

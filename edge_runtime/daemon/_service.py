@@ -12,6 +12,7 @@ seen by the engine at its next token.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -356,16 +357,19 @@ class ChatService:
     def refused(self, transport: str, err: BaseException, request_id: str | None = None, *,
                 outcome: str | None = None) -> None:
         """Count and log a request that never became a job (bad, refused, or the daemon not ready)."""
-        self.metrics.count_request(transport, outcome or outcome_of(err))
-        # escaped and cut: the message may echo a client's value, and a newline in it would forge log lines
-        log.info("%s %s request refused: %s %s", transport, log_text(request_id or "-", 128), type(err).__name__,
-                 log_text(err))
+        outcome = outcome or outcome_of(err)
+        self.metrics.count_request(transport, outcome)
+        # key=value as the answer lines, the message JSON-quoted: it may echo a client's value, and a newline or an
+        # "=" in it would forge or break log lines (logfmt readers dropped the queue-full ones)
+        log.info("%s %s request refused: outcome=%s error=%s message=%s", transport, log_text(request_id or "-", 128),
+                 outcome, type(err).__name__.lstrip("_"), json.dumps(str(err)[:300]))
 
     def refused_at_the_door(self, path: str, code: str, message: str) -> None:
         """A request the HTTP guard refused before any route saw it (a web page's Origin, a foreign Host)."""
         if path == "/v1/chat/completions":  # every chat request is counted once
             self.metrics.count_request("http", "invalid")
-        log.info("http - request refused: %s %s %s", log_text(path, 100), code, log_text(message))
+        log.info("http - request refused: outcome=invalid error=%s path=%s message=%s", code, json.dumps(path[:100]),
+                 json.dumps(message[:300]))
 
     def _finished(self, job: Job, outcome: str, result: HybridResult | None) -> None:
         with self._lock:
@@ -410,9 +414,8 @@ class ChatService:
         a = self.admission
         policy = getattr(self.runtime, "policy", None)
         budgets = [p for p in (policy.parts() if policy is not None else ()) if isinstance(p, Budget)]
-        # labelled by the part's name, and its place among the budgets when two have one name
-        names = [b.describe() for b in budgets]
-        labels = [(("policy", n if names.count(n) == 1 else f"{i}:{n}"),) for i, n in enumerate(names)]
+        # labelled without the cap (a new cap must not start a new series): "budget", or "budget[i]" among several
+        labels = [(("budget", "budget" if len(budgets) == 1 else f"budget[{i}]"),) for i in range(len(budgets))]
         return {
             "edge_runtime_budget_usd": {lab: b.usd for lab, b in zip(labels, budgets)},
             "edge_runtime_budget_spent_usd": {lab: b.spent_usd() for lab, b in zip(labels, budgets)},

@@ -63,10 +63,11 @@ def test_deadline_exceeded_stops_the_backend_generation(start_bridge, make_clien
     assert "device=device-a model=tiny finish=deadline_exceeded" in caplog.text and "cost_usd=" in caplog.text
 
 
-def test_a_stream_the_caller_abandons_stops_the_backend_and_frees_its_worker(start_bridge, make_client):
+def test_a_stream_the_caller_abandons_stops_the_backend_and_frees_its_worker(start_bridge, make_client, caplog):
     bridge = start_bridge(models=slow(20))
     stream = make_client(bridge).stream(HI)
     assert next(stream).text == "w0"
+    caplog.set_level("INFO", logger="cloud_bridge")
     stream.close()  # the app went away
     (record,) = bridge.backend().wait_for_generations(1, timeout_s=3)
     assert record.finish_reason in ("cancelled", "closed") and record.completion_tokens < 40
@@ -74,6 +75,13 @@ def test_a_stream_the_caller_abandons_stops_the_backend_and_frees_its_worker(sta
     while bridge.server.service.slots["tiny"].running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert bridge.server.service.slots["tiny"].running == 0
+    # billed in the access log, with a finished call's keys ("prompt_tokens~N" was no key=value)
+    deadline = time.monotonic() + 2
+    while "finish=cancelled_by_caller" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    line = next(r.getMessage() for r in caplog.records if "finish=cancelled_by_caller" in r.getMessage())
+    assert "~" not in line  # (whichever of the two cut paths wrote it: prompt_tokens_estimated=true on one)
+    assert all(f" {key}=" in line for key in ("prompt_tokens", "completion_tokens", "cost_usd", "queue_ms", "total_ms"))
     again = make_client(bridge).generate(
         HI, params=SamplingParams(max_new_tokens=3), timeout_s=10
     )  # the worker serves again

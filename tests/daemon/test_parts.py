@@ -438,8 +438,31 @@ def test_the_servers_log_lines_carry_the_time(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "EDGE_RUNTIME_PORT": "1", "EDGE_RUNTIME_CACHE": str(tmp_path)}  # warned about, at load
+    # warned about, at load; in a time zone far from UTC, which budget windows and the bridge's billing use
+    env = {**os.environ, "EDGE_RUNTIME_PORT": "1", "EDGE_RUNTIME_CACHE": str(tmp_path), "TZ": "Asia/Tokyo"}
     run = subprocess.run([sys.executable, "-c", "from edge_runtime.cli import main; raise SystemExit(main())", "serve",
                           "--server-queue-size", "0"], env=env, capture_output=True, text=True, timeout=60)
     warning = next(line for line in run.stderr.splitlines() if "EDGE_RUNTIME_PORT" in line)
-    assert run.returncode == 1 and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING ", warning), warning
+    assert run.returncode == 1 and re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z WARNING ", warning), warning
+    from datetime import datetime, timezone
+
+    stamped = datetime.strptime(warning[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    assert abs((datetime.now(timezone.utc) - stamped).total_seconds()) < 120  # UTC, not Tokyo's local time
+
+
+def test_refusal_lines_are_key_value_with_the_message_quoted(caplog):
+    # they were free text: "(server.queue_size = 2)" broke logfmt readers, which dropped exactly the 429 lines
+    import json
+
+    from edge_runtime.daemon._service import ChatService
+    from edge_runtime.settings import ServerSettings
+
+    service = ChatService(ServerSettings())
+    with caplog.at_level("INFO", logger="edge_runtime.daemon"):
+        service.refused("http", QueueFullError("busy (server.queue_size = 2)\nforged=1"), "rid-1")
+        service.refused_at_the_door("/v1/chat/completions", "forbidden_origin", "cross-origin request refused")
+    busy, door = (r.getMessage() for r in caplog.records[-2:])
+    head, _, quoted = busy.partition(" message=")
+    assert head == "http rid-1 request refused: outcome=rejected error=QueueFullError" and "\n" not in busy
+    assert json.loads(quoted) == "busy (server.queue_size = 2)\nforged=1"
+    assert door.startswith('http - request refused: outcome=invalid error=forbidden_origin path="/v1/chat/completions" ')

@@ -284,8 +284,24 @@ def test_metrics_show_each_budgets_cap_and_spend(engine, bridge, start_daemon, h
     assert status == 200 and done["routing"]["route"] == "cloud" and done["cost"]["cloud_usd"] > 0
     _, _, text = c.request("GET", "/metrics")
     text = text.decode()
-    assert metric(text, "edge_runtime_budget_usd", policy="budget($5/day)") == 5.0
-    assert metric(text, "edge_runtime_budget_spent_usd", policy="budget($5/day)") == pytest.approx(done["cost"]["cloud_usd"])
+    assert metric(text, "edge_runtime_budget_usd", budget="budget") == 5.0  # the cap is no label: a new one is no new series
+    assert metric(text, "edge_runtime_budget_spent_usd", budget="budget") == pytest.approx(done["cost"]["cloud_usd"])
+
+
+def test_metrics_and_the_log_say_why_answers_were_kept_on_the_device(engine, start_daemon, http, caplog):
+    # a budget whose bridge was down at start kept every escalation local (budget_prices_unknown): no cloud error
+    # was counted and nothing logged above debug, so an alert on the bridge never fired
+    cloud = cloud_client("127.0.0.1:1", timeout_s=0.5)  # nothing listens there
+    policy = {"chain": [{"type": "budget", "usd_per_day": 5.0}, {"type": "always"}]}
+    with caplog.at_level("WARNING", logger="edge_runtime.hybrid"):
+        daemon = start_daemon(runtime(engine, policy, cloud=cloud))
+        c = http(daemon.port)
+        for _ in range(2):
+            status, _, done = c.json("POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 2})
+            assert status == 200 and done["routing"]["reason"] == "budget_prices_unknown"
+    assert sum("cannot read the bridge's prices" in r.getMessage() for r in caplog.records) == 1
+    _, _, text = c.request("GET", "/metrics")
+    assert metric(text.decode(), "edge_runtime_forced_local_total", reason="budget_prices_unknown") == 2
 
 
 def test_a_price_rise_at_the_bridge_is_refused_unbilled_and_the_next_escalation_pays_the_new_price(engine, bridge):
