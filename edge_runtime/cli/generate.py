@@ -11,6 +11,8 @@ from typing import Any
 
 from ..config import THREADS_HELP
 from ..engine import PROMPT_LOOKUP_TOKENS, SUGGESTED_PROMPT_LOOKUP_TOKENS
+from ..engine.types import TRUNCATION_HINT
+from ..errors import ContextLengthError
 
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "top_logprobs", "truncate_prompt")
 _LINE_KEYS = ("id", "prompt", "messages", *_SAMPLING_KEYS)
@@ -130,14 +132,20 @@ def _generate(args: argparse.Namespace, engine: Any, estimator: Any, params: Any
     if lines is None:
         messages = [{"role": "user", "content": args.chat}] if args.chat is not None else None
         prompt = args.prompt if args.chat is None else None
-        if args.json:
-            result = engine.generate(prompt, messages=messages, params=params, prompt_nll=estimator.needs_prompt_nll)
-            print(_json_line(_result_json(result, engine, confidence=_confidence(estimator, engine, result, messages, prompt))))
-        else:
-            for chunk in engine.stream(prompt, messages=messages, params=params):
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+        try:
+            if args.json:
+                result = engine.generate(prompt, messages=messages, params=params, prompt_nll=estimator.needs_prompt_nll)
+                print(_json_line(_result_json(result, engine, confidence=_confidence(estimator, engine, result, messages, prompt))))
+            else:
+                for chunk in engine.stream(prompt, messages=messages, params=params):
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+        except ContextLengthError as err:  # the advice in the flags' words (the API's names meant nothing here)
+            flag = "--chat" if args.chat is not None else "--prompt"
+            text = str(err).split(": ", 1)[-1].replace(TRUNCATION_HINT, ", or add --truncate-prompt to keep its end")
+            raise ContextLengthError(text.replace("max_new_tokens", "--max-new-tokens"),
+                                     field="--max-new-tokens" if err.field == "max_new_tokens" else flag) from err
         return 0
     failures = 0
     for lineno, raw in enumerate(lines, 1):

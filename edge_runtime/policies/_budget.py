@@ -76,6 +76,7 @@ class Budget(Policy):
         self._reserved_in: dict[str, int] = {}  # the period each reservation was made in
         self.state_file: Path | None = None
         self._state_field = "state_file"  # the setting an error about the file names
+        self._state_notes: list[tuple[int, str, tuple[Any, ...]]] = []  # what reading it found, logged at the claim
         self._state_warned = False
         self._state_locked = False  # this budget holds the file's lock (see claim_state)
         self._write_lock = threading.Lock()  # held by the thread writing the file (outside self._lock)
@@ -103,19 +104,21 @@ class Budget(Policy):
             period_s, period, spent = float(state["period_s"]), int(state["period"]), float(state["committed_usd"])
         except (TypeError, KeyError, ValueError) as err:
             raise ConfigError(f"{str(path)!r} is not a budget's state file ({err!r})", field=field) from err
+        # said when the runtime using it claims the file: a config read to check it (serve reads it twice) says nothing
         if period_s != self.period_s:
-            log.warning("budget state %s was kept for periods of %g s, not %g s: this one starts at $0",
-                        path, period_s, self.period_s)
+            self._state_notes.append((logging.WARNING, "budget state %s was kept for periods of %g s, not %g s: this "
+                                      "one starts at $0", (path, period_s, self.period_s)))
         elif period >= self._period and math.isfinite(spent) and spent >= 0:
             if period > self._period + 1:  # written under a clock far ahead: see _roll
-                log.warning("budget state %s is for the period from %s: the clock was wrong then or is now; "
-                            "counting its spend in this period", path, self._period_start(period))
+                self._state_notes.append((logging.WARNING, "budget state %s is for the period from %s: the clock was "
+                                          "wrong then or is now; counting its spend in this period",
+                                          (path, self._period_start(period))))
                 period = self._period
             self._period, self._spent = period, spent
             # a budget already spent at start is what an operator needs to see (serve shows warnings only)
-            log.log(logging.WARNING if budget_exhausted(spent, 0.0, self.usd) else logging.INFO,
-                    "budget: $%s of $%s per %s already spent (%s)", _usd(spent), _usd(self.usd),
-                    self._period_words(), path)
+            self._state_notes.append((logging.WARNING if budget_exhausted(spent, 0.0, self.usd) else logging.INFO,
+                                      "budget: $%s of $%s per %s already spent (%s)",
+                                      (_usd(spent), _usd(self.usd), self._period_words(), path)))
 
     def claim_state(self) -> None:
         """Take the state file for this budget's life, before it admits anything (a HybridRuntime does, so a daemon
@@ -144,6 +147,8 @@ class Budget(Policy):
                                       field=self._state_field) from err
             weakref.finalize(self, os.close, fd)  # closing the descriptor releases the lock
             self._state_locked = True
+            for level, message, args in self._state_notes:
+                log.log(level, message, *args)
 
     def _snapshot(self) -> tuple[int, dict[str, Any]] | None:
         """What to write to the state file now (call with the lock held), numbered; None without one."""

@@ -9,8 +9,8 @@ starting with 0 written in groups ("020 7946 0958", "030/1234567",
 written with dashes (138-0013-8000); digits of any script count, and so does a
 number written against text in a script without spaces (CJK, Thai), though not
 one run into ASCII letters ("5678thanks"). National formats without a
-leading 0 (Spain's 612 34 56 78, India's 98765 43210) look like numbers written
-with thousands separators and are left to a user regex. Card numbers must pass
+leading 0 (Spain's 612 34 56 78, India's 98765 43210) are grouped as ordinary
+numbers are, and are left to a user regex. Card numbers must pass
 the Luhn check.
 Add a user regex for anything else. A decision never quotes the matched text
 (it would end up in logs); it names the pattern and the message.

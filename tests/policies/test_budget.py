@@ -269,11 +269,14 @@ def test_a_clock_that_was_years_ahead_and_is_corrected_does_not_lock_the_budget(
     (tmp_path / "spend.json").write_text(json.dumps({"period_s": 86400.0, "period": 50_000, "committed_usd": 1.0}))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="edge_runtime.policies"):
+        Budget(1.0, clock=clock, state_file=tmp_path / "spend.json")  # a config read to check it says nothing
         restarted = Budget(1.0, clock=clock, state_file=tmp_path / "spend.json")
+        restarted.claim_state()  # the runtime that uses it says what it found, once
     d = Chain([restarted, Always()]).before(req(0.1))
     assert d.reason == Reason.BUDGET_EXHAUSTED and "until 1970-01-13" in d.detail
     # spent at start is a warning: serve shows only those
-    assert any(r.levelno == logging.WARNING and "already spent" in r.getMessage() for r in caplog.records)
+    spent = [r for r in caplog.records if "already spent" in r.getMessage()]
+    assert len(spent) == 1 and spent[0].levelno == logging.WARNING
 
 
 def test_a_slow_state_write_holds_no_one_reading_the_budget(tmp_path, monkeypatch):
