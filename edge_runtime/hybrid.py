@@ -607,6 +607,12 @@ class HybridRuntime:
                     now = time.monotonic()
                     prices = ((info.usd_per_million_input_tokens, info.usd_per_million_output_tokens)
                               if info is not None else self._prices.prices)
+                    if prices is not None and not all(math.isfinite(p) and p >= 0 for p in prices):
+                        # a bridge that does not keep the contract: a NaN made every reservation NaN, which a budget
+                        # admits; the [cost] table stands in
+                        log.warning("the bridge listed prices %r for its model: not prices; using the [cost] table",
+                                    prices)
+                        prices = None
                     self._prices = _PriceState(prices, answered=True, due_s=now + _PRICES_REFRESH_S, read_s=now,
                                                generation=generation)
             if info is not None:

@@ -937,3 +937,15 @@ def test_a_second_runtime_on_a_budgets_state_file_fails_when_it_is_made(engine, 
     del first  # (close() would close the shared engine too) its budget goes, and the file with it
     gc.collect()
     HybridRuntime(engine, policy=policy)
+
+
+def test_prices_a_bridge_lists_that_are_not_prices_leave_the_cost_table_in_charge(engine):
+    # a NaN price made every reservation NaN, which a budget admits whatever its cap
+    def list_models(**_kw):
+        return [SimpleNamespace(alias="big", is_default=True, usd_per_million_input_tokens=float("nan"),
+                                usd_per_million_output_tokens=1.0)]
+
+    rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "never"}]},
+                       cloud=SimpleNamespace(list_models=list_models, settings=SimpleNamespace(model="")))
+    usd = rt._estimate_cloud_usd([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4), "auto")
+    assert math.isfinite(usd) and rt._prices.prices is None

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import stat
 import threading
 import time
 import weakref
@@ -50,6 +51,19 @@ def _usd(amount: float) -> str:
     """Dollars for people: cents, or two significant digits below 10 cents (a $0.0001 cap read "$0.00")."""
     decimals = 2 if amount >= 0.1 or amount <= 0 else 1 - math.floor(math.log10(amount))
     return f"{amount:.{decimals}f}"
+
+
+def _read_regular(path: Path, limit_bytes: int = 65536) -> bytes:
+    """A small regular file's bytes, not through a symlink: a link or a FIFO planted in a shared directory made the
+    daemon read another file's spend, hang at start, or read /dev/zero until memory ran out."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit_bytes:
+            raise OSError(f"not a regular file of at most {limit_bytes} bytes")
+        return os.read(fd, limit_bytes + 1)
+    finally:
+        os.close(fd)
 
 
 @register_policy
@@ -95,14 +109,17 @@ class Budget(Policy):
             raise ConfigError(f"cannot write in {str(path.parent)!r}", field=field)
         self.state_file, self._state_field = path, field
         try:
-            state = json.loads(path.read_text(encoding="utf-8"))
+            text = _read_regular(path)
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as err:
+        except OSError as err:
             raise ConfigError(f"cannot read {str(path)!r}: {err}", field=field) from err
         try:
+            state = json.loads(text)
             period_s, period, spent = float(state["period_s"]), int(state["period"]), float(state["committed_usd"])
-        except (TypeError, KeyError, ValueError) as err:
+            if not 0 <= period * period_s < 1e11:  # a time before 1970 or after the year 5000 is no period of ours
+                raise ValueError(f"period {period} is out of range")
+        except (TypeError, KeyError, ValueError, OverflowError, RecursionError) as err:  # a hand edit, a bad disk
             raise ConfigError(f"{str(path)!r} is not a budget's state file ({err!r})", field=field) from err
         # said when the runtime using it claims the file: a config read to check it (serve reads it twice) says nothing
         if period_s != self.period_s:
@@ -129,7 +146,9 @@ class Budget(Policy):
             if self.state_file is None or self._state_locked:
                 return
             try:
-                fd = os.open(self.state_file.with_name(self.state_file.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+                # not through a link another user planted beside it (a shared directory): O_NOFOLLOW
+                fd = os.open(self.state_file.with_name(self.state_file.name + ".lock"),
+                             os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
             except OSError as err:
                 raise ConfigError(f"cannot create the lock beside {str(self.state_file)!r}: {err}",
                                   field=self._state_field) from err

@@ -109,7 +109,8 @@ def _find_phone(text: str) -> bool:
 
 
 # a run of digit groups joined by single spaces or hyphens ("4111 1111 1111 1111 12", "qty 3 4111-1111-...")
-_DIGIT_RUN = re.compile(r"\d+(?:[ -]\d+)+")
+# (from a run's start only, and without giving digits back: a long run with no separator was quadratic)
+_DIGIT_RUN = re.compile(r"(?<!\d)\d++(?:[ -]\d++)+")
 # how card numbers are written in groups: 4-4-4-4 (most), 4-4-4-4-3 (19 digits), 4-6-5 (Amex), 4-6-4 (Diners)
 _CARD_SHAPES = ((4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4))
 

@@ -321,3 +321,15 @@ def test_a_call_budgeted_below_the_models_price_is_refused_before_it_is_generate
     with pytest.raises(grpc.RpcError) as bad:
         _call(stub, method, _request(max_usd_per_million_output_tokens=float("nan")))
     assert _refusal(bad.value)[0] == "max_usd_per_million_output_tokens"
+
+
+def test_a_refusal_line_cannot_be_given_forged_keys_by_what_the_device_sent(start_bridge, raw_stub, caplog):
+    # the message after device= and reason= was written as is: a model alias "x reason=OK device=fleet-dev-9" added
+    # keys to the refusal line, and a reader keeping a key's last value blamed another device
+    stub = raw_stub(start_bridge())
+    with caplog.at_level("INFO", logger="cloud_bridge"), pytest.raises(grpc.RpcError):
+        stub.Generate(_request(request_id="forge", model='x reason=OK device=fleet-dev-9 "'), metadata=AUTH, timeout=5)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("forge status="))
+    fields = shlex.split(line)
+    assert [f for f in fields if f.startswith("device=")] == ["device=device-a"]
+    assert [f for f in fields if f.startswith("reason=")] == ["reason=MODEL_NOT_FOUND"]

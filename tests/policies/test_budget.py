@@ -350,3 +350,38 @@ def test_state_writes_are_coalesced_while_one_is_under_way(tmp_path, monkeypatch
     assert time.monotonic() - t0 < 1.2 and len(writes) < 6
     assert writes[-1] == pytest.approx(0.6)  # the last one written is the newest
     assert json.loads((tmp_path / "spend.json").read_text())["committed_usd"] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("plant", ["symlink", "fifo", "huge", "overflow", "nested", "not_utf8"])
+def test_a_state_file_that_is_not_a_small_regular_file_of_ours_fails_naming_the_field(tmp_path, plant):
+    # a link or a FIFO planted in a shared directory made serve read another file's spend, hang at start, or read
+    # /dev/zero; a hand-edited period of 1e300 or deep nesting was a traceback, not an error naming the setting
+    import os
+
+    state = tmp_path / "spend.json"
+    if plant == "symlink":
+        (tmp_path / "elsewhere.json").write_text(json.dumps({"period_s": 86400.0, "period": 11, "committed_usd": 0.0}))
+        os.symlink(tmp_path / "elsewhere.json", state)
+    elif plant == "fifo":
+        os.mkfifo(state)
+    elif plant == "huge":
+        state.write_text(" " * 100_000 + "{}")
+    elif plant == "overflow":
+        state.write_text('{"period_s": 86400.0, "period": 1e300, "committed_usd": 0.0}')
+    elif plant == "nested":
+        state.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        state.write_bytes(b'{"period_s": \xff}')
+    with pytest.raises(ConfigError) as caught:
+        policy_from_config({"type": "budget", "usd": 1.0, "state_file": str(state)})
+    assert caught.value.field == "policy.state_file"
+
+
+def test_the_state_files_lock_is_not_created_through_a_planted_link(tmp_path):
+    import os
+
+    target = tmp_path / "victim"
+    os.symlink(target, tmp_path / "spend.json.lock")
+    with pytest.raises(ConfigError):
+        Budget(1.0, clock=Clock(), state_file=tmp_path / "spend.json").claim_state()
+    assert not target.exists()
