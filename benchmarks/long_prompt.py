@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import socket
 import subprocess
 import sys
@@ -32,17 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm", encoding="ascii") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def measure(bundle: str, tokens: int, threads: int | None, cache_tokens: int) -> dict[str, Any]:
     """One length, in this process (the parent runs each in a fresh one)."""
+    from benchmarks.peers._harness import current_rss_mb, peak_rss_mb
     from edge_runtime.engine import Engine
 
     engine = Engine(bundle, intra_op_threads=threads, energy_meter=None, cache_tokens=cache_tokens)
@@ -52,16 +43,16 @@ def measure(bundle: str, tokens: int, threads: int | None, cache_tokens: int) ->
         text += "\n" + readme
     ids = ids[: min(tokens, engine.context_length - 4)]
     per_place = 2 * engine.model.num_layers * engine.model.num_kv_heads * engine.model.head_dim * 4
-    loaded = _rss_mib()
+    loaded = current_rss_mb()
     result = [c.result for c in engine.stream_tokens(ids, _params(4)) if c.result is not None][0]
-    peak = _peak_mib()
-    after = _rss_mib()
+    peak = peak_rss_mb()
+    after = current_rss_mb()
     capacity_after = max(c.capacity for c in engine._pool)
     engine.generate("Hello", max_new_tokens=4)
     return {"prompt_tokens": len(ids), "completion_tokens": result.usage.completion_tokens,
             "kv_bytes_per_token": per_place,
             "rss_mib": {"after_load": round(loaded, 1), "peak": round(peak, 1), "after_long": round(after, 1),
-                        "after_short": round(_rss_mib(), 1)},
+                        "after_short": round(current_rss_mb(), 1)},
             "kv_capacity_after": capacity_after}
 
 
