@@ -509,7 +509,7 @@ class Engine:
             while k < len(droppable) and msgs[droppable[k]]["role"] != "user":
                 k += 1
             msgs = without(k)
-        ids = self.encode(messages=msgs)
+            ids = self.encode(messages=msgs)
         if len(ids) <= budget:
             return ids
         # the last message alone is too long: the fewest leading characters of its text to drop, found by
