@@ -36,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._host import cpu_model  # noqa: E402
 from cloud_bridge import create_server, hash_token, load_bridge_settings  # noqa: E402
 from cloud_bridge.backends import BackendRequest, CancelToken  # noqa: E402
 from cloud_bridge.backends.echo import EchoBackend  # noqa: E402
@@ -208,12 +209,23 @@ def throughput(
     return {
         "backend": description,
         "bundle": str(Path(bundle).expanduser().resolve()) if bundle else None,
+        # which build was measured: a later build at the same path (another quantization layout) decodes at
+        # another speed, and the path alone does not say so
+        "bundle_build": _bundle_build(bundle) if bundle else None,
         "workers": workers,
         "intra_op_threads": intra_op_threads,
         "max_new_tokens": max_new_tokens,
         "per_client": per_client,
         "runs": runs,
     }
+
+
+def _bundle_build(bundle: str) -> dict[str, Any]:
+    from edge_runtime.bundle import load_manifest
+
+    manifest = load_manifest(Path(bundle).expanduser())
+    return {"bundle_hash": manifest.bundle_hash, "created_at": manifest.raw.get("created_at"),
+            "quantization": manifest.raw.get("quantization"), "quality": manifest.raw.get("quality")}
 
 
 _positive_int = _int_at_least(1)
@@ -255,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report = {
         "host": socket.gethostname(),
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),

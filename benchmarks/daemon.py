@@ -53,6 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._host import cpu_model  # noqa: E402
 from edge_runtime.cli.bench import _int_at_least, _out_file  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -384,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = verify_bundle(bundle, "fast")
     results = {
         "host": socket.gethostname(),
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),

@@ -30,6 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._host import cpu_model  # noqa: E402
+
 
 def measure(bundle: str, tokens: int, threads: int | None, cache_tokens: int) -> dict[str, Any]:
     """One length, in this process (the parent runs each in a fresh one)."""
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
               f"after {r['rss_mib']['after_long']}, after a short request {r['rss_mib']['after_short']} "
               f"(KV cache back to {r['kv_capacity_after']} places)")
     doc = {"benchmark": "long_prompt", "bundle": bundle, "cache_tokens": args.cache_tokens, "runs": runs,
-           "host": {"hostname": socket.gethostname(), "machine": platform.machine(), "logical_cpus": os.cpu_count()}}
+           "host": {"hostname": socket.gethostname(), "cpu_model": cpu_model(), "machine": platform.machine(),
+                    "logical_cpus": os.cpu_count()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

@@ -40,6 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._host import cpu_model  # noqa: E402
+
 DEFAULT_TASKS = 60  # task-suite items in the tasks workload
 
 CHAT = [
@@ -147,7 +149,8 @@ def run_benchmark(bundle: Path, *, rounds: int, tasks: int, threads: int | None 
     return {
         "benchmark": "prompt lookup",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {"hostname": socket.gethostname(), "machine": platform.machine(), "logical_cpus": os.cpu_count()},
+        "host": {"hostname": socket.gethostname(), "cpu_model": cpu_model(), "machine": platform.machine(),
+                 "logical_cpus": os.cpu_count()},
         "bundle": {"path": str(bundle), "name": engines[0].model_name, "precision": engines[0].precision},
         "settings": {"rounds": rounds, "tasks": tasks, "threads": engines[0].model.threads,
                      "prompt_lookup": SUGGESTED_PROMPT_LOOKUP_TOKENS},

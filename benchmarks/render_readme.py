@@ -82,7 +82,16 @@ def _bridge(host: str) -> str:
     # the command that made these results: the bundle is named as the cache holds it, not this host's path
     bundle = f" --bundle <cache>/bundles/{Path(t['bundle']).name}" if t.get("bundle") else ""
     command = f"python benchmarks/bridge.py{bundle}" + (f" --workers {t['workers']}" if t["workers"] != 2 else "")
-    rows = [f"Bridge benchmark (`{command}`): a loopback gRPC round trip adds {a['added_p50_ms']:.2f} ms at p50 and "
+    # what was measured, where and when: a later build at the same cache path is another model to the benchmark
+    where = ", ".join(x for x in (d.get("cpu_model"), str(d.get("when", ""))[:10]) if x)
+    build = t.get("bundle_build") or {}
+    if build:
+        q, quality = build.get("quantization") or {}, build.get("quality") or {}
+        layout = q.get("precision", "?") + (", float offsets" if q.get("int4_offsets") else "")
+        ratio = f", perplexity ratio {quality['ppl_ratio']}" if "ppl_ratio" in quality else ""
+        where += f"; bundle build {build['bundle_hash'][:12]} ({layout}{ratio})"
+    rows = [f"Bridge benchmark (`{command}`{'; ' + where if where else ''}): a loopback gRPC round trip adds "
+            f"{a['added_p50_ms']:.2f} ms at p50 and "
             f"{a['added_p99_ms']:.2f} ms at p99 over an in-process backend call ({a['requests']} calls; target p50 ≤ 2 ms). "
             f"Throughput against the {t['backend']} backend, {t['workers']} worker(s):", "",
             "| clients | sent | answered | lost | req/s | tok/s | p50 ms | p99 ms |", "|--:|--:|--:|--:|--:|--:|--:|--:|"]

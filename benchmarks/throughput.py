@@ -64,6 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._host import cpu_model
 from benchmarks.peers import envs
 from edge_runtime.engine import SUGGESTED_PROMPT_LOOKUP_TOKENS
 
@@ -142,17 +143,9 @@ LONG_TEXT = (
 def host_info(threads: int) -> dict[str, Any]:
     import psutil
 
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "hostname": socket.gethostname(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "machine": platform.machine(),
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cpus": psutil.cpu_count(logical=True),

@@ -32,6 +32,9 @@ def test_writes_the_graph_and_loop_timings_and_skips_a_missing_genai_model(decod
     # the bare steps and Engine.run decode the same greedy tokens
     assert summary["tokens_match"] is True and len(summary["first_tokens"]["engine graph"]) == 5
     assert summary["loop_overhead_ms"] == pytest.approx(summary["engine_loop_ms"] - summary["engine_graph_ms"])
+    rounds = doc["per_round_ms"]
+    assert summary["loop_overhead_paired_ms"] == pytest.approx(  # two rounds: the mean of their own differences
+        sum(loop - graph for loop, graph in zip(rounds["engine loop"], rounds["engine graph"])) / 2)
     assert "genai_graph_ms" not in summary
     assert "tokens match: True" in capsys.readouterr().out
 

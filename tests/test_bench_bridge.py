@@ -1,0 +1,65 @@
+"""The bridge benchmark's own code path: the echo stand-in and a tiny bundle, few requests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bridge_bench(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.bridge as module
+
+    return module
+
+
+def _run(bridge_bench, out: Path, *extra: str) -> dict:
+    assert bridge_bench.main(["--requests", "20", "--per-client", "2", "--concurrency", "1,2", "--max-new-tokens", "4",
+                              "--token-delay-ms", "0", "--out", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_the_echo_stand_in_says_so_and_loses_nothing(bridge_bench, tmp_path: Path) -> None:
+    report = _run(bridge_bench, tmp_path / "bridge.json")
+    assert report["cpu_model"]  # the hosts are all called "vm": the CPU tells their files apart
+    load = report["throughput"]
+    assert load["backend"].startswith("echo stand-in") and load["bundle"] is None and load["bundle_build"] is None
+    assert [run["clients"] for run in load["runs"]] == [1, 2]
+    assert all(run["answered"] == run["sent"] and run["lost"] == 0 for run in load["runs"])
+    assert report["added_latency"]["requests"] == 20
+
+
+def test_a_bundle_run_records_which_build_was_measured(bridge_bench, tiny_bundle: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_runtime.bundle import load_manifest
+
+    report = _run(bridge_bench, tmp_path / "bridge.json", "--bundle", str(tiny_bundle), "--workers", "1")
+    build = report["throughput"]["bundle_build"]
+    manifest = load_manifest(tiny_bundle)
+    # a later build at the same path (another quantization layout) is another measurement
+    assert build["bundle_hash"] == manifest.bundle_hash
+    assert build["quantization"]["precision"] == manifest.raw["quantization"]["precision"]
+    assert report["throughput"]["runs"][-1]["answered"] == 4
+
+    # the README's table names the build it came from, and the CPU
+    import benchmarks.render_readme as render
+
+    monkeypatch.setattr(render, "RESULTS", tmp_path)
+    (tmp_path / "bridge.json").rename(tmp_path / "bridge-test.json")
+    table = render._bridge("test")
+    assert f"bundle build {manifest.bundle_hash[:12]} (fp32" in table and report["cpu_model"] in table
+
+
+def test_cpu_model_reads_the_first_model_name_and_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks._host import cpu_model
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\n\nprocessor\t: 1\nmodel name\t: other\n")
+    assert cpu_model(cpuinfo) == "AMD EPYC 9B14"
+    assert cpu_model(tmp_path / "missing")  # platform's answer, never empty
