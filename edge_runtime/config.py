@@ -509,32 +509,39 @@ def run_command(prog: str, args: argparse.Namespace, *, say_interrupted: bool = 
         return int(args.func(args) or 0)
     except EdgeRuntimeError as err:
         # one clear line, never a traceback as the only explanation
-        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
+        _say(f"{prog} {args.command}: error: {err}")
         if args.verbose >= 2:
             raise
         return 1
     except MemoryError:  # one the engine did not translate (reading a suite, a tokenizer, a large file)
-        print(f"{prog} {args.command}: error: out of memory", file=sys.stderr)
+        _say(f"{prog} {args.command}: error: out of memory")
         if args.verbose >= 2:
             raise
         return 1
     except BrokenPipeError as err:
         if stdout_reader_gone():
             return stdout_closed()
-        print(f"{prog} {args.command}: error: {err.strerror or err}", file=sys.stderr)
+        _say(f"{prog} {args.command}: error: {err.strerror or err}")
         return 1
     except OSError as err:
         # a file the user named that cannot be read or written (a directory, a missing parent, no permission);
         # the commands translate the ones they expect, this is the boundary for the rest
         where = f": {err.filename}" if err.filename else ""
-        print(f"{prog} {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        _say(f"{prog} {args.command}: error: {err.strerror or err}{where}")
         if args.verbose >= 2:
             raise
         return 1
     except KeyboardInterrupt:
         if say_interrupted:
-            print(f"{prog} {args.command}: interrupted", file=sys.stderr)
+            _say(f"{prog} {args.command}: interrupted")
         return 130
+
+
+def _say(line: str) -> None:
+    """A line on stderr, or nowhere when stderr is closed (``2>&-``): ``print(file=None)`` would write it to stdout,
+    into the results a script reads."""
+    if sys.stderr is not None:
+        print(line, file=sys.stderr)
 
 
 def stdout_closed() -> int:

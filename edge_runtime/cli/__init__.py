@@ -60,8 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level, stamped=args.command == "serve")
     # SIGTERM (kill, systemd stop, a timeout) unwinds like Ctrl-C: the finally blocks stop a benchmark's runner, the
     # demo's bridge and the explorer's daemon, and remove a build's staging directory (Python's default for it is to
-    # die at once, leaving all of them). `serve` installs its own handler, which drains.
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    # die at once, leaving all of them). `serve` installs its own handler, which drains; a SIGTERM before that (while
+    # it reads its settings and binds) stops a server that has taken no request yet, which is a clean stop (0, as
+    # after a drain): 143 would leave a systemd unit restarted in its first second "failed".
+    handler = _stop_cleanly if args.command == "serve" else _terminate
+    previous = signal.signal(signal.SIGTERM, handler) if threading.current_thread() is threading.main_thread() else None
     try:
         return run_command("edge-runtime", args)
     finally:
@@ -71,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _terminate(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
+
+
+def _stop_cleanly(_signum: int, _frame: Any) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover

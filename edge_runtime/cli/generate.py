@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import json
 import math
@@ -26,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--chat", help="one user message, wrapped in the bundle's chat template")
     src.add_argument("--input", metavar="FILE.jsonl",
                      help='JSON lines ("-": standard input), each {"id": ..., "messages": [...]} or {"id": ..., "prompt": "..."}; '
-                          'one output line per input line, in order (blank lines are skipped)')
+                          'one output line per input line, in order (blank lines are skipped); exit status 1 '
+                          'when any line failed (its output line holds the error)')
     p.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
@@ -102,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..errors import InvalidRequestError
     from ..models import resolve_bundle
 
+    _check_standard_streams(args)
     if not args.json and args.input is None:
         # streamed text has no place for them: refused rather than silently dropped
         for flag, given in (("--top-logprobs", args.top_logprobs), ("--estimator", args.estimator)):
@@ -147,24 +150,50 @@ def _generate(args: argparse.Namespace, engine: Any, estimator: Any, params: Any
             raise ContextLengthError(text.replace("max_new_tokens", "--max-new-tokens"),
                                      field="--max-new-tokens" if err.field == "max_new_tokens" else flag) from err
         return 0
-    failures = 0
+    failures = answered = 0
     for lineno, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         out, ok = _answer_line(engine, estimator, params, raw, lineno)
         failures += not ok
+        answered += 1
         print(_json_line(out), flush=True)
+    if failures and sys.stderr is not None:
+        # the exit status alone reads like a command that stopped; this one wrote every line
+        print(f"edge-runtime generate: {failures} of {answered} input lines failed (see the \"error\" in their output lines)",
+              file=sys.stderr)
     return 1 if failures else 0
 
 
+def _check_standard_streams(args: argparse.Namespace) -> None:
+    """Refuse before the model loads what would lose the answer or crash after it: a closed stdout (``>&-``; Python
+    then prints nothing, silently), a closed stdin for ``--input -``. Escape what a non-UTF-8 stdout cannot encode."""
+    from ..errors import InvalidRequestError
+
+    if sys.stdout is None:
+        raise InvalidRequestError("standard output is closed: the answer would be lost", field="stdout")
+    if args.input == "-" and sys.stdin is None:
+        raise InvalidRequestError("standard input is closed", field="--input")
+    if not _stdout_is_utf8() and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # streamed text: "caf\xe9" rather than a traceback
+
+
+def _stdout_is_utf8() -> bool:
+    try:
+        return codecs.lookup(getattr(sys.stdout, "encoding", None) or "utf-8").name == "utf-8"
+    except LookupError:
+        return False
+
+
 def _json_line(obj: Any) -> str:
-    """One JSON line, UTF-8 as it is; escaped when it holds what UTF-8 cannot (a lone surrogate in an input id)."""
+    """One JSON line, UTF-8 as it is; escaped when it holds what UTF-8 cannot (a lone surrogate in an input id)
+    or standard output is not UTF-8 (``PYTHONIOENCODING=ascii``, a Latin-1 locale): JSON either way."""
     line = json.dumps(obj, ensure_ascii=False)
     try:
         line.encode("utf-8")
     except UnicodeEncodeError:
-        line = json.dumps(obj, ensure_ascii=True)
-    return line
+        return json.dumps(obj, ensure_ascii=True)
+    return line if _stdout_is_utf8() else json.dumps(obj, ensure_ascii=True)
 
 
 def _finite_float(text: str) -> float:

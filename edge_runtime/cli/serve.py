@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "server.host:server.port (127.0.0.1:8080) and gRPC on server.grpc_socket. "
                     "SIGTERM drains in-flight requests (server.drain_timeout_s), then exits 0; SIGHUP drains too, "
                     "then exits 129 (settings are read only at start: restart to apply changes).",
+        epilog="The device token for the bridge has no flag (a command line is visible to every user in ps): "
+               "cloud.token_file, or the variable EDGE_RUNTIME_CLOUD_TOKEN.",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file (env EDGE_RUNTIME_* and flags override it)")
     _settings_flags_on_first_use(p)

@@ -172,6 +172,33 @@ def test_a_secret_setting_has_no_flag_no_repr_and_is_not_echoed(capsys):
     assert info.value.field == "cloud.token" and "ebt_secret" not in str(info.value)
 
 
+def test_a_sigterm_while_serve_starts_is_a_clean_stop(monkeypatch):
+    # before the daemon installs its draining handler (reading settings, binding), nothing has been taken: 0, as after
+    # a drain; 143 would leave a systemd unit restarted in its first second "failed"
+    import signal
+
+    import edge_runtime.cli.serve as serve_cli
+
+    def starting(_args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the start")
+
+    monkeypatch.setattr(serve_cli, "_run", starting)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve"])
+    assert stopped.value.code == 0
+    assert signal.getsignal(signal.SIGTERM) is before  # main put the previous handler back
+    monkeypatch.undo()
+    import edge_runtime.cli.generate as generate_cli
+
+    monkeypatch.setattr(generate_cli, "_run", starting)
+    with pytest.raises(SystemExit) as stopped:  # any other command: 128 + SIGTERM, as before
+        main(["generate", "x", "--prompt", "y"])
+    assert stopped.value.code == 143
+
+
 def test_serve_refuses_a_remote_bind_with_one_clear_line(capsys, tiny_bundle):
     assert main(["serve", "--server-host", "0.0.0.0", "--server-port", "0", "--server-grpc-socket", "",
                  "--engine-bundle", str(tiny_bundle)]) == 1

@@ -86,7 +86,10 @@ def test_input_file_is_answered_in_order_with_errors_in_place(tiny_bundle, tmp_p
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     code = main(["generate", str(tiny_bundle), "--input", str(path), "--max-new-tokens", "4", "--json"])
-    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    captured = capsys.readouterr()
+    out = [json.loads(x) for x in captured.out.splitlines()]
+    # the exit status alone would read like a command that stopped: stderr says every line was written
+    assert "3 of 5 input lines failed" in captured.err
     assert [o["id"] for o in out] == ["a", 2, "c", "d", "e"]
     assert out[0]["finish_reason"] == "length" and len(out[0]["tokens"]) == 4
     assert out[1]["error"]["param"] == "line"
@@ -265,3 +268,44 @@ def test_running_out_of_memory_is_one_line_not_a_traceback(tiny_bundle, capsys, 
         assert main(["generate", str(tiny_bundle), "--prompt", "hello"]) == 1
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("edge-runtime generate: error: ") and said in lines[0]
+
+
+def test_closed_standard_streams_are_errors_before_the_model_loads(tiny_bundle, capsys, monkeypatch):
+    import sys
+
+    import edge_runtime.engine as engine_pkg
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_pkg, "Engine", no_load)
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stdout", None)  # `>&-`: Python's print() would drop the answer silently
+        assert main(["generate", str(tiny_bundle), "--prompt", "hi", "--json"]) == 1
+    assert "stdout: standard output is closed" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stdin", None)
+        assert main(["generate", str(tiny_bundle), "--input", "-"]) == 1
+    assert "--input: standard input is closed" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stderr", None)  # `2>&-`: the error line must not land in the results on stdout
+        assert main(["generate", str(tiny_bundle.parent / "no-such-bundle"), "--prompt", "hi"]) == 1
+    assert capsys.readouterr().out == ""
+
+
+def test_an_output_encoding_that_is_not_utf8_gets_escapes_not_a_traceback(tiny_bundle, monkeypatch):
+    import io
+    import sys
+
+    from edge_runtime.cli import generate as generate_cli
+
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))  # PYTHONIOENCODING=ascii
+    args = generate_cli.argparse.Namespace(input=None)
+    generate_cli._check_standard_streams(args)
+    line = generate_cli._json_line({"text": "café 東京"})
+    sys.stdout.write(line + "\n" + "café\n")  # the JSON line, then streamed text
+    sys.stdout.flush()
+    json_line, text = raw.getvalue().decode("ascii").splitlines()
+    assert json.loads(json_line) == {"text": "café 東京"}
+    assert text == "caf\\xe9"
