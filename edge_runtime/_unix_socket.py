@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 import stat
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,9 @@ from .errors import ConfigError
 __all__ = ["MAX_SOCKET_PATH_BYTES", "prepare_socket_path", "socket_mode"]
 
 _UMASK_LOCK = threading.Lock()
-MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
+# sun_path with its terminating NUL: 108 bytes on Linux, 104 on macOS and the BSDs (gRPC's own error for a longer
+# path there was a vague "Failed to bind")
+MAX_SOCKET_PATH_BYTES = 107 if sys.platform.startswith("linux") else 103
 
 
 def prepare_socket_path(path: Path, *, field: str, server: str) -> None:

@@ -497,7 +497,8 @@ def stdout_reader_gone() -> bool:
 
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
+        # Linux says POLLERR for a pipe whose reader closed, macOS (XNU) POLLHUP
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
     except (OSError, ValueError, AttributeError):  # no real stdout, or no poll() on this platform
         return False
 

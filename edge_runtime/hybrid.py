@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from .confidence import Estimator, check_bundle_hash, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j, wait_energy_j
@@ -60,13 +60,24 @@ from .errors import (
 from .policies import Decision, Policy, Privacy, RequestContext, policy_from_config
 from .policies._base import score_or_none as _score_or_none
 
-__all__ = ["HybridRuntime", "HybridResult", "HybridChunk", "Route", "MODEL_ALIASES"]
+__all__ = ["HybridRuntime", "HybridResult", "HybridChunk", "Cost", "Route", "MODEL_ALIASES"]
 
 log = logging.getLogger(__name__)
 
 Route = Literal["local", "cloud", "fallback", "local_forced"]
 # what a request may ask for: the policy decides, or it pins one side
 MODEL_ALIASES = ("auto", "local", "cloud")
+
+
+class Cost(TypedDict):
+    """What an answer cost (``HybridResult.cost``): USD and joules, and two flags (see the README)."""
+
+    cloud_usd: float  # the bridge's bill
+    device_energy_usd: float  # the device's joules at [cost] usd_per_kwh
+    network_energy_j: float  # the radio's, estimated
+    total_usd: float
+    cloud_usd_unknown: bool  # an escalation cut after the bridge took it: it may have billed what the device never saw
+    device_energy_estimated: bool
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,7 @@ class HybridResult:
     usage: dict[str, dict[str, int]]
     latency_ms: dict[str, float]
     energy: dict[str, Any]
-    cost: dict[str, float]
+    cost: Cost
     cloud_error: str | None = None
     # the failed escalation's error class ("CloudTimeoutError", "CircuitOpenError", ...; "EmptyAnswer" for an answer
     # without text), for counting failures by cause without reading messages
@@ -380,8 +391,11 @@ class HybridRuntime:
             settings = config
         elif isinstance(config, Mapping):
             settings = load_runtime_settings(data=config)
-        else:
+        elif config is None or isinstance(config, (str, os.PathLike)):
             settings = load_runtime_settings(config)
+        else:
+            raise ConfigError(f"must be a TOML file, a mapping or RuntimeSettings, got {type(config).__name__}",
+                              field="config")
         return cls.from_settings(settings, **engine_kwargs)
 
     @classmethod
@@ -429,18 +443,34 @@ class HybridRuntime:
             raise
 
     def close(self) -> None:
-        """Close the cloud client and the engine. Later calls raise at once; calls in flight end as the two end
-        theirs: a running escalation's bridge call is cut, and a request that still needs the engine (a fallback,
-        or one waiting for a KV cache) raises ``EdgeRuntimeError``."""
+        """Close the cloud client and the engine, and give up a budget's state file (its spend written). Later calls
+        raise at once; calls in flight end as the two end theirs: a running escalation's bridge call is cut, and a
+        request that still needs the engine (a fallback, or one waiting for a KV cache) raises ``EdgeRuntimeError``."""
         self._closed = True
         if self.cloud is not None:
             self.cloud.close()
         self.engine.close()
+        for part in self.policy.parts():  # a runtime built next on the same file (a settings reload) takes it over
+            release = getattr(part, "release_state", None)
+            if release is not None:
+                release()
+
+    def __enter__(self) -> HybridRuntime:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     # ---- the call --------------------------------------------------------------------------
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str = "auto", params: SamplingParams | None = None,
              cancel: Any = None, request_id: str | None = None, **sampling: Any) -> HybridResult:
+        """Answer a conversation: locally, or escalated to the bridge when the policy says so (a failed escalation
+        returns the local answer as ``route == "fallback"``). ``model``: ``"auto"`` (the policy decides),
+        ``"local"`` or ``"cloud"`` (privacy and budget still hold). Sampling is ``params`` or
+        :class:`SamplingParams` fields; without ``max_new_tokens`` it is the runtime's default (``[engine]
+        max_new_tokens``, 256), or what is left of the context window when that is less. ``cancel``: a
+        ``threading.Event`` or a callable, checked every step and during the bridge call. See :meth:`stream`."""
         result = None
         for chunk in self.stream(messages, model=model, params=params, cancel=cancel, request_id=request_id, **sampling):
             if chunk.result is not None:
@@ -1031,7 +1061,7 @@ class HybridRuntime:
         }
         cloud_usd = float(cloud.cost_usd) if cloud is not None else 0.0
         device_usd = device_energy_usd(self.cost, local_j + net_j + wait_j)
-        cost = {"cloud_usd": cloud_usd, "device_energy_usd": device_usd, "network_energy_j": round(net_j, 6),
+        cost: Cost = {"cloud_usd": cloud_usd, "device_energy_usd": device_usd, "network_energy_j": round(net_j, 6),
                 "total_usd": cloud_usd + device_usd,
                 # an escalation that failed or was cancelled after the bridge took it: it may have been billed for
                 # what was generated, which the device never learns (cloud_usd counts only bills it received; a

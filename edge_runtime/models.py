@@ -29,7 +29,7 @@ from pathlib import Path
 from ._files import durable_replace
 from .bundle import MANIFEST_NAME, read_small_file, sha256_file, verify_bundle
 from .cache import cache_dir, current_umask
-from .errors import BundleError, ModelFetchError
+from .errors import BundleError, BundleNotFoundError, ModelFetchError
 
 __all__ = [
     "WheelPart", "KnownModel", "KNOWN_MODELS", "fetch_model", "cached_model_path", "cached_model_state", "cached_bundles",
@@ -379,6 +379,19 @@ def _names_a_model(name: str) -> bool:
     return name in KNOWN_MODELS or (cache_dir("bundles", create=False) / name / MANIFEST_NAME).is_file()
 
 
+def exists_as_named(ref: str | os.PathLike[str]) -> bool:
+    """Whether ``ref`` names an existing path, spelt as it is there. On a case-insensitive file system (macOS's,
+    Windows') the known model ``smollm2-135m-instruct`` also "exists" beside a Hugging Face clone named
+    ``SmolLM2-135M-Instruct``, which then stood in for the known model (or blocked its build)."""
+    path = Path(ref).expanduser()
+    if not path.exists():
+        return False
+    try:
+        return path.name in os.listdir(path.parent) or path.name in ("", ".", "..")
+    except OSError:  # a parent that cannot be listed: take the lookup's word
+        return True
+
+
 def resolve_bundle(ref: str | os.PathLike[str], *, precision: str = "int4", field: str | None = None) -> Path:
     """A bundle path from a directory, or from a known model name (its cached ``<name>-<precision>`` bundle).
 
@@ -390,7 +403,7 @@ def resolve_bundle(ref: str | os.PathLike[str], *, precision: str = "int4", fiel
     name = str(ref)
     # a directory that is a bundle is taken as given; one that is not does not hide a cached bundle or a known
     # model of the same name (an unrelated ./smollm2-135m-instruct in the working directory)
-    if path.exists() and ((path / MANIFEST_NAME).exists() or not _names_a_model(name)):
+    if exists_as_named(path) and ((path / MANIFEST_NAME).exists() or not _names_a_model(name)):
         return path
     cached = cache_dir("bundles", create=False) / name
     if (cached / MANIFEST_NAME).is_file():
@@ -401,5 +414,5 @@ def resolve_bundle(ref: str | os.PathLike[str], *, precision: str = "int4", fiel
             return cached
         how = (f"run `edge-runtime quantize {name} --precision {precision}`" if precision in ("fp32", "int8", "int4")
                else f"build it with `edge-runtime quantize {name}` and the variant's options")
-        raise BundleError(f"{where}no {precision} bundle of {name} in the cache yet: {how}")
-    raise BundleError(f"{where}bundle not found: {ref} (not a directory, a cached bundle or a known model name)")
+        raise BundleNotFoundError(f"{where}no {precision} bundle of {name} in the cache yet: {how}")
+    raise BundleNotFoundError(f"{where}bundle not found: {ref} (not a directory, a cached bundle or a known model name)")

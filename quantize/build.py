@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_runtime.bundle import SCHEMA_VERSION, sha256_file, verify_bundle
 from edge_runtime.errors import BuildError, QualityGateError
-from edge_runtime.models import KNOWN_MODELS, fetch_model
+from edge_runtime.models import KNOWN_MODELS, exists_as_named, fetch_model
 
 from .calibrate import CALIBRATION_TEXT, input_importance
 from .graph import IO_SCHEMA, build_graph
@@ -88,7 +88,7 @@ def _tool_versions() -> dict[str, str]:
 def _resolve(source: str | os.PathLike[str], progress: Progress) -> tuple[Path, str | None]:
     text = str(source)
     # an existing path wins over a known name, as in resolve_bundle: what the user points at is what is built
-    if text in KNOWN_MODELS and not Path(text).expanduser().exists():
+    if text in KNOWN_MODELS and not exists_as_named(text):
         path = fetch_model(text, progress=lambda msg: progress(f"fetch: {msg}", 0, 1))
         return path, text
     return Path(text).expanduser(), None

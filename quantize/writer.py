@@ -68,13 +68,9 @@ def check_replaceable(out: Path, *, force: bool) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    import psutil  # not os.kill(pid, 0): on Windows signal 0 is CTRL_C_EVENT, sent to that process, not a probe
+
+    return psutil.pid_exists(pid)
 
 
 def sweep_stale(out: Path) -> list[Path]:

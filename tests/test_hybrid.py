@@ -939,6 +939,18 @@ def test_a_second_runtime_on_a_budgets_state_file_fails_when_it_is_made(engine, 
     HybridRuntime(engine, policy=policy)
 
 
+def test_a_closed_runtime_gives_up_its_budgets_state_file(tiny_bundle, tmp_path):
+    # an app reloading its settings closes the runtime and builds another while the old one is still referenced
+    from edge_runtime.engine import Engine
+
+    policy = {"chain": [{"type": "budget", "usd": 1.0, "state_file": str(tmp_path / "spend.json")}, {"type": "never"}]}
+    with HybridRuntime(Engine(tiny_bundle), policy=policy) as first:
+        assert first.policy.parts()[0].state_file is not None
+    with HybridRuntime(Engine(tiny_bundle), policy=policy) as second:
+        assert second.policy.parts()[0].state_file is not None
+    assert first._closed and second._closed
+
+
 def test_prices_a_bridge_lists_that_are_not_prices_leave_the_cost_table_in_charge(engine):
     # a NaN price made every reservation NaN, which a budget admits whatever its cap
     def list_models(**_kw):

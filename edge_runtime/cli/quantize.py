@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +61,7 @@ class _Progress:
 
 def _run(args: argparse.Namespace) -> int:
     from ..errors import BuildError
-    from ..models import KNOWN_MODELS, default_bundle_dir
+    from ..models import KNOWN_MODELS, default_bundle_dir, exists_as_named
 
     try:
         from quantize import build_bundle
@@ -74,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     if out is None:
         if args.source not in KNOWN_MODELS:
             raise BuildError("--out is required unless SOURCE is a known model name")
-        if Path(args.source).exists():
+        if exists_as_named(args.source):
             # the build would read the directory but write the known model's cached bundle, which every later
             # `generate NAME` and daemon then loads
             raise BuildError(f"./{args.source} is in the working directory and {args.source} is also a known model: "

@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                "cloud.token_file, or the variable EDGE_RUNTIME_CLOUD_TOKEN.",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file (env EDGE_RUNTIME_* and flags override it)")
+    p.add_argument("--check", action="store_true",
+                   help="check the settings, token and TLS files, estimator and bundle (its manifest and file stamps), "
+                        "then exit 0 if the daemon would start with them: before a HUP or restart applies an edit "
+                        "(nothing is bound or loaded; a running daemon is not disturbed)")
     _settings_flags_on_first_use(p)
     p.set_defaults(func=_run)
 
@@ -71,6 +75,8 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger("edge_runtime.daemon").setLevel(logging.INFO)
     settings = load_runtime_settings(args.config, overrides=settings_overrides_from_args(args))
     _check_files_and_cloud(settings)
+    if args.check:
+        return _report_check(settings)
     listener = _log_through_a_queue()
     try:
         server, _port = create_server(settings)
@@ -104,6 +110,24 @@ def _check_files_and_cloud(settings: RuntimeSettings) -> None:
         from ..models import resolve_bundle
 
         resolve_bundle(settings.engine.bundle, precision=settings.engine.precision, field="engine.bundle")
+
+
+def _report_check(settings: RuntimeSettings) -> int:
+    """``serve --check``: the bundle verified as a start verifies it, and one line saying what would be served."""
+    from ..bundle import verify_bundle
+    from ..errors import BundleError, ConfigError
+    from ..models import resolve_bundle
+
+    bundle = resolve_bundle(settings.engine.bundle, precision=settings.engine.precision, field="engine.bundle")
+    try:
+        manifest = verify_bundle(bundle, "fast")  # as the engine loads it
+    except BundleError as err:
+        raise ConfigError(str(err), field="engine.bundle") from err
+    s = settings.server
+    cloud = f"escalating to {settings.cloud.address}" if settings.cloud.address else "no cloud"
+    print(f"edge-runtime serve: the configuration is valid: {manifest.name} ({manifest.precision}) on "
+          f"http://{s.host}:{s.port}, {cloud}")
+    return 0
 
 
 def _log_through_a_queue() -> QueueListener:

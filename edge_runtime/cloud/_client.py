@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -371,6 +372,9 @@ class CloudClient:
             left -= step
 
     def _deadline(self, timeout_s: float | None) -> tuple[float, float]:
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                      or not 0 < timeout_s < math.inf):  # also refuses nan
+            raise InvalidRequestError(f"must be a number of seconds > 0, got {timeout_s!r:.40}", field="timeout_s")
         start = self._clock()
         return start, start + (self.settings.timeout_s if timeout_s is None else timeout_s)
 
@@ -460,6 +464,16 @@ class CloudClient:
     def _request(self, messages: Sequence[Message], params: SamplingParams | None, model: str | None,
                  escalation: Escalation | None, request_id: str | None,
                  max_prices: tuple[float, float] | None = None) -> bridge_pb2.GenerateRequest:
+        # the caller's mistakes as errors naming the argument (a str for messages failed as an AttributeError)
+        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+            raise InvalidRequestError(f"must be a list of messages, got {type(messages).__name__}", field="messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping):
+                raise InvalidRequestError(f"must be a mapping with role and content, got {type(m).__name__}",
+                                          field=f"messages[{i}]")
+        for name, value, kind in (("params", params, SamplingParams), ("escalation", escalation, Escalation)):
+            if value is not None and not isinstance(value, kind):
+                raise InvalidRequestError(f"must be a {kind.__name__} or None, got {type(value).__name__}", field=name)
         return _request(
             messages,
             model=self.settings.model if model is None else model,

@@ -124,6 +124,20 @@ def _closed_socket_hint(tls: bool | None, client_cert: bool) -> str:
     return " (the bridge may not accept this client certificate: check that its CA signed it and its dates)"
 
 
+# gRPC's text for the bridge's certificate failing the device's checks, and the setting that decides each
+_HANDSHAKE_HINTS = {
+    "CERTIFICATE_VERIFY_FAILED": " (the bridge's certificate is not signed by a CA the device trusts: cloud.ca_file, "
+                                 "or the system roots without it)",
+    "Hostname Verification": " (the bridge's certificate does not name the host of cloud.address: use that name, "
+                             "or set cloud.server_name to one it carries)",
+    "certificate has expired": " (the bridge's certificate has expired, or this device's clock is wrong)",
+}
+
+
+def _handshake_hint(text: str) -> str:
+    return next((hint for marker, hint in _HANDSHAKE_HINTS.items() if marker in text), "")
+
+
 def translate_rpc_error(err: grpc.RpcError, details: StatusDetails | None = None, *, tls: bool | None = None,
                         client_cert: bool = False) -> CloudError:
     """The most specific CloudError for a failed call; ``code`` is the gRPC status name.
@@ -137,6 +151,8 @@ def translate_rpc_error(err: grpc.RpcError, details: StatusDetails | None = None
     message = f"cloud bridge: {code.name}: {text}" + (f" [{details.reason}]" if details.reason else "")
     if code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in (text or ""):
         message += _closed_socket_hint(tls, client_cert)
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        message += _handshake_hint(text or "")
     name = code.name
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return CloudAuthError(message, code=name)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 import os
 import stat
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +95,32 @@ class CloudSettings:
         # CloudClient(ca_file="ca.pem") passes str (or os.PathLike); the rest of the client reads Paths
         for name in _PATH_FIELDS:
             object.__setattr__(self, name, _as_path(getattr(self, name), f"cloud.{name}"))
+        self._check_types()
         self.validate()
+
+    def _check_types(self) -> None:
+        """The Python API's values (a config file's are converted when it is read): timeout_s="5" failed later as
+        a TypeError, insecure="false" was taken as true."""
+        hints = typing.get_type_hints(CloudSettings)
+        for f in dataclasses.fields(self):
+            value, tp = getattr(self, f.name), hints[f.name]
+            if tp is bool:
+                ok = isinstance(value, bool)
+            elif tp is int:
+                ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            elif tp is float:
+                ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            elif tp is str:
+                if value is None:  # token=None: no token given, as the default ""
+                    object.__setattr__(self, f.name, value := "")
+                ok = isinstance(value, str)
+            else:
+                continue
+            if not ok:  # the type only: the value may be the token
+                kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+                raise ConfigError(f"expected {kind}, got {type(value).__name__}", field=f"cloud.{f.name}")
+            if tp in (int, float):
+                object.__setattr__(self, f.name, tp(value))
 
     def resolve_token(self) -> str:
         """The device token, from ``token`` or ``token_file`` (which must not be group- or world-readable)."""

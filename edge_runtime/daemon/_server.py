@@ -203,7 +203,10 @@ class DaemonServer:
         self._stop = asyncio.Event()
         if install_signals:
             for sig in stop_signals():
-                loop.add_signal_handler(sig, self._on_signal, sig)
+                try:
+                    loop.add_signal_handler(sig, self._on_signal, sig)
+                except NotImplementedError:  # Windows' event loops: a plain handler, which hands the signal to the loop
+                    signal.signal(sig, lambda signum, _frame: loop.call_soon_threadsafe(self._on_signal, signum))
         server = _uvicorn_server(self.app, self.settings)
         serving = asyncio.create_task(server.serve(sockets=[self._sock]))
         if self.grpc_server is not None:

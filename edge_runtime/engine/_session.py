@@ -25,6 +25,7 @@ import numpy as np
 from ..bundle import Manifest
 from ..config import MAX_THREADS
 from ..errors import BundleError, EdgeRuntimeError, InvalidRequestError, OutOfMemoryError
+from ._exit import ort_call
 
 __all__ = ["OrtModel", "KVCache", "check_onnxruntime", "default_threads", "session_options"]
 
@@ -145,7 +146,10 @@ class OrtModel:
                 field="providers",
             )
         try:
-            self.session = ort.InferenceSession(str(manifest.model_file), so, providers=wanted)
+            with ort_call():
+                self.session = ort.InferenceSession(str(manifest.model_file), so, providers=wanted)
+        except EdgeRuntimeError:
+            raise
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             if _out_of_memory(err):
                 raise OutOfMemoryError(f"not enough memory to load {manifest.model_file} "
@@ -329,7 +333,10 @@ class KVCache:
 
     def _run(self) -> None:
         try:
-            self.model.session.run_with_iobinding(self.binding)
+            with ort_call():
+                self.model.session.run_with_iobinding(self.binding)
+        except EdgeRuntimeError:
+            raise
         except Exception as err:  # translate onnxruntime's errors at the boundary
             if _out_of_memory(err):
                 raise OutOfMemoryError(f"not enough memory to run the model (onnxruntime: {_one_line(err)})") from err

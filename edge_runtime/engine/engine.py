@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -57,6 +57,9 @@ from .types import (
     message_text,
     validate_messages,
 )
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 __all__ = ["Engine", "ChatSession", "Cancel", "ScoreResult"]
 
@@ -159,6 +162,26 @@ class Engine:
     """Runs one model bundle. Thread-safe: up to ``max_sessions`` pooled generations (``generate``, ``stream``)
     run concurrently; each chat session holds its own KV cache outside that pool, so it adds to them."""
 
+    # declared here for type checkers: assigned inside __init__'s error translation, they were "Cannot determine type"
+    # to mypy in users' code
+    manifest: Manifest
+    tokenizer: Tokenizer
+    eos_token_ids: frozenset[int]
+    bos_token_id: int | None
+    template: ChatTemplate
+    model: OrtModel
+    context_length: int  # tokens: prompt plus answer
+    max_sessions: int
+    prompt_lookup: int
+    load_ms: float
+    _cache_tokens: int
+    _created: int
+    _pool_cond: threading.Condition
+    _energy_meter: Any
+    _byte_level: bool
+    _bytes_map: dict[str, int]
+    _closed: bool
+
     def __init__(
         self,
         bundle: str | os.PathLike[str],
@@ -172,7 +195,17 @@ class Engine:
         session_config: Mapping[str, str] | None = None,
         prompt_lookup: int = PROMPT_LOOKUP_TOKENS,
     ) -> None:
+        """Load ``bundle`` (a directory; verified: ``"fast"`` re-hashes only files changed since their stamp).
+
+        ``providers``: onnxruntime execution providers in order of preference, names or ``(name, {option: value})``
+        (default: CPU). ``intra_op_threads``: default the physical cores this process may use (affinity mask, cgroup
+        quota). ``max_sessions``: pooled generations at once (each a KV cache). ``cache_tokens``: the size a pooled
+        KV cache starts at and returns to. ``energy_meter``: ``"default"`` (this device's best source), None, or an
+        EnergyMeter. ``prompt_lookup``: 0 to 8 drafted tokens per step (0: off).
+        """
         t0 = time.perf_counter()
+        if not isinstance(bundle, (str, os.PathLike)):
+            raise InvalidRequestError(f"must be a bundle directory, got {type(bundle).__name__}", field="bundle")
         for field, value in (("max_sessions", max_sessions), ("cache_tokens", cache_tokens)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise InvalidRequestError(f"must be an integer >= 1, got {value!r}", field=field)
@@ -193,7 +226,7 @@ class Engine:
             raise InvalidRequestError(f"must be a list of execution providers, got {type(providers).__name__}",
                                       field="providers")
         with _memory_error_as(f"not enough memory to load {bundle}"):
-            self.manifest: Manifest = verify_bundle(Path(bundle).expanduser(), verify)
+            self.manifest = verify_bundle(Path(bundle).expanduser(), verify)
             from tokenizers import Tokenizer
 
             try:
@@ -276,8 +309,10 @@ class Engine:
         return len(self.encode(prompt, messages=messages))
 
     def token_text(self, token_id: int) -> str:
+        """A token's text as the tokenizer decodes it alone (special tokens included)."""
         text = self._token_text.get(token_id)
         if text is None:
+            self._token_ids([token_id], "token_id")  # -1 raised OverflowError, an id past the vocabulary gave ''
             text = self.tokenizer.decode([token_id], skip_special_tokens=False)
             self._token_text[token_id] = text
         return text
@@ -386,7 +421,14 @@ class Engine:
         prompt_nll: bool = False,
         **sampling: Any,
     ) -> GenerationResult:
-        """Generate a completion; keyword arguments not named here are SamplingParams fields."""
+        """Generate a completion of ``prompt`` (raw text) or ``messages`` (rendered with the bundle's chat template).
+
+        Sampling is ``params`` or keyword arguments naming :class:`SamplingParams` fields (``max_new_tokens``
+        defaults to 256). ``cancel``: a ``threading.Event`` or a callable, checked every step; the result then ends
+        ``finish_reason == "cancelled"``. ``prompt_nll``: also measure the prompt's own log-likelihood (for
+        estimators that read it). Raises ``InvalidRequestError`` naming a bad field, ``ContextLengthError`` when
+        the prompt plus ``max_new_tokens`` does not fit, both before any work.
+        """
         result = None
         for chunk in self.stream(prompt, messages=messages, params=params, cancel=cancel, prompt_nll=prompt_nll, **sampling):
             if chunk.result is not None:
@@ -750,6 +792,7 @@ class Engine:
     # ---- chat sessions ----------------------------------------------------------------------
 
     def chat_session(self, system: str | None = None) -> ChatSession:
+        """A conversation that keeps its own KV cache between turns (see :class:`ChatSession`)."""
         if self._closed:  # before it allocates a KV cache no turn could use
             raise EdgeRuntimeError("engine is closed")
         return ChatSession(self, system=system)
@@ -803,6 +846,8 @@ class ChatSession:
         self._lock = threading.Lock()
 
     def send(self, content: str, *, params: SamplingParams | None = None, cancel: Cancel = None, **sampling: Any) -> GenerationResult:
+        """One user turn and the model's answer, both added to ``messages``; sampling and ``cancel`` as in
+        :meth:`Engine.generate`. Only the new turn is prefilled."""
         result = None
         for chunk in self.stream(content, params=params, cancel=cancel, **sampling):
             if chunk.result is not None:

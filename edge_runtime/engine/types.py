@@ -157,7 +157,15 @@ def provider_specs(
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    """How to generate. ``temperature == 0`` means greedy; ``top_k == 0`` means no top-k cut."""
+    """How to generate; each field is checked here (``InvalidRequestError`` naming it).
+
+    - ``max_new_tokens``: 1 to 65,536 (default 256); the prompt plus it must fit the model's context window.
+    - ``temperature``: >= 0; 0 (the default) means greedy. ``top_p`` in (0, 1]; ``top_k`` >= 0, 0 meaning no cut.
+    - ``seed``: 0 to 2**63 - 1, or None; a seeded sampled request repeats its answer.
+    - ``stop``: up to 16 non-empty strings; the answer ends before the first one (not included).
+    - ``top_logprobs``: 0 to 20 alternatives per token, in OpenAI's shape.
+    - ``truncate_prompt``: when the prompt does not fit, drop its oldest part instead of raising.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0

@@ -93,6 +93,7 @@ class Budget(Policy):
         self._state_notes: list[tuple[int, str, tuple[Any, ...]]] = []  # what reading it found, logged at the claim
         self._state_warned = False
         self._state_locked = False  # this budget holds the file's lock (see claim_state)
+        self._unlock: Callable[[], Any] | None = None  # closes the lock's descriptor (also when garbage-collected)
         self._write_lock = threading.Lock()  # held by the thread writing the file (outside self._lock)
         self._pending_lock = threading.Lock()
         self._pending: tuple[int, dict[str, Any]] | None = None  # the newest snapshot not yet written
@@ -164,10 +165,25 @@ class Budget(Policy):
                     raise ConfigError(f"another budget (another process?) keeps its spend in {str(self.state_file)!r}: "
                                       "each would spend the whole cap; give each its own file",
                                       field=self._state_field) from err
-            weakref.finalize(self, os.close, fd)  # closing the descriptor releases the lock
+            self._unlock = weakref.finalize(self, os.close, fd)  # closing the descriptor releases the lock
             self._state_locked = True
             for level, message, args in self._state_notes:
                 log.log(level, message, *args)
+
+    def release_state(self) -> None:
+        """Write the spend a last time and give the file up (``HybridRuntime.close``): a runtime built next on the same
+        file, in this process too, takes it over. Escalations still in flight stay reserved in what was written
+        (the next owner counts them spent), and this budget keeps no file from now on."""
+        if self.state_file is None:
+            return
+        with self._lock:
+            snapshot = self._snapshot()
+        self._save_state(snapshot)
+        with self._write_lock:
+            self.state_file = None  # a settlement after this would claim the file again, from its new owner
+            if self._unlock is not None:
+                self._unlock()
+            self._unlock, self._state_locked = None, False
 
     def _snapshot(self) -> tuple[int, dict[str, Any]] | None:
         """What to write to the state file now (call with the lock held), numbered; None without one."""

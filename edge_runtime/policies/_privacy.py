@@ -161,6 +161,9 @@ class Privacy(Policy):
                                   "put your own under regexes)", field=f"policy.patterns[{i}]")
         self.patterns = tuple(dict.fromkeys(names))
         self.regexes: dict[str, str] = {}
+        if regexes is not None and not isinstance(regexes, Mapping):  # a list of patterns failed as an AttributeError
+            raise ConfigError(f"must be a table of name = regular expression, got {type(regexes).__name__}",
+                              field="policy.regexes")
         self._detectors: list[tuple[str, Callable[[str], bool], str]] = [
             (n, BUILTIN_PATTERNS[n][0], BUILTIN_PATTERNS[n][1]) for n in self.patterns
         ]

@@ -358,6 +358,27 @@ def test_client_settings_are_validated():
     assert info.value.field == "cloud.timeout_s"
 
 
+def test_python_api_values_of_the_wrong_type_are_errors_naming_the_field(start_bridge, make_client):
+    # a config file's values are converted when it is read; the API's were used as given: timeout_s="5" failed later
+    # as a TypeError, insecure="false" meant true
+    for field, value in (("timeout_s", "5"), ("token", 5), ("keepalive_s", None), ("insecure", "yes"),
+                         ("max_attempts", 2.5), ("address", 1)):
+        with pytest.raises(ConfigError) as info:
+            CloudSettings(**{field: value})
+        assert info.value.field == f"cloud.{field}"
+        assert "5" not in str(info.value) or field != "token"  # the type is named, never a token's value
+    assert CloudSettings(timeout_s=5).timeout_s == 5.0 and isinstance(CloudSettings(timeout_s=5).timeout_s, float)
+    client = make_client(start_bridge())
+    for call, field in ((lambda: client.generate("hi"), "messages"),
+                        (lambda: client.generate(["hi"]), "messages[0]"),
+                        (lambda: client.generate(HI, params={"max_new_tokens": 2}), "params"),
+                        (lambda: client.generate(HI, timeout_s="1"), "timeout_s"),
+                        (lambda: client.generate(HI, timeout_s=0), "timeout_s")):
+        with pytest.raises(InvalidRequestError) as caught:
+            call()
+        assert caught.value.field == field
+
+
 def test_a_token_file_set_over_a_token_from_another_layer_is_refused_not_ignored(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("from-the-file\n")

@@ -106,11 +106,14 @@ def test_tls_with_the_bridge_ca(start_bridge, make_client, certs):
     assert make_client(bridge, ca_file=certs.ca).generate(HI).text == "the answer is forty two"
     # the name in the certificate is checked: "localhost" is in it, "elsewhere" is not
     assert make_client(bridge, address=f"localhost:{bridge.port}", ca_file=certs.ca).generate(HI).completion_tokens == 5
-    with pytest.raises(CloudUnavailableError):
+    # each failed check names the setting that decides it (gRPC's own text named none)
+    with pytest.raises(CloudUnavailableError) as info:
         make_client(bridge, ca_file=certs.ca, server_name="elsewhere", max_attempts=1, timeout_s=3).generate(HI)
+    assert "cloud.server_name" in str(info.value), str(info.value)
     # without the CA (system roots only) the handshake fails
-    with pytest.raises(CloudUnavailableError):
+    with pytest.raises(CloudUnavailableError) as info:
         make_client(bridge, insecure=False, max_attempts=1, timeout_s=3).generate(HI)
+    assert "cloud.ca_file" in str(info.value), str(info.value)
     # and a plaintext client cannot talk to a TLS bridge; gRPC says only "Socket closed", the error says why
     with pytest.raises(CloudUnavailableError) as info:
         make_client(bridge, max_attempts=1, timeout_s=3).generate(HI)

@@ -202,3 +202,36 @@ def test_a_drain_that_fails_still_stops_the_daemon(engine, start_daemon, monkeyp
     assert daemon.wait(10)
     assert any("drain failed (RuntimeError: can't start new thread): stopping now" in r.getMessage()
                for r in caplog.records)
+
+
+def test_serve_stops_cleanly_where_the_event_loop_has_no_signal_handlers(tiny_bundle, tmp_path):
+    # Windows' asyncio loops raise NotImplementedError from add_signal_handler: serve died at start with a bare
+    # traceback. Simulated here on Linux: the daemon falls back to signal.signal and still drains on SIGTERM.
+    config = tmp_path / "edge.toml"
+    config.write_text(f'[engine]\nbundle = "{tiny_bundle}"\n[policy]\ntype = "never"\n'
+                      f'[server]\nport = 0\ngrpc_socket = ""\n')
+    script = ("import asyncio.unix_events as u, sys\n"
+              "def refuse(*_a, **_k):\n    raise NotImplementedError\n"
+              "u._UnixSelectorEventLoop.add_signal_handler = refuse\n"
+              "from edge_runtime.cli import main\nsys.exit(main(['serve', '--config', sys.argv[1]]))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_RUNTIME_") or k == "EDGE_RUNTIME_CACHE"}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(config)], env=env, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    log_lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            log_lines.append(line)
+            if "ready" in line or "Traceback" in line:
+                break
+        reader = threading.Thread(target=lambda: log_lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        assert any("ready" in line for line in log_lines), "".join(log_lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, "".join(log_lines)
+        reader.join(5)
+        assert any("draining" in line for line in log_lines), "".join(log_lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

@@ -206,6 +206,25 @@ def test_serve_refuses_a_remote_bind_with_one_clear_line(capsys, tiny_bundle):
     assert "server.host" in err and "allow_remote" in err and "Traceback" not in err
 
 
+def test_serve_check_validates_a_config_without_binding_or_loading(capsys, tmp_path, tiny_bundle, monkeypatch):
+    # before a HUP applies an edit: a bad one would stop the daemon (and a few in a row hit systemd's start limit)
+    import edge_runtime.daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "create_server", lambda *_a, **_k: pytest.fail("--check bound a server"))
+    assert main(["serve", "--check", "--engine-bundle", str(tiny_bundle), "--server-port", "8080"]) == 0
+    out = capsys.readouterr().out
+    assert "the configuration is valid" in out and "http://127.0.0.1:8080" in out and "no cloud" in out
+    assert main(["serve", "--check", "--engine-bundle", str(tmp_path / "none")]) == 1
+    assert "engine.bundle: bundle not found" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(tiny_bundle, broken)
+    (broken / "tokenizer.json").write_text("{}")  # a file changed since the bundle was built
+    assert main(["serve", "--check", "--engine-bundle", str(broken)]) == 1
+    assert "engine.bundle:" in capsys.readouterr().err
+
+
 def test_serve_reports_a_bad_setting_by_name(capsys, tmp_path, tiny_bundle):
     assert main(["serve", "--server-queue-size", "0"]) == 1
     assert "server.queue_size" in capsys.readouterr().err
@@ -327,7 +346,7 @@ def test_tables_and_arrays_from_the_environment_and_a_policy_field_set_alone(mon
 
 
 def test_a_missing_bundle_or_estimator_names_its_setting(tiny_bundle, tmp_path):
-    from edge_runtime.errors import BundleError, ConfigError
+    from edge_runtime.errors import BundleNotFoundError, ConfigError
     from edge_runtime.hybrid import HybridRuntime
     from edge_runtime.settings import load_runtime_settings
 
@@ -341,7 +360,8 @@ def test_a_missing_bundle_or_estimator_names_its_setting(tiny_bundle, tmp_path):
         assert info.value.field == field
     assert load_runtime_settings(data={"engine": {"precision": "int4-offsets"}}, env={}).engine.precision == "int4-offsets"
 
-    with pytest.raises(BundleError, match=r"^engine\.bundle: bundle not found: nosuch-model"):
+    # the same class as Engine() raises for it: `except BundleNotFoundError` catches both
+    with pytest.raises(BundleNotFoundError, match=r"^engine\.bundle: bundle not found: nosuch-model"):
         HybridRuntime.from_settings(load_runtime_settings(data={"engine": {"bundle": "nosuch-model"}}, env={}))
     data = {"engine": {"bundle": str(tiny_bundle), "estimator": str(tmp_path / "missing.json")}}
     with pytest.raises(ConfigError, match="estimator file not found") as info:

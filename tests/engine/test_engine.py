@@ -870,6 +870,27 @@ def test_engine_arguments_of_the_wrong_kind_name_the_argument(tiny_bundle, kwarg
     assert info.value.field == field
 
 
+def test_more_arguments_of_the_wrong_kind_name_the_argument(engine):
+    # each was a bare TypeError, AttributeError or OverflowError (or '' for an id past the vocabulary)
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.hybrid import HybridRuntime
+    from edge_runtime.policies import Privacy
+
+    with pytest.raises(InvalidRequestError) as info:
+        Engine(5)
+    assert info.value.field == "bundle"
+    for token_id in (-1, 10**9):
+        with pytest.raises(InvalidRequestError) as info:
+            engine.token_text(token_id)
+        assert info.value.field == "token_id"
+    with pytest.raises(ConfigError) as caught:
+        HybridRuntime.from_config(5)
+    assert caught.value.field == "config"
+    with pytest.raises(ConfigError) as caught:
+        Privacy(regexes=[r"\d+"])
+    assert caught.value.field == "policy.regexes"
+
+
 def test_running_out_of_memory_is_one_of_our_errors_and_the_engine_keeps_serving(tiny_bundle, monkeypatch):
     import onnxruntime as ort
     from tokenizers import Tokenizer

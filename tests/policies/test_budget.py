@@ -234,6 +234,27 @@ def test_a_state_file_carries_the_spend_across_a_restart(tmp_path):
     assert Budget(1.0, 3600, clock=Clock(), state_file=state).spent_usd() == 0.0
 
 
+def test_releasing_the_state_file_writes_the_spend_and_lets_the_next_budget_take_it(tmp_path):
+    # a settings reload (close the runtime, build a new one) in one process found the file still locked by the
+    # closed runtime's budget until it was garbage-collected
+    state = tmp_path / "spend.json"
+    clock = Clock()
+    first = Budget(1.0, clock=clock, state_file=state)
+    first.claim_state()
+    policy = Chain([first, Always()])
+    done, in_flight = req(0.25), req(0.5)
+    policy.before(done)
+    policy.settle(done, 0.25)
+    policy.before(in_flight)
+    first.release_state()
+    first.release_state()  # twice is harmless
+    second = Budget(1.0, clock=clock, state_file=state)
+    second.claim_state()  # while `first` is still referenced
+    assert second.spent_usd() == pytest.approx(0.75)  # the reservation in flight counts as spent
+    policy.settle(in_flight, 0.1)  # settling after the release writes nothing over the new owner's file
+    assert json.loads(state.read_text())["committed_usd"] == pytest.approx(0.75)
+
+
 def test_a_state_file_in_a_config_is_checked_at_start_naming_the_field(tmp_path):
     bad = tmp_path / "spend.json"
     bad.write_text("{not json")

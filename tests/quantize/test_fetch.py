@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pathlib
 import zipfile
 from pathlib import Path
 
@@ -201,6 +202,25 @@ def test_a_directory_that_is_not_a_bundle_does_not_hide_the_cached_bundle_of_its
     (tmp_path / "my-model").mkdir()  # unrelated, in the working directory
     assert resolve_bundle("my-model") == cached
     assert resolve_bundle("./my-model").resolve() == tmp_path / "my-model"  # a path is a path
+
+
+def test_a_name_that_exists_only_in_another_case_is_not_taken_for_a_path(tmp_path, monkeypatch):
+    # macOS's and Windows' file systems ignore case: beside a clone named SmolLM2-135M-Instruct, the known model's
+    # name "existed", and quantize refused to build it (or a bundle name resolved to the clone). Simulated: the
+    # lookup finds it, the directory's listing spells it otherwise.
+    import os
+
+    from edge_runtime.models import exists_as_named
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "SmolLM2-135M-Instruct").mkdir()
+    assert exists_as_named("SmolLM2-135M-Instruct") and exists_as_named(str(tmp_path)) and exists_as_named(".")
+    assert not exists_as_named("no-such-thing")
+    real_exists = pathlib.Path.exists
+    monkeypatch.setattr(pathlib.Path, "exists", lambda self: real_exists(self) or self.name == "smollm2-135m-instruct")
+    assert pathlib.Path("smollm2-135m-instruct").exists()  # what a case-insensitive lookup says
+    assert not exists_as_named("smollm2-135m-instruct")  # and what the directory holds
+    assert os.listdir(tmp_path) == ["SmolLM2-135M-Instruct"]
 
 
 def test_quantize_refuses_a_known_name_shadowed_by_a_local_directory_and_gives_variants_their_own_home(

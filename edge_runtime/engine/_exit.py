@@ -1,0 +1,53 @@
+"""Threads inside onnxruntime when the interpreter exits.
+
+When Python finalizes, a daemon thread that comes back from C code and asks for the GIL is ended by unwinding
+its stack. Unwound through onnxruntime's C++ frames, that aborts the whole process (SIGABRT, "terminate called
+without an active exception"): an app that exited while a request ran in a daemon thread (a GUI's worker, a web
+framework's) crashed, whatever it had closed, since ``close()`` lets a running generation finish. At exit (atexit
+runs before finalization) new runs are refused and the ones under way, a fraction of a second each, are waited for.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from ..errors import EdgeRuntimeError
+
+__all__ = ["ort_call"]
+
+EXIT_WAIT_S = 5.0  # a prefill chunk or a model load on a slow device; a step takes milliseconds
+
+_cond = threading.Condition()
+_inside = 0  # threads running onnxruntime now
+_exiting = False
+
+
+@contextlib.contextmanager
+def ort_call() -> Iterator[None]:
+    """Around every call into onnxruntime that runs for long (a run, a session's creation)."""
+    global _inside
+    with _cond:
+        if _exiting:
+            raise EdgeRuntimeError("the interpreter is exiting")
+        _inside += 1
+    try:
+        yield
+    finally:
+        with _cond:
+            _inside -= 1
+            if _inside == 0:
+                _cond.notify_all()
+
+
+def _wait_at_exit(wait_s: float = EXIT_WAIT_S) -> bool:
+    """Refuse new runs and wait for the ones under way; False if some were still running after ``wait_s``."""
+    global _exiting
+    with _cond:
+        _exiting = True
+        return _cond.wait_for(lambda: _inside == 0, timeout=wait_s)
+
+
+atexit.register(_wait_at_exit)
