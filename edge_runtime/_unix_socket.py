@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["MAX_SOCKET_PATH_BYTES", "prepare_socket_path", "socket_mode"]
+__all__ = ["MAX_SOCKET_PATH_BYTES", "check_socket_path_length", "prepare_socket_path", "socket_mode"]
 
 _UMASK_LOCK = threading.Lock()
 # sun_path with its terminating NUL: 108 bytes on Linux, 104 on macOS and the BSDs (gRPC's own error for a longer
@@ -25,11 +25,15 @@ _UMASK_LOCK = threading.Lock()
 MAX_SOCKET_PATH_BYTES = 107 if sys.platform.startswith("linux") else 103
 
 
-def prepare_socket_path(path: Path, *, field: str, server: str) -> None:
-    """Refuse a path in use by a live ``server``; remove a stale socket; create a private parent directory."""
+def check_socket_path_length(path: Path, *, field: str) -> None:
     if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
         raise ConfigError(f"{path} is longer than {MAX_SOCKET_PATH_BYTES} bytes, the limit of a Unix socket path",
                           field=field)
+
+
+def prepare_socket_path(path: Path, *, field: str, server: str) -> None:
+    """Refuse a path in use by a live ``server``; remove a stale socket; create a private parent directory."""
+    check_socket_path_length(path, field=field)
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

@@ -183,7 +183,7 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     raise ConfigError(f"unsupported settings type {tp!r}", field=field)
 
 
-def _describe(tp: Any) -> str:
+def describe_type(tp: Any) -> str:
     if typing.get_origin(tp) is dict or tp is dict:
         return "a table"
     if typing.get_origin(tp) in (list, tuple):
@@ -277,7 +277,7 @@ def _build(cls: type[T], layers: list[Mapping[str, Any]], prefix: str) -> T:
                     if not f.metadata.get("secret"):
                         raise
                     # the messages quote the value they refuse: not for a secret
-                    raise ConfigError(f"expected {_describe(tp)} (the value is not shown: it is a secret)",
+                    raise ConfigError(f"expected {describe_type(tp)} (the value is not shown: it is a secret)",
                                       field=dotted) from None
     try:
         obj = cls(**kwargs)
@@ -510,35 +510,35 @@ def run_command(prog: str, args: argparse.Namespace, *, say_interrupted: bool = 
         return int(args.func(args) or 0)
     except EdgeRuntimeError as err:
         # one clear line, never a traceback as the only explanation
-        _say(f"{prog} {args.command}: error: {err}")
+        say(f"{prog} {args.command}: error: {err}")
         if args.verbose >= 2:
             raise
         return 1
     except MemoryError:  # one the engine did not translate (reading a suite, a tokenizer, a large file)
-        _say(f"{prog} {args.command}: error: out of memory")
+        say(f"{prog} {args.command}: error: out of memory")
         if args.verbose >= 2:
             raise
         return 1
     except BrokenPipeError as err:
         if stdout_reader_gone():
             return stdout_closed()
-        _say(f"{prog} {args.command}: error: {err.strerror or err}")
+        say(f"{prog} {args.command}: error: {err.strerror or err}")
         return 1
     except OSError as err:
         # a file the user named that cannot be read or written (a directory, a missing parent, no permission);
         # the commands translate the ones they expect, this is the boundary for the rest
         where = f": {err.filename}" if err.filename else ""
-        _say(f"{prog} {args.command}: error: {err.strerror or err}{where}")
+        say(f"{prog} {args.command}: error: {err.strerror or err}{where}")
         if args.verbose >= 2:
             raise
         return 1
     except KeyboardInterrupt:
         if say_interrupted:
-            _say(f"{prog} {args.command}: interrupted")
+            say(f"{prog} {args.command}: interrupted")
         return 130
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     """A line on stderr, or nowhere when stderr is closed (``2>&-``): ``print(file=None)`` would write it to stdout,
     into the results a script reads."""
     if sys.stderr is not None:

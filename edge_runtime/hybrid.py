@@ -305,6 +305,24 @@ _ENGINE_SETTING = {"providers": "providers", "intra_op_threads": "threads", "max
                    "cache_tokens": "cache_tokens", "prompt_lookup": "prompt_lookup"}
 
 
+def check_policy_inputs(parts: Sequence[Policy], est: Estimator) -> None:
+    """A policy part whose input a runtime with this estimator cannot give would never escalate, or fail every
+    request: ConfigError naming the part (a HybridRuntime at start, ``serve --check``)."""
+    for i, part in enumerate(parts):
+        where = "policy" if len(parts) == 1 else f"policy.chain[{i}]"
+        if part.type_name == "gain" and est.cloud is None:
+            raise ConfigError("gain compares the local answer with the cloud's expected accuracy, and this "
+                              "estimator has no cloud prior: fit one with `edge-runtime calibrate --cloud-bundle` "
+                              "or `edge-runtime explore`", field=f"{where}.type")
+        if _reads_context_score(part) and not (est.can_pre_route or getattr(est, "knn", None) is not None):
+            raise ConfigError("pre_route needs an estimator that scores a prompt before decoding (a kNN prior, "
+                              "from `edge-runtime explore`)", field=f"{where}.type")
+        if part.type_name == "early_exit" and getattr(part, "signal", "") == "trajectory" \
+                and getattr(part, "confidence_fn", None) is None:
+            raise ConfigError("signal 'trajectory' is for replaying recorded runs; a live runtime needs "
+                              "mean_prob, min_prob or min_margin", field=f"{where}.signal")
+
+
 class HybridRuntime:
     """The embedding API: a local engine, a confidence estimator, a policy and (optionally) a cloud client."""
 
@@ -338,7 +356,7 @@ class HybridRuntime:
             claim = getattr(part, "claim_state", None)
             if claim is not None:
                 claim()
-        self._check_policy_inputs(parts)
+        check_policy_inputs(parts, self.estimator)
         # load (and fetch once) the sentence encoder the estimator's kNN priors embed prompts with, now: a daemon
         # must fail at start, not report healthy and then fail (or download 90 MB) at its first request
         cloud_prior = self.estimator.cloud if self._wants_p_cloud else None  # read only by a gain policy
@@ -362,23 +380,6 @@ class HybridRuntime:
         self._prior_lock = threading.Lock()  # for the two above: requests on several threads look at them
         self._pace = _LocalPace()
         self._closed = False
-
-    def _check_policy_inputs(self, parts: Sequence[Policy]) -> None:
-        """A policy part whose input this runtime cannot give would never escalate, or fail every request."""
-        est = self.estimator
-        for i, part in enumerate(parts):
-            where = "policy" if len(parts) == 1 else f"policy.chain[{i}]"
-            if part.type_name == "gain" and est.cloud is None:
-                raise ConfigError("gain compares the local answer with the cloud's expected accuracy, and this "
-                                  "estimator has no cloud prior: fit one with `edge-runtime calibrate --cloud-bundle` "
-                                  "or `edge-runtime explore`", field=f"{where}.type")
-            if _reads_context_score(part) and not (est.can_pre_route or getattr(est, "knn", None) is not None):
-                raise ConfigError("pre_route needs an estimator that scores a prompt before decoding (a kNN prior, "
-                                  "from `edge-runtime explore`)", field=f"{where}.type")
-            if part.type_name == "early_exit" and getattr(part, "signal", "") == "trajectory" \
-                    and getattr(part, "confidence_fn", None) is None:
-                raise ConfigError("signal 'trajectory' is for replaying recorded runs; a live runtime needs "
-                                  "mean_prob, min_prob or min_margin", field=f"{where}.signal")
 
     # ---- construction ------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unicodedata
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -386,10 +387,18 @@ def exists_as_named(ref: str | os.PathLike[str]) -> bool:
     path = Path(ref).expanduser()
     if not path.exists():
         return False
+    if path.name in ("", ".", ".."):
+        return True
     try:
-        return path.name in os.listdir(path.parent) or path.name in ("", ".", "..")
+        names = os.listdir(path.parent)
     except OSError:  # a parent that cannot be listed: take the lookup's word
         return True
+    wanted = unicodedata.normalize("NFC", path.name)
+    spelt = [unicodedata.normalize("NFC", n) for n in names]  # macOS may keep a name decomposed (NFD)
+    if wanted in spelt:
+        return True
+    # found by the lookup under another case only; no entry at all (a Windows 8.3 short name): the lookup's word
+    return not any(n.casefold() == wanted.casefold() for n in spelt)
 
 
 def resolve_bundle(ref: str | os.PathLike[str], *, precision: str = "int4", field: str | None = None) -> Path:

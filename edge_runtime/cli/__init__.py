@@ -63,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # die at once, leaving all of them). `serve` installs its own handler, which drains; a SIGTERM before that (while
     # it reads its settings and binds) stops a server that has taken no request yet, which is a clean stop (0, as
     # after a drain): 143 would leave a systemd unit restarted in its first second "failed".
-    handler = _stop_cleanly if args.command == "serve" else _terminate
+    # (not `serve --check`: an interrupted check is no pass)
+    handler = _stop_cleanly if args.command == "serve" and not getattr(args, "check", False) else _terminate
     previous = signal.signal(signal.SIGTERM, handler) if threading.current_thread() is threading.main_thread() else None
     try:
         return run_command("edge-runtime", args)

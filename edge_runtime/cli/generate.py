@@ -10,7 +10,7 @@ import math
 import sys
 from typing import Any
 
-from ..config import THREADS_HELP
+from ..config import THREADS_HELP, say
 from ..engine import PROMPT_LOOKUP_TOKENS, SUGGESTED_PROMPT_LOOKUP_TOKENS
 from ..engine.types import TRUNCATION_HINT
 from ..errors import ContextLengthError
@@ -158,10 +158,8 @@ def _generate(args: argparse.Namespace, engine: Any, estimator: Any, params: Any
         failures += not ok
         answered += 1
         print(_json_line(out), flush=True)
-    if failures and sys.stderr is not None:
-        # the exit status alone reads like a command that stopped; this one wrote every line
-        print(f"edge-runtime generate: {failures} of {answered} input lines failed (see the \"error\" in their output lines)",
-              file=sys.stderr)
+    if failures:  # the exit status alone reads like a command that stopped; this one wrote every line
+        say(f"edge-runtime generate: {failures} of {answered} input lines failed (see the \"error\" in their output lines)")
     return 1 if failures else 0
 
 

@@ -12,6 +12,7 @@ import argparse
 import logging
 import queue
 from logging.handlers import QueueHandler, QueueListener
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -74,9 +75,9 @@ def _run(args: argparse.Namespace) -> int:
         # a daemon's normal log is one line per request (sizes and timings, never content unless log_content)
         logging.getLogger("edge_runtime.daemon").setLevel(logging.INFO)
     settings = load_runtime_settings(args.config, overrides=settings_overrides_from_args(args))
-    _check_files_and_cloud(settings)
+    bundle = _check_files_and_cloud(settings)
     if args.check:
-        return _report_check(settings)
+        return _report_check(settings, bundle)
     listener = _log_through_a_queue()
     try:
         server, _port = create_server(settings)
@@ -85,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         listener.stop()  # writes out what is still queued
 
 
-def _check_files_and_cloud(settings: RuntimeSettings) -> None:
+def _check_files_and_cloud(settings: RuntimeSettings) -> Path | None:
     """The configuration errors that need no model loaded, raised before "listening on ...", as the settings' own are.
 
     Found while the model loads, they ended the daemon all the same, but a ``Type=exec`` unit had counted the
@@ -109,20 +110,34 @@ def _check_files_and_cloud(settings: RuntimeSettings) -> None:
     if settings.engine.bundle:  # a bundle that is not there (a relative path from an older config, say)
         from ..models import resolve_bundle
 
-        resolve_bundle(settings.engine.bundle, precision=settings.engine.precision, field="engine.bundle")
+        return resolve_bundle(settings.engine.bundle, precision=settings.engine.precision, field="engine.bundle")
+    return None
 
 
-def _report_check(settings: RuntimeSettings) -> int:
-    """``serve --check``: the bundle verified as a start verifies it, and one line saying what would be served."""
+def _report_check(settings: RuntimeSettings, bundle: Path | None) -> int:
+    """``serve --check``: what a start would refuse, short of binding and loading the model: the listeners' settings,
+    the bundle verified as the engine verifies it, the estimator against that bundle and the policy against the
+    estimator. One line saying what would be served."""
     from ..bundle import verify_bundle
-    from ..errors import BundleError, ConfigError
-    from ..models import resolve_bundle
+    from ..confidence import load_estimator
+    from ..daemon import check_listeners
+    from ..errors import BundleError, ConfigError, EstimatorError
+    from ..hybrid import check_policy_inputs
+    from ..policies import Policy, policy_from_config
 
-    bundle = resolve_bundle(settings.engine.bundle, precision=settings.engine.precision, field="engine.bundle")
+    check_listeners(settings)
+    if bundle is None:
+        raise ConfigError("no bundle set", field="engine.bundle")
     try:
         manifest = verify_bundle(bundle, "fast")  # as the engine loads it
     except BundleError as err:
         raise ConfigError(str(err), field="engine.bundle") from err
+    try:
+        estimator = load_estimator(settings.engine.estimator, bundle_hash=manifest.bundle_hash)
+    except EstimatorError as err:
+        raise ConfigError(str(err), field="engine.estimator") from err
+    policy = settings.policy if isinstance(settings.policy, Policy) else policy_from_config(settings.policy)
+    check_policy_inputs(policy.parts(), estimator)
     s = settings.server
     cloud = f"escalating to {settings.cloud.address}" if settings.cloud.address else "no cloud"
     print(f"edge-runtime serve: the configuration is valid: {manifest.name} ({manifest.precision}) on "

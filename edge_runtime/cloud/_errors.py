@@ -125,12 +125,14 @@ def _closed_socket_hint(tls: bool | None, client_cert: bool) -> str:
 
 
 # gRPC's text for the bridge's certificate failing the device's checks, and the setting that decides each
+# (the first that matches: the dates' texts also say CERTIFICATE_VERIFY_FAILED)
 _HANDSHAKE_HINTS = {
+    "certificate has expired": " (the bridge's certificate has expired, or this device's clock is wrong)",
+    "certificate is not yet valid": " (this device's clock is behind the bridge's certificate: set the clock, NTP)",
     "CERTIFICATE_VERIFY_FAILED": " (the bridge's certificate is not signed by a CA the device trusts: cloud.ca_file, "
                                  "or the system roots without it)",
     "Hostname Verification": " (the bridge's certificate does not name the host of cloud.address: use that name, "
                              "or set cloud.server_name to one it carries)",
-    "certificate has expired": " (the bridge's certificate has expired, or this device's clock is wrong)",
 }
 
 

@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import setting
+from ..config import describe_type, setting
 from ..errors import ConfigError
 from ._address import check_address
 
@@ -117,10 +117,12 @@ class CloudSettings:
             else:
                 continue
             if not ok:  # the type only: the value may be the token
-                kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
-                raise ConfigError(f"expected {kind}, got {type(value).__name__}", field=f"cloud.{f.name}")
+                raise ConfigError(f"expected {describe_type(tp)}, got {type(value).__name__}", field=f"cloud.{f.name}")
             if tp in (int, float):
-                object.__setattr__(self, f.name, tp(value))
+                try:
+                    object.__setattr__(self, f.name, tp(value))
+                except OverflowError as err:  # an integer past a float's range
+                    raise ConfigError(f"expected a finite number, got {value!r:.40}", field=f"cloud.{f.name}") from err
 
     def resolve_token(self) -> str:
         """The device token, from ``token`` or ``token_file`` (which must not be group- or world-readable)."""

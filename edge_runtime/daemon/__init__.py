@@ -31,11 +31,12 @@ from ._errors import ApiError, api_error
 from ._metrics import Metrics
 from ._openai import parse_chat_request
 from ._request import ChatRequest, build_chat_request
-from ._server import DaemonServer, create_server, is_loopback_host
+from ._server import DaemonServer, check_listeners, create_server, is_loopback_host
 from ._service import ChatService, Job
 
 __all__ = [
     "create_server",
+    "check_listeners",
     "DaemonServer",
     "is_loopback_host",
     "ChatService",

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._signals import exit_status_after_stop, stop_signals
+from .._unix_socket import check_socket_path_length
 from ..errors import ConfigError, EdgeRuntimeError
 from ._guard import BrowserGuard, is_loopback_host
 from ._http import create_app
@@ -143,6 +144,7 @@ class DaemonServer:
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._plain_handlers: dict[int, Any] = {}  # signals handled without the loop's help, and what they had before
         self._thread: threading.Thread | None = None
         self._load_thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -206,7 +208,18 @@ class DaemonServer:
                 try:
                     loop.add_signal_handler(sig, self._on_signal, sig)
                 except NotImplementedError:  # Windows' event loops: a plain handler, which hands the signal to the loop
-                    signal.signal(sig, lambda signum, _frame: loop.call_soon_threadsafe(self._on_signal, signum))
+                    self._plain_handlers[sig] = signal.signal(
+                        sig, lambda signum, _frame: loop.call_soon_threadsafe(self._on_signal, signum))
+        try:
+            await self._serve()
+        finally:
+            # undone before the loop closes, as its own handlers are: they would call into the closed loop (and
+            # asyncio.run puts back the default SIGINT handler only when it finds its own)
+            for sig, handler in self._plain_handlers.items():
+                signal.signal(sig, handler)
+            self._plain_handlers.clear()
+
+    async def _serve(self) -> None:
         server = _uvicorn_server(self.app, self.settings)
         serving = asyncio.create_task(server.serve(sockets=[self._sock]))
         if self.grpc_server is not None:
@@ -367,6 +380,17 @@ class DaemonServer:
             self._meter = None
 
 
+def check_listeners(settings: RuntimeSettings) -> None:
+    """What create_server refuses about its listeners before binding (``serve --check`` too, with nothing bound)."""
+    s = settings.server
+    if not s.allow_remote and not is_loopback_host(s.host):
+        raise ConfigError(
+            f"{s.host!r} is not a loopback address: the daemon has no authentication, so binding it to a network "
+            "needs server.allow_remote = true (and a firewall or reverse proxy in front)", field="server.host")
+    if s.grpc_socket:
+        check_socket_path_length(Path(s.grpc_socket).expanduser().absolute(), field="server.grpc_socket")
+
+
 def create_server(settings: RuntimeSettings, *, runtime: HybridRuntime | None = None) -> tuple[DaemonServer, int]:
     """Bind the daemon (HTTP on server.host:server.port, gRPC on server.grpc_socket); returns it and its HTTP port.
 
@@ -374,10 +398,7 @@ def create_server(settings: RuntimeSettings, *, runtime: HybridRuntime | None = 
     (the caller closes it) instead of loading one from the settings after :meth:`DaemonServer.start`.
     """
     s = settings.server
-    if not s.allow_remote and not is_loopback_host(s.host):
-        raise ConfigError(
-            f"{s.host!r} is not a loopback address: the daemon has no authentication, so binding it to a network "
-            "needs server.allow_remote = true (and a firewall or reverse proxy in front)", field="server.host")
+    check_listeners(settings)
     if not is_loopback_host(s.host):
         log.warning("the daemon listens on %s with no authentication: anyone who reaches this port can use it "
                     "(and its cloud quota); keep a firewall or an authenticating reverse proxy in front", s.host)

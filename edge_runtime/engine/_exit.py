@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 
@@ -38,7 +39,7 @@ def ort_call() -> Iterator[None]:
     finally:
         with _cond:
             _inside -= 1
-            if _inside == 0:
+            if _inside <= 0:
                 _cond.notify_all()
 
 
@@ -47,7 +48,16 @@ def _wait_at_exit(wait_s: float = EXIT_WAIT_S) -> bool:
     global _exiting
     with _cond:
         _exiting = True
-        return _cond.wait_for(lambda: _inside == 0, timeout=wait_s)
+        return _cond.wait_for(lambda: _inside <= 0, timeout=wait_s)
+
+
+def _reset_in_child() -> None:
+    """A forked child (gunicorn's --preload workers) runs none of its parent's calls: it must not wait for them at
+    its exit, nor find the condition's lock held by a parent's thread that does not exist in it."""
+    global _cond, _inside, _exiting
+    _cond, _inside, _exiting = threading.Condition(), 0, False
 
 
 atexit.register(_wait_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)

@@ -94,6 +94,8 @@ class Budget(Policy):
         self._state_warned = False
         self._state_locked = False  # this budget holds the file's lock (see claim_state)
         self._unlock: Callable[[], Any] | None = None  # closes the lock's descriptor (also when garbage-collected)
+        self._claims = 0  # runtimes using this budget (one instance may serve several): the last release gives it up
+        self._released = False  # given up: nothing more is written until a runtime claims the file again
         self._write_lock = threading.Lock()  # held by the thread writing the file (outside self._lock)
         self._pending_lock = threading.Lock()
         self._pending: tuple[int, dict[str, Any]] | None = None  # the newest snapshot not yet written
@@ -142,45 +144,57 @@ class Budget(Policy):
         """Take the state file for this budget's life, before it admits anything (a HybridRuntime does, so a daemon
         fails at start): two daemons on one file each spent the whole cap, and the file kept one of the figures.
         ConfigError naming the field when another budget holds it. Reading a config only (to check it, or to
-        explore its policy) takes nothing."""
+        explore its policy) takes nothing. Counted: :meth:`release_state` gives the file up at the last release."""
         with self._write_lock:
-            if self.state_file is None or self._state_locked:
-                return
+            self._lock_state_file()  # first: a claim refused (ConfigError) is not counted
+            self._claims += 1
+            self._released = False
+
+    def _lock_state_file(self) -> None:
+        """Take the file's lock (call with the write lock held)."""
+        if self.state_file is None or self._state_locked:
+            return
+        try:
+            # not through a link another user planted beside it (a shared directory): O_NOFOLLOW
+            fd = os.open(self.state_file.with_name(self.state_file.name + ".lock"),
+                         os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as err:
+            raise ConfigError(f"cannot create the lock beside {str(self.state_file)!r}: {err}",
+                              field=self._state_field) from err
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: not checked
+            fcntl = None
+        if fcntl is not None:
             try:
-                # not through a link another user planted beside it (a shared directory): O_NOFOLLOW
-                fd = os.open(self.state_file.with_name(self.state_file.name + ".lock"),
-                             os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
-                raise ConfigError(f"cannot create the lock beside {str(self.state_file)!r}: {err}",
+                os.close(fd)
+                raise ConfigError(f"another budget (another process?) keeps its spend in {str(self.state_file)!r}: "
+                                  "each would spend the whole cap; give each its own file",
                                   field=self._state_field) from err
-            try:
-                import fcntl
-            except ImportError:  # not a POSIX system: not checked
-                fcntl = None
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as err:
-                    os.close(fd)
-                    raise ConfigError(f"another budget (another process?) keeps its spend in {str(self.state_file)!r}: "
-                                      "each would spend the whole cap; give each its own file",
-                                      field=self._state_field) from err
-            self._unlock = weakref.finalize(self, os.close, fd)  # closing the descriptor releases the lock
-            self._state_locked = True
-            for level, message, args in self._state_notes:
-                log.log(level, message, *args)
+        self._unlock = weakref.finalize(self, os.close, fd)  # closing the descriptor releases the lock
+        self._state_locked = True
+        for level, message, args in self._state_notes:
+            log.log(level, message, *args)
+        self._state_notes.clear()  # said once, not again when a runtime claims the file anew
 
     def release_state(self) -> None:
-        """Write the spend a last time and give the file up (``HybridRuntime.close``): a runtime built next on the same
-        file, in this process too, takes it over. Escalations still in flight stay reserved in what was written
-        (the next owner counts them spent), and this budget keeps no file from now on."""
-        if self.state_file is None:
-            return
-        with self._lock:
-            snapshot = self._snapshot()
-        self._save_state(snapshot)
-        with self._write_lock:
-            self.state_file = None  # a settlement after this would claim the file again, from its new owner
+        """At the last release of the runtimes that claimed it (``HybridRuntime.close``): write the spend a last time
+        and give the file up, so that a runtime built next on the same file, in this process too, takes it over.
+        Escalations still in flight stay reserved in what was written (the next owner counts them spent); their
+        settlements are not written over the next owner's file."""
+        with self._write_lock:  # held throughout: no writer of an older snapshot runs after the last one
+            self._claims = max(0, self._claims - 1)
+            if self._claims or self._released or self.state_file is None:
+                return
+            with self._lock:
+                snapshot = self._snapshot()
+            with self._pending_lock:
+                self._pending = None  # older than this one
+            if snapshot is not None:
+                self._write(*snapshot)
+            self._released = True
             if self._unlock is not None:
                 self._unlock()
             self._unlock, self._state_locked = None, False
@@ -199,11 +213,12 @@ class Budget(Policy):
         way, later snapshots wait as the newest pending one, which its writer writes next (six admissions at
         once made six writes, one after another). A failed write is logged, once until one succeeds, and
         requests go on: the spend held in memory still caps this process."""
-        if snapshot is None or self.state_file is None:
+        if snapshot is None or self.state_file is None or self._released:
             return
-        if not self._state_locked:  # a budget used without a HybridRuntime claims its file at its first write
+        if not self._state_locked:  # a budget used without a HybridRuntime takes its file at its first write
             try:
-                self.claim_state()
+                with self._write_lock:
+                    self._lock_state_file()
             except ConfigError as err:
                 log.error("%s: this process's spend is not saved there (its own cap still holds)", err)
                 self.state_file = None
@@ -226,7 +241,7 @@ class Budget(Policy):
                     return
 
     def _write(self, seq: int, state: dict[str, Any]) -> None:
-        if seq <= self._written_seq or self.state_file is None:
+        if seq <= self._written_seq or self.state_file is None or self._released:  # (with the write lock held)
             return
         try:
             write_text_whole(self.state_file, json.dumps(state) + "\n")

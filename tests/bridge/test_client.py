@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import threading
@@ -286,7 +287,15 @@ def test_a_host_that_never_answers_still_opens_the_circuit_under_short_caller_de
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     held: list[socket.socket] = []
-    threading.Thread(target=lambda: [held.append(listener.accept()[0]) for _ in range(8)], daemon=True).start()
+
+    def accept() -> None:
+        # until the test closes the listener (accept then raises, which pytest reported in whatever test ran next)
+        with contextlib.suppress(OSError):
+            for _ in range(8):
+                held.append(listener.accept()[0])
+
+    accepting = threading.Thread(target=accept, daemon=True)
+    accepting.start()
     client = CloudClient(address=f"127.0.0.1:{listener.getsockname()[1]}", token="ebt_x", insecure=True, timeout_s=30,
                          max_attempts=1, circuit_failure_threshold=2)
     try:
@@ -296,6 +305,9 @@ def test_a_host_that_never_answers_still_opens_the_circuit_under_short_caller_de
         assert client.circuit.state == "open"
     finally:
         client.close()
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not, on Linux)
+        accepting.join(5)
         listener.close()
         for conn in held:
             conn.close()

@@ -120,6 +120,47 @@ def test_tls_with_the_bridge_ca(start_bridge, make_client, certs):
     assert "may serve TLS" in str(info.value), str(info.value)
 
 
+@pytest.mark.parametrize(("reason", "hint"), [
+    ("certificate has expired", "clock is wrong"),
+    ("certificate is not yet valid", "clock is behind"),
+    ("unable to get local issuer certificate", "cloud.ca_file"),
+])
+def test_a_bridge_certificate_refused_for_its_dates_blames_the_clock_not_the_ca(reason, hint):
+    # gRPC's text for the dates says CERTIFICATE_VERIFY_FAILED too: a Pi without a clock battery, booted with an old
+    # time, was told to look at cloud.ca_file
+    import grpc
+
+    from edge_runtime.cloud._errors import translate_rpc_error
+
+    class Failed(grpc.RpcError, grpc.Call):  # what a failed call raises: its code and gRPC's text
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Tls handshake "
+                    f"failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED: {reason}: OK")
+
+        def trailing_metadata(self):
+            return ()
+
+        initial_metadata = trailing_metadata
+
+        def is_active(self):
+            return False
+
+        def time_remaining(self):
+            return None
+
+        def cancel(self):
+            return False
+
+        def add_callback(self, _callback):
+            return False
+
+    message = str(translate_rpc_error(Failed(), tls=True))
+    assert hint in message, message
+
+
 def test_mtls_requires_a_client_certificate_from_the_trusted_ca(start_bridge, make_client, certs):
     bridge = start_bridge(
         insecure=False,

@@ -213,7 +213,9 @@ def test_serve_stops_cleanly_where_the_event_loop_has_no_signal_handlers(tiny_bu
     script = ("import asyncio.unix_events as u, sys\n"
               "def refuse(*_a, **_k):\n    raise NotImplementedError\n"
               "u._UnixSelectorEventLoop.add_signal_handler = refuse\n"
-              "from edge_runtime.cli import main\nsys.exit(main(['serve', '--config', sys.argv[1]]))\n")
+              "from edge_runtime.cli import main\nrc = main(['serve', '--config', sys.argv[1]])\n"
+              "import signal\nprint('SIGINT restored:', signal.getsignal(signal.SIGINT) is signal.default_int_handler,\n"
+              "      file=sys.stderr)\nsys.exit(rc)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_RUNTIME_") or k == "EDGE_RUNTIME_CACHE"}
     proc = subprocess.Popen([sys.executable, "-c", script, str(config)], env=env, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[2])
@@ -230,6 +232,8 @@ def test_serve_stops_cleanly_where_the_event_loop_has_no_signal_handlers(tiny_bu
         assert proc.wait(20) == 0, "".join(log_lines)
         reader.join(5)
         assert any("draining" in line for line in log_lines), "".join(log_lines)
+        # the plain handlers are undone with the loop (they would call into the closed loop: RuntimeError)
+        assert any("SIGINT restored: True" in line for line in log_lines), "".join(log_lines)
     finally:
         if proc.poll() is None:
             proc.kill()

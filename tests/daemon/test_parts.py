@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -190,6 +191,9 @@ def test_a_sigterm_while_serve_starts_is_a_clean_stop(monkeypatch):
         main(["serve"])
     assert stopped.value.code == 0
     assert signal.getsignal(signal.SIGTERM) is before  # main put the previous handler back
+    with pytest.raises(SystemExit) as stopped:  # an interrupted `serve --check` is no pass
+        main(["serve", "--check"])
+    assert stopped.value.code == 143
     monkeypatch.undo()
     import edge_runtime.cli.generate as generate_cli
 
@@ -216,6 +220,16 @@ def test_serve_check_validates_a_config_without_binding_or_loading(capsys, tmp_p
     assert "the configuration is valid" in out and "http://127.0.0.1:8080" in out and "no cloud" in out
     assert main(["serve", "--check", "--engine-bundle", str(tmp_path / "none")]) == 1
     assert "engine.bundle: bundle not found" in capsys.readouterr().err
+    # what only the daemon's start checked before: it refused them after the check had passed them
+    estimator = tmp_path / "other.json"
+    estimator.write_text(json.dumps({"schema_version": 1, "kind": "heuristic", "bundle_hash": "0" * 64}))
+    for flags, field in ((["--server-host", "0.0.0.0"], "server.host"),
+                         (["--server-grpc-socket", str(tmp_path / ("s" * 120) / "x.sock")], "server.grpc_socket"),
+                         (["--engine-estimator", str(estimator)], "engine.estimator"),
+                         (["--policy", '{type = "pre_route", bar = 0.5}'], "policy.type")):
+        assert main(["serve", "--check", "--engine-bundle", str(tiny_bundle), *flags]) == 1, flags
+        captured = capsys.readouterr()
+        assert f"{field}:" in captured.err and "configuration is valid" not in captured.out, (flags, captured)
     broken = tmp_path / "broken"
     import shutil
 

@@ -255,6 +255,31 @@ def test_releasing_the_state_file_writes_the_spend_and_lets_the_next_budget_take
     assert json.loads(state.read_text())["committed_usd"] == pytest.approx(0.75)
 
 
+def test_a_budget_shared_by_two_runtimes_keeps_its_file_until_the_last_release(tmp_path):
+    # one Budget instance in two runtimes (one cap across two models): closing the first stopped the second's saving
+    state = tmp_path / "spend.json"
+    budget = Budget(1.0, clock=Clock(), state_file=state)
+    policy = Chain([budget, Always()])
+    budget.claim_state()
+    budget.claim_state()
+    budget.release_state()  # the first runtime closes
+    c = req(0.25)
+    policy.before(c)
+    policy.settle(c, 0.25)
+    assert json.loads(state.read_text())["committed_usd"] == pytest.approx(0.25)  # still saved
+    with pytest.raises(ConfigError, match="another budget"):
+        Budget(1.0, clock=Clock(), state_file=state).claim_state()  # and still its own
+    budget.release_state()  # the last one
+    other = Budget(1.0, clock=Clock(), state_file=state)
+    other.claim_state()
+    other.release_state()
+    budget.claim_state()  # a runtime rebuilt with the same instance takes the file again
+    c = req(0.5)
+    policy.before(c)
+    policy.settle(c, 0.5)
+    assert json.loads(state.read_text())["committed_usd"] == pytest.approx(0.75)
+
+
 def test_a_state_file_in_a_config_is_checked_at_start_naming_the_field(tmp_path):
     bad = tmp_path / "spend.json"
     bad.write_text("{not json")

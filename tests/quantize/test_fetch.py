@@ -208,8 +208,6 @@ def test_a_name_that_exists_only_in_another_case_is_not_taken_for_a_path(tmp_pat
     # macOS's and Windows' file systems ignore case: beside a clone named SmolLM2-135M-Instruct, the known model's
     # name "existed", and quantize refused to build it (or a bundle name resolved to the clone). Simulated: the
     # lookup finds it, the directory's listing spells it otherwise.
-    import os
-
     from edge_runtime.models import exists_as_named
 
     monkeypatch.chdir(tmp_path)
@@ -220,7 +218,10 @@ def test_a_name_that_exists_only_in_another_case_is_not_taken_for_a_path(tmp_pat
     monkeypatch.setattr(pathlib.Path, "exists", lambda self: real_exists(self) or self.name == "smollm2-135m-instruct")
     assert pathlib.Path("smollm2-135m-instruct").exists()  # what a case-insensitive lookup says
     assert not exists_as_named("smollm2-135m-instruct")  # and what the directory holds
-    assert os.listdir(tmp_path) == ["SmolLM2-135M-Instruct"]
+    decomposed = "cafe\u0301"  # "café" as macOS may keep it (NFD); typed composed, it is the same name
+    (tmp_path / decomposed).mkdir()
+    monkeypatch.setattr(pathlib.Path, "exists", lambda self: real_exists(self) or self.name == "caf\u00e9")
+    assert exists_as_named("caf\u00e9")
 
 
 def test_quantize_refuses_a_known_name_shadowed_by_a_local_directory_and_gives_variants_their_own_home(
