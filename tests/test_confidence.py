@@ -420,3 +420,21 @@ def test_eval_on_the_split_an_estimator_was_fitted_on_warns_and_a_failed_write_k
         save_estimator(estimator, out)
     monkeypatch.undo()
     assert out.read_bytes() == before and [p.name for p in tmp_path.glob(".estimator.json*")] == []
+
+
+def test_few_items_are_said_to_be_few():
+    # a team's first suite: 18 dev items for 29 features fitted to in-sample AUROC 1.000, then p_correct 0.99 when wrong
+    from edge_runtime.confidence import FEATURES, fit_warnings, fitted_features, half_width_95, wilson_interval
+
+    lo, hi = wilson_interval(10 / 14, 14)
+    assert 0.45 < lo < 0.47 and 0.87 < hi < 0.89  # 71.4% on 14 items: anywhere from ~46% to ~88%
+    assert wilson_interval(0.0, 5)[0] == 0.0 and wilson_interval(1.0, 5)[1] == 1.0
+    assert half_width_95(14) == pytest.approx(0.262, abs=1e-3)
+    assert fitted_features("multi") == fitted_features("multi+knn") == len(FEATURES)
+    assert fitted_features("generic") == 6 and fitted_features("knn") is None and fitted_features("lp_min") == 1
+    labels = np.array([1.0, 0.0] * 9)
+    (warning,) = fit_warnings(labels, len(FEATURES))
+    assert f"18 items for {len(FEATURES)} features" in warning
+    assert fit_warnings(np.array([1.0, 0.0] * 100), len(FEATURES)) == []
+    (warning,) = fit_warnings(np.ones(5), 6)
+    assert "all 5 items are right" in warning

@@ -93,7 +93,7 @@ def _items(suite: str, split: str, limit: int | None) -> list[Any]:
 
 @_naming_flags
 def _calibrate(args: argparse.Namespace) -> int:
-    from ..confidence import estimator_scores, fit_estimator, make_dataset, save_estimator
+    from ..confidence import estimator_scores, fit_estimator, fit_warnings, fitted_features, make_dataset, save_estimator
     from ..engine import Engine
     from ..metrics import auroc, expected_calibration_error
     from ..models import resolve_bundle
@@ -109,9 +109,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads, prompt_lookup=args.prompt_lookup)
     records = run_edge(engine, items, selfcheck=args.family == "selfcheck", desc=f"{args.split} (edge)")
     data = make_dataset(records, items)
-    if len(set(data.labels.tolist())) < 2:
-        log.warning("all %d items are %s: the estimator cannot learn to tell right from wrong answers on them "
-                    "(use more items, or another split)", len(data), "right" if data.labels[0] else "wrong")
+    for warning in fit_warnings(data.labels, fitted_features(args.family)):
+        log.warning("%s", warning)
     cloud = _cloud_labels(cloud_bundle, args.threads, items, data)
     estimator = fit_estimator(args.family, data, bundle_hash=None if args.portable else engine.bundle_hash, cloud_labels=cloud)
     p = estimator_scores(estimator, data, training_data=True)  # in-sample, but no row votes for itself

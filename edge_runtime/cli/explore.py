@@ -72,7 +72,7 @@ def print_summary(result, out) -> None:  # type: ignore[no-untyped-def]
             w(f"goal {rec['goal']!r} -> {rec['point'].name} (config: {result.out / rec['config_file']})\n")
     if result.validation:
         v = result.validation
-        w(f"live check on {v['n']} held-back items: accuracy {v['accuracy']:.1%} (predicted {v['predicted_accuracy']:.1%}), "
-          f"escalation {v['escalation_rate']:.1%} (predicted {v['predicted_escalation_rate']:.1%}): "
-          f"{'agree' if v['accuracy_ok'] and v['escalation_ok'] else 'DO NOT agree'} within sampling error\n")
+        w(f"live check on {v['n']} held-back items: accuracy {v['accuracy']:.1%} (predicted {v['predicted_accuracy']:.1%}, "
+          f"±{v['accuracy_margin']:.1%}), escalation {v['escalation_rate']:.1%} (predicted "
+          f"{v['predicted_escalation_rate']:.1%}, ±{v['escalation_margin']:.1%}): {v['verdict']}\n")
     w(f"report: {result.out / 'report.md'}; plots and CSVs in {result.out}\n")

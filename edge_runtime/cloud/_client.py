@@ -221,6 +221,9 @@ class CloudClient:
         rng: random.Random | None = None,
         **fields: Any,
     ) -> None:
+        if settings is not None and not isinstance(settings, CloudSettings):  # CloudClient("host:port") failed later
+            raise ConfigError(f"must be CloudSettings, got {type(settings).__name__}: pass address=... and the other "
+                              "settings as keywords", field="settings")
         if settings is None:
             settings = CloudSettings(**fields)
         elif fields:

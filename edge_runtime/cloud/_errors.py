@@ -133,6 +133,8 @@ _HANDSHAKE_HINTS = {
                                  "or the system roots without it)",
     "Hostname Verification": " (the bridge's certificate does not name the host of cloud.address: use that name, "
                              "or set cloud.server_name to one it carries)",
+    "WRONG_VERSION_NUMBER": " (the bridge may not serve TLS: one started with --insecure, on this machine, needs "
+                            "cloud.insecure = true)",
 }
 
 

@@ -31,9 +31,16 @@ from ._estimators import (
 from ._features import FEATURES, Signals, answer_span, expected_answer_type, feature_vector, signals_from_record, signals_from_result
 from ._fit import FAMILIES, SINGLE_SIGNALS, Dataset, check_family, cloud_scores, estimator_scores, fit_cloud_prior, fit_estimator, make_dataset
 from ._logistic import LogisticModel, fit_logistic
+from ._sample_size import FEW_FAMILY_ITEMS, FEW_ITEMS, fit_warnings, fitted_features, half_width_95, wilson_interval
 from ._selfcheck import SELFCHECK_QUESTION, yes_probability
 
 __all__ = [
+    "FEW_ITEMS",
+    "FEW_FAMILY_ITEMS",
+    "fit_warnings",
+    "fitted_features",
+    "half_width_95",
+    "wilson_interval",
     "check_family",
     "Estimator",
     "HeuristicEstimator",

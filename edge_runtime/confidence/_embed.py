@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._exit import native_call
 from .._files import durable_replace
 from ..cache import cache_dir, publish_dir
 from ..errors import ModelFetchError
@@ -119,7 +120,8 @@ class SentenceEncoder:
         self.layers = int(cfg["num_hidden_layers"])
         self.eps = float(cfg.get("layer_norm_eps", 1e-12))
         self.w = _load_safetensors(d / "model.safetensors")
-        self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        with native_call():  # an exit meanwhile waits for it (see edge_runtime._exit)
+            self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         self.tokenizer.no_padding()  # the shipped tokenizer pads to 128; one text at a time needs no padding
         self.tokenizer.enable_truncation(_MAX_TOKENS)
         self.dim = int(cfg["hidden_size"])

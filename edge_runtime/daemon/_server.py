@@ -272,8 +272,10 @@ class DaemonServer:
         if self._stopped.is_set():  # stopped while loading: nobody will serve (or close) it
             runtime.close()
             return
-        log.info("model %s ready in %.1f s (energy: %s)", runtime.engine.model_name, time.perf_counter() - t0,
-                 self._meter.source)
+        # which estimator decides the escalations: the built-in one, or the file calibrate or explore fitted
+        log.info("model %s ready in %.1f s (energy: %s; estimator: %s from %s)", runtime.engine.model_name,
+                 time.perf_counter() - t0, self._meter.source, getattr(runtime.estimator, "name", "?"),
+                 self.settings.engine.estimator or "the built-in default")
         self._runtime = runtime
         self._call_soon(self._attach, runtime)
 

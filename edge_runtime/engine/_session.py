@@ -25,7 +25,7 @@ import numpy as np
 from ..bundle import Manifest
 from ..config import MAX_THREADS
 from ..errors import BundleError, EdgeRuntimeError, InvalidRequestError, OutOfMemoryError
-from ._exit import ort_call
+from .._exit import native_call
 
 __all__ = ["OrtModel", "KVCache", "check_onnxruntime", "default_threads", "session_options"]
 
@@ -146,7 +146,7 @@ class OrtModel:
                 field="providers",
             )
         try:
-            with ort_call():
+            with native_call():
                 self.session = ort.InferenceSession(str(manifest.model_file), so, providers=wanted)
         except EdgeRuntimeError:
             raise
@@ -333,7 +333,7 @@ class KVCache:
 
     def _run(self) -> None:
         try:
-            with ort_call():
+            with native_call():
                 self.model.session.run_with_iobinding(self.binding)
         except EdgeRuntimeError:
             raise

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._exit import native_call
 from ..bundle import Manifest, VerifyMode, verify_bundle
 from ..errors import BundleError, ContextLengthError, EdgeRuntimeError, InvalidRequestError, OutOfMemoryError
 from ._lookup import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS, PromptLookup
@@ -230,8 +231,9 @@ class Engine:
             from tokenizers import Tokenizer
 
             try:
-                self.tokenizer = Tokenizer.from_file(str(self.manifest.tokenizer_file))
-            except MemoryError:
+                with native_call():
+                    self.tokenizer = Tokenizer.from_file(str(self.manifest.tokenizer_file))
+            except (MemoryError, EdgeRuntimeError):  # (the interpreter exiting: see native_call)
                 raise
             except Exception as err:  # tokenizers raises a bare Exception on bad files
                 raise BundleError(f"cannot load {self.manifest.tokenizer_file}: {err}") from err

@@ -40,7 +40,7 @@ from ._data import Measurements, cloud_generate, measure
 from ._goals import config_snippet, parse_goal, recommend, toml_value
 from ._report import GAIN_ROW, PLOT_FILES, estimator_table, family_winners, joules_label, write_csv, write_plots, write_report
 from ._space import Point, evaluate, pareto_front
-from ._validate import agreement, validate_live
+from ._validate import agreement, validate_live, verdict
 
 __all__ = ["ExploreResult", "explore", "local_bridge", "Point", "parse_goal", "recommend", "pareto_front"]
 
@@ -197,8 +197,10 @@ def _check_bundle(path: Path, option: str) -> None:
         raise BundleError(f"{option}: {err}") from err
 
 
-def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_file: Path | None) -> str:
-    """The ``[cloud]`` part of recommended.toml: the bridge measured, or what to write when it is gone."""
+def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_file: Path | None,
+                      prices: tuple[float, float] | None = None) -> str:
+    """The ``[cloud]`` part of recommended.toml: the bridge measured, or what to write when it is gone (with
+    ``prices``, the bridge's USD per million input and output tokens the report billed at)."""
     if local_bundle is None:  # an external bridge: the same one, with the user's own token file
         # (the measuring runs' long timeout is not a serving setting: the default applies)
         text = "# the bridge the explorer measured (it must be running for escalations to reach it)\n"
@@ -206,13 +208,18 @@ def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_fil
         if token_file is None:
             text += '# token_file = "..."  # the device token for this bridge (`cloud-bridge token add DEVICE`)\n'
         return text
+    # as written, it must work against such a bridge: a plaintext one on this machine (the template without
+    # `insecure` failed every escalation on a TLS handshake), billing what the report billed (else $0)
+    priced = (f", usd_per_million_input_tokens = {toml_value(prices[0])} and usd_per_million_output_tokens = "
+              f"{toml_value(prices[1])}, the prices this report billed at" if prices is not None else "")
     return (
         "# The explorer measured the cloud on a loopback bridge of its own, gone now. Without a [cloud]\n"
         "# section every escalation is answered locally (route local_forced). Serve the same model with\n"
-        f"# `cloud-bridge serve` (a models entry with bundle = {toml_value(str(local_bundle.resolve()))}) and "
-        "uncomment:\n"
+        "# `cloud-bridge serve --insecure` on this machine (a models entry with\n"
+        f"# bundle = {toml_value(str(local_bundle.resolve()))}{priced}) and uncomment:\n"
         "# [cloud]\n"
         '# address = "127.0.0.1:50051"\n'
+        "# insecure = true  # plaintext, to a bridge on this machine only; a bridge elsewhere serves TLS: ca_file = \"...\"\n"
         '# token_file = "device.token"  # from `cloud-bridge token add DEVICE`\n'
     )
 
@@ -361,7 +368,7 @@ def explore(
         winners = family_winners(points, families)
         by = {p.name: p for p in points}
         baselines = {"cloud": by["always-cloud"].overall["accuracy"], "local": by["always-local"].overall["accuracy"]}
-        saved_cloud = _saved_cloud_toml(cloud_settings, local_bundle, user_token_file)
+        saved_cloud = _saved_cloud_toml(cloud_settings, local_bundle, user_token_file, cloud_prices)
         recommendations = []
         files = ["report.md", "points.csv", "frontier.csv", "estimator.json"]
         live_configs: list[tuple[dict[str, Any], str]] = []  # (recommendation, config for the live check)
@@ -402,14 +409,14 @@ def explore(
             pred = checked["point"].overall
             acc_ok, acc_margin = agreement(pred["accuracy"], live["accuracy"], live["n"], len(items))
             esc_ok, esc_margin = agreement(pred["escalation_rate"], live["escalation_rate"], live["n"], len(items))
-            verdict = "agree within sampling error" if acc_ok and esc_ok else "DO NOT agree within sampling error"
+            said = verdict(acc_ok and esc_ok, (acc_margin, esc_margin), live["n"])
             validation = {**live, "predicted_accuracy": pred["accuracy"], "predicted_escalation_rate": pred["escalation_rate"],
                           "accuracy_ok": acc_ok, "escalation_ok": esc_ok, "accuracy_margin": acc_margin,
-                          "escalation_margin": esc_margin,
+                          "escalation_margin": esc_margin, "verdict": said,
                           "summary": (f"Live run of **{checked['point'].name}** (goal `{checked['goal']}`) through `edge-runtime serve` and the bridge on "
                                       f"{live['n']} held-back items: accuracy {live['accuracy']:.1%} (predicted {pred['accuracy']:.1%}, "
                                       f"±{acc_margin:.1%}), escalation {live['escalation_rate']:.1%} (predicted "
-                                      f"{pred['escalation_rate']:.1%}, ±{esc_margin:.1%}): they {verdict}. Routes: {live['routes']}.")}
+                                      f"{pred['escalation_rate']:.1%}, ±{esc_margin:.1%}): {said}. Routes: {live['routes']}.")}
 
     energy_source = ", ".join(sorted({str(e.get("energy_source")) for e in m.edge}))
     energy_estimated = any(e.get("energy_estimated") for e in m.edge)

@@ -13,6 +13,7 @@ expected-gain routing.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..confidence import Estimator, cloud_scores, estimator_scores, fit_estimator, make_dataset
+from ..confidence import Estimator, cloud_scores, estimator_scores, fit_estimator, fit_warnings, fitted_features, make_dataset
 from ..confidence._fit import Dataset
 from ..cost import CostSettings, network_energy_j, reservation_usd, wait_energy_j
 from ..policies import ReplayRecords
@@ -29,6 +30,8 @@ from ..runs import RUN_SETTINGS, run_cloud, run_edge
 from ..tasks import TaskItem
 
 __all__ = ["Measurements", "measure", "cloud_generate"]
+
+log = logging.getLogger("edge_runtime.explore")
 
 
 @dataclass
@@ -123,6 +126,8 @@ def measure(
     """
     dev_edge = run_edge(engine, dev_items, root=root, desc="dev items on the edge", energy=True)
     dev = make_dataset(dev_edge, dev_items)
+    for warning in fit_warnings(dev.labels, fitted_features("multi+knn")):  # as calibrate says them
+        log.warning("estimator: %s", warning)
     dev_cloud = run_cloud(generate_cloud, cloud_key, dev_items, root=root, desc="dev items through the bridge")
     _check_cloud(dev_cloud)
     by_id = {c["item_id"]: bool(c.get("correct")) for c in dev_cloud}

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .._files import write_text_whole
+from ..confidence import FEW_FAMILY_ITEMS, FEW_ITEMS, half_width_95, wilson_interval
 from ..metrics import escalation_curve, oracle_curve, random_curve, routing_metrics
 from ._data import Measurements
 from ._space import Point
@@ -89,6 +90,11 @@ def family_winners(points: Sequence[Point], families: Sequence[str]) -> list[dic
                     "best_policy": best.name, "best_accuracy": b["accuracy"], "best_escalation_rate": b["escalation_rate"],
                     "best_usd_per_1k": b["cloud_usd_per_1k"], "cloud_usd_per_1k": cloud["cloud_usd_per_1k"]})
     return out
+
+
+def _cell(text: object) -> str:
+    """A user's name (a suite's family) as one Markdown table cell: a "|" or a line break split the row."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def _pct(x: float | None) -> str:
@@ -174,9 +180,18 @@ def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front:
         f"Answers the scorers could not read (counted wrong): {sum(bool(r.get('parse_error')) for r in m.edge)} on the edge, "
         f"{sum(bool(r.get('parse_error')) for r in m.cloud)} from the cloud.",
         "",
+    ]
+    n = len(m.items)
+    if n < FEW_ITEMS:
+        # a team's first suite: the figures below are as uncertain as this says, and the choice among them is optimistic
+        lines += [f"**Few items ({n}).** A rate measured on {n} items is uncertain by up to ±{half_width_95(n):.0%} "
+                  f"(95%), and each recommendation is the best of {len(points)} configurations on these same items: "
+                  "expect less on new traffic. Use this report to compare policies roughly, and a suite of a few "
+                  "hundred items before trusting a goal as met.", ""]
+    lines += [
         "## Baselines and the recommended hybrid",
         "",
-        "| policy | accuracy | escalation | cloud USD / 1k req | device J / req | p50 latency ms | p95 latency ms |",
+        "| policy | accuracy (95% interval) | escalation | cloud USD / 1k req | device J / req | p50 latency ms | p95 latency ms |",
         "|---|---|---|---|---|---|---|",
     ]
     rows = [by["always-local"], by["always-cloud"]]
@@ -186,8 +201,10 @@ def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front:
             rows.append(point)
     for p in rows:
         o = p.overall
-        lines.append(f"| {p.name} | {_pct(o['accuracy'])} | {_pct(o['escalation_rate'])} | {o['cloud_usd_per_1k']:.4f} | "
-                     f"{o['device_j_per_request']:.3f} | {o['latency_p50_ms']:.0f} | {o['latency_p95_ms']:.0f} |")
+        lo, hi = wilson_interval(o["accuracy"], n)
+        lines.append(f"| {p.name} | {_pct(o['accuracy'])} ({_pct(lo)}–{_pct(hi)}) | {_pct(o['escalation_rate'])} | "
+                     f"{o['cloud_usd_per_1k']:.4f} | {o['device_j_per_request']:.3f} | {o['latency_p50_ms']:.0f} | "
+                     f"{o['latency_p95_ms']:.0f} |")
     lines.append("")
     for rec in recommendations:
         lines += [f"Goal `{rec['goal']}`: " + (f"**{rec['point'].name}**, config in `{rec['config_file']}` "
@@ -197,18 +214,22 @@ def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front:
               "| task family | n | always-local | always-cloud | best policy | its accuracy | its escalation | its USD/1k |",
               "|---|---|---|---|---|---|---|---|"]
     for w in winners:
-        lines.append(f"| {w['task_family']} | {w['n']} | {_pct(w['local_accuracy'])} | {_pct(w['cloud_accuracy'])} | {w['best_policy']} | "
+        lines.append(f"| {_cell(w['task_family'])} | {w['n']} | {_pct(w['local_accuracy'])} | {_pct(w['cloud_accuracy'])} | {w['best_policy']} | "
                      f"{_pct(w['best_accuracy'])} | {_pct(w['best_escalation_rate'])} | {w['best_usd_per_1k']:.4f} |")
     lines.append("")
-    local_better = [w for w in winners if w["local_accuracy"] > w["cloud_accuracy"]]
-    hybrid_better = [w for w in winners if w["best_accuracy"] > max(w["local_accuracy"], w["cloud_accuracy"]) + 1e-9]
+    # a family of a few items is shown, not judged: its best policy is chosen and scored on the same items
+    judged = [w for w in winners if w["n"] >= FEW_FAMILY_ITEMS]
+    if len(judged) < len(winners):
+        lines.append(f"Families with fewer than {FEW_FAMILY_ITEMS} items are shown but not compared below.")
+    local_better = [w for w in judged if w["local_accuracy"] > w["cloud_accuracy"]]
+    hybrid_better = [w for w in judged if w["best_accuracy"] > max(w["local_accuracy"], w["cloud_accuracy"]) + 1e-9]
     if local_better:
         lines.append("More cloud is not always better: in " + ", ".join(
-            f"{w['task_family']} (local {_pct(w['local_accuracy'])} vs cloud {_pct(w['cloud_accuracy'])})" for w in local_better)
+            f"{_cell(w['task_family'])} (local {_pct(w['local_accuracy'])} vs cloud {_pct(w['cloud_accuracy'])})" for w in local_better)
             + " the edge model alone beats always-cloud.")
     if hybrid_better:
         lines.append("A hybrid beats both ends in " + ", ".join(
-            f"{w['task_family']} ({_pct(w['best_accuracy'])} with {w['best_policy']})" for w in hybrid_better) + ".")
+            f"{_cell(w['task_family'])} ({_pct(w['best_accuracy'])} with {w['best_policy']})" for w in hybrid_better) + ".")
     lines += ["", "## Confidence estimators on these items", "",
               "| estimator | AUROC | ECE | APGR | CPT(50%) | CPT(80%) |", "|---|---|---|---|---|---|"]
     for e in estimators:

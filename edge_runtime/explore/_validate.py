@@ -51,6 +51,17 @@ def validate_live(daemon_url: str, items: Sequence[TaskItem], *, timeout_s: floa
             "routes": {r: routes.count(r) for r in sorted(set(routes))}}
 
 
+TOO_WIDE = 0.30  # a margin wider than this many points cannot tell a right prediction from a wrong one
+MIN_CHECKED = 10  # fewer held-back items tell nothing, even where the margin reads 0 (every answer right, or wrong)
+
+
+def verdict(ok: bool, margins: Sequence[float], n: int) -> str:
+    """The live check's conclusion; on a few held-back items no result could disagree, and that is said."""
+    if n < MIN_CHECKED or max(margins) > TOO_WIDE:
+        return "too few held-back items to tell"
+    return "agree within sampling error" if ok else "DO NOT agree within sampling error"
+
+
 def agreement(predicted: float, measured: float, n: int, n_predicted: int) -> tuple[bool, float]:
     """Whether two rates agree within sampling error (and the margin): a two-sample test at 95%.
 

@@ -152,7 +152,11 @@ def _read_jsonl(path: Path) -> list[TaskItem]:
         # "\n" only: splitlines() also breaks on U+2028/U+2029/U+0085, which JSON strings may hold raw
         # (dump_suite writes them so); utf-8-sig: a BOM from a Windows editor is not part of line 1
         lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except (OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:  # the line, as every other error in a suite names one (not a byte offset)
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise TaskSuiteError(f"{path}, line {line}: not UTF-8 text ({err.reason} at byte {err.start})",
+                             line=line) from err
+    except OSError as err:
         raise TaskSuiteError(f"{path}: cannot read the suite file: {err}") from err
     items: list[TaskItem] = []
     first_line: dict[str, int] = {}

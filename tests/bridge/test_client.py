@@ -380,6 +380,9 @@ def test_python_api_values_of_the_wrong_type_are_errors_naming_the_field(start_b
         assert info.value.field == f"cloud.{field}"
         assert "5" not in str(info.value) or field != "token"  # the type is named, never a token's value
     assert CloudSettings(timeout_s=5).timeout_s == 5.0 and isinstance(CloudSettings(timeout_s=5).timeout_s, float)
+    with pytest.raises(ConfigError) as info:
+        CloudClient("127.0.0.1:1")  # the address as the first argument, which is the settings
+    assert info.value.field == "settings" and "address=" in str(info.value)
     client = make_client(start_bridge())
     for call, field in ((lambda: client.generate("hi"), "messages"),
                         (lambda: client.generate(["hi"]), "messages[0]"),

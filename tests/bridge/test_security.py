@@ -159,6 +159,10 @@ def test_a_bridge_certificate_refused_for_its_dates_blames_the_clock_not_the_ca(
 
     message = str(translate_rpc_error(Failed(), tls=True))
     assert hint in message, message
+    # a device speaking TLS to a plaintext bridge: gRPC's text names no setting
+    Failed.details = lambda self: ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Tls "
+                                   "handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: WRONG_VERSION_NUMBER")
+    assert "cloud.insecure = true" in str(translate_rpc_error(Failed(), tls=True))
 
 
 def test_mtls_requires_a_client_certificate_from_the_trusted_ca(start_bridge, make_client, certs):

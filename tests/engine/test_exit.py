@@ -40,7 +40,8 @@ def test_exiting_while_a_daemon_thread_generates_does_not_abort(smollm2_int4: Pa
 def test_after_the_exit_hook_new_runs_are_refused(tiny_bundle: Path) -> None:
     script = textwrap.dedent("""
         import sys
-        from edge_runtime.engine import Engine, _exit
+        from edge_runtime import _exit
+        from edge_runtime.engine import Engine
         from edge_runtime.errors import EdgeRuntimeError
 
         engine = Engine(sys.argv[1])
@@ -100,12 +101,12 @@ def test_a_forked_child_does_not_wait_for_its_parents_runs_at_exit() -> None:
     # a child forked while a parent's thread was inside onnxruntime inherited the count, and waited 5 s at exit
     script = textwrap.dedent("""
         import os, sys, threading, time
-        from edge_runtime.engine import _exit
+        from edge_runtime import _exit
 
         inside, done = threading.Event(), threading.Event()
 
         def run():  # a parent's thread inside onnxruntime when the fork happens
-            with _exit.ort_call():
+            with _exit.native_call():
                 inside.set()
                 done.wait()
 
@@ -122,3 +123,18 @@ def test_a_forked_child_does_not_wait_for_its_parents_runs_at_exit() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[3]) < 2.0, done.stdout
+
+
+def test_exiting_while_a_daemon_thread_loads_a_model_does_not_abort(smollm2_int4: Path) -> None:
+    # the tokenizer's load (tokenizers' Rust frames) aborted as onnxruntime's runs did: 10 of 15 such exits here
+    script = textwrap.dedent("""
+        import sys, threading, time
+        from edge_runtime.engine import Engine
+
+        threading.Thread(target=lambda: Engine(sys.argv[1]), daemon=True).start()
+        time.sleep(float(sys.argv[2]))  # a GUI closed right after it started loading
+    """)
+    for delay_s in ("0.05", "0.1", "0.15", "0.2"):
+        done = subprocess.run([sys.executable, "-c", script, str(smollm2_int4), delay_s],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (delay_s, done.stderr[-2000:])

@@ -323,6 +323,9 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
     rows = list(csv.DictReader((out / "points.csv").read_text().splitlines()))
     assert rows and all(r["energy_estimated"] == "true" and r["energy_source"].startswith("estimate:") for r in rows)
     assert result.validation is not None and result.validation["n"] == 4  # every 4th of the 16 test items was held back
+    # 4 items can confirm nothing, and 12 explored ones make every figure rough: both are said
+    assert result.validation["verdict"] == "too few held-back items to tell"
+    assert "**Few items (12).**" in report and "accuracy (95% interval)" in report
     assert result.recommendations[0]["config_file"] == "recommended.toml"
     from edge_runtime.settings import load_runtime_settings
 
@@ -330,7 +333,11 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
     # with the edge bundle the estimator was fitted on; the explorer's own bridge is gone, so [cloud] is a commented template
     assert saved.engine.bundle == str(tiny_bundles("llama", "fp32").resolve()) and not saved.cloud.address
     assert Path(saved.engine.bundle).is_absolute()  # loads from any working directory, as the estimator's path
-    assert "# [cloud]" in (out / "recommended.toml").read_text()
+    template = (out / "recommended.toml").read_text()
+    assert "# [cloud]" in template
+    # uncommented as it says, it works against the bridge it describes (plaintext, on this machine) at the same prices
+    assert "# insecure = true" in template and "cloud-bridge serve --insecure" in template
+    assert "usd_per_million_input_tokens = " in template and "usd_per_million_output_tokens = " in template
     assert len(result.measurements.items) == 12
     # an escalation's device energy is the radio's and the device's idle draw while it waits, as live requests count it
     from edge_runtime.cost import idle_watts
@@ -784,3 +791,10 @@ def test_with_a_measured_meter_a_row_with_escalations_is_labelled_estimated(tmp_
     assert rows["always-local"]["energy_estimated"] == "false" and rows["always-cloud"]["energy_estimated"] == "true"
     assert rows["always-cloud"]["estimated_j_per_request"] == "2.5"
     assert "network and wait energy ESTIMATED" in joules_label("rapl:package-0", False)
+
+
+def test_a_family_name_stays_in_its_table_cell():
+    # a "|" or a line break in a suite's family name split the report's table rows
+    from edge_runtime.explore._report import _cell
+
+    assert _cell("a|b\nc") == "a\\|b c" and _cell("orders") == "orders"

@@ -96,8 +96,16 @@ def test_empty_and_unreadable_files(tmp_path):
         load_suite(empty)
     binary = tmp_path / "bin.jsonl"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(TaskSuiteError, match="cannot read"):
+    with pytest.raises(TaskSuiteError, match="line 1: not UTF-8"):
         load_suite(binary)
+    # a Latin-1 line among UTF-8 ones: named by its line, as every other error in a suite (it gave a byte offset)
+    latin = tmp_path / "latin.jsonl"
+    good = json.dumps({"id": "a", "family": "f", "messages": [{"role": "user", "content": "hi"}], "answers": ["x"],
+                       "scorer": "text"})
+    latin.write_bytes((good + "\n" + good.replace('"a"', '"b"').replace("hi", "caf\xe9")).encode("latin-1"))
+    with pytest.raises(TaskSuiteError) as info:
+        load_suite(latin)
+    assert info.value.line == 2 and "line 2: not UTF-8" in str(info.value)
 
 
 def test_line_separators_inside_strings_and_a_bom_do_not_break_lines(tmp_path):

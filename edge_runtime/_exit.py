@@ -1,10 +1,11 @@
-"""Threads inside onnxruntime when the interpreter exits.
+"""Threads inside native code (onnxruntime, tokenizers) when the interpreter exits.
 
 When Python finalizes, a daemon thread that comes back from C code and asks for the GIL is ended by unwinding
-its stack. Unwound through onnxruntime's C++ frames, that aborts the whole process (SIGABRT, "terminate called
-without an active exception"): an app that exited while a request ran in a daemon thread (a GUI's worker, a web
-framework's) crashed, whatever it had closed, since ``close()`` lets a running generation finish. At exit (atexit
-runs before finalization) new runs are refused and the ones under way, a fraction of a second each, are waited for.
+its stack. Unwound through onnxruntime's C++ frames (or tokenizers' Rust ones), that aborts the whole process
+(SIGABRT, "terminate called without an active exception"): an app that exited while a request ran in a daemon thread
+(a GUI's worker, a web framework's) crashed, whatever it had closed, since ``close()`` lets a running generation
+finish. At exit (atexit runs before finalization) new calls are refused and the ones under way, a fraction of a
+second each (a model's load: a few), are waited for. Python's own imports in such a thread are not covered.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import os
 import threading
 from collections.abc import Iterator
 
-from ..errors import EdgeRuntimeError
+from .errors import EdgeRuntimeError
 
-__all__ = ["ort_call"]
+__all__ = ["native_call"]
 
 EXIT_WAIT_S = 5.0  # a prefill chunk or a model load on a slow device; a step takes milliseconds
 
@@ -27,8 +28,9 @@ _exiting = False
 
 
 @contextlib.contextmanager
-def ort_call() -> Iterator[None]:
-    """Around every call into onnxruntime that runs for long (a run, a session's creation)."""
+def native_call() -> Iterator[None]:
+    """Around every native call that runs for long: an onnxruntime run or session's creation, a tokenizer's load
+    (tokenizers' Rust frames abort the same way: "FATAL: exception not rethrown")."""
     global _inside
     with _cond:
         if _exiting:
