@@ -92,6 +92,7 @@ setup(
     package_data={
         "edge_runtime": ["py.typed", "data/*", "**/*.json", "**/*.txt", "_proto/**/*.pyi", "daemon/deploy/*"],
         "quantize": ["data/*"],
+        "cloud_bridge": ["deploy/*"],
     },
     include_package_data=True,
     install_requires=BASE,

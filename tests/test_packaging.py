@@ -47,6 +47,9 @@ def test_the_wheel_has_the_licence_and_the_proto_contracts_and_nothing_deleted(t
         assert f"edge_runtime/_proto/{proto.relative_to(ROOT / 'proto').as_posix()}" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "edge_runtime/confidence/data/default_estimator.json" in names and "edge_runtime/py.typed" in names
+    # the systemd units and the Pi guide travel with the code they deploy
+    assert {"edge_runtime/daemon/deploy/edge-runtime.service", "edge_runtime/daemon/deploy/RASPBERRY_PI.md",
+            "cloud_bridge/deploy/cloud-bridge.service"} <= names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -433,3 +436,20 @@ def test_a_deleted_tokens_file_revokes_its_tokens_with_a_warning(tmp_path, caplo
     with caplog.at_level("WARNING", logger="cloud_bridge"):
         assert store.authenticate(token) is None
     assert "is gone" in caplog.text
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl on this machine")
+def test_the_readmes_certificate_commands_make_a_bridge_a_device_can_reach_over_mtls(start_bridge, make_client, tmp_path):
+    # the README's block, run as written: its files are what the bridge and a device are configured with
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- tls-setup -->", 1)[1].split("<!-- /tls-setup -->", 1)[0]
+    commands = block.split("```sh\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run(["sh", "-e", "-c", commands], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE((tmp_path / "server.key").stat().st_mode) == 0o600
+    bridge = start_bridge(insecure=False, server={"tls_cert": str(tmp_path / "server.crt"),
+                                                  "tls_key": str(tmp_path / "server.key"),
+                                                  "client_ca": str(tmp_path / "devices-ca.crt")})
+    client = make_client(bridge, address=f"localhost:{bridge.port}", ca_file=tmp_path / "bridge-ca.crt",
+                         cert_file=tmp_path / "device.crt", key_file=tmp_path / "device.key")
+    assert client.generate(HI).text == "the answer is forty two"
