@@ -33,6 +33,10 @@ def open_channel(settings: CloudSettings) -> grpc.Channel:
         # 2-minute backoff ceiling, decides how long the cloud is skipped
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 5000),
+        # and not for long without calls: a channel whose handshake keeps failing (a wrong CA, an expired
+        # certificate) went on reconnecting every 5 s for gRPC's default 30 idle minutes after one escalation, a
+        # radio wake-up and a log line each on a cellular Pi. Idle after 5 minutes, it reconnects at the next call.
+        ("grpc.client_idle_timeout_ms", 300_000),
         # A connection can die without a word: a NAT or cellular mapping that expired, a middlebox that dropped the
         # flow, a proxy whose backend hung. TCP keeps it "open" and every call on it timed out, for as long as the
         # daemon ran: the circuit breaker's probes went down the same dead connection. A ping while calls are in
