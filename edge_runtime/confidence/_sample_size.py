@@ -38,21 +38,32 @@ def half_width_95(n: int) -> float:
 
 
 def fitted_features(family: str) -> int | None:
-    """How many features an estimator family's logistic fit weighs (None: it fits no weights per feature)."""
-    base = family.split("+")[0]
+    """How many weights an estimator family's logistic fit learns (None: it fits none per feature)."""
+    base, _, extra = family.partition("+")
     if base in FEATURE_SETS:
-        return len(FEATURE_SETS[base])
-    return None if base in ("heuristic", "knn") else 1  # a single signal, or the self-check's yes-probability
+        n = len(FEATURE_SETS[base])
+    elif base in ("heuristic", "knn"):
+        return None
+    else:
+        n = 1  # a single signal, or the self-check's yes-probability
+    return n + (1 if extra == "knn" else 0)  # "+knn": the kNN prior is one more input
 
 
-def fit_warnings(labels: np.ndarray, n_features: int | None) -> list[str]:
-    """Why an estimator fitted on these labels would say little: one class only, or too few items per feature."""
+def fit_warnings(labels: np.ndarray, n_features: int | None, *,
+                 remedy: str = "use more items, or a family with fewer features (generic: 6)") -> list[str]:
+    """Why an estimator fitted on these labels would say little: one class only, or too few of the rarer class per
+    feature (it is the wrong answers, or the right ones, the fit has to tell apart: 150 items with 8 wrong answers
+    fitted noise to an in-sample AUROC of 0.97). ``remedy``: what the caller can change."""
+    labels = np.asarray(labels)
     n = len(labels)
-    if n and len(set(np.asarray(labels).tolist())) < 2:
-        return [f"all {n} items are {'right' if labels[0] else 'wrong'}: the estimator cannot learn to tell right "
-                "from wrong answers on them (use more items, or another split)"]
-    if n_features and n < ITEMS_PER_FEATURE * n_features:
-        return [f"{n} items for {n_features} features: the fit can separate them by chance, so its in-sample figures "
-                f"say nothing about new traffic and its p_correct may be near 0 or 1 when wrong; use at least "
-                f"{ITEMS_PER_FEATURE * n_features} items, or a family with fewer features (generic: 6)"]
+    right = int(np.count_nonzero(labels))
+    if n and right in (0, n):
+        return [f"all {n} items are {'right' if right else 'wrong'}: the estimator cannot learn to tell right "
+                f"from wrong answers on them ({remedy.split(',')[0]})"]
+    rarer = min(right, n - right)
+    if n_features and rarer < ITEMS_PER_FEATURE * n_features:
+        kind = "wrong" if rarer == n - right else "right"
+        return [f"{rarer} {kind} answers among {n} items for {n_features} features: the fit can separate them by "
+                f"chance, so its in-sample figures say nothing about new traffic and its p_correct may be near 0 or "
+                f"1 when wrong; it needs some {ITEMS_PER_FEATURE * n_features} of each ({remedy})"]
     return []

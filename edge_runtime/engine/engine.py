@@ -304,7 +304,8 @@ class Engine:
             # encode_batch gives the same ids but releases the GIL while it works (encode holds it: 0.4 s for
             # a 1 MB prompt, while a daemon's event loop could serve nobody); on short text its thread pool
             # costs more than it saves (2-3 ms a request beside onnxruntime's spinning threads)
-            return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+            with native_call():  # (an exit meanwhile waits for it: see edge_runtime._exit)
+                return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def count_tokens(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> int:

@@ -215,8 +215,8 @@ def _saved_cloud_toml(cloud: CloudSettings, local_bundle: Path | None, token_fil
     return (
         "# The explorer measured the cloud on a loopback bridge of its own, gone now. Without a [cloud]\n"
         "# section every escalation is answered locally (route local_forced). Serve the same model with\n"
-        "# `cloud-bridge serve --insecure` on this machine (a models entry with\n"
-        f"# bundle = {toml_value(str(local_bundle.resolve()))}{priced}) and uncomment:\n"
+        "# `cloud-bridge serve --config bridge.toml --insecure` on this machine (bridge.toml with a [models.NAME]\n"
+        f"# entry: backend = \"onnx\", bundle = {toml_value(str(local_bundle.resolve()))}{priced}) and uncomment:\n"
         "# [cloud]\n"
         '# address = "127.0.0.1:50051"\n'
         "# insecure = true  # plaintext, to a bridge on this machine only; a bridge elsewhere serves TLS: ca_file = \"...\"\n"

@@ -210,7 +210,8 @@ def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front:
         lines += [f"Goal `{rec['goal']}`: " + (f"**{rec['point'].name}**, config in `{rec['config_file']}` "
                   "(load it with `edge-runtime serve --config`)." if rec.get("point") else "**no explored policy meets it**."), ""]
     lines += ["## Task dependence: which policy wins per family", "",
-              "Best policy = most accurate, then cheapest in cloud USD, then device joules.", "",
+              "Best policy = most accurate, then cheapest in cloud USD, then device joules, chosen on each family's "
+              "own items: a family's best is optimistic, the more so the fewer its items.", "",
               "| task family | n | always-local | always-cloud | best policy | its accuracy | its escalation | its USD/1k |",
               "|---|---|---|---|---|---|---|---|"]
     for w in winners:

@@ -56,10 +56,13 @@ MIN_CHECKED = 10  # fewer held-back items tell nothing, even where the margin re
 
 
 def verdict(ok: bool, margins: Sequence[float], n: int) -> str:
-    """The live check's conclusion; on a few held-back items no result could disagree, and that is said."""
+    """The live check's conclusion. A disagreement found is said whatever the count; an agreement on a few
+    held-back items, where almost any result would agree, is not claimed."""
+    if not ok:
+        return "DO NOT agree within sampling error"
     if n < MIN_CHECKED or max(margins) > TOO_WIDE:
         return "too few held-back items to tell"
-    return "agree within sampling error" if ok else "DO NOT agree within sampling error"
+    return "agree within sampling error"
 
 
 def agreement(predicted: float, measured: float, n: int, n_predicted: int) -> tuple[bool, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import functools
 import hashlib
@@ -153,7 +154,9 @@ def _read_jsonl(path: Path) -> list[TaskItem]:
         # (dump_suite writes them so); utf-8-sig: a BOM from a Windows editor is not part of line 1
         lines = path.read_text(encoding="utf-8-sig").split("\n")
     except UnicodeDecodeError as err:  # the line, as every other error in a suite names one (not a byte offset)
-        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raw = path.read_bytes()
+        start = err.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)  # counted after it
+        line = raw[:start].count(b"\n") + 1
         raise TaskSuiteError(f"{path}, line {line}: not UTF-8 text ({err.reason} at byte {err.start})",
                              line=line) from err
     except OSError as err:

@@ -336,7 +336,8 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
     template = (out / "recommended.toml").read_text()
     assert "# [cloud]" in template
     # uncommented as it says, it works against the bridge it describes (plaintext, on this machine) at the same prices
-    assert "# insecure = true" in template and "cloud-bridge serve --insecure" in template
+    assert "# insecure = true" in template and "cloud-bridge serve --config bridge.toml --insecure" in template
+    assert "backend = \"onnx\"" in template
     assert "usd_per_million_input_tokens = " in template and "usd_per_million_output_tokens = " in template
     assert len(result.measurements.items) == 12
     # an escalation's device energy is the radio's and the device's idle draw while it waits, as live requests count it
@@ -798,3 +799,12 @@ def test_a_family_name_stays_in_its_table_cell():
     from edge_runtime.explore._report import _cell
 
     assert _cell("a|b\nc") == "a\\|b c" and _cell("orders") == "orders"
+
+
+def test_the_live_check_reports_a_disagreement_whatever_the_count_and_claims_no_agreement_on_few_items():
+    from edge_runtime.explore._validate import verdict
+
+    assert verdict(False, (0.5, 0.5), 4) == "DO NOT agree within sampling error"  # 100% predicted, 0% measured
+    assert verdict(True, (0.5, 0.1), 40) == "too few held-back items to tell"
+    assert verdict(True, (0.0, 0.0), 4) == "too few held-back items to tell"  # every answer right: margin 0
+    assert verdict(True, (0.2, 0.1), 40) == "agree within sampling error"

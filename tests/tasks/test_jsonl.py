@@ -124,3 +124,14 @@ def test_a_file_named_like_a_built_in_suite_is_read_as_the_file(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo").write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
     assert [i.id for i in load_suite("demo", "all")] == ["q1"]
+
+
+def test_a_line_that_is_not_utf8_after_a_bom_is_named_by_its_line(tmp_path):
+    # the decoder counted its position after the BOM: the offset was 3 short, and the line could be the one before
+    good = json.dumps({"id": "a", "family": "f", "messages": [{"role": "user", "content": "hi"}], "answers": ["x"],
+                       "scorer": "text"})
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (good + "\n" + good.replace('"a"', '"b"') + "\n").encode() + b"\xe9\n")
+    with pytest.raises(TaskSuiteError) as info:
+        load_suite(path)
+    assert info.value.line == 3
