@@ -85,6 +85,8 @@ _CANCEL_POLL_S = 0.05
 
 # texts longer than this are encoded with the GIL released (see Engine._ids): ~10 ms of encoding
 _GIL_FREE_ENCODE_CHARS = 16_384
+# stands in for a message's text while the chat template renders (private-use characters no text sends)
+_LITERAL_MARK = re.compile("(\ue000[0-9]+\ue001)")
 
 # what generate()/stream() take as keywords (computed once: sampling_params runs for every request)
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
@@ -252,6 +254,11 @@ class Engine:
             self._token_text: dict[int, str] = {}
             self._byte_level = self._is_byte_level()
             self._bytes_map = _byte_decoder() if self._byte_level else {}
+            # the control tokens' texts ("<|im_end|>"): in a message they are text, never the tokens (see encode)
+            self._special_texts = tuple(t.content for t in self.tokenizer.get_added_tokens_decoder().values()
+                                        if t.special and t.content)
+            self._literal_tokenizer: Tokenizer | None = None  # made when first needed (see _literal_ids)
+            self._literal_lock = threading.Lock()
             self.load_ms = (time.perf_counter() - t0) * 1000.0
         self._closed = False
 
@@ -287,8 +294,11 @@ class Engine:
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("give exactly one of prompt or messages", field="prompt")
         if messages is not None:
-            text = self.render_chat(messages)
-            return self._ids(text)
+            msgs = validate_messages(messages)
+            held = [i for i, m in enumerate(msgs) if any(s in m["content"] for s in self._special_texts)]
+            if held:
+                return self._encode_holding_text(msgs, held)
+            return self._ids(self.template.render(msgs, add_generation_prompt=True))
         if not isinstance(prompt, str):
             raise InvalidRequestError("must be a string", field="prompt")
         if not prompt:
@@ -298,6 +308,40 @@ class Engine:
         if self.manifest.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
+
+    def _encode_holding_text(self, msgs: list[dict[str, str]], held: list[int]) -> list[int]:
+        """Token ids of a conversation some of whose messages hold a control token's text ("<|im_end|>"), which
+        stays text: read as the token, a user's message (or a web page an app forwards) closed its own turn and
+        opened a system one of its own. Those messages are encoded on their own with control tokens read as text,
+        between the template's pieces, each encoded as usual."""
+        marks = {f"\ue000{i}\ue001": msgs[i]["content"] for i in held}
+        shown = [{**m, "content": f"\ue000{i}\ue001"} if i in held else m for i, m in enumerate(msgs)]
+        pieces = _LITERAL_MARK.split(self.template.render(shown, add_generation_prompt=True))
+        if "".join(marks.get(p, p) for p in pieces) != self.template.render(msgs, add_generation_prompt=True):
+            # a template that rewrites a message's text (trims it, say) cannot be followed piece by piece
+            raise InvalidRequestError("holds the text of one of the model's control tokens, which this model's chat "
+                                      "template would let act as the token: remove it", field=f"messages[{held[0]}].content")
+        ids: list[int] = []
+        for piece in pieces:
+            if piece in marks:
+                ids += self._literal_ids(marks[piece])
+            elif piece:
+                ids += self._ids(piece)
+        return ids
+
+    def _literal_ids(self, text: str) -> list[int]:
+        """``text``'s ids with control tokens' texts read as text (a second tokenizer: the setting is per tokenizer,
+        and this one is shared by every thread)."""
+        with self._literal_lock:
+            if self._literal_tokenizer is None:
+                from tokenizers import Tokenizer
+
+                with native_call():
+                    literal = Tokenizer.from_file(str(self.manifest.tokenizer_file))
+                literal.encode_special_tokens = True
+                self._literal_tokenizer = literal
+        with native_call():
+            return self._literal_tokenizer.encode(text, add_special_tokens=False).ids
 
     def _ids(self, text: str) -> list[int]:
         if len(text) > _GIL_FREE_ENCODE_CHARS:

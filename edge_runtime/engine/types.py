@@ -77,6 +77,8 @@ def validate_messages(messages: Any, *, field_name: str = "messages") -> list[di
         if not isinstance(msg, Mapping):
             raise InvalidRequestError("must be an object with role and content", field=where)
         role = msg.get("role")
+        if role == "developer":  # OpenAI's newer name for system instructions, in files written for its API too
+            role = "system"
         if role not in ROLES:
             raise InvalidRequestError(f"unknown role {short_repr(role, 40)} (expected one of {', '.join(ROLES)})",
                                       field=f"{where}.role")
