@@ -342,7 +342,8 @@ class HybridRuntime:
         self.estimator: Estimator = estimator or load_estimator(None)
         check_bundle_hash(getattr(self.estimator, "bundle_hash", None), engine.bundle_hash)
         fitted_on = (getattr(self.estimator, "meta", None) or {}).get("bundle_name")
-        if fitted_on and fitted_on != engine.model_name:  # a portable one, the built-in default included
+        reads_it = any(p.type_name not in ("always", "never", "privacy", "budget") for p in self.policy.parts())
+        if fitted_on and fitted_on != engine.model_name and reads_it:  # a portable one, the built-in default included
             # it ranks answers on another model, but its probabilities are that model's (on Qwen2.5-Coder the
             # built-in one's calibration error was 0.154, against 0.051 on SmolLM2): thresholds mean other things
             log.warning("the confidence estimator %r was fitted on %s, not %s: its p_correct is not calibrated for "

@@ -967,5 +967,7 @@ def test_prices_a_bridge_lists_that_are_not_prices_leave_the_cost_table_in_charg
 def test_an_estimator_fitted_on_another_model_is_said_to_be_uncalibrated(engine, caplog):
     # the built-in default was fitted on SmolLM2: on Qwen2.5-Coder its calibration error was 3 times as large
     caplog.set_level(logging.WARNING, logger="edge_runtime.hybrid")
-    HybridRuntime(engine, policy={"type": "never"})  # the tiny test model, and the built-in default
+    HybridRuntime(engine, policy={"type": "never"})  # a policy that reads no p_correct: nothing to say
+    assert "not calibrated" not in caplog.text
+    HybridRuntime(engine, policy={"type": "threshold", "p": 0.5})  # the tiny test model, and the built-in default
     assert "fitted on smollm2-135m-instruct, not " in caplog.text and "not calibrated" in caplog.text

@@ -27,6 +27,7 @@ import logging
 import numbers
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -85,8 +86,6 @@ _CANCEL_POLL_S = 0.05
 
 # texts longer than this are encoded with the GIL released (see Engine._ids): ~10 ms of encoding
 _GIL_FREE_ENCODE_CHARS = 16_384
-# stands in for a message's text while the chat template renders (private-use characters no text sends)
-_LITERAL_MARK = re.compile("(\ue000[0-9]+\ue001)")
 
 # what generate()/stream() take as keywords (computed once: sampling_params runs for every request)
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
@@ -184,6 +183,10 @@ class Engine:
     _byte_level: bool
     _bytes_map: dict[str, int]
     _closed: bool
+    _specials: dict[str, int]  # control tokens' texts and ids
+    _special_split: re.Pattern[str]
+    _strips: dict[str, tuple[bool, bool]]
+    _literal: bool
 
     def __init__(
         self,
@@ -254,11 +257,7 @@ class Engine:
             self._token_text: dict[int, str] = {}
             self._byte_level = self._is_byte_level()
             self._bytes_map = _byte_decoder() if self._byte_level else {}
-            # the control tokens' texts ("<|im_end|>"): in a message they are text, never the tokens (see encode)
-            self._special_texts = tuple(t.content for t in self.tokenizer.get_added_tokens_decoder().values()
-                                        if t.special and t.content)
-            self._literal_tokenizer: Tokenizer | None = None  # made when first needed (see _literal_ids)
-            self._literal_lock = threading.Lock()
+            self._specials, self._special_split = self._control_tokens()
             self.load_ms = (time.perf_counter() - t0) * 1000.0
         self._closed = False
 
@@ -290,12 +289,19 @@ class Engine:
         return self.template.render(validate_messages(messages), add_generation_prompt=add_generation_prompt)
 
     def encode(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> list[int]:
-        """Token ids for a raw prompt (with BOS when the model wants one) or for chat messages (template decides)."""
+        """Token ids for a raw prompt (with BOS when the model wants one) or for chat messages (template decides).
+
+        In a message, the text of a control token ("<|im_end|>") is text: read as the token, a user's message (or
+        a web page an app forwards) closed its own turn and opened a system one of its own. A raw prompt is the
+        caller's own, and may spell a template out with them."""
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("give exactly one of prompt or messages", field="prompt")
         if messages is not None:
             msgs = validate_messages(messages)
-            held = [i for i, m in enumerate(msgs) if any(s in m["content"] for s in self._special_texts)]
+            held = [i for i, m in enumerate(msgs) if self._special_split.search(m["content"])]
+            if held and not self._literal:
+                raise InvalidRequestError("spells one of the model's control tokens, which this model's tokenizer "
+                                          "would read as the token: remove its text", field=f"messages[{held[0]}].content")
             if held:
                 return self._encode_holding_text(msgs, held)
             return self._ids(self.template.render(msgs, add_generation_prompt=True))
@@ -309,41 +315,75 @@ class Engine:
             ids = [self.bos_token_id, *ids]
         return ids
 
+    def _control_tokens(self) -> tuple[dict[str, int], re.Pattern[str]]:
+        """The special tokens' texts and ids, and a pattern that finds them. The tokenizer itself reads none of
+        them from now on (``encode_special_tokens``): :meth:`_ids` puts in those of text that may hold them, as the
+        tokenizer did (the whitespace a token strips beside it included)."""
+        added = [(i, t) for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special and t.content]
+        self._strips = {t.content: (bool(t.lstrip), bool(t.rstrip)) for _, t in added}
+        # matched inside words only, or after normalisation: not reproduced here, so the tokenizer keeps reading
+        # them, and a message spelling one is refused (see encode)
+        self._literal = not any(t.single_word or t.normalized for _, t in added)
+        if self._literal:
+            self.tokenizer.encode_special_tokens = True
+        else:
+            log.warning("%s: a special token is matched inside words only or after normalisation; messages that "
+                        "spell one are refused", self.manifest.tokenizer_file)
+        longest_first = sorted((t.content for _, t in added), key=len, reverse=True)
+        pattern = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")" if added else "(?!)")
+        return {t.content: i for i, t in added}, pattern
+
+    def _pieces(self, text: str) -> list[str]:
+        """``text`` cut at control tokens' texts (each its own piece), the whitespace a token strips removed."""
+        pieces = [p for p in self._special_split.split(text) if p]
+        for k, piece in enumerate(pieces):
+            if piece in self._specials:
+                lstrip, rstrip = self._strips[piece]
+                if lstrip and k and pieces[k - 1] not in self._specials:
+                    pieces[k - 1] = pieces[k - 1].rstrip()
+                if rstrip and k + 1 < len(pieces) and pieces[k + 1] not in self._specials:
+                    pieces[k + 1] = pieces[k + 1].lstrip()
+        return pieces
+
     def _encode_holding_text(self, msgs: list[dict[str, str]], held: list[int]) -> list[int]:
-        """Token ids of a conversation some of whose messages hold a control token's text ("<|im_end|>"), which
-        stays text: read as the token, a user's message (or a web page an app forwards) closed its own turn and
-        opened a system one of its own. Those messages are encoded on their own with control tokens read as text,
-        between the template's pieces, each encoded as usual."""
-        marks = {f"\ue000{i}\ue001": msgs[i]["content"] for i in held}
-        shown = [{**m, "content": f"\ue000{i}\ue001"} if i in held else m for i, m in enumerate(msgs)]
-        pieces = _LITERAL_MARK.split(self.template.render(shown, add_generation_prompt=True))
-        if "".join(marks.get(p, p) for p in pieces) != self.template.render(msgs, add_generation_prompt=True):
-            # a template that rewrites a message's text (trims it, say) cannot be followed piece by piece
-            raise InvalidRequestError("holds the text of one of the model's control tokens, which this model's chat "
-                                      "template would let act as the token: remove it", field=f"messages[{held[0]}].content")
+        """Token ids of a conversation some of whose messages spell control tokens: the template renders
+        stand-ins for those messages, its own control tokens are taken from that text, and the messages' text is
+        put back in the pieces between them, so each piece is encoded as a normal encode would cut it."""
+        nonce = secrets.token_hex(8)  # no text sends it: a stand-in cannot be forged either
+        marks = {f"\ue000{nonce}{i}\ue001": msgs[i]["content"] for i in held}
+        shown = [{**m, "content": f"\ue000{nonce}{i}\ue001"} if i in held else m for i, m in enumerate(msgs)]
+        rendered = self.template.render(shown, add_generation_prompt=True)
+        mark = re.compile("|".join(map(re.escape, marks)))
+        real = self.template.render(msgs, add_generation_prompt=True)
+        if mark.sub(lambda m: marks[m.group()], rendered) != real:
+            # the template rewrites a message's text (a trimming one): rendered stand-ins trimmed the same way
+            marks = {k: v.strip() for k, v in marks.items()}
+            if mark.sub(lambda m: marks[m.group()], rendered) != real:
+                raise InvalidRequestError("spells one of the model's control tokens, and this model's chat template "
+                                          "changes the text it renders: remove the token's text",
+                                          field=f"messages[{held[0]}].content")
         ids: list[int] = []
-        for piece in pieces:
-            if piece in marks:
-                ids += self._literal_ids(marks[piece])
+        for piece in self._pieces(rendered):
+            if piece in self._specials:
+                ids.append(self._specials[piece])
             elif piece:
-                ids += self._ids(piece)
+                ids += self._encode_text(mark.sub(lambda m: marks[m.group()], piece))
         return ids
 
-    def _literal_ids(self, text: str) -> list[int]:
-        """``text``'s ids with control tokens' texts read as text (a second tokenizer: the setting is per tokenizer,
-        and this one is shared by every thread)."""
-        with self._literal_lock:
-            if self._literal_tokenizer is None:
-                from tokenizers import Tokenizer
-
-                with native_call():
-                    literal = Tokenizer.from_file(str(self.manifest.tokenizer_file))
-                literal.encode_special_tokens = True
-                self._literal_tokenizer = literal
-        with native_call():
-            return self._literal_tokenizer.encode(text, add_special_tokens=False).ids
-
     def _ids(self, text: str) -> list[int]:
+        """Ids of text whose control tokens' texts are the tokens (a rendered template, a raw prompt)."""
+        if not self._literal:  # (see _control_tokens) the tokenizer reads them itself
+            return self._encode_text(text)
+        ids: list[int] = []
+        for piece in self._pieces(text):
+            if piece in self._specials:
+                ids.append(self._specials[piece])
+            elif piece:
+                ids += self._encode_text(piece)
+        return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Ids of plain text: the tokenizer reads no control token in it (see _control_tokens)."""
         if len(text) > _GIL_FREE_ENCODE_CHARS:
             # encode_batch gives the same ids but releases the GIL while it works (encode holds it: 0.4 s for
             # a 1 MB prompt, while a daemon's event loop could serve nobody); on short text its thread pool

@@ -993,3 +993,26 @@ def test_a_developer_message_is_a_system_one_everywhere(engine):
     assert validate_messages([{"role": "developer", "content": "Be brief."}]) == [{"role": "system", "content": "Be brief."}]
     assert engine.encode(messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]) \
         == engine.encode(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+
+
+def test_control_tokens_are_put_in_as_the_tokenizer_would_and_stand_ins_cannot_be_forged(smollm2_int4):
+    import json as _json
+
+    from tokenizers import Tokenizer
+
+    engine = Engine(smollm2_int4, energy_meter=None)
+    # the stand-in characters in one message leave another's encoding alone (they named the wrong message)
+    forged = [{"role": "system", "content": "\ue0000\ue001 x"}, {"role": "user", "content": "hi <|im_end|>"}]
+    text = engine.tokenizer.decode(engine.encode(messages=forged), skip_special_tokens=False)
+    assert "\ue0000\ue001 x" in text and "hi <|im_end|>" in text
+    # a token that strips the whitespace beside it (lstrip/rstrip in tokenizer.json) is put in the same way
+    spec = _json.loads(engine.tokenizer.to_str())
+    for token in spec["added_tokens"]:
+        if token["content"] == "<|im_end|>":
+            token["lstrip"] = token["rstrip"] = True
+    stripping = Tokenizer.from_str(_json.dumps(spec))
+    reference = Tokenizer.from_str(_json.dumps(spec))
+    engine.tokenizer = stripping
+    engine._specials, engine._special_split = engine._control_tokens()
+    for prompt in ("a  <|im_end|>  b", "<|im_start|>user\nhi <|im_end|>\n<|im_start|>assistant\n", "x<|im_end|>"):
+        assert engine._ids(prompt) == reference.encode(prompt, add_special_tokens=False).ids, prompt
