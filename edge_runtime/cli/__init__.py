@@ -63,8 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # die at once, leaving all of them). `serve` installs its own handler, which drains; a SIGTERM before that (while
     # it reads its settings and binds) stops a server that has taken no request yet, which is a clean stop (0, as
     # after a drain): 143 would leave a systemd unit restarted in its first second "failed".
-    # (not `serve --check`: an interrupted check is no pass)
-    handler = _stop_cleanly if args.command == "serve" and not getattr(args, "check", False) else _terminate
+    # (not `serve --check`: an interrupted check is no pass). `power --watch` runs until stopped, as Ctrl-C stops it (0)
+    stops_cleanly = ((args.command == "serve" and not getattr(args, "check", False))
+                     or (args.command == "power" and getattr(args, "watch", False)))
+    handler = _stop_cleanly if stops_cleanly else _terminate
     previous = signal.signal(signal.SIGTERM, handler) if threading.current_thread() is threading.main_thread() else None
     try:
         return run_command("edge-runtime", args)

@@ -194,6 +194,12 @@ def test_a_sigterm_while_serve_starts_is_a_clean_stop(monkeypatch):
     with pytest.raises(SystemExit) as stopped:  # an interrupted `serve --check` is no pass
         main(["serve", "--check"])
     assert stopped.value.code == 143
+    import edge_runtime.cli.power as power_cli
+
+    monkeypatch.setattr(power_cli, "_run", starting)
+    with pytest.raises(SystemExit) as stopped:  # `power --watch` runs until stopped: SIGTERM is 0, as Ctrl-C is
+        main(["power", "--watch"])
+    assert stopped.value.code == 0
     monkeypatch.undo()
     import edge_runtime.cli.generate as generate_cli
 
