@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
-from .confidence import Estimator, check_bundle_hash, load_estimator, signals_from_result
+from .confidence import Estimator, check_bundle_hash, fitted_on_another_model, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j, wait_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
 from .engine.engine import _cancel_check
@@ -341,14 +341,9 @@ class HybridRuntime:
         self.policy: Policy = policy if isinstance(policy, Policy) else policy_from_config(policy or {"type": "threshold", "p": 0.5})
         self.estimator: Estimator = estimator or load_estimator(None)
         check_bundle_hash(getattr(self.estimator, "bundle_hash", None), engine.bundle_hash)
-        fitted_on = (getattr(self.estimator, "meta", None) or {}).get("bundle_name")
         reads_it = any(p.type_name not in ("always", "never", "privacy", "budget") for p in self.policy.parts())
-        if fitted_on and fitted_on != engine.model_name and reads_it:  # a portable one, the built-in default included
-            # it ranks answers on another model, but its probabilities are that model's (on Qwen2.5-Coder the
-            # built-in one's calibration error was 0.154, against 0.051 on SmolLM2): thresholds mean other things
-            log.warning("the confidence estimator %r was fitted on %s, not %s: its p_correct is not calibrated for "
-                        "this model (fit one: edge-runtime calibrate --bundle ...)", self.estimator.name, fitted_on,
-                        engine.model_name)
+        if reads_it and (elsewhere := fitted_on_another_model(self.estimator, engine.model_name)):
+            log.warning("%s", elsewhere)  # a threshold means something else on this model
         self.cloud = cloud
         self.cost = cost or CostSettings()
         self.default_max_new_tokens = default_max_new_tokens

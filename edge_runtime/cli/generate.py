@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads, prompt_lookup=args.prompt_lookup,
                         providers=_providers(args.provider, args.provider_option) or None)
         stack.callback(engine.close)
-        estimator = _load_estimator(args.estimator, engine)
+        estimator = _load_estimator(args.estimator, engine, shown=args.json or args.input is not None)
         return _generate(args, engine, estimator, params, lines)
 
 
@@ -250,11 +250,17 @@ def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: i
                 "error": {"message": str(err), "type": type(err).__name__, "param": getattr(err, "field", None)}}, False
 
 
-def _load_estimator(path: str | None, engine: Any) -> Any:
-    """The confidence estimator (``--estimator`` or the built-in default), checked against the bundle."""
-    from ..confidence import load_estimator
+def _load_estimator(path: str | None, engine: Any, *, shown: bool = True) -> Any:
+    """The confidence estimator (``--estimator`` or the built-in default), checked against the bundle; when its
+    p_correct is ``shown``, a warning if it was fitted on another model."""
+    import logging
 
-    return load_estimator(path, bundle_hash=engine.bundle_hash)
+    from ..confidence import fitted_on_another_model, load_estimator
+
+    estimator = load_estimator(path, bundle_hash=engine.bundle_hash)
+    if shown and (elsewhere := fitted_on_another_model(estimator, engine.model_name)):
+        logging.getLogger("edge_runtime.generate").warning("%s", elsewhere)
+    return estimator
 
 
 def _confidence(estimator: Any, engine: Any, result: Any, messages: Any, prompt: Any) -> dict[str, Any]:

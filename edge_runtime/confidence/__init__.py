@@ -25,6 +25,7 @@ from ._estimators import (
     LogisticEstimator,
     SelfCheckEstimator,
     check_bundle_hash,
+    fitted_on_another_model,
     load_estimator,
     save_estimator,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "cloud_scores",
     "SelfCheckEstimator",
     "check_bundle_hash",
+    "fitted_on_another_model",
     "load_estimator",
     "save_estimator",
     "ESTIMATOR_SCHEMA_VERSION",

@@ -309,3 +309,16 @@ def test_an_output_encoding_that_is_not_utf8_gets_escapes_not_a_traceback(tiny_b
     json_line, text = raw.getvalue().decode("ascii").splitlines()
     assert json.loads(json_line) == {"text": "café 東京"}
     assert text == "caf\\xe9"
+
+
+def test_json_output_warns_when_its_p_correct_comes_from_an_estimator_fitted_on_another_model(tiny_bundle, capsys,
+                                                                                               caplog):
+    # the daemon and HybridRuntime said so; generate printed the built-in (SmolLM2) estimator's p_correct silently
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    assert main(["generate", str(tiny_bundle), "--prompt", "hi", "--max-new-tokens", "2", "--json"]) == 0
+    assert "fitted on smollm2-135m-instruct, not " in caplog.text
+    caplog.clear()
+    assert main(["generate", str(tiny_bundle), "--prompt", "hi", "--max-new-tokens", "2"]) == 0  # no p_correct shown
+    assert "fitted on" not in caplog.text
