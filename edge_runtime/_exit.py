@@ -23,14 +23,14 @@ __all__ = ["native_call"]
 EXIT_WAIT_S = 5.0  # a prefill chunk or a model load on a slow device; a step takes milliseconds
 
 _cond = threading.Condition()
-_inside = 0  # threads running onnxruntime now
+_inside = 0  # threads inside a native call now
 _exiting = False
 
 
 @contextlib.contextmanager
 def native_call() -> Iterator[None]:
     """Around every native call that runs for long: an onnxruntime run or session's creation, a tokenizer's load
-    (tokenizers' Rust frames abort the same way: "FATAL: exception not rethrown")."""
+    or long encode (tokenizers' Rust frames abort the same way: "FATAL: exception not rethrown")."""
     global _inside
     with _cond:
         if _exiting:
