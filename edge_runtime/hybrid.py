@@ -153,6 +153,12 @@ class _PriceState:
         """A read was tried and none has succeeded since the start, or since they were found out of date."""
         return not self.answered and self.due_s > -math.inf
 
+    @classmethod
+    def known(cls, prices: tuple[float, float] | None, generation: int) -> _PriceState:
+        """The prices the bridge said now (a read, or a refusal), next read after the refresh interval."""
+        now = time.monotonic()
+        return cls(prices, answered=True, due_s=now + _PRICES_REFRESH_S, read_s=now, generation=generation)
+
 
 class _Settlement:
     """Settles a request's budget reservation exactly once, also when its stream is abandoned."""
@@ -638,7 +644,6 @@ class HybridRuntime:
                             "usd_per_million_output_tokens at the bridge", info.alias)
             with self._price_lock:
                 if self._prices.generation == generation:
-                    now = time.monotonic()
                     prices = ((info.usd_per_million_input_tokens, info.usd_per_million_output_tokens)
                               if info is not None else self._prices.prices)
                     if prices is not None and not all(math.isfinite(p) and p >= 0 for p in prices):
@@ -647,8 +652,7 @@ class HybridRuntime:
                         log.warning("the bridge listed prices %r for its model: not prices; using the [cost] table",
                                     prices)
                         prices = None
-                    self._prices = _PriceState(prices, answered=True, due_s=now + _PRICES_REFRESH_S, read_s=now,
-                                               generation=generation)
+                    self._prices = _PriceState.known(prices, generation)
             if info is not None:
                 try:
                     self._check_cloud_prior(info)
@@ -676,12 +680,7 @@ class HybridRuntime:
         already under way then does not count."""
         with self._price_lock:
             generation = self._prices.generation + 1
-            if prices is None:
-                self._prices = _PriceState(generation=generation)
-            else:
-                now = time.monotonic()
-                self._prices = _PriceState(prices, answered=True, due_s=now + _PRICES_REFRESH_S, read_s=now,
-                                           generation=generation)
+            self._prices = _PriceState(generation=generation) if prices is None else _PriceState.known(prices, generation)
 
     def _served_model(self, models: Sequence[Any]) -> Any:
         """The ListModels entry of the model escalations go to (the configured alias, else the default)."""

@@ -51,7 +51,7 @@ from ..errors import (
 from ._channel import open_channel
 from ._circuit import CircuitBreaker
 from ._errors import CIRCUIT_CODES, RETRYABLE_CODES, status_details, translate_rpc_error
-from ._settings import CloudSettings
+from ._settings import MAX_SECONDS, CloudSettings
 from ._types import CloudChunk, CloudResult, Escalation, ModelInfo, ServerTimings
 
 __all__ = ["CloudClient", "SERVICE_NAME", "ACCEPTED_METADATA_KEY"]
@@ -90,7 +90,6 @@ QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
 _MAX_QUOTA_SKIP_S = 300.0
 # how often a stream's ``cancel`` is polled while the caller's thread waits for the bridge
 _CANCEL_POLL_S = 0.05
-_MAX_TIMEOUT_S = 86_400.0  # a call's own timeout_s, as the settings' (see CloudSettings.validate)
 # gRPC and the client's clock may read a deadline a hair apart; an expiry this close to it is the deadline's
 _DEADLINE_SLACK_S = 0.01
 
@@ -376,9 +375,9 @@ class CloudClient:
 
     def _deadline(self, timeout_s: float | None) -> tuple[float, float]:
         if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
-                                      or not 0 < timeout_s <= _MAX_TIMEOUT_S):  # also refuses nan
+                                      or not 0 < timeout_s <= MAX_SECONDS):  # also refuses nan
             # a day at most, as the settings' timeout_s: gRPC fails a farther deadline at once, as a timeout
-            raise InvalidRequestError(f"must be a number of seconds > 0 and at most {_MAX_TIMEOUT_S:.0f}, got "
+            raise InvalidRequestError(f"must be a number of seconds > 0 and at most {MAX_SECONDS:.0f}, got "
                                       f"{timeout_s!r:.40}", field="timeout_s")
         start = self._clock()
         return start, start + (self.settings.timeout_s if timeout_s is None else timeout_s)

@@ -16,7 +16,7 @@ from ._address import check_address
 
 __all__ = ["CloudSettings"]
 
-_MAX_SECONDS = 86_400.0
+MAX_SECONDS = 86_400.0  # a deadline or delay: gRPC fails a farther deadline at once, as a timeout
 _MAX_MESSAGE_BYTES = 2**31 - 1
 _PATH_FIELDS = ("token_file", "ca_file", "cert_file", "key_file")
 
@@ -69,10 +69,10 @@ class CloudSettings:
         # a day at most: gRPC cannot represent a far deadline (it fails the call at once), nor Python a huge backoff
         for name in ("timeout_s", "backoff_initial_s", "backoff_max_s", "circuit_cooldown_s"):
             value = getattr(self, name)
-            if not 0 < value <= _MAX_SECONDS:  # also refuses nan
-                raise ConfigError(f"must be > 0 and at most {_MAX_SECONDS:.0f} s, got {value!r}", field=f"cloud.{name}")
-        if not 1 <= self.keepalive_s <= _MAX_SECONDS:  # the bridge accepts pings down to 1 s apart
-            raise ConfigError(f"must be from 1 to {_MAX_SECONDS:.0f} s, got {self.keepalive_s!r}",
+            if not 0 < value <= MAX_SECONDS:  # also refuses nan
+                raise ConfigError(f"must be > 0 and at most {MAX_SECONDS:.0f} s, got {value!r}", field=f"cloud.{name}")
+        if not 1 <= self.keepalive_s <= MAX_SECONDS:  # the bridge accepts pings down to 1 s apart
+            raise ConfigError(f"must be from 1 to {MAX_SECONDS:.0f} s, got {self.keepalive_s!r}",
                               field="cloud.keepalive_s")
         if not 1 <= self.backoff_multiplier <= 100:
             raise ConfigError(f"must be from 1 to 100, got {self.backoff_multiplier!r}", field="cloud.backoff_multiplier")

@@ -354,24 +354,23 @@ class Engine:
         shown = [{**m, "content": f"\ue000{nonce}{i}\ue001"} if i in held else m for i, m in enumerate(msgs)]
         rendered = self.template.render(shown, add_generation_prompt=True)
         mark = re.compile("|".join(map(re.escape, marks)))
+
+        def restore(text: str) -> str:
+            return mark.sub(lambda m: marks[m.group()], text)
+
         real = self.template.render(msgs, add_generation_prompt=True)
-        if mark.sub(lambda m: marks[m.group()], rendered) != real:
+        if restore(rendered) != real:
             # the template rewrites a message's text (a trimming one): rendered stand-ins trimmed the same way
             marks = {k: v.strip() for k, v in marks.items()}
-            if mark.sub(lambda m: marks[m.group()], rendered) != real:
+            if restore(rendered) != real:
                 raise InvalidRequestError("spells one of the model's control tokens, and this model's chat template "
                                           "changes the text it renders: remove the token's text",
                                           field=f"messages[{held[0]}].content")
-        ids: list[int] = []
-        for piece in self._pieces(rendered):
-            if piece in self._specials:
-                ids.append(self._specials[piece])
-            elif piece:
-                ids += self._encode_text(mark.sub(lambda m: marks[m.group()], piece))
-        return ids
+        return self._ids(rendered, fill=restore)
 
-    def _ids(self, text: str) -> list[int]:
-        """Ids of text whose control tokens' texts are the tokens (a rendered template, a raw prompt)."""
+    def _ids(self, text: str, *, fill: Callable[[str], str] | None = None) -> list[int]:
+        """Ids of text whose control tokens' texts are the tokens (a rendered template, a raw prompt); ``fill``
+        rewrites each piece between them before it is encoded (the messages put back for their stand-ins)."""
         if not self._literal:  # (see _control_tokens) the tokenizer reads them itself
             return self._encode_text(text)
         ids: list[int] = []
@@ -379,7 +378,7 @@ class Engine:
             if piece in self._specials:
                 ids.append(self._specials[piece])
             elif piece:
-                ids += self._encode_text(piece)
+                ids += self._encode_text(fill(piece) if fill is not None else piece)
         return ids
 
     def _encode_text(self, text: str) -> list[int]:

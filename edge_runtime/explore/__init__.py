@@ -33,7 +33,7 @@ from .._child import child_service, free_port
 from ..cache import cache_dir
 from ..confidence import estimator_scores, load_estimator, make_dataset
 from ..cloud import CloudSettings
-from ..cost import CostSettings, idle_watts
+from ..cost import CostSettings, idle_watts, table_prices
 from ..errors import BundleError, ConfigError
 from ..power import EnergyMeter, PowerSettings, default_meter
 from ._data import Measurements, cloud_generate, measure
@@ -72,14 +72,13 @@ def local_bridge(bundle: Path, *, cost: CostSettings, alias: str = "cloud") -> I
 
     token = "ebt_" + secrets.token_urlsafe(24)
     # the price table's entry for this model by name (as price_usd reads it), else its "*" entry
-    price = cost.prices.get(load_manifest(bundle).name) or cost.prices.get("*") or {"input": 0.0, "output": 0.0}
+    price_in, price_out = table_prices(cost, load_manifest(bundle).name)
     settings = load_bridge_settings(data={
         "server": {"address": "127.0.0.1:0", "grace_period_s": 2.0},
         "auth": {"tokens_file": None, "tokens": {"explorer": hash_token(token)}},
         "quota": {"requests_per_minute": 100000, "tokens_per_minute": 100000000},
         "models": {alias: {"backend": "onnx", "bundle": str(bundle), "workers": 1, "queue_size": 8,
-                           "usd_per_million_input_tokens": float(price["input"]),
-                           "usd_per_million_output_tokens": float(price["output"])}},
+                           "usd_per_million_input_tokens": price_in, "usd_per_million_output_tokens": price_out}},
     }, env={})
     server, port = create_server(settings, insecure=True)
     server.start()

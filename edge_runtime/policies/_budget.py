@@ -92,8 +92,8 @@ class Budget(Policy):
         self._state_field = "state_file"  # the setting an error about the file names
         self._state_notes: list[tuple[int, str, tuple[Any, ...]]] = []  # what reading it found, logged at the claim
         self._state_warned = False
-        self._state_locked = False  # this budget holds the file's lock (see claim_state)
-        self._unlock: Callable[[], Any] | None = None  # closes the lock's descriptor (also when garbage-collected)
+        # closes the lock's descriptor (also when garbage-collected); set while this budget holds the file's lock
+        self._unlock: Callable[[], Any] | None = None
         self._claims = 0  # runtimes using this budget (one instance may serve several): the last release gives it up
         self._released = False  # given up: nothing more is written until a runtime claims the file again
         self._write_lock = threading.Lock()  # held by the thread writing the file (outside self._lock)
@@ -152,7 +152,7 @@ class Budget(Policy):
 
     def _lock_state_file(self) -> None:
         """Take the file's lock (call with the write lock held)."""
-        if self.state_file is None or self._state_locked:
+        if self.state_file is None or self._unlock is not None:
             return
         try:
             # not through a link another user planted beside it (a shared directory): O_NOFOLLOW
@@ -174,7 +174,6 @@ class Budget(Policy):
                                   "each would spend the whole cap; give each its own file",
                                   field=self._state_field) from err
         self._unlock = weakref.finalize(self, os.close, fd)  # closing the descriptor releases the lock
-        self._state_locked = True
         for level, message, args in self._state_notes:
             log.log(level, message, *args)
         self._state_notes.clear()  # said once, not again when a runtime claims the file anew
@@ -197,7 +196,7 @@ class Budget(Policy):
             self._released = True
             if self._unlock is not None:
                 self._unlock()
-            self._unlock, self._state_locked = None, False
+            self._unlock = None
 
     def _snapshot(self) -> tuple[int, dict[str, Any]] | None:
         """What to write to the state file now (call with the lock held), numbered; None without one."""
@@ -215,7 +214,7 @@ class Budget(Policy):
         requests go on: the spend held in memory still caps this process."""
         if snapshot is None or self.state_file is None or self._released:
             return
-        if not self._state_locked:  # a budget used without a HybridRuntime takes its file at its first write
+        if self._unlock is None:  # a budget used without a HybridRuntime takes its file at its first write
             try:
                 with self._write_lock:
                     self._lock_state_file()
