@@ -52,6 +52,8 @@ VerifyMode = Literal["full", "fast", "none"]
 
 # files at least this large may skip hashing in fast mode when the build stamp matches
 _FAST_SKIP_MIN_BYTES = 16 << 20
+# manifest fields that describe the build, not what the bundle answers (``files`` enters the hash by its hashes)
+_NOT_HASHED = frozenset({"files", "created_at", "tools", "quality"})
 # a manifest is a few kB (the chat template is its largest part); anything near this is not one
 _MAX_MANIFEST_BYTES = 16 << 20
 
@@ -122,7 +124,21 @@ class Manifest:
 
     @property
     def bundle_hash(self) -> str:
-        """A hash identifying the bundle's content (from the per-file hashes in the manifest)."""
+        """A hash identifying what the bundle answers: every file's hash and the manifest's own settings.
+
+        The manifest holds the chat template and the BOS/EOS tokens, which change the answers as much as the
+        weights do: a bundle whose template was edited (or rebuilt after its source's template changed) must not be
+        answered from the old one's cached runs, nor get its estimator. Left out: when it was built, with which tool
+        versions and its quality report, which describe the build and change no answer."""
+        h = hashlib.sha256(self.legacy_bundle_hash.encode())
+        settings = {k: v for k, v in self.raw.items() if k not in _NOT_HASHED}
+        h.update(json.dumps(settings, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode())
+        return h.hexdigest()
+
+    @property
+    def legacy_bundle_hash(self) -> str:
+        """The per-file hashes alone: the bundle hash of earlier versions of edge-runtime, which estimator files
+        calibrated with them record (see ``confidence.check_bundle_hash``)."""
         h = hashlib.sha256()
         for name in sorted(self.files):
             h.update(name.encode())

@@ -346,7 +346,8 @@ class HybridRuntime:
         self.engine = engine
         self.policy: Policy = policy if isinstance(policy, Policy) else policy_from_config(policy or {"type": "threshold", "p": 0.5})
         self.estimator: Estimator = estimator or load_estimator(None)
-        check_bundle_hash(getattr(self.estimator, "bundle_hash", None), engine.bundle_hash)
+        check_bundle_hash(getattr(self.estimator, "bundle_hash", None), engine.bundle_hash,
+                          legacy_hash=getattr(engine, "legacy_bundle_hash", None))
         reads_it = any(p.type_name not in ("always", "never", "privacy", "budget") for p in self.policy.parts())
         if reads_it and (elsewhere := fitted_on_another_model(self.estimator, engine.model_name)):
             log.warning("%s", elsewhere)  # a threshold means something else on this model
@@ -438,7 +439,8 @@ class HybridRuntime:
                 message = str(err).removeprefix(f"{err.field}: ")
                 raise ConfigError(message, field=f"engine.{setting_name}" + (f"[{rest}" if rest else "")) from err
             try:
-                estimator = load_estimator(e.estimator, bundle_hash=engine.bundle_hash)
+                estimator = load_estimator(e.estimator, bundle_hash=engine.bundle_hash,
+                                           legacy_hash=engine.legacy_bundle_hash)
                 # the policy checks, and the estimator's sentence encoder, may fail too
                 return cls(engine, policy=settings.policy, estimator=estimator, cloud=cloud, cost=settings.cost,
                            default_max_new_tokens=e.max_new_tokens, cloud_timeout_s=settings.cloud.timeout_s)

@@ -107,3 +107,24 @@ def test_a_weights_file_the_graph_names_must_be_listed_whatever_its_name(bundle,
         verify_bundle(bundle, "none")
     assert main(["generate", str(bundle), "--prompt", "hi", "--max-new-tokens", "1"]) == 1
     assert f"must list {new.decode()}" in capsys.readouterr().err
+
+
+def test_the_bundle_hash_covers_what_the_manifest_changes_in_the_answers(bundle):
+    """A bundle whose chat template or tokens changed is another bundle to the run cache, the bridge's revision and
+    estimator files (QA QQ: an edited template was answered from the old one's cached runs); when and with which
+    tools it was built is not."""
+    before = load_manifest(bundle)
+    for edit in (lambda m: m.update(chat_template=(m.get("chat_template") or "") + " "),
+                 lambda m: m["tokens"].update(eos_token_ids=[0]),
+                 lambda m: m["tokens"].update(add_bos_token=not m["tokens"].get("add_bos_token"))):
+        _edit(bundle, edit)
+        edited = load_manifest(bundle)
+        assert edited.bundle_hash != before.bundle_hash
+        assert edited.legacy_bundle_hash == before.legacy_bundle_hash  # the files did not change
+        (bundle / "manifest.json").write_text(json.dumps(before.raw))
+    _edit(bundle, lambda m: m.update(created_at="2030-01-01T00:00:00+00:00", tools={"onnx": "9"},
+                                     quality={**m.get("quality", {}), "ppl_bundle": 1.0}))
+    assert load_manifest(bundle).bundle_hash == before.bundle_hash
+    # key order and whitespace are the file's, not the content's
+    (bundle / "manifest.json").write_text(json.dumps(dict(reversed(list(before.raw.items()))), indent=3))
+    assert load_manifest(bundle).bundle_hash == before.bundle_hash

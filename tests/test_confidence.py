@@ -16,6 +16,7 @@ from edge_runtime.confidence import (
     LogisticEstimator,
     Signals,
     answer_span,
+    check_bundle_hash,
     expected_answer_type,
     feature_vector,
     fit_logistic,
@@ -103,6 +104,8 @@ def test_estimator_files_are_checked(tmp_path):
     assert isinstance(load_estimator(path, bundle_hash="a" * 64), LogisticEstimator)
     with pytest.raises(EstimatorError, match="calibrated for another bundle"):
         load_estimator(path, bundle_hash="b" * 64)
+    with pytest.raises(EstimatorError, match="calibrated for another bundle"):
+        load_estimator(path, bundle_hash="b" * 64, legacy_hash="c" * 64)
     raw = json.loads(path.read_text())
     path.write_text(json.dumps({**raw, "schema_version": 99}))
     with pytest.raises(EstimatorError, match="schema_version 99"):
@@ -441,3 +444,19 @@ def test_few_items_are_said_to_be_few():
     assert "8 wrong answers among 150 items" in warning
     (warning,) = fit_warnings(np.ones(5), 6)
     assert "all 5 items are right" in warning
+
+
+def test_an_estimator_calibrated_before_the_bundle_hash_covered_the_manifest_is_used_with_a_warning(tmp_path, caplog):
+    """Earlier versions hashed a bundle's files alone; their estimator files record that hash. Refusing them would
+    stop every daemon at its upgrade: they load for the bundle whose files they were fitted on, saying why to
+    recalibrate, and are bound to its hash from then on (no second warning from the runtime)."""
+    model = fit_logistic(np.array([[0.0], [1.0], [0.2], [0.9]]), np.array([0, 1, 0, 1.0]), ("lp_mean",))
+    path = tmp_path / "est.json"
+    save_estimator(LogisticEstimator("signal:lp_mean", model, bundle_hash="a" * 64), path)
+    with caplog.at_level("WARNING", logger="edge_runtime.confidence"):
+        est = load_estimator(path, bundle_hash="n" * 64, legacy_hash="a" * 64)
+    assert est.bundle_hash == "n" * 64
+    assert any("earlier edge-runtime" in r.getMessage() and "manifest.json" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    check_bundle_hash(est.bundle_hash, "n" * 64, legacy_hash="a" * 64)
+    assert not caplog.records

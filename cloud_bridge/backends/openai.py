@@ -30,6 +30,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from edge_runtime.engine.types import well_formed
 from edge_runtime.errors import BackendError
 
 from .._settings import OpenAIModelSettings
@@ -116,7 +117,8 @@ def _count(usage: Mapping[str, Any], key: str) -> int | None:
 
 
 def _content(value: Any, field: str) -> str:
-    """An answer's text: a string, or OpenAI's list of content parts (their text joined)."""
+    """An answer's text: a string, or OpenAI's list of content parts (their text joined). Half characters are kept:
+    a stream's next delta may hold the other half (``_stream``); see ``well_formed`` for the rest."""
     if value is None:
         return ""
     if isinstance(value, str):
@@ -301,6 +303,9 @@ def _too_large(what: str = f"upstream answer is larger than {_MAX_ANSWER_BYTES >
 
 
 def _cut(text: str) -> str:
+    # an upstream's error text goes into the call's status, which protobuf encodes: half an emoji, which JSON escapes
+    # and servers counting in UTF-16 cut, would fail the call as UNKNOWN (QA OO)
+    text = well_formed(text)
     return text if len(text) <= _MAX_ERROR_DETAIL else text[:_MAX_ERROR_DETAIL] + f"... ({len(text)} characters)"
 
 
@@ -436,7 +441,7 @@ class OpenAIBackend:
         try:
             data = json.loads(raw)
             choice = data["choices"][0]
-            text = _content(choice.get("message", {}).get("content"), "choices[0].message.content")
+            text = well_formed(_content(choice.get("message", {}).get("content"), "choices[0].message.content"))
             usage = data.get("usage") or {}
             if not isinstance(usage, dict):
                 raise _bad_response(f"usage is a {type(usage).__name__}, not an object")
@@ -458,6 +463,7 @@ class OpenAIBackend:
         call = _Call(self, cancel)
         text: list[str] = []
         deltas, finish, usage, model, ttft_ms = 0, None, None, None, None
+        held, owed = "", 0  # a delta's last half character (a high surrogate) for the next one to complete; deltas owed
         size = 0  # characters of the answer so far
         done = False
         try:
@@ -489,13 +495,19 @@ class OpenAIBackend:
                         model = event_model or model
                         if piece:
                             deltas += 1
+                            owed += 1
+                        piece = held + piece
+                        held = piece[-1:] if "\ud800" <= piece[-1:] <= "\udbff" else ""
+                        piece = well_formed(piece[:len(piece) - len(held)])
+                        if piece:
                             text.append(piece)
                             size += len(piece)
                             if size > _MAX_ANSWER_BYTES:
                                 raise _too_large()
                             if ttft_ms is None:
                                 ttft_ms = (time.monotonic() - started) * 1000.0
-                            yield BackendChunk(piece, 1)
+                            yield BackendChunk(piece, owed)
+                            owed = 0
                     if not raw:
                         break
             except _Cancelled:
@@ -509,6 +521,9 @@ class OpenAIBackend:
                     raise BackendError("upstream stream ended before it finished", reason="UPSTREAM_CONNECTION_LOST")
         finally:
             call.close()
+        if held and finish != "cancelled":  # a half character nothing completed
+            text.append("\ufffd")
+            yield BackendChunk("\ufffd", owed)
         counted = _count(usage, "prompt_tokens") if usage else None
         # estimated when the upstream had the prompt but sent no usage; nothing when it never had it
         prompt_tokens = counted if counted is not None else _estimated_tokens(request, "prompt") if call.sent else 0

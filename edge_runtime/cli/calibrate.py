@@ -246,7 +246,8 @@ def _eval(args: argparse.Namespace) -> int:
     cloud_bundle = _cloud_bundle(args)
     engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads, prompt_lookup=args.prompt_lookup)
     # the estimator is read before the split runs: a wrong path or another bundle's file fails at once
-    est = None if args.study else load_estimator(args.estimator, bundle_hash=engine.bundle_hash)
+    est = None if args.study else load_estimator(args.estimator, bundle_hash=engine.bundle_hash,
+                                                 legacy_hash=engine.legacy_bundle_hash)
     fitted_on = getattr(est, "meta", None) or {}
     if (fitted_on.get("suite"), fitted_on.get("split")) == (args.suite, args.split):
         # scored on the items it was fitted on: a kNN prior finds each item itself (AUROC 1.0 for a 0.6 estimator)

@@ -223,8 +223,9 @@ def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: i
             raise InvalidRequestError(f"line {lineno} is not valid UTF-8 (byte {err.start})", field="line") from err
         try:
             item = json.loads(line, parse_float=_finite_float, parse_constant=_not_json)
-        except json.JSONDecodeError as err:
-            raise InvalidRequestError(f"line {lineno} is not valid JSON: {err.msg}", field="line") from err
+        except json.JSONDecodeError as err:  # (its msg for a control character ends in "at", the column left out)
+            raise InvalidRequestError(f"line {lineno} is not valid JSON: {err.msg.removesuffix(' at')} at column "
+                                      f"{err.colno}", field="line") from err
         except ValueError as err:  # an integer past Python's 4,300-digit limit, a number past a double's range
             raise InvalidRequestError(f"line {lineno} is not usable JSON: {err}", field="line") from err
         except RecursionError as err:
@@ -232,6 +233,11 @@ def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: i
         if not isinstance(item, dict):
             raise InvalidRequestError(f"line {lineno} must be a JSON object", field="line")
         request_id = item.get("id", lineno)
+        try:
+            json.dumps(request_id, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:  # half a character ("\ud800"): echoed, strict JSON readers refuse the line
+            request_id = lineno
+            raise InvalidRequestError(f"line {lineno}: the id is not valid UTF-8 ({err.reason})", field="id") from err
         unknown = sorted(set(item) - set(_LINE_KEYS))
         if unknown:
             raise InvalidRequestError(f"line {lineno}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_LINE_KEYS)})",
@@ -257,7 +263,7 @@ def _load_estimator(path: str | None, engine: Any, *, shown: bool = True) -> Any
 
     from ..confidence import fitted_on_another_model, load_estimator
 
-    estimator = load_estimator(path, bundle_hash=engine.bundle_hash)
+    estimator = load_estimator(path, bundle_hash=engine.bundle_hash, legacy_hash=engine.legacy_bundle_hash)
     if shown and (elsewhere := fitted_on_another_model(estimator, engine.model_name)):
         logging.getLogger("edge_runtime.generate").warning("%s", elsewhere)
     return estimator

@@ -133,7 +133,8 @@ def _report_check(settings: RuntimeSettings, bundle: Path | None) -> int:
     except BundleError as err:
         raise ConfigError(str(err), field="engine.bundle") from err
     try:
-        estimator = load_estimator(settings.engine.estimator, bundle_hash=manifest.bundle_hash)
+        estimator = load_estimator(settings.engine.estimator, bundle_hash=manifest.bundle_hash,
+                                   legacy_hash=manifest.legacy_bundle_hash)
     except EstimatorError as err:
         raise ConfigError(str(err), field="engine.estimator") from err
     policy = settings.policy if isinstance(settings.policy, Policy) else policy_from_config(settings.policy)

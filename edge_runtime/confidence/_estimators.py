@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,8 @@ from ._embed import ENCODER_NAME
 from ._features import FEATURES, PROMPT_FEATURES, SPAN_FEATURES, Signals, feature_vector
 from ._logistic import LogisticModel
 from ._selfcheck import selfcheck_messages, yes_probability
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Estimator",
@@ -308,8 +311,18 @@ def save_estimator(estimator: Estimator, path: str | os.PathLike[str]) -> None:
 DEFAULT_ESTIMATOR = Path(__file__).with_name("data") / "default_estimator.json"
 
 
-def check_bundle_hash(fitted_on: str | None, bundle_hash: str | None, *, what: str = "the estimator") -> None:
-    """An estimator reads one bundle's signals: refuse it for another (no hash on either side: any bundle)."""
+def check_bundle_hash(fitted_on: str | None, bundle_hash: str | None, *, what: str = "the estimator",
+                      legacy_hash: str | None = None) -> None:
+    """An estimator reads one bundle's signals: refuse it for another (no hash on either side: any bundle).
+
+    ``legacy_hash``: the bundle's hash as earlier versions computed it (its files alone, not its manifest), which
+    files they calibrated record. Refusing those would stop every daemon at its upgrade; they are used, with a warning
+    that an edit to the manifest since (its chat template) would not be noticed."""
+    if fitted_on and legacy_hash and fitted_on == legacy_hash and fitted_on != bundle_hash:
+        log.warning("%s was calibrated by an earlier edge-runtime, whose bundle hash did not cover manifest.json: it "
+                    "is used for this bundle, whose files it was fitted on; if the bundle's chat template or tokens "
+                    "changed since, run `edge-runtime calibrate` again", what)
+        return
     if fitted_on and bundle_hash and fitted_on != bundle_hash:
         raise EstimatorError(
             f"{what} was calibrated for another bundle (hash {fitted_on[:12]}…, this one is {bundle_hash[:12]}…): "
@@ -328,10 +341,12 @@ def fitted_on_another_model(estimator: Any, model_name: str) -> str | None:
             "its p_correct is not calibrated for this model (fit one: edge-runtime calibrate --bundle ...)")
 
 
-def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | None = None) -> Estimator:
+def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | None = None,
+                   legacy_hash: str | None = None) -> Estimator:
     """Read an estimator file (None: the built-in default); refuse one calibrated on another bundle.
 
-    A file without ``bundle_hash`` (``calibrate --portable``) loads for any bundle.
+    A file without ``bundle_hash`` (``calibrate --portable``) loads for any bundle. ``legacy_hash``: see
+    :func:`check_bundle_hash`.
     """
     p = DEFAULT_ESTIMATOR if path is None else Path(path)
     try:
@@ -350,7 +365,9 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
     recorded = d.get("bundle_hash")
     if recorded is not None and not isinstance(recorded, str):
         raise EstimatorError(f"{p}: bundle_hash must be a string or null, got {recorded!r}")
-    check_bundle_hash(recorded, bundle_hash, what=str(p))
+    check_bundle_hash(recorded, bundle_hash, what=str(p), legacy_hash=legacy_hash)
+    if recorded is not None and bundle_hash and recorded == legacy_hash:
+        recorded = bundle_hash  # accepted above for this bundle (and warned about once): bound to its hash from here on
     kind = d.get("kind")
     if d.get("meta") is not None and not isinstance(d["meta"], Mapping):
         raise EstimatorError(f"{p}: meta must be an object, got {type(d['meta']).__name__}")

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.types import well_formed
 from ..errors import (
     ContextLengthError,
     InvalidRequestError,
@@ -36,7 +37,9 @@ class ApiError:
     headers: dict[str, str] = field(default_factory=dict)
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        # a message or param may echo a client's field name with half a character in it (JSON's "\ud800" escape)
+        return {"error": {"message": well_formed(self.message), "type": self.type,
+                          "param": None if self.param is None else well_formed(self.param), "code": self.code}}
 
     def all_headers(self) -> dict[str, str]:
         out = dict(self.headers)

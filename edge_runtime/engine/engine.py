@@ -275,6 +275,10 @@ class Engine:
     def bundle_hash(self) -> str:
         return self.manifest.bundle_hash
 
+    @property
+    def legacy_bundle_hash(self) -> str:
+        return self.manifest.legacy_bundle_hash
+
     def _is_byte_level(self) -> bool:
         try:
             decoder = json.loads(self.tokenizer.to_str()).get("decoder") or {}

@@ -18,6 +18,7 @@ from ..errors import EdgeRuntimeError, InvalidRequestError
 
 __all__ = [
     "short_repr",
+    "well_formed",
     "ProviderSpec",
     "provider_specs",
     "FinishReason",
@@ -112,6 +113,14 @@ def log_text(value: Any, limit: int = 500) -> str:
     text would forge log lines), cut at ``limit``."""
     text = repr(str(value))[1:-1]
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def well_formed(text: str) -> str:
+    """``text`` with each unpaired UTF-16 surrogate (``"\\ud83d"`` in JSON: half an emoji) as U+FFFD, for text
+    that goes back out: UTF-8 cannot encode it, and strict JSON parsers refuse its escape."""
+    if not any("\ud800" <= c <= "\udfff" for c in text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _text_part(part: Any, field_name: str) -> str:

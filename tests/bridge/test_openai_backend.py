@@ -620,3 +620,34 @@ def test_a_query_in_base_url_is_sent_and_a_fragment_refused(upstream):
     with pytest.raises(ConfigError) as info:
         OpenAIModelSettings(base_url="https://api.example.com/v1#x", model="m").validate()
     assert info.value.field == "base_url"
+
+
+def test_half_characters_from_the_upstream_are_joined_or_replaced_never_a_failed_call(upstream, start_bridge,
+                                                                                         make_client, monkeypatch):
+    """Servers that count in UTF-16 may cut an emoji in two at a stream chunk's end or a length limit, and JSON
+    escapes each half (QA OO). protobuf cannot encode half a character: the call failed as UNKNOWN, unbilled, and
+    three of them opened the device's circuit. A half the next delta completes is joined; one nothing completes is
+    U+FFFD."""
+    upstream.respond = sse([delta("smile \ud83d"), delta("\ude00 end"), delta(" a\ud83db"), delta("\ud83d", "stop")])
+    chunks = list(make_backend(upstream).stream(REQUEST, CancelToken()))
+    assert [c.text for c in chunks[:-1]] == ["smile ", "\U0001f600 end", " a\ufffdb", "\ufffd"]
+    assert sum(c.token_count for c in chunks) == 4  # one per upstream delta, as without the halves
+    result = chunks[-1].result
+    assert result is not None and result.text == "smile \U0001f600 end a\ufffdb\ufffd" and result.completion_tokens == 4
+    upstream.respond = completion("caf\u00e9 \ud83d")
+    assert make_backend(upstream).generate(REQUEST, CancelToken()).text == "caf\u00e9 \ufffd"
+
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-secret")
+    bridge = start_bridge(models={"gpt": {"backend": "openai", "base_url": upstream.base_url, "model": "gpt-test",
+                                          "api_key_env": "TEST_UPSTREAM_KEY", "usd_per_million_input_tokens": 2.0,
+                                          "usd_per_million_output_tokens": 8.0}})
+    client = make_client(bridge, max_attempts=1)
+    upstream.respond = sse([delta("\ud83d"), delta("\ude00", "stop"),
+                            "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}})
+                            + "\n\n"])
+    result = list(client.stream([{"role": "user", "content": "an emoji"}]))[-1].result
+    assert result.text == "\U0001f600" and result.cost_usd == pytest.approx((5 * 2.0 + 1 * 8.0) / 1e6)
+    upstream.respond = lambda handler, body: _send(handler, 400, {"error": {"message": "bad \ud800 input"}})
+    with pytest.raises(CloudError) as info:
+        client.generate([{"role": "user", "content": "again"}])
+    assert "bad \ufffd input" in str(info.value)

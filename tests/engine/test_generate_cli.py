@@ -211,17 +211,23 @@ def test_input_lines_python_cannot_decode_or_print_as_is_fail_alone(tiny_bundle,
     path.write_bytes(b"\n".join([
         b'{"id": "big", "prompt": "hi", "seed": ' + b"1" * 5000 + b"}",  # past Python's int-parsing limit
         b"[" * 100_000,  # deeper than json's recursion
-        json.dumps({"id": "j\ud800", "prompt": "hello world"}).encode(),  # a lone surrogate in the id
+        json.dumps({"id": "j\ud800", "prompt": "hello world"}).encode(),  # half a character in the id
+        b'{"id": "tab", "prompt": "a\tb"}',  # a raw control character: not JSON
         json.dumps({"id": "last", "prompt": "hello world"}).encode(),
     ]) + b"\n")
     code = main(["generate", str(tiny_bundle), "--input", str(path), "--max-new-tokens", "2", "--json"])
     lines = capsys.readouterr().out.splitlines()
     for line in lines:
-        line.encode("utf-8")  # every output line is valid UTF-8 (the surrogate is escaped, not written raw)
+        assert "\\ud800" not in line  # never echoed: strict JSON readers (serde_json) refuse half a character
+        line.encode("utf-8")
     out = [json.loads(x) for x in lines]
-    assert [o["id"] for o in out] == [1, 2, "j\ud800", "last"]
-    assert [o["error"]["param"] for o in out[:2]] == ["line", "line"]
-    assert "error" not in out[2] and "error" not in out[3] and code == 1
+    # refused as content with it is (QA OO), reported under its line number
+    assert [o["id"] for o in out] == [1, 2, 3, 4, "last"]
+    assert [o["error"]["param"] for o in out[:4]] == ["line", "line", "id", "line"]
+    assert "not valid UTF-8" in out[2]["error"]["message"]
+    # the position is not cut off the message (json's own ends in "at")
+    assert out[3]["error"]["message"].endswith("is not valid JSON: Invalid control character at column 27")
+    assert "error" not in out[4] and code == 1
 
 
 def test_input_numbers_that_are_not_json_fail_alone_and_every_output_line_is_json(tiny_bundle, tmp_path, capsys):

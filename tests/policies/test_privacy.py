@@ -56,6 +56,19 @@ def ctx(text, **kw):
         ("celular (11) 91234-5678", "phone"),
         ("Etage 3 06 12 34 56 78", "phone"),  # a small number before it is not a thousands group
         ("call 123-456-7890", "phone"),  # the shape that matched decides, not the first digit
+        # dashes other than "-", which NFKC keeps (QA OO): the non-breaking hyphen word processors put in phone
+        # numbers, the hyphen, the en dash, the minus sign, and the long-vowel mark a Japanese keyboard types for "-"
+        ("Ring 555\u2011123\u20114567", "phone"),
+        ("020\u20137946\u20130958", "phone"),
+        ("電話は03−1234−5678です", "phone"),
+        ("電話は03ー1234ー5678です", "phone"),
+        ("電話は03ｰ1234ｰ5678です", "phone"),
+        ("4111\u20101111\u20101111\u20101111", "credit_card"),
+        # combining marks, which \w does not match: Devanagari and Thai words have no precomposed forms
+        ("mail ram@example.भारत", "email"),
+        ("मेरा ईमेल राम@उदाहरण.भारत है", "email"),
+        ("नमस्ते@example.com", "email"),
+        ("อีเมล สมชาย@ตัวอย่าง.ไทย", "email"),
     ],
 )
 def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
@@ -106,6 +119,8 @@ def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
         "solve x+10000000 = 3",
         "Rule (23) 1998-2004",
         "550e8400-e29b-41d4-a716-446655440000",
+        "コーヒーを飲みます 2024ー01ー02",  # the long-vowel mark in words, and a date written with it
+        "नमस्ते दुनिया, 2024",
     ],
 )
 def test_ordinary_prompts_pass(text):
