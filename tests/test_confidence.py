@@ -189,6 +189,8 @@ def tiny_suite(tmp_path):
 
 
 def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, capsys, monkeypatch):
+    from edge_runtime.bundle import load_manifest
+
     monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
     edge, cloud = tiny_bundles("llama", "fp32"), tiny_bundles("qwen2", "fp32")
     out = tmp_path / "estimator.json"
@@ -200,6 +202,9 @@ def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, caps
                  "--estimator", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["parse_errors"]) == {"edge", "cloud"} and 0 <= report["local_accuracy"] <= 1
+    # which bundles answered, by the hash their runs are cached under (QA QQ: a figure could not be traced)
+    assert (report["bundle_hash"], report["cloud_bundle_hash"]) == (load_manifest(edge).bundle_hash,
+                                                                    load_manifest(cloud).bundle_hash)
     overall = report["estimators"]["multi"]["overall"]
     assert overall["n"] == 12 and set(overall) >= {"auroc", "ece", "apgr", "cpt", "random", "oracle"}
     # the table prints both; rounded to four digits first, 150/578 printed 25.9% above it and 26.0% below
@@ -218,8 +223,6 @@ def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, caps
     assert {p.name: p.stat().st_size for p in runs.glob("cloud-*")} == cloud_before
     assert len([p for p in runs.glob("edge-*-lookup3-*")]) == 1 and "prompt_lookup" not in report
     # a cloud prior records the model it describes, as a bridge serving that bundle names it (the runtime checks it)
-    from edge_runtime.bundle import load_manifest
-
     with_prior = tmp_path / "with-prior.json"
     assert main(["calibrate", "--bundle", str(edge), "--cloud-bundle", str(cloud), "--suite", str(tiny_suite),
                  "--out", str(with_prior), "--family", "multi"]) == 0

@@ -229,6 +229,7 @@ def _gain_report(scores: Any, data: Any, cloud: dict[str, bool], families: list[
 def _eval(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ..bundle import load_manifest
     from ..confidence import FAMILIES, SINGLE_SIGNALS, cloud_scores, estimator_scores, fit_estimator, load_estimator, make_dataset
     from ..engine import Engine
     from ..models import resolve_bundle
@@ -297,7 +298,10 @@ def _eval(args: argparse.Namespace) -> int:
     parse_errors = {"edge": sum(bool(r.get("parse_error")) for r in records)}
     if cloud_recs is not None:
         parse_errors["cloud"] = sum(bool(r.get("parse_error")) for r in cloud_recs)
-    out = _json_safe({"bundle": engine.model_name, "suite": args.suite, "split": args.split, "items": len(data),
+    # the hash the run cache keys the answers by: a published figure can be traced to its bundle (QA QQ)
+    out = _json_safe({"bundle": engine.model_name, "bundle_hash": engine.bundle_hash,
+                      **({"cloud_bundle_hash": load_manifest(cloud_bundle).bundle_hash} if cloud_bundle else {}),
+                      "suite": args.suite, "split": args.split, "items": len(data),
                       "local_accuracy": round(float(data.labels.mean()), 6), "parse_errors": parse_errors,
                       "cloud": args.cloud_bundle, **({"prompt_lookup": args.prompt_lookup} if args.prompt_lookup else {}),
                       "estimators": reports})
@@ -316,7 +320,8 @@ def _fmt(x: Any, pct: bool = False) -> str:
 
 def _print_table(out: dict[str, Any]) -> None:
     w = sys.stdout.write
-    w(f"{out['bundle']} on {out['suite']}/{out['split']} ({out['items']} items)" + (f", cloud {out['cloud']}" if out["cloud"] else "")
+    w(f"{out['bundle']} (bundle {out['bundle_hash'][:12]}) on {out['suite']}/{out['split']} ({out['items']} items)"
+      + (f", cloud {out['cloud']} (bundle {out['cloud_bundle_hash'][:12]})" if out["cloud"] else "")
       + (f", edge prompt lookup {out['prompt_lookup']}" if out.get("prompt_lookup") else "") + "\n")
     unread = ", ".join(f"{n} {side}" for side, n in out["parse_errors"].items())
     w(f"local accuracy {out['local_accuracy']:.1%}; answers the scorer could not read (counted wrong): {unread}\n")

@@ -424,7 +424,9 @@ def explore(
     plots = write_plots(out, m, points, front, joules=joules_label(energy_source, energy_estimated))
     files += plots
     context = {
-        "edge": engine.model_name, "cloud": cloud, "bridge": bridge_label, "suite": suite, "split": split, "machine": _machine(),
+        # which weights and manifest answered, as the run cache keys them: a figure can be traced to its bundle (QA QQ)
+        "edge": engine.model_name, "edge_hash": engine.bundle_hash,
+        "cloud": cloud, "cloud_revision": (cloud_model or {}).get("revision") or "", "bridge": bridge_label, "suite": suite, "split": split, "machine": _machine(),
         "energy_source": energy_source,
         "energy_estimated": energy_estimated,
         "command": "edge-runtime " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

@@ -171,7 +171,9 @@ def write_report(path: Path, *, m: Measurements, points: Sequence[Point], front:
     lines = [
         "# Hybrid design-space report",
         "",
-        f"Edge model `{context['edge']}`, cloud `{context['cloud']}` through the bridge at `{context['bridge']}`; "
+        f"Edge model `{context['edge']}` (bundle hash `{context['edge_hash'][:16]}`), cloud `{context['cloud']}`"
+        + (f" (revision `{context['cloud_revision'][:16]}`)" if context.get("cloud_revision") else "")
+        + f" through the bridge at `{context['bridge']}`; "
         f"suite `{context['suite']}` split `{context['split']}`, {len(m.items)} items; {len(points)} policy configurations replayed "
         f"offline over the cached runs. Machine: {context['machine']}. Energy source: {context['energy_source']}"
         + (" (an ESTIMATE from CPU time, not a measurement)" if context["energy_estimated"] else "")

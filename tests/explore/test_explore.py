@@ -317,6 +317,9 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
     assert {"accuracy_vs_escalation.png", "accuracy_vs_usd.png", "accuracy_vs_joules.png"} <= {p.name for p in out.glob("*.png")}
     report = (out / "report.md").read_text()
     assert "always-local" in report and "Pareto frontier" in report and "Task dependence" in report and "ESTIMATE" in report
+    # which bundles answered: the edge's hash and the revision the bridge named (QA QQ)
+    edge_hash = load_manifest(tiny_bundles("llama", "fp32")).bundle_hash
+    assert f"bundle hash `{edge_hash[:16]}`" in report and f"(revision `{served.bundle_hash[:16]}`)" in report
     # the CSVs are read without the report: each row says where its joules come from
     import csv
 
