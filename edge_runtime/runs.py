@@ -44,7 +44,10 @@ def progress_bar(iterable: Iterable[Any], *, total: int | None = None, desc: str
 
 
 class RunCache:
-    """Append-only JSON lines of records keyed by item id, for one (model, settings) pair."""
+    """Append-only JSON lines of records keyed by item id and prompt, for one (model, settings) pair.
+
+    Keyed by the prompt too: two suites whose ids coincide (``q0``, ``q1``, ...) each find their own answers, where
+    one record per id made each run of one suite answer the other's items again (QA QQ)."""
 
     def __init__(self, kind: str, model_key: str, settings: SamplingParams, root: Path | None = None) -> None:
         settings_key = hashlib.sha256(json.dumps(_settings_dict(settings), sort_keys=True).encode()).hexdigest()[:12]
@@ -56,7 +59,7 @@ class RunCache:
             # characters (a long bundle name, then its hash or the bridge's revision)
             safe = f"{safe[:80]}-{hashlib.sha256(model_key.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
         self.path = base / f"{kind}-{safe}-{settings_key}.jsonl"
-        self.records: dict[str, dict[str, Any]] = {}
+        self.records: dict[tuple[str, str | None], dict[str, Any]] = {}
         # an interrupted write can leave a last line without its newline: start the next record on a fresh line
         self._needs_newline = False
         if self.path.exists() and self.path.stat().st_size > 0:
@@ -71,10 +74,21 @@ class RunCache:
                     except json.JSONDecodeError:
                         continue  # a line cut short by an interruption: that item simply runs again
                     if isinstance(rec, dict) and "item_id" in rec:
-                        self.records[rec["item_id"]] = rec
+                        self.remember(rec)
+
+    def get(self, item: TaskItem) -> dict[str, Any] | None:
+        """The last record of ``item`` as it is now (records written before prompts were recorded never match)."""
+        return self.records.get((item.id, prompt_key(item)))
+
+    def __getitem__(self, item: TaskItem) -> dict[str, Any]:
+        return self.records[(item.id, prompt_key(item))]
+
+    def remember(self, record: dict[str, Any]) -> None:
+        """Hold ``record`` for this run only (a failed call, tried again next time)."""
+        self.records[(record["item_id"], record.get("prompt_key"))] = record
 
     def add(self, record: dict[str, Any]) -> None:
-        self.records[record["item_id"]] = record
+        self.remember(record)
         with naming(self.path), self.path.open("a", encoding="utf-8") as fh:
             fh.write(("\n" if self._needs_newline else "") + json.dumps(record, ensure_ascii=False) + "\n")
         self._needs_newline = False
@@ -93,11 +107,6 @@ def prompt_key(item: TaskItem) -> str:
     the old answer. Records written before it existed have none and run again too.
     """
     return hashlib.sha256(json.dumps(list(item.messages), sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def _fresh(cache: RunCache, item: TaskItem) -> dict[str, Any] | None:
-    rec = cache.records.get(item.id)
-    return rec if rec is not None and rec.get("prompt_key") == prompt_key(item) else None
 
 
 def _rescored(item: TaskItem, rec: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +183,7 @@ def run_edge(
         return rec.get("energy_source") == meter.source
 
     def fresh(item: TaskItem) -> dict[str, Any] | None:
-        rec = _fresh(cache, item)
+        rec = cache.get(item)
         return rec if rec is None or measured_alike(rec) else None
 
     todo = [it for it in items if (rec := fresh(it)) is None or (selfcheck and "selfcheck_p_yes" not in rec)]
@@ -195,7 +204,7 @@ def run_edge(
         cache.add(rec)
         if on_record is not None:
             on_record(rec)
-    return [_rescored(it, cache.records[it.id]) for it in items]
+    return [_rescored(it, cache[it]) for it in items]
 
 
 def engine_key(engine: Any) -> str:
@@ -224,18 +233,18 @@ def run_cloud(
     (``error``) and retried on the next run rather than cached as an answer.
     """
     cache = RunCache("cloud", model_key, settings, root)
-    todo = [it for it in items if (rec := _fresh(cache, it)) is None or rec.get("error")]
+    todo = [it for it in items if (rec := cache.get(it)) is None or rec.get("error")]
     for item in progress_bar(todo, total=len(todo), desc=desc):
         try:
             out = generate(item)
         except (CloudError, EdgeRuntimeError) as err:
             log.warning("cloud run of %s failed: %s", item.id, err)
-            cache.records[item.id] = {"item_id": item.id, "prompt_key": prompt_key(item), "error": str(err)}
+            cache.remember({"item_id": item.id, "prompt_key": prompt_key(item), "error": str(err)})
             continue
         s = score(item, out["text"])
         cache.add({"item_id": item.id, "prompt_key": prompt_key(item), "family": item.family, "split": item.split, **out,
                    "correct": s.correct, "extracted": s.extracted, "parse_error": s.parse_error})
-    return [_rescored(it, cache.records[it.id]) for it in items]
+    return [_rescored(it, cache[it]) for it in items]
 
 
 def local_cloud_generate(engine: Any, settings: SamplingParams = RUN_SETTINGS) -> Callable[[TaskItem], dict[str, Any]]:

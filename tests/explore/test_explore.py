@@ -260,16 +260,20 @@ def test_cached_runs_follow_the_items_not_just_their_ids(tiny_bundle, tmp_path, 
              for i, it in enumerate(items)]
     run_edge(engine, other, root=tmp_path)
     assert engine.calls == 8
+    # ... and each suite keeps its own answers: run in turn, neither runs again (QA QQ: one record per id made
+    # each run of one suite answer the other's items again, and the file grew at every run)
+    size = len(list(tmp_path.glob("edge-*.jsonl"))[0].read_text().splitlines())
+    assert run_edge(engine, items, root=tmp_path) == first and run_edge(engine, other, root=tmp_path)
+    assert engine.calls == 8 and len(list(tmp_path.glob("edge-*.jsonl"))[0].read_text().splitlines()) == size
     # the same questions with a corrected answer key: no new run, but scored against the new answers
     fixed = [dataclasses.replace(it, answers=(first[i]["text"].strip() or "x",), scorer="exact") for i, it in enumerate(items)]
     rescored = run_edge(engine, fixed, root=tmp_path)
-    assert engine.calls == 12  # `other` overwrote the cache for these ids, so the originals ran once more
-    assert run_edge(engine, fixed, root=tmp_path) == rescored and engine.calls == 12
+    assert run_edge(engine, fixed, root=tmp_path) == rescored and engine.calls == 8
     assert all(r["correct"] for r in rescored if r["text"].strip())
     # moved to another family or split in the suite file: no new run, and reported where it is now
     moved = [dataclasses.replace(it, family="moved", split="dev") for it in fixed]
     assert {(r["family"], r["split"]) for r in run_edge(engine, moved, root=tmp_path)} == {("moved", "dev")}
-    assert engine.calls == 12
+    assert engine.calls == 8
     calls = []
 
     def cloud(item):
@@ -278,6 +282,8 @@ def test_cached_runs_follow_the_items_not_just_their_ids(tiny_bundle, tmp_path, 
 
     assert all(r["correct"] for r in run_cloud(cloud, "m", items, root=tmp_path))
     run_cloud(cloud, "m", other, root=tmp_path)
+    assert len(calls) == 8
+    run_cloud(cloud, "m", items, root=tmp_path)
     assert len(calls) == 8
 
 
