@@ -208,12 +208,17 @@ def run_edge(
 
 
 def engine_key(engine: Any) -> str:
-    """A run cache's name for an engine's answers: its bundle, and its decoding where that changes them.
+    """A run cache's name for an engine's answers: its bundle, the onnxruntime that computes them, and its decoding
+    where that changes them.
 
-    Drafted steps run several rows at once, which the int4/int8 kernels compute a little
-    differently from one row: answers may differ at near-ties, so they are kept apart.
+    onnxruntime's quantized kernels change between its versions (1.23-1.26 computed the 4-bit embedding lookup
+    wrongly): answers cached under another version are not this one's. Drafted steps run several rows at once,
+    which the int4/int8 kernels compute a little differently from one row: answers may differ at near-ties, so they
+    are kept apart too. Not in the key: the CPU (a cache copied to a machine with other instructions is read).
     """
     key = f"{engine.model_name}-{engine.bundle_hash[:16]}"
+    if version := getattr(engine, "onnxruntime_version", ""):
+        key += f"-ort{version}"
     return f"{key}-lookup{engine.prompt_lookup}" if engine.prompt_lookup else key
 
 

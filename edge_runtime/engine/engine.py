@@ -279,6 +279,10 @@ class Engine:
     def legacy_bundle_hash(self) -> str:
         return self.manifest.legacy_bundle_hash
 
+    @property
+    def onnxruntime_version(self) -> str:
+        return str(self.model._ort.__version__)
+
     def _is_byte_level(self) -> bool:
         try:
             decoder = json.loads(self.tokenizer.to_str()).get("decoder") or {}
