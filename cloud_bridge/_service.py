@@ -520,6 +520,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                     usd_per_million_output_tokens=self.settings.models[alias].usd_per_million_output_tokens,
                     is_default=alias == default,
                     revision=getattr(backend, "revision", "") or "",
+                    bundle_revision=getattr(backend, "bundle_revision", "") or "",
                 )
                 for alias, backend in self.backends.items()
             ]

@@ -52,8 +52,9 @@ VerifyMode = Literal["full", "fast", "none"]
 
 # files at least this large may skip hashing in fast mode when the build stamp matches
 _FAST_SKIP_MIN_BYTES = 16 << 20
-# manifest fields that describe the build, not what the bundle answers (``files`` enters the hash by its hashes)
-_NOT_HASHED = frozenset({"files", "created_at", "tools", "quality"})
+# manifest fields that describe the build, not what the bundle answers (``files`` enters the hash by its hashes): a
+# bundle built again from a renamed copy of its source, or under another name, answers as before
+_NOT_HASHED = frozenset({"files", "created_at", "tools", "quality", "source", "name"})
 # a manifest is a few kB (the chat template is its largest part); anything near this is not one
 _MAX_MANIFEST_BYTES = 16 << 20
 
@@ -128,8 +129,9 @@ class Manifest:
 
         The manifest holds the chat template and the BOS/EOS tokens, which change the answers as much as the
         weights do: a bundle whose template was edited (or rebuilt after its source's template changed) must not be
-        answered from the old one's cached runs, nor get its estimator. Left out: when it was built, with which tool
-        versions and its quality report, which describe the build and change no answer."""
+        answered from the old one's cached runs, nor get its estimator. Left out: its name, its source's file, when
+        it was built, with which tool versions, and its quality report, which describe the build and change no
+        answer (the weights are in the files' hashes)."""
         h = hashlib.sha256(self.legacy_bundle_hash.encode())
         settings = {k: v for k, v in self.raw.items() if k not in _NOT_HASHED}
         h.update(json.dumps(settings, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode())

@@ -720,8 +720,11 @@ class HybridRuntime:
         if not self._wants_p_cloud or not isinstance(fitted, Mapping):
             return  # no gain policy, or a prior that does not say what it describes (fitted before it was recorded)
         model, revision = str(fitted.get("model") or ""), str(fitted.get("revision") or "")
-        served = (str(info.model), str(info.revision or ""))
-        if model == served[0] and (not revision or not served[1] or revision == served[1]):
+        # a prior fitted against an older bridge records the files' hash, a newer one's the whole bundle's: either
+        # names this model (a bridge that upgraded serves the same weights under both)
+        known = {str(r) for r in (getattr(info, "bundle_revision", ""), info.revision) if r}
+        served = (str(info.model), str(getattr(info, "bundle_revision", "") or info.revision or ""))
+        if model == served[0] and (not revision or not known or revision in known):
             return
         with self._prior_lock:
             warned, self._prior_warned = self._prior_warned, served

@@ -122,8 +122,11 @@ def test_the_bundle_hash_covers_what_the_manifest_changes_in_the_answers(bundle)
         assert edited.bundle_hash != before.bundle_hash
         assert edited.legacy_bundle_hash == before.legacy_bundle_hash  # the files did not change
         (bundle / "manifest.json").write_text(json.dumps(before.raw))
+    # ... and neither do its name or its source's file (review 22: a build from a renamed copy of the same GGUF
+    # refused the estimator of the first)
     _edit(bundle, lambda m: m.update(created_at="2030-01-01T00:00:00+00:00", tools={"onnx": "9"},
-                                     quality={**m.get("quality", {}), "ppl_bundle": 1.0}))
+                                     quality={**m.get("quality", {}), "ppl_bundle": 1.0}, name="renamed",
+                                     source={**m.get("source", {}), "file": "copy.gguf"}))
     assert load_manifest(bundle).bundle_hash == before.bundle_hash
     # key order and whitespace are the file's, not the content's
     (bundle / "manifest.json").write_text(json.dumps(dict(reversed(list(before.raw.items()))), indent=3))

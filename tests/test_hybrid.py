@@ -785,12 +785,13 @@ def test_a_gain_prior_fitted_for_another_cloud_model_is_warned_about_once(engine
         def p_correct(self, signals, *, engine=None, messages=None):
             return 0.5
 
-    served = {"model": "qwen-coder", "revision": "abc123"}
+    served = {"model": "qwen-coder", "revision": "abc123", "bundle_revision": "full456"}
     reads = []
 
     def list_models(**_kw):
         reads.append(1)
         return [SimpleNamespace(alias="coder", is_default=True, model=served["model"], revision=served["revision"],
+                                bundle_revision=served["bundle_revision"],
                                 usd_per_million_input_tokens=1.0, usd_per_million_output_tokens=2.0)]
 
     def runtime(fitted_for):
@@ -808,14 +809,17 @@ def test_a_gain_prior_fitted_for_another_cloud_model_is_warned_about_once(engine
                     thread.join(5)
         return [r.getMessage() for r in caplog.records if "cloud prior" in r.getMessage()]
 
+    # fitted against an older bridge (the files' hash) or a newer one (the whole bundle's): the same model (QA RR:
+    # every device warned to refit after its bridge's upgrade)
     assert warnings_after(runtime({"model": "qwen-coder", "revision": "abc123"})) == []
+    assert warnings_after(runtime({"model": "qwen-coder", "revision": "full456"})) == []
     reads.clear()
     (line,) = warnings_after(runtime({"model": "gpt-4o-mini", "revision": ""}))
     assert "fitted for gpt-4o-mini" in line and "answers with qwen-coder" in line
     assert len(reads) == 1  # read once, not per request
     reads.clear()
     (line,) = warnings_after(runtime({"model": "qwen-coder", "revision": "old999"}))  # the bundle was rebuilt
-    assert "revision old999" in line
+    assert "revision old999" in line and "(revision full456)" in line
     reads.clear()
     assert warnings_after(runtime({"model": "qwen-coder", "revision": ""})) == []  # no revision recorded: the name
     # with a budget, the price read (on the request's path) checks it

@@ -140,6 +140,7 @@ class Backend(Protocol):
     model: str  # the name reported as the answering model
     context_length: int  # 0 when unknown
     revision: str  # what identifies the weights behind ``model`` ("" when the backend cannot know)
+    bundle_revision: str  # the weights and the settings that make the answers (a bundle's hash), "" when unknown
 
     def generate(self, request: BackendRequest, cancel: CancelToken) -> BackendResult: ...
 

@@ -45,7 +45,7 @@ class EchoBackend:
     ) -> None:
         self.settings = settings or EchoModelSettings()
         self.model = self.settings.model
-        self.revision = ""
+        self.revision = self.bundle_revision = ""
         self.context_length = self.settings.context_length
         # failure injection for tests: raise ``failure`` once this many tokens were made
         self.fail_after_tokens = fail_after_tokens

@@ -43,7 +43,10 @@ class OnnxBackend:
             raise ConfigError(str(err).removeprefix(f"{err.field}: "), field=setting_name) from err
         self.model = str(self.engine.model_name)
         self.context_length = int(self.engine.context_length or 0)
-        self.revision = str(getattr(self.engine, "bundle_hash", "") or "")
+        # the files' hash, as bridges reported it before manifests were hashed: devices' cloud priors fitted
+        # against them record it (a changed revision warns them to refit), and the whole bundle's hash beside it
+        self.revision = str(getattr(self.engine, "legacy_bundle_hash", "") or "")
+        self.bundle_revision = str(getattr(self.engine, "bundle_hash", "") or "")
 
     def _result(self, result: Any) -> BackendResult:
         return BackendResult(

@@ -323,7 +323,7 @@ class OpenAIBackend:
     def __init__(self, settings: OpenAIModelSettings, *, environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.model = settings.model
-        self.revision = ""  # an upstream API names its model; dated model names are its revisions
+        self.revision = self.bundle_revision = ""  # an upstream API names its model; dated names are its revisions
         self.context_length = 0
         url = urllib.parse.urlsplit(settings.base_url)
         self.scheme = url.scheme

@@ -251,9 +251,14 @@ def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: i
         result = engine.generate(item.get("prompt"), messages=item.get("messages"), params=p, prompt_nll=estimator.needs_prompt_nll)
         return _result_json(result, engine, request_id, _confidence(estimator, engine, result, item.get("messages"), item.get("prompt"))), True
     except EdgeRuntimeError as err:
-        # "line" too: a line with no readable id is reported under its line number
+        from ..engine.types import well_formed
+
+        # "line" too: a line with no readable id is reported under its line number. A message or param may echo an
+        # unknown key with half a character in it: not echoed as such (strict JSON readers refuse the line)
+        field = getattr(err, "field", None)
         return {"id": request_id, "line": lineno,
-                "error": {"message": str(err), "type": type(err).__name__, "param": getattr(err, "field", None)}}, False
+                "error": {"message": well_formed(str(err)), "type": type(err).__name__,
+                          "param": well_formed(field) if isinstance(field, str) else field}}, False
 
 
 def _load_estimator(path: str | None, engine: Any, *, shown: bool = True) -> Any:

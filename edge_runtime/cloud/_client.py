@@ -586,6 +586,7 @@ class CloudClient:
                 usd_per_million_output_tokens=m.usd_per_million_output_tokens,
                 is_default=m.is_default,
                 revision=m.revision,
+                bundle_revision=m.bundle_revision,
             )
             for m in response.models
         ]

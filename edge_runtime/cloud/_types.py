@@ -68,4 +68,5 @@ class ModelInfo:
     usd_per_million_input_tokens: float
     usd_per_million_output_tokens: float
     is_default: bool
-    revision: str = ""  # the bridge's identity of the weights (an ONNX bundle's hash), "" when unknown
+    revision: str = ""  # the bridge's identity of the weights (an ONNX bundle's files' hash), "" when unknown
+    bundle_revision: str = ""  # weights and answering settings (the bundle's hash), "" when unknown or an older bridge

@@ -4,7 +4,8 @@
 
     from edge_runtime.confidence import load_estimator, signals_from_result
 
-    estimator = load_estimator("estimator.json", bundle_hash=engine.bundle_hash)   # None: the built-in default
+    estimator = load_estimator("estimator.json", bundle_hash=engine.bundle_hash,     # None: the built-in default
+                               legacy_hash=engine.legacy_bundle_hash)    # (files calibrated by earlier versions)
     result = engine.generate(messages=messages, prompt_nll=estimator.needs_prompt_nll)
     p = estimator.p_correct(signals_from_result(result, messages=messages), engine=engine, messages=messages)
 

@@ -319,9 +319,10 @@ def check_bundle_hash(fitted_on: str | None, bundle_hash: str | None, *, what: s
     files they calibrated record. Refusing those would stop every daemon at its upgrade; they are used, with a warning
     that an edit to the manifest since (its chat template) would not be noticed."""
     if fitted_on and legacy_hash and fitted_on == legacy_hash and fitted_on != bundle_hash:
-        log.warning("%s was calibrated by an earlier edge-runtime, whose bundle hash did not cover manifest.json: it "
-                    "is used for this bundle, whose files it was fitted on; if the bundle's chat template or tokens "
-                    "changed since, run `edge-runtime calibrate` again", what)
+        log.warning("%s was calibrated by an earlier edge-runtime, whose bundle hash did not cover manifest.json (it "
+                    "records %s…, the bundle's files; the bundle's hash is now %s…): it is used for this bundle, whose "
+                    "files it was fitted on; if the bundle's chat template or tokens changed since, or to record the "
+                    "new hash, run `edge-runtime calibrate` again", what, fitted_on[:12], (bundle_hash or "?")[:12])
         return
     if fitted_on and bundle_hash and fitted_on != bundle_hash:
         raise EstimatorError(

@@ -261,7 +261,11 @@ class TopLogprob:
 
 @dataclass(frozen=True)
 class TokenInfo:
-    """A generated token and the signals of the distribution it was drawn from.
+    """A generated token and the signals of the model's distribution at its position.
+
+    Every signal reads the model's own distribution (temperature 1, nothing cut by top_k or top_p), whatever the
+    request sampled with: the same token gets the same figures greedy or sampled, which is what the confidence
+    estimators were fitted on. A sampled answer's logprobs therefore do not sum to the log-probability of drawing it.
 
     ``logprob``: log-probability of the chosen token (natural log).
     ``entropy``: entropy of the full next-token distribution, in nats.

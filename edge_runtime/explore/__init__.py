@@ -152,10 +152,12 @@ def _cloud_identity(client: Any, alias: str) -> tuple[str, tuple[float, float] |
     models = client.list_models()
     info = next((m for m in models if (m.alias == alias if alias else m.is_default)), None)
     model = info.model if info is not None else (alias or "default")
-    if info is not None and info.revision:
-        model += "-" + info.revision[:16]
+    # the whole bundle's hash where the bridge sends it (its weights with another chat template answer otherwise)
+    revision = (info.bundle_revision or info.revision) if info is not None else ""
+    if revision:
+        model += "-" + revision[:16]
     prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens) if info is not None else None
-    served = {"model": info.model, "revision": info.revision} if info is not None else None
+    served = {"model": info.model, "revision": revision} if info is not None else None
     return f"bridge-{alias or 'default'}-{model}", prices, served
 
 

@@ -73,9 +73,11 @@ def _luhn(number: str) -> bool:
 
 
 # Dashes NFKC leaves as they are, written between a number's groups: word processors' non-breaking hyphen (it keeps
-# a phone number on one line), the hyphen, figure and en dashes, the minus sign, and the Japanese long-vowel mark
-# that a Japanese keyboard in kana mode types for "-" (ｰ, its half-width form, is folded onto it by NFKC).
-_DASHES = {ord(c): "-" for c in "\u2010\u2011\u2012\u2013\u2212\u30fc"}
+# a phone number on one line), the hyphen, figure, en and em dashes, the horizontal bar, the minus sign, and the
+# Japanese long-vowel mark that a Japanese keyboard in kana mode types for "-" (ｰ, its half-width form, is folded onto
+# it by NFKC). Only between two digits: elsewhere the mark is part of a word (カードナンバー4111...), and a "-" before a
+# card number reads as part of a longer one.
+_DASH_BETWEEN_DIGITS = re.compile("(?<=[0-9])[\u2010-\u2015\u2212\u30fc](?=[0-9])")
 # Combining marks: Python's \w does not match them, and Devanagari, Thai and other scripts' words have no precomposed
 # form (सीता@डाक.भारत); dropped, such a word is still a run of letters to the patterns.
 _DROPPED = frozenset({"Cf", "Mn", "Mc", "Me"})
@@ -83,14 +85,15 @@ _DROPPED = frozenset({"Cf", "Mn", "Mc", "Me"})
 
 def _canonical(text: str) -> str:
     """What the detectors read: NFKC folds full-width forms (ｂｏｂ＠ｅｘａｍｐｌｅ．ｃｏｍ) and no-break spaces onto
-    the ASCII the patterns know, the other dashes become "-", and invisible format characters (a zero-width space,
-    a soft hyphen) and combining marks are dropped, so that none of them can hide a match."""
+    the ASCII the patterns know, the other dashes between digits become "-", and invisible format characters (a
+    zero-width space, a soft hyphen) and combining marks are dropped, so that none of them can hide a match."""
     text = unicodedata.normalize("NFKC", text)
     if text.isascii():
         return text
     # and digits of other scripts (Arabic-Indic ۰۹۱۲, Devanagari ०९) onto ASCII ones, which NFKC leaves as they are
-    return "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in text.translate(_DASHES)
+    text = "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in text
                    if unicodedata.category(c) not in _DROPPED)
+    return _DASH_BETWEEN_DIGITS.sub("-", text)
 
 
 def _find_email(text: str) -> bool:

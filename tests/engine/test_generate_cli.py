@@ -213,6 +213,7 @@ def test_input_lines_python_cannot_decode_or_print_as_is_fail_alone(tiny_bundle,
         b"[" * 100_000,  # deeper than json's recursion
         json.dumps({"id": "j\ud800", "prompt": "hello world"}).encode(),  # half a character in the id
         b'{"id": "tab", "prompt": "a\tb"}',  # a raw control character: not JSON
+        json.dumps({"id": "k", "prompt": "hi", "\ud800k": 1}).encode(),  # ... or in an unknown key
         json.dumps({"id": "last", "prompt": "hello world"}).encode(),
     ]) + b"\n")
     code = main(["generate", str(tiny_bundle), "--input", str(path), "--max-new-tokens", "2", "--json"])
@@ -222,12 +223,12 @@ def test_input_lines_python_cannot_decode_or_print_as_is_fail_alone(tiny_bundle,
         line.encode("utf-8")
     out = [json.loads(x) for x in lines]
     # refused as content with it is (QA OO), reported under its line number
-    assert [o["id"] for o in out] == [1, 2, 3, 4, "last"]
-    assert [o["error"]["param"] for o in out[:4]] == ["line", "line", "id", "line"]
+    assert [o["id"] for o in out] == [1, 2, 3, 4, "k", "last"]
+    assert [o["error"]["param"] for o in out[:5]] == ["line", "line", "id", "line", "\ufffdk"]
     assert "not valid UTF-8" in out[2]["error"]["message"]
     # the position is not cut off the message (json's own ends in "at")
     assert out[3]["error"]["message"].endswith("is not valid JSON: Invalid control character at column 27")
-    assert "error" not in out[4] and code == 1
+    assert "error" not in out[5] and code == 1
 
 
 def test_input_numbers_that_are_not_json_fail_alone_and_every_output_line_is_json(tiny_bundle, tmp_path, capsys):

@@ -490,9 +490,9 @@ def test_bridge_runs_are_keyed_by_the_revision_the_bridge_reports():
 
     from edge_runtime.explore import _cloud_identity
 
-    def client(revision: str) -> SimpleNamespace:
+    def client(revision: str, bundle_revision: str = "") -> SimpleNamespace:
         return SimpleNamespace(list_models=lambda: [SimpleNamespace(
-            alias="coder", model="stand-in", is_default=True, revision=revision,
+            alias="coder", model="stand-in", is_default=True, revision=revision, bundle_revision=bundle_revision,
             usd_per_million_input_tokens=1.5, usd_per_million_output_tokens=6.0)])
 
     # an upstream API: its model name is all there is
@@ -500,6 +500,9 @@ def test_bridge_runs_are_keyed_by_the_revision_the_bridge_reports():
                                                     {"model": "stand-in", "revision": ""})
     assert _cloud_identity(client("0123456789abcdef0123"), "coder")[0] == "bridge-coder-stand-in-0123456789abcdef"
     assert _cloud_identity(client("0123456789abcdef0123"), "")[0] == "bridge-default-stand-in-0123456789abcdef"
+    # a bridge that sends the whole bundle's hash (its manifest's chat template included): keyed by that
+    key, _, served = _cloud_identity(client("0123456789abcdef0123", "fedcba9876543210ffff"), "coder")
+    assert key == "bridge-coder-stand-in-fedcba9876543210" and served["revision"] == "fedcba9876543210ffff"
 
 
 def test_a_bundle_that_is_not_found_names_the_option_it_came_from(tiny_bundle, tmp_path, capsys):

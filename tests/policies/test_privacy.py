@@ -64,6 +64,8 @@ def ctx(text, **kw):
         ("電話は03ー1234ー5678です", "phone"),
         ("電話は03ｰ1234ｰ5678です", "phone"),
         ("4111\u20101111\u20101111\u20101111", "credit_card"),
+        ("電話 03\u20141234\u20145678", "phone"),  # an em dash
+        ("カードナンバー4111111111111111", "credit_card"),  # ー inside a word stays a letter, not a dash before the card
         # combining marks, which \w does not match: Devanagari and Thai words have no precomposed forms
         ("mail ram@example.भारत", "email"),
         ("मेरा ईमेल राम@उदाहरण.भारत है", "email"),

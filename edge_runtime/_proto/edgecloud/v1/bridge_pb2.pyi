@@ -139,7 +139,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("alias", "backend", "model", "context_length", "max_new_tokens_limit", "usd_per_million_input_tokens", "usd_per_million_output_tokens", "is_default", "revision")
+    __slots__ = ("alias", "backend", "model", "context_length", "max_new_tokens_limit", "usd_per_million_input_tokens", "usd_per_million_output_tokens", "is_default", "revision", "bundle_revision")
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class ModelInfo(_message.Message):
     USD_PER_MILLION_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_REVISION_FIELD_NUMBER: _ClassVar[int]
     alias: str
     backend: str
     model: str
@@ -158,7 +159,8 @@ class ModelInfo(_message.Message):
     usd_per_million_output_tokens: float
     is_default: bool
     revision: str
-    def __init__(self, alias: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., usd_per_million_input_tokens: _Optional[float] = ..., usd_per_million_output_tokens: _Optional[float] = ..., is_default: _Optional[bool] = ..., revision: _Optional[str] = ...) -> None: ...
+    bundle_revision: str
+    def __init__(self, alias: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., usd_per_million_input_tokens: _Optional[float] = ..., usd_per_million_output_tokens: _Optional[float] = ..., is_default: _Optional[bool] = ..., revision: _Optional[str] = ..., bundle_revision: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
