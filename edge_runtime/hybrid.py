@@ -720,11 +720,12 @@ class HybridRuntime:
         if not self._wants_p_cloud or not isinstance(fitted, Mapping):
             return  # no gain policy, or a prior that does not say what it describes (fitted before it was recorded)
         model, revision = str(fitted.get("model") or ""), str(fitted.get("revision") or "")
-        # a prior fitted against an older bridge records the files' hash, a newer one's the whole bundle's: either
-        # names this model (a bridge that upgraded serves the same weights under both)
+        # A prior fitted against an older bridge records the files' hash, one fitted now the whole bundle's and the
+        # files' beside it; an older bridge reports only the files' hash. Any in common names this model.
+        fitted_as = {str(r) for r in (revision, fitted.get("files_revision")) if r}
         known = {str(r) for r in (getattr(info, "bundle_revision", ""), info.revision) if r}
         served = (str(info.model), str(getattr(info, "bundle_revision", "") or info.revision or ""))
-        if model == served[0] and (not revision or not known or revision in known):
+        if model == served[0] and (not fitted_as or not known or fitted_as & known):
             return
         with self._prior_lock:
             warned, self._prior_warned = self._prior_warned, served

@@ -227,8 +227,8 @@ def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, caps
     assert main(["calibrate", "--bundle", str(edge), "--cloud-bundle", str(cloud), "--suite", str(tiny_suite),
                  "--out", str(with_prior), "--family", "multi"]) == 0
     manifest = load_manifest(cloud)
-    assert json.loads(with_prior.read_text())["meta"]["cloud_model"] == {"model": manifest.name,
-                                                                         "revision": manifest.bundle_hash}
+    assert json.loads(with_prior.read_text())["meta"]["cloud_model"] == {
+        "model": manifest.name, "revision": manifest.bundle_hash, "files_revision": manifest.legacy_bundle_hash}
     assert load_estimator(with_prior).cloud is not None and "cloud_model" not in json.loads(out.read_text())["meta"]
 
 
@@ -459,7 +459,9 @@ def test_an_estimator_calibrated_before_the_bundle_hash_covered_the_manifest_is_
     with caplog.at_level("WARNING", logger="edge_runtime.confidence"):
         est = load_estimator(path, bundle_hash="n" * 64, legacy_hash="a" * 64)
     assert est.bundle_hash == "n" * 64
-    assert any("earlier edge-runtime" in r.getMessage() and "manifest.json" in r.getMessage() for r in caplog.records)
+    assert any("earlier edge-runtime" in r.getMessage() and "manifest.json" in r.getMessage()
+               and "records aaaaaaaaaaaa…" in r.getMessage() and "now nnnnnnnnnnnn…" in r.getMessage()
+               for r in caplog.records)
     caplog.clear()
     check_bundle_hash(est.bundle_hash, "n" * 64, legacy_hash="a" * 64)
     assert not caplog.records

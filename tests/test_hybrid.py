@@ -813,6 +813,10 @@ def test_a_gain_prior_fitted_for_another_cloud_model_is_warned_about_once(engine
     # every device warned to refit after its bridge's upgrade)
     assert warnings_after(runtime({"model": "qwen-coder", "revision": "abc123"})) == []
     assert warnings_after(runtime({"model": "qwen-coder", "revision": "full456"})) == []
+    # fitted now, against a bridge that is older than the device (review 23): the files' hash it records matches
+    served["bundle_revision"] = ""
+    assert warnings_after(runtime({"model": "qwen-coder", "revision": "full456", "files_revision": "abc123"})) == []
+    served["bundle_revision"] = "full456"
     reads.clear()
     (line,) = warnings_after(runtime({"model": "gpt-4o-mini", "revision": ""}))
     assert "fitted for gpt-4o-mini" in line and "answers with qwen-coder" in line

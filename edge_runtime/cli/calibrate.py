@@ -130,7 +130,8 @@ def _calibrate(args: argparse.Namespace) -> int:
             # what the prior describes, as a bridge serving this bundle names it in ListModels: the runtime warns
             # when the bridge's model is another
             manifest = load_manifest(cloud_bundle)
-            meta["cloud_model"] = {"model": manifest.name, "revision": manifest.bundle_hash}
+            meta["cloud_model"] = {"model": manifest.name, "revision": manifest.bundle_hash,
+                                   "files_revision": manifest.legacy_bundle_hash}  # what older bridges report
     save_estimator(estimator, args.out)
     if args.json:
         print(json.dumps(summary, indent=2))

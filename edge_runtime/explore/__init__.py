@@ -157,7 +157,8 @@ def _cloud_identity(client: Any, alias: str) -> tuple[str, tuple[float, float] |
     if revision:
         model += "-" + revision[:16]
     prices = (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens) if info is not None else None
-    served = {"model": info.model, "revision": revision} if info is not None else None
+    # the files' hash too: a device may escalate to an older bridge, which reports only that
+    served = {"model": info.model, "revision": revision, "files_revision": info.revision} if info is not None else None
     return f"bridge-{alias or 'default'}-{model}", prices, served
 
 
@@ -349,6 +350,8 @@ def explore(
             log.warning("the estimator is fitted on the dev split: %s is in-sample, "
                         "so its routing figures will look better than they are (use --split test)", what)
         cloud_key, cloud_prices, cloud_model = _cloud_identity(client, alias)
+        if local_bundle is not None:  # its own loopback bridge runs this onnxruntime: keyed by it, as edge runs are
+            cloud_key += f"-ort{engine.onnxruntime_version}"
         m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,
                     estimator_out=out / "estimator.json", root=root, cloud_prices=cloud_prices,
                     model_hint=alias or "*", cloud_model=cloud_model)

@@ -125,10 +125,15 @@ def _find_phone(text: str) -> bool:
 _DIGIT_RUN = re.compile(r"(?<!\d)\d++(?:[ -]\d++)+")
 # how card numbers are written in groups: 4-4-4-4 (most), 4-4-4-4-3 (19 digits), 4-6-5 (Amex), 4-6-4 (Diners)
 _CARD_SHAPES = ((4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4))
+# a card number written whole, whatever is next to it: "-" too ("card-4111...", "4111...-12/27", where _CARD, which
+# keeps clear of dash-joined runs, saw one longer number)
+_WHOLE_CARD = re.compile(r"(?<!\d)\d{13,19}(?!\d)")
 
 
 def _find_card(text: str) -> bool:
     if any(13 <= len(d := _digits(m.group(0))) <= 19 and _luhn(d) for m in _CARD.finditer(text)):
+        return True
+    if any(_luhn(m.group(0)) for m in _WHOLE_CARD.finditer(text)):
         return True
     # A card number next to other numbers (its expiry, its CVV, a quantity) makes the run longer than 19 digits or
     # fails the Luhn check as a whole. Only card-shaped windows are tried, at the run's start or after one short

@@ -319,13 +319,19 @@ def test_explore_end_to_end_with_a_real_bridge_and_daemon(tiny_bundles, tiny_sui
 
     served = load_manifest(tiny_bundles("qwen2", "fp32"))
     assert json.loads((out / "estimator.json").read_text())["meta"]["cloud_model"] == {
-        "model": served.name, "revision": served.bundle_hash}
+        "model": served.name, "revision": served.bundle_hash, "files_revision": served.legacy_bundle_hash}
     assert {"accuracy_vs_escalation.png", "accuracy_vs_usd.png", "accuracy_vs_joules.png"} <= {p.name for p in out.glob("*.png")}
     report = (out / "report.md").read_text()
     assert "always-local" in report and "Pareto frontier" in report and "Task dependence" in report and "ESTIMATE" in report
     # which bundles answered: the edge's hash and the revision the bridge named (QA QQ)
     edge_hash = load_manifest(tiny_bundles("llama", "fp32")).bundle_hash
     assert f"bundle hash `{edge_hash[:16]}`" in report and f"(revision `{served.bundle_hash[:16]}`)" in report
+    # its own loopback bridge runs this onnxruntime: its cloud answers are cached per version, as edge runs are
+    import onnxruntime
+
+    runs = tmp_path / "runs"
+    assert all(f"-ort{onnxruntime.__version__}" in p.name for p in [*runs.glob("cloud-*"), *runs.glob("edge-*")])
+    assert list(runs.glob("cloud-*"))
     # the CSVs are read without the report: each row says where its joules come from
     import csv
 
@@ -497,7 +503,7 @@ def test_bridge_runs_are_keyed_by_the_revision_the_bridge_reports():
 
     # an upstream API: its model name is all there is
     assert _cloud_identity(client(""), "coder") == ("bridge-coder-stand-in", (1.5, 6.0),
-                                                    {"model": "stand-in", "revision": ""})
+                                                    {"model": "stand-in", "revision": "", "files_revision": ""})
     assert _cloud_identity(client("0123456789abcdef0123"), "coder")[0] == "bridge-coder-stand-in-0123456789abcdef"
     assert _cloud_identity(client("0123456789abcdef0123"), "")[0] == "bridge-default-stand-in-0123456789abcdef"
     # a bridge that sends the whole bundle's hash (its manifest's chat template included): keyed by that

@@ -66,6 +66,12 @@ def ctx(text, **kw):
         ("4111\u20101111\u20101111\u20101111", "credit_card"),
         ("電話 03\u20141234\u20145678", "phone"),  # an em dash
         ("カードナンバー4111111111111111", "credit_card"),  # ー inside a word stays a letter, not a dash before the card
+        # a card written whole next to a dash, ASCII or folded onto one (review 23): not part of a longer number
+        ("4111111111111111\u201312/27", "credit_card"),
+        ("4111111111111111ー12/27", "credit_card"),
+        ("No.12ー4111111111111111", "credit_card"),
+        ("card-4111111111111111", "credit_card"),
+        ("4111111111111111-12/27", "credit_card"),
         # combining marks, which \w does not match: Devanagari and Thai words have no precomposed forms
         ("mail ram@example.भारत", "email"),
         ("मेरा ईमेल राम@उदाहरण.भारत है", "email"),
