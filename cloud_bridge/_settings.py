@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.cloud import check_address
-from edge_runtime.config import check_threads, load_settings, setting
+from edge_runtime.config import check_threads, documented, load_settings, setting
 from edge_runtime.engine.types import MAX_NEW_TOKENS_LIMIT
 from edge_runtime.errors import ConfigError
 
@@ -84,6 +84,7 @@ def _as_paths(settings: Any, names: tuple[str, ...], section: str) -> None:
             raise ConfigError(f"expected a path, got {value!r}", field=f"{section}{name}") from err
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
     address: str = setting("127.0.0.1:50051", path="unix", help="host:port to listen on (port 0 picks a free one)")
@@ -121,6 +122,7 @@ class ServerSettings:
                 raise ConfigError(f"must be from 0 to 3600 s, got {value}", field=f"server.{name}")
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class AuthSettings:
     tokens_file: Path | None = setting(
@@ -143,6 +145,7 @@ class AuthSettings:
             raise ConfigError(f"must be from 0 to 3600 s, got {self.reload_interval_s!r}", field="auth.reload_interval_s")
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class QuotaSettings:
     requests_per_minute: float = setting(60.0, help="per device; 0 disables the request quota")
@@ -162,6 +165,7 @@ class QuotaSettings:
                 raise ConfigError("must be at least 1", field=f"quota.{name}")
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class LimitsSettings:
     default_model: str = setting("", help="alias used when a request names none (default: the first alias)")
@@ -185,6 +189,7 @@ class LimitsSettings:
         # cap alone, `--limits-max-new-tokens 100`, must not need the default lowered too
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class ModelSettings:
     """What every model alias has, whatever its backend."""
@@ -216,6 +221,7 @@ class ModelSettings:
         ) / 1e6
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class OnnxModelSettings(ModelSettings):
     backend: str = setting("onnx", help="onnx: run a model bundle with this project's engine")
@@ -234,6 +240,7 @@ class OnnxModelSettings(ModelSettings):
         check_threads(self.intra_op_threads, field="intra_op_threads")  # _parse_model adds models.<alias>.
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class OpenAIModelSettings(ModelSettings):
     backend: str = setting(
@@ -295,6 +302,7 @@ class OpenAIModelSettings(ModelSettings):
         return key
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class EchoModelSettings(ModelSettings):
     """A model-free backend for tests, demos and benchmarks: it answers with fixed or echoed words."""
@@ -337,6 +345,7 @@ def _parse_model(alias: str, table: Any) -> ModelSettings:
         raise ConfigError(str(err).split(": ", 1)[-1], field=f"{where}.{err.field}" if err.field else where) from err
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class BridgeSettings:
     server: ServerSettings = dataclasses.field(default_factory=ServerSettings)

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError, EdgeRuntimeError
 
-__all__ = ["setting", "load_settings", "add_settings_arguments", "refuse_abbreviations", "settings_overrides_from_args",
+__all__ = ["setting", "documented", "load_settings", "add_settings_arguments", "refuse_abbreviations", "settings_overrides_from_args",
            "settings_to_dict", "check_threads", "MAX_THREADS", "THREADS_HELP"]
 
 T = TypeVar("T")
@@ -79,6 +79,23 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dat
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta, repr=not secret)
     return dataclasses.field(default=default, metadata=meta, repr=not secret)
+
+
+def documented(cls: type[T]) -> type[T]:
+    """Class decorator: the settings' help texts and defaults in the class's docstring, for ``help()`` (they were
+    only in the fields' metadata, which config files, the environment and ``--help`` read)."""
+    lines = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if "help" not in f.metadata:
+            continue
+        if f.default is not dataclasses.MISSING and not f.metadata.get("secret"):
+            default = f" (default {f.default!r})"
+        else:
+            default = ""
+        lines.append(f"``{f.name}``{default}: {f.metadata['help']}")
+    head = (cls.__doc__ or "").strip() if cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}(") else ""
+    cls.__doc__ = "\n\n".join(filter(None, [head, "Fields:\n\n" + "\n".join(f"- {line}" for line in lines)]))
+    return cls
 
 
 def _hints(cls: type) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .config import is_finite, setting
+from .config import documented, is_finite, setting
 from .errors import ConfigError
 
 __all__ = ["CostSettings", "DEFAULT_PRICES", "NETWORKS", "price_usd", "reservation", "reservation_usd", "table_prices",
@@ -48,8 +48,11 @@ NETWORKS: dict[str, tuple[float, float]] = {"wifi": (0.0017, 0.03), "cellular": 
 J_PER_KWH = 3.6e6
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class CostSettings:
+    """The cost model (``[cost]``): USD per answer from the bridge's bills, the device's joules and the radio's."""
+
     electricity_usd_per_kwh: float = setting(0.30, help="electricity price in USD per kWh (example tariff)")
     network: Literal["wifi", "cellular"] = setting("wifi", help="the device's uplink for escalations: wifi or cellular")
     network_j_per_kb: float | None = setting(None, help="override the network's energy per KB transferred (J)")

@@ -102,7 +102,7 @@ class BundleError(EdgeRuntimeError):
 
 
 class BundleNotFoundError(BundleError):
-    pass
+    """No bundle at the path, and no cached bundle or known model of that name."""
 
 
 class BundleVerificationError(BundleError):
@@ -114,19 +114,20 @@ class BundleVerificationError(BundleError):
 
 
 class UnsupportedModelError(BundleError):
-    pass
+    """The model's architecture or files are not ones ``quantize`` can build a bundle from."""
 
 
 class ModelFetchError(EdgeRuntimeError):
-    pass
+    """A model could not be fetched: an unknown name, a download that failed, or a file that failed its pinned
+    SHA-256."""
 
 
 class BuildError(EdgeRuntimeError):
-    pass
+    """Building a bundle (``edge-runtime quantize``) failed."""
 
 
 class QualityGateError(BuildError):
-    pass
+    """A built bundle's perplexity is further from the fp32 model's than ``--max-ppl-ratio`` allows."""
 
 
 class OutOfMemoryError(EdgeRuntimeError, MemoryError):
@@ -137,11 +138,11 @@ class OutOfMemoryError(EdgeRuntimeError, MemoryError):
 
 
 class EnergyError(EdgeRuntimeError):
-    pass
+    """An energy source cannot be read, or the one asked for is not on this device."""
 
 
 class EstimatorError(EdgeRuntimeError):
-    pass
+    """An estimator file cannot be read, or was calibrated for another bundle."""
 
 
 class QueueFullError(EdgeRuntimeError):
@@ -166,7 +167,7 @@ class CloudError(EdgeRuntimeError):
 
 
 class CloudAuthError(CloudError):
-    pass
+    """The bridge refused the device's token (missing, unknown or revoked): not retried, not an outage."""
 
 
 class CloudQuotaError(CloudError):
@@ -185,7 +186,7 @@ class CloudQuotaError(CloudError):
 
 
 class CloudTimeoutError(CloudError):
-    pass
+    """The escalation ran out of its time (``timeout_s``, or the caller's deadline)."""
 
 
 class CloudPriceError(CloudError):
@@ -200,10 +201,13 @@ class CloudPriceError(CloudError):
 
 
 class CloudUnavailableError(CloudError):
-    pass
+    """The bridge could not be reached or could not answer (down, overloaded, its upstream failed)."""
 
 
 class CircuitOpenError(CloudError):
+    """Escalations are skipped for a while after consecutive failures (the circuit breaker is open): the bridge
+    was not asked."""
+
     skipped = True
 
 

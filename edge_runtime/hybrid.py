@@ -43,7 +43,7 @@ from .confidence import Estimator, check_bundle_hash, fitted_on_another_model, l
 from .cost import CostSettings, device_energy_usd, network_energy_j, wait_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
 from .engine.engine import _cancel_check
-from .engine.types import EnergyReport, log_text, short_repr
+from .engine.types import MAX_NEW_TOKENS_LIMIT, EnergyReport, log_text, short_repr
 from .errors import (
     CloudCancelledError,
     CloudError,
@@ -73,7 +73,7 @@ class Cost(TypedDict):
     """What an answer cost (``HybridResult.cost``): USD and joules, and two flags (see the README)."""
 
     cloud_usd: float  # the bridge's bill
-    device_energy_usd: float  # the device's joules at [cost] usd_per_kwh
+    device_energy_usd: float  # the device's joules at [cost] electricity_usd_per_kwh
     network_energy_j: float  # the radio's, estimated
     total_usd: float
     cloud_usd_unknown: bool  # an escalation cut after the bridge took it: it may have billed what the device never saw
@@ -82,6 +82,18 @@ class Cost(TypedDict):
 
 @dataclass(frozen=True)
 class HybridResult:
+    """One answered request.
+
+    ``route``: ``local``, ``cloud``, ``fallback`` (an escalation failed: the local answer, with ``cloud_error``) or
+    ``local_forced`` (a gate kept it local); ``reason`` and ``detail`` say why, ``policy`` and ``threshold`` which
+    rule decided, ``p_correct`` the estimator's probability that the local answer is right (None: no estimate).
+    ``draft``: the local answer when the cloud's was returned. ``usage``: token counts per side (``local``,
+    ``cloud``); ``latency_ms``: per stage; ``energy``: the device's ``joules`` (its ``source``, ``estimated`` unless
+    a counter measured them, ``process_joules``, ``seconds``, ``estimator_joules`` included in joules) plus the
+    escalation's estimated ``network_joules`` and ``wait_joules`` (idle power while waiting); ``cost``: USD (see
+    :class:`Cost`).
+    """
+
     request_id: str
     text: str
     route: Route
@@ -343,6 +355,29 @@ class HybridRuntime:
         default_max_new_tokens: int = 256,
         cloud_timeout_s: float | None = None,
     ) -> None:
+        """A runtime answering on ``engine`` and escalating to ``cloud`` when ``policy`` says so.
+
+        ``policy``: a Policy or its config mapping (default ``{"type": "threshold", "p": 0.5}``). ``estimator``: the
+        confidence estimator (default the built-in ``generic``; one calibrated for another bundle is refused).
+        ``cloud``: a :class:`edge_runtime.cloud.CloudClient` (or anything with its ``stream``, and ``list_models``
+        for the bridge's prices), or None to answer everything locally. ``cost``: prices and energy for the per-answer cost
+        (default :class:`CostSettings`). ``default_max_new_tokens``: when a call gives none (1 to 65,536).
+        ``cloud_timeout_s``: seconds for one escalation, at most 86,400 (None: the cloud client's own ``timeout_s``).
+        Every argument is checked here, naming it: a bad one used to fail only at the first escalation.
+        """
+        from .cloud._settings import MAX_SECONDS
+
+        if cloud_timeout_s is not None and (isinstance(cloud_timeout_s, bool)
+                                            or not isinstance(cloud_timeout_s, (int, float))
+                                            or not 0 < cloud_timeout_s <= MAX_SECONDS):  # also refuses nan
+            raise InvalidRequestError(f"must be a number of seconds > 0 and at most {MAX_SECONDS:.0f}, or None, got "
+                                      f"{cloud_timeout_s!r:.40}", field="cloud_timeout_s")
+        if (isinstance(default_max_new_tokens, bool) or not isinstance(default_max_new_tokens, int)
+                or not 1 <= default_max_new_tokens <= MAX_NEW_TOKENS_LIMIT):
+            raise InvalidRequestError(f"must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}, got "
+                                      f"{default_max_new_tokens!r:.40}", field="default_max_new_tokens")
+        if cloud is not None and not any(callable(getattr(cloud, name, None)) for name in ("stream", "list_models")):
+            raise InvalidRequestError(f"must be a CloudClient or None, got {type(cloud).__name__}", field="cloud")
         self.engine = engine
         self.policy: Policy = policy if isinstance(policy, Policy) else policy_from_config(policy or {"type": "threshold", "p": 0.5})
         self.estimator: Estimator = estimator or load_estimator(None)
@@ -395,7 +430,10 @@ class HybridRuntime:
 
     @classmethod
     def from_config(cls, config: str | os.PathLike[str] | Mapping[str, Any] | Any = None, **engine_kwargs: Any) -> HybridRuntime:
-        """From a TOML path, a mapping in the same shape, or a loaded RuntimeSettings."""
+        """From a TOML path, a mapping in the same shape, or a loaded RuntimeSettings.
+
+        ``engine_kwargs`` go to :class:`Engine` and win over the settings (``prompt_lookup=3``,
+        ``intra_op_threads=1``, ``energy_meter=None`` to measure nothing, ``verify="full"``)."""
         from .settings import RuntimeSettings, load_runtime_settings
 
         if isinstance(config, RuntimeSettings):
@@ -411,12 +449,15 @@ class HybridRuntime:
 
     @classmethod
     def from_settings(cls, settings: Any, **engine_kwargs: Any) -> HybridRuntime:
+        """From loaded RuntimeSettings; ``engine_kwargs`` as for :meth:`from_config`."""
         from .models import resolve_bundle
         from .power import EnergyMeter
 
         e = settings.engine
-        # a caller may pass the process meter (the daemon installs one with set_default_meter) instead of a second one
-        meter = engine_kwargs.pop("energy_meter", None) or EnergyMeter.from_settings(settings.power)
+        # a caller may pass the process meter (the daemon installs one with set_default_meter) instead of a second
+        # one, or None for none
+        meter = engine_kwargs.pop("energy_meter") if "energy_meter" in engine_kwargs \
+            else EnergyMeter.from_settings(settings.power)
         cloud = None
         if settings.cloud.address:  # first: a bad [cloud] setting is reported before the model spends its load time
             from .cloud import CloudClient
@@ -426,9 +467,10 @@ class HybridRuntime:
             try:
                 engine = Engine(
                     # named: the daemon's log line is all a user sees of the error
-                    resolve_bundle(e.bundle, precision=e.precision, field="engine.bundle"), providers=e.provider_list() or None, intra_op_threads=e.threads,
-                    max_sessions=e.max_sessions, cache_tokens=e.cache_tokens, prompt_lookup=e.prompt_lookup, energy_meter=meter,
-                    **engine_kwargs,
+                    resolve_bundle(e.bundle, precision=e.precision, field="engine.bundle"),
+                    **{"providers": e.provider_list() or None, "intra_op_threads": e.threads,
+                       "max_sessions": e.max_sessions, "cache_tokens": e.cache_tokens,
+                       "prompt_lookup": e.prompt_lookup, "energy_meter": meter, **engine_kwargs},
                 )
             except InvalidRequestError as err:
                 # the Engine names its own arguments ("providers[0]"); here they are settings ("engine.providers[0]")
@@ -753,7 +795,11 @@ class HybridRuntime:
 
         An estimator that runs the model (``needs_engine``: the self-check prefills the whole conversation
         again) is metered like a generation, into ``spent``: the device paid for it on this request's behalf.
+        An answer with no text (a stop string matching at once, an eos first) is no answer: 0. The estimators read
+        its token features as certain ones and scored it ~0.7, above a real answer, and it was kept local (QA UU).
         """
+        if not result.text.strip():
+            return 0.0
         signals = signals_from_result(result, messages=msgs)
         meter = self.engine.energy_meter if self.estimator.needs_engine else None
         window = meter.start() if meter is not None else None

@@ -7,7 +7,8 @@ Used by ``edge-runtime eval`` and by the design-space explorer. Conventions:
   Escalation sends the lowest-confidence items to the cloud first.
 - Rates and shares are fractions in [0, 1], not percentages.
 - Undefined values (one class only, no gap between local and cloud) are ``nan``,
-  never an exception, so per-family tables can be filled blindly.
+  never an exception, so per-family tables can be filled blindly; no items at all is a
+  ``ValueError`` for the routing curves (there is no curve to draw).
 
 Routing metrics follow RouteLLM (Ong et al., 2024, "RouteLLM: Learning to Route
 LLMs with Preference Data"): with ``acc(r)`` the accuracy when a fraction ``r``

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .cloud import CloudSettings
-from .config import THREADS_HELP, check_threads, load_settings, setting
+from .config import THREADS_HELP, check_threads, documented, load_settings, setting
 from .cost import CostSettings
 from .engine import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS, SUGGESTED_PROMPT_LOOKUP_TOKENS
 from .engine.types import ProviderSpec, provider_specs
@@ -59,8 +59,11 @@ def default_socket_path() -> Path:
 _PRECISION = re.compile(r"(fp32|int8|int4)(-[a-z0-9]+)*")
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class EngineSettings:
+    """The edge model and how it runs (``[engine]``; ``EDGE_RUNTIME_ENGINE_*``, flags of ``serve``)."""
+
     bundle: str = setting("smollm2-135m-instruct", path="if_exists",
                           help="edge bundle: a directory, or a cached bundle / known model name")
     precision: str = setting("int4", help="precision of the cached bundle when `bundle` is a known model name: fp32, "
@@ -101,8 +104,11 @@ class EngineSettings:
         return provider_specs(self.providers, self.provider_options, field="engine.provider_options", error=ConfigError)
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
+    """The local daemon (``[server]`` of ``edge-runtime serve``)."""
+
     host: str = setting("127.0.0.1", help="HTTP bind address (loopback by default; anything else needs allow_remote)")
     port: int = setting(8080, help="HTTP port (0: any free port)")
     allow_remote: bool = setting(False, help="allow binding a non-loopback address (the daemon has no authentication)")
@@ -122,12 +128,19 @@ class ServerSettings:
         if self.max_body_bytes < 1024:
             raise ConfigError("must be >= 1024", field="server.max_body_bytes")
         for name in ("request_timeout_s", "drain_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError("must be > 0", field=f"server.{name}")
+            # also nan and inf, which settings built in Python (not read from a file) could hold: every request
+            # then got a 400 naming a deadline_s no client sends
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86_400:
+                raise ConfigError(f"must be a number of seconds > 0 and at most 86400, got {value!r:.40}",
+                                  field=f"server.{name}")
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class RuntimeSettings:
+    """Everything ``edge-runtime serve`` and ``HybridRuntime.from_config`` read: one section per table of the config file."""
+
     engine: EngineSettings = setting(factory=EngineSettings, help="the edge model")
     policy: dict[str, Any] | str = setting(factory=lambda: {"type": "threshold", "p": 0.5}, path="policy",
                                            help="escalation policy: a table, or the name of one without "

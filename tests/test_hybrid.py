@@ -979,3 +979,32 @@ def test_an_estimator_fitted_on_another_model_is_said_to_be_uncalibrated(engine,
     assert "not calibrated" not in caplog.text
     HybridRuntime(engine, policy={"type": "threshold", "p": 0.5})  # the tiny test model, and the built-in default
     assert "fitted on smollm2-135m-instruct, not " in caplog.text and "not calibrated" in caplog.text
+
+
+def test_the_runtimes_own_arguments_are_checked_where_they_are_given(engine, tiny_bundle):
+    """QA UU: cloud_timeout_s=0 was accepted, and every escalation then raised an error naming timeout_s with the
+    local answer lost; a str cloud failed at the first request; from_config dropped energy_meter=None and refused
+    engine arguments the settings also give."""
+    cloud = _fake_cloud(_answering("4", 0.0))
+    for bad in (0, -5, math.nan, "5", 1e12, True):
+        with pytest.raises(InvalidRequestError) as info:
+            HybridRuntime(engine, cloud=cloud, cloud_timeout_s=bad)
+        assert info.value.field == "cloud_timeout_s"
+    for bad in (0, 2.5, 1 << 20):
+        with pytest.raises(InvalidRequestError, match="default_max_new_tokens"):
+            HybridRuntime(engine, default_max_new_tokens=bad)
+    with pytest.raises(InvalidRequestError) as info:
+        HybridRuntime(engine, cloud="127.0.0.1:50051")
+    assert info.value.field == "cloud"
+    config = {"engine": {"bundle": str(tiny_bundle)}, "policy": {"type": "never"}}
+    with HybridRuntime.from_config(config, energy_meter=None, prompt_lookup=3) as runtime:
+        assert runtime.engine.energy_meter is None and runtime.engine.prompt_lookup == 3
+
+
+def test_an_answer_with_no_text_is_not_taken_for_a_confident_one(engine):
+    """QA UU: a stop string matching at once left no text, which the estimator scored ~0.7 from token features
+    that read as certain: it was kept local, above a real answer; it goes to the cloud now."""
+    runtime = HybridRuntime(engine, cloud=_fake_cloud(_answering("4", 0.0)), policy={"type": "threshold", "p": 0.5})
+    first = runtime.engine.generate(messages=ASK, max_new_tokens=4).text
+    result = runtime.chat(ASK, max_new_tokens=4, stop=[first[:1]])
+    assert result.p_correct == 0.0 and result.route == "cloud" and result.text == "4"

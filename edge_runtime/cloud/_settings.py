@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import describe_type, setting
+from ..config import describe_type, documented, setting
 from ..errors import ConfigError
 from ._address import check_address
 
@@ -30,8 +30,11 @@ def _as_path(value: object, field: str) -> Path | None:
         raise ConfigError(f"expected a path, got {value!r}", field=field) from err
 
 
+@documented
 @dataclass(frozen=True, kw_only=True)
 class CloudSettings:
+    """The device's connection to the cloud bridge (``[cloud]``; ``EDGE_RUNTIME_CLOUD_*``)."""
+
     address: str = setting("", path="unix", help="bridge address host:port (empty: never escalate)")
     model: str = setting("", help="model alias to ask the bridge for (empty: the bridge's default)")
     token: str = setting(

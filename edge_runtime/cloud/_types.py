@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import InvalidRequestError
+
 __all__ = ["Escalation", "ServerTimings", "CloudResult", "CloudChunk", "ModelInfo"]
 
 
@@ -12,10 +14,22 @@ class Escalation:
     """Why the device escalated and what it would have answered; the bridge may show it to the larger model."""
 
     draft_answer: str = ""
-    p_correct: float | None = None
+    p_correct: float | None = None  # the local answer's, 0..1
     reason: str = ""
     policy: str = ""
     local_model: str = ""
+
+    def __post_init__(self) -> None:
+        # checked here, naming the field: a string failed as "cannot encode the request", and 1.5 or nan came back
+        # from the bridge as its INVALID_ARGUMENT
+        p = self.p_correct
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0):
+            raise InvalidRequestError(f"must be a probability from 0 to 1 or None, got {p!r:.40}",
+                                      field="escalation.p_correct")
+        for name in ("draft_answer", "reason", "policy", "local_model"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidRequestError(f"must be a string, got {type(getattr(self, name)).__name__}",
+                                          field=f"escalation.{name}")
 
 
 @dataclass(frozen=True, kw_only=True)

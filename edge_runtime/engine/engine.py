@@ -265,22 +265,28 @@ class Engine:
 
     @property
     def model_name(self) -> str:
+        """The bundle's model name (its manifest's ``name``)."""
         return self.manifest.name
 
     @property
     def precision(self) -> str:
+        """``fp32``, ``int8`` or ``int4``."""
         return self.manifest.precision
 
     @property
     def bundle_hash(self) -> str:
+        """What identifies the answers: the bundle's files and its manifest's settings (see ``Manifest.bundle_hash``);
+        estimator files and run caches are bound to it."""
         return self.manifest.bundle_hash
 
     @property
     def legacy_bundle_hash(self) -> str:
+        """The files' hash alone, which earlier versions called the bundle hash (estimator files they wrote)."""
         return self.manifest.legacy_bundle_hash
 
     @property
     def onnxruntime_version(self) -> str:
+        """The onnxruntime that runs the model (its quantized kernels change between versions)."""
         return str(self.model._ort.__version__)
 
     def _is_byte_level(self) -> bool:
@@ -294,6 +300,8 @@ class Engine:
     # ---- text <-> tokens --------------------------------------------------------------------
 
     def render_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        """The conversation as the bundle's chat template writes it (to read, not to send back as a raw prompt:
+        a raw prompt's control-token texts are read as the tokens, a message's never are)."""
         return self.template.render(validate_messages(messages), add_generation_prompt=add_generation_prompt)
 
     def encode(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> list[int]:
@@ -400,6 +408,7 @@ class Engine:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def count_tokens(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> int:
+        """How many tokens :meth:`encode` gives (the prompt's share of the context window)."""
         return len(self.encode(prompt, messages=messages))
 
     def token_text(self, token_id: int) -> str:
@@ -412,7 +421,9 @@ class Engine:
         return text
 
     def token_bytes(self, token_id: int) -> list[int] | None:
-        """The exact UTF-8 bytes of a token (OpenAI's ``bytes`` field), when the vocabulary is byte-level."""
+        """The exact UTF-8 bytes of a token (OpenAI's ``bytes`` field); None when they are not known (a piece that is
+        not bytes in a vocabulary that is not byte-level). An id outside the vocabulary is an InvalidRequestError."""
+        self._token_ids([token_id], "token_id")  # -1 raised OverflowError, an id past the vocabulary gave None
         piece = self.tokenizer.id_to_token(token_id)
         if piece is None:
             return None
@@ -848,10 +859,15 @@ class Engine:
         loses its beginning (the end is what the next token depends on most).
         """
         p = SamplingParams(max_new_tokens=1, truncate_prompt=truncate)
-        if messages is not None and prompt is None:
-            ids = self.fit_messages(messages, p)
-        else:
-            ids = self.fit_context(self.encode(prompt, messages=messages), p, field="prompt")
+        try:
+            if messages is not None and prompt is None:
+                ids = self.fit_messages(messages, p)
+            else:
+                ids = self.fit_context(self.encode(prompt, messages=messages), p, field="prompt")
+        except ContextLengthError as err:  # its advice names generation's arguments, which this method has not
+            raise ContextLengthError(f"the prompt has more tokens than the context window of {self.context_length} "
+                                     "leaves for one more (shorten it, or pass truncate=True to keep its end)",
+                                     field=err.field) from err
         with self._cache() as cache:
             cache.truncate(0)
             cache.reserve(len(ids), exact=True)  # grown once, as for a generation (see run)

@@ -288,6 +288,9 @@ class TokenInfo:
 
 @dataclass(frozen=True)
 class Usage:
+    """Token counts of one generation: the prompt's, the answer's (``completion_tokens``, an eos and a cut stop
+    string included), the prompt's reused from a cache, and prompt lookup's drafts and how many were kept."""
+
     prompt_tokens: int
     completion_tokens: int
     # prompt tokens whose KV state was reused from a previous turn (not prefilled again)
@@ -303,6 +306,9 @@ class Usage:
 
 @dataclass(frozen=True)
 class Timings:
+    """Milliseconds: the engine's model load (``load_ms``, once per engine), the prompt's prefill, the decode of the
+    tokens after the first, and the time to the first token (``ttft_ms``, waiting for a cache included)."""
+
     load_ms: float
     prefill_ms: float
     decode_ms: float
@@ -330,6 +336,11 @@ class EnergyReport:
 
 @dataclass(frozen=True)
 class GenerationResult:
+    """One answer: ``text`` (stop string cut), ``token_ids`` and ``tokens`` (each with its signals: see TokenInfo),
+    ``finish_reason`` (``stop``, ``eos``, ``length``, ``cancelled``), ``usage``, ``timings``, ``energy`` (None
+    without a meter), ``prompt_nll`` (mean negative log-likelihood of the prompt's tokens, natural log, when asked
+    for), ``model`` (the bundle's name) and ``text_tokens`` (``tokens[:text_tokens]`` made the text; None: all)."""
+
     text: str
     token_ids: list[int]
     finish_reason: FinishReason

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidRequestError
 from ._base import Decision, Policy, Reason, RequestContext, TokenSignal, check_keys, number
 from ._registry import register_policy
 
@@ -50,7 +50,10 @@ def _running_matrix(logprobs: np.ndarray | None, margins: np.ndarray | None, sig
 
 def running_confidence(logprobs: Sequence[float], margins: Sequence[float] | None = None, *,
                        signal: str = "mean_prob") -> np.ndarray:
-    """Running confidence after each token (``out[t]`` uses tokens ``0..t``)."""
+    """Running confidence after each token (``out[t]`` uses tokens ``0..t``); ``margins`` are needed for
+    ``signal="min_margin"``."""
+    if signal == "min_margin" and margins is None:  # it was a bare AssertionError (QA UU)
+        raise InvalidRequestError("signal 'min_margin' reads the tokens' margins: pass them", field="margins")
     lp = np.asarray(logprobs, dtype=float)[None, :]
     mg = None if margins is None else np.asarray(margins, dtype=float)[None, :]
     if lp.shape[1] == 0:

@@ -195,6 +195,13 @@ class EnergyMeter:
             raise ConfigError(f"must be between 0.001 and 3600 seconds, got {sample_interval_s!r}",
                               field="sample_interval_s")
         self.sysfs_root = os.fspath(sysfs_root)
+        # None was a bare TypeError or AttributeError (QA UU)
+        if not isinstance(profile, (str, DeviceProfile)):
+            raise ConfigError(f"must be a profile name or a DeviceProfile, got {type(profile).__name__}",
+                              field="power.profile")
+        if not isinstance(source, (str, PowerSource)):
+            raise ConfigError(f"must be a source name or a PowerSource, got {type(source).__name__}",
+                              field="power.source")
         prof = get_profile(profile) if isinstance(profile, str) else profile
         if isinstance(source, PowerSource):
             estimate = EstimateSource(prof)

@@ -15,6 +15,7 @@ your own board once with a real counter or a USB meter and set
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -32,8 +33,9 @@ class DeviceProfile:
     def __post_init__(self) -> None:
         for field_name in ("active_watts_per_core", "idle_watts"):
             value = getattr(self, field_name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ConfigError(f"must be a number >= 0, got {value!r}", field=f"power.{field_name}")
+            # finite too: an infinite profile gave infinite joules (QA UU)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+                raise ConfigError(f"must be a finite number >= 0, got {value!r}", field=f"power.{field_name}")
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "active_watts_per_core": self.active_watts_per_core,

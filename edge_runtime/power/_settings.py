@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from ..config import setting
+from ..config import documented, setting
 from ..errors import ConfigError
 from ._profiles import PROFILES
 
@@ -24,8 +24,11 @@ SourceName = Literal["auto", "rapl", "hwmon", "rpi-pmic", "battery", "estimate"]
 _KINDS = get_args(SourceName)
 
 
+@documented
 @dataclass(frozen=True)
 class PowerSettings:
+    """How the device's energy is measured (``[power]``; ``EDGE_RUNTIME_POWER_*``)."""
+
     # a kind, or one source's label (`edge-runtime power` lists them): with two hwmon chips, say which
     source: str = setting(
         "auto", help="energy source: auto (rapl > hwmon > rpi-pmic > battery > estimate), one of them, "

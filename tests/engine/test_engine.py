@@ -880,9 +880,31 @@ def test_more_arguments_of_the_wrong_kind_name_the_argument(engine):
         Engine(5)
     assert info.value.field == "bundle"
     for token_id in (-1, 10**9):
+        for method in (engine.token_text, engine.token_bytes):  # token_bytes: OverflowError, or None (QA UU)
+            with pytest.raises(InvalidRequestError) as info:
+                method(token_id)
+            assert info.value.field == "token_id"
+    # next_token_logprobs' advice names its own argument, not generation's (QA UU)
+    from edge_runtime.errors import ContextLengthError
+
+    with pytest.raises(ContextLengthError, match="truncate=True") as too_long:
+        engine.next_token_logprobs("x " * (engine.context_length + 10))
+    assert "max_new_tokens" not in str(too_long.value) and "truncate_prompt" not in str(too_long.value)
+    # settings built in Python, not read from a file: nan and inf were taken (every request then got a 400
+    # naming deadline_s), and an escalation's p_correct failed as "cannot encode the request" or at the bridge
+    import math
+
+    from edge_runtime.cloud import Escalation
+    from edge_runtime.settings import ServerSettings
+
+    for bad in (math.nan, math.inf, 0, "5"):
+        with pytest.raises(ConfigError) as caught:
+            ServerSettings(request_timeout_s=bad)
+        assert caught.value.field == "server.request_timeout_s"
+    for bad in ("0.4", 1.5, -1, math.nan):
         with pytest.raises(InvalidRequestError) as info:
-            engine.token_text(token_id)
-        assert info.value.field == "token_id"
+            Escalation(p_correct=bad)
+        assert info.value.field == "escalation.p_correct"
     with pytest.raises(ConfigError) as caught:
         HybridRuntime.from_config(5)
     assert caught.value.field == "config"

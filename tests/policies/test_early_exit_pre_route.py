@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.engine.types import TokenInfo
-from edge_runtime.errors import ConfigError
+from edge_runtime.errors import ConfigError, InvalidRequestError
 from edge_runtime.policies import (
     PRE_ROUTERS, Budget, Chain, EarlyExit, PreRoute, Reason, RequestContext, Threshold, policy_from_config,
     register_pre_router, running_confidence,
@@ -27,6 +27,8 @@ def test_running_signals_by_hand():
     assert mins == pytest.approx([math.exp(-0.1), math.exp(-0.2), math.exp(-3.0), math.exp(-3.0)])
     assert running_confidence(LOGPROBS, MARGINS, signal="min_margin") == pytest.approx([0.9, 0.5, 0.05, 0.05])
     assert len(running_confidence([], signal="mean_prob")) == 0
+    with pytest.raises(InvalidRequestError, match="margins"):  # a bare AssertionError before (QA UU)
+        running_confidence(LOGPROBS, signal="min_margin")
 
 
 def test_stops_at_the_first_token_below_the_bar():

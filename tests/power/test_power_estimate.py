@@ -123,3 +123,20 @@ def test_a_custom_profile_object_labels_the_estimate(tmp_path: Path, make_meter:
         clock.advance(4)
     assert m.source == "estimate:my-board"
     assert m.joules == pytest.approx(2.0)
+
+
+def test_profiles_and_sources_given_in_python_are_checked_naming_the_setting() -> None:
+    """QA UU: an infinite profile was taken (infinite joules), and None for a source or profile was a bare
+    TypeError or AttributeError."""
+    import math
+
+    from edge_runtime.power import EnergyMeter
+
+    for kwargs in ({"active_watts_per_core": math.inf}, {"idle_watts": math.inf}, {"idle_watts": math.nan}):
+        with pytest.raises(ConfigError) as info:
+            custom_profile("generic", **kwargs)
+        assert info.value.field == f"power.{next(iter(kwargs))}"
+    for kwargs, field in (({"source": None}, "power.source"), ({"profile": None}, "power.profile")):
+        with pytest.raises(ConfigError) as info:
+            EnergyMeter(**kwargs)
+        assert info.value.field == field
