@@ -368,15 +368,15 @@ class HybridRuntime:
         from .cloud._settings import MAX_SECONDS
 
         if cloud_timeout_s is not None and (isinstance(cloud_timeout_s, bool)
-                                            or not isinstance(cloud_timeout_s, (int, float))
+                                            or not isinstance(cloud_timeout_s, numbers.Real)
                                             or not 0 < cloud_timeout_s <= MAX_SECONDS):  # also refuses nan
             raise InvalidRequestError(f"must be a number of seconds > 0 and at most {MAX_SECONDS:.0f}, or None, got "
                                       f"{cloud_timeout_s!r:.40}", field="cloud_timeout_s")
-        if (isinstance(default_max_new_tokens, bool) or not isinstance(default_max_new_tokens, int)
+        if (isinstance(default_max_new_tokens, bool) or not isinstance(default_max_new_tokens, numbers.Integral)
                 or not 1 <= default_max_new_tokens <= MAX_NEW_TOKENS_LIMIT):
             raise InvalidRequestError(f"must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}, got "
                                       f"{default_max_new_tokens!r:.40}", field="default_max_new_tokens")
-        if cloud is not None and not any(callable(getattr(cloud, name, None)) for name in ("stream", "list_models")):
+        if cloud is not None and not callable(getattr(cloud, "stream", None)):
             raise InvalidRequestError(f"must be a CloudClient or None, got {type(cloud).__name__}", field="cloud")
         self.engine = engine
         self.policy: Policy = policy if isinstance(policy, Policy) else policy_from_config(policy or {"type": "threshold", "p": 0.5})
@@ -762,12 +762,20 @@ class HybridRuntime:
         if not self._wants_p_cloud or not isinstance(fitted, Mapping):
             return  # no gain policy, or a prior that does not say what it describes (fitted before it was recorded)
         model, revision = str(fitted.get("model") or ""), str(fitted.get("revision") or "")
-        # A prior fitted against an older bridge records the files' hash, one fitted now the whole bundle's and the
-        # files' beside it; an older bridge reports only the files' hash. Any in common names this model.
-        fitted_as = {str(r) for r in (revision, fitted.get("files_revision")) if r}
-        known = {str(r) for r in (getattr(info, "bundle_revision", ""), info.revision) if r}
-        served = (str(info.model), str(getattr(info, "bundle_revision", "") or info.revision or ""))
-        if model == served[0] and (not fitted_as or not known or fitted_as & known):
+        # A prior fitted now records the whole bundle's hash and its files' beside it (``files_revision``; the same
+        # two when the bridge was older); one fitted before records the files' hash alone. A bridge reports the files'
+        # hash (``revision``) and, since, the whole bundle's. Whole against whole where both sides have it (a changed
+        # chat template is another model), else files against files.
+        files = str(fitted.get("files_revision") or "")
+        fitted_whole = revision if files and revision != files else ""
+        fitted_files = files or revision
+        bridge_whole, bridge_files = str(getattr(info, "bundle_revision", "") or ""), str(info.revision or "")
+        served = (str(info.model), bridge_whole or bridge_files)
+        if fitted_whole and bridge_whole:
+            same = fitted_whole == bridge_whole
+        else:  # (a record without files_revision holding a whole hash: matched against the bridge's whole one)
+            same = not fitted_files or not bridge_files or fitted_files in (bridge_files, bridge_whole)
+        if model == served[0] and same:
             return
         with self._prior_lock:
             warned, self._prior_warned = self._prior_warned, served
@@ -809,7 +817,7 @@ class HybridRuntime:
             if window is not None:
                 window.stop()
                 spent.append(window.to_report())
-        if not math.isfinite(p):
+        if not 0.0 <= p <= 1.0:  # (nan too) a custom estimator's: a probability is what the policies and the bridge take
             log.warning("the estimator %s gave p_correct %s: treated as no estimate", self.estimator.name, p)
             return math.nan
         return p

@@ -29,6 +29,7 @@ file is read in exactly one place, :func:`load_runtime_settings`. Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -131,9 +132,8 @@ class ServerSettings:
             # also nan and inf, which settings built in Python (not read from a file) could hold: every request
             # then got a 400 naming a deadline_s no client sends
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86_400:
-                raise ConfigError(f"must be a number of seconds > 0 and at most 86400, got {value!r:.40}",
-                                  field=f"server.{name}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"must be a finite number of seconds > 0, got {value!r:.40}", field=f"server.{name}")
 
 
 @documented

@@ -17,7 +17,7 @@ from cloud_bridge import create_server, hash_token, load_bridge_settings
 from edge_runtime.cloud import CloudClient
 from edge_runtime.cloud._types import CloudChunk, CloudResult, ServerTimings
 from edge_runtime.engine import Engine, SamplingParams
-from edge_runtime.errors import CloudUnavailableError, ContextLengthError, InvalidRequestError
+from edge_runtime.errors import CloudUnavailableError, ConfigError, ContextLengthError, InvalidRequestError
 from edge_runtime.hybrid import HybridRuntime, _PriceState
 from edge_runtime.power import ConstantPowerSource, EnergyMeter
 
@@ -215,7 +215,7 @@ def test_the_price_read_holds_only_the_first_requests_and_never_a_local_one(engi
         time.sleep(0.3)
         raise CloudUnavailableError("no answer")
 
-    cloud = SimpleNamespace(list_models=down, settings=SimpleNamespace(model=""))
+    cloud = SimpleNamespace(list_models=down, stream=_answering("4", 0.0), settings=SimpleNamespace(model=""))
     rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "never"}]}, cloud=cloud)
     rt.chat(ASK, model="local", max_new_tokens=2)
     assert reads == []  # a request for the local model never escalates: it never waits for prices
@@ -630,7 +630,7 @@ def test_a_price_refresh_never_holds_a_request_even_when_the_bridge_hangs(engine
         return [SimpleNamespace(alias="big", is_default=True, usd_per_million_input_tokens=1.0,
                                 usd_per_million_output_tokens=2.0)]
 
-    cloud = SimpleNamespace(list_models=list_models, settings=SimpleNamespace(model=""))
+    cloud = SimpleNamespace(list_models=list_models, stream=_answering("4", 0.0), settings=SimpleNamespace(model=""))
     rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "never"}]}, cloud=cloud)
     assert rt._bridge_price_table().prices == (1.0, 2.0)  # the first read is made (and waited for) by the request
     rt._prices = dataclasses.replace(rt._prices, due_s=time.monotonic())  # the refresh is due
@@ -671,7 +671,7 @@ def test_a_bridge_that_names_no_price_is_refreshed_in_the_background_and_keeps_t
         return [SimpleNamespace(alias="other", is_default=False, usd_per_million_input_tokens=1.0,
                                 usd_per_million_output_tokens=2.0)]
 
-    cloud = SimpleNamespace(list_models=list_models, settings=SimpleNamespace(model="big"))
+    cloud = SimpleNamespace(list_models=list_models, stream=_answering("4", 0.0), settings=SimpleNamespace(model="big"))
     rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "never"}]}, cloud=cloud)
     assert rt._bridge_price_table().prices is None  # read, no price for "big": the [cost] table
     rt._prices = dataclasses.replace(rt._prices, due_s=time.monotonic())
@@ -817,6 +817,11 @@ def test_a_gain_prior_fitted_for_another_cloud_model_is_warned_about_once(engine
     served["bundle_revision"] = ""
     assert warnings_after(runtime({"model": "qwen-coder", "revision": "full456", "files_revision": "abc123"})) == []
     served["bundle_revision"] = "full456"
+    # ... but a bridge now serving the same weights with another chat template serves another model (review 24)
+    served["bundle_revision"] = "templ789"
+    (line,) = warnings_after(runtime({"model": "qwen-coder", "revision": "full456", "files_revision": "abc123"}))
+    assert "revision full456" in line and "(revision templ789)" in line
+    served["bundle_revision"] = "full456"
     reads.clear()
     (line,) = warnings_after(runtime({"model": "gpt-4o-mini", "revision": ""}))
     assert "fitted for gpt-4o-mini" in line and "answers with qwen-coder" in line
@@ -915,7 +920,7 @@ def test_a_price_read_begun_before_the_prices_were_found_out_of_date_does_not_co
                                 usd_per_million_output_tokens=2.0)]
 
     rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "never"}]},
-                       cloud=SimpleNamespace(list_models=list_models, settings=SimpleNamespace(model="")))
+                       cloud=SimpleNamespace(list_models=list_models, stream=_answering("4", 0.0), settings=SimpleNamespace(model="")))
     rt._prices = _PriceState((1.0, 2.0), answered=True, due_s=time.monotonic())  # a refresh is due
     assert rt._bridge_price_table().prices == (1.0, 2.0)  # served while the refresh runs in the background
     assert started.wait(10)
@@ -967,7 +972,7 @@ def test_prices_a_bridge_lists_that_are_not_prices_leave_the_cost_table_in_charg
                                 usd_per_million_output_tokens=1.0)]
 
     rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "never"}]},
-                       cloud=SimpleNamespace(list_models=list_models, settings=SimpleNamespace(model="")))
+                       cloud=SimpleNamespace(list_models=list_models, stream=_answering("4", 0.0), settings=SimpleNamespace(model="")))
     usd = rt._estimate_cloud_usd([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4), "auto")
     assert math.isfinite(usd) and rt._prices.prices is None
 
@@ -993,9 +998,13 @@ def test_the_runtimes_own_arguments_are_checked_where_they_are_given(engine, tin
     for bad in (0, 2.5, 1 << 20):
         with pytest.raises(InvalidRequestError, match="default_max_new_tokens"):
             HybridRuntime(engine, default_max_new_tokens=bad)
-    with pytest.raises(InvalidRequestError) as info:
-        HybridRuntime(engine, cloud="127.0.0.1:50051")
-    assert info.value.field == "cloud"
+    for bad_cloud in ("127.0.0.1:50051", SimpleNamespace(list_models=lambda **_: [])):  # nothing to escalate with
+        with pytest.raises(InvalidRequestError) as info:
+            HybridRuntime(engine, cloud=bad_cloud)
+        assert info.value.field == "cloud"
+    import numpy as np
+
+    HybridRuntime(engine, cloud=cloud, cloud_timeout_s=np.float32(5), default_max_new_tokens=np.int64(8))
     config = {"engine": {"bundle": str(tiny_bundle)}, "policy": {"type": "never"}}
     with HybridRuntime.from_config(config, energy_meter=None, prompt_lookup=3) as runtime:
         assert runtime.engine.energy_meter is None and runtime.engine.prompt_lookup == 3
@@ -1008,3 +1017,35 @@ def test_an_answer_with_no_text_is_not_taken_for_a_confident_one(engine):
     first = runtime.engine.generate(messages=ASK, max_new_tokens=4).text
     result = runtime.chat(ASK, max_new_tokens=4, stop=[first[:1]])
     assert result.p_correct == 0.0 and result.route == "cloud" and result.text == "4"
+
+
+def test_an_estimator_giving_no_probability_is_no_estimate_not_a_lost_answer(engine):
+    """Review 24: a custom estimator's 1.5 reached the Escalation, which refuses it, and chat() raised with the local
+    answer lost; it is treated as no estimate (reported null), as nan was."""
+    from edge_runtime.confidence import Estimator
+
+    class Broken(Estimator):
+        name = "broken"
+
+        def p_correct(self, signals, *, engine=None, messages=None):
+            return 1.5
+
+    runtime = HybridRuntime(engine, estimator=Broken(), cloud=_fake_cloud(_answering("4", 0.0)),
+                            policy={"type": "threshold", "p": 0.5})
+    result = runtime.chat(ASK, max_new_tokens=4)
+    assert result.p_correct is None and result.text
+
+
+def test_settings_classes_show_their_fields_in_help():
+    """QA UU: help() showed only a generated signature; the fields' help texts and defaults were in metadata."""
+    from edge_runtime.cloud import CloudSettings
+    from edge_runtime.settings import ServerSettings
+
+    doc = CloudSettings.__doc__ or ""
+    assert "``timeout_s`` (default" in doc and "``token``:" in doc and "``token`` (default" not in doc  # a secret
+    assert "``drain_timeout_s`` (default 30.0)" in (ServerSettings.__doc__ or "")
+    for bad in (math.inf, -1):
+        with pytest.raises(ConfigError) as info:
+            ServerSettings(drain_timeout_s=bad)
+        assert info.value.field == "server.drain_timeout_s"
+    assert ServerSettings(request_timeout_s=200_000).request_timeout_s == 200_000  # no cap a config file would hit

@@ -44,6 +44,9 @@ class ServerTimings:
 
 @dataclass(frozen=True, kw_only=True)
 class CloudResult:
+    """The bridge's answer: its text, usage and ``cost_usd`` (the bridge's bill), the ``model`` that answered under
+    ``model_alias``, ``server_timings``, and the client's own ``latency_ms`` and attempts."""
+
     text: str
     finish_reason: str  # "stop", "eos", "length", "cancelled", "content_filter" or "" when unknown
     prompt_tokens: int
@@ -74,6 +77,10 @@ class CloudChunk:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo:
+    """One model the bridge serves (``ListModels``): its alias, backend and model name, context and token limits,
+    prices in USD per million tokens, whether it is the default, and what identifies its weights (``revision``, the
+    files' hash) and its answers (``bundle_revision``, the whole bundle's), "" when the backend cannot know."""
+
     alias: str
     backend: str
     model: str

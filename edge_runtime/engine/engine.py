@@ -207,7 +207,8 @@ class Engine:
         (default: CPU). ``intra_op_threads``: default the physical cores this process may use (affinity mask, cgroup
         quota). ``max_sessions``: pooled generations at once (each a KV cache). ``cache_tokens``: the size a pooled
         KV cache starts at and returns to. ``energy_meter``: ``"default"`` (this device's best source), None, or an
-        EnergyMeter. ``prompt_lookup``: 0 to 8 drafted tokens per step (0: off).
+        EnergyMeter. ``prompt_lookup``: 0 to 8 drafted tokens per step (0: off). ``verify``: ``"full"`` hashes every
+        file, ``"none"`` checks sizes only. ``session_config``: onnxruntime session config entries (key: value).
         """
         t0 = time.perf_counter()
         if not isinstance(bundle, (str, os.PathLike)):

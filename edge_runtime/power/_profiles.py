@@ -25,6 +25,8 @@ __all__ = ["DeviceProfile", "PROFILES", "get_profile", "custom_profile"]
 
 @dataclass(frozen=True)
 class DeviceProfile:
+    """What the estimate assumes of a device: watts per busy core and idle watts (finite, >= 0)."""
+
     name: str
     active_watts_per_core: float
     idle_watts: float

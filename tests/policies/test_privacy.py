@@ -128,6 +128,11 @@ def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
         "Rule (23) 1998-2004",
         "550e8400-e29b-41d4-a716-446655440000",
         "コーヒーを飲みます 2024ー01ー02",  # the long-vowel mark in words, and a date written with it
+        # long digit runs that are no card (review 24): a decimal fraction's digits, Luhn-valid runs that start as
+        # no card does (an epoch in milliseconds, an order number)
+        "pi = 3.4111111111111111",
+        "backup-1111111111111117.tar.gz",
+        "ORD-9111111111111110",
         "नमस्ते दुनिया, 2024",
     ],
 )
