@@ -360,8 +360,9 @@ class HybridRuntime:
         ``policy``: a Policy or its config mapping (default ``{"type": "threshold", "p": 0.5}``). ``estimator``: the
         confidence estimator (default the built-in ``generic``; one calibrated for another bundle is refused).
         ``cloud``: a :class:`edge_runtime.cloud.CloudClient` (or anything with its ``stream``, and ``list_models``
-        for the bridge's prices), or None to answer everything locally. ``cost``: prices and energy for the per-answer cost
-        (default :class:`CostSettings`). ``default_max_new_tokens``: when a call gives none (1 to 65,536).
+        for the bridge's prices), or None to answer everything locally. ``cost``: prices and energy for the
+        per-answer cost (default :class:`CostSettings`). ``default_max_new_tokens``: when a call gives none (1 to
+        65,536).
         ``cloud_timeout_s``: seconds for one escalation, at most 86,400 (None: the cloud client's own ``timeout_s``).
         Every argument is checked here, naming it: a bad one used to fail only at the first escalation.
         """
