@@ -271,6 +271,11 @@ class _Timing:
             left_s -= left_s / 2 if local_s is None else min(local_s, left_s / 2)
         if left_s <= 0:
             raise CloudTimeoutError("no time left before the request's deadline to ask the bridge")
+        from .cloud._settings import MAX_SECONDS  # (not at import: the cloud package brings grpc)
+
+        # a call's timeout is at most a day (gRPC fails a farther deadline at once): a request given longer (a
+        # daemon's request_timeout_s of days) still asks the bridge, review 25
+        left_s = min(left_s, MAX_SECONDS)
         return left_s if configured_s is None else min(configured_s, left_s)
 
 
@@ -389,8 +394,9 @@ class HybridRuntime:
             log.warning("%s", elsewhere)  # a threshold means something else on this model
         self.cloud = cloud
         self.cost = cost or CostSettings()
-        self.default_max_new_tokens = default_max_new_tokens
-        self.cloud_timeout_s = cloud_timeout_s
+        # as Python numbers: numpy's (accepted above) are refused by the cloud client at every escalation
+        self.default_max_new_tokens = int(default_max_new_tokens)
+        self.cloud_timeout_s = None if cloud_timeout_s is None else float(cloud_timeout_s)
         parts = self.policy.parts()
         # only a pre_route reading the runtime's own prompt-only estimate needs it computed (one with its own
         # registered scorer does not)

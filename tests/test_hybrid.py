@@ -1049,3 +1049,22 @@ def test_settings_classes_show_their_fields_in_help():
             ServerSettings(drain_timeout_s=bad)
         assert info.value.field == "server.drain_timeout_s"
     assert ServerSettings(request_timeout_s=200_000).request_timeout_s == 200_000  # no cap a config file would hit
+
+
+def test_numpy_timeouts_and_days_long_deadlines_still_reach_the_cloud(engine):
+    """Review 25: a numpy timeout was accepted but refused by the cloud client at every escalation, and a deadline
+    days away gave the bridge call a timeout past its one-day limit: each lost the escalation."""
+    import numpy as np
+
+    seen = []
+
+    def stream(msgs, *, timeout_s=None, **kw):
+        seen.append(timeout_s)
+        yield from _answering("4", 0.0)(msgs, **kw)
+
+    runtime = HybridRuntime(engine, cloud=_fake_cloud(stream), policy={"type": "always"},
+                            cloud_timeout_s=np.float32(5), default_max_new_tokens=np.int64(4))
+    assert runtime.chat(ASK).route == "cloud" and type(seen[-1]) is float
+    runtime = HybridRuntime(engine, cloud=_fake_cloud(stream), policy={"type": "always"})
+    assert runtime.chat(ASK, max_new_tokens=4, deadline_s=time.monotonic() + 3 * 86_400).route == "cloud"
+    assert seen[-1] is not None and seen[-1] <= 86_400

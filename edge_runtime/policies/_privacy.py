@@ -55,7 +55,7 @@ _PHONE = re.compile(
 # digits each shape needs: national numbers 9+ so that dates such as 01-02-2024 do not count
 _PHONE_DIGITS = {"plus": (8, 15), "intl": (10, 17), "na": (10, 10), "national": (9, 15), "brazil": (11, 11),
                  "china": (11, 11)}
-_CARD = re.compile(r"(?<![\d-])(?<!\d\.)\d(?:[ -]?\d){12,18}(?![\d-])")  # not a decimal fraction's digits
+_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 
 
 def _digits(s: str) -> str:
@@ -125,22 +125,18 @@ def _find_phone(text: str) -> bool:
 _DIGIT_RUN = re.compile(r"(?<!\d)\d++(?:[ -]\d++)+")
 # how card numbers are written in groups: 4-4-4-4 (most), 4-4-4-4-3 (19 digits), 4-6-5 (Amex), 4-6-4 (Diners)
 _CARD_SHAPES = ((4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4))
-# a card number written whole, whatever is next to it: "-" too ("card-4111...", "4111...-12/27", where _CARD, which
-# keeps clear of dash-joined runs, saw one longer number); not a decimal fraction's digits ("3.1415926535897932")
-_WHOLE_CARD = re.compile(r"(?<![\d])(?<!\d\.)\d{13,19}(?!\d)")
-
-
-def _card_like(digits: str) -> bool:
-    """Luhn-valid, and starting as payment cards do (2: Mastercard's 2221-2720, 3: Amex, Diners, JCB, 4: Visa,
-    5: Mastercard, 6: Discover, UnionPay). A run of 13-19 digits from elsewhere (an epoch in milliseconds, an
-    order number, a long literal) passes Luhn one time in ten; the prefix halves that."""
-    return "2" <= digits[0] <= "6" and _luhn(digits)
+# A card number written whole next to a dash ("card-4111...", "4111...-12/27", where _CARD, which keeps clear of
+# dash-joined runs, saw one longer number). Only the international schemes' numbers (Mastercard's 22-27 and 5,
+# Amex, Diners and JCB's 3, Visa's 4, Discover and UnionPay's 6), and not a decimal fraction's digits: dash-joined
+# ids ("backup-20241201093000123", "ORD-...") pass Luhn one time in ten, and these prefixes keep most of them out.
+# A national scheme's number (RuPay 8, Troy 9) next to a dash is missed, as all were before.
+_WHOLE_CARD = re.compile(r"(?<![\d])(?<!\d\.)(?:2[2-7]|[3-6])\d{12,18}(?!\d)")
 
 
 def _find_card(text: str) -> bool:
-    if any(13 <= len(d := _digits(m.group(0))) <= 19 and _card_like(d) for m in _CARD.finditer(text)):
+    if any(13 <= len(d := _digits(m.group(0))) <= 19 and _luhn(d) for m in _CARD.finditer(text)):
         return True
-    if any(_card_like(m.group(0)) for m in _WHOLE_CARD.finditer(text)):
+    if any(_luhn(m.group(0)) for m in _WHOLE_CARD.finditer(text)):
         return True
     # A card number next to other numbers (its expiry, its CVV, a quantity) makes the run longer than 19 digits or
     # fails the Luhn check as a whole. Only card-shaped windows are tried, at the run's start or after one short
@@ -151,7 +147,7 @@ def _find_card(text: str) -> bool:
         for start in starts:
             for shape in _CARD_SHAPES:
                 window = groups[start:start + len(shape)]
-                if tuple(map(len, window)) == shape and _card_like("".join(window)):
+                if tuple(map(len, window)) == shape and _luhn("".join(window)):
                     return True
     return False
 
