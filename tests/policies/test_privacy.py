@@ -75,6 +75,13 @@ def ctx(text, **kw):
         # national schemes written as before: RuPay (8), Troy (9), UATP (1) (review 25: a prefix rule missed them)
         ("RuPay 8111 1111 1111 1112", "credit_card"),
         ("1.4111111111111111", "credit_card"),  # a list numbered without a space (CJK), a card after it
+        # QA VV: a country code in parentheses, the "。" a Chinese input method types for ".", an "@" written %40
+        ("Call (+44) 20 7946 0958", "phone"),
+        ("tel (+33) 6 12 34 56 78", "phone"),
+        ("邮箱 zhang@example。com", "email"),
+        ("https://example.com/reset?email=john%40example.com", "email"),
+        ("am 05.03.2024 unter 030 12345678", "phone"),  # a date before it does not hide it
+        ("01.23.45.67.89", "phone"),  # five groups: a number, not a date
         # combining marks, which \w does not match: Devanagari and Thai words have no precomposed forms
         ("mail ram@example.भारत", "email"),
         ("मेरा ईमेल राम@उदाहरण.भारत है", "email"),
@@ -135,6 +142,13 @@ def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
         # name, an order number)
         "backup-1111111111111117.tar.gz",
         "ORD-9111111111111110",
+        # a date with a time or an amount after it read as a national number (QA VV: 27-81% of date-times)
+        "Termin am 06.09.2023 08:45",
+        "logged 07-28-2021 20:08",
+        "30.09.2023 22.38 Uhr",
+        "Rechnung vom 05.03.2024 1500 EUR",
+        "Sat Jul 21 08:12:01 +0000 2018",  # a UTC offset: no country code starts with 0
+        "100%40 people",
         "नमस्ते दुनिया, 2024",
     ],
 )
