@@ -46,8 +46,10 @@ _PHONE = re.compile(
           | [2-9]\d{2}\s\d{3}\s\d{4})                                         # 555 123 4567 (no area code starts with 0 or 1)
       | (?P<national>0\d{1,4}(?:[\s.-]\d{2,4}){2,4}                          # 020 7946 0958, 06 12 34 56 78
           | 0\d{1,4}[\s./-]\d{5,8}                                            # 07911 123456, 030 12345678, 030/1234567
-          | \(0\d{1,4}\)\s?\d{3,8}(?:[\s.-]\d{2,4})?)                           # (030) 1234567
-      | (?P<brazil>\(\d{2}\)\s?9\d{4}-\d{4})                                    # (11) 91234-5678, a mobile
+          | \(0\d{1,4}\)\s?\d{3,8}(?:[\s.-]\d{2,4})?                            # (030) 1234567
+          | 0\d{1,4}\(\d{1,4}\)\d{4})                                           # 03(3581)0101, Japan
+      | (?P<brazil>\(\d{2}\)\s?9\s?\d{4}-\d{4})                                 # (11) 91234-5678, (11) 9 1234-5678
+      | (?P<russia>8[\s-]?(?:\(\d{3}\)|\d{3})[\s-]?\d{3}-\d{2}-\d{2})             # 8 (912) 345-67-89, Russia, Kazakhstan
       | (?P<china>1[3-9]\d-\d{4}-\d{4})                                        # 138-0013-8000, a Chinese mobile
     )(?![0-9A-Za-z])""",
     re.VERBOSE,
@@ -55,7 +57,7 @@ _PHONE = re.compile(
 # (plus: no country code starts with 0, so "+0000 2018", a UTC offset and a year, is none; "(+44) 20 ..." is one)
 # digits each shape needs: national numbers 9+ so that dates such as 01-02-2024 do not count
 _PHONE_DIGITS = {"plus": (8, 15), "intl": (10, 17), "na": (10, 10), "national": (9, 15), "brazil": (11, 11),
-                 "china": (11, 11)}
+                 "russia": (11, 11), "china": (11, 11)}
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 
 

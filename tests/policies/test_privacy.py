@@ -82,6 +82,10 @@ def ctx(text, **kw):
         ("https://example.com/reset?email=john%40example.com", "email"),
         ("am 05.03.2024 unter 030 12345678", "phone"),  # a date before it does not hide it
         ("01.23.45.67.89", "phone"),  # five groups: a number, not a date
+        ("Мой телефон 8 (912) 345-67-89, перезвоните.", "phone"),  # Russia's and Kazakhstan's domestic format
+        ("8-912-345-67-89", "phone"),
+        ("電話は03(3581)0101です", "phone"),  # Japan's parenthesised exchange
+        ("Meu celular é (11) 9 1234-5678", "phone"),  # Brazil's mobile 9 spaced off
         # combining marks, which \w does not match: Devanagari and Thai words have no precomposed forms
         ("mail ram@example.भारत", "email"),
         ("मेरा ईमेल राम@उदाहरण.भारत है", "email"),
