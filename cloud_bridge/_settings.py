@@ -87,6 +87,8 @@ def _as_paths(settings: Any, names: tuple[str, ...], section: str) -> None:
 @documented
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
+    """The bridge's listener (``[server]``; ``CLOUD_BRIDGE_SERVER_*``)."""
+
     address: str = setting("127.0.0.1:50051", path="unix", help="host:port to listen on (port 0 picks a free one)")
     tls_cert: Path | None = setting(None, help="PEM certificate chain of the server")
     tls_key: Path | None = setting(None, help="PEM private key of the server")
@@ -125,6 +127,8 @@ class ServerSettings:
 @documented
 @dataclass(frozen=True, kw_only=True)
 class AuthSettings:
+    """Device tokens (``[auth]``)."""
+
     tokens_file: Path | None = setting(
         Path("bridge-tokens.toml"), help="TOML file of device token hashes, managed by `cloud-bridge token add/remove`"
     )
@@ -148,6 +152,8 @@ class AuthSettings:
 @documented
 @dataclass(frozen=True, kw_only=True)
 class QuotaSettings:
+    """Per-device rate limits (``[quota]``)."""
+
     requests_per_minute: float = setting(60.0, help="per device; 0 disables the request quota")
     requests_burst: int | None = setting(None, help="requests a device may make at once (default: requests_per_minute)")
     tokens_per_minute: float = setting(
@@ -168,6 +174,8 @@ class QuotaSettings:
 @documented
 @dataclass(frozen=True, kw_only=True)
 class LimitsSettings:
+    """Per-request limits (``[limits]``)."""
+
     default_model: str = setting("", help="alias used when a request names none (default: the first alias)")
     max_new_tokens: int = setting(2048, help="largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = setting(
@@ -348,6 +356,8 @@ def _parse_model(alias: str, table: Any) -> ModelSettings:
 @documented
 @dataclass(frozen=True, kw_only=True)
 class BridgeSettings:
+    """Everything ``cloud-bridge serve`` reads: one section per table of its config file."""
+
     server: ServerSettings = dataclasses.field(default_factory=ServerSettings)
     auth: AuthSettings = dataclasses.field(default_factory=AuthSettings)
     quota: QuotaSettings = dataclasses.field(default_factory=QuotaSettings)

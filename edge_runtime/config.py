@@ -86,13 +86,12 @@ def documented(cls: type[T]) -> type[T]:
     only in the fields' metadata, which config files, the environment and ``--help`` read)."""
     lines = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if "help" not in f.metadata:
-            continue
         if f.default is not dataclasses.MISSING and not f.metadata.get("secret"):
             default = f" (default {f.default!r})"
         else:
             default = ""
-        lines.append(f"``{f.name}``{default}: {f.metadata['help']}")
+        # a field without help text is a section (its own class documents it)
+        lines.append(f"``{f.name}``{default}: {f.metadata.get('help') or 'the [' + f.name + '] table'}")
     head = (cls.__doc__ or "").strip() if cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}(") else ""
     cls.__doc__ = "\n\n".join(filter(None, [head, "Fields:\n\n" + "\n".join(f"- {line}" for line in lines)]))
     return cls

@@ -384,6 +384,13 @@ class HybridRuntime:
                                       f"{default_max_new_tokens!r:.40}", field="default_max_new_tokens")
         if cloud is not None and not callable(getattr(cloud, "stream", None)):
             raise InvalidRequestError(f"must be a CloudClient or None, got {type(cloud).__name__}", field="cloud")
+        for name, value, ok, what in (
+                ("engine", engine, callable(getattr(engine, "stream_tokens", None)), "an Engine"),
+                ("estimator", estimator, estimator is None or callable(getattr(estimator, "p_correct", None)),
+                 "an Estimator or None"),
+                ("cost", cost, cost is None or isinstance(cost, CostSettings), "a CostSettings or None")):
+            if not ok:  # each failed later as a bare AttributeError (QA WW)
+                raise InvalidRequestError(f"must be {what}, got {type(value).__name__}", field=name)
         self.engine = engine
         self.policy: Policy = policy if isinstance(policy, Policy) else policy_from_config(policy or {"type": "threshold", "p": 0.5})
         self.estimator: Estimator = estimator or load_estimator(None)

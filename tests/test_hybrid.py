@@ -1005,6 +1005,11 @@ def test_the_runtimes_own_arguments_are_checked_where_they_are_given(engine, tin
     import numpy as np
 
     HybridRuntime(engine, cloud=cloud, cloud_timeout_s=np.float32(5), default_max_new_tokens=np.int64(8))
+    for field, kwargs in (("engine", {"engine": None}), ("estimator", {"engine": engine, "estimator": "generic"}),
+                          ("cost", {"engine": engine, "cost": {"electricity_usd_per_kwh": 0.3}})):
+        with pytest.raises(InvalidRequestError) as info:  # bare AttributeErrors, some at the first chat() (QA WW)
+            HybridRuntime(**kwargs)
+        assert info.value.field == field
     config = {"engine": {"bundle": str(tiny_bundle)}, "policy": {"type": "never"}}
     with HybridRuntime.from_config(config, energy_meter=None, prompt_lookup=3) as runtime:
         assert runtime.engine.energy_meter is None and runtime.engine.prompt_lookup == 3

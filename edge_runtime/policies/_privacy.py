@@ -78,9 +78,11 @@ def _luhn(number: str) -> bool:
 # Dashes NFKC leaves as they are, written between a number's groups: word processors' non-breaking hyphen (it keeps
 # a phone number on one line), the hyphen, figure, en and em dashes, the horizontal bar, the minus sign, and the
 # Japanese long-vowel mark that a Japanese keyboard in kana mode types for "-" (ｰ, its half-width form, is folded onto
-# it by NFKC). Only between two digits: elsewhere the mark is part of a word (カードナンバー4111...), and a "-" before a
-# card number reads as part of a longer one.
-_DASH_BETWEEN_DIGITS = re.compile("(?<=[0-9])[\u2010-\u2015\u2212\u30fc](?=[0-9])")
+# it by NFKC). The mark only between two digits: elsewhere it is part of a word (カードナンバー4111...), and a "-"
+# before a card number reads as part of a longer one. The others, never letters, next to any digit, as "-" is read
+# there (QA WW: an en dash before a card-length id skipped the card patterns' dash rules).
+_DASH_NEAR_DIGITS = re.compile("(?<=[0-9])\u30fc(?=[0-9])"
+                               "|(?<=[0-9])[\u2010-\u2015\u2212]|[\u2010-\u2015\u2212](?=[0-9])")
 # Combining marks: Python's \w does not match them, and Devanagari, Thai and other scripts' words have no precomposed
 # form (सीता@डाक.भारत); dropped, such a word is still a run of letters to the patterns.
 _DROPPED = frozenset({"Cf", "Mn", "Mc", "Me"})
@@ -97,7 +99,7 @@ def _canonical(text: str) -> str:
     text = "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in text
                    if unicodedata.category(c) not in _DROPPED)
     # the "。" a Chinese or Japanese input method types for "." (zhang@example。com)
-    return _DASH_BETWEEN_DIGITS.sub("-", text).replace("\u3002", ".")
+    return _DASH_NEAR_DIGITS.sub("-", text).replace("\u3002", ".")
 
 
 def _find_email(text: str) -> bool:

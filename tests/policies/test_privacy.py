@@ -146,6 +146,7 @@ def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
         # name, an order number)
         "backup-1111111111111117.tar.gz",
         "ORD-9111111111111110",
+        "ORD\u20137111111111111114",  # an en dash is read as "-" next to a digit (QA WW), Luhn-valid, no card prefix
         # a date with a time or an amount after it read as a national number (QA VV: 27-81% of date-times)
         "Termin am 06.09.2023 08:45",
         "logged 07-28-2021 20:08",
