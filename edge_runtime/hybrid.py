@@ -827,6 +827,11 @@ class HybridRuntime:
         window = meter.start() if meter is not None else None
         try:
             p = float(self.estimator.p_correct(signals, engine=self.engine, messages=msgs))
+        except EdgeRuntimeError:  # ours (the engine closed under a self-check): the request's own error
+            raise
+        except Exception:  # a custom estimator's bug (or None): no estimate, and the local answer still comes back
+            log.exception("the estimator %s failed: treated as no estimate", getattr(self.estimator, "name", "?"))
+            return math.nan
         finally:
             if window is not None:
                 window.stop()

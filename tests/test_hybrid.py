@@ -1039,6 +1039,16 @@ def test_an_estimator_giving_no_probability_is_no_estimate_not_a_lost_answer(eng
                             policy={"type": "threshold", "p": 0.5})
     result = runtime.chat(ASK, max_new_tokens=4)
     assert result.p_correct is None and result.text
+    # ... nor one that raises, or gives None
+    for failure in (ZeroDivisionError, lambda: None):
+        def p_correct(self, signals, *, engine=None, messages=None, failure=failure):
+            if isinstance(failure, type):
+                raise failure("custom estimator bug")
+            return failure()
+
+        Broken.p_correct = p_correct
+        result = runtime.chat(ASK, max_new_tokens=4)
+        assert result.p_correct is None and result.text
 
 
 def test_settings_classes_show_their_fields_in_help():
