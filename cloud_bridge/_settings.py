@@ -232,6 +232,8 @@ class ModelSettings:
 @documented
 @dataclass(frozen=True, kw_only=True)
 class OnnxModelSettings(ModelSettings):
+    """A ``[models.<alias>]`` table with ``backend = "onnx"``: a model bundle run by this project's engine."""
+
     backend: str = setting("onnx", help="onnx: run a model bundle with this project's engine")
     bundle: Path | None = setting(None, help="model bundle directory")
     intra_op_threads: int | None = setting(
@@ -251,6 +253,8 @@ class OnnxModelSettings(ModelSettings):
 @documented
 @dataclass(frozen=True, kw_only=True)
 class OpenAIModelSettings(ModelSettings):
+    """A ``[models.<alias>]`` table with ``backend = "openai"``: an OpenAI-compatible HTTP endpoint."""
+
     backend: str = setting(
         "openai", help="openai: any OpenAI-compatible HTTP endpoint (vLLM, llama.cpp, Ollama, hosted APIs)"
     )

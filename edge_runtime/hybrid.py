@@ -385,9 +385,9 @@ class HybridRuntime:
         if cloud is not None and not callable(getattr(cloud, "stream", None)):
             raise InvalidRequestError(f"must be a CloudClient or None, got {type(cloud).__name__}", field="cloud")
         for name, value, ok, what in (
-                ("engine", engine, callable(getattr(engine, "stream_tokens", None)), "an Engine"),
-                ("estimator", estimator, estimator is None or callable(getattr(estimator, "p_correct", None)),
-                 "an Estimator or None"),
+                ("engine", engine, callable(getattr(engine, "stream_tokens", None)) and hasattr(engine, "bundle_hash"),
+                 "an Engine"),
+                ("estimator", estimator, estimator is None or isinstance(estimator, Estimator), "an Estimator or None"),
                 ("cost", cost, cost is None or isinstance(cost, CostSettings), "a CostSettings or None")):
             if not ok:  # each failed later as a bare AttributeError (QA WW)
                 raise InvalidRequestError(f"must be {what}, got {type(value).__name__}", field=name)

@@ -1059,6 +1059,9 @@ def test_settings_classes_show_their_fields_in_help():
     doc = CloudSettings.__doc__ or ""
     assert "``timeout_s`` (default" in doc and "``token``:" in doc and "``token`` (default" not in doc  # a secret
     assert "``drain_timeout_s`` (default 30.0)" in (ServerSettings.__doc__ or "")
+    from cloud_bridge._settings import BridgeSettings
+
+    assert "``server``: the [server] table" in (BridgeSettings.__doc__ or "")  # a section has no help text of its own
     for bad in (math.inf, -1):
         with pytest.raises(ConfigError) as info:
             ServerSettings(drain_timeout_s=bad)

@@ -3,15 +3,17 @@
 The built-in patterns favour precision over recall where arithmetic would
 otherwise trip them: a bare run of digits ("5551234567", "Is 1234567 prime?")
 is not treated as a phone number; a phone number needs a ``+`` or ``00``
-country code, the (555) 123-4567 / 555-123-4567 shapes, a national number
+country code (also "(+44)"), the (555) 123-4567 / 555-123-4567 shapes, a national number
 starting with 0 written in groups ("020 7946 0958", "030/1234567",
-"(030) 1234567"), a Brazilian mobile ((11) 91234-5678) or a Chinese mobile
-written with dashes (138-0013-8000); digits of any script count, and so does a
-number written against text in a script without spaces (CJK, Thai), though not
-one run into ASCII letters ("5678thanks"). National formats without a
+"(030) 1234567", "03(3581)0101"), a Brazilian mobile ((11) 91234-5678, (11) 9 1234-5678),
+Russia's 8 (912) 345-67-89 or a Chinese mobile written with dashes (138-0013-8000); digits
+of any script and any dash between groups count, and so does a number written against text in
+a script without spaces (CJK, Thai), though not one run into ASCII letters ("5678thanks"), nor
+a date followed by a time or an amount ("05.03.2024 1500 EUR"). National formats without a
 leading 0 (Spain's 612 34 56 78, India's 98765 43210) are grouped as ordinary
-numbers are, and are left to a user regex. Card numbers must pass
-the Luhn check.
+numbers are, and are left to a user regex. Card numbers must pass the Luhn check (next to a
+dash, only the international schemes' prefixes count). Emails are found in any script, with
+the "。" of CJK input methods or a link's "%40" for "@".
 Add a user regex for anything else. A decision never quotes the matched text
 (it would end up in logs); it names the pattern and the message.
 """
@@ -32,13 +34,14 @@ from ._registry import register_policy
 __all__ = ["Privacy", "BUILTIN_PATTERNS"]
 
 # \w: internationalised addresses (jörg@müller.de) are addresses too
-_EMAIL = re.compile(r"(?<![\w.+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}(?!\w)")
+# (% in the look-behind too: a URL-encoded text full of % made the search quadratic, 3 s for 48 KB)
+_EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}(?!\w)")
 # Boundaries are digits and ASCII letters, not word characters: Chinese, Japanese, Korean, Thai and Arabic put no
 # space between a word and a number ("電話03-1234-5678です"), and their letters are word characters, so \w
 # boundaries let those numbers through. A "+" number may follow a word ("Tel+44 20 7946 0958": see _find_phone).
 # Each shape is a named group: which one matched decides the digit count it needs.
 _PHONE = re.compile(
-    r"""(?<![\d+])(?P<plus>\(?\+[1-9]\d{0,2}\)?[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4})(?![0-9A-Za-z])
+    r"""(?<![\d+])(?P<plus>\(?\+(?:00)?[1-9]\d{0,2}\)?[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4})(?![0-9A-Za-z])
       | (?<![0-9A-Za-z+])(?:
         (?P<intl>00[1-9]\d{0,2}[\s.-](?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4})  # 0049 30 1234567
       | (?P<na>\(\d{3}\)\s?\d{3}[\s.-]\d{4}                                  # (555) 123-4567
@@ -54,7 +57,8 @@ _PHONE = re.compile(
     )(?![0-9A-Za-z])""",
     re.VERBOSE,
 )
-# (plus: no country code starts with 0, so "+0000 2018", a UTC offset and a year, is none; "(+44) 20 ..." is one)
+# (plus: no country code starts with 0, so "+0000 2018", a UTC offset and a year, is none; "(+44) 20 ..." and
+# "+0049 30 ..." are numbers)
 # digits each shape needs: national numbers 9+ so that dates such as 01-02-2024 do not count
 _PHONE_DIGITS = {"plus": (8, 15), "intl": (10, 17), "na": (10, 10), "national": (9, 15), "brazil": (11, 11),
                  "russia": (11, 11), "china": (11, 11)}
@@ -83,6 +87,7 @@ def _luhn(number: str) -> bool:
 # there (QA WW: an en dash before a card-length id skipped the card patterns' dash rules).
 _DASH_NEAR_DIGITS = re.compile("(?<=[0-9])\u30fc(?=[0-9])"
                                "|(?<=[0-9])[\u2010-\u2015\u2212]|[\u2010-\u2015\u2212](?=[0-9])")
+_IDEOGRAPHIC_STOP = re.compile("(?<=[0-9A-Za-z])\u3002(?=[A-Za-z])")
 # Combining marks: Python's \w does not match them, and Devanagari, Thai and other scripts' words have no precomposed
 # form (सीता@डाक.भारत); dropped, such a word is still a run of letters to the patterns.
 _DROPPED = frozenset({"Cf", "Mn", "Mc", "Me"})
@@ -98,8 +103,9 @@ def _canonical(text: str) -> str:
     # and digits of other scripts (Arabic-Indic ۰۹۱۲, Devanagari ०९) onto ASCII ones, which NFKC leaves as they are
     text = "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in text
                    if unicodedata.category(c) not in _DROPPED)
-    # the "。" a Chinese or Japanese input method types for "." (zhang@example。com)
-    return _DASH_NEAR_DIGITS.sub("-", text).replace("\u3002", ".")
+    # the "。" a Chinese or Japanese input method types for "." in an address (zhang@example。com): only between ASCII
+    # letters or digits, as everywhere else it ends a sentence (聚餐@海底捞。大家准时到 is no address)
+    return _IDEOGRAPHIC_STOP.sub(".", _DASH_NEAR_DIGITS.sub("-", text))
 
 
 def _find_email(text: str) -> bool:
@@ -118,9 +124,16 @@ _THOUSANDS = re.compile(r"\d{3}(?:[ .]\d{3})+")
 _DATE = re.compile(r"(?<![\d./-])(\d{1,2})([./-])(\d{1,2})\2((?:19|20)\d\d|\d\d)(?![\d]|[./-]\d)")
 
 
+# a country or area code just before what reads as a date: the date is a local number ("+7 3452 12-10-56",
+# "(3452) 12-10-56", regional numbers in Russia and nearby), review 26
+_CODE_BEFORE = re.compile(r"(?:\+\d{1,3}[\s.-]?(?:\(\d{1,5}\)|\d{1,5})|\(\d{2,5}\))[\s.-]$")
+
+
 def _without_dates(text: str) -> str:
     def mask(m: re.Match[str]) -> str:
         a, b = int(m.group(1)), int(m.group(3))
+        if _CODE_BEFORE.search(text, max(0, m.start() - 16), m.start()):
+            return m.group(0)
         if (1 <= a <= 31 and 1 <= b <= 12) or (1 <= a <= 12 and 1 <= b <= 31):
             return "#" * len(m.group(0))
         return m.group(0)

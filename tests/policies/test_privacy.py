@@ -82,6 +82,11 @@ def ctx(text, **kw):
         ("https://example.com/reset?email=john%40example.com", "email"),
         ("am 05.03.2024 unter 030 12345678", "phone"),  # a date before it does not hide it
         ("01.23.45.67.89", "phone"),  # five groups: a number, not a date
+        ("Tel. 06.35.91 1234", "phone"),  # three groups, but no day and month: not a date
+        # a country or area code before what reads as a date: a local number (review 26)
+        ("+7 3452 12-10-56", "phone"),
+        ("+49 89 12.10.56", "phone"),
+        ("+0049 30 1234567", "phone"),  # a "+" before the international prefix
         ("Мой телефон 8 (912) 345-67-89, перезвоните.", "phone"),  # Russia's and Kazakhstan's domestic format
         ("8-912-345-67-89", "phone"),
         ("電話は03(3581)0101です", "phone"),  # Japan's parenthesised exchange
@@ -147,6 +152,9 @@ def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
         "backup-1111111111111117.tar.gz",
         "ORD-9111111111111110",
         "ORD\u20137111111111111114",  # an en dash is read as "-" next to a digit (QA WW), Luhn-valid, no card prefix
+        "backup-2011111111111116",  # 20: a timestamp's century, no card's prefix (Mastercard's 2-series is 22-27)
+        "am 05.03.24 1500 EUR",  # a two-digit year
+        "聚餐@海底捞。大家准时到",  # an @-mention, then a sentence's 。: no address (review 26)
         # a date with a time or an amount after it read as a national number (QA VV: 27-81% of date-times)
         "Termin am 06.09.2023 08:45",
         "logged 07-28-2021 20:08",
@@ -229,7 +237,8 @@ def test_a_long_text_of_grouped_numbers_is_read_in_linear_time():
     import time
 
     for text in ("Budget 1.000.000.000 Euro. " * 40_000,  # ~1 MB
-                 "1" * 1_000_000):  # one run of digits: the card check gave digits back (64,000 took 74 s)
+                 "1" * 1_000_000,  # one run of digits: the card check gave digits back (64,000 took 74 s)
+                 "%40" * 50_000):  # URL-encoded text: the email search started at every % (31 s, review 26)
         t0 = time.monotonic()
         assert Privacy().before(ctx(text)).action == "continue"
         assert time.monotonic() - t0 < 10.0  # about 0.2 s here; quadratic, it was hours
