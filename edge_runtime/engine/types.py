@@ -19,6 +19,7 @@ from ..errors import EdgeRuntimeError, InvalidRequestError
 __all__ = [
     "short_repr",
     "well_formed",
+    "has_half_character",
     "ProviderSpec",
     "provider_specs",
     "FinishReason",
@@ -115,10 +116,15 @@ def log_text(value: Any, limit: int = 500) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def has_half_character(text: str) -> bool:
+    """Whether ``text`` holds a UTF-16 surrogate (``"\\ud83d"`` in JSON: half an emoji), which UTF-8 cannot encode."""
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
 def well_formed(text: str) -> str:
-    """``text`` with each unpaired UTF-16 surrogate (``"\\ud83d"`` in JSON: half an emoji) as U+FFFD, for text
-    that goes back out: UTF-8 cannot encode it, and strict JSON parsers refuse its escape."""
-    if not any("\ud800" <= c <= "\udfff" for c in text):
+    """``text`` with each unpaired UTF-16 surrogate as U+FFFD (a pair split in two escapes is joined), for text that
+    goes back out: UTF-8 cannot encode half a character, and strict JSON parsers refuse its escape."""
+    if not has_half_character(text):
         return text
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 

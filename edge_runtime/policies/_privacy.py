@@ -95,7 +95,7 @@ _DROPPED = frozenset({"Cf", "Mn", "Mc", "Me"})
 
 def _canonical(text: str) -> str:
     """What the detectors read: NFKC folds full-width forms (ｂｏｂ＠ｅｘａｍｐｌｅ．ｃｏｍ) and no-break spaces onto
-    the ASCII the patterns know, the other dashes between digits become "-", and invisible format characters (a
+    the ASCII the patterns know, the other dashes next to digits become "-", and invisible format characters (a
     zero-width space, a soft hyphen) and combining marks are dropped, so that none of them can hide a match."""
     text = unicodedata.normalize("NFKC", text)
     if text.isascii():
@@ -167,7 +167,7 @@ _CARD_SHAPES = ((4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4))
 # Amex, Diners and JCB's 3, Visa's 4, Discover and UnionPay's 6), and not a decimal fraction's digits: dash-joined
 # ids ("backup-20241201093000123", "ORD-...") pass Luhn one time in ten, and these prefixes keep most of them out.
 # A national scheme's number (RuPay 8, Troy 9) next to a dash is missed, as all were before.
-_WHOLE_CARD = re.compile(r"(?<![\d])(?<!\d\.)(?:2[2-7]|[3-6])\d{12,18}(?!\d)")
+_WHOLE_CARD = re.compile(r"(?<!\d)(?<!\d\.)(?:2[2-7]|[3-6])\d{12,18}(?!\d)")
 
 
 def _find_card(text: str) -> bool:

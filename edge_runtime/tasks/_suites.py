@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..engine.types import validate_messages
+from ..engine.types import has_half_character, validate_messages
 from ..errors import InvalidRequestError, TaskSuiteError
 from . import _arithmetic, _facts, _sequences, _strings, _units, _word_problems, _yes_no
 from ._build import assign_splits, collect
@@ -182,7 +182,7 @@ def _read_jsonl(path: Path) -> list[TaskItem]:
 def _half_character(value: Any) -> bool:
     """Whether ``value`` (JSON: strings, lists, objects) holds a string with a lone UTF-16 surrogate."""
     if isinstance(value, str):
-        return any("\ud800" <= c <= "\udfff" for c in value)
+        return has_half_character(value)
     if isinstance(value, Mapping):
         return any(_half_character(k) or _half_character(v) for k, v in value.items())
     if isinstance(value, list):
