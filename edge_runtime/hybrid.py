@@ -387,7 +387,8 @@ class HybridRuntime:
         for name, value, ok, what in (
                 ("engine", engine, callable(getattr(engine, "stream_tokens", None)) and hasattr(engine, "bundle_hash"),
                  "an Engine"),
-                ("estimator", estimator, estimator is None or isinstance(estimator, Estimator), "an Estimator or None"),
+                ("estimator", estimator, estimator is None or isinstance(estimator, Estimator),
+                 "an edge_runtime.confidence.Estimator (subclass it) or None"),
                 ("cost", cost, cost is None or isinstance(cost, CostSettings), "a CostSettings or None")):
             if not ok:  # each failed later as a bare AttributeError (QA WW)
                 raise InvalidRequestError(f"must be {what}, got {type(value).__name__}", field=name)
@@ -827,8 +828,8 @@ class HybridRuntime:
         window = meter.start() if meter is not None else None
         try:
             p = float(self.estimator.p_correct(signals, engine=self.engine, messages=msgs))
-        except EdgeRuntimeError:  # ours (the engine closed under a self-check): the request's own error
-            raise
+        except (EdgeRuntimeError, MemoryError):  # ours (the engine closed under a self-check), or out of memory (a
+            raise                                 # self-check's prefill): the request's own error, as for generation
         except Exception:  # a custom estimator's bug (or None): no estimate, and the local answer still comes back
             log.exception("the estimator %s failed: treated as no estimate", getattr(self.estimator, "name", "?"))
             return math.nan

@@ -1005,7 +1005,10 @@ def test_the_runtimes_own_arguments_are_checked_where_they_are_given(engine, tin
     import numpy as np
 
     HybridRuntime(engine, cloud=cloud, cloud_timeout_s=np.float32(5), default_max_new_tokens=np.int64(8))
-    for field, kwargs in (("engine", {"engine": None}), ("estimator", {"engine": engine, "estimator": "generic"}),
+    duck = SimpleNamespace(p_correct=lambda *a, **k: 0.5)  # no needs_prompt_nll: it failed at the first chat()
+    for field, kwargs in (("engine", {"engine": None}), ("engine", {"engine": SimpleNamespace(stream_tokens=print)}),
+                          ("estimator", {"engine": engine, "estimator": "generic"}),
+                          ("estimator", {"engine": engine, "estimator": duck}),
                           ("cost", {"engine": engine, "cost": {"electricity_usd_per_kwh": 0.3}})):
         with pytest.raises(InvalidRequestError) as info:  # bare AttributeErrors, some at the first chat() (QA WW)
             HybridRuntime(**kwargs)
@@ -1039,7 +1042,16 @@ def test_an_estimator_giving_no_probability_is_no_estimate_not_a_lost_answer(eng
                             policy={"type": "threshold", "p": 0.5})
     result = runtime.chat(ASK, max_new_tokens=4)
     assert result.p_correct is None and result.text
-    # ... nor one that raises, or gives None
+    # ... nor one that raises, or gives None; the engine's own errors and running out of memory stay the request's
+    from edge_runtime.errors import EdgeRuntimeError
+
+    for failure in (EdgeRuntimeError, MemoryError):
+        def p_correct(self, signals, *, engine=None, messages=None, failure=failure):
+            raise failure("the engine is closed")
+
+        Broken.p_correct = p_correct
+        with pytest.raises(failure):
+            runtime.chat(ASK, max_new_tokens=4)
     for failure in (ZeroDivisionError, lambda: None):
         def p_correct(self, signals, *, engine=None, messages=None, failure=failure):
             if isinstance(failure, type):

@@ -87,7 +87,7 @@ def _luhn(number: str) -> bool:
 # there (QA WW: an en dash before a card-length id skipped the card patterns' dash rules).
 _DASH_NEAR_DIGITS = re.compile("(?<=[0-9])\u30fc(?=[0-9])"
                                "|(?<=[0-9])[\u2010-\u2015\u2212]|[\u2010-\u2015\u2212](?=[0-9])")
-_IDEOGRAPHIC_STOP = re.compile("(?<=[0-9A-Za-z])\u3002(?=[A-Za-z])")
+_IDEOGRAPHIC_STOP = re.compile("(?<=[0-9A-Za-z])\u3002(?=[0-9A-Za-z])")
 # Combining marks: Python's \w does not match them, and Devanagari, Thai and other scripts' words have no precomposed
 # form (सीता@डाक.भारत); dropped, such a word is still a run of letters to the patterns.
 _DROPPED = frozenset({"Cf", "Mn", "Mc", "Me"})
@@ -124,15 +124,16 @@ _THOUSANDS = re.compile(r"\d{3}(?:[ .]\d{3})+")
 _DATE = re.compile(r"(?<![\d./-])(\d{1,2})([./-])(\d{1,2})\2((?:19|20)\d\d|\d\d)(?![\d]|[./-]\d)")
 
 
-# a country or area code just before what reads as a date: the date is a local number ("+7 3452 12-10-56",
-# "(3452) 12-10-56", regional numbers in Russia and nearby), review 26
-_CODE_BEFORE = re.compile(r"(?:\+\d{1,3}[\s.-]?(?:\(\d{1,5}\)|\d{1,5})|\(\d{2,5}\))[\s.-]$")
+# A country code and an area code just before what reads as a date with a two-digit year: the "date" is a local
+# number ("+7 3452 12-10-56", "+49 (0)89 12.10.56": regional numbers in Russia and nearby, review 26). A four-digit
+# year after them stays a date ("Tel +49 89 05.03.2024 10:30" names a time, review 27).
+_CODE_BEFORE = re.compile(r"\+(?:00)?\d{1,3}(?:[\s.-]?\(\d{1,5}\)|[\s.-]?\(0\)[\s.-]?\d{1,5}|[\s.-]\d{1,5})[\s.-]$")
 
 
 def _without_dates(text: str) -> str:
     def mask(m: re.Match[str]) -> str:
         a, b = int(m.group(1)), int(m.group(3))
-        if _CODE_BEFORE.search(text, max(0, m.start() - 16), m.start()):
+        if len(m.group(4)) == 2 and _CODE_BEFORE.search(text, max(0, m.start() - 16), m.start()):
             return m.group(0)
         if (1 <= a <= 31 and 1 <= b <= 12) or (1 <= a <= 12 and 1 <= b <= 31):
             return "#" * len(m.group(0))
