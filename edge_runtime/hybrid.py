@@ -56,6 +56,7 @@ from .errors import (
     EstimatorError,
     InvalidRequestError,
     ModelFetchError,
+    OutOfMemoryError,
 )
 from .policies import Decision, Policy, Privacy, RequestContext, policy_from_config
 from .policies._base import score_or_none as _score_or_none
@@ -828,8 +829,10 @@ class HybridRuntime:
         window = meter.start() if meter is not None else None
         try:
             p = float(self.estimator.p_correct(signals, engine=self.engine, messages=msgs))
-        except (EdgeRuntimeError, MemoryError):  # ours (the engine closed under a self-check), or out of memory (a
-            raise                                 # self-check's prefill): the request's own error, as for generation
+        except EdgeRuntimeError:  # ours (the engine closed under a self-check): the request's own error
+            raise
+        except MemoryError as err:  # a self-check's prefill: the request's error, as for generation (503, not 500)
+            raise OutOfMemoryError("not enough memory for the confidence estimator's run of the model") from err
         except Exception:  # a custom estimator's bug (or None): no estimate, and the local answer still comes back
             log.exception("the estimator %s failed: treated as no estimate", getattr(self.estimator, "name", "?"))
             return math.nan

@@ -9,7 +9,8 @@ starting with 0 written in groups ("020 7946 0958", "030/1234567",
 Russia's 8 (912) 345-67-89 or a Chinese mobile written with dashes (138-0013-8000); digits
 of any script and any dash between groups count, and so does a number written against text in
 a script without spaces (CJK, Thai), though not one run into ASCII letters ("5678thanks"), nor
-a date followed by a time or an amount ("05.03.2024 1500 EUR"). National formats without a
+a date followed by a time or an amount ("05.03.2024 1500 EUR"; right after a country and an
+area code, a "date" with a two-digit year is a local number: "+7 3452 12-10-56"). National formats without a
 leading 0 (Spain's 612 34 56 78, India's 98765 43210) are grouped as ordinary
 numbers are, and are left to a user regex. Card numbers must pass the Luhn check (next to a
 dash, only the international schemes' prefixes count). Emails are found in any script, with
@@ -87,7 +88,8 @@ def _luhn(number: str) -> bool:
 # there (QA WW: an en dash before a card-length id skipped the card patterns' dash rules).
 _DASH_NEAR_DIGITS = re.compile("(?<=[0-9])\u30fc(?=[0-9])"
                                "|(?<=[0-9])[\u2010-\u2015\u2212]|[\u2010-\u2015\u2212](?=[0-9])")
-_IDEOGRAPHIC_STOP = re.compile("(?<=[0-9A-Za-z])\u3002(?=[0-9A-Za-z])")
+# (a letter on one side at least: between digits it ends a sentence as often, "数据：185。0652。270372。", review 28)
+_IDEOGRAPHIC_STOP = re.compile("(?<=[A-Za-z])\u3002(?=[0-9A-Za-z])|(?<=[0-9])\u3002(?=[A-Za-z])")
 # Combining marks: Python's \w does not match them, and Devanagari, Thai and other scripts' words have no precomposed
 # form (सीता@डाक.भारत); dropped, such a word is still a run of letters to the patterns.
 _DROPPED = frozenset({"Cf", "Mn", "Mc", "Me"})
@@ -104,7 +106,8 @@ def _canonical(text: str) -> str:
     text = "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in text
                    if unicodedata.category(c) not in _DROPPED)
     # the "。" a Chinese or Japanese input method types for "." in an address (zhang@example。com): only between ASCII
-    # letters or digits, as everywhere else it ends a sentence (聚餐@海底捞。大家准时到 is no address)
+    # letters or digits, as everywhere else it ends a sentence (聚餐@海底捞。大家准时到 is no address; so an address
+    # with a domain in Chinese characters, zhang@例子。com, is missed)
     return _IDEOGRAPHIC_STOP.sub(".", _DASH_NEAR_DIGITS.sub("-", text))
 
 
@@ -127,7 +130,9 @@ _DATE = re.compile(r"(?<![\d./-])(\d{1,2})([./-])(\d{1,2})\2((?:19|20)\d\d|\d\d)
 # A country code and an area code just before what reads as a date with a two-digit year: the "date" is a local
 # number ("+7 3452 12-10-56", "+49 (0)89 12.10.56": regional numbers in Russia and nearby, review 26). A four-digit
 # year after them stays a date ("Tel +49 89 05.03.2024 10:30" names a time, review 27).
-_CODE_BEFORE = re.compile(r"\+(?:00)?\d{1,3}(?:[\s.-]?\(\d{1,5}\)|[\s.-]?\(0\)[\s.-]?\d{1,5}|[\s.-]\d{1,5})[\s.-]$")
+# (a "." after the country code only with one after the area code too: "+1.2 05.03.24" is a signed decimal, review 28)
+_CODE_BEFORE = re.compile(r"\+(?:00)?\d{1,3}(?:[\s.-]?\(\d{1,5}\)[\s.-]|[\s.-]?\(0\)[\s.-]?\d{1,5}[\s.-]"
+                          r"|[\s-]\d{1,5}[\s.-]|\.\d{1,5}\.)$")
 
 
 def _without_dates(text: str) -> str:

@@ -89,6 +89,8 @@ def ctx(text, **kw):
         ("+0049 30 1234567", "phone"),  # a "+" before the international prefix
         ("+49 (0)89 12.10.56", "phone"),  # the trunk prefix in parentheses
         ("+0049 89 12.10.56", "phone"),
+        ("+7 (3452) 12-10-56", "phone"),
+        ("+7.3452.12.10.56", "phone"),
         ("邮箱 wang@mail。21cn。com", "email"),  # the 。 before a digit too (review 27)
         ("Мой телефон 8 (912) 345-67-89, перезвоните.", "phone"),  # Russia's and Kazakhstan's domestic format
         ("8-912-345-67-89", "phone"),
@@ -162,6 +164,10 @@ def test_sensitive_prompts_stay_local_and_say_why(text, pattern):
         "Tel +49 89 05.03.2024 10:30",
         "Rechnung (10234) 05.03.2024 10:30",
         "Temperatur +12 05.03.2024 10:30",
+        "Temperatur +12 05.03.24 10:30",
+        "Ticket (2024) 05.03.24 1500",
+        "DAX +1.2 05.03.24 17:30",  # a signed decimal, then a date (review 28)
+        "数据：185。0652。270372。",  # numbers ending sentences are not joined by the 。 fold (review 28)
         # a date with a time or an amount after it read as a national number (QA VV: 27-81% of date-times)
         "Termin am 06.09.2023 08:45",
         "logged 07-28-2021 20:08",
