@@ -130,10 +130,12 @@ class Manifest:
         The manifest holds the chat template and the BOS/EOS tokens, which change the answers as much as the
         weights do: a bundle whose template was edited (or rebuilt after its source's template changed) must not be
         answered from the old one's cached runs, nor get its estimator. Left out: its name, its source's file, when
-        it was built, with which tool versions, and its quality report, which describe the build and change no
-        answer (the weights are in the files' hashes)."""
+        it was built, with which tool versions, the quantization method's description and its quality report, which
+        describe the build and change no answer (the weights are in the files' hashes)."""
         h = hashlib.sha256(self.legacy_bundle_hash.encode())
         settings = {k: v for k, v in self.raw.items() if k not in _NOT_HASHED}
+        if isinstance(settings.get("quantization"), dict):  # its "method" is prose a later version may reword
+            settings["quantization"] = {k: v for k, v in settings["quantization"].items() if k != "method"}
         h.update(json.dumps(settings, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode())
         return h.hexdigest()
 

@@ -126,6 +126,7 @@ def test_the_bundle_hash_covers_what_the_manifest_changes_in_the_answers(bundle)
     # refused the estimator of the first)
     _edit(bundle, lambda m: m.update(created_at="2030-01-01T00:00:00+00:00", tools={"onnx": "9"},
                                      quality={**m.get("quality", {}), "ppl_bundle": 1.0}, name="renamed",
+                                     quantization={**m["quantization"], "method": "reworded"},
                                      source={**m.get("source", {}), "file": "copy.gguf"}))
     assert load_manifest(bundle).bundle_hash == before.bundle_hash
     # key order and whitespace are the file's, not the content's

@@ -432,6 +432,8 @@ def test_a_failing_or_nan_prompt_only_estimate_is_no_opinion():
 
     assert _score_or_none("x", lambda *a: 1 / 0) is None and _score_or_none("x", lambda *a: float("nan")) is None
     assert _score_or_none("x", lambda a, b: 0.25, "prompt", 3) == 0.25
+    # a custom scorer's "high", [0.4] or 1.7: no opinion, not a failed request or a probability above 1 (review 29)
+    assert all(_score_or_none("x", lambda v=v: v) is None for v in ("high", [0.4], 1.7, -0.1))
     ctx = RequestContext.from_prompt("what is 2 + 2?")
     assert PreRoute(0.5, lambda c: float("nan"), decide_local=True).before(ctx).action == "continue"
 

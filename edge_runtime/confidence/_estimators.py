@@ -325,8 +325,11 @@ def check_bundle_hash(fitted_on: str | None, bundle_hash: str | None, *, what: s
                     "new hash, run `edge-runtime calibrate` again", what, fitted_on[:12], (bundle_hash or "?")[:12])
         return
     if fitted_on and bundle_hash and fitted_on != bundle_hash:
+        # a caller that passed no legacy hash cannot tell an earlier version's file of this very bundle (review 29)
+        earlier = ("; a file calibrated by an earlier edge-runtime records the bundle's files' hash: pass "
+                   "legacy_hash=engine.legacy_bundle_hash to load_estimator to use it") if legacy_hash is None else ""
         raise EstimatorError(
-            f"{what} was calibrated for another bundle (hash {fitted_on[:12]}…, this one is {bundle_hash[:12]}…): "
+            f"{what} was calibrated for another bundle (hash {fitted_on[:12]}…, this one is {bundle_hash[:12]}…{earlier}): "
             "run `edge-runtime calibrate` for this bundle"
         )
 

@@ -31,7 +31,6 @@ vectorised ``_replay_*`` hooks used by :func:`~edge_runtime.policies.replay`.
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -327,10 +326,10 @@ def score_or_none(what: str, score: Callable[..., float | None], *args: Any) -> 
     """
     try:
         p = score(*args)
+        if p is None:
+            return None
+        p = float(p)  # a custom scorer's "high" or [0.4] failed the request as a bare error (review 29)
     except Exception:
         log.exception("%s failed; deciding without it", what)
         return None
-    if p is None:
-        return None
-    p = float(p)
-    return p if math.isfinite(p) else None
+    return p if 0.0 <= p <= 1.0 else None  # (nan and 1.7 too: a probability, or no opinion)

@@ -91,6 +91,13 @@ def ctx(text, **kw):
         ("+0049 89 12.10.56", "phone"),
         ("+7 (3452) 12-10-56", "phone"),
         ("+7.3452.12.10.56", "phone"),
+        # ... after 00, a country and area code run together, or a national area code starting with 0 (review 29:
+        # 7155baf kept these local)
+        ("0049 89 12.10.56", "phone"),
+        ("0049 (0)89 12.10.56", "phone"),
+        ("+4989 12.10.56", "phone"),
+        ("089 12.10.56", "phone"),
+        ("Tel. 030 12-10-56", "phone"),
         ("邮箱 wang@mail。21cn。com", "email"),  # the 。 before a digit too (review 27)
         ("Мой телефон 8 (912) 345-67-89, перезвоните.", "phone"),  # Russia's and Kazakhstan's domestic format
         ("8-912-345-67-89", "phone"),
