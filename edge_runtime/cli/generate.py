@@ -212,6 +212,7 @@ def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: i
     A bad line is reported in place (the batch goes on): its ``id`` when it has
     one, else the line number, and the error naming the field.
     """
+    from ..engine.types import has_half_character, well_formed
     from ..errors import EdgeRuntimeError, InvalidRequestError
 
     request_id: Any = lineno
@@ -233,11 +234,9 @@ def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: i
         if not isinstance(item, dict):
             raise InvalidRequestError(f"line {lineno} must be a JSON object", field="line")
         request_id = item.get("id", lineno)
-        try:
-            json.dumps(request_id, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as err:  # half a character ("\ud800"): echoed, strict JSON readers refuse the line
+        if has_half_character(request_id):  # half a character ("\ud800"): echoed, strict JSON readers refuse the line
             request_id = lineno
-            raise InvalidRequestError(f"line {lineno}: the id is not valid UTF-8 ({err.reason})", field="id") from err
+            raise InvalidRequestError(f"line {lineno}: the id is not valid UTF-8 (surrogates not allowed)", field="id")
         unknown = sorted(set(item) - set(_LINE_KEYS))
         if unknown:
             raise InvalidRequestError(f"line {lineno}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_LINE_KEYS)})",
@@ -251,8 +250,6 @@ def _answer_line(engine: Any, estimator: Any, params: Any, raw: bytes, lineno: i
         result = engine.generate(item.get("prompt"), messages=item.get("messages"), params=p, prompt_nll=estimator.needs_prompt_nll)
         return _result_json(result, engine, request_id, _confidence(estimator, engine, result, item.get("messages"), item.get("prompt"))), True
     except EdgeRuntimeError as err:
-        from ..engine.types import well_formed
-
         # "line" too: a line with no readable id is reported under its line number. A message or param may echo an
         # unknown key with half a character in it: not echoed as such (strict JSON readers refuse the line)
         field = getattr(err, "field", None)

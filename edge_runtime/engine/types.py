@@ -116,9 +116,16 @@ def log_text(value: Any, limit: int = 500) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def has_half_character(text: str) -> bool:
-    """Whether ``text`` holds a UTF-16 surrogate (``"\\ud83d"`` in JSON: half an emoji), which UTF-8 cannot encode."""
-    return any("\ud800" <= c <= "\udfff" for c in text)
+def has_half_character(value: Any) -> bool:
+    """Whether ``value`` (a string, or JSON's lists and objects of them, keys included) holds a UTF-16 surrogate
+    (``"\\ud83d"`` in JSON: half an emoji), which UTF-8 cannot encode."""
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, Mapping):
+        return any(has_half_character(k) or has_half_character(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_half_character(v) for v in value)
+    return False
 
 
 def well_formed(text: str) -> str:

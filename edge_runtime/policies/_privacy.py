@@ -127,12 +127,11 @@ _THOUSANDS = re.compile(r"\d{3}(?:[ .]\d{3})+")
 _DATE = re.compile(r"(?<![\d./-])(\d{1,2})([./-])(\d{1,2})\2((?:19|20)\d\d|\d\d)(?![\d]|[./-]\d)")
 
 
-# A country code and an area code just before what reads as a date with a two-digit year: the "date" is a local
-# number ("+7 3452 12-10-56", "+49 (0)89 12.10.56": regional numbers in Russia and nearby, review 26). A four-digit
-# year after them stays a date ("Tel +49 89 05.03.2024 10:30" names a time, review 27).
-# (a "." after the country code only with one after the area code too: "+1.2 05.03.24" is a signed decimal, review 28)
-# The same after "00" for "+", after a country and area code written together ("+4989 "), and after a national
-# area code starting with 0 ("089 12.10.56"), which 7155baf kept local (review 29).
+# What before a "date" with a two-digit year makes it the local number it looks like: a country code ("+" or "00")
+# and an area code ("+7 3452 12-10-56", "+49 (0)89 12.10.56", "0049 89 ...", "+4989 ..."), or a national area code
+# starting with 0 ("089 12.10.56"): regional numbers in Russia and nearby, and German ones, which 7155baf kept local.
+# A four-digit year stays a date ("Tel +49 89 05.03.2024 10:30" names a time), and a "." after a country code counts
+# only with one after the area code too ("+1.2 05.03.24" is a signed decimal). (Reviews 26 to 29.)
 _CODE_BEFORE = re.compile(r"(?:(?:\+(?:00)?|(?<!\d)00)\d{1,3}(?:[\s.-]?\(\d{1,5}\)[\s.-]|[\s.-]?\(0\)[\s.-]?\d{1,5}[\s.-]"
                           r"|[\s-]\d{1,5}[\s.-]|\.\d{1,5}\.)"
                           r"|(?:\+|(?<!\d)00)\d{4,8}[\s.-]|(?<![\d.])0\d{1,4}[\s.-])$")

@@ -179,17 +179,6 @@ def _read_jsonl(path: Path) -> list[TaskItem]:
     return items
 
 
-def _half_character(value: Any) -> bool:
-    """Whether ``value`` (JSON: strings, lists, objects) holds a string with a lone UTF-16 surrogate."""
-    if isinstance(value, str):
-        return has_half_character(value)
-    if isinstance(value, Mapping):
-        return any(_half_character(k) or _half_character(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_half_character(v) for v in value)
-    return False
-
-
 def _parse_line(path: Path, lineno: int, line: str) -> TaskItem:
     def fail(field: str | None, message: str) -> TaskSuiteError:
         where = f"{path}, line {lineno}" + (f", field {field!r}" if field else "")
@@ -215,7 +204,7 @@ def _parse_line(path: Path, lineno: int, line: str) -> TaskItem:
     if unknown:  # a misspelt "spilt" would otherwise put the item in a split by hash, silently
         raise fail(unknown[0], f"unknown field (known: {', '.join(_LINE_KEYS)})")
     for key, value in obj.items():  # an id with half a character failed later, as a traceback writing its run record
-        if _half_character(value):
+        if has_half_character(value):
             raise fail(key, "is not valid UTF-8 (a lone surrogate escape such as \\ud800: half a character)")
     for required in ("id", "family", "messages", "answers", "scorer"):
         if required not in obj:
