@@ -69,6 +69,7 @@ class _Job:
     queue_ms: float = 0.0
     started_s: float = 0.0
     generate_ms: float = 0.0
+    billed: bool = False  # charged to the device's quota and written to the access log
 
 
 def _invalid(err: InvalidRequestError) -> Reject:
@@ -333,6 +334,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                     # the caller is gone or out of time: a cut-off answer is no answer
                     self.quotas.charge_tokens(job.device, _quota_tokens(job.request, chunk.result.prompt_tokens,
                                                                         chunk.result.completion_tokens))
+                    job.billed = True
                     expired = job.cancel.expired
                     # billed all the same (an upstream bills what it generated): the access log must show it
                     self._log_cut_call(job, "deadline_exceeded" if expired else "cancelled_by_caller",
@@ -387,6 +389,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         generate_ms = job.generate_ms or (now_s - job.started_s) * 1000.0
         cost = job.model.cost_usd(result.prompt_tokens, result.completion_tokens)
         self.quotas.charge_tokens(job.device, _quota_tokens(job.request, result.prompt_tokens, result.completion_tokens))
+        job.billed = True
         log.info(
             "%s device=%s model=%s finish=%s prompt_tokens=%d completion_tokens=%d cost_usd=%.12f "
             "queue_ms=%.1f total_ms=%.1f",
@@ -460,7 +463,6 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     ) -> Iterator[bridge_pb2.GenerateStreamResponse]:
         job: _Job | None = None
         delivered = 0  # tokens the caller has been sent
-        finished = False
         try:
             with self._call_slot():
                 job = self._prepare(request, context)
@@ -472,7 +474,6 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                         )
                     if chunk.result is not None:
                         final = self._response(job, chunk.result)  # charges and logs the call
-                        finished = True
                         yield bridge_pb2.GenerateStreamResponse(final=final)
                         return
                 raise Reject(
@@ -483,16 +484,26 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                     )
                 )
         except Reject as reject:
+            if job is not None and delivered and not job.billed:
+                # the backend failed after its first words (an upstream's error event, its timeout, a dropped
+                # connection): an upstream bills what it streamed, so the device's quota and the bill's source
+                # (the access log) count it, as they count a stream the caller cut
+                self._charge_cut_stream(job, delivered, "backend_failed")
             self._abort(context, reject, job)
         except GeneratorExit:
             # the caller went away mid-stream (gRPC closes this generator at its yield): what it was sent
             # counts against its token quota and is logged, or cancelling after each answer would bypass both
-            if job is not None and not finished:
-                # the prompt too, once a backend had it: else streams cut after one token prefilled any prompt for free
-                prompt = estimated_tokens("".join(m["content"] for m in job.request.messages)) if job.started_s else 0
-                self.quotas.charge_tokens(job.device, prompt + delivered)
-                self._log_cut_call(job, "cancelled_by_caller", prompt, delivered, estimated=True)
+            if job is not None and not job.billed:
+                self._charge_cut_stream(job, delivered, "cancelled_by_caller")
             raise
+
+    def _charge_cut_stream(self, job: _Job, delivered: int, finish: str) -> None:
+        """Charge and log a stream that ended before its result: the ``delivered`` tokens and the prompt, estimated,
+        once a backend had it (else streams cut after one token prefilled any prompt for free)."""
+        prompt = estimated_tokens("".join(m["content"] for m in job.request.messages)) if job.started_s else 0
+        self.quotas.charge_tokens(job.device, prompt + delivered)
+        job.billed = True
+        self._log_cut_call(job, finish, prompt, delivered, estimated=True)
 
     def ListModels(
         self, request: bridge_pb2.ListModelsRequest, context: grpc.ServicerContext

@@ -182,6 +182,31 @@ def test_a_failing_backend_is_unavailable_with_details_and_the_server_keeps_serv
     assert all(slots.running == 0 for slots in bridge.server.service.slots.values())
 
 
+def test_a_stream_whose_backend_fails_after_its_first_words_is_charged_and_billed(start_bridge, make_client, caplog):
+    broken = EchoBackend(fail_after_tokens=3, failure=BackendError("upstream failed mid-stream", reason="UPSTREAM_ERROR"))
+    bridge = start_bridge(backends={"broken": broken}, models={},
+                          quota={"requests_per_minute": 0, "tokens_per_minute": 1, "tokens_burst": 1000})
+    caplog.set_level("INFO", logger="cloud_bridge")
+    received = []
+    with pytest.raises(CloudUnavailableError):
+        for chunk in make_client(bridge, max_attempts=1).stream([{"role": "user", "content": "one two three four five"}],
+                                                                 model="broken"):
+            received.append(chunk.text)
+    assert "".join(received).split() == ["one", "two", "three"]
+    # an upstream bills what it streamed: the device's token quota and the access log (the bill's source) count it,
+    # as they count a stream the caller cut; neither did
+    (line,) = [r.getMessage() for r in caplog.records if "finish=backend_failed" in r.getMessage()]
+    assert "device=device-a model=broken" in line and " completion_tokens=3 " in line and " cost_usd=" in line
+    bucket = bridge.server.service.quotas._tokens["device-a"]
+    assert bucket.level <= 1000 - 3
+    # a failure before the first word costs nothing
+    early = EchoBackend(fail_after_tokens=0, failure=BackendError("no capacity", reason="UPSTREAM_ERROR"))
+    bridge = start_bridge(backends={"early": early}, models={})
+    caplog.clear()
+    with pytest.raises(CloudUnavailableError):
+        list(make_client(bridge, max_attempts=1).stream(HI, model="early"))
+    assert "finish=" not in caplog.text
+
 def test_server_stopped_mid_stream_gives_a_clean_failure_and_opens_the_circuit(start_bridge, make_client):
     bridge = start_bridge(models=slow(20))
     client = make_client(bridge, circuit_failure_threshold=1, circuit_cooldown_s=60)
