@@ -385,8 +385,10 @@ class CloudClient:
     def _unary(self, invoke: Callable[[float], T], timeout_s: float | None, *,
                generation: bool = True) -> tuple[T, float, float, int]:
         """Run ``invoke(remaining_s)`` with retries; returns (response, latency_ms, round_trip_ms, attempts)."""
-        probe = self._enter_circuit(generation=generation)
+        # the argument first: a half-open circuit's probe taken by a call refused for its timeout_s was never given
+        # back, and every later call was skipped as "one call is testing the bridge now"
         start, deadline_s = self._deadline(timeout_s)
+        probe = self._enter_circuit(generation=generation)
         attempt = 0
         try:
             while True:
@@ -490,8 +492,8 @@ class CloudClient:
     def _stream(
         self, req: bridge_pb2.GenerateRequest, timeout_s: float | None, cancel: Callable[[], bool] | None
     ) -> Iterator[CloudChunk]:
+        start, deadline_s = self._deadline(timeout_s)  # before the circuit, as in _unary
         probe = self._enter_circuit()
-        start, deadline_s = self._deadline(timeout_s)
         attempt = 0
         outcome: BaseException | None = None
         finished = False

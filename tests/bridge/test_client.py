@@ -189,6 +189,25 @@ def test_half_open_lets_one_probe_through_and_success_closes_the_circuit(start_b
     assert client.circuit.state == "closed" and flaky.calls == 3
 
 
+def test_a_call_refused_for_its_timeout_leaves_a_half_open_circuit_to_the_next_call(start_bridge, make_client):
+    flaky = FlakyBackend(failures=1)
+    bridge = start_bridge(backends={"flaky": flaky}, models={})
+    fake = FakeTime()
+    client = make_client(
+        bridge, max_attempts=1, circuit_failure_threshold=1, circuit_cooldown_s=30, clock=fake.clock, sleep=fake.sleep
+    )
+    with pytest.raises(CloudUnavailableError):
+        client.generate(HI)
+    fake.now += 30
+    assert client.circuit.state == "half_open"
+    # the probe was taken before the argument was checked, and never given back: every later call was skipped
+    with pytest.raises(InvalidRequestError, match="timeout_s"):
+        client.generate(HI, timeout_s=0)
+    with pytest.raises(InvalidRequestError, match="timeout_s"):
+        next(client.stream(HI, timeout_s=float("nan")))
+    assert client.generate(HI).text == "fine"  # the probe
+    assert client.circuit.state == "closed" and flaky.calls == 2
+
 def test_circuit_breaker_states():
     fake = FakeTime()
     breaker = CircuitBreaker(failure_threshold=2, cooldown_s=10, clock=fake.clock)
