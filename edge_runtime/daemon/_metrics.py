@@ -87,7 +87,7 @@ class Metrics:
         self.network_j = 0.0
         self.wait_j = 0.0
         self.cloud_usd = 0.0
-        self.cloud_unknown = 0  # answers whose escalation the bridge may have billed without saying how much
+        self.cloud_unknown = 0  # escalations the bridge may have billed without saying how much (answered or not)
         self.cloud_errors: dict[Labels, float] = {}  # failed escalations by the error's class
         self.device_usd = 0.0
         self.latency: dict[Labels, Histogram] = {}
@@ -102,6 +102,16 @@ class Metrics:
         key = (("transport", transport), ("outcome", outcome))
         with self._lock:
             self.requests[key] = self.requests.get(key, 0) + 1
+
+    def count_cloud_cost(self, result: Any) -> None:
+        """The cloud spend of a request that got no answer (its client left, its answer was not delivered): the
+        bridge's bill stands, and so may one the device never learns the amount of."""
+        with self._lock:
+            self._add_cloud_cost(result)
+
+    def _add_cloud_cost(self, result: Any) -> None:
+        self.cloud_usd += float(result.cost.get("cloud_usd") or 0.0)
+        self.cloud_unknown += bool(result.cost.get("cloud_usd_unknown"))
 
     def observe_answer(self, result: Any, *, queue_s: float, total_s: float, ttft_s: float | None = None) -> None:
         """Add an answered request (a HybridResult) to the route, token, energy, cost and latency series."""
@@ -121,8 +131,7 @@ class Metrics:
             self.energy_j[key] = self.energy_j.get(key, 0.0) + float(result.energy.get("joules") or 0.0)
             self.network_j += float(result.energy.get("network_joules") or 0.0)
             self.wait_j += float(result.energy.get("wait_joules") or 0.0)
-            self.cloud_usd += float(result.cost.get("cloud_usd") or 0.0)
-            self.cloud_unknown += bool(result.cost.get("cloud_usd_unknown"))
+            self._add_cloud_cost(result)
             if getattr(result, "cloud_error", None):
                 ekey = (("error", getattr(result, "cloud_error_type", None) or "other"),)
                 self.cloud_errors[ekey] = self.cloud_errors.get(ekey, 0) + 1
@@ -206,15 +215,16 @@ class Metrics:
                    "Estimated device energy while escalations waited for the cloud (the profile's idle watts).",
                    self.wait_j)
             family("edge_runtime_cloud_cost_usd_total", "counter",
-                   "USD billed by the cloud bridge, as its answers said (not the calls counted in "
-                   "edge_runtime_cloud_cost_unknown_total).", self.cloud_usd)
+                   "USD billed by the cloud bridge, as its answers said, delivered to the client or not (not the calls "
+                   "counted in edge_runtime_cloud_cost_unknown_total).", self.cloud_usd)
             family("edge_runtime_cloud_errors_total", "counter",
                    "Escalations that failed (answered by the local fallback) by error: CloudTimeoutError, "
                    "CloudUnavailableError, CircuitOpenError (the cloud skipped), CloudAuthError, CloudQuotaError...",
                    dict(self.cloud_errors))
             family("edge_runtime_cloud_cost_unknown_total", "counter",
-                   "Escalations that failed or were cancelled after the bridge took them: it may have billed what "
-                   "it generated, an amount the device never learns (the bridge's access log has it).",
+                   "Escalations that failed or were cancelled after the bridge took them (also when the client left "
+                   "before its answer): it may have billed what it generated, an amount the device never learns (the "
+                   "bridge's access log has it).",
                    self.cloud_unknown)
             family("edge_runtime_device_energy_cost_usd_total", "counter",
                    "Device, network and wait energy at the configured electricity price, in USD.", self.device_usd)

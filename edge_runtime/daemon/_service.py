@@ -163,7 +163,7 @@ class Job:
             self.ticket.release()
             if self._handed_over:
                 self.service._handover_permits.release()
-            self.service._finished(self, outcome, result if outcome == "answered" else None)
+            self.service._finished(self, outcome, result)
 
     def run(self, on_chunk: Callable[[HybridChunk], None] | None = None) -> HybridResult:
         """The whole answer; ``on_chunk`` sees every text/withdraw chunk as it comes (streaming)."""
@@ -372,10 +372,17 @@ class ChatService:
                  json.dumps(message[:300]))
 
     def _finished(self, job: Job, outcome: str, result: HybridResult | None) -> None:
+        """Count and log a job; ``result``: the runtime's, also of a job whose answer was not delivered."""
         with self._lock:
             self._jobs.discard(job)
         now = time.monotonic()
         self.metrics.count_request(job.transport, outcome)
+        if outcome != "answered":
+            # no answer, but the bridge may have billed the escalation (a client pressing Stop in a chat app while
+            # the cloud answers, an answer the transport could not deliver): counted where spend alerts look
+            if result is not None:
+                self.metrics.count_cloud_cost(result)
+            result = None
         if result is not None:
             ttft = (job.first_text_s - job.started_s) if (job.request.stream and job.first_text_s) else None
             self.metrics.observe_answer(result, queue_s=job.queue_ms / 1000.0, total_s=now - job.started_s, ttft_s=ttft)

@@ -446,6 +446,56 @@ def test_an_answer_delivered_past_its_deadline_or_during_a_drain_counts_as_answe
     assert metric(text, "edge_runtime_tokens_total", side="local", kind="prompt") == 6
 
 
+def test_escalations_of_requests_that_got_no_answer_still_count_their_cloud_spend():
+    # a chat app's user pressing Stop while the cloud answers: the bridge bills what it generated, which the device
+    # never learns; the job's result was dropped and neither cloud cost series moved
+    import types
+
+    from edge_runtime.daemon._service import ChatService, ClientGone
+    from edge_runtime.hybrid import HybridChunk, HybridResult
+    from edge_runtime.settings import ServerSettings
+
+    usage = {"local": {"prompt_tokens": 3, "completion_tokens": 2}, "cloud": {"prompt_tokens": 0, "completion_tokens": 0}}
+
+    def result(**kw):
+        return HybridResult(**{"request_id": "r", "text": "hello", "route": "local_forced", "reason": "cancelled",
+                               "detail": "", "p_correct": None, "threshold": None, "policy": "always", "model": "m",
+                               "finish_reason": "stop", "draft": None, "tokens": [], "usage": usage,
+                               "latency_ms": {}, "energy": {}, **kw})
+
+    service = ChatService(ServerSettings(queue_size=2))
+    jobs = []
+
+    def stopped(messages, *, cancel, **kw):  # the client leaves while the bridge answers
+        jobs[-1].cancel("client_gone")
+        yield HybridChunk("done", result=result(cost={"cloud_usd": 0.0, "cloud_usd_unknown": True}))
+
+    runtime = types.SimpleNamespace(default_max_new_tokens=8, cloud=None, stream=stopped,
+                                    engine=types.SimpleNamespace(max_sessions=1, eos_token_ids=(), model_name="m"))
+    service.attach(runtime)
+    jobs.append(service.open(parse_chat_request({"messages": ASK}, request_id="r0"), "http"))
+    with pytest.raises(ClientGone):
+        jobs[-1].run()
+    text = service.metrics.render()
+    assert metric(text, "edge_runtime_requests_total", transport="http", outcome="cancelled") == 1
+    assert metric(text, "edge_runtime_cloud_cost_unknown_total") == 1
+    assert metric(text, "edge_runtime_answers_total") == 0  # still no answer
+
+    # an answer the bridge billed and the transport could not deliver: its bill is counted too
+    def billed(messages, *, cancel, **kw):
+        yield HybridChunk("done", result=result(route="cloud", reason="policy",
+                                                cost={"cloud_usd": 0.25, "cloud_usd_unknown": False}))
+
+    runtime.stream = billed
+    job = service.open(parse_chat_request({"messages": ASK}, request_id="r1"), "grpc")
+    for chunk in job.iterate():
+        if chunk.result is not None:
+            job.mark_undelivered()
+    text = service.metrics.render()
+    assert metric(text, "edge_runtime_requests_total", transport="grpc", outcome="answered") == 0
+    assert metric(text, "edge_runtime_cloud_cost_usd_total") == 0.25
+    assert metric(text, "edge_runtime_cloud_cost_unknown_total") == 1
+
 def test_openais_developer_role_is_read_as_system():
     # OpenAI's current clients send instructions as "developer"; it was refused as an unknown role
     req = parse_chat_request({"messages": [{"role": "developer", "content": "Answer briefly."}, *ASK]})
