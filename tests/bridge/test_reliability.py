@@ -117,9 +117,9 @@ def test_a_stream_cancelled_between_chunks_yields_no_more_text(start_bridge, mak
     assert client.circuit.consecutive_failures == 0
 
 
-def _one_worker_busy(start_bridge, raw_stub, queue_size: int):
+def _one_worker_busy(start_bridge, raw_stub, queue_size: int, token_delay_ms: float = 30):
     """A bridge with one slow worker, that worker running a call: (bridge, stub, the request, the running call)."""
-    bridge = start_bridge(models=slow(30, reply="a b c d e f g h i j", workers=1, queue_size=queue_size))
+    bridge = start_bridge(models=slow(token_delay_ms, reply="a b c d e f g h i j", workers=1, queue_size=queue_size))
     stub = raw_stub(bridge)
     request = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")])
     running = stub.Generate.future(request, metadata=AUTH, timeout=10)
@@ -148,10 +148,12 @@ def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_delay(star
 def test_a_call_whose_deadline_passes_in_the_queue_ends_as_a_deadline_not_a_cancel(start_bridge, raw_stub, caplog):
     # the bridge sees the caller's deadline a moment before the caller's clock does: it answered CANCELLED, which
     # the device counted as an outage (three of them opened its circuit breaker on a healthy, busy bridge)
-    _, stub, request, running = _one_worker_busy(start_bridge, raw_stub, queue_size=4)
+    # the running call takes 1 s and the queued one's deadline is 0.4 s: long enough to reach the bridge on a
+    # loaded machine (a call whose deadline passed on its way never reaches the bridge's code or its log)
+    _, stub, request, running = _one_worker_busy(start_bridge, raw_stub, queue_size=4, token_delay_ms=100)
     with caplog.at_level("INFO", logger="cloud_bridge"):
         with pytest.raises(grpc.RpcError) as info:
-            stub.Generate(request, metadata=AUTH, timeout=0.1)
+            stub.Generate(request, metadata=AUTH, timeout=0.4)
         deadline = time.monotonic() + 2
         while "waiting for a worker" not in caplog.text and "waited for a worker" not in caplog.text \
                 and time.monotonic() < deadline:
