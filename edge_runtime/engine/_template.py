@@ -29,7 +29,10 @@ __all__ = ["ChatTemplate"]
 RENDER_TIMEOUT_S = 2.0
 MAX_RENDER_CHARS = 4_000_000  # plus four times the messages' own text
 MAX_INT_ARGUMENT = 1_000_000  # widths, repeat counts and exponents a template may pass on
-MAX_POWER_BITS = 1_000_000  # a ** b whose result has more bits is refused before it is computed
+# the largest integer a template's arithmetic may take or make, in bits (real templates count messages): CPython's
+# multiplication, division and power of big integers are each one C call, holding the GIL for seconds to hours, which
+# the deadline cannot stop (x // y of 16M-bit and 2M-bit integers stopped every thread of a daemon for a minute)
+MAX_INT_BITS = 65_536
 # string methods a chat template has no use for, each able to grow a string past what any check foresees
 _REFUSED_METHODS = frozenset({"str.translate", "str.encode", "str.format_map"})
 _SIZED = (str, list, tuple)
@@ -183,7 +186,9 @@ class _Budget:
 
     def argument(self, value: Any) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_ARGUMENT:
-            raise _TemplateLimit(f"passed the number {value} on (at most {MAX_INT_ARGUMENT:,})")
+            # (str() of a number past 4,300 digits is itself an error)
+            shown = str(value) if value.bit_length() < 64 else f"of {value.bit_length():,} bits"
+            raise _TemplateLimit(f"passed the number {shown} on (at most {MAX_INT_ARGUMENT:,})")
 
     def call(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``func(*args, **kwargs)`` within this render's limits: its numbers checked before, its result's size
@@ -203,6 +208,18 @@ class _Budget:
             for digits in _DIGITS.findall(match.group(0)):
                 if len(digits) > 7 or int(digits) > MAX_INT_ARGUMENT:
                     raise _TemplateLimit(f"formats with a width of {digits[:20]} (at most {MAX_INT_ARGUMENT:,})")
+
+
+def _check_int_arithmetic(operator: str, left: int, right: int) -> None:
+    """Refuse integer arithmetic on or towards numbers past :data:`MAX_INT_BITS`, before it is computed."""
+    if operator == "**":
+        bits = right * max(abs(left).bit_length() - 1, 0) if right > 0 else 0  # 999999 ** 1000000
+    elif operator == "*":
+        bits = left.bit_length() + right.bit_length()
+    else:  # + - / // %: no larger than the operands (plus one bit)
+        bits = max(left.bit_length(), right.bit_length())
+    if bits > MAX_INT_BITS:
+        raise _TemplateLimit(f"would compute with a number of {bits:,} bits (at most {MAX_INT_BITS:,})")
 
 
 _budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("edge_runtime_template_budget", default=None)
@@ -328,7 +345,7 @@ def _environment() -> Any:
             self.write("))")
 
     class LimitedSandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"+", "*", "**", "%"})
+        intercepted_binops = frozenset({"+", "-", "*", "/", "//", "%", "**"})
         code_generator_class = LimitedCodeGenerator
         checked_join = staticmethod(_checked_join)
         checked_markup_join = staticmethod(_checked_markup_join)
@@ -369,11 +386,8 @@ def _environment() -> Any:
                         # a mapping's field may repeat: "%(a)s" * 700000 % {"a": s} (checked first: it is cheap)
                         budget.size(len(left) + left.count("%") * _weight(right, budget.max_chars))
                         budget.format_string(left)
-                    elif isinstance(left, int) and isinstance(right, int) and right > 0:
-                        # 999999 ** 1000000 is one C call of seconds, which the deadline cannot stop
-                        bits = right * max(abs(left).bit_length() - 1, 0)
-                        if bits > MAX_POWER_BITS:
-                            raise _TemplateLimit(f"would compute a number of {bits:,} bits (at most {MAX_POWER_BITS:,})")
+                if isinstance(left, int) and isinstance(right, int):
+                    _check_int_arithmetic(operator, left, right)
             result = super().call_binop(context, operator, left, right)
             if budget is not None and isinstance(result, _SIZED):
                 budget.weigh(result)  # "%s%s" % (s, s) doubles s: at most a few times the limit is ever built
@@ -390,6 +404,9 @@ def _environment() -> Any:
     env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False, finalize=_checked_output)
     env.filters = {name: _limited_filter(f, name) for name, f in env.filters.items()}
     env.globals["range"] = _limited_range
+    # lipsum(n, html, min, max) writes n paragraphs of up to max words in one call the deadline cannot stop (its
+    # result weighed only after hundreds of megabytes were built); no chat template uses it
+    del env.globals["lipsum"]
     return env
 
 

@@ -704,6 +704,11 @@ def test_a_chat_template_that_fails_is_a_request_error_not_a_crash(source):
     "{% set l = [10 ** 4299] * 250000 %}{{ l }}", "{{ ('%(a)s' * 700000) % {'a': 'x' * 1000} }}",
     "{{ ('a' * 1000000).translate({97: 'x' * 1000}) }}", "{{ ('x' * 1000) | wordwrap(1, true, 'y' * 1000000) }}",
     "{{ (999999 ** 1000000) % 7 }}", "{{ (([[0]] * 100000) | sum(start=[])) | length }}",
+    # big integers: each product or quotient is one C call holding the GIL (every thread of a daemon stopped for a
+    # minute on x // y of 16M- and 2M-bit numbers); no number past 64K bits is taken or made
+    "{% set ns = namespace(x=2 ** 60000) %}{% for i in range(8) %}{% set ns.x = ns.x * ns.x %}{% endfor %}"
+    "{{ ns.x // (2 ** 60000 + 7) }}",
+    "{{ (2 ** 65000 * 2 ** 65000) // 3 }}", "{{ 7 ** 100000 // 3 }}",
 ])
 def test_a_chat_template_that_runs_away_is_stopped_in_time_and_memory(source, monkeypatch):
     # the template is code that came with the model, rendered on every request of a long-lived daemon
@@ -725,6 +730,26 @@ def test_a_chat_template_that_runs_away_is_stopped_in_time_and_memory(source, mo
     # stopped before the value was built, not after: a check after the fact let 1-4 GB be allocated first
     assert peak_bytes < 64 * 2 ** 20
     assert time.monotonic() - started < 6  # tracemalloc slows allocation-heavy loops several times
+
+
+def test_a_template_cannot_call_lipsum():
+    # jinja's lipsum(n, html, min, max) built hundreds of megabytes in one call, past the deadline, and the daemon
+    # kept the memory; no chat template uses it
+    from edge_runtime.engine._template import ChatTemplate
+
+    started = time.monotonic()
+    with pytest.raises(InvalidRequestError) as info:
+        ChatTemplate("{{ lipsum(400, False, 99999, 100000) | length }}").render([{"role": "user", "content": "hi"}])
+    assert info.value.field == "messages" and "lipsum" in str(info.value)
+    assert time.monotonic() - started < 1
+
+
+def test_a_template_still_does_small_arithmetic():
+    from edge_runtime.engine._template import ChatTemplate
+
+    source = ("{% for m in messages %}{{ loop.index0 % 2 }}{{ loop.index - 1 }}{{ 7 // 2 }}{{ 7 / 2 }}{{ 2 ** 10 }}"
+              "{{ 3 * 4 }}{{ 10 ** 4299 % 10 }}{% endfor %}")
+    assert ChatTemplate(source).render([{"role": "user", "content": "hi"}]) == "00" + "3" + "3.5" + "1024" + "12" + "0"
 
 
 def test_a_template_that_runs_out_of_memory_is_a_request_error():
