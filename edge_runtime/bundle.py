@@ -275,33 +275,88 @@ def _plain_name(name: str) -> bool:
             and bool(parts) and parts[-1] not in (".", ""))
 
 
-# how an ONNX graph names a tensor's external data file: a StringStringEntryProto with key "location"
-# (field 1, length 8), then its value (field 2, length-prefixed)
-_LOCATION_ENTRY = b"\n\x08location\x12"
+# The ONNX messages (by their field numbers in onnx.proto) that lead from the model to a TensorProto, whose
+# ``external_data`` (13) entries name the file its data is read from (key "location"): every place a tensor can be,
+# in the graph, its nodes' attributes (subgraphs of If and Loop too), sparse tensors, functions and training graphs
+_ONNX_PATHS: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node", 11: "attribute"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {13: "entry"},
+}
+
+
+class _NotOnnx(ValueError):
+    pass
+
+
+def _varint(data: Any, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < end and shift < 64:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+    raise _NotOnnx("a varint runs past its message")
+
+
+def _fields(data: Any, start: int, end: int) -> Any:
+    """(field number, start, end) of each length-delimited field of the protobuf message in ``data[start:end]``."""
+    pos = start
+    while pos < end:
+        key = data[pos]
+        key, pos = (key, pos + 1) if key < 0x80 else _varint(data, pos, end)  # one byte: the usual case, inlined
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos, end)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        elif wire == 2:
+            length = data[pos] if pos < end else 0x80
+            length, pos = (length, pos + 1) if length < 0x80 else _varint(data, pos, end)
+            if pos + length > end:
+                raise _NotOnnx("a field runs past its message")
+            yield key >> 3, pos, pos + length
+            pos += length
+        else:  # groups: not in ONNX
+            raise _NotOnnx(f"wire type {wire}")
+    if pos != end:
+        raise _NotOnnx("a field runs past its message")
 
 
 def _graph_data_files(model_path: Path) -> set[str]:
     """The external data files the graph names (onnxruntime opens them, whatever the manifest lists).
 
-    Found by their protobuf encoding, without an ONNX parser in the base install; the graph file is
-    small (its weights are outside), and mapped rather than read when it is not.
+    Read by walking the protobuf encoding along :data:`_ONNX_PATHS`, without an ONNX parser in the base install;
+    fields may come in any order and varints need not be minimal (a byte search for ``location`` missed an entry
+    written value first, which onnxruntime reads all the same). The graph file is mapped, not read.
+    Raises ValueError for a file that is not protobuf.
     """
     names: set[str] = set()
     with model_path.open("rb") as fh:
         if os.fstat(fh.fileno()).st_size == 0:
             return names
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            at = data.find(_LOCATION_ENTRY)
-            while at != -1:
-                pos, length, shift = at + len(_LOCATION_ENTRY), 0, 0
-                while pos < len(data) and shift < 35:  # the value's length, a varint
-                    byte = data[pos]
-                    length |= (byte & 0x7F) << shift
-                    pos, shift = pos + 1, shift + 7
-                    if not byte & 0x80:
-                        break
-                names.add(os.path.normpath(bytes(data[pos:pos + length]).decode("utf-8", "replace")))
-                at = data.find(_LOCATION_ENTRY, pos + length)
+            stack = [("model", 0, len(data))]
+            while stack:
+                kind, start, end = stack.pop()
+                if kind == "entry":
+                    key = value = None
+                    for number, a, b in _fields(data, start, end):
+                        if number == 1:
+                            key = bytes(data[a:b])
+                        elif number == 2:
+                            value = bytes(data[a:b])
+                    if key == b"location" and value is not None:
+                        names.add(os.path.normpath(value.decode("utf-8", "replace")))
+                    continue
+                paths = _ONNX_PATHS[kind]
+                stack.extend((paths[number], a, b) for number, a, b in _fields(data, start, end) if number in paths)
     return names
 
 
@@ -377,8 +432,9 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], mode: VerifyMode = "full")
     # the graph may name a weights file the manifest does not list (any name, not only *.data): it would load unchecked
     try:
         unlisted = sorted(_graph_data_files(manifest.model_file) - set(map(os.path.normpath, manifest.files)))
-    except OSError as err:
-        raise BundleVerificationError(f"cannot read {manifest.model_file}: {err}", file=manifest.raw.get(
+    except (OSError, ValueError) as err:
+        why = f"not an ONNX graph ({err})" if isinstance(err, ValueError) else str(err)
+        raise BundleVerificationError(f"cannot read {manifest.model_file}: {why}", file=manifest.raw.get(
             "model_file", "model.onnx")) from err
     if unlisted:
         raise BundleVerificationError(f"{manifest.path}: field 'files' must list {unlisted[0]}: the graph reads "

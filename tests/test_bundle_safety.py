@@ -109,6 +109,33 @@ def test_a_weights_file_the_graph_names_must_be_listed_whatever_its_name(bundle,
     assert f"must list {new.decode()}" in capsys.readouterr().err
 
 
+def test_a_weights_file_named_in_any_protobuf_field_order_must_be_listed(bundle):
+    # QA XX: the check searched the graph's bytes for an entry written key first; one written value first (protobuf
+    # allows any order, onnxruntime reads it) named an unlisted, tampered weights file that passed verification with
+    # the clean bundle's hash
+    import hashlib
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    data_name = next(n for n in manifest["files"] if n.endswith(".data"))
+    graph = bundle / manifest.get("model_file", "model.onnx")
+    old = data_name.encode()
+    new = b"w.bin" + b"x" * (len(old) - 5)
+    key_first = b"\n\x08location\x12" + bytes([len(old)]) + old
+    value_first = b"\x12" + bytes([len(new)]) + new + b"\n\x08location"  # the same entry's length
+    raw = graph.read_bytes()
+    assert raw.count(key_first) >= 1
+    graph.write_bytes(raw.replace(key_first, value_first))
+    (bundle / new.decode()).write_bytes((bundle / data_name).read_bytes())
+    manifest["files"][graph.name]["sha256"] = hashlib.sha256(graph.read_bytes()).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleVerificationError, match=f"must list {new.decode()}"):
+        verify_bundle(bundle, "none")
+    # a graph file that is not protobuf at all is refused naming it, not a traceback
+    graph.write_bytes(b"\x0b" * graph.stat().st_size)  # the listed size: only sizes are checked here
+    with pytest.raises(BundleVerificationError, match="not an ONNX graph"):
+        verify_bundle(bundle, "none")
+
+
 def test_the_bundle_hash_covers_what_the_manifest_changes_in_the_answers(bundle):
     """A bundle whose chat template or tokens changed is another bundle to the run cache, the bridge's revision and
     estimator files (QA QQ: an edited template was answered from the old one's cached runs); when and with which
