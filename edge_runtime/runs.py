@@ -67,13 +67,15 @@ class RunCache:
                 fh.seek(-1, os.SEEK_END)
                 self._needs_newline = fh.read(1) != b"\n"
         if self.path.exists():
-            with self.path.open(encoding="utf-8") as fh:
+            with self.path.open("rb") as fh:
                 for line in fh:
                     try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut short by an interruption: that item simply runs again
-                    if isinstance(rec, dict) and "item_id" in rec:
+                        rec = json.loads(line.decode("utf-8"))
+                    except (UnicodeDecodeError, ValueError, RecursionError):
+                        # a line cut short by an interruption (inside a character, too) or edited by hand: that
+                        # item simply runs again (it was a traceback at every later run)
+                        continue
+                    if _well_formed(rec):
                         self.remember(rec)
 
     def get(self, item: TaskItem) -> dict[str, Any] | None:
@@ -92,6 +94,12 @@ class RunCache:
         with naming(self.path), self.path.open("a", encoding="utf-8") as fh:
             fh.write(("\n" if self._needs_newline else "") + json.dumps(record, ensure_ascii=False) + "\n")
         self._needs_newline = False
+
+
+def _well_formed(rec: Any) -> bool:
+    """A record this module wrote: its key and answer of the types it wrote them."""
+    return (isinstance(rec, dict) and isinstance(rec.get("item_id"), str)
+            and isinstance(rec.get("prompt_key"), (str, type(None))) and isinstance(rec.get("text", ""), str))
 
 
 def _settings_dict(p: SamplingParams) -> dict[str, Any]:

@@ -245,6 +245,29 @@ def test_an_interrupted_run_resumes_from_its_cache(tiny_bundle, tmp_path, tiny_s
     assert engine.calls == len(items) and again == records
 
 
+def test_a_run_cache_line_cut_inside_a_character_or_edited_runs_that_item_again(tiny_bundle, tmp_path, tiny_suite):
+    # QA XX: each of these was a traceback at every later eval, calibrate or explore run
+    import json as _json
+
+    from edge_runtime.engine import Engine
+    from edge_runtime.runs import prompt_key
+    from edge_runtime.tasks import load_suite
+
+    items = load_suite(tiny_suite, "test")[:3]
+    engine = _CountingEngine(Engine(tiny_bundle, energy_meter=None))
+    first = run_edge(engine, items[:1], root=tmp_path)
+    cache_file = next(tmp_path.glob("edge-*.jsonl"))
+    with cache_file.open("ab") as fh:
+        fh.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+        fh.write(_json.dumps({"item_id": items[1].id, "prompt_key": prompt_key(items[1]), "text": 12345}).encode() + b"\n")
+        fh.write(b'{"item_id": ["a"], "text": "x"}\n')
+        fh.write(_json.dumps({"item_id": items[2].id, "prompt_key": prompt_key(items[2]), "text": "caf"}).encode()[:-3]
+                 + "\u00e9".encode()[:1])  # an interrupted append of a non-ASCII answer
+    records = run_edge(engine, items, root=tmp_path)
+    assert engine.calls == 3 and records[0] == first[0]
+    assert all(isinstance(r["text"], str) for r in records)
+    assert run_edge(engine, items, root=tmp_path) == records and engine.calls == 3
+
 def test_cached_runs_follow_the_items_not_just_their_ids(tiny_bundle, tmp_path, tiny_suite):
     import dataclasses
 
