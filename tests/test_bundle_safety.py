@@ -159,3 +159,29 @@ def test_the_bundle_hash_covers_what_the_manifest_changes_in_the_answers(bundle)
     # key order and whitespace are the file's, not the content's
     (bundle / "manifest.json").write_text(json.dumps(dict(reversed(list(before.raw.items()))), indent=3))
     assert load_manifest(bundle).bundle_hash == before.bundle_hash
+
+
+@pytest.mark.parametrize("extra", [1, None])
+def test_a_tokenizer_that_is_not_the_models_is_refused_at_load(bundle, extra):
+    # QA XX: another model's tokenizer (the manifest's hash re-made) passed verification, and its ids past the
+    # vocabulary gave silent garbage; an empty vocabulary ended the first request in an AssertionError
+    import hashlib
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from edge_runtime.engine import Engine
+
+    vocab_size = json.loads((bundle / "manifest.json").read_text())["model"]["vocab_size"]
+    words = {} if extra is None else {f"w{i}": i for i in range(vocab_size + extra)}
+    Tokenizer(WordLevel(words or {"[UNK]": 0}, unk_token="[UNK]")).save(str(bundle / "tokenizer.json"))
+    if extra is None:  # no tokens at all
+        data = json.loads((bundle / "tokenizer.json").read_text())
+        data["model"]["vocab"] = {}
+        (bundle / "tokenizer.json").write_text(json.dumps(data))
+    raw = (bundle / "tokenizer.json").read_bytes()
+    _edit(bundle, lambda m: m["files"]["tokenizer.json"].update(size=len(raw), sha256=hashlib.sha256(raw).hexdigest()))
+    with pytest.raises(BundleError, match="not this model's tokenizer") as info:
+        Engine(bundle)
+    assert ("no tokens" if extra is None else f"{vocab_size + 1} tokens") in str(info.value)
+

@@ -248,6 +248,13 @@ class Engine:
             self.bos_token_id = self.manifest.bos_token_id
             self.template = ChatTemplate(self.manifest.chat_template, bos_token=tokens.get("bos_token") or "", eos_token=tokens.get("eos_token") or "")
             self.model = OrtModel(self.manifest, providers=providers, intra_op_threads=intra_op_threads, session_config=session_config)
+            # a bundle handed over with another model's tokenizer (its hash re-made) passed verification: ids past
+            # the model's vocabulary read zeros from its embedding, and the answers were silent garbage
+            n_tokens = self.tokenizer.get_vocab_size(with_added_tokens=True)
+            if not 0 < n_tokens <= self.model.vocab_size:
+                counted = f"{n_tokens} tokens, more than the model's" if n_tokens else "no tokens, for a"
+                raise BundleError(f"{self.manifest.tokenizer_file} has {counted} vocabulary of {self.model.vocab_size} "
+                                  "(manifest model.vocab_size): not this model's tokenizer")
             self.context_length = self.model.context_length
             self.max_sessions = max_sessions
             self._cache_tokens = cache_tokens
