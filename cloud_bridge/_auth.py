@@ -199,6 +199,8 @@ def read_tokens_file(path: str | os.PathLike[str]) -> dict[str, str]:
         raise ConfigError(f"{path} is not UTF-8 text: {err}", field="auth.tokens_file") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}", field="auth.tokens_file") from err
+    except RecursionError as err:  # escaped the reload's "keep the tokens you have" at every attempt
+        raise ConfigError(f"{path} is not valid TOML: nested too deeply", field="auth.tokens_file") from err
     devices = data.get("devices", {})
     if not isinstance(devices, dict):
         raise ConfigError(f"{path}: [devices] must be a table", field="auth.tokens_file")

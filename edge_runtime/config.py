@@ -111,8 +111,12 @@ def _inline_value(text: str, what: str, field: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         pass
+    except RecursionError:
+        raise ConfigError(f"expected {what}: nested too deeply", field=field) from None
     try:
         return tomllib.loads(f"value = {text}")["value"]
+    except RecursionError:
+        raise ConfigError(f"expected {what}: nested too deeply", field=field) from None
     except tomllib.TOMLDecodeError as err:
         example = '["a", "b"]' if what == "an array" else '{"a": {"b": 1}} or {a = {b = 1}}'
         raise ConfigError(f"expected {what} in JSON or TOML inline form, e.g. {example}: {err}", field=field) from None
@@ -418,6 +422,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{path} is not valid TOML: nested too deeply") from err
     except UnicodeDecodeError as err:  # TOML is UTF-8; a UTF-16 file from a Windows editor is not
         start = err.start + len(raw) - len(content)  # counted in the file, as an editor or hexdump shows it
         raise ConfigError(f"{path} is not UTF-8 text (byte {start}): TOML files are UTF-8") from err

@@ -121,6 +121,12 @@ def test_estimator_files_are_checked(tmp_path):
         load_estimator(tmp_path / "missing.json")
     with pytest.raises(EstimatorError, match="cannot read the estimator file"):
         load_estimator(tmp_path)  # a directory
+    # QA XX: a traceback, and /dev/zero read until the kernel killed the process
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(EstimatorError, match="nested too deeply"):
+        load_estimator(path)
+    with pytest.raises(EstimatorError, match="not a regular file"):
+        load_estimator("/dev/zero")
     default = load_estimator(None, bundle_hash="c" * 64)  # the built-in default is portable
     assert default.name == "generic" and default.bundle_hash is None
     for broken, message in (({**raw, "bundle_hash": 12345}, "bundle_hash must be a string"),

@@ -345,6 +345,10 @@ def fitted_on_another_model(estimator: Any, model_name: str) -> str | None:
             "its p_correct is not calibrated for this model (fit one: edge-runtime calibrate --bundle ...)")
 
 
+# what an estimator file may weigh: the default's is 150 KB, one with an embedding model's weights a few MB
+MAX_ESTIMATOR_BYTES = 64 << 20
+
+
 def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | None = None,
                    legacy_hash: str | None = None) -> Estimator:
     """Read an estimator file (None: the built-in default); refuse one calibrated on another bundle.
@@ -352,15 +356,20 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
     A file without ``bundle_hash`` (``calibrate --portable``) loads for any bundle. ``legacy_hash``: see
     :func:`check_bundle_hash`.
     """
+    from ..bundle import read_small_file
+
     p = DEFAULT_ESTIMATOR if path is None else Path(path)
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
+        # bounded, and refused unless a regular file: --estimator /dev/zero read until the kernel killed the process
+        d = json.loads(read_small_file(p, MAX_ESTIMATOR_BYTES).decode("utf-8"))
     except FileNotFoundError as err:
         raise EstimatorError(f"estimator file not found: {p}") from err
-    except OSError as err:  # a directory, no permission, ...
+    except OSError as err:  # a directory, no permission, a FIFO, too large ...
         raise EstimatorError(f"cannot read the estimator file {p}: {err.strerror or err}") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EstimatorError(f"{p} is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise EstimatorError(f"{p} is not valid JSON: nested too deeply") from err
     if not isinstance(d, dict):
         raise EstimatorError(f"{p}: expected a JSON object")
     version = d.get("schema_version")

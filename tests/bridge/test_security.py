@@ -273,12 +273,14 @@ def test_tokens_added_or_revoked_apply_to_a_running_bridge(start_bridge, make_cl
     assert make_client(bridge, token=second).generate(HI).completion_tokens == 5
     path.write_bytes(b"# caf\xe9\n[devices]\n")  # not UTF-8
     assert make_client(bridge, token=second).generate(HI).completion_tokens == 5
+    path.write_text("x = " + "[" * 50_000 + "]" * 50_000 + "\n")  # a RecursionError escaped every reload
+    assert make_client(bridge, token=second).generate(HI).completion_tokens == 5
     path.unlink()
     path.mkdir()  # unreadable (as root, mode 0600 would not stop this test): the same
     assert make_client(bridge, token=second).generate(HI).completion_tokens == 5
 
 
-@pytest.mark.parametrize("content", [b"# caf\xe9\n[devices]\n", None])
+@pytest.mark.parametrize("content", [b"# caf\xe9\n[devices]\n", None, b"x = " + b"[" * 50_000 + b"]" * 50_000])
 def test_an_unreadable_tokens_file_is_a_config_error_naming_the_field(tmp_path, content):
     path = tmp_path / "tokens.toml"
     if content is None:

@@ -86,6 +86,17 @@ def test_a_config_file_saved_with_a_utf8_byte_order_mark_is_read(tmp_path):
         load_runtime_settings(bad, env={})
 
 
+
+def test_settings_nested_too_deeply_are_a_config_error_not_a_traceback(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "deep.toml"
+    path.write_text(f"x = {deep}\n")
+    with pytest.raises(ConfigError, match="not valid TOML: nested too deeply"):
+        load_runtime_settings(path, env={})
+    with pytest.raises(ConfigError, match="nested too deeply") as info:
+        load_runtime_settings(env={"EDGE_RUNTIME_ENGINE_PROVIDERS": deep})
+    assert info.value.field == "engine.providers"
+
 @pytest.mark.parametrize("load, env, warned", [
     (load_runtime_settings,
      {"EDGE_RUNTIME_PORT": "38031", "EDGE_RUNTIME_QUEUE_SIZE": "3", "EDGE_RUNTIME_TOKEN": "secret-value",
