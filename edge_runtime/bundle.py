@@ -396,10 +396,15 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], mode: VerifyMode = "full")
     root = manifest.bundle_dir
     stamp = _read_stamp(root) if mode == "fast" else {}
     hashed: dict[str, dict[str, Any]] = {}  # large files fast mode hashed again: the stamp is brought up to date
+    real_root = root.resolve()
     for name, info in sorted(manifest.files.items()):
         path = root / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise BundleVerificationError(f"manifest lists a file outside the bundle: {name}", file=name)
+        if not path.resolve().is_relative_to(real_root):
+            # a link out of the bundle: onnxruntime refuses one for weights (after verification said OK), and the
+            # tokenizer was read from wherever it pointed
+            raise BundleVerificationError(f"{name}: a symbolic link to a file outside the bundle", file=name)
         try:
             st = path.stat()
         except FileNotFoundError as err:

@@ -185,3 +185,20 @@ def test_a_tokenizer_that_is_not_the_models_is_refused_at_load(bundle, extra):
         Engine(bundle)
     assert ("no tokens" if extra is None else f"{vocab_size + 1} tokens") in str(info.value)
 
+
+def test_a_listed_file_linked_from_outside_the_bundle_is_refused(bundle, tmp_path):
+    # QA XX: verification said OK, then onnxruntime refused the weights; a linked tokenizer was read from outside
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (bundle / "tokenizer.json").rename(outside / "tokenizer.json")
+    (bundle / "tokenizer.json").symlink_to(outside / "tokenizer.json")
+    with pytest.raises(BundleVerificationError, match="tokenizer.json: a symbolic link to a file outside the bundle"):
+        verify_bundle(bundle, "none")
+    # a link inside the bundle, or the bundle directory itself a link, is fine
+    (bundle / "tokenizer.json").unlink()
+    (outside / "tokenizer.json").rename(bundle / "tok.json")
+    (bundle / "tokenizer.json").symlink_to("tok.json")
+    linked = tmp_path / "linked"
+    linked.symlink_to(bundle)
+    assert verify_bundle(linked, "full").name
+
