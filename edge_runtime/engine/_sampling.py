@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from ..errors import BundleError
 from .types import SamplingParams
 
 __all__ = ["Signals", "distribution_signals", "choose_token", "log_softmax"]
@@ -42,6 +43,10 @@ def distribution_signals(logits: np.ndarray, chosen: int, top_k: int = 0) -> Sig
     (no sort or partition unless alternatives are asked for).
     """
     top1 = int(np.argmax(logits))
+    if not math.isfinite(logits[top1]):  # argmax finds a NaN or +inf first: one scalar to check
+        # else a damaged bundle answered "" with NaN signals, which --json printed as bare NaN (not JSON)
+        raise BundleError("the model computed logits that are not numbers: the bundle's weights are damaged "
+                          "(edge-runtime models verify checks them against its manifest)")
     shifted = logits - logits[top1]
     exp = np.exp(shifted)
     z = float(exp.sum())

@@ -1063,3 +1063,19 @@ def test_control_tokens_are_put_in_as_the_tokenizer_would_and_stand_ins_cannot_b
     engine._specials, engine._special_split = engine._control_tokens()
     for prompt in ("a  <|im_end|>  b", "<|im_start|>user\nhi <|im_end|>\n<|im_start|>assistant\n", "x<|im_end|>"):
         assert engine._ids(prompt) == reference.encode(prompt, add_special_tokens=False).ids, prompt
+
+
+def test_logits_that_are_not_numbers_are_a_bundle_error_not_nan_signals():
+    # QA XX: a damaged bundle answered "" with NaN logprobs, which generate --json printed as bare NaN
+    import numpy as np
+
+    from edge_runtime.engine._sampling import distribution_signals
+    from edge_runtime.errors import BundleError
+
+    for bad in (np.nan, np.inf):
+        logits = np.zeros(10, np.float32)
+        logits[3] = bad
+        with pytest.raises(BundleError, match="not numbers"):
+            distribution_signals(logits, 3)
+    assert -1 < distribution_signals(np.array([0.0, -3.0, 1.0], np.float32), 2).logprob < 0
+
