@@ -316,7 +316,10 @@ class _LocalPace:
                 if first_s is None and chunk.token is not None:
                     first_s = time.monotonic() - t0
                 if chunk.result is not None and first_s is not None:
-                    self.record(prompt_tokens, first_s, time.monotonic() - t0, len(chunk.result.token_ids))
+                    # the tokens it prefilled: a prompt mostly read from the KV cache (a shared system prompt, a
+                    # chat's history) made prefill look 6x faster, and cloud-first fallbacks missed their deadline
+                    cached = getattr(getattr(chunk.result, "usage", None), "cached_prompt_tokens", 0) or 0
+                    self.record(prompt_tokens - cached, first_s, time.monotonic() - t0, len(chunk.result.token_ids))
                 yield chunk
         finally:
             close = getattr(stream, "close", None)
@@ -1051,7 +1054,10 @@ class HybridRuntime:
                 finally:
                     # its KV cache back to the pool now, as for the first answer: a self-check below needs one
                     fallback.close()
-                if p_correct is None or early_exit:
+                if locals_[-1].finish_reason == "cancelled":
+                    # a cut answer is never scored (and a self-check would run the model for a caller who left)
+                    p_correct = None
+                elif p_correct is None or early_exit:
                     p_correct = self._p_correct(locals_[-1], msgs, estimator_energy)
             else:
                 yield from held

@@ -748,6 +748,36 @@ def test_a_request_cancelled_before_its_answer_is_whole_is_neither_scored_nor_ro
     assert (r.route, r.finish_reason, r.p_correct) == ("local", "cancelled", None)
 
 
+
+@pytest.mark.parametrize("selfcheck", [False, True])
+def test_a_fallback_the_caller_cancels_is_not_scored(engine, selfcheck):
+    # QA BBB: the bridge failed, the caller cancelled the local fallback after its first words, and the fragment was
+    # scored (0.42 for "To calculate "); with the self-check the model ran again for a caller who had left
+    cancel = threading.Event()
+
+    def down(msgs, **_kw):
+        raise CloudUnavailableError("down")
+        yield  # a generator
+
+    from edge_runtime.confidence import SelfCheckEstimator
+
+    class Counting(SelfCheckEstimator):
+        def p_correct(self, *args, **kwargs):
+            asked.append(1)
+            return super().p_correct(*args, **kwargs)
+
+    asked: list[int] = []
+    more = {"estimator": Counting(1.0, 0.0)} if selfcheck else {}
+    rt = HybridRuntime(engine, policy={"type": "always"}, cloud=_fake_cloud(down), **more)
+    result = None
+    for chunk in rt.stream(ASK, max_new_tokens=16, cancel=cancel):
+        if chunk.kind == "text":
+            cancel.set()
+        if chunk.result is not None:
+            result = chunk.result
+    assert result is not None and result.finish_reason == "cancelled" and result.p_correct is None
+    assert result.usage["local"]["completion_tokens"] < 16 and asked == []
+
 @pytest.mark.parametrize("resumed", [True, False])
 def test_with_on_resume_a_cloud_first_request_gives_the_engine_up_and_takes_it_back_for_its_fallback(engine, resumed):
     events = []
@@ -1102,3 +1132,26 @@ def test_numpy_timeouts_and_days_long_deadlines_still_reach_the_cloud(engine):
     runtime = HybridRuntime(engine, cloud=_fake_cloud(stream), policy={"type": "always"})
     assert runtime.chat(ASK, max_new_tokens=4, deadline_s=time.monotonic() + 3 * 86_400).route == "cloud"
     assert seen[-1] is not None and seen[-1] <= 86_400
+
+
+def test_the_local_pace_counts_only_the_prompt_tokens_that_were_prefilled(monkeypatch):
+    # QA BBB: a prompt read mostly from the KV cache (a shared system prompt) counted whole made prefill look 6x
+    # faster, and a cloud-first escalation then gave the bridge the time its fallback needed
+    from edge_runtime.hybrid import _LocalPace
+
+    def run(cached: int) -> _LocalPace:
+        pace = _LocalPace()
+        token = SimpleNamespace(text="x")
+        usage = SimpleNamespace(cached_prompt_tokens=cached)
+        chunks = [SimpleNamespace(token=token, result=None),
+                  SimpleNamespace(token=token, result=SimpleNamespace(token_ids=[1, 2], usage=usage))]
+        clock = iter([0.0, 0.1, 0.3])  # t0, first token after 100 ms, the end
+        import edge_runtime.hybrid as hybrid
+
+        monkeypatch.setattr(hybrid, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+        list(pace.watch(iter(chunks), prompt_tokens=1000))
+        return pace
+
+    assert run(0).prefill_s_per_token == pytest.approx(0.1 / 1000)
+    assert run(900).prefill_s_per_token == pytest.approx(0.1 / 100)  # 100 tokens prefilled in 100 ms
+
