@@ -343,11 +343,15 @@ class Budget(Policy):
 
     def _settle(self, ctx: RequestContext, usd: float) -> None:
         with self._lock:
+            period = self._period
             self._roll()
-            self._reserved.pop(ctx.admission_id, None)
+            reserved = self._reserved.pop(ctx.admission_id, None) is not None
             self._reserved_in.pop(ctx.admission_id, None)
-            self._spent += max(float(usd), 0.0)
-            snapshot = self._snapshot()
+            spent = max(float(usd), 0.0)
+            self._spent += spent
+            # written only when something changed: every request settles, and a local one that reserved nothing
+            # wrote the same file (two fsyncs on an SD card) every time
+            snapshot = self._snapshot() if reserved or spent or self._period != period else None
         self._save_state(snapshot)
 
     # ---- config ----------------------------------------------------------------------------------------

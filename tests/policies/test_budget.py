@@ -431,3 +431,32 @@ def test_the_state_files_lock_is_not_created_through_a_planted_link(tmp_path):
     with pytest.raises(ConfigError):
         Budget(1.0, clock=Clock(), state_file=tmp_path / "spend.json").claim_state()
     assert not target.exists()
+
+
+def test_a_request_that_reserved_nothing_does_not_write_the_state_file(tmp_path, monkeypatch):
+    # QA BBB: every request settles, and a local one (nothing reserved, nothing spent) wrote the same file with two
+    # fsyncs each time, on an SD card
+    from edge_runtime.policies import _budget
+
+    real, writes = _budget.write_text_whole, []
+
+    def counting(path, text):
+        writes.append(json.loads(text)["committed_usd"])
+        real(path, text)
+
+    monkeypatch.setattr(_budget, "write_text_whole", counting)
+    clock = Clock()
+    budget = Budget(1.0, clock=clock, state_file=tmp_path / "spend.json")
+    local = req(0.25)
+    budget.settle(local, 0.0)  # never reserved: nothing changes
+    budget.settle(local, 0.0)
+    assert writes == []
+    policy = Chain([budget, Always()])
+    escalated = req(0.25)
+    policy.before(escalated)
+    policy.settle(escalated, 0.1)
+    assert writes[-1] == pytest.approx(0.1) and len(writes) == 2  # the reservation, then the bill
+    clock.t += 86400  # a new period starts at the next settle, and is written
+    budget.settle(req(0.25), 0.0)
+    assert len(writes) == 3 and writes[-1] == 0.0
+
