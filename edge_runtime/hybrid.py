@@ -1142,7 +1142,9 @@ class HybridRuntime:
             "joules": round(local_j, 6),
             "source": energies[0].source if energies else "none",
             "estimated": any(e.estimated for e in energies) if energies else True,
-            "process_joules": round(sum(e.process_joules or 0.0 for e in energies), 6) if energies else None,
+            # unknown (None) when any part's CPU times could not be read: 0.0 claimed the process drew nothing
+            "process_joules": round(sum(e.process_joules for e in energies), 6)  # type: ignore[misc]
+            if energies and all(e.process_joules is not None for e in energies) else None,
             "seconds": round(sum(e.seconds for e in energies), 6),
             "network_joules": round(net_j, 6),
             "network_estimated": True,

@@ -1155,3 +1155,14 @@ def test_the_local_pace_counts_only_the_prompt_tokens_that_were_prefilled(monkey
     assert run(0).prefill_s_per_token == pytest.approx(0.1 / 1000)
     assert run(900).prefill_s_per_token == pytest.approx(0.1 / 100)  # 100 tokens prefilled in 100 ms
 
+
+def test_process_joules_the_meter_could_not_read_are_null_not_zero(engine, monkeypatch):
+    # QA BBB: CPU times that cannot be read (Android's /proc/stat) gave the engine's report None, and the result 0.0
+    from edge_runtime.power import _meter
+
+    rt = HybridRuntime(engine, policy={"type": "never"})  # the engine's meter: a constant 5 W
+    assert rt.chat(ASK, max_new_tokens=2).energy["process_joules"] is not None
+    monkeypatch.setattr(_meter.EnergyMeter, "_cpu_times", lambda self: None)
+    r = rt.chat(ASK, max_new_tokens=2)
+    assert r.energy["joules"] > 0 and r.energy["process_joules"] is None
+
