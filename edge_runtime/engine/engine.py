@@ -844,7 +844,8 @@ class Engine:
                     ttft_ms=(t_first - t_start) * 1000.0,
                 ),
                 energy=energy,
-                prompt_nll=nll_sum / nll_count if nll_count else None,
+                # the whole prompt's, or none: a prefill cancelled part-way scored only its first chunks
+                prompt_nll=nll_sum / nll_count if nll_count and not cancelled else None,
                 model=self.model_name,
                 text_tokens=text_tokens,
             )
@@ -887,11 +888,22 @@ class Engine:
         """Log-probability of every token of a text given what precedes it (perplexity, quality checks)."""
         if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
             raise InvalidRequestError(f"must be an integer >= 1, got {chunk!r}", field="chunk")
-        ids = self._token_ids(token_ids, "token_ids") if token_ids is not None else self.encode(text)
+        field = "text" if token_ids is None else "token_ids"
+        if token_ids is not None:
+            ids = self._token_ids(token_ids, "token_ids")
+        elif text is None:
+            raise InvalidRequestError("give text or token_ids", field="text")
+        else:
+            try:
+                ids = self.encode(text)
+            except InvalidRequestError as err:  # named encode's own argument, which score does not have
+                if err.field != "prompt":
+                    raise
+                raise type(err)(str(err).removeprefix("prompt: "), field="text") from None
         if len(ids) < 2:
-            raise InvalidRequestError("needs at least two tokens", field="text" if token_ids is None else "token_ids")
+            raise InvalidRequestError("needs at least two tokens", field=field)
         if len(ids) > self.context_length:
-            raise ContextLengthError(f"{len(ids)} tokens exceed the context window of {self.context_length}", field="text")
+            raise ContextLengthError(f"{len(ids)} tokens exceed the context window of {self.context_length}", field=field)
         lps: list[np.ndarray] = []
         top1: list[np.ndarray] = []
         with self._cache() as cache:

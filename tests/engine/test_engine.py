@@ -583,11 +583,14 @@ def test_encoding_a_long_prompt_lets_other_threads_run(engine):
     ({"token_ids": [5, 6], "chunk": 0}, "chunk"),
     ({"token_ids": [5, 6], "chunk": -1}, "chunk"),
     ({"token_ids": [5]}, "token_ids"),
+    # QA CCC: these named "prompt", which score has not, or "text" for token_ids
+    ({}, "text"), ({"text": ""}, "text"), ({"text": 123}, "text"),
+    ({"token_ids": [5] * 9000}, "token_ids"),
 ])
 def test_score_refuses_bad_input_naming_the_field(engine, kwargs, field):
     with pytest.raises(InvalidRequestError) as info:
         engine.score(**kwargs)
-    assert info.value.field == field
+    assert info.value.field == field and not str(info.value).startswith("text: prompt")
     assert len(engine.score(token_ids=[5, 6, 7]).logprobs) == 2  # and keeps working
 
 
@@ -1078,4 +1081,23 @@ def test_logits_that_are_not_numbers_are_a_bundle_error_not_nan_signals():
         with pytest.raises(BundleError, match="not numbers"):
             distribution_signals(logits, 3)
     assert -1 < distribution_signals(np.array([0.0, -3.0, 1.0], np.float32), 2).logprob < 0
+
+
+def test_a_prompt_nll_of_a_prefill_cancelled_part_way_is_none(engine, monkeypatch):
+    # QA CCC: the chunks that ran were reported as the whole prompt's likelihood
+    from edge_runtime.engine import _session
+
+    prompt = " ".join(f"word{i}" for i in range(28))  # ~190 tokens: two prefill chunks
+    whole = engine.generate(prompt, max_new_tokens=1, prompt_nll=True)
+    assert whole.prompt_nll is not None
+    real, chunks = _session.KVCache.prefill, []
+
+    def counting(self, *args, **kwargs):
+        chunks.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(_session.KVCache, "prefill", counting)
+    cut = engine.generate(prompt, max_new_tokens=1, prompt_nll=True, cancel=lambda: bool(chunks))
+    assert len(chunks) == 1  # cancelled after the first chunk
+    assert cut.finish_reason == "cancelled" and cut.prompt_nll is None
 
