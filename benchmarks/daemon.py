@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=_positive_int, default=100, help="overhead: requests per path (default 100)")
     parser.add_argument("--max-tokens", type=_positive_int, default=16, help="completion tokens per request (default 16)")
     parser.add_argument("--per-client", type=_positive_int, default=12, help="throughput: requests per client (default 12)")
-    parser.add_argument("--threads", type=int, help="intra-op threads of both engines (default: physical cores)")
+    parser.add_argument("--threads", type=_int_at_least(1), help="intra-op threads of both engines (default: physical cores)")
     parser.add_argument("--idle-wait", type=float, default=120.0,
                         help="first wait up to this many seconds for an idle machine (0: start at once)")
     parser.add_argument("--out", type=_out_file,

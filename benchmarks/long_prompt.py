@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._host import cpu_model  # noqa: E402
+from edge_runtime.cli.bench import _int_at_least  # noqa: E402
 
 
 def measure(bundle: str, tokens: int, threads: int | None, cache_tokens: int) -> dict[str, Any]:
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", help="bundle directory (default: the cached SmolLM2-135M-Instruct int4 bundle)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1000, 3000, 6000], help="prompt lengths")
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: the engine's)")
+    parser.add_argument("--threads", type=_int_at_least(1), help="intra-op threads (default: the engine's)")
     parser.add_argument("--cache-tokens", type=int, default=1024, help="[engine] cache_tokens (default 1024)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / f"long-prompt-{socket.gethostname()}.json")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child: measure this length, print JSON

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._host import cpu_model  # noqa: E402
+from edge_runtime.cli.bench import _int_at_least  # noqa: E402
 
 DEFAULT_TASKS = 60  # task-suite items in the tasks workload
 
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="bundle directory (default: the cached smollm2-135m-instruct int4 bundle)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every workload with and without drafts")
     parser.add_argument("--tasks", type=int, default=DEFAULT_TASKS, help="task-suite items in the tasks workload")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    parser.add_argument("--threads", type=_int_at_least(1), default=None, help="intra-op threads (default: physical cores)")
     parser.add_argument("--idle-wait", type=float, default=120.0, help="seconds to wait for idle CPUs first (0: don't)")
     parser.add_argument("--out", type=_out_file, default=ROOT / "benchmarks" / "results" / f"lookup-{socket.gethostname()}.json",
                         help="results file (its directory is checked before measuring)")

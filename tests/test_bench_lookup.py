@@ -67,3 +67,15 @@ def test_bad_arguments_are_refused_before_measuring(monkeypatch, tmp_path, capsy
         module.main([a.replace("{tmp}", str(tmp_path)) for a in args])
     assert info.value.code == 2
     assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["lookup.py", "long_prompt.py", "daemon.py"])
+def test_a_thread_count_below_one_is_refused_when_parsed(script):
+    # QA GGG: daemon.py took --threads 0 as "not set" only after its idle wait and a daemon's start
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--threads", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "--threads: must be >= 1" in done.stderr
+

@@ -176,6 +176,20 @@ def _make_out_dir(out: Path) -> Path | None:
     return created
 
 
+def _held_back(items: Sequence[Any], fraction: float) -> list[Any]:
+    """The items the live check keeps back: ``fraction`` of each family, spread over it. Every k-th item of the
+    whole list held back whole families when the items came in turns and their count shared a factor with k (a
+    4-family suite with --limit: all held-back items were one family's, missing from the replay and its
+    recommendation); and k = round(1 / fraction) made 0.4, 0.6 and 0.9 all 0.5."""
+    seen: dict[str, int] = {}
+    held = []
+    for item in items:
+        i = seen[item.family] = seen.get(item.family, -1) + 1
+        if int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9):  # the fraction's count steps up here
+            held.append(item)
+    return held
+
+
 def _drop_if_unused(out: Path, created: Path, failed: bool) -> bool:
     """An exit callback: a run that failed before writing anything leaves none of the directories it made."""
     if failed:
@@ -310,9 +324,7 @@ def explore(
     created = _make_out_dir(out)
     held: list[Any] = []
     if validate:
-        # hold back every k-th item for the live check (in family order or in turns, each family keeps about its share)
-        k = max(2, round(1 / holdout))
-        held = [it for i, it in enumerate(items) if i % k == k - 1]
+        held = _held_back(items, holdout)
         held_ids = {it.id for it in held}
         items = [it for it in items if it.id not in held_ids]
 
@@ -401,6 +413,31 @@ def explore(
                 files.append(name)
             recommendations.append(rec)
 
+        def write_outputs(validation: dict[str, Any] | None) -> list[str]:
+            """The tables, plots and report (with the live check's result when there is one); the plots' names."""
+            energy_source = ", ".join(sorted({str(e.get("energy_source")) for e in m.edge}))
+            energy_estimated = any(e.get("energy_estimated") for e in m.edge)
+            write_csv(out / "points.csv", points, families, energy_source=energy_source, energy_estimated=energy_estimated)
+            write_csv(out / "frontier.csv", front, families, energy_source=energy_source, energy_estimated=energy_estimated)
+            plots = write_plots(out, m, points, front, joules=joules_label(energy_source, energy_estimated))
+            context = {
+                # which weights and manifest answered, as the run cache keys them: a figure can be traced to its bundle (QA QQ)
+                "edge": engine.model_name, "edge_hash": engine.bundle_hash,
+                "cloud": cloud, "cloud_revision": (cloud_model or {}).get("revision") or "", "bridge": bridge_label, "suite": suite, "split": split, "machine": _machine(),
+                "energy_source": energy_source,
+                "energy_estimated": energy_estimated,
+                "command": "edge-runtime " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                "cost_note": f"cloud USD from the bridge's price table; device energy priced at {cost.electricity_usd_per_kwh} USD/kWh; "
+                             f"escalation radio energy for {cost.network} ({cost.j_per_kb} J/KB + {cost.j_per_request} J per request) "
+                             f"plus the device's idle draw while it waits for the cloud ({idle_watts(getattr(engine, 'energy_meter', None)):g} W, its profile's, "
+                             "× the wait; an estimate)",
+                "cache": str(root or cache_dir("runs", create=False)),
+                "validation": validation,
+            }
+            write_report(out / "report.md", m=m, points=points, front=front, families=families, estimators=estimators, winners=winners,
+                         recommendations=recommendations, plots=plots, context=context)
+            return plots
+
         validation = None
         if validate and not live_configs:
             log.warning("no goal is met: there is no recommended policy to check live")
@@ -408,8 +445,13 @@ def explore(
             log.warning("too few items to hold any back for the live check (--limit %s): skipped", limit)
         elif validate:
             checked, config = live_configs[0]  # the first goal that has a recommendation
-            with _daemon(config, out) as url:
-                live = validate_live(url, held)
+            try:
+                with _daemon(config, out) as url:
+                    live = validate_live(url, held)
+            except BaseException:
+                # the replay's report and tables stay beside its recommendations (only recommended.toml was left)
+                write_outputs(None)
+                raise
             pred = checked["point"].overall
             acc_ok, acc_margin = agreement(pred["accuracy"], live["accuracy"], live["n"], len(items))
             esc_ok, esc_margin = agreement(pred["escalation_rate"], live["escalation_rate"], live["n"], len(items))
@@ -422,27 +464,6 @@ def explore(
                                       f"±{acc_margin:.1%}), escalation {live['escalation_rate']:.1%} (predicted "
                                       f"{pred['escalation_rate']:.1%}, ±{esc_margin:.1%}): {said}. Routes: {live['routes']}.")}
 
-    energy_source = ", ".join(sorted({str(e.get("energy_source")) for e in m.edge}))
-    energy_estimated = any(e.get("energy_estimated") for e in m.edge)
-    write_csv(out / "points.csv", points, families, energy_source=energy_source, energy_estimated=energy_estimated)
-    write_csv(out / "frontier.csv", front, families, energy_source=energy_source, energy_estimated=energy_estimated)
-    plots = write_plots(out, m, points, front, joules=joules_label(energy_source, energy_estimated))
-    files += plots
-    context = {
-        # which weights and manifest answered, as the run cache keys them: a figure can be traced to its bundle (QA QQ)
-        "edge": engine.model_name, "edge_hash": engine.bundle_hash,
-        "cloud": cloud, "cloud_revision": (cloud_model or {}).get("revision") or "", "bridge": bridge_label, "suite": suite, "split": split, "machine": _machine(),
-        "energy_source": energy_source,
-        "energy_estimated": energy_estimated,
-        "command": "edge-runtime " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "cost_note": f"cloud USD from the bridge's price table; device energy priced at {cost.electricity_usd_per_kwh} USD/kWh; "
-                     f"escalation radio energy for {cost.network} ({cost.j_per_kb} J/KB + {cost.j_per_request} J per request) "
-                     f"plus the device's idle draw while it waits for the cloud ({idle_watts(getattr(engine, 'energy_meter', None)):g} W, its profile's, "
-                     "× the wait; an estimate)",
-        "cache": str(root or cache_dir("runs", create=False)),
-        "validation": validation,
-    }
-    write_report(out / "report.md", m=m, points=points, front=front, families=families, estimators=estimators, winners=winners,
-                 recommendations=recommendations, plots=plots, context=context)
+    files += write_outputs(validation)
     return ExploreResult(out=out, points=points, front=front, recommendations=recommendations, measurements=m, winners=winners,
                          estimators=estimators, validation=validation, files=files)
