@@ -503,7 +503,7 @@ class Sampler:
         warnings: list[str] = []
         counts: list[int] = []
         power_counts: list[int] = []
-        still: list[str] = []  # energy counters of the total that did not move in a window long enough to see it
+        still: dict[str, float] = {}  # energy counters of the total that held one value long enough to see it: for how long
         for name, track in self._tracks.items():
             if not track.covers(t0, t1):
                 continue
@@ -525,20 +525,23 @@ class Sampler:
                     power_counts.append(counts[-1])
                     if joules == 0.0 and t1 > t0:
                         warnings.append(f"{label}: {name} read 0 W throughout the window")
-                if track.kind == "energy" and joules == 0.0 and t1 - t0 >= STUCK_COUNTER_S:
-                    still.append(name)
+                # a window too short to tell is judged by how long the counter has held its value (a stuck one
+                # gave every request under 0.25 s a "measured" 0 J)
+                held_s = max(t1 - t0, t1 - track.changed_t if track.changed_t is not None else 0.0)
+                if track.kind == "energy" and joules == 0.0 and held_s >= STUCK_COUNTER_S:
+                    still[name] = held_s
                 if track.kind == "remaining":
                     self._gauge_window(track, t0, t1, domains_j, incomplete, warnings)
         moved = [n for n in totals if n in domains_j and n not in still]
-        for name in still:
+        for name, held_s in still.items():
             if moved:
                 # a part of the total that stays still (a DRAM zone some servers list but do not count) beside
                 # one that moves: the total is still measured
-                warnings.append(f"{label}: {name} did not move in {t1 - t0:.2f} s; counted as 0 J")
+                warnings.append(f"{label}: {name} did not move in {held_s:.2f} s; counted as 0 J")
             else:
                 # a device draws watts; a total that did not move at all measured nothing (some VMs and firmwares
                 # expose a counter that stays at one value): not a measured 0 J
-                incomplete.setdefault(name, f"did not move in {t1 - t0:.2f} s (a stuck counter measures nothing)")
+                incomplete.setdefault(name, f"did not move in {held_s:.2f} s (a stuck counter measures nothing)")
         missing = sorted(n for n in totals if n not in domains_j)
         for name in missing:
             track = self._tracks.get(name)

@@ -436,6 +436,11 @@ def test_a_counter_that_never_moves_is_not_a_measured_zero(tmp_path: Path, make_
         clock.advance(1.0)
     assert m.estimated and m.source.startswith("estimate:") and m.joules > 0  # type: ignore[attr-defined]
     assert any("package-0 did not move in 1.00 s" in w for w in m.warnings)  # type: ignore[attr-defined]
+    # QA FFF: a window too short to see it by itself (a one-token answer) read "0.0 J, measured": the readings
+    # before it tell
+    with meter.measure() as short:
+        clock.advance(0.1)
+    assert short.estimated and short.joules > 0  # type: ignore[attr-defined]
     with meter.measure() as moved:  # the same counter, moving: measured
         clock.advance(1.0)
         write(pkg, 2_000_000)
