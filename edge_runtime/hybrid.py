@@ -443,6 +443,7 @@ class HybridRuntime:
         self._prior_check_due_s = -math.inf if checks else math.inf
         self._prior_lock = threading.Lock()  # for the two above: requests on several threads look at them
         self._pace = _LocalPace()
+        self._owned_meter: Any = None  # an energy meter from_settings made for this runtime alone
         self._closed = False
 
     # ---- construction ------------------------------------------------------------------------
@@ -475,8 +476,8 @@ class HybridRuntime:
         e = settings.engine
         # a caller may pass the process meter (the daemon installs one with set_default_meter) instead of a second
         # one, or None for none
-        meter = engine_kwargs.pop("energy_meter") if "energy_meter" in engine_kwargs \
-            else EnergyMeter.from_settings(settings.power)
+        owned = "energy_meter" not in engine_kwargs  # made here: closed with the runtime (its sampler thread)
+        meter = engine_kwargs.pop("energy_meter") if not owned else EnergyMeter.from_settings(settings.power)
         cloud = None
         if settings.cloud.address:  # first: a bad [cloud] setting is reported before the model spends its load time
             from .cloud import CloudClient
@@ -503,8 +504,10 @@ class HybridRuntime:
                 estimator = load_estimator(e.estimator, bundle_hash=engine.bundle_hash,
                                            legacy_hash=engine.legacy_bundle_hash)
                 # the policy checks, and the estimator's sentence encoder, may fail too
-                return cls(engine, policy=settings.policy, estimator=estimator, cloud=cloud, cost=settings.cost,
-                           default_max_new_tokens=e.max_new_tokens, cloud_timeout_s=settings.cloud.timeout_s)
+                runtime = cls(engine, policy=settings.policy, estimator=estimator, cloud=cloud, cost=settings.cost,
+                              default_max_new_tokens=e.max_new_tokens, cloud_timeout_s=settings.cloud.timeout_s)
+                runtime._owned_meter = meter if owned else None
+                return runtime
             except BaseException as err:
                 engine.close()
                 if isinstance(err, EstimatorError):
@@ -513,6 +516,8 @@ class HybridRuntime:
         except BaseException:
             if cloud is not None:
                 cloud.close()
+            if owned and meter is not None:
+                meter.close()
             raise
 
     def close(self) -> None:
@@ -523,6 +528,8 @@ class HybridRuntime:
         if self.cloud is not None:
             self.cloud.close()
         self.engine.close()
+        if self._owned_meter is not None:  # each runtime from_settings built left its sampler thread running
+            self._owned_meter.close()
         for part in self.policy.parts():  # a runtime built next on the same file (a settings reload) takes it over
             release = getattr(part, "release_state", None)
             if release is not None:

@@ -1166,3 +1166,18 @@ def test_process_joules_the_meter_could_not_read_are_null_not_zero(engine, monke
     r = rt.chat(ASK, max_new_tokens=2)
     assert r.energy["joules"] > 0 and r.energy["process_joules"] is None
 
+
+def test_a_runtime_closes_the_energy_meter_it_made_and_only_that_one(tiny_bundle):
+    # QA FFF: every runtime from_settings built and closed left its meter's sampler thread running
+    from edge_runtime.settings import load_runtime_settings
+
+    settings = load_runtime_settings(data={"engine": {"bundle": str(tiny_bundle)}, "policy": "never"}, env={})
+    runtime = HybridRuntime.from_settings(settings)
+    meter = runtime.engine.energy_meter
+    runtime.close()
+    assert meter.closed
+    own = EnergyMeter(source=ConstantPowerSource(5.0))  # the caller's meter stays the caller's
+    HybridRuntime.from_settings(settings, energy_meter=own).close()
+    assert not own.closed
+    own.close()
+
