@@ -260,6 +260,15 @@ def run_cloud(
     return [_rescored(it, cache[it]) for it in items]
 
 
+def check_cloud_runs(records: Sequence[dict[str, Any]]) -> None:
+    """Refuse cloud records with failed runs (``run_cloud`` keeps them for this run only): read as wrong answers,
+    they lowered the cloud's accuracy and the labels a cloud prior is fitted on."""
+    failed = [c for c in records if c.get("error")]
+    if failed:
+        raise CloudError(f"{len(failed)} cloud runs failed (first: {failed[0]['item_id']}: {failed[0]['error']}); "
+                         "run again to retry them")
+
+
 def local_cloud_generate(engine: Any, settings: SamplingParams = RUN_SETTINGS) -> Callable[[TaskItem], dict[str, Any]]:
     """A ``run_cloud`` generator that runs the cloud stand-in bundle in-process (no bridge, no price)."""
     def generate(item: TaskItem) -> dict[str, Any]:

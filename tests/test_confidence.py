@@ -237,6 +237,21 @@ def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, caps
     assert json.loads(with_prior.read_text())["meta"]["cloud_model"] == {
         "model": manifest.name, "revision": manifest.bundle_hash, "files_revision": manifest.legacy_bundle_hash}
     assert load_estimator(with_prior).cloud is not None and "cloud_model" not in json.loads(out.read_text())["meta"]
+    # QA EEE: cloud runs that failed (here a stand-in whose context is too short for some prompts) were counted as
+    # wrong answers: eval's cloud accuracy and calibrate's cloud prior were computed on them, exit 0
+    import shutil
+
+    short = tmp_path / "short-cloud"
+    shutil.copytree(cloud, short)
+    manifest_path = short / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["model"]["context_length"] = 48
+    manifest_path.write_text(json.dumps(raw))
+    for command in (["eval", "--json"], ["calibrate", "--family", "multi", "--out", str(tmp_path / "short.json")]):
+        assert main([command[0], "--bundle", str(edge), "--cloud-bundle", str(short), "--suite", str(tiny_suite),
+                     *command[1:]]) == 1
+        assert "cloud runs failed" in capsys.readouterr().err
+    assert not (tmp_path / "short.json").exists()
 
 
 @pytest.mark.parametrize(

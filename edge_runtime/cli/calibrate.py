@@ -190,11 +190,15 @@ def _cloud_records(bundle: Path | None, threads: int | None, items: list[Any]) -
     if bundle is None:
         return None
     from ..engine import Engine
-    from ..runs import engine_key, local_cloud_generate, run_cloud
+    from ..runs import check_cloud_runs, engine_key, local_cloud_generate, run_cloud
 
     # decodes as the bridge's ONNX backend does (no prompt lookup), whatever the edge model does
     cloud = Engine(bundle, intra_op_threads=threads, energy_meter=None)
-    return run_cloud(local_cloud_generate(cloud), f"local-{engine_key(cloud)}", items, desc="cloud")
+    records = run_cloud(local_cloud_generate(cloud), f"local-{engine_key(cloud)}", items, desc="cloud")
+    # a failed run (a prompt past the stand-in's context) counted as a wrong answer in eval's accuracy and in the
+    # labels of calibrate's cloud prior, as explore refuses to
+    check_cloud_runs(records)
+    return records
 
 
 def _report(scores: Any, data: Any, cloud: dict[str, bool] | None, families: list[str]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from ..confidence import Estimator, cloud_scores, estimator_scores, fit_estimato
 from ..confidence._fit import Dataset
 from ..cost import CostSettings, network_energy_j, reservation_usd, wait_energy_j
 from ..policies import ReplayRecords
-from ..runs import RUN_SETTINGS, run_cloud, run_edge
+from ..runs import RUN_SETTINGS, check_cloud_runs, run_cloud, run_edge
 from ..tasks import TaskItem
 
 __all__ = ["Measurements", "measure", "cloud_generate"]
@@ -130,7 +130,7 @@ def measure(
     for warning in fit_warnings(dev.labels, fitted_features("multi+knn"), remedy="use a suite with more dev items"):
         log.warning("estimator: %s", warning)
     dev_cloud = run_cloud(generate_cloud, cloud_key, dev_items, root=root, desc="dev items through the bridge")
-    _check_cloud(dev_cloud)
+    check_cloud_runs(dev_cloud)
     by_id = {c["item_id"]: bool(c.get("correct")) for c in dev_cloud}
     cloud_labels = np.array([by_id[r["item_id"]] for r in dev.records], dtype=float)
     estimator = fit_estimator("multi+knn", dev, bundle_hash=engine.bundle_hash, cloud_labels=cloud_labels)
@@ -142,7 +142,7 @@ def measure(
         save_estimator(estimator, estimator_out)
     edge = run_edge(engine, items, root=root, desc="test items on the edge", energy=True)
     cloud = run_cloud(generate_cloud, cloud_key, items, root=root, desc="test items through the bridge")
-    _check_cloud(cloud)
+    check_cloud_runs(cloud)
     if cloud_prices is not None:
         pin, pout = cloud_prices
         cloud = [{**c, "cost_usd": (c["prompt_tokens"] * pin + c["completion_tokens"] * pout) / 1e6}
@@ -171,10 +171,3 @@ def measure(
                         p_cloud=p_cloud, records=rows, network_j=net_j, dev_p_correct=dev_p)
 
 
-def _check_cloud(records: Sequence[dict[str, Any]]) -> None:
-    failed = [c["item_id"] for c in records if c.get("error")]
-    if failed:
-        from ..errors import CloudError
-
-        first = next(c for c in records if c.get("error"))
-        raise CloudError(f"{len(failed)} cloud runs failed (first: {first['item_id']}: {first['error']}); run again to retry them")
