@@ -525,9 +525,21 @@ def stdout_reader_gone() -> bool:
         return False
 
 
+def stream_is_utf8(stream: Any) -> bool:
+    try:
+        return codecs.lookup(getattr(stream, "encoding", None) or "utf-8").name == "utf-8"
+    except LookupError:
+        return False
+
+
 def run_command(prog: str, args: argparse.Namespace, *, say_interrupted: bool = True) -> int:
     """``args.func(args)`` behind the CLIs' one error boundary: the project's errors and OS errors as one
     line (``-vv`` re-raises them), a reader that went away as quiet, Ctrl-C as 130."""
+    for stream in (sys.stdout, sys.stderr):
+        # a terminal or pipe that is not UTF-8 (PYTHONIOENCODING=ascii, a Latin-1 locale): "caf\xe9" rather than a
+        # traceback (eval's table printed an em dash, and calibrate exited 1 after writing its estimator)
+        if stream is not None and not stream_is_utf8(stream) and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return int(args.func(args) or 0)
     except EdgeRuntimeError as err:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import json
 import math
 import sys
 from typing import Any
 
-from ..config import THREADS_HELP, say
+from ..config import THREADS_HELP, say, stream_is_utf8
 from ..engine import PROMPT_LOOKUP_TOKENS, SUGGESTED_PROMPT_LOOKUP_TOKENS
 from ..engine.types import TRUNCATION_HINT
 from ..errors import ContextLengthError
@@ -172,15 +171,10 @@ def _check_standard_streams(args: argparse.Namespace) -> None:
         raise InvalidRequestError("standard output is closed: the answer would be lost", field="stdout")
     if args.input == "-" and sys.stdin is None:
         raise InvalidRequestError("standard input is closed", field="--input")
-    if not _stdout_is_utf8() and hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="backslashreplace")  # streamed text: "caf\xe9" rather than a traceback
 
 
 def _stdout_is_utf8() -> bool:
-    try:
-        return codecs.lookup(getattr(sys.stdout, "encoding", None) or "utf-8").name == "utf-8"
-    except LookupError:
-        return False
+    return stream_is_utf8(sys.stdout)
 
 
 def _json_line(obj: Any) -> str:

@@ -306,16 +306,22 @@ def test_an_output_encoding_that_is_not_utf8_gets_escapes_not_a_traceback(tiny_b
 
     from edge_runtime.cli import generate as generate_cli
 
+    from edge_runtime.config import run_command
+
     raw = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))  # PYTHONIOENCODING=ascii
-    args = generate_cli.argparse.Namespace(input=None)
-    generate_cli._check_standard_streams(args)
-    line = generate_cli._json_line({"text": "café 東京"})
-    sys.stdout.write(line + "\n" + "café\n")  # the JSON line, then streamed text
-    sys.stdout.flush()
-    json_line, text = raw.getvalue().decode("ascii").splitlines()
+
+    def emit(_args):
+        line = generate_cli._json_line({"text": "café 東京"})
+        sys.stdout.write(line + "\n" + "café\n")  # the JSON line, then streamed text
+        sys.stdout.write("— →\n")  # every command's output: eval's table and calibrate's summary were tracebacks
+        sys.stdout.flush()
+
+    # at the CLIs' one boundary, for every command
+    assert run_command("edge-runtime", generate_cli.argparse.Namespace(func=emit, command="eval", verbose=0)) == 0
+    json_line, text, table = raw.getvalue().decode("ascii").splitlines()
     assert json.loads(json_line) == {"text": "café 東京"}
-    assert text == "caf\\xe9"
+    assert text == "caf\\xe9" and table == "\\u2014 \\u2192"
 
 
 def test_json_output_warns_when_its_p_correct_comes_from_an_estimator_fitted_on_another_model(tiny_bundle, capsys,
