@@ -288,6 +288,9 @@ class _LocalPace:
     """
 
     _WEIGHT = 0.2  # of the newest run
+    # a prompt read almost whole from the KV cache prefills a token or two: the first step's fixed cost divided by
+    # them read 4-5x the real rate (review 30), and a fallback was then given no time at all
+    _MIN_PREFILL_TOKENS = 32
 
     def __init__(self) -> None:
         self.prefill_s_per_token: float | None = None
@@ -297,7 +300,8 @@ class _LocalPace:
         def mix(old: float | None, new: float) -> float:
             return new if old is None else old + self._WEIGHT * (new - old)
 
-        self.prefill_s_per_token = mix(self.prefill_s_per_token, first_token_s / max(1, prompt_tokens))
+        if prompt_tokens >= self._MIN_PREFILL_TOKENS:
+            self.prefill_s_per_token = mix(self.prefill_s_per_token, first_token_s / prompt_tokens)
         if tokens > 1:
             self.decode_s_per_token = mix(self.decode_s_per_token, (total_s - first_token_s) / (tokens - 1))
 

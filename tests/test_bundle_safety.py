@@ -201,4 +201,32 @@ def test_a_listed_file_linked_from_outside_the_bundle_is_refused(bundle, tmp_pat
     linked = tmp_path / "linked"
     linked.symlink_to(bundle)
     assert verify_bundle(linked, "full").name
+    # a link loop is the one-line error it was, not a RuntimeError traceback (review 30)
+    (bundle / "tokenizer.json").unlink()
+    (bundle / "tokenizer.json").symlink_to("tokenizer.json")
+    with pytest.raises(BundleVerificationError, match="tokenizer.json: cannot read it"):
+        verify_bundle(bundle, "none")
+
+
+def test_a_tokenizer_id_past_the_models_vocabulary_is_refused_when_it_is_met(bundle):
+    # review 30: a tokenizer of few tokens, one with an id past the vocabulary, passed the count at load and answered
+    # garbage (finding the largest id at load costs 50-190 ms, so it is checked where ids are made)
+    import hashlib
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from edge_runtime.engine import Engine
+
+    vocab_size = json.loads((bundle / "manifest.json").read_text())["model"]["vocab_size"]
+    tokenizer = Tokenizer(WordLevel({"[UNK]": 0, "hi": 1, "far": vocab_size + 5}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(bundle / "tokenizer.json"))
+    raw = (bundle / "tokenizer.json").read_bytes()
+    _edit(bundle, lambda m: m["files"]["tokenizer.json"].update(size=len(raw), sha256=hashlib.sha256(raw).hexdigest()))
+    engine = Engine(bundle)
+    assert engine.encode("hi")[-1] == 1
+    with pytest.raises(BundleError, match=f"token id {vocab_size + 5}, past the model's vocabulary"):
+        engine.generate("hi far", max_new_tokens=2)
 

@@ -1154,6 +1154,8 @@ def test_the_local_pace_counts_only_the_prompt_tokens_that_were_prefilled(monkey
 
     assert run(0).prefill_s_per_token == pytest.approx(0.1 / 1000)
     assert run(900).prefill_s_per_token == pytest.approx(0.1 / 100)  # 100 tokens prefilled in 100 ms
+    # a token or two prefilled times the first step, not a rate (review 30: 4-5x the real one): not recorded
+    assert run(999).prefill_s_per_token is None and run(999).decode_s_per_token == pytest.approx(0.2)
 
 
 def test_process_joules_the_meter_could_not_read_are_null_not_zero(engine, monkeypatch):
