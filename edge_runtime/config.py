@@ -528,7 +528,7 @@ def stdout_reader_gone() -> bool:
 def stream_is_utf8(stream: Any) -> bool:
     try:
         return codecs.lookup(getattr(stream, "encoding", None) or "utf-8").name == "utf-8"
-    except LookupError:
+    except (LookupError, TypeError):  # an unknown codec, or a stand-in stream whose encoding is no string
         return False
 
 

@@ -486,7 +486,12 @@ class HybridRuntime:
         if settings.cloud.address:  # first: a bad [cloud] setting is reported before the model spends its load time
             from .cloud import CloudClient
 
-            cloud = CloudClient(settings.cloud)
+            try:
+                cloud = CloudClient(settings.cloud)
+            except BaseException:
+                if owned and meter is not None:
+                    meter.close()
+                raise
         try:
             try:
                 engine = Engine(

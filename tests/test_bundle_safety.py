@@ -230,3 +230,23 @@ def test_a_tokenizer_id_past_the_models_vocabulary_is_refused_when_it_is_met(bun
     with pytest.raises(BundleError, match=f"token id {vocab_size + 5}, past the model's vocabulary"):
         engine.generate("hi far", max_new_tokens=2)
 
+
+def test_a_control_token_past_the_models_vocabulary_is_refused_at_load(bundle):
+    # review 31: control tokens are read from the special-token table, not encoded, so the check where ids are made
+    # never saw them, and such a tokenizer loaded and answered
+    import hashlib
+
+    from tokenizers import Tokenizer
+
+    from edge_runtime.engine import Engine
+
+    vocab_size = json.loads((bundle / "manifest.json").read_text())["model"]["vocab_size"]
+    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<|extra|>"])
+    assert tokenizer.token_to_id("<|extra|>") >= vocab_size
+    tokenizer.save(str(bundle / "tokenizer.json"))
+    raw = (bundle / "tokenizer.json").read_bytes()
+    _edit(bundle, lambda m: m["files"]["tokenizer.json"].update(size=len(raw), sha256=hashlib.sha256(raw).hexdigest()))
+    with pytest.raises(BundleError, match="control token '<\\|extra\\|>' the id .*past the model's vocabulary"):
+        Engine(bundle)
+

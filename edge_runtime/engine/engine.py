@@ -266,6 +266,12 @@ class Engine:
             self._byte_level = self._is_byte_level()
             self._bytes_map = _byte_decoder() if self._byte_level else {}
             self._specials, self._special_split = self._control_tokens()
+            # control tokens are read from this table, not encoded, so the check where ids are made does not see them
+            far = [(t, i) for t, i in self._specials.items() if i >= self.model.vocab_size]
+            if far:
+                raise BundleError(f"{self.manifest.tokenizer_file} gives the control token {far[0][0]!r} the id "
+                                  f"{far[0][1]}, past the model's vocabulary of {self.model.vocab_size} (manifest "
+                                  "model.vocab_size): not this model's tokenizer")
             self.load_ms = (time.perf_counter() - t0) * 1000.0
         self._closed = False
 

@@ -177,17 +177,15 @@ def _make_out_dir(out: Path) -> Path | None:
 
 
 def _held_back(items: Sequence[Any], fraction: float) -> list[Any]:
-    """The items the live check keeps back: ``fraction`` of each family, spread over it. Every k-th item of the
-    whole list held back whole families when the items came in turns and their count shared a factor with k (a
+    """The items the live check keeps back: ``fraction`` of them, stepped through the items grouped by family (each
+    family gives its share, give or take one, and the remainders add up across families). Every k-th item of the
+    list as given held back whole families when the items came in turns and their count shared a factor with k (a
     4-family suite with --limit: all held-back items were one family's, missing from the replay and its
     recommendation); and k = round(1 / fraction) made 0.4, 0.6 and 0.9 all 0.5."""
-    seen: dict[str, int] = {}
-    held = []
-    for item in items:
-        i = seen[item.family] = seen.get(item.family, -1) + 1
-        if int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9):  # the fraction's count steps up here
-            held.append(item)
-    return held
+    by_family = sorted(range(len(items)), key=lambda i: items[i].family)  # stable: each family in its order
+    held = {i for rank, i in enumerate(by_family)
+            if int((rank + 1) * fraction + 1e-9) > int(rank * fraction + 1e-9)}  # the fraction's count steps up here
+    return [item for i, item in enumerate(items) if i in held]
 
 
 def _drop_if_unused(out: Path, created: Path, failed: bool) -> bool:
