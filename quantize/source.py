@@ -89,6 +89,34 @@ def _check_dimension_limits(values: Mapping[str, object], where: Callable[[str],
                              "(a damaged file?)")
 
 
+# the fewest bytes a weight file stores a parameter in: GGUF's 2-bit quantizations take ~0.32, checkpoints 1-4
+_MIN_BYTES_PER_PARAMETER = 0.25
+
+
+def _declared_parameters(values: Mapping[str, object]) -> int:
+    """The parameters the dimensions in ``values`` (by transformers' config names) make at least: the embedding table
+    and each layer's projections (norms and biases left out)."""
+    def dim(name: str) -> int:
+        value = values.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    hidden, heads = dim("hidden_size"), dim("num_attention_heads")
+    kv_heads = dim("num_key_value_heads") or heads
+    head_dim = dim("head_dim") or (hidden // heads if heads else 0)
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q and o, k and v
+    return dim("vocab_size") * hidden + dim("num_hidden_layers") * (attention + 3 * hidden * dim("intermediate_size"))
+
+
+def _check_weight_bytes(values: Mapping[str, object], weight_bytes: int, where: str) -> None:
+    """Refuse dimensions far larger than the weights stored: transformers fills a missing weight with random numbers
+    at the size the config declares, before a missing weight can be seen (a 296-byte config.json beside a 16 KB
+    checkpoint passed 5 GB of memory on its way to 17 GB)."""
+    declared = _declared_parameters(values)
+    if declared * _MIN_BYTES_PER_PARAMETER > weight_bytes:
+        raise BuildError(f"{where} declares a model of at least {declared:,} parameters, but its weights take "
+                         f"{weight_bytes:,} bytes (a damaged or incomplete model?)")
+
+
 # GGUF value types, by the number the format gives them
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _GGUF_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -289,11 +317,11 @@ def _check_gguf_dimensions(path: Path, header: _GGUFHeader) -> None:
 
     _check_dimension_limits(values, where)
     blocks = header.ints.get(f"{arch}.block_count")
-    if blocks is None or header.blocks == set(range(blocks)):
-        return
-    found = (f"tensors for {len(header.blocks)} block(s), blk.{min(header.blocks)} to blk.{max(header.blocks)}"
-             if header.blocks else "no blk.N tensors")
-    raise BuildError(f"{path}: {arch}.block_count is {blocks} but the file has {found} (a damaged header?)")
+    if blocks is not None and header.blocks != set(range(blocks)):
+        found = (f"tensors for {len(header.blocks)} block(s), blk.{min(header.blocks)} to blk.{max(header.blocks)}"
+                 if header.blocks else "no blk.N tensors")
+        raise BuildError(f"{path}: {arch}.block_count is {blocks} but the file has {found} (a damaged header?)")
+    _check_weight_bytes(values, path.stat().st_size, str(path))
 
 
 # the GGUF metadata load_source reads itself (the rest is transformers'); None for a key the file does not have
@@ -331,6 +359,8 @@ def _check_gguf(path: Path) -> dict[str, Any]:
 
 
 
+# the files a Hugging Face checkpoint keeps its weights in
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 # what transformers can build the fast tokenizer a bundle stores from
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -383,6 +413,8 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
             raise UnsupportedModelError(f"{path / 'config.json'}: model_type {arch!r} is not supported (supported: "
                                         f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
         _check_dimension_limits(cfg, lambda name: f"{path / 'config.json'}: {name}")
+        weights = [f for f in path.iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file()]
+        _check_weight_bytes(cfg, sum(f.stat().st_size for f in weights), str(path / "config.json"))
         if not any((path / name).is_file() for name in _TOKENIZER_FILES):
             # transformers would fail deep inside, with an AttributeError on a missing file name
             raise BuildError(f"{path} has no tokenizer ({', '.join(_TOKENIZER_FILES)}: none found)")

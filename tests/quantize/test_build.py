@@ -523,7 +523,12 @@ def test_a_model_directory_transformers_cannot_read_is_a_one_line_error(tiny_mod
     damaged = tmp_path / "damaged"
     shutil.copytree(tiny_model_dirs("llama"), damaged)
     weights = next(damaged.glob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes()[:40])  # truncated: safetensors raises its own error type
+    data = weights.read_bytes()
+    weights.write_bytes(b"\xff" * 8 + data[8:])  # a header length past the file: safetensors raises its own error
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dirs("llama"), truncated)
+    weights = next(truncated.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:40])  # refused before transformers reads it (its weights are missing)
     # a weight missing from the checkpoint: transformers would fill it with random numbers, and the quality
     # gate compares with that same random model
     incomplete = tmp_path / "incomplete"
@@ -535,6 +540,7 @@ def test_a_model_directory_transformers_cannot_read_is_a_one_line_error(tiny_mod
     del tensors[next(k for k in tensors if k.endswith("mlp.down_proj.weight"))]
     save_file(tensors, weights, metadata={"format": "pt"})
     for src, message in ((no_tokenizer, "has no tokenizer"), (damaged, "transformers could not load"),
+                         (truncated, "but its weights take 40 bytes"),
                          (incomplete, "is incomplete: 1 weight(s) missing (model.layers.")):
         assert main(["quantize", str(src), "--out", str(tmp_path / "out"), "--precision", "fp32"]) == 1
         err = capsys.readouterr().err
@@ -750,6 +756,19 @@ def test_a_head_dim_onnxruntime_cannot_run_is_refused_before_the_build(tmp_path)
     with pytest.raises(UnsupportedModelError, match="the model's head_dim is 24: .* a multiple of 16"):
         load_source(_tiny_source(tmp_path / "odd24", "LlamaConfig", head_dim=24))
 
+
+def test_dimensions_far_past_the_stored_weights_are_refused_before_the_model_loads(tmp_path):
+    # QA III: transformers filled the missing weights with random numbers at the declared size before a missing
+    # weight could be seen: a 296-byte config.json beside a 16 KB checkpoint passed 5 GB of memory
+    from quantize.source import load_source
+
+    src = _tiny_source(tmp_path / "big", "LlamaConfig")
+    config = json.loads((src / "config.json").read_text())
+    config.update(hidden_size=4096, intermediate_size=16384, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128)
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BuildError, match=r"declares a model of at least [\d,]+ parameters, but its weights take"):
+        load_source(src)
 
 @pytest.mark.parametrize("field", ["attention_bias", "mlp_bias"])
 def test_llama_biases_the_graph_has_no_place_for_are_refused_naming_the_field(tmp_path, field):

