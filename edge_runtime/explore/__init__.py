@@ -446,9 +446,12 @@ def explore(
             try:
                 with _daemon(config, out) as url:
                     live = validate_live(url, held)
-            except BaseException:
-                # the replay's report and tables stay beside its recommendations (only recommended.toml was left)
-                write_outputs(None)
+            except BaseException as err:
+                # the replay's report and tables stay beside its recommendations (only recommended.toml was left),
+                # and the report says the check did not happen
+                why = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
+                write_outputs({"summary": f"**The live check failed** ({why}): the recommendation above was not "
+                                          "checked live."})
                 raise
             pred = checked["point"].overall
             acc_ok, acc_margin = agreement(pred["accuracy"], live["accuracy"], live["n"], len(items))

@@ -465,6 +465,7 @@ def test_explore_checks_the_first_goal_met_reports_every_goal_and_drops_stale_fi
                 prompt_lookup=3)
     assert all((out / name).exists() for name in ("recommended.toml", "report.md", "points.csv", "frontier.csv"))
     assert "Live run of" not in (out / "report.md").read_text()
+    assert "**The live check failed** (RuntimeError: the daemon did not start)" in (out / "report.md").read_text()
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="cannot write to the output directory"):
         explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")),
