@@ -108,13 +108,10 @@ def _is_section(tp: Any) -> bool:
 def _inline_value(text: str, what: str, field: str) -> Any:
     """A table or array written in an environment variable or a flag: JSON, or TOML's inline form."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    except RecursionError:
-        raise ConfigError(f"expected {what}: nested too deeply", field=field) from None
-    try:
-        return tomllib.loads(f"value = {text}")["value"]
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return tomllib.loads(f"value = {text}")["value"]
     except RecursionError:
         raise ConfigError(f"expected {what}: nested too deeply", field=field) from None
     except tomllib.TOMLDecodeError as err:

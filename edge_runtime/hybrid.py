@@ -325,8 +325,8 @@ class _LocalPace:
                 if chunk.result is not None and first_s is not None:
                     # the tokens it prefilled: a prompt mostly read from the KV cache (a shared system prompt, a
                     # chat's history) made prefill look 6x faster, and cloud-first fallbacks missed their deadline
-                    cached = getattr(getattr(chunk.result, "usage", None), "cached_prompt_tokens", 0) or 0
-                    self.record(prompt_tokens - cached, first_s, time.monotonic() - t0, len(chunk.result.token_ids))
+                    prefilled = prompt_tokens - chunk.result.usage.cached_prompt_tokens
+                    self.record(prefilled, first_s, time.monotonic() - t0, len(chunk.result.token_ids))
                 yield chunk
         finally:
             close = getattr(stream, "close", None)

@@ -252,9 +252,8 @@ class Engine:
             # the model's vocabulary read zeros from its embedding, and the answers were silent garbage
             n_tokens = self.tokenizer.get_vocab_size(with_added_tokens=False)  # (with them: 15 ms more)
             if not 0 < n_tokens <= self.model.vocab_size:
-                counted = f"{n_tokens} tokens, more than the model's" if n_tokens else "no tokens, for a"
-                raise BundleError(f"{self.manifest.tokenizer_file} has {counted} vocabulary of {self.model.vocab_size} "
-                                  "(manifest model.vocab_size): not this model's tokenizer")
+                raise self._foreign_tokenizer(f"has {n_tokens} tokens, more than the model's vocabulary" if n_tokens
+                                              else "has no tokens")
             self.context_length = self.model.context_length
             self.max_sessions = max_sessions
             self._cache_tokens = cache_tokens
@@ -269,9 +268,8 @@ class Engine:
             # control tokens are read from this table, not encoded, so the check where ids are made does not see them
             far = [(t, i) for t, i in self._specials.items() if i >= self.model.vocab_size]
             if far:
-                raise BundleError(f"{self.manifest.tokenizer_file} gives the control token {far[0][0]!r} the id "
-                                  f"{far[0][1]}, past the model's vocabulary of {self.model.vocab_size} (manifest "
-                                  "model.vocab_size): not this model's tokenizer")
+                raise self._foreign_tokenizer(f"gives the control token {far[0][0]!r} the id {far[0][1]}, past the "
+                                              "model's vocabulary")
             self.load_ms = (time.perf_counter() - t0) * 1000.0
         self._closed = False
 
@@ -428,10 +426,13 @@ class Engine:
         if ids and max(ids) >= self.model.vocab_size:
             # a tokenizer whose ids reach past the embedding table (its count fits: checked at load), which would
             # read zeros there and answer garbage; finding the largest id at load costs 50-190 ms
-            raise BundleError(f"{self.manifest.tokenizer_file} gave the token id {max(ids)}, past the model's "
-                              f"vocabulary of {self.model.vocab_size} (manifest model.vocab_size): not this model's "
-                              "tokenizer")
+            raise self._foreign_tokenizer(f"gave the token id {max(ids)}, past the model's vocabulary")
         return ids
+
+    def _foreign_tokenizer(self, says: str) -> BundleError:
+        """The error for a tokenizer that is not this model's (another model's, its hash re-made); ``says`` how."""
+        return BundleError(f"{self.manifest.tokenizer_file} {says} (manifest model.vocab_size = "
+                           f"{self.model.vocab_size}): not this model's tokenizer")
 
     def count_tokens(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> int:
         """How many tokens :meth:`encode` gives (the prompt's share of the context window)."""

@@ -166,13 +166,18 @@ def test_a_dead_bridge_fails_fast_and_then_the_circuit_skips_it(start_bridge, ma
         next(client.stream(HI))
 
 
-def test_half_open_lets_one_probe_through_and_success_closes_the_circuit(start_bridge, make_client):
-    flaky = FlakyBackend(failures=2)
+def _circuit_before_a_flaky_bridge(start_bridge, make_client, failures: int):
+    """(backend failing its first ``failures`` calls, a client whose circuit opens after as many, its fake clock)."""
+    flaky = FlakyBackend(failures=failures)
     bridge = start_bridge(backends={"flaky": flaky}, models={})
     fake = FakeTime()
-    client = make_client(
-        bridge, max_attempts=1, circuit_failure_threshold=2, circuit_cooldown_s=30, clock=fake.clock, sleep=fake.sleep
-    )
+    client = make_client(bridge, max_attempts=1, circuit_failure_threshold=failures, circuit_cooldown_s=30,
+                         clock=fake.clock, sleep=fake.sleep)
+    return flaky, client, fake
+
+
+def test_half_open_lets_one_probe_through_and_success_closes_the_circuit(start_bridge, make_client):
+    flaky, client, fake = _circuit_before_a_flaky_bridge(start_bridge, make_client, failures=2)
     for _ in range(2):
         with pytest.raises(CloudUnavailableError):
             client.generate(HI)
@@ -190,12 +195,7 @@ def test_half_open_lets_one_probe_through_and_success_closes_the_circuit(start_b
 
 
 def test_a_call_refused_for_its_timeout_leaves_a_half_open_circuit_to_the_next_call(start_bridge, make_client):
-    flaky = FlakyBackend(failures=1)
-    bridge = start_bridge(backends={"flaky": flaky}, models={})
-    fake = FakeTime()
-    client = make_client(
-        bridge, max_attempts=1, circuit_failure_threshold=1, circuit_cooldown_s=30, clock=fake.clock, sleep=fake.sleep
-    )
+    flaky, client, fake = _circuit_before_a_flaky_bridge(start_bridge, make_client, failures=1)
     with pytest.raises(CloudUnavailableError):
         client.generate(HI)
     fake.now += 30
@@ -207,6 +207,7 @@ def test_a_call_refused_for_its_timeout_leaves_a_half_open_circuit_to_the_next_c
         next(client.stream(HI, timeout_s=float("nan")))
     assert client.generate(HI).text == "fine"  # the probe
     assert client.circuit.state == "closed" and flaky.calls == 2
+
 
 def test_circuit_breaker_states():
     fake = FakeTime()
