@@ -98,6 +98,72 @@ def _next_term(question: str, text: str) -> str | None:
     return found.group(1) if found else None
 
 
+_WORDS = re.compile(r"[a-z]+|\d+(?:[.,]\d+)*")
+# a "?" standing for the number asked ("64 / 8 = ?", "-40 degrees Celsius is ? degrees Fahrenheit")
+_PLACEHOLDER = re.compile(r"(?:^|[\s=])\?(?=\s|$|[.,;:!])")
+# the reason after an answer: "48 inches because 1 foot = 12 inches", "13 stamps, since 6 + 10 = 16", "Check: 7 - 6 = 1"
+_JUSTIFICATION = re.compile(r"\b(?:because|since|given\s+that|check\s*:)", re.IGNORECASE)
+# an equation's left side: arithmetic up to its "=" ("37 + 48 =", "(6 × 7) =")
+_LEFT_SIDE = re.compile(rf"{_OPERATION}+$", re.IGNORECASE)
+_CHAIN = re.compile(rf"(?:{_OPERATION}|=)*", re.IGNORECASE)
+
+
+def _restates(sentence: str, question: str) -> bool:
+    """Whether ``sentence`` copies the question around a number: all of it, three words or more ("Jack
+    has 6 cookies."), or five words or more in a row ("The bakery packs the rest into boxes of 8."). A
+    shorter copy still answers: "He has 6 cookies." (the question: "Jack has 6 cookies. He buys ...")."""
+    words = _WORDS.findall(sentence.lower())[:200]
+    asked = _WORDS.findall(question.lower())[:400]
+    longest = 0
+    run = [0] * (len(asked) + 1)  # run[j + 1]: copied words ending at words[i] and asked[j]
+    has_number = [False] * (len(asked) + 1)
+    for w in words:
+        for j in range(len(asked) - 1, -1, -1):
+            if asked[j] == w:
+                run[j + 1], has_number[j + 1] = run[j] + 1, has_number[j] or w[0].isdigit()
+                if has_number[j + 1]:
+                    longest = max(longest, run[j + 1])
+            else:
+                run[j + 1], has_number[j + 1] = 0, False
+    return longest >= 5 or (longest == len(words) >= 3)
+
+
+def _in_order(values: list, within: list) -> bool:
+    """``values`` appear in ``within`` in the same order (not necessarily next to each other)."""
+    rest = iter(within)
+    return all(any(v == w for w in rest) for v in values)
+
+
+def _echoes(text: str, question: str, asked_in_order: list) -> bool:
+    """A reply holding only the question's numbers that just restates it: two or more of them in the
+    question's order ("What is 6 - 3?", "I can't compute 81 / 9."), a "?" where the answer would be
+    ("64 / 8 = ?"), or a sentence copied from the question ("The bakery ... into boxes of 8.")."""
+    values = [parse_number(n) for n in _numbers(text)]
+    if len(values) >= 2 and _in_order(values, asked_in_order):
+        return True
+    if _PLACEHOLDER.search(text):
+        return True
+    return any(_numbers(s) and _restates(s, question) for s in _SENTENCE_END.split(text.strip()))
+
+
+def _operands_result(text: str, asked_in_order: list) -> str | None:
+    """The result of the last equation whose left side is the question's own arithmetic: "1 + 6 = 7, and
+    7 - 1 = 6" answers "What is 1 + 6?" with 7; the later equation checks it."""
+    if len(asked_in_order) < 2:
+        return None
+    found = None
+    for eq in re.finditer("=", text):
+        left = _LEFT_SIDE.search(text[max(0, eq.start() - 120):eq.start()])  # bounded: a search ending at $ rescans
+        if left is None or [parse_number(n) for n in _numbers(left.group(0))] != asked_in_order:
+            continue
+        # to the end of the chain: "16 + 12 × 12 = 12 × 12 = 160" gives 160, not the 12 after the first "="
+        chain = _CHAIN.match(text, eq.end()).group(0)
+        result = _numbers(chain[chain.rfind("=") + 1:])
+        if len(result) == 1:
+            found = result[0]
+    return found
+
+
 def extract_number(reply: str, question: str | None = None) -> tuple[str | None, str | None]:
     """The number a reply gives as its answer.
 
@@ -113,8 +179,11 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
     question ("Jack has 6 cookies.") is a premise when a new number follows;
     and the last-number rule skips the question's numbers, so a reply that
     restates it after answering ("There are 84 inches in 7 feet.") is read as
-    84, not 7. A reply holding only the question's numbers still gives its last
-    one.
+    84, not 7. A reply holding only the question's numbers gives its last one,
+    unless it only restates the question (see :func:`_echoes`). An equation
+    whose left side is the question's arithmetic gives its result ("1 + 6 = 7,
+    and 7 - 1 = 6" -> 7), and a reason after a stated answer is not read for it
+    ("48 inches, since 1 foot = 12 inches" -> 48).
     """
     text = _SIGN_WORD.sub("-", reply.translate(_MINUS_SIGNS))
     if len(_LIST_MARKER.findall(text)) >= 2:  # "1. 20\n2. 20": list numbers are not answers
@@ -141,7 +210,8 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
         if nums:
             return nums[0], None
     question = _SIGN_WORD.sub("-", question.translate(_MINUS_SIGNS)) if question else ""
-    asked = {parse_number(n) for n in _numbers(question)}
+    asked_in_order = [parse_number(n) for n in _numbers(question)]
+    asked = set(asked_in_order)
     following = _next_term(question, text)
     if following is not None:
         return following, None
@@ -151,10 +221,20 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
     if len(nums) == 1 and len(first.split()) <= 4:  # "85.", "85 apples", "So, 85."
         # "Jack has 6 cookies. He gives 5 away, so he has 1 left.": a first sentence restating
         # the question's number is a premise when the reply goes on to a number of its own
-        premise = parse_number(nums[0]) in asked and any(
-            parse_number(n) not in asked for n in _numbers(stripped[len(first):]))
+        # ... and so is one copied from the question ("Jack has 6 cookies." when Jack still has 6 is no answer)
+        premise = parse_number(nums[0]) in asked and (any(
+            parse_number(n) not in asked for n in _numbers(stripped[len(first):])) or _restates(first, question))
         if not premise:
             return nums[0], None
+    result = _operands_result(text, asked_in_order)
+    if result is not None:
+        return result, None
+    # a reason given after the answer is not read for it when it holds an equation ("4 feet is 48 inches
+    # because 1 foot = 12 inches"): the "=" rule below would take the reason's 12
+    reason = _JUSTIFICATION.search(text)
+    if reason and "=" in text[reason.end():] and any(
+            parse_number(n) not in asked for n in _numbers(text[:reason.start()])):
+        text = text[:reason.start()]
     # an aside in parentheses works the answer out or checks it ("85 (since 85 - 37 = 48)"): read the reply
     # without it, unless that leaves no number
     plain = _PARENTHESES.sub(" ", text)
@@ -167,7 +247,11 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
     nums = _numbers(text)
     if nums:
         fresh = [n for n in nums if parse_number(n) not in asked]
-        return (fresh or nums)[-1], None
+        if fresh:
+            return fresh[-1], None
+        if question and _echoes(text, question, asked_in_order):
+            return None, "the reply only restates the question"
+        return nums[-1], None
     words = _number_words(text)
     if words:
         return str(words[-1]), None
@@ -192,8 +276,8 @@ _NEGATIONS = {"not", "never", "isn", "aren", "wasn", "weren", "t"}  # "isn't" re
 _YES_NO_IS = re.compile(r"\banswer\s*(?:is|:)\s*:?\s*\W*(yes|no)\b", re.IGNORECASE)
 
 
-# "Is 151 divisible by 6? ...": the subject (one token) and the predicate asked about
-_YES_NO_QUESTION = re.compile(r"^\s*(?:is|are)\s+(\S+)\s+([^?]+?)\s*\?", re.IGNORECASE)
+# "Is 151 divisible by 6? ...": the subject and the predicate asked about
+_YES_NO_QUESTION = re.compile(r"^\s*(?:is|are)\s+([^?]+?)\s*\?", re.IGNORECASE)
 _NOT_BEFORE = re.compile(r"(?:\bnot|\bnever|n't)\s+$", re.IGNORECASE)
 
 
@@ -208,10 +292,28 @@ def _restated(reply: str, question: str) -> str | None:
     m = _YES_NO_QUESTION.match(question)
     if not m:
         return None
-    subject, predicate = m.group(1).lower(), " ".join(m.group(2).lower().split())
+    # numbers compare without their thousands commas ("Is 4,552 even?" / "4552 is an even number.")
+    words = re.sub(r"(?<=\d),(?=\d{3}\b)", "", m.group(1).lower()).split()
     first = " ".join(_SENTENCE_END.split(reply.strip(), maxsplit=1)[0].lower().split())
-    # the question's subject, or a pronoun for it ("It is not a prime number.")
-    start = next((len(s) for s in (subject, "it", "this", "that", "the number") if first.startswith(s + " ")), None)
+    first = re.sub(r"(?<=\d),(?=\d{3}\b)", "", first)
+    # the subject is the question's first words ("151", "9 * 11"), said again or as a pronoun ("It is not
+    # prime."); the rest, two words or more past a one-word subject, is the predicate
+    for n in range(1, len(words)):
+        subject, predicate = " ".join(words[:n]), " ".join(words[n:])
+        if n > 1 and len(words) - n < 2:
+            break
+        # a pronoun stands for a one-word subject or an expression ("It is equal to 99."), not for
+        # "151 divisible" with "by 6" as the claim
+        said = _said_again(first, subject, predicate, pronouns=n == 1 or not re.search(r"[a-z]", subject))
+        if said is not None:
+            return said
+    return None
+
+
+def _said_again(first: str, subject: str, predicate: str, *, pronouns: bool) -> str | None:
+    """``"yes"``/``"no"`` when the sentence ``first`` claims ``predicate`` of ``subject``, affirmed or negated."""
+    names = (subject, "it", "this", "that", "the number") if pronouns else (subject,)
+    start = next((len(s) for s in names if first.startswith(s + " ")), None)
     if start is None:
         return None
     # the predicate as asked or said shorter: "a prime number" is also "prime", "an even number" "even"
@@ -320,26 +422,49 @@ def _clause(text: str) -> str:
     return (text[: m.start()] if m else text).strip()
 
 
-def text_candidates(reply: str, *, max_words: int = 6) -> list[str]:
+_TEXT_BOXED = re.compile(r"\\boxed\{(?:\\text\{)?([^{}]*)\}")
+_SPELT = re.compile(r"[^\W\d_](?:\s*[,\s-]\s*[^\W\d_])+")  # "N, L, S, I", "n-l-s-i"
+_LIST_ITEM_BREAK = re.compile(r"\s*(?:[,;&]|\band\b|\bor\b)\s*", re.IGNORECASE)
+
+
+def _lists_the_question(phrase: str, question: str | None) -> bool:
+    """Whether ``phrase`` is two or more of the question's quoted words and nothing else: the words
+    echoed ("saddle, stone, snake" for 'Which comes first: "saddle", "stone", "snake"?'), or listed
+    in another order, which names no one answer either."""
+    if not question:
+        return False
+    quoted = {normalize_text(next(g for g in m.groups() if g)) for m in _QUOTED.finditer(question)}
+    items = [normalize_text(i) for i in _LIST_ITEM_BREAK.split(phrase.rstrip(".!?"))]
+    items = [i for i in items if i]
+    return len(items) >= 2 and all(i in quoted for i in items)
+
+
+def text_candidates(reply: str, *, max_words: int = 6, question: str | None = None) -> list[str]:
     """Short phrases a reply could be giving as its answer, most likely first.
 
-    In order: what follows "the answer is" anywhere; from the first sentence,
-    the one quoted phrase if there is exactly one ('The word "cup" comes
-    first'), what follows its last "is/are/was/wrote" ("The capital of France
-    is Paris"), its first clause ("Paris, France"), what precedes its first
-    "is/wrote" ("Paris is the capital of France"), what follows its last
-    "of/in/for/..." ("... the capital of France"), and the sentence itself.
-    Phrases longer than ``max_words`` words are dropped.
+    In order: a LaTeX ``\\boxed{}``; what follows "the answer is" anywhere; from
+    the first sentence, the one quoted phrase if there is exactly one ('The
+    word "cup" comes first'), what follows its last "is/are/was/wrote" ("The
+    capital of France is Paris"), its first clause ("Paris, France"), what
+    follows the verb in the whole sentence when it spells letters ("The
+    letters are N, L, S, I"),
+    what precedes its first "is/wrote" ("Paris is the capital of France"), what
+    follows its last "of/in/for/..." ("... the capital of France"), and the
+    sentence itself. Phrases longer than ``max_words`` words are dropped. With
+    the ``question``, a first sentence that only lists the question's quoted
+    words gives no answer, as one listing alternatives ("Paris or Rome") does.
     """
     text = reply.strip()
-    out: list[str] = []
+    out: list[str] = [m.group(1) for m in _TEXT_BOXED.finditer(text)][-1:]
     for m in _ANSWER_IS.finditer(text):
         out.append(_clause(text[m.end():]))
     sentences = _SENTENCE_END.split(text) if text else [""]
     while len(sentences) > 1 and _FILLER.match(sentences[0].strip()):
         sentences = sentences[1:]
     first = _PREFIX.sub("", sentences[0].strip()).strip()
-    if _alternatives(first.rstrip(".!?")):
+    verb_parts = _COPULA.split(" " + first + " ")
+    if _alternatives(first.rstrip(".!?")) or any(
+            _lists_the_question(p, question) for p in (first, verb_parts[-1], first.rpartition(":")[2])):
         return [c for c in out if c]  # only an "answer is" elsewhere can still say which
     quoted = [next(g for g in m.groups() if g) for m in _QUOTED.finditer(first)]
     if len(quoted) == 1:
@@ -352,6 +477,9 @@ def text_candidates(reply: str, *, max_words: int = 6) -> list[str]:
     if len(parts) > 1 and not negated:
         out.append(after)
     out.append(first_clause)
+    spelt = verb_parts[-1].strip().rstrip(".!?")
+    if len(verb_parts) > 1 and _SPELT.fullmatch(spelt) and not any(_NEGATED.match(p) for p in verb_parts[1:]):
+        out.append(spelt)  # letters past the first clause: "The letters are N, L, S, I."
     if len(parts) > 1 and not negated:
         out.append(parts[0].strip())
     preps = _PREPOSITION.split(" " + after + " ")

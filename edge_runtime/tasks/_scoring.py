@@ -62,7 +62,7 @@ def _score_yes_no(reply: str, answers: Sequence[str], question: str | None = Non
 
 def _text_scorer(case_sensitive: bool) -> Scorer:
     def scorer(reply: str, answers: Sequence[str], question: str | None = None) -> Score:
-        candidates = text_candidates(reply)
+        candidates = text_candidates(reply, question=question)
         if not candidates:
             return Score(False, None, "no short answer in the reply" if reply.strip() else "empty reply")
         accepted = {normalize_text(a, case_sensitive=case_sensitive) for a in answers}

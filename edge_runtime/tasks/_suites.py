@@ -179,6 +179,17 @@ def _read_jsonl(path: Path) -> list[TaskItem]:
     return items
 
 
+class _FloatLiteral(float):
+    """A JSON number with a fraction or exponent, remembering how it was written."""
+
+    literal: str
+
+    def __new__(cls, literal: str) -> "_FloatLiteral":
+        value = super().__new__(cls, literal)
+        value.literal = literal
+        return value
+
+
 def _parse_line(path: Path, lineno: int, line: str) -> TaskItem:
     def fail(field: str | None, message: str) -> TaskSuiteError:
         where = f"{path}, line {lineno}" + (f", field {field!r}" if field else "")
@@ -195,7 +206,7 @@ def _parse_line(path: Path, lineno: int, line: str) -> TaskItem:
         raise fail(None, f"{name} is not a value JSON has")
 
     try:
-        obj = json.loads(line, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+        obj = json.loads(line, object_pairs_hook=no_duplicates, parse_constant=no_constant, parse_float=_FloatLiteral)
     except json.JSONDecodeError as err:
         raise fail(None, f"not valid JSON ({err.msg} at column {err.colno})") from err
     if not isinstance(obj, Mapping):
@@ -226,7 +237,8 @@ def _parse_line(path: Path, lineno: int, line: str) -> TaskItem:
         raise fail("answers", "must be a non-empty list of strings")
     if any(isinstance(a, bool) or not isinstance(a, (str, int, float)) for a in answers):
         raise fail("answers", "must be a non-empty list of strings")
-    answers = [a if isinstance(a, str) else str(a) for a in answers]
+    # an answer written as a JSON number keeps its digits: 12345678901234567890.0 is not 1.2345678901234567e+19
+    answers = [a.literal if isinstance(a, _FloatLiteral) else a if isinstance(a, str) else str(a) for a in answers]
     problem = check_answers(obj["scorer"], answers)
     if not problem and not any(a.strip() for a in answers):
         problem = "no answer can be matched: every one is blank"

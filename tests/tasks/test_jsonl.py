@@ -45,6 +45,17 @@ def test_explicit_split_features_and_numeric_answers(tmp_path):
     assert load_suite(write(tmp_path, row), "dev") == []
 
 
+def test_a_number_answer_keeps_the_digits_it_was_written_with(tmp_path):
+    # a JSON float is a binary double: 12345678901234567890.0 read as 1.2345678901234567e+19 matched no reply
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"id": "a", "family": "f", "messages": [{"role": "user", "content": "Q?"}], "scorer": "number", '
+                    '"answers": [12345678901234567890.0, 1.5e3], "features": {"weight": 0.5}}\n')
+    item = load_suite(str(path), "all")[0]
+    assert item.answers == ("12345678901234567890.0", "1.5e3") and item.features["weight"] == 0.5
+    assert score(item, "12345678901234567890").correct and score(item, "1500").correct
+    assert not score(item, "12345678901234567000").correct
+
+
 @pytest.mark.parametrize(
     "row, line, field, message",
     [

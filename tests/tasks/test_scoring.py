@@ -87,7 +87,7 @@ def test_the_question_numbers_are_not_taken_for_the_answer(reply, extracted):
         ("The sequence continues: 22, 13, 4, -5, -14, -23, -32.",
          "What number comes next in the sequence 22, 13, 4, -5, -14, ...?", "-23"),
         ("The sequence is 9, 16, 23, 30, 37, which is a Fibonacci sequence.",
-         "What number comes next in the sequence 9, 16, 23, 30, 37, ...?", "37"),  # no term after the repeat
+         "What number comes next in the sequence 9, 16, 23, 30, 37, ...?", None),  # only the question's terms
         ("The answer is 44. The sequence: 9, 16, 23, 30, 37, 44.",
          "What number comes next in the sequence 9, 16, 23, 30, 37, ...?", "44"),
     ],
@@ -295,3 +295,75 @@ def test_a_failing_scorer_costs_one_item(monkeypatch):
 )
 def test_replies_found_by_the_scoring_audit(scorer, reply, answers, question, correct):
     assert score_text(scorer, answers, reply, question=question).correct is correct
+
+
+JACK = ("Jack has 6 cookies. He buys 5 more and then gives 5 to a friend. How many cookies does Jack have now? "
+        "Answer with just the number.")
+BAKERY = ("A bakery makes 33 muffins in the morning and 36 in the afternoon. It sells 5 of them and packs the rest "
+          "into boxes of 8. How many boxes does it fill? Answer with just the number.")
+FEET = "4 feet is how many inches? Give just the number."
+SADDLE = 'Which of these words comes first in alphabetical order: "saddle", "stone", "snake"? Answer with just the word.'
+INITIALS = ('Join the first letters of these words, in order, into one string: "night", "lemon", "squirrel", "igloo". '
+            "Answer with just the letters.")
+
+
+@pytest.mark.parametrize(
+    "scorer, reply, answers, question, extracted",
+    [
+        # a reply restating the question is no answer, even where the answer is one of its numbers
+        ("number", "I don't know how to compute 6 - 3.", ["3"], "What is 6 - 3? Answer with just the number.", None),
+        ("number", "What is 6 - 3?", ["3"], "What is 6 - 3? Answer with just the number.", None),
+        ("number", "64 / 8 = ?", ["8"], "64 / 8 = ? Give only the number.", None),
+        ("number", "Jack has 6 cookies.", ["6"], JACK, None),
+        ("number", "Omar has 6 cookies. He buys 5 more and then gives 5 to a friend.".replace("Omar", "Jack"),
+         ["6"], JACK, None),
+        ("number", "The bakery packs the rest into boxes of 8.", ["8"], BAKERY, None),
+        ("number", "-40 degrees Celsius is equal to ? degrees Fahrenheit.", ["-40"],
+         "What is -40 degrees Celsius in degrees Fahrenheit? Answer with just the number.", None),
+        # ... while an answer that happens to be one of them is still read
+        ("number", "3", ["3"], "What is 6 - 3? Answer with just the number.", "3"),
+        ("number", "The difference between 6 and 3 is 3.", ["3"], "What is 6 - 3? Answer with just the number.", "3"),
+        ("number", "He has 6 cookies.", ["6"], JACK, "6"),
+        ("number", "Jack has 6 cookies now.", ["6"], JACK, "6"),
+        ("number", "It fills 8 boxes.", ["8"], BAKERY, "8"),
+        ("number", "7 feet, that is 7 feet.", ["84"], "How many inches are in 7 feet?", "7"),
+        # a reason after the answer does not replace it with its own equation
+        ("number", "4 feet is 48 inches because 1 foot = 12 inches.", ["48"], FEET, "48"),
+        ("number", "There are 48 inches in 4 feet, since 1 foot = 12 inches.", ["48"], FEET, "48"),
+        ("number", "4 feet is 48 inches. This is because 1 foot = 12 inches.", ["48"], FEET, "48"),
+        ("number", "Since 1 foot = 12 inches, 4 feet = 48 inches.", ["48"], FEET, "48"),
+        ("number", "To convert 4 feet, since 1 foot = 12 inches, multiply: 4 × 12 = 48", ["48"], FEET, "48"),
+        ("number", "Lena now has 13 stamps, since 6 + 10 = 16 and gave away 3.", ["13"],
+         "Lena has 6 stamps. She buys 10 more and then gives 3 to a friend. How many stamps does Lena have now?", "13"),
+        ("number", "She had 40, since she sold 12 she has 28 left.", ["28"], "She had 40 and sold 12. How many left?",
+         "28"),
+        # the question's own arithmetic, worked to the end of its chain; a check after it is not the answer
+        ("number", "1 + 6 = 7, and 7 - 1 = 6.", ["7"], "What is 1 + 6?", "7"),
+        ("number", "1 + 6 = 7. Check: 7 - 6 = 1.", ["7"], "What is 1 + 6?", "7"),
+        ("number", "16 + 12 × 12 = 12 × 12 = 160", ["160"], "What is 16 + 12 × 12?", "160"),
+        ("number", "10 + 6 × 7 = 10 + 18 + 7 = 21\n\nThe answer is correct.", ["52"], "What is 10 + 6 × 7?", "21"),
+        # a list of the question's words names no one of them; spelt letters are read whole
+        ("text", '"saddle", "stone", "snake"', ["saddle"], SADDLE, None),
+        ("text", 'The words are "saddle", "stone", "snake".', ["saddle"], SADDLE, None),
+        ("text", "In alphabetical order: saddle, snake, stone.", ["saddle"], SADDLE, None),
+        ("text", "night, lemon, igloo", ["nlsi"], INITIALS, None),
+        ("text", 'The word that comes first is "saddle".', ["saddle"], SADDLE, "saddle"),
+        ("text", "The letters are N, L, S, I.", ["nlsi"], INITIALS, "N, L, S, I"),
+        ("text", "Paris, France", ["Paris"], "What is the capital of France?", "Paris"),
+        ("text", r"The final answer is $\boxed{\text{Paris}}$.", ["Paris"], None, "Paris"),
+        # a yes/no claim restated about an expression, or a number written with its commas
+        ("yesno", "9 * 11 is equal to 99.", ["yes"], "Is 9 * 11 equal to 99? Answer yes or no.", "yes"),
+        ("yesno", "It is equal to 99.", ["yes"], "Is 9 * 11 equal to 99? Answer yes or no.", "yes"),
+        ("yesno", "362 + 221 is not greater than 606.", ["no"], "Is 362 + 221 greater than 606? Answer yes or no.",
+         "no"),
+        ("yesno", "4552 is an even number.", ["yes"], "Is 4,552 an even number? Answer yes or no.", "yes"),
+        ("yesno", "It is not divisible.", ["no"], "Is 151 divisible by 6? Answer yes or no.", None),
+    ],
+)
+def test_replies_found_by_the_second_scoring_audit(scorer, reply, answers, question, extracted):
+    s = score_text(scorer, answers, reply, question=question)
+    assert s.extracted == extracted
+    if extracted is None:
+        assert not s.correct and s.parse_error
+    else:  # right exactly when what was read, given alone, is
+        assert s.correct is score_text(scorer, answers, extracted).correct
