@@ -103,9 +103,10 @@ _WORDS = re.compile(r"[a-z]+|\d+(?:[.,]\d+)*")
 _PLACEHOLDER = re.compile(r"(?:^|[\s=])\?(?=\s|$|[.,;:!])")
 # the reason after an answer: "48 inches because 1 foot = 12 inches", "13 stamps, since 6 + 10 = 16", "Check: 7 - 6 = 1"
 _JUSTIFICATION = re.compile(r"\b(?:because|since|given\s+that|check\s*:)", re.IGNORECASE)
-# an equation's left side: arithmetic up to its "=" ("37 + 48 =", "(6 × 7) =")
-_LEFT_SIDE = re.compile(rf"{_OPERATION}+$", re.IGNORECASE)
-_CHAIN = re.compile(rf"(?:{_OPERATION}|=)*", re.IGNORECASE)
+# an equation's left side: arithmetic up to its "=" ("37 + 48 =", "(6 × 7) ="), from the start of that
+# arithmetic (the lookbehind; atomic: no rescanning it from every place inside, which was quadratic)
+_LEFT_SIDE = re.compile(rf"(?<![\s\d.,+\-*/×÷xX^()\u2212])(?>{_OPERATION}+)=", re.IGNORECASE)
+_CHAIN = re.compile(rf"(?:(?!\n){_OPERATION}|=)*", re.IGNORECASE)  # one line: the next holds another equation
 
 
 def _restates(sentence: str, question: str) -> bool:
@@ -143,7 +144,8 @@ def _echoes(text: str, question: str, asked_in_order: list) -> bool:
         return True
     if _PLACEHOLDER.search(text):
         return True
-    return any(_numbers(s) and _restates(s, question) for s in _SENTENCE_END.split(text.strip()))
+    with_numbers = [s for s in _SENTENCE_END.split(text.strip()) if _numbers(s)]
+    return any(_restates(s, question) for s in with_numbers[:20])  # bounded: each is a quadratic comparison
 
 
 def _operands_result(text: str, asked_in_order: list) -> str | None:
@@ -151,13 +153,14 @@ def _operands_result(text: str, asked_in_order: list) -> str | None:
     7 - 1 = 6" answers "What is 1 + 6?" with 7; the later equation checks it."""
     if len(asked_in_order) < 2:
         return None
-    found = None
-    for eq in re.finditer("=", text):
-        left = _LEFT_SIDE.search(text[max(0, eq.start() - 120):eq.start()])  # bounded: a search ending at $ rescans
-        if left is None or [parse_number(n) for n in _numbers(left.group(0))] != asked_in_order:
+    found, at = None, 0
+    while (eq := _LEFT_SIDE.search(text, at)) is not None:
+        at = eq.end()
+        if [parse_number(n) for n in _numbers(eq.group(0)[:-1])] != asked_in_order:
             continue
         # to the end of the chain: "16 + 12 × 12 = 12 × 12 = 160" gives 160, not the 12 after the first "="
-        chain = _CHAIN.match(text, eq.end()).group(0)
+        chain = _CHAIN.match(text, at).group(0)
+        at += len(chain)
         result = _numbers(chain[chain.rfind("=") + 1:])
         if len(result) == 1:
             found = result[0]

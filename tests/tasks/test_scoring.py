@@ -341,6 +341,7 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
         ("number", "1 + 6 = 7, and 7 - 1 = 6.", ["7"], "What is 1 + 6?", "7"),
         ("number", "1 + 6 = 7. Check: 7 - 6 = 1.", ["7"], "What is 1 + 6?", "7"),
         ("number", "16 + 12 × 12 = 12 × 12 = 160", ["160"], "What is 16 + 12 × 12?", "160"),
+        ("number", "1 + 6 = 7\n7 × 2 = 14", ["7"], "What is 1 + 6?", "7"),
         ("number", "10 + 6 × 7 = 10 + 18 + 7 = 21\n\nThe answer is correct.", ["52"], "What is 10 + 6 × 7?", "21"),
         # a list of the question's words names no one of them; spelt letters are read whole
         ("text", '"saddle", "stone", "snake"', ["saddle"], SADDLE, None),
