@@ -16,7 +16,6 @@ import logging
 import mmap
 import numbers
 import os
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -188,7 +187,6 @@ class KVCache:
         # how many leading entries came from multi-row prefill runs (not one-row decode steps), whose
         # numbers a fresh prefill of the same tokens reproduces exactly (see Engine.run)
         self.prefilled = 0
-        self.lock = threading.Lock()
         ort = model._ort
         self._ort = ort
         self.binding = model.session.io_binding()
