@@ -8,6 +8,7 @@ functions find the answer a reader would take from such replies. Each returns
 
 from __future__ import annotations
 
+import bisect
 import re
 import unicodedata
 from decimal import Decimal, InvalidOperation
@@ -101,32 +102,38 @@ def _next_term(question: str, text: str) -> str | None:
 _WORDS = re.compile(r"[a-z]+|\d+(?:[.,]\d+)*")
 # a "?" standing for the number asked ("64 / 8 = ?", "-40 degrees Celsius is ? degrees Fahrenheit")
 _PLACEHOLDER = re.compile(r"(?:^|[\s=])\?(?=\s|$|[.,;:!])")
-# the reason after an answer: "48 inches because 1 foot = 12 inches", "13 stamps, since 6 + 10 = 16", "Check: 7 - 6 = 1"
+# a reason for an answer: "48 inches because 1 foot = 12 inches", "13 stamps, since 6 + 10 = 16", "Check: 7 - 6 = 1"
 _JUSTIFICATION = re.compile(r"\b(?:because|since|given\s+that|check\s*:)", re.IGNORECASE)
-# an equation's left side: arithmetic up to its "=" ("37 + 48 =", "(6 × 7) ="), from the start of that
-# arithmetic (the lookbehind; atomic: no rescanning it from every place inside, which was quadratic)
-_LEFT_SIDE = re.compile(rf"(?<![\s\d.,+\-*/×÷xX^()\u2212])(?>{_OPERATION}+)=", re.IGNORECASE)
-_CHAIN = re.compile(rf"(?:(?!\n){_OPERATION}|=)*", re.IGNORECASE)  # one line: the next holds another equation
+# where such a reason ends: its clause ("1,000" is a number, not a clause break)
+_REASON_END = re.compile(r"[,;:](?!\d)|\)|[.!?](?=\s|$)|\n")
+# arithmetic, as one run: an equation's left side is the run just before its "=" ("37 + 48 =", "(6 × 7) =")
+_ARITHMETIC = re.compile(rf"(?:{_OPERATION})+", re.IGNORECASE)
+# an equation and the ones it runs on into, on one line: "= 12 × 12 = 160"; a comma or a full stop ends it
+# ("2 + 7 = 9, 9 - 7 = 2": the second equation checks the first)
+_CHAIN = re.compile(rf"(?:(?![,.]\s)(?!\n){_OPERATION}|=)*", re.IGNORECASE)
 
 
-def _restates(sentence: str, question: str) -> bool:
-    """Whether ``sentence`` copies the question around a number: all of it, three words or more ("Jack
-    has 6 cookies."), or five words or more in a row ("The bakery packs the rest into boxes of 8."). A
-    shorter copy still answers: "He has 6 cookies." (the question: "Jack has 6 cookies. He buys ...")."""
-    words = _WORDS.findall(sentence.lower())[:200]
+def _restates(sentence: str, question: str, number: re.Match[str], *, min_words: int = 5) -> bool:
+    """Whether ``sentence`` copies ``min_words`` words or more of the question in a row around ``number``
+    (a match in it): "The bakery packs the rest into boxes of 8." A shorter copy answers: "Jack has 6
+    cookies." to "Jack has 6 cookies. He buys 5 more and gives 5 away. How many does he have?", where it
+    is the answer, and so does "so she has 5 dollars left" after a copied premise."""
+    tokens = list(_WORDS.finditer(sentence.lower()))[:200]
+    words = [t.group(0) for t in tokens]
+    at = next((i for i, t in enumerate(tokens) if number.start() <= t.start() < number.end()), None)
+    if at is None:
+        return False
     asked = _WORDS.findall(question.lower())[:400]
     longest = 0
-    run = [0] * (len(asked) + 1)  # run[j + 1]: copied words ending at words[i] and asked[j]
-    has_number = [False] * (len(asked) + 1)
-    for w in words:
-        for j in range(len(asked) - 1, -1, -1):
-            if asked[j] == w:
-                run[j + 1], has_number[j + 1] = run[j] + 1, has_number[j] or w[0].isdigit()
-                if has_number[j + 1]:
-                    longest = max(longest, run[j + 1])
-            else:
-                run[j + 1], has_number[j + 1] = 0, False
-    return longest >= 5 or (longest == len(words) >= 3)
+    for j in (j for j, a in enumerate(asked) if a == words[at]):
+        back = 0
+        while back < min(at, j) and words[at - back - 1] == asked[j - back - 1]:
+            back += 1
+        ahead = 0
+        while at + ahead + 1 < len(words) and j + ahead + 1 < len(asked) and words[at + ahead + 1] == asked[j + ahead + 1]:
+            ahead += 1
+        longest = max(longest, back + 1 + ahead)
+    return longest >= min_words
 
 
 def _in_order(values: list, within: list) -> bool:
@@ -136,35 +143,73 @@ def _in_order(values: list, within: list) -> bool:
 
 
 def _echoes(text: str, question: str, asked_in_order: list) -> bool:
-    """A reply holding only the question's numbers that just restates it: two or more of them in the
-    question's order ("What is 6 - 3?", "I can't compute 81 / 9."), a "?" where the answer would be
-    ("64 / 8 = ?"), or a sentence copied from the question ("The bakery ... into boxes of 8.")."""
-    values = [parse_number(n) for n in _numbers(text)]
-    if len(values) >= 2 and _in_order(values, asked_in_order):
+    """Whether the sentence holding a reply's last number, all of whose numbers are the question's, just
+    restates the question: two or more of them in the question's order ("What is 6 - 3?", "I can't
+    compute 81 / 9."), a "?" where the answer would be ("64 / 8 = ?"), or the question's words copied
+    around that number ("The bakery ... into boxes of 8."). "What is 6 - 3? It is 3." answers, and so
+    does "Jack has 6 cookies, since he bought 5 and gave 5 away." (its reason restates the question)."""
+    last = next(s for s in reversed(_SENTENCE_END.split(text.strip())) if _NUMBER.search(s))
+    reason = _JUSTIFICATION.search(last)
+    if reason and _NUMBER.search(last[:reason.start()]):
+        last = last[:reason.start()]
+    numbers = _numbers(last)
+    if 2 <= len(numbers) <= len(asked_in_order) and _in_order([parse_number(n) for n in numbers], asked_in_order):
         return True
-    if _PLACEHOLDER.search(text):
+    if _PLACEHOLDER.search(last):
         return True
-    with_numbers = [s for s in _SENTENCE_END.split(text.strip()) if _numbers(s)]
-    return any(_restates(s, question) for s in with_numbers[:20])  # bounded: each is a quadratic comparison
+    return _restates(last, question, list(_NUMBER.finditer(last))[-1])
 
 
 def _operands_result(text: str, asked_in_order: list) -> str | None:
-    """The result of the last equation whose left side is the question's own arithmetic: "1 + 6 = 7, and
-    7 - 1 = 6" answers "What is 1 + 6?" with 7; the later equation checks it."""
+    """The result of the last equation whose left side is the question's own arithmetic, worked to the end
+    of its chain ("16 + 12 × 12 = 12 × 12 = 160"), when no equation follows it or the last one starts from
+    that result: "1 + 6 = 7, and 7 - 1 = 6" answers "What is 1 + 6?" with 7 (the later equation checks it);
+    "19 + 12 * 8 = 248. Oops: 12 * 8 = 96, and 19 + 96 = 115." is left to the "=" rule (a correction)."""
     if len(asked_in_order) < 2:
         return None
-    found, at = None, 0
-    while (eq := _LEFT_SIDE.search(text, at)) is not None:
-        at = eq.end()
-        if [parse_number(n) for n in _numbers(eq.group(0)[:-1])] != asked_in_order:
+    found, found_end, last_left = None, 0, None
+    at = 0
+    # one pass: each run of arithmetic is matched once (searching back from every "=" was quadratic)
+    while (run := _ARITHMETIC.search(text, at)) is not None:
+        at = max(run.end(), at + 1)
+        if not text.startswith("=", run.end()):
             continue
-        # to the end of the chain: "16 + 12 × 12 = 12 × 12 = 160" gives 160, not the 12 after the first "="
-        chain = _CHAIN.match(text, at).group(0)
-        at += len(chain)
+        left = [parse_number(n) for n in _numbers(run.group(0))]
+        if left != asked_in_order:
+            last_left = left
+            continue
+        chain = _CHAIN.match(text, run.end()).group(0)
+        at = run.end() + len(chain)
         result = _numbers(chain[chain.rfind("=") + 1:])
-        if len(result) == 1:
-            found = result[0]
+        found, found_end, last_left = (result[0] if len(result) == 1 else None), at, None
+    if found is not None and "=" in text[found_end:] and (last_left is None or parse_number(found) not in last_left):
+        return None  # a later equation that does not start from it
     return found
+
+
+def _without_reasons(text: str, asked: set) -> str:
+    """``text`` without the reasons given for a stated answer that hold an equation ("4 feet is 48 inches
+    because 1 foot = 12 inches"): the "=" rule would take the reason's 12. Only the reason's own clause
+    goes: "Omar spends 24 dollars, since 3 × 8 = 24. His change is 50 - 24 = 26." still reads 26."""
+    # positions found once, looked up by bisection: scanning from each reason was quadratic on a looping reply
+    stops = [m.start() for m in _REASON_END.finditer(text)]
+    equals = [m.start() for m in re.finditer("=", text)]
+    fresh = [m.start() for m in _NUMBER.finditer(text) if parse_number(m.group(0)) not in asked]
+
+    def any_in(positions: list[int], lo: int, hi: int) -> bool:
+        i = bisect.bisect_left(positions, lo)
+        return i < len(positions) and positions[i] < hi
+
+    kept, at = [], 0
+    for reason in _JUSTIFICATION.finditer(text):
+        if reason.start() < at:
+            continue
+        i = bisect.bisect_left(stops, reason.end())
+        end = stops[i] if i < len(stops) else len(text)
+        if any_in(equals, reason.end(), end) and any_in(fresh, at, reason.start()):
+            kept.append(text[at:reason.start()])
+            at = end
+    return "".join(kept) + text[at:]
 
 
 def extract_number(reply: str, question: str | None = None) -> tuple[str | None, str | None]:
@@ -224,20 +269,20 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
     if len(nums) == 1 and len(first.split()) <= 4:  # "85.", "85 apples", "So, 85."
         # "Jack has 6 cookies. He gives 5 away, so he has 1 left.": a first sentence restating
         # the question's number is a premise when the reply goes on to a number of its own
-        # ... and so is one copied from the question ("Jack has 6 cookies." when Jack still has 6 is no answer)
-        premise = parse_number(nums[0]) in asked and (any(
-            parse_number(n) not in asked for n in _numbers(stripped[len(first):])) or _restates(first, question))
+        # ... and so is one copied from the question ("Jack has 6 cookies. He buys 5 more and then gives 5
+        # to a friend." when Jack still has 6 just repeats the question)
+        rest, number = stripped[len(first):], next(_NUMBER.finditer(first))
+        premise = parse_number(nums[0]) in asked and (
+            any(parse_number(n) not in asked for n in _numbers(rest))
+            or _restates(first, question, number)
+            or (_restates(first, question, number, min_words=3) and bool(_numbers(rest))
+                and _echoes(rest, question, asked_in_order)))
         if not premise:
             return nums[0], None
     result = _operands_result(text, asked_in_order)
     if result is not None:
         return result, None
-    # a reason given after the answer is not read for it when it holds an equation ("4 feet is 48 inches
-    # because 1 foot = 12 inches"): the "=" rule below would take the reason's 12
-    reason = _JUSTIFICATION.search(text)
-    if reason and "=" in text[reason.end():] and any(
-            parse_number(n) not in asked for n in _numbers(text[:reason.start()])):
-        text = text[:reason.start()]
+    text = _without_reasons(text, asked)
     # an aside in parentheses works the answer out or checks it ("85 (since 85 - 37 = 48)"): read the reply
     # without it, unless that leaves no number
     plain = _PARENTHESES.sub(" ", text)
@@ -298,6 +343,8 @@ def _restated(reply: str, question: str) -> str | None:
     # numbers compare without their thousands commas ("Is 4,552 even?" / "4552 is an even number.")
     words = re.sub(r"(?<=\d),(?=\d{3}\b)", "", m.group(1).lower()).split()
     first = " ".join(_SENTENCE_END.split(reply.strip(), maxsplit=1)[0].lower().split())
+    if first.endswith("?"):  # the question asked back ("9 * 11 is equal to 99?") claims nothing
+        return None
     first = re.sub(r"(?<=\d),(?=\d{3}\b)", "", first)
     # the subject is the question's first words ("151", "9 * 11"), said again or as a pronoun ("It is not
     # prime."); the rest, two words or more past a one-word subject, is the predicate
@@ -431,15 +478,26 @@ _LIST_ITEM_BREAK = re.compile(r"\s*(?:[,;&]|\band\b|\bor\b)\s*", re.IGNORECASE)
 
 
 def _lists_the_question(phrase: str, question: str | None) -> bool:
-    """Whether ``phrase`` is two or more of the question's quoted words and nothing else: the words
-    echoed ("saddle, stone, snake" for 'Which comes first: "saddle", "stone", "snake"?'), or listed
-    in another order, which names no one answer either."""
-    if not question:
+    """Whether ``phrase`` is two or more of the question's quoted words in the question's order and
+    nothing else: the words echoed ("saddle, stone, snake" for 'Which comes first: "saddle", "stone",
+    "snake"?'). Listed in another order, they are the reply's own ordering, and its first is read."""
+    quoted = [normalize_text(next(g for g in m.groups() if g)) for m in _QUOTED.finditer(question or "")]
+    if not quoted:
         return False
-    quoted = {normalize_text(next(g for g in m.groups() if g)) for m in _QUOTED.finditer(question)}
-    items = [normalize_text(i) for i in _LIST_ITEM_BREAK.split(phrase.rstrip(".!?"))]
+    # one piece more than the quoted words: a longer list holds something else, and its tail says so
+    items = [normalize_text(i) for i in _LIST_ITEM_BREAK.split(phrase.rstrip(".!?"), maxsplit=len(quoted) + 1)]
     items = [i for i in items if i]
-    return len(items) >= 2 and all(i in quoted for i in items)
+    return len(items) >= 2 and _in_order(items, quoted)
+
+
+def _names_none(sentence: str, question: str | None) -> bool:
+    """A sentence listing alternatives ("Canberra, Sydney or Moscow") or the question's quoted words
+    ("saddle, stone, snake"; "The words are ..."; "In alphabetical order: ...") gives no one answer."""
+    sentence = _PREFIX.sub("", sentence.strip()).strip()
+    if _alternatives(sentence.rstrip(".!?")):
+        return True
+    after_verb = _COPULA.split(" " + sentence + " ")[-1]
+    return any(_lists_the_question(p, question) for p in (sentence, after_verb, sentence.rpartition(":")[2]))
 
 
 def text_candidates(reply: str, *, max_words: int = 6, question: str | None = None) -> list[str]:
@@ -448,7 +506,8 @@ def text_candidates(reply: str, *, max_words: int = 6, question: str | None = No
     In order: a LaTeX ``\\boxed{}``; what follows "the answer is" anywhere; from
     the first sentence, the one quoted phrase if there is exactly one ('The
     word "cup" comes first'), what follows its last "is/are/was/wrote" ("The
-    capital of France is Paris"), its first clause ("Paris, France"), what
+    capital of France is Paris"), its first clause ("Paris, France"), the
+    first clause after a colon ("Sorted: saddle, snake, stone"), what
     follows the verb in the whole sentence when it spells letters ("The
     letters are N, L, S, I"),
     what precedes its first "is/wrote" ("Paris is the capital of France"), what
@@ -462,13 +521,13 @@ def text_candidates(reply: str, *, max_words: int = 6, question: str | None = No
     for m in _ANSWER_IS.finditer(text):
         out.append(_clause(text[m.end():]))
     sentences = _SENTENCE_END.split(text) if text else [""]
-    while len(sentences) > 1 and _FILLER.match(sentences[0].strip()):
+    # a greeting, or a sentence naming no one answer, before the one that does ("Paris or Rome? Rome.")
+    while len(sentences) > 1 and (_FILLER.match(sentences[0].strip()) or _names_none(sentences[0], question)):
         sentences = sentences[1:]
     first = _PREFIX.sub("", sentences[0].strip()).strip()
-    verb_parts = _COPULA.split(" " + first + " ")
-    if _alternatives(first.rstrip(".!?")) or any(
-            _lists_the_question(p, question) for p in (first, verb_parts[-1], first.rpartition(":")[2])):
+    if _names_none(first, question):
         return [c for c in out if c]  # only an "answer is" elsewhere can still say which
+    verb_parts = _COPULA.split(" " + first + " ")
     quoted = [next(g for g in m.groups() if g) for m in _QUOTED.finditer(first)]
     if len(quoted) == 1:
         out.append(quoted[0])
@@ -480,6 +539,8 @@ def text_candidates(reply: str, *, max_words: int = 6, question: str | None = No
     if len(parts) > 1 and not negated:
         out.append(after)
     out.append(first_clause)
+    if ":" in first:  # "In alphabetical order: saddle, snake, stone." / "Category: kitchen"
+        out.append(_clause(first.partition(":")[2]))
     spelt = verb_parts[-1].strip().rstrip(".!?")
     if len(verb_parts) > 1 and _SPELT.fullmatch(spelt) and not any(_NEGATED.match(p) for p in verb_parts[1:]):
         out.append(spelt)  # letters past the first clause: "The letters are N, L, S, I."

@@ -1,5 +1,7 @@
 """Scorers: answer extraction from chatty replies, exact comparison, never an exception."""
 
+import time
+
 import pytest
 
 from edge_runtime.tasks import Score, TaskItem, score, score_text
@@ -314,9 +316,7 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
         ("number", "I don't know how to compute 6 - 3.", ["3"], "What is 6 - 3? Answer with just the number.", None),
         ("number", "What is 6 - 3?", ["3"], "What is 6 - 3? Answer with just the number.", None),
         ("number", "64 / 8 = ?", ["8"], "64 / 8 = ? Give only the number.", None),
-        ("number", "Jack has 6 cookies.", ["6"], JACK, None),
-        ("number", "Omar has 6 cookies. He buys 5 more and then gives 5 to a friend.".replace("Omar", "Jack"),
-         ["6"], JACK, None),
+        ("number", "Jack has 6 cookies. He buys 5 more and then gives 5 to a friend.", ["6"], JACK, None),
         ("number", "The bakery packs the rest into boxes of 8.", ["8"], BAKERY, None),
         ("number", "-40 degrees Celsius is equal to ? degrees Fahrenheit.", ["-40"],
          "What is -40 degrees Celsius in degrees Fahrenheit? Answer with just the number.", None),
@@ -324,6 +324,17 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
         ("number", "3", ["3"], "What is 6 - 3? Answer with just the number.", "3"),
         ("number", "The difference between 6 and 3 is 3.", ["3"], "What is 6 - 3? Answer with just the number.", "3"),
         ("number", "He has 6 cookies.", ["6"], JACK, "6"),
+        ("number", "Jack has 6 cookies.", ["6"], JACK, "6"),  # the premise, copied, is also the answer here
+        ("number", "Jack has 6 cookies. He buys 5 more and then gives 5 to a friend. So Jack has 6 cookies.", ["6"],
+         JACK, "6"),
+        ("number", "Jack has 6 cookies, since he bought 5 and gave 5 away.", ["6"], JACK, "5"),  # its reason's 5
+        ("number", "What is 6 - 3? It is 3.", ["3"], "What is 6 - 3? Answer with just the number.", "3"),
+        ("number", "Compute 2 - 1.\n1", ["1"], "Compute 2 - 1. Answer with just the number.", "1"),
+        ("number", "Aisha has 10 dollars and spends 5 dollars on a snack, so she has 5 dollars left.", ["5"],
+         "Aisha has 10 dollars. She spends 5 dollars on a snack. How many dollars does she have left?", "5"),
+        ("number", "It sells 5 of them and packs the rest into boxes of 8, so it fills 8 boxes.", ["8"], BAKERY, "8"),
+        ("number", "The pattern alternates: 17, 25, 21, 29, 25, 33, so next is 29.", ["29"],
+         "What number comes next: 17, 25, 21, 29, 25, 33, ?", "29"),
         ("number", "Jack has 6 cookies now.", ["6"], JACK, "6"),
         ("number", "It fills 8 boxes.", ["8"], BAKERY, "8"),
         ("number", "7 feet, that is 7 feet.", ["84"], "How many inches are in 7 feet?", "7"),
@@ -337,16 +348,30 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
          "Lena has 6 stamps. She buys 10 more and then gives 3 to a friend. How many stamps does Lena have now?", "13"),
         ("number", "She had 40, since she sold 12 she has 28 left.", ["28"], "She had 40 and sold 12. How many left?",
          "28"),
+        # ... only the reason's own clause: the working after it still gives the answer (review 33)
+        ("number", "Omar spends 24 dollars, since 3 × 8 = 24. His change is 50 - 24 = 26.", ["26"],
+         "A notebook costs 8 dollars. Omar buys 3 notebooks and pays with a 50-dollar bill. How much change?", "26"),
+        ("number", "3 notebooks cost 24 dollars (since 3 × 8 = 24), so the change is 50 - 24 = 26.", ["26"],
+         "A notebook costs 8 dollars. Omar buys 3 notebooks and pays with a 50-dollar bill. How much change?", "26"),
+        ("number", "First subtract 32: 221 - 32 = 189. Then multiply by 5/9, since C = (F - 32) × 5/9: 189 × 5/9 = 105.",
+         ["105"], "What is 221 degrees Fahrenheit in degrees Celsius?", "105"),
+        ("number", "43 + 93 is 136 because 40 + 90 = 130 and 3 + 3 = 6; then 136 - 99 = 37.", ["37"],
+         "What is 43 + 93 - 99?", "37"),
         # the question's own arithmetic, worked to the end of its chain; a check after it is not the answer
         ("number", "1 + 6 = 7, and 7 - 1 = 6.", ["7"], "What is 1 + 6?", "7"),
         ("number", "1 + 6 = 7. Check: 7 - 6 = 1.", ["7"], "What is 1 + 6?", "7"),
         ("number", "16 + 12 × 12 = 12 × 12 = 160", ["160"], "What is 16 + 12 × 12?", "160"),
         ("number", "1 + 6 = 7\n7 × 2 = 14", ["7"], "What is 1 + 6?", "7"),
+        ("number", "2 + 7 = 9, 9 - 7 = 2", ["9"], "What is 2 + 7?", "9"),
+        # a later equation not starting from that result corrects it
+        ("number", "19 + 12 * 8 = 248. Oops, multiplication comes first: 12 * 8 = 96, and 19 + 96 = 115.", ["115"],
+         "What is 19 + 12 * 8?", "115"),
         ("number", "10 + 6 × 7 = 10 + 18 + 7 = 21\n\nThe answer is correct.", ["52"], "What is 10 + 6 × 7?", "21"),
         # a list of the question's words names no one of them; spelt letters are read whole
         ("text", '"saddle", "stone", "snake"', ["saddle"], SADDLE, None),
         ("text", 'The words are "saddle", "stone", "snake".', ["saddle"], SADDLE, None),
-        ("text", "In alphabetical order: saddle, snake, stone.", ["saddle"], SADDLE, None),
+        ("text", "In alphabetical order: saddle, snake, stone.", ["saddle"], SADDLE, "saddle"),  # sorted: its own
+        ("text", "saddle, stone, snake. Saddle is first.", ["saddle"], SADDLE, "Saddle"),  # the echo is skipped
         ("text", "night, lemon, igloo", ["nlsi"], INITIALS, None),
         ("text", 'The word that comes first is "saddle".', ["saddle"], SADDLE, "saddle"),
         ("text", "The letters are N, L, S, I.", ["nlsi"], INITIALS, "N, L, S, I"),
@@ -359,6 +384,7 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
          "no"),
         ("yesno", "4552 is an even number.", ["yes"], "Is 4,552 an even number? Answer yes or no.", "yes"),
         ("yesno", "It is not divisible.", ["no"], "Is 151 divisible by 6? Answer yes or no.", None),
+        ("yesno", "9 * 11 is equal to 99?", ["yes"], "Is 9 * 11 equal to 99? Answer yes or no.", None),  # asked back
     ],
 )
 def test_replies_found_by_the_second_scoring_audit(scorer, reply, answers, question, extracted):
@@ -368,3 +394,14 @@ def test_replies_found_by_the_second_scoring_audit(scorer, reply, answers, quest
         assert not s.correct and s.parse_error
     else:  # right exactly when what was read, given alone, is
         assert s.correct is score_text(scorer, answers, extracted).correct
+
+
+@pytest.mark.parametrize("reply", ["1 plus " * 20000, "minus " * 20000, "2 times 3 " * 12000, "1 + " * 30000,
+                                   "= " * 60000, "1," * 60000, "Jack has 6 cookies. " * 6000])
+def test_long_replies_are_scored_in_linear_time(reply):
+    # a model stuck in a loop writes replies like these; searching back from every "=" or operation word took
+    # 33 s on 120 KB of "minus " (review 33). The bound is a hang guard, far above the ~0.1 s this takes.
+    start = time.perf_counter()
+    for scorer, question in (("number", JACK), ("number", "What is 1 + 6?"), ("text", SADDLE)):
+        score_text(scorer, ["6"], reply, question=question)
+    assert time.perf_counter() - start < 10
