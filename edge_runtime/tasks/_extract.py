@@ -102,10 +102,17 @@ def _next_term(question: str, text: str) -> str | None:
 _WORDS = re.compile(r"[a-z]+|\d+(?:[.,]\d+)*")
 # a "?" standing for the number asked ("64 / 8 = ?", "-40 degrees Celsius is ? degrees Fahrenheit")
 _PLACEHOLDER = re.compile(r"(?:^|[\s=])\?(?=\s|$|[.,;:!])")
-# a reason for an answer: "48 inches because 1 foot = 12 inches", "13 stamps, since 6 + 10 = 16", "Check: 7 - 6 = 1"
-_JUSTIFICATION = re.compile(r"\b(?:because|since|given\s+that|check\s*:)", re.IGNORECASE)
-# where such a reason ends: its clause ("1,000" is a number, not a clause break)
-_REASON_END = re.compile(r"[,;:](?!\d)|\)|[.!?](?=\s|$)|\n")
+# a reason for an answer: "48 inches because 1 foot = 12 inches", "13 stamps, since 6 + 10 = 16"
+_JUSTIFICATION = re.compile(r"\b(?:because|since|given\s+that)\b", re.IGNORECASE)
+# where such a reason ends: its clause ("1,000" is a number, not a clause break; "and", "so" and "then" go on)
+_REASON_END = re.compile(r"[,;:](?!\d)|\)|[.!?](?=\s|$)|\n|\s(?:and|so|then)\s", re.IGNORECASE)
+# a sentence whose reason is for the sentence before it
+_POINTS_BACK = re.compile(r"\s*(?:this|that|it)(?:'s|\u2019s|\s+is)\s+", re.IGNORECASE)
+# a check of an answer, to the end of its line: "Check: 7 - 6 = 1", "To verify: 37 + 99 = 136"
+_CHECK = re.compile(r"\b(?:check|verify|verification)\s*:", re.IGNORECASE)
+# a correction of an equation written before it ("19 + 12 * 8 = 248. Oops, ...")
+_CORRECTION = re.compile(r"\b(?:oops|wait|actually|sorry|mistake|correction|incorrect|let me (?:re|try again|redo))",
+                         re.IGNORECASE)
 # arithmetic, as one run: an equation's left side is the run just before its "=" ("37 + 48 =", "(6 × 7) =")
 _ARITHMETIC = re.compile(rf"(?:{_OPERATION})+", re.IGNORECASE)
 # an equation and the ones it runs on into, on one line: "= 12 × 12 = 160"; a comma or a full stop ends it
@@ -142,56 +149,73 @@ def _in_order(values: list, within: list) -> bool:
     return all(any(v == w for w in rest) for v in values)
 
 
-def _echoes(text: str, question: str, asked_in_order: list) -> bool:
-    """Whether the sentence holding a reply's last number, all of whose numbers are the question's, just
-    restates the question: two or more of them in the question's order ("What is 6 - 3?", "I can't
-    compute 81 / 9."), a "?" where the answer would be ("64 / 8 = ?"), or the question's words copied
-    around that number ("The bakery ... into boxes of 8."). "What is 6 - 3? It is 3." answers, and so
-    does "Jack has 6 cookies, since he bought 5 and gave 5 away." (its reason restates the question)."""
+def _restated_number(text: str, question: str, asked_in_order: list) -> str | None:
+    """The last number of a reply all of whose numbers are the question's, or None when the sentence holding
+    it just restates the question: two or more of them in the question's order ("What is 6 - 3?", "I can't
+    compute 81 / 9."), a "?" where the answer would be ("64 / 8 = ?"), or the question's words copied around
+    that number ("The bakery ... into boxes of 8."). "What is 6 - 3? It is 3." answers 3. A reason after the
+    number is not its sentence's answer: "Jack has 6 cookies, since he bought 5 and gave 5 away." answers 6."""
     last = next(s for s in reversed(_SENTENCE_END.split(text.strip())) if _NUMBER.search(s))
     reason = _JUSTIFICATION.search(last)
     if reason and _NUMBER.search(last[:reason.start()]):
         last = last[:reason.start()]
     numbers = _numbers(last)
     if 2 <= len(numbers) <= len(asked_in_order) and _in_order([parse_number(n) for n in numbers], asked_in_order):
-        return True
-    if _PLACEHOLDER.search(last):
-        return True
-    return _restates(last, question, list(_NUMBER.finditer(last))[-1])
+        return None
+    if _PLACEHOLDER.search(last) or _restates(last, question, list(_NUMBER.finditer(last))[-1]):
+        return None
+    return numbers[-1]
+
+
+def _goes_on_copying(rest: str, question: str, asked_in_order: list, first: Decimal | None) -> bool:
+    """Whether ``rest``, after a first sentence copied from the question, goes on copying it: it restates it
+    (see :func:`_restated_number`), or its numbers are the question's next ones, in order ("Omar has 11
+    stamps. He buys 4 more." cut short)."""
+    values = [parse_number(n) for n in _numbers(rest)]
+    if not values:
+        return False
+    after = asked_in_order[asked_in_order.index(first) + 1:] if first in asked_in_order else []
+    return values == after[:len(values)] or _restated_number(rest, question, asked_in_order) is None
 
 
 def _operands_result(text: str, asked_in_order: list) -> str | None:
     """The result of the last equation whose left side is the question's own arithmetic, worked to the end
-    of its chain ("16 + 12 × 12 = 12 × 12 = 160"), when no equation follows it or the last one starts from
-    that result: "1 + 6 = 7, and 7 - 1 = 6" answers "What is 1 + 6?" with 7 (the later equation checks it);
-    "19 + 12 * 8 = 248. Oops: 12 * 8 = 96, and 19 + 96 = 115." is left to the "=" rule (a correction)."""
+    of its chain ("16 + 12 × 12 = 12 × 12 = 160") and not into an aside ("= 115 (12 × 8 = 96)"): "1 + 6 =
+    7, and 7 - 1 = 6" answers "What is 1 + 6?" with 7, as later checks and notes do not replace it. After a
+    correction ("19 + 12 * 8 = 248. Oops: 12 * 8 = 96, and 19 + 96 = 115.") it is left to the "=" rule."""
     if len(asked_in_order) < 2:
         return None
-    found, found_end, last_left = None, 0, None
+    found, found_end = None, 0
     at = 0
     # one pass: each run of arithmetic is matched once (searching back from every "=" was quadratic)
     while (run := _ARITHMETIC.search(text, at)) is not None:
         at = max(run.end(), at + 1)
         if not text.startswith("=", run.end()):
             continue
-        left = [parse_number(n) for n in _numbers(run.group(0))]
-        if left != asked_in_order:
-            last_left = left
+        if [parse_number(n) for n in _numbers(run.group(0))] != asked_in_order:
             continue
         chain = _CHAIN.match(text, run.end()).group(0)
+        aside = re.search(r"\d\s*\(", chain)  # "= 115 (12 × 8 = 96, ...)": the aside works it out
+        chain = chain[:aside.start() + 1] if aside else chain
         at = run.end() + len(chain)
         result = _numbers(chain[chain.rfind("=") + 1:])
-        found, found_end, last_left = (result[0] if len(result) == 1 else None), at, None
-    if found is not None and "=" in text[found_end:] and (last_left is None or parse_number(found) not in last_left):
-        return None  # a later equation that does not start from it
+        found, found_end = (result[0] if len(result) == 1 else None), at
+    if found is not None and _CORRECTION.search(text, found_end):
+        return None  # "Oops", "Actually": what follows corrects it, and the "=" rule reads the correction
     return found
 
 
 def _without_reasons(text: str, asked: set) -> str:
-    """``text`` without the reasons given for a stated answer that hold an equation ("4 feet is 48 inches
-    because 1 foot = 12 inches"): the "=" rule would take the reason's 12. Only the reason's own clause
-    goes: "Omar spends 24 dollars, since 3 × 8 = 24. His change is 50 - 24 = 26." still reads 26."""
+    """``text`` without what justifies or checks an answer already given, where that holds an equation the
+    "=" rule would read instead: a reason after a number in its own sentence, to the end of its clause
+    ("4 feet is 48 inches because 1 foot = 12 inches"; "Omar spends 24 dollars, since 3 × 8 = 24. His
+    change is 50 - 24 = 26." still reads 26), and a check after any number, to the end of its line
+    ("26 dollars. Check: 26 + 24 = 50, and 3 × 8 = 24"). A reason opening its sentence ("Since 50 - 24 = 26,
+    he gets 26 back") is the working and stays."""
     # positions found once, looked up by bisection: scanning from each reason was quadratic on a looping reply
+    # a colon starts one too: "Step 2: Since 50 - 24 = 26, ..." is working, not a reason for the 2
+    sentence_starts = sorted([0] + [m.end() for m in _SENTENCE_END.finditer(text)]
+                             + [m.end() for m in re.finditer(r":(?!\d)", text)])
     stops = [m.start() for m in _REASON_END.finditer(text)]
     equals = [m.start() for m in re.finditer("=", text)]
     fresh = [m.start() for m in _NUMBER.finditer(text) if parse_number(m.group(0)) not in asked]
@@ -200,14 +224,25 @@ def _without_reasons(text: str, asked: set) -> str:
         i = bisect.bisect_left(positions, lo)
         return i < len(positions) and positions[i] < hi
 
-    kept, at = [], 0
+    cuts = []
     for reason in _JUSTIFICATION.finditer(text):
-        if reason.start() < at:
-            continue
+        k = bisect.bisect_right(sentence_starts, reason.start()) - 1
+        sentence = sentence_starts[k]
+        if k and _POINTS_BACK.fullmatch(text[sentence:reason.start()]):  # "... 48 inches. This is because ..."
+            sentence = sentence_starts[k - 1]
         i = bisect.bisect_left(stops, reason.end())
         end = stops[i] if i < len(stops) else len(text)
-        if any_in(equals, reason.end(), end) and any_in(fresh, at, reason.start()):
-            kept.append(text[at:reason.start()])
+        if any_in(equals, reason.end(), end) and any_in(fresh, sentence, reason.start()):
+            cuts.append((reason.start(), end))
+    for check in _CHECK.finditer(text):
+        line_end = text.find("\n", check.end())
+        end = len(text) if line_end < 0 else line_end
+        if any_in(equals, check.end(), end) and any_in(fresh, 0, check.start()):
+            cuts.append((check.start(), end))
+    kept, at = [], 0
+    for start, end in sorted(cuts):
+        if end > at:
+            kept.append(text[at:max(at, start)])
             at = end
     return "".join(kept) + text[at:]
 
@@ -228,7 +263,7 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
     and the last-number rule skips the question's numbers, so a reply that
     restates it after answering ("There are 84 inches in 7 feet.") is read as
     84, not 7. A reply holding only the question's numbers gives its last one,
-    unless it only restates the question (see :func:`_echoes`). An equation
+    unless it only restates the question (see :func:`_restated_number`). An equation
     whose left side is the question's arithmetic gives its result ("1 + 6 = 7,
     and 7 - 1 = 6" -> 7), and a reason after a stated answer is not read for it
     ("48 inches, since 1 foot = 12 inches" -> 48).
@@ -275,8 +310,8 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
         premise = parse_number(nums[0]) in asked and (
             any(parse_number(n) not in asked for n in _numbers(rest))
             or _restates(first, question, number)
-            or (_restates(first, question, number, min_words=3) and bool(_numbers(rest))
-                and _echoes(rest, question, asked_in_order)))
+            or (_restates(first, question, number, min_words=3) and _goes_on_copying(
+                rest, question, asked_in_order, parse_number(number.group(0)))))
         if not premise:
             return nums[0], None
     result = _operands_result(text, asked_in_order)
@@ -297,9 +332,10 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
         fresh = [n for n in nums if parse_number(n) not in asked]
         if fresh:
             return fresh[-1], None
-        if question and _echoes(text, question, asked_in_order):
-            return None, "the reply only restates the question"
-        return nums[-1], None
+        if not question:
+            return nums[-1], None
+        restated = _restated_number(text, question, asked_in_order)
+        return (restated, None) if restated is not None else (None, "the reply only restates the question")
     words = _number_words(text)
     if words:
         return str(words[-1]), None
@@ -342,9 +378,11 @@ def _restated(reply: str, question: str) -> str | None:
         return None
     # numbers compare without their thousands commas ("Is 4,552 even?" / "4552 is an even number.")
     words = re.sub(r"(?<=\d),(?=\d{3}\b)", "", m.group(1).lower()).split()
-    first = " ".join(_SENTENCE_END.split(reply.strip(), maxsplit=1)[0].lower().split())
-    if first.endswith("?"):  # the question asked back ("9 * 11 is equal to 99?") claims nothing
+    # the question asked back ("9 * 11 is equal to 99?") claims nothing: the next sentence may
+    sentences = [t for t in _SENTENCE_END.split(reply.strip()) if not t.strip().endswith("?")]
+    if not sentences:
         return None
+    first = " ".join(sentences[0].lower().split())
     first = re.sub(r"(?<=\d),(?=\d{3}\b)", "", first)
     # the subject is the question's first words ("151", "9 * 11"), said again or as a pronoun ("It is not
     # prime."); the rest, two words or more past a one-word subject, is the predicate
@@ -437,7 +475,7 @@ _PREFIX = re.compile(
 )
 # "X is Y" and "X wrote Y": the answer is on one side of the verb
 _COPULA = re.compile(
-    r"\s(?:is|are|was|were|would be|will be|wrote|painted|composed|invented|discovered|created)\s"
+    r"\s(?:is|are|was|were|would be|will be|comes|wrote|painted|composed|invented|discovered|created)\s"
     + "".join(rf"|(?<=\b{w})['\u2019]s\s" for w in ("it", "he", "she", "that", "this", "here", "what")),  # "It's X"
     re.IGNORECASE,
 )
@@ -473,6 +511,7 @@ def _clause(text: str) -> str:
 
 
 _TEXT_BOXED = re.compile(r"\\boxed\{(?:\\text\{)?([^{}]*)\}")
+_SORTED = re.compile(r"\b(?:alphabetical|alphabetically|sorted|in order)\b", re.IGNORECASE)
 _SPELT = re.compile(r"[^\W\d_](?:\s*[,\s-]\s*[^\W\d_])+")  # "N, L, S, I", "n-l-s-i"
 _LIST_ITEM_BREAK = re.compile(r"\s*(?:[,;&]|\band\b|\bor\b)\s*", re.IGNORECASE)
 
@@ -496,6 +535,9 @@ def _names_none(sentence: str, question: str | None) -> bool:
     sentence = _PREFIX.sub("", sentence.strip()).strip()
     if _alternatives(sentence.rstrip(".!?")):
         return True
+    if _SORTED.search(sentence) and not sentence.endswith("?"):
+        return False  # "In alphabetical order: knife, pyramid, stone.": the reply's own order, also where the
+        # question listed them sorted already (a bare list there is an echo, and reads nothing)
     after_verb = _COPULA.split(" " + sentence + " ")[-1]
     return any(_lists_the_question(p, question) for p in (sentence, after_verb, sentence.rpartition(":")[2]))
 

@@ -305,6 +305,7 @@ BAKERY = ("A bakery makes 33 muffins in the morning and 36 in the afternoon. It 
           "into boxes of 8. How many boxes does it fill? Answer with just the number.")
 FEET = "4 feet is how many inches? Give just the number."
 SADDLE = 'Which of these words comes first in alphabetical order: "saddle", "stone", "snake"? Answer with just the word.'
+KNIFE = 'Which of these words comes first in alphabetical order: "knife", "pyramid", "stone"? Answer with just the word.'
 INITIALS = ('Join the first letters of these words, in order, into one string: "night", "lemon", "squirrel", "igloo". '
             "Answer with just the letters.")
 
@@ -327,7 +328,9 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
         ("number", "Jack has 6 cookies.", ["6"], JACK, "6"),  # the premise, copied, is also the answer here
         ("number", "Jack has 6 cookies. He buys 5 more and then gives 5 to a friend. So Jack has 6 cookies.", ["6"],
          JACK, "6"),
-        ("number", "Jack has 6 cookies, since he bought 5 and gave 5 away.", ["6"], JACK, "5"),  # its reason's 5
+        ("number", "Jack has 6 cookies, since he bought 5 and gave 5 away.", ["6"], JACK, "6"),  # not its reason's 5
+        ("number", "Omar has 11 stamps. He buys 4 more.", ["11"], JACK.replace("Jack", "Omar").replace("6 cookies",
+         "11 stamps").replace("5", "4"), "4"),  # the question copied and cut short is not right (review 34)
         ("number", "What is 6 - 3? It is 3.", ["3"], "What is 6 - 3? Answer with just the number.", "3"),
         ("number", "Compute 2 - 1.\n1", ["1"], "Compute 2 - 1. Answer with just the number.", "1"),
         ("number", "Aisha has 10 dollars and spends 5 dollars on a snack, so she has 5 dollars left.", ["5"],
@@ -357,13 +360,26 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
          ["105"], "What is 221 degrees Fahrenheit in degrees Celsius?", "105"),
         ("number", "43 + 93 is 136 because 40 + 90 = 130 and 3 + 3 = 6; then 136 - 99 = 37.", ["37"],
          "What is 43 + 93 - 99?", "37"),
+        # a reason opening its sentence is the working; a check after the answer is not read (review 34)
+        ("number", "The notebooks cost 3 × 8 = 24 dollars. Since 50 - 24 = 26, Omar gets 26 dollars in change.", ["26"],
+         "A notebook costs 8 dollars. Omar buys 3 notebooks and pays with a 50-dollar bill. How much change?", "26"),
+        ("number", "Step 1: 3 × 8 = 24 dollars spent.\nStep 2: Since 50 - 24 = 26, that is his change.", ["26"],
+         "A notebook costs 8 dollars. Omar buys 3 notebooks and pays with a 50-dollar bill. How much change?", "26"),
+        ("number", "Jack is 42 now since 32 + 10 = 42 so in 3 years he will be 42 + 3 = 45.", ["45"],
+         "Ben is 32 years old and Jack is 10 years older. How old will Jack be in 3 years?", "45"),
+        ("number", "Omar gets 26 dollars back. Check: 26 + 24 = 50, and 3 × 8 = 24.", ["26"],
+         "A notebook costs 8 dollars. Omar buys 3 notebooks and pays with a 50-dollar bill. How much change?", "26"),
         # the question's own arithmetic, worked to the end of its chain; a check after it is not the answer
         ("number", "1 + 6 = 7, and 7 - 1 = 6.", ["7"], "What is 1 + 6?", "7"),
         ("number", "1 + 6 = 7. Check: 7 - 6 = 1.", ["7"], "What is 1 + 6?", "7"),
         ("number", "16 + 12 × 12 = 12 × 12 = 160", ["160"], "What is 16 + 12 × 12?", "160"),
         ("number", "1 + 6 = 7\n7 × 2 = 14", ["7"], "What is 1 + 6?", "7"),
         ("number", "2 + 7 = 9, 9 - 7 = 2", ["9"], "What is 2 + 7?", "9"),
-        # a later equation not starting from that result corrects it
+        # ... nor an aside, a verification or a note; a correction is
+        ("number", "19 + 12 × 8 = 115 (12 × 8 = 96, then 19 + 96 = 115)", ["115"], "What is 19 + 12 × 8?", "115"),
+        ("number", "43 + 93 - 99 = 37. To verify: 37 + 99 = 136, and 136 - 93 = 43.", ["37"], "What is 43 + 93 - 99?",
+         "37"),
+        ("number", "19 + 12 * 8 = 115. Note that 12 * 8 = 96 is done first.", ["115"], "What is 19 + 12 * 8?", "115"),
         ("number", "19 + 12 * 8 = 248. Oops, multiplication comes first: 12 * 8 = 96, and 19 + 96 = 115.", ["115"],
          "What is 19 + 12 * 8?", "115"),
         ("number", "10 + 6 × 7 = 10 + 18 + 7 = 21\n\nThe answer is correct.", ["52"], "What is 10 + 6 × 7?", "21"),
@@ -372,6 +388,9 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
         ("text", 'The words are "saddle", "stone", "snake".', ["saddle"], SADDLE, None),
         ("text", "In alphabetical order: saddle, snake, stone.", ["saddle"], SADDLE, "saddle"),  # sorted: its own
         ("text", "saddle, stone, snake. Saddle is first.", ["saddle"], SADDLE, "Saddle"),  # the echo is skipped
+        # where the question lists its words sorted already, a list said to be sorted still gives its first
+        ("text", "In alphabetical order: knife, pyramid, stone.", ["knife"], KNIFE, "knife"),
+        ("text", "knife, pyramid, stone", ["knife"], KNIFE, None),
         ("text", "night, lemon, igloo", ["nlsi"], INITIALS, None),
         ("text", 'The word that comes first is "saddle".', ["saddle"], SADDLE, "saddle"),
         ("text", "The letters are N, L, S, I.", ["nlsi"], INITIALS, "N, L, S, I"),
@@ -385,6 +404,8 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
         ("yesno", "4552 is an even number.", ["yes"], "Is 4,552 an even number? Answer yes or no.", "yes"),
         ("yesno", "It is not divisible.", ["no"], "Is 151 divisible by 6? Answer yes or no.", None),
         ("yesno", "9 * 11 is equal to 99?", ["yes"], "Is 9 * 11 equal to 99? Answer yes or no.", None),  # asked back
+        ("yesno", "9 * 11 is equal to 99? It is equal to 99.", ["yes"], "Is 9 * 11 equal to 99? Answer yes or no.",
+         "yes"),
     ],
 )
 def test_replies_found_by_the_second_scoring_audit(scorer, reply, answers, question, extracted):
