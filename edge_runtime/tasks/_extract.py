@@ -104,20 +104,23 @@ _WORDS = re.compile(r"[a-z]+|\d+(?:[.,]\d+)*")
 _PLACEHOLDER = re.compile(r"(?:^|[\s=])\?(?=\s|$|[.,;:!])")
 # a reason for an answer: "48 inches because 1 foot = 12 inches", "13 stamps, since 6 + 10 = 16"
 _JUSTIFICATION = re.compile(r"\b(?:because|since|given\s+that)\b", re.IGNORECASE)
-# where such a reason ends: its clause ("1,000" is a number, not a clause break; "and", "so" and "then" go on)
-_REASON_END = re.compile(r"[,;:](?!\d)|\)|[.!?](?=\s|$)|\n|\s(?:and|so|then)\s", re.IGNORECASE)
+# where such a reason ends: its clause ("1,000" is a number, not a clause break), or a consequence ("so", "then";
+# not "and": "since 3 × 14 = 42 and 4 × 3 = 12" is one reason)
+_REASON_END = re.compile(r"[,;:](?!\d)|\)|[.!?](?=\s|$)|\n|\s(?:so|then)\s", re.IGNORECASE)
 # a sentence whose reason is for the sentence before it
 _POINTS_BACK = re.compile(r"\s*(?:this|that|it)(?:'s|\u2019s|\s+is)\s+", re.IGNORECASE)
 # a check of an answer, to the end of its line: "Check: 7 - 6 = 1", "To verify: 37 + 99 = 136"
 _CHECK = re.compile(r"\b(?:check|verify|verification)\s*:", re.IGNORECASE)
 # a correction of an equation written before it ("19 + 12 * 8 = 248. Oops, ...")
-_CORRECTION = re.compile(r"\b(?:oops|wait|actually|sorry|mistake|correction|incorrect|let me (?:re|try again|redo))",
-                         re.IGNORECASE)
+# (opening a sentence or clause: "this is actually right", "a common mistake is ..." correct nothing)
+_CORRECTION = re.compile(r"(?:^|[.!?]\s+|\n|[,;:]\s*)(?:oops|wait|actually|sorry|correction|no,|"
+                         r"let me (?:try again|redo|recalculate|recompute))(?!\w)", re.IGNORECASE)
 # arithmetic, as one run: an equation's left side is the run just before its "=" ("37 + 48 =", "(6 × 7) =")
 _ARITHMETIC = re.compile(rf"(?:{_OPERATION})+", re.IGNORECASE)
 # an equation and the ones it runs on into, on one line: "= 12 × 12 = 160"; a comma or a full stop ends it
 # ("2 + 7 = 9, 9 - 7 = 2": the second equation checks the first)
 _CHAIN = re.compile(rf"(?:(?![,.]\s)(?!\n){_OPERATION}|=)*", re.IGNORECASE)
+_CHAIN_CHARS = 300  # longer than any equation a reply writes out
 
 
 def _restates(sentence: str, question: str, number: re.Match[str], *, min_words: int = 5) -> bool:
@@ -157,8 +160,9 @@ def _restated_number(text: str, question: str, asked_in_order: list) -> str | No
     number is not its sentence's answer: "Jack has 6 cookies, since he bought 5 and gave 5 away." answers 6."""
     last = next(s for s in reversed(_SENTENCE_END.split(text.strip())) if _NUMBER.search(s))
     reason = _JUSTIFICATION.search(last)
-    if reason and _NUMBER.search(last[:reason.start()]):
-        last = last[:reason.start()]
+    if reason and _NUMBER.search(last[:reason.start()]):  # the reason's own clause goes, not what follows it
+        stop = _REASON_END.search(last, reason.end())
+        last = last[:reason.start()] + (last[stop.start():] if stop else "")
     numbers = _numbers(last)
     if 2 <= len(numbers) <= len(asked_in_order) and _in_order([parse_number(n) for n in numbers], asked_in_order):
         return None
@@ -175,7 +179,10 @@ def _goes_on_copying(rest: str, question: str, asked_in_order: list, first: Deci
     if not values:
         return False
     after = asked_in_order[asked_in_order.index(first) + 1:] if first in asked_in_order else []
-    return values == after[:len(values)] or _restated_number(rest, question, asked_in_order) is None
+    # ... in the question's words too: "She spends 5 dollars." copies, "5 are left." answers
+    copied = all(_restates(s, question, list(_NUMBER.finditer(s))[-1], min_words=3)
+                 for s in _SENTENCE_END.split(rest.strip()) if _NUMBER.search(s))
+    return (values == after[:len(values)] and copied) or _restated_number(rest, question, asked_in_order) is None
 
 
 def _operands_result(text: str, asked_in_order: list) -> str | None:
@@ -194,7 +201,8 @@ def _operands_result(text: str, asked_in_order: list) -> str | None:
             continue
         if [parse_number(n) for n in _numbers(run.group(0))] != asked_in_order:
             continue
-        chain = _CHAIN.match(text, run.end()).group(0)
+        # bounded: matched to the end of a long line and cut after, every equation rescanned the line
+        chain = _CHAIN.match(text, run.end(), run.end() + _CHAIN_CHARS).group(0)
         aside = re.search(r"\d\s*\(", chain)  # "= 115 (12 × 8 = 96, ...)": the aside works it out
         chain = chain[:aside.start() + 1] if aside else chain
         at = run.end() + len(chain)
@@ -228,10 +236,14 @@ def _without_reasons(text: str, asked: set) -> str:
     for reason in _JUSTIFICATION.finditer(text):
         k = bisect.bisect_right(sentence_starts, reason.start()) - 1
         sentence = sentence_starts[k]
-        if k and _POINTS_BACK.fullmatch(text[sentence:reason.start()]):  # "... 48 inches. This is because ..."
-            sentence = sentence_starts[k - 1]
         i = bisect.bisect_left(stops, reason.end())
         end = stops[i] if i < len(stops) else len(text)
+        # a sentence that is only a reason is for the sentence before it: "... 48 inches. This is because 1 foot =
+        # 12 inches." / "... Because 1 foot = 12 inches."; "Since 50 - 24 = 26, he gets 26 back" goes on: working
+        lead = text[sentence:reason.start()]
+        alone = not lead.strip() and (end == len(text) or text[end] in ".!?\n")
+        if k and (_POINTS_BACK.fullmatch(lead) or alone):
+            sentence = sentence_starts[k - 1]
         if any_in(equals, reason.end(), end) and any_in(fresh, sentence, reason.start()):
             cuts.append((reason.start(), end))
     for check in _CHECK.finditer(text):
@@ -300,18 +312,18 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
         return following, None
     stripped = text.strip()
     first = _SENTENCE_END.split(stripped, maxsplit=1)[0]
+    copying = False  # the reply copies the question from its start: no question number it holds is an answer
     nums = _numbers(first)
     if len(nums) == 1 and len(first.split()) <= 4:  # "85.", "85 apples", "So, 85."
         # "Jack has 6 cookies. He gives 5 away, so he has 1 left.": a first sentence restating
         # the question's number is a premise when the reply goes on to a number of its own
-        # ... and so is one copied from the question ("Jack has 6 cookies. He buys 5 more and then gives 5
-        # to a friend." when Jack still has 6 just repeats the question)
         rest, number = stripped[len(first):], next(_NUMBER.finditer(first))
+        # ... and so is one copied from the question when more numbers follow ("Aisha has 10 dollars. 5 are left.");
+        # when what follows goes on copying it, the reply answers nothing
+        copied = _restates(first, question, number, min_words=3) and bool(_NUMBER.search(rest))
+        copying = copied and _goes_on_copying(rest, question, asked_in_order, parse_number(number.group(0)))
         premise = parse_number(nums[0]) in asked and (
-            any(parse_number(n) not in asked for n in _numbers(rest))
-            or _restates(first, question, number)
-            or (_restates(first, question, number, min_words=3) and _goes_on_copying(
-                rest, question, asked_in_order, parse_number(number.group(0)))))
+            any(parse_number(n) not in asked for n in _numbers(rest)) or _restates(first, question, number) or copied)
         if not premise:
             return nums[0], None
     result = _operands_result(text, asked_in_order)
@@ -334,7 +346,7 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
             return fresh[-1], None
         if not question:
             return nums[-1], None
-        restated = _restated_number(text, question, asked_in_order)
+        restated = None if copying else _restated_number(text, question, asked_in_order)
         return (restated, None) if restated is not None else (None, "the reply only restates the question")
     words = _number_words(text)
     if words:
@@ -475,7 +487,7 @@ _PREFIX = re.compile(
 )
 # "X is Y" and "X wrote Y": the answer is on one side of the verb
 _COPULA = re.compile(
-    r"\s(?:is|are|was|were|would be|will be|comes|wrote|painted|composed|invented|discovered|created)\s"
+    r"\s(?:is|are|was|were|would be|will be|wrote|painted|composed|invented|discovered|created)\s"
     + "".join(rf"|(?<=\b{w})['\u2019]s\s" for w in ("it", "he", "she", "that", "this", "here", "what")),  # "It's X"
     re.IGNORECASE,
 )
@@ -511,7 +523,8 @@ def _clause(text: str) -> str:
 
 
 _TEXT_BOXED = re.compile(r"\\boxed\{(?:\\text\{)?([^{}]*)\}")
-_SORTED = re.compile(r"\b(?:alphabetical|alphabetically|sorted|in order)\b", re.IGNORECASE)
+_ASKING = re.compile(r"\W*(?:which|what|how|is|are|join|write)\b", re.IGNORECASE)  # the question copied, "?" or not
+_SORTED = re.compile(r"\b(?:alphabetical|alphabetically|sorted)\b", re.IGNORECASE)
 _SPELT = re.compile(r"[^\W\d_](?:\s*[,\s-]\s*[^\W\d_])+")  # "N, L, S, I", "n-l-s-i"
 _LIST_ITEM_BREAK = re.compile(r"\s*(?:[,;&]|\band\b|\bor\b)\s*", re.IGNORECASE)
 
@@ -535,7 +548,7 @@ def _names_none(sentence: str, question: str | None) -> bool:
     sentence = _PREFIX.sub("", sentence.strip()).strip()
     if _alternatives(sentence.rstrip(".!?")):
         return True
-    if _SORTED.search(sentence) and not sentence.endswith("?"):
+    if _SORTED.search(sentence) and not _ASKING.match(sentence):
         return False  # "In alphabetical order: knife, pyramid, stone.": the reply's own order, also where the
         # question listed them sorted already (a bare list there is an echo, and reads nothing)
     after_verb = _COPULA.split(" " + sentence + " ")[-1]

@@ -306,6 +306,7 @@ BAKERY = ("A bakery makes 33 muffins in the morning and 36 in the afternoon. It 
 FEET = "4 feet is how many inches? Give just the number."
 SADDLE = 'Which of these words comes first in alphabetical order: "saddle", "stone", "snake"? Answer with just the word.'
 KNIFE = 'Which of these words comes first in alphabetical order: "knife", "pyramid", "stone"? Answer with just the word.'
+AISHA = "Aisha has 10 dollars. She spends 5 dollars on a snack. How many dollars does she have left?"
 INITIALS = ('Join the first letters of these words, in order, into one string: "night", "lemon", "squirrel", "igloo". '
             "Answer with just the letters.")
 
@@ -330,7 +331,10 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
          JACK, "6"),
         ("number", "Jack has 6 cookies, since he bought 5 and gave 5 away.", ["6"], JACK, "6"),  # not its reason's 5
         ("number", "Omar has 11 stamps. He buys 4 more.", ["11"], JACK.replace("Jack", "Omar").replace("6 cookies",
-         "11 stamps").replace("5", "4"), "4"),  # the question copied and cut short is not right (review 34)
+         "11 stamps").replace("5", "4"), None),  # the question copied and cut short (review 34)
+        ("number", "Aisha has 10 dollars. She spends 5 dollars.", ["5"], AISHA, None),
+        ("number", "Aisha has 10 dollars. 5 are left.", ["5"], AISHA, "5"),
+        ("number", "He gives away 5 because he bought 5, so he still has 6.", ["6"], JACK, "6"),
         ("number", "What is 6 - 3? It is 3.", ["3"], "What is 6 - 3? Answer with just the number.", "3"),
         ("number", "Compute 2 - 1.\n1", ["1"], "Compute 2 - 1. Answer with just the number.", "1"),
         ("number", "Aisha has 10 dollars and spends 5 dollars on a snack, so she has 5 dollars left.", ["5"],
@@ -367,6 +371,10 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
          "A notebook costs 8 dollars. Omar buys 3 notebooks and pays with a 50-dollar bill. How much change?", "26"),
         ("number", "Jack is 42 now since 32 + 10 = 42 so in 3 years he will be 42 + 3 = 45.", ["45"],
          "Ben is 32 years old and Jack is 10 years older. How old will Jack be in 3 years?", "45"),
+        ("number", "4 feet is 48 inches. Because 1 foot = 12 inches.", ["48"], FEET, "48"),
+        ("number", "They pay 54 dollars in total, since 3 adult tickets cost 3 × 14 = 42 dollars and 4 child tickets "
+         "cost 4 × 3 = 12 dollars.", ["54"], "Adult tickets cost 14 dollars and child tickets 3. What do 3 adult and 4 "
+         "child tickets cost?", "54"),
         ("number", "Omar gets 26 dollars back. Check: 26 + 24 = 50, and 3 × 8 = 24.", ["26"],
          "A notebook costs 8 dollars. Omar buys 3 notebooks and pays with a 50-dollar bill. How much change?", "26"),
         # the question's own arithmetic, worked to the end of its chain; a check after it is not the answer
@@ -382,6 +390,9 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
         ("number", "19 + 12 * 8 = 115. Note that 12 * 8 = 96 is done first.", ["115"], "What is 19 + 12 * 8?", "115"),
         ("number", "19 + 12 * 8 = 248. Oops, multiplication comes first: 12 * 8 = 96, and 19 + 96 = 115.", ["115"],
          "What is 19 + 12 * 8?", "115"),
+        ("number", "2 + 7 = 9. Let me recheck: 9 - 7 = 2.", ["9"], "What is 2 + 7?", "9"),  # a check, not a correction
+        ("number", "43 + 93 - 99 = 37. To see that this is actually right: 37 + 99 = 136.", ["37"],
+         "What is 43 + 93 - 99?", "37"),
         ("number", "10 + 6 × 7 = 10 + 18 + 7 = 21\n\nThe answer is correct.", ["52"], "What is 10 + 6 × 7?", "21"),
         # a list of the question's words names no one of them; spelt letters are read whole
         ("text", '"saddle", "stone", "snake"', ["saddle"], SADDLE, None),
@@ -391,6 +402,10 @@ INITIALS = ('Join the first letters of these words, in order, into one string: "
         # where the question lists its words sorted already, a list said to be sorted still gives its first
         ("text", "In alphabetical order: knife, pyramid, stone.", ["knife"], KNIFE, "knife"),
         ("text", "knife, pyramid, stone", ["knife"], KNIFE, None),
+        ("text", KNIFE.split("?")[0], ["knife"], KNIFE, None),  # the question copied without its "?"
+        ("text", "Castle comes after cloud.", ["castle"], SADDLE, "Castle comes after cloud"),  # "comes" is no copula
+        ("text", "The words in order are night, lemon, squirrel, igloo. So the letters are n, l, s, i: nlsi.", ["nlsi"],
+         INITIALS, "nlsi"),
         ("text", "night, lemon, igloo", ["nlsi"], INITIALS, None),
         ("text", 'The word that comes first is "saddle".', ["saddle"], SADDLE, "saddle"),
         ("text", "The letters are N, L, S, I.", ["nlsi"], INITIALS, "N, L, S, I"),
@@ -418,7 +433,7 @@ def test_replies_found_by_the_second_scoring_audit(scorer, reply, answers, quest
 
 
 @pytest.mark.parametrize("reply", ["1 plus " * 20000, "minus " * 20000, "2 times 3 " * 12000, "1 + " * 30000,
-                                   "= " * 60000, "1," * 60000, "Jack has 6 cookies. " * 6000])
+                                   "= " * 60000, "1," * 60000, "Jack has 6 cookies. " * 6000, "1 + 6 = 7 (" * 12000])
 def test_long_replies_are_scored_in_linear_time(reply):
     # a model stuck in a loop writes replies like these; searching back from every "=" or operation word took
     # 33 s on 120 KB of "minus " (review 33). The bound is a hang guard, far above the ~0.1 s this takes.
