@@ -529,11 +529,15 @@ _SPELT = re.compile(r"[^\W\d_](?:\s*[,\s-]\s*[^\W\d_])+")  # "N, L, S, I", "n-l-
 _LIST_ITEM_BREAK = re.compile(r"\s*(?:[,;&]|\band\b|\bor\b)\s*", re.IGNORECASE)
 
 
-def _lists_the_question(phrase: str, question: str | None) -> bool:
-    """Whether ``phrase`` is two or more of the question's quoted words in the question's order and
+def _quoted_words(question: str | None) -> list[str]:
+    """The phrases the question quotes, normalised, in its order."""
+    return [normalize_text(next(g for g in m.groups() if g)) for m in _QUOTED.finditer(question or "")]
+
+
+def _lists_the_question(phrase: str, quoted: list[str]) -> bool:
+    """Whether ``phrase`` is two or more of the question's ``quoted`` words in the question's order and
     nothing else: the words echoed ("saddle, stone, snake" for 'Which comes first: "saddle", "stone",
     "snake"?'). Listed in another order, they are the reply's own ordering, and its first is read."""
-    quoted = [normalize_text(next(g for g in m.groups() if g)) for m in _QUOTED.finditer(question or "")]
     if not quoted:
         return False
     # one piece more than the quoted words: a longer list holds something else, and its tail says so
@@ -542,7 +546,7 @@ def _lists_the_question(phrase: str, question: str | None) -> bool:
     return len(items) >= 2 and _in_order(items, quoted)
 
 
-def _names_none(sentence: str, question: str | None) -> bool:
+def _names_none(sentence: str, quoted: list[str]) -> bool:
     """A sentence listing alternatives ("Canberra, Sydney or Moscow") or the question's quoted words
     ("saddle, stone, snake"; "The words are ..."; "In alphabetical order: ...") gives no one answer."""
     sentence = _PREFIX.sub("", sentence.strip()).strip()
@@ -552,7 +556,7 @@ def _names_none(sentence: str, question: str | None) -> bool:
         return False  # "In alphabetical order: knife, pyramid, stone.": the reply's own order, also where the
         # question listed them sorted already (a bare list there is an echo, and reads nothing)
     after_verb = _COPULA.split(" " + sentence + " ")[-1]
-    return any(_lists_the_question(p, question) for p in (sentence, after_verb, sentence.rpartition(":")[2]))
+    return any(_lists_the_question(p, quoted) for p in (sentence, after_verb, sentence.rpartition(":")[2]))
 
 
 def text_candidates(reply: str, *, max_words: int = 6, question: str | None = None) -> list[str]:
@@ -576,11 +580,12 @@ def text_candidates(reply: str, *, max_words: int = 6, question: str | None = No
     for m in _ANSWER_IS.finditer(text):
         out.append(_clause(text[m.end():]))
     sentences = _SENTENCE_END.split(text) if text else [""]
+    quoted = _quoted_words(question)  # once: every sentence is checked against them
     # a greeting, or a sentence naming no one answer, before the one that does ("Paris or Rome? Rome.")
-    while len(sentences) > 1 and (_FILLER.match(sentences[0].strip()) or _names_none(sentences[0], question)):
+    while len(sentences) > 1 and (_FILLER.match(sentences[0].strip()) or _names_none(sentences[0], quoted)):
         sentences = sentences[1:]
     first = _PREFIX.sub("", sentences[0].strip()).strip()
-    if _names_none(first, question):
+    if _names_none(first, quoted):
         return [c for c in out if c]  # only an "answer is" elsewhere can still say which
     verb_parts = _COPULA.split(" " + first + " ")
     quoted = [next(g for g in m.groups() if g) for m in _QUOTED.finditer(first)]
