@@ -15,7 +15,7 @@ import os
 import re
 import struct
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,10 @@ def _check_dimension_limits(values: Mapping[str, object], where: Callable[[str],
     name, ``where(name)`` names one as the source spells it."""
     for name, (_, limit) in _DIMENSION_LIMITS.items():
         value = values.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            # a size written as 1e9 or "64" is no size: transformers would carry it into the build, past the bound
+            raise BuildError(f"{where(name)} is {value!r:.40}: not an integer (a damaged file?)")
+        if isinstance(value, int) and value > limit:
             raise BuildError(f"{where(name)} is {value}: more than the {limit} this builder accepts "
                              "(a damaged file?)")
 
@@ -128,6 +131,7 @@ def _check_stored_weights(config: Any, path: Path, kind: str, gguf_stored: int |
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _GGUF_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _GGUF_INT_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 10: "Q", 11: "q"}
+_GGUF_TYPE_NAMES = {6: "float32", 7: "bool", 8: "string", 9: "array", 12: "float64"}
 # gguf's reader keeps about 1 KB per array value and per key or tensor it reads (Qwen2.5's header, 455k array values,
 # takes it 535 MB and 5 s), so a header of many small values costs it ~700x its size in memory: cap the counts far
 # above real headers (a 262k vocabulary with scores and types is ~800k values, a model has ~300-1,100 tensors)
@@ -156,6 +160,8 @@ class _GGUFHeader:
     architecture: str | None
     ints: dict[str, int]  # the integer scalars, by key
     blocks: set[int]  # the N of the blk.N.* tensors
+    # the keys holding anything else, with the type's name: a size stored as a float would skip every bound in ints
+    others: dict[str, str] = field(default_factory=dict)
 
 
 class _GGUFHeaderScan:
@@ -214,8 +220,10 @@ class _GGUFHeaderScan:
             value = self.value(vtype, _shown(key), 0)
             if isinstance(value, int):
                 header.ints[key] = value
-            elif key == "general.architecture" and isinstance(value, bytes):
-                header.architecture = value.decode("utf-8", "replace")
+            else:
+                header.others[key] = _GGUF_TYPE_NAMES.get(vtype, "value")
+                if key == "general.architecture" and isinstance(value, bytes):
+                    header.architecture = value.decode("utf-8", "replace")
         for i in range(n_tensors):
             name = self.string(f"the name of tensor {i}").decode("utf-8", "replace")
             if match := _BLOCK_TENSOR.match(name):
@@ -310,6 +318,10 @@ def _check_gguf_dimensions(path: Path, header: _GGUFHeader) -> None:
     arch = header.architecture
     if arch is None:  # load_source names a missing or unreadable architecture
         return
+    for key, _ in _DIMENSION_LIMITS.values():
+        # gguf's reader hands a float on as it is, past every bound below (they are checked on integers)
+        if (kind := header.others.get(f"{arch}.{key}")) is not None:
+            raise BuildError(f"{path}: {arch}.{key} is stored as a {kind}, not an integer (a damaged header?)")
     values: dict[str, object] = {name: header.ints.get(f"{arch}.{key}")
                                  for name, (key, _) in _DIMENSION_LIMITS.items()}
     hidden, heads = values["hidden_size"], values["num_attention_heads"]

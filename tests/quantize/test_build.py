@@ -784,6 +784,21 @@ def test_dimensions_far_past_the_stored_weights_are_refused_before_the_model_loa
     with pytest.raises(BuildError, match="declares a model of at least 74,240 parameters, but its tensors hold 1,000"):
         _check_stored_weights(dims, tmp_path / "m.gguf", "gguf", 1_000)
 
+
+
+@pytest.mark.parametrize(("field", "value"), [("num_hidden_layers", 1e9), ("hidden_size", "64"), ("vocab_size", True)])
+def test_a_config_size_that_is_not_an_integer_is_refused_naming_it(tmp_path, field, value):
+    # QA III: a size written as a float skipped the dimension bounds, which compared integers only
+    from quantize.source import load_source
+
+    src = _tiny_source(tmp_path / "typed", "LlamaConfig")
+    config = json.loads((src / "config.json").read_text())
+    config[field] = value
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BuildError, match=rf"config\.json: {field} is .*: not an integer"):
+        load_source(src)
+
+
 @pytest.mark.parametrize("field", ["attention_bias", "mlp_bias"])
 def test_llama_biases_the_graph_has_no_place_for_are_refused_naming_the_field(tmp_path, field):
     # QA YY: the o_proj and MLP biases were dropped without a word, and the bundle answered as another model

@@ -189,6 +189,30 @@ def test_dimensions_past_any_real_model_are_refused_before_transformers(tmp_path
     assert message in str(info.value) and str(path) in str(info.value)
 
 
+@pytest.mark.parametrize(("key", "add"), [
+    ("block_count", "add_float32"), ("context_length", "add_float64"), ("embedding_length", "add_string"),
+    ("attention.head_count", "add_bool"),
+])
+def test_a_dimension_stored_as_anything_but_an_integer_is_refused(tmp_path, monkeypatch, key, add):
+    import gguf
+
+    # a float of 1e9 layers passed as no value at all: every bound is checked on the integers
+    value = {"add_float32": 1e9, "add_float64": 1e12, "add_string": "64", "add_bool": True}[add]
+    real_add_uint32 = gguf.GGUFWriter.add_uint32
+
+    def add_uint32(self, name, number):
+        if name == f"llama.{key}":
+            return getattr(self, add)(name, value)
+        return real_add_uint32(self, name, number)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_uint32", add_uint32)
+    path = _writer_gguf(tmp_path / "typed.gguf")
+    with pytest.raises(BuildError) as info:
+        check_source(path)
+    kind = {"add_float32": "float32", "add_float64": "float64", "add_string": "string", "add_bool": "bool"}[add]
+    assert f"llama.{key} is stored as a {kind}, not an integer" in str(info.value) and str(path) in str(info.value)
+
+
 class _RopeReached(BaseException):
     """The RoPE tables were about to be sized by the context length."""
 
