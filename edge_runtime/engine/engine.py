@@ -757,6 +757,9 @@ class Engine:
             rng = np.random.default_rng(p.seed) if p.temperature > 0 else None
             decoder = IncrementalDecoder(self.tokenizer)
             stops = StopMatcher(p.stop)
+            # a stop string spelling a special token is matched by the token's id: the decoder skips special tokens,
+            # so their text never reaches the matcher (a stop of "<|endoftext|>" ran on to max_new_tokens)
+            stop_ids = {self._specials[s] for s in p.stop if s in self._specials}
             generated: list[int] = []
             infos: list[TokenInfo] = []
             texts: list[str] = []
@@ -764,6 +767,7 @@ class Engine:
             produced_end: list[int] = []  # characters decoded after each token (not the eos)
             shown = 0  # characters shown so far
             finish = "cancelled" if cancelled else "length"
+            hit = False  # a stop string cut the text
             t_first = t_prefill
             # Sampled requests draft too: each token is still drawn from the model's own (row's) distribution with
             # the same random numbers as without drafts, and a draft counts only when the draw equals it. For a
@@ -813,8 +817,8 @@ class Engine:
                     t_first = time.perf_counter()
                 generated.append(tid)
                 infos.append(info)
-                if tid in self.eos_token_ids:
-                    finish = "eos"
+                if tid in self.eos_token_ids or tid in stop_ids:
+                    finish = "eos" if tid in self.eos_token_ids else "stop"
                     yield StreamChunk("", info)
                     break
                 piece = decoder.push(tid)
@@ -830,7 +834,7 @@ class Engine:
                     finish = "stop"
                     break
                 prev = tid
-            if finish != "stop":
+            if not hit:  # what the decoder and the stop matcher still hold comes out (an eos or a special stop too)
                 flushed = decoder.flush()
                 if produced_end:  # bytes the last token completed
                     produced_end[-1] += len(flushed)

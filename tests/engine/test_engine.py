@@ -157,6 +157,36 @@ def test_stop_string_ends_generation_and_is_never_streamed(engine):
     assert stop not in "".join(c.text for c in streamed)
 
 
+def test_a_stop_string_spelling_a_special_token_stops_when_the_model_emits_it(engine, monkeypatch):
+    # QA CCC: the decoder skips special tokens, so a stop string spelling one never appeared in the text and the
+    # answer ran on to max_new_tokens; matched by id instead, like an eos, it ends the answer as "stop"
+    specials = {t.content: i for i, t in engine.tokenizer.get_added_tokens_decoder().items() if t.special}
+    content, special = next((c, i) for c, i in specials.items() if i not in engine.eos_token_ids)
+    plain = engine.generate("one two three", max_new_tokens=12, stop=["ZZZZ"])
+    assert plain.finish_reason == "length"
+    real_choose = engine_module.choose_token
+    calls = []
+
+    def choose(logits, params, rng):
+        calls.append(1)
+        return special if len(calls) == 4 else real_choose(logits, params, rng)
+
+    monkeypatch.setattr(engine_module, "choose_token", choose)
+    streamed = list(engine.stream("one two three", max_new_tokens=12, stop=["ZZZZ", content]))
+    r = streamed[-1].result
+    assert r.finish_reason == "stop" and r.token_ids == [*plain.token_ids[:3], special]
+    assert r.text == engine.tokenizer.decode(plain.token_ids[:3]) and content not in "".join(c.text for c in streamed)
+    # held-back text that might have begun another stop string comes out: the special token is not its continuation
+    calls.clear()
+    held = engine.tokenizer.decode(plain.token_ids[:3])[-1] + "ZZZZ"
+    r = engine.generate("one two three", max_new_tokens=12, stop=[held, content])
+    assert r.finish_reason == "stop" and r.text == engine.tokenizer.decode(plain.token_ids[:3])
+    # without it among the stops, the token is generated and decoding skips it, as before
+    calls.clear()
+    r = engine.generate("one two three", max_new_tokens=6)
+    assert r.finish_reason == "length" and r.token_ids[3] == special
+
+
 def test_stop_none_means_no_stop_strings(engine):
     assert engine.generate("one two three", max_new_tokens=4, stop=None).token_ids == \
         engine.generate("one two three", max_new_tokens=4).token_ids
