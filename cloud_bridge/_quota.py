@@ -91,7 +91,8 @@ class QuotaManager:
             return None
 
     def refund_request(self, device: str) -> None:
-        """Give back the request taken by :meth:`admit` when the bridge itself refused the call (queue full)."""
+        """Give back the request taken by :meth:`admit` for a call no backend ran: the bridge itself refused it (queue
+        full), or it ended while it waited for a worker."""
         if self._settings.requests_per_minute <= 0:
             return
         with self._lock:

@@ -39,7 +39,15 @@ from ._auth import TokenStore, bearer_token
 from ._quota import QuotaManager
 from ._settings import BridgeSettings, ModelSettings
 from ._status import Reject, bad_request, error_info, make_status, quota_failure, retry_info
-from .backends import Backend, BackendChunk, BackendRequest, BackendResult, CancelToken, estimated_tokens
+from .backends import (
+    Backend,
+    BackendChunk,
+    BackendRequest,
+    BackendResult,
+    CancelToken,
+    UnusableAnswerError,
+    estimated_tokens,
+)
 
 __all__ = ["BridgeService", "FINISH_REASONS"]
 
@@ -70,6 +78,7 @@ class _Job:
     started_s: float = 0.0
     generate_ms: float = 0.0
     billed: bool = False  # charged to the device's quota and written to the access log
+    refunded: bool = False  # the request taken from the device's quota was given back
 
 
 def _invalid(err: InvalidRequestError) -> Reject:
@@ -305,6 +314,9 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         """The backend's chunks; the last one carries the result. Releases the worker slot however it ends."""
         try:
             if not job.slots.acquire(job.cancel):
+                # the call ended while it waited (cancelled, or out of time) and never reached the backend: the
+                # request it took from the device's quota bought nothing
+                self._refund_request(job)
                 if job.cancel.expired:
                     # the caller's deadline, seen here a moment before the caller's own clock: said as a deadline,
                     # which the device does not count against the bridge (CANCELLED opened its circuit breaker)
@@ -312,7 +324,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                                              "the call's deadline passed while it waited for a worker"))
                 raise Reject(make_status(grpc.StatusCode.CANCELLED, "call ended while waiting for a worker"))
         except QueueFullError as err:
-            self.quotas.refund_request(job.device)  # the bridge's capacity, not the device's quota, said no
+            self._refund_request(job)  # the bridge's capacity, not the device's quota, said no
             raise Reject(
                 make_status(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -331,14 +343,11 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             )
             for chunk in chunks:
                 if chunk.result is not None and (job.cancel() or chunk.result.finish_reason == "cancelled"):
-                    # the caller is gone or out of time: a cut-off answer is no answer
-                    self.quotas.charge_tokens(job.device, _quota_tokens(job.request, chunk.result.prompt_tokens,
-                                                                        chunk.result.completion_tokens))
-                    job.billed = True
+                    # the caller is gone or out of time: a cut-off answer is no answer, billed all the same (an
+                    # upstream bills what it generated)
                     expired = job.cancel.expired
-                    # billed all the same (an upstream bills what it generated): the access log must show it
-                    self._log_cut_call(job, "deadline_exceeded" if expired else "cancelled_by_caller",
-                                       chunk.result.prompt_tokens, chunk.result.completion_tokens)
+                    self._bill_cut_call(job, "deadline_exceeded" if expired else "cancelled_by_caller",
+                                        chunk.result.prompt_tokens, chunk.result.completion_tokens)
                     raise Reject(
                         make_status(
                             grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED,
@@ -352,6 +361,11 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         except InvalidRequestError as err:
             raise _invalid(err) from err
         except BackendError as err:
+            if isinstance(err, UnusableAnswerError):
+                # the upstream answered and billed, the bridge cannot use the answer: the device gets the error, and
+                # its quota and the access log count the answer, as they count a stream that failed mid-way
+                self._bill_cut_call(job, "backend_failed", err.prompt_tokens, err.completion_tokens,
+                                    estimated=err.prompt_estimated)
             details = [error_info(err.reason, {"model_alias": job.alias, "backend": job.backend.kind})]
             if err.retry_after_s is not None:
                 details.append(retry_info(err.retry_after_s))
@@ -370,12 +384,23 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             job.generate_ms = (time.monotonic() - started_s) * 1000.0
             job.slots.release(job.generate_ms / 1000.0)
 
-    @staticmethod
-    def _log_cut_call(job: _Job, finish: str, prompt_tokens: int, completion_tokens: int, *,
-                      estimated: bool = False) -> None:
-        """The access line of a call that ended before its answer: what it generated is billed all the same. The
-        keys of a finished call's line, logfmt-readable ("prompt_tokens~12" was no key=value); ``estimated``: the
-        prompt's tokens are the bridge's estimate (the backend never said)."""
+    def _refund_request(self, job: _Job) -> None:
+        """Give the device back the request :meth:`_admit` took for a call no backend ran, once per call."""
+        if job.refunded or job.started_s:
+            return
+        self.quotas.refund_request(job.device)
+        job.refunded = True
+
+    def _bill_cut_call(self, job: _Job, finish: str, prompt_tokens: int, completion_tokens: int, *,
+                       estimated: bool = False) -> None:
+        """Bill a call that ended without its answer (cut by its caller, failed, unusable): what was generated is
+        charged to the device's token quota and written to the access line all the same, once per call. The line has
+        a finished call's keys, logfmt-readable ("prompt_tokens~12" was no key=value); ``estimated``: the prompt's
+        tokens are the bridge's estimate (the backend never said)."""
+        if job.billed:
+            return
+        self.quotas.charge_tokens(job.device, _quota_tokens(job.request, prompt_tokens, completion_tokens))
+        job.billed = True
         log.info("%s device=%s model=%s finish=%s prompt_tokens=%d%s completion_tokens=%d cost_usd=%.12f "
                  "queue_ms=%.1f total_ms=%.1f", _log_id(job.request.request_id), job.device, job.alias, finish,
                  prompt_tokens, " prompt_tokens_estimated=true" if estimated else "", completion_tokens,
@@ -501,9 +526,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         """Charge and log a stream that ended before its result: the ``delivered`` tokens and the prompt, estimated,
         once a backend had it (else streams cut after one token prefilled any prompt for free)."""
         prompt = estimated_tokens("".join(m["content"] for m in job.request.messages)) if job.started_s else 0
-        self.quotas.charge_tokens(job.device, prompt + delivered)
-        job.billed = True
-        self._log_cut_call(job, finish, prompt, delivered, estimated=True)
+        self._bill_cut_call(job, finish, prompt, delivered, estimated=True)
 
     def ListModels(
         self, request: bridge_pb2.ListModelsRequest, context: grpc.ServicerContext

@@ -9,10 +9,18 @@ from __future__ import annotations
 import importlib
 
 from .._settings import ModelSettings
-from ._base import Backend, BackendChunk, BackendRequest, BackendResult, CancelToken, estimated_tokens
+from ._base import (
+    Backend,
+    BackendChunk,
+    BackendRequest,
+    BackendResult,
+    CancelToken,
+    UnusableAnswerError,
+    estimated_tokens,
+)
 
 __all__ = ["Backend", "BackendChunk", "BackendRequest", "BackendResult", "CancelToken", "BACKENDS", "create_backend",
-           "estimated_tokens"]
+           "estimated_tokens", "UnusableAnswerError"]
 
 # backend name -> "module:class" under cloud_bridge.backends
 BACKENDS: dict[str, str] = {

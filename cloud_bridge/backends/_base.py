@@ -18,10 +18,10 @@ from typing import Protocol, runtime_checkable
 
 from edge_runtime.cloud import Escalation
 from edge_runtime.engine.types import SamplingParams
-from edge_runtime.errors import ContextLengthError
+from edge_runtime.errors import BackendError, ContextLengthError
 
 __all__ = ["CancelToken", "BackendRequest", "BackendResult", "BackendChunk", "Backend", "estimated_tokens",
-           "context_length_error"]
+           "context_length_error", "UnusableAnswerError"]
 
 
 def estimated_tokens(text: str) -> int:
@@ -45,6 +45,28 @@ def context_length_error(prompt_tokens: int, max_new_tokens: int, context_length
         f"context window of {context_length} tokens (at most {context_length - prompt_tokens} new tokens fit)",
         field="max_new_tokens",
     )
+
+
+class UnusableAnswerError(BackendError):
+    """The model answered, and its upstream billed the answer, but the bridge cannot use it (its choices malformed,
+    a finish reason that is no string, a usage no call can have, ...).
+
+    The device gets the error; the bridge bills ``prompt_tokens`` and ``completion_tokens`` all the same, as it bills
+    a stream that fails after its first words: the upstream's own counts where they were usable, else estimates
+    (``prompt_estimated``: the prompt's are).
+    """
+
+    def __init__(self, message: str, *, prompt_tokens: int, completion_tokens: int, prompt_estimated: bool,
+                 reason: str = "UPSTREAM_BAD_RESPONSE") -> None:
+        super().__init__(message, reason=reason)
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.prompt_estimated = prompt_estimated
+
+    def with_message(self, message: str) -> UnusableAnswerError:
+        """The same error, bill included, saying ``message`` (the API key cut out of it, say)."""
+        return UnusableAnswerError(message, prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                                   prompt_estimated=self.prompt_estimated, reason=self.reason)
 
 
 _EXPIRY_SLACK_S = 0.005

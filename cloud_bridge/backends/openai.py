@@ -34,7 +34,7 @@ from edge_runtime.engine.types import well_formed
 from edge_runtime.errors import BackendError
 
 from .._settings import OpenAIModelSettings
-from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken, estimated_tokens
+from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken, UnusableAnswerError, estimated_tokens
 
 log = logging.getLogger("cloud_bridge")
 
@@ -317,6 +317,48 @@ def _bad_response(detail: str) -> BackendError:
     return BackendError(f"upstream sent an unusable response: {detail}", reason="UPSTREAM_BAD_RESPONSE")
 
 
+def _unusable(request: BackendRequest, data: Any, err: Exception) -> BackendError:
+    """The error for a whole answer (HTTP 200) that cannot be used, ``data`` its JSON (None: not JSON).
+
+    The upstream billed it: when the answer says what it generated (a usable count, text), the error carries what
+    to bill, as a stream failing after its first words is billed; when it says nothing (a proxy's error page, say),
+    nothing is billed, as for a stream failing before its first word.
+    """
+    error = err if isinstance(err, BackendError) else _bad_response(f"{type(err).__name__}: {err}")
+    answer = data if isinstance(data, dict) else {}
+    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+    prompt_tokens, completion_tokens = _usable_count(usage, "prompt_tokens"), _usable_count(usage, "completion_tokens")
+    text = _usable_text(answer)
+    if prompt_tokens is None and completion_tokens is None and text is None:
+        return error
+    return UnusableAnswerError(
+        str(error),
+        # estimated without _estimated_tokens' warning: the access line says prompt_tokens_estimated
+        prompt_tokens=prompt_tokens if prompt_tokens is not None else estimated_tokens(
+            "".join(m["content"] for m in request.messages)),
+        completion_tokens=completion_tokens if completion_tokens is not None else estimated_tokens(text or ""),
+        prompt_estimated=prompt_tokens is None,
+        reason=error.reason,
+    )
+
+
+def _usable_count(usage: Mapping[str, Any], key: str) -> int | None:
+    """``usage[key]`` when it is a token count, else None (absent, or a count no call can have)."""
+    try:
+        return _count(usage, key)
+    except BackendError:
+        return None
+
+
+def _usable_text(answer: Mapping[str, Any]) -> str | None:
+    """The text of an answer's first choice (maybe ""), None when it has no such choice or its content is no text."""
+    try:
+        content = answer["choices"][0].get("message", {}).get("content")
+        return well_formed(_content(content, "choices[0].message.content"))
+    except (BackendError, LookupError, TypeError, AttributeError):
+        return None
+
+
 class OpenAIBackend:
     kind = "openai"
 
@@ -398,8 +440,10 @@ class OpenAIBackend:
             message = str(err)
             if self._redact(message) == message:
                 raise
-            redacted = BackendError(
-                self._redact(message), code=err.code, retry_after_s=err.retry_after_s, reason=err.reason
+            redacted = (
+                err.with_message(self._redact(message)) if isinstance(err, UnusableAnswerError)  # its bill kept
+                else BackendError(self._redact(message), code=err.code, retry_after_s=err.retry_after_s,
+                                  reason=err.reason)
             )
             raise redacted from None  # the original error, and what it came from, still hold the key
         except Exception as err:  # an unforeseen failure (http.client refusing a header, say) is logged whole
@@ -438,6 +482,7 @@ class OpenAIBackend:
             return BackendResult("", "cancelled", prompt_tokens, 0, self.model)
         finally:
             call.close()
+        data: Any = None
         try:
             data = json.loads(raw)
             choice = data["choices"][0]
@@ -455,8 +500,8 @@ class OpenAIBackend:
                 model=self._model_name(data.get("model")) or self.model,
                 ttft_ms=(time.monotonic() - started) * 1000.0,
             )
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as err:
-            raise _bad_response(f"{type(err).__name__}: {err}") from err
+        except (BackendError, ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as err:
+            raise _unusable(request, data, err) from err
 
     def _stream(self, request: BackendRequest, cancel: CancelToken) -> Iterator[BackendChunk]:
         started = time.monotonic()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cloud_bridge import OpenAIModelSettings
-from cloud_bridge.backends import BackendRequest, CancelToken
+from cloud_bridge.backends import BackendRequest, CancelToken, UnusableAnswerError
 from cloud_bridge.backends.openai import OpenAIBackend, SSEParser
 from edge_runtime.engine.types import SamplingParams
 from edge_runtime.errors import BackendError, CloudError, CloudQuotaError, CloudUnavailableError, ConfigError
@@ -651,3 +651,68 @@ def test_half_characters_from_the_upstream_are_joined_or_replaced_never_a_failed
     with pytest.raises(CloudError) as info:
         client.generate([{"role": "user", "content": "again"}])
     assert "bad \ufffd input" in str(info.value)
+
+
+_USAGE = {"prompt_tokens": 20, "completion_tokens": 7}
+_PARIS = "Paris is the capital."  # 21 characters: 6 tokens estimated
+
+
+def _choice(message: Any = None, finish: Any = "stop", **fields: Any) -> dict[str, Any]:
+    return {"index": 0, "message": {"role": "assistant", "content": message}, "finish_reason": finish, **fields}
+
+
+@pytest.mark.parametrize(("payload", "billed"), [
+    # the upstream's usage, where it is usable, is what it charged
+    ({"usage": _USAGE, "choices": [{"index": 0, "message": None, "finish_reason": "stop"}]}, (20, 7, False)),
+    ({"usage": _USAGE, "choices": []}, (20, 7, False)),
+    ({"usage": _USAGE, "choices": [_choice(_PARIS, finish=["stop"])]}, (20, 7, False)),
+    ({"usage": _USAGE, "choices": [_choice(5)]}, (20, 7, False)),
+    # a count no call can have is estimated: the completion from the answer's text, the prompt from the request
+    ({"usage": {"prompt_tokens": 20, "completion_tokens": -5}, "choices": [_choice(_PARIS)]}, (20, 6, False)),
+    ({"usage": {"prompt_tokens": "x", "completion_tokens": 10**20}, "choices": [_choice(_PARIS)]}, (5, 6, True)),
+    # nothing says the upstream generated anything (a proxy's page, an empty object): nothing is billed, as a stream
+    # that fails before its first word
+    ("not json", None),
+    ({"choices": []}, None),
+])
+def test_a_unary_answer_the_bridge_cannot_use_is_billed_as_the_upstream_billed_it(upstream, start_bridge, make_client,
+                                                                                   monkeypatch, caplog, payload,
+                                                                                   billed):
+    # the upstream charged for the answer: a stream that fails after its first words was charged to the device's
+    # token quota and written to the access log (the bill's source); a unary call whose answer turned out unusable
+    # was neither
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-secret")
+    bridge = start_bridge(models={"gpt": {"backend": "openai", "base_url": upstream.base_url, "model": "gpt-test",
+                                          "api_key_env": "TEST_UPSTREAM_KEY", "usd_per_million_input_tokens": 2.0,
+                                          "usd_per_million_output_tokens": 8.0}},
+                          quota={"requests_per_minute": 0, "tokens_per_minute": 1, "tokens_burst": 1000})
+    if isinstance(payload, str):
+        upstream.respond = lambda handler, body: _send_text(handler, 200, payload)
+    else:
+        upstream.respond = lambda handler, body: _send(handler, 200, {"model": "m", **payload})
+    caplog.set_level("INFO", logger="cloud_bridge")
+    with pytest.raises(CloudUnavailableError) as info:
+        make_client(bridge, max_attempts=1).generate([{"role": "user", "content": "capital of France?"}])
+    assert "UPSTREAM_BAD_RESPONSE" in str(info.value) and "unusable response" in str(info.value)  # the device's error
+    lines = [r.getMessage() for r in caplog.records if " finish=" in r.getMessage()]
+    bucket = bridge.server.service.quotas._tokens["device-a"]
+    if billed is None:
+        assert lines == [] and bucket.level == pytest.approx(1000, abs=1)
+        return
+    prompt_tokens, completion_tokens, estimated = billed
+    (line,) = lines
+    assert "device=device-a model=gpt finish=backend_failed" in line
+    assert f" prompt_tokens={prompt_tokens} " in line and f" completion_tokens={completion_tokens} " in line
+    assert ("prompt_tokens_estimated=true" in line) == estimated
+    assert f"cost_usd={(prompt_tokens * 2.0 + completion_tokens * 8.0) / 1e6:.12f}" in line
+    assert bucket.level == pytest.approx(1000 - prompt_tokens - completion_tokens, abs=1)  # charged once
+
+
+def test_an_unusable_answer_keeps_what_to_bill_when_the_api_key_is_cut_out_of_its_error(upstream):
+    # the guard that cuts the key out of errors made a plain BackendError of them: the bill was lost with the type
+    backend = make_backend(upstream)
+    upstream.respond = _answer("Paris", {"prompt_tokens": f"echo {backend.api_key}", "completion_tokens": 3})
+    info = _failure(backend, False)
+    assert isinstance(info.value, UnusableAnswerError) and backend.api_key not in str(info.value)
+    assert (info.value.prompt_tokens, info.value.completion_tokens, info.value.prompt_estimated) == (1, 3, True)
+    assert (info.value.code, info.value.reason) == ("UNAVAILABLE", "UPSTREAM_BAD_RESPONSE")

@@ -12,6 +12,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from cloud_bridge.backends import UnusableAnswerError
 from cloud_bridge.backends.echo import EchoBackend
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2
 from edge_runtime.engine.types import SamplingParams
@@ -117,9 +118,10 @@ def test_a_stream_cancelled_between_chunks_yields_no_more_text(start_bridge, mak
     assert client.circuit.consecutive_failures == 0
 
 
-def _one_worker_busy(start_bridge, raw_stub, queue_size: int, token_delay_ms: float = 30):
+def _one_worker_busy(start_bridge, raw_stub, queue_size: int, token_delay_ms: float = 30, **sections):
     """A bridge with one slow worker, that worker running a call: (bridge, stub, the request, the running call)."""
-    bridge = start_bridge(models=slow(token_delay_ms, reply="a b c d e f g h i j", workers=1, queue_size=queue_size))
+    bridge = start_bridge(models=slow(token_delay_ms, reply="a b c d e f g h i j", workers=1, queue_size=queue_size),
+                          **sections)
     stub = raw_stub(bridge)
     request = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")])
     running = stub.Generate.future(request, metadata=AUTH, timeout=10)
@@ -161,6 +163,42 @@ def test_a_call_whose_deadline_passes_in_the_queue_ends_as_a_deadline_not_a_canc
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "status=DEADLINE_EXCEEDED" in caplog.text and "call ended while waiting" not in caplog.text
     assert running.result().text == "a b c d e f g h i j"
+
+
+def _wait_for_log(caplog, *texts: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not any(text in caplog.text for text in texts) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("ends", ["cancelled", "deadline"])
+def test_a_call_that_ends_in_the_queue_gets_its_request_back_once_and_one_that_ran_does_not(start_bridge, raw_stub,
+                                                                                              caplog, ends):
+    # a call cancelled (or out of time) while it waited for a worker kept the request it took from the device's
+    # quota: a device whose calls queue behind a busy model lost quota for work never done
+    quota = {"requests_per_minute": 1, "requests_burst": 3, "tokens_per_minute": 0}  # refills 1/60 a second
+    with caplog.at_level("INFO", logger="cloud_bridge"):
+        bridge, stub, request, running = _one_worker_busy(start_bridge, raw_stub, queue_size=4, token_delay_ms=200,
+                                                          quota=quota)  # the running call takes 2 s
+        slots, quotas = bridge.server.service.slots["tiny"], bridge.server.service.quotas
+        if ends == "cancelled":
+            queued = stub.Generate.future(request, metadata=AUTH, timeout=10)
+            while slots.waiting == 0:
+                time.sleep(0.005)
+            queued.cancel()
+        else:
+            queued = stub.Generate.future(request, metadata=AUTH, timeout=0.4)
+        _wait_for_log(caplog, "waiting for a worker", "waited for a worker")
+        # the running call's request is spent; the queued one's came back, once (the bucket holds 3)
+        assert quotas._requests["device-a"].level == pytest.approx(2.0, abs=0.1)
+        assert running.running() and not bridge.backend().generations  # the queued call never reached the backend
+        # a call cancelled once its generation had started cost the backend's work: its request stays spent
+        running.cancel()
+        (record,) = bridge.backend().wait_for_generations(1, timeout_s=5)
+        _wait_for_log(caplog, "finish=cancelled_by_caller")
+    assert record.finish_reason == "cancelled" and "finish=cancelled_by_caller" in caplog.text
+    assert quotas._requests["device-a"].level == pytest.approx(2.0, abs=0.1)
+    assert slots.running == 0 and slots.waiting == 0
 
 
 def test_a_failing_backend_is_unavailable_with_details_and_the_server_keeps_serving(
@@ -208,6 +246,32 @@ def test_a_stream_whose_backend_fails_after_its_first_words_is_charged_and_bille
     with pytest.raises(CloudUnavailableError):
         list(make_client(bridge, max_attempts=1).stream(HI, model="early"))
     assert "finish=" not in caplog.text
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_an_answer_the_backend_could_not_use_is_billed_once_as_it_says_in_both_paths(start_bridge, raw_stub, caplog,
+                                                                                     method):
+    # a unary call whose upstream answered unusably was neither charged nor logged; a stream that failed after its
+    # first words was, from the words it was sent: both now bill what the backend says the upstream billed, once
+    unusable = UnusableAnswerError("upstream sent an unusable response: choices[0].finish_reason is a list",
+                                   prompt_tokens=9, completion_tokens=4, prompt_estimated=False)
+    broken = EchoBackend(fail_after_tokens=3, failure=unusable)
+    bridge = start_bridge(backends={"broken": broken}, models={},
+                          quota={"requests_per_minute": 0, "tokens_per_minute": 1, "tokens_burst": 1000})
+    request = bridge_pb2.GenerateRequest(model="broken", messages=[bridge_pb2.ChatMessage(role="user",
+                                                                                          content="one two three four")])
+    caplog.set_level("INFO", logger="cloud_bridge")
+    with pytest.raises(grpc.RpcError) as info:
+        if method == "Generate":
+            raw_stub(bridge).Generate(request, metadata=AUTH, timeout=5)
+        else:
+            list(raw_stub(bridge).GenerateStream(request, metadata=AUTH, timeout=5))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "unusable response" in info.value.details()
+    assert _details(info.value)["ErrorInfo"].reason == "UPSTREAM_BAD_RESPONSE"
+    (line,) = [r.getMessage() for r in caplog.records if " finish=" in r.getMessage()]
+    assert "finish=backend_failed prompt_tokens=9 completion_tokens=4 " in line
+    assert bridge.server.service.quotas._tokens["device-a"].level == pytest.approx(1000 - 13, abs=1)
+
 
 def test_server_stopped_mid_stream_gives_a_clean_failure_and_opens_the_circuit(start_bridge, make_client):
     bridge = start_bridge(models=slow(20))
