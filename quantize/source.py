@@ -611,11 +611,11 @@ def _check_biases(layer: Any) -> None:
     ``attention_bias`` also puts one on o_proj, and ``mlp_bias`` on the MLP's three: they were dropped, and the
     bundle answered as another model (fp32 greedy differed from transformers on 5 of 20 prompts)."""
     mlp = layer.mlp
-    for field, modules in (("attention_bias", (layer.self_attn.o_proj,)),
+    for key, modules in (("attention_bias", (layer.self_attn.o_proj,)),
                            ("mlp_bias", (mlp.gate_proj, mlp.up_proj, mlp.down_proj))):
         if any(getattr(m, "bias", None) is not None for m in modules):
-            raise UnsupportedModelError(f"config.json: {field} = true is not supported (a bias on "
-                                        f"{'o_proj' if field == 'attention_bias' else 'the MLP projections'}; "
+            raise UnsupportedModelError(f"config.json: {key} = true is not supported (a bias on "
+                                        f"{'o_proj' if key == 'attention_bias' else 'the MLP projections'}; "
                                         "only q/k/v biases, as Qwen2's, are)")
 
 
