@@ -6,17 +6,32 @@ without a file name, so the CLIs' error boundary printed "error: File too large"
 A rename is atomic, not durable: after a power cut (an edge device's everyday failure) the new name can
 point at a file whose data never reached the disk, empty or short. :func:`durable_replace` flushes the
 data first and the directory entry after.
+
+Directories a command writes into are checked before its work (:func:`check_can_make_dir`) and made only
+when the work starts (:func:`dirs_for_work`): a command refused for bad input leaves no trace. A directory
+of files that belong together (a certificate and its key) is built aside and put in place by one rename
+(:func:`install_dir`): a reader finds the old set or the new one, never one file of each.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
 import secrets
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["durable_replace", "naming", "write_text_whole"]
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; installs there rely on the renames alone
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["check_can_make_dir", "dirs_for_work", "durable_replace", "exclusive_lock", "install_dir", "naming",
+           "write_text_whole"]
 
 
 @contextlib.contextmanager
@@ -71,3 +86,113 @@ def _fsync(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_can_make_dir(path: str | os.PathLike[str]) -> None:
+    """Raise an ``OSError`` naming the directory (or the file in the way) when ``path`` could not be made, with
+    its missing parents, or written in. Nothing is left behind: a command checks its output directory so while
+    it validates its input, and makes the directory when its work starts."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))  # "." or "/" at the latest
+    if not existing.is_dir():  # a file, or a broken symbolic link, where a directory would have to be made
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    try:  # made and removed again: access() says yes to root in /sys and to a read-only bind mount
+        os.rmdir(tempfile.mkdtemp(prefix=".edge-runtime-probe-", dir=existing))
+    except OSError as err:  # named as the directory, not as the probe's hidden name
+        raise OSError(err.errno, err.strerror, str(existing)) from err
+
+
+@contextlib.contextmanager
+def dirs_for_work(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Make ``path`` and its missing parents for the work inside the block. If the block fails, the directories
+    made here that are still empty are removed again: a failed download leaves no empty wheel directory."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not os.path.lexists(p)]  # innermost first
+    with naming(path):
+        path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for directory in made:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (the work, or someone else, put files there), or gone: keep the rest
+                break
+        raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[bool]:
+    """Hold an exclusive lock on the file ``path`` (made owner-only if missing, and kept) for the block; yields
+    whether it is really held (False where there is no ``fcntl``). ``flock`` locks an open file, not the process:
+    two threads of one process exclude each other too."""
+    if fcntl is None:
+        yield False
+        return
+    with naming(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def install_dir(target: str | os.PathLike[str], usable: Callable[[Path], bool], build: Callable[[Path], None]) -> bool:
+    """Make ``target`` a directory that ``usable`` accepts, unless it is one already; return whether it was built.
+
+    ``build`` fills a private staging directory beside ``target`` (made owner-only: ``build`` sets its mode), which
+    then replaces ``target`` by one rename, so a reader finds the old files or the new ones, never some of each.
+    Concurrent callers (other processes, threads) take turns under a lock beside it: the first builds, the others
+    find its directory usable, and none moves away a directory another has just put there and handed out.
+    """
+    target = Path(target)
+    if usable(target):  # no lock needed to read, nor a writable directory (a read-only cache)
+        return False
+    with naming(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(target.with_name(f".{target.name}.lock")) as locked:
+        if usable(target):  # built by another caller while this one waited
+            return False
+        if locked:  # every caller builds under the lock: what another left is from a killed build
+            _remove_leftovers(target)
+        with naming(target):
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            build(staging)
+            _replace_dir(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Put ``staging`` at ``target``; one already there (a directory cannot be renamed over one that holds files)
+    is moved aside first and removed after, or put back if the rename fails."""
+    aside = None
+    if os.path.lexists(target):
+        aside = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+        os.replace(target, aside)
+    try:
+        durable_replace(staging, target)
+    except BaseException:
+        if aside is not None and not os.path.lexists(target):
+            os.replace(aside, target)
+        raise
+    if aside is not None:
+        _remove(aside)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Staging directories and moved-aside old ones of ``target`` that a killed install left (a model's size)."""
+    for pattern in (f".{glob.escape(target.name)}.tmp-*", f".{glob.escape(target.name)}.old-*"):
+        for path in target.parent.glob(pattern):
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()

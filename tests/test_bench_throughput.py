@@ -256,6 +256,25 @@ def test_bad_bench_flags_are_refused_before_anything_runs(flags: list[str], mess
     assert message in capsys.readouterr().err
 
 
+def test_an_out_dir_before_a_refused_flag_is_not_left_behind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --out-dir was made while the arguments were parsed: a command refused for the flag after it left it there
+    from edge_runtime.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "throughput", "--out-dir", str(tmp_path / "results" / "pi5"), "--warmup", "-3"])
+    assert "--warmup: must be >= 0" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+def test_an_out_dir_that_cannot_be_made_names_the_file_in_the_way(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_runtime.cli import main
+
+    (tmp_path / "results").write_text("")
+    with pytest.raises(SystemExit):
+        main(["bench", "throughput", "--out-dir", str(tmp_path / "results" / "pi5")])
+    assert f"--out-dir: {tmp_path / 'results'} is not a directory" in capsys.readouterr().err
+
+
 def test_a_bundle_label_given_twice_is_refused_before_anything_runs(tiny_bundle: Path, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from edge_runtime.cli import main

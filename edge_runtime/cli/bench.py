@@ -13,7 +13,6 @@ The flags are defined here, once, and the script reuses them.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import importlib
 import math
@@ -81,20 +80,24 @@ def host_name(text: str) -> str:
 
 
 def _out_dir(text: str) -> Path:
+    """An output directory, checked now (not after the whole benchmark has run) and made only when the results
+    are written: a command refused for another flag leaves no directory behind."""
+    from .._files import check_can_make_dir
+
     path = Path(text).expanduser()
-    if path.exists() and not path.is_dir():  # found now, not after the whole benchmark has run
-        raise argparse.ArgumentTypeError(f"{path} is not a directory")
-    try:  # made now too: a directory that cannot be made would lose a run of many minutes at its end
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise argparse.ArgumentTypeError(f"cannot create {path}: {err.strerror or err}") from err
-    if not os.access(path, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{path} is not writable")
+    try:
+        check_can_make_dir(path)
+    except NotADirectoryError as err:  # a file in the way
+        raise argparse.ArgumentTypeError(f"{err.filename} is not a directory") from err
+    except OSError as err:  # no permission, a read-only file system; err names the directory it would be made in
+        if err.filename == str(path):
+            raise argparse.ArgumentTypeError(f"cannot write in {path}: {err.strerror or err}") from err
+        raise argparse.ArgumentTypeError(f"cannot create {path} in {err.filename}: {err.strerror or err}") from err
     return path
 
 
 def _out_file(text: str) -> Path:
-    """A results file's path, its directory checked (and made) before measuring, as ``_out_dir``'s."""
+    """A results file's path, its directory checked before measuring (made when it is written), as ``_out_dir``'s."""
     path = Path(text).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a directory: give the results file's path")

