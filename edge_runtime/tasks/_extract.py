@@ -12,6 +12,7 @@ import bisect
 import re
 import unicodedata
 from decimal import Decimal, InvalidOperation
+from typing import NamedTuple
 
 __all__ = ["extract_number", "parse_number", "extract_yes_no", "text_candidates", "normalize_text"]
 
@@ -105,8 +106,12 @@ _PLACEHOLDER = re.compile(r"(?:^|[\s=])\?(?=\s|$|[.,;:!])")
 # a reason for an answer: "48 inches because 1 foot = 12 inches", "13 stamps, since 6 + 10 = 16"
 _JUSTIFICATION = re.compile(r"\b(?:because|since|given\s+that)\b", re.IGNORECASE)
 # where such a reason ends: its clause ("1,000" is a number, not a clause break), or a consequence ("so", "then";
-# not "and": "since 3 × 14 = 42 and 4 × 3 = 12" is one reason)
+# "and" only before new working, see :func:`_without_reasons`: "since 3 × 14 = 42 and 4 × 3 = 12" is one reason)
 _REASON_END = re.compile(r"[,;:](?!\d)|\)|[.!?](?=\s|$)|\n|\s(?:so|then)\s", re.IGNORECASE)
+# ... and where a reason told in words ends: not at "then", which goes on with its events ("since he bought 5
+# and then gave 5 away" is one reason), but at "so", which draws the consequence ("..., so he still has 6")
+_REASON_CLAUSE_END = re.compile(r"[,;:](?!\d)|\)|[.!?](?=\s|$)|\n|\sso\s", re.IGNORECASE)
+_AND = re.compile(r"\sand\s", re.IGNORECASE)
 # a sentence whose reason is for the sentence before it
 _POINTS_BACK = re.compile(r"\s*(?:this|that|it)(?:'s|\u2019s|\s+is)\s+", re.IGNORECASE)
 # a check of an answer, to the end of its line: "Check: 7 - 6 = 1", "To verify: 37 + 99 = 136"
@@ -121,6 +126,50 @@ _ARITHMETIC = re.compile(rf"(?:{_OPERATION})+", re.IGNORECASE)
 # ("2 + 7 = 9, 9 - 7 = 2": the second equation checks the first)
 _CHAIN = re.compile(rf"(?:(?![,.]\s)(?!\n){_OPERATION}|=)*", re.IGNORECASE)
 _CHAIN_CHARS = 300  # longer than any equation a reply writes out
+# an equation's left side starts after the last clause or sentence break in its run ("248. 12 × 8 =" is "12 × 8";
+# "1,000" is a number, not a break)
+_LEFT_SIDE_BREAK = re.compile(r"[.,;:!?](?=\s)|\n")
+_BLANKS = re.compile(r"[ \t]*")
+_OPERANDS = 16  # more numbers than the left side of any equation a reply writes out
+
+
+class _Equation(NamedTuple):
+    at: int  # where its "=" is
+    operands: tuple[Decimal | None, ...]  # the numbers of its left side, in order (its last _OPERANDS: each reason
+    # or check reads those of the equation it holds, and many may hold one long looping equation)
+    result: Decimal | None  # the number right after its "="
+
+
+def _equations(text: str) -> list[_Equation]:
+    """Every "=" of ``text``, in order, with its left side's numbers and its result; one pass (each run of
+    arithmetic is read once: searching back from every "=" was quadratic)."""
+    starts = {m.end(): m.start() for m in _ARITHMETIC.finditer(text)}
+    out = []
+    for eq in re.finditer("=", text):
+        at = eq.start()
+        left = text[starts.get(at, at):at]
+        breaks = list(_LEFT_SIDE_BREAK.finditer(left))
+        if breaks:
+            left = left[breaks[-1].end():]
+        result = _NUMBER.match(text, _BLANKS.match(text, at + 1).end())
+        out.append(_Equation(at, tuple(parse_number(n) for n in _numbers(left)[-_OPERANDS:]),
+                             parse_number(result.group(0)) if result else None))
+    return out
+
+
+def _positions(text: str) -> dict[Decimal | None, list[int]]:
+    """Where each number of ``text`` is written, by value."""
+    where: dict[Decimal | None, list[int]] = {}
+    for m in _NUMBER.finditer(text):
+        where.setdefault(parse_number(m.group(0)), []).append(m.start())
+    return where
+
+
+def _said(where: dict, value: Decimal | None, lo: int, hi: int) -> bool:
+    """Whether ``value`` is written somewhere in ``text[lo:hi]`` (``where`` from :func:`_positions`)."""
+    at = where.get(value, ())
+    i = bisect.bisect_left(at, lo)
+    return i < len(at) and at[i] < hi
 
 
 def _restates(sentence: str, question: str, number: re.Match[str], *, min_words: int = 5) -> bool:
@@ -157,11 +206,12 @@ def _restated_number(text: str, question: str, asked_in_order: list) -> str | No
     it just restates the question: two or more of them in the question's order ("What is 6 - 3?", "I can't
     compute 81 / 9."), a "?" where the answer would be ("64 / 8 = ?"), or the question's words copied around
     that number ("The bakery ... into boxes of 8."). "What is 6 - 3? It is 3." answers 3. A reason after the
-    number is not its sentence's answer: "Jack has 6 cookies, since he bought 5 and gave 5 away." answers 6."""
+    number is not its sentence's answer: "Jack has 6 cookies, since he bought 5 and then gave 5 away." answers 6
+    (the reason's events run on past "then"; "..., because he bought 5 so he still has 6" answers 6 too)."""
     last = next(s for s in reversed(_SENTENCE_END.split(text.strip())) if _NUMBER.search(s))
     reason = _JUSTIFICATION.search(last)
     if reason and _NUMBER.search(last[:reason.start()]):  # the reason's own clause goes, not what follows it
-        stop = _REASON_END.search(last, reason.end())
+        stop = _REASON_CLAUSE_END.search(last, reason.end())
         last = last[:reason.start()] + (last[stop.start():] if stop else "")
     numbers = _numbers(last)
     if 2 <= len(numbers) <= len(asked_in_order) and _in_order([parse_number(n) for n in numbers], asked_in_order):
@@ -171,10 +221,20 @@ def _restated_number(text: str, question: str, asked_in_order: list) -> str | No
     return numbers[-1]
 
 
-def _goes_on_copying(rest: str, question: str, asked_in_order: list, first: Decimal | None) -> bool:
+def _goes_on_copying(rest: str, question: str, asked_in_order: list, first_sentence: str,
+                     first: Decimal | None) -> bool:
     """Whether ``rest``, after a first sentence copied from the question, goes on copying it: it restates it
     (see :func:`_restated_number`), or its numbers are the question's next ones, in order ("Omar has 11
-    stamps. He buys 4 more." cut short)."""
+    stamps. He buys 4 more." cut short). A sentence said again is a loop and adds nothing ("Aisha has 10
+    dollars. She spends 5. She spends 5." copies as "... She spends 5." does); a rest that only says the first
+    sentence again does not go on copying ("Jack has 6 cookies. Jack has 6 cookies." is read as its first)."""
+    seen, said_once = {" ".join(_WORDS.findall(first_sentence.lower()))}, []
+    for sentence in _SENTENCE_END.split(rest.strip()):
+        key = " ".join(_WORDS.findall(sentence.lower()))
+        if key not in seen:
+            seen.add(key)
+            said_once.append(sentence)
+    rest = "\n".join(said_once)  # a line break keeps the sentences apart
     values = [parse_number(n) for n in _numbers(rest)]
     if not values:
         return False
@@ -185,11 +245,34 @@ def _goes_on_copying(rest: str, question: str, asked_in_order: list, first: Deci
     return (values == after[:len(values)] and copied) or _restated_number(rest, question, asked_in_order) is None
 
 
-def _operands_result(text: str, asked_in_order: list) -> str | None:
+def _reworked(later: list[_Equation], found: Decimal | None, asked: set) -> bool:
+    """Whether ``later`` equations work a sum of two operations or more out again, step by step, to another answer:
+    they work on the question's numbers and what they found only (not an example or another sum: "3 × 8 + 1 = 25.
+    Likewise 4 × 8 = 32, and 32 + 1 = 33"), and the last goes on from what an earlier one found ("12 × 8 = 96, then
+    19 + 96 = 115") to a number that is neither ``found`` nor the question's (a check worked back to the question
+    lands on one of its numbers). A sum of one operation worked out again is the question's arithmetic again,
+    whose last result :func:`_operands_result` reads anyway."""
+    results: set = set()
+    goes_on = False
+    for eq in later:
+        if any(v not in asked and v not in results for v in eq.operands):
+            return False
+        goes_on = any(v in results for v in eq.operands)  # of the last one, in the end
+        if eq.result is not None:
+            results.add(eq.result)
+    last = later[-1].result
+    return goes_on and last is not None and last != found and last not in asked
+
+
+def _operands_result(text: str, asked_in_order: list, equations: list[_Equation]) -> str | None:
     """The result of the last equation whose left side is the question's own arithmetic, worked to the end
     of its chain ("16 + 12 × 12 = 12 × 12 = 160") and not into an aside ("= 115 (12 × 8 = 96)"): "1 + 6 =
-    7, and 7 - 1 = 6" answers "What is 1 + 6?" with 7, as later checks and notes do not replace it. After a
-    correction ("19 + 12 * 8 = 248. Oops: 12 * 8 = 96, and 19 + 96 = 115.") it is left to the "=" rule."""
+    7, and 7 - 1 = 6" answers "What is 1 + 6?" with 7, as later checks and notes do not replace it. It is left
+    to the "=" rule when what follows corrects it: a correction opens a sentence or clause after it ("19 + 12 *
+    8 = 248. Oops: 12 * 8 = 96, and 19 + 96 = 115."), or, without such a word, the equations after it work the
+    sum out again to a new answer, the next one not going on from it (see :func:`_reworked`: "248. Hmm,
+    multiplication comes first: 12 × 8 = 96, then 19 + 96 = 115."; "248 - no wait, ..."; "Let me re-evaluate:
+    ..."). A note working out a part ("= 115. Note that 12 * 8 = 96 is done first.") is no correction."""
     if len(asked_in_order) < 2:
         return None
     found, found_end = None, 0
@@ -208,29 +291,66 @@ def _operands_result(text: str, asked_in_order: list) -> str | None:
         at = run.end() + len(chain)
         result = _numbers(chain[chain.rfind("=") + 1:])
         found, found_end = (result[0] if len(result) == 1 else None), at
-    if found is not None and _CORRECTION.search(text, found_end):
+    if found is None:
+        return None
+    later = equations[bisect.bisect_left(equations, found_end, key=lambda e: e.at):]
+    value = parse_number(found)
+    if _CORRECTION.search(text, found_end):
         return None  # "Oops", "Actually": what follows corrects it, and the "=" rule reads the correction
-    return found
+    if (len(asked_in_order) >= 3 and later and value not in later[0].operands
+            and _reworked(later, value, set(asked_in_order))):
+        return None  # worked out again without a word of correction ("Hmm, ...", "Let me re-evaluate: ...")
+    return found  # a check going on from the result ("1 + 6 = 7, and 7 - 1 = 6") or none after it
 
 
-def _without_reasons(text: str, asked: set) -> str:
+def _without_reasons(text: str, asked: set, equations: list[_Equation]) -> str:
     """``text`` without what justifies or checks an answer already given, where that holds an equation the
     "=" rule would read instead: a reason after a number in its own sentence, to the end of its clause
     ("4 feet is 48 inches because 1 foot = 12 inches"; "Omar spends 24 dollars, since 3 × 8 = 24. His
     change is 50 - 24 = 26." still reads 26), and a check after any number, to the end of its line
     ("26 dollars. Check: 26 + 24 = 50, and 3 × 8 = 24"). A reason opening its sentence ("Since 50 - 24 = 26,
-    he gets 26 back") is the working and stays."""
+    he gets 26 back") is the working and stays.
+
+    A reason goes where its sentence gives a new number (not the question's) before it, or where it works that
+    sentence's number back to the question ("9, because 9 × 9 = 81" reads 9). A reason whose equation goes on from a number already said to a new one is working and
+    stays ("Omar spends 24 dollars since 3 × 8 = 24, and since 50 - 24 = 26 he gets 26 dollars back"). "And"
+    ends a reason where new working follows it: an equation going on from a number already said to a new one
+    ("Jack is 42 now since 32 + 10 = 42 and in 3 years he will be 42 + 3 = 45"), or no equation at all ("13
+    stamps, since 6 + 10 = 16 and gave away 3"). A check is dropped only when it verifies a new number given
+    before it: an equation of it lands on that number, or goes on from it (or from what the check found from it)
+    to one of the question's; "3 × 8 = 24. Check: 50 - 24 = 26, so the change is 26." works on to 26."""
     # positions found once, looked up by bisection: scanning from each reason was quadratic on a looping reply
     # a colon starts one too: "Step 2: Since 50 - 24 = 26, ..." is working, not a reason for the 2
     sentence_starts = sorted([0] + [m.end() for m in _SENTENCE_END.finditer(text)]
                              + [m.end() for m in re.finditer(r":(?!\d)", text)])
     stops = [m.start() for m in _REASON_END.finditer(text)]
-    equals = [m.start() for m in re.finditer("=", text)]
+    equals = [eq.at for eq in equations]
+    where = _positions(text)
     fresh = [m.start() for m in _NUMBER.finditer(text) if parse_number(m.group(0)) not in asked]
 
     def any_in(positions: list[int], lo: int, hi: int) -> bool:
         i = bisect.bisect_left(positions, lo)
         return i < len(positions) and positions[i] < hi
+
+    def first_equation(lo: int, hi: int) -> _Equation | None:
+        i = bisect.bisect_left(equals, lo)
+        return equations[i] if i < len(equals) and equals[i] < hi else None
+
+    def new_working(eq: _Equation, before: int, *, first_only: bool) -> bool:
+        """``eq`` goes on from a number said before ``before`` (its first operand, or any) to a new one."""
+        operands = eq.operands[:1] if first_only else eq.operands
+        return (eq.result is not None and eq.result not in asked and not _said(where, eq.result, 0, before)
+                and any(_said(where, v, 0, before) for v in operands))
+
+    # an "and" ends a reason before new working or where no equation follows in its clause; each "and" is judged
+    # once (what follows it up to the next stop does not depend on the reason it is in)
+    for m in _AND.finditer(text):
+        i = bisect.bisect_left(stops, m.end())
+        clause_end = stops[i] if i < len(stops) else len(text)
+        follows = first_equation(m.end(), clause_end)
+        if follows is None or new_working(follows, m.start(), first_only=True):
+            stops.append(m.start())
+    stops.sort()
 
     cuts = []
     for reason in _JUSTIFICATION.finditer(text):
@@ -244,12 +364,32 @@ def _without_reasons(text: str, asked: set) -> str:
         alone = not lead.strip() and (end == len(text) or text[end] in ".!?\n")
         if k and (_POINTS_BACK.fullmatch(lead) or alone):
             sentence = sentence_starts[k - 1]
-        if any_in(equals, reason.end(), end) and any_in(fresh, sentence, reason.start()):
+        eq = first_equation(reason.end(), end)
+        if eq is None or new_working(eq, reason.start(), first_only=False):
+            continue
+        verifies = eq.result is not None and (
+            _said(where, eq.result, sentence, reason.start())
+            or (eq.result in asked and any(_said(where, v, sentence, reason.start()) for v in eq.operands)))
+        if verifies or any_in(fresh, sentence, reason.start()):
             cuts.append((reason.start(), end))
     for check in _CHECK.finditer(text):
         line_end = text.find("\n", check.end())
         end = len(text) if line_end < 0 else line_end
-        if any_in(equals, check.end(), end) and any_in(fresh, 0, check.start()):
+        if not any_in(fresh, 0, check.start()):
+            continue
+        # its equations, within a bounded span (a looping line of checks would otherwise be read once per check)
+        i, given, verifies = bisect.bisect_left(equals, check.end()), set(), False
+        while not verifies and i < len(equals) and equals[i] < min(end, check.end() + _CHAIN_CHARS):
+            eq = equations[i]
+            i += 1
+            if eq.result is None:
+                continue
+            said = [v for v in eq.operands if v in given or (v not in asked and _said(where, v, 0, check.start()))]
+            verifies = (eq.result not in asked and _said(where, eq.result, 0, check.start())) or (
+                bool(said) and eq.result in asked)
+            if said:
+                given.add(eq.result)
+        if verifies:
             cuts.append((check.start(), end))
     kept, at = [], 0
     for start, end in sorted(cuts):
@@ -321,15 +461,16 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
         # ... and so is one copied from the question when more numbers follow ("Aisha has 10 dollars. 5 are left.");
         # when what follows goes on copying it, the reply answers nothing
         copied = _restates(first, question, number, min_words=3) and bool(_NUMBER.search(rest))
-        copying = copied and _goes_on_copying(rest, question, asked_in_order, parse_number(number.group(0)))
+        copying = copied and _goes_on_copying(rest, question, asked_in_order, first, parse_number(number.group(0)))
         premise = parse_number(nums[0]) in asked and (
             any(parse_number(n) not in asked for n in _numbers(rest)) or _restates(first, question, number) or copied)
         if not premise:
             return nums[0], None
-    result = _operands_result(text, asked_in_order)
+    equations = _equations(text)
+    result = _operands_result(text, asked_in_order, equations)
     if result is not None:
         return result, None
-    text = _without_reasons(text, asked)
+    text = _without_reasons(text, asked, equations)
     # an aside in parentheses works the answer out or checks it ("85 (since 85 - 37 = 48)"): read the reply
     # without it, unless that leaves no number
     plain = _PARENTHESES.sub(" ", text)
@@ -527,6 +668,12 @@ _ASKING = re.compile(r"\W*(?:which|what|how|is|are|join|write)\b", re.IGNORECASE
 _SORTED = re.compile(r"\b(?:alphabetical|alphabetically|sorted)\b", re.IGNORECASE)
 _SPELT = re.compile(r"[^\W\d_](?:\s*[,\s-]\s*[^\W\d_])+")  # "N, L, S, I", "n-l-s-i"
 _LIST_ITEM_BREAK = re.compile(r"\s*(?:[,;&]|\band\b|\bor\b)\s*", re.IGNORECASE)
+# "Saddle comes first.": the word placed first or last (the words ordered are single words); "comes" is no copula,
+# as "Castle comes after cloud." names castle second. Linear: it starts at a word's start only, and reads the word
+# (an apostrophe only inside it) and the quotes closing it once each, never trying every split of a run of quotes
+_COMES = re.compile(r"(?<![\w'\u2019-])([^\W\d_](?:[\w-]|['\u2019](?=\w))*+)[\"'\u2019\u201d*_]*+\s+"
+                    r"(?:comes|would\s+come|will\s+come)\s+(first|last)\b", re.IGNORECASE)
+_NOT_PLACED = {"it", "this", "that", "which", "what", "who", "one", "word", "never", "not", "also", "always", "then"}
 
 
 def _quoted_words(question: str | None) -> list[str]:
@@ -565,7 +712,8 @@ def text_candidates(reply: str, *, max_words: int = 6, question: str | None = No
     In order: a LaTeX ``\\boxed{}``; what follows "the answer is" anywhere; from
     the first sentence, the one quoted phrase if there is exactly one ('The
     word "cup" comes first'), what follows its last "is/are/was/wrote" ("The
-    capital of France is Paris"), its first clause ("Paris, France"), the
+    capital of France is Paris"), the word said to come first or last ("Saddle comes first"; with the
+    ``question``, only the place it asks about), its first clause ("Paris, France"), the
     first clause after a colon ("Sorted: saddle, snake, stone"), what
     follows the verb in the whole sentence when it spells letters ("The
     letters are N, L, S, I"),
@@ -591,6 +739,12 @@ def text_candidates(reply: str, *, max_words: int = 6, question: str | None = No
     quoted = [next(g for g in m.groups() if g) for m in _QUOTED.finditer(first)]
     if len(quoted) == 1:
         out.append(quoted[0])
+    # the place the question asks about, or either without one
+    places = {w for w in ("first", "last") if re.search(rf"\b{w}\b", question or "", re.IGNORECASE)} or {"first", "last"}
+    placed = next((m.group(1) for m in _COMES.finditer(first)
+                   if m.group(2).lower() in places and m.group(1).lower() not in _NOT_PLACED), None)
+    if placed:
+        out.append(placed)
     first_clause = _clause(first) or first
     parts = _COPULA.split(" " + first_clause + " ")
     after = parts[-1].strip() if len(parts) > 1 else first_clause

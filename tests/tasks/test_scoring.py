@@ -432,8 +432,121 @@ def test_replies_found_by_the_second_scoring_audit(scorer, reply, answers, quest
         assert s.correct is score_text(scorer, answers, extracted).correct
 
 
+OMAR = "A notebook costs 8 dollars. Omar buys 3 notebooks and pays with a 50-dollar bill. How much change?"
+BEN = "Ben is 32 years old and Jack is 10 years older. How old will Jack be in 3 years?"
+LENA = "Lena has 6 stamps. She buys 10 more and then gives 3 to a friend. How many stamps does Lena have now?"
+SUM = "What is 19 + 12 × 8?"
+SUM_ASCII = "What is 19 + 12 * 8?"
+SUMS = "What is 43 + 93 - 99?"
+
+
+@pytest.mark.parametrize(
+    "reply, question, extracted",
+    [
+        # a. a reason joined by "and" to the working after it is only the reason
+        ("Jack is 42 now since 32 + 10 = 42 and in 3 years he will be 42 + 3 = 45.", BEN, "45"),
+        ("Jack is 42 since 32 + 10 = 42 and 42 + 3 = 45.", BEN, "45"),
+        ("Omar spends 24 dollars since 3 × 8 = 24, and since 50 - 24 = 26 he gets 26 dollars back.", OMAR, "26"),
+        ("He spent 24 dollars, so he gets money back since 50 - 24 = 26.", OMAR, "26"),
+        # b. a wrong result worked out again, with or without a word of correction
+        ("19 + 12 × 8 = 248. Hmm, multiplication comes first: 12 × 8 = 96, then 19 + 96 = 115.", SUM, "115"),
+        ("19 + 12 × 8 = 248. Let me re-evaluate: 12 × 8 = 96, and 19 + 96 = 115.", SUM, "115"),
+        ("19 + 12 × 8 = 248\nLet me re-evaluate.\n12 × 8 = 96\n19 + 96 = 115", SUM, "115"),
+        ("19 + 12 × 8 = 248. No wait, 12 × 8 = 96, so 19 + 96 = 115.", SUM, "115"),
+        ("19 + 12 × 8 = 248 - no wait, 12 × 8 = 96, so 19 + 96 = 115.", SUM, "115"),
+        ("19 + 12 × 8 = 248. Hmm, 12 × 8 = 96 and 19 + 96 = 115.", SUM, "115"),
+        ("19 + 12 × 8 = 248. However, multiplication comes before addition: 12 × 8 = 96, and 19 + 96 = 115.", SUM,
+         "115"),
+        ("43 + 93 - 99 = 100. 43 + 93 = 136, 136 - 99 = 37", SUMS, "37"),
+        # d. the question copied in a loop answers nothing, as copied once
+        ("Aisha has 10 dollars. She spends 5. She spends 5.", AISHA, None),
+        ("Aisha has 10 dollars. She spends 5 dollars. She spends 5 dollars. She spends 5 dollars.", AISHA, None),
+        # e. a reason told in words runs on past "then"
+        ("Jack has 6 cookies, since he bought 5 and then gave 5 away.", JACK, "6"),
+        # f. a "check" that works on from the answer to a new number is working
+        ("3 × 8 = 24. Check: 50 - 24 = 26, so the change is 26.", OMAR, "26"),
+        # g. and what must not change: a reason working the answer back to the question
+        ("9, because 9 × 9 = 81.", "What is the square root of 81?", "9"),
+        ("9 because 9 × 9 = 81", "What is the square root of 81?", "9"),
+        ("26, because 50 - 24 = 26.", OMAR, "26"),
+        ("The answer is 8 because 8 × 7 = 56.", "What is 56 ÷ 7?", "8"),
+        # ... checks and notes after the question's own arithmetic
+        ("1 + 6 = 7, and 7 - 1 = 6.", "What is 1 + 6?", "7"),
+        ("1 + 6 = 7. Check: 7 - 6 = 1.", "What is 1 + 6?", "7"),
+        ("1 + 6 = 7\n7 × 2 = 14", "What is 1 + 6?", "7"),
+        ("2 + 7 = 9, 9 - 7 = 2", "What is 2 + 7?", "9"),
+        ("2 + 7 = 9. Let me recheck: 9 - 7 = 2.", "What is 2 + 7?", "9"),
+        ("6 × 7 = 42. Then 42 / 6 = 7.", "What is 6 × 7?", "42"),
+        ("43 + 93 - 99 = 37. To verify: 37 + 99 = 136, and 136 - 93 = 43.", SUMS, "37"),
+        ("43 + 93 - 99 = 37. Also 43 + 93 = 136, 136 - 99 = 37", SUMS, "37"),
+        ("19 + 12 * 8 = 115. Note that 12 * 8 = 96 is done first.", SUM_ASCII, "115"),
+        ("19 + 12 × 8 = 115. First 12 × 8 = 96, then 19 + 96 = 115.", SUM, "115"),
+        ("19 + 12 × 8 = 115 (12 × 8 = 96, then 19 + 96 = 115)", SUM, "115"),
+        ("19 + 12 * 8 = 248. Oops: 12 * 8 = 96, and 19 + 96 = 115.", SUM_ASCII, "115"),
+        ("19 + 12 × 8 = 248. Hmm, let me check: 248 - 19 = 229.", SUM, "248"),  # checked, not worked out again
+        ("3 × 8 + 1 = 25. Likewise 4 × 8 = 32, and 32 + 1 = 33.", "What is 3 × 8 + 1?", "25"),  # another sum
+        # ... reasons after an answer, and working that opens with one
+        ("Omar spends 24 dollars, since 3 × 8 = 24. His change is 50 - 24 = 26.", OMAR, "26"),
+        ("Omar gets 26 dollars back. Check: 26 + 24 = 50, and 3 × 8 = 24.", OMAR, "26"),
+        ("He gets 26 dollars back, since he spent 24 and 50 - 24 = 26.", OMAR, "26"),
+        ("Since 50 - 24 = 26, he gets 26 back.", OMAR, "26"),
+        ("3 × 8 = 24, and 50 - 24 = 26.", OMAR, "26"),
+        ("4 feet is 48 inches because 1 foot = 12 inches.", FEET, "48"),
+        ("4 feet is 48 inches. This is because 1 foot = 12 inches.", FEET, "48"),
+        ("48 inches, because there are 12 inches in a foot and 4 × 12 = 48.", FEET, "48"),
+        ("Lena now has 13 stamps, since 6 + 10 = 16 and gave away 3.", LENA, "13"),
+        ("13 stamps, since 6 + 10 = 16 and gave away 3", LENA, "13"),
+        ("13 since she had 6 and 6 + 10 = 16 and 16 - 3 = 13", LENA, "13"),
+        ("Jack is 42 now since 32 + 10 = 42 so in 3 years he will be 42 + 3 = 45.", BEN, "45"),
+        ("43 + 93 is 136 because 40 + 90 = 130 and 3 + 3 = 6; then 136 - 99 = 37.", SUMS, "37"),
+        ("They pay 54 dollars in total, since 3 adult tickets cost 3 × 14 = 42 dollars and 4 child tickets cost "
+         "4 × 3 = 12 dollars.", "Adult tickets cost 14 dollars and child tickets 3. What do 3 adult and 4 child "
+         "tickets cost?", "54"),
+        # ... and copies of the question
+        ("Jack has 6 cookies, since he bought 5 and gave 5 away.", JACK, "6"),
+        ("He gives away 5 because he bought 5, so he still has 6.", JACK, "6"),
+        ("Aisha has 10 dollars. She spends 5 dollars.", AISHA, None),
+        ("Aisha has 10 dollars. 5 are left.", AISHA, "5"),
+        ("Jack has 6 cookies. Jack has 6 cookies.", JACK, "6"),
+        ("Jack has 6 cookies. He buys 5 more and then gives 5 to a friend. So Jack has 6 cookies.", JACK, "6"),
+    ],
+)
+def test_replies_found_by_review_36(reply, question, extracted):
+    s = score_text("number", [extracted or "0"], reply, question=question)
+    assert s.extracted == extracted
+    assert s.correct is (extracted is not None) and (s.parse_error is None) is (extracted is not None)
+
+
+LAST = SADDLE.replace("first", "last")
+
+
+@pytest.mark.parametrize(
+    "reply, question, answer, extracted",
+    [
+        # c. the word said to come first (or last, where that is asked)
+        ("Saddle comes first.", SADDLE, "saddle", "Saddle"),
+        ("**Saddle** comes first alphabetically.", SADDLE, "saddle", "Saddle"),
+        ("The word saddle comes first.", SADDLE, "saddle", "saddle"),
+        ("Stone comes last, saddle comes first.", SADDLE, "saddle", "saddle"),
+        ("Saddle comes first, stone comes last.", LAST, "stone", "stone"),
+        ('"Stone" would come last.', LAST, "stone", "Stone"),
+        # ... and not a pronoun, nor a word placed after another
+        ("Snake comes first.", SADDLE, "saddle", "Snake"),
+        ("It comes first.", SADDLE, "saddle", "It comes first"),
+        ("Castle comes after cloud.", SADDLE, "castle", "Castle comes after cloud"),
+    ],
+)
+def test_the_word_said_to_come_first_is_read(reply, question, answer, extracted):
+    s = score_text("text", [answer], reply, question=question)
+    assert s.extracted == extracted and s.correct is (extracted.lower() == answer)
+
+
 @pytest.mark.parametrize("reply", ["1 plus " * 20000, "minus " * 20000, "2 times 3 " * 12000, "1 + " * 30000,
-                                   "= " * 60000, "1," * 60000, "Jack has 6 cookies. " * 6000, "1 + 6 = 7 (" * 12000])
+                                   "= " * 60000, "1," * 60000, "Jack has 6 cookies. " * 6000, "1 + 6 = 7 (" * 12000,
+                                   # many reasons, or quotes, before one long equation or word
+                                   "9 because " * 5000 + "1 + " * 20000 + "1 = 5", "a" + "'" * 50000 + " x",
+                                   "Aisha has 10 dollars. " + "She spends 5. " * 8000,
+                                   "19 + 12 × 8 = 248. " + "12 × 8 = 96, then 19 + 96 = 115. " * 3000])
 def test_long_replies_are_scored_in_linear_time(reply):
     # a model stuck in a loop writes replies like these; searching back from every "=" or operation word took
     # 33 s on 120 KB of "minus " (review 33). The bound is a hang guard, far above the ~0.1 s this takes.
