@@ -227,11 +227,15 @@ def _goes_on_copying(rest: str, question: str, asked_in_order: list, first_sente
     (see :func:`_restated_number`), or its numbers are the question's next ones, in order ("Omar has 11
     stamps. He buys 4 more." cut short). A sentence said again is a loop and adds nothing ("Aisha has 10
     dollars. She spends 5. She spends 5." copies as "... She spends 5." does); a rest that only says the first
-    sentence again does not go on copying ("Jack has 6 cookies. Jack has 6 cookies." is read as its first)."""
-    seen, said_once = {" ".join(_WORDS.findall(first_sentence.lower()))}, []
-    for sentence in _SENTENCE_END.split(rest.strip()):
+    sentence again does not go on copying ("Jack has 6 cookies. Jack has 6 cookies." is read as its first). The
+    first sentence said again as the last one may be the answer, and is kept: where the answer is the question's
+    premise, "Jack has 6 cookies. He buys 5 more and then gives 5 to a friend. Jack has 6 cookies." answers 6."""
+    opening = " ".join(_WORDS.findall(first_sentence.lower()))
+    sentences = _SENTENCE_END.split(rest.strip())
+    seen, said_once = {opening}, []
+    for i, sentence in enumerate(sentences):
         key = " ".join(_WORDS.findall(sentence.lower()))
-        if key not in seen:
+        if key not in seen or (key == opening and i == len(sentences) - 1):
             seen.add(key)
             said_once.append(sentence)
     rest = "\n".join(said_once)  # a line break keeps the sentences apart

@@ -509,6 +509,11 @@ SUMS = "What is 43 + 93 - 99?"
         ("Aisha has 10 dollars. 5 are left.", AISHA, "5"),
         ("Jack has 6 cookies. Jack has 6 cookies.", JACK, "6"),
         ("Jack has 6 cookies. He buys 5 more and then gives 5 to a friend. So Jack has 6 cookies.", JACK, "6"),
+        # ... the copy answered by its first sentence said again (the answer is the premise), not a loop
+        ("Jack has 6 cookies. He buys 5 more and then gives 5 to a friend. Jack has 6 cookies.", JACK, "6"),
+        ("Jack has 6 cookies.\nHe buys 5 more and then gives 5 to a friend.\nJack has 6 cookies.", JACK, "6"),
+        ("Jack has 6 cookies. He buys 5 more and then gives 5 to a friend. Jack has 6 cookies. He buys 5 more and then "
+         "gives 5 to a friend.", JACK, None),
     ],
 )
 def test_replies_found_by_review_36(reply, question, extracted):
