@@ -123,14 +123,16 @@ def dirs_for_work(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[bool]:
-    """Hold an exclusive lock on the file ``path`` (made owner-only if missing, and kept) for the block; yields
-    whether it is really held (False where there is no ``fcntl``). ``flock`` locks an open file, not the process:
-    two threads of one process exclude each other too."""
+    """Hold an exclusive lock on the file ``path`` (made if missing, and kept) for the block; yields whether it is
+    really held (False where there is no ``fcntl``). ``flock`` locks an open file, not the process: two threads of
+    one process exclude each other too. The file gets the mode the umask allows, as the directory it guards does:
+    an owner-only lock left by one user of a group-shared cache (an admin's failed install) refused the daemon's
+    service account every later install there."""
     if fcntl is None:
         yield False
         return
     with naming(path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield True

@@ -250,3 +250,20 @@ def test_an_unusable_directory_is_replaced_whole_and_a_failed_build_keeps_the_ol
     assert install_dir(target, _pair_usable, _pair_build(tmp_path / "log", 0.0)) is True
     assert (target / "cert").read_text() == (target / "key").read_text() != "old"
     assert install_dir(target, _pair_usable, failing) is False  # usable now: not built again
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the lock is flock")
+def test_the_install_lock_gets_the_mode_the_umask_allows_so_a_shared_cache_stays_usable(tmp_path):
+    # owner-only, a lock left by one user of a group-shared cache (umask 002) refused every other user's install
+    from edge_runtime._files import install_dir
+
+    def failing(staging: Path) -> None:
+        raise RuntimeError("damaged wheel")
+
+    old = os.umask(0o002)
+    try:
+        with pytest.raises(RuntimeError):
+            install_dir(tmp_path / "minilm", _pair_usable, failing)
+    finally:
+        os.umask(old)
+    assert (tmp_path / ".minilm.lock").stat().st_mode & 0o777 == 0o664
