@@ -382,18 +382,22 @@ def _without_reasons(text: str, asked: set, equations: list[_Equation]) -> str:
         if not any_in(fresh, 0, check.start()):
             continue
         # its equations, within a bounded span (a looping line of checks would otherwise be read once per check)
-        i, given, verifies = bisect.bisect_left(equals, check.end()), set(), False
+        i, given, verifies, works_on = bisect.bisect_left(equals, check.end()), set(), False, False
+        first = i
         while not verifies and i < len(equals) and equals[i] < min(end, check.end() + _CHAIN_CHARS):
             eq = equations[i]
             i += 1
             if eq.result is None:
                 continue
             said = [v for v in eq.operands if v in given or (v not in asked and _said(where, v, 0, check.start()))]
-            verifies = (eq.result not in asked and _said(where, eq.result, 0, check.start())) or (
-                bool(said) and eq.result in asked)
+            lands_new = eq.result not in asked and not _said(where, eq.result, 0, check.start())
+            verifies = (eq.result not in asked and not lands_new) or (bool(said) and eq.result in asked)
+            works_on = works_on or (bool(said) and lands_new)
             if said:
                 given.add(eq.result)
-        if verifies:
+        # kept only as working that goes on from the number given before it: a check of other numbers that lands
+        # elsewhere says the answer is wrong ("25 dollars back. Check: 50 - 24 = 26." gives 25, not the check's 26)
+        if i > first and (verifies or not works_on):
             cuts.append((check.start(), end))
     kept, at = [], 0
     for start, end in sorted(cuts):

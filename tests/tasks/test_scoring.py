@@ -522,6 +522,19 @@ def test_replies_found_by_review_36(reply, question, extracted):
     assert s.correct is (extracted is not None) and (s.parse_error is None) is (extracted is not None)
 
 
+@pytest.mark.parametrize(
+    "reply, question, right, stated",
+    [
+        # a check of other numbers that lands on another one says the answer given is wrong: it is not the answer
+        ("Omar gets 25 dollars back. Check: 50 - 24 = 26.", OMAR, "26", "25"),
+        ("Omar gets 25 dollars back. Check: 3 × 8 = 24, 50 - 24 = 26.", OMAR, "26", "25"),
+    ],
+)
+def test_a_wrong_answer_is_not_read_from_the_working_that_contradicts_it(reply, question, right, stated):
+    s = score_text("number", [right], reply, question=question)
+    assert s.extracted == stated and not s.correct
+
+
 LAST = SADDLE.replace("first", "last")
 
 
