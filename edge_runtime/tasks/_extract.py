@@ -268,6 +268,12 @@ def _reworked(later: list[_Equation], found: Decimal | None, asked: set) -> bool
     return goes_on and last is not None and last != found and last not in asked
 
 
+def _goes_on_from(value: Decimal | None, equations: list[_Equation], asked: set) -> bool:
+    """Whether one of ``equations`` works on ``value`` to a number that is neither it nor one of the question's."""
+    return any(value in eq.operands and eq.result is not None and eq.result != value and eq.result not in asked
+               for eq in equations)
+
+
 def _operands_result(text: str, asked_in_order: list, equations: list[_Equation]) -> str | None:
     """The result of the last equation whose left side is the question's own arithmetic, worked to the end
     of its chain ("16 + 12 × 12 = 12 × 12 = 160") and not into an aside ("= 115 (12 × 8 = 96)"): "1 + 6 =
@@ -411,9 +417,9 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
     """The number a reply gives as its answer.
 
     In order: a LaTeX ``\\boxed{}``; the number after "answer is"/"answer:"; a
-    short first line holding a single number ("85.", "85 apples"); the first
-    number after the last "="; the last number in the reply; finally a number
-    word ("twelve", "twenty-one"). A sign written as a word counts ("negative 51" is -51; "minus 5" is -5
+    short first line holding a single number ("85.", "85 apples"; not a step that the working after it
+    goes on from to a new number); the first number after the last "="; the last number in the reply;
+    finally a number word ("twelve", "twenty-one"). A sign written as a word counts ("negative 51" is -51; "minus 5" is -5
     unless it follows a number), and a fraction ("1/2") is not read as either of its numbers.
 
     With the ``question``, the reply is read against what was asked: a
@@ -472,7 +478,9 @@ def extract_number(reply: str, question: str | None = None) -> tuple[str | None,
         copying = copied and _goes_on_copying(rest, question, asked_in_order, first, parse_number(number.group(0)))
         premise = parse_number(nums[0]) in asked and (
             any(parse_number(n) not in asked for n in _numbers(rest)) or _restates(first, question, number) or copied)
-        if not premise:
+        # ... and a number of its own is a step when the working after it goes on from it to another new number
+        # ("Omar spends 24 dollars. So 50 - 24 = 26."); a check landing on it or on the question's numbers is not
+        if not premise and not _goes_on_from(parse_number(nums[0]), _equations(rest), asked):
             return nums[0], None
     equations = _equations(text)
     result = _operands_result(text, asked_in_order, equations)

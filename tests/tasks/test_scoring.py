@@ -535,6 +535,23 @@ def test_a_wrong_answer_is_not_read_from_the_working_that_contradicts_it(reply, 
     assert s.extracted == stated and not s.correct
 
 
+
+@pytest.mark.parametrize(
+    "reply, question, extracted",
+    [
+        # a short first sentence with a number of its own is a step when the working goes on from it
+        ("Omar spends 24 dollars. So 50 - 24 = 26.", OMAR, "26"),
+        ("Omar spends 24 dollars. Check: 50 - 24 = 26.", OMAR, "26"),
+        ("24 dollars spent. Check: 50 - 24 = 26.", OMAR, "26"),
+        # ... and the answer when the working after it checks it: lands on it or on the question's numbers
+        ("26 dollars. Check: 26 + 24 = 50.", OMAR, "26"),
+        ("26. Check: 50 - 26 = 24, 24 / 3 = 8.", OMAR, "26"),
+        ("26 dollars. Because 50 - 24 = 26.", OMAR, "26"),
+    ],
+)
+def test_a_first_number_the_working_goes_on_from_is_a_step(reply, question, extracted):
+    assert score_text("number", ["26"], reply, question=question).extracted == extracted
+
 LAST = SADDLE.replace("first", "last")
 
 
