@@ -36,6 +36,10 @@ class WorkerSlots:
 
     def acquire(self, cancelled: Callable[[], bool]) -> bool:
         """Wait for a slot. False if ``cancelled()`` became true first; QueueFullError if the queue is full."""
+        if cancelled():
+            # the call ended on its way here: a free worker would run the backend for nobody (an upstream bills it)
+            # and the caller's request would stay spent (the service gives back what no backend ran)
+            return False
         with self._lock:
             if self.running < self.workers and not self._waiters:
                 self.running += 1

@@ -432,6 +432,15 @@ def test_a_waiter_cancelled_as_its_slot_arrives_passes_the_slot_on_and_never_run
     assert slots.acquire(lambda: False)  # the next caller gets the slot at once
 
 
+def test_a_call_that_ended_before_it_asked_for_a_free_worker_does_not_take_it():
+    # the free-worker path granted the slot without looking: the backend ran for a caller already gone
+    from cloud_bridge._admission import WorkerSlots
+
+    slots = WorkerSlots(workers=1, queue_size=1)
+    assert slots.acquire(lambda: True) is False and slots.running == 0 and not slots.waiting
+    assert slots.acquire(lambda: False) and slots.running == 1
+
+
 def test_an_upstream_call_cancelled_before_it_was_sent_never_reaches_the_upstream_and_costs_nothing():
     from cloud_bridge._settings import OpenAIModelSettings
     from cloud_bridge.backends import BackendRequest, CancelToken
