@@ -38,7 +38,7 @@ from ._admission import WorkerSlots
 from ._auth import TokenStore, bearer_token
 from ._quota import QuotaManager
 from ._settings import BridgeSettings, ModelSettings
-from ._status import Reject, bad_request, error_info, make_status, quota_failure, retry_info
+from ._status import Reject, bad_request, bill_metadata, error_info, make_status, quota_failure, retry_info, with_metadata
 from .backends import (
     Backend,
     BackendChunk,
@@ -361,12 +361,14 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         except InvalidRequestError as err:
             raise _invalid(err) from err
         except BackendError as err:
+            metadata = {"model_alias": job.alias, "backend": job.backend.kind}
             if isinstance(err, UnusableAnswerError):
                 # the upstream answered and billed, the bridge cannot use the answer: the device gets the error, and
-                # its quota and the access log count the answer, as they count a stream that failed mid-way
-                self._bill_cut_call(job, "backend_failed", err.prompt_tokens, err.completion_tokens,
-                                    estimated=err.prompt_estimated)
-            details = [error_info(err.reason, {"model_alias": job.alias, "backend": job.backend.kind})]
+                # its quota and the access log count the answer, as they count a stream that failed mid-way; the
+                # error says the bill, which the device counts too (its budget, its result's cost)
+                metadata.update(self._bill_cut_call(job, "backend_failed", err.prompt_tokens, err.completion_tokens,
+                                                    estimated=err.prompt_estimated))
+            details = [error_info(err.reason, metadata)]
             if err.retry_after_s is not None:
                 details.append(retry_info(err.retry_after_s))
             code = getattr(grpc.StatusCode, err.code, grpc.StatusCode.UNAVAILABLE)
@@ -392,20 +394,22 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         job.refunded = True
 
     def _bill_cut_call(self, job: _Job, finish: str, prompt_tokens: int, completion_tokens: int, *,
-                       estimated: bool = False) -> None:
+                       estimated: bool = False) -> dict[str, str]:
         """Bill a call that ended without its answer (cut by its caller, failed, unusable): what was generated is
         charged to the device's token quota and written to the access line all the same, once per call. The line has
         a finished call's keys, logfmt-readable ("prompt_tokens~12" was no key=value); ``estimated``: the prompt's
-        tokens are the bridge's estimate (the backend never said)."""
+        tokens are the bridge's estimate (the backend never said). Returns the bill as ErrorInfo metadata for the
+        device (none when the call was billed already)."""
         if job.billed:
-            return
+            return {}
         self.quotas.charge_tokens(job.device, _quota_tokens(job.request, prompt_tokens, completion_tokens))
         job.billed = True
+        cost = job.model.cost_usd(prompt_tokens, completion_tokens)
         log.info("%s device=%s model=%s finish=%s prompt_tokens=%d%s completion_tokens=%d cost_usd=%.12f "
                  "queue_ms=%.1f total_ms=%.1f", _log_id(job.request.request_id), job.device, job.alias, finish,
                  prompt_tokens, " prompt_tokens_estimated=true" if estimated else "", completion_tokens,
-                 job.model.cost_usd(prompt_tokens, completion_tokens), job.queue_ms,
-                 (time.monotonic() - job.received_s) * 1000.0)
+                 cost, job.queue_ms, (time.monotonic() - job.received_s) * 1000.0)
+        return bill_metadata(cost, prompt_tokens, completion_tokens)
 
     def _response(self, job: _Job, result: BackendResult) -> bridge_pb2.GenerateResponse:
         now_s = time.monotonic()
@@ -512,8 +516,8 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             if job is not None and delivered and not job.billed:
                 # the backend failed after its first words (an upstream's error event, its timeout, a dropped
                 # connection): an upstream bills what it streamed, so the device's quota and the bill's source
-                # (the access log) count it, as they count a stream the caller cut
-                self._charge_cut_stream(job, delivered, "backend_failed")
+                # (the access log) count it, as they count a stream the caller cut; and the device is told the bill
+                reject.status = with_metadata(reject.status, self._charge_cut_stream(job, delivered, "backend_failed"))
             self._abort(context, reject, job)
         except GeneratorExit:
             # the caller went away mid-stream (gRPC closes this generator at its yield): what it was sent
@@ -522,11 +526,11 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                 self._charge_cut_stream(job, delivered, "cancelled_by_caller")
             raise
 
-    def _charge_cut_stream(self, job: _Job, delivered: int, finish: str) -> None:
+    def _charge_cut_stream(self, job: _Job, delivered: int, finish: str) -> dict[str, str]:
         """Charge and log a stream that ended before its result: the ``delivered`` tokens and the prompt, estimated,
         once a backend had it (else streams cut after one token prefilled any prompt for free)."""
         prompt = estimated_tokens("".join(m["content"] for m in job.request.messages)) if job.started_s else 0
-        self._bill_cut_call(job, finish, prompt, delivered, estimated=True)
+        return self._bill_cut_call(job, finish, prompt, delivered, estimated=True)
 
     def ListModels(
         self, request: bridge_pb2.ListModelsRequest, context: grpc.ServicerContext

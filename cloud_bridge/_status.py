@@ -11,7 +11,8 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-__all__ = ["DOMAIN", "Reject", "make_status", "bad_request", "retry_info", "error_info", "quota_failure"]
+__all__ = ["DOMAIN", "Reject", "make_status", "bad_request", "retry_info", "error_info", "bill_metadata", "with_metadata",
+           "quota_failure"]
 
 DOMAIN = "edgecloud.v1"
 _MAX_RETRY_DELAY_S = 86400.0
@@ -62,6 +63,32 @@ def retry_info(delay_s: float) -> error_details_pb2.RetryInfo:
 
 def error_info(reason: str, metadata: Mapping[str, str] | None = None) -> error_details_pb2.ErrorInfo:
     return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata or {}))
+
+
+def bill_metadata(cost_usd: float, prompt_tokens: int, completion_tokens: int) -> dict[str, str]:
+    """ErrorInfo metadata for a failed call the bridge billed all the same (see bridge.proto): the bill and the
+    counts it was made from. ``repr``: the float a device reads back is the one billed, to the last digit."""
+    return {"billed_cost_usd": repr(float(cost_usd)), "billed_prompt_tokens": str(int(prompt_tokens)),
+            "billed_completion_tokens": str(int(completion_tokens))}
+
+
+def with_metadata(status: grpc.Status, metadata: Mapping[str, str], reason: str = "BACKEND_FAILED") -> grpc.Status:
+    """``status`` with ``metadata`` added to its ErrorInfo, or to a new one of ``reason`` when it has none."""
+    if not metadata:
+        return status
+    proto = next((status_pb2.Status.FromString(value) for key, value in status.trailing_metadata or ()
+                  if key == "grpc-status-details-bin"), None)
+    if proto is None:
+        proto = status_pb2.Status(code=status.code.value[0], message=status.details)
+    for detail in proto.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            info.metadata.update(metadata)
+            detail.Pack(info)
+            break
+    else:
+        proto.details.add().Pack(error_info(reason, metadata))
+    return rpc_status.to_status(proto)
 
 
 def quota_failure(subject: str, description: str) -> error_details_pb2.QuotaFailure:

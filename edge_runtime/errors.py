@@ -39,6 +39,8 @@ foreign errors (onnxruntime, grpc, OS) are translated at the boundary with
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 __all__ = [
     "EdgeRuntimeError",
     "ConfigError",
@@ -55,6 +57,7 @@ __all__ = [
     "EnergyError",
     "EstimatorError",
     "QueueFullError",
+    "CloudBill",
     "CloudError",
     "CloudAuthError",
     "CloudQuotaError",
@@ -153,13 +156,24 @@ class QueueFullError(EdgeRuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class CloudBill(NamedTuple):
+    """What the bridge billed for a call that failed all the same (an answer its upstream billed and it could not
+    use, the words a stream sent before its upstream failed), as it said in the failure."""
+
+    cost_usd: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class CloudError(EdgeRuntimeError):
     """Escalation to the cloud bridge failed. ``code`` is the gRPC status name when known.
 
-    ``skipped`` is True when the client refused the call itself, without asking the bridge.
+    ``skipped`` is True when the client refused the call itself, without asking the bridge. ``billed``: the
+    bridge's bill for the failed call, when it billed it and said so (None: it said nothing of a bill).
     """
 
     skipped = False
+    billed: CloudBill | None = None
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

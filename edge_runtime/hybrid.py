@@ -45,6 +45,7 @@ from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validat
 from .engine.engine import _cancel_check
 from .engine.types import MAX_NEW_TOKENS_LIMIT, EnergyReport, log_text, short_repr
 from .errors import (
+    CloudBill,
     CloudCancelledError,
     CloudError,
     CloudPriceError,
@@ -970,6 +971,7 @@ class HybridRuntime:
         cloud_error_type: str | None = None
         asked = False  # whether the escalation used the network (its energy counts even when it failed)
         maybe_billed = False  # a failed or cancelled escalation the bridge may have billed, for an amount unknown here
+        failed_bill: CloudBill | None = None  # what the bridge said it billed for an escalation that failed
         failed_cloud_ms = 0.0  # the wait for an escalation that failed
         route: Route
         if decision.action == "cloud" and _is_cancelled(cancel) and not timing.out_of_time():
@@ -1037,8 +1039,14 @@ class HybridRuntime:
                 # before answering (down, a wrong key), cost nothing.
                 billed = (isinstance(err, CloudResponseTooLargeError) or progress.text
                           or (isinstance(err, CloudTimeoutError) and (progress.accepted or getattr(err, "bridge_accepted", False))))
-                settlement.settle(ctx.estimated_cloud_usd if billed else 0.0)
-                maybe_billed = bool(billed)
+                # the bridge said what it billed (an answer it could not use, a stream its upstream broke off)
+                failed_bill = err.billed
+                if failed_bill is not None:
+                    self._check_bill(failed_bill.cost_usd, settlement, request_id)
+                    settlement.settle(failed_bill.cost_usd)
+                else:
+                    settlement.settle(ctx.estimated_cloud_usd if billed else 0.0)
+                maybe_billed = bool(billed) and failed_bill is None
                 if isinstance(err, CloudPriceError):  # refused before generating: its prices are the bridge's now
                     log.warning("%s: the bridge's prices rose since they were read: %s", request_id, err)
                     self._prices_outdated(err.prices)
@@ -1082,7 +1090,8 @@ class HybridRuntime:
                 yield from held
         yield HybridChunk("done", result=self._result(msgs, request_id, route, decision, p_correct, locals_, cloud_result,
                                                       cloud_error, early_exit, t0, asked, failed_cloud_ms, estimator_energy,
-                                                      maybe_billed=maybe_billed, cloud_error_type=cloud_error_type))
+                                                      maybe_billed=maybe_billed, cloud_error_type=cloud_error_type,
+                                                      failed_bill=failed_bill))
 
     def _ask_cloud(self, msgs: list[dict[str, str]], params: SamplingParams, locals_: list[GenerationResult],
                    p_correct: float | None, decision: Decision, request_id: str, cancel: Any,
@@ -1143,7 +1152,7 @@ class HybridRuntime:
                 locals_: list[GenerationResult], cloud: Any, cloud_error: str | None, early_exit: bool, t0: float,
                 asked: bool = False, failed_cloud_ms: float = 0.0,
                 estimator_energy: Sequence[EnergyReport] = (), *, maybe_billed: bool = False,
-                cloud_error_type: str | None = None) -> HybridResult:
+                cloud_error_type: str | None = None, failed_bill: CloudBill | None = None) -> HybridResult:
         final_local = locals_[-1] if locals_ else None
         energies = [r.energy for r in locals_ if r.energy is not None] + list(estimator_energy)
         local_j = sum(e.joules for e in energies)
@@ -1172,7 +1181,9 @@ class HybridRuntime:
             # included in joules: the estimator's own run of the model (the self-check), 0 for the others
             "estimator_joules": round(estimator_j, 6),
         }
-        cloud_usd = float(cloud.cost_usd) if cloud is not None else 0.0
+        # a failed escalation's bill, when the bridge said it billed one, counts as an answered one's does
+        bill = (cloud.cost_usd, cloud.prompt_tokens, cloud.completion_tokens) if cloud is not None else failed_bill or (0.0, 0, 0)
+        cloud_usd = float(bill[0])
         device_usd = device_energy_usd(self.cost, local_j + net_j + wait_j)
         cost: Cost = {"cloud_usd": cloud_usd, "device_energy_usd": device_usd, "network_energy_j": round(net_j, 6),
                 "total_usd": cloud_usd + device_usd,
@@ -1185,8 +1196,7 @@ class HybridRuntime:
         usage = {
             "local": {"prompt_tokens": sum(r.usage.prompt_tokens for r in locals_),
                       "completion_tokens": sum(r.usage.completion_tokens for r in locals_)},
-            "cloud": {"prompt_tokens": cloud.prompt_tokens if cloud is not None else 0,
-                      "completion_tokens": cloud.completion_tokens if cloud is not None else 0},
+            "cloud": {"prompt_tokens": bill[1], "completion_tokens": bill[2]},
         }
         latency = {
             "local_prefill_ms": round(sum(r.timings.prefill_ms for r in locals_), 3),

@@ -463,6 +463,50 @@ def test_an_upstream_that_fails_before_answering_costs_the_budget_nothing(engine
         server.stop(0)
 
 
+@pytest.mark.parametrize("failure", ["unusable", "mid_stream"])
+def test_an_escalation_the_bridge_billed_and_failed_is_counted_at_its_bill_and_not_asked_again(engine, failure):
+    # the bridge billed the upstream's unusable answer (or the words a failed stream sent) and said so in the failure;
+    # the device settled its budget at $0 (or at its reservation), its result said the escalation cost nothing (or
+    # an unknown amount), and its client asked an unusable answer twice more, each billed
+    from cloud_bridge.backends import BackendChunk, UnusableAnswerError
+    from cloud_bridge.backends.echo import EchoBackend
+    from edge_runtime.errors import BackendError
+
+    settings = load_bridge_settings(data={
+        "server": {"address": "127.0.0.1:0", "grace_period_s": 0.5},
+        "auth": {"tokens_file": None, "tokens": {"dev": hash_token(TOKEN)}},
+        "models": {"big": {"backend": "echo", "usd_per_million_input_tokens": 1000.0,
+                           "usd_per_million_output_tokens": 2000.0}},
+    }, env={})
+    calls = []
+
+    class Failing(EchoBackend):
+        def stream(self, request, cancel):
+            calls.append(request)
+            if failure == "mid_stream":
+                yield BackendChunk("Paris", 1)
+                yield BackendChunk(" is", 1)
+                raise BackendError("upstream connection lost", reason="UPSTREAM_CONNECTION_LOST")
+            raise UnusableAnswerError("upstream sent an unusable response: choices is a string",
+                                      prompt_tokens=9, completion_tokens=4, prompt_estimated=False)
+
+    server, port = create_server(settings, backends={"big": Failing()}, insecure=True)
+    server.start()
+    try:
+        cloud = CloudClient(address=f"127.0.0.1:{port}", token=TOKEN, insecure=True, timeout_s=5.0, max_attempts=3,
+                            circuit_failure_threshold=100)
+        rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "always"}]}, cloud=cloud)
+        r = rt.chat(ASK, max_new_tokens=16)
+        assert r.route == "fallback" and len(calls) == 1
+        prompt, completion = (9, 4) if failure == "unusable" else (r.usage["cloud"]["prompt_tokens"], 2)
+        bill = (prompt * 1000.0 + completion * 2000.0) / 1e6
+        assert prompt > 0 and r.usage["cloud"] == {"prompt_tokens": prompt, "completion_tokens": completion}
+        assert r.cost["cloud_usd"] == pytest.approx(bill, rel=1e-12) and r.cost["cloud_usd_unknown"] is False
+        assert _budget_of(rt).spent_usd() == pytest.approx(bill, rel=1e-12) and not _budget_of(rt)._reserved
+    finally:
+        server.stop(0)
+
+
 def test_an_unset_length_fits_the_local_answer_only(engine):
     # a prompt near the edge model's window: the local answer gets what fits, the cloud (its own window) the default
     with _echo_bridge("big", reply=" ".join(["word"] * 100)) as (_server, port):

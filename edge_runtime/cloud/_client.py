@@ -348,8 +348,9 @@ class CloudClient:
                                     client_cert=self.settings.cert_file is not None)
         error.bridge_accepted = accepted  # type: ignore[attr-defined]  # read by _cut_short
         code = err.code() if isinstance(err, grpc.Call) else None
-        # a request or an answer over gRPC's message size limit is RESOURCE_EXHAUSTED too, and fails the same again
-        retryable = code in RETRYABLE_CODES and not isinstance(error, _NEUTRAL_ERRORS)
+        # a request or an answer over gRPC's message size limit is RESOURCE_EXHAUSTED too, and fails the same again;
+        # a failure the bridge billed (an answer it could not use) would be generated and billed again
+        retryable = code in RETRYABLE_CODES and not isinstance(error, _NEUTRAL_ERRORS) and error.billed is None
         if not retryable or attempt + 1 >= self.settings.max_attempts:
             return None, error
         if details.retry_after_s is not None:

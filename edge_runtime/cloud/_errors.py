@@ -9,6 +9,7 @@ import grpc
 
 from ..errors import (
     CloudAuthError,
+    CloudBill,
     CloudError,
     CloudPriceError,
     CloudQuotaError,
@@ -108,6 +109,18 @@ def _prices(metadata: dict[str, str]) -> tuple[float, float] | None:
     return prices if all(math.isfinite(p) and p >= 0 for p in prices) else None
 
 
+def _bill(metadata: dict[str, str]) -> CloudBill | None:
+    """The bill a failed call's ErrorInfo carries (``billed_*``, see bridge.proto); None when it has none, or one
+    that is no bill (a negative or non-finite cost, a count that is no count): counted as no bill, as before."""
+    try:
+        bill = CloudBill(float(metadata["billed_cost_usd"]), int(metadata["billed_prompt_tokens"]),
+                         int(metadata["billed_completion_tokens"]))
+    except (KeyError, ValueError):
+        return None
+    ok = math.isfinite(bill.cost_usd) and bill.cost_usd >= 0 and bill.prompt_tokens >= 0 and bill.completion_tokens >= 0
+    return bill if ok else None
+
+
 def _answer_too_large_hint(text: str) -> str:
     """What to raise when ``text`` is gRPC's refusal of an answer over its message size limit; "" otherwise."""
     return next((hint for marker, hint in _ANSWER_TOO_LARGE_HINTS.items() if marker in text), "")
@@ -173,6 +186,6 @@ def translate_rpc_error(err: grpc.RpcError, details: StatusDetails | None = None
         return CloudTimeoutError(message, code=name)
     if code == grpc.StatusCode.FAILED_PRECONDITION and details.reason == "PRICE_ABOVE_LIMIT":
         return CloudPriceError(message, code=name, prices=_prices(dict(details.metadata)))
-    if code in CIRCUIT_CODES:
-        return CloudUnavailableError(message, code=name)
-    return CloudError(message, code=name)
+    error = CloudUnavailableError(message, code=name) if code in CIRCUIT_CODES else CloudError(message, code=name)
+    error.billed = _bill(dict(details.metadata))
+    return error

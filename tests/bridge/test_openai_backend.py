@@ -697,9 +697,11 @@ def test_a_unary_answer_the_bridge_cannot_use_is_billed_as_the_upstream_billed_i
     lines = [r.getMessage() for r in caplog.records if " finish=" in r.getMessage()]
     bucket = bridge.server.service.quotas._tokens["device-a"]
     if billed is None:
-        assert lines == [] and bucket.level == pytest.approx(1000, abs=1)
+        assert lines == [] and bucket.level == pytest.approx(1000, abs=1) and info.value.billed is None
         return
     prompt_tokens, completion_tokens, estimated = billed
+    # the device's error carries the bill, for its budget and its result's cost
+    assert info.value.billed == ((prompt_tokens * 2.0 + completion_tokens * 8.0) / 1e6, prompt_tokens, completion_tokens)
     (line,) = lines
     assert "device=device-a model=gpt finish=backend_failed" in line
     assert f" prompt_tokens={prompt_tokens} " in line and f" completion_tokens={completion_tokens} " in line

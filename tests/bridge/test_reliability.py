@@ -228,11 +228,13 @@ def test_a_stream_whose_backend_fails_after_its_first_words_is_charged_and_bille
                           quota={"requests_per_minute": 0, "tokens_per_minute": 1, "tokens_burst": 1000})
     caplog.set_level("INFO", logger="cloud_bridge")
     received = []
-    with pytest.raises(CloudUnavailableError):
+    with pytest.raises(CloudUnavailableError) as info:
         for chunk in make_client(bridge, max_attempts=1).stream([{"role": "user", "content": "one two three four five"}],
                                                                  model="broken"):
             received.append(chunk.text)
     assert "".join(received).split() == ["one", "two", "three"]
+    # the device is told the bill (its prompt estimated, 23 characters at ~4 a token), its reason kept
+    assert info.value.billed == (0.0, 6, 3) and "[UPSTREAM_ERROR]" in str(info.value)
     # an upstream bills what it streamed: the device's token quota and the access log (the bill's source) count it,
     # as they count a stream the caller cut; neither did
     (line,) = [r.getMessage() for r in caplog.records if "finish=backend_failed" in r.getMessage()]
@@ -243,9 +245,9 @@ def test_a_stream_whose_backend_fails_after_its_first_words_is_charged_and_bille
     early = EchoBackend(fail_after_tokens=0, failure=BackendError("no capacity", reason="UPSTREAM_ERROR"))
     bridge = start_bridge(backends={"early": early}, models={})
     caplog.clear()
-    with pytest.raises(CloudUnavailableError):
+    with pytest.raises(CloudUnavailableError) as info:
         list(make_client(bridge, max_attempts=1).stream(HI, model="early"))
-    assert "finish=" not in caplog.text
+    assert "finish=" not in caplog.text and info.value.billed is None
 
 
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
@@ -267,10 +269,37 @@ def test_an_answer_the_backend_could_not_use_is_billed_once_as_it_says_in_both_p
         else:
             list(raw_stub(bridge).GenerateStream(request, metadata=AUTH, timeout=5))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "unusable response" in info.value.details()
-    assert _details(info.value)["ErrorInfo"].reason == "UPSTREAM_BAD_RESPONSE"
+    info_e = _details(info.value)["ErrorInfo"]
+    assert info_e.reason == "UPSTREAM_BAD_RESPONSE"
     (line,) = [r.getMessage() for r in caplog.records if " finish=" in r.getMessage()]
     assert "finish=backend_failed prompt_tokens=9 completion_tokens=4 " in line
+    # and the device is told the bill, to the digit the access line has (its budget counted the call as free)
+    assert dict(info_e.metadata) == {"model_alias": "broken", "backend": "echo", "billed_cost_usd": "0.0",
+                                     "billed_prompt_tokens": "9", "billed_completion_tokens": "4"}
     assert bridge.server.service.quotas._tokens["device-a"].level == pytest.approx(1000 - 13, abs=1)
+
+
+@pytest.mark.parametrize("metadata, billed", [
+    ({"billed_cost_usd": "0.017", "billed_prompt_tokens": "9", "billed_completion_tokens": "4"}, (0.017, 9, 4)),
+    ({"billed_cost_usd": "1e-07", "billed_prompt_tokens": "0", "billed_completion_tokens": "0"}, (1e-07, 0, 0)),
+    # what is no bill counts as none (as before the bridge said bills): never a negative or NaN settlement
+    ({"billed_cost_usd": "nan", "billed_prompt_tokens": "9", "billed_completion_tokens": "4"}, None),
+    ({"billed_cost_usd": "-1", "billed_prompt_tokens": "9", "billed_completion_tokens": "4"}, None),
+    ({"billed_cost_usd": "0.1", "billed_prompt_tokens": "x", "billed_completion_tokens": "4"}, None),
+    ({"billed_cost_usd": "0.1", "billed_prompt_tokens": "9"}, None),
+    ({"model_alias": "m"}, None),
+])
+def test_the_client_reads_a_failed_calls_bill_only_when_it_is_one(metadata, billed):
+    from edge_runtime.cloud._errors import StatusDetails, translate_rpc_error
+
+    class Failed(grpc.RpcError, grpc.Call):
+        code = staticmethod(lambda: grpc.StatusCode.UNAVAILABLE)
+        details = staticmethod(lambda: "backend failed")
+        initial_metadata = trailing_metadata = time_remaining = cancel = is_active = add_callback = None
+
+    error = translate_rpc_error(Failed(), StatusDetails(reason="UPSTREAM_BAD_RESPONSE",
+                                                        metadata=tuple(sorted(metadata.items()))))
+    assert error.billed == billed
 
 
 def test_server_stopped_mid_stream_gives_a_clean_failure_and_opens_the_circuit(start_bridge, make_client):
