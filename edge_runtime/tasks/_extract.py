@@ -274,6 +274,15 @@ def _goes_on_from(value: Decimal | None, equations: list[_Equation], asked: set)
                for eq in equations)
 
 
+def _only_checks(text: str, start: int, equations: list[_Equation], found: Decimal | None, asked: set) -> bool:
+    """Whether what follows ``start`` (a correction word: "Wait, ...") only checks ``found``: its equations work
+    back from it to a number of the question, and it says no other number ("2 + 7 = 9. Wait, 9 - 7 = 2, so it is
+    9."); "Wait, 2 + 7 = 8" or "Wait, 9 + 7 = 16" work something out again."""
+    after = equations[bisect.bisect_left(equations, start, key=lambda e: e.at):]
+    return (bool(after) and all(found in eq.operands and eq.result in asked for eq in after)
+            and all(parse_number(n) in asked or parse_number(n) == found for n in _numbers(text[start:])))
+
+
 def _operands_result(text: str, asked_in_order: list, equations: list[_Equation]) -> str | None:
     """The result of the last equation whose left side is the question's own arithmetic, worked to the end
     of its chain ("16 + 12 × 12 = 12 × 12 = 160") and not into an aside ("= 115 (12 × 8 = 96)"): "1 + 6 =
@@ -305,7 +314,8 @@ def _operands_result(text: str, asked_in_order: list, equations: list[_Equation]
         return None
     later = equations[bisect.bisect_left(equations, found_end, key=lambda e: e.at):]
     value = parse_number(found)
-    if _CORRECTION.search(text, found_end):
+    correction = _CORRECTION.search(text, found_end)
+    if correction and not _only_checks(text, correction.end(), equations, value, set(asked_in_order)):
         return None  # "Oops", "Actually": what follows corrects it, and the "=" rule reads the correction
     if (len(asked_in_order) >= 3 and later and value not in later[0].operands
             and _reworked(later, value, set(asked_in_order))):

@@ -484,6 +484,13 @@ SUMS = "What is 43 + 93 - 99?"
         ("19 + 12 × 8 = 115 (12 × 8 = 96, then 19 + 96 = 115)", SUM, "115"),
         ("19 + 12 * 8 = 248. Oops: 12 * 8 = 96, and 19 + 96 = 115.", SUM_ASCII, "115"),
         ("19 + 12 × 8 = 248. Hmm, let me check: 248 - 19 = 229.", SUM, "248"),  # checked, not worked out again
+        # a "wait" that only checks the answer back to the question's numbers is no correction (it read 2)...
+        ("2 + 7 = 9. Wait, 9 - 7 = 2, so it is 9.", "What is 2 + 7?", "9"),
+        ("2 + 7 = 9. Wait, 9 - 7 = 2 and 9 - 2 = 7. Yes.", "What is 2 + 7?", "9"),
+        # ... one that works the sum out again, or on to a new number, does correct it
+        ("2 + 7 = 8. Wait, 2 + 7 = 9.", "What is 2 + 7?", "9"),
+        ("14 - 7 = 6. Wait, 14 - 7 = 7.", "What is 14 - 7?", "7"),
+        ("2 + 7 = 9. Wait, 9 + 7 = 16.", "What is 2 + 7?", "16"),
         ("3 × 8 + 1 = 25. Likewise 4 × 8 = 32, and 32 + 1 = 33.", "What is 3 × 8 + 1?", "25"),  # another sum
         # ... reasons after an answer, and working that opens with one
         ("Omar spends 24 dollars, since 3 × 8 = 24. His change is 50 - 24 = 26.", OMAR, "26"),
