@@ -438,21 +438,27 @@ def test_a_failing_or_nan_prompt_only_estimate_is_no_opinion():
     assert PreRoute(0.5, lambda c: float("nan"), decide_local=True).before(ctx).action == "continue"
 
 
-def test_an_upstream_that_fails_before_answering_costs_the_budget_nothing(engine):
-    # the bridge takes the call (and says so), then its upstream is down: nothing was generated or billed
-    from cloud_bridge.backends.echo import EchoBackend
-    from edge_runtime.errors import BackendError
-
+def _priced_bridge(backend):
+    """A started bridge serving ``backend`` as model "big" at $1000/$2000 per million tokens: (server, port)."""
     settings = load_bridge_settings(data={
         "server": {"address": "127.0.0.1:0", "grace_period_s": 0.5},
         "auth": {"tokens_file": None, "tokens": {"dev": hash_token(TOKEN)}},
         "models": {"big": {"backend": "echo", "usd_per_million_input_tokens": 1000.0,
                            "usd_per_million_output_tokens": 2000.0}},
     }, env={})
+    server, port = create_server(settings, backends={"big": backend}, insecure=True)
+    server.start()
+    return server, port
+
+
+def test_an_upstream_that_fails_before_answering_costs_the_budget_nothing(engine):
+    # the bridge takes the call (and says so), then its upstream is down: nothing was generated or billed
+    from cloud_bridge.backends.echo import EchoBackend
+    from edge_runtime.errors import BackendError
+
     down = EchoBackend(fail_after_tokens=0, failure=BackendError("upstream connection refused",
                                                                   reason="UPSTREAM_CONNECTION_LOST"))
-    server, port = create_server(settings, backends={"big": down}, insecure=True)
-    server.start()
+    server, port = _priced_bridge(down)
     try:
         cloud = CloudClient(address=f"127.0.0.1:{port}", token=TOKEN, insecure=True, timeout_s=5.0, max_attempts=1,
                             circuit_failure_threshold=100)
@@ -472,12 +478,6 @@ def test_an_escalation_the_bridge_billed_and_failed_is_counted_at_its_bill_and_n
     from cloud_bridge.backends.echo import EchoBackend
     from edge_runtime.errors import BackendError
 
-    settings = load_bridge_settings(data={
-        "server": {"address": "127.0.0.1:0", "grace_period_s": 0.5},
-        "auth": {"tokens_file": None, "tokens": {"dev": hash_token(TOKEN)}},
-        "models": {"big": {"backend": "echo", "usd_per_million_input_tokens": 1000.0,
-                           "usd_per_million_output_tokens": 2000.0}},
-    }, env={})
     calls = []
 
     class Failing(EchoBackend):
@@ -490,8 +490,7 @@ def test_an_escalation_the_bridge_billed_and_failed_is_counted_at_its_bill_and_n
             raise UnusableAnswerError("upstream sent an unusable response: choices is a string",
                                       prompt_tokens=9, completion_tokens=4, prompt_estimated=False)
 
-    server, port = create_server(settings, backends={"big": Failing()}, insecure=True)
-    server.start()
+    server, port = _priced_bridge(Failing())
     try:
         cloud = CloudClient(address=f"127.0.0.1:{port}", token=TOKEN, insecure=True, timeout_s=5.0, max_attempts=3,
                             circuit_failure_threshold=100)
