@@ -291,7 +291,8 @@ def _operands_result(text: str, asked_in_order: list, equations: list[_Equation]
     8 = 248. Oops: 12 * 8 = 96, and 19 + 96 = 115."), or, without such a word, the equations after it work the
     sum out again to a new answer, the next one not going on from it (see :func:`_reworked`: "248. Hmm,
     multiplication comes first: 12 × 8 = 96, then 19 + 96 = 115."; "248 - no wait, ..."; "Let me re-evaluate:
-    ..."). A note working out a part ("= 115. Note that 12 * 8 = 96 is done first.") is no correction."""
+    ..."). A note working out a part ("= 115. Note that 12 * 8 = 96 is done first.") is no correction, nor is a
+    "wait" whose working only checks the result back to the question (see :func:`_only_checks`)."""
     if len(asked_in_order) < 2:
         return None
     found, found_end = None, 0

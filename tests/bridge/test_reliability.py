@@ -302,6 +302,34 @@ def test_the_client_reads_a_failed_calls_bill_only_when_it_is_one(metadata, bill
     assert error.billed == billed
 
 
+def test_a_bill_added_to_a_status_keeps_its_code_message_and_other_details():
+    from google.rpc import status_pb2
+
+    from cloud_bridge._status import error_info, make_status, retry_info, with_metadata
+
+    def details(status):
+        (proto,) = [status_pb2.Status.FromString(v) for k, v in status.trailing_metadata if k == "grpc-status-details-bin"]
+        out = {}
+        for detail in proto.details:
+            for cls in (error_details_pb2.RetryInfo, error_details_pb2.ErrorInfo):
+                message = cls()
+                if detail.Unpack(message):
+                    out[cls.__name__] = message
+        return out
+
+    bill = {"billed_cost_usd": "0.5", "billed_prompt_tokens": "3", "billed_completion_tokens": "2"}
+    status = make_status(grpc.StatusCode.UNAVAILABLE, "failed", retry_info(2.0), error_info("UPSTREAM_ERROR", {"a": "1"}))
+    billed = with_metadata(status, bill)
+    assert (billed.code, billed.details) == (status.code, status.details)
+    got = details(billed)
+    assert got["RetryInfo"].retry_delay.seconds == 2 and got["ErrorInfo"].reason == "UPSTREAM_ERROR"
+    assert dict(got["ErrorInfo"].metadata) == {"a": "1", **bill}
+    # a status without ErrorInfo gets one; nothing to add changes nothing
+    bare = with_metadata(make_status(grpc.StatusCode.UNAVAILABLE, "ended"), bill)
+    assert bare.details == "ended" and dict(details(bare)["ErrorInfo"].metadata) == bill
+    assert with_metadata(status, {}) is status
+
+
 def test_server_stopped_mid_stream_gives_a_clean_failure_and_opens_the_circuit(start_bridge, make_client):
     bridge = start_bridge(models=slow(20))
     client = make_client(bridge, circuit_failure_threshold=1, circuit_cooldown_s=60)
