@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
@@ -30,13 +31,24 @@ class Reject(Exception):
     @property
     def reason(self) -> str:
         """The ErrorInfo reason of the status ("-" without one): the log line says it, as the client reads it."""
-        for key, value in self.status.trailing_metadata or ():
-            if key == "grpc-status-details-bin":
-                for detail in status_pb2.Status.FromString(value).details:
-                    info = error_details_pb2.ErrorInfo()
-                    if detail.Unpack(info):
-                        return info.reason
-        return "-"
+        proto = _status_proto(self.status)
+        found = _error_info(proto) if proto is not None else None
+        return found[1].reason if found is not None else "-"
+
+
+def _status_proto(status: grpc.Status) -> status_pb2.Status | None:
+    """The google.rpc.Status a status carries in its trailers (None: it has no details)."""
+    return next((status_pb2.Status.FromString(value) for key, value in status.trailing_metadata or ()
+                 if key == "grpc-status-details-bin"), None)
+
+
+def _error_info(proto: status_pb2.Status) -> tuple[Any, error_details_pb2.ErrorInfo] | None:
+    """The first ErrorInfo among ``proto``'s details, with the detail that holds it."""
+    for detail in proto.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return detail, info
+    return None
 
 
 def make_status(code: grpc.StatusCode, message: str, *details: Message) -> grpc.Status:
@@ -72,22 +84,20 @@ def bill_metadata(cost_usd: float, prompt_tokens: int, completion_tokens: int) -
             "billed_completion_tokens": str(int(completion_tokens))}
 
 
-def with_metadata(status: grpc.Status, metadata: Mapping[str, str], reason: str = "BACKEND_FAILED") -> grpc.Status:
-    """``status`` with ``metadata`` added to its ErrorInfo, or to a new one of ``reason`` when it has none."""
+def with_metadata(status: grpc.Status, metadata: Mapping[str, str]) -> grpc.Status:
+    """``status`` with ``metadata`` added to its ErrorInfo, or to a new BACKEND_FAILED one when it has none."""
     if not metadata:
         return status
-    proto = next((status_pb2.Status.FromString(value) for key, value in status.trailing_metadata or ()
-                  if key == "grpc-status-details-bin"), None)
+    proto = _status_proto(status)
     if proto is None:
         proto = status_pb2.Status(code=status.code.value[0], message=status.details)
-    for detail in proto.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            info.metadata.update(metadata)
-            detail.Pack(info)
-            break
+    found = _error_info(proto)
+    if found is None:
+        proto.details.add().Pack(error_info("BACKEND_FAILED", metadata))
     else:
-        proto.details.add().Pack(error_info(reason, metadata))
+        detail, info = found
+        info.metadata.update(metadata)
+        detail.Pack(info)
     return rpc_status.to_status(proto)
 
 

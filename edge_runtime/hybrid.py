@@ -1182,8 +1182,9 @@ class HybridRuntime:
             "estimator_joules": round(estimator_j, 6),
         }
         # a failed escalation's bill, when the bridge said it billed one, counts as an answered one's does
-        bill = (cloud.cost_usd, cloud.prompt_tokens, cloud.completion_tokens) if cloud is not None else failed_bill or (0.0, 0, 0)
-        cloud_usd = float(bill[0])
+        bill = (CloudBill(cloud.cost_usd, cloud.prompt_tokens, cloud.completion_tokens) if cloud is not None
+                else failed_bill or CloudBill(0.0, 0, 0))
+        cloud_usd = float(bill.cost_usd)
         device_usd = device_energy_usd(self.cost, local_j + net_j + wait_j)
         cost: Cost = {"cloud_usd": cloud_usd, "device_energy_usd": device_usd, "network_energy_j": round(net_j, 6),
                 "total_usd": cloud_usd + device_usd,
@@ -1196,7 +1197,7 @@ class HybridRuntime:
         usage = {
             "local": {"prompt_tokens": sum(r.usage.prompt_tokens for r in locals_),
                       "completion_tokens": sum(r.usage.completion_tokens for r in locals_)},
-            "cloud": {"prompt_tokens": bill[1], "completion_tokens": bill[2]},
+            "cloud": {"prompt_tokens": bill.prompt_tokens, "completion_tokens": bill.completion_tokens},
         }
         latency = {
             "local_prefill_ms": round(sum(r.timings.prefill_ms for r in locals_), 3),

@@ -314,12 +314,11 @@ def _operands_result(text: str, asked_in_order: list, equations: list[_Equation]
     if found is None:
         return None
     later = equations[bisect.bisect_left(equations, found_end, key=lambda e: e.at):]
-    value = parse_number(found)
+    value, asked = parse_number(found), set(asked_in_order)
     correction = _CORRECTION.search(text, found_end)
-    if correction and not _only_checks(text, correction.end(), equations, value, set(asked_in_order)):
+    if correction and not _only_checks(text, correction.end(), equations, value, asked):
         return None  # "Oops", "Actually": what follows corrects it, and the "=" rule reads the correction
-    if (len(asked_in_order) >= 3 and later and value not in later[0].operands
-            and _reworked(later, value, set(asked_in_order))):
+    if len(asked_in_order) >= 3 and later and value not in later[0].operands and _reworked(later, value, asked):
         return None  # worked out again without a word of correction ("Hmm, ...", "Let me re-evaluate: ...")
     return found  # a check going on from the result ("1 + 6 = 7, and 7 - 1 = 6") or none after it
 
