@@ -177,7 +177,12 @@ class BridgeServer:
                 # kept sending calls until they failed. Now it has this long to see it while calls are still served.
                 log.info("health NOT_SERVING; still serving for %.1f s (server.shutdown_delay_s)", delay)
                 time.sleep(delay)
-            self.grpc_server.stop(grace).wait()
+            stopped = self.grpc_server.stop(grace)
+            # gRPC cancels the calls still running when the grace ends: a call its device cancels in the grace's
+            # last 50 ms is logged as the bridge's stop
+            if not stopped.wait(max(0.0, grace - 0.05)):
+                self.service.stopping.set()
+            stopped.wait()
             # the calls still running were cancelled by the stop: let their threads see it before the backends
             # they use are closed under them (a queued call would otherwise start on a closed engine)
             drained = threading.Thread(target=self._executor.shutdown, kwargs={"wait": True}, daemon=True)

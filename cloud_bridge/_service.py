@@ -142,6 +142,9 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         # generation calls in progress, all models together. Counted here rather than by gRPC's own
         # maximum_concurrent_rpcs, which counted health checks and ListModels too: a busy bridge looked dead
         self._calls = threading.BoundedSemaphore(settings.server.max_concurrent_rpcs)
+        # set by the server when its stop cuts the calls still running: they are billed as the bridge's doing, not
+        # as calls their devices cancelled
+        self.stopping = threading.Event()
 
     @contextlib.contextmanager
     def _call_slot(self) -> Iterator[None]:
@@ -402,6 +405,8 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         device (none when the call was billed already)."""
         if job.billed:
             return {}
+        if finish == "cancelled_by_caller" and self.stopping.is_set():
+            finish = "bridge_stopped"
         self.quotas.charge_tokens(job.device, _quota_tokens(job.request, prompt_tokens, completion_tokens))
         job.billed = True
         cost = job.model.cost_usd(prompt_tokens, completion_tokens)

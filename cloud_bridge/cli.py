@@ -60,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
         if stop.is_set():  # the shutdown is under way; a second signal changes nothing
             return
         exit_status = exit_status_after_stop(signum, log)
-        log.warning("%s: shutting down (health NOT_SERVING, still serving for %.1f s, then a grace of %.0f s)",
+        log.warning("%s: shutting down (health NOT_SERVING, still serving for %.1f s, then a grace of %.1f s)",
                     signal.Signals(signum).name, settings.server.shutdown_delay_s, settings.server.grace_period_s)
         stop.set()
 

@@ -170,10 +170,15 @@ class CloudError(EdgeRuntimeError):
 
     ``skipped`` is True when the client refused the call itself, without asking the bridge. ``billed``: the
     bridge's bill for the failed call, when it billed it and said so (None: it said nothing of a bill).
+    ``bridge_accepted``: the bridge had taken the call (its ``edgecloud-accepted`` metadata came). ``lost``: it had,
+    and the call then ended without the bridge saying how (the connection broke, the bridge stopped): what it
+    generated until then may be billed, so the call is not asked again and its cost is unknown.
     """
 
     skipped = False
     billed: CloudBill | None = None
+    bridge_accepted = False
+    lost = False
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

@@ -1035,10 +1035,11 @@ class HybridRuntime:
             except CloudError as err:
                 # an answer that was generated and then failed may be billed: one too large for this client (the
                 # bridge billed it whole), a stream that broke after its first words, a deadline that cut a call the
-                # bridge had accepted (an upstream bills what it generated). A refusal, or an upstream that failed
-                # before answering (down, a wrong key), cost nothing.
-                billed = (isinstance(err, CloudResponseTooLargeError) or progress.text
-                          or (isinstance(err, CloudTimeoutError) and (progress.accepted or getattr(err, "bridge_accepted", False))))
+                # bridge had accepted (an upstream bills what it generated), a call the bridge had taken when the
+                # connection broke or the bridge stopped. A refusal, or an upstream that failed before answering
+                # (down, a wrong key), cost nothing.
+                billed = (isinstance(err, CloudResponseTooLargeError) or progress.text or err.lost
+                          or (isinstance(err, CloudTimeoutError) and (progress.accepted or err.bridge_accepted)))
                 # the bridge said what it billed (an answer it could not use, a stream its upstream broke off)
                 failed_bill = err.billed
                 if failed_bill is not None:
@@ -1140,7 +1141,7 @@ class HybridRuntime:
                     progress.text = True
                     chunks.append(HybridChunk("text", c.text))
         except CloudCancelledError as err:
-            progress.accepted = progress.accepted or getattr(err, "bridge_accepted", False)
+            progress.accepted = progress.accepted or err.bridge_accepted
             raise _Cancelled from err
         finally:
             stream.close()  # cancels the call if it is still running

@@ -506,6 +506,26 @@ def test_an_escalation_the_bridge_billed_and_failed_is_counted_at_its_bill_and_n
         server.stop(0)
 
 
+def test_an_escalation_lost_after_the_bridge_took_it_keeps_its_reservation(engine):
+    # the bridge had the call when it stopped (restarted, killed): it billed the prompt, and the device, which asked
+    # again and got no answer, settled its budget at $0 and said the escalation cost nothing
+    from cloud_bridge.backends.echo import EchoBackend
+    from cloud_bridge._settings import EchoModelSettings
+
+    server, port = _priced_bridge(EchoBackend(EchoModelSettings(reply="Paris", token_delay_ms=5000.0)))
+    try:
+        cloud = CloudClient(address=f"127.0.0.1:{port}", token=TOKEN, insecure=True, timeout_s=10.0, max_attempts=3,
+                            backoff_initial_s=0.01, circuit_failure_threshold=100)
+        rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "always"}]}, cloud=cloud)
+        threading.Timer(1.0, server.stop, args=(0,)).start()  # the backend waits for its first word
+        r = rt.chat(ASK, max_new_tokens=16)
+        assert r.route == "fallback" and "Unavailable" in r.cloud_error
+        assert r.cost["cloud_usd"] == 0 and r.cost["cloud_usd_unknown"] is True
+        assert _budget_of(rt).spent_usd() > 0  # its reservation, not $0
+    finally:
+        server.stop(0)
+
+
 def test_an_unset_length_fits_the_local_answer_only(engine):
     # a prompt near the edge model's window: the local answer gets what fits, the cloud (its own window) the default
     with _echo_bridge("big", reply=" ".join(["word"] * 100)) as (_server, port):

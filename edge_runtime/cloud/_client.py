@@ -333,7 +333,7 @@ class CloudClient:
         """
         return (
             isinstance(error, CloudTimeoutError)
-            and getattr(error, "bridge_accepted", False)
+            and error.bridge_accepted
             and timeout_s is not None
             and timeout_s < self.settings.timeout_s
             and self._clock() >= deadline_s - _DEADLINE_SLACK_S
@@ -346,11 +346,16 @@ class CloudClient:
         # the TLS hint is for a handshake the bridge refused, not for a bridge that died during a call
         error = translate_rpc_error(err, details, tls=None if accepted else not self.settings.insecure,
                                     client_cert=self.settings.cert_file is not None)
-        error.bridge_accepted = accepted  # type: ignore[attr-defined]  # read by _cut_short
+        error.bridge_accepted = accepted  # read by _cut_short
         code = err.code() if isinstance(err, grpc.Call) else None
+        # Every failure the bridge itself reports after taking a call says why in an ErrorInfo. Without one, the
+        # connection broke or the bridge stopped while its backend generated: the bridge bills what was generated
+        # until then, and another try would be generated and billed again.
+        error.lost = accepted and not details.reason and code != grpc.StatusCode.DEADLINE_EXCEEDED
         # a request or an answer over gRPC's message size limit is RESOURCE_EXHAUSTED too, and fails the same again;
         # a failure the bridge billed (an answer it could not use) would be generated and billed again
-        retryable = code in RETRYABLE_CODES and not isinstance(error, _NEUTRAL_ERRORS) and error.billed is None
+        retryable = (code in RETRYABLE_CODES and not isinstance(error, _NEUTRAL_ERRORS) and error.billed is None
+                     and not error.lost)
         if not retryable or attempt + 1 >= self.settings.max_attempts:
             return None, error
         if details.retry_after_s is not None:
@@ -545,7 +550,7 @@ class CloudClient:
                     if watcher.fired:  # the CANCELLED status of our own call.cancel(), not the bridge's doing
                         cancelled = _cancelled_error()
                         # whether the bridge had taken it (and may bill what it generated until the cancel)
-                        cancelled.bridge_accepted = _bridge_accepted(call)  # type: ignore[attr-defined]
+                        cancelled.bridge_accepted = _bridge_accepted(call)
                         raise cancelled from err
                     delay, error = self._retry_delay_s(err, attempt, deadline_s)
                     if delay is None or delivered:  # text already shown cannot be taken back: no retry

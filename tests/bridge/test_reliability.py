@@ -584,6 +584,7 @@ class _BlackHoleProxy:
         self.port = self.sock.getsockname()[1]
         self.connections: list[dict[str, bool]] = []
         self._sockets: list[socket.socket] = []
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -596,6 +597,7 @@ class _BlackHoleProxy:
             state = {"dead": False}
             self.connections.append(state)
             self._sockets += [client, upstream]
+            self._pairs.append((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b, state), daemon=True).start()
 
@@ -611,6 +613,15 @@ class _BlackHoleProxy:
     def black_hole(self) -> None:
         for state in self.connections:
             state["dead"] = True
+
+    def cut(self) -> None:
+        """Break the connections open now, both ways (a network that went down, a proxy restarted)."""
+        for pair in self._pairs:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         for s in (self.sock, *self._sockets):
@@ -633,6 +644,47 @@ def test_a_connection_that_died_silently_is_replaced_not_used_for_ever(start_bri
         assert len(proxy.connections) == 2 and time.monotonic() - t0 < 3.0
     finally:
         proxy.close()
+
+
+# unary: 50 of the reply's 200 words generated when the connection breaks, none sent; streamed: its first word not
+# generated yet (a stream that showed words was never asked again)
+@pytest.mark.parametrize("streamed, token_delay_ms", [(False, 20.0), (True, 2000.0)])
+def test_a_call_the_bridge_had_taken_when_the_connection_broke_is_not_asked_again(start_bridge, make_client, streamed,
+                                                                                  token_delay_ms):
+    # the bridge's backend was generating when the connection broke: the bridge billed the prompt and what was
+    # generated, and the client asked again on a new connection: billed twice, and the device counted only the second
+    bridge = start_bridge(models=slow(token_delay_ms))
+    proxy = _BlackHoleProxy(("127.0.0.1", bridge.port))
+    try:
+        client = make_client(bridge, address=f"127.0.0.1:{proxy.port}", timeout_s=20.0, backoff_initial_s=0.01)
+        threading.Timer(1.0, proxy.cut).start()
+        with pytest.raises(CloudUnavailableError) as info:
+            if streamed:
+                list(client.stream(HI))
+            else:
+                client.generate(HI)
+        assert info.value.bridge_accepted and info.value.lost and info.value.billed is None
+        echo = bridge.backend("tiny")
+        assert echo.wait_for_generations(1)[0].completion_tokens < 200  # cut off by the broken connection
+        time.sleep(0.5)
+        assert len(echo.generations) == 1 and len(proxy.connections) == 1  # asked once
+        # a bridge that refuses before taking the call cost nothing: that is still retried (the circuit's case)
+        assert CloudUnavailableError.lost is False
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_call_the_bridges_stop_cuts_is_billed_as_the_bridges_doing(start_bridge, make_client, caplog, streamed):
+    # the access log is the billing record: it said the device had cancelled the call
+    bridge = start_bridge(models=slow(20.0))
+    client = make_client(bridge, timeout_s=20.0, max_attempts=1)
+    threading.Timer(0.5, bridge.server.stop, args=(0.2,)).start()
+    with caplog.at_level("INFO", logger="cloud_bridge"), pytest.raises(CloudUnavailableError) as info:
+        list(client.stream(HI)) if streamed else client.generate(HI)
+    assert info.value.lost
+    _wait_for_log(caplog, "finish=bridge_stopped")
+    assert "cancelled_by_caller" not in caplog.text
 
 
 def test_pings_during_a_long_silent_call_are_accepted_by_the_bridge(start_bridge, make_client, caplog):
