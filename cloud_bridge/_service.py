@@ -216,7 +216,8 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                     field="messages",
                 )
             cap = min(limits.max_new_tokens, model.max_new_tokens or limits.max_new_tokens)
-            if request.HasField("max_new_tokens"):
+            default_length = not request.HasField("max_new_tokens")
+            if not default_length:
                 max_new_tokens = request.max_new_tokens
                 if not 1 <= max_new_tokens <= cap:
                     raise InvalidRequestError(f"must be in [1, {cap}], got {max_new_tokens}", field="max_new_tokens")
@@ -227,7 +228,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             raise _invalid(err) from err
         if escalation is not None and model.escalation_hint and escalation.draft_answer:
             messages = _with_hint(messages, escalation)
-        return alias, BackendRequest(request_id, messages, params, escalation)
+        return alias, BackendRequest(request_id, messages, params, escalation, default_length=default_length)
 
     @staticmethod
     def _check_price_limits(request: bridge_pb2.GenerateRequest, alias: str, model: ModelSettings) -> None:

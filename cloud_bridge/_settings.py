@@ -179,7 +179,8 @@ class LimitsSettings:
     default_model: str = setting("", help="alias used when a request names none (default: the first alias)")
     max_new_tokens: int = setting(2048, help="largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = setting(
-        256, help="max_new_tokens when a request leaves it unset (never more than the cap that applies)")
+        256, help="max_new_tokens when a request leaves it unset (never more than the cap that applies; an onnx or "
+                  "echo model cuts it to what the prompt leaves of its window)")
     max_messages: int = setting(64, help="most chat messages in one request")
     max_prompt_chars: int = setting(64_000, help="most characters over all message contents of one request, plus its escalation context (draft, reason, policy, local model)")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 from edge_runtime.cloud import Escalation
@@ -21,7 +21,7 @@ from edge_runtime.engine.types import SamplingParams
 from edge_runtime.errors import BackendError, ContextLengthError
 
 __all__ = ["CancelToken", "BackendRequest", "BackendResult", "BackendChunk", "Backend", "estimated_tokens",
-           "context_length_error", "UnusableAnswerError"]
+           "context_length_error", "fit_to_window", "UnusableAnswerError"]
 
 
 def estimated_tokens(text: str) -> int:
@@ -137,6 +137,23 @@ class BackendRequest:
     messages: list[dict[str, str]]
     params: SamplingParams
     escalation: Escalation | None = None
+    # the caller set no max_new_tokens: ``params`` has the bridge's default, which a backend that knows its window
+    # cuts to what the prompt leaves (see :func:`fit_to_window`)
+    default_length: bool = False
+
+
+def fit_to_window(request: BackendRequest, prompt_tokens: int, context_length: int) -> BackendRequest:
+    """``request`` as a backend with a window of ``context_length`` tokens runs it, or :func:`context_length_error`.
+
+    A length the caller set is theirs: too long is an error naming it. The bridge's default is cut to what the
+    prompt leaves, as the daemon (and OpenAI's API) do for a request without ``max_tokens``: a device's long
+    escalation was refused for a length it never asked for.
+    """
+    if prompt_tokens + request.params.max_new_tokens <= context_length:
+        return request
+    if request.default_length and prompt_tokens < context_length:
+        return replace(request, params=replace(request.params, max_new_tokens=context_length - prompt_tokens))
+    raise context_length_error(prompt_tokens, request.params.max_new_tokens, context_length)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from edge_runtime.errors import BackendError
 
 from .._settings import EchoModelSettings
-from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken, context_length_error
+from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken, fit_to_window
 
 __all__ = ["EchoBackend", "GenerationRecord"]
 
@@ -66,9 +66,8 @@ class EchoBackend:
 
     def stream(self, request: BackendRequest, cancel: CancelToken) -> Iterator[BackendChunk]:
         prompt_tokens = sum(self.count_words(m["content"]) for m in request.messages)
+        request = fit_to_window(request, prompt_tokens, self.context_length)
         params = request.params
-        if prompt_tokens + params.max_new_tokens > self.context_length:
-            raise context_length_error(prompt_tokens, params.max_new_tokens, self.context_length)
         words = _WORD_RE.findall(self._answer(request))
         started_s = time.monotonic()
         delay_s = self.settings.token_delay_ms / 1000.0

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from edge_runtime.errors import BackendError, BundleError, ConfigError, ContextLengthError, InvalidRequestError
 
 from .._settings import OnnxModelSettings
-from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken, context_length_error
+from ._base import BackendChunk, BackendRequest, BackendResult, CancelToken, fit_to_window
 
 __all__ = ["OnnxBackend"]
 
@@ -58,18 +59,24 @@ class OnnxBackend:
             ttft_ms=result.timings.ttft_ms,
         )
 
-    def _context_error(self, request: BackendRequest) -> ContextLengthError:
-        """The engine's context error, naming the field by the bridge's rule: the engine names ``messages`` also
-        when the prompt fits and only max_new_tokens is too large. Counted again only on this rare path."""
-        prompt_tokens = len(self.engine.encode(messages=request.messages))
-        return context_length_error(prompt_tokens, request.params.max_new_tokens, self.context_length)
+    def _fitted(self, request: BackendRequest, err: ContextLengthError) -> BackendRequest:
+        """``request`` with the bridge's default length cut to what the prompt leaves of the window, or the engine's
+        context error named by the bridge's rule (the engine names ``messages`` also when the prompt fits and only
+        max_new_tokens is too large). The prompt is counted again only on this rare path: the engine refuses a
+        request too long for its window before any work."""
+        try:
+            return fit_to_window(request, len(self.engine.encode(messages=request.messages)), self.context_length)
+        except ContextLengthError as named:
+            raise named from err
 
     def generate(self, request: BackendRequest, cancel: CancelToken) -> BackendResult:
         try:
-            result = self.engine.generate(messages=request.messages, params=request.params, cancel=cancel)
-        except ContextLengthError as err:
-            raise self._context_error(request) from err
-        except InvalidRequestError:  # the caller's fault, not the engine's
+            try:
+                result = self.engine.generate(messages=request.messages, params=request.params, cancel=cancel)
+            except ContextLengthError as err:
+                request = self._fitted(request, err)
+                result = self.engine.generate(messages=request.messages, params=request.params, cancel=cancel)
+        except InvalidRequestError:  # the caller's fault, not the engine's (ContextLengthError among them)
             raise
         except Exception as err:
             raise BackendError(f"engine failed: {type(err).__name__}: {err}", reason="ENGINE_FAILED") from err
@@ -77,13 +84,18 @@ class OnnxBackend:
 
     def stream(self, request: BackendRequest, cancel: CancelToken) -> Iterator[BackendChunk]:
         try:
-            for chunk in self.engine.stream(messages=request.messages, params=request.params, cancel=cancel):
+            try:  # the engine refuses a request too long for its window here, before any work
+                chunks = self.engine.stream(messages=request.messages, params=request.params, cancel=cancel)
+                first = next(chunks, None)
+            except ContextLengthError as err:
+                request = self._fitted(request, err)
+                chunks = self.engine.stream(messages=request.messages, params=request.params, cancel=cancel)
+                first = next(chunks, None)
+            for chunk in itertools.chain(() if first is None else (first,), chunks):
                 if chunk.result is not None:
                     yield BackendChunk(chunk.text, 1 if chunk.token is not None else 0, self._result(chunk.result))
                     return
                 yield BackendChunk(chunk.text, 1 if chunk.token is not None else 0)
-        except ContextLengthError as err:
-            raise self._context_error(request) from err
         except InvalidRequestError:
             raise
         except Exception as err:

@@ -146,6 +146,16 @@ def test_a_context_overflow_names_the_field_to_change_as_every_backend_does(
     assert f"INVALID_ARGUMENT: {field}: " in str(info.value) and str(info.value).endswith("[CONTEXT_LENGTH_EXCEEDED]")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_without_a_length_gets_what_the_window_leaves(start_bridge, make_client, tmp_path, stream):
+    backend = OnnxBackend(OnnxModelSettings(bundle=tmp_path), engine_factory=stand_in())  # a window of 64
+    client = make_client(start_bridge(backends={"coder": backend}, models={}), max_attempts=1)
+    messages = [{"role": "user", "content": "a " * 60}]  # the bridge's default, 256 new tokens, does not fit
+    result = list(client.stream(messages))[-1].result if stream else client.generate(messages)
+    assert (result.completion_tokens, result.finish_reason) == (4, "length")
+    assert backend.engine.finished == [("length", 4)]
+
+
 @pytest.fixture
 def real_bundle(request: pytest.FixtureRequest) -> Any:
     engine = pytest.importorskip("edge_runtime.engine")
@@ -166,6 +176,15 @@ def test_the_real_engine_behind_the_bridge(real_bundle, start_bridge, make_clien
     chunks = list(client.stream(HI, params=SamplingParams(max_new_tokens=8)))
     assert "".join(c.text for c in chunks[:-1]) == chunks[-1].result.text
     assert sum(c.token_count for c in chunks[:-1]) == chunks[-1].result.completion_tokens
+    # a prompt that leaves less of the window than the bridge's default: no length asked, what is left given
+    engine = bridge.backend("tiny").engine
+    words = next(n for n in range(1, 4 * engine.context_length)
+                 if len(engine.encode(messages=[{"role": "user", "content": "a " * n}])) >= engine.context_length - 3)
+    long_prompt = [{"role": "user", "content": "a " * words}]
+    room = engine.context_length - len(engine.encode(messages=long_prompt))
+    assert 0 < room <= 3
+    for fitted in (client.generate(long_prompt), list(client.stream(long_prompt))[-1].result):
+        assert 1 <= fitted.completion_tokens <= room and fitted.finish_reason in ("length", "eos")
     # the bundle's hash identifies what answers to clients that cache answers (the explorer's run cache); the files'
     # hash, as older bridges sent it, stays in `revision` for older devices
     from edge_runtime.bundle import load_manifest

@@ -204,6 +204,20 @@ def test_a_request_over_the_context_window_names_the_field_to_change_and_says_wh
     assert _refusal(info.value) == (field, "CONTEXT_LENGTH_EXCEEDED")  # as the daemon answers
 
 
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_a_request_without_a_length_gets_what_the_window_leaves_when_the_default_does_not_fit(
+    start_bridge, raw_stub, method
+):
+    # refused with "max_new_tokens is 256", a field the caller never set; the daemon, and OpenAI, cut the default
+    bridge = start_bridge(models={"tiny": {"backend": "echo", "context_length": 10, "reply": "w " * 50}})
+    request = _request(messages=[bridge_pb2.ChatMessage(role="user", content="a b c")])
+    if method == "Generate":
+        answer = raw_stub(bridge).Generate(request, metadata=AUTH, timeout=5)
+    else:
+        answer = list(raw_stub(bridge).GenerateStream(request, metadata=AUTH, timeout=5))[-1].final
+    assert (answer.usage.completion_tokens, answer.finish_reason) == (7, bridge_pb2.FINISH_REASON_LENGTH)
+
+
 def test_a_temperature_above_2_is_refused_as_the_daemon_refuses_it(start_bridge, raw_stub):
     bridge = start_bridge()
     stub = raw_stub(bridge)
