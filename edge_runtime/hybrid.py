@@ -919,8 +919,10 @@ class HybridRuntime:
 
         # 1. decode locally unless escalating straight away
         if decision.action != "cloud":
-            live = reveal_draft or decision.action in ("local", "local_forced")  # text that can no longer be withdrawn
-            watch = model == "auto" and decision.action == "continue"
+            # text that can no longer be withdrawn: with no bridge, no cloud answer can replace it
+            live = reveal_draft or decision.action in ("local", "local_forced") or self.cloud is None
+            # an early exit would cut the answer for an escalation that cannot happen, and decode it again
+            watch = model == "auto" and decision.action == "continue" and self.cloud is not None
             stop = threading.Event()
             tokens: list[TokenInfo] = []
             local = self._local_stream(prompt_ids, local_params, cancel, stop)

@@ -302,6 +302,27 @@ def test_no_cloud_configured_is_local_forced(engine):
     assert r.route == "local_forced" and r.reason == "cloud_not_configured"
 
 
+@pytest.mark.parametrize("policy", [
+    {"type": "threshold", "p": 0.99},
+    {"chain": [{"type": "early_exit", "bar": 0.99, "min_tokens": 2}, {"type": "threshold", "p": 0.99}]},
+])
+def test_with_no_cloud_configured_an_auto_stream_shows_its_text_as_it_is_made(engine, policy):
+    # the text was held back as if it could still be withdrawn for the cloud's, and came in one burst at the end; an
+    # early exit cut the answer for an escalation that could not happen, and the whole answer was decoded again
+    rt = HybridRuntime(engine, policy=policy)
+    cancel = threading.Event()
+    kinds = []
+    for chunk in rt.stream(ASK, max_new_tokens=48, cancel=cancel):
+        kinds.append(chunk.kind)
+        if chunk.kind == "text" and chunk.text:
+            cancel.set()  # the caller leaves at the first words it sees
+        result = chunk.result
+    assert "withdraw" not in kinds and len(result.tokens) < 10
+    assert result.route == "local_forced" and result.reason == "cancelled"
+    whole = rt.chat(ASK, max_new_tokens=8)
+    assert whole.route == "local_forced" and whole.reason == "cloud_not_configured" and len(whole.tokens) == 8
+
+
 def test_from_config_builds_every_part(tiny_bundle, tmp_path):
     cfg = tmp_path / "edge.toml"
     cfg.write_text(f'[engine]\nbundle = "{tiny_bundle}"\n[policy]\ntype = "never"\n[power]\nprofile = "raspberry-pi-5"\n'

@@ -225,6 +225,8 @@ def parse_chat_request(body: Any, *, request_id: str | None = None) -> ChatReque
     options = body.get("stream_options")
     if options is not None and not isinstance(options, Mapping):
         raise InvalidRequestError("must be an object", field="stream_options")
+    if options is not None and not stream:  # as OpenAI's API: options for a stream that was not asked for
+        raise InvalidRequestError("only allowed when stream is true", field="stream_options")
     for key in options or ():
         if key not in _STREAM_OPTIONS:
             raise InvalidRequestError(f"unknown field {short_repr(key)}; this server reads "

@@ -43,6 +43,9 @@ BAD = [
      "max_tokens"),  # the newer name wins, but a bad value under the older one is not ignored
     ({**OK, "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "invalid_request_error", "invalid_value",
      "stream_options.include_usage"),
+    # options for a stream not asked for: ignored, where OpenAI's API refuses them
+    ({**OK, "stream_options": {"include_usage": True}}, 400, "invalid_request_error", "invalid_value", "stream_options"),
+    ({**OK, "stream": False, "stream_options": {}}, 400, "invalid_request_error", "invalid_value", "stream_options"),
     ({**OK, "seed": "x"}, 400, "invalid_request_error", "invalid_value", "seed"),
     ({**OK, "stop": [1]}, 400, "invalid_request_error", "invalid_value", "stop"),
     ({**OK, "stop": [""]}, 400, "invalid_request_error", "invalid_value", "stop[0]"),
