@@ -2,13 +2,14 @@
 
 Byte-level tokenizers split one UTF-8 character over several tokens; decoding
 a prefix then ends in U+FFFD. :class:`IncrementalDecoder` only releases text
-once the characters are complete. :class:`StopMatcher` holds back text that
-might be the beginning of a stop string, so a stream never shows text that a
-later token turns into a stop.
+once the characters are complete, and records which token each character's last
+byte came from. :class:`StopMatcher` holds back text that might be the beginning
+of a stop string, so a stream never shows text that a later token turns into a stop.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,12 +19,22 @@ _REPLACEMENT = "\ufffd"
 
 
 class IncrementalDecoder:
+    """Text of pushed tokens, released a whole character at a time.
+
+    ``complete[i]`` is how many characters of the text (all that push and flush return, in order) the first
+    ``i + 1`` tokens hold whole: a character counts at the token that holds its last byte, which is not always the
+    token whose push releases it. A token holding a space and the first bytes of "お" gives nothing until the next
+    token completes the character, then both come out; the space is still the earlier token's.
+    """
+
     def __init__(self, tokenizer: Any, *, skip_special_tokens: bool = True) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = []
         self._prefix = 0  # start of the window re-decoded for context (leading-space rules)
         self._read = 0  # ids before this have been released as text
+        self._released = 0  # characters released so far
+        self.complete: list[int] = []
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=self._skip)
@@ -35,15 +46,28 @@ class IncrementalDecoder:
         after = self._decode(self._ids[self._prefix:])
         if len(after) > len(before) and not after.endswith(_REPLACEMENT):
             self._prefix, self._read = self._read, len(self._ids)
+            self._released += len(after) - len(before)
+            self.complete.append(self._released)
             return after[len(before):]
+        # held back: what precedes the U+FFFD standing in for the incomplete character is whole already
+        whole = len(after) - len(before) - after.endswith(_REPLACEMENT)
+        self.complete.append(max(self.complete[-1] if self.complete else 0, self._released + whole))
         return ""
 
     def flush(self) -> str:
-        """Release whatever is left at the end (an incomplete character stays as U+FFFD)."""
+        """Release whatever is left at the end (an incomplete character stays as U+FFFD, the last token's)."""
         before = self._decode(self._ids[self._prefix:self._read])
         after = self._decode(self._ids[self._prefix:])
         self._prefix = self._read = len(self._ids)
-        return after[len(before):] if len(after) > len(before) else ""
+        if len(after) <= len(before):
+            return ""
+        self._released += len(after) - len(before)
+        self.complete[-1] = self._released
+        return after[len(before):]
+
+    def tokens_holding(self, chars: int) -> int:
+        """How many of the first tokens hold the first ``chars`` characters of the text (0 for none)."""
+        return min(bisect.bisect_left(self.complete, chars) + 1, len(self.complete)) if chars > 0 else 0
 
 
 class StopMatcher:

@@ -320,7 +320,8 @@ class Usage:
 @dataclass(frozen=True)
 class Timings:
     """Milliseconds: the engine's model load (``load_ms``, once per engine), the prompt's prefill, the decode of the
-    tokens after the first, and the time to the first token (``ttft_ms``, waiting for a cache included)."""
+    tokens after the first, and the time to the first token (``ttft_ms``, from the request: waiting for a KV cache
+    or for the chat session's previous turn included, which ``prefill_ms`` is not)."""
 
     load_ms: float
     prefill_ms: float
@@ -364,8 +365,9 @@ class GenerationResult:
     # mean negative log-likelihood per prompt token under the model (natural log), when requested
     prompt_nll: float | None = None
     model: str = ""
-    # tokens[:text_tokens] made ``text``; the rest are an eos or lie inside a stop string cut from the text
-    # (generated and counted in usage all the same). None: all of them.
+    # tokens[:text_tokens] made ``text`` (each character counted at the token holding its last byte): the last of
+    # them may also hold the start of a stop string cut from the text; the rest are an eos or lie inside that stop
+    # string (generated and counted in usage all the same). None: all of them.
     text_tokens: int | None = None
 
     @property
