@@ -119,6 +119,16 @@ def _inline_value(text: str, what: str, field: str) -> Any:
         raise ConfigError(f"expected {what} in JSON or TOML inline form, e.g. {example}: {err}", field=field) from None
 
 
+# how much of a refused value an error quotes: a TOML integer may have 400 digits, a pasted string a page
+_SHOWN_CHARS = 40
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut to a length a one-line error can hold."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+
+
 def _coerce(value: Any, tp: Any, field: str) -> Any:
     """Convert a TOML/env/CLI value to the annotated type, or raise ConfigError naming ``field``."""
     origin = typing.get_origin(tp)
@@ -135,12 +145,15 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
             try:
                 return _coerce(value, arg, field)
             except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"cannot use {value!r}: {'; '.join(errors)}", field=field)
+                # each alternative's message names the field already: once is enough
+                errors.append(str(err).removeprefix(f"{field}: ") if err.field == field else str(err))
+        if len(errors) == 1:  # an optional field (float | None): its one type's message says it all
+            raise ConfigError(errors[0], field=field)
+        raise ConfigError(f"cannot use {_shown(value)}: {'; '.join(errors)}", field=field)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}", field=field)
+            raise ConfigError(f"must be one of {', '.join(map(repr, choices))}, got {_shown(value)}", field=field)
         return value
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (str,)
@@ -149,14 +162,14 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         elif isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"expected a list, got {value!r}", field=field)
+            raise ConfigError(f"expected a list, got {_shown(value)}", field=field)
         items = [_coerce(v, item_tp, f"{field}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
         if isinstance(value, str):  # from the environment or a flag
             value = _inline_value(value, "a table", field)
         if not isinstance(value, Mapping):
-            raise ConfigError(f"expected a table, got {value!r}", field=field)
+            raise ConfigError(f"expected a table, got {_shown(value)}", field=field)
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -165,35 +178,38 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"expected true or false, got {value!r}", field=field)
+        raise ConfigError(f"expected true or false, got {_shown(value)}", field=field)
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"expected an integer, got {value!r}", field=field)
+            raise ConfigError(f"expected an integer, got {_shown(value)}", field=field)
         try:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"expected an integer, got {value!r}", field=field) from None
+            raise ConfigError(f"expected an integer, got {_shown(value)}", field=field) from None
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"expected a number, got {value!r}", field=field)
+            raise ConfigError(f"expected a number, got {_shown(value)}", field=field)
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"expected a number, got {value!r}", field=field) from None
+            raise ConfigError(f"expected a number, got {_shown(value)}", field=field) from None
         except OverflowError:  # an integer past a float's range (TOML and JSON allow 10**400)
-            raise ConfigError(f"expected a finite number, got {value!r:.40}", field=field) from None
+            raise ConfigError(f"expected a finite number, got {_shown(value)}", field=field) from None
         if not math.isfinite(number):  # nan passes every range check (nan <= 0 is false), inf most of them
-            raise ConfigError(f"expected a finite number, got {value!r}", field=field)
+            raise ConfigError(f"expected a finite number, got {_shown(value)}", field=field)
         return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"expected a string, got {value!r}", field=field)
+            raise ConfigError(f"expected a string, got {_shown(value)}", field=field)
         return str(value)
     if tp is Path:
         if not isinstance(value, (str, Path)):
-            raise ConfigError(f"expected a path, got {value!r}", field=field)
+            raise ConfigError(f"expected a path, got {_shown(value)}", field=field)
+        if isinstance(value, str) and not value.strip():  # Path("") is ".": the working directory, unsaid
+            raise ConfigError("must name a path, got an empty string (write . for the working directory)",
+                              field=field)
         return Path(os.path.expanduser(str(value)))
     if tp is Any:
         return value
@@ -388,11 +404,14 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     env_prefix: str = "EDGE_RUNTIME",
     overrides: Mapping[str, Any] | None = None,
+    section: str = "",
 ) -> T:
     """Build ``cls`` from defaults, a TOML file (or an already-parsed ``data`` mapping), env and overrides.
 
     ``env=None`` reads ``os.environ``; pass ``{}`` to ignore the environment.
     ``overrides`` is a nested mapping, e.g. from :func:`settings_overrides_from_args`.
+    ``section``: the name ``cls`` has as a section of a larger model when it is read on its own, so its errors
+    name the field as a config file writes it (``power.idle_watts``, as its own checks do), not ``idle_watts``.
     """
     layers: list[Mapping[str, Any]] = []
     if config_file is not None:
@@ -404,7 +423,7 @@ def load_settings(
     layers.append(_env_layer(cls, os.environ if env is None else env, env_prefix))
     if overrides:
         layers.append(overrides)
-    return _build(cls, layers, "")
+    return _build(cls, layers, f"{section}." if section else "")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

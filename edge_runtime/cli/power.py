@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import add_settings_arguments, load_settings, settings_overrides_from_args
 from ..errors import ConfigError
-from ..power._settings import POWER_ENV_PREFIX, PowerSettings
+from ..power._settings import POWER_ENV_PREFIX, POWER_SECTION, PowerSettings
 
 if TYPE_CHECKING:
     from ..power import EnergyMeter, Measurement, SourceInfo
@@ -75,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     for flag, value in (("--interval", args.interval), ("--count", args.count)):
         if value is not None and not args.watch:
             raise ConfigError("only valid with --watch (edge-runtime power --watch --interval S --count N)", field=flag)
-    settings = load_settings(PowerSettings, env_prefix=POWER_ENV_PREFIX,
+    settings = load_settings(PowerSettings, env_prefix=POWER_ENV_PREFIX, section=POWER_SECTION,
                              overrides=settings_overrides_from_args(args))
     with EnergyMeter.from_settings(settings) as meter:
         if args.watch:

@@ -31,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file (env EDGE_RUNTIME_* and flags override it)")
     p.add_argument("--check", action="store_true",
-                   help="check the settings, token and TLS files, estimator and bundle (its manifest and file stamps), "
-                        "then exit 0 if the daemon would start with them: before a HUP or restart applies an edit "
-                        "(nothing is bound or loaded; a running daemon is not disturbed)")
+                   help="check the settings, token and TLS files, estimator, power source and bundle (its manifest "
+                        "and file stamps), then exit 0 if the daemon would start with them: before a HUP or restart "
+                        "applies an edit (nothing is bound or loaded; a running daemon is not disturbed)")
     _settings_flags_on_first_use(p)
     p.set_defaults(func=_run)
 
@@ -107,6 +107,11 @@ def _check_files_and_cloud(settings: RuntimeSettings) -> Path | None:
             load_estimator(settings.engine.estimator)  # the bundle it was fitted on is checked with the model
         except EstimatorError as err:
             raise ConfigError(str(err), field="engine.estimator") from err
+    # a power source this device does not have, a sysfs_root that is not a directory: detection alone finds them,
+    # starting no sampler (the daemon makes its meter as the model loads)
+    from ..power import EnergyMeter
+
+    EnergyMeter.check_settings(settings.power)
     if settings.engine.bundle:  # a bundle that is not there (a relative path from an older config, say)
         from ..models import resolve_bundle
 

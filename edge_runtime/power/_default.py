@@ -10,7 +10,7 @@ import threading
 
 from ..config import load_settings
 from ._meter import EnergyMeter
-from ._settings import POWER_ENV_PREFIX, PowerSettings
+from ._settings import POWER_ENV_PREFIX, POWER_SECTION, PowerSettings
 
 __all__ = ["default_meter", "set_default_meter", "reset_default_meter"]
 
@@ -28,7 +28,7 @@ def default_meter() -> EnergyMeter:
     global _meter
     with _lock:
         if _meter is None or _meter.closed:
-            settings = load_settings(PowerSettings, env_prefix=POWER_ENV_PREFIX)
+            settings = load_settings(PowerSettings, env_prefix=POWER_ENV_PREFIX, section=POWER_SECTION)
             _meter = EnergyMeter.from_settings(settings)
         return _meter
 

@@ -171,6 +171,14 @@ class Measurement:
         return f"<Measurement {self.joules:.3f} J in {self.seconds:.3f} s from {self.source}>"
 
 
+def _settings_profile(settings: PowerSettings) -> DeviceProfile:
+    """The estimate's profile of ``[power]`` settings, once their root is known to be a directory."""
+    if not os.path.isdir(settings.sysfs_root):  # a typo would find no counter and fall back to the estimate unsaid
+        raise ConfigError(f"{settings.sysfs_root} is not a directory", field="power.sysfs_root")
+    return custom_profile(settings.profile, active_watts_per_core=settings.active_watts_per_core,
+                          idle_watts=settings.idle_watts)
+
+
 class EnergyMeter:
     """Measures energy per window from the best source under ``sysfs_root``.
 
@@ -195,6 +203,8 @@ class EnergyMeter:
             raise ConfigError(f"must be between 0.001 and 3600 seconds, got {sample_interval_s!r}",
                               field="sample_interval_s")
         self.sysfs_root = os.fspath(sysfs_root)
+        if not self.sysfs_root.strip():  # else the working directory: a tree with no counter, and the estimate unsaid
+            raise ConfigError("must name a directory (/ for this device)", field="sysfs_root")
         # None was a bare TypeError or AttributeError (QA UU)
         if not isinstance(profile, (str, DeviceProfile)):
             raise ConfigError(f"must be a profile name or a DeviceProfile, got {type(profile).__name__}",
@@ -226,13 +236,30 @@ class EnergyMeter:
 
     @classmethod
     def from_settings(cls, settings: PowerSettings, **kwargs: Any) -> EnergyMeter:
-        """A meter configured by the ``[power]`` settings section."""
-        if not os.path.isdir(settings.sysfs_root):  # a typo would find no counter and fall back to the estimate unsaid
-            raise ConfigError(f"{settings.sysfs_root} is not a directory", field="power.sysfs_root")
-        profile = custom_profile(settings.profile, active_watts_per_core=settings.active_watts_per_core,
-                                 idle_watts=settings.idle_watts)
-        return cls(sysfs_root=settings.sysfs_root, source=settings.source, profile=profile,
-                   sample_interval_s=settings.sample_interval_ms / 1000.0, **kwargs)
+        """A meter configured by the ``[power]`` settings section.
+
+        A source these settings insist on that this device lacks is a ``ConfigError`` naming ``power.source``
+        (``EnergyError`` when a meter is made by hand): the settings are what would have to change.
+        """
+        profile = _settings_profile(settings)
+        try:
+            return cls(sysfs_root=settings.sysfs_root, source=settings.source, profile=profile,
+                       sample_interval_s=settings.sample_interval_ms / 1000.0, **kwargs)
+        except EnergyError as err:
+            raise ConfigError(str(err), field="power.source") from err
+
+    @staticmethod
+    def check_settings(settings: PowerSettings) -> None:
+        """Raise the ``ConfigError`` :meth:`from_settings` would, without making a meter.
+
+        Detection only: no sampler thread, no log lines (the meter made later logs its own), so ``serve`` refuses a
+        source this device does not have before it listens rather than after.
+        """
+        profile = _settings_profile(settings)
+        try:
+            detect(settings.sysfs_root, settings.source, profile)
+        except EnergyError as err:
+            raise ConfigError(str(err), field="power.source") from err
 
     # --- what it measures ------------------------------------------------------------------
 

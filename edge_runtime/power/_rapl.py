@@ -53,6 +53,13 @@ class RaplSource(PowerSource):
     def __init__(self, info: SourceInfo, zones: list[_Zone]) -> None:
         super().__init__(info)
         self._zones = [z for z in zones if any(d.name == z.domain and d.readable for d in info.domains)]
+        # a DRAM zone of the total and its package: some servers list a DRAM zone that counts only with a BIOS
+        # option, so it may stay still while its package moves; a still package (or psys) is stuck
+        self._dram_package = {d.name: d.name.split("/")[0] for d in info.domains
+                              if d.in_total and "/" in d.name and _zone_kind(d.name) == "dram"}
+
+    def may_stay_still(self, domain: str) -> str | None:
+        return self._dram_package.get(domain)
 
     def read(self) -> Mapping[str, Reading]:
         out: dict[str, Reading] = {}
@@ -63,6 +70,11 @@ class RaplSource(PowerSource):
             else:
                 out[zone.domain] = Energy(uj=value, max_range_uj=zone.max_range_uj)
         return out
+
+
+def _zone_kind(domain: str) -> str:
+    """What a zone is, from its domain name: "package-0/dram@intel-rapl:0:2" -> "dram"."""
+    return domain.split("/")[-1].split("@")[0]
 
 
 def _zone_id(name: str) -> tuple[int, ...] | None:
@@ -123,23 +135,20 @@ def detect_rapl(root: str | os.PathLike[str]) -> list[RaplSource]:
 
     # choose what adds up: psys alone, else packages + dram zones
     readable = {d.name for d in domains if d.readable}
-    def kind(name: str) -> str:  # "package-0/dram@intel-rapl:0:2" -> "dram"
-        return name.split("/")[-1].split("@")[0]
-
-    psys = [d.name for d in domains if kind(d.name) == "psys" and d.name in readable]
+    psys = [d.name for d in domains if _zone_kind(d.name) == "psys" and d.name in readable]
     if psys:
         total = set(psys)
     else:
         # a dram zone counts with its package, never alone: DRAM energy is not the device's
         packages = {d.name for d in domains if d.name in readable and "/" not in d.name and d.name.startswith("package")}
-        total = packages | {d.name for d in domains if d.name in readable and kind(d.name) == "dram"
+        total = packages | {d.name for d in domains if d.name in readable and _zone_kind(d.name) == "dram"
                             and d.name.split("/")[0] in packages}
     domains = [DomainInfo(d.name, d.path, d.readable, d.problem, in_total=d.name in total) for d in domains]
     for z in zones:
         z.in_total = z.domain in total
 
     # only zones that would count matter: an unreadable core or uncore zone (inside its package) leaves nothing out
-    counted = [d for d in domains if "/" not in d.name or kind(d.name) == "dram"]
+    counted = [d for d in domains if "/" not in d.name or _zone_kind(d.name) == "dram"]
     denied = [d for d in counted if d.problem == PERMISSION_DENIED]
     others = [d for d in counted if not d.readable and d.problem != PERMISSION_DENIED]
     ordered_total = [d.name for d in domains if d.in_total]

@@ -532,15 +532,17 @@ class Sampler:
                     still[name] = held_s
                 if track.kind == "remaining":
                     self._gauge_window(track, t0, t1, domains_j, incomplete, warnings)
-        moved = [n for n in totals if n in domains_j and n not in still]
+        moved = {n for n in totals if n in domains_j and n not in still}
         for name, held_s in still.items():
-            if moved:
-                # a part of the total that stays still (a DRAM zone some servers list but do not count) beside
-                # one that moves: the total is still measured
+            beside = self.source.may_stay_still(name)
+            if beside is not None and beside in moved:
+                # a part that can truly draw nothing (a DRAM zone some servers list but do not count) beside the
+                # part it belongs with, which moved: the total is still measured
                 warnings.append(f"{label}: {name} did not move in {held_s:.2f} s; counted as 0 J")
             else:
-                # a device draws watts; a total that did not move at all measured nothing (some VMs and firmwares
-                # expose a counter that stays at one value): not a measured 0 J
+                # a device draws watts; any other counter of the total that did not move measured nothing (some VMs
+                # and firmwares expose one that stays at one value), even beside one that moved (a DRAM zone, a
+                # second package or socket): not a measured 0 J, and never passed off as the whole
                 incomplete.setdefault(name, f"did not move in {held_s:.2f} s (a stuck counter measures nothing)")
         missing = sorted(n for n in totals if n not in domains_j)
         for name in missing:

@@ -15,10 +15,12 @@ from ..config import documented, setting
 from ..errors import ConfigError
 from ._profiles import PROFILES
 
-__all__ = ["PowerSettings", "SourceName", "POWER_ENV_PREFIX"]
+__all__ = ["PowerSettings", "SourceName", "POWER_ENV_PREFIX", "POWER_SECTION"]
 
 # the [power] section's variables wherever its settings are read on their own (EDGE_RUNTIME_POWER_PROFILE)
 POWER_ENV_PREFIX = "EDGE_RUNTIME_POWER"
+# ... and the name its fields have in errors then (power.sysfs_root), as in the daemon's settings
+POWER_SECTION = "power"
 
 SourceName = Literal["auto", "rapl", "hwmon", "rpi-pmic", "battery", "estimate"]
 _KINDS = get_args(SourceName)
@@ -59,6 +61,8 @@ class PowerSettings:
                 or not 10 <= self.sample_interval_ms <= 60_000:
             raise ConfigError(f"must be an integer between 10 and 60000, got {self.sample_interval_ms!r}",
                               field="power.sample_interval_ms")
+        if not str(self.sysfs_root).strip():  # else the working directory, read as this device's /sys
+            raise ConfigError("must name a directory (/ for this device)", field="power.sysfs_root")
         for name in ("active_watts_per_core", "idle_watts"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))

@@ -126,6 +126,14 @@ class PowerSource(abc.ABC):
         """Domains whose joules add up to the source's figure (no double counting)."""
         return tuple(d.name for d in self.info.domains if d.readable and d.in_total)
 
+    def may_stay_still(self, domain: str) -> str | None:
+        """The total domain beside which ``domain`` may truly read 0 J (a DRAM zone's package), or None.
+
+        A counter of the total that did not move measured nothing (a stuck one) unless a part that can really
+        draw nothing sits beside one that moved: only the source knows which parts those are.
+        """
+        return None
+
     @abc.abstractmethod
     def read(self) -> Mapping[str, Reading]:
         """One raw reading per domain. Must not raise for I/O problems: return :class:`Unreadable`."""

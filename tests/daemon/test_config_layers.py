@@ -161,6 +161,10 @@ def reaching_the_bind(monkeypatch):
     (["--engine-estimator", "nope.json"], "engine.estimator: estimator file not found"),
     # a relative bundle path from an older config: it failed after "listening on", a restart loop under systemd
     (["--engine-bundle", "bundles/nope"], "engine.bundle: bundle not found"),
+    # the energy meter was made as the model loaded: "listening on", then "cannot load the model"
+    (["--power-source", "rapl", "--power-sysfs-root", "."], "power.source: power source 'rapl' is not present"),
+    (["--power-sysfs-root", "nope"], "power.sysfs_root: nope is not a directory"),
+    (["--power-sysfs-root", ""], "power.sysfs_root: must name a path"),
 ])
 def test_serve_refuses_a_missing_file_or_plaintext_off_loopback_before_binding(
         reaching_the_bind, tmp_path, monkeypatch, capsys, flags, field):
@@ -183,3 +187,24 @@ def test_power_help_names_the_variables_the_power_settings_read(capsys, monkeypa
         main(["power", "--help"])
     out = capsys.readouterr().out
     assert "[env EDGE_RUNTIME_POWER_PROFILE; default generic]" in out and "EDGE_RUNTIME_PROFILE" not in out
+
+
+def test_serve_check_refuses_a_power_source_this_device_lacks(capsys, tmp_path, tiny_bundle):
+    # it passed them, and `serve` then failed after it was listening
+    import threading
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for flags, field in ((["--power-source", "rapl", "--power-sysfs-root", str(tree)], "power.source:"),
+                         (["--power-sysfs-root", str(tmp_path / "typo")], "power.sysfs_root:")):
+        assert main(["serve", "--check", "--engine-bundle", str(tiny_bundle), *flags]) == 1, flags
+        captured = capsys.readouterr()
+        assert field in captured.err and "configuration is valid" not in captured.out, (flags, captured)
+    zone = tree / "sys/class/powercap/intel-rapl:0"  # the same source, present: valid
+    zone.mkdir(parents=True)
+    (zone / "name").write_text("package-0\n")
+    (zone / "energy_uj").write_text("1000000\n")
+    assert main(["serve", "--check", "--engine-bundle", str(tiny_bundle), "--power-source", "rapl",
+                 "--power-sysfs-root", str(tree)]) == 0
+    assert "configuration is valid" in capsys.readouterr().out
+    assert not [t for t in threading.enumerate() if t.name.startswith("edge-runtime-power-sampler")]

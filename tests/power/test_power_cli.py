@@ -118,3 +118,19 @@ def test_console_entry_point_on_this_machine() -> None:
 def test_a_sysfs_root_that_does_not_exist_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(capsys, "--sysfs-root", str(tmp_path / "typo"))
     assert code == 1 and "power.sysfs_root" in err and "not a directory" in err
+
+
+def test_an_empty_sysfs_root_is_an_error_not_the_working_directory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    add_rapl_zone(tmp_path, "0", "package-0", 1)  # ./sys here: an empty root read it as this device's counters
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, "--sysfs-root", "", "--json")
+    assert code == 1 and "power.sysfs_root" in err and not out, err
+    monkeypatch.setenv("EDGE_RUNTIME_POWER_SYSFS_ROOT", "")
+    code, out, err = _run(capsys, "--json")
+    assert code == 1 and "power.sysfs_root" in err and not out, err
+
+
+def test_a_flag_with_a_bad_value_names_the_power_field_once(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "--idle-watts", "abc")
+    assert code == 1 and err.strip().endswith("error: power.idle_watts: expected a number, got 'abc'"), err

@@ -298,3 +298,16 @@ def test_unreadable_counters_leave_nothing_out_when_the_rails_are_summed(tmp_pat
     info = [i for i in describe_sources(tmp_path) if i.kind == "hwmon"][0]
     assert info.usable and [d.name for d in info.domains if d.in_total] == ["pin"]
     assert info.problem is None
+
+
+def test_a_stuck_socket_counter_beside_a_moving_one_is_not_a_measurement(tmp_path: Path, make_meter: Make,
+                                                                          clock: ManualClock) -> None:
+    # two sockets, the first one's counter stuck: the second socket's joules were reported as the device's
+    chip = add_hwmon(tmp_path, 0, "amd_energy", {"energy1_input": 5_000_000, "energy1_label": "Esocket0",
+                                                 "energy2_input": 5_000_000, "energy2_label": "Esocket1"})
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1.0)
+        write(chip / "energy2_input", 25_000_000)
+    assert m.estimated and m.source.startswith("estimate:")  # type: ignore[attr-defined]
+    assert any("Esocket0 did not move in 1.00 s" in w for w in m.warnings)  # type: ignore[attr-defined]

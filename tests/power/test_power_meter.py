@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from power_fakes import ManualClock, add_hwmon, add_rapl_zone, write
 
-from edge_runtime.config import load_settings
+from edge_runtime.config import load_settings, setting
 from edge_runtime.engine.types import EnergyReport
 from edge_runtime.errors import ConfigError, EnergyError
 from edge_runtime.power import ConstantPowerSource, EnergyMeter, PowerSettings
@@ -220,3 +221,80 @@ def test_a_window_dropped_without_stop_does_not_keep_the_sampler_busy(tmp_path: 
     assert sampler.open_windows == 1
     kept.stop()
     assert sampler.open_windows == 0
+
+
+def test_a_source_the_settings_insist_on_and_the_device_lacks_names_power_source(tmp_path: Path) -> None:
+    # the daemon made its meter after listening and logged "cannot load the model" for it
+    settings = PowerSettings(sysfs_root=tmp_path, source="rapl")
+    for attempt in (EnergyMeter.from_settings, EnergyMeter.check_settings):
+        with pytest.raises(ConfigError) as err:
+            attempt(settings)
+        assert err.value.field == "power.source" and "not present" in str(err.value)
+        assert isinstance(err.value.__cause__, EnergyError)
+    with pytest.raises(ConfigError) as err:
+        EnergyMeter.check_settings(PowerSettings(sysfs_root=tmp_path / "typo"))
+    assert err.value.field == "power.sysfs_root"
+
+
+def test_checking_settings_makes_no_meter(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # `serve --check` detects, then the daemon's meter detects again: what it warns about is said once, by the meter
+    add_hwmon(tmp_path, 0, "ina3221", {"power1_input": 1_000_000, "power2_input": "garbage"})
+    with caplog.at_level("INFO", logger="edge_runtime.power"):
+        EnergyMeter.check_settings(PowerSettings(sysfs_root=tmp_path, source="hwmon"))
+        EnergyMeter.check_settings(PowerSettings(sysfs_root=tmp_path, source="estimate"))
+    assert not caplog.records and not _sampler_threads()
+    with caplog.at_level("INFO", logger="edge_runtime.power"), \
+            EnergyMeter.from_settings(PowerSettings(sysfs_root=tmp_path, source="hwmon")):
+        pass
+    assert any("leaves part of the device out" in r.getMessage() for r in caplog.records)  # what check did not say
+
+
+@pytest.mark.parametrize("empty", ["", " "])
+def test_an_empty_sysfs_root_is_refused_not_read_as_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty: str) -> None:
+    # Path("") is ".": with a ./sys here, its counters were read as this device's
+    monkeypatch.chdir(tmp_path)
+    add_rapl_zone(tmp_path, "0", "package-0", 1_000_000)
+    for env, overrides in (({"EDGE_RUNTIME_POWER_SYSFS_ROOT": empty}, None), ({}, {"sysfs_root": empty})):
+        with pytest.raises(ConfigError) as err:
+            load_settings(PowerSettings, env=env, env_prefix="EDGE_RUNTIME_POWER", overrides=overrides)
+        assert err.value.field == "sysfs_root", (env, overrides)
+    with pytest.raises(ConfigError) as err:
+        PowerSettings(sysfs_root=empty)  # type: ignore[arg-type]
+    assert err.value.field == "power.sysfs_root"
+    with pytest.raises(ConfigError) as err:
+        EnergyMeter(empty)
+    assert err.value.field == "sysfs_root"
+
+
+@dataclass(frozen=True)
+class _WithPower:
+    """A settings model with a ``[power]`` section, as the daemon's."""
+
+    power: PowerSettings = setting(factory=PowerSettings, help="energy measurement")
+
+
+def test_an_empty_sysfs_root_in_a_config_file_is_refused(tmp_path: Path) -> None:
+    # a relative root follows the file; an empty one skipped that rule and became the working directory
+    config = tmp_path / "edge.toml"
+    config.write_text('[power]\nsysfs_root = ""\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(_WithPower, config_file=config, env={})
+    assert err.value.field == "power.sysfs_root"
+    config.write_text('[power]\nsysfs_root = "tree"\n')
+    assert load_settings(_WithPower, config_file=config, env={}).power.sysfs_root == tmp_path / "tree"
+
+
+def test_an_optional_fields_error_names_it_once_and_cuts_a_long_value() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(_WithPower, env={}, data={"power": {"idle_watts": "abc"}})
+    assert str(err.value) == "power.idle_watts: expected a number, got 'abc'"
+    for huge in (10**400, "9" * 400):
+        with pytest.raises(ConfigError) as err:
+            load_settings(_WithPower, env={}, data={"power": {"idle_watts": huge}})
+        message = str(err.value)
+        assert message.count("power.idle_watts") == 1 and len(message) < 120, message
+    # read on its own (`edge-runtime power`), the section's fields are named as a config file writes them
+    with pytest.raises(ConfigError) as err:
+        load_settings(PowerSettings, env={}, overrides={"active_watts_per_core": "lots"}, section="power")
+    assert err.value.field == "power.active_watts_per_core"

@@ -459,3 +459,46 @@ def test_a_still_dram_zone_beside_a_moving_package_is_measured_with_a_warning(tm
     assert m.source == "rapl:package-0+package-0/dram" and not m.estimated  # type: ignore[attr-defined]
     assert m.joules == pytest.approx(20.0)  # type: ignore[attr-defined]
     assert any("package-0/dram did not move in 1.00 s; counted as 0 J" in w for w in m.warnings)  # type: ignore[attr-defined]
+
+
+def test_a_stuck_package_beside_a_moving_dram_zone_is_not_a_measurement(tmp_path: Path, make_meter: Make,
+                                                                         clock: ManualClock) -> None:
+    # the DRAM zone alone moved: its 1 J was reported as the device's, measured
+    add_rapl_zone(tmp_path, "0", "package-0", 5_000_000)
+    dram = add_rapl_zone(tmp_path, "0:1", "dram", 1_000_000)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        for i in range(5):
+            clock.advance(0.2)
+            write(dram, 1_000_000 + (i + 1) * 200_000)
+            meter.poll()
+    assert m.estimated and m.source == "estimate:generic"  # type: ignore[attr-defined]
+    assert any("package-0 did not move in 1.00 s" in w and "1.000 J fall short" in w
+               for w in m.warnings)  # type: ignore[attr-defined]
+
+
+def test_a_stuck_package_beside_a_moving_package_is_not_a_measurement(tmp_path: Path, make_meter: Make,
+                                                                       clock: ManualClock) -> None:
+    # a two-socket server whose first package counter is stuck: the second one's joules are half the device at most
+    add_rapl_zone(tmp_path, "0", "package-0", 5_000_000)
+    second = add_rapl_zone(tmp_path, "1", "package-1", 5_000_000)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1.0)
+        write(second, 15_000_000)
+    assert m.estimated and m.source == "estimate:generic"  # type: ignore[attr-defined]
+    assert any("package-0 did not move in 1.00 s" in w for w in m.warnings)  # type: ignore[attr-defined]
+
+
+def test_a_still_dram_zone_is_forgiven_only_beside_its_own_package(tmp_path: Path, make_meter: Make,
+                                                                    clock: ManualClock) -> None:
+    # package-1 moving says nothing of package-0's DRAM, and package-0 is stuck besides
+    add_rapl_zone(tmp_path, "0", "package-0", 5_000_000)
+    add_rapl_zone(tmp_path, "0:2", "dram", 1_000_000)
+    second = add_rapl_zone(tmp_path, "1", "package-1", 5_000_000)
+    meter = make_meter(tmp_path)
+    with meter.measure() as m:
+        clock.advance(1.0)
+        write(second, 15_000_000)
+    assert m.estimated  # type: ignore[attr-defined]
+    assert not any("counted as 0 J" in w for w in m.warnings)  # type: ignore[attr-defined]
