@@ -98,7 +98,37 @@ def _providers(names: list[str], option_flags: list[str]) -> list[Any]:
     return provider_specs(names, options, field="--provider-option")
 
 
+# the flags that set the request's and the engine's arguments: an error names the flag typed, not the API's name
+_FLAG_OF_FIELD = {
+    "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+    "seed": "--seed", "stop": "--stop", "top_logprobs": "--top-logprobs", "intra_op_threads": "--threads",
+    "prompt_lookup": "--prompt-lookup", "prompt": "--prompt", "messages[0].content": "--chat", "providers": "--provider",
+}
+
+
+def _flag_of(field: str) -> str | None:
+    """The flag that set ``field`` ("stop[1]" -> "--stop[1]"), or None for a field no flag sets."""
+    name, bracket, index = field.partition("[")
+    if field in _FLAG_OF_FIELD:
+        return _FLAG_OF_FIELD[field]
+    return _FLAG_OF_FIELD[name] + bracket + index if bracket and name in _FLAG_OF_FIELD else None
+
+
 def _run(args: argparse.Namespace) -> int:
+    from ..errors import InvalidRequestError
+
+    try:
+        return _run_flags(args)
+    except InvalidRequestError as err:  # an --input line's own errors are reported in its output line, not here
+        flag = _flag_of(err.field or "")
+        if flag is None:
+            raise
+        message = str(err).removeprefix(f"{err.field}: ")
+        raise (ContextLengthError if isinstance(err, ContextLengthError) else InvalidRequestError)(
+            message, field=flag) from err
+
+
+def _run_flags(args: argparse.Namespace) -> int:
     from ..engine import Engine, SamplingParams
     from ..errors import InvalidRequestError
     from ..models import resolve_bundle

@@ -168,11 +168,28 @@ def test_bad_provider_flags_are_one_line_errors_naming_the_flag(tiny_bundle, cap
     for extra, expected in (
         (["--provider-option", "CPUExecutionProvider"], "--provider-option: expected NAME:KEY=VALUE"),
         (["--provider", "CPUExecutionProvider", "--provider-option", "XnnpackExecutionProvider:a=1"], "not in the provider list"),
-        (["--provider", "NoSuchExecutionProvider"], "providers: execution provider(s) NoSuchExecutionProvider not available"),
+        (["--provider", "NoSuchExecutionProvider"], "--provider: execution provider(s) NoSuchExecutionProvider not available"),
     ):
         assert main(["generate", str(tiny_bundle), "--prompt", "x", *extra]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--prompt", "x", "--top-p", "0"], "--top-p: must be in (0, 1]"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature: "),
+    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens: "),
+    (["--prompt", "x", "--top-logprobs", "21", "--json"], "--top-logprobs: "),
+    (["--prompt", "x", "--stop", "a", "--stop", ""], "--stop[1]: "),
+    (["--prompt", "x", "--threads", "0"], "--threads: "),
+    (["--prompt", "x", "--prompt-lookup", "9"], "--prompt-lookup: "),
+    (["--prompt", ""], "--prompt: must not be empty"),
+])
+def test_a_bad_flag_value_names_the_flag_not_the_apis_field(tiny_bundle, capsys, flags, named):
+    # it said "top_p: must be in (0, 1]", a name the command line does not have
+    assert main(["generate", str(tiny_bundle), *flags]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"error: {named}" in err, err
 
 
 def test_flags_only_json_output_shows_are_refused_with_streamed_text(tiny_bundle, tmp_path, capsys):
