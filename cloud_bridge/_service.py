@@ -79,6 +79,7 @@ class _Job:
     generate_ms: float = 0.0
     billed: bool = False  # charged to the device's quota and written to the access log
     refunded: bool = False  # the request taken from the device's quota was given back
+    peer: str = ""  # the caller's address, read while the call is live (an ended call's context has none)
 
 
 def _invalid(err: InvalidRequestError) -> Reject:
@@ -312,6 +313,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
             backend_request,
             received_s,
             cancel,
+            peer=context.peer(),
         )
 
     def _run(self, job: _Job, *, stream: bool) -> Iterator[BackendChunk]:
@@ -472,7 +474,7 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         # says where a revoked or leaked token is still in use (it is the transport's, not the caller's, text); the
         # device and the reason say which devices meet which refusal (one still on old prices, say)
         log.info("%s status=%s peer=%s device=%s reason=%s message=%s", _log_id(request_id), reject.status.code.name,
-                 log_text(context.peer(), 200), device, reject.reason, json.dumps((reject.status.details or "")[:1000]))
+                 log_text((job.peer if job is not None else "") or context.peer(), 200), device, reject.reason, json.dumps((reject.status.details or "")[:1000]))
         context.abort_with_status(reject.status)
         raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
 

@@ -162,6 +162,7 @@ def test_a_call_whose_deadline_passes_in_the_queue_ends_as_a_deadline_not_a_canc
             time.sleep(0.01)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "status=DEADLINE_EXCEEDED" in caplog.text and "call ended while waiting" not in caplog.text
+    assert "status=DEADLINE_EXCEEDED peer=ipv" in caplog.text  # said where it came from (the ended call's was "")
     assert running.result().text == "a b c d e f g h i j"
 
 
