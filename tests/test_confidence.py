@@ -427,11 +427,21 @@ def test_eval_on_the_split_an_estimator_was_fitted_on_warns_and_a_failed_write_k
     assert main(["calibrate", "--bundle", str(edge), "--suite", str(tiny_suite), "--out", str(out), "--family",
                  "knn"]) == 0
     capsys.readouterr()
-    for split, warned in (("dev", True), ("test", False)):  # calibrate fits on dev
+    # calibrate fits on dev; --split all holds the dev items too (it read AUROC 0.936 there, 0.742 on test, unwarned)
+    for split, warned in (("dev", True), ("test", False), ("all", True)):
         caplog.clear()
         assert main(["eval", "--bundle", str(edge), "--suite", str(tiny_suite), "--split", split,
                      "--estimator", str(out), "--json"]) == 0
         assert ("in-sample" in caplog.text) == warned, caplog.text
+    capsys.readouterr()
+    # an estimator fitted on every split is in-sample on any of them
+    fitted_on_all = tmp_path / "estimator-all.json"
+    assert main(["calibrate", "--bundle", str(edge), "--suite", str(tiny_suite), "--split", "all", "--out",
+                 str(fitted_on_all), "--family", "knn"]) == 0
+    caplog.clear()
+    assert main(["eval", "--bundle", str(edge), "--suite", str(tiny_suite), "--split", "test",
+                 "--estimator", str(fitted_on_all), "--json"]) == 0
+    assert "in-sample" in caplog.text, caplog.text
     capsys.readouterr()
     # a write cut short (a full disk) left invalid JSON where the previous estimator was
     from edge_runtime.confidence import load_estimator, save_estimator

@@ -31,9 +31,10 @@ from typing import Any
 from .._files import write_text_whole
 from .._child import child_service, free_port
 from ..cache import cache_dir
-from ..confidence import estimator_scores, load_estimator, make_dataset
+from ..confidence import estimator_scores, load_estimator, make_dataset, save_estimator
 from ..cloud import CloudSettings
 from ..cost import CostSettings, idle_watts, table_prices
+from ..config import check_threads
 from ..errors import BundleError, ConfigError
 from ..power import EnergyMeter, PowerSettings, default_meter
 from ._data import Measurements, cloud_generate, measure
@@ -317,8 +318,9 @@ def explore(
             raise BundleError(f"{err} (with no --config or --bridge naming a bridge, --cloud is a bundle the "
                               "explorer serves itself, not a model alias)") from err
         _check_bundle(local_bundle, "--cloud")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
         raise ConfigError(f"must be a whole number >= 1, got {threads!r}", field="--threads")
+    check_threads(threads, field="--threads")  # the engine's own bound, said as the flag (not intra_op_threads)
     created = _make_out_dir(out)
     held: list[Any] = []
     if validate:
@@ -363,8 +365,9 @@ def explore(
         if local_bundle is not None:  # its own loopback bridge runs this onnxruntime: keyed by it, as edge runs are
             cloud_key += f"-ort{engine.onnxruntime_version}"
         m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,
-                    estimator_out=out / "estimator.json", root=root, cloud_prices=cloud_prices,
-                    model_hint=alias or "*", cloud_model=cloud_model)
+                    root=root, cloud_prices=cloud_prices, model_hint=alias or "*", cloud_model=cloud_model)
+        if isinstance(m.estimator.meta, dict):  # what it was fitted on: eval warns when it scores the same items
+            m.estimator.meta.update({"suite": suite, "split": "dev"})
 
         points = evaluate(m)
         front = pareto_front(points)
@@ -393,6 +396,10 @@ def explore(
                       *(out / name for name in (*PLOT_FILES, "report.md", "points.csv", "frontier.csv")),
                       out / "validate-daemon.toml", out / "validate-daemon.log"]:
             stale.unlink(missing_ok=True)
+        # only now, with the earlier run's recommendations gone: written when it was fitted, a run that then failed
+        # (interrupted, the cloud's answers refused) left the earlier recommended.toml loading this estimator, and a
+        # failed first run a directory holding only it
+        save_estimator(m.estimator, out / "estimator.json")
         for i, goal in enumerate(parsed):
             point = recommend(goal, points, baselines)
             rec: dict[str, Any] = {"goal": goal.text, "point": point, "config_file": None,

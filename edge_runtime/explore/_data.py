@@ -110,7 +110,6 @@ def measure(
     dev_items: Sequence[TaskItem],
     *,
     cost: CostSettings,
-    estimator_out: Path | None = None,
     root: Path | None = None,
     cloud_prices: tuple[float, float] | None = None,
     model_hint: str = "*",
@@ -136,10 +135,6 @@ def measure(
     estimator = fit_estimator("multi+knn", dev, bundle_hash=engine.bundle_hash, cloud_labels=cloud_labels)
     if cloud_model is not None and isinstance(estimator.meta, dict):
         estimator.meta["cloud_model"] = dict(cloud_model)
-    if estimator_out is not None:
-        from ..confidence import save_estimator
-
-        save_estimator(estimator, estimator_out)
     edge = run_edge(engine, items, root=root, desc="test items on the edge", energy=True)
     cloud = run_cloud(generate_cloud, cloud_key, items, root=root, desc="test items through the bridge")
     check_cloud_runs(cloud)

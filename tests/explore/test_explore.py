@@ -499,6 +499,10 @@ def test_explore_checks_the_first_goal_met_reports_every_goal_and_drops_stale_fi
         explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out,
                 suite=str(tiny_suite), limit=0, root=tmp_path / "runs")
     assert info.value.field == "limit"
+    with pytest.raises(ConfigError) as threads:  # it named the engine's intra_op_threads
+        explore(edge=str(tiny_bundles("llama", "fp32")), cloud=str(tiny_bundles("qwen2", "fp32")), out=out,
+                suite=str(tiny_suite), threads=2000, root=tmp_path / "runs")
+    assert threads.value.field == "--threads"
 
 
 def test_an_external_bridge_alias_measured_is_the_model_the_saved_config_asks_for(tiny_bundle, tiny_suite, monkeypatch, tmp_path):
@@ -819,6 +823,35 @@ def test_a_run_that_fails_at_the_bridge_leaves_no_empty_output_directory(tiny_bu
     with pytest.raises(CloudError):
         explore(edge=str(tiny_bundle), cloud="big", out=kept, suite=str(tiny_suite), cloud_settings=down, root=tmp_path / "runs")
     assert kept.is_dir()
+
+
+def test_a_run_that_fails_after_fitting_leaves_the_earlier_runs_estimator_with_its_recommendations(
+        tiny_bundles, tiny_suite, tmp_path, monkeypatch):
+    # the estimator was written as soon as it was fitted: an interrupted rerun left the earlier recommended.toml
+    # loading another run's estimator (and serve --check passed it), and a failed first run a lone estimator.json
+    import edge_runtime.explore as explore_module
+
+    edge, cloud = str(tiny_bundles("llama", "fp32")), str(tiny_bundles("qwen2", "fp32"))
+    out = tmp_path / "out"
+    explore_module.explore(edge=edge, cloud=cloud, out=out, suite=str(tiny_suite), goals=["max-accuracy usd<=1000/1k"],
+                           root=tmp_path / "runs")
+    before = (out / "estimator.json").stat()
+    assert (out / "recommended.toml").exists()
+    meta = json.loads((out / "estimator.json").read_text())["meta"]
+    assert (meta["suite"], meta["split"]) == (str(tiny_suite), "dev")  # eval tells in-sample scoring by them
+
+    def interrupted(_m):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(explore_module, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        explore_module.explore(edge=edge, cloud=cloud, out=out, suite=str(tiny_suite), limit=3, root=tmp_path / "runs")
+    after = (out / "estimator.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    with pytest.raises(KeyboardInterrupt):
+        explore_module.explore(edge=edge, cloud=cloud, out=tmp_path / "new" / "out", suite=str(tiny_suite), limit=3,
+                               root=tmp_path / "runs")
+    assert not (tmp_path / "new").exists()
 
 
 def test_every_explored_policy_is_labelled_as_the_policy_describes_itself():
