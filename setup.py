@@ -50,7 +50,7 @@ BASE = [
     "googleapis-common-protos>=1.63",  # google.rpc.RetryInfo/BadRequest/ErrorInfo (pure Python)
     "psutil>=5.9",
     # small pure-Python libraries
-    "jinja2>=3.1",  # sandboxed rendering of the bundle's chat template
+    "jinja2>=3.1.6",  # sandboxed rendering of the bundle's chat template (3.1.5 and older: CVE-2025-27516)
     "tqdm>=4.66",  # progress bars on long steps (calibration, exploration)
     # the daemon's HTTP stack: an ASGI app on uvicorn's pure-Python h11 server (no [standard] C extras)
     "starlette>=0.40",

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from ._files import write_text_whole
 from .errors import BundleError, BundleNotFoundError, BundleVerificationError, InvalidRequestError
 
 __all__ = [
@@ -370,14 +371,10 @@ def write_stamp(bundle_dir: Path, files: dict[str, dict[str, Any]]) -> None:
 
 
 def _save_stamp(bundle_dir: Path, stamp: dict[str, Any]) -> None:
-    """Write ``stamp.json`` whole or not at all (a half-written stamp would only mean hashing again)."""
-    tmp = bundle_dir / f".{STAMP_NAME}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(json.dumps(stamp, indent=1) + "\n")
-        os.replace(tmp, bundle_dir / STAMP_NAME)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # gone after the replace; left by a failed write
+    """Write ``stamp.json`` whole or not at all (a half-written stamp would only mean hashing again), through a
+    temporary file of a random name created anew: the pid's name, written through, let whoever could write in the
+    bundle (a group-shared cache) plant a symlink there and have verification overwrite the file it pointed at."""
+    write_text_whole(bundle_dir / STAMP_NAME, json.dumps(stamp, indent=1) + "\n")
 
 
 def _read_stamp(bundle_dir: Path) -> dict[str, Any]:

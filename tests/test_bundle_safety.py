@@ -61,6 +61,22 @@ def test_a_stamp_nested_past_pythons_stack_only_means_hashing_again(bundle):
     assert verify_bundle(bundle, "fast").name
 
 
+def test_refreshing_the_stamp_never_writes_through_a_link_planted_in_the_bundle(bundle, tmp_path, monkeypatch):
+    # its temporary file had the pid's name and was written through: anyone who can write in a shared bundle could
+    # plant a link there and have verification overwrite the file it pointed at
+    monkeypatch.setattr("edge_runtime.bundle._FAST_SKIP_MIN_BYTES", 0)  # the tiny model's files are stamped too
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    planted = bundle / f".stamp.json.{os.getpid()}.tmp"
+    planted.symlink_to(victim)
+    for name in load_manifest(bundle).files:  # copied: new mtimes
+        st = (bundle / name).stat()
+        os.utime(bundle / name, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert verify_bundle(bundle, "fast").name
+    assert victim.read_text() == "precious\n"
+    assert not (bundle / "stamp.json").is_symlink() and json.loads((bundle / "stamp.json").read_text())
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_listed_files_that_are_fifos_or_devices_are_refused_not_read_forever(bundle):
     fifo = bundle / "fifo"

@@ -18,6 +18,7 @@ import functools
 import json
 import re
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -327,6 +328,7 @@ def _checked_markup_join(parts: Iterable[Any]) -> str:
 
 def _environment() -> Any:
     from jinja2.compiler import CodeGenerator
+    from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class LimitedCodeGenerator(CodeGenerator):
@@ -352,6 +354,13 @@ def _environment() -> Any:
         concat = staticmethod(_checked_join)  # the generated code's ``concat`` for captured output
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's)
+            if (isinstance(__obj, (types.MethodType, types.BuiltinMethodType))
+                    and getattr(__obj, "__name__", "") in ("format", "format_map")
+                    and isinstance(getattr(__obj, "__self__", None), str)):
+                # a string's format method reached here unwrapped by jinja's sandboxed formatter (jinja2 3.1.5's
+                # |attr handed it so, CVE-2025-27516): its fields read any attribute ("{0.__globals__[os]}", the
+                # process's environment and its keys), so it is refused whatever jinja version is installed
+                raise SecurityError("a string's format method reached the chat template outside the sandbox")
             budget = _budget.get()
             if budget is None:
                 return super().call(__context, __obj, *args, **kwargs)

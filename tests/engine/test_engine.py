@@ -696,6 +696,25 @@ def test_a_number_past_a_floats_range_names_its_field(field):
     assert info.value.field == field
 
 
+def test_a_strings_format_method_never_reaches_a_chat_template_unsandboxed(monkeypatch):
+    # jinja2 3.1.5's |attr filter handed a template "...".format unwrapped, and its fields read any attribute: a
+    # bundle's template rendered the process's environment (the bridge's OPENAI_API_KEY, the device's token)
+    from jinja2.exceptions import SecurityError
+
+    from edge_runtime.engine._template import ChatTemplate, _environment
+
+    monkeypatch.setenv("EDGE_RUNTIME_TEST_SECRET", "sk-must-not-show")
+    env = _environment()
+    context = env.from_string("").new_context()
+    for method in ("{0.__class__}".format, "{x}".format_map):
+        with pytest.raises(SecurityError):
+            env.call(context, method, {"x": 1})
+    payload = '{{ "{0.__globals__[os].environ[EDGE_RUNTIME_TEST_SECRET]}"|attr("format")(raise_exception) }}'
+    with pytest.raises(InvalidRequestError) as info:
+        ChatTemplate(payload).render([{"role": "user", "content": "hi"}])
+    assert "sk-must-not-show" not in str(info.value)
+
+
 @pytest.mark.parametrize("source", ["{{ 1 / 0 }}", "{{ 1 + 'a' }}", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
                                     "{{ 5 | wordwrap(3) }}", "{{ 5 | format(1) }}"])  # a filter's own AttributeError
 def test_a_chat_template_that_fails_is_a_request_error_not_a_crash(source):
