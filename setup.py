@@ -55,6 +55,7 @@ BASE = [
     # the daemon's HTTP stack: an ASGI app on uvicorn's pure-Python h11 server (no [standard] C extras)
     "starlette>=0.40",
     "uvicorn>=0.30",
+    "h11>=0.16",  # uvicorn's HTTP/1.1 parser: older ones let a proxy's requests be smuggled (CVE-2025-43859)
 ]
 
 EXPORT = [
