@@ -356,6 +356,19 @@ def check_policy_inputs(parts: Sequence[Policy], est: Estimator) -> None:
                 and getattr(part, "confidence_fn", None) is None:
             raise ConfigError("signal 'trajectory' is for replaying recorded runs; a live runtime needs "
                               "mean_prob, min_prob or min_margin", field=f"{where}.signal")
+    # two budgets of one chain on one state file: the second's claim failed at every start as "another process",
+    # after `serve --check` had passed the config
+    holders: dict[str, str] = {}
+    for part in parts:
+        state_file = getattr(part, "state_file", None)
+        if part.type_name != "budget" or state_file is None:
+            continue
+        field = getattr(part, "_state_field", "policy.state_file")
+        key = os.path.realpath(state_file)
+        if key in holders:
+            raise ConfigError(f"{holders[key]} keeps its spend in {str(state_file)!r} already: give each budget a "
+                              "file of its own", field=field)
+        holders[key] = field
 
 
 class HybridRuntime:
@@ -424,11 +437,11 @@ class HybridRuntime:
         self._privacy_parts = [p for p in parts if isinstance(p, Privacy)]  # they check an escalation's draft too
         self._wants_p_cloud = any(p.type_name == "gain" for p in parts)  # with a cloud prior: _check_policy_inputs
         self._has_budget = any(p.type_name == "budget" for p in parts)
+        check_policy_inputs(parts, self.estimator)  # first: two budgets on one file are said as such, not as another's
         for part in parts:  # a budget's state file is this runtime's from now (ConfigError if another holds it)
             claim = getattr(part, "claim_state", None)
             if claim is not None:
                 claim()
-        check_policy_inputs(parts, self.estimator)
         # load (and fetch once) the sentence encoder the estimator's kNN priors embed prompts with, now: a daemon
         # must fail at start, not report healthy and then fail (or download 90 MB) at its first request
         cloud_prior = self.estimator.cloud if self._wants_p_cloud else None  # read only by a gain policy
@@ -1008,12 +1021,16 @@ class HybridRuntime:
                                                              cancel, timeout_s, timing,
                                                              early_exit or reserved_without_draft, progress,
                                                              settlement.prices)
-                settlement.unsettled_usd = cloud_result.cost_usd
-                self._check_bill(cloud_result.cost_usd, settlement, request_id)
+                # a bill that is no amount (the client read a NaN or a negative one): counted as one that may be
+                # what was reserved, and said to be unknown
+                billed_usd = ctx.estimated_cloud_usd if cloud_result.cost_unknown else cloud_result.cost_usd
+                maybe_billed = cloud_result.cost_unknown
+                settlement.unsettled_usd = billed_usd
+                self._check_bill(billed_usd, settlement, request_id)
                 if not cloud_result.text.strip():
                     # an empty answer is no answer: the local one is returned, never nothing (the call's bill and
                     # usage stand, in the result too)
-                    settlement.settle(cloud_result.cost_usd)
+                    settlement.settle(billed_usd)
                     cloud_error, cloud_error_type = "the bridge answered with no text", "EmptyAnswer"
                     log.warning("%s: escalation failed, answering locally: %s", request_id, cloud_error)
                     route = "fallback"
@@ -1024,7 +1041,7 @@ class HybridRuntime:
                     for c in cloud_chunks:
                         yield c
                     route = "cloud"
-                    settlement.settle(cloud_result.cost_usd)
+                    settlement.settle(billed_usd)
             except _Cancelled:
                 # the caller left while the bridge was answering: the call was cancelled, so was the bridge's
                 # generation; what it generated until then is billed and unknown here, so a budget keeps the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import math
 import threading
@@ -545,6 +546,37 @@ def test_an_escalation_lost_after_the_bridge_took_it_keeps_its_reservation(engin
         assert _budget_of(rt).spent_usd() > 0  # its reservation, not $0
     finally:
         server.stop(0)
+
+
+@pytest.mark.parametrize("bill", [math.nan, math.inf, -0.01])
+def test_a_bill_that_is_no_amount_is_counted_at_the_reservation_and_said_unknown(engine, monkeypatch, bill):
+    # a NaN bill was settled as is: the budget never capped again (nothing compares below NaN), the daemon's answer
+    # failed to serialize after it was billed, and its cost counter read NaN for good; a negative one ran it backwards
+    from cloud_bridge._settings import ModelSettings
+    from cloud_bridge.backends.echo import EchoBackend
+
+    monkeypatch.setattr(ModelSettings, "cost_usd", lambda self, prompt_tokens, completion_tokens: bill)
+    server, port = _priced_bridge(EchoBackend())
+    try:
+        cloud = CloudClient(address=f"127.0.0.1:{port}", token=TOKEN, insecure=True, timeout_s=5.0)
+        rt = HybridRuntime(engine, policy={"chain": [{"type": "budget", "usd": 1.0}, {"type": "always"}]}, cloud=cloud)
+        r = rt.chat(ASK, max_new_tokens=4)
+        assert r.route == "cloud" and r.cost["cloud_usd"] == 0 and r.cost["cloud_usd_unknown"] is True
+        spent = _budget_of(rt).spent_usd()
+        assert math.isfinite(spent) and spent > 0  # the reservation
+        json.dumps(r.cost, allow_nan=False)
+    finally:
+        server.stop(0)
+
+
+def test_two_budgets_on_one_state_file_are_refused_as_such(engine, tmp_path):
+    # the second's claim failed at every start as "another budget (another process?)", after serve --check passed
+    state = str(tmp_path / "spend.json")
+    policy = {"chain": [{"type": "budget", "usd": 1.0, "state_file": state},
+                        {"type": "budget", "usd": 2.0, "state_file": state}, {"type": "always"}]}
+    with pytest.raises(ConfigError) as info:
+        HybridRuntime(engine, policy=policy)
+    assert info.value.field == "policy.chain[1].state_file" and "give each budget a file of its own" in str(info.value)
 
 
 def test_an_unset_length_fits_the_local_answer_only(engine):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import random
 import threading
@@ -149,12 +150,18 @@ def _result(
     resp: bridge_pb2.GenerateResponse, *, latency_ms: float, round_trip_ms: float, attempts: int
 ) -> CloudResult:
     t = resp.timings
+    # a bill is an amount: a NaN one disabled every budget it was counted in (nothing compares below NaN), and a
+    # negative one ran the cost counters backwards
+    cost_unknown = not (math.isfinite(resp.cost_usd) and resp.cost_usd >= 0)
+    if cost_unknown:
+        log.warning("cloud bridge: the answer's bill is %r, no amount: its cost is unknown here", resp.cost_usd)
     return CloudResult(
         text=resp.text,
         finish_reason=_FINISH_NAMES.get(resp.finish_reason, ""),
         prompt_tokens=resp.usage.prompt_tokens,
         completion_tokens=resp.usage.completion_tokens,
-        cost_usd=resp.cost_usd,
+        cost_usd=0.0 if cost_unknown else resp.cost_usd,
+        cost_unknown=cost_unknown,
         model=resp.model,
         model_alias=resp.model_alias,
         request_id=resp.request_id,

@@ -59,6 +59,9 @@ class CloudResult:
     latency_ms: float  # the whole call as the device saw it, retries and backoff included
     round_trip_ms: float  # the successful attempt alone
     attempts: int
+    # the bridge's bill was no amount (NaN, infinite, negative): cost_usd reads 0, and what was billed is in the
+    # bridge's access log only
+    cost_unknown: bool = False
 
     @property
     def network_ms(self) -> float:

@@ -110,7 +110,9 @@ class Metrics:
             self._add_cloud_cost(result)
 
     def _add_cloud_cost(self, result: Any) -> None:
-        self.cloud_usd += float(result.cost.get("cloud_usd") or 0.0)
+        usd = float(result.cost.get("cloud_usd") or 0.0)
+        # a counter only rises: one NaN would read NaN for the daemon's life, a negative one as a reset to Prometheus
+        self.cloud_usd += usd if math.isfinite(usd) and usd > 0 else 0.0
         self.cloud_unknown += bool(result.cost.get("cloud_usd_unknown"))
 
     def observe_answer(self, result: Any, *, queue_s: float, total_s: float, ttft_s: float | None = None) -> None:

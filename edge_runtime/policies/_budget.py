@@ -122,13 +122,15 @@ class Budget(Policy):
             period_s, period, spent = float(state["period_s"]), int(state["period"]), float(state["committed_usd"])
             if not 0 <= period * period_s < 1e11:  # a time before 1970 or after the year 5000 is no period of ours
                 raise ValueError(f"period {period} is out of range")
+            if not (math.isfinite(spent) and spent >= 0):  # a spend of Infinity read back as $0 lifted the cap
+                raise ValueError(f"committed_usd {spent!r} is no amount")
         except (TypeError, KeyError, ValueError, OverflowError, RecursionError) as err:  # a hand edit, a bad disk
             raise ConfigError(f"{str(path)!r} is not a budget's state file ({err!r})", field=field) from err
         # said when the runtime using it claims the file: a config read to check it (serve reads it twice) says nothing
         if period_s != self.period_s:
             self._state_notes.append((logging.WARNING, "budget state %s was kept for periods of %g s, not %g s: this "
                                       "one starts at $0", (path, period_s, self.period_s)))
-        elif period >= self._period and math.isfinite(spent) and spent >= 0:
+        elif period >= self._period:
             if period > self._period + 1:  # written under a clock far ahead: see _roll
                 self._state_notes.append((logging.WARNING, "budget state %s is for the period from %s: the clock was "
                                           "wrong then or is now; counting its spend in this period",
@@ -347,7 +349,9 @@ class Budget(Policy):
             self._roll()
             reserved = self._reserved.pop(ctx.admission_id, None) is not None
             self._reserved_in.pop(ctx.admission_id, None)
-            spent = max(float(usd), 0.0)
+            # a bill that is no amount counts as nothing rather than disabling the cap (nothing compares below NaN);
+            # the runtime settles such a bill at its reservation before it comes here
+            spent = float(usd) if math.isfinite(usd) and usd > 0 else 0.0
             self._spent += spent
             # written only when something changed: every request settles, and a local one that reserved nothing
             # wrote the same file (two fsyncs on an SD card) every time

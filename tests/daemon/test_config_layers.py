@@ -189,6 +189,15 @@ def test_power_help_names_the_variables_the_power_settings_read(capsys, monkeypa
     assert "[env EDGE_RUNTIME_POWER_PROFILE; default generic]" in out and "EDGE_RUNTIME_PROFILE" not in out
 
 
+def test_serve_check_refuses_two_budgets_on_one_state_file(capsys, tmp_path, tiny_bundle):
+    # it passed them, and `serve` then failed at every start after it was listening
+    state = tmp_path / "spend.json"
+    policy = (f'{{chain = [{{type = "budget", usd = 1, state_file = "{state}"}}, '
+              f'{{type = "budget", usd = 2, state_file = "{state}"}}, {{type = "always"}}]}}')
+    assert main(["serve", "--check", "--engine-bundle", str(tiny_bundle), "--policy", policy]) == 1
+    assert "policy.chain[1].state_file:" in capsys.readouterr().err
+
+
 def test_serve_check_refuses_a_power_source_this_device_lacks(capsys, tmp_path, tiny_bundle):
     # it passed them, and `serve` then failed after it was listening
     import threading

@@ -4,6 +4,7 @@ import gc
 import json
 import logging
 import threading
+import time
 
 import pytest
 
@@ -398,7 +399,8 @@ def test_state_writes_are_coalesced_while_one_is_under_way(tmp_path, monkeypatch
     assert json.loads((tmp_path / "spend.json").read_text())["committed_usd"] == pytest.approx(0.6)
 
 
-@pytest.mark.parametrize("plant", ["symlink", "fifo", "huge", "overflow", "nested", "not_utf8"])
+@pytest.mark.parametrize("plant", ["symlink", "fifo", "huge", "overflow", "nested", "not_utf8", "Infinity", "NaN",
+                                   "-5"])
 def test_a_state_file_that_is_not_a_small_regular_file_of_ours_fails_naming_the_field(tmp_path, plant):
     # a link or a FIFO planted in a shared directory made serve read another file's spend, hang at start, or read
     # /dev/zero; a hand-edited period of 1e300 or deep nesting was a traceback, not an error naming the setting
@@ -416,6 +418,8 @@ def test_a_state_file_that_is_not_a_small_regular_file_of_ours_fails_naming_the_
         state.write_text('{"period_s": 86400.0, "period": 1e300, "committed_usd": 0.0}')
     elif plant == "nested":
         state.write_text("[" * 100_000 + "]" * 100_000)
+    elif plant in ("Infinity", "NaN", "-5"):  # a spend that is no amount was read back as $0: the cap lifted
+        state.write_text(f'{{"period_s": 86400.0, "period": {int(time.time() // 86400)}, "committed_usd": {plant}}}')
     else:
         state.write_bytes(b'{"period_s": \xff}')
     with pytest.raises(ConfigError) as caught:
