@@ -31,6 +31,7 @@ except ImportError:  # Windows: no advisory locks; installs there rely on the re
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["check_can_make_dir", "dirs_for_work", "durable_replace", "exclusive_lock", "install_dir", "naming",
+           "remove_leftovers", "replace_dir",
            "write_text_whole"]
 
 
@@ -67,12 +68,17 @@ def durable_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) ->
     """``os.replace(src, dst)`` that survives a power cut: ``src`` (a file, or a directory and every file in it)
     is flushed to the disk first, and the directory holding ``dst`` after."""
     src = Path(src)
+    _flush_tree(src)
+    os.replace(src, dst)
+    _fsync(Path(dst).parent)
+
+
+def _flush_tree(src: Path) -> None:
+    """Flush ``src`` (a file, or a directory and every file in it) to the disk."""
     if src.is_dir():
         for path in sorted(src.rglob("*")):
             _fsync(path)
     _fsync(src)
-    os.replace(src, dst)
-    _fsync(Path(dst).parent)
 
 
 def _fsync(path: Path) -> None:
@@ -157,26 +163,33 @@ def install_dir(target: str | os.PathLike[str], usable: Callable[[Path], bool], 
         if usable(target):  # built by another caller while this one waited
             return False
         if locked:  # every caller builds under the lock: what another left is from a killed build
-            _remove_leftovers(target)
+            remove_leftovers(target)
         with naming(target):
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             build(staging)
-            _replace_dir(staging, target)
+            replace_dir(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return True
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Put ``staging`` at ``target``; one already there (a directory cannot be renamed over one that holds files)
-    is moved aside first and removed after, or put back if the rename fails."""
+def replace_dir(staging: Path, target: Path) -> None:
+    """Put ``staging`` at ``target`` durably; one already there (a directory cannot be renamed over one that holds
+    files) is moved aside and removed after, or put back if anything stops the rename (a signal, an error).
+
+    ``staging`` is flushed before the old directory moves: flushed after, a model's files on an SD card took
+    seconds, in which an interrupt (a ``--force`` rebuild stopped as it finished) left neither directory at
+    ``target`` and the old one aside for good. Now only the two renames separate them.
+    """
+    _flush_tree(staging)
     aside = None
     if os.path.lexists(target):
         aside = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
         os.replace(target, aside)
     try:
-        durable_replace(staging, target)
+        os.replace(staging, target)
+        _fsync(target.parent)
     except BaseException:
         if aside is not None and not os.path.lexists(target):
             os.replace(aside, target)
@@ -185,7 +198,7 @@ def _replace_dir(staging: Path, target: Path) -> None:
         _remove(aside)
 
 
-def _remove_leftovers(target: Path) -> None:
+def remove_leftovers(target: Path) -> None:
     """Staging directories and moved-aside old ones of ``target`` that a killed install left (a model's size)."""
     for pattern in (f".{glob.escape(target.name)}.tmp-*", f".{glob.escape(target.name)}.old-*"):
         for path in target.parent.glob(pattern):

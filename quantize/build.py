@@ -270,7 +270,7 @@ def build_bundle(
                                "4-bit code of the table's error" if rescore_top_k else ""),
                 }[precision],
             },
-            "source": {"kind": src.kind, "file": path.name, "sha256": src.source_sha256, "known_model": known},
+            "source": {"kind": src.kind, "file": Path(os.path.abspath(path)).name, "sha256": src.source_sha256, "known_model": known},
             "tools": _tool_versions(),
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "files": hash_files(tmp, files),

@@ -499,7 +499,9 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         flag = gguf_meta.get(_GGUF_ADD_BOS)
         if isinstance(flag, bool):
             add_bos = flag
-    name = path.stem if kind == "gguf" else path.name
+    # of the absolute path: "." or "./" named the model "" (an empty model name in answers, runs and warnings)
+    named = Path(os.path.abspath(path))
+    name = named.stem if kind == "gguf" else named.name
     return LoadedSource(
         model=model, tokenizer=tokenizer, spec=spec, weights=weights, kind=kind, path=path, source_sha256=sha,
         eos_token_ids=eos, bos_token_id=bos, pad_token_id=config.pad_token_id if isinstance(config.pad_token_id, int) else None,

@@ -14,6 +14,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
-from edge_runtime._files import durable_replace
+from edge_runtime._files import check_can_make_dir, dirs_for_work, replace_dir
 from edge_runtime.bundle import MANIFEST_NAME, STAMP_NAME, sha256_file, write_stamp
 from edge_runtime.cache import publish_dir
 from edge_runtime.errors import BuildError
@@ -35,6 +36,10 @@ _ALIGN = 4096  # page-aligned tensors let onnxruntime map the weights file inste
 _INLINE_MAX_BYTES = 1024
 # what a bundle directory holds (see edge_runtime.bundle)
 _BUNDLE_FILES = frozenset({MANIFEST_NAME, STAMP_NAME, "model.onnx", "model.onnx.data", "tokenizer.json"})
+
+
+# a stamp's temporary file, left by a verification killed while it rewrote the stamp (see edge_runtime.bundle)
+_STAMP_LEFTOVER = re.compile(rf"\.{re.escape(STAMP_NAME)}\.[0-9a-z]+\.tmp")
 
 
 def check_replaceable(out: Path, *, force: bool) -> None:
@@ -53,7 +58,8 @@ def check_replaceable(out: Path, *, force: bool) -> None:
     # (a web project has a manifest.json too, so the names of all the entries are checked, that they are
     # files, and that a manifest.json is a bundle's)
     foreign = sorted(p.name for p in out.iterdir()
-                     if p.name not in _BUNDLE_FILES or p.is_symlink() or not p.is_file())
+                     if (p.name not in _BUNDLE_FILES and not _STAMP_LEFTOVER.fullmatch(p.name))
+                     or p.is_symlink() or not p.is_file())
     if not foreign and (out / MANIFEST_NAME).exists():
         try:
             manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
@@ -85,6 +91,14 @@ def sweep_stale(out: Path) -> list[Path]:
         if entry.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
+    # an old bundle a --force rebuild moved aside and was killed before removing (it is put back when the build is
+    # stopped any other way): it was left beside the new one for good
+    for entry in out.parent.glob(f".{glob.escape(out.name)}.old-*"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
     return removed
 
 
@@ -93,53 +107,46 @@ def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block succeeds."""
     out = out.absolute()
     check_replaceable(out, force=force)
-    _make_parent(out.parent)
-    sweep_stale(out)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    except OSError as err:  # a read-only directory: named as given, not as the hidden staging path
-        raise BuildError(f"cannot write {out}: {err.strerror or err}") from err
-    try:
-        yield tmp
-        publish_dir(tmp)  # mkdtemp makes it owner-only; a bundle is read by other users too
-        if out.exists():
-            # what appeared at out during the build (another build's bundle, someone's directory) is checked as
-            # it was before it: without --force nothing is replaced
-            check_replaceable(out, force=force)
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            durable_replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            durable_replace(tmp, out)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise BuildError(f"no space left on the device while writing {out}") from err
-        raise BuildError(f"cannot write {out}: {err.strerror or err}") from err
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        try:  # the --out parents it makes are removed again when the build fails (its quality gate, a signal)
+            stack.enter_context(dirs_for_work(out.parent))
+        except OSError as err:  # a file where a directory should be, no permission
+            raise BuildError(f"cannot create {out.parent} for --out: {err.strerror or err}") from err
+        sweep_stale(out)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        except OSError as err:  # a read-only directory: named as given, not as the hidden staging path
+            raise BuildError(f"cannot write {out}: {err.strerror or err}") from err
+        try:
+            yield tmp
+            publish_dir(tmp)  # mkdtemp makes it owner-only; a bundle is read by other users too
+            if out.exists():
+                # what appeared at out during the build (another build's bundle, someone's directory) is checked as
+                # it was before it: without --force nothing is replaced
+                check_replaceable(out, force=force)
+            # the old bundle or the whole new one at out, whatever stops this (see replace_dir)
+            replace_dir(tmp, out)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise BuildError(f"no space left on the device while writing {out}") from err
+            raise BuildError(f"cannot write {out}: {err.strerror or err}") from err
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_writable(out: Path) -> None:
-    """Fail before the long load when ``out`` cannot be written (a read-only directory), naming ``out``."""
-    _make_parent(out.parent)
+    """Fail before the long load when ``out`` cannot be written (a read-only directory, a file in the way), naming
+    ``out``; makes nothing (a build refused for its source left the --out parents it had made)."""
     try:
-        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent)).rmdir()
+        check_can_make_dir(out.parent)
     except OSError as err:
         raise BuildError(f"cannot write {out} (--out): {err.strerror or err}") from err
 
 
-def _make_parent(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a file where a directory should be, no permission
-        raise BuildError(f"cannot create {directory} for --out: {err.strerror or err}") from err
-
-
 def check_free_space(directory: Path, needed_bytes: int) -> None:
-    _make_parent(directory)
-    free = shutil.disk_usage(directory).free
+    existing = next(p for p in (directory, *directory.parents) if p.is_dir())  # the one the build will fill
+    free = shutil.disk_usage(existing).free
     if free < needed_bytes:
         raise BuildError(f"not enough disk space in {directory}: the build needs about {needed_bytes >> 20} MB, {free >> 20} MB free")
 

@@ -657,6 +657,66 @@ def test_a_directory_that_appears_at_the_output_during_a_build_is_not_replaced(t
     assert not list(tmp_path.glob(".bundle.tmp-*"))  # and the staging directory is gone
 
 
+@pytest.mark.parametrize("stopped", ["moving_the_old_aside", "putting_the_new_in_place"])
+def test_a_force_rebuild_stopped_as_it_finishes_leaves_a_bundle_at_its_place(tmp_path, monkeypatch, stopped):
+    # the old bundle was moved aside, then the new one flushed (seconds on an SD card): a Ctrl-C or SIGTERM then
+    # left no bundle at --out, and the old one aside for good
+    import edge_runtime._files as files
+    from quantize.writer import staging_dir, sweep_stale
+
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"schema_version": 1, "files": {}}))
+    flushed: list[str] = []
+    monkeypatch.setattr(files, "_fsync", lambda path: flushed.append(path.name))
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if stopped == "moving_the_old_aside" and Path(dst).name.startswith(".bundle.old-"):
+            # the old bundle moves only once the new one is on the disk
+            assert "manifest.json" in flushed and "new.txt" in flushed
+        if stopped == "putting_the_new_in_place" and Path(dst) == out and Path(src).name.startswith(".bundle.tmp-"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    if stopped == "putting_the_new_in_place":
+        with pytest.raises(KeyboardInterrupt), staging_dir(out, force=True) as tmp:
+            (tmp / "manifest.json").write_text(json.dumps({"schema_version": 1, "files": {}}))
+            (tmp / "new.txt").write_text("new")
+        assert (out / "manifest.json").exists() and not (out / "new.txt").exists()  # the old one, put back
+    else:
+        with staging_dir(out, force=True) as tmp:
+            (tmp / "manifest.json").write_text(json.dumps({"schema_version": 1, "files": {}}))
+            (tmp / "new.txt").write_text("new")
+        assert (out / "new.txt").exists()
+    assert not list(tmp_path.glob(".bundle.old-*")) and not list(tmp_path.glob(".bundle.tmp-*"))
+    # one a build killed outright left is swept by the next
+    (tmp_path / ".bundle.old-dead").mkdir()
+    assert sweep_stale(out) == [tmp_path / ".bundle.old-dead"]
+
+
+def test_a_source_given_as_dot_is_named_by_its_directory(tiny_model_dirs, tmp_path, monkeypatch):
+    # "." built a model named "": answers, run caches and the estimator's warnings read an empty model name
+    source = tiny_model_dirs("llama")
+    monkeypatch.chdir(source)
+    build_bundle(".", tmp_path / "out", precision="fp32")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["name"] == source.name and manifest["source"]["file"] == source.name
+
+
+def test_a_refused_build_leaves_no_out_parents_and_a_stamps_leftover_does_not_block_force(tmp_path, capsys):
+    from quantize.writer import check_replaceable
+
+    assert main(["quantize", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "new" / "deep" / "x")]) == 1
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "new").exists()
+    bundle = tmp_path / "bundle"  # a verification killed while it rewrote the stamp left its temporary file
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"schema_version": 1, "files": {}}))
+    (bundle / ".stamp.json.0a1b2c3d4e5f6a7b.tmp").write_text("{")
+    check_replaceable(bundle, force=True)
+
+
 def test_stale_staging_directories_are_matched_by_name_not_as_a_pattern(tmp_path):
     import os
 
