@@ -474,6 +474,9 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
             raise BuildError(f"{path} is incomplete: {len(keys)} weight(s) {what.split('_')[0]} "
                              f"({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
     model.eval()
+    if not getattr(tokenizer, "is_fast", False):  # the bundle carries tokenizer.json, which only a fast one writes
+        raise BuildError(f"{path} has only a slow {type(tokenizer).__name__}: a bundle needs a fast tokenizer "
+                         "(tokenizer.json), which the runtime reads with the tokenizers library")
     _check_attention_window(config)
     _check_vocabulary(config, tokenizer, path)
     spec = _spec_from_model(model, config, gguf_arch=arch if kind == "gguf" else None)
@@ -491,6 +494,18 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in eos and marker in (tokenizer.chat_template or "") + str(tokenizer.eos_token):
             eos.append(tid)
     bos = config.bos_token_id if isinstance(config.bos_token_id, int) else tokenizer.bos_token_id
+    # checked now, naming the source's field: found by the bundle's own check, after the whole conversion, the error
+    # named a manifest in a staging directory already removed
+    vocab = int(config.vocab_size)
+    where = "the GGUF's tokenizer.ggml.eos_token_id" if kind == "gguf" else "config.json's eos_token_id"
+    if not eos:
+        raise BuildError(f"{path} names no end-of-sequence token ({where}, the tokenizer's eos_token): "
+                         "generation could only stop at max_new_tokens")
+    for tid in eos:
+        if not 0 <= tid < vocab:
+            raise BuildError(f"{path}: {where} lists {tid}, past the vocabulary of {vocab} tokens")
+    if isinstance(bos, int) and not 0 <= bos < vocab:
+        raise BuildError(f"{path}: its bos_token_id {bos} is past the vocabulary of {vocab} tokens")
     add_bos = _adds_bos(tokenizer, bos)
     if kind == "gguf":
         # the file says whether its model wants a BOS before a raw prompt, and llama.cpp follows it; transformers'

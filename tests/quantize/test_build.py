@@ -705,8 +705,14 @@ def test_a_source_given_as_dot_is_named_by_its_directory(tiny_model_dirs, tmp_pa
     assert manifest["name"] == source.name and manifest["source"]["file"] == source.name
 
 
-def test_a_refused_build_leaves_no_out_parents_and_a_stamps_leftover_does_not_block_force(tmp_path, capsys):
+def test_a_refused_build_leaves_no_out_parents_and_a_stamps_leftover_does_not_block_force(tmp_path, capsys,
+                                                                                            monkeypatch):
     from quantize.writer import check_replaceable
+
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "not-a-dir"))
+    assert main(["quantize", "smollm2-135m-instruct"]) == 1  # no --out given: the cache setting is at fault
+    assert "error: EDGE_RUNTIME_CACHE: cannot create the cache directory" in capsys.readouterr().err
 
     assert main(["quantize", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "new" / "deep" / "x")]) == 1
     assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "new").exists()
@@ -715,6 +721,35 @@ def test_a_refused_build_leaves_no_out_parents_and_a_stamps_leftover_does_not_bl
     (bundle / "manifest.json").write_text(json.dumps({"schema_version": 1, "files": {}}))
     (bundle / ".stamp.json.0a1b2c3d4e5f6a7b.tmp").write_text("{")
     check_replaceable(bundle, force=True)
+
+
+def test_a_source_whose_tokens_cannot_be_bundled_is_refused_before_the_conversion(tiny_model_dirs, tmp_path,
+                                                                                    monkeypatch):
+    # an eos past the vocabulary was refused only by the finished bundle's own check, naming a manifest in a staging
+    # directory already gone; a slow-only tokenizer ended in a traceback once the graph was built
+    import shutil
+
+    import transformers
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_model_dirs("llama"), source)
+    for name in ("config.json", "generation_config.json"):
+        data = json.loads((source / name).read_text())
+        data["eos_token_id"] = 5000
+        (source / name).write_text(json.dumps(data))
+    with pytest.raises(BuildError, match="config.json's eos_token_id lists 5000, past the vocabulary"):
+        build_bundle(source, tmp_path / "out", precision="fp32")
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def slow_only(*args, **kwargs):
+        tokenizer = real(*args, **kwargs)
+        tokenizer.__class__ = type("CTRLTokenizer", (type(tokenizer),), {"is_fast": False})
+        return tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", slow_only)
+    with pytest.raises(BuildError, match="has only a slow CTRLTokenizer: a bundle needs a fast tokenizer"):
+        build_bundle(tiny_model_dirs("llama"), tmp_path / "out", precision="fp32")
+    assert not (tmp_path / "out").exists()
 
 
 def test_stale_staging_directories_are_matched_by_name_not_as_a_pattern(tmp_path):
