@@ -264,4 +264,4 @@ def test_the_setting_the_flag_and_the_run_caches_follow_prompt_lookup(tiny_bundl
     assert seen == [3]
     capsys.readouterr()
     assert main(["generate", str(tiny_bundle), "--prompt", "hi", "--prompt-lookup", "99"]) != 0
-    assert "prompt_lookup" in capsys.readouterr().err
+    assert "--prompt-lookup: " in capsys.readouterr().err  # the flag typed, not the API's prompt_lookup
