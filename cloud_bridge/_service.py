@@ -473,8 +473,9 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
         # the details may quote an upstream's error text: escaped, so it cannot forge log lines. The caller's address
         # says where a revoked or leaked token is still in use (it is the transport's, not the caller's, text); the
         # device and the reason say which devices meet which refusal (one still on old prices, say)
+        peer = (job.peer if job is not None else "") or context.peer()
         log.info("%s status=%s peer=%s device=%s reason=%s message=%s", _log_id(request_id), reject.status.code.name,
-                 log_text((job.peer if job is not None else "") or context.peer(), 200), device, reject.reason, json.dumps((reject.status.details or "")[:1000]))
+                 log_text(peer, 200), device, reject.reason, json.dumps((reject.status.details or "")[:1000]))
         context.abort_with_status(reject.status)
         raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
 

@@ -826,7 +826,7 @@ class Engine:
                 safe, hit = stops.feed(decoder.push(tid))
                 texts.append(safe)
                 shown += len(safe)
-                if safe and decoder.tokens_holding(shown) < len(generated):
+                if safe and decoder.tokens_holding(shown) < len(decoder.complete):
                     # all of it is earlier tokens' text (this token completed a character they began, then a stop
                     # string cut it; or the stop matcher held it): it comes out on its own, so a consumer pairing
                     # text with the token it came with (the daemon's streamed logprobs) does not credit this one
