@@ -359,6 +359,10 @@ def _usable_text(answer: Mapping[str, Any]) -> str | None:
         return None
 
 
+# a base_url query value this long may be a key; shorter ones (api-version=2024-10-21) are left readable
+_QUERY_SECRET_MIN = 16
+
+
 class OpenAIBackend:
     kind = "openai"
 
@@ -374,6 +378,11 @@ class OpenAIBackend:
         # the query stays: Azure OpenAI's deployments need ?api-version=...
         self.path = url.path.rstrip("/") + "/chat/completions" + (f"?{url.query}" if url.query else "")
         self.ssl_context = ssl.create_default_context() if url.scheme == "https" else None
+        # a key some APIs take in the query (Google's ?key=...): `cloud-bridge config` hides query values, and an
+        # upstream's error text echoing the URL must not show it either (short values, an api-version, are no secret)
+        values = [v for _name, v in urllib.parse.parse_qsl(url.query) if len(v) >= _QUERY_SECRET_MIN]
+        self._query_secrets = sorted({*values, *(urllib.parse.quote(v, safe="") for v in values)}, key=len,
+                                     reverse=True)
         self.api_key = settings.api_key(environ)  # read once at start: a missing key fails `serve`, not a request
         if self.api_key and self.scheme == "http" and not _is_loopback_host(self.host):
             # allowed (a LAN server with a placeholder key is common), but never silently
@@ -406,6 +415,8 @@ class OpenAIBackend:
         So is any run of ``_KEY_RUN`` or more of the key's characters: an upstream may
         echo part of it ("Incorrect API key provided: sk-SUPERSECR***").
         """
+        for secret in self._query_secrets:
+            text = text.replace(secret, "***")
         key = self.api_key
         if not key:
             return text

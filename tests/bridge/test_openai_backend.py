@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -472,6 +473,22 @@ def test_part_of_the_api_key_echoed_by_the_upstream_is_cut_out_too(upstream):
     message = str(_failure(backend, False).value)
     assert key[:8] not in message and "Incorrect API key provided: ***" in message and "API keys page" in message
     assert backend._redact("no key here, sk-other-key") == "no key here, sk-other-key"
+
+
+def test_a_key_in_the_base_urls_query_is_cut_out_of_upstream_text_too(upstream):
+    # `cloud-bridge config` hid it, but an upstream error echoing the URL showed it to devices and in the log
+    secret = "AIzaSyA-0123456789abcdefghij/klm"
+    settings = OpenAIModelSettings(base_url=f"{upstream.base_url}?key={urllib.parse.quote(secret, safe='')}"
+                                            "&api-version=2024-10-21", model="m", timeout_s=5.0)
+    backend = OpenAIBackend(settings, environ={})
+
+    def echo_url(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        _send(handler, 400, {"error": {"message": f"bad request to {handler.path} (key {secret})"}})
+
+    upstream.respond = echo_url
+    message = str(_failure(backend, False).value)
+    assert secret not in message and urllib.parse.quote(secret, safe="") not in message
+    assert "key=***" in message and "api-version=2024-10-21" in message
 
 
 def _answer(message: Any, usage: Any, finish: Any = "stop") -> Responder:
