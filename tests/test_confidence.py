@@ -141,7 +141,11 @@ def test_estimator_files_are_checked(tmp_path):
                             ({**raw, "kind": "knn", "knn": None}, "knn must be an object, got NoneType"),
                             ({**raw, "knn": ""}, "knn must be an object, got str"),  # read as "no prior"
                             ({**raw, "meta": "ab"}, "meta must be an object, got str"),
-                            ({**raw, "cloud": "x"}, "cloud must be an object, got str")):
+                            ({**raw, "cloud": "x"}, "cloud must be an object, got str"),
+                            # a self-check's coefficients: "nan" loaded and scored every answer NaN (no estimate)
+                            ({**raw, "kind": "selfcheck", "a": "nan", "b": 1}, "a and b must be finite numbers"),
+                            ({**raw, "kind": "selfcheck", "a": 1.0, "b": float("inf")}, "a and b must be finite"),
+                            ({**raw, "kind": "selfcheck", "a": True, "b": 1}, "a and b must be finite numbers")):
         path.write_text(json.dumps(broken))  # NaN: Python writes and reads it; it would score every answer NaN
         with pytest.raises(EstimatorError, match=message):
             load_estimator(path)

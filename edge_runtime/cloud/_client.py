@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import grpc
 
 from .._proto.edgecloud.v1 import bridge_pb2, bridge_pb2_grpc
-from ..engine.types import Message, SamplingParams
+from ..engine.types import Message, SamplingParams, validate_messages
 from ..errors import (
     CircuitOpenError,
     CloudCancelledError,
@@ -230,6 +230,11 @@ class CloudClient:
         if settings is not None and not isinstance(settings, CloudSettings):  # CloudClient("host:port") failed later
             raise ConfigError(f"must be CloudSettings, got {type(settings).__name__}: pass address=... and the other "
                               "settings as keywords", field="settings")
+        known = {f.name for f in dataclasses.fields(CloudSettings)}
+        for name in fields:  # a misspelt keyword was a bare TypeError from the dataclass
+            if name not in known:
+                raise ConfigError(f"unknown setting (the [cloud] settings are {', '.join(sorted(known))})",
+                                  field=f"cloud.{name}")
         if settings is None:
             settings = CloudSettings(**fields)
         elif fields:
@@ -420,6 +425,8 @@ class CloudClient:
                         raise self._closed_error() from err
                     raise
                 except grpc.RpcError as err:
+                    if self._closed:  # the channel closed under the call by another thread: not a bridge outage
+                        raise self._closed_error() from err
                     delay, error = self._retry_delay_s(err, attempt, deadline_s)
                     if delay is None:
                         raise error from err
@@ -490,9 +497,21 @@ class CloudClient:
             if not isinstance(m, Mapping):
                 raise InvalidRequestError(f"must be a mapping with role and content, got {type(m).__name__}",
                                           field=f"messages[{i}]")
+        # normalised as the engine and the runtime read them: OpenAI's content parts joined into their text (the
+        # list's Python repr was sent, and billed, as the prompt), a missing role or a content of None refused
+        messages = validate_messages(messages)
         for name, value, kind in (("params", params, SamplingParams), ("escalation", escalation, Escalation)):
             if value is not None and not isinstance(value, kind):
                 raise InvalidRequestError(f"must be a {kind.__name__} or None, got {type(value).__name__}", field=name)
+        for name, value in (("model", model), ("request_id", request_id)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidRequestError(f"must be a string, got {type(value).__name__}", field=name)
+        if max_prices is not None and not (
+                isinstance(max_prices, (tuple, list)) and len(max_prices) == 2
+                and all(isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p >= 0
+                        for p in max_prices)):
+            raise InvalidRequestError("must be two prices >= 0 (USD per million input and output tokens)",
+                                      field="max_prices")
         return _request(
             messages,
             model=self.settings.model if model is None else model,
@@ -554,6 +573,8 @@ class CloudClient:
                         raise self._closed_error() from err
                     raise
                 except grpc.RpcError as err:
+                    if self._closed:  # "Channel closed!" under the stream by another thread: not a bridge outage
+                        raise self._closed_error() from err
                     if watcher.fired:  # the CANCELLED status of our own call.cancel(), not the bridge's doing
                         cancelled = _cancelled_error()
                         # whether the bridge had taken it (and may bill what it generated until the cancel)
@@ -610,6 +631,11 @@ class CloudClient:
         """True if the bridge answers its standard health check with SERVING. Does not touch the circuit."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
+                or not 0 < timeout_s <= MAX_SECONDS:  # also refuses nan
+            raise InvalidRequestError(f"must be a number of seconds above 0, got {timeout_s!r:.40}", field="timeout_s")
+        if not isinstance(service, str):
+            raise InvalidRequestError(f"must be a string, got {type(service).__name__}", field="service")
         if self._closed:  # grpcio crashes the process on a stub made for a closed channel
             return False
         try:

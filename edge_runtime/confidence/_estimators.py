@@ -397,7 +397,12 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
         elif kind == "knn":
             est = KnnEstimator(KnnPrior.from_dict(d["knn"]), bundle_hash=recorded, meta=d.get("meta"))
         elif kind == "selfcheck":
-            est = SelfCheckEstimator(float(d["a"]), float(d["b"]), bundle_hash=recorded, meta=d.get("meta"))
+            a, b = d["a"], d["b"]
+            # numbers, finite: "nan" (or 1e400, true) loaded, and every answer's p_correct read NaN, so no threshold
+            # ever had an estimate to compare
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (a, b)):
+                raise ValueError(f"a and b must be finite numbers, got {a!r:.40} and {b!r:.40}")
+            est = SelfCheckEstimator(float(a), float(b), bundle_hash=recorded, meta=d.get("meta"))
         else:
             raise EstimatorError(f"{p}: unknown estimator kind {kind!r} (expected heuristic, logistic, knn or selfcheck)")
         if d.get("cloud") is not None:

@@ -202,7 +202,12 @@ class EnergyMeter:
                 or not math.isfinite(sample_interval_s) or not 0.001 <= sample_interval_s <= 3600:
             raise ConfigError(f"must be between 0.001 and 3600 seconds, got {sample_interval_s!r}",
                               field="sample_interval_s")
-        self.sysfs_root = os.fspath(sysfs_root)
+        try:
+            self.sysfs_root = os.fspath(sysfs_root)
+        except TypeError as err:  # None, a number: a bare TypeError from os
+            raise ConfigError(f"must be a path, got {type(sysfs_root).__name__}", field="sysfs_root") from err
+        if not isinstance(self.sysfs_root, str):  # bytes
+            raise ConfigError("must be a path given as text", field="sysfs_root")
         if not self.sysfs_root.strip():  # else the working directory: a tree with no counter, and the estimate unsaid
             raise ConfigError("must name a directory (/ for this device)", field="sysfs_root")
         # None was a bare TypeError or AttributeError (QA UU)

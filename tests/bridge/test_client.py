@@ -625,3 +625,49 @@ def test_close_ends_a_retry_wait_at_once_not_after_the_whole_delay():
     with pytest.raises(CloudError) as info:
         client.list_models()  # refused, then waits 5 s to retry: close() ends the wait
     assert info.value.code == "CLOSED" and time.monotonic() - t0 < 2.0
+
+
+def test_messages_reach_the_bridge_as_the_engine_reads_them_and_bad_arguments_are_named(start_bridge, make_client):
+    # OpenAI's content parts were sent as their Python repr ("[{'type': 'text', ...}]"), billed as the prompt; None
+    # as "None"; a model or request id that is no string failed as a CloudError naming nothing
+    bridge = start_bridge(models={"tiny": {"backend": "echo"}})  # answers with the last user message
+    client = make_client(bridge)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": " there"}]}]
+    assert client.generate(parts).text == "hello there"
+    for messages, field in (([{"role": "user", "content": None}], "messages[0].content"),
+                            ([{"content": "hi"}], "messages[0].role")):
+        with pytest.raises(InvalidRequestError) as info:
+            client.generate(messages)
+        assert info.value.field == field
+    for kwargs, field in (({"model": 5}, "model"), ({"request_id": 5}, "request_id"),
+                          ({"max_prices": "ab"}, "max_prices"), ({"max_prices": (1.0, float("nan"))}, "max_prices")):
+        with pytest.raises(InvalidRequestError) as info:
+            client.generate(HI, **kwargs)
+        assert info.value.field == field
+
+
+def test_a_client_closed_by_another_thread_during_a_call_is_closed_not_a_bridge_outage(start_bridge, make_client):
+    # "Channel closed!" came back as CloudUnavailableError: counted against the circuit and as a cloud failure
+    bridge = start_bridge(models={"tiny": {"backend": "echo", "reply": "w " * 100, "token_delay_ms": 50.0}})
+    for streamed in (False, True):
+        client = make_client(bridge, max_attempts=1)
+        threading.Timer(0.5, client.close).start()
+        with pytest.raises(CloudError) as info:
+            list(client.stream(HI)) if streamed else client.generate(HI)
+        assert info.value.code == "CLOSED" and not isinstance(info.value, CloudUnavailableError), info.value
+
+
+def test_a_misspelt_setting_or_a_bad_health_check_argument_is_named():
+    # a bare TypeError from the dataclass, and from grpc's deadline arithmetic
+    with pytest.raises(ConfigError) as info:
+        CloudClient(address="127.0.0.1:1", insecure=True, timeout=5)
+    assert info.value.field == "cloud.timeout"
+    client = CloudClient(address="127.0.0.1:1", insecure=True)
+    try:
+        for kwargs, field in (({"timeout_s": "x"}, "timeout_s"), ({"timeout_s": -1}, "timeout_s"),
+                              ({"service": 1}, "service")):
+            with pytest.raises(InvalidRequestError) as bad:
+                client.check_health(**kwargs)
+            assert bad.value.field == field
+    finally:
+        client.close()

@@ -267,6 +267,14 @@ def test_an_empty_sysfs_root_is_refused_not_read_as_the_working_directory(
     assert err.value.field == "sysfs_root"
 
 
+@pytest.mark.parametrize("root", [None, 5, b"/"])
+def test_a_sysfs_root_that_is_no_path_is_named(root: object) -> None:
+    # a bare TypeError from os.fspath, a foreign error an app could not tell from its own bug
+    with pytest.raises(ConfigError) as err:
+        EnergyMeter(root)  # type: ignore[arg-type]
+    assert err.value.field == "sysfs_root"
+
+
 @dataclass(frozen=True)
 class _WithPower:
     """A settings model with a ``[power]`` section, as the daemon's."""
