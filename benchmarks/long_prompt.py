@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._host import cpu_model  # noqa: E402
-from edge_runtime.cli.bench import _int_at_least  # noqa: E402
+from benchmarks._entry import run_main  # noqa: E402
+from edge_runtime._files import write_text_whole  # noqa: E402
+from edge_runtime.cli.bench import _int_at_least, _out_file, check_bundle_given  # noqa: E402
 
 
 def measure(bundle: str, tokens: int, threads: int | None, cache_tokens: int) -> dict[str, Any]:
@@ -74,13 +76,17 @@ def _default_bundle() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", help="bundle directory (default: the cached SmolLM2-135M-Instruct int4 bundle)")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1000, 3000, 6000], help="prompt lengths")
+    # checked as the flags are read: a 0 or a negative length failed in the child with a traceback (-5 sliced the
+    # sample from its end), and a directory as --out only after every length was measured
+    parser.add_argument("--tokens", type=_int_at_least(1), nargs="+", default=[1000, 3000, 6000], help="prompt lengths")
     parser.add_argument("--threads", type=_int_at_least(1), help="intra-op threads (default: the engine's)")
-    parser.add_argument("--cache-tokens", type=int, default=1024, help="[engine] cache_tokens (default 1024)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / f"long-prompt-{socket.gethostname()}.json")
+    parser.add_argument("--cache-tokens", type=_int_at_least(1), default=1024, help="[engine] cache_tokens (default 1024)")
+    parser.add_argument("--out", type=_out_file,
+                        default=ROOT / "benchmarks" / "results" / f"long-prompt-{socket.gethostname()}.json")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child: measure this length, print JSON
     args = parser.parse_args(argv)
     bundle = args.bundle or _default_bundle()
+    check_bundle_given(parser, Path(bundle), "int4")
     if args.one is not None:
         print(json.dumps(measure(bundle, args.one, args.threads, args.cache_tokens)))
         return 0
@@ -103,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
            "host": {"hostname": socket.gethostname(), "cpu_model": cpu_model(), "machine": platform.machine(),
                     "logical_cpus": os.cpu_count()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    write_text_whole(args.out, json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # SIGTERM through the finally blocks: subprocess.run then stops its measuring child
+    raise SystemExit(run_main(main, "long_prompt.py"))

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._host import cpu_model  # noqa: E402
+from edge_runtime._files import write_text_whole  # noqa: E402
 from edge_runtime.cli.bench import _int_at_least  # noqa: E402
 
 DEFAULT_TASKS = 60  # task-suite items in the tasks workload
@@ -136,8 +137,10 @@ def run_benchmark(bundle: Path, *, rounds: int, tasks: int, threads: int | None 
             "requests": len(prompts),
             "generated_tokens": {"without": sum(x.usage.completion_tokens for x in off),
                                  "with": sum(x.usage.completion_tokens for x in on)},
-            "decode_tokens_per_s": {"without": statistics.median(rate(0, i) for i in range(rounds)),
-                                    "with": statistics.median(rate(SUGGESTED_PROMPT_LOOKUP_TOKENS, i) for i in range(rounds))},
+            # none when the workload decoded nothing (--tasks 0): 0.0 read as a measured speed
+            "decode_tokens_per_s": {"without": statistics.median(rate(0, i) for i in range(rounds)) if prompts else None,
+                                    "with": statistics.median(rate(SUGGESTED_PROMPT_LOOKUP_TOKENS, i)
+                                                              for i in range(rounds)) if prompts else None},
             "speedup_per_round": [round(x, 3) for x in ratios],
             "speedup": round(statistics.median(ratios), 3) if ratios else None,
             "draft_tokens": sum(x.usage.draft_tokens for x in on),
@@ -203,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.tasks < 0:
         parser.error("--rounds must be >= 1 and --tasks >= 0")
+    if args.out.suffix != ".json":  # the table goes beside it as .md: "x.md" was written as JSON, then overwritten
+        parser.error(f"--out: the results file must end in .json (the table is written beside it as .md), got {args.out}")
     bundle = args.bundle or default_bundle_dir("smollm2-135m-instruct", "int4")
     check_bundle_given(parser, bundle, "int4")
     if args.idle_wait > 0:
@@ -211,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         wait_for_idle(args.idle_wait)
     doc = run_benchmark(bundle, rounds=args.rounds, tasks=args.tasks, threads=args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    write_text_whole(args.out, json.dumps(doc, indent=1) + "\n")
     table = render_markdown(doc)
-    args.out.with_suffix(".md").write_text(table)
+    write_text_whole(args.out.with_suffix(".md"), table)
     print(table, end="")
     print(f"wrote {args.out} and {args.out.with_suffix('.md').name}")
     return 0

@@ -47,6 +47,20 @@ def test_bad_flags_are_refused(lookup, capsys, tmp_path) -> None:
         lookup.main(["--out", str(tmp_path / "results" / "lookup.json"), "--rounds", "0"])
     assert "--rounds" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # the results file's directory is made when it is written, not before
+    # "x.md": the JSON was written there, then overwritten by the table
+    with pytest.raises(SystemExit):
+        lookup.main(["--out", str(tmp_path / "lookup.md")])
+    assert "--out: the results file must end in .json" in capsys.readouterr().err
+
+
+def test_a_workload_with_no_requests_reports_no_speed(lookup, tiny_bundle: Path, tmp_path: Path) -> None:
+    # --tasks 0 read "0.0 tok/s" with and without drafts, as if measured
+    out = tmp_path / "lookup-test.json"
+    assert lookup.main(["--bundle", str(tiny_bundle), "--rounds", "1", "--tasks", "0", "--threads", "1",
+                        "--idle-wait", "0", "--out", str(out)]) == 0
+    tasks = json.loads(out.read_text())["workloads"]["tasks"]
+    assert tasks["requests"] == 0 and tasks["decode_tokens_per_s"] == {"without": None, "with": None}
+    assert "| tasks | 0 | – | – |" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize(("script", "args", "message"), [
