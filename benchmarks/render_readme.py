@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edge_runtime._files import write_text_whole
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -130,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def replace(m: re.Match[str]) -> str:
         name, host = m.group(1), m.group(2)
+        if name not in RENDERERS:  # a typo in a marker was a KeyError traceback
+            line = text.count("\n", 0, m.start()) + 1
+            print(f"skipping unknown results block {name!r} at README.md line {line} "
+                  f"(known: {', '.join(sorted(RENDERERS))})", file=sys.stderr)
+            return m.group(0)
         try:
             body = RENDERERS[name](host or args.host)
         except FileNotFoundError as err:
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"<!-- results:{marker} -->\n{body}\n<!-- /results -->"
 
     new = re.sub(r"<!-- results:(\w+)(?:@([\w.-]+))? -->.*?<!-- /results -->", replace, text, flags=re.S)
-    readme.write_text(new, encoding="utf-8")
+    write_text_whole(readme, new)  # an interrupted write would leave half a README
     print(f"rendered into {readme}: {', '.join(rendered) or 'nothing'}", file=sys.stderr)
     return 0
 

@@ -63,3 +63,18 @@ def test_cpu_model_reads_the_first_model_name_and_falls_back(tmp_path: Path, mon
     cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\n\nprocessor\t: 1\nmodel name\t: other\n")
     assert cpu_model(cpuinfo) == "AMD EPYC 9B14"
     assert cpu_model(tmp_path / "missing")  # platform's answer, never empty
+
+
+def test_a_readme_block_of_an_unknown_name_is_skipped_and_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # a typo in a marker was a KeyError traceback
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.render_readme as render
+
+    readme = tmp_path / "README.md"
+    original = "intro\n<!-- results:thruput -->\nold\n<!-- /results -->\n"
+    readme.write_text(original)
+    monkeypatch.setattr(render, "ROOT", tmp_path)
+    assert render.main(["--host", "nohost"]) == 0
+    assert readme.read_text() == original
+    assert "skipping unknown results block 'thruput' at README.md line 2" in capsys.readouterr().err
