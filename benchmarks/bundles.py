@@ -19,7 +19,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edge_runtime._files import write_text_whole  # noqa: E402
 from edge_runtime.bundle import load_manifest  # noqa: E402
+from edge_runtime.cli.bench import _out_dir, host_name  # noqa: E402
 from edge_runtime.errors import BundleError  # noqa: E402
 from edge_runtime.models import KNOWN_MODELS, default_bundle_dir  # noqa: E402
 
@@ -83,15 +85,19 @@ def render(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", action="store_true", help="build missing default bundles first")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="results directory")
+    # checked as the flags are read (a file as --out was a traceback), and named as the other benchmarks' results
+    ap.add_argument("--out", type=_out_dir, default=Path(__file__).resolve().parent / "results",
+                    help="results directory (default: benchmarks/results, where the committed results are)")
+    ap.add_argument("--host", type=host_name, default=platform.node() or "host",
+                    help="name for this machine in the results file names (default: its hostname)")
     args = ap.parse_args(argv)
     rows = collect(args.build)
-    host = platform.node() or "host"
+    host = args.host
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"bundles-{host}.json").write_text(json.dumps({"host": host, "bundles": rows}, indent=2) + "\n")
+    write_text_whole(out / f"bundles-{host}.json", json.dumps({"host": host, "bundles": rows}, indent=2) + "\n")
     table = render(rows)
-    (out / f"bundles-{host}.md").write_text(table)
+    write_text_whole(out / f"bundles-{host}.md", table)
     print(table)
     return 0
 

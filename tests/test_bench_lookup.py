@@ -71,6 +71,9 @@ def test_a_workload_with_no_requests_reports_no_speed(lookup, tiny_bundle: Path,
     ("bridge", ["--token-delay-ms", "-1"], "must be a number of milliseconds >= 0"),
     ("lookup", ["--bundle", "{tmp}/none"], "--bundle: {tmp}/none is not a bundle; build the default one with"),
     ("decode_step", ["--bundle", "{tmp}/none"], "--bundle: {tmp}/none is not a bundle"),
+    # a file as --out was a FileExistsError traceback after every bundle was scored; results are named by --host
+    ("bundles", ["--out", "{tmp}/file"], "argument --out: {tmp}/file is not a directory"),
+    ("bundles", ["--host", "../x"], "argument --host: must be a plain name"),
 ])
 def test_bad_arguments_are_refused_before_measuring(monkeypatch, tmp_path, capsys, script, args, message):
     # a results path that cannot be written lost the whole run at its end, with a traceback
@@ -78,6 +81,7 @@ def test_bad_arguments_are_refused_before_measuring(monkeypatch, tmp_path, capsy
 
     monkeypatch.syspath_prepend(str(ROOT))
     module = importlib.import_module(f"benchmarks.{script}")
+    (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as info:
         module.main([a.replace("{tmp}", str(tmp_path)) for a in args])
     assert info.value.code == 2
