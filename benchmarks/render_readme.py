@@ -83,7 +83,13 @@ def _bridge(host: str) -> str:
     t = d["throughput"]
     # the command that made these results: the bundle is named as the cache holds it, not this host's path
     bundle = f" --bundle <cache>/bundles/{Path(t['bundle']).name}" if t.get("bundle") else ""
-    command = f"python benchmarks/bridge.py{bundle}" + (f" --workers {t['workers']}" if t["workers"] != 2 else "")
+    # every recorded setting that differs from its default, or the command did not make these results (a run with
+    # --intra-op-threads 1 read as the default's)
+    flags = [(f"--{name.replace('_', '-')}", value) for name, value, default in (
+        ("workers", t.get("workers"), 2), ("intra_op_threads", t.get("intra_op_threads"), None),
+        ("max_new_tokens", t.get("max_new_tokens"), 32), ("per_client", t.get("per_client"), 8),
+        ("requests", a.get("requests"), 2000)) if value is not None and value != default]
+    command = f"python benchmarks/bridge.py{bundle}" + "".join(f" {flag} {value}" for flag, value in flags)
     # what was measured, where and when: a later build at the same cache path is another model to the benchmark
     where = ", ".join(x for x in (d.get("cpu_model"), str(d.get("when", ""))[:10]) if x)
     build = t.get("bundle_build") or {}

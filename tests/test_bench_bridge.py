@@ -78,3 +78,19 @@ def test_a_readme_block_of_an_unknown_name_is_skipped_and_said(tmp_path: Path, m
     assert render.main(["--host", "nohost"]) == 0
     assert readme.read_text() == original
     assert "skipping unknown results block 'thruput' at README.md line 2" in capsys.readouterr().err
+
+
+def test_the_command_shown_with_the_bridge_results_has_every_setting_that_made_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a run with --intra-op-threads 1 was shown as the plain command, which measures another configuration
+    monkeypatch.syspath_prepend(str(ROOT))
+    import json
+
+    import benchmarks.render_readme as render
+
+    doc = json.loads((ROOT / "benchmarks" / "results" / "bridge-vm.json").read_text())
+    doc["throughput"].update(intra_op_threads=1, max_new_tokens=64)
+    (tmp_path / "bridge-t1.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(render, "RESULTS", tmp_path)
+    command = render._bridge("t1").split("`")[1]
+    assert command.endswith("--intra-op-threads 1 --max-new-tokens 64"), command
