@@ -40,6 +40,7 @@ from benchmarks._host import cpu_model  # noqa: E402
 from cloud_bridge import create_server, hash_token, load_bridge_settings  # noqa: E402
 from cloud_bridge.backends import BackendRequest, CancelToken  # noqa: E402
 from cloud_bridge.backends.echo import EchoBackend  # noqa: E402
+from edge_runtime._files import write_text_whole  # noqa: E402
 from edge_runtime.cli.bench import _amount_of, _int_at_least, _out_file  # noqa: E402
 from edge_runtime.cloud import CloudClient  # noqa: E402
 from edge_runtime.engine.types import SamplingParams  # noqa: E402
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "throughput": load,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_whole(args.out, json.dumps(report, indent=2) + "\n")  # never half a results file
 
     print(f"Added latency of a loopback gRPC round trip ({latency['requests']} calls, echo backend in-process)")
     print(f"  {'':<22}{'p50 ms':>10}{'p99 ms':>10}")

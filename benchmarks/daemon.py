@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._host import cpu_model  # noqa: E402
+from edge_runtime._files import write_text_whole  # noqa: E402
 from edge_runtime.cli.bench import _int_at_least, _out_file  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "daemon_exit_code_after_sigterm": exit_code,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_text_whole(args.out, json.dumps(results, indent=2) + "\n")  # never half a results file
 
     print(f"bundle {manifest.name} ({manifest.precision}), {args.max_tokens} tokens a request, "
           f"load average {load_before[0]:.2f} -> {load_after[0]:.2f} on {os.cpu_count()} CPUs")

@@ -59,6 +59,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.throughput import MODEL, host_info, make_prompts
+from edge_runtime._files import write_text_whole
 
 __all__ = ["GenaiStepper", "run_benchmark", "main"]
 
@@ -330,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         rounds=args.rounds, steps=args.steps)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"decode-step-{args.host}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    write_text_whole(path, json.dumps(doc, indent=1) + "\n")  # never half a results file
     s = doc["summary"]
     print(f"engine graph {s['engine_graph_ms']:.3f} ms/step, engine loop {s['engine_loop_ms']:.3f} ms/token "
           f"(Python work {s['loop_overhead_ms']:.3f} ms, {100 * s['loop_overhead_share']:.1f}%; "

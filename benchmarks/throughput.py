@@ -66,6 +66,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks._host import cpu_model
 from benchmarks.peers import envs
+from edge_runtime._files import write_text_whole
 from edge_runtime.engine import SUGGESTED_PROMPT_LOOKUP_TOKENS
 
 __all__ = [
@@ -1033,8 +1034,9 @@ def write_results(doc: dict[str, Any], out_dir: Path, host: str | None = None) -
     host = host or doc["host"]["hostname"]
     json_path = out_dir / f"throughput-{host}.json"
     md_path = out_dir / f"throughput-{host}.md"
-    json_path.write_text(json.dumps(doc, indent=1) + "\n")
-    md_path.write_text(render_markdown(doc))
+    # whole or not at all: an interrupted write left half a results file where the committed one was
+    write_text_whole(json_path, json.dumps(doc, indent=1) + "\n")
+    write_text_whole(md_path, render_markdown(doc))
     return json_path, md_path
 
 

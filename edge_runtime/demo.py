@@ -26,7 +26,7 @@ from typing import TextIO
 
 from .cache import cache_dir, publish_dir
 from ._child import child_service, free_port
-from ._files import check_can_make_dir, install_dir
+from ._files import check_can_make_dir, install_dir, write_text_whole
 from .errors import ConfigError, EdgeRuntimeError
 
 __all__ = ["run_demo", "EDGE_MODEL", "CLOUD_MODEL"]
@@ -157,7 +157,8 @@ def _bridge(directory: Path, cloud_bundle: Path, steps: _Steps, price_in: float,
               "", f"[models.{_ALIAS}]", 'backend = "onnx"', f'bundle = "{cloud_bundle}"', "workers = 1", "queue_size = 16",
               f"usd_per_million_input_tokens = {price_in}", f"usd_per_million_output_tokens = {price_out}"]
     config = directory / "bridge.toml"
-    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # whole: a demo started beside this one reads one bridge's settings, never half of each
+    write_text_whole(config, "\n".join(lines) + "\n")
     cmd = [sys.executable, "-m", "cloud_bridge.cli", "serve", "--config", str(config)] + ([] if tls else ["--insecure"])
     cloud = {"address": f"127.0.0.1:{port}", "token_file": str(token_file), "model": _ALIAS}
     if tls:
