@@ -41,7 +41,7 @@ from cloud_bridge import create_server, hash_token, load_bridge_settings  # noqa
 from cloud_bridge.backends import BackendRequest, CancelToken  # noqa: E402
 from cloud_bridge.backends.echo import EchoBackend  # noqa: E402
 from edge_runtime._files import write_text_whole  # noqa: E402
-from edge_runtime.cli.bench import _amount_of, _int_at_least, _out_file  # noqa: E402
+from edge_runtime.cli.bench import _amount_of, _int_at_least, _out_file, check_bundle_given  # noqa: E402
 from edge_runtime.cloud import CloudClient  # noqa: E402
 from edge_runtime.engine.types import SamplingParams  # noqa: E402
 
@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=_out_file, default=ROOT / "benchmarks" / "results" / f"bridge-{socket.gethostname()}.json"
     )
     args = parser.parse_args(argv)
+    if args.bundle is not None:  # checked now, not after the latency phase's 2,000 round trips
+        check_bundle_given(parser, Path(args.bundle), "int4")
 
     latency = added_latency(args.requests)
     load = throughput(

@@ -74,6 +74,7 @@ def test_a_workload_with_no_requests_reports_no_speed(lookup, tiny_bundle: Path,
     # a file as --out was a FileExistsError traceback after every bundle was scored; results are named by --host
     ("bundles", ["--out", "{tmp}/file"], "argument --out: {tmp}/file is not a directory"),
     ("bundles", ["--host", "../x"], "argument --host: must be a plain name"),
+    ("bridge", ["--bundle", "{tmp}/none"], "--bundle: {tmp}/none is not a bundle"),  # it was after 2,000 round trips
 ])
 def test_bad_arguments_are_refused_before_measuring(monkeypatch, tmp_path, capsys, script, args, message):
     # a results path that cannot be written lost the whole run at its end, with a traceback
