@@ -491,9 +491,15 @@ class HybridRuntime:
     @classmethod
     def from_settings(cls, settings: Any, **engine_kwargs: Any) -> HybridRuntime:
         """From loaded RuntimeSettings; ``engine_kwargs`` as for :meth:`from_config`."""
+        import inspect
+
         from .models import resolve_bundle
         from .power import EnergyMeter
 
+        # a misspelt one was a bare TypeError from the Engine, after the meter and the cloud client were made
+        accepted = set(inspect.signature(Engine.__init__).parameters) - {"self", "bundle"}
+        for name in sorted(set(engine_kwargs) - accepted):
+            raise InvalidRequestError(f"not an Engine argument (it takes {', '.join(sorted(accepted))})", field=name)
         e = settings.engine
         # a caller may pass the process meter (the daemon installs one with set_default_meter) instead of a second
         # one, or None for none

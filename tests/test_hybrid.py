@@ -324,6 +324,15 @@ def test_with_no_cloud_configured_an_auto_stream_shows_its_text_as_it_is_made(en
     assert whole.route == "local_forced" and whole.reason == "cloud_not_configured" and len(whole.tokens) == 8
 
 
+def test_from_config_names_an_engine_argument_it_does_not_know(tiny_bundle, tmp_path):
+    # a bare TypeError from the Engine's constructor, after the meter and the cloud client were made
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(f'[engine]\nbundle = "{tiny_bundle}"\n[policy]\ntype = "never"\n[server]\ngrpc_socket = ""\n')
+    with pytest.raises(InvalidRequestError) as info:
+        HybridRuntime.from_config(cfg, prompt_lookpu=3)
+    assert info.value.field == "prompt_lookpu" and "prompt_lookup" in str(info.value)
+
+
 def test_from_config_builds_every_part(tiny_bundle, tmp_path):
     cfg = tmp_path / "edge.toml"
     cfg.write_text(f'[engine]\nbundle = "{tiny_bundle}"\n[policy]\ntype = "never"\n[power]\nprofile = "raspberry-pi-5"\n'
