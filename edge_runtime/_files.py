@@ -31,7 +31,7 @@ except ImportError:  # Windows: no advisory locks; installs there rely on the re
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["check_can_make_dir", "dirs_for_work", "durable_replace", "exclusive_lock", "install_dir", "naming",
-           "remove_leftovers", "replace_dir",
+           "remove_moved_aside", "replace_dir",
            "write_text_whole"]
 
 
@@ -163,7 +163,7 @@ def install_dir(target: str | os.PathLike[str], usable: Callable[[Path], bool], 
         if usable(target):  # built by another caller while this one waited
             return False
         if locked:  # every caller builds under the lock: what another left is from a killed build
-            remove_leftovers(target)
+            _remove_leftovers(target)
         with naming(target):
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
@@ -198,11 +198,19 @@ def replace_dir(staging: Path, target: Path) -> None:
         _remove(aside)
 
 
-def remove_leftovers(target: Path) -> None:
+def _remove_leftovers(target: Path) -> None:
     """Staging directories and moved-aside old ones of ``target`` that a killed install left (a model's size)."""
-    for pattern in (f".{glob.escape(target.name)}.tmp-*", f".{glob.escape(target.name)}.old-*"):
-        for path in target.parent.glob(pattern):
-            _remove(path)
+    for path in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+        _remove(path)
+    remove_moved_aside(target)
+
+
+def remove_moved_aside(target: Path) -> list[Path]:
+    """Remove what :func:`replace_dir` moved aside from ``target`` and a killed process left there; return it."""
+    removed = sorted(target.parent.glob(f".{glob.escape(target.name)}.old-*"))
+    for path in removed:
+        _remove(path)
+    return removed
 
 
 def _remove(path: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
-from edge_runtime._files import check_can_make_dir, dirs_for_work, replace_dir
+from edge_runtime._files import check_can_make_dir, dirs_for_work, remove_moved_aside, replace_dir
 from edge_runtime.bundle import MANIFEST_NAME, STAMP_NAME, sha256_file, write_stamp
 from edge_runtime.cache import publish_dir
 from edge_runtime.errors import BuildError
@@ -93,13 +93,7 @@ def sweep_stale(out: Path) -> list[Path]:
             removed.append(entry)
     # an old bundle a --force rebuild moved aside and was killed before removing (it is put back when the build is
     # stopped any other way): it was left beside the new one for good
-    for entry in out.parent.glob(f".{glob.escape(out.name)}.old-*"):
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
-    return removed
+    return removed + remove_moved_aside(out)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,22 +59,9 @@ class _Progress:
             self.bar = None
 
 
-def _check_cache(bundles: Path) -> None:
-    """The cache's bundles directory, where a defaulted --out goes: one that cannot be made is the cache setting's
-    fault (it was said as --out's, a flag the user had not given)."""
-    from .._files import check_can_make_dir
-    from ..cache import CACHE_ENV
-    from ..errors import ConfigError
-
-    try:
-        check_can_make_dir(bundles)
-    except OSError as err:
-        raise ConfigError(f"cannot create the cache directory {bundles}: {err.strerror or err} (set {CACHE_ENV} to a "
-                          "writable directory)", field=CACHE_ENV) from err
-
-
 def _run(args: argparse.Namespace) -> int:
     from ..errors import BuildError
+    from ..cache import cache_dir
     from ..models import KNOWN_MODELS, default_bundle_dir, exists_as_named
 
     try:
@@ -103,7 +89,8 @@ def _run(args: argparse.Namespace) -> int:
             out = out.with_name(out.name + f"-bs{args.block_size}")
         if args.mlp_block_size is not None and args.precision == "int4":
             out = out.with_name(out.name + f"-mlp{args.mlp_block_size}")
-        _check_cache(out.parent)
+        # the cache's own error when it cannot be made: the fault is EDGE_RUNTIME_CACHE's, not --out's (not given)
+        cache_dir("bundles")
     progress = _Progress()
     try:  # SIGTERM unwinds through here too (see cli.main): the staging directory is removed on the way out
         report = build_bundle(args.source, out, precision=args.precision, block_size=args.block_size,

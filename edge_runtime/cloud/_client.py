@@ -631,9 +631,7 @@ class CloudClient:
         """True if the bridge answers its standard health check with SERVING. Does not touch the circuit."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
-                or not 0 < timeout_s <= MAX_SECONDS:  # also refuses nan
-            raise InvalidRequestError(f"must be a number of seconds above 0, got {timeout_s!r:.40}", field="timeout_s")
+        self._deadline(timeout_s)  # the calls' own check of timeout_s
         if not isinstance(service, str):
             raise InvalidRequestError(f"must be a string, got {type(service).__name__}", field="service")
         if self._closed:  # grpcio crashes the process on a stub made for a closed channel
