@@ -23,6 +23,7 @@ from edge_runtime.confidence import (
     load_estimator,
     save_estimator,
 )
+from edge_runtime.confidence._embed import ENCODER_DIM
 from edge_runtime.errors import EstimatorError
 
 
@@ -73,12 +74,13 @@ def test_logistic_fit_separates_and_round_trips():
 
 
 class FakeEncoder:
-    """Deterministic 'embeddings': one axis per topic word."""
+    """Deterministic 'embeddings': one axis per topic word (as long as the real encoder's, which a file must match)."""
 
     words = ("prime", "capital", "plus", "reverse")
 
     def encode(self, texts):
-        out = np.array([[1.0 if w in t else 0.0 for w in self.words] + [0.1] for t in texts], dtype=np.float32)
+        axes = [[1.0 if w in t else 0.0 for w in self.words] + [0.1] for t in texts]
+        out = np.pad(np.array(axes, dtype=np.float32), ((0, 0), (0, ENCODER_DIM - len(self.words) - 1)))
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
@@ -387,7 +389,7 @@ def test_selfcheck_still_answers_when_the_conversation_filled_the_context_window
 def test_a_knn_estimator_with_a_meaningless_prior_is_refused_at_load(tmp_path, change, named):
     from edge_runtime.confidence import KnnEstimator, KnnPrior
 
-    prior = KnnPrior(np.eye(3, dtype=np.float32), np.array([0.0, 1.0, 1.0]), k=2)
+    prior = KnnPrior(np.eye(3, ENCODER_DIM, dtype=np.float32), np.array([0.0, 1.0, 1.0]), k=2)
     path = tmp_path / "e.json"
     save_estimator(KnnEstimator(prior), path)
     assert load_estimator(path).knn.k == 2  # as written, it loads

