@@ -3,39 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import math
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..config import THREADS_HELP
+from ._flags import naming_flags
 
 log = logging.getLogger("edge_runtime.calibrate")
 
 DEFAULT_FAMILY = "multi"
 # the settings these commands pass on, by the flags that set them: an error names what the user typed
 _FLAGS = {"intra_op_threads": "--threads", "prompt_lookup": "--prompt-lookup", "family": "--family"}
-
-
-def _naming_flags(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        from ..errors import InvalidRequestError
-
-        try:
-            return command(args)
-        except InvalidRequestError as err:
-            if err.field not in _FLAGS:
-                raise
-            message = str(err).removeprefix(f"{err.field}: ")  # the error puts its field in front
-            raise InvalidRequestError(message, field=_FLAGS[err.field]) from err
-
-    return run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -91,7 +74,7 @@ def _items(suite: str, split: str, limit: int | None) -> list[Any]:
     return items
 
 
-@_naming_flags
+@naming_flags(_FLAGS)
 def _calibrate(args: argparse.Namespace) -> int:
     from ..confidence import estimator_scores, fit_estimator, fit_warnings, fitted_features, make_dataset, save_estimator
     from ..engine import Engine
@@ -106,7 +89,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     _check_writable(Path(args.out))
     items = _items(args.suite, args.split, args.limit)
     cloud_bundle = _cloud_bundle(args)
-    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads, prompt_lookup=args.prompt_lookup)
+    engine = Engine(resolve_bundle(args.bundle, field="--bundle"), intra_op_threads=args.threads, prompt_lookup=args.prompt_lookup)
     records = run_edge(engine, items, selfcheck=args.family == "selfcheck", desc=f"{args.split} (edge)")
     data = make_dataset(records, items)
     for warning in fit_warnings(data.labels, fitted_features(args.family)):
@@ -230,7 +213,7 @@ def _gain_report(scores: Any, data: Any, cloud: dict[str, bool], families: list[
     return rep
 
 
-@_naming_flags
+@naming_flags(_FLAGS)
 def _eval(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -250,7 +233,7 @@ def _eval(args: argparse.Namespace) -> int:
                     "on, and its figures look better than they are (use --split test)", args.split)
     items = _items(args.suite, args.split, args.limit)
     cloud_bundle = _cloud_bundle(args)
-    engine = Engine(resolve_bundle(args.bundle), intra_op_threads=args.threads, prompt_lookup=args.prompt_lookup)
+    engine = Engine(resolve_bundle(args.bundle, field="--bundle"), intra_op_threads=args.threads, prompt_lookup=args.prompt_lookup)
     # the estimator is read before the split runs: a wrong path or another bundle's file fails at once
     est = None if args.study else load_estimator(args.estimator, bundle_hash=engine.bundle_hash,
                                                  legacy_hash=engine.legacy_bundle_hash)

@@ -6,6 +6,11 @@ import argparse
 import sys
 
 from ..config import THREADS_HELP
+from ._flags import naming_flags
+
+# explore()'s arguments, by the flags that set them: an error names what the user typed
+_FLAGS = {"out": "--out", "limit": "--limit", "split": "--split", "cloud": "--cloud", "goal": "--goal",
+          "intra_op_threads": "--threads"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+@naming_flags(_FLAGS)
 def _run(args: argparse.Namespace) -> int:
     from ..explore import explore
     from ..settings import load_runtime_settings

@@ -585,6 +585,29 @@ def test_a_bundle_that_is_not_found_names_the_option_it_came_from(tiny_bundle, t
     assert not (tmp_path / "out").exists()  # found out before anything was written: no empty directory left
 
 
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--limit", "0"], "--limit: must be a positive number of items"),
+    (["--goal", "nonsense"], "--goal: cannot read 'nonsense'"),
+    (["--out", ""], "--out: is empty"),
+])
+def test_explores_errors_name_the_flag_typed(tiny_bundle, tmp_path, capsys, flags, said):
+    # they named explore()'s arguments ("limit: ...", "out: ..."), which no user typed
+    from edge_runtime.cli import main
+
+    args = ["explore", "--edge", str(tiny_bundle), "--cloud", str(tiny_bundle), "--out", str(tmp_path / "out"), *flags]
+    assert main(args) == 1
+    assert f"error: {said}" in capsys.readouterr().err
+
+
+def test_calibrate_and_eval_name_the_bundle_flag(tmp_path, capsys):
+    from edge_runtime.cli import main
+
+    assert main(["eval", "--bundle", "nosuch-edge"]) == 1
+    assert "error: --bundle: bundle not found: nosuch-edge" in capsys.readouterr().err
+    assert main(["calibrate", "--bundle", "nosuch-edge", "--out", str(tmp_path / "e.json")]) == 1
+    assert "error: --bundle: bundle not found: nosuch-edge" in capsys.readouterr().err
+
+
 def test_the_cloud_section_escapes_its_values(tmp_path):
     import tomllib
 
