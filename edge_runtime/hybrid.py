@@ -466,6 +466,7 @@ class HybridRuntime:
         self._pace = _LocalPace()
         self._owned_meter: Any = None  # an energy meter from_settings made for this runtime alone
         self._closed = False
+        self._close_lock = threading.Lock()
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -555,8 +556,14 @@ class HybridRuntime:
     def close(self) -> None:
         """Close the cloud client and the engine, and give up a budget's state file (its spend written). Later calls
         raise at once; calls in flight end as the two end theirs: a running escalation's bridge call is cut, and a
-        request that still needs the engine (a fallback, or one waiting for a KV cache) raises ``EdgeRuntimeError``."""
-        self._closed = True
+        request that still needs the engine (a fallback, or one waiting for a KV cache) raises ``EdgeRuntimeError``.
+        Closing again does nothing."""
+        with self._close_lock:
+            # once: a second close (a ``with`` block around a close() call) released a shared budget's claim a
+            # second time, and the budget gave up its state file while another runtime still spent from it
+            if self._closed:
+                return
+            self._closed = True
         if self.cloud is not None:
             self.cloud.close()
         self.engine.close()

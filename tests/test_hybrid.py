@@ -1330,3 +1330,21 @@ def test_a_runtime_closes_the_energy_meter_it_made_and_only_that_one(tiny_bundle
     assert not own.closed
     own.close()
 
+
+
+def test_closing_a_runtime_twice_leaves_a_shared_budgets_file_to_the_runtime_still_using_it(tiny_bundle, tmp_path):
+    # `with rt:` around an rt.close() released the budget's claim twice: the budget gave up its state file while the
+    # other runtime spent from it, so that spend was never saved and another process could claim the file
+    from edge_runtime.policies import Budget
+
+    state = tmp_path / "spend.json"
+    budget = Budget(1.0, 86400, state_file=state)
+    engines = [Engine(tiny_bundle, energy_meter=None) for _ in range(2)]
+    a, b = (HybridRuntime(e, policy=budget, cloud=_fake_cloud(_answering("4", 0.01), close=lambda: None)) for e in engines)
+    with a:
+        a.close()
+    assert b.chat(ASK, model="cloud", max_new_tokens=4).route == "cloud"
+    assert json.loads(state.read_text())["committed_usd"] == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match="another budget"):
+        Budget(1.0, 86400, state_file=state).claim_state()
+    b.close()
