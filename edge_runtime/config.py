@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError, EdgeRuntimeError
 
-__all__ = ["setting", "documented", "load_settings", "add_settings_arguments", "refuse_abbreviations", "settings_overrides_from_args",
+__all__ = ["setting", "shown", "documented", "load_settings", "add_settings_arguments", "refuse_abbreviations", "settings_overrides_from_args",
            "settings_to_dict", "check_threads", "MAX_THREADS", "THREADS_HELP"]
 
 T = TypeVar("T")
@@ -123,7 +123,7 @@ def _inline_value(text: str, what: str, field: str) -> Any:
 _SHOWN_CHARS = 40
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """``repr(value)`` cut to a length a one-line error can hold."""
     text = repr(value)
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
@@ -149,11 +149,11 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
                 errors.append(str(err).removeprefix(f"{field}: ") if err.field == field else str(err))
         if len(errors) == 1:  # an optional field (float | None): its one type's message says it all
             raise ConfigError(errors[0], field=field)
-        raise ConfigError(f"cannot use {_shown(value)}: {'; '.join(errors)}", field=field)
+        raise ConfigError(f"cannot use {shown(value)}: {'; '.join(errors)}", field=field)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"must be one of {', '.join(map(repr, choices))}, got {_shown(value)}", field=field)
+            raise ConfigError(f"must be one of {', '.join(map(repr, choices))}, got {shown(value)}", field=field)
         return value
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (str,)
@@ -162,14 +162,14 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         elif isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"expected a list, got {_shown(value)}", field=field)
+            raise ConfigError(f"expected a list, got {shown(value)}", field=field)
         items = [_coerce(v, item_tp, f"{field}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
         if isinstance(value, str):  # from the environment or a flag
             value = _inline_value(value, "a table", field)
         if not isinstance(value, Mapping):
-            raise ConfigError(f"expected a table, got {_shown(value)}", field=field)
+            raise ConfigError(f"expected a table, got {shown(value)}", field=field)
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -178,35 +178,35 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"expected true or false, got {_shown(value)}", field=field)
+        raise ConfigError(f"expected true or false, got {shown(value)}", field=field)
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"expected an integer, got {_shown(value)}", field=field)
+            raise ConfigError(f"expected an integer, got {shown(value)}", field=field)
         try:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"expected an integer, got {_shown(value)}", field=field) from None
+            raise ConfigError(f"expected an integer, got {shown(value)}", field=field) from None
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"expected a number, got {_shown(value)}", field=field)
+            raise ConfigError(f"expected a number, got {shown(value)}", field=field)
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"expected a number, got {_shown(value)}", field=field) from None
+            raise ConfigError(f"expected a number, got {shown(value)}", field=field) from None
         except OverflowError:  # an integer past a float's range (TOML and JSON allow 10**400)
-            raise ConfigError(f"expected a finite number, got {_shown(value)}", field=field) from None
+            raise ConfigError(f"expected a finite number, got {shown(value)}", field=field) from None
         if not math.isfinite(number):  # nan passes every range check (nan <= 0 is false), inf most of them
-            raise ConfigError(f"expected a finite number, got {_shown(value)}", field=field)
+            raise ConfigError(f"expected a finite number, got {shown(value)}", field=field)
         return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"expected a string, got {_shown(value)}", field=field)
+            raise ConfigError(f"expected a string, got {shown(value)}", field=field)
         return str(value)
     if tp is Path:
         if not isinstance(value, (str, Path)):
-            raise ConfigError(f"expected a path, got {_shown(value)}", field=field)
+            raise ConfigError(f"expected a path, got {shown(value)}", field=field)
         if isinstance(value, str) and not value.strip():  # Path("") is ".": the working directory, unsaid
             raise ConfigError("must name a path, got an empty string (write . for the working directory)",
                               field=field)
@@ -270,8 +270,9 @@ def _policy_relative(policy: Any, base: Path) -> Any:
     value = out.get("state_file")
     if isinstance(value, str) and value and not Path(os.path.expanduser(value)).is_absolute():
         out["state_file"] = str(base / value)
-    if isinstance(out.get("chain"), list):
-        out["chain"] = [_policy_relative(part, base) for part in out["chain"]]
+    for key in ("chain", "policies"):  # a chain's two spellings: [policy] chain = [...] or type = "chain", policies = [...]
+        if isinstance(out.get(key), list):
+            out[key] = [_policy_relative(part, base) for part in out[key]]
     return out
 
 

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .config import documented, is_finite, setting
+from .config import documented, is_finite, setting, shown
 from .errors import ConfigError
 
 __all__ = ["CostSettings", "DEFAULT_PRICES", "NETWORKS", "price_usd", "reservation", "reservation_usd", "table_prices",
@@ -64,12 +64,19 @@ class CostSettings:
         self.validate()
 
     def validate(self) -> None:
-        if self.electricity_usd_per_kwh < 0:
-            raise ConfigError("must be >= 0", field="cost.electricity_usd_per_kwh")
-        for name in ("network_j_per_kb", "network_j_per_request"):
+        # built in Python, not read from a config file: the types are checked here too (a NaN tariff made every
+        # answer's cost NaN, invalid JSON; an unknown network failed only after an escalation was answered and billed)
+        if self.network not in NETWORKS:
+            raise ConfigError(f"must be one of {', '.join(map(repr, NETWORKS))}, got {shown(self.network)}",
+                              field="cost.network")
+        for name in ("electricity_usd_per_kwh", "network_j_per_kb", "network_j_per_request"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError("must be >= 0", field=f"cost.{name}")
+            if value is None and name != "electricity_usd_per_kwh":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value) or value < 0:
+                raise ConfigError(f"must be a finite number >= 0, got {shown(value)}", field=f"cost.{name}")
+        if not isinstance(self.prices, Mapping):
+            raise ConfigError(f"expected a table, got {shown(self.prices)}", field="cost.prices")
         for model, price in self.prices.items():
             if not isinstance(price, dict) or not {"input", "output"} <= set(price):
                 raise ConfigError("each model needs input and output prices per million tokens", field=f"cost.prices.{model}")

@@ -503,3 +503,12 @@ def test_an_estimator_calibrated_before_the_bundle_hash_covered_the_manifest_is_
     caplog.clear()
     check_bundle_hash(est.bundle_hash, "n" * 64, legacy_hash="a" * 64)
     assert not caplog.records
+
+
+def test_a_steep_selfcheck_fit_gives_a_probability_at_a_low_p_yes():
+    # a = 70 overflowed math.exp at P(yes) = 1e-4: the answers the check judged most likely wrong lost their estimate
+    from edge_runtime.confidence import SelfCheckEstimator
+
+    steep = SelfCheckEstimator(69.7, -170.3)
+    assert steep.from_p_yes(1e-4) == pytest.approx(0.0, abs=1e-12)
+    assert steep.from_p_yes(1.0) == pytest.approx(1.0)

@@ -688,6 +688,23 @@ def test_a_knn_prior_whose_vectors_are_not_the_encoders_is_refused_at_load(dim, 
         KnnPrior.from_dict(d)
 
 
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"network": "lte"}, "cost.network"),  # failed after an escalation was answered and billed (a bare KeyError)
+    ({"electricity_usd_per_kwh": float("nan")}, "cost.electricity_usd_per_kwh"),  # every cost NaN: invalid JSON
+    ({"electricity_usd_per_kwh": "0.3"}, "cost.electricity_usd_per_kwh"),
+    ({"network_j_per_kb": "1"}, "cost.network_j_per_kb"),  # a bare TypeError
+    ({"network_j_per_request": float("inf")}, "cost.network_j_per_request"),
+    ({"prices": ["*"]}, "cost.prices"),
+])
+def test_cost_settings_built_in_python_are_checked_naming_the_field(kwargs, field):
+    from edge_runtime.cost import CostSettings
+
+    with pytest.raises(ConfigError) as caught:
+        CostSettings(**kwargs)
+    assert caught.value.field == field
+    CostSettings(network="cellular", network_j_per_kb=0, network_j_per_request=None)  # all fine
+
+
 @pytest.mark.parametrize("price", [float("nan"), float("inf"), True, -1.0, 10 ** 400])
 def test_a_price_that_is_not_a_finite_number_is_refused_naming_it(price):
     # a NaN price made every reservation NaN: a $0.10 budget let 12 concurrent escalations spend $0.156

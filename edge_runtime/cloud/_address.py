@@ -89,6 +89,10 @@ def check_address(address: str, *, field: str, min_port: int = 1) -> None:
     A server passes ``min_port=0`` (port 0 picks a free port). Unix sockets are not checked.
     """
     if address.startswith(_SOCKET_SCHEMES):
+        # its path or name is not checked, but an empty one (``unix:``) made every call an outage
+        scheme, _, rest = address.partition(":")
+        if not rest.lstrip("/"):
+            raise ConfigError(f"{scheme}: needs a socket's path or name after it, got {address!r}", field=field)
         return
     for target in _targets(address):
         parts = _split(target)

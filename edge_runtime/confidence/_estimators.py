@@ -294,7 +294,10 @@ class SelfCheckEstimator(Estimator):
 
     def from_p_yes(self, p_yes: float) -> float:
         p = min(max(p_yes, 1e-6), 1 - 1e-6)
-        return 1.0 / (1.0 + math.exp(-(self.a * math.log(p / (1 - p)) + self.b)))
+        # clipped as the logistic models' are: a steep fit (a = 70) overflowed math.exp at a low P(yes), and the
+        # answers judged most likely wrong lost their estimate
+        z = min(max(self.a * math.log(p / (1 - p)) + self.b, -40.0), 40.0)
+        return 1.0 / (1.0 + math.exp(-z))
 
     def p_correct(self, signals: Signals, *, engine: Any = None, messages: Sequence[Mapping[str, Any]] | None = None) -> float:
         if engine is None:

@@ -466,7 +466,8 @@ def test_a_client_closed_while_a_call_waits_to_retry_raises_a_cloud_error():
 
 
 @pytest.mark.parametrize(
-    "address", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1", "bridge:https", "ipv4:127.0.0.1:1,127.0.0.1:70000"]
+    "address", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1", "bridge:https", "ipv4:127.0.0.1:1,127.0.0.1:70000",
+                "unix:", "unix://", "unix-abstract:"]  # an empty socket path made every call an outage
 )
 def test_a_port_out_of_range_or_a_malformed_address_names_cloud_address(address):
     # gRPC itself would dial port 99999 as 34463, and a missing port as 443

@@ -63,6 +63,11 @@ def test_a_budgets_state_file_follows_the_config_file(tmp_path, monkeypatch):
                                     ' {type = "always"}]\n')
     policy = load_runtime_settings(conf / "edge.toml", env={}).policy
     assert policy["chain"][0]["state_file"] == str(conf / "spend.json")
+    # the chain's other spelling too: it stayed the working directory's ("cannot write in '/'" under systemd)
+    (conf / "edge.toml").write_text('[policy]\ntype = "chain"\npolicies = [{type = "budget", usd_per_day = 1.0, '
+                                    'state_file = "spend.json"}, {type = "always"}]\n')
+    policy = load_runtime_settings(conf / "edge.toml", env={}).policy
+    assert policy["policies"][0]["state_file"] == str(conf / "spend.json")
 
 
 @pytest.mark.parametrize("threads", [0, -1, 1025, 2**31, 10**20])
