@@ -54,9 +54,10 @@ class RunCache:
         base = root if root is not None else cache_dir("runs")
         base.mkdir(parents=True, exist_ok=True)
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
-        if len(safe) > 80:
-            # cut to a file name's length: the whole key's hash keeps apart keys that share their first 80
-            # characters (a long bundle name, then its hash or the bridge's revision)
+        if safe != model_key or len(safe) > 80:
+            # the whole key's hash keeps apart keys that share their first 80 characters (a long bundle name, then
+            # its hash or the bridge's revision), and keys that differ only where a character was replaced: a
+            # bridge's "acme/llm-7b" and "acme:llm-7b" shared one file, and the second model was never asked
             safe = f"{safe[:80]}-{hashlib.sha256(model_key.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
         self.path = base / f"{kind}-{safe}-{settings_key}.jsonl"
         self.records: dict[tuple[str, str | None], dict[str, Any]] = {}
@@ -115,6 +116,13 @@ def prompt_key(item: TaskItem) -> str:
     the old answer. Records written before it existed have none and run again too.
     """
     return hashlib.sha256(json.dumps(list(item.messages), sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def prompt_keys(items: Sequence[TaskItem]) -> list[str]:
+    """The items' :func:`prompt_key`s, sorted, once each: what an estimator records of the items it was fitted on,
+    so that ``eval`` knows in-sample scoring by the questions themselves (a suite's name says nothing of the items
+    it shares with another: ``arithmetic`` is part of ``default``, and ``./a.jsonl`` is ``a.jsonl``)."""
+    return sorted({prompt_key(item) for item in items})
 
 
 def _rescored(item: TaskItem, rec: dict[str, Any]) -> dict[str, Any]:

@@ -201,6 +201,18 @@ def tiny_suite(tmp_path):
     return path
 
 
+@pytest.fixture()
+def split_suite(tiny_suite):
+    """tiny_suite with other questions in its test split (there, each test item asks a dev item's question)."""
+    lines = [json.loads(line) for line in tiny_suite.read_text().splitlines()]
+    for line in lines:
+        if line["split"] == "test":
+            line["messages"][0]["content"] = line["messages"][0]["content"].replace(" + ", " plus ")
+    path = tiny_suite.with_name("split-suite.jsonl")
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
 def test_calibrate_then_eval_end_to_end(tiny_bundles, tmp_path, tiny_suite, capsys, monkeypatch):
     from edge_runtime.bundle import load_manifest
 
@@ -425,27 +437,46 @@ def test_a_study_on_the_split_it_fits_on_warns(tiny_bundle, tmp_path, tiny_suite
     assert any("in-sample" not in r.getMessage() and "items it was fitted on" in r.getMessage() for r in caplog.records)
 
 
-def test_eval_on_the_split_an_estimator_was_fitted_on_warns_and_a_failed_write_keeps_the_old_file(
-        tiny_bundles, tmp_path, tiny_suite, capsys, caplog, monkeypatch):
+def test_eval_knows_in_sample_scoring_by_the_questions_not_the_suites_name(tiny_bundles, tmp_path, split_suite, caplog,
+                                                                            capsys, monkeypatch):
+    # told by the suite's name, a copy of the file (or ./a.jsonl for a.jsonl, or the built-in "arithmetic" for
+    # "default") scored the fitted items unwarned
     monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
     edge = tiny_bundles("llama", "fp32")
     out = tmp_path / "estimator.json"
-    assert main(["calibrate", "--bundle", str(edge), "--suite", str(tiny_suite), "--out", str(out), "--family",
+    assert main(["calibrate", "--bundle", str(edge), "--suite", str(split_suite), "--out", str(out), "--family",
+                 "knn"]) == 0
+    copy = tmp_path / "renamed.jsonl"
+    copy.write_bytes(split_suite.read_bytes())
+    for split, warned in (("dev", True), ("test", False)):
+        caplog.clear()
+        assert main(["eval", "--bundle", str(edge), "--suite", str(copy), "--split", split,
+                     "--estimator", str(out), "--json"]) == 0
+        assert ("fitted on 12 of these 12 items" in caplog.text) == warned, caplog.text
+    capsys.readouterr()
+
+
+def test_eval_on_the_split_an_estimator_was_fitted_on_warns_and_a_failed_write_keeps_the_old_file(
+        tiny_bundles, tmp_path, split_suite, capsys, caplog, monkeypatch):
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    edge = tiny_bundles("llama", "fp32")
+    out = tmp_path / "estimator.json"
+    assert main(["calibrate", "--bundle", str(edge), "--suite", str(split_suite), "--out", str(out), "--family",
                  "knn"]) == 0
     capsys.readouterr()
     # calibrate fits on dev; --split all holds the dev items too (it read AUROC 0.936 there, 0.742 on test, unwarned)
     for split, warned in (("dev", True), ("test", False), ("all", True)):
         caplog.clear()
-        assert main(["eval", "--bundle", str(edge), "--suite", str(tiny_suite), "--split", split,
+        assert main(["eval", "--bundle", str(edge), "--suite", str(split_suite), "--split", split,
                      "--estimator", str(out), "--json"]) == 0
         assert ("in-sample" in caplog.text) == warned, caplog.text
     capsys.readouterr()
     # an estimator fitted on every split is in-sample on any of them
     fitted_on_all = tmp_path / "estimator-all.json"
-    assert main(["calibrate", "--bundle", str(edge), "--suite", str(tiny_suite), "--split", "all", "--out",
+    assert main(["calibrate", "--bundle", str(edge), "--suite", str(split_suite), "--split", "all", "--out",
                  str(fitted_on_all), "--family", "knn"]) == 0
     caplog.clear()
-    assert main(["eval", "--bundle", str(edge), "--suite", str(tiny_suite), "--split", "test",
+    assert main(["eval", "--bundle", str(edge), "--suite", str(split_suite), "--split", "test",
                  "--estimator", str(fitted_on_all), "--json"]) == 0
     assert "in-sample" in caplog.text, caplog.text
     capsys.readouterr()

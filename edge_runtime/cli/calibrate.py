@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,27 @@ def _lookup_argument(parser: argparse.ArgumentParser) -> None:
                              "(default: off; its answers are cached apart). The cloud stand-in never drafts, as a bridge")
 
 
+def _warn_if_in_sample(fitted_on: Mapping[str, Any], items: Sequence[Any], suite: str, split: str) -> None:
+    """Warn when the estimator was fitted on some of ``items``: a kNN prior finds each such item itself (AUROC 1.0
+    for a 0.6 estimator). Told by the questions it recorded; an estimator written before it recorded them, by the
+    suite's name and split (which miss a suite under another name: ``arithmetic`` is part of ``default``)."""
+    from ..runs import prompt_key
+
+    fitted_split = fitted_on.get("split")
+    recorded = fitted_on.get("fitted_prompts")
+    if isinstance(recorded, list):
+        fitted = set(recorded)
+        shared = sum(prompt_key(item) in fitted for item in items)
+        if shared:
+            log.warning("the estimator was fitted on %d of these %d items (%s/%s): scoring them is in-sample, and its "
+                        "figures look better than they are (use another split)", shared, len(items),
+                        fitted_on.get("suite"), fitted_split)
+    elif fitted_on.get("suite") == suite and fitted_split is not None and (
+            fitted_split == split or "all" in (fitted_split, split)):
+        log.warning("the estimator was fitted on %s/%s: scoring %s/%s is in-sample, and its figures look better than "
+                    "they are (use another split)", suite, fitted_split, suite, split)
+
+
 def _items(suite: str, split: str, limit: int | None) -> list[Any]:
     from ..errors import InvalidRequestError
     from ..tasks import first_items, load_suite
@@ -80,7 +102,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from ..engine import Engine
     from ..metrics import auroc, expected_calibration_error
     from ..models import resolve_bundle
-    from ..runs import run_edge
+    from ..runs import prompt_keys, run_edge
 
     from ..confidence import check_family
 
@@ -106,7 +128,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     summary = _json_safe(summary)  # one class only in the split: AUROC is undefined, written as null, not NaN
     meta = getattr(estimator, "meta", None)
     if isinstance(meta, dict):
-        meta.update({"suite": args.suite, "split": args.split, "dev_in_sample": summary["dev_in_sample"], "bundle_name": engine.model_name})
+        meta.update({"suite": args.suite, "split": args.split, "dev_in_sample": summary["dev_in_sample"], "bundle_name": engine.model_name,
+                     "fitted_prompts": prompt_keys(items)})
         if cloud_bundle is not None and estimator.cloud is not None:
             from ..bundle import load_manifest
 
@@ -237,14 +260,7 @@ def _eval(args: argparse.Namespace) -> int:
     # the estimator is read before the split runs: a wrong path or another bundle's file fails at once
     est = None if args.study else load_estimator(args.estimator, bundle_hash=engine.bundle_hash,
                                                  legacy_hash=engine.legacy_bundle_hash)
-    fitted_on = getattr(est, "meta", None) or {}
-    fitted_split = fitted_on.get("split")
-    if fitted_on.get("suite") == args.suite and fitted_split is not None and (
-            fitted_split == args.split or "all" in (fitted_split, args.split)):
-        # scored on items it was fitted on (all of them, or the dev items of --split all, or the --split all estimator
-        # scoring any split): a kNN prior finds each item itself (AUROC 1.0 for a 0.6 estimator)
-        log.warning("the estimator was fitted on %s/%s: scoring %s/%s is in-sample, and its figures look better than "
-                    "they are (use another split)", args.suite, fitted_split, args.suite, args.split)
+    _warn_if_in_sample(getattr(est, "meta", None) or {}, items, args.suite, args.split)
     records = run_edge(engine, items, selfcheck=args.study, desc=f"{args.split} (edge)")
     data = make_dataset(records, items)
     cloud_recs = _cloud_records(cloud_bundle, args.threads, items)

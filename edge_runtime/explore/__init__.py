@@ -37,6 +37,7 @@ from ..cost import CostSettings, idle_watts, table_prices
 from ..config import check_threads
 from ..errors import BundleError, ConfigError
 from ..power import EnergyMeter, PowerSettings, default_meter
+from ..runs import prompt_keys
 from ._data import Measurements, cloud_generate, measure
 from ._goals import config_snippet, parse_goal, recommend, toml_value
 from ._report import GAIN_ROW, PLOT_FILES, estimator_table, family_winners, joules_label, write_csv, write_plots, write_report
@@ -367,7 +368,7 @@ def explore(
         m = measure(engine, cloud_generate(client, alias), cloud_key, items, dev_items, cost=cost,
                     root=root, cloud_prices=cloud_prices, model_hint=alias or "*", cloud_model=cloud_model)
         if isinstance(m.estimator.meta, dict):  # what it was fitted on: eval warns when it scores the same items
-            m.estimator.meta.update({"suite": suite, "split": "dev"})
+            m.estimator.meta.update({"suite": suite, "split": "dev", "fitted_prompts": prompt_keys(dev_items)})
 
         points = evaluate(m)
         front = pareto_front(points)

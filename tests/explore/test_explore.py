@@ -801,6 +801,10 @@ def test_run_caches_of_long_model_keys_that_differ_past_80_characters_are_apart(
     assert one.path != other.path
     short = RunCache("edge", "smollm2-135m-instruct-93185d6a6d0dff69", RUN_SETTINGS, root=tmp_path)
     assert short.path.name.startswith("edge-smollm2-135m-instruct-93185d6a6d0dff69-")  # short keys keep their names
+    # keys that differ only in a character a file name cannot hold: one file made the second model's
+    # answers the first's (the second was never asked)
+    slash, colon = (RunCache("cloud", f"bridge-default-acme{c}llm-7b", RUN_SETTINGS, root=tmp_path) for c in "/:")
+    assert slash.path != colon.path
 
 
 def test_a_goal_written_over_lines_is_one_line_in_the_configs_comment():
