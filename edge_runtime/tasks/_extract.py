@@ -28,7 +28,8 @@ _ANSWER_IS = re.compile(r"\banswer\s*(?:is|:|=|would be)\s*:?\s*", re.IGNORECASE
 _ABBREVIATIONS = ("Mt", "St", "Dr", "Mr", "Ms", "Jr", "Sr", "Mrs", "Ft", "vs")
 _NOT_ABBREVIATED = "".join(rf"(?<!\b{a})" for a in _ABBREVIATIONS)  # written just before a "\."
 _NOT_AN_ABBREVIATION = "".join(rf"(?<!\b{a}\.)" for a in _ABBREVIATIONS)  # written just after one
-_SENTENCE_END = re.compile(rf"(?<=[a-z0-9)\]'\"][.!?]){_NOT_AN_ABBREVIATION}\s+|\n")
+# (after a capital only where it ends a unit, not an initial: "15°C. To convert ..." ends; "J. K. Rowling" does not)
+_SENTENCE_END = re.compile(rf"(?:(?<=[a-z0-9)\]'\"][.!?])|(?<=[0-9\u00b0][A-Z][.!?])){_NOT_AN_ABBREVIATION}\s+|\n")
 _MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\uff0d": "-"})
 
 _SMALL = {
@@ -44,11 +45,9 @@ _SMALL.update(
     {w: i + 1 for i, w in enumerate(
         "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth".split())}
 )
-_NUMBER_WORD = re.compile(
-    r"\b(?:(" + "|".join(_TENS) + r")(?:[-\s](" + "|".join(list(_SMALL)[1:10]) + r"))?|("
-    + "|".join(sorted(_SMALL, key=len, reverse=True)) + r"))\b",
-    re.IGNORECASE,
-)
+_WORDS_1_TO_99 = (r"(?:(" + "|".join(_TENS) + r")(?:[-\s](" + "|".join(list(_SMALL)[1:10]) + r"))?|("
+                  + "|".join(sorted(_SMALL, key=len, reverse=True)) + r"))")
+_NUMBER_WORD = re.compile(r"\b" + _WORDS_1_TO_99 + r"\b", re.IGNORECASE)
 
 
 def parse_number(text: str) -> Decimal | None:
@@ -74,15 +73,31 @@ def _numbers(text: str) -> list[str]:
     return [m.group(0) for m in _NUMBER.finditer(text)]
 
 
+# "one hundred", "three hundred sixty-six", "a hundred and five": read whole ("hundred" alone read 1 and 66)
+_HUNDREDS = re.compile(
+    r"\b(?:(" + "|".join(list(_SMALL)[1:10]) + r")|a)\s+hundred\b(?:(?:\s+and)?\s+(" + _WORDS_1_TO_99 + r"))?\b",
+    re.IGNORECASE,
+)
+
+
+def _word_value(m: re.Match[str]) -> int:
+    tens, unit, small = m.group(1), m.group(2), m.group(3)
+    if tens:
+        return _TENS[tens.lower()] + (_SMALL[unit.lower()] if unit else 0)
+    return _SMALL[small.lower()]
+
+
 def _number_words(text: str) -> list[int]:
-    out = []
+    found: list[tuple[int, int]] = []  # (where, value)
+    spans = []
+    for m in _HUNDREDS.finditer(text):
+        rest = _NUMBER_WORD.fullmatch(m.group(2)) if m.group(2) else None
+        found.append((m.start(), 100 * (_SMALL[m.group(1).lower()] if m.group(1) else 1) + (_word_value(rest) if rest else 0)))
+        spans.append((m.start(), m.end()))
     for m in _NUMBER_WORD.finditer(text):
-        tens, unit, small = m.group(1), m.group(2), m.group(3)
-        if tens:
-            out.append(_TENS[tens.lower()] + (_SMALL[unit.lower()] if unit else 0))
-        else:
-            out.append(_SMALL[small.lower()])
-    return out
+        if not any(start <= m.start() < end for start, end in spans):
+            found.append((m.start(), _word_value(m)))
+    return [value for _, value in sorted(found)]
 
 
 # four or more comma-separated integers: the terms of a sequence question
@@ -525,10 +540,10 @@ _YES = {"yes", "true", "correct"}
 _NO = {"no", "false", "incorrect"}
 _FIRST_WORDS = {"yes": "yes", "yeah": "yes", "yep": "yes", "no": "no", "nope": "no", "nah": "no"}
 # "yes" anywhere; "no" as an answer, not as a determiner ("it has no divisors", "there is no remainder"):
-# followed by punctuation or the end, by the start of a reason or a clause ("no because", "no 15 is not"),
-# or said ("I say no")
+# followed by punctuation (markdown's and LaTeX's too: "**no**", "\\boxed{no}", "`no`") or the end, by the start of a
+# reason or a clause ("no because", "no 15 is not"), or said ("I say no")
 _ANSWER_WORD = re.compile(
-    r"\b(yes)\b|\b(no)\b(?=\s*(?:[.,;:!?)\]\-\u2014]|$|\d|(?:because|since|as|so|but|it|its|this|that|i|we|they|"
+    r"\b(yes)\b|\b(no)\b(?=\s*(?:[.,;:!?)\]}*_`\"'\u2019\u201d\-\u2014]|$|\d|(?:because|since|as|so|but|it|its|this|that|i|we|they|"
     r"there|he|she)\b))|(?:(?<=\bsay )|(?<=\bsaid ))(no)\b",
     re.IGNORECASE | re.MULTILINE,
 )
@@ -541,7 +556,10 @@ _YES_NO_IS = re.compile(r"\banswer\s*(?:is|:)\s*:?\s*\W*(yes|no)\b", re.IGNORECA
 
 # "Is 151 divisible by 6? ...": the subject and the predicate asked about
 _YES_NO_QUESTION = re.compile(r"^\s*(?:is|are)\s+([^?]+?)\s*\?", re.IGNORECASE)
-_NOT_BEFORE = re.compile(r"(?:\bnot|\bnever|n't)\s+$", re.IGNORECASE)
+# a negation between the subject and the claim: "is not prime", "is not a prime", "is not evenly divisible by 6"
+_NEGATION = re.compile(r"\b(?:not|never)\b|n't\b", re.IGNORECASE)
+# "it's", "that's": the pronoun and its verb, as "it is" reads
+_PRONOUN_IS = re.compile(r"\b(it|this|that)['\u2019]s\b")
 
 
 def _restated(reply: str, question: str) -> str | None:
@@ -562,7 +580,7 @@ def _restated(reply: str, question: str) -> str | None:
     if not sentences:
         return None
     first = " ".join(sentences[0].lower().split())
-    first = re.sub(r"(?<=\d),(?=\d{3}\b)", "", first)
+    first = _PRONOUN_IS.sub(r"\1 is", re.sub(r"(?<=\d),(?=\d{3}\b)", "", first))
     # the subject is the question's first words ("151", "9 * 11"), said again or as a pronoun ("It is not
     # prime."); the rest, two words or more past a one-word subject, is the predicate
     for n in range(1, len(words)):
@@ -590,7 +608,7 @@ def _said_again(first: str, subject: str, predicate: str, *, pronouns: bool) -> 
         # the whole predicate, not a prefix of another claim ("divisible by 60" is not "divisible by 6")
         found = re.compile(r" " + re.escape(form) + r"(?!\w|\.\d)").search(first, start)
         if found is not None:
-            return "no" if _NOT_BEFORE.search(first[:found.start() + 1]) else "yes"
+            return "no" if _NEGATION.search(first, start, found.start() + 1) else "yes"
     return None
 
 

@@ -26,6 +26,10 @@ from edge_runtime.tasks import Score, TaskItem, score, score_text
         ("Answer: 3", ["3"], True, "3"),
         ("There are twelve of them.", ["12"], True, "12"),
         ("twenty-one", ["21"], True, "21"),
+        # "hundred" read whole (it read 1 and 66)
+        ("One hundred.", ["100"], True, "100"),
+        ("Three hundred sixty-six", ["366"], True, "366"),
+        ("a hundred and five", ["105"], True, "105"),
         ("Mars is the fourth planet from the Sun.", ["4"], True, "4"),
         ("Mars is the 4th planet from the Sun.", ["4"], True, "4"),
         ("3, 7, 11, 15, 19", ["19"], True, "19"),
@@ -111,6 +115,14 @@ def test_a_reply_is_read_against_its_question(reply, question, extracted):
         ("151 is not divisible by 6.5.", "Is 151 divisible by 6? Answer yes or no.", None),
         ("It is not divisible.", "Is 151 divisible by 6? Answer yes or no.", None),  # not the question's subject
         ("6 × 7 = 42", "Is 6 × 7 equal to 42? Answer yes or no.", None),
+        # a word between the negation and the claim kept it affirmed
+        ("151 is not evenly divisible by 6.", "Is 151 divisible by 6? Answer yes or no.", "no"),
+        ("91 is not a prime.", "Is 91 a prime number? Answer yes or no.", "no"),
+        ("It is not a prime.", "Is 91 a prime number? Answer yes or no.", "no"),
+        ("14 × 23 is not actually equal to 324.", "Is 14 × 23 equal to 324? Answer yes or no.", "no"),
+        # "it's" as "it is"
+        ("It's not prime.", "Is 91 a prime number? Answer yes or no.", "no"),
+        ("It\u2019s a prime number.", "Is 17 a prime number? Answer yes or no.", "yes"),
     ],
 )
 def test_a_yes_no_statement_restating_the_question_answers_it(reply, question, expected):
@@ -596,3 +608,18 @@ def test_long_replies_are_scored_in_linear_time(reply):
     for scorer, question in (("number", JACK), ("number", "What is 1 + 6?"), ("text", SADDLE)):
         score_text(scorer, ["6"], reply, question=question)
     assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("reply", ["\\boxed{no}", "I'd say **no**.", "Therefore `no`", 'Therefore: "no"', "_no_",
+                                   "It is \u201cno\u201d."])
+def test_a_styled_no_is_read_as_a_styled_yes_is(reply):
+    # markdown, LaTeX and quotes after "no" made it a determiner: a model that bolds its answer lost every "no"
+    assert score_text("yesno", ["no"], reply, question="Is 91 a prime number? Answer yes or no.").extracted == "no"
+    assert score_text("yesno", ["yes"], reply.replace("no", "yes")).extracted == "yes"
+
+
+def test_a_unit_written_in_capitals_ends_its_sentence():
+    # "15°C. To convert, subtract 32 ..." read 32: no sentence ended after a capital
+    question = "What is 59 degrees Fahrenheit in degrees Celsius? Answer with just the number."
+    assert score_text("number", ["15"], "15°C. To convert, subtract 32 and multiply by 5/9.", question=question).correct
+    assert score_text("text", ["J. K. Rowling"], "**J. K. Rowling**").correct  # initials end nothing
