@@ -82,6 +82,22 @@ _MODEL_NAME_CHARS = 200  # model names are short ("gpt-4o-mini-2024-07-18"); any
 _MAX_USAGE_TOKENS = 10_000_000
 
 
+def _error_text(body: Any) -> str:
+    """An upstream's error text from its JSON: OpenAI's ``{"error": {"message"}}``, or ``{"error": "..."}``, older
+    vLLM's ``{"object": "error", "message"}``, FastAPI's ``{"detail"}`` ("" when it has none of them)."""
+    if not isinstance(body, dict):
+        return ""
+    error = body.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message") or "")
+    if error:
+        return str(error)
+    for key in ("message", "detail"):
+        if body.get(key):
+            return str(body[key])
+    return ""
+
+
 def _grpc_for_status(status: int) -> tuple[str, str]:
     if status in HTTP_TO_GRPC:
         return HTTP_TO_GRPC[status]
@@ -220,7 +236,14 @@ class _Call:
         if self.cancel():  # cancelled before the connection (its abort had no socket to shut)
             raise _Cancelled()
         try:
-            self.conn.connect()
+            try:
+                self.conn.connect()
+            except TimeoutError as err:
+                if self.remaining_s() <= 0:
+                    raise
+                # nothing was sent: a retry may find the upstream (it was reported as the answer's timeout_s)
+                raise BackendError(f"cannot reach upstream {b.host}:{b.port}: no connection within "
+                                   f"{connect_timeout:.3g} s (connect_timeout_s)", reason="UPSTREAM_UNREACHABLE") from err
             if self.cancel():  # cancelled while connecting: nothing was sent
                 raise _Cancelled()
             self.set_read_timeout()
@@ -254,9 +277,8 @@ class _Call:
         body = self.backend._redact(raw.decode("utf-8", "replace"))  # before [:200] below can cut through the key
         detail = ""
         try:
-            err = json.loads(body).get("error")
-            detail = err.get("message", "") if isinstance(err, dict) else str(err or "")
-        except (ValueError, AttributeError):
+            detail = _error_text(json.loads(body))
+        except ValueError:
             detail = body[:200]
         detail = _cut(str(detail))
         retry_after = _retry_after_s(response.getheader("Retry-After"))
@@ -495,7 +517,11 @@ class OpenAIBackend:
             call.close()
         data: Any = None
         try:
-            data = json.loads(raw)
+            # a byte that is not UTF-8 stands as U+FFFD, as in a stream: it failed the whole answer, unbilled, and the
+            # device asked again (four generations, none billed)
+            data = json.loads(raw.decode("utf-8", "replace"))
+            if isinstance(data, dict) and "choices" not in data and _error_text(data):
+                raise BackendError(f"upstream failed: {_cut(self._redact(_error_text(data)))}", reason="UPSTREAM_ERROR")
             choice = data["choices"][0]
             text = well_formed(_content(choice.get("message", {}).get("content"), "choices[0].message.content"))
             usage = data.get("usage") or {}
@@ -535,6 +561,10 @@ class OpenAIBackend:
                     try:
                         raw = response.readline(_MAX_LINE)
                     except (OSError, http.client.HTTPException, ValueError) as err:
+                        if finish is not None and not cancel():
+                            # the upstream said the answer was whole (and, before it, its usage) and then broke off
+                            # before [DONE]: the answer stands, as at a clean end (it was billed from guesses)
+                            break
                         raise call.read_failed(err) from err
                     if len(raw.rstrip(b"\r\n")) >= _MAX_LINE:
                         # http.client returns the line cut at the limit or whole, depending on how its chunks
@@ -607,7 +637,7 @@ class OpenAIBackend:
             raise _bad_response(f"an event is not JSON: {self._redact(data)[:80]!r}") from err
         if not isinstance(obj, dict):
             raise _bad_response("an event is not a JSON object")
-        if "error" in obj:
+        if obj.get("error"):  # present and null (some servers send "error": null in every chunk) is no error
             error = obj["error"]
             message = error.get("message", "") if isinstance(error, dict) else str(error)
             raise BackendError(f"upstream failed mid-stream: {_cut(self._redact(str(message)))}", reason="UPSTREAM_ERROR")

@@ -371,8 +371,10 @@ class CloudClient:
         if not retryable or attempt + 1 >= self.settings.max_attempts:
             return None, error
         if details.retry_after_s is not None:
-            # the bridge said when; a little jitter keeps devices refused together from returning together
-            delay = details.retry_after_s * (1.0 + 0.1 * self.settings.jitter * self._rng.random())
+            # the bridge said when; a little jitter keeps devices refused together from returning together. Never
+            # sooner than the backoff: an upstream's "Retry-After: 0" on a 429 sent the attempts 4 ms apart
+            delay = max(details.retry_after_s * (1.0 + 0.1 * self.settings.jitter * self._rng.random()),
+                        self._backoff_s(attempt))
         else:
             delay = self._backoff_s(attempt)
         if self._clock() + delay >= deadline_s:

@@ -182,10 +182,15 @@ def translate_rpc_error(err: grpc.RpcError, details: StatusDetails | None = None
         return CloudRequestTooLargeError(f"{message}: shorten the messages", code=name)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return CloudQuotaError(message, code=name, retry_after_s=details.retry_after_s, reason=details.reason)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return CloudTimeoutError(message, code=name)
     if code == grpc.StatusCode.FAILED_PRECONDITION and details.reason == "PRICE_ABOVE_LIMIT":
         return CloudPriceError(message, code=name, prices=_prices(dict(details.metadata)))
-    error = CloudUnavailableError(message, code=name) if code in CIRCUIT_CODES else CloudError(message, code=name)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        error: CloudError = CloudTimeoutError(message, code=name)
+    elif code in CIRCUIT_CODES:
+        error = CloudUnavailableError(message, code=name)
+    else:
+        error = CloudError(message, code=name)
+    # a bill the bridge sent with the failure: a stream its own timeout_s cut after its first words carries one
+    # too (read only for the other codes before, so the device settled its estimate and called the cost unknown)
     error.billed = _bill(dict(details.metadata))
     return error

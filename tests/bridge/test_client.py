@@ -261,6 +261,17 @@ def test_quota_errors_carry_the_retry_delay_and_count_towards_the_circuit(start_
     assert client.circuit.state == "open"
 
 
+def test_a_retry_after_of_zero_still_waits_the_backoff(start_bridge, make_client):
+    # an upstream's "Retry-After: 0" on a 429 sent the four attempts 4 ms apart
+    flaky = FlakyBackend(failures=2, error=BackendError("slow down", code="RESOURCE_EXHAUSTED", retry_after_s=0.0))
+    bridge = start_bridge(backends={"flaky": flaky}, models={})
+    slept: list[float] = []
+    client = make_client(bridge, backoff_initial_s=0.2, backoff_multiplier=2.0, jitter=0.0, max_attempts=3,
+                         sleep=slept.append)
+    assert client.generate(HI, model="flaky").text == "fine"
+    assert slept == pytest.approx([0.2, 0.4])
+
+
 def test_a_local_deadline_is_a_timeout_error(start_bridge, make_client):
     bridge = start_bridge(models={"tiny": {"backend": "echo", "reply": "a b c d e f g h", "token_delay_ms": 100}})
     with pytest.raises(CloudTimeoutError) as info:

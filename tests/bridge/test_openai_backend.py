@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -735,3 +737,86 @@ def test_an_unusable_answer_keeps_what_to_bill_when_the_api_key_is_cut_out_of_it
     assert isinstance(info.value, UnusableAnswerError) and backend.api_key not in str(info.value)
     assert (info.value.prompt_tokens, info.value.completion_tokens, info.value.prompt_estimated) == (1, 3, True)
     assert (info.value.code, info.value.reason) == ("UNAVAILABLE", "UPSTREAM_BAD_RESPONSE")
+
+
+def _usage_event(prompt: int, completion: int) -> str:
+    return "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}) + "\n\n"
+
+
+def test_a_stream_that_finished_and_then_lost_its_connection_keeps_its_answer_and_usage(upstream):
+    # it failed as UNAVAILABLE and was billed from guesses (1 + 2 tokens for the upstream's 700 + 500)
+    def respond(handler, body):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.end_headers()  # no length, no chunking: the body ends when the connection does
+        for event in (delta("hello "), delta("world", "stop"), _usage_event(700, 500)):
+            handler.wfile.write(event.encode())
+        handler.wfile.flush()
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        handler.connection.close()  # a reset before "data: [DONE]"
+
+    upstream.respond = respond
+    *_, last = make_backend(upstream).stream(REQUEST, CancelToken())
+    result = last.result
+    assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens) == (
+        "hello world", "stop", 700, 500)
+
+
+def test_a_unary_answer_with_a_byte_that_is_not_utf8_is_answered(upstream):
+    # one bad byte failed the whole answer, unbilled, and the device asked again (four generations)
+    raw = json.dumps({"choices": [{"message": {"content": "caf@"}, "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 5, "completion_tokens": 2}}).encode().replace(b"@", b"\xc3")
+
+    def respond(handler, body):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(raw)))
+        handler.end_headers()
+        handler.wfile.write(raw)
+
+    upstream.respond = respond
+    result = make_backend(upstream).generate(REQUEST, CancelToken())
+    assert (result.text, result.prompt_tokens, result.completion_tokens) == ("caf\ufffd", 5, 2)
+
+
+def test_a_stream_whose_events_carry_error_null_is_answered(upstream):
+    # "error": null in every chunk (some servers send it) failed the call at its first event
+    event = "data: " + json.dumps({"error": None, "choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]})
+    upstream.respond = sse([event + "\n\n"])
+    *_, last = make_backend(upstream).stream(REQUEST, CancelToken())
+    assert last.result.text == "ok"
+
+
+@pytest.mark.parametrize(("status", "payload", "said"), [
+    (400, {"object": "error", "message": "max_tokens is too large"}, "HTTP 400: max_tokens is too large"),  # vLLM
+    (404, {"detail": "Not Found"}, "HTTP 404: Not Found"),  # FastAPI
+    (200, {"error": {"message": "the model is overloaded"}}, "upstream failed: the model is overloaded"),
+])
+def test_an_upstreams_error_text_in_other_shapes_reaches_the_device(upstream, status, payload, said):
+    # they came out as "upstream answered HTTP 400" alone, and a 200 holding an error as "KeyError: 'choices'"
+    upstream.respond = lambda handler, body: _send(handler, status, payload)
+    info = _failure(make_backend(upstream), streaming=False)
+    assert said in str(info.value)
+
+
+def test_an_upstream_that_does_not_take_the_connection_in_time_is_unreachable_not_a_timeout(upstream):
+    # reported as "did not answer within 30 s (timeout_s)" after connect_timeout_s, DEADLINE_EXCEEDED, not retried
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(64):  # fill the accept queue: a connect then waits (the kernel drops the SYNs)
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(listener.getsockname())
+            fillers.append(s)
+        settings = OpenAIModelSettings(base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1", model="m",
+                                       api_key_env="K", timeout_s=30.0, connect_timeout_s=0.5)
+        with pytest.raises(BackendError) as info:
+            OpenAIBackend(settings, environ={"K": "k"}).generate(REQUEST, CancelToken())
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+    assert (info.value.code, info.value.reason) == ("UNAVAILABLE", "UPSTREAM_UNREACHABLE")
+    assert "connect_timeout_s" in str(info.value)

@@ -290,14 +290,18 @@ def test_an_answer_the_backend_could_not_use_is_billed_once_as_it_says_in_both_p
     ({"billed_cost_usd": "0.1", "billed_prompt_tokens": "9"}, None),
     ({"model_alias": "m"}, None),
 ])
-def test_the_client_reads_a_failed_calls_bill_only_when_it_is_one(metadata, billed):
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
+def test_the_client_reads_a_failed_calls_bill_only_when_it_is_one(metadata, billed, code):
+    # DEADLINE_EXCEEDED too: a stream the bridge's own timeout_s cut after its first words carries its bill, which the
+    # client dropped (the device settled its estimate and called the cost unknown)
     from edge_runtime.cloud._errors import StatusDetails, translate_rpc_error
 
     class Failed(grpc.RpcError, grpc.Call):
-        code = staticmethod(lambda: grpc.StatusCode.UNAVAILABLE)
+        code = staticmethod(lambda: status)
         details = staticmethod(lambda: "backend failed")
         initial_metadata = trailing_metadata = time_remaining = cancel = is_active = add_callback = None
 
+    status = code
     error = translate_rpc_error(Failed(), StatusDetails(reason="UPSTREAM_BAD_RESPONSE",
                                                         metadata=tuple(sorted(metadata.items()))))
     assert error.billed == billed
