@@ -104,7 +104,12 @@ class TokenStore:
         self._reload_interval_s = reload_interval_s
         self._lock = threading.Lock()
         self._checked_s = time.monotonic()
-        self._file_stamp = self._stamp()
+        self._stat_failed = False  # said once while the file cannot be looked at (each second would flood the log)
+        try:
+            self._file_stamp = self._stamp()
+        except OSError as err:  # a loop of links, a directory the service may not enter
+            raise ConfigError(f"cannot read {str(self._tokens_file)!r}: {err.strerror or err}",
+                              field="auth.tokens_file") from err
         self._entries = self._build(read_tokens_file(tokens_file) if self._file_stamp is not None else {})
 
     def _stamp(self) -> tuple[int, int, int] | None:
@@ -140,7 +145,17 @@ class TokenStore:
             if now - self._checked_s < self._reload_interval_s:
                 return
             self._checked_s = now
-            stamp = self._stamp()
+            try:
+                stamp = self._stamp()
+            except OSError as err:
+                # as for a file that cannot be read: the last good tokens stay (this failed every call, as an
+                # outage, with the server's path in the error the device got)
+                if not self._stat_failed:
+                    log.error("keeping the previous device tokens: cannot read %s: %s", self._tokens_file,
+                              err.strerror or err)
+                self._stat_failed = True
+                return
+            self._stat_failed = False
             if stamp == self._file_stamp:
                 return
             try:

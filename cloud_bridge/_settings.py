@@ -293,6 +293,11 @@ class OpenAIModelSettings(ModelSettings):
             raise ConfigError("names no host", field="base_url")
         if url.fragment:
             raise ConfigError("has a #fragment, which is never sent", field="base_url")
+        if self.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            # a key typed here was shown by `cloud-bridge config` and in "environment variable sk-... is not set";
+            # not quoted here either
+            raise ConfigError("must name an environment variable (letters, digits and _), not hold the key itself; "
+                              "the value is not shown", field="api_key_env")
         if not self.model:
             raise ConfigError("the endpoint's model name is required", field="model")
         for name in ("timeout_s", "connect_timeout_s"):

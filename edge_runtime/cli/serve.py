@@ -112,6 +112,14 @@ def _check_files_and_cloud(settings: RuntimeSettings) -> Path | None:
     from ..power import EnergyMeter
 
     EnergyMeter.check_settings(settings.power)
+    # an execution provider this onnxruntime does not have: the check passed it, and the daemon failed after listening
+    from ..engine._session import check_providers
+    from ..errors import ConfigError, InvalidRequestError
+
+    try:
+        check_providers(settings.engine.provider_list())
+    except InvalidRequestError as err:
+        raise ConfigError(str(err).removeprefix(f"{err.field}: "), field="engine.providers") from err
     if settings.engine.bundle:  # a bundle that is not there (a relative path from an older config, say)
         from ..models import resolve_bundle
 

@@ -74,6 +74,31 @@ def default_threads() -> int:
     return limits.usable
 
 
+def check_providers(providers: str | Sequence[str | tuple[str, Mapping[str, Any]]] | None) -> list[Any]:
+    """The provider list for onnxruntime (CPU alone by default), each entry a name or (name, options), all of them
+    in this onnxruntime build; else InvalidRequestError naming ``providers``. Without a model: ``serve --check``
+    asks it too (a daemon started with a provider it lacked failed once it was listening)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if isinstance(providers, str):  # one name, not a list of one-letter names
+        providers = [providers]
+    wanted = list(providers) if providers else ["CPUExecutionProvider"]
+    for i, p in enumerate(wanted):  # a name, or (name, {option: value}): onnxruntime ignores anything else unsaid
+        if not (isinstance(p, str) or (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                                       and isinstance(p[1], Mapping))):
+            raise InvalidRequestError(f"must be a provider name or (name, {{option: value}}), got {p!r:.60}",
+                                      field=f"providers[{i}]")
+    names = [p if isinstance(p, str) else p[0] for p in wanted]
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise InvalidRequestError(
+            f"execution provider(s) {', '.join(missing)} not available in this onnxruntime build (available: {', '.join(available)})",
+            field="providers",
+        )
+    return wanted
+
+
 def session_options(threads: int, session_config: Mapping[str, str] | None = None) -> Any:
     """The engine's onnxruntime session options (also used by ``benchmarks/decode_step.py``)."""
     import onnxruntime as ort
@@ -128,22 +153,7 @@ class OrtModel:
             # this at least stops its events from here on
             ort.disable_telemetry_events()
         so = session_options(self.threads, session_config)
-        available = ort.get_available_providers()
-        if isinstance(providers, str):  # one name, not a list of one-letter names
-            providers = [providers]
-        wanted = list(providers) if providers else ["CPUExecutionProvider"]
-        for i, p in enumerate(wanted):  # a name, or (name, {option: value}): onnxruntime ignores anything else unsaid
-            if not (isinstance(p, str) or (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
-                                           and isinstance(p[1], Mapping))):
-                raise InvalidRequestError(f"must be a provider name or (name, {{option: value}}), got {p!r:.60}",
-                                          field=f"providers[{i}]")
-        names = [p if isinstance(p, str) else p[0] for p in wanted]
-        missing = [n for n in names if n not in available]
-        if missing:
-            raise InvalidRequestError(
-                f"execution provider(s) {', '.join(missing)} not available in this onnxruntime build (available: {', '.join(available)})",
-                field="providers",
-            )
+        wanted = check_providers(providers)
         try:
             with native_call():
                 self.session = ort.InferenceSession(str(manifest.model_file), so, providers=wanted)

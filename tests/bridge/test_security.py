@@ -440,6 +440,23 @@ def test_a_deleted_tokens_file_revokes_its_tokens_with_a_warning(tmp_path, caplo
     assert "is gone" in caplog.text
 
 
+def test_a_tokens_file_that_cannot_be_looked_at_keeps_the_last_good_tokens(tmp_path, caplog):
+    # a loop of links (or a directory the service may not enter) failed every call as UNKNOWN, an outage to the
+    # device, with the bridge's path in its error
+    path = tmp_path / "tokens.toml"
+    token = add_device_token(path, "pi")
+    store = TokenStore(tokens_file=path, reload_interval_s=0.0)
+    path.unlink()
+    path.symlink_to(path)  # ELOOP
+    with caplog.at_level("ERROR", logger="cloud_bridge"):
+        assert store.authenticate(token) == "pi"
+        assert store.authenticate(token) == "pi"
+    assert caplog.text.count("keeping the previous device tokens") == 1  # said once, not every second
+    with pytest.raises(ConfigError) as info:  # at start: an error naming the setting
+        TokenStore(tokens_file=path)
+    assert info.value.field == "auth.tokens_file"
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl on this machine")
 def test_the_readmes_certificate_commands_make_a_bridge_a_device_can_reach_over_mtls(start_bridge, make_client, tmp_path):
     # the README's block, run as written: its files are what the bridge and a device are configured with

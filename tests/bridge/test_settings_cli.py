@@ -319,6 +319,19 @@ def test_backend_errors_at_start_name_the_model_alias(tmp_path, monkeypatch):
         assert str(info.value).startswith(f"{field}: ") and str(info.value).count(field) == 1
 
 
+def test_an_api_key_typed_into_api_key_env_is_refused_and_never_shown(tmp_path, capsys):
+    # `cloud-bridge config` printed it ("secrets hidden"), and serve said "environment variable sk-... is not set"
+    text = ('[models.gpt]\nbackend = "openai"\nbase_url = "https://api.example.com/v1"\nmodel = "m"\n'
+            'api_key_env = "sk-proj-REALKEY1234567890abcdef"\n')
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_bridge_settings(path, env={})
+    assert info.value.field == "models.gpt.api_key_env" and "REALKEY" not in str(info.value)
+    assert main(["config", "--config", str(path)]) != 0
+    printed = capsys.readouterr()
+    assert "REALKEY" not in printed.out + printed.err
+
+
 def test_lowering_the_token_cap_alone_is_accepted_and_the_default_follows_it(tmp_path):
     settings = load_bridge_settings(write(tmp_path, '[models.x]\nbackend = "echo"\n'), env={},
                                     overrides={"limits": {"max_new_tokens": 100}})

@@ -203,6 +203,17 @@ def test_serve_check_refuses_two_budgets_on_one_state_file(capsys, tmp_path, tin
     assert "policy.chain[1].state_file:" in capsys.readouterr().err
 
 
+def test_serve_check_refuses_an_execution_provider_this_onnxruntime_lacks(capsys, tmp_path, tiny_bundle):
+    # it passed them, and `serve` then failed after it was listening
+    config = tmp_path / "prov.toml"
+    config.write_text('[engine]\nproviders = ["XnnpackNopeExecutionProvider", "CPUExecutionProvider"]\n'
+                      '[engine.provider_options.XnnpackNopeExecutionProvider]\nintra_op_num_threads = 2\n')
+    assert main(["serve", "--check", "--config", str(config), "--engine-bundle", str(tiny_bundle)]) == 1
+    captured = capsys.readouterr()
+    assert "engine.providers: execution provider(s) XnnpackNopeExecutionProvider not available" in captured.err
+    assert "configuration is valid" not in captured.out
+
+
 def test_serve_check_refuses_a_power_source_this_device_lacks(capsys, tmp_path, tiny_bundle):
     # it passed them, and `serve` then failed after it was listening
     import threading
