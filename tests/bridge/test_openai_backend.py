@@ -89,6 +89,18 @@ def completion(text: str, finish: str = "stop") -> Responder:
     return respond
 
 
+def raw_200(payload: bytes) -> Responder:
+    """Answer 200 with ``payload`` as it is (not JSON, or not UTF-8)."""
+
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    return respond
+
+
 def sse(events: list[str], *, delay_s: float = 0.0, done: bool = True) -> Responder:
     """Stream raw SSE ``events`` (already formatted lines) with chunked transfer encoding."""
 
@@ -341,13 +353,7 @@ def test_a_stream_cut_off_before_it_finished_is_unavailable(upstream):
 
 @pytest.mark.parametrize("payload", [b"not json", b'{"choices": []}'])
 def test_unusable_responses_are_unavailable(upstream, payload):
-    def respond(handler, body):
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(payload)))
-        handler.end_headers()
-        handler.wfile.write(payload)
-
-    upstream.respond = respond
+    upstream.respond = raw_200(payload)
     with pytest.raises(BackendError) as info:
         make_backend(upstream).generate(REQUEST, CancelToken())
     assert (info.value.code, info.value.reason) == ("UNAVAILABLE", "UPSTREAM_BAD_RESPONSE")
@@ -766,14 +772,7 @@ def test_a_unary_answer_with_a_byte_that_is_not_utf8_is_answered(upstream):
     # one bad byte failed the whole answer, unbilled, and the device asked again (four generations)
     raw = json.dumps({"choices": [{"message": {"content": "caf@"}, "finish_reason": "stop"}],
                       "usage": {"prompt_tokens": 5, "completion_tokens": 2}}).encode().replace(b"@", b"\xc3")
-
-    def respond(handler, body):
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(raw)))
-        handler.end_headers()
-        handler.wfile.write(raw)
-
-    upstream.respond = respond
+    upstream.respond = raw_200(raw)
     result = make_backend(upstream).generate(REQUEST, CancelToken())
     assert (result.text, result.prompt_tokens, result.completion_tokens) == ("caf\ufffd", 5, 2)
 
