@@ -1165,3 +1165,22 @@ def test_a_prompt_nll_of_a_prefill_cancelled_part_way_is_none(engine, monkeypatc
     assert len(chunks) == 1  # cancelled after the first chunk
     assert cut.finish_reason == "cancelled" and cut.prompt_nll is None
 
+
+
+def test_a_chat_sessions_cache_gives_back_what_a_long_turn_grew_once_the_conversation_is_short_again(tiny_bundle):
+    # only the pool shrank its caches: a long turn, then the history started over (the README's way), kept the
+    # long turn's cache for the session's life (~146 MB a session in QA's run)
+    engine = Engine(tiny_bundle, energy_meter=None, cache_tokens=32)
+    chat = engine.chat_session()
+    chat.send("count: " + "one two " * 40, max_new_tokens=4)
+    grown = chat._cache.capacity
+    assert grown > 2 * 32
+    chat.messages = []  # start over
+    short = chat.send("hello", max_new_tokens=4)
+    assert chat._cache.capacity <= 2 * 32
+    follow = chat.send("one two", max_new_tokens=6)  # what it kept is the conversation's: the next turn reuses it
+    fresh = Engine(tiny_bundle, energy_meter=None).generate(
+        messages=[{"role": "user", "content": "hello"}, {"role": "assistant", "content": short.text},
+                  {"role": "user", "content": "one two"}], max_new_tokens=6)
+    assert follow.token_ids == fresh.token_ids
+    engine.close()

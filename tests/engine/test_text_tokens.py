@@ -176,3 +176,44 @@ def test_a_stop_string_does_not_match_the_stand_in_for_a_cut_character(tiny_bund
     r = engine.generate("say something", max_new_tokens=len(answer), stop=[words[-1] + " "])
     assert r.finish_reason == "stop" and r.text == words[:-1]
     assert _bytes(engine, r.tokens[:r.text_tokens]).startswith(r.text.encode())
+
+
+def test_a_replacement_character_the_model_writes_is_text_like_any_other(tiny_bundle, monkeypatch):
+    # QA: a whole U+FFFD (the bytes EF BF BD; SmolLM2 and Qwen have tokens for it) was taken for a character cut
+    # short: held back to the end of the stream (re-decoded at every token), never matched by a stop string, and its
+    # text paired with the next token
+    engine = Engine(tiny_bundle, energy_meter=None)
+    words = engine.tokenizer.encode("one two", add_special_tokens=False).ids
+    fffd = [_byte_token(engine, b) for b in "\ufffd".encode()]
+    more = engine.tokenizer.encode(" three four", add_special_tokens=False).ids
+    answer = [*words, *fffd, *more]
+    _script(monkeypatch, answer)
+    chunks = list(engine.stream("say something", max_new_tokens=len(answer)))
+    shown = [(c.text, c.token.id) for c in chunks if c.token is not None]
+    assert ("\ufffd", fffd[-1]) in shown  # out with its last byte's token, not at the end
+    assert chunks[-1].result.text == "one two\ufffd three four"
+    for stream in (False, True):
+        _script(monkeypatch, answer)
+        if stream:
+            chunks = list(engine.stream("say something", max_new_tokens=len(answer), stop=["\ufffd"]))
+            r = chunks[-1].result
+            assert "".join(c.text for c in chunks) == r.text
+        else:
+            r = engine.generate("say something", max_new_tokens=len(answer), stop=["\ufffd"])
+        assert r.finish_reason == "stop" and r.text == "one two" and r.token_ids == answer[:len(words) + 3]
+
+
+def test_pushed_tokens_give_the_text_the_whole_sequence_decodes_to(tiny_bundle):
+    # random bytes, cut characters, bytes no character has, and special tokens between the bytes of one character
+    import random
+
+    engine = Engine(tiny_bundle, energy_meter=None)
+    specials = sorted(engine.eos_token_ids)
+    rng = random.Random(7)
+    for _ in range(300):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(engine.model.vocab_size)
+               for _ in range(rng.randrange(1, 24))]
+        decoder = IncrementalDecoder(engine.tokenizer, token_bytes=engine.token_bytes)
+        text = "".join(decoder.push(t) for t in ids) + decoder.flush()
+        assert text == engine.tokenizer.decode(ids, skip_special_tokens=True), ids
+        assert decoder.complete[-1] == len(text)
