@@ -82,8 +82,9 @@ def validate_messages(messages: Any, *, field_name: str = "messages") -> list[di
         if role == "developer":  # OpenAI's newer name for system instructions, in files written for its API too
             role = "system"
         if role not in ROLES:
-            raise InvalidRequestError(f"unknown role {short_repr(role, 40)} (expected one of {', '.join(ROLES)})",
-                                      field=f"{where}.role")
+            # "developer" is accepted (read as system), so it is named too
+            raise InvalidRequestError(f"unknown role {short_repr(role, 40)} (expected one of system, developer, "
+                                      f"{', '.join(r for r in ROLES if r != 'system')})", field=f"{where}.role")
         out.append({"role": role, "content": message_text(msg.get("content"), f"{where}.content")})
     return out
 

@@ -500,6 +500,8 @@ def test_openais_developer_role_is_read_as_system():
     # OpenAI's current clients send instructions as "developer"; it was refused as an unknown role
     req = parse_chat_request({"messages": [{"role": "developer", "content": "Answer briefly."}, *ASK]})
     assert [m["role"] for m in req.messages] == ["system", "user"]
+    with pytest.raises(InvalidRequestError, match="expected one of system, developer, user, assistant, tool"):
+        parse_chat_request({"messages": [{"role": "bogus", "content": "x"}]})  # the roles it takes, developer too
 
 
 @pytest.mark.parametrize("value", [0, -3])
