@@ -9,8 +9,10 @@ file is a ConfigError naming its field before gRPC sees it.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import re
 import ssl
 import stat
 import time
@@ -22,6 +24,29 @@ __all__ = ["check_certificates", "check_key_pair"]
 log = logging.getLogger(__name__)
 
 
+# PKCS#8 key algorithms gRPC's TLS (BoringSSL) cannot serve or sign with, though Python's OpenSSL loads them: an
+# RSA-PSS key failed the bind ("cannot listen on ..."), an Ed25519 one every handshake (no common signature
+# algorithm), named in neither case. Found by the DER of their algorithm's OID in the key's AlgorithmIdentifier.
+_UNUSABLE_KEY_OIDS = {
+    bytes.fromhex("06092a864886f70d01010a"): "RSA-PSS",
+    bytes.fromhex("06032b6570"): "Ed25519",
+    bytes.fromhex("06032b6571"): "Ed448",
+}
+_PKCS8 = re.compile(rb"-----BEGIN PRIVATE KEY-----(.*?)-----END PRIVATE KEY-----", re.DOTALL)
+
+
+def _key_algorithm_grpc_lacks(key: str | os.PathLike[str]) -> str | None:
+    """The name of ``key``'s algorithm when gRPC cannot use it, else None (RSA and EC keys, or unreadable)."""
+    try:
+        with open(key, "rb") as fh:
+            pem = _PKCS8.search(fh.read(1 << 20))
+        der = base64.b64decode(pem.group(1)) if pem else b""
+    except (OSError, ValueError):
+        return None  # the key was read a moment ago: whatever fails now is the next reader's error
+    head = der[:32]  # SEQUENCE, version, then the AlgorithmIdentifier's OID
+    return next((name for oid, name in _UNUSABLE_KEY_OIDS.items() if oid in head), None)
+
+
 def _no_password() -> bytes:
     # an encrypted key would make OpenSSL prompt on the terminal; gRPC cannot use one anyway, so fail instead
     return b""
@@ -31,10 +56,15 @@ def check_certificates(path: str | os.PathLike[str], *, field: str) -> None:
     """Raise ConfigError naming ``field`` unless ``path`` holds at least one PEM certificate."""
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+        with open(path, "rb") as fh:
+            trusted = b"-----BEGIN TRUSTED CERTIFICATE-----" in fh.read(1 << 20)
     except ssl.SSLError as err:
         raise ConfigError(f"{path} holds no PEM certificate", field=field) from err
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror}", field=field) from err
+    if trusted:  # OpenSSL's own form (x509 -trustout): Python reads it, gRPC does not, and failed to bind
+        raise ConfigError(f"{path} holds a TRUSTED CERTIFICATE, OpenSSL's own form, which gRPC cannot read: "
+                          "write it as a plain one (openssl x509 -in FILE -out FILE.pem)", field=field)
 
 
 def _warn_if_public(key: str | os.PathLike[str], field: str) -> None:
@@ -71,6 +101,10 @@ def check_key_pair(
         raise ConfigError(f"{key} holds no unencrypted PEM private key", field=key_field) from err
     except OSError as err:
         raise ConfigError(f"cannot read {key}: {err.strerror}", field=key_field) from err
+    algorithm = _key_algorithm_grpc_lacks(key)
+    if algorithm is not None:
+        raise ConfigError(f"{key} is an {algorithm} key, which gRPC's TLS cannot use: make an RSA or EC (P-256) key "
+                          "and certificate", field=key_field)
     _warn_if_public(key, key_field)
     not_before, not_after = _validity_s(cert)
     now = time.time()

@@ -142,7 +142,11 @@ def _cert(subject: str, key: Any, issuer: tuple[str, Any] | None, *, ca: bool = 
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     elif not ca:
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
+    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+
+    # Ed25519 and Ed448 sign without a separate hash
+    eddsa = isinstance(issuer_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey))
+    return builder.sign(issuer_key, None if eddsa else hashes.SHA256())
 
 
 def _write(directory: Path, name: str, cert: Any, key: Any | None = None) -> tuple[Path, Path | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -336,6 +337,35 @@ def test_a_private_key_every_user_can_read_is_warned_about_on_both_sides(certs, 
     with caplog.at_level(logging.WARNING):
         CloudClient(address="127.0.0.1:1", token=TOKEN, ca_file=certs.ca, cert_file=certs.client_cert, key_file=open_key)
     assert "cloud.key_file: the private key" in caplog.text
+
+
+def test_a_key_grpc_cannot_use_is_refused_at_start_naming_its_field(tmp_path):
+    # Python's OpenSSL loads them, gRPC does not: an Ed25519 bridge started and failed every handshake (the device
+    # was told the bridge may want a client certificate); an RSA-PSS one, or a TRUSTED CERTIFICATE file, failed to
+    # bind ("cannot listen on ...")
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from .conftest import _cert, _write
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    cert = _cert("bridge", key, None, server=True, days=30)
+    cert_path, key_path = _write(tmp_path, "ed", cert, key)
+    with pytest.raises(ConfigError, match="is an Ed25519 key, which gRPC's TLS cannot use") as info:
+        create_server(bridge_settings(server={"tls_cert": str(cert_path), "tls_key": str(key_path)}))
+    assert info.value.field == "server.tls_key"
+    if shutil.which("openssl") is None:
+        return
+    run = functools.partial(subprocess.run, cwd=tmp_path, check=True, capture_output=True)
+    run(["openssl", "req", "-x509", "-newkey", "rsa-pss", "-pkeyopt", "rsa_keygen_bits:2048", "-nodes", "-days", "30",
+         "-subj", "/CN=localhost", "-keyout", "pss.key", "-out", "pss.crt"])
+    os.chmod(tmp_path / "pss.key", 0o600)
+    with pytest.raises(ConfigError, match="is an RSA-PSS key") as info:
+        create_server(bridge_settings(server={"tls_cert": str(tmp_path / "pss.crt"), "tls_key": str(tmp_path / "pss.key")}))
+    assert info.value.field == "server.tls_key"
+    run(["openssl", "x509", "-in", str(cert_path), "-trustout", "-out", "trusted.crt"])
+    with pytest.raises(ConfigError, match="holds a TRUSTED CERTIFICATE") as info:
+        create_server(bridge_settings(server={"tls_cert": str(tmp_path / "trusted.crt"), "tls_key": str(key_path)}))
+    assert info.value.field == "server.tls_cert"
 
 
 def test_an_expired_certificate_is_refused_at_start_naming_its_field(tmp_path):
