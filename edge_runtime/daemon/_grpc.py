@@ -252,8 +252,11 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
         except EdgeRuntimeError as err:
             self._refuse(rid, context, err)
             raise  # abort_with_status raises; this line is for the type checker
-        # runs when the call ends for any reason; a no-op for a job that already finished
-        context.add_callback(lambda: job.cancel(_end_reason(context)))
+        # runs when the call ends for any reason; a no-op for a job that already finished. False: the call ended
+        # while it was being opened (a long prompt's tokenizing), and the callback will never run: the job ran to
+        # its end for nobody, holding a generation slot, and a unary call was counted as answered
+        if not context.add_callback(lambda: job.cancel(_end_reason(context))):
+            job.cancel(_end_reason(context))
         return job
 
     def Chat(self, request: daemon_pb2.ChatRequest, context: grpc.ServicerContext) -> daemon_pb2.ChatResponse:

@@ -361,3 +361,23 @@ def test_a_chat_request_that_is_not_protobuf_is_refused_counted_and_logged(engin
         assert metric(text, "edge_runtime_requests_total", transport="grpc", outcome="invalid") == 1
     finally:
         channel.close()
+
+
+def test_a_call_that_ended_while_it_was_opened_cancels_its_job():
+    # grpcio's add_callback returns False once the call is over (a client that gave up while a long prompt was
+    # tokenized): the hook never ran, and the job generated to its end for nobody, holding the generation slot
+    from types import SimpleNamespace
+
+    from edge_runtime.daemon._grpc import EdgeRuntimeServicer
+    from edge_runtime._proto.edgecloud.v1 import bridge_pb2, daemon_pb2
+
+    cancelled = []
+    job = SimpleNamespace(cancel=cancelled.append)
+    service = SimpleNamespace(open=lambda req, transport, timeout_s=None: job)
+    ended = SimpleNamespace(add_callback=lambda callback: False, time_remaining=lambda: None)
+    request = daemon_pb2.ChatRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")])
+    assert EdgeRuntimeServicer(service)._open(request, "r1", ended) is job
+    assert cancelled == ["client_gone"]
+    live = SimpleNamespace(add_callback=lambda callback: True, time_remaining=lambda: 5.0)
+    EdgeRuntimeServicer(service)._open(request, "r2", live)
+    assert cancelled == ["client_gone"]  # a live call's job runs; its hook cancels it when the call ends
