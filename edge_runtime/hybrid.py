@@ -642,7 +642,9 @@ class HybridRuntime:
         prompt_ids = (self.engine.fit_messages(msgs, local_params) if local_params.truncate_prompt
                       else self.engine.fit_context(ids, local_params))
         return self._run(msgs, model, params, cancel, request_id or uuid.uuid4().hex, reveal_draft, prompt_ids,
-                         _Timing(deadline_s, on_escalate, on_resume), local_params)
+                         _Timing(deadline_s, on_escalate, on_resume), local_params,
+                         # not under a budget: it reserves for the length sent, and the bridge's default is unknown
+                         cloud_default_length=fit_max_new_tokens and not params.truncate_prompt and not self._has_budget)
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -902,18 +904,20 @@ class HybridRuntime:
 
     def _run(self, msgs: list[dict[str, str]], model: str, params: SamplingParams, cancel: Any, request_id: str,
              reveal_draft: bool, prompt_ids: list[int], timing: _Timing,
-             local_params: SamplingParams | None = None) -> Iterator[HybridChunk]:
+             local_params: SamplingParams | None = None, *, cloud_default_length: bool = False) -> Iterator[HybridChunk]:
         settlement = _Settlement(self.policy)
         try:
             yield from self._answer(msgs, model, params, cancel, request_id, reveal_draft, prompt_ids, timing, settlement,
-                                    local_params or params)
+                                    local_params or params, cloud_default_length=cloud_default_length)
         finally:  # a caller that stops reading (closes the stream) still settles what a budget reserved
             settlement.close()
 
     def _answer(self, msgs: list[dict[str, str]], model: str, params: SamplingParams, cancel: Any, request_id: str,
                 reveal_draft: bool, prompt_ids: list[int], timing: _Timing, settlement: _Settlement,
-                local_params: SamplingParams) -> Iterator[HybridChunk]:
-        """``params`` for the cloud (and its reservation), ``local_params`` for the local answer (see :meth:`stream`)."""
+                local_params: SamplingParams, *, cloud_default_length: bool = False) -> Iterator[HybridChunk]:
+        """``params`` for the cloud (and its reservation), ``local_params`` for the local answer (see :meth:`stream`).
+        ``cloud_default_length``: the caller chose no ``max_new_tokens``, so the bridge is asked for its default,
+        which it fits to its model's window (an explicit default was refused for a long prompt or over its limit)."""
         t0 = time.perf_counter()
         ctx = RequestContext(messages=msgs, request_id=request_id,
                              estimated_cloud_usd=self._reservation(settlement, msgs, params, model))
@@ -1033,7 +1037,7 @@ class HybridRuntime:
                 cloud_result, cloud_chunks = self._ask_cloud(msgs, params, locals_, p_correct, decision, request_id,
                                                              cancel, timeout_s, timing,
                                                              early_exit or reserved_without_draft, progress,
-                                                             settlement.prices)
+                                                             settlement.prices, default_length=cloud_default_length)
                 # a bill that is no amount (the client read a NaN or a negative one): counted as one that may be
                 # what was reserved, and said to be unknown
                 billed_usd = ctx.estimated_cloud_usd if cloud_result.cost_unknown else cloud_result.cost_usd
@@ -1130,7 +1134,8 @@ class HybridRuntime:
                    p_correct: float | None, decision: Decision, request_id: str, cancel: Any,
                    timeout_s: float | None, timing: _Timing, no_draft: bool = False,
                    progress: _CloudProgress | None = None,
-                   max_prices: tuple[float, float] | None = None) -> tuple[Any, list[HybridChunk]]:
+                   max_prices: tuple[float, float] | None = None, *,
+                   default_length: bool = False) -> tuple[Any, list[HybridChunk]]:
         """Call the bridge; return its result and its text chunks.
 
         The text is collected before anything is shown: a call that fails half-way must not leave
@@ -1157,7 +1162,9 @@ class HybridRuntime:
         # at once, not at its next chunk
         # the prices the budget reserved at go along as the call's limit: a bridge priced higher since refuses it
         # before generating (a fake or older client takes no such argument: it is passed only when there is one)
-        limit = {"max_prices": max_prices} if max_prices is not None else {}
+        limit: dict[str, Any] = {"max_prices": max_prices} if max_prices is not None else {}
+        if default_length:  # (likewise: only when there is one)
+            limit["default_length"] = True
         stream = self.cloud.stream(msgs, params=params, escalation=escalation, timeout_s=timeout_s, request_id=request_id,
                                    cancel=lambda: _is_cancelled(cancel) and not timing.out_of_time(), **limit)
         try:

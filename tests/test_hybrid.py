@@ -589,14 +589,17 @@ def test_two_budgets_on_one_state_file_are_refused_as_such(engine, tmp_path):
 
 
 def test_an_unset_length_fits_the_local_answer_only(engine):
-    # a prompt near the edge model's window: the local answer gets what fits, the cloud (its own window) the default
+    # a prompt near the edge model's window: the local answer gets what fits, the cloud (its own window) the
+    # bridge's default, which the bridge fits to its model: sent the device's default, a long prompt was refused for a
+    # length the caller never asked for (and a device default over the bridge's limit failed every escalation)
     with _echo_bridge("big", reply=" ".join(["word"] * 100)) as (_server, port):
         rt = _runtime(engine, port, {"type": "always"}, default_max_new_tokens=64)
         msgs = next(m for k in range(10, 200) if engine.context_length - 64 < len(engine.encode(
             messages=(m := [{"role": "user", "content": "one " * k}]))) < engine.context_length - 1)
         prompt = len(engine.encode(messages=msgs))
         cloud = rt.chat(msgs, model="cloud")
-        assert cloud.route == "cloud" and cloud.usage["cloud"]["completion_tokens"] == 64
+        assert cloud.route == "cloud" and cloud.usage["cloud"]["completion_tokens"] == 100  # the bridge's 256 allow it
+        assert rt.chat(ASK, model="cloud", max_new_tokens=64).usage["cloud"]["completion_tokens"] == 64  # as asked
         local = rt.chat(msgs, model="local")
         assert local.usage["local"]["completion_tokens"] <= engine.context_length - prompt
         # with truncation asked for, the prompt is cut instead and the default applies whole

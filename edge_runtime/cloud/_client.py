@@ -457,11 +457,13 @@ class CloudClient:
         timeout_s: float | None = None,
         request_id: str | None = None,
         max_prices: tuple[float, float] | None = None,
+        default_length: bool = False,
     ) -> CloudResult:
         """One complete answer from the bridge. ``params=None`` takes the bridge's defaults. ``max_prices``: the
         (input, output) USD per million tokens the call was budgeted at; a bridge whose price is higher refuses it
-        (CloudPriceError, nothing billed)."""
-        req = self._request(messages, params, model, escalation, request_id, max_prices)
+        (CloudPriceError, nothing billed). ``default_length``: ask for the bridge's default length, which it fits to
+        its model's window, instead of ``params.max_new_tokens`` (a default the caller did not choose)."""
+        req = self._request(messages, params, model, escalation, request_id, max_prices, default_length)
         response, latency_ms, rtt_ms, attempts = self._unary(
             lambda remaining: self._stub.Generate(req, timeout=remaining, metadata=self._metadata()), timeout_s
         )
@@ -478,20 +480,22 @@ class CloudClient:
         request_id: str | None = None,
         cancel: Callable[[], bool] | None = None,
         max_prices: tuple[float, float] | None = None,
+        default_length: bool = False,
     ) -> Iterator[CloudChunk]:
         """The answer as it is generated; the last chunk has ``result``. Closing the iterator cancels the call.
 
         Nothing is sent before the first ``next()``; CircuitOpenError is raised there. ``cancel`` is polled
         (from another thread while the call waits for the bridge, so it must be thread-safe); once it returns
         True the call is cancelled within about 0.1 s and CloudCancelledError raised, never retried.
-        ``max_prices`` as for :meth:`generate`.
+        ``max_prices`` and ``default_length`` as for :meth:`generate`.
         """
-        req = self._request(messages, params, model, escalation, request_id, max_prices)
+        req = self._request(messages, params, model, escalation, request_id, max_prices, default_length)
         return self._stream(req, timeout_s, cancel)
 
     def _request(self, messages: Sequence[Message], params: SamplingParams | None, model: str | None,
                  escalation: Escalation | None, request_id: str | None,
-                 max_prices: tuple[float, float] | None = None) -> bridge_pb2.GenerateRequest:
+                 max_prices: tuple[float, float] | None = None,
+                 default_length: bool = False) -> bridge_pb2.GenerateRequest:
         # the caller's mistakes as errors naming the argument (a str for messages failed as an AttributeError)
         if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
             raise InvalidRequestError(f"must be a list of messages, got {type(messages).__name__}", field="messages")
@@ -514,7 +518,7 @@ class CloudClient:
                         for p in max_prices)):
             raise InvalidRequestError("must be two prices >= 0 (USD per million input and output tokens)",
                                       field="max_prices")
-        return _request(
+        req = _request(
             messages,
             model=self.settings.model if model is None else model,
             params=params,
@@ -522,6 +526,9 @@ class CloudClient:
             request_id=request_id or uuid.uuid4().hex,
             max_prices=max_prices,
         )
+        if default_length:  # unset: the bridge's default, fitted to what the prompt leaves of its model's window
+            req.ClearField("max_new_tokens")
+        return req
 
     def _stream(
         self, req: bridge_pb2.GenerateRequest, timeout_s: float | None, cancel: Callable[[], bool] | None

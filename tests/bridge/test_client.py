@@ -15,6 +15,7 @@ from cloud_bridge import ServerSettings, TokenStore, add_device_token, create_se
 from cloud_bridge.backends import BackendChunk, BackendResult
 from cloud_bridge.backends.echo import EchoBackend
 from edge_runtime.cloud import CircuitBreaker, CloudClient, CloudSettings
+from edge_runtime.engine.types import SamplingParams
 from edge_runtime.errors import (
     BackendError,
     CircuitOpenError,
@@ -683,3 +684,12 @@ def test_a_misspelt_setting_or_a_bad_health_check_argument_is_named():
             assert bad.value.field == field
     finally:
         client.close()
+
+
+def test_default_length_leaves_the_length_to_the_bridge():
+    # unset, the bridge takes its default and fits it to its model's window (the proto's contract)
+    client = CloudClient(address="127.0.0.1:1", token="t", insecure=True)
+    params = SamplingParams(max_new_tokens=300)
+    assert client._request(HI, params, None, None, None).max_new_tokens == 300
+    assert not client._request(HI, params, None, None, None, default_length=True).HasField("max_new_tokens")
+    client.close()
