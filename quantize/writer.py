@@ -183,13 +183,16 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 def save_tokenizer(tokenizer: Any, path: Path, *, add_bos_token: bool) -> None:
-    """Write the fast tokenizer's tokenizer.json, its post-processor agreeing with ``add_bos_token``.
+    """Write the fast tokenizer's tokenizer.json, its post-processor agreeing with ``add_bos_token``, with no
+    truncation or padding.
 
     The engine adds the BOS itself, by the manifest; a program that loads the bundle with the tokenizers library
     alone gets what the post-processor adds. transformers' GGUF loader gives SmolLM2's one that adds its BOS,
     ``<|im_start|>``, which its GGUF says not to add: the BOS is dropped from the post-processor's templates then.
     """
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    # a source saved with truncation or padding on would cut or pad every prompt of a program reading the bundle
+    spec["truncation"] = spec["padding"] = None
     post = spec.get("post_processor")
     bos = getattr(tokenizer, "bos_token", None)
     if not add_bos_token and bos and isinstance(post, dict) and post.get("type") == "TemplateProcessing":

@@ -238,6 +238,10 @@ class Engine:
             try:
                 with native_call():
                     self.tokenizer = Tokenizer.from_file(str(self.manifest.tokenizer_file))
+                # a source's tokenizer.json may cut or pad every encoding (a fine-tune saved with truncation at 8,
+                # padding to 16): prompts were cut or padded silently; the window's limit is checked here instead
+                self.tokenizer.no_truncation()
+                self.tokenizer.no_padding()
             except (MemoryError, EdgeRuntimeError):  # (the interpreter exiting: see native_call)
                 raise
             except Exception as err:  # tokenizers raises a bare Exception on bad files

@@ -940,3 +940,39 @@ def test_a_bundles_tokenizer_adds_the_bos_to_a_raw_text_only_when_the_manifest_s
     for add_bos, expected in ((False, plain), (True, [bos, *plain])):
         save_tokenizer(fast, tmp_path / "tokenizer.json", add_bos_token=add_bos)
         assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode("the fox").ids == expected
+
+
+def test_a_tokenizer_saved_with_truncation_or_padding_encodes_whole_prompts(tmp_path, monkeypatch, tiny_bundle):
+    # a source's tokenizer.json cutting at 8 tokens and padding to 16 went into the bundle as is, and the engine cut
+    # or padded every prompt silently (the quality gate scores transformers' ids, so it could not notice)
+    from tokenizers import Tokenizer
+    from tiny_models import make_tokenizer
+
+    from edge_runtime.engine import Engine
+    from quantize.writer import save_tokenizer
+
+    fast = make_tokenizer(tmp_path / "tok")
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    whole = fast(text, add_special_tokens=False)["input_ids"]
+    assert len(whole) > 8
+    fast.backend_tokenizer.enable_truncation(max_length=8)
+    fast.backend_tokenizer.enable_padding(length=16)
+    save_tokenizer(fast, tmp_path / "tokenizer.json", add_bos_token=False)
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text, add_special_tokens=False).ids == whole
+    # and a bundle that has such a file (built before) is read without them
+    real = Tokenizer.from_file
+
+    def cutting(path):
+        tokenizer = real(path)
+        tokenizer.enable_truncation(max_length=8)
+        tokenizer.enable_padding(length=16)
+        return tokenizer
+
+    plain = Engine(tiny_bundle, energy_meter=None)
+    expected = plain.encode(text)
+    plain.close()
+    assert len(expected) > 16
+    monkeypatch.setattr(Tokenizer, "from_file", staticmethod(cutting))
+    engine = Engine(tiny_bundle, energy_meter=None)
+    assert engine.encode(text) == expected
+    engine.close()
