@@ -410,7 +410,10 @@ def _environment() -> Any:
                 budget.format_string(value.__self__)
             return super().wrap_str_format(value)
 
-    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False, finalize=_checked_output)
+    # loop controls as transformers' chat templates have them ({% break %}, {% continue %}): a template using them
+    # failed to compile, refused after a whole bundle build
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False, finalize=_checked_output,
+                         extensions=["jinja2.ext.loopcontrols"])
     env.filters = {name: _limited_filter(f, name) for name, f in env.filters.items()}
     env.globals["range"] = _limited_range
     # lipsum(n, html, min, max) writes n paragraphs of up to max words in one call the deadline cannot stop (its

@@ -804,6 +804,16 @@ def test_a_template_still_does_small_arithmetic():
     assert ChatTemplate(source).render([{"role": "user", "content": "hi"}]) == "00" + "3" + "3.5" + "1024" + "12" + "0"
 
 
+def test_a_template_may_use_loop_controls_as_transformers_allows():
+    # {% break %} and {% continue %} failed to compile, and the bundle build refused the model after its conversion
+    from edge_runtime.engine._template import ChatTemplate
+
+    source = ("{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+              "{{ m['content'] }};{% if loop.index > 2 %}{% break %}{% endif %}{% endfor %}")
+    messages = [{"role": "system", "content": "s"}, *({"role": "user", "content": str(i)} for i in range(5))]
+    assert ChatTemplate(source).render(messages) == "0;1;"
+
+
 def test_a_template_that_runs_out_of_memory_is_a_request_error():
     from edge_runtime.engine._template import ChatTemplate
 
