@@ -349,6 +349,24 @@ _GGUF_KEYS = (_GGUF_ARCHITECTURE, _GGUF_ADD_BOS)
 _GGUF_STORED = "parameters stored"  # not a GGUF key: the element count of the tensors the file holds
 
 
+def _refuse_gguf_rope_scaling(path: Path, reader: Any, arch: str | None) -> None:
+    """A GGUF whose RoPE is scaled (a ``rope_freqs`` tensor, as Llama 3.1 and 3.2 carry, or a scaling type): this
+    builder reads neither (transformers' GGUF loader skips them, unsaid), and the bundle came out byte-identical
+    to the unscaled model's, passing the quality gate on a short sample. Refused, as sliding windows are."""
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise BuildError(f"{path} holds rope_freqs.weight (scaled RoPE frequencies, as Llama 3.1 has), which this "
+                         "builder cannot apply from a GGUF: build from the Hugging Face checkpoint instead")
+    key = f"{arch}.rope.scaling.type"
+    try:
+        field = reader.fields.get(key)
+        kind = field.contents() if field is not None else None
+    except Exception:  # a damaged string: _check_gguf's own reads name it
+        kind = None
+    if kind not in (None, "", "none"):
+        raise BuildError(f"{path}: {key} is {kind!r}, a RoPE scaling this builder cannot apply from a GGUF: build "
+                         "from the Hugging Face checkpoint instead")
+
+
 def _check_gguf(path: Path) -> dict[str, Any]:
     """Check the file; the metadata load_source reads itself (``_GGUF_KEYS``), from the same parse of its header."""
     header = _scan_gguf_header(path)
@@ -367,6 +385,7 @@ def _check_gguf(path: Path) -> dict[str, Any]:
         raise
     except Exception as err:  # gguf raises ValueError/IndexError/struct errors on damaged files
         raise BuildError(f"{path} is damaged or truncated: {err}") from err
+    _refuse_gguf_rope_scaling(path, reader, header.architecture)
     values: dict[str, Any] = {_GGUF_STORED: stored}
     for key in _GGUF_KEYS:
         try:

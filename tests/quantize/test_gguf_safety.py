@@ -106,12 +106,16 @@ def test_a_header_of_more_array_values_than_any_model_is_refused(tmp_path, no_gg
         check_source(path)
 
 
-def _writer_gguf(path: Path, *, big_endian: bool = False, **overrides: int) -> Path:
-    """A small well-formed llama GGUF written by gguf's own writer: every value type, token arrays, blk.N tensors."""
+def _writer_gguf(path: Path, *, big_endian: bool = False, rope_freqs: bool = False, scaling: str | None = None,
+                 **overrides: int) -> Path:
+    """A small well-formed llama GGUF written by gguf's own writer: every value type, token arrays, blk.N tensors
+    (and, when asked, Llama 3.1's rope_freqs tensor or a RoPE scaling type)."""
     import gguf
 
     endian = gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE
     w = gguf.GGUFWriter(str(path), "llama", endianess=endian)
+    if scaling is not None:
+        w.add_string("llama.rope.scaling.type", scaling)
     dims = {"context_length": 256, "block_count": 2, "embedding_length": 64, "feed_forward_length": 128,
             "attention.head_count": 4, "attention.head_count_kv": 2, "vocab_size": 8, **overrides}
     for key, value in dims.items():
@@ -134,6 +138,8 @@ def _writer_gguf(path: Path, *, big_endian: bool = False, **overrides: int) -> P
     w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
     for i in range(2):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(64, np.float32))
+    if rope_freqs:
+        w.add_tensor("rope_freqs.weight", np.ones(8, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -155,6 +161,19 @@ def test_the_pre_scan_agrees_with_gguf_on_a_well_formed_file(tmp_path, big_endia
     assert header.architecture == "llama" and header.blocks == {0, 1}
     assert header.ints == ints and header.ints["x.i64"] == -(2**40)
     assert check_source(path) == path
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"rope_freqs": True}, "holds rope_freqs.weight"),
+    ({"scaling": "linear"}, "llama.rope.scaling.type is 'linear'"),
+])
+def test_a_gguf_with_scaled_rope_is_refused_not_built_unscaled(tmp_path, extra, message):
+    # transformers' GGUF loader skips both, unsaid: the bundle was byte-identical to the unscaled model's, and a
+    # quality sample shorter than the scaling's reach passed the gate
+    path = _writer_gguf(tmp_path / "scaled.gguf", **extra)
+    with pytest.raises(BuildError, match=message):
+        check_source(path)
+    assert check_source(_writer_gguf(tmp_path / "none.gguf", scaling="none")).name == "none.gguf"
 
 
 def test_a_real_sized_tokenizer_header_scans_in_a_blink(tmp_path):
