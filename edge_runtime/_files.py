@@ -174,16 +174,20 @@ def install_dir(target: str | os.PathLike[str], usable: Callable[[Path], bool], 
     return True
 
 
-def replace_dir(staging: Path, target: Path) -> None:
+def replace_dir(staging: Path, target: Path, *, may_replace: Callable[[Path], None] | None = None) -> None:
     """Put ``staging`` at ``target`` durably; one already there (a directory cannot be renamed over one that holds
     files) is moved aside and removed after, or put back if anything stops the rename (a signal, an error).
 
     ``staging`` is flushed before the old directory moves: flushed after, a model's files on an SD card took
     seconds, in which an interrupt (a ``--force`` rebuild stopped as it finished) left neither directory at
-    ``target`` and the old one aside for good. Now only the two renames separate them.
+    ``target`` and the old one aside for good. Now only the two renames separate them. ``may_replace(target)``,
+    called after the flush when something is at ``target``, raises to keep it: checked before, what appeared there
+    during those seconds was removed.
     """
     _flush_tree(staging)
     aside = None
+    if os.path.lexists(target) and may_replace is not None:
+        may_replace(target)
     if os.path.lexists(target):
         aside = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
         os.replace(target, aside)

@@ -114,12 +114,10 @@ def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
         try:
             yield tmp
             publish_dir(tmp)  # mkdtemp makes it owner-only; a bundle is read by other users too
-            if out.exists():
-                # what appeared at out during the build (another build's bundle, someone's directory) is checked as
-                # it was before it: without --force nothing is replaced
-                check_replaceable(out, force=force)
-            # the old bundle or the whole new one at out, whatever stops this (see replace_dir)
-            replace_dir(tmp, out)
+            # what appeared at out during the build (another build's bundle, someone's directory) is checked as it
+            # was before it, once the new bundle is flushed (seconds on an SD card): without --force nothing is
+            # replaced. The old bundle or the whole new one is at out, whatever stops this (see replace_dir)
+            replace_dir(tmp, out, may_replace=lambda target: check_replaceable(target, force=force))
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise BuildError(f"no space left on the device while writing {out}") from err

@@ -976,3 +976,25 @@ def test_a_tokenizer_saved_with_truncation_or_padding_encodes_whole_prompts(tmp_
     engine = Engine(tiny_bundle, energy_meter=None)
     assert engine.encode(text) == expected
     engine.close()
+
+
+def test_what_appears_at_out_while_the_new_bundle_is_flushed_is_kept_without_force(tmp_path, monkeypatch):
+    # out was checked before the flush, which takes seconds on an SD card: a directory made meanwhile was removed
+    import edge_runtime._files as files
+    from quantize.writer import staging_dir
+
+    out = tmp_path / "out"
+    real_flush = files._flush_tree
+
+    def flush_while_someone_writes(path):
+        real_flush(path)
+        if path.name.startswith(".out.tmp-"):
+            out.mkdir()
+            (out / "notes.txt").write_text("mine\n")
+
+    monkeypatch.setattr(files, "_flush_tree", flush_while_someone_writes)
+    with pytest.raises(BuildError, match="already exists"):
+        with staging_dir(out, force=False) as tmp:
+            (tmp / "manifest.json").write_text("{}")
+    assert (out / "notes.txt").read_text() == "mine\n"
+    assert not list(tmp_path.glob(".out.*"))  # the staging directory is gone
