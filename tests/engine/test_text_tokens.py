@@ -10,6 +10,7 @@ are scripted: the case is the same on every machine.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from tokenizers import Tokenizer
@@ -157,19 +158,27 @@ def test_a_character_cut_at_the_end_is_held_by_every_token_of_it(tiny_bundle, mo
     assert r.finish_reason == "eos" and r.text == words + " \ufffd" and r.text_tokens == len(answer)
 
 
+def _stopped_at_fffd(engine: Engine, monkeypatch, answer: list[int]) -> list[Any]:
+    """The results of the scripted ``answer`` asked with ``stop=["\\ufffd"]``, generated and streamed (whose chunks
+    must spell its text)."""
+    results = []
+    for stream in (False, True):
+        _script(monkeypatch, answer)
+        if stream:
+            chunks = list(engine.stream("say something", max_new_tokens=len(answer), stop=["\ufffd"]))
+            assert "".join(c.text for c in chunks) == chunks[-1].result.text
+            results.append(chunks[-1].result)
+        else:
+            results.append(engine.generate("say something", max_new_tokens=len(answer), stop=["\ufffd"]))
+    return results
+
+
 def test_a_stop_string_does_not_match_the_stand_in_for_a_cut_character(tiny_bundle, monkeypatch):
     # QA: stop=["\ufffd"] ended an answer cut in the middle of a character as "stop", its stand-in dropped
     engine, split = _splitting_engine(tiny_bundle)
     answer, words = _answer(engine, split)
     answer = answer[:answer.index(split) + 1]
-    for stream in (False, True):
-        _script(monkeypatch, answer)
-        if stream:
-            chunks = list(engine.stream("say something", max_new_tokens=len(answer), stop=["\ufffd"]))
-            r = chunks[-1].result
-            assert "".join(c.text for c in chunks) == r.text
-        else:
-            r = engine.generate("say something", max_new_tokens=len(answer), stop=["\ufffd"])
+    for r in _stopped_at_fffd(engine, monkeypatch, answer):
         assert r.finish_reason == "length" and r.text == words + " \ufffd" and r.text_tokens == len(answer)
     # the whole characters the decoder gives back at the end with it still complete a stop string
     _script(monkeypatch, answer)
@@ -192,14 +201,7 @@ def test_a_replacement_character_the_model_writes_is_text_like_any_other(tiny_bu
     shown = [(c.text, c.token.id) for c in chunks if c.token is not None]
     assert ("\ufffd", fffd[-1]) in shown  # out with its last byte's token, not at the end
     assert chunks[-1].result.text == "one two\ufffd three four"
-    for stream in (False, True):
-        _script(monkeypatch, answer)
-        if stream:
-            chunks = list(engine.stream("say something", max_new_tokens=len(answer), stop=["\ufffd"]))
-            r = chunks[-1].result
-            assert "".join(c.text for c in chunks) == r.text
-        else:
-            r = engine.generate("say something", max_new_tokens=len(answer), stop=["\ufffd"])
+    for r in _stopped_at_fffd(engine, monkeypatch, answer):
         assert r.finish_reason == "stop" and r.text == "one two" and r.token_ids == answer[:len(words) + 3]
 
 
