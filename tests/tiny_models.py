@@ -26,15 +26,25 @@ _CORPUS = [
 ] * 20
 
 
-def make_tokenizer(directory: Path):
+def make_tokenizer(directory: Path, kind: str = "byte_level"):
+    """``byte_level`` (GPT-2's, as SmolLM2 and Qwen have), or ``metaspace_first``: SentencePiece-style, "▁" before
+    the text's first split only, as transformers converts Llama/Mistral tokenizers with ``legacy=False``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    if kind == "metaspace_first":
+        tok = Tokenizer(models.BPE(byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        fallback = [f"<0x{i:02X}>" for i in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=[*specials, *fallback])
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHATML
@@ -42,13 +52,15 @@ def make_tokenizer(directory: Path):
     return fast
 
 
-def make_tiny_model(directory: Path, arch: str = "llama", *, seed: int = 0, layers: int = 2, tie: bool = True) -> Path:
-    """Save a tiny random ``arch`` model (llama or qwen2) with its tokenizer into ``directory``."""
+def make_tiny_model(directory: Path, arch: str = "llama", *, seed: int = 0, layers: int = 2, tie: bool = True,
+                    tokenizer: str = "byte_level") -> Path:
+    """Save a tiny random ``arch`` model (llama or qwen2) with its tokenizer (see :func:`make_tokenizer`) into
+    ``directory``."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     directory.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(directory)
+    tok = make_tokenizer(directory, tokenizer)
     common = dict(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.2,

@@ -186,6 +186,7 @@ class Engine:
     _special_split: re.Pattern[str]
     _strips: dict[str, tuple[bool, bool]]
     _literal: bool
+    _later_tokenizer: Any
 
     def __init__(
         self,
@@ -268,6 +269,7 @@ class Engine:
             self._byte_level = self._is_byte_level()
             self._bytes_map = _byte_decoder() if self._byte_level else {}
             self._specials, self._special_split = self._control_tokens()
+            self._later_tokenizer = self._without_first_prefix()
             # control tokens are read from this table, not encoded, so the check where ids are made does not see them
             far = [(t, i) for t, i in self._specials.items() if i >= self.model.vocab_size]
             if far:
@@ -368,6 +370,32 @@ class Engine:
         pattern = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")" if added else "(?!)")
         return {t.content: i for i, t in added}, pattern
 
+    def _without_first_prefix(self) -> Any:
+        """For a tokenizer whose Metaspace pre-tokenizer prefixes only the text's first split (``prepend_scheme:
+        "first"``, what transformers writes for SentencePiece tokenizers with ``legacy=False``): the same tokenizer
+        prefixing none, for the pieces after a control token; None for any other tokenizer. The engine encodes the
+        text between control tokens piece by piece, and each piece got a "▁" that transformers gives only the
+        text's start (another model input: fp32 output then differed from transformers')."""
+        from tokenizers import Tokenizer
+
+        # the file's bytes, searched, for the common case (serialising the tokenizer took 32 ms of every load)
+        if not re.search(rb'"prepend_scheme"\s*:\s*"first"', self.manifest.tokenizer_file.read_bytes()):
+            return None
+        spec = json.loads(self.tokenizer.to_str())
+        found = False
+        stack = [spec.get("pre_tokenizer")]
+        while stack:
+            part = stack.pop()
+            if isinstance(part, dict):
+                if part.get("type") == "Metaspace" and part.get("prepend_scheme") == "first":
+                    part["prepend_scheme"], found = "never", True
+                stack += part.get("pretokenizers") or []
+        if not found:
+            return None
+        later = Tokenizer.from_str(json.dumps(spec))
+        later.encode_special_tokens = self.tokenizer.encode_special_tokens
+        return later
+
     def _pieces(self, text: str) -> list[str]:
         """``text`` cut at control tokens' texts (each its own piece), the whitespace a token strips removed."""
         pieces = [p for p in self._special_split.split(text) if p]
@@ -409,23 +437,25 @@ class Engine:
         if not self._literal:  # (see _control_tokens) the tokenizer reads them itself
             return self._encode_text(text)
         ids: list[int] = []
-        for piece in self._pieces(text):
+        for k, piece in enumerate(self._pieces(text)):
             if piece in self._specials:
                 ids.append(self._specials[piece])
             elif piece:
-                ids += self._encode_text(fill(piece) if fill is not None else piece)
+                ids += self._encode_text(fill(piece) if fill is not None else piece, first=k == 0)
         return ids
 
-    def _encode_text(self, text: str) -> list[int]:
-        """Ids of plain text: the tokenizer reads no control token in it (see _control_tokens)."""
+    def _encode_text(self, text: str, *, first: bool = True) -> list[int]:
+        """Ids of plain text: the tokenizer reads no control token in it (see _control_tokens). ``first``: the text
+        starts the whole text, not a piece after a control token (see _without_first_prefix)."""
+        tokenizer = self.tokenizer if first or self._later_tokenizer is None else self._later_tokenizer
         if len(text) > _GIL_FREE_ENCODE_CHARS:
             # encode_batch gives the same ids but releases the GIL while it works (encode holds it: 0.4 s for
             # a 1 MB prompt, while a daemon's event loop could serve nobody); on short text its thread pool
             # costs more than it saves (2-3 ms a request beside onnxruntime's spinning threads)
             with native_call():  # (an exit meanwhile waits for it: see edge_runtime._exit)
-                ids = self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+                ids = tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         else:
-            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            ids = tokenizer.encode(text, add_special_tokens=False).ids
         if ids and max(ids) >= self.model.vocab_size:
             # a tokenizer whose ids reach past the embedding table (its count fits: checked at load), which would
             # read zeros there and answer garbage; finding the largest id at load costs 50-190 ms

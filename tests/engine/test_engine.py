@@ -48,6 +48,30 @@ def test_greedy_is_token_identical_to_transformers(tiny_bundles, tiny_model_dirs
     assert engine.generate(messages=messages, max_new_tokens=24).token_ids == hf_greedy(tiny_model_dirs(arch), ids, 24)[:24]
 
 
+def test_a_sentencepiece_tokenizer_prefixing_only_the_first_split_encodes_as_transformers(tmp_path):
+    # the text between control tokens was encoded piece by piece, each piece with the "▁" that Metaspace's
+    # prepend_scheme "first" (transformers' conversion of Llama/Mistral tokenizers, legacy=False) gives only the
+    # text's start: another model input, and fp32 output that differed from transformers' from the first token
+    from tiny_models import make_tiny_model
+    from transformers import AutoTokenizer
+
+    from quantize import build_bundle
+
+    model_dir = make_tiny_model(tmp_path / "spm", "llama", tokenizer="metaspace_first")
+    bundle = tmp_path / "bundle"
+    build_bundle(model_dir, bundle, precision="fp32", name="tiny-spm", max_ppl_ratio=10.0)
+    engine = Engine(bundle, energy_meter=None)
+    reference = AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "one two"},
+                {"role": "user", "content": "what is 12 + 7?"}]
+    ids = engine.encode(messages=messages)
+    assert ids == list(reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    raw = "the fox<|im_end|>jumps over<|im_start|> the dog"
+    assert engine.encode(raw) == reference(raw, add_special_tokens=False)["input_ids"]
+    assert engine.generate(messages=messages, max_new_tokens=12).token_ids == hf_greedy(model_dir, ids, 12)[:12]
+    engine.close()
+
+
 def test_prompt_longer_than_one_prefill_chunk_matches_transformers(tiny_bundles, tiny_model_dirs):
     engine = Engine(tiny_bundles("llama", "fp32"), energy_meter=None)
     prompt = " ".join(f"{w} {i}" for i, w in enumerate(["one", "two", "three", "four"] * 10))
