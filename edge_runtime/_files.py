@@ -186,9 +186,9 @@ def replace_dir(staging: Path, target: Path, *, may_replace: Callable[[Path], No
     """
     _flush_tree(staging)
     aside = None
-    if os.path.lexists(target) and may_replace is not None:
-        may_replace(target)
     if os.path.lexists(target):
+        if may_replace is not None:
+            may_replace(target)
         aside = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
         os.replace(target, aside)
     try:

@@ -499,8 +499,10 @@ class HybridRuntime:
 
         # a misspelt one was a bare TypeError from the Engine, after the meter and the cloud client were made
         accepted = set(inspect.signature(Engine.__init__).parameters) - {"self", "bundle"}
-        for name in sorted(set(engine_kwargs) - accepted):
-            raise InvalidRequestError(f"not an Engine argument (it takes {', '.join(sorted(accepted))})", field=name)
+        unknown = sorted(set(engine_kwargs) - accepted)
+        if unknown:
+            raise InvalidRequestError(f"not an Engine argument (it takes {', '.join(sorted(accepted))})",
+                                      field=unknown[0])
         e = settings.engine
         # a caller may pass the process meter (the daemon installs one with set_default_meter) instead of a second
         # one, or None for none

@@ -520,8 +520,9 @@ class OpenAIBackend:
             # a byte that is not UTF-8 stands as U+FFFD, as in a stream: it failed the whole answer, unbilled, and the
             # device asked again (four generations, none billed)
             data = json.loads(raw.decode("utf-8", "replace"))
-            if isinstance(data, dict) and "choices" not in data and _error_text(data):
-                raise BackendError(f"upstream failed: {_cut(self._redact(_error_text(data)))}", reason="UPSTREAM_ERROR")
+            failed = _error_text(data) if isinstance(data, dict) and "choices" not in data else ""
+            if failed:
+                raise BackendError(f"upstream failed: {_cut(self._redact(failed))}", reason="UPSTREAM_ERROR")
             choice = data["choices"][0]
             text = well_formed(_content(choice.get("message", {}).get("content"), "choices[0].message.content"))
             usage = data.get("usage") or {}

@@ -11,9 +11,18 @@ from ..errors import ConfigError, InvalidRequestError
 Command = Callable[[argparse.Namespace], int]
 
 
+def flag_of(flags: Mapping[str, str], field: str) -> str | None:
+    """The flag that set ``field`` ("stop[1]" -> "--stop[1]" when ``flags`` has "stop"), or None for a field no
+    flag sets."""
+    if field in flags:
+        return flags[field]
+    name, bracket, index = field.partition("[")
+    return flags[name] + bracket + index if bracket and name in flags else None
+
+
 def naming_flags(flags: Mapping[str, str]) -> Callable[[Command], Command]:
-    """Decorate a command: a ConfigError or InvalidRequestError whose ``field`` is a key of ``flags`` is raised
-    again, of the same class, naming the flag instead. Other errors go on as they are."""
+    """Decorate a command: a ConfigError or InvalidRequestError whose ``field`` a flag of ``flags`` sets (see
+    :func:`flag_of`) is raised again, of the same class, naming the flag instead. Other errors go on as they are."""
 
     def decorate(command: Command) -> Command:
         @functools.wraps(command)
@@ -21,10 +30,11 @@ def naming_flags(flags: Mapping[str, str]) -> Callable[[Command], Command]:
             try:
                 return command(args)
             except (ConfigError, InvalidRequestError) as err:
-                if err.field not in flags:
+                flag = flag_of(flags, err.field or "")
+                if flag is None:
                     raise
                 message = str(err).removeprefix(f"{err.field}: ")  # the error puts its field in front
-                raise type(err)(message, field=flags[err.field]) from err
+                raise type(err)(message, field=flag) from err
 
         return run
 

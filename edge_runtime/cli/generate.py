@@ -13,6 +13,7 @@ from ..config import THREADS_HELP, say, stream_is_utf8
 from ..engine import PROMPT_LOOKUP_TOKENS, SUGGESTED_PROMPT_LOOKUP_TOKENS
 from ..engine.types import TRUNCATION_HINT
 from ..errors import ContextLengthError
+from ._flags import naming_flags
 
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "top_logprobs", "truncate_prompt")
 _LINE_KEYS = ("id", "prompt", "messages", *_SAMPLING_KEYS)
@@ -106,29 +107,8 @@ _FLAG_OF_FIELD = {
 }
 
 
-def _flag_of(field: str) -> str | None:
-    """The flag that set ``field`` ("stop[1]" -> "--stop[1]"), or None for a field no flag sets."""
-    name, bracket, index = field.partition("[")
-    if field in _FLAG_OF_FIELD:
-        return _FLAG_OF_FIELD[field]
-    return _FLAG_OF_FIELD[name] + bracket + index if bracket and name in _FLAG_OF_FIELD else None
-
-
+@naming_flags(_FLAG_OF_FIELD)  # an --input line's own errors are reported in its output line, not there
 def _run(args: argparse.Namespace) -> int:
-    from ..errors import InvalidRequestError
-
-    try:
-        return _run_flags(args)
-    except InvalidRequestError as err:  # an --input line's own errors are reported in its output line, not here
-        flag = _flag_of(err.field or "")
-        if flag is None:
-            raise
-        message = str(err).removeprefix(f"{err.field}: ")
-        raise (ContextLengthError if isinstance(err, ContextLengthError) else InvalidRequestError)(
-            message, field=flag) from err
-
-
-def _run_flags(args: argparse.Namespace) -> int:
     from ..engine import Engine, SamplingParams
     from ..errors import InvalidRequestError
     from ..models import resolve_bundle

@@ -378,8 +378,10 @@ class Engine:
         text's start (another model input: fp32 output then differed from transformers')."""
         from tokenizers import Tokenizer
 
-        # the file's bytes, searched, for the common case (serialising the tokenizer took 32 ms of every load)
-        if not re.search(rb'"prepend_scheme"\s*:\s*"first"', self.manifest.tokenizer_file.read_bytes()):
+        # the pre-tokenizer's own state, searched, for the common case: serialising the whole tokenizer took 32 ms of
+        # every load, and reading its file again 3.5 ms
+        pre = self.tokenizer.pre_tokenizer
+        if pre is None or b'"prepend_scheme":"first"' not in pre.__getstate__():
             return None
         spec = json.loads(self.tokenizer.to_str())
         found = False
