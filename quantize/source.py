@@ -592,6 +592,28 @@ def _rope_tables(model: Any, config: Any, head_dim: int, length: int) -> tuple[n
     return (np.cos(freqs) * scaling).astype(np.float32), (np.sin(freqs) * scaling).astype(np.float32)
 
 
+def _rope_context(config: Any) -> int:
+    """The context the graph's fixed RoPE tables are right for: ``max_position_embeddings``, except for LongRoPE.
+
+    LongRoPE (Phi-3's scaling, which Llama configs accept) rotates with its short factors up to
+    ``original_max_position_embeddings`` and with its long ones past it; transformers then recomputes the rotation
+    of the whole sequence. The graph holds one table, the short factors': past that length it answers as another
+    model, so the bundle's context stops there and a longer request gets the context-limit error before any work."""
+    ctx = int(config.max_position_embeddings)
+    scaling = getattr(config, "rope_scaling", None)
+    if not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) != "longrope":
+        return ctx
+    # transformers switches at the config's attribute; the key inside rope_scaling is read by none of its versions
+    # yet, but a later one may: the shorter of the two is right either way
+    originals = [getattr(config, "original_max_position_embeddings", None), scaling.get("original_max_position_embeddings")]
+    originals = [o for o in originals if isinstance(o, int) and not isinstance(o, bool) and 0 < o < ctx]
+    if originals:
+        log.warning("LongRoPE scaling: the bundle's context is %d tokens (original_max_position_embeddings), not %d; "
+                    "past it the model switches to its long factors, which this graph does not hold", min(originals), ctx)
+        return min(originals)
+    return ctx
+
+
 def _spec_from_model(model: Any, config: Any, gguf_arch: str | None = None) -> ModelSpec:
     """The model's shapes and RoPE tables; ``gguf_arch`` (a GGUF source's architecture) names its keys in errors."""
     # a damaged header (a GGUF's llama.context_length of 0) would otherwise fail a minute into the build
@@ -618,7 +640,7 @@ def _spec_from_model(model: Any, config: Any, gguf_arch: str | None = None) -> M
         # (its CPU kernel: "head_size shall be a multiple of 16" in 1.32; 24, 40 and 56 passed a check for 8)
         raise UnsupportedModelError(f"{where('head_dim')} is {head_dim}: onnxruntime's attention kernel needs a "
                                     "multiple of 16")
-    ctx = int(config.max_position_embeddings)
+    ctx = _rope_context(config)
     cos, sin = _rope_tables(model, config, head_dim, ctx)
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     attn = model.model.layers[0].self_attn

@@ -788,6 +788,33 @@ def _tiny_source(directory: Path, config_class: str, tokenizer_dir: Path | None 
     return directory
 
 
+def test_longrope_stops_the_bundle_context_where_its_long_factors_would_begin(tmp_path):
+    # the graph holds the short factors' rotation only; past original_max_position_embeddings transformers switches
+    # to the long factors for the whole sequence, and the bundle answered as another model with no error
+    from tiny_models import hf_greedy
+
+    from edge_runtime.engine import Engine
+    from edge_runtime.errors import ContextLengthError
+
+    scaling = {"rope_type": "longrope", "factor": 4.0, "short_factor": [1.0 + i / 8 for i in range(8)],
+               "long_factor": [4.0 + i for i in range(8)]}
+    source = _tiny_source(tmp_path / "src", "LlamaConfig", rope_scaling=scaling, original_max_position_embeddings=64)
+    build_bundle(source, tmp_path / "bundle", precision="fp32", max_ppl_ratio=10.0)
+    assert load_manifest(tmp_path / "bundle").context_length == 64
+    prompt = "the quick brown fox jumps over the lazy dog"
+    with Engine(tmp_path / "bundle", energy_meter=None) as engine:
+        ids = engine.encode(prompt)
+        ours = engine.generate(prompt, max_new_tokens=64 - len(ids)).token_ids
+        assert ours == hf_greedy(source, ids, 64 - len(ids))[: len(ours)]
+        with pytest.raises(ContextLengthError):
+            engine.generate(prompt, max_new_tokens=65 - len(ids))
+    # without an original length the factors never switch: the whole context stays
+    plain = _tiny_source(tmp_path / "plain", "LlamaConfig", rope_scaling=scaling)
+    from quantize.source import load_source
+
+    assert load_source(plain).spec.context_length == 256
+
+
 def test_a_sliding_window_is_refused_however_the_config_turns_it_on(tmp_path):
     # Mistral's window is on whenever sliding_window is set: it was built with full attention, and passed its
     # quality gate at a perplexity ratio of 0.94 with 4% top-1 agreement
