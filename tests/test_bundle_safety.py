@@ -91,8 +91,8 @@ def test_listed_files_that_are_fifos_or_devices_are_refused_not_read_forever(bun
     os.mkfifo(bundle / "stamp.json")  # opened for reading, a FIFO waits for a writer: it is only "no stamp"
     assert verify_bundle(bundle, "fast").name
     manifest.unlink()
-    manifest.symlink_to("/dev/zero")  # read whole, it never ends
-    with pytest.raises(BundleVerificationError, match="not a regular file"):
+    manifest.symlink_to("/dev/zero")  # read whole, it never ends: refused before it is read
+    with pytest.raises(BundleVerificationError, match="outside the bundle"):
         load_manifest(bundle)
     manifest.unlink()
     os.mkfifo(manifest)
@@ -217,6 +217,13 @@ def test_a_listed_file_linked_from_outside_the_bundle_is_refused(bundle, tmp_pat
     linked = tmp_path / "linked"
     linked.symlink_to(bundle)
     assert verify_bundle(linked, "full").name
+    # the manifest too: it holds the template, the tokens and every file's hash, and was read from anywhere
+    (linked / "manifest.json").rename(outside / "manifest.json")
+    (bundle / "manifest.json").symlink_to(outside / "manifest.json")
+    with pytest.raises(BundleVerificationError, match="manifest.json: a symbolic link to a file outside the bundle"):
+        verify_bundle(linked, "none")
+    (bundle / "manifest.json").unlink()
+    (outside / "manifest.json").rename(bundle / "manifest.json")
     # a link loop is the one-line error it was, not a RuntimeError traceback (review 30)
     (bundle / "tokenizer.json").unlink()
     (bundle / "tokenizer.json").symlink_to("tokenizer.json")
