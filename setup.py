@@ -5,6 +5,7 @@ bundles, measure energy and talk to the bridge: no torch, no transformers.
 Export tooling lives in the ``export`` extra, test tooling in ``dev``.
 """
 
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 PACKAGES = ("edge_runtime", "cloud_bridge", "quantize")
+# one version, the package's own (``--version`` prints it): read, not imported, as the dependencies may be missing
+VERSION = re.search(r'^__version__ = "([^"]+)"$', (HERE / "edge_runtime" / "__init__.py").read_text(), re.M).group(1)
 
 
 class BuildPy(build_py):
@@ -84,7 +87,7 @@ EXPLORE = [
 
 setup(
     name="edge-runtime",
-    version="0.1.0",
+    version=VERSION,
     description="Hybrid edge runtime: quantized ONNX small language models on the device, escalation to a cloud LLM bridge over gRPC, measured energy.",
     python_requires=">=3.11",
     # namespace discovery: the data directories (confidence/data, daemon/deploy, ...) are packages too, which

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_runtime import __version__
 from edge_runtime._logging import configure_logging
 from edge_runtime._signals import exit_status_after_stop, stop_signals
 from edge_runtime.config import (
@@ -156,6 +157,7 @@ def _add_config(parser: argparse.ArgumentParser, *, sections: Sequence[str]) -> 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cloud-bridge", description="The gRPC service edge devices escalate to.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"cloud-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser(

@@ -51,6 +51,20 @@ def test_the_wheel_has_the_licence_and_the_proto_contracts_and_nothing_deleted(t
     assert {"edge_runtime/daemon/deploy/edge-runtime.service", "edge_runtime/daemon/deploy/RASPBERRY_PI.md",
             "cloud_bridge/deploy/cloud-bridge.service"} <= names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+    from edge_runtime import __version__
+
+    assert f"edge_runtime-{__version__}.dist-info/METADATA" in names  # one version: the package's own
+
+
+@pytest.mark.parametrize("command", ["edge-runtime", "cloud-bridge"])
+def test_both_commands_print_the_version(command, capsys):
+    from cloud_bridge.cli import main as bridge_main
+    from edge_runtime import __version__
+    from edge_runtime.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        (main if command == "edge-runtime" else bridge_main)(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"{command} {__version__}\n"
 
 
 def test_the_source_distribution_can_regenerate_the_code_and_run_the_tests(tmp_path):

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from .. import __version__
 from .._logging import configure_logging
 from ..config import refuse_abbreviations, run_command
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hybrid edge runtime: quantized ONNX SLMs on the device, escalation to a cloud bridge, measured energy.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
