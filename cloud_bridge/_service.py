@@ -459,13 +459,16 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
     def refuse_undecodable(self, request: Undecodable, context: grpc.ServicerContext) -> NoReturn:
         """A request that is not valid protobuf: refused as any bad request is (logged with the caller's address),
         and for a caller without a token, as a caller without a token is."""
+        device = "-"
         if not request.method.startswith("/grpc.health."):  # the health check needs no token
             try:
-                self._authenticate(context)
+                device = self._authenticate(context)
             except Reject as reject:
                 self._abort(context, reject)
-        self._abort(context, Reject(make_status(grpc.StatusCode.INVALID_ARGUMENT, undecodable_message(request),
-                                                error_info("UNDECODABLE_REQUEST"))))
+        reject = Reject(make_status(grpc.StatusCode.INVALID_ARGUMENT, undecodable_message(request),
+                                    error_info("UNDECODABLE_REQUEST")))
+        reject.device = device  # the log line names who sent it, as for any other bad request
+        self._abort(context, reject)
 
     def _abort(self, context: grpc.ServicerContext, reject: Reject, job: _Job | None = None) -> NoReturn:
         request_id = job.request.request_id if job is not None else reject.request_id

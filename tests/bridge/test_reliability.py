@@ -571,6 +571,8 @@ def test_a_request_that_is_not_protobuf_is_refused_like_any_bad_request(start_br
             assert call("/grpc.health.v1.Health/Check", body=truncated).code() == grpc.StatusCode.INVALID_ARGUMENT
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
         assert caplog.text.count("status=INVALID_ARGUMENT peer=") == 2 and "status=UNAUTHENTICATED peer=" in caplog.text
+        # the one sent with a token names its device (it read device=-): which device sends garbage is the point
+        assert caplog.text.count("device=device-a reason=UNDECODABLE_REQUEST") == 1
         ok = bridge_pb2.GenerateRequest(messages=[bridge_pb2.ChatMessage(role="user", content="hi")])
         assert channel.unary_unary("/edgecloud.v1.CloudBridge/Generate", request_serializer=ok.__class__.SerializeToString,
                                    response_deserializer=bridge_pb2.GenerateResponse.FromString)(
