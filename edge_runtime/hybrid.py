@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
+from ._logging import Throttle
 from .confidence import Estimator, check_bundle_hash, fitted_on_another_model, load_estimator, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j, wait_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
@@ -65,6 +66,8 @@ from .policies._base import score_or_none as _score_or_none
 __all__ = ["HybridRuntime", "HybridResult", "HybridChunk", "Cost", "Route", "MODEL_ALIASES"]
 
 log = logging.getLogger(__name__)
+# the most often an escalation the client skipped (circuit open, quota spent) is logged as a warning
+_SKIPPED_LOG_INTERVAL_S = 60.0
 
 Route = Literal["local", "cloud", "fallback", "local_forced"]
 # what a request may ask for: the policy decides, or it pins one side
@@ -467,6 +470,9 @@ class HybridRuntime:
         self._owned_meter: Any = None  # an energy meter from_settings made for this runtime alone
         self._closed = False
         self._close_lock = threading.Lock()
+        # escalations the client skips (circuit open, quota spent) are each in their answer and the metrics; the
+        # log says so once a minute, not at every request of an outage
+        self._skip_log = Throttle(_SKIPPED_LOG_INTERVAL_S)
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -630,6 +636,8 @@ class HybridRuntime:
             fit_max_new_tokens = fit_max_new_tokens or "max_new_tokens" not in sampling
             sampling.setdefault("max_new_tokens", self.default_max_new_tokens)
         params = self.engine.sampling_params(params, sampling)
+        if not params.truncate_prompt:  # before tokenizing a prompt its length alone shows to be too long
+            self.engine.refuse_overlong(messages=msgs, max_new_tokens=0 if fit_max_new_tokens else params.max_new_tokens)
         ids = self.engine.encode(messages=msgs)
         # the local answer gets what fits beside the prompt; the cloud's window is its own, it gets the default
         local_params = params
@@ -1093,7 +1101,13 @@ class HybridRuntime:
                     failed_cloud_ms = (time.perf_counter() - t_cloud) * 1000.0
                 asked = asked and not err.skipped  # refused on the device (circuit open, quota spent): no radio
                 cloud_error, cloud_error_type = f"{type(err).__name__}: {err}", type(err).__name__
-                log.warning("%s: escalation failed, answering locally: %s", request_id, log_text(cloud_error))
+                left_out = self._skip_log.admit() if err.skipped else 0
+                if left_out is None:
+                    log.debug("%s: escalation skipped, answering locally: %s", request_id, log_text(cloud_error))
+                else:
+                    log.warning("%s: escalation %s, answering locally: %s%s", request_id,
+                                "skipped" if err.skipped else "failed", log_text(cloud_error),
+                                f" ({left_out} more skipped since the last such line)" if left_out else "")
                 route = "fallback"
         else:
             route = "local" if decision.action == "local" else "local_forced"

@@ -134,6 +134,26 @@ def test_bridge_down_gives_the_local_answer_as_fallback_then_the_circuit_skips_i
     assert results[-1][0].energy["network_joules"] == 0  # an open circuit sends nothing, so it costs no radio energy
 
 
+def test_skipped_escalations_are_each_answered_but_logged_once_a_minute(engine, bridge, caplog):
+    # during an outage every request whose escalation the open circuit skipped wrote a warning: 2,000 lines in 40 s
+    # of a helper's soak; the failures themselves are still each logged
+    from edge_runtime._logging import Throttle
+
+    now = [0.0]
+    server, port = bridge
+    rt = _runtime(engine, port, {"type": "always"})
+    rt._skip_log = Throttle(60.0, clock=lambda: now[0])
+    server.stop(0)
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.hybrid"):
+        results = [rt.chat(ASK, max_new_tokens=2) for _ in range(6)]
+        now[0] = 61.0
+        results.append(rt.chat(ASK, max_new_tokens=2))
+    assert all(r.route == "fallback" and r.cloud_error for r in results)
+    lines = [r.getMessage() for r in caplog.records if "answering locally" in r.getMessage()]
+    assert [("failed" in m, "skipped" in m) for m in lines] == [(True, False)] * 2 + [(False, True)] * 2, lines
+    assert "CircuitOpenError" in lines[2] and lines[3].endswith("(3 more skipped since the last such line)")
+
+
 def test_a_spent_device_quota_falls_back_without_opening_the_circuit_and_then_skips_the_bridge(engine):
     with _echo_bridge("big", quota={"requests_per_minute": 1, "requests_burst": 1}, reply="the answer is 4") as (_s, port):
         rt = _runtime(engine, port, {"type": "always"})  # the circuit opens after 2 failures

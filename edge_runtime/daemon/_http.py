@@ -15,6 +15,7 @@ stops at its next token, and nothing is escalated for a client that left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from .._heap import release_free_heap
 from ..engine.types import short_repr
 from ..errors import EdgeRuntimeError
 from ..hybrid import MODEL_ALIASES, HybridChunk, HybridResult
@@ -122,10 +124,19 @@ class ChatCompletions:
         self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-runtime-parse")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if await self._serve(scope, receive, send) > OFF_LOOP_BYTES:
+            # a large body, its JSON and its prompt's encoding are freed by now: glibc kept those pages for the
+            # daemon's life (a 900 kB prompt refused as too long: +300 MB that stayed), so they are given back
+            with contextlib.suppress(RuntimeError):  # the executor is shut down: the daemon is stopping
+                self._parser.submit(release_free_heap)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Answer one request; return the size of its body (0 when it was not read whole)."""
         request = Request(scope, receive)
         # a caller's X-Request-ID is kept for tracing when it is a sane token, else replaced
         header = request.headers.get("x-request-id")
         request_id = header if valid_request_id(header) else new_request_id()
+        raw = b""
         try:
             raw = await self._read_body(request)
             if len(raw) <= OFF_LOOP_BYTES:
@@ -145,24 +156,25 @@ class ChatCompletions:
             if err.error.status in (408, 413):  # the rest of the body is unread: the connection cannot go on
                 response.headers["connection"] = "close"
             await response(scope, receive, send)
-            return
+            return 0
         except ClientDisconnect as err:  # gone while sending the body: nobody to answer
             self.service.refused("http", err, request_id, outcome="cancelled")
-            return
+            return 0
         except EdgeRuntimeError as err:
             self.service.refused("http", err, request_id)
             await _error_response(api_error(err), request_id)(scope, receive, send)
-            return
+            return len(raw)
         except Exception as err:  # our bug: still an OpenAI-shaped 500, counted, and the daemon goes on
             log.exception("request %s failed before it started", request_id)
             self.service.refused("http", err, request_id)
             await _error_response(api_error(err), request_id)(scope, receive, send)
-            return
+            return len(raw)
         headers = {"x-request-id": req.request_id}
         if req.stream:
             await self._stream(job, req, scope, receive, send, headers)
         else:
             await self._complete(job, req, scope, receive, send, headers)
+        return len(raw)
 
     def _open(self, raw: bytes, request_id: str) -> tuple[ChatRequest, Job]:
         req = parse_chat_request(_decode_json(raw), request_id=request_id)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._exit import native_call
+from .._heap import release_free_heap
 from ..bundle import Manifest, VerifyMode, verify_bundle
 from ..errors import BundleError, ContextLengthError, EdgeRuntimeError, InvalidRequestError, OutOfMemoryError
 from ._lookup import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS, PromptLookup
@@ -56,6 +57,7 @@ from .types import (
     Usage,
     _check_text,
     message_text,
+    short_repr,
     validate_messages,
 )
 
@@ -85,10 +87,19 @@ _CANCEL_POLL_S = 0.05
 
 # texts longer than this are encoded with the GIL released (see Engine._ids): ~10 ms of encoding
 _GIL_FREE_ENCODE_CHARS = 16_384
+# texts longer than this leave enough freed memory behind their encoding to give back (~15 MB and more)
+_TRIM_AFTER_ENCODE_CHARS = 100_000
 
 # what generate()/stream() take as keywords (computed once: sampling_params runs for every request)
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _flag(value: Any, field: str) -> bool:
+    """``value`` if it is a bool, else InvalidRequestError naming ``field`` ("no" would have been true)."""
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"must be true or false, got {short_repr(value)}", field=field)
+    return value
 
 
 def _prefill_chunks(n: int) -> list[tuple[int, int]]:
@@ -268,6 +279,8 @@ class Engine:
             self._token_text: dict[int, str] = {}
             self._byte_level = self._is_byte_level()
             self._bytes_map = _byte_decoder() if self._byte_level else {}
+            self._anchor = self._text_anchor()
+            self._chars_per_token: tuple[int] | None = None  # (see _most_chars_per_token), computed when first needed
             self._specials, self._special_split = self._control_tokens()
             self._later_tokenizer = self._without_first_prefix()
             # control tokens are read from this table, not encoded, so the check where ids are made does not see them
@@ -456,6 +469,8 @@ class Engine:
             # costs more than it saves (2-3 ms a request beside onnxruntime's spinning threads)
             with native_call():  # (an exit meanwhile waits for it: see edge_runtime._exit)
                 ids = tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+            if len(text) > _TRIM_AFTER_ENCODE_CHARS:  # the encoding's tens of MB, freed: given back (see _heap)
+                release_free_heap()
         else:
             ids = tokenizer.encode(text, add_special_tokens=False).ids
         if ids and max(ids) >= self.model.vocab_size:
@@ -474,13 +489,32 @@ class Engine:
         return len(self.encode(prompt, messages=messages))
 
     def token_text(self, token_id: int) -> str:
-        """A token's text as the tokenizer decodes it alone (special tokens included)."""
+        """A token's text as it reads inside a text (special tokens included): SentencePiece's "▁the" is " the".
+
+        Decoded after an anchor token, not alone: a SentencePiece decoder drops the word-start space of a text's first
+        piece, so decoded alone "▁the" gave "the" and the tokens' texts and bytes no longer made up the answer. The
+        answer's own first token still loses that space in the answer's text, as the tokenizer's decode has it."""
         text = self._token_text.get(token_id)
         if text is None:
             self._token_ids([token_id], "token_id")  # -1 raised OverflowError, an id past the vocabulary gave ''
             text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            if self._anchor is not None:
+                before = self._anchor[1]
+                within = self.tokenizer.decode([self._anchor[0], token_id], skip_special_tokens=False)
+                if within.startswith(before):
+                    text = within[len(before):]
             self._token_text[token_id] = text
         return text
+
+    def _text_anchor(self) -> tuple[int, str] | None:
+        """A plain token and its text, after which :meth:`token_text` decodes a token; None for a byte-level
+        vocabulary, whose tokens decode alone as they read inside a text."""
+        if self._byte_level:
+            return None
+        ids = self.tokenizer.encode("a", add_special_tokens=False).ids
+        if len(ids) != 1:
+            return None
+        return ids[0], self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def token_bytes(self, token_id: int) -> list[int] | None:
         """The exact UTF-8 bytes of a token (OpenAI's ``bytes`` field); None when they are not known (a piece that is
@@ -623,12 +657,14 @@ class Engine:
         """
         self._check_open()
         p = self.sampling_params(params, sampling)
+        if not p.truncate_prompt:
+            self.refuse_overlong(prompt, messages=messages, max_new_tokens=p.max_new_tokens)
         if messages is not None and prompt is None:
             ids = self.fit_messages(messages, p)
         else:
             ids = self.fit_context(self.encode(prompt, messages=messages), p, field="prompt")
         is_cancelled = _cancel_check(cancel)
-        return self._stream(ids, p, is_cancelled, prompt_nll)
+        return self._stream(ids, p, is_cancelled, _flag(prompt_nll, "prompt_nll"))
 
     def stream_tokens(self, ids: Sequence[int], params: SamplingParams, *, cancel: Cancel = None,
                       prompt_nll: bool = False) -> Iterator[StreamChunk]:
@@ -640,7 +676,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"must be a SamplingParams, got {type(params).__name__}", field="params")
         ids = self.fit_context(self._token_ids(ids, "ids"), params, field="ids")
-        return self._stream(ids, params, _cancel_check(cancel), prompt_nll)
+        return self._stream(ids, params, _cancel_check(cancel), _flag(prompt_nll, "prompt_nll"))
 
     def _check_open(self) -> None:
         # at the call, not at the stream's first next(): a generator's body runs only then
@@ -693,6 +729,49 @@ class Engine:
             f"the context window of {limit} tokens (shorten the prompt or lower max_new_tokens{TRUNCATION_HINT})",
             field=field,
         )
+
+    def refuse_overlong(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
+                        max_new_tokens: int = 0) -> None:
+        """ContextLengthError for a prompt whose length in characters alone proves that it cannot fit beside
+        ``max_new_tokens`` (0: no length was asked for), before it is tokenized (a 900 kB prompt took 0.6 s and
+        ~140 MB to count); otherwise nothing, and :meth:`encode` counts. No token of this model's vocabulary spells
+        more than a known number of characters, so a text holds at least its length over that many tokens (a text
+        shorter than the room left is not looked at)."""
+        room = self.context_length - max_new_tokens
+        if room <= 0 or (prompt is None) == (messages is None):
+            return  # fit_context and encode name what is wrong
+        if messages is not None:
+            msgs = validate_messages(messages)
+            if sum(len(m["content"]) for m in msgs) <= room:
+                return
+            text, field = self.template.render(msgs, add_generation_prompt=True), "messages"
+        elif isinstance(prompt, str) and len(prompt) > room:
+            text, field = prompt, "prompt"
+        else:
+            return  # short, or not text: encode says what is wrong with it
+        per_token = self._most_chars_per_token()
+        least = len(text) // per_token if per_token else 0
+        if least > room:
+            raise ContextLengthError(
+                f"the prompt is {len(text):,} characters, so at least {least:,} tokens (no token of this model spells "
+                f"more than {per_token} characters): more than the context window of {self.context_length} tokens "
+                + (f"leaves beside max_new_tokens {max_new_tokens} (shorten the prompt or lower max_new_tokens"
+                   if max_new_tokens else "holds (shorten the prompt") + f"{TRUNCATION_HINT})", field=field)
+
+    def _most_chars_per_token(self) -> int | None:
+        """The most characters of a text one token can stand for; None when the tokenizer's normalizer may shorten
+        a text by more than NFC does (whose compositions join at most 3 code points into one, bounded by 4 here)."""
+        if self._chars_per_token is None:
+            found: int | None = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+            normalizer = self.tokenizer.normalizer
+            if normalizer is not None:
+                kinds = set(re.findall(r'"type":"(\w+)"', normalizer.__getstate__().decode("utf-8", "replace")))
+                if not kinds <= {"Sequence", "NFC", "NFKC", "NFD", "NFKD", "Prepend"}:
+                    found = None  # Replace, Strip, Precompiled, ...: no bound known
+                elif kinds & {"NFC", "NFKC"}:
+                    found = found * 4 if found else None
+            self._chars_per_token = (found or 0,)
+        return self._chars_per_token[0] or None
 
     def fit_messages(self, messages: Sequence[Message], p: SamplingParams, *, field: str = "messages") -> list[int]:
         """The token ids of a conversation, fitting beside ``max_new_tokens`` (else ContextLengthError).
@@ -1065,6 +1144,9 @@ class ChatSession:
         # normalised (content parts joined): the history holds text, not the caller's own list
         turn = {"role": "user", "content": message_text(content, "content")}
         history = self.messages
+        if not isinstance(history, (list, tuple)):  # replaced by the app (None: a bare TypeError at [*history])
+            raise InvalidRequestError(f"must be a list of messages, got {type(history).__name__}",
+                                      field="session.messages")
         # checked now, so a bad turn fails at the call; encoded again below if an earlier turn ends first
         ids = engine.fit_messages([*history, turn], p)
         is_cancelled = _cancel_check(cancel)

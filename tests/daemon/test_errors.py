@@ -363,6 +363,30 @@ def test_a_context_length_error_speaks_the_apis_names_and_gives_advice_it_can_ta
     assert "max_completion_tokens" in message
 
 
+def test_a_huge_prompt_is_refused_from_its_length_and_its_memory_given_back(engine, start_daemon, http, monkeypatch):
+    # a 900 kB prompt (under max_body_bytes) was tokenized whole to be refused, and glibc kept the ~300 MB that took
+    # for the daemon's life; now its length refuses it, and a large body's freed memory is handed back after it
+    from edge_runtime.daemon import _http
+
+    trims = []
+    monkeypatch.setattr(_http, "release_free_heap", lambda: trims.append(1))
+    c = http(start_daemon(runtime(engine, {"type": "never"})).port)
+    huge = [{"role": "user", "content": "hello world " * 75_000}]
+    for body in ({"messages": huge, "max_tokens": 8}, {"messages": huge}):
+        status, _, answer = c.json("POST", "/v1/chat/completions", body)
+        assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer
+        assert answer["error"]["param"] == "messages" and "900,0" in answer["error"]["message"]
+        assert "max_new_tokens" not in answer["error"]["message"] and "truncat" not in answer["error"]["message"]
+    assert "max_tokens 8" not in answer["error"]["message"]  # unset: no advice to lower it
+    deadline = time.monotonic() + 5
+    while len(trims) < 2 and time.monotonic() < deadline:  # each after its response, on the parser's thread
+        time.sleep(0.01)
+    assert len(trims) == 2
+    status, _, _ = c.json("POST", "/v1/chat/completions", OK)  # a small body: nothing to give back
+    time.sleep(0.3)
+    assert status == 200 and len(trims) == 2
+
+
 def test_an_unset_max_tokens_means_what_fits_the_window(engine, start_daemon, http):
     # the daemon's default (250 here) does not fit beside this prompt in the tiny model's 256 tokens: OpenAI's
     # API generates what fits when max_tokens is unset, and so does this one; a max_tokens asked for still errs

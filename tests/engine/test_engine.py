@@ -69,6 +69,16 @@ def test_a_sentencepiece_tokenizer_prefixing_only_the_first_split_encodes_as_tra
     raw = "the fox<|im_end|>jumps over<|im_start|> the dog"
     assert engine.encode(raw) == reference(raw, add_special_tokens=False)["input_ids"]
     assert engine.generate(messages=messages, max_new_tokens=12).token_ids == hf_greedy(model_dir, ids, 12)[:12]
+    # a token's text and bytes are as it reads inside a text: decoded alone, "▁the" lost its space ("the"), and the
+    # tokens' texts and bytes (--json, OpenAI's logprobs) did not make up the answer
+    the = reference.convert_tokens_to_ids("\u2581the")
+    assert engine.token_text(the) == " the" and bytes(engine.token_bytes(the)) == b" the"
+    result = engine.generate("paris is", max_new_tokens=12, top_logprobs=2)
+    words = [t for t in result.tokens[:result.text_tokens] if t.id not in reference.added_tokens_decoder]  # bytes: special here
+    joined = "".join(t.text for t in words)
+    assert joined == b"".join(bytes(engine.token_bytes(t.id)) for t in words).decode()
+    assert " " in result.text.strip() and joined in (result.text, " " + result.text)  # the first word's space: dropped
+    assert all(a.token == engine.token_text(a.id) for t in result.tokens for a in t.top_logprobs)
     engine.close()
 
 
@@ -308,6 +318,44 @@ def test_context_window_is_checked_before_any_work(engine):
         engine.generate(long_prompt, max_new_tokens=16)
     r = engine.generate(long_prompt, max_new_tokens=16, truncate_prompt=True)
     assert r.usage.prompt_tokens + 16 <= 256 and len(r.token_ids) == 16
+
+
+def test_a_prompt_its_length_shows_too_long_is_refused_before_it_is_tokenized(engine, monkeypatch):
+    # a 900 kB prompt was tokenized whole to be counted (0.6 s, ~140 MB that glibc kept): refused from its length
+    huge = "hello world " * 75_000
+    calls = []
+    encode_text = engine._encode_text
+    monkeypatch.setattr(engine, "_encode_text", lambda *a, **k: calls.append(1) or encode_text(*a, **k))
+    with pytest.raises(ContextLengthError, match=r"900,000 characters, so at least [\d,]+ tokens") as info:
+        engine.generate(huge, max_new_tokens=8)
+    assert info.value.field == "prompt" and "max_new_tokens 8" in str(info.value)
+    with pytest.raises(ContextLengthError, match="characters") as info:
+        engine.generate(messages=[{"role": "user", "content": huge}], max_new_tokens=8)
+    assert info.value.field == "messages" and calls == []
+    # the bound is the longest token's length: a prompt just past it is tokenized and counted as before
+    per_token = engine._most_chars_per_token()
+    assert per_token == max(map(len, engine.tokenizer.get_vocab(with_added_tokens=True)))
+    borderline = "x" * (per_token * (engine.context_length - 8))
+    with pytest.raises(ContextLengthError, match="the prompt has"):
+        engine.generate(borderline, max_new_tokens=8)
+    assert calls
+    # nothing is refused that truncation may fit, or that is not text (encode names that)
+    assert engine.generate(huge[:20_000], max_new_tokens=4, truncate_prompt=True).usage.completion_tokens == 4
+    engine.refuse_overlong(None, messages=None)
+    with pytest.raises(InvalidRequestError, match="must be a string"):
+        engine.generate(123, max_new_tokens=4)
+
+
+def test_a_normalizer_that_may_shorten_text_turns_the_length_bound_off_or_widens_it(engine, monkeypatch):
+    from tokenizers import normalizers
+
+    for normalizer, factor in ((normalizers.Sequence([normalizers.NFC(), normalizers.Prepend("_")]), 4),
+                               (normalizers.Replace("  ", " "), None), (normalizers.Strip(), None)):
+        monkeypatch.setattr(engine, "_chars_per_token", None)
+        monkeypatch.setattr(engine.tokenizer, "normalizer", normalizer)
+        longest = max(map(len, engine.tokenizer.get_vocab(with_added_tokens=True)))
+        assert engine._most_chars_per_token() == (longest * factor if factor else None)
+    engine.refuse_overlong("a" * 1_000_000, max_new_tokens=8)  # no bound: left to the count
 
 
 def test_a_truncated_conversation_keeps_its_system_prompt_template_and_last_question(engine):
@@ -1199,6 +1247,22 @@ def test_a_prompt_nll_of_a_prefill_cancelled_part_way_is_none(engine, monkeypatc
     assert len(chunks) == 1  # cancelled after the first chunk
     assert cut.finish_reason == "cancelled" and cut.prompt_nll is None
 
+
+
+def test_a_replaced_history_that_is_not_a_list_and_a_prompt_nll_that_is_not_a_bool_are_named(engine):
+    # session.messages = None failed the next turn with a bare TypeError; prompt_nll="no" measured the prompt
+    chat = engine.chat_session()
+    chat.messages = None
+    with pytest.raises(InvalidRequestError, match="must be a list of messages, got NoneType") as info:
+        chat.send("hello", max_new_tokens=2)
+    assert info.value.field == "session.messages"
+    chat.messages = []
+    assert chat.send("hello", max_new_tokens=2).finish_reason in ("length", "eos")
+    for call in (lambda: engine.stream("hello", max_new_tokens=2, prompt_nll="no"),
+                 lambda: engine.stream_tokens([5, 6], SamplingParams(max_new_tokens=2), prompt_nll=1)):
+        with pytest.raises(InvalidRequestError, match="must be true or false") as info:
+            call()  # at the call, not at the stream's first next()
+        assert info.value.field == "prompt_nll"
 
 
 def test_a_chat_sessions_cache_gives_back_what_a_long_turn_grew_once_the_conversation_is_short_again(tiny_bundle):
