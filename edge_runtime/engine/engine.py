@@ -734,7 +734,7 @@ class Engine:
                         max_new_tokens: int = 0) -> None:
         """ContextLengthError for a prompt whose length in characters alone proves that it cannot fit beside
         ``max_new_tokens`` (0: no length was asked for), before it is tokenized (a 900 kB prompt took 0.6 s and
-        ~140 MB to count); otherwise nothing, and :meth:`encode` counts. No token of this model's vocabulary spells
+        ~140 MiB to count); otherwise nothing, and :meth:`encode` counts. No token of this model's vocabulary spells
         more than a known number of characters, so a text holds at least its length over that many tokens (a text
         shorter than the room left is not looked at)."""
         room = self.context_length - max_new_tokens
