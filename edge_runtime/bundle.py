@@ -185,7 +185,7 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
     if not root.is_dir():
         raise BundleNotFoundError(f"bundle directory not found: {root}")
     path = root / MANIFEST_NAME
-    _check_inside(root, path, MANIFEST_NAME)  # the manifest is what the bundle answers by (its template, tokens, hashes)
+    _check_inside(root.resolve(), path, MANIFEST_NAME)  # the manifest is what the bundle answers by (its template, tokens, hashes)
     try:
         raw = json.loads(read_small_file(path, _MAX_MANIFEST_BYTES).decode("utf-8"))
     except FileNotFoundError as err:
@@ -270,11 +270,11 @@ def _check_manifest_fields(raw: dict[str, Any], path: Path) -> None:
         raise bad("files", f"must list {unlisted[0]}: a weights file it does not list would load unchecked")
 
 
-def _check_inside(root: Path, path: Path, name: str) -> None:
-    """Refuse a symbolic link out of the bundle: onnxruntime refuses one for weights (after verification said OK),
+def _check_inside(real_root: Path, path: Path, name: str) -> None:
+    """Refuse a symbolic link out of the bundle (``real_root``, resolved): onnxruntime refuses one for weights (after verification said OK),
     and a tokenizer or manifest was read from wherever it pointed, which whoever may write there could change."""
     try:
-        inside = path.resolve().is_relative_to(root.resolve())
+        inside = path.resolve().is_relative_to(real_root)
     except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13): reading the file says so
         return
     if not inside:
@@ -405,11 +405,12 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], mode: VerifyMode = "full")
     root = manifest.bundle_dir
     stamp = _read_stamp(root) if mode == "fast" else {}
     hashed: dict[str, dict[str, Any]] = {}  # large files fast mode hashed again: the stamp is brought up to date
+    real_root = root.resolve()
     for name, info in sorted(manifest.files.items()):
         path = root / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise BundleVerificationError(f"manifest lists a file outside the bundle: {name}", file=name)
-        _check_inside(root, path, name)
+        _check_inside(real_root, path, name)
         try:
             st = path.stat()
         except FileNotFoundError as err:

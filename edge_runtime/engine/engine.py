@@ -497,12 +497,13 @@ class Engine:
         text = self._token_text.get(token_id)
         if text is None:
             self._token_ids([token_id], "token_id")  # -1 raised OverflowError, an id past the vocabulary gave ''
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            text = None
             if self._anchor is not None:
-                before = self._anchor[1]
-                within = self.tokenizer.decode([self._anchor[0], token_id], skip_special_tokens=False)
-                if within.startswith(before):
-                    text = within[len(before):]
+                anchor, before = self._anchor
+                within = self.tokenizer.decode([anchor, token_id], skip_special_tokens=False)
+                text = within[len(before):] if within.startswith(before) else None
+            if text is None:
+                text = self.tokenizer.decode([token_id], skip_special_tokens=False)
             self._token_text[token_id] = text
         return text
 
@@ -762,15 +763,15 @@ class Engine:
         """The most characters of a text one token can stand for; None when the tokenizer's normalizer may shorten
         a text by more than NFC does (whose compositions join at most 3 code points into one, bounded by 4 here)."""
         if self._chars_per_token is None:
-            found: int | None = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+            found = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
             normalizer = self.tokenizer.normalizer
             if normalizer is not None:
                 kinds = set(re.findall(r'"type":"(\w+)"', normalizer.__getstate__().decode("utf-8", "replace")))
                 if not kinds <= {"Sequence", "NFC", "NFKC", "NFD", "NFKD", "Prepend"}:
-                    found = None  # Replace, Strip, Precompiled, ...: no bound known
+                    found = 0  # Replace, Strip, Precompiled, ...: no bound known
                 elif kinds & {"NFC", "NFKC"}:
-                    found = found * 4 if found else None
-            self._chars_per_token = (found or 0,)
+                    found *= 4
+            self._chars_per_token = (found,)  # (0: no bound; a tuple, as None means not computed yet)
         return self._chars_per_token[0] or None
 
     def fit_messages(self, messages: Sequence[Message], p: SamplingParams, *, field: str = "messages") -> list[int]:
