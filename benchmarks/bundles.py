@@ -62,6 +62,7 @@ def collect(build: bool = False) -> list[dict[str, Any]]:
             "meets_target": None if target is None else size <= target,
             "ppl_fp32": q.get("ppl_fp32"), "ppl_bundle": q.get("ppl_bundle"), "ppl_ratio": q.get("ppl_ratio"),
             "top1_agreement": q.get("top1_agreement"), "int4_offsets": raw["quantization"].get("int4_offsets"),
+            "int4_symmetric": raw["quantization"].get("int4_symmetric"),
             "rescore_top_k": raw["quantization"].get("rescore_top_k"),
             "block_size": raw["quantization"].get("block_size"), "mlp_block_size": raw["quantization"].get("mlp_block_size"),
             "built_with": raw.get("tools", {}),

@@ -210,7 +210,8 @@ def run_benchmark(
             raise SystemExit(f"--compare {label}: {path} is {other.manifest.name}, not {engine.manifest.name}")
         others[label] = {"bundle": str(path), "bundle_hash": other.bundle_hash,
                          "quantization": {k: other.manifest.raw["quantization"].get(k)
-                                          for k in ("block_size", "mlp_block_size", "rescore_top_k", "int4_offsets")}}
+                                          for k in ("block_size", "mlp_block_size", "rescore_top_k", "int4_offsets",
+                                                    "int4_symmetric")}}
         runners[f"graph {label}"] = EngineStepper(other, capacity).run
     for name, why in skipped.items():
         log(f"skipping {name}: {why}")

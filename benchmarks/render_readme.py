@@ -95,7 +95,8 @@ def _bridge(host: str) -> str:
     build = t.get("bundle_build") or {}
     if build:
         q, quality = build.get("quantization") or {}, build.get("quality") or {}
-        layout = q.get("precision", "?") + (", float offsets" if q.get("int4_offsets") else "")
+        layout = q.get("precision", "?") + (", float offsets" if q.get("int4_offsets") else
+                                            ", symmetric" if q.get("int4_symmetric") else "")
         ratio = f", perplexity ratio {quality['ppl_ratio']}" if "ppl_ratio" in quality else ""
         where += f"; bundle build {build['bundle_hash'][:12]} ({layout}{ratio})"
     rows = [f"Bridge benchmark (`{command}`{'; ' + where if where else ''}): a loopback gRPC round trip adds "

@@ -97,6 +97,7 @@ REFERENCE_PRECISION = "fp32"
 OPTIONAL_VARIANTS = {
     "int4-offsets": ("edge-runtime int4, float block offsets (--int4-offsets)", "--int4-offsets"),
     "int4-norescore": ("edge-runtime int4, 4-bit output projection (--rescore-top-k 0)", "--rescore-top-k 0"),
+    "int4-sym": ("edge-runtime int4, symmetric (--int4-symmetric)", "--int4-symmetric"),
 }
 LOOKUP_LABEL = f"edge-runtime int4, prompt lookup (--prompt-lookup {SUGGESTED_PROMPT_LOOKUP_TOKENS})"  # the default bundle, drafting
 PEER_NAMES = ("llamacpp", "genai")
@@ -878,6 +879,8 @@ def _model_cell(result: dict[str, Any]) -> str:
         return result["details"].get("model_format", "")
     quant = result["details"].get("quantization") or {}
     variant = {True: ", float block offsets", False: ", integer zero points"}.get(quant.get("int4_offsets"), "")
+    if quant.get("int4_symmetric"):
+        variant = ", symmetric (zero point 8)"
     if quant.get("rescore_top_k"):
         variant += f", top {quant['rescore_top_k']} logits rescored"
     elif result["precision"] == "int4":

@@ -123,9 +123,11 @@ class _Linear:
     """Emits one projection at the bundle's precision; returns the output name."""
 
     def __init__(self, g: _Graph, precision: str, block_size: int, accuracy_level: int, *,
-                 int4_offsets: bool = False, importance: Mapping[str, np.ndarray] | None = None) -> None:
+                 int4_offsets: bool = False, int4_symmetric: bool = False,
+                 importance: Mapping[str, np.ndarray] | None = None) -> None:
         self.g = g
         self.int4_offsets = int4_offsets
+        self.int4_symmetric = int4_symmetric
         self.importance = importance or {}
         self.precision = precision
         self.block_size = block_size
@@ -143,7 +145,7 @@ class _Linear:
                 self.g.node("Add", [f"{name}/mm", self.g.init(f"{name}.bias", bias.astype(np.float32))], [out], name=f"{name}/bias")
             return out
         qw = quantize_blocks(weight, self.precision, block_size or self.block_size, offsets=self.int4_offsets,
-                             importance=self.importance.get(name))
+                             importance=self.importance.get(name), symmetric=self.int4_symmetric)
         return self.quantized(x, qw, name, bias)
 
     def quantized(self, x: str, qw: BlockQuantized, name: str, bias: np.ndarray | None = None, *,
@@ -245,7 +247,8 @@ def _rows(g: _Graph, blocks: str, qw: BlockQuantized, k: int, name: str, rank: i
 
 
 def _embedding(g: _Graph, weights: np.ndarray, precision: str, block_size: int, hidden: int, *,
-               offsets: bool, importance: np.ndarray | None, refine: bool) -> tuple[str, str | tuple[_Table, ...]]:
+               offsets: bool, symmetric: bool, importance: np.ndarray | None,
+               refine: bool) -> tuple[str, str | tuple[_Table, ...]]:
     """Emit the token lookup; return its output and what a tied output projection can reuse.
 
     ``refine``: also store a 4-bit code of the table's error, which the lookup
@@ -255,7 +258,7 @@ def _embedding(g: _Graph, weights: np.ndarray, precision: str, block_size: int, 
         table = g.init("embed.weight", weights.astype(np.float32))
         g.node("Gather", [table, "input_ids"], ["embed/out"], name="embed", axis=0)
         return "embed/out", table
-    qw = quantize_blocks(weights, precision, block_size, offsets=offsets, importance=importance)
+    qw = quantize_blocks(weights, precision, block_size, offsets=offsets, importance=importance, symmetric=symmetric)
     parts = _refined(g, "embed", weights, qw) if refine else (_Table.add(g, "embed", qw),)
     return _rows(g, _gather_sum(g, parts, "input_ids", "embed/blocks"), qw, hidden, "embed", rank=3), parts
 
@@ -296,6 +299,7 @@ def build_graph(
     mlp_block_size: int | None = None,
     accuracy_level: int = 4,
     int4_offsets: bool = False,
+    int4_symmetric: bool = False,
     importance: Mapping[str, np.ndarray] | None = None,
     rescore_top_k: int = 0,
     progress: Callable[[int], None] | None = None,
@@ -303,7 +307,8 @@ def build_graph(
     """Assemble the model. ``progress`` is called with the index of each layer done.
 
     ``int4_offsets``: int4 blocks with an integer zero point (default) or a
-    float offset (see ``quantize.quant``). ``importance``: per-input-channel error weights
+    float offset (see ``quantize.quant``); ``int4_symmetric``: integer zero
+    points all 8, the kernels' default, so none is stored. ``importance``: per-input-channel error weights
     for the int4 search, keyed by projection name (``layers.{i}.qkv_proj``,
     ``o_proj``, ``gate_up_proj``, ``down_proj``, ``lm_head``), from
     ``quantize.calibrate.input_importance``.
@@ -323,14 +328,17 @@ def build_graph(
         raise ValueError(f"rescore_top_k must be 0, or > 0 with int4, got {rescore_top_k} with {precision}")
     g = _Graph()
     importance = importance or {}
-    linear = _Linear(g, precision, block_size, accuracy_level, int4_offsets=int4_offsets, importance=importance)
+    if int4_offsets and int4_symmetric:
+        raise ValueError("int4_offsets and int4_symmetric are two different int4 layouts: choose one")
+    linear = _Linear(g, precision, block_size, accuracy_level, int4_offsets=int4_offsets, int4_symmetric=int4_symmetric,
+                     importance=importance)
     mlp_bs = mlp_block_size or block_size
     H, V = spec.hidden_size, spec.vocab_size
     q_dim = spec.num_heads * spec.head_dim
     kv_dim = spec.num_kv_heads * spec.head_dim
 
     # a tied table is also the output projection: weigh its errors by the output projection's inputs
-    emb_out, tied = _embedding(g, weights.embed, precision, block_size, H, offsets=int4_offsets,
+    emb_out, tied = _embedding(g, weights.embed, precision, block_size, H, offsets=int4_offsets, symmetric=int4_symmetric,
                                importance=importance.get("lm_head") if weights.lm_head is None else None,
                                refine=bool(rescore_top_k) and weights.lm_head is None)
 
@@ -393,7 +401,8 @@ def build_graph(
     # the quantized tables the output projection reads: the embedding's when tied, its own when rescored
     parts = tied if weights.lm_head is None and isinstance(tied, tuple) else None
     if rescore_top_k and weights.lm_head is not None:
-        qw = quantize_blocks(weights.lm_head, precision, block_size, offsets=int4_offsets, importance=importance.get("lm_head"))
+        qw = quantize_blocks(weights.lm_head, precision, block_size, offsets=int4_offsets, importance=importance.get("lm_head"),
+                             symmetric=int4_symmetric)
         parts = _refined(g, "lm_head_rows", weights.lm_head, qw)
     if parts is not None:
         g_out = linear.quantized("final/selected", parts[0].qw, "lm_head", table=parts[0])

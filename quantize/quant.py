@@ -15,6 +15,11 @@ activations" of small LMs) from flattening the rest of its row.
   ``quantize.calibrate``): ratio 1.11 on SmolLM2-135M with every matrix in 4
   bits (1.08 with the output projection rescored, see ``quantize.graph``),
   where a plain min/max fit measured 1.36 and broke simple chat answers.
+- symmetric int4 (``symmetric=True``, opt-in): the same weighted search over
+  the scale alone, every zero point the kernels' default 8, so none is stored
+  and the kernels skip applying them; a coarser grid for blocks whose values
+  are not centred on zero (see the README's *Symmetric int4* for what it
+  costs and buys).
 - int4 with a float per-block offset (``w = scale*(q-8) + offset``, opt-in).
   An integer zero point cannot reproduce a grid whose minimum is an arbitrary
   float; GGUF Q4_1 weights are exactly such grids, and offsets reproduce them,
@@ -158,7 +163,7 @@ def _fit_affine(blocks: np.ndarray, scale: np.ndarray, base: np.ndarray, steps: 
 
 
 def quantize_int4(weight: np.ndarray, block_size: int = 32, *, offsets: bool = True,
-                  importance: np.ndarray | None = None) -> BlockQuantized:
+                  importance: np.ndarray | None = None, symmetric: bool = False) -> BlockQuantized:
     """Asymmetric 4-bit blocks.
 
     ``offsets=False``: a 4-bit integer zero point per block, scale and zero point
@@ -166,15 +171,20 @@ def quantize_int4(weight: np.ndarray, block_size: int = 32, *, offsets: bool = T
     (one non-negative value per input channel, the mean squared activation;
     None weighs every channel equally).
 
+    ``symmetric=True`` (with ``offsets=False``): the same weighted search over
+    the scale alone, on the kernels' default zero point 8, so none is stored.
+
     Default: a float offset per block, ``w = scale*(q-8) + offset``.
     For a GGUF Q4_1 source with the same block alignment the least-squares fit
     recovers the original grid almost exactly; for other sources it is an
     ordinary min/max asymmetric quantizer without the zero-in-range constraint
     of an integer zero point.
     """
+    if symmetric and offsets:
+        raise ValueError("symmetric int4 blocks have no offsets: pass offsets=False")
     blocks, k = _blocks(weight, block_size)
     if not offsets:
-        return _int4_zero_point(blocks, k, block_size, _block_weights(importance, blocks.shape[1:], k))
+        return _int4_zero_point(blocks, k, block_size, _block_weights(importance, blocks.shape[1:], k), symmetric)
     lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
     scale, base = _fit_affine(blocks, np.where(hi > lo, (hi - lo) / 15.0, 1.0), lo)
     q = np.clip(np.rint((blocks - base[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
@@ -202,8 +212,8 @@ _ZERO_NUDGES = (-1, 0, 1)
 _ROWS_PER_CHUNK = 2048  # bounds the search's temporaries for large output projections
 
 
-def _int4_zero_point(blocks: np.ndarray, k: int, block_size: int, weights: np.ndarray) -> BlockQuantized:
-    """The grid s*(q - z), z an integer in [0, 15], that minimizes the weighted error of each block."""
+def _int4_zero_point(blocks: np.ndarray, k: int, block_size: int, weights: np.ndarray, symmetric: bool) -> BlockQuantized:
+    """The grid s*(q - z), z an integer in [0, 15] (8 if ``symmetric``), that minimizes the weighted error of each block."""
     n, n_blocks, _ = blocks.shape
     scales = np.empty((n, n_blocks), np.float32)
     zps = np.empty((n, n_blocks), np.float32)
@@ -212,32 +222,34 @@ def _int4_zero_point(blocks: np.ndarray, k: int, block_size: int, weights: np.nd
     rows = max(64, min(_ROWS_PER_CHUNK, -(-n // workers)))
 
     def search(r0: int) -> None:
-        scales[r0:r0 + rows], zps[r0:r0 + rows] = _search_grid(blocks[r0:r0 + rows], weights)
+        scales[r0:r0 + rows], zps[r0:r0 + rows] = _search_grid(blocks[r0:r0 + rows], weights, symmetric)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(search, range(0, n, rows)))
     q = _codes(blocks, scales, zps).astype(np.uint8)
     return BlockQuantized(packed=pack_nibbles(q), scales=scales, offsets=None, bits=4, k=k, block_size=block_size,
-                          zero_points=zps.astype(np.uint8))
+                          zero_points=None if symmetric else zps.astype(np.uint8))
 
 
 def _codes(blocks: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(blocks / scale[..., None] + zp[..., None]), 0, 15)
 
 
-def _search_grid(blocks: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _search_grid(blocks: np.ndarray, weights: np.ndarray, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
     def error(s: np.ndarray, z: np.ndarray) -> np.ndarray:
         return ((((_codes(blocks, s, z) - z[..., None]) * s[..., None] - blocks) ** 2) * weights).sum(axis=-1)
 
     lo = np.minimum(blocks.min(axis=-1), 0.0)
-    span = np.maximum(blocks.max(axis=-1), 0.0) - lo
+    hi = np.maximum(blocks.max(axis=-1), 0.0)
+    # the scale that just fits the block: its range / 15, or on the fixed zero point 8 the larger of 7 steps up, 8 down
+    span = np.maximum(hi / 7.0, -lo / 8.0) * 15.0 if symmetric else hi - lo
     span = np.where(span > 0, span, 1.0)
-    best_s, best_z = (span / 15.0).astype(np.float32), np.zeros(lo.shape, np.float32)
+    best_s, best_z = (span / 15.0).astype(np.float32), np.full(lo.shape, 8.0 if symmetric else 0.0, np.float32)
     best_err = np.full(lo.shape, np.inf, np.float32)
     for fraction in _SCALE_FRACTIONS:
         s = (fraction * span / 15.0).astype(np.float32)
-        for nudge in _ZERO_NUDGES:
-            z = np.clip(np.rint(-lo / s) + nudge, 0, 15).astype(np.float32)
+        for nudge in (0,) if symmetric else _ZERO_NUDGES:
+            z = best_z if symmetric else np.clip(np.rint(-lo / s) + nudge, 0, 15).astype(np.float32)
             err = error(s, z)
             better = err < best_err
             best_err = np.where(better, err, best_err)
@@ -258,9 +270,9 @@ def _search_grid(blocks: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, n
 
 
 def quantize_blocks(weight: np.ndarray, precision: str, block_size: int = 32, *, offsets: bool = True,
-                    importance: np.ndarray | None = None) -> BlockQuantized:
+                    importance: np.ndarray | None = None, symmetric: bool = False) -> BlockQuantized:
     if precision == "int8":
         return quantize_int8(weight, block_size)
     if precision == "int4":
-        return quantize_int4(weight, block_size, offsets=offsets, importance=importance)
+        return quantize_int4(weight, block_size, offsets=offsets, importance=importance, symmetric=symmetric)
     raise ValueError(f"no block quantization for precision {precision!r}")

@@ -107,11 +107,13 @@ def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
         except OSError as err:  # a file where a directory should be, no permission
             raise BuildError(f"cannot create {out.parent} for --out: {err.strerror or err}") from err
         sweep_stale(out)
+        prefix = f".{out.name}.tmp-{os.getpid()}-"
+        tmp: Path | None = None
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-        except OSError as err:  # a read-only directory: named as given, not as the hidden staging path
-            raise BuildError(f"cannot write {out}: {err.strerror or err}") from err
-        try:
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+            except OSError as err:  # a read-only directory: named as given, not as the hidden staging path
+                raise BuildError(f"cannot write {out}: {err.strerror or err}") from err
             yield tmp
             publish_dir(tmp)  # mkdtemp makes it owner-only; a bundle is read by other users too
             # what appeared at out during the build (another build's bundle, someone's directory) is checked as it
@@ -123,8 +125,13 @@ def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
                 raise BuildError(f"no space left on the device while writing {out}") from err
             raise BuildError(f"cannot write {out}: {err.strerror or err}") from err
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            # a signal (SIGTERM unwinds as SystemExit) between mkdtemp's mkdir and the assignment leaves tmp unset
+            # with the directory made (the SIGTERM test hit that window on a loaded machine): what this process's
+            # mkdtemp made under the prefix is this build's
+            made = [tmp] if tmp is not None else list(out.parent.glob(glob.escape(prefix) + "*"))
+            for path in made:
+                if path.exists():
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def check_writable(out: Path) -> None:

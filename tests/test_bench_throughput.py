@@ -184,6 +184,19 @@ def test_summary_puts_every_row_speed_next_to_its_quality(throughput) -> None:
     assert rows["llama.cpp Q4_1"]["ppl_ratio_vs_reference"] is None  # not scored: no figure invented
 
 
+def test_the_model_column_names_each_int4_layout(throughput) -> None:
+    def cell(**quantization) -> str:
+        result = _ok_result("edge-runtime int4", "engine", "int4", decode=1.0, rss=1.0)
+        result["details"] = {"quantization": {"int4_offsets": False, "rescore_top_k": 32, **quantization}}
+        return throughput._model_cell(result)
+
+    assert cell() == "edge bundle int4, integer zero points, top 32 logits rescored (MatMulNBits)"
+    assert cell(int4_offsets=True) == "edge bundle int4, float block offsets, top 32 logits rescored (MatMulNBits)"
+    # a symmetric build stores no zero points: the row must not say it does
+    assert cell(int4_symmetric=True) == "edge bundle int4, symmetric (zero point 8), top 32 logits rescored (MatMulNBits)"
+    assert "int4-sym" in throughput.OPTIONAL_VARIANTS
+
+
 def test_prompts_have_exact_lengths_and_share_ids(throughput, tiny_bundle: Path) -> None:
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     bos = manifest["tokens"].get("bos_token_id")

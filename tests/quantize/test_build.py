@@ -228,6 +228,8 @@ def test_force_never_deletes_something_that_is_not_a_bundle(tiny_model_dirs, tmp
     [
         ({"max_ppl_ratio": float("nan")}, "max-ppl-ratio"),  # NaN would let every bundle through
         ({"precision": "int8", "int4_offsets": True}, "--int4-offsets applies to int4"),
+        ({"precision": "int8", "int4_symmetric": True}, "--int4-symmetric applies to int4"),
+        ({"int4_offsets": True, "int4_symmetric": True}, "two different int4 layouts"),
         ({"precision": "int8", "rescore_top_k": 8}, "--rescore-top-k applies to int4"),
         ({"precision": "int8", "mlp_block_size": 64}, "--mlp-block-size applies to int4"),
         ({"mlp_block_size": 48}, "--mlp-block-size must be a power of two"),
@@ -337,6 +339,28 @@ def test_int4_importance_lowers_the_error_where_activations_are_large():
         quantize_int4(w, 32, offsets=False, importance=np.ones(100))
 
 
+def test_symmetric_int4_search_stores_no_zero_point_and_beats_round_to_nearest():
+    from quantize.quant import quantize_int4_symmetric
+
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((48, 256)) * rng.uniform(0.005, 0.05, (48, 1))).astype(np.float32)
+    w[:, :32] += 0.03  # blocks off-centre, where a fixed zero point wastes part of the grid
+    importance = np.ones(256, np.float32)
+    importance[9], importance[100] = 300.0, 700.0
+    q = quantize_int4(w, 32, offsets=False, importance=importance, symmetric=True)
+    assert q.zero_points is None and q.offsets is None and q.packed_zero_points() is None
+    # the kernels' default zero point 8: dequantize() reads it when none is stored
+    searched = _weighted_error(q, w, importance)
+    rtn = _weighted_error(quantize_int4_symmetric(w, 32), w, importance)
+    assert np.all(searched <= rtn * (1 + 1e-5))
+    assert searched.sum() < 0.8 * rtn.sum()
+    # a free zero point fits an off-centre block better: the symmetric grid is the cheaper, coarser layout
+    free = _weighted_error(quantize_int4(w, 32, offsets=False, importance=importance), w, importance)
+    assert free[:, 0].sum() < searched[:, 0].sum()
+    with pytest.raises(ValueError, match="no offsets"):
+        quantize_int4(w, 32, symmetric=True)
+
+
 def test_int8_blocks_keep_an_outlier_from_flattening_the_row():
     w = np.random.default_rng(1).normal(0, 0.02, (8, 256)).astype(np.float32)
     w[0, 5] = 3.0
@@ -407,6 +431,29 @@ def test_int4_with_float_offsets_on_request(tiny_model_dirs, tmp_path):
     ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") == ops.count("Add") - 1  # one offset Add per projection, one for the embedding
     assert "TopK" not in ops
+
+
+def test_symmetric_int4_on_request_stores_no_zero_points(tiny_model_dirs, tmp_path):
+    import onnx
+
+    out = tmp_path / "sym"
+    report = build_bundle(tiny_model_dirs("llama"), out, precision="int4", int4_symmetric=True, rescore_top_k=4, max_ppl_ratio=10.0)
+    q = report.manifest["quantization"]
+    assert q["int4_symmetric"] is True and q["int4_offsets"] is False and "symmetric" in q["method"]
+    assert q["calibration"] is not None  # the scale search is weighted by calibration activations, as the default's
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert matmuls and all(len(n.input) < 4 or not n.input[3] for n in matmuls)  # no zero-point input anywhere
+    assert not any("zero" in i.name or i.name.endswith(".zp") for i in model.graph.initializer)
+    default = build_bundle(tiny_model_dirs("llama"), tmp_path / "default", precision="int4", rescore_top_k=4, max_ppl_ratio=10.0)
+    assert default.manifest["quantization"]["int4_symmetric"] is False
+    default_mm = [n for n in onnx.load(str(tmp_path / "default" / "model.onnx"), load_external_data=False).graph.node
+                  if n.op_type == "MatMulNBits"]
+    assert any(len(n.input) >= 4 and n.input[3] for n in default_mm)  # the check above can see zero points
+    from edge_runtime.engine import Engine
+
+    result = Engine(out, energy_meter=None).generate("hello world", max_new_tokens=4)
+    assert result.finish_reason == "length" and len(result.token_ids) == 4
 
 
 def test_rescoring_replaces_the_top_k_logits_with_the_refined_rows():
@@ -503,8 +550,13 @@ def test_cli_chooses_the_int4_layout_and_the_rescoring(tiny_model_dirs, tmp_path
     assert "--rescore-top-k" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["quantize", src, "--out", str(tmp_path / "bad"), "--precision", "int8", "--mlp-block-size", "64"]) == 1
     assert "--mlp-block-size applies to int4" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    with pytest.raises(SystemExit):  # argparse: the two layouts exclude each other
+    with pytest.raises(SystemExit):  # argparse: the layouts exclude each other
         main(["quantize", src, "--out", str(tmp_path / "both"), "--int4-offsets", "--int4-zero-points"])
+    with pytest.raises(SystemExit):
+        main(["quantize", src, "--out", str(tmp_path / "both"), "--int4-symmetric", "--int4-offsets"])
+    assert main(["quantize", src, "--out", str(tmp_path / "sym"), "--int4-symmetric", "--rescore-top-k", "0",
+                 "--max-ppl-ratio", "10"]) == 0
+    assert load_manifest(tmp_path / "sym").raw["quantization"]["int4_symmetric"] is True
 
 
 @pytest.mark.parametrize("block_size", [8, 48, 512, 65536])
@@ -580,6 +632,25 @@ def test_sigterm_during_a_build_leaves_nothing_behind(tiny_model_dirs, tmp_path)
         assert proc.wait(60) == 128 + signal.SIGTERM
     finally:
         proc.kill()
+    assert not list(tmp_path.glob(".bundle.*")) and not out.exists()
+
+
+def test_a_signal_right_after_the_staging_directory_is_made_leaves_nothing_behind(tmp_path, monkeypatch):
+    import tempfile
+
+    from quantize import writer
+
+    real_mkdtemp = tempfile.mkdtemp
+
+    def made_then_stopped(**kwargs):
+        real_mkdtemp(**kwargs)
+        raise SystemExit(128 + signal.SIGTERM)  # SIGTERM's handler, run before mkdtemp's caller got the name
+
+    monkeypatch.setattr(writer.tempfile, "mkdtemp", made_then_stopped)
+    out = tmp_path / "bundle"
+    with pytest.raises(SystemExit):
+        with writer.staging_dir(out, force=False):
+            pytest.fail("the block must not run")
     assert not list(tmp_path.glob(".bundle.*")) and not out.exists()
 
 

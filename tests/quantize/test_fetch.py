@@ -243,13 +243,14 @@ def test_quantize_refuses_a_known_name_shadowed_by_a_local_directory_and_gives_v
     monkeypatch.setattr(quantize, "build_bundle", fake_build)
     for flags in ([], ["--int4-offsets"], ["--rescore-top-k", "0"], ["--mlp-block-size", "64"], ["--block-size", "64"],
                   ["--rescore-top-k", "8"], ["--precision", "int8", "--block-size", "16"],
-                  ["--int4-offsets", "--rescore-top-k", "0"]):
+                  ["--int4-offsets", "--rescore-top-k", "0"], ["--int4-symmetric"]):
         main(["quantize", "smollm2-135m-instruct", *flags])
     # every variant has a home of its own: --force would otherwise replace the default bundle generate and serve load
     assert outs == ["smollm2-135m-instruct-int4", "smollm2-135m-instruct-int4-offsets",
                     "smollm2-135m-instruct-int4-norescore", "smollm2-135m-instruct-int4-mlp64",
                     "smollm2-135m-instruct-int4-bs64", "smollm2-135m-instruct-int4-rescore8",
-                    "smollm2-135m-instruct-int8-bs16", "smollm2-135m-instruct-int4-offsets-norescore"]
+                    "smollm2-135m-instruct-int8-bs16", "smollm2-135m-instruct-int4-offsets-norescore",
+                    "smollm2-135m-instruct-int4-sym"]
     assert main(["quantize", "smollm2-135m-instruct", "--precision", "int8", "--int4-zero-points"]) == 1
     assert "int4 layout" in capsys.readouterr().err
 
