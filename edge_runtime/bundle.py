@@ -56,6 +56,9 @@ _FAST_SKIP_MIN_BYTES = 16 << 20
 # manifest fields that describe the build, not what the bundle answers (``files`` enters the hash by its hashes): a
 # bundle built again from a renamed copy of its source, or under another name, answers as before
 _NOT_HASHED = frozenset({"files", "created_at", "tools", "quality", "source", "name"})
+# quantization settings newer than the bundle hash: unset (false, None) they describe every earlier build, so a
+# rebuild of the same weights keeps its hash (its cached runs, its estimators, the bridge's revision)
+_ADDED_LATER = frozenset({"int4_symmetric"})
 # a manifest is a few kB (the chat template is its largest part); anything near this is not one
 _MAX_MANIFEST_BYTES = 16 << 20
 
@@ -136,7 +139,8 @@ class Manifest:
         h = hashlib.sha256(self.legacy_bundle_hash.encode())
         settings = {k: v for k, v in self.raw.items() if k not in _NOT_HASHED}
         if isinstance(settings.get("quantization"), dict):  # its "method" is prose a later version may reword
-            settings["quantization"] = {k: v for k, v in settings["quantization"].items() if k != "method"}
+            settings["quantization"] = {k: v for k, v in settings["quantization"].items()
+                                        if k != "method" and not (k in _ADDED_LATER and not v)}
         h.update(json.dumps(settings, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode())
         return h.hexdigest()
 

@@ -175,6 +175,14 @@ def test_the_bundle_hash_covers_what_the_manifest_changes_in_the_answers(bundle)
     # key order and whitespace are the file's, not the content's
     (bundle / "manifest.json").write_text(json.dumps(dict(reversed(list(before.raw.items()))), indent=3))
     assert load_manifest(bundle).bundle_hash == before.bundle_hash
+    # a setting added to the manifest later is no other bundle while unset: a default int4 build gained
+    # "int4_symmetric": false, and every rebuilt bundle lost its estimators and cached runs
+    earlier = {k: v for k, v in before.raw["quantization"].items() if k != "int4_symmetric"}  # as built before it
+    for quantization, same in ((earlier, True), ({**earlier, "int4_symmetric": False}, True),
+                               ({**earlier, "int4_symmetric": None}, True), ({**earlier, "int4_symmetric": True}, False)):
+        _edit(bundle, lambda m: m.update(quantization=quantization))
+        assert (load_manifest(bundle).bundle_hash == before.bundle_hash) is same
+    (bundle / "manifest.json").write_text(json.dumps(before.raw))
 
 
 @pytest.mark.parametrize("extra", [1, None])
