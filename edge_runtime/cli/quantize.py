@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "Q4_1 source exactly, at a cost in decode speed (the README's throughput table)")
     layout.add_argument("--int4-symmetric", action="store_true",
                         help="int4 with every zero point 8 (none stored), the scale chosen with calibration activations: "
-                             "decodes faster where the kernels pay for zero points, at some loss of quality "
-                             "(the README's Symmetric int4)")
+                             "a few percent faster, more where the kernels pay for zero points, but it answered "
+                             "fewer task questions (the README's Symmetric int4)")
     layout.add_argument("--int4-zero-points", action="store_true",
                         help="int4 with integer zero points chosen with calibration activations (the default)")
     p.add_argument("--rescore-top-k", type=int, default=None, metavar="K",
