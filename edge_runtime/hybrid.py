@@ -1224,7 +1224,9 @@ class HybridRuntime:
             wait_j = wait_energy_j(self.engine.energy_meter, cloud.latency_ms if cloud is not None else failed_cloud_ms)
         energy: dict[str, Any] = {
             "joules": round(local_j, 6),
-            "source": energies[0].source if energies else "none",
+            # every part's source: a window whose sensor failed fell back to the estimate, and the sum must not
+            # carry the sensor's name alone ("hwmon:ina226+estimate:generic")
+            "source": "+".join(dict.fromkeys(e.source for e in energies)) if energies else "none",
             "estimated": any(e.estimated for e in energies) if energies else True,
             # unknown (None) when any part's CPU times could not be read: 0.0 claimed the process drew nothing
             "process_joules": round(sum(e.process_joules for e in energies), 6)  # type: ignore[misc]

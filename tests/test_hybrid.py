@@ -844,6 +844,35 @@ def test_a_self_check_is_metered_with_the_answer(engine):
     assert checked.cost["device_energy_usd"] == pytest.approx(device_energy_usd(rt.cost, checked.energy["joules"]), rel=1e-3)
 
 
+def test_an_energy_figure_partly_estimated_names_every_source_it_sums(tiny_bundle):
+    # QA: the sensor failed between the answer and the self-check, whose window fell back to the estimate; the sum
+    # was labelled with the sensor alone (estimated: true beside a counter's name)
+    from edge_runtime.confidence import SelfCheckEstimator
+    from edge_runtime.power import Unreadable
+
+    class Failing(ConstantPowerSource):
+        broken = False
+
+        def read(self):
+            return {"constant": Unreadable("missing")} if self.broken else super().read()
+
+    sensor = Failing(5.0, label="hwmon:ina226")
+
+    class BreaksTheSensor(SelfCheckEstimator):
+        def p_correct(self, *args, **kwargs):
+            sensor.broken = True
+            return super().p_correct(*args, **kwargs)
+
+    e = Engine(tiny_bundle, energy_meter=EnergyMeter(source=sensor))
+    try:
+        r = HybridRuntime(e, policy={"type": "never"}, estimator=BreaksTheSensor(1.0, 0.0)).chat(ASK, max_new_tokens=4)
+    finally:
+        e.close()
+    parts = r.energy["source"].split("+")
+    assert parts[0] == "hwmon:ina226" and len(parts) == 2 and parts[1].startswith("estimate:")
+    assert r.energy["estimated"] is True and r.energy["estimator_joules"] > 0
+
+
 def test_a_bridge_that_names_no_price_is_refreshed_in_the_background_and_keeps_the_cost_table(engine):
     # the list had no price for the model (the [cost] table applies): its refresh ran on a request's path, and
     # a failed refresh then refused every budgeted escalation as if no read had ever succeeded
