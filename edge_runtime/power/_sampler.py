@@ -33,8 +33,10 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -295,6 +297,24 @@ class Sampler:
         self._read_started_mono: float | None = None
         # windows whose Measurement was garbage-collected unclosed; appended from GC (no lock there)
         self._abandoned: list[int] = []
+        _SAMPLERS.add(self)
+
+    def _start_over_in_child(self) -> None:
+        """After ``fork()``: only the forking thread lives on in the child (gunicorn's --preload workers,
+        multiprocessing). The sampler thread is gone but its object said it ran, so windows got no samples between
+        their ends; a lock or a read a parent's thread was inside stays taken forever (the next window hung, or
+        extrapolated the parent's last reading for good). Start over as a new sampler would: the parent's
+        timeline and its windows are the parent's."""
+        self._read_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread = None
+        self._tracks = {}
+        self._open = {}
+        self._abandoned = []
+        self._last_read_mono = None
+        self._read_started_mono = None
+        self._last_close_mono = float("-inf")
 
     # --- windows -------------------------------------------------------------------------------
 
@@ -556,3 +576,16 @@ class Sampler:
                 f"(sampling every {1000 * self.interval_s:.0f} ms): energy is power × time from the nearest reading")
         return WindowEnergy(t0=t0, t1=t1, domains_j=domains_j, missing=missing, samples=samples,
                             warnings=list(dict.fromkeys(warnings)), incomplete=incomplete)
+
+
+# every live sampler, for the fork hook below (weak: a closed meter's sampler is not kept alive by it)
+_SAMPLERS: weakref.WeakSet[Sampler] = weakref.WeakSet()
+
+
+def _start_over_in_child() -> None:
+    for sampler in list(_SAMPLERS):
+        sampler._start_over_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_start_over_in_child)

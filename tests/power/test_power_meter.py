@@ -306,3 +306,85 @@ def test_an_optional_fields_error_names_it_once_and_cuts_a_long_value() -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(PowerSettings, env={}, overrides={"active_watts_per_core": "lots"}, section="power")
     assert err.value.field == "power.active_watts_per_core"
+
+
+def _in_forked_child(body: Callable[[], object], timeout_s: float = 10.0) -> object:
+    """Run ``body`` in a forked child (as gunicorn's --preload workers run) and return what it returned; a child
+    that hangs is killed after ``timeout_s`` and fails the test."""
+    import os
+    import pickle
+    import signal
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            signal.alarm(int(timeout_s))
+            os.write(w, pickle.dumps(body()))
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as out:
+        data = out.read()
+    _, status = os.waitpid(pid, 0)
+    assert not os.WIFSIGNALED(status), f"the forked child was killed by signal {os.WTERMSIG(status)} (it hung)"
+    return pickle.loads(data)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_a_forked_child_samples_its_own_windows(tmp_path: Path) -> None:
+    # QA: the sampler thread does not survive fork() but the child's sampler still said it ran: a window read the
+    # rail at its two ends only, 1.0 J for a 50 W burst that makes ~40 J, labelled measured with no warning
+    chip = add_hwmon(tmp_path, 0, "ina226", {"power1_input": 1_000_000})
+    rail = (chip / "power1_input").resolve()
+    meter = EnergyMeter(tmp_path, sample_interval_s=0.02)
+
+    def burst() -> tuple[float, int, bool]:
+        write(rail, 1_000_000)
+        with meter.measure() as m:
+            time.sleep(0.05)
+            write(rail, 50_000_000)
+            time.sleep(0.4)
+            write(rail, 1_000_000)
+            time.sleep(0.05)
+        return m.joules, m.samples, m.estimated
+
+    try:
+        assert burst()[0] > 15  # the parent's thread samples the burst
+        joules, samples, estimated = _in_forked_child(burst)
+    finally:
+        meter.close()
+    assert samples > 5 and joules > 15 and not estimated
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_a_fork_during_a_slow_read_does_not_hang_the_child(tmp_path: Path) -> None:
+    # QA: forked while the sampler thread was inside a slow read, the child found the read lock taken for good
+    # and its first window never returned
+    from edge_runtime.power import DomainInfo, Power, PowerSource, SourceInfo
+
+    class Slow(PowerSource):
+        kind = "usb"
+
+        def __init__(self) -> None:
+            super().__init__(SourceInfo(kind="usb", label="usb:slow", present=True, usable=True,
+                                        domains=(DomainInfo("bus", "/dev/null", True),)))
+
+        def read(self):
+            time.sleep(0.3)
+            return {"bus": Power(uw=5e6)}
+
+    meter = EnergyMeter(source=Slow(), sample_interval_s=0.05)
+    try:
+        with meter.measure():
+            time.sleep(0.1)
+        time.sleep(0.1)  # the lingering thread is inside read(), holding the read lock
+
+        def one() -> str:
+            with meter.measure() as m:
+                pass
+            return m.source
+
+        assert _in_forked_child(one) == "usb:slow"
+    finally:
+        meter.close()
