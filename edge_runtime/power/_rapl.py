@@ -147,8 +147,10 @@ def detect_rapl(root: str | os.PathLike[str]) -> list[RaplSource]:
     for z in zones:
         z.in_total = z.domain in total
 
-    # only zones that would count matter: an unreadable core or uncore zone (inside its package) leaves nothing out
-    counted = [d for d in domains if "/" not in d.name or _zone_kind(d.name) == "dram"]
+    # only zones that would count matter: an unreadable core or uncore zone (inside its package) leaves nothing out,
+    # nor, when psys is the total, an unreadable package or dram zone (psys holds them)
+    counted = ([d for d in domains if _zone_kind(d.name) == "psys"] if psys else
+               [d for d in domains if "/" not in d.name or _zone_kind(d.name) == "dram"])
     denied = [d for d in counted if d.problem == PERMISSION_DENIED]
     others = [d for d in counted if not d.readable and d.problem != PERMISSION_DENIED]
     ordered_total = [d.name for d in domains if d.in_total]

@@ -134,6 +134,20 @@ def test_psys_covers_everything_when_readable(tmp_path: Path) -> None:
     assert [d.name for d in rapl.domains if d.in_total] == ["psys"]
 
 
+def test_an_unreadable_zone_inside_psys_leaves_nothing_out(tmp_path: Path) -> None:
+    # QA: with psys as the total, a dram zone reading garbage added "rapl:psys leaves part of the device out" to
+    # every measurement's warnings and the log, though psys holds the packages and their DRAM
+    add_rapl_zone(tmp_path, "0", "package-0", 1000)
+    add_rapl_zone(tmp_path, "0:2", "dram", "garbage")
+    add_rapl_zone(tmp_path, "1", "psys", 5000)
+    meter = EnergyMeter(tmp_path)
+    try:
+        assert meter.source == "rapl:psys" and meter.notes == []
+    finally:
+        meter.close()
+    assert describe_sources(tmp_path)[0].problem is None
+
+
 def test_dram_is_added_to_the_package(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
     pkg = add_rapl_zone(tmp_path, "0", "package-0", 0)
     dram = add_rapl_zone(tmp_path, "0:0", "dram", 0)
