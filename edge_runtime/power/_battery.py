@@ -16,7 +16,9 @@ nothing at all, so the battery is reported as present but not usable and
 detection falls through to the next source; if the machine is plugged in
 during a window, nothing measures the rest of it, so that window reports the
 CPU-time estimate with a warning (see ``_meter``).
-Batteries with ``scope`` ``Device`` (a mouse, a headset) are ignored.
+On battery power every system battery with a figure is read: one not
+discharging reads 0 W while another does, and may take over later (a laptop
+switching packs). Batteries with ``scope`` ``Device`` (a mouse, a headset) are ignored.
 """
 
 from __future__ import annotations
@@ -104,14 +106,17 @@ def detect_battery(root: str | os.PathLike[str]) -> list[BatterySource]:
     if not batteries:
         return []
 
+    found = [(bat, cat(bat / "status", fallback="Unknown"), *_measure(bat)) for bat in batteries]
+    # on battery power, every battery with a figure is measured: one idle now (run down, or the one the laptop is not
+    # drawing from) reads 0 W while another discharges, and may be the one discharging later (a hot-swap, a
+    # dual-battery laptop switching packs). Left out, a switch ended measuring for the meter's life
+    on_battery = any(status == "Discharging" and not isinstance(reading, Unreadable) for _, status, reading, _ in found)
     domains: list[DomainInfo] = []
     usable_batteries: list[Path] = []
-    for bat in batteries:
-        status = cat(bat / "status", fallback="Unknown")
-        reading, how = _measure(bat)
+    for bat, status, reading, how in found:
         if isinstance(reading, Unreadable):
             domains.append(DomainInfo(bat.name, str(bat), readable=False, problem=reading.reason))
-        elif status != "Discharging":
+        elif not on_battery:
             domains.append(DomainInfo(bat.name, str(bat / how.split(" ")[0]), readable=False,
                                       problem=_on_ac_problem(status)))
         else:

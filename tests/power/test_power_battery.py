@@ -179,6 +179,27 @@ def test_a_second_battery_that_runs_down_supplies_nothing_and_the_other_still_me
     assert (m.source, m.estimated, m.joules) == ("battery:BAT0+BAT1", False, pytest.approx(16.0))
 
 
+def test_a_laptop_that_switches_batteries_goes_on_measuring(tmp_path: Path, make_meter: Make, clock: ManualClock) -> None:
+    # QA: only the battery discharging when the meter was made was read; after the laptop switched to the other
+    # one, every window fell back to the estimate, saying the first was "on AC power" with no AC adapter online
+    bat0 = add_battery(tmp_path, "BAT0", status="Not charging", power_now=0)
+    bat1 = add_battery(tmp_path, "BAT1", power_now=8_000_000)
+    add_ac(tmp_path, online=False)
+    meter = make_meter(tmp_path)
+    assert meter.source == "battery:BAT0+BAT1"
+    with meter.measure() as m:
+        clock.advance(1)
+    assert (m.joules, m.estimated) == (pytest.approx(8.0), False)
+    write(bat1 / "status", "Not charging")
+    write(bat1 / "power_now", 0)
+    write(bat0 / "status", "Discharging")
+    write(bat0 / "power_now", 6_000_000)
+    with meter.measure() as m:
+        clock.advance(1)
+    assert (m.source, m.estimated, m.joules) == ("battery:BAT0+BAT1", False, pytest.approx(6.0))
+    assert m.domains == pytest.approx({"BAT0": 6.0, "BAT1": 0.0})
+
+
 def test_a_coarse_gauge_refreshed_every_30_s_is_counted_whole(tmp_path: Path, make_meter: Make,
                                                                clock: ManualClock) -> None:
     # the gauge shows 30 s of a 75 W load (2250 J) at once, between two 0.2 s samples: read as 11 kW over one
