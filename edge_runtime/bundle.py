@@ -187,7 +187,9 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
     """Read and sanity-check ``manifest.json`` (no hashing; see :func:`verify_bundle`)."""
     root = Path(bundle_dir)
     if not root.is_dir():
-        raise BundleNotFoundError(f"bundle directory not found: {root}")
+        # a file given for a bundle exists: "not found" sent the user looking for a typo
+        raise BundleNotFoundError(f"{root} is not a directory (a bundle is a directory with manifest.json)"
+                                  if root.exists() else f"bundle directory not found: {root}")
     path = root / MANIFEST_NAME
     _check_inside(root.resolve(), path, MANIFEST_NAME)  # the manifest is what the bundle answers by (its template, tokens, hashes)
     try:

@@ -183,6 +183,8 @@ def build_bundle(
         raise BuildError(f"--rescore-top-k must be between 0 and {MAX_RESCORE_TOP_K}, got {rescore_top_k}")
     if int4_offsets and int4_symmetric:
         raise BuildError("--int4-offsets and --int4-symmetric are two different int4 layouts: choose one")
+    if precision == "fp32" and block_size != 32:  # fp32 has no blocks: the flag did nothing, and said so nowhere
+        raise BuildError(f"--block-size applies to int8 and int4 bundles only, not --precision {precision}")
     if precision != "int4" and (int4_offsets or int4_symmetric or rescore_top_k or mlp_block_size is not None):
         flag = ("--int4-offsets" if int4_offsets else "--int4-symmetric" if int4_symmetric
                 else "--rescore-top-k" if rescore_top_k else "--mlp-block-size")

@@ -481,7 +481,8 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
     except BuildError:
         raise
     except Exception as err:  # transformers and safetensors raise many types on a damaged or incomplete model
-        raise BuildError(f"transformers could not load {path}: {type(err).__name__}: {err}") from err
+        # one line: a config whose sizes do not fit its weights gets torch's multi-line state_dict report
+        raise BuildError(f"transformers could not load {path}: {type(err).__name__}: {' '.join(str(err).split())}") from err
     finally:
         if bar is not None:
             gguf_utils.tqdm = bar
@@ -492,6 +493,13 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         if keys:
             raise BuildError(f"{path} is incomplete: {len(keys)} weight(s) {what.split('_')[0]} "
                              f"({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    # and it drops a checkpoint's weights its config has no place for (a config.json saying 1 layer beside a
+    # 2-layer checkpoint built a 1-layer bundle, silently): another model than the checkpoint. Rotary buffers older
+    # checkpoints saved are not weights. (A GGUF's tensors are checked against its metadata before loading.)
+    unused = [str(k) for k in loading.get("unexpected_keys") or () if not str(k).endswith(".inv_freq")]
+    if unused and kind == "hf":
+        raise BuildError(f"{path}'s config.json does not match its weights: {len(unused)} weight(s) it has no place for "
+                         f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})")
     model.eval()
     if not getattr(tokenizer, "is_fast", False):  # the bundle carries tokenizer.json, which only a fast one writes
         raise BuildError(f"{path} has only a slow {type(tokenizer).__name__}: a bundle needs a fast tokenizer "
@@ -549,6 +557,11 @@ def _check_attention_window(config: Any) -> None:
     ``use_sliding_window``; Mistral's is on whenever ``sliding_window`` is set."""
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) is False or not isinstance(window, int) or isinstance(window, bool):
+        return
+    # transformers' own per-layer list, where it has one: Qwen2's window starts at layer max_window_layers, so a
+    # model with that many layers or fewer attends over the whole context in every layer
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and layer_types and "sliding_attention" not in layer_types:
         return
     if window < int(getattr(config, "max_position_embeddings", 0) or 0):
         raise UnsupportedModelError(f"sliding-window attention (sliding_window = {window}, shorter than the context "

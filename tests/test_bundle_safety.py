@@ -281,3 +281,15 @@ def test_a_control_token_past_the_models_vocabulary_is_refused_at_load(bundle):
     with pytest.raises(BundleError, match="control token '<\\|extra\\|>' the id .*past the model's vocabulary"):
         Engine(bundle)
 
+
+
+def test_a_file_given_for_a_bundle_is_named_as_a_file_not_as_missing(tmp_path):
+    # QA: `models verify afile` said "bundle directory not found: afile" for a file that is there
+    from edge_runtime.errors import BundleNotFoundError
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(BundleNotFoundError, match="is not a directory"):
+        load_manifest(afile)
+    with pytest.raises(BundleNotFoundError, match="bundle directory not found"):
+        load_manifest(tmp_path / "nosuch")

@@ -230,6 +230,7 @@ def test_force_never_deletes_something_that_is_not_a_bundle(tiny_model_dirs, tmp
         ({"precision": "int8", "int4_offsets": True}, "--int4-offsets applies to int4"),
         ({"precision": "int8", "int4_symmetric": True}, "--int4-symmetric applies to int4"),
         ({"int4_offsets": True, "int4_symmetric": True}, "two different int4 layouts"),
+        ({"precision": "fp32", "block_size": 64}, "--block-size applies to int8 and int4"),
         ({"precision": "int8", "rescore_top_k": 8}, "--rescore-top-k applies to int4"),
         ({"precision": "int8", "mlp_block_size": 64}, "--mlp-block-size applies to int4"),
         ({"mlp_block_size": 48}, "--mlp-block-size must be a power of two"),
@@ -591,12 +592,25 @@ def test_a_model_directory_transformers_cannot_read_is_a_one_line_error(tiny_mod
     tensors = load_file(weights)
     del tensors[next(k for k in tensors if k.endswith("mlp.down_proj.weight"))]
     save_file(tensors, weights, metadata={"format": "pt"})
+    # a config.json with fewer layers than its checkpoint: transformers drops the rest (QA: a 1-layer bundle, exit 0)
+    extra = tmp_path / "extra-layers"
+    shutil.copytree(tiny_model_dirs("llama"), extra)
+    config = json.loads((extra / "config.json").read_text())
+    config["num_hidden_layers"] -= 1
+    (extra / "config.json").write_text(json.dumps(config))
+    resized = tmp_path / "resized"  # sizes that do not fit the weights: torch reports them over several lines
+    shutil.copytree(tiny_model_dirs("llama"), resized)
+    config = json.loads((resized / "config.json").read_text())
+    config["hidden_size"] *= 2
+    (resized / "config.json").write_text(json.dumps(config))
     for src, message in ((no_tokenizer, "has no tokenizer"), (damaged, "transformers could not load"),
                          (truncated, "but its weight files take 40 bytes"),
-                         (incomplete, "is incomplete: 1 weight(s) missing (model.layers.")):
+                         (incomplete, "is incomplete: 1 weight(s) missing (model.layers."),
+                         (extra, "config.json does not match its weights"), (resized, "size mismatch")):
         assert main(["quantize", str(src), "--out", str(tmp_path / "out"), "--precision", "fp32"]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "out").exists()
 
 
@@ -896,6 +910,13 @@ def test_a_sliding_window_is_refused_however_the_config_turns_it_on(tmp_path):
     # a window as long as the context changes nothing, and Qwen2's is off unless use_sliding_window says so
     assert load_source(_tiny_source(tmp_path / "long", "MistralConfig", sliding_window=256)).spec
     assert load_source(_tiny_source(tmp_path / "qwen", "Qwen2Config", sliding_window=16, use_sliding_window=False)).spec
+    # QA: Qwen2's window starts at layer max_window_layers: with every layer below it, none slides (a false refusal)
+    full = _tiny_source(tmp_path / "qwen-full", "Qwen2Config", sliding_window=16, use_sliding_window=True,
+                        max_window_layers=2)  # the tiny source's 2 layers
+    assert load_source(full).spec.num_layers == 2
+    with pytest.raises(UnsupportedModelError, match="sliding_window = 16"):
+        load_source(_tiny_source(tmp_path / "qwen-mixed", "Qwen2Config", sliding_window=16, use_sliding_window=True,
+                                 max_window_layers=1))
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_a_one_line_error(tmp_path):
