@@ -146,6 +146,10 @@ def _encode(
     return req
 
 
+# more tokens than any one call processes (a million-token context and its answer, many times over)
+_MAX_TOKENS_PER_CALL = 1 << 31
+
+
 def _result(
     resp: bridge_pb2.GenerateResponse, *, latency_ms: float, round_trip_ms: float, attempts: int
 ) -> CloudResult:
@@ -155,11 +159,17 @@ def _result(
     cost_unknown = not (math.isfinite(resp.cost_usd) and resp.cost_usd >= 0)
     if cost_unknown:
         log.warning("cloud bridge: the answer's bill is %r, no amount: its cost is unknown here", resp.cost_usd)
+    # likewise token counts: a negative one ran usage totals backwards, 2**62 swamped them
+    counts = (resp.usage.prompt_tokens, resp.usage.completion_tokens)
+    if not all(0 <= n <= _MAX_TOKENS_PER_CALL for n in counts):
+        log.warning("cloud bridge: the answer's usage (%d prompt, %d completion tokens) is no count: counted as 0",
+                    *counts)
+        counts = (0, 0)
     return CloudResult(
         text=resp.text,
         finish_reason=_FINISH_NAMES.get(resp.finish_reason, ""),
-        prompt_tokens=resp.usage.prompt_tokens,
-        completion_tokens=resp.usage.completion_tokens,
+        prompt_tokens=counts[0],
+        completion_tokens=counts[1],
         cost_usd=0.0 if cost_unknown else resp.cost_usd,
         cost_unknown=cost_unknown,
         model=resp.model,

@@ -693,3 +693,22 @@ def test_default_length_leaves_the_length_to_the_bridge():
     assert client._request(HI, params, None, None, None).max_new_tokens == 300
     assert not client._request(HI, params, None, None, None, default_length=True).HasField("max_new_tokens")
     client.close()
+
+
+def test_impossible_token_counts_from_a_bridge_are_not_passed_on(caplog):
+    # QA: a bridge's final message with usage {-100, -5} (or 2**62) reached the answer's usage as such: totals that
+    # run backwards, or swamp every other figure
+    from edge_runtime._proto.edgecloud.v1 import bridge_pb2
+    from edge_runtime.cloud._client import _result
+
+    def usage(prompt: int, completion: int):
+        resp = bridge_pb2.GenerateResponse(text="ok", cost_usd=0.001,
+                                           usage=bridge_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion))
+        r = _result(resp, latency_ms=1.0, round_trip_ms=1.0, attempts=1)
+        return r.prompt_tokens, r.completion_tokens
+
+    assert usage(12, 3) == (12, 3)
+    with caplog.at_level("WARNING"):
+        assert usage(-100, -5) == (0, 0)
+        assert usage(2**62, 3) == (0, 0)
+    assert sum("is no count" in r.getMessage() for r in caplog.records) == 2
