@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import grpc
@@ -208,14 +208,24 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                     local_model=e.local_model,
                 )
             chars = sum(len(m["content"]) for m in messages)
-            if escalation is not None:  # the hint pastes all of these into the model's prompt
-                chars += sum(map(len, (escalation.draft_answer, escalation.reason, escalation.policy,
-                                       escalation.local_model)))
             if chars > limits.max_prompt_chars:
                 raise InvalidRequestError(
                     f"the request has {chars} characters; at most {limits.max_prompt_chars} are accepted",
                     field="messages",
                 )
+            if escalation is not None:  # the hint pastes all of these into the model's prompt
+                context = sum(map(len, (escalation.reason, escalation.policy, escalation.local_model)))
+                if chars + context > limits.max_prompt_chars:
+                    raise InvalidRequestError(
+                        f"the messages' {chars} characters and the escalation's {context} are more than the "
+                        f"{limits.max_prompt_chars} accepted", field="escalation")
+                if chars + context + len(escalation.draft_answer) > limits.max_prompt_chars:
+                    # the device's draft is a hint, the messages are the question: a long draft beside a question
+                    # that fits refused every escalation of it (the device cannot know the limit). Answered without
+                    log.info("request %s: the escalation's draft (%d characters) left out: with it the request "
+                             "passes max_prompt_chars (%d)", request.request_id or "-", len(escalation.draft_answer),
+                             limits.max_prompt_chars)
+                    escalation = replace(escalation, draft_answer="")
             cap = min(limits.max_new_tokens, model.max_new_tokens or limits.max_new_tokens)
             default_length = not request.HasField("max_new_tokens")
             if not default_length:

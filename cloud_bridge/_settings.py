@@ -182,7 +182,8 @@ class LimitsSettings:
         256, help="max_new_tokens when a request leaves it unset (never more than the cap that applies; an onnx or "
                   "echo model cuts it to what the prompt leaves of its window)")
     max_messages: int = setting(64, help="most chat messages in one request")
-    max_prompt_chars: int = setting(64_000, help="most characters over all message contents of one request, plus its escalation context (draft, reason, policy, local model)")
+    max_prompt_chars: int = setting(64_000, help="most characters over all message contents of one request, plus its escalation context (reason, policy, "
+                                                 "local model, and the draft, which is left out when only it does not fit)")
 
     def validate(self) -> None:
         for name in ("max_new_tokens", "default_max_new_tokens", "max_messages", "max_prompt_chars"):

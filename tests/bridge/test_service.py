@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 
@@ -97,6 +98,22 @@ def test_escalation_context_reaches_the_backend_and_can_be_shown_to_the_model(st
     assert "41" in messages[1]["content"] and "0.25" in messages[1]["content"]
 
 
+def test_a_draft_that_would_pass_the_prompt_limit_is_left_out_and_the_question_answered(start_bridge, make_client, caplog):
+    # QA: a question that fit, sent with a long local draft, was refused as "messages: the request has N characters"
+    # on every escalation; the device cannot know the bridge's limit, and the draft is only a hint
+    bridge = start_bridge(limits={"max_prompt_chars": 200})
+    client = make_client(bridge)
+    escalation = Escalation(draft_answer="d" * 100, p_correct=0.2, reason="low", policy="threshold", local_model="m")
+    question = [{"role": "user", "content": "q" * 150}]
+    with caplog.at_level("INFO", logger="cloud_bridge.access"):
+        assert client.generate(question, escalation=escalation).text == "the answer is forty two"
+    assert bridge.backend().generations[-1].request.escalation.draft_answer == ""
+    assert any("draft (100 characters) left out" in r.getMessage() for r in caplog.records)
+    short = dataclasses.replace(escalation, draft_answer="d" * 10)  # one that fits goes along
+    client.generate(question, escalation=short)
+    assert bridge.backend().generations[-1].request.escalation == short
+
+
 def test_list_models_reports_aliases_prices_and_default(start_bridge, make_client):
     models = {**PRICED, "other": {"backend": "echo", "max_new_tokens": 100}}
     bridge = start_bridge(models=models, limits={"default_model": "other"})
@@ -140,7 +157,7 @@ def _request(**fields):
         ({"escalation": bridge_pb2.EscalationContext(p_correct=1.5)}, "escalation.p_correct"),
         ({"request_id": "r" * 129}, "request_id"),
         # the escalation context is pasted into the model's prompt: it counts towards the limit
-        ({"escalation": bridge_pb2.EscalationContext(draft_answer="d", reason="x" * 64_000)}, "messages"),
+        ({"escalation": bridge_pb2.EscalationContext(draft_answer="d", reason="x" * 64_000)}, "escalation"),
     ],
 )
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
