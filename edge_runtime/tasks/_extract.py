@@ -87,16 +87,34 @@ def _word_value(m: re.Match[str]) -> int:
     return _SMALL[small.lower()]
 
 
+# a sign word just before a number word ("minus seven"), and what stands before it: a number there makes "minus" the
+# operation ("seven minus three", "63 minus three"), as _SIGN_WORD reads digits
+_SIGN_WORD_BEFORE = re.compile(r"(?:^|(.{0,40}?))\b(negative|minus)\s+$", re.IGNORECASE | re.DOTALL)
+_ENDS_WITH_NUMBER = re.compile(r"(?:[\d)]|\b" + _WORDS_1_TO_99 + r"|\bhundred)\s*$", re.IGNORECASE)
+
+
+def _signed(text: str, start: int, value: int) -> int:
+    """``value``, negated when a sign word is written before it ("minus seven", "negative twelve")."""
+    m = _SIGN_WORD_BEFORE.search(text[max(0, start - 60):start])
+    if m is None:
+        return value
+    before = m.group(1) or ""
+    if m.group(2).lower() == "minus" and _ENDS_WITH_NUMBER.search(before):
+        return value
+    return -value
+
+
 def _number_words(text: str) -> list[int]:
     found: list[tuple[int, int]] = []  # (where, value)
     spans = []
     for m in _HUNDREDS.finditer(text):
         rest = _NUMBER_WORD.fullmatch(m.group(2)) if m.group(2) else None
-        found.append((m.start(), 100 * (_SMALL[m.group(1).lower()] if m.group(1) else 1) + (_word_value(rest) if rest else 0)))
+        value = 100 * (_SMALL[m.group(1).lower()] if m.group(1) else 1) + (_word_value(rest) if rest else 0)
+        found.append((m.start(), _signed(text, m.start(), value)))
         spans.append((m.start(), m.end()))
     for m in _NUMBER_WORD.finditer(text):
         if not any(start <= m.start() < end for start, end in spans):
-            found.append((m.start(), _word_value(m)))
+            found.append((m.start(), _signed(text, m.start(), _word_value(m))))
     return [value for _, value in sorted(found)]
 
 

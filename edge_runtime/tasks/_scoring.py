@@ -28,12 +28,21 @@ __all__ = ["score", "score_text", "SCORERS", "check_answers"]
 Scorer = Callable[[str, Sequence[str], str | None], Score]
 
 _REL_TOL = Decimal("1e-9")  # decimals are exact; this only forgives "0.30000000001"-style float echoes
+_WHOLE_ECHO = Decimal("1e-6")  # the most a float echo of a whole number is off by ("41.99999999999999")
 _GROUPED = re.compile(r"[-+\u2212]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
 
 def _integral(value: Decimal) -> bool:
     """Whole numbers compare exactly: 12345678900 is not 12345678901, however close relatively."""
     return value == value.to_integral_value()
+
+
+def _tolerance(expected: Decimal) -> Decimal:
+    """How far a reply may be from ``expected`` and still be its float echo ("0.30000000000000004", "41.99999999999999"):
+    relative to the answer (a floor of 1 forgave 0 for 1e-9), and for a whole answer never a visible fraction (relative
+    alone forgave 5000000004.9 for 5000000000)."""
+    tol = abs(expected) * _REL_TOL
+    return min(tol, _WHOLE_ECHO) if _integral(expected) else tol
 
 
 def _score_number(reply: str, answers: Sequence[str], question: str | None = None) -> Score:
@@ -48,7 +57,7 @@ def _score_number(reply: str, answers: Sequence[str], question: str | None = Non
         if expected is None:
             continue
         if value == expected or (not (_integral(value) and _integral(expected))
-                                 and abs(value - expected) <= max(abs(expected), 1) * _REL_TOL):
+                                 and abs(value - expected) <= _tolerance(expected)):
             return Score(True, raw, None)
     return Score(False, raw, None)
 

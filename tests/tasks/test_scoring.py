@@ -623,3 +623,38 @@ def test_a_unit_written_in_capitals_ends_its_sentence():
     question = "What is 59 degrees Fahrenheit in degrees Celsius? Answer with just the number."
     assert score_text("number", ["15"], "15°C. To convert, subtract 32 and multiply by 5/9.", question=question).correct
     assert score_text("text", ["J. K. Rowling"], "**J. K. Rowling**").correct  # initials end nothing
+
+
+@pytest.mark.parametrize(
+    ("answer", "reply", "correct"),
+    [
+        # QA: the float-echo tolerance had a floor of 1 and no cap for whole answers
+        ("5000000000", "5000000004.9", False),
+        ("1000000000", "1000000000.5", False),
+        ("0.000000001", "0", False),
+        ("0.0000000005", "0.0000000015", False),
+        # what it is for stays forgiven
+        ("0.3", "0.30000000000000004", True),
+        ("42", "41.99999999999999", True),
+        ("3.3", "3.3000000000000003", True),
+    ],
+)
+def test_only_a_float_echo_is_forgiven(answer, reply, correct):
+    assert score_text("number", [answer], reply).correct is correct
+
+
+@pytest.mark.parametrize(
+    ("reply", "extracted"),
+    [
+        # QA: a number written in words lost its sign word ("minus seven" scored right for 7)
+        ("minus seven", "-7"),
+        ("negative twelve", "-12"),
+        ("The temperature is minus three degrees.", "-3"),
+        ("minus one hundred", "-100"),
+        # after a number, minus is the operation
+        ("seven minus three is four", "4"),
+        ("Seven minus three equals four.", "4"),
+    ],
+)
+def test_a_sign_word_before_a_number_word_is_read(reply, extracted):
+    assert score_text("number", [extracted], reply).extracted == extracted
