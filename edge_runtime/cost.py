@@ -79,7 +79,13 @@ class CostSettings:
             raise ConfigError(f"expected a table, got {shown(self.prices)}", field="cost.prices")
         for model, price in self.prices.items():
             if not isinstance(price, dict) or not {"input", "output"} <= set(price):
-                raise ConfigError("each model needs input and output prices per million tokens", field=f"cost.prices.{model}")
+                raise ConfigError("each model needs input and output prices per million tokens (input = ..., "
+                                  "output = ...)", field=f"cost.prices.{model}")
+            # a price this table has no column for ("cached") was dropped unsaid: the estimate left it out
+            extra = sorted(set(price) - {"input", "output"})
+            if extra:
+                raise ConfigError("unknown price: a model's prices are input and output per million tokens",
+                                  field=f"cost.prices.{model}.{extra[0]}")
             for kind in ("input", "output"):
                 value = price[kind]
                 # NaN made every reservation NaN, and a budget never saw itself spent; true is not a price either

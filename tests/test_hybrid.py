@@ -739,6 +739,16 @@ def test_a_price_that_is_not_a_finite_number_is_refused_naming_it(price):
     assert info.value.field == "cost.prices.*.input"
 
 
+def test_a_price_the_cost_table_has_no_column_for_is_refused_naming_it():
+    # QA: {input=1, output=1, cached=2} passed --check and the cached price was dropped unsaid
+    from edge_runtime.cost import CostSettings
+    from edge_runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        CostSettings(prices={"big": {"input": 1.0, "output": 1.0, "cached": 2.0}})
+    assert info.value.field == "cost.prices.big.cached"
+
+
 def test_an_escalation_the_caller_cancels_mid_answer_still_counts_its_radio_energy_and_wait(engine):
     # the radio was on for the call, but a cancelled escalation reported network 0 J and cloud_ms 0
     gone = threading.Event()

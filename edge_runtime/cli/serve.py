@@ -154,8 +154,9 @@ def _report_check(settings: RuntimeSettings, bundle: Path | None) -> int:
     check_policy_inputs(policy.parts(), estimator)
     s = settings.server
     cloud = f"escalating to {settings.cloud.address}" if settings.cloud.address else "no cloud"
+    host = f"[{s.host}]" if ":" in s.host else s.host  # an IPv6 address in a URL is bracketed, as DaemonServer.url does
     print(f"edge-runtime serve: the configuration is valid: {manifest.name} ({manifest.precision}) on "
-          f"http://{s.host}:{s.port}, {cloud}")
+          f"http://{host}:{s.port}, {cloud}")
     return 0
 
 

@@ -249,7 +249,7 @@ class DaemonServer:
             self._stop.set()
             return
         self.exit_code = self.exit_code or exit_status_after_stop(sig, log)  # a failed load's 1 stays
-        log.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.settings.server.drain_timeout_s)
+        log.info("%s: draining (up to %g s)", signal.Signals(sig).name, self.settings.server.drain_timeout_s)
         self._begin_drain(self.settings.server.drain_timeout_s)
 
     def _load(self) -> None:

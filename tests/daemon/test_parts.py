@@ -224,6 +224,10 @@ def test_serve_check_validates_a_config_without_binding_or_loading(capsys, tmp_p
     assert main(["serve", "--check", "--engine-bundle", str(tiny_bundle), "--server-port", "8080"]) == 0
     out = capsys.readouterr().out
     assert "the configuration is valid" in out and "http://127.0.0.1:8080" in out and "no cloud" in out
+    # QA: an IPv6 host was printed as http://::1:8080, not a URL
+    assert main(["serve", "--check", "--engine-bundle", str(tiny_bundle), "--server-host", "::1",
+                 "--server-port", "8080"]) == 0
+    assert "http://[::1]:8080" in capsys.readouterr().out
     assert main(["serve", "--check", "--engine-bundle", str(tmp_path / "none")]) == 1
     assert "engine.bundle: bundle not found" in capsys.readouterr().err
     # what only the daemon's start checked before: it refused them after the check had passed them
