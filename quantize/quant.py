@@ -248,8 +248,10 @@ def _search_grid(blocks: np.ndarray, weights: np.ndarray, symmetric: bool = Fals
     best_err = np.full(lo.shape, np.inf, np.float32)
     for fraction in _SCALE_FRACTIONS:
         s = (fraction * span / 15.0).astype(np.float32)
-        for nudge in (0,) if symmetric else _ZERO_NUDGES:
-            z = best_z if symmetric else np.clip(np.rint(-lo / s) + nudge, 0, 15).astype(np.float32)
+        # symmetric: the zero point stays 8 (best_z); else the min/max choice for this scale, nudged
+        zero_points = [best_z] if symmetric else [np.clip(np.rint(-lo / s) + nudge, 0, 15).astype(np.float32)
+                                                  for nudge in _ZERO_NUDGES]
+        for z in zero_points:
             err = error(s, z)
             better = err < best_err
             best_err = np.where(better, err, best_err)

@@ -280,7 +280,7 @@ class Engine:
             self._byte_level = self._is_byte_level()
             self._bytes_map = _byte_decoder() if self._byte_level else {}
             self._anchor = self._text_anchor()
-            self._chars_per_token: tuple[int] | None = None  # (see _most_chars_per_token), computed when first needed
+            self._chars_per_token: int | None = None  # (see _most_chars_per_token; 0: no bound), computed when first needed
             self._specials, self._special_split = self._control_tokens()
             self._later_tokenizer = self._without_first_prefix()
             # control tokens are read from this table, not encoded, so the check where ids are made does not see them
@@ -771,8 +771,8 @@ class Engine:
                     found = 0  # Replace, Strip, Precompiled, ...: no bound known
                 elif kinds & {"NFC", "NFKC"}:
                     found *= 4
-            self._chars_per_token = (found,)  # (0: no bound; a tuple, as None means not computed yet)
-        return self._chars_per_token[0] or None
+            self._chars_per_token = found
+        return self._chars_per_token or None
 
     def fit_messages(self, messages: Sequence[Message], p: SamplingParams, *, field: str = "messages") -> list[int]:
         """The token ids of a conversation, fitting beside ``max_new_tokens`` (else ContextLengthError).

@@ -277,6 +277,18 @@ class Sampler:
         self.source = source
         self.interval_s = interval_s
         self._clock = clock
+        self._next_id = 0
+        self._stopped = False
+        self.reads = 0
+        # keep sampling this long after the last window closes, so back-to-back requests
+        # find a fresh timeline instead of paying for a synchronous (maybe expensive) read
+        self._linger_s = linger_s
+        self._start_over()
+        _SAMPLERS.add(self)
+
+    def _start_over(self) -> None:
+        """The sampling state a new sampler starts with; also what a forked child starts over with (see
+        ``_start_over_in_child``: the parent's thread, its locks' holders and its timeline are the parent's)."""
         # _read_lock serialises source reads (so readings arrive in time order);
         # _lock guards the tracks and the open windows and is never held during a read
         self._read_lock = threading.Lock()
@@ -284,37 +296,13 @@ class Sampler:
         self._wake = threading.Condition(self._lock)
         self._tracks: dict[str, DomainTrack] = {}
         self._open: dict[int, float] = {}
-        self._next_id = 0
         self._thread: threading.Thread | None = None
-        self._stopped = False
-        self.reads = 0
-        # keep sampling this long after the last window closes, so back-to-back requests
-        # find a fresh timeline instead of paying for a synchronous (maybe expensive) read
-        self._linger_s = linger_s
         self._last_close_mono = float("-inf")
         self._last_read_mono: float | None = None
         # when the read in progress began (None: no read in progress)
         self._read_started_mono: float | None = None
         # windows whose Measurement was garbage-collected unclosed; appended from GC (no lock there)
         self._abandoned: list[int] = []
-        _SAMPLERS.add(self)
-
-    def _start_over_in_child(self) -> None:
-        """After ``fork()``: only the forking thread lives on in the child (gunicorn's --preload workers,
-        multiprocessing). The sampler thread is gone but its object said it ran, so windows got no samples between
-        their ends; a lock or a read a parent's thread was inside stays taken forever (the next window hung, or
-        extrapolated the parent's last reading for good). Start over as a new sampler would: the parent's
-        timeline and its windows are the parent's."""
-        self._read_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._thread = None
-        self._tracks = {}
-        self._open = {}
-        self._abandoned = []
-        self._last_read_mono = None
-        self._read_started_mono = None
-        self._last_close_mono = float("-inf")
 
     # --- windows -------------------------------------------------------------------------------
 
@@ -583,8 +571,12 @@ _SAMPLERS: weakref.WeakSet[Sampler] = weakref.WeakSet()
 
 
 def _start_over_in_child() -> None:
+    """After ``fork()`` only the forking thread lives on (gunicorn's --preload workers, multiprocessing). A sampler's
+    thread is gone but its object said it ran, so windows got no samples between their ends; a lock or a read a
+    parent's thread was inside stays taken forever (the next window hung, or extrapolated the parent's last reading
+    for good). Each sampler starts over as a new one would."""
     for sampler in list(_SAMPLERS):
-        sampler._start_over_in_child()
+        sampler._start_over()
 
 
 if hasattr(os, "register_at_fork"):

@@ -87,19 +87,17 @@ def _word_value(m: re.Match[str]) -> int:
     return _SMALL[small.lower()]
 
 
-# a sign word just before a number word ("minus seven"), and what stands before it: a number there makes "minus" the
-# operation ("seven minus three", "63 minus three"), as _SIGN_WORD reads digits
-_SIGN_WORD_BEFORE = re.compile(r"(?:^|(.{0,40}?))\b(negative|minus)\s+$", re.IGNORECASE | re.DOTALL)
+# a sign word just before a number word ("minus seven"); a number before it makes "minus" the operation ("seven minus
+# three", "63 minus three"), as _SIGN_WORD reads digits
+_SIGN_WORD_BEFORE = re.compile(r"\b(negative|minus)\s+$", re.IGNORECASE)
 _ENDS_WITH_NUMBER = re.compile(r"(?:[\d)]|\b" + _WORDS_1_TO_99 + r"|\bhundred)\s*$", re.IGNORECASE)
 
 
 def _signed(text: str, start: int, value: int) -> int:
     """``value``, negated when a sign word is written before it ("minus seven", "negative twelve")."""
-    m = _SIGN_WORD_BEFORE.search(text[max(0, start - 60):start])
-    if m is None:
-        return value
-    before = m.group(1) or ""
-    if m.group(2).lower() == "minus" and _ENDS_WITH_NUMBER.search(before):
+    window = text[max(0, start - 40):start]
+    m = _SIGN_WORD_BEFORE.search(window)
+    if m is None or (m.group(1).lower() == "minus" and _ENDS_WITH_NUMBER.search(window[:m.start()])):
         return value
     return -value
 
