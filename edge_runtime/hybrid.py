@@ -460,11 +460,11 @@ class HybridRuntime:
         self._free_warned = False  # a bridge that names no price was warned about
         self._prices_read = threading.Lock()  # held by the request reading them
         self._prior_warned: tuple[str, str] | None = None  # the bridge model a mismatched cloud prior was warned for
-        # when to ask the bridge which model it serves, to check the gain policy's cloud prior against it (a budget's
-        # price reads check it too); never, without a gain policy or a prior that records its model
-        recorded = isinstance((getattr(self.estimator, "meta", None) or {}).get("cloud_model"), Mapping)
-        checks = self._wants_p_cloud and recorded and getattr(cloud, "list_models", None) is not None
-        self._prior_check_due_s = -math.inf if checks else math.inf
+        # when to ask the bridge which model it serves (a budget's price reads ask too): to check the gain policy's
+        # cloud prior against it, and to learn the longest answer it accepts (see _ask_cloud)
+        self._prior_check_due_s = -math.inf if getattr(cloud, "list_models", None) is not None else math.inf
+        # the bridge's max_new_tokens_limit for the model escalations go to (None: not read yet, or none said)
+        self._cloud_max_new_tokens: int | None = None
         self._prior_lock = threading.Lock()  # for the two above: requests on several threads look at them
         self._pace = _LocalPace()
         self._owned_meter: Any = None  # an energy meter from_settings made for this runtime alone
@@ -776,7 +776,7 @@ class HybridRuntime:
                     self._prices = _PriceState.known(prices, generation)
             if info is not None:
                 try:
-                    self._check_cloud_prior(info)
+                    self._note_served_model(info)
                 except Exception:  # a bug in a warning must not fail the request reading the prices
                     log.exception("checking the cloud prior against the bridge's model failed")
         finally:
@@ -816,10 +816,14 @@ class HybridRuntime:
             self._prior_check_due_s = time.monotonic() + _PRICES_REFRESH_S
 
         def read() -> None:
+            from .cloud import CloudClient
+
+            # outside the circuit breaker: this read is the runtime's, not a request's (see CloudClient.list_models)
+            outside = {"circuit": False} if isinstance(self.cloud, CloudClient) else {}
             try:
-                info = self._served_model(self.cloud.list_models(timeout_s=_PRICES_TIMEOUT_S))
+                info = self._served_model(self.cloud.list_models(timeout_s=_PRICES_TIMEOUT_S, **outside))
                 if info is not None:
-                    self._check_cloud_prior(info)
+                    self._note_served_model(info)
             except Exception as err:  # a bug too: logged, never the thread's traceback on stderr
                 if isinstance(err, CloudError):  # down: its escalations fall back anyway; try again later
                     log.debug("cannot ask the bridge which model it serves: %s", err)
@@ -831,6 +835,13 @@ class HybridRuntime:
                     self._prior_check_due_s = time.monotonic() + retry_s
 
         threading.Thread(target=read, daemon=True, name="bridge-models").start()
+
+    def _note_served_model(self, info: Any) -> None:
+        """What the device learns from the bridge's entry for its model: the longest answer it accepts, and whether
+        the gain policy's cloud prior describes it."""
+        limit = getattr(info, "max_new_tokens_limit", 0)
+        self._cloud_max_new_tokens = limit if isinstance(limit, int) and limit > 0 else None
+        self._check_cloud_prior(info)
 
     def _check_cloud_prior(self, info: Any) -> None:
         """Warn (once per bridge model) when the gain policy's cloud prior was fitted for another cloud model: it
@@ -1169,6 +1180,11 @@ class HybridRuntime:
                      pattern)
             draft = ""
         progress = progress or _CloudProgress()
+        cap = self._cloud_max_new_tokens
+        if cap is not None and params.max_new_tokens > cap:
+            # the bridge refuses a longer request outright: every such escalation fell back. Its answer is cut at
+            # the bridge's limit instead, and says so (finish_reason "length")
+            params = dataclasses.replace(params, max_new_tokens=cap)
         escalation = Escalation(draft_answer=draft, p_correct=_finite_or_none(p_correct), reason=decision.reason,
                                 policy=self.policy.describe(),
                                 local_model=self.engine.model_name)

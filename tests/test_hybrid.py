@@ -854,6 +854,22 @@ def test_a_self_check_is_metered_with_the_answer(engine):
     assert checked.cost["device_energy_usd"] == pytest.approx(device_energy_usd(rt.cost, checked.energy["joules"]), rel=1e-3)
 
 
+def test_an_escalation_longer_than_the_bridge_accepts_is_cut_at_its_limit_not_refused(engine):
+    # QA: a bridge that accepts at most 8 new tokens refused every escalation asking for 20 (INVALID_ARGUMENT
+    # max_new_tokens), so each fell back; ListModels says the limit
+    with _echo_bridge("big", reply="one two three four five six seven eight nine ten eleven twelve",
+                      max_new_tokens=8) as (_server, port):
+        rt = _runtime(engine, port, {"type": "always"})
+        rt.chat(ASK, max_new_tokens=20)  # the first escalation starts the background read of the bridge's models
+        deadline = time.monotonic() + 10
+        while rt._cloud_max_new_tokens is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert rt._cloud_max_new_tokens == 8
+        r = rt.chat(ASK, max_new_tokens=20)
+    assert r.route == "cloud", r.cloud_error
+    assert r.usage["cloud"]["completion_tokens"] <= 8 and r.finish_reason == "length"
+
+
 def test_an_energy_figure_partly_estimated_names_every_source_it_sums(tiny_bundle):
     # QA: the sensor failed between the answer and the self-check, whose window fell back to the estimate; the sum
     # was labelled with the sensor alone (estimated: true beside a counter's name)

@@ -184,6 +184,10 @@ def _result(
     )
 
 
+def _ignore(*_args: object, **_kwargs: object) -> None:
+    pass
+
+
 def _cancelled_error() -> CloudCancelledError:
     return CloudCancelledError("cloud bridge: the call was cancelled by its caller", code="CANCELLED")
 
@@ -413,12 +417,22 @@ class CloudClient:
         return start, start + (self.settings.timeout_s if timeout_s is None else timeout_s)
 
     def _unary(self, invoke: Callable[[float], T], timeout_s: float | None, *,
-               generation: bool = True) -> tuple[T, float, float, int]:
-        """Run ``invoke(remaining_s)`` with retries; returns (response, latency_ms, round_trip_ms, attempts)."""
+               generation: bool = True, circuit: bool = True) -> tuple[T, float, float, int]:
+        """Run ``invoke(remaining_s)`` with retries; returns (response, latency_ms, round_trip_ms, attempts).
+
+        ``circuit=False``: the call neither waits for the circuit breaker nor tells it how it ended (see
+        :meth:`list_models`)."""
         # the argument first: a half-open circuit's probe taken by a call refused for its timeout_s was never given
         # back, and every later call was skipped as "one call is testing the bridge now"
         start, deadline_s = self._deadline(timeout_s)
-        probe = self._enter_circuit(generation=generation)
+        if circuit:
+            probe = self._enter_circuit(generation=generation)
+        elif self._closed:
+            raise self._closed_error()
+        else:
+            probe = 0
+        # what a call outside the circuit tells it: nothing
+        record, neutral = (self._record, self.circuit.record_neutral) if circuit else (_ignore, _ignore)
         attempt = 0
         try:
             while True:
@@ -446,13 +460,13 @@ class CloudClient:
                     attempt += 1
                     continue
                 now = self._clock()
-                self._record(None)
+                record(None)
                 return response, (now - start) * 1000.0, (now - sent) * 1000.0, attempt + 1
         except CloudError as err:
-            self._record(err, cut_short=self._cut_short(err, timeout_s, deadline_s), probe=probe)
+            record(err, cut_short=self._cut_short(err, timeout_s, deadline_s), probe=probe)
             raise
         except BaseException:
-            self.circuit.record_neutral(probe=probe)
+            neutral(probe=probe)
             raise
 
     # --- the API ---------------------------------------------------------------------------------------
@@ -622,13 +636,20 @@ class CloudClient:
             else:
                 self.circuit.record_neutral(probe=probe)
 
-    def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
+    def list_models(self, *, timeout_s: float | None = None, circuit: bool = True) -> list[ModelInfo]:
+        """The bridge's models with their limits and prices.
+
+        ``circuit=False`` (a background read of the limits, not a request's): the call is made while the circuit is
+        open, and how it ends does not count toward opening or closing it. A read that failed in an outage opened
+        the circuit sooner than the escalations alone would have, and one made in a half-open circuit took the probe
+        meant for an escalation."""
         response, *_ = self._unary(
             lambda remaining: self._stub.ListModels(
                 bridge_pb2.ListModelsRequest(), timeout=remaining, metadata=self._metadata()
             ),
             timeout_s,
             generation=False,  # not charged to the device's quota: a spent quota does not stop it
+            circuit=circuit,
         )
         return [
             ModelInfo(

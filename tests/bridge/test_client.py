@@ -195,6 +195,27 @@ def test_half_open_lets_one_probe_through_and_success_closes_the_circuit(start_b
     assert client.circuit.state == "closed" and flaky.calls == 3
 
 
+def test_a_models_read_outside_the_circuit_neither_opens_it_nor_takes_its_probe(start_bridge, make_client):
+    # a runtime's background read of the bridge's limits, failing in an outage, opened the circuit after one
+    # escalation; made in a half-open circuit, it took the probe meant for an escalation
+    bridge = start_bridge()
+    bridge.server.stop(0)
+    client = make_client(bridge, max_attempts=1, circuit_failure_threshold=1, timeout_s=2)
+    with pytest.raises(CloudUnavailableError):
+        client.list_models(circuit=False)
+    assert client.circuit.state == "closed" and client.circuit.consecutive_failures == 0
+    flaky, client, fake = _circuit_before_a_flaky_bridge(start_bridge, make_client, failures=1)
+    with pytest.raises(CloudUnavailableError):
+        client.generate(HI)
+    assert [m.alias for m in client.list_models(circuit=False)] == ["flaky"]  # made while the circuit is open
+    assert client.circuit.state == "open"  # and its success did not close it
+    fake.now += 30
+    client.list_models(circuit=False)
+    assert client.circuit.state == "half_open"
+    assert client.generate(HI).text == "fine"  # the probe was still there for the escalation
+    assert client.circuit.state == "closed"
+
+
 def test_a_call_refused_for_its_timeout_leaves_a_half_open_circuit_to_the_next_call(start_bridge, make_client):
     flaky, client, fake = _circuit_before_a_flaky_bridge(start_bridge, make_client, failures=1)
     with pytest.raises(CloudUnavailableError):
