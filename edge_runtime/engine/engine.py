@@ -40,7 +40,7 @@ from .._heap import release_free_heap
 from ..bundle import Manifest, VerifyMode, verify_bundle
 from ..errors import BundleError, ContextLengthError, EdgeRuntimeError, InvalidRequestError, OutOfMemoryError
 from ._lookup import MAX_PROMPT_LOOKUP_TOKENS, PROMPT_LOOKUP_TOKENS, PromptLookup
-from ._sampling import choose_token, distribution_signals, log_softmax
+from ._sampling import choose_token, distribution_signals, log_softmax, signal_scratch
 from ._session import KVCache, OrtModel
 from ._template import ChatTemplate
 from ._text import IncrementalDecoder, StopMatcher
@@ -882,6 +882,7 @@ class Engine:
                 logits = out[-1]
             t_prefill = time.perf_counter()
             rng = np.random.default_rng(p.seed) if p.temperature > 0 else None
+            scratch = signal_scratch(self.model.vocab_size)
             decoder = IncrementalDecoder(self.tokenizer, token_bytes=self.token_bytes)
             stops = StopMatcher(p.stop)
             # a stop string spelling a special token is matched by the token's id: the decoder skips special tokens,
@@ -930,7 +931,8 @@ class Engine:
                         rows, drafted = [], []
                 if lookup is not None:
                     lookup.extend((tid,))
-                sig = distribution_signals(logits, tid, p.top_logprobs)
+                greedy = rng is None  # then the choice is the argmax
+                sig = distribution_signals(logits, tid, p.top_logprobs, top1=tid if greedy else None, scratch=scratch)
                 info = TokenInfo(
                     id=tid, text=self.token_text(tid), logprob=sig.logprob, entropy=sig.entropy, margin=sig.margin,
                     top_logprobs=None if sig.top_ids is None else tuple(

@@ -1229,6 +1229,28 @@ def test_logits_that_are_not_numbers_are_a_bundle_error_not_nan_signals():
     assert -1 < distribution_signals(np.array([0.0, -3.0, 1.0], np.float32), 2).logprob < 0
 
 
+def test_signals_from_reused_scratch_rows_equal_freshly_computed_ones():
+    import numpy as np
+
+    from edge_runtime.engine._sampling import distribution_signals, signal_scratch
+
+    rng = np.random.default_rng(1)
+    scratch = signal_scratch(50)
+    for dtype in (np.float32, np.float64):  # float64 logits do not fit the rows: computed as before
+        for _ in range(3):  # the rows hold the last token's values: nothing of them may leak into the next
+            logits = (rng.standard_normal(50) * 4).astype(dtype)
+            top1 = int(np.argmax(logits))
+            fresh = distribution_signals(logits, 7, 5)
+            reused = distribution_signals(logits, 7, 5, top1=top1, scratch=scratch)
+            assert (fresh.logprob, fresh.entropy, fresh.margin) == (reused.logprob, reused.entropy, reused.margin)
+            assert fresh.top_ids.tolist() == reused.top_ids.tolist()
+            assert fresh.top_logprobs.tolist() == reused.top_logprobs.tolist()
+    logits = np.zeros(50, np.float32)
+    logits[4] = np.nan
+    with pytest.raises(Exception, match="not numbers"):
+        distribution_signals(logits, 4, top1=4, scratch=scratch)
+
+
 def test_a_prompt_nll_of_a_prefill_cancelled_part_way_is_none(engine, monkeypatch):
     # QA CCC: the chunks that ran were reported as the whole prompt's likelihood
     from edge_runtime.engine import _session
