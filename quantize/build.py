@@ -55,6 +55,7 @@ _BYTES_PER_PARAM = {"fp32": 4.0, "int8": 1.2, "int4": 0.75}
 # perplexity ratio 1.077 / 1.077 / 1.073 with 8 / 32 / 64, 1.105 without.
 RESCORE_TOP_K = 32
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
+DEFAULT_BLOCK_SIZE = 32
 MAX_RESCORE_TOP_K = 1024
 
 # progress(step, done, total): step names the phase, done/total count its units
@@ -137,7 +138,7 @@ def build_bundle(
     out: str | os.PathLike[str],
     *,
     precision: str = "int4",
-    block_size: int = 32,
+    block_size: int | None = None,
     mlp_block_size: int | None = None,
     max_ppl_ratio: float = 1.25,
     force: bool = False,
@@ -165,7 +166,7 @@ def build_bundle(
     (see ``quantize.graph``); 0 keeps only the 4-bit table. None: a known
     model's recipe, else ``RESCORE_TOP_K``.
 
-    ``block_size``: blocks along K of every projection, unless
+    ``block_size`` (int8/int4; None: ``DEFAULT_BLOCK_SIZE``, 32): blocks along K of every projection, unless
     ``mlp_block_size`` (int4; None: ``block_size``) gives the MLP's (gate/up
     and down) their own: larger blocks there decode faster at some loss of
     quality (the README's *Block sizes*).
@@ -183,7 +184,9 @@ def build_bundle(
         raise BuildError(f"--rescore-top-k must be between 0 and {MAX_RESCORE_TOP_K}, got {rescore_top_k}")
     if int4_offsets and int4_symmetric:
         raise BuildError("--int4-offsets and --int4-symmetric are two different int4 layouts: choose one")
-    if precision == "fp32" and block_size != 32:  # fp32 has no blocks: the flag did nothing, and said so nowhere
+    # fp32 has no blocks: the flag did nothing, and said so nowhere. Any size given counts, 32 too (None: not given):
+    # `--block-size 32 --precision fp32` was built silently while 64 was refused
+    if precision == "fp32" and block_size is not None:
         raise BuildError(f"--block-size applies to int8 and int4 bundles only, not --precision {precision}")
     if precision != "int4" and (int4_offsets or int4_symmetric or rescore_top_k or mlp_block_size is not None):
         flag = ("--int4-offsets" if int4_offsets else "--int4-symmetric" if int4_symmetric
@@ -199,7 +202,8 @@ def build_bundle(
         recipe = KNOWN_MODELS[known].rescore_top_k if known else None
         rescore_top_k = RESCORE_TOP_K if recipe is None else recipe
     rescore_top_k = rescore_top_k if precision == "int4" else 0
-    block_size = int(block_size)  # a numpy integer would not go into the manifest's JSON
+    # int(): a numpy integer would not go into the manifest's JSON
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
     mlp_block_size = block_size if mlp_block_size is None else int(mlp_block_size)
     say("load", 0, 1)
     src = load_source(path)  # which checks the source first

@@ -13,8 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="bundle directory to create (default for known models: <cache>/bundles/NAME-PRECISION, "
                                  "with -offsets, -sym, -norescore, -rescoreK, -bsN or -mlpN for those variants)")
     p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="int4", help="weight precision (default int4)")
-    p.add_argument("--block-size", type=int, default=32,
-                   help="quantization block size along the input dimension: a power of two from 16 to 256 (default 32)")
+    # default None, not 32: fp32 refuses the flag whatever its value, so the build must see whether it was given
+    p.add_argument("--block-size", type=int, default=None,
+                   help="int8/int4: quantization block size along the input dimension: a power of two from 16 to 256 "
+                        "(default 32)")
     p.add_argument("--mlp-block-size", type=int, default=None, metavar="N",
                    help="int4: block size of the MLP projections (gate/up, down), default --block-size; 64 decodes "
                         "faster at some loss of quality (the README's Block sizes)")
@@ -89,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
             out = out.with_name(out.name + ("-offsets" if args.int4_offsets else "-sym"))
         if args.rescore_top_k is not None and args.precision == "int4":  # with --int4-offsets too
             out = out.with_name(out.name + ("-norescore" if args.rescore_top_k == 0 else f"-rescore{args.rescore_top_k}"))
-        if args.block_size != 32 and args.precision != "fp32":
+        if args.block_size not in (None, 32) and args.precision != "fp32":
             out = out.with_name(out.name + f"-bs{args.block_size}")
         if args.mlp_block_size is not None and args.precision == "int4":
             out = out.with_name(out.name + f"-mlp{args.mlp_block_size}")

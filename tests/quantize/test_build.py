@@ -231,6 +231,8 @@ def test_force_never_deletes_something_that_is_not_a_bundle(tiny_model_dirs, tmp
         ({"precision": "int8", "int4_symmetric": True}, "--int4-symmetric applies to int4"),
         ({"int4_offsets": True, "int4_symmetric": True}, "two different int4 layouts"),
         ({"precision": "fp32", "block_size": 64}, "--block-size applies to int8 and int4"),
+        # the default's own size given is the flag given too: it was built silently, as if fp32 had blocks
+        ({"precision": "fp32", "block_size": 32}, "--block-size applies to int8 and int4"),
         ({"precision": "int8", "rescore_top_k": 8}, "--rescore-top-k applies to int4"),
         ({"precision": "int8", "mlp_block_size": 64}, "--mlp-block-size applies to int4"),
         ({"mlp_block_size": 48}, "--mlp-block-size must be a power of two"),
@@ -241,6 +243,14 @@ def test_options_that_cannot_apply_are_refused_before_any_work(tiny_model_dirs, 
     with pytest.raises(BuildError, match=message):
         build_bundle(tiny_model_dirs("llama"), tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_any_block_size_for_fp32(tiny_model_dirs, tmp_path, capsys):
+    """The README lists `--block-size` with `--precision fp32` among the one-line errors: 32, the default, too."""
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_model_dirs("llama")), "--out", str(out), "--precision", "fp32", "--block-size", "32"]) == 1
+    assert "--block-size applies to int8 and int4" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("config", ["{", "[]"])
