@@ -994,6 +994,12 @@ class HybridRuntime:
                         decision, early_exit = d, True
                         # the early-exit signal is not a probability of being right: no estimate is sent or reported
                         stop.set()  # the engine ends the generation at its next step
+                    elif d.action == "local_forced":
+                        # a gate refused the escalation the early exit wanted (a budget that requests in flight
+                        # filled since the check before decoding): the answer is finished here and says so. It was
+                        # dropped: the answer came back "local", "no part of the policy asked for the cloud", and
+                        # was not counted in edge_runtime_forced_local_total (replay counts it as forced)
+                        decision, watch = d, False
             local.close()  # hands the KV cache back to the engine's pool now, not when the generator is collected
             # the escalation was admitted (and a budget reserved) during decoding, for the prompt alone
             reserved_without_draft = early_exit

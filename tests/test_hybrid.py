@@ -778,6 +778,26 @@ def test_an_early_exit_on_the_last_token_keeps_the_whole_answer_as_the_fallback(
     assert sent == [""] and r.text and r.usage["local"]["completion_tokens"] == 4  # decoded once
 
 
+def test_an_early_exit_a_budget_refuses_mid_answer_is_answered_locally_saying_why(engine):
+    # the budget had room when this request started decoding; another request spent it meanwhile, so the early
+    # exit's escalation was vetoed: the answer came back "local", "no part of the policy asked for the cloud"
+    def list_models(**_kw):
+        return [SimpleNamespace(alias="", is_default=True, usd_per_million_input_tokens=0.0,
+                                usd_per_million_output_tokens=0.0, model="big", revision="", bundle_revision="")]
+
+    rt = HybridRuntime(engine, policy={"chain": [{"type": "early_exit", "bar": 0.999, "min_tokens": 3},
+                                                 {"type": "budget", "usd": 1.0, "period_s": 3600}]},
+                       cloud=_fake_cloud(_answering("4", cost_usd=1.0), list_models=list_models))
+    chunks = rt.stream(ASK, max_new_tokens=8, reveal_draft=True)
+    next(chunks)  # past the budget's check before decoding, one token made
+    assert rt.chat(ASK, model="cloud", max_new_tokens=8).route == "cloud"  # spends the whole cap
+    *texts, done = list(chunks)
+    r = done.result
+    assert r.route == "local_forced" and r.reason == "budget_exhausted" and r.policy.startswith("early_exit")
+    assert r.usage["local"]["completion_tokens"] == 8 and r.usage["cloud"]["completion_tokens"] == 0
+    assert r.p_correct is not None and r.cost["cloud_usd"] == 0
+
+
 def test_an_empty_cloud_answer_gives_the_local_answer_as_fallback_with_the_bill(engine):
     # whitespace from the bridge replaced a non-empty local answer: the caller got nothing
     cloud = _fake_cloud(_answering("   ", cost_usd=0.002))
