@@ -48,6 +48,14 @@ def policy_from_config(cfg: Any, *, where: str = "policy") -> Policy:
     if isinstance(cfg, Policy):
         return cfg
     if isinstance(cfg, str):
+        if "(" in cfg or "+" in cfg:
+            # a label as describe() and the explorer write it ("early_exit(min_prob<0.2,k=4)+gain(min=0.3)", which
+            # the README shows beside its config): named an unknown policy, while listing the very name it starts with
+            types = [part.split("(", 1)[0].strip() for part in cfg.split("+")]
+            table = ", ".join(f'{{type = "{t}", ...}}' for t in types)
+            raise ConfigError(f"{cfg!r} is a policy's label, not its config: write it as a table, "
+                              f"{table if len(types) == 1 else '{chain = [' + table + ']}'} with the parameters "
+                              "spelt out (`edge-runtime explore` writes each label's config beside it)", field=where)
         cfg = {"type": cfg}
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"must be a policy name or a table, got {type(cfg).__name__}", field=where)

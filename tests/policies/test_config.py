@@ -65,6 +65,10 @@ def test_shorthands():
         (42, "policy", "must be a policy name or a table"),
         ({}, "policy.type", "missing"),
         ({"type": "magic"}, "policy.type", "unknown policy 'magic' (expected one of always, budget, chain"),
+        # a label, as the explorer and describe() write them: not a config, and said so (it was "unknown policy")
+        ("threshold(p=0.1)", "policy", 'a policy\'s label, not its config: write it as a table, {type = "threshold", ...}'),
+        ({"chain": ["never", "early_exit(min_prob<0.2,k=4)+gain(min=0.3)"]}, "policy.chain[1]",
+         '{chain = [{type = "early_exit", ...}, {type = "gain", ...}]}'),
         ({"type": "threshold", "q": 0.5}, "policy.q", "unknown key"),
         ({"type": "threshold", "p": "high"}, "policy.p", "must be a number"),
         ({"type": "never", "p": 1}, "policy.p", "unknown key"),
