@@ -96,6 +96,8 @@ def _token_add(args: argparse.Namespace) -> int:
     from ._auth import add_device_token, read_tokens_file, tokens_file_lock, write_tokens_file
 
     path = _tokens_file(args)
+    # the bridge would go on taking the old token and refuse the one printed here (a --replace revoked nothing)
+    _refuse_inline(args, args.device, "remove it there first, then add the device here")
     if sys.stdout is None:  # started with stdout closed: print() would drop the token without a word
         raise ConfigError("standard output is closed: the new token could not be shown", field="stdout")
     with tokens_file_lock(path):  # the rollback below must not undo another command's change
@@ -118,17 +120,40 @@ def _token_list(args: argparse.Namespace) -> int:
     from ._auth import read_tokens_file
 
     # a missing file is an error, as for `token remove`: listing nothing would hide a wrong path
-    for device in sorted(read_tokens_file(_tokens_file(args))):
+    devices = set(read_tokens_file(_tokens_file(args)))
+    inline = _inline_tokens(args)
+    for device in sorted(devices | set(inline)):  # every device the bridge trusts
         print(device)
+    if inline:
+        print(f"{', '.join(sorted(inline))}: token hash written in {args.config} ([auth] tokens); "
+              "`token remove` cannot revoke it, edit that file", file=sys.stderr)
     return 0
 
 
 def _token_remove(args: argparse.Namespace) -> int:
     from ._auth import remove_device_token
 
-    remove_device_token(_tokens_file(args), args.device)
+    path = _tokens_file(args)
+    _refuse_inline(args, args.device, "remove it there to revoke it")
+    remove_device_token(path, args.device)
     print(f"removed the token of device {args.device!r}", file=sys.stderr)
     return 0
+
+
+def _inline_tokens(args: argparse.Namespace) -> dict[str, str]:
+    """The devices whose token hash is written in the config file's ``[auth] tokens`` (none without ``--config``).
+
+    The bridge trusts them beside the tokens file, and for a device in both it takes the inline hash: the token
+    commands, which change only the file, must say so rather than print a token that never works or a list
+    without them.
+    """
+    return dict(_settings(args).auth.tokens) if args.config else {}
+
+
+def _refuse_inline(args: argparse.Namespace, device: str, what: str) -> None:
+    if device in _inline_tokens(args):
+        raise ConfigError(f"device {device!r} has its token hash written in {args.config} ([auth] tokens), which the "
+                          f"bridge uses whatever the tokens file holds: {what}", field=f"auth.tokens.{device}")
 
 
 def _config(args: argparse.Namespace) -> int:

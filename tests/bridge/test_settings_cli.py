@@ -168,6 +168,23 @@ def test_token_add_prints_the_token_once_and_stores_its_hash(tmp_path, capsys):
     assert main(["token", "remove", "pi-kitchen", "--config", str(path)]) == 1
 
 
+def test_token_commands_see_the_inline_token_hashes_the_bridge_trusts(tmp_path, capsys):
+    # the bridge takes an inline [auth] tokens hash over the file's: a token added or replaced in the file for
+    # such a device was printed and never accepted (the old one kept working), and `token list` left it out
+    inline = "sha256:" + "0" * 64
+    path = write(tmp_path, CONFIG + f'\n[auth.tokens]\n"legacy" = "{inline}"\n')
+    assert main(["token", "add", "fresh", "--config", str(path)]) == 0
+    capsys.readouterr()
+    for command in (["token", "add", "legacy"], ["token", "add", "legacy", "--replace"], ["token", "remove", "legacy"]):
+        assert main([*command, "--config", str(path)]) == 1
+        out = capsys.readouterr()
+        assert "auth.tokens.legacy" in out.err and "ebt_" not in out.out
+    assert "legacy" not in (tmp_path / "secrets" / "tokens.toml").read_text()
+    assert main(["token", "list", "--config", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.out.split() == ["fresh", "legacy"] and "[auth] tokens" in out.err and "0" * 64 not in out.err
+
+
 def test_config_command_hides_secrets(tmp_path, capsys):
     path = write(tmp_path, CONFIG + '\n[auth.tokens]\n"dev" = "sha256:' + "0" * 64 + '"\n')
     assert main(["config", "--config", str(path)]) == 0
