@@ -152,6 +152,12 @@ def _report_check(settings: RuntimeSettings, bundle: Path | None) -> int:
         raise ConfigError(str(err), field="engine.estimator") from err
     policy = settings.policy if isinstance(settings.policy, Policy) else policy_from_config(settings.policy)
     check_policy_inputs(policy.parts(), estimator)
+    if settings.cloud.address and not settings.cloud.resolve_token():
+        # the daemon starts so (a token written to token_file later is read) and warns: so does the check, which said
+        # "valid" alone while every escalation the daemon would make was refused by the bridge
+        from ..cloud._settings import no_token_warning
+
+        logging.getLogger("edge_runtime.daemon").warning("%s", no_token_warning(settings.cloud))
     s = settings.server
     cloud = f"escalating to {settings.cloud.address}" if settings.cloud.address else "no cloud"
     host = f"[{s.host}]" if ":" in s.host else s.host  # an IPv6 address in a URL is bracketed, as DaemonServer.url does

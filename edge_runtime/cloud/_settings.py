@@ -145,6 +145,18 @@ class CloudSettings:
         return _checked_token(token, "cloud.token_file")
 
 
+def no_token_warning(settings: CloudSettings | None) -> str:
+    """What the daemon (at start) and ``serve --check`` say when a bridge is configured and no device token is: the
+    bridge refuses every call then, so each escalation comes back as the local fallback. Not an error: a token
+    written into ``token_file`` later is read without a restart."""
+    if isinstance(settings, CloudSettings) and settings.token_file is not None:  # there, holding nothing but spaces
+        what = f"the token file {settings.token_file} is empty"
+    else:
+        what = "no device token is configured (token_file, token or EDGE_RUNTIME_CLOUD_TOKEN)"
+    return (f"cloud.token_file: {what}: the bridge refuses calls without one, so every escalation will come back "
+            "as the local fallback")
+
+
 def _checked_token(token: str, field: str) -> str:
     """A token goes into gRPC metadata, which carries printable ASCII only: anything else would fail every call."""
     if not all("!" <= ch <= "~" for ch in token):

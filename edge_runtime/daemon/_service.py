@@ -260,9 +260,9 @@ class ChatService:
             hint = str(getattr(runtime, "cloud_model_hint", "") or "")
             self.cloud_model = "" if hint == "*" else hint
             if not getattr(runtime.cloud, "has_token", True):
-                log.warning("cloud.token_file: no device token is configured (token_file, token or "
-                            "EDGE_RUNTIME_CLOUD_TOKEN): the bridge refuses calls without one, so every escalation "
-                            "will come back as the local fallback")
+                from ..cloud._settings import no_token_warning
+
+                log.warning("%s", no_token_warning(getattr(runtime.cloud, "settings", None)))
         self.runtime = runtime
         if self.state == "loading":
             self.state = "ready"

@@ -233,3 +233,23 @@ def test_serve_check_refuses_a_power_source_this_device_lacks(capsys, tmp_path, 
                  "--power-sysfs-root", str(tree)]) == 0
     assert "configuration is valid" in capsys.readouterr().out
     assert not [t for t in threading.enumerate() if t.name.startswith("edge-runtime-power-sampler")]
+
+
+def test_serve_check_warns_as_the_daemon_does_when_the_bridge_has_no_device_token(capsys, caplog, tmp_path, tiny_bundle):
+    # it said "valid" alone, while the bridge would refuse every escalation (an empty token file, say)
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    empty.chmod(0o600)
+    bridge = ["--cloud-address", "127.0.0.1:50051", "--cloud-insecure"]
+    for flags, said in (([], "no device token is configured"), (["--cloud-token-file", str(empty)], f"the token file {empty} is empty")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["serve", "--check", "--engine-bundle", str(tiny_bundle), *bridge, *flags]) == 0
+        assert "configuration is valid" in capsys.readouterr().out
+        assert f"cloud.token_file: {said}" in caplog.text, flags
+    token = tmp_path / "good"
+    token.write_text("ebt_x\n")
+    token.chmod(0o600)
+    caplog.clear()
+    assert main(["serve", "--check", "--engine-bundle", str(tiny_bundle), *bridge, "--cloud-token-file", str(token)]) == 0
+    assert "cloud.token_file" not in caplog.text
