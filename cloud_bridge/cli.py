@@ -84,7 +84,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _tokens_file(args: argparse.Namespace) -> Any:
-    if args.tokens_file:
+    if args.tokens_file is not None:
+        if not args.tokens_file.strip():
+            # `--tokens-file "$UNSET"` changed the default file (bridge-tokens.toml here, or the config's) unsaid
+            raise ConfigError("must name a file, got an empty string", field="--tokens-file")
         return Path(args.tokens_file)
     path = _settings(args).auth.tokens_file
     if path is None:

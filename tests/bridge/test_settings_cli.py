@@ -297,6 +297,19 @@ def test_token_commands_take_a_tokens_file_without_a_config(tmp_path, capsys):
     assert token.startswith("ebt_") and token not in path.read_text()
 
 
+@pytest.mark.parametrize("command", [["add", "edge-1"], ["list"], ["remove", "edge-1"]])
+def test_an_empty_tokens_file_flag_is_refused_not_read_as_the_default_file(tmp_path, monkeypatch, capsys, command):
+    # `--tokens-file "$UNSET"` added the device to ./bridge-tokens.toml (or the config's file) and exit 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["token", "add", "edge-1"]) == 0
+    before = (tmp_path / "bridge-tokens.toml").read_text()
+    capsys.readouterr()
+    assert main(["token", *command, "--tokens-file", ""]) == 1
+    out = capsys.readouterr()
+    assert "--tokens-file: must name a file" in out.err and out.out == ""
+    assert (tmp_path / "bridge-tokens.toml").read_text() == before
+
+
 @pytest.mark.parametrize(
     "address",
     ["127.0.0.1:99999", "127.0.0.1:65536", "127.0.0.1:-1", "127.0.0.1:5o051", "127.0.0.1:", "127.0.0.1", "::1:50051"],
