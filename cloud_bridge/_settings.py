@@ -252,6 +252,16 @@ class OnnxModelSettings(ModelSettings):
         check_threads(self.intra_op_threads, field="intra_op_threads")  # _parse_model adds models.<alias>.
 
 
+def _hide_query(url: str) -> str:
+    """``url`` quoted, its query's values shown as ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # a bad bracket: nothing of it is shown
+        return "'<not a URL>'"
+    hidden = "&".join(f"{name}=***" for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return repr(urllib.parse.urlunsplit(parts._replace(query=hidden)))
+
+
 @documented
 @dataclass(frozen=True, kw_only=True)
 class OpenAIModelSettings(ModelSettings):
@@ -304,6 +314,14 @@ class OpenAIModelSettings(ModelSettings):
         for name in ("timeout_s", "connect_timeout_s"):
             if not 0 < getattr(self, name) <= 86_400:  # also refuses nan
                 raise ConfigError(f"must be > 0 and at most 86400 s, got {getattr(self, name)!r}", field=name)
+
+    def __repr__(self) -> str:
+        # base_url's query may hold a key (Google's ?key=...): its values are hidden, as `cloud-bridge config` hides
+        # them; a repr reaches debug logs and tracebacks that show locals
+        shown = {f.name: repr(getattr(self, f.name)) for f in dataclasses.fields(self) if f.repr}
+        shown["base_url"] = _hide_query(self.base_url)
+        fields = ", ".join(f"{name}={value}" for name, value in shown.items())
+        return f"{type(self).__name__}({fields})"
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
         if not self.api_key_env:

@@ -530,6 +530,17 @@ def test_config_command_hides_the_values_of_a_base_url_query(tmp_path, capsys):
     assert "QSECRET" not in out and "https://api.example.com/v1?api-version=***&key=***" in out
 
 
+def test_the_repr_of_the_settings_hides_the_values_of_a_base_url_query(tmp_path):
+    # `cloud-bridge config` hid them (a key: Google's ?key=...), and repr() of the settings, for a debug log or a
+    # traceback with locals, showed them
+    url = "https://api.example.com/v1"
+    path = write(tmp_path, CONFIG.replace(url, url + "?key=AIzaSECRETKEY0123456789"))
+    settings = load_bridge_settings(path, env={})
+    for text in (repr(settings), repr(settings.models["gpt"]), str(settings.models["gpt"])):
+        assert "AIzaSECRETKEY" not in text and "base_url='https://api.example.com/v1?key=***'" in text
+        assert "model='gpt-4o-mini'" in text
+
+
 def test_token_list_names_a_tokens_file_that_is_not_there(tmp_path, capsys):
     # it printed nothing and exited 0, hiding a wrong path
     assert main(["token", "list", "--tokens-file", str(tmp_path / "nope.toml")]) == 1
