@@ -135,6 +135,9 @@ class CloudSettings:
             return ""
         try:
             mode = os.stat(self.token_file).st_mode
+            if stat.S_ISDIR(mode):  # a directory's usual 755 was refused as "readable by others: chmod 600 it"
+                raise ConfigError(f"{self.token_file} is a directory, not the file holding the token",
+                                  field="cloud.token_file")
             if mode & (stat.S_IRWXG | stat.S_IRWXO):
                 raise ConfigError(f"{self.token_file} is readable by others: chmod 600 it", field="cloud.token_file")
             token = self.token_file.read_text(encoding="utf-8").strip()

@@ -594,6 +594,17 @@ def test_file_paths_may_be_str_or_path_like(start_bridge, make_client, certs, tm
     assert info.value.field == "cloud.ca_file"
 
 
+@pytest.mark.parametrize("mode", [0o755, 0o700])
+def test_a_token_file_that_is_a_directory_is_named_as_one(tmp_path, mode):
+    # a directory's usual 755 was "readable by others: chmod 600 it", and after that chmod "Is a directory"
+    path = tmp_path / "tokens"
+    path.mkdir(mode=mode)
+    with pytest.raises(ConfigError) as info:
+        CloudSettings(address="127.0.0.1:1", token_file=path).resolve_token()
+    assert info.value.field == "cloud.token_file" and "is a directory" in str(info.value)
+    assert "chmod" not in str(info.value)
+
+
 @pytest.mark.parametrize("token", ["tök_en", "two words", "tab\there"])
 def test_a_token_grpc_metadata_cannot_carry_is_refused_at_start_without_echoing_it(tmp_path, token):
     with pytest.raises(ConfigError) as info:
