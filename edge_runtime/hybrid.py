@@ -734,12 +734,21 @@ class HybridRuntime:
         self._read_bridge_prices(list_models, state.generation)
         return self._prices
 
+    def _list_models(self, list_models: Callable[..., Any]) -> Any:
+        """The bridge's models, read briefly and outside the client's circuit breaker: the runtime's own reads (prices,
+        limits, the model served) failing in an outage must not open it, nor take a half-open circuit's probe from
+        the escalation that would test the bridge (see ``CloudClient.list_models``)."""
+        from .cloud import CloudClient
+
+        outside = {"circuit": False} if isinstance(self.cloud, CloudClient) else {}  # a stand-in may not take it
+        return list_models(timeout_s=_PRICES_TIMEOUT_S, **outside)
+
     def _read_bridge_prices(self, list_models: Callable[..., Any], generation: int) -> None:
         """Read the bridge's prices (briefly: a bridge that is down must not hold anyone); release the read lock.
         A read that began before the prices were found out of date (``generation``) does not count."""
         try:
             try:
-                models = list_models(timeout_s=_PRICES_TIMEOUT_S)
+                models = self._list_models(list_models)
             except Exception as err:  # a bug too: it must not leave the lock held (every later read would be skipped)
                 if isinstance(err, CloudError):  # the bridge is down: its escalations fall back anyway
                     # said once (retries every few seconds are debug): with no prices known, a budget keeps every
@@ -816,12 +825,8 @@ class HybridRuntime:
             self._prior_check_due_s = time.monotonic() + _PRICES_REFRESH_S
 
         def read() -> None:
-            from .cloud import CloudClient
-
-            # outside the circuit breaker: this read is the runtime's, not a request's (see CloudClient.list_models)
-            outside = {"circuit": False} if isinstance(self.cloud, CloudClient) else {}
             try:
-                info = self._served_model(self.cloud.list_models(timeout_s=_PRICES_TIMEOUT_S, **outside))
+                info = self._served_model(self._list_models(self.cloud.list_models))
                 if info is not None:
                     self._note_served_model(info)
             except Exception as err:  # a bug too: logged, never the thread's traceback on stderr

@@ -134,6 +134,28 @@ def test_bridge_down_gives_the_local_answer_as_fallback_then_the_circuit_skips_i
     assert results[-1][0].energy["network_joules"] == 0  # an open circuit sends nothing, so it costs no radio energy
 
 
+def test_the_runtimes_own_reads_of_the_bridges_prices_take_no_part_in_the_circuit(engine, bridge):
+    # a budget's price read failing in an outage counted as a failure (with the escalations' own, the circuit opened
+    # sooner); a read made in a half-open circuit took the probe, so the escalation behind it fell back unasked
+    budget = {"chain": [{"type": "budget", "usd": 1.0}, {"type": "always"}]}
+    server, port = bridge
+    rt = _runtime(engine, port, budget)
+    server.stop(0)
+    r = rt.chat(ASK, max_new_tokens=2)
+    assert (r.route, r.reason) == ("local_forced", "budget_prices_unknown")
+    assert rt.cloud.circuit.consecutive_failures == 0
+    now = [0.0]
+    with _echo_bridge("big", reply="the answer is 4") as (_server, up):
+        cloud = CloudClient(address=f"127.0.0.1:{up}", token=TOKEN, insecure=True, timeout_s=5.0,
+                            circuit_failure_threshold=1, circuit_cooldown_s=60.0, clock=lambda: now[0])
+        cloud.circuit.record_failure()  # an outage opened it; the bridge is back
+        now[0] = 61.0
+        assert cloud.circuit.state == "half_open"
+        r = HybridRuntime(engine, policy=budget, cloud=cloud).chat(ASK, max_new_tokens=2)
+    assert r.route == "cloud", r.cloud_error  # the escalation was the probe
+    assert cloud.circuit.state == "closed"
+
+
 def test_skipped_escalations_are_each_answered_but_logged_once_a_minute(engine, bridge, caplog):
     # during an outage every request whose escalation the open circuit skipped wrote a warning: 2,000 lines in 40 s
     # of a helper's soak; the failures themselves are still each logged
