@@ -46,6 +46,7 @@ from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validat
 from .engine.engine import _cancel_check
 from .engine.types import MAX_NEW_TOKENS_LIMIT, EnergyReport, log_text, short_repr
 from .errors import (
+    CircuitOpenError,
     CloudBill,
     CloudCancelledError,
     CloudError,
@@ -740,8 +741,14 @@ class HybridRuntime:
         the escalation that would test the bridge (see ``CloudClient.list_models``)."""
         from .cloud import CloudClient
 
-        outside = {"circuit": False} if isinstance(self.cloud, CloudClient) else {}  # a stand-in may not take it
-        return list_models(timeout_s=_PRICES_TIMEOUT_S, **outside)
+        if not isinstance(self.cloud, CloudClient):  # a stand-in may not take circuit=
+            return list_models(timeout_s=_PRICES_TIMEOUT_S)
+        if self.cloud.circuit.state == "open":
+            # the escalations are skipped now anyway; a read would only make the request waiting for it (a first
+            # price read) wait up to _PRICES_TIMEOUT_S on a host that hangs. Half-open: read, without the probe
+            raise CircuitOpenError("the circuit is open: the bridge's models are read once it half-opens",
+                                   code="CIRCUIT_OPEN")
+        return list_models(timeout_s=_PRICES_TIMEOUT_S, circuit=False)
 
     def _read_bridge_prices(self, list_models: Callable[..., Any], generation: int) -> None:
         """Read the bridge's prices (briefly: a bridge that is down must not hold anyone); release the read lock.
