@@ -27,13 +27,30 @@ _CORPUS = [
 
 
 def make_tokenizer(directory: Path, kind: str = "byte_level"):
-    """``byte_level`` (GPT-2's, as SmolLM2 and Qwen have), or ``metaspace_first``: SentencePiece-style, "▁" before
-    the text's first split only, as transformers converts Llama/Mistral tokenizers with ``legacy=False``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """``byte_level`` (GPT-2's, as SmolLM2 and Qwen have), ``metaspace_first``: SentencePiece-style, "▁" before
+    the text's first split only, as transformers converts Llama/Mistral tokenizers with ``legacy=False``, or
+    ``byte_fallback``: Llama 2's and Mistral's as transformers converts them (legacy), whose 256 byte tokens
+    "<0xE3>" are plain pieces, each decoded as its byte (an incomplete character as one U+FFFD per byte)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    if kind == "metaspace_first":
+    if kind == "byte_fallback":
+        tok = Tokenizer(models.BPE(byte_fallback=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.train_from_iterator(_CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        for byte in range(256):
+            vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+        spec["decoder"] = {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+        tok = Tokenizer.from_str(json.dumps(spec))  # (trained above: the byte tokens are added after training)
+        trainer = None
+    elif kind == "metaspace_first":
         tok = Tokenizer(models.BPE(byte_fallback=True))
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
         tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
@@ -45,7 +62,8 @@ def make_tokenizer(directory: Path, kind: str = "byte_level"):
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS, trainer)
+    if trainer is not None:
+        tok.train_from_iterator(_CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHATML
     fast.save_pretrained(directory)

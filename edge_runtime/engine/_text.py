@@ -40,51 +40,69 @@ class IncrementalDecoder:
         self._read = 0  # ids before this have been released as text
         self._released = 0  # characters released so far
         self.complete: list[int] = []
-        self.cut = False  # whether the text flush released ends in a U+FFFD standing for an incomplete character
+        self.cut = 0  # how many characters at the end of flush's text stand for an incomplete character
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=self._skip)
 
-    def _ends_cut(self, text: str) -> bool:
-        """Whether ``text`` (the held tokens' window) ends in a character its bytes have not completed yet."""
+    def _cut_chars(self, text: str) -> int:
+        """How many characters at the end of ``text`` (the held tokens' window) stand for a character whose bytes
+        have not completed yet (0: none). A byte-level vocabulary decodes the incomplete bytes as one U+FFFD;
+        SentencePiece's byte fallback (Llama 2, Mistral: a token "<0xE3>" per byte) as one U+FFFD per byte."""
         if not text.endswith(_REPLACEMENT):
-            return False
+            return 0
         if self._token_bytes is None:
-            return True
-        raw = bytearray()
-        for token_id in self._ids[self._read:]:
+            return 1
+        pieces: list[tuple[int, bytes]] = []  # the held tokens the text shows: their index and bytes
+        for k in range(self._read, len(self._ids)):
+            token_id = self._ids[k]
             if self._skip and not self._tok.decode([token_id], skip_special_tokens=True):
                 continue  # a special token the text leaves out: the bytes either side of it meet
             piece = self._token_bytes(token_id)
             if piece is None:  # a token of unknown bytes: as before, the U+FFFD is taken for a cut character
-                return True
-            raw += bytes(piece)
+                return 1
+            pieces.append((k, bytes(piece)))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        decoder.decode(bytes(raw), final=False)
-        return bool(decoder.getstate()[0])  # bytes left over: the start of a character still to come
+        decoder.decode(b"".join(piece for _, piece in pieces), final=False)
+        pending = len(decoder.getstate()[0])  # bytes left over: the start of a character still to come
+        if not pending:
+            return 0
+        # the last tokens, back to the first holding a pending byte: when they hold nothing else, the text without
+        # them says how many characters stand for those bytes. Counted as one, a byte-fallback character of three
+        # bytes was two characters "whole" before it was, and text_tokens stopped short of its last bytes; and a
+        # byte-fallback decoder turns the whole run of byte tokens it ends into U+FFFDs, the window's earlier
+        # character included ("お" then the byte E3: four), which are not whole characters either
+        held, start = 0, len(self._ids)
+        for start, piece in reversed(pieces):
+            held += len(piece)
+            if held >= pending:
+                break
+        if held != pending:  # a token holding whole characters too (byte-level b" \xe3\x81"): one U+FFFD
+            return 1
+        return max(len(text) - len(self._decode(self._ids[self._prefix:start])), 1)
 
     def push(self, token_id: int) -> str:
         """Add a token; return newly completed text (possibly empty)."""
         self._ids.append(token_id)
         before = self._decode(self._ids[self._prefix:self._read])
         after = self._decode(self._ids[self._prefix:])
-        cut = self._ends_cut(after)
+        cut = self._cut_chars(after)
         if len(after) > len(before) and not cut:
             self._prefix, self._read = self._read, len(self._ids)
             self._released += len(after) - len(before)
             self.complete.append(self._released)
             return after[len(before):]
-        # held back: what precedes the U+FFFD standing in for the incomplete character is whole already
+        # held back: what precedes the U+FFFD(s) standing in for the incomplete character is whole already
         whole = len(after) - len(before) - cut
         self.complete.append(max(self.complete[-1] if self.complete else 0, self._released + whole))
         return ""
 
     def flush(self) -> str:
-        """Release whatever is left at the end (an incomplete character stays as U+FFFD, the last token's; ``cut``
-        then says so)."""
+        """Release whatever is left at the end (an incomplete character stays as U+FFFD, one per byte with a byte
+        fallback, the last token's; ``cut`` then says how many characters of the text stand for it)."""
         before = self._decode(self._ids[self._prefix:self._read])
         after = self._decode(self._ids[self._prefix:])
-        self.cut = self._ends_cut(after)
+        self.cut = self._cut_chars(after)
         self._prefix = self._read = len(self._ids)
         if len(after) <= len(before):
             return ""

@@ -219,3 +219,58 @@ def test_pushed_tokens_give_the_text_the_whole_sequence_decodes_to(tiny_bundle):
         text = "".join(decoder.push(t) for t in ids) + decoder.flush()
         assert text == engine.tokenizer.decode(ids, skip_special_tokens=True), ids
         assert decoder.complete[-1] == len(text)
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_bundle(tmp_path_factory):
+    """A tiny llama whose tokenizer is Llama 2's and Mistral's kind: a character outside the vocabulary is one
+    "<0xNN>" token per byte, and an incomplete one decodes as one U+FFFD per byte."""
+    from tiny_models import make_tiny_model
+
+    from quantize import build_bundle
+
+    root = tmp_path_factory.mktemp("byte-fallback")
+    bundle = root / "bundle"
+    build_bundle(make_tiny_model(root / "hf", "llama", tokenizer="byte_fallback"), bundle, precision="fp32",
+                 name="tiny-byte-fallback", max_ppl_ratio=10.0)
+    return bundle
+
+
+def test_a_byte_fallback_character_counts_at_its_last_bytes_token(byte_fallback_bundle, monkeypatch):
+    # QA: held back, a character's byte tokens were counted as whole characters but the last (each U+FFFD taken for
+    # one), and the decoder turns the whole run of byte tokens into U+FFFDs, the characters before included:
+    # text_tokens stopped short of the text ("日本語" + eos: 4 of 10 tokens), whose bytes then lacked its end
+    engine = Engine(byte_fallback_bundle, energy_meter=None)
+    eos = min(engine.eos_token_ids)
+
+    def byte_tokens(text: str) -> list[int]:
+        return [engine.tokenizer.token_to_id(f"<0x{b:02X}>") for b in text.encode()]
+
+    words = engine.tokenizer.encode("the fox", add_special_tokens=False).ids
+    for answer, text in (([*words, *byte_tokens("😀"), eos], "the fox😀"), ([*words, *byte_tokens("😀")], "the fox😀"),
+                         ([*byte_tokens("日本語"), eos], "日本語"), ([*words, *byte_tokens("おお"), eos], "the foxおお")):
+        for stream in (False, True):
+            _script(monkeypatch, answer)
+            if stream:
+                chunks = list(engine.stream("say something", max_new_tokens=len(answer)))
+                assert "".join(c.text for c in chunks) == chunks[-1].result.text
+                r = chunks[-1].result
+            else:
+                r = engine.generate("say something", max_new_tokens=len(answer))
+            assert r.text == text and r.text_tokens == len(answer) - (answer[-1] == eos)
+            assert _bytes(engine, r.tokens[:r.text_tokens]).decode() == text
+        decoder = IncrementalDecoder(engine.tokenizer, token_bytes=engine.token_bytes)
+        for token in answer:
+            decoder.push(token)
+        assert decoder.complete == sorted(decoder.complete)
+
+
+def test_a_stop_string_does_not_match_a_byte_fallback_characters_stand_ins(byte_fallback_bundle, monkeypatch):
+    # QA: cut after three of its four bytes, "😀" decodes as three U+FFFD; only the last was taken for the cut
+    # character, and stop=["\ufffd"] matched the other two: the answer ended "stop" with its bytes dropped
+    engine = Engine(byte_fallback_bundle, energy_meter=None)
+    emoji = [engine.tokenizer.token_to_id(f"<0x{b:02X}>") for b in "😀".encode()]
+    words = engine.tokenizer.encode("the fox", add_special_tokens=False).ids
+    answer = [*words, *emoji[:3]]
+    for r in _stopped_at_fffd(engine, monkeypatch, answer):
+        assert r.finish_reason == "length" and r.text == "the fox" + "\ufffd" * 3 and r.text_tokens == len(answer)
