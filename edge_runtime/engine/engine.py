@@ -724,7 +724,12 @@ class Engine:
         if p.max_new_tokens >= limit:
             raise ContextLengthError(f"max_new_tokens {p.max_new_tokens} does not fit the context window of {limit} tokens", field="max_new_tokens")
         if p.truncate_prompt:
-            return ids[len(ids) - (limit - p.max_new_tokens):]
+            room = limit - p.max_new_tokens
+            if room > 1 and self.manifest.add_bos_token and ids[0] == self.bos_token_id:
+                # the BOS that this model reads before any text (Llama, Mistral) stays, as transformers truncates a
+                # text and not its special tokens: cut with the rest, the model read the kept text from no start
+                return [ids[0], *ids[len(ids) - room + 1:]]
+            return ids[len(ids) - room:]
         raise ContextLengthError(
             f"the prompt has {len(ids)} tokens and max_new_tokens is {p.max_new_tokens}: together they exceed "
             f"the context window of {limit} tokens (shorten the prompt or lower max_new_tokens{TRUNCATION_HINT})",

@@ -320,6 +320,25 @@ def test_context_window_is_checked_before_any_work(engine):
     assert r.usage.prompt_tokens + 16 <= 256 and len(r.token_ids) == 16
 
 
+def test_a_truncated_prompt_keeps_the_bos_its_model_reads_first(tiny_bundle, monkeypatch):
+    # QA: a model that starts every text with its BOS (Llama, Mistral: add_bos_token) lost it with the prompt's
+    # oldest tokens, which transformers' truncation keeps (it cuts the text, then adds the special tokens)
+    engine = Engine(tiny_bundle, energy_meter=None)
+    monkeypatch.setitem(engine.manifest.raw["tokens"], "add_bos_token", True)
+    long_prompt = "one two three four " * 100
+    ids = engine.encode(long_prompt)
+    assert ids[0] == engine.bos_token_id and len(ids) > engine.context_length
+    p = SamplingParams(max_new_tokens=16, truncate_prompt=True)
+    kept = engine.fit_context(ids, p)
+    assert kept == [engine.bos_token_id, *ids[len(ids) - (engine.context_length - 16) + 1:]]
+    r = engine.generate(long_prompt, max_new_tokens=16, truncate_prompt=True)
+    assert r.usage.prompt_tokens == engine.context_length - 16
+    assert r.token_ids == list(engine.stream_tokens(kept, SamplingParams(max_new_tokens=16)))[-1].result.token_ids
+    # a model without one keeps the prompt's end, as before
+    monkeypatch.setitem(engine.manifest.raw["tokens"], "add_bos_token", False)
+    assert engine.fit_context(ids, p) == ids[len(ids) - (engine.context_length - 16):]
+
+
 def test_a_prompt_its_length_shows_too_long_is_refused_before_it_is_tokenized(engine, monkeypatch):
     # a 900 kB prompt was tokenized whole to be counted (0.6 s, ~140 MB that glibc kept): refused from its length
     huge = "hello world " * 75_000
