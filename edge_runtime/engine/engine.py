@@ -336,7 +336,9 @@ class Engine:
     def render_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
         """The conversation as the bundle's chat template writes it (to read, not to send back as a raw prompt:
         a raw prompt's control-token texts are read as the tokens, a message's never are)."""
-        return self.template.render(validate_messages(messages), add_generation_prompt=add_generation_prompt)
+        # a bool: "no" would have been true, and the rendering ended in the assistant's header
+        flag = _flag(add_generation_prompt, "add_generation_prompt")
+        return self.template.render(validate_messages(messages), add_generation_prompt=flag)
 
     def encode(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None) -> list[int]:
         """Token ids for a raw prompt (with BOS when the model wants one) or for chat messages (template decides).
@@ -1028,7 +1030,8 @@ class Engine:
         A prompt longer than the context window is an error, or with ``truncate``
         loses its beginning (the end is what the next token depends on most).
         """
-        p = SamplingParams(max_new_tokens=1, truncate_prompt=truncate)
+        # named here: SamplingParams named it truncate_prompt, which this method has not
+        p = SamplingParams(max_new_tokens=1, truncate_prompt=_flag(truncate, "truncate"))
         try:
             if messages is not None and prompt is None:
                 ids = self.fit_messages(messages, p)
@@ -1050,6 +1053,8 @@ class Engine:
         if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
             raise InvalidRequestError(f"must be an integer >= 1, got {chunk!r}", field="chunk")
         field = "text" if token_ids is None else "token_ids"
+        if text is not None and token_ids is not None:  # token_ids were scored, and the text silently not
+            raise InvalidRequestError("give text or token_ids, not both", field="text")
         if token_ids is not None:
             ids = self._token_ids(token_ids, "token_ids")
         elif text is None:

@@ -1083,6 +1083,15 @@ def test_more_arguments_of_the_wrong_kind_name_the_argument(engine):
     with pytest.raises(ContextLengthError, match="truncate=True") as too_long:
         engine.next_token_logprobs("x " * (engine.context_length + 10))
     assert "max_new_tokens" not in str(too_long.value) and "truncate_prompt" not in str(too_long.value)
+    # QA: truncate="yes" was refused naming truncate_prompt; add_generation_prompt="no" was taken for true; score
+    # given both text and token_ids scored the ids and dropped the text unsaid
+    for call, field in ((lambda: engine.next_token_logprobs("x", truncate="yes"), "truncate"),
+                        (lambda: engine.render_chat([{"role": "user", "content": "x"}], add_generation_prompt="no"),
+                         "add_generation_prompt"),
+                        (lambda: engine.score("one two three", token_ids=[1, 2]), "text")):
+        with pytest.raises(InvalidRequestError) as info:
+            call()
+        assert info.value.field == field
     # settings built in Python, not read from a file: nan and inf were taken (every request then got a 400
     # naming deadline_s), and an escalation's p_correct failed as "cannot encode the request" or at the bridge
     import math
