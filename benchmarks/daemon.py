@@ -317,7 +317,12 @@ def throughput(daemon: Daemon, clients: int, per_client: int, max_tokens: int) -
             barrier.wait(60)
             for _ in range(per_client):
                 t0 = time.perf_counter()
-                status, body = c.chat(max_tokens)
+                try:
+                    status, body = c.chat(max_tokens)
+                except Exception as err:  # a reset or refused connection: counted, or the phase read as complete
+                    with lock:
+                        failures.append(f"{type(err).__name__}: {err}")
+                    return
                 took = time.perf_counter() - t0
                 with lock:
                     if status == 200:

@@ -41,3 +41,30 @@ def test_a_daemon_that_cannot_start_fails_at_once_with_its_reason(monkeypatch, t
     with pytest.raises(SystemExit, match="bundle not found"):
         Daemon(tmp_path / "no-such-bundle", threads=1, queue_size=1, max_tokens=2)
     assert time.monotonic() - t0 < 30  # not the 120 s readiness wait
+
+
+def test_a_request_that_fails_in_a_client_thread_fails_the_throughput_phase(monkeypatch):
+    """A connection reset (the daemon died, or restarted) in a client thread was only a traceback on stderr: the
+    thread's other requests were never made, and the phase returned the rest as a complete measurement."""
+    import itertools
+    import threading
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import daemon as bench
+
+    calls, lock = itertools.count(), threading.Lock()
+
+    def chat(self, max_tokens):
+        with lock:
+            i = next(calls)
+        if i == 2:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return 200, {"usage": {"completion_tokens": max_tokens}}
+
+    monkeypatch.setattr(bench.Client, "chat", chat)
+
+    class FakeDaemon:
+        port = 1
+
+    with pytest.raises(SystemExit, match="ConnectionResetError"):
+        bench.throughput(FakeDaemon(), 1, 5, 4)
