@@ -888,7 +888,8 @@ def _model_cell(result: dict[str, Any]) -> str:
     mlp, attn = quant.get("mlp_block_size"), quant.get("block_size")
     if mlp and attn and mlp != attn:
         variant += f", blocks of {mlp} in the MLP"
-    return f"edge bundle {result['precision']}{variant} (MatMulNBits)"
+    kernel = "MatMul" if result["precision"] == "fp32" else "MatMulNBits"  # an fp32 graph has no quantized matmuls
+    return f"edge bundle {result['precision']}{variant} ({kernel})"
 
 
 def _speed_quality_lines(doc: dict[str, Any]) -> list[str]:

@@ -197,6 +197,13 @@ def test_the_model_column_names_each_int4_layout(throughput) -> None:
     assert "int4-sym" in throughput.OPTIONAL_VARIANTS
 
 
+def test_the_model_column_does_not_give_an_fp32_bundle_4_bit_kernels(throughput) -> None:
+    # `--bundle fp32=<cache>/bundles/smollm2-135m-instruct-fp32`: its graph has plain MatMul nodes, no MatMulNBits
+    result = _ok_result("fp32", "engine", "fp32", decode=1.0, rss=1.0)
+    result["details"] = {"quantization": {"precision": "fp32"}}
+    assert throughput._model_cell(result) == "edge bundle fp32 (MatMul)"
+
+
 def test_prompts_have_exact_lengths_and_share_ids(throughput, tiny_bundle: Path) -> None:
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     bos = manifest["tokens"].get("bos_token_id")
