@@ -308,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"\nwrote {args.out}")
     lost = sum(run["lost"] for run in load["runs"])
-    if lost:
-        print(f"{lost} requests lost: {load['runs'][-1]['failures']}", file=sys.stderr)
+    if lost:  # every run's failures: the last run may have lost none
+        failures = "; ".join(f"{run['clients']} client(s): {run['failures']}" for run in load["runs"] if run["lost"])
+        print(f"{lost} requests lost: {failures}", file=sys.stderr)
     return 1 if lost else 0
 
 

@@ -94,3 +94,21 @@ def test_the_command_shown_with_the_bridge_results_has_every_setting_that_made_t
     monkeypatch.setattr(render, "RESULTS", tmp_path)
     command = render._bridge("t1").split("`")[1]
     assert command.endswith("--intra-op-threads 1 --max-new-tokens 64"), command
+
+
+def test_the_requests_lost_are_named_whichever_client_count_lost_them(bridge_bench, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # the message named the last run's failures only: lost with 1 client, none with 2, it read "1 requests lost: []"
+    def run_clients(port: int, clients: int, per_client: int, max_new_tokens: int) -> dict:
+        lost = 1 if clients == 1 else 0
+        return {"clients": clients, "sent": clients * per_client, "answered": clients * per_client - lost, "lost": lost,
+                "retried_after_queue_full": 0, "requests_per_s": 1.0, "completion_tokens_per_s": 1.0,
+                "latency_p50_ms": 1.0, "latency_p99_ms": 1.0,
+                "failures": ["RESOURCE_EXHAUSTED: the queue is full"] if lost else []}
+
+    monkeypatch.setattr(bridge_bench, "_run_clients", run_clients)
+    assert bridge_bench.main(["--requests", "5", "--per-client", "2", "--concurrency", "1,2", "--token-delay-ms", "0",
+                              "--out", str(tmp_path / "bridge.json")]) == 1
+    err = capsys.readouterr().err
+    assert "1 requests lost" in err and "RESOURCE_EXHAUSTED: the queue is full" in err and "1 client(s)" in err
