@@ -81,4 +81,6 @@ def print_summary(result, out) -> None:  # type: ignore[no-untyped-def]
         w(f"live check on {v['n']} held-back items: accuracy {v['accuracy']:.1%} (predicted {v['predicted_accuracy']:.1%}, "
           f"±{v['accuracy_margin']:.1%}), escalation {v['escalation_rate']:.1%} (predicted "
           f"{v['predicted_escalation_rate']:.1%}, ±{v['escalation_margin']:.1%}): {v['verdict']}\n")
-    w(f"report: {result.out / 'report.md'}; plots and CSVs in {result.out}\n")
+    # without matplotlib there are none (a warning said so above; "plots and CSVs in" then promised them)
+    drawn = "plots and CSVs" if any(f.endswith(".png") for f in result.files) else "CSVs (no plots)"
+    w(f"report: {result.out / 'report.md'}; {drawn} in {result.out}\n")

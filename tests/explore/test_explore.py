@@ -643,14 +643,17 @@ def test_the_summary_labels_every_energy_figure_that_is_estimated(tmp_path):
                "latency_p50_ms": 10.0}
     points = {n: SimpleNamespace(name=n, overall=overall) for n in ("always-local", "always-cloud")}
 
-    def summary(edge):
+    def summary(edge, files=("report.md", "points.csv", "accuracy_vs_cost.png")):
         out = io.StringIO()
         print_summary(SimpleNamespace(point=points.get, recommendations=[], validation=None, out=tmp_path,
-                                      measurements=SimpleNamespace(edge=edge)), out)
+                                      measurements=SimpleNamespace(edge=edge), files=list(files)), out)
         return out.getvalue()
 
     estimated = summary([{"energy_source": "estimate:generic", "energy_estimated": True}])
     assert "J/req is ESTIMATED (estimate:generic" in estimated
+    assert f"plots and CSVs in {tmp_path}" in estimated
+    # without matplotlib there are no plots: the last line promised them after the warning that said so
+    assert f"; CSVs (no plots) in {tmp_path}" in summary([], files=("report.md", "points.csv"))
     # a counter measures the device, but the radio's share of an escalation is the cost model's, and the wait's
     # the device profile's
     measured = summary([{"energy_source": "rapl:package-0", "energy_estimated": False}])
@@ -661,7 +664,7 @@ def test_the_summary_labels_every_energy_figure_that_is_estimated(tmp_path):
     points[name] = SimpleNamespace(name=name, overall=overall)
     out = io.StringIO()
     print_summary(SimpleNamespace(point=points.get, recommendations=[{"point": points[name], "goal": "g", "config_file": "g.toml"}],
-                                  validation=None, out=tmp_path, measurements=SimpleNamespace(edge=[])), out)
+                                  validation=None, out=tmp_path, measurements=SimpleNamespace(edge=[]), files=[]), out)
     rows = out.getvalue().splitlines()
     assert rows[3].startswith(name + " ") and len({r.index("50.0%") for r in rows[1:4]}) == 1
 
