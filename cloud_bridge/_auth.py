@@ -68,6 +68,13 @@ def validate_device_id(device: str, *, field: str = "device") -> str:
     return device
 
 
+def check_inline_tokens(tokens: Mapping[str, str]) -> None:
+    """The config's ``[auth] tokens``: device ids and ``sha256:`` hashes, as a TokenStore will read them."""
+    for device, stored in tokens.items():
+        validate_device_id(device, field="auth.tokens")
+        _digest(stored, f"auth.tokens.{device}")
+
+
 def _digest(stored: str, where: str) -> bytes:
     if not isinstance(stored, str) or not stored.startswith(_HASH_PREFIX):
         raise ConfigError(

@@ -147,6 +147,11 @@ class AuthSettings:
         # a huge interval would keep a revoked token working until a restart; nan would never compare
         if not 0 <= self.reload_interval_s <= 3600:  # 0: look at every call
             raise ConfigError(f"must be from 0 to 3600 s, got {self.reload_interval_s!r}", field="auth.reload_interval_s")
+        # checked here, not first when serving: `cloud-bridge config` said nothing of a token written in clear, which
+        # `serve` then refused (neither echoes it)
+        from ._auth import check_inline_tokens
+
+        check_inline_tokens(self.tokens)
 
 
 @documented

@@ -192,6 +192,15 @@ def test_config_command_hides_secrets(tmp_path, capsys):
     assert '"tokens": "***"' in out and "0" * 64 not in out and '"backend": "openai"' in out
 
 
+def test_config_command_refuses_a_token_written_in_clear_as_serve_does_without_echoing_it(tmp_path, capsys):
+    # `config` printed the settings and exited 0; `serve` refused them
+    path = write(tmp_path, CONFIG + '\n[auth.tokens]\n"dev" = "ebt_cleartextsecret"\n')
+    for command in ("config", "serve"):
+        assert main([command, "--config", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert "auth.tokens.dev" in err and "never a token in clear" in err and "cleartextsecret" not in err
+
+
 def test_serve_refuses_plaintext_off_loopback(tmp_path, capsys):
     path = write(tmp_path, '[models.e]\nbackend = "echo"\n')
     assert main(["serve", "--config", str(path), "--insecure", "--server-address", "0.0.0.0:0"]) == 1
