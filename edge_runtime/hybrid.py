@@ -146,6 +146,7 @@ class HybridChunk:
     text: str = ""
     token: TokenInfo | None = None
     result: HybridResult | None = None
+    tokens_shown: int | None = None  # the engine's StreamChunk.tokens_shown (local text), counted since a withdraw
 
 
 class _CloudProgress:
@@ -993,7 +994,7 @@ class HybridRuntime:
                 if chunk.result is not None:
                     locals_.append(chunk.result)
                     break
-                out = HybridChunk("text", chunk.text, chunk.token)
+                out = HybridChunk("text", chunk.text, chunk.token, tokens_shown=chunk.tokens_shown)
                 if live:
                     shown = shown or bool(chunk.text)
                     yield out
@@ -1159,7 +1160,7 @@ class HybridRuntime:
                         if chunk.result is not None:
                             locals_.append(chunk.result)
                             break
-                        yield HybridChunk("text", chunk.text, chunk.token)
+                        yield HybridChunk("text", chunk.text, chunk.token, tokens_shown=chunk.tokens_shown)
                 finally:
                     # its KV cache back to the pool now, as for the first answer: a self-check below needs one
                     fallback.close()

@@ -41,7 +41,7 @@ from ..errors import (
     ServiceUnavailableError,
 )
 from ..hybrid import HybridResult
-from ._request import ChatRequest, build_chat_request, new_request_id, valid_request_id
+from ._request import ChatRequest, HeldEntries, build_chat_request, new_request_id, valid_request_id
 from ._service import CancelReason, ChatService, ClientGone, Job
 
 __all__ = ["SERVICE_NAME", "EdgeRuntimeServicer", "create_grpc_server", "status_for", "request_from_proto"]
@@ -276,27 +276,30 @@ class EdgeRuntimeServicer(daemon_pb2_grpc.EdgeRuntimeServicer):
             stack.callback(watchdog.stop)
             stack.enter_context(_aborting_on_error(job, context))
             # a token whose text is held back (part of a character, or maybe of a stop string) is sent just before
-            # the next text; those still held at the end are a cut stop string's, as the final answer's are not
-            held: list[daemon_pb2.ChatDelta] = []
+            # the text that shows it; those still held at the end are a cut stop string's, as the final answer's
+            # are not
+            held: HeldEntries[daemon_pb2.ChatDelta] = HeldEntries()
             for chunk in job.iterate():
                 if chunk.result is not None:
                     yield from watchdog.send(daemon_pb2.ChatStreamResponse(final=response_from_result(chunk.result, job)))
                 elif chunk.kind == "withdraw":
-                    held = []
+                    held = HeldEntries()
                     yield from watchdog.send(daemon_pb2.ChatStreamResponse(withdraw=daemon_pb2.Withdraw()))
                 else:
                     delta = daemon_pb2.ChatDelta(text=chunk.text)
                     token = chunk.token
-                    if job.request.logprobs and token is not None and not self.service.is_eos(token.id):
-                        delta.logprob.CopyFrom(_token(token, self.service))
+                    if token is not None:
+                        logprob = job.request.logprobs and not self.service.is_eos(token.id)
+                        if logprob:
+                            delta.logprob.CopyFrom(_token(token, self.service))
                         if not chunk.text:
-                            held.append(delta)
+                            held.add(delta if logprob else None)
                             continue
+                        held.add(None)  # sent with its own text, below
                     if not chunk.text:
                         continue
-                    for waiting in held:
+                    for waiting in held.shown(chunk.tokens_shown):
                         yield from watchdog.send(daemon_pb2.ChatStreamResponse(delta=waiting))
-                    held = []
                     yield from watchdog.send(daemon_pb2.ChatStreamResponse(delta=delta))
 
 

@@ -42,7 +42,7 @@ from ._openai import (
     models_object,
     parse_chat_request,
 )
-from ._request import ChatRequest, new_request_id, valid_request_id
+from ._request import ChatRequest, HeldEntries, new_request_id, valid_request_id
 from ._service import ChatService, ClientGone, Job
 
 __all__ = ["create_app"]
@@ -284,22 +284,24 @@ class ChatCompletions:
             first = chunk_object(req, created=created, model=shown, delta={"role": "assistant", "content": ""})
             await emit(_sse(first))
             # a token whose text is held back (part of a character, or maybe of a stop string) sends its entry with
-            # the next text; entries still held at the end are a cut stop string's, as the answer's logprobs are not
-            held: list[dict[str, Any]] = []
+            # the text that shows it; entries still held at the end are a cut stop string's, as the answer's
+            # logprobs are not
+            held = HeldEntries()
             while True:
                 item = await chunks.get()
                 if item is _END:
                     break
                 if item.kind == "withdraw":
-                    held = []
+                    held = HeldEntries()
                     continue  # OpenAI's stream has no way to take text back; HTTP never reveals drafts
                 token = item.token
-                if req.logprobs and token is not None and not self.service.is_eos(token.id):
-                    held.append(logprob_entry(token, self.service.token_bytes))
+                if token is not None:
+                    held.add(logprob_entry(token, self.service.token_bytes)
+                             if req.logprobs and not self.service.is_eos(token.id) else None)
                 if item.text:
+                    entries = held.shown(item.tokens_shown)
                     await emit(_sse(chunk_object(req, created=created, model=shown, delta={"content": item.text},
-                                                 logprobs=held or None)))
-                    held = []
+                                                 logprobs=entries or None)))
             try:
                 result: HybridResult = await asyncio.shield(future)
             except ClientGone:

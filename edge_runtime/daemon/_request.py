@@ -10,7 +10,7 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ..engine.types import (
     TRUNCATION_HINT,
@@ -23,7 +23,8 @@ from ..engine.types import (
 from ..errors import InvalidRequestError, ModelNotFoundError
 from ..hybrid import MODEL_ALIASES
 
-__all__ = ["ChatRequest", "build_chat_request", "new_request_id", "valid_request_id", "rename_field", "stop_list"]
+__all__ = ["ChatRequest", "HeldEntries", "build_chat_request", "new_request_id", "valid_request_id", "rename_field",
+           "stop_list"]
 
 
 
@@ -129,3 +130,31 @@ def stop_list(value: Any, field_name: str = "stop") -> tuple[str, ...]:
     if isinstance(value, Sequence) and all(isinstance(s, str) for s in value):
         return tuple(value)
     raise InvalidRequestError("must be a string or a list of strings", field=field_name)
+
+
+Entry = TypeVar("Entry")
+
+
+class HeldEntries(Generic[Entry]):
+    """A stream's per-token log-probability entries whose text has not been shown yet, in token order.
+
+    Text that was held back (a character's first bytes, a possible stop string's start) may come out for only the
+    first of the tokens held: the chunk says how many tokens its text shows (``tokens_shown``). The others wait for
+    their own text, which a stop string may cut: their entries then never go out, as the answer's logprobs leave
+    them out. Before, each text went out with every entry held, a cut stop string's included.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[tuple[int, Entry | None]] = []
+        self._tokens = 0  # tokens seen in this run (an entry of None: one without an entry, an eos)
+
+    def add(self, entry: Entry | None) -> None:
+        self._held.append((self._tokens, entry))
+        self._tokens += 1
+
+    def shown(self, tokens_shown: int | None) -> list[Entry]:
+        """The entries of the tokens a text chunk shows (None: all seen so far), taken out of those held."""
+        limit = self._tokens if tokens_shown is None else tokens_shown
+        out = [entry for i, entry in self._held if i < limit and entry is not None]
+        self._held = [(i, entry) for i, entry in self._held if i >= limit]
+        return out

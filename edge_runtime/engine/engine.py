@@ -962,7 +962,7 @@ class Engine:
                     # all of it is earlier tokens' text (this token completed a character they began, then a stop
                     # string cut it; or the stop matcher held it): it comes out on its own, so a consumer pairing
                     # text with the token it came with (the daemon's streamed logprobs) does not credit this one
-                    yield StreamChunk(safe)
+                    yield StreamChunk(safe, tokens_shown=decoder.tokens_holding(shown))
                     yield StreamChunk("", info)
                 else:
                     yield StreamChunk(safe, info)
@@ -983,7 +983,7 @@ class Engine:
                 if tail:  # held back until the end
                     texts.append(tail)
                     shown += len(tail)
-                    yield StreamChunk(tail)
+                    yield StreamChunk(tail, tokens_shown=decoder.tokens_holding(shown))
             # the tokens that hold the text shown (by a character's last byte, not the token that released it): the
             # last may also hold a stop string's start; the rest are an eos's or a cut stop string's
             text_tokens = decoder.tokens_holding(shown)

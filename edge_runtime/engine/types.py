@@ -403,9 +403,14 @@ class StreamChunk:
 
     ``text`` is the newly completed text (possibly empty while a UTF-8 character
     or a possible stop string is still pending); ``token`` the token generated at
-    this step. The last chunk has ``result`` set and no token.
+    this step. The last chunk has ``result`` set and no token. ``tokens_shown``,
+    on a chunk with text: how many of the generation's tokens hold the text shown
+    so far, this chunk's included (None: every token so far). Text released
+    after it was held may be only the first held tokens' (a stop string may yet
+    cut the rest), so a consumer that pairs text with tokens counts this far.
     """
 
     text: str
     token: TokenInfo | None = None
     result: GenerationResult | None = field(default=None)
+    tokens_shown: int | None = None

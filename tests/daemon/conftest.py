@@ -191,3 +191,25 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(have.get(k) == f'"{v}"' for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def stops_released_in_part(engine: Any, messages: list[dict[str, str]], max_new_tokens: int = 40,
+                           ) -> tuple[dict[str, Any], list[str]]:
+    """Sampling settings whose stop strings make the engine release held text in part, and the tokens shown.
+
+    Three one-character tokens u, v, w then z: the stops u+v+"\\x07" and v+w+z[0] hold u and v, release u when w
+    comes (v+w may start the second), and cut the text before v. Returns (sampling fields, tokens of the text).
+    """
+    for seed in range(200):
+        plain = engine.generate(messages=messages, max_new_tokens=max_new_tokens, temperature=1.5, seed=seed)
+        texts = [t.text for t in plain.tokens]
+        for i in range(len(texts) - 3):
+            u, v, w, z = texts[i:i + 4]
+            if not all(len(c) == 1 and c.isascii() and c.isprintable() for c in (u, v, w)) or not z[:1].isprintable():
+                continue
+            stops = [u + v + "\x07", v + w + z[0]]
+            head = "".join(texts[:i + 1])
+            if "\x07" in plain.text or plain.text.find(stops[1]) != len(head) or any(s in head for s in "\x07" + v):
+                continue
+            return {"temperature": 1.5, "seed": seed, "stop": stops}, texts[:i + 1]
+    raise AssertionError("no generation of the tiny model has the tokens this needs")

@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 from edge_runtime._proto.edgecloud.v1 import bridge_pb2, daemon_pb2, daemon_pb2_grpc
 from edge_runtime.daemon._grpc import SERVICE_NAME
 
-from .conftest import CLOUD_REPLY, cloud_client, runtime
+from .conftest import CLOUD_REPLY, cloud_client, runtime, stops_released_in_part
 
 
 def _request(content: str = "what is 2 + 2?", **fields) -> daemon_pb2.ChatRequest:
@@ -381,3 +381,17 @@ def test_a_call_that_ended_while_it_was_opened_cancels_its_job():
     live = SimpleNamespace(add_callback=lambda callback: True, time_remaining=lambda: 5.0)
     EdgeRuntimeServicer(service)._open(request, "r2", live)
     assert cancelled == ["client_gone"]  # a live call's job runs; its hook cancels it when the call ends
+
+
+def test_streamed_logprobs_leave_out_a_held_token_whose_text_a_stop_string_then_cuts(engine, start_daemon, channel_to,
+                                                                                      tmp_path):
+    ask = [{"role": "user", "content": "what is 2 + 2?"}]
+    sampling, shown = stops_released_in_part(engine, ask)
+    daemon = start_daemon(runtime(engine, {"type": "never"}), tmp_path)
+    stub, _ = channel_to(daemon)
+    events = list(stub.ChatStream(_request(max_new_tokens=40, logprobs=True,
+                                           sampling=bridge_pb2.SamplingParams(**sampling)), timeout=30))
+    streamed = [e.delta.logprob.token for e in events if e.HasField("delta") and e.delta.HasField("logprob")]
+    final = events[-1].final
+    assert final.text == "".join(shown) and [t.token for t in final.logprobs] == shown
+    assert streamed == shown

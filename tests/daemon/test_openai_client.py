@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import ASK, CLOUD_REPLY, cloud_client, runtime
+from .conftest import ASK, CLOUD_REPLY, cloud_client, runtime, stops_released_in_part
 
 openai = pytest.importorskip("openai")
 
@@ -172,3 +172,17 @@ def test_the_sdks_newer_fields_that_ask_for_nothing_are_accepted(local_daemon, c
     with pytest.raises(openai.BadRequestError) as caught:  # a moderation asked for is refused, not ignored
         c.chat.completions.create(model="local", messages=ASK, max_tokens=2, extra_body={"moderation": {"model": "x"}})
     assert caught.value.body["param"] == "moderation"
+
+
+def test_streamed_logprobs_leave_out_a_held_token_whose_text_a_stop_string_then_cuts(engine, local_daemon, client):
+    # the stops hold u and v, then release u alone: v's entry went out with u's text, though v's text never came
+    sampling, shown = stops_released_in_part(engine, ASK)
+    c = client(local_daemon)
+    done = c.chat.completions.create(model="local", messages=ASK, max_tokens=40, logprobs=True, **sampling)
+    assert done.choices[0].finish_reason == "stop" and done.choices[0].message.content == "".join(shown)
+    assert [e.token for e in done.choices[0].logprobs.content] == shown
+    streamed = list(c.chat.completions.create(model="local", messages=ASK, max_tokens=40, logprobs=True, stream=True,
+                                              **sampling))
+    entries = [e for ch in streamed if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.token for e in entries] == shown
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == "".join(shown)
