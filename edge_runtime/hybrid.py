@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
 from ._logging import Throttle
-from .confidence import Estimator, check_bundle_hash, fitted_on_another_model, load_estimator, signals_from_result
+from .confidence import Estimator, check_bundle_hash, fitted_on_another_model, load_estimator, no_answer, signals_from_result
 from .cost import CostSettings, device_energy_usd, network_energy_j, wait_energy_j
 from .engine import Engine, GenerationResult, SamplingParams, TokenInfo, validate_messages
 from .engine.engine import _cancel_check
@@ -907,7 +907,7 @@ class HybridRuntime:
         An answer with no text (a stop string matching at once, an eos first) is no answer: 0. The estimators read
         its token features as certain ones and scored it ~0.7, above a real answer, and it was kept local (QA UU).
         """
-        if not result.text.strip():
+        if no_answer(result.text):
             return 0.0
         signals = signals_from_result(result, messages=msgs)
         meter = self.engine.energy_meter if self.estimator.needs_engine else None

@@ -543,3 +543,38 @@ def test_a_steep_selfcheck_fit_gives_a_probability_at_a_low_p_yes():
     steep = SelfCheckEstimator(69.7, -170.3)
     assert steep.from_p_yes(1e-4) == pytest.approx(0.0, abs=1e-12)
     assert steep.from_p_yes(1.0) == pytest.approx(1.0)
+
+
+def test_a_reply_with_no_text_scores_0_in_replay_and_generate_as_live(tiny_bundle, capsys):
+    """QA 7: the hybrid runtime scores a reply with no text 0 (it escalates it), but the explorer's replay and eval
+    (estimator_scores) gave it the estimator's own figure, 0.955 from the built-in default for an eos at once, and
+    predicted it kept local: the explorer's figures were not the daemon's. generate --json printed it too."""
+    from edge_runtime.confidence import estimator_scores, no_answer
+    from edge_runtime.confidence._fit import Dataset
+    from edge_runtime.engine import Engine
+    from edge_runtime.hybrid import HybridRuntime
+
+    empty = Signals(prompt="What is 37 + 48?", text="", token_texts=[""], logprobs=[-0.05], entropies=[0.3], margins=[0.9],
+                    finish_reason="eos", prompt_tokens=12, prompt_nll=None)
+    blank = Signals(prompt="What is 37 + 48?", text=" \n", token_texts=[" \n", ""], logprobs=[-0.1, -0.05],
+                    entropies=[0.3, 0.3], margins=[0.9, 0.9], finish_reason="eos", prompt_tokens=12, prompt_nll=None)
+    answer = _signals("What is 37 + 48?", ["8", "5", "<eos>"], [-1.0, -0.5, -0.2])
+    estimator = load_estimator(None)
+    assert estimator.p_correct(empty) > 0.5  # what its features alone say
+    data = Dataset([empty, blank, answer], np.array([0.0, 0.0, 1.0]), [{}, {}, {}])
+    scores = estimator_scores(estimator, data)
+    assert scores[0] == scores[1] == 0.0 and scores[2] == pytest.approx(estimator.p_correct(answer))
+    assert no_answer("") and no_answer(" \n") and not no_answer("4")
+
+    engine = Engine(tiny_bundle, energy_meter=None)
+    try:
+        runtime = HybridRuntime(engine, policy={"type": "never"})
+        ask = [{"role": "user", "content": "What is 12 + 7?"}]
+        first = engine.generate(messages=ask, max_new_tokens=4).text
+        assert runtime.chat(ask, max_new_tokens=4, stop=[first[:1]]).p_correct == 0.0
+    finally:
+        engine.close()
+    assert main(["generate", str(tiny_bundle), "--chat", "What is 12 + 7?", "--max-new-tokens", "4", "--stop", first[:1],
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == "" and out["confidence"]["p_correct"] == 0.0

@@ -241,7 +241,7 @@ def _eval(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..bundle import load_manifest
-    from ..confidence import FAMILIES, SINGLE_SIGNALS, cloud_scores, estimator_scores, fit_estimator, load_estimator, make_dataset
+    from ..confidence import FAMILIES, SINGLE_SIGNALS, cloud_scores, estimator_scores, fit_estimator, load_estimator, make_dataset, no_answer
     from ..engine import Engine
     from ..models import resolve_bundle
     from ..runs import run_edge
@@ -294,7 +294,7 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         assert est is not None
         if est.needs_engine:
-            scores = np.array([est.p_correct(s, engine=engine) for s in data.signals])
+            scores = np.array([0.0 if no_answer(s.text) else est.p_correct(s, engine=engine) for s in data.signals])
         else:
             scores = estimator_scores(est, data)
         reports[est.name] = _report(scores, data, cloud, families)

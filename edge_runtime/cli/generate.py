@@ -276,8 +276,10 @@ def _load_estimator(path: str | None, engine: Any, *, shown: bool = True) -> Any
 
 
 def _confidence(estimator: Any, engine: Any, result: Any, messages: Any, prompt: Any) -> dict[str, Any]:
-    from ..confidence import signals_from_result
+    from ..confidence import no_answer, signals_from_result
 
+    if no_answer(result.text):  # as the daemon reports it: no answer is not a confident one
+        return {"p_correct": 0.0, "estimator": estimator.name}
     signals = signals_from_result(result, messages=messages, prompt=prompt)
     p = estimator.p_correct(signals, engine=engine, messages=messages)
     return {"p_correct": round(float(p), 4), "estimator": estimator.name}

@@ -30,7 +30,7 @@ from ._estimators import (
     load_estimator,
     save_estimator,
 )
-from ._features import FEATURES, Signals, answer_span, expected_answer_type, feature_vector, signals_from_record, signals_from_result
+from ._features import FEATURES, Signals, answer_span, expected_answer_type, feature_vector, no_answer, signals_from_record, signals_from_result
 from ._fit import FAMILIES, SINGLE_SIGNALS, Dataset, check_family, cloud_scores, estimator_scores, fit_cloud_prior, fit_estimator, make_dataset
 from ._logistic import LogisticModel, fit_logistic
 from ._sample_size import FEW_FAMILY_ITEMS, FEW_ITEMS, fit_warnings, fitted_features, half_width_95, wilson_interval
@@ -65,6 +65,7 @@ __all__ = [
     "signals_from_result",
     "signals_from_record",
     "feature_vector",
+    "no_answer",
     "answer_span",
     "expected_answer_type",
     "FAMILIES",

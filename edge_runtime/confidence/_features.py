@@ -28,6 +28,7 @@ __all__ = [
     "expected_answer_type",
     "answer_span",
     "feature_vector",
+    "no_answer",
     "FEATURES",
     "PROMPT_FEATURES",
     "SPAN_FEATURES",
@@ -82,6 +83,13 @@ def signals_from_record(record: Mapping[str, Any], prompt: str) -> Signals:
         entropies=record["entropies"], margins=record["margins"], finish_reason=record["finish_reason"],
         prompt_tokens=int(record["prompt_tokens"]), prompt_nll=record.get("prompt_nll"),
     )
+
+
+def no_answer(text: str) -> bool:
+    """Whether a reply holds no answer at all (no text, or blanks: a stop string matching at once, an eos first).
+    Its p_correct is 0 wherever it is scored, live (the hybrid runtime) and in replay (the explorer, ``eval``): its
+    token features read as certain ones, and the estimators scored it ~0.7, above a real answer (QA UU)."""
+    return not text.strip()
 
 
 def expected_answer_type(prompt: str) -> str:

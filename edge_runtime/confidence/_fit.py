@@ -28,7 +28,7 @@ from ._estimators import (
     LogisticEstimator,
     SelfCheckEstimator,
 )
-from ._features import FEATURES, Signals, feature_vector, signals_from_record
+from ._features import FEATURES, Signals, feature_vector, no_answer, signals_from_record
 from ._logistic import fit_logistic
 
 __all__ = [
@@ -175,7 +175,16 @@ def estimator_scores(estimator: Estimator, data: Dataset, *, training_data: bool
     would find itself among its neighbours and the in-sample figures would be an
     artefact (AUROC 1.0 for ``knn``, or 0.0 for ``multi+knn``, whose fit saw the
     leave-one-out prior).
+
+    A reply with no text scores 0, as the hybrid runtime scores it (:func:`no_answer`): the explorer's replay gave
+    it the estimator's ~0.9 and predicted it kept local, where the daemon escalates it.
     """
+    scores = _scores(estimator, data, training_data)
+    scores[[no_answer(s.text) for s in data.signals]] = 0.0
+    return scores
+
+
+def _scores(estimator: Estimator, data: Dataset, training_data: bool) -> np.ndarray:
     def priors(knn: Any) -> list[float]:
         emb = data.embeddings(knn.encoder)
         return [knn.prior_from_embedding(e, exclude=i if training_data else None) for i, e in enumerate(emb)]
