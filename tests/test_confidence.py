@@ -84,6 +84,22 @@ class FakeEncoder:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
+def test_an_estimator_using_the_knn_prior_without_its_data_is_refused_at_load(tmp_path):
+    """QA 7: a multi+knn file whose knn was nulled (or deleted) loaded, and then every request failed with "carries
+    no kNN data", local answers included, even under the never policy."""
+    model = fit_logistic(np.array([[0.0, 0.2], [1.0, 0.9], [0.2, 0.1], [0.9, 0.7]]), np.array([0, 1, 0, 1.0]),
+                         ("lp_min", "knn_prior"))
+    path = tmp_path / "est.json"
+    save_estimator(LogisticEstimator("multi+knn", model), path)
+    with pytest.raises(EstimatorError, match=r"est\.json.*knn_prior.*'knn'"):
+        load_estimator(path)
+    raw = json.loads(path.read_text())
+    del raw["knn"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(EstimatorError, match=r"est\.json.*knn_prior.*'knn'"):
+        load_estimator(path)
+
+
 def test_knn_prior_follows_similar_prompts_and_leaves_itself_out():
     prompts = ["is 7 prime"] * 5 + ["capital of peru"] * 5
     labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 1], float)

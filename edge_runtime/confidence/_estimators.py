@@ -428,4 +428,8 @@ def load_estimator(path: str | os.PathLike[str] | None, *, bundle_hash: str | No
         unknown += sorted(set(est.cloud.model.features) - {*CLOUD_PROMPT_FEATURES, "cloud_knn"})
     if unknown:
         raise EstimatorError(f"{p}: uses feature(s) {', '.join(unknown)} that this runtime does not compute")
+    if isinstance(est, LogisticEstimator) and "knn_prior" in est.model.features and est.knn is None:
+        # it loaded, and then every request failed, local answers included (the prior is computed from knn's data)
+        raise EstimatorError(f"{p}: malformed {kind} estimator (its model uses the feature knn_prior, and the field "
+                             "'knn' that it is computed from is missing or null)")
     return est
