@@ -52,6 +52,17 @@ def test_answer_span_features_cover_only_the_answer_tokens():
     assert f["prompt_numbers"] == 2 and f["prompt_max_digits"] == 2 and f["expects_number"] == 1.0
 
 
+def test_the_answer_span_of_a_number_is_the_whole_number_not_a_part_of_an_earlier_one():
+    """QA 7: "15 - 10 = 5" read its answer's span inside the 15 (the first "5" in the text), so the answer-span
+    features were the 15's tokens' signals."""
+    assert answer_span("15 - 10 = 5", "number") == (10, 11)
+    assert answer_span("5,000 - 4,995 = 5.", "number") == (16, 17)
+    assert answer_span("The answer is 85.", "number") == (14, 16)
+    s = _signals("What is 15 - 10?", ["1", "5", " -", " ", "1", "0", " =", " ", "5", "<eos>"],
+                 [-0.1, -0.1, -0.1, -0.1, -0.1, -0.1, -0.1, -0.1, -3.0, -0.1])
+    f = feature_vector(s)
+    assert f["ans_tokens"] == 1.0 and f["ans_lp_mean"] == pytest.approx(-3.0)
+
 def test_missing_answer_is_flagged_and_the_heuristic_is_lower():
     good = _signals("Is 9 prime? Answer yes or no.", ["No", ".", "<eos>"], [-0.2, -0.3, -0.1])
     bad = _signals("Is 9 prime? Answer yes or no.", ["I", " think", " so", "<eos>"], [-0.2, -0.3, -0.2, -0.1])

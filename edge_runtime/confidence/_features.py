@@ -113,6 +113,11 @@ def answer_span(text: str, answer_type: str) -> tuple[int, int] | None:
         value = cands[0] if cands else None
     if not value:
         return None
+    if answer_type == "number":
+        # the number as a whole: "5" of "15 - 10 = 5" was found inside the 15, whose tokens the span features then read
+        whole = re.search(rf"(?<![\d.,]){re.escape(value)}(?!,?\.?\d)", text)
+        if whole:
+            return whole.span()
     idx = text.lower().find(value.lower())
     if idx < 0 and answer_type == "number":
         m = _NUM.search(text)
