@@ -63,6 +63,20 @@ def test_the_answer_span_of_a_number_is_the_whole_number_not_a_part_of_an_earlie
     f = feature_vector(s)
     assert f["ans_tokens"] == 1.0 and f["ans_lp_mean"] == pytest.approx(-3.0)
 
+def test_the_answer_span_reads_the_answers_tokens_when_the_first_tokens_space_is_not_in_the_text():
+    """QA 7: a SentencePiece model's (Llama 2, Mistral) first token is " The" where the decoded text starts "The"
+    (tests/engine: the tokens' texts are " " + the text), so every answer span was one character early: "85" read
+    the tokens " " and "8", not "8" and "5"."""
+    tokens = [" The", " answer", " is", " ", "8", "5", ".", "</s>"]
+    s = Signals(prompt="What is 37 + 48?", text="The answer is 85.", token_texts=tokens,
+                logprobs=[-0.1, -0.1, -0.1, -0.1, -2.0, -3.0, -0.1, -0.1], entropies=[0.1] * 8, margins=[0.5] * 8,
+                finish_reason="eos", prompt_tokens=10, prompt_nll=None)
+    f = feature_vector(s)
+    assert f["ans_tokens"] == 2.0 and f["ans_lp_mean"] == pytest.approx(-2.5) and f["ans_first_lp"] == pytest.approx(-2.0)
+    byte_level = Signals(prompt=s.prompt, text=" The answer is 85.", token_texts=tokens, logprobs=s.logprobs,
+                         entropies=s.entropies, margins=s.margins, finish_reason="eos", prompt_tokens=10, prompt_nll=None)
+    assert feature_vector(byte_level)["ans_lp_mean"] == pytest.approx(-2.5)  # text and tokens alike: as before
+
 def test_missing_answer_is_flagged_and_the_heuristic_is_lower():
     good = _signals("Is 9 prime? Answer yes or no.", ["No", ".", "<eos>"], [-0.2, -0.3, -0.1])
     bad = _signals("Is 9 prime? Answer yes or no.", ["I", " think", " so", "<eos>"], [-0.2, -0.3, -0.2, -0.1])

@@ -187,7 +187,10 @@ def feature_vector(s: Signals) -> dict[str, float]:
     kind = expected_answer_type(s.prompt)
     span = answer_span(s.text, kind)
     if span is not None:
-        i, j = _token_range(s.token_texts, span)
+        # a SentencePiece model's first token reads " The" while the answer's text, decoded, starts "The": the
+        # tokens' characters run one ahead of the text's, and the span read the token before the answer's last one
+        lead = 1 if s.token_texts and s.token_texts[0][:1] == " " and s.text[:1] != " " else 0
+        i, j = _token_range(s.token_texts, (span[0] + lead, span[1] + lead))
     else:
         i = j = 0
     if j > i:
