@@ -320,6 +320,12 @@ def _estimated_tokens(what: BackendRequest | str, kind: str) -> int:
     return tokens
 
 
+def _is_json(response: http.client.HTTPResponse) -> bool:
+    """Whether ``response`` says its body is JSON (an answer or an error sent whole), not server-sent events."""
+    media = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 def _too_large(what: str = f"upstream answer is larger than {_MAX_ANSWER_BYTES >> 20} MB") -> BackendError:
     return BackendError(what, code="INTERNAL", reason="UPSTREAM_ANSWER_TOO_LARGE")
 
@@ -497,17 +503,7 @@ class OpenAIBackend:
         started = time.monotonic()
         call = _Call(self, cancel)
         try:
-            response = call.open(self._body(request, stream=False))
-            try:
-                raw = response.read(_MAX_ANSWER_BYTES + 1)
-            except (OSError, http.client.HTTPException) as err:
-                raise call.read_failed(err) from err
-            if cancel():  # the call was cancelled while the answer came: what arrived may be cut short
-                raise _Cancelled()
-            if call.remaining_s() <= 0:  # the watchdog cut the answer short at the deadline
-                raise call._timeout_error()
-            if len(raw) > _MAX_ANSWER_BYTES:
-                raise _too_large()
+            raw = self._read_whole(call, call.open(self._body(request, stream=False)))
         except _Cancelled:
             # once the upstream had the prompt (a hosted API bills it), the device's token quota pays it, as a cut
             # stream does; cancelled before it was sent, nothing is owed
@@ -515,6 +511,26 @@ class OpenAIBackend:
             return BackendResult("", "cancelled", prompt_tokens, 0, self.model)
         finally:
             call.close()
+        return self._whole_answer(request, raw, started)
+
+    @staticmethod
+    def _read_whole(call: _Call, response: http.client.HTTPResponse) -> bytes:
+        """A whole (not streamed) answer's bytes, at most ``_MAX_ANSWER_BYTES``."""
+        try:
+            raw = response.read(_MAX_ANSWER_BYTES + 1)
+        except (OSError, http.client.HTTPException) as err:
+            raise call.read_failed(err) from err
+        if call.cancel():  # the call was cancelled while the answer came: what arrived may be cut short
+            raise _Cancelled()
+        if call.remaining_s() <= 0:  # the watchdog cut the answer short at the deadline
+            raise call._timeout_error()
+        if len(raw) > _MAX_ANSWER_BYTES:
+            raise _too_large()
+        return raw
+
+    def _whole_answer(self, request: BackendRequest, raw: bytes, started: float) -> BackendResult:
+        """The result of a whole answer's JSON, or the error saying why it cannot be used (billed when it says what
+        was generated)."""
         data: Any = None
         try:
             # a byte that is not UTF-8 stands as U+FFFD, as in a stream: it failed the whole answer, unbilled, and the
@@ -549,9 +565,15 @@ class OpenAIBackend:
         held, owed = "", 0  # a delta's last half character (a high surrogate) for the next one to complete; deltas owed
         size = 0  # characters of the answer so far
         done = False
+        whole: bytes | None = None  # the answer, when the upstream sent it whole instead of streaming it
         try:
             try:
                 response = call.open(self._body(request, stream=True))
+                if _is_json(response):
+                    # an upstream that does not stream (or a proxy that buffers), or a 200 holding an error: the SSE
+                    # parser skipped its lines, and the call failed as a lost connection, the device asking again
+                    whole = self._read_whole(call, response)
+                    done = True
                 parser = SSEParser()
                 while not done:
                     if cancel():
@@ -608,6 +630,12 @@ class OpenAIBackend:
                     raise BackendError("upstream stream ended before it finished", reason="UPSTREAM_CONNECTION_LOST")
         finally:
             call.close()
+        if whole is not None:
+            result = self._whole_answer(request, whole, started)
+            if result.text:
+                yield BackendChunk(result.text, result.completion_tokens)
+            yield BackendChunk("", 0, result)
+            return
         if held and finish != "cancelled":  # a half character nothing completed
             text.append("\ufffd")
             yield BackendChunk("\ufffd", owed)

@@ -819,3 +819,25 @@ def test_an_upstream_that_does_not_take_the_connection_in_time_is_unreachable_no
         listener.close()
     assert (info.value.code, info.value.reason) == ("UNAVAILABLE", "UPSTREAM_UNREACHABLE")
     assert "connect_timeout_s" in str(info.value)
+
+
+@pytest.mark.parametrize(("payload", "said"), [
+    # an upstream that does not stream (or a proxy that buffers) answers the stream request whole
+    ({"model": "m", "choices": [{"message": {"content": "Paris"}, "finish_reason": "stop"}],
+      "usage": {"prompt_tokens": 7, "completion_tokens": 2}}, None),
+    # and a 200 holding an error, whose text reaches the device as a unary call's does
+    ({"error": {"message": "the model is overloaded"}}, "upstream failed: the model is overloaded"),
+])
+def test_a_stream_request_answered_with_a_whole_json_body_is_read_as_that_answer(upstream, payload, said):
+    # the SSE parser skipped its lines: "upstream stream ended before it finished" (UPSTREAM_CONNECTION_LOST), the
+    # error text lost, and the device asked again, each answer generated (and billed by the upstream) for nothing
+    upstream.respond = lambda handler, body: _send(handler, 200, payload)
+    if said is not None:
+        info = _failure(make_backend(upstream), streaming=True)
+        assert said in str(info.value) and info.value.reason == "UPSTREAM_ERROR"
+        return
+    chunks = list(make_backend(upstream).stream(REQUEST, CancelToken()))
+    assert [(c.text, c.token_count) for c in chunks[:-1]] == [("Paris", 2)]
+    result = chunks[-1].result
+    assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens, result.model) == (
+        "Paris", "stop", 7, 2, "m")
