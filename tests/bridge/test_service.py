@@ -314,6 +314,24 @@ def test_a_request_id_cannot_forge_fields_in_the_log(start_bridge, raw_stub, cap
     assert " device=device-a model=tiny " in access and " status=INVALID_ARGUMENT " in refusal
 
 
+@pytest.mark.parametrize("request_id", ["x device=device-b model=tiny finish=stop prompt_tokens=999999 cost_usd=99.0 |",
+                                        ""])
+def test_the_line_saying_a_draft_was_left_out_names_the_call_as_every_line_does(start_bridge, raw_stub, caplog,
+                                                                                  request_id):
+    # it wrote the device's id raw on the access logger, the bill's source: device-a's call added a line reading
+    # device=device-b cost_usd=99.0 to a key=value reader; and a call without an id was "-", not the id it was given
+    stub = raw_stub(start_bridge(limits={"max_prompt_chars": 200}))
+    with caplog.at_level("INFO", logger="cloud_bridge"):
+        answer = stub.Generate(_request(request_id=request_id, messages=[bridge_pb2.ChatMessage(role="user",
+                                                                                                content="q" * 150)],
+                                        escalation=bridge_pb2.EscalationContext(draft_answer="d" * 100)),
+                               metadata=AUTH, timeout=5)
+    (line,) = [r.getMessage() for r in caplog.records if "draft (100 characters) left out" in r.getMessage()]
+    logged_id = json.dumps(request_id) if request_id else answer.request_id  # quoted as on the access line
+    assert line.startswith(f"request {logged_id}: ")
+    assert "device=" not in line.removeprefix(f"request {logged_id}")  # no field outside the quoted id
+
+
 def test_the_access_line_bills_cheap_calls_to_the_millionth_of_a_cent(start_bridge, raw_stub, caplog):
     # cost_usd was rounded to 1e-6 USD: a $0.0000075 call read 0.000008, and summing the billing record over many
     # cheap calls drifted a percent or more from what the devices were charged
