@@ -526,6 +526,11 @@ class OpenAIBackend:
             raise call._timeout_error()
         if len(raw) > _MAX_ANSWER_BYTES:
             raise _too_large()
+        if response.length:
+            # http.client returns a body its Content-Length says is cut short without an error: it was reported as an
+            # unusable answer ("JSONDecodeError: Unterminated string"), not as the lost connection it was
+            raise BackendError(f"upstream connection failed: the answer ended {response.length} bytes short of its "
+                               "Content-Length", reason="UPSTREAM_CONNECTION_LOST")
         return raw
 
     def _whole_answer(self, request: BackendRequest, raw: bytes, started: float) -> BackendResult:

@@ -841,3 +841,23 @@ def test_a_stream_request_answered_with_a_whole_json_body_is_read_as_that_answer
     result = chunks[-1].result
     assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens, result.model) == (
         "Paris", "stop", 7, 2, "m")
+
+
+def test_a_whole_answer_cut_short_of_its_content_length_is_a_lost_connection(upstream):
+    # http.client hands over what arrived without an error: the device was told the upstream sent an unusable
+    # response ("JSONDecodeError: Unterminated string ..."), sending its operator after the upstream's JSON
+    def respond(handler, body):
+        raw = json.dumps({"choices": [{"message": {"content": "hello world"}, "finish_reason": "stop"}]}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(raw)))
+        handler.end_headers()
+        handler.wfile.write(raw[:30])
+        handler.wfile.flush()
+        handler.connection.shutdown(socket.SHUT_RDWR)
+
+    upstream.respond = respond
+    for streaming in (False, True):  # a stream request answered whole is read the same way
+        info = _failure(make_backend(upstream), streaming)
+        assert (info.value.code, info.value.reason) == ("UNAVAILABLE", "UPSTREAM_CONNECTION_LOST")
+        assert "short of its Content-Length" in str(info.value)
