@@ -326,6 +326,27 @@ def _checked_markup_join(parts: Iterable[Any]) -> str:
     return markup_join(_weighed(parts))
 
 
+def _generation_blocks() -> Any:
+    """The ``{% generation %}`` ... ``{% endgeneration %}`` tag of transformers' chat templates, which marks the
+    assistant's text for training on it alone (TRL writes it into a fine-tune's template): rendered as its body, in
+    a block of its own as transformers renders it (a ``set`` inside stays inside)."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationBlocks(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Callable[[], str]) -> str:
+            return caller()
+
+    return GenerationBlocks
+
+
 def _environment() -> Any:
     from jinja2.compiler import CodeGenerator
     from jinja2.exceptions import SecurityError
@@ -410,10 +431,10 @@ def _environment() -> Any:
                 budget.format_string(value.__self__)
             return super().wrap_str_format(value)
 
-    # loop controls as transformers' chat templates have them ({% break %}, {% continue %}): a template using them
-    # failed to compile, refused after a whole bundle build
+    # loop controls and generation blocks as transformers' chat templates have them ({% break %}, {% continue %},
+    # {% generation %}): a template using them failed to compile, refused after a whole bundle build
     env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False, finalize=_checked_output,
-                         extensions=["jinja2.ext.loopcontrols"])
+                         extensions=["jinja2.ext.loopcontrols", _generation_blocks()])
     env.filters = {name: _limited_filter(f, name) for name, f in env.filters.items()}
     env.globals["range"] = _limited_range
     # lipsum(n, html, min, max) writes n paragraphs of up to max words in one call the deadline cannot stop (its

@@ -1332,3 +1332,18 @@ def test_a_chat_sessions_cache_gives_back_what_a_long_turn_grew_once_the_convers
                   {"role": "user", "content": "one two"}], max_new_tokens=6)
     assert follow.token_ids == fresh.token_ids
     engine.close()
+
+
+def test_a_template_may_mark_the_assistants_text_for_training_as_transformers_allows():
+    # {% generation %} ... {% endgeneration %} (transformers' marks for assistant-only loss, which TRL writes into a
+    # fine-tune's template) failed to compile, and the bundle build refused the model after its conversion
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from edge_runtime.engine._template import ChatTemplate
+
+    source = ("{% for m in messages %}<{{ m['role'] }}>{% if m['role'] == 'assistant' %}{% generation %}"
+              "{% set shown = m['content'] | upper %}{{ shown }}{% endgeneration %}{% else %}{{ m['content'] }}"
+              "{% endif %}{{ shown }};{% endfor %}")
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "r"}]
+    expected = _compile_jinja_template(source).render(messages=messages, add_generation_prompt=True)
+    assert ChatTemplate(source).render(messages) == expected == "<user>q;<assistant>A;<user>r;"
