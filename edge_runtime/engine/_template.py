@@ -123,9 +123,11 @@ def _growth(name: str, target: Any, args: Sequence[Any], kwargs: dict[str, Any],
         return text(target) * 2 + (text(target) // width + 1) * len(str(wrap or "\n"))
     if name in ("str.format", "format") and isinstance(target, str):  # a field may repeat: "{0}" * 10**6
         return len(target) + target.count("{" if name == "str.format" else "%") * text([*args, *kwargs.values()])
-    if name == "tojson":
+    if name == "tojson":  # each item and key may get an indent per level and the separators
         indent = _integer(arg(0, "indent", 0) or 0, 0)
-        return text(target) * (1 + indent * _depth(target)) if indent else text(target)  # depth only when it counts
+        separators = arg(2, "separators", None)
+        per_item = (indent * _depth(target) if indent else 0) + (text(separators) if separators is not None else 0)
+        return text(target) * (1 + per_item)  # depth only when it counts
     return 0
 
 
@@ -455,8 +457,11 @@ class ChatTemplate:
         env = _environment()
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        env.filters["tojson"] = _limited_filter(lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
-            x, indent=indent, ensure_ascii=ensure_ascii), "tojson")
+        # transformers' arguments (separators and sort_keys were taken and ignored: Kimi's compact tools JSON read
+        # ", " and ": " where transformers writes "," and ":"), not jinja's HTML escaping
+        env.filters["tojson"] = _limited_filter(
+            lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False, **_: json.dumps(
+                x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys), "tojson")
         try:
             self._template = env.from_string(source)
         except TemplateSyntaxError as err:

@@ -916,6 +916,30 @@ def test_a_template_that_runs_out_of_memory_is_a_request_error():
     assert info.value.field == "messages" and "ran out of memory" in str(info.value)
 
 
+def test_tojson_in_a_template_takes_transformers_arguments():
+    # separators and sort_keys were taken and ignored: a template writing its JSON compact (Kimi's tools,
+    # "tojson(separators=(',', ':'))") or with sorted keys got another text than transformers renders
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from edge_runtime.engine._template import ChatTemplate
+
+    source = ("{{ messages[0] | tojson(separators=(',', ':')) }} {{ messages[0] | tojson(sort_keys=true) }} "
+              "{{ messages | tojson(indent=2, separators=(',', ': '), sort_keys=true) }} {{ messages[0] | tojson }}")
+    messages = [{"role": "user", "content": "é [1, 2]"}]
+    expected = _compile_jinja_template(source).render(messages=messages)
+    assert ChatTemplate(source).render(messages) == expected
+    assert expected.startswith('{"role":"user","content":"é [1, 2]"} {"content": "é [1, 2]", "role": "user"}')
+
+
+def test_tojson_separators_cannot_blow_up_a_render():
+    from edge_runtime.engine._template import ChatTemplate
+
+    with pytest.raises(InvalidRequestError) as info:
+        ChatTemplate("{{ range(100000) | list | tojson(separators=(',' * 100000, ':')) | length }}").render(
+            [{"role": "user", "content": "hi"}])
+    assert "chat template was stopped" in str(info.value)
+
+
 def test_range_and_formatting_in_a_template_still_work():
     from edge_runtime.engine._template import ChatTemplate
 
