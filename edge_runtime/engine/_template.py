@@ -482,9 +482,11 @@ class ChatTemplate:
         token = _budget.set(budget)
         try:
             parts, written = [], 0
+            # tools and documents are None unless given, as transformers passes them: undefined, "tools is not none"
+            # was true and a template wrote its tool section into every prompt
             for part in self._template.generate(
                 messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self._bos, eos_token=self._eos, **extra,
+                bos_token=self._bos, eos_token=self._eos, **{"tools": None, "documents": None, **extra},
             ):
                 written += len(part)
                 budget.size(written)

@@ -905,6 +905,21 @@ def test_a_template_may_use_loop_controls_as_transformers_allows():
     assert ChatTemplate(source).render(messages) == "0;1;"
 
 
+def test_a_template_reads_tools_and_documents_as_none_as_transformers_passes_them():
+    # transformers renders every template with tools=None and documents=None: left undefined here, "tools is not
+    # none" was true, and a template that guards its tool section so wrote it into every prompt
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from edge_runtime.engine._template import ChatTemplate
+
+    source = ("{% if tools is not none %}[TOOLS]{% endif %}{% if documents is defined %}{{ documents }}{% endif %}"
+              "{{ messages[0]['content'] }}")
+    messages = [{"role": "user", "content": "hi"}]
+    expected = _compile_jinja_template(source).render(messages=messages, tools=None, documents=None)
+    assert ChatTemplate(source).render(messages) == expected == "Nonehi"
+    assert ChatTemplate(source).render(messages, tools=[]) == "[TOOLS]Nonehi"
+
+
 def test_a_template_that_runs_out_of_memory_is_a_request_error():
     from edge_runtime.engine._template import ChatTemplate
 
