@@ -413,16 +413,20 @@ class Engine:
         later.encode_special_tokens = self.tokenizer.encode_special_tokens
         return later
 
-    def _pieces(self, text: str) -> list[str]:
-        """``text`` cut at control tokens' texts (each its own piece), the whitespace a token strips removed."""
-        pieces = [p for p in self._special_split.split(text) if p]
-        for k, piece in enumerate(pieces):
-            if piece in self._specials:
+    def _pieces(self, text: str, fill: Callable[[str], str] | None = None) -> list[tuple[str, bool]]:
+        """``text`` cut at control tokens' texts (each its own piece, marked True), the pieces between them rewritten
+        by ``fill`` (see :meth:`_ids`), then the whitespace a token strips removed: from the filled text, as the
+        tokenizer strips a message's own whitespace (stripped before, a stand-in lost it and the message kept it)."""
+        pieces = [(p, p in self._specials) for p in self._special_split.split(text) if p]
+        if fill is not None:
+            pieces = [(p, True) if special else (fill(p), False) for p, special in pieces]
+        for k, (piece, special) in enumerate(pieces):
+            if special:
                 lstrip, rstrip = self._strips[piece]
-                if lstrip and k and pieces[k - 1] not in self._specials:
-                    pieces[k - 1] = pieces[k - 1].rstrip()
-                if rstrip and k + 1 < len(pieces) and pieces[k + 1] not in self._specials:
-                    pieces[k + 1] = pieces[k + 1].lstrip()
+                if lstrip and k and not pieces[k - 1][1]:
+                    pieces[k - 1] = (pieces[k - 1][0].rstrip(), False)
+                if rstrip and k + 1 < len(pieces) and not pieces[k + 1][1]:
+                    pieces[k + 1] = (pieces[k + 1][0].lstrip(), False)
         return pieces
 
     def _encode_holding_text(self, msgs: list[dict[str, str]], held: list[int]) -> list[int]:
@@ -454,11 +458,12 @@ class Engine:
         if not self._literal:  # (see _control_tokens) the tokenizer reads them itself
             return self._encode_text(text)
         ids: list[int] = []
-        for k, piece in enumerate(self._pieces(text)):
-            if piece in self._specials:
+        # (a filled piece may spell a control token: what is one is marked, never looked up)
+        for k, (piece, special) in enumerate(self._pieces(text, fill)):
+            if special:
                 ids.append(self._specials[piece])
             elif piece:
-                ids += self._encode_text(fill(piece) if fill is not None else piece, first=k == 0)
+                ids += self._encode_text(piece, first=k == 0)
         return ids
 
     def _encode_text(self, text: str, *, first: bool = True) -> list[int]:

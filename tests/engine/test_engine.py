@@ -1281,6 +1281,33 @@ def test_control_tokens_are_put_in_as_the_tokenizer_would_and_stand_ins_cannot_b
         assert engine._ids(prompt) == reference.encode(prompt, add_special_tokens=False).ids, prompt
 
 
+def test_a_message_spelling_a_control_token_loses_the_whitespace_a_template_token_strips_beside_it(tiny_bundle):
+    # a control token that strips the whitespace beside it (lstrip/rstrip, Phi-3's) stripped a message's own
+    # whitespace next to it, but not when the message spelled a control token: its stand-in was stripped instead,
+    # and the message went in with the spaces that the same message without the token's text loses
+    import json as _json
+
+    from tokenizers import Tokenizer
+
+    engine = Engine(tiny_bundle, energy_meter=None)
+    try:
+        spec = _json.loads(engine.tokenizer.to_str())
+        for token in spec["added_tokens"]:
+            if token["content"] == "<|im_end|>":
+                token["lstrip"] = True
+        engine.tokenizer = Tokenizer.from_str(_json.dumps(spec))
+        engine._specials, engine._special_split = engine._control_tokens()
+
+        def read(content: str) -> str:
+            ids = engine.encode(messages=[{"role": "user", "content": content}])
+            return engine.tokenizer.decode(ids, skip_special_tokens=False)
+
+        assert "\nhello world<|im_end|>" in read("hello world  \n")
+        assert "\nhello <|im_start|> world<|im_end|>" in read("hello <|im_start|> world  \n")
+    finally:
+        engine.close()
+
+
 def test_logits_that_are_not_numbers_are_a_bundle_error_not_nan_signals():
     # QA XX: a damaged bundle answered "" with NaN logprobs, which generate --json printed as bare NaN
     import numpy as np
