@@ -472,6 +472,10 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
     bar = getattr(gguf_utils, "tqdm", None)
     if bar is not None:
         gguf_utils.tqdm = functools.partial(bar, disable=True)
+    processors = getattr(gguf_utils, "TENSOR_PROCESSORS", {})
+    llama_processor = processors.get("llama")
+    if llama_processor is not None:
+        processors["llama"] = _kv_heads_default(llama_processor)
     try:
         config = AutoConfig.from_pretrained(load_dir, **kwargs)
         _check_stored_weights(config, path, kind, gguf_meta.get(_GGUF_STORED))
@@ -486,6 +490,8 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
     finally:
         if bar is not None:
             gguf_utils.tqdm = bar
+        if llama_processor is not None:
+            processors["llama"] = llama_processor
     # transformers fills a weight the checkpoint lacks with random numbers (its warning is silenced above):
     # the bundle would pass its quality gate, which compares it with the same random model
     for what in ("missing_keys", "mismatched_keys"):
@@ -549,6 +555,22 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         eos_token_ids=eos, bos_token_id=bos, pad_token_id=config.pad_token_id if isinstance(config.pad_token_id, int) else None,
         add_bos_token=add_bos, chat_template=tokenizer.chat_template, name=name,
     )
+
+
+def _kv_heads_default(processor: type) -> type:
+    """transformers' llama tensor processor, reading a GGUF without ``llama.attention.head_count_kv`` as llama.cpp
+    does: as many KV heads as heads. The key is optional (llama.cpp's converter writes it only when config.json has
+    num_key_value_heads), and without it transformers left Q and K in llama.cpp's rotary order: the bundle was built
+    and passed its quality gate, which compares it with the same model, but answered as another model."""
+
+    class KVHeadsDefault(processor):  # type: ignore[misc, valid-type]
+        def __init__(self, config: Any = None) -> None:
+            config = dict(config or {})
+            if config.get("num_key_value_heads") is None:
+                config["num_key_value_heads"] = config.get("num_attention_heads")
+            super().__init__(config=config)
+
+    return KVHeadsDefault
 
 
 def _check_attention_window(config: Any) -> None:

@@ -297,3 +297,25 @@ def test_part_of_the_export_extra_is_named_before_anything_is_fetched(tmp_path):
     assert out.returncode == 1, out.stderr
     assert "needs the export extra" in out.stderr and "missing gguf" in out.stderr and "damaged" not in out.stderr
     assert not (tmp_path / "cache" / "models").exists()  # nothing fetched
+
+
+@pytest.mark.parametrize("head_count_kv", [True, False])
+def test_a_llama_gguf_is_read_with_its_q_and_k_rows_back_in_order_with_or_without_its_kv_head_count(tmp_path,
+                                                                                                     head_count_kv):
+    # llama.attention.head_count_kv is optional (llama.cpp then takes as many KV heads as heads, and so does
+    # transformers' config), but without it transformers left Q and K in llama.cpp's rotary order: the bundle was
+    # built, passed a quality gate comparing it with that same model, and answered as another model
+    import torch
+    from tiny_models import hf_greedy, make_tiny_gguf, make_tiny_model
+
+    hf = make_tiny_model(tmp_path / "hf", kv_heads=4)
+    path = make_tiny_gguf(hf, tmp_path / "tiny.gguf", head_count_kv=head_count_kv)
+    src = source.load_source(path)
+    reference = source.load_source(hf)
+    for got, want in zip(src.model.model.layers, reference.model.model.layers):
+        assert torch.equal(got.self_attn.q_proj.weight, want.self_attn.q_proj.weight)
+        assert torch.equal(got.self_attn.k_proj.weight, want.self_attn.k_proj.weight)
+    ids = [5, 17, 40, 88, 100, 7, 9]
+    out = src.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=8, do_sample=False)
+    assert out[0][len(ids):].tolist() == hf_greedy(hf, ids, 8)
