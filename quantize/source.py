@@ -140,6 +140,8 @@ _GGUF_MAX_KEYS = 1 << 16
 _GGUF_MAX_TENSORS = 1 << 16
 # the format allows arrays of arrays; real files never nest them, and gguf's reader recurses once per level
 _GGUF_MAX_ARRAY_DEPTH = 8
+# where tensor data is aligned when a file has no general.alignment (GGUF_DEFAULT_ALIGNMENT in ggml and gguf)
+_GGUF_DEFAULT_ALIGNMENT = 32
 # key-value pair: key length + type + a 1-byte value; tensor info: name length + dimension count + type + offset
 _GGUF_MIN_KV_BYTES = 8 + 4 + 1
 _GGUF_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
@@ -224,19 +226,52 @@ class _GGUFHeaderScan:
                 header.others[key] = _GGUF_TYPE_NAMES.get(vtype, "value")
                 if key == "general.architecture" and isinstance(value, bytes):
                     header.architecture = value.decode("utf-8", "replace")
+        alignment = header.ints.get("general.alignment", _GGUF_DEFAULT_ALIGNMENT)
+        if alignment < 1 or alignment & (alignment - 1):
+            raise _DamagedGGUF(f"general.alignment is {alignment}, not a power of two")
+        tensors: list[tuple[str, int, int, int]] = []  # name, values, type, offset
         for i in range(n_tensors):
             name = self.string(f"the name of tensor {i}").decode("utf-8", "replace")
             if match := _BLOCK_TENSOR.match(name):
                 header.blocks.add(int(match.group(1)))
             name = _shown(name)
             n_dims = self.unpack("I", f"the dimension count of tensor {name}")
-            self.take(8 * n_dims, f"the {n_dims} dimensions of tensor {name}")
-            self.take(4, f"the type of tensor {name}")
+            start = self.take(8 * n_dims, f"the {n_dims} dimensions of tensor {name}")
+            values = 1
+            for dim in struct.unpack_from(f"{self.order}{n_dims}Q", self.buf, start):
+                values *= dim  # a Python int: numpy's uint64 product (gguf's reader) wraps round to a small count
+            ttype = self.unpack("I", f"the type of tensor {name}")
             # the offset counts from the end of the header: past the file's size it cannot be right (gguf's reader
             # adds it in uint64, where an offset near 2**64 wraps round to a plausible one)
-            if self.unpack("Q", f"the offset of tensor {name}") > self.end:
+            offset = self.unpack("Q", f"the offset of tensor {name}")
+            if offset > self.end:
                 raise _DamagedGGUF(f"tensor {name} starts past the end of the file")
+            tensors.append((name, values, ttype, offset))
+        self.data_layout(tensors, alignment)
         return header
+
+    def data_layout(self, tensors: list[tuple[str, int, int, int]], alignment: int) -> None:
+        """Each tensor's type, and its data where llama.cpp reads it: right after the previous one's, padded to the
+        alignment, and inside the file. gguf's reader takes any offset: one moved by 4 bytes (misaligned, reaching
+        into the next tensor) was read shifted and built into a bundle of another model, which llama.cpp refuses."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        data = -(-self.pos // alignment) * alignment  # the tensor data starts at the next multiple of the alignment
+        expected = 0
+        for name, values, ttype, offset in tensors:
+            if ttype not in GGML_QUANT_SIZES:
+                raise _DamagedGGUF(f"tensor {name} has an unknown type {ttype}")
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            kind = GGMLQuantizationType(ttype).name
+            if values % block:
+                raise _DamagedGGUF(f"tensor {name} holds {values} values, not whole {kind} blocks of {block}")
+            if offset != expected:
+                raise _DamagedGGUF(f"tensor {name} starts at byte {offset} of the tensor data, not at {expected}, "
+                                   "right after the tensor before it (misaligned or overlapping data)")
+            size = values // block * type_size
+            if data + offset + size > self.end:
+                raise _DamagedGGUF(f"tensor {name} ({kind}, {size} bytes) ends past the end of the file")
+            expected += -(-size // alignment) * alignment
 
     def value(self, vtype: int, what: str, depth: int) -> int | bytes | None:
         """Step over one value; returns it if it is an integer or a short string (the architecture), else None."""

@@ -163,6 +163,45 @@ def test_the_pre_scan_agrees_with_gguf_on_a_well_formed_file(tmp_path, big_endia
     assert check_source(path) == path
 
 
+def _damage_tensor_info(path: Path, index: int, *, dtype: int | None = None, offset_by: int = 0) -> bytes:
+    """The bytes of a GGUF with tensor ``index``'s type or data offset changed in its header."""
+    from gguf.gguf_reader import GGUFReader  # the module's own: no_gguf_reader replaces gguf.GGUFReader
+
+    field = GGUFReader(str(path)).tensors[index].field
+    at = int(field.offset) + sum(int(part.nbytes) for part in field.parts[:4])  # its type, then its offset
+    data = bytearray(path.read_bytes())
+    if dtype is not None:
+        data[at:at + 4] = struct.pack("<I", dtype)
+    offset = struct.unpack_from("<Q", data, at + 4)[0] + offset_by
+    data[at + 4:at + 12] = struct.pack("<Q", offset)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    # gguf's reader took the offset as it was and read the tensor shifted: the bundle was built, of another model
+    ({"index": 0, "offset_by": 4}, "tensor token_embd.weight starts at byte 4 of the tensor data, not at 0"),
+    ({"index": 1, "offset_by": 32}, "tensor blk.0.attn_norm.weight starts at byte 2080 of the tensor data, not at 2048"),
+    ({"index": 0, "dtype": 99}, "tensor token_embd.weight has an unknown type 99"),
+    ({"index": 0, "dtype": 1}, "tensor blk.0.attn_norm.weight starts at byte 2048 of the tensor data, not at 1024"),
+])
+def test_tensor_data_llama_cpp_would_not_read_is_refused_naming_the_tensor(tmp_path, no_gguf_reader, damage, message):
+    good = _writer_gguf(tmp_path / "good.gguf")
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(_damage_tensor_info(good, **damage))
+    with pytest.raises(BuildError) as info:
+        check_source(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_gguf_cut_short_in_its_tensor_data_names_the_tensor(tmp_path, no_gguf_reader):
+    good = _writer_gguf(tmp_path / "good.gguf")
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(BuildError, match=r"cut.gguf is damaged or truncated: tensor blk.1.attn_norm.weight \(F32, "
+                                         r"256 bytes\) ends past the end of the file"):
+        check_source(path)
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     ({"rope_freqs": True}, "holds rope_freqs.weight"),
     ({"scaling": "linear"}, "llama.rope.scaling.type is 'linear'"),
