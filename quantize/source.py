@@ -562,6 +562,12 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in eos and marker in (tokenizer.chat_template or "") + str(tokenizer.eos_token):
             eos.append(tid)
     bos = config.bos_token_id if isinstance(config.bos_token_id, int) else tokenizer.bos_token_id
+    # the BOS a raw prompt starts with is the one the tokenizer adds, not always config.json's: DeepSeek-R1-Distill-Qwen
+    # keeps Qwen2.5's config (bos <|endoftext|>) beside a tokenizer adding <｜begin▁of▁sentence｜>, and the engine
+    # started raw prompts with the other token
+    added = _added_bos(tokenizer, bos)
+    if added is not None:
+        bos = added
     # checked now, naming the source's field: found by the bundle's own check, after the whole conversion, the error
     # named a manifest in a staging directory already removed
     vocab = int(config.vocab_size)
@@ -574,7 +580,7 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
             raise BuildError(f"{path}: {where} lists {tid}, past the vocabulary of {vocab} tokens")
     if isinstance(bos, int) and not 0 <= bos < vocab:
         raise BuildError(f"{path}: its bos_token_id {bos} is past the vocabulary of {vocab} tokens")
-    add_bos = _adds_bos(tokenizer, bos)
+    add_bos = added is not None
     if kind == "gguf":
         # the file says whether its model wants a BOS before a raw prompt, and llama.cpp follows it; transformers'
         # GGUF loader sets add_bos_token on some tokenizers regardless (SmolLM2's: its BOS is <|im_start|>, and a
@@ -633,20 +639,24 @@ def _check_vocabulary(config: Any, tokenizer: Any, path: Path) -> None:
                          "(a tokenizer of another model?)")
 
 
-def _adds_bos(tokenizer: Any, bos: int | None) -> bool:
-    """Whether the source's tokenizer starts a raw text with the BOS: its ``add_bos_token``, or what it does (a
-    tokenizer.json post-processor adds it for Llama 3, whose fast tokenizer has no such attribute)."""
+def _added_bos(tokenizer: Any, bos: int | None) -> int | None:
+    """The token the source's tokenizer starts a raw text with, or None: by its ``add_bos_token`` (its own
+    ``bos_token``), or by what it does (a tokenizer.json post-processor adds it for Llama 3, whose fast tokenizer has
+    no such attribute). ``bos``: the config's, for a tokenizer that names none."""
+    own = tokenizer.bos_token_id if isinstance(tokenizer.bos_token_id, int) else bos
     flag = getattr(tokenizer, "add_bos_token", None)
     if isinstance(flag, bool):
-        return flag
-    if bos is None:
-        return False
+        return own if flag else None
+    if own is None:
+        return None
     try:
         with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     except Exception:  # a tokenizer that cannot encode "a" is found by the quality check
-        return False
-    return bool(with_special) and with_special[0] == bos and (not plain or plain[0] != bos)
+        return None
+    if with_special and with_special[0] in (own, bos) and (not plain or plain[0] != with_special[0]):
+        return int(with_special[0])
+    return None
 
 
 def _rope_tables(model: Any, config: Any, head_dim: int, length: int) -> tuple[np.ndarray, np.ndarray]:

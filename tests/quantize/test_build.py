@@ -953,6 +953,36 @@ def test_a_bos_added_by_the_tokenizers_post_processor_is_recorded(tmp_path):
     assert load_source(_tiny_source(tmp_path / "plain", "LlamaConfig", bos_token_id=0)).add_bos_token is False
 
 
+def test_a_raw_prompt_starts_with_the_bos_the_tokenizer_adds_not_the_configs(tmp_path):
+    # QA 11: DeepSeek-R1-Distill-Qwen keeps Qwen2.5's config.json (bos_token_id: <|endoftext|>) beside a
+    # LlamaTokenizerFast adding <｜begin▁of▁sentence｜>: the engine started every raw prompt with the config's token,
+    # another model input than transformers' tokenizer gives, and another answer
+    from tiny_models import make_tokenizer
+    from transformers import AutoTokenizer, LlamaTokenizerFast
+
+    from edge_runtime.engine import Engine
+    from quantize.source import load_source
+
+    base = make_tokenizer(tmp_path / "base")
+    tok = LlamaTokenizerFast(tokenizer_object=base.backend_tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                             add_bos_token=True, legacy=False)
+    tok.chat_template = "{{ bos_token }}" + base.chat_template  # as DeepSeek's template starts
+    tok.save_pretrained(tmp_path / "tok")
+    src = _tiny_source(tmp_path / "src", "Qwen2Config", tokenizer_dir=tmp_path / "tok", bos_token_id=0,
+                       use_sliding_window=False)
+    shutil.copy(tmp_path / "tok" / "chat_template.jinja", src)
+    loaded = load_source(src)
+    assert (loaded.bos_token_id, loaded.add_bos_token) == (1, True)
+    build_bundle(src, tmp_path / "bundle", precision="fp32", max_ppl_ratio=10.0)
+    raw = "the quick brown fox"
+    reference = AutoTokenizer.from_pretrained(src)
+    messages = [{"role": "user", "content": "hello world"}]
+    with Engine(tmp_path / "bundle", energy_meter=None) as engine:
+        assert engine.encode(raw) == reference(raw)["input_ids"]
+        assert engine.encode(messages=messages) == list(reference.apply_chat_template(messages, add_generation_prompt=True,
+                                                                                      tokenize=True))
+
+
 def test_an_fp32_bundle_that_disagrees_with_its_source_is_not_kept(tmp_path, tiny_model_dirs, monkeypatch):
     # the same weights at the same precision disagree only when the graph computes another model
     import quantize.build as build
