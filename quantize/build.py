@@ -256,12 +256,9 @@ def build_bundle(
             },
             "tokens": {
                 "bos_token_id": src.bos_token_id,
-                # the texts a chat template reads as bos_token and eos_token: the tokenizer's, as transformers renders
-                # them (the first eos id's text ended every turn of a template writing {{ eos_token }} with
-                # <|end_of_text|> for a Llama 3.1 Instruct, whose eos ids start with it and whose tokenizer's is <|eot_id|>)
-                "bos_token": tok.bos_token if isinstance(tok.bos_token, str) else None,
+                "bos_token": tok.convert_ids_to_tokens(src.bos_token_id) if src.bos_token_id is not None else None,
                 "eos_token_ids": src.eos_token_ids,
-                "eos_token": tok.eos_token if isinstance(tok.eos_token, str) else None,
+                "eos_token": tok.convert_ids_to_tokens(src.eos_token_ids[0]) if src.eos_token_ids else None,
                 "pad_token_id": src.pad_token_id,
                 "add_bos_token": src.add_bos_token,
             },

@@ -983,27 +983,6 @@ def test_a_raw_prompt_starts_with_the_bos_the_tokenizer_adds_not_the_configs(tmp
                                                                                       tokenize=True))
 
 
-def test_a_chat_templates_eos_token_is_the_tokenizers_not_the_first_eos_id(tmp_path):
-    # QA 11: Llama 3.1 Instruct's eos ids start with <|end_of_text|>, its tokenizer's eos_token is <|eot_id|>: a
-    # template ending each turn with {{ eos_token }} rendered the first id's text, another prompt than transformers'
-    from transformers import AutoTokenizer
-
-    from edge_runtime.engine import Engine
-
-    src = _tiny_source(tmp_path / "src", "LlamaConfig", bos_token_id=0, eos_token_id=[0, 2])  # eos_token <|im_end|>: 2
-    config = json.loads((src / "tokenizer_config.json").read_text())
-    config["chat_template"] = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
-                               "{% if add_generation_prompt %}assistant: {% endif %}")
-    (src / "tokenizer_config.json").write_text(json.dumps(config))
-    (src / "chat_template.jinja").unlink(missing_ok=True)
-    build_bundle(src, tmp_path / "bundle", precision="fp32", max_ppl_ratio=10.0)
-    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
-                {"role": "user", "content": "one two"}]
-    expected = AutoTokenizer.from_pretrained(src).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    with Engine(tmp_path / "bundle", energy_meter=None) as engine:
-        assert engine.encode(messages=messages) == list(expected)
-
-
 def test_an_fp32_bundle_that_disagrees_with_its_source_is_not_kept(tmp_path, tiny_model_dirs, monkeypatch):
     # the same weights at the same precision disagree only when the graph computes another model
     import quantize.build as build
