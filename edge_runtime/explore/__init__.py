@@ -74,7 +74,15 @@ def local_bridge(bundle: Path, *, cost: CostSettings, alias: str = "cloud") -> I
 
     token = "ebt_" + secrets.token_urlsafe(24)
     # the price table's entry for this model by name (as price_usd reads it), else its "*" entry
-    price_in, price_out = table_prices(cost, load_manifest(bundle).name)
+    name = load_manifest(bundle).name
+    if name not in cost.prices and "*" not in cost.prices:
+        # table_prices' last resort is 0: every escalation was billed USD 0, unsaid, and the report's USD figures,
+        # its budget policies and its goals on usd went with it
+        raise ConfigError(f"no price for the cloud model {name!r} and no \"*\" entry (it names "
+                          f"{', '.join(map(repr, cost.prices)) or 'no model'}): the explorer's bridge would bill "
+                          f"every escalation USD 0; add {name!r} or \"*\" (\"*\" = {{input = 0, output = 0}} for a "
+                          "free cloud)", field="cost.prices")
+    price_in, price_out = table_prices(cost, name)
     settings = load_bridge_settings(data={
         "server": {"address": "127.0.0.1:0", "grace_period_s": 2.0},
         "auth": {"tokens_file": None, "tokens": {"explorer": hash_token(token)}},

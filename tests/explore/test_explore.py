@@ -782,6 +782,22 @@ def test_the_explorers_own_bridge_bills_at_the_price_named_for_its_model(tiny_bu
     assert (info.usd_per_million_input_tokens, info.usd_per_million_output_tokens) == (1000.0, 2000.0)
 
 
+def test_the_explorers_own_bridge_refuses_a_price_table_without_its_model_or_a_star(tiny_bundles):
+    # QA: a [cost] table naming only another model (the hosted one the user pays for) left the loopback bridge
+    # billing USD 0 unsaid: always-cloud read 0.0000 USD/1k, no budget policy was explored, usd goals met freely
+    from edge_runtime.cost import CostSettings
+    from edge_runtime.explore import local_bridge
+
+    bundle = tiny_bundles("qwen2", "fp32")
+    with pytest.raises(ConfigError, match="no price for the cloud model") as err:
+        with local_bridge(bundle, cost=CostSettings(prices={"gpt-4o-mini": {"input": 0.15, "output": 0.6}})):
+            pass
+    assert err.value.field == "cost.prices"
+    # a free cloud said as such is taken
+    with local_bridge(bundle, cost=CostSettings(prices={"*": {"input": 0, "output": 0}})):
+        pass
+
+
 def test_the_live_checks_agreement_test_calls_a_right_prediction_wrong_about_5_percent_of_the_time():
     import numpy as np
 
