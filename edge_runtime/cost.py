@@ -90,7 +90,7 @@ class CostSettings:
                 value = price[kind]
                 # NaN made every reservation NaN, and a budget never saw itself spent; true is not a price either
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value) or value < 0:
-                    raise ConfigError(f"must be a finite number >= 0, got {value!r}", field=f"cost.prices.{model}.{kind}")
+                    raise ConfigError(f"must be a finite number >= 0, got {shown(value)}", field=f"cost.prices.{model}.{kind}")
 
     @property
     def j_per_kb(self) -> float:

@@ -880,6 +880,16 @@ def test_a_price_refresh_never_holds_a_request_even_when_the_bridge_hangs(engine
     assert rt._prices.prices == (1.0, 2.0) and rt._prices.due_s > time.monotonic()  # kept; retried later
 
 
+def test_a_price_that_is_no_number_is_shown_cut_in_its_error():
+    # QA: the price's whole repr went into the one-line error (a 400-digit integer, a pasted file), unlike [cost]'s others
+    from edge_runtime.cost import CostSettings
+
+    for price in (10 ** 400, "x" * 5000):
+        with pytest.raises(ConfigError) as err:
+            CostSettings(prices={"*": {"input": price, "output": 0.6}})
+        assert err.value.field == "cost.prices.*.input" and len(str(err.value)) < 300
+
+
 def test_a_self_check_is_metered_with_the_answer(engine):
     # the self-check prefills the whole conversation and the answer again: its energy was left out of the request's
     from edge_runtime.confidence import SelfCheckEstimator
