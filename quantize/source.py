@@ -459,6 +459,22 @@ def _checked_source(source: str | os.PathLike[str]) -> tuple[Path, dict[str, Any
     return path, {}
 
 
+def _check_finite_weights(model: Any, path: Path) -> None:
+    """Refuse a NaN or infinite weight, naming its tensor: quantized, it becomes an arbitrary finite code (an int8 or
+    int4-offsets bundle built, silently, with a row of another model), and the calibration that picks int4 zero points
+    failed on it with a bare ValueError naming no tensor."""
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not torch.is_floating_point(tensor) or bool(torch.isfinite(tensor).all()):
+                continue
+            bad = (~torch.isfinite(tensor)).nonzero()
+            first = tuple(int(i) for i in bad[0])
+            raise BuildError(f"{path}: weight {name} has {len(bad)} NaN or infinite value(s) (the first at index "
+                             f"{list(first)}: {float(tensor[first])}); a bundle of it would compute another model")
+
+
 def load_source(source: str | os.PathLike[str]) -> LoadedSource:
     """Load a GGUF file or a Hugging Face model directory with transformers (fp32)."""
     path, gguf_meta = _checked_source(source)
@@ -542,6 +558,7 @@ def load_source(source: str | os.PathLike[str]) -> LoadedSource:
         raise BuildError(f"{path}'s config.json does not match its weights: {len(unused)} weight(s) it has no place for "
                          f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})")
     model.eval()
+    _check_finite_weights(model, path)
     if not getattr(tokenizer, "is_fast", False):  # the bundle carries tokenizer.json, which only a fast one writes
         raise BuildError(f"{path} has only a slow {type(tokenizer).__name__}: a bundle needs a fast tokenizer "
                          "(tokenizer.json), which the runtime reads with the tokenizers library")
