@@ -190,7 +190,13 @@ def quantize_int4(weight: np.ndarray, block_size: int = 32, *, offsets: bool = T
     q = np.clip(np.rint((blocks - base[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
     scale = scale.astype(np.float32)
     # w = scale*q + base = scale*(q - 8) + (base + 8*scale): the kernel's default zero point 8, plus an offset
-    return BlockQuantized(packed=pack_nibbles(q), scales=scale, offsets=(base + 8.0 * scale).astype(np.float32), bits=4, k=k, block_size=block_size)
+    offset = base + 8.0 * scale
+    # a constant block (its scale the placeholder 1): code 8 and the value itself as the offset; c + 8 stored in fp16
+    # lost the value (-0.001 came back as 0, 0.01 as 0.0078)
+    constant = hi == lo
+    q[constant] = 8
+    offset = np.where(constant, lo, offset)
+    return BlockQuantized(packed=pack_nibbles(q), scales=scale, offsets=offset.astype(np.float32), bits=4, k=k, block_size=block_size)
 
 
 def _block_weights(importance: np.ndarray | None, shape: tuple[int, int], k: int) -> np.ndarray:

@@ -1176,3 +1176,16 @@ def test_a_nan_or_infinite_weight_is_refused_naming_its_tensor(tmp_path, options
     with pytest.raises(BuildError, match=r"model\.embed_tokens\.weight .*NaN or infinite"):
         build_bundle(src, tmp_path / "out", max_ppl_ratio=10.0, **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_int4_offsets_keep_a_constant_block_through_the_fp16_the_bundle_stores():
+    rng = np.random.default_rng(0)
+    values = np.array([0.37, -1e-3, 1e-3, 0.01, -0.5, 1000.0, 0.0], np.float32)
+    w = np.concatenate([np.repeat(values[:, None], 32, axis=1), rng.normal(0, 0.05, (7, 32)).astype(np.float32)], axis=1)
+    qw = quantize_int4(w, 32)
+    scales, offsets = (a.astype(np.float16).astype(np.float32)[..., None] for a in (qw.scales, qw.offsets))
+    restored = ((qw.codes().astype(np.float32) - 8) * scales + offsets).reshape(7, -1)
+    # within fp16's rounding of the value itself (stored as c + 8, -0.001 came back as 0 and 0.01 as 0.0078)
+    np.testing.assert_allclose(restored[:, :32], w[:, :32], rtol=2 ** -11, atol=0)
+    np.testing.assert_allclose(qw.dequantize()[:, :32], w[:, :32], rtol=0, atol=0)
+    assert np.abs(restored[:, 32:] - w[:, 32:]).max() <= 0.6 * qw.scales[:, 1].max()
