@@ -222,8 +222,8 @@ class BridgeService(bridge_pb2_grpc.CloudBridgeServicer):
                 if chars + context + len(escalation.draft_answer) > limits.max_prompt_chars:
                     # the device's draft is a hint, the messages are the question: a long draft beside a question
                     # that fits refused every escalation of it (the device cannot know the limit). Answered without
-                    # the id as every line writes it (_log_id): written raw, one with spaces added key=value
-                    # fields (device=..., cost_usd=...) to the access log, the bill's source
+                    # the draft; the id written as every line writes it (_log_id): written raw, one with spaces
+                    # added key=value fields (device=..., cost_usd=...) to the access log, the bill's source
                     log.info("request %s: the escalation's draft (%d characters) left out: with it the request "
                              "passes max_prompt_chars (%d)", _log_id(request_id), len(escalation.draft_answer),
                              limits.max_prompt_chars)

@@ -257,14 +257,12 @@ class OnnxModelSettings(ModelSettings):
         check_threads(self.intra_op_threads, field="intra_op_threads")  # _parse_model adds models.<alias>.
 
 
-def _hide_query(url: str) -> str:
-    """``url`` quoted, its query's values shown as ``***``."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:  # a bad bracket: nothing of it is shown
-        return "'<not a URL>'"
+def hide_query(url: str) -> str:
+    """``url`` with its query's values shown as ``***``: a query may hold a key (Google's ?key=...). ValueError for
+    a URL urllib cannot split (a bad bracket)."""
+    parts = urllib.parse.urlsplit(url)
     hidden = "&".join(f"{name}=***" for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    return repr(urllib.parse.urlunsplit(parts._replace(query=hidden)))
+    return urllib.parse.urlunsplit(parts._replace(query=hidden))
 
 
 @documented
@@ -324,7 +322,10 @@ class OpenAIModelSettings(ModelSettings):
         # base_url's query may hold a key (Google's ?key=...): its values are hidden, as `cloud-bridge config` hides
         # them; a repr reaches debug logs and tracebacks that show locals
         shown = {f.name: repr(getattr(self, f.name)) for f in dataclasses.fields(self) if f.repr}
-        shown["base_url"] = _hide_query(self.base_url)
+        try:
+            shown["base_url"] = repr(hide_query(self.base_url))
+        except ValueError:  # nothing of it is shown
+            shown["base_url"] = "'<not a URL>'"
         fields = ", ".join(f"{name}={value}" for name, value in shown.items())
         return f"{type(self).__name__}({fields})"
 

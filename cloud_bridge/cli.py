@@ -18,7 +18,6 @@ import logging
 import signal
 import sys
 import threading
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from edge_runtime.config import (
 )
 from edge_runtime.errors import ConfigError
 
-from ._settings import ENV_PREFIX, BridgeSettings, load_bridge_settings
+from ._settings import ENV_PREFIX, BridgeSettings, hide_query, load_bridge_settings
 
 __all__ = ["main", "build_parser"]
 
@@ -165,9 +164,7 @@ def _config(args: argparse.Namespace) -> int:
     data["models"] = {alias: settings_to_dict(m) for alias, m in settings.models.items()}
     for shown in data["models"].values():
         if shown.get("base_url"):  # a query may hold a key (?key=...): its values are not shown
-            url = urllib.parse.urlsplit(shown["base_url"])
-            hidden = "&".join(f"{name}=***" for name, _ in urllib.parse.parse_qsl(url.query, keep_blank_values=True))
-            shown["base_url"] = urllib.parse.urlunsplit(url._replace(query=hidden))
+            shown["base_url"] = hide_query(shown["base_url"])
     print(json.dumps(data, indent=2, default=str))
     return 0
 

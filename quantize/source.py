@@ -261,8 +261,9 @@ class _GGUFHeaderScan:
         for name, values, ttype, offset in tensors:
             if ttype not in GGML_QUANT_SIZES:
                 raise _DamagedGGUF(f"tensor {name} has an unknown type {ttype}")
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-            kind = GGMLQuantizationType(ttype).name
+            qtype = GGMLQuantizationType(ttype)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            kind = qtype.name
             if values % block:
                 raise _DamagedGGUF(f"tensor {name} holds {values} values, not whole {kind} blocks of {block}")
             if offset != expected:

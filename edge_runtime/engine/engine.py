@@ -943,8 +943,8 @@ class Engine:
                         rows, drafted = [], []
                 if lookup is not None:
                     lookup.extend((tid,))
-                greedy = rng is None  # then the choice is the argmax
-                sig = distribution_signals(logits, tid, p.top_logprobs, top1=tid if greedy else None, scratch=scratch)
+                # greedy (no rng): the choice is the argmax, which the signals need not find again
+                sig = distribution_signals(logits, tid, p.top_logprobs, top1=tid if rng is None else None, scratch=scratch)
                 info = TokenInfo(
                     id=tid, text=self.token_text(tid), logprob=sig.logprob, entropy=sig.entropy, margin=sig.margin,
                     top_logprobs=None if sig.top_ids is None else tuple(
