@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.cloud import check_address
-from edge_runtime.config import check_threads, documented, load_settings, setting
+from edge_runtime.config import check_threads, documented, load_settings, setting, shown
 from edge_runtime.engine.types import MAX_NEW_TOKENS_LIMIT
 from edge_runtime.errors import ConfigError
 
@@ -69,6 +69,9 @@ __all__ = [
 ]
 
 ENV_PREFIX = "CLOUD_BRIDGE"
+# an openai model's token cap field; the fields of a device's request its upstream may be told nothing of
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+OMITTABLE_PARAMS = ("temperature", "top_p", "seed", "top_k")
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 
@@ -284,6 +287,15 @@ class OpenAIModelSettings(ModelSettings):
         120.0, help="longest an upstream call may take (the device's deadline may cut it shorter)"
     )
     connect_timeout_s: float = setting(10.0, help="longest wait for the upstream connection")
+    max_tokens_field: str = setting(
+        "max_tokens", help="the request field that carries the token cap: max_tokens (vLLM, llama.cpp, Ollama, most "
+        "hosted models) or max_completion_tokens (OpenAI's reasoning models, which refuse max_tokens)"
+    )
+    omit_params: list[str] = setting(
+        factory=list, help="sampling fields never sent upstream, any of " + ", ".join(OMITTABLE_PARAMS)
+        + ": for models that refuse them (OpenAI's reasoning models take no temperature or top_p); the upstream's "
+        "own defaults apply instead"
+    )
     workers: int = setting(8, help="upstream calls at once for this alias")
     queue_size: int = setting(32, help="requests that may wait for a worker")
 
@@ -317,16 +329,24 @@ class OpenAIModelSettings(ModelSettings):
         for name in ("timeout_s", "connect_timeout_s"):
             if not 0 < getattr(self, name) <= 86_400:  # also refuses nan
                 raise ConfigError(f"must be > 0 and at most 86400 s, got {getattr(self, name)!r}", field=name)
+        if self.max_tokens_field not in MAX_TOKENS_FIELDS:
+            raise ConfigError(f"must be one of {', '.join(MAX_TOKENS_FIELDS)}, got {shown(self.max_tokens_field)}",
+                              field="max_tokens_field")
+        for name in self.omit_params:
+            # stop is not among them: an upstream that ignored it would return text past the device's stop string
+            if name not in OMITTABLE_PARAMS:
+                raise ConfigError(f"{shown(name)} is not a field that may be left out (any of "
+                                  f"{', '.join(OMITTABLE_PARAMS)})", field="omit_params")
 
     def __repr__(self) -> str:
         # base_url's query may hold a key (Google's ?key=...): its values are hidden, as `cloud-bridge config` hides
         # them; a repr reaches debug logs and tracebacks that show locals
-        shown = {f.name: repr(getattr(self, f.name)) for f in dataclasses.fields(self) if f.repr}
+        values = {f.name: repr(getattr(self, f.name)) for f in dataclasses.fields(self) if f.repr}
         try:
-            shown["base_url"] = repr(hide_query(self.base_url))
+            values["base_url"] = repr(hide_query(self.base_url))
         except ValueError:  # nothing of it is shown
-            shown["base_url"] = "'<not a URL>'"
-        fields = ", ".join(f"{name}={value}" for name, value in shown.items())
+            values["base_url"] = "'<not a URL>'"
+        fields = ", ".join(f"{name}={value}" for name, value in values.items())
         return f"{type(self).__name__}({fields})"
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str | None:

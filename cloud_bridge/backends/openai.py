@@ -422,7 +422,7 @@ class OpenAIBackend:
         body: dict[str, Any] = {
             "model": self.settings.model,
             "messages": request.messages,
-            "max_tokens": p.max_new_tokens,
+            self.settings.max_tokens_field: p.max_new_tokens,
             "temperature": p.temperature,
             "top_p": p.top_p,
             "stream": stream,
@@ -433,6 +433,8 @@ class OpenAIBackend:
             body["stop"] = list(p.stop)
         if p.top_k:
             body["top_k"] = p.top_k  # vLLM and llama.cpp honour it; only sent when asked for
+        for name in self.settings.omit_params:  # refused by this upstream's model: HTTP 400 on every call
+            body.pop(name, None)
         if stream:
             body["stream_options"] = {"include_usage": True}
         return json.dumps(body).encode("utf-8")

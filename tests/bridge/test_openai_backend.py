@@ -189,6 +189,24 @@ def test_non_streaming_completion_and_what_is_sent(upstream):
     }
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_reasoning_model_fields_cap_and_omitted_sampling(upstream, stream):
+    # OpenAI's reasoning models refuse max_tokens (max_completion_tokens instead), temperature and top_p: every
+    # escalation to one was an HTTP 400 until the alias could say so
+    if stream:
+        upstream.respond = sse([delta("hello"), "data: " + json.dumps({"choices": [], "usage": {
+            "prompt_tokens": 9, "completion_tokens": 2}}) + "\n\n"])
+    backend = make_backend(upstream, max_tokens_field="max_completion_tokens", omit_params=["temperature", "top_p"])
+    if stream:
+        assert list(backend.stream(REQUEST, CancelToken()))[-1].result.text == "hello"
+    else:
+        assert backend.generate(REQUEST, CancelToken()).text == "hello"
+    (sent,) = upstream.requests
+    body = sent["body"]
+    assert body["max_completion_tokens"] == 16 and body["stop"] == ["\n\n"] and body["seed"] == 5
+    assert not {"max_tokens", "temperature", "top_p"} & body.keys()
+
+
 def test_sse_stream_with_comments_split_events_and_usage(upstream):
     upstream.respond = sse(
         [

@@ -118,6 +118,11 @@ def test_a_bad_device_id_names_where_it_was_written(tmp_path):
         ('[models.x]\nbackend = "openai"\nbase_url = "http://h"\nmodel = "m"\nconnect_timeout_s = -1\n',
          "models.x.connect_timeout_s"),
         ('[models.x]\nbackend = "openai"\nbase_url = "http://h:99999/v1"\nmodel = "m"\n', "models.x.base_url"),
+        ('[models.x]\nbackend = "openai"\nbase_url = "http://h"\nmodel = "m"\nmax_tokens_field = "max_new_tokens"\n',
+         "models.x.max_tokens_field"),
+        # stop cannot be left out: the upstream would answer past the device's stop string
+        ('[models.x]\nbackend = "openai"\nbase_url = "http://h"\nmodel = "m"\nomit_params = ["temperature", "stop"]\n',
+         "models.x.omit_params"),
         ('[models.x]\nbackend = "openai"\nbase_url = "http://[::1/v1"\nmodel = "m"\n', "models.x.base_url"),
         ('[models.x]\nbackend = "openai"\nbase_url = "http://h:abc/v1"\nmodel = "m"\n', "models.x.base_url"),
         # credentials in the URL are never sent, and the error does not echo them
